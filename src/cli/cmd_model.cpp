@@ -1,0 +1,235 @@
+// cmd_model.cpp — `moe init`, `moe inspect`, `moe logits`, `moe generate`.
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <sstream>
+
+#include "cli/cli_util.h"
+#include "cli/commands.h"
+#include "io/safetensors.h"
+#include "model/random_init.h"
+#include "ops/ops.h"
+#include "serve/sampling.h"
+
+namespace moe {
+namespace {
+
+// The dtype most of a checkpoint's bytes are stored in.
+DType checkpoint_dtype(const Checkpoint& ck) {
+  std::map<DType, size_t> bytes;
+  for (auto& n : ck.names()) {
+    const auto& i = ck.info(n);
+    bytes[i.dtype] += i.end - i.begin;
+  }
+  DType best = DType::F32;
+  size_t most = 0;
+  for (auto& [dt, b] : bytes)
+    if (b > most) most = b, best = dt;
+  return best;
+}
+
+std::string with_commas(int64_t v) {
+  std::string s = std::to_string(v), out;
+  int n = 0;
+  for (auto it = s.rbegin(); it != s.rend(); ++it) {
+    if (n && n % 3 == 0 && *it != '-') out.insert(out.begin(), ',');
+    out.insert(out.begin(), *it);
+    ++n;
+  }
+  return out;
+}
+
+std::vector<int32_t> parse_ids(const std::string& s) {
+  std::vector<int32_t> ids;
+  std::stringstream ss(s);
+  std::string tok;
+  while (std::getline(ss, tok, ',')) {
+    MOE_CHECK(!tok.empty(), "--ids: empty entry in '%s'", s.c_str());
+    char* end = nullptr;
+    long v = std::strtol(tok.c_str(), &end, 10);
+    MOE_CHECK(end && *end == 0 && v >= 0 && v <= INT32_MAX, "--ids: '%s' is not a token id", tok.c_str());
+    ids.push_back(static_cast<int32_t>(v));
+  }
+  MOE_CHECK(!ids.empty(), "--ids: no token ids given");
+  return ids;
+}
+
+}  // namespace
+
+void add_init_command(CLI::App& app) {
+  struct Opts {
+    std::string arch = "mixtral", preset = "tiny", out, dtype = "auto";
+    uint64_t seed = 1;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* cmd = app.add_subcommand("init", "write a random model in HF format (config.json + model.safetensors)");
+  cmd->add_option("--arch", o->arch, "mixtral, qwen2_moe or qwen3_moe")->capture_default_str();
+  cmd->add_option("--preset", o->preset, "tiny, small, medium (~1B) or 8x7b")->capture_default_str();
+  cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
+  cmd->add_option("--dtype", o->dtype, "auto (f32 for tiny/small, bf16 for larger), f32 or bf16")
+      ->check(CLI::IsMember({"auto", "f32", "bf16"}));
+  cmd->add_option("--out", o->out, "output directory")->required();
+  cmd->callback([o]() {
+    ModelConfig cfg = preset_config(o->arch, o->preset);
+    if (o->dtype != "auto") dtype_from_name(o->dtype, &cfg.torch_dtype);
+    double t0 = now_seconds();
+    auto tensors = random_weights(cfg, o->seed, cfg.torch_dtype);
+    int64_t n = 0;
+    for (auto& [name, t] : tensors) n += t.numel();
+    std::printf("generated %s parameters (%s) in %.1f s\n", with_commas(n).c_str(), dtype_name(cfg.torch_dtype),
+                now_seconds() - t0);
+    write_model_dir(o->out, cfg, tensors);
+    std::printf("wrote %s/config.json and %s/model.safetensors\n", o->out.c_str(), o->out.c_str());
+  });
+}
+
+void add_inspect_command(CLI::App& app) {
+  auto dir = std::make_shared<std::string>();
+  CLI::App* cmd = app.add_subcommand("inspect", "describe a model directory: architecture, parameters, memory");
+  cmd->add_option("dir", *dir, "model directory (config.json + safetensors)")->required();
+  cmd->callback([dir]() {
+    ModelConfig c = load_hf_config(*dir + "/config.json");
+    Checkpoint ck = Checkpoint::open_dir(*dir);
+    const ArchSpec& a = arch_spec(c.model_type);
+    int64_t total = 0, experts = 0, embed = 0;
+    for (auto& [name, shape] : expected_tensors(c)) {
+      MOE_CHECK(ck.has(name), "%s: missing tensor '%s'", dir->c_str(), name.c_str());
+      MOE_CHECK(ck.info(name).shape == shape, "%s: tensor '%s' has shape %s, config implies %s", dir->c_str(),
+                name.c_str(), shape_str(ck.info(name).shape).c_str(), shape_str(shape).c_str());
+      int64_t n = shape_numel(shape);
+      total += n;
+      if (name.find(".experts.") != std::string::npos) experts += n;
+      if (name.find("embed_tokens") != std::string::npos || name.find("lm_head") != std::string::npos) embed += n;
+    }
+    int64_t moe_layers = 0;
+    for (int64_t l = 0; l < c.n_layer; ++l) moe_layers += c.layer_is_moe(l);
+    int64_t active_experts = moe_layers * c.n_expert_used * 3 * c.moe_intermediate_size * c.hidden_size;
+    int64_t active = total - experts + active_experts;
+    std::map<DType, size_t> bytes;
+    for (auto& n : ck.names()) bytes[ck.info(n).dtype] += ck.info(n).end - ck.info(n).begin;
+
+    std::printf("model            %s (%s)\n", dir->c_str(), a.hf_architecture);
+    std::printf("architecture     %s: %lld layers (%lld MoE), hidden %lld, heads %lld (kv %lld, head_dim %lld)\n",
+                c.model_type.c_str(), (long long)c.n_layer, (long long)moe_layers, (long long)c.hidden_size,
+                (long long)c.n_head, (long long)c.n_head_kv, (long long)c.head_dim);
+    std::printf("experts          %lld per MoE layer, top-%lld%s, expert ffn %lld", (long long)c.n_expert,
+                (long long)c.n_expert_used, c.norm_topk_prob ? " (renormalised)" : "",
+                (long long)c.moe_intermediate_size);
+    if (c.shared_expert_intermediate_size) std::printf(", shared expert %lld", (long long)c.shared_expert_intermediate_size);
+    std::printf("\nvocab            %lld%s\n", (long long)c.vocab_size, c.tie_word_embeddings ? " (tied embeddings)" : "");
+    std::printf("parameters       total %s, active per token %s (embedding + LM head %s)\n",
+                with_commas(total).c_str(), with_commas(active).c_str(), with_commas(embed).c_str());
+    for (auto& [dt, b] : bytes) std::printf("bytes (%-4s)     %s\n", dtype_name(dt), human_bytes(double(b)).c_str());
+    // Memory estimate for inference with the weights as stored and an f32 KV cache of 4096 positions.
+    double kv_per_tok = 2.0 * double(c.n_layer * c.n_head_kv * c.head_dim) * 4.0;
+    size_t weight_bytes = 0;
+    for (auto& [dt, b] : bytes) weight_bytes += b;
+    std::printf("memory estimate  weights %s; kv-cache %s per token (f32), %s for 1 x 4096 tokens\n",
+                human_bytes(double(weight_bytes)).c_str(), human_bytes(kv_per_tok).c_str(),
+                human_bytes(kv_per_tok * 4096).c_str());
+  });
+}
+
+void add_logits_command(CLI::App& app) {
+  struct Opts {
+    std::string dir, input, out;
+    DeviceFlags dev;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* cmd = app.add_subcommand("logits", "full forward pass: input_ids -> logits and router logits");
+  cmd->add_option("dir", o->dir, "model directory")->required();
+  cmd->add_option("--input", o->input, "safetensors file with input_ids [B,S] (i32 or i64)")->required();
+  cmd->add_option("--out", o->out, "output safetensors: logits [B,S,V] f32, router_logits.<layer> [B*S,E] f32")
+      ->required();
+  add_device_flags(cmd, &o->dev);
+  cmd->callback([o]() {
+    auto in = SafetensorsFile::open(o->input);
+    MOE_CHECK(in->find("input_ids") != nullptr, "%s: no tensor 'input_ids'", o->input.c_str());
+    Tensor ids = in->tensor("input_ids", MemCategory::Activations);
+    MOE_CHECK(ids.ndim() == 2 && (ids.dtype() == DType::I32 || ids.dtype() == DType::I64),
+              "%s: input_ids must be [B,S] i32 or i64, got %s", o->input.c_str(), ids.desc().c_str());
+    Checkpoint ck = Checkpoint::open_dir(o->dir);
+    Model m = Model::load(o->dir, resolve_device_flags(o->dev, checkpoint_dtype(ck)));
+    KVCache kv = m.make_cache(ids.dim(0), ids.dim(1));
+    ForwardOptions fo;
+    fo.want_router_logits = true;
+    ForwardResult r = m.forward(ids, kv, fo);
+    std::vector<std::pair<std::string, Tensor>> outs;
+    outs.emplace_back("logits", r.logits.to(Device::CPU, MemCategory::Activations));
+    for (size_t l = 0; l < r.router_logits.size(); ++l)
+      if (r.router_logits[l].defined())
+        outs.emplace_back("router_logits." + std::to_string(l), r.router_logits[l].to(Device::CPU, MemCategory::Activations));
+    write_safetensors(o->out, outs);
+    std::printf("wrote %s: logits %s and %zu router_logits\n", o->out.c_str(), r.logits.shape_str().c_str(),
+                outs.size() - 1);
+  });
+}
+
+void add_generate_command(CLI::App& app) {
+  struct Opts {
+    std::string dir, ids;
+    int64_t max_new = 32, top_k = 0;
+    float temperature = 0.0f, top_p = 1.0f;
+    uint64_t seed = 1;
+    DeviceFlags dev;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* cmd = app.add_subcommand("generate", "generate tokens with a KV cache");
+  cmd->add_option("dir", o->dir, "model directory")->required();
+  cmd->add_option("--ids", o->ids, "prompt token ids, comma-separated (e.g. 1,2,3)")->required();
+  cmd->add_option("--max-new-tokens", o->max_new, "tokens to generate")->capture_default_str()->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--temperature", o->temperature, "0 = greedy")->capture_default_str()->check(CLI::Range(0.0, 100.0));
+  cmd->add_option("--top-k", o->top_k, "sample from the k most likely (0 = all)")->capture_default_str();
+  cmd->add_option("--top-p", o->top_p, "nucleus sampling mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--seed", o->seed, "sampling seed")->capture_default_str();
+  add_device_flags(cmd, &o->dev);
+  cmd->callback([o]() {
+    std::vector<int32_t> prompt = parse_ids(o->ids);
+    Checkpoint ck = Checkpoint::open_dir(o->dir);
+    double t_load = now_seconds();
+    Model m = Model::load(o->dir, resolve_device_flags(o->dev, checkpoint_dtype(ck)));
+    t_load = now_seconds() - t_load;
+    const ModelConfig& c = m.config();
+    for (int32_t id : prompt)
+      MOE_CHECK(id < c.vocab_size, "--ids: token %d out of range (vocab %lld)", id, (long long)c.vocab_size);
+    const int64_t n_prompt = static_cast<int64_t>(prompt.size());
+    KVCache kv = m.make_cache(1, n_prompt + o->max_new);
+    SamplingParams sp{o->temperature, o->top_k, o->top_p};
+    Rng rng(o->seed);
+    ForwardOptions fo;
+    fo.last_logits_only = true;
+
+    Tensor ids = Tensor::empty({1, n_prompt}, DType::I32, MemCategory::Activations);
+    std::copy(prompt.begin(), prompt.end(), ids.data<int32_t>());
+    double t0 = now_seconds();
+    ForwardResult r = m.forward(ids, kv, fo);
+    std::vector<float> lg = r.logits.to_f32_vector();
+    double t_prefill = now_seconds() - t0;
+    std::vector<int32_t> out;
+    int32_t next = sample_token(lg.data(), c.vocab_size, sp, rng);
+    out.push_back(next);
+    Tensor one = Tensor::empty({1, 1}, DType::I32, MemCategory::Activations);
+    double t1 = now_seconds();
+    while (static_cast<int64_t>(out.size()) < o->max_new) {
+      if (c.eos_token_id >= 0 && next == c.eos_token_id) break;
+      one.data<int32_t>()[0] = next;
+      r = m.forward(one, kv, fo);
+      lg = r.logits.to_f32_vector();
+      next = sample_token(lg.data(), c.vocab_size, sp, rng);
+      out.push_back(next);
+    }
+    double t_decode = now_seconds() - t1;
+    std::printf("prompt:");
+    for (int32_t id : prompt) std::printf(" %d", id);
+    std::printf("\ngenerated:");
+    for (int32_t id : out) std::printf(" %d", id);
+    std::printf("\n");
+    int64_t n_dec = static_cast<int64_t>(out.size()) - 1;
+    std::printf("load %.2f s | prefill %lld tokens in %.3f s (%.1f tokens/s) | decode %lld tokens in %.3f s (%.1f tokens/s)\n",
+                t_load, (long long)n_prompt, t_prefill, double(n_prompt) / t_prefill, (long long)n_dec, t_decode,
+                n_dec > 0 ? double(n_dec) / t_decode : 0.0);
+    std::printf("%s", mem_report().c_str());
+  });
+}
+
+}  // namespace moe

@@ -1,0 +1,14 @@
+// commands.h — the `moe` subcommands. Each registers its options on a CLI11 App and returns the
+// callback that runs it; errors are thrown as moe::Error and reported by main().
+#pragma once
+#include <CLI/CLI.hpp>
+
+namespace moe {
+
+void add_init_command(CLI::App& app);
+void add_inspect_command(CLI::App& app);
+void add_logits_command(CLI::App& app);
+void add_generate_command(CLI::App& app);
+void add_bench_command(CLI::App& app);
+
+}  // namespace moe

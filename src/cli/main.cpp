@@ -1,0 +1,28 @@
+// main.cpp — the `moe` command: parses the subcommand and reports errors (the only place that
+// turns a moe::Error into an exit code).
+#include <cstdio>
+
+#include "cli/commands.h"
+#include "core/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"MoE Engine: run, fine-tune and train Mixture-of-Experts models"};
+  app.require_subcommand(1);
+  moe::add_init_command(app);
+  moe::add_inspect_command(app);
+  moe::add_logits_command(app);
+  moe::add_generate_command(app);
+  moe::add_bench_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const moe::Error& e) {
+    std::fprintf(stderr, "moe: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moe: unexpected error: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}

@@ -1,0 +1,102 @@
+// tensor.h — a dense, contiguous, row-major tensor with a dtype, a device and a memory category.
+//
+// A Tensor is a view (shape, dtype, byte offset) onto a reference-counted Storage; copying a
+// Tensor shares the storage. Views (reshape, row ranges) never copy. Storage either owns
+// tracked memory (freed when the last view goes) or borrows external bytes (an mmapped file
+// kept alive by `keepalive`). Tensors are always contiguous: ops assume row-major layout with
+// the last dimension fastest.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/error.h"
+#include "core/memory.h"
+
+namespace moe {
+
+using Shape = std::vector<int64_t>;
+std::string shape_str(const Shape& s);
+int64_t shape_numel(const Shape& s);
+
+struct Storage {
+  void* data = nullptr;
+  size_t bytes = 0;
+  Device device = Device::CPU;
+  MemCategory category = MemCategory::Workspace;
+  bool owned = true;
+  std::shared_ptr<void> keepalive;  // for borrowed bytes (e.g. an mmapped file)
+  Storage() = default;
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  ~Storage();
+};
+
+class Tensor {
+ public:
+  Tensor() = default;
+
+  // Uninitialised tensor of `shape` on `dev`, its bytes tagged `cat`.
+  static Tensor empty(const Shape& shape, DType dt, MemCategory cat, Device dev = Device::CPU);
+  static Tensor zeros(const Shape& shape, DType dt, MemCategory cat, Device dev = Device::CPU);
+  // Wraps external CPU bytes (not copied). `keepalive` owns them; `account_as` (if given) adds
+  // the bytes to the tracker for as long as this storage lives.
+  static Tensor borrow(void* data, const Shape& shape, DType dt, std::shared_ptr<void> keepalive,
+                       MemCategory account_as);
+  // An f32 CPU tensor holding `values` (for tests and small constants).
+  static Tensor from_f32(const Shape& shape, const std::vector<float>& values,
+                         MemCategory cat = MemCategory::Workspace);
+
+  bool defined() const { return storage_ != nullptr; }
+  DType dtype() const { return dtype_; }
+  Device device() const { return storage_ ? storage_->device : Device::CPU; }
+  MemCategory category() const { return storage_ ? storage_->category : MemCategory::Workspace; }
+  const Shape& shape() const { return shape_; }
+  int ndim() const { return static_cast<int>(shape_.size()); }
+  // Size of dimension i; negative i counts from the end.
+  int64_t dim(int i) const;
+  int64_t numel() const { return shape_numel(shape_); }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
+  std::string shape_str() const { return moe::shape_str(shape_); }
+  // "f32[2,16,256]@cpu"
+  std::string desc() const;
+
+  void* raw() const { return static_cast<char*>(storage_->data) + offset_; }
+  template <class T>
+  T* data() const { return static_cast<T*>(raw()); }
+
+  // Same bytes, new shape (numel must match).
+  Tensor view(const Shape& shape) const;
+  // Rows [begin, end) along dimension 0.
+  Tensor rows(int64_t begin, int64_t end) const;
+  // Slice index i along dimension 0, dropping that dimension.
+  Tensor select(int64_t i) const;
+
+  // Deep copies.
+  Tensor to(Device dev, MemCategory cat) const;
+  Tensor to(Device dev) const { return to(dev, category()); }
+  // CPU-side dtype conversion (float types); returns *this if dtype already matches.
+  Tensor to_dtype(DType dt, MemCategory cat) const;
+  Tensor to_dtype(DType dt) const { return to_dtype(dt, category()); }
+  Tensor clone() const { return to(device(), category()); }
+  void zero_();
+  void copy_from(const Tensor& src);  // same shape and dtype, any devices
+
+  // Reads all elements as f32 (copying from the device if needed).
+  std::vector<float> to_f32_vector() const;
+
+ private:
+  std::shared_ptr<Storage> storage_;
+  size_t offset_ = 0;
+  Shape shape_;
+  DType dtype_ = DType::F32;
+};
+
+// Argument checks shared by ops: throw moe::Error naming the op and the argument.
+void check_shape(const char* op, const char* arg, const Tensor& t, const Shape& expected);
+void check_dtype(const char* op, const char* arg, const Tensor& t, DType expected);
+void check_ndim(const char* op, const char* arg, const Tensor& t, int ndim);
+
+}  // namespace moe

@@ -1,0 +1,377 @@
+// hf_config.cpp — HuggingFace config.json <-> ModelConfig for mixtral, qwen2_moe and qwen3_moe.
+//
+// Each family has its own field names and defaults in transformers (MixtralConfig,
+// Qwen2MoeConfig, Qwen3MoeConfig); a field absent from the file takes that class's default, so a
+// config that loads in transformers means the same thing here. JSON null counts as absent
+// (transformers writes "head_dim": null, "bos_token_id": null). Settings the engine cannot honour
+// (another activation, RoPE scaling) are errors rather than silently wrong models.
+#include "io/hf_config.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace moe {
+
+namespace {
+
+using json = nlohmann::json;
+
+// transformers' defaults for fields a config may omit.
+struct FamilyDefaults {
+  double rope_theta;
+  double rms_norm_eps;
+  int64_t max_position_embeddings;
+  double router_aux_loss_coef;
+  int64_t bos_token_id;
+  int64_t eos_token_id;
+};
+
+FamilyDefaults family_defaults(const std::string& model_type) {
+  if (model_type == "mixtral") return {1e6, 1e-5, 4096 * 32, 0.001, 1, 2};
+  return {10000.0, 1e-6, 32768, 0.001, -1, -1};  // qwen2_moe, qwen3_moe
+}
+
+const char* architecture_name(const std::string& model_type) {
+  if (model_type == "mixtral") return "MixtralForCausalLM";
+  if (model_type == "qwen2_moe") return "Qwen2MoeForCausalLM";
+  if (model_type == "qwen3_moe") return "Qwen3MoeForCausalLM";
+  return nullptr;
+}
+
+std::string json_error_text(const std::exception& e) {
+  std::string s = e.what();  // "[json.exception.parse_error.101] parse error at ..."
+  if (!s.empty() && s[0] == '[') {
+    size_t close = s.find("] ");
+    if (close != std::string::npos) s.erase(0, close + 2);
+  }
+  return s;
+}
+
+std::string json_brief(const json& j) {
+  std::string s = j.dump();  // parsed input is valid UTF-8, so dump cannot throw
+  if (s.size() > 40) s = s.substr(0, 37) + "...";
+  return s;
+}
+
+// Typed access to one config object; every error names the source and the field.
+class Fields {
+ public:
+  Fields(const json& j, const std::string& what) : j_(j), what_(what) {}
+
+  // The field's value, or nullptr when it is absent or null.
+  const json* get(const char* key) const {
+    auto it = j_.find(key);
+    return it == j_.end() || it->is_null() ? nullptr : &*it;
+  }
+
+  int64_t integer(const char* key) const {
+    const json* v = get(key);
+    MOE_CHECK(v, "%s: missing field '%s'", what_.c_str(), key);
+    return as_integer(*v, key);
+  }
+  int64_t integer(const char* key, int64_t def) const {
+    const json* v = get(key);
+    return v ? as_integer(*v, key) : def;
+  }
+  double number(const char* key, double def) const {
+    const json* v = get(key);
+    if (!v) return def;
+    MOE_CHECK(v->is_number(), "%s: field '%s' must be a number, got %s", what_.c_str(), key, json_brief(*v).c_str());
+    return v->get<double>();
+  }
+  bool boolean(const char* key, bool def) const {
+    const json* v = get(key);
+    if (!v) return def;
+    MOE_CHECK(v->is_boolean(), "%s: field '%s' must be true or false, got %s", what_.c_str(), key,
+              json_brief(*v).c_str());
+    return v->get<bool>();
+  }
+  std::vector<int64_t> integer_list(const char* key) const {
+    std::vector<int64_t> out;
+    const json* v = get(key);
+    if (!v) return out;
+    MOE_CHECK(v->is_array(), "%s: field '%s' must be a list of integers, got %s", what_.c_str(), key,
+              json_brief(*v).c_str());
+    for (const json& e : *v) out.push_back(as_integer(e, key));
+    return out;
+  }
+  // bos/eos: null (none), an integer, or a list of integers of which the first is taken.
+  int64_t token_id(const char* key, int64_t def) const {
+    auto it = j_.find(key);
+    if (it == j_.end()) return def;
+    const json& v = *it;
+    if (v.is_null()) return -1;
+    int64_t id = -1;
+    if (v.is_array()) {
+      if (v.empty()) return -1;
+      id = as_integer(v[0], key);
+    } else {
+      id = as_integer(v, key);
+    }
+    MOE_CHECK(id >= 0, "%s: field '%s' must be a non-negative token id, got %lld", what_.c_str(), key,
+              static_cast<long long>(id));
+    return id;
+  }
+
+  // The "type"/"rope_type" of a RoPE settings object must be the plain default: scaled variants
+  // (linear, dynamic, yarn, llama3, …) change the positions the model was trained with.
+  void require_default_rope(const char* key) const {
+    const json* v = get(key);
+    if (!v) return;
+    MOE_CHECK(v->is_object(), "%s: field '%s' must be an object, got %s", what_.c_str(), key, json_brief(*v).c_str());
+    for (const char* tk : {"rope_type", "type"}) {
+      auto t = v->find(tk);
+      if (t == v->end() || t->is_null()) continue;
+      MOE_CHECK(t->is_string() && t->get<std::string>() == "default",
+                "%s: field '%s' asks for RoPE scaling %s; only unscaled RoPE is supported", what_.c_str(), key,
+                json_brief(*t).c_str());
+    }
+  }
+
+ private:
+  int64_t as_integer(const json& v, const char* key) const {
+    bool ok = v.is_number_integer() &&
+              (!v.is_number_unsigned() || v.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX));
+    MOE_CHECK(ok, "%s: field '%s' must be an integer, got %s", what_.c_str(), key, json_brief(v).c_str());
+    return v.get<int64_t>();
+  }
+
+  const json& j_;
+  const std::string& what_;
+};
+
+DType parse_torch_dtype(const Fields& f, const std::string& what) {
+  // transformers >= 4.56 writes "dtype"; older versions "torch_dtype".
+  const char* key = f.get("dtype") ? "dtype" : "torch_dtype";
+  const json* v = f.get(key);
+  if (!v) return DType::F32;
+  MOE_CHECK(v->is_string(), "%s: field '%s' must be a string, got %s", what.c_str(), key, json_brief(*v).c_str());
+  std::string s = v->get<std::string>();
+  if (s == "float32") return DType::F32;
+  if (s == "bfloat16") return DType::BF16;
+  if (s == "float16") return DType::F16;
+  MOE_FAIL("%s: field '%s': unsupported dtype '%s' (expected float32, bfloat16 or float16)", what.c_str(), key,
+           s.c_str());
+}
+
+const char* torch_dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "float32";
+    case DType::BF16: return "bfloat16";
+    case DType::F16: return "float16";
+    default: return nullptr;
+  }
+}
+
+void check_positive(const std::string& what, const char* field, int64_t v) {
+  MOE_CHECK(v > 0, "%s: field '%s' must be positive, got %lld", what.c_str(), field, static_cast<long long>(v));
+}
+
+}  // namespace
+
+bool ModelConfig::layer_is_moe(int64_t l) const {
+  if (n_expert <= 0) return false;
+  if (model_type == "mixtral") return true;  // every Mixtral layer is sparse
+  if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), l) != mlp_only_layers.end()) return false;
+  return decoder_sparse_step > 0 && (l + 1) % decoder_sparse_step == 0;
+}
+
+ModelConfig parse_hf_config(const std::string& json_text, const std::string& what) {
+  const char* w = what.c_str();
+  json j;
+  try {
+    j = json::parse(json_text);
+  } catch (const json::exception& e) {
+    MOE_FAIL("%s: malformed JSON: %s", w, json_error_text(e).c_str());
+  }
+  MOE_CHECK(j.is_object(), "%s: expected a JSON object, got %s", w, j.type_name());
+  Fields f(j, what);
+
+  ModelConfig c;
+  const json* mt = f.get("model_type");
+  MOE_CHECK(mt, "%s: missing field 'model_type'", w);
+  MOE_CHECK(mt->is_string(), "%s: field 'model_type' must be a string, got %s", w, json_brief(*mt).c_str());
+  c.model_type = mt->get<std::string>();
+  MOE_CHECK(architecture_name(c.model_type), "%s: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe)",
+            w, c.model_type.c_str());
+  const bool mixtral = c.model_type == "mixtral";
+  const bool qwen2 = c.model_type == "qwen2_moe";
+  const FamilyDefaults def = family_defaults(c.model_type);
+
+  if (const json* act = f.get("hidden_act")) {
+    MOE_CHECK(act->is_string() && act->get<std::string>() == "silu",
+              "%s: field 'hidden_act' is %s; only \"silu\" (SwiGLU experts) is supported", w, json_brief(*act).c_str());
+  }
+  f.require_default_rope("rope_scaling");
+  f.require_default_rope("rope_parameters");
+
+  // Shared transformer fields.
+  c.vocab_size = f.integer("vocab_size");
+  c.hidden_size = f.integer("hidden_size");
+  c.n_layer = f.integer("num_hidden_layers");
+  c.n_head = f.integer("num_attention_heads");
+  c.intermediate_size = f.integer("intermediate_size");
+  check_positive(what, "vocab_size", c.vocab_size);
+  check_positive(what, "hidden_size", c.hidden_size);
+  check_positive(what, "num_hidden_layers", c.n_layer);
+  check_positive(what, "num_attention_heads", c.n_head);
+  check_positive(what, "intermediate_size", c.intermediate_size);
+  c.n_head_kv = f.integer("num_key_value_heads", c.n_head);
+  check_positive(what, "num_key_value_heads", c.n_head_kv);
+  MOE_CHECK(c.n_head % c.n_head_kv == 0, "%s: num_attention_heads %lld is not a multiple of num_key_value_heads %lld",
+            w, static_cast<long long>(c.n_head), static_cast<long long>(c.n_head_kv));
+  if (f.get("head_dim")) {
+    c.head_dim = f.integer("head_dim");
+    check_positive(what, "head_dim", c.head_dim);
+  } else {
+    MOE_CHECK(c.hidden_size % c.n_head == 0,
+              "%s: hidden_size %lld is not divisible by num_attention_heads %lld (and no head_dim is given)", w,
+              static_cast<long long>(c.hidden_size), static_cast<long long>(c.n_head));
+    c.head_dim = c.hidden_size / c.n_head;
+  }
+
+  // transformers v5 moves rope_theta into rope_parameters.
+  c.rope_theta = def.rope_theta;
+  if (f.get("rope_theta")) {
+    c.rope_theta = f.number("rope_theta", def.rope_theta);
+  } else if (const json* rp = f.get("rope_parameters")) {
+    Fields rpf(*rp, what);
+    c.rope_theta = rpf.number("rope_theta", def.rope_theta);
+  }
+  MOE_CHECK(c.rope_theta > 0, "%s: field 'rope_theta' must be positive, got %g", w, c.rope_theta);
+  c.rms_norm_eps = f.number("rms_norm_eps", def.rms_norm_eps);
+  MOE_CHECK(c.rms_norm_eps > 0, "%s: field 'rms_norm_eps' must be positive, got %g", w, c.rms_norm_eps);
+  c.tie_word_embeddings = f.boolean("tie_word_embeddings", false);
+  c.max_position_embeddings = f.integer("max_position_embeddings", def.max_position_embeddings);
+  check_positive(what, "max_position_embeddings", c.max_position_embeddings);
+  c.bos_token_id = f.token_id("bos_token_id", def.bos_token_id);
+  c.eos_token_id = f.token_id("eos_token_id", def.eos_token_id);
+  c.router_aux_loss_coef = f.number("router_aux_loss_coef", def.router_aux_loss_coef);
+  MOE_CHECK(c.router_aux_loss_coef >= 0, "%s: field 'router_aux_loss_coef' must be >= 0, got %g", w,
+            c.router_aux_loss_coef);
+  c.torch_dtype = parse_torch_dtype(f, what);
+
+  // MoE fields, by family.
+  const char* experts_key = mixtral ? "num_local_experts" : "num_experts";
+  c.n_expert = f.integer(experts_key);
+  c.n_expert_used = f.integer("num_experts_per_tok");
+  if (mixtral) {
+    check_positive(what, experts_key, c.n_expert);
+    c.moe_intermediate_size = c.intermediate_size;  // Mixtral's experts are its MLP
+    c.norm_topk_prob = true;                        // MixtralSparseMoeBlock always renormalises
+    c.decoder_sparse_step = 1;
+  } else {
+    MOE_CHECK(c.n_expert >= 0, "%s: field 'num_experts' must be >= 0, got %lld", w,
+              static_cast<long long>(c.n_expert));
+    c.moe_intermediate_size = f.integer("moe_intermediate_size");
+    if (c.n_expert > 0) check_positive(what, "moe_intermediate_size", c.moe_intermediate_size);
+    c.norm_topk_prob = f.boolean("norm_topk_prob", false);
+    c.decoder_sparse_step = f.integer("decoder_sparse_step", 1);
+    check_positive(what, "decoder_sparse_step", c.decoder_sparse_step);
+    c.mlp_only_layers = f.integer_list("mlp_only_layers");
+    for (int64_t l : c.mlp_only_layers) {
+      MOE_CHECK(l >= 0 && l < c.n_layer, "%s: mlp_only_layers names layer %lld, but the model has %lld layers", w,
+                static_cast<long long>(l), static_cast<long long>(c.n_layer));
+    }
+  }
+  if (c.n_expert > 0) {
+    MOE_CHECK(c.n_expert_used >= 1 && c.n_expert_used <= c.n_expert,
+              "%s: num_experts_per_tok %lld must be between 1 and %s %lld", w,
+              static_cast<long long>(c.n_expert_used), experts_key, static_cast<long long>(c.n_expert));
+  }
+
+  if (qwen2) {
+    // Qwen2-MoE always has a shared expert; its size has no sensible default, so it is required
+    // (0 is accepted and means none).
+    c.shared_expert_intermediate_size = f.integer("shared_expert_intermediate_size");
+    MOE_CHECK(c.shared_expert_intermediate_size >= 0, "%s: field 'shared_expert_intermediate_size' must be >= 0", w);
+    c.attn_qkv_bias = f.boolean("qkv_bias", true);  // Qwen2 attention has q/k/v biases
+    c.attn_o_bias = false;
+  } else if (!mixtral) {  // qwen3_moe
+    c.attn_qkv_bias = c.attn_o_bias = f.boolean("attention_bias", false);
+    c.qk_norm = true;
+  }
+  return c;
+}
+
+ModelConfig load_hf_config(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  MOE_CHECK(in.good(), "%s: cannot open: %s", path.c_str(), std::strerror(errno));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  MOE_CHECK(!in.bad(), "%s: read failed", path.c_str());
+  return parse_hf_config(ss.str(), path);
+}
+
+std::string hf_config_to_json(const ModelConfig& c) {
+  const char* arch = architecture_name(c.model_type);
+  MOE_CHECK(arch, "hf_config_to_json: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe)",
+            c.model_type.c_str());
+  const char* dt = torch_dtype_name(c.torch_dtype);
+  MOE_CHECK(dt, "hf_config_to_json: torch_dtype %s has no HF spelling (expected f32, bf16 or f16)",
+            dtype_name(c.torch_dtype));
+  const bool mixtral = c.model_type == "mixtral";
+  const bool qwen2 = c.model_type == "qwen2_moe";
+  const char* mt = c.model_type.c_str();
+  // Settings a family's config cannot express would be lost on the way out; refuse them instead.
+  MOE_CHECK(c.qk_norm == (c.model_type == "qwen3_moe"), "hf_config_to_json: %s cannot express qk_norm=%d", mt,
+            c.qk_norm);
+  if (mixtral) {
+    MOE_CHECK(!c.attn_qkv_bias && !c.attn_o_bias && c.shared_expert_intermediate_size == 0 && c.norm_topk_prob &&
+                  c.mlp_only_layers.empty() && c.decoder_sparse_step == 1 &&
+                  c.moe_intermediate_size == c.intermediate_size,
+              "hf_config_to_json: mixtral has no attention biases, no shared expert, always renormalised top-k, "
+              "every layer MoE and moe_intermediate_size == intermediate_size");
+  } else if (qwen2) {
+    MOE_CHECK(!c.attn_o_bias, "hf_config_to_json: qwen2_moe cannot express an o_proj bias");
+  } else {
+    MOE_CHECK(c.attn_qkv_bias == c.attn_o_bias && c.shared_expert_intermediate_size == 0,
+              "hf_config_to_json: qwen3_moe has one attention_bias flag for q/k/v/o and no shared expert");
+  }
+
+  json j = json::object();  // std::map-backed: keys come out sorted, as transformers writes them
+  auto token = [](int64_t id) { return id < 0 ? json(nullptr) : json(id); };
+  j["architectures"] = json::array({arch});
+  j["model_type"] = c.model_type;
+  j["vocab_size"] = c.vocab_size;
+  j["hidden_size"] = c.hidden_size;
+  j["intermediate_size"] = c.intermediate_size;
+  j["num_hidden_layers"] = c.n_layer;
+  j["num_attention_heads"] = c.n_head;
+  j["num_key_value_heads"] = c.n_head_kv;
+  j["head_dim"] = c.head_dim;
+  j["hidden_act"] = "silu";
+  j["rope_theta"] = c.rope_theta;
+  j["rms_norm_eps"] = c.rms_norm_eps;
+  j["tie_word_embeddings"] = c.tie_word_embeddings;
+  j["max_position_embeddings"] = c.max_position_embeddings;
+  j["bos_token_id"] = token(c.bos_token_id);
+  j["eos_token_id"] = token(c.eos_token_id);
+  j["router_aux_loss_coef"] = c.router_aux_loss_coef;
+  j["torch_dtype"] = dt;
+  j["num_experts_per_tok"] = c.n_expert_used;
+  if (mixtral) {
+    j["num_local_experts"] = c.n_expert;
+  } else {
+    j["num_experts"] = c.n_expert;
+    j["moe_intermediate_size"] = c.moe_intermediate_size;
+    j["norm_topk_prob"] = c.norm_topk_prob;
+    j["decoder_sparse_step"] = c.decoder_sparse_step;
+    j["mlp_only_layers"] = c.mlp_only_layers;
+    if (qwen2) {
+      j["shared_expert_intermediate_size"] = c.shared_expert_intermediate_size;
+      j["qkv_bias"] = c.attn_qkv_bias;
+    } else {
+      j["attention_bias"] = c.attn_qkv_bias;
+    }
+  }
+  return j.dump(2) + "\n";
+}
+
+}  // namespace moe

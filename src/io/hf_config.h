@@ -1,0 +1,59 @@
+// hf_config.h — HuggingFace config.json <-> ModelConfig, the engine's model description.
+//
+// Supported model_type values: "mixtral", "qwen2_moe", "qwen3_moe" (their real field names:
+// num_local_experts / num_experts, num_experts_per_tok, intermediate_size vs
+// moe_intermediate_size, shared_expert_intermediate_size, norm_topk_prob, decoder_sparse_step,
+// mlp_only_layers, head_dim, rope_theta, rms_norm_eps, tie_word_embeddings, qkv bias for
+// qwen2_moe, attention_bias and q/k-norm for qwen3_moe). Anything else is an error naming it.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+
+namespace moe {
+
+struct ModelConfig {
+  std::string model_type;            // "mixtral" | "qwen2_moe" | "qwen3_moe"
+  int64_t vocab_size = 0;            // V
+  int64_t hidden_size = 0;           // D
+  int64_t n_layer = 0;
+  int64_t n_head = 0;                // H
+  int64_t n_head_kv = 0;             // Hkv
+  int64_t head_dim = 0;              // Dh (config head_dim, else D / H)
+  int64_t intermediate_size = 0;     // dense MLP width (mixtral: the expert width too)
+  int64_t moe_intermediate_size = 0; // F, expert width
+  int64_t shared_expert_intermediate_size = 0;  // 0 = no shared expert
+  int64_t n_expert = 0;              // E
+  int64_t n_expert_used = 0;         // K
+  bool norm_topk_prob = true;        // renormalise the K routing weights
+  int64_t decoder_sparse_step = 1;
+  std::vector<int64_t> mlp_only_layers;
+  bool attn_qkv_bias = false;        // q/k/v projections have biases (qwen2_moe)
+  bool attn_o_bias = false;
+  bool qk_norm = false;              // per-head RMSNorm on q and k (qwen3_moe)
+  double rope_theta = 10000.0;
+  double rms_norm_eps = 1e-6;
+  bool tie_word_embeddings = false;
+  int64_t max_position_embeddings = 4096;
+  int64_t bos_token_id = -1;         // -1: none
+  int64_t eos_token_id = -1;
+  double router_aux_loss_coef = 0.0;
+  DType torch_dtype = DType::F32;
+
+  // Layer l uses the MoE block (else a dense SwiGLU MLP of intermediate_size).
+  bool layer_is_moe(int64_t l) const;
+
+  // Field-wise equality (doubles compared exactly: parse(to_json(c)) reproduces them bit for bit).
+  bool operator==(const ModelConfig&) const = default;
+};
+
+// Parses config.json text; `what` names the source in errors ("DIR/config.json").
+// Throws moe::Error for malformed JSON, unknown model_type, missing or invalid fields.
+ModelConfig parse_hf_config(const std::string& json_text, const std::string& what);
+ModelConfig load_hf_config(const std::string& path);
+// Serialises to HF config.json text for the model's family (what `moe init` writes), with the
+// architectures field HF expects (e.g. "MixtralForCausalLM").
+std::string hf_config_to_json(const ModelConfig& c);
+
+}  // namespace moe

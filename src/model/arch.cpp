@@ -1,0 +1,55 @@
+// arch.cpp — the ArchSpec table: HF tensor names of each supported family.
+#include "model/arch.h"
+
+#include "core/error.h"
+
+namespace moe {
+namespace {
+
+#define L "model.layers.{l}."
+const ArchSpec kArchs[] = {
+    {"mixtral", "MixtralForCausalLM", "model.embed_tokens", "model.norm", "lm_head", L "input_layernorm",
+     L "post_attention_layernorm", L "self_attn.q_proj", L "self_attn.k_proj", L "self_attn.v_proj",
+     L "self_attn.o_proj", nullptr, nullptr, L "block_sparse_moe.gate", L "block_sparse_moe.experts.{e}.w1",
+     L "block_sparse_moe.experts.{e}.w3", L "block_sparse_moe.experts.{e}.w2", nullptr, nullptr, nullptr, nullptr,
+     nullptr, nullptr, nullptr},
+    {"qwen2_moe", "Qwen2MoeForCausalLM", "model.embed_tokens", "model.norm", "lm_head", L "input_layernorm",
+     L "post_attention_layernorm", L "self_attn.q_proj", L "self_attn.k_proj", L "self_attn.v_proj",
+     L "self_attn.o_proj", nullptr, nullptr, L "mlp.gate", L "mlp.experts.{e}.gate_proj", L "mlp.experts.{e}.up_proj",
+     L "mlp.experts.{e}.down_proj", L "mlp.shared_expert.gate_proj", L "mlp.shared_expert.up_proj",
+     L "mlp.shared_expert.down_proj", L "mlp.shared_expert_gate", L "mlp.gate_proj", L "mlp.up_proj",
+     L "mlp.down_proj"},
+    {"qwen3_moe", "Qwen3MoeForCausalLM", "model.embed_tokens", "model.norm", "lm_head", L "input_layernorm",
+     L "post_attention_layernorm", L "self_attn.q_proj", L "self_attn.k_proj", L "self_attn.v_proj",
+     L "self_attn.o_proj", L "self_attn.q_norm", L "self_attn.k_norm", L "mlp.gate", L "mlp.experts.{e}.gate_proj",
+     L "mlp.experts.{e}.up_proj", L "mlp.experts.{e}.down_proj", nullptr, nullptr, nullptr, nullptr,
+     L "mlp.gate_proj", L "mlp.up_proj", L "mlp.down_proj"},
+};
+#undef L
+
+}  // namespace
+
+const ArchSpec& arch_spec(const std::string& model_type) {
+  for (const ArchSpec& a : kArchs)
+    if (model_type == a.model_type) return a;
+  MOE_FAIL("unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe)", model_type.c_str());
+}
+
+std::string tensor_name(const char* tmpl, long layer, long expert, const char* suffix) {
+  MOE_ASSERT(tmpl != nullptr);
+  std::string out;
+  for (const char* p = tmpl; *p; ++p) {
+    if (p[0] == '{' && p[1] == 'l' && p[2] == '}') {
+      out += std::to_string(layer);
+      p += 2;
+    } else if (p[0] == '{' && p[1] == 'e' && p[2] == '}') {
+      out += std::to_string(expert);
+      p += 2;
+    } else {
+      out += *p;
+    }
+  }
+  return out + suffix;
+}
+
+}  // namespace moe

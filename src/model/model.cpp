@@ -1,0 +1,362 @@
+// model.cpp — weight loading (HF names -> stacked per-layer tensors) and the forward pass.
+#include "model/model.h"
+
+#include <cmath>
+#include <functional>
+#include <map>
+
+#include "io/safetensors.h"
+#include "ops/ops.h"
+
+namespace moe {
+namespace {
+
+using Source = std::function<Tensor(const std::string&)>;
+
+// Checks the shape of a source tensor, converts dtype (on the host) and moves it to the device.
+Tensor prepare(const Tensor& src, const std::string& name, const Shape& want, const LoadOptions& opt) {
+  MOE_CHECK(src.shape() == want, "tensor '%s': expected shape %s, got %s", name.c_str(), shape_str(want).c_str(),
+            src.shape_str().c_str());
+  DType dt = opt.keep_dtype ? src.dtype() : opt.weight_dtype;
+  MOE_CHECK(dt == DType::F32 || dt == DType::BF16 || dt == DType::F16, "tensor '%s': unsupported weight dtype %s",
+            name.c_str(), dtype_name(dt));
+  Tensor t = src.to_dtype(dt, MemCategory::Weights);
+  if (opt.device != Device::CPU) return t.to(opt.device, MemCategory::Weights);
+  if (t.dtype() == src.dtype() && t.category() != MemCategory::Weights) return t.clone();
+  return t;
+}
+
+// Stacks E per-expert [rows,cols] tensors into one [E,rows,cols] tensor on the target device.
+Tensor stack_experts(const Source& get, const char* tmpl, int64_t layer, int64_t n_expert, int64_t rows,
+                     int64_t cols, const LoadOptions& opt) {
+  Tensor out;
+  for (int64_t e = 0; e < n_expert; ++e) {
+    std::string name = tensor_name(tmpl, layer, e);
+    Tensor src = get(name);
+    MOE_CHECK(src.shape() == Shape({rows, cols}), "tensor '%s': expected shape %s, got %s", name.c_str(),
+              shape_str({rows, cols}).c_str(), src.shape_str().c_str());
+    DType dt = opt.keep_dtype ? src.dtype() : opt.weight_dtype;
+    Tensor host = src.to_dtype(dt, MemCategory::Workspace);
+    if (!out.defined()) out = Tensor::empty({n_expert, rows, cols}, dt, MemCategory::Weights, opt.device);
+    MOE_CHECK(host.dtype() == out.dtype(), "tensor '%s': dtype %s differs from expert 0", name.c_str(),
+              dtype_name(host.dtype()));
+    mem_copy(out.select(e).raw(), opt.device, host.raw(), Device::CPU, host.nbytes());
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& c) {
+  const ArchSpec& a = arch_spec(c.model_type);
+  const int64_t d = c.hidden_size, dh = c.head_dim, qd = c.n_head * dh, kvd = c.n_head_kv * dh;
+  std::vector<std::pair<std::string, Shape>> out;
+  out.push_back({tensor_name(a.embed), {c.vocab_size, d}});
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    out.push_back({tensor_name(a.attn_norm, l), {d}});
+    out.push_back({tensor_name(a.q_proj, l), {qd, d}});
+    out.push_back({tensor_name(a.k_proj, l), {kvd, d}});
+    out.push_back({tensor_name(a.v_proj, l), {kvd, d}});
+    out.push_back({tensor_name(a.o_proj, l), {d, qd}});
+    if (c.attn_qkv_bias) {
+      out.push_back({tensor_name(a.q_proj, l, -1, ".bias"), {qd}});
+      out.push_back({tensor_name(a.k_proj, l, -1, ".bias"), {kvd}});
+      out.push_back({tensor_name(a.v_proj, l, -1, ".bias"), {kvd}});
+    }
+    if (c.attn_o_bias) out.push_back({tensor_name(a.o_proj, l, -1, ".bias"), {d}});
+    if (c.qk_norm) {
+      out.push_back({tensor_name(a.q_norm, l), {dh}});
+      out.push_back({tensor_name(a.k_norm, l), {dh}});
+    }
+    out.push_back({tensor_name(a.ffn_norm, l), {d}});
+    if (c.layer_is_moe(l)) {
+      const int64_t f = c.moe_intermediate_size;
+      out.push_back({tensor_name(a.router, l), {c.n_expert, d}});
+      for (int64_t e = 0; e < c.n_expert; ++e) {
+        out.push_back({tensor_name(a.expert_gate, l, e), {f, d}});
+        out.push_back({tensor_name(a.expert_up, l, e), {f, d}});
+        out.push_back({tensor_name(a.expert_down, l, e), {d, f}});
+      }
+      if (c.shared_expert_intermediate_size > 0) {
+        MOE_CHECK(a.shared_gate != nullptr, "model_type %s has no shared expert", c.model_type.c_str());
+        const int64_t fs = c.shared_expert_intermediate_size;
+        out.push_back({tensor_name(a.shared_gate, l), {fs, d}});
+        out.push_back({tensor_name(a.shared_up, l), {fs, d}});
+        out.push_back({tensor_name(a.shared_down, l), {d, fs}});
+        out.push_back({tensor_name(a.shared_expert_gate, l), {1, d}});
+      }
+    } else {
+      const int64_t f = c.intermediate_size;
+      out.push_back({tensor_name(a.dense_gate, l), {f, d}});
+      out.push_back({tensor_name(a.dense_up, l), {f, d}});
+      out.push_back({tensor_name(a.dense_down, l), {d, f}});
+    }
+  }
+  out.push_back({tensor_name(a.final_norm), {d}});
+  if (!c.tie_word_embeddings) out.push_back({tensor_name(a.lm_head), {c.vocab_size, d}});
+  return out;
+}
+
+static void build(const ModelConfig& c, const Source& get, const LoadOptions& opt, ModelWeights* w) {
+  const ArchSpec& a = arch_spec(c.model_type);
+  const int64_t d = c.hidden_size, dh = c.head_dim, qd = c.n_head * dh, kvd = c.n_head_kv * dh;
+  MOE_CHECK(opt.device == Device::CPU || device_available(opt.device) || cuda_available(),
+            "device %s is not available", device_name(opt.device));
+  MOE_CHECK(opt.device != Device::CPU || opt.act_dtype == DType::F32, "CPU activations must be f32");
+  auto load = [&](const std::string& name, const Shape& shape) { return prepare(get(name), name, shape, opt); };
+  w->embed = load(tensor_name(a.embed), {c.vocab_size, d});
+  w->final_norm = load(tensor_name(a.final_norm), {d});
+  w->lm_head = c.tie_word_embeddings ? w->embed : load(tensor_name(a.lm_head), {c.vocab_size, d});
+  w->layers.resize(static_cast<size_t>(c.n_layer));
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    LayerWeights& lw = w->layers[static_cast<size_t>(l)];
+    lw.attn_norm = load(tensor_name(a.attn_norm, l), {d});
+    lw.ffn_norm = load(tensor_name(a.ffn_norm, l), {d});
+    lw.wq = load(tensor_name(a.q_proj, l), {qd, d});
+    lw.wk = load(tensor_name(a.k_proj, l), {kvd, d});
+    lw.wv = load(tensor_name(a.v_proj, l), {kvd, d});
+    lw.wo = load(tensor_name(a.o_proj, l), {d, qd});
+    if (c.attn_qkv_bias) {
+      lw.bq = load(tensor_name(a.q_proj, l, -1, ".bias"), {qd});
+      lw.bk = load(tensor_name(a.k_proj, l, -1, ".bias"), {kvd});
+      lw.bv = load(tensor_name(a.v_proj, l, -1, ".bias"), {kvd});
+    }
+    if (c.attn_o_bias) lw.bo = load(tensor_name(a.o_proj, l, -1, ".bias"), {d});
+    if (c.qk_norm) {
+      lw.q_norm = load(tensor_name(a.q_norm, l), {dh});
+      lw.k_norm = load(tensor_name(a.k_norm, l), {dh});
+    }
+    lw.is_moe = c.layer_is_moe(l);
+    if (lw.is_moe) {
+      const int64_t f = c.moe_intermediate_size, e = c.n_expert;
+      lw.router = load(tensor_name(a.router, l), {e, d});
+      lw.w1 = stack_experts(get, a.expert_gate, l, e, f, d, opt);
+      lw.w3 = stack_experts(get, a.expert_up, l, e, f, d, opt);
+      lw.w2 = stack_experts(get, a.expert_down, l, e, d, f, opt);
+      if (c.shared_expert_intermediate_size > 0) {
+        const int64_t fs = c.shared_expert_intermediate_size;
+        lw.shared_w1 = load(tensor_name(a.shared_gate, l), {fs, d});
+        lw.shared_w3 = load(tensor_name(a.shared_up, l), {fs, d});
+        lw.shared_w2 = load(tensor_name(a.shared_down, l), {d, fs});
+        lw.shared_gate = load(tensor_name(a.shared_expert_gate, l), {1, d});
+      }
+    } else {
+      const int64_t f = c.intermediate_size;
+      lw.w1 = load(tensor_name(a.dense_gate, l), {f, d});
+      lw.w3 = load(tensor_name(a.dense_up, l), {f, d});
+      lw.w2 = load(tensor_name(a.dense_down, l), {d, f});
+    }
+  }
+}
+
+Model Model::load(const std::string& dir, const LoadOptions& opt) {
+  ModelConfig cfg = load_hf_config(dir + "/config.json");
+  Checkpoint ck = Checkpoint::open_dir(dir);
+  Model m;
+  m.cfg_ = cfg;
+  m.opt_ = opt;
+  build(cfg, [&](const std::string& name) { return ck.get(name); }, opt, &m.w_);
+  return m;
+}
+
+Model Model::from_tensors(const ModelConfig& cfg, const std::vector<std::pair<std::string, Tensor>>& named,
+                          const LoadOptions& opt) {
+  std::map<std::string, const Tensor*> by_name;
+  for (auto& [n, t] : named) by_name[n] = &t;
+  Model m;
+  m.cfg_ = cfg;
+  m.opt_ = opt;
+  build(cfg,
+        [&](const std::string& name) {
+          auto it = by_name.find(name);
+          MOE_CHECK(it != by_name.end(), "missing tensor '%s'", name.c_str());
+          return *it->second;
+        },
+        opt, &m.w_);
+  return m;
+}
+
+KVCache Model::make_cache(int64_t batch, int64_t capacity) const {
+  KVCache kv;
+  kv.batch = batch;
+  kv.capacity = capacity;
+  for (int64_t l = 0; l < cfg_.n_layer; ++l) {
+    kv.k.push_back(Tensor::zeros({batch, capacity, cfg_.n_head_kv, cfg_.head_dim}, opt_.act_dtype,
+                                 MemCategory::KvCache, opt_.device));
+    kv.v.push_back(Tensor::zeros({batch, capacity, cfg_.n_head_kv, cfg_.head_dim}, opt_.act_dtype,
+                                 MemCategory::KvCache, opt_.device));
+  }
+  return kv;
+}
+
+int64_t Model::n_params_total() const {
+  int64_t n = 0;
+  for (auto& [name, shape] : expected_tensors(cfg_)) n += shape_numel(shape);
+  return n;
+}
+
+int64_t Model::n_params_active() const {
+  int64_t n = 0;
+  const ModelConfig& c = cfg_;
+  for (auto& [name, shape] : expected_tensors(c)) {
+    // Each routed expert's tensors count K/E of the time.
+    if (name.find(".experts.") != std::string::npos) continue;
+    n += shape_numel(shape);
+  }
+  for (int64_t l = 0; l < c.n_layer; ++l)
+    if (c.layer_is_moe(l)) n += c.n_expert_used * 3 * c.moe_intermediate_size * c.hidden_size;
+  return n;
+}
+
+namespace {
+
+// A dense SwiGLU MLP: y = w2 (silu(x w1ᵀ) * (x w3ᵀ)). x [T,D] -> y [T,D].
+void swiglu_mlp(Tensor& y, const Tensor& x, const Tensor& w1, const Tensor& w3, const Tensor& w2) {
+  const int64_t t = x.dim(0), f = w1.dim(0);
+  Tensor h1 = Tensor::empty({t, f}, x.dtype(), MemCategory::Activations, x.device());
+  Tensor h3 = Tensor::empty({t, f}, x.dtype(), MemCategory::Activations, x.device());
+  linear_forward(h1, x, w1, Tensor());
+  linear_forward(h3, x, w3, Tensor());
+  swiglu_forward(h1, h1, h3);
+  linear_forward(y, h1, w2, Tensor());
+}
+
+}  // namespace
+
+ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const ForwardOptions& fo) const {
+  const ModelConfig& c = cfg_;
+  MOE_CHECK(ids_in.ndim() == 2, "forward: ids must be [B,S], got %s", ids_in.shape_str().c_str());
+  const int64_t b_n = ids_in.dim(0), s_n = ids_in.dim(1), t_n = b_n * s_n;
+  const int64_t d = c.hidden_size, dh = c.head_dim, h_n = c.n_head, hkv = c.n_head_kv, k = c.n_expert_used;
+  const int64_t past = cache.len;
+  MOE_CHECK(b_n == cache.batch, "forward: batch %lld but the KV cache was made for %lld", (long long)b_n,
+            (long long)cache.batch);
+  MOE_CHECK(past + s_n <= cache.capacity, "forward: %lld + %lld positions exceed the KV cache capacity %lld",
+            (long long)past, (long long)s_n, (long long)cache.capacity);
+  const Device dev = opt_.device;
+  const DType adt = opt_.act_dtype;
+  const MemCategory act = MemCategory::Activations;
+
+  Tensor ids = ids_in.dtype() == DType::I32 ? ids_in : Tensor();
+  if (!ids.defined()) {
+    MOE_CHECK(ids_in.dtype() == DType::I64 && ids_in.device() == Device::CPU, "forward: ids must be i32 or i64");
+    ids = Tensor::empty(ids_in.shape(), DType::I32, act);
+    const int64_t* src = ids_in.data<int64_t>();
+    for (int64_t i = 0; i < t_n; ++i) {
+      MOE_CHECK(src[i] >= 0 && src[i] < c.vocab_size, "forward: token id %lld out of range [0,%lld)",
+                (long long)src[i], (long long)c.vocab_size);
+      ids.data<int32_t>()[i] = static_cast<int32_t>(src[i]);
+    }
+  }
+  if (ids.device() != dev) ids = ids.to(dev, act);
+
+  ForwardResult res;
+  Tensor x = Tensor::empty({t_n, d}, adt, act, dev);
+  embedding_forward(x, ids.view({t_n}), w_.embed);
+  Tensor h = Tensor::empty({t_n, d}, adt, act, dev);
+  Tensor q = Tensor::empty({b_n, s_n, h_n, dh}, adt, act, dev);
+  Tensor kk = Tensor::empty({b_n, s_n, hkv, dh}, adt, act, dev);
+  Tensor vv = Tensor::empty({b_n, s_n, hkv, dh}, adt, act, dev);
+  Tensor attn = Tensor::empty({b_n, s_n, h_n, dh}, adt, act, dev);
+  Tensor y = Tensor::empty({t_n, d}, adt, act, dev);
+  if (fo.want_expert_counts) res.expert_counts.assign(static_cast<size_t>(c.n_layer * c.n_expert), 0);
+
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    const LayerWeights& lw = w_.layers[static_cast<size_t>(l)];
+    // --- attention ---
+    rmsnorm_forward(h, x, lw.attn_norm, float(c.rms_norm_eps));
+    Tensor q2 = q.view({t_n, h_n * dh}), k2 = kk.view({t_n, hkv * dh}), v2 = vv.view({t_n, hkv * dh});
+    linear_forward(q2, h, lw.wq, lw.bq);
+    linear_forward(k2, h, lw.wk, lw.bk);
+    linear_forward(v2, h, lw.wv, lw.bv);
+    if (c.qk_norm) {
+      Tensor qn = q.view({t_n * h_n, dh}), kn = kk.view({t_n * hkv, dh});
+      rmsnorm_forward(qn, qn, lw.q_norm, float(c.rms_norm_eps));
+      rmsnorm_forward(kn, kn, lw.k_norm, float(c.rms_norm_eps));
+    }
+    rope_forward(q, past, float(c.rope_theta));
+    rope_forward(kk, past, float(c.rope_theta));
+    kv_append(cache.k[static_cast<size_t>(l)], cache.v[static_cast<size_t>(l)], kk, vv, past);
+    attention_forward(attn, q, cache.k[static_cast<size_t>(l)], cache.v[static_cast<size_t>(l)], past);
+    linear_forward(y, attn.view({t_n, h_n * dh}), lw.wo, lw.bo);
+    add_inplace(x, y);
+
+    // --- feed-forward ---
+    rmsnorm_forward(h, x, lw.ffn_norm, float(c.rms_norm_eps));
+    if (!lw.is_moe) {
+      swiglu_mlp(y, h, lw.w1, lw.w3, lw.w2);
+      add_inplace(x, y);
+      if (fo.want_router_logits) res.router_logits.emplace_back();
+      continue;
+    }
+    const int64_t e_n = c.n_expert, p_n = t_n * k;
+    Tensor logits = Tensor::empty({t_n, e_n}, DType::F32, act, dev);
+    if (adt == DType::F32) {
+      linear_forward(logits, h, lw.router, Tensor());
+    } else {
+      Tensor lg = Tensor::empty({t_n, e_n}, adt, act, dev);
+      linear_forward(lg, h, lw.router, Tensor());
+      cast(logits, lg);
+    }
+    Tensor topk_idx = Tensor::empty({t_n, k}, DType::I32, act, dev);
+    Tensor topk_w = Tensor::empty({t_n, k}, DType::F32, act, dev);
+    router_topk_forward(topk_idx, topk_w, logits, c.norm_topk_prob);
+    Tensor offsets = Tensor::empty({e_n + 1}, DType::I32, act, dev);
+    Tensor perm = Tensor::empty({p_n}, DType::I32, act, dev);
+    Tensor inv = Tensor::empty({p_n}, DType::I32, act, dev);
+    moe_dispatch(offsets, perm, inv, topk_idx, e_n);
+    Tensor xp = Tensor::empty({p_n, d}, adt, act, dev);
+    gather_rows(xp, h, perm, k);
+    Tensor row_scale = Tensor::empty({p_n}, DType::F32, act, dev);
+    permute_weights(row_scale, topk_w, perm);
+    Tensor yp = Tensor::empty({p_n, d}, adt, act, dev);
+    expert_ffn_forward(yp, xp, offsets, lw.w1, lw.w3, lw.w2, row_scale);
+    moe_combine(y, yp, inv, k, /*accumulate=*/false);
+    if (lw.shared_w1.defined()) {
+      Tensor s = Tensor::empty({t_n, d}, adt, act, dev);
+      swiglu_mlp(s, h, lw.shared_w1, lw.shared_w3, lw.shared_w2);
+      Tensor g = Tensor::empty({t_n, 1}, adt, act, dev);
+      linear_forward(g, h, lw.shared_gate, Tensor());
+      Tensor gf = g;
+      if (adt != DType::F32) {
+        gf = Tensor::empty({t_n, 1}, DType::F32, act, dev);
+        cast(gf, g);
+      }
+      sigmoid_gate_add(y, s, gf);
+    }
+    add_inplace(x, y);
+    if (fo.want_router_logits) res.router_logits.push_back(logits);
+    if (fo.want_expert_counts) {
+      Tensor oh = offsets.device() == Device::CPU ? offsets : offsets.to(Device::CPU, act);
+      for (int64_t e = 0; e < e_n; ++e)
+        res.expert_counts[static_cast<size_t>(l * e_n + e)] = oh.data<int32_t>()[e + 1] - oh.data<int32_t>()[e];
+    }
+  }
+
+  // --- head ---
+  Tensor xf = x;
+  int64_t rows = t_n, s_out = s_n;
+  if (fo.last_logits_only && s_n > 1) {
+    xf = Tensor::empty({b_n, d}, adt, act, dev);
+    for (int64_t b = 0; b < b_n; ++b) {
+      Tensor dst = xf.select(b), src = x.select(b * s_n + s_n - 1);
+      mem_copy(dst.raw(), dev, src.raw(), dev, src.nbytes());
+    }
+    rows = b_n;
+    s_out = 1;
+  }
+  Tensor hf = Tensor::empty({rows, d}, adt, act, dev);
+  rmsnorm_forward(hf, xf, w_.final_norm, float(c.rms_norm_eps));
+  Tensor logits = Tensor::empty({rows, c.vocab_size}, adt, act, dev);
+  linear_forward(logits, hf, w_.lm_head, Tensor());
+  if (adt != DType::F32) {
+    Tensor lf = Tensor::empty({rows, c.vocab_size}, DType::F32, act, dev);
+    cast(lf, logits);
+    logits = lf;
+  }
+  res.logits = logits.view({b_n, s_out, c.vocab_size});
+  cache.len += s_n;
+  return res;
+}
+
+}  // namespace moe

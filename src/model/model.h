@@ -1,0 +1,96 @@
+// model.h — an MoE transformer built from an ArchSpec + ModelConfig: weights, KV cache and the
+// inference forward pass (prefill and incremental decode) on any backend.
+//
+// The forward pass only calls ops.h, so it runs wherever its weights live (CPU or CUDA).
+// Activations are f32 on the CPU and f32 or bf16 on CUDA (`act_dtype`); routing is always f32.
+// Training forward/backward (next issue) will add saved-activation variants of the same steps.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/hf_config.h"
+#include "model/arch.h"
+
+namespace moe {
+
+// Weights of one decoder layer. Expert weights are stacked per layer: w1/w3 [E,F,D], w2 [E,D,F].
+struct LayerWeights {
+  Tensor attn_norm, ffn_norm;              // [D]
+  Tensor wq, wk, wv, wo;                   // [H*Dh,D], [Hkv*Dh,D], [Hkv*Dh,D], [D,H*Dh]
+  Tensor bq, bk, bv, bo;                   // optional biases
+  Tensor q_norm, k_norm;                   // [Dh] optional (qwen3_moe)
+  bool is_moe = false;
+  Tensor router;                           // [E,D]
+  Tensor w1, w3, w2;                       // experts (MoE) — or dense MLP [F,D]/[D,F] when !is_moe
+  Tensor shared_w1, shared_w3, shared_w2;  // shared expert (qwen2_moe), optional
+  Tensor shared_gate;                      // [1,D]
+};
+
+struct ModelWeights {
+  Tensor embed;       // [V,D]
+  Tensor final_norm;  // [D]
+  Tensor lm_head;     // [V,D] (the embedding when tied)
+  std::vector<LayerWeights> layers;
+};
+
+struct LoadOptions {
+  Device device = Device::CPU;
+  // Weight dtype in memory: F32 or BF16; "keep" (the file's) when keep_dtype.
+  bool keep_dtype = true;
+  DType weight_dtype = DType::F32;
+  DType act_dtype = DType::F32;  // activations and KV cache (BF16 only on CUDA)
+};
+
+// Per-layer KV caches [B,C,Hkv,Dh] and the number of positions already filled.
+struct KVCache {
+  std::vector<Tensor> k, v;
+  int64_t len = 0;
+  int64_t batch = 0;
+  int64_t capacity = 0;
+};
+
+struct ForwardOptions {
+  bool last_logits_only = false;  // logits for the last position of each sequence only
+  bool want_router_logits = false;
+  bool want_expert_counts = false;  // reads the per-expert counts back to the host (a sync on CUDA)
+};
+
+struct ForwardResult {
+  Tensor logits;                      // [B,S,V] f32 (or [B,1,V] with last_logits_only), on the model's device
+  std::vector<Tensor> router_logits;  // per MoE layer [B*S,E] f32 (empty for dense layers), if asked
+  std::vector<int64_t> expert_counts; // [n_layer*E] tokens routed per expert in this call (host)
+};
+
+class Model {
+ public:
+  // Loads config.json + safetensors weights from `dir`. Throws moe::Error naming the missing
+  // tensor / bad shape / bad config.
+  static Model load(const std::string& dir, const LoadOptions& opt = {});
+  // Builds from a config and named tensors (e.g. random init) without files.
+  static Model from_tensors(const ModelConfig& cfg, const std::vector<std::pair<std::string, Tensor>>& named,
+                            const LoadOptions& opt = {});
+
+  const ModelConfig& config() const { return cfg_; }
+  const ModelWeights& weights() const { return w_; }
+  Device device() const { return opt_.device; }
+  DType act_dtype() const { return opt_.act_dtype; }
+
+  KVCache make_cache(int64_t batch, int64_t capacity) const;
+  // ids [B,S] i32 (host or device); positions continue from cache.len, which advances by S.
+  ForwardResult forward(const Tensor& ids, KVCache& cache, const ForwardOptions& fo = {}) const;
+
+  // Parameter counts: total, and active per token (embedding and LM head counted too).
+  int64_t n_params_total() const;
+  int64_t n_params_active() const;
+
+ private:
+  ModelConfig cfg_;
+  LoadOptions opt_;
+  ModelWeights w_;
+};
+
+// The HF tensor names and shapes a config implies (used by load, init and inspect).
+std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& cfg);
+
+}  // namespace moe

@@ -1,0 +1,71 @@
+// cpu_attention.cpp — CPU reference for linear layers and causal grouped-query attention.
+#include <cmath>
+#include <vector>
+
+#include "ops/backend.h"
+#include "ops/cpu/cpu_gemm.h"
+
+namespace moe {
+namespace cpu {
+
+void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor& bias) {
+  MOE_CHECK(out.dtype() == DType::F32 && x.dtype() == DType::F32, "linear_forward (cpu): activations must be f32");
+  const int64_t k = w.dim(1), m = w.dim(0), n = x.numel() / k;
+  float* o = out.data<float>();
+  gemm_xwt(o, m, x.data<float>(), w.raw(), w.dtype(), n, m, k, false);
+  if (bias.defined()) {
+    std::vector<float> b(static_cast<size_t>(m));
+    convert_to_f32(b.data(), bias.raw(), bias.dtype(), b.size());
+#pragma omp parallel for schedule(static) if(n * m > 32768)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < m; ++c) o[r * m + c] += b[c];
+  }
+}
+
+// out, q [B,S,H,Dh]; caches [B,C,Hkv,Dh]. One (b, s, h) query row at a time: scores over the
+// visible keys, a stable softmax, then the weighted sum of values.
+void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past) {
+  MOE_CHECK(q.dtype() == DType::F32 && k_cache.dtype() == DType::F32, "attention_forward (cpu): f32 only");
+  const int64_t b_n = q.dim(0), s_n = q.dim(1), h_n = q.dim(2), dh = q.dim(3);
+  const int64_t cap = k_cache.dim(1), hkv = k_cache.dim(2), group = h_n / hkv;
+  const float scale = 1.0f / std::sqrt(float(dh));
+  const float* qp = q.data<float>();
+  const float* kp = k_cache.data<float>();
+  const float* vp = v_cache.data<float>();
+  float* op = out.data<float>();
+#pragma omp parallel if(b_n * s_n * h_n * (past + s_n) * dh > 32768)
+  {
+    std::vector<float> sc(static_cast<size_t>(past + s_n));
+#pragma omp for collapse(3) schedule(dynamic, 4)
+    for (int64_t b = 0; b < b_n; ++b)
+      for (int64_t s = 0; s < s_n; ++s)
+        for (int64_t h = 0; h < h_n; ++h) {
+          const float* qr = qp + ((b * s_n + s) * h_n + h) * dh;
+          const int64_t kv_h = h / group, n_keys = past + s + 1;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < n_keys; ++j) {
+            const float* kr = kp + ((b * cap + j) * hkv + kv_h) * dh;
+            float dot = 0;
+            for (int64_t i = 0; i < dh; ++i) dot += qr[i] * kr[i];
+            sc[j] = dot * scale;
+            mx = std::max(mx, sc[j]);
+          }
+          double sum = 0;
+          for (int64_t j = 0; j < n_keys; ++j) {
+            sc[j] = std::exp(sc[j] - mx);
+            sum += sc[j];
+          }
+          float inv = static_cast<float>(1.0 / sum);
+          float* orow = op + ((b * s_n + s) * h_n + h) * dh;
+          for (int64_t i = 0; i < dh; ++i) orow[i] = 0;
+          for (int64_t j = 0; j < n_keys; ++j) {
+            const float* vr = vp + ((b * cap + j) * hkv + kv_h) * dh;
+            float p = sc[j] * inv;
+            for (int64_t i = 0; i < dh; ++i) orow[i] += p * vr[i];
+          }
+        }
+  }
+}
+
+}  // namespace cpu
+}  // namespace moe

@@ -1,0 +1,143 @@
+// cpu_elementwise.cpp — CPU reference for the row-wise and elementwise ops: embedding, RMSNorm,
+// RoPE, KV append, SwiGLU, sigmoid gate, residual add, cast. f32 activations.
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "ops/backend.h"
+
+namespace moe {
+namespace cpu {
+namespace {
+
+void require_f32(const char* op, const Tensor& t) {
+  MOE_CHECK(t.dtype() == DType::F32, "%s (cpu): activations must be f32, got %s", op, dtype_name(t.dtype()));
+}
+
+// Reads n values of a float tensor starting at element `at` as f32.
+void read_f32(float* dst, const Tensor& t, int64_t at, int64_t n) {
+  const char* base = static_cast<const char*>(t.raw()) + static_cast<size_t>(at) * dtype_size(t.dtype());
+  convert_to_f32(dst, base, t.dtype(), static_cast<size_t>(n));
+}
+
+}  // namespace
+
+void embedding_forward(Tensor& out, const Tensor& ids, const Tensor& table) {
+  require_f32("embedding_forward", out);
+  const int64_t t_n = ids.numel(), d = table.dim(1), v = table.dim(0);
+  const int32_t* id = ids.data<int32_t>();
+  for (int64_t t = 0; t < t_n; ++t)
+    MOE_CHECK(id[t] >= 0 && id[t] < v, "embedding: token id %d out of range [0,%lld)", id[t], (long long)v);
+  float* o = out.data<float>();
+#pragma omp parallel for schedule(static) if(t_n * d > 32768)
+  for (int64_t t = 0; t < t_n; ++t) read_f32(o + t * d, table, int64_t(id[t]) * d, d);
+}
+
+void rmsnorm_forward(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
+  require_f32("rmsnorm_forward", out);
+  require_f32("rmsnorm_forward", x);
+  const int64_t d = x.dim(-1), n = x.numel() / d;
+  std::vector<float> wf(static_cast<size_t>(d));
+  read_f32(wf.data(), w, 0, d);
+  const float* xp = x.data<float>();
+  float* op = out.data<float>();
+#pragma omp parallel for schedule(static) if(n * d > 32768)
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = xp + r * d;
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += double(xr[i]) * xr[i];
+    float inv = static_cast<float>(1.0 / std::sqrt(ss / double(d) + double(eps)));
+    float* orow = op + r * d;
+    for (int64_t i = 0; i < d; ++i) orow[i] = wf[i] * (xr[i] * inv);
+  }
+}
+
+void rope_forward(Tensor& x, int64_t past, float theta) {
+  require_f32("rope_forward", x);
+  const int64_t b_n = x.dim(0), s_n = x.dim(1), h_n = x.dim(2), dh = x.dim(3), half = dh / 2;
+  // cos/sin per (position, i), computed in f64 for accuracy.
+  std::vector<float> cs(static_cast<size_t>(s_n * half)), sn(static_cast<size_t>(s_n * half));
+  for (int64_t s = 0; s < s_n; ++s)
+    for (int64_t i = 0; i < half; ++i) {
+      double inv_freq = 1.0 / std::pow(double(theta), double(2 * i) / double(dh));
+      double ang = double(past + s) * inv_freq;
+      cs[s * half + i] = static_cast<float>(std::cos(ang));
+      sn[s * half + i] = static_cast<float>(std::sin(ang));
+    }
+  float* p = x.data<float>();
+#pragma omp parallel for collapse(2) schedule(static) if(b_n * s_n * h_n * dh > 32768)
+  for (int64_t b = 0; b < b_n; ++b)
+    for (int64_t s = 0; s < s_n; ++s)
+      for (int64_t h = 0; h < h_n; ++h) {
+        float* v = p + ((b * s_n + s) * h_n + h) * dh;
+        for (int64_t i = 0; i < half; ++i) {
+          float c = cs[s * half + i], si = sn[s * half + i];
+          float a = v[i], bb = v[i + half];
+          v[i] = a * c - bb * si;
+          v[i + half] = bb * c + a * si;
+        }
+      }
+}
+
+void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& v, int64_t past) {
+  const int64_t b_n = k.dim(0), s_n = k.dim(1), row = k.dim(2) * k.dim(3), cap = k_cache.dim(1);
+  const size_t es = dtype_size(k.dtype());
+  for (int64_t b = 0; b < b_n; ++b) {
+    size_t bytes = static_cast<size_t>(s_n * row) * es;
+    size_t dst = static_cast<size_t>((b * cap + past) * row) * es;
+    size_t src = static_cast<size_t>(b * s_n * row) * es;
+    std::memcpy(static_cast<char*>(k_cache.raw()) + dst, static_cast<const char*>(k.raw()) + src, bytes);
+    std::memcpy(static_cast<char*>(v_cache.raw()) + dst, static_cast<const char*>(v.raw()) + src, bytes);
+  }
+}
+
+void swiglu_forward(Tensor& out, const Tensor& h1, const Tensor& h3) {
+  require_f32("swiglu_forward", out);
+  const int64_t n = out.numel();
+  const float* a = h1.data<float>();
+  const float* b = h3.data<float>();
+  float* o = out.data<float>();
+#pragma omp parallel for schedule(static) if(n > 32768)
+  for (int64_t i = 0; i < n; ++i) o[i] = a[i] / (1.0f + std::exp(-a[i])) * b[i];
+}
+
+void sigmoid_gate_add(Tensor& y, const Tensor& s, const Tensor& gate) {
+  require_f32("sigmoid_gate_add", y);
+  const int64_t t_n = y.dim(0), d = y.numel() / t_n;
+  const float* g = gate.data<float>();
+  const float* sp = s.data<float>();
+  float* yp = y.data<float>();
+#pragma omp parallel for schedule(static) if(t_n * d > 32768)
+  for (int64_t t = 0; t < t_n; ++t) {
+    float sg = 1.0f / (1.0f + std::exp(-g[t]));
+    for (int64_t i = 0; i < d; ++i) yp[t * d + i] += sg * sp[t * d + i];
+  }
+}
+
+void add_inplace(Tensor& y, const Tensor& x) {
+  require_f32("add_inplace", y);
+  require_f32("add_inplace", x);
+  const int64_t n = y.numel();
+  const float* xp = x.data<float>();
+  float* yp = y.data<float>();
+#pragma omp parallel for schedule(static) if(n > 32768)
+  for (int64_t i = 0; i < n; ++i) yp[i] += xp[i];
+}
+
+void cast(Tensor& out, const Tensor& in) {
+  const size_t n = static_cast<size_t>(in.numel());
+  if (out.dtype() == in.dtype()) {
+    std::memcpy(out.raw(), in.raw(), in.nbytes());
+  } else if (out.dtype() == DType::F32) {
+    convert_to_f32(out.data<float>(), in.raw(), in.dtype(), n);
+  } else if (in.dtype() == DType::F32) {
+    convert_from_f32(out.raw(), in.data<float>(), out.dtype(), n);
+  } else {
+    std::vector<float> tmp(n);
+    convert_to_f32(tmp.data(), in.raw(), in.dtype(), n);
+    convert_from_f32(out.raw(), tmp.data(), out.dtype(), n);
+  }
+}
+
+}  // namespace cpu
+}  // namespace moe

@@ -1,0 +1,106 @@
+// cpu_gemm.cpp — x·wᵀ on the CPU: BLAS for many rows, a streaming kernel for few.
+#include "ops/cpu/cpu_gemm.h"
+
+#include <cblas.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "core/error.h"
+
+namespace moe {
+namespace cpu {
+namespace {
+
+// Loads 8 weights starting at w+i as f32.
+template <DType WT>
+inline __m256 load8(const void* w, int64_t i) {
+  if constexpr (WT == DType::F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(w) + i);
+  } else if constexpr (WT == DType::BF16) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
+    return _mm256_cvtph_ps(h);
+  }
+}
+
+template <DType WT>
+inline float load1(const void* w, int64_t i) {
+  if constexpr (WT == DType::F32) return static_cast<const float*>(w)[i];
+  else if constexpr (WT == DType::BF16) return bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
+  else return f16_to_f32(static_cast<const uint16_t*>(w)[i]);
+}
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+
+// Streaming kernel: each weight row is read once and dotted with all n (<= kGemvMaxRows) rows.
+template <DType WT>
+void gemv_rows(float* out, int64_t ldo, const float* x, const void* w, int64_t n, int64_t m, int64_t k,
+               bool accumulate) {
+  const size_t esz = dtype_size(WT);
+  const int64_t k8 = k / 8 * 8;
+#pragma omp parallel for schedule(static) if(m * k > 32768)
+  for (int64_t r = 0; r < m; ++r) {
+    const void* wr = static_cast<const char*>(w) + static_cast<size_t>(r) * static_cast<size_t>(k) * esz;
+    __m256 acc[kGemvMaxRows];
+    for (int64_t i = 0; i < n; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < k8; c += 8) {
+      __m256 wv = load8<WT>(wr, c);
+      for (int64_t i = 0; i < n; ++i) acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * k + c), acc[i]);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      float s = hsum(acc[i]);
+      for (int64_t c = k8; c < k; ++c) s += load1<WT>(wr, c) * x[i * k + c];
+      float* o = out + i * ldo + r;
+      *o = accumulate ? *o + s : s;
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
+              bool accumulate) {
+  if (n == 0 || m == 0) return;
+  if (n <= kGemvMaxRows) {
+    switch (wdt) {
+      case DType::F32: gemv_rows<DType::F32>(out, ldo, x, w, n, m, k, accumulate); return;
+      case DType::BF16: gemv_rows<DType::BF16>(out, ldo, x, w, n, m, k, accumulate); return;
+      case DType::F16: gemv_rows<DType::F16>(out, ldo, x, w, n, m, k, accumulate); return;
+      default: MOE_FAIL("gemm: unsupported weight dtype %s", dtype_name(wdt));
+    }
+  }
+  const float beta = accumulate ? 1.0f : 0.0f;
+  if (wdt == DType::F32) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)m, (int)k, 1.0f, x, (int)k,
+                static_cast<const float*>(w), (int)k, beta, out, (int)ldo);
+    return;
+  }
+  MOE_CHECK(wdt == DType::BF16 || wdt == DType::F16, "gemm: unsupported weight dtype %s", dtype_name(wdt));
+  // Convert weight rows in chunks of ~4 MiB of f32 so the scratch stays small for big heads.
+  int64_t chunk = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(k, 1));
+  chunk = std::min(chunk, m);
+  std::vector<float> wf(static_cast<size_t>(chunk * k));
+  for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+    int64_t rows = std::min(chunk, m - r0);
+    const uint16_t* src = static_cast<const uint16_t*>(w) + r0 * k;
+    int64_t cnt = rows * k;
+#pragma omp parallel for schedule(static) if(cnt > 32768)
+    for (int64_t i = 0; i < cnt; ++i) wf[i] = wdt == DType::BF16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)rows, (int)k, 1.0f, x, (int)k, wf.data(),
+                (int)k, beta, out + r0, (int)ldo);
+  }
+}
+
+}  // namespace cpu
+}  // namespace moe

@@ -1,0 +1,23 @@
+// cpu_gemm.h — the CPU matrix products behind linear and expert ops.
+//
+// out[n, m] (+)= sum_k x[n, k] * w[m, k]  — "x times w transposed", w in its stored dtype
+// (f32, bf16, f16). Large n goes through BLAS sgemm (bf16/f16 weights converted to f32 in
+// row chunks); small n (decode) through a bandwidth-bound kernel that reads each weight row
+// once for all n rows of x, converting on the fly. Threaded with OpenMP / OpenBLAS.
+#pragma once
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace moe {
+namespace cpu {
+
+// out [n, ldo] (first m columns written), x [n, k] dense, w [m, k] dense in dtype wdt.
+void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
+              bool accumulate);
+
+// Rows at or below this count take the streaming (GEMV-like) path.
+constexpr int64_t kGemvMaxRows = 8;
+
+}  // namespace cpu
+}  // namespace moe

@@ -1,0 +1,135 @@
+// cpu_moe.cpp — CPU reference for the MoE block: router top-k, dispatch (stable counting sort
+// by expert), gather, grouped SwiGLU expert FFN over non-empty experts, combine.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops/backend.h"
+#include "ops/cpu/cpu_gemm.h"
+
+namespace moe {
+namespace cpu {
+
+void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm) {
+  const int64_t t_n = logits.dim(0), e_n = logits.dim(1), k = topk_idx.dim(1);
+  const float* lg = logits.data<float>();
+  int32_t* idx = topk_idx.data<int32_t>();
+  float* wt = topk_w.data<float>();
+#pragma omp parallel for schedule(static) if(t_n * e_n > 32768)
+  for (int64_t t = 0; t < t_n; ++t) {
+    const float* l = lg + t * e_n;
+    float mx = -INFINITY;
+    for (int64_t e = 0; e < e_n; ++e) mx = std::max(mx, l[e]);
+    double sum = 0;
+    for (int64_t e = 0; e < e_n; ++e) sum += std::exp(double(l[e] - mx));
+    // Selection by logit equals selection by probability; ties keep the lower index.
+    std::vector<int32_t> order(static_cast<size_t>(e_n));
+    for (int64_t e = 0; e < e_n; ++e) order[e] = static_cast<int32_t>(e);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+    double ksum = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      double p = std::exp(double(l[order[j]] - mx)) / sum;
+      idx[t * k + j] = order[j];
+      wt[t * k + j] = static_cast<float>(p);
+      ksum += p;
+    }
+    if (renorm)
+      for (int64_t j = 0; j < k; ++j) {
+        double p = std::exp(double(l[order[j]] - mx)) / sum;
+        wt[t * k + j] = static_cast<float>(p / ksum);
+      }
+  }
+}
+
+void moe_dispatch(Tensor& offsets, Tensor& perm, Tensor& inv, const Tensor& topk_idx, int64_t n_expert) {
+  const int64_t p_n = topk_idx.numel();
+  const int32_t* idx = topk_idx.data<int32_t>();
+  int32_t* off = offsets.data<int32_t>();
+  std::fill(off, off + n_expert + 1, 0);
+  for (int64_t a = 0; a < p_n; ++a) {
+    MOE_CHECK(idx[a] >= 0 && idx[a] < n_expert, "moe_dispatch: expert id %d out of range [0,%lld)", idx[a],
+              (long long)n_expert);
+    off[idx[a] + 1]++;
+  }
+  for (int64_t e = 0; e < n_expert; ++e) off[e + 1] += off[e];
+  std::vector<int32_t> next(off, off + n_expert);
+  int32_t* pm = perm.data<int32_t>();
+  int32_t* iv = inv.data<int32_t>();
+  for (int64_t a = 0; a < p_n; ++a) {
+    int32_t pos = next[idx[a]]++;
+    pm[pos] = static_cast<int32_t>(a);
+    iv[a] = pos;
+  }
+}
+
+void gather_rows(Tensor& xp, const Tensor& x, const Tensor& perm, int64_t k) {
+  MOE_CHECK(x.dtype() == DType::F32, "gather_rows (cpu): f32 only");
+  const int64_t p_n = perm.numel(), d = x.dim(1);
+  const int32_t* pm = perm.data<int32_t>();
+  const float* src = x.data<float>();
+  float* dst = xp.data<float>();
+#pragma omp parallel for schedule(static) if(p_n * d > 32768)
+  for (int64_t p = 0; p < p_n; ++p) std::copy_n(src + (pm[p] / k) * d, d, dst + p * d);
+}
+
+void permute_weights(Tensor& row_scale, const Tensor& topk_w, const Tensor& perm) {
+  const int64_t p_n = perm.numel();
+  const int32_t* pm = perm.data<int32_t>();
+  const float* w = topk_w.data<float>();
+  float* rs = row_scale.data<float>();
+  for (int64_t p = 0; p < p_n; ++p) rs[p] = w[pm[p]];
+}
+
+// For each expert with rows: H1 = X W1ᵀ, H3 = X W3ᵀ [n,F]; A = silu(H1)·H3·scale; Y = A W2ᵀ [n,D].
+// Experts without rows are skipped entirely (their weights are never read).
+void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1, const Tensor& w3,
+                        const Tensor& w2, const Tensor& row_scale) {
+  MOE_CHECK(xp.dtype() == DType::F32 && yp.dtype() == DType::F32, "expert_ffn_forward (cpu): f32 activations");
+  const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
+  const int32_t* off = offsets.data<int32_t>();
+  const size_t es = dtype_size(w1.dtype());
+  const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
+  int64_t max_rows = 0;
+  for (int64_t e = 0; e < e_n; ++e) max_rows = std::max<int64_t>(max_rows, off[e + 1] - off[e]);
+  std::vector<float> h1(static_cast<size_t>(max_rows * f)), h3(static_cast<size_t>(max_rows * f));
+  for (int64_t e = 0; e < e_n; ++e) {
+    const int64_t r0 = off[e], n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    const float* x = xp.data<float>() + r0 * d;
+    const char* w1e = static_cast<const char*>(w1.raw()) + static_cast<size_t>(e * f * d) * es;
+    const char* w3e = static_cast<const char*>(w3.raw()) + static_cast<size_t>(e * f * d) * es;
+    const char* w2e = static_cast<const char*>(w2.raw()) + static_cast<size_t>(e * d * f) * es;
+    gemm_xwt(h1.data(), f, x, w1e, w1.dtype(), n, f, d, false);
+    gemm_xwt(h3.data(), f, x, w3e, w3.dtype(), n, f, d, false);
+#pragma omp parallel for schedule(static) if(n * f > 32768)
+    for (int64_t r = 0; r < n; ++r) {
+      float s = rs ? rs[r0 + r] : 1.0f;
+      for (int64_t i = 0; i < f; ++i) {
+        float a = h1[r * f + i];
+        h1[r * f + i] = a / (1.0f + std::exp(-a)) * h3[r * f + i] * s;
+      }
+    }
+    gemm_xwt(yp.data<float>() + r0 * d, d, h1.data(), w2e, w2.dtype(), n, d, f, false);
+  }
+}
+
+void moe_combine(Tensor& y, const Tensor& yp, const Tensor& inv, int64_t k, bool accumulate) {
+  MOE_CHECK(y.dtype() == DType::F32, "moe_combine (cpu): f32 only");
+  const int64_t t_n = y.dim(0), d = y.dim(1);
+  const int32_t* iv = inv.data<int32_t>();
+  const float* src = yp.data<float>();
+  float* dst = y.data<float>();
+#pragma omp parallel for schedule(static) if(t_n * d > 32768)
+  for (int64_t t = 0; t < t_n; ++t) {
+    float* yr = dst + t * d;
+    if (!accumulate) std::fill(yr, yr + d, 0.0f);
+    for (int64_t j = 0; j < k; ++j) {
+      const float* r = src + int64_t(iv[t * k + j]) * d;
+      for (int64_t i = 0; i < d; ++i) yr[i] += r[i];
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace moe

@@ -1,0 +1,390 @@
+// attention.cu — causal grouped-query attention over the KV cache on CUDA.
+//
+// Shapes (ops.h): out, q [B,S,H,Dh]; caches [B,C,Hkv,Dh], keys [0, past+S) valid; query s sits
+// at position past+s and sees keys 0..past+s. Scale 1/sqrt(Dh). Dh <= 256 (any even value).
+//
+// Two kernels, both with online softmax (running max m, running sum l, rescaled accumulator):
+// - prefill (S > kDecodeMaxS): flash-style. A block takes 32 queries of one (b, h) (8 warps x 4
+//   queries) and walks the keys up to its last query's position in tiles of 32, staged in
+//   shared memory as f32. Lane j scores key j of the tile against the warp's 4 queries (K rows
+//   padded so the 16-byte reads are conflict-free), then each lane accumulates P V for its
+//   dims d = lane + 32 i. No S x S matrix exists anywhere.
+// - decode (S <= kDecodeMaxS): bandwidth-bound flash-decoding. A block takes one query row and
+//   one split of the key range; its 4 warps take keys round-robin, each lane holding Dh/32
+//   contiguous dims of q and of its accumulator (16-byte loads of K and V rows), one warp
+//   reduction per key. Splits write (m, l, acc) partials to the workspace and a second kernel
+//   merges them, so a long cache fills the GPU even at batch 1.
+#include <algorithm>
+#include <cmath>
+
+#include "ops/backend.h"
+#include "ops/cuda/kernel_util.cuh"
+
+namespace moe {
+namespace cuda {
+namespace {
+
+constexpr int64_t kDecodeMaxS = 8;
+
+// ----------------------------------------------------------------------------------------------
+// Prefill.
+
+constexpr int kPfWarps = 8, kPfQPW = 4, kPfBQ = kPfWarps * kPfQPW, kPfBK = 32;
+
+struct PfLayout {
+  int dhp;  // Dh rounded up to 4
+  int ks;   // K row stride in floats (conflict-free float4 reads)
+  int vs;   // V row stride = 32 * DPL
+  size_t floats() const { return size_t(kPfBQ) * dhp + size_t(kPfBK) * ks + size_t(kPfBK) * vs + kPfWarps * kPfQPW * 32; }
+};
+
+PfLayout pf_layout(int dh, int dpl) {
+  PfLayout l;
+  l.dhp = (dh + 3) / 4 * 4;
+  l.ks = l.dhp + ((l.dhp / 4) % 2 == 0 ? 4 : 8);
+  l.vs = 32 * dpl;
+  return l;
+}
+
+template <class T, int DPL>
+__global__ void __launch_bounds__(kPfWarps * 32)
+    attn_prefill_kernel(void* out, Elt to, const T* q, const T* kc, const T* vc, int s_len, int h_len, int hkv,
+                        int dh, int64_t c_len, int64_t past, float scale, PfLayout lay) {
+  extern __shared__ float4 smem4[];
+  float* qs = reinterpret_cast<float*>(smem4);
+  float* ks = qs + kPfBQ * lay.dhp;
+  float* vs = ks + kPfBK * lay.ks;
+  float* ps = vs + kPfBK * lay.vs;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int q0 = blockIdx.x * kPfBQ, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (h_len / hkv);
+  const int64_t q_row = int64_t(h_len) * dh;       // stride between s in q/out
+  const int64_t c_row = int64_t(hkv) * dh;         // stride between positions in the cache
+  const T* qb = q + (int64_t(b) * s_len) * q_row + int64_t(h) * dh;
+  const T* kb = kc + int64_t(b) * c_len * c_row + int64_t(hk) * dh;
+  const T* vb = vc + int64_t(b) * c_len * c_row + int64_t(hk) * dh;
+
+  // Q tile (scaled), zero-padded.
+  for (int i = threadIdx.x; i < kPfBQ * lay.dhp; i += blockDim.x) {
+    int r = i / lay.dhp, d = i - r * lay.dhp;
+    int qi = q0 + r;
+    qs[i] = (qi < s_len && d < dh) ? to_f32(qb[qi * q_row + d]) * scale : 0.f;
+  }
+  float m[kPfQPW], l[kPfQPW], acc[kPfQPW][DPL];
+#pragma unroll
+  for (int r = 0; r < kPfQPW; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc[r][i] = 0.f;
+  }
+  const int64_t l_len = past + s_len;
+  const int64_t k_end = std::min<int64_t>(l_len, past + std::min(q0 + kPfBQ, s_len));
+  float* pw = ps + warp * kPfQPW * 32;
+  for (int64_t kt = 0; kt < k_end; kt += kPfBK) {
+    __syncthreads();  // previous tile fully consumed (and Q tile written, first time)
+    for (int i = threadIdx.x; i < kPfBK * lay.vs; i += blockDim.x) {
+      int j = i / lay.vs, d = i - j * lay.vs;
+      int64_t kp = kt + j;
+      bool ok = kp < l_len && d < dh;
+      float kv = ok ? to_f32(kb[kp * c_row + d]) : 0.f;
+      float vv = ok ? to_f32(vb[kp * c_row + d]) : 0.f;
+      if (d < lay.dhp) ks[j * lay.ks + d] = kv;
+      vs[j * lay.vs + d] = vv;
+    }
+    __syncthreads();
+    // Scores: lane = key.
+    float s[kPfQPW];
+#pragma unroll
+    for (int r = 0; r < kPfQPW; ++r) s[r] = 0.f;
+    const float4* kr = reinterpret_cast<const float4*>(ks + lane * lay.ks);
+    const float* qw = qs + warp * kPfQPW * lay.dhp;
+    for (int d4 = 0; d4 < lay.dhp / 4; ++d4) {
+      float4 kv = kr[d4];
+#pragma unroll
+      for (int r = 0; r < kPfQPW; ++r) {
+        float4 qv = reinterpret_cast<const float4*>(qw + r * lay.dhp)[d4];
+        s[r] = fmaf(qv.x, kv.x, fmaf(qv.y, kv.y, fmaf(qv.z, kv.z, fmaf(qv.w, kv.w, s[r]))));
+      }
+    }
+    const int64_t kp = kt + lane;
+#pragma unroll
+    for (int r = 0; r < kPfQPW; ++r) {
+      int qi = q0 + warp * kPfQPW + r;
+      bool valid = qi < s_len && kp <= past + qi;
+      float sv = valid ? s[r] : -INFINITY;
+      float mt = warp_max(sv);
+      float m_new = fmaxf(m[r], mt);
+      float alpha, p;
+      if (m_new == -INFINITY) {
+        alpha = 1.f;
+        p = 0.f;
+      } else {
+        alpha = m[r] == -INFINITY ? 0.f : expf(m[r] - m_new);
+        p = valid ? expf(sv - m_new) : 0.f;
+      }
+      m[r] = m_new;
+      l[r] = l[r] * alpha + p;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) acc[r][i] *= alpha;
+      pw[r * 32 + lane] = p;
+    }
+    __syncwarp();
+    const int jn = int(std::min<int64_t>(kPfBK, k_end - kt));
+    for (int j = 0; j < jn; ++j) {
+      float pj[kPfQPW];
+#pragma unroll
+      for (int r = 0; r < kPfQPW; ++r) pj[r] = pw[r * 32 + j];
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) {
+        float v = vs[j * lay.vs + i * 32 + lane];
+#pragma unroll
+        for (int r = 0; r < kPfQPW; ++r) acc[r][i] = fmaf(pj[r], v, acc[r][i]);
+      }
+    }
+    __syncwarp();
+  }
+#pragma unroll
+  for (int r = 0; r < kPfQPW; ++r) {
+    int qi = q0 + warp * kPfQPW + r;
+    float lt = warp_sum(l[r]);
+    if (qi >= s_len) continue;
+    float inv = lt > 0.f ? 1.f / lt : 0.f;
+    int64_t ob = ((int64_t(b) * s_len + qi) * h_len + h) * dh;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      int d = i * 32 + lane;
+      if (d < dh) store_rt(out, to, ob + d, acc[r][i] * inv);
+    }
+  }
+}
+
+template <class T, int DPL>
+void launch_prefill(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past) {
+  int b = int(q.dim(0)), s = int(q.dim(1)), h = int(q.dim(2)), dh = int(q.dim(3)), hkv = int(k_cache.dim(2));
+  PfLayout lay = pf_layout(dh, DPL);
+  size_t smem = lay.floats() * sizeof(float);
+  auto kern = attn_prefill_kernel<T, DPL>;
+  MOE_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  dim3 grid(ceil_div(s, kPfBQ), unsigned(h), unsigned(b));
+  kern<<<grid, kPfWarps * 32, smem, stream()>>>(out.raw(), elt_of(out.dtype()), q.data<T>(), k_cache.data<T>(),
+                                                v_cache.data<T>(), s, h, hkv, dh, k_cache.dim(1), past,
+                                                float(1.0 / std::sqrt(double(dh))), lay);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------------------------
+// Decode.
+
+constexpr int kDcWarps = 4;
+
+// Loads DPL contiguous elements at p (vector loads when `vec`), zero beyond `valid` dims.
+template <class T, int DPL>
+__device__ __forceinline__ void load_dims(const T* p, float* out, bool vec, int valid) {
+  if (vec) {
+    load_vec<T, DPL>(p, out);
+  } else {
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) out[i] = i < valid ? to_f32(p[i]) : 0.f;
+  }
+}
+
+// grid (n_split, B*S*H). Partials: part_acc [rows][n_split][Dh], part_ml [rows][n_split][2].
+template <class T, int DPL>
+__global__ void __launch_bounds__(kDcWarps * 32)
+    attn_decode_kernel(void* out, Elt to, float* part_acc, float* part_ml, const T* q, const T* kc, const T* vc,
+                       int s_len, int h_len, int hkv, int dh, int64_t c_len, int64_t past, float scale,
+                       int64_t chunk, int n_split, bool vec) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.y;  // (b*S + s)*H + h
+  const int split = blockIdx.x;
+  const int h = int(row % h_len);
+  const int64_t bs = row / h_len;
+  const int s = int(bs % s_len), b = int(bs / s_len);
+  const int hk = h / (h_len / hkv);
+  const int64_t c_row = int64_t(hkv) * dh;
+  const T* kb = kc + int64_t(b) * c_len * c_row + int64_t(hk) * dh;
+  const T* vb = vc + int64_t(b) * c_len * c_row + int64_t(hk) * dh;
+  const int d0 = lane * DPL;
+  const int valid = std::max(0, std::min(DPL, dh - d0));
+  float qv[DPL];
+  load_dims<T, DPL>(q + row * dh + d0, qv, vec, valid);
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) qv[i] *= scale;
+  const int64_t k_lim = past + s + 1;
+  const int64_t k0 = int64_t(split) * chunk;
+  const int64_t k1 = std::min<int64_t>(k_lim, k0 + chunk);
+  float m = -INFINITY, l = 0.f, acc[DPL];
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) acc[i] = 0.f;
+  int64_t j = k0 + warp;
+  // Two keys per step so their loads are in flight together.
+  for (; j + kDcWarps < k1; j += 2 * kDcWarps) {
+    float ka[DPL], kb2[DPL], va[DPL], vb2[DPL];
+    load_dims<T, DPL>(kb + j * c_row + d0, ka, vec, valid);
+    load_dims<T, DPL>(kb + (j + kDcWarps) * c_row + d0, kb2, vec, valid);
+    load_dims<T, DPL>(vb + j * c_row + d0, va, vec, valid);
+    load_dims<T, DPL>(vb + (j + kDcWarps) * c_row + d0, vb2, vec, valid);
+    float sa = 0.f, sb = 0.f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      sa = fmaf(qv[i], ka[i], sa);
+      sb = fmaf(qv[i], kb2[i], sb);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      sa += __shfl_xor_sync(0xffffffffu, sa, o);
+      sb += __shfl_xor_sync(0xffffffffu, sb, o);
+    }
+    float m_new = fmaxf(m, fmaxf(sa, sb));
+    float alpha = m == -INFINITY ? 0.f : expf(m - m_new);
+    float pa = expf(sa - m_new), pb = expf(sb - m_new);
+    l = l * alpha + pa + pb;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc[i] = fmaf(pb, vb2[i], fmaf(pa, va[i], acc[i] * alpha));
+    m = m_new;
+  }
+  for (; j < k1; j += kDcWarps) {
+    float ka[DPL], va[DPL];
+    load_dims<T, DPL>(kb + j * c_row + d0, ka, vec, valid);
+    load_dims<T, DPL>(vb + j * c_row + d0, va, vec, valid);
+    float sa = 0.f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) sa = fmaf(qv[i], ka[i], sa);
+    sa = warp_sum(sa);
+    float m_new = fmaxf(m, sa);
+    float alpha = m == -INFINITY ? 0.f : expf(m - m_new);
+    float pa = expf(sa - m_new);
+    l = l * alpha + pa;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc[i] = fmaf(pa, va[i], acc[i] * alpha);
+    m = m_new;
+  }
+  // Merge the warps.
+  __shared__ float sm_ml[kDcWarps][2];
+  __shared__ float sm_acc[kDcWarps][32 * DPL];
+  if (lane == 0) {
+    sm_ml[warp][0] = m;
+    sm_ml[warp][1] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) sm_acc[warp][d0 + i] = acc[i];
+  __syncthreads();
+  if (warp != 0) return;
+  float mm = -INFINITY;
+  for (int w = 0; w < kDcWarps; ++w) mm = fmaxf(mm, sm_ml[w][0]);
+  float ll = 0.f, o[DPL];
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) o[i] = 0.f;
+  for (int w = 0; w < kDcWarps; ++w) {
+    float f = sm_ml[w][0] == -INFINITY ? 0.f : expf(sm_ml[w][0] - mm);
+    ll += sm_ml[w][1] * f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) o[i] += sm_acc[w][d0 + i] * f;
+  }
+  if (n_split == 1) {
+    float inv = ll > 0.f ? 1.f / ll : 0.f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i)
+      if (i < valid) store_rt(out, to, row * dh + d0 + i, o[i] * inv);
+  } else {
+    int64_t pi = row * n_split + split;
+    if (lane == 0) {
+      part_ml[pi * 2] = mm;
+      part_ml[pi * 2 + 1] = ll;
+    }
+#pragma unroll
+    for (int i = 0; i < DPL; ++i)
+      if (i < valid) part_acc[pi * dh + d0 + i] = o[i];
+  }
+}
+
+// One block per row: merges the n_split partials.
+__global__ void attn_decode_merge_kernel(void* out, Elt to, const float* part_acc, const float* part_ml, int dh,
+                                         int n_split) {
+  const int64_t row = blockIdx.x;
+  const float* ml = part_ml + row * n_split * 2;
+  float mm = -INFINITY;
+  for (int sp = 0; sp < n_split; ++sp) mm = fmaxf(mm, ml[sp * 2]);
+  float ll = 0.f;
+  for (int sp = 0; sp < n_split; ++sp)
+    if (ml[sp * 2] != -INFINITY) ll += ml[sp * 2 + 1] * expf(ml[sp * 2] - mm);
+  float inv = ll > 0.f ? 1.f / ll : 0.f;
+  for (int d = threadIdx.x; d < dh; d += blockDim.x) {
+    float o = 0.f;
+    for (int sp = 0; sp < n_split; ++sp)
+      if (ml[sp * 2] != -INFINITY) o += part_acc[(row * n_split + sp) * dh + d] * expf(ml[sp * 2] - mm);
+    store_rt(out, to, row * dh + d, o * inv);
+  }
+}
+
+template <class T, int DPL>
+void launch_decode(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past) {
+  int b = int(q.dim(0)), s = int(q.dim(1)), h = int(q.dim(2)), dh = int(q.dim(3)), hkv = int(k_cache.dim(2));
+  int64_t rows = int64_t(b) * s * h;
+  int64_t l_max = past + s;
+  int sms = sm_count() > 0 ? sm_count() : 80;
+  int64_t want = (2 * int64_t(sms) + rows - 1) / rows;
+  int n_split = int(std::max<int64_t>(1, std::min<int64_t>({want, (l_max + 63) / 64, 128})));
+  int64_t chunk = (l_max + n_split - 1) / n_split;
+  n_split = int((l_max + chunk - 1) / chunk);
+  MOE_CHECK(rows <= 65535, "attention_forward: %lld decode rows exceed the CUDA grid", (long long)rows);
+  // Vector loads need every lane's DPL dims in range and 16-byte aligned bases (rows then start
+  // at multiples of 32*DPL*sizeof(T) bytes).
+  bool vec = dh == 32 * DPL && (reinterpret_cast<uintptr_t>(q.raw()) | reinterpret_cast<uintptr_t>(k_cache.raw()) |
+                                reinterpret_cast<uintptr_t>(v_cache.raw())) % 16 == 0;
+  float* part_acc = nullptr;
+  float* part_ml = nullptr;
+  if (n_split > 1) {
+    size_t acc_bytes = size_t(rows) * n_split * dh * sizeof(float);
+    acc_bytes = (acc_bytes + 255) / 256 * 256;
+    char* ws = static_cast<char*>(workspace(acc_bytes + size_t(rows) * n_split * 2 * sizeof(float)));
+    part_acc = reinterpret_cast<float*>(ws);
+    part_ml = reinterpret_cast<float*>(ws + acc_bytes);
+  }
+  dim3 grid(unsigned(n_split), unsigned(rows));
+  Elt to = elt_of(out.dtype());
+  attn_decode_kernel<T, DPL><<<grid, kDcWarps * 32, 0, stream()>>>(
+      out.raw(), to, part_acc, part_ml, q.data<T>(), k_cache.data<T>(), v_cache.data<T>(), s, h, hkv, dh,
+      k_cache.dim(1), past, float(1.0 / std::sqrt(double(dh))), chunk, n_split, vec);
+  MOE_CUDA_LAUNCH_CHECK();
+  if (n_split > 1) {
+    attn_decode_merge_kernel<<<unsigned(rows), 128, 0, stream()>>>(out.raw(), to, part_acc, part_ml, dh, n_split);
+    MOE_CUDA_LAUNCH_CHECK();
+  }
+}
+
+template <class T>
+void dispatch_dh(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past) {
+  int dh = int(q.dim(3));
+  bool decode = q.dim(1) <= kDecodeMaxS;
+#define MOE_ATTN_CASE(DPL)                                         \
+  if (dh <= 32 * DPL) {                                            \
+    if (decode)                                                    \
+      launch_decode<T, DPL>(out, q, k_cache, v_cache, past);       \
+    else                                                           \
+      launch_prefill<T, DPL>(out, q, k_cache, v_cache, past);      \
+    return;                                                        \
+  }
+  MOE_ATTN_CASE(1)
+  MOE_ATTN_CASE(2)
+  MOE_ATTN_CASE(4)
+  MOE_ATTN_CASE(8)
+#undef MOE_ATTN_CASE
+  MOE_FAIL("attention_forward: head dim %d > 256 is not supported on CUDA", dh);
+}
+
+}  // namespace
+
+void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past) {
+  MOE_CHECK(k_cache.dtype() == q.dtype() && v_cache.dtype() == q.dtype(),
+            "attention_forward: CUDA needs q and the caches in one dtype, got %s/%s/%s", dtype_name(q.dtype()),
+            dtype_name(k_cache.dtype()), dtype_name(v_cache.dtype()));
+  if (q.numel() == 0) return;
+  MOE_CHECK(q.dim(0) <= 65535 && q.dim(2) <= 65535, "attention_forward: %s exceeds the CUDA grid",
+            q.shape_str().c_str());
+  MOE_CUDA_FLOAT_SWITCH(q.dtype(), T, dispatch_dh<T>(out, q, k_cache, v_cache, past));
+}
+
+}  // namespace cuda
+}  // namespace moe

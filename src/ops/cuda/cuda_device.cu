@@ -1,0 +1,117 @@
+// cuda_device.cu — CUDA backend state: device hooks for the tracked allocator, the stream,
+// cuBLAS handles, workspace and pinned scratch.
+#include <mutex>
+
+#include "ops/backend.h"
+#include "ops/cuda/cuda_common.cuh"
+#include "ops/ops.h"
+
+namespace moe {
+namespace cuda {
+namespace {
+
+struct State {
+  bool tried = false;
+  bool ok = false;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  cublasLtHandle_t lt = nullptr;
+  void* ws = nullptr;
+  size_t ws_bytes = 0;
+  void* pinned = nullptr;
+  size_t pinned_bytes = 0;
+  int sms = 0;
+  std::mutex mu;
+};
+
+State& state() {
+  static State s;
+  return s;
+}
+
+void* hook_alloc(size_t n) {
+  void* p = nullptr;
+  cudaError_t e = cudaMalloc(&p, n);
+  if (e != cudaSuccess) {
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    MOE_FAIL("CUDA out of memory allocating %s (free %s of %s)", human_bytes(double(n)).c_str(),
+             human_bytes(double(free_b)).c_str(), human_bytes(double(total_b)).c_str());
+  }
+  return p;
+}
+
+void hook_free(void* p) { cudaFree(p); }
+
+void hook_copy(void* dst, Device dst_dev, const void* src, Device src_dev, size_t n) {
+  cudaMemcpyKind kind = dst_dev == Device::CPU ? cudaMemcpyDeviceToHost
+                        : src_dev == Device::CPU ? cudaMemcpyHostToDevice
+                                                 : cudaMemcpyDeviceToDevice;
+  MOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, n, kind, stream()));
+  if (kind != cudaMemcpyDeviceToDevice) MOE_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+void hook_memset0(void* p, size_t n) { MOE_CUDA_CHECK(cudaMemsetAsync(p, 0, n, stream())); }
+
+}  // namespace
+
+bool init() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (s.tried) return s.ok;
+  s.tried = true;
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();  // clear
+    return false;
+  }
+  MOE_CUDA_CHECK(cudaSetDevice(0));
+  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
+  MOE_CUBLAS_CHECK(cublasCreate(&s.cublas));
+  MOE_CUBLAS_CHECK(cublasSetStream(s.cublas, s.stream));
+  MOE_CUBLAS_CHECK(cublasLtCreate(&s.lt));
+  cudaDeviceProp prop{};
+  MOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  s.sms = prop.multiProcessorCount;
+  DeviceHooks h;
+  h.alloc = hook_alloc;
+  h.free = hook_free;
+  h.copy = hook_copy;
+  h.memset0 = hook_memset0;
+  register_device_hooks(Device::CUDA, h);
+  s.ok = true;
+  return true;
+}
+
+cudaStream_t stream() { return state().stream; }
+cublasHandle_t cublas() { return state().cublas; }
+cublasLtHandle_t cublaslt() { return state().lt; }
+int sm_count() { return state().sms; }
+
+void* workspace(size_t bytes) {
+  State& s = state();
+  if (bytes > s.ws_bytes) {
+    if (s.ws) mem_release(Device::CUDA, MemCategory::Workspace, s.ws, s.ws_bytes);
+    s.ws = mem_allocate(Device::CUDA, MemCategory::Workspace, bytes);
+    s.ws_bytes = bytes;
+  }
+  return s.ws;
+}
+
+void* pinned_scratch(size_t bytes) {
+  State& s = state();
+  if (bytes > s.pinned_bytes) {
+    if (s.pinned) cudaFreeHost(s.pinned);
+    MOE_CUDA_CHECK(cudaMallocHost(&s.pinned, bytes));
+    s.pinned_bytes = bytes;
+  }
+  return s.pinned;
+}
+
+void synchronize() { MOE_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+
+}  // namespace cuda
+
+bool cuda_available() { return cuda::init(); }
+
+}  // namespace moe
