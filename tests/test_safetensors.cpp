@@ -297,6 +297,13 @@ TEST_F(Safetensors, RejectsBadHeaders) {
             R"({"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,0]}})", 0));
       },
       {"tensor 'a'", "too large"});
+  // Empty, but its element count would overflow int64 before reaching the zero.
+  expect_error(
+      [] {
+        parse_image(make_image(
+            R"({"a":{"dtype":"U8","shape":[4294967296,4294967296,0],"data_offsets":[0,0]}})", 0));
+      },
+      {"tensor 'a'", "too large"});
   // Deep nesting is refused rather than recursed into.
   expect_error([] { parse_image(make_image(std::string(5000, '[') + std::string(5000, ']'), 0)); }, {"nests deeper"});
 }

@@ -137,9 +137,10 @@ void parse_entry(const std::string& name, const json& e, size_t data_len, const 
   auto sh = e.find("shape");
   MOE_CHECK(sh != e.end(), "%s: tensor '%s': missing field 'shape'", w, n);
   MOE_CHECK(sh->is_array(), "%s: tensor '%s': shape must be an array, got %s", w, n, json_brief(*sh).c_str());
-  // numel * dtype size must fit in size_t; track it in uint64 with overflow checks.
-  uint64_t nbytes = dtype_size(out->dtype);
-  bool overflow = false;
+  // Tensor computes numel as a running int64 product, so the product of the non-zero dims must
+  // fit in int64 even when a zero dim makes the tensor empty; the byte size must fit in uint64.
+  uint64_t numel_nonzero = 1;
+  bool has_zero = false, too_large = false;
   out->shape.clear();
   for (size_t i = 0; i < sh->size(); ++i) {
     uint64_t d = 0;
@@ -147,14 +148,16 @@ void parse_entry(const std::string& name, const json& e, size_t data_len, const 
     MOE_CHECK(json_to_u64(dj, &d) && d <= static_cast<uint64_t>(INT64_MAX),
               "%s: tensor '%s': shape[%zu] is %s, must be a non-negative integer", w, n, i, json_brief(dj).c_str());
     out->shape.push_back(static_cast<int64_t>(d));
-    if (!overflow && __builtin_mul_overflow(nbytes, d, &nbytes)) overflow = true;
+    if (d == 0) {
+      has_zero = true;
+    } else if (__builtin_mul_overflow(numel_nonzero, d, &numel_nonzero) ||
+               numel_nonzero > static_cast<uint64_t>(INT64_MAX)) {
+      too_large = true;
+    }
   }
-  // A zero dimension makes the true size 0 whatever overflowed before it.
-  if (std::find(out->shape.begin(), out->shape.end(), 0) != out->shape.end()) {
-    overflow = false;
-    nbytes = 0;
-  }
-  MOE_CHECK(!overflow, "%s: tensor '%s': shape %s is too large", w, n, shape_str(out->shape).c_str());
+  uint64_t nbytes = 0;
+  if (!too_large && !has_zero) too_large = __builtin_mul_overflow(numel_nonzero, dtype_size(out->dtype), &nbytes);
+  MOE_CHECK(!too_large, "%s: tensor '%s': shape %s is too large", w, n, shape_str(out->shape).c_str());
 
   auto off = e.find("data_offsets");
   MOE_CHECK(off != e.end(), "%s: tensor '%s': missing field 'data_offsets'", w, n);

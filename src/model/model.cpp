@@ -189,17 +189,16 @@ KVCache Model::make_cache(int64_t batch, int64_t capacity) const {
   return kv;
 }
 
-int64_t Model::n_params_total() const {
+int64_t params_total(const ModelConfig& c) {
   int64_t n = 0;
-  for (auto& [name, shape] : expected_tensors(cfg_)) n += shape_numel(shape);
+  for (auto& [name, shape] : expected_tensors(c)) n += shape_numel(shape);
   return n;
 }
 
-int64_t Model::n_params_active() const {
+int64_t params_active(const ModelConfig& c) {
   int64_t n = 0;
-  const ModelConfig& c = cfg_;
   for (auto& [name, shape] : expected_tensors(c)) {
-    // Each routed expert's tensors count K/E of the time.
+    // Routed experts are added below: K of E per MoE layer.
     if (name.find(".experts.") != std::string::npos) continue;
     n += shape_numel(shape);
   }

@@ -14,6 +14,10 @@
 
 namespace moe {
 
+// Parameters a config implies: all of them, and those a token touches (K of E experts).
+int64_t params_total(const ModelConfig& cfg);
+int64_t params_active(const ModelConfig& cfg);
+
 // Weights of one decoder layer. Expert weights are stacked per layer: w1/w3 [E,F,D], w2 [E,D,F].
 struct LayerWeights {
   Tensor attn_norm, ffn_norm;              // [D]
@@ -81,8 +85,8 @@ class Model {
   ForwardResult forward(const Tensor& ids, KVCache& cache, const ForwardOptions& fo = {}) const;
 
   // Parameter counts: total, and active per token (embedding and LM head counted too).
-  int64_t n_params_total() const;
-  int64_t n_params_active() const;
+  int64_t n_params_total() const { return params_total(cfg_); }
+  int64_t n_params_active() const { return params_active(cfg_); }
 
  private:
   ModelConfig cfg_;

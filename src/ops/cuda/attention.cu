@@ -166,7 +166,7 @@ void launch_prefill(Tensor& out, const Tensor& q, const Tensor& k_cache, const T
   size_t smem = lay.floats() * sizeof(float);
   auto kern = attn_prefill_kernel<T, DPL>;
   MOE_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  dim3 grid(ceil_div(s, kPfBQ), unsigned(h), unsigned(b));
+  dim3 grid{ceil_div(s, kPfBQ), unsigned(h), unsigned(b)};
   kern<<<grid, kPfWarps * 32, smem, stream()>>>(out.raw(), elt_of(out.dtype()), q.data<T>(), k_cache.data<T>(),
                                                 v_cache.data<T>(), s, h, hkv, dh, k_cache.dim(1), past,
                                                 float(1.0 / std::sqrt(double(dh))), lay);
@@ -342,7 +342,7 @@ void launch_decode(Tensor& out, const Tensor& q, const Tensor& k_cache, const Te
     part_acc = reinterpret_cast<float*>(ws);
     part_ml = reinterpret_cast<float*>(ws + acc_bytes);
   }
-  dim3 grid(unsigned(n_split), unsigned(rows));
+  dim3 grid{unsigned(n_split), unsigned(rows)};
   Elt to = elt_of(out.dtype());
   attn_decode_kernel<T, DPL><<<grid, kDcWarps * 32, 0, stream()>>>(
       out.raw(), to, part_acc, part_ml, q.data<T>(), k_cache.data<T>(), v_cache.data<T>(), s, h, hkv, dh,
