@@ -23,7 +23,7 @@ namespace {
 
 struct BenchOpts {
   std::string what, arch = "mixtral", preset = "medium", dtype = "bf16", device = "cpu";
-  int64_t layers = 0, tokens = 32, prompt = 16, batch = 1, seq = 256, reps = 2;
+  int64_t layers = 0, tokens = 32, prompt = 16, batch = 4, seq = 256, reps = 2;
   uint64_t seed = 1;
   bool json = false;
 };

@@ -33,16 +33,25 @@ class Rng {
   }
   // Uniform in [0, 1).
   double uniform() { return double(next() >> 11) * (1.0 / 9007199254740992.0); }
-  // Standard normal (Box-Muller).
+  // Standard normal (Box-Muller; each pair of uniforms yields two values).
   double normal() {
+    if (have_spare_) {
+      have_spare_ = false;
+      return spare_;
+    }
     double u1 = uniform(), u2 = uniform();
     if (u1 < 1e-300) u1 = 1e-300;
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+    double r = std::sqrt(-2.0 * std::log(u1)), a = 6.283185307179586 * u2;
+    spare_ = r * std::sin(a);
+    have_spare_ = true;
+    return r * std::cos(a);
   }
 
  private:
   static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
   uint64_t s_[4];
+  double spare_ = 0;
+  bool have_spare_ = false;
 };
 
 }  // namespace moe

@@ -45,9 +45,7 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
           float mx = -INFINITY;
           for (int64_t j = 0; j < n_keys; ++j) {
             const float* kr = kp + ((b * cap + j) * hkv + kv_h) * dh;
-            float dot = 0;
-            for (int64_t i = 0; i < dh; ++i) dot += qr[i] * kr[i];
-            sc[j] = dot * scale;
+            sc[j] = dot_f32(qr, kr, dh) * scale;
             mx = std::max(mx, sc[j]);
           }
           double sum = 0;

@@ -16,6 +16,9 @@ namespace cpu {
 void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
               bool accumulate);
 
+// sum_i a[i] * b[i] with AVX2 FMA (8 lanes x 2 accumulators).
+float dot_f32(const float* a, const float* b, int64_t n);
+
 // Rows at or below this count take the streaming (GEMV-like) path.
 constexpr int64_t kGemvMaxRows = 8;
 

@@ -31,6 +31,7 @@ __global__ void router_topk_kernel(int32_t* idx, float* w, const float* logits, 
   float sum = 0.f;
   for (int e = 0; e < e_len; ++e) sum += expf(l[e] - mx);
   float inv_sum = 1.f / sum;
+  // Selection by logit equals selection by probability (and matches the CPU reference on ties).
   float prev_v = INFINITY;
   int prev_i = -1;
   float sel_sum = 0.f;
@@ -39,16 +40,17 @@ __global__ void router_topk_kernel(int32_t* idx, float* w, const float* logits, 
     float best_v = -INFINITY;
     int best_i = -1;
     for (int e = 0; e < e_len; ++e) {
-      float v = expf(l[e] - mx) * inv_sum;
+      float v = l[e];
       bool after_prev = v < prev_v || (v == prev_v && e > prev_i);
       if (after_prev && (best_i < 0 || v > best_v)) {
         best_v = v;
         best_i = e;
       }
     }
+    float pr = expf(best_v - mx) * inv_sum;
     idx[t * k + j] = best_i;
-    w[t * k + j] = best_v;
-    sel_sum += best_v;
+    w[t * k + j] = pr;
+    sel_sum += pr;
     prev_v = best_v;
     prev_i = best_i;
   }
