@@ -9,7 +9,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <numeric>
 #include <random>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "ops/backend.h"  // cuda::synchronize for the timings at the end
 #include "ops/ops.h"
 
 namespace moe {
@@ -403,6 +406,126 @@ TEST(CrossOps, ExpertFfn) {
                          " D=" + std::to_string(c.d) + " F=" + std::to_string(c.f));
       }
     }
+}
+
+}  // namespace
+}  // namespace moe
+
+// ----------------------------------------------------------------------------------------------
+// Timings (not a test: never asserts on time). Run on a GPU machine with
+//   moe_tests --gtest_also_run_disabled_tests --gtest_filter='CrossOpsPerf.*'
+// Mixtral-8x7B-shaped layer pieces, bf16: expert FFN (prefill grouped GEMM on both paths, decode
+// GEMV), decode attention, decode linear. Prints "TIMING name ms GB/s TFLOP/s".
+
+namespace moe {
+namespace {
+
+// Fills a CUDA tensor with random values (a 4M-element random block, repeated).
+void fill_random(Tensor& t, uint32_t seed, float scale) {
+  const int64_t block = int64_t(1) << 22;
+  Tensor src = gpu(Tensor::from_f32({block}, randn(block, seed, scale), kAct), t.dtype());
+  Tensor flat = t.view({t.numel()});
+  for (int64_t i = 0; i < t.numel(); i += block) {
+    int64_t n = std::min(block, t.numel() - i);
+    Tensor dst = flat.rows(i, i + n);
+    dst.copy_from(src.rows(0, n));
+  }
+}
+
+template <class F>
+double time_ms(F&& fn, int iters) {
+  fn();
+  cuda::synchronize();
+  auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < iters; ++i) fn();
+  cuda::synchronize();
+  auto t1 = std::chrono::steady_clock::now();
+  return std::chrono::duration<double, std::milli>(t1 - t0).count() / iters;
+}
+
+void report(const char* name, double ms, double bytes, double flops) {
+  std::printf("TIMING %-44s %9.3f ms %8.1f GB/s %8.1f TFLOP/s\n", name, ms, bytes / ms / 1e6, flops / ms / 1e9);
+  std::fflush(stdout);
+}
+
+TEST(CrossOpsPerf, DISABLED_MixtralLayer) {
+  REQUIRE_CUDA();
+  const int64_t e = 8, d = 4096, f = 14336, k = 2;
+  const DType bf = DType::BF16;
+  Tensor w1 = Tensor::empty({e, f, d}, bf, MemCategory::Weights, Device::CUDA);
+  Tensor w3 = Tensor::empty({e, f, d}, bf, MemCategory::Weights, Device::CUDA);
+  Tensor w2 = Tensor::empty({e, d, f}, bf, MemCategory::Weights, Device::CUDA);
+  fill_random(w1, 1, 0.02f);
+  fill_random(w3, 2, 0.02f);
+  fill_random(w2, 3, 0.02f);
+  for (int64_t t : {1, 4, 16, 512, 4096}) {
+    const int64_t p = t * k;
+    Tensor topk = ints_cpu({t, k}, random_topk(t, e, k, uint32_t(t)));
+    Tensor off = Tensor::empty({e + 1}, DType::I32, kAct), perm = Tensor::empty({p}, DType::I32, kAct),
+           inv = Tensor::empty({p}, DType::I32, kAct);
+    moe_dispatch(off, perm, inv, topk, e);
+    std::vector<int32_t> o = ints_of(off);
+    int used = 0;
+    for (int64_t i = 0; i < e; ++i) used += o[i + 1] > o[i];
+    Tensor off_g = off.to(Device::CUDA, kAct);
+    Tensor xp = Tensor::empty({p, d}, bf, kAct, Device::CUDA);
+    fill_random(xp, 4, 1.f);
+    Tensor rs = gpu(rand_cpu({p}, 5, DType::F32), DType::F32);
+    Tensor yp = Tensor::empty({p, d}, bf, kAct, Device::CUDA);
+    double bytes = double(used) * 3 * f * d * 2 + 2.0 * p * d * 2;
+    double flops = double(p) * 6 * d * f;
+    const char* gemv_max = p <= 32 ? "32" : "0";
+    for (const char* mode : {"own", "cublas"}) {
+      if (p <= 32 && std::string(mode) == "cublas") continue;
+      EnvScope e1("MOE_CUDA_EXPERT_GEMV_MAX_P", gemv_max), e2("MOE_CUDA_EXPERT_GEMM", mode);
+      int iters = p <= 32 ? 50 : (t >= 4096 ? 5 : 20);
+      double ms = time_ms([&] { expert_ffn_forward(yp, xp, off_g, w1, w3, w2, rs); }, iters);
+      std::string name = "expert_ffn T=" + std::to_string(t) + " P=" + std::to_string(p) + " " +
+                         (p <= 32 ? std::string("gemv") : std::string(mode));
+      report(name.c_str(), ms, bytes, flops);
+    }
+  }
+  // Decode linear: x [1, 4096] w [14336, 4096].
+  {
+    Tensor w = w1.select(0);
+    Tensor x = Tensor::empty({1, d}, bf, kAct, Device::CUDA);
+    fill_random(x, 6, 1.f);
+    Tensor out = Tensor::empty({1, f}, bf, kAct, Device::CUDA);
+    double ms = time_ms([&] { linear_forward(out, x, w, Tensor()); }, 100);
+    report("linear gemv N=1 K=4096 M=14336", ms, double(f) * d * 2, 2.0 * f * d);
+    Tensor x2 = Tensor::empty({2048, d}, bf, kAct, Device::CUDA);
+    fill_random(x2, 7, 1.f);
+    Tensor out2 = Tensor::empty({2048, f}, bf, kAct, Device::CUDA);
+    ms = time_ms([&] { linear_forward(out2, x2, w, Tensor()); }, 20);
+    report("linear cublas N=2048 K=4096 M=14336", ms, double(f) * d * 2, 2.0 * 2048 * f * d);
+  }
+  w1 = w3 = w2 = Tensor();
+  // Attention: decode (S=1) over long caches and a 2048-token prefill. H=32, Hkv=8, Dh=128.
+  for (int64_t b : {1, 8}) {
+    const int64_t past = 8191, cap = 8192, h = 32, hkv = 8, dh = 128;
+    Tensor kc = Tensor::empty({b, cap, hkv, dh}, bf, MemCategory::KvCache, Device::CUDA);
+    Tensor vc = Tensor::empty({b, cap, hkv, dh}, bf, MemCategory::KvCache, Device::CUDA);
+    fill_random(kc, 8, 1.f);
+    fill_random(vc, 9, 1.f);
+    Tensor q = Tensor::empty({b, 1, h, dh}, bf, kAct, Device::CUDA);
+    fill_random(q, 10, 1.f);
+    Tensor out = Tensor::empty(q.shape(), bf, kAct, Device::CUDA);
+    double ms = time_ms([&] { attention_forward(out, q, kc, vc, past); }, 50);
+    std::string name = "attention decode B=" + std::to_string(b) + " L=8192";
+    report(name.c_str(), ms, 2.0 * b * cap * hkv * dh * 2, 4.0 * b * h * cap * dh);
+  }
+  {
+    const int64_t b = 1, s = 2048, h = 32, hkv = 8, dh = 128;
+    Tensor kc = Tensor::empty({b, s, hkv, dh}, bf, MemCategory::KvCache, Device::CUDA);
+    Tensor vc = Tensor::empty({b, s, hkv, dh}, bf, MemCategory::KvCache, Device::CUDA);
+    fill_random(kc, 11, 1.f);
+    fill_random(vc, 12, 1.f);
+    Tensor q = Tensor::empty({b, s, h, dh}, bf, kAct, Device::CUDA);
+    fill_random(q, 13, 1.f);
+    Tensor out = Tensor::empty(q.shape(), bf, kAct, Device::CUDA);
+    double ms = time_ms([&] { attention_forward(out, q, kc, vc, 0); }, 5);
+    report("attention prefill B=1 S=2048", ms, 0, 2.0 * b * h * s * s * dh);  // causal: half of 4*S*S*Dh
+  }
 }
 
 }  // namespace
