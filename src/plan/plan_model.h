@@ -95,6 +95,10 @@ struct ParamCounts {
   int64_t experts = 0;        // all routed experts of all MoE layers
   int64_t shared_experts = 0; // shared experts (+ their gates)
   int64_t one_expert = 0;     // one routed expert of one layer (weights + biases)
+  // 2-D linear weights other than the embedding and LM head: what weight quantisation applies
+  // to (norms, biases, sinks, embeddings stay 16-bit). expert_linear: those of routed experts.
+  int64_t linear = 0;
+  int64_t expert_linear = 0;
   int64_t mtp = 0;            // multi-token-prediction modules (not in total: headline convention)
   int64_t total = 0;          // everything but mtp
   int64_t active = 0;         // per token: total - experts + K * one_expert per MoE layer

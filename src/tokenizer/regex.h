@@ -30,7 +30,10 @@ class Regex {
 
   // Finds the leftmost match in cps[from..]; on success stores [begin, end) (code point
   // indices) and returns true.
-  bool find(const std::vector<uint32_t>& cps, size_t from, size_t* begin, size_t* end) const;
+  bool find(const uint32_t* cps, size_t n, size_t from, size_t* begin, size_t* end) const;
+  bool find(const std::vector<uint32_t>& cps, size_t from, size_t* begin, size_t* end) const {
+    return find(cps.data(), cps.size(), from, begin, end);
+  }
 
   const std::string& pattern() const { return pattern_; }
 

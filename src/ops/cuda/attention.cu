@@ -9,11 +9,12 @@
 //   shared memory as f32. Lane j scores key j of the tile against the warp's 4 queries (K rows
 //   padded so the 16-byte reads are conflict-free), then each lane accumulates P V for its
 //   dims d = lane + 32 i. No S x S matrix exists anywhere.
-// - decode (S <= kDecodeMaxS): bandwidth-bound flash-decoding. A block takes one query row and
-//   one split of the key range; its 4 warps take keys round-robin, each lane holding Dh/32
-//   contiguous dims of q and of its accumulator (16-byte loads of K and V rows), one warp
-//   reduction per key. Splits write (m, l, acc) partials to the workspace and a second kernel
-//   merges them, so a long cache fills the GPU even at batch 1.
+// - decode (S <= kDecodeMaxS): bandwidth-bound flash-decoding. A block takes the query heads
+//   of one kv head (up to 8; GQA reuse of every K/V row loaded) for one (b, s) and one split
+//   of the key range; its 4 warps take keys round-robin, 4 keys in flight per step, each lane
+//   holding Dh/32 contiguous dims of q and of its accumulators (vector loads of K and V rows),
+//   one warp reduction per (key, head). Splits write (m, l, acc) partials to the workspace and
+//   a second kernel merges them, so a long cache fills the GPU even at batch 1.
 #include <algorithm>
 #include <cmath>
 
@@ -189,113 +190,150 @@ __device__ __forceinline__ void load_dims(const T* p, float* out, bool vec, int 
   }
 }
 
-// grid (n_split, B*S*H). Partials: part_acc [rows][n_split][Dh], part_ml [rows][n_split][2].
-template <class T, int DPL>
+// grid (n_split, B*S*Hkv*n_hchunks). A block serves up to G query heads of one kv head (GQA:
+// each K/V row it loads is used G times), one split of the key range. Each warp takes U keys per
+// step (loads of all U in flight before any use). Partials: part_acc [rows][n_split][Dh],
+// part_ml [rows][n_split][2] with rows = B*S*H (the output row of each head).
+template <class T, int DPL, int G>
 __global__ void __launch_bounds__(kDcWarps * 32)
     attn_decode_kernel(void* out, Elt to, float* part_acc, float* part_ml, const T* q, const T* kc, const T* vc,
                        int s_len, int h_len, int hkv, int dh, int64_t c_len, int64_t past, float scale,
-                       int64_t chunk, int n_split, bool vec) {
+                       int64_t chunk, int n_split, bool vec, int n_hchunks) {
+  constexpr int U = DPL >= 8 ? 2 : 4;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row = blockIdx.y;  // (b*S + s)*H + h
   const int split = blockIdx.x;
-  const int h = int(row % h_len);
-  const int64_t bs = row / h_len;
+  int64_t r2 = blockIdx.y;
+  const int hc = int(r2 % n_hchunks);
+  r2 /= n_hchunks;
+  const int hk = int(r2 % hkv);
+  const int64_t bs = r2 / hkv;
   const int s = int(bs % s_len), b = int(bs / s_len);
-  const int hk = h / (h_len / hkv);
+  const int g_len = h_len / hkv;
+  const int h0 = hk * g_len + hc * G;
+  const int n_heads = min(G, g_len - hc * G);
   const int64_t c_row = int64_t(hkv) * dh;
   const T* kb = kc + int64_t(b) * c_len * c_row + int64_t(hk) * dh;
   const T* vb = vc + int64_t(b) * c_len * c_row + int64_t(hk) * dh;
   const int d0 = lane * DPL;
-  const int valid = std::max(0, std::min(DPL, dh - d0));
-  float qv[DPL];
-  load_dims<T, DPL>(q + row * dh + d0, qv, vec, valid);
+  const int valid = max(0, min(DPL, dh - d0));
+  float qv[G][DPL];
 #pragma unroll
-  for (int i = 0; i < DPL; ++i) qv[i] *= scale;
+  for (int g = 0; g < G; ++g) {
+    if (g < n_heads) {
+      load_dims<T, DPL>(q + (bs * h_len + h0 + g) * dh + d0, qv[g], vec, valid);
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) qv[g][i] *= scale;
+    } else {
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) qv[g][i] = 0.f;
+    }
+  }
   const int64_t k_lim = past + s + 1;
   const int64_t k0 = int64_t(split) * chunk;
-  const int64_t k1 = std::min<int64_t>(k_lim, k0 + chunk);
-  float m = -INFINITY, l = 0.f, acc[DPL];
+  const int64_t k1 = min(k_lim, k0 + chunk);
+  float m[G], l[G], acc[G][DPL];
 #pragma unroll
-  for (int i = 0; i < DPL; ++i) acc[i] = 0.f;
-  int64_t j = k0 + warp;
-  // Two keys per step so their loads are in flight together.
-  for (; j + kDcWarps < k1; j += 2 * kDcWarps) {
-    float ka[DPL], kb2[DPL], va[DPL], vb2[DPL];
-    load_dims<T, DPL>(kb + j * c_row + d0, ka, vec, valid);
-    load_dims<T, DPL>(kb + (j + kDcWarps) * c_row + d0, kb2, vec, valid);
-    load_dims<T, DPL>(vb + j * c_row + d0, va, vec, valid);
-    load_dims<T, DPL>(vb + (j + kDcWarps) * c_row + d0, vb2, vec, valid);
-    float sa = 0.f, sb = 0.f;
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) {
-      sa = fmaf(qv[i], ka[i], sa);
-      sb = fmaf(qv[i], kb2[i], sb);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      sa += __shfl_xor_sync(0xffffffffu, sa, o);
-      sb += __shfl_xor_sync(0xffffffffu, sb, o);
-    }
-    float m_new = fmaxf(m, fmaxf(sa, sb));
-    float alpha = m == -INFINITY ? 0.f : expf(m - m_new);
-    float pa = expf(sa - m_new), pb = expf(sb - m_new);
-    l = l * alpha + pa + pb;
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) acc[i] = fmaf(pb, vb2[i], fmaf(pa, va[i], acc[i] * alpha));
-    m = m_new;
+    for (int i = 0; i < DPL; ++i) acc[g][i] = 0.f;
   }
-  for (; j < k1; j += kDcWarps) {
-    float ka[DPL], va[DPL];
-    load_dims<T, DPL>(kb + j * c_row + d0, ka, vec, valid);
-    load_dims<T, DPL>(vb + j * c_row + d0, va, vec, valid);
-    float sa = 0.f;
+  for (int64_t j = k0 + warp; j < k1; j += int64_t(U) * kDcWarps) {
+    float kv[U][DPL], vv[U][DPL];
+    bool ok[U];
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) sa = fmaf(qv[i], ka[i], sa);
-    sa = warp_sum(sa);
-    float m_new = fmaxf(m, sa);
-    float alpha = m == -INFINITY ? 0.f : expf(m - m_new);
-    float pa = expf(sa - m_new);
-    l = l * alpha + pa;
+    for (int u = 0; u < U; ++u) {
+      int64_t jj = j + int64_t(u) * kDcWarps;
+      ok[u] = jj < k1;
+      if (ok[u]) {
+        load_dims<T, DPL>(kb + jj * c_row + d0, kv[u], vec, valid);
+        load_dims<T, DPL>(vb + jj * c_row + d0, vv[u], vec, valid);
+      } else {
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) acc[i] = fmaf(pa, va[i], acc[i] * alpha);
-    m = m_new;
+        for (int i = 0; i < DPL; ++i) kv[u][i] = vv[u][i] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      if (g >= n_heads) break;
+      float sc[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) d = fmaf(qv[g][i], kv[u][i], d);
+        sc[u] = d;
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+        for (int u = 0; u < U; ++u) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
+      float mx = m[g];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (ok[u]) mx = fmaxf(mx, sc[u]);
+      float alpha = m[g] == -INFINITY ? 0.f : expf(m[g] - mx);
+      float p[U];
+      float psum = 0.f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        p[u] = ok[u] ? expf(sc[u] - mx) : 0.f;
+        psum += p[u];
+      }
+      l[g] = l[g] * alpha + psum;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) {
+        float a = acc[g][i] * alpha;
+#pragma unroll
+        for (int u = 0; u < U; ++u) a = fmaf(p[u], vv[u][i], a);
+        acc[g][i] = a;
+      }
+      m[g] = mx;
+    }
   }
   // Merge the warps.
-  __shared__ float sm_ml[kDcWarps][2];
-  __shared__ float sm_acc[kDcWarps][32 * DPL];
-  if (lane == 0) {
-    sm_ml[warp][0] = m;
-    sm_ml[warp][1] = l;
-  }
+  __shared__ float sm_ml[kDcWarps][G][2];
+  __shared__ float sm_acc[kDcWarps][G][32 * DPL];
 #pragma unroll
-  for (int i = 0; i < DPL; ++i) sm_acc[warp][d0 + i] = acc[i];
-  __syncthreads();
-  if (warp != 0) return;
-  float mm = -INFINITY;
-  for (int w = 0; w < kDcWarps; ++w) mm = fmaxf(mm, sm_ml[w][0]);
-  float ll = 0.f, o[DPL];
-#pragma unroll
-  for (int i = 0; i < DPL; ++i) o[i] = 0.f;
-  for (int w = 0; w < kDcWarps; ++w) {
-    float f = sm_ml[w][0] == -INFINITY ? 0.f : expf(sm_ml[w][0] - mm);
-    ll += sm_ml[w][1] * f;
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) o[i] += sm_acc[w][d0 + i] * f;
-  }
-  if (n_split == 1) {
-    float inv = ll > 0.f ? 1.f / ll : 0.f;
-#pragma unroll
-    for (int i = 0; i < DPL; ++i)
-      if (i < valid) store_rt(out, to, row * dh + d0 + i, o[i] * inv);
-  } else {
-    int64_t pi = row * n_split + split;
+  for (int g = 0; g < G; ++g) {
     if (lane == 0) {
-      part_ml[pi * 2] = mm;
-      part_ml[pi * 2 + 1] = ll;
+      sm_ml[warp][g][0] = m[g];
+      sm_ml[warp][g][1] = l[g];
     }
 #pragma unroll
-    for (int i = 0; i < DPL; ++i)
-      if (i < valid) part_acc[pi * dh + d0 + i] = o[i];
+    for (int i = 0; i < DPL; ++i) sm_acc[warp][g][d0 + i] = acc[g][i];
+  }
+  __syncthreads();
+  // Warp w finalises heads w, w + kDcWarps, ...
+  for (int g = warp; g < n_heads; g += kDcWarps) {
+    float mm = -INFINITY;
+    for (int w = 0; w < kDcWarps; ++w) mm = fmaxf(mm, sm_ml[w][g][0]);
+    float ll = 0.f, o[DPL];
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) o[i] = 0.f;
+    for (int w = 0; w < kDcWarps; ++w) {
+      float f = sm_ml[w][g][0] == -INFINITY ? 0.f : expf(sm_ml[w][g][0] - mm);
+      ll += sm_ml[w][g][1] * f;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) o[i] += sm_acc[w][g][d0 + i] * f;
+    }
+    const int64_t row = bs * h_len + h0 + g;
+    if (n_split == 1) {
+      float inv = ll > 0.f ? 1.f / ll : 0.f;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i)
+        if (i < valid) store_rt(out, to, row * dh + d0 + i, o[i] * inv);
+    } else {
+      int64_t pi = row * n_split + split;
+      if (lane == 0) {
+        part_ml[pi * 2] = mm;
+        part_ml[pi * 2 + 1] = ll;
+      }
+#pragma unroll
+      for (int i = 0; i < DPL; ++i)
+        if (i < valid) part_acc[pi * dh + d0 + i] = o[i];
+    }
   }
 }
 
@@ -318,17 +356,21 @@ __global__ void attn_decode_merge_kernel(void* out, Elt to, const float* part_ac
   }
 }
 
-template <class T, int DPL>
-void launch_decode(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past) {
+template <class T, int DPL, int G>
+void launch_decode_g(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past) {
   int b = int(q.dim(0)), s = int(q.dim(1)), h = int(q.dim(2)), dh = int(q.dim(3)), hkv = int(k_cache.dim(2));
-  int64_t rows = int64_t(b) * s * h;
+  int g_len = h / hkv;
+  int n_hchunks = (g_len + G - 1) / G;
+  int64_t rows = int64_t(b) * s * h;                        // output rows
+  int64_t blocks_y = int64_t(b) * s * hkv * n_hchunks;       // (row group) blocks per split
   int64_t l_max = past + s;
   int sms = sm_count() > 0 ? sm_count() : 80;
-  int64_t want = (2 * int64_t(sms) + rows - 1) / rows;
-  int n_split = int(std::max<int64_t>(1, std::min<int64_t>({want, (l_max + 63) / 64, 128})));
+  // Enough blocks for ~4 waves of the SMs, but no split shorter than 32 keys.
+  int64_t want = (4 * int64_t(sms) + blocks_y - 1) / blocks_y;
+  int n_split = int(std::max<int64_t>(1, std::min<int64_t>({want, (l_max + 31) / 32, 256})));
   int64_t chunk = (l_max + n_split - 1) / n_split;
   n_split = int((l_max + chunk - 1) / chunk);
-  MOE_CHECK(rows <= 65535, "attention_forward: %lld decode rows exceed the CUDA grid", (long long)rows);
+  MOE_CHECK(blocks_y <= 65535, "attention_forward: %lld decode rows exceed the CUDA grid", (long long)blocks_y);
   // Vector loads need every lane's DPL dims in range and 16-byte aligned bases (rows then start
   // at multiples of 32*DPL*sizeof(T) bytes).
   bool vec = dh == 32 * DPL && (reinterpret_cast<uintptr_t>(q.raw()) | reinterpret_cast<uintptr_t>(k_cache.raw()) |
@@ -342,16 +384,29 @@ void launch_decode(Tensor& out, const Tensor& q, const Tensor& k_cache, const Te
     part_acc = reinterpret_cast<float*>(ws);
     part_ml = reinterpret_cast<float*>(ws + acc_bytes);
   }
-  dim3 grid{unsigned(n_split), unsigned(rows)};
+  dim3 grid{unsigned(n_split), unsigned(blocks_y)};
   Elt to = elt_of(out.dtype());
-  attn_decode_kernel<T, DPL><<<grid, kDcWarps * 32, 0, stream()>>>(
+  attn_decode_kernel<T, DPL, G><<<grid, kDcWarps * 32, 0, stream()>>>(
       out.raw(), to, part_acc, part_ml, q.data<T>(), k_cache.data<T>(), v_cache.data<T>(), s, h, hkv, dh,
-      k_cache.dim(1), past, float(1.0 / std::sqrt(double(dh))), chunk, n_split, vec);
+      k_cache.dim(1), past, float(1.0 / std::sqrt(double(dh))), chunk, n_split, vec, n_hchunks);
   MOE_CUDA_LAUNCH_CHECK();
   if (n_split > 1) {
     attn_decode_merge_kernel<<<unsigned(rows), 128, 0, stream()>>>(out.raw(), to, part_acc, part_ml, dh, n_split);
     MOE_CUDA_LAUNCH_CHECK();
   }
+}
+
+template <class T, int DPL>
+void launch_decode(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past) {
+  int64_t g_len = q.dim(2) / k_cache.dim(2);
+  if (g_len <= 1)
+    launch_decode_g<T, DPL, 1>(out, q, k_cache, v_cache, past);
+  else if (g_len <= 2)
+    launch_decode_g<T, DPL, 2>(out, q, k_cache, v_cache, past);
+  else if (g_len <= 4 || DPL >= 8)
+    launch_decode_g<T, DPL, 4>(out, q, k_cache, v_cache, past);
+  else
+    launch_decode_g<T, DPL, 8>(out, q, k_cache, v_cache, past);
 }
 
 template <class T>

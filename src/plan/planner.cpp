@@ -1,0 +1,340 @@
+// planner.cpp — memory, communication and FLOP arithmetic (formulas in planner.h).
+#include "plan/planner.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+
+namespace moe {
+
+const char* job_name(JobKind j) {
+  switch (j) {
+    case JobKind::Infer: return "infer";
+    case JobKind::Train: return "train";
+    case JobKind::Lora: return "lora";
+    case JobKind::Qlora: return "qlora";
+  }
+  return "?";
+}
+
+JobKind parse_job(const std::string& s) {
+  if (s == "infer" || s == "inference") return JobKind::Infer;
+  if (s == "train") return JobKind::Train;
+  if (s == "lora") return JobKind::Lora;
+  if (s == "qlora") return JobKind::Qlora;
+  MOE_FAIL("unknown --job '%s' (expected infer, train, lora or qlora)", s.c_str());
+}
+
+const WeightFormatInfo& weight_format_info(WeightFormat f) {
+  static const WeightFormatInfo kInfo[] = {
+      {WeightFormat::F32, "f32", 4, 1, "4 B/param"},
+      {WeightFormat::BF16, "bf16", 2, 1, "2 B/param"},
+      // DeepSeek-V3 style: e4m3 values + one f32 scale per 128x128 block.
+      {WeightFormat::FP8, "fp8", 16384 + 4, 16384, "1 B/param + f32 scale per 128x128 block"},
+      // Q8_0 style: 32 int8 values + one f16 scale = 34 B per 32.
+      {WeightFormat::INT8, "int8", 34, 32, "blocks of 32 int8 + f16 scale (34 B / 32)"},
+      // bitsandbytes NF4: 64 4-bit codes (32 B) + f32 absmax = 36 B per 64.
+      {WeightFormat::NF4, "nf4", 36, 64, "blocks of 64 4-bit codes + f32 absmax (36 B / 64)"},
+      // NF4 with double quantisation: absmax as u8 per 64, + one f32 per 256 absmax:
+      // per 16384 params 8192 + 256 + 4 bytes.
+      {WeightFormat::NF4DQ, "nf4-dq", 8192 + 256 + 4, 16384,
+       "nf4 with u8 absmax per 64 + f32 per 256 blocks (8452 B / 16384)"},
+      // Q4_0 style: 32 4-bit values (16 B) + f16 scale = 18 B per 32.
+      {WeightFormat::Q4, "q4", 18, 32, "blocks of 32 4-bit values + f16 scale (18 B / 32)"},
+  };
+  return kInfo[static_cast<int>(f)];
+}
+
+WeightFormat parse_weight_format(const std::string& s) {
+  for (int i = 0; i <= static_cast<int>(WeightFormat::Q4); ++i) {
+    auto f = static_cast<WeightFormat>(i);
+    if (s == weight_format_info(f).name) return f;
+  }
+  if (s == "f16" || s == "fp16") return WeightFormat::BF16;  // same size
+  if (s == "nf4dq") return WeightFormat::NF4DQ;
+  MOE_FAIL("unknown --dtype '%s' (expected f32, bf16, fp8, int8, nf4, nf4-dq or q4)", s.c_str());
+}
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t n_ffn_mats(const PlanModel& m) { return m.ffn == FfnKind::SwiGLU ? 3 : 2; }
+int64_t n_ffn_hidden(const PlanModel& m) { return m.ffn == FfnKind::SwiGLU ? 2 : 1; }
+int64_t rest_elem_bytes(WeightFormat f) { return f == WeightFormat::F32 ? 4 : 2; }
+bool is_quantised(WeightFormat f) { return f != WeightFormat::F32 && f != WeightFormat::BF16; }
+
+// (in, out) of each linear in one attention block.
+std::vector<std::pair<int64_t, int64_t>> attention_linears(const PlanModel& m) {
+  const int64_t d = m.d_model, h = m.n_head;
+  if (m.attn == AttnKind::MLA) {
+    const int64_t qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
+    std::vector<std::pair<int64_t, int64_t>> v;
+    if (m.q_lora_rank > 0) {
+      v.push_back({d, m.q_lora_rank});
+      v.push_back({m.q_lora_rank, h * qk});
+    } else {
+      v.push_back({d, h * qk});
+    }
+    v.push_back({d, m.kv_lora_rank + m.qk_rope_head_dim});
+    v.push_back({m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim)});
+    v.push_back({h * m.v_head_dim, d});
+    return v;
+  }
+  return {{d, h * m.head_dim}, {d, m.n_head_kv * m.head_dim}, {d, m.n_head_kv * m.head_dim}, {h * m.head_dim, d}};
+}
+
+}  // namespace
+
+int64_t linear_bytes(int64_t n, WeightFormat f) {
+  const auto& fi = weight_format_info(f);
+  // n * num may exceed int64 for the largest models with fp8 (~7e11 * 16388): split the product.
+  return (n / fi.bytes_den) * fi.bytes_num + ceil_div((n % fi.bytes_den) * fi.bytes_num, fi.bytes_den);
+}
+
+int64_t model_weight_bytes(const ParamCounts& pc, WeightFormat f) {
+  return linear_bytes(pc.linear, f) + (pc.total - pc.linear) * rest_elem_bytes(f);
+}
+
+int64_t expert_weight_bytes(const ParamCounts& pc, WeightFormat f) {
+  return linear_bytes(pc.expert_linear, f) + (pc.experts - pc.expert_linear) * rest_elem_bytes(f);
+}
+
+int64_t kv_cache_bytes(const PlanModel& m, int64_t batch, int64_t context, int64_t bytes) {
+  int64_t per_seq = 0;
+  for (auto& l : m.layers) {
+    if (l.encoder) continue;
+    const int64_t ctx = l.sliding && m.sliding_window > 0 ? std::min(context, m.sliding_window) : context;
+    if (m.attn == AttnKind::MLA) {
+      per_seq += ctx * (m.kv_lora_rank + m.qk_rope_head_dim) * bytes;
+    } else {
+      per_seq += ctx * 2 * m.n_head_kv * m.head_dim * bytes;
+    }
+    if (l.cross_attn) per_seq += context * 2 * m.n_head * m.head_dim * bytes;
+  }
+  return batch * per_seq;
+}
+
+int64_t engine_forward_activation_bytes(const PlanModel& m, int64_t batch, int64_t seq, int64_t a,
+                                        bool last_logits_only) {
+  const int64_t t = batch * seq, d = m.d_model, h = m.n_head;
+  const int64_t qd = h * m.q_head_dim(), od = h * m.v_dim_per_head();
+  const int64_t kd = m.attn == AttnKind::MLA ? qd : m.n_head_kv * m.head_dim;
+  const int64_t vd = m.attn == AttnKind::MLA ? od : kd;
+  const bool f32 = a == 4;
+  // x, h, y [T,D]; q [T,H*Dh]; kk, vv [T,Hkv*Dh]; attn [T,H*Dh]
+  const int64_t persistent = a * t * (3 * d + qd + od + kd + vd);
+  int64_t layer_max = 0;
+  for (auto& l : m.layers) {
+    int64_t tmp = 0;
+    if (!l.moe) {
+      tmp = n_ffn_hidden(m) * a * t * m.dense_ffn;  // h1, h3 [T,Fd] in swiglu_mlp
+    } else {
+      const int64_t e = m.n_expert, k = m.n_expert_used, p = t * k;
+      tmp = 4 * t * e + (f32 ? 0 : a * t * e)  // router logits f32 (+ the bf16 lg it is cast from)
+            + 4 * t * k * 2                    // topk_idx i32, topk_w f32 [T,K]
+            + 4 * (e + 1)                      // offsets
+            + 4 * p * 3                        // perm, inv i32, row_scale f32 [P]
+            + 2 * a * p * d;                   // xp, yp [P,D]
+      if (m.shared_ffn > 0) {
+        // s [T,D] lives across the shared MLP (h1, h3 [T,Fs]) and then its gate g [T,1] (+ f32 gf).
+        tmp += a * t * d + std::max(n_ffn_hidden(m) * a * t * m.shared_ffn, a * t + (f32 ? 0 : 4 * t));
+      }
+    }
+    layer_max = std::max(layer_max, tmp);
+  }
+  const bool last_only = last_logits_only && seq > 1;
+  const int64_t rows = last_only ? batch : t;
+  const int64_t head = (last_only ? a * batch * d : 0)  // xf [B,D]
+                       + a * rows * d                    // hf
+                       + a * rows * m.vocab              // logits
+                       + (f32 ? 0 : 4 * rows * m.vocab); // f32 copy of the logits
+  return persistent + std::max(layer_max, head);
+}
+
+int64_t lora_params(const PlanModel& m, int64_t r, LoraTargets targets) {
+  int64_t attn = 0;
+  for (auto& [in, out] : attention_linears(m)) attn += r * (in + out);
+  int64_t n = 0;
+  const int64_t d = m.d_model;
+  for (auto& l : m.layers) {
+    n += attn * (l.cross_attn ? 2 : 1);
+    if (targets != LoraTargets::All) continue;
+    if (!l.moe) {
+      n += n_ffn_mats(m) * r * (d + m.dense_ffn);
+    } else {
+      n += m.n_expert * n_ffn_mats(m) * r * (d + m.expert_ffn);
+      if (m.shared_ffn > 0) n += n_ffn_mats(m) * r * (d + m.shared_ffn);
+    }
+  }
+  return n;
+}
+
+int64_t lora_expert_params(const PlanModel& m, int64_t r, LoraTargets targets) {
+  if (targets != LoraTargets::All) return 0;
+  return m.n_moe_layers() * m.n_expert * n_ffn_mats(m) * r * (m.d_model + m.expert_ffn);
+}
+
+TrainActivations train_activation_bytes(const PlanModel& m, int64_t micro_batch, int64_t seq, bool checkpointing,
+                                        int64_t lora_r, LoraTargets targets, int64_t tp) {
+  const int64_t a = 2, t = micro_batch * seq, d = m.d_model, h = m.n_head;
+  int64_t attn = a * t * 2 * d + 4 * t * h;  // x, h [T,D]; f32 log-sum-exp [T,H]
+  if (m.attn == AttnKind::MLA) {
+    const int64_t qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
+    attn += a * t * (m.q_lora_rank > 0 ? 2 * m.q_lora_rank : 0)           // c_q and its norm
+            + a * t * (m.kv_lora_rank + m.qk_rope_head_dim) + a * t * m.kv_lora_rank  // c_kv, its norm
+            + a * t * h * (2 * qk + 2 * m.v_head_dim);                     // q, k, v, output
+  } else {
+    attn += a * t * (2 * h * m.head_dim + 2 * m.n_head_kv * m.head_dim);  // q, output; k, v
+  }
+  const int64_t n_attn_lin = static_cast<int64_t>(attention_linears(m).size());
+  TrainActivations r;
+  for (auto& l : m.layers) {
+    int64_t b = attn * (l.cross_attn ? 2 : 1) + a * t * 2 * d;  // + FFN norm in/out
+    int64_t lora_rows = lora_r > 0 ? t * n_attn_lin * (l.cross_attn ? 2 : 1) : 0;
+    if (!l.moe) {
+      b += n_ffn_hidden(m) * a * t * m.dense_ffn;
+      if (lora_r > 0 && targets == LoraTargets::All) lora_rows += t * n_ffn_mats(m);
+    } else {
+      const int64_t k = m.n_expert_used;
+      b += 4 * t * m.n_expert + 16 * t * k + n_ffn_hidden(m) * a * t * k * m.expert_ffn;
+      if (m.shared_ffn > 0) b += n_ffn_hidden(m) * a * t * m.shared_ffn;
+      if (lora_r > 0 && targets == LoraTargets::All)
+        lora_rows += t * k * n_ffn_mats(m) + (m.shared_ffn > 0 ? t * n_ffn_mats(m) : 0);
+    }
+    b += a * lora_rows * lora_r;
+    r.per_layer_max = std::max(r.per_layer_max, b);
+    r.layers += checkpointing ? a * t * d : b;
+  }
+  r.working = r.per_layer_max;
+  r.head = a * t * 2 * d + 4 * t * m.vocab;
+  r.per_layer_max = ceil_div(r.per_layer_max, tp);
+  r.layers = ceil_div(r.layers, tp);
+  r.working = ceil_div(r.working, tp);
+  r.head = ceil_div(r.head, tp);
+  r.total = r.layers + r.working + r.head;
+  return r;
+}
+
+void validate_parallel(const PlanModel& m, const Parallel& p) {
+  MOE_CHECK(p.dp >= 1 && p.tp >= 1 && p.ep >= 1, "--dp, --tp and --ep must be >= 1 (got %lld, %lld, %lld)",
+            (long long)p.dp, (long long)p.tp, (long long)p.ep);
+  MOE_CHECK(p.zero >= 0 && p.zero <= 3, "--zero must be 0, 1, 2 or 3, got %d", p.zero);
+  if (p.ep > 1) {
+    MOE_CHECK(m.n_expert > 0, "--ep %lld: model %s has no experts", (long long)p.ep, m.name.c_str());
+    MOE_CHECK(p.ep <= m.n_expert, "--ep %lld: more expert-parallel ranks than experts (%s has %lld experts per layer)",
+              (long long)p.ep, m.name.c_str(), (long long)m.n_expert);
+    MOE_CHECK(m.n_expert % p.ep == 0, "--ep %lld does not divide the %lld experts of %s", (long long)p.ep,
+              (long long)m.n_expert, m.name.c_str());
+    MOE_CHECK(p.dp % p.ep == 0,
+              "--ep %lld must divide --dp %lld (expert-parallel ranks are drawn from the data-parallel ranks)",
+              (long long)p.ep, (long long)p.dp);
+  }
+  MOE_CHECK(m.n_head % p.tp == 0, "--tp %lld does not divide the %lld attention heads of %s", (long long)p.tp,
+            (long long)m.n_head, m.name.c_str());
+}
+
+MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p) {
+  validate_parallel(m, p);
+  MOE_CHECK(job.batch >= 1, "batch must be >= 1, got %lld", (long long)job.batch);
+  MOE_CHECK(job.seq >= 1, "sequence length must be >= 1, got %lld", (long long)job.seq);
+  MOE_CHECK(job.job != JobKind::Infer || job.context >= 1, "context must be >= 1, got %lld", (long long)job.context);
+  const ParamCounts pc = plan_params(m);
+  const int64_t tp = p.tp, ep = p.ep, dp = p.dp, dp_ex = p.dp / p.ep;
+  // Per-GPU share of a non-expert / expert quantity before ZeRO.
+  auto split = [&](int64_t ne, int64_t ex) { return ceil_div(ne, tp) + ceil_div(ex, ep * tp); };
+  auto shard = [&](int64_t ne, int64_t ex, int stage) {
+    const bool on = p.zero >= stage;
+    return ceil_div(ceil_div(ne, tp), on ? dp : 1) + ceil_div(ceil_div(ex, ep * tp), on ? dp_ex : 1);
+  };
+  MemoryPlan mp;
+  mp.workspace = job.overhead_bytes;
+  if (job.job == JobKind::Train) {
+    const int64_t ne = pc.total - pc.experts, ex = pc.experts;
+    mp.weights = 2 * shard(ne, ex, 3);
+    mp.grads = 2 * shard(ne, ex, 2);
+    mp.optimizer = 12 * shard(ne, ex, 1);
+    mp.activations = train_activation_bytes(m, job.batch, job.seq, job.checkpointing, 0, job.lora_targets, tp).total;
+    return mp;
+  }
+  // Inference and LoRA: frozen weights in a format (LoRA: bf16).
+  WeightFormat f = job.job == JobKind::Lora ? WeightFormat::BF16 : job.weights;
+  if (job.job == JobKind::Qlora)
+    MOE_CHECK(f == WeightFormat::NF4 || f == WeightFormat::NF4DQ || f == WeightFormat::Q4 || f == WeightFormat::INT8 ||
+                  f == WeightFormat::FP8,
+              "qlora needs a quantised base (--dtype nf4, nf4-dq, q4, int8 or fp8), got %s",
+              weight_format_info(f).name);
+  const int64_t lin_ex = linear_bytes(pc.expert_linear, f), lin_all = linear_bytes(pc.linear, f);
+  const int64_t rest_ex = (pc.experts - pc.expert_linear) * rest_elem_bytes(f);
+  const int64_t rest_all = (pc.total - pc.linear) * rest_elem_bytes(f);
+  const bool z3 = job.job != JobKind::Infer && p.zero >= 3;
+  auto frozen = [&](int64_t ne, int64_t ex) {
+    return z3 ? ceil_div(ceil_div(ne, tp), dp) + ceil_div(ceil_div(ex, ep * tp), dp_ex) : split(ne, ex);
+  };
+  const int64_t lin = frozen(lin_all - lin_ex, lin_ex), rest = frozen(rest_all - rest_ex, rest_ex);
+  if (is_quantised(f)) {
+    mp.quant_weights = lin;
+    mp.weights = rest;
+  } else {
+    mp.weights = lin + rest;
+  }
+  if (job.job == JobKind::Infer) {
+    const int64_t b_local = ceil_div(job.batch, dp);
+    const int64_t kv_split = m.attn == AttnKind::MLA ? 1 : std::min(tp, m.n_head_kv);
+    mp.kv_cache = ceil_div(kv_cache_bytes(m, b_local, job.context, job.act_bytes), kv_split);
+    const int64_t chunk = std::min(job.seq, job.context);
+    mp.activations =
+        ceil_div(engine_forward_activation_bytes(m, b_local, chunk, job.act_bytes, job.last_logits_only), tp);
+    return mp;
+  }
+  const int64_t lp = lora_params(m, job.lora_r, job.lora_targets), lpe = lora_expert_params(m, job.lora_r, job.lora_targets);
+  mp.lora = 4 * split(lp - lpe, lpe);
+  mp.grads = 4 * shard(lp - lpe, lpe, 2);
+  mp.optimizer = 8 * shard(lp - lpe, lpe, 1);
+  mp.activations =
+      train_activation_bytes(m, job.batch, job.seq, job.checkpointing, job.lora_r, job.lora_targets, tp).total;
+  if (job.job == JobKind::Qlora) {
+    // One linear dequantised to bf16 at a time (the largest one bounds the buffer).
+    int64_t largest = 0;
+    for (auto& [in, out] : attention_linears(m)) largest = std::max(largest, in * out);
+    largest = std::max({largest, m.d_model * m.dense_ffn, m.d_model * m.expert_ffn, m.d_model * m.shared_ffn});
+    mp.workspace += 2 * ceil_div(largest, tp);
+  }
+  return mp;
+}
+
+double all_to_all_bytes(const PlanModel& m, const JobSpec& job, const Parallel& p) {
+  if (p.ep <= 1) return 0.0;
+  const int64_t b_local = job.job == JobKind::Infer ? ceil_div(job.batch, p.dp) : job.batch;
+  const double rows = double(b_local) * double(job.job == JobKind::Infer ? std::min(job.seq, job.context) : job.seq) *
+                      double(m.n_expert_used);
+  const double per_layer = 2.0 * rows * double(m.d_model) * double(job.act_bytes) * double(p.ep - 1) / double(p.ep);
+  return per_layer * double(m.n_moe_layers()) * (job.job == JobKind::Infer ? 1.0 : 2.0);
+}
+
+double flops_per_token(const PlanModel& m, const JobSpec& job) {
+  const ParamCounts pc = plan_params(m);
+  const double s = double(job.seq);
+  double attn = 0;
+  for (auto& l : m.layers) {
+    double keys = l.encoder ? s : s / 2;
+    if (l.sliding && m.sliding_window > 0) keys = std::min(keys, double(m.sliding_window));
+    attn += 2.0 * keys * double(m.n_head) * double(m.q_head_dim() + m.v_dim_per_head());
+    if (l.cross_attn) attn += 2.0 * s * double(m.n_head) * double(2 * m.head_dim);
+  }
+  const double fwd = 2.0 * double(pc.active_no_embed) + attn;
+  switch (job.job) {
+    case JobKind::Infer: return fwd;
+    case JobKind::Train: return 3.0 * fwd;
+    case JobKind::Lora:
+    case JobKind::Qlora: {
+      const double lp = double(lora_params(m, job.lora_r, job.lora_targets));
+      const double lpe = double(lora_expert_params(m, job.lora_r, job.lora_targets));
+      const double active_lora = lp - lpe + (m.n_expert > 0 ? lpe * double(m.n_expert_used) / double(m.n_expert) : 0);
+      return 2.0 * fwd + 6.0 * active_lora;
+    }
+  }
+  return fwd;
+}
+
+}  // namespace moe

@@ -1,0 +1,126 @@
+// planner.h — analytic memory, communication and time figures for MoE jobs.
+//
+// Everything here is arithmetic on a PlanModel (plan_model.h); nothing allocates model memory.
+// Conventions (each function's comment gives its formula; `moe plan --explain` prints them):
+//   * Weight formats apply to 2-D linear weights (ParamCounts::linear); embeddings, LM head,
+//     norms, biases and sinks stay bf16 (f32 when the format is f32).
+//   * Full training is mixed precision AdamW (ZeRO paper accounting): bf16 weights (2 B/param),
+//     bf16 grads (2 B), f32 master weights + Adam m + v (12 B) = 16 B/param before sharding.
+//   * Parallelism: gpus = dp * tp. Expert parallelism splits the E experts over ep ranks drawn
+//     from the dp ranks (dp % ep == 0, E % ep == 0); tensor parallelism splits every matrix tp
+//     ways. ZeRO-1/2/3 shard optimizer / +grads / +weights over the data-parallel group: dp ranks
+//     for non-expert parameters, dp/ep ranks for expert parameters (DeepSpeed-MoE / Megatron).
+//   * LoRA: adapters A [R,in], B [out,R] on every targeted linear, f32 weights + grads + AdamW
+//     m, v = 16 B per adapter parameter; the base is frozen (bf16 for LoRA, NF4 for QLoRA).
+//   * Activations are bf16 for GPU jobs; the engine's own CPU forward is f32 and predicted
+//     exactly by engine_forward_activation_bytes().
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "plan/plan_model.h"
+
+namespace moe {
+
+enum class JobKind : uint8_t { Infer, Train, Lora, Qlora };
+const char* job_name(JobKind j);
+JobKind parse_job(const std::string& s);  // "infer" | "train" | "lora" | "qlora"
+
+enum class WeightFormat : uint8_t { F32, BF16, FP8, INT8, NF4, NF4DQ, Q4 };
+struct WeightFormatInfo {
+  WeightFormat format;
+  const char* name;         // "nf4"
+  int64_t bytes_num;        // bytes per parameter = bytes_num / bytes_den, scales included
+  int64_t bytes_den;
+  const char* layout;       // how the bytes arise
+};
+const WeightFormatInfo& weight_format_info(WeightFormat f);
+WeightFormat parse_weight_format(const std::string& s);  // f32 bf16 fp8 int8 nf4 nf4-dq q4
+// Bytes of n linear-weight parameters in format f (exact: n * num / den, rounded up).
+int64_t linear_bytes(int64_t n, WeightFormat f);
+// The whole model's weights: linear in f, everything else 16-bit (32-bit for f32).
+int64_t model_weight_bytes(const ParamCounts& pc, WeightFormat f);
+// The routed experts' share of model_weight_bytes.
+int64_t expert_weight_bytes(const ParamCounts& pc, WeightFormat f);
+
+// KV cache bytes per position summed over layers, for a context of `context` positions (sliding
+// layers hold min(context, window)). GQA: 2 * Hkv * Dh * bytes per layer; MLA: the compressed
+// latent (kv_lora_rank + qk_rope_head_dim) * bytes; encoder layers none; cross-attention layers
+// also hold the encoder's K and V (assumed `context` long).
+int64_t kv_cache_bytes(const PlanModel& m, int64_t batch, int64_t context, int64_t bytes_per_elem);
+
+// Peak activation bytes of Model::forward (src/model/model.cpp) for ids [batch, seq]: the
+// persistent buffers (x, h, y [T,D]; q, attn [T,H*Dh]; k, v [T,Hkv*Dh]) plus the largest of one
+// layer's temporaries (freed each iteration) and the head's (final norm, logits). `act_bytes` is
+// 4 on the CPU (f32); bf16 adds the f32 copies the forward makes of router logits, gate and
+// logits. Ids are assumed i32 (no conversion buffer).
+int64_t engine_forward_activation_bytes(const PlanModel& m, int64_t batch, int64_t seq, int64_t act_bytes,
+                                        bool last_logits_only);
+
+// Saved activations of a training step, bf16, per GPU. Per layer (T = micro_batch * seq):
+//   attention: x, h [T,D]; q, k, v; attention output; f32 log-sum-exp [T,H] (flash-style, no
+//   [S,S] matrix); FFN: x, h [T,D]; dense: the hidden(s) [T,Fd]; MoE: f32 router logits [T,E],
+//   top-k ids + weights + permutation [T,K] (16 B), expert hiddens [T*K,F] (SwiGLU: h1, h3;
+//   gather and silu recomputed), shared expert hiddens [T,Fs]; LoRA: x*A^T [*,R] per adapter.
+// Head: final norm in/out [T,D] and f32 logits [T,V]. Without checkpointing every layer is
+// saved; with it only each layer's input [T,D] plus one layer recomputed. Either way one more
+// layer's worth is live as the backward working set. Divided by tp (sequence parallel).
+struct TrainActivations {
+  int64_t per_layer_max = 0;  // the largest layer's saved bytes
+  int64_t layers = 0;         // what all layers keep until backward
+  int64_t working = 0;        // recompute / backward working set (one layer)
+  int64_t head = 0;
+  int64_t total = 0;
+};
+enum class LoraTargets : uint8_t { Attention, All };  // All = attention + experts + shared + dense FFN
+TrainActivations train_activation_bytes(const PlanModel& m, int64_t micro_batch, int64_t seq, bool checkpointing,
+                                        int64_t lora_r, LoraTargets targets, int64_t tp);
+
+// LoRA adapter parameters: R * (in + out) per targeted linear.
+int64_t lora_params(const PlanModel& m, int64_t r, LoraTargets targets);
+// The adapter parameters of routed experts (split by expert parallelism).
+int64_t lora_expert_params(const PlanModel& m, int64_t r, LoraTargets targets);
+
+struct Parallel {
+  int64_t dp = 1, tp = 1, ep = 1;
+  int zero = 0;
+  int64_t gpus() const { return dp * tp; }
+};
+// Throws moe::Error for impossible layouts (more EP ranks than experts, E % ep, dp % ep, H % tp, ...).
+void validate_parallel(const PlanModel& m, const Parallel& p);
+
+struct JobSpec {
+  JobKind job = JobKind::Infer;
+  WeightFormat weights = WeightFormat::BF16;  // inference weights; QLoRA base (nf4 / nf4-dq)
+  int64_t batch = 1;      // sequences (inference: concurrent; training: micro-batch per dp rank)
+  int64_t seq = 2048;     // training sequence length / inference prefill chunk
+  int64_t context = 4096; // inference KV-cache capacity per sequence
+  bool checkpointing = false;
+  int64_t lora_r = 16;
+  LoraTargets lora_targets = LoraTargets::All;
+  int64_t act_bytes = 2;  // activations and KV cache elements (2 = bf16; 4 = the CPU engine's f32)
+  bool last_logits_only = true;  // inference prefill computes logits for the last position only
+  int64_t overhead_bytes = 0;    // per-GPU runtime reserve (CUDA context, allocator slack)
+};
+
+// Per-GPU bytes by the engine's memory categories (core/memory.h).
+struct MemoryPlan {
+  int64_t weights = 0, quant_weights = 0, lora = 0, grads = 0, optimizer = 0, activations = 0, kv_cache = 0,
+          workspace = 0;
+  int64_t total() const {
+    return weights + quant_weights + lora + grads + optimizer + activations + kv_cache + workspace;
+  }
+};
+MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p);
+
+// Bytes one GPU sends through expert-parallel all-to-all per micro-batch: for each MoE layer,
+// dispatch + combine of its T*K routed rows of D bf16 values, the (ep-1)/ep share that leaves
+// the GPU; training doubles it for the backward. Inference: per forward of `batch` x `seq`.
+double all_to_all_bytes(const PlanModel& m, const JobSpec& job, const Parallel& p);
+
+// Model FLOPs per token: 2 * active_no_embed (forward) plus attention 2 * keys * H * (qk + v) per
+// layer with keys = seq/2 (causal; min(seq/2, window) when sliding; seq for encoders). Training
+// = 3x forward; LoRA/QLoRA = 2x forward (no weight gradients for the frozen base) + 6 * adapter.
+double flops_per_token(const PlanModel& m, const JobSpec& job);
+
+}  // namespace moe

@@ -1,0 +1,73 @@
+// bpe.h — the BPE model of a tokenizer.json: vocabulary, merges, and the merge loop.
+//
+// Merging follows the reference exactly: repeatedly merge the adjacent pair of lowest merge rank,
+// the leftmost (by original position) on ties; a later duplicate merge line overrides an earlier
+// one. Words are either byte-level (input is raw bytes, each mapped to its GPT-2 byte character)
+// or code points (SentencePiece style, with byte_fallback to <0xXX> tokens).
+#pragma once
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace moe {
+
+// The GPT-2 byte <-> character map used by ByteLevel pre-tokenizers and decoders.
+uint32_t byte_level_char(uint8_t b);
+int byte_level_byte(uint32_t cp);  // -1 when cp is not a byte-level character
+
+class BpeModel {
+ public:
+  // `model` is tokenizer.json's "model" object; `byte_level` says whether words arrive as raw
+  // bytes (a ByteLevel pre-tokenizer ran) or as text. `origin` names the file in errors.
+  void load(const nlohmann::json& model, bool byte_level, const std::string& origin);
+  // Adds (or overrides) a token, as added_tokens do.
+  void set_token(const std::string& content, int32_t id);
+  // Call after the last set_token().
+  void finalize();
+
+  // Appends the ids of one pre-tokenized word.
+  void encode_word(std::string_view word, std::vector<int32_t>* out) const;
+
+  const std::vector<std::string>& id_to_token() const { return id_to_token_; }
+  const std::unordered_map<std::string, int32_t>& token_to_id() const { return token_to_id_; }
+  int32_t unk_id() const { return unk_id_; }
+  bool fuse_unk() const { return fuse_unk_; }
+  bool byte_level() const { return byte_level_; }
+
+ private:
+  void bpe(std::string_view word, std::vector<int32_t>* out) const;
+
+  struct MergeSlot {
+    uint64_t key = ~uint64_t(0);
+    uint32_t rank = 0;
+    int32_t id = -1;
+  };
+  const MergeSlot* find_merge(int32_t a, int32_t b) const;
+
+  bool byte_level_ = false, byte_fallback_ = false, fuse_unk_ = false, ignore_merges_ = false;
+  int32_t unk_id_ = -1;
+  std::unordered_map<std::string, int32_t> token_to_id_;
+  std::vector<std::string> id_to_token_;
+  std::unordered_map<std::string, int32_t> raw_to_id_;  // byte-level: raw bytes -> id
+  std::unordered_map<uint32_t, int32_t> char_id_;       // text mode: single code point -> id
+  int32_t byte_sym_[256];                               // byte-level: byte -> id (or -1)
+  int32_t byte_fallback_id_[256];                       // <0xXX> -> id (or -1)
+  std::vector<std::pair<std::string, std::string>> merge_strings_;
+  std::vector<MergeSlot> merges_;  // open addressing, power-of-two size
+  uint64_t merge_mask_ = 0;
+
+  // Word cache (words shorter than kCacheMaxWord bytes).
+  static constexpr size_t kCacheMaxWord = 256, kCacheMaxEntries = 1 << 18, kShards = 16;
+  struct Shard {
+    std::mutex mu;
+    std::unordered_map<std::string, std::vector<int32_t>> map;
+  };
+  mutable Shard cache_[kShards];
+};
+
+}  // namespace moe
