@@ -365,7 +365,8 @@ void launch_decode_g(Tensor& out, const Tensor& q, const Tensor& k_cache, const 
   int64_t blocks_y = int64_t(b) * s * hkv * n_hchunks;       // (row group) blocks per split
   int64_t l_max = past + s;
   int sms = sm_count() > 0 ? sm_count() : 80;
-  // Enough blocks for ~4 waves of the SMs, but no split shorter than 32 keys.
+  // Enough blocks for ~4 waves of the SMs, but no split shorter than 32 keys. (Measured on an
+  // H100 against 128-key splits with 8 keys per step: better at batch 1, worse at batch 8.)
   int64_t want = (4 * int64_t(sms) + blocks_y - 1) / blocks_y;
   int n_split = int(std::max<int64_t>(1, std::min<int64_t>({want, (l_max + 31) / 32, 256})));
   int64_t chunk = (l_max + n_split - 1) / n_split;
