@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   moe::add_logits_command(app);
   moe::add_generate_command(app);
   moe::add_bench_command(app);
+  moe::add_plan_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

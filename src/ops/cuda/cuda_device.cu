@@ -1,6 +1,8 @@
 // cuda_device.cu — CUDA backend state: device hooks for the tracked allocator, the stream,
 // cuBLAS handles, workspace and pinned scratch.
+#include <map>
 #include <mutex>
+#include <vector>
 
 #include "ops/backend.h"
 #include "ops/cuda/cuda_common.cuh"
@@ -29,19 +31,79 @@ State& state() {
   return s;
 }
 
+// A caching allocator: freed blocks go to per-size free lists and are reused, because
+// cudaMalloc/cudaFree cost tens of microseconds and cudaFree synchronises the device — per-op
+// temporaries in the forward pass would otherwise dominate decode. All work runs on one stream,
+// so a block freed by the host may be handed out again at once: later kernels on the stream
+// run after the ones that used it. Sizes are rounded (512 B below 1 MiB, 2 MiB above) so that
+// repeated shapes hit the cache; the tracker still counts the bytes tensors asked for.
+struct BlockCache {
+  std::mutex mu;
+  std::map<size_t, std::vector<void*>> free_blocks;  // rounded size -> blocks
+  std::map<void*, size_t> sizes;                     // live and cached blocks
+  size_t cached_bytes = 0;
+};
+
+BlockCache& cache() {
+  static BlockCache c;
+  return c;
+}
+
+size_t round_size(size_t n) {
+  const size_t small = 512, large = size_t(2) << 20;
+  return n < (size_t(1) << 20) ? (n + small - 1) / small * small : (n + large - 1) / large * large;
+}
+
+void release_cached_locked(BlockCache& c) {
+  for (auto& [sz, blocks] : c.free_blocks)
+    for (void* p : blocks) {
+      cudaFree(p);
+      c.sizes.erase(p);
+    }
+  c.free_blocks.clear();
+  c.cached_bytes = 0;
+}
+
 void* hook_alloc(size_t n) {
+  BlockCache& c = cache();
+  const size_t sz = round_size(n);
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.free_blocks.find(sz);
+  if (it != c.free_blocks.end() && !it->second.empty()) {
+    void* p = it->second.back();
+    it->second.pop_back();
+    c.cached_bytes -= sz;
+    return p;
+  }
   void* p = nullptr;
-  cudaError_t e = cudaMalloc(&p, n);
+  cudaError_t e = cudaMalloc(&p, sz);
+  if (e != cudaSuccess) {  // give the cache back and retry once
+    cudaGetLastError();
+    release_cached_locked(c);
+    e = cudaMalloc(&p, sz);
+  }
   if (e != cudaSuccess) {
+    cudaGetLastError();
     size_t free_b = 0, total_b = 0;
     cudaMemGetInfo(&free_b, &total_b);
     MOE_FAIL("CUDA out of memory allocating %s (free %s of %s)", human_bytes(double(n)).c_str(),
              human_bytes(double(free_b)).c_str(), human_bytes(double(total_b)).c_str());
   }
+  c.sizes[p] = sz;
   return p;
 }
 
-void hook_free(void* p) { cudaFree(p); }
+void hook_free(void* p) {
+  BlockCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.sizes.find(p);
+  if (it == c.sizes.end()) {
+    cudaFree(p);
+    return;
+  }
+  c.free_blocks[it->second].push_back(p);
+  c.cached_bytes += it->second;
+}
 
 void hook_copy(void* dst, Device dst_dev, const void* src, Device src_dev, size_t n) {
   cudaMemcpyKind kind = dst_dev == Device::CPU ? cudaMemcpyDeviceToHost
