@@ -43,27 +43,54 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// Streaming kernel: each weight row is read once and dotted with all n (<= kGemvMaxRows) rows.
-template <DType WT>
-void gemv_rows(float* out, int64_t ldo, const float* x, const void* w, int64_t n, int64_t m, int64_t k,
-               bool accumulate) {
-  const size_t esz = dtype_size(WT);
+// Streaming kernel: each weight row is read once and dotted with all N (<= kGemvMaxRows) rows
+// of x. R weight rows are processed together so that N*R independent FMA chains hide the FMA
+// latency (one chain alone runs at a quarter of the load bandwidth).
+template <DType WT, int N>
+void gemv_rows(float* out, int64_t ldo, const float* x, const void* w, int64_t m, int64_t k, bool accumulate) {
+  constexpr int R = N == 1 ? 8 : N == 2 ? 4 : N <= 4 ? 2 : 1;
+  const size_t row_bytes = static_cast<size_t>(k) * dtype_size(WT);
   const int64_t k8 = k / 8 * 8;
+  const int64_t blocks = (m + R - 1) / R;
 #pragma omp parallel for schedule(static) if(m * k > 32768)
-  for (int64_t r = 0; r < m; ++r) {
-    const void* wr = static_cast<const char*>(w) + static_cast<size_t>(r) * static_cast<size_t>(k) * esz;
-    __m256 acc[kGemvMaxRows];
-    for (int64_t i = 0; i < n; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t bi = 0; bi < blocks; ++bi) {
+    const int64_t r0 = bi * R;
+    const int rr = static_cast<int>(std::min<int64_t>(R, m - r0));
+    const void* wr[R];
+    for (int j = 0; j < R; ++j) wr[j] = static_cast<const char*>(w) + static_cast<size_t>(r0 + std::min(j, rr - 1)) * row_bytes;
+    __m256 acc[R][N];
+    for (int j = 0; j < R; ++j)
+      for (int i = 0; i < N; ++i) acc[j][i] = _mm256_setzero_ps();
     for (int64_t c = 0; c < k8; c += 8) {
-      __m256 wv = load8<WT>(wr, c);
-      for (int64_t i = 0; i < n; ++i) acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * k + c), acc[i]);
+      __m256 xv[N];
+      for (int i = 0; i < N; ++i) xv[i] = _mm256_loadu_ps(x + i * k + c);
+      for (int j = 0; j < R; ++j) {
+        __m256 wv = load8<WT>(wr[j], c);
+        for (int i = 0; i < N; ++i) acc[j][i] = _mm256_fmadd_ps(wv, xv[i], acc[j][i]);
+      }
     }
-    for (int64_t i = 0; i < n; ++i) {
-      float s = hsum(acc[i]);
-      for (int64_t c = k8; c < k; ++c) s += load1<WT>(wr, c) * x[i * k + c];
-      float* o = out + i * ldo + r;
-      *o = accumulate ? *o + s : s;
-    }
+    for (int j = 0; j < rr; ++j)
+      for (int i = 0; i < N; ++i) {
+        float s = hsum(acc[j][i]);
+        for (int64_t c = k8; c < k; ++c) s += load1<WT>(wr[j], c) * x[i * k + c];
+        float* o = out + i * ldo + r0 + j;
+        *o = accumulate ? *o + s : s;
+      }
+  }
+}
+
+template <DType WT>
+void gemv_dispatch(float* out, int64_t ldo, const float* x, const void* w, int64_t n, int64_t m, int64_t k,
+                   bool accumulate) {
+  switch (n) {
+    case 1: return gemv_rows<WT, 1>(out, ldo, x, w, m, k, accumulate);
+    case 2: return gemv_rows<WT, 2>(out, ldo, x, w, m, k, accumulate);
+    case 3: return gemv_rows<WT, 3>(out, ldo, x, w, m, k, accumulate);
+    case 4: return gemv_rows<WT, 4>(out, ldo, x, w, m, k, accumulate);
+    case 5: return gemv_rows<WT, 5>(out, ldo, x, w, m, k, accumulate);
+    case 6: return gemv_rows<WT, 6>(out, ldo, x, w, m, k, accumulate);
+    case 7: return gemv_rows<WT, 7>(out, ldo, x, w, m, k, accumulate);
+    default: return gemv_rows<WT, 8>(out, ldo, x, w, m, k, accumulate);
   }
 }
 
@@ -87,9 +114,9 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
   if (n == 0 || m == 0) return;
   if (n <= kGemvMaxRows) {
     switch (wdt) {
-      case DType::F32: gemv_rows<DType::F32>(out, ldo, x, w, n, m, k, accumulate); return;
-      case DType::BF16: gemv_rows<DType::BF16>(out, ldo, x, w, n, m, k, accumulate); return;
-      case DType::F16: gemv_rows<DType::F16>(out, ldo, x, w, n, m, k, accumulate); return;
+      case DType::F32: gemv_dispatch<DType::F32>(out, ldo, x, w, n, m, k, accumulate); return;
+      case DType::BF16: gemv_dispatch<DType::BF16>(out, ldo, x, w, n, m, k, accumulate); return;
+      case DType::F16: gemv_dispatch<DType::F16>(out, ldo, x, w, n, m, k, accumulate); return;
       default: MOE_FAIL("gemm: unsupported weight dtype %s", dtype_name(wdt));
     }
   }
