@@ -246,6 +246,17 @@ TEST(CrossOps, Linear) {
           }
 }
 
+struct EnvScope {
+  std::string name;
+  EnvScope(const char* n, const char* v) : name(n) {
+    if (v)
+      setenv(n, v, 1);
+    else
+      unsetenv(n);
+  }
+  ~EnvScope() { unsetenv(name.c_str()); }
+};
+
 TEST(CrossOps, Attention) {
   REQUIRE_CUDA();
   struct Case {
@@ -271,6 +282,51 @@ TEST(CrossOps, Attention) {
                      "attention " + tag(dt) + " B=" + std::to_string(c.b) + " S=" + std::to_string(c.s) +
                          " past=" + std::to_string(c.past) + " H=" + std::to_string(c.h) + "/" +
                          std::to_string(c.hkv) + " Dh=" + std::to_string(dh));
+      }
+}
+
+// The tensor-core prefill (bf16, Dh 64/128, S > 8): several 64-query blocks and 64-key tiles,
+// partial last blocks, past > 0 (also not a multiple of the tile), GQA groups 1/4/8, a cache
+// longer than past+S (rows beyond must not be read as keys). The same shapes in f32 run the
+// f32-core kernel, and bf16 with MOE_CUDA_ATTN_PREFILL=simt the fallback, as a control.
+TEST(CrossOps, AttentionPrefillTensorCore) {
+  REQUIRE_CUDA();
+  struct Case {
+    int64_t b, s, past, h, hkv;
+  };
+  const Case cases[] = {{1, 128, 0, 4, 4},  {2, 130, 0, 8, 8},   {1, 200, 70, 8, 2}, {2, 257, 5, 8, 1},
+                        {1, 64, 64, 4, 1},  {1, 9, 200, 8, 1},   {3, 77, 1, 4, 1},   {1, 600, 300, 8, 1},
+                        {2, 191, 129, 4, 4}};
+  for (const char* mode : {"", "simt"})
+    for (int64_t dh : {64, 128})
+      for (const Case& c : cases) {
+        if (*mode && c.s == 600) continue;  // keep the control quick
+        EnvScope env("MOE_CUDA_ATTN_PREFILL", *mode ? mode : nullptr);
+        const DType dt = DType::BF16;
+        const int64_t cap = c.past + c.s + 5;
+        uint32_t seed = uint32_t(dh * 7919 + c.s * 31 + c.past + c.h);
+        Tensor q = rand_cpu({c.b, c.s, c.h, dh}, seed, dt);
+        Tensor kc = rand_cpu({c.b, cap, c.hkv, dh}, seed + 1, dt);
+        Tensor vc = rand_cpu({c.b, cap, c.hkv, dh}, seed + 2, dt);
+        // Poison the cache rows past past+S: they must never contribute.
+        {
+          Tensor kg = gpu(kc, dt), vg = gpu(vc, dt);
+          std::vector<float> nan(static_cast<size_t>(c.b * 5 * c.hkv * dh), std::nanf(""));
+          Tensor pois = gpu(Tensor::from_f32({c.b, 5, c.hkv, dh}, nan, kAct), dt);
+          for (int64_t bi = 0; bi < c.b; ++bi) {
+            Tensor kd = kg.select(bi).rows(c.past + c.s, cap), vd = vg.select(bi).rows(c.past + c.s, cap);
+            kd.copy_from(pois.select(bi));
+            vd.copy_from(pois.select(bi));
+          }
+          Tensor ref = Tensor::empty(q.shape(), DType::F32, kAct);
+          attention_forward(ref, q, kc, vc, c.past);
+          Tensor out = poisoned(q.shape(), dt);
+          attention_forward(out, gpu(q, dt), kg, vg, c.past);
+          expect_close(out, ref, dt,
+                       std::string("attention prefill ") + (*mode ? mode : "mma") + " B=" + std::to_string(c.b) +
+                           " S=" + std::to_string(c.s) + " past=" + std::to_string(c.past) + " H=" +
+                           std::to_string(c.h) + "/" + std::to_string(c.hkv) + " Dh=" + std::to_string(dh));
+        }
       }
 }
 
@@ -350,17 +406,6 @@ TEST(CrossOps, DispatchGatherCombine) {
 }
 
 // Sets an environment variable for the scope of one expert-FFN path.
-struct EnvScope {
-  std::string name;
-  EnvScope(const char* n, const char* v) : name(n) {
-    if (v)
-      setenv(n, v, 1);
-    else
-      unsetenv(n);
-  }
-  ~EnvScope() { unsetenv(name.c_str()); }
-};
-
 TEST(CrossOps, ExpertFfn) {
   REQUIRE_CUDA();
   struct Case {
@@ -525,6 +570,51 @@ TEST(CrossOpsPerf, DISABLED_MixtralLayer) {
     Tensor out = Tensor::empty(q.shape(), bf, kAct, Device::CUDA);
     double ms = time_ms([&] { attention_forward(out, q, kc, vc, 0); }, 5);
     report("attention prefill B=1 S=2048", ms, 0, 2.0 * b * h * s * s * dh);  // causal: half of 4*S*S*Dh
+  }
+}
+
+// Attention alone, Mixtral shapes (H=32, Hkv=8, Dh=128; also Dh=64), bf16: causal prefill on
+// the tensor-core kernel and on the f32-core fallback (MOE_CUDA_ATTN_PREFILL=simt), FLOPs counted
+// as 4*B*H*Dh*S^2/2; decode (S=1) over caches of several lengths, bytes = K+V read once.
+TEST(CrossOpsPerf, DISABLED_Attention) {
+  REQUIRE_CUDA();
+  const DType bf = DType::BF16;
+  const int64_t h = 32, hkv = 8;
+  struct Pf {
+    int64_t b, s, dh;
+  };
+  for (const Pf& c : {Pf{4, 2048, 128}, Pf{1, 2048, 128}, Pf{4, 2048, 64}, Pf{1, 8192, 128}})
+    for (const char* mode : {"mma", "simt"}) {
+      if (std::string(mode) == "simt" && (c.dh != 128 || c.s > 2048)) continue;
+      EnvScope env("MOE_CUDA_ATTN_PREFILL", mode);
+      Tensor kc = Tensor::empty({c.b, c.s, hkv, c.dh}, bf, MemCategory::KvCache, Device::CUDA);
+      Tensor vc = Tensor::empty({c.b, c.s, hkv, c.dh}, bf, MemCategory::KvCache, Device::CUDA);
+      fill_random(kc, 11, 1.f);
+      fill_random(vc, 12, 1.f);
+      Tensor q = Tensor::empty({c.b, c.s, h, c.dh}, bf, kAct, Device::CUDA);
+      fill_random(q, 13, 1.f);
+      Tensor out = Tensor::empty(q.shape(), bf, kAct, Device::CUDA);
+      const int iters = std::string(mode) == "mma" ? 20 : 3;
+      double ms = time_ms([&] { attention_forward(out, q, kc, vc, 0); }, iters);
+      std::string name = std::string("attn prefill ") + mode + " B=" + std::to_string(c.b) + " S=" +
+                         std::to_string(c.s) + " Dh=" + std::to_string(c.dh);
+      report(name.c_str(), ms, 0, 2.0 * c.b * h * c.s * c.s * c.dh);
+    }
+  struct Dc {
+    int64_t b, len;
+  };
+  for (const Dc& c : {Dc{1, 128}, Dc{1, 2048}, Dc{1, 8192}, Dc{4, 2048}, Dc{8, 8192}, Dc{32, 1024}}) {
+    const int64_t dh = 128;
+    Tensor kc = Tensor::empty({c.b, c.len, hkv, dh}, bf, MemCategory::KvCache, Device::CUDA);
+    Tensor vc = Tensor::empty({c.b, c.len, hkv, dh}, bf, MemCategory::KvCache, Device::CUDA);
+    fill_random(kc, 8, 1.f);
+    fill_random(vc, 9, 1.f);
+    Tensor q = Tensor::empty({c.b, 1, h, dh}, bf, kAct, Device::CUDA);
+    fill_random(q, 10, 1.f);
+    Tensor out = Tensor::empty(q.shape(), bf, kAct, Device::CUDA);
+    double ms = time_ms([&] { attention_forward(out, q, kc, vc, c.len - 1); }, 200);
+    std::string name = "attn decode B=" + std::to_string(c.b) + " L=" + std::to_string(c.len);
+    report(name.c_str(), ms, 2.0 * c.b * c.len * hkv * dh * 2, 4.0 * c.b * h * c.len * dh);
   }
 }
 

@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   moe::add_generate_command(app);
   moe::add_bench_command(app);
   moe::add_plan_command(app);
+  moe::add_tokenize_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -118,6 +118,7 @@ void BpeModel::finalize() {
   while (cap < merge_strings_.size() * 2) cap <<= 1;
   merges_.assign(cap, MergeSlot{});
   merge_mask_ = cap - 1;
+  n_merges_ = merge_strings_.size();
   for (size_t i = 0; i < merge_strings_.size(); ++i) {
     const auto& [a, b] = merge_strings_[i];
     auto ia = token_to_id_.find(a), ib = token_to_id_.find(b), ic = token_to_id_.find(a + b);
@@ -227,7 +228,7 @@ void BpeModel::bpe(std::string_view word, std::vector<int32_t>* out) const {
     }
   }
   syms.back().next = -1;
-  if (syms.size() > 1 && merges_.size() > 16) {
+  if (syms.size() > 1 && n_merges_ > 0) {
     struct Cand {
       uint32_t rank;
       int32_t left;

@@ -60,6 +60,7 @@ class BpeModel {
   std::vector<std::pair<std::string, std::string>> merge_strings_;
   std::vector<MergeSlot> merges_;  // open addressing, power-of-two size
   uint64_t merge_mask_ = 0;
+  size_t n_merges_ = 0;
 
   // Word cache (words shorter than kCacheMaxWord bytes).
   static constexpr size_t kCacheMaxWord = 256, kCacheMaxEntries = 1 << 18, kShards = 16;

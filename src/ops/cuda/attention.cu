@@ -3,6 +3,9 @@
 // Shapes (ops.h): out, q [B,S,H,Dh]; caches [B,C,Hkv,Dh], keys [0, past+S) valid; query s sits
 // at position past+s and sees keys 0..past+s. Scale 1/sqrt(Dh). Dh <= 256 (any even value).
 //
+// bf16 prefill with Dh 64 or 128 runs on the tensor cores instead (attention_mma.cu: a
+// FlashAttention-2-style mma.sync kernel); the kernels here serve everything else.
+//
 // Two kernels, both with online softmax (running max m, running sum l, rescaled accumulator):
 // - prefill (S > kDecodeMaxS): flash-style. A block takes 32 queries of one (b, h) (8 warps x 4
 //   queries) and walks the keys up to its last query's position in tiles of 32, staged in
@@ -19,6 +22,7 @@
 #include <cmath>
 
 #include "ops/backend.h"
+#include "ops/cuda/attention_mma.cuh"
 #include "ops/cuda/kernel_util.cuh"
 
 namespace moe {
@@ -439,6 +443,8 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
   if (q.numel() == 0) return;
   MOE_CHECK(q.dim(0) <= 65535 && q.dim(2) <= 65535, "attention_forward: %s exceeds the CUDA grid",
             q.shape_str().c_str());
+  // bf16 prefill with Dh 64/128: the tensor-core kernel (attention_mma.cu); else the kernels here.
+  if (q.dim(1) > kDecodeMaxS && attention_prefill_mma(out, q, k_cache, v_cache, past)) return;
   MOE_CUDA_FLOAT_SWITCH(q.dtype(), T, dispatch_dh<T>(out, q, k_cache, v_cache, past));
 }
 

@@ -1,0 +1,17 @@
+// attention_mma.cuh — the tensor-core causal GQA prefill (flash-attention 2 structure) for bf16.
+// Internal to src/ops/cuda; implemented in attention_mma.cu, called by attention.cu.
+#pragma once
+#include "core/tensor.h"
+
+namespace moe {
+namespace cuda {
+
+// Runs attention_forward (ops.h semantics) with the tensor-core prefill kernel when it applies:
+// bf16 q/caches/out, Dh 64 or 128, 16-byte aligned bases, a GPU of compute capability 8.0+.
+// Returns false (having done nothing) otherwise; the caller then uses the f32-core kernel.
+// MOE_CUDA_ATTN_PREFILL=simt forces false (for comparisons).
+bool attention_prefill_mma(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                           int64_t past);
+
+}  // namespace cuda
+}  // namespace moe
