@@ -1,5 +1,6 @@
 // cmd_model.cpp — `moe init`, `moe inspect`, `moe logits`, `moe generate`.
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -10,6 +11,8 @@
 #include "model/random_init.h"
 #include "ops/ops.h"
 #include "serve/sampling.h"
+#include "tokenizer/chat_template.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moe {
 namespace {
@@ -58,7 +61,7 @@ std::vector<int32_t> parse_ids(const std::string& s) {
 
 void add_init_command(CLI::App& app) {
   struct Opts {
-    std::string arch = "mixtral", preset = "tiny", out, dtype = "auto";
+    std::string arch = "mixtral", preset = "tiny", out, dtype = "auto", tokenizer;
     uint64_t seed = 1;
   };
   auto o = std::make_shared<Opts>();
@@ -69,8 +72,16 @@ void add_init_command(CLI::App& app) {
   cmd->add_option("--dtype", o->dtype, "auto (f32 for tiny/small, bf16 for larger), f32 or bf16")
       ->check(CLI::IsMember({"auto", "f32", "bf16"}));
   cmd->add_option("--out", o->out, "output directory")->required();
+  cmd->add_option("--tokenizer", o->tokenizer,
+                  "copy tokenizer.json/tokenizer_config.json from this directory and size the vocabulary to it");
   cmd->callback([o]() {
     ModelConfig cfg = preset_config(o->arch, o->preset);
+    if (!o->tokenizer.empty()) {
+      Tokenizer tok = Tokenizer::from_dir(o->tokenizer);
+      cfg.vocab_size = tok.vocab_size();
+      if (tok.bos_id()) cfg.bos_token_id = *tok.bos_id();
+      if (tok.eos_id()) cfg.eos_token_id = *tok.eos_id();
+    }
     if (o->dtype != "auto") dtype_from_name(o->dtype, &cfg.torch_dtype);
     double t0 = now_seconds();
     auto tensors = random_weights(cfg, o->seed, cfg.torch_dtype);
@@ -80,6 +91,14 @@ void add_init_command(CLI::App& app) {
                 now_seconds() - t0);
     write_model_dir(o->out, cfg, tensors);
     std::printf("wrote %s/config.json and %s/model.safetensors\n", o->out.c_str(), o->out.c_str());
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja"}) {
+      std::error_code ec;
+      const std::string src = o->tokenizer + "/" + f;
+      if (o->tokenizer.empty() || !std::filesystem::exists(src)) continue;
+      std::filesystem::copy_file(src, o->out + "/" + f, std::filesystem::copy_options::overwrite_existing, ec);
+      MOE_CHECK(!ec, "cannot copy %s: %s", src.c_str(), ec.message().c_str());
+      std::printf("copied %s\n", f);
+    }
   });
 }
 
@@ -167,7 +186,7 @@ void add_logits_command(CLI::App& app) {
 
 void add_generate_command(CLI::App& app) {
   struct Opts {
-    std::string dir, ids;
+    std::string dir, ids, prompt, chat, system;
     int64_t max_new = 32, top_k = 0;
     float temperature = 0.0f, top_p = 1.0f;
     uint64_t seed = 1;
@@ -176,7 +195,12 @@ void add_generate_command(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("generate", "generate tokens with a KV cache");
   cmd->add_option("dir", o->dir, "model directory")->required();
-  cmd->add_option("--ids", o->ids, "prompt token ids, comma-separated (e.g. 1,2,3)")->required();
+  auto* ids_opt = cmd->add_option("--ids", o->ids, "prompt token ids, comma-separated (e.g. 1,2,3)");
+  auto* prompt_opt = cmd->add_option("--prompt", o->prompt, "prompt text (needs tokenizer.json in the model directory)");
+  auto* chat_opt = cmd->add_option("--chat", o->chat, "a user message, rendered with the model's chat template");
+  cmd->add_option("--system", o->system, "with --chat: a system message");
+  ids_opt->excludes(prompt_opt)->excludes(chat_opt);
+  prompt_opt->excludes(chat_opt);
   cmd->add_option("--max-new-tokens", o->max_new, "tokens to generate")->capture_default_str()->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--temperature", o->temperature, "0 = greedy")->capture_default_str()->check(CLI::Range(0.0, 100.0));
   cmd->add_option("--top-k", o->top_k, "sample from the k most likely (0 = all)")->capture_default_str();
@@ -184,7 +208,24 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--seed", o->seed, "sampling seed")->capture_default_str();
   add_device_flags(cmd, &o->dev);
   cmd->callback([o]() {
-    std::vector<int32_t> prompt = parse_ids(o->ids);
+    MOE_CHECK(!o->ids.empty() || !o->prompt.empty() || !o->chat.empty(), "give one of --ids, --prompt or --chat");
+    std::unique_ptr<Tokenizer> tok;
+    std::vector<int32_t> prompt;
+    if (!o->ids.empty()) {
+      prompt = parse_ids(o->ids);
+    } else {
+      tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(o->dir));
+      if (!o->prompt.empty()) {
+        prompt = tok->encode(o->prompt);
+      } else {
+        nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+        if (!o->system.empty()) messages.push_back({{"role", "system"}, {"content", o->system}});
+        messages.push_back({{"role", "user"}, {"content", o->chat}});
+        // As transformers' apply_chat_template: the template writes any BOS itself.
+        prompt = tok->encode(ChatTemplate::from_dir(o->dir).apply(messages, true), false);
+      }
+      MOE_CHECK(!prompt.empty(), "the prompt encodes to no tokens");
+    }
     Checkpoint ck = Checkpoint::open_dir(o->dir);
     double t_load = now_seconds();
     Model m = Model::load(o->dir, resolve_device_flags(o->dev, checkpoint_dtype(ck)));
@@ -210,15 +251,27 @@ void add_generate_command(CLI::App& app) {
     out.push_back(next);
     Tensor one = Tensor::empty({1, 1}, DType::I32, MemCategory::Activations);
     double t1 = now_seconds();
+    std::unique_ptr<DecodeStream> stream;
+    if (tok) {
+      stream = std::make_unique<DecodeStream>(*tok, true);
+      std::printf("%s", stream->step(next).c_str());
+      std::fflush(stdout);
+    }
+    const int64_t eos = tok && tok->eos_id() ? *tok->eos_id() : c.eos_token_id;
     while (static_cast<int64_t>(out.size()) < o->max_new) {
-      if (c.eos_token_id >= 0 && next == c.eos_token_id) break;
+      if (eos >= 0 && next == eos) break;
       one.data<int32_t>()[0] = next;
       r = m.forward(one, kv, fo);
       lg = r.logits.to_f32_vector();
       next = sample_token(lg.data(), c.vocab_size, sp, rng);
       out.push_back(next);
+      if (stream) {
+        std::printf("%s", stream->step(next).c_str());
+        std::fflush(stdout);
+      }
     }
     double t_decode = now_seconds() - t1;
+    if (stream) std::printf("%s\n", stream->flush().c_str());
     std::printf("prompt:");
     for (int32_t id : prompt) std::printf(" %d", id);
     std::printf("\ngenerated:");
