@@ -24,6 +24,7 @@ PACKAGES=(
   ninja-build
   pkg-config
   libopenblas-dev
+  libopenblas-openmp-dev
   nlohmann-json3-dev
   libcli11-dev
   libgtest-dev

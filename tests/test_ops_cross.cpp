@@ -285,23 +285,26 @@ TEST(CrossOps, Attention) {
       }
 }
 
-// The tensor-core prefill (bf16, Dh 64/128, S > 8): several 64-query blocks and 64-key tiles,
-// partial last blocks, past > 0 (also not a multiple of the tile), GQA groups 1/4/8, a cache
-// longer than past+S (rows beyond must not be read as keys). The same shapes in f32 run the
-// f32-core kernel, and bf16 with MOE_CUDA_ATTN_PREFILL=simt the fallback, as a control.
-TEST(CrossOps, AttentionPrefillTensorCore) {
+// The fast paths for bf16 with Dh 64/128: the tensor-core prefill (S > 8: several 64-query blocks
+// and 64-key tiles, partial last blocks, past > 0 and not a multiple of the tile, GQA groups
+// 1/4/8) and the 16-byte decode (S <= 8, groups 1..8 incl. 3, long caches split over blocks). The
+// cache rows past past+S are NaN: they must never be read as keys. Mode "old" reruns the shapes
+// on the f32-core kernels (MOE_CUDA_ATTN_PREFILL=simt, MOE_CUDA_ATTN_DECODE=old) as a control.
+TEST(CrossOps, AttentionFastPaths) {
   REQUIRE_CUDA();
   struct Case {
     int64_t b, s, past, h, hkv;
   };
-  const Case cases[] = {{1, 128, 0, 4, 4},  {2, 130, 0, 8, 8},   {1, 200, 70, 8, 2}, {2, 257, 5, 8, 1},
-                        {1, 64, 64, 4, 1},  {1, 9, 200, 8, 1},   {3, 77, 1, 4, 1},   {1, 600, 300, 8, 1},
-                        {2, 191, 129, 4, 4}};
-  for (const char* mode : {"", "simt"})
+  const Case cases[] = {{1, 128, 0, 4, 4},  {2, 130, 0, 8, 8},  {1, 200, 70, 8, 2}, {2, 257, 5, 8, 1},
+                        {1, 64, 64, 4, 1},  {1, 9, 200, 8, 1},  {3, 77, 1, 4, 1},   {1, 600, 300, 8, 1},
+                        {2, 191, 129, 4, 4}, {1, 1, 1000, 8, 1}, {2, 5, 300, 6, 2}, {1, 8, 64, 4, 4},
+                        {3, 1, 5000, 32, 8}, {1, 1, 0, 4, 2},   {2, 2, 100, 2, 1}};
+  for (const char* mode : {"", "old"})
     for (int64_t dh : {64, 128})
       for (const Case& c : cases) {
         if (*mode && c.s == 600) continue;  // keep the control quick
-        EnvScope env("MOE_CUDA_ATTN_PREFILL", *mode ? mode : nullptr);
+        EnvScope env1("MOE_CUDA_ATTN_PREFILL", *mode ? "simt" : nullptr);
+        EnvScope env2("MOE_CUDA_ATTN_DECODE", *mode ? "old" : nullptr);
         const DType dt = DType::BF16;
         const int64_t cap = c.past + c.s + 5;
         uint32_t seed = uint32_t(dh * 7919 + c.s * 31 + c.past + c.h);
@@ -323,7 +326,7 @@ TEST(CrossOps, AttentionPrefillTensorCore) {
           Tensor out = poisoned(q.shape(), dt);
           attention_forward(out, gpu(q, dt), kg, vg, c.past);
           expect_close(out, ref, dt,
-                       std::string("attention prefill ") + (*mode ? mode : "mma") + " B=" + std::to_string(c.b) +
+                       std::string("attention fast paths ") + (*mode ? mode : "new") + " B=" + std::to_string(c.b) +
                            " S=" + std::to_string(c.s) + " past=" + std::to_string(c.past) + " H=" +
                            std::to_string(c.h) + "/" + std::to_string(c.hkv) + " Dh=" + std::to_string(dh));
         }
@@ -604,17 +607,21 @@ TEST(CrossOpsPerf, DISABLED_Attention) {
     int64_t b, len;
   };
   for (const Dc& c : {Dc{1, 128}, Dc{1, 2048}, Dc{1, 8192}, Dc{4, 2048}, Dc{8, 8192}, Dc{32, 1024}}) {
-    const int64_t dh = 128;
-    Tensor kc = Tensor::empty({c.b, c.len, hkv, dh}, bf, MemCategory::KvCache, Device::CUDA);
-    Tensor vc = Tensor::empty({c.b, c.len, hkv, dh}, bf, MemCategory::KvCache, Device::CUDA);
-    fill_random(kc, 8, 1.f);
-    fill_random(vc, 9, 1.f);
-    Tensor q = Tensor::empty({c.b, 1, h, dh}, bf, kAct, Device::CUDA);
-    fill_random(q, 10, 1.f);
-    Tensor out = Tensor::empty(q.shape(), bf, kAct, Device::CUDA);
-    double ms = time_ms([&] { attention_forward(out, q, kc, vc, c.len - 1); }, 200);
-    std::string name = "attn decode B=" + std::to_string(c.b) + " L=" + std::to_string(c.len);
-    report(name.c_str(), ms, 2.0 * c.b * c.len * hkv * dh * 2, 4.0 * c.b * h * c.len * dh);
+    for (const char* mode : {"new", "old"}) {
+      EnvScope env("MOE_CUDA_ATTN_DECODE", mode);
+      const int64_t dh = 128;
+      Tensor kc = Tensor::empty({c.b, c.len, hkv, dh}, bf, MemCategory::KvCache, Device::CUDA);
+      Tensor vc = Tensor::empty({c.b, c.len, hkv, dh}, bf, MemCategory::KvCache, Device::CUDA);
+      fill_random(kc, 8, 1.f);
+      fill_random(vc, 9, 1.f);
+      Tensor q = Tensor::empty({c.b, 1, h, dh}, bf, kAct, Device::CUDA);
+      fill_random(q, 10, 1.f);
+      Tensor out = Tensor::empty(q.shape(), bf, kAct, Device::CUDA);
+      double ms = time_ms([&] { attention_forward(out, q, kc, vc, c.len - 1); }, 200);
+      std::string name =
+          std::string("attn decode ") + mode + " B=" + std::to_string(c.b) + " L=" + std::to_string(c.len);
+      report(name.c_str(), ms, 2.0 * c.b * c.len * hkv * dh * 2, 4.0 * c.b * h * c.len * dh);
+    }
   }
 }
 

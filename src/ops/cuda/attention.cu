@@ -4,7 +4,8 @@
 // at position past+s and sees keys 0..past+s. Scale 1/sqrt(Dh). Dh <= 256 (any even value).
 //
 // bf16 prefill with Dh 64 or 128 runs on the tensor cores instead (attention_mma.cu: a
-// FlashAttention-2-style mma.sync kernel); the kernels here serve everything else.
+// FlashAttention-2-style mma.sync kernel), and 2-byte decode with Dh 64/128 and at most 8 query
+// heads per kv head on attention_decode.cu; the kernels here serve everything else.
 //
 // Two kernels, both with online softmax (running max m, running sum l, rescaled accumulator):
 // - prefill (S > kDecodeMaxS): flash-style. A block takes 32 queries of one (b, h) (8 warps x 4
@@ -445,6 +446,8 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
             q.shape_str().c_str());
   // bf16 prefill with Dh 64/128: the tensor-core kernel (attention_mma.cu); else the kernels here.
   if (q.dim(1) > kDecodeMaxS && attention_prefill_mma(out, q, k_cache, v_cache, past)) return;
+  // bf16/f16 decode with Dh 64/128 and <= 8 heads per kv head: 16-byte loads (attention_decode.cu).
+  if (q.dim(1) <= kDecodeMaxS && attention_decode_vec(out, q, k_cache, v_cache, past)) return;
   MOE_CUDA_FLOAT_SWITCH(q.dtype(), T, dispatch_dh<T>(out, q, k_cache, v_cache, past));
 }
 

@@ -13,5 +13,13 @@ namespace cuda {
 bool attention_prefill_mma(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                            int64_t past);
 
+// Decode (S <= 8) for bf16/f16 with Dh 64 or 128 and at most 8 query heads per kv head: 16-byte
+// loads (Dh/8 lanes per key row, several rows per warp, 4 load steps in flight), all query heads
+// of a kv head per block, the key range split over enough blocks to fill the GPU, and a parallel
+// merge. Returns false (having done nothing) when it does not apply; MOE_CUDA_ATTN_DECODE=old
+// forces false.
+bool attention_decode_vec(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                          int64_t past);
+
 }  // namespace cuda
 }  // namespace moe
