@@ -140,6 +140,17 @@ std::string human_bytes(double b) {
   return strformat("%s%.*f %s", b < 0 ? "-" : "", u == 0 ? 0 : 2, v, units[u]);
 }
 
+std::string with_commas(int64_t v) {
+  std::string s = std::to_string(v), out;
+  int n = 0;
+  for (auto it = s.rbegin(); it != s.rend(); ++it) {
+    if (n && n % 3 == 0 && *it != '-') out.insert(out.begin(), ',');
+    out.insert(out.begin(), *it);
+    ++n;
+  }
+  return out;
+}
+
 std::string mem_report() {
   MemStats s = mem_stats();
   std::string out;

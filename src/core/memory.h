@@ -66,5 +66,7 @@ std::string mem_report();
 // Same data as JSON text: {"cpu":{"weights":{"current":..,"peak":..},...,"peak_total":..},...}
 std::string mem_report_json();
 std::string human_bytes(double bytes);
+// 1234567 -> "1,234,567".
+std::string with_commas(int64_t v);
 
 }  // namespace moe

@@ -21,17 +21,6 @@ namespace {
 constexpr int64_t kGpuOverheadBytes = int64_t(1) << 30;  // CUDA context + cuBLAS workspace + allocator slack
 constexpr int64_t kMaxGpus = 4096;
 
-std::string with_commas(int64_t v) {
-  std::string s = std::to_string(v), out;
-  int n = 0;
-  for (auto it = s.rbegin(); it != s.rend(); ++it) {
-    if (n && n % 3 == 0 && *it != '-') out.insert(out.begin(), ',');
-    out.insert(out.begin(), *it);
-    ++n;
-  }
-  return out;
-}
-
 std::string short_count(double v) {
   if (v >= 1e12) return strformat("%.2fT", v / 1e12);
   if (v >= 1e9) return strformat("%.2fB", v / 1e9);

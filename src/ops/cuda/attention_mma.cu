@@ -23,68 +23,13 @@
 
 #include "ops/cuda/attention_mma.cuh"
 #include "ops/cuda/kernel_util.cuh"
+#include "ops/cuda/mma_util.cuh"
 
 namespace moe {
 namespace cuda {
 namespace {
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#define MOE_FA_UNSUPPORTED 1  // cp.async/ldmatrix/bf16 mma need sm_80+; the host never launches
-#endif
 
-__device__ __forceinline__ void fa_cp_async16(void* smem, const void* gmem, bool valid) {
-#ifdef MOE_FA_UNSUPPORTED
-  __trap();
-#else
-  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  int sz = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(sz));
-#endif
-}
-__device__ __forceinline__ void fa_cp_async_commit() {
-#ifndef MOE_FA_UNSUPPORTED
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-template <int N>
-__device__ __forceinline__ void fa_cp_async_wait() {
-#ifndef MOE_FA_UNSUPPORTED
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-__device__ __forceinline__ void fa_ldsm_x4(unsigned (&r)[4], const void* smem) {
-#ifdef MOE_FA_UNSUPPORTED
-  r[0] = r[1] = r[2] = r[3] = 0;
-  __trap();
-#else
-  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-#endif
-}
-__device__ __forceinline__ void fa_ldsm_x4_t(unsigned (&r)[4], const void* smem) {
-#ifdef MOE_FA_UNSUPPORTED
-  r[0] = r[1] = r[2] = r[3] = 0;
-  __trap();
-#else
-  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-#endif
-}
-__device__ __forceinline__ void fa_mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-#ifdef MOE_FA_UNSUPPORTED
-  __trap();
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
 __device__ __forceinline__ unsigned fa_pack(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<unsigned*>(&v);
@@ -137,12 +82,12 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 2)
       const int64_t kp = kt + r;
       const bool ok = kp < k_end;
       const int64_t off = (ok ? kp : 0) * c_row + c * 8;
-      fa_cp_async16(kd + r * C::kLd + c * 8, kb + off, ok);
-      fa_cp_async16(vd + r * C::kLd + c * 8, vb + off, ok);
+      ptx::cp_async16(kd + r * C::kLd + c * 8, kb + off, ok);
+      ptx::cp_async16(vd + r * C::kLd + c * 8, vb + off, ok);
     }
   };
   load_tile(0, 0);
-  fa_cp_async_commit();
+  ptx::cp_async_commit();
 
   // Q fragments (A operand, rows g and g+8 of the warp's 16), rows past S clamped to the last.
   const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
@@ -178,10 +123,10 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 2)
     const int st = tile & 1;
     if (tile + 1 < n_tiles) {
       load_tile(tile + 1, st ^ 1);
-      fa_cp_async_commit();
-      fa_cp_async_wait<1>();
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
     } else {
-      fa_cp_async_wait<0>();
+      ptx::cp_async_wait<0>();
     }
     __syncthreads();
     const __nv_bfloat16* kst = ks + st * C::kTile + k_lane_off;
@@ -195,9 +140,9 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 2)
 #pragma unroll
       for (int jp = 0; jp < kBN / 16; ++jp) {
         unsigned bf[4];
-        fa_ldsm_x4(bf, kst + jp * 16 * C::kLd + kk * 16);
-        fa_mma(s[2 * jp], qf[kk], bf[0], bf[1]);
-        fa_mma(s[2 * jp + 1], qf[kk], bf[2], bf[3]);
+        ptx::ldmatrix_x4(bf, kst + jp * 16 * C::kLd + kk * 16);
+        ptx::mma16816<__nv_bfloat16>(s[2 * jp], qf[kk], bf[0], bf[1]);
+        ptx::mma16816<__nv_bfloat16>(s[2 * jp + 1], qf[kk], bf[2], bf[3]);
       }
     }
     const int64_t kt = int64_t(tile) * kBN;
@@ -255,9 +200,9 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 3 : 2)
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         unsigned bf[4];
-        fa_ldsm_x4_t(bf, vst + kv * 16 * C::kLd + dp * 16);
-        fa_mma(o[2 * dp], pf[kv], bf[0], bf[1]);
-        fa_mma(o[2 * dp + 1], pf[kv], bf[2], bf[3]);
+        ptx::ldmatrix_x4_trans(bf, vst + kv * 16 * C::kLd + dp * 16);
+        ptx::mma16816<__nv_bfloat16>(o[2 * dp], pf[kv], bf[0], bf[1]);
+        ptx::mma16816<__nv_bfloat16>(o[2 * dp + 1], pf[kv], bf[2], bf[3]);
       }
     }
     __syncthreads();  // this stage is refilled by the next iteration's load

@@ -19,6 +19,7 @@
 // row tiles so a wave of blocks shares both its A rows and its weight columns in L2.
 #pragma once
 #include "ops/cuda/kernel_util.cuh"
+#include "ops/cuda/mma_util.cuh"
 
 namespace moe {
 namespace cuda {
@@ -28,72 +29,11 @@ constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kThreads = 256, kLds 
 constexpr int kGroupM = 16;
 constexpr size_t kSmemBytes = size_t(kStages) * (kBM + kBN) * kLds * 2;
 
-// cp.async, ldmatrix and bf16 mma need sm_80+; older targets compile a trap (the host side
-// never selects this path on such a GPU).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#define MOE_GG_UNSUPPORTED 1
-#endif
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-#ifdef MOE_GG_UNSUPPORTED
-  __trap();
-#else
-  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  int sz = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(sz));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#ifndef MOE_GG_UNSUPPORTED
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#ifndef MOE_GG_UNSUPPORTED
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem) {
-#ifdef MOE_GG_UNSUPPORTED
-  r[0] = r[1] = r[2] = r[3] = 0;
-  __trap();
-#else
-  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-#endif
-}
-
-template <class T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4], unsigned b0,
-                                                        unsigned b1) {
-#ifdef MOE_GG_UNSUPPORTED
-  __trap();
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-#ifdef MOE_GG_UNSUPPORTED
-  __trap();
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
+using ptx::cp_async16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::mma16816;
 
 template <class TO>
 __device__ __forceinline__ void store2(TO* p, float a, float b);
