@@ -124,6 +124,32 @@ TEST_P(Reference, IncrementalDecodeEqualsFullForward) {
   EXPECT_LE(e.rel_max, 1e-5);
 }
 
+TEST_P(Reference, SingleTokenStepsEqualFullForward) {
+  // Batch 1, one token per step: the path that uses the stacked q/k/v projection.
+  const std::string dir = fixture(GetParam());
+  if (!std::filesystem::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
+  Model m = Model::load(dir);
+  auto batch = SafetensorsFile::open(dir + "/batch.safetensors");
+  std::vector<float> ids = batch->tensor("input_ids", MemCategory::Activations).to_f32_vector();
+  const int64_t s_n = 16, v = m.config().vocab_size;
+  Tensor all = Tensor::empty({1, s_n}, DType::I32, MemCategory::Activations);
+  for (int64_t s = 0; s < s_n; ++s) all.data<int32_t>()[s] = int32_t(ids[size_t(s)]);
+  KVCache full_kv = m.make_cache(1, s_n);
+  std::vector<float> full = m.forward(all, full_kv).logits.to_f32_vector();
+  KVCache kv = m.make_cache(1, s_n);
+  std::vector<float> got;
+  Tensor one = Tensor::empty({1, 1}, DType::I32, MemCategory::Activations);
+  for (int64_t s = 0; s < s_n; ++s) {
+    one.data<int32_t>()[0] = all.data<int32_t>()[s];
+    std::vector<float> lg = m.forward(one, kv).logits.to_f32_vector();
+    ASSERT_EQ(int64_t(lg.size()), v);
+    got.insert(got.end(), lg.begin(), lg.end());
+  }
+  Err e = compare(got, full);
+  EXPECT_LE(e.rel_fro, 1e-5);
+  EXPECT_LE(e.rel_max, 1e-5);
+}
+
 TEST_P(Reference, Bf16WeightsStayClose) {
   // bf16 weight storage (f32 compute) must stay near the f32 logits: a sanity bound, not a
   // golden match (bf16 has ~3 significant digits).

@@ -45,6 +45,24 @@ Tensor stack_experts(const Source& get, const char* tmpl, int64_t layer, int64_t
   return out;
 }
 
+// Concatenates same-dtype tensors along dimension 0 into one weight on their device.
+Tensor stack_rows(const std::vector<Tensor>& parts) {
+  Shape shape = parts[0].shape();
+  shape[0] = 0;
+  for (const Tensor& p : parts) {
+    MOE_ASSERT(p.dtype() == parts[0].dtype() && p.ndim() == parts[0].ndim());
+    shape[0] += p.dim(0);
+  }
+  Tensor out = Tensor::empty(shape, parts[0].dtype(), MemCategory::Weights, parts[0].device());
+  int64_t r = 0;
+  for (const Tensor& p : parts) {
+    Tensor dst = out.rows(r, r + p.dim(0));
+    dst.copy_from(p);
+    r += p.dim(0);
+  }
+  return out;
+}
+
 }  // namespace
 
 std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& c) {
@@ -112,14 +130,19 @@ static void build(const ModelConfig& c, const Source& get, const LoadOptions& op
     LayerWeights& lw = w->layers[static_cast<size_t>(l)];
     lw.attn_norm = load(tensor_name(a.attn_norm, l), {d});
     lw.ffn_norm = load(tensor_name(a.ffn_norm, l), {d});
-    lw.wq = load(tensor_name(a.q_proj, l), {qd, d});
-    lw.wk = load(tensor_name(a.k_proj, l), {kvd, d});
-    lw.wv = load(tensor_name(a.v_proj, l), {kvd, d});
+    lw.wqkv = stack_rows({load(tensor_name(a.q_proj, l), {qd, d}), load(tensor_name(a.k_proj, l), {kvd, d}),
+                          load(tensor_name(a.v_proj, l), {kvd, d})});
+    lw.wq = lw.wqkv.rows(0, qd);
+    lw.wk = lw.wqkv.rows(qd, qd + kvd);
+    lw.wv = lw.wqkv.rows(qd + kvd, qd + 2 * kvd);
     lw.wo = load(tensor_name(a.o_proj, l), {d, qd});
     if (c.attn_qkv_bias) {
-      lw.bq = load(tensor_name(a.q_proj, l, -1, ".bias"), {qd});
-      lw.bk = load(tensor_name(a.k_proj, l, -1, ".bias"), {kvd});
-      lw.bv = load(tensor_name(a.v_proj, l, -1, ".bias"), {kvd});
+      lw.bqkv = stack_rows({load(tensor_name(a.q_proj, l, -1, ".bias"), {qd}),
+                            load(tensor_name(a.k_proj, l, -1, ".bias"), {kvd}),
+                            load(tensor_name(a.v_proj, l, -1, ".bias"), {kvd})});
+      lw.bq = lw.bqkv.rows(0, qd);
+      lw.bk = lw.bqkv.rows(qd, qd + kvd);
+      lw.bv = lw.bqkv.rows(qd + kvd, qd + 2 * kvd);
     }
     if (c.attn_o_bias) lw.bo = load(tensor_name(a.o_proj, l, -1, ".bias"), {d});
     if (c.qk_norm) {
@@ -257,6 +280,7 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
   Tensor kk = Tensor::empty({b_n, s_n, hkv, dh}, adt, act, dev);
   Tensor vv = Tensor::empty({b_n, s_n, hkv, dh}, adt, act, dev);
   Tensor attn = Tensor::empty({b_n, s_n, h_n, dh}, adt, act, dev);
+  Tensor qkv1 = t_n == 1 ? Tensor::empty({1, (h_n + 2 * hkv) * dh}, adt, act, dev) : Tensor();
   Tensor y = Tensor::empty({t_n, d}, adt, act, dev);
   if (fo.want_expert_counts) res.expert_counts.assign(static_cast<size_t>(c.n_layer * c.n_expert), 0);
 
@@ -264,19 +288,30 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
     const LayerWeights& lw = w_.layers[static_cast<size_t>(l)];
     // --- attention ---
     rmsnorm_forward(h, x, lw.attn_norm, float(c.rms_norm_eps));
-    Tensor q2 = q.view({t_n, h_n * dh}), k2 = kk.view({t_n, hkv * dh}), v2 = vv.view({t_n, hkv * dh});
-    linear_forward(q2, h, lw.wq, lw.bq);
-    linear_forward(k2, h, lw.wk, lw.bk);
-    linear_forward(v2, h, lw.wv, lw.bv);
+    Tensor ql = q, kl = kk, vl = vv;
+    if (t_n == 1) {
+      // One token: a single GEMV over the stacked [q;k;v] weight; its output row splits into
+      // contiguous q, k and v (decode is launch-bound as much as bandwidth-bound).
+      linear_forward(qkv1, h, lw.wqkv, lw.bqkv);
+      Tensor flat = qkv1.view({qkv1.numel()});
+      ql = flat.rows(0, h_n * dh).view({1, 1, h_n, dh});
+      kl = flat.rows(h_n * dh, (h_n + hkv) * dh).view({1, 1, hkv, dh});
+      vl = flat.rows((h_n + hkv) * dh, (h_n + 2 * hkv) * dh).view({1, 1, hkv, dh});
+    } else {
+      Tensor q2 = q.view({t_n, h_n * dh}), k2 = kk.view({t_n, hkv * dh}), v2 = vv.view({t_n, hkv * dh});
+      linear_forward(q2, h, lw.wq, lw.bq);
+      linear_forward(k2, h, lw.wk, lw.bk);
+      linear_forward(v2, h, lw.wv, lw.bv);
+    }
     if (c.qk_norm) {
-      Tensor qn = q.view({t_n * h_n, dh}), kn = kk.view({t_n * hkv, dh});
+      Tensor qn = ql.view({t_n * h_n, dh}), kn = kl.view({t_n * hkv, dh});
       rmsnorm_forward(qn, qn, lw.q_norm, float(c.rms_norm_eps));
       rmsnorm_forward(kn, kn, lw.k_norm, float(c.rms_norm_eps));
     }
-    rope_forward(q, past, float(c.rope_theta));
-    rope_forward(kk, past, float(c.rope_theta));
-    kv_append(cache.k[static_cast<size_t>(l)], cache.v[static_cast<size_t>(l)], kk, vv, past);
-    attention_forward(attn, q, cache.k[static_cast<size_t>(l)], cache.v[static_cast<size_t>(l)], past);
+    rope_forward(ql, past, float(c.rope_theta));
+    rope_forward(kl, past, float(c.rope_theta));
+    kv_append(cache.k[static_cast<size_t>(l)], cache.v[static_cast<size_t>(l)], kl, vl, past);
+    attention_forward(attn, ql, cache.k[static_cast<size_t>(l)], cache.v[static_cast<size_t>(l)], past);
     linear_forward(y, attn.view({t_n, h_n * dh}), lw.wo, lw.bo);
     add_inplace(x, y);
 
@@ -289,14 +324,9 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
       continue;
     }
     const int64_t e_n = c.n_expert, p_n = t_n * k;
+    // Routing is f32 whatever the activation dtype (linear accumulates in f32 and writes f32).
     Tensor logits = Tensor::empty({t_n, e_n}, DType::F32, act, dev);
-    if (adt == DType::F32) {
-      linear_forward(logits, h, lw.router, Tensor());
-    } else {
-      Tensor lg = Tensor::empty({t_n, e_n}, adt, act, dev);
-      linear_forward(lg, h, lw.router, Tensor());
-      cast(logits, lg);
-    }
+    linear_forward(logits, h, lw.router, Tensor());
     Tensor topk_idx = Tensor::empty({t_n, k}, DType::I32, act, dev);
     Tensor topk_w = Tensor::empty({t_n, k}, DType::F32, act, dev);
     router_topk_forward(topk_idx, topk_w, logits, c.norm_topk_prob);
@@ -314,13 +344,8 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
     if (lw.shared_w1.defined()) {
       Tensor s = Tensor::empty({t_n, d}, adt, act, dev);
       swiglu_mlp(s, h, lw.shared_w1, lw.shared_w3, lw.shared_w2);
-      Tensor g = Tensor::empty({t_n, 1}, adt, act, dev);
-      linear_forward(g, h, lw.shared_gate, Tensor());
-      Tensor gf = g;
-      if (adt != DType::F32) {
-        gf = Tensor::empty({t_n, 1}, DType::F32, act, dev);
-        cast(gf, g);
-      }
+      Tensor gf = Tensor::empty({t_n, 1}, DType::F32, act, dev);
+      linear_forward(gf, h, lw.shared_gate, Tensor());
       sigmoid_gate_add(y, s, gf);
     }
     add_inplace(x, y);
@@ -346,13 +371,8 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
   }
   Tensor hf = Tensor::empty({rows, d}, adt, act, dev);
   rmsnorm_forward(hf, xf, w_.final_norm, float(c.rms_norm_eps));
-  Tensor logits = Tensor::empty({rows, c.vocab_size}, adt, act, dev);
+  Tensor logits = Tensor::empty({rows, c.vocab_size}, DType::F32, act, dev);
   linear_forward(logits, hf, w_.lm_head, Tensor());
-  if (adt != DType::F32) {
-    Tensor lf = Tensor::empty({rows, c.vocab_size}, DType::F32, act, dev);
-    cast(lf, logits);
-    logits = lf;
-  }
   res.logits = logits.view({b_n, s_out, c.vocab_size});
   cache.len += s_n;
   return res;

@@ -21,7 +21,9 @@ int64_t params_active(const ModelConfig& cfg);
 // Weights of one decoder layer. Expert weights are stacked per layer: w1/w3 [E,F,D], w2 [E,D,F].
 struct LayerWeights {
   Tensor attn_norm, ffn_norm;              // [D]
-  Tensor wq, wk, wv, wo;                   // [H*Dh,D], [Hkv*Dh,D], [Hkv*Dh,D], [D,H*Dh]
+  Tensor wqkv;                             // [(H+2Hkv)*Dh, D]: q, k, v stacked (one GEMV per decode step)
+  Tensor wq, wk, wv, wo;                   // views of wqkv: [H*Dh,D], [Hkv*Dh,D], [Hkv*Dh,D]; wo [D,H*Dh]
+  Tensor bqkv;                             // optional stacked q/k/v bias; bq/bk/bv view it
   Tensor bq, bk, bv, bo;                   // optional biases
   Tensor q_norm, k_norm;                   // [Dh] optional (qwen3_moe)
   bool is_moe = false;
