@@ -3,6 +3,8 @@
 // QLoRA / ZeRO / EP worked examples, and clear errors for bad input.
 #include <gtest/gtest.h>
 
+#include <tuple>
+
 #include <cmath>
 #include <nlohmann/json.hpp>
 
@@ -292,6 +294,45 @@ TEST(PlanVsEngine, InferencePeakMemoryPerCategory) {
         EXPECT_EQ(mp.activations, got.act);
       }
     }
+}
+
+TEST(PlanVsEngine, MediumPresetInference) {
+  // The ~1B-parameter medium preset, bf16 weights as `moe init` writes them. The values do not
+  // change what is allocated, so the weights are a constant fill (random init of 1B values would
+  // dominate the test's time).
+  for (const char* arch : {"mixtral"}) {
+    SCOPED_TRACE(arch);
+    const ModelConfig cfg = preset_config(arch, "medium");
+    const PlanModel pm = plan_model_from_config(cfg);
+    const int64_t w0 = mem_stats().current[kCpu][kW];
+    Model model;
+    {
+      std::vector<std::pair<std::string, Tensor>> named;
+      for (auto& [name, shape] : expected_tensors(cfg)) {
+        Tensor t = Tensor::empty(shape, DType::BF16, MemCategory::Weights);
+        std::fill_n(t.data<uint16_t>(), t.numel(), f32_to_bf16(0.01f));
+        named.emplace_back(name, std::move(t));
+      }
+      model = Model::from_tensors(cfg, named);
+    }
+    const int64_t weights = mem_stats().current[kCpu][kW] - w0;
+    for (auto [b, s, ctx] : {std::tuple<int64_t, int64_t, int64_t>{1, 16, 64}, {2, 8, 12}}) {
+      SCOPED_TRACE(strformat("b=%lld s=%lld ctx=%lld", (long long)b, (long long)s, (long long)ctx));
+      Measured got = measure(model, b, s, ctx, true);
+      JobSpec job;
+      job.job = JobKind::Infer;
+      job.weights = WeightFormat::BF16;
+      job.act_bytes = 4;  // the CPU engine computes in f32
+      job.batch = b;
+      job.seq = s;
+      job.context = ctx;
+      job.last_logits_only = true;
+      MemoryPlan mp = plan_memory(pm, job, Parallel{});
+      expect_within(mp.weights, weights, 0.10, "weights");
+      expect_within(mp.kv_cache, got.kv, 0.10, "kv-cache");
+      expect_within(mp.activations, got.act, 0.10, "activations");
+    }
+  }
 }
 
 TEST(PlanVsEngine, ActivationFormulaTinyMixtralByHand) {

@@ -44,6 +44,12 @@ const GpuSpec& find_gpu(const std::string& name) {
     if (n.rfind(q + "-", 0) == 0) prefix = &g, ++n_prefix;
   }
   if (n_prefix == 1) return *prefix;
+  // "rtx4090", "RTX-4090", "h100": a unique match on letters and digits alone.
+  const GpuSpec* keyed = nullptr;
+  int n_keyed = 0;
+  for (auto& g : gpu_catalog())
+    if (name_key(g.name).rfind(name_key(name), 0) == 0 && !name_key(name).empty()) keyed = &g, ++n_keyed;
+  if (n_prefix == 0 && n_keyed == 1) return *keyed;
   std::vector<std::string> names;
   for (auto& g : gpu_catalog()) names.push_back(g.name);
   auto best = closest_names(name, names, 2);

@@ -8,6 +8,8 @@
 // are left out.
 #include "plan/model_catalog.h"
 
+#include <tuple>
+
 #include <algorithm>
 #include <cctype>
 
@@ -185,13 +187,27 @@ int edit_distance(const std::string& a_in, const std::string& b_in) {
   return prev[b.size()];
 }
 
+std::string name_key(const std::string& s) {
+  std::string k;
+  for (char c : s)
+    if (std::isalnum(static_cast<unsigned char>(c))) k += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return k;
+}
+
 std::vector<std::string> closest_names(const std::string& query, const std::vector<std::string>& candidates,
                                        size_t n) {
-  std::vector<std::pair<int, size_t>> scored;
-  for (size_t i = 0; i < candidates.size(); ++i) scored.push_back({edit_distance(query, candidates[i]), i});
-  std::stable_sort(scored.begin(), scored.end(), [](auto& x, auto& y) { return x.first < y.first; });
+  // Compare on letters and digits only ("RTX-4090" ~ "RTX4090-24GB"); a candidate that contains
+  // the query's key ranks before any that does not, then by edit distance.
+  const std::string qk = name_key(query);
+  std::vector<std::tuple<int, int, size_t>> scored;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    const std::string ck = name_key(candidates[i]);
+    const bool contains = !qk.empty() && ck.find(qk) != std::string::npos;
+    scored.push_back({contains ? 0 : 1, edit_distance(qk, ck), i});
+  }
+  std::stable_sort(scored.begin(), scored.end());
   std::vector<std::string> out;
-  for (size_t i = 0; i < scored.size() && out.size() < n; ++i) out.push_back(candidates[scored[i].second]);
+  for (size_t i = 0; i < scored.size() && out.size() < n; ++i) out.push_back(candidates[std::get<2>(scored[i])]);
   return out;
 }
 

@@ -29,6 +29,8 @@ const CatalogModel* find_catalog_model(const std::string& name);
 
 // Levenshtein distance, case-insensitive.
 int edit_distance(const std::string& a, const std::string& b);
+// Lower-case letters and digits of a name: the key names are compared on.
+std::string name_key(const std::string& s);
 // Up to `n` candidates closest to `query`, best first (ties keep the order given).
 std::vector<std::string> closest_names(const std::string& query, const std::vector<std::string>& candidates,
                                        size_t n = 3);
