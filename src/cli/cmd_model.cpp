@@ -9,6 +9,8 @@
 #include "cli/commands.h"
 #include "io/safetensors.h"
 #include "model/random_init.h"
+#include "plan/plan_model.h"
+#include "plan/planner.h"
 #include "ops/ops.h"
 #include "serve/sampling.h"
 #include "tokenizer/chat_template.h"
@@ -128,13 +130,22 @@ void add_inspect_command(CLI::App& app) {
     std::printf("parameters       total %s, active per token %s (embedding + LM head %s)\n",
                 with_commas(total).c_str(), with_commas(active).c_str(), with_commas(embed).c_str());
     for (auto& [dt, b] : bytes) std::printf("bytes (%-4s)     %s\n", dtype_name(dt), human_bytes(double(b)).c_str());
-    // Memory estimate for inference with the weights as stored and an f32 KV cache of 4096 positions.
-    double kv_per_tok = 2.0 * double(c.n_layer * c.n_head_kv * c.head_dim) * 4.0;
+    // Inference memory as the planner predicts it for this engine (f32 compute on the CPU,
+    // weights as stored, batch 1, 4096 positions of KV cache, prefill chunks of 512).
     size_t weight_bytes = 0;
     for (auto& [dt, b] : bytes) weight_bytes += b;
-    std::printf("memory estimate  weights %s; kv-cache %s per token (f32), %s for 1 x 4096 tokens\n",
-                human_bytes(double(weight_bytes)).c_str(), human_bytes(kv_per_tok).c_str(),
-                human_bytes(kv_per_tok * 4096).c_str());
+    JobSpec job;
+    job.weights = bytes.count(DType::F32) && bytes[DType::F32] * 2 > weight_bytes ? WeightFormat::F32 : WeightFormat::BF16;
+    job.act_bytes = 4;
+    job.seq = 512;
+    job.context = 4096;
+    MemoryPlan mp = plan_memory(plan_model_from_config(c), job, Parallel{});
+    std::printf("memory estimate  CPU inference, batch 1, 4096-token KV cache, prefill chunks of 512 (moe plan %s "
+                "for more):\n", dir->c_str());
+    std::printf("                 weights %s, kv-cache %s, activations %s: total %s\n",
+                human_bytes(double(mp.weights)).c_str(), human_bytes(double(mp.kv_cache)).c_str(),
+                human_bytes(double(mp.activations)).c_str(),
+                human_bytes(double(mp.weights + mp.kv_cache + mp.activations)).c_str());
   });
 }
 
