@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <unistd.h>
+
+#include <cstdlib>
 #include <filesystem>
 
 #include "io/safetensors.h"
@@ -148,6 +151,33 @@ TEST_P(Reference, SingleTokenStepsEqualFullForward) {
   Err e = compare(got, full);
   EXPECT_LE(e.rel_fro, 1e-5);
   EXPECT_LE(e.rel_max, 1e-5);
+}
+
+TEST_P(Reference, LogitsCommandContract) {
+  // The CLI contract: `moe logits DIR --input batch.safetensors --out F` writes logits [B,S,V]
+  // and router_logits.<layer> [B*S,E] in f32 that match the golden files.
+  const std::string dir = fixture(GetParam());
+  if (!std::filesystem::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
+  const std::string moe = std::string(MOE_BINARY_DIR) + "/moe";
+  ASSERT_TRUE(std::filesystem::exists(moe)) << moe;
+  const std::string out = std::string(std::filesystem::temp_directory_path()) + "/moe_logits_" + GetParam() + "_" +
+                          std::to_string(::getpid()) + ".safetensors";
+  const std::string cmd = moe + " logits " + dir + " --input " + dir + "/batch.safetensors --out " + out + " > /dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  auto got = SafetensorsFile::open(out);
+  auto gold = SafetensorsFile::open(dir + "/golden.safetensors");
+  const SafetensorsInfo* li = got->find("logits");
+  ASSERT_NE(li, nullptr);
+  EXPECT_EQ(li->dtype, DType::F32);
+  EXPECT_EQ(li->shape.size(), 3u);
+  EXPECT_LE(compare(got->tensor("logits").to_f32_vector(), golden(*gold, "logits")).rel_max, 1e-4);
+  for (int l = 0; l < 2; ++l) {
+    const std::string key = "router_logits." + std::to_string(l);
+    ASSERT_NE(got->find(key), nullptr) << key;
+    EXPECT_EQ(got->find(key)->shape.size(), 2u);
+    EXPECT_LE(compare(got->tensor(key).to_f32_vector(), golden(*gold, key)).rel_max, 1e-4) << key;
+  }
+  std::filesystem::remove(out);
 }
 
 TEST_P(Reference, Bf16WeightsStayClose) {
