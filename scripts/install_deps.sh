@@ -18,6 +18,8 @@ fi
 # Core toolchain and libraries. libomp-dev: clang's OpenMP runtime, needed by the
 # clang/libFuzzer build (find_package(OpenMP) fails under clang without it).
 # libclang-rt-14-dev: libFuzzer and the clang sanitizer runtimes.
+# libsentencepiece-dev: tokenizer.model (SentencePiece) support; sentencepiece: its spm_train /
+# spm_encode / spm_decode tools, which the tokenizer tests use as the reference.
 PACKAGES=(
   build-essential
   cmake
@@ -30,6 +32,8 @@ PACKAGES=(
   libgtest-dev
   googletest
   libbenchmark-dev
+  libsentencepiece-dev
+  sentencepiece
   clang
   libclang-rt-14-dev
   libomp-dev

@@ -93,6 +93,13 @@ TEST(Tokenizer, RegexEngine) {
   EXPECT_EQ(regex_split("[一-龥぀-ゟ]+", "ab日本語ひらがなc"), (std::vector<std::string>{"日本語ひらがな"}));
   EXPECT_EQ(regex_split("a+?b", "aaab"), (std::vector<std::string>{"aaab"}));
   EXPECT_EQ(regex_split("[^\\s\\p{L}]+", "ab!? c1"), (std::vector<std::string>{"!?", "1"}));
+  // First-character dispatch (guards) must not skip branches that can match.
+  EXPECT_EQ(regex_split("(?:ab)+|c", "ababc abx"), (std::vector<std::string>{"abab", "c", "ab"}));
+  EXPECT_EQ(regex_split("(?:|a)b", "ab b"), (std::vector<std::string>{"ab", "b"}));
+  EXPECT_EQ(regex_split("(?=a)\\p{L}+|b", "ba ab"), (std::vector<std::string>{"b", "a", "ab"}));
+  EXPECT_EQ(regex_split("(?:ab){1,2}c|a", "ababcabc a"), (std::vector<std::string>{"ababc", "abc", "a"}));
+  EXPECT_EQ(regex_split("[😀-🙏]+|x", "a😀😁x"), (std::vector<std::string>{"😀😁", "x"}));
+  EXPECT_EQ(regex_split("x?$|y", "ay"), (std::vector<std::string>{"y", ""}));  // as JavaScript
   expect_error([] { Regex r("(?<=a)b"); }, "lookbehind");
   expect_error([] { Regex r("\\p{Han}"); }, "\\p{Han}");
   expect_error([] { Regex r("(a"); }, "missing ')'");
@@ -106,12 +113,50 @@ TEST(Tokenizer, Nfc) {
   EXPECT_EQ(nfc("abc"), "abc");
 }
 
+// nfc_quick_check answering true must mean the string is in NFC: every code point alone, and
+// after a few bases. U+212B (NFC_QC = No) in front forces nfc() through the full algorithm.
+TEST(Tokenizer, NfcQuickCheckIsSound) {
+  const std::string force = "\xE2\x84\xAB ", forced = "\xC3\x85 ";  // U+212B -> U+00C5
+  ASSERT_FALSE(nfc_quick_check(force));
+  const char* bases[] = {"", "a", "e", "A", "\xD0\xB8" /* и */, "\xCE\xB1" /* α */, "\xE1\x84\x80" /* L jamo */,
+                         "\xEA\xB0\x80" /* 가 */, "\xE0\xA4\x95" /* क */, "\xE3\x81\x8B" /* か */};
+  size_t yes = 0, bad = 0;
+  for (const char* base : bases) {
+    const uint32_t limit = *base ? 0x10000 : 0x110000;
+    for (uint32_t cp = 1; cp < limit; ++cp) {
+      if (cp >= 0xD800 && cp < 0xE000) continue;
+      std::string s = base;
+      utf8_append(s, cp);
+      if (!nfc_quick_check(s)) continue;
+      ++yes;
+      if (nfc(force + s) != forced + s && bad++ < 5) ADD_FAILURE() << "quick check says NFC: U+" << std::hex << cp << " after '" << base << "'";
+    }
+  }
+  EXPECT_EQ(bad, 0u);
+  EXPECT_GT(yes, 500000u);
+  EXPECT_FALSE(nfc_quick_check("e\xCC\x81"));  // may compose
+  EXPECT_FALSE(nfc_quick_check("\xE2\x84\xAB"));  // singleton
+}
+
 json minimal_bpe() {
   return json::parse(R"({
     "added_tokens": [{"id": 3, "content": "<s>", "special": true}],
     "normalizer": null, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
     "post_processor": null, "decoder": {"type": "ByteLevel"},
     "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]}})");
+}
+
+// Text-mode BPE splits words where no merge can cross (no merge result holds the pair): the ids
+// must be those of the merge loop over the whole word.
+TEST(Tokenizer, BpeSplitAtUncrossableBoundaries) {
+  const json tj = json::parse(R"({
+    "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+    "model": {"type": "BPE", "vocab": {"\u2581": 0, "a": 1, "b": 2, "ab": 3, "b\u2581": 4, "\u2581a": 5, "\u2581ab": 6},
+              "merges": ["b \u2581", "a b", "\u2581 a", "\u2581 ab"]}})");
+  Tokenizer tok = Tokenizer::from_json(tj, json::object());
+  // ▁ab▁a: b▁ (rank 0) first, then ▁a; the b|▁ boundary is crossable, a|a is not.
+  EXPECT_EQ(tok.encode("\xE2\x96\x81" "ab" "\xE2\x96\x81" "aa"), (std::vector<int32_t>{5, 4, 1, 1}));
+  EXPECT_EQ(tok.encode("aab" "\xE2\x96\x81" "ab"), (std::vector<int32_t>{1, 1, 4, 3}));
 }
 
 TEST(Tokenizer, MinimalBpe) {

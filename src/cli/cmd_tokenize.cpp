@@ -1,5 +1,6 @@
 // cmd_tokenize.cpp — `moe tokenize DIR` (encode/decode/chat template) and `moe bench tokenize`
 // (encode throughput against the JavaScript reference, @huggingface/tokenizers, in the same run).
+// DIR holds tokenizer.json (+ tokenizer_config.json), or a SentencePiece tokenizer.model.
 //
 //   moe tokenize DIR --text "..."            ids of the text as a JSON array
 //   moe tokenize DIR --file F                F: one JSON string per line -> one JSON array per line
@@ -70,8 +71,9 @@ void add_tokenize_command(CLI::App& app) {
     bool decode = false, no_special = false, skip_special = false, gen_prompt = false, have_text = false;
   };
   auto o = std::make_shared<Opts>();
-  CLI::App* cmd = app.add_subcommand("tokenize", "encode/decode text with a HF tokenizer directory (tokenizer.json)");
-  cmd->add_option("dir", o->dir, "directory with tokenizer.json (and tokenizer_config.json)")->required();
+  CLI::App* cmd = app.add_subcommand("tokenize", "encode/decode text with a HF tokenizer directory (tokenizer.json or tokenizer.model)");
+  cmd->add_option("dir", o->dir, "directory with tokenizer.json or a SentencePiece tokenizer.model (and "
+                                 "tokenizer_config.json)")->required();
   auto* text = cmd->add_option("--text", o->text, "the text (or, with --decode, a JSON array of ids)");
   auto* file = cmd->add_option("--file", o->file, "one JSON string (or, with --decode, JSON array) per line");
   auto* chat = cmd->add_option("--chat", o->chat, "JSON file with a messages array: render the chat template");
@@ -137,7 +139,8 @@ void add_tokenize_bench(CLI::App* bench) {
   auto o = std::make_shared<Opts>();
   o->js = source_root() + "/tests/tokenizer/bench_js.mjs";
   CLI::App* cmd = bench->add_subcommand("tokenize", "encode MB/s against the JavaScript reference in the same run");
-  cmd->add_option("dir", o->dir, "tokenizer directory (tokenizer.json + tokenizer_config.json)")->required();
+  cmd->add_option("dir", o->dir, "tokenizer directory (tokenizer.json or tokenizer.model, + tokenizer_config.json)")
+      ->required();
   cmd->add_option("--seconds", o->seconds, "minimum timed seconds per implementation")->capture_default_str()
       ->check(CLI::Range(0.1, 600.0));
   cmd->add_option("--mb", o->megabytes, "corpus size in MB")->capture_default_str()->check(CLI::Range(0.01, 1000.0));
@@ -152,7 +155,10 @@ void add_tokenize_bench(CLI::App* bench) {
     std::printf("moe encode: %.1f MB in %.2f s = %.2f MB/s (%.2f Mtokens/s)\n", r.bytes / 1e6, r.seconds, r.mb_per_s(),
                 double(r.tokens) / r.seconds / 1e6);
     double js_mbs = 0;
-    if (!o->js.empty()) {
+    const bool has_json = std::ifstream(o->dir + "/tokenizer.json").good();
+    if (!o->js.empty() && !has_json)
+      std::printf("reference: skipped (no tokenizer.json: a SentencePiece tokenizer.model directory)\n");
+    if (!o->js.empty() && has_json) {
       char tmpl[] = "/tmp/moe-tokbench-XXXXXX";
       const int fd = mkstemp(tmpl);
       MOE_CHECK(fd >= 0, "cannot create a temporary file");

@@ -2,7 +2,10 @@
 #include "tokenizer/bpe.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <functional>
+#include <memory>
 
 #include "core/error.h"
 #include "tokenizer/unicode.h"
@@ -35,6 +38,50 @@ uint64_t mix(uint64_t k) {
   return k;
 }
 
+// A fast 64-bit hash of a short byte string (8-byte words, multiply-xorshift, fmix64 finish).
+uint64_t word_hash(std::string_view s) {
+  constexpr uint64_t kMul = 0x9FB21C651E98DF25ULL;
+  const char* p = s.data();
+  size_t n = s.size();
+  uint64_t h = 0x9E3779B97F4A7C15ULL ^ (uint64_t(n) * 0xC2B2AE3D27D4EB4FULL);
+  uint64_t v;
+  if (n >= 8) {
+    for (; n > 8; p += 8, n -= 8) {
+      std::memcpy(&v, p, 8);
+      h = (h ^ v) * kMul;
+      h ^= h >> 29;
+    }
+    std::memcpy(&v, p + n - 8, 8);  // the last 8 bytes (overlapping)
+  } else {
+    v = 0;
+    for (size_t k = 0; k < n; ++k) v |= uint64_t(uint8_t(p[k])) << (8 * k);
+  }
+  h = (h ^ v) * kMul;
+  return mix(h ^ (h >> 32));
+}
+
+// The per-thread word cache: 2-way set associative, fixed 64-byte slots tagged with the model's
+// uid, so that no locking and no clearing is ever needed (a slot of another or of a destroyed model
+// is simply a miss). The newest entry goes to way 0, the previous way 0 to way 1.
+struct alignas(64) WordSlot {
+  static constexpr size_t kMaxKey = 30, kMaxIds = 6;
+  uint32_t owner;  // BpeModel uid; 0 = empty
+  uint32_t tag;    // the high half of the word's hash
+  uint8_t len, n;
+  char key[kMaxKey];
+  int32_t ids[kMaxIds];
+};
+static_assert(sizeof(WordSlot) == 64);
+constexpr size_t kTlsSets = 8192;  // x 2 ways x 64 bytes = 1 MiB per thread that encodes
+
+WordSlot* tls_set(uint64_t h) {
+  thread_local std::unique_ptr<WordSlot[]> table;
+  if (!table) table.reset(new WordSlot[2 * kTlsSets]());
+  return &table[2 * (h & (kTlsSets - 1))];
+}
+
+std::atomic<uint64_t> g_next_uid{1};  // uids are never reused (a reuse could hit stale slots)
+
 std::string cp_string(uint32_t cp) {
   std::string s;
   utf8_append(s, cp);
@@ -42,6 +89,8 @@ std::string cp_string(uint32_t cp) {
 }
 
 }  // namespace
+
+size_t BpeModel::ViewHash::operator()(std::string_view s) const { return size_t(word_hash(s)); }
 
 uint32_t byte_level_char(uint8_t b) { return byte_map().to_char[b]; }
 int byte_level_byte(uint32_t cp) { return cp < 0x200 ? byte_map().to_byte[cp] : -1; }
@@ -113,6 +162,9 @@ void BpeModel::set_token(const std::string& content, int32_t id) {
 }
 
 void BpeModel::finalize() {
+  const uint64_t uid = g_next_uid.fetch_add(1);
+  MOE_CHECK(uid < 0xFFFFFFFFu, "BpeModel: too many tokenizers loaded in this process");
+  uid_ = uint32_t(uid);
   // Merges -> (id, id) -> (rank, merged id). Every part and result must be in the vocabulary.
   size_t cap = 16;
   while (cap < merge_strings_.size() * 2) cap <<= 1;
@@ -136,6 +188,7 @@ void BpeModel::finalize() {
       }
     }
   }
+  build_pairs(merge_strings_);
   merge_strings_.clear();
   merge_strings_.shrink_to_fit();
   // Byte symbols, byte fallback, single characters, raw byte strings.
@@ -167,6 +220,73 @@ void BpeModel::finalize() {
   }
 }
 
+void BpeModel::build_pairs(const std::vector<std::pair<std::string, std::string>>& merges) {
+  split_ = false;
+  byte_pairs_.clear();
+  cp_pairs_.clear();
+  if (ignore_merges_) return;  // the whole word is looked up first: pieces would change that
+  // The argument needs each id to stand for one string: ids and tokens must be a bijection.
+  size_t named = 0;
+  for (const auto& t : id_to_token_) named += !t.empty();
+  if (named != token_to_id_.size()) return;
+  for (const auto& [tok, id] : token_to_id_)
+    if (id_to_token_[size_t(id)] != tok) return;
+  if (byte_level_) {
+    byte_pairs_.assign(1024, 0);
+    std::string raw;
+    for (const auto& [a, b] : merges) {
+      raw.clear();
+      const std::string ab = a + b;
+      for (size_t i = 0; i < ab.size();) {
+        const int byte = byte_level_byte(utf8_next(ab, i));
+        if (byte < 0) return;  // not made of byte characters: do not reason about it
+        raw += char(byte);
+      }
+      for (size_t i = 1; i < raw.size(); ++i) {
+        const uint32_t k = uint32_t(uint8_t(raw[i - 1])) << 8 | uint8_t(raw[i]);
+        byte_pairs_[k >> 6] |= uint64_t(1) << (k & 63);
+      }
+    }
+  } else {
+    std::vector<uint64_t> keys;
+    for (const auto& [a, b] : merges) {
+      const std::string ab = a + b;
+      uint32_t prev = 0;
+      for (size_t i = 0; i < ab.size();) {
+        const size_t at = i;
+        const uint32_t cp = utf8_next(ab, i);
+        if (at > 0) keys.push_back((uint64_t(prev) << 21 | cp) + 1);
+        prev = cp;
+      }
+    }
+    std::sort(keys.begin(), keys.end());
+    keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+    size_t cap = 16;
+    while (cap < keys.size() * 2) cap <<= 1;
+    cp_pairs_.assign(cap, 0);
+    cp_pairs_mask_ = cap - 1;
+    for (uint64_t k : keys)
+      for (uint64_t h = mix(k) & cp_pairs_mask_;; h = (h + 1) & cp_pairs_mask_)
+        if (cp_pairs_[h] == 0) {
+          cp_pairs_[h] = k;
+          break;
+        }
+  }
+  split_ = true;
+}
+
+bool BpeModel::crossable(uint32_t a, uint32_t b) const {
+  if (byte_level_) {
+    const uint32_t k = a << 8 | b;
+    return (byte_pairs_[k >> 6] >> (k & 63)) & 1;
+  }
+  const uint64_t k = (uint64_t(a) << 21 | b) + 1;
+  for (uint64_t h = mix(k) & cp_pairs_mask_;; h = (h + 1) & cp_pairs_mask_) {
+    if (cp_pairs_[h] == k) return true;
+    if (cp_pairs_[h] == 0) return false;
+  }
+}
+
 const BpeModel::MergeSlot* BpeModel::find_merge(int32_t a, int32_t b) const {
   const uint64_t key = (uint64_t(uint32_t(a)) << 32) | uint32_t(b);
   for (uint64_t h = mix(key) & merge_mask_;; h = (h + 1) & merge_mask_) {
@@ -176,35 +296,100 @@ const BpeModel::MergeSlot* BpeModel::find_merge(int32_t a, int32_t b) const {
   }
 }
 
-void BpeModel::encode_word(std::string_view word, std::vector<int32_t>* out) const {
-  if (word.empty()) return;
+void BpeModel::encode_uncached(std::string_view word, std::vector<int32_t>* out, bool split) const {
   if (ignore_merges_) {
-    const auto& map = byte_level_ ? raw_to_id_ : token_to_id_;
-    auto it = map.find(std::string(word));
-    if (it != map.end()) {
-      out->push_back(it->second);
+    if (byte_level_) {
+      auto it = raw_to_id_.find(word);
+      if (it != raw_to_id_.end()) {
+        out->push_back(it->second);
+        return;
+      }
+    } else {
+      auto it = token_to_id_.find(std::string(word));
+      if (it != token_to_id_.end()) {
+        out->push_back(it->second);
+        return;
+      }
+    }
+  }
+  if (split && split_ && word.size() > 1) {
+    size_t start = 0;
+    if (byte_level_) {
+      for (size_t i = 1; i < word.size(); ++i)
+        if (!crossable(uint8_t(word[i - 1]), uint8_t(word[i]))) {
+          encode_cached(word.substr(start, i - start), out, false);
+          start = i;
+        }
+    } else {
+      size_t i = 0;
+      uint32_t prev = utf8_next(word, i);
+      while (i < word.size()) {
+        const size_t at = i;
+        const uint32_t cp = utf8_next(word, i);
+        if (!crossable(prev, cp)) {
+          encode_cached(word.substr(start, at - start), out, false);
+          start = at;
+        }
+        prev = cp;
+      }
+    }
+    if (start > 0) {
+      encode_cached(word.substr(start), out, false);
       return;
     }
   }
+  bpe(word, out);
+}
+
+void BpeModel::encode_word(std::string_view word, std::vector<int32_t>* out) const { encode_cached(word, out, true); }
+
+void BpeModel::encode_cached(std::string_view word, std::vector<int32_t>* out, bool split) const {
+  if (word.empty()) return;
   if (word.size() >= kCacheMaxWord) {
-    bpe(word, out);
+    encode_uncached(word, out, split);
     return;
   }
-  std::string key(word);
-  Shard& sh = cache_[std::hash<std::string>{}(key) % kShards];
+  const uint64_t h = word_hash(word);
+  const bool tls_key = word.size() <= WordSlot::kMaxKey;
+  WordSlot* set = nullptr;
+  if (tls_key) {
+    set = tls_set(h);
+    const uint32_t tag = uint32_t(h >> 32);
+    for (int w = 0; w < 2; ++w) {
+      const WordSlot& sl = set[w];
+      if (sl.owner == uid_ && sl.tag == tag && sl.len == word.size() &&
+          std::memcmp(sl.key, word.data(), word.size()) == 0) {
+        out->insert(out->end(), sl.ids, sl.ids + sl.n);
+        return;
+      }
+    }
+  }
+  Shard& sh = cache_[(h >> 20) % kShards];
   {
     std::lock_guard<std::mutex> lock(sh.mu);
-    auto it = sh.map.find(key);
+    auto it = sh.map.find(word);
     if (it != sh.map.end()) {
       out->insert(out->end(), it->second.begin(), it->second.end());
       return;
     }
   }
   const size_t before = out->size();
-  bpe(word, out);
+  encode_uncached(word, out, split);
+  const size_t n = out->size() - before;
+  if (tls_key && n <= WordSlot::kMaxIds) {
+    set[1] = set[0];
+    WordSlot& sl = set[0];
+    sl.owner = uid_;
+    sl.tag = uint32_t(h >> 32);
+    sl.len = uint8_t(word.size());
+    sl.n = uint8_t(n);
+    std::memcpy(sl.key, word.data(), word.size());
+    std::copy(out->begin() + long(before), out->end(), sl.ids);
+    return;
+  }
   std::lock_guard<std::mutex> lock(sh.mu);
   if (sh.map.size() >= kCacheMaxEntries / kShards) sh.map.clear();
-  sh.map.emplace(std::move(key), std::vector<int32_t>(out->begin() + long(before), out->end()));
+  sh.map.emplace(std::string(word), std::vector<int32_t>(out->begin() + long(before), out->end()));
 }
 
 void BpeModel::bpe(std::string_view word, std::vector<int32_t>* out) const {
@@ -232,7 +417,7 @@ void BpeModel::bpe(std::string_view word, std::vector<int32_t>* out) const {
     struct Cand {
       uint32_t rank;
       int32_t left;
-      int32_t left_id, right_id;
+      int32_t left_id, right_id, merged;
       bool operator>(const Cand& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }
     };
     thread_local std::vector<Cand> heap;
@@ -242,7 +427,7 @@ void BpeModel::bpe(std::string_view word, std::vector<int32_t>* out) const {
       const int32_t r = syms[size_t(l)].next;
       if (r < 0 || syms[size_t(l)].id < 0 || syms[size_t(r)].id < 0) return;
       if (const MergeSlot* m = find_merge(syms[size_t(l)].id, syms[size_t(r)].id)) {
-        heap.push_back(Cand{m->rank, l, syms[size_t(l)].id, syms[size_t(r)].id});
+        heap.push_back(Cand{m->rank, l, syms[size_t(l)].id, syms[size_t(r)].id, m->id});
         std::push_heap(heap.begin(), heap.end(), cmp);
       }
     };
@@ -255,8 +440,7 @@ void BpeModel::bpe(std::string_view word, std::vector<int32_t>* out) const {
       if (l.id != c.left_id || l.next < 0) continue;  // l merged away (id -2) or changed
       Sym& r = syms[size_t(l.next)];
       if (r.id != c.right_id) continue;
-      const MergeSlot* m = find_merge(l.id, r.id);
-      l.id = m->id;
+      l.id = c.merged;  // the merge of (left_id, right_id), looked up when pushed
       l.end = r.end;
       l.next = r.next;
       if (r.next >= 0) syms[size_t(r.next)].prev = c.left;

@@ -30,7 +30,8 @@ class BpeModel {
   // Call after the last set_token().
   void finalize();
 
-  // Appends the ids of one pre-tokenized word.
+  // Appends the ids of one pre-tokenized word. Results are cached: first in a per-thread cache
+  // (short words; no locking), then in a shared one.
   void encode_word(std::string_view word, std::vector<int32_t>* out) const;
 
   const std::vector<std::string>& id_to_token() const { return id_to_token_; }
@@ -41,6 +42,14 @@ class BpeModel {
 
  private:
   void bpe(std::string_view word, std::vector<int32_t>* out) const;
+  // encode_word with the cache; split: may cut the word at uncrossable boundaries first.
+  void encode_cached(std::string_view word, std::vector<int32_t>* out, bool split) const;
+  void encode_uncached(std::string_view word, std::vector<int32_t>* out, bool split) const;
+  // Splitting: no merge result contains the adjacent characters (bytes when byte-level) a, b, so
+  // no merge ever crosses a boundary between them and the word's BPE is the concatenation of the
+  // BPE of its pieces (which the cache then holds).
+  bool crossable(uint32_t a, uint32_t b) const;
+  void build_pairs(const std::vector<std::pair<std::string, std::string>>& merges);
 
   struct MergeSlot {
     uint64_t key = ~uint64_t(0);
@@ -53,7 +62,11 @@ class BpeModel {
   int32_t unk_id_ = -1;
   std::unordered_map<std::string, int32_t> token_to_id_;
   std::vector<std::string> id_to_token_;
-  std::unordered_map<std::string, int32_t> raw_to_id_;  // byte-level: raw bytes -> id
+  struct ViewHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const;
+  };
+  std::unordered_map<std::string, int32_t, ViewHash, std::equal_to<>> raw_to_id_;  // byte-level: raw bytes -> id
   std::unordered_map<uint32_t, int32_t> char_id_;       // text mode: single code point -> id
   int32_t byte_sym_[256];                               // byte-level: byte -> id (or -1)
   int32_t byte_fallback_id_[256];                       // <0xXX> -> id (or -1)
@@ -61,12 +74,19 @@ class BpeModel {
   std::vector<MergeSlot> merges_;  // open addressing, power-of-two size
   uint64_t merge_mask_ = 0;
   size_t n_merges_ = 0;
+  bool split_ = false;                // splitting at uncrossable boundaries is enabled
+  std::vector<uint64_t> byte_pairs_;  // byte-level: 65536 bits, (a << 8 | b) crossable
+  std::vector<uint64_t> cp_pairs_;    // text: open-addressing set of (a << 21 | b) + 1 (0 = empty)
+  uint64_t cp_pairs_mask_ = 0;
 
-  // Word cache (words shorter than kCacheMaxWord bytes).
+  // This model's tag in the per-thread word caches (unique per process, never reused).
+  uint32_t uid_ = 0;
+  // Shared word cache (words shorter than kCacheMaxWord bytes that the per-thread cache cannot
+  // hold).
   static constexpr size_t kCacheMaxWord = 256, kCacheMaxEntries = 1 << 18, kShards = 16;
   struct Shard {
     std::mutex mu;
-    std::unordered_map<std::string, std::vector<int32_t>> map;
+    std::unordered_map<std::string, std::vector<int32_t>, ViewHash, std::equal_to<>> map;
   };
   mutable Shard cache_[kShards];
 };

@@ -27,6 +27,7 @@ struct CharClass {
   bool white = false, not_white = false;
   bool negated = false;
   std::vector<uint64_t> bmp;  // 65536 bits, built by finalize()
+  uint64_t ascii[2] = {0, 0};  // its first 128 bits, inline
 
   bool eval(uint32_t cp) const {
     bool in = false;
@@ -46,8 +47,10 @@ struct CharClass {
     bmp.assign(1024, 0);
     for (uint32_t cp = 0; cp < 0x10000; ++cp)
       if (eval(cp)) bmp[cp >> 6] |= uint64_t(1) << (cp & 63);
+    ascii[0] = bmp[0], ascii[1] = bmp[1];
   }
   bool match(uint32_t cp) const {
+    if (cp < 128) return (ascii[cp >> 6] >> (cp & 63)) & 1;
     if (cp < 0x10000) return (bmp[cp >> 6] >> (cp & 63)) & 1;
     return eval(cp);
   }
@@ -72,6 +75,17 @@ struct Inst {
   int a = 0, b = 0;       // Class: class; Split: first, second; Jmp: target; Look: sub-program
   int min = 0, max = 0;   // Repeat (class in a)
   bool greedy = true, negative = false;
+  int guard = -1;         // Split: a guard (see Guard) that the code point at pos must be in for
+                          // branch a to have a chance; -1: none
+};
+
+// The code points that can begin a match of a non-empty expression: the union of its possible
+// first classes. A Split whose branch a must consume a code point in the guard skips that branch
+// at once when the code point is not in it (first-character dispatch for alternations).
+struct Guard {
+  uint64_t ascii[2] = {0, 0};  // bmp's first 128 bits, inline
+  std::vector<uint64_t> bmp;  // 65536 bits
+  std::vector<int> classes;   // evaluated above the BMP
 };
 
 // Property name -> category mask (0 and white=true for White_Space).
@@ -486,11 +500,56 @@ bool can_be_empty(const Node& n) {
   }
 }
 
+// Adds to *out the classes that can match the first code point consumed by n; returns whether n
+// can match the empty string (then what follows n may supply the first code point instead).
+bool first_classes(const Node& n, std::vector<int>* out) {
+  switch (n.kind) {
+    case NodeKind::Class: out->push_back(n.cls); return false;
+    case NodeKind::Seq:
+      for (auto& k : n.kids)
+        if (!first_classes(*k, out)) return false;
+      return true;
+    case NodeKind::Alt: {
+      bool nullable = false;
+      for (auto& k : n.kids) nullable |= first_classes(*k, out);
+      return nullable;
+    }
+    case NodeKind::Repeat: return first_classes(*n.kids[0], out) || n.min == 0;
+    default: return true;  // Empty, lookahead, anchors: zero-width
+  }
+}
+
 }  // namespace
 
 struct Regex::Impl {
   std::vector<CharClass> classes;
   std::vector<std::vector<Inst>> progs;  // progs[0] is the pattern; others are lookaheads
+  std::vector<Guard> guards;
+  int start_guard = -1;  // the whole pattern's guard (match start positions), or -1
+
+  // The guard of n, or -1 when n can match empty.
+  int make_guard(const Node& n) {
+    std::vector<int> cls;
+    if (first_classes(n, &cls)) return -1;
+    std::sort(cls.begin(), cls.end());
+    cls.erase(std::unique(cls.begin(), cls.end()), cls.end());
+    Guard g;
+    g.bmp.assign(1024, 0);
+    for (int c : cls)
+      for (size_t w = 0; w < 1024; ++w) g.bmp[w] |= classes[size_t(c)].bmp[w];
+    g.classes = std::move(cls);
+    g.ascii[0] = g.bmp[0], g.ascii[1] = g.bmp[1];
+    guards.push_back(std::move(g));
+    return int(guards.size() - 1);
+  }
+  bool guard_match(int g, uint32_t cp) const {
+    const Guard& gd = guards[size_t(g)];
+    if (cp < 128) return (gd.ascii[cp >> 6] >> (cp & 63)) & 1;
+    if (cp < 0x10000) return (gd.bmp[cp >> 6] >> (cp & 63)) & 1;
+    for (int c : gd.classes)
+      if (classes[size_t(c)].match(cp)) return true;
+    return false;
+  }
 
   int compile_prog(const Node& n) {
     const int id = static_cast<int>(progs.size());
@@ -520,6 +579,7 @@ struct Regex::Impl {
             const size_t split = code.size();
             code.push_back(Inst{Op::Split});
             code[split].a = static_cast<int>(code.size());
+            code[split].guard = make_guard(*n.kids[k]);
             emit(*n.kids[k], code);
             jumps.push_back(code.size());
             code.push_back(Inst{Op::Jmp});
@@ -560,6 +620,7 @@ struct Regex::Impl {
           const int exit = static_cast<int>(code.size());
           code[loop].a = n.greedy ? static_cast<int>(body_at) : exit;
           code[loop].b = n.greedy ? exit : static_cast<int>(body_at);
+          if (n.greedy) code[loop].guard = make_guard(body);
         } else {
           std::vector<size_t> splits;
           for (int k = n.min; k < n.max; ++k) {
@@ -569,10 +630,12 @@ struct Regex::Impl {
             emit(body, code);
           }
           const int exit = static_cast<int>(code.size());
+          const int g = n.greedy ? make_guard(body) : -1;
           for (size_t s : splits) {
             const int body_at = static_cast<int>(s + 1);
             code[s].a = n.greedy ? body_at : exit;
             code[s].b = n.greedy ? exit : body_at;
+            code[s].guard = g;
           }
         }
         break;
@@ -603,6 +666,10 @@ struct Regex::Impl {
           else ok = false;
           break;
         case Op::Split:
+          if (in.guard >= 0 && (pos >= n || !guard_match(in.guard, s[pos]))) {
+            pc = in.b;  // branch a cannot match here
+            break;
+          }
           stack.push_back(Backtrack{in.b, 0, pos, 0, 0});
           pc = in.a;
           break;
@@ -685,6 +752,7 @@ Regex::Regex(std::string_view pattern) : pattern_(pattern), impl_(std::make_uniq
   NodePtr root = parser.parse();
   for (auto& c : impl_->classes) c.finalize();
   impl_->compile_prog(*root);
+  impl_->start_guard = impl_->make_guard(*root);
 }
 
 Regex::~Regex() = default;
@@ -694,7 +762,9 @@ Regex& Regex::operator=(Regex&&) noexcept = default;
 bool Regex::find(const uint32_t* cps, size_t n, size_t from, size_t* begin, size_t* end) const {
   thread_local std::vector<Impl::Backtrack> stack;
   stack.clear();
+  const int g = impl_->start_guard;
   for (size_t start = from; start <= n; ++start) {
+    if (g >= 0 && (start == n || !impl_->guard_match(g, cps[start]))) continue;
     if (impl_->run(0, cps, n, start, end, stack)) {
       *begin = start;
       return true;

@@ -1,9 +1,12 @@
 // tokenizer.cpp — see tokenizer.h. The pipeline of the reference, step by step:
 //   added-token split (unnormalized tokens) -> normalizer -> added-token split (normalized
 //   tokens) -> pre-tokenizer -> BPE model (+ fuse_unk) -> post-processor.
+// A SentencePiece model (Impl::spm) replaces all of it but the added-token split.
 #include "tokenizer/tokenizer.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <deque>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -11,6 +14,7 @@
 #include "core/error.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/regex.h"
+#include "tokenizer/spm_model.h"
 #include "tokenizer/unicode.h"
 
 namespace moe {
@@ -25,24 +29,24 @@ bool js_is_space(uint32_t cp) {
          cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000 || cp == 0xFEFF;
 }
 
-std::string js_trim_end(std::string_view s) {
+std::string_view js_trim_end(std::string_view s) {
   size_t end = s.size();
   size_t i = 0, last_non_space_end = 0;
   while (i < end) {
     const uint32_t cp = utf8_next(s, i);
     if (!js_is_space(cp)) last_non_space_end = i;
   }
-  return std::string(s.substr(0, last_non_space_end));
+  return s.substr(0, last_non_space_end);
 }
 
-std::string js_trim_start(std::string_view s) {
+std::string_view js_trim_start(std::string_view s) {
   size_t i = 0;
   while (i < s.size()) {
     size_t j = i;
     if (!js_is_space(utf8_next(s, j))) break;
     i = j;
   }
-  return std::string(s.substr(i));
+  return s.substr(i);
 }
 
 std::string read_file(const std::string& path) {
@@ -58,6 +62,14 @@ std::string type_of(const json& j, const std::string& what, const std::string& o
   MOE_CHECK(j.contains("type") && j["type"].is_string(), "%s: %s has no \"type\"", origin.c_str(), what.c_str());
   return j["type"].get<std::string>();
 }
+
+// Hash maps keyed by std::string that are searched with a std::string_view (no allocation).
+struct StrHash {
+  using is_transparent = void;
+  size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+};
+template <class V>
+using StrMap = std::unordered_map<std::string, V, StrHash, std::equal_to<>>;
 
 // A Regex or String pattern of tokenizer.json ({"Regex": ".."} or {"String": ".."}).
 struct Pattern {
@@ -92,13 +104,22 @@ struct Pattern {
     }
     thread_local std::vector<uint32_t> cps;
     thread_local std::vector<size_t> offs;
-    cps.clear();
-    offs.clear();
-    for (size_t i = 0; i < s.size();) {
-      offs.push_back(i);
-      cps.push_back(utf8_next(s, i));
+    // Code points and their byte offsets (offs[k] of cps[k]; offs[n] = s.size()).
+    cps.resize(s.size());
+    offs.resize(s.size() + 1);
+    size_t n = 0;
+    for (size_t i = 0; i < s.size(); ++n) {
+      offs[n] = i;
+      const unsigned char c = static_cast<unsigned char>(s[i]);
+      if (c < 0x80) {
+        cps[n] = c;
+        ++i;
+      } else {
+        cps[n] = utf8_next(s, i);
+      }
     }
-    offs.push_back(s.size());
+    offs[n] = s.size();
+    cps.resize(n);
     size_t from = 0, b, e;
     while (from <= cps.size() && regex->find(cps.data(), cps.size(), from, &b, &e)) {
       if (e > b) out->emplace_back(offs[b], offs[e]);
@@ -176,11 +197,11 @@ class TokenTrie {
     first_[(unsigned char)word[0]] = true;
     empty_ = false;
   }
-  // Pieces of text: (piece, is_match).
-  void split(std::string_view text, std::vector<std::pair<std::string, bool>>* out) const {
+  // Pieces of text (views of it): (piece, is_match).
+  void split(std::string_view text, std::vector<std::pair<std::string_view, bool>>* out) const {
     out->clear();
     if (empty_) {
-      out->emplace_back(std::string(text), false);
+      out->emplace_back(text, false);
       return;
     }
     size_t start = 0, i = 0;
@@ -197,15 +218,15 @@ class TokenTrie {
         }
       }
       if (match) {
-        if (i > start) out->emplace_back(std::string(text.substr(start, i - start)), false);
-        out->emplace_back(std::string(text.substr(i, size_t(match))), true);
+        if (i > start) out->emplace_back(text.substr(start, i - start), false);
+        out->emplace_back(text.substr(i, size_t(match)), true);
         i += size_t(match);
         start = i;
       } else {
         ++i;
       }
     }
-    if (start < text.size()) out->emplace_back(std::string(text.substr(start)), false);
+    if (start < text.size()) out->emplace_back(text.substr(start), false);
   }
 
  private:
@@ -259,13 +280,15 @@ struct Tokenizer::Impl {
   std::vector<int32_t> post_prefix, post_suffix;
 
   std::vector<AddedToken> added;
-  std::unordered_map<std::string, size_t> added_map;  // content and normalized content -> added index
+  StrMap<size_t> added_map;  // content and normalized content -> added index
   std::unordered_map<int32_t, size_t> added_by_id;
   TokenTrie trie_unnormalized, trie_normalized;
   std::vector<std::string> special_tokens;  // special added tokens + additional_special_tokens
-  std::unordered_map<std::string, bool> special_set;
+  StrMap<bool> special_set;
   bool clean_up_spaces = true;
   int64_t vocab_size = 0;
+  // SentencePiece (tokenizer.model): when set, `model` and the pipeline above are unused.
+  std::unique_ptr<SpmModel> spm;
 
   // ---- loading ----
   void load_normalizer(const json& j, const std::string& what) {
@@ -368,6 +391,7 @@ struct Tokenizer::Impl {
   int32_t lookup(const std::string& token) const {
     auto a = added_map.find(token);
     if (a != added_map.end()) return added[a->second].id;
+    if (spm) return spm->find(token);
     auto it = model.token_to_id().find(token);
     return it == model.token_to_id().end() ? -1 : it->second;
   }
@@ -414,7 +438,9 @@ struct Tokenizer::Impl {
   std::string normalize(std::string s) const {
     for (const NormStep& n : norm) {
       switch (n.kind) {
-        case NormStep::kNfc: s = nfc(s); break;
+        case NormStep::kNfc:
+          if (!nfc_quick_check(s)) s = nfc(s);
+          break;
         case NormStep::kPrepend: s = n.text + s; break;
         case NormStep::kReplace: s = n.pattern.replace_all(s, n.text); break;
       }
@@ -423,18 +449,24 @@ struct Tokenizer::Impl {
   }
 
   // Pre-tokenizes one section into words (raw text; the BPE model maps bytes when byte-level).
-  void pre_tokenize(const std::string& text, std::vector<std::string>* words) const {
+  // Words are views of `text` or of strings kept in *store.
+  void pre_tokenize(std::string_view text, std::vector<std::string_view>* words, std::deque<std::string>* store) const {
     words->clear();
     words->push_back(text);
-    std::vector<std::string> next;
-    std::vector<std::pair<size_t, size_t>> ms;
+    thread_local std::vector<std::string_view> next;
+    thread_local std::vector<std::pair<size_t, size_t>> ms;
     for (const PreStep& p : pre) {
       next.clear();
-      for (const std::string& w : *words) {
+      for (const std::string_view w : *words) {
         if (p.kind == PreStep::kByteLevel) {
-          std::string t = p.add_prefix_space && (w.empty() || w[0] != ' ') ? " " + w : w;
+          std::string_view t = w;
+          if (p.add_prefix_space && (w.empty() || w[0] != ' ')) {
+            std::string& sp = store->emplace_back(1, ' ');
+            sp.append(w);
+            t = store->back();
+          }
           if (!p.use_regex) {
-            next.push_back(std::move(t));
+            next.push_back(t);
             continue;
           }
           p.pattern.matches(t, &ms);  // matches only, as the reference does
@@ -443,9 +475,8 @@ struct Tokenizer::Impl {
         }
         p.pattern.matches(w, &ms);
         size_t prev = 0;
-        std::string pending;  // MergedWithPrevious / Contiguous accumulation
-        auto emit = [&](std::string s) {
-          if (!s.empty()) next.push_back(std::move(s));
+        auto emit = [&](std::string_view s) {
+          if (!s.empty()) next.push_back(s);
         };
         switch (p.behavior) {
           case PreStep::kIsolated:
@@ -503,14 +534,16 @@ struct Tokenizer::Impl {
   }
 
   // Runs the model on one section's words, then fuse_unk over its output.
-  void model_section(const std::string& text, std::vector<int32_t>* out) const {
-    thread_local std::vector<std::string> words;
+  void model_section(std::string_view text, std::vector<int32_t>* out) const {
+    thread_local std::vector<std::string_view> words;
+    thread_local std::deque<std::string> store;
     const size_t before = out->size();
     if (pre.empty()) {
       model.encode_word(text, out);
     } else {
-      pre_tokenize(text, &words);
-      for (const std::string& w : words) model.encode_word(w, out);
+      store.clear();
+      pre_tokenize(text, &words, &store);
+      for (const std::string_view w : words) model.encode_word(w, out);
     }
     if (model.fuse_unk() && model.unk_id() >= 0) {
       const int32_t unk = model.unk_id();
@@ -522,7 +555,7 @@ struct Tokenizer::Impl {
   }
 
   // lstrip/rstrip of added tokens trim the neighbouring sections (JavaScript trim semantics).
-  void strip_neighbours(std::vector<std::pair<std::string, bool>>& sections) const {
+  void strip_neighbours(std::vector<std::pair<std::string_view, bool>>& sections) const {
     for (size_t i = 0; i < sections.size(); ++i) {
       auto it = added_map.find(sections[i].first);
       if (it == added_map.end()) continue;
@@ -533,9 +566,18 @@ struct Tokenizer::Impl {
   }
 
   void encode_text(std::string_view text, std::vector<int32_t>* out) const {
-    std::vector<std::pair<std::string, bool>> sections, subs;
+    std::vector<std::pair<std::string_view, bool>> sections, subs;
     trie_unnormalized.split(text, &sections);
     strip_neighbours(sections);
+    if (spm) {
+      for (auto& [section, matched] : sections) {
+        if (section.empty()) continue;
+        auto it = added_map.find(section);
+        if (it != added_map.end()) out->push_back(added[it->second].id);
+        else spm->encode(section, out);
+      }
+      return;
+    }
     for (auto& [section, matched] : sections) {
       if (section.empty()) continue;
       auto it = added_map.find(section);
@@ -543,7 +585,12 @@ struct Tokenizer::Impl {
         out->push_back(added[it->second].id);
         continue;
       }
-      const std::string normalized = normalize(section);
+      std::string normalized_buf;
+      std::string_view normalized = section;
+      if (!norm.empty()) {
+        normalized_buf = normalize(std::string(section));
+        normalized = normalized_buf;
+      }
       if (normalized.empty()) continue;
       trie_normalized.split(normalized, &subs);
       strip_neighbours(subs);
@@ -639,6 +686,31 @@ struct Tokenizer::Impl {
     }
     return tokens;
   }
+  std::string decode_spm(const std::vector<int32_t>& ids, bool skip_special) const {
+    std::string text;
+    std::vector<int32_t> run;
+    auto flush = [&] {
+      if (!run.empty()) text += spm->decode(run);
+      run.clear();
+    };
+    for (int32_t id : ids) {
+      MOE_CHECK(id >= 0 && id < vocab_size && (id < spm->size() || added_by_id.count(id)),
+                "decode: token id %d is not in the vocabulary (size %lld)", id, (long long)vocab_size);
+      const bool unknown = id < spm->size() && spm->is_unknown(id);
+      auto a = added_by_id.find(id);
+      if (a != added_by_id.end() && !unknown) {
+        flush();
+        if (!(skip_special && added[a->second].special)) text += added[a->second].content;
+        continue;
+      }
+      if (unknown && skip_special) continue;
+      run.push_back(id);
+    }
+    flush();
+    if (clean_up_spaces) text = clean_up_tokenization(std::move(text));
+    return text;
+  }
+
   bool is_added_content(const std::string& t) const {
     auto it = added_map.find(t);
     return it != added_map.end() && added[it->second].content == t;
@@ -651,13 +723,9 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::from_dir(const std::string& dir) {
-  const std::string tpath = dir + "/tokenizer.json", cpath = dir + "/tokenizer_config.json";
+  const std::string tpath = dir + "/tokenizer.json", cpath = dir + "/tokenizer_config.json",
+                    mpath = dir + "/tokenizer.model";
   json tok, cfg = json::object();
-  try {
-    tok = json::parse(read_file(tpath));
-  } catch (const json::exception& e) {
-    MOE_FAIL("%s: malformed JSON: %s", tpath.c_str(), e.what());
-  }
   std::ifstream probe(cpath);
   if (probe.good()) {
     try {
@@ -666,7 +734,99 @@ Tokenizer Tokenizer::from_dir(const std::string& dir) {
       MOE_FAIL("%s: malformed JSON: %s", cpath.c_str(), e.what());
     }
   }
+  if (!std::ifstream(tpath).good() && std::ifstream(mpath).good()) return from_sentencepiece(mpath, cfg);
+  MOE_CHECK(std::ifstream(tpath).good(), "cannot open %s (and there is no %s either)", tpath.c_str(), mpath.c_str());
+  try {
+    tok = json::parse(read_file(tpath));
+  } catch (const json::exception& e) {
+    MOE_FAIL("%s: malformed JSON: %s", tpath.c_str(), e.what());
+  }
   return from_json(tok, cfg, tpath);
+}
+
+Tokenizer Tokenizer::from_sentencepiece(const std::string& model_path, const json& cfg) {
+  auto impl = std::make_unique<Impl>();
+  Impl& t = *impl;
+  t.origin = model_path;
+  MOE_CHECK(cfg.is_object() || cfg.is_null(), "%s: tokenizer_config must be a JSON object", model_path.c_str());
+  if (cfg.is_object()) t.config = cfg;
+  t.spm = SpmModel::load_file(model_path);
+  const SpmModel& sp = *t.spm;
+  const int32_t n = sp.size();
+  // Special tokens: the model's control and unknown pieces, then tokenizer_config.json's.
+  std::unordered_map<int32_t, size_t> by_id;
+  auto add = [&](const std::string& content, int32_t id, bool special, bool lstrip, bool rstrip) {
+    if (content.empty()) return;
+    auto it = by_id.find(id);
+    if (it != by_id.end()) {
+      AddedToken& a = t.added[it->second];
+      a.special |= special;
+      a.lstrip |= lstrip;
+      a.rstrip |= rstrip;
+      if (a.content == content) return;
+    }
+    by_id[id] = t.added.size();
+    t.added.push_back(AddedToken{content, id, false, lstrip, rstrip, false, special});
+  };
+  for (int32_t id = 0; id < n; ++id)
+    if (sp.is_control(id) || sp.is_unknown(id)) add(sp.piece(id), id, true, false, false);
+  try {
+    if (t.config.contains("added_tokens_decoder") && t.config["added_tokens_decoder"].is_object()) {
+      for (auto& [key, v] : t.config["added_tokens_decoder"].items()) {
+        char* end = nullptr;
+        const long long id = std::strtoll(key.c_str(), &end, 10);
+        MOE_CHECK(!key.empty() && *end == 0 && id >= 0 && id < (1LL << 30),
+                  "%s: tokenizer_config added_tokens_decoder key '%s' is not a token id", model_path.c_str(),
+                  key.c_str());
+        const std::string c = token_content(v);
+        MOE_CHECK(!c.empty(), "%s: tokenizer_config added_tokens_decoder['%s'] has no content", model_path.c_str(),
+                  key.c_str());
+        auto flag = [&](const char* k) { return v.is_object() && v.contains(k) && v[k].is_boolean() && v[k].get<bool>(); };
+        add(c, int32_t(id), flag("special"), flag("lstrip"), flag("rstrip"));
+      }
+    }
+    std::vector<std::string> named;
+    for (const char* k : {"bos_token", "eos_token", "unk_token", "pad_token"})
+      if (t.config.contains(k)) named.push_back(token_content(t.config[k]));
+    if (t.config.contains("additional_special_tokens") && t.config["additional_special_tokens"].is_array())
+      for (const json& s : t.config["additional_special_tokens"]) named.push_back(token_content(s));
+    for (const std::string& c : named) {
+      if (c.empty()) continue;
+      int32_t id = -1;
+      for (auto& a : t.added)
+        if (a.content == c) id = a.id;
+      if (id < 0) id = sp.find(c);
+      if (id >= 0) add(c, id, true, false, false);
+    }
+  } catch (const json::exception& e) {
+    MOE_FAIL("%s: unexpected tokenizer_config structure: %s", model_path.c_str(), e.what());
+  }
+  t.vocab_size = n;
+  for (size_t i = 0; i < t.added.size(); ++i) {
+    const AddedToken& a = t.added[i];
+    t.added_by_id[a.id] = i;
+    t.added_map[a.content] = i;
+    t.trie_unnormalized.add(a.content);
+    if (a.special) t.special_set[a.content] = true;
+    t.vocab_size = std::max(t.vocab_size, int64_t(a.id) + 1);
+  }
+  // BOS/EOS: add_bos_token (default true, as Llama) and add_eos_token (default false).
+  auto flag = [&](const char* k, bool dflt) {
+    return t.config.contains(k) && t.config[k].is_boolean() ? t.config[k].get<bool>() : dflt;
+  };
+  auto special_id = [&](const char* key, int32_t model_id) -> int32_t {
+    const std::string c = t.config.contains(key) ? token_content(t.config[key]) : "";
+    if (c.empty()) return model_id;
+    const int32_t id = t.lookup(c);
+    MOE_CHECK(id >= 0, "%s: tokenizer_config %s '%s' is not in the vocabulary", model_path.c_str(), key, c.c_str());
+    return id;
+  };
+  const int32_t bos = special_id("bos_token", sp.bos_id()), eos = special_id("eos_token", sp.eos_id());
+  if (flag("add_bos_token", true) && bos >= 0) t.post_prefix.push_back(bos);
+  if (flag("add_eos_token", false) && eos >= 0) t.post_suffix.push_back(eos);
+  // transformers cleans up tokenization spaces only when asked to; SentencePiece never does.
+  t.clean_up_spaces = flag("clean_up_tokenization_spaces", false);
+  return Tokenizer(std::move(impl));
 }
 
 Tokenizer Tokenizer::from_json(const json& tj, const json& cfg, const std::string& origin) {
@@ -825,6 +985,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_t
 
 std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const {
   const Impl& t = *impl_;
+  if (t.spm) return t.decode_spm(ids, skip_special_tokens);
   std::vector<std::string> tokens;
   tokens.reserve(ids.size());
   const auto& vocab = t.model.id_to_token();
@@ -854,6 +1015,11 @@ std::optional<int32_t> Tokenizer::token_to_id(std::string_view token) const {
 }
 
 std::string Tokenizer::id_to_token(int32_t id) const {
+  if (impl_->spm) {
+    auto a = impl_->added_by_id.find(id);
+    if (a != impl_->added_by_id.end()) return impl_->added[a->second].content;
+    return id >= 0 && id < impl_->spm->size() ? impl_->spm->piece(id) : std::string();
+  }
   const auto& v = impl_->model.id_to_token();
   return id >= 0 && size_t(id) < v.size() ? v[size_t(id)] : std::string();
 }
@@ -861,12 +1027,16 @@ std::string Tokenizer::id_to_token(int32_t id) const {
 bool Tokenizer::is_special(int32_t id) const { return impl_->special_set.count(id_to_token(id)) > 0; }
 
 std::optional<int32_t> Tokenizer::bos_id() const {
+  if (impl_->spm && !impl_->config.contains("bos_token"))
+    return impl_->spm->bos_id() >= 0 ? std::optional<int32_t>(impl_->spm->bos_id()) : std::nullopt;
   if (!impl_->config.contains("bos_token")) return std::nullopt;
   const std::string c = token_content(impl_->config["bos_token"]);
   return c.empty() ? std::nullopt : token_to_id(c);
 }
 
 std::optional<int32_t> Tokenizer::eos_id() const {
+  if (impl_->spm && !impl_->config.contains("eos_token"))
+    return impl_->spm->eos_id() >= 0 ? std::optional<int32_t>(impl_->spm->eos_id()) : std::nullopt;
   if (!impl_->config.contains("eos_token")) return std::nullopt;
   const std::string c = token_content(impl_->config["eos_token"]);
   return c.empty() ? std::nullopt : token_to_id(c);

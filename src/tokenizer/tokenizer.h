@@ -18,8 +18,20 @@
 // add_bos_token / add_eos_token (when present) decide BOS/EOS, as transformers does.
 // Input that is not valid UTF-8 is first made valid (each invalid sequence -> U+FFFD).
 //
-// Thread-safety: a loaded Tokenizer is immutable apart from an internal word cache that is
-// guarded; encode/decode may be called concurrently.
+// SentencePiece: a directory with tokenizer.model but no tokenizer.json is loaded through
+// libsentencepiece (spm_model.h): the text between special tokens is encoded exactly as
+// SentencePiece (spm_encode) does. Special tokens: the model's control pieces (<s>, </s>, ...),
+// its unknown piece and tokenizer_config.json's added_tokens_decoder / additional_special_tokens;
+// their strings in the text become their ids (as transformers' slow tokenizers split on them).
+// add_special_tokens adds BOS when add_bos_token (default true, as Llama) and EOS when
+// add_eos_token (default false); bos_token / eos_token of tokenizer_config.json name them, else
+// the model's own. decode is SentencePiece's, except that special tokens other than the unknown
+// piece are written as their text (unless skip_special_tokens), as transformers does; the unknown
+// piece decodes to SentencePiece's " ⁇ " (dropped by skip_special_tokens).
+//
+// Thread-safety: a loaded Tokenizer is immutable apart from its word caches (a per-thread one,
+// 1 MiB per encoding thread, shared by all tokenizers, and a guarded shared one); encode/decode may
+// be called concurrently.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -34,8 +46,11 @@ namespace moe {
 
 class Tokenizer {
  public:
-  // Loads DIR/tokenizer.json and, when present, DIR/tokenizer_config.json.
+  // Loads DIR/tokenizer.json and, when present, DIR/tokenizer_config.json. Without
+  // tokenizer.json, DIR/tokenizer.model (SentencePiece) is loaded instead.
   static Tokenizer from_dir(const std::string& dir);
+  // A SentencePiece .model file with tokenizer_config.json's contents (an object, or null/{}).
+  static Tokenizer from_sentencepiece(const std::string& model_path, const nlohmann::json& config);
   // `origin` names the source in error messages.
   static Tokenizer from_json(const nlohmann::json& tokenizer, const nlohmann::json& config,
                              const std::string& origin = "tokenizer.json");

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <mutex>
 #include <unordered_map>
 
@@ -26,8 +27,11 @@ struct Tables {
   std::unordered_map<uint32_t, uint32_t> decomp_index;  // cp -> row in kDecompositions
   std::unordered_map<uint64_t, uint32_t> compose;       // (first << 21 | second) -> composite
   uint32_t nfc_stable_below = 0;  // every code point below this is an NFC-inert starter
+  // The NFC_Quick_Check property (UAX #15), derived from the tables: 0 Yes, 1 Maybe (may combine
+  // with a preceding character), 2 No (never occurs in NFC).
+  std::vector<uint8_t> nfc_qc;
 
-  Tables() : category(kMaxCp, 0), ccc(kMaxCp, 0) {
+  Tables() : category(kMaxCp, 0), ccc(kMaxCp, 0), nfc_qc(kMaxCp, 0) {
     for (const auto& r : kGeneralCategoryRanges)
       std::fill(category.begin() + r.lo, category.begin() + r.hi + 1, static_cast<uint8_t>(r.value));
     uint32_t stable = kMaxCp;
@@ -45,6 +49,14 @@ struct Tables {
     for (const auto& d : kDecompositions)
       if (!composite.count(d[0])) stable = std::min(stable, d[0]);
     nfc_stable_below = stable;
+    // Maybe: the second character of a primary composite (Hangul: V and T jamo).
+    for (const auto& c : kCompositions) nfc_qc[c[1]] = 1;
+    for (uint32_t cp = kVBase; cp < kVBase + kVCount; ++cp) nfc_qc[cp] = 1;
+    for (uint32_t cp = kTBase + 1; cp < kTBase + kTCount; ++cp) nfc_qc[cp] = 1;
+    // No: decomposable but not a primary composite (singletons, exclusions, non-starter
+    // decompositions): NFC never contains it.
+    for (const auto& d : kDecompositions)
+      if (!composite.count(d[0])) nfc_qc[d[0]] = 2;
   }
 };
 
@@ -129,10 +141,21 @@ void utf8_append(std::string& out, uint32_t cp) {
   }
 }
 
+// Length of the all-ASCII prefix of s[i..] rounded down to 8 bytes, plus i.
+inline size_t skip_ascii8(std::string_view s, size_t i) {
+  while (i + 8 <= s.size()) {
+    uint64_t v;
+    std::memcpy(&v, s.data() + i, 8);
+    if (v & 0x8080808080808080ULL) break;
+    i += 8;
+  }
+  return i;
+}
+
 bool utf8_valid(std::string_view s) {
   for (size_t i = 0; i < s.size();) {
     if (static_cast<unsigned char>(s[i]) < 0x80) {
-      ++i;
+      i = skip_ascii8(s, i + 1);
       continue;
     }
     const size_t n = utf8_valid_len(s, i);
@@ -191,6 +214,27 @@ size_t utf8_complete_prefix(std::string_view s) {
   return n;
 }
 
+bool nfc_quick_check(std::string_view s) {
+  const Tables& t = tables();
+  uint8_t last_cc = 0;
+  for (size_t i = 0; i < s.size();) {
+    if (static_cast<unsigned char>(s[i]) < 0x80) {  // ASCII: a starter, NFC_QC = Yes
+      i = skip_ascii8(s, i + 1);
+      last_cc = 0;
+      continue;
+    }
+    const uint32_t cp = utf8_next(s, i);
+    if (cp < t.nfc_stable_below) {
+      last_cc = 0;
+      continue;
+    }
+    const uint8_t cc = t.ccc[cp];
+    if ((cc != 0 && last_cc > cc) || t.nfc_qc[cp] != 0) return false;
+    last_cc = cc;
+  }
+  return true;
+}
+
 bool nfc_quick_ascii(std::string_view s) {
   for (char c : s)
     if (static_cast<unsigned char>(c) >= 0x80) return false;
@@ -199,18 +243,7 @@ bool nfc_quick_ascii(std::string_view s) {
 
 std::string nfc(std::string_view s) {
   const Tables& t = tables();
-  // Fast path: nothing at or above the first NFC-active code point.
-  {
-    bool inert = true;
-    for (size_t i = 0; i < s.size() && inert;) {
-      if (static_cast<unsigned char>(s[i]) < 0x80) {
-        ++i;
-        continue;
-      }
-      inert = utf8_next(s, i) < t.nfc_stable_below;
-    }
-    if (inert) return std::string(s);
-  }
+  if (nfc_quick_check(s)) return std::string(s);
   // 1. Full canonical decomposition.
   std::vector<uint32_t> cps;
   cps.reserve(s.size());

@@ -37,6 +37,8 @@ size_t utf8_complete_prefix(std::string_view s);
 
 // Unicode Normalization Form C (canonical decomposition, reordering, canonical composition).
 std::string nfc(std::string_view s);
+// The NFC quick check of UAX #15 answering Yes: true guarantees nfc(s) == s (false: maybe not).
+bool nfc_quick_check(std::string_view s);
 // True when every code point is below U+0300 (ASCII or Latin-1 range without combining marks):
 // such text is already in NFC.
 bool nfc_quick_ascii(std::string_view s);
