@@ -12,7 +12,7 @@
 # Making the tarball (dev machine, repo root; .devdeps/ is git-ignored):
 #   mkdir -p .devdeps && cd .devdeps && apt-get download libopenblas0-pthread libopenblas-pthread-dev \
 #     libopenblas-dev libopenblas0 nlohmann-json3-dev libcli11-dev libgtest-dev googletest libgfortran5 \
-#     pkgconf-bin libpkgconf3 && for f in *.deb; do dpkg -x $f root; done && \
+#     pkgconf-bin libpkgconf3 libsentencepiece-dev libsentencepiece0 libprotobuf-lite32 && for f in *.deb; do dpkg -x $f root; done && \
 #     rm -rf root/usr/share/doc root/usr/src && tar -cJf devdeps.tar.xz root
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
