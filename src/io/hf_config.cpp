@@ -5,6 +5,7 @@
 // config that loads in transformers means the same thing here. JSON null counts as absent
 // (transformers writes "head_dim": null, "bos_token_id": null). Settings the engine cannot honour
 // (another activation, RoPE scaling) are errors rather than silently wrong models.
+#include "core/json_util.h"
 #include "io/hf_config.h"
 
 #include <algorithm>
@@ -42,15 +43,6 @@ const char* architecture_name(const std::string& model_type) {
   if (model_type == "qwen2_moe") return "Qwen2MoeForCausalLM";
   if (model_type == "qwen3_moe") return "Qwen3MoeForCausalLM";
   return nullptr;
-}
-
-std::string json_error_text(const std::exception& e) {
-  std::string s = e.what();  // "[json.exception.parse_error.101] parse error at ..."
-  if (!s.empty() && s[0] == '[') {
-    size_t close = s.find("] ");
-    if (close != std::string::npos) s.erase(0, close + 2);
-  }
-  return s;
 }
 
 std::string json_brief(const json& j) {
@@ -184,13 +176,7 @@ bool ModelConfig::layer_is_moe(int64_t l) const {
 
 ModelConfig parse_hf_config(const std::string& json_text, const std::string& what) {
   const char* w = what.c_str();
-  json j;
-  try {
-    j = json::parse(json_text);
-  } catch (const json::exception& e) {
-    MOE_FAIL("%s: malformed JSON: %s", w, json_error_text(e).c_str());
-  }
-  MOE_CHECK(j.is_object(), "%s: expected a JSON object, got %s", w, j.type_name());
+  json j = parse_json_object(json_text, what);
   Fields f(j, what);
 
   ModelConfig c;

@@ -4,6 +4,7 @@
 // The header parser never trusts a number from the file: lengths are checked against the file
 // size before use, element counts are multiplied with overflow checks, and every message names
 // the file and the tensor or field at fault (DESIGN.md invariant 6).
+#include "core/json_util.h"
 #include "io/safetensors.h"
 
 #include <fcntl.h>
@@ -37,16 +38,6 @@ constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 // A valid header nests three levels ({name: {shape: [..]}}). Anything far deeper is garbage; the
 // limit keeps pathological input from costing stack or time anywhere downstream.
 constexpr int kMaxJsonDepth = 64;
-
-// nlohmann's messages start with "[json.exception.parse_error.101] "; the tag helps nobody.
-std::string json_error_text(const std::exception& e) {
-  std::string s = e.what();
-  if (!s.empty() && s[0] == '[') {
-    size_t close = s.find("] ");
-    if (close != std::string::npos) s.erase(0, close + 2);
-  }
-  return s;
-}
 
 // A non-negative JSON integer (floats, negatives, and numbers beyond uint64 are rejected).
 bool json_to_u64(const json& j, uint64_t* out) {
@@ -329,13 +320,7 @@ Checkpoint Checkpoint::open_dir(const std::string& dir) {
   if (path_exists(index_path)) {
     const char* ip = index_path.c_str();
     std::string text = read_text_file(index_path);
-    json root;
-    try {
-      root = json::parse(text);
-    } catch (const json::exception& e) {
-      MOE_FAIL("%s: malformed JSON: %s", ip, json_error_text(e).c_str());
-    }
-    MOE_CHECK(root.is_object(), "%s: expected a JSON object, got %s", ip, root.type_name());
+    json root = parse_json_object(text, index_path);
     auto wm = root.find("weight_map");
     MOE_CHECK(wm != root.end(), "%s: missing field 'weight_map'", ip);
     MOE_CHECK(wm->is_object(), "%s: weight_map must be an object of tensor name -> shard file, got %s", ip,

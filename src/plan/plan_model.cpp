@@ -1,4 +1,5 @@
 // plan_model.cpp — PlanModel from ModelConfig / HF config.json, and the exact parameter count.
+#include "core/json_util.h"
 #include "plan/plan_model.h"
 
 #include <filesystem>
@@ -374,13 +375,7 @@ PlanModel from_switch(const Fields& f) {
 }  // namespace
 
 PlanModel plan_model_from_hf_json(const std::string& text, const std::string& what) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    MOE_FAIL("%s: malformed JSON: %s", what.c_str(), e.what());
-  }
-  MOE_CHECK(j.is_object(), "%s: expected a JSON object", what.c_str());
+  json j = parse_json_object(text, what);
   Fields f{j, what};
   const json* mt = f.get("model_type");
   MOE_CHECK(mt && mt->is_string(), "%s: missing or non-string field 'model_type'", what.c_str());

@@ -1,4 +1,5 @@
 // plan_report.cpp — layout search, time and cost, and the table / JSON / --explain renderings.
+#include "core/json_util.h"
 #include "plan/plan_report.h"
 
 #include <algorithm>
@@ -142,13 +143,7 @@ GpuPlan best_layout(const PlanModel& m, const PlanRequest& req, const GpuSpec& g
 }  // namespace
 
 PriceTable parse_prices(const std::string& text, const std::string& what) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    MOE_FAIL("%s: malformed JSON: %s", what.c_str(), e.what());
-  }
-  MOE_CHECK(j.is_object(), "%s: expected a JSON object", what.c_str());
+  json j = parse_json_object(text, what);
   PriceTable p;
   p.path = what;
   if (j.contains("currency")) {
