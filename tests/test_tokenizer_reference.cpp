@@ -143,6 +143,36 @@ TEST(TokenizerReference, Llama2) { check_tokenizer("llama2"); }
 TEST(TokenizerReference, DeepseekV3) { check_tokenizer("deepseek_v3"); }
 TEST(TokenizerReference, GptOss) { check_tokenizer("gptoss"); }
 
+// The CLI contract: `moe tokenize DIR --file F` prints one JSON id array per input line, and
+// `--decode` turns those arrays back into JSON strings; both must equal the reference.
+TEST(TokenizerReference, CliFileContract) {
+  REQUIRE_REFERENCE(dir);
+  const std::string moe = std::string(MOE_BINARY_DIR) + "/moe";
+  ASSERT_TRUE(exists(moe)) << moe;
+  const std::vector<json> corpus = read_jsonl(dir + "/corpus.jsonl");
+  for (const std::string name : {"qwen3", "llama2"}) {
+    const std::vector<json> expected = read_jsonl(dir + "/" + name + ".jsonl");
+    const std::string tdir = dir + "/tokenizers/" + name;
+    const std::string out = std::string(MOE_BINARY_DIR) + "/cli_tokenize_" + name + ".jsonl";
+    const std::string cmd = moe + " tokenize '" + tdir + "' --file '" + dir + "/corpus.jsonl' > '" + out + "'";
+    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    const std::vector<json> got = read_jsonl(out);
+    ASSERT_EQ(got.size(), corpus.size()) << name;
+    size_t ok = 0;
+    for (size_t i = 0; i < corpus.size(); ++i) ok += got[i] == expected[i + 1]["ids"];
+    EXPECT_EQ(ok, corpus.size()) << name;
+    const std::string dec_out = out + ".decoded";
+    const std::string dcmd = moe + " tokenize '" + tdir + "' --decode --file '" + out + "' > '" + dec_out + "'";
+    ASSERT_EQ(std::system(dcmd.c_str()), 0) << dcmd;
+    const std::vector<json> dec = read_jsonl(dec_out);
+    ASSERT_EQ(dec.size(), corpus.size()) << name;
+    size_t dok = 0;
+    for (size_t i = 0; i < corpus.size(); ++i) dok += dec[i] == expected[i + 1]["decoded_special"];
+    EXPECT_EQ(dok, corpus.size()) << name;
+    std::printf("[cli %s] encode %zu/%zu, decode %zu/%zu\n", name.c_str(), ok, corpus.size(), dok, corpus.size());
+  }
+}
+
 TEST(TokenizerReference, Nfc) {
   REQUIRE_REFERENCE(dir);
   size_t ok = 0, n = 0;
