@@ -781,7 +781,10 @@ Tokenizer Tokenizer::from_sentencepiece(const std::string& model_path, const jso
         const std::string c = token_content(v);
         MOE_CHECK(!c.empty(), "%s: tokenizer_config added_tokens_decoder['%s'] has no content", model_path.c_str(),
                   key.c_str());
-        auto flag = [&](const char* k) { return v.is_object() && v.contains(k) && v[k].is_boolean() && v[k].get<bool>(); };
+        const auto& entry = v;  // clang 14 cannot capture structured bindings
+        auto flag = [&](const char* k) {
+          return entry.is_object() && entry.contains(k) && entry[k].is_boolean() && entry[k].get<bool>();
+        };
         add(c, int32_t(id), flag("special"), flag("lstrip"), flag("rstrip"));
       }
     }
