@@ -213,6 +213,9 @@ void add_generate_command(CLI::App& app) {
     std::vector<int32_t> prompt;
     if (!o->ids.empty()) {
       prompt = parse_ids(o->ids);
+      // With a tokenizer in the model directory the generated text is shown too.
+      if (std::filesystem::exists(o->dir + "/tokenizer.json") || std::filesystem::exists(o->dir + "/tokenizer.model"))
+        tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(o->dir));
     } else {
       tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(o->dir));
       if (!o->prompt.empty()) {
