@@ -46,10 +46,11 @@ std::vector<float> golden(const SafetensorsFile& g, const std::string& key) {
 
 class Reference : public ::testing::TestWithParam<std::string> {};
 
-TEST_P(Reference, LogitsAndRouterMatchPyTorch) {
-  const std::string dir = fixture(GetParam());
-  if (!std::filesystem::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
-  Model m = Model::load(dir);
+// Full forward of the fixture batch with `lo`; logits and every layer's router logits against
+// the float64 golden values (normwise <= 1e-5, max-abs relative <= 1e-4).
+void check_logits_and_router(const std::string& family, const LoadOptions& lo, const char* label) {
+  const std::string dir = fixture(family);
+  Model m = Model::load(dir, lo);
   auto batch = SafetensorsFile::open(dir + "/batch.safetensors");
   auto gold = SafetensorsFile::open(dir + "/golden.safetensors");
   Tensor ids = batch->tensor("input_ids", MemCategory::Activations);
@@ -59,7 +60,7 @@ TEST_P(Reference, LogitsAndRouterMatchPyTorch) {
   ForwardResult r = m.forward(ids, kv, fo);
 
   Err e = compare(r.logits.to_f32_vector(), golden(*gold, "logits"));
-  std::printf("%s logits: rel_fro %.3g rel_max %.3g\n", GetParam().c_str(), e.rel_fro, e.rel_max);
+  std::printf("%s%s logits: rel_fro %.3g rel_max %.3g\n", label, family.c_str(), e.rel_fro, e.rel_max);
   EXPECT_LE(e.rel_fro, 1e-5) << "logits";
   EXPECT_LE(e.rel_max, 1e-4) << "logits";
   for (int64_t l = 0; l < m.config().n_layer; ++l) {
@@ -68,6 +69,12 @@ TEST_P(Reference, LogitsAndRouterMatchPyTorch) {
     EXPECT_LE(er.rel_fro, 1e-5) << key;
     EXPECT_LE(er.rel_max, 1e-4) << key;
   }
+}
+
+TEST_P(Reference, LogitsAndRouterMatchPyTorch) {
+  const std::string dir = fixture(GetParam());
+  if (!std::filesystem::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
+  check_logits_and_router(GetParam(), LoadOptions{}, "");
 }
 
 TEST_P(Reference, ExpertChoiceMatchesPyTorch) {
@@ -202,28 +209,11 @@ TEST_P(Reference, Bf16WeightsStayClose) {
 // The same fixtures on the CUDA backend: f32 weights and activations must match the float64
 // golden logits like the CPU does; bf16 must agree on the argmax of (nearly) every position.
 TEST_P(Reference, CudaF32LogitsMatchPyTorch) {
-  const std::string dir = fixture(GetParam());
   if (!cuda_available()) GTEST_SKIP() << "no CUDA GPU: CUDA reference test SKIPPED";
   LoadOptions lo;
   lo.device = Device::CUDA;
   lo.act_dtype = DType::F32;
-  Model m = Model::load(dir, lo);
-  auto batch = SafetensorsFile::open(dir + "/batch.safetensors");
-  auto gold = SafetensorsFile::open(dir + "/golden.safetensors");
-  Tensor ids = batch->tensor("input_ids", MemCategory::Activations);
-  KVCache kv = m.make_cache(ids.dim(0), ids.dim(1));
-  ForwardOptions fo;
-  fo.want_router_logits = true;
-  ForwardResult r = m.forward(ids, kv, fo);
-  Err e = compare(r.logits.to_f32_vector(), golden(*gold, "logits"));
-  std::printf("cuda f32 %s logits: rel_fro %.3g rel_max %.3g\n", GetParam().c_str(), e.rel_fro, e.rel_max);
-  EXPECT_LE(e.rel_fro, 1e-5);
-  EXPECT_LE(e.rel_max, 1e-4);
-  for (int64_t l = 0; l < m.config().n_layer; ++l) {
-    const std::string key = "router_logits." + std::to_string(l);
-    Err er = compare(r.router_logits[size_t(l)].to_f32_vector(), golden(*gold, key));
-    EXPECT_LE(er.rel_fro, 1e-5) << key;
-  }
+  check_logits_and_router(GetParam(), lo, "cuda f32 ");
 }
 
 TEST_P(Reference, CudaBf16ArgmaxAgrees) {
