@@ -168,7 +168,7 @@ void add_logits_command(CLI::App& app) {
     MOE_CHECK(ids.ndim() == 2 && (ids.dtype() == DType::I32 || ids.dtype() == DType::I64),
               "%s: input_ids must be [B,S] i32 or i64, got %s", o->input.c_str(), ids.desc().c_str());
     Checkpoint ck = Checkpoint::open_dir(o->dir);
-    Model m = Model::load(o->dir, resolve_device_flags(o->dev, checkpoint_dtype(ck)));
+    Model m = Model::load(ck, resolve_device_flags(o->dev, checkpoint_dtype(ck)));
     KVCache kv = m.make_cache(ids.dim(0), ids.dim(1));
     ForwardOptions fo;
     fo.want_router_logits = true;
@@ -229,9 +229,9 @@ void add_generate_command(CLI::App& app) {
       }
       MOE_CHECK(!prompt.empty(), "the prompt encodes to no tokens");
     }
-    Checkpoint ck = Checkpoint::open_dir(o->dir);
     double t_load = now_seconds();
-    Model m = Model::load(o->dir, resolve_device_flags(o->dev, checkpoint_dtype(ck)));
+    Checkpoint ck = Checkpoint::open_dir(o->dir);
+    Model m = Model::load(ck, resolve_device_flags(o->dev, checkpoint_dtype(ck)));
     t_load = now_seconds() - t_load;
     const ModelConfig& c = m.config();
     for (int32_t id : prompt)

@@ -172,9 +172,10 @@ static void build(const ModelConfig& c, const Source& get, const LoadOptions& op
   }
 }
 
-Model Model::load(const std::string& dir, const LoadOptions& opt) {
-  ModelConfig cfg = load_hf_config(dir + "/config.json");
-  Checkpoint ck = Checkpoint::open_dir(dir);
+Model Model::load(const std::string& dir, const LoadOptions& opt) { return load(Checkpoint::open_dir(dir), opt); }
+
+Model Model::load(const Checkpoint& ck, const LoadOptions& opt) {
+  ModelConfig cfg = load_hf_config(ck.dir() + "/config.json");
   Model m;
   m.cfg_ = cfg;
   m.opt_ = opt;
@@ -282,7 +283,6 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
   Tensor attn = Tensor::empty({b_n, s_n, h_n, dh}, adt, act, dev);
   Tensor qkv1 = t_n == 1 ? Tensor::empty({1, (h_n + 2 * hkv) * dh}, adt, act, dev) : Tensor();
   Tensor y = Tensor::empty({t_n, d}, adt, act, dev);
-  if (fo.want_expert_counts) res.expert_counts.assign(static_cast<size_t>(c.n_layer * c.n_expert), 0);
 
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LayerWeights& lw = w_.layers[static_cast<size_t>(l)];
@@ -350,11 +350,6 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
     }
     add_inplace(x, y);
     if (fo.want_router_logits) res.router_logits.push_back(logits);
-    if (fo.want_expert_counts) {
-      Tensor oh = offsets.device() == Device::CPU ? offsets : offsets.to(Device::CPU, act);
-      for (int64_t e = 0; e < e_n; ++e)
-        res.expert_counts[static_cast<size_t>(l * e_n + e)] = oh.data<int32_t>()[e + 1] - oh.data<int32_t>()[e];
-    }
   }
 
   // --- head ---

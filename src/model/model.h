@@ -14,6 +14,8 @@
 
 namespace moe {
 
+class Checkpoint;
+
 // Parameters a config implies: all of them, and those a token touches (K of E experts).
 int64_t params_total(const ModelConfig& cfg);
 int64_t params_active(const ModelConfig& cfg);
@@ -59,13 +61,11 @@ struct KVCache {
 struct ForwardOptions {
   bool last_logits_only = false;  // logits for the last position of each sequence only
   bool want_router_logits = false;
-  bool want_expert_counts = false;  // reads the per-expert counts back to the host (a sync on CUDA)
 };
 
 struct ForwardResult {
   Tensor logits;                      // [B,S,V] f32 (or [B,1,V] with last_logits_only), on the model's device
   std::vector<Tensor> router_logits;  // per MoE layer [B*S,E] f32 (empty for dense layers), if asked
-  std::vector<int64_t> expert_counts; // [n_layer*E] tokens routed per expert in this call (host)
 };
 
 class Model {
@@ -73,6 +73,8 @@ class Model {
   // Loads config.json + safetensors weights from `dir`. Throws moe::Error naming the missing
   // tensor / bad shape / bad config.
   static Model load(const std::string& dir, const LoadOptions& opt = {});
+  // The same from a checkpoint already open (its directory holds config.json).
+  static Model load(const Checkpoint& ck, const LoadOptions& opt = {});
   // Builds from a config and named tensors (e.g. random init) without files.
   static Model from_tensors(const ModelConfig& cfg, const std::vector<std::pair<std::string, Tensor>>& named,
                             const LoadOptions& opt = {});
