@@ -76,15 +76,6 @@ std::vector<json> read_jsonl(const std::string& path) {
   return out;
 }
 
-std::string show_ids(const std::vector<int32_t>& v) {
-  std::string s = "[";
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (i) s += ',';
-    s += std::to_string(v[i]);
-  }
-  return s + "]";
-}
-
 void check_tokenizer(const std::string& name) {
   REQUIRE_REFERENCE(dir);
   const std::vector<json> corpus = read_jsonl(dir + "/corpus.jsonl");
@@ -103,8 +94,8 @@ void check_tokenizer(const std::string& name) {
     ids_ok += ids == want_ids;
     plain_ok += plain == want_plain;
     if (plain != want_plain && shown++ < 5)
-      ADD_FAILURE() << name << " #" << i << " " << json(s).dump() << "\n  got  " << show_ids(plain) << "\n  want "
-                    << show_ids(want_plain);
+      ADD_FAILURE() << name << " #" << i << " " << json(s).dump() << "\n  got  " << ids_to_json(plain) << "\n  want "
+                    << ids_to_json(want_plain);
     std::string dec = tok.decode(want_plain), dec_special = tok.decode(want_ids);
     dec_ok += dec == e["decoded"].get<std::string>();
     dec_special_ok += dec_special == e["decoded_special"].get<std::string>();

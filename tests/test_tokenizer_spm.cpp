@@ -71,15 +71,6 @@ std::vector<int32_t> parse_ids(const std::string& line) {
   return ids;
 }
 
-std::string show_ids(const std::vector<int32_t>& v) {
-  std::string s = "[";
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (i) s += ',';
-    s += std::to_string(v[i]);
-  }
-  return s + "]";
-}
-
 // ---- deterministic multilingual text ----
 
 struct Rng {
@@ -289,8 +280,8 @@ void compare_with_tools(const std::string& name) {
     const std::vector<int32_t> got = tok.encode(s, false);
     ids_ok += got == want;
     if (got != want && shown++ < 5)
-      ADD_FAILURE() << name << " #" << i << " " << json(s).dump() << "\n  got  " << show_ids(got) << "\n  want "
-                    << show_ids(want);
+      ADD_FAILURE() << name << " #" << i << " " << json(s).dump() << "\n  got  " << ids_to_json(got) << "\n  want "
+                    << ids_to_json(want);
     std::vector<int32_t> with_bos = {bos};
     with_bos.insert(with_bos.end(), want.begin(), want.end());
     bos_ok += tok.encode(s) == with_bos;
@@ -298,7 +289,7 @@ void compare_with_tools(const std::string& name) {
     const std::string dec = tok.decode(want);
     dec_ok += dec == ref_dec[i];
     if (dec != ref_dec[i] && shown++ < 5)
-      ADD_FAILURE() << name << " #" << i << " decode " << show_ids(want) << "\n  got  " << json(dec).dump()
+      ADD_FAILURE() << name << " #" << i << " decode " << ids_to_json(want) << "\n  got  " << json(dec).dump()
                     << "\n  want " << json(ref_dec[i]).dump();
     ref_rt += ref_dec[i] == s;
     rt += dec == s && ref_dec[i] == s;

@@ -27,15 +27,6 @@
 namespace moe {
 namespace {
 
-std::string ids_json(const std::vector<int32_t>& ids) {
-  std::string s = "[";
-  for (size_t i = 0; i < ids.size(); ++i) {
-    if (i) s += ',';
-    s += std::to_string(ids[i]);
-  }
-  return s + "]";
-}
-
 std::vector<int32_t> parse_id_array(const std::string& text, const std::string& where) {
   nlohmann::json j;
   try {
@@ -100,7 +91,7 @@ void add_tokenize_command(CLI::App& app) {
     Tokenizer tok = Tokenizer::from_dir(o->dir);
     auto one = [&](const std::string& input, const std::string& where) {
       if (o->decode) return json_string(tok.decode(parse_id_array(input, where), o->skip_special));
-      return ids_json(tok.encode(input, !o->no_special));
+      return ids_to_json(tok.encode(input, !o->no_special));
     };
     if (text->count() > 0) {
       std::printf("%s\n", one(o->text, "--text").c_str());

@@ -1084,4 +1084,13 @@ std::string DecodeStream::flush() {
   return out;
 }
 
+std::string ids_to_json(const std::vector<int32_t>& ids) {
+  std::string s = "[";
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (i) s += ',';
+    s += std::to_string(ids[i]);
+  }
+  return s + "]";
+}
+
 }  // namespace moe

@@ -83,6 +83,9 @@ class Tokenizer {
   std::unique_ptr<Impl> impl_;
 };
 
+// Token ids as a compact JSON array, "[1,2,3]" (the `moe tokenize` output format).
+std::string ids_to_json(const std::vector<int32_t>& ids);
+
 // Incremental decoding for streaming: feed ids one at a time; text is released only when it is
 // final (never a partial UTF-8 sequence, never text a later token could still change at the end).
 // The concatenation of all step() results and flush() equals decode(all ids).
