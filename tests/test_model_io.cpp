@@ -134,6 +134,10 @@ TEST(ModelForward, OutOfRangeTokenAndCacheOverflowAreErrors) {
   ids.data<int64_t>()[1] = 999;
   KVCache kv = m.make_cache(1, 8);
   EXPECT_THROW(m.forward(ids, kv), Error);
+  Tensor ids32 = Tensor::empty({1, 1}, DType::I32, MemCategory::Activations);
+  ids32.data<int32_t>()[0] = -3;
+  KVCache kv32 = m.make_cache(1, 8);
+  EXPECT_THROW(m.forward(ids32, kv32), Error);
   ids.data<int64_t>()[1] = 2;
   KVCache small = m.make_cache(1, 1);
   EXPECT_THROW(m.forward(ids, small), Error);

@@ -22,7 +22,8 @@ Tensor prepare(const Tensor& src, const std::string& name, const Shape& want, co
             name.c_str(), dtype_name(dt));
   Tensor t = src.to_dtype(dt, MemCategory::Weights);
   if (opt.device != Device::CPU) return t.to(opt.device, MemCategory::Weights);
-  if (t.dtype() == src.dtype() && t.category() != MemCategory::Weights) return t.clone();
+  // Tensors handed in under another category are copied so that the model's bytes count as weights.
+  if (t.category() != MemCategory::Weights) return t.to(Device::CPU, MemCategory::Weights);
   return t;
 }
 
@@ -260,16 +261,21 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
   const DType adt = opt_.act_dtype;
   const MemCategory act = MemCategory::Activations;
 
-  Tensor ids = ids_in.dtype() == DType::I32 ? ids_in : Tensor();
-  if (!ids.defined()) {
-    MOE_CHECK(ids_in.dtype() == DType::I64 && ids_in.device() == Device::CPU, "forward: ids must be i32 or i64");
-    ids = Tensor::empty(ids_in.shape(), DType::I32, act);
-    const int64_t* src = ids_in.data<int64_t>();
+  // Host ids are range-checked here, once, for every backend (the CUDA embedding trusts them).
+  Tensor ids = ids_in;
+  if (ids_in.device() == Device::CPU) {
+    MOE_CHECK(ids_in.dtype() == DType::I32 || ids_in.dtype() == DType::I64, "forward: ids must be i32 or i64, got %s",
+              dtype_name(ids_in.dtype()));
+    const bool wide = ids_in.dtype() == DType::I64;
+    if (wide) ids = Tensor::empty(ids_in.shape(), DType::I32, act);
     for (int64_t i = 0; i < t_n; ++i) {
-      MOE_CHECK(src[i] >= 0 && src[i] < c.vocab_size, "forward: token id %lld out of range [0,%lld)",
-                (long long)src[i], (long long)c.vocab_size);
-      ids.data<int32_t>()[i] = static_cast<int32_t>(src[i]);
+      const int64_t v = wide ? ids_in.data<int64_t>()[i] : ids_in.data<int32_t>()[i];
+      MOE_CHECK(v >= 0 && v < c.vocab_size, "forward: token id %lld out of range [0,%lld)", (long long)v,
+                (long long)c.vocab_size);
+      if (wide) ids.data<int32_t>()[i] = static_cast<int32_t>(v);
     }
+  } else {
+    MOE_CHECK(ids_in.dtype() == DType::I32, "forward: device ids must be i32");
   }
   if (ids.device() != dev) ids = ids.to(dev, act);
 

@@ -381,15 +381,9 @@ void launch_decode_g(Tensor& out, const Tensor& q, const Tensor& k_cache, const 
   // at multiples of 32*DPL*sizeof(T) bytes).
   bool vec = dh == 32 * DPL && (reinterpret_cast<uintptr_t>(q.raw()) | reinterpret_cast<uintptr_t>(k_cache.raw()) |
                                 reinterpret_cast<uintptr_t>(v_cache.raw())) % 16 == 0;
-  float* part_acc = nullptr;
-  float* part_ml = nullptr;
-  if (n_split > 1) {
-    size_t acc_bytes = size_t(rows) * n_split * dh * sizeof(float);
-    acc_bytes = (acc_bytes + 255) / 256 * 256;
-    char* ws = static_cast<char*>(workspace(acc_bytes + size_t(rows) * n_split * 2 * sizeof(float)));
-    part_acc = reinterpret_cast<float*>(ws);
-    part_ml = reinterpret_cast<float*>(ws + acc_bytes);
-  }
+  const SplitPartials parts = split_partials(rows, n_split, dh);
+  float* part_acc = parts.acc;
+  float* part_ml = parts.ml;
   dim3 grid{unsigned(n_split), unsigned(blocks_y)};
   Elt to = elt_of(out.dtype());
   attn_decode_kernel<T, DPL, G><<<grid, kDcWarps * 32, 0, stream()>>>(
@@ -449,6 +443,13 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
   // bf16/f16 decode with Dh 64/128 and <= 8 heads per kv head: 16-byte loads (attention_decode.cu).
   if (q.dim(1) <= kDecodeMaxS && attention_decode_vec(out, q, k_cache, v_cache, past)) return;
   MOE_CUDA_FLOAT_SWITCH(q.dtype(), T, dispatch_dh<T>(out, q, k_cache, v_cache, past));
+}
+
+SplitPartials split_partials(int64_t rows, int n_split, int64_t dh) {
+  if (n_split <= 1) return {};
+  const size_t acc_bytes = (size_t(rows) * n_split * dh * sizeof(float) + 255) / 256 * 256;
+  char* ws = static_cast<char*>(workspace(acc_bytes + size_t(rows) * n_split * 2 * sizeof(float)));
+  return {reinterpret_cast<float*>(ws), reinterpret_cast<float*>(ws + acc_bytes)};
 }
 
 }  // namespace cuda

@@ -222,15 +222,9 @@ void launch_decode_vec(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
   int n_split = int(std::max<int64_t>(1, std::min<int64_t>({want, (l_max + 63) / 64, 256})));
   int64_t chunk = (l_max + n_split - 1) / n_split;
   n_split = int((l_max + chunk - 1) / chunk);
-  float* part_acc = nullptr;
-  float* part_ml = nullptr;
-  if (n_split > 1) {
-    size_t acc_bytes = size_t(rows) * n_split * D * sizeof(float);
-    acc_bytes = (acc_bytes + 255) / 256 * 256;
-    char* ws = static_cast<char*>(workspace(acc_bytes + size_t(rows) * n_split * 2 * sizeof(float)));
-    part_acc = reinterpret_cast<float*>(ws);
-    part_ml = reinterpret_cast<float*>(ws + acc_bytes);
-  }
+  const SplitPartials parts = split_partials(rows, n_split, D);
+  float* part_acc = parts.acc;
+  float* part_ml = parts.ml;
   const Elt to = elt_of(out.dtype());
   const float scale_log2 = float(1.4426950408889634 / std::sqrt(double(D)));
   dim3 grid{unsigned(n_split), unsigned(blocks_y)};

@@ -21,5 +21,13 @@ bool attention_prefill_mma(Tensor& out, const Tensor& q, const Tensor& k_cache, 
 bool attention_decode_vec(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                           int64_t past);
 
+// Split-K decode partials in the backend workspace: acc [rows][n_split][dh] f32, then ml
+// [rows][n_split][2] (running max, sum). Both null when n_split == 1 (no merge pass).
+struct SplitPartials {
+  float* acc = nullptr;
+  float* ml = nullptr;
+};
+SplitPartials split_partials(int64_t rows, int n_split, int64_t dh);
+
 }  // namespace cuda
 }  // namespace moe
