@@ -40,6 +40,13 @@ PACKAGES=(
   python3
   git
   ca-certificates
+  # Training corpus: the King James Bible (public domain). bible-kjv-text holds it compressed in
+  # /usr/lib/bible.data (not plain text); bible-kjv's `bible` program decodes it:
+  # scripts/kjv_corpus.sh writes it as plain text (one verse per line, 4.4 MB).
+  bible-kjv-text
+  bible-kjv
+  # Headless browser for the report test (tests/cli/report_chromium.sh).
+  chromium
 )
 
 export DEBIAN_FRONTEND=noninteractive
