@@ -1,0 +1,499 @@
+// ref_kernels.cpp — the naive reference maths (ref_kernels.h): plain loops in double, written
+// from the op comments in ops.h. Clarity over speed: no blocking, no threads, no intrinsics.
+#include "ops/ref/ref_kernels.h"
+
+#include <cmath>
+#include <vector>
+
+#include "core/error.h"
+
+namespace moe {
+namespace ref {
+namespace f64 {
+namespace {
+
+double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+double silu(double x) { return x * sigmoid(x); }
+// d/dx silu(x) = sigmoid(x) * (1 + x * (1 - sigmoid(x))).
+double silu_grad(double x) {
+  const double s = sigmoid(x);
+  return s * (1.0 + x * (1.0 - s));
+}
+
+// log sum_e exp(l[e]) over n values, max-shifted.
+double logsumexp(const double* l, int64_t n) {
+  double mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, l[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(l[i] - mx);
+  return mx + std::log(sum);
+}
+
+// p [n] = softmax(l [n]).
+void softmax(double* p, const double* l, int64_t n) {
+  const double lse = logsumexp(l, n);
+  for (int64_t i = 0; i < n; ++i) p[i] = std::exp(l[i] - lse);
+}
+
+// Rotary angle of pair i at position pos: pos * theta^(-2i/Dh).
+double rope_angle(int64_t pos, int64_t i, int64_t dh, double theta) {
+  return double(pos) * std::pow(theta, -double(2 * i) / double(dh));
+}
+
+// Rotates every (i, i+Dh/2) pair of x [B,S,H,Dh] by +angle (sign 1) or -angle (sign -1).
+void rope_rotate(double* x, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh, int64_t past, double theta,
+                 double sign) {
+  const int64_t half = dh / 2;
+  for (int64_t b = 0; b < b_n; ++b)
+    for (int64_t s = 0; s < s_n; ++s)
+      for (int64_t h = 0; h < h_n; ++h) {
+        double* v = x + ((b * s_n + s) * h_n + h) * dh;
+        for (int64_t i = 0; i < half; ++i) {
+          const double ang = rope_angle(past + s, i, dh, theta);
+          const double c = std::cos(ang), sn = sign * std::sin(ang);
+          const double a = v[i], bb = v[i + half];
+          v[i] = a * c - bb * sn;
+          v[i + half] = bb * c + a * sn;
+        }
+      }
+}
+
+double dot(const double* a, const double* b, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace
+
+// ---- forward ----
+
+void embedding_forward(double* out, const int32_t* ids, const double* table, int64_t t_n, int64_t v, int64_t d) {
+  for (int64_t t = 0; t < t_n; ++t) {
+    MOE_CHECK(ids[t] >= 0 && ids[t] < v, "embedding: token id %d out of range [0,%lld)", ids[t], (long long)v);
+    for (int64_t i = 0; i < d; ++i) out[t * d + i] = table[int64_t(ids[t]) * d + i];
+  }
+}
+
+void rmsnorm_forward(double* out, double* rstd, const double* x, const double* w, double eps, int64_t n,
+                     int64_t d) {
+  for (int64_t r = 0; r < n; ++r) {
+    const double inv = 1.0 / std::sqrt(dot(x + r * d, x + r * d, d) / double(d) + eps);
+    if (rstd) rstd[r] = inv;
+    for (int64_t i = 0; i < d; ++i) out[r * d + i] = x[r * d + i] * inv * w[i];
+  }
+}
+
+void linear_forward(double* out, const double* x, const double* w, const double* bias, int64_t n, int64_t m,
+                    int64_t kd) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < m; ++c) out[r * m + c] = dot(x + r * kd, w + c * kd, kd) + (bias ? bias[c] : 0.0);
+}
+
+void rope_forward(double* x, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh, int64_t past, double theta) {
+  rope_rotate(x, b_n, s_n, h_n, dh, past, theta, 1.0);
+}
+
+void attention_forward(double* out, const double* q, const double* k_cache, const double* v_cache, int64_t b_n,
+                       int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh, int64_t cap, int64_t past) {
+  const double scale = 1.0 / std::sqrt(double(dh));
+  const int64_t group = h_n / hkv;
+  std::vector<double> sc_buf(static_cast<size_t>(past + s_n));
+  double* sc = sc_buf.data();
+  for (int64_t b = 0; b < b_n; ++b)
+    for (int64_t s = 0; s < s_n; ++s)
+      for (int64_t h = 0; h < h_n; ++h) {
+        const double* qr = q + ((b * s_n + s) * h_n + h) * dh;
+        const int64_t kvh = h / group, n_keys = past + s + 1;
+        for (int64_t j = 0; j < n_keys; ++j) sc[j] = dot(qr, k_cache + ((b * cap + j) * hkv + kvh) * dh, dh) * scale;
+        softmax(sc, sc, n_keys);
+        double* o = out + ((b * s_n + s) * h_n + h) * dh;
+        for (int64_t i = 0; i < dh; ++i) {
+          double acc = 0;
+          for (int64_t j = 0; j < n_keys; ++j) acc += sc[j] * v_cache[((b * cap + j) * hkv + kvh) * dh + i];
+          o[i] = acc;
+        }
+      }
+}
+
+void attention_forward_train(double* out, double* lse, const double* q, const double* k, const double* v,
+                             int64_t b_n, int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh) {
+  const double scale = 1.0 / std::sqrt(double(dh));
+  const int64_t group = h_n / hkv;
+  std::vector<double> sc_buf(static_cast<size_t>(s_n));
+  double* sc = sc_buf.data();
+  for (int64_t b = 0; b < b_n; ++b)
+    for (int64_t h = 0; h < h_n; ++h)
+      for (int64_t s = 0; s < s_n; ++s) {
+        const double* qr = q + ((b * s_n + s) * h_n + h) * dh;
+        const int64_t kvh = h / group;
+        for (int64_t j = 0; j <= s; ++j) sc[j] = dot(qr, k + ((b * s_n + j) * hkv + kvh) * dh, dh) * scale;
+        const double l = logsumexp(sc, s + 1);
+        if (lse) lse[(b * h_n + h) * s_n + s] = l;
+        double* o = out + ((b * s_n + s) * h_n + h) * dh;
+        for (int64_t i = 0; i < dh; ++i) {
+          double acc = 0;
+          for (int64_t j = 0; j <= s; ++j) acc += std::exp(sc[j] - l) * v[((b * s_n + j) * hkv + kvh) * dh + i];
+          o[i] = acc;
+        }
+      }
+}
+
+void router_topk_forward(int32_t* idx, double* w, const double* logits, int64_t t_n, int64_t e_n, int64_t k,
+                         bool renorm) {
+  std::vector<char> taken(static_cast<size_t>(e_n));
+  std::vector<double> p_buf(static_cast<size_t>(e_n));
+  double* p = p_buf.data();
+  for (int64_t t = 0; t < t_n; ++t) {
+    const double* l = logits + t * e_n;
+    softmax(p, l, e_n);
+    for (int64_t e = 0; e < e_n; ++e) taken[e] = false;
+    // K passes of "largest not yet taken"; strict > keeps the lower index on ties. Selecting
+    // by logit is selecting by probability (softmax is monotone) without its rounding.
+    double sum = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < e_n; ++e)
+        if (!taken[e] && (best < 0 || l[e] > l[best])) best = e;
+      taken[best] = true;
+      idx[t * k + j] = static_cast<int32_t>(best);
+      w[t * k + j] = p[best];
+      sum += p[best];
+    }
+    if (renorm)
+      for (int64_t j = 0; j < k; ++j) w[t * k + j] /= sum;
+  }
+}
+
+void moe_dispatch(int32_t* offsets, int32_t* perm, int32_t* inv, const int32_t* idx, int64_t p_n, int64_t e_n) {
+  for (int64_t a = 0; a < p_n; ++a)
+    MOE_CHECK(idx[a] >= 0 && idx[a] < e_n, "moe_dispatch: expert id %d out of range [0,%lld)", idx[a],
+              (long long)e_n);
+  // Expert by expert, assignments in order: stable by construction.
+  int64_t pos = 0;
+  for (int64_t e = 0; e < e_n; ++e) {
+    offsets[e] = static_cast<int32_t>(pos);
+    for (int64_t a = 0; a < p_n; ++a)
+      if (idx[a] == e) {
+        perm[pos] = static_cast<int32_t>(a);
+        inv[a] = static_cast<int32_t>(pos);
+        ++pos;
+      }
+  }
+  offsets[e_n] = static_cast<int32_t>(pos);
+}
+
+void gather_rows(double* xp, const double* x, const int32_t* perm, int64_t p_n, int64_t d, int64_t k) {
+  for (int64_t p = 0; p < p_n; ++p)
+    for (int64_t i = 0; i < d; ++i) xp[p * d + i] = x[(perm[p] / k) * d + i];
+}
+
+void expert_ffn_forward(double* yp, double* h1, double* h3, const double* xp, const int32_t* offsets,
+                        const double* w1, const double* w3, const double* w2, const double* row_scale, int64_t e_n,
+                        int64_t f, int64_t d) {
+  std::vector<double> a_buf(static_cast<size_t>(f));
+  double* a = a_buf.data();
+  for (int64_t e = 0; e < e_n; ++e) {
+    const double* w1e = w1 + e * f * d;
+    const double* w3e = w3 + e * f * d;
+    const double* w2e = w2 + e * d * f;
+    for (int64_t p = offsets[e]; p < offsets[e + 1]; ++p) {
+      const double s = row_scale ? row_scale[p] : 1.0;
+      for (int64_t i = 0; i < f; ++i) {
+        const double g = dot(xp + p * d, w1e + i * d, d);
+        const double u = dot(xp + p * d, w3e + i * d, d);
+        if (h1) h1[p * f + i] = g;
+        if (h3) h3[p * f + i] = u;
+        a[i] = silu(g) * u * s;
+      }
+      for (int64_t o = 0; o < d; ++o) yp[p * d + o] = dot(a, w2e + o * f, f);
+    }
+  }
+}
+
+void moe_combine(double* y, const double* yp, const int32_t* inv, int64_t t_n, int64_t d, int64_t k,
+                 bool accumulate) {
+  for (int64_t t = 0; t < t_n; ++t)
+    for (int64_t i = 0; i < d; ++i) {
+      double acc = accumulate ? y[t * d + i] : 0.0;
+      for (int64_t j = 0; j < k; ++j) acc += yp[int64_t(inv[t * k + j]) * d + i];
+      y[t * d + i] = acc;
+    }
+}
+
+void permute_weights(double* row_scale, const double* topk_w, const int32_t* perm, int64_t p_n) {
+  for (int64_t p = 0; p < p_n; ++p) row_scale[p] = topk_w[perm[p]];
+}
+
+void swiglu_forward(double* out, const double* h1, const double* h3, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = silu(h1[i]) * h3[i];
+}
+
+void sigmoid_gate_add(double* y, const double* s, const double* gate, int64_t t_n, int64_t d) {
+  for (int64_t t = 0; t < t_n; ++t)
+    for (int64_t i = 0; i < d; ++i) y[t * d + i] += sigmoid(gate[t]) * s[t * d + i];
+}
+
+void add_inplace(double* y, const double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+void router_stats(double* prob_sum, double* count, double* z_sum, const double* logits, const int32_t* idx,
+                  int64_t t_n, int64_t e_n, int64_t k) {
+  for (int64_t e = 0; e < e_n; ++e) prob_sum[e] = count[e] = 0;
+  z_sum[0] = 0;
+  std::vector<double> p_buf(static_cast<size_t>(e_n));
+  double* p = p_buf.data();
+  for (int64_t t = 0; t < t_n; ++t) {
+    softmax(p, logits + t * e_n, e_n);
+    for (int64_t e = 0; e < e_n; ++e) prob_sum[e] += p[e];
+    const double l = logsumexp(logits + t * e_n, e_n);
+    z_sum[0] += l * l;
+    for (int64_t j = 0; j < k; ++j) {
+      MOE_CHECK(idx[t * k + j] >= 0 && idx[t * k + j] < e_n, "router_stats: expert id %d out of range [0,%lld)",
+                idx[t * k + j], (long long)e_n);
+      count[idx[t * k + j]] += 1;
+    }
+  }
+}
+
+void cross_entropy_forward(double* loss, const double* logits, const int32_t* targets, int64_t n, int64_t v) {
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t tg = targets[r];
+    if (tg == -100) {
+      loss[r] = 0;
+      continue;
+    }
+    MOE_CHECK(tg >= 0 && tg < v, "cross_entropy: target %d of row %lld out of range [0,%lld) (or -100)", tg,
+              (long long)r, (long long)v);
+    loss[r] = logsumexp(logits + r * v, v) - logits[r * v + tg];
+  }
+}
+
+// ---- backward ----
+
+void embedding_backward(double* dtable, const double* dout, const int32_t* ids, int64_t padding_idx, int64_t t_n,
+                        int64_t v, int64_t d) {
+  for (int64_t t = 0; t < t_n; ++t) {
+    MOE_CHECK(ids[t] >= 0 && ids[t] < v, "embedding_backward: token id %d out of range [0,%lld)", ids[t],
+              (long long)v);
+    if (ids[t] == padding_idx) continue;
+    for (int64_t i = 0; i < d; ++i) dtable[int64_t(ids[t]) * d + i] += dout[t * d + i];
+  }
+}
+
+// y_i = x_i r w_i, r = (mean(x^2) + eps)^(-1/2), dr/dx_j = -r^3 x_j / D:
+//   dx_j = r w_j dy_j - r^3 x_j / D * sum_i dy_i w_i x_i.
+void rmsnorm_backward(double* dx, double* dw, const double* dy, const double* x, const double* w,
+                      const double* rstd, bool accumulate, int64_t n, int64_t d) {
+  for (int64_t r = 0; r < n; ++r) {
+    const double* xr = x + r * d;
+    const double* gr = dy + r * d;
+    const double rs = rstd[r];
+    double c = 0;
+    for (int64_t i = 0; i < d; ++i) c += gr[i] * w[i] * xr[i];
+    for (int64_t j = 0; j < d; ++j) {
+      const double g = rs * w[j] * gr[j] - rs * rs * rs * xr[j] / double(d) * c;
+      dx[r * d + j] = accumulate ? dx[r * d + j] + g : g;
+    }
+    if (dw)
+      for (int64_t i = 0; i < d; ++i) dw[i] += gr[i] * xr[i] * rs;
+  }
+}
+
+void linear_backward(double* dx, double* dw, double* db, const double* dy, const double* x, const double* w,
+                     bool accumulate, int64_t n, int64_t m, int64_t kd) {
+  if (dx)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < kd; ++c) {
+        double acc = 0;
+        for (int64_t o = 0; o < m; ++o) acc += dy[r * m + o] * w[o * kd + c];
+        dx[r * kd + c] = accumulate ? dx[r * kd + c] + acc : acc;
+      }
+  if (dw)
+    for (int64_t o = 0; o < m; ++o)
+      for (int64_t c = 0; c < kd; ++c) {
+        double acc = 0;
+        for (int64_t r = 0; r < n; ++r) acc += dy[r * m + o] * x[r * kd + c];
+        dw[o * kd + c] += acc;
+      }
+  if (db)
+    for (int64_t o = 0; o < m; ++o) {
+      double acc = 0;
+      for (int64_t r = 0; r < n; ++r) acc += dy[r * m + o];
+      db[o] += acc;
+    }
+}
+
+void rope_backward(double* dx, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh, int64_t past, double theta) {
+  rope_rotate(dx, b_n, s_n, h_n, dh, past, theta, -1.0);
+}
+
+// With p_sj = exp(score_sj - lse_s), score = scale q_s.k_j:
+//   dv_j += p_sj dout_s;  dp_sj = dout_s.v_j;  ds_sj = p_sj (dp_sj - dout_s.out_s);
+//   dq_s = scale sum_j ds_sj k_j;  dk_j += scale ds_sj q_s.
+void attention_backward(double* dq, double* dk, double* dv, const double* dout, const double* q, const double* k,
+                        const double* v, const double* out, const double* lse, int64_t b_n, int64_t s_n,
+                        int64_t h_n, int64_t hkv, int64_t dh) {
+  const double scale = 1.0 / std::sqrt(double(dh));
+  const int64_t group = h_n / hkv;
+  for (int64_t i = 0; i < b_n * s_n * hkv * dh; ++i) dk[i] = dv[i] = 0;
+  for (int64_t b = 0; b < b_n; ++b)
+    for (int64_t h = 0; h < h_n; ++h)
+      for (int64_t s = 0; s < s_n; ++s) {
+        const int64_t kvh = h / group, qoff = ((b * s_n + s) * h_n + h) * dh;
+        const double l = lse[(b * h_n + h) * s_n + s];
+        const double dd = dot(dout + qoff, out + qoff, dh);
+        for (int64_t i = 0; i < dh; ++i) dq[qoff + i] = 0;
+        for (int64_t j = 0; j <= s; ++j) {
+          const int64_t koff = ((b * s_n + j) * hkv + kvh) * dh;
+          const double p = std::exp(dot(q + qoff, k + koff, dh) * scale - l);
+          const double dp = dot(dout + qoff, v + koff, dh);
+          const double ds = p * (dp - dd);
+          for (int64_t i = 0; i < dh; ++i) {
+            dv[koff + i] += p * dout[qoff + i];
+            dq[qoff + i] += scale * ds * k[koff + i];
+            dk[koff + i] += scale * ds * q[qoff + i];
+          }
+        }
+      }
+}
+
+// w_j = p[idx_j] (renorm: / S, S = sum_j p[idx_j]). First dp [E] = dL/dp through the weights,
+// then the softmax backward dl = p * (dp - <dp, p>).
+void router_topk_backward(double* dlogits, const double* dtopk_w, const double* logits, const int32_t* idx,
+                          int64_t t_n, int64_t e_n, int64_t k, bool renorm) {
+  std::vector<double> p_buf(static_cast<size_t>(e_n));
+  double* p = p_buf.data();
+  std::vector<double> dp_buf(static_cast<size_t>(e_n));
+  double* dp = dp_buf.data();
+  for (int64_t t = 0; t < t_n; ++t) {
+    softmax(p, logits + t * e_n, e_n);
+    for (int64_t e = 0; e < e_n; ++e) dp[e] = 0;
+    const int32_t* ix = idx + t * k;
+    const double* g = dtopk_w + t * k;
+    if (!renorm) {
+      for (int64_t j = 0; j < k; ++j) dp[ix[j]] += g[j];
+    } else {
+      // w_j = p_j / S: dw_j/dp_m = delta_jm / S - p_j / S^2 for selected m.
+      double sum = 0, gp = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        sum += p[ix[j]];
+        gp += g[j] * p[ix[j]];
+      }
+      for (int64_t m = 0; m < k; ++m) dp[ix[m]] += g[m] / sum - gp / (sum * sum);
+    }
+    const double c = dot(dp, p, e_n);
+    for (int64_t e = 0; e < e_n; ++e) dlogits[t * e_n + e] = p[e] * (dp[e] - c);
+  }
+}
+
+// d/dl sum_e g_e p_e = p * (g - <g,p>);  d/dl lse^2 = 2 lse p.
+void router_balance_backward(double* dlogits, const double* logits, const double* g, double aux_scale,
+                             double z_scale, int64_t t_n, int64_t e_n) {
+  std::vector<double> p_buf(static_cast<size_t>(e_n));
+  double* p = p_buf.data();
+  for (int64_t t = 0; t < t_n; ++t) {
+    const double* l = logits + t * e_n;
+    softmax(p, l, e_n);
+    const double lse = logsumexp(l, e_n);
+    const double gp = g ? dot(g, p, e_n) : 0.0;
+    for (int64_t e = 0; e < e_n; ++e) {
+      double d = z_scale * 2.0 * lse * p[e];
+      if (g) d += aux_scale * p[e] * (g[e] - gp);
+      dlogits[t * e_n + e] += d;
+    }
+  }
+}
+
+void permute_weights_backward(double* dtopk_w, const double* drow_scale, const int32_t* perm, int64_t p_n) {
+  for (int64_t p = 0; p < p_n; ++p) dtopk_w[perm[p]] = drow_scale[p];
+}
+
+void expert_ffn_backward(double* dxp, double* dw1, double* dw3, double* dw2, double* drow_scale, const double* dyp,
+                         const double* xp, const double* h1, const double* h3, const int32_t* offsets,
+                         const double* w1, const double* w3, const double* w2, const double* row_scale,
+                         int64_t e_n, int64_t f, int64_t d) {
+  std::vector<double> a_buf(static_cast<size_t>(f));
+  double* a = a_buf.data();
+  std::vector<double> du_buf(static_cast<size_t>(f));
+  double* du = du_buf.data();
+  std::vector<double> dh1_buf(static_cast<size_t>(f));
+  double* dh1 = dh1_buf.data();
+  std::vector<double> dh3_buf(static_cast<size_t>(f));
+  double* dh3 = dh3_buf.data();
+  for (int64_t e = 0; e < e_n; ++e) {
+    const double* w1e = w1 + e * f * d;
+    const double* w3e = w3 + e * f * d;
+    const double* w2e = w2 + e * d * f;
+    for (int64_t p = offsets[e]; p < offsets[e + 1]; ++p) {
+      const double s = row_scale ? row_scale[p] : 1.0;
+      const double* g1 = h1 + p * f;
+      const double* g3 = h3 + p * f;
+      const double* dy = dyp + p * d;
+      for (int64_t i = 0; i < f; ++i) a[i] = silu(g1[i]) * g3[i];
+      // du = dyp w2[e] (over D); dw2[e] += dyp^T u with u = a s.
+      for (int64_t i = 0; i < f; ++i) {
+        double acc = 0;
+        for (int64_t o = 0; o < d; ++o) acc += dy[o] * w2e[o * f + i];
+        du[i] = acc;
+      }
+      if (dw2)
+        for (int64_t o = 0; o < d; ++o)
+          for (int64_t i = 0; i < f; ++i) dw2[e * d * f + o * f + i] += dy[o] * a[i] * s;
+      if (drow_scale) drow_scale[p] = dot(du, a, f);
+      for (int64_t i = 0; i < f; ++i) {
+        const double da = du[i] * s;
+        dh1[i] = da * g3[i] * silu_grad(g1[i]);
+        dh3[i] = da * silu(g1[i]);
+      }
+      for (int64_t c = 0; c < d; ++c) {
+        double acc = 0;
+        for (int64_t i = 0; i < f; ++i) acc += dh1[i] * w1e[i * d + c] + dh3[i] * w3e[i * d + c];
+        dxp[p * d + c] = acc;
+      }
+      for (int64_t i = 0; i < f; ++i)
+        for (int64_t c = 0; c < d; ++c) {
+          if (dw1) dw1[e * f * d + i * d + c] += dh1[i] * xp[p * d + c];
+          if (dw3) dw3[e * f * d + i * d + c] += dh3[i] * xp[p * d + c];
+        }
+    }
+  }
+}
+
+void swiglu_backward(double* dh1, double* dh3, const double* dout, const double* h1, const double* h3, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double g1 = h1[i], g3 = h3[i], go = dout[i];
+    dh1[i] = go * g3 * silu_grad(g1);
+    dh3[i] = go * silu(g1);
+  }
+}
+
+void sigmoid_gate_backward(double* ds, double* dgate, const double* dy, const double* s, const double* gate,
+                           int64_t t_n, int64_t d) {
+  for (int64_t t = 0; t < t_n; ++t) {
+    const double sg = sigmoid(gate[t]);
+    for (int64_t i = 0; i < d; ++i) ds[t * d + i] = sg * dy[t * d + i];
+    dgate[t] = sg * (1.0 - sg) * dot(dy + t * d, s + t * d, d);
+  }
+}
+
+void cross_entropy_backward(double* dlogits, const double* logits, const int32_t* targets, double scale, int64_t n,
+                            int64_t v) {
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t tg = targets[r];
+    if (tg == -100) {
+      for (int64_t i = 0; i < v; ++i) dlogits[r * v + i] = 0;
+      continue;
+    }
+    MOE_CHECK(tg >= 0 && tg < v, "cross_entropy: target %d of row %lld out of range [0,%lld) (or -100)", tg,
+              (long long)r, (long long)v);
+    const double lse = logsumexp(logits + r * v, v);  // reads the row before it is overwritten
+    for (int64_t i = 0; i < v; ++i)
+      dlogits[r * v + i] = scale * (std::exp(logits[r * v + i] - lse) - (i == tg ? 1.0 : 0.0));
+  }
+}
+
+}  // namespace f64
+}  // namespace ref
+}  // namespace moe
