@@ -1,0 +1,73 @@
+// gguf_model.h — the engine's model families in GGUF files, as llama.cpp's converter
+// (convert_hf_to_gguf.py) writes them, in both directions.
+//
+//   family     GGUF general.architecture   notes
+//   mixtral    llama (+ expert_count)      q/k rows permuted for llama.cpp's interleaved RoPE
+//   qwen2_moe  qwen2moe                    shared expert: ffn_*_shexp, ffn_gate_inp_shexp
+//   qwen3_moe  qwen3moe                    attn_q_norm / attn_k_norm
+//
+// Tensor names: token_embd, output_norm, output (absent when tied), and per layer N
+// blk.N.{attn_norm, ffn_norm, attn_q, attn_k, attn_v, attn_output, attn_q_norm, attn_k_norm,
+// ffn_gate_inp (router), ffn_{gate,up,down}_exps (experts stacked: ne = [D,F,E] / [F,D,E]),
+// ffn_{gate,up,down}_shexp, ffn_gate_inp_shexp, ffn_{gate,up,down} (dense layers)}.{weight,bias}.
+//
+// The llama q/k permutation: HF stores each head's rotary pairs as (i, i + Dh/2); llama.cpp as
+// (2i, 2i+1). The converter reorders the rows of q_proj (n_head heads) and k_proj (n_head_kv
+// heads): GGUF row h*Dh + 2i + p = HF row h*Dh + p*Dh/2 + i (p in {0,1}). The reader undoes it.
+//
+// Metadata written (what llama.cpp's loader reads): general.architecture/name/file_type/
+// quantization_version, ARCH.{vocab_size, context_length, embedding_length, block_count,
+// feed_forward_length, head_count, head_count_kv, key_length, value_length,
+// rope.dimension_count, rope.freq_base, attention.layer_norm_rms_epsilon, expert_count,
+// expert_used_count, expert_feed_forward_length, expert_shared_feed_forward_length,
+// expert_weights_norm}, tokenizer.ggml.model = "none" with bos/eos ids (llama.cpp then runs on
+// token ids; the real vocabulary is not written yet).
+#pragma once
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/quant.h"
+#include "core/tensor.h"
+#include "io/hf_config.h"
+
+namespace moe {
+
+struct GgufModel {
+  ModelConfig config;
+  // HF tensor names (per-expert names, e.g. model.layers.0.block_sparse_moe.experts.3.w1.weight)
+  // -> f32 tensors with the HF shapes, dequantised; ready for Model::from_tensors.
+  std::vector<std::pair<std::string, Tensor>> tensors;
+};
+
+// Reads a GGUF file of a supported family. Throws moe::Error naming the file and the key or
+// tensor at fault (unknown architecture, missing keys, unexpected tensor names or shapes,
+// types that cannot be dequantised).
+GgufModel load_gguf_model(const std::string& path);
+// The config alone (cheap: no tensor data is read).
+ModelConfig load_gguf_config(const std::string& path);
+
+// What `moe quantize --type` accepts: the file type decides each tensor's type as llama.cpp's
+// mixes do (1-D tensors and routers stay f32; *_k_m give output, and attn_v / ffn_down on a
+// subset of layers, q6_K).
+enum class GgufFileType { F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K };
+bool gguf_file_type_from_name(const std::string& s, GgufFileType* out);  // "q4_k_m", ...
+const char* gguf_file_type_name(GgufFileType t);
+uint32_t gguf_llama_ftype(GgufFileType t);  // LLAMA_FTYPE_* value for general.file_type
+
+struct GgufWriteOptions {
+  GgufFileType type = GgufFileType::F32;
+  std::string name;  // general.name (default: the directory's base name)
+  // progress(i, n, gguf tensor name, type) before tensor i of n is produced.
+  std::function<void(size_t, size_t, const std::string&, GgmlType)> progress;
+};
+
+// The ggml type a tensor gets in a file of type t (name is the GGUF name, ne in ggml order,
+// n_layer the model's layer count).
+GgmlType gguf_tensor_type(GgufFileType t, const std::string& name, const std::vector<int64_t>& ne, int64_t n_layer);
+
+// Converts a HF model directory (config.json + safetensors) into a GGUF file (atomic write).
+void write_gguf(const std::string& model_dir, const std::string& out_path, const GgufWriteOptions& opt = {});
+
+}  // namespace moe
