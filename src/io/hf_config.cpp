@@ -238,6 +238,7 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   check_positive(what, "max_position_embeddings", c.max_position_embeddings);
   c.bos_token_id = f.token_id("bos_token_id", def.bos_token_id);
   c.eos_token_id = f.token_id("eos_token_id", def.eos_token_id);
+  c.pad_token_id = f.token_id("pad_token_id", -1);
   c.router_aux_loss_coef = f.number("router_aux_loss_coef", def.router_aux_loss_coef);
   MOE_CHECK(c.router_aux_loss_coef >= 0, "%s: field 'router_aux_loss_coef' must be >= 0, got %g", w,
             c.router_aux_loss_coef);
@@ -339,6 +340,7 @@ std::string hf_config_to_json(const ModelConfig& c) {
   j["max_position_embeddings"] = c.max_position_embeddings;
   j["bos_token_id"] = token(c.bos_token_id);
   j["eos_token_id"] = token(c.eos_token_id);
+  j["pad_token_id"] = token(c.pad_token_id);
   j["router_aux_loss_coef"] = c.router_aux_loss_coef;
   j["torch_dtype"] = dt;
   j["num_experts_per_tok"] = c.n_expert_used;

@@ -38,6 +38,7 @@ struct ModelConfig {
   int64_t max_position_embeddings = 4096;
   int64_t bos_token_id = -1;         // -1: none
   int64_t eos_token_id = -1;
+  int64_t pad_token_id = -1;         // -1: none (its embedding row gets no gradient, as HF's padding_idx)
   double router_aux_loss_coef = 0.0;
   DType torch_dtype = DType::F32;
 

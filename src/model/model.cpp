@@ -6,6 +6,8 @@
 #include <map>
 
 #include "io/safetensors.h"
+#include "model/attention_block.h"
+#include "model/ffn_block.h"
 #include "ops/ops.h"
 
 namespace moe {
@@ -232,26 +234,11 @@ int64_t params_active(const ModelConfig& c) {
   return n;
 }
 
-namespace {
-
-// A dense SwiGLU MLP: y = w2 (silu(x w1ᵀ) * (x w3ᵀ)). x [T,D] -> y [T,D].
-void swiglu_mlp(Tensor& y, const Tensor& x, const Tensor& w1, const Tensor& w3, const Tensor& w2) {
-  const int64_t t = x.dim(0), f = w1.dim(0);
-  Tensor h1 = Tensor::empty({t, f}, x.dtype(), MemCategory::Activations, x.device());
-  Tensor h3 = Tensor::empty({t, f}, x.dtype(), MemCategory::Activations, x.device());
-  linear_forward(h1, x, w1, Tensor());
-  linear_forward(h3, x, w3, Tensor());
-  swiglu_forward(h1, h1, h3);
-  linear_forward(y, h1, w2, Tensor());
-}
-
-}  // namespace
-
 ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const ForwardOptions& fo) const {
   const ModelConfig& c = cfg_;
   MOE_CHECK(ids_in.ndim() == 2, "forward: ids must be [B,S], got %s", ids_in.shape_str().c_str());
   const int64_t b_n = ids_in.dim(0), s_n = ids_in.dim(1), t_n = b_n * s_n;
-  const int64_t d = c.hidden_size, dh = c.head_dim, h_n = c.n_head, hkv = c.n_head_kv, k = c.n_expert_used;
+  const int64_t d = c.hidden_size;
   const int64_t past = cache.len;
   MOE_CHECK(b_n == cache.batch, "forward: batch %lld but the KV cache was made for %lld", (long long)b_n,
             (long long)cache.batch);
@@ -283,78 +270,13 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
   Tensor x = Tensor::empty({t_n, d}, adt, act, dev);
   embedding_forward(x, ids.view({t_n}), w_.embed);
   Tensor h = Tensor::empty({t_n, d}, adt, act, dev);
-  Tensor q = Tensor::empty({b_n, s_n, h_n, dh}, adt, act, dev);
-  Tensor kk = Tensor::empty({b_n, s_n, hkv, dh}, adt, act, dev);
-  Tensor vv = Tensor::empty({b_n, s_n, hkv, dh}, adt, act, dev);
-  Tensor attn = Tensor::empty({b_n, s_n, h_n, dh}, adt, act, dev);
-  Tensor qkv1 = t_n == 1 ? Tensor::empty({1, (h_n + 2 * hkv) * dh}, adt, act, dev) : Tensor();
   Tensor y = Tensor::empty({t_n, d}, adt, act, dev);
-
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LayerWeights& lw = w_.layers[static_cast<size_t>(l)];
-    // --- attention ---
-    rmsnorm_forward(h, x, lw.attn_norm, float(c.rms_norm_eps));
-    Tensor ql = q, kl = kk, vl = vv;
-    if (t_n == 1) {
-      // One token: a single GEMV over the stacked [q;k;v] weight; its output row splits into
-      // contiguous q, k and v (decode is launch-bound as much as bandwidth-bound).
-      linear_forward(qkv1, h, lw.wqkv, lw.bqkv);
-      Tensor flat = qkv1.view({qkv1.numel()});
-      ql = flat.rows(0, h_n * dh).view({1, 1, h_n, dh});
-      kl = flat.rows(h_n * dh, (h_n + hkv) * dh).view({1, 1, hkv, dh});
-      vl = flat.rows((h_n + hkv) * dh, (h_n + 2 * hkv) * dh).view({1, 1, hkv, dh});
-    } else {
-      Tensor q2 = q.view({t_n, h_n * dh}), k2 = kk.view({t_n, hkv * dh}), v2 = vv.view({t_n, hkv * dh});
-      linear_forward(q2, h, lw.wq, lw.bq);
-      linear_forward(k2, h, lw.wk, lw.bk);
-      linear_forward(v2, h, lw.wv, lw.bv);
-    }
-    if (c.qk_norm) {
-      Tensor qn = ql.view({t_n * h_n, dh}), kn = kl.view({t_n * hkv, dh});
-      rmsnorm_forward(qn, qn, lw.q_norm, float(c.rms_norm_eps));
-      rmsnorm_forward(kn, kn, lw.k_norm, float(c.rms_norm_eps));
-    }
-    rope_forward(ql, past, float(c.rope_theta));
-    rope_forward(kl, past, float(c.rope_theta));
-    kv_append(cache.k[static_cast<size_t>(l)], cache.v[static_cast<size_t>(l)], kl, vl, past);
-    attention_forward(attn, ql, cache.k[static_cast<size_t>(l)], cache.v[static_cast<size_t>(l)], past);
-    linear_forward(y, attn.view({t_n, h_n * dh}), lw.wo, lw.bo);
-    add_inplace(x, y);
-
-    // --- feed-forward ---
-    rmsnorm_forward(h, x, lw.ffn_norm, float(c.rms_norm_eps));
-    if (!lw.is_moe) {
-      swiglu_mlp(y, h, lw.w1, lw.w3, lw.w2);
-      add_inplace(x, y);
-      if (fo.want_router_logits) res.router_logits.emplace_back();
-      continue;
-    }
-    const int64_t e_n = c.n_expert, p_n = t_n * k;
-    // Routing is f32 whatever the activation dtype (linear accumulates in f32 and writes f32).
-    Tensor logits = Tensor::empty({t_n, e_n}, DType::F32, act, dev);
-    linear_forward(logits, h, lw.router, Tensor());
-    Tensor topk_idx = Tensor::empty({t_n, k}, DType::I32, act, dev);
-    Tensor topk_w = Tensor::empty({t_n, k}, DType::F32, act, dev);
-    router_topk_forward(topk_idx, topk_w, logits, c.norm_topk_prob);
-    Tensor offsets = Tensor::empty({e_n + 1}, DType::I32, act, dev);
-    Tensor perm = Tensor::empty({p_n}, DType::I32, act, dev);
-    Tensor inv = Tensor::empty({p_n}, DType::I32, act, dev);
-    moe_dispatch(offsets, perm, inv, topk_idx, e_n);
-    Tensor xp = Tensor::empty({p_n, d}, adt, act, dev);
-    gather_rows(xp, h, perm, k);
-    Tensor row_scale = Tensor::empty({p_n}, DType::F32, act, dev);
-    permute_weights(row_scale, topk_w, perm);
-    Tensor yp = Tensor::empty({p_n, d}, adt, act, dev);
-    expert_ffn_forward(yp, xp, offsets, lw.w1, lw.w3, lw.w2, row_scale);
-    moe_combine(y, yp, inv, k, /*accumulate=*/false);
-    if (lw.shared_w1.defined()) {
-      Tensor s = Tensor::empty({t_n, d}, adt, act, dev);
-      swiglu_mlp(s, h, lw.shared_w1, lw.shared_w3, lw.shared_w2);
-      Tensor gf = Tensor::empty({t_n, 1}, DType::F32, act, dev);
-      linear_forward(gf, h, lw.shared_gate, Tensor());
-      sigmoid_gate_add(y, s, gf);
-    }
-    add_inplace(x, y);
+    attention_block_infer(c, lw, x, h, y, cache.k[static_cast<size_t>(l)], cache.v[static_cast<size_t>(l)], b_n, s_n,
+                          past);
+    Tensor logits;
+    ffn_block_infer(c, lw, x, h, y, fo.want_router_logits ? &logits : nullptr);
     if (fo.want_router_logits) res.router_logits.push_back(logits);
   }
 

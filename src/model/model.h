@@ -81,6 +81,7 @@ class Model {
 
   const ModelConfig& config() const { return cfg_; }
   const ModelWeights& weights() const { return w_; }
+  ModelWeights& mutable_weights() { return w_; }  // the optimizer updates them in place
   Device device() const { return opt_.device; }
   DType act_dtype() const { return opt_.act_dtype; }
 

@@ -24,12 +24,52 @@
   void swiglu_forward(Tensor& out, const Tensor& h1, const Tensor& h3);                                  \
   void sigmoid_gate_add(Tensor& y, const Tensor& s, const Tensor& gate);                                 \
   void add_inplace(Tensor& y, const Tensor& x);                                                          \
-  void cast(Tensor& out, const Tensor& in);
+  void cast(Tensor& out, const Tensor& in);                                                              \
+  void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col, int64_t ncols);
+
+// Training ops (ops.h, training section): CPU backends only for now.
+#define MOE_BACKEND_TRAIN_OPS                                                                            \
+  void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids, int64_t padding_idx);   \
+  void rmsnorm_forward_train(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w, float eps);    \
+  void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,      \
+                        const Tensor& rstd, bool accumulate);                                            \
+  void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x,            \
+                       const Tensor& w, bool accumulate);                                                \
+  void rope_backward(Tensor& dx, int64_t past, float theta);                                             \
+  void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,               \
+                               const Tensor& v);                                                         \
+  void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q,       \
+                          const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse);       \
+  void router_topk_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& logits,                \
+                            const Tensor& topk_idx, bool renorm);                                        \
+  void router_stats(Tensor& prob_sum, Tensor& count, Tensor& z_sum, const Tensor& logits,                \
+                    const Tensor& topk_idx);                                                             \
+  void router_balance_backward(Tensor& dlogits, const Tensor& logits, const Tensor& g, float aux_scale,  \
+                               float z_scale);                                                           \
+  void permute_weights_backward(Tensor& dtopk_w, const Tensor& drow_scale, const Tensor& perm);          \
+  void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp,                    \
+                                const Tensor& offsets, const Tensor& w1, const Tensor& w3,               \
+                                const Tensor& w2, const Tensor& row_scale);                              \
+  void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale,       \
+                           const Tensor& dyp, const Tensor& xp, const Tensor& h1, const Tensor& h3,      \
+                           const Tensor& offsets, const Tensor& w1, const Tensor& w3, const Tensor& w2,  \
+                           const Tensor& row_scale);                                                     \
+  void swiglu_backward(Tensor& dh1, Tensor& dh3, const Tensor& dout, const Tensor& h1, const Tensor& h3); \
+  void sigmoid_gate_backward(Tensor& ds, Tensor& dgate, const Tensor& dy, const Tensor& s,               \
+                             const Tensor& gate);                                                        \
+  void cross_entropy_forward(Tensor& loss, const Tensor& logits, const Tensor& targets);                 \
+  void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets, float scale);
 
 namespace moe {
 namespace cpu {
 MOE_BACKEND_OPS
+MOE_BACKEND_TRAIN_OPS
 }  // namespace cpu
+// The naive reference backend (ops/ref): plain loops, f64 accumulation, every op.
+namespace ref {
+MOE_BACKEND_OPS
+MOE_BACKEND_TRAIN_OPS
+}  // namespace ref
 namespace cuda {
 MOE_BACKEND_OPS
 // Registers the CUDA DeviceHooks with the memory tracker if a GPU is present; returns whether

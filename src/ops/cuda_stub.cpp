@@ -25,6 +25,7 @@ void swiglu_forward(Tensor&, const Tensor&, const Tensor&) { no_cuda(); }
 void sigmoid_gate_add(Tensor&, const Tensor&, const Tensor&) { no_cuda(); }
 void add_inplace(Tensor&, const Tensor&) { no_cuda(); }
 void cast(Tensor&, const Tensor&) { no_cuda(); }
+void copy_columns(Tensor&, int64_t, const Tensor&, int64_t, int64_t) { no_cuda(); }
 bool init() { return false; }
 void synchronize() {}
 }  // namespace cuda

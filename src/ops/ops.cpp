@@ -3,6 +3,9 @@
 
 #include "ops/backend.h"
 
+#include <array>
+#include <utility>
+
 namespace moe {
 namespace {
 
@@ -29,7 +32,37 @@ void check_device(const char* op, Device dev, std::initializer_list<const Tensor
     }                                            \
   } while (0)
 
+// Training ops run on the CPU only until the CUDA training issue lands.
+#define MOE_TRAIN_DISPATCH(dev, op, call)                                                         \
+  do {                                                                                            \
+    MOE_CHECK((dev) == Device::CPU, "%s: training ops are not implemented on %s yet (CPU only)", \
+              op, device_name(dev));                                                              \
+    cpu::call;                                                                                    \
+  } while (0)
+
+void check_f32(const char* op, const char* arg, const Tensor& t) {
+  MOE_CHECK(t.defined(), "%s: %s is undefined", op, arg);
+  MOE_CHECK(t.dtype() == DType::F32, "%s: %s must be f32, got %s", op, arg, dtype_name(t.dtype()));
+}
+
+void check_i32(const char* op, const char* arg, const Tensor& t) {
+  MOE_CHECK(t.defined(), "%s: %s is undefined", op, arg);
+  MOE_CHECK(t.dtype() == DType::I32, "%s: %s must be i32, got %s", op, arg, dtype_name(t.dtype()));
+}
+
+// An optional gradient: undefined, or f32 of the parameter's shape.
+void check_grad(const char* op, const char* arg, const Tensor& g, const Shape& shape) {
+  if (!g.defined()) return;
+  check_f32(op, arg, g);
+  check_shape(op, arg, g, shape);
+}
+
+bool g_reference = false;
+
 }  // namespace
+
+void set_reference_backend(bool on) { g_reference = on; }
+bool reference_backend() { return g_reference; }
 
 void embedding_forward(Tensor& out, const Tensor& ids, const Tensor& table) {
   const char* op = "embedding_forward";
@@ -212,6 +245,21 @@ void add_inplace(Tensor& y, const Tensor& x) {
   MOE_DISPATCH(y.device(), add_inplace(y, x));
 }
 
+void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col, int64_t ncols) {
+  const char* op = "copy_columns";
+  check_ndim(op, "dst", dst, 2);
+  check_ndim(op, "src", src, 2);
+  MOE_CHECK(dst.dim(0) == src.dim(0), "%s: dst %s and src %s have different rows", op, dst.shape_str().c_str(),
+            src.shape_str().c_str());
+  MOE_CHECK(dst.dtype() == src.dtype(), "%s: dtype mismatch (%s vs %s)", op, dtype_name(dst.dtype()),
+            dtype_name(src.dtype()));
+  MOE_CHECK(ncols >= 0 && dst_col >= 0 && src_col >= 0 && dst_col + ncols <= dst.dim(1) && src_col + ncols <= src.dim(1),
+            "%s: columns [%lld,+%lld) of %s into [%lld,+%lld) of %s out of range", op, (long long)src_col,
+            (long long)ncols, src.shape_str().c_str(), (long long)dst_col, (long long)ncols, dst.shape_str().c_str());
+  check_device(op, dst.device(), {&src});
+  MOE_DISPATCH(dst.device(), copy_columns(dst, dst_col, src, src_col, ncols));
+}
+
 void cast(Tensor& out, const Tensor& in) {
   const char* op = "cast";
   MOE_CHECK(out.numel() == in.numel(), "%s: out %s vs in %s", op, out.shape_str().c_str(), in.shape_str().c_str());
@@ -219,6 +267,312 @@ void cast(Tensor& out, const Tensor& in) {
   check_float(op, "out", out);
   check_device(op, out.device(), {&in});
   MOE_DISPATCH(out.device(), cast(out, in));
+}
+
+// ---- training ops ----
+
+void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids, int64_t padding_idx) {
+  const char* op = "embedding_backward";
+  check_f32(op, "dtable", dtable);
+  check_ndim(op, "dtable", dtable, 2);
+  check_i32(op, "ids", ids);
+  check_f32(op, "dout", dout);
+  check_shape(op, "dout", dout, {ids.numel(), dtable.dim(1)});
+  check_device(op, dtable.device(), {&dout, &ids});
+  MOE_TRAIN_DISPATCH(dtable.device(), op, embedding_backward(dtable, dout, ids, padding_idx));
+}
+
+void rmsnorm_forward_train(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w, float eps) {
+  const char* op = "rmsnorm_forward_train";
+  check_f32(op, "x", x);
+  check_f32(op, "out", out);
+  check_float(op, "w", w);
+  check_shape(op, "w", w, {x.dim(-1)});
+  check_shape(op, "out", out, x.shape());
+  check_f32(op, "rstd", rstd);
+  check_shape(op, "rstd", rstd, {x.numel() / x.dim(-1)});
+  MOE_CHECK(out.raw() != x.raw(), "%s: out must not alias x (backward reads x)", op);
+  check_device(op, out.device(), {&rstd, &x, &w});
+  MOE_TRAIN_DISPATCH(out.device(), op, rmsnorm_forward_train(out, rstd, x, w, eps));
+}
+
+void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
+                      const Tensor& rstd, bool accumulate) {
+  const char* op = "rmsnorm_backward";
+  check_f32(op, "x", x);
+  check_f32(op, "dx", dx);
+  check_f32(op, "dy", dy);
+  check_shape(op, "dx", dx, x.shape());
+  check_shape(op, "dy", dy, x.shape());
+  check_float(op, "w", w);
+  check_shape(op, "w", w, {x.dim(-1)});
+  check_grad(op, "dw", dw, {x.dim(-1)});
+  check_f32(op, "rstd", rstd);
+  check_shape(op, "rstd", rstd, {x.numel() / x.dim(-1)});
+  check_device(op, dx.device(), {&dw, &dy, &x, &w, &rstd});
+  MOE_TRAIN_DISPATCH(dx.device(), op, rmsnorm_backward(dx, dw, dy, x, w, rstd, accumulate));
+}
+
+void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x, const Tensor& w,
+                     bool accumulate) {
+  const char* op = "linear_backward";
+  check_float(op, "w", w);
+  check_ndim(op, "w", w, 2);
+  const int64_t m = w.dim(0), kd = w.dim(1);
+  check_f32(op, "dy", dy);
+  MOE_CHECK(dy.dim(-1) == m, "%s: dy %s does not end in %lld", op, dy.shape_str().c_str(), (long long)m);
+  const int64_t n = dy.numel() / m;
+  if (dx.defined()) {
+    check_f32(op, "dx", dx);
+    MOE_CHECK(dx.numel() == n * kd && dx.dim(-1) == kd, "%s: dx %s, expected [%lld,%lld]", op,
+              dx.shape_str().c_str(), (long long)n, (long long)kd);
+  }
+  if (dw.defined()) {
+    check_f32(op, "x", x);
+    MOE_CHECK(x.numel() == n * kd && x.dim(-1) == kd, "%s: x %s, expected [%lld,%lld]", op, x.shape_str().c_str(),
+              (long long)n, (long long)kd);
+  }
+  check_grad(op, "dw", dw, {m, kd});
+  check_grad(op, "db", db, {m});
+  check_device(op, dy.device(), {&dx, &dw, &db, &x, &w});
+  MOE_TRAIN_DISPATCH(dy.device(), op, linear_backward(dx, dw, db, dy, x, w, accumulate));
+}
+
+void rope_backward(Tensor& dx, int64_t past, float theta) {
+  const char* op = "rope_backward";
+  check_f32(op, "dx", dx);
+  check_ndim(op, "dx", dx, 4);
+  MOE_CHECK(dx.dim(3) % 2 == 0, "%s: head dim must be even, got %lld", op, (long long)dx.dim(3));
+  MOE_CHECK(past >= 0, "%s: negative past %lld", op, (long long)past);
+  MOE_TRAIN_DISPATCH(dx.device(), op, rope_backward(dx, past, theta));
+}
+
+namespace {
+void check_attention_train(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  check_f32(op, "q", q);
+  check_f32(op, "k", k);
+  check_f32(op, "v", v);
+  check_ndim(op, "q", q, 4);
+  check_ndim(op, "k", k, 4);
+  check_shape(op, "v", v, k.shape());
+  MOE_CHECK(k.dim(0) == q.dim(0) && k.dim(1) == q.dim(1) && k.dim(3) == q.dim(3), "%s: q %s vs k %s", op,
+            q.shape_str().c_str(), k.shape_str().c_str());
+  MOE_CHECK(k.dim(2) > 0 && q.dim(2) % k.dim(2) == 0, "%s: %lld heads not a multiple of %lld kv heads", op,
+            (long long)q.dim(2), (long long)k.dim(2));
+}
+}  // namespace
+
+void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v) {
+  const char* op = "attention_forward_train";
+  check_attention_train(op, q, k, v);
+  check_f32(op, "out", out);
+  check_shape(op, "out", out, q.shape());
+  check_f32(op, "lse", lse);
+  check_shape(op, "lse", lse, {q.dim(0), q.dim(2), q.dim(1)});
+  check_device(op, out.device(), {&lse, &q, &k, &v});
+  MOE_TRAIN_DISPATCH(out.device(), op, attention_forward_train(out, lse, q, k, v));
+}
+
+void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q, const Tensor& k,
+                        const Tensor& v, const Tensor& out, const Tensor& lse) {
+  const char* op = "attention_backward";
+  check_attention_train(op, q, k, v);
+  check_f32(op, "dq", dq);
+  check_f32(op, "dk", dk);
+  check_f32(op, "dv", dv);
+  check_f32(op, "dout", dout);
+  check_f32(op, "out", out);
+  check_shape(op, "dq", dq, q.shape());
+  check_shape(op, "dk", dk, k.shape());
+  check_shape(op, "dv", dv, v.shape());
+  check_shape(op, "dout", dout, q.shape());
+  check_shape(op, "out", out, q.shape());
+  check_f32(op, "lse", lse);
+  check_shape(op, "lse", lse, {q.dim(0), q.dim(2), q.dim(1)});
+  check_device(op, dq.device(), {&dk, &dv, &dout, &q, &k, &v, &out, &lse});
+  MOE_TRAIN_DISPATCH(dq.device(), op, attention_backward(dq, dk, dv, dout, q, k, v, out, lse));
+}
+
+void router_topk_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& logits, const Tensor& topk_idx,
+                          bool renorm) {
+  const char* op = "router_topk_backward";
+  check_f32(op, "logits", logits);
+  check_ndim(op, "logits", logits, 2);
+  check_f32(op, "dlogits", dlogits);
+  check_shape(op, "dlogits", dlogits, logits.shape());
+  check_i32(op, "topk_idx", topk_idx);
+  check_ndim(op, "topk_idx", topk_idx, 2);
+  MOE_CHECK(topk_idx.dim(0) == logits.dim(0) && topk_idx.dim(1) >= 1 && topk_idx.dim(1) <= logits.dim(1),
+            "%s: topk_idx %s vs logits %s", op, topk_idx.shape_str().c_str(), logits.shape_str().c_str());
+  check_f32(op, "dtopk_w", dtopk_w);
+  check_shape(op, "dtopk_w", dtopk_w, topk_idx.shape());
+  check_device(op, dlogits.device(), {&dtopk_w, &logits, &topk_idx});
+  MOE_TRAIN_DISPATCH(dlogits.device(), op, router_topk_backward(dlogits, dtopk_w, logits, topk_idx, renorm));
+}
+
+void router_stats(Tensor& prob_sum, Tensor& count, Tensor& z_sum, const Tensor& logits, const Tensor& topk_idx) {
+  const char* op = "router_stats";
+  check_f32(op, "logits", logits);
+  check_ndim(op, "logits", logits, 2);
+  const int64_t e = logits.dim(1);
+  check_i32(op, "topk_idx", topk_idx);
+  check_ndim(op, "topk_idx", topk_idx, 2);
+  MOE_CHECK(topk_idx.dim(0) == logits.dim(0), "%s: topk_idx %s vs logits %s", op, topk_idx.shape_str().c_str(),
+            logits.shape_str().c_str());
+  check_f32(op, "prob_sum", prob_sum);
+  check_shape(op, "prob_sum", prob_sum, {e});
+  check_f32(op, "count", count);
+  check_shape(op, "count", count, {e});
+  check_f32(op, "z_sum", z_sum);
+  check_shape(op, "z_sum", z_sum, {1});
+  check_device(op, logits.device(), {&prob_sum, &count, &z_sum, &topk_idx});
+  MOE_TRAIN_DISPATCH(logits.device(), op, router_stats(prob_sum, count, z_sum, logits, topk_idx));
+}
+
+void router_balance_backward(Tensor& dlogits, const Tensor& logits, const Tensor& g, float aux_scale,
+                             float z_scale) {
+  const char* op = "router_balance_backward";
+  check_f32(op, "logits", logits);
+  check_ndim(op, "logits", logits, 2);
+  check_f32(op, "dlogits", dlogits);
+  check_shape(op, "dlogits", dlogits, logits.shape());
+  if (g.defined()) {
+    check_f32(op, "g", g);
+    check_shape(op, "g", g, {logits.dim(1)});
+  }
+  check_device(op, dlogits.device(), {&logits, &g});
+  MOE_TRAIN_DISPATCH(dlogits.device(), op, router_balance_backward(dlogits, logits, g, aux_scale, z_scale));
+}
+
+void permute_weights_backward(Tensor& dtopk_w, const Tensor& drow_scale, const Tensor& perm) {
+  const char* op = "permute_weights_backward";
+  check_f32(op, "dtopk_w", dtopk_w);
+  check_f32(op, "drow_scale", drow_scale);
+  check_i32(op, "perm", perm);
+  check_shape(op, "drow_scale", drow_scale, {perm.numel()});
+  MOE_CHECK(dtopk_w.numel() == perm.numel(), "%s: dtopk_w %s vs perm %s", op, dtopk_w.shape_str().c_str(),
+            perm.shape_str().c_str());
+  check_device(op, dtopk_w.device(), {&drow_scale, &perm});
+  MOE_TRAIN_DISPATCH(dtopk_w.device(), op, permute_weights_backward(dtopk_w, drow_scale, perm));
+}
+
+namespace {
+// Shapes shared by the expert ops: returns {E, F, D}.
+std::array<int64_t, 3> check_experts(const char* op, const Tensor& xp, const Tensor& offsets, const Tensor& w1,
+                                     const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
+  check_ndim(op, "w1", w1, 3);
+  const int64_t e = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
+  check_float(op, "w1", w1);
+  check_shape(op, "w3", w3, {e, f, d});
+  check_shape(op, "w2", w2, {e, d, f});
+  MOE_CHECK(w1.dtype() == w3.dtype() && w1.dtype() == w2.dtype(), "%s: expert weight dtypes differ", op);
+  check_f32(op, "xp", xp);
+  check_ndim(op, "xp", xp, 2);
+  check_shape(op, "xp", xp, {xp.dim(0), d});
+  check_i32(op, "offsets", offsets);
+  check_shape(op, "offsets", offsets, {e + 1});
+  if (row_scale.defined()) {
+    check_f32(op, "row_scale", row_scale);
+    check_shape(op, "row_scale", row_scale, {xp.dim(0)});
+  }
+  return {e, f, d};
+}
+}  // namespace
+
+void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp, const Tensor& offsets,
+                              const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
+  const char* op = "expert_ffn_forward_train";
+  auto [e, f, d] = check_experts(op, xp, offsets, w1, w3, w2, row_scale);
+  (void)e;
+  (void)d;
+  check_f32(op, "yp", yp);
+  check_shape(op, "yp", yp, xp.shape());
+  check_f32(op, "h1", h1);
+  check_f32(op, "h3", h3);
+  check_shape(op, "h1", h1, {xp.dim(0), f});
+  check_shape(op, "h3", h3, {xp.dim(0), f});
+  check_device(op, yp.device(), {&h1, &h3, &xp, &offsets, &w1, &w3, &w2, &row_scale});
+  MOE_TRAIN_DISPATCH(yp.device(), op, expert_ffn_forward_train(yp, h1, h3, xp, offsets, w1, w3, w2, row_scale));
+}
+
+void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale, const Tensor& dyp,
+                         const Tensor& xp, const Tensor& h1, const Tensor& h3, const Tensor& offsets,
+                         const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
+  const char* op = "expert_ffn_backward";
+  auto [e, f, d] = check_experts(op, xp, offsets, w1, w3, w2, row_scale);
+  const int64_t p = xp.dim(0);
+  check_f32(op, "dxp", dxp);
+  check_shape(op, "dxp", dxp, xp.shape());
+  check_f32(op, "dyp", dyp);
+  check_shape(op, "dyp", dyp, xp.shape());
+  check_f32(op, "h1", h1);
+  check_f32(op, "h3", h3);
+  check_shape(op, "h1", h1, {p, f});
+  check_shape(op, "h3", h3, {p, f});
+  check_grad(op, "dw1", dw1, {e, f, d});
+  check_grad(op, "dw3", dw3, {e, f, d});
+  check_grad(op, "dw2", dw2, {e, d, f});
+  if (drow_scale.defined()) {
+    MOE_CHECK(row_scale.defined(), "%s: drow_scale given without row_scale", op);
+    check_f32(op, "drow_scale", drow_scale);
+    check_shape(op, "drow_scale", drow_scale, {p});
+  }
+  check_device(op, dxp.device(), {&dw1, &dw3, &dw2, &drow_scale, &dyp, &xp, &h1, &h3, &offsets, &w1, &w3, &w2,
+                                  &row_scale});
+  MOE_TRAIN_DISPATCH(dxp.device(), op,
+                     expert_ffn_backward(dxp, dw1, dw3, dw2, drow_scale, dyp, xp, h1, h3, offsets, w1, w3, w2,
+                                         row_scale));
+}
+
+void swiglu_backward(Tensor& dh1, Tensor& dh3, const Tensor& dout, const Tensor& h1, const Tensor& h3) {
+  const char* op = "swiglu_backward";
+  const std::pair<const char*, const Tensor*> args[] = {{"dh1", &dh1}, {"dh3", &dh3}, {"dout", &dout}, {"h1", &h1}, {"h3", &h3}};
+  for (auto [name, t] : args) {
+    check_f32(op, name, *t);
+    check_shape(op, name, *t, h1.shape());
+  }
+  check_device(op, dh1.device(), {&dh3, &dout, &h1, &h3});
+  MOE_TRAIN_DISPATCH(dh1.device(), op, swiglu_backward(dh1, dh3, dout, h1, h3));
+}
+
+void sigmoid_gate_backward(Tensor& ds, Tensor& dgate, const Tensor& dy, const Tensor& s, const Tensor& gate) {
+  const char* op = "sigmoid_gate_backward";
+  check_f32(op, "dy", dy);
+  check_ndim(op, "dy", dy, 2);
+  check_f32(op, "s", s);
+  check_shape(op, "s", s, dy.shape());
+  check_f32(op, "ds", ds);
+  check_shape(op, "ds", ds, dy.shape());
+  check_f32(op, "gate", gate);
+  check_shape(op, "gate", gate, {dy.dim(0), 1});
+  check_f32(op, "dgate", dgate);
+  check_shape(op, "dgate", dgate, {dy.dim(0), 1});
+  check_device(op, ds.device(), {&dgate, &dy, &s, &gate});
+  MOE_TRAIN_DISPATCH(ds.device(), op, sigmoid_gate_backward(ds, dgate, dy, s, gate));
+}
+
+void cross_entropy_forward(Tensor& loss, const Tensor& logits, const Tensor& targets) {
+  const char* op = "cross_entropy_forward";
+  check_f32(op, "logits", logits);
+  check_ndim(op, "logits", logits, 2);
+  check_i32(op, "targets", targets);
+  check_shape(op, "targets", targets, {logits.dim(0)});
+  check_f32(op, "loss", loss);
+  check_shape(op, "loss", loss, {logits.dim(0)});
+  check_device(op, loss.device(), {&logits, &targets});
+  MOE_TRAIN_DISPATCH(loss.device(), op, cross_entropy_forward(loss, logits, targets));
+}
+
+void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets, float scale) {
+  const char* op = "cross_entropy_backward";
+  check_f32(op, "logits", logits);
+  check_ndim(op, "logits", logits, 2);
+  check_i32(op, "targets", targets);
+  check_shape(op, "targets", targets, {logits.dim(0)});
+  check_f32(op, "dlogits", dlogits);
+  check_shape(op, "dlogits", dlogits, logits.shape());
+  check_device(op, dlogits.device(), {&logits, &targets});
+  MOE_TRAIN_DISPATCH(dlogits.device(), op, cross_entropy_backward(dlogits, logits, targets, scale));
 }
 
 void synchronize(Device dev) {

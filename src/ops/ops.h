@@ -13,8 +13,8 @@
 // - "float" tensors are f32, or bf16 on CUDA; weights may be f32 or bf16 (also f16 on CPU).
 //   Compute is in f32 with f32 accumulation. Index tensors are i32.
 // - All tensors of one call live on one device.
-// - Backward ops (next issue) follow: parameter gradients accumulate (+=), activation gradients
-//   are assigned (=).
+// - Backward ops (the training section below): parameter gradients accumulate (+=), activation
+//   gradients are assigned (=).
 #pragma once
 #include "core/tensor.h"
 
@@ -80,8 +80,113 @@ void sigmoid_gate_add(Tensor& y, const Tensor& s, const Tensor& gate);
 // y += x, elementwise, same shapes.
 void add_inplace(Tensor& y, const Tensor& x);
 
+// dst[:, dst_col : dst_col+ncols] = src[:, src_col : src_col+ncols] for 2-D tensors with the same
+// rows and dtype (splits the stacked q/k/v projection output, and joins its gradients).
+void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col, int64_t ncols);
+
 // Converts between float dtypes on one device (f32 <-> bf16); shapes equal.
 void cast(Tensor& out, const Tensor& in);
+
+// ---------------------------------------------------------------------------------------------
+// Training ops: the forward variants that save what backward reads, and every backward.
+// CPU only for now (f32 activations and gradients; weights f32, or bf16/f16 where stated);
+// on CUDA they fail with a clear message until the CUDA training issue lands.
+// Gradient convention: parameter gradients (dw, db, dtable) ACCUMULATE (+=) and may be
+// undefined (frozen parameter: not computed); activation gradients are ASSIGNED (=) unless the
+// op takes `accumulate`. Every backward is checked against finite differences in f64 by
+// tests/test_ops_backend.cpp, and against the naive reference backend (ops/ref).
+
+// embedding: dtable[ids[t],:] += dout[t,:], except rows equal to padding_idx (-1: none), which
+// get no gradient (HF builds nn.Embedding with padding_idx = pad_token_id).
+// dtable [V,D] f32, dout [T,D], ids [T] i32.
+void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids, int64_t padding_idx);
+
+// rmsnorm_forward that also saves rstd[n] = 1/sqrt(mean(x[n,:]^2) + eps).  rstd [N] f32.
+// out must not alias x here (backward reads x).
+void rmsnorm_forward_train(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w, float eps);
+// dx = d/dx (assigned; accumulate: +=), dw += sum_n dy*x*rstd.  dx, dy, x [N,D]; w [D]; rstd [N].
+void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
+                      const Tensor& rstd, bool accumulate);
+
+// linear backward for out = x w^T + b:  dx (=, or += with accumulate) dy w;  dw += dy^T x;
+// db += column sums of dy. dx/dw/db may each be undefined (not needed).
+// dx, x [N,Kd]; dy [N,M]; w, dw [M,Kd]; db [M].
+void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x, const Tensor& w,
+                     bool accumulate);
+
+// Inverse rotation, in place: the gradient of rope_forward (an orthogonal map) at the same
+// positions.  dx [B,S,H,Dh].
+void rope_backward(Tensor& dx, int64_t past, float theta);
+
+// Causal GQA self-attention over the batch's own keys (training: no cache; query s sees keys
+// 0..s of its sequence). Saves lse[b,h,s] = log sum_j exp(score) (f32), from which backward
+// recomputes the probabilities (flash-style: the [S,S] matrix is never stored).
+// out, q [B,S,H,Dh]; k, v [B,S,Hkv,Dh]; lse [B,H,S] f32. Scale 1/sqrt(Dh).
+void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v);
+// dq, dk, dv assigned; shapes as q, k, v. Reads q, k, v, out and lse of the forward.
+void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q, const Tensor& k,
+                        const Tensor& v, const Tensor& out, const Tensor& lse);
+
+// Gradient of router_topk_forward's weights w.r.t. the logits (softmax over E recomputed from
+// the logits; with renorm, through the renormalisation).  dlogits [T,E] f32 assigned;
+// dtopk_w [T,K] f32; logits [T,E]; topk_idx [T,K].
+void router_topk_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& logits, const Tensor& topk_idx,
+                          bool renorm);
+
+// Per-layer router statistics for the balancing losses (HF load_balancing_loss_func and the
+// ST-MoE z-loss), over the T rows of one layer:
+//   prob_sum[e] = sum_t softmax(logits[t])[e]      count[e] = #{(t,j): topk_idx[t,j] = e}
+//   z_sum[0]    = sum_t logsumexp(logits[t])^2
+// prob_sum [E] f32, count [E] f32, z_sum [1] f32 (all assigned).
+void router_stats(Tensor& prob_sum, Tensor& count, Tensor& z_sum, const Tensor& logits, const Tensor& topk_idx);
+// Adds the balancing losses' gradient to dlogits [T,E]:
+//   aux: aux_scale * d/dlogits[t] ( sum_e g[e] * softmax(logits[t])[e] )   (g [E] f32)
+//   z:   z_scale * d/dlogits[t] ( logsumexp(logits[t])^2 )
+// For the HF aux loss over N rows of all layers, g[e] = E * count_all[e] / N and
+// aux_scale = coef / N; for the z-loss z_scale = coef / N. g may be undefined (no aux term).
+void router_balance_backward(Tensor& dlogits, const Tensor& logits, const Tensor& g, float aux_scale,
+                             float z_scale);
+
+// Gradient of permute_weights: dtopk_w.flat[perm[p]] = drow_scale[p] (assigned; every
+// assignment has exactly one row).  dtopk_w [T,K] f32, drow_scale [P] f32, perm [P].
+// (gather_rows and moe_combine are each other's adjoints: the backward of gather_rows is
+// moe_combine over inv, and that of moe_combine is gather_rows over perm.)
+void permute_weights_backward(Tensor& dtopk_w, const Tensor& drow_scale, const Tensor& perm);
+
+// expert_ffn_forward that saves the pre-activations h1 = xp w1[e]^T and h3 = xp w3[e]^T [P,F]
+// (f32) for backward; yp as expert_ffn_forward.
+void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp, const Tensor& offsets,
+                              const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale);
+// Backward of the grouped SwiGLU experts, only over experts with rows (others' dw untouched):
+//   a = silu(h1) * h3, u = a * s,  yp = u w2^T
+//   du = dyp w2;  dw2[e] += dyp^T u;  drow_scale[p] = sum_f du*a;  da = du * s
+//   dh1 = da * h3 * silu'(h1);  dh3 = da * silu(h1)
+//   dxp = dh1 w1 + dh3 w3 (assigned);  dw1[e] += dh1^T xp;  dw3[e] += dh3^T xp
+// dxp, xp, dyp [P,D]; h1, h3 [P,F]; weights and their grads [E,F,D] / [E,D,F]; drow_scale [P]
+// (may be undefined when row_scale is); dw* may be undefined (frozen experts).
+void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale,
+                         const Tensor& dyp, const Tensor& xp, const Tensor& h1, const Tensor& h3,
+                         const Tensor& offsets, const Tensor& w1, const Tensor& w3, const Tensor& w2,
+                         const Tensor& row_scale);
+
+// Backward of out = silu(h1) * h3: dh1, dh3 assigned.  all [N,F].
+void swiglu_backward(Tensor& dh1, Tensor& dh3, const Tensor& dout, const Tensor& h1, const Tensor& h3);
+
+// Backward of y += sigmoid(gate[t]) * s[t,:]:  ds = sigmoid(gate) * dy (assigned),
+// dgate[t] = sigmoid'(gate[t]) * sum_d dy[t,d] s[t,d] (assigned).  dy, s, ds [T,D]; gate, dgate [T,1].
+void sigmoid_gate_backward(Tensor& ds, Tensor& dgate, const Tensor& dy, const Tensor& s, const Tensor& gate);
+
+// Cross-entropy over rows of logits [N,V] f32 against targets [N] i32 (-100: ignored).
+// loss[n] = logsumexp(logits[n]) - logits[n, target[n]], 0 for ignored rows.  loss [N] f32.
+void cross_entropy_forward(Tensor& loss, const Tensor& logits, const Tensor& targets);
+// dlogits[n] = scale * (softmax(logits[n]) - onehot(target[n])), 0 for ignored rows.
+// dlogits may alias logits (the chunked LM head does that, so [N,V] is held once).
+void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets, float scale);
+
+// Switches every CPU op to the naive reference backend (plain loops, f64 accumulation):
+// `moe --reference ...`, to tell a kernel bug from a model bug. Off by default.
+void set_reference_backend(bool on);
+bool reference_backend();
 
 // True when this build has the CUDA backend and a GPU is visible.
 bool cuda_available();

@@ -52,8 +52,11 @@ void rmsnorm_forward(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
   }
 }
 
-void rope_forward(Tensor& x, int64_t past, float theta) {
-  require_f32("rope_forward", x);
+namespace {
+
+// Rotates pairs (x_i, x_{i+Dh/2}) by +angle (forward) or -angle (backward: the rotation is
+// orthogonal, so its gradient is the inverse rotation).
+void rope_rotate(Tensor& x, int64_t past, float theta, float sign) {
   const int64_t b_n = x.dim(0), s_n = x.dim(1), h_n = x.dim(2), dh = x.dim(3), half = dh / 2;
   // cos/sin per (position, i), computed in f64 for accuracy.
   std::vector<float> cs(static_cast<size_t>(s_n * half)), sn(static_cast<size_t>(s_n * half));
@@ -62,7 +65,7 @@ void rope_forward(Tensor& x, int64_t past, float theta) {
       double inv_freq = 1.0 / std::pow(double(theta), double(2 * i) / double(dh));
       double ang = double(past + s) * inv_freq;
       cs[s * half + i] = static_cast<float>(std::cos(ang));
-      sn[s * half + i] = static_cast<float>(std::sin(ang));
+      sn[s * half + i] = sign * static_cast<float>(std::sin(ang));
     }
   float* p = x.data<float>();
 #pragma omp parallel for collapse(2) schedule(static) if(b_n * s_n * h_n * dh > 32768)
@@ -78,6 +81,15 @@ void rope_forward(Tensor& x, int64_t past, float theta) {
         }
       }
 }
+
+}  // namespace
+
+void rope_forward(Tensor& x, int64_t past, float theta) {
+  require_f32("rope_forward", x);
+  rope_rotate(x, past, theta, 1.0f);
+}
+
+void rope_backward(Tensor& dx, int64_t past, float theta) { rope_rotate(dx, past, theta, -1.0f); }
 
 void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& v, int64_t past) {
   const int64_t b_n = k.dim(0), s_n = k.dim(1), row = k.dim(2) * k.dim(3), cap = k_cache.dim(1);
@@ -122,6 +134,15 @@ void add_inplace(Tensor& y, const Tensor& x) {
   float* yp = y.data<float>();
 #pragma omp parallel for schedule(static) if(n > 32768)
   for (int64_t i = 0; i < n; ++i) yp[i] += xp[i];
+}
+
+void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col, int64_t ncols) {
+  const int64_t rows = dst.dim(0);
+  const size_t es = dtype_size(dst.dtype());
+  const size_t dp = static_cast<size_t>(dst.dim(1)) * es, sp = static_cast<size_t>(src.dim(1)) * es;
+  char* d = static_cast<char*>(dst.raw()) + static_cast<size_t>(dst_col) * es;
+  const char* s = static_cast<const char*>(src.raw()) + static_cast<size_t>(src_col) * es;
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(d + r * dp, s + r * sp, static_cast<size_t>(ncols) * es);
 }
 
 void cast(Tensor& out, const Tensor& in) {

@@ -142,5 +142,39 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
   }
 }
 
+void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k, bool accumulate) {
+  if (n == 0 || k == 0) return;
+  const float beta = accumulate ? 1.0f : 0.0f;
+  if (m == 0) {
+    if (!accumulate) std::fill(out, out + n * k, 0.0f);
+    return;
+  }
+  if (wdt == DType::F32) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)k, (int)m, 1.0f, x, (int)m,
+                static_cast<const float*>(w), (int)k, beta, out, (int)k);
+    return;
+  }
+  MOE_CHECK(wdt == DType::BF16 || wdt == DType::F16, "gemm: unsupported weight dtype %s", dtype_name(wdt));
+  // Rows of w (the inner dimension here) in chunks, converted to f32; later chunks accumulate.
+  int64_t chunk = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(k, 1));
+  chunk = std::min(chunk, m);
+  std::vector<float> wf(static_cast<size_t>(chunk * k));
+  for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+    int64_t rows = std::min(chunk, m - r0);
+    const uint16_t* src = static_cast<const uint16_t*>(w) + r0 * k;
+    int64_t cnt = rows * k;
+#pragma omp parallel for schedule(static) if(cnt > 32768)
+    for (int64_t i = 0; i < cnt; ++i) wf[i] = wdt == DType::BF16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)k, (int)rows, 1.0f, x + r0, (int)m, wf.data(),
+                (int)k, r0 == 0 ? beta : 1.0f, out, (int)k);
+  }
+}
+
+void gemm_atb_acc(float* dw, const float* dy, const float* x, int64_t n, int64_t m, int64_t k) {
+  if (n == 0 || m == 0 || k == 0) return;
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)m, (int)k, (int)n, 1.0f, dy, (int)m, x, (int)k, 1.0f, dw,
+              (int)k);
+}
+
 }  // namespace cpu
 }  // namespace moe

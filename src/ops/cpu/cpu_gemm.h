@@ -16,6 +16,12 @@ namespace cpu {
 void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
               bool accumulate);
 
+// The two products of a linear layer's backward.
+// out [n, k] (+)= x [n, m] · w [m, k], w dense in dtype wdt (dX = dY·W).
+void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k, bool accumulate);
+// dw [m, k] += dy [n, m]ᵀ · x [n, k]  (dW += dYᵀ·X), f32.
+void gemm_atb_acc(float* dw, const float* dy, const float* x, int64_t n, int64_t m, int64_t k);
+
 // sum_i a[i] * b[i] with AVX2 FMA (8 lanes x 2 accumulators).
 float dot_f32(const float* a, const float* b, int64_t n);
 

@@ -130,6 +130,15 @@ void add_inplace(Tensor& y, const Tensor& x) {
   MOE_CUDA_LAUNCH_CHECK();
 }
 
+void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col, int64_t ncols) {
+  const int64_t rows = dst.dim(0);
+  if (rows == 0 || ncols == 0) return;
+  const size_t es = dtype_size(dst.dtype());
+  MOE_CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(dst.raw()) + dst_col * es, dst.dim(1) * es,
+                                   static_cast<const char*>(src.raw()) + src_col * es, src.dim(1) * es, ncols * es,
+                                   rows, cudaMemcpyDeviceToDevice, stream()));
+}
+
 void cast(Tensor& out, const Tensor& in) {
   int64_t n = out.numel();
   if (n == 0) return;

@@ -1,0 +1,122 @@
+// attention_block.cpp — forward (inference and training) and backward of the attention block.
+#include "model/attention_block.h"
+
+#include "ops/ops.h"
+
+namespace moe {
+namespace {
+
+struct QkvDims {
+  int64_t q, kv;  // H*Dh, Hkv*Dh
+};
+
+QkvDims qkv_dims(const ModelConfig& c) { return {c.n_head * c.head_dim, c.n_head_kv * c.head_dim}; }
+
+// Splits the stacked projection output [T, q+2kv] into q [T,q], k [T,kv], v [T,kv].
+void split_qkv(const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, QkvDims d) {
+  copy_columns(q, 0, qkv, 0, d.q);
+  copy_columns(k, 0, qkv, d.q, d.kv);
+  copy_columns(v, 0, qkv, d.q + d.kv, d.kv);
+}
+
+}  // namespace
+
+void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Tensor& h, Tensor& y,
+                           Tensor& k_cache, Tensor& v_cache, int64_t batch, int64_t seq, int64_t past) {
+  const int64_t t_n = batch * seq, dh = c.head_dim, h_n = c.n_head, hkv = c.n_head_kv;
+  const QkvDims dm = qkv_dims(c);
+  const Device dev = x.device();
+  const DType adt = x.dtype();
+  const MemCategory act = MemCategory::Activations;
+  rmsnorm_forward(h, x, w.attn_norm, float(c.rms_norm_eps));
+  Tensor qkv = Tensor::empty({t_n, dm.q + 2 * dm.kv}, adt, act, dev);
+  linear_forward(qkv, h, w.wqkv, w.bqkv);
+  Tensor q, k, v;
+  if (t_n == 1) {
+    // One row: q, k and v are contiguous pieces of it (decode is launch-bound: no copies).
+    Tensor flat = qkv.view({qkv.numel()});
+    q = flat.rows(0, dm.q).view({1, 1, h_n, dh});
+    k = flat.rows(dm.q, dm.q + dm.kv).view({1, 1, hkv, dh});
+    v = flat.rows(dm.q + dm.kv, dm.q + 2 * dm.kv).view({1, 1, hkv, dh});
+  } else {
+    q = Tensor::empty({batch, seq, h_n, dh}, adt, act, dev);
+    k = Tensor::empty({batch, seq, hkv, dh}, adt, act, dev);
+    v = Tensor::empty({batch, seq, hkv, dh}, adt, act, dev);
+    Tensor q2 = q.view({t_n, dm.q}), k2 = k.view({t_n, dm.kv}), v2 = v.view({t_n, dm.kv});
+    split_qkv(qkv, q2, k2, v2, dm);
+  }
+  if (c.qk_norm) {
+    Tensor qn = q.view({t_n * h_n, dh}), kn = k.view({t_n * hkv, dh});
+    rmsnorm_forward(qn, qn, w.q_norm, float(c.rms_norm_eps));
+    rmsnorm_forward(kn, kn, w.k_norm, float(c.rms_norm_eps));
+  }
+  rope_forward(q, past, float(c.rope_theta));
+  rope_forward(k, past, float(c.rope_theta));
+  kv_append(k_cache, v_cache, k, v, past);
+  Tensor attn = Tensor::empty({batch, seq, h_n, dh}, adt, act, dev);
+  attention_forward(attn, q, k_cache, v_cache, past);
+  linear_forward(y, attn.view({t_n, dm.q}), w.wo, w.bo);
+  add_inplace(x, y);
+}
+
+void attention_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a, Tensor& qkv) {
+  const int64_t b_n = a.q.dim(0), s_n = a.q.dim(1), t_n = b_n * s_n;
+  const int64_t dh = c.head_dim, h_n = c.n_head, hkv = c.n_head_kv;
+  const QkvDims dm = qkv_dims(c);
+  const float eps = float(c.rms_norm_eps);
+  rmsnorm_forward_train(a.attn_h, a.attn_rstd, a.x_in, w.attn_norm, eps);
+  linear_forward(qkv, a.attn_h, w.wqkv, w.bqkv);
+  Tensor q2 = a.q.view({t_n, dm.q}), k2 = a.k.view({t_n, dm.kv}), v2 = a.v.view({t_n, dm.kv});
+  if (c.qk_norm) {
+    Tensor qp = a.q_pre.view({t_n, dm.q}), kp = a.k_pre.view({t_n, dm.kv});
+    split_qkv(qkv, qp, kp, v2, dm);
+    Tensor qn = a.q.view({t_n * h_n, dh}), kn = a.k.view({t_n * hkv, dh});
+    rmsnorm_forward_train(qn, a.q_rstd, a.q_pre, w.q_norm, eps);
+    rmsnorm_forward_train(kn, a.k_rstd, a.k_pre, w.k_norm, eps);
+  } else {
+    split_qkv(qkv, q2, k2, v2, dm);
+  }
+  rope_forward(a.q, 0, float(c.rope_theta));
+  rope_forward(a.k, 0, float(c.rope_theta));
+  attention_forward_train(a.attn_out, a.lse, a.q, a.k, a.v);
+  linear_forward(a.x_mid, a.attn_out.view({t_n, dm.q}), w.wo, w.bo);
+  add_inplace(a.x_mid, a.x_in);
+}
+
+void attention_block_backward(const ModelConfig& c, const LayerWeights& w, const LayerActs& a,
+                              const Tensor& dx_mid, Tensor& dx_in, LayerWeights& g, Tensor& dqkv) {
+  const int64_t b_n = a.q.dim(0), s_n = a.q.dim(1), t_n = b_n * s_n;
+  const int64_t dh = c.head_dim, h_n = c.n_head, hkv = c.n_head_kv;
+  const QkvDims dm = qkv_dims(c);
+  const MemCategory act = MemCategory::Activations;
+  // o_proj
+  Tensor dattn = Tensor::empty(a.attn_out.shape(), DType::F32, act);
+  Tensor dattn2 = dattn.view({t_n, dm.q});
+  linear_backward(dattn2, g.wo, g.bo, dx_mid, a.attn_out.view({t_n, dm.q}), w.wo, false);
+  // attention, then the inverse rotation
+  Tensor dq = Tensor::empty(a.q.shape(), DType::F32, act);
+  Tensor dk = Tensor::empty(a.k.shape(), DType::F32, act);
+  Tensor dv = Tensor::empty(a.v.shape(), DType::F32, act);
+  attention_backward(dq, dk, dv, dattn, a.q, a.k, a.v, a.attn_out, a.lse);
+  dattn = Tensor();
+  rope_backward(dq, 0, float(c.rope_theta));
+  rope_backward(dk, 0, float(c.rope_theta));
+  if (c.qk_norm) {
+    Tensor dqp = Tensor::empty({t_n * h_n, dh}, DType::F32, act);
+    Tensor dkp = Tensor::empty({t_n * hkv, dh}, DType::F32, act);
+    rmsnorm_backward(dqp, g.q_norm, dq.view({t_n * h_n, dh}), a.q_pre, w.q_norm, a.q_rstd, false);
+    rmsnorm_backward(dkp, g.k_norm, dk.view({t_n * hkv, dh}), a.k_pre, w.k_norm, a.k_rstd, false);
+    dq = dqp;
+    dk = dkp;
+  }
+  // join into the stacked layout; one backward through wqkv
+  copy_columns(dqkv, 0, dq.view({t_n, dm.q}), 0, dm.q);
+  copy_columns(dqkv, dm.q, dk.view({t_n, dm.kv}), 0, dm.kv);
+  copy_columns(dqkv, dm.q + dm.kv, dv.view({t_n, dm.kv}), 0, dm.kv);
+  Tensor dh_norm = Tensor::empty({t_n, c.hidden_size}, DType::F32, act);
+  linear_backward(dh_norm, g.wqkv, g.bqkv, dqkv, a.attn_h, w.wqkv, false);
+  rmsnorm_backward(dx_in, g.attn_norm, dh_norm, a.x_in, w.attn_norm, a.attn_rstd, false);
+  add_inplace(dx_in, dx_mid);
+}
+
+}  // namespace moe

@@ -1,0 +1,34 @@
+// attention_block.h — the attention half of a decoder layer, forward and backward:
+//   x_mid = x_in + o_proj(attention(rope(qk_norm(split(wqkv · rmsnorm(x_in))))))
+//
+// One q/k/v projection path for every T: the stacked weight wqkv through linear_forward, its
+// output split into q, k and v (views for one token, column copies otherwise). This linear is
+// the place where LoRA will apply.
+//
+// Training forward saves (LayerActs): x_in, attn_rstd, attn_h (normed input), q_pre/k_pre and
+// q_rstd/k_rstd (q/k norm only), q, k (normed and rotated), v, attn_out, lse (attention's row
+// log-sum-exp: backward recomputes the probabilities from it), and writes x_mid. Nothing it
+// saves is overwritten later in the step: the residual add writes a new tensor (x_mid).
+#pragma once
+#include "io/hf_config.h"
+#include "model/activations.h"
+#include "model/model.h"
+
+namespace moe {
+
+// Inference: x [T,D] is updated in place (x += attention), keys/values appended to the cache.
+// `h` [T,D] and `y` [T,D] are scratch.
+void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Tensor& h, Tensor& y,
+                           Tensor& k_cache, Tensor& v_cache, int64_t batch, int64_t seq, int64_t past);
+
+// Training forward: reads a.x_in, fills the saved tensors listed above and a.x_mid.
+// `qkv` [T,(H+2Hkv)Dh] is scratch.
+void attention_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a, Tensor& qkv);
+
+// Backward: from dx_mid [T,D] computes dx_in [T,D] (assigned) and accumulates the layer's
+// attention parameter gradients into g (undefined gradient tensors are skipped).
+// `dqkv` [T,(H+2Hkv)Dh] is scratch.
+void attention_block_backward(const ModelConfig& c, const LayerWeights& w, const LayerActs& a,
+                              const Tensor& dx_mid, Tensor& dx_in, LayerWeights& g, Tensor& dqkv);
+
+}  // namespace moe

@@ -1,0 +1,152 @@
+// ffn_block.cpp — forward (inference and training) and backward of the feed-forward block.
+#include "model/ffn_block.h"
+
+#include "ops/ops.h"
+
+namespace moe {
+namespace {
+
+constexpr MemCategory kAct = MemCategory::Activations;
+
+// y = w2 · swiglu(x w1ᵀ, x w3ᵀ); h1, h3 [T,F] receive the pre-activations (kept by training).
+void swiglu_mlp(Tensor& y, Tensor& h1, Tensor& h3, const Tensor& x, const Tensor& w1, const Tensor& w3,
+                const Tensor& w2) {
+  linear_forward(h1, x, w1, Tensor());
+  linear_forward(h3, x, w3, Tensor());
+  Tensor act = Tensor::empty(h1.shape(), h1.dtype(), kAct, h1.device());
+  swiglu_forward(act, h1, h3);
+  linear_forward(y, act, w2, Tensor());
+}
+
+// Backward of swiglu_mlp: dx += (accumulates), dw1/dw3/dw2 += .
+void swiglu_mlp_backward(Tensor& dx, Tensor& dw1, Tensor& dw3, Tensor& dw2, const Tensor& dy, const Tensor& x,
+                         const Tensor& h1, const Tensor& h3, const Tensor& w1, const Tensor& w3, const Tensor& w2) {
+  Tensor act = Tensor::empty(h1.shape(), DType::F32, kAct);
+  swiglu_forward(act, h1, h3);  // recomputed, not saved
+  Tensor dact = Tensor::empty(h1.shape(), DType::F32, kAct);
+  Tensor none;
+  linear_backward(dact, dw2, none, dy, act, w2, false);
+  Tensor dh1 = act, dh3 = Tensor::empty(h1.shape(), DType::F32, kAct);
+  swiglu_backward(dh1, dh3, dact, h1, h3);
+  linear_backward(dx, dw1, none, dh1, x, w1, true);
+  linear_backward(dx, dw3, none, dh3, x, w3, true);
+}
+
+}  // namespace
+
+void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Tensor& h, Tensor& y,
+                     Tensor* router_logits) {
+  const int64_t t_n = x.dim(0), d = c.hidden_size, k = c.n_expert_used;
+  const Device dev = x.device();
+  const DType adt = x.dtype();
+  rmsnorm_forward(h, x, w.ffn_norm, float(c.rms_norm_eps));
+  if (!w.is_moe) {
+    Tensor h1 = Tensor::empty({t_n, w.w1.dim(0)}, adt, kAct, dev), h3 = Tensor::empty(h1.shape(), adt, kAct, dev);
+    swiglu_mlp(y, h1, h3, h, w.w1, w.w3, w.w2);
+    add_inplace(x, y);
+    return;
+  }
+  const int64_t e_n = c.n_expert, p_n = t_n * k;
+  // Routing is f32 whatever the activation dtype (linear accumulates in f32 and writes f32).
+  Tensor logits = Tensor::empty({t_n, e_n}, DType::F32, kAct, dev);
+  linear_forward(logits, h, w.router, Tensor());
+  Tensor topk_idx = Tensor::empty({t_n, k}, DType::I32, kAct, dev);
+  Tensor topk_w = Tensor::empty({t_n, k}, DType::F32, kAct, dev);
+  router_topk_forward(topk_idx, topk_w, logits, c.norm_topk_prob);
+  Tensor offsets = Tensor::empty({e_n + 1}, DType::I32, kAct, dev);
+  Tensor perm = Tensor::empty({p_n}, DType::I32, kAct, dev);
+  Tensor inv = Tensor::empty({p_n}, DType::I32, kAct, dev);
+  moe_dispatch(offsets, perm, inv, topk_idx, e_n);
+  Tensor xp = Tensor::empty({p_n, d}, adt, kAct, dev);
+  gather_rows(xp, h, perm, k);
+  Tensor row_scale = Tensor::empty({p_n}, DType::F32, kAct, dev);
+  permute_weights(row_scale, topk_w, perm);
+  Tensor yp = Tensor::empty({p_n, d}, adt, kAct, dev);
+  expert_ffn_forward(yp, xp, offsets, w.w1, w.w3, w.w2, row_scale);
+  moe_combine(y, yp, inv, k, /*accumulate=*/false);
+  if (w.shared_w1.defined()) {
+    const int64_t fs = w.shared_w1.dim(0);
+    Tensor s = Tensor::empty({t_n, d}, adt, kAct, dev);
+    Tensor h1 = Tensor::empty({t_n, fs}, adt, kAct, dev), h3 = Tensor::empty({t_n, fs}, adt, kAct, dev);
+    swiglu_mlp(s, h1, h3, h, w.shared_w1, w.shared_w3, w.shared_w2);
+    Tensor gf = Tensor::empty({t_n, 1}, DType::F32, kAct, dev);
+    linear_forward(gf, h, w.shared_gate, Tensor());
+    sigmoid_gate_add(y, s, gf);
+  }
+  add_inplace(x, y);
+  if (router_logits) *router_logits = logits;
+}
+
+void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a, Tensor& x_out, RouterStats* stats) {
+  const int64_t k = c.n_expert_used;
+  rmsnorm_forward_train(a.ffn_h, a.ffn_rstd, a.x_mid, w.ffn_norm, float(c.rms_norm_eps));
+  if (!w.is_moe) {
+    swiglu_mlp(x_out, a.dh1, a.dh3, a.ffn_h, w.w1, w.w3, w.w2);
+    add_inplace(x_out, a.x_mid);
+    return;
+  }
+  const int64_t e_n = c.n_expert;
+  linear_forward(a.router_logits, a.ffn_h, w.router, Tensor());
+  router_topk_forward(a.topk_idx, a.topk_w, a.router_logits, c.norm_topk_prob);
+  moe_dispatch(a.offsets, a.perm, a.inv, a.topk_idx, e_n);
+  gather_rows(a.xp, a.ffn_h, a.perm, k);
+  permute_weights(a.row_scale, a.topk_w, a.perm);
+  Tensor yp = Tensor::empty(a.xp.shape(), DType::F32, kAct);
+  expert_ffn_forward_train(yp, a.eh1, a.eh3, a.xp, a.offsets, w.w1, w.w3, w.w2, a.row_scale);
+  moe_combine(x_out, yp, a.inv, k, /*accumulate=*/false);
+  yp = Tensor();
+  if (w.shared_w1.defined()) {
+    swiglu_mlp(a.s_out, a.sh1, a.sh3, a.ffn_h, w.shared_w1, w.shared_w3, w.shared_w2);
+    linear_forward(a.s_gate, a.ffn_h, w.shared_gate, Tensor());
+    sigmoid_gate_add(x_out, a.s_out, a.s_gate);
+  }
+  add_inplace(x_out, a.x_mid);
+  if (stats) {
+    Tensor ps = Tensor::empty({e_n}, DType::F32, kAct), cnt = Tensor::empty({e_n}, DType::F32, kAct);
+    Tensor z = Tensor::empty({1}, DType::F32, kAct);
+    router_stats(ps, cnt, z, a.router_logits, a.topk_idx);
+    stats->prob_sum.assign(ps.data<float>(), ps.data<float>() + e_n);
+    stats->count.assign(cnt.data<float>(), cnt.data<float>() + e_n);
+    stats->z_sum = z.data<float>()[0];
+  }
+}
+
+void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const LayerActs& a, const Tensor& dx_out,
+                        Tensor& dx_mid, LayerWeights& g, const BalanceGrad& bal) {
+  const int64_t t_n = dx_out.dim(0), d = c.hidden_size, k = c.n_expert_used;
+  Tensor dh = Tensor::zeros({t_n, d}, DType::F32, kAct);
+  Tensor none;
+  if (!w.is_moe) {
+    swiglu_mlp_backward(dh, g.w1, g.w3, g.w2, dx_out, a.ffn_h, a.dh1, a.dh3, w.w1, w.w3, w.w2);
+  } else {
+    if (w.shared_w1.defined()) {
+      Tensor ds = Tensor::empty({t_n, d}, DType::F32, kAct), dgate = Tensor::empty({t_n, 1}, DType::F32, kAct);
+      sigmoid_gate_backward(ds, dgate, dx_out, a.s_out, a.s_gate);
+      linear_backward(dh, g.shared_gate, none, dgate, a.ffn_h, w.shared_gate, true);
+      swiglu_mlp_backward(dh, g.shared_w1, g.shared_w3, g.shared_w2, ds, a.ffn_h, a.sh1, a.sh3, w.shared_w1,
+                          w.shared_w3, w.shared_w2);
+    }
+    const int64_t p_n = a.xp.dim(0);
+    // combine's backward is a gather; the experts; gather's backward is a combine.
+    Tensor dyp = Tensor::empty({p_n, d}, DType::F32, kAct);
+    gather_rows(dyp, dx_out, a.perm, k);
+    Tensor dxp = Tensor::empty({p_n, d}, DType::F32, kAct);
+    Tensor drs = Tensor::empty({p_n}, DType::F32, kAct);
+    expert_ffn_backward(dxp, g.w1, g.w3, g.w2, drs, dyp, a.xp, a.eh1, a.eh3, a.offsets, w.w1, w.w3, w.w2, a.row_scale);
+    dyp = Tensor();
+    moe_combine(dh, dxp, a.inv, k, /*accumulate=*/true);
+    dxp = Tensor();
+    // routing weights -> router logits (+ the balancing losses) -> router weight and input
+    Tensor dtw = Tensor::empty(a.topk_w.shape(), DType::F32, kAct);
+    permute_weights_backward(dtw, drs, a.perm);
+    Tensor dlogits = Tensor::empty(a.router_logits.shape(), DType::F32, kAct);
+    router_topk_backward(dlogits, dtw, a.router_logits, a.topk_idx, c.norm_topk_prob);
+    if (bal.aux_g.defined() || bal.z_scale != 0)
+      router_balance_backward(dlogits, a.router_logits, bal.aux_g, bal.aux_scale, bal.z_scale);
+    linear_backward(dh, g.router, none, dlogits, a.ffn_h, w.router, true);
+  }
+  rmsnorm_backward(dx_mid, g.ffn_norm, dh, a.x_mid, w.ffn_norm, a.ffn_rstd, false);
+  add_inplace(dx_mid, dx_out);
+}
+
+}  // namespace moe

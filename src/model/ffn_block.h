@@ -1,0 +1,50 @@
+// ffn_block.h — the feed-forward half of a decoder layer, forward and backward: the MoE block
+// (router, dispatch, grouped SwiGLU experts, combine, optional gated shared expert) or a dense
+// SwiGLU MLP:   x_out = x_mid + ffn(rmsnorm(x_mid)).
+//
+// Training forward saves (LayerActs): x_mid (written by the attention block), ffn_rstd, ffn_h;
+// MoE: router_logits (full [T,E]: backward recomputes the softmax from them), topk_idx,
+// topk_w, offsets/perm/inv, row_scale, xp (gathered rows) and eh1/eh3 (expert
+// pre-activations; SwiGLU's output is recomputed), shared expert sh1/sh3, s_out, s_gate;
+// dense: dh1/dh3. It writes x_out, a new tensor (the next layer's x_in).
+// Activation memory is O(T·K·F) (only the rows routed to each expert), never O(T·E·F).
+#pragma once
+#include <vector>
+
+#include "io/hf_config.h"
+#include "model/activations.h"
+#include "model/model.h"
+
+namespace moe {
+
+// Router balancing figures of one MoE layer for one step (for the aux/z losses and metrics).
+struct RouterStats {
+  std::vector<float> prob_sum;  // [E] sum over tokens of the router softmax
+  std::vector<float> count;     // [E] tokens routed to each expert (over all K slots)
+  double z_sum = 0;             // sum over tokens of logsumexp(logits)^2
+};
+
+// Inference: x [T,D] updated in place; h, y [T,D] scratch. Router logits are returned in
+// `router_logits` [T,E] f32 when it is defined on entry.
+void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Tensor& h, Tensor& y,
+                     Tensor* router_logits);
+
+// Training forward: reads a.x_mid, fills the saved tensors and writes x_out [T,D];
+// MoE layers fill `stats`.
+void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a, Tensor& x_out, RouterStats* stats);
+
+// The balancing-loss gradient terms one MoE layer's backward adds to its router logits (see
+// router_balance_backward in ops.h); aux_g undefined = no aux term.
+struct BalanceGrad {
+  Tensor aux_g;           // [E] f32
+  float aux_scale = 0;
+  float z_scale = 0;
+};
+
+// Backward: from dx_out [T,D] computes dx_mid [T,D] (assigned) and accumulates the layer's
+// feed-forward parameter gradients into g. Expert weight gradients are touched only for
+// experts that received rows.
+void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const LayerActs& a, const Tensor& dx_out,
+                        Tensor& dx_mid, LayerWeights& g, const BalanceGrad& bal);
+
+}  // namespace moe

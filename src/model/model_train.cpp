@@ -1,0 +1,258 @@
+// model_train.cpp — training forward/backward over the blocks, the losses, HF-named parameters.
+#include "model/model_train.h"
+
+#include <cmath>
+
+#include "model/arch.h"
+#include "model/attention_block.h"
+#include "ops/ops.h"
+
+namespace moe {
+namespace {
+
+Tensor zeros_of(const Tensor& t, MemCategory cat) {
+  return t.defined() ? Tensor::zeros(t.shape(), DType::F32, cat) : Tensor();
+}
+
+// Host ids/labels [B,S] (i32 or i64) -> i32 token ids [T] and shifted targets [T]:
+// position t of a sequence predicts labels[t+1]; the last position and -100 labels count for nothing.
+void prepare_batch(const ModelConfig& c, const Tensor& ids_in, const Tensor& labels_in, Tensor* ids, Tensor* targets) {
+  MOE_CHECK(ids_in.ndim() == 2, "training batch: input_ids must be [B,S], got %s", ids_in.shape_str().c_str());
+  MOE_CHECK(labels_in.shape() == ids_in.shape(), "training batch: labels %s do not match input_ids %s",
+            labels_in.shape_str().c_str(), ids_in.shape_str().c_str());
+  MOE_CHECK(ids_in.device() == Device::CPU && labels_in.device() == Device::CPU, "training batch must be on the host");
+  const int64_t b_n = ids_in.dim(0), s_n = ids_in.dim(1), t_n = b_n * s_n;
+  MOE_CHECK(s_n <= c.max_position_embeddings, "training batch: sequence length %lld exceeds the model's limit %lld",
+            (long long)s_n, (long long)c.max_position_embeddings);
+  auto read = [](const Tensor& t, int64_t i) -> int64_t {
+    if (t.dtype() == DType::I64) return t.data<int64_t>()[i];
+    MOE_CHECK(t.dtype() == DType::I32, "training batch: ids and labels must be i32 or i64, got %s", dtype_name(t.dtype()));
+    return t.data<int32_t>()[i];
+  };
+  *ids = Tensor::empty({t_n}, DType::I32, MemCategory::Activations);
+  *targets = Tensor::empty({t_n}, DType::I32, MemCategory::Activations);
+  for (int64_t i = 0; i < t_n; ++i) {
+    const int64_t v = read(ids_in, i);
+    MOE_CHECK(v >= 0 && v < c.vocab_size, "training batch: token id %lld out of range [0,%lld)", (long long)v,
+              (long long)c.vocab_size);
+    ids->data<int32_t>()[i] = static_cast<int32_t>(v);
+    int64_t tg = -100;
+    if ((i % s_n) + 1 < s_n) tg = read(labels_in, i + 1);
+    MOE_CHECK(tg == -100 || (tg >= 0 && tg < c.vocab_size), "training batch: label %lld out of range [0,%lld)",
+              (long long)tg, (long long)c.vocab_size);
+    targets->data<int32_t>()[i] = static_cast<int32_t>(tg);
+  }
+}
+
+// The tensors one layer computes with: its own saved set (Training), or the shared set with
+// the layer's kept input (TrainingRecompute). Tensors share storage; this copies handles only.
+LayerActs layer_view(const LayerActs& own, const LayerActs& shared, bool recompute) {
+  LayerActs a = recompute ? shared : own;
+  a.x_in = own.x_in;
+  a.qkv = shared.qkv;
+  return a;
+}
+
+}  // namespace
+
+ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory cat) {
+  const int64_t qd = c.n_head * c.head_dim, kvd = c.n_head_kv * c.head_dim;
+  ModelWeights g;
+  g.embed = zeros_of(w.embed, cat);
+  g.final_norm = zeros_of(w.final_norm, cat);
+  g.lm_head = c.tie_word_embeddings ? g.embed : zeros_of(w.lm_head, cat);
+  for (const LayerWeights& lw : w.layers) {
+    LayerWeights lg;
+    lg.is_moe = lw.is_moe;
+    lg.attn_norm = zeros_of(lw.attn_norm, cat);
+    lg.ffn_norm = zeros_of(lw.ffn_norm, cat);
+    lg.wqkv = zeros_of(lw.wqkv, cat);
+    lg.wq = lg.wqkv.rows(0, qd);
+    lg.wk = lg.wqkv.rows(qd, qd + kvd);
+    lg.wv = lg.wqkv.rows(qd + kvd, qd + 2 * kvd);
+    lg.wo = zeros_of(lw.wo, cat);
+    if (lw.bqkv.defined()) {
+      lg.bqkv = zeros_of(lw.bqkv, cat);
+      lg.bq = lg.bqkv.rows(0, qd);
+      lg.bk = lg.bqkv.rows(qd, qd + kvd);
+      lg.bv = lg.bqkv.rows(qd + kvd, qd + 2 * kvd);
+    }
+    lg.bo = zeros_of(lw.bo, cat);
+    lg.q_norm = zeros_of(lw.q_norm, cat);
+    lg.k_norm = zeros_of(lw.k_norm, cat);
+    lg.router = zeros_of(lw.router, cat);
+    lg.w1 = zeros_of(lw.w1, cat);
+    lg.w3 = zeros_of(lw.w3, cat);
+    lg.w2 = zeros_of(lw.w2, cat);
+    lg.shared_w1 = zeros_of(lw.shared_w1, cat);
+    lg.shared_w3 = zeros_of(lw.shared_w3, cat);
+    lg.shared_w2 = zeros_of(lw.shared_w2, cat);
+    lg.shared_gate = zeros_of(lw.shared_gate, cat);
+    g.layers.push_back(lg);
+  }
+  return g;
+}
+
+std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeights& w) {
+  const ArchSpec& a = arch_spec(c.model_type);
+  std::vector<NamedParam> out;
+  auto add = [&](std::string name, const Tensor& t, int64_t layer, int64_t expert = -1) {
+    if (!t.defined()) return;
+    const bool no_decay = t.ndim() == 1 || name.ends_with(".bias");
+    out.push_back({std::move(name), t, layer, expert, no_decay});
+  };
+  add(tensor_name(a.embed), w.embed, -1);
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
+    add(tensor_name(a.attn_norm, l), lw.attn_norm, l);
+    add(tensor_name(a.q_proj, l), lw.wq, l);
+    add(tensor_name(a.k_proj, l), lw.wk, l);
+    add(tensor_name(a.v_proj, l), lw.wv, l);
+    add(tensor_name(a.o_proj, l), lw.wo, l);
+    add(tensor_name(a.q_proj, l, -1, ".bias"), lw.bq, l);
+    add(tensor_name(a.k_proj, l, -1, ".bias"), lw.bk, l);
+    add(tensor_name(a.v_proj, l, -1, ".bias"), lw.bv, l);
+    add(tensor_name(a.o_proj, l, -1, ".bias"), lw.bo, l);
+    if (c.qk_norm) {
+      add(tensor_name(a.q_norm, l), lw.q_norm, l);
+      add(tensor_name(a.k_norm, l), lw.k_norm, l);
+    }
+    add(tensor_name(a.ffn_norm, l), lw.ffn_norm, l);
+    if (lw.is_moe) {
+      add(tensor_name(a.router, l), lw.router, l);
+      for (int64_t e = 0; e < c.n_expert; ++e) {
+        add(tensor_name(a.expert_gate, l, e), lw.w1.select(e), l, e);
+        add(tensor_name(a.expert_up, l, e), lw.w3.select(e), l, e);
+        add(tensor_name(a.expert_down, l, e), lw.w2.select(e), l, e);
+      }
+      if (lw.shared_w1.defined()) {
+        add(tensor_name(a.shared_gate, l), lw.shared_w1, l);
+        add(tensor_name(a.shared_up, l), lw.shared_w3, l);
+        add(tensor_name(a.shared_down, l), lw.shared_w2, l);
+        add(tensor_name(a.shared_expert_gate, l), lw.shared_gate, l);
+      }
+    } else {
+      add(tensor_name(a.dense_gate, l), lw.w1, l);
+      add(tensor_name(a.dense_up, l), lw.w3, l);
+      add(tensor_name(a.dense_down, l), lw.w2, l);
+    }
+  }
+  add(tensor_name(a.final_norm), w.final_norm, -1);
+  if (!c.tie_word_embeddings) add(tensor_name(a.lm_head), w.lm_head, -1);
+  return out;
+}
+
+StepLosses forward_backward(const Model& m, const Tensor& ids_in, const Tensor& labels_in, ModelWeights* grads,
+                            const LossOptions& opt) {
+  const ModelConfig& c = m.config();
+  const ModelWeights& w = m.weights();
+  MOE_CHECK(m.device() == Device::CPU, "training runs on the CPU for now (model is on %s)", device_name(m.device()));
+  Tensor ids, targets;
+  prepare_batch(c, ids_in, labels_in, &ids, &targets);
+  const int64_t b_n = ids_in.dim(0), s_n = ids_in.dim(1), t_n = b_n * s_n, d = c.hidden_size, n_l = c.n_layer;
+  const MemCategory act = MemCategory::Activations;
+
+  const ActivationLayout lay =
+      activation_layout(c, b_n, s_n, opt.recompute ? ActMode::TrainingRecompute : ActMode::Training);
+  bool any_moe = false, any_dense = false;
+  for (int64_t l = 0; l < n_l; ++l) (c.layer_is_moe(l) ? any_moe : any_dense) = true;
+  LayerActs shared;
+  if (any_moe) alloc_acts(lay, true, false, &shared);
+  if (any_dense) alloc_acts(lay, false, false, &shared);
+  std::vector<LayerActs> own(static_cast<size_t>(n_l));
+  for (int64_t l = 0; l < n_l; ++l) alloc_acts(lay, c.layer_is_moe(l), true, &own[static_cast<size_t>(l)]);
+
+  StepLosses res;
+  // ---- forward ----
+  embedding_forward(own[0].x_in, ids, w.embed);
+  auto layer_forward = [&](int64_t l, LayerActs& a, RouterStats* st) {
+    const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
+    attention_block_forward(c, lw, a, a.qkv);
+    Tensor x_out = l + 1 < n_l ? own[static_cast<size_t>(l + 1)].x_in : shared.final_x;
+    ffn_block_forward(c, lw, a, x_out, st);
+  };
+  for (int64_t l = 0; l < n_l; ++l) {
+    LayerActs a = layer_view(own[static_cast<size_t>(l)], shared, opt.recompute);
+    RouterStats st;
+    const bool moe = c.layer_is_moe(l);
+    layer_forward(l, a, moe ? &st : nullptr);
+    if (moe) {
+      res.moe_layers.push_back(l);
+      res.router.push_back(std::move(st));
+    }
+  }
+  // ---- balancing losses: HF load_balancing_loss_func over all MoE layers' rows at once ----
+  BalanceGrad bal;
+  if (!res.router.empty()) {
+    const int64_t e_n = c.n_expert;
+    const double n_rows = double(t_n) * double(res.router.size());
+    std::vector<double> cnt(static_cast<size_t>(e_n), 0.0), ps(static_cast<size_t>(e_n), 0.0);
+    double z = 0;
+    for (const RouterStats& st : res.router) {
+      for (int64_t e = 0; e < e_n; ++e) {
+        cnt[e] += st.count[e];
+        ps[e] += st.prob_sum[e];
+      }
+      z += st.z_sum;
+    }
+    double aux = 0;
+    for (int64_t e = 0; e < e_n; ++e) aux += (cnt[e] / n_rows) * (ps[e] / n_rows);
+    res.aux_loss = double(e_n) * aux;
+    res.z_loss = z / n_rows;
+    if (opt.aux_coef != 0) {
+      bal.aux_g = Tensor::empty({e_n}, DType::F32, act);
+      for (int64_t e = 0; e < e_n; ++e) bal.aux_g.data<float>()[e] = static_cast<float>(double(e_n) * cnt[e] / n_rows);
+      bal.aux_scale = static_cast<float>(opt.aux_coef / n_rows);
+    }
+    bal.z_scale = static_cast<float>(opt.z_coef / n_rows);
+  }
+  // ---- head: final norm, LM head and cross-entropy, chunk by chunk (fused with backward) ----
+  rmsnorm_forward_train(shared.final_h, shared.final_rstd, shared.final_x, w.final_norm, float(c.rms_norm_eps));
+  for (int64_t i = 0; i < t_n; ++i) res.n_targets += targets.data<int32_t>()[i] != -100;
+  const float ce_scale = res.n_targets > 0 ? 1.0f / float(res.n_targets) : 0.0f;
+  Tensor dfinal_h = grads ? Tensor::empty({t_n, d}, DType::F32, act) : Tensor();
+  Tensor row_loss = Tensor::empty({lay.logits_chunk}, DType::F32, act);
+  double ce_sum = 0;
+  for (int64_t r0 = 0; r0 < t_n; r0 += lay.logits_chunk) {
+    const int64_t r1 = std::min(t_n, r0 + lay.logits_chunk), n = r1 - r0;
+    Tensor lg = shared.logits.rows(0, n), h = shared.final_h.rows(r0, r1), tg = targets.rows(r0, r1);
+    Tensor rl = row_loss.rows(0, n);
+    linear_forward(lg, h, w.lm_head, Tensor());
+    cross_entropy_forward(rl, lg, tg);
+    for (int64_t i = 0; i < n; ++i) ce_sum += rl.data<float>()[i];
+    if (grads) {
+      cross_entropy_backward(lg, lg, tg, ce_scale);
+      Tensor dh = dfinal_h.rows(r0, r1), none;
+      linear_backward(dh, grads->lm_head, none, lg, h, w.lm_head, false);
+    }
+  }
+  res.loss_ce = res.n_targets > 0 ? ce_sum / double(res.n_targets) : 0.0;
+  res.total = res.loss_ce + opt.aux_coef * res.aux_loss + opt.z_coef * res.z_loss;
+  if (!grads) return res;
+
+  // ---- backward ----
+  Tensor dx = Tensor::empty({t_n, d}, DType::F32, act);
+  rmsnorm_backward(dx, grads->final_norm, dfinal_h, shared.final_x, w.final_norm, shared.final_rstd, false);
+  dfinal_h = Tensor();
+  Tensor dx_mid = Tensor::empty({t_n, d}, DType::F32, act), dx_in = Tensor::empty({t_n, d}, DType::F32, act);
+  for (int64_t l = n_l - 1; l >= 0; --l) {
+    LayerActs a = layer_view(own[static_cast<size_t>(l)], shared, opt.recompute);
+    if (opt.recompute) {
+      // Re-run this layer's forward into the shared set; its output goes to a scratch tensor
+      // (the next layer's input is kept and must not change).
+      Tensor x_out = Tensor::empty({t_n, d}, DType::F32, act);
+      const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
+      attention_block_forward(c, lw, a, a.qkv);
+      ffn_block_forward(c, lw, a, x_out, nullptr);
+    }
+    const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
+    LayerWeights& lg = grads->layers[static_cast<size_t>(l)];
+    ffn_block_backward(c, lw, a, dx, dx_mid, lg, bal);
+    attention_block_backward(c, lw, a, dx_mid, dx_in, lg, a.qkv);
+    std::swap(dx, dx_in);
+  }
+  embedding_backward(grads->embed, dx, ids, c.pad_token_id);
+  return res;
+}
+
+}  // namespace moe

@@ -1,0 +1,56 @@
+// model_train.h — the training forward/backward of a Model: the blocks in order, the losses
+// (chunked cross-entropy, HF's load-balancing aux loss, the ST-MoE z-loss), and the parameter
+// list with HF names that gradients, checkpoints and the optimizer share.
+//
+// Order of one step: embedding; per layer attention block then feed-forward block, each
+// saving its activations (activations.h); router statistics of all MoE layers give the aux
+// and z losses; final norm + LM head + cross-entropy fused with their backward chunk by chunk
+// (the [T,V] logits are never held whole); then the layers' backward in reverse; embedding.
+// With recompute, a layer keeps only its input and re-runs its forward before its backward.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "model/activations.h"
+#include "model/ffn_block.h"
+#include "model/model.h"
+
+namespace moe {
+
+struct LossOptions {
+  double aux_coef = 0;  // weight of the aux loss in total_loss (callers pass the config's router_aux_loss_coef)
+  double z_coef = 0;    // weight of the z-loss
+  bool recompute = false;  // per-layer activation recompute
+};
+
+struct StepLosses {
+  double loss_ce = 0, aux_loss = 0, z_loss = 0, total = 0;
+  int64_t n_targets = 0;                 // label positions that count (not -100)
+  std::vector<int64_t> moe_layers;       // decoder-layer index of each entry below
+  std::vector<RouterStats> router;       // per MoE layer
+};
+
+// One parameter: its HF name, the weight (a view into the model's stacked storage) and what
+// the optimizer needs to know about it.
+struct NamedParam {
+  std::string name;
+  Tensor value;
+  int64_t layer = -1;   // decoder layer, -1 for embedding / final norm / head
+  int64_t expert = -1;  // routed expert index, -1 otherwise
+  bool no_decay = false;  // norms and biases (HF Trainer's default: no weight decay)
+};
+
+// Every parameter of the model under its HF name (per-expert views of the stacked experts,
+// per-projection views of the stacked q/k/v). Tied heads are listed once (as the embedding).
+std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeights& w);
+
+// Zero tensors shaped like every parameter (f32, category `cat`), with the same views, so
+// named_parameters(c, grads) names the gradients exactly as the weights.
+ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory cat);
+
+// Forward (and, with grads, backward) of one batch: ids, labels [B,S] (HF labels: unshifted,
+// -100 ignored). Gradients of total_loss accumulate into *grads. CPU, f32 activations.
+StepLosses forward_backward(const Model& m, const Tensor& ids, const Tensor& labels, ModelWeights* grads,
+                            const LossOptions& opt);
+
+}  // namespace moe

@@ -1,0 +1,190 @@
+// cpu_train.cpp — CPU kernels of the training ops that are row-wise or elementwise: embedding
+// and RMSNorm backward, linear backward (BLAS), SwiGLU and sigmoid-gate backward, and the
+// cross-entropy of the chunked LM head. f32 activations and gradients.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops/backend.h"
+#include "ops/cpu/cpu_gemm.h"
+
+namespace moe {
+namespace cpu {
+
+void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids, int64_t padding_idx) {
+  const int64_t t_n = ids.numel(), d = dtable.dim(1), v = dtable.dim(0);
+  const int32_t* id = ids.data<int32_t>();
+  const float* g = dout.data<float>();
+  float* dt = dtable.data<float>();
+  // Serial over tokens: repeated ids would race; the work is T*D adds.
+  for (int64_t t = 0; t < t_n; ++t) {
+    MOE_CHECK(id[t] >= 0 && id[t] < v, "embedding_backward: token id %d out of range [0,%lld)", id[t], (long long)v);
+    if (id[t] == padding_idx) continue;
+    float* row = dt + int64_t(id[t]) * d;
+    const float* gr = g + t * d;
+    for (int64_t i = 0; i < d; ++i) row[i] += gr[i];
+  }
+}
+
+void rmsnorm_forward_train(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w, float eps) {
+  const int64_t d = x.dim(-1), n = x.numel() / d;
+  std::vector<float> wf(static_cast<size_t>(d));
+  convert_to_f32(wf.data(), w.raw(), w.dtype(), wf.size());
+  const float* xp = x.data<float>();
+  float* op = out.data<float>();
+  float* rs = rstd.data<float>();
+#pragma omp parallel for schedule(static) if(n * d > 32768)
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = xp + r * d;
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += double(xr[i]) * xr[i];
+    float inv = static_cast<float>(1.0 / std::sqrt(ss / double(d) + double(eps)));
+    rs[r] = inv;
+    float* orow = op + r * d;
+    for (int64_t i = 0; i < d; ++i) orow[i] = wf[i] * (xr[i] * inv);
+  }
+}
+
+// y = w * x * r with r = (mean(x^2) + eps)^-1/2:
+//   dx = r * (w*dy) - x * r^3 / D * sum(w*dy*x),   dw += sum_n dy * x * r.
+void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
+                      const Tensor& rstd, bool accumulate) {
+  const int64_t d = x.dim(-1), n = x.numel() / d;
+  std::vector<float> wf(static_cast<size_t>(d));
+  convert_to_f32(wf.data(), w.raw(), w.dtype(), wf.size());
+  const float* xp = x.data<float>();
+  const float* gp = dy.data<float>();
+  const float* rs = rstd.data<float>();
+  float* dxp = dx.data<float>();
+#pragma omp parallel for schedule(static) if(n * d > 32768)
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = xp + r * d;
+    const float* gr = gp + r * d;
+    double dot = 0;
+    for (int64_t i = 0; i < d; ++i) dot += double(wf[i]) * gr[i] * xr[i];
+    const float inv = rs[r];
+    const float c = static_cast<float>(dot * double(inv) * inv * inv / double(d));
+    float* o = dxp + r * d;
+    for (int64_t i = 0; i < d; ++i) {
+      float v = inv * wf[i] * gr[i] - xr[i] * c;
+      o[i] = accumulate ? o[i] + v : v;
+    }
+  }
+  if (dw.defined()) {
+    float* dwp = dw.data<float>();
+    // Column sums in f64 over rows, split over threads by column.
+#pragma omp parallel for schedule(static) if(n * d > 32768)
+    for (int64_t i = 0; i < d; ++i) {
+      double acc = 0;
+      for (int64_t r = 0; r < n; ++r) acc += double(gp[r * d + i]) * xp[r * d + i] * rs[r];
+      dwp[i] += static_cast<float>(acc);
+    }
+  }
+}
+
+void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x, const Tensor& w,
+                     bool accumulate) {
+  const int64_t m = w.dim(0), k = w.dim(1), n = dy.numel() / m;
+  const float* g = dy.data<float>();
+  if (dx.defined()) gemm_xw(dx.data<float>(), g, w.raw(), w.dtype(), n, m, k, accumulate);
+  if (dw.defined()) gemm_atb_acc(dw.data<float>(), g, x.data<float>(), n, m, k);
+  if (db.defined()) {
+    float* b = db.data<float>();
+    for (int64_t c = 0; c < m; ++c) {
+      double acc = 0;
+      for (int64_t r = 0; r < n; ++r) acc += g[r * m + c];
+      b[c] += static_cast<float>(acc);
+    }
+  }
+}
+
+// out = silu(a) * b; silu(a) = a * sig(a); silu'(a) = sig(a) * (1 + a * (1 - sig(a))).
+void swiglu_backward(Tensor& dh1, Tensor& dh3, const Tensor& dout, const Tensor& h1, const Tensor& h3) {
+  const int64_t n = h1.numel();
+  const float* a = h1.data<float>();
+  const float* b = h3.data<float>();
+  const float* g = dout.data<float>();
+  float* da = dh1.data<float>();
+  float* db = dh3.data<float>();
+#pragma omp parallel for schedule(static) if(n > 32768)
+  for (int64_t i = 0; i < n; ++i) {
+    const float sg = 1.0f / (1.0f + std::exp(-a[i]));
+    const float silu = a[i] * sg;
+    db[i] = g[i] * silu;
+    da[i] = g[i] * b[i] * sg * (1.0f + a[i] * (1.0f - sg));
+  }
+}
+
+void sigmoid_gate_backward(Tensor& ds, Tensor& dgate, const Tensor& dy, const Tensor& s, const Tensor& gate) {
+  const int64_t t_n = dy.dim(0), d = dy.dim(1);
+  const float* g = dy.data<float>();
+  const float* sp = s.data<float>();
+  const float* gt = gate.data<float>();
+  float* dsp = ds.data<float>();
+  float* dg = dgate.data<float>();
+#pragma omp parallel for schedule(static) if(t_n * d > 32768)
+  for (int64_t t = 0; t < t_n; ++t) {
+    const float sg = 1.0f / (1.0f + std::exp(-gt[t]));
+    double dot = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      dot += double(g[t * d + i]) * sp[t * d + i];
+      dsp[t * d + i] = sg * g[t * d + i];
+    }
+    dg[t] = static_cast<float>(dot * sg * (1.0 - sg));
+  }
+}
+
+namespace {
+// logsumexp of one row, f64 accumulation.
+double row_lse(const float* l, int64_t v) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < v; ++i) mx = std::max(mx, l[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < v; ++i) sum += std::exp(double(l[i]) - mx);
+  return mx + std::log(sum);
+}
+
+void check_target(int32_t t, int64_t v) {
+  MOE_CHECK(t == -100 || (t >= 0 && t < v), "cross_entropy: target %d out of range [0,%lld)", t, (long long)v);
+}
+}  // namespace
+
+void cross_entropy_forward(Tensor& loss, const Tensor& logits, const Tensor& targets) {
+  const int64_t n = logits.dim(0), v = logits.dim(1);
+  const float* lg = logits.data<float>();
+  const int32_t* tg = targets.data<int32_t>();
+  float* out = loss.data<float>();
+  for (int64_t r = 0; r < n; ++r) check_target(tg[r], v);
+#pragma omp parallel for schedule(static) if(n * v > 32768)
+  for (int64_t r = 0; r < n; ++r) {
+    if (tg[r] == -100) {
+      out[r] = 0;
+      continue;
+    }
+    const float* l = lg + r * v;
+    out[r] = static_cast<float>(row_lse(l, v) - l[tg[r]]);
+  }
+}
+
+void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets, float scale) {
+  const int64_t n = logits.dim(0), v = logits.dim(1);
+  const float* lg = logits.data<float>();
+  const int32_t* tg = targets.data<int32_t>();
+  float* dl = dlogits.data<float>();
+  for (int64_t r = 0; r < n; ++r) check_target(tg[r], v);
+#pragma omp parallel for schedule(static) if(n * v > 32768)
+  for (int64_t r = 0; r < n; ++r) {
+    const float* l = lg + r * v;
+    float* o = dl + r * v;
+    if (tg[r] == -100) {
+      std::fill(o, o + v, 0.0f);
+      continue;
+    }
+    const double lse = row_lse(l, v);
+    for (int64_t i = 0; i < v; ++i) o[i] = static_cast<float>(scale * std::exp(double(l[i]) - lse));
+    o[tg[r]] -= scale;
+  }
+}
+
+}  // namespace cpu
+}  // namespace moe
