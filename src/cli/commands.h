@@ -12,6 +12,7 @@ void add_generate_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
 void add_plan_command(CLI::App& app);
 void add_tokenize_command(CLI::App& app);
+void add_quantize_command(CLI::App& app);
 void add_grad_command(CLI::App& app);
 void add_tokenize_bench(CLI::App* bench);
 

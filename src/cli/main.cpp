@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   moe::add_bench_command(app);
   moe::add_plan_command(app);
   moe::add_tokenize_command(app);
+  moe::add_quantize_command(app);
   moe::add_grad_command(app);
   try {
     app.parse(argc, argv);

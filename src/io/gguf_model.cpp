@@ -150,12 +150,12 @@ ModelConfig config_from_gguf(const GgufFile& f, const Family** fam_out) {
   c.model_type = fam->model_type;
   c.n_layer = f.get_int(a + "block_count");
   c.hidden_size = f.get_int(a + "embedding_length");
-  c.n_head = f.get_int(a + "head_count");
-  c.n_head_kv = f.get_int(a + "head_count_kv", c.n_head);
+  c.n_head = f.get_int(a + "attention.head_count");
+  c.n_head_kv = f.get_int(a + "attention.head_count_kv", c.n_head);
   c.n_expert = f.get_int(a + "expert_count", 0);
   MOE_CHECK(c.n_expert > 0, "%s: %sexpert_count is missing or 0: a dense model, which the engine does not run", w, a.c_str());
   c.n_expert_used = f.get_int(a + "expert_used_count");
-  MOE_CHECK(c.n_head > 0, "%s: %shead_count must be positive", w, a.c_str());
+  MOE_CHECK(c.n_head > 0, "%s: %sattention.head_count must be positive", w, a.c_str());
   c.head_dim = f.get_int(a + "attention.key_length", c.hidden_size / c.n_head);
   MOE_CHECK(f.get_int(a + "attention.value_length", c.head_dim) == c.head_dim,
             "%s: %sattention.value_length differs from key_length; not supported", w, a.c_str());
@@ -347,8 +347,8 @@ void write_gguf(const std::string& model_dir, const std::string& out_path, const
   wr.set(a + "embedding_length", u32(c.hidden_size));
   wr.set(a + "block_count", u32(c.n_layer));
   wr.set(a + "feed_forward_length", u32(c.intermediate_size));
-  wr.set(a + "head_count", u32(c.n_head));
-  wr.set(a + "head_count_kv", u32(c.n_head_kv));
+  wr.set(a + "attention.head_count", u32(c.n_head));
+  wr.set(a + "attention.head_count_kv", u32(c.n_head_kv));
   wr.set(a + "attention.key_length", u32(c.head_dim));
   wr.set(a + "attention.value_length", u32(c.head_dim));
   wr.set(a + "rope.dimension_count", u32(c.head_dim));

@@ -17,8 +17,8 @@
 //
 // Metadata written (what llama.cpp's loader reads): general.architecture/name/file_type/
 // quantization_version, ARCH.{vocab_size, context_length, embedding_length, block_count,
-// feed_forward_length, head_count, head_count_kv, key_length, value_length,
-// rope.dimension_count, rope.freq_base, attention.layer_norm_rms_epsilon, expert_count,
+// feed_forward_length, attention.{head_count, head_count_kv, key_length, value_length,
+// layer_norm_rms_epsilon}, rope.{dimension_count, freq_base}, expert_count,
 // expert_used_count, expert_feed_forward_length, expert_shared_feed_forward_length,
 // expert_weights_norm}, tokenizer.ggml.model = "none" with bos/eos ids (llama.cpp then runs on
 // token ids; the real vocabulary is not written yet).

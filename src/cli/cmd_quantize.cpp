@@ -1,0 +1,66 @@
+// cmd_quantize.cpp — `moe quantize MODEL_DIR --type T --out FILE.gguf`: a HF model directory
+// (config.json + safetensors) to a GGUF file llama.cpp loads, as f32/f16/bf16 or quantised
+// (q8_0, q4_0, q4_k_m, q5_k_m, q6_k; see io/gguf_model.h for the per-tensor mix). Progress goes
+// to stderr, one line per tensor; the summary (tensors per type, bytes, time) to stdout.
+#include <cstdio>
+#include <map>
+#include <sys/stat.h>
+
+#include "cli/cli_util.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "io/gguf.h"
+#include "io/gguf_model.h"
+
+namespace moe {
+
+void add_quantize_command(CLI::App& app) {
+  struct Opts {
+    std::string dir, type = "q8_0", out, name;
+    bool quiet = false;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* cmd = app.add_subcommand("quantize", "Write a HF model directory as a GGUF file (llama.cpp's format), optionally quantised");
+  cmd->add_option("model", o->dir, "model directory (config.json + safetensors)")->required();
+  cmd->add_option("--type", o->type, "f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k")->capture_default_str();
+  cmd->add_option("--out", o->out, "output .gguf file")->required();
+  cmd->add_option("--name", o->name, "general.name (default: the directory's name)");
+  cmd->add_flag("--quiet", o->quiet, "no per-tensor progress");
+  cmd->callback([o] {
+    GgufWriteOptions opt;
+    MOE_CHECK(gguf_file_type_from_name(o->type, &opt.type),
+              "--type '%s' is not one of f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k", o->type.c_str());
+    opt.name = o->name;
+    const double t0 = now_seconds();
+    if (!o->quiet) {
+      opt.progress = [](size_t i, size_t n, const std::string& name, GgmlType t) {
+        std::fprintf(stderr, "[%zu/%zu] %-32s %s\n", i + 1, n, name.c_str(), ggml_type_name(t));
+      };
+    }
+    write_gguf(o->dir, o->out, opt);
+    const double secs = now_seconds() - t0;
+
+    // Summary from the file as written (re-read through the validating reader).
+    auto f = GgufFile::open(o->out);
+    std::map<std::string, std::pair<int, uint64_t>> by_type;
+    uint64_t total = 0;
+    int64_t params = 0;
+    for (const GgufTensorInfo& t : f->tensors()) {
+      auto& e = by_type[ggml_type_name(t.type)];
+      e.first += 1;
+      e.second += t.nbytes;
+      total += t.nbytes;
+      params += t.numel();
+    }
+    struct stat st{};
+    ::stat(o->out.c_str(), &st);
+    std::printf("wrote %s: %s, %zu tensors, %lld parameters, %.1f MiB of tensor data (%.3f bits/parameter), file %.1f MiB, %.2f s\n",
+                o->out.c_str(), gguf_file_type_name(opt.type), f->tensors().size(), static_cast<long long>(params),
+                total / 1048576.0, params ? 8.0 * static_cast<double>(total) / static_cast<double>(params) : 0.0,
+                static_cast<double>(st.st_size) / 1048576.0, secs);
+    for (const auto& [name, e] : by_type)
+      std::printf("  %-6s %4d tensors %10.2f MiB\n", name.c_str(), e.first, e.second / 1048576.0);
+  });
+}
+
+}  // namespace moe

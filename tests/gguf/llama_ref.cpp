@@ -1,0 +1,191 @@
+// llama_ref.cpp — a small driver of llama.cpp's own library (the prebuilt libllama that npm's
+// node-llama-cpp ships), the reference for the GGUF tests. Built by tests/gguf/setup.sh against
+// the llama.h of the same release (node-llama-cpp's llama/gitRelease.bundle).
+//
+//   llama_ref logits   MODEL.gguf OUT.f32 IDS      logits of every position ([S, V] f32 raw)
+//   llama_ref greedy   MODEL.gguf N IDS            N greedy tokens after the prompt, one per line
+//   llama_ref quantize IN.gguf OUT.gguf FTYPE      llama_model_quantize (FTYPE = LLAMA_FTYPE_*)
+//   llama_ref dequant  TYPE IN.bin OUT.f32 N       ggml's to_float for N values of ggml type TYPE
+//   llama_ref quant    TYPE IN.f32 OUT.bin ROW     ggml_quantize_chunk (no imatrix), rows of ROW
+// IDS is a comma-separated list of token ids. Exit status 0 on success, 1 with a message.
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "ggml-backend.h"
+#include "llama.h"
+
+namespace {
+
+std::vector<llama_token> parse_ids(const char* s) {
+  std::vector<llama_token> ids;
+  std::string cur;
+  for (const char* p = s;; ++p) {
+    if (*p == ',' || *p == '\0') {
+      if (!cur.empty()) ids.push_back(static_cast<llama_token>(std::atoi(cur.c_str())));
+      cur.clear();
+      if (*p == '\0') break;
+    } else {
+      cur += *p;
+    }
+  }
+  return ids;
+}
+
+std::vector<char> read_file(const char* path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+bool write_file(const char* path, const void* data, size_t n) {
+  FILE* f = std::fopen(path, "wb");
+  if (!f) return false;
+  const bool ok = std::fwrite(data, 1, n, f) == n;
+  return std::fclose(f) == 0 && ok;
+}
+
+void quiet_log(ggml_log_level level, const char* text, void*) {
+  if (level >= GGML_LOG_LEVEL_ERROR) std::fputs(text, stderr);
+}
+
+struct Session {
+  llama_model* model = nullptr;
+  llama_context* ctx = nullptr;
+  int n_vocab = 0;
+  bool open(const char* path, int n_ctx) {
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    model = llama_model_load_from_file(path, mp);
+    if (!model) return false;
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = static_cast<uint32_t>(n_ctx);
+    cp.n_batch = static_cast<uint32_t>(n_ctx);
+    cp.n_ubatch = static_cast<uint32_t>(n_ctx);
+    cp.n_threads = 2;
+    cp.n_threads_batch = 2;
+    ctx = llama_init_from_model(model, cp);
+    if (!ctx) return false;
+    n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    return true;
+  }
+  // Decodes ids at positions pos0.. with logits for every position; false on failure.
+  bool decode(const std::vector<llama_token>& ids, int pos0) {
+    llama_batch b = llama_batch_init(static_cast<int32_t>(ids.size()), 0, 1);
+    for (size_t i = 0; i < ids.size(); ++i) {
+      b.token[i] = ids[i];
+      b.pos[i] = pos0 + static_cast<int32_t>(i);
+      b.n_seq_id[i] = 1;
+      b.seq_id[i][0] = 0;
+      b.logits[i] = 1;
+    }
+    b.n_tokens = static_cast<int32_t>(ids.size());
+    const int rc = llama_decode(ctx, b);
+    llama_batch_free(b);
+    return rc == 0;
+  }
+  ~Session() {
+    if (ctx) llama_free(ctx);
+    if (model) llama_model_free(model);
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: llama_ref logits|greedy|quantize ...\n");
+    return 1;
+  }
+  llama_log_set(quiet_log, nullptr);
+  const char* libdir = std::getenv("LLAMA_REF_LIBDIR");
+  if (libdir) {
+    ggml_backend_load_all_from_path(libdir);
+  } else {
+    ggml_backend_load_all();
+  }
+  llama_backend_init();
+  const std::string cmd = argv[1];
+  if (cmd == "dequant" && argc == 6) {
+    const auto type = static_cast<ggml_type>(std::atoi(argv[2]));
+    const int64_t n = std::atoll(argv[5]);
+    const std::vector<char> in = read_file(argv[3]);
+    if (static_cast<int64_t>(in.size()) * ggml_blck_size(type) < n * static_cast<int64_t>(ggml_type_size(type))) {
+      std::fprintf(stderr, "llama_ref: %s is too short\n", argv[3]);
+      return 1;
+    }
+    std::vector<float> out(static_cast<size_t>(n));
+    ggml_get_type_traits(type)->to_float(in.data(), out.data(), n);
+    return write_file(argv[4], out.data(), out.size() * 4) ? 0 : 1;
+  }
+  if (cmd == "quant" && argc == 6) {
+    const auto type = static_cast<ggml_type>(std::atoi(argv[2]));
+    const int64_t row = std::atoll(argv[5]);
+    const std::vector<char> in = read_file(argv[3]);
+    const int64_t n = static_cast<int64_t>(in.size() / 4);
+    if (row <= 0 || n % row != 0) return 1;
+    std::vector<char> out(ggml_row_size(type, row) * static_cast<size_t>(n / row));
+    ggml_quantize_chunk(type, reinterpret_cast<const float*>(in.data()), out.data(), 0, n / row, row, nullptr);
+    return write_file(argv[4], out.data(), out.size()) ? 0 : 1;
+  }
+  if (cmd == "quantize" && argc == 5) {
+    llama_model_quantize_params qp = llama_model_quantize_default_params();
+    qp.nthread = 2;
+    qp.ftype = static_cast<llama_ftype>(std::atoi(argv[4]));
+    if (llama_model_quantize(argv[2], argv[3], &qp) != 0) {
+      std::fprintf(stderr, "llama_ref: llama_model_quantize failed\n");
+      return 1;
+    }
+    return 0;
+  }
+  if (cmd == "logits" && argc == 5) {
+    const std::vector<llama_token> ids = parse_ids(argv[4]);
+    Session s;
+    if (!s.open(argv[2], 64)) {
+      std::fprintf(stderr, "llama_ref: cannot load %s\n", argv[2]);
+      return 1;
+    }
+    if (!s.decode(ids, 0)) {
+      std::fprintf(stderr, "llama_ref: llama_decode failed\n");
+      return 1;
+    }
+    FILE* f = std::fopen(argv[3], "wb");
+    if (!f) return 1;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const float* l = llama_get_logits_ith(s.ctx, static_cast<int32_t>(i));
+      std::fwrite(l, sizeof(float), static_cast<size_t>(s.n_vocab), f);
+    }
+    std::fclose(f);
+    std::printf("%d\n", s.n_vocab);
+    return 0;
+  }
+  if (cmd == "greedy" && argc == 5) {
+    const int n = std::atoi(argv[3]);
+    std::vector<llama_token> ids = parse_ids(argv[4]);
+    Session s;
+    if (!s.open(argv[2], 64)) {
+      std::fprintf(stderr, "llama_ref: cannot load %s\n", argv[2]);
+      return 1;
+    }
+    std::vector<llama_token> step = ids;
+    int pos = 0;
+    for (int k = 0; k < n; ++k) {
+      if (!s.decode(step, pos)) {
+        std::fprintf(stderr, "llama_ref: llama_decode failed\n");
+        return 1;
+      }
+      pos += static_cast<int>(step.size());
+      const float* l = llama_get_logits_ith(s.ctx, -1);
+      int best = 0;
+      for (int v = 1; v < s.n_vocab; ++v)
+        if (l[v] > l[best]) best = v;
+      std::printf("%d\n", best);
+      step.assign(1, best);
+    }
+    return 0;
+  }
+  std::fprintf(stderr, "llama_ref: bad arguments\n");
+  return 1;
+}
