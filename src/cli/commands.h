@@ -14,6 +14,7 @@ void add_plan_command(CLI::App& app);
 void add_tokenize_command(CLI::App& app);
 void add_quantize_command(CLI::App& app);
 void add_grad_command(CLI::App& app);
+void add_train_command(CLI::App& app);
 void add_tokenize_bench(CLI::App* bench);
 
 }  // namespace moe

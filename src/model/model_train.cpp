@@ -2,6 +2,7 @@
 #include "model/model_train.h"
 
 #include <cmath>
+#include <functional>
 
 #include "model/arch.h"
 #include "model/attention_block.h"
@@ -9,10 +10,6 @@
 
 namespace moe {
 namespace {
-
-Tensor zeros_of(const Tensor& t, MemCategory cat) {
-  return t.defined() ? Tensor::zeros(t.shape(), DType::F32, cat) : Tensor();
-}
 
 // Host ids/labels [B,S] (i32 or i64) -> i32 token ids [T] and shifted targets [T]:
 // position t of a sequence predicts labels[t+1]; the last position and -100 labels count for nothing.
@@ -55,42 +52,48 @@ LayerActs layer_view(const LayerActs& own, const LayerActs& shared, bool recompu
 
 }  // namespace
 
-ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory cat) {
+ModelWeights transform_weights(const ModelConfig& c, const ModelWeights& w,
+                               const std::function<Tensor(const Tensor&)>& fn) {
   const int64_t qd = c.n_head * c.head_dim, kvd = c.n_head_kv * c.head_dim;
+  auto f = [&](const Tensor& t) { return t.defined() ? fn(t) : Tensor(); };
   ModelWeights g;
-  g.embed = zeros_of(w.embed, cat);
-  g.final_norm = zeros_of(w.final_norm, cat);
-  g.lm_head = c.tie_word_embeddings ? g.embed : zeros_of(w.lm_head, cat);
+  g.embed = f(w.embed);
+  g.final_norm = f(w.final_norm);
+  g.lm_head = c.tie_word_embeddings ? g.embed : f(w.lm_head);
   for (const LayerWeights& lw : w.layers) {
     LayerWeights lg;
     lg.is_moe = lw.is_moe;
-    lg.attn_norm = zeros_of(lw.attn_norm, cat);
-    lg.ffn_norm = zeros_of(lw.ffn_norm, cat);
-    lg.wqkv = zeros_of(lw.wqkv, cat);
+    lg.attn_norm = f(lw.attn_norm);
+    lg.ffn_norm = f(lw.ffn_norm);
+    lg.wqkv = f(lw.wqkv);
     lg.wq = lg.wqkv.rows(0, qd);
     lg.wk = lg.wqkv.rows(qd, qd + kvd);
     lg.wv = lg.wqkv.rows(qd + kvd, qd + 2 * kvd);
-    lg.wo = zeros_of(lw.wo, cat);
+    lg.wo = f(lw.wo);
     if (lw.bqkv.defined()) {
-      lg.bqkv = zeros_of(lw.bqkv, cat);
+      lg.bqkv = f(lw.bqkv);
       lg.bq = lg.bqkv.rows(0, qd);
       lg.bk = lg.bqkv.rows(qd, qd + kvd);
       lg.bv = lg.bqkv.rows(qd + kvd, qd + 2 * kvd);
     }
-    lg.bo = zeros_of(lw.bo, cat);
-    lg.q_norm = zeros_of(lw.q_norm, cat);
-    lg.k_norm = zeros_of(lw.k_norm, cat);
-    lg.router = zeros_of(lw.router, cat);
-    lg.w1 = zeros_of(lw.w1, cat);
-    lg.w3 = zeros_of(lw.w3, cat);
-    lg.w2 = zeros_of(lw.w2, cat);
-    lg.shared_w1 = zeros_of(lw.shared_w1, cat);
-    lg.shared_w3 = zeros_of(lw.shared_w3, cat);
-    lg.shared_w2 = zeros_of(lw.shared_w2, cat);
-    lg.shared_gate = zeros_of(lw.shared_gate, cat);
+    lg.bo = f(lw.bo);
+    lg.q_norm = f(lw.q_norm);
+    lg.k_norm = f(lw.k_norm);
+    lg.router = f(lw.router);
+    lg.w1 = f(lw.w1);
+    lg.w3 = f(lw.w3);
+    lg.w2 = f(lw.w2);
+    lg.shared_w1 = f(lw.shared_w1);
+    lg.shared_w3 = f(lw.shared_w3);
+    lg.shared_w2 = f(lw.shared_w2);
+    lg.shared_gate = f(lw.shared_gate);
     g.layers.push_back(lg);
   }
   return g;
+}
+
+ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory cat) {
+  return transform_weights(c, w, [&](const Tensor& t) { return Tensor::zeros(t.shape(), DType::F32, cat); });
 }
 
 std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeights& w) {

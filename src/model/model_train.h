@@ -8,6 +8,7 @@
 // (the [T,V] logits are never held whole); then the layers' backward in reverse; embedding.
 // With recompute, a layer keeps only its input and re-runs its forward before its backward.
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,11 @@ struct NamedParam {
 // Every parameter of the model under its HF name (per-expert views of the stacked experts,
 // per-projection views of the stacked q/k/v). Tied heads are listed once (as the embedding).
 std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeights& w);
+
+// A ModelWeights with fn applied to every stored tensor (views such as wq/wk/wv and a tied
+// head are rebuilt on the results, not passed to fn).
+ModelWeights transform_weights(const ModelConfig& c, const ModelWeights& w,
+                               const std::function<Tensor(const Tensor&)>& fn);
 
 // Zero tensors shaped like every parameter (f32, category `cat`), with the same views, so
 // named_parameters(c, grads) names the gradients exactly as the weights.

@@ -1,0 +1,95 @@
+// cmd_train.cpp — `moe train`: train or continue training a model on a corpus (trainer.h).
+#include <cstdio>
+
+#include "cli/commands.h"
+#include "core/file_util.h"
+#include "core/json_util.h"
+#include "train/trainer.h"
+
+namespace moe {
+
+void add_train_command(CLI::App& app) {
+  struct Opts {
+    TrainConfig c;
+    std::string config, schedule = "cosine";
+    bool no_shuffle = false;
+  };
+  auto o = std::make_shared<Opts>();
+  TrainConfig& c = o->c;
+  CLI::App* cmd = app.add_subcommand("train", "train a model on a corpus (text, JSONL or pre-tokenized safetensors)");
+  cmd->add_option("dir", c.model_dir, "model directory to start from (config.json + model.safetensors)")->required();
+  cmd->add_option("--data", c.data, "corpus: plain text, JSONL with a \"text\" field, or .safetensors with input_ids/labels [N,S]");
+  cmd->add_option("--out", c.out, "run directory: metrics.jsonl, step-N/ and final/ checkpoints")->required();
+  cmd->add_flag("--resume", c.resume, "continue from the newest checkpoint in --out");
+  cmd->add_option("--config", o->config, "JSON file of options (keys as these flags without dashes); flags given here win");
+  cmd->add_option("--steps", c.steps, "optimizer steps in total")->capture_default_str();
+  cmd->add_option("--batch-size", c.batch_size, "sequences per micro-batch")->capture_default_str();
+  cmd->add_option("--grad-accum", c.grad_accum, "micro-batches per optimizer step")->capture_default_str();
+  cmd->add_option("--seq-len", c.seq_len, "tokens per sequence (0: the file's, or 256 for text)")->capture_default_str();
+  cmd->add_option("--lr", c.lr, "peak learning rate")->capture_default_str();
+  cmd->add_option("--lr-schedule", o->schedule, "constant | cosine (after --warmup)")
+      ->capture_default_str()->check(CLI::IsMember({"constant", "cosine"}));
+  cmd->add_option("--warmup", c.warmup, "linear warmup steps")->capture_default_str();
+  cmd->add_option("--beta1", c.adamw.beta1, "AdamW beta1")->capture_default_str();
+  cmd->add_option("--beta2", c.adamw.beta2, "AdamW beta2")->capture_default_str();
+  cmd->add_option("--eps", c.adamw.eps, "AdamW epsilon")->capture_default_str();
+  cmd->add_option("--weight-decay", c.adamw.weight_decay, "decoupled weight decay (not on norms and biases unless --decay-all)")
+      ->capture_default_str();
+  cmd->add_flag("--decay-all", c.adamw.decay_all, "decay every parameter, as torch.optim.AdamW(model.parameters())");
+  cmd->add_flag("--dense-expert-update", c.adamw.dense_expert_update,
+                "update experts that got no tokens with a zero gradient (default: skip them, as torch does for HF's per-expert parameters)");
+  cmd->add_option("--clip", c.clip, "global gradient-norm clipping (0 = off)")->capture_default_str();
+  cmd->add_option("--aux-coef", c.aux_coef, "load-balancing aux loss weight (default: the config's router_aux_loss_coef)");
+  cmd->add_option("--z-coef", c.z_coef, "router z-loss weight")->capture_default_str();
+  cmd->add_flag("--recompute", c.recompute, "recompute each layer's activations in backward (less memory, ~1.3x compute)");
+  cmd->add_flag("--no-shuffle", o->no_shuffle, "read rows in file order (step i reads rows [i*B, (i+1)*B))");
+  cmd->add_option("--seed", c.seed, "data shuffling and validation split seed")->capture_default_str();
+  cmd->add_option("--val-fraction", c.val_fraction, "rows held out for validation")->capture_default_str();
+  cmd->add_option("--eval-every", c.eval_every, "validation every N steps (0: at checkpoints and the end)")->capture_default_str();
+  cmd->add_option("--eval-batches", c.eval_batches, "validation batches per evaluation (0: all)")->capture_default_str();
+  cmd->add_option("--save-every", c.save_every, "checkpoint every N steps (0: only at the end)")->capture_default_str();
+  cmd->add_option("--log-every", c.log_every, "progress line every N steps")->capture_default_str();
+  cmd->add_option("--max-tokens", c.max_tokens, "text corpora: use at most this many tokens (0: all)")->capture_default_str();
+  cmd->add_flag("--quiet", c.quiet, "no progress output");
+  cmd->callback([o, cmd]() {
+    TrainConfig& c = o->c;
+    if (!o->config.empty()) {
+      // File values first, then every flag given on the command line again on top.
+      TrainConfig from_file = c;
+      apply_train_json(parse_json_object(read_file(o->config), o->config), o->config, &from_file);
+      auto given = [&](const char* flag) { return cmd->count(flag) > 0; };
+      if (!given("--data")) c.data = from_file.data;
+      if (!given("--steps")) c.steps = from_file.steps;
+      if (!given("--batch-size")) c.batch_size = from_file.batch_size;
+      if (!given("--grad-accum")) c.grad_accum = from_file.grad_accum;
+      if (!given("--seq-len")) c.seq_len = from_file.seq_len;
+      if (!given("--lr")) c.lr = from_file.lr;
+      if (!given("--lr-schedule")) o->schedule = from_file.schedule == LrSchedule::Constant ? "constant" : "cosine";
+      if (!given("--warmup")) c.warmup = from_file.warmup;
+      if (!given("--beta1")) c.adamw.beta1 = from_file.adamw.beta1;
+      if (!given("--beta2")) c.adamw.beta2 = from_file.adamw.beta2;
+      if (!given("--eps")) c.adamw.eps = from_file.adamw.eps;
+      if (!given("--weight-decay")) c.adamw.weight_decay = from_file.adamw.weight_decay;
+      if (!given("--decay-all")) c.adamw.decay_all = from_file.adamw.decay_all;
+      if (!given("--dense-expert-update")) c.adamw.dense_expert_update = from_file.adamw.dense_expert_update;
+      if (!given("--clip")) c.clip = from_file.clip;
+      if (!given("--aux-coef")) c.aux_coef = from_file.aux_coef;
+      if (!given("--z-coef")) c.z_coef = from_file.z_coef;
+      if (!given("--recompute")) c.recompute = from_file.recompute;
+      if (!given("--no-shuffle")) o->no_shuffle = !from_file.shuffle;
+      if (!given("--seed")) c.seed = from_file.seed;
+      if (!given("--val-fraction")) c.val_fraction = from_file.val_fraction;
+      if (!given("--eval-every")) c.eval_every = from_file.eval_every;
+      if (!given("--eval-batches")) c.eval_batches = from_file.eval_batches;
+      if (!given("--save-every")) c.save_every = from_file.save_every;
+      if (!given("--log-every")) c.log_every = from_file.log_every;
+      if (!given("--max-tokens")) c.max_tokens = from_file.max_tokens;
+    }
+    MOE_CHECK(!c.data.empty(), "moe train: --data FILE is required (or \"data\" in --config)");
+    c.schedule = o->schedule == "constant" ? LrSchedule::Constant : LrSchedule::Cosine;
+    c.shuffle = !o->no_shuffle;
+    run_training(c);
+  });
+}
+
+}  // namespace moe

@@ -1,0 +1,40 @@
+// checkpoint.h — training checkpoints: a HF-format model directory plus the state to resume.
+//
+// RUN_DIR/step-N/ (and RUN_DIR/final/) hold
+//   config.json, model.safetensors   HF names and shapes (f32): loadable by `moe generate` and
+//                                    HF Transformers; tokenizer files copied from the source model
+//   optimizer.safetensors            AdamW moments m.<name>, v.<name> (parameters ever updated)
+//   trainer_state.json               step, per-parameter optimizer step counts, data sampler
+//                                    position, the options that shape the run, the model's
+//                                    parameter names and shapes (to refuse a foreign resume)
+// A checkpoint is written into a temporary sibling directory, fsynced, then renamed into place:
+// a process killed at any point leaves every earlier checkpoint intact and loadable, and a
+// directory named step-N is always complete.
+#pragma once
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "model/model.h"
+#include "train/optimizer.h"
+
+namespace moe {
+
+// Writes `dir` atomically (see above). `tokenizer_from` (may be empty): a directory whose
+// tokenizer files are copied alongside.
+void save_checkpoint(const std::string& dir, const Model& m, const AdamW& opt, const nlohmann::json& trainer_state,
+                     const std::string& tokenizer_from);
+
+// The newest complete RUN_DIR/step-N (largest N), or "" when there is none.
+std::string latest_checkpoint(const std::string& run_dir);
+
+// Reads trainer_state.json of a checkpoint directory (moe::Error naming the file when bad).
+nlohmann::json read_trainer_state(const std::string& dir);
+
+// Restores the optimizer state of checkpoint `dir` into `opt`.
+void load_optimizer(const std::string& dir, AdamW& opt);
+
+// Writes text to `path` atomically (temp file in the same directory, fsync, rename).
+void write_text_atomic(const std::string& path, const std::string& text);
+
+}  // namespace moe

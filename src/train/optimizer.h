@@ -1,0 +1,68 @@
+// optimizer.h — AdamW with torch.optim.AdamW's update rule, per HF-named parameter, with
+// lazily created state; global-norm gradient clipping; the learning-rate schedules.
+//
+// Update of one parameter p with gradient g at its own step count t (torch's order):
+//   p *= 1 - lr·wd;  m = β1·m + (1-β1)·g;  v = β2·v + (1-β2)·g²;
+//   p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
+// computed in f64 per element, stored f32. Routed experts that received no token in a step are
+// skipped exactly as torch skips HF's per-expert parameters whose gradient is None: no moment
+// update, no decay, and that expert's step count does not advance — unless dense_expert_update
+// (then they are updated with a zero gradient, as a fused 3-D expert parameter would be).
+// Moments are allocated (Optimizer category) the first time a parameter is updated, so experts
+// that never receive tokens never cost optimizer memory.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "model/model_train.h"
+
+namespace moe {
+
+struct AdamWOptions {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double weight_decay = 0.0;
+  bool decay_all = false;            // decay norms and biases too (torch.optim.AdamW(model.parameters()))
+  bool dense_expert_update = false;  // update experts without tokens with a zero gradient
+};
+
+class AdamW {
+ public:
+  // params and grads: named_parameters() of the weights and of their gradients (same order).
+  AdamW(std::vector<NamedParam> params, std::vector<NamedParam> grads, const AdamWOptions& opt);
+
+  // One update at learning rate lr. touched[layer][expert]: the expert received tokens in this
+  // step (only read for routed-expert parameters).
+  void step(double lr, const std::vector<std::vector<bool>>& touched);
+
+  // Number of updates applied to parameter i (its bias-correction step).
+  int64_t param_steps(size_t i) const { return state_[i].steps; }
+  size_t size() const { return params_.size(); }
+
+  // State as named tensors (m.<name>, v.<name>) and step counts, for checkpoints.
+  std::vector<std::pair<std::string, Tensor>> state_tensors() const;
+  std::vector<int64_t> step_counts() const;
+  // Restores; tensors are looked up by name; throws moe::Error naming what does not match.
+  void load_state(const std::vector<int64_t>& steps,
+                  const std::function<Tensor(const std::string&)>& get, const std::string& what);
+
+ private:
+  struct State {
+    Tensor m, v;
+    int64_t steps = 0;
+  };
+  std::vector<NamedParam> params_, grads_;
+  std::vector<State> state_;
+  AdamWOptions opt_;
+};
+
+// Scales all gradients so their global L2 norm is at most max_norm (torch's clip_grad_norm_:
+// coefficient max_norm / (norm + 1e-6), applied when below 1). Returns the norm before
+// clipping; max_norm <= 0 only measures.
+double clip_grad_norm(const std::vector<NamedParam>& grads, double max_norm);
+
+// Learning rate at optimizer step `step` (0-based), HF's schedules: linear warmup over
+// `warmup` steps, then constant or cosine decay to 0 at `total` steps.
+enum class LrSchedule { Constant, Cosine };
+double lr_at(LrSchedule s, double base_lr, int64_t step, int64_t warmup, int64_t total);
+
+}  // namespace moe

@@ -1,0 +1,356 @@
+// trainer.cpp — the training loop (see trainer.h).
+#include "train/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "core/file_util.h"
+#include "core/memory.h"
+#include "io/hf_config.h"
+#include "io/safetensors.h"
+#include "model/model_train.h"
+#include "tokenizer/tokenizer.h"
+#include "train/checkpoint.h"
+#include "train/data.h"
+
+namespace moe {
+namespace fs = std::filesystem;
+
+namespace {
+
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+std::string fmt_duration(double s) {
+  char buf[32];
+  if (!std::isfinite(s) || s < 0) return "?";
+  const long t = static_cast<long>(s + 0.5);
+  if (t >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, (t / 60) % 60);
+  else if (t >= 60) std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
+  else std::snprintf(buf, sizeof buf, "%lds", t);
+  return buf;
+}
+
+// Balance figures of one layer's expert loads: coefficient of variation and max/mean.
+void balance(const std::vector<double>& load, double* cv, double* max_mean) {
+  double mean = 0, mx = 0;
+  for (double v : load) {
+    mean += v;
+    mx = std::max(mx, v);
+  }
+  mean /= double(load.size());
+  double var = 0;
+  for (double v : load) var += (v - mean) * (v - mean);
+  var /= double(load.size());
+  *cv = mean > 0 ? std::sqrt(var) / mean : 0.0;
+  *max_mean = mean > 0 ? mx / mean : 0.0;
+}
+
+// Model parameters as [name, shape] pairs: a fingerprint stored in checkpoints so that a resume
+// with another model is refused.
+nlohmann::json param_fingerprint(const Model& m) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const NamedParam& p : named_parameters(m.config(), m.weights())) out.push_back({p.name, p.value.shape()});
+  return out;
+}
+
+bool has_tokenizer(const std::string& dir) {
+  return is_regular_file(dir + "/tokenizer.json") || is_regular_file(dir + "/tokenizer.model");
+}
+
+// Mean loss over (up to) max_batches validation batches of B rows, forward only.
+double validation_loss(const Model& m, const TokenRows& val, int64_t batch, int64_t max_batches, const LossOptions& lo) {
+  if (val.n == 0) return NAN;
+  double sum = 0;
+  int64_t n = 0;
+  Tensor ids, labels;
+  std::vector<int64_t> rows;
+  for (int64_t r0 = 0; r0 < val.n && (max_batches == 0 || n < max_batches); r0 += batch, ++n) {
+    rows.clear();
+    for (int64_t r = r0; r < std::min(val.n, r0 + batch); ++r) rows.push_back(r);
+    gather_batch(val, rows, &ids, &labels);
+    sum += forward_backward(m, ids, labels, nullptr, lo).loss_ce;
+  }
+  return sum / double(n);
+}
+
+}  // namespace
+
+void apply_train_json(const nlohmann::json& j, const std::string& what, TrainConfig* c) {
+  MOE_CHECK(j.is_object(), "%s: expected a JSON object of training options", what.c_str());
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& k = it.key();
+    const nlohmann::json& v = it.value();
+    auto num = [&]() {
+      MOE_CHECK(v.is_number(), "%s: option '%s' must be a number", what.c_str(), k.c_str());
+      return v.get<double>();
+    };
+    auto integer = [&]() {
+      MOE_CHECK(v.is_number_integer(), "%s: option '%s' must be an integer", what.c_str(), k.c_str());
+      return v.get<int64_t>();
+    };
+    auto boolean = [&]() {
+      MOE_CHECK(v.is_boolean(), "%s: option '%s' must be true or false", what.c_str(), k.c_str());
+      return v.get<bool>();
+    };
+    auto str = [&]() {
+      MOE_CHECK(v.is_string(), "%s: option '%s' must be a string", what.c_str(), k.c_str());
+      return v.get<std::string>();
+    };
+    if (k == "data") c->data = str();
+    else if (k == "steps") c->steps = integer();
+    else if (k == "batch-size") c->batch_size = integer();
+    else if (k == "grad-accum") c->grad_accum = integer();
+    else if (k == "seq-len") c->seq_len = integer();
+    else if (k == "lr") c->lr = num();
+    else if (k == "lr-schedule") {
+      const std::string s = str();
+      MOE_CHECK(s == "constant" || s == "cosine", "%s: lr-schedule must be constant or cosine, got '%s'", what.c_str(),
+                s.c_str());
+      c->schedule = s == "constant" ? LrSchedule::Constant : LrSchedule::Cosine;
+    } else if (k == "warmup") c->warmup = integer();
+    else if (k == "beta1") c->adamw.beta1 = num();
+    else if (k == "beta2") c->adamw.beta2 = num();
+    else if (k == "eps") c->adamw.eps = num();
+    else if (k == "weight-decay") c->adamw.weight_decay = num();
+    else if (k == "decay-all") c->adamw.decay_all = boolean();
+    else if (k == "dense-expert-update") c->adamw.dense_expert_update = boolean();
+    else if (k == "clip") c->clip = num();
+    else if (k == "aux-coef") c->aux_coef = num();
+    else if (k == "z-coef") c->z_coef = num();
+    else if (k == "recompute") c->recompute = boolean();
+    else if (k == "shuffle") c->shuffle = boolean();
+    else if (k == "seed") c->seed = static_cast<uint64_t>(integer());
+    else if (k == "val-fraction") c->val_fraction = num();
+    else if (k == "eval-every") c->eval_every = integer();
+    else if (k == "eval-batches") c->eval_batches = integer();
+    else if (k == "save-every") c->save_every = integer();
+    else if (k == "log-every") c->log_every = integer();
+    else if (k == "max-tokens") c->max_tokens = integer();
+    else MOE_FAIL("%s: unknown training option '%s'", what.c_str(), k.c_str());
+  }
+}
+
+double run_training(const TrainConfig& cfg) {
+  MOE_CHECK(cfg.steps > 0, "--steps must be positive");
+  MOE_CHECK(cfg.batch_size > 0 && cfg.grad_accum > 0, "--batch-size and --grad-accum must be positive");
+  MOE_CHECK(cfg.lr >= 0 && std::isfinite(cfg.lr), "--lr must be a finite non-negative number");
+  MOE_CHECK(!cfg.out.empty(), "--out RUN_DIR is required");
+  std::error_code ec;
+  fs::create_directories(cfg.out, ec);
+  MOE_CHECK(!ec, "%s: cannot create the run directory: %s", cfg.out.c_str(), ec.message().c_str());
+
+  // ---- model (f32, owned: the optimizer writes into it) ----
+  std::string resume_dir = cfg.resume ? latest_checkpoint(cfg.out) : "";
+  MOE_CHECK(!cfg.resume || !resume_dir.empty(), "--resume: %s holds no checkpoint (step-N/) to resume from",
+            cfg.out.c_str());
+  const std::string load_dir = resume_dir.empty() ? cfg.model_dir : resume_dir;
+  LoadOptions lo;
+  lo.keep_dtype = false;
+  lo.weight_dtype = DType::F32;
+  Model m = Model::load(load_dir, lo);
+  if (!resume_dir.empty()) {
+    const ModelConfig base = load_hf_config(cfg.model_dir + "/config.json");
+    MOE_CHECK(base == m.config(), "--resume: the checkpoint %s is of another model than %s (config.json differs)",
+              resume_dir.c_str(), cfg.model_dir.c_str());
+  }
+  m.mutable_weights() = transform_weights(m.config(), m.weights(), [](const Tensor& t) {
+    Tensor o = Tensor::empty(t.shape(), DType::F32, MemCategory::Weights);
+    o.copy_from(t);
+    return o;
+  });
+  const ModelConfig& mc = m.config();
+
+  // ---- data ----
+  std::unique_ptr<Tokenizer> tok;
+  if (has_tokenizer(cfg.model_dir)) tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(cfg.model_dir));
+  DataOptions dopt;
+  dopt.seq_len = cfg.seq_len;
+  const bool pretok = cfg.data.size() > 12 && cfg.data.ends_with(".safetensors");
+  if (dopt.seq_len == 0 && !pretok) dopt.seq_len = std::min<int64_t>(256, mc.max_position_embeddings);
+  dopt.seed = cfg.seed;
+  dopt.val_fraction = cfg.val_fraction;
+  dopt.max_tokens = cfg.max_tokens;
+  dopt.vocab_size = mc.vocab_size;
+  const Dataset data = load_dataset(cfg.data, tok.get(), dopt);
+  MOE_CHECK(data.train.seq <= mc.max_position_embeddings,
+            "%s: sequence length %lld exceeds the model's limit max_position_embeddings = %lld", cfg.data.c_str(),
+            (long long)data.train.seq, (long long)mc.max_position_embeddings);
+  BatchSampler sampler(data.train.n, cfg.batch_size, cfg.seed, cfg.shuffle);
+
+  // ---- optimizer ----
+  ModelWeights grads = zeros_like(mc, m.weights(), MemCategory::Grads);
+  const std::vector<NamedParam> gparams = named_parameters(mc, grads);
+  AdamW opt(named_parameters(mc, m.weights()), gparams, cfg.adamw);
+  LossOptions lopt;
+  lopt.aux_coef = cfg.aux_coef >= 0 ? cfg.aux_coef : mc.router_aux_loss_coef;
+  lopt.z_coef = cfg.z_coef;
+  lopt.recompute = cfg.recompute;
+
+  int64_t step = 0;
+  const std::string metrics_path = cfg.out + "/metrics.jsonl";
+  if (!resume_dir.empty()) {
+    const nlohmann::json st = read_trainer_state(resume_dir);
+    MOE_CHECK(st.contains("params") && st["params"] == param_fingerprint(m),
+              "--resume: %s was written for a model with other parameters", resume_dir.c_str());
+    MOE_CHECK(st.contains("step") && st["step"].is_number_integer() && st.contains("sampler"),
+              "%s/trainer_state.json: missing 'step' or 'sampler'", resume_dir.c_str());
+    step = st["step"].get<int64_t>();
+    sampler.restore(st["sampler"]);
+    load_optimizer(resume_dir, opt);
+    // Keep the metrics of the steps the checkpoint covers; later lines belong to the lost run.
+    std::string kept;
+    if (is_regular_file(metrics_path)) {
+      std::istringstream in(read_file(metrics_path, size_t(1) << 30));
+      std::string line;
+      while (std::getline(in, line)) {
+        if (line.empty()) continue;
+        auto j = nlohmann::json::parse(line, nullptr, false);
+        if (!j.is_discarded() && j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() <= step)
+          kept += line + "\n";
+      }
+    }
+    write_text_atomic(metrics_path, kept);
+    if (!cfg.quiet) std::printf("resuming from %s at step %lld\n", resume_dir.c_str(), (long long)step);
+  } else {
+    write_text_atomic(metrics_path, "");
+  }
+  MOE_CHECK(step < cfg.steps || cfg.resume, "nothing to do: step %lld of %lld", (long long)step, (long long)cfg.steps);
+
+  nlohmann::json run_info = {{"model_dir", cfg.model_dir}, {"data", cfg.data}, {"source", data.source},
+                             {"model_type", mc.model_type}, {"n_params", m.n_params_total()},
+                             {"train_rows", data.train.n}, {"val_rows", data.val.n}, {"seq_len", data.train.seq},
+                             {"batch_size", cfg.batch_size}, {"grad_accum", cfg.grad_accum}, {"steps", cfg.steps},
+                             {"lr", cfg.lr}};
+  write_text_atomic(cfg.out + "/train_config.json", run_info.dump(1));
+  if (!cfg.quiet)
+    std::printf("training %s (%s params) on %s: %lld train / %lld val rows of %lld tokens, batch %lld x %lld, %lld steps\n",
+                mc.model_type.c_str(), with_commas(m.n_params_total()).c_str(), data.source.c_str(),
+                (long long)data.train.n, (long long)data.val.n, (long long)data.train.seq, (long long)cfg.batch_size,
+                (long long)cfg.grad_accum, (long long)cfg.steps);
+
+  const std::string tok_from = has_tokenizer(cfg.model_dir) ? cfg.model_dir : "";
+  std::string last_ckpt = resume_dir;
+  auto checkpoint = [&](const std::string& dir) {
+    nlohmann::json st = {{"step", step}, {"sampler", sampler.state()}, {"params", param_fingerprint(m)}};
+    save_checkpoint(dir, m, opt, st, tok_from);
+    last_ckpt = dir;
+  };
+
+  std::ofstream metrics(metrics_path, std::ios::app);
+  MOE_CHECK(metrics.good(), "%s: cannot open for appending", metrics_path.c_str());
+  std::vector<std::vector<bool>> touched(static_cast<size_t>(mc.n_layer),
+                                         std::vector<bool>(static_cast<size_t>(std::max<int64_t>(mc.n_expert, 1))));
+  Tensor ids, labels;
+  std::vector<int64_t> rows;
+  const double t_start = now_s();
+  const int64_t first_step = step;
+  double last_loss = NAN;
+  while (step < cfg.steps) {
+    const double t0 = now_s();
+    for (const NamedParam& g : gparams) {
+      // Tied heads share the embedding's gradient: zeroing it twice is harmless.
+      std::memset(g.value.raw(), 0, g.value.nbytes());
+    }
+    for (auto& row : touched) std::fill(row.begin(), row.end(), false);
+    double loss = 0, ce = 0, aux = 0, z = 0;
+    std::vector<std::vector<double>> load;  // per MoE layer
+    std::vector<int64_t> moe_layers;
+    for (int64_t micro = 0; micro < cfg.grad_accum; ++micro) {
+      sampler.next(&rows);
+      gather_batch(data.train, rows, &ids, &labels);
+      StepLosses r = forward_backward(m, ids, labels, &grads, lopt);
+      loss += r.total / double(cfg.grad_accum);
+      ce += r.loss_ce / double(cfg.grad_accum);
+      aux += r.aux_loss / double(cfg.grad_accum);
+      z += r.z_loss / double(cfg.grad_accum);
+      moe_layers = r.moe_layers;
+      load.resize(r.router.size());
+      for (size_t i = 0; i < r.router.size(); ++i) {
+        load[i].resize(r.router[i].count.size(), 0.0);
+        for (size_t e = 0; e < r.router[i].count.size(); ++e) {
+          load[i][e] += r.router[i].count[e];
+          if (r.router[i].count[e] > 0) touched[static_cast<size_t>(r.moe_layers[i])][e] = true;
+        }
+      }
+    }
+    if (!std::isfinite(loss))
+      MOE_FAIL("loss is %s at step %lld; stopping. The last good checkpoint is %s", std::isnan(loss) ? "NaN" : "Inf",
+               (long long)step + 1, last_ckpt.empty() ? "(none yet)" : last_ckpt.c_str());
+    if (cfg.grad_accum > 1)
+      for (const NamedParam& g : gparams) {
+        float* p = g.value.data<float>();
+        for (int64_t j = 0; j < g.value.numel(); ++j) p[j] /= float(cfg.grad_accum);
+      }
+    const double gnorm = clip_grad_norm(gparams, cfg.clip);
+    MOE_CHECK(std::isfinite(gnorm), "gradient norm is not finite at step %lld; stopping. The last good checkpoint is %s",
+              (long long)step + 1, last_ckpt.empty() ? "(none yet)" : last_ckpt.c_str());
+    const double lr = lr_at(cfg.schedule, cfg.lr, step, cfg.warmup, cfg.steps);
+    opt.step(lr, touched);
+    ++step;
+    last_loss = loss;
+    const double dt = now_s() - t0;
+    const double tokens = double(cfg.batch_size * cfg.grad_accum * data.train.seq);
+
+    nlohmann::json rec = {{"step", step}, {"loss", loss}, {"loss_ce", ce}, {"aux_loss", aux}, {"z_loss", z},
+                          {"lr", lr}, {"grad_norm", gnorm}, {"tokens_per_s", tokens / dt},
+                          {"elapsed_s", now_s() - t_start}};
+    nlohmann::json jl = nlohmann::json::array(), jcv = nlohmann::json::array(), jmm = nlohmann::json::array(),
+                   jdrop = nlohmann::json::array();
+    double cv_mean = 0, worst_mm = 0;
+    for (const auto& l : load) {
+      double cv, mm;
+      balance(l, &cv, &mm);
+      jl.push_back(l);
+      jcv.push_back(cv);
+      jmm.push_back(mm);
+      jdrop.push_back(0);
+      cv_mean += cv / double(load.size());
+      worst_mm = std::max(worst_mm, mm);
+    }
+    rec["expert_load"] = jl;
+    rec["load_cv"] = jcv;
+    rec["load_max_mean"] = jmm;
+    rec["dropped"] = jdrop;
+    rec["moe_layers"] = moe_layers;
+
+    const bool last = step == cfg.steps;
+    const bool save = last || (cfg.save_every > 0 && step % cfg.save_every == 0);
+    const bool eval = data.val.n > 0 && (last || (cfg.eval_every > 0 ? step % cfg.eval_every == 0 : save));
+    double vl = NAN;
+    if (eval) {
+      vl = validation_loss(m, data.val, cfg.batch_size, cfg.eval_batches, lopt);
+      rec["val_loss"] = vl;
+    }
+    metrics << rec.dump() << "\n";
+    metrics.flush();
+    if (!cfg.quiet && (step % std::max<int64_t>(1, cfg.log_every) == 0 || last)) {
+      const double per_step = (now_s() - t_start) / double(step - first_step);
+      std::printf("step %lld/%lld | loss %.4f | aux %.4f | lr %.3g | %.0f tok/s | balance cv %.3f max/mean %.2f | ETA %s",
+                  (long long)step, (long long)cfg.steps, loss, aux, lr, tokens / dt, cv_mean, worst_mm,
+                  fmt_duration(per_step * double(cfg.steps - step)).c_str());
+      if (eval) std::printf(" | val %.4f", vl);
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+    if (save) {
+      checkpoint(cfg.out + "/step-" + std::to_string(step));
+      if (last) {
+        checkpoint(cfg.out + "/final");
+        last_ckpt = cfg.out + "/step-" + std::to_string(step);
+      }
+    }
+  }
+  if (!cfg.quiet) {
+    std::printf("done: %lld steps in %s; checkpoints in %s\n", (long long)(step - first_step),
+                fmt_duration(now_s() - t_start).c_str(), cfg.out.c_str());
+    std::printf("%s", mem_report().c_str());
+  }
+  return last_loss;
+}
+
+}  // namespace moe

@@ -1,0 +1,54 @@
+// trainer.h — the training loop of `moe train`: data -> forward/backward -> clipping -> AdamW,
+// with a live progress line, RUN_DIR/metrics.jsonl (one object per optimizer step), periodic
+// validation, atomic checkpoints and resume.
+//
+// Contract (what the reference tests rely on): with a pre-tokenized data file, batch_size B
+// and shuffle off, optimizer step i (0-based) consumes rows [i·B, (i+1)·B); the loss logged
+// for step i+1 in metrics.jsonl is the one computed before that step's update.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "train/optimizer.h"
+
+namespace moe {
+
+struct TrainConfig {
+  std::string model_dir;    // HF-format model directory to start from
+  std::string data;         // text, JSONL or pre-tokenized safetensors
+  std::string out;          // RUN_DIR
+  bool resume = false;      // continue from the newest checkpoint in RUN_DIR
+  int64_t steps = 100;      // optimizer steps in total (a resumed run continues up to it)
+  int64_t batch_size = 8;   // sequences per micro-batch
+  int64_t grad_accum = 1;   // micro-batches per optimizer step
+  int64_t seq_len = 0;      // 0: the data file's (pre-tokenized) or 256 (text)
+  double lr = 1e-3;
+  LrSchedule schedule = LrSchedule::Cosine;
+  int64_t warmup = 0;
+  AdamWOptions adamw;
+  double clip = 1.0;        // global gradient-norm clip; 0 = off
+  double aux_coef = -1;     // < 0: the config's router_aux_loss_coef
+  double z_coef = 0;
+  bool recompute = false;
+  bool shuffle = true;
+  uint64_t seed = 1;
+  double val_fraction = 0.05;
+  int64_t eval_every = 0;   // validation every N steps (0: at checkpoints and at the end)
+  int64_t eval_batches = 8; // validation batches per evaluation (0: all)
+  int64_t save_every = 0;   // checkpoint every N steps (0: only final)
+  int64_t log_every = 1;    // progress line every N steps
+  int64_t max_tokens = 0;   // text corpora: use at most this many tokens
+  bool quiet = false;       // no progress lines
+};
+
+// Reads a JSON object of options (keys as the CLI flags without dashes, e.g. "batch-size")
+// into cfg; unknown keys are an error naming them.
+void apply_train_json(const nlohmann::json& j, const std::string& what, TrainConfig* cfg);
+
+// Runs training; throws moe::Error on bad input or a non-finite loss (the last good
+// checkpoint stays in place). Returns the last step's training loss.
+double run_training(const TrainConfig& cfg);
+
+}  // namespace moe
