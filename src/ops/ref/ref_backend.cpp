@@ -8,6 +8,7 @@
 // Inputs are fully copied before any output is written, so aliasing (rmsnorm out = x,
 // cross-entropy dlogits = logits, in-place rope) needs no special case.
 #include <cstring>
+#include <limits>
 
 #include "ops/backend.h"
 #include "ops/ref/ref_kernels.h"
@@ -51,10 +52,12 @@ class Wide {
     double* d = buf_.data<double>();
     for (int64_t i = 0; i < t.numel(); ++i) d[i] = load_one(t.raw(), t.dtype(), i);
   }
-  // An uninitialised double buffer of n elements.
+  // A double buffer of n elements, all NaN: an element the kernel fails to write shows.
   static Wide scratch(int64_t n) {
     Wide w;
     w.buf_ = Tensor::empty({n}, DType::F64, MemCategory::Workspace);
+    double* d = w.buf_.data<double>();
+    for (int64_t i = 0; i < n; ++i) d[i] = std::numeric_limits<double>::quiet_NaN();
     return w;
   }
   // nullptr when the source was undefined.

@@ -1,0 +1,1055 @@
+// test_ops_backend.cpp — the one op test runner (DESIGN.md invariant 2; like ggml's
+// test-backend-ops). Three parts:
+//
+//  CpuVsRef/<case>   a table of cases, each op x several odd shapes (D=7/33/65, T=1/3/17, E=5
+//                    with K=2/3 and experts without rows, H=3/Hkv=1 and H=4/Hkv=2, Dh=6/8,
+//                    V=37, ignored targets, renorm on/off, bf16/f16 weights, accumulate on/off):
+//                    the optimised CPU backend (through ops.h) against the naive reference
+//                    backend (moe::ref), every forward and backward op. Normwise relative error
+//                    ||cpu - ref|| / ||ref|| <= 1e-5 (bf16/f16-weight cases too: both sides read
+//                    the same stored weights and widen them exactly); index outputs equal.
+//  CudaVsRef/<case>  the forward cases again on CUDA (f32: 1e-5; bf16 weights, which cuBLAS
+//                    multiplies with x rounded to bf16: 2e-2). Without a GPU each is SKIPPED.
+//  Grad.*            every backward op against central finite differences in double of the
+//                    reference forward (ops/ref/ref_kernels.h): L = <r, forward(inputs)> for a
+//                    random r, every input coordinate perturbed by +-h; the reference backward
+//                    (in double) must match to 1e-6 and the CPU backward (f32) to 1e-5.
+//                    Also: padding rows, experts without rows and frozen gradients stay
+//                    untouched; gather_rows and moe_combine are adjoints.
+//
+// Every output is poisoned first (NaN; -777 for indices), so an element an op forgets to write
+// fails the comparison. Inputs are random (fixed seeds), values rounded to f32 so that the f32
+// tensors and the double vectors hold the same numbers. Shapes are small: the whole runner
+// takes a few seconds (and stays well under a minute under ASan).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/tensor.h"
+#include "ops/backend.h"
+#include "ops/ops.h"
+#include "ops/ref/ref_kernels.h"
+
+namespace moe {
+namespace {
+
+constexpr MemCategory kAct = MemCategory::Activations;
+constexpr double kCpuTol = 1e-5;      // optimised CPU vs reference
+constexpr double kCudaTol = 1e-5;     // CUDA vs reference, f32
+constexpr double kCudaBf16Tol = 2e-2; // CUDA vs reference, bf16 weights (x rounded to bf16)
+constexpr double kFdTol = 1e-6;       // reference backward (double) vs finite differences
+constexpr double kFdF32Tol = 1e-5;    // CPU backward (f32 maths, f32 saved activations) vs FD
+constexpr int32_t kIntPoison = -777;
+
+// ---- inputs ----
+
+// n normal values (times scale), rounded to f32 and kept away from 0.
+std::vector<double> rnd(int64_t n, uint32_t seed, double scale = 1.0) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd(0.0, scale);
+  std::vector<double> v(static_cast<size_t>(n));
+  for (auto& x : v) {
+    x = static_cast<float>(nd(rng));
+    if (x == 0) x = 1e-3;
+  }
+  return v;
+}
+
+// Rounds values in place to what `dt` can hold (f32, bf16, f16).
+void round_to(std::vector<double>& v, DType dt) {
+  for (auto& x : v) {
+    float f = static_cast<float>(x);
+    if (dt == DType::BF16) f = bf16_to_f32(f32_to_bf16(f));
+    if (dt == DType::F16) f = f16_to_f32(f32_to_f16(f));
+    x = f;
+  }
+}
+
+// A CPU tensor of dtype dt holding v (v must already be representable: see round_to).
+Tensor ten(const Shape& s, const std::vector<double>& v, DType dt = DType::F32) {
+  std::vector<float> f(v.begin(), v.end());
+  Tensor t = Tensor::from_f32(s, f, kAct);
+  return dt == DType::F32 ? t : t.to_dtype(dt, kAct);
+}
+
+// Random weights of dtype dt: the returned vector holds exactly the stored values.
+std::pair<Tensor, std::vector<double>> rnd_w(const Shape& s, uint32_t seed, DType dt, double scale = 0.5) {
+  std::vector<double> v = rnd(shape_numel(s), seed, scale);
+  round_to(v, dt);
+  return {ten(s, v, dt), v};
+}
+
+Tensor ints(const Shape& s, const std::vector<int32_t>& v) {
+  Tensor t = Tensor::empty(s, DType::I32, kAct);
+  std::copy(v.begin(), v.end(), t.data<int32_t>());
+  return t;
+}
+
+std::vector<double> vals(const Tensor& t) {
+  std::vector<float> f = t.to_f32_vector();
+  return std::vector<double>(f.begin(), f.end());
+}
+
+std::vector<int32_t> ivals(const Tensor& t) {
+  Tensor c = t.device() == Device::CPU ? t : t.to(Device::CPU, kAct);
+  return std::vector<int32_t>(c.data<int32_t>(), c.data<int32_t>() + c.numel());
+}
+
+// K distinct experts per token, drawn from `allowed` (so the others get no rows).
+std::vector<int32_t> random_topk(int64_t t_n, const std::vector<int32_t>& allowed, int64_t k, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> out, ids = allowed;
+  for (int64_t t = 0; t < t_n; ++t) {
+    std::shuffle(ids.begin(), ids.end(), rng);
+    for (int64_t j = 0; j < k; ++j) out.push_back(ids[j]);
+  }
+  return out;
+}
+
+// Routing in double with the reference dispatch: offsets [E+1], perm, inv for topk idx.
+struct Routing {
+  std::vector<int32_t> idx, offsets, perm, inv;
+};
+Routing route(const std::vector<int32_t>& idx, int64_t e_n) {
+  Routing r;
+  r.idx = idx;
+  r.offsets.resize(static_cast<size_t>(e_n + 1));
+  r.perm.resize(idx.size());
+  r.inv.resize(idx.size());
+  ref::f64::moe_dispatch(r.offsets.data(), r.perm.data(), r.inv.data(), idx.data(), int64_t(idx.size()), e_n);
+  return r;
+}
+
+double rel_err(const std::vector<double>& a, const std::vector<double>& ref) {
+  if (a.size() != ref.size()) return INFINITY;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(ref[i])) return INFINITY;
+    num += (a[i] - ref[i]) * (a[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  if (den == 0) return num == 0 ? 0 : INFINITY;
+  return std::sqrt(num / den);
+}
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+// ---- the case table: one op call on a backend ----
+
+enum class Backend { Cpu, Ref, Cuda };
+
+using Outs = std::vector<std::pair<std::string, Tensor>>;
+
+// Puts a case's inputs and poisoned outputs on the backend's device.
+struct Dev {
+  Backend b;
+  Device dev() const { return b == Backend::Cuda ? Device::CUDA : Device::CPU; }
+  // A deep copy (in-place ops and accumulating outputs must not see another run's result).
+  Tensor in(const Tensor& t) const { return t.defined() ? t.to(dev(), kAct) : Tensor(); }
+  Tensor out(const Shape& s, DType dt = DType::F32) const {
+    std::vector<float> nan(static_cast<size_t>(shape_numel(s)), std::nanf(""));
+    return Tensor::from_f32(s, nan, kAct).to_dtype(dt, kAct).to(dev(), kAct);
+  }
+  Tensor outi(const Shape& s) const {
+    return ints(s, std::vector<int32_t>(static_cast<size_t>(shape_numel(s)), kIntPoison)).to(dev(), kAct);
+  }
+};
+
+// The reference backend directly; CPU and CUDA through ops.h (validation, then the backend of
+// the tensors' device; the reference switch is off, see the fixture).
+#define CALL(b, call)            \
+  do {                           \
+    if ((b) == Backend::Ref)     \
+      ::moe::ref::call;          \
+    else                         \
+      ::moe::call;               \
+  } while (0)
+
+struct Case {
+  std::string name;
+  bool cuda = false;  // the op has a CUDA version (forward ops)
+  double cuda_tol = kCudaTol;
+  std::function<Outs(Backend)> run;
+};
+
+std::vector<Case> make_cases() {
+  std::vector<Case> cs;
+  auto add = [&](std::string name, bool cuda, double cuda_tol, std::function<Outs(Backend)> run) {
+    cs.push_back(Case{std::move(name), cuda, cuda_tol, std::move(run)});
+  };
+  const DType kWdt[] = {DType::F32, DType::BF16, DType::F16};
+  auto wtag = [](DType dt) { return std::string(dtype_name(dt)); };
+  auto ctol = [](DType dt) { return dt == DType::F32 ? kCudaTol : kCudaBf16Tol; };
+  uint32_t seed = 100;
+
+  // embedding_forward
+  for (DType dt : kWdt)
+    for (int64_t t : {1, 17})
+      for (int64_t d : {7, 33}) {
+        const int64_t v = 37;
+        Tensor table = rnd_w({v, d}, ++seed, dt).first;
+        std::vector<int32_t> id;
+        for (int64_t i = 0; i < t; ++i) id.push_back(int32_t((i * 7 + 3) % v));
+        Tensor ids = ints({t}, id);
+        add("embedding_forward_" + wtag(dt) + "_T" + str(t) + "_D" + str(d), dt != DType::F16, ctol(dt),
+            [=](Backend b) {
+              Dev g{b};
+              Tensor out = g.out({t, d});
+              CALL(b, embedding_forward(out, g.in(ids), g.in(table)));
+              return Outs{{"out", out}};
+            });
+      }
+
+  // rmsnorm_forward (and in place: out aliases x)
+  for (DType dt : {DType::F32, DType::BF16})
+    for (int64_t n : {1, 3, 17})
+      for (int64_t d : {7, 33, 65}) {
+        Tensor x = ten({n, d}, rnd(n * d, ++seed, 2.0));
+        Tensor w = rnd_w({d}, ++seed, dt, 1.0).first;
+        add("rmsnorm_forward_" + wtag(dt) + "_N" + str(n) + "_D" + str(d), true, ctol(dt), [=](Backend b) {
+          Dev g{b};
+          Tensor out = g.out({n, d});
+          CALL(b, rmsnorm_forward(out, g.in(x), g.in(w), 1e-5f));
+          Tensor xa = g.in(x);
+          CALL(b, rmsnorm_forward(xa, xa, g.in(w), 1e-5f));
+          return Outs{{"out", out}, {"out_in_place", xa}};
+        });
+      }
+
+  // linear_forward: N <= 8 takes the streaming kernel, N = 17 BLAS
+  for (DType dt : kWdt)
+    for (int64_t n : {1, 3, 17})
+      for (int64_t kd : {7, 33, 65})
+        for (bool bias : {false, true}) {
+          const int64_t m = kd == 33 ? 37 : 11;
+          Tensor x = ten({n, kd}, rnd(n * kd, ++seed));
+          Tensor w = rnd_w({m, kd}, ++seed, dt).first;
+          Tensor bs = bias ? rnd_w({m}, ++seed, dt).first : Tensor();
+          add("linear_forward_" + wtag(dt) + "_N" + str(n) + "_K" + str(kd) + "_M" + str(m) + (bias ? "_bias" : ""),
+              dt != DType::F16, ctol(dt), [=](Backend b) {
+                Dev g{b};
+                Tensor out = g.out({n, m});
+                CALL(b, linear_forward(out, g.in(x), g.in(w), g.in(bs)));
+                return Outs{{"out", out}};
+              });
+        }
+
+  // rope_forward
+  for (int64_t s : {1, 3})
+    for (int64_t dh : {6, 8})
+      for (int64_t past : {0, 5}) {
+        Tensor x = ten({2, s, 3, dh}, rnd(2 * s * 3 * dh, ++seed));
+        add("rope_forward_S" + str(s) + "_Dh" + str(dh) + "_past" + str(past), true, kCudaTol, [=](Backend b) {
+          Dev g{b};
+          Tensor xx = g.in(x);
+          CALL(b, rope_forward(xx, past, 10000.f));
+          return Outs{{"x", xx}};
+        });
+      }
+
+  // kv_append
+  for (int64_t s : {1, 3}) {
+    const int64_t bn = 2, c = 9, hkv = 2, dh = 6, past = 4;
+    Tensor kc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
+    Tensor vc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
+    Tensor k = ten({bn, s, hkv, dh}, rnd(bn * s * hkv * dh, ++seed));
+    Tensor v = ten({bn, s, hkv, dh}, rnd(bn * s * hkv * dh, ++seed));
+    add("kv_append_S" + str(s), true, 0.0, [=](Backend b) {
+      Dev g{b};
+      Tensor kk = g.in(kc), vv = g.in(vc);
+      CALL(b, kv_append(kk, vv, g.in(k), g.in(v), past));
+      return Outs{{"k_cache", kk}, {"v_cache", vv}};
+    });
+  }
+
+  // attention_forward (over a cache)
+  for (auto [h, hkv] : {std::pair<int64_t, int64_t>{3, 1}, {4, 2}})
+    for (int64_t s : {1, 3})
+      for (int64_t dh : {6, 8})
+        for (int64_t past : {0, 4}) {
+          const int64_t bn = 2, c = past + s + 2;
+          Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+          Tensor kc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
+          Tensor vc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
+          add("attention_forward_H" + str(h) + "_Hkv" + str(hkv) + "_S" + str(s) + "_Dh" + str(dh) + "_past" +
+                  str(past),
+              true, kCudaTol, [=](Backend b) {
+                Dev g{b};
+                Tensor out = g.out({bn, s, h, dh});
+                CALL(b, attention_forward(out, g.in(q), g.in(kc), g.in(vc), past));
+                return Outs{{"out", out}};
+              });
+        }
+
+  // router_topk_forward (row 0 has tied logits: the lower index must win)
+  for (int64_t t : {1, 17})
+    for (int64_t k : {2, 3})
+      for (bool renorm : {false, true}) {
+        const int64_t e = 5;
+        std::vector<double> l = rnd(t * e, ++seed, 2.0);
+        l[1] = l[3] = l[4] = 3.0;
+        Tensor logits = ten({t, e}, l);
+        add("router_topk_forward_T" + str(t) + "_K" + str(k) + (renorm ? "_renorm" : ""), true, kCudaTol,
+            [=](Backend b) {
+              Dev g{b};
+              Tensor idx = g.outi({t, k}), w = g.out({t, k});
+              CALL(b, router_topk_forward(idx, w, g.in(logits), renorm));
+              return Outs{{"topk_idx", idx}, {"topk_w", w}};
+            });
+      }
+
+  // moe_dispatch, gather_rows, moe_combine, permute_weights (expert 3 gets no rows)
+  for (int64_t t : {1, 17})
+    for (int64_t k : {2, 3}) {
+      const int64_t e = 5, d = 7;
+      std::vector<int32_t> idx = random_topk(t, {0, 1, 2, 4}, k, ++seed);
+      Routing r = route(idx, e);
+      Tensor tidx = ints({t, k}, idx), perm = ints({t * k}, r.perm), inv = ints({t * k}, r.inv);
+      Tensor x = ten({t, d}, rnd(t * d, ++seed));
+      Tensor yp = ten({t * k, d}, rnd(t * k * d, ++seed));
+      Tensor y0 = ten({t, d}, rnd(t * d, ++seed));
+      Tensor tw = ten({t, k}, rnd(t * k, ++seed)), drs = ten({t * k}, rnd(t * k, ++seed));
+      const std::string sh = "_T" + str(t) + "_K" + str(k);
+      add("moe_dispatch" + sh, true, 0.0, [=](Backend b) {
+        Dev g{b};
+        Tensor off = g.outi({e + 1}), pm = g.outi({t * k}), iv = g.outi({t * k});
+        CALL(b, moe_dispatch(off, pm, iv, g.in(tidx), e));
+        return Outs{{"offsets", off}, {"perm", pm}, {"inv", iv}};
+      });
+      add("gather_rows" + sh, true, kCudaTol, [=](Backend b) {
+        Dev g{b};
+        Tensor xp = g.out({t * k, d});
+        CALL(b, gather_rows(xp, g.in(x), g.in(perm), k));
+        return Outs{{"xp", xp}};
+      });
+      for (bool acc : {false, true})
+        add("moe_combine" + sh + (acc ? "_accumulate" : ""), true, kCudaTol, [=](Backend b) {
+          Dev g{b};
+          Tensor y = acc ? g.in(y0) : g.out({t, d});
+          CALL(b, moe_combine(y, g.in(yp), g.in(inv), k, acc));
+          return Outs{{"y", y}};
+        });
+      add("permute_weights" + sh, true, kCudaTol, [=](Backend b) {
+        Dev g{b};
+        Tensor rs = g.out({t * k});
+        CALL(b, permute_weights(rs, g.in(tw), g.in(perm)));
+        return Outs{{"row_scale", rs}};
+      });
+      add("permute_weights_backward" + sh, false, 0.0, [=](Backend b) {
+        Dev g{b};
+        Tensor dtw = g.out({t, k});
+        CALL(b, permute_weights_backward(dtw, g.in(drs), g.in(perm)));
+        return Outs{{"dtopk_w", dtw}};
+      });
+    }
+
+  // expert_ffn_forward / _train / _backward: E=5, experts 1 and 3 without rows
+  for (DType dt : kWdt)
+    for (int64_t t : {3, 17})
+      for (int64_t d : {7, 33})
+        for (bool scaled : {false, true}) {
+          const int64_t e = 5, k = 2, f = 11, p = t * k;
+          Routing r = route(random_topk(t, {0, 2, 4}, k, ++seed), e);
+          Tensor off = ints({e + 1}, r.offsets);
+          Tensor xp = ten({p, d}, rnd(p * d, ++seed));
+          Tensor w1 = rnd_w({e, f, d}, ++seed, dt).first, w3 = rnd_w({e, f, d}, ++seed, dt).first;
+          Tensor w2 = rnd_w({e, d, f}, ++seed, dt).first;
+          Tensor rs = scaled ? ten({p}, rnd(p, ++seed)) : Tensor();
+          Tensor dyp = ten({p, d}, rnd(p * d, ++seed));
+          Tensor dw1 = ten({e, f, d}, rnd(e * f * d, ++seed)), dw3 = ten({e, f, d}, rnd(e * f * d, ++seed));
+          Tensor dw2 = ten({e, d, f}, rnd(e * d * f, ++seed));
+          const std::string sh = "_" + wtag(dt) + "_T" + str(t) + "_D" + str(d) + (scaled ? "_scaled" : "");
+          add("expert_ffn_forward" + sh, dt != DType::F16, ctol(dt), [=](Backend b) {
+            Dev g{b};
+            Tensor yp = g.out({p, d});
+            CALL(b, expert_ffn_forward(yp, g.in(xp), g.in(off), g.in(w1), g.in(w3), g.in(w2), g.in(rs)));
+            return Outs{{"yp", yp}};
+          });
+          add("expert_ffn_forward_train" + sh, false, 0.0, [=](Backend b) {
+            Dev g{b};
+            Tensor yp = g.out({p, d}), h1 = g.out({p, f}), h3 = g.out({p, f});
+            CALL(b, expert_ffn_forward_train(yp, h1, h3, g.in(xp), g.in(off), g.in(w1), g.in(w3), g.in(w2),
+                                             g.in(rs)));
+            return Outs{{"yp", yp}, {"h1", h1}, {"h3", h3}};
+          });
+          // Saved activations from the reference forward, the same on both sides.
+          Tensor h1 = Tensor::empty({p, f}, DType::F32, kAct), h3 = Tensor::empty({p, f}, DType::F32, kAct);
+          Tensor ypr = Tensor::empty({p, d}, DType::F32, kAct);
+          ref::expert_ffn_forward_train(ypr, h1, h3, xp, off, w1, w3, w2, rs);
+          for (bool frozen : {false, true})
+            add("expert_ffn_backward" + sh + (frozen ? "_frozen" : ""), false, 0.0, [=](Backend b) {
+              Dev g{b};
+              Tensor dx = g.out({p, d});
+              Tensor g1 = frozen ? Tensor() : g.in(dw1), g3 = frozen ? Tensor() : g.in(dw3);
+              Tensor g2 = frozen ? Tensor() : g.in(dw2);
+              Tensor drs = scaled ? g.out({p}) : Tensor();
+              CALL(b, expert_ffn_backward(dx, g1, g3, g2, drs, g.in(dyp), g.in(xp), g.in(h1), g.in(h3), g.in(off),
+                                          g.in(w1), g.in(w3), g.in(w2), g.in(rs)));
+              Outs o{{"dxp", dx}};
+              if (!frozen) o.insert(o.end(), {{"dw1", g1}, {"dw3", g3}, {"dw2", g2}});
+              if (scaled) o.push_back({"drow_scale", drs});
+              return o;
+            });
+        }
+
+  // swiglu, sigmoid gate, add, and their backwards
+  for (int64_t n : {1, 3, 17})
+    for (int64_t d : {7, 33}) {
+      Tensor h1 = ten({n, d}, rnd(n * d, ++seed, 3.0)), h3 = ten({n, d}, rnd(n * d, ++seed));
+      Tensor dout = ten({n, d}, rnd(n * d, ++seed));
+      Tensor gate = ten({n, 1}, rnd(n, ++seed, 2.0));
+      const std::string sh = "_N" + str(n) + "_D" + str(d);
+      add("swiglu_forward" + sh, true, kCudaTol, [=](Backend b) {
+        Dev g{b};
+        Tensor out = g.out({n, d});
+        CALL(b, swiglu_forward(out, g.in(h1), g.in(h3)));
+        return Outs{{"out", out}};
+      });
+      add("swiglu_backward" + sh, false, 0.0, [=](Backend b) {
+        Dev g{b};
+        Tensor d1 = g.out({n, d}), d3 = g.out({n, d});
+        CALL(b, swiglu_backward(d1, d3, g.in(dout), g.in(h1), g.in(h3)));
+        return Outs{{"dh1", d1}, {"dh3", d3}};
+      });
+      add("sigmoid_gate_add" + sh, true, kCudaTol, [=](Backend b) {
+        Dev g{b};
+        Tensor y = g.in(dout);
+        CALL(b, sigmoid_gate_add(y, g.in(h1), g.in(gate)));
+        return Outs{{"y", y}};
+      });
+      add("sigmoid_gate_backward" + sh, false, 0.0, [=](Backend b) {
+        Dev g{b};
+        Tensor ds = g.out({n, d}), dg = g.out({n, 1});
+        CALL(b, sigmoid_gate_backward(ds, dg, g.in(dout), g.in(h1), g.in(gate)));
+        return Outs{{"ds", ds}, {"dgate", dg}};
+      });
+      add("add_inplace" + sh, true, kCudaTol, [=](Backend b) {
+        Dev g{b};
+        Tensor y = g.in(dout);
+        CALL(b, add_inplace(y, g.in(h1)));
+        return Outs{{"y", y}};
+      });
+    }
+
+  // cast between float dtypes (f16 is CPU only)
+  for (auto [from, to] : {std::pair{DType::F32, DType::BF16}, {DType::BF16, DType::F32}, {DType::F32, DType::F16},
+                          {DType::F16, DType::F32}, {DType::F16, DType::BF16}}) {
+    Tensor in = rnd_w({3, 33}, ++seed, from, 3.0).first;
+    bool cuda = from != DType::F16 && to != DType::F16;
+    add("cast_" + wtag(from) + "_to_" + wtag(to), cuda, 0.0, [=](Backend b) {
+      Dev g{b};
+      Tensor out = g.out({3, 33}, to);
+      CALL(b, cast(out, g.in(in)));
+      return Outs{{"out", out}};
+    });
+  }
+
+  // ---- training ops ----
+
+  // embedding_backward (ids repeat; padding_idx 3 occurs)
+  for (int64_t pad : {-1, 3})
+    for (int64_t d : {7, 33}) {
+      const int64_t v = 37, t = 17;
+      std::vector<int32_t> id;
+      for (int64_t i = 0; i < t; ++i) id.push_back(int32_t((i * 5) % 11));
+      Tensor ids = ints({t}, id);
+      Tensor dout = ten({t, d}, rnd(t * d, ++seed)), dt0 = ten({v, d}, rnd(v * d, ++seed));
+      add("embedding_backward_pad" + str(pad + 1) + "_D" + str(d), false, 0.0, [=](Backend b) {
+        Dev g{b};
+        Tensor dtable = g.in(dt0);
+        CALL(b, embedding_backward(dtable, g.in(dout), g.in(ids), pad));
+        return Outs{{"dtable", dtable}};
+      });
+    }
+
+  // rmsnorm_forward_train / rmsnorm_backward
+  for (DType dt : {DType::F32, DType::BF16})
+    for (int64_t n : {1, 3, 17})
+      for (int64_t d : {7, 33, 65}) {
+        Tensor x = ten({n, d}, rnd(n * d, ++seed, 2.0));
+        Tensor w = rnd_w({d}, ++seed, dt, 1.0).first;
+        Tensor dy = ten({n, d}, rnd(n * d, ++seed)), dx0 = ten({n, d}, rnd(n * d, ++seed));
+        Tensor dw0 = ten({d}, rnd(d, ++seed));
+        const std::string sh = "_" + wtag(dt) + "_N" + str(n) + "_D" + str(d);
+        add("rmsnorm_forward_train" + sh, false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor out = g.out({n, d}), rstd = g.out({n});
+          CALL(b, rmsnorm_forward_train(out, rstd, g.in(x), g.in(w), 1e-5f));
+          return Outs{{"out", out}, {"rstd", rstd}};
+        });
+        Tensor rstd = Tensor::empty({n}, DType::F32, kAct), o = Tensor::empty({n, d}, DType::F32, kAct);
+        ref::rmsnorm_forward_train(o, rstd, x, w, 1e-5f);
+        for (bool acc : {false, true})
+          for (bool want_dw : {false, true})
+            add("rmsnorm_backward" + sh + (acc ? "_accumulate" : "") + (want_dw ? "" : "_no_dw"), false, 0.0,
+                [=](Backend b) {
+                  Dev g{b};
+                  Tensor dx = acc ? g.in(dx0) : g.out({n, d});
+                  Tensor dw = want_dw ? g.in(dw0) : Tensor();
+                  CALL(b, rmsnorm_backward(dx, dw, g.in(dy), g.in(x), g.in(w), g.in(rstd), acc));
+                  Outs outs{{"dx", dx}};
+                  if (want_dw) outs.push_back({"dw", dw});
+                  return outs;
+                });
+      }
+
+  // linear_backward: every subset pattern of dx/dw/db that matters, accumulate on/off
+  for (DType dt : {DType::F32, DType::BF16, DType::F16})
+    for (int64_t n : {1, 3, 17})
+      for (int64_t kd : {7, 33}) {
+        const int64_t m = 11;
+        Tensor x = ten({n, kd}, rnd(n * kd, ++seed)), w = rnd_w({m, kd}, ++seed, dt).first;
+        Tensor dy = ten({n, m}, rnd(n * m, ++seed));
+        Tensor dx0 = ten({n, kd}, rnd(n * kd, ++seed)), dw0 = ten({m, kd}, rnd(m * kd, ++seed));
+        Tensor db0 = ten({m}, rnd(m, ++seed));
+        for (int mode = 0; mode < 3; ++mode)  // 0: dx dw db, 1: dx only (frozen), 2: dw db only
+          for (bool acc : {false, true}) {
+            if (mode == 2 && acc) continue;
+            static const char* kMode[] = {"", "_dx_only", "_dw_db_only"};
+            add("linear_backward_" + wtag(dt) + "_N" + str(n) + "_K" + str(kd) + kMode[mode] +
+                    (acc ? "_accumulate" : ""),
+                false, 0.0, [=](Backend b) {
+                  Dev g{b};
+                  Tensor dx = mode == 2 ? Tensor() : acc ? g.in(dx0) : g.out({n, kd});
+                  Tensor dw = mode == 1 ? Tensor() : g.in(dw0), db = mode == 1 ? Tensor() : g.in(db0);
+                  CALL(b, linear_backward(dx, dw, db, g.in(dy), g.in(x), g.in(w), acc));
+                  Outs o;
+                  if (dx.defined()) o.push_back({"dx", dx});
+                  if (dw.defined()) o.insert(o.end(), {{"dw", dw}, {"db", db}});
+                  return o;
+                });
+          }
+      }
+
+  // rope_backward
+  for (int64_t dh : {6, 8})
+    for (int64_t past : {0, 5}) {
+      Tensor x = ten({2, 3, 3, dh}, rnd(2 * 3 * 3 * dh, ++seed));
+      add("rope_backward_Dh" + str(dh) + "_past" + str(past), false, 0.0, [=](Backend b) {
+        Dev g{b};
+        Tensor xx = g.in(x);
+        CALL(b, rope_backward(xx, past, 10000.f));
+        return Outs{{"dx", xx}};
+      });
+    }
+
+  // attention_forward_train / attention_backward
+  for (auto [h, hkv] : {std::pair<int64_t, int64_t>{3, 1}, {4, 2}})
+    for (int64_t s : {1, 3, 17})
+      for (int64_t dh : {6, 8}) {
+        const int64_t bn = 2;
+        Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+        Tensor k = ten({bn, s, hkv, dh}, rnd(bn * s * hkv * dh, ++seed));
+        Tensor v = ten({bn, s, hkv, dh}, rnd(bn * s * hkv * dh, ++seed));
+        Tensor dout = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+        const std::string sh = "_H" + str(h) + "_Hkv" + str(hkv) + "_S" + str(s) + "_Dh" + str(dh);
+        add("attention_forward_train" + sh, false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor out = g.out({bn, s, h, dh}), lse = g.out({bn, h, s});
+          CALL(b, attention_forward_train(out, lse, g.in(q), g.in(k), g.in(v)));
+          return Outs{{"out", out}, {"lse", lse}};
+        });
+        Tensor out = Tensor::empty({bn, s, h, dh}, DType::F32, kAct), lse = Tensor::empty({bn, h, s}, DType::F32, kAct);
+        ref::attention_forward_train(out, lse, q, k, v);
+        add("attention_backward" + sh, false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor dq = g.out(q.shape()), dk = g.out(k.shape()), dv = g.out(v.shape());
+          CALL(b, attention_backward(dq, dk, dv, g.in(dout), g.in(q), g.in(k), g.in(v), g.in(out), g.in(lse)));
+          return Outs{{"dq", dq}, {"dk", dk}, {"dv", dv}};
+        });
+      }
+
+  // router_topk_backward, router_stats, router_balance_backward
+  for (int64_t t : {1, 17})
+    for (int64_t k : {2, 3}) {
+      const int64_t e = 5;
+      std::vector<double> l = rnd(t * e, ++seed, 2.0);
+      Tensor logits = ten({t, e}, l);
+      std::vector<int32_t> idx(static_cast<size_t>(t * k));
+      std::vector<double> w(static_cast<size_t>(t * k));
+      ref::f64::router_topk_forward(idx.data(), w.data(), l.data(), t, e, k, false);
+      Tensor tidx = ints({t, k}, idx), dtw = ten({t, k}, rnd(t * k, ++seed));
+      Tensor gvec = ten({e}, rnd(e, ++seed)), dl0 = ten({t, e}, rnd(t * e, ++seed));
+      const std::string sh = "_T" + str(t) + "_K" + str(k);
+      for (bool renorm : {false, true})
+        add("router_topk_backward" + sh + (renorm ? "_renorm" : ""), false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor dl = g.out({t, e});
+          CALL(b, router_topk_backward(dl, g.in(dtw), g.in(logits), g.in(tidx), renorm));
+          return Outs{{"dlogits", dl}};
+        });
+      add("router_stats" + sh, false, 0.0, [=](Backend b) {
+        Dev g{b};
+        Tensor ps = g.out({e}), cnt = g.out({e}), z = g.out({1});
+        CALL(b, router_stats(ps, cnt, z, g.in(logits), g.in(tidx)));
+        return Outs{{"prob_sum", ps}, {"count", cnt}, {"z_sum", z}};
+      });
+      for (int mode = 0; mode < 3; ++mode) {  // 0: aux + z, 1: aux only, 2: z only (g undefined)
+        static const char* kMode[] = {"_aux_z", "_aux", "_z"};
+        add("router_balance_backward" + sh + kMode[mode], false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor dl = g.in(dl0);
+          CALL(b, router_balance_backward(dl, g.in(logits), mode == 2 ? Tensor() : g.in(gvec), 0.37f,
+                                          mode == 1 ? 0.f : 0.011f));
+          return Outs{{"dlogits", dl}};
+        });
+      }
+    }
+
+  // cross_entropy_forward / backward (rows 1 and 4 ignored; backward also in place)
+  for (int64_t n : {1, 6, 17}) {
+    const int64_t v = 37;
+    Tensor logits = ten({n, v}, rnd(n * v, ++seed, 3.0));
+    std::vector<int32_t> tg;
+    for (int64_t i = 0; i < n; ++i) tg.push_back(n > 1 && (i == 1 || i == 4) ? -100 : int32_t((i * 13 + 5) % v));
+    Tensor targets = ints({n}, tg);
+    add("cross_entropy_forward_N" + str(n), false, 0.0, [=](Backend b) {
+      Dev g{b};
+      Tensor loss = g.out({n});
+      CALL(b, cross_entropy_forward(loss, g.in(logits), g.in(targets)));
+      return Outs{{"loss", loss}};
+    });
+    add("cross_entropy_backward_N" + str(n), false, 0.0, [=](Backend b) {
+      Dev g{b};
+      Tensor dl = g.out({n, v});
+      CALL(b, cross_entropy_backward(dl, g.in(logits), g.in(targets), 0.25f));
+      Tensor inplace = g.in(logits);
+      CALL(b, cross_entropy_backward(inplace, inplace, g.in(targets), 0.25f));
+      return Outs{{"dlogits", dl}, {"dlogits_in_place", inplace}};
+    });
+  }
+  return cs;
+}
+
+const std::vector<Case>& cases() {
+  static const std::vector<Case> cs = make_cases();
+  return cs;
+}
+
+std::vector<size_t> case_ids(bool cuda_only) {
+  std::vector<size_t> ids;
+  for (size_t i = 0; i < cases().size(); ++i)
+    if (!cuda_only || cases()[i].cuda) ids.push_back(i);
+  return ids;
+}
+
+std::string case_name(const testing::TestParamInfo<size_t>& info) { return cases()[info.param].name; }
+
+// Compares one backend's outputs with the reference's: same names, index outputs equal and
+// never left poisoned, float outputs finite and within tol (normwise).
+void compare(const Outs& got, const Outs& want, double tol, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const std::string name = what + " " + want[i].first;
+    ASSERT_EQ(got[i].first, want[i].first) << what;
+    const Tensor& a = got[i].second;
+    const Tensor& r = want[i].second;
+    ASSERT_EQ(a.shape(), r.shape()) << name;
+    ASSERT_EQ(a.dtype(), r.dtype()) << name;
+    if (r.dtype() == DType::I32) {
+      std::vector<int32_t> ai = ivals(a), ri = ivals(r);
+      EXPECT_EQ(std::count(ri.begin(), ri.end(), kIntPoison), 0) << name << ": reference left elements unwritten";
+      EXPECT_EQ(ai, ri) << name;
+      continue;
+    }
+    std::vector<double> av = vals(a), rv = vals(r);
+    for (size_t j = 0; j < rv.size(); ++j)
+      ASSERT_TRUE(std::isfinite(rv[j])) << name << ": reference element " << j << " is " << rv[j];
+    const double e = rel_err(av, rv);
+    EXPECT_LE(e, tol) << name << ": normwise relative error " << e;
+  }
+}
+
+class OpsBackend : public testing::TestWithParam<size_t> {
+ protected:
+  void SetUp() override { set_reference_backend(false); }
+};
+
+class CpuVsRef : public OpsBackend {};
+class CudaVsRef : public OpsBackend {};
+
+TEST_P(CpuVsRef, Matches) {
+  const Case& c = cases()[GetParam()];
+  Outs want = c.run(Backend::Ref);
+  Outs got = c.run(Backend::Cpu);
+  compare(got, want, kCpuTol, c.name + " (cpu vs ref)");
+}
+
+TEST_P(CudaVsRef, Matches) {
+  if (!cuda_available()) GTEST_SKIP() << "no GPU: the CUDA op comparison did not run";
+  const Case& c = cases()[GetParam()];
+  Outs want = c.run(Backend::Ref);
+  Outs got = c.run(Backend::Cuda);
+  compare(got, want, c.cuda_tol, c.name + " (cuda vs ref)");
+}
+
+INSTANTIATE_TEST_SUITE_P(Ops, CpuVsRef, testing::ValuesIn(case_ids(false)), case_name);
+INSTANTIATE_TEST_SUITE_P(Ops, CudaVsRef, testing::ValuesIn(case_ids(true)), case_name);
+
+// ---- finite differences ----
+
+// Central differences of loss() w.r.t. every element of v (v is restored).
+std::vector<double> fd_grad(std::vector<double>& v, const std::function<double()>& loss, double h = 1e-5) {
+  std::vector<double> g(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    const double x0 = v[i];
+    v[i] = x0 + h;
+    const double lp = loss();
+    v[i] = x0 - h;
+    const double lm = loss();
+    v[i] = x0;
+    g[i] = (lp - lm) / (2 * h);
+  }
+  return g;
+}
+
+double dotv(const std::vector<double>& a, const std::vector<double>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+std::vector<double> sub(const std::vector<double>& a, const std::vector<double>& b) {
+  std::vector<double> c(a.size());
+  for (size_t i = 0; i < a.size(); ++i) c[i] = a[i] - b[i];
+  return c;
+}
+
+// The reference gradient (double) against FD to kFdTol, and the CPU's (f32) to kFdF32Tol.
+void expect_grad(const std::string& what, const std::vector<double>& fd, const std::vector<double>& ref_g,
+                 const std::vector<double>& cpu_g) {
+  double n = 0;
+  for (double x : fd) n += x * x;
+  ASSERT_GT(n, 0) << what << ": the finite-difference gradient is zero (the test checks nothing)";
+  const double er = rel_err(ref_g, fd), ec = rel_err(cpu_g, fd);
+  EXPECT_LE(er, kFdTol) << what << ": reference backward vs finite differences, rel err " << er;
+  EXPECT_LE(ec, kFdF32Tol) << what << ": cpu backward vs finite differences, rel err " << ec;
+}
+
+TEST(Grad, Embedding) {
+  for (int64_t pad : {-1, 3}) {
+    const int64_t v = 11, d = 7, t = 9;
+    std::vector<int32_t> id = {3, 1, 4, 1, 5, 9, 2, 6, 3};
+    std::vector<double> table = rnd(v * d, 1), r = rnd(t * d, 2), dt0 = rnd(v * d, 3);
+    auto loss = [&] {
+      std::vector<double> out(static_cast<size_t>(t * d));
+      ref::f64::embedding_forward(out.data(), id.data(), table.data(), t, v, d);
+      return dotv(r, out);
+    };
+    std::vector<double> fd = fd_grad(table, loss);
+    // The padding row gets no gradient (HF nn.Embedding(padding_idx)): not what FD says.
+    if (pad >= 0)
+      for (int64_t i = 0; i < d; ++i) fd[pad * d + i] = 0;
+    std::vector<double> gr = dt0;
+    ref::f64::embedding_backward(gr.data(), r.data(), id.data(), pad, t, v, d);
+    Tensor dtable = ten({v, d}, dt0);
+    embedding_backward(dtable, ten({t, d}, r), ints({t}, id), pad);
+    std::vector<double> gc = vals(dtable);
+    expect_grad("embedding pad=" + str(pad), fd, sub(gr, dt0), sub(gc, dt0));
+    if (pad >= 0) {
+      for (int64_t i = 0; i < d; ++i) EXPECT_EQ(gc[pad * d + i], dt0[pad * d + i]) << "padding row touched";
+    }
+  }
+}
+
+TEST(Grad, RmsNorm) {
+  for (int64_t d : {7, 33})
+    for (bool acc : {false, true}) {
+      const int64_t n = 3;
+      std::vector<double> x = rnd(n * d, 10 + d, 2.0), w = rnd(d, 11), r = rnd(n * d, 12);
+      std::vector<double> dx0 = rnd(n * d, 13), dw0 = rnd(d, 14);
+      auto loss = [&] {
+        std::vector<double> out(static_cast<size_t>(n * d));
+        ref::f64::rmsnorm_forward(out.data(), nullptr, x.data(), w.data(), 1e-5, n, d);
+        return dotv(r, out);
+      };
+      std::vector<double> fdx = fd_grad(x, loss), fdw = fd_grad(w, loss);
+      std::vector<double> rstd(static_cast<size_t>(n)), tmp(static_cast<size_t>(n * d));
+      ref::f64::rmsnorm_forward(tmp.data(), rstd.data(), x.data(), w.data(), 1e-5, n, d);
+      std::vector<double> gx = dx0, gw = dw0;
+      ref::f64::rmsnorm_backward(gx.data(), gw.data(), r.data(), x.data(), w.data(), rstd.data(), acc, n, d);
+      // CPU: forward_train for rstd, then backward.
+      Tensor xt = ten({n, d}, x), wt = ten({d}, w), out = Tensor::empty({n, d}, DType::F32, kAct);
+      Tensor rs = Tensor::empty({n}, DType::F32, kAct);
+      rmsnorm_forward_train(out, rs, xt, wt, 1e-5f);
+      Tensor dx = ten({n, d}, dx0), dw = ten({d}, dw0);
+      rmsnorm_backward(dx, dw, ten({n, d}, r), xt, wt, rs, acc);
+      const std::string what = "rmsnorm D=" + str(d) + (acc ? " accumulate" : "");
+      expect_grad(what + " dx", fdx, acc ? sub(gx, dx0) : gx, acc ? sub(vals(dx), dx0) : vals(dx));
+      expect_grad(what + " dw", fdw, sub(gw, dw0), sub(vals(dw), dw0));
+    }
+}
+
+TEST(Grad, Linear) {
+  for (int64_t n : {3, 17})
+    for (bool acc : {false, true}) {
+      const int64_t m = 11, kd = 7;
+      std::vector<double> x = rnd(n * kd, 20 + n), w = rnd(m * kd, 21), bias = rnd(m, 22), r = rnd(n * m, 23);
+      std::vector<double> dx0 = rnd(n * kd, 24), dw0 = rnd(m * kd, 25), db0 = rnd(m, 26);
+      auto loss = [&] {
+        std::vector<double> out(static_cast<size_t>(n * m));
+        ref::f64::linear_forward(out.data(), x.data(), w.data(), bias.data(), n, m, kd);
+        return dotv(r, out);
+      };
+      std::vector<double> fdx = fd_grad(x, loss), fdw = fd_grad(w, loss), fdb = fd_grad(bias, loss);
+      std::vector<double> gx = dx0, gw = dw0, gb = db0;
+      ref::f64::linear_backward(gx.data(), gw.data(), gb.data(), r.data(), x.data(), w.data(), acc, n, m, kd);
+      Tensor dx = ten({n, kd}, dx0), dw = ten({m, kd}, dw0), db = ten({m}, db0);
+      linear_backward(dx, dw, db, ten({n, m}, r), ten({n, kd}, x), ten({m, kd}, w), acc);
+      const std::string what = "linear N=" + str(n) + (acc ? " accumulate" : "");
+      expect_grad(what + " dx", fdx, acc ? sub(gx, dx0) : gx, acc ? sub(vals(dx), dx0) : vals(dx));
+      expect_grad(what + " dw", fdw, sub(gw, dw0), sub(vals(dw), dw0));
+      expect_grad(what + " db", fdb, sub(gb, db0), sub(vals(db), db0));
+    }
+}
+
+TEST(Grad, Rope) {
+  for (int64_t dh : {6, 8}) {
+    const int64_t bn = 2, s = 3, h = 3, past = 5, n = bn * s * h * dh;
+    std::vector<double> x = rnd(n, 30 + dh), r = rnd(n, 31);
+    auto loss = [&] {
+      std::vector<double> y = x;
+      ref::f64::rope_forward(y.data(), bn, s, h, dh, past, 10000.0);
+      return dotv(r, y);
+    };
+    std::vector<double> fd = fd_grad(x, loss);
+    std::vector<double> g = r;
+    ref::f64::rope_backward(g.data(), bn, s, h, dh, past, 10000.0);
+    Tensor gt = ten({bn, s, h, dh}, r);
+    rope_backward(gt, past, 10000.f);
+    expect_grad("rope Dh=" + str(dh), fd, g, vals(gt));
+  }
+}
+
+TEST(Grad, Attention) {
+  for (auto [h, hkv] : {std::pair<int64_t, int64_t>{3, 1}, {4, 2}})
+    for (int64_t dh : {6, 8}) {
+      const int64_t bn = 2, s = 5, nq = bn * s * h * dh, nk = bn * s * hkv * dh;
+      std::vector<double> q = rnd(nq, 40 + h), k = rnd(nk, 41 + dh), v = rnd(nk, 42), r = rnd(nq, 43);
+      auto fwd = [&](std::vector<double>& out, std::vector<double>& lse) {
+        out.assign(static_cast<size_t>(nq), 0);
+        lse.assign(static_cast<size_t>(bn * h * s), 0);
+        ref::f64::attention_forward_train(out.data(), lse.data(), q.data(), k.data(), v.data(), bn, s, h, hkv, dh);
+      };
+      auto loss = [&] {
+        std::vector<double> out, lse;
+        fwd(out, lse);
+        return dotv(r, out);
+      };
+      std::vector<double> fdq = fd_grad(q, loss), fdk = fd_grad(k, loss), fdv = fd_grad(v, loss);
+      std::vector<double> out, lse, gq(static_cast<size_t>(nq)), gk(static_cast<size_t>(nk)), gv(static_cast<size_t>(nk));
+      fwd(out, lse);
+      ref::f64::attention_backward(gq.data(), gk.data(), gv.data(), r.data(), q.data(), k.data(), v.data(),
+                                   out.data(), lse.data(), bn, s, h, hkv, dh);
+      Tensor qt = ten({bn, s, h, dh}, q), kt = ten({bn, s, hkv, dh}, k), vt = ten({bn, s, hkv, dh}, v);
+      Tensor ot = Tensor::empty(qt.shape(), DType::F32, kAct), lt = Tensor::empty({bn, h, s}, DType::F32, kAct);
+      attention_forward_train(ot, lt, qt, kt, vt);
+      Tensor dq = Tensor::empty(qt.shape(), DType::F32, kAct), dk = Tensor::empty(kt.shape(), DType::F32, kAct);
+      Tensor dv = Tensor::empty(vt.shape(), DType::F32, kAct);
+      attention_backward(dq, dk, dv, ten(qt.shape(), r), qt, kt, vt, ot, lt);
+      const std::string what = "attention H=" + str(h) + " Hkv=" + str(hkv) + " Dh=" + str(dh);
+      expect_grad(what + " dq", fdq, gq, vals(dq));
+      expect_grad(what + " dk", fdk, gk, vals(dk));
+      expect_grad(what + " dv", fdv, gv, vals(dv));
+    }
+}
+
+TEST(Grad, RouterTopk) {
+  for (int64_t k : {2, 3})
+    for (bool renorm : {false, true}) {
+      const int64_t t = 7, e = 5;
+      std::vector<double> l = rnd(t * e, 50 + k, 2.0), r = rnd(t * k, 51);
+      std::vector<int32_t> idx0(static_cast<size_t>(t * k));
+      std::vector<double> w(static_cast<size_t>(t * k));
+      ref::f64::router_topk_forward(idx0.data(), w.data(), l.data(), t, e, k, renorm);
+      auto loss = [&] {
+        std::vector<int32_t> idx(static_cast<size_t>(t * k));
+        ref::f64::router_topk_forward(idx.data(), w.data(), l.data(), t, e, k, renorm);
+        EXPECT_EQ(idx, idx0) << "a perturbation changed the top-k selection (pick other seeds)";
+        return dotv(r, w);
+      };
+      std::vector<double> fd = fd_grad(l, loss);
+      std::vector<double> g(static_cast<size_t>(t * e));
+      ref::f64::router_topk_backward(g.data(), r.data(), l.data(), idx0.data(), t, e, k, renorm);
+      Tensor dl = Tensor::empty({t, e}, DType::F32, kAct);
+      router_topk_backward(dl, ten({t, k}, r), ten({t, e}, l), ints({t, k}, idx0), renorm);
+      expect_grad("router_topk K=" + str(k) + (renorm ? " renorm" : ""), fd, g, vals(dl));
+    }
+}
+
+// L = aux_scale * <g, prob_sum> + z_scale * z_sum, with router_stats as the forward: the
+// gradient router_balance_backward adds must be dL/dlogits.
+TEST(Grad, RouterBalance) {
+  for (int mode = 0; mode < 3; ++mode) {  // aux + z, aux only, z only (g undefined)
+    const int64_t t = 7, e = 5, k = 2;
+    const double aux = mode == 2 ? 0.0 : 0.37, z = mode == 1 ? 0.0 : 0.011;
+    std::vector<double> l = rnd(t * e, 60, 2.0), gv = rnd(e, 61), dl0 = rnd(t * e, 62);
+    std::vector<int32_t> idx = random_topk(t, {0, 1, 2, 3, 4}, k, 63);
+    auto loss = [&] {
+      std::vector<double> ps(static_cast<size_t>(e)), cnt(static_cast<size_t>(e)), zs(1);
+      ref::f64::router_stats(ps.data(), cnt.data(), zs.data(), l.data(), idx.data(), t, e, k);
+      return aux * dotv(gv, ps) + z * zs[0];
+    };
+    std::vector<double> fd = fd_grad(l, loss);
+    std::vector<double> g = dl0;
+    ref::f64::router_balance_backward(g.data(), l.data(), mode == 2 ? nullptr : gv.data(), aux, z, t, e);
+    Tensor dl = ten({t, e}, dl0);
+    router_balance_backward(dl, ten({t, e}, l), mode == 2 ? Tensor() : ten({e}, gv), float(aux), float(z));
+    expect_grad("router_balance mode " + str(mode), fd, sub(g, dl0), sub(vals(dl), dl0));
+  }
+}
+
+TEST(Grad, PermuteWeights) {
+  const int64_t t = 7, k = 2, e = 5, p = t * k;
+  Routing rt = route(random_topk(t, {0, 1, 2, 3, 4}, k, 70), e);
+  std::vector<double> tw = rnd(p, 71), r = rnd(p, 72);
+  auto loss = [&] {
+    std::vector<double> rs(static_cast<size_t>(p));
+    ref::f64::permute_weights(rs.data(), tw.data(), rt.perm.data(), p);
+    return dotv(r, rs);
+  };
+  std::vector<double> fd = fd_grad(tw, loss), g(static_cast<size_t>(p));
+  ref::f64::permute_weights_backward(g.data(), r.data(), rt.perm.data(), p);
+  Tensor dtw = Tensor::empty({t, k}, DType::F32, kAct);
+  permute_weights_backward(dtw, ten({p}, r), ints({p}, rt.perm));
+  expect_grad("permute_weights", fd, g, vals(dtw));
+}
+
+TEST(Grad, ExpertFfn) {
+  for (bool scaled : {false, true}) {
+    const int64_t t = 7, k = 2, e = 5, f = 11, d = 7, p = t * k;
+    Routing rt = route(random_topk(t, {0, 1, 3, 4}, k, 80), e);  // expert 2 gets no rows
+    ASSERT_EQ(rt.offsets[2], rt.offsets[3]);
+    std::vector<double> xp = rnd(p * d, 81), w1 = rnd(e * f * d, 82, 0.5), w3 = rnd(e * f * d, 83, 0.5);
+    std::vector<double> w2 = rnd(e * d * f, 84, 0.5), rs = rnd(p, 85), r = rnd(p * d, 86);
+    std::vector<double> dw10 = rnd(e * f * d, 87), dw30 = rnd(e * f * d, 88), dw20 = rnd(e * d * f, 89);
+    const double* rsp = scaled ? rs.data() : nullptr;
+    auto loss = [&] {
+      std::vector<double> yp(static_cast<size_t>(p * d));
+      ref::f64::expert_ffn_forward(yp.data(), nullptr, nullptr, xp.data(), rt.offsets.data(), w1.data(), w3.data(),
+                                   w2.data(), rsp, e, f, d);
+      return dotv(r, yp);
+    };
+    std::vector<double> fdx = fd_grad(xp, loss), fd1 = fd_grad(w1, loss), fd3 = fd_grad(w3, loss);
+    std::vector<double> fd2 = fd_grad(w2, loss), fds = fd_grad(rs, loss);
+    std::vector<double> yp(static_cast<size_t>(p * d)), h1(static_cast<size_t>(p * f)), h3(static_cast<size_t>(p * f));
+    ref::f64::expert_ffn_forward(yp.data(), h1.data(), h3.data(), xp.data(), rt.offsets.data(), w1.data(), w3.data(),
+                                 w2.data(), rsp, e, f, d);
+    std::vector<double> gx(static_cast<size_t>(p * d)), g1 = dw10, g3 = dw30, g2 = dw20, gs(static_cast<size_t>(p));
+    ref::f64::expert_ffn_backward(gx.data(), g1.data(), g3.data(), g2.data(), scaled ? gs.data() : nullptr, r.data(),
+                                  xp.data(), h1.data(), h3.data(), rt.offsets.data(), w1.data(), w3.data(), w2.data(),
+                                  rsp, e, f, d);
+    // CPU: forward_train for h1/h3, then backward.
+    Tensor off = ints({e + 1}, rt.offsets), xt = ten({p, d}, xp);
+    Tensor w1t = ten({e, f, d}, w1), w3t = ten({e, f, d}, w3), w2t = ten({e, d, f}, w2);
+    Tensor rst = scaled ? ten({p}, rs) : Tensor();
+    Tensor ypt = Tensor::empty({p, d}, DType::F32, kAct), h1t = Tensor::empty({p, f}, DType::F32, kAct);
+    Tensor h3t = Tensor::empty({p, f}, DType::F32, kAct);
+    expert_ffn_forward_train(ypt, h1t, h3t, xt, off, w1t, w3t, w2t, rst);
+    Tensor dx = Tensor::empty({p, d}, DType::F32, kAct), dw1 = ten({e, f, d}, dw10), dw3 = ten({e, f, d}, dw30);
+    Tensor dw2 = ten({e, d, f}, dw20), drs = scaled ? Tensor::empty({p}, DType::F32, kAct) : Tensor();
+    expert_ffn_backward(dx, dw1, dw3, dw2, drs, ten({p, d}, r), xt, h1t, h3t, off, w1t, w3t, w2t, rst);
+    const std::string what = std::string("expert_ffn") + (scaled ? " scaled" : "");
+    expect_grad(what + " dxp", fdx, gx, vals(dx));
+    expect_grad(what + " dw1", fd1, sub(g1, dw10), sub(vals(dw1), dw10));
+    expect_grad(what + " dw3", fd3, sub(g3, dw30), sub(vals(dw3), dw30));
+    expect_grad(what + " dw2", fd2, sub(g2, dw20), sub(vals(dw2), dw20));
+    if (scaled) expect_grad(what + " drow_scale", fds, gs, vals(drs));
+    // The expert without rows: its weight gradients untouched, bit for bit.
+    std::vector<double> c1 = vals(dw1), c3 = vals(dw3), c2 = vals(dw2);
+    for (int64_t i = 2 * f * d; i < 3 * f * d; ++i) {
+      ASSERT_EQ(c1[i], dw10[i]) << "dw1 of the expert without rows was touched";
+      ASSERT_EQ(c3[i], dw30[i]) << "dw3 of the expert without rows was touched";
+      ASSERT_EQ(c2[i], dw20[i]) << "dw2 of the expert without rows was touched";
+    }
+  }
+}
+
+TEST(Grad, Swiglu) {
+  const int64_t n = 3 * 11;
+  std::vector<double> h1 = rnd(n, 90, 3.0), h3 = rnd(n, 91), r = rnd(n, 92);
+  auto loss = [&] {
+    std::vector<double> out(static_cast<size_t>(n));
+    ref::f64::swiglu_forward(out.data(), h1.data(), h3.data(), n);
+    return dotv(r, out);
+  };
+  std::vector<double> fd1 = fd_grad(h1, loss), fd3 = fd_grad(h3, loss);
+  std::vector<double> g1(static_cast<size_t>(n)), g3(static_cast<size_t>(n));
+  ref::f64::swiglu_backward(g1.data(), g3.data(), r.data(), h1.data(), h3.data(), n);
+  Tensor d1 = Tensor::empty({3, 11}, DType::F32, kAct), d3 = Tensor::empty({3, 11}, DType::F32, kAct);
+  swiglu_backward(d1, d3, ten({3, 11}, r), ten({3, 11}, h1), ten({3, 11}, h3));
+  expect_grad("swiglu dh1", fd1, g1, vals(d1));
+  expect_grad("swiglu dh3", fd3, g3, vals(d3));
+}
+
+TEST(Grad, SigmoidGate) {
+  const int64_t t = 5, d = 7;
+  std::vector<double> s = rnd(t * d, 100), gate = rnd(t, 101, 2.0), r = rnd(t * d, 102), y0 = rnd(t * d, 103);
+  auto loss = [&] {
+    std::vector<double> y = y0;
+    ref::f64::sigmoid_gate_add(y.data(), s.data(), gate.data(), t, d);
+    return dotv(r, y);
+  };
+  std::vector<double> fds = fd_grad(s, loss), fdg = fd_grad(gate, loss);
+  std::vector<double> gs(static_cast<size_t>(t * d)), gg(static_cast<size_t>(t));
+  ref::f64::sigmoid_gate_backward(gs.data(), gg.data(), r.data(), s.data(), gate.data(), t, d);
+  Tensor ds = Tensor::empty({t, d}, DType::F32, kAct), dg = Tensor::empty({t, 1}, DType::F32, kAct);
+  sigmoid_gate_backward(ds, dg, ten({t, d}, r), ten({t, d}, s), ten({t, 1}, gate));
+  expect_grad("sigmoid_gate ds", fds, gs, vals(ds));
+  expect_grad("sigmoid_gate dgate", fdg, gg, vals(dg));
+}
+
+// L = scale * sum_n loss[n] (ignored rows contribute 0 and get 0 gradient).
+TEST(Grad, CrossEntropy) {
+  const int64_t n = 6, v = 37;
+  const double scale = 0.25;
+  std::vector<double> l = rnd(n * v, 110, 3.0);
+  std::vector<int32_t> tg = {5, -100, 36, 0, -100, 17};
+  auto loss = [&] {
+    std::vector<double> ls(static_cast<size_t>(n));
+    ref::f64::cross_entropy_forward(ls.data(), l.data(), tg.data(), n, v);
+    double s = 0;
+    for (double x : ls) s += scale * x;
+    return s;
+  };
+  std::vector<double> fd = fd_grad(l, loss), g(static_cast<size_t>(n * v));
+  ref::f64::cross_entropy_backward(g.data(), l.data(), tg.data(), scale, n, v);
+  Tensor dl = Tensor::empty({n, v}, DType::F32, kAct);
+  cross_entropy_backward(dl, ten({n, v}, l), ints({n}, tg), float(scale));
+  std::vector<double> gc = vals(dl);
+  expect_grad("cross_entropy", fd, g, gc);
+  for (int64_t i = 0; i < v; ++i) {
+    EXPECT_EQ(gc[1 * v + i], 0.0) << "ignored row 1 has a gradient";
+    EXPECT_EQ(gc[4 * v + i], 0.0) << "ignored row 4 has a gradient";
+  }
+}
+
+// gather_rows (over perm) and moe_combine (over inv) are each other's adjoints:
+// <moe_combine(yp), x> = <yp, gather_rows(x)>, on the reference and on the CPU.
+TEST(Grad, GatherCombineAdjoint) {
+  for (int64_t k : {2, 3}) {
+    const int64_t t = 17, e = 5, d = 7, p = t * k;
+    Routing rt = route(random_topk(t, {0, 1, 2, 4}, k, 120 + k), e);
+    std::vector<double> x = rnd(t * d, 121), yp = rnd(p * d, 122);
+    std::vector<double> y(static_cast<size_t>(t * d)), xp(static_cast<size_t>(p * d));
+    ref::f64::moe_combine(y.data(), yp.data(), rt.inv.data(), t, d, k, false);
+    ref::f64::gather_rows(xp.data(), x.data(), rt.perm.data(), p, d, k);
+    const double a = dotv(y, x), b = dotv(yp, xp);
+    EXPECT_NEAR(a, b, 1e-12 * (std::abs(a) + 1)) << "reference, K=" << k;
+    Tensor yt = Tensor::empty({t, d}, DType::F32, kAct), xpt = Tensor::empty({p, d}, DType::F32, kAct);
+    moe_combine(yt, ten({p, d}, yp), ints({p}, rt.inv), k, false);
+    gather_rows(xpt, ten({t, d}, x), ints({p}, rt.perm), k);
+    const double ac = dotv(vals(yt), x), bc = dotv(yp, vals(xpt));
+    EXPECT_NEAR(ac, bc, 1e-5 * (std::abs(ac) + 1)) << "cpu, K=" << k;
+  }
+}
+
+}  // namespace
+}  // namespace moe
