@@ -23,10 +23,16 @@ void check_device(const char* op, Device dev, std::initializer_list<const Tensor
                 device_name(t->device()));
 }
 
+// `moe --reference` (set_reference_backend): every CPU op runs on the naive reference backend.
+bool g_reference = false;
+
 #define MOE_DISPATCH(dev, call)                  \
   do {                                           \
     if ((dev) == Device::CPU) {                  \
-      cpu::call;                                 \
+      if (g_reference)                           \
+        ref::call;                               \
+      else                                       \
+        cpu::call;                               \
     } else {                                     \
       cuda::call;                                \
     }                                            \
@@ -37,7 +43,10 @@ void check_device(const char* op, Device dev, std::initializer_list<const Tensor
   do {                                                                                            \
     MOE_CHECK((dev) == Device::CPU, "%s: training ops are not implemented on %s yet (CPU only)", \
               op, device_name(dev));                                                              \
-    cpu::call;                                                                                    \
+    if (g_reference)                                                                              \
+      ref::call;                                                                                  \
+    else                                                                                          \
+      cpu::call;                                                                                  \
   } while (0)
 
 void check_f32(const char* op, const char* arg, const Tensor& t) {
@@ -56,8 +65,6 @@ void check_grad(const char* op, const char* arg, const Tensor& g, const Shape& s
   check_f32(op, arg, g);
   check_shape(op, arg, g, shape);
 }
-
-bool g_reference = false;
 
 }  // namespace
 
