@@ -16,5 +16,6 @@ void add_quantize_command(CLI::App& app);
 void add_grad_command(CLI::App& app);
 void add_train_command(CLI::App& app);
 void add_tokenize_bench(CLI::App* bench);
+void add_report_command(CLI::App& app);
 
 }  // namespace moe

@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   moe::add_tokenize_command(app);
   moe::add_quantize_command(app);
   moe::add_grad_command(app);
+  moe::add_report_command(app);
   moe::add_train_command(app);
   try {
     app.parse(argc, argv);
