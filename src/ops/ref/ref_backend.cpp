@@ -196,6 +196,17 @@ void add_inplace(Tensor& y, const Tensor& x) {
   yy.store(y);
 }
 
+void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col, int64_t ncols) {
+  require_cpu(dst);
+  require_cpu(src);
+  // Element by element (same dtype, validated): dst[r, dst_col + c] = src[r, src_col + c].
+  const size_t es = dtype_size(dst.dtype());
+  for (int64_t r = 0; r < dst.dim(0); ++r)
+    for (int64_t c = 0; c < ncols; ++c)
+      std::memcpy(static_cast<char*>(dst.raw()) + static_cast<size_t>(r * dst.dim(1) + dst_col + c) * es,
+                  static_cast<const char*>(src.raw()) + static_cast<size_t>(r * src.dim(1) + src_col + c) * es, es);
+}
+
 void cast(Tensor& out, const Tensor& in) { Wide(in).store(out); }
 
 // ---- training ----
