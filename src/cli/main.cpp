@@ -4,10 +4,17 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "ops/ops.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"MoE Engine: run, fine-tune and train Mixture-of-Experts models"};
   app.require_subcommand(1);
+  // Global flags (before add_*_command: subcommands inherit fallthrough, so the flag may also
+  // come after the subcommand name).
+  app.fallthrough();
+  app.add_flag_callback("--reference", [] { moe::set_reference_backend(true); },
+                        "run every op on the naive reference backend (slow; for telling a kernel bug from a model "
+                        "bug)");
   moe::add_init_command(app);
   moe::add_inspect_command(app);
   moe::add_logits_command(app);
