@@ -23,8 +23,12 @@
 // takes a few seconds (and stays well under a minute under ASan).
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <numeric>
 #include <random>
@@ -33,6 +37,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "io/safetensors.h"
 #include "ops/backend.h"
 #include "ops/ops.h"
 #include "ops/ref/ref_kernels.h"
@@ -1048,6 +1053,59 @@ TEST(Grad, GatherCombineAdjoint) {
     gather_rows(xpt, ten({t, d}, x), ints({p}, rt.perm), k);
     const double ac = dotv(vals(yt), x), bc = dotv(yp, vals(xpt));
     EXPECT_NEAR(ac, bc, 1e-5 * (std::abs(ac) + 1)) << "cpu, K=" << k;
+  }
+}
+
+// ---- the --reference switch ----
+
+// set_reference_backend(true) routes ops.h calls (forward and training) to moe::ref, false to
+// moe::cpu: the outputs equal the named backend's bit for bit.
+TEST(ReferenceSwitch, DispatchesToTheNamedBackend) {
+  const int64_t bn = 2, s = 17, h = 4, hkv = 2, dh = 8;
+  Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, 130)), k = ten({bn, s, hkv, dh}, rnd(bn * s * hkv * dh, 131));
+  Tensor v = ten({bn, s, hkv, dh}, rnd(bn * s * hkv * dh, 132));
+  Tensor x = ten({s, 65}, rnd(s * 65, 133)), w = ten({37, 65}, rnd(37 * 65, 134));
+  auto run = [&](Backend b) {
+    Dev g{b};
+    Tensor out = g.out(q.shape()), lse = g.out({bn, h, s}), y = g.out({s, 37});
+    CALL(b, attention_forward_train(out, lse, q, k, v));
+    CALL(b, linear_forward(y, x, w, Tensor()));
+    std::vector<float> r = out.to_f32_vector(), ry = y.to_f32_vector();
+    r.insert(r.end(), ry.begin(), ry.end());
+    return r;
+  };
+  set_reference_backend(false);
+  const std::vector<float> cpu_out = run(Backend::Cpu), ref_out = run(Backend::Ref);
+  ASSERT_NE(cpu_out, ref_out) << "the backends round identically here: the test could not tell them apart";
+  set_reference_backend(true);
+  EXPECT_TRUE(reference_backend());
+  EXPECT_EQ(run(Backend::Cpu), ref_out) << "ops.h with the reference switch on";
+  set_reference_backend(false);
+  EXPECT_EQ(run(Backend::Cpu), cpu_out) << "ops.h with the reference switch off";
+}
+
+// `moe --reference logits` (every op on the reference backend) matches the PyTorch float64
+// golden logits and router logits of the fixtures.
+TEST(ReferenceSwitch, LogitsCommandMatchesGolden) {
+  for (const char* fam : {"mixtral", "qwen2_moe", "qwen3_moe"}) {
+    const std::string dir = std::string(MOE_FIXTURES_DIR) + "/" + fam;
+    if (!std::filesystem::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
+    const std::string moe = std::string(MOE_BINARY_DIR) + "/moe";
+    const std::string out = std::string(std::filesystem::temp_directory_path()) + "/moe_ref_logits_" + fam + "_" +
+                            std::to_string(::getpid()) + ".safetensors";
+    const std::string cmd =
+        moe + " --reference logits " + dir + " --input " + dir + "/batch.safetensors --out " + out + " > /dev/null";
+    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    auto got = SafetensorsFile::open(out);
+    auto gold = SafetensorsFile::open(dir + "/golden.safetensors");
+    std::vector<std::string> keys = {"logits"};
+    for (int l = 0; gold->find("router_logits." + std::to_string(l)); ++l) keys.push_back("router_logits." + std::to_string(l));
+    for (const std::string& key : keys) {
+      ASSERT_NE(got->find(key), nullptr) << fam << " " << key;
+      const double e = rel_err(vals(got->tensor(key)), vals(gold->tensor(key, MemCategory::Workspace)));
+      EXPECT_LE(e, 1e-5) << fam << " " << key << ": normwise relative error " << e;
+    }
+    std::filesystem::remove(out);
   }
 }
 
