@@ -1,5 +1,6 @@
 // cmd_model.cpp — `moe init`, `moe inspect`, `moe logits`, `moe generate`.
 #include <cstdio>
+#include <fstream>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -64,10 +65,16 @@ void add_init_command(CLI::App& app) {
       ->check(CLI::IsMember({"auto", "f32", "bf16"}));
   cmd->add_option("--out", o->out, "output directory")->required();
   cmd->add_option("--tokenizer", o->tokenizer,
-                  "copy tokenizer.json/tokenizer_config.json from this directory and size the vocabulary to it");
+                  "copy tokenizer.json/tokenizer_config.json from this directory and size the vocabulary to it; "
+                  "'byte' writes a byte-level tokenizer (256 bytes + <|endoftext|>) for training from scratch");
   cmd->callback([o]() {
     ModelConfig cfg = preset_config(o->arch, o->preset);
-    if (!o->tokenizer.empty()) {
+    const bool byte_level = o->tokenizer == "byte";
+    if (byte_level) {
+      cfg.vocab_size = 257;
+      cfg.bos_token_id = -1;
+      cfg.eos_token_id = 256;
+    } else if (!o->tokenizer.empty()) {
       Tokenizer tok = Tokenizer::from_dir(o->tokenizer);
       cfg.vocab_size = tok.vocab_size();
       if (tok.bos_id()) cfg.bos_token_id = *tok.bos_id();
@@ -82,7 +89,14 @@ void add_init_command(CLI::App& app) {
                 now_seconds() - t0);
     write_model_dir(o->out, cfg, tensors);
     std::printf("wrote %s/config.json and %s/model.safetensors\n", o->out.c_str(), o->out.c_str());
+    if (byte_level) {
+      std::ofstream f(o->out + "/tokenizer.json");
+      f << Tokenizer::byte_level_json({"<|endoftext|>"}).dump(1) << "\n";
+      MOE_CHECK(f.good(), "cannot write %s/tokenizer.json", o->out.c_str());
+      std::printf("wrote %s/tokenizer.json (byte-level)\n", o->out.c_str());
+    }
     for (const char* f : {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja"}) {
+      if (byte_level) break;
       std::error_code ec;
       const std::string src = o->tokenizer + "/" + f;
       if (o->tokenizer.empty() || !std::filesystem::exists(src)) continue;

@@ -41,8 +41,10 @@ class Tensor {
   // Uninitialised tensor of `shape` on `dev`, its bytes tagged `cat`.
   static Tensor empty(const Shape& shape, DType dt, MemCategory cat, Device dev = Device::CPU);
   static Tensor zeros(const Shape& shape, DType dt, MemCategory cat, Device dev = Device::CPU);
-  // Wraps external CPU bytes (not copied). `keepalive` owns them; `account_as` (if given) adds
-  // the bytes to the tracker for as long as this storage lives.
+  // Wraps external CPU bytes (not copied): a read-only file mapping — the model loader drops
+  // the pages of borrowed tensors it has copied, which is only safe for file-backed memory.
+  // `keepalive` owns them; `account_as` (if given) adds the bytes to the tracker for as long
+  // as this storage lives.
   static Tensor borrow(void* data, const Shape& shape, DType dt, std::shared_ptr<void> keepalive,
                        MemCategory account_as);
   // An f32 CPU tensor holding `values` (for tests and small constants).
@@ -83,6 +85,9 @@ class Tensor {
   Tensor clone() const { return to(device(), category()); }
   void zero_();
   void copy_from(const Tensor& src);  // same shape and dtype, any devices
+
+  // Bytes borrowed from outside the tracker (an mmapped file), not owned by this storage.
+  bool borrowed() const { return storage_ && !storage_->owned; }
 
   // Reads all elements as f32 (copying from the device if needed).
   std::vector<float> to_f32_vector() const;

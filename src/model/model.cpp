@@ -1,6 +1,9 @@
 // model.cpp — weight loading (HF names -> stacked per-layer tensors) and the forward pass.
 #include "model/model.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <functional>
 #include <map>
@@ -15,6 +18,19 @@ namespace {
 
 using Source = std::function<Tensor(const std::string&)>;
 
+// Once a file-mapped tensor has been copied (stacked experts, converted dtypes, moved to a
+// device), its pages are dropped from memory: the mapping is read-only and private, so the
+// kernel re-reads them from the file if they are ever touched again. Without this the mapped
+// copy stays resident beside the engine's (measured: 6.6 GiB RSS for 3.4 GiB of weights).
+// Only whole pages inside the tensor are released: a neighbour sharing a page keeps it.
+void release_mapped(const Tensor& src) {
+  if (!src.borrowed() || src.nbytes() == 0) return;
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(src.raw()) + page - 1) / page * page;
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(src.raw()) + src.nbytes()) / page * page;
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+}
+
 // Checks the shape of a source tensor, converts dtype (on the host) and moves it to the device.
 Tensor prepare(const Tensor& src, const std::string& name, const Shape& want, const LoadOptions& opt) {
   MOE_CHECK(src.shape() == want, "tensor '%s': expected shape %s, got %s", name.c_str(), shape_str(want).c_str(),
@@ -23,7 +39,12 @@ Tensor prepare(const Tensor& src, const std::string& name, const Shape& want, co
   MOE_CHECK(dt == DType::F32 || dt == DType::BF16 || dt == DType::F16, "tensor '%s': unsupported weight dtype %s",
             name.c_str(), dtype_name(dt));
   Tensor t = src.to_dtype(dt, MemCategory::Weights);
-  if (opt.device != Device::CPU) return t.to(opt.device, MemCategory::Weights);
+  if (t.raw() != src.raw()) release_mapped(src);
+  if (opt.device != Device::CPU) {
+    Tensor d = t.to(opt.device, MemCategory::Weights);
+    release_mapped(src);
+    return d;
+  }
   // Tensors handed in under another category are copied so that the model's bytes count as weights.
   if (t.category() != MemCategory::Weights) return t.to(Device::CPU, MemCategory::Weights);
   return t;
@@ -44,6 +65,7 @@ Tensor stack_experts(const Source& get, const char* tmpl, int64_t layer, int64_t
     MOE_CHECK(host.dtype() == out.dtype(), "tensor '%s': dtype %s differs from expert 0", name.c_str(),
               dtype_name(host.dtype()));
     mem_copy(out.select(e).raw(), opt.device, host.raw(), Device::CPU, host.nbytes());
+    release_mapped(src);
   }
   return out;
 }
@@ -61,6 +83,7 @@ Tensor stack_rows(const std::vector<Tensor>& parts) {
   for (const Tensor& p : parts) {
     Tensor dst = out.rows(r, r + p.dim(0));
     dst.copy_from(p);
+    release_mapped(p);
     r += p.dim(0);
   }
   return out;
