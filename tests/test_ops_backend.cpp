@@ -443,6 +443,18 @@ std::vector<Case> make_cases() {
       });
     }
 
+  // copy_columns (the stacked q/k/v split and join): dtype-agnostic, exact
+  for (DType dt : {DType::F32, DType::BF16})
+    for (int64_t rows : {1, 5}) {
+      Tensor dst = rnd_w({rows, 20}, ++seed, dt).first, src = rnd_w({rows, 13}, ++seed, dt).first;
+      add("copy_columns_" + wtag(dt) + "_rows" + str(rows), true, 0.0, [=](Backend b) {
+        Dev g{b};
+        Tensor d = g.in(dst);
+        CALL(b, copy_columns(d, 3, g.in(src), 2, 7));
+        return Outs{{"dst", d}};
+      });
+    }
+
   // cast between float dtypes (f16 is CPU only)
   for (auto [from, to] : {std::pair{DType::F32, DType::BF16}, {DType::BF16, DType::F32}, {DType::F32, DType::F16},
                           {DType::F16, DType::F32}, {DType::F16, DType::BF16}}) {
