@@ -164,6 +164,24 @@ TEST_F(DataTest, PretokenizedSafetensorsI32AndI64) {
   EXPECT_EQ(ds.train.labels, ds.train.input_ids);
 }
 
+TEST(Data, FixtureBatchLoadsAsWritten) {
+  // The reference batch written by PyTorch: i64 [2,16] input_ids and labels with labels[1,:4] = -100.
+  const std::string path = std::string(MOE_FIXTURES_DIR) + "/mixtral/batch.safetensors";
+  DataOptions o;
+  o.val_fraction = 0;
+  const Dataset ds = load_dataset(path, nullptr, o);
+  ASSERT_EQ(ds.train.n, 2);
+  ASSERT_EQ(ds.train.seq, 16);
+  auto f = SafetensorsFile::open(path);
+  const Tensor ids = f->tensor("input_ids"), labels = f->tensor("labels");
+  ASSERT_EQ(ids.dtype(), DType::I64);
+  for (int64_t i = 0; i < 32; ++i) {
+    EXPECT_EQ(int64_t(ds.train.input_ids[size_t(i)]), ids.data<int64_t>()[i]) << i;
+    EXPECT_EQ(int64_t(ds.train.labels[size_t(i)]), labels.data<int64_t>()[i]) << i;
+  }
+  for (int t = 0; t < 4; ++t) EXPECT_EQ(ds.train.labels[size_t(16 + t)], kIgnoreLabel);
+}
+
 // ---- validation split ----
 
 TEST_F(DataTest, ValidationSplitIsDisjointDeterministicAndSeeded) {
