@@ -226,6 +226,12 @@ double run_training(const TrainConfig& cfg) {
                              {"train_rows", data.train.n}, {"val_rows", data.val.n}, {"seq_len", data.train.seq},
                              {"batch_size", cfg.batch_size}, {"grad_accum", cfg.grad_accum}, {"steps", cfg.steps},
                              {"lr", cfg.lr}};
+  if (data.val.n > 0 && resume_dir.empty()) {
+    // The starting point the validation curve is judged against.
+    const double v0 = validation_loss(m, data.val, cfg.batch_size, cfg.eval_batches, lopt);
+    run_info["initial_val_loss"] = v0;
+    if (!cfg.quiet) std::printf("initial validation loss %.4f\n", v0);
+  }
   write_text_atomic(cfg.out + "/train_config.json", run_info.dump(1));
   if (!cfg.quiet)
     std::printf("training %s (%s params) on %s: %lld train / %lld val rows of %lld tokens, batch %lld x %lld, %lld steps\n",
