@@ -20,6 +20,8 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/file_util.h"
+#include "core/json_util.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/tokenizer_bench.h"
@@ -28,17 +30,12 @@ namespace moe {
 namespace {
 
 std::vector<int32_t> parse_id_array(const std::string& text, const std::string& where) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception&) {
-    MOE_FAIL("%s: expected a JSON array of token ids, got '%s'", where.c_str(), text.c_str());
-  }
-  MOE_CHECK(j.is_array(), "%s: expected a JSON array of token ids, got '%s'", where.c_str(), text.c_str());
+  const nlohmann::json j = parse_json(text, where);
+  MOE_CHECK(j.is_array(), "%s: expected a JSON array of token ids, got %s", where.c_str(), json_brief(j).c_str());
   std::vector<int32_t> ids;
   for (const auto& v : j) {
     MOE_CHECK(v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT32_MAX,
-              "%s: '%s' is not a token id", where.c_str(), v.dump().c_str());
+              "%s: '%s' is not a token id", where.c_str(), json_brief(v).c_str());
     ids.push_back(v.get<int32_t>());
   }
   return ids;
@@ -76,14 +73,7 @@ void add_tokenize_command(CLI::App& app) {
   cmd->add_flag("--add-generation-prompt", o->gen_prompt, "with --chat: end with the assistant prompt");
   cmd->callback([o, text]() {
     if (!o->chat.empty()) {
-      std::ifstream f(o->chat);
-      MOE_CHECK(f.good(), "--chat: cannot open %s", o->chat.c_str());
-      nlohmann::ordered_json messages;
-      try {
-        messages = nlohmann::ordered_json::parse(f);
-      } catch (const nlohmann::json::exception& e) {
-        MOE_FAIL("--chat %s: malformed JSON: %s", o->chat.c_str(), e.what());
-      }
+      const nlohmann::ordered_json messages = parse_ordered_json(read_file(o->chat), o->chat);
       std::printf("%s\n", json_string(ChatTemplate::from_dir(o->dir).apply(messages, o->gen_prompt)).c_str());
       return;
     }
@@ -109,12 +99,7 @@ void add_tokenize_command(CLI::App& app) {
         std::printf("%s\n", one(line, where).c_str());
         continue;
       }
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(line);
-      } catch (const nlohmann::json::exception&) {
-        MOE_FAIL("%s: expected a JSON string", where.c_str());
-      }
+      const nlohmann::json j = parse_json(line, where);
       MOE_CHECK(j.is_string(), "%s: expected a JSON string, got %s", where.c_str(), j.type_name());
       std::printf("%s\n", one(j.get<std::string>(), where).c_str());
     }

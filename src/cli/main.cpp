@@ -1,9 +1,14 @@
 // main.cpp — the `moe` command: parses the subcommand and reports errors (the only place that
 // turns a moe::Error into an exit code).
 #include <cstdio>
+#include <filesystem>
+#include <new>
+
+#include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/json_util.h"
 #include "ops/ops.h"
 
 int main(int argc, char** argv) {
@@ -33,8 +38,22 @@ int main(int argc, char** argv) {
   } catch (const moe::Error& e) {
     std::fprintf(stderr, "moe: error: %s\n", e.what());
     return 1;
+  } catch (const std::bad_alloc&) {
+    // The library bounds what hostile input may allocate; this is a real shortage (or a bug).
+    std::fprintf(stderr, "moe: error: out of memory\n");
+    return 1;
+  } catch (const std::filesystem::filesystem_error& e) {
+    std::fprintf(stderr, "moe: error: %s\n", e.what());
+    return 1;
+  } catch (const nlohmann::json::exception& e) {
+    std::fprintf(stderr, "moe: error: JSON: %s (this is a bug: it should have been reported with the file name)\n",
+                 moe::json_error_text(e).c_str());
+    return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "moe: unexpected error: %s\n", e.what());
+    std::fprintf(stderr, "moe: error: unexpected %s (this is a bug)\n", e.what());
+    return 2;
+  } catch (...) {
+    std::fprintf(stderr, "moe: error: unknown exception (this is a bug)\n");
     return 2;
   }
   return 0;

@@ -5,15 +5,14 @@
 // config that loads in transformers means the same thing here. JSON null counts as absent
 // (transformers writes "head_dim": null, "bos_token_id": null). Settings the engine cannot honour
 // (another activation, RoPE scaling) are errors rather than silently wrong models.
-#include "core/json_util.h"
 #include "io/hf_config.h"
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
-#include <fstream>
+#include <cmath>
 #include <nlohmann/json.hpp>
-#include <sstream>
+
+#include "core/file_util.h"
+#include "core/json_util.h"
 
 #include "core/error.h"
 
@@ -43,12 +42,6 @@ const char* architecture_name(const std::string& model_type) {
   if (model_type == "qwen2_moe") return "Qwen2MoeForCausalLM";
   if (model_type == "qwen3_moe") return "Qwen3MoeForCausalLM";
   return nullptr;
-}
-
-std::string json_brief(const json& j) {
-  std::string s = j.dump();  // parsed input is valid UTF-8, so dump cannot throw
-  if (s.size() > 40) s = s.substr(0, 37) + "...";
-  return s;
 }
 
 // Typed access to one config object; every error names the source and the field.
@@ -106,8 +99,8 @@ class Fields {
     } else {
       id = as_integer(v, key);
     }
-    MOE_CHECK(id >= 0, "%s: field '%s' must be a non-negative token id, got %lld", what_.c_str(), key,
-              static_cast<long long>(id));
+    MOE_CHECK(id >= 0 && id < kMaxConfigVocab, "%s: field '%s' must be a token id in [0, %lld), got %lld",
+              what_.c_str(), key, static_cast<long long>(kMaxConfigVocab), static_cast<long long>(id));
     return id;
   }
 
@@ -165,6 +158,17 @@ void check_positive(const std::string& what, const char* field, int64_t v) {
   MOE_CHECK(v > 0, "%s: field '%s' must be positive, got %lld", what.c_str(), field, static_cast<long long>(v));
 }
 
+void check_at_most(const std::string& what, const char* field, int64_t v, int64_t limit) {
+  MOE_CHECK(v <= limit, "%s: field '%s' is %lld, above the limit of %lld", what.c_str(), field,
+            static_cast<long long>(v), static_cast<long long>(limit));
+}
+
+// 1 <= v <= limit.
+void check_size(const std::string& what, const char* field, int64_t v, int64_t limit) {
+  check_positive(what, field, v);
+  check_at_most(what, field, v, limit);
+}
+
 }  // namespace
 
 bool ModelConfig::layer_is_moe(int64_t l) const {
@@ -203,23 +207,24 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   c.n_layer = f.integer("num_hidden_layers");
   c.n_head = f.integer("num_attention_heads");
   c.intermediate_size = f.integer("intermediate_size");
-  check_positive(what, "vocab_size", c.vocab_size);
-  check_positive(what, "hidden_size", c.hidden_size);
-  check_positive(what, "num_hidden_layers", c.n_layer);
-  check_positive(what, "num_attention_heads", c.n_head);
-  check_positive(what, "intermediate_size", c.intermediate_size);
+  check_size(what, "vocab_size", c.vocab_size, kMaxConfigVocab);
+  check_size(what, "hidden_size", c.hidden_size, kMaxConfigHidden);
+  check_size(what, "num_hidden_layers", c.n_layer, kMaxConfigLayers);
+  check_size(what, "num_attention_heads", c.n_head, kMaxConfigHeads);
+  check_size(what, "intermediate_size", c.intermediate_size, kMaxConfigFfn);
   c.n_head_kv = f.integer("num_key_value_heads", c.n_head);
-  check_positive(what, "num_key_value_heads", c.n_head_kv);
+  check_size(what, "num_key_value_heads", c.n_head_kv, kMaxConfigHeads);
   MOE_CHECK(c.n_head % c.n_head_kv == 0, "%s: num_attention_heads %lld is not a multiple of num_key_value_heads %lld",
             w, static_cast<long long>(c.n_head), static_cast<long long>(c.n_head_kv));
   if (f.get("head_dim")) {
     c.head_dim = f.integer("head_dim");
-    check_positive(what, "head_dim", c.head_dim);
+    check_size(what, "head_dim", c.head_dim, kMaxConfigHeadDim);
   } else {
     MOE_CHECK(c.hidden_size % c.n_head == 0,
               "%s: hidden_size %lld is not divisible by num_attention_heads %lld (and no head_dim is given)", w,
               static_cast<long long>(c.hidden_size), static_cast<long long>(c.n_head));
     c.head_dim = c.hidden_size / c.n_head;
+    check_at_most(what, "hidden_size / num_attention_heads", c.head_dim, kMaxConfigHeadDim);
   }
 
   // transformers v5 moves rope_theta into rope_parameters.
@@ -230,17 +235,17 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
     Fields rpf(*rp, what);
     c.rope_theta = rpf.number("rope_theta", def.rope_theta);
   }
-  MOE_CHECK(c.rope_theta > 0, "%s: field 'rope_theta' must be positive, got %g", w, c.rope_theta);
+  MOE_CHECK(c.rope_theta > 0 && std::isfinite(c.rope_theta), "%s: field 'rope_theta' must be positive, got %g", w, c.rope_theta);
   c.rms_norm_eps = f.number("rms_norm_eps", def.rms_norm_eps);
-  MOE_CHECK(c.rms_norm_eps > 0, "%s: field 'rms_norm_eps' must be positive, got %g", w, c.rms_norm_eps);
+  MOE_CHECK(c.rms_norm_eps > 0 && std::isfinite(c.rms_norm_eps), "%s: field 'rms_norm_eps' must be positive, got %g", w, c.rms_norm_eps);
   c.tie_word_embeddings = f.boolean("tie_word_embeddings", false);
   c.max_position_embeddings = f.integer("max_position_embeddings", def.max_position_embeddings);
-  check_positive(what, "max_position_embeddings", c.max_position_embeddings);
+  check_size(what, "max_position_embeddings", c.max_position_embeddings, kMaxConfigPositions);
   c.bos_token_id = f.token_id("bos_token_id", def.bos_token_id);
   c.eos_token_id = f.token_id("eos_token_id", def.eos_token_id);
   c.pad_token_id = f.token_id("pad_token_id", -1);
   c.router_aux_loss_coef = f.number("router_aux_loss_coef", def.router_aux_loss_coef);
-  MOE_CHECK(c.router_aux_loss_coef >= 0, "%s: field 'router_aux_loss_coef' must be >= 0, got %g", w,
+  MOE_CHECK(c.router_aux_loss_coef >= 0 && std::isfinite(c.router_aux_loss_coef), "%s: field 'router_aux_loss_coef' must be >= 0, got %g", w,
             c.router_aux_loss_coef);
   c.torch_dtype = parse_torch_dtype(f, what);
 
@@ -249,18 +254,24 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   c.n_expert = f.integer(experts_key);
   c.n_expert_used = f.integer("num_experts_per_tok");
   if (mixtral) {
-    check_positive(what, experts_key, c.n_expert);
+    check_size(what, experts_key, c.n_expert, kMaxConfigExperts);
     c.moe_intermediate_size = c.intermediate_size;  // Mixtral's experts are its MLP
     c.norm_topk_prob = true;                        // MixtralSparseMoeBlock always renormalises
     c.decoder_sparse_step = 1;
   } else {
     MOE_CHECK(c.n_expert >= 0, "%s: field 'num_experts' must be >= 0, got %lld", w,
               static_cast<long long>(c.n_expert));
+    check_at_most(what, "num_experts", c.n_expert, kMaxConfigExperts);
     c.moe_intermediate_size = f.integer("moe_intermediate_size");
-    if (c.n_expert > 0) check_positive(what, "moe_intermediate_size", c.moe_intermediate_size);
+    if (c.n_expert > 0) check_size(what, "moe_intermediate_size", c.moe_intermediate_size, kMaxConfigFfn);
+    MOE_CHECK(c.moe_intermediate_size >= 0, "%s: field 'moe_intermediate_size' must be >= 0", w);
+    check_at_most(what, "moe_intermediate_size", c.moe_intermediate_size, kMaxConfigFfn);
     c.norm_topk_prob = f.boolean("norm_topk_prob", false);
     c.decoder_sparse_step = f.integer("decoder_sparse_step", 1);
     check_positive(what, "decoder_sparse_step", c.decoder_sparse_step);
+    MOE_CHECK(f.get("mlp_only_layers") == nullptr || f.get("mlp_only_layers")->size() <= size_t(c.n_layer),
+              "%s: mlp_only_layers lists more entries than the model's %lld layers", w,
+              static_cast<long long>(c.n_layer));
     c.mlp_only_layers = f.integer_list("mlp_only_layers");
     for (int64_t l : c.mlp_only_layers) {
       MOE_CHECK(l >= 0 && l < c.n_layer, "%s: mlp_only_layers names layer %lld, but the model has %lld layers", w,
@@ -278,6 +289,7 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
     // (0 is accepted and means none).
     c.shared_expert_intermediate_size = f.integer("shared_expert_intermediate_size");
     MOE_CHECK(c.shared_expert_intermediate_size >= 0, "%s: field 'shared_expert_intermediate_size' must be >= 0", w);
+    check_at_most(what, "shared_expert_intermediate_size", c.shared_expert_intermediate_size, kMaxConfigFfn);
     c.attn_qkv_bias = f.boolean("qkv_bias", true);  // Qwen2 attention has q/k/v biases
     c.attn_o_bias = false;
   } else if (!mixtral) {  // qwen3_moe
@@ -287,14 +299,7 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   return c;
 }
 
-ModelConfig load_hf_config(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  MOE_CHECK(in.good(), "%s: cannot open: %s", path.c_str(), std::strerror(errno));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  MOE_CHECK(!in.bad(), "%s: read failed", path.c_str());
-  return parse_hf_config(ss.str(), path);
-}
+ModelConfig load_hf_config(const std::string& path) { return parse_hf_config(read_file(path), path); }
 
 std::string hf_config_to_json(const ModelConfig& c) {
   const char* arch = architecture_name(c.model_type);

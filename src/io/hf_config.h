@@ -13,6 +13,23 @@
 
 namespace moe {
 
+// Upper bounds on config.json sizes (the engine and the planner refuse anything larger, naming the
+// field and the limit). Each is far above every real model (largest today: vocab 262k, hidden
+// 16k, 128 layers, 384 experts, expert/dense width 53k, 10M positions) and small enough that every
+// parameter-count product of them fits in int64 with room for bytes-per-parameter factors.
+constexpr int64_t kMaxConfigVocab = int64_t(1) << 22;          // vocab_size
+constexpr int64_t kMaxConfigHidden = int64_t(1) << 16;         // hidden_size / d_model
+constexpr int64_t kMaxConfigLayers = int64_t(1) << 10;         // num_hidden_layers (each stack)
+constexpr int64_t kMaxConfigHeads = int64_t(1) << 10;          // attention / key-value heads
+constexpr int64_t kMaxConfigHeadDim = int64_t(1) << 12;        // head_dim (and MLA head widths)
+constexpr int64_t kMaxConfigFfn = int64_t(1) << 18;            // intermediate sizes (one FFN/expert)
+constexpr int64_t kMaxConfigExperts = int64_t(1) << 14;        // routed (and shared) experts
+constexpr int64_t kMaxConfigRank = int64_t(1) << 16;           // MLA q/kv LoRA ranks
+constexpr int64_t kMaxConfigPositions = int64_t(1) << 28;      // max_position_embeddings, windows
+// Planner: total parameters of one model (2.8e14, 100x the largest model); keeps every byte
+// count the planner derives (params x bytes/param x optimizer states) far inside int64.
+constexpr int64_t kMaxPlanParams = int64_t(1) << 48;
+
 struct ModelConfig {
   std::string model_type;            // "mixtral" | "qwen2_moe" | "qwen3_moe"
   int64_t vocab_size = 0;            // V

@@ -4,7 +4,6 @@
 // The header parser never trusts a number from the file: lengths are checked against the file
 // size before use, element counts are multiplied with overflow checks, and every message names
 // the file and the tensor or field at fault (DESIGN.md invariant 6).
-#include "core/json_util.h"
 #include "io/safetensors.h"
 
 #include <fcntl.h>
@@ -17,10 +16,11 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
+
+#include "core/file_util.h"
+#include "core/json_util.h"
 
 namespace moe {
 
@@ -35,9 +35,18 @@ using json = nlohmann::json;
 // The reference implementation (huggingface/safetensors) refuses headers above 100 MB; a larger
 // length is a corrupt or hostile file, not a real model.
 constexpr uint64_t kMaxHeaderBytes = 100'000'000;
-// A valid header nests three levels ({name: {shape: [..]}}). Anything far deeper is garbage; the
+// A valid header nests three levels ({name: {shape: [..]}}). Anything deeper is garbage; the
 // limit keeps pathological input from costing stack or time anywhere downstream.
-constexpr int kMaxJsonDepth = 64;
+constexpr int kMaxHeaderDepth = 8;
+// Tensors in one file, and tensor names in one index: the largest real checkpoints hold ~100k.
+constexpr size_t kMaxTensorsPerFile = size_t(1) << 20;
+constexpr size_t kMaxIndexTensors = size_t(1) << 22;
+// Distinct shard files an index may name (each is opened and mapped).
+constexpr size_t kMaxShards = 100'000;
+// model.safetensors.index.json: real ones are a few MB.
+constexpr size_t kMaxIndexBytes = size_t(256) << 20;
+// Dimensions of one tensor.
+constexpr size_t kMaxTensorRank = 16;
 
 // A non-negative JSON integer (floats, negatives, and numbers beyond uint64 are rejected).
 bool json_to_u64(const json& j, uint64_t* out) {
@@ -54,18 +63,6 @@ bool json_to_u64(const json& j, uint64_t* out) {
   return false;
 }
 
-// Short rendering of a JSON value for error messages (bounded so a huge value can't flood them).
-std::string json_brief(const json& j) {
-  std::string s;
-  try {
-    s = j.dump();
-  } catch (const json::exception&) {
-    s = std::string("<") + j.type_name() + ">";
-  }
-  if (s.size() > 40) s = s.substr(0, 37) + "...";
-  return s;
-}
-
 std::string join_path(const std::string& dir, const std::string& name) {
   if (dir.empty()) return name;
   if (dir.back() == '/') return dir + name;
@@ -80,17 +77,17 @@ bool path_exists(const std::string& p, bool* is_dir = nullptr) {
 }
 
 // Parses a JSON document, rejecting duplicate keys in the top-level object (nlohmann would keep
-// the last one silently, hiding a corrupt file) and nesting deeper than kMaxJsonDepth.
+// the last one silently, hiding a corrupt file), nesting deeper than kMaxHeaderDepth and more
+// than kMaxTensorsPerFile entries.
 json parse_json_strict(const char* begin, const char* end, const std::string& what) {
+  check_json_text_depth(std::string_view(begin, size_t(end - begin)), what + ": header", kMaxHeaderDepth);
   std::set<std::string> top_keys;
   auto cb = [&](int depth, json::parse_event_t ev, json& parsed) -> bool {
-    if ((ev == json::parse_event_t::object_start || ev == json::parse_event_t::array_start) &&
-        depth >= kMaxJsonDepth) {
-      MOE_FAIL("%s: header JSON nests deeper than %d levels", what.c_str(), kMaxJsonDepth);
-    }
     if (ev == json::parse_event_t::key && depth == 1 && parsed.is_string()) {
       const std::string& k = parsed.get_ref<const std::string&>();
       MOE_CHECK(top_keys.insert(k).second, "%s: header lists tensor '%s' twice", what.c_str(), k.c_str());
+      MOE_CHECK(top_keys.size() <= kMaxTensorsPerFile + 1, "%s: header lists more than %zu tensors", what.c_str(),
+                kMaxTensorsPerFile);
     }
     return true;
   };
@@ -99,15 +96,6 @@ json parse_json_strict(const char* begin, const char* end, const std::string& wh
   } catch (const json::exception& e) {
     MOE_FAIL("%s: header is not valid JSON: %s", what.c_str(), json_error_text(e).c_str());
   }
-}
-
-std::string read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  MOE_CHECK(in.good(), "%s: cannot open: %s", path.c_str(), std::strerror(errno));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  MOE_CHECK(!in.bad(), "%s: read failed", path.c_str());
-  return ss.str();
 }
 
 // Validates one tensor entry of the header into *out.
@@ -128,6 +116,8 @@ void parse_entry(const std::string& name, const json& e, size_t data_len, const 
   auto sh = e.find("shape");
   MOE_CHECK(sh != e.end(), "%s: tensor '%s': missing field 'shape'", w, n);
   MOE_CHECK(sh->is_array(), "%s: tensor '%s': shape must be an array, got %s", w, n, json_brief(*sh).c_str());
+  MOE_CHECK(sh->size() <= kMaxTensorRank, "%s: tensor '%s': shape has %zu dimensions, above the limit of %zu", w, n,
+            sh->size(), kMaxTensorRank);
   // Tensor computes numel as a running int64 product, so the product of the non-zero dims must
   // fit in int64 even when a zero dim makes the tensor empty; the byte size must fit in uint64.
   uint64_t numel_nonzero = 1;
@@ -308,6 +298,35 @@ Tensor SafetensorsFile::tensor(const std::string& name, MemCategory account_as) 
 
 // ---- Checkpoint --------------------------------------------------------------------------
 
+std::vector<std::pair<std::string, std::string>> parse_safetensors_index(std::string_view text,
+                                                                         const std::string& what) {
+  const char* ip = what.c_str();
+  json root = parse_json_object(text, what);
+  auto wm = root.find("weight_map");
+  MOE_CHECK(wm != root.end(), "%s: missing field 'weight_map'", ip);
+  MOE_CHECK(wm->is_object(), "%s: weight_map must be an object of tensor name -> shard file, got %s", ip,
+            wm->type_name());
+  MOE_CHECK(wm->size() <= kMaxIndexTensors, "%s: weight_map lists %zu tensors, above the limit of %zu", ip,
+            wm->size(), kMaxIndexTensors);
+  std::vector<std::pair<std::string, std::string>> out;
+  out.reserve(wm->size());
+  std::set<std::string> shards;
+  for (auto it = wm->begin(); it != wm->end(); ++it) {
+    const std::string& name = it.key();
+    MOE_CHECK(it.value().is_string(), "%s: weight_map['%s'] must be a file name string, got %s", ip, name.c_str(),
+              json_brief(it.value()).c_str());
+    const std::string& shard = it.value().get_ref<const std::string&>();
+    // Shards live beside the index; a path would let an index reach outside the checkpoint.
+    MOE_CHECK(!shard.empty() && shard.find('/') == std::string::npos && shard.find('\0') == std::string::npos &&
+                  shard != "." && shard != "..",
+              "%s: weight_map['%s'] = '%s' is not a plain file name", ip, name.c_str(), shard.c_str());
+    if (shards.insert(shard).second)
+      MOE_CHECK(shards.size() <= kMaxShards, "%s: weight_map names more than %zu shard files", ip, kMaxShards);
+    out.emplace_back(name, shard);
+  }
+  return out;
+}
+
 Checkpoint Checkpoint::open_dir(const std::string& dir) {
   const char* d = dir.c_str();
   bool is_dir = false;
@@ -319,21 +338,10 @@ Checkpoint Checkpoint::open_dir(const std::string& dir) {
   std::string index_path = join_path(dir, "model.safetensors.index.json");
   if (path_exists(index_path)) {
     const char* ip = index_path.c_str();
-    std::string text = read_text_file(index_path);
-    json root = parse_json_object(text, index_path);
-    auto wm = root.find("weight_map");
-    MOE_CHECK(wm != root.end(), "%s: missing field 'weight_map'", ip);
-    MOE_CHECK(wm->is_object(), "%s: weight_map must be an object of tensor name -> shard file, got %s", ip,
-              wm->type_name());
+    const std::vector<std::pair<std::string, std::string>> entries =
+        parse_safetensors_index(read_file(index_path, kMaxIndexBytes), index_path);
     std::map<std::string, size_t> shard_index;  // shard file name -> index in files_
-    for (auto it = wm->begin(); it != wm->end(); ++it) {
-      const std::string& name = it.key();
-      MOE_CHECK(it.value().is_string(), "%s: weight_map['%s'] must be a file name string, got %s", ip, name.c_str(),
-                json_brief(it.value()).c_str());
-      const std::string& shard = it.value().get_ref<const std::string&>();
-      // Shards live beside the index; a path would let an index reach outside the checkpoint.
-      MOE_CHECK(!shard.empty() && shard.find('/') == std::string::npos && shard != "." && shard != "..",
-                "%s: weight_map['%s'] = '%s' is not a plain file name", ip, name.c_str(), shard.c_str());
+    for (const auto& [name, shard] : entries) {
       auto si = shard_index.find(shard);
       if (si == shard_index.end()) {
         std::string sp = join_path(dir, shard);

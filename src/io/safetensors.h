@@ -6,11 +6,14 @@
 // relative to the data section. The reader rejects, with a message naming the file and tensor:
 // a file shorter than 8 bytes, N beyond the end of the file, non-JSON or non-object headers,
 // unknown dtypes, negative/non-integer shapes, byte size != numel*dtype size, offsets out of
-// the data section, overlapping tensors.
+// the data section, overlapping tensors, headers above 100 MB, nesting deeper than 8 levels, more
+// than 2^20 tensors or 16 dimensions.
 #pragma once
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "core/tensor.h"
@@ -30,6 +33,13 @@ struct SafetensorsInfo {
 std::vector<SafetensorsInfo> parse_safetensors_header(const uint8_t* file, size_t size, const std::string& what,
                                                       std::map<std::string, std::string>* metadata,
                                                       size_t* data_start);
+
+// Parses model.safetensors.index.json text: its "weight_map" as (tensor name, shard file name)
+// pairs, sorted by tensor name. Shard names must be plain file names (no '/', not "." or "..").
+// Limits: kMaxIndexTensors names, kMaxShards distinct shards (safetensors.cpp). `what` names the
+// file in errors.
+std::vector<std::pair<std::string, std::string>> parse_safetensors_index(std::string_view text,
+                                                                         const std::string& what);
 
 class SafetensorsFile {
  public:

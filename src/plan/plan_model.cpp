@@ -1,13 +1,12 @@
 // plan_model.cpp — PlanModel from ModelConfig / HF config.json, and the exact parameter count.
-#include "core/json_util.h"
 #include "plan/plan_model.h"
 
-#include <filesystem>
-#include <fstream>
+#include <cmath>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "core/error.h"
+#include "core/file_util.h"
+#include "core/json_util.h"
 
 namespace moe {
 
@@ -136,6 +135,32 @@ void validate_plan_model(const PlanModel& m) {
   auto pos = [&](int64_t v, const char* field) {
     MOE_CHECK(v > 0, "model %s: %s must be positive, got %lld", m.name.c_str(), field, (long long)v);
   };
+  // Upper bounds first (hf_config.h): with every size below its limit, no product that
+  // plan_params() forms can overflow int64, which the checks on the totals below rely on.
+  auto at_most = [&](int64_t v, int64_t limit, const char* field) {
+    MOE_CHECK(v >= 0 && v <= limit, "model %s: %s is %lld, outside [0, %lld]", m.name.c_str(), field, (long long)v,
+              (long long)limit);
+  };
+  at_most(m.vocab, kMaxConfigVocab, "vocab_size");
+  at_most(m.d_model, kMaxConfigHidden, "hidden_size");
+  at_most(static_cast<int64_t>(m.layers.size()), 2 * kMaxConfigLayers, "number of layers");
+  at_most(m.n_head, kMaxConfigHeads, "num_attention_heads");
+  at_most(m.n_head_kv, kMaxConfigHeads, "num_key_value_heads");
+  at_most(m.head_dim, kMaxConfigHeadDim, "head_dim");
+  at_most(m.q_lora_rank, kMaxConfigRank, "q_lora_rank");
+  at_most(m.kv_lora_rank, kMaxConfigRank, "kv_lora_rank");
+  at_most(m.qk_rope_head_dim, kMaxConfigHeadDim, "qk_rope_head_dim");
+  at_most(m.qk_nope_head_dim, kMaxConfigHeadDim, "qk_nope_head_dim");
+  at_most(m.v_head_dim, kMaxConfigHeadDim, "v_head_dim");
+  at_most(m.dense_ffn, kMaxConfigFfn, "dense intermediate size");
+  at_most(m.expert_ffn, kMaxConfigFfn, "expert intermediate size");
+  at_most(m.shared_ffn, kMaxConfigFfn * 64, "shared expert intermediate size (all shared experts)");
+  at_most(m.n_expert, kMaxConfigExperts, "number of experts");
+  at_most(m.n_expert_used, kMaxConfigExperts, "experts per token");
+  at_most(m.sliding_window, kMaxConfigPositions, "sliding_window");
+  at_most(m.rel_buckets, kMaxConfigPositions, "relative_attention_num_buckets");
+  at_most(m.n_mtp_layers, kMaxConfigLayers, "num_nextn_predict_layers");
+  at_most(m.max_position, kMaxConfigPositions, "max_position_embeddings");
   pos(m.vocab, "vocab_size");
   pos(m.d_model, "hidden_size");
   pos(static_cast<int64_t>(m.layers.size()), "number of layers");
@@ -158,6 +183,12 @@ void validate_plan_model(const PlanModel& m) {
               (long long)m.n_expert_used);
   }
   if (m.n_moe_layers() < static_cast<int64_t>(m.layers.size())) pos(m.dense_ffn, "dense intermediate size");
+  // The largest terms are below 2^61 (E*3*D*F*L = 2^14*3*2^16*2^18*2^11), so plan_params cannot
+  // overflow; the totals must still leave room for the planner's bytes-per-parameter factors.
+  const ParamCounts pc = plan_params(m);
+  MOE_CHECK(pc.total <= kMaxPlanParams && pc.mtp <= kMaxPlanParams,
+            "model %s: %lld parameters, above the planner's limit of %lld", m.name.c_str(), (long long)pc.total,
+            (long long)kMaxPlanParams);
 }
 
 PlanModel plan_model_from_config(const ModelConfig& c, const std::string& name) {
@@ -203,15 +234,31 @@ struct Fields {
   int64_t integer(const char* key) const {
     const json* v = get(key);
     MOE_CHECK(v, "%s: missing field '%s'", what.c_str(), key);
-    MOE_CHECK(v->is_number_integer() || (v->is_number_float() && v->get<double>() == double(v->get<int64_t>())),
-              "%s: field '%s' must be an integer, got %s", what.c_str(), key, v->dump().c_str());
-    return v->get<int64_t>();
+    // Integers, or floats with an integral value in range (no float->int conversion out of range).
+    const bool is_int = v->is_number_integer() && !(v->is_number_unsigned() && v->get<uint64_t>() > uint64_t(INT64_MAX));
+    const bool is_integral_float = v->is_number_float() && std::isfinite(v->get<double>()) &&
+                                   std::trunc(v->get<double>()) == v->get<double>() &&
+                                   std::fabs(v->get<double>()) < 9.0e18;
+    MOE_CHECK(is_int || is_integral_float, "%s: field '%s' must be an integer, got %s", what.c_str(), key,
+              json_brief(*v).c_str());
+    return is_int ? v->get<int64_t>() : static_cast<int64_t>(v->get<double>());
   }
   int64_t integer(const char* key, int64_t def) const { return get(key) ? integer(key) : def; }
+  // An integer in [lo, hi] (sizes that loops or products use before validate_plan_model runs).
+  int64_t bounded(const char* key, int64_t lo, int64_t hi) const { return check_bounds(key, integer(key), lo, hi); }
+  int64_t bounded(const char* key, int64_t def, int64_t lo, int64_t hi) const {
+    return check_bounds(key, integer(key, def), lo, hi);
+  }
+  int64_t check_bounds(const char* key, int64_t v, int64_t lo, int64_t hi) const {
+    MOE_CHECK(v >= lo && v <= hi, "%s: field '%s' is %lld, outside [%lld, %lld]", what.c_str(), key, (long long)v,
+              (long long)lo, (long long)hi);
+    return v;
+  }
   bool boolean(const char* key, bool def) const {
     const json* v = get(key);
     if (!v) return def;
-    MOE_CHECK(v->is_boolean(), "%s: field '%s' must be true or false, got %s", what.c_str(), key, v->dump().c_str());
+    MOE_CHECK(v->is_boolean(), "%s: field '%s' must be true or false, got %s", what.c_str(), key,
+              json_brief(*v).c_str());
     return v->get<bool>();
   }
   Fields sub(const char* key) const {
@@ -239,17 +286,18 @@ PlanModel from_deepseek(const Fields& f, bool v3) {
   m.qkv_bias = m.o_bias = f.boolean("attention_bias", false);
   MOE_CHECK(!m.qkv_bias, "%s: attention_bias=true is not modelled for MLA", f.what.c_str());
   m.dense_ffn = f.integer("intermediate_size");
-  m.expert_ffn = f.integer("moe_intermediate_size");
   m.n_expert = f.integer("n_routed_experts", 0);
   m.n_expert_used = f.integer("num_experts_per_tok", 0);
-  m.shared_ffn = f.integer("n_shared_experts", 0) * m.expert_ffn;
+  m.expert_ffn = f.bounded("moe_intermediate_size", 0, kMaxConfigFfn);
+  m.shared_ffn = f.bounded("n_shared_experts", 0, 0, 64) * m.expert_ffn;
   // V3 selects with sigmoid scores plus a learned per-expert bias (topk_method "noaux_tc").
   const json* tm = f.get("topk_method");
   m.router_score_bias = v3 && (!tm || (tm->is_string() && tm->get<std::string>() == "noaux_tc"));
   m.tie_embeddings = f.boolean("tie_word_embeddings", false);
   m.max_position = f.integer("max_position_embeddings", 0);
   m.n_mtp_layers = v3 ? f.integer("num_nextn_predict_layers", 0) : 0;
-  const int64_t n_layer = f.integer("num_hidden_layers"), first_dense = f.integer("first_k_dense_replace", 0),
+  const int64_t n_layer = f.bounded("num_hidden_layers", 1, kMaxConfigLayers),
+                first_dense = f.integer("first_k_dense_replace", 0),
                 freq = f.integer("moe_layer_freq", 1);
   MOE_CHECK(freq > 0, "%s: moe_layer_freq must be positive", f.what.c_str());
   for (int64_t l = 0; l < n_layer; ++l) {
@@ -268,6 +316,7 @@ PlanModel from_gpt_oss(const Fields& f) {
   m.d_model = f.integer("hidden_size");
   m.n_head = f.integer("num_attention_heads");
   m.n_head_kv = f.integer("num_key_value_heads", m.n_head);
+  MOE_CHECK(m.n_head > 0, "%s: num_attention_heads must be positive", f.what.c_str());
   m.head_dim = f.integer("head_dim", m.d_model / m.n_head);
   m.qkv_bias = m.o_bias = f.boolean("attention_bias", true);
   m.attn_sinks = true;
@@ -278,7 +327,7 @@ PlanModel from_gpt_oss(const Fields& f) {
   m.router_bias = m.expert_bias = true;
   m.tie_embeddings = f.boolean("tie_word_embeddings", false);
   m.max_position = f.integer("max_position_embeddings", 0);
-  const int64_t n_layer = f.integer("num_hidden_layers");
+  const int64_t n_layer = f.bounded("num_hidden_layers", 1, kMaxConfigLayers);
   const json* lt = f.get("layer_types");
   MOE_CHECK(!lt || (lt->is_array() && static_cast<int64_t>(lt->size()) == n_layer),
             "%s: layer_types must list %lld entries", f.what.c_str(), (long long)n_layer);
@@ -309,7 +358,7 @@ PlanModel from_dbrx(const Fields& f) {
   m.n_expert_used = ffn.integer("moe_top_k");
   m.tie_embeddings = f.boolean("tie_word_embeddings", false);
   m.max_position = f.integer("max_seq_len", 0);
-  const int64_t n_layer = f.integer("n_layers");
+  const int64_t n_layer = f.bounded("n_layers", 1, kMaxConfigLayers);
   for (int64_t l = 0; l < n_layer; ++l) m.layers.push_back(PlanLayer{true});
   return m;
 }
@@ -321,6 +370,7 @@ PlanModel from_olmoe(const Fields& f) {
   m.d_model = f.integer("hidden_size");
   m.n_head = f.integer("num_attention_heads");
   m.n_head_kv = f.integer("num_key_value_heads", m.n_head);
+  MOE_CHECK(m.n_head > 0, "%s: num_attention_heads must be positive", f.what.c_str());
   m.head_dim = m.d_model / m.n_head;
   m.qkv_bias = m.o_bias = f.boolean("attention_bias", false);
   m.qk_norm = QkNormKind::Full;  // q_norm [H*Dh], k_norm [Hkv*Dh]
@@ -329,7 +379,7 @@ PlanModel from_olmoe(const Fields& f) {
   m.n_expert_used = f.integer("num_experts_per_tok");
   m.tie_embeddings = f.boolean("tie_word_embeddings", false);
   m.max_position = f.integer("max_position_embeddings", 0);
-  const int64_t n_layer = f.integer("num_hidden_layers");
+  const int64_t n_layer = f.bounded("num_hidden_layers", 1, kMaxConfigLayers);
   for (int64_t l = 0; l < n_layer; ++l) m.layers.push_back(PlanLayer{true});
   return m;
 }
@@ -351,7 +401,8 @@ PlanModel from_switch(const Fields& f) {
   m.router_bias = f.boolean("router_bias", false);
   m.tie_embeddings = f.boolean("tie_word_embeddings", true);  // PretrainedConfig's default
   m.final_norm_per_stack = true;
-  const int64_t n_enc = f.integer("num_layers"), n_dec = f.integer("num_decoder_layers", n_enc);
+  const int64_t n_enc = f.bounded("num_layers", 1, kMaxConfigLayers);
+  const int64_t n_dec = f.bounded("num_decoder_layers", n_enc, 0, kMaxConfigLayers);
   const int64_t enc_step = f.integer("encoder_sparse_step", 1), dec_step = f.integer("decoder_sparse_step", 1);
   // modeling_switch_transformers: sparse iff (i % step == 1 or step == 1) when step > 0.
   auto sparse = [](int64_t i, int64_t step) { return step > 0 && (step == 1 || i % step == 1); };
@@ -409,12 +460,8 @@ PlanModel plan_model_from_hf_json(const std::string& text, const std::string& wh
 
 PlanModel plan_model_from_path(const std::string& path) {
   std::string file = path;
-  if (std::filesystem::is_directory(path)) file = path + "/config.json";
-  std::ifstream in(file, std::ios::binary);
-  MOE_CHECK(in.good(), "%s: cannot open", file.c_str());
-  std::stringstream ss;
-  ss << in.rdbuf();
-  PlanModel m = plan_model_from_hf_json(ss.str(), file);
+  if (is_directory(path)) file = path + "/config.json";
+  PlanModel m = plan_model_from_hf_json(read_file(file), file);
   m.name = path;
   return m;
 }

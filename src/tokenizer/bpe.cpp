@@ -92,6 +92,20 @@ std::string cp_string(uint32_t cp) {
 
 size_t BpeModel::ViewHash::operator()(std::string_view s) const { return size_t(word_hash(s)); }
 
+bool json_token_id(const nlohmann::json& j, int32_t* id) {
+  if (!j.is_number_integer()) return false;
+  if (j.is_number_unsigned()) {
+    const uint64_t v = j.get<uint64_t>();
+    if (v >= uint64_t(kMaxTokenId)) return false;
+    *id = int32_t(v);
+    return true;
+  }
+  const int64_t v = j.get<int64_t>();
+  if (v < 0 || v >= kMaxTokenId) return false;
+  *id = int32_t(v);
+  return true;
+}
+
 uint32_t byte_level_char(uint8_t b) { return byte_map().to_char[b]; }
 int byte_level_byte(uint32_t cp) { return cp < 0x200 ? byte_map().to_byte[cp] : -1; }
 
@@ -121,11 +135,10 @@ void BpeModel::load(const nlohmann::json& m, bool byte_level, const std::string&
   const std::string unk = str_opt("unk_token");
 
   for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
-    MOE_CHECK(it.value().is_number_integer(), "%s: model.vocab['%s'] must be an integer id", origin.c_str(),
-              it.key().c_str());
-    const int64_t id = it.value().get<int64_t>();
-    MOE_CHECK(id >= 0 && id < (int64_t(1) << 30), "%s: model.vocab['%s'] = %lld is not a valid id", origin.c_str(),
-              it.key().c_str(), (long long)id);
+    int32_t id = -1;
+    MOE_CHECK(json_token_id(it.value(), &id), "%s: model.vocab['%s'] must be an integer id in [0, %lld), got %s",
+              origin.c_str(), it.key().c_str(), (long long)kMaxTokenId,
+              it.value().is_number() ? it.value().dump().c_str() : it.value().type_name());
     token_to_id_[it.key()] = int32_t(id);
     if (size_t(id) >= id_to_token_.size()) id_to_token_.resize(size_t(id) + 1);
     id_to_token_[size_t(id)] = it.key();

@@ -16,6 +16,15 @@
 
 namespace moe {
 
+// Token ids of tokenizer files (vocab, added tokens, post-processor ids) must be below this:
+// 4M, 16x the largest real vocabulary. Bounds the id -> token table (a vocabulary id near 2^30
+// would otherwise ask for tens of GiB).
+constexpr int64_t kMaxTokenId = int64_t(1) << 22;
+
+// Reads a JSON integer in [0, kMaxTokenId) into *id; false (and *id untouched) otherwise. Never
+// wraps (2^32 is not 0).
+bool json_token_id(const nlohmann::json& j, int32_t* id);
+
 // The GPT-2 byte <-> character map used by ByteLevel pre-tokenizers and decoders.
 uint32_t byte_level_char(uint8_t b);
 int byte_level_byte(uint32_t cp);  // -1 when cp is not a byte-level character

@@ -1,48 +1,30 @@
 // chat_template.cpp — see chat_template.h.
 #include "tokenizer/chat_template.h"
 
-#include <fstream>
-#include <sstream>
-
 #include "core/error.h"
+#include "core/file_util.h"
+#include "core/json_util.h"
 
 namespace moe {
-namespace {
-
-std::string slurp(const std::string& path, bool* ok) {
-  std::ifstream f(path, std::ios::binary);
-  *ok = f.good();
-  std::stringstream ss;
-  if (*ok) ss << f.rdbuf();
-  return ss.str();
-}
-
-}  // namespace
 
 ChatTemplate ChatTemplate::from_dir(const std::string& dir) {
-  bool ok;
   nlohmann::json cfg = nlohmann::json::object();
-  const std::string cpath = dir + "/tokenizer_config.json";
-  const std::string text = slurp(cpath, &ok);
-  if (ok) {
-    try {
-      cfg = nlohmann::json::parse(text);
-    } catch (const nlohmann::json::exception& e) {
-      MOE_FAIL("%s: malformed JSON: %s", cpath.c_str(), e.what());
-    }
-  }
+  const std::string cpath = dir + "/tokenizer_config.json", jpath = dir + "/chat_template.jinja";
+  if (is_regular_file(cpath)) cfg = parse_json(read_file(cpath), cpath);
   std::string source;
   if (cfg.contains("chat_template") && cfg["chat_template"].is_string()) {
     source = cfg["chat_template"].get<std::string>();
   } else if (cfg.contains("chat_template") && cfg["chat_template"].is_array()) {
     for (const auto& t : cfg["chat_template"])
-      if (t.is_object() && t.value("name", "") == "default" && t.contains("template") && t["template"].is_string())
+      if (t.is_object() && t.contains("name") && t["name"] == "default" && t.contains("template") &&
+          t["template"].is_string())
         source = t["template"].get<std::string>();
     MOE_CHECK(!source.empty(), "%s: chat_template list has no \"default\" entry", cpath.c_str());
   } else {
-    source = slurp(dir + "/chat_template.jinja", &ok);
-    MOE_CHECK(ok, "%s: no chat template (no \"chat_template\" in tokenizer_config.json, no chat_template.jinja)",
+    MOE_CHECK(is_regular_file(jpath),
+              "%s: no chat template (no \"chat_template\" in tokenizer_config.json, no chat_template.jinja)",
               dir.c_str());
+    source = read_file(jpath);
   }
   try {
     return ChatTemplate(source, cfg);
@@ -64,6 +46,9 @@ ChatTemplate::ChatTemplate(const std::string& source, const nlohmann::json& cfg)
 std::string ChatTemplate::apply(const nlohmann::ordered_json& messages, bool add_generation_prompt,
                                 const nlohmann::ordered_json& extra) const {
   MOE_CHECK(messages.is_array(), "chat template: messages must be a JSON array, got %s", messages.type_name());
+  // Copying a value recurses once per level: refuse deep ones before the copies below.
+  check_json_depth(messages, "chat template: messages");
+  check_json_depth(extra, "chat template: extra context");
   nlohmann::ordered_json ctx = nlohmann::ordered_json::object();
   ctx["messages"] = messages;
   ctx["add_generation_prompt"] = add_generation_prompt;

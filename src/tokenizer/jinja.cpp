@@ -15,6 +15,7 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "core/json_util.h"
 #include "tokenizer/unicode.h"
 
 namespace moe {
@@ -22,7 +23,39 @@ namespace {
 
 using ojson = nlohmann::ordered_json;
 
+// Limits for hostile templates and contexts (templates arrive with model directories, contexts
+// with HTTP requests). Real chat templates are < 50 KB, nest < 10 levels and render in well under
+// 100k steps; every limit is far above that and far below a crash, a hang or memory exhaustion.
+// Each error names the limit.
+constexpr size_t kMaxTemplateBytes = size_t(1) << 20;       // template source
+constexpr int kMaxParseNesting = 64;                         // parser recursion (parentheses, blocks, elif, calls)
+constexpr int kMaxAstDepth = 256;                            // depth of the parsed tree (incl. a+b+c.. chains)
+constexpr int kMaxEvalDepth = 200;                           // nested evaluation (incl. macro recursion)
+constexpr int kMaxValueDepth = 256;                          // nested lists/dicts built at run time
+constexpr size_t kMaxStringBytes = size_t(16) << 20;         // any one string, the output included
+constexpr size_t kMaxArrayItems = size_t(1) << 18;           // any one list (range() included)
+constexpr uint64_t kMaxLoopIterations = uint64_t(1) << 18;   // for-loop iterations per render
+constexpr uint64_t kMaxRenderSteps = uint64_t(1) << 23;      // evaluations per render
+constexpr uint64_t kMaxRenderBytes = uint64_t(1) << 28;      // string bytes made or copied per render
+
 [[noreturn]] void jfail(const std::string& msg) { MOE_FAIL("chat template: %s", msg.c_str()); }
+
+// What one render() has used so far (thread_local: a render runs on one thread).
+struct RenderState {
+  uint64_t steps = 0, bytes = 0, iterations = 0;
+  int depth = 0;
+  // Every namespace made during the render: namespaces are the only mutable values, so the only
+  // way to build a reference cycle (ns.x = ns); their contents are cleared when the render ends.
+  std::vector<std::shared_ptr<void>> namespaces;
+};
+thread_local RenderState* g_render = nullptr;
+
+void charge_bytes(size_t n) {
+  if (!g_render || n == 0) return;
+  g_render->bytes += n;
+  if (g_render->bytes > kMaxRenderBytes)
+    jfail("rendering made or copied more than " + std::to_string(kMaxRenderBytes) + " bytes of strings (limit)");
+}
 
 bool js_space(uint32_t cp) {
   return (cp >= 9 && cp <= 13) || cp == 0x20 || cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) ||
@@ -141,18 +174,54 @@ struct Value {
   std::shared_ptr<std::vector<Value>> arr;
   std::shared_ptr<std::vector<std::pair<std::string, Value>>> obj;
   std::shared_ptr<Fn> fn;
+  int depth = 0;  // nesting of lists/dicts (kMaxValueDepth); destroying a value recurses this deep
+
+  Value() = default;
+  // Copies count against kMaxRenderBytes: a template could otherwise copy a large string
+  // millions of times.
+  Value(const Value& o)
+      : kind(o.kind), b(o.b), num(o.num), s(o.s), arr(o.arr), obj(o.obj), fn(o.fn), depth(o.depth) {
+    charge_bytes(s.size());
+  }
+  Value(Value&&) noexcept = default;
+  Value& operator=(const Value& o) {
+    if (this != &o) {
+      kind = o.kind, b = o.b, num = o.num, s = o.s, arr = o.arr, obj = o.obj, fn = o.fn, depth = o.depth;
+      charge_bytes(s.size());
+    }
+    return *this;
+  }
+  Value& operator=(Value&&) noexcept = default;
+
+  static void check_depth(int d) {
+    if (d > kMaxValueDepth) jfail("lists/dicts nest deeper than " + std::to_string(kMaxValueDepth) + " levels");
+  }
 
   static Value undef() { return Value(); }
   static Value null() { Value v; v.kind = Null; return v; }
   static Value boolean(bool x) { Value v; v.kind = Bool; v.b = x; return v; }
   static Value integer(double x) { Value v; v.kind = Int; v.num = x; return v; }
   static Value floating(double x) { Value v; v.kind = Float; v.num = x; return v; }
-  static Value str(std::string x) { Value v; v.kind = Str; v.s = std::move(x); return v; }
+  static Value str(std::string x) {
+    if (x.size() > kMaxStringBytes)
+      jfail("a string of " + std::to_string(x.size()) + " bytes is above the limit of " +
+            std::to_string(kMaxStringBytes));
+    charge_bytes(x.size());
+    Value v; v.kind = Str; v.s = std::move(x); return v;
+  }
   static Value array(std::vector<Value> a, Kind k = Array) {
-    Value v; v.kind = k; v.arr = std::make_shared<std::vector<Value>>(std::move(a)); return v;
+    if (a.size() > kMaxArrayItems)
+      jfail("a list of " + std::to_string(a.size()) + " items is above the limit of " + std::to_string(kMaxArrayItems));
+    Value v; v.kind = k;
+    for (const Value& x : a) v.depth = std::max(v.depth, x.depth + 1);
+    if (v.depth == 0) v.depth = 1;
+    check_depth(v.depth);
+    v.arr = std::make_shared<std::vector<Value>>(std::move(a)); return v;
   }
   static Value object(Kind k = Object) {
-    Value v; v.kind = k; v.obj = std::make_shared<std::vector<std::pair<std::string, Value>>>(); return v;
+    Value v; v.kind = k; v.depth = 1; v.obj = std::make_shared<std::vector<std::pair<std::string, Value>>>();
+    if (k == Namespace && g_render) g_render->namespaces.push_back(v.obj);
+    return v;
   }
   static Value function(Fn f) { Value v; v.kind = Function; v.fn = std::make_shared<Fn>(std::move(f)); return v; }
 
@@ -166,6 +235,9 @@ struct Value {
     return nullptr;
   }
   void set(const std::string& k, Value v) {
+    depth = std::max(depth, v.depth + 1);
+    check_depth(depth);
+    if (obj->size() >= kMaxArrayItems) jfail("a dict above the limit of " + std::to_string(kMaxArrayItems) + " items");
     for (auto& [key, old] : *obj)
       if (key == k) {
         old = std::move(v);
@@ -199,6 +271,9 @@ struct JsonOpts {
 };
 
 std::string to_json(const Value& v, const JsonOpts& o, int depth, bool undef_null) {
+  // Namespaces can contain themselves (ns.x = ns): the depth bound also ends such cycles.
+  if (depth > kMaxValueDepth)
+    jfail("value nests deeper than " + std::to_string(kMaxValueDepth) + " levels (a namespace that contains itself?)");
   std::string item_sep = o.has_seps ? o.item_sep : o.indent ? "," : ", ";
   std::string key_sep = o.has_seps ? o.key_sep : ": ";
   switch (v.kind) {
@@ -214,7 +289,13 @@ std::string to_json(const Value& v, const JsonOpts& o, int depth, bool undef_nul
       const std::string child = base + ind;
       std::vector<std::string> core;
       if (v.is_array()) {
-        for (auto& x : *v.arr) core.push_back(to_json(x, o, depth + 1, undef_null));
+        size_t total = 0;
+        for (auto& x : *v.arr) {
+          core.push_back(to_json(x, o, depth + 1, undef_null));
+          total += core.back().size() + child.size();
+          if (total > kMaxStringBytes)
+            jfail("JSON text above the limit of " + std::to_string(kMaxStringBytes) + " bytes");
+        }
         std::string r = "[";
         if (o.indent && !core.empty()) {
           r += child;
@@ -227,8 +308,11 @@ std::string to_json(const Value& v, const JsonOpts& o, int depth, bool undef_nul
       auto entries = *v.obj;
       if (o.sort_keys)
         std::stable_sort(entries.begin(), entries.end(), [](auto& a, auto& b) { return a.first < b.first; });
+      size_t total = 0;
       for (auto& [k, x] : entries) {
         std::string e = json_quote(k, o.ascii) + key_sep + to_json(x, o, depth + 1, undef_null);
+        total += e.size() + child.size();
+        if (total > kMaxStringBytes) jfail("JSON text above the limit of " + std::to_string(kMaxStringBytes) + " bytes");
         core.push_back(o.indent ? child + e : e);
       }
       std::string r = "{";
@@ -399,7 +483,17 @@ std::vector<Token> tokenize(const std::string& source) {
   std::vector<Token> toks;
   size_t pos = 0;
   int depth = 0;
-  auto line_at = [&](size_t p) { return 1 + int(std::count(src.begin(), src.begin() + long(std::min(p, src.size())), '\n')); };
+  // Line of byte p; positions mostly only grow, so counting resumes where the last call stopped
+  // (counting from the start each time made long templates quadratic).
+  size_t counted_to = 0;
+  int counted_lines = 1;
+  auto line_at = [&](size_t p) {
+    p = std::min(p, src.size());
+    if (p < counted_to) return 1 + int(std::count(src.begin(), src.begin() + long(p), '\n'));
+    counted_lines += int(std::count(src.begin() + long(counted_to), src.begin() + long(p), '\n'));
+    counted_to = p;
+    return counted_lines;
+  };
   auto fail = [&](const std::string& m) { jfail("line " + std::to_string(line_at(pos)) + ": " + m); };
   auto push = [&](Tok t, std::string v) { toks.push_back(Token{t, std::move(v), line_at(pos)}); };
   auto is_ws = [&](size_t p) {
@@ -600,6 +694,27 @@ struct JinjaTemplate::Node {
   int line = 0;
   std::vector<std::shared_ptr<Node>> a, b, c;  // children lists (body/alternate/args ...)
   std::shared_ptr<Node> x, y, z;                // operands
+
+  Node() = default;
+  Node(const Node&) = delete;
+  Node& operator=(const Node&) = delete;
+  // Iterative: a long chain (a+a+...+a parses left-deep) must not recurse once per level.
+  ~Node() {
+    std::vector<std::shared_ptr<Node>> doomed;
+    take_children(&doomed);
+    while (!doomed.empty()) {
+      std::shared_ptr<Node> n = std::move(doomed.back());
+      doomed.pop_back();
+      if (n && n.use_count() == 1) n->take_children(&doomed);
+    }
+  }
+  void take_children(std::vector<std::shared_ptr<Node>>* out) {
+    for (auto* v : {&a, &b, &c}) {
+      for (auto& k : *v) out->push_back(std::move(k));
+      v->clear();
+    }
+    for (auto* p : {&x, &y, &z}) out->push_back(std::move(*p));
+  }
 };
 
 namespace {
@@ -614,6 +729,24 @@ NodeP mk(Node::Kind k, int line) {
   return n;
 }
 
+// The depth of a parsed tree, iteratively (chains such as a+b+c+... are deep without any parser
+// recursion); throws beyond kMaxAstDepth.
+void check_ast_depth(const NodeP& root) {
+  std::vector<std::pair<const Node*, int>> stack{{root.get(), 1}};
+  while (!stack.empty()) {
+    auto [n, d] = stack.back();
+    stack.pop_back();
+    if (d > kMaxAstDepth)
+      jfail("line " + std::to_string(n->line) + ": the template nests deeper than " + std::to_string(kMaxAstDepth) +
+            " levels (limit)");
+    for (auto* v : {&n->a, &n->b, &n->c})
+      for (auto& k : *v)
+        if (k) stack.emplace_back(k.get(), d + 1);
+    for (auto* p : {&n->x, &n->y, &n->z})
+      if (*p) stack.emplace_back(p->get(), d + 1);
+  }
+}
+
 class Parser {
  public:
   explicit Parser(std::vector<Token> t) : t_(std::move(t)) {}
@@ -621,6 +754,7 @@ class Parser {
   NodeP program() {
     auto p = mk(Node::Program, 1);
     while (i_ < t_.size()) p->a.push_back(any());
+    check_ast_depth(p);
     return p;
   }
 
@@ -646,6 +780,7 @@ class Parser {
   int line() const { return i_ < t_.size() ? t_[i_].line : 0; }
 
   NodeP any() {
+    Nest nest(*this);
     if (i_ >= t_.size()) fail("unexpected end of template (missing end tag?)");
     const Token& k = t_[i_];
     switch (k.type) {
@@ -743,6 +878,7 @@ class Parser {
   }
 
   NodeP if_statement(int ln) {
+    Nest nest(*this);
     auto n = mk(Node::If, ln);
     n->x = expression();
     expect(Tok::CloseStmt, "'%}'");
@@ -776,6 +912,7 @@ class Parser {
   }
 
   NodeP expression() {
+    Nest nest(*this);
     auto a = or_expr();
     if (is_ident("if")) {
       ++i_;
@@ -819,6 +956,7 @@ class Parser {
     return l;
   }
   NodeP not_expr() {
+    Nest nest(*this);
     if (is_ident("not")) {
       const int ln = line();
       ++i_;
@@ -907,6 +1045,7 @@ class Parser {
     return operand;
   }
   NodeP unary_expr() {
+    Nest nest(*this);
     if ((is(Tok::Unary) || is(Tok::Add)) && (t_[i_].v == "-" || t_[i_].v == "+")) {
       auto n = mk(Node::Unary, line());
       n->str = t_[i_++].v;
@@ -921,6 +1060,7 @@ class Parser {
     return m;
   }
   NodeP call_expr(NodeP callee) {
+    Nest nest(*this);
     ++i_;  // (
     auto n = mk(Node::Call, callee->line);
     n->x = callee;
@@ -1045,8 +1185,19 @@ class Parser {
     }
   }
 
+  // Counts the recursion of the parse functions that can nest (kMaxParseNesting).
+  struct Nest {
+    Parser& p;
+    explicit Nest(Parser& parser) : p(parser) {
+      if (++p.nesting_ > kMaxParseNesting)
+        p.fail("expressions or blocks nest deeper than " + std::to_string(kMaxParseNesting) + " levels (limit)");
+    }
+    ~Nest() { --p.nesting_; }
+  };
+
   std::vector<Token> t_;
   size_t i_ = 0;
+  int nesting_ = 0;
 };
 
 // ---------------------------------------------------------------- interpreter
@@ -1059,6 +1210,8 @@ class Interp {
     for (auto& s : body) {
       Value v = eval(s, env);
       if (v.kind != Value::Null && v.kind != Value::Undefined) out += to_string(v);
+      if (out.size() > kMaxStringBytes)
+        fail(s, "output above the limit of " + std::to_string(kMaxStringBytes) + " bytes");
     }
     return out;
   }
@@ -1760,6 +1913,8 @@ Value Interp::for_loop(const NodeP& n, Env& env) {
   if (cond) {
     std::vector<Value> kept;
     for (auto& it : items) {
+      if (++g_render->iterations > kMaxLoopIterations)
+        fail(n, "more than " + std::to_string(kMaxLoopIterations) + " loop iterations (limit)");
       Env ls(&scope);
       assign(n->x, it, ls);
       if (eval(cond, ls).truthy()) kept.push_back(it);
@@ -1769,6 +1924,9 @@ Value Interp::for_loop(const NodeP& n, Env& env) {
   std::string out;
   bool none = true;
   for (size_t i = 0; i < items.size(); ++i) {
+    if (++g_render->iterations > kMaxLoopIterations)
+      fail(n, "more than " + std::to_string(kMaxLoopIterations) + " loop iterations (limit)");
+    if (out.size() > kMaxStringBytes) fail(n, "output above the limit of " + std::to_string(kMaxStringBytes) + " bytes");
     Value loop = Value::object();
     const double len = double(items.size());
     loop.set("index", Value::integer(double(i + 1)));
@@ -1797,6 +1955,16 @@ Value Interp::for_loop(const NodeP& n, Env& env) {
 
 Value Interp::eval(const NodeP& n, Env& env) {
   if (!n) return Value::undef();
+  struct Depth {
+    RenderState& st;
+    explicit Depth(RenderState& s) : st(s) { ++st.depth; }
+    ~Depth() { --st.depth; }
+  };
+  RenderState& st = *g_render;  // set by render()
+  Depth guard(st);
+  if (st.depth > kMaxEvalDepth)
+    fail(n, "evaluation nests deeper than " + std::to_string(kMaxEvalDepth) + " levels (recursive macro?)");
+  if (++st.steps > kMaxRenderSteps) fail(n, "rendering took more than " + std::to_string(kMaxRenderSteps) + " steps (limit)");
   switch (n->kind) {
     case Node::Program: return Value::str(block(n->a, env));
     case Node::Text: return Value::str(n->str);
@@ -1917,8 +2085,15 @@ void setup_globals(Env& env) {
             else start = a[0].num, stop = a[1].num;
             if (a.size() == 3) step = a[2].num;
             if (step == 0) jfail("range() step must not be zero");
+            if (!std::isfinite(start) || !std::isfinite(stop) || !std::isfinite(step))
+              jfail("range() arguments must be finite");
+            // The count first: range(2e9) must fail before it allocates, and a step too small to
+            // change start (1e20 + 1) must not loop forever.
+            const double count = std::ceil((stop - start) / step);
+            if (count > double(kMaxArrayItems))
+              jfail("range() of " + js_number(count) + " items is above the limit of " + std::to_string(kMaxArrayItems));
             std::vector<Value> out;
-            for (double i = start; step > 0 ? i < stop : i > stop; i += step) out.push_back(Value::integer(i));
+            for (size_t k = 0; double(k) < count; ++k) out.push_back(Value::integer(start + double(k) * step));
             return Value::array(std::move(out));
           }));
   env.set("strftime_now", Value::function([](Args& a, Env&) {
@@ -1950,6 +2125,8 @@ void setup_globals(Env& env) {
 }  // namespace
 
 JinjaTemplate::JinjaTemplate(const std::string& source) {
+  MOE_CHECK(source.size() <= kMaxTemplateBytes, "chat template: %zu bytes, above the limit of %zu", source.size(),
+            kMaxTemplateBytes);
   MOE_CHECK(utf8_valid(source), "chat template: not valid UTF-8");
   root_ = Parser(tokenize(source)).program();
 }
@@ -1958,12 +2135,34 @@ JinjaTemplate::JinjaTemplate(JinjaTemplate&&) noexcept = default;
 JinjaTemplate& JinjaTemplate::operator=(JinjaTemplate&&) noexcept = default;
 
 std::string JinjaTemplate::render(const nlohmann::ordered_json& context) const {
+  // from_json recurses once per level of the context.
+  check_json_depth(context, "chat template context", kMaxJsonDepth);
+  RenderState state;
+  struct Scope {
+    RenderState* saved;
+    RenderState& st;
+    explicit Scope(RenderState& s) : saved(g_render), st(s) { g_render = &s; }
+    ~Scope() {
+      // Break reference cycles through namespaces (ns.x = ns): empty every namespace made.
+      g_render = nullptr;  // no charging while tearing down
+      for (auto& ns : st.namespaces)
+        static_cast<std::vector<std::pair<std::string, Value>>*>(ns.get())->clear();
+      st.namespaces.clear();
+      g_render = saved;
+    }
+  } scope(state);
   Env globals;
   setup_globals(globals);
   if (context.is_object())
     for (auto it = context.begin(); it != context.end(); ++it) globals.set(it.key(), from_json(it.value()));
   Interp in;
-  return in.block(root_->a, globals);
+  try {
+    return in.block(root_->a, globals);
+  } catch (const BreakSignal&) {
+    jfail("{% break %} outside a loop");
+  } catch (const ContinueSignal&) {
+    jfail("{% continue %} outside a loop");
+  }
 }
 
 }  // namespace moe

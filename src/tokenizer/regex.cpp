@@ -16,6 +16,14 @@ namespace {
 
 using Cat = GeneralCategory;
 
+// Limits on hostile patterns (the real pre-tokenizer patterns are < 400 code points, nest < 4
+// groups and compile to < 200 instructions). Each error names the pattern and the limit.
+constexpr size_t kMaxPatternCodePoints = 16384;
+constexpr int kMaxNesting = 64;           // groups/lookaheads inside each other
+constexpr size_t kMaxProgram = 1 << 16;   // instructions over all (sub-)programs, after {n,m} expansion
+constexpr size_t kMaxSets = 4096;         // character classes (8 KiB bitmap each)
+constexpr size_t kMaxGuardClasses = 64;   // a first-character guard unions at most this many classes
+
 uint32_t cat_bit(Cat c) { return 1u << static_cast<unsigned>(c); }
 
 // A set of code points: a union of items, optionally negated. Evaluated through a bitmap for the
@@ -29,24 +37,52 @@ struct CharClass {
   std::vector<uint64_t> bmp;  // 65536 bits, built by finalize()
   uint64_t ascii[2] = {0, 0};  // its first 128 bits, inline
 
+  // Membership without the bitmap (code points above the BMP); ranges are sorted and merged by
+  // finalize(), so the search is logarithmic whatever the class.
   bool eval(uint32_t cp) const {
     bool in = false;
     const uint32_t bit = cat_bit(general_category(cp));
     if (cats & bit) in = true;
     else if (not_cats && !(not_cats & bit)) in = true;
     else if ((white || not_white) && (is_white_space(cp) ? white : not_white)) in = true;
-    else
-      for (auto& r : ranges)
-        if (cp >= r.first && cp <= r.second) {
-          in = true;
-          break;
-        }
+    else {
+      auto it = std::upper_bound(ranges.begin(), ranges.end(), std::make_pair(cp, UINT32_MAX));
+      in = it != ranges.begin() && cp <= std::prev(it)->second;
+    }
     return in != negated;
   }
   void finalize() {
+    std::sort(ranges.begin(), ranges.end());
+    std::vector<std::pair<uint32_t, uint32_t>> merged;
+    for (auto& r : ranges) {
+      if (!merged.empty() && r.first <= merged.back().second + 1) merged.back().second = std::max(merged.back().second, r.second);
+      else merged.push_back(r);
+    }
+    ranges.swap(merged);
     bmp.assign(1024, 0);
-    for (uint32_t cp = 0; cp < 0x10000; ++cp)
-      if (eval(cp)) bmp[cp >> 6] |= uint64_t(1) << (cp & 63);
+    if (cats || not_cats || white || not_white) {
+      for (uint32_t cp = 0; cp < 0x10000; ++cp) {
+        const uint32_t bit = cat_bit(general_category(cp));
+        const bool in = (cats & bit) || (not_cats && !(not_cats & bit)) ||
+                        ((white || not_white) && (is_white_space(cp) ? white : not_white));
+        if (in) bmp[cp >> 6] |= uint64_t(1) << (cp & 63);
+      }
+    }
+    for (auto& r : ranges) {
+      if (r.first >= 0x10000) break;
+      const uint32_t hi = std::min(r.second, uint32_t(0xFFFF));
+      for (uint32_t cp = r.first; cp <= hi;) {
+        if ((cp & 63) == 0 && cp + 63 <= hi) {
+          bmp[cp >> 6] = ~uint64_t(0);
+          cp += 64;
+        } else {
+          bmp[cp >> 6] |= uint64_t(1) << (cp & 63);
+          ++cp;
+        }
+      }
+    }
+    if (negated)
+      for (auto& w : bmp) w = ~w;
     ascii[0] = bmp[0], ascii[1] = bmp[1];
   }
   bool match(uint32_t cp) const {
@@ -153,6 +189,9 @@ class Parser {
   }
 
   NodePtr parse() {
+    if (p_.size() > kMaxPatternCodePoints)
+      fail("pattern of " + std::to_string(p_.size()) + " code points is above the limit of " +
+           std::to_string(kMaxPatternCodePoints));
     NodePtr n = parse_alt();
     if (i_ < p_.size()) fail("unbalanced ')'");
     return n;
@@ -161,7 +200,9 @@ class Parser {
  private:
   [[noreturn]] void fail(const std::string& what) const {
     const size_t off = offsets_[std::min(i_, offsets_.size() - 1)];
-    MOE_FAIL("regex /%s/: %s at offset %zu", std::string(pattern_).c_str(), what.c_str(), off);
+    const std::string shown =
+        pattern_.size() > 200 ? std::string(pattern_.substr(0, 200)) + "..." : std::string(pattern_);
+    MOE_FAIL("regex /%s/: %s at offset %zu", shown.c_str(), what.c_str(), off);
   }
   bool eof() const { return i_ >= p_.size(); }
   uint32_t peek(size_t k = 0) const { return i_ + k < p_.size() ? p_[i_ + k] : 0; }
@@ -174,6 +215,7 @@ class Parser {
   }
 
   int add_class(CharClass c) {
+    if (classes_->size() >= kMaxSets) fail("more than " + std::to_string(kMaxSets) + " character classes");
     classes_->push_back(std::move(c));
     return static_cast<int>(classes_->size() - 1);
   }
@@ -230,7 +272,7 @@ class Parser {
   }
 
   NodePtr parse_quantifier(NodePtr atom) {
-    for (;;) {
+    for (int nq = 0;; ++nq) {
       int lo, hi;
       const size_t save = i_;
       if (accept('?')) lo = 0, hi = 1;
@@ -254,6 +296,9 @@ class Parser {
       } else {
         return atom;
       }
+      // JavaScript (u flag) refuses a quantifier on a quantifier ("nothing to repeat"); it would
+      // also nest Repeat nodes without bound.
+      if (nq > 0) fail("nothing to repeat (a quantifier follows a quantifier)");
       if (atom->kind == NodeKind::Bol || atom->kind == NodeKind::Eol || atom->kind == NodeKind::Bos ||
           atom->kind == NodeKind::Eos || atom->kind == NodeKind::Look)
         fail("quantifier on an assertion");
@@ -304,6 +349,7 @@ class Parser {
   }
 
   NodePtr parse_group() {
+    if (++depth_ > kMaxNesting) fail("groups nest deeper than " + std::to_string(kMaxNesting) + " levels");
     ++i_;  // (
     const bool save_icase = icase_;
     NodePtr look;
@@ -329,6 +375,7 @@ class Parser {
     NodePtr body = parse_alt();
     icase_ = save_icase;
     if (!accept(')')) fail("missing ')'");
+    --depth_;
     if (look) {
       look->kids.push_back(std::move(body));
       return look;
@@ -481,6 +528,7 @@ class Parser {
   std::vector<uint32_t> p_;
   std::vector<size_t> offsets_;
   size_t i_ = 0;
+  int depth_ = 0;
   bool icase_ = false;
 };
 
@@ -533,6 +581,9 @@ struct Regex::Impl {
     if (first_classes(n, &cls)) return -1;
     std::sort(cls.begin(), cls.end());
     cls.erase(std::unique(cls.begin(), cls.end()), cls.end());
+    // A guard only saves time; past a few classes (or too many guards) it would cost more than it
+    // saves, so the split simply has none.
+    if (cls.size() > kMaxGuardClasses || guards.size() >= kMaxSets) return -1;
     Guard g;
     g.bmp.assign(1024, 0);
     for (int c : cls)
@@ -551,17 +602,24 @@ struct Regex::Impl {
     return false;
   }
 
+  size_t n_insts = 0;  // over all programs, for kMaxProgram
+  std::string pattern;  // for error messages
+
   int compile_prog(const Node& n) {
     const int id = static_cast<int>(progs.size());
     progs.emplace_back();
     std::vector<Inst> code;
     emit(n, code);
     code.push_back(Inst{Op::Match});
+    n_insts += code.size();
     progs[id] = std::move(code);
     return id;
   }
 
   void emit(const Node& n, std::vector<Inst>& code) {
+    if (n_insts + code.size() > kMaxProgram)
+      MOE_FAIL("regex /%s/: compiles to more than %zu instructions (large {n,m} repeats?)", pattern.c_str(),
+               kMaxProgram);
     switch (n.kind) {
       case NodeKind::Empty: break;
       case NodeKind::Class: code.push_back(Inst{Op::Class, n.cls}); break;
@@ -651,15 +709,26 @@ struct Regex::Impl {
     int cls;
   };
 
-  bool run(int prog, const uint32_t* s, size_t n, size_t start, size_t* end_out,
-           std::vector<Backtrack>& stack) const {
+  [[noreturn]] void out_of_budget(size_t n, const char* what) const {
+    MOE_FAIL("regex /%s/: matching a text of %zu code points exceeded the %s (catastrophic backtracking; "
+             "limits: %llu steps per code point, %zu backtrack entries)",
+             pattern.c_str(), n, what, static_cast<unsigned long long>(Regex::kStepsPerCodePoint), kMaxBacktrack);
+  }
+  static constexpr size_t kMaxBacktrack = size_t(1) << 20;
+
+  // *budget: steps left (instructions, backtracks and code points scanned by repeats).
+  bool run(int prog, const uint32_t* s, size_t n, size_t start, size_t* end_out, std::vector<Backtrack>& stack,
+           uint64_t* budget) const {
     const std::vector<Inst>& code = progs[prog];
     const size_t base = stack.size();
     int pc = 0;
     size_t pos = start;
+    uint64_t left = *budget;
     for (;;) {
       const Inst& in = code[pc];
       bool ok = true;
+      if (left == 0) out_of_budget(n, "work limit");
+      --left;
       switch (in.op) {
         case Op::Class:
           if (pos < n && classes[in.a].match(s[pos])) ++pos, ++pc;
@@ -670,6 +739,7 @@ struct Regex::Impl {
             pc = in.b;  // branch a cannot match here
             break;
           }
+          if (stack.size() >= kMaxBacktrack) out_of_budget(n, "backtrack stack limit");
           stack.push_back(Backtrack{in.b, 0, pos, 0, 0});
           pc = in.a;
           break;
@@ -678,9 +748,12 @@ struct Regex::Impl {
           const CharClass& cc = classes[in.a];
           const size_t lo = pos + size_t(in.min);
           const size_t cap = in.max < 0 ? n : std::min(n, pos + size_t(in.max));
+          if (stack.size() >= kMaxBacktrack) out_of_budget(n, "backtrack stack limit");
           if (in.greedy) {
             size_t e = pos;
             while (e < cap && cc.match(s[e])) ++e;
+            if (e - pos >= left) out_of_budget(n, "work limit");
+            left -= e - pos;
             if (e < lo) {
               ok = false;
               break;
@@ -702,7 +775,9 @@ struct Regex::Impl {
         }
         case Op::Look: {
           size_t e;
-          const bool m = run(in.a, s, n, pos, &e, stack);
+          *budget = left;
+          const bool m = run(in.a, s, n, pos, &e, stack, budget);
+          left = *budget;
           if (m == in.negative) ok = false;
           else ++pc;
           break;
@@ -714,12 +789,18 @@ struct Regex::Impl {
         case Op::Match:
           *end_out = pos;
           stack.resize(base);
+          *budget = left;
           return true;
       }
       if (ok) continue;
       // Backtrack.
       for (;;) {
-        if (stack.size() == base) return false;
+        if (stack.size() == base) {
+          *budget = left;
+          return false;
+        }
+        if (left == 0) out_of_budget(n, "work limit");
+        --left;
         Backtrack& b = stack.back();
         if (b.kind == 0) {
           pc = b.pc;
@@ -748,6 +829,7 @@ struct Regex::Impl {
 
 Regex::Regex(std::string_view pattern) : pattern_(pattern), impl_(std::make_unique<Impl>()) {
   MOE_CHECK(utf8_valid(pattern), "regex: pattern is not valid UTF-8");
+  impl_->pattern = pattern.size() > 200 ? std::string(pattern.substr(0, 200)) + "..." : std::string(pattern);
   Parser parser(pattern, &impl_->classes);
   NodePtr root = parser.parse();
   for (auto& c : impl_->classes) c.finalize();
@@ -759,13 +841,20 @@ Regex::~Regex() = default;
 Regex::Regex(Regex&&) noexcept = default;
 Regex& Regex::operator=(Regex&&) noexcept = default;
 
-bool Regex::find(const uint32_t* cps, size_t n, size_t from, size_t* begin, size_t* end) const {
+uint64_t Regex::budget_for(size_t n) { return kBaseSteps + kStepsPerCodePoint * (uint64_t(n) + 1); }
+
+bool Regex::find(const uint32_t* cps, size_t n, size_t from, size_t* begin, size_t* end, uint64_t* budget) const {
   thread_local std::vector<Impl::Backtrack> stack;
   stack.clear();
+  uint64_t own = 0;
+  if (!budget) {
+    own = budget_for(n - std::min(from, n));
+    budget = &own;
+  }
   const int g = impl_->start_guard;
   for (size_t start = from; start <= n; ++start) {
     if (g >= 0 && (start == n || !impl_->guard_match(g, cps[start]))) continue;
-    if (impl_->run(0, cps, n, start, end, stack)) {
+    if (impl_->run(0, cps, n, start, end, stack, budget)) {
       *begin = start;
       return true;
     }

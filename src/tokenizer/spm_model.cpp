@@ -3,10 +3,8 @@
 
 #include <sentencepiece_processor.h>
 
-#include <fstream>
-#include <sstream>
-
 #include "core/error.h"
+#include "core/file_util.h"
 
 namespace moe {
 
@@ -18,12 +16,7 @@ SpmModel::SpmModel() : impl_(std::make_unique<Impl>()) {}
 SpmModel::~SpmModel() = default;
 
 std::unique_ptr<SpmModel> SpmModel::load_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  MOE_CHECK(f.good(), "%s: cannot open the SentencePiece model", path.c_str());
-  std::stringstream ss;
-  ss << f.rdbuf();
-  MOE_CHECK(!f.bad(), "%s: read error", path.c_str());
-  return load_bytes(ss.str(), path);
+  return load_bytes(read_file(path, kMaxTokenizerFileBytes), path);
 }
 
 std::unique_ptr<SpmModel> SpmModel::load_bytes(std::string_view bytes, const std::string& origin) {

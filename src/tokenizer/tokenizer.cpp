@@ -7,11 +7,11 @@
 #include <algorithm>
 #include <cstdlib>
 #include <deque>
-#include <fstream>
 #include <map>
-#include <sstream>
 
 #include "core/error.h"
+#include "core/file_util.h"
+#include "core/json_util.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/regex.h"
 #include "tokenizer/spm_model.h"
@@ -47,14 +47,6 @@ std::string_view js_trim_start(std::string_view s) {
     i = j;
   }
   return s.substr(i);
-}
-
-std::string read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  MOE_CHECK(f.good(), "cannot open %s", path.c_str());
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
 }
 
 std::string type_of(const json& j, const std::string& what, const std::string& origin) {
@@ -121,7 +113,8 @@ struct Pattern {
     offs[n] = s.size();
     cps.resize(n);
     size_t from = 0, b, e;
-    while (from <= cps.size() && regex->find(cps.data(), cps.size(), from, &b, &e)) {
+    uint64_t budget = Regex::budget_for(cps.size());  // for the whole text, not per match
+    while (from <= cps.size() && regex->find(cps.data(), cps.size(), from, &b, &e, &budget)) {
       if (e > b) out->emplace_back(offs[b], offs[e]);
       from = e > b ? e : b + 1;
     }
@@ -379,8 +372,15 @@ struct Tokenizer::Impl {
     } else if (t == "Strip") {
       DecStep s = DecStep::of(DecStep::kStrip);
       s.content = j.value("content", std::string(" "));
-      s.start = j.value("start", 0);
-      s.stop = j.value("stop", 0);
+      auto count = [&](const char* k) {
+        if (!j.contains(k)) return 0;
+        const json& v = j[k];
+        MOE_CHECK(v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() <= 1024,
+                  "%s: %s.%s must be an integer in [0, 1024]", origin.c_str(), what.c_str(), k);
+        return int(v.get<int64_t>());
+      };
+      s.start = count("start");
+      s.stop = count("stop");
       dec.push_back(std::move(s));
     } else {
       MOE_FAIL("%s: %s: decoder type '%s' is not supported (supported: ByteLevel, Replace, ByteFallback, Fuse, "
@@ -418,7 +418,8 @@ struct Tokenizer::Impl {
           int32_t id = lookup(name);
           if (id < 0 && j.contains("special_tokens") && j["special_tokens"].contains(name)) {
             const json& ids = j["special_tokens"][name]["ids"];
-            if (ids.is_array() && ids.size() == 1 && ids[0].is_number_integer()) id = ids[0].get<int32_t>();
+            int32_t v = -1;
+            if (ids.is_array() && ids.size() == 1 && json_token_id(ids[0], &v)) id = v;
           }
           MOE_CHECK(id >= 0, "%s: %s: special token '%s' is not in the vocabulary", origin.c_str(), what.c_str(),
                     name.c_str());
@@ -426,7 +427,7 @@ struct Tokenizer::Impl {
         } else if (item.contains("Sequence")) {
           seen_a = true;
         } else {
-          MOE_FAIL("%s: %s.single: unknown item %s", origin.c_str(), what.c_str(), item.dump().c_str());
+          MOE_FAIL("%s: %s.single: unknown item %s", origin.c_str(), what.c_str(), json_brief(item).c_str());
         }
       }
     } else {
@@ -725,22 +726,12 @@ Tokenizer::~Tokenizer() = default;
 Tokenizer Tokenizer::from_dir(const std::string& dir) {
   const std::string tpath = dir + "/tokenizer.json", cpath = dir + "/tokenizer_config.json",
                     mpath = dir + "/tokenizer.model";
-  json tok, cfg = json::object();
-  std::ifstream probe(cpath);
-  if (probe.good()) {
-    try {
-      cfg = json::parse(read_file(cpath));
-    } catch (const json::exception& e) {
-      MOE_FAIL("%s: malformed JSON: %s", cpath.c_str(), e.what());
-    }
-  }
-  if (!std::ifstream(tpath).good() && std::ifstream(mpath).good()) return from_sentencepiece(mpath, cfg);
-  MOE_CHECK(std::ifstream(tpath).good(), "cannot open %s (and there is no %s either)", tpath.c_str(), mpath.c_str());
-  try {
-    tok = json::parse(read_file(tpath));
-  } catch (const json::exception& e) {
-    MOE_FAIL("%s: malformed JSON: %s", tpath.c_str(), e.what());
-  }
+  json cfg = json::object();
+  if (is_regular_file(cpath)) cfg = parse_json(read_file(cpath), cpath);
+  if (!is_regular_file(tpath) && is_regular_file(mpath)) return from_sentencepiece(mpath, cfg);
+  MOE_CHECK(is_regular_file(tpath), "%s: cannot open %s (and there is no %s either)", dir.c_str(), tpath.c_str(),
+            mpath.c_str());
+  const json tok = parse_json(read_file(tpath, kMaxTokenizerFileBytes), tpath);
   return from_json(tok, cfg, tpath);
 }
 
@@ -775,7 +766,7 @@ Tokenizer Tokenizer::from_sentencepiece(const std::string& model_path, const jso
       for (auto& [key, v] : t.config["added_tokens_decoder"].items()) {
         char* end = nullptr;
         const long long id = std::strtoll(key.c_str(), &end, 10);
-        MOE_CHECK(!key.empty() && *end == 0 && id >= 0 && id < (1LL << 30),
+        MOE_CHECK(!key.empty() && *end == 0 && id >= 0 && id < kMaxTokenId,
                   "%s: tokenizer_config added_tokens_decoder key '%s' is not a token id", model_path.c_str(),
                   key.c_str());
         const std::string c = token_content(v);
@@ -871,8 +862,9 @@ Tokenizer Tokenizer::from_json(const json& tj, const json& cfg, const std::strin
                   "%s: added_tokens[%zu] needs an integer \"id\" and a string \"content\"", origin.c_str(), i);
         AddedToken tok;
         tok.content = a["content"].get<std::string>();
-        tok.id = a["id"].get<int32_t>();
-        MOE_CHECK(tok.id >= 0, "%s: added_tokens[%zu].id is negative", origin.c_str(), i);
+        // Range-checked, never wrapped: an id of 2^32 must not become token 0.
+        MOE_CHECK(json_token_id(a["id"], &tok.id), "%s: added_tokens[%zu].id = %s is not a token id in [0, %lld)",
+                  origin.c_str(), i, json_brief(a["id"]).c_str(), (long long)kMaxTokenId);
         auto flag = [&](const char* k, bool dflt) { return a.contains(k) && a[k].is_boolean() ? a[k].get<bool>() : dflt; };
         tok.single_word = flag("single_word", false);
         tok.lstrip = flag("lstrip", false);
