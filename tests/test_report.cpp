@@ -189,6 +189,31 @@ TEST_F(ReportTest, ChartsWithoutDataSayNoData) {
   EXPECT_EQ(html.find("class=\"heatmap\""), std::string::npos);
 }
 
+TEST_F(ReportTest, LongRunsAreDecimatedKeepingSpikes) {
+  // 20000 steps of loss 1 with one spike of 100 at step 12345: the polyline is thinned to a few
+  // points per pixel column, and the spike still reaches the top of the plot frame (y range [0,100]).
+  std::string text;
+  for (int s = 0; s < 20000; ++s) text += "{\"step\":" + std::to_string(s) + ",\"loss\":" + (s == 12345 ? "100" : "1") + "}\n";
+  write("metrics.jsonl", text);
+  write_report(dir_, dir_ + "/r.html");
+  const std::string svg = element(read(dir_ + "/r.html"), "<svg id=\"chart-loss\"", "</svg>");
+  EXPECT_NE(svg.find("data-points=\"20000\""), std::string::npos);
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(svg, m, std::regex("<rect class=\"frame\" x=\"[0-9.]+\" y=\"([0-9.]+)\"")));
+  const double frame_top = std::stod(m[1].str());
+  const std::string pts = element(svg, "points=\"", "\"/>");
+  size_t n_points = 0;
+  double min_y = 1e9;
+  const std::regex pt("([0-9.]+),([0-9.]+)");
+  for (auto it = std::sregex_iterator(pts.begin(), pts.end(), pt); it != std::sregex_iterator(); ++it) {
+    ++n_points;
+    min_y = std::min(min_y, std::stod((*it)[2].str()));
+  }
+  EXPECT_LT(n_points, 3000u);
+  EXPECT_GT(n_points, 500u);
+  EXPECT_NEAR(min_y, frame_top, 0.05);
+}
+
 TEST_F(ReportTest, BadInputNamesFileAndLineAndKeepsTheOldReport) {
   const std::string out = dir_ + "/report.html";
   const std::string metrics = dir_ + "/metrics.jsonl";

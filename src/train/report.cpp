@@ -212,6 +212,34 @@ struct Series {
   bool markers = false;  // dots at each point (sparse series such as validation loss)
 };
 
+// The points of a series worth drawing: all of them when there are few; else, per horizontal
+// pixel, the first, lowest, highest and last point (in step order), so the line keeps its shape
+// (spikes included) while the file stays small for runs of many thousands of steps.
+template <class XFn>
+std::vector<size_t> decimate(const Series& s, XFn X) {
+  std::vector<size_t> keep;
+  if (s.x.size() <= 2000) {
+    for (size_t i = 0; i < s.x.size(); ++i) keep.push_back(i);
+    return keep;
+  }
+  size_t i = 0;
+  while (i < s.x.size()) {
+    const long column = std::lround(X(s.x[i]));
+    size_t j = i, lo = i, hi = i;
+    while (j < s.x.size() && std::lround(X(s.x[j])) == column) {
+      if (s.y[j] < s.y[lo]) lo = j;
+      if (s.y[j] > s.y[hi]) hi = j;
+      ++j;
+    }
+    std::vector<size_t> pick = {i, lo, hi, j - 1};
+    std::sort(pick.begin(), pick.end());
+    pick.erase(std::unique(pick.begin(), pick.end()), pick.end());
+    keep.insert(keep.end(), pick.begin(), pick.end());
+    i = j;
+  }
+  return keep;
+}
+
 constexpr double kW = 640, kH = 300, kL = 76, kR = 20, kT = 34, kB = 46;
 
 std::string line_chart(const std::string& id, const std::string& title, const std::string& y_label,
@@ -270,7 +298,11 @@ std::string line_chart(const std::string& id, const std::string& title, const st
   for (const Series& s : series) {
     o << "<g class=\"series\" data-name=\"" << esc(s.name) << "\" data-points=\"" << s.x.size() << "\">\n";
     o << "<polyline fill=\"none\" stroke=\"" << s.color << "\" stroke-width=\"1.6\" points=\"";
-    for (size_t i = 0; i < s.x.size(); ++i) o << (i ? " " : "") << px(X(s.x[i])) << "," << px(Y(s.y[i]));
+    bool first = true;
+    for (size_t i : decimate(s, X)) {
+      o << (first ? "" : " ") << px(X(s.x[i])) << "," << px(Y(s.y[i]));
+      first = false;
+    }
     o << "\"/>\n";
     if (s.markers || s.x.size() == 1)
       for (size_t i = 0; i < s.x.size(); ++i)
@@ -499,8 +531,9 @@ ReportSummary write_report(const std::string& run_dir, const std::string& out_ht
   }
 
   // Title: the run directory's name, the model type and shape from config.json.
-  std::string run_name = fs::path(run_dir).lexically_normal().filename().string();
-  if (run_name.empty() || run_name == ".") run_name = fs::absolute(run_dir).lexically_normal().filename().string();
+  fs::path run_path = fs::absolute(run_dir).lexically_normal();
+  if (run_path.filename().empty()) run_path = run_path.parent_path();  // "dir/" -> "dir"
+  const std::string run_name = run_path.filename().string();
   std::string subtitle;
   if (config.is_object()) {
     auto add = [&](const char* label, const char* key) {
