@@ -2,9 +2,11 @@
 // node-llama-cpp ships), the reference for the GGUF tests. Built by tests/gguf/setup.sh against
 // the llama.h of the same release (node-llama-cpp's llama/gitRelease.bundle).
 //
-//   llama_ref logits   MODEL.gguf OUT.f32 IDS      logits of every position ([S, V] f32 raw)
-//   llama_ref greedy   MODEL.gguf N IDS            N greedy tokens after the prompt, one per line
-//   llama_ref quantize IN.gguf OUT.gguf FTYPE      llama_model_quantize (FTYPE = LLAMA_FTYPE_*)
+//   llama_ref run N IDS OUTDIR M1.gguf [M2.gguf ...]
+//       for each model i: one line "i: t1 t2 ... tN" (N greedy tokens after the prompt IDS) and
+//       OUTDIR/i.f32, the logits of every prompt position ([S, V] f32 raw)
+//   llama_ref quantize IN.gguf OUT.gguf FTYPE [OUT2.gguf FTYPE2 ...]
+//       llama_model_quantize (FTYPE = LLAMA_FTYPE_*)
 //   llama_ref dequant  TYPE IN.bin OUT.f32 N       ggml's to_float for N values of ggml type TYPE
 //   llama_ref quant    TYPE IN.f32 OUT.bin ROW     ggml_quantize_chunk (no imatrix), rows of ROW
 // IDS is a comma-separated list of token ids. Exit status 0 on success, 1 with a message.
@@ -66,6 +68,11 @@ struct Session {
     cp.n_ubatch = static_cast<uint32_t>(n_ctx);
     cp.n_threads = 2;
     cp.n_threads_batch = 2;
+    // f32 KV cache and plain attention: the reference computes in f32 like the engine's CPU path
+    // (the default f16 cache alone costs ~3e-4 relative on the logits).
+    cp.type_k = GGML_TYPE_F32;
+    cp.type_v = GGML_TYPE_F32;
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     ctx = llama_init_from_model(model, cp);
     if (!ctx) return false;
     n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
@@ -130,59 +137,55 @@ int main(int argc, char** argv) {
     ggml_quantize_chunk(type, reinterpret_cast<const float*>(in.data()), out.data(), 0, n / row, row, nullptr);
     return write_file(argv[4], out.data(), out.size()) ? 0 : 1;
   }
-  if (cmd == "quantize" && argc == 5) {
-    llama_model_quantize_params qp = llama_model_quantize_default_params();
-    qp.nthread = 2;
-    qp.ftype = static_cast<llama_ftype>(std::atoi(argv[4]));
-    if (llama_model_quantize(argv[2], argv[3], &qp) != 0) {
-      std::fprintf(stderr, "llama_ref: llama_model_quantize failed\n");
-      return 1;
-    }
-    return 0;
-  }
-  if (cmd == "logits" && argc == 5) {
-    const std::vector<llama_token> ids = parse_ids(argv[4]);
-    Session s;
-    if (!s.open(argv[2], 64)) {
-      std::fprintf(stderr, "llama_ref: cannot load %s\n", argv[2]);
-      return 1;
-    }
-    if (!s.decode(ids, 0)) {
-      std::fprintf(stderr, "llama_ref: llama_decode failed\n");
-      return 1;
-    }
-    FILE* f = std::fopen(argv[3], "wb");
-    if (!f) return 1;
-    for (size_t i = 0; i < ids.size(); ++i) {
-      const float* l = llama_get_logits_ith(s.ctx, static_cast<int32_t>(i));
-      std::fwrite(l, sizeof(float), static_cast<size_t>(s.n_vocab), f);
-    }
-    std::fclose(f);
-    std::printf("%d\n", s.n_vocab);
-    return 0;
-  }
-  if (cmd == "greedy" && argc == 5) {
-    const int n = std::atoi(argv[3]);
-    std::vector<llama_token> ids = parse_ids(argv[4]);
-    Session s;
-    if (!s.open(argv[2], 64)) {
-      std::fprintf(stderr, "llama_ref: cannot load %s\n", argv[2]);
-      return 1;
-    }
-    std::vector<llama_token> step = ids;
-    int pos = 0;
-    for (int k = 0; k < n; ++k) {
-      if (!s.decode(step, pos)) {
-        std::fprintf(stderr, "llama_ref: llama_decode failed\n");
+  if (cmd == "quantize" && argc >= 5 && (argc - 3) % 2 == 0) {
+    for (int k = 3; k + 1 < argc; k += 2) {
+      llama_model_quantize_params qp = llama_model_quantize_default_params();
+      qp.nthread = 2;
+      qp.ftype = static_cast<llama_ftype>(std::atoi(argv[k + 1]));
+      if (llama_model_quantize(argv[2], argv[k], &qp) != 0) {
+        std::fprintf(stderr, "llama_ref: llama_model_quantize to %s failed\n", argv[k]);
         return 1;
       }
-      pos += static_cast<int>(step.size());
-      const float* l = llama_get_logits_ith(s.ctx, -1);
-      int best = 0;
-      for (int v = 1; v < s.n_vocab; ++v)
-        if (l[v] > l[best]) best = v;
-      std::printf("%d\n", best);
-      step.assign(1, best);
+    }
+    return 0;
+  }
+  if (cmd == "run" && argc >= 6) {
+    const int n = std::atoi(argv[2]);
+    const std::vector<llama_token> prompt = parse_ids(argv[3]);
+    const std::string outdir = argv[4];
+    for (int m = 5; m < argc; ++m) {
+      const int i = m - 5;
+      Session s;
+      if (!s.open(argv[m], 64)) {
+        std::fprintf(stderr, "llama_ref: cannot load %s\n", argv[m]);
+        return 1;
+      }
+      std::vector<llama_token> step = prompt;
+      std::printf("%d:", i);
+      int pos = 0;
+      for (int k = 0; k < n; ++k) {
+        if (!s.decode(step, pos)) {
+          std::fprintf(stderr, "llama_ref: llama_decode failed on %s\n", argv[m]);
+          return 1;
+        }
+        if (k == 0) {
+          std::vector<float> all;
+          for (size_t j = 0; j < prompt.size(); ++j) {
+            const float* l = llama_get_logits_ith(s.ctx, static_cast<int32_t>(j));
+            all.insert(all.end(), l, l + s.n_vocab);
+          }
+          const std::string path = outdir + "/" + std::to_string(i) + ".f32";
+          if (!write_file(path.c_str(), all.data(), all.size() * 4)) return 1;
+        }
+        pos += static_cast<int>(step.size());
+        const float* l = llama_get_logits_ith(s.ctx, -1);
+        int best = 0;
+        for (int v = 1; v < s.n_vocab; ++v)
+          if (l[v] > l[best]) best = v;
+        std::printf(" %d", best);
+        step.assign(1, best);
+      }
+      std::printf("\n");
     }
     return 0;
   }
