@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# End-to-end CLI test of `moe quantize`: each --type writes a GGUF file whose summary names the
+# types it holds, progress goes to stderr, and bad input (unknown type, missing model, a GGUF
+# path as the model) is a clean error that writes nothing.
+# usage: bash quantize_gguf.sh <moe binary> <fixtures dir>   (run by ctest as cli_quantize_gguf)
+set -u
+
+MOE="${1:?usage: quantize_gguf.sh <moe binary> <fixtures dir>}"
+FIXTURES="${2:?usage: quantize_gguf.sh <moe binary> <fixtures dir>}"
+
+if [[ ! -x "${MOE}" ]]; then
+  echo "FAIL: moe binary '${MOE}' is not executable"
+  exit 1
+fi
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/moe-cli-quantize.XXXXXX")" || { echo "FAIL: mktemp"; exit 1; }
+trap 'rm -rf "${WORK}"' EXIT
+cd "${WORK}" || exit 1
+
+FAILS=0
+fail() { echo "FAIL: $*"; FAILS=$((FAILS + 1)); }
+pass() { echo "ok:   $*"; }
+
+run() {
+  local name="$1"; shift
+  echo "---- ${name}: $*"
+  OUT="$("$@" 2>err.txt)"
+  RC=$?
+  ERR="$(cat err.txt)"
+  printf '%s\n' "${OUT}" | sed 's/^/     | /' | head -n 20
+  if ((RC >= 128)); then
+    fail "${name}: killed by signal $((RC - 128)) (crash?)"
+  fi
+}
+
+for t in f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k; do
+  run "quantize ${t}" "${MOE}" quantize "${FIXTURES}/qwen2_moe" --type "${t}" --out "m-${t}.gguf"
+  if ((RC == 0)) && [[ -s "m-${t}.gguf" ]]; then pass "${t}: exits 0 and writes the file"; else fail "${t}: exit ${RC}"; fi
+  if grep -q "wrote m-${t}.gguf: ${t}" <<<"${OUT}"; then pass "${t}: summary"; else fail "${t}: no summary line"; fi
+  if grep -q "blk.1.ffn_down_exps.weight" <<<"${ERR}"; then pass "${t}: per-tensor progress on stderr"; else fail "${t}: no progress"; fi
+done
+# The GGUF magic, and a q8_0 file is about a quarter of the f32 one.
+if [[ "$(head -c 4 m-q8_0.gguf)" == "GGUF" ]]; then pass "GGUF magic"; else fail "no GGUF magic"; fi
+S32=$(stat -c %s m-f32.gguf); S8=$(stat -c %s m-q8_0.gguf)
+if ((S8 * 3 < S32)); then pass "q8_0 (${S8} B) < f32 (${S32} B) / 3"; else fail "q8_0 ${S8} B vs f32 ${S32} B"; fi
+
+run bad-type "${MOE}" quantize "${FIXTURES}/mixtral" --type q3_k --out bad.gguf
+if ((RC != 0)) && grep -q "q3_k" <<<"${ERR}"; then pass "unknown --type is an error naming it"; else fail "bad type: rc ${RC}: ${ERR}"; fi
+if [[ ! -e bad.gguf ]]; then pass "nothing written"; else fail "bad.gguf written"; fi
+
+run missing "${MOE}" quantize /nonexistent --type q8_0 --out bad.gguf
+if ((RC != 0)) && grep -q "/nonexistent" <<<"${ERR}"; then pass "missing model is an error naming it"; else fail "missing: rc ${RC}"; fi
+if [[ -z "$(ls bad.gguf* 2>/dev/null)" ]]; then pass "no file or temp file left"; else fail "left $(ls bad.gguf*)"; fi
+
+echo "----"
+if ((FAILS > 0)); then
+  echo "quantize_gguf: ${FAILS} check(s) failed"
+  exit 1
+fi
+echo "quantize_gguf: all checks passed"
+exit 0
