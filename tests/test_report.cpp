@@ -66,7 +66,8 @@ class ReportTest : public ::testing::Test {
 };
 
 // 30 steps, 2 MoE layers of 4 experts. Layer 0: expert 2 receives every token; layer 1: uniform.
-// Validation every 10 steps; step 7 has a NaN loss written as null.
+// Validation every 10 steps; step 7 has a NaN loss written as null. The MoE layers are the model's
+// layers 1 and 3.
 std::string synthetic_metrics() {
   std::string out;
   for (int s = 0; s < 30; ++s) {
@@ -82,7 +83,8 @@ std::string synthetic_metrics() {
               {"expert_load", {{0, 0, 64, 0}, {16, 16, 16, 16}}},
               {"load_cv", {1.7320508, 0.0}},
               {"load_max_mean", {4.0, 1.0}},
-              {"dropped", {0, 0}}};
+              {"dropped", {0, 0}},
+              {"moe_layers", {1, 3}}};  // layers 0 and 2 of the model are dense
     if (s % 10 == 9) j["val_loss"] = 5.0 - 0.2 * s;  // steps 9, 19, 29; best at 29: -0.8
     out += j.dump() + "\n";
   }
@@ -92,7 +94,7 @@ std::string synthetic_metrics() {
 TEST_F(ReportTest, WritesSelfContainedHtmlWithEveryChart) {
   write("metrics.jsonl", synthetic_metrics());
   write("config.json", R"({"model_type": "mixtral", "num_hidden_layers": 2, "num_local_experts": 4})");
-  write("train_config.json", R"({"lr": 0.001, "batch_size": 8})");
+  write("train_config.json", R"({"lr": 0.001, "batch_size": 8, "initial_val_loss": 8.0})");
   const std::string out = dir_ + "/report.html";
   const ReportSummary sum = write_report(dir_, out);
   EXPECT_EQ(sum.n_steps, 30);
@@ -128,14 +130,15 @@ TEST_F(ReportTest, WritesSelfContainedHtmlWithEveryChart) {
   // Train loss: 29 points (step 7 was null); loss_ce differs from loss, so it is drawn too.
   EXPECT_NE(loss.find("data-name=\"train loss\" data-points=\"29\""), std::string::npos);
   EXPECT_NE(loss.find("data-name=\"train cross-entropy\" data-points=\"30\""), std::string::npos);
-  EXPECT_NE(loss.find("data-name=\"validation loss\" data-points=\"3\""), std::string::npos);
+  // Validation: the initial loss of train_config.json (before step 0) and steps 9, 19, 29.
+  EXPECT_NE(loss.find("data-name=\"validation loss\" data-points=\"4\""), std::string::npos);
   // The z-loss is all zero: not drawn beside the aux loss.
   const std::string aux = element(html, "<svg id=\"chart-aux\"", "</svg>");
   EXPECT_NE(aux.find("data-name=\"router aux loss\" data-points=\"30\""), std::string::npos);
   EXPECT_EQ(aux.find("z-loss"), std::string::npos);
   const std::string bal = element(html, "<svg id=\"chart-balance\"", "</svg>");
-  EXPECT_NE(bal.find("data-name=\"layer 0\""), std::string::npos);
-  EXPECT_NE(bal.find("data-name=\"layer 1\""), std::string::npos);
+  EXPECT_NE(bal.find("data-name=\"layer 1\""), std::string::npos);  // the model's layer numbers
+  EXPECT_NE(bal.find("data-name=\"layer 3\""), std::string::npos);
 
   // Heatmaps: one per layer, 4 expert rows x 30 step columns, with a legend.
   for (int layer : {0, 1}) {
@@ -143,7 +146,9 @@ TEST_F(ReportTest, WritesSelfContainedHtmlWithEveryChart) {
                             std::to_string(layer) + "\"";
     const std::string svg = element(html, tag, "</svg>");
     ASSERT_FALSE(svg.empty()) << "layer " << layer;
-    EXPECT_NE(svg.find("data-experts=\"4\" data-columns=\"30\""), std::string::npos);
+    EXPECT_NE(svg.find("data-experts=\"4\" data-columns=\"30\" data-model-layer=\"" + std::to_string(2 * layer + 1)),
+              std::string::npos);
+    EXPECT_NE(svg.find("Expert load, layer " + std::to_string(2 * layer + 1)), std::string::npos);
     const std::string cells = element(svg, "<g class=\"cells\"", "</g>");
     EXPECT_EQ(count(cells, "<rect"), 120u);
     EXPECT_NE(svg.find("class=\"legend\""), std::string::npos);
@@ -165,11 +170,13 @@ TEST_F(ReportTest, WritesSelfContainedHtmlWithEveryChart) {
   const std::string summary = element(html, "<table id=\"summary\"", "</table>");
   EXPECT_NE(element(summary, "<tr id=\"sum-best-val-loss\"", "</tr>").find("-0.8 (step 29)"), std::string::npos);
   EXPECT_NE(element(summary, "<tr id=\"sum-final-loss\"", "</tr>").find("1.1 (step 29)"), std::string::npos);
+  EXPECT_NE(element(summary, "<tr id=\"sum-initial-val-loss\"", "</tr>").find("8 (step -1)"), std::string::npos);
+  EXPECT_NE(element(summary, "<tr id=\"sum-val-ratio\"", "</tr>").find("-0.1"), std::string::npos);  // -0.8 / 8
   EXPECT_NE(element(summary, "<tr id=\"sum-mean-tokens-per-s\"", "</tr>").find("5029"), std::string::npos);
   const std::string layers = element(html, "<table id=\"layer-summary\"", "</table>");
   EXPECT_EQ(count(layers, "<tr>"), 3u);  // header + 2 layers
-  EXPECT_NE(layers.find("<td>1.732</td><td>4</td>"), std::string::npos);
-  EXPECT_NE(layers.find("<td>0</td><td>1</td>"), std::string::npos);
+  EXPECT_NE(layers.find("<tr><td>1</td><td>4</td><td>1.732</td><td>4</td>"), std::string::npos);
+  EXPECT_NE(layers.find("<tr><td>3</td><td>4</td><td>0</td><td>1</td>"), std::string::npos);
 
   // Atomic write: no temp file left beside it.
   for (const auto& e : fs::directory_iterator(dir_))
@@ -240,6 +247,8 @@ TEST_F(ReportTest, BadInputNamesFileAndLineAndKeepsTheOldReport) {
   expect_error([&] { write_report(dir_, out); }, {metrics + ":1", "expert_load[0]"});
   write("metrics.jsonl", "{\"step\": 0, \"load_cv\": 3}\n");
   expect_error([&] { write_report(dir_, out); }, {metrics + ":1", "load_cv"});
+  write("metrics.jsonl", "{\"step\": 0, \"moe_layers\": [1.5]}\n");
+  expect_error([&] { write_report(dir_, out); }, {metrics + ":1", "moe_layers"});
   write("metrics.jsonl", "{\"step\": 0, \"loss\": 1}\n");
   write("config.json", "{not json");
   expect_error([&] { write_report(dir_, out); }, {"config.json", "malformed JSON"});

@@ -36,6 +36,7 @@ struct Step {
   std::map<std::string, double> scalar;            // finite numbers only
   std::vector<std::vector<double>> expert_load;    // [layer][expert]
   std::map<std::string, std::vector<double>> per_layer;  // load_cv, load_max_mean, dropped
+  std::vector<int64_t> moe_layers;  // the model's layer index of each expert_load entry
 };
 
 const char* const kScalarKeys[] = {"loss",    "loss_ce",   "aux_loss", "z_loss",   "lr",
@@ -100,6 +101,14 @@ std::vector<Step> read_metrics(const std::string& path) {
       std::vector<double> v;
       for (const json& x : j[key]) v.push_back(number_or_nan(x, where, key));
       s.per_layer[key] = std::move(v);
+    }
+    if (j.contains("moe_layers") && !j["moe_layers"].is_null()) {
+      MOE_CHECK(j["moe_layers"].is_array(), "%s: \"moe_layers\" must be an array of layer indices", where.c_str());
+      for (const json& v : j["moe_layers"]) {
+        MOE_CHECK(v.is_number_integer(), "%s: \"moe_layers\" holds %s, expected layer indices", where.c_str(),
+                  v.dump().c_str());
+        s.moe_layers.push_back(v.get<int64_t>());
+      }
     }
     // The layer and expert counts must not change between lines.
     if (!s.expert_load.empty()) {
@@ -340,7 +349,7 @@ std::string ramp(double t) {
   return buf;
 }
 
-std::string heatmap(const std::vector<Step>& steps, size_t layer) {
+std::string heatmap(const std::vector<Step>& steps, size_t layer, int64_t model_layer) {
   // Columns: the steps with expert-load data, averaged into at most kCols buckets.
   std::vector<const Step*> with;
   for (const Step& s : steps)
@@ -372,9 +381,9 @@ std::string heatmap(const std::vector<Step>& steps, size_t layer) {
   const double h = kT + ph + kB;
   const double cw = pw / double(n_cols);
   std::ostringstream o;
-  const std::string title = "Expert load, layer " + std::to_string(layer) + " (share of routed tokens)";
+  const std::string title = "Expert load, layer " + std::to_string(model_layer) + " (share of routed tokens)";
   o << "<svg class=\"heatmap\" id=\"heatmap-layer-" << layer << "\" data-layer=\"" << layer << "\" data-experts=\""
-    << n_expert << "\" data-columns=\"" << n_cols << "\" xmlns=\"http://www.w3.org/2000/svg\" width=\"" << kW
+    << n_expert << "\" data-columns=\"" << n_cols << "\" data-model-layer=\"" << model_layer << "\" xmlns=\"http://www.w3.org/2000/svg\" width=\"" << kW
     << "\" height=\"" << px(h) << "\" viewBox=\"0 0 " << kW << " " << px(h) << "\" role=\"img\" aria-label=\""
     << esc(title) << "\">\n<title>" << esc(title) << "</title>\n";
   o << "<text class=\"chart-title\" x=\"" << kW / 2 << "\" y=\"20\" text-anchor=\"middle\">" << esc(title)
@@ -515,6 +524,13 @@ td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f2f2f2; } td.k { text-align: left; }
 )";
 
+// The model's layer index of expert_load entry `l` (from the last line that has moe_layers), else l.
+int64_t model_layer_of(const std::vector<Step>& steps, size_t l) {
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it)
+    if (!it->moe_layers.empty()) return l < it->moe_layers.size() ? it->moe_layers[l] : int64_t(l);
+  return int64_t(l);
+}
+
 }  // namespace
 
 ReportSummary write_report(const std::string& run_dir, const std::string& out_html) {
@@ -567,6 +583,13 @@ ReportSummary write_report(const std::string& run_dir, const std::string& out_ht
       if (auto f = s.scalar.find(key); f != s.scalar.end()) return std::make_pair(s.step, f->second);
     return std::make_pair(int64_t(-1), kNaN);
   };
+  // The initial validation loss: train_config.json's initial_val_loss (measured before step one,
+  // drawn at the step before the first line), else the first val_loss line.
+  std::pair<int64_t, double> initial_val = first_of("val_loss");
+  const bool initial_val_from_config = train_config.is_object() && train_config.contains("initial_val_loss") &&
+                                       train_config["initial_val_loss"].is_number();
+  if (initial_val_from_config)
+    initial_val = {steps.front().step - 1, train_config["initial_val_loss"].get<double>()};
   double best_val = kNaN, tps_sum = 0;
   int64_t best_val_step = -1, tps_n = 0;
   for (const Step& s : steps) {
@@ -584,14 +607,18 @@ ReportSummary write_report(const std::string& run_dir, const std::string& out_ht
     h << "<tr id=\"" << id << "\"><td class=\"k\">" << esc(k) << "</td><td>" << esc(v) << "</td></tr>\n";
   };
   auto at_step = [](std::pair<int64_t, double> p) {
-    return p.first < 0 ? std::string("–") : fmt(p.second) + " (step " + std::to_string(p.first) + ")";
+    return !std::isfinite(p.second) ? std::string("–") : fmt(p.second) + " (step " + std::to_string(p.first) + ")";
   };
   row("steps", std::to_string(steps.size()), "sum-steps");
   row("initial loss", at_step(first_of("loss")), "sum-initial-loss");
   row("final loss", at_step(last_of("loss")), "sum-final-loss");
   row("final cross-entropy", at_step(last_of("loss_ce")), "sum-final-loss-ce");
-  row("initial validation loss", at_step(first_of("val_loss")), "sum-initial-val-loss");
+  row("initial validation loss", at_step(initial_val), "sum-initial-val-loss");
   row("best validation loss", at_step({best_val_step, best_val}), "sum-best-val-loss");
+  row("best / initial validation loss",
+      std::isfinite(best_val) && std::isfinite(initial_val.second) && initial_val.second != 0
+          ? fmt(best_val / initial_val.second) : "–",
+      "sum-val-ratio");
   row("final aux loss", at_step(last_of("aux_loss")), "sum-final-aux-loss");
   row("mean tokens/s", tps_n ? fmt(tps_sum / double(tps_n)) : "–", "sum-mean-tokens-per-s");
   row("elapsed (s)", at_step(last_of("elapsed_s")), "sum-elapsed");
@@ -620,7 +647,7 @@ ReportSummary write_report(const std::string& run_dir, const std::string& out_ht
           any_dropped = true;
         }
       }
-      h << "<tr><td>" << l << "</td><td>" << last->expert_load[l].size() << "</td><td>" << fmt(layer_cv(*last, l))
+      h << "<tr><td>" << model_layer_of(steps, l) << "</td><td>" << last->expert_load[l].size() << "</td><td>" << fmt(layer_cv(*last, l))
         << "</td><td>" << fmt(layer_max_mean(*last, l)) << "</td><td>" << (cv_n ? fmt(cv_sum / double(cv_n)) : "–")
         << "</td><td>" << (any_dropped ? fmt(dropped) : "–") << "</td></tr>\n";
     }
@@ -641,6 +668,10 @@ ReportSummary write_report(const std::string& run_dir, const std::string& out_ht
     if (ce_differs || loss[0].x.empty()) loss.push_back(ce);
     Series val = scalar_series(steps, "val_loss", "validation loss", kPalette[1]);
     val.markers = true;
+    if (initial_val_from_config && std::isfinite(initial_val.second)) {  // before the first step
+      val.x.insert(val.x.begin(), double(initial_val.first));
+      val.y.insert(val.y.begin(), initial_val.second);
+    }
     loss.push_back(val);
     h << line_chart("chart-loss", "Loss", "loss", loss);
   }
@@ -660,7 +691,7 @@ ReportSummary write_report(const std::string& run_dir, const std::string& out_ht
   {
     std::vector<Series> cv;
     for (size_t l = 0; l < size_t(sum.n_layers); ++l) {
-      Series s{"layer " + std::to_string(l), kPalette[l % 10], {}, {}, false};
+      Series s{"layer " + std::to_string(model_layer_of(steps, l)), kPalette[l % 10], {}, {}, false};
       for (const Step& st : steps) {
         const double v = layer_cv(st, l);
         if (!std::isfinite(v)) continue;
@@ -678,7 +709,7 @@ ReportSummary write_report(const std::string& run_dir, const std::string& out_ht
   // Heatmaps.
   h << "<h2>Expert load per layer</h2>\n<div class=\"charts heatmaps\">\n";
   if (sum.n_layers == 0) h << "<p class=\"no-data\">no expert_load in metrics.jsonl</p>\n";
-  for (size_t l = 0; l < size_t(sum.n_layers); ++l) h << heatmap(steps, l);
+  for (size_t l = 0; l < size_t(sum.n_layers); ++l) h << heatmap(steps, l, model_layer_of(steps, l));
   h << "</div>\n";
 
   // Settings.

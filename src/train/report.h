@@ -5,9 +5,11 @@
 // on every line; every other key is optional and charted where present:
 //   loss, loss_ce, aux_loss, z_loss, lr, tokens_per_s, grad_norm, elapsed_s, val_loss (numbers;
 //   null or absent = no point), expert_load [[tokens per expert] per MoE layer], load_cv,
-//   load_max_mean, dropped ([per layer]).
+//   load_max_mean, dropped ([per layer]), moe_layers (the model's layer index of each
+//   expert_load entry, used in titles and labels).
 // RUN_DIR/config.json (the model's HF config) and RUN_DIR/train_config.json, when present, give
-// the title and a settings table.
+// the title and a settings table; train_config.json's "initial_val_loss" (measured before the
+// first step) is drawn as the first validation point, at the step before the first line.
 //
 // Output, with ids/classes a test can find:
 //   <svg id="chart-loss">        train loss (and loss_ce when it differs) and validation loss
@@ -16,7 +18,8 @@
 //   <svg id="chart-tokens">      tokens/s
 //   <svg id="chart-grad-norm">   gradient norm
 //   <svg id="chart-balance">     coefficient of variation of expert load, one line per layer
-//   <svg class="heatmap" id="heatmap-layer-L" data-layer="L">  per MoE layer: experts (rows) x
+//   <svg class="heatmap" id="heatmap-layer-L" data-layer="L" data-model-layer="M">  per MoE layer L
+//                                (M: its index among all layers, from "moe_layers"): experts (rows) x
 //                                steps (columns, averaged into at most ~160 buckets), colour =
 //                                that expert's share of the layer's routed tokens, with a legend
 //                                (marking the uniform share 1/E)
