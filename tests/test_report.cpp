@@ -185,6 +185,8 @@ TEST_F(ReportTest, WritesSelfContainedHtmlWithEveryChart) {
 
 TEST_F(ReportTest, ChartsWithoutDataSayNoData) {
   write("metrics.jsonl", "{\"step\": 1, \"loss\": 2.0}\n{\"step\": 2, \"loss\": 1.5}\n");
+  fs::create_directories(dir_ + "/final");  // the final checkpoint's config names the model
+  write("final/config.json", R"({"model_type": "qwen3_moe", "num_experts": 16})");
   const std::string out = dir_ + "/r.html";
   const ReportSummary sum = write_report(dir_, out);
   EXPECT_EQ(sum.n_layers, 0);
@@ -194,6 +196,7 @@ TEST_F(ReportTest, ChartsWithoutDataSayNoData) {
     EXPECT_NE(element(html, std::string("<svg id=\"") + id + "\"", "</svg>").find("no-data"), std::string::npos)
         << id;
   EXPECT_EQ(html.find("class=\"heatmap\""), std::string::npos);
+  EXPECT_NE(html.find("model qwen3_moe · experts 16"), std::string::npos);
 }
 
 TEST_F(ReportTest, LongRunsAreDecimatedKeepingSpikes) {

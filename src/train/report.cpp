@@ -536,7 +536,9 @@ int64_t model_layer_of(const std::vector<Step>& steps, size_t l) {
 ReportSummary write_report(const std::string& run_dir, const std::string& out_html) {
   const std::string metrics_path = (fs::path(run_dir) / "metrics.jsonl").string();
   const std::vector<Step> steps = read_metrics(metrics_path);
-  const json config = read_optional_json((fs::path(run_dir) / "config.json").string());
+  // The model's config: RUN_DIR/config.json, else the final checkpoint's (moe train writes it there).
+  json config = read_optional_json((fs::path(run_dir) / "config.json").string());
+  if (config.is_null()) config = read_optional_json((fs::path(run_dir) / "final" / "config.json").string());
   const json train_config = read_optional_json((fs::path(run_dir) / "train_config.json").string());
 
   ReportSummary sum;

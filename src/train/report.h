@@ -7,7 +7,8 @@
 //   null or absent = no point), expert_load [[tokens per expert] per MoE layer], load_cv,
 //   load_max_mean, dropped ([per layer]), moe_layers (the model's layer index of each
 //   expert_load entry, used in titles and labels).
-// RUN_DIR/config.json (the model's HF config) and RUN_DIR/train_config.json, when present, give
+// RUN_DIR/config.json (the model's HF config; else RUN_DIR/final/config.json, the final checkpoint's)
+// and RUN_DIR/train_config.json, when present, give
 // the title and a settings table; train_config.json's "initial_val_loss" (measured before the
 // first step) is drawn as the first validation point, at the step before the first line.
 //
