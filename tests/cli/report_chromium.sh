@@ -48,7 +48,7 @@ run() {
 chromium_run() {
   local profile
   profile="$(mktemp -d "${WORK}/profile.XXXXXX")"
-  timeout 180 "${CHROMIUM}" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+  HOME="${WORK}" timeout 180 "${CHROMIUM}" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
     --disable-background-networking --disable-component-update --disable-sync --disable-extensions \
     --user-data-dir="${profile}" "$@"
 }
