@@ -708,8 +708,12 @@ TEST(GgufModel, KQuantMixesAndBounds) {
     std::map<GgmlType, int> count;
     for (const GgufTensorInfo& t : f->tensors()) count[t.type]++;
     EXPECT_EQ(f->find_tensor("output.weight")->type, GgmlType::Q6_K);
-    if (ft == GgufFileType::Q4_K_M) EXPECT_GT(count[GgmlType::Q4_K], 5);
-    if (ft == GgufFileType::Q5_K_M) EXPECT_GT(count[GgmlType::Q5_K], 5);
+    if (ft == GgufFileType::Q4_K_M) {
+      EXPECT_GT(count[GgmlType::Q4_K], 5);
+    }
+    if (ft == GgufFileType::Q5_K_M) {
+      EXPECT_GT(count[GgmlType::Q5_K], 5);
+    }
     GgufModel g = load_gguf_model(dir + "/k.gguf");
     double sq = 0, sx = 0;
     for (auto& [name, t] : g.tensors) {
@@ -1034,7 +1038,9 @@ TEST(GgufLlamaCpp, ReadsLlamaCppQuantizedFiles) {
           ++compared;
         }
       }
-      if (ft == GgufFileType::Q8_0 || ft == GgufFileType::Q4_0) EXPECT_GT(compared, 5) << fam << " " << tn;
+      if (ft == GgufFileType::Q8_0 || ft == GgufFileType::Q4_0) {
+        EXPECT_GT(compared, 5) << fam << " " << tn;
+      }
       GgufModel g = load_gguf_model(theirs_p);
       double sq = 0, sx = 0;
       for (auto& [name, t] : g.tensors) {
