@@ -16,6 +16,7 @@ void add_quantize_command(CLI::App& app);
 void add_grad_command(CLI::App& app);
 void add_train_command(CLI::App& app);
 void add_tokenize_bench(CLI::App* bench);
+void add_train_bench(CLI::App* bench);
 void add_report_command(CLI::App& app);
 
 }  // namespace moe

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Training benchmark: `moe bench train` against the eager PyTorch peer
+# (../shared/reference/torch_moe_baseline.py --mode full) on the SAME weights, batch and
+# sequence, in the same run, for
+#   (a) the small mixtral preset (written by `moe init`), and
+#   (b) a Mixtral-shaped 2-layer model (hidden 512, ffn 1792, 8 experts top-2, 8/2 heads,
+#       vocab 32000) written by the torch script's --random-model.
+# Prints tokens/s and training-memory-overhead ratios (targets: >= 2x and <= 0.5x), the
+# expert-GEMM share of the sgemm peak, the E=8 vs E=32 activation peaks, and the BLAS torch found.
+#
+# Usage: bench/train_vs_torch.sh [OUT_DIR]      (env: MOE=path/to/moe, THREADS=2, STEPS=3)
+# Needs bench/setup_torch.sh once (python3-torch, python3-numpy, pthread OpenBLAS).
+# Never fails on time: the numbers are reported, not asserted.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+MOE="${MOE:-$ROOT/build/moe}"
+OUT="${1:-$ROOT/bench/results/train-$(date -u +%F)}"
+THREADS="${THREADS:-2}"
+STEPS="${STEPS:-3}"
+TORCH_PY="${TORCH_PY:-$ROOT/../shared/reference/torch_moe_baseline.py}"
+FIXTURE_LIKE="${FIXTURE_LIKE:-$ROOT/../shared/fixtures/mixtral}"
+PY=/usr/bin/python3
+
+[[ -x "$MOE" ]] || { echo "train_vs_torch: $MOE not built (set MOE=...)" >&2; exit 1; }
+[[ -f "$TORCH_PY" ]] || { echo "train_vs_torch: $TORCH_PY not found" >&2; exit 1; }
+"$PY" -c 'import torch' 2>/dev/null || { echo "train_vs_torch: no torch for $PY: run bench/setup_torch.sh" >&2; exit 1; }
+mkdir -p "$OUT"
+WORK="$(mktemp -d /tmp/moe-train-bench-XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+export OMP_NUM_THREADS="$THREADS"
+
+note_load() {  # the machine's load next to every measurement: > cores means a shared, noisy machine
+  echo "# $(date -u +%FT%TZ) uptime:$(uptime | sed 's/.*load average/ load average/') (cores: $(nproc))"
+}
+
+# run_case NAME MODEL_DIR BATCH SEQ [extra moe args...]
+run_case() {
+  local name="$1" dir="$2" batch="$3" seq="$4"
+  shift 4
+  echo "== $name: batch $batch x seq $seq, $STEPS timed steps after 1 warm-up, $THREADS threads"
+  { note_load; echo "\$ moe bench train --model $dir --batch $batch --seq $seq --steps $STEPS --warmup-steps 1 --json $*"; } \
+    > "$OUT/$name-moe.log"
+  "$MOE" bench train --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup-steps 1 --json "$@" \
+    >> "$OUT/$name-moe.log" 2>&1
+  note_load >> "$OUT/$name-moe.log"
+  { note_load; echo "\$ torch_moe_baseline.py --mode full --model $dir --batch $batch --seq $seq --steps $STEPS --threads $THREADS --json"; } \
+    > "$OUT/$name-torch.log"
+  "$PY" "$TORCH_PY" --mode full --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup 1 \
+    --threads "$THREADS" --json >> "$OUT/$name-torch.log" 2>&1
+  note_load >> "$OUT/$name-torch.log"
+}
+
+# (a) the small preset, as `moe init` writes it (f32)
+"$MOE" init --arch mixtral --preset small --dtype f32 --out "$WORK/small" > /dev/null
+run_case small "$WORK/small" 4 256 --act-sweep 8,32
+
+# (b) Mixtral-shaped, 2 layers
+"$PY" "$TORCH_PY" --random-model "$WORK/mixtral2l" --like "$FIXTURE_LIKE" --hidden 512 --layers 2 --experts 8 \
+  --topk 2 --ffn 1792 --vocab 32000 --heads 8 --kv-heads 2 > "$OUT/mixtral2l-init.log" 2>&1
+cp "$WORK/mixtral2l/config.json" "$OUT/mixtral2l-config.json"
+run_case mixtral2l "$WORK/mixtral2l" 4 256 --act-sweep 8,32
+
+"$PY" - "$OUT" <<'PY' | tee "$OUT/summary.txt"
+import json, sys
+out = sys.argv[1]
+def last_json(path):
+    for line in reversed(open(path).read().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise SystemExit(f"{path}: no JSON line (see the log)")
+mib = 2 ** 20
+print(f"{'case':<10} {'moe tok/s':>10} {'torch tok/s':>11} {'ratio':>6} (>=2) | {'moe ovh MiB':>11} {'torch ovh MiB':>13} "
+      f"{'ratio':>6} (<=0.5) | {'expert GEMM % peak':>18} (>=50) | act E8->E32")
+blas = set()
+for name in ("small", "mixtral2l"):
+    m, t = last_json(f"{out}/{name}-moe.log"), last_json(f"{out}/{name}-torch.log")
+    blas.add(f"{t['blas']} -> {t['blas_lib']} ({t['gemm_gflops_f32']} GFLOP/s f32 1024^3), torch {t['torch']}")
+    sweep = m.get("act_sweep", [])
+    act = (f"x{sweep[-1]['activations_peak_bytes'] / sweep[0]['activations_peak_bytes']:.3f}" if len(sweep) >= 2 else "-")
+    print(f"{name:<10} {m['tokens_per_s']:>10.1f} {t['tokens_per_s']:>11.1f} {m['tokens_per_s'] / t['tokens_per_s']:>6.2f}       | "
+          f"{m['peak_rss_increase_bytes'] / mib:>11.1f} {t['peak_rss_increase_bytes'] / mib:>13.1f} "
+          f"{m['peak_rss_increase_bytes'] / t['peak_rss_increase_bytes']:>6.2f}         | "
+          f"{100 * m['expert_fraction_of_peak']:>17.1f}%       | {act}")
+    print(f"{'':<10} moe: sgemm peak {m['sgemm_peak_flops'] / 1e9:.1f} GFLOP/s, expert GEMMs {m['expert_flops_per_s'] / 1e9:.1f} "
+          f"GFLOP/s ({100 * m['expert_fraction_of_step']:.0f}% of the step); activations {m['activations_peak_bytes'] / mib:.1f} MiB "
+          f"measured vs {m['activations_layout_bytes'] / mib:.1f} MiB layout; peaks " +
+          ", ".join(f"{k} {v / mib:.1f}" for k, v in m["mem_peak_bytes"].items()) + " MiB")
+    print(f"{'':<10} losses moe {' '.join(f'{x:.4f}' for x in m['losses'])} | torch {' '.join(f'{x:.4f}' for x in t['losses'])}")
+for b in sorted(blas):
+    print("torch BLAS:", b)
+PY
+echo "logs in $OUT"

@@ -1,0 +1,430 @@
+// cmd_bench_train.cpp — `moe bench train`: training throughput and memory on a random model of
+// a preset shape (or a model directory), reported against figures measured in the same run
+// (never asserted on time).
+//
+// One step is what the trainer does: zero the gradients, forward_backward, global-norm clip,
+// AdamW. Reported:
+//  - tokens/s of the median timed step;
+//  - peak bytes per tracked category and the peak RSS; the training memory overhead is the
+//    peak RSS during the steps minus the RSS after load (the kernel's high-water mark is reset
+//    after load), the same definition as the PyTorch peer's peak_rss_increase_bytes;
+//  - expert-GEMM FLOP/s: expert_ffn_forward_train + expert_ffn_backward re-run on the last
+//    timed step's routing (rows per expert of every MoE layer), 18·P·D·F FLOPs per layer
+//    (3 forward GEMMs and 6 backward GEMMs of 2·rows·D·F), over the f32 sgemm peak (a square
+//    cblas_sgemm, best of several, measured before and after the timed work, the better kept);
+//  - activation peak against the activation layout's prediction, and with --act-sweep E1,E2,..
+//    the same for models that differ only in their expert count (activation memory must grow
+//    with tokens·top-k, not tokens·experts).
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/cli_util.h"
+#include "cli/commands.h"
+#include "core/memory.h"
+#include "core/rng.h"
+#include "model/activations.h"
+#include "model/model_train.h"
+#include "model/random_init.h"
+#include "ops/ops.h"
+#include "train/optimizer.h"
+
+namespace moe {
+namespace {
+
+struct TrainBenchOpts {
+  std::string arch = "mixtral", preset = "small", model_dir, act_sweep;
+  int64_t layers = 0, experts = 0, topk = 0, batch = 4, seq = 256, steps = 5, warmup = 1;
+  double lr = 1e-4, clip = 1.0;
+  uint64_t seed = 1;
+  bool recompute = false, json = false;
+};
+
+// A field of /proc/self/status in bytes ("VmRSS", "VmHWM"); 0 when unreadable.
+int64_t proc_status_bytes(const char* key) {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  const size_t n = std::strlen(key);
+  while (std::getline(f, line))
+    if (line.compare(0, n, key) == 0 && line.size() > n && line[n] == ':') {
+      std::istringstream in(line.substr(n + 1));
+      int64_t kb = 0;
+      in >> kb;
+      return kb * 1024;
+    }
+  return 0;
+}
+
+// Resets the kernel's RSS high-water mark (VmHWM := VmRSS; Linux >= 4.0), as the torch peer does.
+bool reset_peak_rss() {
+  std::ofstream f("/proc/self/clear_refs");
+  if (!f) return false;
+  f << "5";
+  f.flush();
+  return bool(f);
+}
+
+// f32 GEMM peak: C = A·Bᵀ of n×n matrices through cblas_sgemm, best of `reps` after one warm-up.
+double measure_sgemm_peak(int64_t n = 2048, int reps = 4) {
+  Rng rng(7);
+  Tensor a = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
+  Tensor b = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
+  Tensor c = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
+  for (int64_t i = 0; i < n * n; ++i) a.data<float>()[i] = float(rng.uniform() - 0.5);
+  for (int64_t i = 0; i < n * n; ++i) b.data<float>()[i] = float(rng.uniform() - 0.5);
+  double best = 1e30;
+  for (int rep = 0; rep <= reps; ++rep) {
+    const double t0 = now_seconds();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(n), int(n), 1.0f, a.data<float>(), int(n),
+                b.data<float>(), int(n), 0.0f, c.data<float>(), int(n));
+    if (rep > 0) best = std::min(best, now_seconds() - t0);
+  }
+  return 2.0 * double(n) * double(n) * double(n) / best;
+}
+
+ModelConfig bench_config(const TrainBenchOpts& o) {
+  ModelConfig c = o.model_dir.empty() ? preset_config(o.arch, o.preset) : load_hf_config(o.model_dir + "/config.json");
+  if (o.layers > 0) c.n_layer = o.layers;
+  if (o.experts > 0) c.n_expert = o.experts;
+  if (o.topk > 0) c.n_expert_used = o.topk;
+  MOE_CHECK(c.n_expert_used <= c.n_expert, "--topk %lld exceeds the number of experts %lld",
+            (long long)c.n_expert_used, (long long)c.n_expert);
+  MOE_CHECK(o.seq <= c.max_position_embeddings, "--seq %lld exceeds the model's max_position_embeddings %lld",
+            (long long)o.seq, (long long)c.max_position_embeddings);
+  return c;
+}
+
+// The model the steps train: f32 weights the engine owns (the optimizer writes into them), as
+// the trainer holds them. From o.model_dir when given (used as written), else random weights of cfg.
+Model build_model(const TrainBenchOpts& o, const ModelConfig& cfg) {
+  LoadOptions lo;
+  lo.keep_dtype = false;
+  lo.weight_dtype = DType::F32;
+  if (!o.model_dir.empty()) {
+    Model m = Model::load(o.model_dir, lo);
+    m.mutable_weights() = transform_weights(m.config(), m.weights(), [](const Tensor& t) {
+      Tensor out = Tensor::empty(t.shape(), DType::F32, MemCategory::Weights);
+      out.copy_from(t);
+      return out;
+    });
+    return m;
+  }
+  return Model::from_tensors(cfg, random_weights(cfg, o.seed, DType::F32), lo);
+}
+
+// Random token ids [B,S] i32 (labels are the ids themselves, as in the torch peer).
+Tensor random_ids(Rng& rng, int64_t b, int64_t s, int64_t vocab) {
+  Tensor ids = Tensor::empty({b, s}, DType::I32, MemCategory::Workspace);
+  for (int64_t i = 0; i < b * s; ++i) ids.data<int32_t>()[i] = int32_t(rng.next() % uint64_t(vocab));
+  return ids;
+}
+
+struct ExpertTiming {
+  double seconds = 0;  // all MoE layers, forward + backward, median of the repetitions
+  double flops = 0;    // 18·P·D·F summed over the MoE layers
+  int64_t rows = 0;    // P summed over the MoE layers
+};
+
+// Re-runs the expert ops of every MoE layer on the routing of one step (router counts per
+// layer), with the model's weights and gradient tensors and random inputs of those shapes.
+ExpertTiming time_expert_ops(const Model& m, ModelWeights& grads, const StepLosses& step, int reps = 3) {
+  const ModelConfig& c = m.config();
+  const int64_t d = c.hidden_size, f = c.moe_intermediate_size, e_n = c.n_expert;
+  struct LayerCase {
+    int64_t layer;
+    Tensor offsets, xp, yp, h1, h3, dyp, dxp, drs, rs;
+  };
+  std::vector<LayerCase> cases;
+  Rng rng(11);
+  auto fill = [&](Tensor& t, double scale) {
+    for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = float((rng.uniform() - 0.5) * scale);
+  };
+  ExpertTiming r;
+  for (size_t i = 0; i < step.router.size(); ++i) {
+    LayerCase lc;
+    lc.layer = step.moe_layers[i];
+    lc.offsets = Tensor::empty({e_n + 1}, DType::I32, MemCategory::Workspace);
+    int32_t* off = lc.offsets.data<int32_t>();
+    off[0] = 0;
+    for (int64_t e = 0; e < e_n; ++e) off[e + 1] = off[e] + int32_t(step.router[i].count[size_t(e)]);
+    const int64_t p = off[e_n];
+    if (p == 0) continue;
+    auto make = [&](int64_t cols, double scale) {
+      Tensor t = Tensor::empty({p, cols}, DType::F32, MemCategory::Workspace);
+      fill(t, scale);
+      return t;
+    };
+    lc.xp = make(d, 2.0);
+    lc.dyp = make(d, 1e-3);
+    lc.yp = make(d, 0);
+    lc.h1 = make(f, 0);
+    lc.h3 = make(f, 0);
+    lc.dxp = make(d, 0);
+    lc.drs = Tensor::empty({p}, DType::F32, MemCategory::Workspace);
+    lc.rs = Tensor::empty({p}, DType::F32, MemCategory::Workspace);
+    for (int64_t j = 0; j < p; ++j) lc.rs.data<float>()[j] = 0.5f;
+    r.rows += p;
+    r.flops += 18.0 * double(p) * double(d) * double(f);
+    cases.push_back(std::move(lc));
+  }
+  std::vector<double> times;
+  for (int rep = 0; rep < reps; ++rep) {
+    const double t0 = now_seconds();
+    for (LayerCase& lc : cases) {
+      const LayerWeights& w = m.weights().layers[size_t(lc.layer)];
+      LayerWeights& g = grads.layers[size_t(lc.layer)];
+      expert_ffn_forward_train(lc.yp, lc.h1, lc.h3, lc.xp, lc.offsets, w.w1, w.w3, w.w2, lc.rs);
+      expert_ffn_backward(lc.dxp, g.w1, g.w3, g.w2, lc.drs, lc.dyp, lc.xp, lc.h1, lc.h3, lc.offsets, w.w1, w.w3, w.w2,
+                          lc.rs);
+    }
+    times.push_back(now_seconds() - t0);
+  }
+  std::sort(times.begin(), times.end());
+  r.seconds = times[times.size() / 2];
+  return r;
+}
+
+// Peak Activations (and Workspace) bytes of one forward_backward of a model that differs from
+// cfg only in its expert count, and the layout's prediction.
+struct ActPoint {
+  int64_t experts = 0;
+  int64_t measured = 0, workspace = 0, layout = 0;
+};
+
+ActPoint measure_activations(const TrainBenchOpts& o, ModelConfig cfg, int64_t experts) {
+  cfg.n_expert = experts;
+  MOE_CHECK(cfg.n_expert_used <= experts, "--act-sweep: %lld experts is fewer than top-k %lld", (long long)experts,
+            (long long)cfg.n_expert_used);
+  LoadOptions lo;
+  lo.keep_dtype = false;
+  lo.weight_dtype = DType::F32;
+  Model m = Model::from_tensors(cfg, random_weights(cfg, o.seed, DType::F32), lo);
+  ModelWeights grads = zeros_like(cfg, m.weights(), MemCategory::Grads);
+  Rng rng(o.seed + 1);
+  Tensor ids = random_ids(rng, o.batch, o.seq, cfg.vocab_size);
+  LossOptions lopt;
+  lopt.aux_coef = cfg.router_aux_loss_coef;
+  lopt.recompute = o.recompute;
+  const int dev = int(Device::CPU);
+  const int64_t act0 = mem_stats().current[dev][int(MemCategory::Activations)];
+  const int64_t ws0 = mem_stats().current[dev][int(MemCategory::Workspace)];
+  mem_reset_peaks();
+  forward_backward(m, ids, ids, &grads, lopt);
+  const MemStats st = mem_stats();
+  ActPoint p;
+  p.experts = experts;
+  p.measured = st.peak[dev][int(MemCategory::Activations)] - act0;
+  p.workspace = st.peak[dev][int(MemCategory::Workspace)] - ws0;
+  p.layout = activation_layout(cfg, o.batch, o.seq, o.recompute ? ActMode::TrainingRecompute : ActMode::Training)
+                 .total_bytes(cfg);
+  return p;
+}
+
+std::vector<int64_t> parse_int_list(const std::string& s, const char* flag) {
+  std::vector<int64_t> out;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    char* end = nullptr;
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    MOE_CHECK(!item.empty() && end && *end == '\0' && v > 0 && v <= 4096,
+              "%s: expected a comma-separated list of positive integers, got '%s'", flag, s.c_str());
+    out.push_back(v);
+  }
+  return out;
+}
+
+double mib(double b) { return b / double(1 << 20); }
+
+// The timed training steps and everything measured on them; fills *out (the JSON fields) and
+// returns the model's config.
+ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann::json* out) {
+  const int dev = int(Device::CPU);
+  const int threads = omp_get_max_threads();
+  const std::string what = o.model_dir.empty() ? o.arch + "/" + o.preset : o.model_dir;
+  const double peak_before = measure_sgemm_peak();
+
+  // ---- model, then the RSS the training overhead is measured from ----
+  double t_load = now_seconds();
+  Model m = build_model(o, cfg);
+  t_load = now_seconds() - t_load;
+  const ModelConfig& mc = m.config();
+  const int64_t rss_after_load = proc_status_bytes("VmRSS");
+  const bool hwm_reset = reset_peak_rss();
+  mem_reset_peaks();
+  const MemStats at_load = mem_stats();
+
+  ModelWeights grads = zeros_like(mc, m.weights(), MemCategory::Grads);
+  const std::vector<NamedParam> gparams = named_parameters(mc, grads);
+  AdamWOptions aopt;  // torch.optim.AdamW defaults, weight decay 0 (HF Trainer's default)
+  AdamW opt(named_parameters(mc, m.weights()), gparams, aopt);
+  LossOptions lopt;
+  lopt.aux_coef = mc.router_aux_loss_coef;
+  lopt.recompute = o.recompute;
+  std::vector<std::vector<bool>> touched(size_t(mc.n_layer), std::vector<bool>(size_t(std::max<int64_t>(mc.n_expert, 1))));
+
+  Rng rng(o.seed + 1);
+  std::vector<double> times, losses;
+  StepLosses last;
+  for (int64_t step = 0; step < o.warmup + o.steps; ++step) {
+    Tensor ids = random_ids(rng, o.batch, o.seq, mc.vocab_size);
+    const double t0 = now_seconds();
+    for (const NamedParam& g : gparams) std::memset(g.value.raw(), 0, g.value.nbytes());
+    for (auto& row : touched) std::fill(row.begin(), row.end(), false);
+    StepLosses r = forward_backward(m, ids, ids, &grads, lopt);
+    for (size_t i = 0; i < r.router.size(); ++i)
+      for (size_t e = 0; e < r.router[i].count.size(); ++e)
+        if (r.router[i].count[e] > 0) touched[size_t(r.moe_layers[i])][e] = true;
+    clip_grad_norm(gparams, o.clip);
+    opt.step(o.lr, touched);
+    const double dt = now_seconds() - t0;
+    losses.push_back(r.total);
+    const bool warm = step < o.warmup;
+    if (!warm) times.push_back(dt);
+    std::printf("step %lld/%lld%s: loss %.6f  %.3f s  rss %.0f MiB\n", (long long)step + 1,
+                (long long)(o.warmup + o.steps), warm ? " (warm-up)" : "", r.total, dt,
+                mib(double(proc_status_bytes("VmRSS"))));
+    std::fflush(stdout);
+    last = std::move(r);
+  }
+  const MemStats st = mem_stats();
+  const int64_t hwm = proc_status_bytes("VmHWM");
+  const int64_t peak_rss = hwm_reset ? hwm : std::max(hwm, rss_after_load);
+  const int64_t overhead = peak_rss - rss_after_load;
+  std::vector<double> sorted = times;
+  std::sort(sorted.begin(), sorted.end());
+  const double step_s = sorted[sorted.size() / 2];
+  const double tok_s = double(o.batch * o.seq) / step_s;
+
+  // ---- expert GEMMs on the last step's routing, then the GEMM peak again ----
+  const ExpertTiming et = time_expert_ops(m, grads, last);
+  const double peak_after = measure_sgemm_peak();
+  const double peak = std::max(peak_before, peak_after);
+  const double expert_flops = et.seconds > 0 ? et.flops / et.seconds : 0;
+
+  const int64_t act_peak = st.peak[dev][int(MemCategory::Activations)] - at_load.current[dev][int(MemCategory::Activations)];
+  const int64_t act_layout =
+      activation_layout(mc, o.batch, o.seq, o.recompute ? ActMode::TrainingRecompute : ActMode::Training).total_bytes(mc);
+
+  std::printf("\ntrain: median step %.3f s = %.1f tokens/s (%lld tokens/step); model ready in %.1f s, %s params\n",
+              step_s, tok_s, (long long)(o.batch * o.seq), t_load, with_commas(m.n_params_total()).c_str());
+  std::printf("f32 sgemm peak (2048^3 cblas_sgemm, best of 4): %.1f GFLOP/s before, %.1f after -> %.1f GFLOP/s\n",
+              peak_before / 1e9, peak_after / 1e9, peak / 1e9);
+  std::printf("expert GEMMs (forward_train + backward, last step's routing: %lld rows over %zu MoE layers): "
+              "%.2f GFLOP in %.3f s = %.1f GFLOP/s = %.1f%% of the sgemm peak (target >= 50%%); %.0f%% of the step\n",
+              (long long)et.rows, last.router.size(), et.flops / 1e9, et.seconds, expert_flops / 1e9,
+              100.0 * expert_flops / peak, 100.0 * et.seconds / step_s);
+  std::printf("memory peaks during the steps (tracked):");
+  for (int c = 0; c < kNumMemCategories; ++c)
+    if (st.peak[dev][c] > 0) std::printf(" %s %.1f MiB", mem_category_name(MemCategory(c)), mib(double(st.peak[dev][c])));
+  std::printf("; total %.1f MiB\n", mib(double(st.peak_total[dev])));
+  std::printf("RSS: after load %.1f MiB, peak during the steps %.1f MiB, training overhead %.1f MiB%s\n",
+              mib(double(rss_after_load)), mib(double(peak_rss)), mib(double(overhead)),
+              hwm_reset ? "" : " (high-water mark not resettable: peak includes loading)");
+  std::printf("activations: measured peak %.1f MiB, layout (ActivationLayout::total_bytes) %.1f MiB, ratio %.3f\n",
+              mib(double(act_peak)), mib(double(act_layout)), act_layout > 0 ? double(act_peak) / double(act_layout) : 0.0);
+  std::fflush(stdout);
+
+  nlohmann::json j = {{"bench", "train"}, {"model", what}, {"model_type", mc.model_type}, {"layers", mc.n_layer},
+                      {"hidden", mc.hidden_size}, {"ffn", mc.moe_intermediate_size}, {"experts", mc.n_expert},
+                      {"topk", mc.n_expert_used}, {"vocab", mc.vocab_size}, {"params_total", m.n_params_total()},
+                      {"batch", o.batch}, {"seq", o.seq}, {"steps", o.steps}, {"warmup", o.warmup},
+                      {"threads", threads}, {"recompute", o.recompute}, {"step_time_s_median", step_s},
+                      {"step_times_s", times}, {"tokens_per_s", tok_s}, {"losses", losses},
+                      {"rss_after_load_bytes", rss_after_load}, {"peak_rss_bytes", peak_rss},
+                      {"peak_rss_increase_bytes", overhead}, {"peak_is_training_only", hwm_reset},
+                      {"activations_peak_bytes", act_peak}, {"activations_layout_bytes", act_layout},
+                      {"sgemm_peak_flops", peak}, {"sgemm_peak_before_flops", peak_before},
+                      {"sgemm_peak_after_flops", peak_after}, {"expert_flops", et.flops},
+                      {"expert_seconds", et.seconds}, {"expert_flops_per_s", expert_flops},
+                      {"expert_fraction_of_peak", peak > 0 ? expert_flops / peak : 0.0},
+                      {"expert_fraction_of_step", et.seconds / step_s}};
+  nlohmann::json mem = nlohmann::json::object();
+  for (int c = 0; c < kNumMemCategories; ++c)
+    if (st.peak[dev][c] > 0) mem[mem_category_name(MemCategory(c))] = st.peak[dev][c];
+  mem["total"] = st.peak_total[dev];
+  j["mem_peak_bytes"] = mem;
+
+  *out = j;
+  return mc;
+}
+
+void run_train_bench(const TrainBenchOpts& o) {
+  MOE_CHECK(o.model_dir.empty() || (o.layers == 0 && o.experts == 0 && o.topk == 0),
+            "--model: the directory's shape is used as written (--layers/--experts/--topk apply to presets)");
+  const ModelConfig cfg = bench_config(o);
+  const std::vector<int64_t> sweep = o.act_sweep.empty() ? std::vector<int64_t>{} : parse_int_list(o.act_sweep, "--act-sweep");
+  const int threads = omp_get_max_threads();
+  const std::string what = o.model_dir.empty() ? o.arch + "/" + o.preset : o.model_dir;
+  std::printf("bench train: %s (%s, %lld layers, D %lld, F %lld, E %lld, K %lld, V %lld), batch %lld x seq %lld, "
+              "%lld timed steps after %lld warm-up, %d threads, recompute %s\n",
+              what.c_str(), cfg.model_type.c_str(), (long long)cfg.n_layer, (long long)cfg.hidden_size,
+              (long long)cfg.moe_intermediate_size, (long long)cfg.n_expert, (long long)cfg.n_expert_used,
+              (long long)cfg.vocab_size, (long long)o.batch, (long long)o.seq, (long long)o.steps,
+              (long long)o.warmup, threads, o.recompute ? "on" : "off");
+  std::fflush(stdout);
+  nlohmann::json j;
+  const ModelConfig mcfg = run_steps(o, cfg, &j);  // the model is gone when it returns
+
+  // ---- activation memory against the expert count (other models) ----
+  nlohmann::json js = nlohmann::json::array();
+  std::vector<ActPoint> pts;
+  for (int64_t e : sweep) {
+    ActPoint p = measure_activations(o, mcfg, e);
+    std::printf("activations at E=%lld (K %lld): measured peak %.2f MiB (+ workspace %.2f MiB), layout %.2f MiB\n",
+                (long long)e, (long long)mcfg.n_expert_used, mib(double(p.measured)), mib(double(p.workspace)),
+                mib(double(p.layout)));
+    js.push_back({{"experts", e}, {"activations_peak_bytes", p.measured}, {"workspace_peak_bytes", p.workspace},
+                  {"activations_layout_bytes", p.layout}});
+    pts.push_back(p);
+  }
+  if (pts.size() >= 2) {
+    const ActPoint &a = pts.front(), &b = pts.back();
+    std::printf("activation growth E=%lld -> E=%lld: measured x%.3f, layout x%.3f (tokens*experts scaling would be "
+                "x%.2f, tokens*top-k x1.00)\n",
+                (long long)a.experts, (long long)b.experts, double(b.measured) / double(a.measured),
+                double(b.layout) / double(a.layout), double(b.experts) / double(a.experts));
+  }
+  if (!sweep.empty()) j["act_sweep"] = js;
+  if (o.json) std::printf("%s\n", j.dump().c_str());
+}
+
+}  // namespace
+
+void add_train_bench(CLI::App* bench) {
+  auto o = std::make_shared<TrainBenchOpts>();
+  CLI::App* cmd = bench->add_subcommand("train", "training steps/s, memory and expert-GEMM FLOP/s against the sgemm "
+                                                 "peak of the same run");
+  cmd->add_option("--arch", o->arch, "model family of the preset")->capture_default_str();
+  cmd->add_option("--preset", o->preset, "tiny, small, medium or 8x7b")->capture_default_str();
+  cmd->add_option("--model", o->model_dir, "HF-format model directory instead of a random preset model (the same "
+                                           "weights another tool trains)");
+  cmd->add_option("--layers", o->layers, "override the preset's layer count")->check(CLI::Range(1, 1000));
+  cmd->add_option("--experts", o->experts, "override the preset's expert count E")->check(CLI::Range(1, 4096));
+  cmd->add_option("--topk", o->topk, "override the preset's experts per token K")->check(CLI::Range(1, 4096));
+  cmd->add_option("--batch", o->batch, "sequences per step")->capture_default_str()->check(CLI::Range(1, 4096));
+  cmd->add_option("--seq", o->seq, "tokens per sequence")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+  cmd->add_option("--steps", o->steps, "timed steps (the median is reported)")->capture_default_str()
+      ->check(CLI::Range(1, 10000));
+  cmd->add_option("--warmup-steps", o->warmup, "untimed steps first")->capture_default_str()->check(CLI::Range(0, 1000));
+  cmd->add_option("--lr", o->lr, "AdamW learning rate")->capture_default_str();
+  cmd->add_option("--clip", o->clip, "global gradient-norm clip (0 = off)")->capture_default_str();
+  cmd->add_option("--seed", o->seed, "weights and tokens seed")->capture_default_str();
+  cmd->add_flag("--recompute", o->recompute, "per-layer activation recompute");
+  cmd->add_option("--act-sweep", o->act_sweep, "also measure one step's activation peak at these expert counts "
+                                               "(e.g. 8,32), equal top-k");
+  cmd->add_flag("--json", o->json, "also print one JSON line (last)");
+  cmd->callback([o]() { run_train_bench(*o); });
+}
+
+}  // namespace moe
