@@ -337,16 +337,22 @@ TEST(PlanVsEngine, MediumPresetInference) {
 
 TEST(PlanVsEngine, ActivationFormulaTinyMixtralByHand) {
   // tiny mixtral: V 256, D 64, H 4, Hkv 2, Dh 16, E 8, K 2, F 128. f32, B 2, S 16 -> T 32, P 64.
-  // persistent: x, h, y 3*32*64*4 = 24,576; q, attn 2*32*64*4 = 16,384; k, v 2*32*32*4 = 8,192 -> 49,152.
+  // persistent: x, h, y 3*32*64*4 = 24,576.
+  // attention block: qkv 32*(64+32+32)*4 = 16,384; its split q, k, v 16,384; attn 32*64*4 = 8,192
+  //   -> 40,960.
   // MoE layer: logits 32*8*4 = 1,024; topk idx+w 2*32*2*4 = 512; offsets 9*4 = 36;
   //   perm, inv, row_scale 3*64*4 = 768; xp, yp 2*64*64*4 = 32,768 -> 35,108.
   // head (all positions): hf 32*64*4 = 8,192 + logits 32*256*4 = 32,768 -> 40,960.
-  // peak = 49,152 + max(35,108, 40,960) = 90,112.
+  // peak = 24,576 + max(40,960, 35,108, 40,960) = 65,536.
   PlanModel m = plan_model_from_config(preset_config("mixtral", "tiny"));
-  EXPECT_EQ(engine_forward_activation_bytes(m, 2, 16, 4, false), 90112);
-  // last position only: xf 2*64*4 = 512 + hf 512 + logits 2*256*4 = 2,048 -> 3,072 < 35,108:
-  // peak = 49,152 + 35,108 = 84,260.
-  EXPECT_EQ(engine_forward_activation_bytes(m, 2, 16, 4, true), 84260);
+  EXPECT_EQ(engine_forward_activation_bytes(m, 2, 16, 4, false), 65536);
+  // last position only: xf 2*64*4 = 512 + hf 512 + logits 2*256*4 = 2,048 -> 3,072; the
+  // attention block bounds the peak: 24,576 + 40,960 = 65,536.
+  EXPECT_EQ(engine_forward_activation_bytes(m, 2, 16, 4, true), 65536);
+  // One token (decode): q, k, v are views of qkv: 3*64*4 + 128*4 + 64*4 = 768 + 512 + 256;
+  // MoE: 32 + 16 + 36 + 24 + 1,024 = 1,132 (logits 8*4, topk 16, offsets 36, perm/inv/scale
+  // 3*2*4, xp/yp 2*2*64*4); head 256 + 1,024 = 1,280 -> 768 + 1,280 = 2,048.
+  EXPECT_EQ(engine_forward_activation_bytes(m, 1, 1, 4, true), 2048);
 }
 
 // ---- hand-derived training / fine-tuning worked examples (Mixtral-8x7B) ---------------------

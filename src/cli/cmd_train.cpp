@@ -23,6 +23,9 @@ void add_train_command(CLI::App& app) {
   cmd->add_flag("--resume", c.resume, "continue from the newest checkpoint in --out");
   cmd->add_option("--config", o->config, "JSON file of options (keys as these flags without dashes); flags given here win");
   cmd->add_option("--steps", c.steps, "optimizer steps in total")->capture_default_str();
+  cmd->add_option("--stop-after", c.stop_after,
+                  "stop after N steps of this run, with a checkpoint (continue later with --resume); the schedule still spans --steps")
+      ->capture_default_str();
   cmd->add_option("--batch-size", c.batch_size, "sequences per micro-batch")->capture_default_str();
   cmd->add_option("--grad-accum", c.grad_accum, "micro-batches per optimizer step")->capture_default_str();
   cmd->add_option("--seq-len", c.seq_len, "tokens per sequence (0: the file's, or 256 for text)")->capture_default_str();
@@ -84,6 +87,7 @@ void add_train_command(CLI::App& app) {
       if (!given("--save-every")) c.save_every = from_file.save_every;
       if (!given("--log-every")) c.log_every = from_file.log_every;
       if (!given("--max-tokens")) c.max_tokens = from_file.max_tokens;
+      if (!given("--stop-after")) c.stop_after = from_file.stop_after;
     }
     MOE_CHECK(!c.data.empty(), "moe train: --data FILE is required (or \"data\" in --config)");
     c.schedule = o->schedule == "constant" ? LrSchedule::Constant : LrSchedule::Cosine;

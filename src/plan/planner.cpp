@@ -122,13 +122,16 @@ int64_t engine_forward_activation_bytes(const PlanModel& m, int64_t batch, int64
   const int64_t kd = m.attn == AttnKind::MLA ? qd : m.n_head_kv * m.head_dim;
   const int64_t vd = m.attn == AttnKind::MLA ? od : kd;
   const bool f32 = a == 4;
-  // x, h, y [T,D]; q [T,H*Dh]; kk, vv [T,Hkv*Dh]; attn [T,H*Dh]
-  const int64_t persistent = a * t * (3 * d + qd + od + kd + vd);
-  int64_t layer_max = 0;
+  // x, h, y [T,D] live through the forward.
+  const int64_t persistent = a * t * 3 * d;
+  // The attention block's temporaries (attention_block_infer): the stacked projection output
+  // qkv [T,q+k+v], its split copies q, k, v (views when T = 1) and the attention output.
+  const int64_t attn_tmp = a * t * (qd + kd + vd) * (t > 1 ? 2 : 1) + a * t * od;
+  int64_t layer_max = attn_tmp;
   for (auto& l : m.layers) {
     int64_t tmp = 0;
     if (!l.moe) {
-      tmp = n_ffn_hidden(m) * a * t * m.dense_ffn;  // h1, h3 [T,Fd] in swiglu_mlp
+      tmp = (n_ffn_hidden(m) + 1) * a * t * m.dense_ffn;  // h1, h3 and the SwiGLU output [T,Fd]
     } else {
       const int64_t e = m.n_expert, k = m.n_expert_used, p = t * k;
       tmp = 4 * t * e + (f32 ? 0 : a * t * e)  // router logits f32 (+ the bf16 lg it is cast from)
@@ -137,8 +140,9 @@ int64_t engine_forward_activation_bytes(const PlanModel& m, int64_t batch, int64
             + 4 * p * 3                        // perm, inv i32, row_scale f32 [P]
             + 2 * a * p * d;                   // xp, yp [P,D]
       if (m.shared_ffn > 0) {
-        // s [T,D] lives across the shared MLP (h1, h3 [T,Fs]) and then its gate g [T,1] (+ f32 gf).
-        tmp += a * t * d + std::max(n_ffn_hidden(m) * a * t * m.shared_ffn, a * t + (f32 ? 0 : 4 * t));
+        // s [T,D] and the shared MLP's h1, h3 [T,Fs] live across its SwiGLU output [T,Fs] and
+        // then the gate logit gf [T,1] f32.
+        tmp += a * t * d + n_ffn_hidden(m) * a * t * m.shared_ffn + std::max(a * t * m.shared_ffn, 4 * t);
       }
     }
     layer_max = std::max(layer_max, tmp);

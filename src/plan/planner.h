@@ -50,8 +50,9 @@ int64_t expert_weight_bytes(const ParamCounts& pc, WeightFormat f);
 int64_t kv_cache_bytes(const PlanModel& m, int64_t batch, int64_t context, int64_t bytes_per_elem);
 
 // Peak activation bytes of Model::forward (src/model/model.cpp) for ids [batch, seq]: the
-// persistent buffers (x, h, y [T,D]; q, attn [T,H*Dh]; k, v [T,Hkv*Dh]) plus the largest of one
-// layer's temporaries (freed each iteration) and the head's (final norm, logits). `act_bytes` is
+// persistent buffers (x, h, y [T,D]) plus the largest of one block's temporaries (attention:
+// qkv and its split q, k, v, the attention output; feed-forward: see ffn_block_infer) and the
+// head's (final norm, logits). `act_bytes` is
 // 4 on the CPU (f32); bf16 adds the f32 copies the forward makes of router logits, gate and
 // logits. Ids are assumed i32 (no conversion buffer).
 int64_t engine_forward_activation_bytes(const PlanModel& m, int64_t batch, int64_t seq, int64_t act_bytes,

@@ -131,6 +131,7 @@ void apply_train_json(const nlohmann::json& j, const std::string& what, TrainCon
     else if (k == "save-every") c->save_every = integer();
     else if (k == "log-every") c->log_every = integer();
     else if (k == "max-tokens") c->max_tokens = integer();
+    else if (k == "stop-after") c->stop_after = integer();
     else MOE_FAIL("%s: unknown training option '%s'", what.c_str(), k.c_str());
   }
 }
@@ -325,7 +326,8 @@ double run_training(const TrainConfig& cfg) {
     rec["moe_layers"] = moe_layers;
 
     const bool last = step == cfg.steps;
-    const bool save = last || (cfg.save_every > 0 && step % cfg.save_every == 0);
+    const bool stop = !last && cfg.stop_after > 0 && step - first_step >= cfg.stop_after;
+    const bool save = last || stop || (cfg.save_every > 0 && step % cfg.save_every == 0);
     const bool eval = data.val.n > 0 && (last || (cfg.eval_every > 0 ? step % cfg.eval_every == 0 : save));
     double vl = NAN;
     if (eval) {
@@ -350,6 +352,7 @@ double run_training(const TrainConfig& cfg) {
         last_ckpt = cfg.out + "/step-" + std::to_string(step);
       }
     }
+    if (stop) break;
   }
   if (!cfg.quiet) {
     std::printf("done: %lld steps in %s; checkpoints in %s\n", (long long)(step - first_step),

@@ -21,6 +21,7 @@ struct TrainConfig {
   std::string out;          // RUN_DIR
   bool resume = false;      // continue from the newest checkpoint in RUN_DIR
   int64_t steps = 100;      // optimizer steps in total (a resumed run continues up to it)
+  int64_t stop_after = 0;   // stop (with a checkpoint) after this many steps of this invocation; 0: run to --steps
   int64_t batch_size = 8;   // sequences per micro-batch
   int64_t grad_accum = 1;   // micro-batches per optimizer step
   int64_t seq_len = 0;      // 0: the data file's (pre-tokenized) or 256 (text)
