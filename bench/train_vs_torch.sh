@@ -9,6 +9,8 @@
 # expert-GEMM share of the sgemm peak, the E=8 vs E=32 activation peaks, and the BLAS torch found.
 #
 # Usage: bench/train_vs_torch.sh [OUT_DIR]      (env: MOE=path/to/moe, THREADS=2, STEPS=3)
+# On a shared, overloaded machine (load > cores) run it with OMP_WAIT_POLICY=passive: both
+# programs use libgomp, whose spinning barriers collapse when a worker thread is descheduled.
 # Needs bench/setup_torch.sh once (python3-torch, python3-numpy, pthread OpenBLAS).
 # Never fails on time: the numbers are reported, not asserted.
 set -euo pipefail
@@ -30,7 +32,8 @@ trap 'rm -rf "$WORK"' EXIT
 export OMP_NUM_THREADS="$THREADS"
 
 note_load() {  # the machine's load next to every measurement: > cores means a shared, noisy machine
-  echo "# $(date -u +%FT%TZ) uptime:$(uptime | sed 's/.*load average/ load average/') (cores: $(nproc))"
+  echo "# $(date -u +%FT%TZ) uptime:$(uptime | sed 's/.*load average/ load average/') (cores: $(nproc))" \
+    "OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-unset}"
 }
 
 # run_case NAME MODEL_DIR BATCH SEQ [extra moe args...]

@@ -16,6 +16,7 @@
 //    the same for models that differ only in their expert count (activation memory must grow
 //    with tokens·top-k, not tokens·experts).
 #include <cblas.h>
+#include <malloc.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -259,6 +260,9 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   Model m = build_model(o, cfg);
   t_load = now_seconds() - t_load;
   const ModelConfig& mc = m.config();
+  // Return what loading freed (the random or mapped source tensors) to the OS, so the RSS the
+  // overhead is measured from holds the model, not reusable free heap that would hide growth.
+  malloc_trim(0);
   const int64_t rss_after_load = proc_status_bytes("VmRSS");
   const bool hwm_reset = reset_peak_rss();
   mem_reset_peaks();
