@@ -1,7 +1,9 @@
 // ops.h — every numeric op of the engine, declared once, dispatched by device.
 //
-// DESIGN.md invariant 2: one signature per op; the CPU f32 version (ops/cpu) is the reference
-// and a CUDA version (ops/cuda, built with MOE_CUDA=ON) must match it in tests/test_ops_cross.
+// DESIGN.md invariant 2: one signature per op. The naive reference backend (ops/ref: plain
+// loops, f64) backs every op; the optimised CPU kernels (ops/cpu) and the CUDA versions
+// (ops/cuda, built with MOE_CUDA=ON) must match it in tests/test_ops_backend.cpp, which also
+// checks every backward against finite differences.
 // Each function validates shapes/dtypes/devices once here, then calls the backend of its
 // output tensor; kernels assume valid input.
 //
