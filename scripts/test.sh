@@ -4,12 +4,15 @@
 #            found (required under CI=true), then ctest: GoogleTest suites + CLI shell tests.
 #            GPU tests report SKIPPED where no GPU is present.
 #   asan     ASan+UBSan build (build-asan/, RelWithDebInfo, CPU only), then ctest.
-#   fuzz     clang + libFuzzer build (build-fuzz/) of fuzz_safetensors_header, run for
-#            MOE_FUZZ_SECONDS (30) from seeds derived from ../shared/fixtures/*/*.safetensors.
+#   fuzz     clang + libFuzzer build (build-fuzz/, ASan+UBSan) of every parser's target
+#            (fuzz/fuzz_*.cpp), each run for MOE_FUZZ_SECONDS (25) from seeds that
+#            scripts/fuzz_seeds.py derives from ../shared/fixtures, the real tokenizers (when
+#            set up) and the regression corpus tests/fuzz_corpus/<target>/, with a per-input
+#            timeout; a crash, sanitizer report, leak, hang (timeout) or OOM fails the stage.
 # Environment knobs for local iteration:
 #   MOE_SKIP_RELEASE=1 MOE_SKIP_ASAN=1 MOE_SKIP_FUZZ=1   skip a stage
 #   MOE_CUDA=ON|OFF        force the CUDA backend on/off in the release stage (default: auto)
-#   MOE_FUZZ_SECONDS=N     fuzzing time (default 30)
+#   MOE_FUZZ_SECONDS=N     fuzzing time per target (default 25; 6 targets)
 #   MOE_CTEST_TIMEOUT=N    per-test timeout in seconds (default 600)
 # Exits non-zero on the first failing stage; the last line always summarises the stages.
 set -euo pipefail
@@ -18,8 +21,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PATH="/usr/local/cuda/bin:${PATH}"
 JOBS="$(nproc)"
 FIXTURES_DIR="../shared/fixtures"
-FUZZ_TARGET="fuzz_safetensors_header"
-FUZZ_SECONDS="${MOE_FUZZ_SECONDS:-30}"
+FUZZ_TARGETS=(safetensors_header safetensors_index config_json tokenizer_json jinja regex)
+FUZZ_SECONDS="${MOE_FUZZ_SECONDS:-25}"
 CTEST_TIMEOUT="${MOE_CTEST_TIMEOUT:-600}"
 
 SUMMARY=()
@@ -118,30 +121,39 @@ fi
 if [[ "${MOE_SKIP_FUZZ:-0}" == "1" ]]; then
   stage_skip fuzz MOE_SKIP_FUZZ
 else
-  stage_begin fuzz "libFuzzer build (build-fuzz/, clang) + ${FUZZ_SECONDS}s run of ${FUZZ_TARGET}"
+  stage_begin fuzz "libFuzzer build (build-fuzz/, clang) + ${FUZZ_SECONDS}s per target: ${FUZZ_TARGETS[*]}"
   echo "   $(clang++ --version | head -n1)"
   # MOE_SANITIZE=ON + fuzzer-no-link: moelib itself (not only the fuzz entry point) is
   # built with ASan/UBSan and libFuzzer coverage instrumentation.
   CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DMOE_FUZZ=ON -DMOE_TESTS=OFF -DMOE_CUDA=OFF -DMOE_SANITIZE=ON \
     -DCMAKE_CXX_FLAGS=-fsanitize=fuzzer-no-link
-  cmake --build build-fuzz -j "${JOBS}" --target "${FUZZ_TARGET}"
-
-  shopt -s nullglob
-  seeds_src=("${FIXTURES_DIR}"/*/*.safetensors)
-  shopt -u nullglob
-  if ((${#seeds_src[@]} == 0)); then
-    echo "test.sh: no seed files at ${FIXTURES_DIR}/*/*.safetensors" >&2
-    exit 1
-  fi
-  corpus="$(mktemp -d "${TMPDIR:-/tmp}/moe-fuzz-corpus.XXXXXX")"
-  TMP_DIRS+=("${corpus}")
-  python3 scripts/fuzz_seeds.py "${corpus}" "${seeds_src[@]}"
+  cmake --build build-fuzz -j "${JOBS}" --target "${FUZZ_TARGETS[@]/#/fuzz_}"
   mkdir -p build-fuzz/artifacts
-  # Crashing inputs are kept in build-fuzz/artifacts/ (reproduce: build-fuzz/TARGET FILE).
-  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    "build-fuzz/${FUZZ_TARGET}" "${corpus}" \
-      -max_total_time="${FUZZ_SECONDS}" -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
-      -print_final_stats=1 -artifact_prefix=build-fuzz/artifacts/
+  # Real tokenizer files and chat templates for the seeds, where the release stage set them up.
+  tokenizers=""
+  for d in build-ci/tokenizer-ref/tokenizers build/tokenizer-ref/tokenizers; do
+    if [[ -d "${d}" ]]; then tokenizers="${d}"; break; fi
+  done
+  for t in "${FUZZ_TARGETS[@]}"; do
+    corpus="$(mktemp -d "${TMPDIR:-/tmp}/moe-fuzz-${t}.XXXXXX")"
+    TMP_DIRS+=("${corpus}")
+    python3 scripts/fuzz_seeds.py "${t}" "${corpus}" "${FIXTURES_DIR}" ${tokenizers:+"${tokenizers}"}
+    echo "-- fuzz_${t}: ${FUZZ_SECONDS}s"
+    # Crashing/hanging inputs are kept in build-fuzz/artifacts/ (reproduce: build-fuzz/fuzz_TARGET
+    # FILE); add them to tests/fuzz_corpus/TARGET/ once fixed. -timeout flags hangs (per input).
+    log="build-fuzz/fuzz_${t}.log"
+    rc=0
+    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+      "build-fuzz/fuzz_${t}" "${corpus}" \
+        -max_total_time="${FUZZ_SECONDS}" -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
+        -print_final_stats=1 -artifact_prefix="build-fuzz/artifacts/fuzz_${t}-" > "${log}" 2>&1 || rc=$?
+    grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)' "${log}" || true
+    if [[ ${rc} -ne 0 ]]; then
+      echo "test.sh: fuzz_${t} failed (exit ${rc}: crash, sanitizer report, timeout or OOM); see ${log}" \
+           "and build-fuzz/artifacts/" >&2
+      exit 1
+    fi
+  done
   stage_end
 fi

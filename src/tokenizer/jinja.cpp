@@ -32,11 +32,11 @@ constexpr int kMaxParseNesting = 64;                         // parser recursion
 constexpr int kMaxAstDepth = 256;                            // depth of the parsed tree (incl. a+b+c.. chains)
 constexpr int kMaxEvalDepth = 200;                           // nested evaluation (incl. macro recursion)
 constexpr int kMaxValueDepth = 256;                          // nested lists/dicts built at run time
-constexpr size_t kMaxStringBytes = size_t(16) << 20;         // any one string, the output included
+constexpr size_t kMaxStringBytes = size_t(8) << 20;          // any one string, the output included
 constexpr size_t kMaxArrayItems = size_t(1) << 18;           // any one list (range() included)
 constexpr uint64_t kMaxLoopIterations = uint64_t(1) << 18;   // for-loop iterations per render
 constexpr uint64_t kMaxRenderSteps = uint64_t(1) << 23;      // evaluations per render
-constexpr uint64_t kMaxRenderBytes = uint64_t(1) << 28;      // string bytes made or copied per render
+constexpr uint64_t kMaxRenderBytes = uint64_t(1) << 27;      // string bytes made or copied per render
 
 [[noreturn]] void jfail(const std::string& msg) { MOE_FAIL("chat template: %s", msg.c_str()); }
 

@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <climits>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "core/error.h"
 #include "tokenizer/unicode.h"
@@ -25,6 +28,32 @@ constexpr size_t kMaxSets = 4096;         // character classes (8 KiB bitmap eac
 constexpr size_t kMaxGuardClasses = 64;   // a first-character guard unions at most this many classes
 
 uint32_t cat_bit(Cat c) { return 1u << static_cast<unsigned>(c); }
+
+// The BMP bitmap of the property part of a class (categories, white space). Computing one walks
+// all 65536 code points, and nearly every class of real patterns uses the same few (\p{L},
+// \p{N}, \s), so results are shared through a small process-wide cache.
+std::vector<uint64_t> property_bitmap(uint32_t cats, uint32_t not_cats, bool white, bool not_white) {
+  using Key = std::tuple<uint32_t, uint32_t, bool, bool>;
+  static std::mutex mu;
+  static std::map<Key, std::vector<uint64_t>> cache;
+  constexpr size_t kMaxCached = 256;  // 2 MiB; a hostile pattern cannot grow it further
+  const Key key{cats, not_cats, white, not_white};
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  std::vector<uint64_t> bmp(1024, 0);
+  for (uint32_t cp = 0; cp < 0x10000; ++cp) {
+    const uint32_t bit = cat_bit(general_category(cp));
+    const bool in = (cats & bit) || (not_cats && !(not_cats & bit)) ||
+                    ((white || not_white) && (is_white_space(cp) ? white : not_white));
+    if (in) bmp[cp >> 6] |= uint64_t(1) << (cp & 63);
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache.size() < kMaxCached) cache.emplace(key, bmp);
+  return bmp;
+}
 
 // A set of code points: a union of items, optionally negated. Evaluated through a bitmap for the
 // BMP and the item list above it.
@@ -59,15 +88,8 @@ struct CharClass {
       else merged.push_back(r);
     }
     ranges.swap(merged);
-    bmp.assign(1024, 0);
-    if (cats || not_cats || white || not_white) {
-      for (uint32_t cp = 0; cp < 0x10000; ++cp) {
-        const uint32_t bit = cat_bit(general_category(cp));
-        const bool in = (cats & bit) || (not_cats && !(not_cats & bit)) ||
-                        ((white || not_white) && (is_white_space(cp) ? white : not_white));
-        if (in) bmp[cp >> 6] |= uint64_t(1) << (cp & 63);
-      }
-    }
+    if (cats || not_cats || white || not_white) bmp = property_bitmap(cats, not_cats, white, not_white);
+    else bmp.assign(1024, 0);
     for (auto& r : ranges) {
       if (r.first >= 0x10000) break;
       const uint32_t hi = std::min(r.second, uint32_t(0xFFFF));
