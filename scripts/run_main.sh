@@ -33,9 +33,10 @@ echo "== run_main: a small Mixtral-style MoE (4 layers, 8 experts, top-2, ~20M p
 rm -rf "${MODEL}" "${RUN}"
 build/moe init --arch mixtral --preset small --tokenizer byte --seed 1 --out "${MODEL}"
 
-echo "== run_main: train ${STEPS} steps of 8 x 128 tokens (AdamW, cosine schedule, aux load-balancing loss)"
+echo "== run_main: train ${STEPS} steps of 8 x 128 tokens (AdamW, cosine schedule, aux load-balancing loss 0.1)"
 build/moe train "${MODEL}" --data out/kjv.txt --out "${RUN}" --steps "${STEPS}" --batch-size 8 --seq-len 128 \
-  --lr 2e-3 --warmup 10 --weight-decay 0.01 --eval-every 50 --eval-batches 8 --log-every 10 --save-every 100
+  --lr 2e-3 --warmup 10 --weight-decay 0.01 --aux-coef 0.1 --eval-every 50 --eval-batches 8 --log-every 10 \
+  --save-every 100
 
 echo "== run_main: summary"
 python3 - "${RUN}/metrics.jsonl" "${RUN}/train_config.json" <<'EOF'
