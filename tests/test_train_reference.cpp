@@ -262,10 +262,11 @@ TEST(TrainResume, KillDuringCheckpointKeepsLastCheckpoint) {
     auto j = nlohmann::json::parse(st);
     EXPECT_EQ(j["step"].get<long>(), best);
     // It can be resumed from.
-    if (trial % 4 == 0)
+    if (trial % 4 == 0) {
       EXPECT_EQ(run(moe_bin() + " train " + dir + " --data " + data + " --out " + run_dir + " --batch-size 2 --steps " +
                     std::to_string(best + 1) + " --resume --val-fraction 0 --quiet"),
                 0);
+    }
   }
   EXPECT_GE(checked, 6);
 }

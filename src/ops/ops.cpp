@@ -232,6 +232,11 @@ void swiglu_forward(Tensor& out, const Tensor& h1, const Tensor& h3) {
   const char* op = "swiglu_forward";
   MOE_CHECK(out.shape() == h1.shape() && h1.shape() == h3.shape(), "%s: shapes %s %s %s differ", op,
             out.shape_str().c_str(), h1.shape_str().c_str(), h3.shape_str().c_str());
+  check_float(op, "h1", h1);
+  MOE_CHECK(out.dtype() == h1.dtype() && h1.dtype() == h3.dtype(), "%s: dtypes %s %s %s differ", op,
+            dtype_name(out.dtype()), dtype_name(h1.dtype()), dtype_name(h3.dtype()));
+  // The CPU backend computes in f32 activations only (a bf16 tensor read as f32 would run past it).
+  if (out.device() == Device::CPU) check_f32(op, "out", out);
   check_device(op, out.device(), {&h1, &h3});
   MOE_DISPATCH(out.device(), swiglu_forward(out, h1, h3));
 }
@@ -247,7 +252,10 @@ void sigmoid_gate_add(Tensor& y, const Tensor& s, const Tensor& gate) {
 
 void add_inplace(Tensor& y, const Tensor& x) {
   const char* op = "add_inplace";
-  MOE_CHECK(y.numel() == x.numel(), "%s: y %s vs x %s", op, y.shape_str().c_str(), x.shape_str().c_str());
+  MOE_CHECK(y.shape() == x.shape(), "%s: y %s vs x %s: shapes differ", op, y.shape_str().c_str(),
+            x.shape_str().c_str());
+  check_float(op, "y", y);
+  check_float(op, "x", x);
   check_device(op, y.device(), {&x});
   MOE_DISPATCH(y.device(), add_inplace(y, x));
 }
