@@ -253,7 +253,8 @@ TEST(TrainResume, KillDuringCheckpointKeepsLastCheckpoint) {
     // The newest complete checkpoint loads; partial directories never carry the step-N name.
     std::string newest;
     long best = -1;
-    for (const auto& e : fs::directory_iterator(run_dir)) {
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(run_dir, ec)) {
       const std::string n = e.path().filename().string();
       if (n.rfind("step-", 0) != 0 || n.find_first_not_of("0123456789", 5) != std::string::npos) continue;
       if (std::stol(n.substr(5)) > best) best = std::stol(n.substr(5)), newest = e.path().string();
