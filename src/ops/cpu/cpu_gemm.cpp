@@ -79,6 +79,12 @@ void gemv_rows(float* out, int64_t ldo, const float* x, const void* w, int64_t m
   }
 }
 
+// Widens cnt bf16/f16 weights to f32 (the chunked BLAS paths of gemm_xwt and gemm_xw).
+void widen_rows(float* dst, const uint16_t* src, DType wdt, int64_t cnt) {
+#pragma omp parallel for schedule(static) if(cnt > 32768)
+  for (int64_t i = 0; i < cnt; ++i) dst[i] = wdt == DType::BF16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
+}
+
 template <DType WT>
 void gemv_dispatch(float* out, int64_t ldo, const float* x, const void* w, int64_t n, int64_t m, int64_t k,
                    bool accumulate) {
@@ -135,8 +141,7 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
     int64_t rows = std::min(chunk, m - r0);
     const uint16_t* src = static_cast<const uint16_t*>(w) + r0 * k;
     int64_t cnt = rows * k;
-#pragma omp parallel for schedule(static) if(cnt > 32768)
-    for (int64_t i = 0; i < cnt; ++i) wf[i] = wdt == DType::BF16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
+    widen_rows(wf.data(), src, wdt, cnt);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)rows, (int)k, 1.0f, x, (int)k, wf.data(),
                 (int)k, beta, out + r0, (int)ldo);
   }
@@ -163,8 +168,7 @@ void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, in
     int64_t rows = std::min(chunk, m - r0);
     const uint16_t* src = static_cast<const uint16_t*>(w) + r0 * k;
     int64_t cnt = rows * k;
-#pragma omp parallel for schedule(static) if(cnt > 32768)
-    for (int64_t i = 0; i < cnt; ++i) wf[i] = wdt == DType::BF16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
+    widen_rows(wf.data(), src, wdt, cnt);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)k, (int)rows, 1.0f, x + r0, (int)m, wf.data(),
                 (int)k, r0 == 0 ? beta : 1.0f, out, (int)k);
   }
