@@ -293,21 +293,41 @@ std::vector<Case> make_cases() {
               });
         }
 
-  // router_topk_forward (row 0 has tied logits: the lower index must win)
+  // router_topk_forward (row 0 has tied logits: the lower index must win). With a selection
+  // bias (aux-loss-free balancing) large enough to reorder the experts: selection follows
+  // probability + bias, the weights stay the unbiased probabilities.
   for (int64_t t : {1, 17})
     for (int64_t k : {2, 3})
-      for (bool renorm : {false, true}) {
+      for (bool renorm : {false, true})
+        for (bool biased : {false, true}) {
+          const int64_t e = 5;
+          std::vector<double> l = rnd(t * e, ++seed, 2.0);
+          if (!biased) l[1] = l[3] = l[4] = 3.0;
+          Tensor logits = ten({t, e}, l);
+          Tensor bias = biased ? ten({e}, {0.3, -0.2, 0.05, 0.25, -0.4}) : Tensor();
+          add("router_topk_forward_T" + str(t) + "_K" + str(k) + (renorm ? "_renorm" : "") + (biased ? "_bias" : ""),
+              true, kCudaTol, [=](Backend b) {
+                Dev g{b};
+                Tensor idx = g.outi({t, k}), w = g.out({t, k});
+                CALL(b, router_topk_forward(idx, w, g.in(logits), renorm, g.in(bias)));
+                return Outs{{"topk_idx", idx}, {"topk_w", w}};
+              });
+        }
+
+  // moe_capacity_drop: after a dispatch, each expert keeps its first `cap` assignments.
+  for (int64_t t : {1, 17})
+    for (int64_t k : {1, 2})
+      for (int64_t cap : {0, 1, 3, 100}) {
         const int64_t e = 5;
-        std::vector<double> l = rnd(t * e, ++seed, 2.0);
-        l[1] = l[3] = l[4] = 3.0;
-        Tensor logits = ten({t, e}, l);
-        add("router_topk_forward_T" + str(t) + "_K" + str(k) + (renorm ? "_renorm" : ""), true, kCudaTol,
-            [=](Backend b) {
-              Dev g{b};
-              Tensor idx = g.outi({t, k}), w = g.out({t, k});
-              CALL(b, router_topk_forward(idx, w, g.in(logits), renorm));
-              return Outs{{"topk_idx", idx}, {"topk_w", w}};
-            });
+        std::vector<int32_t> idx = random_topk(t, {0, 1, 2, 4}, k, ++seed);
+        Routing r = route(idx, e);
+        Tensor off0 = ints({e + 1}, r.offsets), perm0 = ints({t * k}, r.perm), inv0 = ints({t * k}, r.inv);
+        add("moe_capacity_drop_T" + str(t) + "_K" + str(k) + "_C" + str(cap), false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor off = g.in(off0), pm = g.in(perm0), iv = g.in(inv0);
+          CALL(b, moe_capacity_drop(off, pm, iv, cap));
+          return Outs{{"offsets", off}, {"perm", pm}, {"inv", iv}};
+        });
       }
 
   // moe_dispatch, gather_rows, moe_combine, permute_weights (expert 3 gets no rows)
@@ -591,7 +611,7 @@ std::vector<Case> make_cases() {
       Tensor logits = ten({t, e}, l);
       std::vector<int32_t> idx(static_cast<size_t>(t * k));
       std::vector<double> w(static_cast<size_t>(t * k));
-      ref::f64::router_topk_forward(idx.data(), w.data(), l.data(), t, e, k, false);
+      ref::f64::router_topk_forward(idx.data(), w.data(), l.data(), nullptr, t, e, k, false);
       Tensor tidx = ints({t, k}, idx), dtw = ten({t, k}, rnd(t * k, ++seed));
       Tensor gvec = ten({e}, rnd(e, ++seed)), dl0 = ten({t, e}, rnd(t * e, ++seed));
       const std::string sh = "_T" + str(t) + "_K" + str(k);
@@ -750,6 +770,24 @@ void expect_grad(const std::string& what, const std::vector<double>& fd, const s
   EXPECT_LE(ec, kFdF32Tol) << what << ": cpu backward vs finite differences, rel err " << ec;
 }
 
+// moe_capacity_drop on a hand-worked example (Switch top-1, E=3, capacity 2): tokens 0,2,3 chose
+// expert 0 and 1,4 expert 1. Expert 0 keeps tokens 0 and 2 (the earliest), token 3 is dropped.
+TEST(CapacityDrop, HandExample) {
+  for (Backend b : {Backend::Cpu, Backend::Ref}) {
+    set_reference_backend(false);
+    Tensor idx = ints({5, 1}, {0, 1, 0, 0, 1});
+    Tensor off = ints({4}, std::vector<int32_t>(4, kIntPoison)), pm = ints({5}, std::vector<int32_t>(5, kIntPoison)),
+           iv = ints({5}, std::vector<int32_t>(5, kIntPoison));
+    moe_dispatch(off, pm, iv, idx, 3);
+    ASSERT_EQ(ivals(off), (std::vector<int32_t>{0, 3, 5, 5}));
+    CALL(b, moe_capacity_drop(off, pm, iv, 2));
+    const char* tag = b == Backend::Cpu ? "cpu" : "ref";
+    EXPECT_EQ(ivals(off), (std::vector<int32_t>{0, 2, 4, 4})) << tag;
+    EXPECT_EQ(ivals(pm), (std::vector<int32_t>{0, 2, 1, 4, 3})) << tag;
+    EXPECT_EQ(ivals(iv), (std::vector<int32_t>{0, 2, 1, 4, 3})) << tag;
+  }
+}
+
 TEST(Grad, Embedding) {
   for (int64_t pad : {-1, 3}) {
     const int64_t v = 11, d = 7, t = 9;
@@ -885,10 +923,10 @@ TEST(Grad, RouterTopk) {
       std::vector<double> l = rnd(t * e, 50 + k, 2.0), r = rnd(t * k, 51);
       std::vector<int32_t> idx0(static_cast<size_t>(t * k));
       std::vector<double> w(static_cast<size_t>(t * k));
-      ref::f64::router_topk_forward(idx0.data(), w.data(), l.data(), t, e, k, renorm);
+      ref::f64::router_topk_forward(idx0.data(), w.data(), l.data(), nullptr, t, e, k, renorm);
       auto loss = [&] {
         std::vector<int32_t> idx(static_cast<size_t>(t * k));
-        ref::f64::router_topk_forward(idx.data(), w.data(), l.data(), t, e, k, renorm);
+        ref::f64::router_topk_forward(idx.data(), w.data(), l.data(), nullptr, t, e, k, renorm);
         EXPECT_EQ(idx, idx0) << "a perturbation changed the top-k selection (pick other seeds)";
         return dotv(r, w);
       };

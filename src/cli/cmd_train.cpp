@@ -44,6 +44,16 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--clip", c.clip, "global gradient-norm clipping (0 = off)")->capture_default_str();
   cmd->add_option("--aux-coef", c.aux_coef, "load-balancing aux loss weight (default: the config's router_aux_loss_coef)");
   cmd->add_option("--z-coef", c.z_coef, "router z-loss weight")->capture_default_str();
+  cmd->add_option("--capacity-factor", c.capacity_factor,
+                  "Switch-style expert capacity: at most ceil(F*tokens*k/E) rows per expert, the rest dropped "
+                  "(pass through the residual); 0 = dropless")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1e6));
+  cmd->add_option("--bias-balance", c.bias_rate,
+                  "aux-loss-free balancing (DeepSeek-V3): per-expert selection bias moved by this rate per step "
+                  "toward equal load (e.g. 0.001); 0 = off")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
   cmd->add_flag("--recompute", c.recompute, "recompute each layer's activations in backward (less memory, ~1.3x compute)");
   cmd->add_flag("--no-shuffle", o->no_shuffle, "read rows in file order (step i reads rows [i*B, (i+1)*B))");
   cmd->add_option("--seed", c.seed, "data shuffling and validation split seed")->capture_default_str();
@@ -79,6 +89,8 @@ void add_train_command(CLI::App& app) {
       if (!given("--aux-coef")) c.aux_coef = from_file.aux_coef;
       if (!given("--z-coef")) c.z_coef = from_file.z_coef;
       if (!given("--recompute")) c.recompute = from_file.recompute;
+      if (!given("--capacity-factor")) c.capacity_factor = from_file.capacity_factor;
+      if (!given("--bias-balance")) c.bias_rate = from_file.bias_rate;
       if (!given("--no-shuffle")) o->no_shuffle = !from_file.shuffle;
       if (!given("--seed")) c.seed = from_file.seed;
       if (!given("--val-fraction")) c.val_fraction = from_file.val_fraction;

@@ -1,6 +1,8 @@
 // ffn_block.cpp — forward (inference and training) and backward of the feed-forward block.
 #include "model/ffn_block.h"
 
+#include <cmath>
+
 #include "ops/ops.h"
 
 namespace moe {
@@ -32,7 +34,21 @@ void swiglu_mlp_backward(Tensor& dx, Tensor& dw1, Tensor& dw3, Tensor& dw2, cons
   linear_backward(dx, dw3, none, dh3, x, w3, true);
 }
 
+// Kept rows (offsets[E]) of a dispatch; P when nothing was dropped. CPU (training) only.
+int64_t kept_rows(const Tensor& offsets) { return offsets.data<int32_t>()[offsets.numel() - 1]; }
+
+void zero_rows_from(Tensor& t, int64_t r0) {
+  if (r0 < t.dim(0)) {
+    Tensor tail = t.rows(r0, t.dim(0));
+    tail.zero_();
+  }
+}
+
 }  // namespace
+
+int64_t expert_capacity(double capacity_factor, int64_t t_n, int64_t k, int64_t e_n) {
+  return static_cast<int64_t>(std::ceil(capacity_factor * double(t_n * k) / double(e_n)));
+}
 
 void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Tensor& h, Tensor& y,
                      Tensor* router_logits) {
@@ -52,7 +68,7 @@ void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Ten
   linear_forward(logits, h, w.router, Tensor());
   Tensor topk_idx = Tensor::empty({t_n, k}, DType::I32, kAct, dev);
   Tensor topk_w = Tensor::empty({t_n, k}, DType::F32, kAct, dev);
-  router_topk_forward(topk_idx, topk_w, logits, c.norm_topk_prob);
+  router_topk_forward(topk_idx, topk_w, logits, c.norm_topk_prob, w.router_bias);
   Tensor offsets = Tensor::empty({e_n + 1}, DType::I32, kAct, dev);
   Tensor perm = Tensor::empty({p_n}, DType::I32, kAct, dev);
   Tensor inv = Tensor::empty({p_n}, DType::I32, kAct, dev);
@@ -77,7 +93,8 @@ void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Ten
   if (router_logits) *router_logits = logits;
 }
 
-void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a, Tensor& x_out, RouterStats* stats) {
+void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a, Tensor& x_out, RouterStats* stats,
+                       const RouteOptions& ro) {
   const int64_t k = c.n_expert_used;
   rmsnorm_forward_train(a.ffn_h, a.ffn_rstd, a.x_mid, w.ffn_norm, float(c.rms_norm_eps));
   if (!w.is_moe) {
@@ -87,12 +104,19 @@ void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a
   }
   const int64_t e_n = c.n_expert;
   linear_forward(a.router_logits, a.ffn_h, w.router, Tensor());
-  router_topk_forward(a.topk_idx, a.topk_w, a.router_logits, c.norm_topk_prob);
+  router_topk_forward(a.topk_idx, a.topk_w, a.router_logits, c.norm_topk_prob, w.router_bias);
   moe_dispatch(a.offsets, a.perm, a.inv, a.topk_idx, e_n);
+  const int64_t p_n = a.perm.numel();
+  if (ro.capacity_factor > 0)
+    moe_capacity_drop(a.offsets, a.perm, a.inv, expert_capacity(ro.capacity_factor, a.topk_idx.dim(0), k, e_n));
+  // Dropped assignments sit in rows [kept, P): the experts skip them and their output rows are
+  // zero, so combine adds nothing for them.
+  const int64_t kept = kept_rows(a.offsets);
   gather_rows(a.xp, a.ffn_h, a.perm, k);
   permute_weights(a.row_scale, a.topk_w, a.perm);
   Tensor yp = Tensor::empty(a.xp.shape(), DType::F32, kAct);
   expert_ffn_forward_train(yp, a.eh1, a.eh3, a.xp, a.offsets, w.w1, w.w3, w.w2, a.row_scale);
+  zero_rows_from(yp, kept);
   moe_combine(x_out, yp, a.inv, k, /*accumulate=*/false);
   yp = Tensor();
   if (w.shared_w1.defined()) {
@@ -108,6 +132,7 @@ void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a
     stats->prob_sum.assign(ps.data<float>(), ps.data<float>() + e_n);
     stats->count.assign(cnt.data<float>(), cnt.data<float>() + e_n);
     stats->z_sum = z.data<float>()[0];
+    stats->dropped = p_n - kept;
   }
 }
 
@@ -134,6 +159,10 @@ void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const Layer
     Tensor drs = Tensor::empty({p_n}, DType::F32, kAct);
     expert_ffn_backward(dxp, g.w1, g.w3, g.w2, drs, dyp, a.xp, a.eh1, a.eh3, a.offsets, w.w1, w.w3, w.w2, a.row_scale);
     dyp = Tensor();
+    // Dropped rows (capacity) had no expert: no gradient to their input or routing weight.
+    const int64_t kept = kept_rows(a.offsets);
+    zero_rows_from(dxp, kept);
+    zero_rows_from(drs, kept);
     moe_combine(dh, dxp, a.inv, k, /*accumulate=*/true);
     dxp = Tensor();
     // routing weights -> router logits (+ the balancing losses) -> router weight and input

@@ -22,7 +22,19 @@ struct RouterStats {
   std::vector<float> prob_sum;  // [E] sum over tokens of the router softmax
   std::vector<float> count;     // [E] tokens routed to each expert (over all K slots)
   double z_sum = 0;             // sum over tokens of logsumexp(logits)^2
+  int64_t dropped = 0;          // assignments dropped over the capacity (0 when dropless)
 };
+
+// Routing options of the training forward (DESIGN.md "The MoE block", step 1).
+struct RouteOptions {
+  // Switch-style capacity: each expert takes at most ceil(factor · T·K / E) rows per layer and
+  // step, earliest tokens first; the rest are dropped (the token passes through the residual).
+  // 0: dropless (the default).
+  double capacity_factor = 0;
+};
+
+// Rows one expert may take for T tokens under `capacity_factor` (> 0).
+int64_t expert_capacity(double capacity_factor, int64_t t_n, int64_t k, int64_t e_n);
 
 // Inference: x [T,D] updated in place; h, y [T,D] scratch. Router logits are returned in
 // `router_logits` [T,E] f32 when it is defined on entry.
@@ -31,7 +43,9 @@ void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Ten
 
 // Training forward: reads a.x_mid, fills the saved tensors and writes x_out [T,D];
 // MoE layers fill `stats`.
-void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a, Tensor& x_out, RouterStats* stats);
+// The router's selection uses w.router_bias when the layer has one (bias balancing).
+void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a, Tensor& x_out, RouterStats* stats,
+                       const RouteOptions& ro);
 
 // The balancing-loss gradient terms one MoE layer's backward adds to its router logits (see
 // router_balance_backward in ops.h); aux_g undefined = no aux term.

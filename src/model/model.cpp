@@ -141,7 +141,12 @@ std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& c
   return out;
 }
 
-static void build(const ModelConfig& c, const Source& get, const LoadOptions& opt, ModelWeights* w) {
+std::string router_bias_name(const ModelConfig& c, int64_t layer) {
+  return tensor_name(arch_spec(c.model_type).router, layer, -1, ".e_score_correction_bias");
+}
+
+static void build(const ModelConfig& c, const Source& get, const std::function<bool(const std::string&)>& has,
+                  const LoadOptions& opt, ModelWeights* w) {
   const ArchSpec& a = arch_spec(c.model_type);
   const int64_t d = c.hidden_size, dh = c.head_dim, qd = c.n_head * dh, kvd = c.n_head_kv * dh;
   MOE_CHECK(opt.device == Device::CPU || device_available(opt.device) || cuda_available(),
@@ -179,6 +184,12 @@ static void build(const ModelConfig& c, const Source& get, const LoadOptions& op
     if (lw.is_moe) {
       const int64_t f = c.moe_intermediate_size, e = c.n_expert;
       lw.router = load(tensor_name(a.router, l), {e, d});
+      if (const std::string bn = router_bias_name(c, l); has(bn)) {
+        LoadOptions bo = opt;  // a selection bias stays f32 whatever the weights' dtype
+        bo.keep_dtype = false;
+        bo.weight_dtype = DType::F32;
+        lw.router_bias = prepare(get(bn), bn, {e}, bo);
+      }
       lw.w1 = stack_experts(get, a.expert_gate, l, e, f, d, opt);
       lw.w3 = stack_experts(get, a.expert_up, l, e, f, d, opt);
       lw.w2 = stack_experts(get, a.expert_down, l, e, d, f, opt);
@@ -205,7 +216,9 @@ Model Model::load(const Checkpoint& ck, const LoadOptions& opt) {
   Model m;
   m.cfg_ = cfg;
   m.opt_ = opt;
-  build(cfg, [&](const std::string& name) { return ck.get(name); }, opt, &m.w_);
+  build(
+      cfg, [&](const std::string& name) { return ck.get(name); },
+      [&](const std::string& name) { return ck.has(name); }, opt, &m.w_);
   return m;
 }
 
@@ -222,7 +235,7 @@ Model Model::from_tensors(const ModelConfig& cfg, const std::vector<std::pair<st
           MOE_CHECK(it != by_name.end(), "missing tensor '%s'", name.c_str());
           return *it->second;
         },
-        opt, &m.w_);
+        [&](const std::string& name) { return by_name.count(name) > 0; }, opt, &m.w_);
   return m;
 }
 

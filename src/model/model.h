@@ -30,6 +30,8 @@ struct LayerWeights {
   Tensor q_norm, k_norm;                   // [Dh] optional (qwen3_moe)
   bool is_moe = false;
   Tensor router;                           // [E,D]
+  Tensor router_bias;                      // [E] f32, optional: selection bias of aux-loss-free balancing
+                                           // (file name "<router>.e_score_correction_bias", as DeepSeek-V3)
   Tensor w1, w3, w2;                       // experts (MoE) — or dense MLP [F,D]/[D,F] when !is_moe
   Tensor shared_w1, shared_w3, shared_w2;  // shared expert (qwen2_moe), optional
   Tensor shared_gate;                      // [1,D]
@@ -101,5 +103,8 @@ class Model {
 
 // The HF tensor names and shapes a config implies (used by load, init and inspect).
 std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& cfg);
+
+// File name of a MoE layer's optional router selection bias (LayerWeights::router_bias).
+std::string router_bias_name(const ModelConfig& cfg, int64_t layer);
 
 }  // namespace moe

@@ -80,6 +80,7 @@ ModelWeights transform_weights(const ModelConfig& c, const ModelWeights& w,
     lg.q_norm = f(lw.q_norm);
     lg.k_norm = f(lw.k_norm);
     lg.router = f(lw.router);
+    lg.router_bias = lw.router_bias;  // not a parameter: shared, never transformed
     lg.w1 = f(lw.w1);
     lg.w3 = f(lw.w3);
     lg.w2 = f(lw.w2);
@@ -145,6 +146,33 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
   return out;
 }
 
+std::vector<std::pair<std::string, Tensor>> named_buffers(const ModelConfig& c, const ModelWeights& w) {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
+    if (lw.router_bias.defined()) out.emplace_back(router_bias_name(c, l), lw.router_bias);
+  }
+  return out;
+}
+
+void update_router_bias(const ModelConfig& c, ModelWeights& w, const std::vector<std::vector<double>>& load,
+                        double rate) {
+  size_t i = 0;
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    LayerWeights& lw = w.layers[static_cast<size_t>(l)];
+    if (!lw.is_moe) continue;
+    MOE_CHECK(i < load.size() && int64_t(load[i].size()) == c.n_expert, "update_router_bias: no load for layer %lld",
+              (long long)l);
+    if (!lw.router_bias.defined()) lw.router_bias = Tensor::zeros({c.n_expert}, DType::F32, MemCategory::Weights);
+    const std::vector<double>& n = load[i++];
+    double mean = 0;
+    for (double v : n) mean += v / double(n.size());
+    float* b = lw.router_bias.data<float>();
+    for (int64_t e = 0; e < c.n_expert; ++e)
+      b[e] += static_cast<float>(n[e] < mean ? rate : n[e] > mean ? -rate : 0.0);
+  }
+}
+
 StepLosses forward_backward(const Model& m, const Tensor& ids_in, const Tensor& labels_in, ModelWeights* grads,
                             const LossOptions& opt) {
   const ModelConfig& c = m.config();
@@ -172,7 +200,7 @@ StepLosses forward_backward(const Model& m, const Tensor& ids_in, const Tensor& 
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     attention_block_forward(c, lw, a, a.qkv);
     Tensor x_out = l + 1 < n_l ? own[static_cast<size_t>(l + 1)].x_in : shared.final_x;
-    ffn_block_forward(c, lw, a, x_out, st);
+    ffn_block_forward(c, lw, a, x_out, st, opt.route);
   };
   for (int64_t l = 0; l < n_l; ++l) {
     LayerActs a = layer_view(own[static_cast<size_t>(l)], shared, opt.recompute);
@@ -246,7 +274,7 @@ StepLosses forward_backward(const Model& m, const Tensor& ids_in, const Tensor& 
       Tensor x_out = Tensor::empty({t_n, d}, DType::F32, act);
       const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
       attention_block_forward(c, lw, a, a.qkv);
-      ffn_block_forward(c, lw, a, x_out, nullptr);
+      ffn_block_forward(c, lw, a, x_out, nullptr, opt.route);
     }
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     LayerWeights& lg = grads->layers[static_cast<size_t>(l)];

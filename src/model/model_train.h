@@ -22,6 +22,7 @@ struct LossOptions {
   double aux_coef = 0;  // weight of the aux loss in total_loss (callers pass the config's router_aux_loss_coef)
   double z_coef = 0;    // weight of the z-loss
   bool recompute = false;  // per-layer activation recompute
+  RouteOptions route;      // capacity factor (dropless by default)
 };
 
 struct StepLosses {
@@ -44,6 +45,16 @@ struct NamedParam {
 // Every parameter of the model under its HF name (per-expert views of the stacked experts,
 // per-projection views of the stacked q/k/v). Tied heads are listed once (as the embedding).
 std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeights& w);
+
+// State saved with the weights that is not trained by gradient: the routers' selection biases
+// (aux-loss-free balancing), under their file names.
+std::vector<std::pair<std::string, Tensor>> named_buffers(const ModelConfig& c, const ModelWeights& w);
+
+// Aux-loss-free balancing (DeepSeek-V3): for every MoE layer, b[e] += rate · sign(mean − load[e])
+// (an underloaded expert becomes more likely to be selected). `load` is per MoE layer in
+// decoder-layer order, [E] tokens each. Layers without a bias get a zero one first.
+void update_router_bias(const ModelConfig& c, ModelWeights& w, const std::vector<std::vector<double>>& load,
+                        double rate);
 
 // A ModelWeights with fn applied to every stored tensor (views such as wq/wk/wv and a tied
 // head are rebuilt on the results, not passed to fn).

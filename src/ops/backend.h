@@ -13,7 +13,8 @@
   void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& v, int64_t past);      \
   void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,     \
                          int64_t past);                                                                  \
-  void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm);         \
+  void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm,          \
+                           const Tensor& select_bias);                                                   \
   void moe_dispatch(Tensor& offsets, Tensor& perm, Tensor& inv, const Tensor& topk_idx,                  \
                     int64_t n_expert);                                                                   \
   void gather_rows(Tensor& xp, const Tensor& x, const Tensor& perm, int64_t k);                          \
@@ -46,6 +47,7 @@
                     const Tensor& topk_idx);                                                             \
   void router_balance_backward(Tensor& dlogits, const Tensor& logits, const Tensor& g, float aux_scale,  \
                                float z_scale);                                                           \
+  void moe_capacity_drop(Tensor& offsets, Tensor& perm, Tensor& inv, int64_t capacity);                  \
   void permute_weights_backward(Tensor& dtopk_w, const Tensor& drow_scale, const Tensor& perm);          \
   void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp,                    \
                                 const Tensor& offsets, const Tensor& w1, const Tensor& w3,               \

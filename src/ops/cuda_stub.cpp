@@ -14,7 +14,7 @@ void linear_forward(Tensor&, const Tensor&, const Tensor&, const Tensor&) { no_c
 void rope_forward(Tensor&, int64_t, float) { no_cuda(); }
 void kv_append(Tensor&, Tensor&, const Tensor&, const Tensor&, int64_t) { no_cuda(); }
 void attention_forward(Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t) { no_cuda(); }
-void router_topk_forward(Tensor&, Tensor&, const Tensor&, bool) { no_cuda(); }
+void router_topk_forward(Tensor&, Tensor&, const Tensor&, bool, const Tensor&) { no_cuda(); }
 void moe_dispatch(Tensor&, Tensor&, Tensor&, const Tensor&, int64_t) { no_cuda(); }
 void gather_rows(Tensor&, const Tensor&, const Tensor&, int64_t) { no_cuda(); }
 void expert_ffn_forward(Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,

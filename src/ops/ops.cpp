@@ -149,7 +149,8 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
   MOE_DISPATCH(out.device(), attention_forward(out, q, k_cache, v_cache, past));
 }
 
-void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm) {
+void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm,
+                         const Tensor& select_bias) {
   const char* op = "router_topk_forward";
   check_ndim(op, "logits", logits, 2);
   check_dtype(op, "logits", logits, DType::F32);
@@ -161,8 +162,12 @@ void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits,
             logits.shape_str().c_str());
   MOE_CHECK(topk_idx.dim(1) >= 1 && topk_idx.dim(1) <= logits.dim(1), "%s: k=%lld with %lld experts", op,
             (long long)topk_idx.dim(1), (long long)logits.dim(1));
-  check_device(op, logits.device(), {&topk_idx, &topk_w});
-  MOE_DISPATCH(logits.device(), router_topk_forward(topk_idx, topk_w, logits, renorm));
+  if (select_bias.defined()) {
+    check_dtype(op, "select_bias", select_bias, DType::F32);
+    check_shape(op, "select_bias", select_bias, {logits.dim(1)});
+  }
+  check_device(op, logits.device(), {&topk_idx, &topk_w, &select_bias});
+  MOE_DISPATCH(logits.device(), router_topk_forward(topk_idx, topk_w, logits, renorm, select_bias));
 }
 
 void moe_dispatch(Tensor& offsets, Tensor& perm, Tensor& inv, const Tensor& topk_idx, int64_t n_expert) {
@@ -457,6 +462,20 @@ void router_balance_backward(Tensor& dlogits, const Tensor& logits, const Tensor
   }
   check_device(op, dlogits.device(), {&logits, &g});
   MOE_TRAIN_DISPATCH(dlogits.device(), op, router_balance_backward(dlogits, logits, g, aux_scale, z_scale));
+}
+
+void moe_capacity_drop(Tensor& offsets, Tensor& perm, Tensor& inv, int64_t capacity) {
+  const char* op = "moe_capacity_drop";
+  check_i32(op, "offsets", offsets);
+  check_i32(op, "perm", perm);
+  check_i32(op, "inv", inv);
+  check_ndim(op, "offsets", offsets, 1);
+  MOE_CHECK(offsets.numel() >= 2, "%s: offsets %s needs E+1 >= 2 entries", op, offsets.shape_str().c_str());
+  check_shape(op, "inv", inv, perm.shape());
+  check_ndim(op, "perm", perm, 1);
+  MOE_CHECK(capacity >= 0, "%s: capacity %lld < 0", op, (long long)capacity);
+  check_device(op, offsets.device(), {&perm, &inv});
+  MOE_TRAIN_DISPATCH(offsets.device(), op, moe_capacity_drop(offsets, perm, inv, capacity));
 }
 
 void permute_weights_backward(Tensor& dtopk_w, const Tensor& drow_scale, const Tensor& perm) {

@@ -49,7 +49,10 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
 // Router: probabilities = softmax(logits) over E; takes the K largest (ties: lower index
 // first); renormalises the K weights to sum 1 when `renorm`.
 // topk_idx [T,K] i32, topk_w [T,K] f32, logits [T,E] f32.
-void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm);
+// select_bias [E] f32 (optional; auxiliary-loss-free balancing, DeepSeek-V3): experts are
+// selected by probability + select_bias[e], the weights stay the unbiased probabilities.
+void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm,
+                         const Tensor& select_bias = Tensor());
 
 // Groups the T*K assignments by expert, stably (token order kept inside an expert).
 // offsets [E+1] i32: rows of expert e are [offsets[e], offsets[e+1]) of the permuted order.
@@ -148,6 +151,14 @@ void router_stats(Tensor& prob_sum, Tensor& count, Tensor& z_sum, const Tensor& 
 // aux_scale = coef / N; for the z-loss z_scale = coef / N. g may be undefined (no aux term).
 void router_balance_backward(Tensor& dlogits, const Tensor& logits, const Tensor& g, float aux_scale,
                              float z_scale);
+
+// Capacity limit (Switch-style routing, training): after moe_dispatch, keeps at most
+// `capacity` rows per expert — the earliest assignments (token order) — and moves the dropped
+// ones behind all kept rows: offsets[E] becomes the kept count N, rows [N, P) of perm are the
+// dropped assignments (in order), inv follows. Expert ops process only rows [0, offsets[E]);
+// callers zero the dropped rows' outputs, so a dropped token passes through the residual.
+// offsets [E+1], perm, inv [P] i32 (updated in place); capacity >= 0.
+void moe_capacity_drop(Tensor& offsets, Tensor& perm, Tensor& inv, int64_t capacity);
 
 // Gradient of permute_weights: dtopk_w.flat[perm[p]] = drow_scale[p] (assigned; every
 // assignment has exactly one row).  dtopk_w [T,K] f32, drow_scale [P] f32, perm [P].

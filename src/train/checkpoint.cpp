@@ -68,6 +68,7 @@ void save_checkpoint(const std::string& dir, const Model& m, const AdamW& opt, c
   write_text_atomic((tmp / "config.json").string(), hf_config_to_json(m.config()));
   std::vector<std::pair<std::string, Tensor>> named;
   for (const NamedParam& p : named_parameters(m.config(), m.weights())) named.emplace_back(p.name, p.value);
+  for (auto& b : named_buffers(m.config(), m.weights())) named.push_back(b);
   write_safetensors((tmp / "model.safetensors").string(), named, {{"format", "pt"}});
   write_safetensors((tmp / "optimizer.safetensors").string(), opt.state_tensors());
   if (!tokenizer_from.empty())

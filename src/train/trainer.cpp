@@ -123,6 +123,8 @@ void apply_train_json(const nlohmann::json& j, const std::string& what, TrainCon
     else if (k == "aux-coef") c->aux_coef = num();
     else if (k == "z-coef") c->z_coef = num();
     else if (k == "recompute") c->recompute = boolean();
+    else if (k == "capacity-factor") c->capacity_factor = num();
+    else if (k == "bias-balance") c->bias_rate = num();
     else if (k == "shuffle") c->shuffle = boolean();
     else if (k == "seed") c->seed = static_cast<uint64_t>(integer());
     else if (k == "val-fraction") c->val_fraction = num();
@@ -191,6 +193,8 @@ double run_training(const TrainConfig& cfg) {
   lopt.aux_coef = cfg.aux_coef >= 0 ? cfg.aux_coef : mc.router_aux_loss_coef;
   lopt.z_coef = cfg.z_coef;
   lopt.recompute = cfg.recompute;
+  lopt.route.capacity_factor = cfg.capacity_factor;
+  MOE_CHECK(cfg.capacity_factor >= 0 && cfg.bias_rate >= 0, "--capacity-factor and --bias-balance must be >= 0");
 
   int64_t step = 0;
   const std::string metrics_path = cfg.out + "/metrics.jsonl";
@@ -226,7 +230,7 @@ double run_training(const TrainConfig& cfg) {
                              {"model_type", mc.model_type}, {"n_params", m.n_params_total()},
                              {"train_rows", data.train.n}, {"val_rows", data.val.n}, {"seq_len", data.train.seq},
                              {"batch_size", cfg.batch_size}, {"grad_accum", cfg.grad_accum}, {"steps", cfg.steps},
-                             {"lr", cfg.lr}};
+                             {"lr", cfg.lr}, {"capacity_factor", cfg.capacity_factor}, {"bias_balance", cfg.bias_rate}};
   if (data.val.n > 0 && resume_dir.empty()) {
     // The starting point the validation curve is judged against.
     const double v0 = validation_loss(m, data.val, cfg.batch_size, cfg.eval_batches, lopt);
@@ -266,6 +270,7 @@ double run_training(const TrainConfig& cfg) {
     for (auto& row : touched) std::fill(row.begin(), row.end(), false);
     double loss = 0, ce = 0, aux = 0, z = 0;
     std::vector<std::vector<double>> load;  // per MoE layer
+    std::vector<int64_t> dropped;           // per MoE layer
     std::vector<int64_t> moe_layers;
     for (int64_t micro = 0; micro < cfg.grad_accum; ++micro) {
       sampler.next(&rows);
@@ -277,7 +282,9 @@ double run_training(const TrainConfig& cfg) {
       z += r.z_loss / double(cfg.grad_accum);
       moe_layers = r.moe_layers;
       load.resize(r.router.size());
+      dropped.resize(r.router.size(), 0);
       for (size_t i = 0; i < r.router.size(); ++i) {
+        dropped[i] += r.router[i].dropped;
         load[i].resize(r.router[i].count.size(), 0.0);
         for (size_t e = 0; e < r.router[i].count.size(); ++e) {
           load[i][e] += r.router[i].count[e];
@@ -298,6 +305,7 @@ double run_training(const TrainConfig& cfg) {
               (long long)step + 1, last_ckpt.empty() ? "(none yet)" : last_ckpt.c_str());
     const double lr = lr_at(cfg.schedule, cfg.lr, step, cfg.warmup, cfg.steps);
     opt.step(lr, touched);
+    if (cfg.bias_rate > 0 && !load.empty()) update_router_bias(mc, m.mutable_weights(), load, cfg.bias_rate);
     ++step;
     last_loss = loss;
     const double dt = now_s() - t0;
@@ -309,13 +317,16 @@ double run_training(const TrainConfig& cfg) {
     nlohmann::json jl = nlohmann::json::array(), jcv = nlohmann::json::array(), jmm = nlohmann::json::array(),
                    jdrop = nlohmann::json::array();
     double cv_mean = 0, worst_mm = 0;
-    for (const auto& l : load) {
+    int64_t dropped_all = 0;
+    for (size_t i = 0; i < load.size(); ++i) {
+      const auto& l = load[i];
       double cv, mm;
       balance(l, &cv, &mm);
       jl.push_back(l);
       jcv.push_back(cv);
       jmm.push_back(mm);
-      jdrop.push_back(0);
+      jdrop.push_back(dropped[i]);
+      dropped_all += dropped[i];
       cv_mean += cv / double(load.size());
       worst_mm = std::max(worst_mm, mm);
     }
@@ -341,6 +352,10 @@ double run_training(const TrainConfig& cfg) {
       std::printf("step %lld/%lld | loss %.4f | aux %.4f | lr %.3g | %.0f tok/s | balance cv %.3f max/mean %.2f | ETA %s",
                   (long long)step, (long long)cfg.steps, loss, aux, lr, tokens / dt, cv_mean, worst_mm,
                   fmt_duration(per_step * double(cfg.steps - step)).c_str());
+      if (cfg.capacity_factor > 0)
+        std::printf(" | dropped %.1f%%", load.empty() ? 0.0
+                                                     : 100.0 * double(dropped_all) /
+                                                           (tokens * double(mc.n_expert_used) * double(load.size())));
       if (eval) std::printf(" | val %.4f", vl);
       std::printf("\n");
       std::fflush(stdout);

@@ -33,6 +33,8 @@ struct TrainConfig {
   double aux_coef = -1;     // < 0: the config's router_aux_loss_coef
   double z_coef = 0;
   bool recompute = false;
+  double capacity_factor = 0;  // Switch-style expert capacity; 0 = dropless
+  double bias_rate = 0;        // aux-loss-free bias balancing rate; 0 = off
   bool shuffle = true;
   uint64_t seed = 1;
   double val_fraction = 0.05;

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # End-to-end `moe train` on a tiny model and a synthetic corpus:
 #  - the validation loss falls below 60% of its initial value;
-#  - the aux load-balancing loss lowers the coefficient of variation of per-expert load compared
-#    with no balancing at all (same seed, same data);
+#  - the aux load-balancing loss, and separately the aux-loss-free bias balancing, lower the
+#    coefficient of variation of per-expert load compared with no balancing at all (same seed,
+#    same data);
+#  - a capacity factor drops tokens (counted per layer in metrics.jsonl) and still trains;
 #  - the checkpoint loads in `moe generate`; `moe report` writes the HTML report;
 #  - bad input: malformed JSONL (line number named), empty corpus, sequence length over the
 #    model's limit, a diverging run (NaN/Inf loss: clear stop, last good checkpoint kept).
@@ -31,6 +33,9 @@ COMMON=(--data "$T/corpus.txt" --steps 60 --batch-size 8 --seq-len 64 --lr 3e-3 
         --eval-every 30 --eval-batches 4 --quiet)
 "$MOE" train "$T/m" "${COMMON[@]}" --out "$T/off" --aux-coef 0
 "$MOE" train "$T/m" "${COMMON[@]}" --out "$T/on" --aux-coef 0.5
+"$MOE" train "$T/m" "${COMMON[@]}" --out "$T/bias" --aux-coef 0 --bias-balance 0.01
+CAP=(--data "$T/corpus.txt" --steps 10 --batch-size 8 --seq-len 64 --lr 3e-3 --seed 1 --eval-batches 2 --quiet)
+"$MOE" train "$T/m" "${CAP[@]}" --out "$T/cap" --aux-coef 0 --capacity-factor 1.0
 
 python3 - "$T" <<'EOF'
 import json, sys
@@ -40,9 +45,17 @@ def rows(run):
 def mean_cv(run):  # mean over the last 20 steps and all MoE layers
     rs = rows(run)[-20:]
     return sum(sum(r["load_cv"]) / len(r["load_cv"]) for r in rs) / len(rs)
-off, on = mean_cv("off"), mean_cv("on")
-print(f"load CV (last 20 steps): aux off {off:.3f}, aux 0.5 {on:.3f}")
+off, on, bias = mean_cv("off"), mean_cv("on"), mean_cv("bias")
+print(f"load CV (last 20 steps): no balancing {off:.3f}, aux 0.5 {on:.3f}, bias balancing 0.01 {bias:.3f}")
 assert on < off, f"aux loss did not lower the load CV: {on} >= {off}"
+assert bias < off, f"bias balancing did not lower the load CV: {bias} >= {off}"
+assert all(d == 0 for r in rows("on") for d in r["dropped"]), "dropless routing dropped tokens"
+cap = rows("cap")
+dropped = sum(sum(r["dropped"]) for r in cap)
+routed = sum(sum(map(sum, r["expert_load"])) for r in cap)
+print(f"capacity factor 1.0: {dropped} of {routed} assignments dropped")
+assert 0 < dropped < routed, "capacity factor 1.0 on an unbalanced router must drop some assignments"
+assert all(r["loss"] == r["loss"] for r in cap), "loss is NaN with a capacity factor"
 v0 = json.load(open(f"{t}/on/train_config.json"))["initial_val_loss"]
 v = [r["val_loss"] for r in rows("on") if "val_loss" in r][-1]
 print(f"validation loss {v0:.3f} -> {v:.3f} ({100 * v / v0:.0f}%)")
@@ -55,6 +68,8 @@ assert sum(r["expert_load"][0]) == 8 * 64 * 2, "every token goes to exactly top-
 EOF
 
 "$MOE" generate "$T/on/final" --prompt "And the king" --max-new-tokens 16 >"$T/gen.txt" || fail "generate from the checkpoint"
+"$MOE" generate "$T/bias/final" --prompt "And the king" --max-new-tokens 4 >/dev/null ||
+  fail "generate from a checkpoint with router selection biases"
 "$MOE" report "$T/on" >/dev/null || fail "moe report"
 grep -q "<svg" "$T/on/report.html" || fail "report has no SVG chart"
 

@@ -10,9 +10,11 @@
 namespace moe {
 namespace cpu {
 
-void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm) {
+void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm,
+                         const Tensor& select_bias) {
   const int64_t t_n = logits.dim(0), e_n = logits.dim(1), k = topk_idx.dim(1);
   const float* lg = logits.data<float>();
+  const float* bias = select_bias.defined() ? select_bias.data<float>() : nullptr;
   int32_t* idx = topk_idx.data<int32_t>();
   float* wt = topk_w.data<float>();
 #pragma omp parallel for schedule(static) if(t_n * e_n > 32768)
@@ -22,11 +24,15 @@ void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits,
     for (int64_t e = 0; e < e_n; ++e) mx = std::max(mx, l[e]);
     double sum = 0;
     for (int64_t e = 0; e < e_n; ++e) sum += std::exp(double(l[e] - mx));
-    // Selection by logit equals selection by probability; ties keep the lower index.
+    // Selection by logit equals selection by probability; ties keep the lower index. With a
+    // selection bias the score is probability + bias (the weights stay unbiased).
+    std::vector<double> score(static_cast<size_t>(e_n));
+    for (int64_t e = 0; e < e_n; ++e) score[e] = bias ? std::exp(double(l[e] - mx)) / sum + bias[e] : double(l[e]);
     std::vector<int32_t> order(static_cast<size_t>(e_n));
     for (int64_t e = 0; e < e_n; ++e) order[e] = static_cast<int32_t>(e);
-    std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [&](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+      return score[a] > score[b] || (score[a] == score[b] && a < b);
+    });
     double ksum = 0;
     for (int64_t j = 0; j < k; ++j) {
       double p = std::exp(double(l[order[j]] - mx)) / sum;

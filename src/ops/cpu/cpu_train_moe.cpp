@@ -105,6 +105,26 @@ void router_balance_backward(Tensor& dlogits, const Tensor& logits, const Tensor
   }
 }
 
+void moe_capacity_drop(Tensor& offsets, Tensor& perm, Tensor& inv, int64_t capacity) {
+  const int64_t e_n = offsets.numel() - 1, p_n = perm.numel();
+  int32_t* off = offsets.data<int32_t>();
+  int32_t* pm = perm.data<int32_t>();
+  int32_t* iv = inv.data<int32_t>();
+  std::vector<int32_t> kept, dropped;
+  kept.reserve(static_cast<size_t>(p_n));
+  std::vector<int32_t> new_off(static_cast<size_t>(e_n + 1), 0);
+  for (int64_t e = 0; e < e_n; ++e) {
+    // Rows of an expert are in assignment order (dispatch is stable): the first `capacity` stay.
+    for (int32_t p = off[e]; p < off[e + 1]; ++p) (p - off[e] < capacity ? kept : dropped).push_back(pm[p]);
+    new_off[e + 1] = static_cast<int32_t>(kept.size());
+  }
+  std::sort(dropped.begin(), dropped.end());
+  std::copy(kept.begin(), kept.end(), pm);
+  std::copy(dropped.begin(), dropped.end(), pm + kept.size());
+  std::copy(new_off.begin(), new_off.end(), off);
+  for (int64_t p = 0; p < p_n; ++p) iv[pm[p]] = static_cast<int32_t>(p);
+}
+
 void permute_weights_backward(Tensor& dtopk_w, const Tensor& drow_scale, const Tensor& perm) {
   const int64_t p_n = perm.numel();
   const int32_t* pm = perm.data<int32_t>();

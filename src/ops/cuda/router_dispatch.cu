@@ -21,8 +21,8 @@ namespace {
 
 // One thread per token. probabilities = softmax(logits[t,:]); the K largest by (value desc,
 // index asc); optional renormalisation.
-__global__ void router_topk_kernel(int32_t* idx, float* w, const float* logits, int64_t t_len, int e_len, int k,
-                                   bool renorm) {
+__global__ void router_topk_kernel(int32_t* idx, float* w, const float* logits, const float* bias, int64_t t_len,
+                                   int e_len, int k, bool renorm) {
   int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (t >= t_len) return;
   const float* l = logits + t * e_len;
@@ -31,7 +31,9 @@ __global__ void router_topk_kernel(int32_t* idx, float* w, const float* logits, 
   float sum = 0.f;
   for (int e = 0; e < e_len; ++e) sum += expf(l[e] - mx);
   float inv_sum = 1.f / sum;
-  // Selection by logit equals selection by probability (and matches the CPU reference on ties).
+  // Selection by logit equals selection by probability (and matches the CPU reference on ties);
+  // with a selection bias the score is probability + bias.
+  auto score = [&](int e) { return bias ? expf(l[e] - mx) * inv_sum + bias[e] : l[e]; };
   float prev_v = INFINITY;
   int prev_i = -1;
   float sel_sum = 0.f;
@@ -40,14 +42,14 @@ __global__ void router_topk_kernel(int32_t* idx, float* w, const float* logits, 
     float best_v = -INFINITY;
     int best_i = -1;
     for (int e = 0; e < e_len; ++e) {
-      float v = l[e];
+      float v = score(e);
       bool after_prev = v < prev_v || (v == prev_v && e > prev_i);
       if (after_prev && (best_i < 0 || v > best_v)) {
         best_v = v;
         best_i = e;
       }
     }
-    float pr = expf(best_v - mx) * inv_sum;
+    float pr = expf(l[best_i] - mx) * inv_sum;
     idx[t * k + j] = best_i;
     w[t * k + j] = pr;
     sel_sum += pr;
@@ -131,12 +133,14 @@ __global__ void dispatch_kernel(int32_t* offsets, int32_t* perm, int32_t* inv, c
 
 }  // namespace
 
-void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm) {
+void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm,
+                         const Tensor& select_bias) {
   int64_t t = logits.dim(0);
   if (t == 0) return;
   int e = int(logits.dim(1)), k = int(topk_idx.dim(1));
+  const float* bias = select_bias.defined() ? select_bias.data<float>() : nullptr;
   router_topk_kernel<<<ceil_div(t, 128), 128, 0, stream()>>>(topk_idx.data<int32_t>(), topk_w.data<float>(),
-                                                             logits.data<float>(), t, e, k, renorm);
+                                                             logits.data<float>(), bias, t, e, k, renorm);
   MOE_CUDA_LAUNCH_CHECK();
 }
 

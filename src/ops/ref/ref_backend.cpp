@@ -139,9 +139,11 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
   o.store(out);
 }
 
-void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm) {
-  Wide l(logits), w = out_buf(topk_w);
-  f64::router_topk_forward(ints_out(topk_idx), w.p(), l.p(), logits.dim(0), logits.dim(1), topk_idx.dim(1), renorm);
+void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm,
+                         const Tensor& select_bias) {
+  Wide l(logits), w = out_buf(topk_w), b(select_bias);
+  f64::router_topk_forward(ints_out(topk_idx), w.p(), l.p(), select_bias.defined() ? b.p() : nullptr,
+                           logits.dim(0), logits.dim(1), topk_idx.dim(1), renorm);
   w.store(topk_w);
 }
 
@@ -293,6 +295,11 @@ void router_balance_backward(Tensor& dlogits, const Tensor& logits, const Tensor
   Wide dl(dlogits), l(logits), gg(g);
   f64::router_balance_backward(dl.p(), l.p(), gg.p(), aux_scale, z_scale, logits.dim(0), logits.dim(1));
   dl.store(dlogits);
+}
+
+void moe_capacity_drop(Tensor& offsets, Tensor& perm, Tensor& inv, int64_t capacity) {
+  f64::moe_capacity_drop(ints_out(offsets), ints_out(perm), ints_out(inv), perm.numel(), offsets.numel() - 1,
+                         capacity);
 }
 
 void permute_weights_backward(Tensor& dtopk_w, const Tensor& drow_scale, const Tensor& perm) {

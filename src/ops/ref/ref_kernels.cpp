@@ -139,8 +139,8 @@ void attention_forward_train(double* out, double* lse, const double* q, const do
       }
 }
 
-void router_topk_forward(int32_t* idx, double* w, const double* logits, int64_t t_n, int64_t e_n, int64_t k,
-                         bool renorm) {
+void router_topk_forward(int32_t* idx, double* w, const double* logits, const double* bias, int64_t t_n,
+                         int64_t e_n, int64_t k, bool renorm) {
   std::vector<char> taken(static_cast<size_t>(e_n));
   std::vector<double> p_buf(static_cast<size_t>(e_n));
   double* p = p_buf.data();
@@ -150,11 +150,12 @@ void router_topk_forward(int32_t* idx, double* w, const double* logits, int64_t 
     for (int64_t e = 0; e < e_n; ++e) taken[e] = false;
     // K passes of "largest not yet taken"; strict > keeps the lower index on ties. Selecting
     // by logit is selecting by probability (softmax is monotone) without its rounding.
+    auto score = [&](int64_t e) { return bias ? p[e] + bias[e] : l[e]; };
     double sum = 0;
     for (int64_t j = 0; j < k; ++j) {
       int64_t best = -1;
       for (int64_t e = 0; e < e_n; ++e)
-        if (!taken[e] && (best < 0 || l[e] > l[best])) best = e;
+        if (!taken[e] && (best < 0 || score(e) > score(best))) best = e;
       taken[best] = true;
       idx[t * k + j] = static_cast<int32_t>(best);
       w[t * k + j] = p[best];
@@ -181,6 +182,29 @@ void moe_dispatch(int32_t* offsets, int32_t* perm, int32_t* inv, const int32_t* 
       }
   }
   offsets[e_n] = static_cast<int32_t>(pos);
+}
+
+void moe_capacity_drop(int32_t* offsets, int32_t* perm, int32_t* inv, int64_t p_n, int64_t e_n, int64_t capacity) {
+  // Expert of each assignment, then its rank among the earlier assignments to that expert.
+  std::vector<int64_t> expert(static_cast<size_t>(p_n));
+  for (int64_t e = 0; e < e_n; ++e)
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) expert[perm[r]] = e;
+  std::vector<char> keep(static_cast<size_t>(p_n));
+  for (int64_t a = 0; a < p_n; ++a) {
+    int64_t rank = 0;
+    for (int64_t b = 0; b < a; ++b) rank += expert[b] == expert[a];
+    keep[a] = rank < capacity;
+  }
+  int64_t pos = 0;
+  for (int64_t e = 0; e < e_n; ++e) {
+    offsets[e] = static_cast<int32_t>(pos);
+    for (int64_t a = 0; a < p_n; ++a)
+      if (keep[a] && expert[a] == e) perm[pos++] = static_cast<int32_t>(a);
+  }
+  offsets[e_n] = static_cast<int32_t>(pos);
+  for (int64_t a = 0; a < p_n; ++a)
+    if (!keep[a]) perm[pos++] = static_cast<int32_t>(a);
+  for (int64_t r = 0; r < p_n; ++r) inv[perm[r]] = static_cast<int32_t>(r);
 }
 
 void gather_rows(double* xp, const double* x, const int32_t* perm, int64_t p_n, int64_t d, int64_t k) {

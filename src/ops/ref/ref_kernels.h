@@ -45,9 +45,13 @@ void attention_forward_train(double* out, double* lse, const double* q, const do
                              int64_t b_n, int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh);
 
 // Softmax over E, the K largest logits (ties: lower index), renormalised when `renorm`.
-// idx [T,K], w [T,K], logits [T,E].
-void router_topk_forward(int32_t* idx, double* w, const double* logits, int64_t t_n, int64_t e_n, int64_t k,
-                         bool renorm);
+// idx [T,K], w [T,K], logits [T,E]; bias [E] nullable: select by probability + bias.
+void router_topk_forward(int32_t* idx, double* w, const double* logits, const double* bias, int64_t t_n,
+                         int64_t e_n, int64_t k, bool renorm);
+
+// Keeps the first `capacity` assignments (in assignment order) of each expert of a dispatch
+// (offsets [E+1], perm, inv [P] updated): kept rows first by expert, then the dropped ones.
+void moe_capacity_drop(int32_t* offsets, int32_t* perm, int32_t* inv, int64_t p_n, int64_t e_n, int64_t capacity);
 
 // Stable grouping of the P assignments idx [P] by expert (ids checked to be in [0,E)).
 // offsets [E+1], perm [P], inv [P].
