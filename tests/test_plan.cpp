@@ -236,7 +236,7 @@ Measured measure(const Model& model, int64_t b, int64_t s, int64_t ctx, bool las
       ForwardResult r = model.forward(ids, cache, fo);
       EXPECT_EQ(r.logits.dim(0), b);
     }
-    if (cache.len < ctx) {
+    if (cache.pos[0] < ctx) {
       Tensor one = Tensor::empty({b, 1}, DType::I32, MemCategory::Workspace);
       for (int64_t i = 0; i < b; ++i) one.data<int32_t>()[i] = 5;
       ForwardResult r = model.forward(one, cache, fo);

@@ -22,7 +22,8 @@ void split_qkv(const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, QkvDims d) {
 }  // namespace
 
 void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Tensor& h, Tensor& y,
-                           Tensor& k_cache, Tensor& v_cache, int64_t batch, int64_t seq, int64_t past) {
+                           Tensor& k_cache, Tensor& v_cache, int64_t batch, int64_t seq,
+                           const std::vector<int64_t>& slots, const std::vector<int64_t>& past) {
   const int64_t t_n = batch * seq, dh = c.head_dim, h_n = c.n_head, hkv = c.n_head_kv;
   const QkvDims dm = qkv_dims(c);
   const Device dev = x.device();
@@ -50,11 +51,29 @@ void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& 
     rmsnorm_forward(qn, qn, w.q_norm, float(c.rms_norm_eps));
     rmsnorm_forward(kn, kn, w.k_norm, float(c.rms_norm_eps));
   }
-  rope_forward(q, past, float(c.rope_theta));
-  rope_forward(k, past, float(c.rope_theta));
-  kv_append(k_cache, v_cache, k, v, past);
   Tensor attn = Tensor::empty({batch, seq, h_n, dh}, adt, act, dev);
-  attention_forward(attn, q, k_cache, v_cache, past);
+  // One call for the whole batch when it is the whole cache at one position (prefill, lockstep
+  // decode); otherwise each row on its own slot at its own position.
+  bool lockstep = batch == k_cache.dim(0);
+  for (int64_t b = 0; b < batch && lockstep; ++b)
+    lockstep = slots[static_cast<size_t>(b)] == b && past[static_cast<size_t>(b)] == past[0];
+  const float theta = float(c.rope_theta);
+  if (lockstep) {
+    rope_forward(q, past[0], theta);
+    rope_forward(k, past[0], theta);
+    kv_append(k_cache, v_cache, k, v, past[0]);
+    attention_forward(attn, q, k_cache, v_cache, past[0]);
+  } else {
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t sl = slots[static_cast<size_t>(b)], p = past[static_cast<size_t>(b)];
+      Tensor qb = q.rows(b, b + 1), kb = k.rows(b, b + 1), vb = v.rows(b, b + 1), ob = attn.rows(b, b + 1);
+      Tensor kc = k_cache.rows(sl, sl + 1), vc = v_cache.rows(sl, sl + 1);
+      rope_forward(qb, p, theta);
+      rope_forward(kb, p, theta);
+      kv_append(kc, vc, kb, vb, p);
+      attention_forward(ob, qb, kc, vc, p);
+    }
+  }
   linear_forward(y, attn.view({t_n, dm.q}), w.wo, w.bo);
   add_inplace(x, y);
 }

@@ -10,16 +10,21 @@
 // log-sum-exp: backward recomputes the probabilities from it), and writes x_mid. Nothing it
 // saves is overwritten later in the step: the residual add writes a new tensor (x_mid).
 #pragma once
+#include <vector>
+
 #include "io/hf_config.h"
 #include "model/activations.h"
 #include "model/model.h"
 
 namespace moe {
 
-// Inference: x [T,D] is updated in place (x += attention), keys/values appended to the cache.
-// `h` [T,D] and `y` [T,D] are scratch.
+// Inference: x [T,D] (T = batch·seq) is updated in place (x += attention); row b's keys and
+// values go to cache slot slots[b] at positions [past[b], past[b]+seq), and its queries attend
+// that slot's positions up to their own. Rows may be at different positions. `h` [T,D] and
+// `y` [T,D] are scratch.
 void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Tensor& h, Tensor& y,
-                           Tensor& k_cache, Tensor& v_cache, int64_t batch, int64_t seq, int64_t past);
+                           Tensor& k_cache, Tensor& v_cache, int64_t batch, int64_t seq,
+                           const std::vector<int64_t>& slots, const std::vector<int64_t>& past);
 
 // Training forward: reads a.x_in, fills the saved tensors listed above and a.x_mid.
 // `qkv` [T,(H+2Hkv)Dh] is scratch.

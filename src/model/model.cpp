@@ -243,6 +243,7 @@ KVCache Model::make_cache(int64_t batch, int64_t capacity) const {
   KVCache kv;
   kv.batch = batch;
   kv.capacity = capacity;
+  kv.pos.assign(static_cast<size_t>(batch), 0);
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
     kv.k.push_back(Tensor::zeros({batch, capacity, cfg_.n_head_kv, cfg_.head_dim}, opt_.act_dtype,
                                  MemCategory::KvCache, opt_.device));
@@ -275,11 +276,27 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
   MOE_CHECK(ids_in.ndim() == 2, "forward: ids must be [B,S], got %s", ids_in.shape_str().c_str());
   const int64_t b_n = ids_in.dim(0), s_n = ids_in.dim(1), t_n = b_n * s_n;
   const int64_t d = c.hidden_size;
-  const int64_t past = cache.len;
-  MOE_CHECK(b_n == cache.batch, "forward: batch %lld but the KV cache was made for %lld", (long long)b_n,
-            (long long)cache.batch);
-  MOE_CHECK(past + s_n <= cache.capacity, "forward: %lld + %lld positions exceed the KV cache capacity %lld",
-            (long long)past, (long long)s_n, (long long)cache.capacity);
+  std::vector<int64_t> slots = fo.slots;
+  if (slots.empty()) {
+    MOE_CHECK(b_n == cache.batch, "forward: batch %lld but the KV cache was made for %lld", (long long)b_n,
+              (long long)cache.batch);
+    for (int64_t b = 0; b < b_n; ++b) slots.push_back(b);
+  }
+  MOE_CHECK(int64_t(slots.size()) == b_n, "forward: %zu cache slots for a batch of %lld", slots.size(), (long long)b_n);
+  MOE_CHECK(int64_t(cache.pos.size()) == cache.batch, "forward: the KV cache has %zu positions for %lld slots",
+            cache.pos.size(), (long long)cache.batch);
+  std::vector<int64_t> past(static_cast<size_t>(b_n));
+  for (int64_t b = 0; b < b_n; ++b) {
+    const int64_t sl = slots[static_cast<size_t>(b)];
+    MOE_CHECK(sl >= 0 && sl < cache.batch, "forward: cache slot %lld out of range [0,%lld)", (long long)sl,
+              (long long)cache.batch);
+    for (int64_t j = 0; j < b; ++j)
+      MOE_CHECK(slots[static_cast<size_t>(j)] != sl, "forward: cache slot %lld given twice", (long long)sl);
+    past[static_cast<size_t>(b)] = cache.pos[static_cast<size_t>(sl)];
+    MOE_CHECK(past[static_cast<size_t>(b)] + s_n <= cache.capacity,
+              "forward: %lld + %lld positions exceed the KV cache capacity %lld", (long long)past[static_cast<size_t>(b)],
+              (long long)s_n, (long long)cache.capacity);
+  }
   const Device dev = opt_.device;
   const DType adt = opt_.act_dtype;
   const MemCategory act = MemCategory::Activations;
@@ -310,7 +327,7 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LayerWeights& lw = w_.layers[static_cast<size_t>(l)];
     attention_block_infer(c, lw, x, h, y, cache.k[static_cast<size_t>(l)], cache.v[static_cast<size_t>(l)], b_n, s_n,
-                          past);
+                          slots, past);
     Tensor logits;
     ffn_block_infer(c, lw, x, h, y, fo.want_router_logits ? &logits : nullptr);
     if (fo.want_router_logits) res.router_logits.push_back(logits);
@@ -333,7 +350,7 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
   Tensor logits = Tensor::empty({rows, c.vocab_size}, DType::F32, act, dev);
   linear_forward(logits, hf, w_.lm_head, Tensor());
   res.logits = logits.view({b_n, s_out, c.vocab_size});
-  cache.len += s_n;
+  for (int64_t sl : slots) cache.pos[static_cast<size_t>(sl)] += s_n;
   return res;
 }
 

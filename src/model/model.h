@@ -52,10 +52,13 @@ struct LoadOptions {
   DType act_dtype = DType::F32;  // activations and KV cache (BF16 only on CUDA)
 };
 
-// Per-layer KV caches [B,C,Hkv,Dh] and the number of positions already filled.
+// Per-layer KV caches [B,C,Hkv,Dh]: B sequence slots of C positions. Slot b holds positions
+// [0, pos[b]); every slot has its own length, so one forward may carry sequences at different
+// positions (serving batches requests of different lengths). A caller reuses a slot for a new
+// sequence by setting its pos to 0.
 struct KVCache {
   std::vector<Tensor> k, v;
-  int64_t len = 0;
+  std::vector<int64_t> pos;  // per slot: positions filled (= the position of its next token)
   int64_t batch = 0;
   int64_t capacity = 0;
 };
@@ -63,6 +66,9 @@ struct KVCache {
 struct ForwardOptions {
   bool last_logits_only = false;  // logits for the last position of each sequence only
   bool want_router_logits = false;
+  // The cache slot of each input row (ids row i continues slot slots[i] at its own position);
+  // empty: row i is slot i and every slot of the cache is in the batch.
+  std::vector<int64_t> slots;
 };
 
 struct ForwardResult {
@@ -88,7 +94,8 @@ class Model {
   DType act_dtype() const { return opt_.act_dtype; }
 
   KVCache make_cache(int64_t batch, int64_t capacity) const;
-  // ids [B,S] i32 (host or device); positions continue from cache.len, which advances by S.
+  // ids [B,S] i32 (host or device); row i continues its slot at cache.pos[slot], which
+  // advances by S (see ForwardOptions::slots).
   ForwardResult forward(const Tensor& ids, KVCache& cache, const ForwardOptions& fo = {}) const;
 
   // Parameter counts: total, and active per token (embedding and LM head counted too).
