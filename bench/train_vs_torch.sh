@@ -8,7 +8,9 @@
 # Prints tokens/s and training-memory-overhead ratios (targets: >= 2x and <= 0.5x), the
 # expert-GEMM share of the sgemm peak, the E=8 vs E=32 activation peaks, and the BLAS torch found.
 #
-# Usage: bench/train_vs_torch.sh [OUT_DIR]      (env: MOE=path/to/moe, THREADS=2, STEPS=3)
+# Usage: bench/train_vs_torch.sh [OUT_DIR]      (env: MOE=path/to/moe, THREADS=2, STEPS=3,
+#        MOE_ARGS="extra moe bench train flags", e.g. the memory-lean step the peer's loop matches
+#        (it does not clip): MOE_ARGS="--clip 0 --fused-update --optimizer-dtype bf16")
 # On a shared, overloaded machine (load > cores) run it with OMP_WAIT_POLICY=passive: both
 # programs use libgomp, whose spinning barriers collapse when a worker thread is descheduled.
 # Needs bench/setup_torch.sh once (python3-torch, python3-numpy, pthread OpenBLAS).
@@ -41,9 +43,10 @@ run_case() {
   local name="$1" dir="$2" batch="$3" seq="$4"
   shift 4
   echo "== $name: batch $batch x seq $seq, $STEPS timed steps after 1 warm-up, $THREADS threads"
-  { note_load; echo "\$ moe bench train --model $dir --batch $batch --seq $seq --steps $STEPS --warmup-steps 1 --json $*"; } \
+  { note_load; echo "\$ moe bench train --model $dir --batch $batch --seq $seq --steps $STEPS --warmup-steps 1 --json $* ${MOE_ARGS:-}"; } \
     > "$OUT/$name-moe.log"
-  "$MOE" bench train --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup-steps 1 --json "$@" \
+  # shellcheck disable=SC2086  # MOE_ARGS is a list of flags
+  "$MOE" bench train --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup-steps 1 --json "$@" ${MOE_ARGS:-} \
     >> "$OUT/$name-moe.log" 2>&1
   note_load >> "$OUT/$name-moe.log"
   { note_load; echo "\$ torch_moe_baseline.py --mode full --model $dir --batch $batch --seq $seq --steps $STEPS --threads $THREADS --json"; } \
