@@ -48,7 +48,8 @@ struct TrainBenchOpts {
   int64_t layers = 0, experts = 0, topk = 0, batch = 4, seq = 256, steps = 5, warmup = 1;
   double lr = 1e-4, clip = 1.0;
   uint64_t seed = 1;
-  bool recompute = false, json = false;
+  bool recompute = false, json = false, fused = false;
+  std::string optim_dtype = "f32";
 };
 
 // A field of /proc/self/status in bytes ("VmRSS", "VmHWM"); 0 when unreadable.
@@ -268,9 +269,11 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   mem_reset_peaks();
   const MemStats at_load = mem_stats();
 
-  ModelWeights grads = zeros_like(mc, m.weights(), MemCategory::Grads);
-  const std::vector<NamedParam> gparams = named_parameters(mc, grads);
+  MOE_CHECK(!o.fused || o.clip == 0, "moe bench train: --fused-update needs --clip 0");
+  ModelWeights grads = o.fused ? ModelWeights() : zeros_like(mc, m.weights(), MemCategory::Grads);
+  const std::vector<NamedParam> gparams = o.fused ? std::vector<NamedParam>() : named_parameters(mc, grads);
   AdamWOptions aopt;  // torch.optim.AdamW defaults, weight decay 0 (HF Trainer's default)
+  aopt.state_dtype = o.optim_dtype == "bf16" ? DType::BF16 : DType::F32;
   AdamW opt(named_parameters(mc, m.weights()), gparams, aopt);
   LossOptions lopt;
   lopt.aux_coef = mc.router_aux_loss_coef;
@@ -285,12 +288,23 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
     const double t0 = now_seconds();
     for (const NamedParam& g : gparams) std::memset(g.value.raw(), 0, g.value.nbytes());
     for (auto& row : touched) std::fill(row.begin(), row.end(), false);
-    StepLosses r = forward_backward(m, ids, ids, &grads, lopt);
-    for (size_t i = 0; i < r.router.size(); ++i)
-      for (size_t e = 0; e < r.router[i].count.size(); ++e)
-        if (r.router[i].count[e] > 0) touched[size_t(r.moe_layers[i])][e] = true;
-    clip_grad_norm(gparams, o.clip);
-    opt.step(o.lr, touched);
+    auto mark = [&](const StepLosses& fw) {
+      for (size_t i = 0; i < fw.router.size(); ++i)
+        for (size_t e = 0; e < fw.router[i].count.size(); ++e)
+          if (fw.router[i].count[e] > 0) touched[size_t(fw.moe_layers[i])][e] = true;
+    };
+    StepLosses r;
+    if (o.fused) {
+      r = forward_backward_fused(m, ids, ids, lopt, [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
+        if (group == kGroupHead) mark(fw);
+        opt.step_group(o.lr, touched, group_parameters(mc, g, group));
+      });
+    } else {
+      r = forward_backward(m, ids, ids, &grads, lopt);
+      mark(r);
+      clip_grad_norm(gparams, o.clip);
+      opt.step(o.lr, touched);
+    }
     const double dt = now_seconds() - t0;
     losses.push_back(r.total);
     const bool warm = step < o.warmup;
@@ -311,6 +325,8 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   const double tok_s = double(o.batch * o.seq) / step_s;
 
   // ---- expert GEMMs on the last step's routing, then the GEMM peak again ----
+  // (the fused update holds no whole-model gradient: the timing gets its own, after the peaks)
+  if (o.fused) grads = zeros_like(mc, m.weights(), MemCategory::Workspace);
   const ExpertTiming et = time_expert_ops(m, grads, last);
   const double peak_after = measure_sgemm_peak();
   const double peak = std::max(peak_before, peak_after);
@@ -343,7 +359,8 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
                       {"hidden", mc.hidden_size}, {"ffn", mc.moe_intermediate_size}, {"experts", mc.n_expert},
                       {"topk", mc.n_expert_used}, {"vocab", mc.vocab_size}, {"params_total", m.n_params_total()},
                       {"batch", o.batch}, {"seq", o.seq}, {"steps", o.steps}, {"warmup", o.warmup},
-                      {"threads", threads}, {"recompute", o.recompute}, {"step_time_s_median", step_s},
+                      {"threads", threads}, {"recompute", o.recompute}, {"fused_update", o.fused},
+                      {"optimizer_dtype", o.optim_dtype}, {"clip", o.clip}, {"step_time_s_median", step_s},
                       {"step_times_s", times}, {"tokens_per_s", tok_s}, {"losses", losses},
                       {"rss_after_load_bytes", rss_after_load}, {"peak_rss_bytes", peak_rss},
                       {"peak_rss_increase_bytes", overhead}, {"peak_is_training_only", hwm_reset},
@@ -425,6 +442,10 @@ void add_train_bench(CLI::App* bench) {
   cmd->add_option("--clip", o->clip, "global gradient-norm clip (0 = off)")->capture_default_str();
   cmd->add_option("--seed", o->seed, "weights and tokens seed")->capture_default_str();
   cmd->add_flag("--recompute", o->recompute, "per-layer activation recompute");
+  cmd->add_flag("--fused-update", o->fused, "update each layer as soon as its gradients are final (needs --clip 0)");
+  cmd->add_option("--optimizer-dtype", o->optim_dtype, "AdamW moment storage")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--act-sweep", o->act_sweep, "also measure one step's activation peak at these expert counts "
                                                "(e.g. 8,32), equal top-k");
   cmd->add_flag("--json", o->json, "also print one JSON line (last)");

@@ -11,7 +11,7 @@ namespace moe {
 void add_train_command(CLI::App& app) {
   struct Opts {
     TrainConfig c;
-    std::string config, schedule = "cosine";
+    std::string config, schedule = "cosine", optim_dtype = "f32", weight_dtype = "f32";
     bool no_shuffle = false;
   };
   auto o = std::make_shared<Opts>();
@@ -54,6 +54,16 @@ void add_train_command(CLI::App& app) {
                   "toward equal load (e.g. 0.001); 0 = off")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1.0));
+  cmd->add_flag("--fused-update", c.fused_update,
+                "update each layer's parameters as soon as its gradients are final and free them (the whole-model "
+                "gradient never exists; needs --clip 0 and --grad-accum 1)");
+  cmd->add_option("--optimizer-dtype", o->optim_dtype, "AdamW moment storage: f32, or bf16 (half the optimizer memory)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16"}));
+  cmd->add_option("--weight-dtype", o->weight_dtype,
+                  "weights the forward/backward read: f32, or bf16 copies of f32 master weights (mixed precision)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_flag("--recompute", c.recompute, "recompute each layer's activations in backward (less memory, ~1.3x compute)");
   cmd->add_flag("--no-shuffle", o->no_shuffle, "read rows in file order (step i reads rows [i*B, (i+1)*B))");
   cmd->add_option("--seed", c.seed, "data shuffling and validation split seed")->capture_default_str();
@@ -91,6 +101,9 @@ void add_train_command(CLI::App& app) {
       if (!given("--recompute")) c.recompute = from_file.recompute;
       if (!given("--capacity-factor")) c.capacity_factor = from_file.capacity_factor;
       if (!given("--bias-balance")) c.bias_rate = from_file.bias_rate;
+      if (!given("--fused-update")) c.fused_update = from_file.fused_update;
+      if (!given("--weight-dtype")) o->weight_dtype = from_file.weight_dtype == DType::BF16 ? "bf16" : "f32";
+      if (!given("--optimizer-dtype")) o->optim_dtype = from_file.adamw.state_dtype == DType::BF16 ? "bf16" : "f32";
       if (!given("--no-shuffle")) o->no_shuffle = !from_file.shuffle;
       if (!given("--seed")) c.seed = from_file.seed;
       if (!given("--val-fraction")) c.val_fraction = from_file.val_fraction;
@@ -104,6 +117,8 @@ void add_train_command(CLI::App& app) {
     MOE_CHECK(!c.data.empty(), "moe train: --data FILE is required (or \"data\" in --config)");
     c.schedule = o->schedule == "constant" ? LrSchedule::Constant : LrSchedule::Cosine;
     c.shuffle = !o->no_shuffle;
+    c.adamw.state_dtype = o->optim_dtype == "bf16" ? DType::BF16 : DType::F32;
+    c.weight_dtype = o->weight_dtype == "bf16" ? DType::BF16 : DType::F32;
     run_training(c);
   });
 }

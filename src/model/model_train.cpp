@@ -50,18 +50,13 @@ LayerActs layer_view(const LayerActs& own, const LayerActs& shared, bool recompu
   return a;
 }
 
-}  // namespace
-
-ModelWeights transform_weights(const ModelConfig& c, const ModelWeights& w,
-                               const std::function<Tensor(const Tensor&)>& fn) {
+// One layer of transform_weights.
+LayerWeights transform_layer(const ModelConfig& c, const LayerWeights& lw,
+                             const std::function<Tensor(const Tensor&)>& fn) {
   const int64_t qd = c.n_head * c.head_dim, kvd = c.n_head_kv * c.head_dim;
   auto f = [&](const Tensor& t) { return t.defined() ? fn(t) : Tensor(); };
-  ModelWeights g;
-  g.embed = f(w.embed);
-  g.final_norm = f(w.final_norm);
-  g.lm_head = c.tie_word_embeddings ? g.embed : f(w.lm_head);
-  for (const LayerWeights& lw : w.layers) {
-    LayerWeights lg;
+  LayerWeights lg;
+  {
     lg.is_moe = lw.is_moe;
     lg.attn_norm = f(lw.attn_norm);
     lg.ffn_norm = f(lw.ffn_norm);
@@ -88,9 +83,50 @@ ModelWeights transform_weights(const ModelConfig& c, const ModelWeights& w,
     lg.shared_w3 = f(lw.shared_w3);
     lg.shared_w2 = f(lw.shared_w2);
     lg.shared_gate = f(lw.shared_gate);
-    g.layers.push_back(lg);
   }
+  return lg;
+}
+
+}  // namespace
+
+ModelWeights transform_weights(const ModelConfig& c, const ModelWeights& w,
+                               const std::function<Tensor(const Tensor&)>& fn) {
+  auto f = [&](const Tensor& t) { return t.defined() ? fn(t) : Tensor(); };
+  ModelWeights g;
+  g.embed = f(w.embed);
+  g.final_norm = f(w.final_norm);
+  g.lm_head = c.tie_word_embeddings ? g.embed : f(w.lm_head);
+  for (const LayerWeights& lw : w.layers) g.layers.push_back(transform_layer(c, lw, fn));
   return g;
+}
+
+ModelWeights bf16_compute_copy(const ModelConfig& c, const ModelWeights& master) {
+  return transform_weights(c, master, [](const Tensor& t) {
+    return t.ndim() >= 2 ? t.to_dtype(DType::BF16, MemCategory::Weights) : t;
+  });
+}
+
+void refresh_compute_copy(const ModelConfig& c, const ModelWeights& master, ModelWeights& compute, int64_t group) {
+  auto copy = [](Tensor& dst, const Tensor& src) {
+    if (dst.defined() && dst.raw() != src.raw()) cast(dst, src);
+  };
+  auto layer = [&](int64_t l) {
+    const LayerWeights& a = master.layers[static_cast<size_t>(l)];
+    LayerWeights& b = compute.layers[static_cast<size_t>(l)];
+    for (auto [dst, src] : {std::pair{&b.wqkv, &a.wqkv}, {&b.wo, &a.wo}, {&b.router, &a.router}, {&b.w1, &a.w1},
+                            {&b.w3, &a.w3}, {&b.w2, &a.w2}, {&b.shared_w1, &a.shared_w1},
+                            {&b.shared_w3, &a.shared_w3}, {&b.shared_w2, &a.shared_w2},
+                            {&b.shared_gate, &a.shared_gate}})
+      copy(*dst, *src);
+    b.router_bias = a.router_bias;
+  };
+  if (group == kGroupHead || group == kAllGroups) {
+    if (!c.tie_word_embeddings) copy(compute.lm_head, master.lm_head);
+  }
+  if (group == kGroupEmbed || group == kAllGroups) copy(compute.embed, master.embed);
+  if (group >= 0) layer(group);
+  if (group == kAllGroups)
+    for (int64_t l = 0; l < c.n_layer; ++l) layer(l);
 }
 
 ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory cat) {
@@ -103,11 +139,13 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
   auto add = [&](std::string name, const Tensor& t, int64_t layer, int64_t expert = -1) {
     if (!t.defined()) return;
     const bool no_decay = t.ndim() == 1 || name.ends_with(".bias");
-    out.push_back({std::move(name), t, layer, expert, no_decay});
+    out.push_back({std::move(name), t, layer, expert, no_decay, false});
   };
   add(tensor_name(a.embed), w.embed, -1);
+  if (!out.empty()) out.back().embedding = true;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
+    if (!lw.attn_norm.defined()) continue;  // a layer without (allocated) gradients
     add(tensor_name(a.attn_norm, l), lw.attn_norm, l);
     add(tensor_name(a.q_proj, l), lw.wq, l);
     add(tensor_name(a.k_proj, l), lw.wk, l);
@@ -173,8 +211,12 @@ void update_router_bias(const ModelConfig& c, ModelWeights& w, const std::vector
   }
 }
 
-StepLosses forward_backward(const Model& m, const Tensor& ids_in, const Tensor& labels_in, ModelWeights* grads,
-                            const LossOptions& opt) {
+namespace {
+
+// forward_backward and forward_backward_fused: with `fused`, grads points to a skeleton whose
+// groups are allocated and handed over one at a time.
+StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_in, ModelWeights* grads,
+                    const LossOptions& opt, const GradGroupFn* fused) {
   const ModelConfig& c = m.config();
   const ModelWeights& w = m.weights();
   MOE_CHECK(m.device() == Device::CPU, "training runs on the CPU for now (model is on %s)", device_name(m.device()));
@@ -265,6 +307,11 @@ StepLosses forward_backward(const Model& m, const Tensor& ids_in, const Tensor& 
   Tensor dx = Tensor::empty({t_n, d}, DType::F32, act);
   rmsnorm_backward(dx, grads->final_norm, dfinal_h, shared.final_x, w.final_norm, shared.final_rstd, false);
   dfinal_h = Tensor();
+  if (fused) {
+    (*fused)(kGroupHead, *grads, res);
+    grads->final_norm = Tensor();
+    if (!c.tie_word_embeddings) grads->lm_head = Tensor();
+  }
   Tensor dx_mid = Tensor::empty({t_n, d}, DType::F32, act), dx_in = Tensor::empty({t_n, d}, DType::F32, act);
   for (int64_t l = n_l - 1; l >= 0; --l) {
     LayerActs a = layer_view(own[static_cast<size_t>(l)], shared, opt.recompute);
@@ -278,12 +325,57 @@ StepLosses forward_backward(const Model& m, const Tensor& ids_in, const Tensor& 
     }
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     LayerWeights& lg = grads->layers[static_cast<size_t>(l)];
+    if (fused)
+      lg = transform_layer(c, lw, [](const Tensor& t) { return Tensor::zeros(t.shape(), DType::F32, MemCategory::Grads); });
     ffn_block_backward(c, lw, a, dx, dx_mid, lg, bal);
     attention_block_backward(c, lw, a, dx_mid, dx_in, lg, a.qkv);
     std::swap(dx, dx_in);
+    if (fused) {
+      (*fused)(l, *grads, res);
+      lg = LayerWeights();
+    }
   }
+  if (fused && !grads->embed.defined()) grads->embed = Tensor::zeros(w.embed.shape(), DType::F32, MemCategory::Grads);
   embedding_backward(grads->embed, dx, ids, c.pad_token_id);
+  if (fused) {
+    (*fused)(kGroupEmbed, *grads, res);
+    *grads = ModelWeights();
+  }
   return res;
+}
+
+}  // namespace
+
+StepLosses forward_backward(const Model& m, const Tensor& ids, const Tensor& labels, ModelWeights* grads,
+                            const LossOptions& opt) {
+  return run_step(m, ids, labels, grads, opt, nullptr);
+}
+
+std::vector<NamedParam> group_parameters(const ModelConfig& c, const ModelWeights& grads, int64_t group) {
+  std::vector<NamedParam> out;
+  for (NamedParam& p : named_parameters(c, grads)) {
+    const bool in = group == kGroupEmbed ? p.embedding : group == kGroupHead ? (p.layer < 0 && !p.embedding) : p.layer == group;
+    if (in) out.push_back(std::move(p));
+  }
+  return out;
+}
+
+StepLosses forward_backward_fused(const Model& m, const Tensor& ids, const Tensor& labels, const LossOptions& opt,
+                                  const GradGroupFn& on_grads) {
+  const ModelConfig& c = m.config();
+  const ModelWeights& w = m.weights();
+  // The skeleton: the head's gradients now (they are written first); layers and the embedding
+  // when their backward starts (the embedding now when the head is tied to it).
+  ModelWeights g;
+  g.layers.resize(static_cast<size_t>(c.n_layer));
+  g.final_norm = Tensor::zeros(w.final_norm.shape(), DType::F32, MemCategory::Grads);
+  if (c.tie_word_embeddings) {
+    g.embed = Tensor::zeros(w.embed.shape(), DType::F32, MemCategory::Grads);
+    g.lm_head = g.embed;
+  } else {
+    g.lm_head = Tensor::zeros(w.lm_head.shape(), DType::F32, MemCategory::Grads);
+  }
+  return run_step(m, ids, labels, &g, opt, &on_grads);
 }
 
 }  // namespace moe

@@ -40,10 +40,12 @@ struct NamedParam {
   int64_t layer = -1;   // decoder layer, -1 for embedding / final norm / head
   int64_t expert = -1;  // routed expert index, -1 otherwise
   bool no_decay = false;  // norms and biases (HF Trainer's default: no weight decay)
+  bool embedding = false;  // the token embedding (its gradient is final last)
 };
 
 // Every parameter of the model under its HF name (per-expert views of the stacked experts,
 // per-projection views of the stacked q/k/v). Tied heads are listed once (as the embedding).
+// Undefined tensors (a layer whose gradients are not allocated) are left out.
 std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeights& w);
 
 // State saved with the weights that is not trained by gradient: the routers' selection biases
@@ -61,6 +63,16 @@ void update_router_bias(const ModelConfig& c, ModelWeights& w, const std::vector
 ModelWeights transform_weights(const ModelConfig& c, const ModelWeights& w,
                                const std::function<Tensor(const Tensor&)>& fn);
 
+// Mixed precision storage (f32 master weights, bf16 compute copies): a ModelWeights whose
+// matrices (ndim >= 2) are bf16 copies of `master`'s and whose vectors (norms, biases, router
+// biases) are the master's own tensors.
+ModelWeights bf16_compute_copy(const ModelConfig& c, const ModelWeights& master);
+// Re-rounds the compute copies of one gradient group (kGroupHead, a layer index, kGroupEmbed
+// below; kAllGroups: every group) from the master after an update; vectors are shared and need
+// nothing (router biases created since are shared again).
+constexpr int64_t kAllGroups = -3;
+void refresh_compute_copy(const ModelConfig& c, const ModelWeights& master, ModelWeights& compute, int64_t group);
+
 // Zero tensors shaped like every parameter (f32, category `cat`), with the same views, so
 // named_parameters(c, grads) names the gradients exactly as the weights.
 ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory cat);
@@ -69,5 +81,24 @@ ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory
 // -100 ignored). Gradients of total_loss accumulate into *grads. CPU, f32 activations.
 StepLosses forward_backward(const Model& m, const Tensor& ids, const Tensor& labels, ModelWeights* grads,
                             const LossOptions& opt);
+
+// Gradient groups of the fused update, in the order their gradients become final.
+constexpr int64_t kGroupHead = -1;   // final norm and the untied LM head
+constexpr int64_t kGroupEmbed = -2;  // the embedding (with a tied head, the head's gradient too)
+// Called with a group's final gradients (only that group's tensors are defined in `grads`) and
+// the step's forward results (losses, router statistics).
+using GradGroupFn = std::function<void(int64_t group, const ModelWeights& grads, const StepLosses& forward)>;
+
+// forward_backward without a whole-model gradient (the fused optimizer step, for training
+// memory): the gradients of one group at a time — the head, then each layer from the last,
+// then the embedding — are allocated zeroed just before that group's backward, handed to
+// on_grads as soon as they are final, and freed. At most one layer's gradients are held (plus
+// the embedding's from the start of backward when the head is tied to it). The gradients equal
+// forward_backward's bit for bit.
+StepLosses forward_backward_fused(const Model& m, const Tensor& ids, const Tensor& labels, const LossOptions& opt,
+                                  const GradGroupFn& on_grads);
+
+// The parameters of one fused-update group among named_parameters(c, grads).
+std::vector<NamedParam> group_parameters(const ModelConfig& c, const ModelWeights& grads, int64_t group);
 
 }  // namespace moe

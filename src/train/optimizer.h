@@ -9,8 +9,14 @@
 // update, no decay, and that expert's step count does not advance — unless dense_expert_update
 // (then they are updated with a zero gradient, as a fused 3-D expert parameter would be).
 // Moments are allocated (Optimizer category) the first time a parameter is updated, so experts
-// that never receive tokens never cost optimizer memory.
+// that never receive tokens never cost optimizer memory. They are f32, or bf16 with
+// state_dtype = BF16 (half the optimizer memory; the update is still computed in f64 from the
+// widened moments and rounded to nearest-even when stored).
+//
+// The fused update (step_group with forward_backward_fused) applies the same rule to one group
+// of parameters as soon as its gradients are final, so the whole-model gradient never exists.
 #pragma once
+#include <map>
 #include <string>
 #include <vector>
 
@@ -23,6 +29,7 @@ struct AdamWOptions {
   double weight_decay = 0.0;
   bool decay_all = false;            // decay norms and biases too (torch.optim.AdamW(model.parameters()))
   bool dense_expert_update = false;  // update experts without tokens with a zero gradient
+  DType state_dtype = DType::F32;    // moments: F32 or BF16
 };
 
 class AdamW {
@@ -33,6 +40,11 @@ class AdamW {
   // One update at learning rate lr. touched[layer][expert]: the expert received tokens in this
   // step (only read for routed-expert parameters).
   void step(double lr, const std::vector<std::vector<bool>>& touched);
+
+  // The update of the parameters whose gradients `grads` holds (named_parameters of a partial
+  // gradient: one group of forward_backward_fused), matched by name. Returns the sum of squares
+  // of those gradients (for the logged gradient norm).
+  double step_group(double lr, const std::vector<std::vector<bool>>& touched, const std::vector<NamedParam>& grads);
 
   // Number of updates applied to parameter i (its bias-correction step).
   int64_t param_steps(size_t i) const { return state_[i].steps; }
@@ -50,7 +62,10 @@ class AdamW {
     Tensor m, v;
     int64_t steps = 0;
   };
+  void step_param(size_t i, double lr, const std::vector<std::vector<bool>>& touched, const Tensor& grad);
+
   std::vector<NamedParam> params_, grads_;
+  std::map<std::string, size_t> index_;
   std::vector<State> state_;
   AdamWOptions opt_;
 };

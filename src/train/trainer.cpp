@@ -125,6 +125,17 @@ void apply_train_json(const nlohmann::json& j, const std::string& what, TrainCon
     else if (k == "recompute") c->recompute = boolean();
     else if (k == "capacity-factor") c->capacity_factor = num();
     else if (k == "bias-balance") c->bias_rate = num();
+    else if (k == "fused-update") c->fused_update = boolean();
+    else if (k == "weight-dtype") {
+      const std::string s = str();
+      MOE_CHECK(s == "f32" || s == "bf16", "%s: weight-dtype must be f32 or bf16, got '%s'", what.c_str(), s.c_str());
+      c->weight_dtype = s == "bf16" ? DType::BF16 : DType::F32;
+    }
+    else if (k == "optimizer-dtype") {
+      const std::string s = str();
+      MOE_CHECK(s == "f32" || s == "bf16", "%s: optimizer-dtype must be f32 or bf16, got '%s'", what.c_str(), s.c_str());
+      c->adamw.state_dtype = s == "bf16" ? DType::BF16 : DType::F32;
+    }
     else if (k == "shuffle") c->shuffle = boolean();
     else if (k == "seed") c->seed = static_cast<uint64_t>(integer());
     else if (k == "val-fraction") c->val_fraction = num();
@@ -167,6 +178,13 @@ double run_training(const TrainConfig& cfg) {
     return o;
   });
   const ModelConfig& mc = m.config();
+  // Mixed precision: the optimizer owns f32 master weights (m); forward and backward run on bf16
+  // copies of the matrices (cm), re-rounded after every update.
+  MOE_CHECK(cfg.weight_dtype == DType::F32 || cfg.weight_dtype == DType::BF16, "--weight-dtype must be f32 or bf16");
+  const bool mixed = cfg.weight_dtype == DType::BF16;
+  Model cm = m;
+  if (mixed) cm.mutable_weights() = bf16_compute_copy(mc, m.weights());
+  const Model& fm = mixed ? cm : m;
 
   // ---- data ----
   std::unique_ptr<Tokenizer> tok;
@@ -186,8 +204,12 @@ double run_training(const TrainConfig& cfg) {
   BatchSampler sampler(data.train.n, cfg.batch_size, cfg.seed, cfg.shuffle);
 
   // ---- optimizer ----
-  ModelWeights grads = zeros_like(mc, m.weights(), MemCategory::Grads);
-  const std::vector<NamedParam> gparams = named_parameters(mc, grads);
+  MOE_CHECK(!cfg.fused_update || (cfg.clip == 0 && cfg.grad_accum == 1),
+            "--fused-update needs --clip 0 and --grad-accum 1 (clipping and accumulation need every gradient "
+            "before any update)");
+  // The fused update never holds the whole-model gradient: no gradient tensors here.
+  ModelWeights grads = cfg.fused_update ? ModelWeights() : zeros_like(mc, m.weights(), MemCategory::Grads);
+  const std::vector<NamedParam> gparams = cfg.fused_update ? std::vector<NamedParam>() : named_parameters(mc, grads);
   AdamW opt(named_parameters(mc, m.weights()), gparams, cfg.adamw);
   LossOptions lopt;
   lopt.aux_coef = cfg.aux_coef >= 0 ? cfg.aux_coef : mc.router_aux_loss_coef;
@@ -230,10 +252,12 @@ double run_training(const TrainConfig& cfg) {
                              {"model_type", mc.model_type}, {"n_params", m.n_params_total()},
                              {"train_rows", data.train.n}, {"val_rows", data.val.n}, {"seq_len", data.train.seq},
                              {"batch_size", cfg.batch_size}, {"grad_accum", cfg.grad_accum}, {"steps", cfg.steps},
-                             {"lr", cfg.lr}, {"capacity_factor", cfg.capacity_factor}, {"bias_balance", cfg.bias_rate}};
+                             {"lr", cfg.lr}, {"capacity_factor", cfg.capacity_factor}, {"bias_balance", cfg.bias_rate},
+                             {"fused_update", cfg.fused_update}, {"optimizer_dtype", dtype_name(cfg.adamw.state_dtype)},
+                             {"weight_dtype", dtype_name(cfg.weight_dtype)}};
   if (data.val.n > 0 && resume_dir.empty()) {
     // The starting point the validation curve is judged against.
-    const double v0 = validation_loss(m, data.val, cfg.batch_size, cfg.eval_batches, lopt);
+    const double v0 = validation_loss(fm, data.val, cfg.batch_size, cfg.eval_batches, lopt);
     run_info["initial_val_loss"] = v0;
     if (!cfg.quiet) std::printf("initial validation loss %.4f\n", v0);
   }
@@ -269,13 +293,29 @@ double run_training(const TrainConfig& cfg) {
     }
     for (auto& row : touched) std::fill(row.begin(), row.end(), false);
     double loss = 0, ce = 0, aux = 0, z = 0;
+    const double lr = lr_at(cfg.schedule, cfg.lr, step, cfg.warmup, cfg.steps);
+    double fused_ss = 0;  // squared gradient norm, summed by the fused update's groups
+    auto fused_hook = [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
+      if (group == kGroupHead) {  // the first group: the step's losses and routing are known
+        if (!std::isfinite(fw.total))
+          MOE_FAIL("loss is %s at step %lld; stopping. The last good checkpoint is %s",
+                   std::isnan(fw.total) ? "NaN" : "Inf", (long long)step + 1,
+                   last_ckpt.empty() ? "(none yet)" : last_ckpt.c_str());
+        for (size_t i = 0; i < fw.router.size(); ++i)
+          for (size_t e = 0; e < fw.router[i].count.size(); ++e)
+            if (fw.router[i].count[e] > 0) touched[static_cast<size_t>(fw.moe_layers[i])][e] = true;
+      }
+      fused_ss += opt.step_group(lr, touched, group_parameters(mc, g, group));
+      if (mixed) refresh_compute_copy(mc, m.weights(), cm.mutable_weights(), group);
+    };
     std::vector<std::vector<double>> load;  // per MoE layer
     std::vector<int64_t> dropped;           // per MoE layer
     std::vector<int64_t> moe_layers;
     for (int64_t micro = 0; micro < cfg.grad_accum; ++micro) {
       sampler.next(&rows);
       gather_batch(data.train, rows, &ids, &labels);
-      StepLosses r = forward_backward(m, ids, labels, &grads, lopt);
+      StepLosses r = cfg.fused_update ? forward_backward_fused(fm, ids, labels, lopt, fused_hook)
+                                      : forward_backward(fm, ids, labels, &grads, lopt);
       loss += r.total / double(cfg.grad_accum);
       ce += r.loss_ce / double(cfg.grad_accum);
       aux += r.aux_loss / double(cfg.grad_accum);
@@ -300,12 +340,18 @@ double run_training(const TrainConfig& cfg) {
         float* p = g.value.data<float>();
         for (int64_t j = 0; j < g.value.numel(); ++j) p[j] /= float(cfg.grad_accum);
       }
-    const double gnorm = clip_grad_norm(gparams, cfg.clip);
+    const double gnorm = cfg.fused_update ? std::sqrt(fused_ss) : clip_grad_norm(gparams, cfg.clip);
     MOE_CHECK(std::isfinite(gnorm), "gradient norm is not finite at step %lld; stopping. The last good checkpoint is %s",
               (long long)step + 1, last_ckpt.empty() ? "(none yet)" : last_ckpt.c_str());
-    const double lr = lr_at(cfg.schedule, cfg.lr, step, cfg.warmup, cfg.steps);
-    opt.step(lr, touched);
-    if (cfg.bias_rate > 0 && !load.empty()) update_router_bias(mc, m.mutable_weights(), load, cfg.bias_rate);
+    if (!cfg.fused_update) {
+      opt.step(lr, touched);
+      if (mixed) refresh_compute_copy(mc, m.weights(), cm.mutable_weights(), kAllGroups);
+    }
+    if (cfg.bias_rate > 0 && !load.empty()) {
+      update_router_bias(mc, m.mutable_weights(), load, cfg.bias_rate);
+      for (int64_t l = 0; l < mc.n_layer; ++l)  // a new bias tensor is shared with the compute copy
+        cm.mutable_weights().layers[size_t(l)].router_bias = m.weights().layers[size_t(l)].router_bias;
+    }
     ++step;
     last_loss = loss;
     const double dt = now_s() - t0;
@@ -342,7 +388,7 @@ double run_training(const TrainConfig& cfg) {
     const bool eval = data.val.n > 0 && (last || (cfg.eval_every > 0 ? step % cfg.eval_every == 0 : save));
     double vl = NAN;
     if (eval) {
-      vl = validation_loss(m, data.val, cfg.batch_size, cfg.eval_batches, lopt);
+      vl = validation_loss(fm, data.val, cfg.batch_size, cfg.eval_batches, lopt);
       rec["val_loss"] = vl;
     }
     metrics << rec.dump() << "\n";

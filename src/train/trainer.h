@@ -35,6 +35,8 @@ struct TrainConfig {
   bool recompute = false;
   double capacity_factor = 0;  // Switch-style expert capacity; 0 = dropless
   double bias_rate = 0;        // aux-loss-free bias balancing rate; 0 = off
+  bool fused_update = false;   // update each group as its gradients are final (needs clip 0, grad_accum 1)
+  DType weight_dtype = DType::F32;  // BF16: bf16 compute copies of the f32 master weights
   bool shuffle = true;
   uint64_t seed = 1;
   double val_fraction = 0.05;
