@@ -3,14 +3,25 @@
 // QLoRA / ZeRO / EP worked examples, and clear errors for bad input.
 #include <gtest/gtest.h>
 
-#include <tuple>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <tuple>
 #include <nlohmann/json.hpp>
 
 #include "core/memory.h"
+#include "model/activations.h"
 #include "model/model.h"
+#include "model/model_train.h"
 #include "model/random_init.h"
+#include "train/optimizer.h"
 #include "plan/model_catalog.h"
 #include "plan/plan_report.h"
 #include "plan/planner.h"
@@ -353,6 +364,209 @@ TEST(PlanVsEngine, ActivationFormulaTinyMixtralByHand) {
   // MoE: 32 + 16 + 36 + 24 + 1,024 = 1,132 (logits 8*4, topk 16, offsets 36, perm/inv/scale
   // 3*2*4, xp/yp 2*2*64*4); head 256 + 1,024 = 1,280 -> 768 + 1,280 = 2,048.
   EXPECT_EQ(engine_forward_activation_bytes(m, 1, 1, 4, true), 2048);
+}
+
+// ---- the CPU engine's training step against the planner ------------------------------------
+
+constexpr int kG = static_cast<int>(MemCategory::Grads), kOpt = static_cast<int>(MemCategory::Optimizer);
+
+// The engine configs of the training comparison: every block kind the step can run.
+std::vector<std::pair<std::string, ModelConfig>> training_configs() {
+  std::vector<std::pair<std::string, ModelConfig>> out;
+  out.emplace_back("mixtral/tiny", preset_config("mixtral", "tiny"));
+  // qwen2_moe: shared expert with its sigmoid gate, qkv biases, K 4; layer 0 a dense SwiGLU MLP.
+  ModelConfig q2 = preset_config("qwen2_moe", "tiny");
+  q2.n_layer = 3;
+  q2.mlp_only_layers = {0};
+  out.emplace_back("qwen2_moe/tiny+dense layer 0", q2);
+  // qwen3_moe: q/k norm, head_dim 32 != D/H; tied embeddings.
+  ModelConfig q3 = preset_config("qwen3_moe", "tiny");
+  q3.tie_word_embeddings = true;
+  out.emplace_back("qwen3_moe/tiny tied", q3);
+  // Shapes where each other working-set phase is the largest: wide attention (H*Dh = 8*D),
+  // many experts at K 1 (the router's [T,E] gradient), a wide shared expert, a wide dense MLP.
+  ModelConfig wide = preset_config("mixtral", "tiny");
+  wide.n_head = wide.n_head_kv = 8;
+  wide.head_dim = 64;
+  wide.n_expert_used = 1;
+  wide.moe_intermediate_size = 32;
+  out.emplace_back("mixtral/wide attention", wide);
+  ModelConfig many = preset_config("mixtral", "tiny");
+  many.n_expert = 256;
+  many.n_expert_used = 1;
+  many.moe_intermediate_size = 16;
+  out.emplace_back("mixtral/256 experts K 1", many);
+  ModelConfig shared = preset_config("qwen2_moe", "tiny");
+  shared.shared_expert_intermediate_size = 1024;
+  out.emplace_back("qwen2_moe/wide shared expert", shared);
+  ModelConfig dense = preset_config("qwen2_moe", "tiny");
+  dense.mlp_only_layers = {1};
+  dense.intermediate_size = 1024;
+  out.emplace_back("qwen2_moe/wide dense layer 1", dense);
+  return out;
+}
+
+TEST(PlanVsEngine, TrainingPeakMemoryPerCategory) {
+  // The prediction is engine_train_plan (weights, grads, AdamW moments from the planner's
+  // parameter count; activations from the layout); the measurement is the tracker's peak per
+  // category over one forward_backward + one AdamW step, less what the process held before the
+  // model was built. Exact: every allocation of the step is known buffer by buffer.
+  struct Shape {
+    int64_t b, s;
+  };
+  // T = 8 (experts left without tokens), 32, 111 (odd), 320 (more rows than one logits chunk).
+  const Shape shapes[] = {{1, 8}, {2, 16}, {3, 37}, {2, 160}};
+  const bool verbose = std::getenv("MOE_TEST_VERBOSE") != nullptr;
+  std::set<std::string> largest;  // the working-set phases that were the largest somewhere
+  for (auto& [label, cfg] : training_configs()) {
+    SCOPED_TRACE(label);
+    const PlanModel pm = plan_model_from_config(cfg);
+    const ParamCounts pc = plan_params(pm);
+    const MemStats base = mem_stats();
+    Model model;
+    {
+      auto named = random_weights(cfg, 11, DType::F32);
+      model = Model::from_tensors(cfg, named);
+    }
+    ModelWeights grads = zeros_like(cfg, model.weights(), MemCategory::Grads);
+    for (const Shape& sh : shapes)
+      for (bool recompute : {false, true}) {
+        SCOPED_TRACE(strformat("b=%lld s=%lld recompute=%d", (long long)sh.b, (long long)sh.s, recompute));
+        Tensor ids = Tensor::empty({sh.b, sh.s}, DType::I32, MemCategory::Workspace);
+        for (int64_t i = 0; i < ids.numel(); ++i)
+          ids.data<int32_t>()[i] = static_cast<int32_t>((i * 7 + 3) % cfg.vocab_size);
+        int64_t untouched = 0;  // (MoE layer, expert) pairs that received no token: no moments
+        MemStats st;
+        {
+          AdamW opt(named_parameters(cfg, model.weights()), named_parameters(cfg, grads), AdamWOptions{});
+          mem_reset_peaks();
+          LossOptions lo;
+          lo.aux_coef = cfg.router_aux_loss_coef;
+          lo.z_coef = 1e-3;
+          lo.recompute = recompute;
+          StepLosses r = forward_backward(model, ids, ids, &grads, lo);
+          ASSERT_TRUE(std::isfinite(r.total));
+          std::vector<std::vector<bool>> touched(static_cast<size_t>(cfg.n_layer),
+                                                 std::vector<bool>(static_cast<size_t>(cfg.n_expert)));
+          for (size_t i = 0; i < r.router.size(); ++i)
+            for (int64_t e = 0; e < cfg.n_expert; ++e) {
+              const bool got = r.router[i].count[static_cast<size_t>(e)] > 0;
+              touched[static_cast<size_t>(r.moe_layers[i])][static_cast<size_t>(e)] = got;
+              untouched += got ? 0 : 1;
+            }
+          opt.step(1e-4, touched);
+          st = mem_stats();
+        }
+        auto measured = [&](int cat) { return st.peak[kCpu][cat] - base.current[kCpu][cat]; };
+        const EngineTrainPlan plan = engine_train_plan(pm, sh.b, sh.s, recompute);
+        largest.insert(plan.working_phase);
+        JobSpec job;
+        job.job = JobKind::Train;
+        job.cpu_engine = true;
+        job.batch = sh.b;
+        job.seq = sh.s;
+        job.checkpointing = recompute;
+        const MemoryPlan mp = plan_memory(pm, job, Parallel{});
+        EXPECT_EQ(mp.total(), plan.mem.total());
+        // Lazily created moments: an expert without tokens in its layer has none yet.
+        const int64_t optimizer = mp.optimizer - 8 * pc.one_expert * untouched;
+        if (verbose)
+          std::printf("%-28s b=%lld s=%-3lld rc=%d  weights %lld/%lld grads %lld/%lld optimizer %lld/%lld "
+                      "activations %lld/%lld (measured/predicted; %lld experts untouched; phase %s)\n",
+                      label.c_str(), (long long)sh.b, (long long)sh.s, recompute, (long long)measured(kW),
+                      (long long)mp.weights, (long long)measured(kG), (long long)mp.grads,
+                      (long long)measured(kOpt), (long long)optimizer, (long long)measured(kAct),
+                      (long long)mp.activations, (long long)untouched, plan.working_phase.c_str());
+        EXPECT_EQ(measured(kW), mp.weights);
+        EXPECT_EQ(measured(kG), mp.grads);
+        EXPECT_EQ(measured(kOpt), optimizer);
+        EXPECT_EQ(measured(kAct), mp.activations);
+        EXPECT_EQ(mp.activations, plan.act_saved + plan.act_step + plan.act_working);
+      }
+  }
+  // Every backward phase has been the peak of some step above, so each one is checked exactly.
+  for (const char* ph : {"ffn_block_backward.experts", "ffn_block_backward.router", "ffn_block_backward.shared",
+                         "ffn_block_backward.dense", "attention_block_backward.qk_norm",
+                         "attention_block_backward.projection"})
+    EXPECT_TRUE(largest.count(ph)) << ph << " was never the largest phase: its sizes are untested";
+}
+
+TEST(PlanVsEngine, TrainingLayoutTinyMixtralByHand) {
+  // tiny mixtral: V 256, D 64, H 4, Hkv 2, Dh 16, E 8, K 2, F 128, L 2 (both MoE), f32.
+  // B 2, S 16 -> T 32, P 64, logits chunk 32.
+  // Saved per layer (Training): x_in, attn_h, x_mid, ffn_h 4*32*64*4 = 32,768; attn_rstd,
+  //   ffn_rstd 2*32*4 = 256; q, attn_out 2*32*64*4 = 16,384; k, v 2*32*32*4 = 8,192;
+  //   lse 2*4*16*4 = 512; router_logits 32*8*4 = 1,024; topk_idx, topk_w 2*32*2*4 = 512;
+  //   offsets 9*4 = 36; perm, inv, row_scale 3*64*4 = 768; xp 64*64*4 = 16,384;
+  //   eh1, eh3 2*64*128*4 = 65,536 -> 142,372 x2 layers = 284,744.
+  // Shared: qkv 32*128*4 = 16,384; final_x, final_h 2*8,192; final_rstd 128; logits 32*256*4
+  //   = 32,768 -> 65,664.
+  // Step: ids, targets 2*32*4 = 256; row_loss 32*4 = 128; aux_g 8*4 = 32; dx, dx_mid, dx_in
+  //   3*8,192 = 24,576 -> 24,992.
+  // Working set, the largest phase: ffn_block_backward.experts dh 8,192 + dyp, dxp
+  //   2*64*64*4 = 32,768 + drs 256 = 41,216 (attention: dattn, dq 2*8,192 + dk, dv 2*4,096
+  //   = 24,576; router: 8,192 + 256 + 256 + 1,024).
+  // Total 284,744 + 65,664 + 24,992 + 41,216 = 416,616.
+  const ModelConfig c = preset_config("mixtral", "tiny");
+  ActivationLayout lay = activation_layout(c, 2, 16, ActMode::Training);
+  std::string phase;
+  EXPECT_EQ(lay.entry_bytes(c), 284744 + 65664);
+  EXPECT_EQ(lay.step_bytes(c), 24992);
+  EXPECT_EQ(lay.working_bytes(c, &phase), 41216);
+  EXPECT_EQ(phase, "ffn_block_backward.experts");
+  EXPECT_EQ(lay.total_bytes(c), 416616);
+  // Recompute: per layer only x_in 8,192 x2; one shared set of the rest (142,372 - 8,192)
+  //   = 134,180; the same shared, step and working bytes: 16,384 + 134,180 + 65,664 + 24,992
+  //   + 41,216 = 282,436.
+  EXPECT_EQ(activation_layout(c, 2, 16, ActMode::TrainingRecompute).total_bytes(c), 282436);
+  EXPECT_EQ(engine_train_plan(plan_model_from_config(c), 2, 16, false).mem.activations, 416616);
+}
+
+TEST(PlanCli, CpuEngineTrainingPlan) {
+  // `moe plan DIR --device cpu --job train` prints engine_train_plan's figures.
+  const std::string d = (std::filesystem::temp_directory_path() / ("moe_plan_cpu_" + std::to_string(getpid()))).string();
+  std::filesystem::create_directories(d);
+  ModelConfig c = preset_config("qwen2_moe", "small");
+  std::ofstream(d + "/config.json") << hf_config_to_json(c);
+  auto run = [&](const std::string& args, std::string* out) {
+    const std::string cmd = std::string(MOE_BINARY_DIR) + "/moe plan '" + d + "' " + args + " > '" + d +
+                            "/out.txt' 2> '" + d + "/err.txt'";
+    const int rc = std::system(cmd.c_str());
+    std::ifstream f(d + "/out.txt"), e(d + "/err.txt");
+    std::stringstream so, se;
+    so << f.rdbuf();
+    se << e.rdbuf();
+    *out = so.str() + se.str();
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  };
+  std::string out;
+  ASSERT_EQ(run("--job train --device cpu --batch 2 --seq 64 --checkpointing --json", &out), 0) << out;
+  const EngineTrainPlan p = engine_train_plan(plan_model_from_config(c), 2, 64, true);
+  auto j = nlohmann::json::parse(out);
+  EXPECT_EQ(j["device"], "cpu");
+  EXPECT_EQ(j["memory"]["weights"].get<int64_t>(), p.mem.weights);
+  EXPECT_EQ(j["memory"]["grads"].get<int64_t>(), p.mem.grads);
+  EXPECT_EQ(j["memory"]["optimizer"].get<int64_t>(), p.mem.optimizer);
+  EXPECT_EQ(j["memory"]["activations"].get<int64_t>(), p.mem.activations);
+  EXPECT_EQ(j["memory"]["total"].get<int64_t>(), p.mem.total());
+  EXPECT_EQ(j["activations"]["working_phase"], p.working_phase);
+  ASSERT_EQ(run("--job train --device cpu --batch 2 --seq 64", &out), 0) << out;
+  EXPECT_NE(out.find("activations"), std::string::npos) << out;
+  EXPECT_NE(out.find(with_commas(p.mem.weights)), std::string::npos) << out;
+  // A family the engine does not run, and GPU-only options, are refused with a clear line.
+  EXPECT_EQ(run("--job lora --device cpu", &out), 1);
+  EXPECT_NE(out.find("train and infer"), std::string::npos) << out;
+  EXPECT_EQ(run("--job train --device cpu --gpus 2", &out), 1);
+  EXPECT_NE(out.find("--gpus"), std::string::npos) << out;
+  std::filesystem::remove_all(d);
+  const std::string cmd = std::string(MOE_BINARY_DIR) + "/moe plan DeepSeek-V2-Lite --job train --device cpu 2>&1";
+  FILE* f = popen(cmd.c_str(), "r");
+  ASSERT_NE(f, nullptr);
+  char buf[512] = {0};
+  std::string all;
+  while (std::fgets(buf, sizeof buf, f)) all += buf;
+  EXPECT_NE(pclose(f), 0);
+  EXPECT_NE(all.find("the CPU engine runs mixtral, qwen2_moe and qwen3_moe"), std::string::npos) << all;
 }
 
 // ---- hand-derived training / fine-tuning worked examples (Mixtral-8x7B) ---------------------

@@ -1,17 +1,99 @@
 // cmd_plan.cpp — `moe plan MODEL|DIR`: memory, time and cost of an MoE job before running it.
+// With --device cpu: the engine's own CPU job (one process, f32), per memory category, from
+// the engine's tables (plan_memory with JobSpec::cpu_engine; engine_train_plan for training).
 #include <cstdio>
 #include <memory>
+#include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/memory.h"
 #include "plan/model_catalog.h"
 #include "plan/plan_report.h"
 
 namespace moe {
+namespace {
+
+// The CPU engine's plan for `job` (train or infer) as text or JSON.
+void print_cpu_plan(const PlanModel& m, const JobSpec& job, bool json) {
+  const MemoryPlan mp = plan_memory(m, job, Parallel{});
+  const bool train = job.job == JobKind::Train;
+  EngineTrainPlan tp;
+  if (train) tp = engine_train_plan(m, job.batch, job.seq, job.checkpointing);
+  const int64_t n = plan_params(m).total;
+  if (json) {
+    nlohmann::ordered_json j;
+    j["model"] = m.name;
+    j["family"] = m.family;
+    j["device"] = "cpu";
+    j["job"] = job_name(job.job);
+    j["params"] = n;
+    j["batch"] = job.batch;
+    j["seq"] = job.seq;
+    if (train) {
+      j["recompute"] = job.checkpointing;
+    } else {
+      j["context"] = job.context;
+      j["weights_dtype"] = weight_format_info(job.weights).name;
+    }
+    nlohmann::ordered_json mem;
+    mem["weights"] = mp.weights;
+    if (mp.quant_weights) mem["quant_weights"] = mp.quant_weights;
+    if (train) {
+      mem["grads"] = mp.grads;
+      mem["optimizer"] = mp.optimizer;
+    } else {
+      mem["kv_cache"] = mp.kv_cache;
+    }
+    mem["activations"] = mp.activations;
+    mem["total"] = mp.total();
+    j["memory"] = mem;
+    if (train)
+      j["activations"] = {{"saved", tp.act_saved},
+                          {"step", tp.act_step},
+                          {"working", tp.act_working},
+                          {"working_phase", tp.working_phase}};
+    std::printf("%s\n", j.dump(1).c_str());
+    return;
+  }
+  auto line = [](const char* what, int64_t bytes, const std::string& how) {
+    std::printf("%-12s %18s B %12s  %s\n", what, with_commas(bytes).c_str(), human_bytes(double(bytes)).c_str(),
+                how.c_str());
+  };
+  std::printf("model        %s (%s): %s parameters\n", m.name.c_str(), m.family.c_str(), with_commas(n).c_str());
+  if (train) {
+    std::printf("job          train on the CPU engine (f32, one process): batch %lld x seq %lld = %lld tokens%s\n",
+                (long long)job.batch, (long long)job.seq, (long long)(job.batch * job.seq),
+                job.checkpointing ? ", per-layer recompute" : "");
+    line("weights", mp.weights, "4 B x parameters");
+    line("grads", mp.grads, "4 B x parameters");
+    line("optimizer", mp.optimizer, "AdamW m, v: 8 B x parameters, from the first step (never-routed experts: none)");
+    line("activations", mp.activations,
+         strformat("peak of a step: saved %s + step buffers %s + working set %s (%s)",
+                   with_commas(tp.act_saved).c_str(), with_commas(tp.act_step).c_str(),
+                   with_commas(tp.act_working).c_str(), tp.working_phase.c_str()));
+  } else {
+    std::printf("job          infer on the CPU engine (f32 compute, %s weights): batch %lld, prefill chunks of %lld, "
+                "%lld-position KV cache\n",
+                weight_format_info(job.weights).name, (long long)job.batch, (long long)job.seq,
+                (long long)job.context);
+    if (mp.quant_weights) {
+      line("quantized", mp.quant_weights, std::string("linear weights, ") + weight_format_info(job.weights).layout);
+      line("weights", mp.weights, "embeddings, norms, biases: 2 B/param");
+    } else {
+      line("weights", mp.weights, weight_format_info(job.weights).layout);
+    }
+    line("kv-cache", mp.kv_cache, "2 x Hkv x Dh x 4 B per position and layer");
+    line("activations", mp.activations, "peak of one prefill chunk");
+  }
+  line("total", mp.total(), "the tracker's categories; op scratch (workspace) and the process itself not included");
+}
+
+}  // namespace
 
 void add_plan_command(CLI::App& app) {
   struct Opts {
-    std::string model, job = "infer", gpu, dtype, prices, lora_targets = "all";
+    std::string model, job = "infer", gpu, dtype, prices, lora_targets = "all", device = "gpu";
     int64_t gpus = 0, batch = 1, seq = 2048, context = 4096, dp = 0, tp = 0, ep = 0, lora_r = 16;
     int zero = -1;
     bool checkpointing = false, json = false, explain = false, list = false;
@@ -22,6 +104,10 @@ void add_plan_command(CLI::App& app) {
   cmd->add_option("model", o->model, "model directory / config.json, or a catalog name (--list)");
   cmd->add_flag("--list", o->list, "list the built-in model and GPU catalogs");
   cmd->add_option("--job", o->job, "infer, train, lora or qlora")->capture_default_str();
+  cmd->add_option("--device", o->device,
+                  "gpu: GPU jobs and layouts; cpu: the engine's own CPU job (f32, one process; train or infer; "
+                  "mixtral, qwen2_moe, qwen3_moe)")
+      ->capture_default_str();
   cmd->add_option("--gpu", o->gpu, "GPU type (e.g. H100-80GB); default: compare every GPU in the catalog");
   cmd->add_option("--gpus", o->gpus, "number of GPUs (default: the fewest that fit)");
   cmd->add_option("--batch", o->batch, "inference: concurrent sequences; training: micro-batch per data-parallel rank")
@@ -87,6 +173,20 @@ void add_plan_command(CLI::App& app) {
     req.mfu = o->mfu;
     req.mbu = o->mbu;
     if (!o->prices.empty()) req.prices = load_prices(o->prices);
+    MOE_CHECK(o->device == "gpu" || o->device == "cpu", "--device must be gpu or cpu, got '%s'", o->device.c_str());
+    if (o->device == "cpu") {
+      MOE_CHECK(o->gpu.empty() && !o->gpus && !o->dp && !o->tp && !o->ep && o->zero < 0 && o->prices.empty() &&
+                    o->tokens == 0,
+                "--device cpu plans one process: --gpu, --gpus, --dp, --tp, --ep, --zero, --tokens and --prices "
+                "apply to GPU plans");
+      req.job.cpu_engine = true;
+      req.job.act_bytes = 4;
+      if (o->dtype.empty()) req.job.weights = WeightFormat::F32;
+      MOE_CHECK(req.job.job != JobKind::Train || req.job.weights == WeightFormat::F32,
+                "--device cpu: training keeps f32 weights (--dtype %s)", o->dtype.c_str());
+      print_cpu_plan(resolve_plan_model(o->model), req.job, o->json);
+      return;
+    }
     PlanModel m = resolve_plan_model(o->model);
     PlanReport r = make_plan(m, req);
     if (o->json) {

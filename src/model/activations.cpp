@@ -6,13 +6,14 @@
 namespace moe {
 namespace {
 
+template <typename S>
 struct Field {
   const char* name;
-  Tensor LayerActs::*member;
+  Tensor S::*member;
 };
 
 // Every LayerActs field, by its layout name.
-constexpr Field kFields[] = {
+constexpr Field<LayerActs> kFields[] = {
     {"x_in", &LayerActs::x_in},         {"attn_rstd", &LayerActs::attn_rstd},
     {"attn_h", &LayerActs::attn_h},     {"qkv", &LayerActs::qkv},
     {"q_pre", &LayerActs::q_pre},       {"k_pre", &LayerActs::k_pre},
@@ -33,7 +34,44 @@ constexpr Field kFields[] = {
     {"dh1", &LayerActs::dh1},           {"dh3", &LayerActs::dh3},
 };
 
+// Every StepActs field, by its layout name.
+constexpr Field<StepActs> kStepFields[] = {
+    {"ids", &StepActs::ids},     {"targets", &StepActs::targets}, {"row_loss", &StepActs::row_loss},
+    {"aux_g", &StepActs::aux_g}, {"dx", &StepActs::dx},           {"dx_mid", &StepActs::dx_mid},
+    {"dx_in", &StepActs::dx_in},
+};
+
+template <typename S, size_t N>
+Tensor& field(const Field<S> (&fields)[N], const std::string& name, S* s) {
+  const Field<S>* f =
+      std::find_if(std::begin(fields), std::end(fields), [&](const Field<S>& x) { return name == x.name; });
+  MOE_ASSERT(f != std::end(fields));
+  return s->*(f->member);
+}
+
+struct LayerCounts {
+  int64_t moe = 0, dense = 0;
+};
+LayerCounts layer_counts(const ModelConfig& c) {
+  LayerCounts n;
+  for (int64_t l = 0; l < c.n_layer; ++l) (c.layer_is_moe(l) ? n.moe : n.dense) += 1;
+  return n;
+}
+
+// Whether the config has something that only MoE / only dense layers have.
+bool present(const LayerCounts& n, bool moe_only, bool dense_only) {
+  return !(moe_only && n.moe == 0) && !(dense_only && n.dense == 0);
+}
+
 }  // namespace
+
+int64_t ActEntry::bytes() const { return shape_numel(shape) * static_cast<int64_t>(dtype_size(dtype)); }
+
+int64_t ActPhase::bytes() const {
+  int64_t b = 0;
+  for (const ActEntry& a : live) b += a.bytes();
+  return b;
+}
 
 ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t seq, ActMode mode) {
   ActivationLayout lay;
@@ -45,12 +83,13 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
   const int64_t fs = c.shared_expert_intermediate_size, fd = c.intermediate_size;
   lay.logits_chunk = std::min(t, kLogitsChunkRows);
   const DType f32 = DType::F32, i32 = DType::I32;
-  auto add = [&](const char* name, Shape shape, DType dt, bool per_layer = true, int only = 0) {
-    lay.entries.push_back({name, std::move(shape), dt, per_layer, only == 1, only == 2});
-  };
   constexpr int kMoe = 1, kDense = 2;
+  auto add = [&](const char* name, Shape shape, DType dt, bool per_layer = true, int only = 0) {
+    lay.entries.push_back({name, std::move(shape), dt, per_layer, only == kMoe, only == kDense, false});
+  };
   if (mode == ActMode::Inference) return lay;  // the inference forward sizes its own (see Model::forward)
 
+  // ---- 1. saved per layer / shared (LayerActs) ----
   // The residual stream entering each layer is always kept (recompute starts from it).
   add("x_in", {t, d}, f32);
   // Everything else is per layer in Training, one shared set in TrainingRecompute.
@@ -98,32 +137,110 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
   add("final_rstd", {t}, f32, false);
   add("final_h", {t, d}, f32, false);
   add("logits", {lay.logits_chunk, c.vocab_size}, f32, false);
+
+  // ---- 2. step buffers (StepActs) ----
+  auto step = [&](const char* name, Shape shape, DType dt, bool moe_only, bool backward) {
+    lay.step.push_back({name, std::move(shape), dt, false, moe_only, false, backward});
+  };
+  step("ids", {t}, i32, false, false);
+  step("targets", {t}, i32, false, false);
+  step("row_loss", {lay.logits_chunk}, f32, false, false);
+  if (e > 0) step("aux_g", {e}, f32, true, false);
+  step("dx", {t, d}, f32, false, true);
+  step("dx_mid", {t, d}, f32, false, true);
+  step("dx_in", {t, d}, f32, false, true);
+
+  // ---- 3. the working set: one phase per high-water mark of a block's temporaries ----
+  // Each list is what is live at that moment, in the order the block allocates it; a
+  // temporary the block frees (or lets go out of scope) before the next allocation is absent.
+  auto phase = [&](const char* name, int only, std::vector<std::pair<const char*, Shape>> live) {
+    ActPhase ph;
+    ph.name = name;
+    ph.moe_only = only == kMoe;
+    ph.dense_only = only == kDense;
+    for (auto& [n, s] : live) ph.live.push_back({n, s, f32, false, false, false, false});
+    lay.phases.push_back(std::move(ph));
+  };
+  // ffn_block_forward (the training forward and the recompute forward alike):
+  if (fd > 0) phase("ffn_block_forward.dense", kDense, {{"act", {t, fd}}});  // swiglu_mlp's output
+  if (e > 0) {
+    phase("ffn_block_forward.experts", kMoe, {{"yp", {p, d}}});  // freed before the shared expert
+    if (fs > 0) phase("ffn_block_forward.shared", kMoe, {{"act", {t, fs}}});
+    // The first forward's router statistics (the recompute forward passes no stats).
+    phase("ffn_block_forward.router_stats", kMoe, {{"ps", {e}}, {"cnt", {e}}, {"z", {1}}});
+  }
+  // ffn_block_backward: dh [T,D] lives through the whole call.
+  if (fd > 0)  // swiglu_mlp_backward: act (recomputed, then reused as dh1), dact, dh3
+    phase("ffn_block_backward.dense", kDense, {{"dh", {t, d}}, {"act", {t, fd}}, {"dact", {t, fd}}, {"dh3", {t, fd}}});
+  if (e > 0) {
+    if (fs > 0)
+      phase("ffn_block_backward.shared", kMoe,
+            {{"dh", {t, d}}, {"ds", {t, d}}, {"dgate", {t, 1}}, {"act", {t, fs}}, {"dact", {t, fs}}, {"dh3", {t, fs}}});
+    // dyp is freed after expert_ffn_backward, dxp after the combine; drs stays to the end.
+    phase("ffn_block_backward.experts", kMoe, {{"dh", {t, d}}, {"dyp", {p, d}}, {"dxp", {p, d}}, {"drs", {p}}});
+    phase("ffn_block_backward.router", kMoe, {{"dh", {t, d}}, {"drs", {p}}, {"dtw", {t, k}}, {"dlogits", {t, e}}});
+  }
+  // attention_block_backward: dattn [T,H*Dh] lives to the end of the call (its 2-D view
+  // dattn2 keeps the storage after `dattn = Tensor()`); with q/k norm, dq and dk are replaced
+  // by their pre-norm gradients dqp, dkp (the old ones freed, the new ones the same size).
+  // The first high-water mark (dattn, dq, dk, dv) is below both phases here.
+  if (c.qk_norm)
+    phase("attention_block_backward.qk_norm", 0,
+          {{"dattn", {t, h * dh}}, {"dq", {t, h * dh}}, {"dk", {t, hkv * dh}}, {"dv", {t, hkv * dh}},
+           {"dqp", {t * h, dh}}, {"dkp", {t * hkv, dh}}});
+  phase("attention_block_backward.projection", 0,
+        {{"dattn", {t, h * dh}}, {"dq", {t, h * dh}}, {"dk", {t, hkv * dh}}, {"dv", {t, hkv * dh}},
+         {"dh_norm", {t, d}}});
   return lay;
 }
 
-int64_t ActivationLayout::total_bytes(const ModelConfig& c) const {
-  int64_t moe_layers = 0;
-  for (int64_t l = 0; l < c.n_layer; ++l) moe_layers += c.layer_is_moe(l) ? 1 : 0;
-  const int64_t dense_layers = c.n_layer - moe_layers;
+int64_t ActivationLayout::entry_bytes(const ModelConfig& c) const {
+  const LayerCounts n = layer_counts(c);
   int64_t total = 0;
   for (const ActEntry& a : entries) {
-    const int64_t bytes = shape_numel(a.shape) * static_cast<int64_t>(dtype_size(a.dtype));
-    int64_t copies = 1;
-    if (a.per_layer) copies = a.moe_only ? moe_layers : a.dense_only ? dense_layers : c.n_layer;
-    else if (a.moe_only && moe_layers == 0) copies = 0;
-    else if (a.dense_only && dense_layers == 0) copies = 0;
-    total += bytes * copies;
+    int64_t copies = present(n, a.moe_only, a.dense_only) ? 1 : 0;
+    if (a.per_layer) copies = a.moe_only ? n.moe : a.dense_only ? n.dense : c.n_layer;
+    total += a.bytes() * copies;
   }
   return total;
+}
+
+int64_t ActivationLayout::step_bytes(const ModelConfig& c) const {
+  const LayerCounts n = layer_counts(c);
+  int64_t total = 0;
+  for (const ActEntry& a : step)
+    if (!a.moe_only || n.moe > 0) total += a.bytes();
+  return total;
+}
+
+int64_t ActivationLayout::working_bytes(const ModelConfig& c, std::string* which) const {
+  const LayerCounts n = layer_counts(c);
+  int64_t best = 0;
+  for (const ActPhase& ph : phases) {
+    if (c.n_layer == 0 || !present(n, ph.moe_only, ph.dense_only) || ph.bytes() <= best) continue;
+    best = ph.bytes();
+    if (which) *which = ph.name;
+  }
+  return best;
+}
+
+int64_t ActivationLayout::total_bytes(const ModelConfig& c) const {
+  return entry_bytes(c) + step_bytes(c) + working_bytes(c);
 }
 
 void alloc_acts(const ActivationLayout& lay, bool is_moe, bool per_layer, LayerActs* acts) {
   for (const ActEntry& a : lay.entries) {
     if (a.per_layer != per_layer || (a.moe_only && !is_moe) || (a.dense_only && is_moe)) continue;
-    const Field* f = std::find_if(std::begin(kFields), std::end(kFields),
-                                  [&](const Field& x) { return a.name == x.name; });
-    MOE_ASSERT(f != std::end(kFields));
-    Tensor& t = acts->*(f->member);
+    Tensor& t = field(kFields, a.name, acts);
+    if (!t.defined()) t = Tensor::empty(a.shape, a.dtype, MemCategory::Activations);
+  }
+}
+
+void alloc_step_acts(const ActivationLayout& lay, const ModelConfig& c, bool backward, StepActs* s) {
+  const LayerCounts n = layer_counts(c);
+  for (const ActEntry& a : lay.step) {
+    if ((a.backward && !backward) || (a.moe_only && n.moe == 0)) continue;
+    Tensor& t = field(kStepFields, a.name, s);
     if (!t.defined()) t = Tensor::empty(a.shape, a.dtype, MemCategory::Activations);
   }
 }

@@ -1,17 +1,38 @@
 // activations.h — the one activation layout (DESIGN.md invariant 7): every buffer a forward
 // (and backward) uses, as a size table computed from the config, the batch shape and the mode.
 //
-// The engine allocates its per-layer activation structs from this table (alloc_layer_acts),
-// and `moe plan` sums the same table, so the two agree by construction.
+// The engine allocates from this table (alloc_acts, alloc_step_acts) and `moe plan` sums the
+// same table (total_bytes), so the two agree by construction; the planner-vs-engine test
+// (tests/test_plan.cpp, PlanVsEngine.TrainingPeakMemoryPerCategory) checks the rest against
+// the tracker's measured peak of the Activations category.
 //
 // Modes:
-//   Inference          — buffers of one layer, reused by every layer (nothing is kept);
+//   Inference          — no table yet: Model::forward sizes its own buffers and the planner
+//                        predicts them with engine_forward_activation_bytes (plan/planner.h);
 //   Training           — every layer keeps its saved activations until its backward;
 //   TrainingRecompute  — every layer keeps only its input (the residual stream); backward
 //                        re-runs that layer's forward into one shared set of saved buffers.
-// Scopes: PerLayer entries exist once per layer (attention + feed-forward block of that
-// layer); Shared entries once per model (the head, the recompute buffers, gradients of the
-// activations that flow backward).
+//
+// A training step's activation memory has three parts; total_bytes() is their sum, and it is
+// the step's peak exactly (not an upper bound), because the first two are allocated before
+// anything else and freed after everything else:
+//   1. entries — LayerActs fields (alloc_acts): PerLayer entries once per layer (attention +
+//      feed-forward block of that layer), Shared entries once per model (the head, the
+//      recompute set, the stacked q/k/v scratch).
+//   2. step    — StepActs fields (alloc_step_acts), once per step: token ids and targets, the
+//      loss rows, the aux-loss factor and the three [T,D] gradients that flow backward. Their
+//      lifetimes are arranged so that none needs a buffer of its own: the head's gradient
+//      dfinal_h and the recompute forward's output are both dx_in (free at those moments).
+//   3. phases  — the working set: temporaries a block allocates and frees inside one call
+//      (attention_block_backward's dq/dk/dv, ffn_block_backward's dh/dyp/dxp, the SwiGLU
+//      temporaries, ...). Phases never overlap in time, so the working set is the MAX over the
+//      phases the config has (not their sum). Each phase lists what is live at its
+//      high-water mark; a temporary freed before the next is allocated appears in the phase
+//      before and not in the one after. Phases mirror attention_block.cpp and ffn_block.cpp
+//      allocation by allocation; if those change, the test above fails until this table does.
+// Everything in training is f32 (the CPU engine). Op kernels' scratch is Workspace, not here.
+// An evaluation forward (no gradients) allocates the entries, the non-backward step buffers
+// and the forward phases only: the table is then an upper bound.
 #pragma once
 #include <string>
 #include <vector>
@@ -24,20 +45,38 @@ namespace moe {
 enum class ActMode { Inference, Training, TrainingRecompute };
 
 struct ActEntry {
-  std::string name;  // the LayerActs / HeadActs field it backs
+  std::string name;  // the LayerActs / StepActs field it backs (phases: the block's local name)
   Shape shape;
   DType dtype;
-  bool per_layer;  // once per layer (else once per model)
-  bool moe_only;   // only MoE layers have it (dense layers have the dense_* entries instead)
-  bool dense_only;
+  bool per_layer = false;  // once per layer (else once per model / step)
+  bool moe_only = false;   // only MoE layers have it (dense layers have the dense_* entries instead)
+  bool dense_only = false;
+  bool backward = false;   // step buffers: allocated only when the step computes gradients
+  int64_t bytes() const;
+};
+
+// One phase of the working set: the temporaries live at its high-water mark.
+struct ActPhase {
+  std::string name;  // "<function>.<stage>", e.g. "ffn_block_backward.experts"
+  bool moe_only = false, dense_only = false;  // which layers run it
+  std::vector<ActEntry> live;
+  int64_t bytes() const;
 };
 
 struct ActivationLayout {
   ActMode mode;
   int64_t batch = 0, seq = 0;
   int64_t logits_chunk = 0;  // rows of the LM head computed at once in training
-  std::vector<ActEntry> entries;
+  std::vector<ActEntry> entries;  // LayerActs fields
+  std::vector<ActEntry> step;     // StepActs fields
+  std::vector<ActPhase> phases;   // the working set (max over phases)
   // Bytes the layout implies for a config: per-layer entries times the layers that have them.
+  int64_t entry_bytes(const ModelConfig& c) const;
+  int64_t step_bytes(const ModelConfig& c) const;
+  // The largest phase the config runs (MoE phases need a MoE layer, dense ones a dense layer);
+  // `which`, when given, receives its name.
+  int64_t working_bytes(const ModelConfig& c, std::string* which = nullptr) const;
+  // The peak of the Activations category during one training step (forward_backward).
   int64_t total_bytes(const ModelConfig& c) const;
 };
 
@@ -82,8 +121,22 @@ struct LayerActs {
   Tensor logits;            // [chunk,V] f32: one chunk of LM-head logits, then its gradient
 };
 
+// Buffers of one training step outside the layers (the layout's `step` part).
+struct StepActs {
+  Tensor ids, targets;       // [T] i32: token ids, shifted targets (-100 = ignored)
+  Tensor row_loss;           // [chunk] f32: cross-entropy of each row of one logits chunk
+  Tensor aux_g;              // [E] f32: the aux loss's per-expert factor (MoE models)
+  // backward only: the [T,D] f32 gradients flowing down the layers (swapped layer by layer).
+  // dx_in also holds the head's gradient dfinal_h (before the first layer's backward) and the
+  // recompute forward's output (thrown away; the layer's attention backward then assigns it).
+  Tensor dx, dx_mid, dx_in;
+};
+
 // Allocates the (still undefined) fields of `acts` that the layout has for a layer of this
 // kind: the per-layer entries (per_layer) or the shared ones. Activations category.
 void alloc_acts(const ActivationLayout& lay, bool is_moe, bool per_layer, LayerActs* acts);
+// Allocates the step buffers the config has (aux_g only with a MoE layer); the backward ones
+// only when `backward`. Activations category.
+void alloc_step_acts(const ActivationLayout& lay, const ModelConfig& c, bool backward, StepActs* s);
 
 }  // namespace moe

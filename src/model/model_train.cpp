@@ -11,33 +11,36 @@
 namespace moe {
 namespace {
 
-// Host ids/labels [B,S] (i32 or i64) -> i32 token ids [T] and shifted targets [T]:
-// position t of a sequence predicts labels[t+1]; the last position and -100 labels count for nothing.
-void prepare_batch(const ModelConfig& c, const Tensor& ids_in, const Tensor& labels_in, Tensor* ids, Tensor* targets) {
+// Host ids/labels [B,S] (i32 or i64) must agree in shape and fit the model's positions.
+void check_batch(const ModelConfig& c, const Tensor& ids_in, const Tensor& labels_in) {
   MOE_CHECK(ids_in.ndim() == 2, "training batch: input_ids must be [B,S], got %s", ids_in.shape_str().c_str());
   MOE_CHECK(labels_in.shape() == ids_in.shape(), "training batch: labels %s do not match input_ids %s",
             labels_in.shape_str().c_str(), ids_in.shape_str().c_str());
   MOE_CHECK(ids_in.device() == Device::CPU && labels_in.device() == Device::CPU, "training batch must be on the host");
+  MOE_CHECK(ids_in.dim(1) <= c.max_position_embeddings,
+            "training batch: sequence length %lld exceeds the model's limit %lld", (long long)ids_in.dim(1),
+            (long long)c.max_position_embeddings);
+}
+
+// Host ids/labels [B,S] -> i32 token ids [T] and shifted targets [T] (allocated by the caller):
+// position t of a sequence predicts labels[t+1]; the last position and -100 labels count for nothing.
+void prepare_batch(const ModelConfig& c, const Tensor& ids_in, const Tensor& labels_in, Tensor& ids, Tensor& targets) {
   const int64_t b_n = ids_in.dim(0), s_n = ids_in.dim(1), t_n = b_n * s_n;
-  MOE_CHECK(s_n <= c.max_position_embeddings, "training batch: sequence length %lld exceeds the model's limit %lld",
-            (long long)s_n, (long long)c.max_position_embeddings);
   auto read = [](const Tensor& t, int64_t i) -> int64_t {
     if (t.dtype() == DType::I64) return t.data<int64_t>()[i];
     MOE_CHECK(t.dtype() == DType::I32, "training batch: ids and labels must be i32 or i64, got %s", dtype_name(t.dtype()));
     return t.data<int32_t>()[i];
   };
-  *ids = Tensor::empty({t_n}, DType::I32, MemCategory::Activations);
-  *targets = Tensor::empty({t_n}, DType::I32, MemCategory::Activations);
   for (int64_t i = 0; i < t_n; ++i) {
     const int64_t v = read(ids_in, i);
     MOE_CHECK(v >= 0 && v < c.vocab_size, "training batch: token id %lld out of range [0,%lld)", (long long)v,
               (long long)c.vocab_size);
-    ids->data<int32_t>()[i] = static_cast<int32_t>(v);
+    ids.data<int32_t>()[i] = static_cast<int32_t>(v);
     int64_t tg = -100;
     if ((i % s_n) + 1 < s_n) tg = read(labels_in, i + 1);
     MOE_CHECK(tg == -100 || (tg >= 0 && tg < c.vocab_size), "training batch: label %lld out of range [0,%lld)",
               (long long)tg, (long long)c.vocab_size);
-    targets->data<int32_t>()[i] = static_cast<int32_t>(tg);
+    targets.data<int32_t>()[i] = static_cast<int32_t>(tg);
   }
 }
 
@@ -220,13 +223,18 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   const ModelConfig& c = m.config();
   const ModelWeights& w = m.weights();
   MOE_CHECK(m.device() == Device::CPU, "training runs on the CPU for now (model is on %s)", device_name(m.device()));
-  Tensor ids, targets;
-  prepare_batch(c, ids_in, labels_in, &ids, &targets);
-  const int64_t b_n = ids_in.dim(0), s_n = ids_in.dim(1), t_n = b_n * s_n, d = c.hidden_size, n_l = c.n_layer;
-  const MemCategory act = MemCategory::Activations;
+  check_batch(c, ids_in, labels_in);
+  const int64_t b_n = ids_in.dim(0), s_n = ids_in.dim(1), t_n = b_n * s_n, n_l = c.n_layer;
 
+  // Every activation buffer of the step outside the blocks' own temporaries comes from the
+  // layout (activations.h), allocated before anything else.
   const ActivationLayout lay =
       activation_layout(c, b_n, s_n, opt.recompute ? ActMode::TrainingRecompute : ActMode::Training);
+  StepActs step;
+  alloc_step_acts(lay, c, grads != nullptr, &step);
+  prepare_batch(c, ids_in, labels_in, step.ids, step.targets);
+  const Tensor& ids = step.ids;
+  const Tensor& targets = step.targets;
   bool any_moe = false, any_dense = false;
   for (int64_t l = 0; l < n_l; ++l) (c.layer_is_moe(l) ? any_moe : any_dense) = true;
   LayerActs shared;
@@ -273,7 +281,7 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
     res.aux_loss = double(e_n) * aux;
     res.z_loss = z / n_rows;
     if (opt.aux_coef != 0) {
-      bal.aux_g = Tensor::empty({e_n}, DType::F32, act);
+      bal.aux_g = step.aux_g;
       for (int64_t e = 0; e < e_n; ++e) bal.aux_g.data<float>()[e] = static_cast<float>(double(e_n) * cnt[e] / n_rows);
       bal.aux_scale = static_cast<float>(opt.aux_coef / n_rows);
     }
@@ -283,8 +291,8 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   rmsnorm_forward_train(shared.final_h, shared.final_rstd, shared.final_x, w.final_norm, float(c.rms_norm_eps));
   for (int64_t i = 0; i < t_n; ++i) res.n_targets += targets.data<int32_t>()[i] != -100;
   const float ce_scale = res.n_targets > 0 ? 1.0f / float(res.n_targets) : 0.0f;
-  Tensor dfinal_h = grads ? Tensor::empty({t_n, d}, DType::F32, act) : Tensor();
-  Tensor row_loss = Tensor::empty({lay.logits_chunk}, DType::F32, act);
+  Tensor dfinal_h = step.dx_in;  // [T,D]: dx_in is free until the first layer's backward
+  const Tensor& row_loss = step.row_loss;
   double ce_sum = 0;
   for (int64_t r0 = 0; r0 < t_n; r0 += lay.logits_chunk) {
     const int64_t r1 = std::min(t_n, r0 + lay.logits_chunk), n = r1 - r0;
@@ -304,7 +312,7 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   if (!grads) return res;
 
   // ---- backward ----
-  Tensor dx = Tensor::empty({t_n, d}, DType::F32, act);
+  Tensor dx = step.dx, dx_mid = step.dx_mid, dx_in = step.dx_in;
   rmsnorm_backward(dx, grads->final_norm, dfinal_h, shared.final_x, w.final_norm, shared.final_rstd, false);
   dfinal_h = Tensor();
   if (fused) {
@@ -312,13 +320,13 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
     grads->final_norm = Tensor();
     if (!c.tie_word_embeddings) grads->lm_head = Tensor();
   }
-  Tensor dx_mid = Tensor::empty({t_n, d}, DType::F32, act), dx_in = Tensor::empty({t_n, d}, DType::F32, act);
   for (int64_t l = n_l - 1; l >= 0; --l) {
     LayerActs a = layer_view(own[static_cast<size_t>(l)], shared, opt.recompute);
     if (opt.recompute) {
-      // Re-run this layer's forward into the shared set; its output goes to a scratch tensor
-      // (the next layer's input is kept and must not change).
-      Tensor x_out = Tensor::empty({t_n, d}, DType::F32, act);
+      // Re-run this layer's forward into the shared set; its output is thrown away (the next
+      // layer's input is kept and must not change), into dx_in, which is free until this
+      // layer's attention backward assigns it.
+      Tensor x_out = dx_in;
       const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
       attention_block_forward(c, lw, a, a.qkv);
       ffn_block_forward(c, lw, a, x_out, nullptr, opt.route);

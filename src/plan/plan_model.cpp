@@ -211,6 +211,7 @@ PlanModel plan_model_from_config(const ModelConfig& c, const std::string& name) 
   m.shared_gate = c.shared_expert_intermediate_size > 0;
   m.tie_embeddings = c.tie_word_embeddings;
   m.max_position = c.max_position_embeddings;
+  m.engine = c;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     PlanLayer pl;
     pl.moe = c.layer_is_moe(l);

@@ -15,6 +15,7 @@
 // E routed experts, K experts per token, L layers.
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -76,6 +77,11 @@ struct PlanModel {
   bool final_norm_per_stack = false;  // encoder and decoder each end with a norm (T5)
   int64_t n_mtp_layers = 0;  // DeepSeek-V3 multi-token-prediction modules (counted apart)
   int64_t max_position = 0;
+
+  // The engine's own config, for the families the engine runs (set by plan_model_from_config,
+  // so also for their config.json and catalog entries): the CPU engine plan reads the engine's
+  // activation layout from it (engine_train_plan in planner.h). Empty for other families.
+  std::optional<ModelConfig> engine;
 
   int64_t n_moe_layers() const;
   int64_t n_decoder_layers() const;

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "model/activations.h"
 
 namespace moe {
 
@@ -238,11 +239,52 @@ void validate_parallel(const PlanModel& m, const Parallel& p) {
             (long long)m.n_head, m.name.c_str());
 }
 
+EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq, bool recompute) {
+  MOE_CHECK(m.engine.has_value(),
+            "%s: the CPU engine runs mixtral, qwen2_moe and qwen3_moe, not %s (plan it for GPUs instead)",
+            m.name.c_str(), m.family.c_str());
+  MOE_CHECK(batch >= 1 && batch <= (int64_t(1) << 24), "batch must be in [1, 2^24], got %lld", (long long)batch);
+  MOE_CHECK(seq >= 1 && seq <= (int64_t(1) << 24), "sequence length must be in [1, 2^24], got %lld", (long long)seq);
+  const ModelConfig& c = *m.engine;
+  // A bound on the layout's bytes in floating point, so the exact int64 sums below cannot overflow.
+  const double t = double(batch) * double(seq);
+  const double widths = 12.0 * double(c.hidden_size) + 6.0 * double(c.n_head + c.n_head_kv) * double(c.head_dim) +
+                        4.0 * double(c.n_expert_used) * double(c.moe_intermediate_size + c.hidden_size + 4) +
+                        4.0 * double(c.shared_expert_intermediate_size + c.intermediate_size + c.n_expert + 8) +
+                        double(c.vocab_size);
+  const double bound = 4.0 * t * widths * double(c.n_layer + 2) + 4.0 * double(c.n_expert + 1) * double(c.n_layer);
+  MOE_CHECK(bound < 1e18, "%s: batch %lld x seq %lld is too large to plan (activations above 10^18 bytes)",
+            m.name.c_str(), (long long)batch, (long long)seq);
+  const ActivationLayout lay =
+      activation_layout(c, batch, seq, recompute ? ActMode::TrainingRecompute : ActMode::Training);
+  EngineTrainPlan r;
+  r.act_saved = lay.entry_bytes(c);
+  r.act_step = lay.step_bytes(c);
+  r.act_working = lay.working_bytes(c, &r.working_phase);
+  const int64_t n = plan_params(m).total;
+  r.mem.weights = 4 * n;
+  r.mem.grads = 4 * n;
+  r.mem.optimizer = 8 * n;
+  r.mem.activations = lay.total_bytes(c);
+  return r;
+}
+
 MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p) {
   validate_parallel(m, p);
   MOE_CHECK(job.batch >= 1, "batch must be >= 1, got %lld", (long long)job.batch);
   MOE_CHECK(job.seq >= 1, "sequence length must be >= 1, got %lld", (long long)job.seq);
   MOE_CHECK(job.job != JobKind::Infer || job.context >= 1, "context must be >= 1, got %lld", (long long)job.context);
+  if (job.cpu_engine) {
+    MOE_CHECK(p.gpus() == 1 && p.ep == 1 && p.zero == 0,
+              "the CPU engine plan is for one process (no --dp, --tp, --ep or --zero)");
+    MOE_CHECK(job.job == JobKind::Train || job.job == JobKind::Infer,
+              "the CPU engine plan covers --job train and infer, not %s", job_name(job.job));
+    MOE_CHECK(m.engine.has_value(),
+              "%s: the CPU engine runs mixtral, qwen2_moe and qwen3_moe, not %s (plan it for GPUs instead)",
+              m.name.c_str(), m.family.c_str());
+    if (job.job == JobKind::Train) return engine_train_plan(m, job.batch, job.seq, job.checkpointing).mem;
+    MOE_CHECK(job.act_bytes == 4, "the CPU engine computes in f32 (act_bytes 4), got %lld", (long long)job.act_bytes);
+  }
   const ParamCounts pc = plan_params(m);
   const int64_t tp = p.tp, ep = p.ep, dp = p.dp, dp_ex = p.dp / p.ep;
   // Per-GPU share of a non-expert / expert quantity before ZeRO.

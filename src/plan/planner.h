@@ -14,6 +14,8 @@
 //     m, v = 16 B per adapter parameter; the base is frozen (bf16 for LoRA, NF4 for QLoRA).
 //   * Activations are bf16 for GPU jobs; the engine's own CPU forward is f32 and predicted
 //     exactly by engine_forward_activation_bytes().
+//   * The engine's own CPU training step (JobSpec::cpu_engine) is f32 throughout and reads the
+//     engine's activation layout (model/activations.h): see engine_train_plan().
 #pragma once
 #include <cstdint>
 #include <string>
@@ -102,6 +104,9 @@ struct JobSpec {
   int64_t act_bytes = 2;  // activations and KV cache elements (2 = bf16; 4 = the CPU engine's f32)
   bool last_logits_only = true;  // inference prefill computes logits for the last position only
   int64_t overhead_bytes = 0;    // per-GPU runtime reserve (CUDA context, allocator slack)
+  // The engine's own CPU job, one process (mixtral, qwen2_moe, qwen3_moe): train is
+  // engine_train_plan(); infer is the inference figures with act_bytes 4. LoRA is not planned.
+  bool cpu_engine = false;
 };
 
 // Per-GPU bytes by the engine's memory categories (core/memory.h).
@@ -113,6 +118,28 @@ struct MemoryPlan {
   }
 };
 MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p);
+
+// The engine's own CPU training step — forward_backward (model/model_train.h) and one AdamW
+// step (train/optimizer.h), all f32, one process — for the families the engine runs (m.engine).
+// Per memory category (core/memory.h), what the tracker's peak reads during and after the step:
+//   weights     4 B x P (P = plan_params(m).total; a tied LM head is the embedding)
+//   grads       4 B x P (one f32 gradient per parameter, zeros_like)
+//   optimizer   8 B x P: AdamW's m and v, created lazily, so this holds from the first step
+//               on; a routed expert that has never received a token holds none
+//               (8 B x ParamCounts::one_expert per such expert and layer less)
+//   activations activation_layout(c, batch, seq, Training or TrainingRecompute).total_bytes(c):
+//               the step's saved activations + step buffers + the largest working-set phase.
+// Not counted: the op kernels' Workspace scratch, the router's selection bias when bias
+// balancing creates it ([E] f32 per MoE layer, Weights), the caller's batch tensors.
+// Throws moe::Error for a family the engine does not run or sizes too large to compute.
+struct EngineTrainPlan {
+  MemoryPlan mem;
+  int64_t act_saved = 0;    // the layout's per-layer and shared saved activations
+  int64_t act_step = 0;     // its step buffers (ids, targets, loss rows, the [T,D] gradients)
+  int64_t act_working = 0;  // its largest working-set phase
+  std::string working_phase;
+};
+EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq, bool recompute);
 
 // Bytes one GPU sends through expert-parallel all-to-all per micro-batch: for each MoE layer,
 // dispatch + combine of its T*K routed rows of D bf16 values, the (ep-1)/ep share that leaves
