@@ -8,6 +8,9 @@
 //                    backend (moe::ref), every forward and backward op. Normwise relative error
 //                    ||cpu - ref|| / ||ref|| <= 1e-5 (bf16/f16-weight cases too: both sides read
 //                    the same stored weights and widen them exactly); index outputs equal.
+//                    Quantized weights (q8_0/q4_0/q4_k/q5_k/q6_k linear and expert FFN, each
+//                    kernel variant the CPU has, forced): 2e-2, the kernels rounding the
+//                    activations to int8 (the exact per-element bound: test_quant_kernels.cpp).
 //  CudaVsRef/<case>  the forward cases again on CUDA (f32: 1e-5; bf16 weights, which cuBLAS
 //                    multiplies with x rounded to bf16: 2e-2). Without a GPU each is SKIPPED.
 //  Grad.*            every backward op against central finite differences in double of the
@@ -39,6 +42,7 @@
 #include "core/tensor.h"
 #include "io/safetensors.h"
 #include "ops/backend.h"
+#include "ops/cpu/cpu_quant_gemm.h"
 #include "ops/ops.h"
 #include "ops/ref/ref_kernels.h"
 
@@ -51,6 +55,7 @@ constexpr double kCudaTol = 1e-5;     // CUDA vs reference, f32
 constexpr double kCudaBf16Tol = 2e-2; // CUDA vs reference, bf16 weights (x rounded to bf16)
 constexpr double kFdTol = 1e-6;       // reference backward (double) vs finite differences
 constexpr double kFdF32Tol = 1e-5;    // CPU backward (f32 maths, f32 saved activations) vs FD
+constexpr double kQuantTol = 2e-2;    // quantized-weight kernels (int8 activations) vs the exact reference
 constexpr int32_t kIntPoison = -777;
 
 // ---- inputs ----
@@ -182,6 +187,7 @@ struct Case {
   bool cuda = false;  // the op has a CUDA version (forward ops)
   double cuda_tol = kCudaTol;
   std::function<Outs(Backend)> run;
+  double cpu_tol = kCpuTol;  // kQuantTol for quantized weights (int8 activations)
 };
 
 std::vector<Case> make_cases() {
@@ -662,6 +668,54 @@ std::vector<Case> make_cases() {
       return Outs{{"dlogits", dl}, {"dlogits_in_place", inplace}};
     });
   }
+
+  // Quantized weights (q8_0 q4_0 q4_k q5_k q6_k; CPU inference only), once per kernel variant
+  // the CPU has (forced, so AVX2 runs on an AVX-512 machine too). The reference multiplies by
+  // the dequantized weights exactly; the kernels round the activations to int8 per 32 or 256
+  // values, so they are compared at kQuantTol (test_quant_kernels.cpp bounds it per element).
+  for (cpu::QuantIsa isa : {cpu::QuantIsa::Avx2, cpu::QuantIsa::Avx512, cpu::QuantIsa::Avx512Vnni}) {
+    if (!cpu::quant_isa_supported(isa)) continue;
+    const std::string vt = std::string("_") + cpu::quant_isa_name(isa);
+    for (DType qt : {DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
+      const int64_t be = dtype_block_elems(qt);
+      for (int64_t n : {1, 3, 17})
+        for (int64_t kb : {1, 3}) {
+          const int64_t kd = kb * be, m = kb == 1 ? 11 : 37;
+          Tensor x = ten({n, kd}, rnd(n * kd, ++seed));
+          Tensor w = ten({m, kd}, rnd(m * kd, ++seed, 0.5)).to_dtype(qt, kAct);
+          Tensor bs = n == 3 ? ten({m}, rnd(m, ++seed)) : Tensor();
+          add("linear_forward_" + wtag(qt) + vt + "_N" + str(n) + "_K" + str(kd) + "_M" + str(m) + (n == 3 ? "_bias" : ""),
+              false, 0.0, [=](Backend b) {
+                Dev g{b};
+                Tensor out = g.out({n, m});
+                cpu::set_quant_isa(isa);
+                CALL(b, linear_forward(out, g.in(x), g.in(w), g.in(bs)));
+                cpu::set_quant_isa(cpu::QuantIsa::Auto);
+                return Outs{{"out", out}};
+              });
+          cs.back().cpu_tol = kQuantTol;
+        }
+      for (int64_t t : {1, 9}) {
+        const int64_t e = 5, k = 2, p = t * k, d = std::max<int64_t>(be, 64), f = be == 32 ? 96 : 256;
+        Routing r = route(random_topk(t, {0, 2, 4}, k, ++seed), e);
+        Tensor off = ints({e + 1}, r.offsets);
+        Tensor xp = ten({p, d}, rnd(p * d, ++seed));
+        Tensor w1 = ten({e, f, d}, rnd(e * f * d, ++seed, 0.5)).to_dtype(qt, kAct);
+        Tensor w3 = ten({e, f, d}, rnd(e * f * d, ++seed, 0.5)).to_dtype(qt, kAct);
+        Tensor w2 = ten({e, d, f}, rnd(e * d * f, ++seed, 0.5)).to_dtype(qt, kAct);
+        Tensor rs = ten({p}, rnd(p, ++seed));
+        add("expert_ffn_forward_" + wtag(qt) + vt + "_T" + str(t) + "_D" + str(d), false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor yp = g.out({p, d});
+          cpu::set_quant_isa(isa);
+          CALL(b, expert_ffn_forward(yp, g.in(xp), g.in(off), g.in(w1), g.in(w3), g.in(w2), g.in(rs)));
+          cpu::set_quant_isa(cpu::QuantIsa::Auto);
+          return Outs{{"yp", yp}};
+        });
+        cs.back().cpu_tol = kQuantTol;
+      }
+    }
+  }
   return cs;
 }
 
@@ -716,7 +770,7 @@ TEST_P(CpuVsRef, Matches) {
   const Case& c = cases()[GetParam()];
   Outs want = c.run(Backend::Ref);
   Outs got = c.run(Backend::Cpu);
-  compare(got, want, kCpuTol, c.name + " (cpu vs ref)");
+  compare(got, want, c.cpu_tol, c.name + " (cpu vs ref)");
 }
 
 TEST_P(CudaVsRef, Matches) {

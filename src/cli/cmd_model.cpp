@@ -10,6 +10,7 @@
 #include "cli/commands.h"
 #include "io/safetensors.h"
 #include "model/random_init.h"
+#include "ops/cpu/cpu_quant_gemm.h"
 #include "plan/plan_model.h"
 #include "plan/planner.h"
 #include "ops/ops.h"
@@ -19,6 +20,22 @@
 
 namespace moe {
 namespace {
+
+// --weights: quantize the projection weights at load for CPU inference (LoadOptions::quant_dtype).
+void add_weights_flag(CLI::App* cmd, std::string* w) {
+  cmd->add_option("--weights", *w,
+                  "quantize the projection weights at load (CPU inference): none, q8_0, q4_0, q4_k, q5_k or q6_k")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"none", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k"}));
+}
+
+LoadOptions with_weights_flag(LoadOptions lo, const std::string& w) {
+  if (w != "none") {
+    MOE_CHECK(dtype_from_quant_name(w, &lo.quant_dtype), "--weights %s: unknown type", w.c_str());
+    MOE_CHECK(lo.device == Device::CPU, "--weights %s: quantized weights run on the CPU only (use --device cpu)", w.c_str());
+  }
+  return lo;
+}
 
 // The dtype most of a checkpoint's bytes are stored in.
 DType checkpoint_dtype(const Checkpoint& ck) {
@@ -165,7 +182,7 @@ void add_inspect_command(CLI::App& app) {
 
 void add_logits_command(CLI::App& app) {
   struct Opts {
-    std::string dir, input, out;
+    std::string dir, input, out, weights = "none";
     DeviceFlags dev;
   };
   auto o = std::make_shared<Opts>();
@@ -175,6 +192,7 @@ void add_logits_command(CLI::App& app) {
   cmd->add_option("--out", o->out, "output safetensors: logits [B,S,V] f32, router_logits.<layer> [B*S,E] f32")
       ->required();
   add_device_flags(cmd, &o->dev);
+  add_weights_flag(cmd, &o->weights);
   cmd->callback([o]() {
     auto in = SafetensorsFile::open(o->input);
     MOE_CHECK(in->find("input_ids") != nullptr, "%s: no tensor 'input_ids'", o->input.c_str());
@@ -182,7 +200,7 @@ void add_logits_command(CLI::App& app) {
     MOE_CHECK(ids.ndim() == 2 && (ids.dtype() == DType::I32 || ids.dtype() == DType::I64),
               "%s: input_ids must be [B,S] i32 or i64, got %s", o->input.c_str(), ids.desc().c_str());
     Checkpoint ck = Checkpoint::open_dir(o->dir);
-    Model m = Model::load(ck, resolve_device_flags(o->dev, checkpoint_dtype(ck)));
+    Model m = Model::load(ck, with_weights_flag(resolve_device_flags(o->dev, checkpoint_dtype(ck)), o->weights));
     KVCache kv = m.make_cache(ids.dim(0), ids.dim(1));
     ForwardOptions fo;
     fo.want_router_logits = true;
@@ -200,7 +218,7 @@ void add_logits_command(CLI::App& app) {
 
 void add_generate_command(CLI::App& app) {
   struct Opts {
-    std::string dir, ids, prompt, chat, system;
+    std::string dir, ids, prompt, chat, system, weights = "none";
     int64_t max_new = 32, top_k = 0;
     float temperature = 0.0f, top_p = 1.0f;
     uint64_t seed = 1;
@@ -221,6 +239,7 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--top-p", o->top_p, "nucleus sampling mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--seed", o->seed, "sampling seed")->capture_default_str();
   add_device_flags(cmd, &o->dev);
+  add_weights_flag(cmd, &o->weights);
   cmd->callback([o]() {
     MOE_CHECK(!o->ids.empty() || !o->prompt.empty() || !o->chat.empty(), "give one of --ids, --prompt or --chat");
     std::unique_ptr<Tokenizer> tok;
@@ -245,7 +264,7 @@ void add_generate_command(CLI::App& app) {
     }
     double t_load = now_seconds();
     Checkpoint ck = Checkpoint::open_dir(o->dir);
-    Model m = Model::load(ck, resolve_device_flags(o->dev, checkpoint_dtype(ck)));
+    Model m = Model::load(ck, with_weights_flag(resolve_device_flags(o->dev, checkpoint_dtype(ck)), o->weights));
     t_load = now_seconds() - t_load;
     const ModelConfig& c = m.config();
     for (int32_t id : prompt)
@@ -295,6 +314,7 @@ void add_generate_command(CLI::App& app) {
     for (int32_t id : out) std::printf(" %d", id);
     std::printf("\n");
     int64_t n_dec = static_cast<int64_t>(out.size()) - 1;
+    if (o->weights != "none") std::printf("weights %s (kernels %s)\n", o->weights.c_str(), cpu::quant_isa_name(cpu::quant_isa()));
     std::printf("load %.2f s | prefill %lld tokens in %.3f s (%.1f tokens/s) | decode %lld tokens in %.3f s (%.1f tokens/s)\n",
                 t_load, (long long)n_prompt, t_prefill, double(n_prompt) / t_prefill, (long long)n_dec, t_decode,
                 n_dec > 0 ? double(n_dec) / t_decode : 0.0);

@@ -1,11 +1,35 @@
 // dtype.cpp — dtype names and element conversions.
 #include "core/dtype.h"
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 
 #include "core/error.h"
+#include "core/quant.h"
 
 namespace moe {
+
+bool dtype_is_quant(DType t) {
+  return t == DType::Q8_0 || t == DType::Q4_0 || t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K;
+}
+
+int64_t dtype_block_elems(DType t) { return dtype_is_quant(t) ? ggml_type_info(dtype_ggml_type(t)).block_elems : 1; }
+
+size_t dtype_nbytes(DType t, int64_t n) {
+  if (!dtype_is_quant(t)) return static_cast<size_t>(n) * dtype_size(t);
+  return ggml_row_bytes(dtype_ggml_type(t), n);
+}
+
+bool dtype_from_quant_name(const std::string& s, DType* out) {
+  std::string l = s;
+  for (char& c : l) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  static const struct { const char* n; DType t; } k[] = {
+      {"q8_0", DType::Q8_0}, {"q4_0", DType::Q4_0}, {"q4_k", DType::Q4_K}, {"q5_k", DType::Q5_K}, {"q6_k", DType::Q6_K}};
+  for (auto& e : k)
+    if (l == e.n) { *out = e.t; return true; }
+  return false;
+}
 
 size_t dtype_size(DType t) {
   switch (t) {
@@ -16,8 +40,14 @@ size_t dtype_size(DType t) {
     case DType::I64: return 8;
     case DType::U8: return 1;
     case DType::F64: return 8;
+    case DType::Q8_0:
+    case DType::Q4_0:
+    case DType::Q4_K:
+    case DType::Q5_K:
+    case DType::Q6_K: break;
   }
-  MOE_ASSERT(false);
+  MOE_FAIL("dtype_size: %s is a block type without a per-element size (this is a bug: use dtype_nbytes)",
+           dtype_name(t));
 }
 
 const char* dtype_name(DType t) {
@@ -29,6 +59,11 @@ const char* dtype_name(DType t) {
     case DType::I64: return "i64";
     case DType::U8: return "u8";
     case DType::F64: return "f64";
+    case DType::Q8_0: return "q8_0";
+    case DType::Q4_0: return "q4_0";
+    case DType::Q4_K: return "q4_k";
+    case DType::Q5_K: return "q5_k";
+    case DType::Q6_K: return "q6_k";
   }
   return "?";
 }
@@ -42,6 +77,7 @@ const char* dtype_safetensors_name(DType t) {
     case DType::I64: return "I64";
     case DType::U8: return "U8";
     case DType::F64: return "F64";
+    default: break;  // block types have no safetensors spelling
   }
   return "?";
 }
@@ -61,6 +97,41 @@ bool dtype_from_name(const std::string& s, DType* out) {
   if (s == "f16" || s == "float16") { *out = DType::F16; return true; }
   return false;
 }
+
+namespace {
+// Block-type conversions of n values (whole blocks), in parallel chunks of 64 blocks (the
+// K-quant quantizers search their scales: loading a large model is otherwise slow).
+constexpr int64_t kBlockChunk = 64;
+
+int64_t whole_blocks(DType t, size_t n) {
+  const int64_t be = dtype_block_elems(t);
+  MOE_CHECK(static_cast<int64_t>(n) % be == 0, "%s: %zu values are not a whole number of %lld-value blocks",
+            dtype_name(t), n, static_cast<long long>(be));
+  return static_cast<int64_t>(n) / be;
+}
+
+void dequant_blocks(float* dst, const void* src, DType t, size_t n) {
+  const int64_t nb = whole_blocks(t, n), be = dtype_block_elems(t);
+  const size_t bb = dtype_nbytes(t, be);
+  const auto* s = static_cast<const uint8_t*>(src);
+#pragma omp parallel for schedule(static) if(nb > kBlockChunk)
+  for (int64_t c = 0; c < nb; c += kBlockChunk)
+    dequantize_row(dtype_ggml_type(t), s + static_cast<size_t>(c) * bb, dst + c * be, std::min(kBlockChunk, nb - c) * be);
+}
+
+void quant_blocks(void* dst, const float* src, DType t, size_t n) {
+  const int64_t nb = whole_blocks(t, n), be = dtype_block_elems(t);
+  const size_t bb = dtype_nbytes(t, be);
+  // NaN/inf are refused here, outside the parallel loop (quantize_row would throw inside it).
+  for (size_t i = 0; i < n; ++i)
+    MOE_CHECK(std::isfinite(src[i]), "cannot quantize to %s: value %zu is %g", dtype_name(t), i,
+              static_cast<double>(src[i]));
+  auto* d = static_cast<uint8_t*>(dst);
+#pragma omp parallel for schedule(dynamic, 1) if(nb > kBlockChunk)
+  for (int64_t c = 0; c < nb; c += kBlockChunk)
+    quantize_row(dtype_ggml_type(t), src + c * be, d + static_cast<size_t>(c) * bb, std::min(kBlockChunk, nb - c) * be);
+}
+}  // namespace
 
 float f16_to_f32(uint16_t h) {
   uint32_t sign = (h & 0x8000u) << 16;
@@ -136,6 +207,11 @@ void convert_to_f32(float* dst, const void* src, DType from, size_t n) {
       for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
       return;
     }
+    case DType::Q8_0:
+    case DType::Q4_0:
+    case DType::Q4_K:
+    case DType::Q5_K:
+    case DType::Q6_K: dequant_blocks(dst, src, from, n); return;
   }
 }
 
@@ -157,6 +233,11 @@ void convert_from_f32(void* dst, const float* src, DType to, size_t n) {
       for (size_t i = 0; i < n; ++i) d[i] = src[i];
       return;
     }
+    case DType::Q8_0:
+    case DType::Q4_0:
+    case DType::Q4_K:
+    case DType::Q5_K:
+    case DType::Q6_K: quant_blocks(dst, src, to, n); return;
     default: MOE_FAIL("convert_from_f32: cannot convert to %s", dtype_name(to));
   }
 }

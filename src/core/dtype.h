@@ -2,6 +2,16 @@
 //
 // Compute is f32 on the CPU; bf16/f16 are storage types converted on load. Rounding is
 // round-to-nearest-even, as PyTorch does, so a bf16 copy made here equals torch's .bfloat16().
+//
+// Quantized weights (Q8_0 Q4_0 Q4_K Q5_K Q6_K) are block types: a tensor of one holds ggml
+// blocks (core/quant.h, byte for byte as in GGUF files) of its LAST dimension, row-major, so a
+// [E,F,D] expert tensor or an [N,K] linear weight is E*F (N) rows of D/32 (K/256) blocks. The
+// last dimension must be a multiple of the block size (Tensor::empty checks), so every row,
+// and every slice along dimension 0, starts on a block. They have no per-element size:
+// dtype_nbytes gives the bytes of n values, dtype_size refuses them. Converting to/from f32
+// (convert_to_f32 / convert_from_f32, Tensor::to_dtype) dequantizes / quantizes with
+// core/quant.h. Ops accept them only as the weight of linear_forward / expert_ffn_forward on
+// the CPU (ops.h); their bytes are tagged MemCategory::QuantWeights by the model loader.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -9,8 +19,18 @@
 
 namespace moe {
 
-enum class DType : uint8_t { F32, BF16, F16, I32, I64, U8, F64 };
+enum class DType : uint8_t { F32, BF16, F16, I32, I64, U8, F64, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K };
 
+// True for the block types (Q8_0 ... Q6_K).
+bool dtype_is_quant(DType t);
+// Values per block: 32 (Q8_0, Q4_0), 256 (Q4_K, Q5_K, Q6_K), 1 for element types.
+int64_t dtype_block_elems(DType t);
+// Bytes of n values of t (n a multiple of the block size: throws moe::Error otherwise).
+size_t dtype_nbytes(DType t, int64_t n);
+// Parses "q8_0", "q4_0", "q4_k", "q5_k", "q6_k" (any case); false for anything else.
+bool dtype_from_quant_name(const std::string& s, DType* out);
+
+// Bytes per element; throws for the block types (use dtype_nbytes).
 size_t dtype_size(DType t);
 const char* dtype_name(DType t);           // "f32", "bf16", …
 const char* dtype_safetensors_name(DType t);  // "F32", "BF16", …
@@ -39,9 +59,9 @@ float f16_to_f32(uint16_t h);
 uint16_t f32_to_f16(float f);
 
 // Converts n elements of type `from` at src to f32 at dst (any dtype but I32/I64/U8 read as
-// numbers too).
+// numbers too; block types are dequantized, n a multiple of the block size).
 void convert_to_f32(float* dst, const void* src, DType from, size_t n);
-// Converts n f32 values to `to` (F32, BF16, F16).
+// Converts n f32 values to `to` (F32, BF16, F16, F64, or a block type: quantized).
 void convert_from_f32(void* dst, const float* src, DType to, size_t n);
 
 }  // namespace moe

@@ -439,6 +439,29 @@ bool ggml_type_from_name(const std::string& s, GgmlType* out) {
   return false;
 }
 
+GgmlType dtype_ggml_type(DType t) {
+  switch (t) {
+    case DType::Q8_0: return GgmlType::Q8_0;
+    case DType::Q4_0: return GgmlType::Q4_0;
+    case DType::Q4_K: return GgmlType::Q4_K;
+    case DType::Q5_K: return GgmlType::Q5_K;
+    case DType::Q6_K: return GgmlType::Q6_K;
+    default: break;
+  }
+  MOE_FAIL("%s is not a quantized block dtype (this is a bug)", dtype_name(t));
+}
+
+bool dtype_from_ggml_type(GgmlType g, DType* out) {
+  switch (g) {
+    case GgmlType::Q8_0: *out = DType::Q8_0; return true;
+    case GgmlType::Q4_0: *out = DType::Q4_0; return true;
+    case GgmlType::Q4_K: *out = DType::Q4_K; return true;
+    case GgmlType::Q5_K: *out = DType::Q5_K; return true;
+    case GgmlType::Q6_K: *out = DType::Q6_K; return true;
+    default: return false;
+  }
+}
+
 size_t ggml_row_bytes(GgmlType type, int64_t n) {
   return static_cast<size_t>(blocks_of(type, n)) * ggml_type_info(type).block_bytes;
 }

@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <string>
 
+#include "core/dtype.h"
+
 namespace moe {
 
 // ggml_type values as stored in GGUF tensor infos.
@@ -86,6 +88,10 @@ const char* ggml_type_name(GgmlType type);
 bool ggml_type_from_name(const std::string& s, GgmlType* out);
 // Bytes of n values (n must be a multiple of the block size; throws otherwise).
 size_t ggml_row_bytes(GgmlType type, int64_t n);
+
+// The engine's block DTypes (core/dtype.h) are these ggml types.
+GgmlType dtype_ggml_type(DType t);              // throws for a DType that is not a block type
+bool dtype_from_ggml_type(GgmlType g, DType* out);  // false for ggml types without a DType
 
 // Decodes n values (a multiple of the block size) of `type` at src into dst. src needs no
 // alignment. Throws moe::Error for a type that cannot be dequantised.

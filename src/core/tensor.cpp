@@ -18,6 +18,17 @@ int64_t shape_numel(const Shape& s) {
   return n;
 }
 
+namespace {
+// A block-type tensor holds whole blocks of its last dimension (see tensor.h).
+void check_block_shape(const Shape& shape, DType dt) {
+  if (!dtype_is_quant(dt)) return;
+  const int64_t be = dtype_block_elems(dt);
+  MOE_CHECK(!shape.empty() && shape.back() % be == 0,
+            "a %s tensor needs a last dimension that is a multiple of %lld, got shape %s", dtype_name(dt),
+            static_cast<long long>(be), moe::shape_str(shape).c_str());
+}
+}  // namespace
+
 Storage::~Storage() {
   if (owned) {
     mem_release(device, category, data, bytes);
@@ -28,9 +39,10 @@ Storage::~Storage() {
 
 Tensor Tensor::empty(const Shape& shape, DType dt, MemCategory cat, Device dev) {
   for (int64_t d : shape) MOE_CHECK(d >= 0, "negative dimension in shape %s", moe::shape_str(shape).c_str());
+  check_block_shape(shape, dt);
   Tensor t;
   t.storage_ = std::make_shared<Storage>();
-  t.storage_->bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dt);
+  t.storage_->bytes = dtype_nbytes(dt, shape_numel(shape));
   t.storage_->device = dev;
   t.storage_->category = cat;
   t.storage_->data = mem_allocate(dev, cat, t.storage_->bytes);
@@ -54,7 +66,8 @@ Tensor Tensor::borrow(void* data, const Shape& shape, DType dt, std::shared_ptr<
   t.storage_->device = Device::CPU;
   t.storage_->category = account_as;
   t.storage_->keepalive = std::move(keepalive);
-  t.storage_->bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dt);
+  check_block_shape(shape, dt);
+  t.storage_->bytes = dtype_nbytes(dt, shape_numel(shape));
   mem_account(Device::CPU, account_as, static_cast<int64_t>(t.storage_->bytes));
   t.shape_ = shape;
   t.dtype_ = dt;
@@ -83,6 +96,7 @@ std::string Tensor::desc() const {
 Tensor Tensor::view(const Shape& shape) const {
   MOE_CHECK(shape_numel(shape) == numel(), "view: cannot view %s as %s", shape_str().c_str(),
             moe::shape_str(shape).c_str());
+  check_block_shape(shape, dtype_);
   Tensor t = *this;
   t.shape_ = shape;
   return t;
@@ -92,7 +106,7 @@ Tensor Tensor::rows(int64_t begin, int64_t end) const {
   MOE_ASSERT(ndim() >= 1 && begin >= 0 && begin <= end && end <= shape_[0]);
   Tensor t = *this;
   int64_t row_elems = shape_[0] ? numel() / shape_[0] : 0;
-  t.offset_ += static_cast<size_t>(begin * row_elems) * dtype_size(dtype_);
+  t.offset_ += dtype_nbytes(dtype_, begin * row_elems);
   t.shape_[0] = end - begin;
   return t;
 }

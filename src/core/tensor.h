@@ -4,7 +4,9 @@
 // Tensor shares the storage. Views (reshape, row ranges) never copy. Storage either owns
 // tracked memory (freed when the last view goes) or borrows external bytes (an mmapped file
 // kept alive by `keepalive`). Tensors are always contiguous: ops assume row-major layout with
-// the last dimension fastest.
+// the last dimension fastest. A tensor of a quantized block dtype (core/dtype.h) holds blocks of
+// its last dimension, which must be a whole number of blocks; rows/select/view keep block
+// boundaries because they cut along dimension 0 only.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -60,7 +62,7 @@ class Tensor {
   // Size of dimension i; negative i counts from the end.
   int64_t dim(int i) const;
   int64_t numel() const { return shape_numel(shape_); }
-  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
+  size_t nbytes() const { return dtype_nbytes(dtype_, numel()); }  // block types: whole blocks
   std::string shape_str() const { return moe::shape_str(shape_); }
   // "f32[2,16,256]@cpu"
   std::string desc() const;

@@ -110,23 +110,40 @@ double f32_to_decimal(double v) {
   return std::strtod(buf, nullptr);
 }
 
-// GGUF row h*Dh + 2i + p <-> HF row h*Dh + p*Dh/2 + i (see gguf_model.h). `rows` rows of `cols`
-// floats; to_gguf picks the direction.
-void permute_rows(float* data, int64_t rows, int64_t cols, int64_t n_heads, bool to_gguf, const std::string& what) {
+// GGUF row h*Dh + 2i + p <-> HF row h*Dh + p*Dh/2 + i (see gguf_model.h). `rows` rows of
+// `row_bytes` bytes (floats, or whole rows of quantized blocks); to_gguf picks the direction.
+void permute_row_bytes(uint8_t* data, int64_t rows, size_t row_bytes, int64_t n_heads, bool to_gguf,
+                       const std::string& what) {
   MOE_CHECK(n_heads > 0 && rows % n_heads == 0 && (rows / n_heads) % 2 == 0,
             "%s: %lld rows cannot be split into %lld heads of an even size for the RoPE permutation", what.c_str(),
             static_cast<long long>(rows), static_cast<long long>(n_heads));
   const int64_t dh = rows / n_heads, half = dh / 2;
-  std::vector<float> src(data, data + rows * cols);
+  std::vector<uint8_t> src(data, data + static_cast<size_t>(rows) * row_bytes);
   for (int64_t h = 0; h < n_heads; ++h) {
     for (int64_t i = 0; i < half; ++i) {
       for (int64_t p = 0; p < 2; ++p) {
         const int64_t g = h * dh + 2 * i + p, f = h * dh + p * half + i;
         const int64_t dst_row = to_gguf ? g : f, src_row = to_gguf ? f : g;
-        std::memcpy(data + dst_row * cols, src.data() + src_row * cols, static_cast<size_t>(cols) * 4);
+        std::memcpy(data + static_cast<size_t>(dst_row) * row_bytes, src.data() + static_cast<size_t>(src_row) * row_bytes,
+                    row_bytes);
       }
     }
   }
+}
+
+void permute_rows(float* data, int64_t rows, int64_t cols, int64_t n_heads, bool to_gguf, const std::string& what) {
+  permute_row_bytes(reinterpret_cast<uint8_t*>(data), rows, static_cast<size_t>(cols) * 4, n_heads, to_gguf, what);
+}
+
+// The roles whose weights go through linear_forward / the expert GEMMs (GgufLoadOptions).
+bool is_projection(const std::string& role) {
+  static const char* const k[] = {"attn_q",         "attn_k",      "attn_v",        "attn_output",
+                                  "ffn_gate_exps",  "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp",
+                                  "ffn_up_shexp",   "ffn_down_shexp", "ffn_gate",   "ffn_up",
+                                  "ffn_down",       "output"};
+  for (const char* r : k)
+    if (role == r) return true;
+  return false;
 }
 
 std::string base_name(std::string dir) {
@@ -214,7 +231,7 @@ ModelConfig load_gguf_config(const std::string& path) {
   return config_from_gguf(*f, &fam);
 }
 
-GgufModel load_gguf_model(const std::string& path) {
+GgufModel load_gguf_model(const std::string& path, const GgufLoadOptions& opt) {
   auto f = GgufFile::open(path);
   const char* w = path.c_str();
   const Family* fam = nullptr;
@@ -235,11 +252,23 @@ GgufModel load_gguf_model(const std::string& path) {
     MOE_CHECK(pn.layer < c.n_layer, "%s: tensor '%s': layer %ld beyond block_count %lld", w, n, pn.layer,
               static_cast<long long>(c.n_layer));
     const char* suffix = pn.suffix == "bias" ? ".bias" : ".weight";
-    Tensor x = f->dequantize(t.name);
+    DType qdt = DType::F32;
+    const bool keep = opt.keep_quantized && pn.suffix == "weight" && is_projection(pn.role) &&
+                      dtype_from_ggml_type(t.type, &qdt) && t.ne.size() >= 2;
+    Tensor x;
+    if (keep) {  // the blocks as stored (the reader validated sizes and offsets)
+      x = Tensor::empty(t.torch_shape(), qdt, MemCategory::QuantWeights);
+      MOE_CHECK(x.nbytes() == t.nbytes, "%s: tensor '%s': %llu bytes, expected %zu for %s %s", w, n,
+                static_cast<unsigned long long>(t.nbytes), x.nbytes(), dtype_name(qdt), x.shape_str().c_str());
+      std::memcpy(x.raw(), f->data(t), x.nbytes());
+    } else {
+      x = f->dequantize(t.name);
+    }
     if (fam->permute_qk && (pn.role == "attn_q" || pn.role == "attn_k")) {
       const int64_t heads = pn.role == "attn_q" ? c.n_head : c.n_head_kv;
       const int64_t rows = x.dim(0), cols = x.ndim() == 1 ? 1 : x.numel() / rows;
-      permute_rows(x.data<float>(), rows, cols, heads, /*to_gguf=*/false, path + ": tensor " + t.name);
+      permute_row_bytes(static_cast<uint8_t*>(x.raw()), rows, dtype_nbytes(x.dtype(), cols), heads, /*to_gguf=*/false,
+                        path + ": tensor " + t.name);
     }
     if (role->experts) {
       MOE_CHECK(x.ndim() == 3 && x.dim(0) == c.n_expert, "%s: tensor '%s': shape %s, expected [%lld experts, rows, cols]",

@@ -37,14 +37,24 @@ namespace moe {
 struct GgufModel {
   ModelConfig config;
   // HF tensor names (per-expert names, e.g. model.layers.0.block_sparse_moe.experts.3.w1.weight)
-  // -> f32 tensors with the HF shapes, dequantised; ready for Model::from_tensors.
+  // -> f32 tensors with the HF shapes, dequantised (or quantized projections, see
+  // GgufLoadOptions); ready for Model::from_tensors.
   std::vector<std::pair<std::string, Tensor>> tensors;
+};
+
+struct GgufLoadOptions {
+  // Keep the projection weights (attn_q/k/v/output, ffn_*_exps, ffn_*_shexp, dense ffn_*,
+  // output) in the file's block type when the CPU kernels have it (q8_0 q4_0 q4_K q5_K q6_K:
+  // the quantized dtypes of core/dtype.h), so Model::from_tensors (keep_dtype) runs them
+  // quantized; the bytes are copied as stored (q/k rows un-permuted whole). Every other tensor,
+  // and other types, are dequantised to f32 as without it.
+  bool keep_quantized = false;
 };
 
 // Reads a GGUF file of a supported family. Throws moe::Error naming the file and the key or
 // tensor at fault (unknown architecture, missing keys, unexpected tensor names or shapes,
 // types that cannot be dequantised).
-GgufModel load_gguf_model(const std::string& path);
+GgufModel load_gguf_model(const std::string& path, const GgufLoadOptions& opt = {});
 // The config alone (cheap: no tensor data is read).
 ModelConfig load_gguf_config(const std::string& path);
 

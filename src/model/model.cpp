@@ -31,22 +31,51 @@ void release_mapped(const Tensor& src) {
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
 
-// Checks the shape of a source tensor, converts dtype (on the host) and moves it to the device.
-Tensor prepare(const Tensor& src, const std::string& name, const Shape& want, const LoadOptions& opt) {
-  MOE_CHECK(src.shape() == want, "tensor '%s': expected shape %s, got %s", name.c_str(), shape_str(want).c_str(),
-            src.shape_str().c_str());
-  DType dt = opt.keep_dtype ? src.dtype() : opt.weight_dtype;
+// The dtype a weight gets in memory. Projections (`proj`: the weights of linear_forward and
+// the experts) may be quantized: to LoadOptions::quant_dtype (Q8_0, or float, when their rows
+// of `cols` values are not whole blocks of it), or kept as the quantized source holds them.
+// Everything else is float: a quantized source (GGUF) is dequantized.
+DType weight_dtype_for(DType src, const LoadOptions& opt, bool proj, int64_t cols) {
+  const DType flt = opt.keep_dtype ? src : opt.weight_dtype;
+  if (proj && dtype_is_quant(opt.quant_dtype)) {
+    if (cols % dtype_block_elems(opt.quant_dtype) == 0) return opt.quant_dtype;
+    if (cols % dtype_block_elems(DType::Q8_0) == 0) return DType::Q8_0;
+  }
+  if (dtype_is_quant(flt) && !proj) return DType::F32;
+  if (dtype_is_quant(flt) && proj && dtype_is_quant(opt.quant_dtype)) return DType::F32;  // rows not whole blocks
+  return flt;
+}
+
+// Checks a weight dtype choice; returns the memory category its bytes count under.
+MemCategory check_weight_dtype(DType dt, const std::string& name, const LoadOptions& opt) {
+  if (dtype_is_quant(dt)) {
+    MOE_CHECK(opt.device == Device::CPU,
+              "tensor '%s': quantized weights (%s) run on the CPU only; load float weights for --device %s",
+              name.c_str(), dtype_name(dt), device_name(opt.device));
+    return MemCategory::QuantWeights;
+  }
   MOE_CHECK(dt == DType::F32 || dt == DType::BF16 || dt == DType::F16, "tensor '%s': unsupported weight dtype %s",
             name.c_str(), dtype_name(dt));
-  Tensor t = src.to_dtype(dt, MemCategory::Weights);
+  return MemCategory::Weights;
+}
+
+// Checks the shape of a source tensor, converts dtype (on the host: quantizes or dequantizes
+// as weight_dtype_for says) and moves it to the device.
+Tensor prepare(const Tensor& src, const std::string& name, const Shape& want, const LoadOptions& opt,
+               bool proj = false) {
+  MOE_CHECK(src.shape() == want, "tensor '%s': expected shape %s, got %s", name.c_str(), shape_str(want).c_str(),
+            src.shape_str().c_str());
+  const DType dt = weight_dtype_for(src.dtype(), opt, proj, want.empty() ? 1 : want.back());
+  const MemCategory cat = check_weight_dtype(dt, name, opt);
+  Tensor t = src.to_dtype(dt, cat);
   if (t.raw() != src.raw()) release_mapped(src);
   if (opt.device != Device::CPU) {
-    Tensor d = t.to(opt.device, MemCategory::Weights);
+    Tensor d = t.to(opt.device, cat);
     release_mapped(src);
     return d;
   }
   // Tensors handed in under another category are copied so that the model's bytes count as weights.
-  if (t.category() != MemCategory::Weights) return t.to(Device::CPU, MemCategory::Weights);
+  if (t.category() != cat) return t.to(Device::CPU, cat);
   return t;
 }
 
@@ -59,9 +88,10 @@ Tensor stack_experts(const Source& get, const char* tmpl, int64_t layer, int64_t
     Tensor src = get(name);
     MOE_CHECK(src.shape() == Shape({rows, cols}), "tensor '%s': expected shape %s, got %s", name.c_str(),
               shape_str({rows, cols}).c_str(), src.shape_str().c_str());
-    DType dt = opt.keep_dtype ? src.dtype() : opt.weight_dtype;
+    const DType dt = weight_dtype_for(src.dtype(), opt, /*proj=*/true, cols);
+    const MemCategory cat = check_weight_dtype(dt, name, opt);
     Tensor host = src.to_dtype(dt, MemCategory::Workspace);
-    if (!out.defined()) out = Tensor::empty({n_expert, rows, cols}, dt, MemCategory::Weights, opt.device);
+    if (!out.defined()) out = Tensor::empty({n_expert, rows, cols}, dt, cat, opt.device);
     MOE_CHECK(host.dtype() == out.dtype(), "tensor '%s': dtype %s differs from expert 0", name.c_str(),
               dtype_name(host.dtype()));
     mem_copy(out.select(e).raw(), opt.device, host.raw(), Device::CPU, host.nbytes());
@@ -152,21 +182,35 @@ static void build(const ModelConfig& c, const Source& get, const std::function<b
   MOE_CHECK(opt.device == Device::CPU || device_available(opt.device) || cuda_available(),
             "device %s is not available", device_name(opt.device));
   MOE_CHECK(opt.device != Device::CPU || opt.act_dtype == DType::F32, "CPU activations must be f32");
+  MOE_CHECK(opt.quant_dtype == DType::F32 || dtype_is_quant(opt.quant_dtype),
+            "LoadOptions::quant_dtype must be F32 (none) or a quantized block dtype, got %s", dtype_name(opt.quant_dtype));
+  MOE_CHECK(!dtype_is_quant(opt.quant_dtype) || opt.device == Device::CPU,
+            "quantized weights (%s) run on the CPU only (no CUDA kernels yet)", dtype_name(opt.quant_dtype));
   auto load = [&](const std::string& name, const Shape& shape) { return prepare(get(name), name, shape, opt); };
+  // Projections: the weights that may be quantized (LoadOptions::quant_dtype).
+  auto load_proj = [&](const std::string& name, const Shape& shape) {
+    return prepare(get(name), name, shape, opt, /*proj=*/true);
+  };
   w->embed = load(tensor_name(a.embed), {c.vocab_size, d});
   w->final_norm = load(tensor_name(a.final_norm), {d});
-  w->lm_head = c.tie_word_embeddings ? w->embed : load(tensor_name(a.lm_head), {c.vocab_size, d});
+  w->lm_head = c.tie_word_embeddings ? w->embed : load_proj(tensor_name(a.lm_head), {c.vocab_size, d});
   w->layers.resize(static_cast<size_t>(c.n_layer));
   for (int64_t l = 0; l < c.n_layer; ++l) {
     LayerWeights& lw = w->layers[static_cast<size_t>(l)];
     lw.attn_norm = load(tensor_name(a.attn_norm, l), {d});
     lw.ffn_norm = load(tensor_name(a.ffn_norm, l), {d});
-    lw.wqkv = stack_rows({load(tensor_name(a.q_proj, l), {qd, d}), load(tensor_name(a.k_proj, l), {kvd, d}),
-                          load(tensor_name(a.v_proj, l), {kvd, d})});
+    std::vector<Tensor> qkv = {load_proj(tensor_name(a.q_proj, l), {qd, d}), load_proj(tensor_name(a.k_proj, l), {kvd, d}),
+                               load_proj(tensor_name(a.v_proj, l), {kvd, d})};
+    if (qkv[0].dtype() != qkv[1].dtype() || qkv[0].dtype() != qkv[2].dtype()) {
+      // Sources of different types (a GGUF mix giving attn_v more bits): the stacked weight is
+      // f32, dequantized exactly (host only: quantized weights never leave the CPU).
+      for (Tensor& t : qkv) t = t.to_dtype(DType::F32, MemCategory::Weights);
+    }
+    lw.wqkv = stack_rows(qkv);
     lw.wq = lw.wqkv.rows(0, qd);
     lw.wk = lw.wqkv.rows(qd, qd + kvd);
     lw.wv = lw.wqkv.rows(qd + kvd, qd + 2 * kvd);
-    lw.wo = load(tensor_name(a.o_proj, l), {d, qd});
+    lw.wo = load_proj(tensor_name(a.o_proj, l), {d, qd});
     if (c.attn_qkv_bias) {
       lw.bqkv = stack_rows({load(tensor_name(a.q_proj, l, -1, ".bias"), {qd}),
                             load(tensor_name(a.k_proj, l, -1, ".bias"), {kvd}),
@@ -193,18 +237,24 @@ static void build(const ModelConfig& c, const Source& get, const std::function<b
       lw.w1 = stack_experts(get, a.expert_gate, l, e, f, d, opt);
       lw.w3 = stack_experts(get, a.expert_up, l, e, f, d, opt);
       lw.w2 = stack_experts(get, a.expert_down, l, e, d, f, opt);
+      if (lw.w1.dtype() != lw.w3.dtype()) {  // gate and up of different types: both f32 (host)
+        lw.w1 = lw.w1.to_dtype(DType::F32, MemCategory::Weights);
+        lw.w3 = lw.w3.to_dtype(DType::F32, MemCategory::Weights);
+      }
+      if (lw.w1.dtype() != lw.w2.dtype() && !dtype_is_quant(lw.w1.dtype()) && !dtype_is_quant(lw.w2.dtype()))
+        lw.w2 = lw.w2.to_dtype(lw.w1.dtype(), MemCategory::Weights);  // float experts share one dtype
       if (c.shared_expert_intermediate_size > 0) {
         const int64_t fs = c.shared_expert_intermediate_size;
-        lw.shared_w1 = load(tensor_name(a.shared_gate, l), {fs, d});
-        lw.shared_w3 = load(tensor_name(a.shared_up, l), {fs, d});
-        lw.shared_w2 = load(tensor_name(a.shared_down, l), {d, fs});
+        lw.shared_w1 = load_proj(tensor_name(a.shared_gate, l), {fs, d});
+        lw.shared_w3 = load_proj(tensor_name(a.shared_up, l), {fs, d});
+        lw.shared_w2 = load_proj(tensor_name(a.shared_down, l), {d, fs});
         lw.shared_gate = load(tensor_name(a.shared_expert_gate, l), {1, d});
       }
     } else {
       const int64_t f = c.intermediate_size;
-      lw.w1 = load(tensor_name(a.dense_gate, l), {f, d});
-      lw.w3 = load(tensor_name(a.dense_up, l), {f, d});
-      lw.w2 = load(tensor_name(a.dense_down, l), {d, f});
+      lw.w1 = load_proj(tensor_name(a.dense_gate, l), {f, d});
+      lw.w3 = load_proj(tensor_name(a.dense_up, l), {f, d});
+      lw.w2 = load_proj(tensor_name(a.dense_down, l), {d, f});
     }
   }
 }

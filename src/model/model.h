@@ -50,6 +50,14 @@ struct LoadOptions {
   bool keep_dtype = true;
   DType weight_dtype = DType::F32;
   DType act_dtype = DType::F32;  // activations and KV cache (BF16 only on CUDA)
+  // Quantized inference weights (CPU only): a block dtype (core/dtype.h: Q8_0, Q4_0, Q4_K, Q5_K,
+  // Q6_K) for every projection — q/k/v/o, experts, shared experts, dense MLPs, the LM head —
+  // quantized at load with core/quant.h (kept as is when the source already holds that type).
+  // A weight whose rows are not a whole number of blocks gets Q8_0 (rows of 32) or stays float.
+  // Embeddings, norms, routers and the shared-expert gate stay float (routing is f32). F32
+  // (default): no quantization; a source tensor that is already quantized (GGUF) is kept when
+  // it is a projection (keep_dtype) and dequantized otherwise.
+  DType quant_dtype = DType::F32;
 };
 
 // Per-layer KV caches [B,C,Hkv,Dh]: B sequence slots of C positions. Slot b holds positions

@@ -59,6 +59,19 @@ void check_i32(const char* op, const char* arg, const Tensor& t) {
   MOE_CHECK(t.dtype() == DType::I32, "%s: %s must be i32, got %s", op, arg, dtype_name(t.dtype()));
 }
 
+// A weight of a quantized block dtype (core/dtype.h): the supported pairs are exactly
+// (q8_0 | q4_0 | q4_k | q5_k | q6_k weight, f32 activations) on the CPU, for inference.
+void check_quant_weight(const char* op, const char* arg, const Tensor& w, Device dev,
+                        std::initializer_list<std::pair<const char*, const Tensor*>> acts) {
+  MOE_CHECK(dev == Device::CPU,
+            "%s: %s is quantized (%s); quantized weights run on the CPU only (no CUDA kernels yet): load the model "
+            "with float weights for --device cuda",
+            op, arg, dtype_name(w.dtype()));
+  for (auto [name, t] : acts)
+    MOE_CHECK(t->dtype() == DType::F32, "%s: with a quantized weight %s (%s), %s must be f32, got %s", op, arg,
+              dtype_name(w.dtype()), name, dtype_name(t->dtype()));
+}
+
 // An optional gradient: undefined, or f32 of the parameter's shape.
 void check_grad(const char* op, const char* arg, const Tensor& g, const Shape& shape) {
   if (!g.defined()) return;
@@ -95,8 +108,12 @@ void rmsnorm_forward(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
 void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor& bias) {
   const char* op = "linear_forward";
   check_float(op, "x", x);
-  check_float(op, "w", w);
+  MOE_CHECK(w.defined(), "%s: w is undefined", op);
   check_ndim(op, "w", w, 2);
+  if (dtype_is_quant(w.dtype()))
+    check_quant_weight(op, "w", w, out.device(), {{"x", &x}, {"out", &out}});
+  else
+    check_float(op, "w", w);
   MOE_CHECK(x.dim(-1) == w.dim(1), "%s: x %s and w %s disagree on the inner dimension", op,
             x.shape_str().c_str(), w.shape_str().c_str());
   int64_t n = x.numel() / x.dim(-1);
@@ -201,7 +218,18 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
   int64_t e = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   check_shape(op, "w3", w3, {e, f, d});
   check_shape(op, "w2", w2, {e, d, f});
-  MOE_CHECK(w1.dtype() == w3.dtype() && w1.dtype() == w2.dtype(), "%s: expert weight dtypes differ", op);
+  if (dtype_is_quant(w1.dtype()) || dtype_is_quant(w2.dtype())) {
+    // Quantized experts (CPU inference): w1 and w3 share a type; w2 may have another, as in
+    // llama.cpp's mixed files (Q4_K gate/up with a Q6_K down projection).
+    MOE_CHECK(w1.dtype() == w3.dtype(), "%s: w1 (%s) and w3 (%s) must have the same dtype", op, dtype_name(w1.dtype()),
+              dtype_name(w3.dtype()));
+    if (!dtype_is_quant(w2.dtype())) check_float(op, "w2", w2);
+    if (!dtype_is_quant(w1.dtype())) check_float(op, "w1", w1);
+    check_quant_weight(op, dtype_is_quant(w1.dtype()) ? "w1" : "w2", dtype_is_quant(w1.dtype()) ? w1 : w2, yp.device(),
+                       {{"xp", &xp}, {"yp", &yp}});
+  } else {
+    MOE_CHECK(w1.dtype() == w3.dtype() && w1.dtype() == w2.dtype(), "%s: expert weight dtypes differ", op);
+  }
   check_ndim(op, "xp", xp, 2);
   check_shape(op, "xp", xp, {xp.dim(0), d});
   check_shape(op, "yp", yp, xp.shape());

@@ -14,6 +14,12 @@
 //   P = T*K permuted (token, slot) rows.
 // - "float" tensors are f32, or bf16 on CUDA; weights may be f32 or bf16 (also f16 on CPU).
 //   Compute is in f32 with f32 accumulation. Index tensors are i32.
+// - Quantized weights (block dtypes q8_0 q4_0 q4_k q5_k q6_k, core/dtype.h): accepted by
+//   linear_forward (w) and expert_ffn_forward (w1/w3 one type, w2 that or another) on the CPU,
+//   with f32 activations — inference only; training ops and CUDA refuse them with an error.
+//   The CPU kernels (ops/cpu/cpu_quant_gemm.h) round each activation row to int8 blocks and
+//   use integer dot products, so they differ from the exact product with the dequantized
+//   weights by that rounding; the reference backend computes the exact product (f64).
 // - All tensors of one call live on one device.
 // - Backward ops (the training section below): parameter gradients accumulate (+=), activation
 //   gradients are assigned (=).

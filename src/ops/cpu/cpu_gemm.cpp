@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "ops/cpu/cpu_quant_gemm.h"
 
 namespace moe {
 namespace cpu {
@@ -118,6 +119,10 @@ float dot_f32(const float* a, const float* b, int64_t n) {
 void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
               bool accumulate) {
   if (n == 0 || m == 0) return;
+  if (dtype_is_quant(wdt)) {  // block-quantized weights: integer kernels (cpu_quant_gemm.h)
+    quant_gemm_xwt(out, ldo, x, w, wdt, n, m, k, accumulate);
+    return;
+  }
   if (n <= kGemvMaxRows) {
     switch (wdt) {
       case DType::F32: gemv_dispatch<DType::F32>(out, ldo, x, w, n, m, k, accumulate); return;

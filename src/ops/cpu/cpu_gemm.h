@@ -4,6 +4,8 @@
 // (f32, bf16, f16). Large n goes through BLAS sgemm (bf16/f16 weights converted to f32 in
 // row chunks); small n (decode) through a bandwidth-bound kernel that reads each weight row
 // once for all n rows of x, converting on the fly. Threaded with OpenMP / OpenBLAS.
+// gemm_xwt also takes the quantized block dtypes (inference): it hands them to
+// quant_gemm_xwt (cpu_quant_gemm.h), which rounds x to int8 blocks.
 #pragma once
 #include <cstdint>
 

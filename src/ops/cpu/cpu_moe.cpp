@@ -94,7 +94,6 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
   MOE_CHECK(xp.dtype() == DType::F32 && yp.dtype() == DType::F32, "expert_ffn_forward (cpu): f32 activations");
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
-  const size_t es = dtype_size(w1.dtype());
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
   int64_t max_rows = 0;
   for (int64_t e = 0; e < e_n; ++e) max_rows = std::max<int64_t>(max_rows, off[e + 1] - off[e]);
@@ -103,9 +102,11 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
     const int64_t r0 = off[e], n = off[e + 1] - off[e];
     if (n == 0) continue;
     const float* x = xp.data<float>() + r0 * d;
-    const char* w1e = static_cast<const char*>(w1.raw()) + static_cast<size_t>(e * f * d) * es;
-    const char* w3e = static_cast<const char*>(w3.raw()) + static_cast<size_t>(e * f * d) * es;
-    const char* w2e = static_cast<const char*>(w2.raw()) + static_cast<size_t>(e * d * f) * es;
+    // Byte offsets through dtype_nbytes: quantized experts are whole blocks per row, and w2 may
+    // have another dtype than w1/w3 (ops.h).
+    const char* w1e = static_cast<const char*>(w1.raw()) + dtype_nbytes(w1.dtype(), e * f * d);
+    const char* w3e = static_cast<const char*>(w3.raw()) + dtype_nbytes(w3.dtype(), e * f * d);
+    const char* w2e = static_cast<const char*>(w2.raw()) + dtype_nbytes(w2.dtype(), e * d * f);
     gemm_xwt(h1.data(), f, x, w1e, w1.dtype(), n, f, d, false);
     gemm_xwt(h3.data(), f, x, w3e, w3.dtype(), n, f, d, false);
 #pragma omp parallel for schedule(static) if(n * f > 32768)

@@ -50,6 +50,13 @@ class Wide {
     if (!t.defined()) return;
     buf_ = Tensor::empty(t.shape(), DType::F64, MemCategory::Workspace);
     double* d = buf_.data<double>();
+    if (dtype_is_quant(t.dtype())) {
+      // A quantized weight: its blocks dequantized exactly as defined (core/quant.h), so the
+      // reference product is the exact one with the dequantized values.
+      Tensor f = t.to_dtype(DType::F32, MemCategory::Workspace);
+      for (int64_t i = 0; i < t.numel(); ++i) d[i] = f.data<float>()[i];
+      return;
+    }
     for (int64_t i = 0; i < t.numel(); ++i) d[i] = load_one(t.raw(), t.dtype(), i);
   }
   // A double buffer of n elements, all NaN: an element the kernel fails to write shows.

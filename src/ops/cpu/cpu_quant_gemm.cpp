@@ -1,0 +1,187 @@
+// cpu_quant_gemm.cpp — the quantized x·Wᵀ entry (cpu_quant_gemm.h): run-time choice of the
+// instruction-set variant, int8 rounding of the activation rows, and the hand-off to the
+// variant's kernels (cpu_quant_kernels.h).
+#include "ops/cpu/cpu_quant_gemm.h"
+
+#include <immintrin.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "core/error.h"
+#include "core/tensor.h"
+#include "ops/cpu/cpu_quant_impl.h"
+
+namespace moe {
+namespace cpu {
+namespace {
+
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+QuantIsa best_isa() {
+  if (cpu_has_avx512()) return __builtin_cpu_supports("avx512vnni") ? QuantIsa::Avx512Vnni : QuantIsa::Avx512;
+  return QuantIsa::Avx2;
+}
+
+// The variant in use: resolved on first use from MOE_QUANT_ISA or the CPU.
+std::atomic<int> g_isa{static_cast<int>(QuantIsa::Auto)};
+
+QuantIsa resolve(QuantIsa isa) {
+  if (isa != QuantIsa::Auto) return isa;
+  if (const char* env = std::getenv("MOE_QUANT_ISA"); env && *env) {
+    QuantIsa want;
+    MOE_CHECK(quant_isa_from_name(env, &want), "MOE_QUANT_ISA=%s: expected auto, avx2, avx512 or avx512vnni", env);
+    MOE_CHECK(quant_isa_supported(want), "MOE_QUANT_ISA=%s: this CPU does not support it", env);
+    if (want != QuantIsa::Auto) return want;
+  }
+  return best_isa();
+}
+
+// Rounds one block of `len` (a multiple of 32) values to int8: d = amax/127, q = x * (1/d)
+// rounded half to even (cvtps uses the default rounding mode). Returns d; writes the int32
+// sum of the q in *sum and, when bsum is given, the sum of each 16 into bsum.
+float quant_block(const float* x, int64_t len, int8_t* q, int32_t* sum, int16_t* bsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 mx = _mm256_setzero_ps();
+  for (int64_t i = 0; i < len; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float amax = _mm_cvtss_f32(m4);
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const __m256 vid = _mm256_set1_ps(id);
+  __m256i tot = _mm256_setzero_si256();
+  for (int64_t i = 0; i < len; i += 32) {
+    __m256i v[4];
+    for (int j = 0; j < 4; ++j) v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), vid));
+    if (bsum) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256i s = _mm256_add_epi32(v[2 * h], v[2 * h + 1]);
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+        bsum[i / 16 + h] = static_cast<int16_t>(_mm_cvtsi128_si32(t));
+      }
+    }
+    tot = _mm256_add_epi32(tot, _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3])));
+    // Pack 32 int32 to int8 in order (packs interleave the 128-bit lanes; the permute undoes it).
+    const __m256i p01 = _mm256_packs_epi32(v[0], v[1]), p23 = _mm256_packs_epi32(v[2], v[3]);
+    const __m256i p = _mm256_packs_epi16(p01, p23);
+    const __m256i ordered = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), ordered);
+  }
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(tot), _mm256_extracti128_si256(tot, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+  *sum = _mm_cvtsi128_si32(t);
+  return d;
+}
+
+}  // namespace
+
+const char* quant_isa_name(QuantIsa isa) {
+  switch (isa) {
+    case QuantIsa::Auto: return "auto";
+    case QuantIsa::Avx2: return "avx2";
+    case QuantIsa::Avx512: return "avx512";
+    case QuantIsa::Avx512Vnni: return "avx512vnni";
+  }
+  return "?";
+}
+
+bool quant_isa_from_name(const char* s, QuantIsa* out) {
+  for (QuantIsa i : {QuantIsa::Auto, QuantIsa::Avx2, QuantIsa::Avx512, QuantIsa::Avx512Vnni})
+    if (std::strcmp(s, quant_isa_name(i)) == 0) {
+      *out = i;
+      return true;
+    }
+  return false;
+}
+
+bool quant_isa_supported(QuantIsa isa) {
+  switch (isa) {
+    case QuantIsa::Auto: return true;
+    case QuantIsa::Avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case QuantIsa::Avx512: return cpu_has_avx512();
+    case QuantIsa::Avx512Vnni: return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+  }
+  return false;
+}
+
+void set_quant_isa(QuantIsa isa) {
+  MOE_CHECK(quant_isa_supported(isa), "quantized kernels: this CPU does not support the %s variant", quant_isa_name(isa));
+  g_isa.store(static_cast<int>(isa == QuantIsa::Auto ? resolve(isa) : isa));
+}
+
+QuantIsa quant_isa() {
+  int v = g_isa.load();
+  if (v == static_cast<int>(QuantIsa::Auto)) {
+    v = static_cast<int>(resolve(QuantIsa::Auto));
+    g_isa.store(v);
+  }
+  return static_cast<QuantIsa>(v);
+}
+
+int64_t quant_act_block(DType wdt) { return wdt == DType::Q8_0 || wdt == DType::Q4_0 ? 32 : 256; }
+
+void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
+                    int64_t k, bool accumulate) {
+  MOE_ASSERT(dtype_is_quant(wdt));
+  if (n == 0 || m == 0) return;
+  MOE_CHECK(k % dtype_block_elems(wdt) == 0, "quantized gemm: row length %lld is not a whole number of %s blocks",
+            static_cast<long long>(k), dtype_name(wdt));
+  // Activations rounded to int8: q [n,k], d [n,k/blk], and ds [n,k/32] (blk 32) or bsum [n,k/16].
+  const int64_t blk = quant_act_block(wdt), nbk = k / blk;
+  const size_t q_bytes = static_cast<size_t>(n * k), d_bytes = static_cast<size_t>(n * nbk) * 4;
+  const size_t x_bytes = blk == 32 ? static_cast<size_t>(n * nbk) * 4 : static_cast<size_t>(n * (k / 16)) * 2;
+  auto align = [](size_t v) { return (v + 63) / 64 * 64; };
+  Tensor ws = Tensor::empty({static_cast<int64_t>(align(q_bytes) + align(d_bytes) + x_bytes)}, DType::U8,
+                            MemCategory::Workspace);
+  auto* base = static_cast<uint8_t*>(ws.raw());
+  int8_t* qs = reinterpret_cast<int8_t*>(base);
+  float* dd = reinterpret_cast<float*>(base + align(q_bytes));
+  void* extra = base + align(q_bytes) + align(d_bytes);
+  float* ds = blk == 32 ? static_cast<float*>(extra) : nullptr;
+  int16_t* bs = blk == 32 ? nullptr : static_cast<int16_t*>(extra);
+#pragma omp parallel for schedule(static) if(n * k > 65536)
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t b = 0; b < nbk; ++b) {
+      int32_t sum = 0;
+      const float d = quant_block(x + r * k + b * blk, blk, qs + r * k + b * blk, &sum, bs ? bs + r * (k / 16) + b * (blk / 16) : nullptr);
+      dd[r * nbk + b] = d;
+      if (ds) ds[r * nbk + b] = d * static_cast<float>(sum);
+    }
+  }
+  QActs a;
+  a.n = n;
+  a.k = k;
+  a.blk = blk;
+  a.qs = qs;
+  a.d = dd;
+  a.ds = ds;
+  a.bsum = bs;
+  QuantJob job;
+  job.wdt = wdt;
+  job.w = static_cast<const uint8_t*>(w);
+  job.m = m;
+  job.k = k;
+  job.row_bytes = dtype_nbytes(wdt, k);
+  job.a = &a;
+  job.out = out;
+  job.ldo = ldo;
+  job.accumulate = accumulate;
+  switch (quant_isa()) {
+    case QuantIsa::Avx512Vnni: qk_vnni::run(job); return;
+    case QuantIsa::Avx512: qk_avx512::run(job); return;
+    default: qk_avx2::run(job); return;
+  }
+}
+
+}  // namespace cpu
+}  // namespace moe

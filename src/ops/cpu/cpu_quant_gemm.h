@@ -1,0 +1,50 @@
+// cpu_quant_gemm.h — y = x·Wᵀ on the CPU for quantized weights (the block dtypes of core/dtype.h:
+// q8_0 q4_0 q4_k q5_k q6_k), f32 activations and output. Inference only.
+//
+// The fast path, as llama.cpp's: each activation row is rounded to int8 in blocks — 32 values
+// per f32 scale for q8_0/q4_0 weights (llama.cpp's q8_0 activations), 256 per scale with
+// per-16 sums for the K-quants (its q8_K) — with d = amax/127 and q = round-half-even(x/d)
+// (computed as x * (1/d)); then every weight block is dotted with the activation block in
+// integers (u8 x s8 multiply-adds) and scaled once per block in f32. The only error beyond
+// f32 summation is that activation rounding: |x - d*q| <= d/2 per value, so an output differs
+// from the exact product with the dequantized weights by at most sum_blocks (d_b/2) sum|w|.
+// ops/ref/ref_quant.h emulates this path exactly in double for the tests.
+//
+// Variants, chosen at run time from the CPU (__builtin_cpu_supports), each compiled with its
+// own target attributes so the build needs no global -mavx512f:
+//   avx2         256-bit maddubs/madd (the baseline the build targets, x86-64-v3)
+//   avx512       512-bit maddubs/madd (AVX512 F+BW+DQ+VL)
+//   avx512vnni   512-bit vpdpbusd / vpdpwssd (plus AVX512_VNNI)
+// Threaded with OpenMP over tiles of output columns (weight rows); activation rows are taken
+// 1-4 at a time per tile so each weight block is unpacked once for them.
+#pragma once
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace moe {
+namespace cpu {
+
+enum class QuantIsa : uint8_t { Auto, Avx2, Avx512, Avx512Vnni };
+const char* quant_isa_name(QuantIsa isa);  // "auto", "avx2", "avx512", "avx512vnni"
+bool quant_isa_from_name(const char* s, QuantIsa* out);
+// Whether this CPU can run `isa` (Auto: always).
+bool quant_isa_supported(QuantIsa isa);
+// Forces a variant for the process (tests; benchmarks); Auto = the best this CPU has, which is
+// also the default (the environment variable MOE_QUANT_ISA=avx2|avx512|avx512vnni overrides it).
+// Throws moe::Error if the CPU lacks it.
+void set_quant_isa(QuantIsa isa);
+// The variant in use (never Auto).
+QuantIsa quant_isa();
+
+// out [n, ldo] (first m columns written, or added to when accumulate) = x [n, k] · w [m, k]ᵀ,
+// w rows of `wdt` blocks (k a multiple of the block size). Activation scratch comes from the
+// tracked allocator (Workspace).
+void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
+                    int64_t k, bool accumulate);
+
+// Activation block length the kernels use for weights of `wdt`: 32 (q8_0, q4_0) or 256.
+int64_t quant_act_block(DType wdt);
+
+}  // namespace cpu
+}  // namespace moe

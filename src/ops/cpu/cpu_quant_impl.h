@@ -1,0 +1,39 @@
+// cpu_quant_impl.h — internal to the quantized CPU kernels (cpu_quant_*.cpp): the quantized
+// activation rows and the job handed to each instruction-set variant.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace moe {
+namespace cpu {
+
+// n activation rows of k values rounded to int8 (cpu_quant_gemm.h): blocks of `blk` values
+// (32 or 256) with one f32 scale each.
+struct QActs {
+  int64_t n = 0, k = 0, blk = 32;
+  const int8_t* qs = nullptr;     // [n, k]
+  const float* d = nullptr;       // [n, k/blk] scales
+  const float* ds = nullptr;      // blk 32: [n, k/32] d * sum(q) of each block
+  const int16_t* bsum = nullptr;  // blk 256: [n, k/16] sum of each 16 q
+};
+
+struct QuantJob {
+  DType wdt = DType::Q8_0;
+  const uint8_t* w = nullptr;  // [m] rows of row_bytes
+  int64_t m = 0, k = 0;
+  size_t row_bytes = 0;
+  const QActs* a = nullptr;
+  float* out = nullptr;  // [n, ldo]
+  int64_t ldo = 0;
+  bool accumulate = false;
+};
+
+// One entry per variant (cpu_quant_avx2.cpp, cpu_quant_avx512.cpp, cpu_quant_vnni.cpp).
+namespace qk_avx2 { void run(const QuantJob& job); }
+namespace qk_avx512 { void run(const QuantJob& job); }
+namespace qk_vnni { void run(const QuantJob& job); }
+
+}  // namespace cpu
+}  // namespace moe
