@@ -491,6 +491,78 @@ TEST(PlanVsEngine, TrainingPeakMemoryPerCategory) {
     EXPECT_TRUE(largest.count(ph)) << ph << " was never the largest phase: its sizes are untested";
 }
 
+// The memory options of `moe train` (fused per-group update, bf16 moments, bf16 compute copies
+// of f32 master weights): the planner's weights, grads and optimizer lines against the tracker,
+// on a step run as the trainer runs it.
+TEST(PlanVsEngine, TrainingMemoryOptionsPerCategory) {
+  struct Opts {
+    bool fused, opt_bf16, w_bf16;
+  };
+  const Opts variants[] = {{true, false, false}, {false, true, false}, {false, false, true}, {true, true, true}};
+  auto configs = training_configs();
+  configs.resize(3);  // mixtral, qwen2_moe with a dense layer, qwen3_moe with a tied head
+  for (auto& [label, cfg] : configs)
+    for (const Opts& v : variants) {
+      SCOPED_TRACE(strformat("%s fused=%d opt_bf16=%d w_bf16=%d", label.c_str(), v.fused, v.opt_bf16, v.w_bf16));
+      const PlanModel pm = plan_model_from_config(cfg);
+      const ParamCounts pc = plan_params(pm);
+      const MemStats base = mem_stats();
+      int64_t untouched = 0;
+      MemStats st;
+      {
+        Model master = Model::from_tensors(cfg, random_weights(cfg, 11, DType::F32));
+        Model compute = master;
+        if (v.w_bf16) compute.mutable_weights() = bf16_compute_copy(cfg, master.weights());
+        ModelWeights grads = v.fused ? ModelWeights() : zeros_like(cfg, master.weights(), MemCategory::Grads);
+        AdamWOptions ao;
+        ao.state_dtype = v.opt_bf16 ? DType::BF16 : DType::F32;
+        AdamW opt(named_parameters(cfg, master.weights()),
+                  v.fused ? std::vector<NamedParam>() : named_parameters(cfg, grads), ao);
+        Tensor ids = Tensor::empty({2, 16}, DType::I32, MemCategory::Workspace);
+        for (int64_t i = 0; i < ids.numel(); ++i)
+          ids.data<int32_t>()[i] = static_cast<int32_t>((i * 7 + 3) % cfg.vocab_size);
+        std::vector<std::vector<bool>> touched(static_cast<size_t>(cfg.n_layer),
+                                               std::vector<bool>(static_cast<size_t>(cfg.n_expert)));
+        auto mark = [&](const StepLosses& r) {
+          for (size_t i = 0; i < r.router.size(); ++i)
+            for (int64_t e = 0; e < cfg.n_expert; ++e) {
+              const bool got = r.router[i].count[static_cast<size_t>(e)] > 0;
+              touched[static_cast<size_t>(r.moe_layers[i])][static_cast<size_t>(e)] = got;
+              untouched += got ? 0 : 1;
+            }
+        };
+        LossOptions lo;
+        lo.aux_coef = cfg.router_aux_loss_coef;
+        mem_reset_peaks();
+        if (v.fused) {
+          forward_backward_fused(compute, ids, ids, lo, [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
+            if (group == kGroupHead) mark(fw);
+            opt.step_group(1e-4, touched, group_parameters(cfg, g, group));
+            if (v.w_bf16) refresh_compute_copy(cfg, master.weights(), compute.mutable_weights(), group);
+          });
+        } else {
+          mark(forward_backward(compute, ids, ids, &grads, lo));
+          opt.step(1e-4, touched);
+          if (v.w_bf16) refresh_compute_copy(cfg, master.weights(), compute.mutable_weights(), kAllGroups);
+        }
+        st = mem_stats();
+      }
+      auto measured = [&](int cat) { return st.peak[kCpu][cat] - base.current[kCpu][cat]; };
+      EngineTrainOptions eo;
+      eo.fused_update = v.fused;
+      eo.optimizer_bf16 = v.opt_bf16;
+      eo.weights_bf16 = v.w_bf16;
+      const EngineTrainPlan plan = engine_train_plan(pm, 2, 16, false, eo);
+      EXPECT_EQ(measured(kW), plan.mem.weights);
+      EXPECT_EQ(measured(kG), plan.mem.grads);
+      EXPECT_EQ(measured(kOpt), plan.mem.optimizer - (v.opt_bf16 ? 4 : 8) * pc.one_expert * untouched);
+      EXPECT_EQ(measured(kAct), plan.mem.activations);
+      if (v.fused) {
+        EXPECT_LT(plan.mem.grads, 4 * pc.total) << "the fused update holds one group, not the model";
+      }
+    }
+}
+
 TEST(PlanVsEngine, TrainingLayoutTinyMixtralByHand) {
   // tiny mixtral: V 256, D 64, H 4, Hkv 2, Dh 16, E 8, K 2, F 128, L 2 (both MoE), f32.
   // B 2, S 16 -> T 32, P 64, logits chunk 32.

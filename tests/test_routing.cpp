@@ -38,6 +38,15 @@ std::vector<float> row(const Tensor& t, int64_t r) {
   return std::vector<float>(p, p + n);
 }
 
+// The mixtral fixture's batch (input_ids, labels).
+struct Batch {
+  Tensor ids, labels;
+};
+Batch fixture_batch(const std::string& dir) {
+  auto f = SafetensorsFile::open(dir + "/batch.safetensors");
+  return {f->tensor("input_ids", MemCategory::Workspace), f->tensor("labels", MemCategory::Workspace)};
+}
+
 // One MoE layer's training forward on random inputs, with the given routing options.
 struct BlockRun {
   LayerActs a;
@@ -100,8 +109,8 @@ TEST(Capacity, LargeFactorIsDroplessBitForBit) {
   if (!fs::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
   Model m = load_f32(dir);
   const ModelConfig& c = m.config();
-  auto batch = SafetensorsFile::open(dir + "/batch.safetensors");
-  Tensor ids = batch->tensor("input_ids", MemCategory::Workspace), labels = batch->tensor("labels", MemCategory::Workspace);
+  const Batch batch = fixture_batch(dir);
+  const Tensor &ids = batch.ids, &labels = batch.labels;
   LossOptions lo;
   lo.aux_coef = c.router_aux_loss_coef;
   ModelWeights g0 = zeros_like(c, m.weights(), MemCategory::Grads), g1 = zeros_like(c, m.weights(), MemCategory::Grads);
@@ -121,8 +130,8 @@ TEST(Capacity, GradientMatchesDirectionalFiniteDifference) {
   if (!fs::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
   Model m = load_f32(dir);
   const ModelConfig& c = m.config();
-  auto batch = SafetensorsFile::open(dir + "/batch.safetensors");
-  Tensor ids = batch->tensor("input_ids", MemCategory::Workspace), labels = batch->tensor("labels", MemCategory::Workspace);
+  const Batch batch = fixture_batch(dir);
+  const Tensor &ids = batch.ids, &labels = batch.labels;
   LossOptions lo;
   lo.aux_coef = c.router_aux_loss_coef;
   lo.route.capacity_factor = 0.75;

@@ -264,6 +264,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   // Return what loading freed (the random or mapped source tensors) to the OS, so the RSS the
   // overhead is measured from holds the model, not reusable free heap that would hide growth.
   malloc_trim(0);
+  mem_trim();
   const int64_t rss_after_load = proc_status_bytes("VmRSS");
   const bool hwm_reset = reset_peak_rss();
   mem_reset_peaks();

@@ -19,7 +19,7 @@ void print_cpu_plan(const PlanModel& m, const JobSpec& job, bool json) {
   const MemoryPlan mp = plan_memory(m, job, Parallel{});
   const bool train = job.job == JobKind::Train;
   EngineTrainPlan tp;
-  if (train) tp = engine_train_plan(m, job.batch, job.seq, job.checkpointing);
+  if (train) tp = engine_train_plan(m, job.batch, job.seq, job.checkpointing, job.engine_train);
   const int64_t n = plan_params(m).total;
   if (json) {
     nlohmann::ordered_json j;
@@ -32,6 +32,9 @@ void print_cpu_plan(const PlanModel& m, const JobSpec& job, bool json) {
     j["seq"] = job.seq;
     if (train) {
       j["recompute"] = job.checkpointing;
+      j["fused_update"] = job.engine_train.fused_update;
+      j["optimizer_dtype"] = job.engine_train.optimizer_bf16 ? "bf16" : "f32";
+      j["weight_dtype"] = job.engine_train.weights_bf16 ? "bf16" : "f32";
     } else {
       j["context"] = job.context;
       j["weights_dtype"] = weight_format_info(job.weights).name;
@@ -65,9 +68,14 @@ void print_cpu_plan(const PlanModel& m, const JobSpec& job, bool json) {
     std::printf("job          train on the CPU engine (f32, one process): batch %lld x seq %lld = %lld tokens%s\n",
                 (long long)job.batch, (long long)job.seq, (long long)(job.batch * job.seq),
                 job.checkpointing ? ", per-layer recompute" : "");
-    line("weights", mp.weights, "4 B x parameters");
-    line("grads", mp.grads, "4 B x parameters");
-    line("optimizer", mp.optimizer, "AdamW m, v: 8 B x parameters, from the first step (never-routed experts: none)");
+    const EngineTrainOptions& eo = job.engine_train;
+    line("weights", mp.weights, eo.weights_bf16 ? "f32 master 4 B x parameters + bf16 copies 2 B x matrix parameters"
+                                                : "4 B x parameters");
+    line("grads", mp.grads, eo.fused_update ? "fused update: the largest group (head, one layer or embedding) x 4 B"
+                                            : "4 B x parameters");
+    line("optimizer", mp.optimizer,
+         std::string("AdamW m, v: ") + (eo.optimizer_bf16 ? "bf16, 4" : "f32, 8") +
+             " B x parameters, from the first step (never-routed experts: none)");
     line("activations", mp.activations,
          strformat("peak of a step: saved %s + step buffers %s + working set %s (%s)",
                    with_commas(tp.act_saved).c_str(), with_commas(tp.act_step).c_str(),
@@ -94,6 +102,8 @@ void print_cpu_plan(const PlanModel& m, const JobSpec& job, bool json) {
 void add_plan_command(CLI::App& app) {
   struct Opts {
     std::string model, job = "infer", gpu, dtype, prices, lora_targets = "all", device = "gpu";
+    std::string optimizer_dtype = "f32", weight_dtype = "f32";
+    bool fused_update = false;
     int64_t gpus = 0, batch = 1, seq = 2048, context = 4096, dp = 0, tp = 0, ep = 0, lora_r = 16;
     int zero = -1;
     bool checkpointing = false, json = false, explain = false, list = false;
@@ -124,6 +134,12 @@ void add_plan_command(CLI::App& app) {
   cmd->add_option("--lora-targets", o->lora_targets, "attn (attention projections) or all (+ experts, FFNs)")
       ->capture_default_str();
   cmd->add_flag("--checkpointing", o->checkpointing, "activation checkpointing (recompute each layer in backward)");
+  cmd->add_flag("--fused-update", o->fused_update, "--device cpu --job train: moe train's fused per-layer update");
+  cmd->add_option("--optimizer-dtype", o->optimizer_dtype, "--device cpu --job train: AdamW moments f32 or bf16")
+      ->check(CLI::IsMember({"f32", "bf16"}));
+  cmd->add_option("--weight-dtype", o->weight_dtype,
+                  "--device cpu --job train: f32, or bf16 compute copies of f32 master weights")
+      ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--tokens", o->tokens, "training tokens (for time and cost), e.g. 1e9");
   cmd->add_option("--mfu", o->mfu, "model FLOPs utilisation assumed")->capture_default_str();
   cmd->add_option("--mbu", o->mbu, "memory-bandwidth utilisation assumed for decode")->capture_default_str();
@@ -180,6 +196,9 @@ void add_plan_command(CLI::App& app) {
                 "--device cpu plans one process: --gpu, --gpus, --dp, --tp, --ep, --zero, --tokens and --prices "
                 "apply to GPU plans");
       req.job.cpu_engine = true;
+      req.job.engine_train.fused_update = o->fused_update;
+      req.job.engine_train.optimizer_bf16 = o->optimizer_dtype == "bf16";
+      req.job.engine_train.weights_bf16 = o->weight_dtype == "bf16";
       req.job.act_bytes = 4;
       if (o->dtype.empty()) req.job.weights = WeightFormat::F32;
       MOE_CHECK(req.job.job != JobKind::Train || req.job.weights == WeightFormat::F32,

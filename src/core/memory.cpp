@@ -1,9 +1,12 @@
 // memory.cpp — tracked allocation and the per-category memory report.
 #include "core/memory.h"
 
+#include <sys/mman.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 
 #include "core/error.h"
@@ -24,6 +27,57 @@ Tracker& tracker() {
   static Tracker t;
   return t;
 }
+
+// Large host blocks: mapped directly and kept, once freed, for an allocation of exactly the same
+// size (a training step or a decode step allocates the same sizes every time: no page faults,
+// no system calls in the steady state). Any allocation that finds no block of its size first
+// unmaps every kept block, so the resident peak is never above that of mapping and unmapping
+// each block: between two misses, live + kept bytes only move from one to the other.
+constexpr size_t kMapThreshold = size_t(256) << 10;
+constexpr size_t kMapGranule = size_t(64) << 10;
+
+struct BlockCache {
+  std::mutex mu;
+  std::multimap<size_t, void*> free_blocks;  // size -> block
+};
+
+BlockCache& block_cache() {
+  static BlockCache c;
+  return c;
+}
+
+void* map_block(size_t size) {
+  BlockCache& c = block_cache();
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    auto it = c.free_blocks.find(size);
+    if (it != c.free_blocks.end()) {
+      void* p = it->second;
+      c.free_blocks.erase(it);
+      return p;
+    }
+  }
+  mem_trim();
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+
+void unmap_block(void* p, size_t size) {
+  BlockCache& c = block_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.free_blocks.emplace(size, p);
+}
+
+}  // namespace
+
+void mem_trim() {
+  BlockCache& c = block_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  for (auto& [n, p] : c.free_blocks) ::munmap(p, n);
+  c.free_blocks.clear();
+}
+
+namespace {
 
 }  // namespace
 
@@ -62,7 +116,8 @@ void* mem_allocate(Device dev, MemCategory cat, size_t bytes) {
   size_t n = bytes == 0 ? 64 : bytes;
   if (dev == Device::CPU) {
     size_t rounded = (n + 63) / 64 * 64;
-    p = std::aligned_alloc(64, rounded);
+    p = n >= kMapThreshold ? map_block((n + kMapGranule - 1) / kMapGranule * kMapGranule)
+                           : std::aligned_alloc(64, rounded);
     MOE_CHECK(p != nullptr, "out of host memory allocating %s for %s", human_bytes(double(bytes)).c_str(),
               mem_category_name(cat));
   } else {
@@ -78,7 +133,11 @@ void* mem_allocate(Device dev, MemCategory cat, size_t bytes) {
 void mem_release(Device dev, MemCategory cat, void* p, size_t bytes) {
   if (!p) return;
   if (dev == Device::CPU) {
-    std::free(p);
+    const size_t n = bytes == 0 ? 64 : bytes;
+    if (n >= kMapThreshold)
+      unmap_block(p, (n + kMapGranule - 1) / kMapGranule * kMapGranule);
+    else
+      std::free(p);
   } else {
     tracker().hooks[static_cast<int>(dev)].free(p);
   }

@@ -60,6 +60,9 @@ struct MemStats {
   int64_t current_total[kNumDevices];
 };
 MemStats mem_stats();
+// Returns the large host blocks kept for reuse (see memory.cpp) to the system, e.g. after
+// loading, before measuring what a job adds.
+void mem_trim();
 void mem_reset_peaks();  // peaks := current
 // A human-readable table of current and peak bytes per category for each device in use.
 std::string mem_report();

@@ -3,9 +3,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "core/error.h"
 #include "model/activations.h"
+#include "model/arch.h"
+#include "model/model.h"
 
 namespace moe {
 
@@ -239,7 +242,35 @@ void validate_parallel(const PlanModel& m, const Parallel& p) {
             (long long)m.n_head, m.name.c_str());
 }
 
-EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq, bool recompute) {
+namespace {
+// Parameters per gradient group of the fused update (model_train.h) and the matrix parameters,
+// from the tensor list a config implies.
+struct GroupParams {
+  int64_t head = 0, embed = 0, largest_layer = 0, matrices = 0;
+};
+GroupParams group_params(const ModelConfig& c) {
+  const ArchSpec& a = arch_spec(c.model_type);
+  const std::string embed = tensor_name(a.embed);
+  std::vector<int64_t> layer(static_cast<size_t>(c.n_layer), 0);
+  GroupParams g;
+  for (const auto& [name, shape] : expected_tensors(c)) {
+    const int64_t n = shape_numel(shape);
+    if (shape.size() >= 2) g.matrices += n;
+    long l = -1;
+    if (std::sscanf(name.c_str(), "model.layers.%ld.", &l) == 1 && l >= 0 && l < c.n_layer)
+      layer[static_cast<size_t>(l)] += n;
+    else if (name == embed)
+      g.embed += n;
+    else
+      g.head += n;
+  }
+  for (int64_t n : layer) g.largest_layer = std::max(g.largest_layer, n);
+  return g;
+}
+}  // namespace
+
+EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq, bool recompute,
+                                  const EngineTrainOptions& opt) {
   MOE_CHECK(m.engine.has_value(),
             "%s: the CPU engine runs mixtral, qwen2_moe and qwen3_moe, not %s (plan it for GPUs instead)",
             m.name.c_str(), m.family.c_str());
@@ -262,9 +293,15 @@ EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq
   r.act_step = lay.step_bytes(c);
   r.act_working = lay.working_bytes(c, &r.working_phase);
   const int64_t n = plan_params(m).total;
-  r.mem.weights = 4 * n;
-  r.mem.grads = 4 * n;
-  r.mem.optimizer = 8 * n;
+  const GroupParams gp = group_params(c);
+  r.mem.weights = 4 * n + (opt.weights_bf16 ? 2 * gp.matrices : 0);
+  if (opt.fused_update) {
+    const int64_t tied = c.tie_word_embeddings ? gp.embed : 0;
+    r.mem.grads = 4 * std::max({gp.head + tied, gp.largest_layer + tied, gp.embed});
+  } else {
+    r.mem.grads = 4 * n;
+  }
+  r.mem.optimizer = (opt.optimizer_bf16 ? 4 : 8) * n;
   r.mem.activations = lay.total_bytes(c);
   return r;
 }
@@ -282,7 +319,8 @@ MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p
     MOE_CHECK(m.engine.has_value(),
               "%s: the CPU engine runs mixtral, qwen2_moe and qwen3_moe, not %s (plan it for GPUs instead)",
               m.name.c_str(), m.family.c_str());
-    if (job.job == JobKind::Train) return engine_train_plan(m, job.batch, job.seq, job.checkpointing).mem;
+    if (job.job == JobKind::Train)
+      return engine_train_plan(m, job.batch, job.seq, job.checkpointing, job.engine_train).mem;
     MOE_CHECK(job.act_bytes == 4, "the CPU engine computes in f32 (act_bytes 4), got %lld", (long long)job.act_bytes);
   }
   const ParamCounts pc = plan_params(m);

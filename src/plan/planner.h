@@ -92,6 +92,13 @@ struct Parallel {
 // Throws moe::Error for impossible layouts (more EP ranks than experts, E % ep, dp % ep, H % tp, ...).
 void validate_parallel(const PlanModel& m, const Parallel& p);
 
+// The memory options of the engine's CPU training step (engine_train_plan).
+struct EngineTrainOptions {
+  bool fused_update = false;
+  bool optimizer_bf16 = false;
+  bool weights_bf16 = false;
+};
+
 struct JobSpec {
   JobKind job = JobKind::Infer;
   WeightFormat weights = WeightFormat::BF16;  // inference weights; QLoRA base (nf4 / nf4-dq)
@@ -107,6 +114,7 @@ struct JobSpec {
   // The engine's own CPU job, one process (mixtral, qwen2_moe, qwen3_moe): train is
   // engine_train_plan(); infer is the inference figures with act_bytes 4. LoRA is not planned.
   bool cpu_engine = false;
+  EngineTrainOptions engine_train;  // cpu_engine training: fused update, bf16 moments / weights
 };
 
 // Per-GPU bytes by the engine's memory categories (core/memory.h).
@@ -129,6 +137,13 @@ MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p
 //               (8 B x ParamCounts::one_expert per such expert and layer less)
 //   activations activation_layout(c, batch, seq, Training or TrainingRecompute).total_bytes(c):
 //               the step's saved activations + step buffers + the largest working-set phase.
+// The memory options of `moe train` change three lines:
+//   fused_update    grads: only the largest gradient group at a time (forward_backward_fused):
+//                   max(head = final norm + untied LM head, the largest layer, embedding) x 4 B;
+//                   with a tied head the embedding's gradient lives through the whole backward
+//                   and adds to the other groups
+//   optimizer_bf16  optimizer 4 B x P (bf16 m and v)
+//   weights_bf16    weights + 2 B per matrix parameter (ndim >= 2): the bf16 compute copies
 // Not counted: the op kernels' Workspace scratch, the router's selection bias when bias
 // balancing creates it ([E] f32 per MoE layer, Weights), the caller's batch tensors.
 // Throws moe::Error for a family the engine does not run or sizes too large to compute.
@@ -139,7 +154,8 @@ struct EngineTrainPlan {
   int64_t act_working = 0;  // its largest working-set phase
   std::string working_phase;
 };
-EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq, bool recompute);
+EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq, bool recompute,
+                                  const EngineTrainOptions& opt = {});
 
 // Bytes one GPU sends through expert-parallel all-to-all per micro-batch: for each MoE layer,
 // dispatch + combine of its T*K routed rows of D bf16 values, the (ep-1)/ep share that leaves

@@ -5,6 +5,18 @@
 
 namespace moe {
 
+namespace {
+// Sum of squares of an f32 tensor, accumulated in f64 (the gradient norm's terms).
+double sum_squares(const Tensor& t) {
+  const float* p = t.data<float>();
+  const int64_t n = t.numel();
+  double s = 0;
+#pragma omp parallel for reduction(+ : s) schedule(static) if(n > 65536)
+  for (int64_t j = 0; j < n; ++j) s += double(p[j]) * p[j];
+  return s;
+}
+}  // namespace
+
 AdamW::AdamW(std::vector<NamedParam> params, std::vector<NamedParam> grads, const AdamWOptions& opt)
     : params_(std::move(params)), grads_(std::move(grads)), state_(params_.size()), opt_(opt) {
   // grads may be empty: the fused update passes each group's gradients to step_group.
@@ -32,12 +44,7 @@ double AdamW::step_group(double lr, const std::vector<std::vector<bool>>& touche
   for (const NamedParam& g : grads) {
     auto it = index_.find(g.name);
     MOE_CHECK(it != index_.end(), "AdamW: gradient %s has no parameter", g.name.c_str());
-    const float* p = g.value.data<float>();
-    const int64_t n = g.value.numel();
-    double s = 0;
-#pragma omp parallel for reduction(+ : s) schedule(static) if(n > 65536)
-    for (int64_t j = 0; j < n; ++j) s += double(p[j]) * p[j];
-    ss += s;
+    ss += sum_squares(g.value);
     step_param(it->second, lr, touched, g.value);
   }
   return ss;
@@ -134,14 +141,7 @@ void AdamW::load_state(const std::vector<int64_t>& steps, const std::function<Te
 
 double clip_grad_norm(const std::vector<NamedParam>& grads, double max_norm) {
   double ss = 0;
-  for (const NamedParam& g : grads) {
-    const float* p = g.value.data<float>();
-    const int64_t n = g.value.numel();
-    double s = 0;
-#pragma omp parallel for reduction(+ : s) schedule(static) if(n > 65536)
-    for (int64_t j = 0; j < n; ++j) s += double(p[j]) * p[j];
-    ss += s;
-  }
+  for (const NamedParam& g : grads) ss += sum_squares(g.value);
   const double norm = std::sqrt(ss);
   if (max_norm > 0) {
     const double coef = max_norm / (norm + 1e-6);
