@@ -104,15 +104,24 @@ TEST(Capacity, DroppedTokensPassThroughAndKeptOnesAreUnchanged) {
   EXPECT_GT(none_dropped, 0);
 }
 
-TEST(Capacity, LargeFactorIsDroplessBitForBit) {
+// The mixtral fixture, its batch and the config's aux coefficient, for the step-level tests.
+class CapacityStep : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
+    m = load_f32(dir);
+    batch = fixture_batch(dir);
+    lo.aux_coef = m.config().router_aux_loss_coef;
+  }
   const std::string dir = fixture("mixtral");
-  if (!fs::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
-  Model m = load_f32(dir);
-  const ModelConfig& c = m.config();
-  const Batch batch = fixture_batch(dir);
-  const Tensor &ids = batch.ids, &labels = batch.labels;
+  Model m;
+  Batch batch;
   LossOptions lo;
-  lo.aux_coef = c.router_aux_loss_coef;
+};
+
+TEST_F(CapacityStep, LargeFactorIsDroplessBitForBit) {
+  const ModelConfig& c = m.config();
+  const Tensor &ids = batch.ids, &labels = batch.labels;
   ModelWeights g0 = zeros_like(c, m.weights(), MemCategory::Grads), g1 = zeros_like(c, m.weights(), MemCategory::Grads);
   StepLosses r0 = forward_backward(m, ids, labels, &g0, lo);
   lo.route.capacity_factor = double(c.n_expert);  // capacity T·K: nothing can be dropped
@@ -125,15 +134,9 @@ TEST(Capacity, LargeFactorIsDroplessBitForBit) {
 
 // The gradient under capacity dropping is the derivative of the loss the forward computes:
 // a central difference of the loss along the normalised gradient equals its norm.
-TEST(Capacity, GradientMatchesDirectionalFiniteDifference) {
-  const std::string dir = fixture("mixtral");
-  if (!fs::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
-  Model m = load_f32(dir);
+TEST_F(CapacityStep, GradientMatchesDirectionalFiniteDifference) {
   const ModelConfig& c = m.config();
-  const Batch batch = fixture_batch(dir);
   const Tensor &ids = batch.ids, &labels = batch.labels;
-  LossOptions lo;
-  lo.aux_coef = c.router_aux_loss_coef;
   lo.route.capacity_factor = 0.75;
   ModelWeights g = zeros_like(c, m.weights(), MemCategory::Grads), gfull = zeros_like(c, m.weights(), MemCategory::Grads);
   StepLosses r = forward_backward(m, ids, labels, &g, lo);
