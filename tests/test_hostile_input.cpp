@@ -26,6 +26,7 @@
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "plan/plan_model.h"
+#include "plan/plan_report.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/jinja.h"
 #include "tokenizer/regex.h"
@@ -357,6 +358,18 @@ TEST(HostileInput, PlannerProductsDoNotOverflow) {
       "num_attention_heads": 0, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
       "num_hidden_layers": 2})";
   EXPECT_BOUNDED_ERROR(plan_model_from_hf_json(zero_heads, "config.json"), "num_attention_heads");
+}
+
+// ---- price files (moe plan --prices) ------------------------------------------------------------
+
+TEST(HostileInput, PriceFileErrorsNameTheFile) {
+  const std::string d = temp_dir("prices");
+  EXPECT_BOUNDED_ERROR(load_prices(d + "/missing.json"), d + "/missing.json: cannot open");
+  EXPECT_BOUNDED_ERROR(load_prices(d), d + ": is a directory");
+  std::ofstream(d + "/deep.json") << repeat("[", 100000) << repeat("]", 100000);
+  EXPECT_BOUNDED_ERROR(load_prices(d + "/deep.json"), d + "/deep.json: JSON nests deeper than");
+  std::ofstream(d + "/bad.json") << R"({"gpu_hour": {"H100-80GB": "cheap"}})";
+  EXPECT_BOUNDED_ERROR(load_prices(d + "/bad.json"), d + "/bad.json: gpu_hour.H100-80GB must be a non-negative");
 }
 
 // ---- the CLI: one clear line and a non-zero exit ------------------------------------------------

@@ -5,11 +5,11 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "core/error.h"
+#include "core/file_util.h"
 #include "core/memory.h"
 #include "plan/model_catalog.h"
 
@@ -161,13 +161,8 @@ PriceTable parse_prices(const std::string& text, const std::string& what) {
   return p;
 }
 
-PriceTable load_prices(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  MOE_CHECK(in.good(), "%s: cannot open price file", path.c_str());
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return parse_prices(ss.str(), path);
-}
+// read_file refuses directories, special files and oversized files, naming the path.
+PriceTable load_prices(const std::string& path) { return parse_prices(read_file(path), path); }
 
 PlanModel resolve_plan_model(const std::string& arg) {
   std::error_code ec;
