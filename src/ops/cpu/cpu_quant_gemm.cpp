@@ -139,7 +139,7 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   // Activations rounded to int8: q [n,k], d [n,k/blk], and ds [n,k/32] (blk 32) or bsum [n,k/16].
   const int64_t blk = quant_act_block(wdt), nbk = k / blk;
   const size_t q_bytes = static_cast<size_t>(n * k), d_bytes = static_cast<size_t>(n * nbk) * 4;
-  const size_t x_bytes = blk == 32 ? static_cast<size_t>(n * nbk) * 4 : static_cast<size_t>(n * (k / 16)) * 2;
+  const size_t x_bytes = blk == 32 ? static_cast<size_t>(n * nbk) * 4 : static_cast<size_t>(n * (k / 16 + k / 32)) * 2;
   auto align = [](size_t v) { return (v + 63) / 64 * 64; };
   Tensor ws = Tensor::empty({static_cast<int64_t>(align(q_bytes) + align(d_bytes) + x_bytes)}, DType::U8,
                             MemCategory::Workspace);
@@ -149,6 +149,7 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   void* extra = base + align(q_bytes) + align(d_bytes);
   float* ds = blk == 32 ? static_cast<float*>(extra) : nullptr;
   int16_t* bs = blk == 32 ? nullptr : static_cast<int16_t*>(extra);
+  int16_t* bs32 = bs ? bs + n * (k / 16) : nullptr;
 #pragma omp parallel for schedule(static) if(n * k > 65536)
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t b = 0; b < nbk; ++b) {
@@ -157,6 +158,9 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
       dd[r * nbk + b] = d;
       if (ds) ds[r * nbk + b] = d * static_cast<float>(sum);
     }
+    if (bs32)
+      for (int64_t j = 0; j < k / 32; ++j)
+        bs32[r * (k / 32) + j] = static_cast<int16_t>(bs[r * (k / 16) + 2 * j] + bs[r * (k / 16) + 2 * j + 1]);
   }
   QActs a;
   a.n = n;
@@ -166,6 +170,7 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   a.d = dd;
   a.ds = ds;
   a.bsum = bs;
+  a.bsum32 = bs32;
   QuantJob job;
   job.wdt = wdt;
   job.w = static_cast<const uint8_t*>(w);

@@ -17,6 +17,7 @@ struct QActs {
   const float* d = nullptr;       // [n, k/blk] scales
   const float* ds = nullptr;      // blk 32: [n, k/32] d * sum(q) of each block
   const int16_t* bsum = nullptr;  // blk 256: [n, k/16] sum of each 16 q
+  const int16_t* bsum32 = nullptr;  // blk 256: [n, k/32] sum of each 32 q
 };
 
 struct QuantJob {

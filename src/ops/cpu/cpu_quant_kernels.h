@@ -31,6 +31,17 @@ inline float h2f(const uint8_t* p) {
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
+// Software prefetch of weight bytes kPrefetch ahead of the block being read (the hardware
+// prefetchers alone leave a decode GEMV short of the bandwidth with several row streams).
+#ifndef MOE_QK_PREFETCH
+#define MOE_QK_PREFETCH 1024
+#endif
+constexpr int64_t kPrefetch = MOE_QK_PREFETCH;
+inline void prefetch_block(const uint8_t* p, int64_t bytes) {
+  if constexpr (kPrefetch > 0)
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + o), _MM_HINT_T0);
+}
+
 inline float hsum_ps(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);
@@ -119,6 +130,7 @@ void tile_q8_0(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
     for (; b + 2 <= nb; b += 2) {
       for (int r = 0; r < RW; ++r) {
         const uint8_t* p = wr[r] + b * 34;
+        prefetch_block(p, 68);
         const float dw0 = h2f(p), dw1 = h2f(p + 34);
         const __m512i wq = join(load256(p + 2), load256(p + 36));
 #if MOE_QK_VNNI
@@ -157,6 +169,7 @@ void tile_q8_0(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
     for (; b < nb; ++b) {
       for (int r = 0; r < RW; ++r) {
         const uint8_t* p = wr[r] + b * 34;
+        prefetch_block(p, 34);
         const float dw = h2f(p);
         const __m256i wq = load256(p + 2);
         const __m256i wa = _mm256_sign_epi8(wq, wq);
@@ -196,6 +209,7 @@ void tile_q4_0(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
     for (; b + 2 <= nb; b += 2) {
       for (int r = 0; r < RW; ++r) {
         const uint8_t* p = wr[r] + b * 18;
+        prefetch_block(p, 36);
         const float dw0 = h2f(p), dw1 = h2f(p + 18);
         const __m512i wq = join(unpack_q4_0(p + 2), unpack_q4_0(p + 20));
         for (int i = 0; i < RX; ++i) {
@@ -222,6 +236,7 @@ void tile_q4_0(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
     for (; b < nb; ++b) {
       for (int r = 0; r < RW; ++r) {
         const uint8_t* p = wr[r] + b * 18;
+        if ((b & 3) == 0) prefetch_block(p, 64);
         const float dw = h2f(p);
         const __m256i wq = unpack_q4_0(p + 2);
         for (int i = 0; i < RX; ++i) {
@@ -240,22 +255,28 @@ void tile_q4_0(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
 
 // ---- K-quants: 256-value super-blocks against q8_K-style activations (d, q[256], bsum[16]) ----
 
-// The 6-bit scales and mins of the 8 sub-blocks of a q4_K/q5_K block (ggml's get_scale_min_k4).
-inline void k4_scales(const uint8_t* q, uint8_t sc[8], uint8_t mn[8]) {
-  for (int j = 0; j < 4; ++j) {
-    sc[j] = q[j] & 63;
-    mn[j] = q[j + 4] & 63;
-    sc[j + 4] = static_cast<uint8_t>((q[j + 8] & 0xF) | ((q[j] >> 6) << 4));
-    mn[j + 4] = static_cast<uint8_t>((q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4));
-  }
+// The 6-bit scales (bytes 0-7) and mins (bytes 8-15) of the 8 sub-blocks of a q4_K/q5_K block
+// (ggml's get_scale_min_k4), unpacked in vector registers: with A = q[0..3] q[8..11] q[4..7]
+// q[8..11] and B = the bytes whose top 2 bits complete sc[4..7] / m[4..7],
+//   sc[0..3] = A & 63, sc[4..7] = (A & 15) | (B >> 6) << 4, m[0..3] = A & 63,
+//   m[4..7] = (A >> 4) | (B >> 6) << 4.
+inline __m128i k4_scales_mins(const uint8_t* q) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));  // 12 scale bytes + 4 of qs
+  const __m128i A = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+  const __m128i B = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+  const __m128i lo = _mm_or_si128(
+      _mm_and_si128(A, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)),
+      _mm_and_si128(_mm_srli_epi16(A, 4), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15)));
+  const __m128i hi = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(B, 6), _mm_set1_epi8(3)), 4);
+  return _mm_or_si128(lo, hi);
 }
 
-// Σ_s mn[s] · (bsum[2s] + bsum[2s+1]) over the 8 sub-blocks of 32.
-inline int32_t k4_min_dot(const uint8_t mn[8], const int16_t* bs) {
-  const __m256i b = load256(bs);
-  const __m128i m8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn));
-  const __m256i m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));  // each min twice
-  return hsum_epi32(_mm256_madd_epi16(b, m16));
+// pshufb controls that broadcast int16 element e (lo 128 bits) and f (hi 128 bits) of a
+// vector holding 8 int16 in each half.
+inline __m256i shuf16(int e, int f) {
+  const __m128i lo = _mm_set1_epi16(static_cast<short>((2 * e) | ((2 * e + 1) << 8)));
+  const __m128i hi = _mm_set1_epi16(static_cast<short>((2 * f) | ((2 * f + 1) << 8)));
+  return _mm256_set_m128i(hi, lo);
 }
 
 // Unpacks 32 bytes of q4_K/q5_K nibbles: lo = values of sub-block 2j, hi = of 2j+1 (q5: plus
@@ -276,19 +297,38 @@ inline void k_unpack(const uint8_t* qs, const uint8_t* qh, int j, __m256i* lo, _
   }
 }
 
-// q4_K (144 bytes: d, dmin, scales[12], qs[128]) and q5_K (176: d, dmin, scales[12], qh[32], qs[128]).
+#if MOE_QK_512
+using AccK = __m512;
+inline AccK acc_zero() { return _mm512_setzero_ps(); }
+inline float acc_sum(AccK a) { return _mm512_reduce_add_ps(a); }
+#else
+using AccK = __m256;
+inline AccK acc_zero() { return _mm256_setzero_ps(); }
+inline float acc_sum(AccK a) { return hsum_ps(a); }
+#endif
+
+// q4_K (144 bytes: d, dmin, scales[12], qs[128]) and q5_K (176: d, dmin, scales[12], qh[32],
+// qs[128]). Per super-block and row pair (r, i): the int32 lanes of Σ_s sc_s·Σ q·a (no
+// horizontal sum), scaled into a float vector accumulator once; the mins term Σ_s m_s·Σ a
+// (from the activation sums per 32) is subtracted from the same accumulator.
 template <bool Q5, int RW, int RX>
 void tile_qk45(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, float* res) {
   constexpr int64_t kBytes = Q5 ? 176 : 144;
   constexpr int kQs = Q5 ? 48 : 16;
   ARows<RX> ar(a, x0);
-  float out[RW][RX] = {};
+  const int16_t* bs32[RX];
+  for (int i = 0; i < RX; ++i) bs32[i] = a.bsum32 + (x0 + i) * (a.k / 32);
+  AccK acc[RW][RX];
+  for (int r = 0; r < RW; ++r)
+    for (int i = 0; i < RX; ++i) acc[r][i] = acc_zero();
   for (int64_t b = 0; b < nb; ++b) {
     for (int r = 0; r < RW; ++r) {
       const uint8_t* p = wr[r] + b * kBytes;
+      prefetch_block(p, kBytes);
       const float dw = h2f(p), dmin = h2f(p + 2);
-      uint8_t sc[8], mn[8];
-      k4_scales(p + 4, sc, mn);
+      const __m128i sm = k4_scales_mins(p + 4);
+      const __m128i mins16 = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
+      const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
       const uint8_t* qs = p + kQs;
       const uint8_t* qh = p + 16;
 #if MOE_QK_512
@@ -298,14 +338,16 @@ void tile_qk45(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
         __m256i lo, hi;
         k_unpack<Q5>(qs, qh, j, &lo, &hi);
         const __m512i wq = join(lo, hi);
-        const __m512i s16 = join(_mm256_set1_epi16(sc[2 * j]), _mm256_set1_epi16(sc[2 * j + 1]));
+        const __m512i s16 = join(_mm256_shuffle_epi8(sc16, shuf16(2 * j, 2 * j)),
+                                 _mm256_shuffle_epi8(sc16, shuf16(2 * j + 1, 2 * j + 1)));
         for (int i = 0; i < RX; ++i)
           sumi[i] = dot_us_scaled512(sumi[i], wq, _mm512_loadu_si512(ar.q[i] + b * 256 + 64 * j), s16);
       }
       for (int i = 0; i < RX; ++i) {
         const float da = ar.d[i][b];
-        out[r][i] += dw * da * static_cast<float>(hsum512_epi32(sumi[i])) -
-                     dmin * da * static_cast<float>(k4_min_dot(mn, ar.bs[i] + b * 16));
+        const __m128i mp = _mm_madd_epi16(mins16, _mm_loadu_si128(reinterpret_cast<const __m128i*>(bs32[i] + b * 8)));
+        acc[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(dw * da), _mm512_cvtepi32_ps(sumi[i]), acc[r][i]);
+        acc[r][i] = _mm512_fnmadd_ps(_mm512_set1_ps(dmin * da), _mm512_cvtepi32_ps(_mm512_zextsi128_si512(mp)), acc[r][i]);
       }
 #else
       __m256i sumi[RX];
@@ -313,7 +355,8 @@ void tile_qk45(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
       for (int j = 0; j < 4; ++j) {
         __m256i lo, hi;
         k_unpack<Q5>(qs, qh, j, &lo, &hi);
-        const __m256i s_lo = _mm256_set1_epi16(sc[2 * j]), s_hi = _mm256_set1_epi16(sc[2 * j + 1]);
+        const __m256i s_lo = _mm256_shuffle_epi8(sc16, shuf16(2 * j, 2 * j));
+        const __m256i s_hi = _mm256_shuffle_epi8(sc16, shuf16(2 * j + 1, 2 * j + 1));
         for (int i = 0; i < RX; ++i) {
           const int8_t* aq = ar.q[i] + b * 256 + 64 * j;
           sumi[i] = dot_us_scaled(sumi[i], lo, load256(aq), s_lo);
@@ -322,14 +365,15 @@ void tile_qk45(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
       }
       for (int i = 0; i < RX; ++i) {
         const float da = ar.d[i][b];
-        out[r][i] += dw * da * static_cast<float>(hsum_epi32(sumi[i])) -
-                     dmin * da * static_cast<float>(k4_min_dot(mn, ar.bs[i] + b * 16));
+        const __m128i mp = _mm_madd_epi16(mins16, _mm_loadu_si128(reinterpret_cast<const __m128i*>(bs32[i] + b * 8)));
+        acc[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), _mm256_cvtepi32_ps(sumi[i]), acc[r][i]);
+        acc[r][i] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * da), _mm256_cvtepi32_ps(_mm256_zextsi128_si256(mp)), acc[r][i]);
       }
 #endif
     }
   }
   for (int r = 0; r < RW; ++r)
-    for (int i = 0; i < RX; ++i) res[r * RX + i] = out[r][i];
+    for (int i = 0; i < RX; ++i) res[r * RX + i] = acc_sum(acc[r][i]);
 }
 
 // q6_K (210 bytes: ql[128], qh[64], int8 scales[16], f16 d). For half n (128 values), 32-byte
@@ -346,23 +390,22 @@ inline void q6_unpack(const uint8_t* p, int n, __m256i q[4]) {
                          _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
 }
 
-// Σ_s sc[s] · bsum[s] over the 16 sub-blocks of 16.
-inline int32_t q6_scale_dot(const int8_t* sc, const int16_t* bs) {
-  const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
-  return hsum_epi32(_mm256_madd_epi16(load256(bs), s16));
-}
-
-inline __m256i pair16(int8_t lo, int8_t hi) { return _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo)); }
-
+// Per super-block: the int32 lanes of Σ_s sc_s·Σ q·a − 32·Σ_s sc_s·Σ a (all integer), scaled
+// into the float accumulator once.
 template <int RW, int RX>
 void tile_q6_k(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, float* res) {
   ARows<RX> ar(a, x0);
-  float out[RW][RX] = {};
+  AccK acc[RW][RX];
+  for (int r = 0; r < RW; ++r)
+    for (int i = 0; i < RX; ++i) acc[r][i] = acc_zero();
   for (int64_t b = 0; b < nb; ++b) {
     for (int r = 0; r < RW; ++r) {
       const uint8_t* p = wr[r] + b * 210;
-      const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+      prefetch_block(p, 210);
+      const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)));
       const float dw = h2f(p + 208);
+      __m256i corr[RX];  // Σ_s sc_s · bsum_s (8 lanes)
+      for (int i = 0; i < RX; ++i) corr[i] = _mm256_madd_epi16(load256(ar.bs[i] + b * 16), sc16);
 #if MOE_QK_512
       __m512i sumi[RX];
       for (int i = 0; i < RX; ++i) sumi[i] = _mm512_setzero_si512();
@@ -373,36 +416,42 @@ void tile_q6_k(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
       for (int n = 0; n < 2; ++n) {
         __m256i q[4];
         q6_unpack(p, n, q);
-        const int8_t* s = sc + 8 * n;
+        // The 8 scales of this half, as int16 in both 128-bit lanes.
+        const __m256i sh = n == 0 ? _mm256_permute2x128_si256(sc16, sc16, 0x00) : _mm256_permute2x128_si256(sc16, sc16, 0x11);
+        const __m256i s0 = _mm256_shuffle_epi8(sh, shuf16(0, 1)), s1 = _mm256_shuffle_epi8(sh, shuf16(2, 3));
+        const __m256i s2 = _mm256_shuffle_epi8(sh, shuf16(4, 5)), s3 = _mm256_shuffle_epi8(sh, shuf16(6, 7));
 #if MOE_QK_512
         const __m512i w01 = join(q[0], q[1]), w23 = join(q[2], q[3]);
-        const __m512i s01 = join(pair16(s[0], s[1]), pair16(s[2], s[3]));
-        const __m512i s23 = join(pair16(s[4], s[5]), pair16(s[6], s[7]));
+        const __m512i s01 = join(s0, s1), s23 = join(s2, s3);
         for (int i = 0; i < RX; ++i) {
           const int8_t* aq = ar.q[i] + b * 256 + 128 * n;
           sumi[i] = dot_us_scaled512(sumi[i], w01, _mm512_loadu_si512(aq), s01);
           sumi[i] = dot_us_scaled512(sumi[i], w23, _mm512_loadu_si512(aq + 64), s23);
         }
 #else
-        for (int qq = 0; qq < 4; ++qq) {
-          const __m256i s16 = pair16(s[2 * qq], s[2 * qq + 1]);
-          for (int i = 0; i < RX; ++i)
-            sumi[i] = dot_us_scaled(sumi[i], q[qq], load256(ar.q[i] + b * 256 + 128 * n + 32 * qq), s16);
+        for (int i = 0; i < RX; ++i) {
+          const int8_t* aq = ar.q[i] + b * 256 + 128 * n;
+          sumi[i] = dot_us_scaled(sumi[i], q[0], load256(aq), s0);
+          sumi[i] = dot_us_scaled(sumi[i], q[1], load256(aq + 32), s1);
+          sumi[i] = dot_us_scaled(sumi[i], q[2], load256(aq + 64), s2);
+          sumi[i] = dot_us_scaled(sumi[i], q[3], load256(aq + 96), s3);
         }
 #endif
       }
       for (int i = 0; i < RX; ++i) {
+        const __m256i c32 = _mm256_slli_epi32(corr[i], 5);
 #if MOE_QK_512
-        const int32_t dot = hsum512_epi32(sumi[i]);
+        const __m512i tot = _mm512_sub_epi32(sumi[i], _mm512_zextsi256_si512(c32));
+        acc[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(dw * ar.d[i][b]), _mm512_cvtepi32_ps(tot), acc[r][i]);
 #else
-        const int32_t dot = hsum_epi32(sumi[i]);
+        const __m256i tot = _mm256_sub_epi32(sumi[i], c32);
+        acc[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ar.d[i][b]), _mm256_cvtepi32_ps(tot), acc[r][i]);
 #endif
-        out[r][i] += dw * ar.d[i][b] * static_cast<float>(dot - 32 * q6_scale_dot(sc, ar.bs[i] + b * 16));
       }
     }
   }
   for (int r = 0; r < RW; ++r)
-    for (int i = 0; i < RX; ++i) res[r * RX + i] = out[r][i];
+    for (int i = 0; i < RX; ++i) res[r * RX + i] = acc_sum(acc[r][i]);
 }
 
 // ---- the driver --------------------------------------------------------------------------
@@ -459,11 +508,16 @@ void run_fmt(const QuantJob& jb) {
   }
 }
 
+#ifndef MOE_QK_DECODE_ROWS
+#define MOE_QK_DECODE_ROWS 8
+#endif
+constexpr int kDecodeRows = MOE_QK_DECODE_ROWS;
+
 template <DType WT>
 void run_type(const QuantJob& jb) {
   // One activation row (decode): 4 weight rows per tile keep 4 independent chains in flight;
   // more rows: 2, as the RX = 4 activation rows already give 8.
-  if (jb.a->n == 1) run_fmt<WT, 4>(jb);
+  if (jb.a->n == 1) run_fmt<WT, kDecodeRows>(jb);
   else run_fmt<WT, 2>(jb);
 }
 
