@@ -3,7 +3,8 @@
 
 usage: fuzz_seeds.py TARGET OUT_DIR FIXTURES_DIR [TOKENIZERS_DIR]
 
-TARGET is one of: safetensors_header, safetensors_index, config_json, tokenizer_json, jinja, regex.
+TARGET is one of: safetensors_header, safetensors_index, config_json, tokenizer_json, jinja, regex,
+gguf.
 FIXTURES_DIR is ../shared/fixtures (model directories); TOKENIZERS_DIR, when given and present,
 holds real tokenizer directories (tests/tokenizer/setup.sh writes them under
 <build>/tokenizer-ref/tokenizers), used for real pre-tokenizer patterns and chat templates.
@@ -14,10 +15,14 @@ seeds are kept small (a fuzzer mutates small inputs far faster):
   safetensors_index   weight maps over each fixture's tensor names, split into two shards;
   config_json         every fixture config.json;
   tokenizer_json      synthetic tokenizers covering every supported component, and each real
-                      tokenizer.json cut down to its first 300 ids (+ merges among them), each
-                      followed by a NUL byte and a text to encode;
+                      tokenizer.json cut down to its first ids (+ merges among them) so that it fits
+                      in 4 KiB (the fuzzer's -max_len), each followed by a NUL byte and a text;
   jinja               chat templates (tests/tokenizer/templates, real tokenizer_config.json ones);
-  regex               real pre-tokenizer patterns, NUL, a multilingual subject.
+  regex               real pre-tokenizer patterns, NUL, a multilingual subject;
+  gguf                small valid GGUF v3 (and one v2) files written here with struct (layout of
+                      src/io/gguf.cpp): every metadata value type and arrays, general.alignment,
+                      and tensors of every dequantisable type (f32 f16 bf16 q8_0 q4_0 q4_K q5_K
+                      q6_K), one or two rows each, with random payloads.
 Standard library only.
 """
 import glob
@@ -153,7 +158,8 @@ def synthetic_tokenizers():
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "fuse_unk": False, "byte_fallback": False,
                       "ignore_merges": False, "vocab": bl, "merges": merges}}
     sp_vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for b in range(256):
+    # Byte-fallback tokens for ASCII and the bytes of SUBJECT (all 256 would not fit in 4 KiB).
+    for b in sorted(set(range(128)) | set(SUBJECT.encode("utf-8"))):
         sp_vocab["<0x%02X>" % b] = len(sp_vocab)
     for t in ["▁", "▁h", "e", "l", "o", "▁he", "ll", "▁hell", "▁hello", "h", "w", "r", "d", "▁w"]:
         sp_vocab.setdefault(t, len(sp_vocab))
@@ -191,20 +197,37 @@ def cut_tokenizer(tok, keep_ids=300, keep_merges=200):
             if len(merges) >= keep_merges:
                 break
     model["vocab"], model["merges"] = vocab, merges
-    tok["added_tokens"] = [a for a in tok.get("added_tokens", [])][:20]
+    tok["added_tokens"] = [a for a in tok.get("added_tokens", [])][:8]
     tok["model"] = model
     return tok
+
+
+# tokenizer_json seeds must fit the fuzzer's -max_len (scripts/test.sh: 4096): libFuzzer truncates a
+# longer seed, which leaves malformed JSON. Compact JSON, UTF-8 rather than \u escapes.
+TOKENIZER_SEED_BYTES = 4096
+
+
+def tokenizer_blob(tok):
+    return json.dumps(tok, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\0" + SUBJECT.encode("utf-8")
 
 
 def tokenizer_seeds(out_dir, tokenizers):
     written = 0
     for name, tok in synthetic_tokenizers().items():
-        written += write(out_dir, "synthetic_" + name, json.dumps(tok).encode("utf-8") + b"\0" + SUBJECT.encode("utf-8"))
+        blob = tokenizer_blob(tok)
+        assert len(blob) <= TOKENIZER_SEED_BYTES, (name, len(blob))
+        written += write(out_dir, "synthetic_" + name, blob)
     for path in sorted(glob.glob(os.path.join(tokenizers or "/nonexistent", "*", "tokenizer.json"))):
         with open(path, "r", encoding="utf-8") as f:
-            tok = cut_tokenizer(json.load(f))
-        name = os.path.basename(os.path.dirname(path))
-        written += write(out_dir, "real_" + name, json.dumps(tok).encode("utf-8") + b"\0" + SUBJECT.encode("utf-8"))
+            full = json.load(f)
+        keep_ids, keep_merges = 300, 200
+        while True:  # halve the vocabulary until the seed fits
+            blob = tokenizer_blob(cut_tokenizer(json.loads(json.dumps(full)), keep_ids, keep_merges))
+            if len(blob) <= TOKENIZER_SEED_BYTES or keep_ids <= 8:
+                break
+            keep_ids, keep_merges = keep_ids // 2, keep_merges // 2
+        if len(blob) <= TOKENIZER_SEED_BYTES:
+            written += write(out_dir, "real_" + os.path.basename(os.path.dirname(path)), blob)
     return written
 
 
@@ -274,6 +297,79 @@ def regex_seeds(out_dir, tokenizers):
     return written
 
 
+# GGUF (src/io/gguf.cpp): u32 magic "GGUF", u32 version, u64 n_tensors, u64 n_kv; n_kv times
+# (string key, u32 type, value); n_tensors times (string name, u32 n_dims, i64 ne[n_dims], u32 ggml
+# type, u64 offset); pad to general.alignment (32); tensor data. Strings are u64 length + bytes.
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q",
+                12: "<d"}
+GGML_TYPES = {"f32": (0, 1, 4), "f16": (1, 1, 2), "bf16": (30, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18),
+              "q4_K": (12, 256, 144), "q5_K": (13, 256, 176), "q6_K": (14, 256, 210)}
+
+
+def gguf_str(s):
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def gguf_value(t, v):
+    if t == 8:
+        return gguf_str(v)
+    if t == 9:
+        et, items = v
+        return struct.pack("<IQ", et, len(items)) + b"".join(gguf_value(et, x) for x in items)
+    return struct.pack(GGUF_SCALARS[t], v)
+
+
+def gguf_file(kv, tensors, version=3, alignment=32, rng=None):
+    """kv: [(key, type, value)]; tensors: [(name, ggml type name, ne list)]."""
+    out = struct.pack("<IIQQ", 0x46554747, version, len(tensors), len(kv))
+    for k, t, v in kv:
+        out += gguf_str(k) + struct.pack("<I", t) + gguf_value(t, v)
+    data, offsets = b"", []
+    for name, tname, ne in tensors:
+        tid, block_elems, block_bytes = GGML_TYPES[tname]
+        n = 1
+        for d in ne:
+            n *= d
+        data += b"\0" * ((-len(data)) % alignment)
+        offsets.append(len(data))
+        data += bytes(rng.getrandbits(8) for _ in range(n // block_elems * block_bytes))
+    for (name, tname, ne), off in zip(tensors, offsets):
+        out += gguf_str(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<q", d) for d in ne)
+        out += struct.pack("<IQ", GGML_TYPES[tname][0], off)
+    out += b"\0" * ((-len(out)) % alignment)
+    return out + data
+
+
+def gguf_seeds(out_dir):
+    import random
+    rng = random.Random(1)
+    # f16/bf16 payloads are random bits: NaN and Inf included on purpose.
+    meta = [("general.architecture", 8, "llama"), ("general.name", 8, "fuzz"), ("general.alignment", 4, 32),
+            ("llama.block_count", 4, 2), ("llama.context_length", 10, 4096), ("llama.expert_count", 5, 8),
+            ("llama.rope.freq_base", 6, 10000.0), ("llama.attention.layer_norm_rms_epsilon", 12, 1e-5),
+            ("u8", 0, 255), ("i8", 1, -128), ("u16", 2, 65535), ("i16", 3, -32768), ("i64", 11, -1),
+            ("flag", 7, 1), ("tokenizer.ggml.tokens", 9, (8, ["<s>", "</s>", "a", "b", "ab", "\u00e9", ""])),
+            ("tokenizer.ggml.scores", 9, (6, [0.0, -1.5, 2.25])), ("tokenizer.ggml.token_type", 9, (5, [1, 3, 1])),
+            ("tokenizer.ggml.merges", 9, (8, ["a b"])), ("empty_array", 9, (4, []))]
+    written = 0
+    written += write(out_dir, "meta_only.gguf", gguf_file(meta, [], rng=rng))
+    written += write(out_dir, "empty.gguf", gguf_file([], [], rng=rng))
+    for tname, (tid, block_elems, block_bytes) in GGML_TYPES.items():
+        cols = max(block_elems, 8)
+        tensors = [("blk.0.%s.weight" % tname, tname, [cols, 2]), ("blk.0.%s.bias" % tname, tname, [cols])]
+        written += write(out_dir, "tensor_%s.gguf" % tname, gguf_file(meta[:4], tensors, rng=rng))
+    mixed = [("token_embd.weight", "f16", [16, 4]), ("blk.0.ffn_gate_exps.weight", "q4_K", [256, 2, 2]),
+             ("blk.0.ffn_down_exps.weight", "q6_K", [256, 1, 1, 1]), ("output_norm.weight", "f32", [16]),
+             ("empty", "f32", [0, 3])]
+    written += write(out_dir, "mixed.gguf", gguf_file(meta, mixed, rng=rng))
+    written += write(out_dir, "align64.gguf",
+                     gguf_file([("general.alignment", 4, 64)], [("x", "q8_0", [32, 3]), ("y", "bf16", [5])],
+                               alignment=64, rng=rng))
+    written += write(out_dir, "v2.gguf", gguf_file(meta[:2], [("x", "q4_0", [32])], version=2, rng=rng))
+    return written
+
+
 def main(argv):
     if len(argv) < 4:
         sys.stderr.write(__doc__)
@@ -293,6 +389,8 @@ def main(argv):
         written = jinja_seeds(out_dir, tokenizers)
     elif target == "regex":
         written = regex_seeds(out_dir, tokenizers)
+    elif target == "gguf":
+        written = gguf_seeds(out_dir)
     else:
         sys.stderr.write("fuzz_seeds: unknown target '%s'\n" % target)
         return 2
