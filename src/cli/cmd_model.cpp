@@ -32,7 +32,8 @@ void add_weights_flag(CLI::App* cmd, std::string* w) {
 LoadOptions with_weights_flag(LoadOptions lo, const std::string& w) {
   if (w != "none") {
     MOE_CHECK(dtype_from_quant_name(w, &lo.quant_dtype), "--weights %s: unknown type", w.c_str());
-    MOE_CHECK(lo.device == Device::CPU, "--weights %s: quantized weights run on the CPU only (use --device cpu)", w.c_str());
+    MOE_CHECK(lo.device == Device::CPU, "--weights %s: quantized weights run on the CPU only, not on --device %s",
+              w.c_str(), device_name(lo.device));
   }
   return lo;
 }

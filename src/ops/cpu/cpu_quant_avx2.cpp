@@ -1,4 +1,5 @@
-// cpu_quant_avx2.cpp — the quantized CPU kernels (cpu_quant_kernels.h) compiled for AVX2 (the build's baseline, x86-64-v3): 256-bit maddubs/madd.
+// cpu_quant_avx2.cpp — the quantized CPU kernels (cpu_quant_kernels.h) compiled for
+// AVX2 (the build's baseline, x86-64-v3): 256-bit maddubs/madd.
 #include <immintrin.h>
 #include <omp.h>
 

@@ -1,6 +1,9 @@
-// cpu_quant_avx512.cpp — the quantized CPU kernels (cpu_quant_kernels.h) compiled for AVX-512 (F/BW/DQ/VL): 512-bit maddubs/madd.
-// Every function here gets the target "avx512f,avx512bw,avx512dq,avx512vl" (pragma below), so only this file
-// uses those instructions; cpu_quant_gemm.cpp calls it only when the CPU has them.
+// cpu_quant_avx512.cpp — the quantized CPU kernels (cpu_quant_kernels.h) compiled for
+// AVX-512 (F/BW/DQ/VL): 512-bit maddubs/madd.
+// Every function here gets the target
+//   avx512f,avx512bw,avx512dq,avx512vl
+// (pragma below), so only this file uses those instructions; cpu_quant_gemm.cpp calls it only
+// when the CPU has them.
 // GCC 12's AVX-512 intrinsics build vectors from deliberately undefined registers
 // (_mm512_undefined_*), which -Wuninitialized reports once inlined here; the warning is
 // located in the intrinsics header, so it is switched off before that is included.

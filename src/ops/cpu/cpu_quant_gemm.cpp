@@ -44,15 +44,21 @@ QuantIsa resolve(QuantIsa isa) {
 
 // Rounds one block of `len` (a multiple of 32) values to int8: d = amax/127, q = x * (1/d)
 // rounded half to even (cvtps uses the default rounding mode). Returns d; writes the int32
-// sum of the q in *sum and, when bsum is given, the sum of each 16 into bsum.
+// sum of the q in *sum and, when bsum is given, the sum of each 16 into bsum. A NaN in the
+// block makes d NaN, so the outputs that read it are NaN as with f32 weights (max_ps alone
+// would drop it).
 float quant_block(const float* x, int64_t len, int8_t* q, int32_t* sum, int16_t* bsum) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 mx = _mm256_setzero_ps();
-  for (int64_t i = 0; i < len; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  __m256 mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+  for (int64_t i = 0; i < len; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  const float amax = _mm_cvtss_f32(m4);
+  const float amax = _mm256_movemask_ps(nan) ? std::nanf("") : _mm_cvtss_f32(m4);
   const float d = amax / 127.0f;
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   const __m256 vid = _mm256_set1_ps(id);

@@ -36,11 +36,15 @@ void gemm(double* out, const std::vector<double>& x, const std::vector<double>& 
 void quantize_act_row(const float* x, int64_t k, int64_t blk, int8_t* q, float* d) {
   for (int64_t b = 0; b < k / blk; ++b) {
     float amax = 0;
-    for (int64_t j = 0; j < blk; ++j) amax = std::fmax(amax, std::fabs(x[b * blk + j]));
+    for (int64_t j = 0; j < blk; ++j)  // a NaN makes the block's scale NaN (as the kernels do)
+      amax = std::isnan(x[b * blk + j]) || std::isnan(amax) ? NAN : std::fmax(amax, std::fabs(x[b * blk + j]));
     const float db = amax / 127.0f;
     const float id = db != 0.0f ? 1.0f / db : 0.0f;
     d[b] = db;
-    for (int64_t j = 0; j < blk; ++j) q[b * blk + j] = static_cast<int8_t>(std::nearbyint(x[b * blk + j] * id));
+    for (int64_t j = 0; j < blk; ++j) {
+      const float v = std::nearbyint(x[b * blk + j] * id);
+      q[b * blk + j] = static_cast<int8_t>(std::isfinite(v) ? v : 0.0f);  // the scale carries the NaN
+    }
   }
 }
 
