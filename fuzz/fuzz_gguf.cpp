@@ -7,9 +7,11 @@
 // tensors of a dequantisable type are then dequantised (the first rows), which must not read
 // outside the input either.
 //
-// Build (clang): cmake -S . -B build-fuzz -G Ninja -DMOE_FUZZ=ON -DMOE_TESTS=OFF
-// Run:           ./build-fuzz/fuzz_gguf -max_total_time=60
-// Seeds:         any .gguf files (e.g. `moe quantize` output of the fixtures).
+// Build (clang; scripts/test.sh's asan stage does this): CC=clang CXX=clang++ cmake -S . -B build-asan -G Ninja \
+//                  -DMOE_FUZZ=ON -DMOE_SANITIZE=ON && cmake --build build-asan --target fuzz_gguf
+// Run:           build-asan/fuzz_gguf CORPUS_DIR -max_total_time=60 -timeout=10
+// Seeds:         python3 scripts/fuzz_seeds.py gguf CORPUS_DIR ../shared/fixtures (small valid files of
+//                every dequantisable type), or any .gguf file (e.g. `moe quantize` output).
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>

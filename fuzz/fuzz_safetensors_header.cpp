@@ -4,9 +4,9 @@
 // any input must succeed or throw moe::Error; a crash, sanitizer report, leak, hang or any other
 // exception is a bug.
 //
-// Build (clang): CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DMOE_FUZZ=ON -DMOE_TESTS=OFF \
-//                  -DMOE_SANITIZE=ON -DCMAKE_CXX_FLAGS=-fsanitize=fuzzer-no-link
-// Run:           build-fuzz/fuzz_safetensors_header CORPUS_DIR -max_total_time=60 -timeout=10
+// Build (clang; scripts/test.sh's asan stage does this): CC=clang CXX=clang++ cmake -S . -B build-asan -G Ninja \
+//                  -DMOE_FUZZ=ON -DMOE_SANITIZE=ON && cmake --build build-asan --target fuzz_safetensors_header
+// Run:           build-asan/fuzz_safetensors_header CORPUS_DIR -max_total_time=60 -timeout=10
 #include "fuzz_targets.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
