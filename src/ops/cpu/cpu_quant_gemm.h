@@ -13,10 +13,12 @@
 // Variants, chosen at run time from the CPU (__builtin_cpu_supports), each compiled with its
 // own target attributes so the build needs no global -mavx512f:
 //   avx2         256-bit maddubs/madd (the baseline the build targets, x86-64-v3)
-//   avx512       512-bit maddubs/madd (AVX512 F+BW+DQ+VL)
-//   avx512vnni   512-bit vpdpbusd / vpdpwssd (plus AVX512_VNNI)
-// Threaded with OpenMP over tiles of output columns (weight rows); activation rows are taken
-// 1-4 at a time per tile so each weight block is unpacked once for them.
+//   avx512       AVX512 F+BW+DQ+VL: 512-bit maddubs/madd for the K-quants, 256-bit (with 32
+//                vector registers) for q8_0/q4_0, whose 32-value blocks measured faster so
+//   avx512vnni   as avx512 with vpdpbusd / vpdpwssd (plus AVX512_VNNI)
+// Threaded with OpenMP over tiles of output columns (weight rows: 8 per tile for one activation
+// row, 2 otherwise); activation rows are taken 1-4 at a time per tile so each weight block is
+// unpacked once for them, in chunks of 64 rows; the weight streams are prefetched 1 KiB ahead.
 #pragma once
 #include <cstdint>
 

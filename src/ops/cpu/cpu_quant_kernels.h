@@ -3,20 +3,20 @@
 // cpu_quant_vnni.cpp, which first define
 //   MOE_QK_NS    the namespace of this copy (every symbol lives in it: no copy compiled for one
 //                instruction set can be picked by the linker for another),
-//   MOE_QK_512   1: 512-bit loops (AVX512 F/BW/DQ/VL), 0: 256-bit only,
+//   MOE_QK_512   1: 512-bit loops for the K-quants (AVX512 F/BW/DQ/VL), 0: 256-bit only,
 //   MOE_QK_VNNI  1: vpdpbusd / vpdpwssd instead of maddubs + madd,
 // and switch the matching target on for every function (pragma), so the build itself needs
 // no -mavx512f.
 //
 // Per format, a tile function dots RW weight rows with RX activation rows over all blocks:
-//   q8_0  x·w = dw·da·Σ w_q·a_q           (signed x signed: sign trick, or w+128 with VNNI)
+//   q8_0  x·w = dw·da·Σ w_q·a_q           (signed x signed: the sign trick)
 //   q4_0  x·w = dw·da·Σ (q-8)·a_q = dw·(da·Σ q·a_q − 8·da·Σ a_q)
 //   q4_k  per 256: d·da·Σ_s sc_s Σ q·a_q − dmin·da·Σ_s m_s Σ a_q   (sub-blocks of 32)
 //   q5_k  as q4_k with the fifth bit from qh
 //   q6_k  per 256: d·da·(Σ_s sc_s Σ q·a_q − 32·Σ_s sc_s Σ a_q)   (sub-blocks of 16)
-// with q unsigned (u8) against the signed activations. Integer sums cannot overflow: at most
-// 2·255·127 per maddubs pair for q8_0's offset form (VNNI only, which does not saturate), 2·63·127
-// otherwise; a 256-value super-block stays below 2^31 with 8-bit scales.
+// with q unsigned (u8) against the signed activations (|a_q| <= 127). Integer sums cannot
+// overflow: a maddubs pair is at most 2·128·127 (q8_0's sign trick) or 2·63·127 (the unsigned
+// formats of <= 6 bits) < 2^15; a 256-value super-block's int32 sums stay far below 2^31.
 // Block layouts: core/quant.h (llama.cpp's ggml-common.h).
 
 namespace moe {
@@ -112,83 +112,37 @@ struct ARows {
   }
 };
 
-// ---- q8_0: 34-byte blocks {f16 d; int8 q[32]} ----------------------------------------------
+// ---- q8_0 and q4_0: 32-value blocks, 256-bit loops in every variant (two blocks per 512-bit
+// vector measured slower on AMD Zen 4: 512-bit ops are double-pumped there and the per-block
+// scales need lane inserts); the VNNI variant uses the 256-bit vpdpbusd. --------------------
 
+// q8_0: 34-byte blocks {f16 d; int8 q[32]}; signed x signed through the sign trick.
 template <int RW, int RX>
 void tile_q8_0(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, float* res) {
   ARows<RX> ar(a, x0);
-  float out[RW][RX] = {};
-  int64_t b = 0;
-#if MOE_QK_512
-  {
-    __m512 acc[RW][RX];
-    for (int r = 0; r < RW; ++r)
-      for (int i = 0; i < RX; ++i) acc[r][i] = _mm512_setzero_ps();
-#if MOE_QK_VNNI
-    float corr[RW][RX] = {};
-#endif
-    for (; b + 2 <= nb; b += 2) {
-      for (int r = 0; r < RW; ++r) {
-        const uint8_t* p = wr[r] + b * 34;
-        prefetch_block(p, 68);
-        const float dw0 = h2f(p), dw1 = h2f(p + 34);
-        const __m512i wq = join(load256(p + 2), load256(p + 36));
-#if MOE_QK_VNNI
-        const __m512i wu = _mm512_xor_si512(wq, _mm512_set1_epi8(static_cast<char>(0x80)));  // w + 128
-#else
-        const __m512i wa = _mm512_abs_epi8(wq);
-        const __mmask64 neg = _mm512_movepi8_mask(wq);
-#endif
-        for (int i = 0; i < RX; ++i) {
-          const __m512i aq = _mm512_loadu_si512(ar.q[i] + b * 32);
-#if MOE_QK_VNNI
-          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, aq);
-          corr[r][i] += 128.0f * (dw0 * ar.ds[i][b] + dw1 * ar.ds[i][b + 1]);
-#else
-          const __m512i sa = _mm512_mask_sub_epi8(aq, neg, _mm512_setzero_si512(), aq);
-          const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(wa, sa), _mm512_set1_epi16(1));
-#endif
-          const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(dw0 * ar.d[i][b]), _mm256_set1_ps(dw1 * ar.d[i][b + 1]), 1);
-          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[r][i]);
-        }
-      }
-    }
-    for (int r = 0; r < RW; ++r)
+  __m256 acc[RW][RX];
+  for (int r = 0; r < RW; ++r)
+    for (int i = 0; i < RX; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int r = 0; r < RW; ++r) {
+      const uint8_t* p = wr[r] + b * 34;
+      if ((b & 1) == 0) prefetch_block(p, 64);
+      const float dw = h2f(p);
+      const __m256i wq = load256(p + 2);
+      const __m256i wa = _mm256_sign_epi8(wq, wq);  // |w| (128 for -128: right as u8)
       for (int i = 0; i < RX; ++i) {
-        out[r][i] = _mm512_reduce_add_ps(acc[r][i]);
-#if MOE_QK_VNNI
-        out[r][i] -= corr[r][i];
-#endif
-      }
-  }
-#endif
-  if (b < nb) {
-    __m256 acc[RW][RX];
-    for (int r = 0; r < RW; ++r)
-      for (int i = 0; i < RX; ++i) acc[r][i] = _mm256_setzero_ps();
-    for (; b < nb; ++b) {
-      for (int r = 0; r < RW; ++r) {
-        const uint8_t* p = wr[r] + b * 34;
-        prefetch_block(p, 34);
-        const float dw = h2f(p);
-        const __m256i wq = load256(p + 2);
-        const __m256i wa = _mm256_sign_epi8(wq, wq);
-        for (int i = 0; i < RX; ++i) {
-          const __m256i aq = load256(ar.q[i] + b * 32);
-          const __m256i dot = dot_us(_mm256_setzero_si256(), wa, _mm256_sign_epi8(aq, wq));
-          acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * ar.d[i][b]), acc[r][i]);
-        }
+        const __m256i aq = load256(ar.q[i] + b * 32);
+        const __m256i dot = dot_us(_mm256_setzero_si256(), wa, _mm256_sign_epi8(aq, wq));
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * ar.d[i][b]), acc[r][i]);
       }
     }
-    for (int r = 0; r < RW; ++r)
-      for (int i = 0; i < RX; ++i) out[r][i] += hsum_ps(acc[r][i]);
   }
   for (int r = 0; r < RW; ++r)
-    for (int i = 0; i < RX; ++i) res[r * RX + i] = out[r][i];
+    for (int i = 0; i < RX; ++i) res[r * RX + i] = hsum_ps(acc[r][i]);
 }
 
-// ---- q4_0: 18-byte blocks {f16 d; u8 qs[16]}: value j low nibble of byte j, value j+16 high ----
-
+// q4_0: 18-byte blocks {f16 d; u8 qs[16]}: value j is the low nibble of byte j, value j+16 the
+// high one.
 inline __m256i unpack_q4_0(const uint8_t* qs) {
   const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
   const __m128i m = _mm_set1_epi8(0x0F);
@@ -198,59 +152,25 @@ inline __m256i unpack_q4_0(const uint8_t* qs) {
 template <int RW, int RX>
 void tile_q4_0(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, float* res) {
   ARows<RX> ar(a, x0);
-  float out[RW][RX] = {};
-  float corr[RW][RX] = {};  // Σ_b dw · 8 · da·Σa
-  int64_t b = 0;
-#if MOE_QK_512
-  {
-    __m512 acc[RW][RX];
-    for (int r = 0; r < RW; ++r)
-      for (int i = 0; i < RX; ++i) acc[r][i] = _mm512_setzero_ps();
-    for (; b + 2 <= nb; b += 2) {
-      for (int r = 0; r < RW; ++r) {
-        const uint8_t* p = wr[r] + b * 18;
-        prefetch_block(p, 36);
-        const float dw0 = h2f(p), dw1 = h2f(p + 18);
-        const __m512i wq = join(unpack_q4_0(p + 2), unpack_q4_0(p + 20));
-        for (int i = 0; i < RX; ++i) {
-          const __m512i aq = _mm512_loadu_si512(ar.q[i] + b * 32);
-#if MOE_QK_VNNI
-          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, aq);
-#else
-          const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(wq, aq), _mm512_set1_epi16(1));
-#endif
-          const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(dw0 * ar.d[i][b]), _mm256_set1_ps(dw1 * ar.d[i][b + 1]), 1);
-          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[r][i]);
-          corr[r][i] += dw0 * ar.ds[i][b] + dw1 * ar.ds[i][b + 1];
-        }
+  float corr[RW][RX] = {};  // Σ_b dw · da·Σa
+  __m256 acc[RW][RX];
+  for (int r = 0; r < RW; ++r)
+    for (int i = 0; i < RX; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int r = 0; r < RW; ++r) {
+      const uint8_t* p = wr[r] + b * 18;
+      if ((b & 3) == 0) prefetch_block(p, 64);
+      const float dw = h2f(p);
+      const __m256i wq = unpack_q4_0(p + 2);
+      for (int i = 0; i < RX; ++i) {
+        const __m256i dot = dot_us(_mm256_setzero_si256(), wq, load256(ar.q[i] + b * 32));
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * ar.d[i][b]), acc[r][i]);
+        corr[r][i] += dw * ar.ds[i][b];
       }
     }
-    for (int r = 0; r < RW; ++r)
-      for (int i = 0; i < RX; ++i) out[r][i] = _mm512_reduce_add_ps(acc[r][i]);
-  }
-#endif
-  if (b < nb) {
-    __m256 acc[RW][RX];
-    for (int r = 0; r < RW; ++r)
-      for (int i = 0; i < RX; ++i) acc[r][i] = _mm256_setzero_ps();
-    for (; b < nb; ++b) {
-      for (int r = 0; r < RW; ++r) {
-        const uint8_t* p = wr[r] + b * 18;
-        if ((b & 3) == 0) prefetch_block(p, 64);
-        const float dw = h2f(p);
-        const __m256i wq = unpack_q4_0(p + 2);
-        for (int i = 0; i < RX; ++i) {
-          const __m256i dot = dot_us(_mm256_setzero_si256(), wq, load256(ar.q[i] + b * 32));
-          acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * ar.d[i][b]), acc[r][i]);
-          corr[r][i] += dw * ar.ds[i][b];
-        }
-      }
-    }
-    for (int r = 0; r < RW; ++r)
-      for (int i = 0; i < RX; ++i) out[r][i] += hsum_ps(acc[r][i]);
   }
   for (int r = 0; r < RW; ++r)
-    for (int i = 0; i < RX; ++i) res[r * RX + i] = out[r][i] - 8.0f * corr[r][i];
+    for (int i = 0; i < RX; ++i) res[r * RX + i] = hsum_ps(acc[r][i]) - 8.0f * corr[r][i];
 }
 
 // ---- K-quants: 256-value super-blocks against q8_K-style activations (d, q[256], bsum[16]) ----
