@@ -3,15 +3,15 @@
 #   release  Release build (build-ci/) with -Werror, CUDA backend compiled when nvcc is
 #            found (required under CI=true), then ctest: GoogleTest suites + CLI shell tests.
 #            GPU tests report SKIPPED where no GPU is present.
-#   asan     ONE clang build (build-asan/, RelWithDebInfo, CPU only) with ASan+UBSan and libFuzzer
-#            coverage instrumentation (-fsanitize=fuzzer-no-link) that serves both the ctest run
-#            and the fuzz stage's libFuzzer targets (fuzz/fuzz_*.cpp), so the library is compiled
-#            under the sanitizers once, not twice; then ctest.
+#   asan     ONE clang build (build-asan/, RelWithDebInfo, CPU only) with ASan+UBSan (and libFuzzer
+#            coverage instrumentation on the parsers) that serves both the ctest run and the fuzz
+#            stage's libFuzzer targets (fuzz/fuzz_*.cpp): the library is compiled under the
+#            sanitizers once, not twice; then ctest.
 #   fuzz     every parser's target from build-asan/ (built there if the asan stage was skipped),
-#            each run for MOE_FUZZ_SECONDS (25) from seeds that scripts/fuzz_seeds.py derives from
-#            ../shared/fixtures, the real tokenizers (when set up) and the regression corpus
-#            tests/fuzz_corpus/<target>/, with a per-input timeout; a crash, sanitizer report,
-#            leak, hang (timeout) or OOM fails the stage.
+#            one per core at a time, each for MOE_FUZZ_SECONDS (25) from seeds that
+#            scripts/fuzz_seeds.py derives from ../shared/fixtures, the real tokenizers (when set
+#            up) and the regression corpus tests/fuzz_corpus/<target>/, with a per-input timeout;
+#            a crash, sanitizer report, leak, hang (timeout) or OOM fails the stage.
 # Environment knobs for local iteration:
 #   MOE_SKIP_RELEASE=1 MOE_SKIP_ASAN=1 MOE_SKIP_FUZZ=1   skip a stage
 #   MOE_CUDA=ON|OFF        force the CUDA backend on/off in the release stage (default: auto)
@@ -154,7 +154,7 @@ fi
 if [[ "${MOE_SKIP_FUZZ:-0}" == "1" ]]; then
   stage_skip fuzz MOE_SKIP_FUZZ
 else
-  stage_begin fuzz "libFuzzer targets (${ASAN_DIR}/) ${FUZZ_SECONDS}s each: ${FUZZ_TARGETS[*]}"
+  stage_begin fuzz "libFuzzer targets (${ASAN_DIR}/) ${FUZZ_SECONDS}s each, ${JOBS} at a time: ${FUZZ_TARGETS[*]}"
   # Already built by the asan stage (a no-op then); configured and built here when it was skipped.
   [[ -f "${ASAN_DIR}/build.ninja" ]] || configure_asan
   cmake --build "${ASAN_DIR}" -j "${JOBS}" --target "${FUZZ_TARGETS[@]/#/fuzz_}"
@@ -165,32 +165,47 @@ else
   for d in "${RELEASE_DIR}/tokenizer-ref/tokenizers" build/tokenizer-ref/tokenizers; do
     if [[ -d "${d}" ]]; then tokenizers="${d}"; break; fi
   done
-  for t in "${FUZZ_TARGETS[@]}"; do
-    corpus="$(mktemp -d "${TMPDIR:-/tmp}/moe-fuzz-${t}.XXXXXX")"
-    TMP_DIRS+=("${corpus}")
-    python3 scripts/fuzz_seeds.py "${t}" "${corpus}" "${FIXTURES_DIR}" ${tokenizers:+"${tokenizers}"}
-    # tokenizer_json builds a whole tokenizer per input: small inputs (its seeds fit in 4 KiB).
-    max_len=65536
-    [[ "${t}" == tokenizer_json ]] && max_len=4096
-    echo "-- fuzz_${t}: ${FUZZ_SECONDS}s, -max_len=${max_len}"
-    # Crashing/hanging inputs are kept in ${artifacts}/ (reproduce: ${ASAN_DIR}/fuzz_TARGET FILE);
-    # add them to tests/fuzz_corpus/TARGET/ once fixed. -timeout flags hangs (per input).
-    # -entropic_scale_per_exec_time: inputs that run up to a work budget (catastrophic regexes,
-    # huge loops; the budget error is the expected outcome) are picked less often, which raises
-    # the regex and tokenizer targets from ~50-150 to ~1,500 executions per second.
-    log="${ASAN_DIR}/fuzz_${t}.log"
-    rc=0
+  # One libFuzzer process per core (each is single-threaded): JOBS targets at a time, each for
+  # FUZZ_SECONDS as before, so the stage takes ceil(targets / JOBS) * FUZZ_SECONDS, not the sum.
+  # Crashing/hanging inputs are kept in ${artifacts}/ (reproduce: ${ASAN_DIR}/fuzz_TARGET FILE);
+  # add them to tests/fuzz_corpus/TARGET/ once fixed. -timeout flags hangs (per input).
+  # -entropic_scale_per_exec_time: inputs that run up to a work budget (catastrophic regexes,
+  # huge loops; the budget error is the expected outcome) are picked less often, which raises
+  # the regex and tokenizer targets from ~50-150 to ~1,500 executions per second.
+  # tokenizer_json builds a whole tokenizer per input: small inputs (its seeds fit in 4 KiB).
+  run_fuzz() {  # run_fuzz TARGET CORPUS MAX_LEN: writes ${ASAN_DIR}/fuzz_TARGET.{log,rc}
+    local rc=0
     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-      "${ASAN_DIR}/fuzz_${t}" "${corpus}" \
-        -max_total_time="${FUZZ_SECONDS}" -max_len="${max_len}" -timeout=10 -rss_limit_mb=2048 \
+      "${ASAN_DIR}/fuzz_${1}" "${2}" \
+        -max_total_time="${FUZZ_SECONDS}" -max_len="${3}" -timeout=10 -rss_limit_mb=2048 \
         -entropic_scale_per_exec_time=1 -print_final_stats=1 \
-        -artifact_prefix="${artifacts}/fuzz_${t}-" > "${log}" 2>&1 || rc=$?
-    grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)' "${log}" || true
-    if [[ ${rc} -ne 0 ]]; then
-      echo "test.sh: fuzz_${t} failed (exit ${rc}: crash, sanitizer report, timeout or OOM); see ${log}" \
-           "and ${artifacts}/" >&2
-      exit 1
-    fi
+        -artifact_prefix="${artifacts}/fuzz_${1}-" > "${ASAN_DIR}/fuzz_${1}.log" 2>&1 || rc=$?
+    echo "${rc}" > "${ASAN_DIR}/fuzz_${1}.rc"
+  }
+  for ((i = 0; i < ${#FUZZ_TARGETS[@]}; i += JOBS)); do
+    batch=("${FUZZ_TARGETS[@]:i:JOBS}")
+    for t in "${batch[@]}"; do
+      corpus="$(mktemp -d "${TMPDIR:-/tmp}/moe-fuzz-${t}.XXXXXX")"
+      TMP_DIRS+=("${corpus}")
+      python3 scripts/fuzz_seeds.py "${t}" "${corpus}" "${FIXTURES_DIR}" ${tokenizers:+"${tokenizers}"}
+      max_len=65536
+      [[ "${t}" == tokenizer_json ]] && max_len=4096
+      echo "-- fuzz_${t}: ${FUZZ_SECONDS}s, -max_len=${max_len}"
+      rm -f "${ASAN_DIR}/fuzz_${t}.rc"
+      run_fuzz "${t}" "${corpus}" "${max_len}" &
+    done
+    wait
+    for t in "${batch[@]}"; do
+      log="${ASAN_DIR}/fuzz_${t}.log"
+      rc="$(cat "${ASAN_DIR}/fuzz_${t}.rc" 2>/dev/null || echo 1)"
+      echo "-- fuzz_${t} (exit ${rc}):"
+      grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)' "${log}" || true
+      if [[ ${rc} -ne 0 ]]; then
+        echo "test.sh: fuzz_${t} failed (exit ${rc}: crash, sanitizer report, timeout or OOM); see ${log}" \
+             "and ${artifacts}/" >&2
+        exit 1
+      fi
+    done
   done
   stage_end
 fi
