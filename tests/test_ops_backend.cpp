@@ -281,10 +281,12 @@ std::vector<Case> make_cases() {
   }
 
   // attention_forward (over a cache)
-  for (auto [h, hkv] : {std::pair<int64_t, int64_t>{3, 1}, {4, 2}})
+  // (Heads are copied out of the pair: clang 14 cannot capture a structured binding in a lambda.)
+  for (auto heads : {std::pair<int64_t, int64_t>{3, 1}, {4, 2}})
     for (int64_t s : {1, 3})
       for (int64_t dh : {6, 8})
         for (int64_t past : {0, 4}) {
+          const int64_t h = heads.first, hkv = heads.second;
           const int64_t bn = 2, c = past + s + 2;
           Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
           Tensor kc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
@@ -482,8 +484,9 @@ std::vector<Case> make_cases() {
     }
 
   // cast between float dtypes (f16 is CPU only)
-  for (auto [from, to] : {std::pair{DType::F32, DType::BF16}, {DType::BF16, DType::F32}, {DType::F32, DType::F16},
-                          {DType::F16, DType::F32}, {DType::F16, DType::BF16}}) {
+  for (auto cast_pair : {std::pair{DType::F32, DType::BF16}, {DType::BF16, DType::F32}, {DType::F32, DType::F16},
+                         {DType::F16, DType::F32}, {DType::F16, DType::BF16}}) {
+    const DType from = cast_pair.first, to = cast_pair.second;
     Tensor in = rnd_w({3, 33}, ++seed, from, 3.0).first;
     bool cuda = from != DType::F16 && to != DType::F16;
     add("cast_" + wtag(from) + "_to_" + wtag(to), cuda, 0.0, [=](Backend b) {
@@ -584,9 +587,10 @@ std::vector<Case> make_cases() {
     }
 
   // attention_forward_train / attention_backward
-  for (auto [h, hkv] : {std::pair<int64_t, int64_t>{3, 1}, {4, 2}})
+  for (auto heads : {std::pair<int64_t, int64_t>{3, 1}, {4, 2}})
     for (int64_t s : {1, 3, 17})
       for (int64_t dh : {6, 8}) {
+        const int64_t h = heads.first, hkv = heads.second;
         const int64_t bn = 2;
         Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
         Tensor k = ten({bn, s, hkv, dh}, rnd(bn * s * hkv * dh, ++seed));
@@ -938,8 +942,9 @@ TEST(Grad, Rope) {
 }
 
 TEST(Grad, Attention) {
-  for (auto [h, hkv] : {std::pair<int64_t, int64_t>{3, 1}, {4, 2}})
+  for (auto heads : {std::pair<int64_t, int64_t>{3, 1}, {4, 2}})
     for (int64_t dh : {6, 8}) {
+      const int64_t h = heads.first, hkv = heads.second;
       const int64_t bn = 2, s = 5, nq = bn * s * h * dh, nk = bn * s * hkv * dh;
       std::vector<double> q = rnd(nq, 40 + h), k = rnd(nk, 41 + dh), v = rnd(nk, 42), r = rnd(nq, 43);
       auto fwd = [&](std::vector<double>& out, std::vector<double>& lse) {

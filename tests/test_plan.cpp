@@ -501,8 +501,10 @@ TEST(PlanVsEngine, TrainingMemoryOptionsPerCategory) {
   const Opts variants[] = {{true, false, false}, {false, true, false}, {false, false, true}, {true, true, true}};
   auto configs = training_configs();
   configs.resize(3);  // mixtral, qwen2_moe with a dense layer, qwen3_moe with a tied head
-  for (auto& [label, cfg] : configs)
+  for (auto& labelled : configs)
     for (const Opts& v : variants) {
+      const std::string& label = labelled.first;
+      const ModelConfig& cfg = labelled.second;  // (not a structured binding: the lambdas below capture it)
       SCOPED_TRACE(strformat("%s fused=%d opt_bf16=%d w_bf16=%d", label.c_str(), v.fused, v.opt_bf16, v.w_bf16));
       const PlanModel pm = plan_model_from_config(cfg);
       const ParamCounts pc = plan_params(pm);

@@ -414,7 +414,7 @@ void run_fmt(const QuantJob& jb) {
         }
         x0 += rx;
       };
-      for (; x0 + 4 <= xe;) {
+      while (x0 + 4 <= xe) {  // store() advances x0
         tile<WT, RW, 4>(wr, a, x0, nb, res);
         store(4);
       }
