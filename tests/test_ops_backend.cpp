@@ -685,11 +685,15 @@ std::vector<Case> make_cases() {
       for (int64_t n : {1, 3, 17})
         for (int64_t kb : {1, 3}) {
           const int64_t kd = kb * be, m = kb == 1 ? 11 : 37;
-          Tensor x = ten({n, kd}, rnd(n * kd, ++seed));
-          Tensor w = ten({m, kd}, rnd(m * kd, ++seed, 0.5)).to_dtype(qt, kAct);
-          Tensor bs = n == 3 ? ten({m}, rnd(m, ++seed)) : Tensor();
+          const uint32_t s0 = seed;
+          seed += 3;
           add("linear_forward_" + wtag(qt) + vt + "_N" + str(n) + "_K" + str(kd) + "_M" + str(m) + (n == 3 ? "_bias" : ""),
               false, 0.0, [=](Backend b) {
+                // Inputs made here, not with the case: quantizing is too slow to do for every
+                // case in every test process (ctest runs each case in its own process).
+                Tensor x = ten({n, kd}, rnd(n * kd, s0 + 1));
+                Tensor w = ten({m, kd}, rnd(m * kd, s0 + 2, 0.5)).to_dtype(qt, kAct);
+                Tensor bs = n == 3 ? ten({m}, rnd(m, s0 + 3)) : Tensor();
                 Dev g{b};
                 Tensor out = g.out({n, m});
                 cpu::set_quant_isa(isa);
@@ -703,12 +707,14 @@ std::vector<Case> make_cases() {
         const int64_t e = 5, k = 2, p = t * k, d = std::max<int64_t>(be, 64), f = be == 32 ? 96 : 256;
         Routing r = route(random_topk(t, {0, 2, 4}, k, ++seed), e);
         Tensor off = ints({e + 1}, r.offsets);
-        Tensor xp = ten({p, d}, rnd(p * d, ++seed));
-        Tensor w1 = ten({e, f, d}, rnd(e * f * d, ++seed, 0.5)).to_dtype(qt, kAct);
-        Tensor w3 = ten({e, f, d}, rnd(e * f * d, ++seed, 0.5)).to_dtype(qt, kAct);
-        Tensor w2 = ten({e, d, f}, rnd(e * d * f, ++seed, 0.5)).to_dtype(qt, kAct);
-        Tensor rs = ten({p}, rnd(p, ++seed));
+        const uint32_t s0 = seed;
+        seed += 5;
         add("expert_ffn_forward_" + wtag(qt) + vt + "_T" + str(t) + "_D" + str(d), false, 0.0, [=](Backend b) {
+          Tensor xp = ten({p, d}, rnd(p * d, s0 + 1));  // (made here, as above)
+          Tensor w1 = ten({e, f, d}, rnd(e * f * d, s0 + 2, 0.5)).to_dtype(qt, kAct);
+          Tensor w3 = ten({e, f, d}, rnd(e * f * d, s0 + 3, 0.5)).to_dtype(qt, kAct);
+          Tensor w2 = ten({e, d, f}, rnd(e * d * f, s0 + 4, 0.5)).to_dtype(qt, kAct);
+          Tensor rs = ten({p}, rnd(p, s0 + 5));
           Dev g{b};
           Tensor yp = g.out({p, d});
           cpu::set_quant_isa(isa);
