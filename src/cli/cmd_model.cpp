@@ -284,6 +284,7 @@ void add_generate_command(CLI::App& app) {
     std::vector<float> lg = r.logits.to_f32_vector();
     double t_prefill = now_seconds() - t0;
     std::vector<int32_t> out;
+    out.reserve(static_cast<size_t>(o->max_new));
     int32_t next = sample_token(lg.data(), c.vocab_size, sp, rng);
     out.push_back(next);
     Tensor one = Tensor::empty({1, 1}, DType::I32, MemCategory::Activations);
@@ -299,8 +300,12 @@ void add_generate_command(CLI::App& app) {
       if (eos >= 0 && next == eos) break;
       one.data<int32_t>()[0] = next;
       r = m.forward(one, kv, fo);
-      lg = r.logits.to_f32_vector();
-      next = sample_token(lg.data(), c.vocab_size, sp, rng);
+      const float* lp = lg.data();  // host f32 logits are read in place (no copy per token)
+      if (r.logits.device() == Device::CPU && r.logits.dtype() == DType::F32)
+        lp = r.logits.data<float>();
+      else
+        lg = r.logits.to_f32_vector();
+      next = sample_token(lp, c.vocab_size, sp, rng);
       out.push_back(next);
       if (stream) {
         std::printf("%s", stream->step(next).c_str());

@@ -28,17 +28,46 @@ Tracker& tracker() {
   return t;
 }
 
-// Large host blocks: mapped directly and kept, once freed, for an allocation of exactly the same
-// size (a training step or a decode step allocates the same sizes every time: no page faults,
-// no system calls in the steady state). Any allocation that finds no block of its size first
-// unmaps every kept block, so the resident peak is never above that of mapping and unmapping
-// each block: between two misses, live + kept bytes only move from one to the other.
+// Host blocks, once freed, are kept for an allocation of exactly the same size: a training step
+// or a decode step allocates the same sizes every time, so the steady state calls neither
+// malloc nor the kernel (large blocks are mapped directly: no page faults either).
+//   Large blocks (>= kMapThreshold): an allocation that finds no kept block of its size first
+//     returns every kept large block to the system, so their resident peak is never above that
+//     of unmapping each at once: between two misses, live + kept bytes only move from one to
+//     the other.
+//   Small blocks: kept up to kMaxKeptSmallBytes in all and never flushed by a miss (a flush
+//     would drop blocks the rest of the step needs, and the misses that follow would repeat
+//     every step); a miss simply takes a new block.
+// The table of kept blocks is a fixed array (keeping a block must not allocate); when it is
+// full a freed block goes back to the system at once. Sanitizer builds keep nothing, so that
+// ASan sees every use after free.
+#if defined(__SANITIZE_ADDRESS__)
+#define MOE_KEEP_BLOCKS 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MOE_KEEP_BLOCKS 0
+#endif
+#endif
+#ifndef MOE_KEEP_BLOCKS
+#define MOE_KEEP_BLOCKS 1
+#endif
+
 constexpr size_t kMapThreshold = size_t(256) << 10;
 constexpr size_t kMapGranule = size_t(64) << 10;
+constexpr size_t kMaxKeptBlocks = 4096;
+constexpr size_t kMaxKeptSmallBytes = size_t(32) << 20;
+
+struct KeptBlock {
+  size_t size;
+  void* p;
+};
 
 struct BlockCache {
   std::mutex mu;
-  std::multimap<size_t, void*> free_blocks;  // size -> block
+  KeptBlock kept[kMaxKeptBlocks];
+  size_t n_kept = 0;
+  size_t small_bytes = 0;  // kept bytes of small blocks
+  std::atomic<int64_t> system_allocs{0};
 };
 
 BlockCache& block_cache() {
@@ -46,26 +75,67 @@ BlockCache& block_cache() {
   return c;
 }
 
-void* map_block(size_t size) {
-  BlockCache& c = block_cache();
-  {
-    std::lock_guard<std::mutex> lock(c.mu);
-    auto it = c.free_blocks.find(size);
-    if (it != c.free_blocks.end()) {
-      void* p = it->second;
-      c.free_blocks.erase(it);
-      return p;
-    }
-  }
-  mem_trim();
-  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  return p == MAP_FAILED ? nullptr : p;
+// Host block sizes: 64-byte multiples; mapped ones whole granules.
+size_t host_block_size(size_t n) {
+  return n >= kMapThreshold ? (n + kMapGranule - 1) / kMapGranule * kMapGranule : (n + 63) / 64 * 64;
 }
 
-void unmap_block(void* p, size_t size) {
+bool is_large(size_t size) { return size >= kMapThreshold; }
+
+void system_free(void* p, size_t size) {
+  if (is_large(size))
+    ::munmap(p, size);
+  else
+    std::free(p);
+}
+
+// Returns kept blocks to the system: every one, or only the large ones. Caller holds c.mu.
+void release_kept(BlockCache& c, bool large_only) {
+  size_t w = 0;
+  for (size_t i = 0; i < c.n_kept; ++i) {
+    if (large_only && !is_large(c.kept[i].size)) {
+      c.kept[w++] = c.kept[i];
+      continue;
+    }
+    if (!is_large(c.kept[i].size)) c.small_bytes -= c.kept[i].size;
+    system_free(c.kept[i].p, c.kept[i].size);
+  }
+  c.n_kept = w;
+}
+
+void* host_alloc(size_t size) {
   BlockCache& c = block_cache();
-  std::lock_guard<std::mutex> lock(c.mu);
-  c.free_blocks.emplace(size, p);
+  if (MOE_KEEP_BLOCKS) {
+    std::lock_guard<std::mutex> lock(c.mu);
+    for (size_t i = c.n_kept; i-- > 0;) {  // newest first: likeliest still in cache
+      if (c.kept[i].size != size) continue;
+      void* p = c.kept[i].p;
+      c.kept[i] = c.kept[--c.n_kept];
+      if (!is_large(size)) c.small_bytes -= size;
+      return p;
+    }
+    if (is_large(size)) release_kept(c, /*large_only=*/true);
+  }
+  c.system_allocs.fetch_add(1, std::memory_order_relaxed);
+  if (is_large(size)) {
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? nullptr : p;
+  }
+  return std::aligned_alloc(64, size);
+}
+
+void host_free(void* p, size_t size) {
+  BlockCache& c = block_cache();
+  if (MOE_KEEP_BLOCKS) {
+    std::lock_guard<std::mutex> lock(c.mu);
+    const bool small_full = !is_large(size) && c.small_bytes + size > kMaxKeptSmallBytes;
+    if (c.n_kept < kMaxKeptBlocks && !small_full) {
+      c.kept[c.n_kept++] = {size, p};
+      if (!is_large(size)) c.small_bytes += size;
+      return;
+    }
+  }
+  system_free(p, size);
 }
 
 }  // namespace
@@ -73,13 +143,10 @@ void unmap_block(void* p, size_t size) {
 void mem_trim() {
   BlockCache& c = block_cache();
   std::lock_guard<std::mutex> lock(c.mu);
-  for (auto& [n, p] : c.free_blocks) ::munmap(p, n);
-  c.free_blocks.clear();
+  release_kept(c, /*large_only=*/false);
 }
 
-namespace {
-
-}  // namespace
+int64_t mem_system_allocs() { return block_cache().system_allocs.load(std::memory_order_relaxed); }
 
 const char* mem_category_name(MemCategory c) {
   static const char* names[] = {"weights",     "quantized-weights", "lora",
@@ -115,9 +182,7 @@ void* mem_allocate(Device dev, MemCategory cat, size_t bytes) {
   void* p = nullptr;
   size_t n = bytes == 0 ? 64 : bytes;
   if (dev == Device::CPU) {
-    size_t rounded = (n + 63) / 64 * 64;
-    p = n >= kMapThreshold ? map_block((n + kMapGranule - 1) / kMapGranule * kMapGranule)
-                           : std::aligned_alloc(64, rounded);
+    p = host_alloc(host_block_size(n));
     MOE_CHECK(p != nullptr, "out of host memory allocating %s for %s", human_bytes(double(bytes)).c_str(),
               mem_category_name(cat));
   } else {
@@ -133,11 +198,7 @@ void* mem_allocate(Device dev, MemCategory cat, size_t bytes) {
 void mem_release(Device dev, MemCategory cat, void* p, size_t bytes) {
   if (!p) return;
   if (dev == Device::CPU) {
-    const size_t n = bytes == 0 ? 64 : bytes;
-    if (n >= kMapThreshold)
-      unmap_block(p, (n + kMapGranule - 1) / kMapGranule * kMapGranule);
-    else
-      std::free(p);
+    host_free(p, host_block_size(bytes == 0 ? 64 : bytes));
   } else {
     tracker().hooks[static_cast<int>(dev)].free(p);
   }

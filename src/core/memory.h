@@ -60,9 +60,12 @@ struct MemStats {
   int64_t current_total[kNumDevices];
 };
 MemStats mem_stats();
-// Returns the large host blocks kept for reuse (see memory.cpp) to the system, e.g. after
+// Returns the host blocks kept for reuse (see memory.cpp) to the system, e.g. after
 // loading, before measuring what a job adds.
 void mem_trim();
+// Host blocks obtained from the system (malloc or mmap) so far: an allocation served by a kept
+// block does not count. A loop whose count stays flat allocates nothing per iteration.
+int64_t mem_system_allocs();
 void mem_reset_peaks();  // peaks := current
 // A human-readable table of current and peak bytes per category for each device in use.
 std::string mem_report();

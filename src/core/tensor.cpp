@@ -1,6 +1,9 @@
 // tensor.cpp — Tensor views, copies and argument checks.
 #include "core/tensor.h"
 
+#include <mutex>
+#include <new>
+
 namespace moe {
 
 std::string shape_str(const Shape& s) {
@@ -27,6 +30,78 @@ void check_block_shape(const Shape& shape, DType dt) {
             "a %s tensor needs a last dimension that is a multiple of %lld, got shape %s", dtype_name(dt),
             static_cast<long long>(be), moe::shape_str(shape).c_str());
 }
+
+// Storage objects (with their shared_ptr control block) come from a free list of nodes of one
+// size: a decode step makes dozens of tensors and must not call the allocator for them
+// (tests/test_decode_alloc.cpp). Nodes are never returned to the system; there are as many as
+// Storage objects were ever alive at once. Sanitizer builds use the plain allocator, so ASan
+// sees a use of a freed Storage.
+#if defined(__SANITIZE_ADDRESS__)
+#define MOE_POOL_STORAGE 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MOE_POOL_STORAGE 0
+#endif
+#endif
+#ifndef MOE_POOL_STORAGE
+#define MOE_POOL_STORAGE 1
+#endif
+
+template <size_t Size, size_t Align>
+struct NodePool {
+  struct alignas(Align) Node {
+    union {
+      Node* next;
+      unsigned char bytes[Size];
+    };
+  };
+  std::mutex mu;
+  Node* free = nullptr;
+  void* get() {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (free) {
+        Node* n = free;
+        free = n->next;
+        return n;
+      }
+    }
+    return ::operator new(sizeof(Node), std::align_val_t(alignof(Node)));
+  }
+  void put(void* p) {
+    std::lock_guard<std::mutex> lock(mu);
+    Node* n = static_cast<Node*>(p);
+    n->next = free;
+    free = n;
+  }
+  static NodePool& instance() {
+    static NodePool* pool = new NodePool;  // never destroyed: tensors may outlive static destructors
+    return *pool;
+  }
+};
+
+template <class T>
+struct PoolAllocator {
+  using value_type = T;
+  PoolAllocator() = default;
+  template <class U>
+  PoolAllocator(const PoolAllocator<U>&) {}
+  T* allocate(size_t n) {
+    if (!MOE_POOL_STORAGE || n != 1) return std::allocator<T>().allocate(n);
+    return static_cast<T*>(NodePool<sizeof(T), alignof(T)>::instance().get());
+  }
+  void deallocate(T* p, size_t n) {
+    if (!MOE_POOL_STORAGE || n != 1) return std::allocator<T>().deallocate(p, n);
+    NodePool<sizeof(T), alignof(T)>::instance().put(p);
+  }
+  template <class U>
+  bool operator==(const PoolAllocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const PoolAllocator<U>&) const { return false; }
+};
+
+std::shared_ptr<Storage> new_storage() { return std::allocate_shared<Storage>(PoolAllocator<Storage>()); }
+
 }  // namespace
 
 Storage::~Storage() {
@@ -41,7 +116,7 @@ Tensor Tensor::empty(const Shape& shape, DType dt, MemCategory cat, Device dev) 
   for (int64_t d : shape) MOE_CHECK(d >= 0, "negative dimension in shape %s", moe::shape_str(shape).c_str());
   check_block_shape(shape, dt);
   Tensor t;
-  t.storage_ = std::make_shared<Storage>();
+  t.storage_ = new_storage();
   t.storage_->bytes = dtype_nbytes(dt, shape_numel(shape));
   t.storage_->device = dev;
   t.storage_->category = cat;
@@ -60,7 +135,7 @@ Tensor Tensor::zeros(const Shape& shape, DType dt, MemCategory cat, Device dev) 
 Tensor Tensor::borrow(void* data, const Shape& shape, DType dt, std::shared_ptr<void> keepalive,
                       MemCategory account_as) {
   Tensor t;
-  t.storage_ = std::make_shared<Storage>();
+  t.storage_ = new_storage();
   t.storage_->data = data;
   t.storage_->owned = false;
   t.storage_->device = Device::CPU;

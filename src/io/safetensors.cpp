@@ -46,7 +46,7 @@ constexpr size_t kMaxShards = 100'000;
 // model.safetensors.index.json: real ones are a few MB.
 constexpr size_t kMaxIndexBytes = size_t(256) << 20;
 // Dimensions of one tensor.
-constexpr size_t kMaxTensorRank = 16;
+constexpr size_t kMaxTensorRank = Shape::kMaxRank;
 
 // A non-negative JSON integer (floats, negatives, and numbers beyond uint64 are rejected).
 bool json_to_u64(const json& j, uint64_t* out) {

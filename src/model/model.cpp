@@ -326,7 +326,9 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
   MOE_CHECK(ids_in.ndim() == 2, "forward: ids must be [B,S], got %s", ids_in.shape_str().c_str());
   const int64_t b_n = ids_in.dim(0), s_n = ids_in.dim(1), t_n = b_n * s_n;
   const int64_t d = c.hidden_size;
-  std::vector<int64_t> slots = fo.slots;
+  // Reused from call to call (their capacity stays): a decode step must not allocate.
+  thread_local std::vector<int64_t> slots, past;
+  slots.assign(fo.slots.begin(), fo.slots.end());
   if (slots.empty()) {
     MOE_CHECK(b_n == cache.batch, "forward: batch %lld but the KV cache was made for %lld", (long long)b_n,
               (long long)cache.batch);
@@ -335,7 +337,7 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
   MOE_CHECK(int64_t(slots.size()) == b_n, "forward: %zu cache slots for a batch of %lld", slots.size(), (long long)b_n);
   MOE_CHECK(int64_t(cache.pos.size()) == cache.batch, "forward: the KV cache has %zu positions for %lld slots",
             cache.pos.size(), (long long)cache.batch);
-  std::vector<int64_t> past(static_cast<size_t>(b_n));
+  past.assign(static_cast<size_t>(b_n), 0);
   for (int64_t b = 0; b < b_n; ++b) {
     const int64_t sl = slots[static_cast<size_t>(b)];
     MOE_CHECK(sl >= 0 && sl < cache.batch, "forward: cache slot %lld out of range [0,%lld)", (long long)sl,

@@ -4,6 +4,7 @@
 
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_scratch.h"
 
 namespace moe {
 namespace cpu {
@@ -14,8 +15,8 @@ void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor&
   float* o = out.data<float>();
   gemm_xwt(o, m, x.data<float>(), w.raw(), w.dtype(), n, m, k, false);
   if (bias.defined()) {
-    std::vector<float> b(static_cast<size_t>(m));
-    convert_to_f32(b.data(), bias.raw(), bias.dtype(), b.size());
+    float* b = scratch<float>(Scratch::LinearBias, static_cast<size_t>(m));
+    convert_to_f32(b, bias.raw(), bias.dtype(), static_cast<size_t>(m));
 #pragma omp parallel for schedule(static) if(n * m > 32768)
     for (int64_t r = 0; r < n; ++r)
       for (int64_t c = 0; c < m; ++c) o[r * m + c] += b[c];
@@ -35,7 +36,7 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
   float* op = out.data<float>();
 #pragma omp parallel if(b_n * s_n * h_n * (past + s_n) * dh > 32768)
   {
-    std::vector<float> sc(static_cast<size_t>(past + s_n));
+    float* sc = scratch<float>(Scratch::AttnScores, static_cast<size_t>(past + s_n));
 #pragma omp for collapse(3) schedule(dynamic, 4)
     for (int64_t b = 0; b < b_n; ++b)
       for (int64_t s = 0; s < s_n; ++s)

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "ops/backend.h"
+#include "ops/cpu/cpu_scratch.h"
 
 namespace moe {
 namespace cpu {
@@ -37,8 +38,8 @@ void rmsnorm_forward(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
   require_f32("rmsnorm_forward", out);
   require_f32("rmsnorm_forward", x);
   const int64_t d = x.dim(-1), n = x.numel() / d;
-  std::vector<float> wf(static_cast<size_t>(d));
-  read_f32(wf.data(), w, 0, d);
+  float* wf = scratch<float>(Scratch::NormWeight, static_cast<size_t>(d));
+  read_f32(wf, w, 0, d);
   const float* xp = x.data<float>();
   float* op = out.data<float>();
 #pragma omp parallel for schedule(static) if(n * d > 32768)
@@ -59,7 +60,8 @@ namespace {
 void rope_rotate(Tensor& x, int64_t past, float theta, float sign) {
   const int64_t b_n = x.dim(0), s_n = x.dim(1), h_n = x.dim(2), dh = x.dim(3), half = dh / 2;
   // cos/sin per (position, i), computed in f64 for accuracy.
-  std::vector<float> cs(static_cast<size_t>(s_n * half)), sn(static_cast<size_t>(s_n * half));
+  float* cs = scratch<float>(Scratch::RopeCos, static_cast<size_t>(s_n * half));
+  float* sn = scratch<float>(Scratch::RopeSin, static_cast<size_t>(s_n * half));
   for (int64_t s = 0; s < s_n; ++s)
     for (int64_t i = 0; i < half; ++i) {
       double inv_freq = 1.0 / std::pow(double(theta), double(2 * i) / double(dh));
@@ -154,9 +156,9 @@ void cast(Tensor& out, const Tensor& in) {
   } else if (in.dtype() == DType::F32) {
     convert_from_f32(out.raw(), in.data<float>(), out.dtype(), n);
   } else {
-    std::vector<float> tmp(n);
-    convert_to_f32(tmp.data(), in.raw(), in.dtype(), n);
-    convert_from_f32(out.raw(), tmp.data(), out.dtype(), n);
+    float* tmp = scratch<float>(Scratch::CastTemp, static_cast<size_t>(n));
+    convert_to_f32(tmp, in.raw(), in.dtype(), n);
+    convert_from_f32(out.raw(), tmp, out.dtype(), n);
   }
 }
 

@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "ops/cpu/cpu_quant_gemm.h"
+#include "ops/cpu/cpu_scratch.h"
 
 namespace moe {
 namespace cpu {
@@ -141,13 +142,13 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
   // Convert weight rows in chunks of ~4 MiB of f32 so the scratch stays small for big heads.
   int64_t chunk = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(k, 1));
   chunk = std::min(chunk, m);
-  std::vector<float> wf(static_cast<size_t>(chunk * k));
+  float* wf = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(chunk * k));
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     int64_t rows = std::min(chunk, m - r0);
     const uint16_t* src = static_cast<const uint16_t*>(w) + r0 * k;
     int64_t cnt = rows * k;
-    widen_rows(wf.data(), src, wdt, cnt);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)rows, (int)k, 1.0f, x, (int)k, wf.data(),
+    widen_rows(wf, src, wdt, cnt);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)rows, (int)k, 1.0f, x, (int)k, wf,
                 (int)k, beta, out + r0, (int)ldo);
   }
 }
@@ -168,13 +169,13 @@ void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, in
   // Rows of w (the inner dimension here) in chunks, converted to f32; later chunks accumulate.
   int64_t chunk = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(k, 1));
   chunk = std::min(chunk, m);
-  std::vector<float> wf(static_cast<size_t>(chunk * k));
+  float* wf = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(chunk * k));
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     int64_t rows = std::min(chunk, m - r0);
     const uint16_t* src = static_cast<const uint16_t*>(w) + r0 * k;
     int64_t cnt = rows * k;
-    widen_rows(wf.data(), src, wdt, cnt);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)k, (int)rows, 1.0f, x + r0, (int)m, wf.data(),
+    widen_rows(wf, src, wdt, cnt);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)k, (int)rows, 1.0f, x + r0, (int)m, wf,
                 (int)k, r0 == 0 ? beta : 1.0f, out, (int)k);
   }
 }

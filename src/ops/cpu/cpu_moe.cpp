@@ -6,6 +6,7 @@
 
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_scratch.h"
 
 namespace moe {
 namespace cpu {
@@ -26,11 +27,11 @@ void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits,
     for (int64_t e = 0; e < e_n; ++e) sum += std::exp(double(l[e] - mx));
     // Selection by logit equals selection by probability; ties keep the lower index. With a
     // selection bias the score is probability + bias (the weights stay unbiased).
-    std::vector<double> score(static_cast<size_t>(e_n));
+    double* score = scratch<double>(Scratch::TopkScore, static_cast<size_t>(e_n));
     for (int64_t e = 0; e < e_n; ++e) score[e] = bias ? std::exp(double(l[e] - mx)) / sum + bias[e] : double(l[e]);
-    std::vector<int32_t> order(static_cast<size_t>(e_n));
+    int32_t* order = scratch<int32_t>(Scratch::TopkOrder, static_cast<size_t>(e_n));
     for (int64_t e = 0; e < e_n; ++e) order[e] = static_cast<int32_t>(e);
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+    std::partial_sort(order, order + k, order + e_n, [&](int32_t a, int32_t b) {
       return score[a] > score[b] || (score[a] == score[b] && a < b);
     });
     double ksum = 0;
@@ -59,7 +60,8 @@ void moe_dispatch(Tensor& offsets, Tensor& perm, Tensor& inv, const Tensor& topk
     off[idx[a] + 1]++;
   }
   for (int64_t e = 0; e < n_expert; ++e) off[e + 1] += off[e];
-  std::vector<int32_t> next(off, off + n_expert);
+  int32_t* next = scratch<int32_t>(Scratch::DispatchNext, static_cast<size_t>(n_expert));
+  std::copy(off, off + n_expert, next);
   int32_t* pm = perm.data<int32_t>();
   int32_t* iv = inv.data<int32_t>();
   for (int64_t a = 0; a < p_n; ++a) {
@@ -97,7 +99,8 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
   int64_t max_rows = 0;
   for (int64_t e = 0; e < e_n; ++e) max_rows = std::max<int64_t>(max_rows, off[e + 1] - off[e]);
-  std::vector<float> h1(static_cast<size_t>(max_rows * f)), h3(static_cast<size_t>(max_rows * f));
+  float* h1 = scratch<float>(Scratch::ExpertH1, static_cast<size_t>(max_rows * f));
+  float* h3 = scratch<float>(Scratch::ExpertH3, static_cast<size_t>(max_rows * f));
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t r0 = off[e], n = off[e + 1] - off[e];
     if (n == 0) continue;
@@ -107,8 +110,8 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
     const char* w1e = static_cast<const char*>(w1.raw()) + dtype_nbytes(w1.dtype(), e * f * d);
     const char* w3e = static_cast<const char*>(w3.raw()) + dtype_nbytes(w3.dtype(), e * f * d);
     const char* w2e = static_cast<const char*>(w2.raw()) + dtype_nbytes(w2.dtype(), e * d * f);
-    gemm_xwt(h1.data(), f, x, w1e, w1.dtype(), n, f, d, false);
-    gemm_xwt(h3.data(), f, x, w3e, w3.dtype(), n, f, d, false);
+    gemm_xwt(h1, f, x, w1e, w1.dtype(), n, f, d, false);
+    gemm_xwt(h3, f, x, w3e, w3.dtype(), n, f, d, false);
 #pragma omp parallel for schedule(static) if(n * f > 32768)
     for (int64_t r = 0; r < n; ++r) {
       float s = rs ? rs[r0 + r] : 1.0f;
@@ -117,7 +120,7 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
         h1[r * f + i] = a / (1.0f + std::exp(-a)) * h3[r * f + i] * s;
       }
     }
-    gemm_xwt(yp.data<float>() + r0 * d, d, h1.data(), w2e, w2.dtype(), n, d, f, false);
+    gemm_xwt(yp.data<float>() + r0 * d, d, h1, w2e, w2.dtype(), n, d, f, false);
   }
 }
 

@@ -1,9 +1,8 @@
 // cuda_common.cuh — shared helpers for the CUDA backend: error checks, the one stream and
-// cuBLAS(Lt) handles, bf16/f32 load/store helpers. Internal to src/ops/cuda.
+// cuBLAS handle, bf16/f32 load/store helpers. Internal to src/ops/cuda.
 //
 // All kernels run on one stream (stream()); ops never synchronise the host unless stated.
 #pragma once
-#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -35,7 +34,18 @@ namespace cuda {
 
 cudaStream_t stream();
 cublasHandle_t cublas();
-cublasLtHandle_t cublaslt();
+// cuBLAS is loaded with dlopen when the first GPU is initialised, not linked: its libraries
+// (libcublasLt alone is ~540 MB) cost ~0.9 s of start-up in every process otherwise, GPU or
+// not — every CLI command and every test process paid it. The entry points the backend uses:
+struct CublasApi {
+  decltype(&cublasCreate_v2) create = nullptr;
+  decltype(&cublasSetStream_v2) set_stream = nullptr;
+  cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int m, int n, int k,
+                            const void* alpha, const void* a, cudaDataType a_type, int lda, const void* b,
+                            cudaDataType b_type, int ldb, const void* beta, void* c, cudaDataType c_type, int ldc,
+                            cublasComputeType_t compute, cublasGemmAlgo_t algo) = nullptr;  // (the C entry point)
+};
+const CublasApi& cublas_api();
 // A device workspace of at least `bytes` owned by the backend (grown on demand, never shrunk);
 // tagged Workspace in the memory tracker.
 void* workspace(size_t bytes);

@@ -1,6 +1,9 @@
 // cuda_device.cu — CUDA backend state: device hooks for the tracked allocator, the stream,
-// cuBLAS handles, workspace and pinned scratch.
+// the cuBLAS handle (cuBLAS loaded at run time), workspace and pinned scratch.
+#include <dlfcn.h>
+
 #include <map>
+#include <string>
 #include <mutex>
 #include <vector>
 
@@ -17,7 +20,7 @@ struct State {
   bool ok = false;
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
-  cublasLtHandle_t lt = nullptr;
+  CublasApi api;
   void* ws = nullptr;
   size_t ws_bytes = 0;
   void* pinned = nullptr;
@@ -117,6 +120,25 @@ void hook_memset0(void* p, size_t n) { MOE_CUDA_CHECK(cudaMemsetAsync(p, 0, n, s
 
 }  // namespace
 
+// Opens the cuBLAS of the toolkit the backend was built with (its soname, then the toolkit's
+// library directory) and resolves the entry points; a GPU without cuBLAS is a broken install.
+void load_cublas(CublasApi* api) {
+  const std::string soname = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
+  void* lib = dlopen(soname.c_str(), RTLD_NOW | RTLD_LOCAL);
+#ifdef MOE_CUDA_LIBRARY_DIR
+  if (!lib) lib = dlopen((std::string(MOE_CUDA_LIBRARY_DIR) + "/" + soname).c_str(), RTLD_NOW | RTLD_LOCAL);
+#endif
+  MOE_CHECK(lib != nullptr, "a GPU is present but cuBLAS could not be loaded (%s): %s", soname.c_str(), dlerror());
+  auto sym = [&](const char* name) {
+    void* f = dlsym(lib, name);
+    MOE_CHECK(f != nullptr, "%s has no symbol %s", soname.c_str(), name);
+    return f;
+  };
+  api->create = reinterpret_cast<decltype(api->create)>(sym("cublasCreate_v2"));
+  api->set_stream = reinterpret_cast<decltype(api->set_stream)>(sym("cublasSetStream_v2"));
+  api->gemm_ex = reinterpret_cast<decltype(api->gemm_ex)>(sym("cublasGemmEx"));
+}
+
 bool init() {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
@@ -129,9 +151,9 @@ bool init() {
   }
   MOE_CUDA_CHECK(cudaSetDevice(0));
   MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
-  MOE_CUBLAS_CHECK(cublasCreate(&s.cublas));
-  MOE_CUBLAS_CHECK(cublasSetStream(s.cublas, s.stream));
-  MOE_CUBLAS_CHECK(cublasLtCreate(&s.lt));
+  load_cublas(&s.api);
+  MOE_CUBLAS_CHECK(s.api.create(&s.cublas));
+  MOE_CUBLAS_CHECK(s.api.set_stream(s.cublas, s.stream));
   cudaDeviceProp prop{};
   MOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   s.sms = prop.multiProcessorCount;
@@ -147,7 +169,7 @@ bool init() {
 
 cudaStream_t stream() { return state().stream; }
 cublasHandle_t cublas() { return state().cublas; }
-cublasLtHandle_t cublaslt() { return state().lt; }
+const CublasApi& cublas_api() { return state().api; }
 int sm_count() { return state().sms; }
 
 void* workspace(size_t bytes) {

@@ -39,9 +39,9 @@ size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
 void gemm_nt(void* out, DType to, const void* x, const void* w, DType tw, int64_t rows, int64_t m, int64_t kd,
              int64_t ldx, int64_t ldw, int64_t ldo, float beta) {
   float alpha = 1.f;
-  MOE_CUBLAS_CHECK(cublasGemmEx(cublas(), CUBLAS_OP_T, CUBLAS_OP_N, int(m), int(rows), int(kd), &alpha, w,
-                                cuda_dtype(tw), int(ldw), x, cuda_dtype(tw), int(ldx), &beta, out, cuda_dtype(to),
-                                int(ldo), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  MOE_CUBLAS_CHECK(cublas_api().gemm_ex(cublas(), CUBLAS_OP_T, CUBLAS_OP_N, int(m), int(rows), int(kd), &alpha,
+                                            w, cuda_dtype(tw), int(ldw), x, cuda_dtype(tw), int(ldx), &beta, out,
+                                            cuda_dtype(to), int(ldo), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor& bias) {
