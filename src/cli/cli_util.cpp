@@ -2,6 +2,10 @@
 #include <CLI/CLI.hpp>
 
 #include "cli/cli_util.h"
+
+#include <map>
+
+#include "io/gguf_model.h"
 #include "ops/ops.h"
 
 namespace moe {
@@ -29,6 +33,54 @@ LoadOptions resolve_device_flags(const DeviceFlags& f, DType file_dtype) {
   }
   MOE_CHECK(o.device != Device::CPU || o.act_dtype == DType::F32, "--act-dtype bf16 needs --device cuda");
   return o;
+}
+
+// --weights: quantize the projection weights at load for CPU inference (LoadOptions::quant_dtype).
+void add_weights_flag(CLI::App* cmd, std::string* w) {
+  cmd->add_option("--weights", *w,
+                  "quantize the projection weights at load (CPU inference): none, q8_0, q4_0, q4_k, q5_k or q6_k")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"none", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k"}));
+}
+
+LoadOptions with_weights_flag(LoadOptions lo, const std::string& w) {
+  if (w != "none") {
+    MOE_CHECK(dtype_from_quant_name(w, &lo.quant_dtype), "--weights %s: unknown type", w.c_str());
+    MOE_CHECK(lo.device == Device::CPU, "--weights %s: quantized weights run on the CPU only, not on --device %s",
+              w.c_str(), device_name(lo.device));
+  }
+  return lo;
+}
+
+// The dtype most of a checkpoint's bytes are stored in.
+DType checkpoint_dtype(const Checkpoint& ck) {
+  std::map<DType, size_t> bytes;
+  for (auto& n : ck.names()) {
+    const auto& i = ck.info(n);
+    bytes[i.dtype] += i.end - i.begin;
+  }
+  DType best = DType::F32;
+  size_t most = 0;
+  for (auto& [dt, b] : bytes)
+    if (b > most) most = b, best = dt;
+  return best;
+}
+
+bool is_gguf_path(const std::string& path) {
+  return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0;
+}
+
+Model load_model_arg(const std::string& path, const DeviceFlags& dev, const std::string& weights) {
+  if (is_gguf_path(path)) {
+    // GGUF: quantized projections of a type the CPU kernels have stay quantized (keep_dtype);
+    // everything else arrives dequantized to f32.
+    GgufLoadOptions go;
+    go.keep_quantized = dev.device == "cpu";
+    GgufModel g = load_gguf_model(path, go);
+    return Model::from_tensors(g.config, g.tensors, with_weights_flag(resolve_device_flags(dev, DType::F32), weights));
+  }
+  Checkpoint ck = Checkpoint::open_dir(path);
+  return Model::load(ck, with_weights_flag(resolve_device_flags(dev, checkpoint_dtype(ck)), weights));
 }
 
 }  // namespace moe

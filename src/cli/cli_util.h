@@ -4,6 +4,7 @@
 #include <chrono>
 #include <string>
 
+#include "io/safetensors.h"
 #include "model/model.h"
 
 namespace moe {
@@ -17,6 +18,15 @@ void add_device_flags(CLI::App* cmd, DeviceFlags* f);
 // Resolves the flags into LoadOptions (initialises CUDA when asked for; throws if absent).
 // `file_dtype` is the checkpoint's weight dtype, used for "keep".
 LoadOptions resolve_device_flags(const DeviceFlags& f, DType file_dtype);
+
+// --weights none|q8_0|q4_0|q4_k|q5_k|q6_k: quantize the projection weights at load (CPU).
+void add_weights_flag(CLI::App* cmd, std::string* w);
+LoadOptions with_weights_flag(LoadOptions lo, const std::string& w);
+// The dtype most of a checkpoint's bytes are stored in.
+DType checkpoint_dtype(const Checkpoint& ck);
+bool is_gguf_path(const std::string& path);  // ends in .gguf
+// A model from an HF directory or a .gguf file, with the device/dtype and --weights flags.
+Model load_model_arg(const std::string& path, const DeviceFlags& dev, const std::string& weights);
 
 inline double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();

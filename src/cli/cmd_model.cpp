@@ -21,37 +21,6 @@
 namespace moe {
 namespace {
 
-// --weights: quantize the projection weights at load for CPU inference (LoadOptions::quant_dtype).
-void add_weights_flag(CLI::App* cmd, std::string* w) {
-  cmd->add_option("--weights", *w,
-                  "quantize the projection weights at load (CPU inference): none, q8_0, q4_0, q4_k, q5_k or q6_k")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"none", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k"}));
-}
-
-LoadOptions with_weights_flag(LoadOptions lo, const std::string& w) {
-  if (w != "none") {
-    MOE_CHECK(dtype_from_quant_name(w, &lo.quant_dtype), "--weights %s: unknown type", w.c_str());
-    MOE_CHECK(lo.device == Device::CPU, "--weights %s: quantized weights run on the CPU only, not on --device %s",
-              w.c_str(), device_name(lo.device));
-  }
-  return lo;
-}
-
-// The dtype most of a checkpoint's bytes are stored in.
-DType checkpoint_dtype(const Checkpoint& ck) {
-  std::map<DType, size_t> bytes;
-  for (auto& n : ck.names()) {
-    const auto& i = ck.info(n);
-    bytes[i.dtype] += i.end - i.begin;
-  }
-  DType best = DType::F32;
-  size_t most = 0;
-  for (auto& [dt, b] : bytes)
-    if (b > most) most = b, best = dt;
-  return best;
-}
-
 std::vector<int32_t> parse_ids(const std::string& s) {
   std::vector<int32_t> ids;
   std::stringstream ss(s);
@@ -188,7 +157,7 @@ void add_logits_command(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("logits", "full forward pass: input_ids -> logits and router logits");
-  cmd->add_option("dir", o->dir, "model directory")->required();
+  cmd->add_option("dir", o->dir, "model directory (HF) or .gguf file")->required();
   cmd->add_option("--input", o->input, "safetensors file with input_ids [B,S] (i32 or i64)")->required();
   cmd->add_option("--out", o->out, "output safetensors: logits [B,S,V] f32, router_logits.<layer> [B*S,E] f32")
       ->required();
@@ -200,8 +169,7 @@ void add_logits_command(CLI::App& app) {
     Tensor ids = in->tensor("input_ids", MemCategory::Activations);
     MOE_CHECK(ids.ndim() == 2 && (ids.dtype() == DType::I32 || ids.dtype() == DType::I64),
               "%s: input_ids must be [B,S] i32 or i64, got %s", o->input.c_str(), ids.desc().c_str());
-    Checkpoint ck = Checkpoint::open_dir(o->dir);
-    Model m = Model::load(ck, with_weights_flag(resolve_device_flags(o->dev, checkpoint_dtype(ck)), o->weights));
+    Model m = load_model_arg(o->dir, o->dev, o->weights);
     KVCache kv = m.make_cache(ids.dim(0), ids.dim(1));
     ForwardOptions fo;
     fo.want_router_logits = true;
@@ -227,7 +195,7 @@ void add_generate_command(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("generate", "generate tokens with a KV cache");
-  cmd->add_option("dir", o->dir, "model directory")->required();
+  cmd->add_option("dir", o->dir, "model directory (HF), or a .gguf file (with --ids)")->required();
   auto* ids_opt = cmd->add_option("--ids", o->ids, "prompt token ids, comma-separated (e.g. 1,2,3)");
   auto* prompt_opt = cmd->add_option("--prompt", o->prompt, "prompt text (needs tokenizer.json in the model directory)");
   auto* chat_opt = cmd->add_option("--chat", o->chat, "a user message, rendered with the model's chat template");
@@ -264,8 +232,7 @@ void add_generate_command(CLI::App& app) {
       MOE_CHECK(!prompt.empty(), "the prompt encodes to no tokens");
     }
     double t_load = now_seconds();
-    Checkpoint ck = Checkpoint::open_dir(o->dir);
-    Model m = Model::load(ck, with_weights_flag(resolve_device_flags(o->dev, checkpoint_dtype(ck)), o->weights));
+    Model m = load_model_arg(o->dir, o->dev, o->weights);
     t_load = now_seconds() - t_load;
     const ModelConfig& c = m.config();
     for (int32_t id : prompt)
