@@ -19,18 +19,11 @@
 #include <vector>
 
 #include "core/memory.h"
+#include "core/sanitizer.h"
 #include "model/model.h"
 #include "serve/sampling.h"
 
-#if defined(__SANITIZE_ADDRESS__)
-#define MOE_TEST_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MOE_TEST_ASAN 1
-#endif
-#endif
-
-#ifndef MOE_TEST_ASAN
+#if !MOE_ASAN
 namespace {
 std::atomic<int64_t> g_news{0};
 
@@ -75,7 +68,7 @@ void operator delete[](void* p, size_t, std::align_val_t) noexcept { std::free(p
 namespace moe {
 namespace {
 
-#ifndef MOE_TEST_ASAN
+#if !MOE_ASAN
 std::string fixture(const std::string& fam) { return std::string(MOE_FIXTURES_DIR) + "/" + fam; }
 
 struct Counts {

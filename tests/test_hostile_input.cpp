@@ -23,6 +23,7 @@
 
 #include "core/error.h"
 #include "core/json_util.h"
+#include "core/sanitizer.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "plan/plan_model.h"
@@ -32,14 +33,6 @@
 #include "tokenizer/regex.h"
 #include "tokenizer/tokenizer.h"
 
-#if defined(__SANITIZE_ADDRESS__)
-#define MOE_TEST_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MOE_TEST_ASAN 1
-#endif
-#endif
-
 namespace moe {
 namespace {
 
@@ -47,7 +40,7 @@ using json = nlohmann::json;
 using ojson = nlohmann::ordered_json;
 
 constexpr unsigned kSeconds = 60;                    // generous: ASan builds on a busy 2-core CI machine
-#ifndef MOE_TEST_ASAN  // (ASan reserves terabytes of shadow address space: no RLIMIT_AS there)
+#if !MOE_ASAN  // (ASan reserves terabytes of shadow address space: no RLIMIT_AS there)
 constexpr size_t kMemoryBudget = size_t(768) << 20;  // address space a case may add
 
 size_t current_address_space() {
@@ -68,7 +61,7 @@ std::string run_bounded(const std::function<void()>& f, const std::string& needl
   if (pid < 0) return "fork failed";
   if (pid == 0) {
     close(fds[0]);
-#ifndef MOE_TEST_ASAN
+#if !MOE_ASAN
     const rlimit lim{current_address_space() + kMemoryBudget, current_address_space() + kMemoryBudget};
     setrlimit(RLIMIT_AS, &lim);
 #endif

@@ -6,10 +6,10 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <mutex>
 
 #include "core/error.h"
+#include "core/sanitizer.h"
 
 namespace moe {
 namespace {
@@ -41,16 +41,6 @@ Tracker& tracker() {
 // The table of kept blocks is a fixed array (keeping a block must not allocate); when it is
 // full a freed block goes back to the system at once. Sanitizer builds keep nothing, so that
 // ASan sees every use after free.
-#if defined(__SANITIZE_ADDRESS__)
-#define MOE_KEEP_BLOCKS 0
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MOE_KEEP_BLOCKS 0
-#endif
-#endif
-#ifndef MOE_KEEP_BLOCKS
-#define MOE_KEEP_BLOCKS 1
-#endif
 
 constexpr size_t kMapThreshold = size_t(256) << 10;
 constexpr size_t kMapGranule = size_t(64) << 10;
@@ -105,7 +95,7 @@ void release_kept(BlockCache& c, bool large_only) {
 
 void* host_alloc(size_t size) {
   BlockCache& c = block_cache();
-  if (MOE_KEEP_BLOCKS) {
+  if (!MOE_ASAN) {
     std::lock_guard<std::mutex> lock(c.mu);
     for (size_t i = c.n_kept; i-- > 0;) {  // newest first: likeliest still in cache
       if (c.kept[i].size != size) continue;
@@ -126,7 +116,7 @@ void* host_alloc(size_t size) {
 
 void host_free(void* p, size_t size) {
   BlockCache& c = block_cache();
-  if (MOE_KEEP_BLOCKS) {
+  if (!MOE_ASAN) {
     std::lock_guard<std::mutex> lock(c.mu);
     const bool small_full = !is_large(size) && c.small_bytes + size > kMaxKeptSmallBytes;
     if (c.n_kept < kMaxKeptBlocks && !small_full) {

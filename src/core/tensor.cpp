@@ -4,6 +4,8 @@
 #include <mutex>
 #include <new>
 
+#include "core/sanitizer.h"
+
 namespace moe {
 
 std::string shape_str(const Shape& s) {
@@ -36,16 +38,6 @@ void check_block_shape(const Shape& shape, DType dt) {
 // (tests/test_decode_alloc.cpp). Nodes are never returned to the system; there are as many as
 // Storage objects were ever alive at once. Sanitizer builds use the plain allocator, so ASan
 // sees a use of a freed Storage.
-#if defined(__SANITIZE_ADDRESS__)
-#define MOE_POOL_STORAGE 0
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MOE_POOL_STORAGE 0
-#endif
-#endif
-#ifndef MOE_POOL_STORAGE
-#define MOE_POOL_STORAGE 1
-#endif
 
 template <size_t Size, size_t Align>
 struct NodePool {
@@ -87,11 +79,11 @@ struct PoolAllocator {
   template <class U>
   PoolAllocator(const PoolAllocator<U>&) {}
   T* allocate(size_t n) {
-    if (!MOE_POOL_STORAGE || n != 1) return std::allocator<T>().allocate(n);
+    if (MOE_ASAN || n != 1) return std::allocator<T>().allocate(n);
     return static_cast<T*>(NodePool<sizeof(T), alignof(T)>::instance().get());
   }
   void deallocate(T* p, size_t n) {
-    if (!MOE_POOL_STORAGE || n != 1) return std::allocator<T>().deallocate(p, n);
+    if (MOE_ASAN || n != 1) return std::allocator<T>().deallocate(p, n);
     NodePool<sizeof(T), alignof(T)>::instance().put(p);
   }
   template <class U>

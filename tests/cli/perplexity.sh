@@ -9,25 +9,7 @@ set -u
 MOE="${1:?usage: perplexity.sh <moe binary> <fixtures dir>}"
 command -v python3 >/dev/null || { echo "SKIPPED: python3 not found"; exit 77; }
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/moe-ppl-test.XXXXXX")" || { echo "FAIL: mktemp"; exit 1; }
-trap 'rm -rf "${WORK}"' EXIT
-cd "${WORK}" || exit 1
-
-FAILS=0
-fail() { echo "FAIL: $*"; FAILS=$((FAILS + 1)); }
-pass() { echo "ok:   $*"; }
-run() {
-  local name="$1"; shift
-  echo "---- ${name}: $*"
-  OUT="$("$@" 2>&1)"
-  RC=$?
-  printf '%s\n' "${OUT}" | tr '\r' '\n' | sed 's/^/     | /' | tail -n 8
-  if ((RC >= 128)); then fail "${name}: killed by signal $((RC - 128)) (crash?)"; fi
-}
-expect_ok() { if ((RC == 0)); then pass "$1 exits 0"; else fail "$1 exited ${RC}"; fi; }
-expect_err() {  # name, text the message must contain
-  if ((RC != 0 && RC < 128)) && grep -q -- "$2" <<<"${OUT}"; then pass "$1: clean error"; else fail "$1: expected an error naming '$2' (rc ${RC})"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib/harness.bash"
 json_field() { grep '^{' <<<"${OUT}" | tail -n 1 | python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 check() {  # description, python boolean expression
   if python3 -c "import sys; sys.exit(0 if ($2) else 1)"; then pass "$1"; else fail "$1 ($2)"; fi
@@ -113,8 +95,4 @@ expect_err "missing text file" "nope.txt"
 run ctx "${MOE}" perplexity m --file text.txt --ctx 1000000
 expect_err "ctx above the model's positions" "above the model's limit"
 
-if ((FAILS)); then
-  echo "${FAILS} check(s) failed"
-  exit 1
-fi
-echo "all perplexity checks passed"
+finish

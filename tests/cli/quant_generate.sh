@@ -13,25 +13,7 @@ if [[ ! -d "${MODEL}" ]]; then
   exit 77
 fi
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/moe-quant-test.XXXXXX")" || { echo "FAIL: mktemp"; exit 1; }
-trap 'rm -rf "${WORK}"' EXIT
-cd "${WORK}" || exit 1
-
-FAILS=0
-fail() { echo "FAIL: $*"; FAILS=$((FAILS + 1)); }
-pass() { echo "ok:   $*"; }
-run() {
-  local name="$1"; shift
-  echo "---- ${name}: $*"
-  OUT="$("$@" 2>&1)"
-  RC=$?
-  printf '%s\n' "${OUT}" | sed 's/^/     | /' | head -n 30
-  if ((RC >= 128)); then fail "${name}: killed by signal $((RC - 128)) (crash?)"; fi
-}
-expect_ok() { if ((RC == 0)); then pass "$1 exits 0"; else fail "$1 exited ${RC}"; fi; }
-expect_err() {  # name, text the message must contain
-  if ((RC != 0 && RC < 128)) && grep -q -- "$2" <<<"${OUT}"; then pass "$1: clean error"; else fail "$1: expected an error naming '$2' (rc ${RC})"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib/harness.bash"
 
 run f32 "${MOE}" generate "${MODEL}" --ids 1,5,9 --max-new-tokens 6
 expect_ok "generate f32"
@@ -73,8 +55,4 @@ expect_ok "bench decode --dtype q8_0"
 grep -q "read-only bandwidth" <<<"${OUT}" && pass "bench: read roofline reported" || fail "bench: no read-only bandwidth line"
 grep -q '"weight_bytes_per_token"' <<<"${OUT}" && pass "bench: bytes/token in the JSON" || fail "bench: no weight_bytes_per_token"
 
-if ((FAILS > 0)); then
-  echo "${FAILS} check(s) failed"
-  exit 1
-fi
-echo "all quantized CLI checks passed"
+finish
