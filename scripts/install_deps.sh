@@ -29,6 +29,7 @@ PACKAGES=(
   libopenblas-openmp-dev
   nlohmann-json3-dev
   libcli11-dev
+  libcpp-httplib-dev
   libgtest-dev
   googletest
   libbenchmark-dev

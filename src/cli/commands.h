@@ -19,5 +19,6 @@ void add_tokenize_bench(CLI::App* bench);
 void add_train_bench(CLI::App* bench);
 void add_report_command(CLI::App& app);
 void add_perplexity_command(CLI::App& app);
+void add_serve_command(CLI::App& app);
 
 }  // namespace moe

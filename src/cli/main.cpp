@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   moe::add_logits_command(app);
   moe::add_generate_command(app);
   moe::add_perplexity_command(app);
+  moe::add_serve_command(app);
   moe::add_bench_command(app);
   moe::add_plan_command(app);
   moe::add_tokenize_command(app);

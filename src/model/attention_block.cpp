@@ -23,7 +23,8 @@ void split_qkv(const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, QkvDims d) {
 
 void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Tensor& h, Tensor& y,
                            Tensor& k_cache, Tensor& v_cache, int64_t batch, int64_t seq,
-                           const std::vector<int64_t>& slots, const std::vector<int64_t>& past) {
+                           const std::vector<int64_t>& slots, const std::vector<int64_t>& past,
+                           const Tensor& tables, const Tensor& pos) {
   const int64_t t_n = batch * seq, dh = c.head_dim, h_n = c.n_head, hkv = c.n_head_kv;
   const QkvDims dm = qkv_dims(c);
   const Device dev = x.device();
@@ -54,7 +55,7 @@ void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& 
   Tensor attn = Tensor::empty({batch, seq, h_n, dh}, adt, act, dev);
   // One call for the whole batch when it is the whole cache at one position (prefill, lockstep
   // decode); otherwise each row on its own slot at its own position.
-  bool lockstep = batch == k_cache.dim(0);
+  bool lockstep = !tables.defined() && batch == k_cache.dim(0);
   for (int64_t b = 0; b < batch && lockstep; ++b)
     lockstep = slots[static_cast<size_t>(b)] == b && past[static_cast<size_t>(b)] == past[0];
   const float theta = float(c.rope_theta);
@@ -63,6 +64,16 @@ void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& 
     rope_forward(k, past[0], theta);
     kv_append(k_cache, v_cache, k, v, past[0]);
     attention_forward(attn, q, k_cache, v_cache, past[0]);
+  } else if (tables.defined()) {
+    // Paged: rotate each row at its own position, then one append and one attention call for
+    // the whole batch (each row reads its own block table).
+    for (int64_t b = 0; b < batch; ++b) {
+      Tensor qb = q.rows(b, b + 1), kb = k.rows(b, b + 1);
+      rope_forward(qb, past[static_cast<size_t>(b)], theta);
+      rope_forward(kb, past[static_cast<size_t>(b)], theta);
+    }
+    kv_append_paged(k_cache, v_cache, k, v, tables, pos);
+    attention_forward_paged(attn, q, k_cache, v_cache, tables, pos);
   } else {
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t sl = slots[static_cast<size_t>(b)], p = past[static_cast<size_t>(b)];

@@ -21,10 +21,12 @@ namespace moe {
 // Inference: x [T,D] (T = batch·seq) is updated in place (x += attention); row b's keys and
 // values go to cache slot slots[b] at positions [past[b], past[b]+seq), and its queries attend
 // that slot's positions up to their own. Rows may be at different positions. `h` [T,D] and
-// `y` [T,D] are scratch.
+// `y` [T,D] are scratch. With a paged cache (`tables` defined: [B,M] i32 block tables of the
+// rows, `pos` [B] i32 = past) the caches are pages [N,P,Hkv,Dh] (ops.h) and `slots` is unused.
 void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Tensor& h, Tensor& y,
                            Tensor& k_cache, Tensor& v_cache, int64_t batch, int64_t seq,
-                           const std::vector<int64_t>& slots, const std::vector<int64_t>& past);
+                           const std::vector<int64_t>& slots, const std::vector<int64_t>& past,
+                           const Tensor& tables = Tensor(), const Tensor& pos = Tensor());
 
 // Training forward: reads a.x_in, fills the saved tensors listed above and a.x_mid.
 // `qkv` [T,(H+2Hkv)Dh] is scratch.

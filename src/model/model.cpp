@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <map>
@@ -303,6 +304,25 @@ KVCache Model::make_cache(int64_t batch, int64_t capacity) const {
   return kv;
 }
 
+KVCache Model::make_paged_cache(int64_t slots, int64_t n_blocks, int64_t block_size) const {
+  MOE_CHECK(opt_.device == Device::CPU, "the paged KV cache is CPU only (got %s)", device_name(opt_.device));
+  MOE_CHECK(slots > 0 && n_blocks > 0 && block_size > 0, "paged KV cache: %lld slots, %lld blocks of %lld positions",
+            (long long)slots, (long long)n_blocks, (long long)block_size);
+  KVCache kv;
+  kv.batch = slots;
+  kv.capacity = n_blocks * block_size;
+  kv.block_size = block_size;
+  kv.pos.assign(static_cast<size_t>(slots), 0);
+  kv.tables.assign(static_cast<size_t>(slots), {});
+  for (int64_t l = 0; l < cfg_.n_layer; ++l) {
+    kv.k.push_back(Tensor::zeros({n_blocks, block_size, cfg_.n_head_kv, cfg_.head_dim}, opt_.act_dtype,
+                                 MemCategory::KvCache, opt_.device));
+    kv.v.push_back(Tensor::zeros({n_blocks, block_size, cfg_.n_head_kv, cfg_.head_dim}, opt_.act_dtype,
+                                 MemCategory::KvCache, opt_.device));
+  }
+  return kv;
+}
+
 int64_t params_total(const ModelConfig& c) {
   int64_t n = 0;
   for (auto& [name, shape] : expected_tensors(c)) n += shape_numel(shape);
@@ -345,9 +365,25 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
     for (int64_t j = 0; j < b; ++j)
       MOE_CHECK(slots[static_cast<size_t>(j)] != sl, "forward: cache slot %lld given twice", (long long)sl);
     past[static_cast<size_t>(b)] = cache.pos[static_cast<size_t>(sl)];
-    MOE_CHECK(past[static_cast<size_t>(b)] + s_n <= cache.capacity,
+    const int64_t cap = cache.block_size > 0
+                            ? int64_t(cache.tables[static_cast<size_t>(sl)].size()) * cache.block_size
+                            : cache.capacity;
+    MOE_CHECK(past[static_cast<size_t>(b)] + s_n <= cap,
               "forward: %lld + %lld positions exceed the KV cache capacity %lld", (long long)past[static_cast<size_t>(b)],
-              (long long)s_n, (long long)cache.capacity);
+              (long long)s_n, (long long)cap);
+  }
+  // Paged: the rows' block tables and positions as host tensors (ops.h).
+  Tensor tables, pos;
+  if (cache.block_size > 0) {
+    size_t m = 1;
+    for (int64_t sl : slots) m = std::max(m, cache.tables[static_cast<size_t>(sl)].size());
+    tables = Tensor::zeros({b_n, int64_t(m)}, DType::I32, MemCategory::Activations);
+    pos = Tensor::empty({b_n}, DType::I32, MemCategory::Activations);
+    for (int64_t b = 0; b < b_n; ++b) {
+      const auto& tb = cache.tables[static_cast<size_t>(slots[static_cast<size_t>(b)])];
+      std::copy(tb.begin(), tb.end(), tables.data<int32_t>() + b * int64_t(m));
+      pos.data<int32_t>()[b] = static_cast<int32_t>(past[static_cast<size_t>(b)]);
+    }
   }
   const Device dev = opt_.device;
   const DType adt = opt_.act_dtype;
@@ -379,7 +415,7 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LayerWeights& lw = w_.layers[static_cast<size_t>(l)];
     attention_block_infer(c, lw, x, h, y, cache.k[static_cast<size_t>(l)], cache.v[static_cast<size_t>(l)], b_n, s_n,
-                          slots, past);
+                          slots, past, tables, pos);
     Tensor logits;
     ffn_block_infer(c, lw, x, h, y, fo.want_router_logits ? &logits : nullptr);
     if (fo.want_router_logits) res.router_logits.push_back(logits);

@@ -64,11 +64,17 @@ struct LoadOptions {
 // [0, pos[b]); every slot has its own length, so one forward may carry sequences at different
 // positions (serving batches requests of different lengths). A caller reuses a slot for a new
 // sequence by setting its pos to 0.
+//
+// Paged (serving, CPU): k[l], v[l] are [N,P,Hkv,Dh] — N blocks of P = block_size positions
+// shared by all slots — and slot b's position p lives in block tables[b][p / P]. The caller
+// (serve/kv_pool.h) owns the blocks: it grows a slot's table before a forward needs it.
 struct KVCache {
   std::vector<Tensor> k, v;
   std::vector<int64_t> pos;  // per slot: positions filled (= the position of its next token)
-  int64_t batch = 0;
-  int64_t capacity = 0;
+  int64_t batch = 0;         // slots
+  int64_t capacity = 0;      // per-slot positions (contiguous); N·P (paged)
+  int64_t block_size = 0;    // > 0: paged
+  std::vector<std::vector<int32_t>> tables;  // paged: per slot, its blocks in position order
 };
 
 struct ForwardOptions {
@@ -102,6 +108,8 @@ class Model {
   DType act_dtype() const { return opt_.act_dtype; }
 
   KVCache make_cache(int64_t batch, int64_t capacity) const;
+  // A paged cache (CPU): n_blocks blocks of block_size positions for `slots` sequence slots.
+  KVCache make_paged_cache(int64_t slots, int64_t n_blocks, int64_t block_size) const;
   // ids [B,S] i32 (host or device); row i continues its slot at cache.pos[slot], which
   // advances by S (see ForwardOptions::slots).
   ForwardResult forward(const Tensor& ids, KVCache& cache, const ForwardOptions& fo = {}) const;

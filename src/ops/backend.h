@@ -62,15 +62,24 @@
   void cross_entropy_forward(Tensor& loss, const Tensor& logits, const Tensor& targets);                 \
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets, float scale);
 
+// Paged KV cache ops (ops.h, serving section): CPU backends only for now.
+#define MOE_BACKEND_PAGED_OPS                                                                            \
+  void kv_append_paged(Tensor& k_pages, Tensor& v_pages, const Tensor& k, const Tensor& v,              \
+                       const Tensor& tables, const Tensor& pos);                                         \
+  void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages,                     \
+                               const Tensor& v_pages, const Tensor& tables, const Tensor& pos);
+
 namespace moe {
 namespace cpu {
 MOE_BACKEND_OPS
 MOE_BACKEND_TRAIN_OPS
+MOE_BACKEND_PAGED_OPS
 }  // namespace cpu
 // The naive reference backend (ops/ref): plain loops, f64 accumulation, every op.
 namespace ref {
 MOE_BACKEND_OPS
 MOE_BACKEND_TRAIN_OPS
+MOE_BACKEND_PAGED_OPS
 }  // namespace ref
 namespace cuda {
 MOE_BACKEND_OPS

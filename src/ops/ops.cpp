@@ -637,6 +637,77 @@ void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor&
   MOE_TRAIN_DISPATCH(dlogits.device(), op, cross_entropy_backward(dlogits, logits, targets, scale));
 }
 
+// ---- paged KV cache (serving) ----
+
+namespace {
+
+// Shared checks of the paged ops: pages [N,P,Hkv,Dh] on the host, tables [B,M] and pos [B] i32
+// host tensors, and every block a row's positions [0, pos[b]+s_n) need is a valid index.
+void check_paged(const char* op, const Tensor& k_pages, const Tensor& v_pages, const Tensor& tables,
+                 const Tensor& pos, int64_t b_n, int64_t s_n) {
+  check_ndim(op, "k_pages", k_pages, 4);
+  MOE_CHECK(k_pages.shape() == v_pages.shape(), "%s: k/v page shapes differ", op);
+  MOE_CHECK(k_pages.device() == Device::CPU, "%s: the paged KV cache is CPU only (got %s)", op,
+            device_name(k_pages.device()));
+  check_device(op, Device::CPU, {&v_pages, &tables, &pos});
+  check_i32(op, "tables", tables);
+  check_i32(op, "pos", pos);
+  check_ndim(op, "tables", tables, 2);
+  check_shape(op, "pos", pos, {b_n});
+  MOE_CHECK(tables.dim(0) == b_n, "%s: %lld block tables for %lld rows", op, (long long)tables.dim(0), (long long)b_n);
+  const int64_t n_blocks = k_pages.dim(0), block = k_pages.dim(1), m = tables.dim(1);
+  const int32_t* tb = tables.data<int32_t>();
+  for (int64_t b = 0; b < b_n; ++b) {
+    const int64_t p = pos.data<int32_t>()[b];
+    MOE_CHECK(p >= 0, "%s: row %lld at negative position %lld", op, (long long)b, (long long)p);
+    const int64_t need = (p + s_n + block - 1) / block;
+    MOE_CHECK(need <= m, "%s: row %lld needs %lld blocks, its table holds %lld", op, (long long)b, (long long)need,
+              (long long)m);
+    for (int64_t i = 0; i < need; ++i)
+      MOE_CHECK(tb[b * m + i] >= 0 && tb[b * m + i] < n_blocks, "%s: row %lld block %lld is %d, not in [0,%lld)", op,
+                (long long)b, (long long)i, tb[b * m + i], (long long)n_blocks);
+  }
+}
+
+#define MOE_PAGED_DISPATCH(call) \
+  do {                           \
+    if (g_reference)             \
+      ref::call;                 \
+    else                         \
+      cpu::call;                 \
+  } while (0)
+
+}  // namespace
+
+void kv_append_paged(Tensor& k_pages, Tensor& v_pages, const Tensor& k, const Tensor& v, const Tensor& tables,
+                     const Tensor& pos) {
+  const char* op = "kv_append_paged";
+  check_ndim(op, "k", k, 4);
+  MOE_CHECK(k.shape() == v.shape(), "%s: k/v shapes differ", op);
+  check_paged(op, k_pages, v_pages, tables, pos, k.dim(0), k.dim(1));
+  MOE_CHECK(k.dim(2) == k_pages.dim(2) && k.dim(3) == k_pages.dim(3), "%s: k %s does not fit pages %s", op,
+            k.shape_str().c_str(), k_pages.shape_str().c_str());
+  MOE_CHECK(k.dtype() == k_pages.dtype() && v.dtype() == v_pages.dtype(), "%s: dtype mismatch", op);
+  check_device(op, Device::CPU, {&k, &v});
+  MOE_PAGED_DISPATCH(kv_append_paged(k_pages, v_pages, k, v, tables, pos));
+}
+
+void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages, const Tensor& v_pages,
+                             const Tensor& tables, const Tensor& pos) {
+  const char* op = "attention_forward_paged";
+  check_ndim(op, "q", q, 4);
+  check_f32(op, "q", q);
+  check_f32(op, "k_pages", k_pages);
+  check_paged(op, k_pages, v_pages, tables, pos, q.dim(0), q.dim(1));
+  MOE_CHECK(out.shape() == q.shape(), "%s: out %s != q %s", op, out.shape_str().c_str(), q.shape_str().c_str());
+  MOE_CHECK(q.dim(3) == k_pages.dim(3), "%s: q %s vs pages %s", op, q.shape_str().c_str(),
+            k_pages.shape_str().c_str());
+  MOE_CHECK(q.dim(2) % k_pages.dim(2) == 0, "%s: %lld heads not a multiple of %lld kv heads", op,
+            (long long)q.dim(2), (long long)k_pages.dim(2));
+  check_device(op, Device::CPU, {&out, &q});
+  MOE_PAGED_DISPATCH(attention_forward_paged(out, q, k_pages, v_pages, tables, pos));
+}
+
 void synchronize(Device dev) {
   if (dev == Device::CUDA) cuda::synchronize();
 }

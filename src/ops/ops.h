@@ -52,6 +52,17 @@ void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& 
 void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                        int64_t past);
 
+// Paged KV cache (serving): k_pages, v_pages [N,P,Hkv,Dh] hold N blocks of P positions. Row b's
+// position p lives in block tables[b, p / P] at offset p % P. tables [B,M] i32 and pos [B] i32
+// are host tensors; pos[b] is the position of row b's first new token. CPU backends only.
+// Appends k, v [B,S,Hkv,Dh] at positions [pos[b], pos[b]+S) of each row.
+void kv_append_paged(Tensor& k_pages, Tensor& v_pages, const Tensor& k, const Tensor& v, const Tensor& tables,
+                     const Tensor& pos);
+// attention_forward over a paged cache: query s of row b (position pos[b]+s) attends that row's
+// keys 0..pos[b]+s. out, q [B,S,H,Dh].
+void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages, const Tensor& v_pages,
+                             const Tensor& tables, const Tensor& pos);
+
 // Router: probabilities = softmax(logits) over E; takes the K largest (ties: lower index
 // first); renormalises the K weights to sum 1 when `renorm`.
 // topk_idx [T,K] i32, topk_w [T,K] f32, logits [T,E] f32.

@@ -1,5 +1,7 @@
-// cpu_attention.cpp — CPU reference for linear layers and causal grouped-query attention.
+// cpu_attention.cpp — CPU linear layers and causal grouped-query attention, over a per-slot
+// KV cache or a paged one (serving).
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "ops/backend.h"
@@ -60,6 +62,72 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
           for (int64_t j = 0; j < n_keys; ++j) {
             const float* vr = vp + ((b * cap + j) * hkv + kv_h) * dh;
             float p = sc[j] * inv;
+            for (int64_t i = 0; i < dh; ++i) orow[i] += p * vr[i];
+          }
+        }
+  }
+}
+
+// Paged cache: key j of row b is page tables[b, j / P], offset j % P (ops.h).
+void kv_append_paged(Tensor& k_pages, Tensor& v_pages, const Tensor& k, const Tensor& v, const Tensor& tables,
+                     const Tensor& pos) {
+  const int64_t b_n = k.dim(0), s_n = k.dim(1), row = k.dim(2) * k.dim(3);
+  const int64_t block = k_pages.dim(1), m = tables.dim(1);
+  const size_t bytes = static_cast<size_t>(row) * dtype_size(k.dtype());
+  const int32_t* tb = tables.data<int32_t>();
+  for (int64_t b = 0; b < b_n; ++b)
+    for (int64_t s = 0; s < s_n; ++s) {
+      const int64_t p = pos.data<int32_t>()[b] + s;
+      const size_t dst = static_cast<size_t>(tb[b * m + p / block] * block + p % block) * bytes;
+      const size_t src = static_cast<size_t>(b * s_n + s) * bytes;
+      std::memcpy(static_cast<char*>(k_pages.raw()) + dst, static_cast<const char*>(k.raw()) + src, bytes);
+      std::memcpy(static_cast<char*>(v_pages.raw()) + dst, static_cast<const char*>(v.raw()) + src, bytes);
+    }
+}
+
+void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages, const Tensor& v_pages,
+                             const Tensor& tables, const Tensor& pos) {
+  const int64_t b_n = q.dim(0), s_n = q.dim(1), h_n = q.dim(2), dh = q.dim(3);
+  const int64_t block = k_pages.dim(1), hkv = k_pages.dim(2), group = h_n / hkv, m = tables.dim(1);
+  const float scale = 1.0f / std::sqrt(float(dh));
+  const float* qp = q.data<float>();
+  const float* kp = k_pages.data<float>();
+  const float* vp = v_pages.data<float>();
+  const int32_t* tb = tables.data<int32_t>();
+  const int32_t* ps = pos.data<int32_t>();
+  float* op = out.data<float>();
+  int64_t max_keys = 0, work = 0;
+  for (int64_t b = 0; b < b_n; ++b) {
+    max_keys = std::max<int64_t>(max_keys, ps[b] + s_n);
+    work += (ps[b] + s_n) * s_n * h_n * dh;
+  }
+#pragma omp parallel if(work > 32768)
+  {
+    float* sc = scratch<float>(Scratch::AttnScores, static_cast<size_t>(max_keys));
+#pragma omp for collapse(3) schedule(dynamic, 4)
+    for (int64_t b = 0; b < b_n; ++b)
+      for (int64_t s = 0; s < s_n; ++s)
+        for (int64_t h = 0; h < h_n; ++h) {
+          const float* qr = qp + ((b * s_n + s) * h_n + h) * dh;
+          const int32_t* row_tb = tb + b * m;
+          const int64_t kv_h = h / group, n_keys = ps[b] + s + 1;
+          auto at = [&](int64_t j) { return (static_cast<int64_t>(row_tb[j / block]) * block + j % block) * hkv + kv_h; };
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < n_keys; ++j) {
+            sc[j] = dot_f32(qr, kp + at(j) * dh, dh) * scale;
+            mx = std::max(mx, sc[j]);
+          }
+          double sum = 0;
+          for (int64_t j = 0; j < n_keys; ++j) {
+            sc[j] = std::exp(sc[j] - mx);
+            sum += sc[j];
+          }
+          const float inv = static_cast<float>(1.0 / sum);
+          float* orow = op + ((b * s_n + s) * h_n + h) * dh;
+          for (int64_t i = 0; i < dh; ++i) orow[i] = 0;
+          for (int64_t j = 0; j < n_keys; ++j) {
+            const float* vr = vp + at(j) * dh;
+            const float p = sc[j] * inv;
             for (int64_t i = 0; i < dh; ++i) orow[i] += p * vr[i];
           }
         }

@@ -146,6 +146,47 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
   o.store(out);
 }
 
+// The paged ops, plainly: each row's pages are copied out to (or in from) a contiguous
+// [1,C,Hkv,Dh] cache and the per-slot ops above do the rest.
+namespace {
+int64_t page_offset(const Tensor& pages, const Tensor& tables, int64_t b, int64_t p) {
+  const int64_t block = pages.dim(1), row = pages.dim(2) * pages.dim(3);
+  return (int64_t(tables.data<int32_t>()[b * tables.dim(1) + p / block]) * block + p % block) * row;
+}
+}  // namespace
+
+void kv_append_paged(Tensor& k_pages, Tensor& v_pages, const Tensor& k, const Tensor& v, const Tensor& tables,
+                     const Tensor& pos) {
+  const int64_t row = k.dim(2) * k.dim(3), es = int64_t(dtype_size(k.dtype()));
+  for (int64_t b = 0; b < k.dim(0); ++b)
+    for (int64_t s = 0; s < k.dim(1); ++s) {
+      const int64_t p = pos.data<int32_t>()[b] + s, src = (b * k.dim(1) + s) * row;
+      for (int64_t i = 0; i < row * es; ++i) {
+        static_cast<char*>(k_pages.raw())[page_offset(k_pages, tables, b, p) * es + i] =
+            static_cast<const char*>(k.raw())[src * es + i];
+        static_cast<char*>(v_pages.raw())[page_offset(v_pages, tables, b, p) * es + i] =
+            static_cast<const char*>(v.raw())[src * es + i];
+      }
+    }
+}
+
+void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages, const Tensor& v_pages,
+                             const Tensor& tables, const Tensor& pos) {
+  const int64_t s_n = q.dim(1), hkv = k_pages.dim(2), dh = k_pages.dim(3), row = hkv * dh;
+  for (int64_t b = 0; b < q.dim(0); ++b) {
+    const int64_t past = pos.data<int32_t>()[b], n = past + s_n;
+    Tensor kc = Tensor::empty({1, n, hkv, dh}, DType::F32, MemCategory::Workspace);
+    Tensor vc = Tensor::empty({1, n, hkv, dh}, DType::F32, MemCategory::Workspace);
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t i = 0; i < row; ++i) {
+        kc.data<float>()[p * row + i] = k_pages.data<float>()[page_offset(k_pages, tables, b, p) + i];
+        vc.data<float>()[p * row + i] = v_pages.data<float>()[page_offset(v_pages, tables, b, p) + i];
+      }
+    Tensor ob = out.rows(b, b + 1);
+    attention_forward(ob, q.rows(b, b + 1), kc, vc, past);
+  }
+}
+
 void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm,
                          const Tensor& select_bias) {
   Wide l(logits), w = out_buf(topk_w), b(select_bias);
