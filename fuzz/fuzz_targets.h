@@ -20,6 +20,7 @@
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "plan/plan_model.h"
+#include "serve/api.h"
 #include "tokenizer/jinja.h"
 #include "tokenizer/regex.h"
 #include "tokenizer/tokenizer.h"
@@ -181,6 +182,40 @@ inline void regex(const uint8_t* data, size_t size) {
       from = e > b ? e : b + 1;
     }
   } catch (const Error&) {
+  }
+}
+
+// An HTTP request body of `moe serve` (the first byte picks the endpoint: odd = chat): parse and
+// validate, then build the response objects a request like it gets. Anything wrong with the
+// body is an ApiError with status 400 or 413; an accepted request keeps the limits.
+inline void api_request(const uint8_t* data, size_t size) {
+  if (size == 0) return;
+  const bool chat = data[0] & 1;
+  const std::string_view body(reinterpret_cast<const char*>(data + 1), size - 1);
+  const ApiLimits lim;
+  try {
+    const ApiRequest r = parse_request(body, chat, lim);
+    MOE_FUZZ_REQUIRE(r.gen.max_tokens >= 1 && r.gen.max_tokens <= lim.max_tokens);
+    MOE_FUZZ_REQUIRE(r.gen.stop.size() <= lim.max_stop);
+    MOE_FUZZ_REQUIRE(r.gen.top_logprobs <= lim.max_top_logprobs);
+    MOE_FUZZ_REQUIRE(r.gen.sampling.temperature >= 0 && r.gen.sampling.top_p > 0 && r.gen.sampling.top_p <= 1);
+    MOE_FUZZ_REQUIRE(chat ? !r.messages.empty() : (!r.prompt_text.empty() || !r.prompt_ids.empty()));
+    // The response objects, with the request's own text standing in for generated text.
+    ApiResult res;
+    res.text = chat ? r.messages.back()["content"].get<std::string>() : r.prompt_text;
+    res.finish_reason = "stop";
+    GenToken g;
+    g.id = 1;
+    g.logprobs.top = {{1, -0.5f}};
+    res.tokens = {g};
+    res.token_text = {{res.text, {}}};
+    res.top_text_flat = {{res.text, {}}};
+    (void)response_json(r, res, "id", 0, "m").dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+    (void)chunk_json(r, "id", 0, "m", res.text, true, res.tokens, res.token_text, res.top_text_flat, "stop")
+        .dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+  } catch (const ApiError& e) {
+    MOE_FUZZ_REQUIRE(e.status == 400 || e.status == 413);
+    (void)e.body();
   }
 }
 

@@ -377,6 +377,25 @@ def gguf_seeds(out_dir):
 NOT_SEEDS = {"tokenizer_json": {"catastrophic_split"}}
 
 
+def api_request_seeds(out_dir):
+    """moe serve request bodies; the first byte picks the endpoint (odd: chat)."""
+    bodies = [
+        (1, {"messages": [{"role": "user", "content": "Hello"}]}),
+        (1, {"model": "m", "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+             "temperature": 0.7, "top_p": 0.9, "max_tokens": 16, "stop": ["\n"], "seed": 1, "logprobs": True,
+             "top_logprobs": 2, "stream": True, "stream_options": {"include_usage": True}}),
+        (1, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}], "n": 1,
+             "max_completion_tokens": 3}),
+        (0, {"prompt": "Once upon a time", "max_tokens": 8, "logprobs": 1}),
+        (0, {"prompt": [1, 2, 3], "stream": True, "ignore_eos": True}),
+    ]
+    n = 0
+    for i, (chat, b) in enumerate(bodies):
+        write(out_dir, "api_%d" % i, bytes([chat]) + json.dumps(b).encode())
+        n += 1
+    return n
+
+
 def main(argv):
     if len(argv) < 4:
         sys.stderr.write(__doc__)
@@ -398,6 +417,8 @@ def main(argv):
         written = regex_seeds(out_dir, tokenizers)
     elif target == "gguf":
         written = gguf_seeds(out_dir)
+    elif target == "api_request":
+        written = api_request_seeds(out_dir)
     else:
         sys.stderr.write("fuzz_seeds: unknown target '%s'\n" % target)
         return 2

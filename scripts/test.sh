@@ -15,7 +15,7 @@
 # Environment knobs for local iteration:
 #   MOE_SKIP_RELEASE=1 MOE_SKIP_ASAN=1 MOE_SKIP_FUZZ=1   skip a stage
 #   MOE_CUDA=ON|OFF        force the CUDA backend on/off in the release stage (default: auto)
-#   MOE_FUZZ_SECONDS=N     fuzzing time per target (default 25; 7 targets)
+#   MOE_FUZZ_SECONDS=N     fuzzing time per target (default 25; 8 targets)
 #   MOE_CTEST_TIMEOUT=N    per-test timeout in seconds (default 600)
 #   MOE_RELEASE_DIR=D MOE_ASAN_DIR=D   build directories (default build-ci, build-asan)
 # Exits non-zero on the first failing stage; the last line always summarises the stages.
@@ -25,7 +25,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PATH="/usr/local/cuda/bin:${PATH}"
 JOBS="$(nproc)"
 FIXTURES_DIR="../shared/fixtures"
-FUZZ_TARGETS=(safetensors_header safetensors_index config_json tokenizer_json jinja regex gguf)
+FUZZ_TARGETS=(safetensors_header safetensors_index config_json tokenizer_json jinja regex gguf api_request)
 FUZZ_SECONDS="${MOE_FUZZ_SECONDS:-25}"
 CTEST_TIMEOUT="${MOE_CTEST_TIMEOUT:-600}"
 RELEASE_DIR="${MOE_RELEASE_DIR:-build-ci}"

@@ -48,6 +48,7 @@ TEST(HostileCorpus, ConfigJson) { replay("config_json", fuzz::config_json); }
 TEST(HostileCorpus, TokenizerJson) { replay("tokenizer_json", fuzz::tokenizer_json); }
 TEST(HostileCorpus, Jinja) { replay("jinja", fuzz::jinja); }
 TEST(HostileCorpus, Regex) { replay("regex", fuzz::regex); }
+TEST(HostileCorpus, ApiRequest) { replay("api_request", fuzz::api_request); }
 
 }  // namespace
 }  // namespace moe

@@ -301,6 +301,39 @@ std::vector<Case> make_cases() {
               });
         }
 
+  // Paged KV cache (serving; CPU only): 7 blocks of 4 positions, two rows at different
+  // positions whose tables list blocks out of order (row 1's first block after row 0's).
+  // The reference copies each row's pages into a per-slot cache and runs attention_forward.
+  {
+    const int64_t n_blocks = 7, blk = 4;
+    const std::vector<int32_t> tab = {5, 2, 0, -1, 6, 1, 3, 4};  // [2,4]; -1: never reached
+    for (auto heads : {std::pair<int64_t, int64_t>{3, 1}, {4, 2}})
+      for (int64_t s : {1, 3})
+        for (int64_t dh : {6, 8}) {
+          const int64_t h = heads.first, hkv = heads.second, bn = 2;
+          const std::vector<int32_t> past = {s == 1 ? 9 : 6, 3};  // row 0 spans three blocks
+          Tensor kp = ten({n_blocks, blk, hkv, dh}, rnd(n_blocks * blk * hkv * dh, ++seed));
+          Tensor vp = ten({n_blocks, blk, hkv, dh}, rnd(n_blocks * blk * hkv * dh, ++seed));
+          Tensor k = ten({bn, s, hkv, dh}, rnd(bn * s * hkv * dh, ++seed));
+          Tensor v = ten({bn, s, hkv, dh}, rnd(bn * s * hkv * dh, ++seed));
+          Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+          const std::string tag = "_H" + str(h) + "_Hkv" + str(hkv) + "_S" + str(s) + "_Dh" + str(dh);
+          add("kv_append_paged" + tag, false, 0.0, [=](Backend b) {
+            Dev g{b};
+            Tensor kk = g.in(kp), vv = g.in(vp), tb = ints({bn, 4}, tab), ps = ints({bn}, past);
+            CALL(b, kv_append_paged(kk, vv, g.in(k), g.in(v), tb, ps));
+            return Outs{{"k_pages", kk}, {"v_pages", vv}};
+          });
+          add("attention_forward_paged" + tag, false, 0.0, [=](Backend b) {
+            Dev g{b};
+            Tensor out = g.out({bn, s, h, dh});
+            Tensor tb = ints({bn, 4}, tab), ps = ints({bn}, past);
+            CALL(b, attention_forward_paged(out, g.in(q), g.in(kp), g.in(vp), tb, ps));
+            return Outs{{"out", out}};
+          });
+        }
+  }
+
   // router_topk_forward (row 0 has tied logits: the lower index must win). With a selection
   // bias (aux-loss-free balancing) large enough to reorder the experts: selection follows
   // probability + bias, the weights stay the unbiased probabilities.

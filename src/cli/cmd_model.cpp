@@ -14,7 +14,7 @@
 #include "plan/plan_model.h"
 #include "plan/planner.h"
 #include "ops/ops.h"
-#include "serve/sampling.h"
+#include "serve/engine.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
@@ -238,49 +238,36 @@ void add_generate_command(CLI::App& app) {
     for (int32_t id : prompt)
       MOE_CHECK(id < c.vocab_size, "--ids: token %d out of range (vocab %lld)", id, (long long)c.vocab_size);
     const int64_t n_prompt = static_cast<int64_t>(prompt.size());
-    KVCache kv = m.make_cache(1, n_prompt + o->max_new);
-    SamplingParams sp{o->temperature, o->top_k, o->top_p};
-    Rng rng(o->seed);
-    ForwardOptions fo;
-    fo.last_logits_only = true;
-
-    Tensor ids = Tensor::empty({1, n_prompt}, DType::I32, MemCategory::Activations);
-    std::copy(prompt.begin(), prompt.end(), ids.data<int32_t>());
-    double t0 = now_seconds();
-    ForwardResult r = m.forward(ids, kv, fo);
-    std::vector<float> lg = r.logits.to_f32_vector();
-    double t_prefill = now_seconds() - t0;
+    // The serving engine with one sequence: the prompt in one prefill, then decode steps.
+    EngineOptions eo;
+    eo.max_batch = 1;
+    eo.max_context = n_prompt + o->max_new;
+    eo.prefill_chunk = n_prompt;
+    Engine engine(m, tok.get(), eo);
+    GenRequest req;
+    req.prompt = prompt;
+    req.sampling = SamplingParams{o->temperature, o->top_k, o->top_p};
+    req.seed = o->seed;
+    req.max_tokens = o->max_new;
     std::vector<int32_t> out;
     out.reserve(static_cast<size_t>(o->max_new));
-    int32_t next = sample_token(lg.data(), c.vocab_size, sp, rng);
-    out.push_back(next);
-    Tensor one = Tensor::empty({1, 1}, DType::I32, MemCategory::Activations);
-    double t1 = now_seconds();
-    std::unique_ptr<DecodeStream> stream;
-    if (tok) {
-      stream = std::make_unique<DecodeStream>(*tok, true);
-      std::printf("%s", stream->step(next).c_str());
-      std::fflush(stdout);
-    }
-    const int64_t eos = tok && tok->eos_id() ? *tok->eos_id() : c.eos_token_id;
-    while (static_cast<int64_t>(out.size()) < o->max_new) {
-      if (eos >= 0 && next == eos) break;
-      one.data<int32_t>()[0] = next;
-      r = m.forward(one, kv, fo);
-      const float* lp = lg.data();  // host f32 logits are read in place (no copy per token)
-      if (r.logits.device() == Device::CPU && r.logits.dtype() == DType::F32)
-        lp = r.logits.data<float>();
-      else
-        lg = r.logits.to_f32_vector();
-      next = sample_token(lp, c.vocab_size, sp, rng);
-      out.push_back(next);
-      if (stream) {
-        std::printf("%s", stream->step(next).c_str());
+    double t0 = now_seconds(), t1 = 0;
+    GenCallbacks cb;
+    cb.on_token = [&](const GenToken& g) {
+      if (out.empty()) t1 = now_seconds();
+      out.push_back(g.id);
+      if (tok) {
+        std::printf("%s", g.text.c_str());
         std::fflush(stdout);
       }
-    }
+    };
+    cb.on_finish = [&](FinishReason, const std::string& tail) {
+      if (tok) std::printf("%s\n", tail.c_str());
+    };
+    engine.submit(req, cb);
+    engine.run_until_idle();
+    const double t_prefill = t1 - t0;
     double t_decode = now_seconds() - t1;
-    if (stream) std::printf("%s\n", stream->flush().c_str());
     std::printf("prompt:");
     for (int32_t id : prompt) std::printf(" %d", id);
     std::printf("\ngenerated:");
