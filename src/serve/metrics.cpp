@@ -1,6 +1,8 @@
 // metrics.cpp — Prometheus text exposition of the server's metrics.
 #include "serve/metrics.h"
 
+#include "core/memory.h"
+
 #include <algorithm>
 #include <cstdarg>
 #include <cstdio>
@@ -124,6 +126,14 @@ std::string ServerMetrics::render(const Gauges& g) const {
   line(out, "moe_kv_blocks_cached %lld\n", (long long)g.kv_blocks_cached);
   header(out, "moe_kv_prefix_hit_blocks_total", "KV blocks reused from the prefix cache.", "counter");
   line(out, "moe_kv_prefix_hit_blocks_total %lld\n", (long long)g.prefix_hit_blocks);
+  // The engine's tracked memory by category (current bytes): idle, activations return to 0.
+  header(out, "moe_memory_bytes", "Bytes the engine holds now, by device and category.", "gauge");
+  const MemStats ms = mem_stats();
+  for (int d = 0; d < kNumDevices; ++d)
+    for (int c = 0; c < kNumMemCategories; ++c)
+      if (ms.current[d][c] != 0 || ms.peak[d][c] != 0)
+        line(out, "moe_memory_bytes{device=\"%s\",category=\"%s\"} %lld\n", device_name(static_cast<Device>(d)),
+             mem_category_name(static_cast<MemCategory>(c)), (long long)ms.current[d][c]);
   header(out, "moe_expert_tokens_total", "Tokens routed to each expert, per MoE layer.", "counter");
   for (size_t l = 0; l < expert_tokens_.size(); ++l)
     for (size_t e = 0; e < expert_tokens_[l].size(); ++e)

