@@ -292,7 +292,7 @@ void run_bench(const BenchOpts& o) {
 void add_bench_command(CLI::App& app) {
   auto o = std::make_shared<BenchOpts>();
   CLI::App* cmd = app.add_subcommand("bench", "benchmarks against rooflines measured in the same run");
-  cmd->add_option("what", o->what, "decode or prefill (or the tokenize / train subcommands)");
+  cmd->add_option("what", o->what, "decode or prefill (or the tokenize / train / serve subcommands)");
   cmd->add_option("--arch", o->arch, "model family")->capture_default_str();
   cmd->add_option("--preset", o->preset, "tiny, small, medium or 8x7b")->capture_default_str();
   cmd->add_option("--layers", o->layers, "override the preset's layer count")->check(CLI::Range(1, 1000));
@@ -313,8 +313,9 @@ void add_bench_command(CLI::App& app) {
   cmd->add_flag("--json", o->json, "also print one JSON line");
   add_tokenize_bench(cmd);
   add_train_bench(cmd);
+  add_serve_bench(cmd);
   cmd->callback([o, cmd]() {
-    if (cmd->got_subcommand("tokenize") || cmd->got_subcommand("train")) return;
+    if (cmd->got_subcommand("tokenize") || cmd->got_subcommand("train") || cmd->got_subcommand("serve")) return;
     MOE_CHECK(o->what == "decode" || o->what == "prefill", "bench: expected decode, prefill, tokenize or train, got '%s'",
               o->what.c_str());
     run_bench(*o);

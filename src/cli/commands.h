@@ -17,6 +17,7 @@ void add_grad_command(CLI::App& app);
 void add_train_command(CLI::App& app);
 void add_tokenize_bench(CLI::App* bench);
 void add_train_bench(CLI::App* bench);
+void add_serve_bench(CLI::App* bench);
 void add_report_command(CLI::App& app);
 void add_perplexity_command(CLI::App& app);
 void add_serve_command(CLI::App& app);

@@ -117,6 +117,10 @@ float dot_f32(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// Up to this many rows of x, bf16/f16 weights are widened block by block in cache (above: in
+// large chunks, where packing x for every small block would cost more than it saves).
+constexpr int64_t kSmallBatchRows = 96;
+
 void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
               bool accumulate) {
   if (n == 0 || m == 0) return;
@@ -139,6 +143,30 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
     return;
   }
   MOE_CHECK(wdt == DType::BF16 || wdt == DType::F16, "gemm: unsupported weight dtype %s", dtype_name(wdt));
+  if (n <= kSmallBatchRows) {
+    // A few rows (batched decode): each thread widens a block of weight rows small enough to
+    // stay in its L2 and multiplies every row of x against it (BLAS runs single-threaded inside
+    // the parallel region). The weights are read once, as bf16/f16; their f32 copy never goes
+    // out to memory, where converting the whole matrix first would write and re-read it.
+    const int64_t block = std::clamp<int64_t>((int64_t(48) << 10) / std::max<int64_t>(k, 1), 8, m);
+    const int64_t n_blocks = (m + block - 1) / block;
+#pragma omp parallel if(n_blocks > 1)
+    {
+      float* wf = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(block * k));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const int64_t r0 = b * block, rows = std::min(block, m - r0);
+        const uint16_t* src = static_cast<const uint16_t*>(w) + r0 * k;
+        if (wdt == DType::BF16)
+          for (int64_t i = 0; i < rows * k; ++i) wf[i] = bf16_to_f32(src[i]);
+        else
+          for (int64_t i = 0; i < rows * k; ++i) wf[i] = f16_to_f32(src[i]);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)rows, (int)k, 1.0f, x, (int)k, wf, (int)k,
+                    beta, out + r0, (int)ldo);
+      }
+    }
+    return;
+  }
   // Convert weight rows in chunks of ~4 MiB of f32 so the scratch stays small for big heads.
   int64_t chunk = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(k, 1));
   chunk = std::min(chunk, m);
