@@ -7,6 +7,12 @@
 #include "core/error.h"
 #include "core/json_util.h"
 
+// GCC 12 at -O3 reports a false -Wrestrict inside std::string's operator+ (GCC bug 105329);
+// the messages built here are ordinary concatenations.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wrestrict"
+#endif
+
 namespace moe {
 
 using ojson = nlohmann::ordered_json;
