@@ -295,13 +295,16 @@ KVCache Model::make_cache(int64_t batch, int64_t capacity) const {
   kv.batch = batch;
   kv.capacity = capacity;
   kv.pos.assign(static_cast<size_t>(batch), 0);
-  for (int64_t l = 0; l < cfg_.n_layer; ++l) {
-    kv.k.push_back(Tensor::zeros({batch, capacity, cfg_.n_head_kv, cfg_.head_dim}, opt_.act_dtype,
-                                 MemCategory::KvCache, opt_.device));
-    kv.v.push_back(Tensor::zeros({batch, capacity, cfg_.n_head_kv, cfg_.head_dim}, opt_.act_dtype,
-                                 MemCategory::KvCache, opt_.device));
-  }
+  add_kv_layers(kv, batch, capacity);
   return kv;
+}
+
+// Per layer, k and v caches [rows, positions, Hkv, Dh] (slots x capacity, or blocks x block size).
+void Model::add_kv_layers(KVCache& kv, int64_t rows, int64_t positions) const {
+  for (int64_t l = 0; l < cfg_.n_layer; ++l)
+    for (auto* side : {&kv.k, &kv.v})
+      side->push_back(Tensor::zeros({rows, positions, cfg_.n_head_kv, cfg_.head_dim}, opt_.act_dtype,
+                                    MemCategory::KvCache, opt_.device));
 }
 
 KVCache Model::make_paged_cache(int64_t slots, int64_t n_blocks, int64_t block_size) const {
@@ -314,12 +317,7 @@ KVCache Model::make_paged_cache(int64_t slots, int64_t n_blocks, int64_t block_s
   kv.block_size = block_size;
   kv.pos.assign(static_cast<size_t>(slots), 0);
   kv.tables.assign(static_cast<size_t>(slots), {});
-  for (int64_t l = 0; l < cfg_.n_layer; ++l) {
-    kv.k.push_back(Tensor::zeros({n_blocks, block_size, cfg_.n_head_kv, cfg_.head_dim}, opt_.act_dtype,
-                                 MemCategory::KvCache, opt_.device));
-    kv.v.push_back(Tensor::zeros({n_blocks, block_size, cfg_.n_head_kv, cfg_.head_dim}, opt_.act_dtype,
-                                 MemCategory::KvCache, opt_.device));
-  }
+  add_kv_layers(kv, n_blocks, block_size);
   return kv;
 }
 

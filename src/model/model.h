@@ -119,6 +119,7 @@ class Model {
   int64_t n_params_active() const { return params_active(cfg_); }
 
  private:
+  void add_kv_layers(KVCache& kv, int64_t rows, int64_t positions) const;
   ModelConfig cfg_;
   LoadOptions opt_;
   ModelWeights w_;

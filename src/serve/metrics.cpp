@@ -24,6 +24,12 @@ void header(std::string& out, const char* name, const char* help, const char* ty
   line(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+// A metric without labels: its HELP/TYPE lines and its one sample.
+void scalar(std::string& out, const char* name, const char* help, const char* type, long long v) {
+  header(out, name, help, type);
+  line(out, "%s %lld\n", name, v);
+}
+
 }  // namespace
 
 Histogram::Histogram(std::vector<double> bounds) : bounds_(std::move(bounds)), buckets_(bounds_.size() + 1, 0) {}
@@ -100,32 +106,21 @@ std::string ServerMetrics::render(const Gauges& g) const {
   for (auto& [k, n] : requests_)
     line(out, "moe_requests_total{endpoint=\"%s\",status=\"%d\"} %llu\n", k.first.c_str(), k.second,
          (unsigned long long)n);
-  header(out, "moe_prompt_tokens_total", "Prompt tokens of finished requests.", "counter");
-  line(out, "moe_prompt_tokens_total %llu\n", (unsigned long long)prompt_tokens_);
-  header(out, "moe_prompt_tokens_cached_total", "Prompt tokens whose KV blocks were reused (prefix cache).", "counter");
-  line(out, "moe_prompt_tokens_cached_total %llu\n", (unsigned long long)cached_tokens_);
-  header(out, "moe_generated_tokens_total", "Generated tokens of finished requests.", "counter");
-  line(out, "moe_generated_tokens_total %llu\n", (unsigned long long)generated_tokens_);
-  header(out, "moe_engine_steps_total", "Scheduler steps run.", "counter");
-  line(out, "moe_engine_steps_total %llu\n", (unsigned long long)steps_);
+  scalar(out, "moe_prompt_tokens_total", "Prompt tokens of finished requests.", "counter", (long long)prompt_tokens_);
+  scalar(out, "moe_prompt_tokens_cached_total", "Prompt tokens whose KV blocks were reused (prefix cache).", "counter", (long long)cached_tokens_);
+  scalar(out, "moe_generated_tokens_total", "Generated tokens of finished requests.", "counter", (long long)generated_tokens_);
+  scalar(out, "moe_engine_steps_total", "Scheduler steps run.", "counter", (long long)steps_);
   ttft_.render(out, "moe_time_to_first_token_seconds", "Time from request arrival to its first token.");
   per_token_.render(out, "moe_time_per_output_token_seconds", "Time between consecutive tokens of a request.");
   latency_.render(out, "moe_request_duration_seconds", "Time from request arrival to its last token.");
   batch_.render(out, "moe_batch_size", "Sequences decoded together per step.");
-  header(out, "moe_requests_running", "Requests admitted to the running batch.", "gauge");
-  line(out, "moe_requests_running %lld\n", (long long)g.running);
-  header(out, "moe_requests_waiting", "Requests queued for admission.", "gauge");
-  line(out, "moe_requests_waiting %lld\n", (long long)g.waiting);
-  header(out, "moe_kv_blocks_total", "KV cache blocks.", "gauge");
-  line(out, "moe_kv_blocks_total %lld\n", (long long)g.kv_blocks_total);
-  header(out, "moe_kv_block_size", "Positions per KV cache block.", "gauge");
-  line(out, "moe_kv_block_size %lld\n", (long long)g.kv_block_size);
-  header(out, "moe_kv_blocks_in_use", "KV cache blocks held by running sequences.", "gauge");
-  line(out, "moe_kv_blocks_in_use %lld\n", (long long)g.kv_blocks_in_use);
-  header(out, "moe_kv_blocks_cached", "KV cache blocks holding a reusable prompt prefix.", "gauge");
-  line(out, "moe_kv_blocks_cached %lld\n", (long long)g.kv_blocks_cached);
-  header(out, "moe_kv_prefix_hit_blocks_total", "KV blocks reused from the prefix cache.", "counter");
-  line(out, "moe_kv_prefix_hit_blocks_total %lld\n", (long long)g.prefix_hit_blocks);
+  scalar(out, "moe_requests_running", "Requests admitted to the running batch.", "gauge", (long long)g.running);
+  scalar(out, "moe_requests_waiting", "Requests queued for admission.", "gauge", (long long)g.waiting);
+  scalar(out, "moe_kv_blocks_total", "KV cache blocks.", "gauge", (long long)g.kv_blocks_total);
+  scalar(out, "moe_kv_block_size", "Positions per KV cache block.", "gauge", (long long)g.kv_block_size);
+  scalar(out, "moe_kv_blocks_in_use", "KV cache blocks held by running sequences.", "gauge", (long long)g.kv_blocks_in_use);
+  scalar(out, "moe_kv_blocks_cached", "KV cache blocks holding a reusable prompt prefix.", "gauge", (long long)g.kv_blocks_cached);
+  scalar(out, "moe_kv_prefix_hit_blocks_total", "KV blocks reused from the prefix cache.", "counter", (long long)g.prefix_hit_blocks);
   // The engine's tracked memory by category (current bytes): idle, activations return to 0.
   header(out, "moe_memory_bytes", "Bytes the engine holds now, by device and category.", "gauge");
   const MemStats ms = mem_stats();
