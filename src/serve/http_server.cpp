@@ -196,6 +196,7 @@ void HttpServer::routes() {
     auto t_last = std::make_shared<double>(0.0);
     GenCallbacks cb;
     cb.on_token = [this, ch, t0, t_last](const GenToken& g) {
+      metrics_.token_generated();
       const double t = now_s();
       if (*t_last == 0.0)
         metrics_.ttft(t - t0);
@@ -223,7 +224,7 @@ void HttpServer::routes() {
     }
     const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id_++);
     auto finished = [this, endpoint, t0, h]() {
-      metrics_.tokens(h->prompt_tokens(), h->cached_prompt_tokens(), h->generated_tokens());
+      metrics_.prompt_tokens(h->prompt_tokens(), h->cached_prompt_tokens());
       metrics_.request_latency(now_s() - t0);
       metrics_.request_done(endpoint, 200);
     };

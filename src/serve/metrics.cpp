@@ -65,11 +65,15 @@ void ServerMetrics::request_done(const std::string& endpoint, int status) {
   ++requests_[{endpoint, status}];
 }
 
-void ServerMetrics::tokens(int64_t prompt, int64_t cached_prompt, int64_t generated) {
+void ServerMetrics::prompt_tokens(int64_t prompt, int64_t cached_prompt) {
   std::lock_guard<std::mutex> lk(mu_);
   prompt_tokens_ += uint64_t(prompt);
   cached_tokens_ += uint64_t(cached_prompt);
-  generated_tokens_ += uint64_t(generated);
+}
+
+void ServerMetrics::token_generated() {
+  std::lock_guard<std::mutex> lk(mu_);
+  ++generated_tokens_;
 }
 
 void ServerMetrics::ttft(double s) {
@@ -108,7 +112,7 @@ std::string ServerMetrics::render(const Gauges& g) const {
          (unsigned long long)n);
   scalar(out, "moe_prompt_tokens_total", "Prompt tokens of finished requests.", "counter", (long long)prompt_tokens_);
   scalar(out, "moe_prompt_tokens_cached_total", "Prompt tokens whose KV blocks were reused (prefix cache).", "counter", (long long)cached_tokens_);
-  scalar(out, "moe_generated_tokens_total", "Generated tokens of finished requests.", "counter", (long long)generated_tokens_);
+  scalar(out, "moe_generated_tokens_total", "Tokens generated (cancelled requests' included).", "counter", (long long)generated_tokens_);
   scalar(out, "moe_engine_steps_total", "Scheduler steps run.", "counter", (long long)steps_);
   ttft_.render(out, "moe_time_to_first_token_seconds", "Time from request arrival to its first token.");
   per_token_.render(out, "moe_time_per_output_token_seconds", "Time between consecutive tokens of a request.");

@@ -28,7 +28,8 @@ class ServerMetrics {
  public:
   ServerMetrics();
   void request_done(const std::string& endpoint, int status);
-  void tokens(int64_t prompt, int64_t cached_prompt, int64_t generated);
+  void prompt_tokens(int64_t prompt, int64_t cached_prompt);  // of a finished request
+  void token_generated();  // every token, cancelled requests' too
   void ttft(double s);
   void per_token(double s);
   void request_latency(double s);

@@ -83,4 +83,34 @@ else
   if ((RC == 0)); then pass "server exits 0 on SIGTERM"; else fail "server exited ${RC} on SIGTERM"; fi
 fi
 grep -q "serve: stopped" serve.log && pass "server says it stopped" || fail "no 'serve: stopped' in the log"
+
+# A quantized GGUF written by `moe quantize` serves too (its tokenizer from --tokenizer), and
+# greedy text stays close: the q8_0 model's first tokens are compared with the f32 model's.
+run quantize "${MOE}" quantize q3 --type q8_0 --out q3.gguf --quiet
+expect_ok quantize
+run serve-gguf-notok "${MOE}" serve q3.gguf --port 0
+expect_err "a .gguf without --tokenizer" "tokenizer"
+"${MOE}" serve q3.gguf --tokenizer q3 --port 0 > serve-gguf.log 2>&1 &
+PID=$!
+PORT=""
+for _ in $(seq 1 100); do
+  PORT="$(sed -n 's|^serving .* on http://127.0.0.1:\([0-9]*\)/v1.*|\1|p' serve-gguf.log)"
+  [[ -n "${PORT}" ]] && break
+  kill -0 "${PID}" 2>/dev/null || break
+  sleep 0.1
+done
+if [[ -n "${PORT}" ]]; then
+  run gguf-completion curl -s "http://127.0.0.1:${PORT}/v1/completions" -d '{"prompt":"The quick brown fox","max_tokens":6,"temperature":0}'
+  if grep -q '"finish_reason":"length"' <<<"${OUT}" && grep -q '"completion_tokens":6' <<<"${OUT}"; then
+    pass "q8_0 GGUF served: a 6-token completion"
+  else
+    fail "q8_0 GGUF completion: ${OUT}"
+  fi
+  kill -TERM "${PID}"
+  wait "${PID}"
+else
+  sed 's/^/     | /' serve-gguf.log
+  fail "the GGUF server did not start"
+  kill "${PID}" 2>/dev/null
+fi
 finish

@@ -117,7 +117,7 @@ check(together.every((t, i) => t === alone[i]), "concurrent greedy requests give
 // 9. bounded load test: 64 concurrent clients, a fixed number of requests, three rounds
 const CLIENTS = 64, PER_CLIENT = 2, MAX_TOKENS = 8;
 const rounds = [];
-for (let round = 0; round < 4; round++) {
+for (let round = 0; round < 6; round++) {
   const lat = [];
   let failed = 0, tokens = 0;
   const t0 = performance.now();
@@ -150,11 +150,19 @@ for (let round = 0; round < 4; round++) {
     tokens, tokens_per_s: +(tokens / secs).toFixed(1), rss_kib: rssKiB() });
   check(failed === 0, `load round ${round}: ${CLIENTS} clients x ${PER_CLIENT} requests, ${failed} failed`);
 }
-// Round 0 warms the allocator (and the thread pool, malloc arenas, kept blocks); after it the
-// resident set may settle but not keep growing: the last round within 5% of round 1.
-check(rounds[3].rss_kib <= rounds[1].rss_kib * 1.05, `RSS does not grow across rounds (${rounds.map((r) => r.rss_kib).join(" -> ")} KiB)`);
+// The first rounds warm the allocator (thread pool, malloc arenas, kept blocks) and the resident
+// set then moves by a few percent between rounds (measured: +-15 MiB around ~350 MiB, no trend);
+// a leak grows it every round. Check: the median of rounds 3-5 within 5% of the peak of rounds
+// 0-2. Sanitizer builds hold freed memory in ASan's quarantine: not checked there, said so.
+const rssList = rounds.map((r) => r.rss_kib);
+const lateMedian = [...rssList.slice(3)].sort((a, b) => a - b)[1], warmPeak = Math.max(...rssList.slice(0, 3));
+if (process.env.ASAN_OPTIONS !== undefined)
+  console.log(`skip: RSS across rounds not checked under ASan (quarantine): ${rssList.join(" -> ")} KiB`);
+else
+  check(lateMedian <= warmPeak * 1.05, `RSS does not grow across rounds (${rssList.join(" -> ")} KiB)`);
 
 // 10. clients that disconnect mid-stream leak no KV blocks
+const gen0 = gauge(await metrics(), "moe_generated_tokens_total");
 const controllers = Array.from({ length: 16 }, () => new AbortController());
 await Promise.all(controllers.map(async (ac, i) => {
   try {
@@ -173,8 +181,8 @@ for (let i = 0; i < 100 && !idle; i++) {
   if (!idle) await new Promise((r) => setTimeout(r, 100));
 }
 check(idle, `after 16 mid-stream disconnects: KV blocks in use ${gauge(m, "moe_kv_blocks_in_use")}, running ${gauge(m, "moe_requests_running")}`);
-const gen = gauge(m, "moe_generated_tokens_total");
-check(gen < 16 * 400, `disconnected streams stopped generating (${gen} tokens generated in all)`);
+const gen = gauge(m, "moe_generated_tokens_total") - gen0;
+check(gen >= 16 * 3 && gen < 16 * 400, `disconnected streams stopped generating (${gen} tokens for 16 streams of max_tokens 400)`);
 
 // 11. metrics content
 for (const name of ["moe_time_to_first_token_seconds_bucket", "moe_time_per_output_token_seconds_count", "moe_batch_size_bucket",
