@@ -4,7 +4,8 @@
 //
 // One step is what the trainer does: zero the gradients, forward_backward, global-norm clip,
 // AdamW. Reported:
-//  - tokens/s of the median timed step;
+//  - tokens/s of the median timed step, and the median step's share spent in AdamW (all of
+//    step_group's calls with --fused-update; clipping is not included);
 //  - peak bytes per tracked category and the peak RSS; the training memory overhead is the
 //    peak RSS during the steps minus the RSS after load (the kernel's high-water mark is reset
 //    after load), the same definition as the PyTorch peer's peak_rss_increase_bytes;
@@ -282,7 +283,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   std::vector<std::vector<bool>> touched(size_t(mc.n_layer), std::vector<bool>(size_t(std::max<int64_t>(mc.n_expert, 1))));
 
   Rng rng(o.seed + 1);
-  std::vector<double> times, losses;
+  std::vector<double> times, losses, opt_times;
   StepLosses last;
   for (int64_t step = 0; step < o.warmup + o.steps; ++step) {
     Tensor ids = random_ids(rng, o.batch, o.seq, mc.vocab_size);
@@ -295,23 +296,31 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
           if (fw.router[i].count[e] > 0) touched[size_t(fw.moe_layers[i])][e] = true;
     };
     StepLosses r;
+    double t_opt = 0;  // seconds in AdamW this step
     if (o.fused) {
       r = forward_backward_fused(m, ids, ids, lopt, [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
         if (group == kGroupHead) mark(fw);
+        const double t1 = now_seconds();
         opt.step_group(o.lr, touched, group_parameters(mc, g, group));
+        t_opt += now_seconds() - t1;
       });
     } else {
       r = forward_backward(m, ids, ids, &grads, lopt);
       mark(r);
       clip_grad_norm(gparams, o.clip);
+      const double t1 = now_seconds();
       opt.step(o.lr, touched);
+      t_opt = now_seconds() - t1;
     }
     const double dt = now_seconds() - t0;
     losses.push_back(r.total);
     const bool warm = step < o.warmup;
-    if (!warm) times.push_back(dt);
-    std::printf("step %lld/%lld%s: loss %.6f  %.3f s  rss %.0f MiB\n", (long long)step + 1,
-                (long long)(o.warmup + o.steps), warm ? " (warm-up)" : "", r.total, dt,
+    if (!warm) {
+      times.push_back(dt);
+      opt_times.push_back(t_opt);
+    }
+    std::printf("step %lld/%lld%s: loss %.6f  %.3f s (AdamW %.3f s)  rss %.0f MiB\n", (long long)step + 1,
+                (long long)(o.warmup + o.steps), warm ? " (warm-up)" : "", r.total, dt, t_opt,
                 mib(double(proc_status_bytes("VmRSS"))));
     std::fflush(stdout);
     last = std::move(r);
@@ -324,6 +333,8 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   std::sort(sorted.begin(), sorted.end());
   const double step_s = sorted[sorted.size() / 2];
   const double tok_s = double(o.batch * o.seq) / step_s;
+  std::sort(opt_times.begin(), opt_times.end());
+  const double opt_s = opt_times[opt_times.size() / 2];
 
   // ---- expert GEMMs on the last step's routing, then the GEMM peak again ----
   // (the fused update holds no whole-model gradient: the timing gets its own, after the peaks)
@@ -339,6 +350,8 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
 
   std::printf("\ntrain: median step %.3f s = %.1f tokens/s (%lld tokens/step); model ready in %.1f s, %s params\n",
               step_s, tok_s, (long long)(o.batch * o.seq), t_load, with_commas(m.n_params_total()).c_str());
+  std::printf("AdamW (%s moments%s): median %.3f s per step = %.0f%% of the median step\n", o.optim_dtype.c_str(),
+              o.fused ? ", fused per group" : "", opt_s, 100.0 * opt_s / step_s);
   std::printf("f32 sgemm peak (2048^3 cblas_sgemm, best of 4): %.1f GFLOP/s before, %.1f after -> %.1f GFLOP/s\n",
               peak_before / 1e9, peak_after / 1e9, peak / 1e9);
   std::printf("expert GEMMs (forward_train + backward, last step's routing: %lld rows over %zu MoE layers): "
@@ -362,7 +375,8 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
                       {"batch", o.batch}, {"seq", o.seq}, {"steps", o.steps}, {"warmup", o.warmup},
                       {"threads", threads}, {"recompute", o.recompute}, {"fused_update", o.fused},
                       {"optimizer_dtype", o.optim_dtype}, {"clip", o.clip}, {"step_time_s_median", step_s},
-                      {"step_times_s", times}, {"tokens_per_s", tok_s}, {"losses", losses},
+                      {"step_times_s", times}, {"tokens_per_s", tok_s},
+                      {"optimizer_s_median", opt_s}, {"losses", losses},
                       {"rss_after_load_bytes", rss_after_load}, {"peak_rss_bytes", peak_rss},
                       {"peak_rss_increase_bytes", overhead}, {"peak_is_training_only", hwm_reset},
                       {"activations_peak_bytes", act_peak}, {"activations_layout_bytes", act_layout},

@@ -15,6 +15,13 @@
 //
 // The fused update (step_group with forward_backward_fused) applies the same rule to one group
 // of parameters as soon as its gradients are final, so the whole-model gradient never exists.
+//
+// Both step and step_group update all their parameters in ONE parallel loop over fixed-size
+// slices of the concatenated elements (a group's many small tensors share one thread team, a
+// big tensor is spread over all threads), with AVX2 inner loops where the build has them. The
+// vector loop does exactly the scalar loop's f64 operations, in the same order (and the same
+// fused multiply-adds the compiler forms for the scalar loop at -march=x86-64-v3), so the
+// result does not depend on which path, slice or thread updates an element.
 #pragma once
 #include <map>
 #include <string>
@@ -62,7 +69,12 @@ class AdamW {
     Tensor m, v;
     int64_t steps = 0;
   };
-  void step_param(size_t i, double lr, const std::vector<std::vector<bool>>& touched, const Tensor& grad);
+  struct Job;  // one parameter's share of an update (optimizer.cpp)
+  // Decides whether parameter i is updated this step; if so advances its step count, creates
+  // its moments and fills *job for the update; a skipped expert's job only sums squares.
+  void prepare(size_t i, double lr, const std::vector<std::vector<bool>>& touched, const Tensor& grad, Job* job);
+  // Runs the jobs in one parallel loop; returns the sum of squares of their gradients.
+  double run(const std::vector<Job>& jobs) const;
 
   std::vector<NamedParam> params_, grads_;
   std::map<std::string, size_t> index_;
