@@ -3,7 +3,9 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -31,10 +33,12 @@ Tracker& tracker() {
 // Host blocks, once freed, are kept for an allocation of exactly the same size: a training step
 // or a decode step allocates the same sizes every time, so the steady state calls neither
 // malloc nor the kernel (large blocks are mapped directly: no page faults either).
-//   Large blocks (>= kMapThreshold): an allocation that finds no kept block of its size first
-//     returns every kept large block to the system, so their resident peak is never above that
-//     of unmapping each at once: between two misses, live + kept bytes only move from one to
-//     the other.
+//   Large blocks (>= kMapThreshold): live + kept large bytes never exceed the high-water mark
+//     of live large bytes, so their resident peak is never above that of unmapping each block
+//     when it is freed. An allocation that finds no kept block of its size returns kept blocks
+//     to the system (oldest first) only until the new block fits under that mark: returning
+//     all of them on every miss made a training step, whose backward alternates temporaries of
+//     different sizes, unmap and re-fault its memory layer after layer.
 //   Small blocks: kept up to kMaxKeptSmallBytes in all and never flushed by a miss (a flush
 //     would drop blocks the rest of the step needs, and the misses that follow would repeat
 //     every step); a miss simply takes a new block.
@@ -57,6 +61,7 @@ struct BlockCache {
   KeptBlock kept[kMaxKeptBlocks];
   size_t n_kept = 0;
   size_t small_bytes = 0;  // kept bytes of small blocks
+  size_t large_live = 0, large_kept = 0, large_high = 0;  // large blocks: in use, kept, peak in use
   std::atomic<int64_t> system_allocs{0};
 };
 
@@ -79,16 +84,23 @@ void system_free(void* p, size_t size) {
     std::free(p);
 }
 
-// Returns kept blocks to the system: every one, or only the large ones. Caller holds c.mu.
-void release_kept(BlockCache& c, bool large_only) {
-  size_t w = 0;
+// Returns kept blocks to the system, oldest first: every one (large_only false), or large ones
+// until at least `bytes` of them went back. Caller holds c.mu.
+void release_kept(BlockCache& c, bool large_only, size_t bytes = SIZE_MAX) {
+  size_t w = 0, freed = 0;
   for (size_t i = 0; i < c.n_kept; ++i) {
-    if (large_only && !is_large(c.kept[i].size)) {
+    const size_t size = c.kept[i].size;
+    if ((large_only && !is_large(size)) || freed >= bytes) {
       c.kept[w++] = c.kept[i];
       continue;
     }
-    if (!is_large(c.kept[i].size)) c.small_bytes -= c.kept[i].size;
-    system_free(c.kept[i].p, c.kept[i].size);
+    if (is_large(size)) {
+      c.large_kept -= size;
+      freed += size;
+    } else {
+      c.small_bytes -= size;
+    }
+    system_free(c.kept[i].p, size);
   }
   c.n_kept = w;
 }
@@ -100,16 +112,33 @@ void* host_alloc(size_t size) {
     for (size_t i = c.n_kept; i-- > 0;) {  // newest first: likeliest still in cache
       if (c.kept[i].size != size) continue;
       void* p = c.kept[i].p;
-      c.kept[i] = c.kept[--c.n_kept];
-      if (!is_large(size)) c.small_bytes -= size;
+      // (Order kept: the oldest blocks stay first, the ones a later miss returns.)
+      std::memmove(&c.kept[i], &c.kept[i + 1], (c.n_kept - i - 1) * sizeof(KeptBlock));
+      --c.n_kept;
+      if (is_large(size)) {
+        c.large_kept -= size;
+        c.large_live += size;
+      } else {
+        c.small_bytes -= size;
+      }
       return p;
     }
-    if (is_large(size)) release_kept(c, /*large_only=*/true);
+    if (is_large(size)) {
+      c.large_live += size;
+      c.large_high = std::max(c.large_high, c.large_live);
+      if (c.large_live + c.large_kept > c.large_high)
+        release_kept(c, /*large_only=*/true, c.large_live + c.large_kept - c.large_high);
+    }
   }
   c.system_allocs.fetch_add(1, std::memory_order_relaxed);
   if (is_large(size)) {
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    return p == MAP_FAILED ? nullptr : p;
+    if (p != MAP_FAILED) return p;
+    if (!MOE_ASAN) {
+      std::lock_guard<std::mutex> lock(c.mu);
+      c.large_live -= size;
+    }
+    return nullptr;
   }
   return std::aligned_alloc(64, size);
 }
@@ -118,10 +147,14 @@ void host_free(void* p, size_t size) {
   BlockCache& c = block_cache();
   if (!MOE_ASAN) {
     std::lock_guard<std::mutex> lock(c.mu);
+    if (is_large(size)) c.large_live -= size;
     const bool small_full = !is_large(size) && c.small_bytes + size > kMaxKeptSmallBytes;
     if (c.n_kept < kMaxKeptBlocks && !small_full) {
       c.kept[c.n_kept++] = {size, p};
-      if (!is_large(size)) c.small_bytes += size;
+      if (is_large(size))
+        c.large_kept += size;
+      else
+        c.small_bytes += size;
       return;
     }
   }
@@ -134,6 +167,7 @@ void mem_trim() {
   BlockCache& c = block_cache();
   std::lock_guard<std::mutex> lock(c.mu);
   release_kept(c, /*large_only=*/false);
+  c.large_high = c.large_live;  // what comes next is measured from here
 }
 
 int64_t mem_system_allocs() { return block_cache().system_allocs.load(std::memory_order_relaxed); }
