@@ -5,17 +5,15 @@
 // The experts' SwiGLU element work (a sigmoid per element, three passes per step) runs eight
 // lanes at a time with its own e^x where the build has AVX2 (with scalar expf it took a fifth
 // of the experts' time next to their GEMMs at the small preset's shapes); it computes the same
-// formulas as the scalar loops, with an e^x that rounds as expf does on all but 0.008% of inputs.
+// formulas as the scalar loops, with an e^x (cpu_simd_exp.h) that rounds as expf does on all but
+// 0.008% of inputs.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
-
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_simd_exp.h"
 
 namespace moe {
 namespace cpu {
@@ -161,30 +159,6 @@ ExpertView expert_view(const Tensor& w1, const Tensor& w3, const Tensor& w2, int
 inline float sigmoid(float a) { return 1.0f / (1.0f + std::exp(-a)); }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// e^x on four lanes in f64, for f32 arguments: x = k·ln2 + r with |r| <= ln2/2 (r exact to
-// f64 rounding: ln2 in two parts), e^r by its degree-10 Taylor polynomial (truncation below
-// 3e-13 relative), 2^k in the exponent bits. Rounded to f32 this is e^x correctly rounded but
-// for arguments very near a rounding boundary: it equals glibc's expf on all but 0.008% of the
-// f32 arguments in range (1 ulp there; the sigmoid differs on 0.003%), so the vector loops give
-// the scalar loops' results almost everywhere (checked exhaustively). Arguments are clamped to [-87.3, 88.3] (2^k stays a
-// normal float: a sigmoid saturates at 1 or ~1e-38 rather than 0); NaN stays NaN (min/max
-// return their second operand for a NaN).
-inline __m128 exp4(__m128 xf) {
-  xf = _mm_max_ps(_mm_set1_ps(-87.3f), _mm_min_ps(_mm_set1_ps(88.3f), xf));
-  const __m256d x = _mm256_cvtps_pd(xf);
-  const __m256d k = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(0.693147180559890330187), x);  // ln2 to 42 bits: k·hi is exact
-  r = _mm256_fnmadd_pd(k, _mm256_set1_pd(5.4979230187083711552e-14), r);        // the rest of ln2
-  static constexpr double kInvFact[] = {1.0 / 3628800, 1.0 / 362880, 1.0 / 40320, 1.0 / 5040, 1.0 / 720,
-                                        1.0 / 120,     1.0 / 24,     1.0 / 6,     0.5,          1.0,  1.0};
-  __m256d p = _mm256_set1_pd(kInvFact[0]);
-  for (int i = 1; i < 11; ++i) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kInvFact[i]));
-  const __m256i e = _mm256_slli_epi64(
-      _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(k)), _mm256_set1_epi64x(1023)), 52);
-  return _mm256_cvtpd_ps(_mm256_mul_pd(p, _mm256_castsi256_pd(e)));
-}
-
 inline __m256 exp8(__m256 x) {
   return _mm256_set_m128(exp4(_mm256_extractf128_ps(x, 1)), exp4(_mm256_castps256_ps128(x)));
 }
@@ -194,12 +168,6 @@ inline __m256 sigmoid8(__m256 a) {
   return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(a, _mm256_set1_ps(-0.0f)))));
 }
 
-// Sum of the four f64 lanes.
-inline double hsum4(__m256d v) {
-  alignas(32) double l[4];
-  _mm256_store_pd(l, v);
-  return (l[0] + l[1]) + (l[2] + l[3]);
-}
 #endif
 
 // One row of F: a = silu(h1) · h3 · s (the down projection's input).
