@@ -3,6 +3,7 @@
 // ops.cpp validates arguments and calls cpu::<op> or cuda::<op> with the same signature.
 // Backends assume valid input.
 #pragma once
+#include "core/lora.h"
 #include "core/tensor.h"
 
 #define MOE_BACKEND_OPS                                                                                  \
@@ -51,11 +52,15 @@
   void permute_weights_backward(Tensor& dtopk_w, const Tensor& drow_scale, const Tensor& perm);          \
   void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp,                    \
                                 const Tensor& offsets, const Tensor& w1, const Tensor& w3,               \
-                                const Tensor& w2, const Tensor& row_scale);                              \
+                                const Tensor& w2, const Tensor& row_scale, const ExpertLora& lora = {}); \
   void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale,       \
                            const Tensor& dyp, const Tensor& xp, const Tensor& h1, const Tensor& h3,      \
                            const Tensor& offsets, const Tensor& w1, const Tensor& w3, const Tensor& w2,  \
-                           const Tensor& row_scale);                                                     \
+                           const Tensor& row_scale, const ExpertLora& lora = {},                    \
+                           ExpertLora* dlora = nullptr);                                                 \
+  void lora_forward(Tensor& out, int64_t col0, const Tensor& x, const Lora& l);                          \
+  void lora_backward(Tensor& dx, Tensor& da, Tensor& db, const Tensor& dy, int64_t col0,                 \
+                     const Tensor& x, const Lora& l);                                                    \
   void swiglu_backward(Tensor& dh1, Tensor& dh3, const Tensor& dout, const Tensor& h1, const Tensor& h3); \
   void sigmoid_gate_backward(Tensor& ds, Tensor& dgate, const Tensor& dy, const Tensor& s,               \
                              const Tensor& gate);                                                        \

@@ -1,6 +1,8 @@
 // ops.cpp — argument validation and backend dispatch for every op in ops.h.
 #include "ops/ops.h"
 
+#include <tuple>
+
 #include "ops/backend.h"
 
 #include <array>
@@ -541,12 +543,84 @@ std::array<int64_t, 3> check_experts(const char* op, const Tensor& xp, const Ten
 }
 }  // namespace
 
+namespace {
+// One adapter (or its gradient) of a projection [M,Kd]: a [r,Kd], b [M,r] f32; stacked per
+// expert with n_expert > 0: a [E,r,Kd], b [E,M,r]. Returns r.
+int64_t check_lora(const char* op, const char* what, const Lora& l, int64_t m, int64_t kd, int64_t n_expert) {
+  MOE_CHECK(l.a.defined() && l.b.defined(), "%s: LoRA %s needs both a and b", op, what);
+  check_f32(op, what, l.a);
+  check_f32(op, what, l.b);
+  const int64_t r = l.a.dim(n_expert > 0 ? 1 : 0);
+  MOE_CHECK(r > 0, "%s: LoRA %s has rank 0", op, what);
+  if (n_expert > 0) {
+    check_shape(op, what, l.a, {n_expert, r, kd});
+    check_shape(op, what, l.b, {n_expert, m, r});
+  } else {
+    check_shape(op, what, l.a, {r, kd});
+    check_shape(op, what, l.b, {m, r});
+  }
+  return r;
+}
+
+// The experts' adapters and (optionally) their gradients: w1/w3 [F,D], w2 [D,F].
+void check_expert_lora(const char* op, const ExpertLora& l, const ExpertLora* dl, int64_t e, int64_t f, int64_t d) {
+  const std::tuple<const char*, const Lora*, const Lora*, int64_t, int64_t> parts[] = {
+      {"lora.w1", &l.w1, dl ? &dl->w1 : nullptr, f, d},
+      {"lora.w3", &l.w3, dl ? &dl->w3 : nullptr, f, d},
+      {"lora.w2", &l.w2, dl ? &dl->w2 : nullptr, d, f}};
+  for (auto [name, p, g, m, kd] : parts) {
+    if (!p->on()) continue;
+    const int64_t r = check_lora(op, name, *p, m, kd, e);
+    if (g) {
+      check_grad(op, name, g->a, {e, r, kd});
+      check_grad(op, name, g->b, {e, m, r});
+    }
+  }
+}
+}  // namespace
+
+void lora_forward(Tensor& out, int64_t col0, const Tensor& x, const Lora& l) {
+  const char* op = "lora_forward";
+  check_f32(op, "out", out);
+  check_f32(op, "x", x);
+  check_ndim(op, "out", out, 2);
+  check_ndim(op, "x", x, 2);
+  MOE_CHECK(l.b.defined() && l.b.ndim() == 2, "%s: b must be [M,r]", op);
+  const int64_t m = l.b.dim(0);
+  check_lora(op, "lora", l, m, x.dim(1), 0);
+  MOE_CHECK(out.dim(0) == x.dim(0) && col0 >= 0 && col0 + m <= out.dim(1),
+            "%s: out %s cannot take columns [%lld,%lld) for x %s", op, out.shape_str().c_str(), (long long)col0,
+            (long long)(col0 + m), x.shape_str().c_str());
+  check_device(op, out.device(), {&x, &l.a, &l.b});
+  MOE_TRAIN_DISPATCH(out.device(), op, lora_forward(out, col0, x, l));
+}
+
+void lora_backward(Tensor& dx, Tensor& da, Tensor& db, const Tensor& dy, int64_t col0, const Tensor& x,
+                   const Lora& l) {
+  const char* op = "lora_backward";
+  check_f32(op, "dy", dy);
+  check_f32(op, "x", x);
+  check_ndim(op, "dy", dy, 2);
+  check_ndim(op, "x", x, 2);
+  MOE_CHECK(l.b.defined() && l.b.ndim() == 2, "%s: b must be [M,r]", op);
+  const int64_t m = l.b.dim(0), kd = x.dim(1);
+  const int64_t r = check_lora(op, "lora", l, m, kd, 0);
+  MOE_CHECK(dy.dim(0) == x.dim(0) && col0 >= 0 && col0 + m <= dy.dim(1),
+            "%s: dy %s has no columns [%lld,%lld) for x %s", op, dy.shape_str().c_str(), (long long)col0,
+            (long long)(col0 + m), x.shape_str().c_str());
+  check_grad(op, "dx", dx, x.shape());
+  check_grad(op, "da", da, {r, kd});
+  check_grad(op, "db", db, {m, r});
+  check_device(op, dy.device(), {&dx, &da, &db, &x, &l.a, &l.b});
+  MOE_TRAIN_DISPATCH(dy.device(), op, lora_backward(dx, da, db, dy, col0, x, l));
+}
+
 void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp, const Tensor& offsets,
-                              const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
+                              const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
+                              const ExpertLora& lora) {
   const char* op = "expert_ffn_forward_train";
   auto [e, f, d] = check_experts(op, xp, offsets, w1, w3, w2, row_scale);
-  (void)e;
-  (void)d;
+  check_expert_lora(op, lora, nullptr, e, f, d);
   check_f32(op, "yp", yp);
   check_shape(op, "yp", yp, xp.shape());
   check_f32(op, "h1", h1);
@@ -554,14 +628,18 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
   check_shape(op, "h1", h1, {xp.dim(0), f});
   check_shape(op, "h3", h3, {xp.dim(0), f});
   check_device(op, yp.device(), {&h1, &h3, &xp, &offsets, &w1, &w3, &w2, &row_scale});
-  MOE_TRAIN_DISPATCH(yp.device(), op, expert_ffn_forward_train(yp, h1, h3, xp, offsets, w1, w3, w2, row_scale));
+  MOE_TRAIN_DISPATCH(yp.device(), op, expert_ffn_forward_train(yp, h1, h3, xp, offsets, w1, w3, w2, row_scale, lora));
 }
 
 void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale, const Tensor& dyp,
                          const Tensor& xp, const Tensor& h1, const Tensor& h3, const Tensor& offsets,
-                         const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
+                         const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
+                         const ExpertLora& lora, ExpertLora* dlora) {
   const char* op = "expert_ffn_backward";
   auto [e, f, d] = check_experts(op, xp, offsets, w1, w3, w2, row_scale);
+  check_expert_lora(op, lora, dlora, e, f, d);
+  ExpertLora none;
+  if (!dlora) dlora = &none;
   const int64_t p = xp.dim(0);
   check_f32(op, "dxp", dxp);
   check_shape(op, "dxp", dxp, xp.shape());
@@ -583,7 +661,7 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
                                   &row_scale});
   MOE_TRAIN_DISPATCH(dxp.device(), op,
                      expert_ffn_backward(dxp, dw1, dw3, dw2, drow_scale, dyp, xp, h1, h3, offsets, w1, w3, w2,
-                                         row_scale));
+                                         row_scale, lora, dlora));
 }
 
 void swiglu_backward(Tensor& dh1, Tensor& dh3, const Tensor& dout, const Tensor& h1, const Tensor& h3) {

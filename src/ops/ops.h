@@ -24,6 +24,7 @@
 // - Backward ops (the training section below): parameter gradients accumulate (+=), activation
 //   gradients are assigned (=).
 #pragma once
+#include "core/lora.h"
 #include "core/tensor.h"
 
 namespace moe {
@@ -185,8 +186,12 @@ void permute_weights_backward(Tensor& dtopk_w, const Tensor& drow_scale, const T
 
 // expert_ffn_forward that saves the pre-activations h1 = xp w1[e]^T and h3 = xp w3[e]^T [P,F]
 // (f32) for backward; yp as expert_ffn_forward.
+// With expert adapters (lora, per expert e: a [E,r,in], b [E,out,r]) the three products are split
+// LoRA over the same offsets:  h1 = xp w1[e]ᵀ + s1·(xp a1[e]ᵀ) b1[e]ᵀ  (h3 likewise) and
+// yp = u w2[e]ᵀ + s2·(u a2[e]ᵀ) b2[e]ᵀ with u = silu(h1)·h3·row_scale — never a dense ΔW.
 void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp, const Tensor& offsets,
-                              const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale);
+                              const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
+                              const ExpertLora& lora = {});
 // Backward of the grouped SwiGLU experts, only over experts with rows (others' dw untouched):
 //   a = silu(h1) * h3, u = a * s,  yp = u w2^T
 //   du = dyp w2;  dw2[e] += dyp^T u;  drow_scale[p] = sum_f du*a;  da = du * s
@@ -194,10 +199,24 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
 //   dxp = dh1 w1 + dh3 w3 (assigned);  dw1[e] += dh1^T xp;  dw3[e] += dh3^T xp
 // dxp, xp, dyp [P,D]; h1, h3 [P,F]; weights and their grads [E,F,D] / [E,D,F]; drow_scale [P]
 // (may be undefined when row_scale is); dw* may be undefined (frozen experts).
+// With adapters, each product's gradient goes through its LoRA as lora_backward does, per
+// expert with rows: dlora's a/b gradients (shaped as lora's, each may be undefined) accumulate
+// only for experts that received rows; the rest are untouched (zero when zero-initialised).
 void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale,
                          const Tensor& dyp, const Tensor& xp, const Tensor& h1, const Tensor& h3,
                          const Tensor& offsets, const Tensor& w1, const Tensor& w3, const Tensor& w2,
-                         const Tensor& row_scale);
+                         const Tensor& row_scale, const ExpertLora& lora = {}, ExpertLora* dlora = nullptr);
+
+// LoRA (fine-tuning; core/lora.h). The delta of one adapted projection, added into columns
+// [col0, col0+M) of its output (col0 > 0: one part of a stacked projection such as q/k/v):
+//   out[:, col0:col0+M] += l.scale · (x l.aᵀ) l.bᵀ.   out [N,≥col0+M], x [N,Kd], a [r,Kd], b [M,r].
+void lora_forward(Tensor& out, int64_t col0, const Tensor& x, const Lora& l);
+// Its backward, with dyₛ = dy[:, col0:col0+M] and u = x aᵀ (recomputed, not saved: N·r·Kd flops):
+//   dx += scale · (dyₛ b) a;   da += scale · (dyₛ b)ᵀ x;   db += scale · dyₛᵀ u.
+// Every gradient accumulates (dx too: it adds to the frozen base's input gradient); each may be
+// undefined (not computed).
+void lora_backward(Tensor& dx, Tensor& da, Tensor& db, const Tensor& dy, int64_t col0, const Tensor& x,
+                   const Lora& l);
 
 // Backward of out = silu(h1) * h3: dh1, dh3 assigned.  all [N,F].
 void swiglu_backward(Tensor& dh1, Tensor& dh3, const Tensor& dout, const Tensor& h1, const Tensor& h3);

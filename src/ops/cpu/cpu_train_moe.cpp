@@ -13,6 +13,7 @@
 
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_lora.h"
 #include "ops/cpu/cpu_simd_exp.h"
 
 namespace moe {
@@ -219,6 +220,35 @@ double swiglu_backward_row(float* dh1, float* du, const float* h1, const float* 
   return dot;
 }
 
+// Expert e's factors of a stacked adapter (in -> out) as raw pointers; a == nullptr: off.
+struct ExpertFactors {
+  const float* a = nullptr;
+  const float* b = nullptr;
+  float* da = nullptr;
+  float* db = nullptr;
+  float scale = 0;
+  int64_t r = 0;
+};
+
+ExpertFactors expert_factors(const Lora& l, const Lora* g, int64_t e, int64_t in, int64_t out) {
+  ExpertFactors f;
+  if (!l.on()) return f;
+  f.r = l.a.dim(1);
+  f.scale = l.scale;
+  f.a = l.a.data<float>() + e * f.r * in;
+  f.b = l.b.data<float>() + e * out * f.r;
+  if (g && g->a.defined()) f.da = g->a.data<float>() + e * f.r * in;
+  if (g && g->b.defined()) f.db = g->b.data<float>() + e * out * f.r;
+  return f;
+}
+
+int64_t max_rank(const ExpertLora& l) {
+  int64_t r = 1;
+  for (const Lora* p : {&l.w1, &l.w3, &l.w2})
+    if (p->on()) r = std::max(r, p->a.dim(1));
+  return r;
+}
+
 int64_t max_rows(const int32_t* off, int64_t e_n) {
   int64_t m = 0;
   for (int64_t e = 0; e < e_n; ++e) m = std::max<int64_t>(m, off[e + 1] - off[e]);
@@ -228,12 +258,15 @@ int64_t max_rows(const int32_t* off, int64_t e_n) {
 }  // namespace
 
 void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp, const Tensor& offsets,
-                              const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
+                              const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
+                              const ExpertLora& lora) {
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
-  Tensor act = Tensor::empty({std::max<int64_t>(max_rows(off, e_n), 1), f}, DType::F32, MemCategory::Workspace);
+  const int64_t rows = std::max<int64_t>(max_rows(off, e_n), 1);
+  Tensor act = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
   float* a = act.data<float>();
+  Tensor lu = lora.any() ? Tensor::empty({rows, max_rank(lora)}, DType::F32, MemCategory::Workspace) : Tensor();
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t r0 = off[e], n = off[e + 1] - off[e];
     if (n == 0) continue;
@@ -243,19 +276,30 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
     float* g3 = h3.data<float>() + r0 * f;
     gemm_xwt(g1, f, x, w.w1, w1.dtype(), n, f, d, false);
     gemm_xwt(g3, f, x, w.w3, w3.dtype(), n, f, d, false);
+    const ExpertFactors l1 = expert_factors(lora.w1, nullptr, e, d, f), l3 = expert_factors(lora.w3, nullptr, e, d, f);
+    if (l1.a) lora_rows_forward(g1, f, x, d, l1.a, l1.b, l1.scale, n, f, d, l1.r, lu.data<float>());
+    if (l3.a) lora_rows_forward(g3, f, x, d, l3.a, l3.b, l3.scale, n, f, d, l3.r, lu.data<float>());
 #pragma omp parallel for schedule(static) if(n * f > kPar)
     for (int64_t r = 0; r < n; ++r) swiglu_row(a + r * f, g1 + r * f, g3 + r * f, rs ? rs[r0 + r] : 1.0f, f);
-    gemm_xwt(yp.data<float>() + r0 * d, d, a, w.w2, w2.dtype(), n, d, f, false);
+    float* y = yp.data<float>() + r0 * d;
+    gemm_xwt(y, d, a, w.w2, w2.dtype(), n, d, f, false);
+    const ExpertFactors l2 = expert_factors(lora.w2, nullptr, e, f, d);
+    if (l2.a) lora_rows_forward(y, d, a, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lu.data<float>());
   }
 }
 
 void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale, const Tensor& dyp,
                          const Tensor& xp, const Tensor& h1, const Tensor& h3, const Tensor& offsets,
-                         const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
+                         const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
+                         const ExpertLora& lora, ExpertLora* dlora) {
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
   const int64_t rows = std::max<int64_t>(max_rows(off, e_n), 1);
+  // LoRA scratch: u = x aᵀ and v = dy b, [rows, r] each.
+  const int64_t rk = lora.any() ? max_rank(lora) : 0;
+  Tensor lu = rk ? Tensor::empty({rows, rk}, DType::F32, MemCategory::Workspace) : Tensor();
+  Tensor lv = rk ? Tensor::empty({rows, rk}, DType::F32, MemCategory::Workspace) : Tensor();
   // Scratch: u (then dh1) and du (then dh3), [rows, F] each.
   Tensor s1 = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
   Tensor s2 = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
@@ -269,13 +313,19 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
     const float* g = dyp.data<float>() + r0 * d;
     const float* a1 = h1.data<float>() + r0 * f;
     const float* a3 = h3.data<float>() + r0 * f;
+    const ExpertFactors l1 = expert_factors(lora.w1, dlora ? &dlora->w1 : nullptr, e, d, f);
+    const ExpertFactors l3 = expert_factors(lora.w3, dlora ? &dlora->w3 : nullptr, e, d, f);
+    const ExpertFactors l2 = expert_factors(lora.w2, dlora ? &dlora->w2 : nullptr, e, f, d);
     // u = silu(h1) * h3 * s: the down projection's input, recomputed.
-    if (dw2.defined()) {
+    if (dw2.defined() || l2.a) {
 #pragma omp parallel for schedule(static) if(n * f > kPar)
       for (int64_t r = 0; r < n; ++r) swiglu_row(u + r * f, a1 + r * f, a3 + r * f, rs ? rs[r0 + r] : 1.0f, f);
-      gemm_atb_acc(dw2.data<float>() + e * d * f, g, u, n, d, f);
+      if (dw2.defined()) gemm_atb_acc(dw2.data<float>() + e * d * f, g, u, n, d, f);
     }
     gemm_xw(du, g, w.w2, w2.dtype(), n, d, f, false);
+    if (l2.a)
+      lora_rows_backward(du, f, l2.da, l2.db, g, d, u, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lu.data<float>(),
+                         lv.data<float>());
     float* drs = drow_scale.defined() ? drow_scale.data<float>() + r0 : nullptr;
 #pragma omp parallel for schedule(static) if(n * f > kPar)
     for (int64_t r = 0; r < n; ++r) {
@@ -285,6 +335,12 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
     float* dx = dxp.data<float>() + r0 * d;
     gemm_xw(dx, u, w.w1, w1.dtype(), n, f, d, false);
     gemm_xw(dx, du, w.w3, w3.dtype(), n, f, d, true);
+    if (l1.a)
+      lora_rows_backward(dx, d, l1.da, l1.db, u, f, x, d, l1.a, l1.b, l1.scale, n, f, d, l1.r, lu.data<float>(),
+                         lv.data<float>());
+    if (l3.a)
+      lora_rows_backward(dx, d, l3.da, l3.db, du, f, x, d, l3.a, l3.b, l3.scale, n, f, d, l3.r, lu.data<float>(),
+                         lv.data<float>());
     if (dw1.defined()) gemm_atb_acc(dw1.data<float>() + e * f * d, u, x, n, f, d);
     if (dw3.defined()) gemm_atb_acc(dw3.data<float>() + e * f * d, du, x, n, f, d);
   }

@@ -356,12 +356,50 @@ void permute_weights_backward(Tensor& dtopk_w, const Tensor& drow_scale, const T
   g.store(dtopk_w);
 }
 
+namespace {
+// Double copies of one adapter (and its gradients) for the f64 kernels; stored back by store().
+struct WideLora {
+  Wide a, b, da, db;
+  f64::LoraF64 l;
+  WideLora(const Lora& w, const Lora* g, bool stacked)
+      : a(w.a), b(w.b), da(g ? g->a : Tensor()), db(g ? g->b : Tensor()) {
+    if (!w.on()) return;
+    l = {a.p(), b.p(), w.scale, w.a.dim(stacked ? 1 : 0), da.p(), db.p()};
+  }
+  void store(Lora* g) const {
+    if (!g) return;
+    da.store(g->a);
+    db.store(g->b);
+  }
+};
+}  // namespace
+
+void lora_forward(Tensor& out, int64_t col0, const Tensor& x, const Lora& l) {
+  Wide o(out), xx(x);
+  WideLora w(l, nullptr, false);
+  f64::lora_forward(o.p(), out.dim(1), col0, xx.p(), w.l, x.dim(0), l.b.dim(0), x.dim(1));
+  o.store(out);
+}
+
+void lora_backward(Tensor& dx, Tensor& da, Tensor& db, const Tensor& dy, int64_t col0, const Tensor& x,
+                   const Lora& l) {
+  Wide gx(dx), gy(dy), xx(x);
+  Lora g{da, db, 0};
+  WideLora w(l, &g, false);
+  f64::lora_backward(gx.p(), gy.p(), dy.dim(1), col0, xx.p(), w.l, x.dim(0), l.b.dim(0), x.dim(1));
+  gx.store(dx);
+  w.store(&g);
+}
+
 void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp, const Tensor& offsets,
-                              const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
+                              const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
+                              const ExpertLora& lora) {
   Wide x(xp), a(w1), c(w3), b(w2), rs(row_scale);
   Wide o(yp), g1(h1), g3(h3);  // rows outside every expert keep their values (not written)
+  WideLora l1(lora.w1, nullptr, true), l3(lora.w3, nullptr, true), l2(lora.w2, nullptr, true);
+  const f64::LoraF64 ls[3] = {l1.l, l3.l, l2.l};
   f64::expert_ffn_forward(o.p(), g1.p(), g3.p(), x.p(), ints(offsets), a.p(), c.p(), b.p(), rs.p(), w1.dim(0),
-                          w1.dim(1), w1.dim(2));
+                          w1.dim(1), w1.dim(2), ls);
   o.store(yp);
   g1.store(h1);
   g3.store(h3);
@@ -369,11 +407,18 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
 
 void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale, const Tensor& dyp,
                          const Tensor& xp, const Tensor& h1, const Tensor& h3, const Tensor& offsets,
-                         const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
+                         const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
+                         const ExpertLora& lora, ExpertLora* dlora) {
   Wide gx(dxp), g1(dw1), g3(dw3), g2(dw2), gr(drow_scale);  // rows/experts not touched keep their values
   Wide gy(dyp), x(xp), a1(h1), a3(h3), a(w1), c(w3), b(w2), rs(row_scale);
+  WideLora l1(lora.w1, dlora ? &dlora->w1 : nullptr, true), l3(lora.w3, dlora ? &dlora->w3 : nullptr, true);
+  WideLora l2(lora.w2, dlora ? &dlora->w2 : nullptr, true);
+  const f64::LoraF64 ls[3] = {l1.l, l3.l, l2.l};
   f64::expert_ffn_backward(gx.p(), g1.p(), g3.p(), g2.p(), gr.p(), gy.p(), x.p(), a1.p(), a3.p(), ints(offsets),
-                           a.p(), c.p(), b.p(), rs.p(), w1.dim(0), w1.dim(1), w1.dim(2));
+                           a.p(), c.p(), b.p(), rs.p(), w1.dim(0), w1.dim(1), w1.dim(2), ls);
+  if (dlora) l1.store(&dlora->w1);
+  if (dlora) l3.store(&dlora->w3);
+  if (dlora) l2.store(&dlora->w2);
   gx.store(dxp);
   g1.store(dw1);
   g3.store(dw3);

@@ -212,25 +212,79 @@ void gather_rows(double* xp, const double* x, const int32_t* perm, int64_t p_n, 
     for (int64_t i = 0; i < d; ++i) xp[p * d + i] = x[(perm[p] / k) * d + i];
 }
 
+void lora_forward(double* out, int64_t ldo, int64_t col0, const double* x, const LoraF64& l, int64_t n, int64_t m,
+                  int64_t kd) {
+  std::vector<double> u(static_cast<size_t>(l.r));
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t q = 0; q < l.r; ++q) u[q] = dot(x + t * kd, l.a + q * kd, kd);
+    for (int64_t j = 0; j < m; ++j) out[t * ldo + col0 + j] += l.scale * dot(u.data(), l.b + j * l.r, l.r);
+  }
+}
+
+void lora_backward(double* dx, const double* dy, int64_t ldy, int64_t col0, const double* x, const LoraF64& l,
+                   int64_t n, int64_t m, int64_t kd) {
+  std::vector<double> u(static_cast<size_t>(l.r)), v(static_cast<size_t>(l.r));
+  for (int64_t t = 0; t < n; ++t) {
+    const double* g = dy + t * ldy + col0;
+    for (int64_t q = 0; q < l.r; ++q) {
+      u[q] = dot(x + t * kd, l.a + q * kd, kd);
+      double acc = 0;
+      for (int64_t j = 0; j < m; ++j) acc += g[j] * l.b[j * l.r + q];
+      v[q] = acc;
+    }
+    for (int64_t q = 0; q < l.r; ++q)
+      for (int64_t c = 0; c < kd; ++c) {
+        if (dx) dx[t * kd + c] += l.scale * v[q] * l.a[q * kd + c];
+        if (l.da) l.da[q * kd + c] += l.scale * v[q] * x[t * kd + c];
+      }
+    if (l.db)
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t q = 0; q < l.r; ++q) l.db[j * l.r + q] += l.scale * g[j] * u[q];
+  }
+}
+
+namespace {
+// Expert e's slice of a stacked adapter (in -> out), or an off adapter.
+LoraF64 expert_lora(const LoraF64* l, int64_t e, int64_t in, int64_t out) {
+  if (!l || !l->a) return {};
+  LoraF64 s = *l;
+  s.a = l->a + e * l->r * in;
+  s.b = l->b + e * out * l->r;
+  if (l->da) s.da = l->da + e * l->r * in;
+  if (l->db) s.db = l->db + e * out * l->r;
+  return s;
+}
+}  // namespace
+
 void expert_ffn_forward(double* yp, double* h1, double* h3, const double* xp, const int32_t* offsets,
                         const double* w1, const double* w3, const double* w2, const double* row_scale, int64_t e_n,
-                        int64_t f, int64_t d) {
-  std::vector<double> a_buf(static_cast<size_t>(f));
+                        int64_t f, int64_t d, const LoraF64* lora) {
+  std::vector<double> a_buf(static_cast<size_t>(f)), g1_buf(static_cast<size_t>(f)), g3_buf(static_cast<size_t>(f));
   double* a = a_buf.data();
   for (int64_t e = 0; e < e_n; ++e) {
     const double* w1e = w1 + e * f * d;
     const double* w3e = w3 + e * f * d;
     const double* w2e = w2 + e * d * f;
+    const LoraF64 l1 = expert_lora(lora ? &lora[0] : nullptr, e, d, f);
+    const LoraF64 l3 = expert_lora(lora ? &lora[1] : nullptr, e, d, f);
+    const LoraF64 l2 = expert_lora(lora ? &lora[2] : nullptr, e, f, d);
     for (int64_t p = offsets[e]; p < offsets[e + 1]; ++p) {
       const double s = row_scale ? row_scale[p] : 1.0;
+      double* g1 = g1_buf.data();
+      double* g3 = g3_buf.data();
       for (int64_t i = 0; i < f; ++i) {
-        const double g = dot(xp + p * d, w1e + i * d, d);
-        const double u = dot(xp + p * d, w3e + i * d, d);
-        if (h1) h1[p * f + i] = g;
-        if (h3) h3[p * f + i] = u;
-        a[i] = silu(g) * u * s;
+        g1[i] = dot(xp + p * d, w1e + i * d, d);
+        g3[i] = dot(xp + p * d, w3e + i * d, d);
+      }
+      if (l1.a) lora_forward(g1, f, 0, xp + p * d, l1, 1, f, d);
+      if (l3.a) lora_forward(g3, f, 0, xp + p * d, l3, 1, f, d);
+      for (int64_t i = 0; i < f; ++i) {
+        if (h1) h1[p * f + i] = g1[i];
+        if (h3) h3[p * f + i] = g3[i];
+        a[i] = silu(g1[i]) * g3[i] * s;
       }
       for (int64_t o = 0; o < d; ++o) yp[p * d + o] = dot(a, w2e + o * f, f);
+      if (l2.a) lora_forward(yp + p * d, d, 0, a, l2, 1, d, f);
     }
   }
 }
@@ -437,7 +491,9 @@ void permute_weights_backward(double* dtopk_w, const double* drow_scale, const i
 void expert_ffn_backward(double* dxp, double* dw1, double* dw3, double* dw2, double* drow_scale, const double* dyp,
                          const double* xp, const double* h1, const double* h3, const int32_t* offsets,
                          const double* w1, const double* w3, const double* w2, const double* row_scale,
-                         int64_t e_n, int64_t f, int64_t d) {
+                         int64_t e_n, int64_t f, int64_t d, const LoraF64* lora) {
+  std::vector<double> u_buf(static_cast<size_t>(f));
+  double* u = u_buf.data();
   std::vector<double> a_buf(static_cast<size_t>(f));
   double* a = a_buf.data();
   std::vector<double> du_buf(static_cast<size_t>(f));
@@ -450,6 +506,9 @@ void expert_ffn_backward(double* dxp, double* dw1, double* dw3, double* dw2, dou
     const double* w1e = w1 + e * f * d;
     const double* w3e = w3 + e * f * d;
     const double* w2e = w2 + e * d * f;
+    const LoraF64 l1 = expert_lora(lora ? &lora[0] : nullptr, e, d, f);
+    const LoraF64 l3 = expert_lora(lora ? &lora[1] : nullptr, e, d, f);
+    const LoraF64 l2 = expert_lora(lora ? &lora[2] : nullptr, e, f, d);
     for (int64_t p = offsets[e]; p < offsets[e + 1]; ++p) {
       const double s = row_scale ? row_scale[p] : 1.0;
       const double* g1 = h1 + p * f;
@@ -461,6 +520,10 @@ void expert_ffn_backward(double* dxp, double* dw1, double* dw3, double* dw2, dou
         double acc = 0;
         for (int64_t o = 0; o < d; ++o) acc += dy[o] * w2e[o * f + i];
         du[i] = acc;
+      }
+      if (l2.a) {
+        for (int64_t i = 0; i < f; ++i) u[i] = a[i] * s;
+        lora_backward(du, dy, d, 0, u, l2, 1, d, f);
       }
       if (dw2)
         for (int64_t o = 0; o < d; ++o)
@@ -476,6 +539,8 @@ void expert_ffn_backward(double* dxp, double* dw1, double* dw3, double* dw2, dou
         for (int64_t i = 0; i < f; ++i) acc += dh1[i] * w1e[i * d + c] + dh3[i] * w3e[i * d + c];
         dxp[p * d + c] = acc;
       }
+      if (l1.a) lora_backward(dxp + p * d, dh1, f, 0, xp + p * d, l1, 1, f, d);
+      if (l3.a) lora_backward(dxp + p * d, dh3, f, 0, xp + p * d, l3, 1, f, d);
       for (int64_t i = 0; i < f; ++i)
         for (int64_t c = 0; c < d; ++c) {
           if (dw1) dw1[e * f * d + i * d + c] += dh1[i] * xp[p * d + c];

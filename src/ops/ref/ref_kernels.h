@@ -60,11 +60,32 @@ void moe_dispatch(int32_t* offsets, int32_t* perm, int32_t* inv, const int32_t* 
 // xp [P,D] = x [T,D] rows perm[p] / K.
 void gather_rows(double* xp, const double* x, const int32_t* perm, int64_t p_n, int64_t d, int64_t k);
 
+// One projection's LoRA factors (a [r,in], b [out,r]; stacked per expert for the expert ops:
+// a [E,r,in], b [E,out,r]) and, for backward, their gradients (da, db +=, nullable).
+// a == nullptr: no adapter.
+struct LoraF64 {
+  const double* a = nullptr;
+  const double* b = nullptr;
+  double scale = 0;
+  int64_t r = 0;
+  double* da = nullptr;
+  double* db = nullptr;
+};
+
 // Grouped SwiGLU experts over the rows of each expert (offsets [E+1]); h1, h3 [P,F] nullable
 // (saved pre-activations); row_scale [P] nullable (then 1). w1, w3 [E,F,D]; w2 [E,D,F].
+// lora: the adapters of w1, w3, w2 (nullptr: none).
 void expert_ffn_forward(double* yp, double* h1, double* h3, const double* xp, const int32_t* offsets,
                         const double* w1, const double* w3, const double* w2, const double* row_scale, int64_t e_n,
-                        int64_t f, int64_t d);
+                        int64_t f, int64_t d, const LoraF64* lora = nullptr);
+
+// out[n, col0 + j] += scale · sum_q (x[n] · a[q]) b[j,q];  out rows of ldo, x [N,Kd], a [r,Kd], b [M,r].
+void lora_forward(double* out, int64_t ldo, int64_t col0, const double* x, const LoraF64& l, int64_t n, int64_t m,
+                  int64_t kd);
+// dx [N,Kd] += scale · (dyₛ b) a;  l.da += scale · (dyₛ b)ᵀ x;  l.db += scale · dyₛᵀ (x aᵀ), with dyₛ the
+// columns [col0, col0+M) of dy (rows of ldy). dx nullable.
+void lora_backward(double* dx, const double* dy, int64_t ldy, int64_t col0, const double* x, const LoraF64& l,
+                   int64_t n, int64_t m, int64_t kd);
 
 // y [T,D] (+)= sum_j yp [P,D] rows inv[t*K+j].
 void moe_combine(double* y, const double* yp, const int32_t* inv, int64_t t_n, int64_t d, int64_t k,
@@ -129,7 +150,7 @@ void permute_weights_backward(double* dtopk_w, const double* drow_scale, const i
 void expert_ffn_backward(double* dxp, double* dw1, double* dw3, double* dw2, double* drow_scale, const double* dyp,
                          const double* xp, const double* h1, const double* h3, const int32_t* offsets,
                          const double* w1, const double* w3, const double* w2, const double* row_scale,
-                         int64_t e_n, int64_t f, int64_t d);
+                         int64_t e_n, int64_t f, int64_t d, const LoraF64* lora = nullptr);
 
 // dh1, dh3 assigned (n elements) for out = silu(h1) * h3.
 void swiglu_backward(double* dh1, double* dh3, const double* dout, const double* h1, const double* h3, int64_t n);
