@@ -1,17 +1,19 @@
 // cmd_grad.cpp — `moe grad`: losses and the gradient of every parameter for one batch, under
-// HF names (the contract of the reference tests against ../shared/fixtures).
+// HF names (the contract of the reference tests against ../shared/fixtures). With --adapter,
+// the base is frozen and only the LoRA factors' gradients are written, under PEFT's names.
 #include <cstdio>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "io/safetensors.h"
 #include "model/model_train.h"
+#include "train/lora.h"
 
 namespace moe {
 
 void add_grad_command(CLI::App& app) {
   struct Opts {
-    std::string dir, input, out;
+    std::string dir, input, out, adapter;
     double aux_coef = -1, z_coef = 0;
     bool recompute = false;
   };
@@ -24,6 +26,9 @@ void add_grad_command(CLI::App& app) {
   cmd->add_option("--aux-coef", o->aux_coef, "aux loss weight in total_loss (default: the config's router_aux_loss_coef)");
   cmd->add_option("--z-coef", o->z_coef, "router z-loss weight in total_loss")->capture_default_str();
   cmd->add_flag("--recompute", o->recompute, "recompute each layer's activations in backward (less memory)");
+  cmd->add_option("--adapter", o->adapter,
+                  "PEFT LoRA adapter directory: apply it (base frozen) and write the gradients of its factors only, "
+                  "named as in the adapter file with prefix grad.");
   cmd->callback([o]() {
     auto in = SafetensorsFile::open(o->input);
     for (const char* key : {"input_ids", "labels"})
@@ -35,6 +40,7 @@ void add_grad_command(CLI::App& app) {
     lo.keep_dtype = false;
     lo.weight_dtype = DType::F32;
     Model m = Model::load(ck, lo);
+    if (!o->adapter.empty()) load_adapter(o->adapter, m.config(), m.mutable_weights());
     LossOptions lopt;
     lopt.aux_coef = o->aux_coef >= 0 ? o->aux_coef : m.config().router_aux_loss_coef;
     lopt.z_coef = o->z_coef;

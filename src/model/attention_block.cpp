@@ -1,6 +1,7 @@
 // attention_block.cpp — forward (inference and training) and backward of the attention block.
 #include "model/attention_block.h"
 
+#include "model/linear.h"
 #include "ops/ops.h"
 
 namespace moe {
@@ -95,7 +96,7 @@ void attention_block_forward(const ModelConfig& c, const LayerWeights& w, LayerA
   const QkvDims dm = qkv_dims(c);
   const float eps = float(c.rms_norm_eps);
   rmsnorm_forward_train(a.attn_h, a.attn_rstd, a.x_in, w.attn_norm, eps);
-  linear_forward(qkv, a.attn_h, w.wqkv, w.bqkv);
+  linear(qkv, a.attn_h, w.wqkv, w.bqkv, {{&w.lq, nullptr, 0}, {&w.lk, nullptr, dm.q}, {&w.lv, nullptr, dm.q + dm.kv}});
   Tensor q2 = a.q.view({t_n, dm.q}), k2 = a.k.view({t_n, dm.kv}), v2 = a.v.view({t_n, dm.kv});
   if (c.qk_norm) {
     Tensor qp = a.q_pre.view({t_n, dm.q}), kp = a.k_pre.view({t_n, dm.kv});
@@ -109,7 +110,7 @@ void attention_block_forward(const ModelConfig& c, const LayerWeights& w, LayerA
   rope_forward(a.q, 0, float(c.rope_theta));
   rope_forward(a.k, 0, float(c.rope_theta));
   attention_forward_train(a.attn_out, a.lse, a.q, a.k, a.v);
-  linear_forward(a.x_mid, a.attn_out.view({t_n, dm.q}), w.wo, w.bo);
+  linear(a.x_mid, a.attn_out.view({t_n, dm.q}), w.wo, w.bo, {{&w.lo, nullptr, 0}});
   add_inplace(a.x_mid, a.x_in);
 }
 
@@ -122,7 +123,7 @@ void attention_block_backward(const ModelConfig& c, const LayerWeights& w, const
   // o_proj
   Tensor dattn = Tensor::empty(a.attn_out.shape(), DType::F32, act);
   Tensor dattn2 = dattn.view({t_n, dm.q});
-  linear_backward(dattn2, g.wo, g.bo, dx_mid, a.attn_out.view({t_n, dm.q}), w.wo, false);
+  linear_backward(dattn2, g.wo, g.bo, dx_mid, a.attn_out.view({t_n, dm.q}), w.wo, false, {{&w.lo, &g.lo, 0}});
   // attention, then the inverse rotation
   Tensor dq = Tensor::empty(a.q.shape(), DType::F32, act);
   Tensor dk = Tensor::empty(a.k.shape(), DType::F32, act);
@@ -144,7 +145,8 @@ void attention_block_backward(const ModelConfig& c, const LayerWeights& w, const
   copy_columns(dqkv, dm.q, dk.view({t_n, dm.kv}), 0, dm.kv);
   copy_columns(dqkv, dm.q + dm.kv, dv.view({t_n, dm.kv}), 0, dm.kv);
   Tensor dh_norm = Tensor::empty({t_n, c.hidden_size}, DType::F32, act);
-  linear_backward(dh_norm, g.wqkv, g.bqkv, dqkv, a.attn_h, w.wqkv, false);
+  linear_backward(dh_norm, g.wqkv, g.bqkv, dqkv, a.attn_h, w.wqkv, false,
+                  {{&w.lq, &g.lq, 0}, {&w.lk, &g.lk, dm.q}, {&w.lv, &g.lv, dm.q + dm.kv}});
   rmsnorm_backward(dx_in, g.attn_norm, dh_norm, a.x_in, w.attn_norm, a.attn_rstd, false);
   add_inplace(dx_in, dx_mid);
 }

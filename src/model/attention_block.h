@@ -1,9 +1,10 @@
 // attention_block.h — the attention half of a decoder layer, forward and backward:
 //   x_mid = x_in + o_proj(attention(rope(qk_norm(split(wqkv · rmsnorm(x_in))))))
 //
-// One q/k/v projection path for every T: the stacked weight wqkv through linear_forward, its
-// output split into q, k and v (views for one token, column copies otherwise). This linear is
-// the place where LoRA will apply.
+// One q/k/v projection path for every T: the stacked weight wqkv, its output split into q, k
+// and v (views for one token, column copies otherwise). In training the projections go through
+// the model's linear helper (linear.h), the one place LoRA applies: q/k/v adapters add into
+// their parts of the stacked output, o_proj's into its own.
 //
 // Training forward saves (LayerActs): x_in, attn_rstd, attn_h (normed input), q_pre/k_pre and
 // q_rstd/k_rstd (q/k norm only), q, k (normed and rotated), v, attn_out, lse (attention's row

@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "model/linear.h"
 #include "ops/ops.h"
 
 namespace moe {
@@ -11,27 +12,29 @@ namespace {
 constexpr MemCategory kAct = MemCategory::Activations;
 
 // y = w2 · swiglu(x w1ᵀ, x w3ᵀ); h1, h3 [T,F] receive the pre-activations (kept by training).
+// lora: the MLP's adapters (training; inference passes none).
 void swiglu_mlp(Tensor& y, Tensor& h1, Tensor& h3, const Tensor& x, const Tensor& w1, const Tensor& w3,
-                const Tensor& w2) {
-  linear_forward(h1, x, w1, Tensor());
-  linear_forward(h3, x, w3, Tensor());
+                const Tensor& w2, const ExpertLora& lora = {}) {
+  linear(h1, x, w1, Tensor(), {{&lora.w1, nullptr, 0}});
+  linear(h3, x, w3, Tensor(), {{&lora.w3, nullptr, 0}});
   Tensor act = Tensor::empty(h1.shape(), h1.dtype(), kAct, h1.device());
   swiglu_forward(act, h1, h3);
-  linear_forward(y, act, w2, Tensor());
+  linear(y, act, w2, Tensor(), {{&lora.w2, nullptr, 0}});
 }
 
-// Backward of swiglu_mlp: dx += (accumulates), dw1/dw3/dw2 += .
+// Backward of swiglu_mlp: dx += (accumulates), dw1/dw3/dw2 += , the adapters' gradients += .
 void swiglu_mlp_backward(Tensor& dx, Tensor& dw1, Tensor& dw3, Tensor& dw2, const Tensor& dy, const Tensor& x,
-                         const Tensor& h1, const Tensor& h3, const Tensor& w1, const Tensor& w3, const Tensor& w2) {
+                         const Tensor& h1, const Tensor& h3, const Tensor& w1, const Tensor& w3, const Tensor& w2,
+                         const ExpertLora& lora, ExpertLora& glora) {
   Tensor act = Tensor::empty(h1.shape(), DType::F32, kAct);
   swiglu_forward(act, h1, h3);  // recomputed, not saved
   Tensor dact = Tensor::empty(h1.shape(), DType::F32, kAct);
   Tensor none;
-  linear_backward(dact, dw2, none, dy, act, w2, false);
+  linear_backward(dact, dw2, none, dy, act, w2, false, {{&lora.w2, &glora.w2, 0}});
   Tensor dh1 = act, dh3 = Tensor::empty(h1.shape(), DType::F32, kAct);
   swiglu_backward(dh1, dh3, dact, h1, h3);
-  linear_backward(dx, dw1, none, dh1, x, w1, true);
-  linear_backward(dx, dw3, none, dh3, x, w3, true);
+  linear_backward(dx, dw1, none, dh1, x, w1, true, {{&lora.w1, &glora.w1, 0}});
+  linear_backward(dx, dw3, none, dh3, x, w3, true, {{&lora.w3, &glora.w3, 0}});
 }
 
 // Kept rows (offsets[E]) of a dispatch; P when nothing was dropped. CPU (training) only.
@@ -98,12 +101,12 @@ void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a
   const int64_t k = c.n_expert_used;
   rmsnorm_forward_train(a.ffn_h, a.ffn_rstd, a.x_mid, w.ffn_norm, float(c.rms_norm_eps));
   if (!w.is_moe) {
-    swiglu_mlp(x_out, a.dh1, a.dh3, a.ffn_h, w.w1, w.w3, w.w2);
+    swiglu_mlp(x_out, a.dh1, a.dh3, a.ffn_h, w.w1, w.w3, w.w2, w.lmlp);
     add_inplace(x_out, a.x_mid);
     return;
   }
   const int64_t e_n = c.n_expert;
-  linear_forward(a.router_logits, a.ffn_h, w.router, Tensor());
+  linear(a.router_logits, a.ffn_h, w.router, Tensor(), {{&w.lrouter, nullptr, 0}});
   router_topk_forward(a.topk_idx, a.topk_w, a.router_logits, c.norm_topk_prob, w.router_bias);
   moe_dispatch(a.offsets, a.perm, a.inv, a.topk_idx, e_n);
   const int64_t p_n = a.perm.numel();
@@ -115,12 +118,12 @@ void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a
   gather_rows(a.xp, a.ffn_h, a.perm, k);
   permute_weights(a.row_scale, a.topk_w, a.perm);
   Tensor yp = Tensor::empty(a.xp.shape(), DType::F32, kAct);
-  expert_ffn_forward_train(yp, a.eh1, a.eh3, a.xp, a.offsets, w.w1, w.w3, w.w2, a.row_scale);
+  expert_ffn_forward_train(yp, a.eh1, a.eh3, a.xp, a.offsets, w.w1, w.w3, w.w2, a.row_scale, w.lexp);
   zero_rows_from(yp, kept);
   moe_combine(x_out, yp, a.inv, k, /*accumulate=*/false);
   yp = Tensor();
   if (w.shared_w1.defined()) {
-    swiglu_mlp(a.s_out, a.sh1, a.sh3, a.ffn_h, w.shared_w1, w.shared_w3, w.shared_w2);
+    swiglu_mlp(a.s_out, a.sh1, a.sh3, a.ffn_h, w.shared_w1, w.shared_w3, w.shared_w2, w.lshared);
     linear_forward(a.s_gate, a.ffn_h, w.shared_gate, Tensor());
     sigmoid_gate_add(x_out, a.s_out, a.s_gate);
   }
@@ -142,14 +145,14 @@ void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const Layer
   Tensor dh = Tensor::zeros({t_n, d}, DType::F32, kAct);
   Tensor none;
   if (!w.is_moe) {
-    swiglu_mlp_backward(dh, g.w1, g.w3, g.w2, dx_out, a.ffn_h, a.dh1, a.dh3, w.w1, w.w3, w.w2);
+    swiglu_mlp_backward(dh, g.w1, g.w3, g.w2, dx_out, a.ffn_h, a.dh1, a.dh3, w.w1, w.w3, w.w2, w.lmlp, g.lmlp);
   } else {
     if (w.shared_w1.defined()) {
       Tensor ds = Tensor::empty({t_n, d}, DType::F32, kAct), dgate = Tensor::empty({t_n, 1}, DType::F32, kAct);
       sigmoid_gate_backward(ds, dgate, dx_out, a.s_out, a.s_gate);
       linear_backward(dh, g.shared_gate, none, dgate, a.ffn_h, w.shared_gate, true);
       swiglu_mlp_backward(dh, g.shared_w1, g.shared_w3, g.shared_w2, ds, a.ffn_h, a.sh1, a.sh3, w.shared_w1,
-                          w.shared_w3, w.shared_w2);
+                          w.shared_w3, w.shared_w2, w.lshared, g.lshared);
     }
     const int64_t p_n = a.xp.dim(0);
     // combine's backward is a gather; the experts; gather's backward is a combine.
@@ -157,7 +160,8 @@ void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const Layer
     gather_rows(dyp, dx_out, a.perm, k);
     Tensor dxp = Tensor::empty({p_n, d}, DType::F32, kAct);
     Tensor drs = Tensor::empty({p_n}, DType::F32, kAct);
-    expert_ffn_backward(dxp, g.w1, g.w3, g.w2, drs, dyp, a.xp, a.eh1, a.eh3, a.offsets, w.w1, w.w3, w.w2, a.row_scale);
+    expert_ffn_backward(dxp, g.w1, g.w3, g.w2, drs, dyp, a.xp, a.eh1, a.eh3, a.offsets, w.w1, w.w3, w.w2, a.row_scale,
+                        w.lexp, &g.lexp);
     dyp = Tensor();
     // Dropped rows (capacity) had no expert: no gradient to their input or routing weight.
     const int64_t kept = kept_rows(a.offsets);
@@ -172,7 +176,7 @@ void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const Layer
     router_topk_backward(dlogits, dtw, a.router_logits, a.topk_idx, c.norm_topk_prob);
     if (bal.aux_g.defined() || bal.z_scale != 0)
       router_balance_backward(dlogits, a.router_logits, bal.aux_g, bal.aux_scale, bal.z_scale);
-    linear_backward(dh, g.router, none, dlogits, a.ffn_h, w.router, true);
+    linear_backward(dh, g.router, none, dlogits, a.ffn_h, w.router, true, {{&w.lrouter, &g.lrouter, 0}});
   }
   rmsnorm_backward(dx_mid, g.ffn_norm, dh, a.x_mid, w.ffn_norm, a.ffn_rstd, false);
   add_inplace(dx_mid, dx_out);

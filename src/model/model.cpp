@@ -339,9 +339,20 @@ int64_t params_active(const ModelConfig& c) {
   return n;
 }
 
+bool ModelWeights::has_lora() const {
+  for (const LayerWeights& l : layers)
+    for (const Lora* p : {&l.lq, &l.lk, &l.lv, &l.lo, &l.lrouter, &l.lexp.w1, &l.lexp.w3, &l.lexp.w2, &l.lmlp.w1,
+                          &l.lmlp.w3, &l.lmlp.w2, &l.lshared.w1, &l.lshared.w3, &l.lshared.w2})
+      if (p->on()) return true;
+  return false;
+}
+
 ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const ForwardOptions& fo) const {
   const ModelConfig& c = cfg_;
   MOE_CHECK(ids_in.ndim() == 2, "forward: ids must be [B,S], got %s", ids_in.shape_str().c_str());
+  // The inference path reads merged weights: adapters are folded in first (merge_lora,
+  // train/lora.h), never silently ignored.
+  MOE_CHECK(!w_.has_lora(), "forward: the model carries unmerged LoRA adapters; merge them for inference");
   const int64_t b_n = ids_in.dim(0), s_n = ids_in.dim(1), t_n = b_n * s_n;
   const int64_t d = c.hidden_size;
   // Reused from call to call (their capacity stays): a decode step must not allocate.

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "core/lora.h"
 #include "core/tensor.h"
 #include "io/hf_config.h"
 #include "model/arch.h"
@@ -35,6 +36,12 @@ struct LayerWeights {
   Tensor w1, w3, w2;                       // experts (MoE) — or dense MLP [F,D]/[D,F] when !is_moe
   Tensor shared_w1, shared_w3, shared_w2;  // shared expert (qwen2_moe), optional
   Tensor shared_gate;                      // [1,D]
+  // LoRA adapters (fine-tuning, src/train/lora.h); each is off unless attached. lq/lk/lv adapt
+  // the q/k/v parts of the stacked wqkv; lexp holds the routed experts' stacked factors
+  // ([E,r,in], [E,out,r]); lmlp the dense MLP's and lshared the shared expert's (2-D). In a
+  // gradient ModelWeights the same fields hold the factors' gradients.
+  Lora lq, lk, lv, lo, lrouter;
+  ExpertLora lexp, lmlp, lshared;
 };
 
 struct ModelWeights {
@@ -42,6 +49,11 @@ struct ModelWeights {
   Tensor final_norm;  // [D]
   Tensor lm_head;     // [V,D] (the embedding when tied)
   std::vector<LayerWeights> layers;
+  // Fine-tuning: the base weights are frozen (no gradient is computed or allocated for them;
+  // only the LoRA factors, and the routers when train_router, are trained).
+  bool frozen_base = false;
+  bool train_router = false;
+  bool has_lora() const;
 };
 
 struct LoadOptions {

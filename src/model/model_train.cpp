@@ -6,6 +6,7 @@
 
 #include "model/arch.h"
 #include "model/attention_block.h"
+#include "model/lora_slots.h"
 #include "ops/ops.h"
 
 namespace moe {
@@ -53,22 +54,32 @@ LayerActs layer_view(const LayerActs& own, const LayerActs& shared, bool recompu
   return a;
 }
 
-// One layer of transform_weights.
+// Which tensors a layer transform produces: the base weights (else left undefined), the router
+// among them, and the LoRA factors (through fn, or shared as they are).
+struct LayerSel {
+  bool base = true;
+  bool router = true;
+  bool lora_fn = false;  // false: the result shares the source's factors
+};
+
+// One layer of transform_weights / zeros_like.
 LayerWeights transform_layer(const ModelConfig& c, const LayerWeights& lw,
-                             const std::function<Tensor(const Tensor&)>& fn) {
+                             const std::function<Tensor(const Tensor&)>& fn, LayerSel sel = {}) {
   const int64_t qd = c.n_head * c.head_dim, kvd = c.n_head_kv * c.head_dim;
-  auto f = [&](const Tensor& t) { return t.defined() ? fn(t) : Tensor(); };
+  auto f = [&](const Tensor& t) { return t.defined() && sel.base ? fn(t) : Tensor(); };
   LayerWeights lg;
   {
     lg.is_moe = lw.is_moe;
     lg.attn_norm = f(lw.attn_norm);
     lg.ffn_norm = f(lw.ffn_norm);
     lg.wqkv = f(lw.wqkv);
-    lg.wq = lg.wqkv.rows(0, qd);
-    lg.wk = lg.wqkv.rows(qd, qd + kvd);
-    lg.wv = lg.wqkv.rows(qd + kvd, qd + 2 * kvd);
+    if (lg.wqkv.defined()) {
+      lg.wq = lg.wqkv.rows(0, qd);
+      lg.wk = lg.wqkv.rows(qd, qd + kvd);
+      lg.wv = lg.wqkv.rows(qd + kvd, qd + 2 * kvd);
+    }
     lg.wo = f(lw.wo);
-    if (lw.bqkv.defined()) {
+    if (lw.bqkv.defined() && sel.base) {
       lg.bqkv = f(lw.bqkv);
       lg.bq = lg.bqkv.rows(0, qd);
       lg.bk = lg.bqkv.rows(qd, qd + kvd);
@@ -77,7 +88,7 @@ LayerWeights transform_layer(const ModelConfig& c, const LayerWeights& lw,
     lg.bo = f(lw.bo);
     lg.q_norm = f(lw.q_norm);
     lg.k_norm = f(lw.k_norm);
-    lg.router = f(lw.router);
+    lg.router = lw.router.defined() && sel.router ? fn(lw.router) : Tensor();
     lg.router_bias = lw.router_bias;  // not a parameter: shared, never transformed
     lg.w1 = f(lw.w1);
     lg.w3 = f(lw.w3);
@@ -87,7 +98,23 @@ LayerWeights transform_layer(const ModelConfig& c, const LayerWeights& lw,
     lg.shared_w2 = f(lw.shared_w2);
     lg.shared_gate = f(lw.shared_gate);
   }
+  auto lora = [&](const Lora& l) {
+    if (!sel.lora_fn || !l.on()) return l;
+    return Lora{fn(l.a), fn(l.b), l.scale};
+  };
+  for (auto [dst, src] : {std::pair{&lg.lq, &lw.lq}, {&lg.lk, &lw.lk}, {&lg.lv, &lw.lv}, {&lg.lo, &lw.lo},
+                          {&lg.lrouter, &lw.lrouter}, {&lg.lexp.w1, &lw.lexp.w1}, {&lg.lexp.w3, &lw.lexp.w3},
+                          {&lg.lexp.w2, &lw.lexp.w2}, {&lg.lmlp.w1, &lw.lmlp.w1}, {&lg.lmlp.w3, &lw.lmlp.w3},
+                          {&lg.lmlp.w2, &lw.lmlp.w2}, {&lg.lshared.w1, &lw.lshared.w1},
+                          {&lg.lshared.w3, &lw.lshared.w3}, {&lg.lshared.w2, &lw.lshared.w2}})
+    *dst = lora(*src);
   return lg;
+}
+
+// The tensors that get gradients: everything, or with a frozen base the adapters (and the
+// routers when trained).
+LayerSel grad_selection(const ModelWeights& w) {
+  return {!w.frozen_base, !w.frozen_base || w.train_router, true};
 }
 
 }  // namespace
@@ -100,6 +127,8 @@ ModelWeights transform_weights(const ModelConfig& c, const ModelWeights& w,
   g.final_norm = f(w.final_norm);
   g.lm_head = c.tie_word_embeddings ? g.embed : f(w.lm_head);
   for (const LayerWeights& lw : w.layers) g.layers.push_back(transform_layer(c, lw, fn));
+  g.frozen_base = w.frozen_base;
+  g.train_router = w.train_router;
   return g;
 }
 
@@ -133,14 +162,31 @@ void refresh_compute_copy(const ModelConfig& c, const ModelWeights& master, Mode
 }
 
 ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory cat) {
-  return transform_weights(c, w, [&](const Tensor& t) { return Tensor::zeros(t.shape(), DType::F32, cat); });
+  auto zeros = [&](const Tensor& t) { return Tensor::zeros(t.shape(), DType::F32, cat); };
+  ModelWeights g;
+  const LayerSel sel = grad_selection(w);
+  if (sel.base) {
+    g.embed = zeros(w.embed);
+    g.final_norm = zeros(w.final_norm);
+    g.lm_head = c.tie_word_embeddings ? g.embed : zeros(w.lm_head);
+  }
+  for (const LayerWeights& lw : w.layers) g.layers.push_back(transform_layer(c, lw, zeros, sel));
+  return g;
 }
 
-std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeights& w) {
+std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeights& w, bool trainable_only) {
   const ArchSpec& a = arch_spec(c.model_type);
   std::vector<NamedParam> out;
+  const bool skip_base = trainable_only && w.frozen_base;
+  const bool skip_router = skip_base && !w.train_router;
+  // The adapters of each layer, after its base parameters, under PEFT's names.
+  std::vector<std::vector<LoraSlot>> slots_by_layer(static_cast<size_t>(c.n_layer));
+  ModelWeights& mw = const_cast<ModelWeights&>(w);  // lora_slots hands out mutable pointers; only read here
+  for (LoraSlot& s : lora_slots(c, mw))
+    if (s.lora->on()) slots_by_layer[static_cast<size_t>(s.layer)].push_back(std::move(s));
   auto add = [&](std::string name, const Tensor& t, int64_t layer, int64_t expert = -1) {
     if (!t.defined()) return;
+    if (skip_base && !(name == tensor_name(a.router, layer) && !skip_router)) return;
     const bool no_decay = t.ndim() == 1 || name.ends_with(".bias");
     out.push_back({std::move(name), t, layer, expert, no_decay, false});
   };
@@ -148,7 +194,6 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
   if (!out.empty()) out.back().embedding = true;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
-    if (!lw.attn_norm.defined()) continue;  // a layer without (allocated) gradients
     add(tensor_name(a.attn_norm, l), lw.attn_norm, l);
     add(tensor_name(a.q_proj, l), lw.wq, l);
     add(tensor_name(a.k_proj, l), lw.wk, l);
@@ -165,7 +210,7 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
     add(tensor_name(a.ffn_norm, l), lw.ffn_norm, l);
     if (lw.is_moe) {
       add(tensor_name(a.router, l), lw.router, l);
-      for (int64_t e = 0; e < c.n_expert; ++e) {
+      for (int64_t e = 0; e < c.n_expert && lw.w1.defined(); ++e) {
         add(tensor_name(a.expert_gate, l, e), lw.w1.select(e), l, e);
         add(tensor_name(a.expert_up, l, e), lw.w3.select(e), l, e);
         add(tensor_name(a.expert_down, l, e), lw.w2.select(e), l, e);
@@ -176,10 +221,14 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
         add(tensor_name(a.shared_down, l), lw.shared_w2, l);
         add(tensor_name(a.shared_expert_gate, l), lw.shared_gate, l);
       }
-    } else {
+    } else if (lw.w1.defined()) {
       add(tensor_name(a.dense_gate, l), lw.w1, l);
       add(tensor_name(a.dense_up, l), lw.w3, l);
       add(tensor_name(a.dense_down, l), lw.w2, l);
+    }
+    for (const LoraSlot& sl : slots_by_layer[static_cast<size_t>(l)]) {
+      out.push_back({lora_a_name(sl), slot_a(sl), l, sl.expert, false, false});
+      out.push_back({lora_b_name(sl), slot_b(sl), l, sl.expert, false, false});
     }
   }
   add(tensor_name(a.final_norm), w.final_norm, -1);
@@ -334,7 +383,9 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     LayerWeights& lg = grads->layers[static_cast<size_t>(l)];
     if (fused)
-      lg = transform_layer(c, lw, [](const Tensor& t) { return Tensor::zeros(t.shape(), DType::F32, MemCategory::Grads); });
+      lg = transform_layer(
+          c, lw, [](const Tensor& t) { return Tensor::zeros(t.shape(), DType::F32, MemCategory::Grads); },
+          grad_selection(w));
     ffn_block_backward(c, lw, a, dx, dx_mid, lg, bal);
     attention_block_backward(c, lw, a, dx_mid, dx_in, lg, a.qkv);
     std::swap(dx, dx_in);
@@ -343,8 +394,9 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
       lg = LayerWeights();
     }
   }
-  if (fused && !grads->embed.defined()) grads->embed = Tensor::zeros(w.embed.shape(), DType::F32, MemCategory::Grads);
-  embedding_backward(grads->embed, dx, ids, c.pad_token_id);
+  if (fused && !grads->embed.defined() && !w.frozen_base)
+    grads->embed = Tensor::zeros(w.embed.shape(), DType::F32, MemCategory::Grads);
+  if (grads->embed.defined()) embedding_backward(grads->embed, dx, ids, c.pad_token_id);
   if (fused) {
     (*fused)(kGroupEmbed, *grads, res);
     *grads = ModelWeights();
@@ -376,6 +428,7 @@ StepLosses forward_backward_fused(const Model& m, const Tensor& ids, const Tenso
   // when their backward starts (the embedding now when the head is tied to it).
   ModelWeights g;
   g.layers.resize(static_cast<size_t>(c.n_layer));
+  if (w.frozen_base) return run_step(m, ids, labels, &g, opt, &on_grads);  // only adapters: per layer
   g.final_norm = Tensor::zeros(w.final_norm.shape(), DType::F32, MemCategory::Grads);
   if (c.tie_word_embeddings) {
     g.embed = Tensor::zeros(w.embed.shape(), DType::F32, MemCategory::Grads);

@@ -46,7 +46,12 @@ struct NamedParam {
 // Every parameter of the model under its HF name (per-expert views of the stacked experts,
 // per-projection views of the stacked q/k/v). Tied heads are listed once (as the embedding).
 // Undefined tensors (a layer whose gradients are not allocated) are left out.
-std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeights& w);
+// LoRA factors follow each layer's base parameters under PEFT's names
+// ("base_model.model.<module>.lora_A.weight", lora_slots.h); routed experts' factors are
+// per-expert views of the stacked ones. trainable_only: with a frozen base, only the adapters
+// (and the routers when trained) — the same list, in the same order, as named_parameters of
+// the gradients zeros_like makes.
+std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeights& w, bool trainable_only = false);
 
 // State saved with the weights that is not trained by gradient: the routers' selection biases
 // (aux-loss-free balancing), under their file names.
@@ -73,8 +78,10 @@ ModelWeights bf16_compute_copy(const ModelConfig& c, const ModelWeights& master)
 constexpr int64_t kAllGroups = -3;
 void refresh_compute_copy(const ModelConfig& c, const ModelWeights& master, ModelWeights& compute, int64_t group);
 
-// Zero tensors shaped like every parameter (f32, category `cat`), with the same views, so
-// named_parameters(c, grads) names the gradients exactly as the weights.
+// Zero gradients (f32, category `cat`) shaped like every trainable parameter, with the same
+// views, so named_parameters(c, grads) names them exactly as named_parameters(c, w, true) names
+// the weights. With a frozen base (fine-tuning) only the adapters get gradients (and the
+// routers when trained): no base-weight gradient is allocated.
 ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory cat);
 
 // Forward (and, with grads, backward) of one batch: ids, labels [B,S] (HF labels: unshifted,

@@ -1,0 +1,411 @@
+// lora.cpp — creating, reading, writing, merging and auditing LoRA adapters (see lora.h).
+#include "train/lora.h"
+
+#include <cblas.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <set>
+
+#include "core/file_util.h"
+#include "core/json_util.h"
+#include "core/rng.h"
+#include "io/safetensors.h"
+#include "model/lora_slots.h"
+#include "model/model_train.h"
+#include "train/checkpoint.h"
+
+namespace moe {
+namespace {
+
+constexpr MemCategory kLoraMem = MemCategory::Lora;
+
+// Slots grouped by the Lora they share (routed experts: one stacked pair per layer and
+// projection), in slot order.
+std::vector<std::vector<LoraSlot*>> by_factor(std::vector<LoraSlot>& slots) {
+  std::vector<std::vector<LoraSlot*>> out;
+  std::map<const Lora*, size_t> index;
+  for (LoraSlot& s : slots) {
+    auto [it, fresh] = index.emplace(s.lora, out.size());
+    if (fresh) out.emplace_back();
+    out[it->second].push_back(&s);
+  }
+  return out;
+}
+
+const char* kind_name(LoraKind k) {
+  switch (k) {
+    case LoraKind::Attention: return "attention";
+    case LoraKind::Router: return "router";
+    case LoraKind::Expert: return "routed experts";
+    case LoraKind::SharedExpert: return "shared expert";
+    case LoraKind::DenseMlp: return "dense MLP";
+  }
+  return "?";
+}
+
+bool all_linear_matches(const LoraSlot& s) { return s.kind != LoraKind::Router; }
+
+bool slot_targeted(const LoraSlot& s, const std::vector<std::string>& targets) {
+  for (const std::string& t : targets)
+    if (t == "all-linear" ? all_linear_matches(s) : lora_target_matches(s.module, t)) return true;
+  return false;
+}
+
+// Allocates zeroed factors for a group of slots sharing one Lora (stacked for routed experts).
+void alloc_factors(const ModelConfig& c, const std::vector<LoraSlot*>& group, int64_t r, float scale) {
+  const LoraSlot& s0 = *group[0];
+  Lora& l = *s0.lora;
+  if (s0.expert >= 0) {
+    l.a = Tensor::zeros({c.n_expert, r, s0.in}, DType::F32, kLoraMem);
+    l.b = Tensor::zeros({c.n_expert, s0.out, r}, DType::F32, kLoraMem);
+  } else {
+    l.a = Tensor::zeros({r, s0.in}, DType::F32, kLoraMem);
+    l.b = Tensor::zeros({s0.out, r}, DType::F32, kLoraMem);
+  }
+  l.scale = scale;
+}
+
+// Every slot of one Lora group targeted, or none (routed experts of a layer share storage).
+bool group_targeted(const std::vector<LoraSlot*>& group, const std::vector<std::string>& targets) {
+  size_t hit = 0;
+  for (const LoraSlot* s : group) hit += slot_targeted(*s, targets);
+  MOE_CHECK(hit == 0 || hit == group.size(),
+            "target_modules select %zu of the %zu experts of %s (e.g. %s): adapt all routed experts of a layer's "
+            "projection or none",
+            hit, group.size(), kind_name(group[0]->kind), group[0]->module.c_str());
+  return hit > 0;
+}
+
+void check_targets_match(const std::vector<LoraSlot>& slots, const std::vector<std::string>& targets,
+                         const ModelConfig& c) {
+  MOE_CHECK(!targets.empty(), "target_modules is empty: name the modules to adapt (e.g. q_proj,k_proj,v_proj,o_proj)");
+  for (const std::string& t : targets) {
+    bool any = false;
+    for (const LoraSlot& s : slots) any = any || (t == "all-linear" ? all_linear_matches(s) : lora_target_matches(s.module, t));
+    if (any) continue;
+    std::set<std::string> kinds;
+    for (const LoraSlot& s : slots) kinds.insert(s.module.substr(s.module.rfind('.') + 1));
+    std::string list;
+    for (const std::string& k : kinds) list += (list.empty() ? "" : ", ") + k;
+    MOE_FAIL("target_modules: '%s' matches no module of this %s model (its modules are named like %s; "
+             "adaptable names: %s)",
+             t.c_str(), c.model_type.c_str(), slots.empty() ? "?" : slots[0].module.c_str(), list.c_str());
+  }
+}
+
+void finish_attach(ModelWeights& w, bool train_router) {
+  w.frozen_base = true;
+  w.train_router = train_router;
+}
+
+// A's initialisation: kaiming_uniform_(a=sqrt(5)) as torch's nn.Linear and PEFT use, i.e.
+// U(-1/sqrt(in), 1/sqrt(in)).
+void init_a(Tensor& a, int64_t in, Rng& rng) {
+  const double bound = 1.0 / std::sqrt(double(in));
+  float* p = a.data<float>();
+  for (int64_t i = 0; i < a.numel(); ++i) p[i] = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
+}
+
+}  // namespace
+
+float LoraConfig::scale() const {
+  return static_cast<float>(rslora ? alpha / std::sqrt(double(r)) : alpha / double(r));
+}
+
+std::vector<std::string> parse_target_modules(const std::string& csv) {
+  std::vector<std::string> out;
+  size_t p = 0;
+  while (p <= csv.size()) {
+    const size_t q = std::min(csv.find(',', p), csv.size());
+    std::string t = csv.substr(p, q - p);
+    while (!t.empty() && t.front() == ' ') t.erase(t.begin());
+    while (!t.empty() && t.back() == ' ') t.pop_back();
+    MOE_CHECK(!t.empty(), "--target-modules '%s': empty entry", csv.c_str());
+    out.push_back(t);
+    p = q + 1;
+  }
+  return out;
+}
+
+void attach_lora(const ModelConfig& c, ModelWeights& w, const LoraConfig& cfg) {
+  MOE_CHECK(cfg.r >= 1 && cfg.r <= 4096, "LoRA rank r must be in [1, 4096], got %lld", (long long)cfg.r);
+  MOE_CHECK(std::isfinite(cfg.alpha) && cfg.alpha > 0, "lora_alpha must be a positive number");
+  MOE_CHECK(cfg.dropout == 0, "lora_dropout %g: only 0 is supported yet", cfg.dropout);
+  MOE_CHECK(!w.has_lora(), "the model already carries LoRA adapters");
+  std::vector<LoraSlot> slots = lora_slots(c, w);
+  check_targets_match(slots, cfg.target_modules, c);
+  Rng rng(cfg.seed, 0x10Aull);
+  for (const std::vector<LoraSlot*>& g : by_factor(slots)) {
+    if (!group_targeted(g, cfg.target_modules)) continue;
+    alloc_factors(c, g, cfg.r, cfg.scale());
+    const LoraSlot& s0 = *g[0];
+    init_a(s0.lora->a, s0.in, rng);
+  }
+  finish_attach(w, cfg.train_router);
+}
+
+LoraConfig load_adapter(const std::string& dir, const ModelConfig& c, ModelWeights& w) {
+  const std::string cfg_path = dir + "/adapter_config.json";
+  const std::string st_path = dir + "/adapter_model.safetensors";
+  MOE_CHECK(is_regular_file(cfg_path), "%s: no adapter_config.json (is this a PEFT adapter directory?)", dir.c_str());
+  const nlohmann::json j = parse_json_object(read_file(cfg_path), cfg_path);
+  auto str = [&](const char* k, const char* dflt) -> std::string {
+    if (!j.contains(k) || j[k].is_null()) return dflt;
+    MOE_CHECK(j[k].is_string(), "%s: field '%s' must be a string", cfg_path.c_str(), k);
+    return j[k].get<std::string>();
+  };
+  MOE_CHECK(str("peft_type", "LORA") == "LORA", "%s: peft_type is '%s', only LORA adapters are supported",
+            cfg_path.c_str(), str("peft_type", "").c_str());
+  LoraConfig lc;
+  MOE_CHECK(j.contains("r") && j["r"].is_number_integer(), "%s: field 'r' (an integer) is required", cfg_path.c_str());
+  lc.r = j["r"].get<int64_t>();
+  MOE_CHECK(lc.r >= 1 && lc.r <= 4096, "%s: r = %lld is out of range", cfg_path.c_str(), (long long)lc.r);
+  lc.alpha = double(lc.r);
+  if (j.contains("lora_alpha")) {
+    MOE_CHECK(j["lora_alpha"].is_number(), "%s: field 'lora_alpha' must be a number", cfg_path.c_str());
+    lc.alpha = j["lora_alpha"].get<double>();
+  }
+  MOE_CHECK(std::isfinite(lc.alpha) && lc.alpha > 0, "%s: lora_alpha must be positive", cfg_path.c_str());
+  if (j.contains("use_rslora") && !j["use_rslora"].is_null()) {
+    MOE_CHECK(j["use_rslora"].is_boolean(), "%s: field 'use_rslora' must be true or false", cfg_path.c_str());
+    lc.rslora = j["use_rslora"].get<bool>();
+  }
+  if (j.contains("use_dora") && j["use_dora"].is_boolean())
+    MOE_CHECK(!j["use_dora"].get<bool>(), "%s: DoRA adapters (use_dora) are not supported", cfg_path.c_str());
+  for (const char* k : {"rank_pattern", "alpha_pattern"})
+    if (j.contains(k) && j[k].is_object())
+      MOE_CHECK(j[k].empty(), "%s: per-module %s is not supported", cfg_path.c_str(), k);
+  if (j.contains("target_parameters") && j["target_parameters"].is_array())
+    MOE_CHECK(j["target_parameters"].empty(),
+              "%s: target_parameters (LoRA on fused 3-D expert tensors) is for models whose experts are fused "
+              "tensors; this %s model has one module per expert (convert with lora_fused.h's layout)",
+              cfg_path.c_str(), c.model_type.c_str());
+  MOE_CHECK(j.contains("target_modules"), "%s: field 'target_modules' is required", cfg_path.c_str());
+  const nlohmann::json& tm = j["target_modules"];
+  if (tm.is_string()) {
+    lc.target_modules = {tm.get<std::string>()};
+  } else {
+    MOE_CHECK(tm.is_array(), "%s: target_modules must be a list of module names", cfg_path.c_str());
+    for (const auto& t : tm) {
+      MOE_CHECK(t.is_string(), "%s: target_modules entries must be strings", cfg_path.c_str());
+      lc.target_modules.push_back(t.get<std::string>());
+    }
+  }
+  lc.base_model = str("base_model_name_or_path", "");
+  MOE_CHECK(!w.has_lora(), "%s: the model already carries LoRA adapters", dir.c_str());
+
+  auto file = SafetensorsFile::open(st_path);
+  std::vector<LoraSlot> slots = lora_slots(c, w);
+  std::set<std::string> used;
+  for (const std::vector<LoraSlot*>& g : by_factor(slots)) {
+    // A group is adapted when the file has its tensors (the targets say which modules PEFT
+    // wrapped; the file is the truth, and every targeted module must be in it).
+    size_t present = 0;
+    for (const LoraSlot* s : g) present += file->find(lora_a_name(*s)) != nullptr;
+    if (present == 0) {
+      MOE_CHECK(!slot_targeted(*g[0], lc.target_modules),
+                "%s: module %s is targeted (target_modules) but the file has no %s", st_path.c_str(),
+                g[0]->module.c_str(), lora_a_name(*g[0]).c_str());
+      continue;
+    }
+    MOE_CHECK(present == g.size(), "%s: adapters for %zu of the %zu experts of %s (e.g. %s): all or none",
+              st_path.c_str(), present, g.size(), kind_name(g[0]->kind), g[0]->module.c_str());
+    const Shape want_a = {lc.r, g[0]->in}, want_b = {g[0]->out, lc.r};
+    for (const LoraSlot* s : g)
+      for (const auto& [name, want] : {std::pair{lora_a_name(*s), want_a}, {lora_b_name(*s), want_b}}) {
+        const SafetensorsInfo* info = file->find(name);
+        MOE_CHECK(info != nullptr, "%s: tensor %s is missing", st_path.c_str(), name.c_str());
+        Tensor t = file->tensor(name, MemCategory::Workspace);
+        MOE_CHECK(t.shape() == want,
+                  "%s: tensor %s is %s but this %s model's %s needs %s (an adapter for another base model, or "
+                  "another r?)",
+                  st_path.c_str(), name.c_str(), shape_str(t.shape()).c_str(), c.model_type.c_str(),
+                  s->module.c_str(), shape_str(want).c_str());
+      }
+    alloc_factors(c, g, lc.r, lc.scale());
+    for (const LoraSlot* s : g) {
+      Tensor a = slot_a(*s), b = slot_b(*s);
+      a.copy_from(file->tensor(lora_a_name(*s), MemCategory::Workspace).to_dtype(DType::F32, MemCategory::Workspace));
+      b.copy_from(file->tensor(lora_b_name(*s), MemCategory::Workspace).to_dtype(DType::F32, MemCategory::Workspace));
+      used.insert(lora_a_name(*s));
+      used.insert(lora_b_name(*s));
+    }
+  }
+  for (const SafetensorsInfo& info : file->tensors())
+    MOE_CHECK(used.count(info.name) > 0,
+              "%s: tensor %s names no adaptable module of this %s model (an adapter for another base?)",
+              st_path.c_str(), info.name.c_str(), c.model_type.c_str());
+  MOE_CHECK(!used.empty(), "%s: no LoRA tensors", st_path.c_str());
+  finish_attach(w, false);
+  return lc;
+}
+
+std::vector<std::pair<std::string, Tensor>> adapter_tensors(const ModelConfig& c, const ModelWeights& w) {
+  std::vector<std::pair<std::string, Tensor>> out;
+  std::vector<LoraSlot> slots = lora_slots(c, const_cast<ModelWeights&>(w));
+  for (const LoraSlot& s : slots) {
+    if (!s.lora->on()) continue;
+    out.emplace_back(lora_a_name(s), slot_a(s));
+    out.emplace_back(lora_b_name(s), slot_b(s));
+  }
+  return out;
+}
+
+void save_adapter(const std::string& dir, const ModelConfig& c, const ModelWeights& w, const LoraConfig& cfg) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  MOE_CHECK(!ec, "%s: cannot create the adapter directory: %s", dir.c_str(), ec.message().c_str());
+  std::vector<std::pair<std::string, Tensor>> tensors = adapter_tensors(c, w);
+  MOE_CHECK(!tensors.empty(), "save_adapter: the model has no adapters");
+  // target_modules as PEFT writes them: the module-name suffixes that were adapted.
+  std::set<std::string> kinds;
+  for (const LoraSlot& s : lora_slots(c, const_cast<ModelWeights&>(w)))
+    if (s.lora->on()) kinds.insert(s.module.substr(s.module.rfind('.') + 1));
+  nlohmann::ordered_json j;
+  j["peft_type"] = "LORA";
+  j["task_type"] = "CAUSAL_LM";
+  j["r"] = cfg.r;
+  j["lora_alpha"] = cfg.alpha;
+  j["lora_dropout"] = cfg.dropout;
+  j["use_rslora"] = cfg.rslora;
+  j["use_dora"] = false;
+  j["bias"] = "none";
+  j["fan_in_fan_out"] = false;
+  j["target_modules"] = std::vector<std::string>(kinds.begin(), kinds.end());
+  j["modules_to_save"] = nullptr;
+  j["init_lora_weights"] = true;
+  j["inference_mode"] = true;
+  j["base_model_name_or_path"] = cfg.base_model;
+  j["revision"] = nullptr;
+  write_safetensors(dir + "/adapter_model.safetensors", tensors, {{"format", "pt"}});
+  write_text_atomic(dir + "/adapter_config.json", j.dump(2) + "\n");
+}
+
+void merge_lora(const ModelConfig& c, ModelWeights& w) {
+  std::vector<LoraSlot> slots = lora_slots(c, w);
+  // Owned f32-or-bf16 copies of every base tensor an adapter will change, made once.
+  std::map<const void*, bool> copied;
+  auto own = [&](Tensor& t, const std::string& module) {
+    MOE_CHECK(t.defined(), "merge: module %s has no base weight", module.c_str());
+    MOE_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::BF16 || t.dtype() == DType::F16,
+              "merge: the base weight of %s is %s; dequantize the base first (merging needs float weights)",
+              module.c_str(), dtype_name(t.dtype()));
+    if (copied.count(t.raw())) return;
+    Tensor o = Tensor::empty(t.shape(), t.dtype(), MemCategory::Weights);
+    o.copy_from(t);
+    t = o;
+    copied[t.raw()] = true;
+  };
+  const int64_t qd = c.n_head * c.head_dim, kvd = c.n_head_kv * c.head_dim;
+  for (LayerWeights& lw : w.layers) {
+    if (lw.lq.on() || lw.lk.on() || lw.lv.on()) {
+      own(lw.wqkv, "q/k/v");
+      lw.wq = lw.wqkv.rows(0, qd);
+      lw.wk = lw.wqkv.rows(qd, qd + kvd);
+      lw.wv = lw.wqkv.rows(qd + kvd, qd + 2 * kvd);
+    }
+    for (auto [l, t] : {std::pair{&lw.lo, &lw.wo}, {&lw.lrouter, &lw.router}, {&lw.lexp.w1, &lw.w1},
+                        {&lw.lexp.w3, &lw.w3}, {&lw.lexp.w2, &lw.w2}, {&lw.lmlp.w1, &lw.w1}, {&lw.lmlp.w3, &lw.w3},
+                        {&lw.lmlp.w2, &lw.w2}, {&lw.lshared.w1, &lw.shared_w1}, {&lw.lshared.w3, &lw.shared_w3},
+                        {&lw.lshared.w2, &lw.shared_w2}})
+      if (l->on()) own(*t, "adapted projection");
+  }
+  for (LoraSlot& s : slots) {
+    if (!s.lora->on()) continue;
+    const Tensor a = slot_a(s), b = slot_b(s);
+    const int64_t r = a.dim(0);
+    // ΔW [out,in] = scale · b·a, one module at a time (the merge's output, not a training buffer).
+    Tensor dw = Tensor::empty({s.out, s.in}, DType::F32, MemCategory::Workspace);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)s.out, (int)s.in, (int)r, s.lora->scale,
+                b.data<float>(), (int)r, a.data<float>(), (int)s.in, 0.0f, dw.data<float>(), (int)s.in);
+    Tensor base = s.expert >= 0 ? s.base->select(s.expert) : *s.base;
+    if (s.base_row0 > 0 || base.dim(0) != s.out) base = base.rows(s.base_row0, s.base_row0 + s.out);
+    MOE_CHECK(base.numel() == s.out * s.in, "merge: %s: base %s does not fit [%lld,%lld]", s.module.c_str(),
+              base.shape_str().c_str(), (long long)s.out, (long long)s.in);
+    Tensor f = base.to_dtype(DType::F32, MemCategory::Workspace);
+    float* pf = f.data<float>();
+    const float* pd = dw.data<float>();
+    for (int64_t i = 0; i < f.numel(); ++i) pf[i] += pd[i];
+    base.copy_from(f.to_dtype(base.dtype(), MemCategory::Workspace));
+  }
+  for (LoraSlot& s : slots) *s.lora = Lora();
+  w.frozen_base = false;
+  w.train_router = false;
+}
+
+int64_t lora_param_count(const ModelConfig& c, const ModelWeights& w) {
+  int64_t n = 0;
+  for (const auto& [name, t] : adapter_tensors(c, w)) n += t.numel();
+  return n;
+}
+
+std::string lora_audit(const ModelConfig& c, const ModelWeights& w) {
+  std::vector<LoraSlot> slots = lora_slots(c, const_cast<ModelWeights&>(w));
+  std::map<std::string, std::pair<int64_t, int64_t>> per_kind;  // kind -> modules, params
+  std::vector<int64_t> per_expert(static_cast<size_t>(std::max<int64_t>(c.n_expert, 0)), 0);
+  int64_t total = 0;
+  for (const LoraSlot& s : slots) {
+    if (!s.lora->on()) continue;
+    const int64_t n = slot_a(s).numel() + slot_b(s).numel();
+    auto& k = per_kind[std::string(kind_name(s.kind)) + " " + s.module.substr(s.module.rfind('.') + 1)];
+    k.first += 1;
+    k.second += n;
+    if (s.expert >= 0) per_expert[static_cast<size_t>(s.expert)] += n;
+    total += n;
+  }
+  std::string out = "trainable parameters (LoRA";
+  const int64_t base = params_total(c);
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "): %lld of %lld (%.3f%%); the base is frozen%s\n", (long long)total,
+                (long long)base, 100.0 * double(total) / double(std::max<int64_t>(base, 1)),
+                w.train_router ? " except the routers" : "");
+  out += buf;
+  for (const auto& [kind, v] : per_kind) {
+    std::snprintf(buf, sizeof buf, "  %-28s %5lld modules  %12lld params\n", kind.c_str(), (long long)v.first,
+                  (long long)v.second);
+    out += buf;
+  }
+  bool any_expert = false;
+  for (int64_t n : per_expert) any_expert = any_expert || n > 0;
+  if (any_expert) {
+    out += "  per routed expert (all layers):";
+    for (size_t e = 0; e < per_expert.size(); ++e) {
+      out += ' ';
+      out += std::to_string(per_expert[e]);
+    }
+    out += "\n";
+  }
+  if (w.train_router) {
+    int64_t rp = 0;
+    for (int64_t l = 0; l < c.n_layer; ++l)
+      if (c.layer_is_moe(l)) rp += c.n_expert * c.hidden_size;
+    std::snprintf(buf, sizeof buf, "  %-28s %12lld params (full weight)\n", "router", (long long)rp);
+    out += buf;
+  }
+  return out;
+}
+
+std::vector<std::string> untrained_adapters(const ModelConfig& c, const ModelWeights& w,
+                                            const std::vector<bool>& seen,
+                                            const std::vector<std::vector<bool>>& touched) {
+  std::vector<std::string> bad;
+  const std::vector<NamedParam> ps = named_parameters(c, w, true);
+  MOE_CHECK(seen.size() == ps.size(), "untrained_adapters: %zu flags for %zu parameters", seen.size(), ps.size());
+  for (size_t i = 0; i < ps.size(); ++i) {
+    if (seen[i]) continue;
+    const NamedParam& p = ps[i];
+    if (p.name.find(".lora_") == std::string::npos) continue;
+    // A routed expert that never received a token has no gradient, rightly.
+    if (p.expert >= 0 && p.layer >= 0 &&
+        !(size_t(p.layer) < touched.size() && size_t(p.expert) < touched[size_t(p.layer)].size() &&
+          touched[size_t(p.layer)][size_t(p.expert)]))
+      continue;
+    bad.push_back(p.name);
+  }
+  return bad;
+}
+
+}  // namespace moe

@@ -1,0 +1,288 @@
+// test_lora.cpp — LoRA adapters against the PyTorch/PEFT golden files in ../shared/fixtures
+// (lora/ + lora_golden.safetensors), and the adapter files' contracts:
+//   - `moe grad --adapter`: losses and the gradient of every LoRA factor (PEFT names, prefix
+//     grad.) equal PEFT's (float64 golden; losses 1e-5, gradients 1e-4 normwise);
+//   - merged weights give PEFT's logits with the adapter (1e-5) and the unmerged loss;
+//   - save -> load round trip is bit-exact; routed experts land in their own stack slot;
+//   - PEFT's fused target_parameters layout (gpt_oss fixture) splits and joins exactly, with
+//     blocked A rows and strided B columns;
+//   - errors: a target that matches nothing, an adapter for another base (shape), unknown tensors.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/safetensors.h"
+#include "model/lora_slots.h"
+#include "model/model.h"
+#include "model/model_train.h"
+#include "train/lora.h"
+#include "train/lora_fused.h"
+
+namespace moe {
+namespace {
+namespace fs = std::filesystem;
+
+std::string fixture(const std::string& fam) { return std::string(MOE_FIXTURES_DIR) + "/" + fam; }
+std::string moe_bin() { return std::string(MOE_BINARY_DIR) + "/moe"; }
+
+std::string scratch(const std::string& name) {
+  const std::string d = std::string(MOE_BINARY_DIR) + "/lora-test-" + name;
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+int run(const std::string& cmd) {
+  int rc = std::system(cmd.c_str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
+  EXPECT_EQ(got.size(), ref.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < std::min(got.size(), ref.size()); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    const double d = double(got[i]) - double(ref[i]);
+    num += d * d;
+    den += double(ref[i]) * ref[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+double scalar(const SafetensorsFile& f, const std::string& key) {
+  EXPECT_NE(f.find(key), nullptr) << key;
+  return double(f.tensor(key, MemCategory::Workspace).to_f32_vector().at(0));
+}
+
+Model load_f32(const std::string& dir) {
+  LoadOptions lo;
+  lo.keep_dtype = false;
+  lo.weight_dtype = DType::F32;
+  return Model::load(dir, lo);
+}
+
+StepLosses loss_of(const Model& m, const std::string& dir) {
+  auto batch = SafetensorsFile::open(dir + "/batch.safetensors");
+  LossOptions lo;
+  lo.aux_coef = m.config().router_aux_loss_coef;
+  return forward_backward(m, batch->tensor("input_ids", MemCategory::Workspace),
+                          batch->tensor("labels", MemCategory::Workspace), nullptr, lo);
+}
+
+class LoraReference : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(LoraReference, GradMatchesPeft) {
+  const std::string dir = fixture(GetParam());
+  if (!fs::exists(dir + "/lora")) GTEST_SKIP() << "SKIPPED: fixture adapter not found at " << dir << "/lora";
+  const std::string out = scratch("grad-" + GetParam()) + "/grad.safetensors";
+  ASSERT_EQ(run(moe_bin() + " grad " + dir + " --input " + dir + "/batch.safetensors --adapter " + dir +
+                "/lora --out " + out + " > /dev/null"),
+            0);
+  auto got = SafetensorsFile::open(out);
+  auto gold = SafetensorsFile::open(dir + "/lora_golden.safetensors");
+  for (const char* k : {"loss_ce", "aux_loss", "total_loss"}) {
+    const double g = scalar(*got, k), r = scalar(*gold, k);
+    EXPECT_LE(std::fabs(g - r) / std::fabs(r), 1e-5) << k << ": " << g << " vs " << r;
+  }
+  int n_grads = 0;
+  double worst = 0;
+  for (const SafetensorsInfo& info : gold->tensors()) {
+    if (info.name.rfind("grad.", 0) != 0) continue;
+    ++n_grads;
+    ASSERT_NE(got->find(info.name), nullptr) << "missing " << info.name;
+    const double e = rel_err(got->tensor(info.name, MemCategory::Workspace).to_f32_vector(),
+                             gold->tensor(info.name, MemCategory::Workspace).to_f32_vector());
+    EXPECT_LE(e, 1e-4) << info.name;
+    worst = std::max(worst, e);
+  }
+  int n_got = 0;
+  for (const SafetensorsInfo& info : got->tensors()) n_got += info.name.rfind("grad.", 0) == 0;
+  EXPECT_EQ(n_got, n_grads) << "the engine wrote gradients PEFT does not have (a base weight not frozen?)";
+  EXPECT_GT(n_grads, 100);
+  std::printf("%s: %d LoRA gradients, worst normwise rel err %.3g\n", GetParam().c_str(), n_grads, worst);
+}
+
+// Merging folds the adapter into the weights: the merged model's logits are PEFT's logits with
+// the adapter, and its loss is the unmerged model's.
+TEST_P(LoraReference, MergedLogitsMatchPeft) {
+  const std::string dir = fixture(GetParam());
+  if (!fs::exists(dir + "/lora")) GTEST_SKIP() << "SKIPPED: fixture adapter not found";
+  Model m = load_f32(dir);
+  load_adapter(dir + "/lora", m.config(), m.mutable_weights());
+  const StepLosses unmerged = loss_of(m, dir);
+  auto gold = SafetensorsFile::open(dir + "/lora_golden.safetensors");
+  EXPECT_LE(std::fabs(unmerged.loss_ce - scalar(*gold, "loss_ce")) / scalar(*gold, "loss_ce"), 1e-5);
+  merge_lora(m.config(), m.mutable_weights());
+  EXPECT_FALSE(m.weights().has_lora());
+  const StepLosses merged = loss_of(m, dir);
+  EXPECT_LE(std::fabs(merged.loss_ce - unmerged.loss_ce) / unmerged.loss_ce, 1e-6);
+  auto batch = SafetensorsFile::open(dir + "/batch.safetensors");
+  Tensor ids = batch->tensor("input_ids", MemCategory::Workspace);
+  KVCache kv = m.make_cache(ids.dim(0), ids.dim(1));
+  ForwardResult r = m.forward(ids, kv);
+  const double e = rel_err(r.logits.to_f32_vector(), gold->tensor("logits", MemCategory::Workspace).to_f32_vector());
+  EXPECT_LE(e, 1e-5) << "merged logits vs PEFT's logits with the adapter";
+  // And the adapter matters: the base model's logits are far from them.
+  Model base = load_f32(dir);
+  KVCache kv2 = base.make_cache(ids.dim(0), ids.dim(1));
+  const double e0 = rel_err(base.forward(ids, kv2).logits.to_f32_vector(),
+                            gold->tensor("logits", MemCategory::Workspace).to_f32_vector());
+  EXPECT_GT(e0, 100 * std::max(e, 1e-7)) << "the fixture adapter barely changes the logits: the test checks little";
+}
+
+// Save -> load: every factor bit-identical, the same loss; the config says what PEFT needs.
+TEST_P(LoraReference, AdapterRoundTrip) {
+  const std::string dir = fixture(GetParam());
+  if (!fs::exists(dir + "/lora")) GTEST_SKIP() << "SKIPPED: fixture adapter not found";
+  Model a = load_f32(dir);
+  LoraConfig cfg = load_adapter(dir + "/lora", a.config(), a.mutable_weights());
+  const std::string out = scratch("roundtrip-" + GetParam());
+  save_adapter(out, a.config(), a.weights(), cfg);
+  Model b = load_f32(dir);
+  load_adapter(out, b.config(), b.mutable_weights());
+  auto ta = adapter_tensors(a.config(), a.weights()), tb = adapter_tensors(b.config(), b.weights());
+  ASSERT_EQ(ta.size(), tb.size());
+  for (size_t i = 0; i < ta.size(); ++i) {
+    EXPECT_EQ(ta[i].first, tb[i].first);
+    EXPECT_EQ(ta[i].second.to_f32_vector(), tb[i].second.to_f32_vector()) << ta[i].first;
+  }
+  // The file holds the same tensors, under the same names, as the PEFT-written fixture.
+  auto orig = SafetensorsFile::open(dir + "/lora/adapter_model.safetensors");
+  auto mine = SafetensorsFile::open(out + "/adapter_model.safetensors");
+  EXPECT_EQ(orig->tensors().size(), mine->tensors().size());
+  for (const SafetensorsInfo& info : orig->tensors()) {
+    ASSERT_NE(mine->find(info.name), nullptr) << info.name;
+    EXPECT_EQ(orig->tensor(info.name).to_f32_vector(), mine->tensor(info.name).to_f32_vector()) << info.name;
+  }
+  const nlohmann::json j = nlohmann::json::parse(std::ifstream(out + "/adapter_config.json"));
+  EXPECT_EQ(j["peft_type"], "LORA");
+  EXPECT_EQ(j["task_type"], "CAUSAL_LM");
+  EXPECT_EQ(j["r"], cfg.r);
+  EXPECT_EQ(j["lora_alpha"].get<double>(), cfg.alpha);
+  EXPECT_EQ(loss_of(a, dir).loss_ce, loss_of(b, dir).loss_ce);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, LoraReference, testing::Values("mixtral", "qwen2_moe", "qwen3_moe"),
+                         [](const testing::TestParamInfo<std::string>& p) { return p.param; });
+
+// Routed experts: the file's tensor of expert e lands in slot e of the stacked factors (a swap
+// or an off-by-one would put another expert's values there).
+TEST(Lora, ExpertFactorsLandInTheirSlots) {
+  const std::string dir = fixture("mixtral");
+  if (!fs::exists(dir + "/lora")) GTEST_SKIP() << "SKIPPED: fixture adapter not found";
+  Model m = load_f32(dir);
+  load_adapter(dir + "/lora", m.config(), m.mutable_weights());
+  auto file = SafetensorsFile::open(dir + "/lora/adapter_model.safetensors");
+  const LayerWeights& l1 = m.weights().layers[1];
+  for (int64_t e = 0; e < m.config().n_expert; ++e) {
+    const std::string p = "base_model.model.model.layers.1.block_sparse_moe.experts." + std::to_string(e);
+    EXPECT_EQ(l1.lexp.w2.a.select(e).to_f32_vector(), file->tensor(p + ".w2.lora_A.weight").to_f32_vector()) << e;
+    EXPECT_EQ(l1.lexp.w3.b.select(e).to_f32_vector(), file->tensor(p + ".w3.lora_B.weight").to_f32_vector()) << e;
+  }
+}
+
+// PEFT's fused layout (gpt_oss fixture, target_parameters): split into per-expert factors and
+// joined back bit for bit; and on tensors built from the layout's definition, expert e gets A's
+// rows e·r.. and B's columns e, e+E, ...
+TEST(LoraFused, GptOssAdapterSplitsAndJoinsExactly) {
+  const std::string path = fixture("gpt_oss") + "/lora/adapter_model.safetensors";
+  if (!fs::exists(path)) GTEST_SKIP() << "SKIPPED: gpt_oss fixture adapter not found";
+  auto f = SafetensorsFile::open(path);
+  const nlohmann::json cfg = nlohmann::json::parse(std::ifstream(fixture("gpt_oss") + "/lora/adapter_config.json"));
+  const int64_t r = cfg["r"].get<int64_t>();
+  int pairs = 0;
+  for (const char* base : {"base_model.model.model.layers.0.mlp.experts.base_layer.", "base_model.model.model.layers.0.mlp.experts.",
+                           "base_model.model.model.layers.1.mlp.experts.base_layer.", "base_model.model.model.layers.1.mlp.experts."}) {
+    const std::string an = std::string(base) + "lora_A.weight", bn = std::string(base) + "lora_B.weight";
+    ASSERT_NE(f->find(an), nullptr) << an;
+    Tensor fa = f->tensor(an), fb = f->tensor(bn);
+    const int64_t e_n = fa.dim(0) / r;
+    EXPECT_EQ(e_n, 8);
+    Tensor a, b, ja, jb;
+    split_fused_lora(fa, fb, e_n, &a, &b);
+    EXPECT_EQ(a.shape(), (Shape{e_n, r, fa.dim(1)}));
+    EXPECT_EQ(b.shape(), (Shape{e_n, fb.dim(0), r}));
+    join_fused_lora(a, b, &ja, &jb);
+    EXPECT_EQ(ja.to_f32_vector(), fa.to_f32_vector()) << an;
+    EXPECT_EQ(jb.to_f32_vector(), fb.to_f32_vector()) << bn;
+    ++pairs;
+  }
+  EXPECT_EQ(pairs, 4);
+  // Constructed: A[e·r + j, :] = 100e + j and B[:, j·E + e] = -(100e + j).
+  const int64_t e_n = 3, rr = 2, in = 5, out = 4;
+  std::vector<float> va(size_t(rr * e_n * in)), vb(size_t(out * rr * e_n));
+  for (int64_t e = 0; e < e_n; ++e)
+    for (int64_t j = 0; j < rr; ++j) {
+      for (int64_t i = 0; i < in; ++i) va[size_t((e * rr + j) * in + i)] = float(100 * e + j);
+      for (int64_t o = 0; o < out; ++o) vb[size_t(o * rr * e_n + j * e_n + e)] = -float(100 * e + j);
+    }
+  Tensor a, b;
+  split_fused_lora(Tensor::from_f32({rr * e_n, in}, va), Tensor::from_f32({out, rr * e_n}, vb), e_n, &a, &b);
+  for (int64_t e = 0; e < e_n; ++e)
+    for (int64_t j = 0; j < rr; ++j) {
+      for (int64_t i = 0; i < in; ++i) ASSERT_EQ(a.data<float>()[(e * rr + j) * in + i], float(100 * e + j));
+      for (int64_t o = 0; o < out; ++o) ASSERT_EQ(b.data<float>()[(e * out + o) * rr + j], -float(100 * e + j));
+    }
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(LoraErrors, TargetMatchingNothing) {
+  const std::string dir = fixture("mixtral");
+  if (!fs::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found";
+  Model m = load_f32(dir);
+  LoraConfig cfg;
+  cfg.r = 4;
+  cfg.target_modules = {"q_proj", "gate_proj"};  // Mixtral's experts are w1/w2/w3
+  const std::string msg = error_of([&] { attach_lora(m.config(), m.mutable_weights(), cfg); });
+  EXPECT_NE(msg.find("'gate_proj' matches no module"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("w1"), std::string::npos) << "the error should list the adaptable names: " << msg;
+  EXPECT_FALSE(m.weights().has_lora());
+}
+
+TEST(LoraErrors, AdapterForAnotherBase) {
+  const std::string mix = fixture("mixtral"), q3 = fixture("qwen3_moe");
+  if (!fs::exists(mix + "/lora") || !fs::exists(q3)) GTEST_SKIP() << "SKIPPED: fixtures not found";
+  // Mixtral's adapter on Qwen3-MoE: its expert tensors name modules Qwen3 does not have.
+  Model m = load_f32(q3);
+  std::string msg = error_of([&] { load_adapter(mix + "/lora", m.config(), m.mutable_weights()); });
+  EXPECT_NE(msg.find("adapter_model.safetensors"), std::string::npos) << msg;
+  // The same names with a wrong shape: Mixtral's adapter with one factor cut to 32 columns.
+  const std::string d = scratch("bad-shape");
+  fs::copy_file(mix + "/lora/adapter_config.json", d + "/adapter_config.json");
+  auto f = SafetensorsFile::open(mix + "/lora/adapter_model.safetensors");
+  std::vector<std::pair<std::string, Tensor>> ts;
+  const std::string victim = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight";
+  for (const SafetensorsInfo& info : f->tensors()) {
+    Tensor t = f->tensor(info.name, MemCategory::Workspace);
+    if (info.name == victim) {
+      Tensor c = Tensor::empty({t.dim(0), 32}, DType::F32, MemCategory::Workspace);
+      for (int64_t i = 0; i < t.dim(0); ++i)
+        for (int64_t j = 0; j < 32; ++j) c.data<float>()[i * 32 + j] = t.data<float>()[i * t.dim(1) + j];
+      t = c;
+    }
+    ts.emplace_back(info.name, t);
+  }
+  write_safetensors(d + "/adapter_model.safetensors", ts);
+  Model m2 = load_f32(mix);
+  msg = error_of([&] { load_adapter(d, m2.config(), m2.mutable_weights()); });
+  EXPECT_NE(msg.find(victim), std::string::npos) << msg;
+  EXPECT_NE(msg.find("[4,32]"), std::string::npos) << msg;
+}
+
+}  // namespace
+}  // namespace moe
