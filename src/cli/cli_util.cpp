@@ -3,10 +3,12 @@
 
 #include "cli/cli_util.h"
 
+#include <cstdio>
 #include <map>
 
 #include "io/gguf_model.h"
 #include "ops/ops.h"
+#include "train/lora.h"
 
 namespace moe {
 
@@ -81,6 +83,16 @@ Model load_model_arg(const std::string& path, const DeviceFlags& dev, const std:
   }
   Checkpoint ck = Checkpoint::open_dir(path);
   return Model::load(ck, with_weights_flag(resolve_device_flags(dev, checkpoint_dtype(ck)), weights));
+}
+
+void apply_adapter(Model& m, const std::string& adapter_dir) {
+  MOE_CHECK(m.device() == Device::CPU, "--adapter: merging runs on the CPU; merge first (moe merge) to run on %s",
+            device_name(m.device()));
+  const LoraConfig lc = load_adapter(adapter_dir, m.config(), m.mutable_weights());
+  const int64_t n = lora_param_count(m.config(), m.weights());
+  merge_lora(m.config(), m.mutable_weights());
+  std::fprintf(stderr, "merged adapter %s (r %lld, alpha %g, %lld parameters)\n", adapter_dir.c_str(), (long long)lc.r,
+               lc.alpha, (long long)n);
 }
 
 }  // namespace moe

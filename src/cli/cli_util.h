@@ -32,4 +32,7 @@ inline double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// Merges a PEFT LoRA adapter into a loaded model (CPU, float weights), saying so on stderr.
+void apply_adapter(Model& m, const std::string& adapter_dir);
+
 }  // namespace moe

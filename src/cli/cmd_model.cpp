@@ -187,7 +187,7 @@ void add_logits_command(CLI::App& app) {
 
 void add_generate_command(CLI::App& app) {
   struct Opts {
-    std::string dir, ids, prompt, chat, system, weights = "none";
+    std::string dir, ids, prompt, chat, system, weights = "none", adapter;
     int64_t max_new = 32, top_k = 0;
     float temperature = 0.0f, top_p = 1.0f;
     uint64_t seed = 1;
@@ -207,6 +207,7 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--top-k", o->top_k, "sample from the k most likely (0 = all)")->capture_default_str();
   cmd->add_option("--top-p", o->top_p, "nucleus sampling mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--seed", o->seed, "sampling seed")->capture_default_str();
+  cmd->add_option("--adapter", o->adapter, "a PEFT LoRA adapter directory, merged into the weights at load (CPU)");
   add_device_flags(cmd, &o->dev);
   add_weights_flag(cmd, &o->weights);
   cmd->callback([o]() {
@@ -233,6 +234,7 @@ void add_generate_command(CLI::App& app) {
     }
     double t_load = now_seconds();
     Model m = load_model_arg(o->dir, o->dev, o->weights);
+    if (!o->adapter.empty()) apply_adapter(m, o->adapter);
     t_load = now_seconds() - t_load;
     const ModelConfig& c = m.config();
     for (int32_t id : prompt)

@@ -15,6 +15,8 @@ void add_tokenize_command(CLI::App& app);
 void add_quantize_command(CLI::App& app);
 void add_grad_command(CLI::App& app);
 void add_train_command(CLI::App& app);
+void add_finetune_command(CLI::App& app);
+void add_merge_command(CLI::App& app);
 void add_tokenize_bench(CLI::App* bench);
 void add_train_bench(CLI::App* bench);
 void add_serve_bench(CLI::App* bench);

@@ -33,6 +33,8 @@ int main(int argc, char** argv) {
   moe::add_grad_command(app);
   moe::add_report_command(app);
   moe::add_train_command(app);
+  moe::add_finetune_command(app);
+  moe::add_merge_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -57,7 +57,7 @@ void write_text_atomic(const std::string& path, const std::string& text) {
 }
 
 void save_checkpoint(const std::string& dir, const Model& m, const AdamW& opt, const nlohmann::json& trainer_state,
-                     const std::string& tokenizer_from) {
+                     const std::string& tokenizer_from, const LoraConfig* lora) {
   const fs::path final_dir(dir);
   const fs::path tmp = final_dir.parent_path() / (final_dir.filename().string() + ".partial-" + std::to_string(::getpid()));
   std::error_code ec;
@@ -65,11 +65,15 @@ void save_checkpoint(const std::string& dir, const Model& m, const AdamW& opt, c
   fs::create_directories(tmp, ec);
   MOE_CHECK(!ec, "%s: cannot create checkpoint directory: %s", tmp.c_str(), ec.message().c_str());
 
-  write_text_atomic((tmp / "config.json").string(), hf_config_to_json(m.config()));
-  std::vector<std::pair<std::string, Tensor>> named;
-  for (const NamedParam& p : named_parameters(m.config(), m.weights())) named.emplace_back(p.name, p.value);
-  for (auto& b : named_buffers(m.config(), m.weights())) named.push_back(b);
-  write_safetensors((tmp / "model.safetensors").string(), named, {{"format", "pt"}});
+  if (lora) {
+    save_adapter(tmp.string(), m.config(), m.weights(), *lora);
+  } else {
+    write_text_atomic((tmp / "config.json").string(), hf_config_to_json(m.config()));
+    std::vector<std::pair<std::string, Tensor>> named;
+    for (const NamedParam& p : named_parameters(m.config(), m.weights())) named.emplace_back(p.name, p.value);
+    for (auto& b : named_buffers(m.config(), m.weights())) named.push_back(b);
+    write_safetensors((tmp / "model.safetensors").string(), named, {{"format", "pt"}});
+  }
   write_safetensors((tmp / "optimizer.safetensors").string(), opt.state_tensors());
   if (!tokenizer_from.empty())
     for (const char* f : kTokenizerFiles) {

@@ -16,14 +16,18 @@
 #include <nlohmann/json.hpp>
 
 #include "model/model.h"
+#include "train/lora.h"
 #include "train/optimizer.h"
 
 namespace moe {
 
 // Writes `dir` atomically (see above). `tokenizer_from` (may be empty): a directory whose
 // tokenizer files are copied alongside.
+// With `lora` (fine-tuning) the directory holds the adapter (adapter_config.json,
+// adapter_model.safetensors: what `moe generate BASE --adapter DIR` and PEFT load) instead of
+// config.json and model.safetensors.
 void save_checkpoint(const std::string& dir, const Model& m, const AdamW& opt, const nlohmann::json& trainer_state,
-                     const std::string& tokenizer_from);
+                     const std::string& tokenizer_from, const LoraConfig* lora = nullptr);
 
 // The newest complete RUN_DIR/step-N (largest N), or "" when there is none.
 std::string latest_checkpoint(const std::string& run_dir);

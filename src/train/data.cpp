@@ -106,17 +106,24 @@ std::string jsonl_text(std::string_view line, int64_t number, const std::string&
   return it->get<std::string>();
 }
 
-// Whether the first non-blank line is a JSON object with a string "text" field.
-bool looks_like_jsonl(const std::string& bytes) {
-  bool answer = false, decided = false;
+enum class JsonlKind { None, Text, Chat, PromptCompletion };
+
+// What the first non-blank line is: a JSON object with "messages" (chat), "prompt" and
+// "completion", or a string "text"; None otherwise.
+JsonlKind jsonl_kind(const std::string& bytes) {
+  JsonlKind answer = JsonlKind::None;
+  bool decided = false;
   for_each_line(bytes, [&](std::string_view line, int64_t) {
     if (decided || is_blank(line)) return;
     decided = true;
     try {
       auto j = nlohmann::json::parse(line);
-      answer = j.is_object() && j.contains("text") && j["text"].is_string();
+      if (!j.is_object()) return;
+      if (j.contains("messages")) answer = JsonlKind::Chat;
+      else if (j.contains("prompt") && j.contains("completion")) answer = JsonlKind::PromptCompletion;
+      else if (j.contains("text") && j["text"].is_string()) answer = JsonlKind::Text;
     } catch (const nlohmann::json::exception&) {
-      answer = false;
+      answer = JsonlKind::None;
     }
   });
   return answer;
@@ -188,6 +195,71 @@ void check_token_range(const std::vector<int32_t>& tokens, int64_t vocab, const 
               path.c_str(), t, (long long)vocab);
 }
 
+// Chat or prompt/completion JSONL -> labeled token rows (packed, or one example per row).
+TokenRows load_sft(const std::string& path, const std::string& bytes, JsonlKind kind, const Tokenizer& t,
+                   const DataOptions& opt, Dataset* ds) {
+  MOE_CHECK(kind != JsonlKind::Chat || opt.chat != nullptr,
+            "%s: chat data needs a chat template, and the model has none (give --chat-template FILE)", path.c_str());
+  std::vector<LabeledTokens> examples;
+  for_each_line(bytes, [&](std::string_view line, int64_t number) {
+    if (is_blank(line)) return;
+    const std::string where = path + ":" + std::to_string(number);
+    nlohmann::ordered_json j;
+    try {
+      j = nlohmann::ordered_json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      MOE_FAIL("%s: malformed JSON: %s", where.c_str(), json_error_text(e).c_str());
+    }
+    MOE_CHECK(j.is_object(), "%s: expected a JSON object, got %s", where.c_str(), j.type_name());
+    if (kind == JsonlKind::Chat) {
+      MOE_CHECK(j.contains("messages"), "%s: object has no \"messages\" list", where.c_str());
+      examples.push_back(encode_chat(j["messages"], *opt.chat, t, where, &ds->sft));
+    } else {
+      for (const char* k : {"prompt", "completion"})
+        MOE_CHECK(j.contains(k) && j[k].is_string(), "%s: \"%s\" must be a string", where.c_str(), k);
+      examples.push_back(
+          encode_prompt_completion(j["prompt"].get<std::string>(), j["completion"].get<std::string>(), t, &ds->sft));
+    }
+    ++ds->n_documents;
+  });
+  MOE_CHECK(ds->n_documents > 0, "%s: empty dataset (no JSONL lines)", path.c_str());
+  MOE_CHECK(ds->sft.labeled_tokens > 0, "%s: no token carries loss (no assistant / completion tokens)", path.c_str());
+  const int64_t s = opt.seq_len;
+  TokenRows rows;
+  rows.seq = s;
+  if (opt.packing) {
+    std::vector<int32_t> ids, labels;
+    for (const LabeledTokens& e : examples) {
+      ids.insert(ids.end(), e.ids.begin(), e.ids.end());
+      labels.insert(labels.end(), e.labels.begin(), e.labels.end());
+    }
+    ds->n_tokens = int64_t(ids.size());
+    if (opt.max_tokens > 0 && int64_t(ids.size()) > opt.max_tokens) {
+      ids.resize(size_t(opt.max_tokens));
+      labels.resize(size_t(opt.max_tokens));
+    }
+    rows = pack(ids, s, path);
+    rows.labels.assign(labels.begin(), labels.begin() + rows.n * s);
+  } else {
+    const int32_t pad = t.eos_id().value_or(0);
+    for (const LabeledTokens& e : examples) {
+      const size_t n = std::min(e.ids.size(), size_t(s));
+      rows.input_ids.insert(rows.input_ids.end(), e.ids.begin(), e.ids.begin() + long(n));
+      rows.labels.insert(rows.labels.end(), e.labels.begin(), e.labels.begin() + long(n));
+      rows.input_ids.insert(rows.input_ids.end(), size_t(s) - n, pad);
+      rows.labels.insert(rows.labels.end(), size_t(s) - n, kIgnoreLabel);
+      ds->n_tokens += int64_t(e.ids.size());
+    }
+    rows.n = int64_t(examples.size());
+  }
+  check_token_range(rows.input_ids, opt.vocab_size, path);
+  int64_t scored = 0;
+  for (int64_t r = 0; r < rows.n; ++r)
+    for (int64_t i = 1; i < s; ++i) scored += rows.labels[size_t(r * s + i)] != kIgnoreLabel;
+  MOE_CHECK(scored > 0, "%s: no scored token survives cutting into rows of %lld tokens", path.c_str(), (long long)s);
+  return rows;
+}
+
 TokenRows select_rows(const TokenRows& all, const std::vector<int64_t>& which) {
   TokenRows r;
   r.n = int64_t(which.size());
@@ -224,8 +296,12 @@ Dataset load_dataset(const std::string& path, const Tokenizer* tok, const DataOp
     Tokenizer bytes_tok = Tokenizer::byte_level({});
     const Tokenizer& t = tok ? *tok : bytes_tok;
     std::vector<int32_t> tokens;
-    const bool jsonl = ends_with(path, ".jsonl") || ends_with(path, ".ndjson") || looks_like_jsonl(bytes);
-    if (jsonl) {
+    const JsonlKind kind = jsonl_kind(bytes);
+    const bool jsonl = ends_with(path, ".jsonl") || ends_with(path, ".ndjson") || kind == JsonlKind::Text;
+    if (kind == JsonlKind::Chat || kind == JsonlKind::PromptCompletion) {
+      ds.source = std::string(kind == JsonlKind::Chat ? "chat" : "prompt/completion") + ": " + path;
+      all = load_sft(path, bytes, kind, t, opt, &ds);
+    } else if (jsonl) {
       ds.source = "jsonl: " + path;
       const auto eos = t.eos_id();
       bool any_text = false;
@@ -249,10 +325,12 @@ Dataset load_dataset(const std::string& path, const Tokenizer* tok, const DataOp
     }
     bytes.clear();
     bytes.shrink_to_fit();
-    ds.n_tokens = int64_t(tokens.size());
-    if (opt.max_tokens > 0 && int64_t(tokens.size()) > opt.max_tokens) tokens.resize(size_t(opt.max_tokens));
-    check_token_range(tokens, opt.vocab_size, path);
-    all = pack(tokens, opt.seq_len, path);
+    if (all.n == 0) {
+      ds.n_tokens = int64_t(tokens.size());
+      if (opt.max_tokens > 0 && int64_t(tokens.size()) > opt.max_tokens) tokens.resize(size_t(opt.max_tokens));
+      check_token_range(tokens, opt.vocab_size, path);
+      all = pack(tokens, opt.seq_len, path);
+    }
   }
 
   // Validation split: rows picked by a seeded permutation; both splits keep file order.

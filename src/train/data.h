@@ -7,6 +7,13 @@
 //   .jsonl/.ndjson, or a file whose first non-blank line is a JSON object with a string "text":
 //                 JSONL, one object per line with a string field "text"; blank lines are skipped;
 //                 any other line is an error naming the file and line number.
+//   chat JSONL    (first non-blank line has "messages"): conversations rendered with the chat
+//                 template (DataOptions::chat; an error without one), loss on assistant tokens
+//                 only (chat_data.h);
+//   prompt/completion JSONL (first line has "prompt" and "completion"): loss on the completion.
+//                 These two keep their labels through packing; with packing off each example is
+//                 one row (cut to seq_len, padded with EOS/0 and ignored labels). A dataset
+//                 without one scored token is an error.
 //   anything else plain UTF-8 text (one document).
 // A file that starts like a safetensors file (8-byte little-endian header length, then '{') is
 // read as one whatever its extension.
@@ -38,10 +45,12 @@
 #include <nlohmann/json.hpp>
 
 #include "core/tensor.h"
+#include "train/chat_data.h"
 
 namespace moe {
 
 class Tokenizer;
+class ChatTemplate;
 
 constexpr int32_t kIgnoreLabel = -100;
 
@@ -52,6 +61,8 @@ struct DataOptions {
   double val_fraction = 0.05;  // in [0, 1)
   int64_t max_tokens = 0;     // text: use at most this many tokens (0: all)
   int64_t vocab_size = 0;     // > 0: reject token ids >= vocab_size (naming file, row, column)
+  const ChatTemplate* chat = nullptr;  // renders chat JSONL
+  bool packing = true;        // chat / prompt-completion: pack examples into rows (else one per row)
 };
 
 // n rows of `seq` tokens, row-major: input_ids[r*seq + t].
@@ -66,6 +77,7 @@ struct Dataset {
   int64_t n_tokens = 0;  // tokens in the corpus after tokenization (before dropping the tail);
                          // pre-tokenized: N·S
   int64_t n_documents = 0;  // text: 1; JSONL: non-blank lines; pre-tokenized: N
+  ChatStats sft;            // chat / prompt-completion: examples, turns and tokens labeled
 };
 
 Dataset load_dataset(const std::string& path, const Tokenizer* tok, const DataOptions& opt);

