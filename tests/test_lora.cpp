@@ -18,10 +18,13 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/nf4.h"
+#include "core/rng.h"
 #include "io/safetensors.h"
 #include "model/lora_slots.h"
 #include "model/model.h"
 #include "model/model_train.h"
+#include "ops/ops.h"
 #include "train/lora.h"
 #include "train/lora_fused.h"
 
@@ -230,6 +233,112 @@ TEST(LoraFused, GptOssAdapterSplitsAndJoinsExactly) {
       for (int64_t i = 0; i < in; ++i) ASSERT_EQ(a.data<float>()[(e * rr + j) * in + i], float(100 * e + j));
       for (int64_t o = 0; o < out; ++o) ASSERT_EQ(b.data<float>()[(e * out + o) * rr + j], -float(100 * e + j));
     }
+}
+
+// NF4: a block made of the 16 code values times its absmax quantizes to exactly those codes
+// (indices in the packed nibbles, even element high) and the absmax is stored exactly.
+TEST(Nf4, CodeTableAndAbsmaxExact) {
+  const float absmax = 0.37109375f;  // exactly representable
+  std::vector<float> x(kNf4Block);
+  for (int64_t i = 0; i < kNf4Block; ++i) x[size_t(i)] = kNf4Codes[(i * 7) % 16] * absmax;
+  x[5] = -absmax;  // the block's absmax (code 0 = -1)
+  std::vector<uint8_t> q(kNf4BlockBytes);
+  nf4_quantize(x.data(), q.data(), kNf4Block);
+  float stored;
+  std::memcpy(&stored, q.data(), 4);
+  EXPECT_EQ(stored, absmax);
+  for (int64_t i = 0; i < kNf4Block; ++i) {
+    const int code = i % 2 == 0 ? q[size_t(4 + i / 2)] >> 4 : q[size_t(4 + i / 2)] & 15;
+    EXPECT_EQ(code, i == 5 ? 0 : int((i * 7) % 16)) << "element " << i;
+  }
+  std::vector<float> y(kNf4Block);
+  nf4_dequantize(q.data(), y.data(), kNf4Block);
+  EXPECT_EQ(y, x) << "dequant(quant(codes * absmax)) must be exact";
+  // The paper's table: 16 values, -1 and 1 at the ends, an exact zero, ascending.
+  EXPECT_EQ(kNf4Codes[0], -1.0f);
+  EXPECT_EQ(kNf4Codes[7], 0.0f);
+  EXPECT_EQ(kNf4Codes[15], 1.0f);
+  for (int i = 0; i + 1 < 16; ++i) EXPECT_LT(kNf4Codes[i], kNf4Codes[i + 1]);
+}
+
+// dequant(quant(W)) within the format's bound: per element at most absmax · (largest half-gap).
+TEST(Nf4, RoundTripErrorWithinTheBound) {
+  Rng rng(11);
+  const int64_t n = 64 * 200;
+  std::vector<float> x(static_cast<size_t>(n));
+  for (auto& v : x) v = static_cast<float>(rng.normal() * 0.02);
+  Tensor t = Tensor::from_f32({200, 64}, x);
+  Tensor q = t.to_dtype(DType::NF4, MemCategory::Workspace);
+  EXPECT_EQ(q.nbytes(), size_t(200) * kNf4BlockBytes);
+  Tensor back = q.to_dtype(DType::F32, MemCategory::Workspace);
+  const float bound = nf4_max_error_per_absmax();
+  EXPECT_NEAR(bound, (1.0f - 0.6961928009986877f) / 2, 1e-7);  // between -1 and the next code
+  double worst = 0;
+  for (int64_t b = 0; b < 200; ++b) {
+    float am = 0;
+    for (int64_t i = 0; i < 64; ++i) am = std::max(am, std::fabs(x[size_t(b * 64 + i)]));
+    for (int64_t i = 0; i < 64; ++i) {
+      const double e = std::fabs(double(back.data<float>()[b * 64 + i]) - x[size_t(b * 64 + i)]);
+      ASSERT_LE(e, double(am) * bound * (1 + 1e-6)) << "block " << b << " element " << i;
+      worst = std::max(worst, e / am);
+    }
+  }
+  EXPECT_GT(worst, 0.01) << "the error bound is never approached: the test checks little";
+}
+
+// QLoRA: the gradients of the adapters with an NF4 base equal those with the dequantized base
+// (f32) — the NF4 GEMM paths (forward and backward, dense and grouped experts) dequantize exactly.
+TEST_P(LoraReference, QloraGradsEqualLoraOnTheDequantizedBase) {
+  const std::string dir = fixture(GetParam());
+  if (!fs::exists(dir + "/lora")) GTEST_SKIP() << "SKIPPED: fixture adapter not found";
+  auto grads_of = [&](bool nf4) {
+    Model m = load_f32(dir);
+    ModelWeights& w = m.mutable_weights();
+    if (nf4) {
+      quantize_frozen_base(m.config(), w, DType::NF4);
+      EXPECT_EQ(w.layers[0].w1.dtype(), DType::NF4);
+      EXPECT_EQ(w.layers[0].wqkv.dtype(), DType::NF4);
+    } else {
+      // The same values in f32: every projection through NF4 and back.
+      ModelWeights copy = w;
+      quantize_frozen_base(m.config(), copy, DType::NF4);
+      for (size_t l = 0; l < w.layers.size(); ++l) {
+        LayerWeights& a = w.layers[l];
+        const LayerWeights& b = copy.layers[l];
+        for (auto [dst, src] : {std::pair{&a.wqkv, &b.wqkv}, {&a.wo, &b.wo}, {&a.w1, &b.w1}, {&a.w3, &b.w3},
+                                {&a.w2, &b.w2}, {&a.shared_w1, &b.shared_w1}, {&a.shared_w3, &b.shared_w3},
+                                {&a.shared_w2, &b.shared_w2}})
+          if (src->defined()) *dst = src->to_dtype(DType::F32, MemCategory::Weights);
+        const int64_t qd = m.config().n_head * m.config().head_dim, kvd = m.config().n_head_kv * m.config().head_dim;
+        a.wq = a.wqkv.rows(0, qd);
+        a.wk = a.wqkv.rows(qd, qd + kvd);
+        a.wv = a.wqkv.rows(qd + kvd, qd + 2 * kvd);
+      }
+    }
+    load_adapter(dir + "/lora", m.config(), w);
+    ModelWeights g = zeros_like(m.config(), w, MemCategory::Grads);
+    auto batch = SafetensorsFile::open(dir + "/batch.safetensors");
+    LossOptions lo;
+    lo.aux_coef = m.config().router_aux_loss_coef;
+    const StepLosses r = forward_backward(m, batch->tensor("input_ids", MemCategory::Workspace),
+                                          batch->tensor("labels", MemCategory::Workspace), &g, lo);
+    std::vector<std::pair<std::string, std::vector<float>>> out;
+    out.emplace_back("loss", std::vector<float>{float(r.total)});
+    for (const NamedParam& p : named_parameters(m.config(), g)) out.emplace_back(p.name, p.value.to_f32_vector());
+    return out;
+  };
+  const auto q = grads_of(true), d = grads_of(false);
+  ASSERT_EQ(q.size(), d.size());
+  ASSERT_GT(q.size(), 100u);
+  double worst = 0;
+  for (size_t i = 0; i < q.size(); ++i) {
+    ASSERT_EQ(q[i].first, d[i].first);
+    const double e = rel_err(q[i].second, d[i].second);
+    EXPECT_LE(e, 1e-4) << q[i].first;
+    worst = std::max(worst, e);
+  }
+  std::printf("%s: QLoRA (nf4 base) vs LoRA on the dequantized base: worst rel err %.3g over %zu tensors\n",
+              GetParam().c_str(), worst, q.size());
 }
 
 std::string error_of(const std::function<void()>& f) {

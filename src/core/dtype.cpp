@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/nf4.h"
 #include "core/quant.h"
 
 namespace moe {
@@ -14,9 +15,18 @@ bool dtype_is_quant(DType t) {
   return t == DType::Q8_0 || t == DType::Q4_0 || t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K;
 }
 
-int64_t dtype_block_elems(DType t) { return dtype_is_quant(t) ? ggml_type_info(dtype_ggml_type(t)).block_elems : 1; }
+bool dtype_is_block(DType t) { return dtype_is_quant(t) || t == DType::NF4; }
+
+int64_t dtype_block_elems(DType t) {
+  if (t == DType::NF4) return kNf4Block;
+  return dtype_is_quant(t) ? ggml_type_info(dtype_ggml_type(t)).block_elems : 1;
+}
 
 size_t dtype_nbytes(DType t, int64_t n) {
+  if (t == DType::NF4) {
+    MOE_CHECK(n % kNf4Block == 0, "nf4: %lld values are not whole blocks of %lld", (long long)n, (long long)kNf4Block);
+    return static_cast<size_t>(n / kNf4Block) * kNf4BlockBytes;
+  }
   if (!dtype_is_quant(t)) return static_cast<size_t>(n) * dtype_size(t);
   return ggml_row_bytes(dtype_ggml_type(t), n);
 }
@@ -25,7 +35,8 @@ bool dtype_from_quant_name(const std::string& s, DType* out) {
   std::string l = s;
   for (char& c : l) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   static const struct { const char* n; DType t; } k[] = {
-      {"q8_0", DType::Q8_0}, {"q4_0", DType::Q4_0}, {"q4_k", DType::Q4_K}, {"q5_k", DType::Q5_K}, {"q6_k", DType::Q6_K}};
+      {"q8_0", DType::Q8_0}, {"q4_0", DType::Q4_0}, {"q4_k", DType::Q4_K}, {"q5_k", DType::Q5_K}, {"q6_k", DType::Q6_K},
+      {"nf4", DType::NF4}};
   for (auto& e : k)
     if (l == e.n) { *out = e.t; return true; }
   return false;
@@ -44,7 +55,8 @@ size_t dtype_size(DType t) {
     case DType::Q4_0:
     case DType::Q4_K:
     case DType::Q5_K:
-    case DType::Q6_K: break;
+    case DType::Q6_K:
+    case DType::NF4: break;
   }
   MOE_FAIL("dtype_size: %s is a block type without a per-element size (this is a bug: use dtype_nbytes)",
            dtype_name(t));
@@ -64,6 +76,7 @@ const char* dtype_name(DType t) {
     case DType::Q4_K: return "q4_k";
     case DType::Q5_K: return "q5_k";
     case DType::Q6_K: return "q6_k";
+    case DType::NF4: return "nf4";
   }
   return "?";
 }
@@ -212,6 +225,7 @@ void convert_to_f32(float* dst, const void* src, DType from, size_t n) {
     case DType::Q4_K:
     case DType::Q5_K:
     case DType::Q6_K: dequant_blocks(dst, src, from, n); return;
+    case DType::NF4: nf4_dequantize(static_cast<const uint8_t*>(src), dst, static_cast<int64_t>(n)); return;
   }
 }
 
@@ -238,6 +252,7 @@ void convert_from_f32(void* dst, const float* src, DType to, size_t n) {
     case DType::Q4_K:
     case DType::Q5_K:
     case DType::Q6_K: quant_blocks(dst, src, to, n); return;
+    case DType::NF4: nf4_quantize(src, static_cast<uint8_t*>(dst), static_cast<int64_t>(n)); return;
     default: MOE_FAIL("convert_from_f32: cannot convert to %s", dtype_name(to));
   }
 }

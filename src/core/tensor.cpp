@@ -26,7 +26,7 @@ int64_t shape_numel(const Shape& s) {
 namespace {
 // A block-type tensor holds whole blocks of its last dimension (see tensor.h).
 void check_block_shape(const Shape& shape, DType dt) {
-  if (!dtype_is_quant(dt)) return;
+  if (!dtype_is_block(dt)) return;
   const int64_t be = dtype_block_elems(dt);
   MOE_CHECK(!shape.empty() && shape.back() % be == 0,
             "a %s tensor needs a last dimension that is a multiple of %lld, got shape %s", dtype_name(dt),

@@ -18,6 +18,15 @@ void check_float(const char* op, const char* arg, const Tensor& t) {
   MOE_CHECK(is_float(t.dtype()), "%s: %s expected a float dtype, got %s", op, arg, dtype_name(t.dtype()));
 }
 
+// A GEMM weight: float, or NF4 (the frozen QLoRA base: CPU only, dequantized by row blocks).
+void check_gemm_weight(const char* op, const char* arg, const Tensor& t) {
+  if (t.defined() && t.dtype() == DType::NF4) {
+    MOE_CHECK(t.device() == Device::CPU, "%s: %s is nf4, which only the CPU backend reads", op, arg);
+    return;
+  }
+  check_float(op, arg, t);
+}
+
 void check_device(const char* op, Device dev, std::initializer_list<const Tensor*> ts) {
   for (const Tensor* t : ts)
     if (t->defined())
@@ -115,7 +124,7 @@ void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor&
   if (dtype_is_quant(w.dtype()))
     check_quant_weight(op, "w", w, out.device(), {{"x", &x}, {"out", &out}});
   else
-    check_float(op, "w", w);
+    check_gemm_weight(op, "w", w);
   MOE_CHECK(x.dim(-1) == w.dim(1), "%s: x %s and w %s disagree on the inner dimension", op,
             x.shape_str().c_str(), w.shape_str().c_str());
   int64_t n = x.numel() / x.dim(-1);
@@ -366,7 +375,7 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
 void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x, const Tensor& w,
                      bool accumulate) {
   const char* op = "linear_backward";
-  check_float(op, "w", w);
+  check_gemm_weight(op, "w", w);
   check_ndim(op, "w", w, 2);
   const int64_t m = w.dim(0), kd = w.dim(1);
   check_f32(op, "dy", dy);
@@ -526,7 +535,7 @@ std::array<int64_t, 3> check_experts(const char* op, const Tensor& xp, const Ten
                                      const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
   check_ndim(op, "w1", w1, 3);
   const int64_t e = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
-  check_float(op, "w1", w1);
+  check_gemm_weight(op, "w1", w1);
   check_shape(op, "w3", w3, {e, f, d});
   check_shape(op, "w2", w2, {e, d, f});
   MOE_CHECK(w1.dtype() == w3.dtype() && w1.dtype() == w2.dtype(), "%s: expert weight dtypes differ", op);

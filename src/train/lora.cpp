@@ -358,6 +358,38 @@ void merge_lora(const ModelConfig& c, ModelWeights& w) {
   w.train_router = false;
 }
 
+std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt) {
+  MOE_CHECK(dt == DType::NF4, "quantize_frozen_base: %s is not a QLoRA storage type (nf4)", dtype_name(dt));
+  int64_t n_q = 0, n_kept = 0;
+  size_t before = 0, after = 0;
+  auto q = [&](Tensor& t) {
+    if (!t.defined()) return;
+    if (t.dtype() == dt) return;
+    if (t.dim(-1) % dtype_block_elems(dt) != 0 || !(t.dtype() == DType::F32 || t.dtype() == DType::BF16 ||
+                                                     t.dtype() == DType::F16)) {
+      ++n_kept;
+      return;
+    }
+    before += t.nbytes();
+    t = t.to_dtype(dt, MemCategory::QuantWeights);
+    after += t.nbytes();
+    ++n_q;
+  };
+  const int64_t qd = c.n_head * c.head_dim, kvd = c.n_head_kv * c.head_dim;
+  for (LayerWeights& lw : w.layers) {
+    q(lw.wqkv);
+    lw.wq = lw.wqkv.rows(0, qd);
+    lw.wk = lw.wqkv.rows(qd, qd + kvd);
+    lw.wv = lw.wqkv.rows(qd + kvd, qd + 2 * kvd);
+    for (Tensor* t : {&lw.wo, &lw.w1, &lw.w3, &lw.w2, &lw.shared_w1, &lw.shared_w3, &lw.shared_w2}) q(*t);
+  }
+  char buf[200];
+  std::snprintf(buf, sizeof buf, "base quantized to %s: %lld tensors, %.2f MiB -> %.2f MiB%s", dtype_name(dt),
+                (long long)n_q, double(before) / 1048576.0, double(after) / 1048576.0,
+                n_kept ? (", " + std::to_string(n_kept) + " kept float (rows not whole blocks)").c_str() : "");
+  return buf;
+}
+
 int64_t lora_param_count(const ModelConfig& c, const ModelWeights& w) {
   int64_t n = 0;
   for (const auto& [name, t] : adapter_tensors(c, w)) n += t.numel();

@@ -64,6 +64,12 @@ std::vector<std::pair<std::string, Tensor>> adapter_tensors(const ModelConfig& c
 // quantized base must be dequantized by the caller (merge_lora refuses it, naming the tensor).
 void merge_lora(const ModelConfig& c, ModelWeights& w);
 
+// QLoRA: stores the frozen base's projections (q/k/v, o, routed and shared experts, dense MLPs)
+// as `dt` (NF4, core/nf4.h), replacing the float tensors; embeddings, norms, routers and the LM
+// head stay as they are. A projection whose rows are not whole blocks stays float (counted).
+// Returns a one-line summary (tensors quantized, bytes before and after).
+std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt);
+
 // The audit printed at the start of a fine-tune: adapted modules and trainable parameters per
 // module kind (attention, router, experts, shared expert, dense MLP), per routed expert, and in
 // total next to the base's parameter count.

