@@ -11,6 +11,9 @@
 # Usage: bench/train_vs_torch.sh [OUT_DIR]      (env: MOE=path/to/moe, THREADS=2, STEPS=3,
 #        MOE_ARGS="extra moe bench train flags", e.g. the memory-lean step the peer's loop matches
 #        (it does not clip): MOE_ARGS="--clip 0 --fused-update --optimizer-dtype bf16")
+# Fine-tuning (bench/finetune_vs_torch.sh sets these): MODE=lora TARGETS=q_proj,k_proj,...
+#        runs `moe bench finetune --target-modules TARGETS` against the peer's --mode lora with the
+#        same targets, r 16, alpha 16 (MOE_ARGS=--load-in-4bit: QLoRA against the same peer).
 # On a shared, overloaded machine (load > cores) run it with OMP_WAIT_POLICY=passive: both
 # programs use libgomp, whose spinning barriers collapse when a worker thread is descheduled.
 # Needs bench/setup_torch.sh once (python3-torch, python3-numpy, pthread OpenBLAS).
@@ -21,6 +24,15 @@ MOE="${MOE:-$ROOT/build/moe}"
 OUT="${1:-$ROOT/bench/results/train-$(date -u +%F)}"
 THREADS="${THREADS:-2}"
 STEPS="${STEPS:-3}"
+MODE="${MODE:-full}"
+TARGETS="${TARGETS:-q_proj,k_proj,v_proj,o_proj}"
+if [[ "$MODE" == lora ]]; then
+  MOE_BENCH=(finetune --target-modules "$TARGETS" --lora-r 16 --lora-alpha 16)
+  PEER_MODE=(--mode lora --target-modules "$TARGETS" --lora-r 16 --lora-alpha 16)
+else
+  MOE_BENCH=(train)
+  PEER_MODE=(--mode full)
+fi
 TORCH_PY="${TORCH_PY:-$ROOT/../shared/reference/torch_moe_baseline.py}"
 FIXTURE_LIKE="${FIXTURE_LIKE:-$ROOT/../shared/fixtures/mixtral}"
 PY=/usr/bin/python3
@@ -43,28 +55,30 @@ run_case() {
   local name="$1" dir="$2" batch="$3" seq="$4"
   shift 4
   echo "== $name: batch $batch x seq $seq, $STEPS timed steps after 1 warm-up, $THREADS threads"
-  { note_load; echo "\$ moe bench train --model $dir --batch $batch --seq $seq --steps $STEPS --warmup-steps 1 --json $* ${MOE_ARGS:-}"; } \
+  { note_load; echo "\$ moe bench ${MOE_BENCH[*]} --model $dir --batch $batch --seq $seq --steps $STEPS --warmup-steps 1 --json $* ${MOE_ARGS:-}"; } \
     > "$OUT/$name-moe.log"
   # shellcheck disable=SC2086  # MOE_ARGS is a list of flags
-  "$MOE" bench train --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup-steps 1 --json "$@" ${MOE_ARGS:-} \
+  "$MOE" bench "${MOE_BENCH[@]}" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup-steps 1 --json "$@" ${MOE_ARGS:-} \
     >> "$OUT/$name-moe.log" 2>&1
   note_load >> "$OUT/$name-moe.log"
-  { note_load; echo "\$ torch_moe_baseline.py --mode full --model $dir --batch $batch --seq $seq --steps $STEPS --threads $THREADS --json"; } \
+  { note_load; echo "\$ torch_moe_baseline.py ${PEER_MODE[*]} --model $dir --batch $batch --seq $seq --steps $STEPS --threads $THREADS --json"; } \
     > "$OUT/$name-torch.log"
-  "$PY" "$TORCH_PY" --mode full --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup 1 \
+  "$PY" "$TORCH_PY" "${PEER_MODE[@]}" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup 1 \
     --threads "$THREADS" --json >> "$OUT/$name-torch.log" 2>&1
   note_load >> "$OUT/$name-torch.log"
 }
 
 # (a) the small preset, as `moe init` writes it (f32)
 "$MOE" init --arch mixtral --preset small --dtype f32 --out "$WORK/small" > /dev/null
-run_case small "$WORK/small" 4 256 --act-sweep 8,32
+SWEEP=()
+[[ "$MODE" == lora ]] || SWEEP=(--act-sweep 8,32)  # activation growth with E: a training-bench question
+run_case small "$WORK/small" 4 256 "${SWEEP[@]}"
 
 # (b) Mixtral-shaped, 2 layers
 "$PY" "$TORCH_PY" --random-model "$WORK/mixtral2l" --like "$FIXTURE_LIKE" --hidden 512 --layers 2 --experts 8 \
   --topk 2 --ffn 1792 --vocab 32000 --heads 8 --kv-heads 2 > "$OUT/mixtral2l-init.log" 2>&1
 cp "$WORK/mixtral2l/config.json" "$OUT/mixtral2l-config.json"
-run_case mixtral2l "$WORK/mixtral2l" 4 256 --act-sweep 8,32
+run_case mixtral2l "$WORK/mixtral2l" 4 256 "${SWEEP[@]}"
 
 "$PY" - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, sys

@@ -244,7 +244,7 @@ TEST(TrainResume, KillDuringCheckpointKeepsLastCheckpoint) {
     }
     // Wait for the first checkpoint (start-up time varies: sanitizers, load), then kill at a
     // random moment of the following steps (each one writes a checkpoint).
-    for (int i = 0; i < 1200 && !fs::exists(run_dir + "/step-1"); ++i)
+    for (int i = 0; i < 3600 && !fs::exists(run_dir + "/step-1"); ++i)  // up to 3 min (a loaded CI machine)
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 1200));
     kill(pid, SIGKILL);

@@ -315,8 +315,11 @@ void add_bench_command(CLI::App& app) {
   add_train_bench(cmd);
   add_serve_bench(cmd);
   cmd->callback([o, cmd]() {
-    if (cmd->got_subcommand("tokenize") || cmd->got_subcommand("train") || cmd->got_subcommand("serve")) return;
-    MOE_CHECK(o->what == "decode" || o->what == "prefill", "bench: expected decode, prefill, tokenize or train, got '%s'",
+    if (cmd->got_subcommand("tokenize") || cmd->got_subcommand("train") || cmd->got_subcommand("finetune") ||
+        cmd->got_subcommand("serve"))
+      return;
+    MOE_CHECK(o->what == "decode" || o->what == "prefill",
+              "bench: expected decode, prefill, tokenize, train, finetune or serve, got '%s'",
               o->what.c_str());
     run_bench(*o);
   });

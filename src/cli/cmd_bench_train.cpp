@@ -39,6 +39,7 @@
 #include "model/model_train.h"
 #include "model/random_init.h"
 #include "ops/ops.h"
+#include "train/lora.h"
 #include "train/optimizer.h"
 
 namespace moe {
@@ -51,6 +52,11 @@ struct TrainBenchOpts {
   uint64_t seed = 1;
   bool recompute = false, json = false, fused = false;
   std::string optim_dtype = "f32";
+  // `moe bench finetune`: LoRA on a frozen base (QLoRA with nf4).
+  bool finetune = false, nf4 = false;
+  int64_t lora_r = 16;
+  double lora_alpha = 16;
+  std::string targets = "q_proj,k_proj,v_proj,o_proj";
 };
 
 // A field of /proc/self/status in bytes ("VmRSS", "VmHWM"); 0 when unreadable.
@@ -109,10 +115,24 @@ ModelConfig bench_config(const TrainBenchOpts& o) {
 
 // The model the steps train: f32 weights the engine owns (the optimizer writes into them), as
 // the trainer holds them. From o.model_dir when given (used as written), else random weights of cfg.
+// Fine-tuning: the base as loaded (frozen; nf4 with o.nf4) with LoRA adapters attached.
 Model build_model(const TrainBenchOpts& o, const ModelConfig& cfg) {
   LoadOptions lo;
   lo.keep_dtype = false;
   lo.weight_dtype = DType::F32;
+  if (o.finetune) {
+    Model m = o.model_dir.empty() ? Model::from_tensors(cfg, random_weights(cfg, o.seed, DType::F32), lo)
+                                  : Model::load(o.model_dir, lo);
+    if (o.nf4) std::printf("%s\n", quantize_frozen_base(m.config(), m.mutable_weights(), DType::NF4).c_str());
+    LoraConfig lc;
+    lc.r = o.lora_r;
+    lc.alpha = o.lora_alpha;
+    lc.target_modules = parse_target_modules(o.targets);
+    lc.seed = o.seed;
+    attach_lora(m.config(), m.mutable_weights(), lc);
+    std::printf("%s", lora_audit(m.config(), m.weights()).c_str());
+    return m;
+  }
   if (!o.model_dir.empty()) {
     Model m = Model::load(o.model_dir, lo);
     m.mutable_weights() = transform_weights(m.config(), m.weights(), [](const Tensor& t) {
@@ -177,7 +197,9 @@ ExpertTiming time_expert_ops(const Model& m, ModelWeights& grads, const StepLoss
     lc.rs = Tensor::empty({p}, DType::F32, MemCategory::Workspace);
     for (int64_t j = 0; j < p; ++j) lc.rs.data<float>()[j] = 0.5f;
     r.rows += p;
-    r.flops += 18.0 * double(p) * double(d) * double(f);
+    // 3 forward GEMMs and the backward's 3 dX GEMMs, plus 3 dW GEMMs when the experts train.
+    const bool dw = grads.layers[size_t(lc.layer)].w1.defined();
+    r.flops += (dw ? 18.0 : 12.0) * double(p) * double(d) * double(f);
     cases.push_back(std::move(lc));
   }
   std::vector<double> times;
@@ -186,9 +208,9 @@ ExpertTiming time_expert_ops(const Model& m, ModelWeights& grads, const StepLoss
     for (LayerCase& lc : cases) {
       const LayerWeights& w = m.weights().layers[size_t(lc.layer)];
       LayerWeights& g = grads.layers[size_t(lc.layer)];
-      expert_ffn_forward_train(lc.yp, lc.h1, lc.h3, lc.xp, lc.offsets, w.w1, w.w3, w.w2, lc.rs);
+      expert_ffn_forward_train(lc.yp, lc.h1, lc.h3, lc.xp, lc.offsets, w.w1, w.w3, w.w2, lc.rs, w.lexp);
       expert_ffn_backward(lc.dxp, g.w1, g.w3, g.w2, lc.drs, lc.dyp, lc.xp, lc.h1, lc.h3, lc.offsets, w.w1, w.w3, w.w2,
-                          lc.rs);
+                          lc.rs, w.lexp, &g.lexp);
     }
     times.push_back(now_seconds() - t0);
   }
@@ -276,7 +298,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   const std::vector<NamedParam> gparams = o.fused ? std::vector<NamedParam>() : named_parameters(mc, grads);
   AdamWOptions aopt;  // torch.optim.AdamW defaults, weight decay 0 (HF Trainer's default)
   aopt.state_dtype = o.optim_dtype == "bf16" ? DType::BF16 : DType::F32;
-  AdamW opt(named_parameters(mc, m.weights()), gparams, aopt);
+  AdamW opt(named_parameters(mc, m.weights(), true), gparams, aopt);
   LossOptions lopt;
   lopt.aux_coef = mc.router_aux_loss_coef;
   lopt.recompute = o.recompute;
@@ -369,7 +391,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
               mib(double(act_peak)), mib(double(act_layout)), act_layout > 0 ? double(act_peak) / double(act_layout) : 0.0);
   std::fflush(stdout);
 
-  nlohmann::json j = {{"bench", "train"}, {"model", what}, {"model_type", mc.model_type}, {"layers", mc.n_layer},
+  nlohmann::json j = {{"bench", o.finetune ? "finetune" : "train"}, {"model", what}, {"model_type", mc.model_type}, {"layers", mc.n_layer},
                       {"hidden", mc.hidden_size}, {"ffn", mc.moe_intermediate_size}, {"experts", mc.n_expert},
                       {"topk", mc.n_expert_used}, {"vocab", mc.vocab_size}, {"params_total", m.n_params_total()},
                       {"batch", o.batch}, {"seq", o.seq}, {"steps", o.steps}, {"warmup", o.warmup},
@@ -390,6 +412,9 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
     if (st.peak[dev][c] > 0) mem[mem_category_name(MemCategory(c))] = st.peak[dev][c];
   mem["total"] = st.peak_total[dev];
   j["mem_peak_bytes"] = mem;
+  if (o.finetune)
+    j["lora"] = {{"r", o.lora_r}, {"alpha", o.lora_alpha}, {"target_modules", o.targets}, {"nf4_base", o.nf4},
+                 {"trainable_params", lora_param_count(mc, m.weights())}};
 
   *out = j;
   return mc;
@@ -402,9 +427,10 @@ void run_train_bench(const TrainBenchOpts& o) {
   const std::vector<int64_t> sweep = o.act_sweep.empty() ? std::vector<int64_t>{} : parse_int_list(o.act_sweep, "--act-sweep");
   const int threads = omp_get_max_threads();
   const std::string what = o.model_dir.empty() ? o.arch + "/" + o.preset : o.model_dir;
-  std::printf("bench train: %s (%s, %lld layers, D %lld, F %lld, E %lld, K %lld, V %lld), batch %lld x seq %lld, "
+  std::printf("bench %s: %s (%s, %lld layers, D %lld, F %lld, E %lld, K %lld, V %lld), batch %lld x seq %lld, "
               "%lld timed steps after %lld warm-up, %d threads, recompute %s\n",
-              what.c_str(), cfg.model_type.c_str(), (long long)cfg.n_layer, (long long)cfg.hidden_size,
+              o.finetune ? "finetune" : "train", what.c_str(), cfg.model_type.c_str(), (long long)cfg.n_layer,
+              (long long)cfg.hidden_size,
               (long long)cfg.moe_intermediate_size, (long long)cfg.n_expert, (long long)cfg.n_expert_used,
               (long long)cfg.vocab_size, (long long)o.batch, (long long)o.seq, (long long)o.steps,
               (long long)o.warmup, threads, o.recompute ? "on" : "off");
@@ -437,10 +463,21 @@ void run_train_bench(const TrainBenchOpts& o) {
 
 }  // namespace
 
-void add_train_bench(CLI::App* bench) {
+namespace {
+CLI::App* add_train_like_bench(CLI::App* bench, bool finetune) {
   auto o = std::make_shared<TrainBenchOpts>();
-  CLI::App* cmd = bench->add_subcommand("train", "training steps/s, memory and expert-GEMM FLOP/s against the sgemm "
-                                                 "peak of the same run");
+  o->finetune = finetune;
+  CLI::App* cmd =
+      finetune ? bench->add_subcommand("finetune", "LoRA / QLoRA fine-tuning steps/s and memory (frozen base), the "
+                                                   "same measurements as bench train")
+               : bench->add_subcommand("train", "training steps/s, memory and expert-GEMM FLOP/s against the sgemm "
+                                                "peak of the same run");
+  if (finetune) {
+    cmd->add_option("--lora-r", o->lora_r, "LoRA rank")->capture_default_str()->check(CLI::Range(1, 4096));
+    cmd->add_option("--lora-alpha", o->lora_alpha, "LoRA alpha")->capture_default_str();
+    cmd->add_option("--target-modules", o->targets, "PEFT target_modules (comma-separated)")->capture_default_str();
+    cmd->add_flag("--load-in-4bit", o->nf4, "QLoRA: the base's projections stored NF4");
+  }
   cmd->add_option("--arch", o->arch, "model family of the preset")->capture_default_str();
   cmd->add_option("--preset", o->preset, "tiny, small, medium or 8x7b")->capture_default_str();
   cmd->add_option("--model", o->model_dir, "HF-format model directory instead of a random preset model (the same "
@@ -465,6 +502,13 @@ void add_train_bench(CLI::App* bench) {
                                                "(e.g. 8,32), equal top-k");
   cmd->add_flag("--json", o->json, "also print one JSON line (last)");
   cmd->callback([o]() { run_train_bench(*o); });
+  return cmd;
+}
+}  // namespace
+
+void add_train_bench(CLI::App* bench) {
+  add_train_like_bench(bench, false);
+  add_train_like_bench(bench, true);
 }
 
 }  // namespace moe
