@@ -39,7 +39,7 @@ void add_engine_flags(CLI::App* cmd, EngineOptions* e) {
 
 void add_serve_command(CLI::App& app) {
   struct Opts {
-    std::string dir, weights = "none", tokenizer;
+    std::string dir, weights = "none", tokenizer, adapter;
     DeviceFlags dev;
     ServeOptions serve;
     EngineOptions engine;
@@ -51,6 +51,7 @@ void add_serve_command(CLI::App& app) {
   cmd->add_option("dir", o->dir, "model directory (HF: config.json, safetensors, tokenizer.json), or a .gguf with --tokenizer")
       ->required();
   cmd->add_option("--tokenizer", o->tokenizer, "directory with tokenizer.json (and chat template); default: the model's");
+  cmd->add_option("--adapter", o->adapter, "a PEFT LoRA adapter directory, merged into the weights at load (CPU)");
   cmd->add_option("--host", o->serve.host, "address to bind (127.0.0.1: this machine only)")->capture_default_str();
   cmd->add_option("--port", o->serve.port, "port (0: any free port, printed)")->capture_default_str()->check(CLI::Range(0, 65535));
   cmd->add_option("--api-key", o->serve.api_key, "require 'Authorization: Bearer KEY' on /v1/* and /metrics");
@@ -83,6 +84,7 @@ void add_serve_command(CLI::App& app) {
     if (o->serve.model_name.empty()) o->serve.model_name = std::filesystem::path(o->dir).parent_path().filename().string();
     const double t0 = now_seconds();
     Model m = load_model_arg(o->dir, o->dev, o->weights);
+    if (!o->adapter.empty()) apply_adapter(m, o->adapter);
     MOE_CHECK(tok.vocab_size() <= m.config().vocab_size,
               "serve: the tokenizer has %lld tokens but the model's vocabulary is %lld", (long long)tok.vocab_size(),
               (long long)m.config().vocab_size);

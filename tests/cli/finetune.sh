@@ -51,6 +51,17 @@ M_TEXT="$(grep -v -E 'MiB|KiB|memory|load ' <<<"${OUT}" | head -5)"
 [[ -n "${A_TEXT}" && "${A_TEXT}" == "${M_TEXT}" ]] && pass "generate --adapter equals the merged model" || fail "adapter vs merged text differ"
 run report "${MOE}" report run --out report.html
 expect_ok report
+# Continue from the adapter: the new run starts where the old one ended, not at the base.
+run continue "${MOE}" finetune q3 "${FT[@]}" --steps 2 --adapter-init run/final --out cont
+expect_ok continue
+python3 - run cont <<'PY' && pass "--adapter-init starts from the adapter" || fail "--adapter-init did not start from the adapter"
+import json, sys
+base0 = json.load(open(sys.argv[1] + "/train_config.json"))["initial_val_loss"]
+ended = [json.loads(l)["val_loss"] for l in open(sys.argv[1] + "/metrics.jsonl") if "val_loss" in l][-1]
+cont0 = json.load(open(sys.argv[2] + "/train_config.json"))["initial_val_loss"]
+print(f"     | base {base0:.4f}, first run ended {ended:.4f}, continued run starts {cont0:.4f}")
+sys.exit(0 if abs(cont0 - ended) < 1e-3 and cont0 < base0 - 0.3 else 1)
+PY
 
 # QLoRA: the base's projections stored NF4; it still learns.
 run qlora "${MOE}" finetune q3 "${FT[@]}" --steps 20 --load-in-4bit --out qrun
