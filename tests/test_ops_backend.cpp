@@ -1154,113 +1154,133 @@ TEST(Grad, ExpertFfn) {
 
 // LoRA on a projection that is one part of a wider (stacked) output: columns [col0, col0+M).
 TEST(Grad, Lora) {
-  const int64_t n = 5, kd = 9, m = 7, r = 3, width = 13, col0 = 4;
-  const double scale = 0.75;
-  std::vector<double> x = rnd(n * kd, 90), a = rnd(r * kd, 91, 0.5), b = rnd(m * r, 92, 0.5), rr = rnd(n * width, 93);
-  std::vector<double> out0 = rnd(n * width, 94), da0 = rnd(r * kd, 95), db0 = rnd(m * r, 96), dx0 = rnd(n * kd, 97);
-  auto loss = [&] {
-    std::vector<double> out = out0;
-    ref::f64::LoraF64 l{a.data(), b.data(), scale, r};
-    ref::f64::lora_forward(out.data(), width, col0, x.data(), l, n, m, kd);
-    return dotv(rr, out);
-  };
-  std::vector<double> fdx = fd_grad(x, loss), fda = fd_grad(a, loss), fdb = fd_grad(b, loss);
-  std::vector<double> gx = dx0, ga = da0, gb = db0;
-  ref::f64::LoraF64 l{a.data(), b.data(), scale, r, ga.data(), gb.data()};
-  ref::f64::lora_backward(gx.data(), rr.data(), width, col0, x.data(), l, n, m, kd);
-  Lora lt{ten({r, kd}, a), ten({m, r}, b), static_cast<float>(scale)};
-  Tensor dx = ten({n, kd}, dx0), da = ten({r, kd}, da0), db = ten({m, r}, db0);
-  lora_backward(dx, da, db, ten({n, width}, rr), col0, ten({n, kd}, x), lt);
-  expect_grad("lora dx", fdx, sub(gx, dx0), sub(vals(dx), dx0));
-  expect_grad("lora da", fda, sub(ga, da0), sub(vals(da), da0));
-  expect_grad("lora db", fdb, sub(gb, db0), sub(vals(db), db0));
-  // The forward adds only into its columns.
-  Tensor out = ten({n, width}, out0);
-  lora_forward(out, col0, ten({n, kd}, x), lt);
-  std::vector<double> o = vals(out);
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t j = 0; j < width; ++j)
-      if (j < col0 || j >= col0 + m) {
-        ASSERT_EQ(o[t * width + j], out0[t * width + j]) << "column " << j << " written";
-      }
+  for (float p : {0.0f, 0.3f}) {
+    SCOPED_TRACE(testing::Message() << "dropout " << p);
+    const int64_t n = 5, kd = 9, m = 7, r = 3, width = 13, col0 = 4;
+    const double scale = 0.75;
+    const uint64_t seed = 77;
+    std::vector<double> x = rnd(n * kd, 90), a = rnd(r * kd, 91, 0.5), b = rnd(m * r, 92, 0.5), rr = rnd(n * width, 93);
+    std::vector<double> out0 = rnd(n * width, 94), da0 = rnd(r * kd, 95), db0 = rnd(m * r, 96), dx0 = rnd(n * kd, 97);
+    auto loss = [&] {
+      std::vector<double> out = out0;
+      ref::f64::LoraF64 l{a.data(), b.data(), scale, r, nullptr, nullptr, p, seed, 0};
+      ref::f64::lora_forward(out.data(), width, col0, x.data(), l, n, m, kd);
+      return dotv(rr, out);
+    };
+    std::vector<double> fdx = fd_grad(x, loss), fda = fd_grad(a, loss), fdb = fd_grad(b, loss);
+    std::vector<double> gx = dx0, ga = da0, gb = db0;
+    ref::f64::LoraF64 l{a.data(), b.data(), scale, r, ga.data(), gb.data(), p, seed, 0};
+    ref::f64::lora_backward(gx.data(), rr.data(), width, col0, x.data(), l, n, m, kd);
+    Lora lt{ten({r, kd}, a), ten({m, r}, b), static_cast<float>(scale), p, seed};
+    Tensor dx = ten({n, kd}, dx0), da = ten({r, kd}, da0), db = ten({m, r}, db0);
+    lora_backward(dx, da, db, ten({n, width}, rr), col0, ten({n, kd}, x), lt);
+    expect_grad("lora dx", fdx, sub(gx, dx0), sub(vals(dx), dx0));
+    expect_grad("lora da", fda, sub(ga, da0), sub(vals(da), da0));
+    expect_grad("lora db", fdb, sub(gb, db0), sub(vals(db), db0));
+    // The forward adds only into its columns.
+    Tensor out = ten({n, width}, out0);
+    lora_forward(out, col0, ten({n, kd}, x), lt);
+    std::vector<double> o = vals(out);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < width; ++j)
+        if (j < col0 || j >= col0 + m) {
+          ASSERT_EQ(o[t * width + j], out0[t * width + j]) << "column " << j << " written";
+        }
+  }
+}
+
+// The dropout mask keeps about 1 − p of the elements, and differs between seeds.
+TEST(Grad, LoraDropoutMask) {
+  const int64_t n = 100000;
+  int64_t kept = 0, same = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool k1 = lora_keep(5, uint64_t(i), 0.25f), k2 = lora_keep(6, uint64_t(i), 0.25f);
+    kept += k1;
+    same += k1 == k2;
+  }
+  EXPECT_NEAR(double(kept) / n, 0.75, 0.01);
+  EXPECT_NEAR(double(same) / n, 0.75 * 0.75 + 0.25 * 0.25, 0.01) << "masks of two seeds look correlated";
 }
 
 // Split LoRA on the grouped experts with a frozen base: the adapters' gradients against finite
 // differences, the base gets none, and the expert without rows keeps its LoRA gradients.
 TEST(Grad, ExpertFfnLora) {
-  const int64_t t = 7, k = 2, e = 5, f = 11, d = 7, p = t * k, r = 3;
-  const double s1 = 0.5, s3 = 1.5, s2 = 2.0;
-  Routing rt = route(random_topk(t, {0, 1, 3, 4}, k, 180), e);  // expert 2 gets no rows
-  std::vector<double> xp = rnd(p * d, 181), w1 = rnd(e * f * d, 182, 0.5), w3 = rnd(e * f * d, 183, 0.5);
-  std::vector<double> w2 = rnd(e * d * f, 184, 0.5), rs = rnd(p, 185), rr = rnd(p * d, 186);
-  std::vector<double> a1 = rnd(e * r * d, 187, 0.5), b1 = rnd(e * f * r, 188, 0.5), a3 = rnd(e * r * d, 189, 0.5);
-  std::vector<double> b3 = rnd(e * f * r, 190, 0.5), a2 = rnd(e * r * f, 191, 0.5), b2 = rnd(e * d * r, 192, 0.5);
-  auto lora3 = [&](double* da1, double* db1, double* da3, double* db3, double* da2, double* db2) {
-    return std::vector<ref::f64::LoraF64>{{a1.data(), b1.data(), s1, r, da1, db1},
-                                          {a3.data(), b3.data(), s3, r, da3, db3},
-                                          {a2.data(), b2.data(), s2, r, da2, db2}};
-  };
-  auto loss = [&] {
-    std::vector<double> yp(static_cast<size_t>(p * d));
-    auto ls = lora3(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
-    ref::f64::expert_ffn_forward(yp.data(), nullptr, nullptr, xp.data(), rt.offsets.data(), w1.data(), w3.data(),
-                                 w2.data(), rs.data(), e, f, d, ls.data());
-    return dotv(rr, yp);
-  };
-  std::vector<double> fdx = fd_grad(xp, loss), fs = fd_grad(rs, loss);
-  std::vector<double> fa1 = fd_grad(a1, loss), fb1 = fd_grad(b1, loss), fa3 = fd_grad(a3, loss);
-  std::vector<double> fb3 = fd_grad(b3, loss), fa2 = fd_grad(a2, loss), fb2 = fd_grad(b2, loss);
-  // reference (double)
-  std::vector<double> h1(static_cast<size_t>(p * f)), h3(static_cast<size_t>(p * f)), yp(static_cast<size_t>(p * d));
-  {
-    auto ls = lora3(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
-    ref::f64::expert_ffn_forward(yp.data(), h1.data(), h3.data(), xp.data(), rt.offsets.data(), w1.data(), w3.data(),
-                                 w2.data(), rs.data(), e, f, d, ls.data());
-  }
-  std::vector<double> ga1(a1.size()), gb1(b1.size()), ga3(a3.size()), gb3(b3.size()), ga2(a2.size()), gb2(b2.size());
-  std::vector<double> gx(static_cast<size_t>(p * d)), gs(static_cast<size_t>(p));
-  {
-    auto ls = lora3(ga1.data(), gb1.data(), ga3.data(), gb3.data(), ga2.data(), gb2.data());
-    ref::f64::expert_ffn_backward(gx.data(), nullptr, nullptr, nullptr, gs.data(), rr.data(), xp.data(), h1.data(),
-                                  h3.data(), rt.offsets.data(), w1.data(), w3.data(), w2.data(), rs.data(), e, f, d,
-                                  ls.data());
-  }
-  // CPU (f32), the base frozen (no dw), LoRA gradients poisoned on the idle expert to see them kept.
-  Tensor off = ints({e + 1}, rt.offsets), xt = ten({p, d}, xp), rst = ten({p}, rs);
-  ExpertLora el{{ten({e, r, d}, a1), ten({e, f, r}, b1), float(s1)},
-                {ten({e, r, d}, a3), ten({e, f, r}, b3), float(s3)},
-                {ten({e, r, f}, a2), ten({e, d, r}, b2), float(s2)}};
-  auto zeros = [](const Tensor& like) { return Tensor::zeros(like.shape(), DType::F32, kAct); };
-  ExpertLora gl{{zeros(el.w1.a), zeros(el.w1.b)}, {zeros(el.w3.a), zeros(el.w3.b)}, {zeros(el.w2.a), zeros(el.w2.b)}};
-  for (Lora* g : {&gl.w1, &gl.w3, &gl.w2})
-    for (Tensor* tt : {&g->a, &g->b}) {
-      Tensor slice = tt->select(2);
-      std::fill(slice.data<float>(), slice.data<float>() + slice.numel(), 7.0f);
+  for (float drop : {0.0f, 0.25f}) {
+    SCOPED_TRACE(testing::Message() << "dropout " << drop);
+    const int64_t t = 7, k = 2, e = 5, f = 11, d = 7, p = t * k, r = 3;
+    const double s1 = 0.5, s3 = 1.5, s2 = 2.0;
+    Routing rt = route(random_topk(t, {0, 1, 3, 4}, k, 180), e);  // expert 2 gets no rows
+    std::vector<double> xp = rnd(p * d, 181), w1 = rnd(e * f * d, 182, 0.5), w3 = rnd(e * f * d, 183, 0.5);
+    std::vector<double> w2 = rnd(e * d * f, 184, 0.5), rs = rnd(p, 185), rr = rnd(p * d, 186);
+    std::vector<double> a1 = rnd(e * r * d, 187, 0.5), b1 = rnd(e * f * r, 188, 0.5), a3 = rnd(e * r * d, 189, 0.5);
+    std::vector<double> b3 = rnd(e * f * r, 190, 0.5), a2 = rnd(e * r * f, 191, 0.5), b2 = rnd(e * d * r, 192, 0.5);
+    auto lora3 = [&](double* da1, double* db1, double* da3, double* db3, double* da2, double* db2) {
+      return std::vector<ref::f64::LoraF64>{{a1.data(), b1.data(), s1, r, da1, db1, drop, 11, 0},
+                                            {a3.data(), b3.data(), s3, r, da3, db3, drop, 13, 0},
+                                            {a2.data(), b2.data(), s2, r, da2, db2, drop, 17, 0}};
+    };
+    auto loss = [&] {
+      std::vector<double> yp(static_cast<size_t>(p * d));
+      auto ls = lora3(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+      ref::f64::expert_ffn_forward(yp.data(), nullptr, nullptr, xp.data(), rt.offsets.data(), w1.data(), w3.data(),
+                                   w2.data(), rs.data(), e, f, d, ls.data());
+      return dotv(rr, yp);
+    };
+    std::vector<double> fdx = fd_grad(xp, loss), fs = fd_grad(rs, loss);
+    std::vector<double> fa1 = fd_grad(a1, loss), fb1 = fd_grad(b1, loss), fa3 = fd_grad(a3, loss);
+    std::vector<double> fb3 = fd_grad(b3, loss), fa2 = fd_grad(a2, loss), fb2 = fd_grad(b2, loss);
+    // reference (double)
+    std::vector<double> h1(static_cast<size_t>(p * f)), h3(static_cast<size_t>(p * f)), yp(static_cast<size_t>(p * d));
+    {
+      auto ls = lora3(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+      ref::f64::expert_ffn_forward(yp.data(), h1.data(), h3.data(), xp.data(), rt.offsets.data(), w1.data(), w3.data(),
+                                   w2.data(), rs.data(), e, f, d, ls.data());
     }
-  Tensor ypt = Tensor::empty({p, d}, DType::F32, kAct), h1t = Tensor::empty({p, f}, DType::F32, kAct);
-  Tensor h3t = Tensor::empty({p, f}, DType::F32, kAct);
-  Tensor w1t = ten({e, f, d}, w1), w3t = ten({e, f, d}, w3), w2t = ten({e, d, f}, w2), none;
-  expert_ffn_forward_train(ypt, h1t, h3t, xt, off, w1t, w3t, w2t, rst, el);
-  EXPECT_LE(rel_err(vals(ypt), yp), kCpuTol) << "expert LoRA forward: cpu vs reference";
-  Tensor dx = Tensor::empty({p, d}, DType::F32, kAct), drs = Tensor::empty({p}, DType::F32, kAct);
-  expert_ffn_backward(dx, none, none, none, drs, ten({p, d}, rr), xt, h1t, h3t, off, w1t, w3t, w2t, rst, el, &gl);
-  auto active = [&](const Tensor& g) {  // the gradient without the idle expert's (poisoned) slice
-    std::vector<double> v = vals(g);
-    const int64_t per = g.numel() / e;
-    for (int64_t i = 2 * per; i < 3 * per; ++i) {
-      EXPECT_EQ(v[i], 7.0) << "the idle expert's LoRA gradient was touched";
-      v[i] = 0;
+    std::vector<double> ga1(a1.size()), gb1(b1.size()), ga3(a3.size()), gb3(b3.size()), ga2(a2.size()), gb2(b2.size());
+    std::vector<double> gx(static_cast<size_t>(p * d)), gs(static_cast<size_t>(p));
+    {
+      auto ls = lora3(ga1.data(), gb1.data(), ga3.data(), gb3.data(), ga2.data(), gb2.data());
+      ref::f64::expert_ffn_backward(gx.data(), nullptr, nullptr, nullptr, gs.data(), rr.data(), xp.data(), h1.data(),
+                                    h3.data(), rt.offsets.data(), w1.data(), w3.data(), w2.data(), rs.data(), e, f, d,
+                                    ls.data());
     }
-    return v;
-  };
-  expect_grad("expert lora dxp", fdx, gx, vals(dx));
-  expect_grad("expert lora drow_scale", fs, gs, vals(drs));
-  expect_grad("expert lora da1", fa1, ga1, active(gl.w1.a));
-  expect_grad("expert lora db1", fb1, gb1, active(gl.w1.b));
-  expect_grad("expert lora da3", fa3, ga3, active(gl.w3.a));
-  expect_grad("expert lora db3", fb3, gb3, active(gl.w3.b));
-  expect_grad("expert lora da2", fa2, ga2, active(gl.w2.a));
-  expect_grad("expert lora db2", fb2, gb2, active(gl.w2.b));
+    // CPU (f32), the base frozen (no dw), LoRA gradients poisoned on the idle expert to see them kept.
+    Tensor off = ints({e + 1}, rt.offsets), xt = ten({p, d}, xp), rst = ten({p}, rs);
+    ExpertLora el{{ten({e, r, d}, a1), ten({e, f, r}, b1), float(s1), drop, 11},
+                  {ten({e, r, d}, a3), ten({e, f, r}, b3), float(s3), drop, 13},
+                  {ten({e, r, f}, a2), ten({e, d, r}, b2), float(s2), drop, 17}};
+    auto zeros = [](const Tensor& like) { return Tensor::zeros(like.shape(), DType::F32, kAct); };
+    ExpertLora gl{{zeros(el.w1.a), zeros(el.w1.b)}, {zeros(el.w3.a), zeros(el.w3.b)}, {zeros(el.w2.a), zeros(el.w2.b)}};
+    for (Lora* g : {&gl.w1, &gl.w3, &gl.w2})
+      for (Tensor* tt : {&g->a, &g->b}) {
+        Tensor slice = tt->select(2);
+        std::fill(slice.data<float>(), slice.data<float>() + slice.numel(), 7.0f);
+      }
+    Tensor ypt = Tensor::empty({p, d}, DType::F32, kAct), h1t = Tensor::empty({p, f}, DType::F32, kAct);
+    Tensor h3t = Tensor::empty({p, f}, DType::F32, kAct);
+    Tensor w1t = ten({e, f, d}, w1), w3t = ten({e, f, d}, w3), w2t = ten({e, d, f}, w2), none;
+    expert_ffn_forward_train(ypt, h1t, h3t, xt, off, w1t, w3t, w2t, rst, el);
+    EXPECT_LE(rel_err(vals(ypt), yp), kCpuTol) << "expert LoRA forward: cpu vs reference";
+    Tensor dx = Tensor::empty({p, d}, DType::F32, kAct), drs = Tensor::empty({p}, DType::F32, kAct);
+    expert_ffn_backward(dx, none, none, none, drs, ten({p, d}, rr), xt, h1t, h3t, off, w1t, w3t, w2t, rst, el, &gl);
+    auto active = [&](const Tensor& g) {  // the gradient without the idle expert's (poisoned) slice
+      std::vector<double> v = vals(g);
+      const int64_t per = g.numel() / e;
+      for (int64_t i = 2 * per; i < 3 * per; ++i) {
+        EXPECT_EQ(v[i], 7.0) << "the idle expert's LoRA gradient was touched";
+        v[i] = 0;
+      }
+      return v;
+    };
+    expect_grad("expert lora dxp", fdx, gx, vals(dx));
+    expect_grad("expert lora drow_scale", fs, gs, vals(drs));
+    expect_grad("expert lora da1", fa1, ga1, active(gl.w1.a));
+    expect_grad("expert lora db1", fb1, gb1, active(gl.w1.b));
+    expect_grad("expert lora da3", fa3, ga3, active(gl.w3.a));
+    expect_grad("expert lora db3", fb3, gb3, active(gl.w3.b));
+    expect_grad("expert lora da2", fa2, ga2, active(gl.w2.a));
+    expect_grad("expert lora db2", fb2, gb2, active(gl.w2.b));
+  }
 }
 
 TEST(Grad, Swiglu) {

@@ -39,7 +39,9 @@ void add_finetune_command(CLI::App& app) {
   cmd->add_option("--out", c.out, "run directory: metrics.jsonl, step-N/ and final/ adapters")->required();
   cmd->add_option("--lora-r", c.lora.r, "LoRA rank r")->capture_default_str()->check(CLI::Range(1, 4096));
   cmd->add_option("--lora-alpha", c.lora.alpha, "LoRA alpha (scale alpha/r)")->capture_default_str();
-  cmd->add_option("--lora-dropout", c.lora.dropout, "LoRA dropout (only 0 is supported yet)")->capture_default_str();
+  cmd->add_option("--lora-dropout", c.lora.dropout, "dropout on the adapters' inputs (training only)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 0.95));
   cmd->add_flag("--rslora", c.lora.rslora, "rank-stabilised scale alpha/sqrt(r)");
   cmd->add_option("--target-modules", o->targets,
                   "comma-separated PEFT target_modules: q_proj,k_proj,v_proj,o_proj; experts w1,w2,w3 (Mixtral) or "

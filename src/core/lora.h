@@ -13,8 +13,23 @@ namespace moe {
 struct Lora {
   Tensor a, b;
   float scale = 0;
+  // LoRA dropout (training only): the adapter reads x ⊙ m / (1 − dropout) with m a Bernoulli
+  // keep mask drawn from (seed, element index) by lora_keep — the same mask in forward, backward
+  // and recompute, a new one each step (the trainer sets seed). 0: off.
+  float dropout = 0;
+  uint64_t seed = 0;
   bool on() const { return a.defined(); }
 };
+
+// Whether element `index` of the adapter's input is kept under dropout p with this seed
+// (a counter-based hash: any thread, backend or pass computes the same mask).
+inline bool lora_keep(uint64_t seed, uint64_t index, float p) {
+  uint64_t z = seed ^ (index * 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return double(z >> 11) * (1.0 / 9007199254740992.0) >= double(p);
+}
 
 // The adapters of the grouped experts' three projections (each may be off). Gradients use the
 // same struct (their scale is unused).

@@ -561,6 +561,7 @@ int64_t check_lora(const char* op, const char* what, const Lora& l, int64_t m, i
   check_f32(op, what, l.b);
   const int64_t r = l.a.dim(n_expert > 0 ? 1 : 0);
   MOE_CHECK(r > 0, "%s: LoRA %s has rank 0", op, what);
+  MOE_CHECK(l.dropout >= 0 && l.dropout < 1, "%s: LoRA %s dropout %g is not in [0, 1)", op, what, double(l.dropout));
   if (n_expert > 0) {
     check_shape(op, what, l.a, {n_expert, r, kd});
     check_shape(op, what, l.b, {n_expert, m, r});

@@ -215,6 +215,9 @@ void lora_forward(Tensor& out, int64_t col0, const Tensor& x, const Lora& l);
 //   dx += scale · (dyₛ b) a;   da += scale · (dyₛ b)ᵀ x;   db += scale · dyₛᵀ u.
 // Every gradient accumulates (dx too: it adds to the frozen base's input gradient); each may be
 // undefined (not computed).
+// With l.dropout > 0 the adapter reads xd = x ⊙ m / (1 − p), m = lora_keep(l.seed, n·Kd + k)
+// (core/lora.h): u = xd aᵀ, da uses xd, and dx gets the masked, rescaled gradient. For the
+// grouped experts the element index is the permuted row's (row p: p·in + k).
 void lora_backward(Tensor& dx, Tensor& da, Tensor& db, const Tensor& dy, int64_t col0, const Tensor& x,
                    const Lora& l);
 

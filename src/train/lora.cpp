@@ -137,7 +137,7 @@ std::vector<std::string> parse_target_modules(const std::string& csv) {
 void attach_lora(const ModelConfig& c, ModelWeights& w, const LoraConfig& cfg) {
   MOE_CHECK(cfg.r >= 1 && cfg.r <= 4096, "LoRA rank r must be in [1, 4096], got %lld", (long long)cfg.r);
   MOE_CHECK(std::isfinite(cfg.alpha) && cfg.alpha > 0, "lora_alpha must be a positive number");
-  MOE_CHECK(cfg.dropout == 0, "lora_dropout %g: only 0 is supported yet", cfg.dropout);
+  MOE_CHECK(cfg.dropout >= 0 && cfg.dropout < 1, "lora_dropout must be in [0, 1), got %g", cfg.dropout);
   MOE_CHECK(!w.has_lora(), "the model already carries LoRA adapters");
   std::vector<LoraSlot> slots = lora_slots(c, w);
   check_targets_match(slots, cfg.target_modules, c);
@@ -149,6 +149,18 @@ void attach_lora(const ModelConfig& c, ModelWeights& w, const LoraConfig& cfg) {
     init_a(s0.lora->a, s0.in, rng);
   }
   finish_attach(w, cfg.train_router);
+  set_lora_dropout(w, float(cfg.dropout), cfg.seed);
+}
+
+void set_lora_dropout(ModelWeights& w, float p, uint64_t seed) {
+  uint64_t i = 0;
+  for (LayerWeights& l : w.layers)
+    for (Lora* a : {&l.lq, &l.lk, &l.lv, &l.lo, &l.lrouter, &l.lexp.w1, &l.lexp.w3, &l.lexp.w2, &l.lmlp.w1,
+                    &l.lmlp.w3, &l.lmlp.w2, &l.lshared.w1, &l.lshared.w3, &l.lshared.w2}) {
+      uint64_t s = seed ^ (0xA0761D6478BD642Full * ++i);
+      a->dropout = p;
+      a->seed = splitmix64(s);
+    }
 }
 
 LoraConfig load_adapter(const std::string& dir, const ModelConfig& c, ModelWeights& w) {

@@ -25,7 +25,7 @@ namespace moe {
 struct LoraConfig {
   int64_t r = 16;
   double alpha = 16;
-  double dropout = 0;  // PEFT's lora_dropout (only 0 is supported yet: refused otherwise)
+  double dropout = 0;  // PEFT's lora_dropout on the adapters' inputs (training only)
   bool rslora = false;  // scale alpha/sqrt(r) instead of alpha/r
   // PEFT target_modules: module-name suffixes ("q_proj", "w1", "gate_proj", "gate" = the
   // router in Mixtral/Qwen naming) or full module paths; "all-linear" = every attention and
@@ -45,6 +45,11 @@ std::vector<std::string> parse_target_modules(const std::string& csv);
 // Errors: a target that matches no module of the model (naming it and showing what modules look
 // like), a routed-expert target matching some experts of a layer but not all, r < 1.
 void attach_lora(const ModelConfig& c, ModelWeights& w, const LoraConfig& cfg);
+
+// Sets every adapter's dropout to p with a fresh mask seed derived from (seed, adapter index):
+// the trainer calls it before each micro-batch (a new mask per step, the same one in that step's
+// forward, recompute and backward) and with p = 0 before evaluation.
+void set_lora_dropout(ModelWeights& w, float p, uint64_t seed);
 
 // Reads a PEFT adapter directory onto the model (attaching and freezing as attach_lora does);
 // returns its config. Errors name the file and tensor: not a LoRA adapter, a tensor whose

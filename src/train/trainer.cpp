@@ -13,6 +13,7 @@
 #include "core/file_util.h"
 #include "core/json_util.h"
 #include "core/memory.h"
+#include "core/rng.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/model_train.h"
@@ -66,8 +67,9 @@ bool has_tokenizer(const std::string& dir) {
 }
 
 // Mean loss over (up to) max_batches validation batches of B rows, forward only.
-double validation_loss(const Model& m, const TokenRows& val, int64_t batch, int64_t max_batches, const LossOptions& lo) {
+double validation_loss(Model& m, const TokenRows& val, int64_t batch, int64_t max_batches, const LossOptions& lo) {
   if (val.n == 0) return NAN;
+  set_lora_dropout(m.mutable_weights(), 0.0f, 0);  // evaluation: no dropout (the next step sets it again)
   double sum = 0;
   int64_t n = 0;
   Tensor ids, labels;
@@ -198,6 +200,7 @@ double run_training(const TrainConfig& cfg) {
       lcfg = load_adapter(from, m.config(), w);  // a resumed or continued adapter: its r, alpha, targets
       lcfg.train_router = cfg.lora.train_router;
       lcfg.seed = cfg.lora.seed;
+      lcfg.dropout = cfg.lora.dropout;
     } else {
       attach_lora(m.config(), w, lcfg);
     }
@@ -216,7 +219,7 @@ double run_training(const TrainConfig& cfg) {
   const bool mixed = cfg.weight_dtype == DType::BF16;
   Model cm = m;
   if (mixed) cm.mutable_weights() = bf16_compute_copy(mc, m.weights());
-  const Model& fm = mixed ? cm : m;
+  Model& fm = mixed ? cm : m;
 
   // ---- data ----
   std::unique_ptr<Tokenizer> tok;
@@ -407,6 +410,10 @@ double run_training(const TrainConfig& cfg) {
     for (int64_t micro = 0; micro < cfg.grad_accum; ++micro) {
       sampler.next(&rows);
       gather_batch(data.train, rows, &ids, &labels);
+      if (ft && lcfg.dropout > 0) {  // a new dropout mask per micro-batch, reproducible on resume
+        uint64_t s = cfg.seed ^ (uint64_t(step) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(micro) << 48);
+        set_lora_dropout(m.mutable_weights(), float(lcfg.dropout), splitmix64(s));
+      }
       StepLosses r = cfg.fused_update ? forward_backward_fused(fm, ids, labels, lopt, fused_hook)
                                       : forward_backward(fm, ids, labels, &grads, lopt);
       loss += r.total / double(cfg.grad_accum);

@@ -63,8 +63,8 @@ print(f"     | base {base0:.4f}, first run ended {ended:.4f}, continued run star
 sys.exit(0 if abs(cont0 - ended) < 1e-3 and cont0 < base0 - 0.3 else 1)
 PY
 
-# QLoRA: the base's projections stored NF4; it still learns.
-run qlora "${MOE}" finetune q3 "${FT[@]}" --steps 20 --load-in-4bit --out qrun
+# QLoRA: the base's projections stored NF4 (with LoRA dropout 0.1); it still learns.
+run qlora "${MOE}" finetune q3 "${FT[@]}" --steps 20 --load-in-4bit --lora-dropout 0.1 --out qrun
 expect_ok qlora
 grep -q "base quantized to nf4" <<<"${OUT}" && pass "the base is stored nf4" || fail "no nf4 base"
 grep -q "quantized-weights" <<<"${OUT}" && pass "the memory report shows quantized weights" || fail "no quantized-weights category"

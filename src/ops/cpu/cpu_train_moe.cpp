@@ -228,6 +228,10 @@ struct ExpertFactors {
   float* db = nullptr;
   float scale = 0;
   int64_t r = 0;
+  float dropout = 0;
+  uint64_t seed = 0;
+  // Dropout of the expert's rows starting at permuted row r0 (the mask indexes global rows).
+  LoraDrop at(int64_t r0) const { return {dropout, seed, r0}; }
 };
 
 ExpertFactors expert_factors(const Lora& l, const Lora* g, int64_t e, int64_t in, int64_t out) {
@@ -235,6 +239,8 @@ ExpertFactors expert_factors(const Lora& l, const Lora* g, int64_t e, int64_t in
   if (!l.on()) return f;
   f.r = l.a.dim(1);
   f.scale = l.scale;
+  f.dropout = l.dropout;
+  f.seed = l.seed;
   f.a = l.a.data<float>() + e * f.r * in;
   f.b = l.b.data<float>() + e * out * f.r;
   if (g && g->a.defined()) f.da = g->a.data<float>() + e * f.r * in;
@@ -277,14 +283,14 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
     gemm_xwt(g1, f, x, w.w1, w1.dtype(), n, f, d, false);
     gemm_xwt(g3, f, x, w.w3, w3.dtype(), n, f, d, false);
     const ExpertFactors l1 = expert_factors(lora.w1, nullptr, e, d, f), l3 = expert_factors(lora.w3, nullptr, e, d, f);
-    if (l1.a) lora_rows_forward(g1, f, x, d, l1.a, l1.b, l1.scale, n, f, d, l1.r, lu.data<float>());
-    if (l3.a) lora_rows_forward(g3, f, x, d, l3.a, l3.b, l3.scale, n, f, d, l3.r, lu.data<float>());
+    if (l1.a) lora_rows_forward(g1, f, x, d, l1.a, l1.b, l1.scale, n, f, d, l1.r, lu.data<float>(), l1.at(r0));
+    if (l3.a) lora_rows_forward(g3, f, x, d, l3.a, l3.b, l3.scale, n, f, d, l3.r, lu.data<float>(), l3.at(r0));
 #pragma omp parallel for schedule(static) if(n * f > kPar)
     for (int64_t r = 0; r < n; ++r) swiglu_row(a + r * f, g1 + r * f, g3 + r * f, rs ? rs[r0 + r] : 1.0f, f);
     float* y = yp.data<float>() + r0 * d;
     gemm_xwt(y, d, a, w.w2, w2.dtype(), n, d, f, false);
     const ExpertFactors l2 = expert_factors(lora.w2, nullptr, e, f, d);
-    if (l2.a) lora_rows_forward(y, d, a, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lu.data<float>());
+    if (l2.a) lora_rows_forward(y, d, a, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lu.data<float>(), l2.at(r0));
   }
 }
 
@@ -325,7 +331,7 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
     gemm_xw(du, g, w.w2, w2.dtype(), n, d, f, false);
     if (l2.a)
       lora_rows_backward(du, f, l2.da, l2.db, g, d, u, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lu.data<float>(),
-                         lv.data<float>());
+                         lv.data<float>(), l2.at(r0));
     float* drs = drow_scale.defined() ? drow_scale.data<float>() + r0 : nullptr;
 #pragma omp parallel for schedule(static) if(n * f > kPar)
     for (int64_t r = 0; r < n; ++r) {
@@ -337,10 +343,10 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
     gemm_xw(dx, du, w.w3, w3.dtype(), n, f, d, true);
     if (l1.a)
       lora_rows_backward(dx, d, l1.da, l1.db, u, f, x, d, l1.a, l1.b, l1.scale, n, f, d, l1.r, lu.data<float>(),
-                         lv.data<float>());
+                         lv.data<float>(), l1.at(r0));
     if (l3.a)
       lora_rows_backward(dx, d, l3.da, l3.db, du, f, x, d, l3.a, l3.b, l3.scale, n, f, d, l3.r, lu.data<float>(),
-                         lv.data<float>());
+                         lv.data<float>(), l3.at(r0));
     if (dw1.defined()) gemm_atb_acc(dw1.data<float>() + e * f * d, u, x, n, f, d);
     if (dw3.defined()) gemm_atb_acc(dw3.data<float>() + e * f * d, du, x, n, f, d);
   }

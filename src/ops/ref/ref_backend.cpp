@@ -364,7 +364,7 @@ struct WideLora {
   WideLora(const Lora& w, const Lora* g, bool stacked)
       : a(w.a), b(w.b), da(g ? g->a : Tensor()), db(g ? g->b : Tensor()) {
     if (!w.on()) return;
-    l = {a.p(), b.p(), w.scale, w.a.dim(stacked ? 1 : 0), da.p(), db.p()};
+    l = {a.p(), b.p(), w.scale, w.a.dim(stacked ? 1 : 0), da.p(), db.p(), w.dropout, w.seed, 0};
   }
   void store(Lora* g) const {
     if (!g) return;

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/lora.h"
 
 namespace moe {
 namespace ref {
@@ -212,11 +213,24 @@ void gather_rows(double* xp, const double* x, const int32_t* perm, int64_t p_n, 
     for (int64_t i = 0; i < d; ++i) xp[p * d + i] = x[(perm[p] / k) * d + i];
 }
 
+namespace {
+// Row t of the adapter's input after dropout (x itself when off); mult[c] = m / (1 − p).
+void dropped_row(const double* x, const LoraF64& l, int64_t t, int64_t kd, double* xd, double* mult) {
+  for (int64_t c = 0; c < kd; ++c) {
+    mult[c] = l.dropout > 0 ? (lora_keep(l.seed, uint64_t((l.row0 + t) * kd + c), l.dropout) ? 1.0 / (1.0 - l.dropout)
+                                                                                                : 0.0)
+                            : 1.0;
+    xd[c] = x[t * kd + c] * mult[c];
+  }
+}
+}  // namespace
+
 void lora_forward(double* out, int64_t ldo, int64_t col0, const double* x, const LoraF64& l, int64_t n, int64_t m,
                   int64_t kd) {
-  std::vector<double> u(static_cast<size_t>(l.r));
+  std::vector<double> u(static_cast<size_t>(l.r)), xd(static_cast<size_t>(kd)), mult(static_cast<size_t>(kd));
   for (int64_t t = 0; t < n; ++t) {
-    for (int64_t q = 0; q < l.r; ++q) u[q] = dot(x + t * kd, l.a + q * kd, kd);
+    dropped_row(x, l, t, kd, xd.data(), mult.data());
+    for (int64_t q = 0; q < l.r; ++q) u[q] = dot(xd.data(), l.a + q * kd, kd);
     for (int64_t j = 0; j < m; ++j) out[t * ldo + col0 + j] += l.scale * dot(u.data(), l.b + j * l.r, l.r);
   }
 }
@@ -224,18 +238,20 @@ void lora_forward(double* out, int64_t ldo, int64_t col0, const double* x, const
 void lora_backward(double* dx, const double* dy, int64_t ldy, int64_t col0, const double* x, const LoraF64& l,
                    int64_t n, int64_t m, int64_t kd) {
   std::vector<double> u(static_cast<size_t>(l.r)), v(static_cast<size_t>(l.r));
+  std::vector<double> xd(static_cast<size_t>(kd)), mult(static_cast<size_t>(kd));
   for (int64_t t = 0; t < n; ++t) {
     const double* g = dy + t * ldy + col0;
+    dropped_row(x, l, t, kd, xd.data(), mult.data());
     for (int64_t q = 0; q < l.r; ++q) {
-      u[q] = dot(x + t * kd, l.a + q * kd, kd);
+      u[q] = dot(xd.data(), l.a + q * kd, kd);
       double acc = 0;
       for (int64_t j = 0; j < m; ++j) acc += g[j] * l.b[j * l.r + q];
       v[q] = acc;
     }
     for (int64_t q = 0; q < l.r; ++q)
       for (int64_t c = 0; c < kd; ++c) {
-        if (dx) dx[t * kd + c] += l.scale * v[q] * l.a[q * kd + c];
-        if (l.da) l.da[q * kd + c] += l.scale * v[q] * x[t * kd + c];
+        if (dx) dx[t * kd + c] += l.scale * v[q] * l.a[q * kd + c] * mult[c];
+        if (l.da) l.da[q * kd + c] += l.scale * v[q] * xd[c];
       }
     if (l.db)
       for (int64_t j = 0; j < m; ++j)
@@ -252,6 +268,12 @@ LoraF64 expert_lora(const LoraF64* l, int64_t e, int64_t in, int64_t out) {
   s.b = l->b + e * out * l->r;
   if (l->da) s.da = l->da + e * l->r * in;
   if (l->db) s.db = l->db + e * out * l->r;
+  return s;
+}
+// The adapter as applied to permuted row p (its dropout mask indexes p's elements).
+LoraF64 at_row(const LoraF64& l, int64_t p) {
+  LoraF64 s = l;
+  s.row0 = p;
   return s;
 }
 }  // namespace
@@ -276,15 +298,15 @@ void expert_ffn_forward(double* yp, double* h1, double* h3, const double* xp, co
         g1[i] = dot(xp + p * d, w1e + i * d, d);
         g3[i] = dot(xp + p * d, w3e + i * d, d);
       }
-      if (l1.a) lora_forward(g1, f, 0, xp + p * d, l1, 1, f, d);
-      if (l3.a) lora_forward(g3, f, 0, xp + p * d, l3, 1, f, d);
+      if (l1.a) lora_forward(g1, f, 0, xp + p * d, at_row(l1, p), 1, f, d);
+      if (l3.a) lora_forward(g3, f, 0, xp + p * d, at_row(l3, p), 1, f, d);
       for (int64_t i = 0; i < f; ++i) {
         if (h1) h1[p * f + i] = g1[i];
         if (h3) h3[p * f + i] = g3[i];
         a[i] = silu(g1[i]) * g3[i] * s;
       }
       for (int64_t o = 0; o < d; ++o) yp[p * d + o] = dot(a, w2e + o * f, f);
-      if (l2.a) lora_forward(yp + p * d, d, 0, a, l2, 1, d, f);
+      if (l2.a) lora_forward(yp + p * d, d, 0, a, at_row(l2, p), 1, d, f);
     }
   }
 }
@@ -523,7 +545,7 @@ void expert_ffn_backward(double* dxp, double* dw1, double* dw3, double* dw2, dou
       }
       if (l2.a) {
         for (int64_t i = 0; i < f; ++i) u[i] = a[i] * s;
-        lora_backward(du, dy, d, 0, u, l2, 1, d, f);
+        lora_backward(du, dy, d, 0, u, at_row(l2, p), 1, d, f);
       }
       if (dw2)
         for (int64_t o = 0; o < d; ++o)
@@ -539,8 +561,8 @@ void expert_ffn_backward(double* dxp, double* dw1, double* dw3, double* dw2, dou
         for (int64_t i = 0; i < f; ++i) acc += dh1[i] * w1e[i * d + c] + dh3[i] * w3e[i * d + c];
         dxp[p * d + c] = acc;
       }
-      if (l1.a) lora_backward(dxp + p * d, dh1, f, 0, xp + p * d, l1, 1, f, d);
-      if (l3.a) lora_backward(dxp + p * d, dh3, f, 0, xp + p * d, l3, 1, f, d);
+      if (l1.a) lora_backward(dxp + p * d, dh1, f, 0, xp + p * d, at_row(l1, p), 1, f, d);
+      if (l3.a) lora_backward(dxp + p * d, dh3, f, 0, xp + p * d, at_row(l3, p), 1, f, d);
       for (int64_t i = 0; i < f; ++i)
         for (int64_t c = 0; c < d; ++c) {
           if (dw1) dw1[e * f * d + i * d + c] += dh1[i] * xp[p * d + c];

@@ -70,6 +70,10 @@ struct LoraF64 {
   int64_t r = 0;
   double* da = nullptr;
   double* db = nullptr;
+  // Dropout (core/lora.h): element (row0 + t, k) of the input kept by lora_keep(seed, ·, p).
+  float dropout = 0;
+  uint64_t seed = 0;
+  int64_t row0 = 0;
 };
 
 // Grouped SwiGLU experts over the rows of each expert (offsets [E+1]); h1, h3 [P,F] nullable
