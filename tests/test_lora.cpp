@@ -288,20 +288,26 @@ TEST(Nf4, RoundTripErrorWithinTheBound) {
 
 // QLoRA: the gradients of the adapters with an NF4 base equal those with the dequantized base
 // (f32) — the NF4 GEMM paths (forward and backward, dense and grouped experts) dequantize exactly.
+// The int8 option (q8_0 blocks): forward products round activations to int8 blocks, so its
+// gradients are close to, not equal to, those on the dequantized base (measured 1.5-3.7%, bounded
+// here at 5%).
 TEST_P(LoraReference, QloraGradsEqualLoraOnTheDequantizedBase) {
+  for (DType qdt : {DType::NF4, DType::Q8_0}) {
+  SCOPED_TRACE(dtype_name(qdt));
+  const double tol = qdt == DType::NF4 ? 1e-4 : 5e-2;
   const std::string dir = fixture(GetParam());
   if (!fs::exists(dir + "/lora")) GTEST_SKIP() << "SKIPPED: fixture adapter not found";
-  auto grads_of = [&](bool nf4) {
+  auto grads_of = [&](bool quantized) {
     Model m = load_f32(dir);
     ModelWeights& w = m.mutable_weights();
-    if (nf4) {
-      quantize_frozen_base(m.config(), w, DType::NF4);
-      EXPECT_EQ(w.layers[0].w1.dtype(), DType::NF4);
-      EXPECT_EQ(w.layers[0].wqkv.dtype(), DType::NF4);
+    if (quantized) {
+      quantize_frozen_base(m.config(), w, qdt);
+      EXPECT_EQ(w.layers[0].w1.dtype(), qdt);
+      EXPECT_EQ(w.layers[0].wqkv.dtype(), qdt);
     } else {
-      // The same values in f32: every projection through NF4 and back.
+      // The same values in f32: every projection through the block type and back.
       ModelWeights copy = w;
-      quantize_frozen_base(m.config(), copy, DType::NF4);
+      quantize_frozen_base(m.config(), copy, qdt);
       for (size_t l = 0; l < w.layers.size(); ++l) {
         LayerWeights& a = w.layers[l];
         const LayerWeights& b = copy.layers[l];
@@ -334,11 +340,12 @@ TEST_P(LoraReference, QloraGradsEqualLoraOnTheDequantizedBase) {
   for (size_t i = 0; i < q.size(); ++i) {
     ASSERT_EQ(q[i].first, d[i].first);
     const double e = rel_err(q[i].second, d[i].second);
-    EXPECT_LE(e, 1e-4) << q[i].first;
+    EXPECT_LE(e, tol) << q[i].first;
     worst = std::max(worst, e);
   }
-  std::printf("%s: QLoRA (nf4 base) vs LoRA on the dequantized base: worst rel err %.3g over %zu tensors\n",
-              GetParam().c_str(), worst, q.size());
+  std::printf("%s: QLoRA (%s base) vs LoRA on the dequantized base: worst rel err %.3g over %zu tensors\n",
+              GetParam().c_str(), dtype_name(qdt), worst, q.size());
+  }
 }
 
 std::string error_of(const std::function<void()>& f) {

@@ -57,6 +57,8 @@ void add_finetune_command(CLI::App& app) {
   cmd->add_flag("--load-in-4bit", c.load_in_4bit,
                 "QLoRA: store the frozen base's projections as NF4 (block 64, absmax), dequantized block by block "
                 "inside the GEMMs");
+  cmd->add_flag("--load-in-8bit", c.load_in_8bit,
+                "the int8 option: the frozen base's projections stored as q8_0 blocks (32 int8 + f16 scale)");
   cmd->add_option("--chat-template", c.chat_template, "a Jinja chat template file (default: the model's)");
   cmd->add_flag("--no-packing", o->no_packing, "one example per row (cut/padded to --seq-len) instead of packing");
   cmd->add_flag("--resume", c.resume, "continue from the newest checkpoint in --out");

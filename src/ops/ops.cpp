@@ -18,10 +18,12 @@ void check_float(const char* op, const char* arg, const Tensor& t) {
   MOE_CHECK(is_float(t.dtype()), "%s: %s expected a float dtype, got %s", op, arg, dtype_name(t.dtype()));
 }
 
-// A GEMM weight: float, or NF4 (the frozen QLoRA base: CPU only, dequantized by row blocks).
+// A GEMM weight: float, or a block type (the frozen QLoRA base: NF4, or Q8_0 as the int8
+// option; CPU only — the forward's products use the block kernels, backward's dequantize by rows).
 void check_gemm_weight(const char* op, const char* arg, const Tensor& t) {
-  if (t.defined() && t.dtype() == DType::NF4) {
-    MOE_CHECK(t.device() == Device::CPU, "%s: %s is nf4, which only the CPU backend reads", op, arg);
+  if (t.defined() && dtype_is_block(t.dtype())) {
+    MOE_CHECK(t.device() == Device::CPU, "%s: %s is %s, which only the CPU backend reads", op, arg,
+              dtype_name(t.dtype()));
     return;
   }
   check_float(op, arg, t);

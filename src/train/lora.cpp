@@ -371,7 +371,8 @@ void merge_lora(const ModelConfig& c, ModelWeights& w) {
 }
 
 std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt) {
-  MOE_CHECK(dt == DType::NF4, "quantize_frozen_base: %s is not a QLoRA storage type (nf4)", dtype_name(dt));
+  MOE_CHECK(dt == DType::NF4 || dt == DType::Q8_0, "quantize_frozen_base: %s is not a QLoRA storage type (nf4, q8_0)",
+            dtype_name(dt));
   int64_t n_q = 0, n_kept = 0;
   size_t before = 0, after = 0;
   auto q = [&](Tensor& t) {

@@ -70,8 +70,11 @@ std::vector<std::pair<std::string, Tensor>> adapter_tensors(const ModelConfig& c
 void merge_lora(const ModelConfig& c, ModelWeights& w);
 
 // QLoRA: stores the frozen base's projections (q/k/v, o, routed and shared experts, dense MLPs)
-// as `dt` (NF4, core/nf4.h), replacing the float tensors; embeddings, norms, routers and the LM
-// head stay as they are. A projection whose rows are not whole blocks stays float (counted).
+// as `dt`, replacing the float tensors: NF4 (core/nf4.h; its products dequantize block rows
+// exactly), or Q8_0 as the int8 option (blocks of 32 int8 + f16 scale; forward products use the
+// int8 kernels, which round each activation row to int8 blocks as LLM.int8-style kernels do, and
+// backward dequantizes exactly). Embeddings, norms, routers and the LM head stay as they are. A
+// projection whose rows are not whole blocks stays float (counted).
 // Returns a one-line summary (tensors quantized, bytes before and after).
 std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt);
 

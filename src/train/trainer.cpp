@@ -191,8 +191,9 @@ double run_training(const TrainConfig& cfg) {
     });
   } else {
     ModelWeights& w = m.mutable_weights();
-    if (cfg.load_in_4bit) {
-      const std::string q = quantize_frozen_base(m.config(), w, DType::NF4);
+    MOE_CHECK(!(cfg.load_in_4bit && cfg.load_in_8bit), "choose one of --load-in-4bit and --load-in-8bit");
+    if (cfg.load_in_4bit || cfg.load_in_8bit) {
+      const std::string q = quantize_frozen_base(m.config(), w, cfg.load_in_4bit ? DType::NF4 : DType::Q8_0);
       if (!cfg.quiet) std::printf("%s\n", q.c_str());
     }
     const std::string from = !resume_dir.empty() ? resume_dir : cfg.adapter_init;
@@ -318,7 +319,7 @@ double run_training(const TrainConfig& cfg) {
     run_info["finetune"] = {{"r", lcfg.r}, {"lora_alpha", lcfg.alpha}, {"use_rslora", lcfg.rslora},
                             {"target_modules", lcfg.target_modules}, {"train_router", lcfg.train_router},
                             {"trainable_params", lora_param_count(mc, m.weights())},
-                            {"base_dtype", cfg.load_in_4bit ? "nf4" : cfg.base_dtype}, {"packing", cfg.packing}};
+                            {"base_dtype", cfg.load_in_4bit ? "nf4" : cfg.load_in_8bit ? "q8_0" : cfg.base_dtype}, {"packing", cfg.packing}};
     if (data.sft.examples > 0)
       run_info["sft"] = {{"examples", data.sft.examples}, {"assistant_turns", data.sft.assistant_turns},
                          {"labeled_turns", data.sft.labeled_turns}, {"labeled_tokens", data.sft.labeled_tokens},

@@ -88,9 +88,14 @@ void widen_rows(float* dst, const uint16_t* src, DType wdt, int64_t cnt) {
   for (int64_t i = 0; i < cnt; ++i) dst[i] = wdt == DType::BF16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
 }
 
-// Rows [r0, r0+rows) of a [m,k] weight in dtype wdt (bf16, f16 or NF4 blocks) as f32 in dst:
-// NF4 is dequantized here, one chunk of rows at a time — the whole matrix never exists in f32.
+// Rows [r0, r0+rows) of a [m,k] weight in dtype wdt (bf16, f16, NF4 or ggml blocks) as f32 in
+// dst: block types are dequantized here, one chunk of rows at a time — the whole matrix never
+// exists in f32 (the frozen QLoRA base's backward, dX = dY·W).
 void widen_weight_rows(float* dst, const void* w, DType wdt, int64_t r0, int64_t rows, int64_t k) {
+  if (dtype_is_quant(wdt)) {
+    convert_to_f32(dst, static_cast<const uint8_t*>(w) + dtype_nbytes(wdt, r0 * k), wdt, static_cast<size_t>(rows * k));
+    return;
+  }
   if (wdt == DType::NF4) {
     const auto* src = static_cast<const uint8_t*>(w) + dtype_nbytes(wdt, r0 * k);
     const int64_t blocks = rows * k / kNf4Block, per = 256;  // blocks per task
@@ -207,7 +212,7 @@ void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, in
                 static_cast<const float*>(w), (int)k, beta, out, (int)k);
     return;
   }
-  MOE_CHECK(wdt == DType::BF16 || wdt == DType::F16 || wdt == DType::NF4, "gemm: unsupported weight dtype %s",
+  MOE_CHECK(wdt == DType::BF16 || wdt == DType::F16 || dtype_is_block(wdt), "gemm: unsupported weight dtype %s",
             dtype_name(wdt));
   // Rows of w (the inner dimension here) in chunks, converted to f32; later chunks accumulate.
   int64_t chunk = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(k, 1));
