@@ -20,6 +20,7 @@
 #include "core/error.h"
 #include "core/nf4.h"
 #include "core/rng.h"
+#include "fixture_util.h"
 #include "io/safetensors.h"
 #include "model/lora_slots.h"
 #include "model/model.h"
@@ -32,37 +33,13 @@ namespace moe {
 namespace {
 namespace fs = std::filesystem;
 
-std::string fixture(const std::string& fam) { return std::string(MOE_FIXTURES_DIR) + "/" + fam; }
-std::string moe_bin() { return std::string(MOE_BINARY_DIR) + "/moe"; }
+using testutil::fixture;
+using testutil::moe_bin;
+using testutil::rel_err;
+using testutil::run;
+using testutil::scalar;
 
-std::string scratch(const std::string& name) {
-  const std::string d = std::string(MOE_BINARY_DIR) + "/lora-test-" + name;
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-int run(const std::string& cmd) {
-  int rc = std::system(cmd.c_str());
-  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
-double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
-  EXPECT_EQ(got.size(), ref.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < std::min(got.size(), ref.size()); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    const double d = double(got[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * ref[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-double scalar(const SafetensorsFile& f, const std::string& key) {
-  EXPECT_NE(f.find(key), nullptr) << key;
-  return double(f.tensor(key, MemCategory::Workspace).to_f32_vector().at(0));
-}
+std::string scratch(const std::string& name) { return testutil::scratch_dir("lora-test-", name); }
 
 Model load_f32(const std::string& dir) {
   LoadOptions lo;

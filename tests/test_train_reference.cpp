@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "fixture_util.h"
 #include "io/safetensors.h"
 #include "model/model.h"
 
@@ -25,38 +26,13 @@ namespace moe {
 namespace {
 namespace fs = std::filesystem;
 
-std::string fixture(const std::string& fam) { return std::string(MOE_FIXTURES_DIR) + "/" + fam; }
-std::string moe_bin() { return std::string(MOE_BINARY_DIR) + "/moe"; }
+using testutil::fixture;
+using testutil::moe_bin;
+using testutil::rel_err;
+using testutil::run;
+using testutil::scalar;
 
-std::string scratch(const std::string& name) {
-  const std::string d = std::string(MOE_BINARY_DIR) + "/train-test-" + name;
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-int run(const std::string& cmd) {
-  int rc = std::system(cmd.c_str());
-  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
-// ||got - ref|| / ||ref|| over two equally long vectors (f64 accumulation).
-double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
-  EXPECT_EQ(got.size(), ref.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < std::min(got.size(), ref.size()); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    const double d = double(got[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * ref[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-double scalar(const SafetensorsFile& f, const std::string& key) {
-  EXPECT_NE(f.find(key), nullptr) << key;
-  return double(f.tensor(key, MemCategory::Workspace).to_f32_vector().at(0));
-}
+std::string scratch(const std::string& name) { return testutil::scratch_dir("train-test-", name); }
 
 std::vector<nlohmann::json> read_metrics(const std::string& run_dir) {
   std::ifstream in(run_dir + "/metrics.jsonl");

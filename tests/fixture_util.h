@@ -1,0 +1,54 @@
+// fixture_util.h — helpers the fixture-based tests share: where the fixtures and the `moe`
+// binary are, a fresh scratch directory, running a command, the normwise relative error the
+// fixtures' tolerances are stated in, and reading a scalar from a safetensors file.
+#pragma once
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "io/safetensors.h"
+
+namespace moe::testutil {
+
+inline std::string fixture(const std::string& fam) { return std::string(MOE_FIXTURES_DIR) + "/" + fam; }
+inline std::string moe_bin() { return std::string(MOE_BINARY_DIR) + "/moe"; }
+
+// A fresh, empty directory in the build tree: <build>/<prefix><name>.
+inline std::string scratch_dir(const std::string& prefix, const std::string& name) {
+  const std::string d = std::string(MOE_BINARY_DIR) + "/" + prefix + name;
+  std::filesystem::remove_all(d);
+  std::filesystem::create_directories(d);
+  return d;
+}
+
+// Runs a shell command; its exit status (-1 when it did not exit normally).
+inline int run(const std::string& cmd) {
+  int rc = std::system(cmd.c_str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+// ||got - ref|| / ||ref|| over two equally long vectors (f64 accumulation).
+inline double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
+  EXPECT_EQ(got.size(), ref.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < std::min(got.size(), ref.size()); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    const double d = double(got[i]) - double(ref[i]);
+    num += d * d;
+    den += double(ref[i]) * ref[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+inline double scalar(const SafetensorsFile& f, const std::string& key) {
+  EXPECT_NE(f.find(key), nullptr) << key;
+  return double(f.tensor(key, MemCategory::Workspace).to_f32_vector().at(0));
+}
+
+}  // namespace moe::testutil
