@@ -36,7 +36,7 @@ expect_ok init
 
 FT=(--data "${DATA}" --seq-len 128 --batch-size 4 --lr 2e-3 --seed 3 --eval-every 10 --eval-batches 0
     --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)
-run finetune "${MOE}" finetune q3 "${FT[@]}" --steps 40 --log-every 10 --out run
+run finetune "${MOE}" finetune q3 "${FT[@]}" --steps 30 --log-every 10 --out run
 expect_ok finetune
 grep -q "routed experts gate_proj" <<<"${OUT}" && pass "the audit lists the expert adapters" || fail "no audit of the expert adapters"
 grep -q "assistant turns labeled" <<<"${OUT}" && pass "the data summary counts labeled turns" || fail "no data summary"
@@ -76,12 +76,12 @@ grep -q "base quantized to nf4" <<<"${OUT}" && pass "the base is stored nf4" || 
 grep -q "quantized-weights" <<<"${OUT}" && pass "the memory report shows quantized weights" || fail "no quantized-weights category"
 val_falls qrun 0.2 && pass "QLoRA validation loss falls" || fail "QLoRA validation loss did not fall"
 
-# Stop after 15 of 30 steps, resume: the same adapter as 30 steps at once.
-run whole "${MOE}" finetune q3 "${FT[@]}" --steps 30 --quiet --out whole
+# Stop after 6 of 12 steps, resume: the same adapter as 12 steps at once.
+run whole "${MOE}" finetune q3 "${FT[@]}" --steps 12 --quiet --out whole
 expect_ok whole
-run part1 "${MOE}" finetune q3 "${FT[@]}" --steps 30 --stop-after 15 --quiet --out part
+run part1 "${MOE}" finetune q3 "${FT[@]}" --steps 12 --stop-after 6 --quiet --out part
 expect_ok part1
-run part2 "${MOE}" finetune q3 "${FT[@]}" --steps 30 --resume --quiet --out part
+run part2 "${MOE}" finetune q3 "${FT[@]}" --steps 12 --resume --quiet --out part
 expect_ok part2
 cmp -s whole/final/adapter_model.safetensors part/final/adapter_model.safetensors \
   && pass "stopped + resumed = uninterrupted (adapter bit-identical)" || fail "resumed adapter differs"
