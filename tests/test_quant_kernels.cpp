@@ -276,9 +276,20 @@ TEST(QuantOps, ValidationNamesTheProblem) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("must be f32"), std::string::npos) << e.what();
   }
-  // Training ops refuse quantized weights.
+  // Training ops take a quantized weight only frozen (QLoRA): the input gradient is computed
+  // (from the exactly dequantized rows), a weight gradient is refused.
   Tensor dx = Tensor::empty({2, 64}, DType::F32, MemCategory::Activations), dw, db;
-  EXPECT_THROW(linear_backward(dx, dw, db, y, x, w, false), Error);
+  EXPECT_NO_THROW(linear_backward(dx, dw, db, y, x, w, false));
+  Tensor dx_ref = Tensor::empty({2, 64}, DType::F32, MemCategory::Activations);
+  linear_backward(dx_ref, dw, db, y, x, w.to_dtype(DType::F32), false);
+  EXPECT_EQ(dx.to_f32_vector(), dx_ref.to_f32_vector()) << "dX through a q8_0 weight = through its dequantized copy";
+  Tensor dw_q = Tensor::zeros({5, 64}, DType::F32, MemCategory::Activations);
+  try {
+    linear_backward(dx, dw_q, db, y, x, w, false);
+    ADD_FAILURE() << "a gradient for a quantized weight was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("frozen"), std::string::npos) << e.what();
+  }
   // Experts: w1/w3 one type, w2 may differ (a Q4_K_M mix); w1 != w3 is refused.
   const int64_t e = 3, f = 64, dd = 256;
   Tensor w1 = quant_tensor({e, f, dd}, DType::Q4_K, 5), w3 = quant_tensor({e, f, dd}, DType::Q4_K, 6);

@@ -395,6 +395,9 @@ void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const
   }
   check_grad(op, "dw", dw, {m, kd});
   check_grad(op, "db", db, {m});
+  MOE_CHECK(!dw.defined() || !dtype_is_block(w.dtype()),
+            "%s: w is %s, a frozen (quantized) weight: it takes no gradient (dw must be undefined)", op,
+            dtype_name(w.dtype()));
   check_device(op, dy.device(), {&dx, &dw, &db, &x, &w});
   MOE_TRAIN_DISPATCH(dy.device(), op, linear_backward(dx, dw, db, dy, x, w, accumulate));
 }
@@ -664,6 +667,8 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
   check_grad(op, "dw1", dw1, {e, f, d});
   check_grad(op, "dw3", dw3, {e, f, d});
   check_grad(op, "dw2", dw2, {e, d, f});
+  MOE_CHECK(!(dw1.defined() || dw3.defined() || dw2.defined()) || !dtype_is_block(w1.dtype()),
+            "%s: the experts are %s, frozen (quantized) weights: they take no gradient", op, dtype_name(w1.dtype()));
   if (drow_scale.defined()) {
     MOE_CHECK(row_scale.defined(), "%s: drow_scale given without row_scale", op);
     check_f32(op, "drow_scale", drow_scale);

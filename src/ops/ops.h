@@ -16,7 +16,10 @@
 //   Compute is in f32 with f32 accumulation. Index tensors are i32.
 // - Quantized weights (block dtypes q8_0 q4_0 q4_k q5_k q6_k, core/dtype.h): accepted by
 //   linear_forward (w) and expert_ffn_forward (w1/w3 one type, w2 that or another) on the CPU,
-//   with f32 activations — inference only; training ops and CUDA refuse them with an error.
+//   with f32 activations. Training ops take block-type weights (q8_0, and NF4, core/nf4.h) only
+//   as a frozen QLoRA base on the CPU: the forward products use the block kernels (NF4 is
+//   dequantized by row chunks), backward's input gradient dequantizes rows exactly, and asking
+//   for such a weight's gradient is an error. CUDA refuses them.
 //   The CPU kernels (ops/cpu/cpu_quant_gemm.h) round each activation row to int8 blocks and
 //   use integer dot products, so they differ from the exact product with the dequantized
 //   weights by that rounding; the reference backend computes the exact product (f64).

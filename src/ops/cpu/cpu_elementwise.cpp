@@ -59,16 +59,31 @@ namespace {
 // orthogonal, so its gradient is the inverse rotation).
 void rope_rotate(Tensor& x, int64_t past, float theta, float sign) {
   const int64_t b_n = x.dim(0), s_n = x.dim(1), h_n = x.dim(2), dh = x.dim(3), half = dh / 2;
-  // cos/sin per (position, i), computed in f64 for accuracy.
+  // cos/sin per (position, i), computed in f64 for accuracy. A training step rotates q and k
+  // forward and backward at the same positions, so the table of the last call is kept (per
+  // thread, in its scratch) and reused when the positions, width and theta repeat.
+  struct TableKey {
+    int64_t past = -1, s_n = 0, dh = 0;
+    float theta = 0;
+    const float* cs = nullptr;
+    const float* sn = nullptr;  // the buffers themselves: a grown scratch is a new table
+    bool operator==(const TableKey&) const = default;
+  };
+  thread_local TableKey last;
   float* cs = scratch<float>(Scratch::RopeCos, static_cast<size_t>(s_n * half));
   float* sn = scratch<float>(Scratch::RopeSin, static_cast<size_t>(s_n * half));
-  for (int64_t s = 0; s < s_n; ++s)
+  const TableKey key{past, s_n, dh, theta, cs, sn};
+  if (!(key == last)) {
     for (int64_t i = 0; i < half; ++i) {
-      double inv_freq = 1.0 / std::pow(double(theta), double(2 * i) / double(dh));
-      double ang = double(past + s) * inv_freq;
-      cs[s * half + i] = static_cast<float>(std::cos(ang));
-      sn[s * half + i] = sign * static_cast<float>(std::sin(ang));
+      const double inv_freq = 1.0 / std::pow(double(theta), double(2 * i) / double(dh));
+      for (int64_t s = 0; s < s_n; ++s) {
+        const double ang = double(past + s) * inv_freq;
+        cs[s * half + i] = static_cast<float>(std::cos(ang));
+        sn[s * half + i] = static_cast<float>(std::sin(ang));
+      }
     }
+    last = key;
+  }
   float* p = x.data<float>();
 #pragma omp parallel for collapse(2) schedule(static) if(b_n * s_n * h_n * dh > 32768)
   for (int64_t b = 0; b < b_n; ++b)
@@ -76,7 +91,7 @@ void rope_rotate(Tensor& x, int64_t past, float theta, float sign) {
       for (int64_t h = 0; h < h_n; ++h) {
         float* v = p + ((b * s_n + s) * h_n + h) * dh;
         for (int64_t i = 0; i < half; ++i) {
-          float c = cs[s * half + i], si = sn[s * half + i];
+          float c = cs[s * half + i], si = sign * sn[s * half + i];
           float a = v[i], bb = v[i + half];
           v[i] = a * c - bb * si;
           v[i + half] = bb * c + a * si;
