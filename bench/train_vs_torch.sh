@@ -14,8 +14,9 @@
 # Fine-tuning (bench/finetune_vs_torch.sh sets these): MODE=lora TARGETS=q_proj,k_proj,...
 #        runs `moe bench finetune --target-modules TARGETS` against the peer's --mode lora with the
 #        same targets, r 16, alpha 16 (MOE_ARGS=--load-in-4bit: QLoRA against the same peer).
-# On a shared, overloaded machine (load > cores) run it with OMP_WAIT_POLICY=passive: both
-# programs use libgomp, whose spinning barriers collapse when a worker thread is descheduled.
+# Run it with OMP_WAIT_POLICY=passive (the default here): both programs use libgomp, whose
+# spinning threads fight the peer's own OpenBLAS pthread pool for the cores — with it unset the
+# torch peer ran 2.5x slower on 2 cores, a crippled baseline (bench/results/train-2026-12-02-c).
 # Needs bench/setup_torch.sh once (python3-torch, python3-numpy, pthread OpenBLAS).
 # Never fails on time: the numbers are reported, not asserted.
 set -euo pipefail
@@ -44,6 +45,7 @@ mkdir -p "$OUT"
 WORK="$(mktemp -d /tmp/moe-train-bench-XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 export OMP_NUM_THREADS="$THREADS"
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 
 note_load() {  # the machine's load next to every measurement: > cores means a shared, noisy machine
   echo "# $(date -u +%FT%TZ) uptime:$(uptime | sed 's/.*load average/ load average/') (cores: $(nproc))" \
