@@ -2,8 +2,10 @@
 // TrainConfig::finetune), and `moe merge`: folding an adapter into a copy of the base.
 #include <cstdio>
 
+#include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "core/file_util.h"
+#include "io/gguf_model.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/model_train.h"
@@ -121,7 +123,8 @@ void add_merge_command(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("merge", "fold a LoRA adapter into a copy of its base model (HF directory)");
-  cmd->add_option("dir", o->dir, "base model directory")->required();
+  cmd->add_option("dir", o->dir, "base model directory, or a .gguf (quantized: merged into a dequantized copy)")
+      ->required();
   cmd->add_option("adapter", o->adapter, "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
       ->required();
   cmd->add_option("--out", o->out, "output model directory")->required();
@@ -129,18 +132,17 @@ void add_merge_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::IsMember({"keep", "f32", "bf16"}));
   cmd->callback([o]() {
-    Checkpoint ck = Checkpoint::open_dir(o->dir);
     LoadOptions lo;
     lo.keep_dtype = o->dtype == "keep";
     lo.weight_dtype = o->dtype == "bf16" ? DType::BF16 : DType::F32;
-    Model m = Model::load(ck, lo);
-    bool quantized = false;
-    for (const NamedParam& p : named_parameters(m.config(), m.weights())) quantized |= dtype_is_quant(p.value.dtype());
-    if (quantized) {
-      // A quantized base cannot take the adapter exactly: merge into a dequantized copy.
-      std::printf("the base is quantized: merging into a dequantized (f32) copy\n");
-      m = Model::load(ck, LoadOptions{Device::CPU, false, DType::F32});
-    }
+    // A GGUF base may be quantized: it is read dequantized (float weights take the adapter
+    // exactly), and the output is a float HF model. A directory holds float weights already.
+    Model m = [&] {
+      if (!is_gguf_path(o->dir)) return Model::load(Checkpoint::open_dir(o->dir), lo);
+      GgufModel g = load_gguf_model(o->dir, GgufLoadOptions{});
+      std::printf("%s: merging into a dequantized copy (float weights)\n", o->dir.c_str());
+      return Model::from_tensors(g.config, g.tensors, lo);
+    }();
     LoraConfig lc = load_adapter(o->adapter, m.config(), m.mutable_weights());
     const int64_t n = lora_param_count(m.config(), m.weights());
     merge_lora(m.config(), m.mutable_weights());

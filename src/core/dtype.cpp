@@ -225,7 +225,15 @@ void convert_to_f32(float* dst, const void* src, DType from, size_t n) {
     case DType::Q4_K:
     case DType::Q5_K:
     case DType::Q6_K: dequant_blocks(dst, src, from, n); return;
-    case DType::NF4: nf4_dequantize(static_cast<const uint8_t*>(src), dst, static_cast<int64_t>(n)); return;
+    case DType::NF4: {
+      const int64_t nb = whole_blocks(from, n);
+      const auto* s = static_cast<const uint8_t*>(src);
+#pragma omp parallel for schedule(static) if(nb > kBlockChunk)
+      for (int64_t c = 0; c < nb; c += kBlockChunk)
+        nf4_dequantize(s + static_cast<size_t>(c) * kNf4BlockBytes, dst + c * kNf4Block,
+                       std::min(kBlockChunk, nb - c) * kNf4Block);
+      return;
+    }
   }
 }
 

@@ -5,12 +5,11 @@
 
 namespace moe {
 
-std::vector<LoraSlot> lora_slots(const ModelConfig& c, ModelWeights& w, const ModelWeights* shapes) {
+std::vector<LoraSlot> lora_slots(const ModelConfig& c, ModelWeights& w) {
   const ArchSpec& a = arch_spec(c.model_type);
-  const ModelWeights& sw = shapes ? *shapes : w;
   const int64_t qd = c.n_head * c.head_dim, kvd = c.n_head_kv * c.head_dim, d = c.hidden_size;
   std::vector<LoraSlot> out;
-  auto add = [&](const char* tmpl, LoraKind kind, int64_t l, int64_t e, Lora& lora, const Tensor& base, int64_t in,
+  auto add = [&](const char* tmpl, LoraKind kind, int64_t l, int64_t e, Lora& lora, Tensor& base, int64_t in,
                  int64_t o, int64_t row0 = 0) {
     if (!tmpl) return;
     LoraSlot s;
@@ -25,13 +24,13 @@ std::vector<LoraSlot> lora_slots(const ModelConfig& c, ModelWeights& w, const Mo
     s.base_row0 = row0;
     out.push_back(std::move(s));
   };
-  MOE_CHECK(int64_t(w.layers.size()) == c.n_layer && int64_t(sw.layers.size()) == c.n_layer,
+  MOE_CHECK(int64_t(w.layers.size()) == c.n_layer,
             "lora_slots: weights for %lld layers, the config has %lld", (long long)w.layers.size(),
             (long long)c.n_layer);
   // Dimensions from the config (a gradient ModelWeights has no base tensors to read them from).
   for (int64_t l = 0; l < c.n_layer; ++l) {
     LayerWeights& lw = w.layers[size_t(l)];
-    const LayerWeights& bw = sw.layers[size_t(l)];
+    LayerWeights& bw = lw;
     add(a.q_proj, LoraKind::Attention, l, -1, lw.lq, bw.wqkv, d, qd, 0);
     add(a.k_proj, LoraKind::Attention, l, -1, lw.lk, bw.wqkv, d, kvd, qd);
     add(a.v_proj, LoraKind::Attention, l, -1, lw.lv, bw.wqkv, d, kvd, qd + kvd);

@@ -25,15 +25,14 @@ struct LoraSlot {
   int64_t expert = -1;    // routed expert (index into the stacked factors), -1 otherwise
   int64_t in = 0, out = 0;  // the projection's input and output widths
   Lora* lora = nullptr;   // the field in the LayerWeights the list was made from
-  const Tensor* base = nullptr;  // the base weight: [out,in], or the stacked [E,out,in] of a routed expert
+  Tensor* base = nullptr;  // its base weight: [out,in], or the stacked [E,out,in] of a routed expert
   int64_t base_row0 = 0;  // q/k/v: first row of the part in the stacked wqkv
 };
 
 // Every slot of the model's layers, in layer order (attention q, k, v, o; router; experts by
-// index, gate/up/down each; shared expert; dense MLP). Dimensions come from the base weights;
-// `w` is the model's weights (or a gradient ModelWeights built like them, for its Lora fields —
-// then pass the model's weights as `shapes` for the dimensions).
-std::vector<LoraSlot> lora_slots(const ModelConfig& c, ModelWeights& w, const ModelWeights* shapes = nullptr);
+// index, gate/up/down each; shared expert; dense MLP). Dimensions come from the config, so `w`
+// may also be a gradient ModelWeights (its Lora fields; its base tensors may be undefined).
+std::vector<LoraSlot> lora_slots(const ModelConfig& c, ModelWeights& w);
 
 // PEFT's tensor names of a slot's factors.
 std::string lora_a_name(const LoraSlot& s);

@@ -208,18 +208,13 @@ static void build(const ModelConfig& c, const Source& get, const std::function<b
       for (Tensor& t : qkv) t = t.to_dtype(DType::F32, MemCategory::Weights);
     }
     lw.wqkv = stack_rows(qkv);
-    lw.wq = lw.wqkv.rows(0, qd);
-    lw.wk = lw.wqkv.rows(qd, qd + kvd);
-    lw.wv = lw.wqkv.rows(qd + kvd, qd + 2 * kvd);
     lw.wo = load_proj(tensor_name(a.o_proj, l), {d, qd});
     if (c.attn_qkv_bias) {
       lw.bqkv = stack_rows({load(tensor_name(a.q_proj, l, -1, ".bias"), {qd}),
                             load(tensor_name(a.k_proj, l, -1, ".bias"), {kvd}),
                             load(tensor_name(a.v_proj, l, -1, ".bias"), {kvd})});
-      lw.bq = lw.bqkv.rows(0, qd);
-      lw.bk = lw.bqkv.rows(qd, qd + kvd);
-      lw.bv = lw.bqkv.rows(qd + kvd, qd + 2 * kvd);
     }
+    set_qkv_views(c, lw);
     if (c.attn_o_bias) lw.bo = load(tensor_name(a.o_proj, l, -1, ".bias"), {d});
     if (c.qk_norm) {
       lw.q_norm = load(tensor_name(a.q_norm, l), {dh});
@@ -341,10 +336,23 @@ int64_t params_active(const ModelConfig& c) {
 
 bool ModelWeights::has_lora() const {
   for (const LayerWeights& l : layers)
-    for (const Lora* p : {&l.lq, &l.lk, &l.lv, &l.lo, &l.lrouter, &l.lexp.w1, &l.lexp.w3, &l.lexp.w2, &l.lmlp.w1,
-                          &l.lmlp.w3, &l.lmlp.w2, &l.lshared.w1, &l.lshared.w3, &l.lshared.w2})
+    for (const Lora* p : l.loras())
       if (p->on()) return true;
   return false;
+}
+
+void set_qkv_views(const ModelConfig& c, LayerWeights& lw) {
+  const int64_t qd = c.n_head * c.head_dim, kvd = c.n_head_kv * c.head_dim;
+  if (lw.wqkv.defined()) {
+    lw.wq = lw.wqkv.rows(0, qd);
+    lw.wk = lw.wqkv.rows(qd, qd + kvd);
+    lw.wv = lw.wqkv.rows(qd + kvd, qd + 2 * kvd);
+  }
+  if (lw.bqkv.defined()) {
+    lw.bq = lw.bqkv.rows(0, qd);
+    lw.bk = lw.bqkv.rows(qd, qd + kvd);
+    lw.bv = lw.bqkv.rows(qd + kvd, qd + 2 * kvd);
+  }
 }
 
 ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const ForwardOptions& fo) const {

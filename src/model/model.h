@@ -5,6 +5,7 @@
 // Activations are f32 on the CPU and f32 or bf16 on CUDA (`act_dtype`); routing is always f32.
 // Training forward/backward (next issue) will add saved-activation variants of the same steps.
 #pragma once
+#include <array>
 #include <string>
 #include <vector>
 
@@ -42,7 +43,24 @@ struct LayerWeights {
   // gradient ModelWeights the same fields hold the factors' gradients.
   Lora lq, lk, lv, lo, lrouter;
   ExpertLora lexp, lmlp, lshared;
+  static constexpr size_t kNumLoras = 14;
+  // Every adapter field above, in a fixed order (walks that treat them alike: on/off, dropout,
+  // copying).
+  std::array<Lora*, kNumLoras> loras() {
+    return {&lq, &lk, &lv, &lo, &lrouter, &lexp.w1, &lexp.w3, &lexp.w2,
+            &lmlp.w1, &lmlp.w3, &lmlp.w2, &lshared.w1, &lshared.w3, &lshared.w2};
+  }
+  std::array<const Lora*, kNumLoras> loras() const {
+    auto m = const_cast<LayerWeights*>(this)->loras();
+    std::array<const Lora*, kNumLoras> out;
+    for (size_t i = 0; i < kNumLoras; ++i) out[i] = m[i];
+    return out;
+  }
 };
+
+// wq/wk/wv (and bq/bk/bv) as row views of the stacked wqkv (bqkv), where those are defined.
+// Whoever replaces wqkv (load, a dtype copy, quantization, a merge) calls it again.
+void set_qkv_views(const ModelConfig& c, LayerWeights& lw);
 
 struct ModelWeights {
   Tensor embed;       // [V,D]

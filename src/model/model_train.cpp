@@ -65,7 +65,6 @@ struct LayerSel {
 // One layer of transform_weights / zeros_like.
 LayerWeights transform_layer(const ModelConfig& c, const LayerWeights& lw,
                              const std::function<Tensor(const Tensor&)>& fn, LayerSel sel = {}) {
-  const int64_t qd = c.n_head * c.head_dim, kvd = c.n_head_kv * c.head_dim;
   auto f = [&](const Tensor& t) { return t.defined() && sel.base ? fn(t) : Tensor(); };
   LayerWeights lg;
   {
@@ -73,18 +72,9 @@ LayerWeights transform_layer(const ModelConfig& c, const LayerWeights& lw,
     lg.attn_norm = f(lw.attn_norm);
     lg.ffn_norm = f(lw.ffn_norm);
     lg.wqkv = f(lw.wqkv);
-    if (lg.wqkv.defined()) {
-      lg.wq = lg.wqkv.rows(0, qd);
-      lg.wk = lg.wqkv.rows(qd, qd + kvd);
-      lg.wv = lg.wqkv.rows(qd + kvd, qd + 2 * kvd);
-    }
+    lg.bqkv = f(lw.bqkv);
+    set_qkv_views(c, lg);
     lg.wo = f(lw.wo);
-    if (lw.bqkv.defined() && sel.base) {
-      lg.bqkv = f(lw.bqkv);
-      lg.bq = lg.bqkv.rows(0, qd);
-      lg.bk = lg.bqkv.rows(qd, qd + kvd);
-      lg.bv = lg.bqkv.rows(qd + kvd, qd + 2 * kvd);
-    }
     lg.bo = f(lw.bo);
     lg.q_norm = f(lw.q_norm);
     lg.k_norm = f(lw.k_norm);
@@ -98,16 +88,15 @@ LayerWeights transform_layer(const ModelConfig& c, const LayerWeights& lw,
     lg.shared_w2 = f(lw.shared_w2);
     lg.shared_gate = f(lw.shared_gate);
   }
-  auto lora = [&](const Lora& l) {
-    if (!sel.lora_fn || !l.on()) return l;
-    return Lora{fn(l.a), fn(l.b), l.scale};
-  };
-  for (auto [dst, src] : {std::pair{&lg.lq, &lw.lq}, {&lg.lk, &lw.lk}, {&lg.lv, &lw.lv}, {&lg.lo, &lw.lo},
-                          {&lg.lrouter, &lw.lrouter}, {&lg.lexp.w1, &lw.lexp.w1}, {&lg.lexp.w3, &lw.lexp.w3},
-                          {&lg.lexp.w2, &lw.lexp.w2}, {&lg.lmlp.w1, &lw.lmlp.w1}, {&lg.lmlp.w3, &lw.lmlp.w3},
-                          {&lg.lmlp.w2, &lw.lmlp.w2}, {&lg.lshared.w1, &lw.lshared.w1},
-                          {&lg.lshared.w3, &lw.lshared.w3}, {&lg.lshared.w2, &lw.lshared.w2}})
-    *dst = lora(*src);
+  const auto dst = lg.loras();
+  const auto src = lw.loras();
+  for (size_t i = 0; i < LayerWeights::kNumLoras; ++i) {
+    *dst[i] = *src[i];
+    if (sel.lora_fn && src[i]->on()) {
+      dst[i]->a = fn(src[i]->a);
+      dst[i]->b = fn(src[i]->b);
+    }
+  }
   return lg;
 }
 

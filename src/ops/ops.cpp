@@ -592,20 +592,27 @@ void check_expert_lora(const char* op, const ExpertLora& l, const ExpertLora* dl
     }
   }
 }
+// A dense adapter on columns [col0, col0+M) of a 2-D f32 `wide` (out, or dy) for rows x [N,Kd].
+// Returns r.
+int64_t check_lora_columns(const char* op, const char* wide_name, const Tensor& wide, int64_t col0, const Tensor& x,
+                           const Lora& l) {
+  check_f32(op, wide_name, wide);
+  check_f32(op, "x", x);
+  check_ndim(op, wide_name, wide, 2);
+  check_ndim(op, "x", x, 2);
+  MOE_CHECK(l.b.defined() && l.b.ndim() == 2, "%s: b must be [M,r]", op);
+  const int64_t m = l.b.dim(0);
+  const int64_t r = check_lora(op, "lora", l, m, x.dim(1), 0);
+  MOE_CHECK(wide.dim(0) == x.dim(0) && col0 >= 0 && col0 + m <= wide.dim(1),
+            "%s: %s %s has no columns [%lld,%lld) for x %s", op, wide_name, wide.shape_str().c_str(),
+            (long long)col0, (long long)(col0 + m), x.shape_str().c_str());
+  return r;
+}
 }  // namespace
 
 void lora_forward(Tensor& out, int64_t col0, const Tensor& x, const Lora& l) {
   const char* op = "lora_forward";
-  check_f32(op, "out", out);
-  check_f32(op, "x", x);
-  check_ndim(op, "out", out, 2);
-  check_ndim(op, "x", x, 2);
-  MOE_CHECK(l.b.defined() && l.b.ndim() == 2, "%s: b must be [M,r]", op);
-  const int64_t m = l.b.dim(0);
-  check_lora(op, "lora", l, m, x.dim(1), 0);
-  MOE_CHECK(out.dim(0) == x.dim(0) && col0 >= 0 && col0 + m <= out.dim(1),
-            "%s: out %s cannot take columns [%lld,%lld) for x %s", op, out.shape_str().c_str(), (long long)col0,
-            (long long)(col0 + m), x.shape_str().c_str());
+  check_lora_columns(op, "out", out, col0, x, l);
   check_device(op, out.device(), {&x, &l.a, &l.b});
   MOE_TRAIN_DISPATCH(out.device(), op, lora_forward(out, col0, x, l));
 }
@@ -613,16 +620,8 @@ void lora_forward(Tensor& out, int64_t col0, const Tensor& x, const Lora& l) {
 void lora_backward(Tensor& dx, Tensor& da, Tensor& db, const Tensor& dy, int64_t col0, const Tensor& x,
                    const Lora& l) {
   const char* op = "lora_backward";
-  check_f32(op, "dy", dy);
-  check_f32(op, "x", x);
-  check_ndim(op, "dy", dy, 2);
-  check_ndim(op, "x", x, 2);
-  MOE_CHECK(l.b.defined() && l.b.ndim() == 2, "%s: b must be [M,r]", op);
+  const int64_t r = check_lora_columns(op, "dy", dy, col0, x, l);
   const int64_t m = l.b.dim(0), kd = x.dim(1);
-  const int64_t r = check_lora(op, "lora", l, m, kd, 0);
-  MOE_CHECK(dy.dim(0) == x.dim(0) && col0 >= 0 && col0 + m <= dy.dim(1),
-            "%s: dy %s has no columns [%lld,%lld) for x %s", op, dy.shape_str().c_str(), (long long)col0,
-            (long long)(col0 + m), x.shape_str().c_str());
   check_grad(op, "dx", dx, x.shape());
   check_grad(op, "da", da, {r, kd});
   check_grad(op, "db", db, {m, r});

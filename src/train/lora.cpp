@@ -155,8 +155,7 @@ void attach_lora(const ModelConfig& c, ModelWeights& w, const LoraConfig& cfg) {
 void set_lora_dropout(ModelWeights& w, float p, uint64_t seed) {
   uint64_t i = 0;
   for (LayerWeights& l : w.layers)
-    for (Lora* a : {&l.lq, &l.lk, &l.lv, &l.lo, &l.lrouter, &l.lexp.w1, &l.lexp.w3, &l.lexp.w2, &l.lmlp.w1,
-                    &l.lmlp.w3, &l.lmlp.w2, &l.lshared.w1, &l.lshared.w3, &l.lshared.w2}) {
+    for (Lora* a : l.loras()) {
       uint64_t s = seed ^ (0xA0761D6478BD642Full * ++i);
       a->dropout = p;
       a->seed = splitmix64(s);
@@ -321,7 +320,7 @@ void save_adapter(const std::string& dir, const ModelConfig& c, const ModelWeigh
 void merge_lora(const ModelConfig& c, ModelWeights& w) {
   std::vector<LoraSlot> slots = lora_slots(c, w);
   // Owned f32-or-bf16 copies of every base tensor an adapter will change, made once.
-  std::map<const void*, bool> copied;
+  std::set<const void*> copied;
   auto own = [&](Tensor& t, const std::string& module) {
     MOE_CHECK(t.defined(), "merge: module %s has no base weight", module.c_str());
     MOE_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::BF16 || t.dtype() == DType::F16,
@@ -331,22 +330,11 @@ void merge_lora(const ModelConfig& c, ModelWeights& w) {
     Tensor o = Tensor::empty(t.shape(), t.dtype(), MemCategory::Weights);
     o.copy_from(t);
     t = o;
-    copied[t.raw()] = true;
+    copied.insert(t.raw());
   };
-  const int64_t qd = c.n_head * c.head_dim, kvd = c.n_head_kv * c.head_dim;
-  for (LayerWeights& lw : w.layers) {
-    if (lw.lq.on() || lw.lk.on() || lw.lv.on()) {
-      own(lw.wqkv, "q/k/v");
-      lw.wq = lw.wqkv.rows(0, qd);
-      lw.wk = lw.wqkv.rows(qd, qd + kvd);
-      lw.wv = lw.wqkv.rows(qd + kvd, qd + 2 * kvd);
-    }
-    for (auto [l, t] : {std::pair{&lw.lo, &lw.wo}, {&lw.lrouter, &lw.router}, {&lw.lexp.w1, &lw.w1},
-                        {&lw.lexp.w3, &lw.w3}, {&lw.lexp.w2, &lw.w2}, {&lw.lmlp.w1, &lw.w1}, {&lw.lmlp.w3, &lw.w3},
-                        {&lw.lmlp.w2, &lw.w2}, {&lw.lshared.w1, &lw.shared_w1}, {&lw.lshared.w3, &lw.shared_w3},
-                        {&lw.lshared.w2, &lw.shared_w2}})
-      if (l->on()) own(*t, "adapted projection");
-  }
+  for (LoraSlot& s : slots)
+    if (s.lora->on()) own(*s.base, s.module);
+  for (LayerWeights& lw : w.layers) set_qkv_views(c, lw);  // wqkv may be a new copy
   for (LoraSlot& s : slots) {
     if (!s.lora->on()) continue;
     const Tensor a = slot_a(s), b = slot_b(s);
@@ -388,13 +376,9 @@ std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt
     after += t.nbytes();
     ++n_q;
   };
-  const int64_t qd = c.n_head * c.head_dim, kvd = c.n_head_kv * c.head_dim;
   for (LayerWeights& lw : w.layers) {
-    q(lw.wqkv);
-    lw.wq = lw.wqkv.rows(0, qd);
-    lw.wk = lw.wqkv.rows(qd, qd + kvd);
-    lw.wv = lw.wqkv.rows(qd + kvd, qd + 2 * kvd);
-    for (Tensor* t : {&lw.wo, &lw.w1, &lw.w3, &lw.w2, &lw.shared_w1, &lw.shared_w3, &lw.shared_w2}) q(*t);
+    for (Tensor* t : {&lw.wqkv, &lw.wo, &lw.w1, &lw.w3, &lw.w2, &lw.shared_w1, &lw.shared_w3, &lw.shared_w2}) q(*t);
+    set_qkv_views(c, lw);
   }
   char buf[200];
   std::snprintf(buf, sizeof buf, "base quantized to %s: %lld tensors, %.2f MiB -> %.2f MiB%s", dtype_name(dt),

@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "core/error.h"
-#include "core/nf4.h"
 #include "ops/cpu/cpu_quant_gemm.h"
 #include "ops/cpu/cpu_scratch.h"
 
@@ -92,16 +91,8 @@ void widen_rows(float* dst, const uint16_t* src, DType wdt, int64_t cnt) {
 // dst: block types are dequantized here, one chunk of rows at a time — the whole matrix never
 // exists in f32 (the frozen QLoRA base's backward, dX = dY·W).
 void widen_weight_rows(float* dst, const void* w, DType wdt, int64_t r0, int64_t rows, int64_t k) {
-  if (dtype_is_quant(wdt)) {
+  if (dtype_is_block(wdt)) {
     convert_to_f32(dst, static_cast<const uint8_t*>(w) + dtype_nbytes(wdt, r0 * k), wdt, static_cast<size_t>(rows * k));
-    return;
-  }
-  if (wdt == DType::NF4) {
-    const auto* src = static_cast<const uint8_t*>(w) + dtype_nbytes(wdt, r0 * k);
-    const int64_t blocks = rows * k / kNf4Block, per = 256;  // blocks per task
-#pragma omp parallel for schedule(static) if(blocks > 2 * per)
-    for (int64_t b = 0; b < blocks; b += per)
-      nf4_dequantize(src + b * kNf4BlockBytes, dst + b * kNf4Block, std::min(per, blocks - b) * kNf4Block);
     return;
   }
   widen_rows(dst, static_cast<const uint16_t*>(w) + r0 * k, wdt, rows * k);

@@ -14,15 +14,18 @@ namespace cpu {
 
 namespace {
 
+// m / (1 − p) of input element (t, c): the dropout mask, rescaled.
+inline float drop_mult(const LoraDrop& drop, int64_t t, int64_t c, int64_t kd) {
+  return lora_keep(drop.seed, uint64_t((drop.row0 + t) * kd + c), drop.p) ? 1.0f / (1.0f - drop.p) : 0.0f;
+}
+
 // x after dropout, [n,kd] contiguous, in `keep` (a workspace tensor): x ⊙ m / (1 − p).
 const float* apply_dropout(const float* x, int64_t ldx, int64_t n, int64_t kd, const LoraDrop& drop, Tensor& keep) {
   keep = Tensor::empty({std::max<int64_t>(n, 1), kd}, DType::F32, MemCategory::Workspace);
   float* xd = keep.data<float>();
-  const float mult = 1.0f / (1.0f - drop.p);
 #pragma omp parallel for schedule(static) if(n * kd > 65536)
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t c = 0; c < kd; ++c)
-      xd[t * kd + c] = lora_keep(drop.seed, uint64_t((drop.row0 + t) * kd + c), drop.p) ? x[t * ldx + c] * mult : 0.0f;
+    for (int64_t c = 0; c < kd; ++c) xd[t * kd + c] = x[t * ldx + c] * drop_mult(drop, t, c, kd);
   return xd;
 }
 
@@ -63,10 +66,8 @@ void lora_rows_backward(float* dx, int64_t lddx, float* da, float* db, const flo
       float* gp = g.data<float>();
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)kd, (int)r, scale, v, (int)r, a, (int)kd,
                   0.0f, gp, (int)kd);
-      const float mult = 1.0f / (1.0f - drop.p);
       for (int64_t t = 0; t < n; ++t)
-        for (int64_t c = 0; c < kd; ++c)
-          if (lora_keep(drop.seed, uint64_t((drop.row0 + t) * kd + c), drop.p)) dx[t * lddx + c] += gp[t * kd + c] * mult;
+        for (int64_t c = 0; c < kd; ++c) dx[t * lddx + c] += gp[t * kd + c] * drop_mult(drop, t, c, kd);
     }
     if (da)
       cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)r, (int)kd, (int)n, scale, v, (int)r, x, (int)ldx,
