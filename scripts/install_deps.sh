@@ -48,6 +48,9 @@ PACKAGES=(
   bible-kjv
   # Headless browser for the report test (tests/cli/report_chromium.sh).
   chromium
+  # Distributed training and inference (src/dist/): Open MPI and its mpirun.
+  libopenmpi-dev
+  openmpi-bin
 )
 
 export DEBIAN_FRONTEND=noninteractive

@@ -95,4 +95,15 @@ void apply_adapter(Model& m, const std::string& adapter_dir) {
                lc.alpha, (long long)n);
 }
 
+void add_dist_flags(CLI::App* cmd, int* ep, int* dp, double* timeout) {
+  cmd->add_option("--ep", *ep,
+                  "under mpirun: expert-parallel ranks per replica; each holds E/ep of the routed experts and tokens "
+                  "travel to them (default 1)");
+  cmd->add_option("--dp", *dp, "under mpirun: data-parallel replicas (default: the ranks / --ep)");
+  if (timeout)
+    cmd->add_option("--dist-timeout", *timeout,
+                    "seconds a collective may wait for the other ranks before the job is ended (0: forever)")
+        ->capture_default_str();
+}
+
 }  // namespace moe

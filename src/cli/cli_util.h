@@ -21,6 +21,10 @@ LoadOptions resolve_device_flags(const DeviceFlags& f, DType file_dtype);
 
 // --weights none|q8_0|q4_0|q4_k|q5_k|q6_k: quantize the projection weights at load (CPU).
 void add_weights_flag(CLI::App* cmd, std::string* w);
+
+// --ep / --dp (and --dist-timeout when timeout is given): how the ranks of an mpirun job
+// divide the work (dist/parallel.h).
+void add_dist_flags(CLI::App* cmd, int* ep, int* dp, double* timeout = nullptr);
 LoadOptions with_weights_flag(LoadOptions lo, const std::string& w);
 // The dtype most of a checkpoint's bytes are stored in.
 DType checkpoint_dtype(const Checkpoint& ck);

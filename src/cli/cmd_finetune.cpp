@@ -64,6 +64,7 @@ void add_finetune_command(CLI::App& app) {
   cmd->add_option("--chat-template", c.chat_template, "a Jinja chat template file (default: the model's)");
   cmd->add_flag("--no-packing", o->no_packing, "one example per row (cut/padded to --seq-len) instead of packing");
   cmd->add_flag("--resume", c.resume, "continue from the newest checkpoint in --out");
+  add_dist_flags(cmd, &c.ep, &c.dp, &c.dist_timeout);
   cmd->add_option("--steps", c.steps, "optimizer steps in total")->capture_default_str();
   cmd->add_option("--epochs", c.epochs, "passes over the training rows (overrides --steps)");
   cmd->add_option("--stop-after", c.stop_after,

@@ -1,6 +1,7 @@
 // cmd_train.cpp — `moe train`: train or continue training a model on a corpus (trainer.h).
 #include <cstdio>
 
+#include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "core/file_util.h"
 #include "core/json_util.h"
@@ -21,6 +22,7 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--data", c.data, "corpus: plain text, JSONL with a \"text\" field, or .safetensors with input_ids/labels [N,S]");
   cmd->add_option("--out", c.out, "run directory: metrics.jsonl, step-N/ and final/ checkpoints")->required();
   cmd->add_flag("--resume", c.resume, "continue from the newest checkpoint in --out");
+  add_dist_flags(cmd, &c.ep, &c.dp, &c.dist_timeout);
   cmd->add_option("--config", o->config, "JSON file of options (keys as these flags without dashes); flags given here win");
   cmd->add_option("--steps", c.steps, "optimizer steps in total")->capture_default_str();
   cmd->add_option("--stop-after", c.stop_after,

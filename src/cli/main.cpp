@@ -3,12 +3,14 @@
 #include <cstdio>
 #include <filesystem>
 #include <new>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/json_util.h"
+#include "dist/communicator.h"
 #include "ops/ops.h"
 
 int main(int argc, char** argv) {
@@ -35,30 +37,33 @@ int main(int argc, char** argv) {
   moe::add_train_command(app);
   moe::add_finetune_command(app);
   moe::add_merge_command(app);
+  // Under mpirun a failing rank ends the whole job (its peers would wait in a collective);
+  // the message names the rank.
+  auto fail = [](int code, const std::string& msg) {
+    if (moe::dist::launched_by_mpi())
+      moe::dist::abort_job("moe: error (rank " + std::to_string(moe::dist::launch_rank()) + "): " + msg, code);
+    std::fprintf(stderr, "moe: error: %s\n", msg.c_str());
+    return code;
+  };
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const moe::Error& e) {
-    std::fprintf(stderr, "moe: error: %s\n", e.what());
-    return 1;
+    return fail(1, e.what());
   } catch (const std::bad_alloc&) {
     // The library bounds what hostile input may allocate; this is a real shortage (or a bug).
-    std::fprintf(stderr, "moe: error: out of memory\n");
-    return 1;
+    return fail(1, "out of memory");
   } catch (const std::filesystem::filesystem_error& e) {
-    std::fprintf(stderr, "moe: error: %s\n", e.what());
-    return 1;
+    return fail(1, e.what());
   } catch (const nlohmann::json::exception& e) {
-    std::fprintf(stderr, "moe: error: JSON: %s (this is a bug: it should have been reported with the file name)\n",
-                 moe::json_error_text(e).c_str());
-    return 2;
+    return fail(2, "JSON: " + moe::json_error_text(e) +
+                       " (this is a bug: it should have been reported with the file name)");
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "moe: error: unexpected %s (this is a bug)\n", e.what());
-    return 2;
+    return fail(2, std::string("unexpected ") + e.what() + " (this is a bug)");
   } catch (...) {
-    std::fprintf(stderr, "moe: error: unknown exception (this is a bug)\n");
-    return 2;
+    return fail(2, "unknown exception (this is a bug)");
   }
+  moe::dist::finalize();
   return 0;
 }

@@ -34,10 +34,12 @@
 // An evaluation forward (no gradients) allocates the entries, the non-backward step buffers
 // and the forward phases only: the table is then an upper bound.
 #pragma once
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "core/tensor.h"
+#include "dist/expert_exchange.h"
 #include "io/hf_config.h"
 
 namespace moe {
@@ -113,6 +115,13 @@ struct LayerActs {
   Tensor s_out;             // [T,D] shared expert output (before its gate)
   Tensor s_gate;            // [T,1] shared expert gate logit
   Tensor dh1, dh3;          // [T,F] dense MLP pre-activations
+  // Expert parallel (owner side, sized by the rows this rank's experts received, so not in the
+  // layout): the exchange plan and the received rows' saved tensors (xp, eh1/eh3, row_scale and
+  // the local offsets take the place of the fields above).
+  struct ExpertParallelActs {
+    std::shared_ptr<const dist::ExpertExchange> plan;
+    Tensor xp, eh1, eh3, row_scale, offsets;
+  } ep;
   // Shared entries only (once per model): scratch and the head.
   Tensor qkv;               // [T,(H+2Hkv)Dh] stacked projection output / its gradient (scratch)
   Tensor final_x;           // [T,D] residual stream after the last layer

@@ -47,6 +47,44 @@ void zero_rows_from(Tensor& t, int64_t r0) {
   }
 }
 
+// Expert parallel forward: this rank's routed rows (a.xp, a.row_scale, sorted by expert over
+// a.offsets) go to their experts' owners; this rank computes the rows it received for its own
+// experts (saving them and their pre-activations in a.ep) and returns the outputs, which land
+// in yp rows [0, kept) as if computed here.
+void expert_parallel_forward(dist::Communicator& ep, const LayerWeights& w, LayerActs& a, Tensor& yp, int64_t e_n) {
+  MOE_CHECK(w.w1.dim(0) * ep.size() == e_n, "expert parallel: %lld local experts x %d ranks != %lld experts",
+            (long long)w.w1.dim(0), ep.size(), (long long)e_n);
+  auto plan = std::make_shared<dist::ExpertExchange>(dist::plan_exchange(ep, a.offsets, e_n));
+  const int64_t r = plan->received(), d = a.xp.dim(1), f = w.w1.dim(1);
+  a.ep.xp = Tensor::empty({r, d}, DType::F32, kAct);
+  a.ep.row_scale = Tensor::empty({r}, DType::F32, kAct);
+  a.ep.eh1 = Tensor::empty({r, f}, DType::F32, kAct);
+  a.ep.eh3 = Tensor::empty({r, f}, DType::F32, kAct);
+  a.ep.offsets = Tensor::empty({plan->n_local + 1}, DType::I32, kAct);
+  std::copy(plan->local_offsets.begin(), plan->local_offsets.end(), a.ep.offsets.data<int32_t>());
+  dist::dispatch_rows(ep, *plan, a.xp, a.ep.xp);
+  dist::dispatch_rows(ep, *plan, a.row_scale, a.ep.row_scale);
+  Tensor yr = Tensor::empty({r, d}, DType::F32, kAct);
+  expert_ffn_forward_train(yr, a.ep.eh1, a.ep.eh3, a.ep.xp, a.ep.offsets, w.w1, w.w3, w.w2, a.ep.row_scale, w.lexp);
+  dist::return_rows(ep, *plan, yr, yp);
+  a.ep.plan = std::move(plan);
+}
+
+// Its backward along the same plan: dY rows to the owners, the owners' expert backward
+// (gradients of their own experts), dX and the routing-weight gradients back to their origin.
+void expert_parallel_backward(dist::Communicator& ep, const LayerWeights& w, const LayerActs& a, const Tensor& dyp,
+                              Tensor& dxp, Tensor& drs, LayerWeights& g) {
+  const dist::ExpertExchange& plan = *a.ep.plan;
+  const int64_t r = plan.received(), d = dyp.dim(1);
+  Tensor dyr = Tensor::empty({r, d}, DType::F32, kAct);
+  dist::dispatch_rows(ep, plan, dyp, dyr);
+  Tensor dxr = Tensor::empty({r, d}, DType::F32, kAct), dsr = Tensor::empty({r}, DType::F32, kAct);
+  expert_ffn_backward(dxr, g.w1, g.w3, g.w2, dsr, dyr, a.ep.xp, a.ep.eh1, a.ep.eh3, a.ep.offsets, w.w1, w.w3, w.w2,
+                      a.ep.row_scale, w.lexp, &g.lexp);
+  dist::return_rows(ep, plan, dxr, dxp);
+  dist::return_rows(ep, plan, dsr, drs);
+}
+
 }  // namespace
 
 int64_t expert_capacity(double capacity_factor, int64_t t_n, int64_t k, int64_t e_n) {
@@ -118,7 +156,12 @@ void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a
   gather_rows(a.xp, a.ffn_h, a.perm, k);
   permute_weights(a.row_scale, a.topk_w, a.perm);
   Tensor yp = Tensor::empty(a.xp.shape(), DType::F32, kAct);
-  expert_ffn_forward_train(yp, a.eh1, a.eh3, a.xp, a.offsets, w.w1, w.w3, w.w2, a.row_scale, w.lexp);
+  if (ro.ep) {
+    expert_parallel_forward(*ro.ep, w, a, yp, e_n);
+  } else {
+    a.ep = {};
+    expert_ffn_forward_train(yp, a.eh1, a.eh3, a.xp, a.offsets, w.w1, w.w3, w.w2, a.row_scale, w.lexp);
+  }
   zero_rows_from(yp, kept);
   moe_combine(x_out, yp, a.inv, k, /*accumulate=*/false);
   yp = Tensor();
@@ -140,7 +183,7 @@ void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a
 }
 
 void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const LayerActs& a, const Tensor& dx_out,
-                        Tensor& dx_mid, LayerWeights& g, const BalanceGrad& bal) {
+                        Tensor& dx_mid, LayerWeights& g, const BalanceGrad& bal, dist::Communicator* ep) {
   const int64_t t_n = dx_out.dim(0), d = c.hidden_size, k = c.n_expert_used;
   Tensor dh = Tensor::zeros({t_n, d}, DType::F32, kAct);
   Tensor none;
@@ -160,8 +203,13 @@ void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const Layer
     gather_rows(dyp, dx_out, a.perm, k);
     Tensor dxp = Tensor::empty({p_n, d}, DType::F32, kAct);
     Tensor drs = Tensor::empty({p_n}, DType::F32, kAct);
-    expert_ffn_backward(dxp, g.w1, g.w3, g.w2, drs, dyp, a.xp, a.eh1, a.eh3, a.offsets, w.w1, w.w3, w.w2, a.row_scale,
-                        w.lexp, &g.lexp);
+    if (a.ep.plan) {
+      MOE_CHECK(ep != nullptr, "ffn_block_backward: the forward was expert parallel; pass its EP group");
+      expert_parallel_backward(*ep, w, a, dyp, dxp, drs, g);
+    } else {
+      expert_ffn_backward(dxp, g.w1, g.w3, g.w2, drs, dyp, a.xp, a.eh1, a.eh3, a.offsets, w.w1, w.w3, w.w2,
+                          a.row_scale, w.lexp, &g.lexp);
+    }
     dyp = Tensor();
     // Dropped rows (capacity) had no expert: no gradient to their input or routing weight.
     const int64_t kept = kept_rows(a.offsets);

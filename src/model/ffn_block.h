@@ -11,6 +11,7 @@
 #pragma once
 #include <vector>
 
+#include "dist/communicator.h"
 #include "io/hf_config.h"
 #include "model/activations.h"
 #include "model/model.h"
@@ -31,6 +32,10 @@ struct RouteOptions {
   // step, earliest tokens first; the rest are dropped (the token passes through the residual).
   // 0: dropless (the default).
   double capacity_factor = 0;
+  // Expert parallel: the EP group over which this layer's routed experts are spread (rank q owns
+  // experts [q·El, (q+1)·El), El = w.w1.dim(0)); rows travel to their owner and back
+  // (dist/expert_exchange.h). Null: every expert is local.
+  dist::Communicator* ep = nullptr;
 };
 
 // Rows one expert may take for T tokens under `capacity_factor` (> 0).
@@ -57,8 +62,8 @@ struct BalanceGrad {
 
 // Backward: from dx_out [T,D] computes dx_mid [T,D] (assigned) and accumulates the layer's
 // feed-forward parameter gradients into g. Expert weight gradients are touched only for
-// experts that received rows.
+// experts that received rows. ep: the forward's EP group (RouteOptions::ep).
 void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const LayerActs& a, const Tensor& dx_out,
-                        Tensor& dx_mid, LayerWeights& g, const BalanceGrad& bal);
+                        Tensor& dx_mid, LayerWeights& g, const BalanceGrad& bal, dist::Communicator* ep = nullptr);
 
 }  // namespace moe

@@ -71,6 +71,9 @@ struct ModelWeights {
   // only the LoRA factors, and the routers when train_router, are trained).
   bool frozen_base = false;
   bool train_router = false;
+  // Expert parallel: the stacked routed experts (w1/w3/w2 [El,...]) are experts
+  // [expert_begin, expert_begin + El) of the model's E (dist/parallel.h). 0 and El = E otherwise.
+  int64_t expert_begin = 0;
   bool has_lora() const;
 };
 

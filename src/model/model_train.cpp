@@ -118,6 +118,7 @@ ModelWeights transform_weights(const ModelConfig& c, const ModelWeights& w,
   for (const LayerWeights& lw : w.layers) g.layers.push_back(transform_layer(c, lw, fn));
   g.frozen_base = w.frozen_base;
   g.train_router = w.train_router;
+  g.expert_begin = w.expert_begin;
   return g;
 }
 
@@ -160,6 +161,7 @@ ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory
     g.lm_head = c.tie_word_embeddings ? g.embed : zeros(w.lm_head);
   }
   for (const LayerWeights& lw : w.layers) g.layers.push_back(transform_layer(c, lw, zeros, sel));
+  g.expert_begin = w.expert_begin;
   return g;
 }
 
@@ -199,10 +201,12 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
     add(tensor_name(a.ffn_norm, l), lw.ffn_norm, l);
     if (lw.is_moe) {
       add(tensor_name(a.router, l), lw.router, l);
-      for (int64_t e = 0; e < c.n_expert && lw.w1.defined(); ++e) {
-        add(tensor_name(a.expert_gate, l, e), lw.w1.select(e), l, e);
-        add(tensor_name(a.expert_up, l, e), lw.w3.select(e), l, e);
-        add(tensor_name(a.expert_down, l, e), lw.w2.select(e), l, e);
+      // Stacked experts are [El,...]: experts expert_begin.. of the model (all E but under EP).
+      for (int64_t i = 0; lw.w1.defined() && i < lw.w1.dim(0); ++i) {
+        const int64_t e = w.expert_begin + i;
+        add(tensor_name(a.expert_gate, l, e), lw.w1.select(i), l, e);
+        add(tensor_name(a.expert_up, l, e), lw.w3.select(i), l, e);
+        add(tensor_name(a.expert_down, l, e), lw.w2.select(i), l, e);
       }
       if (lw.shared_w1.defined()) {
         add(tensor_name(a.shared_gate, l), lw.shared_w1, l);
@@ -254,6 +258,30 @@ void update_router_bias(const ModelConfig& c, ModelWeights& w, const std::vector
 
 namespace {
 
+// Sums the step's token and target counts and every MoE layer's router statistics over the
+// ranks of a data-parallel batch (one all-reduce of doubles).
+void reduce_step_stats(dist::Communicator& comm, int64_t e_n, int64_t* t_n, StepLosses* res) {
+  std::vector<double> buf;
+  buf.push_back(double(*t_n));
+  buf.push_back(double(res->n_targets));
+  for (const RouterStats& st : res->router) {
+    buf.insert(buf.end(), st.count.begin(), st.count.end());
+    buf.insert(buf.end(), st.prob_sum.begin(), st.prob_sum.end());
+    buf.push_back(st.z_sum);
+    buf.push_back(double(st.dropped));
+  }
+  comm.all_reduce_sum(buf.data(), int64_t(buf.size()));
+  size_t i = 0;
+  *t_n = int64_t(buf[i++]);
+  res->n_targets = int64_t(buf[i++]);
+  for (RouterStats& st : res->router) {
+    for (int64_t e = 0; e < e_n; ++e) st.count[size_t(e)] = float(buf[i++]);
+    for (int64_t e = 0; e < e_n; ++e) st.prob_sum[size_t(e)] = float(buf[i++]);
+    st.z_sum = buf[i++];
+    st.dropped = int64_t(buf[i++]);
+  }
+}
+
 // forward_backward and forward_backward_fused: with `fused`, grads points to a skeleton whose
 // groups are allocated and handed over one at a time.
 StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_in, ModelWeights* grads,
@@ -295,16 +323,21 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
     RouterStats st;
     const bool moe = c.layer_is_moe(l);
     layer_forward(l, a, moe ? &st : nullptr);
+    if (!opt.recompute) own[static_cast<size_t>(l)].ep = a.ep;  // the EP plan and received rows, for backward
     if (moe) {
       res.moe_layers.push_back(l);
       res.router.push_back(std::move(st));
     }
   }
+  for (int64_t i = 0; i < t_n; ++i) res.n_targets += targets.data<int32_t>()[i] != -100;
+  // Data parallel: the global batch's counts and router statistics, in one all-reduce.
+  int64_t t_all = t_n;
+  if (opt.batch) reduce_step_stats(*opt.batch, c.n_expert, &t_all, &res);
   // ---- balancing losses: HF load_balancing_loss_func over all MoE layers' rows at once ----
   BalanceGrad bal;
   if (!res.router.empty()) {
     const int64_t e_n = c.n_expert;
-    const double n_rows = double(t_n) * double(res.router.size());
+    const double n_rows = double(t_all) * double(res.router.size());
     std::vector<double> cnt(static_cast<size_t>(e_n), 0.0), ps(static_cast<size_t>(e_n), 0.0);
     double z = 0;
     for (const RouterStats& st : res.router) {
@@ -327,7 +360,6 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   }
   // ---- head: final norm, LM head and cross-entropy, chunk by chunk (fused with backward) ----
   rmsnorm_forward_train(shared.final_h, shared.final_rstd, shared.final_x, w.final_norm, float(c.rms_norm_eps));
-  for (int64_t i = 0; i < t_n; ++i) res.n_targets += targets.data<int32_t>()[i] != -100;
   const float ce_scale = res.n_targets > 0 ? 1.0f / float(res.n_targets) : 0.0f;
   Tensor dfinal_h = step.dx_in;  // [T,D]: dx_in is free until the first layer's backward
   const Tensor& row_loss = step.row_loss;
@@ -345,6 +377,7 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
       linear_backward(dh, grads->lm_head, none, lg, h, w.lm_head, false);
     }
   }
+  if (opt.batch) opt.batch->all_reduce_sum(&ce_sum, 1);
   res.loss_ce = res.n_targets > 0 ? ce_sum / double(res.n_targets) : 0.0;
   res.total = res.loss_ce + opt.aux_coef * res.aux_loss + opt.z_coef * res.z_loss;
   if (!grads) return res;
@@ -375,7 +408,7 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
       lg = transform_layer(
           c, lw, [](const Tensor& t) { return Tensor::zeros(t.shape(), DType::F32, MemCategory::Grads); },
           grad_selection(w));
-    ffn_block_backward(c, lw, a, dx, dx_mid, lg, bal);
+    ffn_block_backward(c, lw, a, dx, dx_mid, lg, bal, opt.route.ep);
     attention_block_backward(c, lw, a, dx_mid, dx_in, lg, a.qkv);
     std::swap(dx, dx_in);
     if (fused) {
@@ -417,6 +450,7 @@ StepLosses forward_backward_fused(const Model& m, const Tensor& ids, const Tenso
   // when their backward starts (the embedding now when the head is tied to it).
   ModelWeights g;
   g.layers.resize(static_cast<size_t>(c.n_layer));
+  g.expert_begin = w.expert_begin;
   if (w.frozen_base) return run_step(m, ids, labels, &g, opt, &on_grads);  // only adapters: per layer
   g.final_norm = Tensor::zeros(w.final_norm.shape(), DType::F32, MemCategory::Grads);
   if (c.tie_word_embeddings) {

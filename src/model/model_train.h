@@ -22,14 +22,19 @@ struct LossOptions {
   double aux_coef = 0;  // weight of the aux loss in total_loss (callers pass the config's router_aux_loss_coef)
   double z_coef = 0;    // weight of the z-loss
   bool recompute = false;  // per-layer activation recompute
-  RouteOptions route;      // capacity factor (dropless by default)
+  RouteOptions route;      // capacity factor (dropless by default); the EP group
+  // Data parallel: the ranks whose local batches make up the step's global batch. The losses are
+  // means over all of them (global target and row counts) and the balancing losses use the
+  // router statistics summed over them, so the gradients summed over the ranks equal one
+  // process's on the whole batch. Null: this process holds the whole batch.
+  dist::Communicator* batch = nullptr;
 };
 
 struct StepLosses {
   double loss_ce = 0, aux_loss = 0, z_loss = 0, total = 0;
   int64_t n_targets = 0;                 // label positions that count (not -100)
   std::vector<int64_t> moe_layers;       // decoder-layer index of each entry below
-  std::vector<RouterStats> router;       // per MoE layer
+  std::vector<RouterStats> router;       // per MoE layer (summed over LossOptions::batch)
 };
 
 // One parameter: its HF name, the weight (a view into the model's stacked storage) and what

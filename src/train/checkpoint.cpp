@@ -1,12 +1,15 @@
 // checkpoint.cpp — atomic training checkpoints (see checkpoint.h).
 #include "train/checkpoint.h"
 
+#include <map>
+
 #include <fcntl.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <map>
 
 #include "core/file_util.h"
 #include "core/json_util.h"
@@ -56,8 +59,10 @@ void write_text_atomic(const std::string& path, const std::string& text) {
   }
 }
 
-void save_checkpoint(const std::string& dir, const Model& m, const AdamW& opt, const nlohmann::json& trainer_state,
-                     const std::string& tokenizer_from, const LoraConfig* lora) {
+OptimizerSnapshot snapshot(const AdamW& opt) { return {opt.state_tensors(), opt.step_counts()}; }
+
+void save_checkpoint(const std::string& dir, const Model& m, const OptimizerSnapshot& opt,
+                     const nlohmann::json& trainer_state, const std::string& tokenizer_from, const LoraConfig* lora) {
   const fs::path final_dir(dir);
   const fs::path tmp = final_dir.parent_path() / (final_dir.filename().string() + ".partial-" + std::to_string(::getpid()));
   std::error_code ec;
@@ -74,14 +79,14 @@ void save_checkpoint(const std::string& dir, const Model& m, const AdamW& opt, c
     for (auto& b : named_buffers(m.config(), m.weights())) named.push_back(b);
     write_safetensors((tmp / "model.safetensors").string(), named, {{"format", "pt"}});
   }
-  write_safetensors((tmp / "optimizer.safetensors").string(), opt.state_tensors());
+  write_safetensors((tmp / "optimizer.safetensors").string(), opt.tensors);
   if (!tokenizer_from.empty())
     for (const char* f : kTokenizerFiles) {
       const fs::path src = fs::path(tokenizer_from) / f;
       if (fs::is_regular_file(src, ec)) fs::copy_file(src, tmp / f, fs::copy_options::overwrite_existing, ec);
     }
   nlohmann::json st = trainer_state;
-  st["optimizer_steps"] = opt.step_counts();
+  st["optimizer_steps"] = opt.steps;
   write_text_atomic((tmp / "trainer_state.json").string(), st.dump(1));
   fsync_path(tmp.string(), true);
 
@@ -125,10 +130,21 @@ void load_optimizer(const std::string& dir, AdamW& opt) {
   const std::string what = dir + "/trainer_state.json";
   MOE_CHECK(st.contains("optimizer_steps") && st["optimizer_steps"].is_array(), "%s: no 'optimizer_steps' array",
             what.c_str());
-  std::vector<int64_t> steps;
-  for (const auto& v : st["optimizer_steps"]) {
+  MOE_CHECK(st.contains("params") && st["params"].is_array() && st["params"].size() == st["optimizer_steps"].size(),
+            "%s: 'params' and 'optimizer_steps' must be arrays of the same length", what.c_str());
+  std::map<std::string, int64_t> by_name;
+  for (size_t i = 0; i < st["params"].size(); ++i) {
+    const auto& p = st["params"][i];
+    const auto& v = st["optimizer_steps"][i];
+    MOE_CHECK(p.is_array() && !p.empty() && p[0].is_string(), "%s: 'params' entry %zu is not [name, shape]", what.c_str(), i);
     MOE_CHECK(v.is_number_integer(), "%s: 'optimizer_steps' must hold integers", what.c_str());
-    steps.push_back(v.get<int64_t>());
+    by_name[p[0].get<std::string>()] = v.get<int64_t>();
+  }
+  std::vector<int64_t> steps;
+  for (const NamedParam& p : opt.params()) {
+    auto it = by_name.find(p.name);
+    MOE_CHECK(it != by_name.end(), "%s: no optimizer step count for parameter %s", what.c_str(), p.name.c_str());
+    steps.push_back(it->second);
   }
   auto file = SafetensorsFile::open(dir + "/optimizer.safetensors");
   opt.load_state(

@@ -26,8 +26,18 @@ namespace moe {
 // With `lora` (fine-tuning) the directory holds the adapter (adapter_config.json,
 // adapter_model.safetensors: what `moe generate BASE --adapter DIR` and PEFT load) instead of
 // config.json and model.safetensors.
-void save_checkpoint(const std::string& dir, const Model& m, const AdamW& opt, const nlohmann::json& trainer_state,
-                     const std::string& tokenizer_from, const LoraConfig* lora = nullptr);
+// The optimizer's part of a checkpoint: its moments by name and the step count of every
+// parameter of trainer_state's "params" list, in that order (AdamW::state_tensors and
+// step_counts in one process; gathered from the expert owners under expert parallelism).
+struct OptimizerSnapshot {
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  std::vector<int64_t> steps;
+};
+OptimizerSnapshot snapshot(const AdamW& opt);
+
+void save_checkpoint(const std::string& dir, const Model& m, const OptimizerSnapshot& opt,
+                     const nlohmann::json& trainer_state, const std::string& tokenizer_from,
+                     const LoraConfig* lora = nullptr);
 
 // The newest complete RUN_DIR/step-N (largest N), or "" when there is none.
 std::string latest_checkpoint(const std::string& run_dir);
@@ -35,7 +45,9 @@ std::string latest_checkpoint(const std::string& run_dir);
 // Reads trainer_state.json of a checkpoint directory (moe::Error naming the file when bad).
 nlohmann::json read_trainer_state(const std::string& dir);
 
-// Restores the optimizer state of checkpoint `dir` into `opt`.
+// Restores the optimizer state of checkpoint `dir` into `opt`, matching parameters by name
+// (trainer_state's "params" list orders "optimizer_steps"), so a rank holding a subset of the
+// parameters (expert parallel) takes its own.
 void load_optimizer(const std::string& dir, AdamW& opt);
 
 // Writes text to `path` atomically (temp file in the same directory, fsync, rename).

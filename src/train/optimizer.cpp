@@ -281,15 +281,18 @@ double clip_grad_norm(const std::vector<NamedParam>& grads, double max_norm) {
   const double norm = std::sqrt(ss);
   if (max_norm > 0) {
     const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0)
-      for (const NamedParam& g : grads) {
-        float* p = g.value.data<float>();
-        const int64_t n = g.value.numel();
-#pragma omp parallel for schedule(static) if(n > kParallelMin)
-        for (int64_t j = 0; j < n; ++j) p[j] = static_cast<float>(p[j] * coef);
-      }
+    if (coef < 1.0) scale_grads(grads, coef);
   }
   return norm;
+}
+
+void scale_grads(const std::vector<NamedParam>& grads, double coef) {
+  for (const NamedParam& g : grads) {
+    float* p = g.value.data<float>();
+    const int64_t n = g.value.numel();
+#pragma omp parallel for schedule(static) if(n > kParallelMin)
+    for (int64_t j = 0; j < n; ++j) p[j] = static_cast<float>(p[j] * coef);
+  }
 }
 
 double lr_at(LrSchedule s, double base_lr, int64_t step, int64_t warmup, int64_t total) {

@@ -56,6 +56,7 @@ class AdamW {
   // Number of updates applied to parameter i (its bias-correction step).
   int64_t param_steps(size_t i) const { return state_[i].steps; }
   size_t size() const { return params_.size(); }
+  const std::vector<NamedParam>& params() const { return params_; }
 
   // State as named tensors (m.<name>, v.<name>) and step counts, for checkpoints.
   std::vector<std::pair<std::string, Tensor>> state_tensors() const;
@@ -86,6 +87,9 @@ class AdamW {
 // coefficient max_norm / (norm + 1e-6), applied when below 1). Returns the norm before
 // clipping; max_norm <= 0 only measures.
 double clip_grad_norm(const std::vector<NamedParam>& grads, double max_norm);
+// Multiplies every gradient by coef (clip_grad_norm's scaling, for a norm computed elsewhere:
+// distributed.h's global norm over sharded experts).
+void scale_grads(const std::vector<NamedParam>& grads, double coef);
 
 // Learning rate at optimizer step `step` (0-based), HF's schedules: linear warmup over
 // `warmup` steps, then constant or cosine decay to 0 at `total` steps.

@@ -21,6 +21,7 @@
 #include "tokenizer/tokenizer.h"
 #include "train/checkpoint.h"
 #include "train/data.h"
+#include "train/distributed.h"
 
 namespace moe {
 namespace fs = std::filesystem;
@@ -67,7 +68,9 @@ bool has_tokenizer(const std::string& dir) {
 }
 
 // Mean loss over (up to) max_batches validation batches of B rows, forward only.
-double validation_loss(Model& m, const TokenRows& val, int64_t batch, int64_t max_batches, const LossOptions& lo) {
+// Every rank takes its rows of each batch (lo.batch makes the loss the global mean).
+double validation_loss(Model& m, const TokenRows& val, int64_t batch, int64_t max_batches, const LossOptions& lo,
+                       const dist::Parallel& par) {
   if (val.n == 0) return NAN;
   set_lora_dropout(m.mutable_weights(), 0.0f, 0);  // evaluation: no dropout (the next step sets it again)
   double sum = 0;
@@ -78,6 +81,10 @@ double validation_loss(Model& m, const TokenRows& val, int64_t batch, int64_t ma
     rows.clear();
     for (int64_t r = r0; r < std::min(val.n, r0 + batch); ++r) rows.push_back(r);
     gather_batch(val, rows, &ids, &labels);
+    if (par.distributed()) {
+      ids = local_batch(ids, par);
+      labels = local_batch(labels, par);
+    }
     sum += forward_backward(m, ids, labels, nullptr, lo).loss_ce;
   }
   return sum / double(n);
@@ -159,6 +166,10 @@ double run_training(const TrainConfig& cfg) {
   MOE_CHECK(cfg.batch_size > 0 && cfg.grad_accum > 0, "--batch-size and --grad-accum must be positive");
   MOE_CHECK(cfg.lr >= 0 && std::isfinite(cfg.lr), "--lr must be a finite non-negative number");
   MOE_CHECK(!cfg.out.empty(), "--out RUN_DIR is required");
+  const std::unique_ptr<dist::Parallel> par = dist::make_parallel(cfg.ep == 0 && cfg.dp == 0 ? 1 : cfg.ep, cfg.dp);
+  dist::set_timeout(cfg.dist_timeout);
+  const bool lead = par->rank() == 0;  // prints, writes metrics and checkpoints
+  const bool talk = !cfg.quiet && lead;
   std::error_code ec;
   fs::create_directories(cfg.out, ec);
   MOE_CHECK(!ec, "%s: cannot create the run directory: %s", cfg.out.c_str(), ec.message().c_str());
@@ -183,6 +194,12 @@ double run_training(const TrainConfig& cfg) {
               resume_dir.c_str(), cfg.model_dir.c_str());
   }
   LoraConfig lcfg = cfg.lora;
+  // Every parameter of the model as one process lists them (each expert once), for checkpoints;
+  // then this rank keeps only its experts (expert parallel).
+  nlohmann::json fingerprint;
+  if (!ft) fingerprint = param_fingerprint(m);
+  shard_experts(m.config(), m.mutable_weights(), *par);
+  if (talk && par->distributed()) std::printf("%s\n", describe_parallel(*par, m.config()).c_str());
   if (!ft) {
     m.mutable_weights() = transform_weights(m.config(), m.weights(), [](const Tensor& t) {
       Tensor o = Tensor::empty(t.shape(), DType::F32, MemCategory::Weights);
@@ -194,7 +211,7 @@ double run_training(const TrainConfig& cfg) {
     MOE_CHECK(!(cfg.load_in_4bit && cfg.load_in_8bit), "choose one of --load-in-4bit and --load-in-8bit");
     if (cfg.load_in_4bit || cfg.load_in_8bit) {
       const std::string q = quantize_frozen_base(m.config(), w, cfg.load_in_4bit ? DType::NF4 : DType::Q8_0);
-      if (!cfg.quiet) std::printf("%s\n", q.c_str());
+      if (talk) std::printf("%s\n", q.c_str());
     }
     const std::string from = !resume_dir.empty() ? resume_dir : cfg.adapter_init;
     if (!from.empty()) {
@@ -210,6 +227,12 @@ double run_training(const TrainConfig& cfg) {
     if (w.train_router)  // trained in full: owned f32 copies (the base may be a read-only mapping)
       for (LayerWeights& lw : w.layers)
         if (lw.router.defined()) lw.router = lw.router.to_dtype(DType::F32, MemCategory::Weights);
+    if (par->ep > 1)
+      for (const LayerWeights& lw : w.layers)
+        MOE_CHECK(!lw.lexp.w1.on() && !lw.lexp.w3.on() && !lw.lexp.w2.on(),
+                  "--ep: LoRA adapters on routed experts are not sharded yet; use --dp, or leave the experts out of "
+                  "--target-modules");
+    fingerprint = param_fingerprint(m);
   }
   const ModelConfig& mc = m.config();
   // Mixed precision: the optimizer owns f32 master weights (m); forward and backward run on bf16
@@ -257,11 +280,11 @@ double run_training(const TrainConfig& cfg) {
   if (cfg.epochs > 0)
     total_steps = std::max<int64_t>(
         1, int64_t(std::ceil(cfg.epochs * double(data.train.n) / double(cfg.batch_size * cfg.grad_accum))));
-  if (!cfg.quiet && data.sft.examples > 0)
+  if (talk && data.sft.examples > 0)
     std::printf("data: %lld examples, %lld of %lld assistant turns labeled, %lld of %lld tokens carry loss\n",
                 (long long)data.sft.examples, (long long)data.sft.labeled_turns, (long long)data.sft.assistant_turns,
                 (long long)data.sft.labeled_tokens, (long long)data.sft.tokens);
-  if (!cfg.quiet && ft) std::printf("%s", lora_audit(mc, m.weights()).c_str());
+  if (talk && ft) std::printf("%s", lora_audit(mc, m.weights()).c_str());
 
   // ---- optimizer ----
   MOE_CHECK(!cfg.fused_update || (cfg.clip == 0 && cfg.grad_accum == 1),
@@ -276,13 +299,15 @@ double run_training(const TrainConfig& cfg) {
   lopt.z_coef = cfg.z_coef;
   lopt.recompute = cfg.recompute;
   lopt.route.capacity_factor = cfg.capacity_factor;
+  lopt.route.ep = par->ep > 1 ? par->ep_group.get() : nullptr;
+  lopt.batch = par->distributed() ? par->world : nullptr;
   MOE_CHECK(cfg.capacity_factor >= 0 && cfg.bias_rate >= 0, "--capacity-factor and --bias-balance must be >= 0");
 
   int64_t step = 0;
   const std::string metrics_path = cfg.out + "/metrics.jsonl";
   if (!resume_dir.empty()) {
     const nlohmann::json st = read_trainer_state(resume_dir);
-    MOE_CHECK(st.contains("params") && st["params"] == param_fingerprint(m),
+    MOE_CHECK(st.contains("params") && st["params"] == fingerprint,
               "--resume: %s was written for a model with other parameters", resume_dir.c_str());
     MOE_CHECK(st.contains("step") && st["step"].is_number_integer() && st.contains("sampler"),
               "%s/trainer_state.json: missing 'step' or 'sampler'", resume_dir.c_str());
@@ -301,9 +326,9 @@ double run_training(const TrainConfig& cfg) {
           kept += line + "\n";
       }
     }
-    write_text_atomic(metrics_path, kept);
-    if (!cfg.quiet) std::printf("resuming from %s at step %lld\n", resume_dir.c_str(), (long long)step);
-  } else {
+    if (lead) write_text_atomic(metrics_path, kept);
+    if (talk) std::printf("resuming from %s at step %lld\n", resume_dir.c_str(), (long long)step);
+  } else if (lead) {
     write_text_atomic(metrics_path, "");
   }
   MOE_CHECK(step < total_steps || cfg.resume, "nothing to do: step %lld of %lld", (long long)step, (long long)total_steps);
@@ -314,7 +339,8 @@ double run_training(const TrainConfig& cfg) {
                              {"batch_size", cfg.batch_size}, {"grad_accum", cfg.grad_accum}, {"steps", total_steps},
                              {"lr", cfg.lr}, {"capacity_factor", cfg.capacity_factor}, {"bias_balance", cfg.bias_rate},
                              {"fused_update", cfg.fused_update}, {"optimizer_dtype", dtype_name(cfg.adamw.state_dtype)},
-                             {"weight_dtype", dtype_name(cfg.weight_dtype)}};
+                             {"weight_dtype", dtype_name(cfg.weight_dtype)}, {"ranks", par->size()},
+                             {"ep", par->ep}, {"dp", par->dp}};
   if (ft) {
     run_info["finetune"] = {{"r", lcfg.r}, {"lora_alpha", lcfg.alpha}, {"use_rslora", lcfg.rslora},
                             {"target_modules", lcfg.target_modules}, {"train_router", lcfg.train_router},
@@ -327,12 +353,12 @@ double run_training(const TrainConfig& cfg) {
   }
   if (data.val.n > 0 && resume_dir.empty()) {
     // The starting point the validation curve is judged against.
-    const double v0 = validation_loss(fm, data.val, cfg.batch_size, cfg.eval_batches, lopt);
+    const double v0 = validation_loss(fm, data.val, cfg.batch_size, cfg.eval_batches, lopt, *par);
     run_info["initial_val_loss"] = v0;
-    if (!cfg.quiet) std::printf("initial validation loss %.4f\n", v0);
+    if (talk) std::printf("initial validation loss %.4f\n", v0);
   }
-  write_text_atomic(cfg.out + "/train_config.json", run_info.dump(1));
-  if (!cfg.quiet)
+  if (lead) write_text_atomic(cfg.out + "/train_config.json", run_info.dump(1));
+  if (talk)
     std::printf("%s %s (%s params) on %s: %lld train / %lld val rows of %lld tokens, batch %lld x %lld, %lld steps\n",
                 ft ? "fine-tuning" : "training", mc.model_type.c_str(), with_commas(m.n_params_total()).c_str(), data.source.c_str(),
                 (long long)data.train.n, (long long)data.val.n, (long long)data.train.seq, (long long)cfg.batch_size,
@@ -340,9 +366,20 @@ double run_training(const TrainConfig& cfg) {
 
   const std::string tok_from = has_tokenizer(cfg.model_dir) ? cfg.model_dir : "";
   std::string last_ckpt = resume_dir;
+  std::vector<std::string> full_names;  // the fingerprint's parameter names, in order
+  for (const auto& p : fingerprint) full_names.push_back(p[0].get<std::string>());
   auto checkpoint = [&](const std::string& dir) {
-    nlohmann::json st = {{"step", step}, {"sampler", sampler.state()}, {"params", param_fingerprint(m)}};
-    save_checkpoint(dir, m, opt, st, tok_from, ft ? &lcfg : nullptr);
+    nlohmann::json st = {{"step", step}, {"sampler", sampler.state()}, {"params", fingerprint}};
+    // Written once, by rank 0: under expert parallelism its EP group first gathers the experts
+    // and their optimizer state (a checkpoint is the whole model, whatever the ranks).
+    Model whole = m;
+    OptimizerSnapshot snap;
+    if (par->rank() < par->ep) {
+      whole.mutable_weights() = gather_experts(mc, m.weights(), *par);
+      snap = gather_optimizer(*par, opt, full_names);
+    }
+    if (lead) save_checkpoint(dir, whole, snap, st, tok_from, ft ? &lcfg : nullptr);
+    par->world->barrier();
     last_ckpt = dir;
   };
   // Fine-tuning's end-of-run check: which trainable parameters ever had a non-zero gradient,
@@ -371,8 +408,11 @@ double run_training(const TrainConfig& cfg) {
   // collapse_share / E (a warning when it reaches collapse_steps).
   std::vector<std::vector<int64_t>> low_streak;
 
-  std::ofstream metrics(metrics_path, std::ios::app);
-  MOE_CHECK(metrics.good(), "%s: cannot open for appending", metrics_path.c_str());
+  std::ofstream metrics;
+  if (lead) {
+    metrics.open(metrics_path, std::ios::app);
+    MOE_CHECK(metrics.good(), "%s: cannot open for appending", metrics_path.c_str());
+  }
   std::vector<std::vector<bool>> touched(static_cast<size_t>(mc.n_layer),
                                          std::vector<bool>(static_cast<size_t>(std::max<int64_t>(mc.n_expert, 1))));
   Tensor ids, labels;
@@ -390,6 +430,8 @@ double run_training(const TrainConfig& cfg) {
     double loss = 0, ce = 0, aux = 0, z = 0;
     const double lr = lr_at(cfg.schedule, cfg.lr, step, cfg.warmup, total_steps);
     double fused_ss = 0;  // squared gradient norm, summed by the fused update's groups
+    double fused_ss_exp = 0;  // ... its routed experts' part (summed over the EP group at the end)
+    const dist::CommStats comm0 = par->stats();
     auto fused_hook = [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
       if (group == kGroupHead) {  // the first group: the step's losses and routing are known
         if (!std::isfinite(fw.total))
@@ -401,7 +443,9 @@ double run_training(const TrainConfig& cfg) {
             if (fw.router[i].count[e] > 0) touched[static_cast<size_t>(fw.moe_layers[i])][e] = true;
       }
       const std::vector<NamedParam> gg = group_parameters(mc, g, group);
+      all_reduce_grads(*par, gg);
       if (ft) observe_grads(gg);
+      if (par->ep > 1) fused_ss_exp += grad_sum_squares(gg, true);
       fused_ss += opt.step_group(lr, touched, gg);
       if (mixed) refresh_compute_copy(mc, m.weights(), cm.mutable_weights(), group);
     };
@@ -411,6 +455,10 @@ double run_training(const TrainConfig& cfg) {
     for (int64_t micro = 0; micro < cfg.grad_accum; ++micro) {
       sampler.next(&rows);
       gather_batch(data.train, rows, &ids, &labels);
+      if (par->distributed()) {
+        ids = local_batch(ids, *par);
+        labels = local_batch(labels, *par);
+      }
       if (ft && lcfg.dropout > 0) {  // a new dropout mask per micro-batch, reproducible on resume
         uint64_t s = cfg.seed ^ (uint64_t(step) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(micro) << 48);
         set_lora_dropout(m.mutable_weights(), float(lcfg.dropout), splitmix64(s));
@@ -433,6 +481,7 @@ double run_training(const TrainConfig& cfg) {
         }
       }
     }
+    if (!cfg.fused_update) all_reduce_grads(*par, gparams);
     if (!std::isfinite(loss))
       MOE_FAIL("loss is %s at step %lld; stopping. The last good checkpoint is %s", std::isnan(loss) ? "NaN" : "Inf",
                (long long)step + 1, last_ckpt.empty() ? "(none yet)" : last_ckpt.c_str());
@@ -445,7 +494,12 @@ double run_training(const TrainConfig& cfg) {
     for (size_t l = 0; l < touched.size(); ++l)
       for (size_t e = 0; e < touched[l].size(); ++e)
         if (touched[l][e]) ever_touched[l][e] = true;
-    const double gnorm = cfg.fused_update ? std::sqrt(fused_ss) : clip_grad_norm(gparams, cfg.clip);
+    if (cfg.fused_update && par->ep > 1) {  // each expert's squares once: this rank's, then the group's
+      fused_ss -= fused_ss_exp;
+      par->ep_group->all_reduce_sum(&fused_ss_exp, 1);
+      fused_ss += fused_ss_exp;
+    }
+    const double gnorm = cfg.fused_update ? std::sqrt(fused_ss) : clip_grad_norm_global(*par, gparams, cfg.clip);
     MOE_CHECK(std::isfinite(gnorm), "gradient norm is not finite at step %lld; stopping. The last good checkpoint is %s",
               (long long)step + 1, last_ckpt.empty() ? "(none yet)" : last_ckpt.c_str());
     if (!cfg.fused_update) {
@@ -493,7 +547,7 @@ double run_training(const TrainConfig& cfg) {
         low_streak[i][e] = share < cfg.collapse_share / double(load[i].size()) ? low_streak[i][e] + 1 : 0;
         if (cfg.collapse_steps > 0 && low_streak[i][e] == cfg.collapse_steps) {
           jcollapse.push_back({{"layer", moe_layers[i]}, {"expert", e}, {"share", share}});
-          if (!cfg.quiet)
+          if (talk)
             std::printf("warning: layer %lld expert %zu got %.2f%% of its layer's tokens (under %.2f%%) for %lld steps "
                         "in a row: the router may be collapsing\n",
                         (long long)moe_layers[i], e, 100.0 * share, 100.0 * cfg.collapse_share / double(load[i].size()),
@@ -514,12 +568,26 @@ double run_training(const TrainConfig& cfg) {
     const bool eval = data.val.n > 0 && (last || (cfg.eval_every > 0 ? step % cfg.eval_every == 0 : save));
     double vl = NAN;
     if (eval) {
-      vl = validation_loss(fm, data.val, cfg.batch_size, cfg.eval_batches, lopt);
+      vl = validation_loss(fm, data.val, cfg.batch_size, cfg.eval_batches, lopt, *par);
       rec["val_loss"] = vl;
     }
-    metrics << rec.dump() << "\n";
-    metrics.flush();
-    if (!cfg.quiet && (step % std::max<int64_t>(1, cfg.log_every) == 0 || last)) {
+    // Communication of this step (this rank's; rank 0 reports): bytes sent and time per kind.
+    const dist::CommStats comm = par->stats() - comm0;
+    if (par->distributed()) {
+      nlohmann::json jc = nlohmann::json::object();
+      for (int k = 0; k < dist::kNumColl; ++k)
+        if (comm.calls[size_t(k)] > 0)
+          jc[dist::coll_name(dist::Coll(k))] = {{"bytes", comm.bytes[size_t(k)]}, {"s", comm.seconds[size_t(k)]},
+                                                {"calls", comm.calls[size_t(k)]}};
+      rec["comm"] = jc;
+      rec["comm_bytes"] = comm.total_bytes();
+      rec["comm_s"] = comm.total_seconds();
+    }
+    if (lead) {
+      metrics << rec.dump() << "\n";
+      metrics.flush();
+    }
+    if (talk && (step % std::max<int64_t>(1, cfg.log_every) == 0 || last)) {
       const double per_step = (now_s() - t_start) / double(step - first_step);
       std::printf("step %lld/%lld | loss %.4f | aux %.4f | lr %.3g | %.0f tok/s | balance cv %.3f max/mean %.2f | ETA %s",
                   (long long)step, (long long)total_steps, loss, aux, lr, tokens / dt, cv_mean, worst_mm,
@@ -528,6 +596,8 @@ double run_training(const TrainConfig& cfg) {
         std::printf(" | dropped %.1f%%", load.empty() ? 0.0
                                                      : 100.0 * double(dropped_all) /
                                                            (tokens * double(mc.n_expert_used) * double(load.size())));
+      if (par->distributed())
+        std::printf(" | comm %s in %.2fs", human_bytes(double(comm.total_bytes())).c_str(), comm.total_seconds());
       if (eval) std::printf(" | val %.4f", vl);
       std::printf("\n");
       std::fflush(stdout);
@@ -553,11 +623,12 @@ double run_training(const TrainConfig& cfg) {
                bad.size(), cfg.out.c_str(), list.c_str());
     }
   }
-  if (!cfg.quiet) {
+  if (talk) {
     std::printf("done: %lld steps in %s; checkpoints in %s\n", (long long)(step - first_step),
                 fmt_duration(now_s() - t_start).c_str(), cfg.out.c_str());
     std::printf("%s", mem_report().c_str());
   }
+  if (par->distributed()) print_rank_memory(*par, talk);
   return last_loss;
 }
 

@@ -47,6 +47,10 @@ struct TrainConfig {
   int64_t log_every = 1;    // progress line every N steps
   int64_t max_tokens = 0;   // text corpora: use at most this many tokens
   bool quiet = false;       // no progress lines
+  // Distribution (under mpirun; dist/parallel.h): expert-parallel ranks per replica and
+  // data-parallel replicas (0: derived from the other and the number of ranks).
+  int ep = 0, dp = 0;
+  double dist_timeout = 600;  // seconds a collective may wait before the job is ended
 
   // Fine-tuning (`moe finetune`): LoRA adapters on a frozen base (train/lora.h). Checkpoints
   // then hold the adapter (PEFT files), not the model.

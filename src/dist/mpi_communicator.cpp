@@ -1,0 +1,198 @@
+// mpi_communicator.cpp — the Communicator over Open MPI (built when CMake finds MPI).
+//
+// Reductions are MPI_Reduce to rank 0 then MPI_Bcast rather than MPI_Allreduce: MPI does not
+// promise that an all-reduce gives every rank the same bits, and replicated parameters updated
+// from slightly different gradients would drift apart step by step.
+// Counts are int in MPI 3: large reductions go in chunks; an exchange over 2 GiB is an error.
+#include <mpi.h>
+
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <thread>
+#include <unistd.h>
+
+#include "core/error.h"
+#include "dist/mpi_backend.h"
+
+namespace moe::dist {
+namespace {
+
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// The watchdog: the collective in progress (its name and start) and the limit.
+std::atomic<double> g_wait_since{0.0};
+std::atomic<const char*> g_wait_what{nullptr};
+std::atomic<double> g_timeout{600.0};
+int g_world_rank = 0;
+
+void watchdog() {
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    const double since = g_wait_since.load(), limit = g_timeout.load();
+    if (since > 0 && limit > 0 && now_s() - since > limit) {
+      const char* what = g_wait_what.load();
+      std::fprintf(stderr,
+                   "moe: error: rank %d: %s has waited %.0f s for the other ranks (one died or hangs; the limit is "
+                   "--dist-timeout); ending the job\n",
+                   g_world_rank, what ? what : "a collective", now_s() - since);
+      std::fflush(stderr);
+      _exit(3);  // mpirun sees a rank leave without MPI_Finalize and ends the others
+    }
+  }
+}
+
+int to_int(int64_t n, const char* what) {
+  MOE_CHECK(n >= 0 && n <= INT_MAX, "%s: %lld bytes in one exchange exceeds MPI's 2 GiB count limit", what, (long long)n);
+  return static_cast<int>(n);
+}
+
+void check(int rc, const char* what) {
+  if (rc != MPI_SUCCESS) {
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    MOE_FAIL("MPI %s failed: %s", what, msg);
+  }
+}
+
+class MpiComm final : public Communicator {
+ public:
+  explicit MpiComm(MPI_Comm c) : comm_(c) {
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+  }
+  ~MpiComm() override {
+    if (comm_ != MPI_COMM_WORLD) {
+      int fin = 0;
+      MPI_Finalized(&fin);
+      if (!fin) MPI_Comm_free(&comm_);
+    }
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  void all_reduce_sum(float* x, int64_t n) override { reduce(x, n, MPI_FLOAT, sizeof(float)); }
+  void all_reduce_sum(double* x, int64_t n) override { reduce(x, n, MPI_DOUBLE, sizeof(double)); }
+
+  void reduce_scatter_sum(const float* send, float* recv, int64_t n) override {
+    Timer t(this, Coll::ReduceScatter, int64_t(size_ - 1) * n * int64_t(sizeof(float)));
+    std::vector<int> counts(size_t(size_), to_int(n, "reduce-scatter"));
+    check(MPI_Reduce_scatter(send, recv, counts.data(), MPI_FLOAT, MPI_SUM, comm_), "reduce-scatter");
+  }
+  void all_gather(const void* send, int64_t bytes, void* recv) override {
+    Timer t(this, Coll::AllGather, int64_t(size_ - 1) * bytes);
+    check(MPI_Allgather(send, to_int(bytes, "all-gather"), MPI_BYTE, recv, to_int(bytes, "all-gather"), MPI_BYTE, comm_),
+          "all-gather");
+  }
+  void all_to_all(const void* send, int64_t bytes, void* recv) override {
+    Timer t(this, Coll::AllToAll, int64_t(size_ - 1) * bytes);
+    check(MPI_Alltoall(send, to_int(bytes, "all-to-all"), MPI_BYTE, recv, to_int(bytes, "all-to-all"), MPI_BYTE, comm_),
+          "all-to-all");
+  }
+  void all_to_allv(const void* send, const std::vector<int64_t>& send_bytes, void* recv,
+                   const std::vector<int64_t>& recv_bytes) override {
+    MOE_CHECK(int(send_bytes.size()) == size_ && int(recv_bytes.size()) == size_,
+              "all_to_allv: %zu send and %zu receive counts for %d ranks", send_bytes.size(), recv_bytes.size(), size_);
+    const size_t np = static_cast<size_t>(size_);
+    std::vector<int> sc(np), sd(np), rc(np), rd(np);
+    int64_t so = 0, ro = 0, sent = 0;
+    for (int q = 0; q < size_; ++q) {
+      sc[size_t(q)] = to_int(send_bytes[size_t(q)], "all-to-allv");
+      rc[size_t(q)] = to_int(recv_bytes[size_t(q)], "all-to-allv");
+      sd[size_t(q)] = to_int(so, "all-to-allv");
+      rd[size_t(q)] = to_int(ro, "all-to-allv");
+      so += send_bytes[size_t(q)];
+      ro += recv_bytes[size_t(q)];
+      if (q != rank_) sent += send_bytes[size_t(q)];
+    }
+    Timer t(this, Coll::AllToAll, sent);
+    check(MPI_Alltoallv(send, sc.data(), sd.data(), MPI_BYTE, recv, rc.data(), rd.data(), MPI_BYTE, comm_),
+          "all-to-allv");
+  }
+  void broadcast(void* x, int64_t bytes, int root) override {
+    Timer t(this, Coll::Broadcast, rank_ == root ? int64_t(size_ - 1) * bytes : 0);
+    check(MPI_Bcast(x, to_int(bytes, "broadcast"), MPI_BYTE, root, comm_), "broadcast");
+  }
+  void barrier() override {
+    Timer t(this, Coll::Barrier, 0);
+    check(MPI_Barrier(comm_), "barrier");
+  }
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    MPI_Comm c;
+    check(MPI_Comm_split(comm_, color, key, &c), "comm split");
+    return std::make_unique<MpiComm>(c);
+  }
+
+ private:
+  // Times one collective into the statistics and arms the watchdog while it runs.
+  struct Timer {
+    Timer(MpiComm* c, Coll k, int64_t bytes) : c_(c), k_(k), t0_(now_s()) {
+      c_->stats_.bytes[int(k)] += bytes;
+      ++c_->stats_.calls[int(k)];
+      g_wait_what.store(coll_name(k));
+      g_wait_since.store(t0_);
+    }
+    ~Timer() {
+      g_wait_since.store(0.0);
+      c_->stats_.seconds[int(k_)] += now_s() - t0_;
+    }
+    MpiComm* c_;
+    Coll k_;
+    double t0_;
+  };
+
+  // Reduce to rank 0, then broadcast: the same bits on every rank (see the file comment).
+  void reduce(void* x, int64_t n, MPI_Datatype dt, size_t elem) {
+    // Bytes sent by this rank: its contribution (not rank 0) and rank 0's broadcast.
+    Timer t(this, Coll::AllReduce, rank_ == 0 ? int64_t(size_ - 1) * n * int64_t(elem) : n * int64_t(elem));
+    constexpr int64_t kChunk = int64_t(1) << 28;
+    char* p = static_cast<char*>(x);
+    for (int64_t i = 0; i < n; i += kChunk) {
+      const int cnt = static_cast<int>(std::min(kChunk, n - i));
+      void* at = p + size_t(i) * elem;
+      check(MPI_Reduce(rank_ == 0 ? MPI_IN_PLACE : at, rank_ == 0 ? at : nullptr, cnt, dt, MPI_SUM, 0, comm_),
+            "all-reduce");
+      check(MPI_Bcast(at, cnt, dt, 0, comm_), "all-reduce");
+    }
+  }
+
+  MPI_Comm comm_;
+  int rank_ = 0, size_ = 1;
+};
+
+}  // namespace
+
+bool mpi_backend_available() { return true; }
+
+std::unique_ptr<Communicator> mpi_world() {
+  int inited = 0;
+  MPI_Initialized(&inited);
+  if (!inited) {
+    int provided = 0;
+    check(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided), "init");
+  }
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  MPI_Comm_rank(MPI_COMM_WORLD, &g_world_rank);
+  std::thread(watchdog).detach();
+  return std::make_unique<MpiComm>(MPI_COMM_WORLD);
+}
+
+void mpi_set_timeout(double seconds) { g_timeout.store(seconds); }
+
+void mpi_abort(int code) {
+  int inited = 0;
+  MPI_Initialized(&inited);
+  if (inited) MPI_Abort(MPI_COMM_WORLD, code);
+  _exit(code);
+}
+
+void mpi_finalize() {
+  int inited = 0, fin = 0;
+  MPI_Initialized(&inited);
+  MPI_Finalized(&fin);
+  if (inited && !fin) MPI_Finalize();
+}
+
+}  // namespace moe::dist

@@ -1,0 +1,53 @@
+// distributed.h — what training and `moe grad` do differently over several ranks
+// (dist/parallel.h has the layout): keep only this rank's experts, take this rank's batch rows,
+// sum gradients over the ranks that share each parameter, gather the experts back for writing.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "dist/parallel.h"
+#include "model/model_train.h"
+#include "train/checkpoint.h"
+#include "train/optimizer.h"
+
+namespace moe {
+
+// Expert parallel: replaces every MoE layer's stacked routed experts by this rank's slice
+// (owned copies) and sets expert_begin. A no-op when par.ep == 1. Expert LoRA adapters are not
+// sharded (yet): an error names the option to drop.
+void shard_experts(const ModelConfig& c, ModelWeights& w, const dist::Parallel& par);
+
+// Rows [b0, b1) of a [B,S] batch tensor for this rank (par.batch_rows), as an owned copy.
+Tensor local_batch(const Tensor& t, const dist::Parallel& par);
+
+// Sums each gradient over the ranks holding its parameter: routed experts over par.expert_dp,
+// everything else over par.world; packed into buckets so a step makes few collectives.
+void all_reduce_grads(const dist::Parallel& par, const std::vector<NamedParam>& grads);
+
+// The model's whole expert stacks from the EP group's slices (all-gather; collective): a
+// ModelWeights sharing every other tensor with w, with expert_begin 0. w itself when ep == 1.
+ModelWeights gather_experts(const ModelConfig& c, const ModelWeights& w, const dist::Parallel& par);
+
+// The gradient norm over every rank's parameters (each expert counted once: expert gradients'
+// squares are summed over the EP group), and, with max_norm > 0, the gradients scaled as
+// clip_grad_norm scales them. Call after all_reduce_grads.
+double clip_grad_norm_global(const dist::Parallel& par, const std::vector<NamedParam>& grads, double max_norm);
+
+// Sum of squares of the expert (experts = true) or other gradients of a list (for the fused
+// update's logged norm).
+double grad_sum_squares(const std::vector<NamedParam>& grads, bool experts);
+
+// The optimizer state of the whole model, in full_names order (trainer_state's "params"), on
+// rank 0 of the EP group: its own, and every other EP rank's experts' (collective over the EP
+// group; other ranks get an empty snapshot). snapshot(opt) when ep == 1.
+OptimizerSnapshot gather_optimizer(const dist::Parallel& par, const AdamW& opt,
+                                   const std::vector<std::string>& full_names);
+
+// The per-rank memory report: every rank's host peak per category, printed by rank 0 when
+// `print` (collective over the world).
+void print_rank_memory(const dist::Parallel& par, bool print);
+
+// "rank R: ..." prefix-free one-line summary of the layout, for logs.
+std::string describe_parallel(const dist::Parallel& par, const ModelConfig& c);
+
+}  // namespace moe
