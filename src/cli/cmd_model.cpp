@@ -8,6 +8,7 @@
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "train/distributed.h"
 #include "io/safetensors.h"
 #include "model/random_init.h"
 #include "ops/cpu/cpu_quant_gemm.h"
@@ -192,6 +193,7 @@ void add_generate_command(CLI::App& app) {
     float temperature = 0.0f, top_p = 1.0f;
     uint64_t seed = 1;
     DeviceFlags dev;
+    int ep = 0;
   };
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("generate", "generate tokens with a KV cache");
@@ -210,8 +212,13 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--adapter", o->adapter, "a PEFT LoRA adapter directory, merged into the weights at load (CPU)");
   add_device_flags(cmd, &o->dev);
   add_weights_flag(cmd, &o->weights);
+  cmd->add_option("--ep", o->ep,
+                  "under mpirun: spread the routed experts over this many ranks (default: all of them); every rank "
+                  "runs the same tokens, rank 0 prints");
   cmd->callback([o]() {
     MOE_CHECK(!o->ids.empty() || !o->prompt.empty() || !o->chat.empty(), "give one of --ids, --prompt or --chat");
+    const std::unique_ptr<dist::Parallel> par = dist::make_parallel(o->ep, 1);
+    if (par->rank() != 0 && !std::freopen("/dev/null", "w", stdout)) MOE_FAIL("cannot silence rank %d", par->rank());
     std::unique_ptr<Tokenizer> tok;
     std::vector<int32_t> prompt;
     if (!o->ids.empty()) {
@@ -235,6 +242,11 @@ void add_generate_command(CLI::App& app) {
     double t_load = now_seconds();
     Model m = load_model_arg(o->dir, o->dev, o->weights);
     if (!o->adapter.empty()) apply_adapter(m, o->adapter);
+    if (par->ep > 1) {
+      MOE_CHECK(o->dev.device == "cpu" || o->dev.device.empty(), "--ep: expert-parallel generation runs on the CPU");
+      shard_experts(m.config(), m.mutable_weights(), *par);
+      m.set_expert_parallel(par->ep_group.get());
+    }
     t_load = now_seconds() - t_load;
     const ModelConfig& c = m.config();
     for (int32_t id : prompt)

@@ -23,6 +23,10 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--out", c.out, "run directory: metrics.jsonl, step-N/ and final/ checkpoints")->required();
   cmd->add_flag("--resume", c.resume, "continue from the newest checkpoint in --out");
   add_dist_flags(cmd, &c.ep, &c.dp, &c.dist_timeout);
+  // Testing only (hidden): the failure-handling tests' injected fault.
+  cmd->add_option("--test-fail-step", c.test_fail_step)->group("");
+  cmd->add_option("--test-fail-rank", c.test_fail_rank)->group("");
+  cmd->add_flag("--test-fail-hang", c.test_fail_hang)->group("");
   cmd->add_option("--config", o->config, "JSON file of options (keys as these flags without dashes); flags given here win");
   cmd->add_option("--steps", c.steps, "optimizer steps in total")->capture_default_str();
   cmd->add_option("--stop-after", c.stop_after,

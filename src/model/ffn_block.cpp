@@ -92,7 +92,7 @@ int64_t expert_capacity(double capacity_factor, int64_t t_n, int64_t k, int64_t 
 }
 
 void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Tensor& h, Tensor& y,
-                     Tensor* router_logits) {
+                     Tensor* router_logits, dist::Communicator* ep) {
   const int64_t t_n = x.dim(0), d = c.hidden_size, k = c.n_expert_used;
   const Device dev = x.device();
   const DType adt = x.dtype();
@@ -119,8 +119,26 @@ void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Ten
   Tensor row_scale = Tensor::empty({p_n}, DType::F32, kAct, dev);
   permute_weights(row_scale, topk_w, perm);
   Tensor yp = Tensor::empty({p_n, d}, adt, kAct, dev);
-  expert_ffn_forward(yp, xp, offsets, w.w1, w.w3, w.w2, row_scale);
-  moe_combine(y, yp, inv, k, /*accumulate=*/false);
+  if (ep) {
+    // Replicated tokens: only the rows of this rank's experts [e0, e0+El); the others stay zero
+    // here and come from their owners in the sum.
+    MOE_CHECK(dev == Device::CPU && adt == DType::F32, "expert-parallel inference runs on the CPU with f32 activations");
+    const int64_t el = w.w1.dim(0), e0 = int64_t(ep->rank()) * el;
+    MOE_CHECK(el * ep->size() == e_n, "expert parallel: %lld local experts x %d ranks != %lld experts", (long long)el,
+              ep->size(), (long long)e_n);
+    const int32_t* off = offsets.data<int32_t>();
+    const int64_t o0 = off[e0], o1 = off[e0 + el];
+    Tensor loff = Tensor::empty({el + 1}, DType::I32, kAct);
+    for (int64_t j = 0; j <= el; ++j) loff.data<int32_t>()[j] = off[e0 + j] - int32_t(o0);
+    yp.zero_();
+    Tensor ypl = yp.rows(o0, o1);
+    expert_ffn_forward(ypl, xp.rows(o0, o1), loff, w.w1, w.w3, w.w2, row_scale.rows(o0, o1));
+    moe_combine(y, yp, inv, k, /*accumulate=*/false);
+    ep->all_reduce_sum(y.data<float>(), y.numel());
+  } else {
+    expert_ffn_forward(yp, xp, offsets, w.w1, w.w3, w.w2, row_scale);
+    moe_combine(y, yp, inv, k, /*accumulate=*/false);
+  }
   if (w.shared_w1.defined()) {
     const int64_t fs = w.shared_w1.dim(0);
     Tensor s = Tensor::empty({t_n, d}, adt, kAct, dev);

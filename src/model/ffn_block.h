@@ -43,8 +43,11 @@ int64_t expert_capacity(double capacity_factor, int64_t t_n, int64_t k, int64_t 
 
 // Inference: x [T,D] updated in place; h, y [T,D] scratch. Router logits are returned in
 // `router_logits` [T,E] f32 when it is defined on entry.
+// ep (expert parallel, Model::set_expert_parallel): the same tokens on every rank of ep; this
+// rank computes its own experts' rows (w.w1 holds El of the E experts) and the outputs are
+// summed over ep (CPU, f32 activations).
 void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Tensor& h, Tensor& y,
-                     Tensor* router_logits);
+                     Tensor* router_logits, dist::Communicator* ep = nullptr);
 
 // Training forward: reads a.x_mid, fills the saved tensors and writes x_out [T,D];
 // MoE layers fill `stats`.

@@ -434,7 +434,7 @@ ForwardResult Model::forward(const Tensor& ids_in, KVCache& cache, const Forward
     attention_block_infer(c, lw, x, h, y, cache.k[static_cast<size_t>(l)], cache.v[static_cast<size_t>(l)], b_n, s_n,
                           slots, past, tables, pos);
     Tensor logits;
-    ffn_block_infer(c, lw, x, h, y, fo.want_router_logits ? &logits : nullptr);
+    ffn_block_infer(c, lw, x, h, y, fo.want_router_logits ? &logits : nullptr, ep_);
     if (fo.want_router_logits) res.router_logits.push_back(logits);
   }
 

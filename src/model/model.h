@@ -11,6 +11,7 @@
 
 #include "core/lora.h"
 #include "core/tensor.h"
+#include "dist/communicator.h"
 #include "io/hf_config.h"
 #include "model/arch.h"
 
@@ -151,11 +152,17 @@ class Model {
   int64_t n_params_total() const { return params_total(cfg_); }
   int64_t n_params_active() const { return params_active(cfg_); }
 
+  // Expert-parallel inference (moe generate --ep under mpirun): every rank runs the same tokens
+  // and holds E/ep of the routed experts (ModelWeights::expert_begin); each MoE layer computes
+  // its own experts' rows and the partial outputs are summed over `ep`. Null: all local.
+  void set_expert_parallel(dist::Communicator* ep) { ep_ = ep; }
+
  private:
   void add_kv_layers(KVCache& kv, int64_t rows, int64_t positions) const;
   ModelConfig cfg_;
   LoadOptions opt_;
   ModelWeights w_;
+  dist::Communicator* ep_ = nullptr;
 };
 
 // The HF tensor names and shapes a config implies (used by load, init and inspect).

@@ -2,6 +2,7 @@
 #include "train/trainer.h"
 
 #include <chrono>
+#include <csignal>
 #include <cmath>
 #include <cstring>
 #include <cstdio>
@@ -9,6 +10,7 @@
 #include <fstream>
 #include <map>
 #include <sstream>
+#include <thread>
 
 #include "core/file_util.h"
 #include "core/json_util.h"
@@ -421,6 +423,13 @@ double run_training(const TrainConfig& cfg) {
   const int64_t first_step = step;
   double last_loss = NAN;
   while (step < total_steps) {
+    if (cfg.test_fail_step == step + 1 && par->rank() == cfg.test_fail_rank) {
+      std::fprintf(stderr, "rank %d: injected %s at step %lld (--test-fail-step)\n", par->rank(),
+                   cfg.test_fail_hang ? "hang" : "death", (long long)step + 1);
+      std::fflush(stderr);
+      while (cfg.test_fail_hang) std::this_thread::sleep_for(std::chrono::seconds(1));
+      std::raise(SIGKILL);
+    }
     const double t0 = now_s();
     for (const NamedParam& g : gparams) {
       // Tied heads share the embedding's gradient: zeroing it twice is harmless.

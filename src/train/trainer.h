@@ -51,6 +51,11 @@ struct TrainConfig {
   // data-parallel replicas (0: derived from the other and the number of ranks).
   int ep = 0, dp = 0;
   double dist_timeout = 600;  // seconds a collective may wait before the job is ended
+  // Testing only: rank test_fail_rank dies (SIGKILL) or hangs (test_fail_hang) when step
+  // test_fail_step starts — the failure-handling tests' injected fault.
+  int64_t test_fail_step = 0;
+  int test_fail_rank = -1;
+  bool test_fail_hang = false;
 
   // Fine-tuning (`moe finetune`): LoRA adapters on a frozen base (train/lora.h). Checkpoints
   // then hold the adapter (PEFT files), not the model.
