@@ -132,7 +132,7 @@ void swiglu_forward(Tensor& out, const Tensor& h1, const Tensor& h3) {
 
 void sigmoid_gate_add(Tensor& y, const Tensor& s, const Tensor& gate) {
   require_f32("sigmoid_gate_add", y);
-  const int64_t t_n = y.dim(0), d = y.numel() / t_n;
+  const int64_t t_n = y.dim(0), d = t_n > 0 ? y.numel() / t_n : 0;  // a rank may hold no rows
   const float* g = gate.data<float>();
   const float* sp = s.data<float>();
   float* yp = y.data<float>();
