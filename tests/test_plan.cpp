@@ -793,6 +793,133 @@ TEST(PlanComm, AllToAllBytesPerStep) {
   EXPECT_DOUBLE_EQ(all_to_all_bytes(m, job, Parallel{8, 1, 1, 1}), 0.0);
 }
 
+TEST(PlanComm, EngineDistributedStepByHand) {
+  // tiny mixtral: V 256, D 64, H 4, Hkv 2, Dh 16, E 8, K 2, F 128, L 2 (both MoE), untied.
+  //   not routed experts Pd: embed + head 2*256*64 = 32,768; per layer q 4,096 + k, v 2*2,048
+  //   + o 4,096 + norms 128 + router 512 = 12,928, x2 = 25,856; final norm 64 -> 58,688.
+  //   routed experts Px: 2 layers * 8 * 3*128*64 = 393,216.
+  //   statistics: 2 + 2 layers * (2*8 + 2) = 38 doubles = 304 B.
+  // An all-reduce of b bytes over g ranks moves 2 (g-1) b in all.
+  const PlanModel m = plan_model_from_config(preset_config("mixtral", "tiny"));
+  {
+    // ep 2, dp 1 (N 2), batch 8 x seq 64: T 512.
+    //   all-reduce: stats 2*304 = 608; CE 2*8 = 16; dense 2*4*58,688 = 469,504; experts 0 (dp 1);
+    //   clip 1 EP group * 2*1*8 = 16 -> 470,144.
+    //   all-to-all: counts 2 layers * 2 ranks * 1 peer * El 4 * 8 B = 128; R_off = 2*512*2*1/2 =
+    //   1,024 rows of 16*64 + 8 = 1,032 B = 1,056,768 -> 1,056,896.
+    const EngineDistComm c = engine_dist_comm(m, 8, 64, 2, 1, false);
+    EXPECT_EQ(c.ranks, 2);
+    EXPECT_EQ(c.stats, 608);
+    EXPECT_EQ(c.ce, 16);
+    EXPECT_EQ(c.dense_grads, 469504);
+    EXPECT_EQ(c.expert_grads, 0);
+    EXPECT_EQ(c.clip, 16);
+    EXPECT_EQ(c.all_reduce(), 470144);
+    EXPECT_EQ(c.counts, 128);
+    EXPECT_EQ(c.rows_off, 1024);
+    EXPECT_EQ(c.rows, 1056768);
+    EXPECT_EQ(c.all_to_all(), 1056896);
+    EXPECT_EQ(c.total(), 1527040);
+    // A measured R_off replaces the uniform one: 1,040 rows * 1,032 B.
+    EXPECT_EQ(engine_dist_comm(m, 8, 64, 2, 1, false, 1040).rows, 1073280);
+  }
+  {
+    // ep 2, dp 2 (N 4), recompute: world all-reduces x 2*3: stats 1,824, CE 48, dense
+    //   6*234,752 = 1,408,512; experts over 2 groups of 2: 2*1*4*393,216 = 3,145,728; clip 2 EP
+    //   groups * 2*1*8 = 32 -> 4,556,144. The forward's exchanges twice: counts 2*2*4*1*4*8 = 512;
+    //   rows 1,024 * (8*64 + 4 = 516) * 3 (forward twice, backward once) = 1,585,152.
+    const EngineDistComm c = engine_dist_comm(m, 8, 64, 2, 2, true);
+    EXPECT_EQ(c.stats, 1824);
+    EXPECT_EQ(c.ce, 48);
+    EXPECT_EQ(c.dense_grads, 1408512);
+    EXPECT_EQ(c.expert_grads, 3145728);
+    EXPECT_EQ(c.clip, 32);
+    EXPECT_EQ(c.all_reduce(), 4556144);
+    EXPECT_EQ(c.counts, 512);
+    EXPECT_EQ(c.rows, 1585152);
+    EXPECT_EQ(c.total(), 6141808);
+  }
+  {
+    // Data parallel only (ep 1, dp 2): every gradient over the world, no exchange, no clip
+    //   exchange: 608 + 16 + 469,504 + 2*4*393,216 = 3,615,856.
+    const EngineDistComm c = engine_dist_comm(m, 8, 64, 1, 2, false);
+    EXPECT_EQ(c.expert_grads, 3145728);
+    EXPECT_EQ(c.all_to_all(), 0);
+    EXPECT_EQ(c.clip, 0);
+    EXPECT_EQ(c.total(), 3615856);
+  }
+  {
+    // ep 8 (El 1), batch 1 x seq 3: R_off = 2*3*2*7/8 = 10.5 -> 10 rows (rounded down) = 10,320;
+    //   counts 2*8*7*1*8 = 896; stats 14*304 = 4,256; CE 112; dense 14*234,752 = 3,286,528;
+    //   clip 2*7*8 = 112.
+    const EngineDistComm c = engine_dist_comm(m, 1, 3, 8, 1, false);
+    EXPECT_EQ(c.rows_off, 10);
+    EXPECT_EQ(c.rows, 10320);
+    EXPECT_EQ(c.counts, 896);
+    EXPECT_EQ(c.all_reduce(), 4256 + 112 + 3286528 + 112);
+  }
+  // One process: nothing moves.
+  EXPECT_EQ(engine_dist_comm(m, 8, 64, 1, 1, true).total(), 0);
+  {
+    // tiny qwen2_moe: E 8, K 4, F 64, qkv biases, a gated shared expert of width 128.
+    //   Pd: 32,768 + 64 + 2 * (attention 12,288 + biases 128 + norms 128 + router 512 + shared
+    //   3*128*64 + gate 64 = 37,696) = 108,224. ep 4, dp 1, batch 2 x seq 16 (T 32):
+    //   all-reduce: stats 6*304 = 1,824, CE 48, dense 6*4*108,224 = 2,597,376, clip 2*3*8 = 48;
+    //   counts 2*4*3*El 2*8 = 384; R_off 2*32*4*3/4 = 192 rows * 1,032 = 198,144.
+    const EngineDistComm c = engine_dist_comm(plan_model_from_config(preset_config("qwen2_moe", "tiny")), 2, 16, 4, 1,
+                                              false);
+    EXPECT_EQ(c.dense_grads, 2597376);
+    EXPECT_EQ(c.all_reduce(), 1824 + 48 + 2597376 + 48);
+    EXPECT_EQ(c.counts, 384);
+    EXPECT_EQ(c.rows_off, 192);
+    EXPECT_EQ(c.rows, 198144);
+  }
+  expect_error([&] { engine_dist_comm(m, 8, 64, 3, 1, false); }, "do not divide");
+  expect_error([&] { engine_dist_comm(m, 8, 64, 0, 1, false); }, "--ep and --dp");
+  expect_error([&] { engine_dist_comm(m, 8, 64, 2, 1, false, 5000); }, "exceed");
+  expect_error([&] { engine_dist_comm(catalog_model("DeepSeek-V2-Lite"), 1, 64, 2, 1, false); }, "the CPU engine runs");
+}
+
+TEST(PlanCli, CpuEngineDistributedComm) {
+  // `moe plan DIR --device cpu --job train --ep P --dp Q` prints engine_dist_comm's bytes.
+  const std::string d = (std::filesystem::temp_directory_path() / ("moe_plan_dist_" + std::to_string(getpid()))).string();
+  std::filesystem::create_directories(d);
+  const ModelConfig c = preset_config("qwen2_moe", "tiny");
+  std::ofstream(d + "/config.json") << hf_config_to_json(c);
+  auto run = [&](const std::string& args) {
+    const std::string cmd = std::string(MOE_BINARY_DIR) + "/moe plan '" + d + "' " + args + " 2>&1";
+    FILE* f = popen(cmd.c_str(), "r");
+    std::string all;
+    char buf[512];
+    while (f && std::fgets(buf, sizeof buf, f)) all += buf;
+    const int rc = f ? pclose(f) : -1;
+    return std::make_pair(WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, all);
+  };
+  auto [rc, out] = run("--job train --device cpu --batch 4 --seq 32 --ep 2 --dp 2 --checkpointing --json");
+  ASSERT_EQ(rc, 0) << out;
+  const EngineDistComm p = engine_dist_comm(plan_model_from_config(c), 4, 32, 2, 2, true);
+  auto j = nlohmann::json::parse(out);
+  EXPECT_EQ(j["comm_bytes_per_step"]["ranks"].get<int64_t>(), 4);
+  EXPECT_EQ(j["comm_bytes_per_step"]["all_reduce"].get<int64_t>(), p.all_reduce());
+  EXPECT_EQ(j["comm_bytes_per_step"]["all_to_all"].get<int64_t>(), p.all_to_all());
+  EXPECT_EQ(j["comm_bytes_per_step"]["total"].get<int64_t>(), p.total());
+  std::tie(rc, out) = run("--job train --device cpu --batch 4 --seq 32 --ep 2");
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find(with_commas(engine_dist_comm(plan_model_from_config(c), 4, 32, 2, 1, false).total())),
+            std::string::npos)
+      << out;
+  // One process prints no communication; --ep is for the training step.
+  std::tie(rc, out) = run("--job train --device cpu --batch 4 --seq 32");
+  EXPECT_EQ(out.find("all-to-all"), std::string::npos) << out;
+  std::tie(rc, out) = run("--job infer --device cpu --ep 2");
+  EXPECT_EQ(rc, 1);
+  EXPECT_NE(out.find("--job train"), std::string::npos) << out;
+  std::tie(rc, out) = run("--job train --device cpu --ep 3");
+  EXPECT_EQ(rc, 1);
+  EXPECT_NE(out.find("do not divide"), std::string::npos) << out;
+  std::filesystem::remove_all(d);
+}
+
 TEST(PlanTime, TrainingFlopsAndTime) {
   // active without embedding 12,748,853,248; attention at seq 4096 (keys 2048): 2 * 2048 * 32 heads
   // * (128 + 128) = 33,554,432 per layer x32 = 1,073,741,824. Forward 2*12,748,853,248 + 1,073,741,824

@@ -24,6 +24,9 @@
 #include "ops/ops.h"
 
 namespace moe {
+
+void add_dist_bench(CLI::App* bench);  // cmd_bench_dist.cpp
+
 namespace {
 
 struct BenchOpts {
@@ -292,7 +295,7 @@ void run_bench(const BenchOpts& o) {
 void add_bench_command(CLI::App& app) {
   auto o = std::make_shared<BenchOpts>();
   CLI::App* cmd = app.add_subcommand("bench", "benchmarks against rooflines measured in the same run");
-  cmd->add_option("what", o->what, "decode or prefill (or the tokenize / train / serve subcommands)");
+  cmd->add_option("what", o->what, "decode or prefill (or the tokenize / train / finetune / serve / dist subcommands)");
   cmd->add_option("--arch", o->arch, "model family")->capture_default_str();
   cmd->add_option("--preset", o->preset, "tiny, small, medium or 8x7b")->capture_default_str();
   cmd->add_option("--layers", o->layers, "override the preset's layer count")->check(CLI::Range(1, 1000));
@@ -314,12 +317,13 @@ void add_bench_command(CLI::App& app) {
   add_tokenize_bench(cmd);
   add_train_bench(cmd);
   add_serve_bench(cmd);
+  add_dist_bench(cmd);
   cmd->callback([o, cmd]() {
     if (cmd->got_subcommand("tokenize") || cmd->got_subcommand("train") || cmd->got_subcommand("finetune") ||
-        cmd->got_subcommand("serve"))
+        cmd->got_subcommand("serve") || cmd->got_subcommand("dist"))
       return;
     MOE_CHECK(o->what == "decode" || o->what == "prefill",
-              "bench: expected decode, prefill, tokenize, train, finetune or serve, got '%s'",
+              "bench: expected decode, prefill, tokenize, train, finetune, serve or dist, got '%s'",
               o->what.c_str());
     run_bench(*o);
   });

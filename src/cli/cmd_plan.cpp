@@ -1,6 +1,8 @@
 // cmd_plan.cpp — `moe plan MODEL|DIR`: memory, time and cost of an MoE job before running it.
 // With --device cpu: the engine's own CPU job (one process, f32), per memory category, from
-// the engine's tables (plan_memory with JobSpec::cpu_engine; engine_train_plan for training).
+// the engine's tables (plan_memory with JobSpec::cpu_engine; engine_train_plan for training);
+// with --ep/--dp for training, also the bytes the distributed step's collectives move
+// (engine_dist_comm; `moe bench dist` measures them).
 #include <cstdio>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -14,12 +16,16 @@
 namespace moe {
 namespace {
 
-// The CPU engine's plan for `job` (train or infer) as text or JSON.
-void print_cpu_plan(const PlanModel& m, const JobSpec& job, bool json) {
+// The CPU engine's plan for `job` (train or infer) as text or JSON; ep x dp > 1: the
+// communication of the distributed training step too (job.batch is then the global batch).
+void print_cpu_plan(const PlanModel& m, const JobSpec& job, int64_t ep, int64_t dp, bool json) {
   const MemoryPlan mp = plan_memory(m, job, Parallel{});
   const bool train = job.job == JobKind::Train;
   EngineTrainPlan tp;
   if (train) tp = engine_train_plan(m, job.batch, job.seq, job.checkpointing, job.engine_train);
+  const bool dist = ep * dp > 1;
+  EngineDistComm cm;
+  if (dist) cm = engine_dist_comm(m, job.batch, job.seq, ep, dp, job.checkpointing);
   const int64_t n = plan_params(m).total;
   if (json) {
     nlohmann::ordered_json j;
@@ -56,6 +62,25 @@ void print_cpu_plan(const PlanModel& m, const JobSpec& job, bool json) {
                           {"step", tp.act_step},
                           {"working", tp.act_working},
                           {"working_phase", tp.working_phase}};
+    if (dist) {
+      nlohmann::ordered_json c;
+      c["ranks"] = cm.ranks;
+      c["ep"] = ep;
+      c["dp"] = dp;
+      c["memory_is_one_process"] = true;
+      c["all_reduce"] = cm.all_reduce();
+      c["all_to_all"] = cm.all_to_all();
+      c["total"] = cm.total();
+      c["stats"] = cm.stats;
+      c["ce"] = cm.ce;
+      c["dense_grads"] = cm.dense_grads;
+      c["expert_grads"] = cm.expert_grads;
+      c["clip"] = cm.clip;
+      c["counts"] = cm.counts;
+      c["rows"] = cm.rows;
+      c["rows_off"] = cm.rows_off;
+      j["comm_bytes_per_step"] = c;
+    }
     std::printf("%s\n", j.dump(1).c_str());
     return;
   }
@@ -95,6 +120,18 @@ void print_cpu_plan(const PlanModel& m, const JobSpec& job, bool json) {
     line("activations", mp.activations, "peak of one prefill chunk");
   }
   line("total", mp.total(), "the tracker's categories; op scratch (workspace) and the process itself not included");
+  if (!dist) return;
+  std::printf("comm         ep %lld x dp %lld = %lld ranks (mpirun): bytes per step summed over the ranks; --batch is "
+              "the global batch; the memory above is one process holding all of it\n",
+              (long long)ep, (long long)dp, (long long)cm.ranks);
+  line("all-reduce", cm.all_reduce(),
+       strformat("router stats %s + cross-entropy %s + dense grads %s + expert grads %s + clip norm %s",
+                 with_commas(cm.stats).c_str(), with_commas(cm.ce).c_str(), with_commas(cm.dense_grads).c_str(),
+                 with_commas(cm.expert_grads).c_str(), with_commas(cm.clip).c_str()));
+  line("all-to-all", cm.all_to_all(),
+       strformat("counts %s + token rows %s (%s assignments off-rank, uniform: Lm*T*K*(ep-1)/ep)",
+                 with_commas(cm.counts).c_str(), with_commas(cm.rows).c_str(), with_commas(cm.rows_off).c_str()));
+  line("comm total", cm.total(), "engine_dist_comm (planner.h); `moe bench dist` measures it");
 }
 
 }  // namespace
@@ -127,9 +164,13 @@ void add_plan_command(CLI::App& app) {
   cmd->add_option("--dtype", o->dtype,
                   "weights: f32, bf16, fp8, int8, nf4, nf4-dq or q4 (inference; qlora base, default nf4)");
   cmd->add_option("--zero", o->zero, "ZeRO stage 0-3 (default: the lowest that fits)");
-  cmd->add_option("--dp", o->dp, "data-parallel ranks (with --tp/--ep: evaluate exactly this layout)");
+  cmd->add_option("--dp", o->dp,
+                  "data-parallel ranks (with --tp/--ep: evaluate exactly this layout); --device cpu --job train: "
+                  "replicas of the distributed engine step (ep x dp ranks)");
   cmd->add_option("--tp", o->tp, "tensor-parallel ranks");
-  cmd->add_option("--ep", o->ep, "expert-parallel ranks (drawn from the dp ranks)");
+  cmd->add_option("--ep", o->ep,
+                  "expert-parallel ranks (drawn from the dp ranks); --device cpu --job train: the experts' ranks in "
+                  "each replica of the distributed engine step");
   cmd->add_option("--lora-r", o->lora_r, "LoRA rank")->capture_default_str();
   cmd->add_option("--lora-targets", o->lora_targets, "attn (attention projections) or all (+ experts, FFNs)")
       ->capture_default_str();
@@ -191,10 +232,11 @@ void add_plan_command(CLI::App& app) {
     if (!o->prices.empty()) req.prices = load_prices(o->prices);
     MOE_CHECK(o->device == "gpu" || o->device == "cpu", "--device must be gpu or cpu, got '%s'", o->device.c_str());
     if (o->device == "cpu") {
-      MOE_CHECK(o->gpu.empty() && !o->gpus && !o->dp && !o->tp && !o->ep && o->zero < 0 && o->prices.empty() &&
-                    o->tokens == 0,
-                "--device cpu plans one process: --gpu, --gpus, --dp, --tp, --ep, --zero, --tokens and --prices "
-                "apply to GPU plans");
+      MOE_CHECK(o->gpu.empty() && !o->gpus && !o->tp && o->zero < 0 && o->prices.empty() && o->tokens == 0,
+                "--device cpu plans the engine's own job: --gpu, --gpus, --tp, --zero, --tokens and --prices apply "
+                "to GPU plans");
+      MOE_CHECK(req.job.job == JobKind::Train || (!o->dp && !o->ep),
+                "--device cpu: --ep and --dp plan the distributed training step's communication (--job train)");
       req.job.cpu_engine = true;
       req.job.engine_train.fused_update = o->fused_update;
       req.job.engine_train.optimizer_bf16 = o->optimizer_dtype == "bf16";
@@ -203,7 +245,7 @@ void add_plan_command(CLI::App& app) {
       if (o->dtype.empty()) req.job.weights = WeightFormat::F32;
       MOE_CHECK(req.job.job != JobKind::Train || req.job.weights == WeightFormat::F32,
                 "--device cpu: training keeps f32 weights (--dtype %s)", o->dtype.c_str());
-      print_cpu_plan(resolve_plan_model(o->model), req.job, o->json);
+      print_cpu_plan(resolve_plan_model(o->model), req.job, o->ep ? o->ep : 1, o->dp ? o->dp : 1, o->json);
       return;
     }
     PlanModel m = resolve_plan_model(o->model);

@@ -396,6 +396,49 @@ double all_to_all_bytes(const PlanModel& m, const JobSpec& job, const Parallel& 
   return per_layer * double(m.n_moe_layers()) * (job.job == JobKind::Infer ? 1.0 : 2.0);
 }
 
+EngineDistComm engine_dist_comm(const PlanModel& m, int64_t batch_rows_global, int64_t seq, int64_t ep, int64_t dp,
+                                bool recompute, int64_t rows_off) {
+  MOE_CHECK(m.engine.has_value(),
+            "%s: the CPU engine runs mixtral, qwen2_moe and qwen3_moe, not %s (plan it for GPUs instead)",
+            m.name.c_str(), m.family.c_str());
+  MOE_CHECK(ep >= 1 && dp >= 1 && ep <= 4096 && dp <= 4096, "--ep and --dp must be in [1, 4096], got --ep %lld --dp %lld",
+            (long long)ep, (long long)dp);
+  MOE_CHECK(batch_rows_global >= 1 && batch_rows_global <= (int64_t(1) << 24), "batch must be in [1, 2^24], got %lld",
+            (long long)batch_rows_global);
+  MOE_CHECK(seq >= 1 && seq <= (int64_t(1) << 24), "sequence length must be in [1, 2^24], got %lld", (long long)seq);
+  const int64_t e_n = m.n_expert, l_moe = m.n_moe_layers();
+  MOE_CHECK(ep == 1 || (e_n > 0 && e_n % ep == 0), "--ep %lld: the model's %lld routed experts do not divide evenly",
+            (long long)ep, (long long)e_n);
+  const ParamCounts pc = plan_params(m);
+  // A bound in floating point, so the exact int64 sums below cannot overflow.
+  const double rows_bound = double(l_moe) * double(batch_rows_global) * double(seq) * double(m.n_expert_used);
+  const double bound = rows_bound * (24.0 * double(m.d_model) + 12.0) + 4.0 * double(ep * dp) * double(pc.total) +
+                       16.0 * double(ep * dp) * double(ep) * double(l_moe + 1) * double(e_n + 2);
+  MOE_CHECK(bound < 1e18, "%s: the job is too large to plan (above 10^18 bytes per step)", m.name.c_str());
+  const int64_t n = ep * dp, t = batch_rows_global * seq, el = ep > 1 ? e_n / ep : e_n, d = m.d_model;
+  // Summed over a group of g ranks, an all-reduce of `bytes` moves 2 (g-1) bytes.
+  auto ar = [](int64_t g, int64_t bytes) { return 2 * (g - 1) * bytes; };
+  EngineDistComm r;
+  r.ranks = n;
+  if (n > 1) {
+    r.stats = ar(n, 8 * (2 + l_moe * (2 * e_n + 2)));
+    r.ce = ar(n, 8);
+    r.dense_grads = ar(n, 4 * (pc.total - pc.experts));
+  }
+  if (dp > 1) r.expert_grads = ar(dp, 4 * pc.experts);  // ep groups of El experts each: all experts once
+  if (ep > 1) {
+    r.clip = dp * ar(ep, 8);
+    const int64_t passes = recompute ? 2 : 1;  // forward passes through each MoE layer
+    r.counts = passes * l_moe * n * (ep - 1) * el * 8;
+    MOE_CHECK(rows_off < 0 || rows_off <= l_moe * t * m.n_expert_used,
+              "engine_dist_comm: %lld off-rank rows exceed the %lld routed assignments", (long long)rows_off,
+              (long long)(l_moe * t * m.n_expert_used));
+    r.rows_off = rows_off >= 0 ? rows_off : l_moe * t * m.n_expert_used * (ep - 1) / ep;
+    r.rows = r.rows_off * ((8 * d + 4) * (passes + 1));
+  }
+  return r;
+}
+
 double flops_per_token(const PlanModel& m, const JobSpec& job) {
   const ParamCounts pc = plan_params(m);
   const double s = double(job.seq);

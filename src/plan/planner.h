@@ -162,6 +162,60 @@ EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq
 // the GPU; training doubles it for the backward. Inference: per forward of `batch` x `seq`.
 double all_to_all_bytes(const PlanModel& m, const JobSpec& job, const Parallel& p);
 
+// The engine's own distributed CPU training step (`moe train --ep P --dp Q` under mpirun, f32;
+// src/dist, src/train/distributed.h): the bytes its collectives move in one step, summed over
+// all N = ep * dp ranks, as the communicators count them (dist/communicator.h: the bytes each
+// rank sends to other ranks). One step = forward_backward on each rank's rows of the global
+// batch, all_reduce_grads, clip_grad_norm_global, AdamW; no validation, --grad-accum 1.
+// T = batch_rows_global * seq tokens, K experts per token, E experts, El = E / ep, D hidden,
+// F expert width, Lm MoE layers, Pd = plan_params(m).total - experts (every parameter that is
+// not a routed expert: embedding, norms, attention, routers, shared experts, dense MLPs,
+// untied head), Px = plan_params(m).experts = Lm * E * 3FD.
+// An all-reduce of n elements of s bytes over a group of G ranks is a reduce to the group's
+// rank 0 then its broadcast: rank 0 sends (G-1) n s, every other rank n s; 2 (G-1) n s in all.
+//   all-reduce, N > 1, over the world (G = N):
+//     router statistics   8 (2 + Lm (2E + 2))   token and target counts; per MoE layer the
+//                                               expert counts, probability sums, z sum, drops
+//     cross-entropy sum   8                     (both model_train.cpp run_step)
+//     dense gradients     4 Pd                  (all_reduce_grads, in buckets: same bytes)
+//   all-reduce, dp > 1, over each of the ep expert-DP groups (G = dp): routed experts'
+//     gradients 4 El Lm 3FD per group, so 2 (dp-1) 4 Px in all
+//   all-reduce, ep > 1, over each of the dp EP groups (G = ep): the clip norm's expert sum of
+//     squares, 8 (the trainer always computes the norm)
+//   all-to-all, ep > 1, per MoE layer forward (twice with recompute: the backward re-runs it):
+//     the plan's count exchange, each rank (ep-1) El 8 bytes: N (ep-1) El 8 in all;
+//     rows: R_off routed (token, slot) assignments whose expert lives on another rank of its
+//     EP group move xp (4D) and the routing weight (4) out and the output (4D) back
+//     (8D + 4 per row), and in backward dY (4D) out, dX (4D) and the routing weight's
+//     gradient (4) back (8D + 4): R_off (16D + 8), R_off (24D + 12) with recompute.
+// R_off: with `rows_off` >= 0 that count (summed over MoE layers and ranks, e.g. measured from
+// the routing), else Lm T K (ep-1) / ep (rounded down). That needs no balanced router: if every
+// rank's tokens pick expert e with the same probability p_e, rank q keeps the share
+// sum_{e of q} p_e of its rows, and over an EP group the kept shares sum to 1 — only the
+// ranks' rows being alike (same distribution) matters, not the experts' balance.
+// Not counted: validation, checkpoints, the per-rank memory table (other collectives); with
+// --grad-accum A the statistics, cross-entropy and all-to-all terms are per micro-batch (x A);
+// the fused update moves the same bytes (each gradient group once, the same norm exchange).
+// Throws moe::Error for a family the engine does not run, ep or dp < 1, E % ep != 0.
+struct EngineDistComm {
+  int64_t ranks = 1;
+  // all-reduce
+  int64_t stats = 0;         // router statistics
+  int64_t ce = 0;            // the cross-entropy sum
+  int64_t dense_grads = 0;   // gradients of everything but the routed experts (world)
+  int64_t expert_grads = 0;  // routed experts' gradients (expert-DP groups)
+  int64_t clip = 0;          // the norm's expert sum of squares (EP groups)
+  // all-to-all
+  int64_t counts = 0;        // the per-expert row counts of each MoE layer's plan
+  int64_t rows = 0;          // the token rows, forward and backward
+  int64_t rows_off = 0;      // R_off used
+  int64_t all_reduce() const { return stats + ce + dense_grads + expert_grads + clip; }
+  int64_t all_to_all() const { return counts + rows; }
+  int64_t total() const { return all_reduce() + all_to_all(); }
+};
+EngineDistComm engine_dist_comm(const PlanModel& m, int64_t batch_rows_global, int64_t seq, int64_t ep, int64_t dp,
+                                bool recompute, int64_t rows_off = -1);
+
 // Model FLOPs per token: 2 * active_no_embed (forward) plus attention 2 * keys * H * (qk + v) per
 // layer with keys = seq/2 (causal; min(seq/2, window) when sliding; seq for encoders). Training
 // = 3x forward; LoRA/QLoRA = 2x forward (no weight gradients for the frozen base) + 6 * adapter.
