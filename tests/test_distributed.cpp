@@ -3,8 +3,9 @@
 // contracts against one process on the whole batch:
 //   `moe grad --ep/--dp`  — losses and every gradient within 1e-6 (normwise, per tensor) of the
 //                           single-process file, and within the fixtures' 1e-4 of PyTorch;
-//   `moe train --ep/--dp` — the same loss curve over 20 steps; a checkpoint written under N ranks
-//                           resumes under M; the PyTorch AdamW trajectory under EP;
+//   `moe train --ep/--dp` — the same loss curve over 20 steps (also with ZeRO-1); a checkpoint
+//                           written under N ranks resumes under M; the PyTorch AdamW trajectory
+//                           under EP;
 //   uneven routing (every token to the same two experts: three of four ranks get nothing);
 //   a rank that dies or hangs ends the job in bounded time with the rank named, and the last
 //   checkpoint stays intact; `moe generate --ep` produces the single-process tokens.
@@ -17,6 +18,7 @@
 #include <fstream>
 #include <map>
 #include <random>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -276,8 +278,12 @@ TEST(DistTrain, LossCurveAndResumeAcrossRankCounts) {
                             " --eval-every 10 --save-every 10 --seed 3 --quiet --out ";
   ASSERT_EQ(run(kOne + moe_bin() + flags + d + "/one"), 0);
   const auto one = read_metrics(d + "/one");
-  for (const Layout& l : {Layout{2, "--ep 2"}, Layout{4, "--ep 2 --dp 2"}, Layout{2, "--dp 2"}}) {
-    const std::string out = d + "/np" + std::to_string(l.np) + (l.flags.find("dp") != std::string::npos ? "dp" : "ep");
+  const std::vector<std::pair<Layout, std::string>> runs = {{{2, "--ep 2"}, "np2ep"},
+                                                             {{4, "--ep 2 --dp 2"}, "np4"},
+                                                             {{2, "--dp 2"}, "np2dp"},
+                                                             {{4, "--ep 2 --dp 2 --zero 1"}, "np4zero"}};
+  for (const auto& [l, tag] : runs) {
+    const std::string out = d + "/" + tag;
     ASSERT_EQ(run(mpirun(l.np) + moe_bin() + flags + out + " " + l.flags), 0) << l.flags;
     const auto m = read_metrics(out);
     expect_same_curve(one, m, 20, l.flags);
@@ -288,15 +294,18 @@ TEST(DistTrain, LossCurveAndResumeAcrossRankCounts) {
       EXPECT_TRUE(m.back()["comm"].contains("all-to-all"));
     }
   }
-  // Resume the 2-rank EP run's step-10 checkpoint under 4 ranks (EP 4) and under one process.
-  for (const auto& [np, fl] : {std::pair{4, std::string("--ep 4")}, std::pair{1, std::string()}}) {
-    const std::string r = d + "/resume" + std::to_string(np);
+  // Resume step-10 checkpoints under other rank counts: the 2-rank EP run's under 4 ranks (EP 4)
+  // and one process; the ZeRO-1 run's (its optimizer state gathered from four shards) under 2.
+  const std::vector<std::tuple<std::string, int, std::string>> resumes = {
+      {"np2ep", 4, "--ep 4"}, {"np2ep", 1, ""}, {"np4zero", 2, "--ep 2"}};
+  for (const auto& [from, np, fl] : resumes) {
+    const std::string r = d + "/resume-" + from + "-" + std::to_string(np);
     fs::create_directories(r);
-    fs::copy(d + "/np2ep/step-10", r + "/step-10", fs::copy_options::recursive);
-    fs::copy_file(d + "/np2ep/metrics.jsonl", r + "/metrics.jsonl");
+    fs::copy(d + "/" + from + "/step-10", r + "/step-10", fs::copy_options::recursive);
+    fs::copy_file(d + "/" + from + "/metrics.jsonl", r + "/metrics.jsonl");
     const std::string launch = np > 1 ? mpirun(np) : kOne;
     ASSERT_EQ(run(launch + moe_bin() + flags + r + " --resume " + fl), 0) << np;
-    expect_same_curve(one, read_metrics(r), 20, "resumed under " + std::to_string(np));
+    expect_same_curve(one, read_metrics(r), 20, from + " resumed under " + std::to_string(np));
   }
   // The checkpoint is the whole model, as one process writes it: every tensor, close. (Not to
   // 1e-6: the k-projection bias has a zero true gradient, so AdamW walks it on f32 noise, which

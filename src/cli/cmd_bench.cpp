@@ -25,8 +25,6 @@
 
 namespace moe {
 
-void add_dist_bench(CLI::App* bench);  // cmd_bench_dist.cpp
-
 namespace {
 
 struct BenchOpts {

@@ -23,6 +23,10 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--out", c.out, "run directory: metrics.jsonl, step-N/ and final/ checkpoints")->required();
   cmd->add_flag("--resume", c.resume, "continue from the newest checkpoint in --out");
   add_dist_flags(cmd, &c.ep, &c.dp, &c.dist_timeout);
+  cmd->add_option("--zero", c.zero,
+                  "under mpirun: 1 = ZeRO-1, each rank keeps the optimizer state of only the parameters it owns "
+                  "(gradients are reduced to their owner, the updated weights broadcast from it)")
+      ->capture_default_str();
   // Testing only (hidden): the failure-handling tests' injected fault.
   cmd->add_option("--test-fail-step", c.test_fail_step)->group("");
   cmd->add_option("--test-fail-rank", c.test_fail_rank)->group("");

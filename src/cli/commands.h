@@ -20,6 +20,7 @@ void add_merge_command(CLI::App& app);
 void add_tokenize_bench(CLI::App* bench);
 void add_train_bench(CLI::App* bench);
 void add_serve_bench(CLI::App* bench);
+void add_dist_bench(CLI::App* bench);  // cmd_bench_dist.cpp
 void add_report_command(CLI::App& app);
 void add_perplexity_command(CLI::App& app);
 void add_serve_command(CLI::App& app);

@@ -18,6 +18,7 @@ const char* coll_name(Coll c) {
     case Coll::AllToAll: return "all-to-all";
     case Coll::Broadcast: return "broadcast";
     case Coll::Barrier: return "barrier";
+    case Coll::Reduce: return "reduce";
     case Coll::kCount: break;
   }
   return "?";
@@ -63,6 +64,10 @@ class SingleProcess final : public Communicator {
   int size() const override { return 1; }
   void all_reduce_sum(float*, int64_t) override { ++stats_.calls[int(Coll::AllReduce)]; }
   void all_reduce_sum(double*, int64_t) override { ++stats_.calls[int(Coll::AllReduce)]; }
+  void reduce_sum(float*, int64_t, int root) override {
+    MOE_CHECK(root == 0, "reduce: root %d of a single process", root);
+    ++stats_.calls[int(Coll::Reduce)];
+  }
   void reduce_scatter_sum(const float* send, float* recv, int64_t n) override {
     if (n > 0 && send != recv) std::memmove(recv, send, size_t(n) * sizeof(float));
     ++stats_.calls[int(Coll::ReduceScatter)];

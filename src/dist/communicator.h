@@ -19,7 +19,7 @@
 
 namespace moe::dist {
 
-enum class Coll : int { AllReduce = 0, ReduceScatter, AllGather, AllToAll, Broadcast, Barrier, kCount };
+enum class Coll : int { AllReduce = 0, ReduceScatter, AllGather, AllToAll, Broadcast, Barrier, Reduce, kCount };
 constexpr int kNumColl = static_cast<int>(Coll::kCount);
 const char* coll_name(Coll c);
 
@@ -43,6 +43,8 @@ class Communicator {
   // rank gets the same bits.
   virtual void all_reduce_sum(float* x, int64_t n) = 0;
   virtual void all_reduce_sum(double* x, int64_t n) = 0;
+  // x[0..n) on `root` = the elementwise sum over ranks (in place; other ranks' x unchanged).
+  virtual void reduce_sum(float* x, int64_t n, int root) = 0;
   // recv[0..n) = the sum over ranks of send[rank()·n .. (rank()+1)·n) (send holds size()·n).
   virtual void reduce_scatter_sum(const float* send, float* recv, int64_t n) = 0;
   // recv (size()·bytes) = every rank's `bytes` bytes, in rank order.

@@ -76,6 +76,16 @@ class MpiComm final : public Communicator {
   void all_reduce_sum(float* x, int64_t n) override { reduce(x, n, MPI_FLOAT, sizeof(float)); }
   void all_reduce_sum(double* x, int64_t n) override { reduce(x, n, MPI_DOUBLE, sizeof(double)); }
 
+  void reduce_sum(float* x, int64_t n, int root) override {
+    Timer t(this, Coll::Reduce, rank_ == root ? 0 : n * int64_t(sizeof(float)));
+    constexpr int64_t kChunk = int64_t(1) << 28;
+    for (int64_t i = 0; i < n; i += kChunk) {
+      const int cnt = static_cast<int>(std::min(kChunk, n - i));
+      check(MPI_Reduce(rank_ == root ? MPI_IN_PLACE : x + i, rank_ == root ? x + i : nullptr, cnt, MPI_FLOAT, MPI_SUM,
+                       root, comm_),
+            "reduce");
+    }
+  }
   void reduce_scatter_sum(const float* send, float* recv, int64_t n) override {
     Timer t(this, Coll::ReduceScatter, int64_t(size_ - 1) * n * int64_t(sizeof(float)));
     std::vector<int> counts(size_t(size_), to_int(n, "reduce-scatter"));

@@ -2,6 +2,7 @@
 // (distributed.h).
 #include "train/distributed.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -64,47 +65,121 @@ Tensor local_batch(const Tensor& t, const dist::Parallel& par) {
   return o;
 }
 
-void all_reduce_grads(const dist::Parallel& par, const std::vector<NamedParam>& grads) {
+namespace {
+
+enum class Coll { AllReduce, Reduce, Broadcast };
+
+// Runs one kind of collective over a list of f32 tensors: dense ones over the world, routed
+// experts over their expert-DP group, packed into buckets (a tensor larger than a bucket goes
+// alone, in place). Reduce and Broadcast go to / come from each tensor's owner (owners[i], a
+// rank of that tensor's communicator), so tensors are bucketed per owner.
+void bucketed(const dist::Parallel& par, const std::vector<NamedParam>& ts, const std::vector<int>* owners, Coll op) {
   if (!par.distributed()) return;
   constexpr int64_t kBucket = int64_t(1) << 22;  // floats per collective (16 MiB)
   for (const bool experts : {false, true}) {
     dist::Communicator& comm = experts ? *par.expert_dp : *par.world;
     if (comm.size() == 1) continue;
-    std::vector<const NamedParam*> ps;
-    for (const NamedParam& g : grads)
-      if ((g.expert >= 0) == experts && g.value.numel() > 0) {
-        MOE_CHECK(g.value.dtype() == DType::F32, "all_reduce_grads: %s is not f32", g.name.c_str());
+    for (int root = 0; root < (op == Coll::AllReduce ? 1 : comm.size()); ++root) {
+      std::vector<const NamedParam*> ps;
+      int64_t small = 0;  // elements that go through the bucket
+      for (size_t i = 0; i < ts.size(); ++i) {
+        const NamedParam& g = ts[i];
+        if ((g.expert >= 0) != experts || g.value.numel() == 0) continue;
+        if (op != Coll::AllReduce && (*owners)[i] != root) continue;
+        MOE_CHECK(g.value.dtype() == DType::F32, "distributed %s: %s is not f32",
+                  op == Coll::Broadcast ? "broadcast" : "reduction", g.name.c_str());
         ps.push_back(&g);
+        if (g.value.numel() < kBucket) small += g.value.numel();
       }
-    int64_t small = 0;  // elements that go through the bucket
-    for (const NamedParam* p : ps)
-      if (p->value.numel() < kBucket) small += p->value.numel();
-    Tensor buf = Tensor::empty({std::max<int64_t>(1, std::min(kBucket, small))}, DType::F32, MemCategory::Comm);
-    float* b = buf.data<float>();
-    size_t i = 0;
-    while (i < ps.size()) {
-      // A tensor larger than the bucket goes alone, in place.
-      if (ps[i]->value.numel() >= kBucket) {
-        comm.all_reduce_sum(ps[i]->value.data<float>(), ps[i]->value.numel());
-        ++i;
-        continue;
+      if (ps.empty()) continue;
+      auto run = [&](float* x, int64_t n) {
+        if (op == Coll::AllReduce) comm.all_reduce_sum(x, n);
+        else if (op == Coll::Reduce) comm.reduce_sum(x, n, root);
+        else comm.broadcast(x, n * int64_t(sizeof(float)), root);
+      };
+      Tensor buf = Tensor::empty({std::max<int64_t>(1, std::min(kBucket, small))}, DType::F32, MemCategory::Comm);
+      float* b = buf.data<float>();
+      size_t i = 0;
+      while (i < ps.size()) {
+        if (ps[i]->value.numel() >= kBucket) {
+          run(ps[i]->value.data<float>(), ps[i]->value.numel());
+          ++i;
+          continue;
+        }
+        size_t j = i;
+        int64_t n = 0;
+        while (j < ps.size() && ps[j]->value.numel() < kBucket && n + ps[j]->value.numel() <= kBucket) {
+          std::memcpy(b + n, ps[j]->value.raw(), ps[j]->value.nbytes());
+          n += ps[j]->value.numel();
+          ++j;
+        }
+        run(b, n);
+        n = 0;
+        for (size_t q = i; q < j; ++q) {
+          std::memcpy(ps[q]->value.raw(), b + n, ps[q]->value.nbytes());
+          n += ps[q]->value.numel();
+        }
+        i = j;
       }
-      size_t j = i;
-      int64_t n = 0;
-      while (j < ps.size() && ps[j]->value.numel() < kBucket && n + ps[j]->value.numel() <= kBucket) {
-        std::memcpy(b + n, ps[j]->value.raw(), ps[j]->value.nbytes());
-        n += ps[j]->value.numel();
-        ++j;
-      }
-      comm.all_reduce_sum(b, n);
-      n = 0;
-      for (size_t q = i; q < j; ++q) {
-        std::memcpy(ps[q]->value.raw(), b + n, ps[q]->value.nbytes());
-        n += ps[q]->value.numel();
-      }
-      i = j;
     }
   }
+}
+
+}  // namespace
+
+void all_reduce_grads(const dist::Parallel& par, const std::vector<NamedParam>& grads) {
+  bucketed(par, grads, nullptr, Coll::AllReduce);
+}
+
+std::vector<int> shard_owners(const dist::Parallel& par, const std::vector<NamedParam>& params) {
+  // Greedy: the largest parameter first, to the least-loaded rank; ties to the lower rank.
+  std::vector<int> owner(params.size(), 0);
+  for (const bool experts : {false, true}) {
+    const int n = experts ? par.dp : par.size();
+    std::vector<size_t> order;
+    for (size_t i = 0; i < params.size(); ++i)
+      if ((params[i].expert >= 0) == experts) order.push_back(i);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return params[a].value.numel() > params[b].value.numel(); });
+    std::vector<int64_t> load(static_cast<size_t>(n), 0);
+    for (size_t i : order) {
+      const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
+      owner[i] = r;
+      load[size_t(r)] += params[i].value.numel();
+    }
+  }
+  return owner;
+}
+
+bool owns(const dist::Parallel& par, const NamedParam& p, int owner) {
+  return owner == (p.expert >= 0 ? par.expert_dp->rank() : par.rank());
+}
+
+void reduce_grads_to_owners(const dist::Parallel& par, const std::vector<NamedParam>& grads,
+                            const std::vector<int>& owners) {
+  bucketed(par, grads, &owners, Coll::Reduce);
+}
+
+void broadcast_from_owners(const dist::Parallel& par, const std::vector<NamedParam>& params,
+                           const std::vector<int>& owners) {
+  bucketed(par, params, &owners, Coll::Broadcast);
+}
+
+double clip_grad_norm_owned(const dist::Parallel& par, const std::vector<NamedParam>& grads,
+                            const std::vector<int>& owners, double max_norm) {
+  std::vector<NamedParam> mine;
+  for (size_t i = 0; i < grads.size(); ++i)
+    if (owns(par, grads[i], owners[i])) mine.push_back(grads[i]);
+  // Every parameter has exactly one owner in the job: the owners' squares summed are the norm's.
+  const double local = clip_grad_norm(mine, 0);
+  double ss = local * local;
+  par.world->all_reduce_sum(&ss, 1);
+  const double norm = std::sqrt(ss);
+  if (max_norm > 0) {
+    const double coef = max_norm / (norm + 1e-6);
+    if (coef < 1.0) scale_grads(mine, coef);
+  }
+  return norm;
 }
 
 ModelWeights gather_experts(const ModelConfig& c, const ModelWeights& w, const dist::Parallel& par) {
@@ -151,9 +226,12 @@ void put(std::vector<char>& b, const void* p, size_t n) {
 }  // namespace
 
 OptimizerSnapshot gather_optimizer(const dist::Parallel& par, const AdamW& opt,
-                                   const std::vector<std::string>& full_names) {
-  if (par.ep == 1) return snapshot(opt);
-  dist::Communicator& g = *par.ep_group;
+                                   const std::vector<std::string>& full_names, bool sharded) {
+  if (!par.distributed() || (par.ep == 1 && !sharded)) return par.rank() == 0 ? snapshot(opt) : OptimizerSnapshot{};
+  dist::Communicator& g = *par.world;
+  // Who sends what: with ZeRO every rank its own shard; else the routed experts of EP group 0's
+  // other ranks (every replica holds the same state).
+  auto sends = [&](const NamedParam& p) { return sharded || (p.expert >= 0 && par.rank() < par.ep); };
   const std::vector<NamedParam>& ps = opt.params();
   const std::vector<int64_t> steps = opt.step_counts();
   std::map<std::string, Tensor> state;
@@ -162,7 +240,7 @@ OptimizerSnapshot gather_optimizer(const dist::Parallel& par, const AdamW& opt,
   std::vector<char> mine;
   if (g.rank() != 0)
     for (size_t i = 0; i < ps.size(); ++i) {
-      if (ps[i].expert < 0) continue;
+      if (!sends(ps[i])) continue;
       const std::string& n = ps[i].name;
       const uint32_t len = uint32_t(n.size());
       put(mine, &len, sizeof len);

@@ -38,10 +38,26 @@ double clip_grad_norm_global(const dist::Parallel& par, const std::vector<NamedP
 double grad_sum_squares(const std::vector<NamedParam>& grads, bool experts);
 
 // The optimizer state of the whole model, in full_names order (trainer_state's "params"), on
-// rank 0 of the EP group: its own, and every other EP rank's experts' (collective over the EP
-// group; other ranks get an empty snapshot). snapshot(opt) when ep == 1.
+// world rank 0 (collective over the world; other ranks get an empty snapshot): its own, plus
+// what the other ranks send — with `sharded` (ZeRO-1) every rank its shard, else EP group 0's
+// other ranks their experts (replicas hold the same state).
 OptimizerSnapshot gather_optimizer(const dist::Parallel& par, const AdamW& opt,
-                                   const std::vector<std::string>& full_names);
+                                   const std::vector<std::string>& full_names, bool sharded = false);
+
+// ZeRO-1 (moe train --zero 1): the optimizer state is sharded by parameter. owner[i] says which
+// rank updates params[i] (a named_parameters list of the trainable weights, the same on every
+// rank of the parameter's communicator): dense parameters spread over the world's ranks, routed
+// experts over their expert-DP group, greedily by size. A step then reduces each gradient to its
+// owner only (reduce_grads_to_owners), the owners clip (clip_grad_norm_owned: the norm over
+// all owners) and update, and broadcast the new weights (broadcast_from_owners).
+std::vector<int> shard_owners(const dist::Parallel& par, const std::vector<NamedParam>& params);
+bool owns(const dist::Parallel& par, const NamedParam& p, int owner);
+void reduce_grads_to_owners(const dist::Parallel& par, const std::vector<NamedParam>& grads,
+                            const std::vector<int>& owners);
+void broadcast_from_owners(const dist::Parallel& par, const std::vector<NamedParam>& params,
+                           const std::vector<int>& owners);
+double clip_grad_norm_owned(const dist::Parallel& par, const std::vector<NamedParam>& grads,
+                            const std::vector<int>& owners, double max_norm);
 
 // The per-rank memory report: every rank's host peak per category, printed by rank 0 when
 // `print` (collective over the world).

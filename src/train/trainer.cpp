@@ -295,7 +295,20 @@ double run_training(const TrainConfig& cfg) {
   // The fused update never holds the whole-model gradient: no gradient tensors here.
   ModelWeights grads = cfg.fused_update ? ModelWeights() : zeros_like(mc, m.weights(), MemCategory::Grads);
   const std::vector<NamedParam> gparams = cfg.fused_update ? std::vector<NamedParam>() : named_parameters(mc, grads);
-  AdamW opt(named_parameters(mc, m.weights(), true), gparams, cfg.adamw);
+  // ZeRO-1: this rank keeps optimizer state for (and updates) only the parameters it owns.
+  MOE_CHECK(cfg.zero == 0 || cfg.zero == 1, "--zero must be 0 or 1, got %d", cfg.zero);
+  const bool zero = cfg.zero == 1 && par->distributed();
+  MOE_CHECK(!zero || (!cfg.fused_update && !ft), "--zero 1 works with moe train without --fused-update (for now)");
+  const std::vector<NamedParam> wparams = named_parameters(mc, m.weights(), true);
+  const std::vector<int> owners = zero ? shard_owners(*par, wparams) : std::vector<int>();
+  auto owned = [&](const std::vector<NamedParam>& all) {
+    if (!zero) return all;
+    std::vector<NamedParam> out;
+    for (size_t i = 0; i < all.size(); ++i)
+      if (owns(*par, wparams[i], owners[i])) out.push_back(all[i]);
+    return out;
+  };
+  AdamW opt(owned(wparams), owned(gparams), cfg.adamw);
   LossOptions lopt;
   lopt.aux_coef = cfg.aux_coef >= 0 ? cfg.aux_coef : mc.router_aux_loss_coef;
   lopt.z_coef = cfg.z_coef;
@@ -342,7 +355,7 @@ double run_training(const TrainConfig& cfg) {
                              {"lr", cfg.lr}, {"capacity_factor", cfg.capacity_factor}, {"bias_balance", cfg.bias_rate},
                              {"fused_update", cfg.fused_update}, {"optimizer_dtype", dtype_name(cfg.adamw.state_dtype)},
                              {"weight_dtype", dtype_name(cfg.weight_dtype)}, {"ranks", par->size()},
-                             {"ep", par->ep}, {"dp", par->dp}};
+                             {"ep", par->ep}, {"dp", par->dp}, {"zero", zero ? 1 : 0}};
   if (ft) {
     run_info["finetune"] = {{"r", lcfg.r}, {"lora_alpha", lcfg.alpha}, {"use_rslora", lcfg.rslora},
                             {"target_modules", lcfg.target_modules}, {"train_router", lcfg.train_router},
@@ -375,11 +388,8 @@ double run_training(const TrainConfig& cfg) {
     // Written once, by rank 0: under expert parallelism its EP group first gathers the experts
     // and their optimizer state (a checkpoint is the whole model, whatever the ranks).
     Model whole = m;
-    OptimizerSnapshot snap;
-    if (par->rank() < par->ep) {
-      whole.mutable_weights() = gather_experts(mc, m.weights(), *par);
-      snap = gather_optimizer(*par, opt, full_names);
-    }
+    if (par->rank() < par->ep) whole.mutable_weights() = gather_experts(mc, m.weights(), *par);
+    const OptimizerSnapshot snap = gather_optimizer(*par, opt, full_names, zero);
     if (lead) save_checkpoint(dir, whole, snap, st, tok_from, ft ? &lcfg : nullptr);
     par->world->barrier();
     last_ckpt = dir;
@@ -490,7 +500,10 @@ double run_training(const TrainConfig& cfg) {
         }
       }
     }
-    if (!cfg.fused_update) all_reduce_grads(*par, gparams);
+    if (!cfg.fused_update) {
+      if (zero) reduce_grads_to_owners(*par, gparams, owners);
+      else all_reduce_grads(*par, gparams);
+    }
     if (!std::isfinite(loss))
       MOE_FAIL("loss is %s at step %lld; stopping. The last good checkpoint is %s", std::isnan(loss) ? "NaN" : "Inf",
                (long long)step + 1, last_ckpt.empty() ? "(none yet)" : last_ckpt.c_str());
@@ -508,11 +521,14 @@ double run_training(const TrainConfig& cfg) {
       par->ep_group->all_reduce_sum(&fused_ss_exp, 1);
       fused_ss += fused_ss_exp;
     }
-    const double gnorm = cfg.fused_update ? std::sqrt(fused_ss) : clip_grad_norm_global(*par, gparams, cfg.clip);
+    const double gnorm = cfg.fused_update ? std::sqrt(fused_ss)
+                         : zero            ? clip_grad_norm_owned(*par, gparams, owners, cfg.clip)
+                                           : clip_grad_norm_global(*par, gparams, cfg.clip);
     MOE_CHECK(std::isfinite(gnorm), "gradient norm is not finite at step %lld; stopping. The last good checkpoint is %s",
               (long long)step + 1, last_ckpt.empty() ? "(none yet)" : last_ckpt.c_str());
     if (!cfg.fused_update) {
       opt.step(lr, touched);
+      if (zero) broadcast_from_owners(*par, wparams, owners);
       if (mixed) refresh_compute_copy(mc, m.weights(), cm.mutable_weights(), kAllGroups);
     }
     if (cfg.bias_rate > 0 && !load.empty()) {

@@ -51,6 +51,7 @@ struct TrainConfig {
   // data-parallel replicas (0: derived from the other and the number of ranks).
   int ep = 0, dp = 0;
   double dist_timeout = 600;  // seconds a collective may wait before the job is ended
+  int zero = 0;  // 1: ZeRO-1, the optimizer state sharded by parameter over the ranks sharing it
   // Testing only: rank test_fail_rank dies (SIGKILL) or hangs (test_fail_hang) when step
   // test_fail_step starts — the failure-handling tests' injected fault.
   int64_t test_fail_step = 0;
