@@ -1,19 +1,25 @@
 // mpi_communicator.cpp — the Communicator over Open MPI (built when CMake finds MPI).
 //
-// Reductions are MPI_Reduce to rank 0 then MPI_Bcast rather than MPI_Allreduce: MPI does not
-// promise that an all-reduce gives every rank the same bits, and replicated parameters updated
-// from slightly different gradients would drift apart step by step.
+// All-reduce is not MPI_Allreduce: MPI does not promise that it gives every rank the same bits,
+// and replicated parameters updated from slightly different gradients would drift apart step by
+// step. Instead each element is summed once, by one rank, and the sums are copied to everyone:
+// large vectors as a reduce-scatter (rank q sums chunk q) then an all-gather — every rank sends
+// 2(G-1)/G of the vector, no rank is a bottleneck — and small ones as a reduce to rank 0 then a
+// broadcast. Either way the group sends 2(G-1)·n elements in all.
 // Counts are int in MPI 3: large reductions go in chunks; an exchange over 2 GiB is an error.
 #include <mpi.h>
 
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <cstring>
 #include <cstdio>
 #include <thread>
+#include <vector>
 #include <unistd.h>
 
 #include "core/error.h"
+#include "core/tensor.h"
 #include "dist/mpi_backend.h"
 
 namespace moe::dist {
@@ -153,18 +159,37 @@ class MpiComm final : public Communicator {
     double t0_;
   };
 
-  // Reduce to rank 0, then broadcast: the same bits on every rank (see the file comment).
+  // Every element summed once, then copied to all ranks: the same bits everywhere (see the file
+  // comment).
   void reduce(void* x, int64_t n, MPI_Datatype dt, size_t elem) {
-    // Bytes sent by this rank: its contribution (not rank 0) and rank 0's broadcast.
-    Timer t(this, Coll::AllReduce, rank_ == 0 ? int64_t(size_ - 1) * n * int64_t(elem) : n * int64_t(elem));
-    constexpr int64_t kChunk = int64_t(1) << 28;
+    constexpr int64_t kChunk = int64_t(1) << 28;  // elements per round (MPI's int counts)
     char* p = static_cast<char*>(x);
     for (int64_t i = 0; i < n; i += kChunk) {
-      const int cnt = static_cast<int>(std::min(kChunk, n - i));
+      const int64_t cnt = std::min(kChunk, n - i);
       void* at = p + size_t(i) * elem;
-      check(MPI_Reduce(rank_ == 0 ? MPI_IN_PLACE : at, rank_ == 0 ? at : nullptr, cnt, dt, MPI_SUM, 0, comm_),
-            "all-reduce");
-      check(MPI_Bcast(at, cnt, dt, 0, comm_), "all-reduce");
+      if (cnt < int64_t(size_) * 256) {
+        // Bytes sent: rank 0 its broadcast, the others their contribution.
+        Timer t(this, Coll::AllReduce, rank_ == 0 ? int64_t(size_ - 1) * cnt * int64_t(elem) : cnt * int64_t(elem));
+        check(MPI_Reduce(rank_ == 0 ? MPI_IN_PLACE : at, rank_ == 0 ? at : nullptr, int(cnt), dt, MPI_SUM, 0, comm_),
+              "all-reduce");
+        check(MPI_Bcast(at, int(cnt), dt, 0, comm_), "all-reduce");
+        continue;
+      }
+      // Rank q's chunk: [q·cnt/G, (q+1)·cnt/G).
+      std::vector<int> counts(static_cast<size_t>(size_)), displs(static_cast<size_t>(size_));
+      for (int q = 0; q < size_; ++q) {
+        const int64_t b = cnt * q / size_, e = cnt * (q + 1) / size_;
+        counts[size_t(q)] = int(e - b);
+        displs[size_t(q)] = int(b);
+      }
+      const int64_t mine = counts[size_t(rank_)];
+      // Bytes sent: the other ranks' chunks of this rank's vector, then its own chunk to each.
+      Timer t(this, Coll::AllReduce, (cnt - mine) * int64_t(elem) + int64_t(size_ - 1) * mine * int64_t(elem));
+      char* own = static_cast<char*>(at) + size_t(displs[size_t(rank_)]) * elem;
+      Tensor sum = Tensor::empty({std::max<int64_t>(mine, 1) * int64_t(elem)}, DType::U8, MemCategory::Comm);
+      check(MPI_Reduce_scatter(at, sum.raw(), counts.data(), dt, MPI_SUM, comm_), "all-reduce (reduce-scatter)");
+      std::memcpy(own, sum.raw(), size_t(mine) * elem);
+      check(MPI_Allgatherv(MPI_IN_PLACE, 0, dt, at, counts.data(), displs.data(), dt, comm_), "all-reduce (all-gather)");
     }
   }
 

@@ -73,7 +73,10 @@ enum class Coll { AllReduce, Reduce, Broadcast };
 // experts over their expert-DP group, packed into buckets (a tensor larger than a bucket goes
 // alone, in place). Reduce and Broadcast go to / come from each tensor's owner (owners[i], a
 // rank of that tensor's communicator), so tensors are bucketed per owner.
-void bucketed(const dist::Parallel& par, const std::vector<NamedParam>& ts, const std::vector<int>* owners, Coll op) {
+// touched (reductions of gradients): routed experts that received no token anywhere are left out
+// (their gradient is zero on every rank).
+void bucketed(const dist::Parallel& par, const std::vector<NamedParam>& ts, const std::vector<int>* owners, Coll op,
+              const std::vector<std::vector<bool>>* touched = nullptr) {
   if (!par.distributed()) return;
   constexpr int64_t kBucket = int64_t(1) << 22;  // floats per collective (16 MiB)
   for (const bool experts : {false, true}) {
@@ -86,6 +89,7 @@ void bucketed(const dist::Parallel& par, const std::vector<NamedParam>& ts, cons
         const NamedParam& g = ts[i];
         if ((g.expert >= 0) != experts || g.value.numel() == 0) continue;
         if (op != Coll::AllReduce && (*owners)[i] != root) continue;
+        if (touched && g.expert >= 0 && g.layer >= 0 && !(*touched)[size_t(g.layer)][size_t(g.expert)]) continue;
         MOE_CHECK(g.value.dtype() == DType::F32, "distributed %s: %s is not f32",
                   op == Coll::Broadcast ? "broadcast" : "reduction", g.name.c_str());
         ps.push_back(&g);
@@ -127,8 +131,9 @@ void bucketed(const dist::Parallel& par, const std::vector<NamedParam>& ts, cons
 
 }  // namespace
 
-void all_reduce_grads(const dist::Parallel& par, const std::vector<NamedParam>& grads) {
-  bucketed(par, grads, nullptr, Coll::AllReduce);
+void all_reduce_grads(const dist::Parallel& par, const std::vector<NamedParam>& grads,
+                      const std::vector<std::vector<bool>>* touched) {
+  bucketed(par, grads, nullptr, Coll::AllReduce, touched);
 }
 
 std::vector<int> shard_owners(const dist::Parallel& par, const std::vector<NamedParam>& params) {
@@ -156,8 +161,8 @@ bool owns(const dist::Parallel& par, const NamedParam& p, int owner) {
 }
 
 void reduce_grads_to_owners(const dist::Parallel& par, const std::vector<NamedParam>& grads,
-                            const std::vector<int>& owners) {
-  bucketed(par, grads, &owners, Coll::Reduce);
+                            const std::vector<int>& owners, const std::vector<std::vector<bool>>* touched) {
+  bucketed(par, grads, &owners, Coll::Reduce, touched);
 }
 
 void broadcast_from_owners(const dist::Parallel& par, const std::vector<NamedParam>& params,

@@ -22,7 +22,10 @@ Tensor local_batch(const Tensor& t, const dist::Parallel& par);
 
 // Sums each gradient over the ranks holding its parameter: routed experts over par.expert_dp,
 // everything else over par.world; packed into buckets so a step makes few collectives.
-void all_reduce_grads(const dist::Parallel& par, const std::vector<NamedParam>& grads);
+// touched[layer][expert] (the step's global routing, the same on every rank): routed experts
+// that received no token are skipped — their gradient is zero on every rank.
+void all_reduce_grads(const dist::Parallel& par, const std::vector<NamedParam>& grads,
+                      const std::vector<std::vector<bool>>* touched = nullptr);
 
 // The model's whole expert stacks from the EP group's slices (all-gather; collective): a
 // ModelWeights sharing every other tensor with w, with expert_begin 0. w itself when ep == 1.
@@ -53,7 +56,7 @@ OptimizerSnapshot gather_optimizer(const dist::Parallel& par, const AdamW& opt,
 std::vector<int> shard_owners(const dist::Parallel& par, const std::vector<NamedParam>& params);
 bool owns(const dist::Parallel& par, const NamedParam& p, int owner);
 void reduce_grads_to_owners(const dist::Parallel& par, const std::vector<NamedParam>& grads,
-                            const std::vector<int>& owners);
+                            const std::vector<int>& owners, const std::vector<std::vector<bool>>* touched = nullptr);
 void broadcast_from_owners(const dist::Parallel& par, const std::vector<NamedParam>& params,
                            const std::vector<int>& owners);
 double clip_grad_norm_owned(const dist::Parallel& par, const std::vector<NamedParam>& grads,

@@ -462,7 +462,7 @@ double run_training(const TrainConfig& cfg) {
             if (fw.router[i].count[e] > 0) touched[static_cast<size_t>(fw.moe_layers[i])][e] = true;
       }
       const std::vector<NamedParam> gg = group_parameters(mc, g, group);
-      all_reduce_grads(*par, gg);
+      all_reduce_grads(*par, gg, &touched);
       if (ft) observe_grads(gg);
       if (par->ep > 1) fused_ss_exp += grad_sum_squares(gg, true);
       fused_ss += opt.step_group(lr, touched, gg);
@@ -501,8 +501,8 @@ double run_training(const TrainConfig& cfg) {
       }
     }
     if (!cfg.fused_update) {
-      if (zero) reduce_grads_to_owners(*par, gparams, owners);
-      else all_reduce_grads(*par, gparams);
+      if (zero) reduce_grads_to_owners(*par, gparams, owners, &touched);
+      else all_reduce_grads(*par, gparams, &touched);
     }
     if (!std::isfinite(loss))
       MOE_FAIL("loss is %s at step %lld; stopping. The last good checkpoint is %s", std::isnan(loss) ? "NaN" : "Inf",
