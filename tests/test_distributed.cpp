@@ -116,8 +116,8 @@ struct Layout {
   int np;
   std::string flags;
 };
-const std::vector<Layout> kLayouts = {
-    {2, "--dp 2"}, {2, "--ep 2"}, {4, "--ep 2 --dp 2"}, {4, "--ep 4"}, {4, "--dp 4"}};
+const std::vector<Layout> kLayouts = {{2, "--dp 2"},  {2, "--ep 2"},  {4, "--ep 2 --dp 2"},
+                                      {4, "--ep 4"},  {4, "--dp 4"},  {2, "--ep 2 --recompute"}};
 
 class DistGrad : public ::testing::TestWithParam<std::string> {};
 
@@ -312,6 +312,21 @@ TEST(DistTrain, LossCurveAndResumeAcrossRankCounts) {
   // differs run to run; measured 2.6e-5 after 20 steps.)
   std::string name;
   EXPECT_LE(worst_rel(d + "/one/final/model.safetensors", d + "/np2ep/final/model.safetensors", &name), 1e-4) << name;
+}
+
+// The fused update (each layer's gradients reduced and applied as they become final) under
+// EP x DP gives one process's fused run.
+TEST(DistTrain, FusedUpdateUnderEpDp) {
+  REQUIRE_MPI();
+  const std::string dir = fixture("qwen2_moe");
+  if (!fs::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
+  const std::string d = scratch("fused");
+  const std::string flags = " train " + dir + " --data " + write_rows(d) +
+                            " --batch-size 4 --steps 10 --lr 1e-3 --clip 0 --fused-update --val-fraction 0 --seed 3"
+                            " --quiet --out ";
+  ASSERT_EQ(run(kOne + moe_bin() + flags + d + "/one"), 0);
+  ASSERT_EQ(run(mpirun(4) + moe_bin() + flags + d + "/four --ep 2 --dp 2"), 0);
+  expect_same_curve(read_metrics(d + "/one"), read_metrics(d + "/four"), 10, "fused --ep 2 --dp 2");
 }
 
 // The fixture's five float64 torch.optim.AdamW steps, replayed under expert parallelism.
