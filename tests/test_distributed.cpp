@@ -329,6 +329,30 @@ TEST(DistTrain, FusedUpdateUnderEpDp) {
   expect_same_curve(read_metrics(d + "/one"), read_metrics(d + "/four"), 10, "fused --ep 2 --dp 2");
 }
 
+// LoRA fine-tuning: adapters on attention and the routed experts under --dp 2, on attention
+// only under --ep 2, each the loss curve of one process; the adapter is written once.
+TEST(DistFinetune, LoraUnderDpAndEp) {
+  REQUIRE_MPI();
+  const std::string dir = fixture("qwen3_moe");
+  if (!fs::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
+  const std::string d = scratch("finetune");
+  const std::string flags = " finetune " + dir + " --data " + write_rows(d) +
+                            " --batch-size 4 --steps 6 --lr 1e-3 --val-fraction 0 --seed 3 --lora-r 4 --quiet";
+  for (const auto& [targets, layout] : {std::pair{std::string("q_proj,v_proj,gate_proj,up_proj,down_proj"), std::string("--dp 2")},
+                                        std::pair{std::string("q_proj,v_proj,o_proj"), std::string("--ep 2")}}) {
+    const std::string t = " --target-modules " + targets + " --out ";
+    const std::string tag = layout.substr(2, 2);
+    ASSERT_EQ(run(kOne + moe_bin() + flags + t + d + "/one-" + tag), 0);
+    ASSERT_EQ(run(mpirun(2) + moe_bin() + flags + t + d + "/two-" + tag + " " + layout), 0) << layout;
+    expect_same_curve(read_metrics(d + "/one-" + tag), read_metrics(d + "/two-" + tag), 6, layout);
+    std::string name;
+    EXPECT_LE(worst_rel(d + "/one-" + tag + "/final/adapter_model.safetensors",
+                        d + "/two-" + tag + "/final/adapter_model.safetensors", &name),
+              1e-4)
+        << layout << ": " << name;
+  }
+}
+
 // The fixture's five float64 torch.optim.AdamW steps, replayed under expert parallelism.
 TEST(DistTrain, AdamWTrajectoryUnderExpertParallel) {
   REQUIRE_MPI();
