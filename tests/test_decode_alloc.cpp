@@ -4,9 +4,9 @@
 // After a prompt and two warm-up tokens, N more decode steps (Model::forward on one token per
 // sequence, then sampling) must make no C++ heap allocation (every operator new in this test
 // binary is counted) and take no host block from the system (mem_system_allocs: tensor bytes
-// come from blocks the tracker keeps for reuse). Covered: the three fixture families with f32,
-// bf16 and q8_0 weights; one sequence; and a batch of two sequences at different positions
-// (the per-row attention path the server's continuous batching uses).
+// come from blocks the tracker keeps for reuse). Covered: the mixtral, qwen2_moe, qwen3_moe and
+// olmoe fixtures with f32, bf16 and q8_0 weights; one sequence; and a batch of two sequences at
+// different positions (the per-row attention path the server's continuous batching uses).
 //
 // Sanitizer builds free every block at once on purpose (so ASan sees a use after free) and
 // keep ASan's own operator new: the test is skipped there and runs in the release stage.
@@ -172,7 +172,7 @@ TEST(DecodeAllocCounters, CountWhatAllocates) {
   EXPECT_EQ(now_counts().blocks - c3.blocks, 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, DecodeAlloc, testing::Values("mixtral", "qwen2_moe", "qwen3_moe"));
+INSTANTIATE_TEST_SUITE_P(Fixtures, DecodeAlloc, testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"));
 #else
 TEST(DecodeAlloc, SkippedUnderSanitizers) {
   GTEST_SKIP() << "sanitizer builds free every block at once and own operator new: checked in the release build";

@@ -1,4 +1,4 @@
-// test_hf_config.cpp — config.json parsing for mixtral / qwen2_moe / qwen3_moe against the
+// test_hf_config.cpp — config.json parsing for mixtral / qwen2_moe / qwen3_moe / olmoe against the
 // reference fixtures, the to_json round trip, per-family defaults and rules, and bad input.
 #include <gtest/gtest.h>
 
@@ -62,7 +62,7 @@ TEST(HfConfig, MixtralFixture) {
   EXPECT_TRUE(c.norm_topk_prob);
   EXPECT_FALSE(c.attn_qkv_bias);
   EXPECT_FALSE(c.attn_o_bias);
-  EXPECT_FALSE(c.qk_norm);
+  EXPECT_EQ(c.qk_norm, QkNormKind::None);
   EXPECT_DOUBLE_EQ(c.rope_theta, 1e6);
   EXPECT_DOUBLE_EQ(c.rms_norm_eps, 1e-5);
   EXPECT_DOUBLE_EQ(c.router_aux_loss_coef, 0.02);
@@ -94,7 +94,7 @@ TEST(HfConfig, Qwen2MoeFixture) {
   EXPECT_TRUE(c.mlp_only_layers.empty());
   EXPECT_TRUE(c.attn_qkv_bias);
   EXPECT_FALSE(c.attn_o_bias);
-  EXPECT_FALSE(c.qk_norm);
+  EXPECT_EQ(c.qk_norm, QkNormKind::None);
   EXPECT_DOUBLE_EQ(c.rope_theta, 1e6);
   EXPECT_DOUBLE_EQ(c.rms_norm_eps, 1e-6);
   EXPECT_DOUBLE_EQ(c.router_aux_loss_coef, 0.02);
@@ -120,7 +120,7 @@ TEST(HfConfig, Qwen3MoeFixture) {
   EXPECT_EQ(c.n_expert, 8);
   EXPECT_EQ(c.n_expert_used, 2);
   EXPECT_TRUE(c.norm_topk_prob);
-  EXPECT_TRUE(c.qk_norm);
+  EXPECT_EQ(c.qk_norm, QkNormKind::PerHead);
   EXPECT_FALSE(c.attn_qkv_bias);
   EXPECT_FALSE(c.attn_o_bias);
   EXPECT_DOUBLE_EQ(c.rope_theta, 1e6);
@@ -131,8 +131,110 @@ TEST(HfConfig, Qwen3MoeFixture) {
   EXPECT_TRUE(c.layer_is_moe(1));
 }
 
+TEST(HfConfig, OlmoeFixture) {
+  ModelConfig c = load_hf_config(fixture_config("olmoe"));
+  EXPECT_EQ(c.model_type, "olmoe");
+  EXPECT_EQ(c.vocab_size, 256);
+  EXPECT_EQ(c.hidden_size, 64);
+  EXPECT_EQ(c.n_layer, 2);
+  EXPECT_EQ(c.n_head, 4);
+  EXPECT_EQ(c.n_head_kv, 4);
+  EXPECT_EQ(c.head_dim, 16);             // always hidden / heads
+  EXPECT_EQ(c.intermediate_size, 32);    // the expert width
+  EXPECT_EQ(c.moe_intermediate_size, 32);
+  EXPECT_EQ(c.shared_expert_intermediate_size, 0);
+  EXPECT_EQ(c.n_expert, 8);
+  EXPECT_EQ(c.n_expert_used, 2);
+  EXPECT_FALSE(c.norm_topk_prob);
+  EXPECT_EQ(c.qk_norm, QkNormKind::Full);
+  EXPECT_EQ(c.q_norm_dim(), 64);         // q_norm [H*Dh] = hidden_size
+  EXPECT_EQ(c.k_norm_dim(), 64);         // k_norm [Hkv*Dh]
+  EXPECT_FALSE(c.attn_qkv_bias);
+  EXPECT_FALSE(c.attn_o_bias);
+  EXPECT_DOUBLE_EQ(c.rope_theta, 10000.0);
+  EXPECT_DOUBLE_EQ(c.rms_norm_eps, 1e-5);
+  EXPECT_DOUBLE_EQ(c.router_aux_loss_coef, 0.02);
+  EXPECT_EQ(c.max_position_embeddings, 4096);
+  EXPECT_EQ(c.bos_token_id, -1);  // null
+  EXPECT_EQ(c.eos_token_id, 2);
+  EXPECT_EQ(c.pad_token_id, 1);   // HF's padding_idx
+  EXPECT_FALSE(c.tie_word_embeddings);
+  EXPECT_TRUE(c.layer_is_moe(0));
+  EXPECT_TRUE(c.layer_is_moe(1));
+}
+
+// OlmoeConfig's defaults (transformers configuration_olmoe.py) for the fields a config may omit,
+// GQA (k_norm spans Hkv*Dh), and what to_json writes for HF.
+TEST(HfConfig, OlmoeDefaultsAndJson) {
+  json j = {{"model_type", "olmoe"},        {"vocab_size", 100},       {"hidden_size", 32},
+            {"intermediate_size", 16},      {"num_hidden_layers", 3},  {"num_attention_heads", 4},
+            {"num_key_value_heads", 2},     {"num_experts", 4},        {"num_experts_per_tok", 2}};
+  ModelConfig c = parse(j);
+  EXPECT_EQ(c.head_dim, 8);
+  EXPECT_EQ(c.q_norm_dim(), 32);
+  EXPECT_EQ(c.k_norm_dim(), 16);
+  EXPECT_EQ(c.moe_intermediate_size, 16);
+  EXPECT_FALSE(c.norm_topk_prob);
+  EXPECT_DOUBLE_EQ(c.rope_theta, 10000.0);
+  EXPECT_DOUBLE_EQ(c.rms_norm_eps, 1e-5);
+  EXPECT_DOUBLE_EQ(c.router_aux_loss_coef, 0.01);
+  EXPECT_EQ(c.max_position_embeddings, 4096);
+  EXPECT_EQ(c.bos_token_id, -1);
+  EXPECT_EQ(c.eos_token_id, 50279);
+  EXPECT_EQ(c.pad_token_id, 1);
+  for (int64_t l = 0; l < 3; ++l) EXPECT_TRUE(c.layer_is_moe(l));
+  // null pad_token_id: no padding_idx (nn.Embedding(..., None)); renormalisation when asked.
+  j["pad_token_id"] = nullptr;
+  j["norm_topk_prob"] = true;
+  j["attention_bias"] = true;
+  j["head_dim"] = 8;  // allowed when it agrees with hidden / heads
+  c = parse(j);
+  EXPECT_EQ(c.pad_token_id, -1);
+  EXPECT_TRUE(c.norm_topk_prob);
+  EXPECT_TRUE(c.attn_qkv_bias);
+  EXPECT_TRUE(c.attn_o_bias);
+  const std::string text = hf_config_to_json(c);
+  EXPECT_EQ(parse_hf_config(text, "rt"), c);
+  const json out = json::parse(text);
+  EXPECT_EQ(out["architectures"][0], "OlmoeForCausalLM");
+  EXPECT_EQ(out["num_experts"], 4);
+  EXPECT_EQ(out["intermediate_size"], 16);
+  EXPECT_EQ(out["attention_bias"], true);
+  EXPECT_EQ(out["norm_topk_prob"], true);
+  EXPECT_TRUE(out.contains("clip_qkv") && out["clip_qkv"].is_null());
+  EXPECT_TRUE(out["pad_token_id"].is_null());
+  // Fields OlmoeConfig does not have are not written.
+  for (const char* k : {"head_dim", "moe_intermediate_size", "mlp_only_layers", "decoder_sparse_step",
+                        "num_local_experts", "qkv_bias", "shared_expert_intermediate_size"})
+    EXPECT_FALSE(out.contains(k)) << k;
+  // What an olmoe config cannot say is refused rather than lost.
+  ModelConfig bad = c;
+  bad.qk_norm = QkNormKind::PerHead;
+  expect_error([&] { hf_config_to_json(bad); }, {"olmoe cannot express qk_norm"});
+  bad = c;
+  bad.moe_intermediate_size = 8;
+  expect_error([&] { hf_config_to_json(bad); }, {"olmoe", "moe_intermediate_size == intermediate_size"});
+}
+
+// clip_qkv: null (every released OLMoE) loads; a value is refused naming the field, since the
+// engine's attention does not clamp q/k/v.
+TEST(HfConfig, OlmoeClipQkv) {
+  json j = {{"model_type", "olmoe"},   {"vocab_size", 100},      {"hidden_size", 32}, {"intermediate_size", 16},
+            {"num_hidden_layers", 1},  {"num_attention_heads", 4}, {"num_experts", 4}, {"num_experts_per_tok", 2},
+            {"clip_qkv", nullptr}};
+  EXPECT_EQ(parse(j).qk_norm, QkNormKind::Full);
+  j["clip_qkv"] = 8.0;
+  expect_error([&] { parse(j); }, {"cfg.json", "field 'clip_qkv' is 8", "not supported"});
+  j["clip_qkv"] = 1;
+  expect_error([&] { parse(j); }, {"field 'clip_qkv'"});
+  // A head_dim other than hidden / heads would not fit q_norm [hidden_size].
+  j["clip_qkv"] = nullptr;
+  j["head_dim"] = 16;
+  expect_error([&] { parse(j); }, {"cfg.json", "field 'head_dim' is 16", "= 8 wide"});
+}
+
 TEST(HfConfig, RoundTripThroughJson) {
-  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe"}) {
+  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}) {
     SCOPED_TRACE(arch);
     ModelConfig c = load_hf_config(fixture_config(arch));
     std::string text = hf_config_to_json(c);
@@ -147,6 +249,8 @@ TEST(HfConfig, RoundTripThroughJson) {
             "Qwen2MoeForCausalLM");
   EXPECT_EQ(json::parse(hf_config_to_json(load_hf_config(fixture_config("qwen3_moe"))))["architectures"][0],
             "Qwen3MoeForCausalLM");
+  EXPECT_EQ(json::parse(hf_config_to_json(load_hf_config(fixture_config("olmoe"))))["architectures"][0],
+            "OlmoeForCausalLM");
 
   // Non-default values survive too.
   json j = qwen2_base();
@@ -201,7 +305,7 @@ TEST(HfConfig, FamilyDefaultsAndVariants) {
   j["attention_bias"] = true;
   j["dtype"] = "float16";  // newer transformers spelling
   c = parse(j);
-  EXPECT_TRUE(c.qk_norm);
+  EXPECT_EQ(c.qk_norm, QkNormKind::PerHead);
   EXPECT_TRUE(c.attn_qkv_bias);
   EXPECT_TRUE(c.attn_o_bias);
   EXPECT_FALSE(c.norm_topk_prob);  // Qwen3MoeConfig default
@@ -226,7 +330,7 @@ TEST(HfConfig, Errors) {
   expect_error([] { parse_hf_config("{\"model_type\": ", "bad.json"); }, {"bad.json: malformed JSON:"});
   expect_error([] { parse_hf_config("[1]", "arr.json"); }, {"arr.json", "object"});
   expect_error([] { parse_hf_config(R"({"model_type": "llama"})", "c.json"); },
-               {"c.json: unsupported model_type 'llama' (supported: mixtral, qwen2_moe, qwen3_moe)"});
+               {"c.json: unsupported model_type 'llama' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe)"});
   expect_error([] { parse_hf_config(R"({"hidden_size": 4})", "c.json"); }, {"missing field 'model_type'"});
   expect_error([] { load_hf_config("/nonexistent/config.json"); }, {"/nonexistent/config.json", "cannot open"});
 

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -149,7 +150,7 @@ TEST_P(LoraReference, AdapterRoundTrip) {
   EXPECT_EQ(loss_of(a, dir).loss_ce, loss_of(b, dir).loss_ce);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, LoraReference, testing::Values("mixtral", "qwen2_moe", "qwen3_moe"),
+INSTANTIATE_TEST_SUITE_P(Fixtures, LoraReference, testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
                          [](const testing::TestParamInfo<std::string>& p) { return p.param; });
 
 // Routed experts: the file's tensor of expert e lands in slot e of the stacked factors (a swap
@@ -267,19 +268,31 @@ TEST(Nf4, RoundTripErrorWithinTheBound) {
 // (f32) — the NF4 GEMM paths (forward and backward, dense and grouped experts) dequantize exactly.
 // The int8 option (q8_0 blocks): forward products round activations to int8 blocks, so its
 // gradients are close to, not equal to, those on the dequantized base (measured 1.5-3.7%, bounded
-// here at 5%).
+// here at 5%). That rounding can also flip a router choice whose margin is below it (the
+// fixtures' 1e-4 margins are against f32 rounding): on olmoe one layer-1 token moves between two
+// experts, whose adapters then see other tokens; their gradients are left out of the comparison.
 TEST_P(LoraReference, QloraGradsEqualLoraOnTheDequantizedBase) {
   for (DType qdt : {DType::NF4, DType::Q8_0}) {
   SCOPED_TRACE(dtype_name(qdt));
   const double tol = qdt == DType::NF4 ? 1e-4 : 5e-2;
   const std::string dir = fixture(GetParam());
   if (!fs::exists(dir + "/lora")) GTEST_SKIP() << "SKIPPED: fixture adapter not found";
+  struct Run {
+    std::vector<std::pair<std::string, std::vector<float>>> grads;
+    std::vector<std::pair<int64_t, int64_t>> where;  // (layer, expert) of each gradient; -1: none
+    std::vector<int64_t> moe_layers;                 // decoder layer of each entry of counts
+    std::vector<std::vector<float>> counts;          // tokens per expert
+  };
   auto grads_of = [&](bool quantized) {
     Model m = load_f32(dir);
     ModelWeights& w = m.mutable_weights();
     if (quantized) {
       quantize_frozen_base(m.config(), w, qdt);
-      EXPECT_EQ(w.layers[0].w1.dtype(), qdt);
+      // A layer's routed experts are quantized together, or kept f32 together where w2's rows
+      // (F wide) are not whole blocks (olmoe's F = 32 under NF4's blocks of 64).
+      const bool experts_fit = m.config().moe_intermediate_size % dtype_block_elems(qdt) == 0;
+      EXPECT_EQ(w.layers[0].w1.dtype(), experts_fit ? qdt : DType::F32);
+      EXPECT_EQ(w.layers[0].w2.dtype(), w.layers[0].w1.dtype());
       EXPECT_EQ(w.layers[0].wqkv.dtype(), qdt);
     } else {
       // The same values in f32: every projection through the block type and back.
@@ -305,23 +318,42 @@ TEST_P(LoraReference, QloraGradsEqualLoraOnTheDequantizedBase) {
     lo.aux_coef = m.config().router_aux_loss_coef;
     const StepLosses r = forward_backward(m, batch->tensor("input_ids", MemCategory::Workspace),
                                           batch->tensor("labels", MemCategory::Workspace), &g, lo);
-    std::vector<std::pair<std::string, std::vector<float>>> out;
-    out.emplace_back("loss", std::vector<float>{float(r.total)});
-    for (const NamedParam& p : named_parameters(m.config(), g)) out.emplace_back(p.name, p.value.to_f32_vector());
+    Run out;
+    out.grads.emplace_back("loss", std::vector<float>{float(r.total)});
+    out.where.emplace_back(-1, -1);
+    for (const NamedParam& p : named_parameters(m.config(), g)) {
+      out.grads.emplace_back(p.name, p.value.to_f32_vector());
+      out.where.emplace_back(p.layer, p.expert);
+    }
+    out.moe_layers = r.moe_layers;
+    for (const RouterStats& st : r.router) out.counts.push_back(st.count);
     return out;
   };
-  const auto q = grads_of(true), d = grads_of(false);
-  ASSERT_EQ(q.size(), d.size());
-  ASSERT_GT(q.size(), 100u);
-  double worst = 0;
-  for (size_t i = 0; i < q.size(); ++i) {
-    ASSERT_EQ(q[i].first, d[i].first);
-    const double e = rel_err(q[i].second, d[i].second);
-    EXPECT_LE(e, tol) << q[i].first;
-    worst = std::max(worst, e);
+  const Run q = grads_of(true), d = grads_of(false);
+  ASSERT_EQ(q.grads.size(), d.grads.size());
+  ASSERT_GT(q.grads.size(), 100u);
+  ASSERT_EQ(q.moe_layers, d.moe_layers);
+  std::set<std::pair<int64_t, int64_t>> moved;  // (layer, expert) whose token count differs
+  for (size_t i = 0; i < q.counts.size(); ++i)
+    for (size_t e = 0; e < q.counts[i].size(); ++e)
+      if (q.counts[i][e] != d.counts[i][e]) moved.insert({q.moe_layers[i], int64_t(e)});
+  if (qdt == DType::NF4) {
+    EXPECT_TRUE(moved.empty()) << "NF4 products are exact: the routing cannot change";
   }
-  std::printf("%s: QLoRA (%s base) vs LoRA on the dequantized base: worst rel err %.3g over %zu tensors\n",
-              GetParam().c_str(), dtype_name(qdt), worst, q.size());
+  EXPECT_LE(moved.size(), 2u) << "q8_0 rounding moved more than one token";
+  double worst = 0;
+  size_t compared = 0;
+  for (size_t i = 0; i < q.grads.size(); ++i) {
+    ASSERT_EQ(q.grads[i].first, d.grads[i].first);
+    if (moved.count(q.where[i])) continue;
+    const double e = rel_err(q.grads[i].second, d.grads[i].second);
+    EXPECT_LE(e, tol) << q.grads[i].first;
+    worst = std::max(worst, e);
+    ++compared;
+  }
+  std::printf("%s: QLoRA (%s base) vs LoRA on the dequantized base: worst rel err %.3g over %zu tensors "
+              "(%zu experts with other tokens left out)\n",
+              GetParam().c_str(), dtype_name(qdt), worst, compared, moved.size());
   }
 }
 

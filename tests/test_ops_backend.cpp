@@ -1393,7 +1393,7 @@ TEST(ReferenceSwitch, DispatchesToTheNamedBackend) {
 // `moe --reference logits` (every op on the reference backend) matches the PyTorch float64
 // golden logits and router logits of the fixtures.
 TEST(ReferenceSwitch, LogitsCommandMatchesGolden) {
-  for (const char* fam : {"mixtral", "qwen2_moe", "qwen3_moe"}) {
+  for (const char* fam : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}) {
     const std::string dir = std::string(MOE_FIXTURES_DIR) + "/" + fam;
     if (!std::filesystem::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
     const std::string moe = std::string(MOE_BINARY_DIR) + "/moe";
@@ -1418,7 +1418,7 @@ TEST(ReferenceSwitch, LogitsCommandMatchesGolden) {
 // `moe --reference grad` (every training op on the reference backend): losses and every
 // gradient the golden file holds match to 1e-5 (normwise).
 TEST(ReferenceSwitch, GradCommandMatchesGolden) {
-  for (const char* fam : {"mixtral", "qwen2_moe", "qwen3_moe"}) {
+  for (const char* fam : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}) {
     const std::string dir = std::string(MOE_FIXTURES_DIR) + "/" + fam;
     if (!std::filesystem::exists(dir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << dir;
     const std::string moe = std::string(MOE_BINARY_DIR) + "/moe";

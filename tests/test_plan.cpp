@@ -194,7 +194,7 @@ TEST(PlanParams, DeepSeekV3MtpModuleCountedApart) {
 }
 
 TEST(PlanParams, EngineFamiliesAgreeWithTheEngine) {
-  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe"})
+  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
     for (const char* preset : {"tiny", "small", "medium", "8x7b"}) {
       if (std::string(preset) == "8x7b" && std::string(arch) != "mixtral") continue;
       SCOPED_TRACE(std::string(arch) + "/" + preset);
@@ -218,6 +218,18 @@ TEST(PlanParams, ConfigJsonOfEngineFamilyRoundTrips) {
           "moe_intermediate_size":32,"vocab_size":100,"rope_scaling":{"rope_type":"yarn","factor":4}})",
       "yarn.json");
   EXPECT_EQ(q.n_moe_layers(), 2);
+  // OLMoE goes through the engine's parser too, so the CPU engine plan covers it; clip_qkv does
+  // not change any size, so the planner accepts a value the engine refuses.
+  PlanModel o = plan_model_from_hf_json(
+      R"({"model_type":"olmoe","hidden_size":64,"intermediate_size":32,"num_hidden_layers":2,
+          "num_attention_heads":4,"num_key_value_heads":2,"num_experts":8,"num_experts_per_tok":2,
+          "vocab_size":100,"clip_qkv":8.0})",
+      "clip.json");
+  ASSERT_TRUE(o.engine.has_value());
+  EXPECT_EQ(o.qk_norm, QkNormKind::Full);
+  EXPECT_EQ(o.n_moe_layers(), 2);
+  // q_norm [64] + k_norm [32] per layer on top of the projections.
+  EXPECT_EQ(plan_params(o).attn, 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 64 + 32));
 }
 
 // ---- the planner against the engine's own memory report -------------------------------------
@@ -269,7 +281,7 @@ TEST(PlanVsEngine, InferencePeakMemoryPerCategory) {
     bool last_only;
   };
   const Case cases[] = {{1, 8, 16, false}, {2, 16, 32, false}, {4, 32, 64, true}, {3, 5, 40, false}, {1, 64, 128, true}};
-  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe"})
+  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
     for (const char* preset : {"tiny", "small"}) {
       SCOPED_TRACE(std::string(arch) + "/" + preset);
       const ModelConfig cfg = preset_config(arch, preset);
@@ -383,6 +395,8 @@ std::vector<std::pair<std::string, ModelConfig>> training_configs() {
   ModelConfig q3 = preset_config("qwen3_moe", "tiny");
   q3.tie_word_embeddings = true;
   out.emplace_back("qwen3_moe/tiny tied", q3);
+  // olmoe: q/k norm over the whole projection (q_rstd [T]), k_norm [Hkv*Dh] narrower than q_norm.
+  out.emplace_back("olmoe/tiny", preset_config("olmoe", "tiny"));
   // Shapes where each other working-set phase is the largest: wide attention (H*Dh = 8*D),
   // many experts at K 1 (the router's [T,E] gradient), a wide shared expert, a wide dense MLP.
   ModelConfig wide = preset_config("mixtral", "tiny");
@@ -640,7 +654,7 @@ TEST(PlanCli, CpuEngineTrainingPlan) {
   std::string all;
   while (std::fgets(buf, sizeof buf, f)) all += buf;
   EXPECT_NE(pclose(f), 0);
-  EXPECT_NE(all.find("the CPU engine runs mixtral, qwen2_moe and qwen3_moe"), std::string::npos) << all;
+  EXPECT_NE(all.find("the CPU engine runs mixtral, qwen2_moe, qwen3_moe and olmoe"), std::string::npos) << all;
 }
 
 // ---- hand-derived training / fine-tuning worked examples (Mixtral-8x7B) ---------------------

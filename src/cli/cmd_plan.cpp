@@ -153,7 +153,7 @@ void add_plan_command(CLI::App& app) {
   cmd->add_option("--job", o->job, "infer, train, lora or qlora")->capture_default_str();
   cmd->add_option("--device", o->device,
                   "gpu: GPU jobs and layouts; cpu: the engine's own CPU job (f32, one process; train or infer; "
-                  "mixtral, qwen2_moe, qwen3_moe)")
+                  "mixtral, qwen2_moe, qwen3_moe, olmoe)")
       ->capture_default_str();
   cmd->add_option("--gpu", o->gpu, "GPU type (e.g. H100-80GB); default: compare every GPU in the catalog");
   cmd->add_option("--gpus", o->gpus, "number of GPUs (default: the fewest that fit)");

@@ -196,7 +196,7 @@ ModelConfig config_from_gguf(const GgufFile& f, const Family** fam_out) {
   c.tie_word_embeddings = f.find_tensor("output.weight") == nullptr;
   c.attn_qkv_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
   c.attn_o_bias = f.find_tensor("blk.0.attn_output.bias") != nullptr;
-  c.qk_norm = c.model_type == "qwen3_moe";
+  c.qk_norm = c.model_type == "qwen3_moe" ? QkNormKind::PerHead : QkNormKind::None;
   // Vocabulary size: the explicit key, else the tokenizer's list, else the embedding's rows.
   if (const GgufValue* v = f.find(a + "vocab_size")) {
     MOE_CHECK(v->get_int(&c.vocab_size), "%s: %svocab_size must be an integer", w, a.c_str());

@@ -1,10 +1,12 @@
-// hf_config.cpp — HuggingFace config.json <-> ModelConfig for mixtral, qwen2_moe and qwen3_moe.
+// hf_config.cpp — HuggingFace config.json <-> ModelConfig for mixtral, qwen2_moe, qwen3_moe and
+// olmoe.
 //
 // Each family has its own field names and defaults in transformers (MixtralConfig,
-// Qwen2MoeConfig, Qwen3MoeConfig); a field absent from the file takes that class's default, so a
-// config that loads in transformers means the same thing here. JSON null counts as absent
-// (transformers writes "head_dim": null, "bos_token_id": null). Settings the engine cannot honour
-// (another activation, RoPE scaling) are errors rather than silently wrong models.
+// Qwen2MoeConfig, Qwen3MoeConfig, OlmoeConfig); a field absent from the file takes that class's
+// default, so a config that loads in transformers means the same thing here. JSON null counts as
+// absent (transformers writes "head_dim": null, "bos_token_id": null). Settings the engine cannot
+// honour (another activation, RoPE scaling, OLMoE's clip_qkv) are errors rather than silently
+// wrong models.
 #include "io/hf_config.h"
 
 #include <algorithm>
@@ -30,18 +32,29 @@ struct FamilyDefaults {
   double router_aux_loss_coef;
   int64_t bos_token_id;
   int64_t eos_token_id;
+  int64_t pad_token_id;  // the embedding's padding_idx (its row gets no gradient)
 };
 
 FamilyDefaults family_defaults(const std::string& model_type) {
-  if (model_type == "mixtral") return {1e6, 1e-5, 4096 * 32, 0.001, 1, 2};
-  return {10000.0, 1e-6, 32768, 0.001, -1, -1};  // qwen2_moe, qwen3_moe
+  if (model_type == "mixtral") return {1e6, 1e-5, 4096 * 32, 0.001, 1, 2, -1};
+  if (model_type == "olmoe") return {10000.0, 1e-5, 4096, 0.01, -1, 50279, 1};
+  return {10000.0, 1e-6, 32768, 0.001, -1, -1, -1};  // qwen2_moe, qwen3_moe
 }
 
 const char* architecture_name(const std::string& model_type) {
   if (model_type == "mixtral") return "MixtralForCausalLM";
   if (model_type == "qwen2_moe") return "Qwen2MoeForCausalLM";
   if (model_type == "qwen3_moe") return "Qwen3MoeForCausalLM";
+  if (model_type == "olmoe") return "OlmoeForCausalLM";
   return nullptr;
+}
+
+// The q/k norm each family's attention builds: Qwen3MoeAttention per head ([Dh]),
+// OlmoeAttention over the whole q and k projections ([H*Dh], [Hkv*Dh]).
+QkNormKind family_qk_norm(const std::string& model_type) {
+  if (model_type == "qwen3_moe") return QkNormKind::PerHead;
+  if (model_type == "olmoe") return QkNormKind::Full;
+  return QkNormKind::None;
 }
 
 // Typed access to one config object; every error names the source and the field.
@@ -171,6 +184,14 @@ void check_size(const std::string& what, const char* field, int64_t v, int64_t l
 
 }  // namespace
 
+int64_t ModelConfig::q_norm_dim() const {
+  return qk_norm == QkNormKind::PerHead ? head_dim : qk_norm == QkNormKind::Full ? n_head * head_dim : 0;
+}
+
+int64_t ModelConfig::k_norm_dim() const {
+  return qk_norm == QkNormKind::PerHead ? head_dim : qk_norm == QkNormKind::Full ? n_head_kv * head_dim : 0;
+}
+
 bool ModelConfig::layer_is_moe(int64_t l) const {
   if (n_expert <= 0) return false;
   if (model_type == "mixtral") return true;  // every Mixtral layer is sparse
@@ -188,10 +209,12 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   MOE_CHECK(mt, "%s: missing field 'model_type'", w);
   MOE_CHECK(mt->is_string(), "%s: field 'model_type' must be a string, got %s", w, json_brief(*mt).c_str());
   c.model_type = mt->get<std::string>();
-  MOE_CHECK(architecture_name(c.model_type), "%s: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe)",
-            w, c.model_type.c_str());
+  MOE_CHECK(architecture_name(c.model_type),
+            "%s: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe)", w,
+            c.model_type.c_str());
   const bool mixtral = c.model_type == "mixtral";
   const bool qwen2 = c.model_type == "qwen2_moe";
+  const bool olmoe = c.model_type == "olmoe";
   const FamilyDefaults def = family_defaults(c.model_type);
 
   if (const json* act = f.get("hidden_act")) {
@@ -216,7 +239,7 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   check_size(what, "num_key_value_heads", c.n_head_kv, kMaxConfigHeads);
   MOE_CHECK(c.n_head % c.n_head_kv == 0, "%s: num_attention_heads %lld is not a multiple of num_key_value_heads %lld",
             w, static_cast<long long>(c.n_head), static_cast<long long>(c.n_head_kv));
-  if (f.get("head_dim")) {
+  if (f.get("head_dim") && !olmoe) {
     c.head_dim = f.integer("head_dim");
     check_size(what, "head_dim", c.head_dim, kMaxConfigHeadDim);
   } else {
@@ -225,6 +248,14 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
               static_cast<long long>(c.hidden_size), static_cast<long long>(c.n_head));
     c.head_dim = c.hidden_size / c.n_head;
     check_at_most(what, "hidden_size / num_attention_heads", c.head_dim, kMaxConfigHeadDim);
+  }
+  if (olmoe && f.get("head_dim")) {
+    // OlmoeAttention's q_norm spans hidden_size, so its heads are hidden / heads wide; another
+    // head_dim would give q_norm a width the weights do not have.
+    const int64_t hd = f.integer("head_dim");
+    MOE_CHECK(hd == c.head_dim,
+              "%s: field 'head_dim' is %lld, but olmoe heads are hidden_size / num_attention_heads = %lld wide", w,
+              static_cast<long long>(hd), static_cast<long long>(c.head_dim));
   }
 
   // transformers v5 moves rope_theta into rope_parameters.
@@ -243,7 +274,7 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   check_size(what, "max_position_embeddings", c.max_position_embeddings, kMaxConfigPositions);
   c.bos_token_id = f.token_id("bos_token_id", def.bos_token_id);
   c.eos_token_id = f.token_id("eos_token_id", def.eos_token_id);
-  c.pad_token_id = f.token_id("pad_token_id", -1);
+  c.pad_token_id = f.token_id("pad_token_id", def.pad_token_id);
   c.router_aux_loss_coef = f.number("router_aux_loss_coef", def.router_aux_loss_coef);
   MOE_CHECK(c.router_aux_loss_coef >= 0 && std::isfinite(c.router_aux_loss_coef), "%s: field 'router_aux_loss_coef' must be >= 0, got %g", w,
             c.router_aux_loss_coef);
@@ -253,10 +284,12 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   const char* experts_key = mixtral ? "num_local_experts" : "num_experts";
   c.n_expert = f.integer(experts_key);
   c.n_expert_used = f.integer("num_experts_per_tok");
-  if (mixtral) {
+  if (mixtral || olmoe) {
+    // Every layer is sparse and intermediate_size is the expert width (neither has a dense MLP).
     check_size(what, experts_key, c.n_expert, kMaxConfigExperts);
-    c.moe_intermediate_size = c.intermediate_size;  // Mixtral's experts are its MLP
-    c.norm_topk_prob = true;                        // MixtralSparseMoeBlock always renormalises
+    c.moe_intermediate_size = c.intermediate_size;
+    // MixtralSparseMoeBlock always renormalises; OlmoeSparseMoeBlock as the config says.
+    c.norm_topk_prob = mixtral ? true : f.boolean("norm_topk_prob", false);
     c.decoder_sparse_step = 1;
   } else {
     MOE_CHECK(c.n_expert >= 0, "%s: field 'num_experts' must be >= 0, got %lld", w,
@@ -292,10 +325,17 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
     check_at_most(what, "shared_expert_intermediate_size", c.shared_expert_intermediate_size, kMaxConfigFfn);
     c.attn_qkv_bias = f.boolean("qkv_bias", true);  // Qwen2 attention has q/k/v biases
     c.attn_o_bias = false;
-  } else if (!mixtral) {  // qwen3_moe
+  } else if (!mixtral) {  // qwen3_moe, olmoe
     c.attn_qkv_bias = c.attn_o_bias = f.boolean("attention_bias", false);
-    c.qk_norm = true;
   }
+  if (olmoe) {
+    // OLMoE clamps q, k (after their norms) and v to +-clip_qkv before RoPE. The engine's
+    // attention has no clamp (forward or backward), so a value is refused rather than ignored;
+    // null, as in every released OLMoE, is the unclamped model.
+    if (const json* v = f.get("clip_qkv"))
+      MOE_FAIL("%s: field 'clip_qkv' is %s; clamping q/k/v is not supported (only null)", w, json_brief(*v).c_str());
+  }
+  c.qk_norm = family_qk_norm(c.model_type);
   return c;
 }
 
@@ -303,17 +343,18 @@ ModelConfig load_hf_config(const std::string& path) { return parse_hf_config(rea
 
 std::string hf_config_to_json(const ModelConfig& c) {
   const char* arch = architecture_name(c.model_type);
-  MOE_CHECK(arch, "hf_config_to_json: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe)",
+  MOE_CHECK(arch, "hf_config_to_json: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe)",
             c.model_type.c_str());
   const char* dt = torch_dtype_name(c.torch_dtype);
   MOE_CHECK(dt, "hf_config_to_json: torch_dtype %s has no HF spelling (expected f32, bf16 or f16)",
             dtype_name(c.torch_dtype));
   const bool mixtral = c.model_type == "mixtral";
   const bool qwen2 = c.model_type == "qwen2_moe";
+  const bool olmoe = c.model_type == "olmoe";
   const char* mt = c.model_type.c_str();
   // Settings a family's config cannot express would be lost on the way out; refuse them instead.
-  MOE_CHECK(c.qk_norm == (c.model_type == "qwen3_moe"), "hf_config_to_json: %s cannot express qk_norm=%d", mt,
-            c.qk_norm);
+  MOE_CHECK(c.qk_norm == family_qk_norm(c.model_type), "hf_config_to_json: %s cannot express qk_norm=%d", mt,
+            static_cast<int>(c.qk_norm));
   if (mixtral) {
     MOE_CHECK(!c.attn_qkv_bias && !c.attn_o_bias && c.shared_expert_intermediate_size == 0 && c.norm_topk_prob &&
                   c.mlp_only_layers.empty() && c.decoder_sparse_step == 1 &&
@@ -322,6 +363,12 @@ std::string hf_config_to_json(const ModelConfig& c) {
               "every layer MoE and moe_intermediate_size == intermediate_size");
   } else if (qwen2) {
     MOE_CHECK(!c.attn_o_bias, "hf_config_to_json: qwen2_moe cannot express an o_proj bias");
+  } else if (olmoe) {
+    MOE_CHECK(c.attn_qkv_bias == c.attn_o_bias && c.shared_expert_intermediate_size == 0 && c.mlp_only_layers.empty() &&
+                  c.decoder_sparse_step == 1 && c.moe_intermediate_size == c.intermediate_size &&
+                  c.head_dim * c.n_head == c.hidden_size,
+              "hf_config_to_json: olmoe has one attention_bias flag for q/k/v/o, no shared expert, every layer MoE, "
+              "moe_intermediate_size == intermediate_size and head_dim == hidden_size / num_attention_heads");
   } else {
     MOE_CHECK(c.attn_qkv_bias == c.attn_o_bias && c.shared_expert_intermediate_size == 0,
               "hf_config_to_json: qwen3_moe has one attention_bias flag for q/k/v/o and no shared expert");
@@ -337,7 +384,7 @@ std::string hf_config_to_json(const ModelConfig& c) {
   j["num_hidden_layers"] = c.n_layer;
   j["num_attention_heads"] = c.n_head;
   j["num_key_value_heads"] = c.n_head_kv;
-  j["head_dim"] = c.head_dim;
+  if (!olmoe) j["head_dim"] = c.head_dim;  // OlmoeConfig has none (heads are hidden / heads wide)
   j["hidden_act"] = "silu";
   j["rope_theta"] = c.rope_theta;
   j["rms_norm_eps"] = c.rms_norm_eps;
@@ -351,6 +398,11 @@ std::string hf_config_to_json(const ModelConfig& c) {
   j["num_experts_per_tok"] = c.n_expert_used;
   if (mixtral) {
     j["num_local_experts"] = c.n_expert;
+  } else if (olmoe) {
+    j["num_experts"] = c.n_expert;
+    j["norm_topk_prob"] = c.norm_topk_prob;
+    j["attention_bias"] = c.attn_qkv_bias;
+    j["clip_qkv"] = nullptr;
   } else {
     j["num_experts"] = c.n_expert;
     j["moe_intermediate_size"] = c.moe_intermediate_size;

@@ -1,11 +1,13 @@
 // hf_config.h — HuggingFace config.json <-> ModelConfig, the engine's model description.
 //
-// Supported model_type values: "mixtral", "qwen2_moe", "qwen3_moe" (their real field names:
-// num_local_experts / num_experts, num_experts_per_tok, intermediate_size vs
+// Supported model_type values: "mixtral", "qwen2_moe", "qwen3_moe", "olmoe" (their real field
+// names: num_local_experts / num_experts, num_experts_per_tok, intermediate_size vs
 // moe_intermediate_size, shared_expert_intermediate_size, norm_topk_prob, decoder_sparse_step,
 // mlp_only_layers, head_dim, rope_theta, rms_norm_eps, tie_word_embeddings, qkv bias for
-// qwen2_moe, attention_bias and q/k-norm for qwen3_moe). Anything else is an error naming it.
+// qwen2_moe, attention_bias and per-head q/k norm for qwen3_moe, attention_bias, full-width q/k
+// norm and clip_qkv for olmoe). Anything else is an error naming it.
 #pragma once
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -30,15 +32,20 @@ constexpr int64_t kMaxConfigPositions = int64_t(1) << 28;      // max_position_e
 // count the planner derives (params x bytes/param x optimizer states) far inside int64.
 constexpr int64_t kMaxPlanParams = int64_t(1) << 48;
 
+// Where a family RMS-normalises q and k (after the projection, before RoPE): not at all, over
+// each head ([Dh] weights: qwen3_moe), or over the whole projection ([H*Dh] and [Hkv*Dh]
+// weights: olmoe). The planner sizes the same three kinds.
+enum class QkNormKind : uint8_t { None, PerHead, Full };
+
 struct ModelConfig {
-  std::string model_type;            // "mixtral" | "qwen2_moe" | "qwen3_moe"
+  std::string model_type;            // "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe"
   int64_t vocab_size = 0;            // V
   int64_t hidden_size = 0;           // D
   int64_t n_layer = 0;
   int64_t n_head = 0;                // H
   int64_t n_head_kv = 0;             // Hkv
   int64_t head_dim = 0;              // Dh (config head_dim, else D / H)
-  int64_t intermediate_size = 0;     // dense MLP width (mixtral: the expert width too)
+  int64_t intermediate_size = 0;     // dense MLP width (mixtral, olmoe: the expert width too)
   int64_t moe_intermediate_size = 0; // F, expert width
   int64_t shared_expert_intermediate_size = 0;  // 0 = no shared expert
   int64_t n_expert = 0;              // E
@@ -48,7 +55,7 @@ struct ModelConfig {
   std::vector<int64_t> mlp_only_layers;
   bool attn_qkv_bias = false;        // q/k/v projections have biases (qwen2_moe)
   bool attn_o_bias = false;
-  bool qk_norm = false;              // per-head RMSNorm on q and k (qwen3_moe)
+  QkNormKind qk_norm = QkNormKind::None;  // RMSNorm on q and k, and over what
   double rope_theta = 10000.0;
   double rms_norm_eps = 1e-6;
   bool tie_word_embeddings = false;
@@ -61,6 +68,10 @@ struct ModelConfig {
 
   // Layer l uses the MoE block (else a dense SwiGLU MLP of intermediate_size).
   bool layer_is_moe(int64_t l) const;
+  // Width of one q / k norm row, which is also the length of its weight: Dh per head, H*Dh /
+  // Hkv*Dh over the whole projection, 0 without q/k norm. Rows per token = H*Dh / q_norm_dim().
+  int64_t q_norm_dim() const;
+  int64_t k_norm_dim() const;
 
   // Field-wise equality (doubles compared exactly: parse(to_json(c)) reproduces them bit for bit).
   bool operator==(const ModelConfig&) const = default;

@@ -97,11 +97,15 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
   add("attn_rstd", {t}, f32, pl);
   add("attn_h", {t, d}, f32, pl);
   add("qkv", {t, (h + 2 * hkv) * dh}, f32, false);
-  if (c.qk_norm) {
-    add("q_pre", {t * h, dh}, f32, pl);
-    add("k_pre", {t * hkv, dh}, f32, pl);
-    add("q_rstd", {t * h}, f32, pl);
-    add("k_rstd", {t * hkv}, f32, pl);
+  // q/k norm rows: [T*H, Dh] per head, [T, H*Dh] over the whole projection (q_norm_dim()).
+  const bool qk_norm = c.qk_norm != QkNormKind::None;
+  const int64_t qn_rows = qk_norm ? t * h * dh / c.q_norm_dim() : 0, qn_d = c.q_norm_dim();
+  const int64_t kn_rows = qk_norm ? t * hkv * dh / c.k_norm_dim() : 0, kn_d = c.k_norm_dim();
+  if (qk_norm) {
+    add("q_pre", {qn_rows, qn_d}, f32, pl);
+    add("k_pre", {kn_rows, kn_d}, f32, pl);
+    add("q_rstd", {qn_rows}, f32, pl);
+    add("k_rstd", {kn_rows}, f32, pl);
   }
   add("q", {batch, seq, h, dh}, f32, pl);
   add("k", {batch, seq, hkv, dh}, f32, pl);
@@ -184,10 +188,10 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
   // dattn2 keeps the storage after `dattn = Tensor()`); with q/k norm, dq and dk are replaced
   // by their pre-norm gradients dqp, dkp (the old ones freed, the new ones the same size).
   // The first high-water mark (dattn, dq, dk, dv) is below both phases here.
-  if (c.qk_norm)
+  if (qk_norm)
     phase("attention_block_backward.qk_norm", 0,
           {{"dattn", {t, h * dh}}, {"dq", {t, h * dh}}, {"dk", {t, hkv * dh}}, {"dv", {t, hkv * dh}},
-           {"dqp", {t * h, dh}}, {"dkp", {t * hkv, dh}}});
+           {"dqp", {qn_rows, qn_d}}, {"dkp", {kn_rows, kn_d}}});
   phase("attention_block_backward.projection", 0,
         {{"dattn", {t, h * dh}}, {"dq", {t, h * dh}}, {"dk", {t, hkv * dh}}, {"dv", {t, hkv * dh}},
          {"dh_norm", {t, d}}});

@@ -94,8 +94,9 @@ struct LayerActs {
   Tensor x_in;              // [T,D] block input (residual stream)
   Tensor attn_rstd;         // [T]
   Tensor attn_h;            // [T,D] normed input
-  Tensor q_pre, k_pre;      // [T*H,Dh], [T*Hkv,Dh] q/k before their norm (q/k norm only)
-  Tensor q_rstd, k_rstd;    // [T*H], [T*Hkv] (q/k norm only)
+  Tensor q_pre, k_pre;      // q/k before their norm (q/k norm only): [T*H,Dh], [T*Hkv,Dh] per head;
+                            // [T,H*Dh], [T,Hkv*Dh] over the whole projection
+  Tensor q_rstd, k_rstd;    // one per q_pre/k_pre row: [T*H], [T*Hkv] per head; [T], [T] whole
   Tensor q, k, v;           // [B,S,H,Dh], [B,S,Hkv,Dh]: attention inputs (normed, rotated)
   Tensor attn_out;          // [B,S,H,Dh]
   Tensor lse;               // [B,H,S]

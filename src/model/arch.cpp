@@ -24,6 +24,12 @@ const ArchSpec kArchs[] = {
      L "self_attn.o_proj", L "self_attn.q_norm", L "self_attn.k_norm", L "mlp.gate", L "mlp.experts.{e}.gate_proj",
      L "mlp.experts.{e}.up_proj", L "mlp.experts.{e}.down_proj", nullptr, nullptr, nullptr, nullptr,
      L "mlp.gate_proj", L "mlp.up_proj", L "mlp.down_proj"},
+    // q_norm/k_norm span the whole projection (config: QkNormKind::Full); every layer is MoE.
+    {"olmoe", "OlmoeForCausalLM", "model.embed_tokens", "model.norm", "lm_head", L "input_layernorm",
+     L "post_attention_layernorm", L "self_attn.q_proj", L "self_attn.k_proj", L "self_attn.v_proj",
+     L "self_attn.o_proj", L "self_attn.q_norm", L "self_attn.k_norm", L "mlp.gate", L "mlp.experts.{e}.gate_proj",
+     L "mlp.experts.{e}.up_proj", L "mlp.experts.{e}.down_proj", nullptr, nullptr, nullptr, nullptr, nullptr,
+     nullptr, nullptr},
 };
 #undef L
 
@@ -32,7 +38,7 @@ const ArchSpec kArchs[] = {
 const ArchSpec& arch_spec(const std::string& model_type) {
   for (const ArchSpec& a : kArchs)
     if (model_type == a.model_type) return a;
-  MOE_FAIL("unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe)", model_type.c_str());
+  MOE_FAIL("unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe)", model_type.c_str());
 }
 
 std::string tensor_name(const char* tmpl, long layer, long expert, const char* suffix) {

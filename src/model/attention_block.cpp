@@ -1,4 +1,8 @@
 // attention_block.cpp — forward (inference and training) and backward of the attention block.
+//
+// The q/k norm is one RMSNorm over rows of its weight's width (ModelConfig::q_norm_dim): per head
+// (qwen3_moe: q seen as [T*H, Dh]) or over the whole projection (olmoe: q seen as [T, H*Dh]); q
+// and k are contiguous [B,S,H,Dh], so both are views of the same storage.
 #include "model/attention_block.h"
 
 #include "model/linear.h"
@@ -12,6 +16,9 @@ struct QkvDims {
 };
 
 QkvDims qkv_dims(const ModelConfig& c) { return {c.n_head * c.head_dim, c.n_head_kv * c.head_dim}; }
+
+// x (q or k, or their gradients) as the rows its q/k norm of `width` normalises.
+Tensor norm_rows(const Tensor& x, int64_t width) { return x.view({x.numel() / width, width}); }
 
 // Splits the stacked projection output [T, q+2kv] into q [T,q], k [T,kv], v [T,kv].
 void split_qkv(const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, QkvDims d) {
@@ -48,8 +55,8 @@ void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& 
     Tensor q2 = q.view({t_n, dm.q}), k2 = k.view({t_n, dm.kv}), v2 = v.view({t_n, dm.kv});
     split_qkv(qkv, q2, k2, v2, dm);
   }
-  if (c.qk_norm) {
-    Tensor qn = q.view({t_n * h_n, dh}), kn = k.view({t_n * hkv, dh});
+  if (c.qk_norm != QkNormKind::None) {
+    Tensor qn = norm_rows(q, c.q_norm_dim()), kn = norm_rows(k, c.k_norm_dim());
     rmsnorm_forward(qn, qn, w.q_norm, float(c.rms_norm_eps));
     rmsnorm_forward(kn, kn, w.k_norm, float(c.rms_norm_eps));
   }
@@ -92,16 +99,15 @@ void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& 
 
 void attention_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a, Tensor& qkv) {
   const int64_t b_n = a.q.dim(0), s_n = a.q.dim(1), t_n = b_n * s_n;
-  const int64_t dh = c.head_dim, h_n = c.n_head, hkv = c.n_head_kv;
   const QkvDims dm = qkv_dims(c);
   const float eps = float(c.rms_norm_eps);
   rmsnorm_forward_train(a.attn_h, a.attn_rstd, a.x_in, w.attn_norm, eps);
   linear(qkv, a.attn_h, w.wqkv, w.bqkv, {{&w.lq, nullptr, 0}, {&w.lk, nullptr, dm.q}, {&w.lv, nullptr, dm.q + dm.kv}});
   Tensor q2 = a.q.view({t_n, dm.q}), k2 = a.k.view({t_n, dm.kv}), v2 = a.v.view({t_n, dm.kv});
-  if (c.qk_norm) {
+  if (c.qk_norm != QkNormKind::None) {
     Tensor qp = a.q_pre.view({t_n, dm.q}), kp = a.k_pre.view({t_n, dm.kv});
     split_qkv(qkv, qp, kp, v2, dm);
-    Tensor qn = a.q.view({t_n * h_n, dh}), kn = a.k.view({t_n * hkv, dh});
+    Tensor qn = norm_rows(a.q, c.q_norm_dim()), kn = norm_rows(a.k, c.k_norm_dim());
     rmsnorm_forward_train(qn, a.q_rstd, a.q_pre, w.q_norm, eps);
     rmsnorm_forward_train(kn, a.k_rstd, a.k_pre, w.k_norm, eps);
   } else {
@@ -117,7 +123,6 @@ void attention_block_forward(const ModelConfig& c, const LayerWeights& w, LayerA
 void attention_block_backward(const ModelConfig& c, const LayerWeights& w, const LayerActs& a,
                               const Tensor& dx_mid, Tensor& dx_in, LayerWeights& g, Tensor& dqkv) {
   const int64_t b_n = a.q.dim(0), s_n = a.q.dim(1), t_n = b_n * s_n;
-  const int64_t dh = c.head_dim, h_n = c.n_head, hkv = c.n_head_kv;
   const QkvDims dm = qkv_dims(c);
   const MemCategory act = MemCategory::Activations;
   // o_proj
@@ -132,11 +137,11 @@ void attention_block_backward(const ModelConfig& c, const LayerWeights& w, const
   dattn = Tensor();
   rope_backward(dq, 0, float(c.rope_theta));
   rope_backward(dk, 0, float(c.rope_theta));
-  if (c.qk_norm) {
-    Tensor dqp = Tensor::empty({t_n * h_n, dh}, DType::F32, act);
-    Tensor dkp = Tensor::empty({t_n * hkv, dh}, DType::F32, act);
-    rmsnorm_backward(dqp, g.q_norm, dq.view({t_n * h_n, dh}), a.q_pre, w.q_norm, a.q_rstd, false);
-    rmsnorm_backward(dkp, g.k_norm, dk.view({t_n * hkv, dh}), a.k_pre, w.k_norm, a.k_rstd, false);
+  if (c.qk_norm != QkNormKind::None) {
+    Tensor dqp = Tensor::empty(a.q_pre.shape(), DType::F32, act);
+    Tensor dkp = Tensor::empty(a.k_pre.shape(), DType::F32, act);
+    rmsnorm_backward(dqp, g.q_norm, norm_rows(dq, c.q_norm_dim()), a.q_pre, w.q_norm, a.q_rstd, false);
+    rmsnorm_backward(dkp, g.k_norm, norm_rows(dk, c.k_norm_dim()), a.k_pre, w.k_norm, a.k_rstd, false);
     dq = dqp;
     dk = dkp;
   }

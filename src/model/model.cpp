@@ -139,9 +139,9 @@ std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& c
       out.push_back({tensor_name(a.v_proj, l, -1, ".bias"), {kvd}});
     }
     if (c.attn_o_bias) out.push_back({tensor_name(a.o_proj, l, -1, ".bias"), {d}});
-    if (c.qk_norm) {
-      out.push_back({tensor_name(a.q_norm, l), {dh}});
-      out.push_back({tensor_name(a.k_norm, l), {dh}});
+    if (c.qk_norm != QkNormKind::None) {
+      out.push_back({tensor_name(a.q_norm, l), {c.q_norm_dim()}});
+      out.push_back({tensor_name(a.k_norm, l), {c.k_norm_dim()}});
     }
     out.push_back({tensor_name(a.ffn_norm, l), {d}});
     if (c.layer_is_moe(l)) {
@@ -216,9 +216,9 @@ static void build(const ModelConfig& c, const Source& get, const std::function<b
     }
     set_qkv_views(c, lw);
     if (c.attn_o_bias) lw.bo = load(tensor_name(a.o_proj, l, -1, ".bias"), {d});
-    if (c.qk_norm) {
-      lw.q_norm = load(tensor_name(a.q_norm, l), {dh});
-      lw.k_norm = load(tensor_name(a.k_norm, l), {dh});
+    if (c.qk_norm != QkNormKind::None) {
+      lw.q_norm = load(tensor_name(a.q_norm, l), {c.q_norm_dim()});
+      lw.k_norm = load(tensor_name(a.k_norm, l), {c.k_norm_dim()});
     }
     lw.is_moe = c.layer_is_moe(l);
     if (lw.is_moe) {

@@ -30,7 +30,7 @@ struct LayerWeights {
   Tensor wq, wk, wv, wo;                   // views of wqkv: [H*Dh,D], [Hkv*Dh,D], [Hkv*Dh,D]; wo [D,H*Dh]
   Tensor bqkv;                             // optional stacked q/k/v bias; bq/bk/bv view it
   Tensor bq, bk, bv, bo;                   // optional biases
-  Tensor q_norm, k_norm;                   // [Dh] optional (qwen3_moe)
+  Tensor q_norm, k_norm;                   // optional: [Dh] per head (qwen3_moe), [H*Dh], [Hkv*Dh] (olmoe)
   bool is_moe = false;
   Tensor router;                           // [E,D]
   Tensor router_bias;                      // [E] f32, optional: selection bias of aux-loss-free balancing

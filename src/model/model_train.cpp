@@ -194,7 +194,7 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
     add(tensor_name(a.k_proj, l, -1, ".bias"), lw.bk, l);
     add(tensor_name(a.v_proj, l, -1, ".bias"), lw.bv, l);
     add(tensor_name(a.o_proj, l, -1, ".bias"), lw.bo, l);
-    if (c.qk_norm) {
+    if (c.qk_norm != QkNormKind::None) {
       add(tensor_name(a.q_norm, l), lw.q_norm, l);
       add(tensor_name(a.k_norm, l), lw.k_norm, l);
     }

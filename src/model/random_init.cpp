@@ -14,16 +14,17 @@
 namespace moe {
 
 ModelConfig preset_config(const std::string& arch, const std::string& preset) {
-  MOE_CHECK(arch == "mixtral" || arch == "qwen2_moe" || arch == "qwen3_moe",
-            "unknown --arch '%s' (expected mixtral, qwen2_moe or qwen3_moe)", arch.c_str());
+  MOE_CHECK(arch == "mixtral" || arch == "qwen2_moe" || arch == "qwen3_moe" || arch == "olmoe",
+            "unknown --arch '%s' (expected mixtral, qwen2_moe, qwen3_moe or olmoe)", arch.c_str());
+  const bool olmoe = arch == "olmoe";
   ModelConfig c;
   c.model_type = arch;
-  c.rope_theta = 1e6;
-  c.rms_norm_eps = arch == "mixtral" ? 1e-5 : 1e-6;
-  c.router_aux_loss_coef = arch == "mixtral" ? 0.02 : 0.001;
-  c.norm_topk_prob = arch != "qwen2_moe";
+  c.rope_theta = olmoe ? 1e4 : 1e6;
+  c.rms_norm_eps = arch == "mixtral" || olmoe ? 1e-5 : 1e-6;
+  c.router_aux_loss_coef = arch == "mixtral" ? 0.02 : olmoe ? 0.01 : 0.001;
+  c.norm_topk_prob = arch == "mixtral" || arch == "qwen3_moe";  // OLMoE-1B-7B does not renormalise
   c.attn_qkv_bias = arch == "qwen2_moe";
-  c.qk_norm = arch == "qwen3_moe";
+  c.qk_norm = arch == "qwen3_moe" ? QkNormKind::PerHead : olmoe ? QkNormKind::Full : QkNormKind::None;
   c.bos_token_id = 1;
   c.eos_token_id = 2;
   if (preset == "tiny") {
@@ -55,6 +56,9 @@ ModelConfig preset_config(const std::string& arch, const std::string& preset) {
     MOE_FAIL("unknown --preset '%s' (expected tiny, small, medium or 8x7b)", preset.c_str());
   }
   c.head_dim = arch == "qwen3_moe" && preset == "tiny" ? 32 : c.hidden_size / c.n_head;
+  // OLMoE's experts are its MLP (intermediate_size is their width); its shapes are qwen's, with
+  // GQA kept so that k_norm [Hkv*Dh] is narrower than q_norm [H*Dh].
+  if (olmoe) c.intermediate_size = c.moe_intermediate_size;
   c.torch_dtype = preset == "medium" ? DType::BF16 : DType::F32;
   return c;
 }

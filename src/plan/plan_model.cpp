@@ -202,7 +202,7 @@ PlanModel plan_model_from_config(const ModelConfig& c, const std::string& name) 
   m.head_dim = c.head_dim;
   m.qkv_bias = c.attn_qkv_bias;
   m.o_bias = c.attn_o_bias;
-  m.qk_norm = c.qk_norm ? QkNormKind::PerHead : QkNormKind::None;
+  m.qk_norm = c.qk_norm;
   m.dense_ffn = c.intermediate_size;
   m.expert_ffn = c.moe_intermediate_size;
   m.n_expert = c.n_expert;
@@ -364,27 +364,6 @@ PlanModel from_dbrx(const Fields& f) {
   return m;
 }
 
-PlanModel from_olmoe(const Fields& f) {
-  PlanModel m;
-  m.family = "olmoe";
-  m.vocab = f.integer("vocab_size");
-  m.d_model = f.integer("hidden_size");
-  m.n_head = f.integer("num_attention_heads");
-  m.n_head_kv = f.integer("num_key_value_heads", m.n_head);
-  MOE_CHECK(m.n_head > 0, "%s: num_attention_heads must be positive", f.what.c_str());
-  m.head_dim = m.d_model / m.n_head;
-  m.qkv_bias = m.o_bias = f.boolean("attention_bias", false);
-  m.qk_norm = QkNormKind::Full;  // q_norm [H*Dh], k_norm [Hkv*Dh]
-  m.expert_ffn = f.integer("intermediate_size");
-  m.n_expert = f.integer("num_experts");
-  m.n_expert_used = f.integer("num_experts_per_tok");
-  m.tie_embeddings = f.boolean("tie_word_embeddings", false);
-  m.max_position = f.integer("max_position_embeddings", 0);
-  const int64_t n_layer = f.bounded("num_hidden_layers", 1, kMaxConfigLayers);
-  for (int64_t l = 0; l < n_layer; ++l) m.layers.push_back(PlanLayer{true});
-  return m;
-}
-
 PlanModel from_switch(const Fields& f) {
   PlanModel m;
   m.family = "switch_transformers";
@@ -433,11 +412,12 @@ PlanModel plan_model_from_hf_json(const std::string& text, const std::string& wh
   MOE_CHECK(mt && mt->is_string(), "%s: missing or non-string field 'model_type'", what.c_str());
   const std::string type = mt->get<std::string>();
   PlanModel m;
-  if (type == "mixtral" || type == "qwen2_moe" || type == "qwen3_moe") {
-    // The engine's own parser, so the planner and the engine agree on every field. RoPE scaling
-    // and the activation do not change any size, so they are dropped rather than refused.
+  if (type == "mixtral" || type == "qwen2_moe" || type == "qwen3_moe" || type == "olmoe") {
+    // The engine's own parser, so the planner and the engine agree on every field. RoPE scaling,
+    // the activation and OLMoE's q/k/v clamp do not change any size, so they are dropped rather
+    // than refused.
     json k = j;
-    for (const char* key : {"rope_scaling", "rope_parameters", "hidden_act"}) k.erase(key);
+    for (const char* key : {"rope_scaling", "rope_parameters", "hidden_act", "clip_qkv"}) k.erase(key);
     m = plan_model_from_config(parse_hf_config(k.dump(), what));
   } else if (type == "deepseek_v2" || type == "deepseek_v3") {
     m = from_deepseek(f, type == "deepseek_v3");
@@ -445,8 +425,6 @@ PlanModel plan_model_from_hf_json(const std::string& text, const std::string& wh
     m = from_gpt_oss(f);
   } else if (type == "dbrx") {
     m = from_dbrx(f);
-  } else if (type == "olmoe") {
-    m = from_olmoe(f);
   } else if (type == "switch_transformers") {
     m = from_switch(f);
   } else {

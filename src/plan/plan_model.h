@@ -1,12 +1,12 @@
 // plan_model.h — the planner's description of an MoE architecture, more general than ModelConfig.
 //
-// ModelConfig describes what the engine can run (mixtral, qwen2_moe, qwen3_moe). The planner must
-// also size models it cannot run yet: DeepSeek-V2/V3 (MLA attention, shared experts, leading
-// dense layers, a multi-token-prediction module), gpt-oss (attention sinks and biases, alternating
-// sliding-window layers, biased fused experts), DBRX (fused Wqkv, LayerNorm without bias), OLMoE
-// (full-width q/k norms) and Switch Transformers (encoder-decoder, ReLU experts, top-1 on every
-// other layer). A PlanModel is built from a ModelConfig, from any supported HF config.json, or from
-// a catalog entry (model_catalog.h), and every parameter count is derived from it by
+// ModelConfig describes what the engine can run (mixtral, qwen2_moe, qwen3_moe, olmoe). The
+// planner must also size models it cannot run yet: DeepSeek-V2/V3 (MLA attention, shared experts,
+// leading dense layers, a multi-token-prediction module), gpt-oss (attention sinks and biases,
+// alternating sliding-window layers, biased fused experts), DBRX (fused Wqkv, LayerNorm without
+// bias) and Switch Transformers (encoder-decoder, ReLU experts, top-1 on every other layer). A
+// PlanModel is built from a ModelConfig, from any supported HF config.json, or from a catalog
+// entry (model_catalog.h), and every parameter count is derived from it by
 // plan_params(), which enumerates the tensors the config implies (the same arithmetic as
 // expected_tensors() for the engine's own families; a test checks they agree).
 //
@@ -26,7 +26,7 @@ namespace moe {
 enum class AttnKind : uint8_t { GQA, MLA };
 enum class NormKind : uint8_t { RMS, LayerNormNoBias, LayerNorm };  // params per norm: D, D, 2D
 enum class FfnKind : uint8_t { SwiGLU, Relu };                       // 3 or 2 matrices per FFN
-enum class QkNormKind : uint8_t { None, PerHead, Full };             // [Dh] (qwen3) or [H*Dh] (olmoe)
+// QkNormKind (io/hf_config.h): none, [Dh] per head (qwen3_moe) or [H*Dh] / [Hkv*Dh] (olmoe).
 
 // One transformer block of the stack, in order (encoder blocks first for encoder-decoders).
 struct PlanLayer {
@@ -118,9 +118,9 @@ ParamCounts plan_params(const PlanModel& m);
 
 // The engine's own families, exactly as the engine builds them.
 PlanModel plan_model_from_config(const ModelConfig& c, const std::string& name = "");
-// Any supported HF config.json text: mixtral, qwen2_moe, qwen3_moe (through parse_hf_config),
-// deepseek_v2, deepseek_v3, gpt_oss, dbrx, olmoe, switch_transformers. `what` names the source
-// in errors. Throws moe::Error for unsupported model_type or missing fields.
+// Any supported HF config.json text: mixtral, qwen2_moe, qwen3_moe, olmoe (through
+// parse_hf_config), deepseek_v2, deepseek_v3, gpt_oss, dbrx, switch_transformers. `what` names
+// the source in errors. Throws moe::Error for unsupported model_type or missing fields.
 PlanModel plan_model_from_hf_json(const std::string& json_text, const std::string& what);
 // A directory holding config.json, or a config.json path.
 PlanModel plan_model_from_path(const std::string& path);

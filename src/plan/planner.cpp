@@ -272,7 +272,7 @@ GroupParams group_params(const ModelConfig& c) {
 EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq, bool recompute,
                                   const EngineTrainOptions& opt) {
   MOE_CHECK(m.engine.has_value(),
-            "%s: the CPU engine runs mixtral, qwen2_moe and qwen3_moe, not %s (plan it for GPUs instead)",
+            "%s: the CPU engine runs mixtral, qwen2_moe, qwen3_moe and olmoe, not %s (plan it for GPUs instead)",
             m.name.c_str(), m.family.c_str());
   MOE_CHECK(batch >= 1 && batch <= (int64_t(1) << 24), "batch must be in [1, 2^24], got %lld", (long long)batch);
   MOE_CHECK(seq >= 1 && seq <= (int64_t(1) << 24), "sequence length must be in [1, 2^24], got %lld", (long long)seq);
@@ -317,7 +317,7 @@ MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p
     MOE_CHECK(job.job == JobKind::Train || job.job == JobKind::Infer,
               "the CPU engine plan covers --job train and infer, not %s", job_name(job.job));
     MOE_CHECK(m.engine.has_value(),
-              "%s: the CPU engine runs mixtral, qwen2_moe and qwen3_moe, not %s (plan it for GPUs instead)",
+              "%s: the CPU engine runs mixtral, qwen2_moe, qwen3_moe and olmoe, not %s (plan it for GPUs instead)",
               m.name.c_str(), m.family.c_str());
     if (job.job == JobKind::Train)
       return engine_train_plan(m, job.batch, job.seq, job.checkpointing, job.engine_train).mem;
@@ -399,7 +399,7 @@ double all_to_all_bytes(const PlanModel& m, const JobSpec& job, const Parallel& 
 EngineDistComm engine_dist_comm(const PlanModel& m, int64_t batch_rows_global, int64_t seq, int64_t ep, int64_t dp,
                                 bool recompute, int64_t rows_off) {
   MOE_CHECK(m.engine.has_value(),
-            "%s: the CPU engine runs mixtral, qwen2_moe and qwen3_moe, not %s (plan it for GPUs instead)",
+            "%s: the CPU engine runs mixtral, qwen2_moe, qwen3_moe and olmoe, not %s (plan it for GPUs instead)",
             m.name.c_str(), m.family.c_str());
   MOE_CHECK(ep >= 1 && dp >= 1 && ep <= 4096 && dp <= 4096, "--ep and --dp must be in [1, 4096], got --ep %lld --dp %lld",
             (long long)ep, (long long)dp);

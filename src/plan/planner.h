@@ -111,7 +111,7 @@ struct JobSpec {
   int64_t act_bytes = 2;  // activations and KV cache elements (2 = bf16; 4 = the CPU engine's f32)
   bool last_logits_only = true;  // inference prefill computes logits for the last position only
   int64_t overhead_bytes = 0;    // per-GPU runtime reserve (CUDA context, allocator slack)
-  // The engine's own CPU job, one process (mixtral, qwen2_moe, qwen3_moe): train is
+  // The engine's own CPU job, one process (mixtral, qwen2_moe, qwen3_moe, olmoe): train is
   // engine_train_plan(); infer is the inference figures with act_bytes 4. LoRA is not planned.
   bool cpu_engine = false;
   EngineTrainOptions engine_train;  // cpu_engine training: fused update, bf16 moments / weights

@@ -363,11 +363,14 @@ std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt
             dtype_name(dt));
   int64_t n_q = 0, n_kept = 0;
   size_t before = 0, after = 0;
+  auto quantizable = [&](const Tensor& t) {
+    return t.dtype() == dt || (t.dim(-1) % dtype_block_elems(dt) == 0 &&
+                               (t.dtype() == DType::F32 || t.dtype() == DType::BF16 || t.dtype() == DType::F16));
+  };
   auto q = [&](Tensor& t) {
     if (!t.defined()) return;
     if (t.dtype() == dt) return;
-    if (t.dim(-1) % dtype_block_elems(dt) != 0 || !(t.dtype() == DType::F32 || t.dtype() == DType::BF16 ||
-                                                     t.dtype() == DType::F16)) {
+    if (!quantizable(t)) {
       ++n_kept;
       return;
     }
@@ -377,7 +380,15 @@ std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt
     ++n_q;
   };
   for (LayerWeights& lw : w.layers) {
-    for (Tensor* t : {&lw.wqkv, &lw.wo, &lw.w1, &lw.w3, &lw.w2, &lw.shared_w1, &lw.shared_w3, &lw.shared_w2}) q(*t);
+    for (Tensor* t : {&lw.wqkv, &lw.wo, &lw.shared_w1, &lw.shared_w3, &lw.shared_w2}) q(*t);
+    // The routed experts' training ops take one dtype for w1, w3 and w2, so the three are
+    // quantized together or kept float together (e.g. w2 [E,D,F] with F = 32 under NF4's blocks
+    // of 64); a dense MLP's projections are separate linears.
+    if (lw.is_moe && lw.w1.defined() && !(quantizable(lw.w1) && quantizable(lw.w3) && quantizable(lw.w2))) {
+      n_kept += 3;
+    } else {
+      for (Tensor* t : {&lw.w1, &lw.w3, &lw.w2}) q(*t);
+    }
     set_qkv_views(c, lw);
   }
   char buf[200];

@@ -74,7 +74,8 @@ void merge_lora(const ModelConfig& c, ModelWeights& w);
 // exactly), or Q8_0 as the int8 option (blocks of 32 int8 + f16 scale; forward products use the
 // int8 kernels, which round each activation row to int8 blocks as LLM.int8-style kernels do, and
 // backward dequantizes exactly). Embeddings, norms, routers and the LM head stay as they are. A
-// projection whose rows are not whole blocks stays float (counted).
+// projection whose rows are not whole blocks stays float (counted); a layer's routed experts
+// w1/w3/w2 stay float together when one of them cannot be quantized.
 // Returns a one-line summary (tensors quantized, bytes before and after).
 std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt);
 
