@@ -45,6 +45,7 @@ void add_grad_command(CLI::App& app) {
     LoadOptions lo;
     lo.keep_dtype = false;
     lo.weight_dtype = DType::F32;
+    load_own_experts(load_hf_config(o->dir + "/config.json"), *par, &lo);
     Model m = Model::load(ck, lo);
     if (!o->adapter.empty()) load_adapter(o->adapter, m.config(), m.mutable_weights());
     shard_experts(m.config(), m.mutable_weights(), *par);

@@ -80,11 +80,12 @@ Tensor prepare(const Tensor& src, const std::string& name, const Shape& want, co
   return t;
 }
 
-// Stacks E per-expert [rows,cols] tensors into one [E,rows,cols] tensor on the target device.
-Tensor stack_experts(const Source& get, const char* tmpl, int64_t layer, int64_t n_expert, int64_t rows,
+// Stacks experts [e0, e0+n) of the per-expert [rows,cols] tensors into one [n,rows,cols] tensor
+// on the target device.
+Tensor stack_experts(const Source& get, const char* tmpl, int64_t layer, int64_t e0, int64_t n, int64_t rows,
                      int64_t cols, const LoadOptions& opt) {
   Tensor out;
-  for (int64_t e = 0; e < n_expert; ++e) {
+  for (int64_t e = e0; e < e0 + n; ++e) {
     std::string name = tensor_name(tmpl, layer, e);
     Tensor src = get(name);
     MOE_CHECK(src.shape() == Shape({rows, cols}), "tensor '%s': expected shape %s, got %s", name.c_str(),
@@ -92,10 +93,10 @@ Tensor stack_experts(const Source& get, const char* tmpl, int64_t layer, int64_t
     const DType dt = weight_dtype_for(src.dtype(), opt, /*proj=*/true, cols);
     const MemCategory cat = check_weight_dtype(dt, name, opt);
     Tensor host = src.to_dtype(dt, MemCategory::Workspace);
-    if (!out.defined()) out = Tensor::empty({n_expert, rows, cols}, dt, cat, opt.device);
-    MOE_CHECK(host.dtype() == out.dtype(), "tensor '%s': dtype %s differs from expert 0", name.c_str(),
-              dtype_name(host.dtype()));
-    mem_copy(out.select(e).raw(), opt.device, host.raw(), Device::CPU, host.nbytes());
+    if (!out.defined()) out = Tensor::empty({n, rows, cols}, dt, cat, opt.device);
+    MOE_CHECK(host.dtype() == out.dtype(), "tensor '%s': dtype %s differs from expert %lld", name.c_str(),
+              dtype_name(host.dtype()), (long long)e0);
+    mem_copy(out.select(e - e0).raw(), opt.device, host.raw(), Device::CPU, host.nbytes());
     release_mapped(src);
   }
   return out;
@@ -196,6 +197,7 @@ static void build(const ModelConfig& c, const Source& get, const std::function<b
   w->final_norm = load(tensor_name(a.final_norm), {d});
   w->lm_head = c.tie_word_embeddings ? w->embed : load_proj(tensor_name(a.lm_head), {c.vocab_size, d});
   w->layers.resize(static_cast<size_t>(c.n_layer));
+  w->expert_begin = opt.expert_count < 0 ? 0 : opt.expert_begin;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     LayerWeights& lw = w->layers[static_cast<size_t>(l)];
     lw.attn_norm = load(tensor_name(a.attn_norm, l), {d});
@@ -230,9 +232,12 @@ static void build(const ModelConfig& c, const Source& get, const std::function<b
         bo.weight_dtype = DType::F32;
         lw.router_bias = prepare(get(bn), bn, {e}, bo);
       }
-      lw.w1 = stack_experts(get, a.expert_gate, l, e, f, d, opt);
-      lw.w3 = stack_experts(get, a.expert_up, l, e, f, d, opt);
-      lw.w2 = stack_experts(get, a.expert_down, l, e, d, f, opt);
+      const int64_t e0 = opt.expert_begin, en = opt.expert_count < 0 ? e : opt.expert_count;
+      MOE_CHECK(e0 >= 0 && en > 0 && e0 + en <= e, "LoadOptions: experts [%lld, %lld) of %lld", (long long)e0,
+                (long long)(e0 + en), (long long)e);
+      lw.w1 = stack_experts(get, a.expert_gate, l, e0, en, f, d, opt);
+      lw.w3 = stack_experts(get, a.expert_up, l, e0, en, f, d, opt);
+      lw.w2 = stack_experts(get, a.expert_down, l, e0, en, d, f, opt);
       if (lw.w1.dtype() != lw.w3.dtype()) {  // gate and up of different types: both f32 (host)
         lw.w1 = lw.w1.to_dtype(DType::F32, MemCategory::Weights);
         lw.w3 = lw.w3.to_dtype(DType::F32, MemCategory::Weights);

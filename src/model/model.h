@@ -92,6 +92,10 @@ struct LoadOptions {
   // (default): no quantization; a source tensor that is already quantized (GGUF) is kept when
   // it is a projection (keep_dtype) and dequantized otherwise.
   DType quant_dtype = DType::F32;
+  // Expert parallel (dist/parallel.h): load only routed experts [expert_begin, expert_begin +
+  // expert_count) of every MoE layer (ModelWeights::expert_begin records it), so a rank never
+  // holds the others' experts, not even while loading. expert_count < 0: all of them.
+  int64_t expert_begin = 0, expert_count = -1;
 };
 
 // Per-layer KV caches [B,C,Hkv,Dh]: B sequence slots of C positions. Slot b holds positions

@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "core/memory.h"
+#include "model/arch.h"
 
 namespace moe {
 namespace {
@@ -27,14 +28,20 @@ Tensor slice_experts(const Tensor& t, int64_t b, int64_t n) {
   return o;
 }
 
-// All-gather of equal [El,...] slices into [El·P,...] over the EP group.
+// Gathers equal [El,...] slices into [El·P,...] on rank 0 of the EP group (the others send
+// theirs and get t back: only the writer needs the whole stack).
 Tensor gather_stack(const Tensor& t, dist::Communicator& ep) {
   if (!t.defined()) return t;
+  const int p_n = ep.size();
+  const int64_t nb = int64_t(t.nbytes());
+  std::vector<int64_t> send(size_t(p_n), 0), recv(size_t(p_n), 0);
+  send[0] = nb;
+  if (ep.rank() == 0) std::fill(recv.begin(), recv.end(), nb);
   Shape s = t.shape();
-  s[0] *= ep.size();
-  Tensor o = Tensor::empty(s, t.dtype(), t.category());
-  ep.all_gather(t.raw(), int64_t(t.nbytes()), o.raw());
-  return o;
+  s[0] *= p_n;
+  Tensor o = ep.rank() == 0 ? Tensor::empty(s, t.dtype(), t.category()) : Tensor::empty({1}, DType::U8, MemCategory::Comm);
+  ep.all_to_allv(t.raw(), send, o.raw(), recv);
+  return ep.rank() == 0 ? o : t;
 }
 
 }  // namespace
@@ -50,12 +57,51 @@ void shard_experts(const ModelConfig& c, ModelWeights& w, const dist::Parallel& 
     MOE_CHECK(!lw.lexp.w1.on() && !lw.lexp.w3.on() && !lw.lexp.w2.on(),
               "--ep: LoRA adapters on routed experts are not sharded yet; use --dp, or target only attention / shared "
               "modules");
+    if (lw.w1.dim(0) == n && w.expert_begin == b) continue;  // loaded sharded (LoadOptions::expert_begin)
+    MOE_CHECK(lw.w1.dim(0) == c.n_expert, "--ep: a layer holds %lld experts, expected %lld", (long long)lw.w1.dim(0),
+              (long long)c.n_expert);
     MOE_CHECK(!dtype_is_block(lw.w1.dtype()), "--ep: quantized experts are not sharded yet");
     lw.w1 = slice_experts(lw.w1, b, n);
     lw.w3 = slice_experts(lw.w3, b, n);
     lw.w2 = slice_experts(lw.w2, b, n);
   }
   w.expert_begin = b;
+}
+
+void load_own_experts(const ModelConfig& c, const dist::Parallel& par, LoadOptions* lo) {
+  if (par.ep == 1) return;
+  MOE_CHECK(c.n_expert > 0 && c.n_expert % par.ep == 0,
+            "--ep %d: the model's %lld routed experts do not divide evenly over %d ranks", par.ep,
+            (long long)c.n_expert, par.ep);
+  lo->expert_begin = par.expert_begin(c.n_expert);
+  lo->expert_count = par.experts_per_rank(c.n_expert);
+}
+
+std::vector<std::pair<std::string, Shape>> all_parameter_shapes(const ModelConfig& c, const ModelWeights& w,
+                                                                bool trainable_only) {
+  std::vector<std::pair<std::string, Shape>> out;
+  const ArchSpec& a = arch_spec(c.model_type);
+  int64_t expanded_layer = -1;
+  for (const NamedParam& p : named_parameters(c, w, trainable_only)) {
+    // named_parameters lists a layer's routed experts together, expert by expert (gate, up,
+    // down): in their place, all E of them.
+    const bool routed = p.expert >= 0 && p.name == tensor_name(a.expert_gate, p.layer, p.expert);
+    const bool routed_any = p.expert >= 0 && (routed || p.name == tensor_name(a.expert_up, p.layer, p.expert) ||
+                                              p.name == tensor_name(a.expert_down, p.layer, p.expert));
+    if (!routed_any) {
+      out.emplace_back(p.name, p.value.shape());
+      continue;
+    }
+    if (expanded_layer == p.layer) continue;
+    expanded_layer = p.layer;
+    const LayerWeights& lw = w.layers[size_t(p.layer)];
+    for (int64_t e = 0; e < c.n_expert; ++e) {
+      out.emplace_back(tensor_name(a.expert_gate, p.layer, e), lw.w1.select(0).shape());
+      out.emplace_back(tensor_name(a.expert_up, p.layer, e), lw.w3.select(0).shape());
+      out.emplace_back(tensor_name(a.expert_down, p.layer, e), lw.w2.select(0).shape());
+    }
+  }
+  return out;
 }
 
 Tensor local_batch(const Tensor& t, const dist::Parallel& par) {
@@ -196,6 +242,7 @@ ModelWeights gather_experts(const ModelConfig& c, const ModelWeights& w, const d
     lw.w3 = gather_stack(lw.w3, *par.ep_group);
     lw.w2 = gather_stack(lw.w2, *par.ep_group);
   }
+  if (par.ep_group->rank() != 0) return w;
   g.expert_begin = 0;
   return g;
 }

@@ -17,6 +17,15 @@ namespace moe {
 // sharded (yet): an error names the option to drop.
 void shard_experts(const ModelConfig& c, ModelWeights& w, const dist::Parallel& par);
 
+// Expert parallel: LoadOptions that load only this rank's experts (shard_experts then has nothing
+// left to do). A no-op when par.ep == 1.
+void load_own_experts(const ModelConfig& c, const dist::Parallel& par, LoadOptions* lo);
+
+// Every parameter's HF name and shape as one process lists them (named_parameters order), also
+// when this rank holds a slice of the routed experts: their entries stand for all E.
+std::vector<std::pair<std::string, Shape>> all_parameter_shapes(const ModelConfig& c, const ModelWeights& w,
+                                                                bool trainable_only);
+
 // Rows [b0, b1) of a [B,S] batch tensor for this rank (par.batch_rows), as an owned copy.
 Tensor local_batch(const Tensor& t, const dist::Parallel& par);
 
@@ -27,8 +36,9 @@ Tensor local_batch(const Tensor& t, const dist::Parallel& par);
 void all_reduce_grads(const dist::Parallel& par, const std::vector<NamedParam>& grads,
                       const std::vector<std::vector<bool>>* touched = nullptr);
 
-// The model's whole expert stacks from the EP group's slices (all-gather; collective): a
-// ModelWeights sharing every other tensor with w, with expert_begin 0. w itself when ep == 1.
+// The model's whole expert stacks from the EP group's slices, on rank 0 of the EP group
+// (collective; the other ranks get w back): a ModelWeights sharing every other tensor with w,
+// with expert_begin 0. w itself when ep == 1.
 ModelWeights gather_experts(const ModelConfig& c, const ModelWeights& w, const dist::Parallel& par);
 
 // The gradient norm over every rank's parameters (each expert counted once: expert gradients'

@@ -58,10 +58,10 @@ void balance(const std::vector<double>& load, double* cv, double* max_mean) {
 }
 
 // Model parameters as [name, shape] pairs: a fingerprint stored in checkpoints so that a resume
-// with another model is refused.
+// with another model is refused. Every expert is listed, also when this rank holds a slice.
 nlohmann::json param_fingerprint(const Model& m) {
   nlohmann::json out = nlohmann::json::array();
-  for (const NamedParam& p : named_parameters(m.config(), m.weights(), true)) out.push_back({p.name, p.value.shape()});
+  for (const auto& [name, shape] : all_parameter_shapes(m.config(), m.weights(), true)) out.push_back({name, shape});
   return out;
 }
 
@@ -189,6 +189,7 @@ double run_training(const TrainConfig& cfg) {
   lo.weight_dtype = ft && cfg.base_dtype == "bf16" ? DType::BF16 : DType::F32;
   MOE_CHECK(!ft || cfg.base_dtype == "keep" || cfg.base_dtype == "f32" || cfg.base_dtype == "bf16",
             "--base-dtype must be keep, f32 or bf16, got '%s'", cfg.base_dtype.c_str());
+  load_own_experts(load_hf_config(load_dir + "/config.json"), *par, &lo);  // expert parallel
   Model m = Model::load(load_dir, lo);
   if (!resume_dir.empty() && !ft) {
     const ModelConfig base = load_hf_config(cfg.model_dir + "/config.json");
@@ -196,11 +197,9 @@ double run_training(const TrainConfig& cfg) {
               resume_dir.c_str(), cfg.model_dir.c_str());
   }
   LoraConfig lcfg = cfg.lora;
-  // Every parameter of the model as one process lists them (each expert once), for checkpoints;
-  // then this rank keeps only its experts (expert parallel).
+  // Every parameter of the model as one process lists them (each expert once), for checkpoints.
   nlohmann::json fingerprint;
   if (!ft) fingerprint = param_fingerprint(m);
-  shard_experts(m.config(), m.mutable_weights(), *par);
   if (talk && par->distributed()) std::printf("%s\n", describe_parallel(*par, m.config()).c_str());
   if (!ft) {
     m.mutable_weights() = transform_weights(m.config(), m.weights(), [](const Tensor& t) {
