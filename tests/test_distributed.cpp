@@ -155,7 +155,7 @@ TEST_P(DistGrad, EveryLayoutMatchesOneProcessAndPyTorch) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, DistGrad, ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe"));
+INSTANTIATE_TEST_SUITE_P(Fixtures, DistGrad, ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"));
 
 // LoRA gradients (the fixture's PEFT adapter) under data parallelism equal one process's; expert
 // parallelism with adapters on the routed experts is refused with a message that says so.
