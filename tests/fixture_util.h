@@ -1,6 +1,7 @@
 // fixture_util.h — helpers the fixture-based tests share: where the fixtures and the `moe`
 // binary are, a fresh scratch directory, running a command, the normwise relative error the
-// fixtures' tolerances are stated in, and reading a scalar from a safetensors file.
+// fixtures' tolerances are stated in, reading a scalar from a safetensors file and a run's
+// metrics.jsonl.
 #pragma once
 #include <gtest/gtest.h>
 #include <sys/wait.h>
@@ -9,8 +10,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "io/safetensors.h"
 
@@ -44,6 +48,16 @@ inline double rel_err(const std::vector<float>& got, const std::vector<float>& r
     den += double(ref[i]) * ref[i];
   }
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// The records of a training run's RUN_DIR/metrics.jsonl, one per optimizer step.
+inline std::vector<nlohmann::json> read_metrics(const std::string& run_dir) {
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  std::vector<nlohmann::json> out;
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) out.push_back(nlohmann::json::parse(line));
+  return out;
 }
 
 inline double scalar(const SafetensorsFile& f, const std::string& key) {

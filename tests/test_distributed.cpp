@@ -34,6 +34,7 @@ namespace fs = std::filesystem;
 
 using testutil::fixture;
 using testutil::moe_bin;
+using testutil::read_metrics;
 using testutil::rel_err;
 using testutil::run;
 using testutil::scalar;
@@ -225,15 +226,6 @@ TEST(DistGrad, AllTokensToTwoExperts) {
   }
   EXPECT_GT(idle, 0);
   EXPECT_GT(busy, 0);
-}
-
-std::vector<nlohmann::json> read_metrics(const std::string& run_dir) {
-  std::ifstream in(run_dir + "/metrics.jsonl");
-  std::vector<nlohmann::json> out;
-  std::string line;
-  while (std::getline(in, line))
-    if (!line.empty()) out.push_back(nlohmann::json::parse(line));
-  return out;
 }
 
 // A pre-tokenized file of 64 random rows of 16 tokens (ids < 64).

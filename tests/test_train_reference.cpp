@@ -30,20 +30,12 @@ namespace fs = std::filesystem;
 
 using testutil::fixture;
 using testutil::moe_bin;
+using testutil::read_metrics;
 using testutil::rel_err;
 using testutil::run;
 using testutil::scalar;
 
 std::string scratch(const std::string& name) { return testutil::scratch_dir("train-test-", name); }
-
-std::vector<nlohmann::json> read_metrics(const std::string& run_dir) {
-  std::ifstream in(run_dir + "/metrics.jsonl");
-  std::vector<nlohmann::json> out;
-  std::string line;
-  while (std::getline(in, line))
-    if (!line.empty()) out.push_back(nlohmann::json::parse(line));
-  return out;
-}
 
 class TrainReference : public ::testing::TestWithParam<std::string> {};
 
