@@ -68,6 +68,31 @@ TEST(ExpertExchange, OneRankKeepsRowsInPlace) {
   EXPECT_EQ(back.to_f32_vector(), want);
 }
 
+// Several tensors in one exchange (activations [N,3] and a per-row weight [N]): each arrives in
+// its own tensor as if sent alone.
+TEST(ExpertExchange, TensorsTravelTogether) {
+  auto comm = dist::make_single_process();
+  Tensor offsets = Tensor::empty({3}, DType::I32, MemCategory::Workspace);
+  const std::vector<int32_t> off = {0, 2, 5};
+  std::copy(off.begin(), off.end(), offsets.data<int32_t>());
+  const dist::ExpertExchange x = dist::plan_exchange(*comm, offsets, 2);
+  std::vector<float> rows(6 * 3), w(6);
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = float(i) * 0.25f;
+  for (size_t i = 0; i < w.size(); ++i) w[i] = 100.0f + float(i);
+  Tensor a = Tensor::from_f32({6, 3}, rows), b = Tensor::from_f32({6}, w);  // row 5: dropped, not sent
+  Tensor ga = Tensor::empty({5, 3}, DType::F32, MemCategory::Workspace), gb = Tensor::empty({5}, DType::F32, MemCategory::Workspace);
+  dist::dispatch_rows(*comm, x, {&a, &b}, {&ga, &gb});
+  EXPECT_EQ(ga.to_f32_vector(), std::vector<float>(rows.begin(), rows.begin() + 15));
+  EXPECT_EQ(gb.to_f32_vector(), std::vector<float>(w.begin(), w.begin() + 5));
+  Tensor ra = Tensor::from_f32({6, 3}, std::vector<float>(18, -1.0f)), rb = Tensor::from_f32({6}, std::vector<float>(6, -1.0f));
+  dist::return_rows(*comm, x, {&ga, &gb}, {&ra, &rb});
+  std::vector<float> want_a(rows.begin(), rows.begin() + 15), want_b(w.begin(), w.begin() + 5);
+  want_a.resize(18, -1.0f);
+  want_b.resize(6, -1.0f);
+  EXPECT_EQ(ra.to_f32_vector(), want_a);
+  EXPECT_EQ(rb.to_f32_vector(), want_b);
+}
+
 // A layout that does not fit the job is an error that says how to start it.
 TEST(Parallel, LayoutMustFitTheRanks) {
   try {

@@ -104,4 +104,64 @@ void return_rows(Communicator& ep, const ExpertExchange& x, const Tensor& src, T
   ep.all_to_allv(staging.raw(), sb, dst.raw(), rbytes);
 }
 
+namespace {
+
+int64_t total_row_bytes(const std::vector<const Tensor*>& ts) {
+  int64_t rb = 0;
+  for (const Tensor* t : ts) rb += row_bytes(*t);
+  return rb;
+}
+
+// Rows [0, n) of several tensors side by side, row by row: [n, their row bytes summed] bytes.
+Tensor pack(const std::vector<const Tensor*>& ts, int64_t n) {
+  Tensor p = Tensor::empty({n, total_row_bytes(ts)}, DType::U8, MemCategory::Comm);
+  char* o = p.data<char>();
+  for (int64_t i = 0; i < n; ++i)
+    for (const Tensor* t : ts) {
+      const int64_t b = row_bytes(*t);
+      std::memcpy(o, static_cast<const char*>(t->raw()) + i * b, size_t(b));
+      o += b;
+    }
+  return p;
+}
+
+// pack's inverse into rows [0, n) of each tensor.
+void unpack(const Tensor& p, const std::vector<Tensor*>& ts, int64_t n) {
+  const char* s = p.data<char>();
+  for (int64_t i = 0; i < n; ++i)
+    for (Tensor* t : ts) {
+      const int64_t b = row_bytes(*t);
+      std::memcpy(static_cast<char*>(t->raw()) + i * b, s, size_t(b));
+      s += b;
+    }
+}
+
+void check_rows(const std::vector<const Tensor*>& src, const std::vector<Tensor*>& dst, int64_t n_src, int64_t n_dst,
+                const char* what) {
+  MOE_CHECK(!src.empty() && src.size() == dst.size(), "%s: %zu source and %zu destination tensors", what, src.size(),
+            dst.size());
+  for (size_t k = 0; k < src.size(); ++k)
+    MOE_CHECK(src[k]->dim(0) >= n_src && dst[k]->dim(0) >= n_dst && row_bytes(*src[k]) == row_bytes(*dst[k]),
+              "%s: tensor %zu: %s -> %s for %lld -> %lld rows", what, k, src[k]->shape_str().c_str(),
+              dst[k]->shape_str().c_str(), (long long)n_src, (long long)n_dst);
+}
+
+}  // namespace
+
+void dispatch_rows(Communicator& ep, const ExpertExchange& x, const std::vector<const Tensor*>& src,
+                   const std::vector<Tensor*>& dst) {
+  check_rows(src, dst, x.sent(), x.received(), "dispatch_rows");
+  Tensor out = Tensor::empty({x.received(), total_row_bytes(src)}, DType::U8, MemCategory::Comm);
+  dispatch_rows(ep, x, pack(src, x.sent()), out);
+  unpack(out, dst, x.received());
+}
+
+void return_rows(Communicator& ep, const ExpertExchange& x, const std::vector<const Tensor*>& src,
+                 const std::vector<Tensor*>& dst) {
+  check_rows(src, dst, x.received(), x.sent(), "return_rows");
+  Tensor out = Tensor::empty({x.sent(), total_row_bytes(src)}, DType::U8, MemCategory::Comm);
+  return_rows(ep, x, pack(src, x.received()), out);
+  unpack(out, dst, x.sent());
+}
+
 }  // namespace moe::dist

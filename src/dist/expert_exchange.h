@@ -37,5 +37,12 @@ ExpertExchange plan_exchange(Communicator& ep, const Tensor& offsets, int64_t e_
 void dispatch_rows(Communicator& ep, const ExpertExchange& x, const Tensor& src, Tensor& dst);
 // The inverse: src [received(),W] on the owners -> dst rows [0, sent()) at their origin.
 void return_rows(Communicator& ep, const ExpertExchange& x, const Tensor& src, Tensor& dst);
+// The same for several tensors with the same rows in ONE exchange (each row travels as its rows
+// in every tensor side by side, e.g. a token's activations and its routing weight): one
+// collective's latency instead of several, the same bytes.
+void dispatch_rows(Communicator& ep, const ExpertExchange& x, const std::vector<const Tensor*>& src,
+                   const std::vector<Tensor*>& dst);
+void return_rows(Communicator& ep, const ExpertExchange& x, const std::vector<const Tensor*>& src,
+                 const std::vector<Tensor*>& dst);
 
 }  // namespace moe::dist

@@ -62,8 +62,7 @@ void expert_parallel_forward(dist::Communicator& ep, const LayerWeights& w, Laye
   a.ep.eh3 = Tensor::empty({r, f}, DType::F32, kAct);
   a.ep.offsets = Tensor::empty({plan->n_local + 1}, DType::I32, kAct);
   std::copy(plan->local_offsets.begin(), plan->local_offsets.end(), a.ep.offsets.data<int32_t>());
-  dist::dispatch_rows(ep, *plan, a.xp, a.ep.xp);
-  dist::dispatch_rows(ep, *plan, a.row_scale, a.ep.row_scale);
+  dist::dispatch_rows(ep, *plan, {&a.xp, &a.row_scale}, {&a.ep.xp, &a.ep.row_scale});
   Tensor yr = Tensor::empty({r, d}, DType::F32, kAct);
   expert_ffn_forward_train(yr, a.ep.eh1, a.ep.eh3, a.ep.xp, a.ep.offsets, w.w1, w.w3, w.w2, a.ep.row_scale, w.lexp);
   dist::return_rows(ep, *plan, yr, yp);
@@ -81,8 +80,7 @@ void expert_parallel_backward(dist::Communicator& ep, const LayerWeights& w, con
   Tensor dxr = Tensor::empty({r, d}, DType::F32, kAct), dsr = Tensor::empty({r}, DType::F32, kAct);
   expert_ffn_backward(dxr, g.w1, g.w3, g.w2, dsr, dyr, a.ep.xp, a.ep.eh1, a.ep.eh3, a.ep.offsets, w.w1, w.w3, w.w2,
                       a.ep.row_scale, w.lexp, &g.lexp);
-  dist::return_rows(ep, plan, dxr, dxp);
-  dist::return_rows(ep, plan, dsr, drs);
+  dist::return_rows(ep, plan, {&dxr, &dsr}, {&dxp, &drs});
 }
 
 }  // namespace
