@@ -24,11 +24,13 @@ std::unique_ptr<Parallel> make_parallel(int ep, int dp) {
   MOE_CHECK(ep >= 0 && dp >= 0, "--ep and --dp must be positive (got --ep %d --dp %d)", ep, dp);
   if (ep == 0 && dp == 0) dp = n;
   if (ep == 0) {
-    MOE_CHECK(n % dp == 0, "--dp %d does not divide the %d ranks of this job", dp, n);
+    MOE_CHECK(n % dp == 0, "--dp %d does not divide the %d rank(s) of this job (start it with mpirun -np %d, or a "
+              "multiple)", dp, n, dp);
     ep = n / dp;
   }
   if (dp == 0) {
-    MOE_CHECK(n % ep == 0, "--ep %d does not divide the %d ranks of this job", ep, n);
+    MOE_CHECK(n % ep == 0, "--ep %d does not divide the %d rank(s) of this job (start it with mpirun -np %d, or a "
+              "multiple)", ep, n, ep);
     dp = n / ep;
   }
   MOE_CHECK(ep * dp == n,
