@@ -226,10 +226,7 @@ double clip_grad_norm_owned(const dist::Parallel& par, const std::vector<NamedPa
   double ss = local * local;
   par.world->all_reduce_sum(&ss, 1);
   const double norm = std::sqrt(ss);
-  if (max_norm > 0) {
-    const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) scale_grads(mine, coef);
-  }
+  clip_to_norm(mine, norm, max_norm);
   return norm;
 }
 
@@ -260,10 +257,7 @@ double clip_grad_norm_global(const dist::Parallel& par, const std::vector<NamedP
   double ss_exp = grad_sum_squares(grads, true);
   par.ep_group->all_reduce_sum(&ss_exp, 1);
   const double norm = std::sqrt(grad_sum_squares(grads, false) + ss_exp);
-  if (max_norm > 0) {
-    const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) scale_grads(grads, coef);
-  }
+  clip_to_norm(grads, norm, max_norm);
   return norm;
 }
 

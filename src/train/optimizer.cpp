@@ -279,14 +279,14 @@ double clip_grad_norm(const std::vector<NamedParam>& grads, double max_norm) {
   double ss = 0;
   for (const NamedParam& g : grads) ss += sum_squares(g.value);
   const double norm = std::sqrt(ss);
-  if (max_norm > 0) {
-    const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) scale_grads(grads, coef);
-  }
+  clip_to_norm(grads, norm, max_norm);
   return norm;
 }
 
-void scale_grads(const std::vector<NamedParam>& grads, double coef) {
+void clip_to_norm(const std::vector<NamedParam>& grads, double norm, double max_norm) {
+  if (max_norm <= 0) return;
+  const double coef = max_norm / (norm + 1e-6);
+  if (coef >= 1.0) return;
   for (const NamedParam& g : grads) {
     float* p = g.value.data<float>();
     const int64_t n = g.value.numel();

@@ -87,9 +87,9 @@ class AdamW {
 // coefficient max_norm / (norm + 1e-6), applied when below 1). Returns the norm before
 // clipping; max_norm <= 0 only measures.
 double clip_grad_norm(const std::vector<NamedParam>& grads, double max_norm);
-// Multiplies every gradient by coef (clip_grad_norm's scaling, for a norm computed elsewhere:
-// distributed.h's global norm over sharded experts).
-void scale_grads(const std::vector<NamedParam>& grads, double coef);
+// clip_grad_norm's scaling for a norm computed elsewhere (distributed.h's global norm over
+// sharded experts): torch's coefficient max_norm / (norm + 1e-6), applied when below 1.
+void clip_to_norm(const std::vector<NamedParam>& grads, double norm, double max_norm);
 
 // Learning rate at optimizer step `step` (0-based), HF's schedules: linear warmup over
 // `warmup` steps, then constant or cosine decay to 0 at `total` steps.
