@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end `moe train` on a tiny model and a synthetic corpus:
-#  - the validation loss falls below 60% of its initial value;
+#  - the validation loss falls below 60% of its initial value (39% after 40 steps);
 #  - the aux load-balancing loss, and separately the aux-loss-free bias balancing, lower the
 #    coefficient of variation of per-expert load compared with no balancing at all (same seed,
 #    same data);
@@ -29,8 +29,8 @@ with open(sys.argv[1], "w") as f:
         f.write(f"And {random.choice(subj)} {random.choice(verb)} {random.choice(obj)}.\n")
 EOF
 
-COMMON=(--data "$T/corpus.txt" --steps 60 --batch-size 8 --seq-len 64 --lr 3e-3 --warmup 5 --seed 1
-        --eval-every 30 --eval-batches 4 --quiet)
+COMMON=(--data "$T/corpus.txt" --steps 40 --batch-size 8 --seq-len 64 --lr 3e-3 --warmup 5 --seed 1
+        --eval-every 20 --eval-batches 4 --quiet)
 "$MOE" train "$T/m" "${COMMON[@]}" --out "$T/off" --aux-coef 0
 "$MOE" train "$T/m" "${COMMON[@]}" --out "$T/on" --aux-coef 0.5
 "$MOE" train "$T/m" "${COMMON[@]}" --out "$T/bias" --aux-coef 0 --bias-balance 0.01
