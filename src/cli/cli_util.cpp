@@ -68,10 +68,6 @@ DType checkpoint_dtype(const Checkpoint& ck) {
   return best;
 }
 
-bool is_gguf_path(const std::string& path) {
-  return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0;
-}
-
 Model load_model_arg(const std::string& path, const DeviceFlags& dev, const std::string& weights) {
   if (is_gguf_path(path)) {
     // GGUF: quantized projections of a type the CPU kernels have stay quantized (keep_dtype);

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <string>
 
+#include "core/file_util.h"
 #include "io/safetensors.h"
 #include "model/model.h"
 
@@ -28,7 +29,6 @@ void add_dist_flags(CLI::App* cmd, int* ep, int* dp, double* timeout = nullptr);
 LoadOptions with_weights_flag(LoadOptions lo, const std::string& w);
 // The dtype most of a checkpoint's bytes are stored in.
 DType checkpoint_dtype(const Checkpoint& ck);
-bool is_gguf_path(const std::string& path);  // ends in .gguf
 // A model from an HF directory or a .gguf file, with the device/dtype and --weights flags.
 Model load_model_arg(const std::string& path, const DeviceFlags& dev, const std::string& weights);
 

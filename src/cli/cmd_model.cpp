@@ -10,6 +10,7 @@
 #include "cli/commands.h"
 #include "train/distributed.h"
 #include "io/safetensors.h"
+#include "tokenizer/gguf_vocab.h"
 #include "model/random_init.h"
 #include "ops/cpu/cpu_quant_gemm.h"
 #include "plan/plan_model.h"
@@ -224,7 +225,8 @@ void add_generate_command(CLI::App& app) {
     if (!o->ids.empty()) {
       prompt = parse_ids(o->ids);
       // With a tokenizer in the model directory the generated text is shown too.
-      if (std::filesystem::exists(o->dir + "/tokenizer.json") || std::filesystem::exists(o->dir + "/tokenizer.model"))
+      if (std::filesystem::exists(o->dir + "/tokenizer.json") || std::filesystem::exists(o->dir + "/tokenizer.model") ||
+          (is_gguf_path(o->dir) && gguf_has_vocab(o->dir)))
         tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(o->dir));
     } else {
       tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(o->dir));

@@ -1,6 +1,6 @@
 // cmd_perplexity.cpp — `moe perplexity MODEL --file TEXT [--ctx N] [--kl-base BASE]`.
 //
-// The text is tokenized once (the model directory's tokenizer, or --tokenizer DIR for a .gguf)
+// The text is tokenized once (the model directory's tokenizer, a .gguf's own, or --tokenizer DIR)
 // and cut into chunks of --ctx tokens. Each chunk is one forward from an empty cache; every
 // position but the last predicts the next token, so a chunk scores ctx-1 tokens, all of them
 // (llama.cpp's perplexity scores only each chunk's second half; the numbers are therefore
@@ -22,6 +22,7 @@
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "core/file_util.h"
+#include "tokenizer/gguf_vocab.h"
 #include "tokenizer/tokenizer.h"
 
 namespace moe {
@@ -84,10 +85,10 @@ void add_perplexity_command(CLI::App& app) {
       ->check(CLI::IsMember({"none", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k"}));
   cmd->add_flag("--json", o->json, "also print one JSON line with the results");
   cmd->callback([o]() {
+    // The tokenizer: --tokenizer, else the model's (a .gguf's own), else a base directory's.
     std::string tok_dir = o->tokenizer;
-    if (tok_dir.empty()) tok_dir = !is_gguf_path(o->model) ? o->model : (!is_gguf_path(o->base) ? o->base : "");
-    MOE_CHECK(!tok_dir.empty(), "%s: a .gguf file carries no tokenizer the engine reads yet: give --tokenizer DIR",
-              o->model.c_str());
+    if (tok_dir.empty())
+      tok_dir = !is_gguf_path(o->model) || gguf_has_vocab(o->model) || o->base.empty() ? o->model : o->base;
     const Tokenizer tok = Tokenizer::from_dir(tok_dir);
     const std::string text = read_file(o->file);
     const std::vector<int32_t> ids = tok.encode(text, /*add_special_tokens=*/false);

@@ -50,7 +50,7 @@ void add_serve_command(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("serve", "OpenAI-compatible HTTP server (chat/completions, streaming, /metrics)");
   cmd->add_option("dir", o->dir, "model directory (HF: config.json, safetensors, tokenizer.json), or a .gguf with --tokenizer")
       ->required();
-  cmd->add_option("--tokenizer", o->tokenizer, "directory with tokenizer.json (and chat template); default: the model's");
+  cmd->add_option("--tokenizer", o->tokenizer, "directory with tokenizer.json (and chat template), or a .gguf; default: the model's (a .gguf's own)");
   cmd->add_option("--adapter", o->adapter, "a PEFT LoRA adapter directory, merged into the weights at load (CPU)");
   cmd->add_option("--host", o->serve.host, "address to bind (127.0.0.1: this machine only)")->capture_default_str();
   cmd->add_option("--port", o->serve.port, "port (0: any free port, printed)")->capture_default_str()->check(CLI::Range(0, 65535));
@@ -71,7 +71,6 @@ void add_serve_command(CLI::App& app) {
   add_weights_flag(cmd, &o->weights);
   cmd->callback([o]() {
     const std::string tok_dir = o->tokenizer.empty() ? o->dir : o->tokenizer;
-    MOE_CHECK(!is_gguf_path(tok_dir), "serve: a .gguf model needs --tokenizer DIR (a directory with tokenizer.json)");
     Tokenizer tok = Tokenizer::from_dir(tok_dir);
     std::unique_ptr<ChatTemplate> tmpl;
     try {

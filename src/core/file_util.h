@@ -26,5 +26,7 @@ std::string read_file(const std::string& path, size_t max_bytes = kMaxTextFileBy
 bool is_regular_file(const std::string& path);
 // True when `path` names an existing directory (no exceptions; false on any error).
 bool is_directory(const std::string& path);
+// True when `path` ends in ".gguf" (a GGUF model file where a model or tokenizer directory may be).
+bool is_gguf_path(const std::string& path);
 
 }  // namespace moe

@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "io/gguf.h"
 #include "io/safetensors.h"
+#include "tokenizer/gguf_vocab.h"
 #include "model/arch.h"
 
 namespace moe {
@@ -388,9 +389,16 @@ void write_gguf(const std::string& model_dir, const std::string& out_path, const
   if (c.model_type != "mixtral") wr.set(a + "expert_feed_forward_length", u32(c.moe_intermediate_size));
   if (c.model_type == "qwen2_moe") wr.set(a + "expert_shared_feed_forward_length", u32(c.shared_expert_intermediate_size));
   wr.set(a + "expert_weights_norm", GgufValue::boolean(c.norm_topk_prob));
-  wr.set("tokenizer.ggml.model", GgufValue::str("none"));
-  if (c.bos_token_id >= 0) wr.set("tokenizer.ggml.bos_token_id", u32(c.bos_token_id));
-  if (c.eos_token_id >= 0) wr.set("tokenizer.ggml.eos_token_id", u32(c.eos_token_id));
+  if (opt.vocab) {
+    MOE_CHECK(static_cast<int64_t>(opt.vocab->tokens.size()) == c.vocab_size,
+              "%s: the tokenizer lists %zu tokens for %lld embedding rows", model_dir.c_str(), opt.vocab->tokens.size(),
+              static_cast<long long>(c.vocab_size));
+    write_gguf_vocab(wr, *opt.vocab);
+  } else {
+    wr.set("tokenizer.ggml.model", GgufValue::str("none"));
+    if (c.bos_token_id >= 0) wr.set("tokenizer.ggml.bos_token_id", u32(c.bos_token_id));
+    if (c.eos_token_id >= 0) wr.set("tokenizer.ggml.eos_token_id", u32(c.eos_token_id));
+  }
 
   // The tensors, in llama.cpp's usual order.
   struct Item {

@@ -20,8 +20,8 @@
 // feed_forward_length, attention.{head_count, head_count_kv, key_length, value_length,
 // layer_norm_rms_epsilon}, rope.{dimension_count, freq_base}, expert_count,
 // expert_used_count, expert_feed_forward_length, expert_shared_feed_forward_length,
-// expert_weights_norm}, tokenizer.ggml.model = "none" with bos/eos ids (llama.cpp then runs on
-// token ids; the real vocabulary is not written yet).
+// expert_weights_norm}, and the tokenizer (tokenizer/gguf_vocab.h) when the writer is given one;
+// without it tokenizer.ggml.model = "none" with bos/eos ids (llama.cpp then runs on token ids).
 #pragma once
 #include <functional>
 #include <string>
@@ -66,8 +66,11 @@ bool gguf_file_type_from_name(const std::string& s, GgufFileType* out);  // "q4_
 const char* gguf_file_type_name(GgufFileType t);
 uint32_t gguf_llama_ftype(GgufFileType t);  // LLAMA_FTYPE_* value for general.file_type
 
+struct GgufVocab;
+
 struct GgufWriteOptions {
   GgufFileType type = GgufFileType::F32;
+  const GgufVocab* vocab = nullptr;  // the tokenizer's metadata (gguf_vocab_from_dir); nullptr: "none"
   std::string name;  // general.name (default: the directory's base name)
   // progress(i, n, gguf tensor name, type) before tensor i of n is produced.
   std::function<void(size_t, size_t, const std::string&, GgmlType)> progress;

@@ -4,10 +4,20 @@
 #include "core/error.h"
 #include "core/file_util.h"
 #include "core/json_util.h"
+#include "tokenizer/gguf_vocab.h"
 
 namespace moe {
 
 ChatTemplate ChatTemplate::from_dir(const std::string& dir) {
+  if (is_gguf_path(dir)) {
+    const GgufVocab v = load_gguf_vocab(dir);
+    MOE_CHECK(!v.chat_template.empty(), "%s: no chat template (no tokenizer.chat_template in the GGUF)", dir.c_str());
+    try {
+      return ChatTemplate(v.chat_template, gguf_vocab_config(v));
+    } catch (const Error& e) {
+      MOE_FAIL("%s: %s", dir.c_str(), e.what());
+    }
+  }
   nlohmann::json cfg = nlohmann::json::object();
   const std::string cpath = dir + "/tokenizer_config.json", jpath = dir + "/chat_template.jinja";
   if (is_regular_file(cpath)) cfg = parse_json(read_file(cpath), cpath);

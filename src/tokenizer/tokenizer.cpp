@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/file_util.h"
 #include "core/json_util.h"
+#include "tokenizer/gguf_vocab.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/regex.h"
 #include "tokenizer/spm_model.h"
@@ -724,6 +725,7 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::from_dir(const std::string& dir) {
+  if (is_gguf_path(dir)) return tokenizer_from_gguf_vocab(load_gguf_vocab(dir), dir);
   const std::string tpath = dir + "/tokenizer.json", cpath = dir + "/tokenizer_config.json",
                     mpath = dir + "/tokenizer.model";
   json cfg = json::object();
@@ -736,12 +738,16 @@ Tokenizer Tokenizer::from_dir(const std::string& dir) {
 }
 
 Tokenizer Tokenizer::from_sentencepiece(const std::string& model_path, const json& cfg) {
+  return from_sentencepiece_bytes(read_file(model_path, kMaxTokenizerFileBytes), cfg, model_path);
+}
+
+Tokenizer Tokenizer::from_sentencepiece_bytes(std::string_view bytes, const json& cfg, const std::string& model_path) {
   auto impl = std::make_unique<Impl>();
   Impl& t = *impl;
   t.origin = model_path;
   MOE_CHECK(cfg.is_object() || cfg.is_null(), "%s: tokenizer_config must be a JSON object", model_path.c_str());
   if (cfg.is_object()) t.config = cfg;
-  t.spm = SpmModel::load_file(model_path);
+  t.spm = SpmModel::load_bytes(bytes, model_path);
   const SpmModel& sp = *t.spm;
   const int32_t n = sp.size();
   // Special tokens: the model's control and unknown pieces, then tokenizer_config.json's.

@@ -51,6 +51,9 @@ class Tokenizer {
   static Tokenizer from_dir(const std::string& dir);
   // A SentencePiece .model file with tokenizer_config.json's contents (an object, or null/{}).
   static Tokenizer from_sentencepiece(const std::string& model_path, const nlohmann::json& config);
+  // The same from a serialized ModelProto; `origin` names it in errors.
+  static Tokenizer from_sentencepiece_bytes(std::string_view model_proto, const nlohmann::json& config,
+                                            const std::string& origin);
   // `origin` names the source in error messages.
   static Tokenizer from_json(const nlohmann::json& tokenizer, const nlohmann::json& config,
                              const std::string& origin = "tokenizer.json");
