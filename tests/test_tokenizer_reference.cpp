@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -18,6 +19,8 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/gguf.h"
+#include "tokenizer/gguf_vocab.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/jinja.h"
 #include "tokenizer/tokenizer.h"
@@ -136,6 +139,63 @@ TEST(TokenizerReference, GptOss) { check_tokenizer("gptoss"); }
 
 // The CLI contract: `moe tokenize DIR --file F` prints one JSON id array per input line, and
 // `--decode` turns those arrays back into JSON strings; both must equal the reference.
+// The tokenizer written into a GGUF file (llama.cpp's tokenizer.ggml.* keys) and read back gives
+// the JavaScript reference's ids and decodes for the whole corpus; llama2's SentencePiece-style
+// tokenizer.json (no tokenizer.model beside it) is refused with the reason.
+void check_gguf_vocab(const std::string& name, const std::string& pre) {
+  REQUIRE_REFERENCE(dir);
+  const std::string tdir = dir + "/tokenizers/" + name;
+  std::string why;
+  const std::optional<GgufVocab> v = gguf_vocab_from_dir(tdir, 0, &why);
+  ASSERT_TRUE(v.has_value()) << why;
+  EXPECT_EQ(v->model, "gpt2");
+  EXPECT_EQ(v->pre, pre);
+  char tmpl[] = "/tmp/moe-gguf-vocab-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string path = std::string(tmpl) + "/" + name + ".gguf";
+  GgufWriter w;
+  w.set("general.architecture", GgufValue::str("qwen3moe"));
+  write_gguf_vocab(w, *v);
+  w.write(path);
+  const Tokenizer tok = Tokenizer::from_dir(path);  // a .gguf path is read as its tokenizer
+  std::system(("rm -rf '" + std::string(tmpl) + "'").c_str());
+  const std::vector<json> corpus = read_jsonl(dir + "/corpus.jsonl");
+  const std::vector<json> expected = read_jsonl(dir + "/" + name + ".jsonl");
+  ASSERT_EQ(expected.size(), corpus.size() + 1);
+  size_t ids_ok = 0, plain_ok = 0, dec_ok = 0;
+  int shown = 0;
+  for (size_t i = 0; i < corpus.size(); ++i) {
+    const std::string s = corpus[i].get<std::string>();
+    const json& e = expected[i + 1];
+    const auto ids = tok.encode(s, true), plain = tok.encode(s, false);
+    ids_ok += ids == e["ids"].get<std::vector<int32_t>>();
+    plain_ok += plain == e["plain"].get<std::vector<int32_t>>();
+    const std::string dec = tok.decode(e["plain"].get<std::vector<int32_t>>());
+    dec_ok += dec == e["decoded"].get<std::string>();
+    if (dec != e["decoded"].get<std::string>() && shown++ < 5)
+      ADD_FAILURE() << name << " #" << i << " decode " << json(s).dump() << "\n  got  " << json(dec).dump()
+                    << "\n  want " << e["decoded"].dump();
+    if (ids != e["ids"].get<std::vector<int32_t>>() && shown++ < 5)
+      ADD_FAILURE() << name << " #" << i << " " << json(s).dump() << "\n  got  " << ids_to_json(ids) << "\n  want "
+                    << e["ids"].dump();
+  }
+  std::printf("[%s via GGUF, pre %s] %zu strings: encode %zu, encode(no specials) %zu, decode %zu\n", name.c_str(),
+              pre.c_str(), corpus.size(), ids_ok, plain_ok, dec_ok);
+  EXPECT_EQ(ids_ok, corpus.size());
+  EXPECT_EQ(plain_ok, corpus.size());
+  EXPECT_EQ(dec_ok, corpus.size());
+}
+
+TEST(TokenizerReference, GgufVocabQwen3) { check_gguf_vocab("qwen3", "qwen2"); }
+TEST(TokenizerReference, GgufVocabDeepseekV3) { check_gguf_vocab("deepseek_v3", "deepseek-v3"); }
+TEST(TokenizerReference, GgufVocabGptOss) { check_gguf_vocab("gptoss", "gpt-4o"); }
+TEST(TokenizerReference, GgufVocabRefusesSentencePieceStyleJson) {
+  REQUIRE_REFERENCE(dir);
+  std::string why;
+  EXPECT_FALSE(gguf_vocab_from_dir(dir + "/tokenizers/llama2", 0, &why).has_value());
+  EXPECT_NE(why.find("tokenizer.model"), std::string::npos) << why;
+}
+
 TEST(TokenizerReference, CliFileContract) {
   REQUIRE_REFERENCE(dir);
   const std::string moe = std::string(MOE_BINARY_DIR) + "/moe";

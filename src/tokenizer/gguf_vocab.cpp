@@ -33,34 +33,35 @@ struct PreTokenizer {
   const char* name;
   json normalizer, pre_tokenizer;
   bool ignore_merges;
+  bool clean_spaces;  // decode cleans up spaces before punctuation (llama.cpp's clean_spaces per pre)
 };
 
 const std::vector<PreTokenizer>& pre_tokenizers() {
   // The regexes are the tokenizer.json ones (HF semantics); llama.cpp runs equivalent ones.
   static const std::string contractions = R"((?i:'s|'t|'re|'ve|'m|'ll|'d))";
   static const std::vector<PreTokenizer> table = {
-      {"gpt-2", nullptr, byte_level(true), false},
+      {"gpt-2", nullptr, byte_level(true), false, true},
       {"llama-bpe", nullptr,
        sequence({split(contractions + R"(|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"),
                  byte_level(false)}),
-       true},
+       true, true},
       {"qwen2", {{"type", "NFC"}},
        sequence({split(contractions + R"(|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"),
                  byte_level(false)}),
-       false},
+       false, false},
       {"gpt-4o", nullptr,
        sequence({split(R"([^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?)"
                        R"(|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?)"
                        R"(|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+)"),
                  byte_level(false)}),
-       true},
+       true, false},
       // DeepSeek-V3 writes CR and LF themselves (not "\r", "\n" escapes) in its third regex.
       {"deepseek-v3", nullptr,
        sequence({split(R"(\p{N}{1,3})"), split("[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"),
                  split(R"([!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^)" "\r\n" R"(\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+)"
                        R"(| ?[\p{P}\p{S}]+[)" "\r\n" R"(]*|\s*[)" "\r\n" R"(]+|\s+(?!\S)|\s+)"),
                  byte_level(false)}),
-       false},
+       false, false},
   };
   return table;
 }
@@ -414,7 +415,9 @@ Tokenizer tokenizer_from_gguf_vocab(const GgufVocab& v, const std::string& origi
               {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", nullptr},
                {"end_of_word_suffix", nullptr}, {"fuse_unk", false}, {"byte_fallback", false},
                {"ignore_merges", entry->ignore_merges}, {"vocab", std::move(vocab)}, {"merges", v.merges}}}};
-  return Tokenizer::from_json(tj, cfg, origin);
+  json cfg_bpe = cfg;
+  cfg_bpe["clean_up_tokenization_spaces"] = entry->clean_spaces;
+  return Tokenizer::from_json(tj, cfg_bpe, origin);
 }
 
 GgufVocab load_gguf_vocab(const std::string& path) {

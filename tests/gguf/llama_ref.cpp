@@ -9,6 +9,9 @@
 //       llama_model_quantize (FTYPE = LLAMA_FTYPE_*)
 //   llama_ref dequant  TYPE IN.bin OUT.f32 N       ggml's to_float for N values of ggml type TYPE
 //   llama_ref quant    TYPE IN.f32 OUT.bin ROW     ggml_quantize_chunk (no imatrix), rows of ROW
+//   llama_ref tokenize M.gguf STRINGS.bin           the vocabulary alone (vocab_only); STRINGS.bin
+//       holds texts separated by NUL bytes; one line "i: id id ..." per text (llama_tokenize with
+//       add_special and parse_special, as llama.cpp's own tools tokenize a prompt)
 // IDS is a comma-separated list of token ids. Exit status 0 on success, 1 with a message.
 #include <cstdio>
 #include <cstdlib>
@@ -126,6 +129,37 @@ int main(int argc, char** argv) {
     std::vector<float> out(static_cast<size_t>(n));
     ggml_get_type_traits(type)->to_float(in.data(), out.data(), n);
     return write_file(argv[4], out.data(), out.size() * 4) ? 0 : 1;
+  }
+  if (cmd == "tokenize" && argc == 4) {
+    llama_model_params mp = llama_model_default_params();
+    mp.vocab_only = true;
+    llama_model* model = llama_model_load_from_file(argv[2], mp);
+    if (!model) {
+      std::fprintf(stderr, "llama_ref: cannot load the vocabulary of %s\n", argv[2]);
+      return 1;
+    }
+    const llama_vocab* vocab = llama_model_get_vocab(model);
+    const std::vector<char> in = read_file(argv[3]);
+    size_t start = 0;
+    int index = 0;
+    std::vector<llama_token> ids;
+    for (size_t i = 0; i <= in.size(); ++i) {
+      if (i < in.size() && in[i] != '\0') continue;
+      if (i == in.size() && start == i) break;
+      const int32_t len = static_cast<int32_t>(i - start);
+      ids.resize(static_cast<size_t>(len) + 8);
+      int32_t n = llama_tokenize(vocab, in.data() + start, len, ids.data(), static_cast<int32_t>(ids.size()), true, true);
+      if (n < 0) {
+        ids.resize(static_cast<size_t>(-n));
+        n = llama_tokenize(vocab, in.data() + start, len, ids.data(), static_cast<int32_t>(ids.size()), true, true);
+      }
+      std::printf("%d:", index++);
+      for (int32_t k = 0; k < n; ++k) std::printf(" %d", ids[static_cast<size_t>(k)]);
+      std::printf("\n");
+      start = i + 1;
+    }
+    llama_model_free(model);
+    return 0;
   }
   if (cmd == "quant" && argc == 6) {
     const auto type = static_cast<ggml_type>(std::atoi(argv[2]));
