@@ -8,12 +8,15 @@
 // Without spm_train the tests are SKIPPED with a loud message.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -21,6 +24,10 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/file_util.h"
+#include "io/gguf.h"
+#include "tokenizer/gguf_vocab.h"
+#include "tokenizer/spm_proto.h"
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/unicode.h"
 
@@ -215,6 +222,10 @@ const SpmSetup& setup() {
         {"bpe", "--model_type=bpe --vocab_size=500 --character_coverage=0.995 --byte_fallback=true "
                 "'--user_defined_symbols=<sep>,[MASK]' '--control_symbols=<ctrl>'"},
         {"unigram", "--model_type=unigram --vocab_size=400 --character_coverage=0.9995"},
+        // As Llama / Mistral ship theirs: BPE, no normalization table, whitespace kept as is.
+        {"llama", "--model_type=bpe --vocab_size=500 --character_coverage=0.995 --byte_fallback=true "
+                  "--normalization_rule_name=identity --remove_extra_whitespaces=false "
+                  "'--user_defined_symbols=<sep>,[MASK]' '--control_symbols=<ctrl>'"},
     };
     for (const M& m : models) {
       const std::string prefix = S.dir + "/" + m.name;
@@ -262,14 +273,28 @@ void expect_error(const std::function<void()>& f, const std::vector<std::string>
   }
 }
 
-void compare_with_tools(const std::string& name) {
+// via_gguf: the tokenizer written into a GGUF file (llama.cpp's tokenizer.ggml.* keys) and read
+// back, instead of the directory's tokenizer.model.
+void compare_with_tools(const std::string& name, bool via_gguf = false) {
   REQUIRE_SPM(S);
   const std::string prefix = S.dir + "/" + name;
   const auto ref_ids = read_lines(prefix + ".ids");
   const auto ref_dec = read_lines(prefix + ".decoded");
   ASSERT_EQ(ref_ids.size(), S.strings.size());
   ASSERT_EQ(ref_dec.size(), S.strings.size());
-  Tokenizer tok = Tokenizer::from_dir(prefix + "-dir");
+  std::string src = prefix + "-dir";
+  if (via_gguf) {
+    std::string why;
+    const std::optional<GgufVocab> v = gguf_vocab_from_dir(src, 0, &why);
+    ASSERT_TRUE(v.has_value()) << why;
+    EXPECT_EQ(v->model, "llama");
+    GgufWriter w;
+    w.set("general.architecture", GgufValue::str("llama"));
+    write_gguf_vocab(w, *v);
+    src = prefix + ".gguf";
+    w.write(src);
+  }
+  Tokenizer tok = Tokenizer::from_dir(src);
   const int32_t bos = tok.bos_id().value_or(-1);
   ASSERT_GE(bos, 0);
   size_t ids_ok = 0, bos_ok = 0, dec_ok = 0, stream_ok = 0, ref_rt = 0, rt = 0, unk = 0;
@@ -305,9 +330,9 @@ void compare_with_tools(const std::string& name) {
     stream_ok += valid && streamed == dec;
   }
   const size_t n = S.strings.size();
-  std::printf("[spm %s] %zu strings: ids %zu/%zu (spm_encode), with BOS %zu/%zu, decode %zu/%zu (spm_decode), "
+  std::printf("[spm %s%s] %zu strings: ids %zu/%zu (spm_encode), with BOS %zu/%zu, decode %zu/%zu (spm_decode), "
               "streaming %zu/%zu, round-trips %zu (spm's own %zu), <unk> ids %zu\n",
-              name.c_str(), n, ids_ok, n, bos_ok, n, dec_ok, n, stream_ok, n, rt, ref_rt, unk);
+              name.c_str(), via_gguf ? " via GGUF" : "", n, ids_ok, n, bos_ok, n, dec_ok, n, stream_ok, n, rt, ref_rt, unk);
   EXPECT_GE(n, 200u);
   EXPECT_EQ(ids_ok, n);
   EXPECT_EQ(bos_ok, n);
@@ -319,6 +344,49 @@ void compare_with_tools(const std::string& name) {
 
 TEST(TokenizerSpm, BpeMatchesSpmTools) { compare_with_tools("bpe"); }
 TEST(TokenizerSpm, UnigramMatchesSpmTools) { compare_with_tools("unigram"); }
+TEST(TokenizerSpm, LlamaStyleMatchesSpmTools) { compare_with_tools("llama"); }
+TEST(TokenizerSpm, GgufVocabMatchesSpmTools) { compare_with_tools("llama", /*via_gguf=*/true); }
+
+// What llama.cpp's SentencePiece tokenizer cannot reproduce is not written: a normalization
+// table (spm_train's default nmt_nfkc) or a Unigram model.
+TEST(TokenizerSpm, GgufVocabRefusesWhatLlamaCppWouldTokenizeDifferently) {
+  REQUIRE_SPM(S);
+  std::string why;
+  EXPECT_FALSE(gguf_vocab_from_dir(S.dir + "/bpe-dir", 0, &why).has_value());
+  EXPECT_NE(why.find("normaliz"), std::string::npos) << why;
+  EXPECT_FALSE(gguf_vocab_from_dir(S.dir + "/unigram-dir", 0, &why).has_value());
+  EXPECT_NE(why.find("Unigram"), std::string::npos) << why;
+}
+
+// The protobuf reader against the .vocab file spm_train wrote: every piece and score, in order.
+TEST(TokenizerSpm, ModelProtoReaderMatchesVocabFile) {
+  REQUIRE_SPM(S);
+  for (const char* name : {"bpe", "unigram", "llama"}) {
+    const std::string path = S.dir + "/" + name + ".model";
+    const SpmProto p = parse_spm_proto(read_file(path), path);
+    const auto vocab = read_lines(S.dir + "/" + name + ".vocab");
+    ASSERT_EQ(p.pieces.size(), vocab.size()) << name;
+    for (size_t id = 0; id < vocab.size(); ++id) {
+      const size_t tab = vocab[id].find('\t');
+      ASSERT_NE(tab, std::string::npos);
+      EXPECT_EQ(p.pieces[id].piece, vocab[id].substr(0, tab)) << name << " id " << id;
+      const float want = std::stof(vocab[id].substr(tab + 1));  // printed with 6 significant digits
+      EXPECT_NEAR(p.pieces[id].score, want, 1e-5f * std::max(1.0f, std::fabs(want))) << name << " id " << id;
+    }
+    EXPECT_EQ(p.model_type, std::string(name) == "unigram" ? 1 : 2) << name;
+    EXPECT_EQ(p.has_charsmap, std::string(name) != "llama") << name;
+    EXPECT_EQ(p.remove_extra_whitespaces, std::string(name) != "llama") << name;
+    EXPECT_EQ(p.byte_fallback, std::string(name) != "unigram") << name;
+    EXPECT_EQ(p.pieces[p.unk_id].type, kSpmUnknown) << name;
+    if (p.has_charsmap) continue;  // the writer does not carry normalization tables
+    // Written back, SentencePiece tokenizes as with the original file.
+    const Tokenizer a = Tokenizer::from_sentencepiece(path, nullptr);
+    const Tokenizer b = Tokenizer::from_sentencepiece_bytes(serialize_spm_proto(p), nullptr, "re-serialized");
+    for (const std::string& s : S.strings) EXPECT_EQ(a.encode(s), b.encode(s)) << json(s).dump();
+  }
+  expect_error([] { parse_spm_proto(std::string("\x0a\xff\xff\xff\xff\x0f", 6), "junk.model"); },
+               {"junk.model", "past the end"});
+}
 
 // The piece table against the .vocab file spm_train wrote (one "piece\tscore" line per id).
 TEST(TokenizerSpm, VocabularyAndSpecialIds) {
