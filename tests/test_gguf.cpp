@@ -20,6 +20,7 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -35,6 +36,8 @@
 #include "io/safetensors.h"
 #include "model/model.h"
 #include "model/random_init.h"
+#include "tokenizer/gguf_vocab.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moe {
 namespace {
@@ -1065,4 +1068,68 @@ TEST(GgufLlamaCpp, ReadsLlamaCppQuantizedFiles) {
 }
 
 }  // namespace
+// The tokenizers we write into GGUF files, tokenized by llama.cpp itself (vocab_only): the same
+// ids as ours for every string. The real tokenizer files come from the tokenizer tests' npm data
+// (tests/tokenizer/setup.sh); the model metadata around them from a fixture.
+TEST(GgufLlamaCpp, TokenizesOurVocabulariesAsWeDo) {
+  REQUIRE_LLAMA(ref);
+  const std::string tref = std::string(MOE_BINARY_DIR) + "/tokenizer-ref";
+  const int setup_rc = std::system(("bash '" + source_dir() + "/tokenizer/setup.sh' '" + tref + "' 1>&2").c_str());
+  if (setup_rc != 0) {
+    const char* ci = std::getenv("CI");
+    if (ci && std::string(ci) == "true") FAIL() << "CI=true but the tokenizer npm data is unavailable";
+    GTEST_SKIP() << "SKIPPED: tokenizer npm data unavailable (tests/tokenizer/setup.sh)";
+  }
+  const std::string dir = temp_dir();
+  write_gguf(kFixtures + "/qwen3_moe", dir + "/base.gguf");
+  const auto base = GgufFile::open(dir + "/base.gguf");
+  // NFC text (llama.cpp does not normalize; Qwen's tokenizer.json does), with special tokens.
+  const std::vector<std::string> texts = {
+      "Hello world", "It's 2026, isn't it? I'LL SEE YOU'RE DONE", "<|im_start|>user\nWhat is 12 + 7?<|im_end|>\n",
+      "  leading, trailing   ", "tabs\tand\nnewlines\r\n\n\nend", "数字 12345678 和中文混合text", "日本語のテキストとカタカナ",
+      "emoji 🎉🦄 family 👨\u200d👩\u200d👧", "code: for (int i = 0; i < n; ++i) { sum += a[i]; }",
+      "url https://example.com/path?q=1&r=2#frag", "ελληνικά και русский", "Straße Mädchen schön über",
+      "!!!???...,,,;;;", "x", " ", "a<think>b</think>c", "0x1F 3.14159 -2.5e+10 1_000_000",
+      "def f(x):\n    return x ** 2\n", "ALL CAPS 123 MixedCase camelCaseWord snake_case_word"};
+  std::string blob;
+  for (const std::string& t : texts) blob += t + std::string(1, '\0');
+  const std::string strings_path = dir + "/strings.bin";
+  std::ofstream(strings_path, std::ios::binary) << blob;
+  for (const char* name : {"qwen3", "deepseek_v3", "gptoss"}) {
+    std::string why;
+    const std::optional<GgufVocab> v = gguf_vocab_from_dir(tref + "/tokenizers/" + name, 0, &why);
+    ASSERT_TRUE(v.has_value()) << why;
+    GgufWriter w;
+    for (const auto& [key, value] : base->header().kv)
+      if (key.rfind("tokenizer.", 0) != 0 && key.find(".vocab_size") == std::string::npos) w.set(key, value);
+    write_gguf_vocab(w, *v);
+    const std::string path = dir + "/" + name + ".gguf";
+    w.write(path);
+    int rc = 0;
+    const std::string out = run_ref(*ref, "tokenize '" + path + "' '" + strings_path + "'", &rc);
+    ASSERT_EQ(rc, 0) << out;
+    const Tokenizer tok = Tokenizer::from_dir(path);
+    std::istringstream lines(out);
+    std::string line;
+    size_t same = 0, n = 0;
+    while (std::getline(lines, line)) {
+      const size_t colon = line.find(':');
+      ASSERT_NE(colon, std::string::npos) << line;
+      const size_t i = std::stoul(line.substr(0, colon));
+      ASSERT_LT(i, texts.size());
+      std::vector<int32_t> theirs;
+      std::istringstream ids(line.substr(colon + 1));
+      int32_t id;
+      while (ids >> id) theirs.push_back(id);
+      const std::vector<int32_t> ours = tok.encode(texts[i], true);
+      same += ours == theirs;
+      ++n;
+      EXPECT_EQ(ours, theirs) << name << " text #" << i;
+    }
+    EXPECT_EQ(n, texts.size()) << name;
+    std::printf("[%s, pre %s] llama.cpp tokenizes %zu/%zu texts as we do\n", name, v->pre.c_str(), same, n);
+  }
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace moe
