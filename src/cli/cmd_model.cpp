@@ -8,6 +8,7 @@
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/gguf_summary.h"
 #include "train/distributed.h"
 #include "io/safetensors.h"
 #include "tokenizer/gguf_vocab.h"
@@ -98,9 +99,10 @@ void add_init_command(CLI::App& app) {
 
 void add_inspect_command(CLI::App& app) {
   auto dir = std::make_shared<std::string>();
-  CLI::App* cmd = app.add_subcommand("inspect", "describe a model directory: architecture, parameters, memory");
-  cmd->add_option("dir", *dir, "model directory (config.json + safetensors)")->required();
+  CLI::App* cmd = app.add_subcommand("inspect", "describe a model directory or .gguf file: architecture, parameters, memory");
+  cmd->add_option("dir", *dir, "model directory (config.json + safetensors) or .gguf file")->required();
   cmd->callback([dir]() {
+    if (is_gguf_path(*dir)) return inspect_gguf(*dir);
     ModelConfig c = load_hf_config(*dir + "/config.json");
     Checkpoint ck = Checkpoint::open_dir(*dir);
     const ArchSpec& a = arch_spec(c.model_type);
@@ -198,7 +200,7 @@ void add_generate_command(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("generate", "generate tokens with a KV cache");
-  cmd->add_option("dir", o->dir, "model directory (HF), or a .gguf file (with --ids)")->required();
+  cmd->add_option("dir", o->dir, "model directory (HF), or a .gguf file")->required();
   auto* ids_opt = cmd->add_option("--ids", o->ids, "prompt token ids, comma-separated (e.g. 1,2,3)");
   auto* prompt_opt = cmd->add_option("--prompt", o->prompt, "prompt text (needs tokenizer.json in the model directory)");
   auto* chat_opt = cmd->add_option("--chat", o->chat, "a user message, rendered with the model's chat template");

@@ -4,12 +4,12 @@
 // to stderr, one line per tensor; the summary (tensors per type, bytes, time) to stdout. The
 // directory's tokenizer and chat template go into the file too (tokenizer/gguf_vocab.h).
 #include <cstdio>
-#include <map>
 #include <optional>
 #include <sys/stat.h>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/gguf_summary.h"
 #include "core/error.h"
 #include "io/gguf.h"
 #include "io/gguf_model.h"
@@ -61,24 +61,13 @@ void add_quantize_command(CLI::App& app) {
 
     // Summary from the file as written (re-read through the validating reader).
     auto f = GgufFile::open(o->out);
-    std::map<std::string, std::pair<int, uint64_t>> by_type;
-    uint64_t total = 0;
-    int64_t params = 0;
-    for (const GgufTensorInfo& t : f->tensors()) {
-      auto& e = by_type[ggml_type_name(t.type)];
-      e.first += 1;
-      e.second += t.nbytes;
-      total += t.nbytes;
-      params += t.numel();
-    }
     struct stat st{};
     ::stat(o->out.c_str(), &st);
-    std::printf("wrote %s: %s, %zu tensors, %lld parameters, %.1f MiB of tensor data (%.3f bits/parameter), file %.1f MiB, %.2f s\n",
-                o->out.c_str(), gguf_file_type_name(opt.type), f->tensors().size(), static_cast<long long>(params),
-                total / 1048576.0, params ? 8.0 * static_cast<double>(total) / static_cast<double>(params) : 0.0,
-                static_cast<double>(st.st_size) / 1048576.0, secs);
-    for (const auto& [name, e] : by_type)
-      std::printf("  %-6s %4d tensors %10.2f MiB\n", name.c_str(), e.first, e.second / 1048576.0);
+    std::printf("wrote %s: %s, %zu tensors, file %.1f MiB, %.2f s\n", o->out.c_str(), gguf_file_type_name(opt.type),
+                f->tensors().size(), static_cast<double>(st.st_size) / 1048576.0, secs);
+    const GgufTensorTotals t = print_gguf_tensor_types(*f);
+    std::printf("%lld parameters, %.1f MiB of tensor data (%.3f bits/parameter)\n", static_cast<long long>(t.params),
+                t.bytes / 1048576.0, t.bits_per_param());
   });
 }
 

@@ -186,6 +186,10 @@ bool from_tokenizer_json(const std::string& dir, GgufVocab* v, std::string* why)
   for (const PreTokenizer& p : pre_tokenizers())
     if (signature(p.pre_tokenizer) == pre && signature(p.normalizer) == norm && p.ignore_merges == truthy("ignore_merges"))
       entry = &p;
+  // Without merges every byte is its own token whatever the pre-tokenizer splits (the engine's
+  // byte-level tokenizer for models trained from scratch): any entry gives the same ids.
+  const bool no_merges = !m.contains("merges") || (m["merges"].is_array() && m["merges"].empty());
+  if (!entry && no_merges && norm.empty() && pre.rfind("ByteLevel(", 0) == 0) entry = find_pre_tokenizer("gpt-2");
   if (!entry) {
     *why = path + ": its normalizer and pre-tokenizer are none of those llama.cpp knows by name "
                   "(gpt-2, llama-bpe, qwen2, gpt-4o, deepseek-v3)";

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end CLI test of `moe quantize`: each --type writes a GGUF file whose summary names the
 # types it holds, progress goes to stderr, and bad input (unknown type, missing model, a GGUF
-# path as the model) is a clean error that writes nothing.
+# path as the model) is a clean error that writes nothing. The directory's tokenizer travels in
+# the file: `moe tokenize` / `generate` / `inspect` read it from the .gguf; a file without one
+# says so.
 # usage: bash quantize_gguf.sh <moe binary> <fixtures dir>   (run by ctest as cli_quantize_gguf)
 set -u
 
@@ -43,6 +45,25 @@ done
 if [[ "$(head -c 4 m-q8_0.gguf)" == "GGUF" ]]; then pass "GGUF magic"; else fail "no GGUF magic"; fi
 S32=$(stat -c %s m-f32.gguf); S8=$(stat -c %s m-q8_0.gguf)
 if ((S8 * 3 < S32)); then pass "q8_0 (${S8} B) < f32 (${S32} B) / 3"; else fail "q8_0 ${S8} B vs f32 ${S32} B"; fi
+
+# The tokenizer inside the file (the byte-level tokenizer of a model trained from scratch).
+run init "${MOE}" init --arch mixtral --preset tiny --tokenizer byte --seed 1 --out mb
+run quantize-tok "${MOE}" quantize mb --type q8_0 --out mb.gguf --quiet
+if grep -q "tokenizer: gpt2 / gpt-2, 257 tokens" <<<"${OUT}"; then pass "the tokenizer is written"; else fail "no tokenizer line"; fi
+TEXT='And the king <|endoftext|> went up é'
+run tok-dir "${MOE}" tokenize mb --text "${TEXT}"
+DIR_IDS="${OUT}"
+run tok-gguf "${MOE}" tokenize mb.gguf --text "${TEXT}"
+if ((RC == 0)) && [[ -n "${DIR_IDS}" && "${OUT}" == "${DIR_IDS}" ]]; then pass "the .gguf tokenizes as the directory"; else fail "ids differ: ${OUT} vs ${DIR_IDS}"; fi
+run inspect-tok "${MOE}" inspect mb.gguf
+if grep -q "^tokenizer  *gpt2 / gpt-2, 257 tokens" <<<"${OUT}" && grep -q "q8_0" <<<"${OUT}"; then pass "inspect shows the tokenizer and types"; else fail "inspect output"; fi
+run gen-gguf "${MOE}" generate mb.gguf --prompt "And the" --max-new-tokens 4
+if ((RC == 0)) && grep -q "^prompt:" <<<"${OUT}"; then pass "generate --prompt on a .gguf"; else fail "generate on a .gguf: rc ${RC}: ${ERR}"; fi
+# A directory without a tokenizer: the file says "none", and reading one from it names the file.
+if grep -q "tokenizer: not written" <<< "$("${MOE}" quantize "${FIXTURES}/qwen2_moe" --type f32 --out nt.gguf --quiet 2>&1)"; then
+  pass "no tokenizer: said so"; else fail "no 'not written' line"; fi
+run tok-none "${MOE}" tokenize nt.gguf --text "hi"
+if ((RC != 0)) && grep -q "nt.gguf.*carries no tokenizer" <<<"${ERR}"; then pass "a .gguf without a tokenizer: clean error"; else fail "tok-none: rc ${RC}: ${ERR}"; fi
 
 run bad-type "${MOE}" quantize "${FIXTURES}/mixtral" --type q3_k --out bad.gguf
 if ((RC != 0)) && grep -q "q3_k" <<<"${ERR}"; then pass "unknown --type is an error naming it"; else fail "bad type: rc ${RC}: ${ERR}"; fi
