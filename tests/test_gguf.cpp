@@ -970,11 +970,22 @@ void check_llama_loads_ours(const Ref& ref, const std::string& src, const std::s
     const char* tn = gguf_file_type_name(types[i]);
     Model m = model_from_gguf(files[i]);
     EXPECT_EQ(greedy(m, prompt, 8), theirs[i].tokens) << src << " " << tn;
-    const double rel = max_rel(theirs[i].logits, logits_of(m, prompt));
+    const std::vector<float> exact = logits_of(m, prompt);
+    const double rel = max_rel(theirs[i].logits, exact);
     std::printf("[ info ] %s %s: llama.cpp vs ours, max relative logit difference %.2e\n", src.c_str(), tn, rel);
     // f32: the same arithmetic up to summation order. Quantised: llama.cpp also rounds the
     // activations (to int8 for q8_0/q4_0 dot products, q8_K for the K-quants); we do not.
     EXPECT_LT(rel, types[i] == GgufFileType::F32 ? 1e-4 : 5e-2) << src << " " << tn;
+    // Our fast path (the file's blocks kept, activations rounded to int8 as llama.cpp does: what
+    // generate / serve / `moe logits --fast` run) is at most twice as far from the exact logits
+    // as llama.cpp is.
+    GgufLoadOptions keep;
+    keep.keep_quantized = true;
+    GgufModel gq = load_gguf_model(files[i], keep);
+    if (!dtype_is_quant(Model::from_tensors(gq.config, gq.tensors).weights().layers[0].w1.dtype())) continue;
+    const double fast = max_rel(logits_of(Model::from_tensors(gq.config, gq.tensors), prompt), exact);
+    std::printf("[ info ] %s %s: vs the exact logits: ours fast %.2e, llama.cpp %.2e\n", src.c_str(), tn, fast, rel);
+    EXPECT_LE(fast, 2 * rel) << src << " " << tn;
   }
 }
 

@@ -455,6 +455,14 @@ TEST_P(QuantModel, GgufKeepsQuantizedBlocks) {
   const std::vector<float> exact_q = logits_of(mq, ids);
   set_reference_backend(false);
   EXPECT_LE(max_rel(exact_q, logits_of(mf, ids)), 1e-4) << GetParam();
+  // The CPU's exact path (moe logits without --fast): the kept blocks dequantized row chunk by
+  // row chunk give the f32 model's logits up to summation order, far inside the int8 rounding.
+  cpu::set_quant_exact(true);
+  const std::vector<float> exact_cpu = logits_of(mq, ids);
+  cpu::set_quant_exact(false);
+  const double exact_err = max_rel(exact_cpu, logits_of(mf, ids)), fast_err = max_rel(logits_of(mq, ids), logits_of(mf, ids));
+  EXPECT_LE(exact_err, 1e-5) << GetParam();
+  EXPECT_GT(fast_err, 10 * exact_err) << GetParam();  // the two paths really differ
   std::filesystem::remove_all(tmpl);
 }
 

@@ -157,6 +157,7 @@ void add_inspect_command(CLI::App& app) {
 void add_logits_command(CLI::App& app) {
   struct Opts {
     std::string dir, input, out, weights = "none";
+    bool fast = false;
     DeviceFlags dev;
   };
   auto o = std::make_shared<Opts>();
@@ -165,6 +166,9 @@ void add_logits_command(CLI::App& app) {
   cmd->add_option("--input", o->input, "safetensors file with input_ids [B,S] (i32 or i64)")->required();
   cmd->add_option("--out", o->out, "output safetensors: logits [B,S,V] f32, router_logits.<layer> [B*S,E] f32")
       ->required();
+  cmd->add_flag("--fast", o->fast,
+                "quantized weights: generate's kernels (activations rounded to int8, as llama.cpp) instead of the "
+                "exact product with the dequantized blocks");
   add_device_flags(cmd, &o->dev);
   add_weights_flag(cmd, &o->weights);
   cmd->callback([o]() {
@@ -173,6 +177,9 @@ void add_logits_command(CLI::App& app) {
     Tensor ids = in->tensor("input_ids", MemCategory::Activations);
     MOE_CHECK(ids.ndim() == 2 && (ids.dtype() == DType::I32 || ids.dtype() == DType::I64),
               "%s: input_ids must be [B,S] i32 or i64, got %s", o->input.c_str(), ids.desc().c_str());
+    // Quantized weights: the exact product with the dequantized blocks (the reference-test
+    // contract) unless --fast asks for generate's kernels, which round activations to int8.
+    cpu::set_quant_exact(!o->fast);
     Model m = load_model_arg(o->dir, o->dev, o->weights);
     KVCache kv = m.make_cache(ids.dim(0), ids.dim(1));
     ForwardOptions fo;

@@ -22,7 +22,8 @@
 //   for such a weight's gradient is an error. CUDA refuses them.
 //   The CPU kernels (ops/cpu/cpu_quant_gemm.h) round each activation row to int8 blocks and
 //   use integer dot products, so they differ from the exact product with the dequantized
-//   weights by that rounding; the reference backend computes the exact product (f64).
+//   weights by that rounding; cpu::set_quant_exact(true) (`moe logits` without --fast) computes
+//   the exact product instead (row chunks dequantized, f32 BLAS), as the reference backend (f64).
 // - All tensors of one call live on one device.
 // - Backward ops (the training section below): parameter gradients accumulate (+=), activation
 //   gradients are assigned (=).

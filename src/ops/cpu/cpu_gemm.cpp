@@ -135,11 +135,12 @@ constexpr int64_t kSmallBatchRows = 96;
 void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
               bool accumulate) {
   if (n == 0 || m == 0) return;
-  if (dtype_is_quant(wdt)) {  // block-quantized weights: integer kernels (cpu_quant_gemm.h)
+  if (dtype_is_quant(wdt) && !quant_exact()) {  // block-quantized weights: integer kernels (cpu_quant_gemm.h)
     quant_gemm_xwt(out, ldo, x, w, wdt, n, m, k, accumulate);
     return;
   }
-  if (n <= kGemvMaxRows && wdt != DType::NF4) {
+  // From here block types (NF4; the ggml types on the exact path) are dequantized by row chunks.
+  if (n <= kGemvMaxRows && !dtype_is_block(wdt)) {
     switch (wdt) {
       case DType::F32: gemv_dispatch<DType::F32>(out, ldo, x, w, n, m, k, accumulate); return;
       case DType::BF16: gemv_dispatch<DType::BF16>(out, ldo, x, w, n, m, k, accumulate); return;
@@ -153,9 +154,9 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
                 static_cast<const float*>(w), (int)k, beta, out, (int)ldo);
     return;
   }
-  MOE_CHECK(wdt == DType::BF16 || wdt == DType::F16 || wdt == DType::NF4, "gemm: unsupported weight dtype %s",
+  MOE_CHECK(wdt == DType::BF16 || wdt == DType::F16 || dtype_is_block(wdt), "gemm: unsupported weight dtype %s",
             dtype_name(wdt));
-  if (n <= kSmallBatchRows && wdt != DType::NF4) {
+  if (n <= kSmallBatchRows && !dtype_is_block(wdt)) {
     // A few rows (batched decode): each thread widens a block of weight rows small enough to
     // stay in its L2 and multiplies every row of x against it (BLAS runs single-threaded inside
     // the parallel region). The weights are read once, as bf16/f16; their f32 copy never goes

@@ -134,6 +134,13 @@ QuantIsa quant_isa() {
   return static_cast<QuantIsa>(v);
 }
 
+namespace {
+std::atomic<bool> g_exact{false};
+}  // namespace
+
+void set_quant_exact(bool exact) { g_exact.store(exact); }
+bool quant_exact() { return g_exact.load(); }
+
 int64_t quant_act_block(DType wdt) { return wdt == DType::Q8_0 || wdt == DType::Q4_0 ? 32 : 256; }
 
 void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,

@@ -39,6 +39,13 @@ void set_quant_isa(QuantIsa isa);
 // The variant in use (never Auto).
 QuantIsa quant_isa();
 
+// The exact path, for the process (`moe logits`, the reference-test contract; default off): block
+// weights are dequantized one chunk of rows at a time and multiplied in f32 by BLAS, so a product
+// equals the one with the dequantized weights up to f32 summation — no int8 activation rounding,
+// and never the whole matrix in f32. gemm_xwt (cpu_gemm.h) takes it instead of quant_gemm_xwt.
+void set_quant_exact(bool exact);
+bool quant_exact();
+
 // out [n, ldo] (first m columns written, or added to when accumulate) = x [n, k] · w [m, k]ᵀ,
 // w rows of `wdt` blocks (k a multiple of the block size). Activation scratch comes from the
 // tracked allocator (Workspace).
