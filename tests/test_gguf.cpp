@@ -834,7 +834,10 @@ std::string run_ref(const Ref& r, const std::string& args, int* rc) {
 
 std::string ids_arg(const std::vector<int32_t>& ids) {
   std::string s;
-  for (int32_t i : ids) s += (s.empty() ? "" : ",") + std::to_string(i);
+  for (int32_t i : ids) {
+    if (!s.empty()) s += ',';
+    s += std::to_string(i);
+  }
   return s;
 }
 
