@@ -1,0 +1,129 @@
+// test_bnb4.cpp — bitsandbytes' 4-bit serialization (core/bnb4.h) against values constructed
+// from the format's definition: nibble order, code lookup, double-quantised absmax decoding, the
+// dynamic 8-bit map's structure, the quant_state JSON, and the exact correspondence with the
+// engine's NF4 blocks.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "core/bnb4.h"
+#include "core/error.h"
+#include "core/nf4.h"
+
+namespace moe {
+namespace {
+
+TEST(Bnb4, NibbleOrderAndCodeLookup) {
+  // Two blocks of 4 values (blocksize 4): bytes 0x3C, 0xF0 | 0x07, 0x81.
+  const uint8_t packed[4] = {0x3C, 0xF0, 0x07, 0x81};
+  const float absmax[2] = {2.0f, 0.5f};
+  std::vector<float> out(8);
+  bnb4_dequantize(out.data(), packed, 8, absmax, kNf4Codes, 4);
+  const int codes[8] = {3, 12, 15, 0, 0, 7, 8, 1};  // first value of a byte in the high nibble
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(out[i], kNf4Codes[codes[i]] * absmax[i / 4]) << i;
+}
+
+TEST(Bnb4, DoubleQuantisedAbsmaxDecoding) {
+  // absmax[b] = map[code_b] * nested_absmax[b / 2] + offset, with nested blocks of 2.
+  const float map[4] = {-1.0f, -0.25f, 0.5f, 1.0f};
+  const uint8_t codes[3] = {3, 1, 2};
+  const float nested[2] = {0.2f, 0.4f};
+  float out[3];
+  bnb4_decode_absmax(out, codes, 3, nested, map, 2, 0.75f);
+  EXPECT_EQ(out[0], 1.0f * 0.2f + 0.75f);
+  EXPECT_EQ(out[1], -0.25f * 0.2f + 0.75f);
+  EXPECT_EQ(out[2], 0.5f * 0.4f + 0.75f);
+}
+
+// create_dynamic_map(signed=True): decade d = 0..6 holds 2^d magnitudes in [0.1, 1) * 10^(d-6),
+// the midpoints of linspace(0.1, 1, 2^d + 1), with both signs; plus 0 and 1.
+TEST(Bnb4, DynamicMapStructure) {
+  const auto& m = bnb_dynamic_map();
+  for (size_t i = 1; i < m.size(); ++i) EXPECT_LT(m[i - 1], m[i]) << i;
+  EXPECT_EQ(m[255], 1.0f);
+  int neg = 0, zero = 0, pos = 0;
+  for (float v : m) (v < 0 ? neg : v == 0 ? zero : pos) += 1;
+  EXPECT_EQ(neg, 127);
+  EXPECT_EQ(zero, 1);
+  EXPECT_EQ(pos, 128);
+  for (int i = 0; i < 127; ++i) EXPECT_EQ(m[i], -m[254 - i]) << i;  // symmetric apart from +1
+  EXPECT_FLOAT_EQ(m[128], 0.55e-6f);                                  // decade 0: the midpoint of [0.1, 1]
+  EXPECT_FLOAT_EQ(m[254], (1.0f + (1.0f - 0.9f / 64)) / 2);           // decade 6: the last midpoint
+  for (int d = 0; d < 7; ++d) {
+    int in_decade = 0;
+    for (float v : m)
+      if (v >= 0.1 * std::pow(10.0, d - 6) * 0.999999 && v < std::pow(10.0, d - 6)) ++in_decade;
+    EXPECT_EQ(in_decade, 1 << d) << "decade " << d;
+  }
+}
+
+TEST(Bnb4, QuantStateJson) {
+  Bnb4State s;
+  s.shape = {128, 64};
+  s.nested = true;
+  s.nested_offset = 0.0123;
+  const Bnb4State r = parse_bnb4_state(bnb4_state_json(s), "w");
+  EXPECT_EQ(r.quant_type, "nf4");
+  EXPECT_EQ(r.blocksize, 64);
+  EXPECT_EQ(r.dtype, "bfloat16");
+  EXPECT_EQ(r.shape, (std::vector<int64_t>{128, 64}));
+  EXPECT_TRUE(r.nested);
+  EXPECT_EQ(r.nested_blocksize, 256);
+  EXPECT_EQ(r.nested_offset, 0.0123);
+  // As bitsandbytes writes it (json.dumps of the non-tensor items), without double quant.
+  const Bnb4State p = parse_bnb4_state(
+      R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [32, 128]})", "layer.weight");
+  EXPECT_FALSE(p.nested);
+  EXPECT_EQ(p.dtype, "float16");
+  for (const char* bad : {R"({"blocksize": 64, "shape": [2]})", R"({"quant_type": "nf4", "blocksize": 0, "shape": [2]})",
+                          R"({"quant_type": "nf4", "blocksize": 64, "shape": "2x2"})",
+                          R"({"quant_type": "nf4", "blocksize": 64, "shape": [2], "nested_blocksize": 256})", "[1"}) {
+    try {
+      parse_bnb4_state(bad, "q.weight.quant_state");
+      ADD_FAILURE() << "accepted " << bad;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("q.weight.quant_state"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(Bnb4, QuantizeMatchesNf4BlocksAndBoundsDoubleQuant) {
+  const int64_t n = 64 * 300;  // 300 blocks: two nested blocks of 256 and 44
+  std::vector<float> w(n);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> g(0.0f, 0.02f);
+  for (int64_t i = 0; i < n; ++i) w[i] = g(rng) * (1.0f + static_cast<float>(i / 64 % 7));
+  std::vector<uint8_t> nf4(n / 64 * kNf4BlockBytes), conv(nf4.size());
+  nf4_quantize(w.data(), nf4.data(), n);
+  const Bnb4Tensors plain = bnb4_quantize(w.data(), n, false);
+  ASSERT_EQ(plain.packed.size(), size_t(n / 2));
+  ASSERT_EQ(plain.absmax.size(), size_t(n / 64));
+  bnb4_to_nf4_blocks(conv.data(), plain.packed.data(), plain.absmax.data(), n);
+  EXPECT_EQ(conv, nf4);  // the same codes and absmax, byte for byte
+  std::vector<float> a(n), b(n);
+  bnb4_dequantize(a.data(), plain.packed.data(), n, plain.absmax.data(), kNf4Codes, 64);
+  nf4_dequantize(nf4.data(), b.data(), n);
+  EXPECT_EQ(a, b);
+
+  const Bnb4Tensors dq = bnb4_quantize(w.data(), n, true);
+  EXPECT_EQ(dq.packed, plain.packed);  // the 4-bit codes come from the exact absmax
+  ASSERT_EQ(dq.absmax_codes.size(), size_t(n / 64));
+  ASSERT_EQ(dq.nested_absmax.size(), 2u);
+  double mean = 0;
+  for (float x : plain.absmax) mean += x;
+  EXPECT_FLOAT_EQ(dq.offset, static_cast<float>(mean / plain.absmax.size()));
+  std::vector<float> decoded(n / 64);
+  bnb4_decode_absmax(decoded.data(), dq.absmax_codes.data(), n / 64, dq.nested_absmax.data(), bnb_dynamic_map().data(),
+                     kBnbNestedBlock, dq.offset);
+  // The map's widest gap is its top decade's step, 0.9/64: half of it bounds the error relative
+  // to the nested block's absmax.
+  const double bound = 0.9 / 64 / 2 * 1.0001;
+  for (int64_t blk = 0; blk < n / 64; ++blk)
+    EXPECT_LE(std::fabs(decoded[blk] - plain.absmax[blk]), bound * dq.nested_absmax[blk / 256] + 1e-7) << blk;
+}
+
+}  // namespace
+}  // namespace moe
