@@ -4,14 +4,20 @@
 // engine's NF4 blocks.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <random>
 #include <vector>
 
 #include "core/bnb4.h"
 #include "core/error.h"
+#include "core/file_util.h"
+#include "core/json_util.h"
 #include "core/nf4.h"
+#include "io/bnb_checkpoint.h"
+#include "io/safetensors.h"
 
 namespace moe {
 namespace {
@@ -123,6 +129,67 @@ TEST(Bnb4, QuantizeMatchesNf4BlocksAndBoundsDoubleQuant) {
   const double bound = 0.9 / 64 / 2 * 1.0001;
   for (int64_t blk = 0; blk < n / 64; ++blk)
     EXPECT_LE(std::fabs(decoded[blk] - plain.absmax[blk]), bound * dq.nested_absmax[blk / 256] + 1e-7) << blk;
+}
+
+// A model directory written as a bitsandbytes checkpoint and read back tensor by tensor: every
+// linear weight is stored NF4 and decodes (plain absmax) to exactly the engine's own NF4 blocks
+// of the original weight, or (double quantisation) to those codes with absmax values within the
+// 8-bit map's bound; routers, norms and embeddings are untouched; config.json says how.
+TEST(Bnb4, ModelDirectoryRoundTrip) {
+  const std::string src = std::string(MOE_FIXTURES_DIR) + "/qwen3_moe";
+  if (!std::filesystem::exists(src)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << src;
+  char tmpl[] = "/tmp/moe-bnb4-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const Checkpoint orig = Checkpoint::open_dir(src);
+  for (bool dq : {false, true}) {
+    const std::string out = std::string(tmpl) + (dq ? "/dq" : "/plain");
+    const Bnb4DirStats st = write_bnb4_dir(src, out, dq);
+    EXPECT_GT(st.quantized, 0u);
+    EXPECT_THROW(write_bnb4_dir(src, out, dq), Error);  // never over an existing directory
+    const nlohmann::json cfg = parse_json_object(read_file(out + "/config.json"), "config.json");
+    EXPECT_EQ(cfg["quantization_config"]["quant_method"], "bitsandbytes");
+    EXPECT_EQ(cfg["quantization_config"]["bnb_4bit_use_double_quant"], dq);
+    const Checkpoint ck = Checkpoint::open_dir(out);
+    size_t quantized = 0;
+    for (const std::string& name : orig.names()) {
+      const Tensor w = orig.get(name);
+      if (!is_bnb4_weight(ck, name)) {
+        ASSERT_TRUE(ck.has(name)) << name;
+        EXPECT_EQ(ck.info(name).shape, w.shape()) << name;
+        EXPECT_TRUE(name.find("proj") == std::string::npos || w.ndim() != 2) << name << " left unquantized";
+        continue;
+      }
+      ++quantized;
+      EXPECT_EQ(name.find(".mlp.gate."), std::string::npos) << "router quantized: " << name;
+      const Tensor t = read_bnb4_weight(ck, name);
+      ASSERT_EQ(t.dtype(), DType::NF4) << name;
+      ASSERT_EQ(t.shape(), w.shape()) << name;
+      const Tensor f = w.to_dtype(DType::F32);
+      std::vector<uint8_t> want(static_cast<size_t>(w.numel() / 64) * kNf4BlockBytes);
+      nf4_quantize(f.data<float>(), want.data(), w.numel());
+      const uint8_t* got = t.data<uint8_t>();
+      // Double quantisation: the decoded absmax is within half the 8-bit map's widest gap (0.9/64)
+      // of its nested block's largest |absmax - mean|, itself at most the tensor's largest absmax.
+      float max_absmax = 0;
+      for (int64_t b = 0; b < w.numel() / 64; ++b) {
+        float ea;
+        std::memcpy(&ea, want.data() + b * kNf4BlockBytes, 4);
+        max_absmax = std::max(max_absmax, ea);
+      }
+      for (int64_t b = 0; b < w.numel() / 64; ++b) {
+        const uint8_t* g = got + b * kNf4BlockBytes;
+        const uint8_t* e = want.data() + b * kNf4BlockBytes;
+        EXPECT_EQ(std::memcmp(g + 4, e + 4, 32), 0) << name << " block " << b << ": codes differ";
+        float ga, ea;
+        std::memcpy(&ga, g, 4);
+        std::memcpy(&ea, e, 4);
+        if (!dq) EXPECT_EQ(ga, ea) << name << " block " << b;
+        else EXPECT_NEAR(ga, ea, 0.9 / 64 / 2 * 1.0001 * max_absmax + 1e-7) << name << " block " << b;
+      }
+    }
+    EXPECT_EQ(quantized, st.quantized);
+  }
+  std::filesystem::remove_all(tmpl);
 }
 
 }  // namespace
