@@ -1,7 +1,7 @@
 // fixture_util.h — helpers the fixture-based tests share: where the fixtures and the `moe`
 // binary are, a fresh scratch directory, running a command, the normwise relative error the
 // fixtures' tolerances are stated in, reading a scalar from a safetensors file and a run's
-// metrics.jsonl.
+// metrics.jsonl, and a model's logits / greedy tokens for a prompt.
 #pragma once
 #include <gtest/gtest.h>
 #include <sys/wait.h>
@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/safetensors.h"
+#include "model/model.h"
 
 namespace moe::testutil {
 
@@ -63,6 +64,45 @@ inline std::vector<nlohmann::json> read_metrics(const std::string& run_dir) {
 inline double scalar(const SafetensorsFile& f, const std::string& key) {
   EXPECT_NE(f.find(key), nullptr) << key;
   return double(f.tensor(key, MemCategory::Workspace).to_f32_vector().at(0));
+}
+
+// input_ids [1, S] for a prompt.
+inline Tensor ids_tensor(const std::vector<int32_t>& ids) {
+  Tensor t = Tensor::empty({1, static_cast<int64_t>(ids.size())}, DType::I32, MemCategory::Activations);
+  std::copy(ids.begin(), ids.end(), t.data<int32_t>());
+  return t;
+}
+
+// The logits [S, V] of one forward over the prompt, flattened.
+inline std::vector<float> logits_of(const Model& m, const std::vector<int32_t>& ids) {
+  KVCache kv = m.make_cache(1, static_cast<int64_t>(ids.size()));
+  return m.forward(ids_tensor(ids), kv).logits.to_f32_vector();
+}
+
+// n greedy tokens after the prompt, one decode step at a time.
+inline std::vector<int32_t> greedy(const Model& m, std::vector<int32_t> prompt, int n) {
+  KVCache kv = m.make_cache(1, static_cast<int64_t>(prompt.size()) + n);
+  std::vector<int32_t> out;
+  ForwardOptions fo;
+  fo.last_logits_only = true;
+  std::vector<int32_t> step = prompt;
+  for (int i = 0; i < n; ++i) {
+    std::vector<float> l = m.forward(ids_tensor(step), kv, fo).logits.to_f32_vector();
+    const int32_t best = static_cast<int32_t>(std::max_element(l.begin(), l.end()) - l.begin());
+    out.push_back(best);
+    step.assign(1, best);
+  }
+  return out;
+}
+
+// max |a - b| / max |b| (INFINITY when the sizes differ).
+inline double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    num = std::max(num, std::fabs(double(a[i]) - b[i]));
+    den = std::max(den, std::fabs(double(b[i])));
+  }
+  return a.size() == b.size() ? num / std::max(den, 1e-30) : INFINITY;
 }
 
 }  // namespace moe::testutil

@@ -11,13 +11,16 @@
 #include <random>
 #include <vector>
 
+#include "fixture_util.h"
 #include "core/bnb4.h"
 #include "core/error.h"
 #include "core/file_util.h"
 #include "core/json_util.h"
 #include "core/nf4.h"
 #include "io/bnb_checkpoint.h"
+#include "io/hf_config.h"
 #include "io/safetensors.h"
+#include "model/model.h"
 
 namespace moe {
 namespace {
@@ -188,6 +191,18 @@ TEST(Bnb4, ModelDirectoryRoundTrip) {
       }
     }
     EXPECT_EQ(quantized, st.quantized);
+    // The engine loads the directory with those NF4 weights in place: its logits equal a float
+    // model holding the same dequantized values (the NF4 GEMMs widen rows exactly).
+    const Model m = Model::load(out);
+    EXPECT_EQ(m.weights().layers[0].wqkv.dtype(), DType::NF4);
+    EXPECT_EQ(m.weights().layers[0].router.dtype(), DType::F32);
+    std::vector<std::pair<std::string, Tensor>> named;
+    for (const std::string& name : orig.names())
+      named.emplace_back(name, is_bnb4_weight(ck, name) ? read_bnb4_weight(ck, name).to_dtype(DType::F32)
+                                                         : orig.get(name).to_dtype(DType::F32));
+    const Model f = Model::from_tensors(load_hf_config(src + "/config.json"), named);
+    const std::vector<int32_t> ids = {1, 5, 9, 200, 3, 77, 12};
+    EXPECT_LE(testutil::max_rel(testutil::logits_of(m, ids), testutil::logits_of(f, ids)), 1e-5);
   }
   std::filesystem::remove_all(tmpl);
 }

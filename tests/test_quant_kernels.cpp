@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "fixture_util.h"
 #include "core/dtype.h"
 #include "core/quant.h"
 #include "core/tensor.h"
@@ -36,6 +37,11 @@
 
 namespace moe {
 namespace {
+
+using testutil::greedy;
+using testutil::ids_tensor;
+using testutil::logits_of;
+using testutil::max_rel;
 
 const DType kQuantTypes[] = {DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q5_K, DType::Q6_K};
 
@@ -356,41 +362,6 @@ TEST(QuantOps, ExpertFfnEveryVariant) {
 // ---- the model ----
 
 const std::string kFixtures = MOE_FIXTURES_DIR;
-
-Tensor ids_tensor(const std::vector<int32_t>& ids) {
-  Tensor t = Tensor::empty({1, static_cast<int64_t>(ids.size())}, DType::I32, MemCategory::Activations);
-  std::copy(ids.begin(), ids.end(), t.data<int32_t>());
-  return t;
-}
-
-std::vector<float> logits_of(const Model& m, const std::vector<int32_t>& ids) {
-  KVCache kv = m.make_cache(1, static_cast<int64_t>(ids.size()));
-  return m.forward(ids_tensor(ids), kv).logits.to_f32_vector();
-}
-
-std::vector<int32_t> greedy(const Model& m, std::vector<int32_t> prompt, int n) {
-  KVCache kv = m.make_cache(1, static_cast<int64_t>(prompt.size()) + n);
-  std::vector<int32_t> out;
-  ForwardOptions fo;
-  fo.last_logits_only = true;
-  std::vector<int32_t> step = prompt;
-  for (int i = 0; i < n; ++i) {
-    std::vector<float> l = m.forward(ids_tensor(step), kv, fo).logits.to_f32_vector();
-    const int32_t best = static_cast<int32_t>(std::max_element(l.begin(), l.end()) - l.begin());
-    out.push_back(best);
-    step.assign(1, best);
-  }
-  return out;
-}
-
-double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-    num = std::max(num, std::fabs(double(a[i]) - b[i]));
-    den = std::max(den, std::fabs(double(b[i])));
-  }
-  return a.size() == b.size() ? num / std::max(den, 1e-30) : INFINITY;
-}
 
 class QuantModel : public ::testing::TestWithParam<std::string> {};
 

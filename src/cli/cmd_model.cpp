@@ -10,6 +10,7 @@
 #include "cli/commands.h"
 #include "cli/gguf_summary.h"
 #include "train/distributed.h"
+#include "io/bnb_checkpoint.h"
 #include "io/safetensors.h"
 #include "tokenizer/gguf_vocab.h"
 #include "model/random_init.h"
@@ -107,10 +108,15 @@ void add_inspect_command(CLI::App& app) {
     Checkpoint ck = Checkpoint::open_dir(*dir);
     const ArchSpec& a = arch_spec(c.model_type);
     int64_t total = 0, experts = 0, embed = 0;
+    int64_t bnb4 = 0;
     for (auto& [name, shape] : expected_tensors(c)) {
       MOE_CHECK(ck.has(name), "%s: missing tensor '%s'", dir->c_str(), name.c_str());
-      MOE_CHECK(ck.info(name).shape == shape, "%s: tensor '%s' has shape %s, config implies %s", dir->c_str(),
-                name.c_str(), shape_str(ck.info(name).shape).c_str(), shape_str(shape).c_str());
+      // A bitsandbytes 4-bit weight is stored packed: its shape is the decoded one.
+      const bool packed = is_bnb4_weight(ck, name);
+      bnb4 += packed;
+      const Shape stored = packed ? read_bnb4_weight(ck, name).shape() : ck.info(name).shape;
+      MOE_CHECK(stored == shape, "%s: tensor '%s' has shape %s, config implies %s", dir->c_str(),
+                name.c_str(), shape_str(stored).c_str(), shape_str(shape).c_str());
       int64_t n = shape_numel(shape);
       total += n;
       if (name.find(".experts.") != std::string::npos) experts += n;
@@ -135,6 +141,7 @@ void add_inspect_command(CLI::App& app) {
     std::printf("parameters       total %s, active per token %s (embedding + LM head %s)\n",
                 with_commas(total).c_str(), with_commas(active).c_str(), with_commas(embed).c_str());
     for (auto& [dt, b] : bytes) std::printf("bytes (%-4s)     %s\n", dtype_name(dt), human_bytes(double(b)).c_str());
+    if (bnb4) std::printf("quantization     bitsandbytes nf4: %lld weights (loaded as NF4 blocks)\n", (long long)bnb4);
     // Inference memory as the planner predicts it for this engine (f32 compute on the CPU,
     // weights as stored, batch 1, 4096 positions of KV cache, prefill chunks of 512).
     size_t weight_bytes = 0;

@@ -9,6 +9,7 @@
 #include <functional>
 #include <map>
 
+#include "io/bnb_checkpoint.h"
 #include "io/safetensors.h"
 #include "model/attention_block.h"
 #include "model/ffn_block.h"
@@ -42,14 +43,14 @@ DType weight_dtype_for(DType src, const LoadOptions& opt, bool proj, int64_t col
     if (cols % dtype_block_elems(opt.quant_dtype) == 0) return opt.quant_dtype;
     if (cols % dtype_block_elems(DType::Q8_0) == 0) return DType::Q8_0;
   }
-  if (dtype_is_quant(flt) && !proj) return DType::F32;
-  if (dtype_is_quant(flt) && proj && dtype_is_quant(opt.quant_dtype)) return DType::F32;  // rows not whole blocks
+  if (dtype_is_block(flt) && !proj) return DType::F32;
+  if (dtype_is_block(flt) && proj && dtype_is_quant(opt.quant_dtype)) return DType::F32;  // rows not whole blocks
   return flt;
 }
 
 // Checks a weight dtype choice; returns the memory category its bytes count under.
 MemCategory check_weight_dtype(DType dt, const std::string& name, const LoadOptions& opt) {
-  if (dtype_is_quant(dt)) {
+  if (dtype_is_block(dt)) {  // ggml block types, and NF4 from bitsandbytes checkpoints
     MOE_CHECK(opt.device == Device::CPU,
               "tensor '%s': quantized weights (%s) run on the CPU only; load float weights for --device %s",
               name.c_str(), dtype_name(dt), device_name(opt.device));
@@ -267,8 +268,9 @@ Model Model::load(const Checkpoint& ck, const LoadOptions& opt) {
   Model m;
   m.cfg_ = cfg;
   m.opt_ = opt;
+  // Weights stored in bitsandbytes' 4-bit format are decoded here (NF4 blocks, io/bnb_checkpoint.h).
   build(
-      cfg, [&](const std::string& name) { return ck.get(name); },
+      cfg, [&](const std::string& name) { return is_bnb4_weight(ck, name) ? read_bnb4_weight(ck, name) : ck.get(name); },
       [&](const std::string& name) { return ck.has(name); }, opt, &m.w_);
   return m;
 }

@@ -65,6 +65,17 @@ if grep -q "tokenizer: not written" <<< "$("${MOE}" quantize "${FIXTURES}/qwen2_
 run tok-none "${MOE}" tokenize nt.gguf --text "hi"
 if ((RC != 0)) && grep -q "nt.gguf.*carries no tokenizer" <<<"${ERR}"; then pass "a .gguf without a tokenizer: clean error"; else fail "tok-none: rc ${RC}: ${ERR}"; fi
 
+# --type nf4: a bitsandbytes 4-bit model directory the engine loads with its NF4 weights in place.
+run nf4 "${MOE}" quantize "${FIXTURES}/qwen3_moe" --type nf4 --out q3-nf4 --quiet
+if ((RC == 0)) && grep -q "bitsandbytes nf4 with double quantization" <<<"${OUT}" && [[ -f q3-nf4/model.safetensors ]]; then
+  pass "nf4: a bitsandbytes directory"; else fail "nf4: rc ${RC}: ${ERR}"; fi
+run nf4-inspect "${MOE}" inspect q3-nf4
+if ((RC == 0)) && grep -q "bitsandbytes nf4: 56 weights" <<<"${OUT}"; then pass "inspect reads the packed weights"; else fail "nf4 inspect: rc ${RC}: ${ERR}"; fi
+run nf4-gen "${MOE}" generate q3-nf4 --ids 1,2,3 --max-new-tokens 4
+if ((RC == 0)) && grep -q "quantized-weights" <<<"${OUT}${ERR}"; then pass "generate on the nf4 directory"; else fail "nf4 generate: rc ${RC}: ${ERR}"; fi
+run nf4-again "${MOE}" quantize "${FIXTURES}/qwen3_moe" --type nf4 --out q3-nf4 --quiet
+if ((RC != 0)) && grep -q "already exists" <<<"${ERR}"; then pass "nf4: an existing directory is refused"; else fail "nf4 over an existing dir: rc ${RC}"; fi
+
 run bad-type "${MOE}" quantize "${FIXTURES}/mixtral" --type q3_k --out bad.gguf
 if ((RC != 0)) && grep -q "q3_k" <<<"${ERR}"; then pass "unknown --type is an error naming it"; else fail "bad type: rc ${RC}: ${ERR}"; fi
 if [[ ! -e bad.gguf ]]; then pass "nothing written"; else fail "bad.gguf written"; fi
