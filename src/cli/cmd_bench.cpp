@@ -29,6 +29,7 @@ namespace {
 
 struct BenchOpts {
   std::string what, arch = "mixtral", preset = "medium", dtype = "bf16", device = "cpu";
+  std::string model;  // a model directory or .gguf instead of a random preset model
   int64_t layers = 0, tokens = 32, prompt = 16, batch = 4, seq = 256, reps = 2;
   uint64_t seed = 1;
   bool json = false;
@@ -188,19 +189,28 @@ void run_bench(const BenchOpts& o) {
   lo.quant_dtype = qdt;
   const std::string kernels = dtype_is_quant(qdt) ? std::string(" (kernels ") + cpu::quant_isa_name(cpu::quant_isa()) + ")" : "";
 
-  std::fprintf(stderr, "bench %s: %s/%s %lld layers, %s weights%s on %s; measuring rooflines...\n", o.what.c_str(),
-               o.arch.c_str(), o.preset.c_str(), (long long)cfg.n_layer, o.dtype.c_str(), kernels.c_str(),
-               device_name(dev));
+  if (o.model.empty())
+    std::fprintf(stderr, "bench %s: %s/%s %lld layers, %s weights%s on %s; measuring rooflines...\n", o.what.c_str(),
+                 o.arch.c_str(), o.preset.c_str(), (long long)cfg.n_layer, o.dtype.c_str(), kernels.c_str(),
+                 device_name(dev));
+  else
+    std::fprintf(stderr, "bench %s: %s on %s; measuring rooflines...\n", o.what.c_str(), o.model.c_str(), device_name(dev));
   double bw = measure_copy_bandwidth(dev);
   double read_bw = dev == Device::CPU && o.what == "decode" ? measure_read_bandwidth_cpu() : 0.0;
   double peak = measure_gemm_peak(dev);
-  std::fprintf(stderr, "copy bandwidth %.1f GB/s, read bandwidth %.1f GB/s, GEMM peak %.1f GFLOP/s; building random model...\n",
-               bw / 1e9, read_bw / 1e9, peak / 1e9);
+  std::fprintf(stderr, "copy bandwidth %.1f GB/s, read bandwidth %.1f GB/s, GEMM peak %.1f GFLOP/s; %s...\n",
+               bw / 1e9, read_bw / 1e9, peak / 1e9, o.model.empty() ? "building random model" : "loading the model");
   double t_init = now_seconds();
   Model m = [&] {
+    if (!o.model.empty()) {  // a real file: its own dtypes (a .gguf's quantized blocks stay as stored)
+      DeviceFlags df;
+      df.device = o.device;
+      return load_model_arg(o.model, df, "none");
+    }
     auto named = random_weights(cfg, o.seed, wdt);
     return Model::from_tensors(cfg, named, lo);
   }();
+  if (!o.model.empty()) cfg = m.config();
   t_init = now_seconds() - t_init;
   std::fprintf(stderr, "model ready in %.1f s (%.3f B params); running...\n", t_init, double(m.n_params_total()) / 1e9);
 
@@ -284,7 +294,8 @@ void run_bench(const BenchOpts& o) {
                 "\"dtype\":\"%s\",\"tokens\":%lld,\"seconds\":%.6f,\"tokens_per_s\":%.3f,\"achieved\":%.6e,"
                 "\"roofline_copy_bytes_per_s\":%.6e,\"roofline_read_bytes_per_s\":%.6e,\"roofline_gemm_flops\":%.6e,"
                 "\"weight_bytes_per_token\":%.6e,\"ratio\":%.4f,\"ratio_copy\":%.4f,\"threads\":%d}\n",
-                o.what.c_str(), o.arch.c_str(), o.preset.c_str(), (long long)cfg.n_layer, device_name(dev),
+                o.what.c_str(), o.model.empty() ? o.arch.c_str() : cfg.model_type.c_str(),
+                o.model.empty() ? o.preset.c_str() : o.model.c_str(), (long long)cfg.n_layer, device_name(dev),
                 o.dtype.c_str(), (long long)n_tok, secs, rate, work, bw, read_bw, peak, bpt, ratio, ratio_copy, omp_get_max_threads());
 }
 
@@ -303,6 +314,9 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k"}));
   cmd->add_option("--device", o->device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--model", o->model,
+                  "benchmark this model directory or .gguf file (its weights as stored) instead of a random "
+                  "--arch/--preset model; --dtype then only labels the output");
   cmd->add_option("--tokens", o->tokens, "decode: tokens to time")->capture_default_str()->check(CLI::Range(1, 100000));
   cmd->add_option("--prompt", o->prompt, "decode: prompt length before timing")->capture_default_str()
       ->check(CLI::Range(1, 100000));

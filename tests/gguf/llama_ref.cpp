@@ -9,10 +9,16 @@
 //       llama_model_quantize (FTYPE = LLAMA_FTYPE_*)
 //   llama_ref dequant  TYPE IN.bin OUT.f32 N       ggml's to_float for N values of ggml type TYPE
 //   llama_ref quant    TYPE IN.f32 OUT.bin ROW     ggml_quantize_chunk (no imatrix), rows of ROW
+//   llama_ref bench M.gguf N_PROMPT N_GEN REPS THREADS
+//       llama.cpp's own speed on the file, with its default (fast) settings: prefill of N_PROMPT
+//       tokens in one batch and N_GEN decode steps, best of REPS; prints "pp N: X tok/s" and
+//       "tg N: Y tok/s" (what llama-bench reports as pp/tg)
 //   llama_ref tokenize M.gguf STRINGS.bin           the vocabulary alone (vocab_only); STRINGS.bin
 //       holds texts separated by NUL bytes; one line "i: id id ..." per text (llama_tokenize with
 //       add_special and parse_special, as llama.cpp's own tools tokenize a prompt)
 // IDS is a comma-separated list of token ids. Exit status 0 on success, 1 with a message.
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -129,6 +135,46 @@ int main(int argc, char** argv) {
     std::vector<float> out(static_cast<size_t>(n));
     ggml_get_type_traits(type)->to_float(in.data(), out.data(), n);
     return write_file(argv[4], out.data(), out.size() * 4) ? 0 : 1;
+  }
+  if (cmd == "bench" && argc == 7) {
+    const int n_prompt = std::atoi(argv[3]), n_gen = std::atoi(argv[4]), reps = std::atoi(argv[5]);
+    const int threads = std::atoi(argv[6]);
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    mp.progress_callback = [](float, void*) { return true; };  // no progress dots
+    llama_model* model = llama_model_load_from_file(argv[2], mp);
+    if (!model || n_prompt < 1 || n_gen < 1 || reps < 1 || threads < 1) return 1;
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = static_cast<uint32_t>(n_prompt + n_gen + 8);
+    cp.n_batch = cp.n_ubatch = static_cast<uint32_t>(n_prompt);
+    cp.n_threads = cp.n_threads_batch = threads;
+    llama_context* ctx = llama_init_from_model(model, cp);
+    if (!ctx) return 1;
+    const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    std::vector<llama_token> prompt(static_cast<size_t>(n_prompt));
+    for (int i = 0; i < n_prompt; ++i) prompt[static_cast<size_t>(i)] = (i * 7919 + 13) % n_vocab;
+    double best_pp = 1e30, best_tg = 1e30;
+    for (int r = 0; r < reps; ++r) {
+      llama_memory_clear(llama_get_memory(ctx), true);
+      auto t0 = std::chrono::steady_clock::now();
+      if (llama_decode(ctx, llama_batch_get_one(prompt.data(), n_prompt)) != 0) return 1;
+      llama_synchronize(ctx);
+      auto t1 = std::chrono::steady_clock::now();
+      best_pp = std::min(best_pp, std::chrono::duration<double>(t1 - t0).count());
+      llama_token tok = prompt.back();
+      t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < n_gen; ++i) {
+        if (llama_decode(ctx, llama_batch_get_one(&tok, 1)) != 0) return 1;
+        llama_synchronize(ctx);
+        tok = (tok * 31 + 7) % n_vocab;
+      }
+      t1 = std::chrono::steady_clock::now();
+      best_tg = std::min(best_tg, std::chrono::duration<double>(t1 - t0).count());
+    }
+    std::printf("pp %d: %.2f tok/s\ntg %d: %.2f tok/s\n", n_prompt, n_prompt / best_pp, n_gen, n_gen / best_tg);
+    llama_free(ctx);
+    llama_model_free(model);
+    return 0;
   }
   if (cmd == "tokenize" && argc == 4) {
     llama_model_params mp = llama_model_default_params();

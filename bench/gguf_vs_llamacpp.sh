@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# gguf_vs_llamacpp.sh — our CPU decode and prefill against llama.cpp's on the same GGUF files, in
+# the same run: a random Mixtral-shaped model (moe init; --preset, default medium) is written as
+# each GGUF type (moe quantize), then `moe bench decode|prefill --model FILE` and llama.cpp's own
+# library (tests/gguf/llama_ref bench: its default settings, f16 KV cache) time the same file:
+# decode tg (tokens/s over --tokens steps after a short prompt) and prefill pp (one batch of --seq
+# tokens). Prints one table with the ratios (ours / llama.cpp) and the machine's CPU flags.
+# usage: bash bench/gguf_vs_llamacpp.sh [BUILD_DIR] [PRESET] [TYPES...]
+#   defaults: build, medium, q8_0 q4_0 q4_k_m bf16. Set OMP_WAIT_POLICY=passive (done here) and run
+#   on a quiet machine; THREADS (default: nproc) threads for both engines.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD="${1:-${REPO}/build}"
+PRESET="${2:-medium}"
+shift $(( $# > 2 ? 2 : $# )) || true
+TYPES=("${@:-q8_0 q4_0 q4_k_m bf16}")
+read -r -a TYPES <<<"${TYPES[*]}"
+THREADS="${THREADS:-$(nproc)}"
+TG=32 PP=512 REPS=3
+export OMP_WAIT_POLICY=passive OMP_NUM_THREADS="${THREADS}"
+MOE="${BUILD}/moe"
+[[ -x "${MOE}" ]] || { echo "no ${MOE}: build first" >&2; exit 1; }
+bash "${REPO}/tests/gguf/setup.sh" "${BUILD}/gguf-ref" >&2
+# shellcheck disable=SC1091
+source "${BUILD}/gguf-ref/env"
+export LLAMA_REF_LIBDIR
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/moe-gguf-bench.XXXXXX")"
+trap 'rm -rf "${WORK}"' EXIT
+"${MOE}" init --arch mixtral --preset "${PRESET}" --seed 1 --out "${WORK}/model" >/dev/null
+echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'); flags: $(grep -o -w -E 'avx2|avx512f|avx512_vnni|avx512_bf16|amx_bf16|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+echo "model: mixtral/${PRESET} (random weights), threads ${THREADS}, decode ${TG} tokens, prefill ${PP} tokens, best of ${REPS}"
+printf '%-8s %12s %12s %7s %12s %12s %7s\n' type "ours tg/s" "llama tg/s" ratio "ours pp/s" "llama pp/s" ratio
+for t in "${TYPES[@]}"; do
+  f="${WORK}/m-${t}.gguf"
+  "${MOE}" quantize "${WORK}/model" --type "${t}" --out "${f}" --quiet >/dev/null
+  label="${t}"; [[ "${t}" == q4_k_m ]] && label=q4_k
+  ours_tg=$("${MOE}" bench decode --model "${f}" --dtype "${label}" --tokens "${TG}" --prompt 16 --reps "${REPS}" --json 2>/dev/null |
+            python3 -c 'import json,sys; print([json.loads(l) for l in sys.stdin if l.startswith("{")][-1]["tokens_per_s"])')
+  ours_pp=$("${MOE}" bench prefill --model "${f}" --dtype "${label}" --batch 1 --seq "${PP}" --reps "${REPS}" --json 2>/dev/null |
+            python3 -c 'import json,sys; print([json.loads(l) for l in sys.stdin if l.startswith("{")][-1]["tokens_per_s"])')
+  theirs=$("${LLAMA_REF}" bench "${f}" "${PP}" "${TG}" "${REPS}" "${THREADS}")
+  llama_pp=$(sed -n 's/^pp [0-9]*: \([0-9.]*\) tok\/s/\1/p' <<<"${theirs}")
+  llama_tg=$(sed -n 's/^tg [0-9]*: \([0-9.]*\) tok\/s/\1/p' <<<"${theirs}")
+  python3 - "${t}" "${ours_tg}" "${llama_tg}" "${ours_pp}" "${llama_pp}" <<'PY'
+import sys
+t, otg, ltg, opp, lpp = sys.argv[1], *map(float, sys.argv[2:])
+print(f"{t:8s} {otg:12.2f} {ltg:12.2f} {otg / ltg:6.2f}x {opp:12.2f} {lpp:12.2f} {opp / lpp:6.2f}x")
+PY
+done
