@@ -77,7 +77,7 @@ void add_perplexity_command(CLI::App& app) {
   cmd->add_option("--max-chunks", o->max_chunks, "score at most this many chunks (0 = all)")->capture_default_str();
   cmd->add_option("--kl-base", o->base, "base model (directory or .gguf) to compare against: KL(base||model), top-1 agreement");
   cmd->add_option("--tokenizer", o->tokenizer,
-                  "directory with tokenizer.json / tokenizer.model (default: the model directory, else the base's)");
+                  "directory with tokenizer.json / tokenizer.model, or a .gguf (default: the model's own, else the base's)");
   add_device_flags(cmd, &o->dev);
   add_weights_flag(cmd, &o->weights);
   cmd->add_option("--base-weights", o->base_weights, "--weights for the base model")

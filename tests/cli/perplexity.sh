@@ -83,10 +83,17 @@ expect_ok "quantize q8_0"
 run gguf "${MOE}" perplexity m.gguf --tokenizer m --file text.txt --ctx "${CTX}" --kl-base m --json
 expect_ok "perplexity on a .gguf"
 check "q8_0 GGUF KL $(json_field kl_mean) in (0, 1e-3]" "0 < $(json_field kl_mean) <= 1e-3"
+PPL_TOK_DIR="$(json_field perplexity)"
+# The GGUF carries the directory's tokenizer: the same text, the same perplexity without --tokenizer.
+run gguf_own_tok "${MOE}" perplexity m.gguf --file text.txt --ctx "${CTX}" --kl-base m --json
+expect_ok "perplexity on a .gguf with its own tokenizer"
+check "the GGUF's tokenizer gives the same perplexity ($(json_field perplexity) vs ${PPL_TOK_DIR})" "$(json_field perplexity) == ${PPL_TOK_DIR}"
 
 # 4. Bad input.
-run no_tok "${MOE}" perplexity m.gguf --file text.txt
-expect_err "a .gguf without --tokenizer" "give --tokenizer"
+run quantize_nt "${MOE}" quantize m --type q8_0 --no-tokenizer --out m-nt.gguf --quiet
+expect_ok "quantize without the tokenizer"
+run no_tok "${MOE}" perplexity m-nt.gguf --file text.txt --ctx "${CTX}"
+expect_err "a .gguf without a tokenizer" "give --tokenizer"
 printf 'short' > short.txt
 run short "${MOE}" perplexity m --file short.txt --ctx 64
 expect_err "text shorter than one chunk" "fewer than one chunk"
