@@ -64,13 +64,15 @@ else
 fi
 grep -q "serve: stopped" serve.log && pass "server says it stopped" || fail "no 'serve: stopped' in the log"
 
-# A quantized GGUF written by `moe quantize` serves too (its tokenizer from --tokenizer), and
-# greedy text stays close: the q8_0 model's first tokens are compared with the f32 model's.
+# A quantized GGUF written by `moe quantize` serves too, with the tokenizer and chat template it
+# carries (a file written without them needs --tokenizer).
+run quantize-notok "${MOE}" quantize q3 --type q8_0 --no-tokenizer --out q3-notok.gguf --quiet
+expect_ok quantize-notok
+run serve-gguf-notok "${MOE}" serve q3-notok.gguf --port 0
+expect_err "a .gguf without a tokenizer" "give --tokenizer"
 run quantize "${MOE}" quantize q3 --type q8_0 --out q3.gguf --quiet
 expect_ok quantize
-run serve-gguf-notok "${MOE}" serve q3.gguf --port 0
-expect_err "a .gguf without --tokenizer" "tokenizer"
-"${MOE}" serve q3.gguf --tokenizer q3 --port 0 > serve-gguf.log 2>&1 &
+"${MOE}" serve q3.gguf --port 0 > serve-gguf.log 2>&1 &
 PID=$!
 PORT=""
 for _ in $(seq 1 100); do
@@ -85,6 +87,13 @@ if [[ -n "${PORT}" ]]; then
     pass "q8_0 GGUF served: a 6-token completion"
   else
     fail "q8_0 GGUF completion: ${OUT}"
+  fi
+  run gguf-chat curl -s "http://127.0.0.1:${PORT}/v1/chat/completions" \
+    -d '{"messages":[{"role":"user","content":"hi"}],"max_tokens":4,"temperature":0}'
+  if grep -q '"completion_tokens":4' <<<"${OUT}" && grep -q '"prompt_tokens":9' <<<"${OUT}"; then
+    pass "chat on the GGUF: its own chat template (9 prompt tokens)"
+  else
+    fail "chat on the GGUF: ${OUT}"
   fi
   kill -TERM "${PID}"
   wait "${PID}"
