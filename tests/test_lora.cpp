@@ -150,7 +150,7 @@ TEST_P(LoraReference, AdapterRoundTrip) {
   EXPECT_EQ(loss_of(a, dir).loss_ce, loss_of(b, dir).loss_ce);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, LoraReference, testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
+INSTANTIATE_TEST_SUITE_P(Fixtures, LoraReference, testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"),
                          [](const testing::TestParamInfo<std::string>& p) { return p.param; });
 
 // Routed experts: the file's tensor of expert e lands in slot e of the stacked factors (a swap

@@ -303,7 +303,8 @@ TEST_P(Reference, SequencesAtDifferentPositionsShareABatch) {
   EXPECT_THROW(m.forward(one, kv, twice), Error);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, Reference, ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"));
+INSTANTIATE_TEST_SUITE_P(Fixtures, Reference,
+                         ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"));
 
 }  // namespace
 }  // namespace moe

@@ -144,7 +144,8 @@ TEST_P(TrainReference, AdamWTrajectoryMatchesTorch) {
   std::printf("%s: 5 steps, %d parameters, worst update rel err %.3g\n", GetParam().c_str(), n, worst);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, TrainReference, ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"));
+INSTANTIATE_TEST_SUITE_P(Fixtures, TrainReference,
+                         ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"));
 
 // OLMoE's pad_token_id 1 is HF's padding_idx: token 1 is a real input of the fixture batch, yet
 // its embedding row gets no gradient (the golden row is exactly 0, though the true derivative is
