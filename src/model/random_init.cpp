@@ -67,6 +67,7 @@ ModelConfig preset_config(const std::string& arch, const std::string& preset) {
     // sliding/full alternation from layer 0 and YaRN (factor 32 over 4096 positions, truncate
     // false) as gpt-oss-20b/120b; a sliding window of 128 (tiny: 8, so short runs reach it).
     c.intermediate_size = c.moe_intermediate_size;
+    c.norm_topk_prob = true;  // softmax over the K selected logits
     c.rope_theta = 150000.0;
     c.rms_norm_eps = 1e-5;
     c.router_aux_loss_coef = 0.9;

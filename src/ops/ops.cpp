@@ -261,9 +261,11 @@ void gather_rows(Tensor& xp, const Tensor& x, const Tensor& perm, int64_t k) {
   MOE_DISPATCH(xp.device(), gather_rows(xp, x, perm, k));
 }
 
-void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1,
-                        const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
-  const char* op = "expert_ffn_forward";
+namespace {
+// expert_ffn_forward's arguments (every variant); returns {E, F, D}.
+std::array<int64_t, 3> check_expert_ffn_infer(const char* op, const Tensor& yp, const Tensor& xp,
+                                              const Tensor& offsets, const Tensor& w1, const Tensor& w3,
+                                              const Tensor& w2, const Tensor& row_scale) {
   check_ndim(op, "w1", w1, 3);
   int64_t e = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   check_shape(op, "w3", w3, {e, f, d});
@@ -290,6 +292,13 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
     check_dtype(op, "row_scale", row_scale, DType::F32);
   }
   check_device(op, yp.device(), {&xp, &offsets, &w1, &w3, &w2, &row_scale});
+  return {e, f, d};
+}
+}  // namespace
+
+void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1,
+                        const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
+  check_expert_ffn_infer("expert_ffn_forward", yp, xp, offsets, w1, w3, w2, row_scale);
   MOE_DISPATCH(yp.device(), expert_ffn_forward(yp, xp, offsets, w1, w3, w2, row_scale));
 }
 
@@ -906,8 +915,7 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
                         const Tensor& w2, const Tensor& row_scale, const ExpertGlu& glu, const ExpertBias& bias) {
   if (glu.plain() && !bias.any()) return expert_ffn_forward(yp, xp, offsets, w1, w3, w2, row_scale);
   const char* op = "expert_ffn_forward";
-  auto [e, f, d] = check_experts(op, xp, offsets, w1, w3, w2, row_scale);
-  check_shape(op, "yp", yp, xp.shape());
+  auto [e, f, d] = check_expert_ffn_infer(op, yp, xp, offsets, w1, w3, w2, row_scale);
   check_expert_variant(op, glu, bias, e, f, d, yp.device());
   MOE_VARIANT_DISPATCH(yp.device(), op, expert_ffn_forward(yp, xp, offsets, w1, w3, w2, row_scale, glu, bias));
 }
