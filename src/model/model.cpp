@@ -255,9 +255,20 @@ static void load_fused_experts(const ModelConfig& c, const ArchSpec& a, const So
   lw->b2 = place(b2, db.dtype(), dnb, false);
 }
 
+bool config_runs_on_cuda(const ModelConfig& c) {
+  bool sliding = false;
+  for (int64_t l = 0; l < c.n_layer; ++l) sliding = sliding || c.layer_window(l) > 0;
+  return !c.attn_sinks && !sliding && c.rope_scaling.kind == RopeScalingKind::None && c.swiglu_limit == 0 &&
+         !c.expert_bias;
+}
+
 static void build(const ModelConfig& c, const Source& get, const std::function<bool(const std::string&)>& has,
                   const LoadOptions& opt, ModelWeights* w) {
   const ArchSpec& a = arch_spec(c.model_type);
+  MOE_CHECK(opt.device == Device::CPU || config_runs_on_cuda(c),
+            "%s models run on the CPU only for now: their attention sinks, sliding windows, YaRN RoPE and clamped "
+            "SwiGLU experts have no CUDA kernels yet (use --device cpu)",
+            c.model_type.c_str());
   const int64_t d = c.hidden_size, dh = c.head_dim, qd = c.n_head * dh, kvd = c.n_head_kv * dh;
   MOE_CHECK(opt.device == Device::CPU || device_available(opt.device) || cuda_available(),
             "device %s is not available", device_name(opt.device));

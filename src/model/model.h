@@ -176,6 +176,10 @@ class Model {
 // The HF tensor names and shapes a config implies (used by load, init and inspect).
 std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& cfg);
 
+// Whether the CUDA backend has every op the config needs: the variants of ops/variants.h (gpt_oss's
+// sinks, sliding windows, YaRN, clamped SwiGLU and expert biases) are CPU-only so far.
+bool config_runs_on_cuda(const ModelConfig& c);
+
 // File name of a MoE layer's optional router selection bias (LayerWeights::router_bias).
 std::string router_bias_name(const ModelConfig& cfg, int64_t layer);
 
