@@ -275,6 +275,44 @@ TEST(Mxfp4, CheckpointLoadsLikeItsDequantisedTwin) {
     EXPECT_EQ(x->to_f32_vector(), y->to_f32_vector());
 }
 
+// Incremental decode with the KV cache equals the full forward far past the fixture's sliding
+// window (8): 40 tokens, prefill 5 then one token at a time, both sequences of the batch.
+TEST(GptOssDecode, PastTheSlidingWindowEqualsFullForward) {
+  if (!std::filesystem::exists(kFixture)) GTEST_SKIP() << "SKIPPED: no gpt_oss fixture";
+  const Model m = Model::load(kFixture);
+  ASSERT_EQ(m.config().layer_window(0), 8);
+  const int64_t b_n = 2, s_n = 40, v = m.config().vocab_size, pre = 5;
+  Tensor ids = Tensor::empty({b_n, s_n}, DType::I32, MemCategory::Activations);
+  for (int64_t i = 0; i < b_n * s_n; ++i) ids.data<int32_t>()[i] = int32_t((i * 37 + 11) % v);
+  KVCache full_kv = m.make_cache(b_n, s_n);
+  const std::vector<float> full = m.forward(ids, full_kv).logits.to_f32_vector();
+  KVCache kv = m.make_cache(b_n, s_n);
+  std::vector<float> got(size_t(b_n * s_n * v));
+  auto run = [&](int64_t s0, int64_t s1) {
+    Tensor part = Tensor::empty({b_n, s1 - s0}, DType::I32, MemCategory::Activations);
+    for (int64_t b = 0; b < b_n; ++b)
+      for (int64_t s = s0; s < s1; ++s) part.data<int32_t>()[b * (s1 - s0) + s - s0] = ids.data<int32_t>()[b * s_n + s];
+    const std::vector<float> lg = m.forward(part, kv).logits.to_f32_vector();
+    for (int64_t b = 0; b < b_n; ++b)
+      for (int64_t s = s0; s < s1; ++s)
+        std::copy_n(lg.begin() + (b * (s1 - s0) + s - s0) * v, v, got.begin() + (b * s_n + s) * v);
+  };
+  run(0, pre);
+  for (int64_t s = pre; s < s_n; ++s) run(s, s + 1);
+  double num = 0, den = 0, mx = 0, mref = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double d = double(got[i]) - full[i];
+    num += d * d;
+    den += double(full[i]) * full[i];
+    mx = std::max(mx, std::fabs(d));
+    mref = std::max(mref, std::fabs(double(full[i])));
+  }
+  std::printf("gpt_oss decode (40 tokens, window 8) vs full forward: rel_fro %.3g rel_max %.3g\n",
+              std::sqrt(num / den), mx / mref);
+  EXPECT_LE(std::sqrt(num / den), 1e-5);
+  EXPECT_LE(mx / mref, 1e-5);
+}
+
 // `moe init --arch gpt_oss`: each preset's config.json parses back to the same config, with the
 // fields GptOssConfig reads.
 TEST(GptOssPresets, ConfigRoundTrips) {

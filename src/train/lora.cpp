@@ -500,7 +500,10 @@ std::string lora_audit(const ModelConfig& c, const ModelWeights& w) {
   int64_t total = 0;
   for (const LoraSlot& s : slots) {
     if (!s.lora->on()) continue;
-    const int64_t n = slot_a(s).numel() + slot_b(s).numel();
+    // A fused expert's gate and up share one A (lora_fused.h): counted once, under the gate.
+    const LayerWeights& lw = w.layers[size_t(s.layer)];
+    const bool shared_a = s.lora == &lw.lexp.w3 && lw.lexp.w1.on() && lw.lexp.w1.a.raw() == lw.lexp.w3.a.raw();
+    const int64_t n = (shared_a ? 0 : slot_a(s).numel()) + slot_b(s).numel();
     auto& k = per_kind[std::string(kind_name(s.kind)) + " " + s.module.substr(s.module.rfind('.') + 1)];
     k.first += 1;
     k.second += n;
