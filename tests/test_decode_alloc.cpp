@@ -172,7 +172,7 @@ TEST(DecodeAllocCounters, CountWhatAllocates) {
   EXPECT_EQ(now_counts().blocks - c3.blocks, 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, DecodeAlloc, testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"));
+INSTANTIATE_TEST_SUITE_P(Fixtures, DecodeAlloc, testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"));
 #else
 TEST(DecodeAlloc, SkippedUnderSanitizers) {
   GTEST_SKIP() << "sanitizer builds free every block at once and own operator new: checked in the release build";

@@ -68,7 +68,7 @@ TEST_P(ModelIo, Bf16InitRoundTrips) {
   std::filesystem::remove_all(dir);
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, ModelIo, ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"));
+INSTANTIATE_TEST_SUITE_P(Families, ModelIo, ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"));
 
 TEST(ModelLoad, MissingTensorIsNamed) {
   const std::string dir = temp_dir();

@@ -39,6 +39,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/rope_scaling.h"
 #include "core/tensor.h"
 #include "io/safetensors.h"
 #include "ops/backend.h"
@@ -786,6 +787,117 @@ std::vector<Case> make_cases() {
       }
     }
   }
+  // ---- op variants (variants.h: gpt-oss) ----
+  // rope with a YaRN table; attention with sinks and a sliding window (cache, training forward
+  // and backward incl. dsinks); experts with the clamped SwiGLU and biases (limit 0.8 with inputs
+  // of unit scale: many units beyond the clamps).
+  {
+    const RopeTable yarn = rope_table(150000.0, 8, [] {
+      RopeScaling r;
+      r.kind = RopeScalingKind::Yarn;
+      r.factor = 32;
+      r.original_max_position_embeddings = 64;
+      r.truncate = false;
+      return r;
+    }(), 2048);
+    for (int64_t past : {0, 5}) {
+      Tensor x = ten({2, 3, 3, 8}, rnd(2 * 3 * 3 * 8, ++seed));
+      add("rope_forward_yarn_past" + str(past), false, 0.0, [=](Backend b) {
+        Dev g{b};
+        Tensor xx = g.in(x), gg = g.in(x);
+        CALL(b, rope_forward(xx, past, yarn));
+        CALL(b, rope_backward(gg, past, yarn));
+        return Outs{{"x", xx}, {"dx", gg}};
+      });
+    }
+    for (int64_t window : {0, 3})
+      for (bool sinks : {false, true}) {
+        if (!sinks && window == 0) continue;
+        const int64_t bn = 2, h = 4, hkv = 2, dh = 6;
+        Tensor sk = sinks ? ten({h}, rnd(h, ++seed)) : Tensor();
+        const AttnVariant av{sk, window};
+        const std::string sh = std::string(sinks ? "_sinks" : "") + "_win" + str(window);
+        for (int64_t past : {0, 4}) {
+          const int64_t s = 3, c = past + s + 1;
+          Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+          Tensor kc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
+          Tensor vc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
+          add("attention_forward" + sh + "_past" + str(past), false, 0.0, [=](Backend b) {
+            Dev g{b};
+            Tensor out = g.out({bn, s, h, dh});
+            CALL(b, attention_forward(out, g.in(q), g.in(kc), g.in(vc), past, AttnVariant{g.in(sk), window}));
+            return Outs{{"out", out}};
+          });
+        }
+        for (int64_t s : {5, 70}) {
+          Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+          Tensor k = ten({bn, s, hkv, dh}, rnd(bn * s * hkv * dh, ++seed));
+          Tensor v = ten({bn, s, hkv, dh}, rnd(bn * s * hkv * dh, ++seed));
+          Tensor dout = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+          Tensor ds0 = ten({h}, rnd(h, ++seed));
+          add("attention_forward_train" + sh + "_S" + str(s), false, 0.0, [=](Backend b) {
+            Dev g{b};
+            Tensor out = g.out({bn, s, h, dh}), lse = g.out({bn, h, s});
+            CALL(b, attention_forward_train(out, lse, g.in(q), g.in(k), g.in(v), AttnVariant{g.in(sk), window}));
+            return Outs{{"out", out}, {"lse", lse}};
+          });
+          Tensor out = Tensor::empty({bn, s, h, dh}, DType::F32, kAct), lse = Tensor::empty({bn, h, s}, DType::F32, kAct);
+          ref::attention_forward_train(out, lse, q, k, v, av);
+          add("attention_backward" + sh + "_S" + str(s), false, 0.0, [=](Backend b) {
+            Dev g{b};
+            Tensor dq = g.out(q.shape()), dk = g.out(k.shape()), dv = g.out(v.shape()), dsk = g.in(ds0);
+            CALL(b, attention_backward(dq, dk, dv, g.in(dout), g.in(q), g.in(k), g.in(v), g.in(out), g.in(lse),
+                                       AttnVariant{g.in(sk), window}, &dsk));
+            Outs o{{"dq", dq}, {"dk", dk}, {"dv", dv}};
+            if (sinks) o.push_back({"dsinks", dsk});
+            return o;
+          });
+        }
+      }
+    for (DType dt : {DType::F32, DType::BF16})
+      for (int64_t t : {3, 17}) {
+        const int64_t e = 5, k = 2, f = 11, d = 7, p = t * k;
+        Routing r = route(random_topk(t, {0, 2, 4}, k, ++seed), e);
+        Tensor off = ints({e + 1}, r.offsets);
+        Tensor xp = ten({p, d}, rnd(p * d, ++seed, 2.0));
+        Tensor w1 = rnd_w({e, f, d}, ++seed, dt).first, w3 = rnd_w({e, f, d}, ++seed, dt).first;
+        Tensor w2 = rnd_w({e, d, f}, ++seed, dt).first;
+        const ExpertBias bias{ten({e, f}, rnd(e * f, ++seed)), ten({e, f}, rnd(e * f, ++seed)),
+                              ten({e, d}, rnd(e * d, ++seed))};
+        const ExpertGlu glu{1.702f, 0.8f};
+        Tensor rs = ten({p}, rnd(p, ++seed)), dyp = ten({p, d}, rnd(p * d, ++seed));
+        const std::string sh = "_clamped_bias_" + wtag(dt) + "_T" + str(t);
+        auto dev_bias = [](const Dev& g, const ExpertBias& bb) { return ExpertBias{g.in(bb.b1), g.in(bb.b3), g.in(bb.b2)}; };
+        add("expert_ffn_forward" + sh, false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor yp = g.out({p, d});
+          CALL(b, expert_ffn_forward(yp, g.in(xp), g.in(off), g.in(w1), g.in(w3), g.in(w2), g.in(rs), glu,
+                                     dev_bias(g, bias)));
+          return Outs{{"yp", yp}};
+        });
+        add("expert_ffn_forward_train" + sh, false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor yp = g.out({p, d}), h1 = g.out({p, f}), h3 = g.out({p, f});
+          CALL(b, expert_ffn_forward_train(yp, h1, h3, g.in(xp), g.in(off), g.in(w1), g.in(w3), g.in(w2), g.in(rs),
+                                           {}, glu, dev_bias(g, bias)));
+          return Outs{{"yp", yp}, {"h1", h1}, {"h3", h3}};
+        });
+        Tensor h1 = Tensor::empty({p, f}, DType::F32, kAct), h3 = Tensor::empty({p, f}, DType::F32, kAct);
+        Tensor ypr = Tensor::empty({p, d}, DType::F32, kAct);
+        ref::expert_ffn_forward_train(ypr, h1, h3, xp, off, w1, w3, w2, rs, {}, glu, bias);
+        const ExpertBias db0{ten({e, f}, rnd(e * f, ++seed)), ten({e, f}, rnd(e * f, ++seed)),
+                             ten({e, d}, rnd(e * d, ++seed))};
+        add("expert_ffn_backward" + sh, false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor dx = g.out({p, d}), drs = g.out({p}), none;
+          ExpertBias db = dev_bias(g, db0);
+          CALL(b, expert_ffn_backward(dx, none, none, none, drs, g.in(dyp), g.in(xp), g.in(h1), g.in(h3), g.in(off),
+                                      g.in(w1), g.in(w3), g.in(w2), g.in(rs), {}, nullptr, glu, dev_bias(g, bias),
+                                      &db));
+          return Outs{{"dxp", dx}, {"drow_scale", drs}, {"db1", db.b1}, {"db3", db.b3}, {"db2", db.b2}};
+        });
+      }
+  }
   return cs;
 }
 
@@ -1366,6 +1478,133 @@ TEST(Grad, GatherCombineAdjoint) {
 
 // set_reference_backend(true) routes ops.h calls (forward and training) to moe::ref, false to
 // moe::cpu: the outputs equal the named backend's bit for bit.
+// Attention with sinks and a sliding window: dq, dk, dv and dsinks against finite differences of
+// the reference forward (the sink enters every row's softmax; the window drops early keys).
+TEST(Grad, AttentionSinksWindow) {
+  for (int64_t window : {0, 2}) {
+    const int64_t bn = 2, s = 5, h = 4, hkv = 2, dh = 6, nq = bn * s * h * dh, nk = bn * s * hkv * dh;
+    std::vector<double> q = rnd(nq, 140 + window), k = rnd(nk, 141), v = rnd(nk, 142), r = rnd(nq, 143);
+    std::vector<double> sk = rnd(h, 144);
+    auto fwd = [&](std::vector<double>& out, std::vector<double>& lse) {
+      out.assign(static_cast<size_t>(nq), 0);
+      lse.assign(static_cast<size_t>(bn * h * s), 0);
+      ref::f64::attention_forward_train(out.data(), lse.data(), q.data(), k.data(), v.data(), bn, s, h, hkv, dh,
+                                        {sk.data(), window});
+    };
+    auto loss = [&] {
+      std::vector<double> out, lse;
+      fwd(out, lse);
+      return dotv(r, out);
+    };
+    std::vector<double> fdq = fd_grad(q, loss), fdk = fd_grad(k, loss), fdv = fd_grad(v, loss), fds = fd_grad(sk, loss);
+    std::vector<double> out, lse, gq(static_cast<size_t>(nq)), gk(static_cast<size_t>(nk)), gv(static_cast<size_t>(nk));
+    std::vector<double> gs(static_cast<size_t>(h), 0.0);
+    fwd(out, lse);
+    ref::f64::attention_backward(gq.data(), gk.data(), gv.data(), r.data(), q.data(), k.data(), v.data(), out.data(),
+                                 lse.data(), bn, s, h, hkv, dh, {sk.data(), window}, gs.data());
+    Tensor qt = ten({bn, s, h, dh}, q), kt = ten({bn, s, hkv, dh}, k), vt = ten({bn, s, hkv, dh}, v);
+    const AttnVariant av{ten({h}, sk), window};
+    Tensor ot = Tensor::empty(qt.shape(), DType::F32, kAct), lt = Tensor::empty({bn, h, s}, DType::F32, kAct);
+    attention_forward_train(ot, lt, qt, kt, vt, av);
+    Tensor dq = Tensor::empty(qt.shape(), DType::F32, kAct), dk = Tensor::empty(kt.shape(), DType::F32, kAct);
+    Tensor dv = Tensor::empty(vt.shape(), DType::F32, kAct), ds = Tensor::zeros({h}, DType::F32, kAct);
+    attention_backward(dq, dk, dv, ten(qt.shape(), r), qt, kt, vt, ot, lt, av, &ds);
+    const std::string what = "attention sinks window " + str(window);
+    expect_grad(what + " dq", fdq, gq, vals(dq));
+    expect_grad(what + " dk", fdk, gk, vals(dk));
+    expect_grad(what + " dv", fdv, gv, vals(dv));
+    expect_grad(what + " dsinks", fds, gs, vals(ds));
+  }
+}
+
+// The YaRN-scaled rotation (a factor times a rotation): rope_backward is its transpose.
+TEST(Grad, RopeYarnTable) {
+  RopeScaling rs;
+  rs.kind = RopeScalingKind::Yarn;
+  rs.factor = 32;
+  rs.original_max_position_embeddings = 64;
+  rs.truncate = false;
+  const RopeTable rt = rope_table(150000.0, 8, rs, 2048);
+  ASSERT_EQ(rt.inv_freq.size(), 4u);
+  EXPECT_NEAR(rt.attention_factor, 0.1 * std::log(32.0) + 1.0, 1e-15);
+  const int64_t n = 2 * 3 * 2 * 8, past = 3;
+  std::vector<double> x = rnd(n, 150), r = rnd(n, 151);
+  auto loss = [&] {
+    std::vector<double> y = x;
+    ref::f64::rope_rotate_table(y.data(), 2, 3, 2, 8, past, rt.inv_freq.data(), rt.attention_factor, 1.0);
+    return dotv(r, y);
+  };
+  std::vector<double> fd = fd_grad(x, loss), g = r;
+  ref::f64::rope_rotate_table(g.data(), 2, 3, 2, 8, past, rt.inv_freq.data(), rt.attention_factor, -1.0);
+  Tensor gt = ten({2, 3, 2, 8}, r);
+  rope_backward(gt, past, rt);
+  expect_grad("rope yarn", fd, g, vals(gt));
+}
+
+// Clamped SwiGLU with expert biases: every input's and bias's gradient, the routing weight's
+// (which also scales the down bias), and zero gradient where a clamp binds. Limit 0.8 with
+// unit-scale pre-activations puts many units beyond the clamps; none sits within 1e-3 of one.
+TEST(Grad, ExpertFfnClampedBias) {
+  const int64_t t = 7, k = 2, e = 5, f = 11, d = 7, p = t * k;
+  const ref::f64::GluF64 glu{1.702, 0.8};
+  Routing rt = route(random_topk(t, {0, 1, 3, 4}, k, 160), e);
+  std::vector<double> xp = rnd(p * d, 161), w1 = rnd(e * f * d, 162, 0.5), w3 = rnd(e * f * d, 163, 0.5);
+  std::vector<double> w2 = rnd(e * d * f, 164, 0.5), rs = rnd(p, 165), r = rnd(p * d, 166);
+  std::vector<double> b1 = rnd(e * f, 167), b3 = rnd(e * f, 168), b2 = rnd(e * d, 169);
+  auto fwd = [&](std::vector<double>& yp, std::vector<double>* h1, std::vector<double>* h3) {
+    yp.assign(static_cast<size_t>(p * d), 0);
+    ref::f64::expert_ffn_forward(yp.data(), h1 ? h1->data() : nullptr, h3 ? h3->data() : nullptr, xp.data(),
+                                 rt.offsets.data(), w1.data(), w3.data(), w2.data(), rs.data(), e, f, d, nullptr, glu,
+                                 {b1.data(), b3.data(), b2.data()});
+  };
+  auto loss = [&] {
+    std::vector<double> yp;
+    fwd(yp, nullptr, nullptr);
+    return dotv(r, yp);
+  };
+  std::vector<double> yp, h1(static_cast<size_t>(p * f)), h3(static_cast<size_t>(p * f));
+  fwd(yp, &h1, &h3);
+  int gate_clamped = 0, up_clamped = 0;
+  for (int64_t i = 0; i < p * f; ++i) {
+    ASSERT_GT(std::fabs(h1[size_t(i)] - glu.limit), 1e-3) << "a gate pre-activation sits on the clamp";
+    ASSERT_GT(std::fabs(std::fabs(h3[size_t(i)]) - glu.limit), 1e-3) << "an up pre-activation sits on a clamp";
+    gate_clamped += h1[size_t(i)] > glu.limit;
+    up_clamped += std::fabs(h3[size_t(i)]) > glu.limit;
+  }
+  EXPECT_GT(gate_clamped, 5);
+  EXPECT_GT(up_clamped, 5);
+  std::vector<double> fdx = fd_grad(xp, loss), fd1 = fd_grad(w1, loss), fd3 = fd_grad(w3, loss), fd2 = fd_grad(w2, loss);
+  std::vector<double> fds = fd_grad(rs, loss), fdb1 = fd_grad(b1, loss), fdb3 = fd_grad(b3, loss), fdb2 = fd_grad(b2, loss);
+  std::vector<double> gx(static_cast<size_t>(p * d)), g1(w1.size(), 0.0), g3(w3.size(), 0.0), g2(w2.size(), 0.0);
+  std::vector<double> gs(static_cast<size_t>(p)), gb1(b1.size(), 0.0), gb3(b3.size(), 0.0), gb2(b2.size(), 0.0);
+  ref::f64::expert_ffn_backward(gx.data(), g1.data(), g3.data(), g2.data(), gs.data(), r.data(), xp.data(), h1.data(),
+                                h3.data(), rt.offsets.data(), w1.data(), w3.data(), w2.data(), rs.data(), e, f, d,
+                                nullptr, glu, {b1.data(), b3.data(), b2.data(), gb1.data(), gb3.data(), gb2.data()});
+  // CPU: forward_train (biased pre-activations saved), then backward.
+  const ExpertGlu cglu{1.702f, 0.8f};
+  const ExpertBias cb{ten({e, f}, b1), ten({e, f}, b3), ten({e, d}, b2)};
+  Tensor off = ints({e + 1}, rt.offsets), xt = ten({p, d}, xp), rst = ten({p}, rs);
+  Tensor w1t = ten({e, f, d}, w1), w3t = ten({e, f, d}, w3), w2t = ten({e, d, f}, w2);
+  Tensor ypt = Tensor::empty({p, d}, DType::F32, kAct), h1t = Tensor::empty({p, f}, DType::F32, kAct);
+  Tensor h3t = Tensor::empty({p, f}, DType::F32, kAct);
+  expert_ffn_forward_train(ypt, h1t, h3t, xt, off, w1t, w3t, w2t, rst, {}, cglu, cb);
+  Tensor dx = Tensor::empty({p, d}, DType::F32, kAct), dw1 = Tensor::zeros({e, f, d}, DType::F32, kAct);
+  Tensor dw3 = Tensor::zeros({e, f, d}, DType::F32, kAct), dw2 = Tensor::zeros({e, d, f}, DType::F32, kAct);
+  Tensor drs = Tensor::empty({p}, DType::F32, kAct);
+  ExpertBias db{Tensor::zeros({e, f}, DType::F32, kAct), Tensor::zeros({e, f}, DType::F32, kAct),
+                Tensor::zeros({e, d}, DType::F32, kAct)};
+  expert_ffn_backward(dx, dw1, dw3, dw2, drs, ten({p, d}, r), xt, h1t, h3t, off, w1t, w3t, w2t, rst, {}, nullptr, cglu,
+                      cb, &db);
+  expect_grad("clamped expert dxp", fdx, gx, vals(dx));
+  expect_grad("clamped expert dw1", fd1, g1, vals(dw1));
+  expect_grad("clamped expert dw3", fd3, g3, vals(dw3));
+  expect_grad("clamped expert dw2", fd2, g2, vals(dw2));
+  expect_grad("clamped expert drow_scale", fds, gs, vals(drs));
+  expect_grad("clamped expert db1", fdb1, gb1, vals(db.b1));
+  expect_grad("clamped expert db3", fdb3, gb3, vals(db.b3));
+  expect_grad("clamped expert db2", fdb2, gb2, vals(db.b2));
+}
+
 TEST(ReferenceSwitch, DispatchesToTheNamedBackend) {
   const int64_t bn = 2, s = 17, h = 4, hkv = 2, dh = 8;
   Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, 130)), k = ten({bn, s, hkv, dh}, rnd(bn * s * hkv * dh, 131));

@@ -194,7 +194,7 @@ TEST(PlanParams, DeepSeekV3MtpModuleCountedApart) {
 }
 
 TEST(PlanParams, EngineFamiliesAgreeWithTheEngine) {
-  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
+  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"})
     for (const char* preset : {"tiny", "small", "medium", "8x7b"}) {
       if (std::string(preset) == "8x7b" && std::string(arch) != "mixtral") continue;
       SCOPED_TRACE(std::string(arch) + "/" + preset);
@@ -281,7 +281,7 @@ TEST(PlanVsEngine, InferencePeakMemoryPerCategory) {
     bool last_only;
   };
   const Case cases[] = {{1, 8, 16, false}, {2, 16, 32, false}, {4, 32, 64, true}, {3, 5, 40, false}, {1, 64, 128, true}};
-  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
+  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"})
     for (const char* preset : {"tiny", "small"}) {
       SCOPED_TRACE(std::string(arch) + "/" + preset);
       const ModelConfig cfg = preset_config(arch, preset);
@@ -397,6 +397,8 @@ std::vector<std::pair<std::string, ModelConfig>> training_configs() {
   out.emplace_back("qwen3_moe/tiny tied", q3);
   // olmoe: q/k norm over the whole projection (q_rstd [T]), k_norm [Hkv*Dh] narrower than q_norm.
   out.emplace_back("olmoe/tiny", preset_config("olmoe", "tiny"));
+  // gpt_oss: sinks, q/k/v/o, router and expert biases, the clamped SwiGLU, a sliding layer.
+  out.emplace_back("gpt_oss/tiny", preset_config("gpt_oss", "tiny"));
   // Shapes where each other working-set phase is the largest: wide attention (H*Dh = 8*D),
   // many experts at K 1 (the router's [T,E] gradient), a wide shared expert, a wide dense MLP.
   ModelConfig wide = preset_config("mixtral", "tiny");

@@ -67,7 +67,7 @@ TEST_P(TrainReference, GradMatchesPyTorch) {
   int n_got = 0;
   for (const SafetensorsInfo& info : got->tensors()) n_got += info.name.rfind("grad.", 0) == 0;
   EXPECT_EQ(n_got, n_grads);
-  EXPECT_GT(n_grads, 60);
+  EXPECT_GT(n_grads, 30);  // gpt_oss fuses its experts: 37 tensors; the others 65-168
   std::printf("%s: %d gradients, worst normwise rel err %.3g (%s)\n", GetParam().c_str(), n_grads, worst,
               worst_name.c_str());
 }
@@ -140,11 +140,12 @@ TEST_P(TrainReference, AdamWTrajectoryMatchesTorch) {
     worst = std::max(worst, e);
     ++n;
   }
-  EXPECT_GT(n, 60);
+  EXPECT_GT(n, 30);
   std::printf("%s: 5 steps, %d parameters, worst update rel err %.3g\n", GetParam().c_str(), n, worst);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, TrainReference, ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"));
+INSTANTIATE_TEST_SUITE_P(Fixtures, TrainReference,
+                         ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"));
 
 // OLMoE's pad_token_id 1 is HF's padding_idx: token 1 is a real input of the fixture batch, yet
 // its embedding row gets no gradient (the golden row is exactly 0, though the true derivative is

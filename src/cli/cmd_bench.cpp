@@ -172,7 +172,14 @@ void run_bench(const BenchOpts& o) {
   const Device dev = o.device == "cuda" ? Device::CUDA : Device::CPU;
   if (dev == Device::CUDA) MOE_CHECK(cuda_available(), "--device cuda: no CUDA GPU available");
   ModelConfig cfg = preset_config(o.arch, o.preset);
-  if (o.layers > 0) cfg.n_layer = o.layers;
+  if (o.layers > 0) {
+    cfg.n_layer = o.layers;
+    // Per-layer attention kinds (gpt_oss's sliding/full alternation) follow the cut.
+    if (!cfg.layer_sliding.empty()) {
+      cfg.layer_sliding.resize(size_t(cfg.n_layer));
+      for (int64_t l = 0; l < cfg.n_layer; ++l) cfg.layer_sliding[size_t(l)] = l % 2 == 0;
+    }
+  }
   // --dtype: a float dtype for every weight, or a quantized one for the projections (the random
   // weights are made in bf16 and quantized at load; embeddings, norms and routers stay bf16).
   DType wdt, qdt = DType::F32;

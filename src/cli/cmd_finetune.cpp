@@ -12,6 +12,7 @@
 #include "train/checkpoint.h"
 #include "train/lora.h"
 #include "train/trainer.h"
+#include "train/hf_export.h"
 
 namespace moe {
 
@@ -152,7 +153,7 @@ void add_merge_command(CLI::App& app) {
     MOE_CHECK(!ec, "%s: cannot create the output directory: %s", o->out.c_str(), ec.message().c_str());
     write_text_atomic(o->out + "/config.json", hf_config_to_json(m.config()));
     std::vector<std::pair<std::string, Tensor>> named;
-    for (const NamedParam& p : named_parameters(m.config(), m.weights())) named.emplace_back(p.name, p.value);
+    named = hf_parameters(m.config(), m.weights());
     for (auto& b : named_buffers(m.config(), m.weights())) named.push_back(b);
     write_safetensors(o->out + "/model.safetensors", named, {{"format", "pt"}});
     for (const char* f : {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",

@@ -11,6 +11,7 @@
 #include "model/model_train.h"
 #include "train/distributed.h"
 #include "train/lora.h"
+#include "train/hf_export.h"
 
 namespace moe {
 
@@ -72,7 +73,7 @@ void add_grad_command(CLI::App& app) {
     scalar("aux_loss", r.aux_loss);
     scalar("z_loss", r.z_loss);
     scalar("total_loss", r.total);
-    for (const NamedParam& p : named_parameters(m.config(), grads)) outs.emplace_back("grad." + p.name, p.value);
+    for (auto& [name, t] : hf_parameters(m.config(), grads)) outs.emplace_back("grad." + name, t);
     write_safetensors(o->out, outs);
     std::printf("loss_ce %.6f  aux_loss %.6f  z_loss %.6f  total_loss %.6f  (%lld targets)\n", r.loss_ce, r.aux_loss,
                 r.z_loss, r.total, (long long)r.n_targets);

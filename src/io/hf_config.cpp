@@ -38,6 +38,7 @@ struct FamilyDefaults {
 FamilyDefaults family_defaults(const std::string& model_type) {
   if (model_type == "mixtral") return {1e6, 1e-5, 4096 * 32, 0.001, 1, 2, -1};
   if (model_type == "olmoe") return {10000.0, 1e-5, 4096, 0.01, -1, 50279, 1};
+  if (model_type == "gpt_oss") return {150000.0, 1e-5, 131072, 0.9, -1, -1, -1};  // GptOssConfig
   return {10000.0, 1e-6, 32768, 0.001, -1, -1, -1};  // qwen2_moe, qwen3_moe
 }
 
@@ -46,6 +47,7 @@ const char* architecture_name(const std::string& model_type) {
   if (model_type == "qwen2_moe") return "Qwen2MoeForCausalLM";
   if (model_type == "qwen3_moe") return "Qwen3MoeForCausalLM";
   if (model_type == "olmoe") return "OlmoeForCausalLM";
+  if (model_type == "gpt_oss") return "GptOssForCausalLM";
   return nullptr;
 }
 
@@ -182,6 +184,81 @@ void check_size(const std::string& what, const char* field, int64_t v, int64_t l
   check_at_most(what, field, v, limit);
 }
 
+// rope_scaling (or v5's rope_parameters): absent or "default" = none, "yarn" with its fields
+// (_compute_yarn_parameters); any other scaling is refused, naming it.
+RopeScaling parse_rope_scaling(const Fields& f, const std::string& what) {
+  const char* w = what.c_str();
+  RopeScaling rs;
+  const char* key = f.get("rope_scaling") ? "rope_scaling" : "rope_parameters";
+  const json* v = f.get(key);
+  if (!v) return rs;
+  MOE_CHECK(v->is_object(), "%s: field '%s' must be an object, got %s", w, key, json_brief(*v).c_str());
+  std::string type = "default";
+  for (const char* tk : {"rope_type", "type"}) {
+    auto t = v->find(tk);
+    if (t == v->end() || t->is_null()) continue;
+    MOE_CHECK(t->is_string(), "%s: field '%s.%s' must be a string, got %s", w, key, tk, json_brief(*t).c_str());
+    type = t->get<std::string>();
+    break;
+  }
+  if (type == "default") return rs;
+  MOE_CHECK(type == "yarn", "%s: field '%s' asks for RoPE scaling \"%s\"; only \"yarn\" (or none) is supported", w,
+            key, type.c_str());
+  Fields rf(*v, what);
+  rs.kind = RopeScalingKind::Yarn;
+  rs.factor = rf.number("factor", 0);
+  MOE_CHECK(rs.factor >= 1 && std::isfinite(rs.factor), "%s: field '%s.factor' must be >= 1, got %g", w, key,
+            rs.factor);
+  rs.beta_fast = rf.number("beta_fast", 32);
+  rs.beta_slow = rf.number("beta_slow", 1);
+  MOE_CHECK(rs.beta_fast > 0 && rs.beta_slow > 0 && std::isfinite(rs.beta_fast) && std::isfinite(rs.beta_slow),
+            "%s: fields '%s.beta_fast' and 'beta_slow' must be positive, got %g and %g", w, key, rs.beta_fast,
+            rs.beta_slow);
+  rs.original_max_position_embeddings = rf.integer("original_max_position_embeddings", 0);
+  MOE_CHECK(rs.original_max_position_embeddings >= 0 && rs.original_max_position_embeddings <= kMaxConfigPositions,
+            "%s: field '%s.original_max_position_embeddings' is out of range (%lld)", w, key,
+            static_cast<long long>(rs.original_max_position_embeddings));
+  rs.truncate = rf.boolean("truncate", true);
+  rs.attention_factor = rf.number("attention_factor", 0);
+  rs.mscale = rf.number("mscale", 0);
+  rs.mscale_all_dim = rf.number("mscale_all_dim", 0);
+  for (auto [name, val] : {std::pair{"attention_factor", rs.attention_factor}, {"mscale", rs.mscale},
+                           {"mscale_all_dim", rs.mscale_all_dim}})
+    MOE_CHECK(val >= 0 && std::isfinite(val), "%s: field '%s.%s' must be >= 0, got %g", w, key, name, val);
+  return rs;
+}
+
+// gpt_oss's attention and expert settings (GptOssConfig): sinks, router and expert biases and
+// the clamped SwiGLU are always there; sliding_window with layer_types (default: sliding,
+// full, sliding, ... from layer 0).
+void parse_gpt_oss(const Fields& f, const std::string& what, ModelConfig* c) {
+  const char* w = what.c_str();
+  c->attn_sinks = c->router_bias = c->expert_bias = true;
+  c->swiglu_alpha = 1.702;  // hard-coded in GptOssExperts
+  c->swiglu_limit = f.number("swiglu_limit", 7.0);
+  MOE_CHECK(c->swiglu_limit > 0 && std::isfinite(c->swiglu_limit), "%s: field 'swiglu_limit' must be positive, got %g",
+            w, c->swiglu_limit);
+  c->sliding_window = f.integer("sliding_window", 128);
+  check_size(what, "sliding_window", c->sliding_window, kMaxConfigPositions);
+  c->layer_sliding.assign(static_cast<size_t>(c->n_layer), false);
+  const json* lt = f.get("layer_types");
+  if (!lt) {
+    for (int64_t l = 0; l < c->n_layer; ++l) c->layer_sliding[size_t(l)] = (l + 1) % 2 != 0;
+    return;
+  }
+  MOE_CHECK(lt->is_array() && int64_t(lt->size()) == c->n_layer,
+            "%s: field 'layer_types' must be a list of %lld layer types, got %s", w, static_cast<long long>(c->n_layer),
+            json_brief(*lt).c_str());
+  for (int64_t l = 0; l < c->n_layer; ++l) {
+    const json& e = (*lt)[size_t(l)];
+    const std::string t = e.is_string() ? e.get<std::string>() : "";
+    MOE_CHECK(t == "sliding_attention" || t == "full_attention",
+              "%s: field 'layer_types' entry %lld is %s; expected \"sliding_attention\" or \"full_attention\"", w,
+              static_cast<long long>(l), json_brief(e).c_str());
+    c->layer_sliding[size_t(l)] = t == "sliding_attention";
+  }
+}
+
 }  // namespace
 
 int64_t ModelConfig::q_norm_dim() const {
@@ -210,19 +287,24 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   MOE_CHECK(mt->is_string(), "%s: field 'model_type' must be a string, got %s", w, json_brief(*mt).c_str());
   c.model_type = mt->get<std::string>();
   MOE_CHECK(architecture_name(c.model_type),
-            "%s: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe)", w,
+            "%s: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss)", w,
             c.model_type.c_str());
   const bool mixtral = c.model_type == "mixtral";
   const bool qwen2 = c.model_type == "qwen2_moe";
   const bool olmoe = c.model_type == "olmoe";
+  const bool gpt_oss = c.model_type == "gpt_oss";
   const FamilyDefaults def = family_defaults(c.model_type);
 
   if (const json* act = f.get("hidden_act")) {
     MOE_CHECK(act->is_string() && act->get<std::string>() == "silu",
               "%s: field 'hidden_act' is %s; only \"silu\" (SwiGLU experts) is supported", w, json_brief(*act).c_str());
   }
-  f.require_default_rope("rope_scaling");
-  f.require_default_rope("rope_parameters");
+  if (gpt_oss) {
+    c.rope_scaling = parse_rope_scaling(f, what);
+  } else {
+    f.require_default_rope("rope_scaling");
+    f.require_default_rope("rope_parameters");
+  }
 
   // Shared transformer fields.
   c.vocab_size = f.integer("vocab_size");
@@ -281,15 +363,19 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   c.torch_dtype = parse_torch_dtype(f, what);
 
   // MoE fields, by family.
-  const char* experts_key = mixtral ? "num_local_experts" : "num_experts";
+  const char* experts_key = mixtral || gpt_oss ? "num_local_experts" : "num_experts";
   c.n_expert = f.integer(experts_key);
-  c.n_expert_used = f.integer("num_experts_per_tok");
-  if (mixtral || olmoe) {
+  // GptOssConfig also knows experts_per_token (the original checkpoint's name).
+  c.n_expert_used = gpt_oss && !f.get("num_experts_per_tok") ? f.integer("experts_per_token")
+                                                              : f.integer("num_experts_per_tok");
+  if (mixtral || olmoe || gpt_oss) {
     // Every layer is sparse and intermediate_size is the expert width (neither has a dense MLP).
     check_size(what, experts_key, c.n_expert, kMaxConfigExperts);
     c.moe_intermediate_size = c.intermediate_size;
-    // MixtralSparseMoeBlock always renormalises; OlmoeSparseMoeBlock as the config says.
-    c.norm_topk_prob = mixtral ? true : f.boolean("norm_topk_prob", false);
+    // MixtralSparseMoeBlock always renormalises; OlmoeSparseMoeBlock as the config says;
+    // GptOssTopKRouter takes a softmax over the K selected logits, which is the renormalised
+    // top-K of the softmax over all E.
+    c.norm_topk_prob = mixtral || gpt_oss ? true : f.boolean("norm_topk_prob", false);
     c.decoder_sparse_step = 1;
   } else {
     MOE_CHECK(c.n_expert >= 0, "%s: field 'num_experts' must be >= 0, got %lld", w,
@@ -325,9 +411,12 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
     check_at_most(what, "shared_expert_intermediate_size", c.shared_expert_intermediate_size, kMaxConfigFfn);
     c.attn_qkv_bias = f.boolean("qkv_bias", true);  // Qwen2 attention has q/k/v biases
     c.attn_o_bias = false;
+  } else if (gpt_oss) {
+    c.attn_qkv_bias = c.attn_o_bias = f.boolean("attention_bias", true);  // GptOssConfig's default
   } else if (!mixtral) {  // qwen3_moe, olmoe
     c.attn_qkv_bias = c.attn_o_bias = f.boolean("attention_bias", false);
   }
+  if (gpt_oss) parse_gpt_oss(f, what, &c);
   if (olmoe) {
     // OLMoE clamps q, k (after their norms) and v to +-clip_qkv before RoPE. The engine's
     // attention has no clamp (forward or backward), so a value is refused rather than ignored;
@@ -339,11 +428,15 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   return c;
 }
 
+int64_t ModelConfig::layer_window(int64_t l) const {
+  return l >= 0 && l < int64_t(layer_sliding.size()) && layer_sliding[size_t(l)] ? sliding_window : 0;
+}
+
 ModelConfig load_hf_config(const std::string& path) { return parse_hf_config(read_file(path), path); }
 
 std::string hf_config_to_json(const ModelConfig& c) {
   const char* arch = architecture_name(c.model_type);
-  MOE_CHECK(arch, "hf_config_to_json: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe)",
+  MOE_CHECK(arch, "hf_config_to_json: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss)",
             c.model_type.c_str());
   const char* dt = torch_dtype_name(c.torch_dtype);
   MOE_CHECK(dt, "hf_config_to_json: torch_dtype %s has no HF spelling (expected f32, bf16 or f16)",
@@ -351,6 +444,7 @@ std::string hf_config_to_json(const ModelConfig& c) {
   const bool mixtral = c.model_type == "mixtral";
   const bool qwen2 = c.model_type == "qwen2_moe";
   const bool olmoe = c.model_type == "olmoe";
+  const bool gpt_oss = c.model_type == "gpt_oss";
   const char* mt = c.model_type.c_str();
   // Settings a family's config cannot express would be lost on the way out; refuse them instead.
   MOE_CHECK(c.qk_norm == family_qk_norm(c.model_type), "hf_config_to_json: %s cannot express qk_norm=%d", mt,
@@ -369,10 +463,24 @@ std::string hf_config_to_json(const ModelConfig& c) {
                   c.head_dim * c.n_head == c.hidden_size,
               "hf_config_to_json: olmoe has one attention_bias flag for q/k/v/o, no shared expert, every layer MoE, "
               "moe_intermediate_size == intermediate_size and head_dim == hidden_size / num_attention_heads");
+  } else if (gpt_oss) {
+    MOE_CHECK(c.attn_qkv_bias == c.attn_o_bias && c.shared_expert_intermediate_size == 0 && c.mlp_only_layers.empty() &&
+                  c.decoder_sparse_step == 1 && c.moe_intermediate_size == c.intermediate_size && c.norm_topk_prob &&
+                  c.attn_sinks && c.router_bias && c.expert_bias && c.swiglu_alpha == 1.702 &&
+                  int64_t(c.layer_sliding.size()) == c.n_layer,
+              "hf_config_to_json: gpt_oss has one attention_bias flag for q/k/v/o, sinks, router and expert biases, "
+              "the clamped SwiGLU (alpha 1.702), no shared expert, every layer MoE, moe_intermediate_size == "
+              "intermediate_size and one layer_types entry per layer");
   } else {
     MOE_CHECK(c.attn_qkv_bias == c.attn_o_bias && c.shared_expert_intermediate_size == 0,
               "hf_config_to_json: qwen3_moe has one attention_bias flag for q/k/v/o and no shared expert");
   }
+  if (!gpt_oss)
+    MOE_CHECK(c.rope_scaling.kind == RopeScalingKind::None && c.sliding_window == 0 && !c.attn_sinks &&
+                  !c.router_bias && !c.expert_bias && c.swiglu_limit == 0,
+              "hf_config_to_json: %s cannot express RoPE scaling, sliding windows, sinks, router/expert biases or a "
+              "clamped SwiGLU",
+              mt);
 
   json j = json::object();  // std::map-backed: keys come out sorted, as transformers writes them
   auto token = [](int64_t id) { return id < 0 ? json(nullptr) : json(id); };
@@ -398,6 +506,32 @@ std::string hf_config_to_json(const ModelConfig& c) {
   j["num_experts_per_tok"] = c.n_expert_used;
   if (mixtral) {
     j["num_local_experts"] = c.n_expert;
+  } else if (gpt_oss) {
+    j["num_local_experts"] = c.n_expert;
+    j["experts_per_token"] = c.n_expert_used;
+    j["attention_bias"] = c.attn_qkv_bias;
+    j["sliding_window"] = c.sliding_window;
+    json types = json::array();
+    for (bool sl : c.layer_sliding) types.push_back(sl ? "sliding_attention" : "full_attention");
+    j["layer_types"] = types;
+    j["swiglu_limit"] = c.swiglu_limit;
+    j["attention_dropout"] = 0.0;
+    j["output_router_logits"] = false;
+    if (c.rope_scaling.kind == RopeScalingKind::Yarn) {
+      const RopeScaling& r = c.rope_scaling;
+      json rs = {{"rope_type", "yarn"}, {"factor", r.factor}, {"beta_fast", r.beta_fast},
+                 {"beta_slow", r.beta_slow}, {"truncate", r.truncate}};
+      if (r.original_max_position_embeddings > 0) {
+        rs["original_max_position_embeddings"] = r.original_max_position_embeddings;
+        j["initial_context_length"] = r.original_max_position_embeddings;
+      }
+      if (r.attention_factor > 0) rs["attention_factor"] = r.attention_factor;
+      if (r.mscale > 0) rs["mscale"] = r.mscale;
+      if (r.mscale_all_dim > 0) rs["mscale_all_dim"] = r.mscale_all_dim;
+      j["rope_scaling"] = rs;
+    } else {
+      j["rope_scaling"] = nullptr;
+    }
   } else if (olmoe) {
     j["num_experts"] = c.n_expert;
     j["norm_topk_prob"] = c.norm_topk_prob;

@@ -5,13 +5,16 @@
 // moe_intermediate_size, shared_expert_intermediate_size, norm_topk_prob, decoder_sparse_step,
 // mlp_only_layers, head_dim, rope_theta, rms_norm_eps, tie_word_embeddings, qkv bias for
 // qwen2_moe, attention_bias and per-head q/k norm for qwen3_moe, attention_bias, full-width q/k
-// norm and clip_qkv for olmoe). Anything else is an error naming it.
+// norm and clip_qkv for olmoe; for gpt_oss num_local_experts, experts_per_token, head_dim,
+// sliding_window, layer_types, attention_bias, rope_scaling yarn, swiglu_limit). Anything else is
+// an error naming it.
 #pragma once
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/rope_scaling.h"
 
 namespace moe {
 
@@ -66,12 +69,25 @@ struct ModelConfig {
   double router_aux_loss_coef = 0.0;
   DType torch_dtype = DType::F32;
 
+  // gpt_oss (fields other families leave at their defaults).
+  RopeScaling rope_scaling;          // RoPE frequency scaling (YaRN); none by default
+  int64_t sliding_window = 0;        // keys a sliding layer attends, the current one included (0: none)
+  std::vector<bool> layer_sliding;   // per layer, from layer_types: sliding_attention (empty: all full)
+  bool attn_sinks = false;           // one learned sink logit per head joins every softmax row
+  bool router_bias = false;          // the router linear has a bias ("<router>.bias")
+  bool expert_bias = false;          // routed experts' projections have biases
+  // Clamped SwiGLU of the routed experts: g = min(gate, limit), u = clamp(up, -limit, limit),
+  // act = g·sigmoid(alpha·g)·(u + 1). limit 0: plain SwiGLU silu(gate)·up.
+  double swiglu_alpha = 0, swiglu_limit = 0;
+
   // Layer l uses the MoE block (else a dense SwiGLU MLP of intermediate_size).
   bool layer_is_moe(int64_t l) const;
   // Width of one q / k norm row, which is also the length of its weight: Dh per head, H*Dh /
   // Hkv*Dh over the whole projection, 0 without q/k norm. Rows per token = H*Dh / q_norm_dim().
   int64_t q_norm_dim() const;
   int64_t k_norm_dim() const;
+  // The attention window of layer l: sliding_window for a sliding layer, 0 (full causal) otherwise.
+  int64_t layer_window(int64_t l) const;
 
   // Field-wise equality (doubles compared exactly: parse(to_json(c)) reproduces them bit for bit).
   bool operator==(const ModelConfig&) const = default;

@@ -30,6 +30,13 @@ const ArchSpec kArchs[] = {
      L "self_attn.o_proj", L "self_attn.q_norm", L "self_attn.k_norm", L "mlp.gate", L "mlp.experts.{e}.gate_proj",
      L "mlp.experts.{e}.up_proj", L "mlp.experts.{e}.down_proj", nullptr, nullptr, nullptr, nullptr, nullptr,
      nullptr, nullptr},
+    // Experts are fused 3-D tensors in the files (experts_gate_up / experts_down); the per-expert
+    // names are the engine's own views. Router and q/k/v/o have biases; sinks per head.
+    {"gpt_oss", "GptOssForCausalLM", "model.embed_tokens", "model.norm", "lm_head", L "input_layernorm",
+     L "post_attention_layernorm", L "self_attn.q_proj", L "self_attn.k_proj", L "self_attn.v_proj",
+     L "self_attn.o_proj", nullptr, nullptr, L "mlp.router", L "mlp.experts.{e}.gate_proj",
+     L "mlp.experts.{e}.up_proj", L "mlp.experts.{e}.down_proj", nullptr, nullptr, nullptr, nullptr, nullptr,
+     nullptr, nullptr, L "mlp.experts.gate_up_proj", L "mlp.experts.down_proj", L "self_attn.sinks"},
 };
 #undef L
 
@@ -38,7 +45,7 @@ const ArchSpec kArchs[] = {
 const ArchSpec& arch_spec(const std::string& model_type) {
   for (const ArchSpec& a : kArchs)
     if (model_type == a.model_type) return a;
-  MOE_FAIL("unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe)", model_type.c_str());
+  MOE_FAIL("unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss)", model_type.c_str());
 }
 
 std::string tensor_name(const char* tmpl, long layer, long expert, const char* suffix) {

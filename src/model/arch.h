@@ -33,6 +33,15 @@ struct ArchSpec {
   const char* dense_gate;  // dense MLP layers (mlp_only_layers / decoder_sparse_step)
   const char* dense_up;
   const char* dense_down;
+  // Fused 3-D routed experts (gpt_oss), nullptr for per-expert tensors: gate_up [E, D, 2F]
+  // applied in×out (x @ W) with the gate in its even columns and up in its odd ones, down
+  // [E, F, D]; their biases are the same names + "_bias" ([E, 2F], [E, D]). They are file
+  // formats: the engine holds them as its stacked w1/w3/w2 (+ b1/b3/b2) and converts at load
+  // and write (model/fused_experts.h); expert_gate/up/down then name the engine's per-expert
+  // views (optimizer state, never a file).
+  const char* experts_gate_up = nullptr;
+  const char* experts_down = nullptr;
+  const char* attn_sinks = nullptr;  // [H] per-head sink logits, nullptr if none
 };
 
 // Throws moe::Error for an unknown model_type.

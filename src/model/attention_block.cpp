@@ -20,6 +20,28 @@ QkvDims qkv_dims(const ModelConfig& c) { return {c.n_head * c.head_dim, c.n_head
 // x (q or k, or their gradients) as the rows its q/k norm of `width` normalises.
 Tensor norm_rows(const Tensor& x, int64_t width) { return x.view({x.numel() / width, width}); }
 
+// The config's RoPE table (default or YaRN, core/rope_scaling.h), built once per thread and
+// config: a decode step must not allocate.
+const RopeTable& rope_of(const ModelConfig& c) {
+  struct Key {
+    double theta = -1;
+    int64_t dh = 0, max_pos = 0;
+    RopeScaling rs;
+    bool operator==(const Key&) const = default;
+  };
+  thread_local Key last;
+  thread_local RopeTable table;
+  const Key key{c.rope_theta, c.head_dim, c.max_position_embeddings, c.rope_scaling};
+  if (!(key == last)) {
+    table = rope_table(c.rope_theta, c.head_dim, c.rope_scaling, c.max_position_embeddings);
+    last = key;
+  }
+  return table;
+}
+
+// The layer's attention variant: its sinks and sliding window (plain for most families).
+AttnVariant attn_variant(const LayerWeights& w) { return AttnVariant{w.sinks, w.attn_window}; }
+
 // Splits the stacked projection output [T, q+2kv] into q [T,q], k [T,kv], v [T,kv].
 void split_qkv(const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, QkvDims d) {
   copy_columns(q, 0, qkv, 0, d.q);
@@ -66,12 +88,13 @@ void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& 
   bool lockstep = !tables.defined() && batch == k_cache.dim(0);
   for (int64_t b = 0; b < batch && lockstep; ++b)
     lockstep = slots[static_cast<size_t>(b)] == b && past[static_cast<size_t>(b)] == past[0];
-  const float theta = float(c.rope_theta);
+  const RopeTable& theta = rope_of(c);
+  const AttnVariant av = attn_variant(w);
   if (lockstep) {
     rope_forward(q, past[0], theta);
     rope_forward(k, past[0], theta);
     kv_append(k_cache, v_cache, k, v, past[0]);
-    attention_forward(attn, q, k_cache, v_cache, past[0]);
+    attention_forward(attn, q, k_cache, v_cache, past[0], av);
   } else if (tables.defined()) {
     // Paged: rotate each row at its own position, then one append and one attention call for
     // the whole batch (each row reads its own block table).
@@ -81,7 +104,7 @@ void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& 
       rope_forward(kb, past[static_cast<size_t>(b)], theta);
     }
     kv_append_paged(k_cache, v_cache, k, v, tables, pos);
-    attention_forward_paged(attn, q, k_cache, v_cache, tables, pos);
+    attention_forward_paged(attn, q, k_cache, v_cache, tables, pos, av);
   } else {
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t sl = slots[static_cast<size_t>(b)], p = past[static_cast<size_t>(b)];
@@ -90,7 +113,7 @@ void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& 
       rope_forward(qb, p, theta);
       rope_forward(kb, p, theta);
       kv_append(kc, vc, kb, vb, p);
-      attention_forward(ob, qb, kc, vc, p);
+      attention_forward(ob, qb, kc, vc, p, av);
     }
   }
   linear_forward(y, attn.view({t_n, dm.q}), w.wo, w.bo);
@@ -113,9 +136,9 @@ void attention_block_forward(const ModelConfig& c, const LayerWeights& w, LayerA
   } else {
     split_qkv(qkv, q2, k2, v2, dm);
   }
-  rope_forward(a.q, 0, float(c.rope_theta));
-  rope_forward(a.k, 0, float(c.rope_theta));
-  attention_forward_train(a.attn_out, a.lse, a.q, a.k, a.v);
+  rope_forward(a.q, 0, rope_of(c));
+  rope_forward(a.k, 0, rope_of(c));
+  attention_forward_train(a.attn_out, a.lse, a.q, a.k, a.v, attn_variant(w));
   linear(a.x_mid, a.attn_out.view({t_n, dm.q}), w.wo, w.bo, {{&w.lo, nullptr, 0}});
   add_inplace(a.x_mid, a.x_in);
 }
@@ -133,10 +156,10 @@ void attention_block_backward(const ModelConfig& c, const LayerWeights& w, const
   Tensor dq = Tensor::empty(a.q.shape(), DType::F32, act);
   Tensor dk = Tensor::empty(a.k.shape(), DType::F32, act);
   Tensor dv = Tensor::empty(a.v.shape(), DType::F32, act);
-  attention_backward(dq, dk, dv, dattn, a.q, a.k, a.v, a.attn_out, a.lse);
+  attention_backward(dq, dk, dv, dattn, a.q, a.k, a.v, a.attn_out, a.lse, attn_variant(w), &g.sinks);
   dattn = Tensor();
-  rope_backward(dq, 0, float(c.rope_theta));
-  rope_backward(dk, 0, float(c.rope_theta));
+  rope_backward(dq, 0, rope_of(c));
+  rope_backward(dk, 0, rope_of(c));
   if (c.qk_norm != QkNormKind::None) {
     Tensor dqp = Tensor::empty(a.q_pre.shape(), DType::F32, act);
     Tensor dkp = Tensor::empty(a.k_pre.shape(), DType::F32, act);

@@ -6,6 +6,10 @@
 // the model's linear helper (linear.h), the one place LoRA applies: q/k/v adapters add into
 // their parts of the stacked output, o_proj's into its own.
 //
+// Family variants come from the config and the layer (ops/variants.h): RoPE through the config's
+// table (YaRN), a per-head sink logit in every softmax row (LayerWeights::sinks) and the layer's
+// sliding window (LayerWeights::attn_window); backward adds the sinks' gradient.
+//
 // Training forward saves (LayerActs): x_in, attn_rstd, attn_h (normed input), q_pre/k_pre and
 // q_rstd/k_rstd (q/k norm only), q, k (normed and rotated), v, attn_out, lse (attention's row
 // log-sum-exp: backward recomputes the probabilities from it), and writes x_mid. Nothing it

@@ -11,6 +11,12 @@ namespace {
 
 constexpr MemCategory kAct = MemCategory::Activations;
 
+// The routed experts' activation (plain SwiGLU unless the config clamps it: gpt_oss).
+ExpertGlu expert_glu(const ModelConfig& c) {
+  return c.swiglu_limit > 0 ? ExpertGlu{float(c.swiglu_alpha), float(c.swiglu_limit)} : ExpertGlu{};
+}
+ExpertBias expert_bias(const LayerWeights& w) { return ExpertBias{w.b1, w.b3, w.b2}; }
+
 // y = w2 · swiglu(x w1ᵀ, x w3ᵀ); h1, h3 [T,F] receive the pre-activations (kept by training).
 // lora: the MLP's adapters (training; inference passes none).
 void swiglu_mlp(Tensor& y, Tensor& h1, Tensor& h3, const Tensor& x, const Tensor& w1, const Tensor& w3,
@@ -51,7 +57,8 @@ void zero_rows_from(Tensor& t, int64_t r0) {
 // a.offsets) go to their experts' owners; this rank computes the rows it received for its own
 // experts (saving them and their pre-activations in a.ep) and returns the outputs, which land
 // in yp rows [0, kept) as if computed here.
-void expert_parallel_forward(dist::Communicator& ep, const LayerWeights& w, LayerActs& a, Tensor& yp, int64_t e_n) {
+void expert_parallel_forward(dist::Communicator& ep, const ModelConfig& c, const LayerWeights& w, LayerActs& a,
+                             Tensor& yp, int64_t e_n) {
   MOE_CHECK(w.w1.dim(0) * ep.size() == e_n, "expert parallel: %lld local experts x %d ranks != %lld experts",
             (long long)w.w1.dim(0), ep.size(), (long long)e_n);
   auto plan = std::make_shared<dist::ExpertExchange>(dist::plan_exchange(ep, a.offsets, e_n));
@@ -64,22 +71,24 @@ void expert_parallel_forward(dist::Communicator& ep, const LayerWeights& w, Laye
   std::copy(plan->local_offsets.begin(), plan->local_offsets.end(), a.ep.offsets.data<int32_t>());
   dist::dispatch_rows(ep, *plan, {&a.xp, &a.row_scale}, {&a.ep.xp, &a.ep.row_scale});
   Tensor yr = Tensor::empty({r, d}, DType::F32, kAct);
-  expert_ffn_forward_train(yr, a.ep.eh1, a.ep.eh3, a.ep.xp, a.ep.offsets, w.w1, w.w3, w.w2, a.ep.row_scale, w.lexp);
+  expert_ffn_forward_train(yr, a.ep.eh1, a.ep.eh3, a.ep.xp, a.ep.offsets, w.w1, w.w3, w.w2, a.ep.row_scale, w.lexp,
+                           expert_glu(c), expert_bias(w));
   dist::return_rows(ep, *plan, yr, yp);
   a.ep.plan = std::move(plan);
 }
 
 // Its backward along the same plan: dY rows to the owners, the owners' expert backward
 // (gradients of their own experts), dX and the routing-weight gradients back to their origin.
-void expert_parallel_backward(dist::Communicator& ep, const LayerWeights& w, const LayerActs& a, const Tensor& dyp,
-                              Tensor& dxp, Tensor& drs, LayerWeights& g) {
+void expert_parallel_backward(dist::Communicator& ep, const ModelConfig& c, const LayerWeights& w, const LayerActs& a,
+                              const Tensor& dyp, Tensor& dxp, Tensor& drs, LayerWeights& g) {
   const dist::ExpertExchange& plan = *a.ep.plan;
   const int64_t r = plan.received(), d = dyp.dim(1);
   Tensor dyr = Tensor::empty({r, d}, DType::F32, kAct);
   dist::dispatch_rows(ep, plan, dyp, dyr);
   Tensor dxr = Tensor::empty({r, d}, DType::F32, kAct), dsr = Tensor::empty({r}, DType::F32, kAct);
+  ExpertBias gb = expert_bias(g);
   expert_ffn_backward(dxr, g.w1, g.w3, g.w2, dsr, dyr, a.ep.xp, a.ep.eh1, a.ep.eh3, a.ep.offsets, w.w1, w.w3, w.w2,
-                      a.ep.row_scale, w.lexp, &g.lexp);
+                      a.ep.row_scale, w.lexp, &g.lexp, expert_glu(c), expert_bias(w), &gb);
   dist::return_rows(ep, plan, {&dxr, &dsr}, {&dxp, &drs});
 }
 
@@ -104,7 +113,7 @@ void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Ten
   const int64_t e_n = c.n_expert, p_n = t_n * k;
   // Routing is f32 whatever the activation dtype (linear accumulates in f32 and writes f32).
   Tensor logits = Tensor::empty({t_n, e_n}, DType::F32, kAct, dev);
-  linear_forward(logits, h, w.router, Tensor());
+  linear_forward(logits, h, w.router, w.brouter);
   Tensor topk_idx = Tensor::empty({t_n, k}, DType::I32, kAct, dev);
   Tensor topk_w = Tensor::empty({t_n, k}, DType::F32, kAct, dev);
   router_topk_forward(topk_idx, topk_w, logits, c.norm_topk_prob, w.router_bias);
@@ -130,11 +139,12 @@ void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Ten
     for (int64_t j = 0; j <= el; ++j) loff.data<int32_t>()[j] = off[e0 + j] - int32_t(o0);
     yp.zero_();
     Tensor ypl = yp.rows(o0, o1);
-    expert_ffn_forward(ypl, xp.rows(o0, o1), loff, w.w1, w.w3, w.w2, row_scale.rows(o0, o1));
+    expert_ffn_forward(ypl, xp.rows(o0, o1), loff, w.w1, w.w3, w.w2, row_scale.rows(o0, o1), expert_glu(c),
+                       expert_bias(w));
     moe_combine(y, yp, inv, k, /*accumulate=*/false);
     ep->all_reduce_sum(y.data<float>(), y.numel());
   } else {
-    expert_ffn_forward(yp, xp, offsets, w.w1, w.w3, w.w2, row_scale);
+    expert_ffn_forward(yp, xp, offsets, w.w1, w.w3, w.w2, row_scale, expert_glu(c), expert_bias(w));
     moe_combine(y, yp, inv, k, /*accumulate=*/false);
   }
   if (w.shared_w1.defined()) {
@@ -160,7 +170,7 @@ void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a
     return;
   }
   const int64_t e_n = c.n_expert;
-  linear(a.router_logits, a.ffn_h, w.router, Tensor(), {{&w.lrouter, nullptr, 0}});
+  linear(a.router_logits, a.ffn_h, w.router, w.brouter, {{&w.lrouter, nullptr, 0}});
   router_topk_forward(a.topk_idx, a.topk_w, a.router_logits, c.norm_topk_prob, w.router_bias);
   moe_dispatch(a.offsets, a.perm, a.inv, a.topk_idx, e_n);
   const int64_t p_n = a.perm.numel();
@@ -173,10 +183,11 @@ void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a
   permute_weights(a.row_scale, a.topk_w, a.perm);
   Tensor yp = Tensor::empty(a.xp.shape(), DType::F32, kAct);
   if (ro.ep) {
-    expert_parallel_forward(*ro.ep, w, a, yp, e_n);
+    expert_parallel_forward(*ro.ep, c, w, a, yp, e_n);
   } else {
     a.ep = {};
-    expert_ffn_forward_train(yp, a.eh1, a.eh3, a.xp, a.offsets, w.w1, w.w3, w.w2, a.row_scale, w.lexp);
+    expert_ffn_forward_train(yp, a.eh1, a.eh3, a.xp, a.offsets, w.w1, w.w3, w.w2, a.row_scale, w.lexp, expert_glu(c),
+                             expert_bias(w));
   }
   zero_rows_from(yp, kept);
   moe_combine(x_out, yp, a.inv, k, /*accumulate=*/false);
@@ -221,10 +232,11 @@ void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const Layer
     Tensor drs = Tensor::empty({p_n}, DType::F32, kAct);
     if (a.ep.plan) {
       MOE_CHECK(ep != nullptr, "ffn_block_backward: the forward was expert parallel; pass its EP group");
-      expert_parallel_backward(*ep, w, a, dyp, dxp, drs, g);
+      expert_parallel_backward(*ep, c, w, a, dyp, dxp, drs, g);
     } else {
+      ExpertBias gb = expert_bias(g);
       expert_ffn_backward(dxp, g.w1, g.w3, g.w2, drs, dyp, a.xp, a.eh1, a.eh3, a.offsets, w.w1, w.w3, w.w2,
-                          a.row_scale, w.lexp, &g.lexp);
+                          a.row_scale, w.lexp, &g.lexp, expert_glu(c), expert_bias(w), &gb);
     }
     dyp = Tensor();
     // Dropped rows (capacity) had no expert: no gradient to their input or routing weight.
@@ -240,7 +252,7 @@ void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const Layer
     router_topk_backward(dlogits, dtw, a.router_logits, a.topk_idx, c.norm_topk_prob);
     if (bal.aux_g.defined() || bal.z_scale != 0)
       router_balance_backward(dlogits, a.router_logits, bal.aux_g, bal.aux_scale, bal.z_scale);
-    linear_backward(dh, g.router, none, dlogits, a.ffn_h, w.router, true, {{&w.lrouter, &g.lrouter, 0}});
+    linear_backward(dh, g.router, g.brouter, dlogits, a.ffn_h, w.router, true, {{&w.lrouter, &g.lrouter, 0}});
   }
   rmsnorm_backward(dx_mid, g.ffn_norm, dh, a.x_mid, w.ffn_norm, a.ffn_rstd, false);
   add_inplace(dx_mid, dx_out);

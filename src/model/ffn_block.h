@@ -7,6 +7,8 @@
 // topk_w, offsets/perm/inv, row_scale, xp (gathered rows) and eh1/eh3 (expert
 // pre-activations; SwiGLU's output is recomputed), shared expert sh1/sh3, s_out, s_gate;
 // dense: dh1/dh3. It writes x_out, a new tensor (the next layer's x_in).
+// gpt_oss: the router linear has a bias (LayerWeights::brouter) and the experts biases
+// (b1/b3/b2) and the clamped SwiGLU (ModelConfig::swiglu_limit), through the same grouped ops.
 // Activation memory is O(T·K·F) (only the rows routed to each expert), never O(T·E·F).
 #pragma once
 #include <vector>

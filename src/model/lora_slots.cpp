@@ -40,8 +40,11 @@ std::vector<LoraSlot> lora_slots(const ModelConfig& c, ModelWeights& w) {
       const int64_t f = c.moe_intermediate_size;
       for (int64_t e = 0; e < c.n_expert; ++e) {
         add(a.expert_gate, LoraKind::Expert, l, e, lw.lexp.w1, bw.w1, d, f);
+        out.back().fused_param = a.experts_gate_up;
         add(a.expert_up, LoraKind::Expert, l, e, lw.lexp.w3, bw.w3, d, f);
+        out.back().fused_param = a.experts_gate_up;
         add(a.expert_down, LoraKind::Expert, l, e, lw.lexp.w2, bw.w2, f, d);
+        out.back().fused_param = a.experts_down;
       }
       if (c.shared_expert_intermediate_size > 0) {
         const int64_t fs = c.shared_expert_intermediate_size;

@@ -27,6 +27,9 @@ struct LoraSlot {
   Lora* lora = nullptr;   // the field in the LayerWeights the list was made from
   Tensor* base = nullptr;  // its base weight: [out,in], or the stacked [E,out,in] of a routed expert
   int64_t base_row0 = 0;  // q/k/v: first row of the part in the stacked wqkv
+  // Fused-expert families (model/fused_experts.h): the template of the fused parameter a routed
+  // expert slot belongs to (ArchSpec::experts_gate_up / experts_down), nullptr otherwise.
+  const char* fused_param = nullptr;
 };
 
 // Every slot of the model's layers, in layer order (attention q, k, v, o; router; experts by

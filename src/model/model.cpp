@@ -8,11 +8,14 @@
 #include <cmath>
 #include <functional>
 #include <map>
+#include <tuple>
 
+#include "core/mxfp4.h"
 #include "io/bnb_checkpoint.h"
 #include "io/safetensors.h"
 #include "model/attention_block.h"
 #include "model/ffn_block.h"
+#include "model/fused_experts.h"
 #include "ops/ops.h"
 
 namespace moe {
@@ -145,11 +148,19 @@ std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& c
       out.push_back({tensor_name(a.q_norm, l), {c.q_norm_dim()}});
       out.push_back({tensor_name(a.k_norm, l), {c.k_norm_dim()}});
     }
+    if (c.attn_sinks) out.push_back({tensor_name(a.attn_sinks, l, -1, ""), {c.n_head}});
     out.push_back({tensor_name(a.ffn_norm, l), {d}});
     if (c.layer_is_moe(l)) {
       const int64_t f = c.moe_intermediate_size;
       out.push_back({tensor_name(a.router, l), {c.n_expert, d}});
-      for (int64_t e = 0; e < c.n_expert; ++e) {
+      if (c.router_bias) out.push_back({tensor_name(a.router, l, -1, ".bias"), {c.n_expert}});
+      if (a.experts_gate_up) {  // fused 3-D experts (fused_experts.h)
+        out.push_back({tensor_name(a.experts_gate_up, l, -1, ""), {c.n_expert, d, 2 * f}});
+        if (c.expert_bias) out.push_back({tensor_name(a.experts_gate_up, l, -1, "_bias"), {c.n_expert, 2 * f}});
+        out.push_back({tensor_name(a.experts_down, l, -1, ""), {c.n_expert, f, d}});
+        if (c.expert_bias) out.push_back({tensor_name(a.experts_down, l, -1, "_bias"), {c.n_expert, d}});
+      }
+      for (int64_t e = 0; e < c.n_expert && !a.experts_gate_up; ++e) {
         out.push_back({tensor_name(a.expert_gate, l, e), {f, d}});
         out.push_back({tensor_name(a.expert_up, l, e), {f, d}});
         out.push_back({tensor_name(a.expert_down, l, e), {d, f}});
@@ -178,9 +189,86 @@ std::string router_bias_name(const ModelConfig& c, int64_t layer) {
   return tensor_name(arch_spec(c.model_type).router, layer, -1, ".e_score_correction_bias");
 }
 
+// A layer's fused 3-D experts (fused_experts.h) in the engine's stacked layout: experts
+// [e0, e0+n), converted on the host, then given the dtype and device the options say.
+// A fused expert weight in the file's in×out layout [E, in, out]: the tensor itself, or its
+// MXFP4 form (`<name>_blocks` / `<name>_scales`, core/mxfp4.h: rows are the output units,
+// [E, out, in] once decoded) dequantised and transposed as HF's loader does.
+static Tensor fused_source(const Source& get, const std::function<bool(const std::string&)>& has,
+                           const std::string& name, int64_t e_n, int64_t in, int64_t out) {
+  if (has(name) || !has(name + "_blocks")) return get(name);
+  const std::string bn = name + "_blocks", sn = name + "_scales";
+  const Tensor blocks = get(bn), scales = get(sn);
+  MOE_CHECK(in % 32 == 0 && blocks.shape() == Shape({e_n, out, in / 32, 16}),
+            "tensor '%s': expected MXFP4 blocks of shape %s, got %s", bn.c_str(),
+            shape_str({e_n, out, in / 32, 16}).c_str(), blocks.shape_str().c_str());
+  const Tensor deq = mxfp4_dequantize(blocks, scales, "tensor '" + bn + "'");  // [E, out, in]
+  Tensor t = Tensor::empty({e_n, in, out}, DType::F32, MemCategory::Workspace);
+  const float* src = deq.data<float>();
+  float* dst = t.data<float>();
+  for (int64_t e = 0; e < e_n; ++e)
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i) dst[(e * in + i) * out + o] = src[(e * out + o) * in + i];
+  release_mapped(blocks);
+  return t;
+}
+
+static void load_fused_experts(const ModelConfig& c, const ArchSpec& a, const Source& get,
+                               const std::function<bool(const std::string&)>& has, int64_t l, int64_t e0, int64_t n,
+                               const LoadOptions& opt, LayerWeights* lw) {
+  const int64_t d = c.hidden_size, f = c.moe_intermediate_size, e_n = c.n_expert;
+  const std::string gu = tensor_name(a.experts_gate_up, l, -1, ""), dn = tensor_name(a.experts_down, l, -1, "");
+  const Tensor gsrc = fused_source(get, has, gu, e_n, d, 2 * f), dsrc = fused_source(get, has, dn, e_n, f, d);
+  for (auto [name, t, want] : {std::tuple{&gu, &gsrc, Shape{e_n, d, 2 * f}}, {&dn, &dsrc, Shape{e_n, f, d}}}) {
+    MOE_CHECK(t->shape() == want, "tensor '%s': expected shape %s, got %s", name->c_str(), shape_str(want).c_str(),
+              t->shape_str().c_str());
+    MOE_CHECK(t->dtype() == DType::F32 || t->dtype() == DType::BF16 || t->dtype() == DType::F16,
+              "tensor '%s': fused experts must be float (f32, bf16, f16), got %s", name->c_str(),
+              dtype_name(t->dtype()));
+  }
+  // The host f32 result, as weight_dtype_for says for a source of dtype `src`, on the device.
+  auto place = [&](Tensor t, DType src, const std::string& name, bool proj) {
+    const DType dt = weight_dtype_for(src, opt, proj, t.dim(-1));
+    const MemCategory cat = check_weight_dtype(dt, name, opt);
+    t = t.to_dtype(dt, cat);
+    if (opt.device != Device::CPU || t.category() != cat) t = t.to(opt.device, cat);
+    return t;
+  };
+  Tensor w1, w3, w2;
+  unfuse_expert_weights(gsrc, dsrc, e0, n, &w1, &w3, &w2, MemCategory::Workspace);
+  lw->w1 = place(w1, gsrc.dtype(), gu, true);
+  lw->w3 = place(w3, gsrc.dtype(), gu, true);
+  lw->w2 = place(w2, dsrc.dtype(), dn, true);
+  release_mapped(gsrc);
+  release_mapped(dsrc);
+  if (!c.expert_bias) return;
+  const std::string gub = gu + "_bias", dnb = dn + "_bias";
+  const Tensor gb = get(gub), db = get(dnb);
+  MOE_CHECK(gb.shape() == Shape({e_n, 2 * f}), "tensor '%s': expected shape %s, got %s", gub.c_str(),
+            shape_str({e_n, 2 * f}).c_str(), gb.shape_str().c_str());
+  MOE_CHECK(db.shape() == Shape({e_n, d}), "tensor '%s': expected shape %s, got %s", dnb.c_str(),
+            shape_str({e_n, d}).c_str(), db.shape_str().c_str());
+  Tensor b1, b3, b2;
+  unfuse_expert_biases(gb, db, e0, n, &b1, &b3, &b2, MemCategory::Workspace);
+  lw->b1 = place(b1, gb.dtype(), gub, false);
+  lw->b3 = place(b3, gb.dtype(), gub, false);
+  lw->b2 = place(b2, db.dtype(), dnb, false);
+}
+
+bool config_runs_on_cuda(const ModelConfig& c) {
+  bool sliding = false;
+  for (int64_t l = 0; l < c.n_layer; ++l) sliding = sliding || c.layer_window(l) > 0;
+  return !c.attn_sinks && !sliding && c.rope_scaling.kind == RopeScalingKind::None && c.swiglu_limit == 0 &&
+         !c.expert_bias;
+}
+
 static void build(const ModelConfig& c, const Source& get, const std::function<bool(const std::string&)>& has,
                   const LoadOptions& opt, ModelWeights* w) {
   const ArchSpec& a = arch_spec(c.model_type);
+  MOE_CHECK(opt.device == Device::CPU || config_runs_on_cuda(c),
+            "%s models run on the CPU only for now: their attention sinks, sliding windows, YaRN RoPE and clamped "
+            "SwiGLU experts have no CUDA kernels yet (use --device cpu)",
+            c.model_type.c_str());
   const int64_t d = c.hidden_size, dh = c.head_dim, qd = c.n_head * dh, kvd = c.n_head_kv * dh;
   MOE_CHECK(opt.device == Device::CPU || device_available(opt.device) || cuda_available(),
             "device %s is not available", device_name(opt.device));
@@ -223,6 +311,8 @@ static void build(const ModelConfig& c, const Source& get, const std::function<b
       lw.q_norm = load(tensor_name(a.q_norm, l), {c.q_norm_dim()});
       lw.k_norm = load(tensor_name(a.k_norm, l), {c.k_norm_dim()});
     }
+    if (c.attn_sinks) lw.sinks = load(tensor_name(a.attn_sinks, l, -1, ""), {c.n_head});
+    lw.attn_window = c.layer_window(l);
     lw.is_moe = c.layer_is_moe(l);
     if (lw.is_moe) {
       const int64_t f = c.moe_intermediate_size, e = c.n_expert;
@@ -236,9 +326,14 @@ static void build(const ModelConfig& c, const Source& get, const std::function<b
       const int64_t e0 = opt.expert_begin, en = opt.expert_count < 0 ? e : opt.expert_count;
       MOE_CHECK(e0 >= 0 && en > 0 && e0 + en <= e, "LoadOptions: experts [%lld, %lld) of %lld", (long long)e0,
                 (long long)(e0 + en), (long long)e);
-      lw.w1 = stack_experts(get, a.expert_gate, l, e0, en, f, d, opt);
-      lw.w3 = stack_experts(get, a.expert_up, l, e0, en, f, d, opt);
-      lw.w2 = stack_experts(get, a.expert_down, l, e0, en, d, f, opt);
+      if (c.router_bias) lw.brouter = load(tensor_name(a.router, l, -1, ".bias"), {e});
+      if (a.experts_gate_up) {
+        load_fused_experts(c, a, get, has, l, e0, en, opt, &lw);
+      } else {
+        lw.w1 = stack_experts(get, a.expert_gate, l, e0, en, f, d, opt);
+        lw.w3 = stack_experts(get, a.expert_up, l, e0, en, f, d, opt);
+        lw.w2 = stack_experts(get, a.expert_down, l, e0, en, d, f, opt);
+      }
       if (lw.w1.dtype() != lw.w3.dtype()) {  // gate and up of different types: both f32 (host)
         lw.w1 = lw.w1.to_dtype(DType::F32, MemCategory::Weights);
         lw.w3 = lw.w3.to_dtype(DType::F32, MemCategory::Weights);
@@ -337,7 +432,9 @@ int64_t params_active(const ModelConfig& c) {
     n += shape_numel(shape);
   }
   for (int64_t l = 0; l < c.n_layer; ++l)
-    if (c.layer_is_moe(l)) n += c.n_expert_used * 3 * c.moe_intermediate_size * c.hidden_size;
+    if (c.layer_is_moe(l))
+      n += c.n_expert_used * (3 * c.moe_intermediate_size * c.hidden_size +
+                              (c.expert_bias ? 2 * c.moe_intermediate_size + c.hidden_size : 0));
   return n;
 }
 

@@ -38,6 +38,10 @@ struct LayerWeights {
   Tensor w1, w3, w2;                       // experts (MoE) — or dense MLP [F,D]/[D,F] when !is_moe
   Tensor shared_w1, shared_w3, shared_w2;  // shared expert (qwen2_moe), optional
   Tensor shared_gate;                      // [1,D]
+  Tensor sinks;                            // [H] attention sink logits (gpt_oss), optional
+  int64_t attn_window = 0;                 // this layer's sliding window (ModelConfig::layer_window), 0: full
+  Tensor brouter;                          // [E] the router linear's own bias (gpt_oss), optional
+  Tensor b1, b3, b2;                       // routed experts' biases [E,F], [E,F], [E,D] (gpt_oss), optional
   // LoRA adapters (fine-tuning, src/train/lora.h); each is off unless attached. lq/lk/lv adapt
   // the q/k/v parts of the stacked wqkv; lexp holds the routed experts' stacked factors
   // ([E,r,in], [E,out,r]); lmlp the dense MLP's and lshared the shared expert's (2-D). In a
@@ -171,6 +175,10 @@ class Model {
 
 // The HF tensor names and shapes a config implies (used by load, init and inspect).
 std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& cfg);
+
+// Whether the CUDA backend has every op the config needs: the variants of ops/variants.h (gpt_oss's
+// sinks, sliding windows, YaRN, clamped SwiGLU and expert biases) are CPU-only so far.
+bool config_runs_on_cuda(const ModelConfig& c);
 
 // File name of a MoE layer's optional router selection bias (LayerWeights::router_bias).
 std::string router_bias_name(const ModelConfig& cfg, int64_t layer);

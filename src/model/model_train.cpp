@@ -78,7 +78,13 @@ LayerWeights transform_layer(const ModelConfig& c, const LayerWeights& lw,
     lg.bo = f(lw.bo);
     lg.q_norm = f(lw.q_norm);
     lg.k_norm = f(lw.k_norm);
+    lg.sinks = f(lw.sinks);
+    lg.attn_window = lw.attn_window;
     lg.router = lw.router.defined() && sel.router ? fn(lw.router) : Tensor();
+    lg.brouter = lw.brouter.defined() && sel.router ? fn(lw.brouter) : Tensor();
+    lg.b1 = f(lw.b1);
+    lg.b3 = f(lw.b3);
+    lg.b2 = f(lw.b2);
     lg.router_bias = lw.router_bias;  // not a parameter: shared, never transformed
     lg.w1 = f(lw.w1);
     lg.w3 = f(lw.w3);
@@ -97,6 +103,9 @@ LayerWeights transform_layer(const ModelConfig& c, const LayerWeights& lw,
       dst[i]->b = fn(src[i]->b);
     }
   }
+  // Fused experts' gate and up share one A (train/lora_fused.h): so do its transforms.
+  if (sel.lora_fn && lw.lexp.w1.on() && lw.lexp.w3.on() && lw.lexp.w1.a.raw() == lw.lexp.w3.a.raw())
+    lg.lexp.w3.a = lg.lexp.w1.a;
   return lg;
 }
 
@@ -138,7 +147,7 @@ void refresh_compute_copy(const ModelConfig& c, const ModelWeights& master, Mode
     for (auto [dst, src] : {std::pair{&b.wqkv, &a.wqkv}, {&b.wo, &a.wo}, {&b.router, &a.router}, {&b.w1, &a.w1},
                             {&b.w3, &a.w3}, {&b.w2, &a.w2}, {&b.shared_w1, &a.shared_w1},
                             {&b.shared_w3, &a.shared_w3}, {&b.shared_w2, &a.shared_w2},
-                            {&b.shared_gate, &a.shared_gate}})
+                            {&b.shared_gate, &a.shared_gate}, {&b.b1, &a.b1}, {&b.b3, &a.b3}, {&b.b2, &a.b2}})
       copy(*dst, *src);
     b.router_bias = a.router_bias;
   };
@@ -177,7 +186,9 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
     if (s.lora->on()) slots_by_layer[static_cast<size_t>(s.layer)].push_back(std::move(s));
   auto add = [&](std::string name, const Tensor& t, int64_t layer, int64_t expert = -1) {
     if (!t.defined()) return;
-    if (skip_base && !(name == tensor_name(a.router, layer) && !skip_router)) return;
+    if (skip_base && !((name == tensor_name(a.router, layer) || name == tensor_name(a.router, layer, -1, ".bias")) &&
+                       !skip_router))
+      return;
     const bool no_decay = t.ndim() == 1 || name.ends_with(".bias");
     out.push_back({std::move(name), t, layer, expert, no_decay, false});
   };
@@ -198,15 +209,20 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
       add(tensor_name(a.q_norm, l), lw.q_norm, l);
       add(tensor_name(a.k_norm, l), lw.k_norm, l);
     }
+    if (a.attn_sinks) add(tensor_name(a.attn_sinks, l, -1, ""), lw.sinks, l);
     add(tensor_name(a.ffn_norm, l), lw.ffn_norm, l);
     if (lw.is_moe) {
       add(tensor_name(a.router, l), lw.router, l);
+      add(tensor_name(a.router, l, -1, ".bias"), lw.brouter, l);
       // Stacked experts are [El,...]: experts expert_begin.. of the model (all E but under EP).
       for (int64_t i = 0; lw.w1.defined() && i < lw.w1.dim(0); ++i) {
         const int64_t e = w.expert_begin + i;
         add(tensor_name(a.expert_gate, l, e), lw.w1.select(i), l, e);
         add(tensor_name(a.expert_up, l, e), lw.w3.select(i), l, e);
         add(tensor_name(a.expert_down, l, e), lw.w2.select(i), l, e);
+        if (lw.b1.defined()) add(tensor_name(a.expert_gate, l, e, ".bias"), lw.b1.select(i), l, e);
+        if (lw.b3.defined()) add(tensor_name(a.expert_up, l, e, ".bias"), lw.b3.select(i), l, e);
+        if (lw.b2.defined()) add(tensor_name(a.expert_down, l, e, ".bias"), lw.b2.select(i), l, e);
       }
       if (lw.shared_w1.defined()) {
         add(tensor_name(a.shared_gate, l), lw.shared_w1, l);
@@ -220,7 +236,10 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
       add(tensor_name(a.dense_down, l), lw.w2, l);
     }
     for (const LoraSlot& sl : slots_by_layer[static_cast<size_t>(l)]) {
-      out.push_back({lora_a_name(sl), slot_a(sl), l, sl.expert, false, false});
+      // A factor shared by two projections (fused experts' gate and up) is one parameter: listed
+      // under the first.
+      const bool shared_a = sl.lora == &lw.lexp.w3 && lw.lexp.w1.on() && lw.lexp.w1.a.raw() == lw.lexp.w3.a.raw();
+      if (!shared_a) out.push_back({lora_a_name(sl), slot_a(sl), l, sl.expert, false, false});
       out.push_back({lora_b_name(sl), slot_b(sl), l, sl.expert, false, false});
     }
   }

@@ -14,9 +14,10 @@
 namespace moe {
 
 ModelConfig preset_config(const std::string& arch, const std::string& preset) {
-  MOE_CHECK(arch == "mixtral" || arch == "qwen2_moe" || arch == "qwen3_moe" || arch == "olmoe",
-            "unknown --arch '%s' (expected mixtral, qwen2_moe, qwen3_moe or olmoe)", arch.c_str());
+  MOE_CHECK(arch == "mixtral" || arch == "qwen2_moe" || arch == "qwen3_moe" || arch == "olmoe" || arch == "gpt_oss",
+            "unknown --arch '%s' (expected mixtral, qwen2_moe, qwen3_moe, olmoe or gpt_oss)", arch.c_str());
   const bool olmoe = arch == "olmoe";
+  const bool gpt_oss = arch == "gpt_oss";
   ModelConfig c;
   c.model_type = arch;
   c.rope_theta = olmoe ? 1e4 : 1e6;
@@ -60,6 +61,32 @@ ModelConfig preset_config(const std::string& arch, const std::string& preset) {
   // GQA kept so that k_norm [Hkv*Dh] is narrower than q_norm [H*Dh].
   if (olmoe) c.intermediate_size = c.moe_intermediate_size;
   c.torch_dtype = preset == "medium" ? DType::BF16 : DType::F32;
+  if (gpt_oss) {
+    // GptOssConfig's structure at these sizes: every layer MoE with the expert width as
+    // intermediate_size, q/k/v/o biases, sinks, router and expert biases, the clamped SwiGLU,
+    // sliding/full alternation from layer 0 and YaRN (factor 32 over 4096 positions, truncate
+    // false) as gpt-oss-20b/120b; a sliding window of 128 (tiny: 8, so short runs reach it).
+    c.intermediate_size = c.moe_intermediate_size;
+    c.norm_topk_prob = true;  // softmax over the K selected logits
+    c.rope_theta = 150000.0;
+    c.rms_norm_eps = 1e-5;
+    c.router_aux_loss_coef = 0.9;
+    c.attn_qkv_bias = c.attn_o_bias = true;
+    c.attn_sinks = c.router_bias = c.expert_bias = true;
+    c.swiglu_alpha = 1.702;
+    c.swiglu_limit = 7.0;
+    c.sliding_window = preset == "tiny" ? 8 : 128;
+    c.layer_sliding.assign(size_t(c.n_layer), false);
+    for (int64_t l = 0; l < c.n_layer; l += 2) c.layer_sliding[size_t(l)] = true;
+    c.rope_scaling.kind = RopeScalingKind::Yarn;
+    c.rope_scaling.factor = 32;
+    c.rope_scaling.beta_fast = 32;
+    c.rope_scaling.beta_slow = 1;
+    c.rope_scaling.original_max_position_embeddings = 4096;
+    c.rope_scaling.truncate = false;
+    c.max_position_embeddings = 4096 * 32;
+    c.bos_token_id = c.eos_token_id = -1;
+  }
   return c;
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 #include "core/lora.h"
 #include "core/tensor.h"
+#include "ops/variants.h"
 
 #define MOE_BACKEND_OPS                                                                                  \
   void embedding_forward(Tensor& out, const Tensor& ids, const Tensor& table);                           \
@@ -39,9 +40,10 @@
                        const Tensor& w, bool accumulate);                                                \
   void rope_backward(Tensor& dx, int64_t past, float theta);                                             \
   void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,               \
-                               const Tensor& v);                                                         \
+                               const Tensor& v, const AttnVariant& av = {});                             \
   void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q,       \
-                          const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse);       \
+                          const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,        \
+                          const AttnVariant& av = {}, Tensor* dsinks = nullptr);                         \
   void router_topk_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& logits,                \
                             const Tensor& topk_idx, bool renorm);                                        \
   void router_stats(Tensor& prob_sum, Tensor& count, Tensor& z_sum, const Tensor& logits,                \
@@ -52,12 +54,14 @@
   void permute_weights_backward(Tensor& dtopk_w, const Tensor& drow_scale, const Tensor& perm);          \
   void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp,                    \
                                 const Tensor& offsets, const Tensor& w1, const Tensor& w3,               \
-                                const Tensor& w2, const Tensor& row_scale, const ExpertLora& lora = {}); \
+                                const Tensor& w2, const Tensor& row_scale, const ExpertLora& lora = {},  \
+                                const ExpertGlu& glu = {}, const ExpertBias& bias = {});                 \
   void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale,       \
                            const Tensor& dyp, const Tensor& xp, const Tensor& h1, const Tensor& h3,      \
                            const Tensor& offsets, const Tensor& w1, const Tensor& w3, const Tensor& w2,  \
                            const Tensor& row_scale, const ExpertLora& lora = {},                    \
-                           ExpertLora* dlora = nullptr);                                                 \
+                           ExpertLora* dlora = nullptr, const ExpertGlu& glu = {},                       \
+                           const ExpertBias& bias = {}, ExpertBias* dbias = nullptr);                    \
   void lora_forward(Tensor& out, int64_t col0, const Tensor& x, const Lora& l);                          \
   void lora_backward(Tensor& dx, Tensor& da, Tensor& db, const Tensor& dy, int64_t col0,                 \
                      const Tensor& x, const Lora& l);                                                    \
@@ -72,19 +76,32 @@
   void kv_append_paged(Tensor& k_pages, Tensor& v_pages, const Tensor& k, const Tensor& v,              \
                        const Tensor& tables, const Tensor& pos);                                         \
   void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages,                     \
-                               const Tensor& v_pages, const Tensor& tables, const Tensor& pos);
+                               const Tensor& v_pages, const Tensor& tables, const Tensor& pos,           \
+                               const AttnVariant& av = {});
+
+// Variants of inference ops (ops.h, variants.h): CPU backends only for now.
+#define MOE_BACKEND_VARIANT_OPS                                                                          \
+  void rope_forward(Tensor& x, int64_t past, const RopeTable& rt);                                      \
+  void rope_backward(Tensor& dx, int64_t past, const RopeTable& rt);                                    \
+  void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,     \
+                         int64_t past, const AttnVariant& av);                                           \
+  void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1,         \
+                          const Tensor& w3, const Tensor& w2, const Tensor& row_scale,                   \
+                          const ExpertGlu& glu, const ExpertBias& bias);
 
 namespace moe {
 namespace cpu {
 MOE_BACKEND_OPS
 MOE_BACKEND_TRAIN_OPS
 MOE_BACKEND_PAGED_OPS
+MOE_BACKEND_VARIANT_OPS
 }  // namespace cpu
 // The naive reference backend (ops/ref): plain loops, f64 accumulation, every op.
 namespace ref {
 MOE_BACKEND_OPS
 MOE_BACKEND_TRAIN_OPS
 MOE_BACKEND_PAGED_OPS
+MOE_BACKEND_VARIANT_OPS
 }  // namespace ref
 namespace cuda {
 MOE_BACKEND_OPS

@@ -1,6 +1,7 @@
 // ops.cpp — argument validation and backend dispatch for every op in ops.h.
 #include "ops/ops.h"
 
+#include <cmath>
 #include <tuple>
 
 #include "ops/backend.h"
@@ -62,6 +63,20 @@ bool g_reference = false;
       cpu::call;                                                                                  \
   } while (0)
 
+// Op variants (variants.h) run on the CPU backends only for now; the plain variant of an
+// inference op goes through MOE_DISPATCH as before.
+#define MOE_VARIANT_DISPATCH(dev, op, call)                                                       \
+  do {                                                                                            \
+    MOE_CHECK((dev) == Device::CPU,                                                               \
+              "%s: this variant (sinks, sliding window, scaled RoPE, clamped SwiGLU or expert "   \
+              "biases) runs on the CPU only for now, not on %s",                                  \
+              op, device_name(dev));                                                              \
+    if (g_reference)                                                                              \
+      ref::call;                                                                                  \
+    else                                                                                          \
+      cpu::call;                                                                                  \
+  } while (0)
+
 void check_f32(const char* op, const char* arg, const Tensor& t) {
   MOE_CHECK(t.defined(), "%s: %s is undefined", op, arg);
   MOE_CHECK(t.dtype() == DType::F32, "%s: %s must be f32, got %s", op, arg, dtype_name(t.dtype()));
@@ -90,6 +105,28 @@ void check_grad(const char* op, const char* arg, const Tensor& g, const Shape& s
   if (!g.defined()) return;
   check_f32(op, arg, g);
   check_shape(op, arg, g, shape);
+}
+
+// AttnVariant's sinks [H] float (heads `h_n`) and window >= 0.
+void check_attn_variant(const char* op, const AttnVariant& av, int64_t h_n, Device dev) {
+  MOE_CHECK(av.window >= 0, "%s: negative sliding window %lld", op, (long long)av.window);
+  if (!av.sinks.defined()) return;
+  check_float(op, "sinks", av.sinks);
+  check_shape(op, "sinks", av.sinks, {h_n});
+  check_device(op, dev, {&av.sinks});
+}
+
+// ExpertGlu and ExpertBias of experts [E,F,D].
+void check_expert_variant(const char* op, const ExpertGlu& glu, const ExpertBias& b, int64_t e, int64_t f, int64_t d,
+                          Device dev) {
+  MOE_CHECK(glu.plain() || (glu.limit > 0 && std::isfinite(glu.limit) && std::isfinite(glu.alpha)),
+            "%s: clamped SwiGLU needs a positive limit and a finite alpha, got %g and %g", op, glu.limit, glu.alpha);
+  for (auto [name, t, want] : {std::tuple{"b1", &b.b1, Shape{e, f}}, {"b3", &b.b3, Shape{e, f}}, {"b2", &b.b2, Shape{e, d}}}) {
+    if (!t->defined()) continue;
+    check_float(op, name, *t);
+    check_shape(op, name, *t, want);
+    check_device(op, dev, {t});
+  }
 }
 
 }  // namespace
@@ -224,9 +261,11 @@ void gather_rows(Tensor& xp, const Tensor& x, const Tensor& perm, int64_t k) {
   MOE_DISPATCH(xp.device(), gather_rows(xp, x, perm, k));
 }
 
-void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1,
-                        const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
-  const char* op = "expert_ffn_forward";
+namespace {
+// expert_ffn_forward's arguments (every variant); returns {E, F, D}.
+std::array<int64_t, 3> check_expert_ffn_infer(const char* op, const Tensor& yp, const Tensor& xp,
+                                              const Tensor& offsets, const Tensor& w1, const Tensor& w3,
+                                              const Tensor& w2, const Tensor& row_scale) {
   check_ndim(op, "w1", w1, 3);
   int64_t e = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   check_shape(op, "w3", w3, {e, f, d});
@@ -253,6 +292,13 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
     check_dtype(op, "row_scale", row_scale, DType::F32);
   }
   check_device(op, yp.device(), {&xp, &offsets, &w1, &w3, &w2, &row_scale});
+  return {e, f, d};
+}
+}  // namespace
+
+void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1,
+                        const Tensor& w3, const Tensor& w2, const Tensor& row_scale) {
+  check_expert_ffn_infer("expert_ffn_forward", yp, xp, offsets, w1, w3, w2, row_scale);
   MOE_DISPATCH(yp.device(), expert_ffn_forward(yp, xp, offsets, w1, w3, w2, row_scale));
 }
 
@@ -426,7 +472,8 @@ void check_attention_train(const char* op, const Tensor& q, const Tensor& k, con
 }
 }  // namespace
 
-void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v) {
+void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                             const AttnVariant& av) {
   const char* op = "attention_forward_train";
   check_attention_train(op, q, k, v);
   check_f32(op, "out", out);
@@ -434,11 +481,13 @@ void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Te
   check_f32(op, "lse", lse);
   check_shape(op, "lse", lse, {q.dim(0), q.dim(2), q.dim(1)});
   check_device(op, out.device(), {&lse, &q, &k, &v});
-  MOE_TRAIN_DISPATCH(out.device(), op, attention_forward_train(out, lse, q, k, v));
+  check_attn_variant(op, av, q.dim(2), out.device());
+  MOE_TRAIN_DISPATCH(out.device(), op, attention_forward_train(out, lse, q, k, v, av));
 }
 
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q, const Tensor& k,
-                        const Tensor& v, const Tensor& out, const Tensor& lse) {
+                        const Tensor& v, const Tensor& out, const Tensor& lse, const AttnVariant& av,
+                        Tensor* dsinks) {
   const char* op = "attention_backward";
   check_attention_train(op, q, k, v);
   check_f32(op, "dq", dq);
@@ -454,7 +503,14 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
   check_f32(op, "lse", lse);
   check_shape(op, "lse", lse, {q.dim(0), q.dim(2), q.dim(1)});
   check_device(op, dq.device(), {&dk, &dv, &dout, &q, &k, &v, &out, &lse});
-  MOE_TRAIN_DISPATCH(dq.device(), op, attention_backward(dq, dk, dv, dout, q, k, v, out, lse));
+  check_attn_variant(op, av, q.dim(2), dq.device());
+  Tensor none;
+  if (!dsinks || !av.sinks.defined()) dsinks = &none;  // no sinks: nothing to accumulate
+  if (dsinks->defined()) {
+    check_f32(op, "dsinks", *dsinks);
+    check_shape(op, "dsinks", *dsinks, {q.dim(2)});
+  }
+  MOE_TRAIN_DISPATCH(dq.device(), op, attention_backward(dq, dk, dv, dout, q, k, v, out, lse, av, dsinks));
 }
 
 void router_topk_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& logits, const Tensor& topk_idx,
@@ -631,9 +687,10 @@ void lora_backward(Tensor& dx, Tensor& da, Tensor& db, const Tensor& dy, int64_t
 
 void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp, const Tensor& offsets,
                               const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
-                              const ExpertLora& lora) {
+                              const ExpertLora& lora, const ExpertGlu& glu, const ExpertBias& bias) {
   const char* op = "expert_ffn_forward_train";
   auto [e, f, d] = check_experts(op, xp, offsets, w1, w3, w2, row_scale);
+  check_expert_variant(op, glu, bias, e, f, d, yp.device());
   check_expert_lora(op, lora, nullptr, e, f, d);
   check_f32(op, "yp", yp);
   check_shape(op, "yp", yp, xp.shape());
@@ -642,15 +699,23 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
   check_shape(op, "h1", h1, {xp.dim(0), f});
   check_shape(op, "h3", h3, {xp.dim(0), f});
   check_device(op, yp.device(), {&h1, &h3, &xp, &offsets, &w1, &w3, &w2, &row_scale});
-  MOE_TRAIN_DISPATCH(yp.device(), op, expert_ffn_forward_train(yp, h1, h3, xp, offsets, w1, w3, w2, row_scale, lora));
+  MOE_TRAIN_DISPATCH(yp.device(), op,
+                     expert_ffn_forward_train(yp, h1, h3, xp, offsets, w1, w3, w2, row_scale, lora, glu, bias));
 }
 
 void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale, const Tensor& dyp,
                          const Tensor& xp, const Tensor& h1, const Tensor& h3, const Tensor& offsets,
                          const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
-                         const ExpertLora& lora, ExpertLora* dlora) {
+                         const ExpertLora& lora, ExpertLora* dlora, const ExpertGlu& glu, const ExpertBias& bias,
+                         ExpertBias* dbias) {
   const char* op = "expert_ffn_backward";
   auto [e, f, d] = check_experts(op, xp, offsets, w1, w3, w2, row_scale);
+  check_expert_variant(op, glu, bias, e, f, d, dxp.device());
+  ExpertBias no_dbias;
+  if (!dbias) dbias = &no_dbias;
+  check_grad(op, "db1", dbias->b1, {e, f});
+  check_grad(op, "db3", dbias->b3, {e, f});
+  check_grad(op, "db2", dbias->b2, {e, d});
   check_expert_lora(op, lora, dlora, e, f, d);
   ExpertLora none;
   if (!dlora) dlora = &none;
@@ -677,7 +742,7 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
                                   &row_scale});
   MOE_TRAIN_DISPATCH(dxp.device(), op,
                      expert_ffn_backward(dxp, dw1, dw3, dw2, drow_scale, dyp, xp, h1, h3, offsets, w1, w3, w2,
-                                         row_scale, lora, dlora));
+                                         row_scale, lora, dlora, glu, bias, dbias));
 }
 
 void swiglu_backward(Tensor& dh1, Tensor& dh3, const Tensor& dout, const Tensor& h1, const Tensor& h3) {
@@ -787,7 +852,7 @@ void kv_append_paged(Tensor& k_pages, Tensor& v_pages, const Tensor& k, const Te
 }
 
 void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages, const Tensor& v_pages,
-                             const Tensor& tables, const Tensor& pos) {
+                             const Tensor& tables, const Tensor& pos, const AttnVariant& av) {
   const char* op = "attention_forward_paged";
   check_ndim(op, "q", q, 4);
   check_f32(op, "q", q);
@@ -799,7 +864,60 @@ void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages
   MOE_CHECK(q.dim(2) % k_pages.dim(2) == 0, "%s: %lld heads not a multiple of %lld kv heads", op,
             (long long)q.dim(2), (long long)k_pages.dim(2));
   check_device(op, Device::CPU, {&out, &q});
-  MOE_PAGED_DISPATCH(attention_forward_paged(out, q, k_pages, v_pages, tables, pos));
+  check_attn_variant(op, av, q.dim(2), Device::CPU);
+  MOE_PAGED_DISPATCH(attention_forward_paged(out, q, k_pages, v_pages, tables, pos, av));
+}
+
+
+void rope_forward(Tensor& x, int64_t past, const RopeTable& rt) {
+  if (rt.plain()) return rope_forward(x, past, rt.theta);
+  const char* op = "rope_forward";
+  check_float(op, "x", x);
+  check_ndim(op, "x", x, 4);
+  MOE_CHECK(x.dim(3) % 2 == 0 && int64_t(rt.inv_freq.size()) * 2 == x.dim(3),
+            "%s: head dim %lld does not fit a table of %zu frequencies", op, (long long)x.dim(3), rt.inv_freq.size());
+  MOE_CHECK(past >= 0, "%s: negative past %lld", op, (long long)past);
+  MOE_VARIANT_DISPATCH(x.device(), op, rope_forward(x, past, rt));
+}
+
+void rope_backward(Tensor& dx, int64_t past, const RopeTable& rt) {
+  if (rt.plain()) return rope_backward(dx, past, rt.theta);
+  const char* op = "rope_backward";
+  check_f32(op, "dx", dx);
+  check_ndim(op, "dx", dx, 4);
+  MOE_CHECK(int64_t(rt.inv_freq.size()) * 2 == dx.dim(3), "%s: head dim %lld does not fit a table of %zu frequencies",
+            op, (long long)dx.dim(3), rt.inv_freq.size());
+  MOE_CHECK(past >= 0, "%s: negative past %lld", op, (long long)past);
+  MOE_VARIANT_DISPATCH(dx.device(), op, rope_backward(dx, past, rt));
+}
+
+void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past,
+                       const AttnVariant& av) {
+  if (av.plain()) return attention_forward(out, q, k_cache, v_cache, past);
+  const char* op = "attention_forward";
+  check_ndim(op, "q", q, 4);
+  check_ndim(op, "k_cache", k_cache, 4);
+  check_float(op, "q", q);
+  MOE_CHECK(out.shape() == q.shape(), "%s: out %s != q %s", op, out.shape_str().c_str(), q.shape_str().c_str());
+  MOE_CHECK(k_cache.shape() == v_cache.shape(), "%s: k/v cache shapes differ", op);
+  MOE_CHECK(q.dim(0) == k_cache.dim(0) && q.dim(3) == k_cache.dim(3), "%s: q %s vs cache %s", op,
+            q.shape_str().c_str(), k_cache.shape_str().c_str());
+  MOE_CHECK(q.dim(2) % k_cache.dim(2) == 0, "%s: %lld heads not a multiple of %lld kv heads", op,
+            (long long)q.dim(2), (long long)k_cache.dim(2));
+  MOE_CHECK(past >= 0 && past + q.dim(1) <= k_cache.dim(1), "%s: past %lld + %lld exceeds cache %lld", op,
+            (long long)past, (long long)q.dim(1), (long long)k_cache.dim(1));
+  check_attn_variant(op, av, q.dim(2), out.device());
+  check_device(op, out.device(), {&q, &k_cache, &v_cache});
+  MOE_VARIANT_DISPATCH(out.device(), op, attention_forward(out, q, k_cache, v_cache, past, av));
+}
+
+void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1, const Tensor& w3,
+                        const Tensor& w2, const Tensor& row_scale, const ExpertGlu& glu, const ExpertBias& bias) {
+  if (glu.plain() && !bias.any()) return expert_ffn_forward(yp, xp, offsets, w1, w3, w2, row_scale);
+  const char* op = "expert_ffn_forward";
+  auto [e, f, d] = check_expert_ffn_infer(op, yp, xp, offsets, w1, w3, w2, row_scale);
+  check_expert_variant(op, glu, bias, e, f, d, yp.device());
+  MOE_VARIANT_DISPATCH(yp.device(), op, expert_ffn_forward(yp, xp, offsets, w1, w3, w2, row_scale, glu, bias));
 }
 
 void synchronize(Device dev) {

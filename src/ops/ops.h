@@ -30,6 +30,7 @@
 #pragma once
 #include "core/lora.h"
 #include "core/tensor.h"
+#include "ops/variants.h"
 
 namespace moe {
 
@@ -66,7 +67,22 @@ void kv_append_paged(Tensor& k_pages, Tensor& v_pages, const Tensor& k, const Te
 // attention_forward over a paged cache: query s of row b (position pos[b]+s) attends that row's
 // keys 0..pos[b]+s. out, q [B,S,H,Dh].
 void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages, const Tensor& v_pages,
-                             const Tensor& tables, const Tensor& pos);
+                             const Tensor& tables, const Tensor& pos, const AttnVariant& av = {});
+
+// Variants (variants.h), CPU backends only unless the variant is plain:
+// rope with a table (core/rope_scaling.h; YaRN): angle = pos · inv_freq[i] (the plain theta
+// frequencies when inv_freq is empty) and cos, sin both × attention_factor; x [B,S,H,Dh].
+// rope_backward is its transpose: the inverse rotation × attention_factor.
+void rope_forward(Tensor& x, int64_t past, const RopeTable& rt);
+void rope_backward(Tensor& dx, int64_t past, const RopeTable& rt);
+// attention_forward with sinks [H] and/or a sliding window (AttnVariant).
+void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past,
+                       const AttnVariant& av);
+// expert_ffn_forward with the clamped gated activation and expert biases (variants.h):
+//   yp[p] = row_scale[p] · (act(xp w1[e]ᵀ + b1[e], xp w3[e]ᵀ + b3[e]) w2[e]ᵀ + b2[e])
+// b1, b3 [E,F], b2 [E,D] float, each optional.
+void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1, const Tensor& w3,
+                        const Tensor& w2, const Tensor& row_scale, const ExpertGlu& glu, const ExpertBias& bias);
 
 // Router: probabilities = softmax(logits) over E; takes the K largest (ties: lower index
 // first); renormalises the K weights to sum 1 when `renorm`.
@@ -149,10 +165,15 @@ void rope_backward(Tensor& dx, int64_t past, float theta);
 // 0..s of its sequence). Saves lse[b,h,s] = log sum_j exp(score) (f32), from which backward
 // recomputes the probabilities (flash-style: the [S,S] matrix is never stored).
 // out, q [B,S,H,Dh]; k, v [B,S,Hkv,Dh]; lse [B,H,S] f32. Scale 1/sqrt(Dh).
-void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v);
-// dq, dk, dv assigned; shapes as q, k, v. Reads q, k, v, out and lse of the forward.
+// av (variants.h): sinks [H] join each row's log-sum-exp; a window limits the keys.
+void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                             const AttnVariant& av = {});
+// dq, dk, dv assigned; shapes as q, k, v. Reads q, k, v, out and lse of the forward (and its av).
+// With sinks, dsinks [H] f32 += -Σ_rows p_sink · Δ (p_sink = exp(sink - lse), Δ = dO·O); the
+// gradients of q, k and v keep their form (the sink only enters through lse).
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q, const Tensor& k,
-                        const Tensor& v, const Tensor& out, const Tensor& lse);
+                        const Tensor& v, const Tensor& out, const Tensor& lse, const AttnVariant& av = {},
+                        Tensor* dsinks = nullptr);
 
 // Gradient of router_topk_forward's weights w.r.t. the logits (softmax over E recomputed from
 // the logits; with renorm, through the renormalisation).  dlogits [T,E] f32 assigned;
@@ -193,9 +214,11 @@ void permute_weights_backward(Tensor& dtopk_w, const Tensor& drow_scale, const T
 // With expert adapters (lora, per expert e: a [E,r,in], b [E,out,r]) the three products are split
 // LoRA over the same offsets:  h1 = xp w1[e]ᵀ + s1·(xp a1[e]ᵀ) b1[e]ᵀ  (h3 likewise) and
 // yp = u w2[e]ᵀ + s2·(u a2[e]ᵀ) b2[e]ᵀ with u = silu(h1)·h3·row_scale — never a dense ΔW.
+// glu, bias (variants.h): as the expert_ffn_forward variant; h1, h3 hold the biased gate/up
+// pre-activations (before the clamps).
 void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp, const Tensor& offsets,
                               const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
-                              const ExpertLora& lora = {});
+                              const ExpertLora& lora = {}, const ExpertGlu& glu = {}, const ExpertBias& bias = {});
 // Backward of the grouped SwiGLU experts, only over experts with rows (others' dw untouched):
 //   a = silu(h1) * h3, u = a * s,  yp = u w2^T
 //   du = dyp w2;  dw2[e] += dyp^T u;  drow_scale[p] = sum_f du*a;  da = du * s
@@ -206,10 +229,14 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
 // With adapters, each product's gradient goes through its LoRA as lora_backward does, per
 // expert with rows: dlora's a/b gradients (shaped as lora's, each may be undefined) accumulate
 // only for experts that received rows; the rest are untouched (zero when zero-initialised).
+// With glu/bias: a = act(h1, h3) (glu's derivatives, zero where a clamp binds);
+// drow_scale[p] also gets dyp·b2[e]; dbias (each tensor optional, f32) accumulates
+// db1[e] += Σ dh1, db3[e] += Σ dh3, db2[e] += Σ row_scale·dyp over the expert's rows.
 void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale,
                          const Tensor& dyp, const Tensor& xp, const Tensor& h1, const Tensor& h3,
                          const Tensor& offsets, const Tensor& w1, const Tensor& w3, const Tensor& w2,
-                         const Tensor& row_scale, const ExpertLora& lora = {}, ExpertLora* dlora = nullptr);
+                         const Tensor& row_scale, const ExpertLora& lora = {}, ExpertLora* dlora = nullptr,
+                         const ExpertGlu& glu = {}, const ExpertBias& bias = {}, ExpertBias* dbias = nullptr);
 
 // LoRA (fine-tuning; core/lora.h). The delta of one adapted projection, added into columns
 // [col0, col0+M) of its output (col0 > 0: one part of a stacked projection such as q/k/v):

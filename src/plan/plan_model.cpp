@@ -211,6 +211,12 @@ PlanModel plan_model_from_config(const ModelConfig& c, const std::string& name) 
   m.shared_gate = c.shared_expert_intermediate_size > 0;
   m.tie_embeddings = c.tie_word_embeddings;
   m.max_position = c.max_position_embeddings;
+  // gpt_oss: sinks and router/expert biases count as parameters. Its sliding layers are NOT
+  // marked: the engine's KV cache keeps every position of every layer (no ring buffer yet), and
+  // this plan is the engine's.
+  m.attn_sinks = c.attn_sinks;
+  m.router_bias = c.router_bias;
+  m.expert_bias = c.expert_bias;
   m.engine = c;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     PlanLayer pl;

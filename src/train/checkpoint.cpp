@@ -16,6 +16,7 @@
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/model_train.h"
+#include "train/hf_export.h"
 
 namespace moe {
 namespace fs = std::filesystem;
@@ -75,7 +76,7 @@ void save_checkpoint(const std::string& dir, const Model& m, const OptimizerSnap
   } else {
     write_text_atomic((tmp / "config.json").string(), hf_config_to_json(m.config()));
     std::vector<std::pair<std::string, Tensor>> named;
-    for (const NamedParam& p : named_parameters(m.config(), m.weights())) named.emplace_back(p.name, p.value);
+    named = hf_parameters(m.config(), m.weights());
     for (auto& b : named_buffers(m.config(), m.weights())) named.push_back(b);
     write_safetensors((tmp / "model.safetensors").string(), named, {{"format", "pt"}});
   }

@@ -64,6 +64,8 @@ void shard_experts(const ModelConfig& c, ModelWeights& w, const dist::Parallel& 
     lw.w1 = slice_experts(lw.w1, b, n);
     lw.w3 = slice_experts(lw.w3, b, n);
     lw.w2 = slice_experts(lw.w2, b, n);
+    for (Tensor* t : {&lw.b1, &lw.b3, &lw.b2})  // expert biases (gpt_oss) follow their experts
+      if (t->defined()) *t = slice_experts(*t, b, n);
   }
   w.expert_begin = b;
 }
@@ -84,10 +86,8 @@ std::vector<std::pair<std::string, Shape>> all_parameter_shapes(const ModelConfi
   int64_t expanded_layer = -1;
   for (const NamedParam& p : named_parameters(c, w, trainable_only)) {
     // named_parameters lists a layer's routed experts together, expert by expert (gate, up,
-    // down): in their place, all E of them.
-    const bool routed = p.expert >= 0 && p.name == tensor_name(a.expert_gate, p.layer, p.expert);
-    const bool routed_any = p.expert >= 0 && (routed || p.name == tensor_name(a.expert_up, p.layer, p.expert) ||
-                                              p.name == tensor_name(a.expert_down, p.layer, p.expert));
+    // down, and their biases where the family has them): in their place, all E of them.
+    const bool routed_any = p.expert >= 0 && p.name.find(".lora_") == std::string::npos;  // weights and biases
     if (!routed_any) {
       out.emplace_back(p.name, p.value.shape());
       continue;
@@ -99,6 +99,9 @@ std::vector<std::pair<std::string, Shape>> all_parameter_shapes(const ModelConfi
       out.emplace_back(tensor_name(a.expert_gate, p.layer, e), lw.w1.select(0).shape());
       out.emplace_back(tensor_name(a.expert_up, p.layer, e), lw.w3.select(0).shape());
       out.emplace_back(tensor_name(a.expert_down, p.layer, e), lw.w2.select(0).shape());
+      if (lw.b1.defined()) out.emplace_back(tensor_name(a.expert_gate, p.layer, e, ".bias"), lw.b1.select(0).shape());
+      if (lw.b3.defined()) out.emplace_back(tensor_name(a.expert_up, p.layer, e, ".bias"), lw.b3.select(0).shape());
+      if (lw.b2.defined()) out.emplace_back(tensor_name(a.expert_down, p.layer, e, ".bias"), lw.b2.select(0).shape());
     }
   }
   return out;
@@ -238,6 +241,8 @@ ModelWeights gather_experts(const ModelConfig& c, const ModelWeights& w, const d
     lw.w1 = gather_stack(lw.w1, *par.ep_group);
     lw.w3 = gather_stack(lw.w3, *par.ep_group);
     lw.w2 = gather_stack(lw.w2, *par.ep_group);
+    for (Tensor* t : {&lw.b1, &lw.b3, &lw.b2})
+      if (t->defined()) *t = gather_stack(*t, *par.ep_group);
   }
   if (par.ep_group->rank() != 0) return w;
   g.expert_begin = 0;

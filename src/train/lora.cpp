@@ -3,6 +3,7 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -14,9 +15,11 @@
 #include "core/rng.h"
 #include "io/safetensors.h"
 #include "model/arch.h"
+#include "model/fused_experts.h"
 #include "model/lora_slots.h"
 #include "model/model_train.h"
 #include "train/checkpoint.h"
+#include "train/lora_fused.h"
 
 namespace moe {
 namespace {
@@ -49,10 +52,32 @@ const char* kind_name(LoraKind k) {
 
 bool all_linear_matches(const LoraSlot& s) { return s.kind != LoraKind::Router; }
 
+// A fused family's routed-expert slot (fused_experts.h) also answers to its fused parameter's
+// path, as PEFT's target_parameters name it ("mlp.experts.gate_up_proj" for gate and up).
+std::string fused_param(const LoraSlot& s) {
+  if (s.fused_param == nullptr) return "";
+  return tensor_name(s.fused_param, s.layer, -1, "");
+}
+
 bool slot_targeted(const LoraSlot& s, const std::vector<std::string>& targets) {
-  for (const std::string& t : targets)
+  const std::string fp = fused_param(s);
+  for (const std::string& t : targets) {
     if (t == "all-linear" ? all_linear_matches(s) : lora_target_matches(s.module, t)) return true;
+    if (!fp.empty() && lora_target_matches(fp, t)) return true;
+  }
   return false;
+}
+
+// Fused experts: gate and up are one PEFT parameter, so their adapters share A (lora_fused.h).
+void share_fused_gate_up(const ModelConfig& c, ModelWeights& w) {
+  if (!fused_experts(c)) return;
+  for (LayerWeights& l : w.layers) {
+    if (!l.lexp.w1.on() && !l.lexp.w3.on()) continue;
+    MOE_CHECK(l.lexp.w1.on() && l.lexp.w3.on(),
+              "%s: target the experts' gate and up projections together (one fused parameter, gate_up_proj)",
+              c.model_type.c_str());
+    l.lexp.w3.a = l.lexp.w1.a;
+  }
 }
 
 // Allocates zeroed factors for a group of slots sharing one Lora (stacked for routed experts).
@@ -85,7 +110,7 @@ void check_targets_match(const std::vector<LoraSlot>& slots, const std::vector<s
   MOE_CHECK(!targets.empty(), "target_modules is empty: name the modules to adapt (e.g. q_proj,k_proj,v_proj,o_proj)");
   for (const std::string& t : targets) {
     bool any = false;
-    for (const LoraSlot& s : slots) any = any || (t == "all-linear" ? all_linear_matches(s) : lora_target_matches(s.module, t));
+    for (const LoraSlot& s : slots) any = any || slot_targeted(s, {t});
     if (any) continue;
     std::set<std::string> kinds;
     for (const LoraSlot& s : slots) kinds.insert(s.module.substr(s.module.rfind('.') + 1));
@@ -148,18 +173,22 @@ void attach_lora(const ModelConfig& c, ModelWeights& w, const LoraConfig& cfg) {
     const LoraSlot& s0 = *g[0];
     init_a(s0.lora->a, s0.in, rng);
   }
+  share_fused_gate_up(c, w);
   finish_attach(w, cfg.train_router);
   set_lora_dropout(w, float(cfg.dropout), cfg.seed);
 }
 
 void set_lora_dropout(ModelWeights& w, float p, uint64_t seed) {
   uint64_t i = 0;
-  for (LayerWeights& l : w.layers)
+  for (LayerWeights& l : w.layers) {
     for (Lora* a : l.loras()) {
       uint64_t s = seed ^ (0xA0761D6478BD642Full * ++i);
       a->dropout = p;
       a->seed = splitmix64(s);
     }
+    // One fused adapter (shared A) reads its input through one mask, as PEFT's.
+    if (l.lexp.w1.on() && l.lexp.w1.a.raw() == l.lexp.w3.a.raw()) l.lexp.w3.seed = l.lexp.w1.seed;
+  }
 }
 
 LoraConfig load_adapter(const std::string& dir, const ModelConfig& c, ModelWeights& w) {
@@ -193,14 +222,28 @@ LoraConfig load_adapter(const std::string& dir, const ModelConfig& c, ModelWeigh
   for (const char* k : {"rank_pattern", "alpha_pattern"})
     if (j.contains(k) && j[k].is_object())
       MOE_CHECK(j[k].empty(), "%s: per-module %s is not supported", cfg_path.c_str(), k);
-  if (j.contains("target_parameters") && j["target_parameters"].is_array())
+  // target_parameters: LoRA on fused 3-D expert tensors (fused families only).
+  std::vector<std::string> target_params;
+  if (j.contains("target_parameters") && j["target_parameters"].is_array() && fused_experts(c)) {
+    for (const auto& t : j["target_parameters"]) {
+      MOE_CHECK(t.is_string(), "%s: target_parameters entries must be strings", cfg_path.c_str());
+      const std::string tp = t.get<std::string>();
+      MOE_CHECK(tp.ends_with("gate_up_proj") || tp.ends_with("down_proj"),
+                "%s: target_parameters names '%s'; this %s model's fused parameters are mlp.experts.gate_up_proj and "
+                "mlp.experts.down_proj",
+                cfg_path.c_str(), tp.c_str(), c.model_type.c_str());
+      target_params.push_back(tp);
+    }
+  } else if (j.contains("target_parameters") && j["target_parameters"].is_array())
     MOE_CHECK(j["target_parameters"].empty(),
               "%s: target_parameters (LoRA on fused 3-D expert tensors) is for models whose experts are fused "
               "tensors; this %s model has one module per expert (convert with lora_fused.h's layout)",
               cfg_path.c_str(), c.model_type.c_str());
-  MOE_CHECK(j.contains("target_modules"), "%s: field 'target_modules' is required", cfg_path.c_str());
-  const nlohmann::json& tm = j["target_modules"];
-  if (tm.is_string()) {
+  MOE_CHECK(j.contains("target_modules") || !target_params.empty(), "%s: field 'target_modules' is required",
+            cfg_path.c_str());
+  const nlohmann::json& tm = j.contains("target_modules") ? j["target_modules"] : nlohmann::json::array();
+  if (tm.is_null()) {
+  } else if (tm.is_string()) {
     lc.target_modules = {tm.get<std::string>()};
   } else {
     MOE_CHECK(tm.is_array(), "%s: target_modules must be a list of module names", cfg_path.c_str());
@@ -215,7 +258,9 @@ LoraConfig load_adapter(const std::string& dir, const ModelConfig& c, ModelWeigh
   auto file = SafetensorsFile::open(st_path);
   std::vector<LoraSlot> slots = lora_slots(c, w);
   std::set<std::string> used;
+  const bool fused = fused_experts(c);
   for (const std::vector<LoraSlot*>& g : by_factor(slots)) {
+    if (fused && g[0]->kind == LoraKind::Expert) continue;  // PEFT's fused layout, below
     // A group is adapted when the file has its tensors (the targets say which modules PEFT
     // wrapped; the file is the truth, and every targeted module must be in it).
     size_t present = 0;
@@ -249,6 +294,34 @@ LoraConfig load_adapter(const std::string& dir, const ModelConfig& c, ModelWeigh
       used.insert(lora_b_name(*s));
     }
   }
+  // Fused experts (target_parameters): one [r·E, in] / [out, r·E] pair per layer and parameter.
+  if (fused && !target_params.empty()) {
+    const bool want_gu = std::any_of(target_params.begin(), target_params.end(),
+                                     [](const std::string& t) { return t.ends_with("gate_up_proj"); });
+    const bool want_dn = std::any_of(target_params.begin(), target_params.end(),
+                                     [](const std::string& t) { return t.ends_with("down_proj"); });
+    const int64_t e_n = c.n_expert, f = c.moe_intermediate_size, d = c.hidden_size;
+    for (int64_t l = 0; l < c.n_layer; ++l) {
+      if (!c.layer_is_moe(l)) continue;
+      for (const bool gu : {true, false}) {
+        if (gu ? !want_gu : !want_dn) continue;
+        const std::string an = fused_lora_name(c, l, gu, want_gu && want_dn, "A");
+        const std::string bn = fused_lora_name(c, l, gu, want_gu && want_dn, "B");
+        const Shape want_a = {lc.r * e_n, gu ? d : f}, want_b = {gu ? 2 * f : d, lc.r * e_n};
+        for (const auto& [name, want] : {std::pair{an, want_a}, {bn, want_b}}) {
+          MOE_CHECK(file->find(name) != nullptr, "%s: target_parameters adapts %s, but tensor %s is missing",
+                    st_path.c_str(), gu ? "gate_up_proj" : "down_proj", name.c_str());
+          Tensor t = file->tensor(name, MemCategory::Workspace);
+          MOE_CHECK(t.shape() == want, "%s: tensor %s is %s but this %s model needs %s (r %lld, %lld experts)",
+                    st_path.c_str(), name.c_str(), t.shape_str().c_str(), c.model_type.c_str(),
+                    shape_str(want).c_str(), (long long)lc.r, (long long)e_n);
+          used.insert(name);
+        }
+        set_fused_lora(file->tensor(an, MemCategory::Workspace), file->tensor(bn, MemCategory::Workspace), e_n, gu,
+                       lc.scale(), &w.layers[size_t(l)].lexp);
+      }
+    }
+  }
   // Routers trained in full (modules_to_save): their weights replace the base's.
   for (LoraSlot& s : slots) {
     if (s.kind != LoraKind::Router) continue;
@@ -273,9 +346,17 @@ LoraConfig load_adapter(const std::string& dir, const ModelConfig& c, ModelWeigh
 std::vector<std::pair<std::string, Tensor>> adapter_tensors(const ModelConfig& c, const ModelWeights& w) {
   std::vector<std::pair<std::string, Tensor>> out;
   std::vector<LoraSlot> slots = lora_slots(c, const_cast<ModelWeights&>(w));
+  const bool fused = fused_experts(c);
+  std::vector<bool> fused_done(static_cast<size_t>(c.n_layer), false);
   for (const LoraSlot& s : slots) {
     if (w.train_router && s.kind == LoraKind::Router) out.emplace_back(router_tensor_name(s), *s.base);
     if (!s.lora->on()) continue;
+    if (fused && s.kind == LoraKind::Expert) {  // PEFT's fused layout, once per layer
+      if (!fused_done[size_t(s.layer)])
+        for (auto& t : fused_lora_tensors(c, s.layer, w.layers[size_t(s.layer)].lexp)) out.push_back(std::move(t));
+      fused_done[size_t(s.layer)] = true;
+      continue;
+    }
     out.emplace_back(lora_a_name(s), slot_a(s));
     out.emplace_back(lora_b_name(s), slot_b(s));
   }
@@ -289,9 +370,16 @@ void save_adapter(const std::string& dir, const ModelConfig& c, const ModelWeigh
   std::vector<std::pair<std::string, Tensor>> tensors = adapter_tensors(c, w);
   MOE_CHECK(!tensors.empty(), "save_adapter: the model has no adapters");
   // target_modules as PEFT writes them: the module-name suffixes that were adapted.
-  std::set<std::string> kinds;
-  for (const LoraSlot& s : lora_slots(c, const_cast<ModelWeights&>(w)))
-    if (s.lora->on()) kinds.insert(s.module.substr(s.module.rfind('.') + 1));
+  std::set<std::string> kinds, params;
+  for (const LoraSlot& s : lora_slots(c, const_cast<ModelWeights&>(w))) {
+    if (!s.lora->on()) continue;
+    if (s.fused_param) {  // fused experts: PEFT's target_parameters ("mlp.experts.gate_up_proj")
+      const std::string p = fused_param(s);
+      params.insert(p.substr(p.find(".mlp.") + 1));
+    } else {
+      kinds.insert(s.module.substr(s.module.rfind('.') + 1));
+    }
+  }
   nlohmann::ordered_json j;
   j["peft_type"] = "LORA";
   j["task_type"] = "CAUSAL_LM";
@@ -303,6 +391,7 @@ void save_adapter(const std::string& dir, const ModelConfig& c, const ModelWeigh
   j["bias"] = "none";
   j["fan_in_fan_out"] = false;
   j["target_modules"] = std::vector<std::string>(kinds.begin(), kinds.end());
+  if (!params.empty()) j["target_parameters"] = std::vector<std::string>(params.begin(), params.end());
   if (w.train_router) {
     const std::string router_module = tensor_name(arch_spec(c.model_type).router, 0, -1, "");
     j["modules_to_save"] = {router_module.substr(router_module.rfind('.') + 1)};
@@ -411,7 +500,10 @@ std::string lora_audit(const ModelConfig& c, const ModelWeights& w) {
   int64_t total = 0;
   for (const LoraSlot& s : slots) {
     if (!s.lora->on()) continue;
-    const int64_t n = slot_a(s).numel() + slot_b(s).numel();
+    // A fused expert's gate and up share one A (lora_fused.h): counted once, under the gate.
+    const LayerWeights& lw = w.layers[size_t(s.layer)];
+    const bool shared_a = s.lora == &lw.lexp.w3 && lw.lexp.w1.on() && lw.lexp.w1.a.raw() == lw.lexp.w3.a.raw();
+    const int64_t n = (shared_a ? 0 : slot_a(s).numel()) + slot_b(s).numel();
     auto& k = per_kind[std::string(kind_name(s.kind)) + " " + s.module.substr(s.module.rfind('.') + 1)];
     k.first += 1;
     k.second += n;

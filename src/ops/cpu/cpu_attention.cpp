@@ -25,9 +25,25 @@ void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor&
   }
 }
 
-// out, q [B,S,H,Dh]; caches [B,C,Hkv,Dh]. One (b, s, h) query row at a time: scores over the
-// visible keys, a stable softmax, then the weighted sum of values.
+namespace {
+// Sink logit of head h as f32 (-inf: no sink, which adds nothing to a row's softmax).
+float sink_of(const AttnVariant& av, int64_t h) {
+  if (!av.sinks.defined()) return -INFINITY;
+  float v;
+  convert_to_f32(&v, static_cast<const char*>(av.sinks.raw()) + h * dtype_size(av.sinks.dtype()), av.sinks.dtype(), 1);
+  return v;
+}
+}  // namespace
+
 void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past) {
+  attention_forward(out, q, k_cache, v_cache, past, AttnVariant{});
+}
+
+// out, q [B,S,H,Dh]; caches [B,C,Hkv,Dh]. One (b, s, h) query row at a time: scores over the
+// visible keys (the window's, with a sliding window), a stable softmax whose denominator also
+// counts the head's sink, then the weighted sum of values.
+void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past,
+                       const AttnVariant& av) {
   MOE_CHECK(q.dtype() == DType::F32 && k_cache.dtype() == DType::F32, "attention_forward (cpu): f32 only");
   const int64_t b_n = q.dim(0), s_n = q.dim(1), h_n = q.dim(2), dh = q.dim(3);
   const int64_t cap = k_cache.dim(1), hkv = k_cache.dim(2), group = h_n / hkv;
@@ -44,22 +60,23 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
       for (int64_t s = 0; s < s_n; ++s)
         for (int64_t h = 0; h < h_n; ++h) {
           const float* qr = qp + ((b * s_n + s) * h_n + h) * dh;
-          const int64_t kv_h = h / group, n_keys = past + s + 1;
-          float mx = -INFINITY;
-          for (int64_t j = 0; j < n_keys; ++j) {
+          const int64_t kv_h = h / group, n_keys = past + s + 1, j0 = av.first_key(past + s);
+          const float sink = sink_of(av, h);
+          float mx = sink;
+          for (int64_t j = j0; j < n_keys; ++j) {
             const float* kr = kp + ((b * cap + j) * hkv + kv_h) * dh;
             sc[j] = dot_f32(qr, kr, dh) * scale;
             mx = std::max(mx, sc[j]);
           }
-          double sum = 0;
-          for (int64_t j = 0; j < n_keys; ++j) {
+          double sum = av.sinks.defined() ? std::exp(double(sink) - mx) : 0.0;
+          for (int64_t j = j0; j < n_keys; ++j) {
             sc[j] = std::exp(sc[j] - mx);
             sum += sc[j];
           }
           float inv = static_cast<float>(1.0 / sum);
           float* orow = op + ((b * s_n + s) * h_n + h) * dh;
           for (int64_t i = 0; i < dh; ++i) orow[i] = 0;
-          for (int64_t j = 0; j < n_keys; ++j) {
+          for (int64_t j = j0; j < n_keys; ++j) {
             const float* vr = vp + ((b * cap + j) * hkv + kv_h) * dh;
             float p = sc[j] * inv;
             for (int64_t i = 0; i < dh; ++i) orow[i] += p * vr[i];
@@ -86,7 +103,7 @@ void kv_append_paged(Tensor& k_pages, Tensor& v_pages, const Tensor& k, const Te
 }
 
 void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages, const Tensor& v_pages,
-                             const Tensor& tables, const Tensor& pos) {
+                             const Tensor& tables, const Tensor& pos, const AttnVariant& av) {
   const int64_t b_n = q.dim(0), s_n = q.dim(1), h_n = q.dim(2), dh = q.dim(3);
   const int64_t block = k_pages.dim(1), hkv = k_pages.dim(2), group = h_n / hkv, m = tables.dim(1);
   const float scale = 1.0f / std::sqrt(float(dh));
@@ -110,22 +127,23 @@ void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages
         for (int64_t h = 0; h < h_n; ++h) {
           const float* qr = qp + ((b * s_n + s) * h_n + h) * dh;
           const int32_t* row_tb = tb + b * m;
-          const int64_t kv_h = h / group, n_keys = ps[b] + s + 1;
+          const int64_t kv_h = h / group, n_keys = ps[b] + s + 1, j0 = av.first_key(ps[b] + s);
           auto at = [&](int64_t j) { return (static_cast<int64_t>(row_tb[j / block]) * block + j % block) * hkv + kv_h; };
-          float mx = -INFINITY;
-          for (int64_t j = 0; j < n_keys; ++j) {
+          const float sink = sink_of(av, h);
+          float mx = sink;
+          for (int64_t j = j0; j < n_keys; ++j) {
             sc[j] = dot_f32(qr, kp + at(j) * dh, dh) * scale;
             mx = std::max(mx, sc[j]);
           }
-          double sum = 0;
-          for (int64_t j = 0; j < n_keys; ++j) {
+          double sum = av.sinks.defined() ? std::exp(double(sink) - mx) : 0.0;
+          for (int64_t j = j0; j < n_keys; ++j) {
             sc[j] = std::exp(sc[j] - mx);
             sum += sc[j];
           }
           const float inv = static_cast<float>(1.0 / sum);
           float* orow = op + ((b * s_n + s) * h_n + h) * dh;
           for (int64_t i = 0; i < dh; ++i) orow[i] = 0;
-          for (int64_t j = 0; j < n_keys; ++j) {
+          for (int64_t j = j0; j < n_keys; ++j) {
             const float* vr = vp + at(j) * dh;
             const float p = sc[j] * inv;
             for (int64_t i = 0; i < dh; ++i) orow[i] += p * vr[i];

@@ -55,9 +55,25 @@ void rmsnorm_forward(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
 
 namespace {
 
+// A fingerprint of a RopeTable's frequencies and factor (FNV-1a over their bits; 0: plain).
+uint64_t table_hash(const RopeTable* rt) {
+  if (!rt || rt->plain()) return 0;
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](double v) {
+    uint64_t b;
+    std::memcpy(&b, &v, sizeof b);
+    for (int i = 0; i < 8; ++i) h = (h ^ ((b >> (8 * i)) & 0xff)) * 1099511628211ull;
+  };
+  for (double v : rt->inv_freq) mix(v);
+  mix(rt->attention_factor);
+  return h | 1;
+}
+
 // Rotates pairs (x_i, x_{i+Dh/2}) by +angle (forward) or -angle (backward: the rotation is
-// orthogonal, so its gradient is the inverse rotation).
-void rope_rotate(Tensor& x, int64_t past, float theta, float sign) {
+// orthogonal, so its gradient is the inverse rotation). With a table (YaRN) the angles use its
+// frequencies and cos, sin carry its attention factor (the map is then factor × a rotation,
+// whose transpose is factor × the inverse rotation).
+void rope_rotate(Tensor& x, int64_t past, float theta, float sign, const RopeTable* rt = nullptr) {
   const int64_t b_n = x.dim(0), s_n = x.dim(1), h_n = x.dim(2), dh = x.dim(3), half = dh / 2;
   // cos/sin per (position, i), computed in f64 for accuracy. A training step rotates q and k
   // forward and backward at the same positions, so the table of the last call is kept (per
@@ -65,6 +81,7 @@ void rope_rotate(Tensor& x, int64_t past, float theta, float sign) {
   struct TableKey {
     int64_t past = -1, s_n = 0, dh = 0;
     float theta = 0;
+    uint64_t table = 0;
     const float* cs = nullptr;
     const float* sn = nullptr;  // the buffers themselves: a grown scratch is a new table
     bool operator==(const TableKey&) const = default;
@@ -72,14 +89,17 @@ void rope_rotate(Tensor& x, int64_t past, float theta, float sign) {
   thread_local TableKey last;
   float* cs = scratch<float>(Scratch::RopeCos, static_cast<size_t>(s_n * half));
   float* sn = scratch<float>(Scratch::RopeSin, static_cast<size_t>(s_n * half));
-  const TableKey key{past, s_n, dh, theta, cs, sn};
+  const uint64_t th = table_hash(rt);
+  const TableKey key{past, s_n, dh, theta, th, cs, sn};
   if (!(key == last)) {
+    const double factor = th ? rt->attention_factor : 1.0;
     for (int64_t i = 0; i < half; ++i) {
-      const double inv_freq = 1.0 / std::pow(double(theta), double(2 * i) / double(dh));
+      const double inv_freq =
+          th && !rt->inv_freq.empty() ? rt->inv_freq[size_t(i)] : 1.0 / std::pow(double(theta), double(2 * i) / double(dh));
       for (int64_t s = 0; s < s_n; ++s) {
         const double ang = double(past + s) * inv_freq;
-        cs[s * half + i] = static_cast<float>(std::cos(ang));
-        sn[s * half + i] = static_cast<float>(std::sin(ang));
+        cs[s * half + i] = static_cast<float>(std::cos(ang) * factor);
+        sn[s * half + i] = static_cast<float>(std::sin(ang) * factor);
       }
     }
     last = key;
@@ -107,6 +127,13 @@ void rope_forward(Tensor& x, int64_t past, float theta) {
 }
 
 void rope_backward(Tensor& dx, int64_t past, float theta) { rope_rotate(dx, past, theta, -1.0f); }
+
+void rope_forward(Tensor& x, int64_t past, const RopeTable& rt) {
+  require_f32("rope_forward", x);
+  rope_rotate(x, past, rt.theta, 1.0f, &rt);
+}
+
+void rope_backward(Tensor& dx, int64_t past, const RopeTable& rt) { rope_rotate(dx, past, rt.theta, -1.0f, &rt); }
 
 void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& v, int64_t past) {
   const int64_t b_n = k.dim(0), s_n = k.dim(1), row = k.dim(2) * k.dim(3), cap = k_cache.dim(1);

@@ -6,6 +6,7 @@
 
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_glu.h"
 #include "ops/cpu/cpu_scratch.h"
 
 namespace moe {
@@ -121,6 +122,52 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
       }
     }
     gemm_xwt(yp.data<float>() + r0 * d, d, h1, w2e, w2.dtype(), n, d, f, false);
+  }
+}
+
+// The variant (variants.h): biases added to the gate/up pre-activations, the clamped gated
+// activation, and the down bias scaled by the row's routing weight like the rest of the row.
+void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1, const Tensor& w3,
+                        const Tensor& w2, const Tensor& row_scale, const ExpertGlu& glu, const ExpertBias& bias) {
+  MOE_CHECK(xp.dtype() == DType::F32 && yp.dtype() == DType::F32, "expert_ffn_forward (cpu): f32 activations");
+  const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
+  const int32_t* off = offsets.data<int32_t>();
+  const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
+  int64_t max_rows = 0;
+  for (int64_t e = 0; e < e_n; ++e) max_rows = std::max<int64_t>(max_rows, off[e + 1] - off[e]);
+  float* h1 = scratch<float>(Scratch::ExpertH1, static_cast<size_t>(max_rows * f));
+  float* h3 = scratch<float>(Scratch::ExpertH3, static_cast<size_t>(max_rows * f));
+  float* bb = scratch<float>(Scratch::ExpertBias, static_cast<size_t>(2 * f + d));
+  for (int64_t e = 0; e < e_n; ++e) {
+    const int64_t r0 = off[e], n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    const float* x = xp.data<float>() + r0 * d;
+    const char* w1e = static_cast<const char*>(w1.raw()) + dtype_nbytes(w1.dtype(), e * f * d);
+    const char* w3e = static_cast<const char*>(w3.raw()) + dtype_nbytes(w3.dtype(), e * f * d);
+    const char* w2e = static_cast<const char*>(w2.raw()) + dtype_nbytes(w2.dtype(), e * d * f);
+    gemm_xwt(h1, f, x, w1e, w1.dtype(), n, f, d, false);
+    gemm_xwt(h3, f, x, w3e, w3.dtype(), n, f, d, false);
+    float* b1 = bias.b1.defined() ? bb : nullptr;
+    float* b3 = bias.b3.defined() ? bb + f : nullptr;
+    float* b2 = bias.b2.defined() ? bb + 2 * f : nullptr;
+    if (b1) bias_row(b1, bias.b1, e, f);
+    if (b3) bias_row(b3, bias.b3, e, f);
+    if (b2) bias_row(b2, bias.b2, e, d);
+#pragma omp parallel for schedule(static) if(n * f > 32768)
+    for (int64_t r = 0; r < n; ++r) {
+      const float s = rs ? rs[r0 + r] : 1.0f;
+      for (int64_t i = 0; i < f; ++i) {
+        const float g = h1[r * f + i] + (b1 ? b1[i] : 0.0f), u = h3[r * f + i] + (b3 ? b3[i] : 0.0f);
+        h1[r * f + i] = glu_act(g, u, glu) * s;
+      }
+    }
+    float* y = yp.data<float>() + r0 * d;
+    gemm_xwt(y, d, h1, w2e, w2.dtype(), n, d, f, false);
+    if (b2)
+      for (int64_t r = 0; r < n; ++r) {
+        const float s = rs ? rs[r0 + r] : 1.0f;
+        for (int64_t i = 0; i < d; ++i) y[r * d + i] += s * b2[i];
+      }
   }
 }
 

@@ -26,6 +26,7 @@ enum class Scratch : int {
   DispatchNext,  // moe_dispatch: next free row per expert
   ExpertH1,      // expert_ffn_forward: [rows,F] gate pre-activations
   ExpertH3,      //                     [rows,F] up pre-activations
+  ExpertBias,    //                     one expert's biases as f32 (variants.h)
   kCount
 };
 

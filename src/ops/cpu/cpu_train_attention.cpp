@@ -13,8 +13,22 @@
 
 namespace moe {
 namespace cpu {
+namespace {
+// The sinks [H] as f64 (empty: none).
+std::vector<double> sinks_f64(const AttnVariant& av) {
+  std::vector<double> out;
+  if (!av.sinks.defined()) return out;
+  std::vector<float> f(static_cast<size_t>(av.sinks.numel()));
+  convert_to_f32(f.data(), av.sinks.raw(), av.sinks.dtype(), f.size());
+  out.assign(f.begin(), f.end());
+  return out;
+}
+}  // namespace
 
-void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v) {
+// Sinks join each row's softmax denominator (and so lse); a window limits the keys to
+// (s - window, s].
+void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                             const AttnVariant& av) {
   const int64_t b_n = q.dim(0), s_n = q.dim(1), h_n = q.dim(2), dh = q.dim(3);
   const int64_t hkv = k.dim(2), group = h_n / hkv;
   const float scale = 1.0f / std::sqrt(float(dh));
@@ -23,6 +37,7 @@ void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Te
   const float* vp = v.data<float>();
   float* op = out.data<float>();
   float* lp = lse.data<float>();
+  const std::vector<double> sinks = sinks_f64(av);
 #pragma omp parallel if(b_n * h_n * s_n * s_n * dh > 32768)
   {
     std::vector<float> sc(static_cast<size_t>(s_n));
@@ -32,20 +47,21 @@ void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Te
         for (int64_t s = 0; s < s_n; ++s) {
           const int64_t kvh = h / group;
           const float* qr = qp + ((b * s_n + s) * h_n + h) * dh;
-          float mx = -INFINITY;
-          for (int64_t j = 0; j <= s; ++j) {
+          const int64_t j0 = av.first_key(s);
+          float mx = sinks.empty() ? -INFINITY : float(sinks[size_t(h)]);
+          for (int64_t j = j0; j <= s; ++j) {
             sc[j] = dot_f32(qr, kp + ((b * s_n + j) * hkv + kvh) * dh, dh) * scale;
             mx = std::max(mx, sc[j]);
           }
-          double sum = 0;
-          for (int64_t j = 0; j <= s; ++j) {
+          double sum = sinks.empty() ? 0.0 : std::exp(sinks[size_t(h)] - mx);
+          for (int64_t j = j0; j <= s; ++j) {
             sc[j] = std::exp(sc[j] - mx);
             sum += sc[j];
           }
           const float inv = static_cast<float>(1.0 / sum);
           float* orow = op + ((b * s_n + s) * h_n + h) * dh;
           for (int64_t i = 0; i < dh; ++i) orow[i] = 0;
-          for (int64_t j = 0; j <= s; ++j) {
+          for (int64_t j = j0; j <= s; ++j) {
             const float* vr = vp + ((b * s_n + j) * hkv + kvh) * dh;
             const float p = sc[j] * inv;
             for (int64_t i = 0; i < dh; ++i) orow[i] += p * vr[i];
@@ -63,8 +79,11 @@ void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Te
 // are f64 GEMMs (cblas_dgemm) over the keys up to the tile's last row; the causal mask zeroes
 // p (and so dS) above the diagonal. The f64 products keep the accumulation of the scalar
 // formulation at GEMM speed.
+// Sinks: p_sink = exp(sink - lse) and dsink_h = -Σ_rows p_sink Δ (a serial pass after the
+// parallel one: every batch row adds into the same [H]). A window zeroes p outside it.
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q, const Tensor& k,
-                        const Tensor& v, const Tensor& out, const Tensor& lse) {
+                        const Tensor& v, const Tensor& out, const Tensor& lse, const AttnVariant& av,
+                        Tensor* dsinks) {
   const int64_t b_n = q.dim(0), s_n = q.dim(1), h_n = q.dim(2), dh = q.dim(3);
   const int64_t hkv = k.dim(2), group = h_n / hkv;
   const double scale = 1.0 / std::sqrt(double(dh));
@@ -120,9 +139,9 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
               const double l = lp[(b * h_n + h) * s_n + s0 + r];
               double* pr = pt.data() + r * nk;
               double* dr = dst.data() + r * nk;
-              const int64_t last = s0 + r;  // causal: keys 0..last
+              const int64_t last = s0 + r, first = av.first_key(last);  // causal: keys first..last
               for (int64_t j = 0; j < nk; ++j) {
-                const double p = j <= last ? std::exp(pr[j] * scale - l) : 0.0;
+                const double p = j <= last && j >= first ? std::exp(pr[j] * scale - l) : 0.0;
                 pr[j] = p;
                 dr[j] = p * (dr[j] - delta[size_t(r)]) * scale;
               }
@@ -146,6 +165,21 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
             dvp[at] = static_cast<float>(dva[size_t(j * dh + i)]);
           }
       }
+  }
+  if (dsinks && dsinks->defined() && av.sinks.defined()) {
+    const std::vector<double> sinks = sinks_f64(av);
+    float* ds = dsinks->data<float>();
+    for (int64_t h = 0; h < h_n; ++h) {
+      double acc = 0;
+      for (int64_t b = 0; b < b_n; ++b)
+        for (int64_t s = 0; s < s_n; ++s) {
+          const int64_t row = ((b * s_n + s) * h_n + h) * dh;
+          double delta = 0;
+          for (int64_t i = 0; i < dh; ++i) delta += double(gp[row + i]) * op[row + i];
+          acc -= std::exp(sinks[size_t(h)] - double(lp[(b * h_n + h) * s_n + s])) * delta;
+        }
+      ds[h] += static_cast<float>(acc);
+    }
   }
 }
 

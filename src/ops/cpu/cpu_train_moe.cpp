@@ -13,6 +13,7 @@
 
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_glu.h"
 #include "ops/cpu/cpu_lora.h"
 #include "ops/cpu/cpu_simd_exp.h"
 
@@ -255,6 +256,28 @@ int64_t max_rank(const ExpertLora& l) {
   return r;
 }
 
+// One row of the gated activation under a variant: a = act(h1, h3) · s (swiglu_row when plain).
+void glu_row(float* a, const float* h1, const float* h3, float s, int64_t f, const ExpertGlu& glu) {
+  if (glu.plain()) return swiglu_row(a, h1, h3, s, f);
+  for (int64_t i = 0; i < f; ++i) a[i] = glu_act(h1[i], h3[i], glu) * s;
+}
+
+// swiglu_backward_row under a variant: dh1 to `dh1`, dh3 over du; returns Σ du · act (f64).
+double glu_backward_row(float* dh1, float* du, const float* h1, const float* h3, float s, int64_t f,
+                        const ExpertGlu& glu) {
+  if (glu.plain()) return swiglu_backward_row(dh1, du, h1, h3, s, f);
+  double dot = 0;
+  for (int64_t i = 0; i < f; ++i) {
+    float d1, d3;
+    glu_grad(h1[i], h3[i], glu, &d1, &d3);
+    dot += double(du[i]) * glu_act(h1[i], h3[i], glu);
+    const float da = du[i] * s;
+    dh1[i] = da * d1;
+    du[i] = da * d3;
+  }
+  return dot;
+}
+
 int64_t max_rows(const int32_t* off, int64_t e_n) {
   int64_t m = 0;
   for (int64_t e = 0; e < e_n; ++e) m = std::max<int64_t>(m, off[e + 1] - off[e]);
@@ -265,7 +288,7 @@ int64_t max_rows(const int32_t* off, int64_t e_n) {
 
 void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp, const Tensor& offsets,
                               const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
-                              const ExpertLora& lora) {
+                              const ExpertLora& lora, const ExpertGlu& glu, const ExpertBias& bias) {
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
@@ -273,6 +296,7 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
   Tensor act = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
   float* a = act.data<float>();
   Tensor lu = lora.any() ? Tensor::empty({rows, max_rank(lora)}, DType::F32, MemCategory::Workspace) : Tensor();
+  std::vector<float> bb(static_cast<size_t>(bias.any() ? 2 * f + d : 0));
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t r0 = off[e], n = off[e + 1] - off[e];
     if (n == 0) continue;
@@ -285,19 +309,34 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
     const ExpertFactors l1 = expert_factors(lora.w1, nullptr, e, d, f), l3 = expert_factors(lora.w3, nullptr, e, d, f);
     if (l1.a) lora_rows_forward(g1, f, x, d, l1.a, l1.b, l1.scale, n, f, d, l1.r, lu.data<float>(), l1.at(r0));
     if (l3.a) lora_rows_forward(g3, f, x, d, l3.a, l3.b, l3.scale, n, f, d, l3.r, lu.data<float>(), l3.at(r0));
+    // Biases join the saved pre-activations (backward differentiates the activation at them).
+    for (auto [bt, g] : {std::pair{&bias.b1, g1}, {&bias.b3, g3}}) {
+      if (!bt->defined()) continue;
+      bias_row(bb.data(), *bt, e, f);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t i = 0; i < f; ++i) g[r * f + i] += bb[size_t(i)];
+    }
 #pragma omp parallel for schedule(static) if(n * f > kPar)
-    for (int64_t r = 0; r < n; ++r) swiglu_row(a + r * f, g1 + r * f, g3 + r * f, rs ? rs[r0 + r] : 1.0f, f);
+    for (int64_t r = 0; r < n; ++r) glu_row(a + r * f, g1 + r * f, g3 + r * f, rs ? rs[r0 + r] : 1.0f, f, glu);
     float* y = yp.data<float>() + r0 * d;
     gemm_xwt(y, d, a, w.w2, w2.dtype(), n, d, f, false);
     const ExpertFactors l2 = expert_factors(lora.w2, nullptr, e, f, d);
     if (l2.a) lora_rows_forward(y, d, a, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lu.data<float>(), l2.at(r0));
+    if (bias.b2.defined()) {
+      bias_row(bb.data(), bias.b2, e, d);
+      for (int64_t r = 0; r < n; ++r) {
+        const float sc = rs ? rs[r0 + r] : 1.0f;
+        for (int64_t i = 0; i < d; ++i) y[r * d + i] += sc * bb[size_t(i)];
+      }
+    }
   }
 }
 
 void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale, const Tensor& dyp,
                          const Tensor& xp, const Tensor& h1, const Tensor& h3, const Tensor& offsets,
                          const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
-                         const ExpertLora& lora, ExpertLora* dlora) {
+                         const ExpertLora& lora, ExpertLora* dlora, const ExpertGlu& glu, const ExpertBias& bias,
+                         ExpertBias* dbias) {
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
@@ -311,6 +350,10 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
   Tensor s2 = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
   float* u = s1.data<float>();
   float* du = s2.data<float>();
+  std::vector<float> b2row(static_cast<size_t>(bias.b2.defined() ? d : 0));
+  float* db1 = dbias && dbias->b1.defined() ? dbias->b1.data<float>() : nullptr;
+  float* db3 = dbias && dbias->b3.defined() ? dbias->b3.data<float>() : nullptr;
+  float* db2 = dbias && dbias->b2.defined() ? dbias->b2.data<float>() : nullptr;
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t r0 = off[e], n = off[e + 1] - off[e];
     if (n == 0) continue;
@@ -325,7 +368,7 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
     // u = silu(h1) * h3 * s: the down projection's input, recomputed.
     if (dw2.defined() || l2.a) {
 #pragma omp parallel for schedule(static) if(n * f > kPar)
-      for (int64_t r = 0; r < n; ++r) swiglu_row(u + r * f, a1 + r * f, a3 + r * f, rs ? rs[r0 + r] : 1.0f, f);
+      for (int64_t r = 0; r < n; ++r) glu_row(u + r * f, a1 + r * f, a3 + r * f, rs ? rs[r0 + r] : 1.0f, f, glu);
       if (dw2.defined()) gemm_atb_acc(dw2.data<float>() + e * d * f, g, u, n, d, f);
     }
     gemm_xw(du, g, w.w2, w2.dtype(), n, d, f, false);
@@ -333,10 +376,24 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
       lora_rows_backward(du, f, l2.da, l2.db, g, d, u, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lu.data<float>(),
                          lv.data<float>(), l2.at(r0));
     float* drs = drow_scale.defined() ? drow_scale.data<float>() + r0 : nullptr;
+    if (!b2row.empty()) bias_row(b2row.data(), bias.b2, e, d);
 #pragma omp parallel for schedule(static) if(n * f > kPar)
     for (int64_t r = 0; r < n; ++r) {
-      const double dot = swiglu_backward_row(u + r * f, du + r * f, a1 + r * f, a3 + r * f, rs ? rs[r0 + r] : 1.0f, f);
+      double dot = glu_backward_row(u + r * f, du + r * f, a1 + r * f, a3 + r * f, rs ? rs[r0 + r] : 1.0f, f, glu);
+      // y = s · (a w2ᵀ + b2): the row scale also multiplies the down bias.
+      for (int64_t i = 0; i < int64_t(b2row.size()); ++i) dot += double(g[r * d + i]) * b2row[size_t(i)];
       if (drs) drs[r] = static_cast<float>(dot);
+    }
+    // Bias gradients: db1, db3 sum dh1, dh3 (now in u, du); db2 sums s · dyp.
+    for (int64_t r = 0; r < n; ++r) {
+      if (db1)
+        for (int64_t i = 0; i < f; ++i) db1[e * f + i] += u[r * f + i];
+      if (db3)
+        for (int64_t i = 0; i < f; ++i) db3[e * f + i] += du[r * f + i];
+      if (db2) {
+        const float sc = rs ? rs[r0 + r] : 1.0f;
+        for (int64_t i = 0; i < d; ++i) db2[e * d + i] += sc * g[r * d + i];
+      }
     }
     float* dx = dxp.data<float>() + r0 * d;
     gemm_xw(dx, u, w.w1, w1.dtype(), n, f, d, false);

@@ -7,8 +7,10 @@
 // Outputs that the op accumulates into (+=) are read first, so accumulation happens in double.
 // Inputs are fully copied before any output is written, so aliasing (rmsnorm out = x,
 // cross-entropy dlogits = logits, in-place rope) needs no special case.
+#include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "ops/backend.h"
 #include "ops/ref/ref_kernels.h"
@@ -171,7 +173,7 @@ void kv_append_paged(Tensor& k_pages, Tensor& v_pages, const Tensor& k, const Te
 }
 
 void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages, const Tensor& v_pages,
-                             const Tensor& tables, const Tensor& pos) {
+                             const Tensor& tables, const Tensor& pos, const AttnVariant& av) {
   const int64_t s_n = q.dim(1), hkv = k_pages.dim(2), dh = k_pages.dim(3), row = hkv * dh;
   for (int64_t b = 0; b < q.dim(0); ++b) {
     const int64_t past = pos.data<int32_t>()[b], n = past + s_n;
@@ -183,7 +185,7 @@ void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages
         vc.data<float>()[p * row + i] = v_pages.data<float>()[page_offset(v_pages, tables, b, p) + i];
       }
     Tensor ob = out.rows(b, b + 1);
-    attention_forward(ob, q.rows(b, b + 1), kc, vc, past);
+    attention_forward(ob, q.rows(b, b + 1), kc, vc, past, av);
   }
 }
 
@@ -212,6 +214,62 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
   Wide o(yp);
   f64::expert_ffn_forward(o.p(), nullptr, nullptr, x.p(), ints(offsets), a.p(), c.p(), b.p(), rs.p(), w1.dim(0),
                           w1.dim(1), w1.dim(2));
+  o.store(yp);
+}
+
+namespace {
+// f64 views of the op variants (variants.h); the Wide holders keep the copies alive.
+struct WideAttn {
+  Wide sinks;
+  f64::AttnF64 av;
+  explicit WideAttn(const AttnVariant& v) : sinks(v.sinks) { av = {sinks.p(), v.window}; }
+};
+struct WideBias {
+  Wide b1, b3, b2, db1, db3, db2;
+  f64::BiasF64 bias;
+  WideBias(const ExpertBias& b, const ExpertBias* g)
+      : b1(b.b1), b3(b.b3), b2(b.b2), db1(g ? g->b1 : Tensor()), db3(g ? g->b3 : Tensor()), db2(g ? g->b2 : Tensor()) {
+    bias = {b1.p(), b3.p(), b2.p(), db1.p(), db3.p(), db2.p()};
+  }
+  void store(ExpertBias* g) const {
+    if (!g) return;
+    db1.store(g->b1);
+    db3.store(g->b3);
+    db2.store(g->b2);
+  }
+};
+f64::GluF64 glu_f64(const ExpertGlu& g) { return {g.alpha, g.limit}; }
+
+void rope_table(Tensor& x, int64_t past, const RopeTable& rt, double sign) {
+  std::vector<double> freq = rt.inv_freq;
+  const int64_t half = x.dim(3) / 2;
+  if (freq.empty())
+    for (int64_t i = 0; i < half; ++i) freq.push_back(std::pow(double(rt.theta), -double(2 * i) / double(x.dim(3))));
+  Wide xx(x);
+  f64::rope_rotate_table(xx.p(), x.dim(0), x.dim(1), x.dim(2), x.dim(3), past, freq.data(), rt.attention_factor, sign);
+  xx.store(x);
+}
+}  // namespace
+
+void rope_forward(Tensor& x, int64_t past, const RopeTable& rt) { rope_table(x, past, rt, 1.0); }
+void rope_backward(Tensor& dx, int64_t past, const RopeTable& rt) { rope_table(dx, past, rt, -1.0); }
+
+void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t past,
+                       const AttnVariant& av) {
+  Wide qq(q), kc(k_cache), vc(v_cache), o = out_buf(out);
+  WideAttn wa(av);
+  f64::attention_forward(o.p(), qq.p(), kc.p(), vc.p(), q.dim(0), q.dim(1), q.dim(2), k_cache.dim(2), q.dim(3),
+                         k_cache.dim(1), past, wa.av);
+  o.store(out);
+}
+
+void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1, const Tensor& w3,
+                        const Tensor& w2, const Tensor& row_scale, const ExpertGlu& glu, const ExpertBias& bias) {
+  Wide x(xp), a(w1), c(w3), b(w2), rs(row_scale);
+  Wide o(yp);
+  WideBias wb(bias, nullptr);
+  f64::expert_ffn_forward(o.p(), nullptr, nullptr, x.p(), ints(offsets), a.p(), c.p(), b.p(), rs.p(), w1.dim(0),
+                          w1.dim(1), w1.dim(2), nullptr, glu_f64(glu), wb.bias);
   o.store(yp);
 }
 
@@ -303,20 +361,26 @@ void rope_backward(Tensor& dx, int64_t past, float theta) {
   g.store(dx);
 }
 
-void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v) {
+void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                             const AttnVariant& av) {
   Wide qq(q), kk(k), vv(v), o = out_buf(out), l = out_buf(lse);
+  WideAttn wa(av);
   f64::attention_forward_train(o.p(), l.p(), qq.p(), kk.p(), vv.p(), q.dim(0), q.dim(1), q.dim(2), k.dim(2),
-                               q.dim(3));
+                               q.dim(3), wa.av);
   o.store(out);
   l.store(lse);
 }
 
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q, const Tensor& k,
-                        const Tensor& v, const Tensor& out, const Tensor& lse) {
+                        const Tensor& v, const Tensor& out, const Tensor& lse, const AttnVariant& av,
+                        Tensor* dsinks) {
   Wide gq = out_buf(dq), gk = out_buf(dk), gv = out_buf(dv);
   Wide go(dout), qq(q), kk(k), vv(v), oo(out), l(lse);
+  WideAttn wa(av);
+  Wide gs(dsinks ? *dsinks : Tensor());
   f64::attention_backward(gq.p(), gk.p(), gv.p(), go.p(), qq.p(), kk.p(), vv.p(), oo.p(), l.p(), q.dim(0), q.dim(1),
-                          q.dim(2), k.dim(2), q.dim(3));
+                          q.dim(2), k.dim(2), q.dim(3), wa.av, gs.p());
+  if (dsinks) gs.store(*dsinks);
   gq.store(dq);
   gk.store(dk);
   gv.store(dv);
@@ -393,13 +457,14 @@ void lora_backward(Tensor& dx, Tensor& da, Tensor& db, const Tensor& dy, int64_t
 
 void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp, const Tensor& offsets,
                               const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
-                              const ExpertLora& lora) {
+                              const ExpertLora& lora, const ExpertGlu& glu, const ExpertBias& bias) {
   Wide x(xp), a(w1), c(w3), b(w2), rs(row_scale);
   Wide o(yp), g1(h1), g3(h3);  // rows outside every expert keep their values (not written)
   WideLora l1(lora.w1, nullptr, true), l3(lora.w3, nullptr, true), l2(lora.w2, nullptr, true);
   const f64::LoraF64 ls[3] = {l1.l, l3.l, l2.l};
+  WideBias wb(bias, nullptr);
   f64::expert_ffn_forward(o.p(), g1.p(), g3.p(), x.p(), ints(offsets), a.p(), c.p(), b.p(), rs.p(), w1.dim(0),
-                          w1.dim(1), w1.dim(2), ls);
+                          w1.dim(1), w1.dim(2), ls, glu_f64(glu), wb.bias);
   o.store(yp);
   g1.store(h1);
   g3.store(h3);
@@ -408,16 +473,23 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
 void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale, const Tensor& dyp,
                          const Tensor& xp, const Tensor& h1, const Tensor& h3, const Tensor& offsets,
                          const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
-                         const ExpertLora& lora, ExpertLora* dlora) {
+                         const ExpertLora& lora, ExpertLora* dlora, const ExpertGlu& glu, const ExpertBias& bias,
+                         ExpertBias* dbias) {
   Wide gx(dxp), g1(dw1), g3(dw3), g2(dw2), gr(drow_scale);  // rows/experts not touched keep their values
   Wide gy(dyp), x(xp), a1(h1), a3(h3), a(w1), c(w3), b(w2), rs(row_scale);
   WideLora l1(lora.w1, dlora ? &dlora->w1 : nullptr, true), l3(lora.w3, dlora ? &dlora->w3 : nullptr, true);
   WideLora l2(lora.w2, dlora ? &dlora->w2 : nullptr, true);
-  const f64::LoraF64 ls[3] = {l1.l, l3.l, l2.l};
+  f64::LoraF64 ls[3] = {l1.l, l3.l, l2.l};
+  // Gate and up sharing one A (fused experts, train/lora_fused.h): one f64 gradient for both.
+  const bool shared_da = dlora && dlora->w1.a.defined() && dlora->w1.a.raw() == dlora->w3.a.raw();
+  if (shared_da) ls[1].da = ls[0].da;
+  WideBias wb(bias, dbias);
   f64::expert_ffn_backward(gx.p(), g1.p(), g3.p(), g2.p(), gr.p(), gy.p(), x.p(), a1.p(), a3.p(), ints(offsets),
-                           a.p(), c.p(), b.p(), rs.p(), w1.dim(0), w1.dim(1), w1.dim(2), ls);
+                           a.p(), c.p(), b.p(), rs.p(), w1.dim(0), w1.dim(1), w1.dim(2), ls, glu_f64(glu), wb.bias);
+  wb.store(dbias);
   if (dlora) l1.store(&dlora->w1);
-  if (dlora) l3.store(&dlora->w3);
+  if (dlora && shared_da) l3.db.store(dlora->w3.b);
+  if (dlora && !shared_da) l3.store(&dlora->w3);
   if (dlora) l2.store(&dlora->w2);
   gx.store(dxp);
   g1.store(dw1);

@@ -2,6 +2,7 @@
 // from the op comments in ops.h. Clarity over speed: no blocking, no threads, no intrinsics.
 #include "ops/ref/ref_kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -65,7 +66,44 @@ double dot(const double* a, const double* b, int64_t n) {
   return s;
 }
 
+// The gated activation and its partial derivatives (GluF64; limit 0: silu(h1)·h3).
+double glu(double h1, double h3, const GluF64& g) {
+  if (g.limit == 0) return silu(h1) * h3;
+  const double x = std::min(h1, g.limit), u = std::clamp(h3, -g.limit, g.limit);
+  return x * sigmoid(g.alpha * x) * (u + 1.0);
+}
+void glu_grad(double h1, double h3, const GluF64& g, double* d1, double* d3) {
+  if (g.limit == 0) {
+    *d1 = h3 * silu_grad(h1);
+    *d3 = silu(h1);
+    return;
+  }
+  const double x = std::min(h1, g.limit), u = std::clamp(h3, -g.limit, g.limit), sg = sigmoid(g.alpha * x);
+  *d1 = h1 <= g.limit ? sg * (1.0 + g.alpha * x * (1.0 - sg)) * (u + 1.0) : 0.0;
+  *d3 = h3 >= -g.limit && h3 <= g.limit ? x * sg : 0.0;
+}
+
+// First key visible from position pos under a window (0: none).
+int64_t first_key(int64_t pos, int64_t window) { return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0; }
+
 }  // namespace
+
+void rope_rotate_table(double* x, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh, int64_t past,
+                       const double* inv_freq, double factor, double sign) {
+  const int64_t half = dh / 2;
+  for (int64_t b = 0; b < b_n; ++b)
+    for (int64_t s = 0; s < s_n; ++s)
+      for (int64_t h = 0; h < h_n; ++h) {
+        double* v = x + ((b * s_n + s) * h_n + h) * dh;
+        for (int64_t i = 0; i < half; ++i) {
+          const double ang = double(past + s) * inv_freq[i];
+          const double c = factor * std::cos(ang), sn = sign * factor * std::sin(ang);
+          const double a = v[i], bb = v[i + half];
+          v[i] = a * c - bb * sn;
+          v[i + half] = bb * c + a * sn;
+        }
+      }
+}
 
 // ---- forward ----
 
@@ -96,45 +134,52 @@ void rope_forward(double* x, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh, 
 }
 
 void attention_forward(double* out, const double* q, const double* k_cache, const double* v_cache, int64_t b_n,
-                       int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh, int64_t cap, int64_t past) {
+                       int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh, int64_t cap, int64_t past,
+                       const AttnF64& av) {
   const double scale = 1.0 / std::sqrt(double(dh));
   const int64_t group = h_n / hkv;
-  std::vector<double> sc_buf(static_cast<size_t>(past + s_n));
+  // Scores of the visible keys, then the sink as one more column (dropped after the softmax).
+  std::vector<double> sc_buf(static_cast<size_t>(past + s_n + 1));
   double* sc = sc_buf.data();
   for (int64_t b = 0; b < b_n; ++b)
     for (int64_t s = 0; s < s_n; ++s)
       for (int64_t h = 0; h < h_n; ++h) {
         const double* qr = q + ((b * s_n + s) * h_n + h) * dh;
-        const int64_t kvh = h / group, n_keys = past + s + 1;
-        for (int64_t j = 0; j < n_keys; ++j) sc[j] = dot(qr, k_cache + ((b * cap + j) * hkv + kvh) * dh, dh) * scale;
-        softmax(sc, sc, n_keys);
+        const int64_t kvh = h / group, j0 = first_key(past + s, av.window), n_keys = past + s + 1 - j0;
+        for (int64_t j = 0; j < n_keys; ++j)
+          sc[j] = dot(qr, k_cache + ((b * cap + j0 + j) * hkv + kvh) * dh, dh) * scale;
+        const int64_t cols = n_keys + (av.sinks ? 1 : 0);
+        if (av.sinks) sc[n_keys] = av.sinks[h];
+        softmax(sc, sc, cols);
         double* o = out + ((b * s_n + s) * h_n + h) * dh;
         for (int64_t i = 0; i < dh; ++i) {
           double acc = 0;
-          for (int64_t j = 0; j < n_keys; ++j) acc += sc[j] * v_cache[((b * cap + j) * hkv + kvh) * dh + i];
+          for (int64_t j = 0; j < n_keys; ++j) acc += sc[j] * v_cache[((b * cap + j0 + j) * hkv + kvh) * dh + i];
           o[i] = acc;
         }
       }
 }
 
 void attention_forward_train(double* out, double* lse, const double* q, const double* k, const double* v,
-                             int64_t b_n, int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh) {
+                             int64_t b_n, int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh, const AttnF64& av) {
   const double scale = 1.0 / std::sqrt(double(dh));
   const int64_t group = h_n / hkv;
-  std::vector<double> sc_buf(static_cast<size_t>(s_n));
+  std::vector<double> sc_buf(static_cast<size_t>(s_n + 1));
   double* sc = sc_buf.data();
   for (int64_t b = 0; b < b_n; ++b)
     for (int64_t h = 0; h < h_n; ++h)
       for (int64_t s = 0; s < s_n; ++s) {
         const double* qr = q + ((b * s_n + s) * h_n + h) * dh;
-        const int64_t kvh = h / group;
-        for (int64_t j = 0; j <= s; ++j) sc[j] = dot(qr, k + ((b * s_n + j) * hkv + kvh) * dh, dh) * scale;
-        const double l = logsumexp(sc, s + 1);
+        const int64_t kvh = h / group, j0 = first_key(s, av.window);
+        for (int64_t j = j0; j <= s; ++j) sc[j] = dot(qr, k + ((b * s_n + j) * hkv + kvh) * dh, dh) * scale;
+        // lse over the visible keys and the sink column.
+        if (av.sinks) sc[s + 1] = av.sinks[h];
+        const double l = logsumexp(sc + j0, s + 1 - j0 + (av.sinks ? 1 : 0));
         if (lse) lse[(b * h_n + h) * s_n + s] = l;
         double* o = out + ((b * s_n + s) * h_n + h) * dh;
         for (int64_t i = 0; i < dh; ++i) {
           double acc = 0;
-          for (int64_t j = 0; j <= s; ++j) acc += std::exp(sc[j] - l) * v[((b * s_n + j) * hkv + kvh) * dh + i];
+          for (int64_t j = j0; j <= s; ++j) acc += std::exp(sc[j] - l) * v[((b * s_n + j) * hkv + kvh) * dh + i];
           o[i] = acc;
         }
       }
@@ -280,7 +325,7 @@ LoraF64 at_row(const LoraF64& l, int64_t p) {
 
 void expert_ffn_forward(double* yp, double* h1, double* h3, const double* xp, const int32_t* offsets,
                         const double* w1, const double* w3, const double* w2, const double* row_scale, int64_t e_n,
-                        int64_t f, int64_t d, const LoraF64* lora) {
+                        int64_t f, int64_t d, const LoraF64* lora, const GluF64& gl, const BiasF64& bias) {
   std::vector<double> a_buf(static_cast<size_t>(f)), g1_buf(static_cast<size_t>(f)), g3_buf(static_cast<size_t>(f));
   double* a = a_buf.data();
   for (int64_t e = 0; e < e_n; ++e) {
@@ -301,11 +346,13 @@ void expert_ffn_forward(double* yp, double* h1, double* h3, const double* xp, co
       if (l1.a) lora_forward(g1, f, 0, xp + p * d, at_row(l1, p), 1, f, d);
       if (l3.a) lora_forward(g3, f, 0, xp + p * d, at_row(l3, p), 1, f, d);
       for (int64_t i = 0; i < f; ++i) {
+        if (bias.b1) g1[i] += bias.b1[e * f + i];
+        if (bias.b3) g3[i] += bias.b3[e * f + i];
         if (h1) h1[p * f + i] = g1[i];
         if (h3) h3[p * f + i] = g3[i];
-        a[i] = silu(g1[i]) * g3[i] * s;
+        a[i] = glu(g1[i], g3[i], gl) * s;
       }
-      for (int64_t o = 0; o < d; ++o) yp[p * d + o] = dot(a, w2e + o * f, f);
+      for (int64_t o = 0; o < d; ++o) yp[p * d + o] = dot(a, w2e + o * f, f) + (bias.b2 ? s * bias.b2[e * d + o] : 0.0);
       if (l2.a) lora_forward(yp + p * d, d, 0, a, at_row(l2, p), 1, d, f);
     }
   }
@@ -434,7 +481,7 @@ void rope_backward(double* dx, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh
 //   dq_s = scale sum_j ds_sj k_j;  dk_j += scale ds_sj q_s.
 void attention_backward(double* dq, double* dk, double* dv, const double* dout, const double* q, const double* k,
                         const double* v, const double* out, const double* lse, int64_t b_n, int64_t s_n,
-                        int64_t h_n, int64_t hkv, int64_t dh) {
+                        int64_t h_n, int64_t hkv, int64_t dh, const AttnF64& av, double* dsinks) {
   const double scale = 1.0 / std::sqrt(double(dh));
   const int64_t group = h_n / hkv;
   for (int64_t i = 0; i < b_n * s_n * hkv * dh; ++i) dk[i] = dv[i] = 0;
@@ -445,7 +492,9 @@ void attention_backward(double* dq, double* dk, double* dv, const double* dout, 
         const double l = lse[(b * h_n + h) * s_n + s];
         const double dd = dot(dout + qoff, out + qoff, dh);
         for (int64_t i = 0; i < dh; ++i) dq[qoff + i] = 0;
-        for (int64_t j = 0; j <= s; ++j) {
+        // The sink column: d lse / d sink = p_sink, and its dp is 0 (no value).
+        if (av.sinks && dsinks) dsinks[h] -= std::exp(av.sinks[h] - l) * dd;
+        for (int64_t j = first_key(s, av.window); j <= s; ++j) {
           const int64_t koff = ((b * s_n + j) * hkv + kvh) * dh;
           const double p = std::exp(dot(q + qoff, k + koff, dh) * scale - l);
           const double dp = dot(dout + qoff, v + koff, dh);
@@ -513,7 +562,8 @@ void permute_weights_backward(double* dtopk_w, const double* drow_scale, const i
 void expert_ffn_backward(double* dxp, double* dw1, double* dw3, double* dw2, double* drow_scale, const double* dyp,
                          const double* xp, const double* h1, const double* h3, const int32_t* offsets,
                          const double* w1, const double* w3, const double* w2, const double* row_scale,
-                         int64_t e_n, int64_t f, int64_t d, const LoraF64* lora) {
+                         int64_t e_n, int64_t f, int64_t d, const LoraF64* lora, const GluF64& gl,
+                         const BiasF64& bias) {
   std::vector<double> u_buf(static_cast<size_t>(f));
   double* u = u_buf.data();
   std::vector<double> a_buf(static_cast<size_t>(f));
@@ -536,7 +586,7 @@ void expert_ffn_backward(double* dxp, double* dw1, double* dw3, double* dw2, dou
       const double* g1 = h1 + p * f;
       const double* g3 = h3 + p * f;
       const double* dy = dyp + p * d;
-      for (int64_t i = 0; i < f; ++i) a[i] = silu(g1[i]) * g3[i];
+      for (int64_t i = 0; i < f; ++i) a[i] = glu(g1[i], g3[i], gl);
       // du = dyp w2[e] (over D); dw2[e] += dyp^T u with u = a s.
       for (int64_t i = 0; i < f; ++i) {
         double acc = 0;
@@ -550,11 +600,18 @@ void expert_ffn_backward(double* dxp, double* dw1, double* dw3, double* dw2, dou
       if (dw2)
         for (int64_t o = 0; o < d; ++o)
           for (int64_t i = 0; i < f; ++i) dw2[e * d * f + o * f + i] += dy[o] * a[i] * s;
-      if (drow_scale) drow_scale[p] = dot(du, a, f);
+      // y = s · (a w2ᵀ + b2): ds = du·a + dy·b2;  db2 += s dy.
+      if (drow_scale) drow_scale[p] = dot(du, a, f) + (bias.b2 ? dot(dy, bias.b2 + e * d, d) : 0.0);
+      if (bias.db2)
+        for (int64_t o = 0; o < d; ++o) bias.db2[e * d + o] += s * dy[o];
       for (int64_t i = 0; i < f; ++i) {
         const double da = du[i] * s;
-        dh1[i] = da * g3[i] * silu_grad(g1[i]);
-        dh3[i] = da * silu(g1[i]);
+        double d1, d3;
+        glu_grad(g1[i], g3[i], gl, &d1, &d3);
+        dh1[i] = da * d1;
+        dh3[i] = da * d3;
+        if (bias.db1) bias.db1[e * f + i] += dh1[i];
+        if (bias.db3) bias.db3[e * f + i] += dh3[i];
       }
       for (int64_t c = 0; c < d; ++c) {
         double acc = 0;

@@ -19,6 +19,21 @@ namespace moe {
 namespace ref {
 namespace f64 {
 
+// Variants (ops/variants.h) in f64: sinks [H] (nullable) and a sliding window (0: none);
+// the clamped gated activation (limit 0: plain SwiGLU); expert biases b1, b3 [E,F], b2 [E,D]
+// and their gradients (+=), each nullable.
+struct AttnF64 {
+  const double* sinks = nullptr;
+  int64_t window = 0;
+};
+struct GluF64 {
+  double alpha = 1, limit = 0;
+};
+struct BiasF64 {
+  const double *b1 = nullptr, *b3 = nullptr, *b2 = nullptr;
+  double *db1 = nullptr, *db3 = nullptr, *db2 = nullptr;
+};
+
 // ---- forward ----
 
 // out [T,D] = table [V,D] rows ids [T] (each id checked to be in [0,V)).
@@ -35,14 +50,18 @@ void linear_forward(double* out, const double* x, const double* w, const double*
 
 // In place on x [B,S,H,Dh]: HF rotate_half rotary embedding at positions past + s.
 void rope_forward(double* x, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh, int64_t past, double theta);
+// The same with frequencies inv_freq [Dh/2] and cos, sin × factor; sign -1: its transpose.
+void rope_rotate_table(double* x, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh, int64_t past,
+                       const double* inv_freq, double factor, double sign);
 
 // Causal GQA attention of q [B,S,H,Dh] over caches [B,C,Hkv,Dh] (keys 0..past+s).
 void attention_forward(double* out, const double* q, const double* k_cache, const double* v_cache, int64_t b_n,
-                       int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh, int64_t cap, int64_t past);
+                       int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh, int64_t cap, int64_t past,
+                       const AttnF64& av = {});
 
 // Training attention (no cache): q [B,S,H,Dh], k, v [B,S,Hkv,Dh]; lse [B,H,S] nullable.
 void attention_forward_train(double* out, double* lse, const double* q, const double* k, const double* v,
-                             int64_t b_n, int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh);
+                             int64_t b_n, int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh, const AttnF64& av = {});
 
 // Softmax over E, the K largest logits (ties: lower index), renormalised when `renorm`.
 // idx [T,K], w [T,K], logits [T,E]; bias [E] nullable: select by probability + bias.
@@ -81,7 +100,8 @@ struct LoraF64 {
 // lora: the adapters of w1, w3, w2 (nullptr: none).
 void expert_ffn_forward(double* yp, double* h1, double* h3, const double* xp, const int32_t* offsets,
                         const double* w1, const double* w3, const double* w2, const double* row_scale, int64_t e_n,
-                        int64_t f, int64_t d, const LoraF64* lora = nullptr);
+                        int64_t f, int64_t d, const LoraF64* lora = nullptr, const GluF64& glu = {},
+                        const BiasF64& bias = {});
 
 // out[n, col0 + j] += scale · sum_q (x[n] · a[q]) b[j,q];  out rows of ldo, x [N,Kd], a [r,Kd], b [M,r].
 void lora_forward(double* out, int64_t ldo, int64_t col0, const double* x, const LoraF64& l, int64_t n, int64_t m,
@@ -135,7 +155,7 @@ void rope_backward(double* dx, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh
 // dq [B,S,H,Dh], dk, dv [B,S,Hkv,Dh] assigned, from dout, q, k, v, out and lse of the forward.
 void attention_backward(double* dq, double* dk, double* dv, const double* dout, const double* q, const double* k,
                         const double* v, const double* out, const double* lse, int64_t b_n, int64_t s_n,
-                        int64_t h_n, int64_t hkv, int64_t dh);
+                        int64_t h_n, int64_t hkv, int64_t dh, const AttnF64& av = {}, double* dsinks = nullptr);
 
 // dlogits [T,E] assigned: gradient of the top-k weights (fixed selection idx) w.r.t. logits.
 void router_topk_backward(double* dlogits, const double* dtopk_w, const double* logits, const int32_t* idx,
@@ -154,7 +174,8 @@ void permute_weights_backward(double* dtopk_w, const double* drow_scale, const i
 void expert_ffn_backward(double* dxp, double* dw1, double* dw3, double* dw2, double* drow_scale, const double* dyp,
                          const double* xp, const double* h1, const double* h3, const int32_t* offsets,
                          const double* w1, const double* w3, const double* w2, const double* row_scale,
-                         int64_t e_n, int64_t f, int64_t d, const LoraF64* lora = nullptr);
+                         int64_t e_n, int64_t f, int64_t d, const LoraF64* lora = nullptr, const GluF64& glu = {},
+                         const BiasF64& bias = {});
 
 // dh1, dh3 assigned (n elements) for out = silu(h1) * h3.
 void swiglu_backward(double* dh1, double* dh3, const double* dout, const double* h1, const double* h3, int64_t n);
