@@ -198,9 +198,10 @@ void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& 
   MOE_DISPATCH(k_cache.device(), kv_append(k_cache, v_cache, k, v, past));
 }
 
-void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                       int64_t past) {
-  const char* op = "attention_forward";
+// The shapes attention_forward (plain and variant) takes: out, q [B,S,H,Dh]; caches [B,C,Hkv,Dh]
+// holding positions [0, past+S).
+static void check_attention_args(const char* op, const Tensor& out, const Tensor& q, const Tensor& k_cache,
+                                 const Tensor& v_cache, int64_t past) {
   check_ndim(op, "q", q, 4);
   check_ndim(op, "k_cache", k_cache, 4);
   check_float(op, "q", q);
@@ -212,6 +213,12 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
             (long long)q.dim(2), (long long)k_cache.dim(2));
   MOE_CHECK(past >= 0 && past + q.dim(1) <= k_cache.dim(1), "%s: past %lld + %lld exceeds cache %lld", op,
             (long long)past, (long long)q.dim(1), (long long)k_cache.dim(1));
+}
+
+void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                       int64_t past) {
+  const char* op = "attention_forward";
+  check_attention_args(op, out, q, k_cache, v_cache, past);
   check_device(op, out.device(), {&q, &k_cache, &v_cache});
   MOE_DISPATCH(out.device(), attention_forward(out, q, k_cache, v_cache, past));
 }
@@ -895,17 +902,7 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
                        const AttnVariant& av) {
   if (av.plain()) return attention_forward(out, q, k_cache, v_cache, past);
   const char* op = "attention_forward";
-  check_ndim(op, "q", q, 4);
-  check_ndim(op, "k_cache", k_cache, 4);
-  check_float(op, "q", q);
-  MOE_CHECK(out.shape() == q.shape(), "%s: out %s != q %s", op, out.shape_str().c_str(), q.shape_str().c_str());
-  MOE_CHECK(k_cache.shape() == v_cache.shape(), "%s: k/v cache shapes differ", op);
-  MOE_CHECK(q.dim(0) == k_cache.dim(0) && q.dim(3) == k_cache.dim(3), "%s: q %s vs cache %s", op,
-            q.shape_str().c_str(), k_cache.shape_str().c_str());
-  MOE_CHECK(q.dim(2) % k_cache.dim(2) == 0, "%s: %lld heads not a multiple of %lld kv heads", op,
-            (long long)q.dim(2), (long long)k_cache.dim(2));
-  MOE_CHECK(past >= 0 && past + q.dim(1) <= k_cache.dim(1), "%s: past %lld + %lld exceeds cache %lld", op,
-            (long long)past, (long long)q.dim(1), (long long)k_cache.dim(1));
+  check_attention_args(op, out, q, k_cache, v_cache, past);
   check_attn_variant(op, av, q.dim(2), out.device());
   check_device(op, out.device(), {&q, &k_cache, &v_cache});
   MOE_VARIANT_DISPATCH(out.device(), op, attention_forward(out, q, k_cache, v_cache, past, av));
