@@ -52,15 +52,21 @@ bool g_reference = false;
     }                                            \
   } while (0)
 
+// The CPU backends: the naive reference under `moe --reference`, else the optimised kernels.
+#define MOE_CPU_DISPATCH(call) \
+  do {                         \
+    if (g_reference)           \
+      ref::call;               \
+    else                       \
+      cpu::call;               \
+  } while (0)
+
 // Training ops run on the CPU only until the CUDA training issue lands.
 #define MOE_TRAIN_DISPATCH(dev, op, call)                                                         \
   do {                                                                                            \
     MOE_CHECK((dev) == Device::CPU, "%s: training ops are not implemented on %s yet (CPU only)", \
               op, device_name(dev));                                                              \
-    if (g_reference)                                                                              \
-      ref::call;                                                                                  \
-    else                                                                                          \
-      cpu::call;                                                                                  \
+    MOE_CPU_DISPATCH(call);                                                                       \
   } while (0)
 
 // Op variants (variants.h) run on the CPU backends only for now; the plain variant of an
@@ -71,10 +77,7 @@ bool g_reference = false;
               "%s: this variant (sinks, sliding window, scaled RoPE, clamped SwiGLU or expert "   \
               "biases) runs on the CPU only for now, not on %s",                                  \
               op, device_name(dev));                                                              \
-    if (g_reference)                                                                              \
-      ref::call;                                                                                  \
-    else                                                                                          \
-      cpu::call;                                                                                  \
+    MOE_CPU_DISPATCH(call);                                                                       \
   } while (0)
 
 void check_f32(const char* op, const char* arg, const Tensor& t) {

@@ -167,7 +167,7 @@ bool from_sentencepiece(const std::string& dir, GgufVocab* v, std::string* why) 
   return true;
 }
 
-bool from_tokenizer_json(const std::string& dir, GgufVocab* v, std::string* why) {
+bool from_tokenizer_json(const std::string& dir, const json& cfg, GgufVocab* v, std::string* why) {
   const std::string path = dir + "/tokenizer.json";
   const json tj = parse_json_object(read_file(path, kMaxTokenizerFileBytes), path);
   if (!tj.contains("model") || !tj["model"].is_object() || tj["model"].value("type", std::string()) != "BPE") {
@@ -234,7 +234,7 @@ bool from_tokenizer_json(const std::string& dir, GgufVocab* v, std::string* why)
         v->merges.push_back(mg[0].get<std::string>() + " " + mg[1].get<std::string>());
       }
     }
-  special_ids(Tokenizer::from_dir(dir), v);
+  special_ids(Tokenizer::from_json(tj, cfg, path), v);  // the JSON already parsed, not read again
   return true;
 }
 
@@ -262,7 +262,7 @@ std::optional<GgufVocab> gguf_vocab_from_dir(const std::string& dir, int64_t voc
   const std::string cpath = dir + "/tokenizer_config.json";
   if (is_regular_file(cpath)) cfg = parse_json_object(read_file(cpath), cpath);
   GgufVocab v;
-  const bool ok = has_model ? from_sentencepiece(dir, &v, why) : from_tokenizer_json(dir, &v, why);
+  const bool ok = has_model ? from_sentencepiece(dir, &v, why) : from_tokenizer_json(dir, cfg, &v, why);
   if (!ok) return std::nullopt;
   if (vocab_size > 0 && static_cast<int64_t>(v.tokens.size()) > vocab_size) {
     *why = dir + ": the tokenizer has " + std::to_string(v.tokens.size()) + " tokens, more than the model's " +
