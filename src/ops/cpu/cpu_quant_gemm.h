@@ -18,7 +18,7 @@
 //   avx512vnni   as avx512 with vpdpbusd / vpdpwssd (plus AVX512_VNNI)
 // Threaded with OpenMP over tiles of output columns (weight rows: 8 per tile for one activation
 // row, 2 otherwise); activation rows are taken 1-4 at a time per tile so each weight block is
-// unpacked once for them, in chunks of 64 rows; the weight streams are prefetched 1 KiB ahead.
+// unpacked once for them, in chunks of 64 rows; the weight streams are prefetched one tile ahead (the next tile's rows).
 #pragma once
 #include <cstdint>
 

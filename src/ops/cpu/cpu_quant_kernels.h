@@ -179,6 +179,48 @@ void tile_q4_0(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
     for (int i = 0; i < RX; ++i) res[r * RX + i] = hsum_ps(acc[r][i]) - 8.0f * corr[r][i];
 }
 
+// Decode (one activation row) of the 32-value formats: one weight row at a time, so each
+// thread reads one sequential stream, which the hardware prefetchers follow at full speed (an
+// 8-row tile reads its rows interleaved and stalled on memory at ~75% of the single-stream
+// rate). Four accumulators over consecutive blocks keep the fmadd chain from bounding it;
+// `blk(acc, b)` adds block b.
+template <class Block>
+inline float row_dot_4acc(int64_t nb, Block blk) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4)
+    for (int j = 0; j < 4; ++j) acc[j] = blk(acc[j], b + j);
+  for (; b < nb; ++b) acc[0] = blk(acc[0], b);
+  return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+#ifndef MOE_QK_ROW_AHEAD
+#define MOE_QK_ROW_AHEAD 1024
+#endif
+constexpr int64_t kRowAhead = MOE_QK_ROW_AHEAD;
+
+// One q8_0 / q4_0 weight row w (nb blocks) against one activation row (q, d, ds of QActs).
+inline float row_q8_0(const uint8_t* w, const int8_t* q, const float* d, const float*, int64_t nb) {
+  return row_dot_4acc(nb, [&](__m256 acc, int64_t b) {
+    const uint8_t* p = w + b * 34;
+    prefetch_ahead(p, kRowAhead, 1);
+    const __m256i wq = load256(p + 2);
+    const __m256i dot = dot_us(_mm256_setzero_si256(), _mm256_sign_epi8(wq, wq), _mm256_sign_epi8(load256(q + b * 32), wq));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(h2f(p) * d[b]), acc);
+  });
+}
+
+inline float row_q4_0(const uint8_t* w, const int8_t* q, const float* d, const float* ds, int64_t nb) {
+  float corr = 0;  // Σ_b dw · da·Σa
+  for (int64_t b = 0; b < nb; ++b) corr += h2f(w + b * 18) * ds[b];
+  return row_dot_4acc(nb, [&](__m256 acc, int64_t b) {
+    const uint8_t* p = w + b * 18;
+    if ((b & 1) == 0) prefetch_ahead(p, kRowAhead, 1);
+    const __m256i dot = dot_us(_mm256_setzero_si256(), unpack_q4_0(p + 2), load256(q + b * 32));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(h2f(p) * d[b]), acc);
+  }) - 8.0f * corr;
+}
+
 // ---- K-quants: 256-value super-blocks against q8_K-style activations (d, q[256], bsum[16]) ----
 
 // The 6-bit scales (bytes 0-7) and mins (bytes 8-15) of the 8 sub-blocks of a q4_K/q5_K block
@@ -436,16 +478,29 @@ void run_fmt(const QuantJob& jb) {
   }
 }
 
-#ifndef MOE_QK_DECODE_ROWS
-#define MOE_QK_DECODE_ROWS 8
-#endif
-constexpr int kDecodeRows = MOE_QK_DECODE_ROWS;
+// Decode of the 32-value formats: rows one at a time (row_q8_0 / row_q4_0), each thread a
+// contiguous range of them.
+template <float (*Row)(const uint8_t*, const int8_t*, const float*, const float*, int64_t)>
+void run_rows(const QuantJob& jb) {
+  const QActs& a = *jb.a;
+  const int64_t nb = jb.k / 32;
+#pragma omp parallel for schedule(static) if(jb.m * jb.k > 65536)
+  for (int64_t r = 0; r < jb.m; ++r) {
+    const float v = Row(jb.w + static_cast<size_t>(r) * jb.row_bytes, a.qs, a.d, a.ds, nb);
+    jb.out[r] = jb.accumulate ? jb.out[r] + v : v;
+  }
+}
 
 template <DType WT>
 void run_type(const QuantJob& jb) {
-  // One activation row (decode): 4 weight rows per tile keep 4 independent chains in flight;
-  // more rows: 2, as the RX = 4 activation rows already give 8.
-  if (jb.a->n == 1) run_fmt<WT, kDecodeRows>(jb);
+  // More activation rows: 2 weight rows per tile, as the RX = 4 activation rows already give
+  // 8 independent chains.
+  if constexpr (WT == DType::Q8_0 || WT == DType::Q4_0) {
+    if (jb.a->n == 1) return run_rows<WT == DType::Q8_0 ? row_q8_0 : row_q4_0>(jb);
+  }
+  // One activation row of the K-quants: 8 weight rows per tile, 8 independent chains (their
+  // 144-210-byte super-blocks already give each row long sequential runs).
+  if (jb.a->n == 1) run_fmt<WT, 8>(jb);
   else run_fmt<WT, 2>(jb);
 }
 
