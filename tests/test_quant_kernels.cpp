@@ -134,8 +134,9 @@ TEST(QuantKernels, EveryVariantMatchesReferences) {
   const std::vector<cpu::QuantIsa> vs = variants();
   ASSERT_FALSE(vs.empty()) << "the build targets AVX2; this CPU runs none of the variants";
   // n = 1 (decode), 3 (a remainder tile), 5, 67 (crosses the 64-row activation chunk);
-  // odd block counts exercise the 512-bit loops' tails; m = 1 and 7 partial weight tiles.
-  const Shape3 shapes[] = {{1, 7, 1}, {1, 37, 3}, {3, 5, 2}, {5, 11, 5}, {67, 9, 3}, {2, 1, 4}};
+  // odd block counts exercise the 512-bit loops' tails; m = 1 and 7 partial weight tiles;
+  // decode with 9 blocks runs the 4-block groups of the one-row q8_0/q4_0 kernels and a tail.
+  const Shape3 shapes[] = {{1, 7, 1}, {1, 37, 3}, {1, 13, 9}, {3, 5, 2}, {5, 11, 5}, {67, 9, 3}, {2, 1, 4}};
   uint32_t seed = 1;
   for (DType t : kQuantTypes) {
     const int64_t be = dtype_block_elems(t);
