@@ -211,8 +211,13 @@ inline float row_q8_0(const uint8_t* w, const int8_t* q, const float* d, const f
 }
 
 inline float row_q4_0(const uint8_t* w, const int8_t* q, const float* d, const float* ds, int64_t nb) {
-  float corr = 0;  // Σ_b dw · da·Σa
-  for (int64_t b = 0; b < nb; ++b) corr += h2f(w + b * 18) * ds[b];
+  // Σ_b dw · da·Σa, in four partial sums: one scalar chain bounded the kernel.
+  float c[4] = {0, 0, 0, 0};
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4)
+    for (int j = 0; j < 4; ++j) c[j] += h2f(w + (b + j) * 18) * ds[b + j];
+  for (; b < nb; ++b) c[0] += h2f(w + b * 18) * ds[b];
+  const float corr = (c[0] + c[1]) + (c[2] + c[3]);
   return row_dot_4acc(nb, [&](__m256 acc, int64_t b) {
     const uint8_t* p = w + b * 18;
     if ((b & 1) == 0) prefetch_ahead(p, kRowAhead, 1);
