@@ -12,9 +12,12 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
+
+#include <strings.h>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
@@ -202,6 +205,9 @@ void run_bench(const BenchOpts& o) {
                  device_name(dev));
   else
     std::fprintf(stderr, "bench %s: %s on %s; measuring rooflines...\n", o.what.c_str(), o.model.c_str(), device_name(dev));
+  if (const char* wp = std::getenv("OMP_WAIT_POLICY"); dev == Device::CPU && o.what == "decode" && wp && strcasecmp(wp, "passive") == 0)
+    std::fprintf(stderr, "note: OMP_WAIT_POLICY=passive: the worker threads sleep after every projection and a decode step "
+                         "wakes them ~10 times per layer; expect lower and noisier numbers than with the default policy\n");
   double bw = measure_copy_bandwidth(dev);
   double read_bw = dev == Device::CPU && o.what == "decode" ? measure_read_bandwidth_cpu() : 0.0;
   double peak = measure_gemm_peak(dev);
