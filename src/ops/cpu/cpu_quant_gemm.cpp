@@ -153,9 +153,11 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   const int64_t blk = quant_act_block(wdt), nbk = k / blk;
   const size_t q_bytes = static_cast<size_t>(n * k), d_bytes = static_cast<size_t>(n * nbk) * 4;
   const size_t x_bytes = blk == 32 ? static_cast<size_t>(n * nbk) * 4 : static_cast<size_t>(n * (k / 16 + k / 32)) * 2;
+  const bool pairs = wdt == DType::Q4_0;  // QActs::d4 / s4 and the pair-regrouped qs
+  const size_t p_bytes = pairs ? static_cast<size_t>(n * nbk) * 16 : 0;
   auto align = [](size_t v) { return (v + 63) / 64 * 64; };
-  Tensor ws = Tensor::empty({static_cast<int64_t>(align(q_bytes) + align(d_bytes) + x_bytes)}, DType::U8,
-                            MemCategory::Workspace);
+  Tensor ws = Tensor::empty({static_cast<int64_t>(align(q_bytes) + align(d_bytes) + align(x_bytes) + 2 * p_bytes)},
+                            DType::U8, MemCategory::Workspace);
   auto* base = static_cast<uint8_t*>(ws.raw());
   int8_t* qs = reinterpret_cast<int8_t*>(base);
   float* dd = reinterpret_cast<float*>(base + align(q_bytes));
@@ -163,6 +165,8 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   float* ds = blk == 32 ? static_cast<float*>(extra) : nullptr;
   int16_t* bs = blk == 32 ? nullptr : static_cast<int16_t*>(extra);
   int16_t* bs32 = bs ? bs + n * (k / 16) : nullptr;
+  float* d4 = pairs ? reinterpret_cast<float*>(base + align(q_bytes) + align(d_bytes) + align(x_bytes)) : nullptr;
+  int32_t* s4 = pairs ? reinterpret_cast<int32_t*>(base + align(q_bytes) + align(d_bytes) + align(x_bytes) + p_bytes) : nullptr;
 #pragma omp parallel for schedule(static) if(n * k > 65536)
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t b = 0; b < nbk; ++b) {
@@ -170,7 +174,17 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
       const float d = quant_block(x + r * k + b * blk, blk, qs + r * k + b * blk, &sum, bs ? bs + r * (k / 16) + b * (blk / 16) : nullptr);
       dd[r * nbk + b] = d;
       if (ds) ds[r * nbk + b] = d * static_cast<float>(sum);
+      if (pairs)
+        for (int j = 0; j < 4; ++j) d4[(r * nbk + b) * 4 + j] = d, s4[(r * nbk + b) * 4 + j] = 2 * sum;
     }
+    if (pairs)
+      for (int64_t b = 0; b + 2 <= nbk; b += 2) {  // [b 0-15 | b 16-31 | b+1 0-15 | b+1 16-31] -> QActs order
+        int8_t* p = qs + r * k + b * 32;
+        int8_t t[16];
+        std::memcpy(t, p + 16, 16);
+        std::memcpy(p + 16, p + 32, 16);
+        std::memcpy(p + 32, t, 16);
+      }
     if (bs32)
       for (int64_t j = 0; j < k / 32; ++j)
         bs32[r * (k / 32) + j] = static_cast<int16_t>(bs[r * (k / 16) + 2 * j] + bs[r * (k / 16) + 2 * j + 1]);
@@ -184,6 +198,8 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   a.ds = ds;
   a.bsum = bs;
   a.bsum32 = bs32;
+  a.d4 = d4;
+  a.s4 = s4;
   QuantJob job;
   job.wdt = wdt;
   job.w = static_cast<const uint8_t*>(w);

@@ -154,29 +154,73 @@ inline __m256i unpack_q4_0(const uint8_t* qs) {
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
 }
 
+// Two q4_0 blocks (b, b+1) starting at p0 as one 256-bit vector of nibbles [b | b+1] (their
+// 16-byte runs joined): lo = values 0-15 of each, hi = values 16-31, against the pair-regrouped
+// activations (QActs::qs for q4_0). Returns Σ(q-8)·a per 128-bit lane: 4 int32 lanes per block,
+// the -8 offset taken off in integers with s4 (2·Σa in each lane).
+struct Q4Pair {
+  __m256i lo, hi;
+};
+inline Q4Pair q4_0_pair_load(const uint8_t* p0) {
+  const __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + 2))),
+                                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + 20)), 1);
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  return {_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4)};
+}
+inline __m256i q4_0_pair_dot(const Q4Pair& w, const int8_t* qa, const int32_t* s4) {
+  const __m256i alo = load256(qa), ahi = load256(qa + 32);
+#if MOE_QK_VNNI
+  const __m256i dot = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.lo, alo), w.hi, ahi);
+#else
+  // u8 <= 15 against |s8| <= 127: each maddubs lane <= 3810, the sum of two fits int16.
+  const __m256i dot = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w.lo, alo), _mm256_maddubs_epi16(w.hi, ahi)),
+                                        _mm256_set1_epi16(1));
+#endif
+  return _mm256_sub_epi32(dot, load256(s4));
+}
+// dw of blocks b and b+1, each in one 128-bit lane.
+inline __m256 q4_0_pair_scales(const uint8_t* p0) {
+  return _mm256_set_m128(_mm_set1_ps(h2f(p0 + 18)), _mm_set1_ps(h2f(p0)));
+}
+
 template <int RW, int RX>
 void tile_q4_0(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, float* res) {
   ARows<RX> ar(a, x0);
-  float corr[RW][RX] = {};  // Σ_b dw · da·Σa
+  const float* d4[RX];
+  const int32_t* s4[RX];
+  for (int i = 0; i < RX; ++i) d4[i] = a.d4 + (x0 + i) * nb * 4, s4[i] = a.s4 + (x0 + i) * nb * 4;
   __m256 acc[RW][RX];
   for (int r = 0; r < RW; ++r)
     for (int i = 0; i < RX; ++i) acc[r][i] = _mm256_setzero_ps();
   const int64_t ahead = RW * nb * 18;
-  for (int64_t b = 0; b < nb; ++b) {
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
     for (int r = 0; r < RW; ++r) {
       const uint8_t* p = wr[r] + b * 18;
-      if ((b & 1) == 0) prefetch_ahead(p, ahead, 1);  // 36-byte steps < 64: every line is touched
-      const float dw = h2f(p);
-      const __m256i wq = unpack_q4_0(p + 2);
+      prefetch_ahead(p, ahead, 1);
+      const Q4Pair w = q4_0_pair_load(p);
+      const __m256 dw = q4_0_pair_scales(p);
       for (int i = 0; i < RX; ++i) {
-        const __m256i dot = dot_us(_mm256_setzero_si256(), wq, load256(ar.q[i] + b * 32));
+        const __m256i dot = q4_0_pair_dot(w, ar.q[i] + b * 32, s4[i] + b * 4);
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, _mm256_loadu_ps(d4[i] + b * 4)), acc[r][i]);
+      }
+    }
+  }
+  if (b < nb) {  // odd block count: the last block alone (its activations are not regrouped)
+    for (int r = 0; r < RW; ++r) {
+      const uint8_t* p = wr[r] + b * 18;
+      const __m256i wq = unpack_q4_0(p + 2);
+      const float dw = h2f(p);
+      for (int i = 0; i < RX; ++i) {
+        // 8 int32 lanes cover the whole block: subtract 8·Σa as 1·Σa per lane.
+        const __m256i dot = _mm256_sub_epi32(dot_us(_mm256_setzero_si256(), wq, load256(ar.q[i] + b * 32)),
+                                             _mm256_set1_epi32(s4[i][b * 4] / 2));
         acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * ar.d[i][b]), acc[r][i]);
-        corr[r][i] += dw * ar.ds[i][b];
       }
     }
   }
   for (int r = 0; r < RW; ++r)
-    for (int i = 0; i < RX; ++i) res[r * RX + i] = hsum_ps(acc[r][i]) - 8.0f * corr[r][i];
+    for (int i = 0; i < RX; ++i) res[r * RX + i] = hsum_ps(acc[r][i]);
 }
 
 // Decode (one activation row) of the 32-value formats: one weight row at a time, so each
@@ -199,8 +243,10 @@ inline float row_dot_4acc(int64_t nb, Block blk) {
 #endif
 constexpr int64_t kRowAhead = MOE_QK_ROW_AHEAD;
 
-// One q8_0 / q4_0 weight row w (nb blocks) against one activation row (q, d, ds of QActs).
-inline float row_q8_0(const uint8_t* w, const int8_t* q, const float* d, const float*, int64_t nb) {
+// One q8_0 weight row w (nb blocks) against the one activation row of a.
+inline float row_q8_0(const uint8_t* w, const QActs& a, int64_t nb) {
+  const int8_t* q = a.qs;
+  const float* d = a.d;
   return row_dot_4acc(nb, [&](__m256 acc, int64_t b) {
     const uint8_t* p = w + b * 34;
     prefetch_ahead(p, kRowAhead, 1);
@@ -210,48 +256,27 @@ inline float row_q8_0(const uint8_t* w, const int8_t* q, const float* d, const f
   });
 }
 
-// q4_0 takes two blocks per 256-bit vector: their 16-byte nibble runs joined, the activations
-// regrouped to match (low halves of both blocks, then high halves), one multiply-add chain for
-// the pair, each 128-bit lane scaled by its block's dw·da. This halves the per-block vector work
-// that bounded the one-block loop (half the bytes of q8_0 per block, the same work).
-inline __m256 q4_0_pair(const uint8_t* p0, const int8_t* q, const float* d, __m256 acc) {
-  const uint8_t* p1 = p0 + 18;
-  const __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + 2))),
-                                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p1 + 2)), 1);
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-  const __m256i a0 = load256(q), a1 = load256(q + 32);
-  const __m256i alo = _mm256_permute2x128_si256(a0, a1, 0x20), ahi = _mm256_permute2x128_si256(a0, a1, 0x31);
-#if MOE_QK_VNNI
-  const __m256i dot = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, alo), hi, ahi);
-#else
-  // u8 <= 15 against |s8| <= 127: each maddubs lane <= 3810, the sum of two fits int16.
-  const __m256i dot = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_maddubs_epi16(hi, ahi)),
-                                        _mm256_set1_epi16(1));
-#endif
-  const __m256 sc = _mm256_set_m128(_mm_set1_ps(h2f(p1) * d[1]), _mm_set1_ps(h2f(p0) * d[0]));
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc);
-}
-
-inline float row_q4_0(const uint8_t* w, const int8_t* q, const float* d, const float* ds, int64_t nb) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  float c[4] = {0, 0, 0, 0};  // Σ_b dw · da·Σa in four partial sums
+// q4_0 decode: pairs of blocks as in tile_q4_0 (q4_0_pair_*), two accumulators.
+inline float row_q4_0(const uint8_t* w, const QActs& a, int64_t nb) {
+  const int8_t* q = a.qs;
+  const float* d4 = a.d4;
+  const int32_t* s4 = a.s4;
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t b = 0;
-  for (; b + 4 <= nb; b += 4) {
+  for (; b + 2 <= nb; b += 2) {
     const uint8_t* p = w + b * 18;
     prefetch_ahead(p, kRowAhead, 1);
-    prefetch_ahead(p + 36, kRowAhead, 1);
-    acc0 = q4_0_pair(p, q + b * 32, d + b, acc0);
-    acc1 = q4_0_pair(p + 36, q + b * 32 + 64, d + b + 2, acc1);
-    for (int j = 0; j < 4; ++j) c[j] += h2f(p + j * 18) * ds[b + j];
+    const __m256i dot = q4_0_pair_dot(q4_0_pair_load(p), q + b * 32, s4 + b * 4);
+    acc[(b >> 1) & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(q4_0_pair_scales(p), _mm256_loadu_ps(d4 + b * 4)),
+                                        acc[(b >> 1) & 1]);
   }
-  for (; b < nb; ++b) {
+  if (b < nb) {
     const uint8_t* p = w + b * 18;
-    const __m256i dot = dot_us(_mm256_setzero_si256(), unpack_q4_0(p + 2), load256(q + b * 32));
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(h2f(p) * d[b]), acc0);
-    c[0] += h2f(p) * ds[b];
+    const __m256i dot = _mm256_sub_epi32(dot_us(_mm256_setzero_si256(), unpack_q4_0(p + 2), load256(q + b * 32)),
+                                         _mm256_set1_epi32(s4[b * 4] / 2));
+    acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(h2f(p) * d4[b * 4]), acc[0]);
   }
-  return hsum_ps(_mm256_add_ps(acc0, acc1)) - 8.0f * ((c[0] + c[1]) + (c[2] + c[3]));
+  return hsum_ps(_mm256_add_ps(acc[0], acc[1]));
 }
 
 // ---- K-quants: 256-value super-blocks against q8_K-style activations (d, q[256], bsum[16]) ----
@@ -513,13 +538,13 @@ void run_fmt(const QuantJob& jb) {
 
 // Decode of the 32-value formats: rows one at a time (row_q8_0 / row_q4_0), each thread a
 // contiguous range of them.
-template <float (*Row)(const uint8_t*, const int8_t*, const float*, const float*, int64_t)>
+template <float (*Row)(const uint8_t*, const QActs&, int64_t)>
 void run_rows(const QuantJob& jb) {
   const QActs& a = *jb.a;
   const int64_t nb = jb.k / 32;
 #pragma omp parallel for schedule(static) if(jb.m * jb.k > 65536)
   for (int64_t r = 0; r < jb.m; ++r) {
-    const float v = Row(jb.w + static_cast<size_t>(r) * jb.row_bytes, a.qs, a.d, a.ds, nb);
+    const float v = Row(jb.w + static_cast<size_t>(r) * jb.row_bytes, a, nb);
     jb.out[r] = jb.accumulate ? jb.out[r] + v : v;
   }
 }
