@@ -18,7 +18,10 @@
 //   avx512vnni   as avx512 with vpdpbusd / vpdpwssd (plus AVX512_VNNI)
 // Threaded with OpenMP over tiles of output columns (weight rows: 8 per tile for one activation
 // row, 2 otherwise); activation rows are taken 1-4 at a time per tile so each weight block is
-// unpacked once for them, in chunks of 64 rows; the weight streams are prefetched one tile ahead (the next tile's rows).
+// unpacked once for them, in chunks of 64 rows; the weight streams are prefetched one tile ahead
+// (the next tile's rows). Decode of q8_0/q4_0 reads one weight row at a time instead (each
+// thread one sequential stream). q4_0 takes two blocks per 256-bit vector against activations
+// regrouped per block pair (QActs::d4/s4 in cpu_quant_impl.h).
 #pragma once
 #include <cstdint>
 
