@@ -29,6 +29,12 @@ inline float h2f(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
+inline int ld_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
 // Software prefetch of the weight bytes the NEXT tile will read at this step. A tile's RW rows
@@ -263,9 +269,25 @@ inline float row_q4_0(const uint8_t* w, const QActs& a, int64_t nb) {
   const int32_t* s4 = a.s4;
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
+  for (; b + 4 <= nb; b += 4) {
     const uint8_t* p = w + b * 18;
     prefetch_ahead(p, kRowAhead, 1);
+    prefetch_ahead(p + 36, kRowAhead, 1);
+    // The four f16 scales in one conversion, spread to one 128-bit lane per block.
+    __m128i h = _mm_cvtsi32_si128(ld_u16(p));
+    h = _mm_insert_epi16(h, ld_u16(p + 18), 1);
+    h = _mm_insert_epi16(h, ld_u16(p + 36), 2);
+    h = _mm_insert_epi16(h, ld_u16(p + 54), 3);
+    const __m256 dw = _mm256_castps128_ps256(_mm_cvtph_ps(h));
+    const __m256 dw01 = _mm256_permutevar8x32_ps(dw, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    const __m256 dw23 = _mm256_permutevar8x32_ps(dw, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3));
+    const __m256i dot0 = q4_0_pair_dot(q4_0_pair_load(p), q + b * 32, s4 + b * 4);
+    const __m256i dot1 = q4_0_pair_dot(q4_0_pair_load(p + 36), q + b * 32 + 64, s4 + b * 4 + 8);
+    acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot0), _mm256_mul_ps(dw01, _mm256_loadu_ps(d4 + b * 4)), acc[0]);
+    acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot1), _mm256_mul_ps(dw23, _mm256_loadu_ps(d4 + b * 4 + 8)), acc[1]);
+  }
+  for (; b + 2 <= nb; b += 2) {
+    const uint8_t* p = w + b * 18;
     const __m256i dot = q4_0_pair_dot(q4_0_pair_load(p), q + b * 32, s4 + b * 4);
     acc[(b >> 1) & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(q4_0_pair_scales(p), _mm256_loadu_ps(d4 + b * 4)),
                                         acc[(b >> 1) & 1]);
