@@ -14,9 +14,12 @@
 # Fine-tuning (bench/finetune_vs_torch.sh sets these): MODE=lora TARGETS=q_proj,k_proj,...
 #        runs `moe bench finetune --target-modules TARGETS` against the peer's --mode lora with the
 #        same targets, r 16, alpha 16 (MOE_ARGS=--load-in-4bit: QLoRA against the same peer).
-# Run it with OMP_WAIT_POLICY=passive (the default here): both programs use libgomp, whose
-# spinning threads fight the peer's own OpenBLAS pthread pool for the cores — with it unset the
-# torch peer ran 2.5x slower on 2 cores, a crippled baseline (bench/results/train-2026-12-02-c).
+# Thread settings, each program with its best: the torch peer runs with OMP_WAIT_POLICY=passive
+# (PEER_OMP_WAIT_POLICY): its libgomp threads, spinning, fight its own OpenBLAS pthread pool for
+# the cores — unset, the peer ran 2.5x slower on 2 cores, a crippled baseline
+# (bench/results/train-2026-12-02-c). Our engine has one pool (libgomp, OpenBLAS-openmp) and runs
+# with libgomp's default policy (MOE_OMP_WAIT_POLICY to override): passive made it 5-13% slower
+# on the small preset, as every short parallel region then wakes sleeping threads.
 # Needs bench/setup_torch.sh once (python3-torch, python3-numpy, pthread OpenBLAS).
 # Never fails on time: the numbers are reported, not asserted.
 set -euo pipefail
@@ -45,11 +48,14 @@ mkdir -p "$OUT"
 WORK="$(mktemp -d /tmp/moe-train-bench-XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 export OMP_NUM_THREADS="$THREADS"
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
+unset OMP_WAIT_POLICY
+PEER_OMP_WAIT_POLICY="${PEER_OMP_WAIT_POLICY:-passive}"
+MOE_ENV=()
+[[ -n "${MOE_OMP_WAIT_POLICY:-}" ]] && MOE_ENV=("OMP_WAIT_POLICY=$MOE_OMP_WAIT_POLICY")
 
 note_load() {  # the machine's load next to every measurement: > cores means a shared, noisy machine
   echo "# $(date -u +%FT%TZ) uptime:$(uptime | sed 's/.*load average/ load average/') (cores: $(nproc))" \
-    "OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-unset}"
+    "OMP_WAIT_POLICY: moe ${MOE_OMP_WAIT_POLICY:-default}, peer ${PEER_OMP_WAIT_POLICY}"
 }
 
 # run_case NAME MODEL_DIR BATCH SEQ [extra moe args...]
@@ -60,12 +66,12 @@ run_case() {
   { note_load; echo "\$ moe bench ${MOE_BENCH[*]} --model $dir --batch $batch --seq $seq --steps $STEPS --warmup-steps 1 --json $* ${MOE_ARGS:-}"; } \
     > "$OUT/$name-moe.log"
   # shellcheck disable=SC2086  # MOE_ARGS is a list of flags
-  "$MOE" bench "${MOE_BENCH[@]}" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup-steps 1 --json "$@" ${MOE_ARGS:-} \
+  env "${MOE_ENV[@]}" "$MOE" bench "${MOE_BENCH[@]}" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup-steps 1 --json "$@" ${MOE_ARGS:-} \
     >> "$OUT/$name-moe.log" 2>&1
   note_load >> "$OUT/$name-moe.log"
   { note_load; echo "\$ torch_moe_baseline.py ${PEER_MODE[*]} --model $dir --batch $batch --seq $seq --steps $STEPS --threads $THREADS --json"; } \
     > "$OUT/$name-torch.log"
-  "$PY" "$TORCH_PY" "${PEER_MODE[@]}" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup 1 \
+  OMP_WAIT_POLICY="$PEER_OMP_WAIT_POLICY" "$PY" "$TORCH_PY" "${PEER_MODE[@]}" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup 1 \
     --threads "$THREADS" --json >> "$OUT/$name-torch.log" 2>&1
   note_load >> "$OUT/$name-torch.log"
 }
