@@ -310,6 +310,8 @@ void add_generate_command(CLI::App& app) {
     std::printf("load %.2f s | prefill %lld tokens in %.3f s (%.1f tokens/s) | decode %lld tokens in %.3f s (%.1f tokens/s)\n",
                 t_load, (long long)n_prompt, t_prefill, double(n_prompt) / t_prefill, (long long)n_dec, t_decode,
                 n_dec > 0 ? double(n_dec) / t_decode : 0.0);
+    std::printf("kv cache %lld bytes/token%s\n", (long long)m.kv_bytes_per_token(),
+                m.config().is_mla() ? " (MLA latent: kv_lora_rank + qk_rope_head_dim per layer)" : "");
     std::printf("%s", mem_report().c_str());
   });
 }

@@ -125,6 +125,7 @@ void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& 
 }
 
 void attention_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a, Tensor& qkv) {
+  if (c.is_mla()) return mla_block_forward(c, w, a);
   const int64_t b_n = a.q.dim(0), s_n = a.q.dim(1), t_n = b_n * s_n;
   const QkvDims dm = qkv_dims(c);
   const float eps = float(c.rms_norm_eps);
@@ -149,6 +150,7 @@ void attention_block_forward(const ModelConfig& c, const LayerWeights& w, LayerA
 
 void attention_block_backward(const ModelConfig& c, const LayerWeights& w, const LayerActs& a,
                               const Tensor& dx_mid, Tensor& dx_in, LayerWeights& g, Tensor& dqkv) {
+  if (c.is_mla()) return mla_block_backward(c, w, a, dx_mid, dx_in, g);
   const int64_t b_n = a.q.dim(0), s_n = a.q.dim(1), t_n = b_n * s_n;
   const QkvDims dm = qkv_dims(c);
   const MemCategory act = MemCategory::Activations;

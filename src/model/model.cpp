@@ -465,6 +465,12 @@ void Model::add_kv_layers(KVCache& kv, int64_t rows, int64_t positions) const {
                                     MemCategory::KvCache, opt_.device));
 }
 
+int64_t Model::kv_bytes_per_token() const {
+  const ModelConfig& c = cfg_;
+  const int64_t per_layer = c.is_mla() ? c.kv_lora_rank + c.qk_rope_head_dim : 2 * c.n_head_kv * c.head_dim;
+  return per_layer * c.n_layer * static_cast<int64_t>(dtype_size(opt_.act_dtype));
+}
+
 KVCache Model::make_paged_cache(int64_t slots, int64_t n_blocks, int64_t block_size) const {
   MOE_CHECK(opt_.device == Device::CPU, "the paged KV cache is CPU only (got %s)", device_name(opt_.device));
   MOE_CHECK(slots > 0 && n_blocks > 0 && block_size > 0, "paged KV cache: %lld slots, %lld blocks of %lld positions",

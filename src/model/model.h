@@ -162,6 +162,9 @@ class Model {
   DType act_dtype() const { return opt_.act_dtype; }
 
   KVCache make_cache(int64_t batch, int64_t capacity) const;
+  // Bytes one cached position takes over all layers: keys and values (2·Hkv·Dh per layer), or the
+  // MLA latent (kv_lora_rank + qk_rope_head_dim per layer), times the activation dtype's size.
+  int64_t kv_bytes_per_token() const;
   // A paged cache (CPU): n_blocks blocks of block_size positions for `slots` sequence slots.
   KVCache make_paged_cache(int64_t slots, int64_t n_blocks, int64_t block_size) const;
   // ids [B,S] i32 (host or device); row i continues its slot at cache.pos[slot], which
