@@ -49,7 +49,7 @@ const ArchSpec kArchs[] = {
      .shared_expert_gate = nullptr, .dense_gate = L "mlp.gate_proj", .dense_up = L "mlp.up_proj",
      .dense_down = L "mlp.down_proj", .q_a_proj = L "self_attn.q_a_proj", .q_a_norm = L "self_attn.q_a_layernorm",
      .q_b_proj = L "self_attn.q_b_proj", .kv_a_proj = L "self_attn.kv_a_proj_with_mqa",
-     .kv_a_norm = L "self_attn.kv_a_layernorm", .kv_b_proj = L "self_attn.kv_b_proj"},
+     .kv_a_norm = L "self_attn.kv_a_layernorm", .kv_b_proj = L "self_attn.kv_b_proj", .aux_loss = false},
     {.model_type = "deepseek_v3", .hf_architecture = "DeepseekV3ForCausalLM", .embed = "model.embed_tokens",
      .final_norm = "model.norm", .lm_head = "lm_head", .attn_norm = L "input_layernorm",
      .ffn_norm = L "post_attention_layernorm", .q_proj = L "self_attn.q_proj", .k_proj = nullptr, .v_proj = nullptr,
@@ -61,7 +61,7 @@ const ArchSpec kArchs[] = {
      .dense_down = L "mlp.down_proj", .q_a_proj = L "self_attn.q_a_proj", .q_a_norm = L "self_attn.q_a_layernorm",
      .q_b_proj = L "self_attn.q_b_proj", .kv_a_proj = L "self_attn.kv_a_proj_with_mqa",
      .kv_a_norm = L "self_attn.kv_a_layernorm", .kv_b_proj = L "self_attn.kv_b_proj", .yarn_softmax_mscale = true,
-     .router_sigmoid = true, .router_renorm_eps = 1e-20, .router_select_bias = true},
+     .router_sigmoid = true, .router_renorm_eps = 1e-20, .router_select_bias = true, .aux_loss = false},
 };
 #undef L
 

@@ -56,6 +56,7 @@ struct ArchSpec {
   bool router_sigmoid = false;       // sigmoid router scores (DeepSeek-V3), else softmax
   double router_renorm_eps = 0;      // added to the renormalising sum (DeepSeek-V3: 1e-20)
   bool router_select_bias = false;   // the router has a selection bias buffer "<router>.e_score_correction_bias" (V3)
+  bool aux_loss = true;               // the HF model returns a load-balancing loss (DeepSeek: none, reported 0)
   // A shared expert without shared_expert_gate (DeepSeek) is added unweighted.
 };
 

@@ -220,11 +220,11 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
       add(tensor_name(a.q_proj, l), lw.wq, l);
       add(tensor_name(a.k_proj, l), lw.wk, l);
       add(tensor_name(a.v_proj, l), lw.wv, l);
+      add(tensor_name(a.q_proj, l, -1, ".bias"), lw.bq, l);
+      add(tensor_name(a.k_proj, l, -1, ".bias"), lw.bk, l);
+      add(tensor_name(a.v_proj, l, -1, ".bias"), lw.bv, l);
     }
     add(tensor_name(a.o_proj, l), lw.wo, l);
-    add(tensor_name(a.q_proj, l, -1, ".bias"), lw.bq, l);
-    add(tensor_name(a.k_proj, l, -1, ".bias"), lw.bk, l);
-    add(tensor_name(a.v_proj, l, -1, ".bias"), lw.bv, l);
     add(tensor_name(a.o_proj, l, -1, ".bias"), lw.bo, l);
     if (c.qk_norm != QkNormKind::None) {
       add(tensor_name(a.q_norm, l), lw.q_norm, l);
@@ -387,8 +387,11 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
       }
       z += st.z_sum;
     }
+    // Families whose HF model returns no load-balancing loss (DeepSeek) report 0 unless a
+    // coefficient asks for one.
     double aux = 0;
-    for (int64_t e = 0; e < e_n; ++e) aux += (cnt[e] / n_rows) * (ps[e] / n_rows);
+    if (arch_spec(c.model_type).aux_loss || opt.aux_coef != 0)
+      for (int64_t e = 0; e < e_n; ++e) aux += (cnt[e] / n_rows) * (ps[e] / n_rows);
     res.aux_loss = double(e_n) * aux;
     res.z_loss = z / n_rows;
     if (opt.aux_coef != 0) {
