@@ -49,7 +49,7 @@ void add_init_command(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("init", "write a random model in HF format (config.json + model.safetensors)");
-  cmd->add_option("--arch", o->arch, "mixtral, qwen2_moe, qwen3_moe, olmoe or gpt_oss")->capture_default_str();
+  cmd->add_option("--arch", o->arch, "mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v2 or deepseek_v3")->capture_default_str();
   cmd->add_option("--preset", o->preset, "tiny, small, medium (~1B) or 8x7b")->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_option("--dtype", o->dtype, "auto (f32 for tiny/small, bf16 for larger), f32 or bf16")

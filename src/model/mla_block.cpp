@@ -203,13 +203,15 @@ void mla_block_backward(const ModelConfig& c, const LayerWeights& w, const Layer
     Tensor dkv = Tensor::empty({t_n, m.h * (m.dn + m.dv)}, DType::F32, kAct);
     Tensor dkpe = Tensor::zeros({b_n, s_n, 1, m.dr}, DType::F32, kAct);
     Tensor dkpe2 = dkpe.view({t_n, m.dr}), tmp = Tensor::empty({t_n, m.dr}, DType::F32, kAct);
-    Tensor dk2 = dk.view({t_n, m.h * m.dq}), dv2 = dv.view({t_n, m.h * m.dq});
-    for (int64_t hh = 0; hh < m.h; ++hh) {
-      copy_columns(dkv, hh * (m.dn + m.dv), dk2, hh * m.dq, m.dn);
-      copy_columns(dkv, hh * (m.dn + m.dv) + m.dn, dv2, hh * m.dq, m.dv);
-      copy_columns(tmp, 0, dk2, hh * m.dq + m.dn, m.dr);
-      add_inplace(dkpe2, tmp);
-    }
+    {
+      const Tensor dk2 = dk.view({t_n, m.h * m.dq}), dv2 = dv.view({t_n, m.h * m.dq});
+      for (int64_t hh = 0; hh < m.h; ++hh) {
+        copy_columns(dkv, hh * (m.dn + m.dv), dk2, hh * m.dq, m.dn);
+        copy_columns(dkv, hh * (m.dn + m.dv) + m.dn, dv2, hh * m.dq, m.dv);
+        copy_columns(tmp, 0, dk2, hh * m.dq + m.dn, m.dr);
+        add_inplace(dkpe2, tmp);
+      }
+    }  // the views go first, so that these free dk's and dv's storage
     dk = Tensor();
     dv = Tensor();
     rope_backward(dkpe, 0, rt);

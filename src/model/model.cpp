@@ -10,6 +10,7 @@
 #include <map>
 #include <tuple>
 
+#include "core/fp8.h"
 #include "core/mxfp4.h"
 #include "io/bnb_checkpoint.h"
 #include "io/safetensors.h"
@@ -123,6 +124,14 @@ Tensor stack_rows(const std::vector<Tensor>& parts) {
     r += p.dim(0);
   }
   return out;
+}
+
+// A weight stored as FP8 e4m3 codes with 128×128 block scales (`<name>_scale_inv`, DeepSeek-V3's
+// checkpoints), dequantised to f32 on the host; the mapped codes are released once decoded.
+Tensor fp8_source(const Tensor& codes, const Tensor& scale_inv, const std::string& name) {
+  Tensor t = fp8_block_dequantize(codes, scale_inv, std::string("tensor '").append(name).append("'"));
+  release_mapped(codes);
+  return t;
 }
 
 }  // namespace
@@ -414,9 +423,15 @@ Model Model::load(const Checkpoint& ck, const LoadOptions& opt) {
   Model m;
   m.cfg_ = cfg;
   m.opt_ = opt;
-  // Weights stored in bitsandbytes' 4-bit format are decoded here (NF4 blocks, io/bnb_checkpoint.h).
+  // Weights stored in bitsandbytes' 4-bit format are decoded here (NF4 blocks, io/bnb_checkpoint.h),
+  // and DeepSeek-V3's FP8 weights with their block scales (core/fp8.h).
   build(
-      cfg, [&](const std::string& name) { return is_bnb4_weight(ck, name) ? read_bnb4_weight(ck, name) : ck.get(name); },
+      cfg,
+      [&](const std::string& name) {
+        if (is_bnb4_weight(ck, name)) return read_bnb4_weight(ck, name);
+        if (ck.has(name + "_scale_inv")) return fp8_source(ck.get(name), ck.get(name + "_scale_inv"), name);
+        return ck.get(name);
+      },
       [&](const std::string& name) { return ck.has(name); }, opt, &m.w_);
   return m;
 }
@@ -432,6 +447,8 @@ Model Model::from_tensors(const ModelConfig& cfg, const std::vector<std::pair<st
         [&](const std::string& name) {
           auto it = by_name.find(name);
           MOE_CHECK(it != by_name.end(), "missing tensor '%s'", name.c_str());
+          auto sc = by_name.find(name + "_scale_inv");
+          if (sc != by_name.end()) return fp8_source(*it->second, *sc->second, name);
           return *it->second;
         },
         [&](const std::string& name) { return by_name.count(name) > 0; }, opt, &m.w_);
