@@ -207,6 +207,23 @@ TEST(PlanParams, EngineFamiliesAgreeWithTheEngine) {
   EXPECT_EQ(params_total(preset_config("mixtral", "8x7b")), plan_params(catalog_model("Mixtral-8x7B")).total);
 }
 
+// The catalog's DeepSeek entries are engine configs now (the engine's parser accepts them): the
+// planner's own count from config.json equals the engine's tensor list, total and active (V3's
+// MTP module, which the engine does not run, is counted apart by the planner).
+TEST(PlanParams, DeepSeekCatalogEntriesAgreeWithTheEngine) {
+  for (const char* name : {"DeepSeek-V2-Lite", "DeepSeek-V2", "DeepSeek-V3"}) {
+    SCOPED_TRACE(name);
+    const PlanModel m = catalog_model(name);
+    ASSERT_TRUE(m.engine.has_value());
+    EXPECT_TRUE(m.engine->is_mla());
+    const ParamCounts pc = plan_params(m);
+    EXPECT_EQ(pc.total, params_total(*m.engine));
+    EXPECT_EQ(pc.active, params_active(*m.engine));
+    // KV per token: the latent, (kv_lora_rank + qk_rope_head_dim) per layer.
+    EXPECT_EQ(kv_cache_bytes(m, 1, 1, 2), 2 * m.engine->n_layer * (m.engine->kv_lora_rank + m.engine->qk_rope_head_dim));
+  }
+}
+
 TEST(PlanParams, ConfigJsonOfEngineFamilyRoundTrips) {
   ModelConfig c = preset_config("qwen2_moe", "small");
   PlanModel m = plan_model_from_hf_json(hf_config_to_json(c), "test/config.json");

@@ -1,5 +1,5 @@
-// hf_config.cpp — HuggingFace config.json <-> ModelConfig for mixtral, qwen2_moe, qwen3_moe and
-// olmoe.
+// hf_config.cpp — HuggingFace config.json <-> ModelConfig for mixtral, qwen2_moe, qwen3_moe,
+// olmoe, gpt_oss, deepseek_v2 and deepseek_v3.
 //
 // Each family has its own field names and defaults in transformers (MixtralConfig,
 // Qwen2MoeConfig, Qwen3MoeConfig, OlmoeConfig); a field absent from the file takes that class's
