@@ -330,7 +330,7 @@ TEST(HfConfig, Errors) {
   expect_error([] { parse_hf_config("{\"model_type\": ", "bad.json"); }, {"bad.json: malformed JSON:"});
   expect_error([] { parse_hf_config("[1]", "arr.json"); }, {"arr.json", "object"});
   expect_error([] { parse_hf_config(R"({"model_type": "llama"})", "c.json"); },
-               {"c.json: unsupported model_type 'llama' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss)"});
+               {"c.json: unsupported model_type 'llama' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v2, deepseek_v3)"});
   expect_error([] { parse_hf_config(R"({"hidden_size": 4})", "c.json"); }, {"missing field 'model_type'"});
   expect_error([] { load_hf_config("/nonexistent/config.json"); }, {"/nonexistent/config.json", "cannot open"});
 

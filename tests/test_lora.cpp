@@ -70,7 +70,8 @@ TEST_P(LoraReference, GradMatchesPeft) {
   auto gold = SafetensorsFile::open(dir + "/lora_golden.safetensors");
   for (const char* k : {"loss_ce", "aux_loss", "total_loss"}) {
     const double g = scalar(*got, k), r = scalar(*gold, k);
-    EXPECT_LE(std::fabs(g - r) / std::fabs(r), 1e-5) << k << ": " << g << " vs " << r;
+    // DeepSeek's HF models return no aux loss: 0 exactly.
+    EXPECT_LE(r == 0 ? std::fabs(g) : std::fabs(g - r) / std::fabs(r), 1e-5) << k << ": " << g << " vs " << r;
   }
   int n_grads = 0;
   double worst = 0;
@@ -150,7 +151,7 @@ TEST_P(LoraReference, AdapterRoundTrip) {
   EXPECT_EQ(loss_of(a, dir).loss_ce, loss_of(b, dir).loss_ce);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, LoraReference, testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"),
+INSTANTIATE_TEST_SUITE_P(Fixtures, LoraReference, testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3"),
                          [](const testing::TestParamInfo<std::string>& p) { return p.param; });
 
 // Routed experts: the file's tensor of expert e lands in slot e of the stacked factors (a swap
@@ -277,8 +278,10 @@ TEST_P(LoraReference, QloraGradsEqualLoraOnTheDequantizedBase) {
   // gpt_oss's q8_0 gradients differ more (measured up to 9.7%, two tokens re-routed): its
   // clamped SwiGLU with the fixture's large expert biases (±9, units beyond the clamps)
   // amplifies the int8 rounding of the activations.
-  const bool gpt_oss = GetParam() == "gpt_oss";
-  const double tol = qdt == DType::NF4 ? 1e-4 : gpt_oss ? 1.2e-1 : 5e-2;
+  // deepseek_v3's q8_0 gradients too (measured up to 11.9%, four experts re-routed): its group
+  // selection sums two sigmoid scores per group, so one int8-rounded score can swap a whole group.
+  const bool gpt_oss = GetParam() == "gpt_oss", grouped = GetParam() == "deepseek_v3";
+  const double tol = qdt == DType::NF4 ? 1e-4 : gpt_oss || grouped ? 1.5e-1 : 5e-2;
   const std::string dir = fixture(GetParam());
   if (!fs::exists(dir + "/lora")) GTEST_SKIP() << "SKIPPED: fixture adapter not found";
   struct Run {
@@ -295,9 +298,11 @@ TEST_P(LoraReference, QloraGradsEqualLoraOnTheDequantizedBase) {
       // A layer's routed experts are quantized together, or kept f32 together where w2's rows
       // (F wide) are not whole blocks (olmoe's F = 32 under NF4's blocks of 64).
       const bool experts_fit = m.config().moe_intermediate_size % dtype_block_elems(qdt) == 0;
-      EXPECT_EQ(w.layers[0].w1.dtype(), experts_fit ? qdt : DType::F32);
-      EXPECT_EQ(w.layers[0].w2.dtype(), w.layers[0].w1.dtype());
-      EXPECT_EQ(w.layers[0].wqkv.dtype(), qdt);
+      const size_t first_moe = m.config().first_k_dense_replace;  // DeepSeek's layer 0 is dense
+      EXPECT_EQ(w.layers[first_moe].w1.dtype(), experts_fit ? qdt : DType::F32);
+      EXPECT_EQ(w.layers[first_moe].w2.dtype(), w.layers[first_moe].w1.dtype());
+      // MLA: the query and latent projections are quantized; kv_b_proj stays f32 (lora.h).
+      EXPECT_EQ(m.config().is_mla() ? w.layers[0].wkv_a.dtype() : w.layers[0].wqkv.dtype(), qdt);
     } else {
       // The same values in f32: every projection through the block type and back.
       ModelWeights copy = w;
@@ -307,8 +312,10 @@ TEST_P(LoraReference, QloraGradsEqualLoraOnTheDequantizedBase) {
         const LayerWeights& b = copy.layers[l];
         for (auto [dst, src] : {std::pair{&a.wqkv, &b.wqkv}, {&a.wo, &b.wo}, {&a.w1, &b.w1}, {&a.w3, &b.w3},
                                 {&a.w2, &b.w2}, {&a.shared_w1, &b.shared_w1}, {&a.shared_w3, &b.shared_w3},
-                                {&a.shared_w2, &b.shared_w2}})
+                                {&a.shared_w2, &b.shared_w2}, {&a.wq_a, &b.wq_a}, {&a.wq_b, &b.wq_b},
+                                {&a.wkv_a, &b.wkv_a}})
           if (src->defined()) *dst = src->to_dtype(DType::F32, MemCategory::Weights);
+        if (m.config().is_mla()) continue;
         const int64_t qd = m.config().n_head * m.config().head_dim, kvd = m.config().n_head_kv * m.config().head_dim;
         a.wq = a.wqkv.rows(0, qd);
         a.wk = a.wqkv.rows(qd, qd + kvd);
@@ -344,7 +351,7 @@ TEST_P(LoraReference, QloraGradsEqualLoraOnTheDequantizedBase) {
   if (qdt == DType::NF4) {
     EXPECT_TRUE(moved.empty()) << "NF4 products are exact: the routing cannot change";
   }
-  EXPECT_LE(moved.size(), gpt_oss ? 4u : 2u) << "q8_0 rounding moved more tokens than measured";
+  EXPECT_LE(moved.size(), gpt_oss || grouped ? 4u : 2u) << "q8_0 rounding moved more tokens than measured";
   double worst = 0;
   size_t compared = 0;
   for (size_t i = 0; i < q.grads.size(); ++i) {

@@ -787,6 +787,142 @@ std::vector<Case> make_cases() {
       }
     }
   }
+  // ---- op variants (variants.h: DeepSeek) ----
+  // rope on interleaved pairs (plain and YaRN tables); attention with a softmax scale (cache,
+  // paged-free training forward and backward); the router variant (softmax/sigmoid scores, group
+  // selection by max or top-2 sum, selection bias, renormalisation, scaling) and its backward; the
+  // MLA absorbed products.
+  {
+    RopeTable pairs;
+    pairs.theta = 10000;
+    pairs.interleaved = true;
+    RopeTable pairs_yarn = rope_table(10000.0, 8, [] {
+      RopeScaling r;
+      r.kind = RopeScalingKind::Yarn;
+      r.factor = 40;
+      r.original_max_position_embeddings = 64;
+      r.mscale = 1.0;
+      r.mscale_all_dim = 0.5;  // attention_factor != 1
+      return r;
+    }(), 2048);
+    pairs_yarn.interleaved = true;
+    for (const RopeTable* rt : {&pairs, &pairs_yarn})
+      for (int64_t past : {0, 5}) {
+        Tensor x = ten({2, 3, 3, 8}, rnd(2 * 3 * 3 * 8, ++seed));
+        const RopeTable table = *rt;
+        add(std::string("rope_forward_pairs") + (rt == &pairs ? "" : "_yarn") + "_past" + str(past), false, 0.0,
+            [=](Backend b) {
+              Dev g{b};
+              Tensor xx = g.in(x), gg = g.in(x);
+              CALL(b, rope_forward(xx, past, table));
+              CALL(b, rope_backward(gg, past, table));
+              return Outs{{"x", xx}, {"dx", gg}};
+            });
+      }
+    {
+      const int64_t bn = 2, h = 4, hkv = 1, dh = 10;
+      AttnVariant av;
+      av.scale = 0.37f;
+      for (int64_t past : {0, 4}) {
+        const int64_t s = 3, c = past + s + 1;
+        Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+        Tensor kc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
+        add("attention_forward_scale_past" + str(past), false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor out = g.out({bn, s, h, dh});
+          Tensor kk = g.in(kc);  // keys and values one tensor, as MLA's latent cache
+          AttnVariant v = av;
+          CALL(b, attention_forward(out, g.in(q), kk, kk, past, v));
+          return Outs{{"out", out}};
+        });
+      }
+      for (int64_t s : {5, 70}) {
+        Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+        Tensor k = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+        Tensor v = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+        Tensor dout = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+        add("attention_forward_train_scale_S" + str(s), false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor out = g.out({bn, s, h, dh}), lse = g.out({bn, h, s});
+          CALL(b, attention_forward_train(out, lse, g.in(q), g.in(k), g.in(v), av));
+          return Outs{{"out", out}, {"lse", lse}};
+        });
+        Tensor out = Tensor::empty({bn, s, h, dh}, DType::F32, kAct), lse = Tensor::empty({bn, h, s}, DType::F32, kAct);
+        ref::attention_forward_train(out, lse, q, k, v, av);
+        add("attention_backward_scale_S" + str(s), false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor dq = g.out(q.shape()), dk = g.out(k.shape()), dv = g.out(v.shape());
+          CALL(b, attention_backward(dq, dk, dv, g.in(dout), g.in(q), g.in(k), g.in(v), g.in(out), g.in(lse), av));
+          return Outs{{"dq", dq}, {"dk", dk}, {"dv", dv}};
+        });
+      }
+    }
+    struct RvCase {
+      const char* name;
+      RouterVariant rv;
+      bool bias;
+    };
+    auto rvv = [](bool sig, bool renorm, double eps, int64_t ng, int64_t tg, bool top2, double scale) {
+      RouterVariant r;
+      r.sigmoid = sig;
+      r.renorm = renorm;
+      r.renorm_eps = eps;
+      r.n_group = ng;
+      r.topk_group = tg;
+      r.group_top2 = top2;
+      r.scale = scale;
+      return r;
+    };
+    const RvCase rcases[] = {
+        {"v2_greedy", rvv(false, false, 0, 1, 1, false, 1.5), false},
+        {"v2_group", rvv(false, false, 0, 4, 2, false, 2.0), false},
+        {"v3_noaux", rvv(true, true, 1e-20, 4, 2, true, 2.5), true},
+        {"sigmoid_plain", rvv(true, false, 0, 1, 1, false, 1.0), false},
+        {"softmax_renorm_bias", rvv(false, true, 0, 1, 1, false, 0.5), true},
+    };
+    for (const RvCase& rc : rcases)
+      for (int64_t t : {7, 33}) {
+        const int64_t e = 8, k = 2;
+        Tensor lg = ten({t, e}, rnd(t * e, ++seed, 2.0));
+        Tensor bias = rc.bias ? ten({e}, rnd(e, ++seed, 0.3)) : Tensor();
+        const RouterVariant rv = rc.rv;
+        const std::string sh = std::string("_") + rc.name + "_T" + str(t);
+        add("router_topk_forward" + sh, false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor idx = g.outi({t, k}), w = g.out({t, k});
+          CALL(b, router_topk_forward(idx, w, g.in(lg), rv, g.in(bias)));
+          return Outs{{"idx", idx}, {"w", w}};
+        });
+        Tensor idx = Tensor::empty({t, k}, DType::I32, kAct), w = Tensor::empty({t, k}, DType::F32, kAct);
+        ref::router_topk_forward(idx, w, lg, rv, bias);
+        Tensor dw = ten({t, k}, rnd(t * k, ++seed));
+        add("router_topk_backward" + sh, false, 0.0, [=](Backend b) {
+          Dev g{b};
+          Tensor dl = g.out({t, e});
+          CALL(b, router_topk_backward(dl, g.in(dw), g.in(lg), g.in(idx), rv));
+          return Outs{{"dlogits", dl}};
+        });
+      }
+    for (int64_t t : {1, 5}) {
+      const int64_t h = 3, dn = 4, dr = 2, dv = 5, r = 6, dq = dn + dr, rc = r + dr;
+      Tensor q = ten({t, h, dq}, rnd(t * h * dq, ++seed));
+      Tensor kvb = ten({h * (dn + dv), r}, rnd(h * (dn + dv) * r, ++seed));
+      Tensor qc0 = ten({t, h, rc}, rnd(t * h * rc, ++seed));
+      Tensor oc = ten({t, h, rc}, rnd(t * h * rc, ++seed));
+      add("mla_absorb_q_T" + str(t), false, 0.0, [=](Backend b) {
+        Dev g{b};
+        Tensor qc = g.in(qc0);  // columns past R keep their values
+        CALL(b, mla_absorb_q(qc, g.in(q), g.in(kvb), dn, dv));
+        return Outs{{"qc", qc}};
+      });
+      add("mla_absorb_out_T" + str(t), false, 0.0, [=](Backend b) {
+        Dev g{b};
+        Tensor o = g.out({t, h, dv});
+        CALL(b, mla_absorb_out(o, g.in(oc), g.in(kvb), dn, dv));
+        return Outs{{"o", o}};
+      });
+    }
+  }
   // ---- op variants (variants.h: gpt-oss) ----
   // rope with a YaRN table; attention with sinks and a sliding window (cache, training forward
   // and backward incl. dsinks); experts with the clamped SwiGLU and biases (limit 0.8 with inputs
@@ -1603,6 +1739,155 @@ TEST(Grad, ExpertFfnClampedBias) {
   expect_grad("clamped expert db1", fdb1, gb1, vals(db.b1));
   expect_grad("clamped expert db3", fdb3, gb3, vals(db.b3));
   expect_grad("clamped expert db2", fdb2, gb2, vals(db.b2));
+}
+
+// Interleaved pairs (DeepSeek's RoPE): rope_backward is the transpose of rope_forward, with a
+// plain and a YaRN table whose attention factor is not 1.
+TEST(Grad, RopeInterleavedPairs) {
+  RopeScaling rs;
+  rs.kind = RopeScalingKind::Yarn;
+  rs.factor = 40;
+  rs.original_max_position_embeddings = 64;
+  rs.mscale = 1.0;
+  rs.mscale_all_dim = 0.5;
+  for (bool yarn : {false, true}) {
+    RopeTable rt = yarn ? rope_table(10000.0, 8, rs, 2048) : RopeTable{};
+    rt.interleaved = true;
+    std::vector<double> freq = rt.inv_freq;
+    if (freq.empty())
+      for (int i = 0; i < 4; ++i) freq.push_back(std::pow(10000.0, -double(2 * i) / 8.0));
+    const int64_t n = 2 * 3 * 2 * 8, past = 3;
+    std::vector<double> x = rnd(n, 160 + yarn), r = rnd(n, 161);
+    auto loss = [&] {
+      std::vector<double> y = x;
+      ref::f64::rope_rotate_table(y.data(), 2, 3, 2, 8, past, freq.data(), rt.attention_factor, 1.0, true);
+      return dotv(r, y);
+    };
+    std::vector<double> fd = fd_grad(x, loss), g = r;
+    ref::f64::rope_rotate_table(g.data(), 2, 3, 2, 8, past, freq.data(), rt.attention_factor, -1.0, true);
+    Tensor gt = ten({2, 3, 2, 8}, r);
+    rope_backward(gt, past, rt);
+    expect_grad(std::string("rope pairs") + (yarn ? " yarn" : ""), fd, g, vals(gt));
+    // The pair convention itself: element 2i+1 rotates with element 2i, at angle pos·inv_freq[i].
+    std::vector<double> y(8, 0.0);
+    y[2] = 1.0;  // pair 1, first element
+    ref::f64::rope_rotate_table(y.data(), 1, 1, 1, 8, 7, freq.data(), rt.attention_factor, 1.0, true);
+    EXPECT_NEAR(y[2], rt.attention_factor * std::cos(7 * freq[1]), 1e-15);
+    EXPECT_NEAR(y[3], rt.attention_factor * std::sin(7 * freq[1]), 1e-15);
+  }
+}
+
+// A softmax scale other than 1/sqrt(Dh) (MLA): every input's gradient.
+TEST(Grad, AttentionScale) {
+  const int64_t bn = 2, s = 5, h = 4, hkv = 2, dh = 6, nq = bn * s * h * dh, nk = bn * s * hkv * dh;
+  std::vector<double> q = rnd(nq, 170), k = rnd(nk, 171), v = rnd(nk, 172), r = rnd(nq, 173);
+  const double scale = 0.61;
+  auto fwd = [&](std::vector<double>& out, std::vector<double>& lse) {
+    out.assign(static_cast<size_t>(nq), 0);
+    lse.assign(static_cast<size_t>(bn * h * s), 0);
+    ref::f64::attention_forward_train(out.data(), lse.data(), q.data(), k.data(), v.data(), bn, s, h, hkv, dh,
+                                      {nullptr, 0, scale});
+  };
+  auto loss = [&] {
+    std::vector<double> out, lse;
+    fwd(out, lse);
+    return dotv(r, out);
+  };
+  std::vector<double> fdq = fd_grad(q, loss), fdk = fd_grad(k, loss), fdv = fd_grad(v, loss);
+  std::vector<double> out, lse, gq(static_cast<size_t>(nq)), gk(static_cast<size_t>(nk)), gv(static_cast<size_t>(nk));
+  fwd(out, lse);
+  ref::f64::attention_backward(gq.data(), gk.data(), gv.data(), r.data(), q.data(), k.data(), v.data(), out.data(),
+                               lse.data(), bn, s, h, hkv, dh, {nullptr, 0, scale});
+  Tensor qt = ten({bn, s, h, dh}, q), kt = ten({bn, s, hkv, dh}, k), vt = ten({bn, s, hkv, dh}, v);
+  AttnVariant av;
+  av.scale = float(scale);
+  Tensor ot = Tensor::empty(qt.shape(), DType::F32, kAct), lt = Tensor::empty({bn, h, s}, DType::F32, kAct);
+  attention_forward_train(ot, lt, qt, kt, vt, av);
+  Tensor dq = Tensor::empty(qt.shape(), DType::F32, kAct), dk = Tensor::empty(kt.shape(), DType::F32, kAct);
+  Tensor dv = Tensor::empty(vt.shape(), DType::F32, kAct);
+  attention_backward(dq, dk, dv, ten(qt.shape(), r), qt, kt, vt, ot, lt, av);
+  expect_grad("attention scale dq", fdq, gq, vals(dq));
+  expect_grad("attention scale dk", fdk, gk, vals(dk));
+  expect_grad("attention scale dv", fdv, gv, vals(dv));
+}
+
+// DeepSeek's router variants: the gradient of the (scaled, maybe renormalised) weights w.r.t.
+// the logits through softmax or sigmoid scores, with the selection (groups, bias) held fixed.
+TEST(Grad, RouterVariant) {
+  struct Case {
+    const char* name;
+    bool sig, renorm;
+    double eps;
+    int64_t ng, tg;
+    bool top2, bias;
+    double scale;
+  };
+  const Case cases[] = {{"v2 greedy", false, false, 0, 1, 1, false, false, 1.5},
+                        {"v2 group", false, false, 0, 4, 2, false, false, 2.0},
+                        {"v3 noaux_tc", true, true, 1e-20, 4, 2, true, true, 2.5},
+                        {"sigmoid no renorm", true, false, 0, 1, 1, false, true, 1.0},
+                        {"softmax renorm", false, true, 0, 2, 1, false, false, 0.7}};
+  for (const Case& cs : cases) {
+    const int64_t t = 6, e = 8, k = 2;
+    std::vector<double> l = rnd(t * e, 180, 2.0), r = rnd(t * k, 181), b = rnd(e, 182, 0.3);
+    const ref::f64::RouterF64 rv{cs.sig, cs.renorm, cs.eps, cs.ng, cs.tg, cs.top2, cs.scale};
+    const double* bias = cs.bias ? b.data() : nullptr;
+    std::vector<int32_t> idx0(static_cast<size_t>(t * k));
+    std::vector<double> w(static_cast<size_t>(t * k));
+    ref::f64::router_topk_variant(idx0.data(), w.data(), l.data(), bias, t, e, k, rv);
+    auto loss = [&] {
+      std::vector<int32_t> idx(static_cast<size_t>(t * k));
+      ref::f64::router_topk_variant(idx.data(), w.data(), l.data(), bias, t, e, k, rv);
+      EXPECT_EQ(idx, idx0) << "a perturbation changed the selection (pick other seeds)";
+      return dotv(r, w);
+    };
+    std::vector<double> fd = fd_grad(l, loss);
+    std::vector<double> g(static_cast<size_t>(t * e));
+    ref::f64::router_topk_variant_backward(g.data(), r.data(), l.data(), idx0.data(), t, e, k, rv);
+    RouterVariant tv;
+    tv.sigmoid = cs.sig;
+    tv.renorm = cs.renorm;
+    tv.renorm_eps = cs.eps;
+    tv.n_group = cs.ng;
+    tv.topk_group = cs.tg;
+    tv.group_top2 = cs.top2;
+    tv.scale = cs.scale;
+    Tensor dl = Tensor::empty({t, e}, DType::F32, kAct);
+    router_topk_backward(dl, ten({t, k}, r), ten({t, e}, l), ints({t, k}, idx0), tv);
+    expect_grad(std::string("router variant ") + cs.name, fd, g, vals(dl));
+  }
+}
+
+// The router variant's selection on a hand-made token: 8 experts in 4 groups of 2, sigmoid
+// scores plus bias. Group sums of the top 2: {0.9+0.8, 0.95+0.1, 0.7+0.65, 0.3+0.2} -> groups 0
+// and 2 kept; the best 2 of experts {0,1,4,5} by biased score are 0 and 1, even though expert 2
+// has the single largest score (its group is dropped). Weights: the unbiased scores
+// renormalised, × scale.
+TEST(RouterVariant, GroupSelectionByHand) {
+  const double s_want[8] = {0.9, 0.8, 0.95, 0.1, 0.7, 0.65, 0.3, 0.2};
+  std::vector<float> logits(8), bias(8, 0.0f);
+  for (int e = 0; e < 8; ++e) logits[size_t(e)] = float(std::log(s_want[e] / (1 - s_want[e])));
+  bias[4] = 0.05f;  // 0.75 + 0.65 = 1.40 still < 1.70: group 0 stays first, 2 second
+  RouterVariant rv;
+  rv.sigmoid = true;
+  rv.renorm = true;
+  rv.renorm_eps = 1e-20;
+  rv.n_group = 4;
+  rv.topk_group = 2;
+  rv.group_top2 = true;
+  rv.scale = 2.5;
+  Tensor lg = Tensor::from_f32({1, 8}, logits, kAct), b = Tensor::from_f32({8}, bias, kAct);
+  for (bool use_ref : {false, true}) {
+    Tensor idx = Tensor::empty({1, 2}, DType::I32, kAct), w = Tensor::empty({1, 2}, DType::F32, kAct);
+    if (use_ref)
+      ref::router_topk_forward(idx, w, lg, rv, b);
+    else
+      router_topk_forward(idx, w, lg, rv, b);
+    EXPECT_EQ(idx.data<int32_t>()[0], 0);
+    EXPECT_EQ(idx.data<int32_t>()[1], 1);
+    EXPECT_NEAR(w.data<float>()[0], 2.5 * 0.9 / 1.7, 1e-6);
+    EXPECT_NEAR(w.data<float>()[1], 2.5 * 0.8 / 1.7, 1e-6);
+  }
 }
 
 TEST(ReferenceSwitch, DispatchesToTheNamedBackend) {

@@ -194,7 +194,7 @@ TEST(PlanParams, DeepSeekV3MtpModuleCountedApart) {
 }
 
 TEST(PlanParams, EngineFamiliesAgreeWithTheEngine) {
-  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"})
+  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3"})
     for (const char* preset : {"tiny", "small", "medium", "8x7b"}) {
       if (std::string(preset) == "8x7b" && std::string(arch) != "mixtral") continue;
       SCOPED_TRACE(std::string(arch) + "/" + preset);
@@ -205,6 +205,23 @@ TEST(PlanParams, EngineFamiliesAgreeWithTheEngine) {
     }
   // The 8x7b preset is the catalog's Mixtral-8x7B.
   EXPECT_EQ(params_total(preset_config("mixtral", "8x7b")), plan_params(catalog_model("Mixtral-8x7B")).total);
+}
+
+// The catalog's DeepSeek entries are engine configs now (the engine's parser accepts them): the
+// planner's own count from config.json equals the engine's tensor list, total and active (V3's
+// MTP module, which the engine does not run, is counted apart by the planner).
+TEST(PlanParams, DeepSeekCatalogEntriesAgreeWithTheEngine) {
+  for (const char* name : {"DeepSeek-V2-Lite", "DeepSeek-V2", "DeepSeek-V3"}) {
+    SCOPED_TRACE(name);
+    const PlanModel m = catalog_model(name);
+    ASSERT_TRUE(m.engine.has_value());
+    EXPECT_TRUE(m.engine->is_mla());
+    const ParamCounts pc = plan_params(m);
+    EXPECT_EQ(pc.total, params_total(*m.engine));
+    EXPECT_EQ(pc.active, params_active(*m.engine));
+    // KV per token: the latent, (kv_lora_rank + qk_rope_head_dim) per layer.
+    EXPECT_EQ(kv_cache_bytes(m, 1, 1, 2), 2 * m.engine->n_layer * (m.engine->kv_lora_rank + m.engine->qk_rope_head_dim));
+  }
 }
 
 TEST(PlanParams, ConfigJsonOfEngineFamilyRoundTrips) {
@@ -281,7 +298,7 @@ TEST(PlanVsEngine, InferencePeakMemoryPerCategory) {
     bool last_only;
   };
   const Case cases[] = {{1, 8, 16, false}, {2, 16, 32, false}, {4, 32, 64, true}, {3, 5, 40, false}, {1, 64, 128, true}};
-  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"})
+  for (const char* arch : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3"})
     for (const char* preset : {"tiny", "small"}) {
       SCOPED_TRACE(std::string(arch) + "/" + preset);
       const ModelConfig cfg = preset_config(arch, preset);
@@ -399,6 +416,10 @@ std::vector<std::pair<std::string, ModelConfig>> training_configs() {
   out.emplace_back("olmoe/tiny", preset_config("olmoe", "tiny"));
   // gpt_oss: sinks, q/k/v/o, router and expert biases, the clamped SwiGLU, a sliding layer.
   out.emplace_back("gpt_oss/tiny", preset_config("gpt_oss", "tiny"));
+  // deepseek: MLA (V2 one q_proj, V3 q_lora), layer 0 dense, ungated shared experts, V3's
+  // sigmoid group routing with its selection bias.
+  out.emplace_back("deepseek_v2/tiny", preset_config("deepseek_v2", "tiny"));
+  out.emplace_back("deepseek_v3/tiny", preset_config("deepseek_v3", "tiny"));
   // Shapes where each other working-set phase is the largest: wide attention (H*Dh = 8*D),
   // many experts at K 1 (the router's [T,E] gradient), a wide shared expert, a wide dense MLP.
   ModelConfig wide = preset_config("mixtral", "tiny");
@@ -649,14 +670,16 @@ TEST(PlanCli, CpuEngineTrainingPlan) {
   EXPECT_EQ(run("--job train --device cpu --gpus 2", &out), 1);
   EXPECT_NE(out.find("--gpus"), std::string::npos) << out;
   std::filesystem::remove_all(d);
-  const std::string cmd = std::string(MOE_BINARY_DIR) + "/moe plan DeepSeek-V2-Lite --job train --device cpu 2>&1";
+  const std::string cmd = std::string(MOE_BINARY_DIR) + "/moe plan DBRX --job train --device cpu 2>&1";
   FILE* f = popen(cmd.c_str(), "r");
   ASSERT_NE(f, nullptr);
   char buf[512] = {0};
   std::string all;
   while (std::fgets(buf, sizeof buf, f)) all += buf;
   EXPECT_NE(pclose(f), 0);
-  EXPECT_NE(all.find("the CPU engine runs mixtral, qwen2_moe, qwen3_moe and olmoe"), std::string::npos) << all;
+  EXPECT_NE(all.find("the CPU engine runs mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v2 and deepseek_v3"),
+            std::string::npos)
+      << all;
 }
 
 // ---- hand-derived training / fine-tuning worked examples (Mixtral-8x7B) ---------------------
@@ -893,7 +916,7 @@ TEST(PlanComm, EngineDistributedStepByHand) {
   expect_error([&] { engine_dist_comm(m, 8, 64, 3, 1, false); }, "do not divide");
   expect_error([&] { engine_dist_comm(m, 8, 64, 0, 1, false); }, "--ep and --dp");
   expect_error([&] { engine_dist_comm(m, 8, 64, 2, 1, false, 5000); }, "exceed");
-  expect_error([&] { engine_dist_comm(catalog_model("DeepSeek-V2-Lite"), 1, 64, 2, 1, false); }, "the CPU engine runs");
+  expect_error([&] { engine_dist_comm(catalog_model("DBRX"), 1, 64, 2, 1, false); }, "the CPU engine runs");
 }
 
 TEST(PlanCli, CpuEngineDistributedComm) {

@@ -10,6 +10,7 @@
 #include <filesystem>
 
 #include "io/safetensors.h"
+#include "model/ffn_block.h"
 #include "model/model.h"
 #include "ops/ops.h"
 
@@ -64,6 +65,7 @@ void check_logits_and_router(const std::string& family, const LoadOptions& lo, c
   EXPECT_LE(e.rel_fro, 1e-5) << "logits";
   EXPECT_LE(e.rel_max, 1e-4) << "logits";
   for (int64_t l = 0; l < m.config().n_layer; ++l) {
+    if (!m.config().layer_is_moe(l)) continue;  // DeepSeek's dense first layers have no router
     const std::string key = "router_logits." + std::to_string(l);
     Err er = compare(r.router_logits[size_t(l)].to_f32_vector(), golden(*gold, key));
     EXPECT_LE(er.rel_fro, 1e-5) << key;
@@ -84,12 +86,13 @@ TEST_P(Reference, ExpertChoiceMatchesPyTorch) {
   auto gold = SafetensorsFile::open(dir + "/golden.safetensors");
   const int64_t k = m.config().n_expert_used;
   for (int64_t l = 0; l < m.config().n_layer; ++l) {
-    // Recompute the top-k from the golden router logits with our router op: indices must agree
-    // exactly and weights to f32 precision.
+    if (!m.config().layer_is_moe(l)) continue;
+    // Recompute the top-k from the golden router logits with our router op (the family's rules,
+    // the layer's selection bias): indices must agree exactly and weights to f32 precision.
     Tensor lg = gold->tensor("router_logits." + std::to_string(l), MemCategory::Workspace).to_dtype(DType::F32);
     Tensor idx = Tensor::empty({lg.dim(0), k}, DType::I32, MemCategory::Workspace);
     Tensor w = Tensor::empty({lg.dim(0), k}, DType::F32, MemCategory::Workspace);
-    router_topk_forward(idx, w, lg, m.config().norm_topk_prob);
+    router_topk_forward(idx, w, lg, router_variant(m.config()), m.weights().layers[size_t(l)].router_bias);
     std::vector<float> want_idx = golden(*gold, "router_topk_idx." + std::to_string(l));
     std::vector<float> want_w = golden(*gold, "router_topk_weight." + std::to_string(l));
     ASSERT_EQ(want_idx.size(), size_t(idx.numel()));
@@ -178,7 +181,9 @@ TEST_P(Reference, LogitsCommandContract) {
   EXPECT_EQ(li->dtype, DType::F32);
   EXPECT_EQ(li->shape.size(), 3u);
   EXPECT_LE(compare(got->tensor("logits").to_f32_vector(), golden(*gold, "logits")).rel_max, 1e-4);
-  for (int l = 0; l < 2; ++l) {
+  const ModelConfig cfg = load_hf_config(dir + "/config.json");
+  for (int l = 0; l < cfg.n_layer; ++l) {
+    if (!cfg.layer_is_moe(l)) continue;
     const std::string key = "router_logits." + std::to_string(l);
     ASSERT_NE(got->find(key), nullptr) << key;
     EXPECT_EQ(got->find(key)->shape.size(), 2u);
@@ -308,7 +313,8 @@ TEST_P(Reference, SequencesAtDifferentPositionsShareABatch) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Reference,
-                         ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"));
+                         ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2",
+                                           "deepseek_v3"));
 
 }  // namespace
 }  // namespace moe

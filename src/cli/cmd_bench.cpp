@@ -140,7 +140,8 @@ double decode_bytes_per_token(const Model& m) {
   for (const LayerWeights& l : w.layers) {
     // wq/wk/wv and bq/bk/bv are views of wqkv / bqkv.
     for (const Tensor* t : {&l.attn_norm, &l.ffn_norm, &l.wqkv, &l.bqkv, &l.wo, &l.bo, &l.q_norm, &l.k_norm, &l.router,
-                            &l.router_bias, &l.shared_w1, &l.shared_w3, &l.shared_w2, &l.shared_gate})
+                            &l.router_bias, &l.shared_w1, &l.shared_w3, &l.shared_w2, &l.shared_gate, &l.wq_a,
+                            &l.q_a_norm, &l.wq_b, &l.wkv_a, &l.kv_a_norm, &l.wkv_b})
       per += b(*t);
     const double experts = b(l.w1) + b(l.w3) + b(l.w2);
     per += l.is_moe ? experts * double(c.n_expert_used) / double(c.n_expert) : experts;
@@ -152,8 +153,15 @@ double decode_bytes_per_token(const Model& m) {
 double forward_flops(const ModelConfig& c, int64_t b, int64_t s, int64_t past) {
   double t = double(b * s), d = double(c.hidden_size), dh = double(c.head_dim);
   double per_tok = 0;
+  // MLA (absorbed, as the engine runs it): the projections, q_nope -> latent and latent -> v per
+  // head; attention over keys and values of the cached row width Rc = Rkv + Dr.
+  const double h = double(c.n_head), dn = double(c.qk_nope_head_dim), dr = double(c.qk_rope_head_dim);
+  const double dv = double(c.v_head_dim), rq = double(c.q_lora_rank), rkv = double(c.kv_lora_rank);
+  const double mla_proj = 2.0 * ((rq > 0 ? d * rq + rq * h * (dn + dr) : d * h * (dn + dr)) + d * (rkv + dr) +
+                                 h * dn * rkv + h * rkv * dv + h * dv * d);
+  const double attn_width = c.is_mla() ? rkv + dr : dh;
   for (int64_t l = 0; l < c.n_layer; ++l) {
-    per_tok += 2.0 * d * dh * double(2 * c.n_head + 2 * c.n_head_kv);  // q, k, v, o
+    per_tok += c.is_mla() ? mla_proj : 2.0 * d * dh * double(2 * c.n_head + 2 * c.n_head_kv);  // q, k, v, o
     if (c.layer_is_moe(l)) {
       per_tok += 2.0 * d * double(c.n_expert);  // router
       per_tok += 2.0 * 3.0 * d * double(c.moe_intermediate_size * c.n_expert_used);
@@ -164,7 +172,7 @@ double forward_flops(const ModelConfig& c, int64_t b, int64_t s, int64_t past) {
   }
   // Attention scores and weighted sum: query i sees past+i+1 keys.
   double keys = double(s) * double(past) + double(s) * double(s + 1) / 2.0;
-  double attn = 4.0 * double(b) * keys * dh * double(c.n_head) * double(c.n_layer);
+  double attn = 4.0 * double(b) * keys * attn_width * double(c.n_head) * double(c.n_layer);
   double head = 2.0 * double(b) * d * double(c.vocab_size);
   return per_tok * t + attn + head;
 }

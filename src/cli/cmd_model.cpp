@@ -49,7 +49,7 @@ void add_init_command(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("init", "write a random model in HF format (config.json + model.safetensors)");
-  cmd->add_option("--arch", o->arch, "mixtral, qwen2_moe, qwen3_moe, olmoe or gpt_oss")->capture_default_str();
+  cmd->add_option("--arch", o->arch, "mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v2 or deepseek_v3")->capture_default_str();
   cmd->add_option("--preset", o->preset, "tiny, small, medium (~1B) or 8x7b")->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_option("--dtype", o->dtype, "auto (f32 for tiny/small, bf16 for larger), f32 or bf16")
@@ -310,6 +310,8 @@ void add_generate_command(CLI::App& app) {
     std::printf("load %.2f s | prefill %lld tokens in %.3f s (%.1f tokens/s) | decode %lld tokens in %.3f s (%.1f tokens/s)\n",
                 t_load, (long long)n_prompt, t_prefill, double(n_prompt) / t_prefill, (long long)n_dec, t_decode,
                 n_dec > 0 ? double(n_dec) / t_decode : 0.0);
+    std::printf("kv cache %lld bytes/token%s\n", (long long)m.kv_bytes_per_token(),
+                m.config().is_mla() ? " (MLA latent: kv_lora_rank + qk_rope_head_dim per layer)" : "");
     std::printf("%s", mem_report().c_str());
   });
 }

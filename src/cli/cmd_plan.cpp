@@ -116,7 +116,11 @@ void print_cpu_plan(const PlanModel& m, const JobSpec& job, int64_t ep, int64_t 
     } else {
       line("weights", mp.weights, weight_format_info(job.weights).layout);
     }
-    line("kv-cache", mp.kv_cache, "2 x Hkv x Dh x 4 B per position and layer");
+    line("kv-cache", mp.kv_cache,
+         m.attn == AttnKind::MLA
+             ? strformat("MLA latent: (kv_lora_rank %lld + qk_rope_head_dim %lld) x 4 B per position and layer",
+                         (long long)m.kv_lora_rank, (long long)m.qk_rope_head_dim)
+             : std::string("2 x Hkv x Dh x 4 B per position and layer"));
     line("activations", mp.activations, "peak of one prefill chunk");
   }
   line("total", mp.total(), "the tracker's categories; op scratch (workspace) and the process itself not included");

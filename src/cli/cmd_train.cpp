@@ -61,8 +61,8 @@ void add_train_command(CLI::App& app) {
       ->check(CLI::Range(0.0, 1e6));
   cmd->add_option("--bias-balance", c.bias_rate,
                   "aux-loss-free balancing (DeepSeek-V3): per-expert selection bias moved by this rate per step "
-                  "toward equal load (e.g. 0.001); 0 = off")
-      ->capture_default_str()
+                  "toward equal load; 0 = off (default: 0.001 for families whose router has a selection bias, "
+                  "deepseek_v3; off otherwise)")
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_flag("--fused-update", c.fused_update,
                 "update each layer's parameters as soon as its gradients are final and free them (the whole-model "

@@ -10,6 +10,12 @@ namespace moe {
 
 double yarn_mscale(double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; }
 
+double yarn_softmax_factor(const RopeScaling& s) {
+  if (s.kind != RopeScalingKind::Yarn || s.mscale_all_dim == 0) return 1.0;
+  const double m = yarn_mscale(s.factor, s.mscale_all_dim);
+  return m * m;
+}
+
 RopeTable rope_table(double theta, int64_t dim, const RopeScaling& s, int64_t max_position_embeddings) {
   MOE_CHECK(dim > 0 && dim % 2 == 0, "rope: head width %lld must be positive and even", (long long)dim);
   RopeTable t;

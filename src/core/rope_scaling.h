@@ -29,15 +29,22 @@ struct RopeScaling {
 // The rotation of a rope op: per frequency i < Dh/2 the angle is pos · inv_freq[i], and cos and
 // sin are both multiplied by attention_factor (YaRN: so attention scores scale by its square).
 // inv_freq empty: the default theta^(-2i/Dh) (the plain `theta` rope ops).
+// interleaved: frequency i rotates the pair (x[2i], x[2i+1]) (DeepSeek's complex-pair form,
+// and V3's rope_interleave) instead of (x[i], x[i+Dh/2]) (HF rotate_half).
 struct RopeTable {
   float theta = 10000;
   std::vector<double> inv_freq;
   double attention_factor = 1;
-  bool plain() const { return inv_freq.empty() && attention_factor == 1; }
+  bool interleaved = false;
+  bool plain() const { return inv_freq.empty() && attention_factor == 1 && !interleaved; }
 };
 
 // YaRN's mscale: 1 for scale <= 1, else 0.1 · m · ln(scale) + 1.
 double yarn_mscale(double scale, double m = 1);
+
+// The factor DeepSeek-V3 puts on its softmax scale: yarn_mscale(factor, mscale_all_dim)² when
+// YaRN is on and mscale_all_dim is set, else 1 (HF's DeepseekV3Attention; V2 does not apply it).
+double yarn_softmax_factor(const RopeScaling& s);
 
 // The table for head width `dim` (even): plain for RopeScalingKind::None, YaRN otherwise
 // (max_position_embeddings stands in for a missing original_max_position_embeddings).

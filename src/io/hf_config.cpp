@@ -1,5 +1,5 @@
-// hf_config.cpp — HuggingFace config.json <-> ModelConfig for mixtral, qwen2_moe, qwen3_moe and
-// olmoe.
+// hf_config.cpp — HuggingFace config.json <-> ModelConfig for mixtral, qwen2_moe, qwen3_moe,
+// olmoe, gpt_oss, deepseek_v2 and deepseek_v3.
 //
 // Each family has its own field names and defaults in transformers (MixtralConfig,
 // Qwen2MoeConfig, Qwen3MoeConfig, OlmoeConfig); a field absent from the file takes that class's
@@ -39,6 +39,9 @@ FamilyDefaults family_defaults(const std::string& model_type) {
   if (model_type == "mixtral") return {1e6, 1e-5, 4096 * 32, 0.001, 1, 2, -1};
   if (model_type == "olmoe") return {10000.0, 1e-5, 4096, 0.01, -1, 50279, 1};
   if (model_type == "gpt_oss") return {150000.0, 1e-5, 131072, 0.9, -1, -1, -1};  // GptOssConfig
+  // DeepseekV2Config / DeepseekV3Config (their router_aux_loss_coef is unused: no aux loss).
+  if (model_type == "deepseek_v2") return {10000.0, 1e-6, 2048, 0.0, 100000, 100001, -1};
+  if (model_type == "deepseek_v3") return {10000.0, 1e-6, 4096, 0.0, 0, 1, -1};
   return {10000.0, 1e-6, 32768, 0.001, -1, -1, -1};  // qwen2_moe, qwen3_moe
 }
 
@@ -48,6 +51,8 @@ const char* architecture_name(const std::string& model_type) {
   if (model_type == "qwen3_moe") return "Qwen3MoeForCausalLM";
   if (model_type == "olmoe") return "OlmoeForCausalLM";
   if (model_type == "gpt_oss") return "GptOssForCausalLM";
+  if (model_type == "deepseek_v2") return "DeepseekV2ForCausalLM";
+  if (model_type == "deepseek_v3") return "DeepseekV3ForCausalLM";
   return nullptr;
 }
 
@@ -69,6 +74,9 @@ class Fields {
     auto it = j_.find(key);
     return it == j_.end() || it->is_null() ? nullptr : &*it;
   }
+
+  // Whether the key is in the object at all (null included).
+  bool present(const char* key) const { return j_.find(key) != j_.end(); }
 
   int64_t integer(const char* key) const {
     const json* v = get(key);
@@ -259,6 +267,120 @@ void parse_gpt_oss(const Fields& f, const std::string& what, ModelConfig* c) {
   }
 }
 
+// deepseek_v2 / deepseek_v3 (DeepseekV2Config, DeepseekV3Config of transformers 4.57): MLA ranks
+// and head widths, dense first layers, shared and routed experts, the router's rules. The
+// defaults are those classes' (V3's are the released model's). Fields HF accepts but never reads
+// (aux_loss_alpha, seq_aux, moe_layer_freq, ep_size) are ignored as it ignores them.
+void parse_deepseek(const Fields& f, const std::string& what, ModelConfig* c) {
+  const char* w = what.c_str();
+  const bool v3 = c->model_type == "deepseek_v3";
+  // null means a full-rank q_proj (V2-Lite); an absent field takes the class default 1536.
+  c->q_lora_rank = f.present("q_lora_rank") ? f.integer("q_lora_rank", 0) : 1536;
+  if (c->q_lora_rank != 0) check_size(what, "q_lora_rank", c->q_lora_rank, kMaxConfigRank);
+  c->kv_lora_rank = f.integer("kv_lora_rank", 512);
+  c->qk_nope_head_dim = f.integer("qk_nope_head_dim", 128);
+  c->qk_rope_head_dim = f.integer("qk_rope_head_dim", 64);
+  c->v_head_dim = f.integer("v_head_dim", 128);
+  check_size(what, "kv_lora_rank", c->kv_lora_rank, kMaxConfigRank);
+  check_size(what, "qk_nope_head_dim", c->qk_nope_head_dim, kMaxConfigHeadDim);
+  check_size(what, "qk_rope_head_dim", c->qk_rope_head_dim, kMaxConfigHeadDim);
+  check_size(what, "v_head_dim", c->v_head_dim, kMaxConfigHeadDim);
+  MOE_CHECK(c->qk_rope_head_dim % 2 == 0, "%s: field 'qk_rope_head_dim' must be even, got %lld", w,
+            static_cast<long long>(c->qk_rope_head_dim));
+  // HF sets head_dim = qk_rope_head_dim (the rotary width); a different head_dim in the file
+  // would resize the rotary tables of the HF model, so it is refused rather than guessed.
+  if (f.get("head_dim")) {
+    const int64_t hd = f.integer("head_dim");
+    MOE_CHECK(hd == c->qk_rope_head_dim,
+              "%s: field 'head_dim' is %lld; %s sets it to qk_rope_head_dim (%lld) (omit it)", w,
+              static_cast<long long>(hd), c->model_type.c_str(), static_cast<long long>(c->qk_rope_head_dim));
+  }
+  c->head_dim = c->qk_rope_head_dim;
+  // MLA makes one key per head: grouped kv heads would duplicate heads in HF (repeat_kv).
+  MOE_CHECK(c->n_head_kv == c->n_head, "%s: field 'num_key_value_heads' (%lld) must equal num_attention_heads (%lld) for MLA",
+            w, static_cast<long long>(c->n_head_kv), static_cast<long long>(c->n_head));
+  c->rope_interleave = v3 ? f.boolean("rope_interleave", true) : true;  // V2 always rotates complex pairs
+
+  c->n_expert = f.integer("n_routed_experts", v3 ? 256 : 0);
+  MOE_CHECK(c->n_expert >= 0, "%s: field 'n_routed_experts' must be >= 0, got %lld", w,
+            static_cast<long long>(c->n_expert));
+  check_at_most(what, "n_routed_experts", c->n_expert, kMaxConfigExperts);
+  c->moe_intermediate_size = f.integer("moe_intermediate_size", v3 ? 2048 : 1407);
+  check_size(what, "moe_intermediate_size", c->moe_intermediate_size, kMaxConfigFfn);
+  c->n_shared_experts = f.integer("n_shared_experts", v3 ? 1 : 0);
+  MOE_CHECK(c->n_shared_experts >= 0, "%s: field 'n_shared_experts' must be >= 0, got %lld", w,
+            static_cast<long long>(c->n_shared_experts));
+  check_at_most(what, "n_shared_experts", c->n_shared_experts, kMaxConfigExperts);
+  c->shared_expert_intermediate_size = c->n_shared_experts * c->moe_intermediate_size;
+  check_at_most(what, "n_shared_experts * moe_intermediate_size", c->shared_expert_intermediate_size, kMaxConfigFfn);
+  c->first_k_dense_replace = f.integer("first_k_dense_replace", v3 ? 3 : 0);
+  MOE_CHECK(c->first_k_dense_replace >= 0 && c->first_k_dense_replace <= c->n_layer,
+            "%s: field 'first_k_dense_replace' must be in [0, num_hidden_layers=%lld], got %lld", w,
+            static_cast<long long>(c->n_layer), static_cast<long long>(c->first_k_dense_replace));
+  c->routed_scaling_factor = f.number("routed_scaling_factor", v3 ? 2.5 : 1.0);
+  MOE_CHECK(c->routed_scaling_factor > 0 && std::isfinite(c->routed_scaling_factor),
+            "%s: field 'routed_scaling_factor' must be positive, got %g", w, c->routed_scaling_factor);
+  // DeepseekV2MoEGate never renormalises (norm_topk_prob is stored, not read); V3 does as told.
+  c->norm_topk_prob = v3 ? f.boolean("norm_topk_prob", true) : false;
+  if (const json* sf = f.get("scoring_func")) {
+    // V2 always takes a softmax and V3 a sigmoid whatever this says (HF reads neither); only
+    // the two names HF knows are accepted.
+    const std::string v = sf->is_string() ? sf->get<std::string>() : "";
+    MOE_CHECK(v == "softmax" || v == "sigmoid", "%s: field 'scoring_func' is %s; expected \"softmax\" or \"sigmoid\"",
+              w, json_brief(*sf).c_str());
+  }
+  std::string method = v3 ? "noaux_tc" : "greedy";
+  if (const json* tm = f.get("topk_method")) {
+    MOE_CHECK(tm->is_string(), "%s: field 'topk_method' must be a string, got %s", w, json_brief(*tm).c_str());
+    method = tm->get<std::string>();
+  }
+  if (v3) {
+    MOE_CHECK(method == "noaux_tc", "%s: field 'topk_method' is \"%s\"; deepseek_v3 routes with \"noaux_tc\" only", w,
+              method.c_str());
+    c->topk_method = RouterTopk::NoauxTc;
+  } else if (method == "greedy") {
+    c->topk_method = RouterTopk::Greedy;
+  } else {
+    MOE_CHECK(method == "group_limited_greedy",
+              "%s: field 'topk_method' is \"%s\"; deepseek_v2 supports \"greedy\" and \"group_limited_greedy\"", w,
+              method.c_str());
+    c->topk_method = RouterTopk::GroupLimitedGreedy;
+  }
+  c->n_group = f.integer("n_group", v3 ? 8 : 1);
+  c->topk_group = f.integer("topk_group", v3 ? 4 : 1);
+  check_size(what, "n_group", c->n_group, kMaxConfigExperts);
+  check_size(what, "topk_group", c->topk_group, kMaxConfigExperts);
+  if (c->topk_method != RouterTopk::Greedy && c->n_expert > 0) {
+    MOE_CHECK(c->n_expert % c->n_group == 0, "%s: field 'n_group' (%lld) must divide n_routed_experts (%lld)", w,
+              static_cast<long long>(c->n_group), static_cast<long long>(c->n_expert));
+    MOE_CHECK(c->topk_group <= c->n_group, "%s: field 'topk_group' (%lld) exceeds n_group (%lld)", w,
+              static_cast<long long>(c->topk_group), static_cast<long long>(c->n_group));
+    MOE_CHECK(c->topk_group * (c->n_expert / c->n_group) >= c->n_expert_used,
+              "%s: topk_group %lld groups of %lld experts hold fewer than num_experts_per_tok %lld", w,
+              static_cast<long long>(c->topk_group), static_cast<long long>(c->n_expert / c->n_group),
+              static_cast<long long>(c->n_expert_used));
+    MOE_CHECK(c->topk_method != RouterTopk::NoauxTc || c->n_expert / c->n_group >= 2,
+              "%s: noaux_tc scores a group by its two best experts; groups of %lld are too small", w,
+              static_cast<long long>(c->n_expert / c->n_group));
+  }
+  c->decoder_sparse_step = 1;
+  c->router_aux_loss_coef = 0;  // HF's DeepSeek models return no load-balancing loss
+  for (const char* key : {"attention_bias", "mlp_bias"})
+    MOE_CHECK(!f.boolean(key, false), "%s: field '%s' is true; DeepSeek layers with biases are not supported", w, key);
+}
+
+// rope_scaling as config.json writes it: null, or the YaRN object with the fields that are set.
+json rope_scaling_json(const RopeScaling& r) {
+  if (r.kind != RopeScalingKind::Yarn) return nullptr;
+  json rs = {{"rope_type", "yarn"}, {"factor", r.factor}, {"beta_fast", r.beta_fast},
+             {"beta_slow", r.beta_slow}, {"truncate", r.truncate}};
+  if (r.original_max_position_embeddings > 0) rs["original_max_position_embeddings"] = r.original_max_position_embeddings;
+  if (r.attention_factor > 0) rs["attention_factor"] = r.attention_factor;
+  if (r.mscale > 0) rs["mscale"] = r.mscale;
+  if (r.mscale_all_dim > 0) rs["mscale_all_dim"] = r.mscale_all_dim;
+  return rs;
+}
+
 }  // namespace
 
 int64_t ModelConfig::q_norm_dim() const {
@@ -270,7 +392,7 @@ int64_t ModelConfig::k_norm_dim() const {
 }
 
 bool ModelConfig::layer_is_moe(int64_t l) const {
-  if (n_expert <= 0) return false;
+  if (n_expert <= 0 || l < first_k_dense_replace) return false;
   if (model_type == "mixtral") return true;  // every Mixtral layer is sparse
   if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), l) != mlp_only_layers.end()) return false;
   return decoder_sparse_step > 0 && (l + 1) % decoder_sparse_step == 0;
@@ -287,19 +409,21 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   MOE_CHECK(mt->is_string(), "%s: field 'model_type' must be a string, got %s", w, json_brief(*mt).c_str());
   c.model_type = mt->get<std::string>();
   MOE_CHECK(architecture_name(c.model_type),
-            "%s: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss)", w,
+            "%s: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v2, "
+            "deepseek_v3)", w,
             c.model_type.c_str());
   const bool mixtral = c.model_type == "mixtral";
   const bool qwen2 = c.model_type == "qwen2_moe";
   const bool olmoe = c.model_type == "olmoe";
   const bool gpt_oss = c.model_type == "gpt_oss";
+  const bool deepseek = c.model_type == "deepseek_v2" || c.model_type == "deepseek_v3";
   const FamilyDefaults def = family_defaults(c.model_type);
 
   if (const json* act = f.get("hidden_act")) {
     MOE_CHECK(act->is_string() && act->get<std::string>() == "silu",
               "%s: field 'hidden_act' is %s; only \"silu\" (SwiGLU experts) is supported", w, json_brief(*act).c_str());
   }
-  if (gpt_oss) {
+  if (gpt_oss || deepseek) {
     c.rope_scaling = parse_rope_scaling(f, what);
   } else {
     f.require_default_rope("rope_scaling");
@@ -321,7 +445,9 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   check_size(what, "num_key_value_heads", c.n_head_kv, kMaxConfigHeads);
   MOE_CHECK(c.n_head % c.n_head_kv == 0, "%s: num_attention_heads %lld is not a multiple of num_key_value_heads %lld",
             w, static_cast<long long>(c.n_head), static_cast<long long>(c.n_head_kv));
-  if (f.get("head_dim") && !olmoe) {
+  if (deepseek) {
+    // MLA head widths are their own fields (parse_deepseek sets head_dim to the rotary width).
+  } else if (f.get("head_dim") && !olmoe) {
     c.head_dim = f.integer("head_dim");
     check_size(what, "head_dim", c.head_dim, kMaxConfigHeadDim);
   } else {
@@ -363,12 +489,19 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
   c.torch_dtype = parse_torch_dtype(f, what);
 
   // MoE fields, by family.
-  const char* experts_key = mixtral || gpt_oss ? "num_local_experts" : "num_experts";
-  c.n_expert = f.integer(experts_key);
-  // GptOssConfig also knows experts_per_token (the original checkpoint's name).
-  c.n_expert_used = gpt_oss && !f.get("num_experts_per_tok") ? f.integer("experts_per_token")
-                                                              : f.integer("num_experts_per_tok");
-  if (mixtral || olmoe || gpt_oss) {
+  const char* experts_key = mixtral || gpt_oss ? "num_local_experts" : deepseek ? "n_routed_experts" : "num_experts";
+  if (deepseek) {
+    c.n_expert_used = f.integer("num_experts_per_tok", c.model_type == "deepseek_v3" ? 8 : 0);
+    parse_deepseek(f, what, &c);
+  } else {
+    c.n_expert = f.integer(experts_key);
+    // GptOssConfig also knows experts_per_token (the original checkpoint's name).
+    c.n_expert_used = gpt_oss && !f.get("num_experts_per_tok") ? f.integer("experts_per_token")
+                                                                : f.integer("num_experts_per_tok");
+  }
+  if (deepseek) {
+    // parsed above
+  } else if (mixtral || olmoe || gpt_oss) {
     // Every layer is sparse and intermediate_size is the expert width (neither has a dense MLP).
     check_size(what, experts_key, c.n_expert, kMaxConfigExperts);
     c.moe_intermediate_size = c.intermediate_size;
@@ -413,7 +546,7 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
     c.attn_o_bias = false;
   } else if (gpt_oss) {
     c.attn_qkv_bias = c.attn_o_bias = f.boolean("attention_bias", true);  // GptOssConfig's default
-  } else if (!mixtral) {  // qwen3_moe, olmoe
+  } else if (!mixtral && !deepseek) {  // qwen3_moe, olmoe
     c.attn_qkv_bias = c.attn_o_bias = f.boolean("attention_bias", false);
   }
   if (gpt_oss) parse_gpt_oss(f, what, &c);
@@ -436,7 +569,8 @@ ModelConfig load_hf_config(const std::string& path) { return parse_hf_config(rea
 
 std::string hf_config_to_json(const ModelConfig& c) {
   const char* arch = architecture_name(c.model_type);
-  MOE_CHECK(arch, "hf_config_to_json: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss)",
+  MOE_CHECK(arch, "hf_config_to_json: unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, "
+            "gpt_oss, deepseek_v2, deepseek_v3)",
             c.model_type.c_str());
   const char* dt = torch_dtype_name(c.torch_dtype);
   MOE_CHECK(dt, "hf_config_to_json: torch_dtype %s has no HF spelling (expected f32, bf16 or f16)",
@@ -445,6 +579,7 @@ std::string hf_config_to_json(const ModelConfig& c) {
   const bool qwen2 = c.model_type == "qwen2_moe";
   const bool olmoe = c.model_type == "olmoe";
   const bool gpt_oss = c.model_type == "gpt_oss";
+  const bool deepseek = c.model_type == "deepseek_v2" || c.model_type == "deepseek_v3";
   const char* mt = c.model_type.c_str();
   // Settings a family's config cannot express would be lost on the way out; refuse them instead.
   MOE_CHECK(c.qk_norm == family_qk_norm(c.model_type), "hf_config_to_json: %s cannot express qk_norm=%d", mt,
@@ -471,11 +606,27 @@ std::string hf_config_to_json(const ModelConfig& c) {
               "hf_config_to_json: gpt_oss has one attention_bias flag for q/k/v/o, sinks, router and expert biases, "
               "the clamped SwiGLU (alpha 1.702), no shared expert, every layer MoE, moe_intermediate_size == "
               "intermediate_size and one layer_types entry per layer");
+  } else if (deepseek) {
+    MOE_CHECK(c.is_mla() && !c.attn_qkv_bias && !c.attn_o_bias && c.n_head_kv == c.n_head &&
+                  c.head_dim == c.qk_rope_head_dim && c.mlp_only_layers.empty() && c.decoder_sparse_step == 1 &&
+                  c.shared_expert_intermediate_size == c.n_shared_experts * c.moe_intermediate_size &&
+                  c.sliding_window == 0 && !c.attn_sinks && !c.router_bias && !c.expert_bias && c.swiglu_limit == 0 &&
+                  c.router_aux_loss_coef == 0 && (c.model_type == "deepseek_v3" || (!c.norm_topk_prob && c.rope_interleave)),
+              "hf_config_to_json: %s is MLA (kv_lora_rank > 0, head_dim = qk_rope_head_dim, one kv head per head) "
+              "without biases, sliding windows or sinks, with n_shared_experts ungated shared experts, no aux loss "
+              "(V2: no renormalisation, interleaved RoPE)",
+              mt);
   } else {
     MOE_CHECK(c.attn_qkv_bias == c.attn_o_bias && c.shared_expert_intermediate_size == 0,
               "hf_config_to_json: qwen3_moe has one attention_bias flag for q/k/v/o and no shared expert");
   }
-  if (!gpt_oss)
+  if (!deepseek)
+    MOE_CHECK(!c.is_mla() && c.first_k_dense_replace == 0 && c.routed_scaling_factor == 1 &&
+                  c.topk_method == RouterTopk::Greedy && !c.rope_interleave,
+              "hf_config_to_json: %s cannot express MLA, first_k_dense_replace, routed_scaling_factor, grouped "
+              "routing or interleaved RoPE",
+              mt);
+  if (!gpt_oss && !deepseek)
     MOE_CHECK(c.rope_scaling.kind == RopeScalingKind::None && c.sliding_window == 0 && !c.attn_sinks &&
                   !c.router_bias && !c.expert_bias && c.swiglu_limit == 0,
               "hf_config_to_json: %s cannot express RoPE scaling, sliding windows, sinks, router/expert biases or a "
@@ -492,7 +643,8 @@ std::string hf_config_to_json(const ModelConfig& c) {
   j["num_hidden_layers"] = c.n_layer;
   j["num_attention_heads"] = c.n_head;
   j["num_key_value_heads"] = c.n_head_kv;
-  if (!olmoe) j["head_dim"] = c.head_dim;  // OlmoeConfig has none (heads are hidden / heads wide)
+  // OlmoeConfig has none (heads are hidden / heads wide); DeepSeek's configs set it themselves.
+  if (!olmoe && !deepseek) j["head_dim"] = c.head_dim;
   j["hidden_act"] = "silu";
   j["rope_theta"] = c.rope_theta;
   j["rms_norm_eps"] = c.rms_norm_eps;
@@ -517,21 +669,33 @@ std::string hf_config_to_json(const ModelConfig& c) {
     j["swiglu_limit"] = c.swiglu_limit;
     j["attention_dropout"] = 0.0;
     j["output_router_logits"] = false;
-    if (c.rope_scaling.kind == RopeScalingKind::Yarn) {
-      const RopeScaling& r = c.rope_scaling;
-      json rs = {{"rope_type", "yarn"}, {"factor", r.factor}, {"beta_fast", r.beta_fast},
-                 {"beta_slow", r.beta_slow}, {"truncate", r.truncate}};
-      if (r.original_max_position_embeddings > 0) {
-        rs["original_max_position_embeddings"] = r.original_max_position_embeddings;
-        j["initial_context_length"] = r.original_max_position_embeddings;
-      }
-      if (r.attention_factor > 0) rs["attention_factor"] = r.attention_factor;
-      if (r.mscale > 0) rs["mscale"] = r.mscale;
-      if (r.mscale_all_dim > 0) rs["mscale_all_dim"] = r.mscale_all_dim;
-      j["rope_scaling"] = rs;
-    } else {
-      j["rope_scaling"] = nullptr;
-    }
+    j["rope_scaling"] = rope_scaling_json(c.rope_scaling);
+    if (c.rope_scaling.kind == RopeScalingKind::Yarn && c.rope_scaling.original_max_position_embeddings > 0)
+      j["initial_context_length"] = c.rope_scaling.original_max_position_embeddings;
+  } else if (deepseek) {
+    const bool v3 = c.model_type == "deepseek_v3";
+    j["q_lora_rank"] = c.q_lora_rank > 0 ? json(c.q_lora_rank) : json(nullptr);
+    j["kv_lora_rank"] = c.kv_lora_rank;
+    j["qk_nope_head_dim"] = c.qk_nope_head_dim;
+    j["qk_rope_head_dim"] = c.qk_rope_head_dim;
+    j["v_head_dim"] = c.v_head_dim;
+    j["n_routed_experts"] = c.n_expert;
+    j["n_shared_experts"] = c.n_shared_experts;
+    j["moe_intermediate_size"] = c.moe_intermediate_size;
+    j["first_k_dense_replace"] = c.first_k_dense_replace;
+    j["moe_layer_freq"] = 1;
+    j["routed_scaling_factor"] = c.routed_scaling_factor;
+    j["norm_topk_prob"] = c.norm_topk_prob;
+    j["topk_method"] = c.topk_method == RouterTopk::NoauxTc              ? "noaux_tc"
+                       : c.topk_method == RouterTopk::GroupLimitedGreedy ? "group_limited_greedy"
+                                                                         : "greedy";
+    j["n_group"] = c.n_group;
+    j["topk_group"] = c.topk_group;
+    j["scoring_func"] = v3 ? "sigmoid" : "softmax";
+    if (v3) j["rope_interleave"] = c.rope_interleave;
+    j["attention_bias"] = false;
+    j["attention_dropout"] = 0.0;
+    j["rope_scaling"] = rope_scaling_json(c.rope_scaling);
   } else if (olmoe) {
     j["num_experts"] = c.n_expert;
     j["norm_topk_prob"] = c.norm_topk_prob;

@@ -6,8 +6,11 @@
 // mlp_only_layers, head_dim, rope_theta, rms_norm_eps, tie_word_embeddings, qkv bias for
 // qwen2_moe, attention_bias and per-head q/k norm for qwen3_moe, attention_bias, full-width q/k
 // norm and clip_qkv for olmoe; for gpt_oss num_local_experts, experts_per_token, head_dim,
-// sliding_window, layer_types, attention_bias, rope_scaling yarn, swiglu_limit). Anything else is
-// an error naming it.
+// sliding_window, layer_types, attention_bias, rope_scaling yarn, swiglu_limit; for deepseek_v2 /
+// deepseek_v3 the MLA ranks and head widths, first_k_dense_replace, n_shared_experts,
+// n_routed_experts, routed_scaling_factor, topk_method, n_group, topk_group, norm_topk_prob,
+// rope_scaling yarn with mscale / mscale_all_dim, rope_interleave). Anything else is an error
+// naming it.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -40,8 +43,13 @@ constexpr int64_t kMaxPlanParams = int64_t(1) << 48;
 // weights: olmoe). The planner sizes the same three kinds.
 enum class QkNormKind : uint8_t { None, PerHead, Full };
 
+// How a router picks its K experts (DeepSeek's topk_method): from all E (greedy), or only from
+// the topk_group best of n_group expert groups, a group scored by its best expert
+// (group_limited_greedy, V2) or by its two best biased sigmoid scores (noaux_tc, V3).
+enum class RouterTopk : uint8_t { Greedy, GroupLimitedGreedy, NoauxTc };
+
 struct ModelConfig {
-  std::string model_type;            // "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe"
+  std::string model_type;            // "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "gpt_oss" | "deepseek_v2" | "deepseek_v3"
   int64_t vocab_size = 0;            // V
   int64_t hidden_size = 0;           // D
   int64_t n_layer = 0;
@@ -79,6 +87,23 @@ struct ModelConfig {
   // Clamped SwiGLU of the routed experts: g = min(gate, limit), u = clamp(up, -limit, limit),
   // act = g·sigmoid(alpha·g)·(u + 1). limit 0: plain SwiGLU silu(gate)·up.
   double swiglu_alpha = 0, swiglu_limit = 0;
+
+  // deepseek_v2 / deepseek_v3 (fields other families leave at their defaults). Multi-head Latent
+  // Attention when kv_lora_rank > 0: per head a query and key of Dn + Dr (nope part first, the
+  // rope part last) and a value of Dv; head_dim is Dr (the rotary width), as HF sets it.
+  int64_t q_lora_rank = 0;           // Rq: q_a_proj -> q_a_layernorm -> q_b_proj; 0: one q_proj
+  int64_t kv_lora_rank = 0;          // Rkv: the cached latent's width (0: not MLA)
+  int64_t qk_nope_head_dim = 0;      // Dn
+  int64_t qk_rope_head_dim = 0;      // Dr
+  int64_t v_head_dim = 0;            // Dv
+  bool rope_interleave = false;      // RoPE rotates pairs (x[2i], x[2i+1]) (V2's complex form, V3's default)
+  int64_t first_k_dense_replace = 0; // layers [0, k) are dense MLPs
+  int64_t n_shared_experts = 0;      // shared experts (their MLP is n_shared · F wide, ungated)
+  double routed_scaling_factor = 1;  // multiplies the routing weights
+  RouterTopk topk_method = RouterTopk::Greedy;
+  int64_t n_group = 1, topk_group = 1;
+
+  bool is_mla() const { return kv_lora_rank > 0; }
 
   // Layer l uses the MoE block (else a dense SwiGLU MLP of intermediate_size).
   bool layer_is_moe(int64_t l) const;

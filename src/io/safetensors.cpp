@@ -110,8 +110,12 @@ void parse_entry(const std::string& name, const json& e, size_t data_len, const 
   MOE_CHECK(dt != e.end(), "%s: tensor '%s': missing field 'dtype'", w, n);
   MOE_CHECK(dt->is_string(), "%s: tensor '%s': dtype must be a string, got %s", w, n, json_brief(*dt).c_str());
   const std::string& dts = dt->get_ref<const std::string&>();
-  MOE_CHECK(dtype_from_safetensors(dts, &out->dtype),
-            "%s: tensor '%s': unknown dtype '%s' (supported: F32 BF16 F16 I32 I64 U8 F64)", w, n, dts.c_str());
+  // FP8 e4m3 (DeepSeek-V3's weights) is read as its bytes; the model loader decodes it with its
+  // block scales (core/fp8.h).
+  out->fp8_e4m3 = dts == "F8_E4M3";
+  if (out->fp8_e4m3) out->dtype = DType::U8;
+  MOE_CHECK(out->fp8_e4m3 || dtype_from_safetensors(dts, &out->dtype),
+            "%s: tensor '%s': unknown dtype '%s' (supported: F32 BF16 F16 I32 I64 U8 F64 F8_E4M3)", w, n, dts.c_str());
 
   auto sh = e.find("shape");
   MOE_CHECK(sh != e.end(), "%s: tensor '%s': missing field 'shape'", w, n);

@@ -23,6 +23,7 @@ namespace moe {
 struct SafetensorsInfo {
   std::string name;
   DType dtype = DType::F32;
+  bool fp8_e4m3 = false;  // stored as F8_E4M3: dtype is U8, the codes' bytes (core/fp8.h)
   Shape shape;
   size_t begin = 0;  // byte offset relative to the data section
   size_t end = 0;

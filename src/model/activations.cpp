@@ -32,6 +32,9 @@ constexpr Field<LayerActs> kFields[] = {
     {"sh1", &LayerActs::sh1},           {"sh3", &LayerActs::sh3},
     {"s_out", &LayerActs::s_out},       {"s_gate", &LayerActs::s_gate},
     {"dh1", &LayerActs::dh1},           {"dh3", &LayerActs::dh3},
+    {"mla_cq", &LayerActs::mla_cq},     {"mla_cq_rstd", &LayerActs::mla_cq_rstd},
+    {"mla_cqn", &LayerActs::mla_cqn},   {"mla_ckv", &LayerActs::mla_ckv},
+    {"mla_ckv_rstd", &LayerActs::mla_ckv_rstd}, {"mla_ckn", &LayerActs::mla_ckn},
 };
 
 // Every StepActs field, by its layout name.
@@ -96,7 +99,11 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
   const bool pl = mode == ActMode::Training;
   add("attn_rstd", {t}, f32, pl);
   add("attn_h", {t, d}, f32, pl);
-  add("qkv", {t, (h + 2 * hkv) * dh}, f32, false);
+  const bool mla = c.is_mla();
+  // MLA widths (mla_block.h): q/k head Dq = Dn+Dr (v padded to it), latent Rkv, cached row Rc.
+  const int64_t dq = c.qk_nope_head_dim + c.qk_rope_head_dim, rq = c.q_lora_rank, rkv = c.kv_lora_rank;
+  const int64_t rc = rkv + c.qk_rope_head_dim, dkv = h * (c.qk_nope_head_dim + c.v_head_dim), hdv = h * c.v_head_dim;
+  if (!mla) add("qkv", {t, (h + 2 * hkv) * dh}, f32, false);
   // q/k norm rows: [T*H, Dh] per head, [T, H*Dh] over the whole projection (q_norm_dim()).
   const bool qk_norm = c.qk_norm != QkNormKind::None;
   const int64_t qn_rows = qk_norm ? t * h * dh / c.q_norm_dim() : 0, qn_d = c.q_norm_dim();
@@ -107,10 +114,21 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
     add("q_rstd", {qn_rows}, f32, pl);
     add("k_rstd", {kn_rows}, f32, pl);
   }
-  add("q", {batch, seq, h, dh}, f32, pl);
-  add("k", {batch, seq, hkv, dh}, f32, pl);
-  add("v", {batch, seq, hkv, dh}, f32, pl);
-  add("attn_out", {batch, seq, h, dh}, f32, pl);
+  if (mla) {
+    if (rq > 0) {
+      add("mla_cq", {t, rq}, f32, pl);
+      add("mla_cq_rstd", {t}, f32, pl);
+      add("mla_cqn", {t, rq}, f32, pl);
+    }
+    add("mla_ckv", {t, rkv}, f32, pl);
+    add("mla_ckv_rstd", {t}, f32, pl);
+    add("mla_ckn", {t, rkv}, f32, pl);
+  }
+  const int64_t hq = mla ? h : h, hk = mla ? h : hkv, dqk = mla ? dq : dh;
+  add("q", {batch, seq, hq, dqk}, f32, pl);
+  add("k", {batch, seq, hk, dqk}, f32, pl);
+  add("v", {batch, seq, hk, dqk}, f32, pl);
+  add("attn_out", {batch, seq, hq, dqk}, f32, pl);
   add("lse", {batch, h, seq}, f32, pl);
   add("x_mid", {t, d}, f32, pl);
   add("ffn_rstd", {t}, f32, pl);
@@ -188,6 +206,29 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
   // dattn2 keeps the storage after `dattn = Tensor()`); with q/k norm, dq and dk are replaced
   // by their pre-norm gradients dqp, dkp (the old ones freed, the new ones the same size).
   // The first high-water mark (dattn, dq, dk, dv) is below both phases here.
+  if (mla) {
+    // mla_block_forward: the kv projections and rope temporaries live together, then o.
+    phase("mla_block_forward.kv", 0, {{"kva", {t, rc}}, {"kv", {t, dkv}}, {"pe", {t * h, c.qk_rope_head_dim}},
+                                      {"kpe", {t, c.qk_rope_head_dim}}});
+    phase("mla_block_forward.o", 0, {{"o", {t, hdv}}});
+    // mla_block_backward, allocation by allocation (dattn is freed after the attention backward,
+    // dk/dv after the per-head split, dkv after kv_b_proj's backward, the k side's temporaries
+    // before dh).
+    const int64_t hq2 = h * dq, dr = c.qk_rope_head_dim;
+    phase("mla_block_backward.o_proj", 0, {{"dattn", {t, hq2}}, {"o", {t, hdv}}, {"d_o", {t, hdv}}});
+    phase("mla_block_backward.attention", 0, {{"dattn", {t, hq2}}, {"dq", {t, hq2}}, {"dk", {t, hq2}}, {"dv", {t, hq2}}});
+    phase("mla_block_backward.kv", 0,
+          {{"dq", {t, hq2}}, {"dk", {t, hq2}}, {"dv", {t, hq2}}, {"dkva", {t, rc}}, {"dkv", {t, dkv}}, {"dkpe", {t, dr}},
+           {"tmp", {t, dr}}});
+    phase("mla_block_backward.kv_b", 0,
+          {{"dq", {t, hq2}}, {"dkva", {t, rc}}, {"dkv", {t, dkv}}, {"dkpe", {t, dr}}, {"tmp", {t, dr}}, {"dckn", {t, rkv}}});
+    phase("mla_block_backward.kv_norm", 0,
+          {{"dq", {t, hq2}}, {"dkva", {t, rc}}, {"dkpe", {t, dr}}, {"tmp", {t, dr}}, {"dckn", {t, rkv}}, {"dckv", {t, rkv}}});
+    phase("mla_block_backward.kv_a", 0, {{"dq", {t, hq2}}, {"dkva", {t, rc}}, {"dh", {t, d}}});
+    if (rq > 0)
+      phase("mla_block_backward.q", 0, {{"dq", {t, hq2}}, {"dh", {t, d}}, {"dcqn", {t, rq}}, {"dcq", {t, rq}}});
+    return lay;
+  }
   if (qk_norm)
     phase("attention_block_backward.qk_norm", 0,
           {{"dattn", {t, h * dh}}, {"dq", {t, h * dh}}, {"dk", {t, hkv * dh}}, {"dv", {t, hkv * dh}},

@@ -100,6 +100,11 @@ struct LayerActs {
   Tensor q, k, v;           // [B,S,H,Dh], [B,S,Hkv,Dh]: attention inputs (normed, rotated)
   Tensor attn_out;          // [B,S,H,Dh]
   Tensor lse;               // [B,H,S]
+  // MLA (mla_block.h; q, k, v, attn_out are then [B,S,H,Dn+Dr], v zero-padded): the q latent
+  // before / after q_a_layernorm [T,Rq] and its rstd [T] (q_lora_rank > 0); the kv latent before /
+  // after kv_a_layernorm [T,Rkv] and its rstd [T]
+  Tensor mla_cq, mla_cq_rstd, mla_cqn;
+  Tensor mla_ckv, mla_ckv_rstd, mla_ckn;
   // feed-forward block
   Tensor x_mid;             // [T,D] block input (residual after attention)
   Tensor ffn_rstd;          // [T]

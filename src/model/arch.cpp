@@ -37,6 +37,31 @@ const ArchSpec kArchs[] = {
      L "self_attn.o_proj", nullptr, nullptr, L "mlp.router", L "mlp.experts.{e}.gate_proj",
      L "mlp.experts.{e}.up_proj", L "mlp.experts.{e}.down_proj", nullptr, nullptr, nullptr, nullptr, nullptr,
      nullptr, nullptr, L "mlp.experts.gate_up_proj", L "mlp.experts.down_proj", L "self_attn.sinks"},
+    // MLA attention; layers < first_k_dense_replace are dense (mlp.*_proj); shared experts are
+    // ungated; e_score_correction_bias (V3) is the router's selection bias (router_bias_name).
+    {.model_type = "deepseek_v2", .hf_architecture = "DeepseekV2ForCausalLM", .embed = "model.embed_tokens",
+     .final_norm = "model.norm", .lm_head = "lm_head", .attn_norm = L "input_layernorm",
+     .ffn_norm = L "post_attention_layernorm", .q_proj = L "self_attn.q_proj", .k_proj = nullptr, .v_proj = nullptr,
+     .o_proj = L "self_attn.o_proj", .q_norm = nullptr, .k_norm = nullptr, .router = L "mlp.gate",
+     .expert_gate = L "mlp.experts.{e}.gate_proj", .expert_up = L "mlp.experts.{e}.up_proj",
+     .expert_down = L "mlp.experts.{e}.down_proj", .shared_gate = L "mlp.shared_experts.gate_proj",
+     .shared_up = L "mlp.shared_experts.up_proj", .shared_down = L "mlp.shared_experts.down_proj",
+     .shared_expert_gate = nullptr, .dense_gate = L "mlp.gate_proj", .dense_up = L "mlp.up_proj",
+     .dense_down = L "mlp.down_proj", .q_a_proj = L "self_attn.q_a_proj", .q_a_norm = L "self_attn.q_a_layernorm",
+     .q_b_proj = L "self_attn.q_b_proj", .kv_a_proj = L "self_attn.kv_a_proj_with_mqa",
+     .kv_a_norm = L "self_attn.kv_a_layernorm", .kv_b_proj = L "self_attn.kv_b_proj", .aux_loss = false},
+    {.model_type = "deepseek_v3", .hf_architecture = "DeepseekV3ForCausalLM", .embed = "model.embed_tokens",
+     .final_norm = "model.norm", .lm_head = "lm_head", .attn_norm = L "input_layernorm",
+     .ffn_norm = L "post_attention_layernorm", .q_proj = L "self_attn.q_proj", .k_proj = nullptr, .v_proj = nullptr,
+     .o_proj = L "self_attn.o_proj", .q_norm = nullptr, .k_norm = nullptr, .router = L "mlp.gate",
+     .expert_gate = L "mlp.experts.{e}.gate_proj", .expert_up = L "mlp.experts.{e}.up_proj",
+     .expert_down = L "mlp.experts.{e}.down_proj", .shared_gate = L "mlp.shared_experts.gate_proj",
+     .shared_up = L "mlp.shared_experts.up_proj", .shared_down = L "mlp.shared_experts.down_proj",
+     .shared_expert_gate = nullptr, .dense_gate = L "mlp.gate_proj", .dense_up = L "mlp.up_proj",
+     .dense_down = L "mlp.down_proj", .q_a_proj = L "self_attn.q_a_proj", .q_a_norm = L "self_attn.q_a_layernorm",
+     .q_b_proj = L "self_attn.q_b_proj", .kv_a_proj = L "self_attn.kv_a_proj_with_mqa",
+     .kv_a_norm = L "self_attn.kv_a_layernorm", .kv_b_proj = L "self_attn.kv_b_proj", .yarn_softmax_mscale = true,
+     .router_sigmoid = true, .router_renorm_eps = 1e-20, .router_select_bias = true, .aux_loss = false},
 };
 #undef L
 
@@ -45,7 +70,8 @@ const ArchSpec kArchs[] = {
 const ArchSpec& arch_spec(const std::string& model_type) {
   for (const ArchSpec& a : kArchs)
     if (model_type == a.model_type) return a;
-  MOE_FAIL("unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss)", model_type.c_str());
+  MOE_FAIL("unsupported model_type '%s' (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v2, deepseek_v3)",
+            model_type.c_str());
 }
 
 std::string tensor_name(const char* tmpl, long layer, long expert, const char* suffix) {

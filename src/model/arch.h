@@ -42,6 +42,22 @@ struct ArchSpec {
   const char* experts_gate_up = nullptr;
   const char* experts_down = nullptr;
   const char* attn_sinks = nullptr;  // [H] per-head sink logits, nullptr if none
+  // Multi-head Latent Attention (DeepSeek, ModelConfig::is_mla), nullptr elsewhere: q_proj names
+  // the full-rank query when q_lora_rank is 0, else q_a_proj -> q_a_norm -> q_b_proj;
+  // kv_a_proj [Rkv+Dr, D] -> kv_a_norm on the latent -> kv_b_proj [H(Dn+Dv), Rkv].
+  const char* q_a_proj = nullptr;
+  const char* q_a_norm = nullptr;
+  const char* q_b_proj = nullptr;
+  const char* kv_a_proj = nullptr;
+  const char* kv_a_norm = nullptr;
+  const char* kv_b_proj = nullptr;
+  // Family rules of attention and routing:
+  bool yarn_softmax_mscale = false;  // the softmax scale × yarn_softmax_factor (DeepSeek-V3)
+  bool router_sigmoid = false;       // sigmoid router scores (DeepSeek-V3), else softmax
+  double router_renorm_eps = 0;      // added to the renormalising sum (DeepSeek-V3: 1e-20)
+  bool router_select_bias = false;   // the router has a selection bias buffer "<router>.e_score_correction_bias" (V3)
+  bool aux_loss = true;               // the HF model returns a load-balancing loss (DeepSeek: none, reported 0)
+  // A shared expert without shared_expert_gate (DeepSeek) is added unweighted.
 };
 
 // Throws moe::Error for an unknown model_type.

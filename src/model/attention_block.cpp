@@ -6,6 +6,7 @@
 #include "model/attention_block.h"
 
 #include "model/linear.h"
+#include "model/mla_block.h"
 #include "ops/ops.h"
 
 namespace moe {
@@ -20,24 +21,7 @@ QkvDims qkv_dims(const ModelConfig& c) { return {c.n_head * c.head_dim, c.n_head
 // x (q or k, or their gradients) as the rows its q/k norm of `width` normalises.
 Tensor norm_rows(const Tensor& x, int64_t width) { return x.view({x.numel() / width, width}); }
 
-// The config's RoPE table (default or YaRN, core/rope_scaling.h), built once per thread and
-// config: a decode step must not allocate.
-const RopeTable& rope_of(const ModelConfig& c) {
-  struct Key {
-    double theta = -1;
-    int64_t dh = 0, max_pos = 0;
-    RopeScaling rs;
-    bool operator==(const Key&) const = default;
-  };
-  thread_local Key last;
-  thread_local RopeTable table;
-  const Key key{c.rope_theta, c.head_dim, c.max_position_embeddings, c.rope_scaling};
-  if (!(key == last)) {
-    table = rope_table(c.rope_theta, c.head_dim, c.rope_scaling, c.max_position_embeddings);
-    last = key;
-  }
-  return table;
-}
+const RopeTable& rope_of(const ModelConfig& c) { return rope_table_of(c); }
 
 // The layer's attention variant: its sinks and sliding window (plain for most families).
 AttnVariant attn_variant(const LayerWeights& w) { return AttnVariant{w.sinks, w.attn_window}; }
@@ -51,10 +35,30 @@ void split_qkv(const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, QkvDims d) {
 
 }  // namespace
 
+const RopeTable& rope_table_of(const ModelConfig& c) {
+  struct Key {
+    double theta = -1;
+    int64_t dh = 0, max_pos = 0;
+    RopeScaling rs;
+    bool interleave = false;
+    bool operator==(const Key&) const = default;
+  };
+  thread_local Key last;
+  thread_local RopeTable table;
+  const Key key{c.rope_theta, c.head_dim, c.max_position_embeddings, c.rope_scaling, c.rope_interleave};
+  if (!(key == last)) {
+    table = rope_table(c.rope_theta, c.head_dim, c.rope_scaling, c.max_position_embeddings);
+    table.interleaved = c.rope_interleave;
+    last = key;
+  }
+  return table;
+}
+
 void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Tensor& h, Tensor& y,
                            Tensor& k_cache, Tensor& v_cache, int64_t batch, int64_t seq,
                            const std::vector<int64_t>& slots, const std::vector<int64_t>& past,
                            const Tensor& tables, const Tensor& pos) {
+  if (c.is_mla()) return mla_block_infer(c, w, x, h, y, k_cache, batch, seq, slots, past, tables, pos);
   const int64_t t_n = batch * seq, dh = c.head_dim, h_n = c.n_head, hkv = c.n_head_kv;
   const QkvDims dm = qkv_dims(c);
   const Device dev = x.device();
@@ -121,6 +125,7 @@ void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& 
 }
 
 void attention_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a, Tensor& qkv) {
+  if (c.is_mla()) return mla_block_forward(c, w, a);
   const int64_t b_n = a.q.dim(0), s_n = a.q.dim(1), t_n = b_n * s_n;
   const QkvDims dm = qkv_dims(c);
   const float eps = float(c.rms_norm_eps);
@@ -145,6 +150,7 @@ void attention_block_forward(const ModelConfig& c, const LayerWeights& w, LayerA
 
 void attention_block_backward(const ModelConfig& c, const LayerWeights& w, const LayerActs& a,
                               const Tensor& dx_mid, Tensor& dx_in, LayerWeights& g, Tensor& dqkv) {
+  if (c.is_mla()) return mla_block_backward(c, w, a, dx_mid, dx_in, g);
   const int64_t b_n = a.q.dim(0), s_n = a.q.dim(1), t_n = b_n * s_n;
   const QkvDims dm = qkv_dims(c);
   const MemCategory act = MemCategory::Activations;

@@ -23,6 +23,10 @@
 
 namespace moe {
 
+// The config's RoPE table (default or YaRN, core/rope_scaling.h; interleaved pairs when the
+// config says so) over head_dim, built once per thread and config: a decode step must not allocate.
+const RopeTable& rope_table_of(const ModelConfig& c);
+
 // Inference: x [T,D] (T = batch·seq) is updated in place (x += attention); row b's keys and
 // values go to cache slot slots[b] at positions [past[b], past[b]+seq), and its queries attend
 // that slot's positions up to their own. Rows may be at different positions. `h` [T,D] and

@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "model/arch.h"
 #include "model/linear.h"
 #include "ops/ops.h"
 
@@ -16,6 +17,15 @@ ExpertGlu expert_glu(const ModelConfig& c) {
   return c.swiglu_limit > 0 ? ExpertGlu{float(c.swiglu_alpha), float(c.swiglu_limit)} : ExpertGlu{};
 }
 ExpertBias expert_bias(const LayerWeights& w) { return ExpertBias{w.b1, w.b3, w.b2}; }
+
+// Adds the shared expert's output s [T,D] into y: through its sigmoid gate where the layer has one
+// (qwen2_moe), unweighted otherwise (DeepSeek).
+void add_shared(Tensor& y, const Tensor& s, const LayerWeights& w, const Tensor& h, Tensor* gate_out) {
+  if (!w.shared_gate.defined()) return add_inplace(y, s);
+  Tensor gf = gate_out ? *gate_out : Tensor::empty({h.dim(0), 1}, DType::F32, kAct, h.device());
+  linear_forward(gf, h, w.shared_gate, Tensor());
+  sigmoid_gate_add(y, s, gf);
+}
 
 // y = w2 · swiglu(x w1ᵀ, x w3ᵀ); h1, h3 [T,F] receive the pre-activations (kept by training).
 // lora: the MLP's adapters (training; inference passes none).
@@ -94,6 +104,21 @@ void expert_parallel_backward(dist::Communicator& ep, const ModelConfig& c, cons
 
 }  // namespace
 
+RouterVariant router_variant(const ModelConfig& c) {
+  const ArchSpec& a = arch_spec(c.model_type);
+  RouterVariant rv;
+  rv.renorm = c.norm_topk_prob;
+  rv.sigmoid = a.router_sigmoid;
+  rv.renorm_eps = a.router_renorm_eps;
+  rv.scale = c.routed_scaling_factor;
+  if (c.topk_method != RouterTopk::Greedy) {
+    rv.n_group = c.n_group;
+    rv.topk_group = c.topk_group;
+    rv.group_top2 = c.topk_method == RouterTopk::NoauxTc;
+  }
+  return rv;
+}
+
 int64_t expert_capacity(double capacity_factor, int64_t t_n, int64_t k, int64_t e_n) {
   return static_cast<int64_t>(std::ceil(capacity_factor * double(t_n * k) / double(e_n)));
 }
@@ -116,7 +141,7 @@ void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Ten
   linear_forward(logits, h, w.router, w.brouter);
   Tensor topk_idx = Tensor::empty({t_n, k}, DType::I32, kAct, dev);
   Tensor topk_w = Tensor::empty({t_n, k}, DType::F32, kAct, dev);
-  router_topk_forward(topk_idx, topk_w, logits, c.norm_topk_prob, w.router_bias);
+  router_topk_forward(topk_idx, topk_w, logits, router_variant(c), w.router_bias);
   Tensor offsets = Tensor::empty({e_n + 1}, DType::I32, kAct, dev);
   Tensor perm = Tensor::empty({p_n}, DType::I32, kAct, dev);
   Tensor inv = Tensor::empty({p_n}, DType::I32, kAct, dev);
@@ -152,9 +177,7 @@ void ffn_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Ten
     Tensor s = Tensor::empty({t_n, d}, adt, kAct, dev);
     Tensor h1 = Tensor::empty({t_n, fs}, adt, kAct, dev), h3 = Tensor::empty({t_n, fs}, adt, kAct, dev);
     swiglu_mlp(s, h1, h3, h, w.shared_w1, w.shared_w3, w.shared_w2);
-    Tensor gf = Tensor::empty({t_n, 1}, DType::F32, kAct, dev);
-    linear_forward(gf, h, w.shared_gate, Tensor());
-    sigmoid_gate_add(y, s, gf);
+    add_shared(y, s, w, h, nullptr);
   }
   add_inplace(x, y);
   if (router_logits) *router_logits = logits;
@@ -171,7 +194,7 @@ void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a
   }
   const int64_t e_n = c.n_expert;
   linear(a.router_logits, a.ffn_h, w.router, w.brouter, {{&w.lrouter, nullptr, 0}});
-  router_topk_forward(a.topk_idx, a.topk_w, a.router_logits, c.norm_topk_prob, w.router_bias);
+  router_topk_forward(a.topk_idx, a.topk_w, a.router_logits, router_variant(c), w.router_bias);
   moe_dispatch(a.offsets, a.perm, a.inv, a.topk_idx, e_n);
   const int64_t p_n = a.perm.numel();
   if (ro.capacity_factor > 0)
@@ -194,8 +217,7 @@ void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a
   yp = Tensor();
   if (w.shared_w1.defined()) {
     swiglu_mlp(a.s_out, a.sh1, a.sh3, a.ffn_h, w.shared_w1, w.shared_w3, w.shared_w2, w.lshared);
-    linear_forward(a.s_gate, a.ffn_h, w.shared_gate, Tensor());
-    sigmoid_gate_add(x_out, a.s_out, a.s_gate);
+    add_shared(x_out, a.s_out, w, a.ffn_h, &a.s_gate);
   }
   add_inplace(x_out, a.x_mid);
   if (stats) {
@@ -217,7 +239,11 @@ void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const Layer
   if (!w.is_moe) {
     swiglu_mlp_backward(dh, g.w1, g.w3, g.w2, dx_out, a.ffn_h, a.dh1, a.dh3, w.w1, w.w3, w.w2, w.lmlp, g.lmlp);
   } else {
-    if (w.shared_w1.defined()) {
+    if (w.shared_w1.defined() && !w.shared_gate.defined()) {
+      // Ungated (DeepSeek): the shared expert's output gradient is dx_out itself.
+      swiglu_mlp_backward(dh, g.shared_w1, g.shared_w3, g.shared_w2, dx_out, a.ffn_h, a.sh1, a.sh3, w.shared_w1,
+                          w.shared_w3, w.shared_w2, w.lshared, g.lshared);
+    } else if (w.shared_w1.defined()) {
       Tensor ds = Tensor::empty({t_n, d}, DType::F32, kAct), dgate = Tensor::empty({t_n, 1}, DType::F32, kAct);
       sigmoid_gate_backward(ds, dgate, dx_out, a.s_out, a.s_gate);
       linear_backward(dh, g.shared_gate, none, dgate, a.ffn_h, w.shared_gate, true);
@@ -249,7 +275,7 @@ void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const Layer
     Tensor dtw = Tensor::empty(a.topk_w.shape(), DType::F32, kAct);
     permute_weights_backward(dtw, drs, a.perm);
     Tensor dlogits = Tensor::empty(a.router_logits.shape(), DType::F32, kAct);
-    router_topk_backward(dlogits, dtw, a.router_logits, a.topk_idx, c.norm_topk_prob);
+    router_topk_backward(dlogits, dtw, a.router_logits, a.topk_idx, router_variant(c));
     if (bal.aux_g.defined() || bal.z_scale != 0)
       router_balance_backward(dlogits, a.router_logits, bal.aux_g, bal.aux_scale, bal.z_scale);
     linear_backward(dh, g.router, g.brouter, dlogits, a.ffn_h, w.router, true, {{&w.lrouter, &g.lrouter, 0}});

@@ -17,6 +17,7 @@
 #include "io/hf_config.h"
 #include "model/activations.h"
 #include "model/model.h"
+#include "ops/variants.h"
 
 namespace moe {
 
@@ -39,6 +40,10 @@ struct RouteOptions {
   // (dist/expert_exchange.h). Null: every expert is local.
   dist::Communicator* ep = nullptr;
 };
+
+// The router rules of the config's family (ops/variants.h): softmax or sigmoid scores, grouped
+// selection, renormalisation, routed_scaling_factor.
+RouterVariant router_variant(const ModelConfig& c);
 
 // Rows one expert may take for T tokens under `capacity_factor` (> 0).
 int64_t expert_capacity(double capacity_factor, int64_t t_n, int64_t k, int64_t e_n);

@@ -31,10 +31,24 @@ std::vector<LoraSlot> lora_slots(const ModelConfig& c, ModelWeights& w) {
   for (int64_t l = 0; l < c.n_layer; ++l) {
     LayerWeights& lw = w.layers[size_t(l)];
     LayerWeights& bw = lw;
-    add(a.q_proj, LoraKind::Attention, l, -1, lw.lq, bw.wqkv, d, qd, 0);
-    add(a.k_proj, LoraKind::Attention, l, -1, lw.lk, bw.wqkv, d, kvd, qd);
-    add(a.v_proj, LoraKind::Attention, l, -1, lw.lv, bw.wqkv, d, kvd, qd + kvd);
-    add(a.o_proj, LoraKind::Attention, l, -1, lw.lo, bw.wo, qd, d);
+    if (c.is_mla()) {
+      // MLA: the query projection(s), the latent's two projections, o_proj (PEFT's names).
+      const int64_t h = c.n_head, dq = c.qk_nope_head_dim + c.qk_rope_head_dim, rkv = c.kv_lora_rank;
+      if (c.q_lora_rank > 0) {
+        add(a.q_a_proj, LoraKind::Attention, l, -1, lw.lq_a, bw.wq_a, d, c.q_lora_rank);
+        add(a.q_b_proj, LoraKind::Attention, l, -1, lw.lq_b, bw.wq_b, c.q_lora_rank, h * dq);
+      } else {
+        add(a.q_proj, LoraKind::Attention, l, -1, lw.lq_b, bw.wq_b, d, h * dq);
+      }
+      add(a.kv_a_proj, LoraKind::Attention, l, -1, lw.lkv_a, bw.wkv_a, d, rkv + c.qk_rope_head_dim);
+      add(a.kv_b_proj, LoraKind::Attention, l, -1, lw.lkv_b, bw.wkv_b, rkv, h * (c.qk_nope_head_dim + c.v_head_dim));
+      add(a.o_proj, LoraKind::Attention, l, -1, lw.lo, bw.wo, h * c.v_head_dim, d);
+    } else {
+      add(a.q_proj, LoraKind::Attention, l, -1, lw.lq, bw.wqkv, d, qd, 0);
+      add(a.k_proj, LoraKind::Attention, l, -1, lw.lk, bw.wqkv, d, kvd, qd);
+      add(a.v_proj, LoraKind::Attention, l, -1, lw.lv, bw.wqkv, d, kvd, qd + kvd);
+      add(a.o_proj, LoraKind::Attention, l, -1, lw.lo, bw.wo, qd, d);
+    }
     if (c.layer_is_moe(l)) {
       add(a.router, LoraKind::Router, l, -1, lw.lrouter, bw.router, d, c.n_expert);
       const int64_t f = c.moe_intermediate_size;

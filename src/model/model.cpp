@@ -10,6 +10,7 @@
 #include <map>
 #include <tuple>
 
+#include "core/fp8.h"
 #include "core/mxfp4.h"
 #include "io/bnb_checkpoint.h"
 #include "io/safetensors.h"
@@ -125,6 +126,14 @@ Tensor stack_rows(const std::vector<Tensor>& parts) {
   return out;
 }
 
+// A weight stored as FP8 e4m3 codes with 128×128 block scales (`<name>_scale_inv`, DeepSeek-V3's
+// checkpoints), dequantised to f32 on the host; the mapped codes are released once decoded.
+Tensor fp8_source(const Tensor& codes, const Tensor& scale_inv, const std::string& name) {
+  Tensor t = fp8_block_dequantize(codes, scale_inv, std::string("tensor '").append(name).append("'"));
+  release_mapped(codes);
+  return t;
+}
+
 }  // namespace
 
 std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& c) {
@@ -134,10 +143,14 @@ std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& c
   out.push_back({tensor_name(a.embed), {c.vocab_size, d}});
   for (int64_t l = 0; l < c.n_layer; ++l) {
     out.push_back({tensor_name(a.attn_norm, l), {d}});
-    out.push_back({tensor_name(a.q_proj, l), {qd, d}});
-    out.push_back({tensor_name(a.k_proj, l), {kvd, d}});
-    out.push_back({tensor_name(a.v_proj, l), {kvd, d}});
-    out.push_back({tensor_name(a.o_proj, l), {d, qd}});
+    if (c.is_mla()) {
+      for (auto& [name, shape] : mla_tensors(c, l)) out.push_back({name, shape});
+    } else {
+      out.push_back({tensor_name(a.q_proj, l), {qd, d}});
+      out.push_back({tensor_name(a.k_proj, l), {kvd, d}});
+      out.push_back({tensor_name(a.v_proj, l), {kvd, d}});
+      out.push_back({tensor_name(a.o_proj, l), {d, qd}});
+    }
     if (c.attn_qkv_bias) {
       out.push_back({tensor_name(a.q_proj, l, -1, ".bias"), {qd}});
       out.push_back({tensor_name(a.k_proj, l, -1, ".bias"), {kvd}});
@@ -154,6 +167,7 @@ std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& c
       const int64_t f = c.moe_intermediate_size;
       out.push_back({tensor_name(a.router, l), {c.n_expert, d}});
       if (c.router_bias) out.push_back({tensor_name(a.router, l, -1, ".bias"), {c.n_expert}});
+      if (a.router_select_bias) out.push_back({router_bias_name(c, l), {c.n_expert}});
       if (a.experts_gate_up) {  // fused 3-D experts (fused_experts.h)
         out.push_back({tensor_name(a.experts_gate_up, l, -1, ""), {c.n_expert, d, 2 * f}});
         if (c.expert_bias) out.push_back({tensor_name(a.experts_gate_up, l, -1, "_bias"), {c.n_expert, 2 * f}});
@@ -171,7 +185,7 @@ std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& c
         out.push_back({tensor_name(a.shared_gate, l), {fs, d}});
         out.push_back({tensor_name(a.shared_up, l), {fs, d}});
         out.push_back({tensor_name(a.shared_down, l), {d, fs}});
-        out.push_back({tensor_name(a.shared_expert_gate, l), {1, d}});
+        if (a.shared_expert_gate) out.push_back({tensor_name(a.shared_expert_gate, l), {1, d}});
       }
     } else {
       const int64_t f = c.intermediate_size;
@@ -182,6 +196,26 @@ std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& c
   }
   out.push_back({tensor_name(a.final_norm), {d}});
   if (!c.tie_word_embeddings) out.push_back({tensor_name(a.lm_head), {c.vocab_size, d}});
+  return out;
+}
+
+std::vector<std::pair<std::string, Shape>> mla_tensors(const ModelConfig& c, int64_t l) {
+  const ArchSpec& a = arch_spec(c.model_type);
+  MOE_CHECK(a.kv_a_proj != nullptr, "model_type %s has no MLA tensor names", c.model_type.c_str());
+  const int64_t d = c.hidden_size, h = c.n_head, dq = c.qk_nope_head_dim + c.qk_rope_head_dim;
+  const int64_t rq = c.q_lora_rank, rkv = c.kv_lora_rank;
+  std::vector<std::pair<std::string, Shape>> out;
+  if (rq > 0) {
+    out.push_back({tensor_name(a.q_a_proj, l), {rq, d}});
+    out.push_back({tensor_name(a.q_a_norm, l), {rq}});
+    out.push_back({tensor_name(a.q_b_proj, l), {h * dq, rq}});
+  } else {
+    out.push_back({tensor_name(a.q_proj, l), {h * dq, d}});
+  }
+  out.push_back({tensor_name(a.kv_a_proj, l), {rkv + c.qk_rope_head_dim, d}});
+  out.push_back({tensor_name(a.kv_a_norm, l), {rkv}});
+  out.push_back({tensor_name(a.kv_b_proj, l), {h * (c.qk_nope_head_dim + c.v_head_dim), rkv}});
+  out.push_back({tensor_name(a.o_proj, l), {d, h * c.v_head_dim}});
   return out;
 }
 
@@ -259,15 +293,37 @@ bool config_runs_on_cuda(const ModelConfig& c) {
   bool sliding = false;
   for (int64_t l = 0; l < c.n_layer; ++l) sliding = sliding || c.layer_window(l) > 0;
   return !c.attn_sinks && !sliding && c.rope_scaling.kind == RopeScalingKind::None && c.swiglu_limit == 0 &&
-         !c.expert_bias;
+         !c.expert_bias && !c.is_mla() && c.routed_scaling_factor == 1 && c.topk_method == RouterTopk::Greedy &&
+         !arch_spec(c.model_type).router_sigmoid;
+}
+
+// A layer's MLA projections (LayerWeights' MLA fields). The latent norms are small and kv_b_proj
+// feeds the absorbed inference products (ops.h mla_absorb_*), which read f32: those stay f32.
+static void load_mla(const ModelConfig& c, int64_t l, const Source& get, const LoadOptions& opt, LayerWeights* lw) {
+  const ArchSpec& a = arch_spec(c.model_type);
+  LoadOptions f32 = opt;
+  f32.keep_dtype = false;
+  f32.weight_dtype = DType::F32;
+  f32.quant_dtype = DType::F32;
+  for (auto& [name, shape] : mla_tensors(c, l)) {
+    const Tensor src = get(name);
+    if (name == tensor_name(a.q_a_proj, l)) lw->wq_a = prepare(src, name, shape, opt, true);
+    else if (name == tensor_name(a.q_a_norm, l)) lw->q_a_norm = prepare(src, name, shape, opt);
+    else if (name == tensor_name(a.q_b_proj, l) || name == tensor_name(a.q_proj, l)) lw->wq_b = prepare(src, name, shape, opt, true);
+    else if (name == tensor_name(a.kv_a_proj, l)) lw->wkv_a = prepare(src, name, shape, opt, true);
+    else if (name == tensor_name(a.kv_a_norm, l)) lw->kv_a_norm = prepare(src, name, shape, opt);
+    else if (name == tensor_name(a.kv_b_proj, l)) lw->wkv_b = prepare(src, name, shape, f32);
+    else if (name == tensor_name(a.o_proj, l)) lw->wo = prepare(src, name, shape, opt, true);
+    else MOE_ASSERT(false);
+  }
 }
 
 static void build(const ModelConfig& c, const Source& get, const std::function<bool(const std::string&)>& has,
                   const LoadOptions& opt, ModelWeights* w) {
   const ArchSpec& a = arch_spec(c.model_type);
   MOE_CHECK(opt.device == Device::CPU || config_runs_on_cuda(c),
-            "%s models run on the CPU only for now: their attention sinks, sliding windows, YaRN RoPE and clamped "
-            "SwiGLU experts have no CUDA kernels yet (use --device cpu)",
+            "%s models run on the CPU only for now: their attention sinks, sliding windows, YaRN RoPE, clamped "
+            "SwiGLU experts, MLA attention and DeepSeek routing have no CUDA kernels yet (use --device cpu)",
             c.model_type.c_str());
   const int64_t d = c.hidden_size, dh = c.head_dim, qd = c.n_head * dh, kvd = c.n_head_kv * dh;
   MOE_CHECK(opt.device == Device::CPU || device_available(opt.device) || cuda_available(),
@@ -291,6 +347,9 @@ static void build(const ModelConfig& c, const Source& get, const std::function<b
     LayerWeights& lw = w->layers[static_cast<size_t>(l)];
     lw.attn_norm = load(tensor_name(a.attn_norm, l), {d});
     lw.ffn_norm = load(tensor_name(a.ffn_norm, l), {d});
+    if (c.is_mla()) {
+      load_mla(c, l, get, opt, &lw);
+    } else {
     std::vector<Tensor> qkv = {load_proj(tensor_name(a.q_proj, l), {qd, d}), load_proj(tensor_name(a.k_proj, l), {kvd, d}),
                                load_proj(tensor_name(a.v_proj, l), {kvd, d})};
     if (qkv[0].dtype() != qkv[1].dtype() || qkv[0].dtype() != qkv[2].dtype()) {
@@ -307,6 +366,7 @@ static void build(const ModelConfig& c, const Source& get, const std::function<b
     }
     set_qkv_views(c, lw);
     if (c.attn_o_bias) lw.bo = load(tensor_name(a.o_proj, l, -1, ".bias"), {d});
+    }
     if (c.qk_norm != QkNormKind::None) {
       lw.q_norm = load(tensor_name(a.q_norm, l), {c.q_norm_dim()});
       lw.k_norm = load(tensor_name(a.k_norm, l), {c.k_norm_dim()});
@@ -345,7 +405,7 @@ static void build(const ModelConfig& c, const Source& get, const std::function<b
         lw.shared_w1 = load_proj(tensor_name(a.shared_gate, l), {fs, d});
         lw.shared_w3 = load_proj(tensor_name(a.shared_up, l), {fs, d});
         lw.shared_w2 = load_proj(tensor_name(a.shared_down, l), {d, fs});
-        lw.shared_gate = load(tensor_name(a.shared_expert_gate, l), {1, d});
+        if (a.shared_expert_gate) lw.shared_gate = load(tensor_name(a.shared_expert_gate, l), {1, d});
       }
     } else {
       const int64_t f = c.intermediate_size;
@@ -363,9 +423,15 @@ Model Model::load(const Checkpoint& ck, const LoadOptions& opt) {
   Model m;
   m.cfg_ = cfg;
   m.opt_ = opt;
-  // Weights stored in bitsandbytes' 4-bit format are decoded here (NF4 blocks, io/bnb_checkpoint.h).
+  // Weights stored in bitsandbytes' 4-bit format are decoded here (NF4 blocks, io/bnb_checkpoint.h),
+  // and DeepSeek-V3's FP8 weights with their block scales (core/fp8.h).
   build(
-      cfg, [&](const std::string& name) { return is_bnb4_weight(ck, name) ? read_bnb4_weight(ck, name) : ck.get(name); },
+      cfg,
+      [&](const std::string& name) {
+        if (is_bnb4_weight(ck, name)) return read_bnb4_weight(ck, name);
+        if (ck.has(name + "_scale_inv")) return fp8_source(ck.get(name), ck.get(name + "_scale_inv"), name);
+        return ck.get(name);
+      },
       [&](const std::string& name) { return ck.has(name); }, opt, &m.w_);
   return m;
 }
@@ -381,6 +447,8 @@ Model Model::from_tensors(const ModelConfig& cfg, const std::vector<std::pair<st
         [&](const std::string& name) {
           auto it = by_name.find(name);
           MOE_CHECK(it != by_name.end(), "missing tensor '%s'", name.c_str());
+          auto sc = by_name.find(name + "_scale_inv");
+          if (sc != by_name.end()) return fp8_source(*it->second, *sc->second, name);
           return *it->second;
         },
         [&](const std::string& name) { return by_name.count(name) > 0; }, opt, &m.w_);
@@ -398,10 +466,26 @@ KVCache Model::make_cache(int64_t batch, int64_t capacity) const {
 
 // Per layer, k and v caches [rows, positions, Hkv, Dh] (slots x capacity, or blocks x block size).
 void Model::add_kv_layers(KVCache& kv, int64_t rows, int64_t positions) const {
+  if (cfg_.is_mla()) {
+    // One latent row per token: the same tensor serves as keys and values (model.h KVCache).
+    for (int64_t l = 0; l < cfg_.n_layer; ++l) {
+      Tensor lat = Tensor::zeros({rows, positions, 1, cfg_.kv_lora_rank + cfg_.qk_rope_head_dim}, opt_.act_dtype,
+                                 MemCategory::KvCache, opt_.device);
+      kv.k.push_back(lat);
+      kv.v.push_back(lat);
+    }
+    return;
+  }
   for (int64_t l = 0; l < cfg_.n_layer; ++l)
     for (auto* side : {&kv.k, &kv.v})
       side->push_back(Tensor::zeros({rows, positions, cfg_.n_head_kv, cfg_.head_dim}, opt_.act_dtype,
                                     MemCategory::KvCache, opt_.device));
+}
+
+int64_t Model::kv_bytes_per_token() const {
+  const ModelConfig& c = cfg_;
+  const int64_t per_layer = c.is_mla() ? c.kv_lora_rank + c.qk_rope_head_dim : 2 * c.n_head_kv * c.head_dim;
+  return per_layer * c.n_layer * static_cast<int64_t>(dtype_size(opt_.act_dtype));
 }
 
 KVCache Model::make_paged_cache(int64_t slots, int64_t n_blocks, int64_t block_size) const {

@@ -41,6 +41,13 @@ struct LayerWeights {
   Tensor sinks;                            // [H] attention sink logits (gpt_oss), optional
   int64_t attn_window = 0;                 // this layer's sliding window (ModelConfig::layer_window), 0: full
   Tensor brouter;                          // [E] the router linear's own bias (gpt_oss), optional
+  // Multi-head Latent Attention (ModelConfig::is_mla; wqkv and wq/wk/wv are then undefined, wo is
+  // [D, H*Dv]). Letters: Rq q_lora_rank, Rkv kv_lora_rank, Dn/Dr/Dv the nope/rope/value widths.
+  Tensor wq_a, q_a_norm;                   // [Rq,D], [Rq]: q_a_proj, q_a_layernorm (q_lora_rank > 0)
+  Tensor wq_b;                             // [H*(Dn+Dr), Rq] q_b_proj, or [H*(Dn+Dr), D] q_proj
+  Tensor wkv_a;                            // [Rkv+Dr, D] kv_a_proj_with_mqa: the latent, then the shared k_pe
+  Tensor kv_a_norm;                        // [Rkv] kv_a_layernorm
+  Tensor wkv_b;                            // [H*(Dn+Dv), Rkv] kv_b_proj: per head k_nope rows, then v rows
   Tensor b1, b3, b2;                       // routed experts' biases [E,F], [E,F], [E,D] (gpt_oss), optional
   // LoRA adapters (fine-tuning, src/train/lora.h); each is off unless attached. lq/lk/lv adapt
   // the q/k/v parts of the stacked wqkv; lexp holds the routed experts' stacked factors
@@ -48,12 +55,14 @@ struct LayerWeights {
   // gradient ModelWeights the same fields hold the factors' gradients.
   Lora lq, lk, lv, lo, lrouter;
   ExpertLora lexp, lmlp, lshared;
-  static constexpr size_t kNumLoras = 14;
+  Lora lq_a, lq_b, lkv_a, lkv_b;           // MLA: q_a_proj, q_b_proj (or q_proj), kv_a_proj_with_mqa, kv_b_proj
+  static constexpr size_t kNumLoras = 18;
   // Every adapter field above, in a fixed order (walks that treat them alike: on/off, dropout,
   // copying).
   std::array<Lora*, kNumLoras> loras() {
     return {&lq, &lk, &lv, &lo, &lrouter, &lexp.w1, &lexp.w3, &lexp.w2,
-            &lmlp.w1, &lmlp.w3, &lmlp.w2, &lshared.w1, &lshared.w3, &lshared.w2};
+            &lmlp.w1, &lmlp.w3, &lmlp.w2, &lshared.w1, &lshared.w3, &lshared.w2,
+            &lq_a, &lq_b, &lkv_a, &lkv_b};
   }
   std::array<const Lora*, kNumLoras> loras() const {
     auto m = const_cast<LayerWeights*>(this)->loras();
@@ -102,7 +111,10 @@ struct LoadOptions {
   int64_t expert_begin = 0, expert_count = -1;
 };
 
-// Per-layer KV caches [B,C,Hkv,Dh]: B sequence slots of C positions. Slot b holds positions
+// Per-layer KV caches [B,C,Hkv,Dh]: B sequence slots of C positions. MLA models cache the latent
+// instead: k[l] is [B,C,1,Rkv+Dr] (the normed latent, then the rotated shared k_pe) and v[l] is
+// the same tensor (the absorbed attention reads its values from the latent too), so a token
+// costs (Rkv+Dr)·dtype bytes per layer. Slot b holds positions
 // [0, pos[b]); every slot has its own length, so one forward may carry sequences at different
 // positions (serving batches requests of different lengths). A caller reuses a slot for a new
 // sequence by setting its pos to 0.
@@ -150,6 +162,9 @@ class Model {
   DType act_dtype() const { return opt_.act_dtype; }
 
   KVCache make_cache(int64_t batch, int64_t capacity) const;
+  // Bytes one cached position takes over all layers: keys and values (2·Hkv·Dh per layer), or the
+  // MLA latent (kv_lora_rank + qk_rope_head_dim per layer), times the activation dtype's size.
+  int64_t kv_bytes_per_token() const;
   // A paged cache (CPU): n_blocks blocks of block_size positions for `slots` sequence slots.
   KVCache make_paged_cache(int64_t slots, int64_t n_blocks, int64_t block_size) const;
   // ids [B,S] i32 (host or device); row i continues its slot at cache.pos[slot], which
@@ -179,6 +194,9 @@ std::vector<std::pair<std::string, Shape>> expected_tensors(const ModelConfig& c
 // Whether the CUDA backend has every op the config needs: the variants of ops/variants.h (gpt_oss's
 // sinks, sliding windows, YaRN, clamped SwiGLU and expert biases) are CPU-only so far.
 bool config_runs_on_cuda(const ModelConfig& c);
+
+// An MLA layer's attention tensors (HF names and shapes), in load order.
+std::vector<std::pair<std::string, Shape>> mla_tensors(const ModelConfig& cfg, int64_t layer);
 
 // File name of a MoE layer's optional router selection bias (LayerWeights::router_bias).
 std::string router_bias_name(const ModelConfig& cfg, int64_t layer);

@@ -79,6 +79,12 @@ LayerWeights transform_layer(const ModelConfig& c, const LayerWeights& lw,
     lg.q_norm = f(lw.q_norm);
     lg.k_norm = f(lw.k_norm);
     lg.sinks = f(lw.sinks);
+    lg.wq_a = f(lw.wq_a);
+    lg.q_a_norm = f(lw.q_a_norm);
+    lg.wq_b = f(lw.wq_b);
+    lg.wkv_a = f(lw.wkv_a);
+    lg.kv_a_norm = f(lw.kv_a_norm);
+    lg.wkv_b = f(lw.wkv_b);
     lg.attn_window = lw.attn_window;
     lg.router = lw.router.defined() && sel.router ? fn(lw.router) : Tensor();
     lg.brouter = lw.brouter.defined() && sel.router ? fn(lw.brouter) : Tensor();
@@ -147,7 +153,9 @@ void refresh_compute_copy(const ModelConfig& c, const ModelWeights& master, Mode
     for (auto [dst, src] : {std::pair{&b.wqkv, &a.wqkv}, {&b.wo, &a.wo}, {&b.router, &a.router}, {&b.w1, &a.w1},
                             {&b.w3, &a.w3}, {&b.w2, &a.w2}, {&b.shared_w1, &a.shared_w1},
                             {&b.shared_w3, &a.shared_w3}, {&b.shared_w2, &a.shared_w2},
-                            {&b.shared_gate, &a.shared_gate}, {&b.b1, &a.b1}, {&b.b3, &a.b3}, {&b.b2, &a.b2}})
+                            {&b.shared_gate, &a.shared_gate}, {&b.b1, &a.b1}, {&b.b3, &a.b3}, {&b.b2, &a.b2},
+                            {&b.wq_a, &a.wq_a}, {&b.q_a_norm, &a.q_a_norm}, {&b.wq_b, &a.wq_b}, {&b.wkv_a, &a.wkv_a},
+                            {&b.kv_a_norm, &a.kv_a_norm}, {&b.wkv_b, &a.wkv_b}})
       copy(*dst, *src);
     b.router_bias = a.router_bias;
   };
@@ -197,13 +205,26 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     add(tensor_name(a.attn_norm, l), lw.attn_norm, l);
-    add(tensor_name(a.q_proj, l), lw.wq, l);
-    add(tensor_name(a.k_proj, l), lw.wk, l);
-    add(tensor_name(a.v_proj, l), lw.wv, l);
+    if (c.is_mla()) {
+      if (c.q_lora_rank > 0) {
+        add(tensor_name(a.q_a_proj, l), lw.wq_a, l);
+        add(tensor_name(a.q_a_norm, l), lw.q_a_norm, l);
+        add(tensor_name(a.q_b_proj, l), lw.wq_b, l);
+      } else {
+        add(tensor_name(a.q_proj, l), lw.wq_b, l);
+      }
+      add(tensor_name(a.kv_a_proj, l), lw.wkv_a, l);
+      add(tensor_name(a.kv_a_norm, l), lw.kv_a_norm, l);
+      add(tensor_name(a.kv_b_proj, l), lw.wkv_b, l);
+    } else {
+      add(tensor_name(a.q_proj, l), lw.wq, l);
+      add(tensor_name(a.k_proj, l), lw.wk, l);
+      add(tensor_name(a.v_proj, l), lw.wv, l);
+      add(tensor_name(a.q_proj, l, -1, ".bias"), lw.bq, l);
+      add(tensor_name(a.k_proj, l, -1, ".bias"), lw.bk, l);
+      add(tensor_name(a.v_proj, l, -1, ".bias"), lw.bv, l);
+    }
     add(tensor_name(a.o_proj, l), lw.wo, l);
-    add(tensor_name(a.q_proj, l, -1, ".bias"), lw.bq, l);
-    add(tensor_name(a.k_proj, l, -1, ".bias"), lw.bk, l);
-    add(tensor_name(a.v_proj, l, -1, ".bias"), lw.bv, l);
     add(tensor_name(a.o_proj, l, -1, ".bias"), lw.bo, l);
     if (c.qk_norm != QkNormKind::None) {
       add(tensor_name(a.q_norm, l), lw.q_norm, l);
@@ -228,7 +249,7 @@ std::vector<NamedParam> named_parameters(const ModelConfig& c, const ModelWeight
         add(tensor_name(a.shared_gate, l), lw.shared_w1, l);
         add(tensor_name(a.shared_up, l), lw.shared_w3, l);
         add(tensor_name(a.shared_down, l), lw.shared_w2, l);
-        add(tensor_name(a.shared_expert_gate, l), lw.shared_gate, l);
+        if (a.shared_expert_gate) add(tensor_name(a.shared_expert_gate, l), lw.shared_gate, l);
       }
     } else if (lw.w1.defined()) {
       add(tensor_name(a.dense_gate, l), lw.w1, l);
@@ -366,8 +387,11 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
       }
       z += st.z_sum;
     }
+    // Families whose HF model returns no load-balancing loss (DeepSeek) report 0 unless a
+    // coefficient asks for one.
     double aux = 0;
-    for (int64_t e = 0; e < e_n; ++e) aux += (cnt[e] / n_rows) * (ps[e] / n_rows);
+    if (arch_spec(c.model_type).aux_loss || opt.aux_coef != 0)
+      for (int64_t e = 0; e < e_n; ++e) aux += (cnt[e] / n_rows) * (ps[e] / n_rows);
     res.aux_loss = double(e_n) * aux;
     res.z_loss = z / n_rows;
     if (opt.aux_coef != 0) {

@@ -12,10 +12,72 @@
 #include "model/model.h"
 
 namespace moe {
+namespace {
+
+// DeepSeek's structure at the preset sizes: MLA (V2: one q_proj as V2-Lite; V3: q_lora_rank),
+// layer 0 dense, shared experts, YaRN over 4096 original positions with the released mscale pairs
+// (V2-Lite 0.707/0.707, V3 1/1), V2-Lite's greedy softmax routing, V3's sigmoid noaux_tc routing
+// in groups with renormalisation and ×2.5; no aux loss (HF returns none).
+ModelConfig deepseek_preset(const std::string& arch, const std::string& preset) {
+  const bool v3 = arch == "deepseek_v3";
+  ModelConfig c;
+  c.model_type = arch;
+  c.rope_theta = 1e4;
+  c.rms_norm_eps = 1e-6;
+  c.router_aux_loss_coef = 0;
+  c.bos_token_id = 0;
+  c.eos_token_id = 1;
+  c.rope_interleave = true;
+  c.first_k_dense_replace = 1;
+  c.n_shared_experts = v3 ? 1 : 2;
+  c.routed_scaling_factor = v3 ? 2.5 : 1.0;
+  c.norm_topk_prob = v3;
+  c.topk_method = v3 ? RouterTopk::NoauxTc : RouterTopk::Greedy;
+  int64_t rq = 0, rkv = 0, dn = 0, dr = 0;
+  if (preset == "tiny") {  // the fixtures' shapes
+    c.vocab_size = 256, c.hidden_size = 64, c.n_layer = 3, c.n_head = 4;
+    c.n_expert = 8, c.n_expert_used = 2, c.intermediate_size = 128, c.moe_intermediate_size = 32;
+    rq = 48, rkv = 32, dn = 16, dr = 8;
+    c.n_group = v3 ? 4 : 1, c.topk_group = v3 ? 2 : 1;
+  } else if (preset == "small") {
+    c.vocab_size = 4096, c.hidden_size = 256, c.n_layer = 4, c.n_head = 8;
+    c.n_expert = 16, c.n_expert_used = 4, c.intermediate_size = 768, c.moe_intermediate_size = 256;
+    rq = 96, rkv = 64, dn = 32, dr = 16;
+    c.n_group = v3 ? 4 : 1, c.topk_group = v3 ? 2 : 1;
+  } else if (preset == "medium") {
+    // ~1.0B total parameters.
+    c.vocab_size = 32000, c.hidden_size = 1024, c.n_layer = 12, c.n_head = 16;
+    c.n_expert = 32, c.n_expert_used = 4, c.intermediate_size = 3072, c.moe_intermediate_size = 704;
+    rq = 384, rkv = 256, dn = 64, dr = 32;
+    c.n_group = v3 ? 8 : 1, c.topk_group = v3 ? 4 : 1;
+  } else {
+    MOE_FAIL("unknown --preset '%s' for %s (expected tiny, small or medium)", preset.c_str(), arch.c_str());
+  }
+  c.n_head_kv = c.n_head;
+  c.q_lora_rank = v3 ? rq : 0;
+  c.kv_lora_rank = rkv;
+  c.qk_nope_head_dim = dn;
+  c.qk_rope_head_dim = dr;
+  c.v_head_dim = dn;
+  c.head_dim = dr;
+  c.shared_expert_intermediate_size = c.n_shared_experts * c.moe_intermediate_size;
+  c.rope_scaling.kind = RopeScalingKind::Yarn;
+  c.rope_scaling.factor = 40;
+  c.rope_scaling.original_max_position_embeddings = 4096;
+  c.rope_scaling.mscale = c.rope_scaling.mscale_all_dim = v3 ? 1.0 : 0.707;
+  c.max_position_embeddings = 4096 * 40;
+  c.torch_dtype = preset == "medium" ? DType::BF16 : DType::F32;
+  return c;
+}
+
+}  // namespace
 
 ModelConfig preset_config(const std::string& arch, const std::string& preset) {
-  MOE_CHECK(arch == "mixtral" || arch == "qwen2_moe" || arch == "qwen3_moe" || arch == "olmoe" || arch == "gpt_oss",
-            "unknown --arch '%s' (expected mixtral, qwen2_moe, qwen3_moe, olmoe or gpt_oss)", arch.c_str());
+  MOE_CHECK(arch == "mixtral" || arch == "qwen2_moe" || arch == "qwen3_moe" || arch == "olmoe" || arch == "gpt_oss" ||
+                arch == "deepseek_v2" || arch == "deepseek_v3",
+            "unknown --arch '%s' (expected mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v2 or deepseek_v3)",
+            arch.c_str());
+  if (arch == "deepseek_v2" || arch == "deepseek_v3") return deepseek_preset(arch, preset);
   const bool olmoe = arch == "olmoe";
   const bool gpt_oss = arch == "gpt_oss";
   ModelConfig c;
@@ -102,6 +164,8 @@ std::vector<std::pair<std::string, Tensor>> random_weights(const ModelConfig& cf
     const int64_t n = t.numel();
     const bool is_norm = name.find("norm") != std::string::npos;
     const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+    // DeepSeek-V3's router selection bias is a buffer HF initialises to zeros.
+    const bool is_zero = name.ends_with("e_score_correction_bias");
     const int64_t n_chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(dynamic, 4)
     for (int64_t ch = 0; ch < n_chunks; ++ch) {
@@ -111,7 +175,7 @@ std::vector<std::pair<std::string, Tensor>> random_weights(const ModelConfig& cf
       for (int64_t i = lo; i < hi; i += 256) {
         const int64_t m = std::min<int64_t>(256, hi - i);
         for (int64_t j = 0; j < m; ++j)
-          buf[j] = is_norm ? 1.0f : is_bias ? float(0.1 * rng.normal()) : float(std_dev * rng.normal());
+          buf[j] = is_zero ? 0.0f : is_norm ? 1.0f : is_bias ? float(0.1 * rng.normal()) : float(std_dev * rng.normal());
         convert_from_f32(static_cast<char*>(t.raw()) + size_t(i) * dtype_size(dt), buf, dt, size_t(m));
       }
     }

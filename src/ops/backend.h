@@ -87,7 +87,13 @@
                          int64_t past, const AttnVariant& av);                                           \
   void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1,         \
                           const Tensor& w3, const Tensor& w2, const Tensor& row_scale,                   \
-                          const ExpertGlu& glu, const ExpertBias& bias);
+                          const ExpertGlu& glu, const ExpertBias& bias);                                 \
+  void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits,                       \
+                           const RouterVariant& rv, const Tensor& select_bias);                          \
+  void router_topk_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& logits,                \
+                            const Tensor& topk_idx, const RouterVariant& rv);                            \
+  void mla_absorb_q(Tensor& qc, const Tensor& q, const Tensor& kv_b, int64_t dn, int64_t dv);           \
+  void mla_absorb_out(Tensor& o, const Tensor& oc, const Tensor& kv_b, int64_t dn, int64_t dv);
 
 namespace moe {
 namespace cpu {

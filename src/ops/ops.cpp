@@ -74,8 +74,8 @@ bool g_reference = false;
 #define MOE_VARIANT_DISPATCH(dev, op, call)                                                       \
   do {                                                                                            \
     MOE_CHECK((dev) == Device::CPU,                                                               \
-              "%s: this variant (sinks, sliding window, scaled RoPE, clamped SwiGLU or expert "   \
-              "biases) runs on the CPU only for now, not on %s",                                  \
+              "%s: this variant (sinks, sliding window, scaled RoPE, clamped SwiGLU, expert "     \
+              "biases, MLA or DeepSeek routing) runs on the CPU only for now, not on %s",         \
               op, device_name(dev));                                                              \
     MOE_CPU_DISPATCH(call);                                                                       \
   } while (0)
@@ -113,6 +113,7 @@ void check_grad(const char* op, const char* arg, const Tensor& g, const Shape& s
 // AttnVariant's sinks [H] float (heads `h_n`) and window >= 0.
 void check_attn_variant(const char* op, const AttnVariant& av, int64_t h_n, Device dev) {
   MOE_CHECK(av.window >= 0, "%s: negative sliding window %lld", op, (long long)av.window);
+  MOE_CHECK(av.scale >= 0 && std::isfinite(av.scale), "%s: softmax scale %g must be finite and >= 0", op, av.scale);
   if (!av.sinks.defined()) return;
   check_float(op, "sinks", av.sinks);
   check_shape(op, "sinks", av.sinks, {h_n});
@@ -884,7 +885,7 @@ void rope_forward(Tensor& x, int64_t past, const RopeTable& rt) {
   const char* op = "rope_forward";
   check_float(op, "x", x);
   check_ndim(op, "x", x, 4);
-  MOE_CHECK(x.dim(3) % 2 == 0 && int64_t(rt.inv_freq.size()) * 2 == x.dim(3),
+  MOE_CHECK(x.dim(3) % 2 == 0 && (rt.inv_freq.empty() || int64_t(rt.inv_freq.size()) * 2 == x.dim(3)),
             "%s: head dim %lld does not fit a table of %zu frequencies", op, (long long)x.dim(3), rt.inv_freq.size());
   MOE_CHECK(past >= 0, "%s: negative past %lld", op, (long long)past);
   MOE_VARIANT_DISPATCH(x.device(), op, rope_forward(x, past, rt));
@@ -895,7 +896,8 @@ void rope_backward(Tensor& dx, int64_t past, const RopeTable& rt) {
   const char* op = "rope_backward";
   check_f32(op, "dx", dx);
   check_ndim(op, "dx", dx, 4);
-  MOE_CHECK(int64_t(rt.inv_freq.size()) * 2 == dx.dim(3), "%s: head dim %lld does not fit a table of %zu frequencies",
+  MOE_CHECK(dx.dim(3) % 2 == 0 && (rt.inv_freq.empty() || int64_t(rt.inv_freq.size()) * 2 == dx.dim(3)),
+            "%s: head dim %lld does not fit a table of %zu frequencies",
             op, (long long)dx.dim(3), rt.inv_freq.size());
   MOE_CHECK(past >= 0, "%s: negative past %lld", op, (long long)past);
   MOE_VARIANT_DISPATCH(dx.device(), op, rope_backward(dx, past, rt));
@@ -918,6 +920,96 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
   auto [e, f, d] = check_expert_ffn_infer(op, yp, xp, offsets, w1, w3, w2, row_scale);
   check_expert_variant(op, glu, bias, e, f, d, yp.device());
   MOE_VARIANT_DISPATCH(yp.device(), op, expert_ffn_forward(yp, xp, offsets, w1, w3, w2, row_scale, glu, bias));
+}
+
+// The shapes router_topk_forward / _backward take: logits [T,E] f32, idx/w [T,K]; the variant's
+// groups must split E evenly and keep at least K experts.
+static void check_router_variant(const char* op, const RouterVariant& rv, int64_t e_n, int64_t k) {
+  MOE_CHECK(rv.n_group >= 1 && e_n % rv.n_group == 0, "%s: %lld experts do not split into %lld groups", op,
+            (long long)e_n, (long long)rv.n_group);
+  MOE_CHECK(rv.topk_group >= 1 && rv.topk_group <= rv.n_group && rv.topk_group * (e_n / rv.n_group) >= k,
+            "%s: keeping %lld of %lld groups of %lld experts leaves fewer than k=%lld", op, (long long)rv.topk_group,
+            (long long)rv.n_group, (long long)(e_n / rv.n_group), (long long)k);
+  MOE_CHECK(!rv.group_top2 || e_n / rv.n_group >= 2, "%s: a top-2 group score needs groups of 2 or more experts", op);
+  MOE_CHECK(std::isfinite(rv.scale) && rv.renorm_eps >= 0, "%s: scale %g / renorm_eps %g", op, rv.scale,
+            rv.renorm_eps);
+}
+
+void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, const RouterVariant& rv,
+                         const Tensor& select_bias) {
+  if (rv.plain()) return router_topk_forward(topk_idx, topk_w, logits, rv.renorm, select_bias);
+  const char* op = "router_topk_forward";
+  check_ndim(op, "logits", logits, 2);
+  check_dtype(op, "logits", logits, DType::F32);
+  check_dtype(op, "topk_idx", topk_idx, DType::I32);
+  check_dtype(op, "topk_w", topk_w, DType::F32);
+  check_ndim(op, "topk_idx", topk_idx, 2);
+  MOE_CHECK(topk_idx.dim(0) == logits.dim(0) && topk_idx.shape() == topk_w.shape(),
+            "%s: topk shapes %s/%s vs logits %s", op, topk_idx.shape_str().c_str(), topk_w.shape_str().c_str(),
+            logits.shape_str().c_str());
+  MOE_CHECK(topk_idx.dim(1) >= 1 && topk_idx.dim(1) <= logits.dim(1), "%s: k=%lld with %lld experts", op,
+            (long long)topk_idx.dim(1), (long long)logits.dim(1));
+  check_router_variant(op, rv, logits.dim(1), topk_idx.dim(1));
+  if (select_bias.defined()) {
+    check_dtype(op, "select_bias", select_bias, DType::F32);
+    check_shape(op, "select_bias", select_bias, {logits.dim(1)});
+  }
+  check_device(op, logits.device(), {&topk_idx, &topk_w, &select_bias});
+  MOE_VARIANT_DISPATCH(logits.device(), op, router_topk_forward(topk_idx, topk_w, logits, rv, select_bias));
+}
+
+void router_topk_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& logits, const Tensor& topk_idx,
+                          const RouterVariant& rv) {
+  if (rv.plain()) return router_topk_backward(dlogits, dtopk_w, logits, topk_idx, rv.renorm);
+  const char* op = "router_topk_backward";
+  check_f32(op, "dlogits", dlogits);
+  check_f32(op, "dtopk_w", dtopk_w);
+  check_f32(op, "logits", logits);
+  check_i32(op, "topk_idx", topk_idx);
+  check_ndim(op, "logits", logits, 2);
+  check_ndim(op, "topk_idx", topk_idx, 2);
+  check_shape(op, "dlogits", dlogits, logits.shape());
+  check_shape(op, "dtopk_w", dtopk_w, topk_idx.shape());
+  MOE_CHECK(topk_idx.dim(0) == logits.dim(0), "%s: topk_idx %s vs logits %s", op, topk_idx.shape_str().c_str(),
+            logits.shape_str().c_str());
+  check_router_variant(op, rv, logits.dim(1), topk_idx.dim(1));
+  MOE_TRAIN_DISPATCH(dlogits.device(), op, router_topk_backward(dlogits, dtopk_w, logits, topk_idx, rv));
+}
+
+// kv_b [H*(Dn+Dv), R] f32 and the head rows of an absorbed product.
+static void check_mla(const char* op, const Tensor& kv_b, int64_t h_n, int64_t dn, int64_t dv) {
+  check_f32(op, "kv_b", kv_b);
+  check_ndim(op, "kv_b", kv_b, 2);
+  MOE_CHECK(dn >= 0 && dv > 0 && kv_b.dim(0) == h_n * (dn + dv), "%s: kv_b %s does not hold %lld heads of %lld + %lld rows",
+            op, kv_b.shape_str().c_str(), (long long)h_n, (long long)dn, (long long)dv);
+}
+
+void mla_absorb_q(Tensor& qc, const Tensor& q, const Tensor& kv_b, int64_t dn, int64_t dv) {
+  const char* op = "mla_absorb_q";
+  check_f32(op, "qc", qc);
+  check_f32(op, "q", q);
+  check_ndim(op, "qc", qc, 3);
+  check_ndim(op, "q", q, 3);
+  check_mla(op, kv_b, q.dim(1), dn, dv);
+  MOE_CHECK(qc.dim(0) == q.dim(0) && qc.dim(1) == q.dim(1) && qc.dim(2) >= kv_b.dim(1) && q.dim(2) >= dn,
+            "%s: qc %s / q %s vs kv_b %s (Dn %lld)", op, qc.shape_str().c_str(), q.shape_str().c_str(),
+            kv_b.shape_str().c_str(), (long long)dn);
+  check_device(op, qc.device(), {&q, &kv_b});
+  MOE_VARIANT_DISPATCH(qc.device(), op, mla_absorb_q(qc, q, kv_b, dn, dv));
+}
+
+void mla_absorb_out(Tensor& o, const Tensor& oc, const Tensor& kv_b, int64_t dn, int64_t dv) {
+  const char* op = "mla_absorb_out";
+  check_f32(op, "o", o);
+  check_f32(op, "oc", oc);
+  check_ndim(op, "o", o, 3);
+  check_ndim(op, "oc", oc, 3);
+  check_mla(op, kv_b, oc.dim(1), dn, dv);
+  MOE_CHECK(o.dim(0) == oc.dim(0) && o.dim(1) == oc.dim(1) && o.dim(2) == dv && oc.dim(2) >= kv_b.dim(1),
+            "%s: o %s / oc %s vs kv_b %s (Dv %lld)", op, o.shape_str().c_str(), oc.shape_str().c_str(),
+            kv_b.shape_str().c_str(), (long long)dv);
+  check_device(op, o.device(), {&oc, &kv_b});
+  MOE_VARIANT_DISPATCH(o.device(), op, mla_absorb_out(o, oc, kv_b, dn, dv));
 }
 
 void synchronize(Device dev) {

@@ -84,6 +84,22 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
 void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1, const Tensor& w3,
                         const Tensor& w2, const Tensor& row_scale, const ExpertGlu& glu, const ExpertBias& bias);
 
+// Router variant (variants.h RouterVariant: DeepSeek's sigmoid scores, group-limited selection,
+// renormalisation epsilon and routed scaling factor), CPU backends only unless plain (then the
+// op above with rv.renorm). Same tensors as router_topk_forward; topk_w holds the scaled weights.
+void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, const RouterVariant& rv,
+                         const Tensor& select_bias = Tensor());
+
+// Multi-head Latent Attention, absorbed form (inference; CPU backends only). kv_b [H*(Dn+Dv), R]
+// f32 is kv_b_proj: head h's rows [h(Dn+Dv), h(Dn+Dv)+Dn) map the latent to its k_nope, the next
+// Dv rows to its v. Folding them into the query and output sides lets attention run over the
+// cached latent (R + Dr values per token) instead of per-head keys and values:
+//   mla_absorb_q:   qc[t,h,c] = Σ_{i<Dn} q[t,h,i] · kv_b[h(Dn+Dv)+i, c]  for c < R (columns R.. of
+//                   qc untouched);  qc [T,H,Rc] (Rc >= R), q [T,H,Dq] (Dq >= Dn, only [0,Dn) read)
+//   mla_absorb_out: o[t,h,j] = Σ_{c<R} oc[t,h,c] · kv_b[h(Dn+Dv)+Dn+j, c];  o [T,H,Dv], oc [T,H,Rc]
+void mla_absorb_q(Tensor& qc, const Tensor& q, const Tensor& kv_b, int64_t dn, int64_t dv);
+void mla_absorb_out(Tensor& o, const Tensor& oc, const Tensor& kv_b, int64_t dn, int64_t dv);
+
 // Router: probabilities = softmax(logits) over E; takes the K largest (ties: lower index
 // first); renormalises the K weights to sum 1 when `renorm`.
 // topk_idx [T,K] i32, topk_w [T,K] f32, logits [T,E] f32.
@@ -180,6 +196,12 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
 // dtopk_w [T,K] f32; logits [T,E]; topk_idx [T,K].
 void router_topk_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& logits, const Tensor& topk_idx,
                           bool renorm);
+
+// Backward of the router variant: dlogits [T,E] f32 assigned, through the scaling factor, the
+// renormalisation and the scores (softmax or sigmoid); the selection (and its bias) passes no
+// gradient. CPU backends only.
+void router_topk_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& logits, const Tensor& topk_idx,
+                          const RouterVariant& rv);
 
 // Per-layer router statistics for the balancing losses (HF load_balancing_loss_func and the
 // ST-MoE z-loss), over the T rows of one layer:

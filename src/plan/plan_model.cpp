@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "core/file_util.h"
 #include "core/json_util.h"
+#include "model/arch.h"
 
 namespace moe {
 
@@ -217,6 +218,19 @@ PlanModel plan_model_from_config(const ModelConfig& c, const std::string& name) 
   m.attn_sinks = c.attn_sinks;
   m.router_bias = c.router_bias;
   m.expert_bias = c.expert_bias;
+  if (c.is_mla()) {
+    // DeepSeek: MLA attention (the engine's KV cache is the latent), ungated shared experts, V3's
+    // selection bias buffer.
+    m.attn = AttnKind::MLA;
+    m.q_lora_rank = c.q_lora_rank;
+    m.kv_lora_rank = c.kv_lora_rank;
+    m.qk_rope_head_dim = c.qk_rope_head_dim;
+    m.qk_nope_head_dim = c.qk_nope_head_dim;
+    m.v_head_dim = c.v_head_dim;
+  }
+  const ArchSpec& a = arch_spec(c.model_type);
+  m.shared_gate = c.shared_expert_intermediate_size > 0 && a.shared_expert_gate != nullptr;
+  m.router_score_bias = a.router_select_bias;
   m.engine = c;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     PlanLayer pl;
@@ -427,6 +441,13 @@ PlanModel plan_model_from_hf_json(const std::string& text, const std::string& wh
     m = plan_model_from_config(parse_hf_config(k.dump(), what));
   } else if (type == "deepseek_v2" || type == "deepseek_v3") {
     m = from_deepseek(f, type == "deepseek_v3");
+    // The engine runs what its own parser accepts (the MTP module, counted apart here, it does
+    // not run); anything else is planned for GPUs only.
+    try {
+      m.engine = parse_hf_config(text, what);
+    } catch (const Error&) {
+      m.engine.reset();
+    }
   } else if (type == "gpt_oss") {
     m = from_gpt_oss(f);
   } else if (type == "dbrx") {

@@ -1,10 +1,11 @@
 // plan_model.h — the planner's description of an MoE architecture, more general than ModelConfig.
 //
-// ModelConfig describes what the engine can run (mixtral, qwen2_moe, qwen3_moe, olmoe). The
-// planner must also size models it cannot run yet: DeepSeek-V2/V3 (MLA attention, shared experts,
-// leading dense layers, a multi-token-prediction module), gpt-oss (attention sinks and biases,
-// alternating sliding-window layers, biased fused experts), DBRX (fused Wqkv, LayerNorm without
-// bias) and Switch Transformers (encoder-decoder, ReLU experts, top-1 on every other layer). A
+// ModelConfig describes what the engine can run (mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss,
+// deepseek_v2, deepseek_v3). The planner also sizes what the engine cannot run, or not in full:
+// DeepSeek-V3's multi-token-prediction module (counted apart), DBRX (fused Wqkv, LayerNorm without
+// bias) and Switch Transformers (encoder-decoder, ReLU experts, top-1 on every other layer), and
+// the catalog's gpt-oss / DeepSeek entries (their config.json has fields the planner reads itself:
+// sliding layers, MTP). A
 // PlanModel is built from a ModelConfig, from any supported HF config.json, or from a catalog
 // entry (model_catalog.h), and every parameter count is derived from it by
 // plan_params(), which enumerates the tensors the config implies (the same arithmetic as

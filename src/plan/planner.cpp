@@ -130,7 +130,15 @@ int64_t engine_forward_activation_bytes(const PlanModel& m, int64_t batch, int64
   const int64_t persistent = a * t * 3 * d;
   // The attention block's temporaries (attention_block_infer): the stacked projection output
   // qkv [T,q+k+v], its split copies q, k, v (views when T = 1) and the attention output.
-  const int64_t attn_tmp = a * t * (qd + kd + vd) * (t > 1 ? 2 : 1) + a * t * od;
+  int64_t attn_tmp = a * t * (qd + kd + vd) * (t > 1 ? 2 : 1) + a * t * od;
+  if (m.attn == AttnKind::MLA) {
+    // mla_block_infer (absorbed): q [T,H(Dn+Dr)], kv_a [T,Rc], c_kv [T,Rkv], k_pe [T,Dr], the
+    // latent rows [T,Rc], q_pe [T,H,Dr], the absorbed query and its output [T,H,Rc] and the value
+    // output [T,H,Dv] all live to the block's end (Rc = Rkv + Dr); the q latent [T,Rq] is freed
+    // before them.
+    const int64_t rc = m.kv_lora_rank + m.qk_rope_head_dim;
+    attn_tmp = a * t * (qd + rc + m.kv_lora_rank + m.qk_rope_head_dim + rc + h * m.qk_rope_head_dim + 2 * h * rc + od);
+  }
   int64_t layer_max = attn_tmp;
   for (auto& l : m.layers) {
     int64_t tmp = 0;
@@ -272,7 +280,8 @@ GroupParams group_params(const ModelConfig& c) {
 EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq, bool recompute,
                                   const EngineTrainOptions& opt) {
   MOE_CHECK(m.engine.has_value(),
-            "%s: the CPU engine runs mixtral, qwen2_moe, qwen3_moe and olmoe, not %s (plan it for GPUs instead)",
+            "%s: the CPU engine runs mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v2 and deepseek_v3 configs, "
+            "not this %s one (plan it for GPUs instead)",
             m.name.c_str(), m.family.c_str());
   MOE_CHECK(batch >= 1 && batch <= (int64_t(1) << 24), "batch must be in [1, 2^24], got %lld", (long long)batch);
   MOE_CHECK(seq >= 1 && seq <= (int64_t(1) << 24), "sequence length must be in [1, 2^24], got %lld", (long long)seq);
@@ -293,15 +302,17 @@ EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq
   r.act_step = lay.step_bytes(c);
   r.act_working = lay.working_bytes(c, &r.working_phase);
   const int64_t n = plan_params(m).total;
+  // DeepSeek-V3's selection bias is a buffer: held with the weights, never a gradient or moments.
+  const int64_t trainable = n - (m.router_score_bias ? m.n_moe_layers() * m.n_expert : 0);
   const GroupParams gp = group_params(c);
   r.mem.weights = 4 * n + (opt.weights_bf16 ? 2 * gp.matrices : 0);
   if (opt.fused_update) {
     const int64_t tied = c.tie_word_embeddings ? gp.embed : 0;
     r.mem.grads = 4 * std::max({gp.head + tied, gp.largest_layer + tied, gp.embed});
   } else {
-    r.mem.grads = 4 * n;
+    r.mem.grads = 4 * trainable;
   }
-  r.mem.optimizer = (opt.optimizer_bf16 ? 4 : 8) * n;
+  r.mem.optimizer = (opt.optimizer_bf16 ? 4 : 8) * trainable;
   r.mem.activations = lay.total_bytes(c);
   return r;
 }
@@ -317,7 +328,8 @@ MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p
     MOE_CHECK(job.job == JobKind::Train || job.job == JobKind::Infer,
               "the CPU engine plan covers --job train and infer, not %s", job_name(job.job));
     MOE_CHECK(m.engine.has_value(),
-              "%s: the CPU engine runs mixtral, qwen2_moe, qwen3_moe and olmoe, not %s (plan it for GPUs instead)",
+              "%s: the CPU engine runs mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v2 and deepseek_v3 configs, "
+            "not this %s one (plan it for GPUs instead)",
               m.name.c_str(), m.family.c_str());
     if (job.job == JobKind::Train)
       return engine_train_plan(m, job.batch, job.seq, job.checkpointing, job.engine_train).mem;
@@ -399,7 +411,8 @@ double all_to_all_bytes(const PlanModel& m, const JobSpec& job, const Parallel& 
 EngineDistComm engine_dist_comm(const PlanModel& m, int64_t batch_rows_global, int64_t seq, int64_t ep, int64_t dp,
                                 bool recompute, int64_t rows_off) {
   MOE_CHECK(m.engine.has_value(),
-            "%s: the CPU engine runs mixtral, qwen2_moe, qwen3_moe and olmoe, not %s (plan it for GPUs instead)",
+            "%s: the CPU engine runs mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v2 and deepseek_v3 configs, "
+            "not this %s one (plan it for GPUs instead)",
             m.name.c_str(), m.family.c_str());
   MOE_CHECK(ep >= 1 && dp >= 1 && ep <= 4096 && dp <= 4096, "--ep and --dp must be in [1, 4096], got --ep %lld --dp %lld",
             (long long)ep, (long long)dp);

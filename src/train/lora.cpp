@@ -469,7 +469,8 @@ std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt
     ++n_q;
   };
   for (LayerWeights& lw : w.layers) {
-    for (Tensor* t : {&lw.wqkv, &lw.wo, &lw.shared_w1, &lw.shared_w3, &lw.shared_w2}) q(*t);
+    // MLA: kv_b_proj stays float (the absorbed inference products read it as f32).
+    for (Tensor* t : {&lw.wqkv, &lw.wo, &lw.shared_w1, &lw.shared_w3, &lw.shared_w2, &lw.wq_a, &lw.wq_b, &lw.wkv_a}) q(*t);
     // The routed experts' training ops take one dtype for w1, w3 and w2, so the three are
     // quantized together or kept float together (e.g. w2 [E,D,F] with F = 32 under NF4's blocks
     // of 64); a dense MLP's projections are separate linears.

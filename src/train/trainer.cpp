@@ -18,6 +18,7 @@
 #include "core/rng.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
+#include "model/arch.h"
 #include "model/model_train.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
@@ -315,7 +316,9 @@ double run_training(const TrainConfig& cfg) {
   lopt.route.capacity_factor = cfg.capacity_factor;
   lopt.route.ep = par->ep > 1 ? par->ep_group.get() : nullptr;
   lopt.batch = par->distributed() ? par->world : nullptr;
-  MOE_CHECK(cfg.capacity_factor >= 0 && cfg.bias_rate >= 0, "--capacity-factor and --bias-balance must be >= 0");
+  MOE_CHECK(cfg.capacity_factor >= 0, "--capacity-factor must be >= 0");
+  // DeepSeek-V3 trains its selection bias with the aux-loss-free update (rate 0.001 in its report).
+  const double bias_rate = cfg.bias_rate >= 0 ? cfg.bias_rate : arch_spec(mc.model_type).router_select_bias ? 0.001 : 0.0;
 
   int64_t step = 0;
   const std::string metrics_path = cfg.out + "/metrics.jsonl";
@@ -351,7 +354,7 @@ double run_training(const TrainConfig& cfg) {
                              {"model_type", mc.model_type}, {"n_params", m.n_params_total()},
                              {"train_rows", data.train.n}, {"val_rows", data.val.n}, {"seq_len", data.train.seq},
                              {"batch_size", cfg.batch_size}, {"grad_accum", cfg.grad_accum}, {"steps", total_steps},
-                             {"lr", cfg.lr}, {"capacity_factor", cfg.capacity_factor}, {"bias_balance", cfg.bias_rate},
+                             {"lr", cfg.lr}, {"capacity_factor", cfg.capacity_factor}, {"bias_balance", bias_rate},
                              {"fused_update", cfg.fused_update}, {"optimizer_dtype", dtype_name(cfg.adamw.state_dtype)},
                              {"weight_dtype", dtype_name(cfg.weight_dtype)}, {"ranks", par->size()},
                              {"ep", par->ep}, {"dp", par->dp}, {"zero", zero ? 1 : 0}};
@@ -530,8 +533,8 @@ double run_training(const TrainConfig& cfg) {
       if (zero) broadcast_from_owners(*par, wparams, owners);
       if (mixed) refresh_compute_copy(mc, m.weights(), cm.mutable_weights(), kAllGroups);
     }
-    if (cfg.bias_rate > 0 && !load.empty()) {
-      update_router_bias(mc, m.mutable_weights(), load, cfg.bias_rate);
+    if (bias_rate > 0 && !load.empty()) {
+      update_router_bias(mc, m.mutable_weights(), load, bias_rate);
       for (int64_t l = 0; l < mc.n_layer; ++l)  // a new bias tensor is shared with the compute copy
         cm.mutable_weights().layers[size_t(l)].router_bias = m.weights().layers[size_t(l)].router_bias;
     }

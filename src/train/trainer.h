@@ -35,7 +35,9 @@ struct TrainConfig {
   double z_coef = 0;
   bool recompute = false;
   double capacity_factor = 0;  // Switch-style expert capacity; 0 = dropless
-  double bias_rate = 0;        // aux-loss-free bias balancing rate; 0 = off
+  // Aux-loss-free bias balancing rate; 0 = off; < 0: the family's way of training (0.001, as
+  // DeepSeek-V3 was trained, for routers with a selection bias; else off).
+  double bias_rate = -1;
   bool fused_update = false;   // update each group as its gradients are final (needs clip 0, grad_accum 1)
   DType weight_dtype = DType::F32;  // BF16: bf16 compute copies of the f32 master weights
   bool shuffle = true;

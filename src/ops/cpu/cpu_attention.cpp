@@ -47,7 +47,7 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
   MOE_CHECK(q.dtype() == DType::F32 && k_cache.dtype() == DType::F32, "attention_forward (cpu): f32 only");
   const int64_t b_n = q.dim(0), s_n = q.dim(1), h_n = q.dim(2), dh = q.dim(3);
   const int64_t cap = k_cache.dim(1), hkv = k_cache.dim(2), group = h_n / hkv;
-  const float scale = 1.0f / std::sqrt(float(dh));
+  const float scale = av.scale != 0 ? av.scale : 1.0f / std::sqrt(float(dh));
   const float* qp = q.data<float>();
   const float* kp = k_cache.data<float>();
   const float* vp = v_cache.data<float>();
@@ -106,7 +106,7 @@ void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages
                              const Tensor& tables, const Tensor& pos, const AttnVariant& av) {
   const int64_t b_n = q.dim(0), s_n = q.dim(1), h_n = q.dim(2), dh = q.dim(3);
   const int64_t block = k_pages.dim(1), hkv = k_pages.dim(2), group = h_n / hkv, m = tables.dim(1);
-  const float scale = 1.0f / std::sqrt(float(dh));
+  const float scale = av.scale != 0 ? av.scale : 1.0f / std::sqrt(float(dh));
   const float* qp = q.data<float>();
   const float* kp = k_pages.data<float>();
   const float* vp = v_pages.data<float>();

@@ -105,6 +105,7 @@ void rope_rotate(Tensor& x, int64_t past, float theta, float sign, const RopeTab
     last = key;
   }
   float* p = x.data<float>();
+  const bool pairs = rt && rt->interleaved;  // (x[2i], x[2i+1]) rather than (x[i], x[i+Dh/2])
 #pragma omp parallel for collapse(2) schedule(static) if(b_n * s_n * h_n * dh > 32768)
   for (int64_t b = 0; b < b_n; ++b)
     for (int64_t s = 0; s < s_n; ++s)
@@ -112,9 +113,10 @@ void rope_rotate(Tensor& x, int64_t past, float theta, float sign, const RopeTab
         float* v = p + ((b * s_n + s) * h_n + h) * dh;
         for (int64_t i = 0; i < half; ++i) {
           float c = cs[s * half + i], si = sign * sn[s * half + i];
-          float a = v[i], bb = v[i + half];
-          v[i] = a * c - bb * si;
-          v[i + half] = bb * c + a * si;
+          const int64_t i0 = pairs ? 2 * i : i, i1 = pairs ? 2 * i + 1 : i + half;
+          float a = v[i0], bb = v[i1];
+          v[i0] = a * c - bb * si;
+          v[i1] = bb * c + a * si;
         }
       }
 }

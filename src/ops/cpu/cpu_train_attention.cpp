@@ -31,7 +31,7 @@ void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Te
                              const AttnVariant& av) {
   const int64_t b_n = q.dim(0), s_n = q.dim(1), h_n = q.dim(2), dh = q.dim(3);
   const int64_t hkv = k.dim(2), group = h_n / hkv;
-  const float scale = 1.0f / std::sqrt(float(dh));
+  const float scale = av.scale != 0 ? av.scale : 1.0f / std::sqrt(float(dh));
   const float* qp = q.data<float>();
   const float* kp = k.data<float>();
   const float* vp = v.data<float>();
@@ -86,7 +86,7 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
                         Tensor* dsinks) {
   const int64_t b_n = q.dim(0), s_n = q.dim(1), h_n = q.dim(2), dh = q.dim(3);
   const int64_t hkv = k.dim(2), group = h_n / hkv;
-  const double scale = 1.0 / std::sqrt(double(dh));
+  const double scale = av.scale != 0 ? double(av.scale) : 1.0 / std::sqrt(double(dh));
   constexpr int64_t kTile = 64;
   const float* qp = q.data<float>();
   const float* kp = k.data<float>();

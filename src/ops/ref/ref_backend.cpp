@@ -222,7 +222,7 @@ namespace {
 struct WideAttn {
   Wide sinks;
   f64::AttnF64 av;
-  explicit WideAttn(const AttnVariant& v) : sinks(v.sinks) { av = {sinks.p(), v.window}; }
+  explicit WideAttn(const AttnVariant& v) : sinks(v.sinks) { av = {sinks.p(), v.window, double(v.scale)}; }
 };
 struct WideBias {
   Wide b1, b3, b2, db1, db3, db2;
@@ -246,7 +246,8 @@ void rope_table(Tensor& x, int64_t past, const RopeTable& rt, double sign) {
   if (freq.empty())
     for (int64_t i = 0; i < half; ++i) freq.push_back(std::pow(double(rt.theta), -double(2 * i) / double(x.dim(3))));
   Wide xx(x);
-  f64::rope_rotate_table(xx.p(), x.dim(0), x.dim(1), x.dim(2), x.dim(3), past, freq.data(), rt.attention_factor, sign);
+  f64::rope_rotate_table(xx.p(), x.dim(0), x.dim(1), x.dim(2), x.dim(3), past, freq.data(), rt.attention_factor, sign,
+                         rt.interleaved);
   xx.store(x);
 }
 }  // namespace
@@ -522,6 +523,40 @@ void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor&
   Wide l(logits), g = out_buf(dlogits);
   f64::cross_entropy_backward(g.p(), l.p(), ints(targets), scale, logits.dim(0), logits.dim(1));
   g.store(dlogits);
+}
+
+namespace {
+f64::RouterF64 router_f64(const RouterVariant& rv) {
+  return {rv.sigmoid, rv.renorm, rv.renorm_eps, rv.n_group, rv.topk_group, rv.group_top2, rv.scale};
+}
+}  // namespace
+
+void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, const RouterVariant& rv,
+                         const Tensor& select_bias) {
+  Wide l(logits), w = out_buf(topk_w), b(select_bias);
+  f64::router_topk_variant(ints_out(topk_idx), w.p(), l.p(), select_bias.defined() ? b.p() : nullptr, logits.dim(0),
+                           logits.dim(1), topk_idx.dim(1), router_f64(rv));
+  w.store(topk_w);
+}
+
+void router_topk_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& logits, const Tensor& topk_idx,
+                          const RouterVariant& rv) {
+  Wide g = out_buf(dlogits), gw(dtopk_w), l(logits);
+  f64::router_topk_variant_backward(g.p(), gw.p(), l.p(), ints(topk_idx), logits.dim(0), logits.dim(1),
+                                    topk_idx.dim(1), router_f64(rv));
+  g.store(dlogits);
+}
+
+void mla_absorb_q(Tensor& qc, const Tensor& q, const Tensor& kv_b, int64_t dn, int64_t dv) {
+  Wide o(qc), qq(q), w(kv_b);  // o starts as qc: columns past R keep their values
+  f64::mla_absorb_q(o.p(), qq.p(), w.p(), q.dim(0), q.dim(1), q.dim(2), qc.dim(2), dn, dv, kv_b.dim(1));
+  o.store(qc);
+}
+
+void mla_absorb_out(Tensor& o, const Tensor& oc, const Tensor& kv_b, int64_t dn, int64_t dv) {
+  Wide out = out_buf(o), c(oc), w(kv_b);
+  f64::mla_absorb_out(out.p(), c.p(), w.p(), oc.dim(0), oc.dim(1), oc.dim(2), dn, dv, kv_b.dim(1));
+  out.store(o);
 }
 
 }  // namespace ref

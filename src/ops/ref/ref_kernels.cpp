@@ -89,7 +89,7 @@ int64_t first_key(int64_t pos, int64_t window) { return window > 0 ? std::max<in
 }  // namespace
 
 void rope_rotate_table(double* x, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh, int64_t past,
-                       const double* inv_freq, double factor, double sign) {
+                       const double* inv_freq, double factor, double sign, bool interleaved) {
   const int64_t half = dh / 2;
   for (int64_t b = 0; b < b_n; ++b)
     for (int64_t s = 0; s < s_n; ++s)
@@ -98,9 +98,10 @@ void rope_rotate_table(double* x, int64_t b_n, int64_t s_n, int64_t h_n, int64_t
         for (int64_t i = 0; i < half; ++i) {
           const double ang = double(past + s) * inv_freq[i];
           const double c = factor * std::cos(ang), sn = sign * factor * std::sin(ang);
-          const double a = v[i], bb = v[i + half];
-          v[i] = a * c - bb * sn;
-          v[i + half] = bb * c + a * sn;
+          const int64_t i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + half;
+          const double a = v[i0], bb = v[i1];
+          v[i0] = a * c - bb * sn;
+          v[i1] = bb * c + a * sn;
         }
       }
 }
@@ -136,7 +137,7 @@ void rope_forward(double* x, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh, 
 void attention_forward(double* out, const double* q, const double* k_cache, const double* v_cache, int64_t b_n,
                        int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh, int64_t cap, int64_t past,
                        const AttnF64& av) {
-  const double scale = 1.0 / std::sqrt(double(dh));
+  const double scale = av.scale != 0 ? av.scale : 1.0 / std::sqrt(double(dh));
   const int64_t group = h_n / hkv;
   // Scores of the visible keys, then the sink as one more column (dropped after the softmax).
   std::vector<double> sc_buf(static_cast<size_t>(past + s_n + 1));
@@ -162,7 +163,7 @@ void attention_forward(double* out, const double* q, const double* k_cache, cons
 
 void attention_forward_train(double* out, double* lse, const double* q, const double* k, const double* v,
                              int64_t b_n, int64_t s_n, int64_t h_n, int64_t hkv, int64_t dh, const AttnF64& av) {
-  const double scale = 1.0 / std::sqrt(double(dh));
+  const double scale = av.scale != 0 ? av.scale : 1.0 / std::sqrt(double(dh));
   const int64_t group = h_n / hkv;
   std::vector<double> sc_buf(static_cast<size_t>(s_n + 1));
   double* sc = sc_buf.data();
@@ -482,7 +483,7 @@ void rope_backward(double* dx, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh
 void attention_backward(double* dq, double* dk, double* dv, const double* dout, const double* q, const double* k,
                         const double* v, const double* out, const double* lse, int64_t b_n, int64_t s_n,
                         int64_t h_n, int64_t hkv, int64_t dh, const AttnF64& av, double* dsinks) {
-  const double scale = 1.0 / std::sqrt(double(dh));
+  const double scale = av.scale != 0 ? av.scale : 1.0 / std::sqrt(double(dh));
   const int64_t group = h_n / hkv;
   for (int64_t i = 0; i < b_n * s_n * hkv * dh; ++i) dk[i] = dv[i] = 0;
   for (int64_t b = 0; b < b_n; ++b)
@@ -660,6 +661,118 @@ void cross_entropy_backward(double* dlogits, const double* logits, const int32_t
     for (int64_t i = 0; i < v; ++i)
       dlogits[r * v + i] = scale * (std::exp(logits[r * v + i] - lse) - (i == tg ? 1.0 : 0.0));
   }
+}
+
+// ---- router variant (DeepSeek) ----
+
+namespace {
+// Router scores s [E] of one token: softmax or sigmoid of its logits.
+void router_scores(double* s, const double* l, int64_t e_n, bool sig) {
+  if (!sig) return softmax(s, l, e_n);
+  for (int64_t e = 0; e < e_n; ++e) s[e] = 1.0 / (1.0 + std::exp(-l[e]));
+}
+// The index of the largest u[e] not yet taken (strict >: the lower index wins ties).
+int64_t largest_free(const double* u, const std::vector<char>& taken, int64_t n) {
+  int64_t best = -1;
+  for (int64_t e = 0; e < n; ++e)
+    if (!taken[size_t(e)] && (best < 0 || u[e] > u[best])) best = e;
+  return best;
+}
+}  // namespace
+
+void router_topk_variant(int32_t* idx, double* w, const double* logits, const double* bias, int64_t t_n,
+                         int64_t e_n, int64_t k, const RouterF64& rv) {
+  std::vector<double> s(static_cast<size_t>(e_n)), u(static_cast<size_t>(e_n)), gs(static_cast<size_t>(std::max<int64_t>(rv.n_group, 1)));
+  std::vector<char> taken(static_cast<size_t>(e_n));
+  const int64_t ng = std::max<int64_t>(rv.n_group, 1), gsz = e_n / ng;
+  for (int64_t t = 0; t < t_n; ++t) {
+    router_scores(s.data(), logits + t * e_n, e_n, rv.sigmoid);
+    for (int64_t e = 0; e < e_n; ++e) u[size_t(e)] = s[size_t(e)] + (bias ? bias[e] : 0.0);
+    if (ng > 1) {
+      for (int64_t g = 0; g < ng; ++g) {
+        double m1 = -INFINITY, m2 = -INFINITY;
+        for (int64_t e = g * gsz; e < (g + 1) * gsz; ++e) {
+          const double v = u[size_t(e)];
+          if (v > m1) {
+            m2 = m1;
+            m1 = v;
+          } else if (v > m2) {
+            m2 = v;
+          }
+        }
+        gs[size_t(g)] = rv.group_top2 ? m1 + m2 : m1;
+      }
+      std::vector<char> gtaken(static_cast<size_t>(ng), 0);
+      for (int64_t j = 0; j < rv.topk_group; ++j) gtaken[size_t(largest_free(gs.data(), gtaken, ng))] = 1;
+      for (int64_t e = 0; e < e_n; ++e)
+        if (!gtaken[size_t(e / gsz)]) u[size_t(e)] = 0.0;
+    }
+    std::fill(taken.begin(), taken.end(), 0);
+    double sum = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t best = largest_free(u.data(), taken, e_n);
+      taken[size_t(best)] = 1;
+      idx[t * k + j] = static_cast<int32_t>(best);
+      w[t * k + j] = s[size_t(best)];
+      sum += s[size_t(best)];
+    }
+    for (int64_t j = 0; j < k; ++j) w[t * k + j] = (rv.renorm ? w[t * k + j] / (sum + rv.renorm_eps) : w[t * k + j]) * rv.scale;
+  }
+}
+
+void router_topk_variant_backward(double* dlogits, const double* dw, const double* logits, const int32_t* idx,
+                                  int64_t t_n, int64_t e_n, int64_t k, const RouterF64& rv) {
+  std::vector<double> s(static_cast<size_t>(e_n)), ds(static_cast<size_t>(e_n));
+  for (int64_t t = 0; t < t_n; ++t) {
+    router_scores(s.data(), logits + t * e_n, e_n, rv.sigmoid);
+    std::fill(ds.begin(), ds.end(), 0.0);
+    const int32_t* ix = idx + t * k;
+    const double* g = dw + t * k;
+    if (!rv.renorm) {
+      for (int64_t j = 0; j < k; ++j) ds[size_t(ix[j])] += rv.scale * g[j];
+    } else {
+      // w_j = scale · s_j / S, S = Σ s + eps: dw_j/ds_m = scale (δ_jm / S − s_j / S²).
+      double sum = rv.renorm_eps, gp = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        sum += s[size_t(ix[j])];
+        gp += g[j] * s[size_t(ix[j])];
+      }
+      for (int64_t m = 0; m < k; ++m) ds[size_t(ix[m])] += rv.scale * (g[m] / sum - gp / (sum * sum));
+    }
+    double* dl = dlogits + t * e_n;
+    if (rv.sigmoid) {
+      for (int64_t e = 0; e < e_n; ++e) dl[e] = ds[size_t(e)] * s[size_t(e)] * (1.0 - s[size_t(e)]);
+    } else {
+      const double c = dot(ds.data(), s.data(), e_n);
+      for (int64_t e = 0; e < e_n; ++e) dl[e] = s[size_t(e)] * (ds[size_t(e)] - c);
+    }
+  }
+}
+
+// ---- MLA absorbed products ----
+
+void mla_absorb_q(double* qc, const double* q, const double* kv_b, int64_t t_n, int64_t h_n, int64_t dq,
+                  int64_t rc, int64_t dn, int64_t dv, int64_t r) {
+  for (int64_t t = 0; t < t_n; ++t)
+    for (int64_t h = 0; h < h_n; ++h) {
+      const double* qr = q + (t * h_n + h) * dq;
+      double* out = qc + (t * h_n + h) * rc;
+      for (int64_t c = 0; c < r; ++c) {
+        double acc = 0;
+        for (int64_t i = 0; i < dn; ++i) acc += qr[i] * kv_b[(h * (dn + dv) + i) * r + c];
+        out[c] = acc;
+      }
+    }
+}
+
+void mla_absorb_out(double* o, const double* oc, const double* kv_b, int64_t t_n, int64_t h_n, int64_t rc,
+                    int64_t dn, int64_t dv, int64_t r) {
+  for (int64_t t = 0; t < t_n; ++t)
+    for (int64_t h = 0; h < h_n; ++h) {
+      const double* orow = oc + (t * h_n + h) * rc;
+      for (int64_t j = 0; j < dv; ++j)
+        o[(t * h_n + h) * dv + j] = dot(orow, kv_b + (h * (dn + dv) + dn + j) * r, r);
+    }
 }
 
 }  // namespace f64

@@ -25,6 +25,15 @@ namespace f64 {
 struct AttnF64 {
   const double* sinks = nullptr;
   int64_t window = 0;
+  double scale = 0;  // 0: 1/sqrt(Dh)
+};
+// RouterVariant (variants.h) in f64.
+struct RouterF64 {
+  bool sigmoid = false, renorm = false;
+  double renorm_eps = 0;
+  int64_t n_group = 1, topk_group = 1;
+  bool group_top2 = false;
+  double scale = 1;
 };
 struct GluF64 {
   double alpha = 1, limit = 0;
@@ -51,8 +60,25 @@ void linear_forward(double* out, const double* x, const double* w, const double*
 // In place on x [B,S,H,Dh]: HF rotate_half rotary embedding at positions past + s.
 void rope_forward(double* x, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh, int64_t past, double theta);
 // The same with frequencies inv_freq [Dh/2] and cos, sin × factor; sign -1: its transpose.
+// interleaved: frequency i rotates (x[2i], x[2i+1]) instead of (x[i], x[i+Dh/2]).
 void rope_rotate_table(double* x, int64_t b_n, int64_t s_n, int64_t h_n, int64_t dh, int64_t past,
-                       const double* inv_freq, double factor, double sign);
+                       const double* inv_freq, double factor, double sign, bool interleaved = false);
+
+// Router variant (variants.h RouterVariant): idx [T,K], w [T,K] from logits [T,E]; bias [E]
+// nullable (selection only).
+void router_topk_variant(int32_t* idx, double* w, const double* logits, const double* bias, int64_t t_n,
+                         int64_t e_n, int64_t k, const RouterF64& rv);
+// Its backward: dlogits [T,E] (assigned) from dw [T,K] at the same selection idx.
+void router_topk_variant_backward(double* dlogits, const double* dw, const double* logits, const int32_t* idx,
+                                  int64_t t_n, int64_t e_n, int64_t k, const RouterF64& rv);
+
+// MLA's absorbed products with kv_b [H*(Dn+Dv), R] (ops.h mla_absorb_q / mla_absorb_out), over
+// N = T*H head rows: qc [N,Rc] columns [0,R) = q [N,Dq] columns [0,Dn) times head h's k rows;
+// o [N,Dv] = oc [N,Rc] columns [0,R) times head h's v rows transposed.
+void mla_absorb_q(double* qc, const double* q, const double* kv_b, int64_t t_n, int64_t h_n, int64_t dq,
+                  int64_t rc, int64_t dn, int64_t dv, int64_t r);
+void mla_absorb_out(double* o, const double* oc, const double* kv_b, int64_t t_n, int64_t h_n, int64_t rc,
+                    int64_t dn, int64_t dv, int64_t r);
 
 // Causal GQA attention of q [B,S,H,Dh] over caches [B,C,Hkv,Dh] (keys 0..past+s).
 void attention_forward(double* out, const double* q, const double* k_cache, const double* v_cache, int64_t b_n,
