@@ -80,6 +80,36 @@ void mla_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Ten
   Tensor qpe2 = qpe.view({t_n * m.h, m.dr}), qh = q.view({t_n * m.h, m.dq});
   copy_columns(qpe2, 0, qh, m.dn, m.dr);
   rope_rows(qpe, past, rt);
+  bool lockstep = !tables.defined() && batch == cache.dim(0);
+  for (int64_t b = 0; b < batch && lockstep; ++b)
+    lockstep = slots[static_cast<size_t>(b)] == b && past[static_cast<size_t>(b)] == past[0];
+  if (lockstep && past[0] == 0 && seq > 1) {
+    // A fresh prefill: the plain form (keys and values decompressed by kv_b_proj, Dn+Dr-wide
+    // dot products instead of the absorbed Rkv+Dr, and one GEMM instead of the per-head
+    // absorption products); only the latent goes into the cache, as decode reads it.
+    AttnVariant av;
+    av.scale = mla_softmax_scale(c);
+    Tensor kv = Tensor::empty({t_n, m.h * (m.dn + m.dv)}, DType::F32, kAct, dev);
+    linear_forward(kv, ckv, w.wkv_b, Tensor());
+    copy_columns(qh, m.dn, qpe2, 0, m.dr);
+    Tensor k = Tensor::empty({batch, seq, m.h, m.dq}, DType::F32, kAct, dev);
+    Tensor v = Tensor::zeros({batch, seq, m.h, m.dq}, DType::F32, kAct, dev);
+    Tensor k2 = k.view({t_n, m.h * m.dq}), v2 = v.view({t_n, m.h * m.dq});
+    for (int64_t hh = 0; hh < m.h; ++hh) {
+      copy_columns(k2, hh * m.dq, kv, hh * (m.dn + m.dv), m.dn);
+      copy_columns(k2, hh * m.dq + m.dn, kpe2, 0, m.dr);
+      copy_columns(v2, hh * m.dq, kv, hh * (m.dn + m.dv) + m.dn, m.dv);
+    }
+    kv_append(cache, cache, lat, lat, 0);
+    Tensor out = Tensor::empty({batch, seq, m.h, m.dq}, DType::F32, kAct, dev);
+    attention_forward(out, q.view({batch, seq, m.h, m.dq}), k, v, 0, av);
+    Tensor o = Tensor::empty({t_n, m.h * m.dv}, DType::F32, kAct, dev);
+    Tensor out2 = out.view({t_n, m.h * m.dq});
+    for (int64_t hh = 0; hh < m.h; ++hh) copy_columns(o, hh * m.dv, out2, hh * m.dq, m.dv);
+    linear_forward(y, o, w.wo, Tensor());
+    add_inplace(x, y);
+    return;
+  }
   Tensor qc = Tensor::empty({batch, seq, m.h, m.rc}, DType::F32, kAct, dev);
   Tensor qc3 = qc.view({t_n, m.h, m.rc}), qc2 = qc.view({t_n * m.h, m.rc});
   mla_absorb_q(qc3, q.view({t_n, m.h, m.dq}), w.wkv_b, m.dn, m.dv);
@@ -89,9 +119,6 @@ void mla_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& x, Ten
   AttnVariant av;
   av.scale = mla_softmax_scale(c);
   Tensor oc = Tensor::empty({batch, seq, m.h, m.rc}, DType::F32, kAct, dev);
-  bool lockstep = !tables.defined() && batch == cache.dim(0);
-  for (int64_t b = 0; b < batch && lockstep; ++b)
-    lockstep = slots[static_cast<size_t>(b)] == b && past[static_cast<size_t>(b)] == past[0];
   if (lockstep) {
     kv_append(cache, cache, lat, lat, past[0]);
     attention_forward(oc, qc, cache, cache, past[0], av);

@@ -12,7 +12,9 @@
 // Inference is the absorbed form: kv_b_proj is folded into the query (q_nope·W_k per head, a
 // query in the latent space) and the output (latent output·W_vᵀ per head), so the KV cache holds
 // only [c | rope(k_pe)] per token (Rkv + Dr values, model.h KVCache) and attention is one-kv-head
-// attention over it. Training runs the plain form (per-head keys and values; the value is padded
+// attention over it. A fresh prefill (every row at position 0, contiguous cache) runs the plain
+// form instead — Dn+Dr-wide dot products and one kv_b_proj GEMM rather than Rkv+Dr-wide ones and
+// per-head absorption products — and caches the same latent. Training runs the plain form (per-head keys and values; the value is padded
 // with zeros to the key width Dn+Dr so the shared attention ops apply, and the padded columns'
 // outputs are dropped).
 //
