@@ -132,12 +132,17 @@ int64_t engine_forward_activation_bytes(const PlanModel& m, int64_t batch, int64
   // qkv [T,q+k+v], its split copies q, k, v (views when T = 1) and the attention output.
   int64_t attn_tmp = a * t * (qd + kd + vd) * (t > 1 ? 2 : 1) + a * t * od;
   if (m.attn == AttnKind::MLA) {
-    // mla_block_infer (absorbed): q [T,H(Dn+Dr)], kv_a [T,Rc], c_kv [T,Rkv], k_pe [T,Dr], the
+    // mla_block_infer, decode (absorbed): q [T,H(Dn+Dr)], kv_a [T,Rc], c_kv [T,Rkv], k_pe [T,Dr], the
     // latent rows [T,Rc], q_pe [T,H,Dr], the absorbed query and its output [T,H,Rc] and the value
     // output [T,H,Dv] all live to the block's end (Rc = Rkv + Dr); the q latent [T,Rq] is freed
     // before them.
+    // A prefill (seq > 1 from an empty cache) runs the plain form instead: after the same first
+    // six, kv_b_proj's output [T,H(Dn+Dv)], the per-head keys, padded values and attention
+    // output [T,H(Dn+Dr)] each, and the value columns [T,H,Dv].
     const int64_t rc = m.kv_lora_rank + m.qk_rope_head_dim;
-    attn_tmp = a * t * (qd + rc + m.kv_lora_rank + m.qk_rope_head_dim + rc + h * m.qk_rope_head_dim + 2 * h * rc + od);
+    const int64_t common = qd + rc + m.kv_lora_rank + m.qk_rope_head_dim + rc + h * m.qk_rope_head_dim;
+    attn_tmp = seq > 1 ? a * t * (common + h * (m.qk_nope_head_dim + m.v_head_dim) + 3 * qd + od)
+                       : a * t * (common + 2 * h * rc + od);
   }
   int64_t layer_max = attn_tmp;
   for (auto& l : m.layers) {
