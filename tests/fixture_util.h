@@ -11,17 +11,32 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "core/error.h"
 #include "io/safetensors.h"
 #include "model/model.h"
 
 namespace moe::testutil {
 
 inline std::string fixture(const std::string& fam) { return std::string(MOE_FIXTURES_DIR) + "/" + fam; }
+// fn throws moe::Error whose message contains every one of parts.
+inline void expect_error(const std::function<void()>& fn, std::initializer_list<const char*> parts) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+    return;
+  }
+  ADD_FAILURE() << "expected moe::Error";
+}
+
 inline std::string moe_bin() { return std::string(MOE_BINARY_DIR) + "/moe"; }
 
 // A fresh, empty directory in the build tree: <build>/<prefix><name>.

@@ -32,24 +32,16 @@
 #include "model/model.h"
 #include "model/model_train.h"
 #include "model/random_init.h"
+#include "fixture_util.h"
 
 namespace moe {
 namespace {
 
 using json = nlohmann::json;
 
-void expect_error(const std::function<void()>& fn, std::initializer_list<const char*> parts) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-    return;
-  }
-  ADD_FAILURE() << "expected moe::Error";
-}
+using testutil::expect_error;
 
-std::string fixture(const std::string& fam) { return std::string(MOE_FIXTURES_DIR) + "/" + fam; }
+using testutil::fixture;
 
 TEST(DeepseekConfig, V2Fixture) {
   if (!std::filesystem::exists(fixture("deepseek_v2"))) GTEST_SKIP() << "SKIPPED: no deepseek_v2 fixture";

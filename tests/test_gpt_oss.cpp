@@ -23,22 +23,14 @@
 #include "model/fused_experts.h"
 #include "model/model.h"
 #include "model/random_init.h"
+#include "fixture_util.h"
 
 namespace moe {
 namespace {
 
 using json = nlohmann::json;
 
-void expect_error(const std::function<void()>& fn, std::initializer_list<const char*> parts) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-    return;
-  }
-  ADD_FAILURE() << "expected moe::Error";
-}
+using testutil::expect_error;
 
 const std::string kFixture = std::string(MOE_FIXTURES_DIR) + "/gpt_oss";
 

@@ -227,9 +227,8 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
   MOE_DISPATCH(out.device(), attention_forward(out, q, k_cache, v_cache, past));
 }
 
-void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm,
-                         const Tensor& select_bias) {
-  const char* op = "router_topk_forward";
+// The shapes and dtypes both router_topk_forward entry points take.
+static void check_router_args(const char* op, const Tensor& topk_idx, const Tensor& topk_w, const Tensor& logits) {
   check_ndim(op, "logits", logits, 2);
   check_dtype(op, "logits", logits, DType::F32);
   check_dtype(op, "topk_idx", topk_idx, DType::I32);
@@ -240,6 +239,12 @@ void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits,
             logits.shape_str().c_str());
   MOE_CHECK(topk_idx.dim(1) >= 1 && topk_idx.dim(1) <= logits.dim(1), "%s: k=%lld with %lld experts", op,
             (long long)topk_idx.dim(1), (long long)logits.dim(1));
+}
+
+void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, bool renorm,
+                         const Tensor& select_bias) {
+  const char* op = "router_topk_forward";
+  check_router_args(op, topk_idx, topk_w, logits);
   if (select_bias.defined()) {
     check_dtype(op, "select_bias", select_bias, DType::F32);
     check_shape(op, "select_bias", select_bias, {logits.dim(1)});
@@ -939,16 +944,7 @@ void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits,
                          const Tensor& select_bias) {
   if (rv.plain()) return router_topk_forward(topk_idx, topk_w, logits, rv.renorm, select_bias);
   const char* op = "router_topk_forward";
-  check_ndim(op, "logits", logits, 2);
-  check_dtype(op, "logits", logits, DType::F32);
-  check_dtype(op, "topk_idx", topk_idx, DType::I32);
-  check_dtype(op, "topk_w", topk_w, DType::F32);
-  check_ndim(op, "topk_idx", topk_idx, 2);
-  MOE_CHECK(topk_idx.dim(0) == logits.dim(0) && topk_idx.shape() == topk_w.shape(),
-            "%s: topk shapes %s/%s vs logits %s", op, topk_idx.shape_str().c_str(), topk_w.shape_str().c_str(),
-            logits.shape_str().c_str());
-  MOE_CHECK(topk_idx.dim(1) >= 1 && topk_idx.dim(1) <= logits.dim(1), "%s: k=%lld with %lld experts", op,
-            (long long)topk_idx.dim(1), (long long)logits.dim(1));
+  check_router_args(op, topk_idx, topk_w, logits);
   check_router_variant(op, rv, logits.dim(1), topk_idx.dim(1));
   if (select_bias.defined()) {
     check_dtype(op, "select_bias", select_bias, DType::F32);
