@@ -149,10 +149,10 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   if (n == 0 || m == 0) return;
   MOE_CHECK(k % dtype_block_elems(wdt) == 0, "quantized gemm: row length %lld is not a whole number of %s blocks",
             static_cast<long long>(k), dtype_name(wdt));
-  // Activations rounded to int8: q [n,k], d [n,k/blk], and ds [n,k/32] (blk 32) or bsum [n,k/16].
+  // Activations rounded to int8: q [n,k], d [n,k/blk], and (blk 256) bsum [n,k/16], bsum32 [n,k/32].
   const int64_t blk = quant_act_block(wdt), nbk = k / blk;
   const size_t q_bytes = static_cast<size_t>(n * k), d_bytes = static_cast<size_t>(n * nbk) * 4;
-  const size_t x_bytes = blk == 32 ? static_cast<size_t>(n * nbk) * 4 : static_cast<size_t>(n * (k / 16 + k / 32)) * 2;
+  const size_t x_bytes = blk == 32 ? 0 : static_cast<size_t>(n * (k / 16 + k / 32)) * 2;
   const bool pairs = wdt == DType::Q4_0;  // QActs::d4 / s4 and the pair-regrouped qs
   const size_t p_bytes = pairs ? static_cast<size_t>(n * nbk) * 16 : 0;
   auto align = [](size_t v) { return (v + 63) / 64 * 64; };
@@ -162,7 +162,6 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   int8_t* qs = reinterpret_cast<int8_t*>(base);
   float* dd = reinterpret_cast<float*>(base + align(q_bytes));
   void* extra = base + align(q_bytes) + align(d_bytes);
-  float* ds = blk == 32 ? static_cast<float*>(extra) : nullptr;
   int16_t* bs = blk == 32 ? nullptr : static_cast<int16_t*>(extra);
   int16_t* bs32 = bs ? bs + n * (k / 16) : nullptr;
   float* d4 = pairs ? reinterpret_cast<float*>(base + align(q_bytes) + align(d_bytes) + align(x_bytes)) : nullptr;
@@ -173,7 +172,6 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
       int32_t sum = 0;
       const float d = quant_block(x + r * k + b * blk, blk, qs + r * k + b * blk, &sum, bs ? bs + r * (k / 16) + b * (blk / 16) : nullptr);
       dd[r * nbk + b] = d;
-      if (ds) ds[r * nbk + b] = d * static_cast<float>(sum);
       if (pairs)
         for (int j = 0; j < 4; ++j) d4[(r * nbk + b) * 4 + j] = d, s4[(r * nbk + b) * 4 + j] = 2 * sum;
     }
@@ -195,7 +193,6 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   a.blk = blk;
   a.qs = qs;
   a.d = dd;
-  a.ds = ds;
   a.bsum = bs;
   a.bsum32 = bs32;
   a.d4 = d4;

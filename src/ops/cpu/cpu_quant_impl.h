@@ -15,7 +15,6 @@ struct QActs {
   int64_t n = 0, k = 0, blk = 32;
   const int8_t* qs = nullptr;     // [n, k]
   const float* d = nullptr;       // [n, k/blk] scales
-  const float* ds = nullptr;      // blk 32: [n, k/32] d * sum(q) of each block
   const int16_t* bsum = nullptr;  // blk 256: [n, k/16] sum of each 16 q
   const int16_t* bsum32 = nullptr;  // blk 256: [n, k/32] sum of each 32 q
   // q4_0 weights only: the kernels take two blocks per 256-bit vector, so qs is regrouped per

@@ -109,14 +109,12 @@ template <int RX>
 struct ARows {
   const int8_t* q[RX];
   const float* d[RX];
-  const float* ds[RX];
   const int16_t* bs[RX];
   ARows(const QActs& a, int64_t x0) {
     const int64_t nbk = a.k / a.blk;
     for (int i = 0; i < RX; ++i) {
       q[i] = a.qs + (x0 + i) * a.k;
       d[i] = a.d + (x0 + i) * nbk;
-      ds[i] = a.ds ? a.ds + (x0 + i) * (a.k / 32) : nullptr;
       bs[i] = a.bsum ? a.bsum + (x0 + i) * (a.k / 16) : nullptr;
     }
   }
