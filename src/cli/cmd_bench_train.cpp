@@ -306,6 +306,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
 
   Rng rng(o.seed + 1);
   std::vector<double> times, losses, opt_times;
+  double phase_sum[StepLosses::kPhases] = {};  // over the timed steps
   StepLosses last;
   for (int64_t step = 0; step < o.warmup + o.steps; ++step) {
     Tensor ids = random_ids(rng, o.batch, o.seq, mc.vocab_size);
@@ -340,6 +341,8 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
     if (!warm) {
       times.push_back(dt);
       opt_times.push_back(t_opt);
+      for (int p = 0; p < StepLosses::kPhases; ++p) phase_sum[p] += r.phase_s[p];
+      if (!o.fused) phase_sum[StepLosses::kUpdate] += t_opt;
     }
     std::printf("step %lld/%lld%s: loss %.6f  %.3f s (AdamW %.3f s)  rss %.0f MiB\n", (long long)step + 1,
                 (long long)(o.warmup + o.steps), warm ? " (warm-up)" : "", r.total, dt, t_opt,
@@ -374,6 +377,21 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
               step_s, tok_s, (long long)(o.batch * o.seq), t_load, with_commas(m.n_params_total()).c_str());
   std::printf("AdamW (%s moments%s): median %.3f s per step = %.0f%% of the median step\n", o.optim_dtype.c_str(),
               o.fused ? ", fused per group" : "", opt_s, 100.0 * opt_s / step_s);
+  // Where the time goes: each phase's mean over the timed steps (the rest is the step's
+  // setup, gradient zeroing and clipping).
+  nlohmann::json phases = nlohmann::json::object();
+  double mean_step = 0;
+  for (double t : times) mean_step += t / double(times.size());
+  std::printf("step breakdown (mean of the timed steps, %.3f s):", mean_step);
+  double accounted = 0;
+  for (int p = 0; p < StepLosses::kPhases; ++p) {
+    const double s = phase_sum[p] / double(times.size());
+    accounted += s;
+    phases[step_phase_name(p)] = s;
+    std::printf(" %s %.3f s (%.0f%%)%s", step_phase_name(p), s, 100.0 * s / mean_step, p + 1 < StepLosses::kPhases ? "," : "");
+  }
+  phases["other"] = mean_step - accounted;
+  std::printf("; other %.3f s\n", mean_step - accounted);
   std::printf("f32 sgemm peak (2048^3 cblas_sgemm, best of 4): %.1f GFLOP/s before, %.1f after -> %.1f GFLOP/s\n",
               peak_before / 1e9, peak_after / 1e9, peak / 1e9);
   std::printf("expert GEMMs (forward_train + backward, last step's routing: %lld rows over %zu MoE layers): "
@@ -406,7 +424,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
                       {"sgemm_peak_after_flops", peak_after}, {"expert_flops", et.flops},
                       {"expert_seconds", et.seconds}, {"expert_flops_per_s", expert_flops},
                       {"expert_fraction_of_peak", peak > 0 ? expert_flops / peak : 0.0},
-                      {"expert_fraction_of_step", et.seconds / step_s}};
+                      {"expert_fraction_of_step", et.seconds / step_s}, {"phase_s_mean", phases}};
   nlohmann::json mem = nlohmann::json::object();
   for (int c = 0; c < kNumMemCategories; ++c)
     if (st.peak[dev][c] > 0) mem[mem_category_name(MemCategory(c))] = st.peak[dev][c];

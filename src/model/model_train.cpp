@@ -1,6 +1,7 @@
 // model_train.cpp — training forward/backward over the blocks, the losses, HF-named parameters.
 #include "model/model_train.h"
 
+#include <chrono>
 #include <cmath>
 #include <functional>
 
@@ -324,6 +325,17 @@ void reduce_step_stats(dist::Communicator& comm, int64_t e_n, int64_t* t_n, Step
 
 // forward_backward and forward_backward_fused: with `fused`, grads points to a skeleton whose
 // groups are allocated and handed over one at a time.
+// Adds the seconds since the last call to one phase of the step's breakdown.
+struct PhaseClock {
+  double* phase_s;
+  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  void lap(int phase) {
+    const auto now = std::chrono::steady_clock::now();
+    phase_s[phase] += std::chrono::duration<double>(now - t).count();
+    t = now;
+  }
+};
+
 StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_in, ModelWeights* grads,
                     const LossOptions& opt, const GradGroupFn* fused) {
   const ModelConfig& c = m.config();
@@ -350,13 +362,17 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   for (int64_t l = 0; l < n_l; ++l) alloc_acts(lay, c.layer_is_moe(l), true, &own[static_cast<size_t>(l)]);
 
   StepLosses res;
+  PhaseClock clk{res.phase_s};
   // ---- forward ----
   embedding_forward(own[0].x_in, ids, w.embed);
+  clk.lap(StepLosses::kEmbed);
   auto layer_forward = [&](int64_t l, LayerActs& a, RouterStats* st) {
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     attention_block_forward(c, lw, a, a.qkv);
+    clk.lap(StepLosses::kAttnFwd);
     Tensor x_out = l + 1 < n_l ? own[static_cast<size_t>(l + 1)].x_in : shared.final_x;
     ffn_block_forward(c, lw, a, x_out, st, opt.route);
+    clk.lap(StepLosses::kFfnFwd);
   };
   for (int64_t l = 0; l < n_l; ++l) {
     LayerActs a = layer_view(own[static_cast<size_t>(l)], shared, opt.recompute);
@@ -423,14 +439,19 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   if (opt.batch) opt.batch->all_reduce_sum(&ce_sum, 1);
   res.loss_ce = res.n_targets > 0 ? ce_sum / double(res.n_targets) : 0.0;
   res.total = res.loss_ce + opt.aux_coef * res.aux_loss + opt.z_coef * res.z_loss;
-  if (!grads) return res;
+  if (!grads) {
+    clk.lap(StepLosses::kHead);
+    return res;
+  }
 
   // ---- backward ----
   Tensor dx = step.dx, dx_mid = step.dx_mid, dx_in = step.dx_in;
   rmsnorm_backward(dx, grads->final_norm, dfinal_h, shared.final_x, w.final_norm, shared.final_rstd, false);
   dfinal_h = Tensor();
+  clk.lap(StepLosses::kHead);
   if (fused) {
     (*fused)(kGroupHead, *grads, res);
+    clk.lap(StepLosses::kUpdate);
     grads->final_norm = Tensor();
     if (!c.tie_word_embeddings) grads->lm_head = Tensor();
   }
@@ -443,7 +464,9 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
       Tensor x_out = dx_in;
       const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
       attention_block_forward(c, lw, a, a.qkv);
+      clk.lap(StepLosses::kAttnFwd);
       ffn_block_forward(c, lw, a, x_out, nullptr, opt.route);
+      clk.lap(StepLosses::kFfnFwd);
     }
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     LayerWeights& lg = grads->layers[static_cast<size_t>(l)];
@@ -452,24 +475,35 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
           c, lw, [](const Tensor& t) { return Tensor::zeros(t.shape(), DType::F32, MemCategory::Grads); },
           grad_selection(w));
     ffn_block_backward(c, lw, a, dx, dx_mid, lg, bal, opt.route.ep);
+    clk.lap(StepLosses::kFfnBwd);
     attention_block_backward(c, lw, a, dx_mid, dx_in, lg, a.qkv);
+    clk.lap(StepLosses::kAttnBwd);
     std::swap(dx, dx_in);
     if (fused) {
       (*fused)(l, *grads, res);
       lg = LayerWeights();
+      clk.lap(StepLosses::kUpdate);
     }
   }
   if (fused && !grads->embed.defined() && !w.frozen_base)
     grads->embed = Tensor::zeros(w.embed.shape(), DType::F32, MemCategory::Grads);
   if (grads->embed.defined()) embedding_backward(grads->embed, dx, ids, c.pad_token_id);
+  clk.lap(StepLosses::kEmbed);
   if (fused) {
     (*fused)(kGroupEmbed, *grads, res);
     *grads = ModelWeights();
+    clk.lap(StepLosses::kUpdate);
   }
   return res;
 }
 
 }  // namespace
+
+const char* step_phase_name(int phase) {
+  static const char* const kNames[StepLosses::kPhases] = {"embedding", "attention fwd", "ffn fwd", "head+loss",
+                                                          "ffn bwd", "attention bwd", "update"};
+  return phase >= 0 && phase < StepLosses::kPhases ? kNames[phase] : "?";
+}
 
 StepLosses forward_backward(const Model& m, const Tensor& ids, const Tensor& labels, ModelWeights* grads,
                             const LossOptions& opt) {

@@ -35,7 +35,14 @@ struct StepLosses {
   int64_t n_targets = 0;                 // label positions that count (not -100)
   std::vector<int64_t> moe_layers;       // decoder-layer index of each entry below
   std::vector<RouterStats> router;       // per MoE layer (summed over LossOptions::batch)
+  // Wall seconds of the step by phase, for the benchmarks' breakdown (a few clock reads per
+  // layer). The fused-update callbacks (the optimizer) count as their own phase.
+  enum Phase { kEmbed, kAttnFwd, kFfnFwd, kHead, kFfnBwd, kAttnBwd, kUpdate, kPhases };
+  double phase_s[kPhases] = {};
 };
+
+// Names of StepLosses::Phase, for printing.
+const char* step_phase_name(int phase);
 
 // One parameter: its HF name, the weight (a view into the model's stacked storage) and what
 // the optimizer needs to know about it.

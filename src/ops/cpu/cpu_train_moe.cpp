@@ -7,6 +7,9 @@
 // of the experts' time next to their GEMMs at the small preset's shapes); it computes the same
 // formulas as the scalar loops, with an e^x (cpu_simd_exp.h) that rounds as expf does on all but
 // 0.008% of inputs.
+#include <cblas.h>
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -286,6 +289,14 @@ int64_t max_rows(const int32_t* off, int64_t e_n) {
 
 }  // namespace
 
+// The experts run in one parallel region: BLAS called inside it runs single-threaded
+// (OpenBLAS's OpenMP build), so each thread multiplies its own share with no hand-off between
+// the OpenMP and BLAS pools and no barrier per product. At the small preset's shapes (~256
+// rows per expert, F 768, D 256) a 2-thread BLAS call per product, one expert after another,
+// spent a third of the experts' time outside the GEMM kernel.
+//
+// Forward: every row is independent, so each thread takes its share of every expert's rows
+// (piece t of T) through gate/up, the GLU and down.
 void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp, const Tensor& offsets,
                               const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
                               const ExpertLora& lora, const ExpertGlu& glu, const ExpertBias& bias) {
@@ -294,44 +305,70 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
   const int64_t rows = std::max<int64_t>(max_rows(off, e_n), 1);
   Tensor act = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
-  float* a = act.data<float>();
   Tensor lu = lora.any() ? Tensor::empty({rows, max_rank(lora)}, DType::F32, MemCategory::Workspace) : Tensor();
-  std::vector<float> bb(static_cast<size_t>(bias.any() ? 2 * f + d : 0));
-  for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t r0 = off[e], n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    const ExpertView w = expert_view(w1, w3, w2, e);
-    const float* x = xp.data<float>() + r0 * d;
-    float* g1 = h1.data<float>() + r0 * f;
-    float* g3 = h3.data<float>() + r0 * f;
-    gemm_xwt(g1, f, x, w.w1, w1.dtype(), n, f, d, false);
-    gemm_xwt(g3, f, x, w.w3, w3.dtype(), n, f, d, false);
-    const ExpertFactors l1 = expert_factors(lora.w1, nullptr, e, d, f), l3 = expert_factors(lora.w3, nullptr, e, d, f);
-    if (l1.a) lora_rows_forward(g1, f, x, d, l1.a, l1.b, l1.scale, n, f, d, l1.r, lu.data<float>(), l1.at(r0));
-    if (l3.a) lora_rows_forward(g3, f, x, d, l3.a, l3.b, l3.scale, n, f, d, l3.r, lu.data<float>(), l3.at(r0));
-    // Biases join the saved pre-activations (backward differentiates the activation at them).
-    for (auto [bt, g] : {std::pair{&bias.b1, g1}, {&bias.b3, g3}}) {
-      if (!bt->defined()) continue;
-      bias_row(bb.data(), *bt, e, f);
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t i = 0; i < f; ++i) g[r * f + i] += bb[size_t(i)];
-    }
-#pragma omp parallel for schedule(static) if(n * f > kPar)
-    for (int64_t r = 0; r < n; ++r) glu_row(a + r * f, g1 + r * f, g3 + r * f, rs ? rs[r0 + r] : 1.0f, f, glu);
-    float* y = yp.data<float>() + r0 * d;
-    gemm_xwt(y, d, a, w.w2, w2.dtype(), n, d, f, false);
-    const ExpertFactors l2 = expert_factors(lora.w2, nullptr, e, f, d);
-    if (l2.a) lora_rows_forward(y, d, a, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lu.data<float>(), l2.at(r0));
-    if (bias.b2.defined()) {
-      bias_row(bb.data(), bias.b2, e, d);
-      for (int64_t r = 0; r < n; ++r) {
-        const float sc = rs ? rs[r0 + r] : 1.0f;
-        for (int64_t i = 0; i < d; ++i) y[r * d + i] += sc * bb[size_t(i)];
+  const int64_t total = off[e_n] - off[0];
+#pragma omp parallel if(total * f > kPar)
+  {
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    std::vector<float> bb(static_cast<size_t>(bias.any() ? 2 * f + d : 0));
+    for (int64_t e = 0; e < e_n; ++e) {
+      const int64_t ne = off[e + 1] - off[e];
+      const int64_t p0 = ne * tid / nt, p1 = ne * (tid + 1) / nt, n = p1 - p0, r0 = off[e] + p0;
+      if (n == 0) continue;
+      const ExpertView w = expert_view(w1, w3, w2, e);
+      const float* x = xp.data<float>() + r0 * d;
+      float* g1 = h1.data<float>() + r0 * f;
+      float* g3 = h3.data<float>() + r0 * f;
+      float* a = act.data<float>() + p0 * f;
+      float* lus = lu.defined() ? lu.data<float>() + p0 * lu.dim(1) : nullptr;
+      gemm_xwt(g1, f, x, w.w1, w1.dtype(), n, f, d, false);
+      gemm_xwt(g3, f, x, w.w3, w3.dtype(), n, f, d, false);
+      const ExpertFactors l1 = expert_factors(lora.w1, nullptr, e, d, f), l3 = expert_factors(lora.w3, nullptr, e, d, f);
+      if (l1.a) lora_rows_forward(g1, f, x, d, l1.a, l1.b, l1.scale, n, f, d, l1.r, lus, l1.at(r0));
+      if (l3.a) lora_rows_forward(g3, f, x, d, l3.a, l3.b, l3.scale, n, f, d, l3.r, lus, l3.at(r0));
+      // Biases join the saved pre-activations (backward differentiates the activation at them).
+      for (auto [bt, g] : {std::pair{&bias.b1, g1}, {&bias.b3, g3}}) {
+        if (!bt->defined()) continue;
+        bias_row(bb.data(), *bt, e, f);
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t i = 0; i < f; ++i) g[r * f + i] += bb[size_t(i)];
+      }
+      for (int64_t r = 0; r < n; ++r) glu_row(a + r * f, g1 + r * f, g3 + r * f, rs ? rs[r0 + r] : 1.0f, f, glu);
+      float* y = yp.data<float>() + r0 * d;
+      gemm_xwt(y, d, a, w.w2, w2.dtype(), n, d, f, false);
+      const ExpertFactors l2 = expert_factors(lora.w2, nullptr, e, f, d);
+      if (l2.a) lora_rows_forward(y, d, a, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lus, l2.at(r0));
+      if (bias.b2.defined()) {
+        bias_row(bb.data(), bias.b2, e, d);
+        for (int64_t r = 0; r < n; ++r) {
+          const float sc = rs ? rs[r0 + r] : 1.0f;
+          for (int64_t i = 0; i < d; ++i) y[r * d + i] += sc * bb[size_t(i)];
+        }
       }
     }
   }
 }
 
+namespace {
+
+// dw [m, k] (rows of ldw) += dyᵀ x with dy [n, m] (rows of ldy), x [n, k]: one thread's slice
+// of a weight gradient (its rows of dw are columns of dy).
+void atb_acc_slice(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, int64_t n, int64_t m,
+                   int64_t k) {
+  if (n == 0 || m == 0 || k == 0) return;
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)m, (int)k, (int)n, 1.0f, dy, (int)ldy, x, (int)k, 1.0f,
+              dw, (int)ldw);
+}
+
+}  // namespace
+
+// Backward, per expert, in two phases of the one parallel region:
+//   rows (each thread its share of the expert's rows): u = act(h1, h3)·s recomputed,
+//     du = dy·w2, the GLU backward into dh1 and dh3 (over du), the row scales' gradient, and
+//     dx = dh1·w1 + dh3·w3 — every output is per row;
+//   weights (after a barrier; tasks over slices of the gradients' rows): dw2 += dyᵀu,
+//     dw1 += dh1ᵀx, dw3 += dh3ᵀx, the adapters' factor gradients, the bias sums — each a sum
+//     over all the expert's rows, written by one thread per slice.
 void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale, const Tensor& dyp,
                          const Tensor& xp, const Tensor& h1, const Tensor& h3, const Tensor& offsets,
                          const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
@@ -341,71 +378,123 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
   const int64_t rows = std::max<int64_t>(max_rows(off, e_n), 1);
-  // LoRA scratch: u = x aᵀ and v = dy b, [rows, r] each.
+  // LoRA scratch: u = x aᵀ and v = dy b, [rows, r] each (rows phase: the thread's rows; weights
+  // phase: the task's own pair, per adapter).
   const int64_t rk = lora.any() ? max_rank(lora) : 0;
-  Tensor lu = rk ? Tensor::empty({rows, rk}, DType::F32, MemCategory::Workspace) : Tensor();
-  Tensor lv = rk ? Tensor::empty({rows, rk}, DType::F32, MemCategory::Workspace) : Tensor();
-  // Scratch: u (then dh1) and du (then dh3), [rows, F] each.
+  Tensor lu = rk ? Tensor::empty({4 * rows, rk}, DType::F32, MemCategory::Workspace) : Tensor();
+  Tensor lv = rk ? Tensor::empty({4 * rows, rk}, DType::F32, MemCategory::Workspace) : Tensor();
+  // Scratch [rows, F] each: u (the down projection's input), dh1, du (then dh3).
+  Tensor s0 = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
   Tensor s1 = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
   Tensor s2 = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
-  float* u = s1.data<float>();
-  float* du = s2.data<float>();
-  std::vector<float> b2row(static_cast<size_t>(bias.b2.defined() ? d : 0));
+  float* ub = s0.data<float>();
+  float* dh1b = s1.data<float>();
+  float* dub = s2.data<float>();
   float* db1 = dbias && dbias->b1.defined() ? dbias->b1.data<float>() : nullptr;
   float* db3 = dbias && dbias->b3.defined() ? dbias->b3.data<float>() : nullptr;
   float* db2 = dbias && dbias->b2.defined() ? dbias->b2.data<float>() : nullptr;
-  for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t r0 = off[e], n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    const ExpertView w = expert_view(w1, w3, w2, e);
-    const float* x = xp.data<float>() + r0 * d;
-    const float* g = dyp.data<float>() + r0 * d;
-    const float* a1 = h1.data<float>() + r0 * f;
-    const float* a3 = h3.data<float>() + r0 * f;
-    const ExpertFactors l1 = expert_factors(lora.w1, dlora ? &dlora->w1 : nullptr, e, d, f);
-    const ExpertFactors l3 = expert_factors(lora.w3, dlora ? &dlora->w3 : nullptr, e, d, f);
-    const ExpertFactors l2 = expert_factors(lora.w2, dlora ? &dlora->w2 : nullptr, e, f, d);
-    // u = silu(h1) * h3 * s: the down projection's input, recomputed.
-    if (dw2.defined() || l2.a) {
-#pragma omp parallel for schedule(static) if(n * f > kPar)
-      for (int64_t r = 0; r < n; ++r) glu_row(u + r * f, a1 + r * f, a3 + r * f, rs ? rs[r0 + r] : 1.0f, f, glu);
-      if (dw2.defined()) gemm_atb_acc(dw2.data<float>() + e * d * f, g, u, n, d, f);
-    }
-    gemm_xw(du, g, w.w2, w2.dtype(), n, d, f, false);
-    if (l2.a)
-      lora_rows_backward(du, f, l2.da, l2.db, g, d, u, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lu.data<float>(),
-                         lv.data<float>(), l2.at(r0));
-    float* drs = drow_scale.defined() ? drow_scale.data<float>() + r0 : nullptr;
-    if (!b2row.empty()) bias_row(b2row.data(), bias.b2, e, d);
-#pragma omp parallel for schedule(static) if(n * f > kPar)
-    for (int64_t r = 0; r < n; ++r) {
-      double dot = glu_backward_row(u + r * f, du + r * f, a1 + r * f, a3 + r * f, rs ? rs[r0 + r] : 1.0f, f, glu);
-      // y = s · (a w2ᵀ + b2): the row scale also multiplies the down bias.
-      for (int64_t i = 0; i < int64_t(b2row.size()); ++i) dot += double(g[r * d + i]) * b2row[size_t(i)];
-      if (drs) drs[r] = static_cast<float>(dot);
-    }
-    // Bias gradients: db1, db3 sum dh1, dh3 (now in u, du); db2 sums s · dyp.
-    for (int64_t r = 0; r < n; ++r) {
-      if (db1)
-        for (int64_t i = 0; i < f; ++i) db1[e * f + i] += u[r * f + i];
-      if (db3)
-        for (int64_t i = 0; i < f; ++i) db3[e * f + i] += du[r * f + i];
-      if (db2) {
-        const float sc = rs ? rs[r0 + r] : 1.0f;
-        for (int64_t i = 0; i < d; ++i) db2[e * d + i] += sc * g[r * d + i];
+  const bool need_u = dw2.defined() || lora.w2.on();
+  const int64_t total = off[e_n] - off[0];
+#pragma omp parallel if(total * f > kPar)
+  {
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    std::vector<float> b2row(static_cast<size_t>(bias.b2.defined() ? d : 0));
+    for (int64_t e = 0; e < e_n; ++e) {
+      const int64_t ne = off[e + 1] - off[e];
+      if (ne == 0) continue;
+      const int64_t e0 = off[e];
+      const ExpertView w = expert_view(w1, w3, w2, e);
+      const ExpertFactors l1 = expert_factors(lora.w1, dlora ? &dlora->w1 : nullptr, e, d, f);
+      const ExpertFactors l3 = expert_factors(lora.w3, dlora ? &dlora->w3 : nullptr, e, d, f);
+      const ExpertFactors l2 = expert_factors(lora.w2, dlora ? &dlora->w2 : nullptr, e, f, d);
+      // ---- rows ----
+      {
+        const int64_t p0 = ne * tid / nt, p1 = ne * (tid + 1) / nt, n = p1 - p0, r0 = e0 + p0;
+        if (n > 0) {
+          const float* g = dyp.data<float>() + r0 * d;
+          const float* a1 = h1.data<float>() + r0 * f;
+          const float* a3 = h3.data<float>() + r0 * f;
+          float* u = ub + p0 * f;
+          float* dh1 = dh1b + p0 * f;
+          float* du = dub + p0 * f;
+          float* lus = rk ? lu.data<float>() + p0 * rk : nullptr;
+          float* lvs = rk ? lv.data<float>() + p0 * rk : nullptr;
+          if (need_u)
+            for (int64_t r = 0; r < n; ++r) glu_row(u + r * f, a1 + r * f, a3 + r * f, rs ? rs[r0 + r] : 1.0f, f, glu);
+          gemm_xw(du, g, w.w2, w2.dtype(), n, d, f, false);
+          if (l2.a)
+            lora_rows_backward(du, f, nullptr, nullptr, g, d, u, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lus, lvs,
+                               l2.at(r0));
+          float* drs = drow_scale.defined() ? drow_scale.data<float>() + r0 : nullptr;
+          if (!b2row.empty()) bias_row(b2row.data(), bias.b2, e, d);
+          for (int64_t r = 0; r < n; ++r) {
+            double dot = glu_backward_row(dh1 + r * f, du + r * f, a1 + r * f, a3 + r * f, rs ? rs[r0 + r] : 1.0f, f, glu);
+            // y = s · (a w2ᵀ + b2): the row scale also multiplies the down bias.
+            for (int64_t i = 0; i < int64_t(b2row.size()); ++i) dot += double(g[r * d + i]) * b2row[size_t(i)];
+            if (drs) drs[r] = static_cast<float>(dot);
+          }
+          const float* x = xp.data<float>() + r0 * d;
+          float* dx = dxp.data<float>() + r0 * d;
+          gemm_xw(dx, dh1, w.w1, w1.dtype(), n, f, d, false);
+          gemm_xw(dx, du, w.w3, w3.dtype(), n, f, d, true);
+          if (l1.a)
+            lora_rows_backward(dx, d, nullptr, nullptr, dh1, f, x, d, l1.a, l1.b, l1.scale, n, f, d, l1.r, lus, lvs,
+                               l1.at(r0));
+          if (l3.a)
+            lora_rows_backward(dx, d, nullptr, nullptr, du, f, x, d, l3.a, l3.b, l3.scale, n, f, d, l3.r, lus, lvs,
+                               l3.at(r0));
+        }
       }
+#pragma omp barrier
+      // ---- weights: nt slices of each weight gradient's rows, then the adapters and biases ----
+      const float* x = xp.data<float>() + e0 * d;
+      const float* g = dyp.data<float>() + e0 * d;
+      const int64_t n_w = 3 * nt, n_tasks = n_w + 4;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < n_tasks; ++task) {
+        if (task < n_w) {
+          const int64_t which = task / nt, sl = task % nt;
+          if (which == 0 && dw2.defined()) {  // dw2 [D, F] += dyᵀ u: rows of dw2 are columns of dy
+            const int64_t q0 = d * sl / nt, q1 = d * (sl + 1) / nt;
+            atb_acc_slice(dw2.data<float>() + (e * d + q0) * f, f, g + q0, d, ub, ne, q1 - q0, f);
+          } else if (which == 1 && dw1.defined()) {  // dw1 [F, D] += dh1ᵀ x
+            const int64_t q0 = f * sl / nt, q1 = f * (sl + 1) / nt;
+            atb_acc_slice(dw1.data<float>() + (e * f + q0) * d, d, dh1b + q0, f, x, ne, q1 - q0, d);
+          } else if (which == 2 && dw3.defined()) {  // dw3 [F, D] += dh3ᵀ x
+            const int64_t q0 = f * sl / nt, q1 = f * (sl + 1) / nt;
+            atb_acc_slice(dw3.data<float>() + (e * f + q0) * d, d, dub + q0, f, x, ne, q1 - q0, d);
+          }
+          continue;
+        }
+        // Each adapter task has its own rows of the LoRA scratch (tasks run concurrently).
+        const int64_t slot = task - n_w;
+        float* lus = rk ? lu.data<float>() + slot * rows * rk : nullptr;
+        float* lvs = rk ? lv.data<float>() + slot * rows * rk : nullptr;
+        if (slot == 0 && l2.a && (l2.da || l2.db))
+          lora_rows_backward(nullptr, 0, l2.da, l2.db, g, d, ub, f, l2.a, l2.b, l2.scale, ne, d, f, l2.r, lus, lvs,
+                             l2.at(e0));
+        if (slot == 1 && l1.a && (l1.da || l1.db))
+          lora_rows_backward(nullptr, 0, l1.da, l1.db, dh1b, f, x, d, l1.a, l1.b, l1.scale, ne, f, d, l1.r, lus, lvs,
+                             l1.at(e0));
+        if (slot == 2 && l3.a && (l3.da || l3.db))
+          lora_rows_backward(nullptr, 0, l3.da, l3.db, dub, f, x, d, l3.a, l3.b, l3.scale, ne, f, d, l3.r, lus, lvs,
+                             l3.at(e0));
+        if (slot == 3) {
+          // Bias gradients: db1, db3 sum dh1, dh3; db2 sums s · dyp.
+          for (int64_t r = 0; r < ne; ++r) {
+            if (db1)
+              for (int64_t i = 0; i < f; ++i) db1[e * f + i] += dh1b[r * f + i];
+            if (db3)
+              for (int64_t i = 0; i < f; ++i) db3[e * f + i] += dub[r * f + i];
+            if (db2) {
+              const float sc = rs ? rs[e0 + r] : 1.0f;
+              for (int64_t i = 0; i < d; ++i) db2[e * d + i] += sc * g[r * d + i];
+            }
+          }
+        }
+      }
+      // (the loop's implicit barrier: the next expert's rows phase reuses the scratch)
     }
-    float* dx = dxp.data<float>() + r0 * d;
-    gemm_xw(dx, u, w.w1, w1.dtype(), n, f, d, false);
-    gemm_xw(dx, du, w.w3, w3.dtype(), n, f, d, true);
-    if (l1.a)
-      lora_rows_backward(dx, d, l1.da, l1.db, u, f, x, d, l1.a, l1.b, l1.scale, n, f, d, l1.r, lu.data<float>(),
-                         lv.data<float>(), l1.at(r0));
-    if (l3.a)
-      lora_rows_backward(dx, d, l3.da, l3.db, du, f, x, d, l3.a, l3.b, l3.scale, n, f, d, l3.r, lu.data<float>(),
-                         lv.data<float>(), l3.at(r0));
-    if (dw1.defined()) gemm_atb_acc(dw1.data<float>() + e * f * d, u, x, n, f, d);
-    if (dw3.defined()) gemm_atb_acc(dw3.data<float>() + e * f * d, du, x, n, f, d);
   }
 }
 
