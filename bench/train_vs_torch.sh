@@ -114,6 +114,15 @@ for name in ("small", "mixtral2l"):
           f"measured vs {m['activations_layout_bytes'] / mib:.1f} MiB layout; peaks " +
           ", ".join(f"{k} {v / mib:.1f}" for k, v in m["mem_peak_bytes"].items()) + " MiB")
     print(f"{'':<10} losses moe {' '.join(f'{x:.4f}' for x in m['losses'])} | torch {' '.join(f'{x:.4f}' for x in t['losses'])}")
+    if "model_flops_per_step" in m:
+        # Whole-step utilisation: the same model FLOPs (planner count) over each step time, against
+        # the sgemm peak measured in moe's run. 2x the peer's tokens/s means doing these FLOPs at
+        # twice the peer's utilisation: above ~90% of the best large sgemm is out of reach for a
+        # step that also holds small GEMMs, softmaxes, norms and the optimizer's memory traffic.
+        fl, pk = m["model_flops_per_step"], m["sgemm_peak_flops"]
+        tstep = m["batch"] * m["seq"] / t["tokens_per_s"]
+        print(f"{'':<10} model FLOPs {fl / 1e9:.1f} GFLOP/step: moe {100 * m['model_flops_fraction_of_peak']:.1f}% of the "
+              f"sgemm peak, torch {100 * fl / tstep / pk:.1f}%; 2x torch needs {200 * fl / tstep / pk:.1f}%")
 for b in sorted(blas):
     print("torch BLAS:", b)
 PY

@@ -38,6 +38,8 @@
 #include "model/activations.h"
 #include "model/model_train.h"
 #include "model/random_init.h"
+#include "plan/plan_model.h"
+#include "plan/planner.h"
 #include "ops/ops.h"
 #include "train/lora.h"
 #include "train/optimizer.h"
@@ -398,6 +400,21 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
               "%.2f GFLOP in %.3f s = %.1f GFLOP/s = %.1f%% of the sgemm peak (target >= 50%%); %.0f%% of the step\n",
               (long long)et.rows, last.router.size(), et.flops / 1e9, et.seconds, expert_flops / 1e9,
               100.0 * expert_flops / peak, 100.0 * et.seconds / step_s);
+  // The step's model FLOPs as the planner counts them (6·active parameters per token for full
+  // training, 4· plus the adapters' for LoRA; causal attention), against the same sgemm peak:
+  // a whole-step utilisation to set beside a peer's step time on the same model.
+  JobSpec job;
+  job.job = o.finetune ? JobKind::Lora : JobKind::Train;
+  job.seq = o.seq;
+  job.lora_r = o.lora_r;
+  job.lora_targets = LoraTargets::Attention;
+  for (const std::string& t : parse_target_modules(o.targets))
+    if (t != "q_proj" && t != "k_proj" && t != "v_proj" && t != "o_proj") job.lora_targets = LoraTargets::All;
+  const double model_flops = flops_per_token(plan_model_from_config(mc), job) * double(o.batch * o.seq);
+  std::printf("model FLOPs (planner: %s): %.2f GFLOP per step -> %.1f GFLOP/s at the median step = %.1f%% of the "
+              "sgemm peak\n",
+              o.finetune ? "2 x forward + 6 x adapter params per token" : "3 x forward: 6 x active params per token + causal attention", model_flops / 1e9,
+              model_flops / step_s / 1e9, 100.0 * model_flops / step_s / peak);
   std::printf("memory peaks during the steps (tracked):");
   for (int c = 0; c < kNumMemCategories; ++c)
     if (st.peak[dev][c] > 0) std::printf(" %s %.1f MiB", mem_category_name(MemCategory(c)), mib(double(st.peak[dev][c])));
@@ -424,7 +441,8 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
                       {"sgemm_peak_after_flops", peak_after}, {"expert_flops", et.flops},
                       {"expert_seconds", et.seconds}, {"expert_flops_per_s", expert_flops},
                       {"expert_fraction_of_peak", peak > 0 ? expert_flops / peak : 0.0},
-                      {"expert_fraction_of_step", et.seconds / step_s}, {"phase_s_mean", phases}};
+                      {"expert_fraction_of_step", et.seconds / step_s}, {"phase_s_mean", phases},
+                      {"model_flops_per_step", model_flops}, {"model_flops_fraction_of_peak", model_flops / step_s / peak}};
   nlohmann::json mem = nlohmann::json::object();
   for (int c = 0; c < kNumMemCategories; ++c)
     if (st.peak[dev][c] > 0) mem[mem_category_name(MemCategory(c))] = st.peak[dev][c];

@@ -1,7 +1,8 @@
 // cpu_train_attention.cpp — causal GQA self-attention for training on the CPU: a forward that
-// saves the row log-sum-exp, and a backward that recomputes the probabilities from it (the
-// [S,S] matrix is never stored). Work is split by (batch, kv head) so the key/value gradients
-// of one kv head are written by one thread.
+// saves the row log-sum-exp (f32 sgemm tiles: Q·Kᵀ, softmax, P·V), and a backward that
+// recomputes the probabilities tile by tile in f64 (the [S,S] matrix is never stored). Backward
+// work is split by (batch, kv head) so the key/value gradients of one kv head are written by
+// one thread.
 #include <cblas.h>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_simd_exp.h"
 
 namespace moe {
 namespace cpu {
@@ -23,15 +25,55 @@ std::vector<double> sinks_f64(const AttnVariant& av) {
   out.assign(f.begin(), f.end());
   return out;
 }
+
+
+// p[j] = e^(x[j]·scale - l) for first <= j <= last, 0 elsewhere, in place over x[0, n) (f64).
+void exp_scaled_row(double* x, int64_t n, int64_t first, int64_t last, double scale, double l) {
+  std::fill(x, x + first, 0.0);
+  std::fill(x + last + 1, x + n, 0.0);
+  int64_t j = first;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256d sv = _mm256_set1_pd(scale), lv = _mm256_set1_pd(l);
+  for (; j + 4 <= last + 1; j += 4) _mm256_storeu_pd(x + j, exp4d(_mm256_fmsub_pd(_mm256_loadu_pd(x + j), sv, lv)));
+#endif
+  for (; j <= last; ++j) x[j] = std::exp(x[j] * scale - l);
+}
+
+// p[i] = e^(x[i] - mx) over a row, in place; returns Σ p in f64. Four lanes at a time through
+// exp4 (f64 inside, rounded once: glibc's expf but for 0.008% of arguments, 1 ulp there).
+double exp_shift_sum(float* x, int64_t n, float mx) {
+  int64_t i = 0;
+  double sum = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m128 m = _mm_set1_ps(mx);
+  __m256d acc = _mm256_setzero_pd();
+  for (; i + 4 <= n; i += 4) {
+    const __m128 e = exp4(_mm_sub_ps(_mm_loadu_ps(x + i), m));
+    _mm_storeu_ps(x + i, e);
+    acc = _mm256_add_pd(acc, _mm256_cvtps_pd(e));
+  }
+  sum = hsum4(acc);
+#endif
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - mx));
+  return sum;
+}
+
 }  // namespace
 
-// Sinks join each row's softmax denominator (and so lse); a window limits the keys to
-// (s - window, s].
+// Per (batch, head, tile of kTile query rows): the scores of the tile against every key it
+// can see are one sgemm (Q·Kᵀ, rows of q and k read in place through their leading
+// dimensions), the masked softmax runs row by row, and P·V is a second sgemm writing the
+// output rows in place. BLAS runs single-threaded inside the parallel region; tiles are taken
+// largest (last) first. Sinks join each row's softmax denominator (and so lse); a window limits
+// the keys to (s - window, s].
 void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                              const AttnVariant& av) {
   const int64_t b_n = q.dim(0), s_n = q.dim(1), h_n = q.dim(2), dh = q.dim(3);
   const int64_t hkv = k.dim(2), group = h_n / hkv;
   const float scale = av.scale != 0 ? av.scale : 1.0f / std::sqrt(float(dh));
+  constexpr int64_t kTile = 64;
+  const int64_t tile = std::min(kTile, s_n), n_tiles = (s_n + tile - 1) / tile;
+  const int64_t ldq = h_n * dh, ldk = hkv * dh;
   const float* qp = q.data<float>();
   const float* kp = k.data<float>();
   const float* vp = v.data<float>();
@@ -40,33 +82,36 @@ void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Te
   const std::vector<double> sinks = sinks_f64(av);
 #pragma omp parallel if(b_n * h_n * s_n * s_n * dh > 32768)
   {
-    std::vector<float> sc(static_cast<size_t>(s_n));
-#pragma omp for collapse(3) schedule(dynamic, 4)
-    for (int64_t b = 0; b < b_n; ++b)
-      for (int64_t h = 0; h < h_n; ++h)
-        for (int64_t s = 0; s < s_n; ++s) {
-          const int64_t kvh = h / group;
-          const float* qr = qp + ((b * s_n + s) * h_n + h) * dh;
-          const int64_t j0 = av.first_key(s);
-          float mx = sinks.empty() ? -INFINITY : float(sinks[size_t(h)]);
-          for (int64_t j = j0; j <= s; ++j) {
-            sc[j] = dot_f32(qr, kp + ((b * s_n + j) * hkv + kvh) * dh, dh) * scale;
-            mx = std::max(mx, sc[j]);
+    std::vector<float> sc(static_cast<size_t>(tile * s_n));
+    std::vector<float> inv(static_cast<size_t>(tile));
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (int64_t ti = 0; ti < n_tiles; ++ti)
+      for (int64_t b = 0; b < b_n; ++b)
+        for (int64_t h = 0; h < h_n; ++h) {
+          const int64_t s0 = (n_tiles - 1 - ti) * tile, nq = std::min(tile, s_n - s0), kvh = h / group;
+          const int64_t j0 = av.first_key(s0), nk = s0 + nq - j0;  // keys j0..s0+nq-1 are visible to the tile
+          const float* qb = qp + ((b * s_n + s0) * h_n + h) * dh;
+          const float* kb = kp + ((b * s_n + j0) * hkv + kvh) * dh;
+          const float* vb = vp + ((b * s_n + j0) * hkv + kvh) * dh;
+          float* ob = op + ((b * s_n + s0) * h_n + h) * dh;
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)dh, scale, qb, (int)ldq, kb,
+                      (int)ldk, 0.0f, sc.data(), (int)nk);
+          for (int64_t r = 0; r < nq; ++r) {
+            const int64_t s = s0 + r, first = av.first_key(s) - j0, last = s - j0;  // visible columns
+            float* row = sc.data() + r * nk;
+            float mx = sinks.empty() ? -INFINITY : float(sinks[size_t(h)]);
+            for (int64_t j = first; j <= last; ++j) mx = std::max(mx, row[j]);
+            double sum = sinks.empty() ? 0.0 : std::exp(sinks[size_t(h)] - mx);
+            sum += exp_shift_sum(row + first, last - first + 1, mx);
+            std::fill(row, row + first, 0.0f);
+            std::fill(row + last + 1, row + nk, 0.0f);
+            inv[size_t(r)] = static_cast<float>(1.0 / sum);
+            lp[(b * h_n + h) * s_n + s] = static_cast<float>(mx + std::log(sum));
           }
-          double sum = sinks.empty() ? 0.0 : std::exp(sinks[size_t(h)] - mx);
-          for (int64_t j = j0; j <= s; ++j) {
-            sc[j] = std::exp(sc[j] - mx);
-            sum += sc[j];
-          }
-          const float inv = static_cast<float>(1.0 / sum);
-          float* orow = op + ((b * s_n + s) * h_n + h) * dh;
-          for (int64_t i = 0; i < dh; ++i) orow[i] = 0;
-          for (int64_t j = j0; j <= s; ++j) {
-            const float* vr = vp + ((b * s_n + j) * hkv + kvh) * dh;
-            const float p = sc[j] * inv;
-            for (int64_t i = 0; i < dh; ++i) orow[i] += p * vr[i];
-          }
-          lp[(b * h_n + h) * s_n + s] = static_cast<float>(mx + std::log(sum));
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nq, (int)dh, (int)nk, 1.0f, sc.data(), (int)nk,
+                      vb, (int)ldk, 0.0f, ob, (int)ldq);
+          for (int64_t r = 0; r < nq; ++r)
+            for (int64_t i = 0; i < dh; ++i) ob[r * ldq + i] *= inv[size_t(r)];
         }
   }
 }
@@ -98,6 +143,7 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
   float* dkp = dk.data<float>();
   float* dvp = dv.data<float>();
   const int64_t tile = std::min(kTile, s_n);
+  const std::vector<double> sk = sinks_f64(av);
 #pragma omp parallel if(b_n * h_n * s_n * s_n * dh > 32768)
   {
     // Per thread: K and V of one (batch, kv head) in f64, their gradient accumulators, and one
@@ -105,7 +151,7 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
     const size_t kv_n = static_cast<size_t>(s_n * dh), tq = static_cast<size_t>(tile);
     std::vector<double> kd(kv_n), vd(kv_n), dka(kv_n), dva(kv_n);
     std::vector<double> qt(tq * size_t(dh)), gt(tq * size_t(dh)), pt(tq * size_t(s_n)), dst(tq * size_t(s_n));
-    std::vector<double> dqt(static_cast<size_t>(tile * dh)), delta(static_cast<size_t>(tile));
+    std::vector<double> dqt(static_cast<size_t>(tile * dh));
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < b_n; ++b)
       for (int64_t kvh = 0; kvh < hkv; ++kvh) {
@@ -122,13 +168,10 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
             const int64_t nq = std::min(tile, s_n - s0), nk = s0 + nq;  // keys 0..nk-1 are visible to the tile
             for (int64_t r = 0; r < nq; ++r) {
               const int64_t row = ((b * s_n + s0 + r) * h_n + h) * dh;
-              double dl = 0;
               for (int64_t i = 0; i < dh; ++i) {
                 qt[size_t(r * dh + i)] = qp[row + i];
                 gt[size_t(r * dh + i)] = gp[row + i];
-                dl += double(gp[row + i]) * op[row + i];
               }
-              delta[size_t(r)] = dl;
             }
             // scores = Q Kᵀ and dP = dO Vᵀ over the visible keys
             cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)dh, 1.0, qt.data(), (int)dh,
@@ -136,15 +179,25 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
             cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)dh, 1.0, gt.data(), (int)dh,
                         vd.data(), (int)dh, 0.0, dst.data(), (int)nk);
             for (int64_t r = 0; r < nq; ++r) {
-              const double l = lp[(b * h_n + h) * s_n + s0 + r];
               double* pr = pt.data() + r * nk;
               double* dr = dst.data() + r * nk;
               const int64_t last = s0 + r, first = av.first_key(last);  // causal: keys first..last
-              for (int64_t j = 0; j < nk; ++j) {
-                const double p = j <= last && j >= first ? std::exp(pr[j] * scale - l) : 0.0;
-                pr[j] = p;
-                dr[j] = p * (dr[j] - delta[size_t(r)]) * scale;
+              // The row's softmax again, normalised in f64 from these f64 scores rather than by
+              // the forward's f32 lse, and Δ = Σ p·dP rather than dO·O (equal in exact arithmetic):
+              // then Σ_j dS_j is Δ·p_sink up to f64 rounding, as it is mathematically, and the
+              // gradients that sum dS over keys (a key bias', ~0) carry no f32 residue.
+              double mx = sk.empty() ? -INFINITY : sk[size_t(h)];
+              for (int64_t j = first; j <= last; ++j) mx = std::max(mx, pr[j] * scale);
+              exp_scaled_row(pr, nk, first, last, scale, mx);
+              double sum = sk.empty() ? 0.0 : std::exp(sk[size_t(h)] - mx);
+              for (int64_t j = first; j <= last; ++j) sum += pr[j];
+              const double inv = 1.0 / sum;
+              double dl = 0;
+              for (int64_t j = first; j <= last; ++j) {
+                pr[j] *= inv;
+                dl += pr[j] * dr[j];
               }
+              for (int64_t j = 0; j < nk; ++j) dr[j] = pr[j] * (dr[j] - dl) * scale;
             }
             // dQ = dS K;  dK += dSᵀ Q;  dV += Pᵀ dO
             cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nq, (int)dh, (int)nk, 1.0, dst.data(),

@@ -303,13 +303,18 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
-  const int64_t rows = std::max<int64_t>(max_rows(off, e_n), 1);
-  Tensor act = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
-  Tensor lu = lora.any() ? Tensor::empty({rows, max_rank(lora)}, DType::F32, MemCategory::Workspace) : Tensor();
+  // Scratch: each thread its own rows (threads do not wait for each other between experts, so
+  // a thread's rows of one expert must not overlap another's of the next): with nt threads a
+  // piece is at most ceil(max rows / nt) rows, and nt pieces fit in max rows + nt.
+  const int64_t rows = max_rows(off, e_n), max_threads = omp_get_max_threads();
+  Tensor act = Tensor::empty({rows + max_threads, f}, DType::F32, MemCategory::Workspace);
+  const int64_t rk = lora.any() ? max_rank(lora) : 0;
+  Tensor lu = rk ? Tensor::empty({rows + max_threads, rk}, DType::F32, MemCategory::Workspace) : Tensor();
   const int64_t total = off[e_n] - off[0];
 #pragma omp parallel if(total * f > kPar)
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t piece = (rows + nt - 1) / nt;  // nt <= max_threads: the region's team
     std::vector<float> bb(static_cast<size_t>(bias.any() ? 2 * f + d : 0));
     for (int64_t e = 0; e < e_n; ++e) {
       const int64_t ne = off[e + 1] - off[e];
@@ -319,8 +324,8 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
       const float* x = xp.data<float>() + r0 * d;
       float* g1 = h1.data<float>() + r0 * f;
       float* g3 = h3.data<float>() + r0 * f;
-      float* a = act.data<float>() + p0 * f;
-      float* lus = lu.defined() ? lu.data<float>() + p0 * lu.dim(1) : nullptr;
+      float* a = act.data<float>() + tid * piece * f;
+      float* lus = rk ? lu.data<float>() + tid * piece * rk : nullptr;
       gemm_xwt(g1, f, x, w.w1, w1.dtype(), n, f, d, false);
       gemm_xwt(g3, f, x, w.w3, w3.dtype(), n, f, d, false);
       const ExpertFactors l1 = expert_factors(lora.w1, nullptr, e, d, f), l3 = expert_factors(lora.w3, nullptr, e, d, f);
