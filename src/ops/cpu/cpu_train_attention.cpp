@@ -116,16 +116,20 @@ void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Te
   }
 }
 
-// With p_j = exp(score_j - lse), dP_j = dO·V_j, Δ = dO·O:
+// With p_j = softmax(score)_j, dP_j = dO·V_j, Δ = Σ_j p_j dP_j (= dO·O):
 //   dS_j = p_j (dP_j - Δ);  dQ = scale Σ_j dS_j K_j;  dK_j += scale dS_j Q;  dV_j += p_j dO.
-// Accumulated in f64: dP_j - Δ cancels, and gradients such as a key bias' (a sum over every
-// query of small differences) lose several digits in f32.
-// Per (batch, kv head), query rows in tiles of kTile: the scores, dP, dQ, dK and dV of a tile
-// are f64 GEMMs (cblas_dgemm) over the keys up to the tile's last row; the causal mask zeroes
-// p (and so dS) above the diagonal. The f64 products keep the accumulation of the scalar
-// formulation at GEMM speed.
+// Per (batch, kv head), query rows in tiles of kTile over the keys up to the tile's last row
+// (the causal mask zeroes p, and so dS, above the diagonal; a window zeroes p outside it):
+//   - scores Q·Kᵀ and dP = dO·Vᵀ are f32 sgemms reading q, k, v and dO in place;
+//   - each row's softmax is renormalised in f64 from those scores (not from the forward's f32
+//     lse), Δ is Σ p·dP in f64, and dS in f64: Σ_j dS_j is then Δ·p_sink up to f64 rounding,
+//     as it is mathematically;
+//   - dK += dSᵀ·Q is an f64 dgemm: the gradients that sum dK over keys (a key bias', exactly 0
+//     without sinks) would otherwise keep an f32 residue that AdamW, normalising it, turns into
+//     a full-size step;
+//   - dQ = dS·K and dV += Pᵀ·dO are f32 sgemms (no cancellation there).
 // Sinks: p_sink = exp(sink - lse) and dsink_h = -Σ_rows p_sink Δ (a serial pass after the
-// parallel one: every batch row adds into the same [H]). A window zeroes p outside it.
+// parallel one: every batch row adds into the same [H]).
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q, const Tensor& k,
                         const Tensor& v, const Tensor& out, const Tensor& lse, const AttnVariant& av,
                         Tensor* dsinks) {
@@ -133,6 +137,7 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
   const int64_t hkv = k.dim(2), group = h_n / hkv;
   const double scale = av.scale != 0 ? double(av.scale) : 1.0 / std::sqrt(double(dh));
   constexpr int64_t kTile = 64;
+  const int64_t ldq = h_n * dh, ldk = hkv * dh;
   const float* qp = q.data<float>();
   const float* kp = k.data<float>();
   const float* vp = v.data<float>();
@@ -146,48 +151,41 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
   const std::vector<double> sk = sinks_f64(av);
 #pragma omp parallel if(b_n * h_n * s_n * s_n * dh > 32768)
   {
-    // Per thread: K and V of one (batch, kv head) in f64, their gradient accumulators, and one
-    // query tile's Q, dO, scores/probabilities, dP/dS and dQ.
-    const size_t kv_n = static_cast<size_t>(s_n * dh), tq = static_cast<size_t>(tile);
-    std::vector<double> kd(kv_n), vd(kv_n), dka(kv_n), dva(kv_n);
-    std::vector<double> qt(tq * size_t(dh)), gt(tq * size_t(dh)), pt(tq * size_t(s_n)), dst(tq * size_t(s_n));
-    std::vector<double> dqt(static_cast<size_t>(tile * dh));
+    // Per thread: the kv head's dK accumulator (f64) and dV accumulator (f32), and one query
+    // tile's Q (f64), scores and dP (f32), P (f32 and f64) and dS (f32 and f64).
+    const size_t kv_n = static_cast<size_t>(s_n * dh), tq = static_cast<size_t>(tile), sq = tq * size_t(s_n);
+    std::vector<double> dka(kv_n), qt(tq * size_t(dh)), pd(sq), dsd(sq);
+    std::vector<float> dva(kv_n), sc(sq), dpt(sq), pf(sq), dsf(sq);
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < b_n; ++b)
       for (int64_t kvh = 0; kvh < hkv; ++kvh) {
-        for (int64_t j = 0; j < s_n; ++j)
-          for (int64_t i = 0; i < dh; ++i) {
-            const int64_t at = ((b * s_n + j) * hkv + kvh) * dh + i;
-            kd[size_t(j * dh + i)] = kp[at];
-            vd[size_t(j * dh + i)] = vp[at];
-          }
+        const float* kb = kp + (b * s_n * hkv + kvh) * dh;  // key row j at kb + j * ldk
+        const float* vb = vp + (b * s_n * hkv + kvh) * dh;
         std::fill(dka.begin(), dka.end(), 0.0);
-        std::fill(dva.begin(), dva.end(), 0.0);
+        std::fill(dva.begin(), dva.end(), 0.0f);
         for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
           for (int64_t s0 = 0; s0 < s_n; s0 += tile) {
             const int64_t nq = std::min(tile, s_n - s0), nk = s0 + nq;  // keys 0..nk-1 are visible to the tile
-            for (int64_t r = 0; r < nq; ++r) {
-              const int64_t row = ((b * s_n + s0 + r) * h_n + h) * dh;
-              for (int64_t i = 0; i < dh; ++i) {
-                qt[size_t(r * dh + i)] = qp[row + i];
-                gt[size_t(r * dh + i)] = gp[row + i];
-              }
-            }
+            const float* qb = qp + ((b * s_n + s0) * h_n + h) * dh;   // query row r at qb + r * ldq
+            const float* gb = gp + ((b * s_n + s0) * h_n + h) * dh;
+            for (int64_t r = 0; r < nq; ++r)
+              for (int64_t i = 0; i < dh; ++i) qt[size_t(r * dh + i)] = qb[r * ldq + i];
             // scores = Q Kᵀ and dP = dO Vᵀ over the visible keys
-            cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)dh, 1.0, qt.data(), (int)dh,
-                        kd.data(), (int)dh, 0.0, pt.data(), (int)nk);
-            cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)dh, 1.0, gt.data(), (int)dh,
-                        vd.data(), (int)dh, 0.0, dst.data(), (int)nk);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)dh, 1.0f, qb, (int)ldq, kb,
+                        (int)ldk, 0.0f, sc.data(), (int)nk);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)dh, 1.0f, gb, (int)ldq, vb,
+                        (int)ldk, 0.0f, dpt.data(), (int)nk);
             for (int64_t r = 0; r < nq; ++r) {
-              double* pr = pt.data() + r * nk;
-              double* dr = dst.data() + r * nk;
+              double* pr = pd.data() + r * nk;
+              double* dr = dsd.data() + r * nk;
+              const float* sr = sc.data() + r * nk;
+              const float* dpr = dpt.data() + r * nk;
               const int64_t last = s0 + r, first = av.first_key(last);  // causal: keys first..last
-              // The row's softmax again, normalised in f64 from these f64 scores rather than by
-              // the forward's f32 lse, and Δ = Σ p·dP rather than dO·O (equal in exact arithmetic):
-              // then Σ_j dS_j is Δ·p_sink up to f64 rounding, as it is mathematically, and the
-              // gradients that sum dS over keys (a key bias', ~0) carry no f32 residue.
               double mx = sk.empty() ? -INFINITY : sk[size_t(h)];
-              for (int64_t j = first; j <= last; ++j) mx = std::max(mx, pr[j] * scale);
+              for (int64_t j = first; j <= last; ++j) {
+                pr[j] = sr[j];
+                mx = std::max(mx, pr[j] * scale);
+              }
               exp_scaled_row(pr, nk, first, last, scale, mx);
               double sum = sk.empty() ? 0.0 : std::exp(sk[size_t(h)] - mx);
               for (int64_t j = first; j <= last; ++j) sum += pr[j];
@@ -195,27 +193,29 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
               double dl = 0;
               for (int64_t j = first; j <= last; ++j) {
                 pr[j] *= inv;
-                dl += pr[j] * dr[j];
+                dl += pr[j] * dpr[j];
               }
-              for (int64_t j = 0; j < nk; ++j) dr[j] = pr[j] * (dr[j] - dl) * scale;
+              float* pfr = pf.data() + r * nk;
+              float* dsr = dsf.data() + r * nk;
+              for (int64_t j = 0; j < nk; ++j) {
+                dr[j] = pr[j] * (dpr[j] - dl) * scale;
+                pfr[j] = static_cast<float>(pr[j]);
+                dsr[j] = static_cast<float>(dr[j]);
+              }
             }
-            // dQ = dS K;  dK += dSᵀ Q;  dV += Pᵀ dO
-            cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nq, (int)dh, (int)nk, 1.0, dst.data(),
-                        (int)nk, kd.data(), (int)dh, 0.0, dqt.data(), (int)dh);
-            cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nk, (int)dh, (int)nq, 1.0, dst.data(), (int)nk,
+            // dQ = dS K (into dq's rows);  dK += dSᵀ Q (f64);  dV += Pᵀ dO
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nq, (int)dh, (int)nk, 1.0f, dsf.data(),
+                        (int)nk, kb, (int)ldk, 0.0f, dqp + ((b * s_n + s0) * h_n + h) * dh, (int)ldq);
+            cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nk, (int)dh, (int)nq, 1.0, dsd.data(), (int)nk,
                         qt.data(), (int)dh, 1.0, dka.data(), (int)dh);
-            cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nk, (int)dh, (int)nq, 1.0, pt.data(), (int)nk,
-                        gt.data(), (int)dh, 1.0, dva.data(), (int)dh);
-            for (int64_t r = 0; r < nq; ++r) {
-              float* dqr = dqp + ((b * s_n + s0 + r) * h_n + h) * dh;
-              for (int64_t i = 0; i < dh; ++i) dqr[i] = static_cast<float>(dqt[size_t(r * dh + i)]);
-            }
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nk, (int)dh, (int)nq, 1.0f, pf.data(), (int)nk,
+                        gb, (int)ldq, 1.0f, dva.data(), (int)dh);
           }
         for (int64_t j = 0; j < s_n; ++j)
           for (int64_t i = 0; i < dh; ++i) {
             const int64_t at = ((b * s_n + j) * hkv + kvh) * dh + i;
             dkp[at] = static_cast<float>(dka[size_t(j * dh + i)]);
-            dvp[at] = static_cast<float>(dva[size_t(j * dh + i)]);
+            dvp[at] = dva[size_t(j * dh + i)];
           }
       }
   }
