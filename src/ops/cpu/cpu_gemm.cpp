@@ -45,39 +45,102 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// Streaming kernel: each weight row is read once and dotted with all N (<= kGemvMaxRows) rows
-// of x. R weight rows are processed together so that N*R independent FMA chains hide the FMA
-// latency (one chain alone runs at a quarter of the load bandwidth).
-template <DType WT, int N>
-void gemv_rows(float* out, int64_t ldo, const float* x, const void* w, int64_t m, int64_t k, bool accumulate) {
-  constexpr int R = N == 1 ? 8 : N == 2 ? 4 : N <= 4 ? 2 : 1;
-  const size_t row_bytes = static_cast<size_t>(k) * dtype_size(WT);
+// Streaming kernel, one tile: R weight rows (wr, rr of them real: the rest repeat the last)
+// dotted with N rows of x over all k, out[i * ldo + j] (+)= Σ x[i]·w[j]. N*R independent FMA
+// chains hide the FMA latency (5 cycles on Zen 2 at two FMAs per cycle: ten chains needed; one
+// chain alone runs at a quarter of the load bandwidth); the N x vectors, R·N accumulators and
+// one widened weight vector fit the 16 AVX2 registers for the (N, R) pairs used below.
+// Prefetch: one cache line of [*pf, pf_end) per step of 8 (the next block's weights, pulled
+// into L2 while this block computes; null: none).
+template <DType WT, int N, int R>
+inline void gemv_tile(float* out, int64_t ldo, const float* x, int64_t ldx, const void* const* wr, int rr, int64_t k,
+                      bool accumulate, const char** pf, const char* pf_end) {
   const int64_t k8 = k / 8 * 8;
-  const int64_t blocks = (m + R - 1) / R;
+  __m256 acc[R][N];
+  for (int j = 0; j < R; ++j)
+    for (int i = 0; i < N; ++i) acc[j][i] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < k8; c += 8) {
+    if (*pf < pf_end) {
+      _mm_prefetch(*pf, _MM_HINT_T1);
+      *pf += 64;
+    }
+    __m256 xv[N];
+    for (int i = 0; i < N; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + c);
+    for (int j = 0; j < R; ++j) {
+      const __m256 wv = load8<WT>(wr[j], c);
+      for (int i = 0; i < N; ++i) acc[j][i] = _mm256_fmadd_ps(wv, xv[i], acc[j][i]);
+    }
+  }
+  for (int j = 0; j < rr; ++j)
+    for (int i = 0; i < N; ++i) {
+      float s = hsum(acc[j][i]);
+      for (int64_t c = k8; c < k; ++c) s += load1<WT>(wr[j], c) * x[i * ldx + c];
+      float* o = out + i * ldo + j;
+      *o = accumulate ? *o + s : s;
+    }
+}
+
+// Weight rows per tile for N rows of x: the most that keeps R·N + N + 1 <= 16 registers.
+template <int N>
+constexpr int tile_rows() {
+  return N == 1 ? 8 : N == 2 ? 6 : 4;
+}
+
+// Rows [r0, r1) of w against x rows [x0, x0 + N): tiles of tile_rows<N>() weight rows.
+template <DType WT, int N>
+void gemv_group(float* out, int64_t ldo, const float* x, const void* w, size_t row_bytes, int64_t r0, int64_t r1,
+                int64_t x0, int64_t k, bool accumulate, const char** pf, const char* pf_end) {
+  constexpr int R = tile_rows<N>();
+  for (int64_t t = r0; t < r1; t += R) {
+    const int rr = static_cast<int>(std::min<int64_t>(R, r1 - t));
+    const void* wr[R];
+    for (int j = 0; j < R; ++j) wr[j] = static_cast<const char*>(w) + static_cast<size_t>(t + std::min(j, rr - 1)) * row_bytes;
+    gemv_tile<WT, N, R>(out + x0 * ldo + t, ldo, x + x0 * k, k, wr, rr, k, accumulate, pf, pf_end);
+  }
+}
+
+// Streaming GEMM for up to kStreamMaxRows rows of x: each weight row is read from memory once.
+// The x rows go in groups of at most 3 (5 = 3+2, 8 = 3+3+2, ...), each group a pass of
+// register tiles over a block of weight rows small enough to stay in L2 between the passes.
+// (One tile over all N rows, as before, left 5-8 rows with one weight row per tile: 5-8 FMA
+// chains, latency-bound at half the FMA rate, and the bulk of a 16-stream serving step.)
+// Rows of x up to which 16-bit weights take the streaming kernel (serving's batched decode):
+// with BLAS every small block of widened weight rows re-packed all of x (a third of a
+// 16-stream step's dense GEMM time).
+constexpr int64_t kStreamMaxRows = 16;
+
+template <DType WT>
+void gemv_rows(float* out, int64_t ldo, const float* x, const void* w, int64_t n, int64_t m, int64_t k,
+               bool accumulate) {
+  const size_t row_bytes = static_cast<size_t>(k) * dtype_size(WT);
+  // A block: 24 rows (a multiple of every tile's R) — or whole m when one x row (pure stream).
+  const int64_t block = n == 1 ? 8 : 24;
+  const int64_t blocks = (m + block - 1) / block;
+  int groups[kStreamMaxRows], n_groups = 0;
+  for (int64_t left = n; left > 0;) {
+    const int g = left == 4 ? 2 : static_cast<int>(std::min<int64_t>(left, 3));
+    groups[n_groups++] = g;
+    left -= g;
+  }
 #pragma omp parallel for schedule(static) if(m * k > 32768)
   for (int64_t bi = 0; bi < blocks; ++bi) {
-    const int64_t r0 = bi * R;
-    const int rr = static_cast<int>(std::min<int64_t>(R, m - r0));
-    const void* wr[R];
-    for (int j = 0; j < R; ++j) wr[j] = static_cast<const char*>(w) + static_cast<size_t>(r0 + std::min(j, rr - 1)) * row_bytes;
-    __m256 acc[R][N];
-    for (int j = 0; j < R; ++j)
-      for (int i = 0; i < N; ++i) acc[j][i] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < k8; c += 8) {
-      __m256 xv[N];
-      for (int i = 0; i < N; ++i) xv[i] = _mm256_loadu_ps(x + i * k + c);
-      for (int j = 0; j < R; ++j) {
-        __m256 wv = load8<WT>(wr[j], c);
-        for (int i = 0; i < N; ++i) acc[j][i] = _mm256_fmadd_ps(wv, xv[i], acc[j][i]);
+    const int64_t r0 = bi * block, r1 = std::min(m, r0 + block);
+    // With several x rows the block is computed in passes, and memory would idle during all but
+    // the first: the next block's rows (contiguous) are prefetched into L2 meanwhile. One x row
+    // is a single pass the hardware prefetchers follow. (Widening the block once into an f32
+    // copy for all the passes measured 30% slower at 16 streams: twice the bytes from L2.)
+    const char* base = static_cast<const char*>(w);
+    const char* pf = n > 1 ? base + static_cast<size_t>(r1) * row_bytes : nullptr;
+    const char* pf_end = n > 1 ? base + static_cast<size_t>(std::min(m, r1 + block)) * row_bytes : nullptr;
+    int64_t x0 = 0;
+    for (int g = 0; g < n_groups; ++g) {
+      switch (groups[g]) {
+        case 1: gemv_group<WT, 1>(out, ldo, x, w, row_bytes, r0, r1, x0, k, accumulate, &pf, pf_end); break;
+        case 2: gemv_group<WT, 2>(out, ldo, x, w, row_bytes, r0, r1, x0, k, accumulate, &pf, pf_end); break;
+        default: gemv_group<WT, 3>(out, ldo, x, w, row_bytes, r0, r1, x0, k, accumulate, &pf, pf_end); break;
       }
+      x0 += groups[g];
     }
-    for (int j = 0; j < rr; ++j)
-      for (int i = 0; i < N; ++i) {
-        float s = hsum(acc[j][i]);
-        for (int64_t c = k8; c < k; ++c) s += load1<WT>(wr[j], c) * x[i * k + c];
-        float* o = out + i * ldo + r0 + j;
-        *o = accumulate ? *o + s : s;
-      }
   }
 }
 
@@ -101,16 +164,7 @@ void widen_weight_rows(float* dst, const void* w, DType wdt, int64_t r0, int64_t
 template <DType WT>
 void gemv_dispatch(float* out, int64_t ldo, const float* x, const void* w, int64_t n, int64_t m, int64_t k,
                    bool accumulate) {
-  switch (n) {
-    case 1: return gemv_rows<WT, 1>(out, ldo, x, w, m, k, accumulate);
-    case 2: return gemv_rows<WT, 2>(out, ldo, x, w, m, k, accumulate);
-    case 3: return gemv_rows<WT, 3>(out, ldo, x, w, m, k, accumulate);
-    case 4: return gemv_rows<WT, 4>(out, ldo, x, w, m, k, accumulate);
-    case 5: return gemv_rows<WT, 5>(out, ldo, x, w, m, k, accumulate);
-    case 6: return gemv_rows<WT, 6>(out, ldo, x, w, m, k, accumulate);
-    case 7: return gemv_rows<WT, 7>(out, ldo, x, w, m, k, accumulate);
-    default: return gemv_rows<WT, 8>(out, ldo, x, w, m, k, accumulate);
-  }
+  gemv_rows<WT>(out, ldo, x, w, n, m, k, accumulate);
 }
 
 }  // namespace
@@ -140,7 +194,9 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
     return;
   }
   // From here block types (NF4; the ggml types on the exact path) are dequantized by row chunks.
-  if (n <= kGemvMaxRows && !dtype_is_block(wdt)) {
+  // Few rows, and up to kStreamMaxRows for 16-bit weights (which BLAS would need widened
+  // first): the streaming kernel.
+  if (!dtype_is_block(wdt) && (n <= kGemvMaxRows || (n <= kStreamMaxRows && wdt != DType::F32))) {
     switch (wdt) {
       case DType::F32: gemv_dispatch<DType::F32>(out, ldo, x, w, n, m, k, accumulate); return;
       case DType::BF16: gemv_dispatch<DType::BF16>(out, ldo, x, w, n, m, k, accumulate); return;

@@ -1,5 +1,7 @@
 // cpu_moe.cpp — CPU reference for the MoE block: router top-k, dispatch (stable counting sort
 // by expert), gather, grouped SwiGLU expert FFN over non-empty experts, combine.
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -90,6 +92,66 @@ void permute_weights(Tensor& row_scale, const Tensor& topk_w, const Tensor& perm
   for (int64_t p = 0; p < p_n; ++p) rs[p] = w[pm[p]];
 }
 
+namespace {
+
+// Decode-sized batches — every expert at most kStreamRows rows, dense (f32/bf16/f16) weights:
+// the layer's experts in one parallel region, as tasks over slices of their weight rows (gate
+// and up with the gated activation of those columns, then, after one barrier, down). Each
+// slice streams its weight rows once (the GEMMs run single-threaded inside the region). Per
+// expert and product, a parallel region of its own cost a barrier each: 288 per 16-stream step
+// of the medium preset, and the imbalance at each. `act(a, g, u, e, r, i)`: the gated
+// activation of row r (permuted), column i, of expert e, from the gate and up values g, u.
+constexpr int64_t kStreamRows = 16;
+constexpr int64_t kSliceRows = 384;  // weight rows per task (a multiple of the GEMV's 24-row blocks)
+
+// Also: enough work for a parallel region (a region that runs on one thread would make the
+// GEMVs' own regions nested ones, which libgomp serves with fresh threads: 10x slower).
+bool experts_decode_sized(const int32_t* off, int64_t e_n, const Tensor& w1, const Tensor& w3, const Tensor& w2) {
+  for (const Tensor* w : {&w1, &w3, &w2})
+    if (dtype_is_block(w->dtype())) return false;
+  for (int64_t e = 0; e < e_n; ++e)
+    if (off[e + 1] - off[e] > kStreamRows) return false;
+  return omp_get_max_threads() > 1 && int64_t(off[e_n]) * w1.dim(1) * w1.dim(2) >= (int64_t(1) << 20);
+}
+
+template <class Act, class Down>
+void experts_streamed(Tensor& yp, const Tensor& xp, const int32_t* off, const Tensor& w1, const Tensor& w3,
+                      const Tensor& w2, Act act, Down down_bias) {
+  const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2), total = off[e_n];
+  float* h1 = scratch<float>(Scratch::ExpertH1, static_cast<size_t>(std::max<int64_t>(total, 1) * f));
+  float* h3 = scratch<float>(Scratch::ExpertH3, static_cast<size_t>(std::max<int64_t>(total, 1) * f));
+  const int64_t s1 = (f + kSliceRows - 1) / kSliceRows, s2 = (d + kSliceRows - 1) / kSliceRows;
+  const size_t es1 = dtype_size(w1.dtype()), es3 = dtype_size(w3.dtype()), es2 = dtype_size(w2.dtype());
+#pragma omp parallel
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < e_n * s1; ++task) {
+      const int64_t e = task / s1, r0 = off[e], n = off[e + 1] - r0;
+      if (n == 0) continue;
+      const int64_t f0 = (task % s1) * kSliceRows, f1 = std::min(f, f0 + kSliceRows);
+      const float* x = xp.data<float>() + r0 * d;
+      const char* w1e = static_cast<const char*>(w1.raw()) + static_cast<size_t>(e * f + f0) * d * es1;
+      const char* w3e = static_cast<const char*>(w3.raw()) + static_cast<size_t>(e * f + f0) * d * es3;
+      gemm_xwt(h1 + r0 * f + f0, f, x, w1e, w1.dtype(), n, f1 - f0, d, false);
+      gemm_xwt(h3 + r0 * f + f0, f, x, w3e, w3.dtype(), n, f1 - f0, d, false);
+      for (int64_t r = r0; r < r0 + n; ++r)
+        for (int64_t i = f0; i < f1; ++i) h1[r * f + i] = act(h1[r * f + i], h3[r * f + i], e, r, i);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < e_n * s2; ++task) {
+      const int64_t e = task / s2, r0 = off[e], n = off[e + 1] - r0;
+      if (n == 0) continue;
+      const int64_t d0 = (task % s2) * kSliceRows, d1 = std::min(d, d0 + kSliceRows);
+      const char* w2e = static_cast<const char*>(w2.raw()) + static_cast<size_t>(e * d + d0) * f * es2;
+      float* y = yp.data<float>() + r0 * d;
+      gemm_xwt(y + d0, d, h1 + r0 * f, w2e, w2.dtype(), n, d1 - d0, f, false);
+      down_bias(y, e, r0, n, d0, d1);
+    }
+  }
+}
+
+}  // namespace
+
 // For each expert with rows: H1 = X W1ᵀ, H3 = X W3ᵀ [n,F]; A = silu(H1)·H3·scale; Y = A W2ᵀ [n,D].
 // Experts without rows are skipped entirely (their weights are never read).
 void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, const Tensor& w1, const Tensor& w3,
@@ -98,6 +160,12 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
+  if (experts_decode_sized(off, e_n, w1, w3, w2)) {
+    auto act = [rs](float g, float u, int64_t, int64_t r, int64_t) {
+      return g / (1.0f + std::exp(-g)) * u * (rs ? rs[r] : 1.0f);
+    };
+    return experts_streamed(yp, xp, off, w1, w3, w2, act, [](float*, int64_t, int64_t, int64_t, int64_t, int64_t) {});
+  }
   int64_t max_rows = 0;
   for (int64_t e = 0; e < e_n; ++e) max_rows = std::max<int64_t>(max_rows, off[e + 1] - off[e]);
   float* h1 = scratch<float>(Scratch::ExpertH1, static_cast<size_t>(max_rows * f));
@@ -133,6 +201,29 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
+  if (experts_decode_sized(off, e_n, w1, w3, w2)) {
+    // Biases read in place as f32 when stored so (the variants' biases are f32: variants.h);
+    // otherwise the per-expert path below widens them.
+    const bool f32b = (!bias.b1.defined() || bias.b1.dtype() == DType::F32) &&
+                      (!bias.b3.defined() || bias.b3.dtype() == DType::F32) &&
+                      (!bias.b2.defined() || bias.b2.dtype() == DType::F32);
+    if (f32b) {
+      const float* b1 = bias.b1.defined() ? bias.b1.data<float>() : nullptr;
+      const float* b3 = bias.b3.defined() ? bias.b3.data<float>() : nullptr;
+      const float* b2 = bias.b2.defined() ? bias.b2.data<float>() : nullptr;
+      auto act = [&](float g, float u, int64_t e, int64_t r, int64_t i) {
+        return glu_act(g + (b1 ? b1[e * f + i] : 0.0f), u + (b3 ? b3[e * f + i] : 0.0f), glu) * (rs ? rs[r] : 1.0f);
+      };
+      auto down = [&](float* y, int64_t e, int64_t r0, int64_t n, int64_t d0, int64_t d1) {
+        if (!b2) return;
+        for (int64_t r = 0; r < n; ++r) {
+          const float sc = rs ? rs[r0 + r] : 1.0f;
+          for (int64_t i = d0; i < d1; ++i) y[r * d + i] += sc * b2[e * d + i];
+        }
+      };
+      return experts_streamed(yp, xp, off, w1, w3, w2, act, down);
+    }
+  }
   int64_t max_rows = 0;
   for (int64_t e = 0; e < e_n; ++e) max_rows = std::max<int64_t>(max_rows, off[e + 1] - off[e]);
   float* h1 = scratch<float>(Scratch::ExpertH1, static_cast<size_t>(max_rows * f));
