@@ -990,6 +990,34 @@ std::vector<Case> make_cases() {
           });
         }
       }
+    // Decode-sized batches (every expert <= 16 rows, enough work): the CPU's one-region path of
+    // weight-row slice tasks (cpu_moe.cpp experts_streamed), F and D over several 384-row
+    // slices and not multiples of the GEMV's blocks or vector widths.
+    for (DType dt : kWdt)
+      for (bool variant : {false, true}) {
+        const int64_t e = 5, k = 2, t = 6, f = 1031, d = 403, p = t * k;
+        Routing r = route(random_topk(t, {0, 2, 4}, k, ++seed), e);
+        Tensor off = ints({e + 1}, r.offsets);
+        Tensor xp = ten({p, d}, rnd(p * d, ++seed));
+        Tensor w1 = rnd_w({e, f, d}, ++seed, dt).first, w3 = rnd_w({e, f, d}, ++seed, dt).first;
+        Tensor w2 = rnd_w({e, d, f}, ++seed, dt).first;
+        Tensor rs = ten({p}, rnd(p, ++seed));
+        const ExpertBias bias = variant ? ExpertBias{ten({e, f}, rnd(e * f, ++seed)), ten({e, f}, rnd(e * f, ++seed)),
+                                                     ten({e, d}, rnd(e * d, ++seed))}
+                                        : ExpertBias{};
+        const ExpertGlu glu = variant ? ExpertGlu{1.702f, 0.8f} : ExpertGlu{};
+        add("expert_ffn_forward_decode_sized_" + wtag(dt) + (variant ? "_clamped_bias" : ""), dt != DType::F16,
+            ctol(dt), [=](Backend b) {
+              Dev g{b};
+              Tensor yp = g.out({p, d});
+              if (variant)
+                CALL(b, expert_ffn_forward(yp, g.in(xp), g.in(off), g.in(w1), g.in(w3), g.in(w2), g.in(rs), glu,
+                                           ExpertBias{g.in(bias.b1), g.in(bias.b3), g.in(bias.b2)}));
+              else
+                CALL(b, expert_ffn_forward(yp, g.in(xp), g.in(off), g.in(w1), g.in(w3), g.in(w2), g.in(rs)));
+              return Outs{{"yp", yp}};
+            });
+      }
     for (DType dt : {DType::F32, DType::BF16})
       for (int64_t t : {3, 17}) {
         const int64_t e = 5, k = 2, f = 11, d = 7, p = t * k;

@@ -99,8 +99,9 @@ namespace {
 // and up with the gated activation of those columns, then, after one barrier, down). Each
 // slice streams its weight rows once (the GEMMs run single-threaded inside the region). Per
 // expert and product, a parallel region of its own cost a barrier each: 288 per 16-stream step
-// of the medium preset, and the imbalance at each. `act(a, g, u, e, r, i)`: the gated
-// activation of row r (permuted), column i, of expert e, from the gate and up values g, u.
+// of the medium preset, and the imbalance at each. `act(g, u, e, r, f0, f1)`: the gated
+// activation of row r (permuted) of expert e over columns [f0, f1), into g from the gate and up
+// rows g, u.
 constexpr int64_t kStreamRows = 16;
 constexpr int64_t kSliceRows = 384;  // weight rows per task (a multiple of the GEMV's 24-row blocks)
 
@@ -134,8 +135,7 @@ void experts_streamed(Tensor& yp, const Tensor& xp, const int32_t* off, const Te
       const char* w3e = static_cast<const char*>(w3.raw()) + static_cast<size_t>(e * f + f0) * d * es3;
       gemm_xwt(h1 + r0 * f + f0, f, x, w1e, w1.dtype(), n, f1 - f0, d, false);
       gemm_xwt(h3 + r0 * f + f0, f, x, w3e, w3.dtype(), n, f1 - f0, d, false);
-      for (int64_t r = r0; r < r0 + n; ++r)
-        for (int64_t i = f0; i < f1; ++i) h1[r * f + i] = act(h1[r * f + i], h3[r * f + i], e, r, i);
+      for (int64_t r = r0; r < r0 + n; ++r) act(h1 + r * f, h3 + r * f, e, r, f0, f1);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < e_n * s2; ++task) {
@@ -161,8 +161,8 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
   if (experts_decode_sized(off, e_n, w1, w3, w2)) {
-    auto act = [rs](float g, float u, int64_t, int64_t r, int64_t) {
-      return g / (1.0f + std::exp(-g)) * u * (rs ? rs[r] : 1.0f);
+    auto act = [rs](float* g, const float* u, int64_t, int64_t r, int64_t f0, int64_t f1) {
+      swiglu_row(g + f0, g + f0, u + f0, rs ? rs[r] : 1.0f, f1 - f0);
     };
     return experts_streamed(yp, xp, off, w1, w3, w2, act, [](float*, int64_t, int64_t, int64_t, int64_t, int64_t) {});
   }
@@ -211,8 +211,10 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
       const float* b1 = bias.b1.defined() ? bias.b1.data<float>() : nullptr;
       const float* b3 = bias.b3.defined() ? bias.b3.data<float>() : nullptr;
       const float* b2 = bias.b2.defined() ? bias.b2.data<float>() : nullptr;
-      auto act = [&](float g, float u, int64_t e, int64_t r, int64_t i) {
-        return glu_act(g + (b1 ? b1[e * f + i] : 0.0f), u + (b3 ? b3[e * f + i] : 0.0f), glu) * (rs ? rs[r] : 1.0f);
+      auto act = [&](float* g, const float* u, int64_t e, int64_t r, int64_t f0, int64_t f1) {
+        const float sc = rs ? rs[r] : 1.0f;
+        for (int64_t i = f0; i < f1; ++i)
+          g[i] = glu_act(g[i] + (b1 ? b1[e * f + i] : 0.0f), u[i] + (b3 ? b3[e * f + i] : 0.0f), glu) * sc;
       };
       auto down = [&](float* y, int64_t e, int64_t r0, int64_t n, int64_t d0, int64_t d1) {
         if (!b2) return;

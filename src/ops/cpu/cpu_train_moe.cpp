@@ -161,33 +161,6 @@ ExpertView expert_view(const Tensor& w1, const Tensor& w3, const Tensor& w2, int
           static_cast<const char*>(w2.raw()) + dtype_nbytes(w2.dtype(), e * d * f)};
 }
 
-inline float sigmoid(float a) { return 1.0f / (1.0f + std::exp(-a)); }
-
-#if defined(__AVX2__) && defined(__FMA__)
-inline __m256 exp8(__m256 x) {
-  return _mm256_set_m128(exp4(_mm256_extractf128_ps(x, 1)), exp4(_mm256_castps256_ps128(x)));
-}
-
-inline __m256 sigmoid8(__m256 a) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(a, _mm256_set1_ps(-0.0f)))));
-}
-
-#endif
-
-// One row of F: a = silu(h1) · h3 · s (the down projection's input).
-void swiglu_row(float* a, const float* h1, const float* h3, float s, int64_t f) {
-  int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 sv = _mm256_set1_ps(s);
-  for (; i + 8 <= f; i += 8) {
-    const __m256 v = _mm256_loadu_ps(h1 + i);
-    _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(v, sigmoid8(v)), _mm256_loadu_ps(h3 + i)), sv));
-  }
-#endif
-  for (; i < f; ++i) a[i] = h1[i] * sigmoid(h1[i]) * h3[i] * s;
-}
-
 // One row of F of the SwiGLU backward, with da = du · s:
 //   dh1 = da · h3 · silu'(h1), silu'(v) = sig(v) · (1 + v · (1 - sig(v)));  dh3 = da · silu(h1).
 // dh1 goes to `dh1`, dh3 over du; returns Σ du · silu(h1) · h3 (f64), the row scale's gradient.
