@@ -764,8 +764,11 @@ std::vector<Case> make_cases() {
               });
           cs.back().cpu_tol = kQuantTol;
         }
-      for (int64_t t : {1, 9}) {
-        const int64_t e = 5, k = 2, p = t * k, d = std::max<int64_t>(be, 64), f = be == 32 ? 96 : 256;
+      // t 12 with F 768, D 512: decode-sized (every expert <= 16 rows, enough work), the CPU's
+      // one-region path of weight-row slices (cpu_moe.cpp), two slices of F and of D.
+      for (int64_t t : {1, 9, 12}) {
+        const int64_t e = 5, k = 2, p = t * k;
+        const int64_t d = t == 12 ? 512 : std::max<int64_t>(be, 64), f = t == 12 ? 768 : be == 32 ? 96 : 256;
         Routing r = route(random_topk(t, {0, 2, 4}, k, ++seed), e);
         Tensor off = ints({e + 1}, r.offsets);
         const uint32_t s0 = seed;

@@ -94,7 +94,8 @@ void permute_weights(Tensor& row_scale, const Tensor& topk_w, const Tensor& perm
 
 namespace {
 
-// Decode-sized batches — every expert at most kStreamRows rows, dense (f32/bf16/f16) weights:
+// Decode-sized batches — every expert at most kStreamRows rows (any weight dtype: quantized
+// rows are whole blocks, so a slice of rows starts on a block):
 // the layer's experts in one parallel region, as tasks over slices of their weight rows (gate
 // and up with the gated activation of those columns, then, after one barrier, down). Each
 // slice streams its weight rows once (the GEMMs run single-threaded inside the region). Per
@@ -107,9 +108,7 @@ constexpr int64_t kSliceRows = 384;  // weight rows per task (a multiple of the 
 
 // Also: enough work for a parallel region (a region that runs on one thread would make the
 // GEMVs' own regions nested ones, which libgomp serves with fresh threads: 10x slower).
-bool experts_decode_sized(const int32_t* off, int64_t e_n, const Tensor& w1, const Tensor& w3, const Tensor& w2) {
-  for (const Tensor* w : {&w1, &w3, &w2})
-    if (dtype_is_block(w->dtype())) return false;
+bool experts_decode_sized(const int32_t* off, int64_t e_n, const Tensor& w1) {
   for (int64_t e = 0; e < e_n; ++e)
     if (off[e + 1] - off[e] > kStreamRows) return false;
   return omp_get_max_threads() > 1 && int64_t(off[e_n]) * w1.dim(1) * w1.dim(2) >= (int64_t(1) << 20);
@@ -122,7 +121,7 @@ void experts_streamed(Tensor& yp, const Tensor& xp, const int32_t* off, const Te
   float* h1 = scratch<float>(Scratch::ExpertH1, static_cast<size_t>(std::max<int64_t>(total, 1) * f));
   float* h3 = scratch<float>(Scratch::ExpertH3, static_cast<size_t>(std::max<int64_t>(total, 1) * f));
   const int64_t s1 = (f + kSliceRows - 1) / kSliceRows, s2 = (d + kSliceRows - 1) / kSliceRows;
-  const size_t es1 = dtype_size(w1.dtype()), es3 = dtype_size(w3.dtype()), es2 = dtype_size(w2.dtype());
+
 #pragma omp parallel
   {
 #pragma omp for schedule(dynamic, 1)
@@ -131,8 +130,8 @@ void experts_streamed(Tensor& yp, const Tensor& xp, const int32_t* off, const Te
       if (n == 0) continue;
       const int64_t f0 = (task % s1) * kSliceRows, f1 = std::min(f, f0 + kSliceRows);
       const float* x = xp.data<float>() + r0 * d;
-      const char* w1e = static_cast<const char*>(w1.raw()) + static_cast<size_t>(e * f + f0) * d * es1;
-      const char* w3e = static_cast<const char*>(w3.raw()) + static_cast<size_t>(e * f + f0) * d * es3;
+      const char* w1e = static_cast<const char*>(w1.raw()) + dtype_nbytes(w1.dtype(), (e * f + f0) * d);
+      const char* w3e = static_cast<const char*>(w3.raw()) + dtype_nbytes(w3.dtype(), (e * f + f0) * d);
       gemm_xwt(h1 + r0 * f + f0, f, x, w1e, w1.dtype(), n, f1 - f0, d, false);
       gemm_xwt(h3 + r0 * f + f0, f, x, w3e, w3.dtype(), n, f1 - f0, d, false);
       for (int64_t r = r0; r < r0 + n; ++r) act(h1 + r * f, h3 + r * f, e, r, f0, f1);
@@ -142,7 +141,7 @@ void experts_streamed(Tensor& yp, const Tensor& xp, const int32_t* off, const Te
       const int64_t e = task / s2, r0 = off[e], n = off[e + 1] - r0;
       if (n == 0) continue;
       const int64_t d0 = (task % s2) * kSliceRows, d1 = std::min(d, d0 + kSliceRows);
-      const char* w2e = static_cast<const char*>(w2.raw()) + static_cast<size_t>(e * d + d0) * f * es2;
+      const char* w2e = static_cast<const char*>(w2.raw()) + dtype_nbytes(w2.dtype(), (e * d + d0) * f);
       float* y = yp.data<float>() + r0 * d;
       gemm_xwt(y + d0, d, h1 + r0 * f, w2e, w2.dtype(), n, d1 - d0, f, false);
       down_bias(y, e, r0, n, d0, d1);
@@ -160,7 +159,7 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
-  if (experts_decode_sized(off, e_n, w1, w3, w2)) {
+  if (experts_decode_sized(off, e_n, w1)) {
     auto act = [rs](float* g, const float* u, int64_t, int64_t r, int64_t f0, int64_t f1) {
       swiglu_row(g + f0, g + f0, u + f0, rs ? rs[r] : 1.0f, f1 - f0);
     };
@@ -201,7 +200,7 @@ void expert_ffn_forward(Tensor& yp, const Tensor& xp, const Tensor& offsets, con
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
-  if (experts_decode_sized(off, e_n, w1, w3, w2)) {
+  if (experts_decode_sized(off, e_n, w1)) {
     // Biases read in place as f32 when stored so (the variants' biases are f32: variants.h);
     // otherwise the per-expert path below widens them.
     const bool f32b = (!bias.b1.defined() || bias.b1.dtype() == DType::F32) &&
