@@ -198,12 +198,6 @@ void widen_weight_rows(float* dst, const void* w, DType wdt, int64_t r0, int64_t
   widen_rows(dst, static_cast<const uint16_t*>(w) + r0 * k, wdt, rows * k);
 }
 
-template <DType WT>
-void gemv_dispatch(float* out, int64_t ldo, const float* x, const void* w, int64_t n, int64_t m, int64_t k,
-                   bool accumulate) {
-  gemv_rows<WT>(out, ldo, x, w, n, m, k, accumulate);
-}
-
 }  // namespace
 
 float dot_f32(const float* a, const float* b, int64_t n) {
@@ -235,9 +229,9 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
   // first): the streaming kernel.
   if (!dtype_is_block(wdt) && (n <= kGemvMaxRows || (n <= kStreamMaxRows && wdt != DType::F32))) {
     switch (wdt) {
-      case DType::F32: gemv_dispatch<DType::F32>(out, ldo, x, w, n, m, k, accumulate); return;
-      case DType::BF16: gemv_dispatch<DType::BF16>(out, ldo, x, w, n, m, k, accumulate); return;
-      case DType::F16: gemv_dispatch<DType::F16>(out, ldo, x, w, n, m, k, accumulate); return;
+      case DType::F32: gemv_rows<DType::F32>(out, ldo, x, w, n, m, k, accumulate); return;
+      case DType::BF16: gemv_rows<DType::BF16>(out, ldo, x, w, n, m, k, accumulate); return;
+      case DType::F16: gemv_rows<DType::F16>(out, ldo, x, w, n, m, k, accumulate); return;
       default: MOE_FAIL("gemm: unsupported weight dtype %s", dtype_name(wdt));
     }
   }
