@@ -1001,16 +1001,21 @@ std::vector<Case> make_cases() {
         const int64_t e = 5, k = 2, t = 6, f = 1031, d = 403, p = t * k;
         Routing r = route(random_topk(t, {0, 2, 4}, k, ++seed), e);
         Tensor off = ints({e + 1}, r.offsets);
-        Tensor xp = ten({p, d}, rnd(p * d, ++seed));
-        Tensor w1 = rnd_w({e, f, d}, ++seed, dt).first, w3 = rnd_w({e, f, d}, ++seed, dt).first;
-        Tensor w2 = rnd_w({e, d, f}, ++seed, dt).first;
-        Tensor rs = ten({p}, rnd(p, ++seed));
-        const ExpertBias bias = variant ? ExpertBias{ten({e, f}, rnd(e * f, ++seed)), ten({e, f}, rnd(e * f, ++seed)),
-                                                     ten({e, d}, rnd(e * d, ++seed))}
-                                        : ExpertBias{};
+        const uint32_t s0 = seed;
+        seed += 8;
         const ExpertGlu glu = variant ? ExpertGlu{1.702f, 0.8f} : ExpertGlu{};
         add("expert_ffn_forward_decode_sized_" + wtag(dt) + (variant ? "_clamped_bias" : ""), dt != DType::F16,
             ctol(dt), [=](Backend b) {
+              // Inputs made here, not with the case: 6M weights per case would be generated in
+              // every test process (ctest runs each case in its own process).
+              Tensor xp = ten({p, d}, rnd(p * d, s0 + 1));
+              Tensor w1 = rnd_w({e, f, d}, s0 + 2, dt).first, w3 = rnd_w({e, f, d}, s0 + 3, dt).first;
+              Tensor w2 = rnd_w({e, d, f}, s0 + 4, dt).first;
+              Tensor rs = ten({p}, rnd(p, s0 + 5));
+              const ExpertBias bias = variant ? ExpertBias{ten({e, f}, rnd(e * f, s0 + 6)),
+                                                           ten({e, f}, rnd(e * f, s0 + 7)),
+                                                           ten({e, d}, rnd(e * d, s0 + 8))}
+                                              : ExpertBias{};
               Dev g{b};
               Tensor yp = g.out({p, d});
               if (variant)
