@@ -191,6 +191,9 @@ struct Case {
   double cpu_tol = kCpuTol;  // kQuantTol for quantized weights (int8 activations)
 };
 
+// Runs in every test process before main (ctest runs each case in its own process, and
+// registration needs the names): inputs beyond a few thousand values are made inside the case's
+// run function from a seed taken here, not here.
 std::vector<Case> make_cases() {
   std::vector<Case> cs;
   auto add = [&](std::string name, bool cuda, double cuda_tol, std::function<Outs(Backend)> run) {
