@@ -32,6 +32,7 @@
 #include "io/gguf_model.h"
 #include "model/model.h"
 #include "ops/cpu/cpu_quant_gemm.h"
+#include "ops/cpu/cpu_quant_impl.h"
 #include "ops/ops.h"
 #include "ops/ref/ref_quant.h"
 
@@ -135,8 +136,12 @@ TEST(QuantKernels, EveryVariantMatchesReferences) {
   ASSERT_FALSE(vs.empty()) << "the build targets AVX2; this CPU runs none of the variants";
   // n = 1 (decode), 3 (a remainder tile), 5, 67 (crosses the 64-row activation chunk);
   // odd block counts exercise the 512-bit loops' tails; m = 1 and 7 partial weight tiles;
-  // decode with 9 blocks runs the 4-block groups of the one-row q8_0/q4_0 kernels and a tail.
-  const Shape3 shapes[] = {{1, 7, 1}, {1, 37, 3}, {1, 13, 9}, {3, 5, 2}, {5, 11, 5}, {67, 9, 3}, {2, 1, 4}};
+  // decode with 9 blocks runs the 4-block groups of the one-row q8_0/q4_0 kernels and a tail;
+  // from kPackedMinRows (8) rows the packed tiles (cpu_quant_packed.h): n 8 with whole 8-row
+  // tiles (m 16), n 19 and 67 with partial ones (m 17, 9) and 1-3 activation rows left over.
+  static_assert(cpu::kPackedMinRows == 8, "the shapes below straddle the packed path's threshold");
+  const Shape3 shapes[] = {{1, 7, 1}, {1, 37, 3}, {1, 13, 9}, {3, 5, 2}, {5, 11, 5}, {7, 9, 2},
+                           {8, 16, 2}, {19, 17, 1}, {67, 9, 3}, {2, 1, 4}};
   uint32_t seed = 1;
   for (DType t : kQuantTypes) {
     const int64_t be = dtype_block_elems(t);
@@ -189,22 +194,23 @@ TEST(QuantKernels, VariantsAgree) {
   IsaGuard guard;
   const std::vector<cpu::QuantIsa> vs = variants();
   if (vs.size() < 2) GTEST_SKIP() << "SKIPPED: only " << vs.size() << " kernel variant runs on this CPU";
-  for (DType t : kQuantTypes) {
-    const int64_t n = 4, m = 13, k = 6 * dtype_block_elems(t);
-    const std::vector<uint8_t> w = random_blocks(t, m, k, 77);
-    const std::vector<float> x = random_x(n, k, 78);
-    std::vector<double> s_hat, s_x;
-    abs_products(&s_hat, &s_x, x, w, t, n, m, k);
-    std::vector<std::vector<float>> ys;
-    for (cpu::QuantIsa v : vs) {
-      cpu::set_quant_isa(v);
-      ys.emplace_back(static_cast<size_t>(n * m));
-      cpu::quant_gemm_xwt(ys.back().data(), m, x.data(), w.data(), t, n, m, k, false);
+  for (DType t : kQuantTypes)
+    for (int64_t n : {4, 12}) {  // the row kernels and the packed tiles
+      const int64_t m = 13, k = 6 * dtype_block_elems(t);
+      const std::vector<uint8_t> w = random_blocks(t, m, k, 77);
+      const std::vector<float> x = random_x(n, k, 78);
+      std::vector<double> s_hat, s_x;
+      abs_products(&s_hat, &s_x, x, w, t, n, m, k);
+      std::vector<std::vector<float>> ys;
+      for (cpu::QuantIsa v : vs) {
+        cpu::set_quant_isa(v);
+        ys.emplace_back(static_cast<size_t>(n * m));
+        cpu::quant_gemm_xwt(ys.back().data(), m, x.data(), w.data(), t, n, m, k, false);
+      }
+      for (size_t a = 1; a < ys.size(); ++a)
+        for (size_t j = 0; j < ys[0].size(); ++j)
+          EXPECT_NEAR(ys[a][j], ys[0][j], 1e-6 * s_hat[j]) << dtype_name(t) << " " << cpu::quant_isa_name(vs[a]);
     }
-    for (size_t a = 1; a < ys.size(); ++a)
-      for (size_t j = 0; j < ys[0].size(); ++j)
-        EXPECT_NEAR(ys[a][j], ys[0][j], 1e-6 * s_hat[j]) << dtype_name(t) << " " << cpu::quant_isa_name(vs[a]);
-  }
 }
 
 TEST(QuantKernels, IsaNamesAndForcing) {

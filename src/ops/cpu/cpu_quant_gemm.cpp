@@ -4,6 +4,7 @@
 #include "ops/cpu/cpu_quant_gemm.h"
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include <atomic>
 #include <cmath>
@@ -89,6 +90,8 @@ float quant_block(const float* x, int64_t len, int8_t* q, int32_t* sum, int16_t*
   return d;
 }
 
+size_t align64(size_t v) { return (v + 63) / 64 * 64; }
+
 }  // namespace
 
 const char* quant_isa_name(QuantIsa isa) {
@@ -153,11 +156,19 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   const int64_t blk = quant_act_block(wdt), nbk = k / blk;
   const size_t q_bytes = static_cast<size_t>(n * k), d_bytes = static_cast<size_t>(n * nbk) * 4;
   const size_t x_bytes = blk == 32 ? 0 : static_cast<size_t>(n * (k / 16 + k / 32)) * 2;
-  const bool pairs = wdt == DType::Q4_0;  // QActs::d4 / s4 and the pair-regrouped qs
+  // Enough rows: the packed tiles (cpu_quant_packed.h), one repacked 8-row tile per thread;
+  // the threads are this call's own (one when called inside another parallel region).
+  const bool packed = n >= kPackedMinRows;
+  const QuantPackedLayout pl = quant_packed_layout(wdt);
+  const size_t pack_stride = packed ? align64(static_cast<size_t>(k / pl.sb_values * pl.sb_bytes)) : 0;
+  const size_t pack_bytes = pack_stride * static_cast<size_t>(omp_in_parallel() ? 1 : omp_get_max_threads());
+  const bool pairs = wdt == DType::Q4_0 && !packed;  // QActs::d4 / s4 and the pair-regrouped qs
   const size_t p_bytes = pairs ? static_cast<size_t>(n * nbk) * 16 : 0;
-  auto align = [](size_t v) { return (v + 63) / 64 * 64; };
-  Tensor ws = Tensor::empty({static_cast<int64_t>(align(q_bytes) + align(d_bytes) + align(x_bytes) + 2 * p_bytes)},
-                            DType::U8, MemCategory::Workspace);
+  const size_t s_bytes = wdt == DType::Q4_0 && packed ? align64(static_cast<size_t>(n * nbk) * 4) : 0;
+  auto align = align64;
+  Tensor ws = Tensor::empty(
+      {static_cast<int64_t>(align(q_bytes) + align(d_bytes) + align(x_bytes) + 2 * p_bytes + s_bytes + pack_bytes)},
+      DType::U8, MemCategory::Workspace);
   auto* base = static_cast<uint8_t*>(ws.raw());
   int8_t* qs = reinterpret_cast<int8_t*>(base);
   float* dd = reinterpret_cast<float*>(base + align(q_bytes));
@@ -166,12 +177,16 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   int16_t* bs32 = bs ? bs + n * (k / 16) : nullptr;
   float* d4 = pairs ? reinterpret_cast<float*>(base + align(q_bytes) + align(d_bytes) + align(x_bytes)) : nullptr;
   int32_t* s4 = pairs ? reinterpret_cast<int32_t*>(base + align(q_bytes) + align(d_bytes) + align(x_bytes) + p_bytes) : nullptr;
+  uint8_t* after = base + align(q_bytes) + align(d_bytes) + align(x_bytes) + 2 * p_bytes;
+  int32_t* sum32 = s_bytes ? reinterpret_cast<int32_t*>(after) : nullptr;
+  uint8_t* pack = packed ? after + s_bytes : nullptr;
 #pragma omp parallel for schedule(static) if(n * k > 65536)
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t b = 0; b < nbk; ++b) {
       int32_t sum = 0;
       const float d = quant_block(x + r * k + b * blk, blk, qs + r * k + b * blk, &sum, bs ? bs + r * (k / 16) + b * (blk / 16) : nullptr);
       dd[r * nbk + b] = d;
+      if (sum32) sum32[r * nbk + b] = sum;
       if (pairs)
         for (int j = 0; j < 4; ++j) d4[(r * nbk + b) * 4 + j] = d, s4[(r * nbk + b) * 4 + j] = 2 * sum;
     }
@@ -197,6 +212,7 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   a.bsum32 = bs32;
   a.d4 = d4;
   a.s4 = s4;
+  a.sum32 = sum32;
   QuantJob job;
   job.wdt = wdt;
   job.w = static_cast<const uint8_t*>(w);
@@ -207,6 +223,8 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   job.out = out;
   job.ldo = ldo;
   job.accumulate = accumulate;
+  job.pack = pack;
+  job.pack_stride = pack_stride;
   switch (quant_isa()) {
     case QuantIsa::Avx512Vnni: qk_vnni::run(job); return;
     case QuantIsa::Avx512: qk_avx512::run(job); return;

@@ -23,7 +23,28 @@ struct QActs {
   // each (one 128-bit lane per block of a pair):
   const float* d4 = nullptr;    // [n, k/32, 4] d
   const int32_t* s4 = nullptr;  // [n, k/32, 4] 2·Σq (four lanes add up to the 8·Σq of the -8 offset)
+  // q4_0 weights on the packed path (cpu_quant_packed.h), whose qs stay in order:
+  const int32_t* sum32 = nullptr;  // [n, k/32] Σq of each block
 };
+
+// The packed prefill path (cpu_quant_packed.h) is taken from this many activation rows on:
+// below it the repack would cost more than it saves.
+constexpr int64_t kPackedMinRows = 8;
+
+// One super-block of an 8-row packed tile: sb_values values per row, sb_bytes bytes, the f32
+// scales at d_off (layout: cpu_quant_packed.h).
+struct QuantPackedLayout {
+  int64_t sb_values, sb_bytes, d_off;
+};
+constexpr QuantPackedLayout quant_packed_layout(DType wdt) {
+  switch (wdt) {
+    case DType::Q8_0: return {32, 512 + 32, 512};
+    case DType::Q4_0: return {32, 256 + 32, 256};
+    case DType::Q4_K:
+    case DType::Q5_K: return {256, 2048 + 256 + 128 + 64, 2048 + 256 + 128};
+    default: return {256, 2048 + 512 + 256 + 32, 2048 + 512 + 256};  // Q6_K
+  }
+}
 
 struct QuantJob {
   DType wdt = DType::Q8_0;
@@ -34,6 +55,10 @@ struct QuantJob {
   float* out = nullptr;  // [n, ldo]
   int64_t ldo = 0;
   bool accumulate = false;
+  // The packed path: per thread (omp_get_thread_num()) pack_stride bytes at pack for one
+  // repacked 8-row tile; null: the row kernels.
+  uint8_t* pack = nullptr;
+  size_t pack_stride = 0;
 };
 
 // One entry per variant (cpu_quant_avx2.cpp, cpu_quant_avx512.cpp, cpu_quant_vnni.cpp).

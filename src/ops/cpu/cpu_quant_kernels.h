@@ -502,6 +502,8 @@ void tile_q6_k(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
     for (int i = 0; i < RX; ++i) res[r * RX + i] = acc_sum(acc[r][i]);
 }
 
+#include "ops/cpu/cpu_quant_packed.h"  // NOLINT(build/include): part of this file, per variant
+
 // ---- the driver --------------------------------------------------------------------------
 
 template <DType WT, int RW, int RX>
@@ -571,6 +573,7 @@ void run_rows(const QuantJob& jb) {
 
 template <DType WT>
 void run_type(const QuantJob& jb) {
+  if (jb.pack) return run_packed<WT>(jb);
   // More activation rows: 2 weight rows per tile, as the RX = 4 activation rows already give
   // 8 independent chains.
   if constexpr (WT == DType::Q8_0 || WT == DType::Q4_0) {
