@@ -256,11 +256,15 @@ GgufModel load_gguf_model(const std::string& path, const GgufLoadOptions& opt) {
     DType qdt = DType::F32;
     const bool keep = opt.keep_quantized && pn.suffix == "weight" && is_projection(pn.role) &&
                       dtype_from_ggml_type(t.type, &qdt) && t.ne.size() >= 2;
+    // 16-bit floats stay as stored too: widened to f32 they would double the model's memory
+    // and the bytes every decode step reads (the model keeps the file's dtype by default).
+    const bool half = t.type == GgmlType::BF16 || t.type == GgmlType::F16;
     Tensor x;
-    if (keep) {  // the blocks as stored (the reader validated sizes and offsets)
-      x = Tensor::empty(t.torch_shape(), qdt, MemCategory::QuantWeights);
+    if (keep || half) {  // the blocks or values as stored (the reader validated sizes and offsets)
+      const DType sdt = keep ? qdt : t.type == GgmlType::BF16 ? DType::BF16 : DType::F16;
+      x = Tensor::empty(t.torch_shape(), sdt, keep ? MemCategory::QuantWeights : MemCategory::Weights);
       MOE_CHECK(x.nbytes() == t.nbytes, "%s: tensor '%s': %llu bytes, expected %zu for %s %s", w, n,
-                static_cast<unsigned long long>(t.nbytes), x.nbytes(), dtype_name(qdt), x.shape_str().c_str());
+                static_cast<unsigned long long>(t.nbytes), x.nbytes(), dtype_name(sdt), x.shape_str().c_str());
       std::memcpy(x.raw(), f->data(t), x.nbytes());
     } else {
       x = f->dequantize(t.name);

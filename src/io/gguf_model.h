@@ -37,8 +37,8 @@ namespace moe {
 struct GgufModel {
   ModelConfig config;
   // HF tensor names (per-expert names, e.g. model.layers.0.block_sparse_moe.experts.3.w1.weight)
-  // -> f32 tensors with the HF shapes, dequantised (or quantized projections, see
-  // GgufLoadOptions); ready for Model::from_tensors.
+  // -> tensors with the HF shapes: f32 (dequantised), F16/BF16 as stored, or quantized
+  // projections (see GgufLoadOptions); ready for Model::from_tensors.
   std::vector<std::pair<std::string, Tensor>> tensors;
 };
 
@@ -47,7 +47,8 @@ struct GgufLoadOptions {
   // output) in the file's block type when the CPU kernels have it (q8_0 q4_0 q4_K q5_K q6_K:
   // the quantized dtypes of core/dtype.h), so Model::from_tensors (keep_dtype) runs them
   // quantized; the bytes are copied as stored (q/k rows un-permuted whole). Every other tensor,
-  // and other types, are dequantised to f32 as without it.
+  // and other types, are dequantised to f32 as without it — except F16 and BF16 tensors, which
+  // always arrive as stored (F16/BF16 tensors).
   bool keep_quantized = false;
 };
 

@@ -148,6 +148,19 @@ inline void sub_dot(const uint8_t* q, const int8_t* const* a, int64_t off, __m25
   }
 }
 
+// out[i] = Σ over P pairs q of the per-row int16 pairs pv[q] (8 rows x 2) times activation row
+// x0+i's int16 sums bs[c0 + 2q], bs[c0 + 2q + 1] (rows of bs_len): the mins (q4_K/q5_K) or
+// offset (q6_K) term of a super-block.
+template <int P, int RX>
+inline void pair_sums(const int16_t* pv, const int16_t* bs, int64_t bs_len, int64_t x0, int64_t c0, __m256i* out) {
+  for (int i = 0; i < RX; ++i) out[i] = _mm256_setzero_si256();
+  for (int q = 0; q < P; ++q) {
+    const __m256i v = load256(pv + 16 * q);
+    for (int i = 0; i < RX; ++i)
+      out[i] = madd_acc(out[i], v, bcast4(reinterpret_cast<const int8_t*>(bs + (x0 + i) * bs_len + c0 + 2 * q)));
+  }
+}
+
 template <DType WT, int RX>
 void ptile(const uint8_t* pk, const QActs& a, int64_t x0, int64_t nsb, float (*res)[8]) {
   constexpr QuantPackedLayout L = quant_packed_layout(WT);
@@ -175,14 +188,7 @@ void ptile(const uint8_t* pk, const QActs& a, int64_t x0, int64_t nsb, float (*r
       for (int s = 0; s < 8; ++s)
         sub_dot<8, WT == DType::Q4_K ? 8 : 4, RX>(o + 256 * s, aq, off + 32 * s, load256(sc + 16 * s), isum);
       __m256i imin[RX];
-      for (int i = 0; i < RX; ++i) imin[i] = _mm256_setzero_si256();
-      for (int q = 0; q < 4; ++q) {
-        const __m256i mv = load256(sc + 128 + 16 * q);
-        for (int i = 0; i < RX; ++i) {
-          const int16_t* bs = a.bsum32 + (x0 + i) * (a.k / 32) + b * 8 + 2 * q;
-          imin[i] = madd_acc(imin[i], mv, bcast4(reinterpret_cast<const int8_t*>(bs)));
-        }
-      }
+      pair_sums<4, RX>(sc + 128, a.bsum32, a.k / 32, x0, b * 8, imin);
       const __m256 dmin = _mm256_loadu_ps(reinterpret_cast<const float*>(o + L.d_off) + 8);
       for (int i = 0; i < RX; ++i)
         acc[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin[i]), _mm256_mul_ps(dmin, _mm256_set1_ps(ad[i][b])), acc[i]);
@@ -191,14 +197,7 @@ void ptile(const uint8_t* pk, const QActs& a, int64_t x0, int64_t nsb, float (*r
       for (int s = 0; s < 16; ++s)
         sub_dot<4, 2, RX>(o + 256 * (s / 2) + 128 * (s % 2), aq, off + 16 * s, load256(sc + 16 * s), isum);
       __m256i corr[RX];
-      for (int i = 0; i < RX; ++i) corr[i] = _mm256_setzero_si256();
-      for (int q = 0; q < 8; ++q) {
-        const __m256i sv = load256(sc + 256 + 16 * q);
-        for (int i = 0; i < RX; ++i) {
-          const int16_t* bs = a.bsum + (x0 + i) * (a.k / 16) + b * 16 + 2 * q;
-          corr[i] = madd_acc(corr[i], sv, bcast4(reinterpret_cast<const int8_t*>(bs)));
-        }
-      }
+      pair_sums<8, RX>(sc + 256, a.bsum, a.k / 16, x0, b * 16, corr);
       for (int i = 0; i < RX; ++i) isum[i] = _mm256_sub_epi32(isum[i], _mm256_slli_epi32(corr[i], 5));
     }
     for (int i = 0; i < RX; ++i)
