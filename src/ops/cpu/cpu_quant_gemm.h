@@ -16,12 +16,14 @@
 //   avx512       AVX512 F+BW+DQ+VL: 512-bit maddubs/madd for the K-quants, 256-bit (with 32
 //                vector registers) for q8_0/q4_0, whose 32-value blocks measured faster so
 //   avx512vnni   as avx512 with vpdpbusd / vpdpwssd (plus AVX512_VNNI)
-// Threaded with OpenMP over tiles of output columns (weight rows: 8 per tile for one activation
-// row, 2 otherwise); activation rows are taken 1-4 at a time per tile so each weight block is
-// unpacked once for them, in chunks of 64 rows; the weight streams are prefetched one tile ahead
-// (the next tile's rows). Decode of q8_0/q4_0 reads one weight row at a time instead (each
-// thread one sequential stream). q4_0 takes two blocks per 256-bit vector against activations
-// regrouped per block pair (QActs::d4/s4 in cpu_quant_impl.h).
+// Threaded with OpenMP, three paths by the number of activation rows n:
+//   n = 1 (decode)  each thread's range of weight rows read as 4 far-apart sequential streams,
+//                   4 rows at a time (run_decode in cpu_quant_kernels.h);
+//   n = 2-7         tiles of 2 weight rows against 1-4 activation rows at a time, so each weight
+//                   block is unpacked once for them, prefetched one tile ahead;
+//   n >= 8          (prefill) packed 8-row tiles (cpu_quant_packed.h).
+// On the first two, q4_0 takes two blocks per 256-bit vector against activations regrouped per
+// block pair (QActs::d4/s4 in cpu_quant_impl.h).
 #pragma once
 #include <cstdint>
 
