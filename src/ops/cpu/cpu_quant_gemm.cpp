@@ -165,19 +165,19 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   const bool pairs = wdt == DType::Q4_0 && !packed;  // QActs::d4 / s4 and the pair-regrouped qs
   const size_t p_bytes = pairs ? static_cast<size_t>(n * nbk) * 16 : 0;
   const size_t s_bytes = wdt == DType::Q4_0 && packed ? align64(static_cast<size_t>(n * nbk) * 4) : 0;
-  auto align = align64;
   Tensor ws = Tensor::empty(
-      {static_cast<int64_t>(align(q_bytes) + align(d_bytes) + align(x_bytes) + 2 * p_bytes + s_bytes + pack_bytes)},
+      {static_cast<int64_t>(align64(q_bytes) + align64(d_bytes) + align64(x_bytes) + 2 * p_bytes + s_bytes + pack_bytes)},
       DType::U8, MemCategory::Workspace);
   auto* base = static_cast<uint8_t*>(ws.raw());
   int8_t* qs = reinterpret_cast<int8_t*>(base);
-  float* dd = reinterpret_cast<float*>(base + align(q_bytes));
-  void* extra = base + align(q_bytes) + align(d_bytes);
+  float* dd = reinterpret_cast<float*>(base + align64(q_bytes));
+  void* extra = base + align64(q_bytes) + align64(d_bytes);
   int16_t* bs = blk == 32 ? nullptr : static_cast<int16_t*>(extra);
   int16_t* bs32 = bs ? bs + n * (k / 16) : nullptr;
-  float* d4 = pairs ? reinterpret_cast<float*>(base + align(q_bytes) + align(d_bytes) + align(x_bytes)) : nullptr;
-  int32_t* s4 = pairs ? reinterpret_cast<int32_t*>(base + align(q_bytes) + align(d_bytes) + align(x_bytes) + p_bytes) : nullptr;
-  uint8_t* after = base + align(q_bytes) + align(d_bytes) + align(x_bytes) + 2 * p_bytes;
+  uint8_t* pairs_at = base + align64(q_bytes) + align64(d_bytes) + align64(x_bytes);
+  float* d4 = pairs ? reinterpret_cast<float*>(pairs_at) : nullptr;
+  int32_t* s4 = pairs ? reinterpret_cast<int32_t*>(pairs_at + p_bytes) : nullptr;
+  uint8_t* after = pairs_at + 2 * p_bytes;
   int32_t* sum32 = s_bytes ? reinterpret_cast<int32_t*>(after) : nullptr;
   uint8_t* pack = packed ? after + s_bytes : nullptr;
 #pragma omp parallel for schedule(static) if(n * k > 65536)

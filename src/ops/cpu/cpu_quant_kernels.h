@@ -76,15 +76,19 @@ inline __m256i dot_us(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
+// acc + the int16 lane pairs of p times those of s (8 int32 lanes).
+inline __m256i madd_acc(__m256i acc, __m256i p, __m256i s) {
+#if MOE_QK_VNNI
+  return _mm256_dpwssd_epi32(acc, p, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, s));
+#endif
+}
+
 // acc + Σ over pairs of u8 · s8 (16 int16 lanes, no saturation for u8 <= 63), times the int16
 // scales of each lane pair (8 int32 lanes).
 inline __m256i dot_us_scaled(__m256i acc, __m256i u, __m256i s, __m256i scale16) {
-  const __m256i p = _mm256_maddubs_epi16(u, s);
-#if MOE_QK_VNNI
-  return _mm256_dpwssd_epi32(acc, p, scale16);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, scale16));
-#endif
+  return madd_acc(acc, _mm256_maddubs_epi16(u, s), scale16);
 }
 
 #if MOE_QK_512

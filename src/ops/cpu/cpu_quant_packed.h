@@ -53,15 +53,6 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// acc + the int16 lane pairs of p times those of s (8 int32 lanes: one per row).
-inline __m256i madd_acc(__m256i acc, __m256i p, __m256i s) {
-#if MOE_QK_VNNI
-  return _mm256_dpwssd_epi32(acc, p, s);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, s));
-#endif
-}
-
 // ---- repacking one tile (8 weight rows wr[], nsb super-blocks) ----
 
 template <DType WT>
