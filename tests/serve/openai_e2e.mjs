@@ -159,15 +159,18 @@ for (let round = 0; round < 6; round++) {
   check(failed === 0, `load round ${round}: ${CLIENTS} clients x ${PER_CLIENT} requests, ${failed} failed`);
 }
 // The first rounds warm the allocator (thread pool, malloc arenas, kept blocks) and the resident
-// set then moves by a few percent between rounds (measured: +-15 MiB around ~350 MiB, no trend);
-// a leak grows it every round. Check: the median of rounds 3-5 within 5% of the peak of rounds
-// 0-2. Sanitizer builds hold freed memory in ASan's quarantine: not checked there, said so.
+// set then moves between rounds with no trend (measured: +-15 MiB around ~350 MiB, and once
+// +27 MiB for two rounds in a row, 355 -> 381 -> 381 -> 356, which failed the former check, the
+// median of rounds 3-5). A leak grows it every round, so its smallest late value grows too.
+// Check: the smaller of rounds 4 and 5 within 5% of the peak of rounds 0-2 — as sensitive as that
+// median (a leak of L per round shows as 2L in both) and robust to one high round among 4-5.
+// Sanitizer builds hold freed memory in ASan's quarantine: not checked there, said so.
 const rssList = rounds.map((r) => r.rss_kib);
-const lateMedian = [...rssList.slice(3)].sort((a, b) => a - b)[1], warmPeak = Math.max(...rssList.slice(0, 3));
+const lateLow = Math.min(rssList[4], rssList[5]), warmPeak = Math.max(...rssList.slice(0, 3));
 if (process.env.ASAN_OPTIONS !== undefined)
   console.log(`skip: RSS across rounds not checked under ASan (quarantine): ${rssList.join(" -> ")} KiB`);
 else
-  check(lateMedian <= warmPeak * 1.05, `RSS does not grow across rounds (${rssList.join(" -> ")} KiB)`);
+  check(lateLow <= warmPeak * 1.05, `RSS does not grow across rounds (${rssList.join(" -> ")} KiB)`);
 
 // 10. clients that disconnect mid-stream leak no KV blocks
 const gen0 = gauge(await metrics(), "moe_generated_tokens_total");
