@@ -255,11 +255,21 @@ inline __m128i k4_scales_mins(const uint8_t* q) {
 
 // pshufb controls that broadcast int16 element e (lo 128 bits) and f (hi 128 bits) of a
 // vector holding 8 int16 in each half.
-inline __m256i shuf16(int e, int f) {
-  const __m128i lo = _mm_set1_epi16(static_cast<short>((2 * e) | ((2 * e + 1) << 8)));
-  const __m128i hi = _mm_set1_epi16(static_cast<short>((2 * f) | ((2 * f + 1) << 8)));
-  return _mm256_set_m128i(hi, lo);
-}
+// The controls are read from a table: built in registers (movd + pshufd + inserti128 each) they
+// cost three shuffle-port uops per use in the K-quant inner loops, more than the pshufb itself.
+struct Shuf16Table {
+  alignas(32) int8_t c[8][8][32];
+  constexpr Shuf16Table() : c{} {
+    for (int e = 0; e < 8; ++e)
+      for (int f = 0; f < 8; ++f)
+        for (int i = 0; i < 16; ++i) {
+          c[e][f][i] = static_cast<int8_t>(2 * e + (i & 1));
+          c[e][f][16 + i] = static_cast<int8_t>(2 * f + (i & 1));
+        }
+  }
+};
+inline constexpr Shuf16Table kShuf16{};
+inline __m256i shuf16(int e, int f) { return load256(kShuf16.c[e][f]); }
 
 // Unpacks 32 bytes of q4_K/q5_K nibbles: lo = values of sub-block 2j, hi = of 2j+1 (q5: plus
 // bit 2j / 2j+1 of qh as 16).
