@@ -174,8 +174,7 @@ inline Q4Pair q4_0_pair_load(const uint8_t* p0) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   return {_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4)};
 }
-inline __m256i q4_0_pair_dot(const Q4Pair& w, const int8_t* qa, const int32_t* s4) {
-  const __m256i alo = load256(qa), ahi = load256(qa + 32);
+inline __m256i q4_0_pair_dot(const Q4Pair& w, __m256i alo, __m256i ahi, __m256i s4) {
 #if MOE_QK_VNNI
   const __m256i dot = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.lo, alo), w.hi, ahi);
 #else
@@ -183,11 +182,21 @@ inline __m256i q4_0_pair_dot(const Q4Pair& w, const int8_t* qa, const int32_t* s
   const __m256i dot = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w.lo, alo), _mm256_maddubs_epi16(w.hi, ahi)),
                                         _mm256_set1_epi16(1));
 #endif
-  return _mm256_sub_epi32(dot, load256(s4));
+  return _mm256_sub_epi32(dot, s4);
+}
+inline __m256i q4_0_pair_dot(const Q4Pair& w, const int8_t* qa, const int32_t* s4) {
+  return q4_0_pair_dot(w, load256(qa), load256(qa + 32), load256(s4));
 }
 // dw of blocks b and b+1, each in one 128-bit lane.
 inline __m256 q4_0_pair_scales(const uint8_t* p0) {
   return _mm256_set_m128(_mm_set1_ps(h2f(p0 + 18)), _mm_set1_ps(h2f(p0)));
+}
+
+// acc + the lanes of one q4_0 block (p) against one activation block (qa, scale da, s4 = 2·Σq).
+inline __m256 q4_0_last_block(const uint8_t* p, const int8_t* qa, float da, int32_t s4, __m256 acc) {
+  // 8 int32 lanes cover the whole block: subtract 8·Σa as 1·Σa per lane.
+  const __m256i dot = _mm256_sub_epi32(dot_us(_mm256_setzero_si256(), unpack_q4_0(p + 2), load256(qa)), _mm256_set1_epi32(s4 / 2));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(h2f(p) * da), acc);
 }
 
 template <int RW, int RX>
@@ -212,21 +221,59 @@ void tile_q4_0(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
       }
     }
   }
-  if (b < nb) {  // odd block count: the last block alone (its activations are not regrouped)
-    for (int r = 0; r < RW; ++r) {
-      const uint8_t* p = wr[r] + b * 18;
-      const __m256i wq = unpack_q4_0(p + 2);
-      const float dw = h2f(p);
-      for (int i = 0; i < RX; ++i) {
-        // 8 int32 lanes cover the whole block: subtract 8·Σa as 1·Σa per lane.
-        const __m256i dot = _mm256_sub_epi32(dot_us(_mm256_setzero_si256(), wq, load256(ar.q[i] + b * 32)),
-                                             _mm256_set1_epi32(s4[i][b * 4] / 2));
-        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * ar.d[i][b]), acc[r][i]);
-      }
-    }
-  }
+  if (b < nb)  // odd block count: the last block alone (its activations are not regrouped)
+    for (int r = 0; r < RW; ++r)
+      for (int i = 0; i < RX; ++i)
+        acc[r][i] = q4_0_last_block(wr[r] + b * 18, ar.q[i] + b * 32, ar.d[i][b], s4[i][b * 4], acc[r][i]);
   for (int r = 0; r < RW; ++r)
     for (int i = 0; i < RX; ++i) res[r * RX + i] = hsum_ps(acc[r][i]);
+}
+
+// q4_0 decode (one activation row), RW rows together: per block pair the activations, their
+// offsets and scales are loaded once for all rows, and the 2·RW f16 weight scales are gathered
+// into one vector and converted by one instruction (the row-at-a-time tile converted, broadcast
+// and joined each row's two scales itself: about as many shuffle-port uops as the dot product).
+template <int RW>
+void tile_q4_0_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
+  static_assert(RW == 4, "the scale gather below fills 8 lanes: 4 rows x 2 blocks");
+  __m256 acc[RW];
+#pragma GCC unroll 8
+  for (int r = 0; r < RW; ++r) acc[r] = _mm256_setzero_ps();
+  // lanes 0-3 of row r's scales from gathered lane 2r, lanes 4-7 from 2r+1
+  const __m256i lanes[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                            _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+  const __m256i da_lanes = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);  // d4: 4 lanes per block
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    const __m256i alo = load256(a.qs + b * 32), ahi = load256(a.qs + b * 32 + 32);
+    const __m256i s4 = load256(a.s4 + b * 4);
+    const __m256 da = _mm256_loadu_ps(a.d4 + b * 4);
+    const uint8_t* p[RW];
+#pragma GCC unroll 8
+    for (int r = 0; r < RW; ++r) {
+      p[r] = wr[r] + b * 18;
+      prefetch_ahead(p[r], ahead, 1);
+    }
+    __m128i h = _mm_cvtsi32_si128(ld_u16(p[0]));
+    h = _mm_insert_epi16(h, ld_u16(p[0] + 18), 1);
+    h = _mm_insert_epi16(h, ld_u16(p[1]), 2);
+    h = _mm_insert_epi16(h, ld_u16(p[1] + 18), 3);
+    h = _mm_insert_epi16(h, ld_u16(p[2]), 4);
+    h = _mm_insert_epi16(h, ld_u16(p[2] + 18), 5);
+    h = _mm_insert_epi16(h, ld_u16(p[3]), 6);
+    h = _mm_insert_epi16(h, ld_u16(p[3] + 18), 7);
+    // dw·da: lane 2r+e is row r's block b+e times the activation scale of block b+e
+    const __m256 dd = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_permutevar8x32_ps(da, da_lanes));
+#pragma GCC unroll 8
+    for (int r = 0; r < RW; ++r) {
+      const __m256i dot = q4_0_pair_dot(q4_0_pair_load(p[r]), alo, ahi, s4);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(dd, lanes[r]), acc[r]);
+    }
+  }
+  if (b < nb)  // odd block count: the last block alone, as in tile_q4_0
+    for (int r = 0; r < RW; ++r) acc[r] = q4_0_last_block(wr[r] + b * 18, a.qs + b * 32, a.d[b], a.s4[b * 4], acc[r]);
+#pragma GCC unroll 8
+  for (int r = 0; r < RW; ++r) res[r] = hsum_ps(acc[r]);
 }
 
 // Software prefetch distance of the decode kernels (run_decode): within each row.
@@ -637,6 +684,8 @@ void run_decode(const QuantJob& jb) {
       if constexpr (WT == DType::Q4_K) tile_q4_k_pairs<R>(wr, a, nb, res, kRowAhead);
       else
 #endif
+      if constexpr (WT == DType::Q4_0) tile_q4_0_rows<R>(wr, a, nb, res, kRowAhead);
+      else
         tile<WT, R, 1>(wr, a, 0, nb, res, kRowAhead);
       for (int j = 0; j < R; ++j) {
         float& o = jb.out[lo + j * part + i];
