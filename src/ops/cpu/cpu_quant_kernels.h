@@ -153,6 +153,77 @@ void tile_q8_0(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
     for (int i = 0; i < RX; ++i) res[r * RX + i] = hsum_ps(acc[r][i]);
 }
 
+// [Σ lanes 0-3 of d0, of d1, of d2, of d3 | Σ lanes 4-7 of each]: a 4x4 transpose-and-add in
+// each 128-bit lane (the decode kernels' per-row reduction, done for 4 rows at once).
+inline __m256i sum4_rows(__m256i d0, __m256i d1, __m256i d2, __m256i d3) {
+  const __m256i s01 = _mm256_add_epi32(_mm256_unpacklo_epi32(d0, d1), _mm256_unpackhi_epi32(d0, d1));
+  const __m256i s23 = _mm256_add_epi32(_mm256_unpacklo_epi32(d2, d3), _mm256_unpackhi_epi32(d2, d3));
+  return _mm256_add_epi32(_mm256_unpacklo_epi64(s01, s23), _mm256_unpackhi_epi64(s01, s23));
+}
+
+// The f16 scales at p[r] + o0 (lanes 0-3) and p[r] + o1 (lanes 4-7) of 4 rows, as f32.
+inline __m256 gather_h4x2(const uint8_t* const* p, int64_t o0, int64_t o1) {
+  __m128i h = _mm_cvtsi32_si128(ld_u16(p[0] + o0));
+  h = _mm_insert_epi16(h, ld_u16(p[1] + o0), 1);
+  h = _mm_insert_epi16(h, ld_u16(p[2] + o0), 2);
+  h = _mm_insert_epi16(h, ld_u16(p[3] + o0), 3);
+  h = _mm_insert_epi16(h, ld_u16(p[0] + o1), 4);
+  h = _mm_insert_epi16(h, ld_u16(p[1] + o1), 5);
+  h = _mm_insert_epi16(h, ld_u16(p[2] + o1), 6);
+  h = _mm_insert_epi16(h, ld_u16(p[3] + o1), 7);
+  return _mm256_cvtph_ps(h);
+}
+
+// q8_0 decode (one activation row), 4 rows and 2 blocks at a time: each row's 8-lane integer
+// dot is reduced across lanes (sum4_rows), the two blocks' halves joined, so one vector holds
+// block b of rows 0-3 and block b+1 of rows 0-3, converted and scaled by one instruction each.
+// The row-at-a-time tile converted, multiplied and broadcast each row's scale and ran one
+// conversion and fma per row and block.
+template <int RW>
+void tile_q8_0_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
+  static_assert(RW == 4, "sum4_rows and the scale gather take 4 rows");
+  __m256 acc = _mm256_setzero_ps();
+  __m256i sums[2];
+  const uint8_t* p[RW];
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+#pragma GCC unroll 2
+    for (int e = 0; e < 2; ++e) {
+      const __m256i aq = load256(a.qs + (b + e) * 32);
+      __m256i dot[RW];
+#pragma GCC unroll 8
+      for (int r = 0; r < RW; ++r) {
+        p[r] = wr[r] + b * 34;
+        const uint8_t* q = p[r] + e * 34;
+        prefetch_ahead(q, ahead, 1);
+        const __m256i wq = load256(q + 2);
+        dot[r] = dot_us(_mm256_setzero_si256(), _mm256_sign_epi8(wq, wq), _mm256_sign_epi8(aq, wq));
+      }
+      sums[e] = sum4_rows(dot[0], dot[1], dot[2], dot[3]);
+    }
+    // [block b: rows 0-3 | block b+1: rows 0-3], each the sum of its two 128-bit halves
+    const __m256i tot = _mm256_add_epi32(_mm256_permute2x128_si256(sums[0], sums[1], 0x20),
+                                         _mm256_permute2x128_si256(sums[0], sums[1], 0x31));
+    const __m256 da = _mm256_set_m128(_mm_set1_ps(a.d[b + 1]), _mm_set1_ps(a.d[b]));
+    const __m256 dd = _mm256_mul_ps(gather_h4x2(p, 0, 34), da);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), dd, acc);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (int r = 0; r < RW; ++r) res[r] = lanes[r] + lanes[4 + r];
+  if (b < nb) {  // odd block count: the last block of each row through the general tile
+    for (int r = 0; r < RW; ++r) {
+      const uint8_t* last[1] = {wr[r] + b * 34};
+      QActs a1 = a;
+      a1.qs = a.qs + b * 32;
+      a1.d = a.d + b;
+      float one;
+      tile_q8_0<1, 1>(last, a1, 0, 1, &one, 0);
+      res[r] += one;
+    }
+  }
+}
+
 // q4_0: 18-byte blocks {f16 d; u8 qs[16]}: value j is the low nibble of byte j, value j+16 the
 // high one.
 inline __m256i unpack_q4_0(const uint8_t* qs) {
@@ -254,20 +325,10 @@ void tile_q4_0_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float*
       dot[r] = q4_0_pair_dot(q4_0_pair_load(p[r]), alo, ahi, zero);
     }
     // [Σ row 0, Σ row 1, Σ row 2, Σ row 3] of block b in the low lane, of block b+1 in the high
-    const __m256i s01 = _mm256_add_epi32(_mm256_unpacklo_epi32(dot[0], dot[1]), _mm256_unpackhi_epi32(dot[0], dot[1]));
-    const __m256i s23 = _mm256_add_epi32(_mm256_unpacklo_epi32(dot[2], dot[3]), _mm256_unpackhi_epi32(dot[2], dot[3]));
-    const __m256i sum = _mm256_add_epi32(_mm256_unpacklo_epi64(s01, s23), _mm256_unpackhi_epi64(s01, s23));
+    const __m256i sum = sum4_rows(dot[0], dot[1], dot[2], dot[3]);
     // s4 holds 2·Σq in each of a block's 4 lanes: the -8 offset is 4 times that
     const __m256i tot = _mm256_sub_epi32(sum, _mm256_slli_epi32(load256(a.s4 + b * 4), 2));
-    __m128i h = _mm_cvtsi32_si128(ld_u16(p[0]));
-    h = _mm_insert_epi16(h, ld_u16(p[1]), 1);
-    h = _mm_insert_epi16(h, ld_u16(p[2]), 2);
-    h = _mm_insert_epi16(h, ld_u16(p[3]), 3);
-    h = _mm_insert_epi16(h, ld_u16(p[0] + 18), 4);
-    h = _mm_insert_epi16(h, ld_u16(p[1] + 18), 5);
-    h = _mm_insert_epi16(h, ld_u16(p[2] + 18), 6);
-    h = _mm_insert_epi16(h, ld_u16(p[3] + 18), 7);
-    const __m256 dd = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(a.d4 + b * 4));  // d4: [d_b x4 | d_b+1 x4]
+    const __m256 dd = _mm256_mul_ps(gather_h4x2(p, 0, 18), _mm256_loadu_ps(a.d4 + b * 4));  // d4: [d_b x4 | d_b+1 x4]
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), dd, acc);
   }
   alignas(32) float lanes[8];
@@ -687,6 +748,7 @@ void run_decode(const QuantJob& jb) {
       else
 #endif
       if constexpr (WT == DType::Q4_0) tile_q4_0_rows<R>(wr, a, nb, res, kRowAhead);
+      else if constexpr (WT == DType::Q8_0) tile_q8_0_rows<R>(wr, a, nb, res, kRowAhead);
       else
         tile<WT, R, 1>(wr, a, 0, nb, res, kRowAhead);
       for (int j = 0; j < R; ++j) {
