@@ -506,18 +506,26 @@ inline __m256i bcast_128(const int8_t* p) {
   return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// q4_K decode (one activation row), two weight rows per 256-bit vector: lane 0 holds 16 values
+// q4_K / q5_K decode (one activation row), two weight rows per 256-bit vector: lane 0 holds 16 values
 // of row r, lane 1 the same 16 of row r+1, against the activations broadcast to both lanes. So
 // the per-block work — unpacking the 6-bit scales and mins, converting d and dmin — is done for
 // two rows by one set of instructions, and each sub-block scale vector is one pshufb straight
 // from the packed bytes (no widening, no lane broadcast); the broadcast activations and the
 // controls are loaded once per block for all the pairs. One thread, 4 rows at a time over k
 // 4096: 14-17 GB/s with tile_qk45, 22-24 GB/s with this (rows in L2 / L3).
+// q5_K adds the fifth bit from qh (bytes 16-47: bit 2j / 2j+1 of byte l for value l of
+// sub-block 2j / 2j+1), loaded the same way, two rows per vector.
 // RW even; the int32 lanes 0-3 of each sum belong to row r, 4-7 to row r+1.
-template <int RW>
-void tile_q4_k_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
+// 16 where a byte of h has all the bits of m set, else 0 (q5_K's fifth bit as a value).
+inline __m256i q5_bit16(__m256i h, __m256i m) {
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m), m), _mm256_set1_epi8(16));
+}
+template <bool Q5, int RW>
+void tile_qk45_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
   static_assert(RW % 2 == 0, "rows are taken in pairs");
   constexpr int P = RW / 2;
+  constexpr int64_t kBytes = Q5 ? 176 : 144;
+  constexpr int kQs = Q5 ? 48 : 16;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i d_lanes = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), m_lanes = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
   __m256 acc[P];
@@ -528,8 +536,8 @@ void tile_q4_k_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float
     const uint8_t* p[RW];
 #pragma GCC unroll 8
     for (int r = 0; r < RW; ++r) {
-      p[r] = wr[r] + b * 144;
-      prefetch_ahead(p[r], ahead, 144);
+      p[r] = wr[r] + b * kBytes;
+      prefetch_ahead(p[r], ahead, kBytes);
     }
     __m256i sm[P], sumi[P];
 #pragma GCC unroll 8
@@ -538,8 +546,7 @@ void tile_q4_k_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float
       sumi[q] = _mm256_setzero_si256();
     }
     // j outer, row pairs inner: the broadcast activations and the scale controls are loaded
-    // once for all pairs. Unrolled by hand: GCC left the j loop rolled in the library build
-    // (the same code compiled alone was unrolled, and twice as fast).
+    // once for all pairs. The pragma: GCC left this loop rolled in the library build.
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       const __m256i a0 = bcast_128(aq + 64 * j), a1 = bcast_128(aq + 64 * j + 16);
@@ -547,15 +554,26 @@ void tile_q4_k_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float
       const __m256i c_lo = load256(kZx16.c[2 * j]), c_hi = load256(kZx16.c[2 * j + 1]);
 #pragma GCC unroll 4
       for (int q = 0; q < P; ++q) {
-        const uint8_t* p0 = p[2 * q] + 16 + 32 * j;
-        const uint8_t* p1 = p[2 * q + 1] + 16 + 32 * j;
+        const uint8_t* p0 = p[2 * q] + kQs + 32 * j;
+        const uint8_t* p1 = p[2 * q + 1] + kQs + 32 * j;
         const __m256i v0 = load_2x128(p0, p1);            // bytes 0-15 of the pair
         const __m256i v1 = load_2x128(p0 + 16, p1 + 16);  // bytes 16-31
+        __m256i w00 = _mm256_and_si256(v0, m4), w10 = _mm256_and_si256(v1, m4);
+        __m256i w01 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), w11 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
+        if constexpr (Q5) {
+          const __m256i h0 = load_2x128(p[2 * q] + 16, p[2 * q + 1] + 16), h1 = load_2x128(p[2 * q] + 32, p[2 * q + 1] + 32);
+          const __m256i b0 = _mm256_set1_epi8(static_cast<char>(1 << (2 * j)));
+          const __m256i b1 = _mm256_set1_epi8(static_cast<char>(1 << (2 * j + 1)));
+          w00 = _mm256_or_si256(w00, q5_bit16(h0, b0));
+          w10 = _mm256_or_si256(w10, q5_bit16(h1, b0));
+          w01 = _mm256_or_si256(w01, q5_bit16(h0, b1));
+          w11 = _mm256_or_si256(w11, q5_bit16(h1, b1));
+        }
         const __m256i s_lo = _mm256_shuffle_epi8(sm[q], c_lo), s_hi = _mm256_shuffle_epi8(sm[q], c_hi);
-        sumi[q] = dot_us_scaled(sumi[q], _mm256_and_si256(v0, m4), a0, s_lo);
-        sumi[q] = dot_us_scaled(sumi[q], _mm256_and_si256(v1, m4), a1, s_lo);
-        sumi[q] = dot_us_scaled(sumi[q], _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), a2, s_hi);
-        sumi[q] = dot_us_scaled(sumi[q], _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), a3, s_hi);
+        sumi[q] = dot_us_scaled(sumi[q], w00, a0, s_lo);
+        sumi[q] = dot_us_scaled(sumi[q], w10, a1, s_lo);
+        sumi[q] = dot_us_scaled(sumi[q], w01, a2, s_hi);
+        sumi[q] = dot_us_scaled(sumi[q], w11, a3, s_hi);
         // Keeps the sum a chain: GCC otherwise reassociates the 16 integer adds of a block
         // into a tree with all 16 products live at once, and spills them (74 stack accesses
         // in the function against 22; 2-thread q4_K decode of L3-resident rows 38 -> 41 GB/s).
@@ -744,7 +762,8 @@ void run_decode(const QuantJob& jb) {
     for (int64_t i = 0; i < part; ++i) {
       for (int j = 0; j < R; ++j) wr[j] = jb.w + static_cast<size_t>(lo + j * part + i) * jb.row_bytes;
 #if !MOE_QK_512
-      if constexpr (WT == DType::Q4_K) tile_q4_k_pairs<R>(wr, a, nb, res, kRowAhead);
+      if constexpr (WT == DType::Q4_K) tile_qk45_pairs<false, R>(wr, a, nb, res, kRowAhead);
+      else if constexpr (WT == DType::Q5_K) tile_qk45_pairs<true, R>(wr, a, nb, res, kRowAhead);
       else
 #endif
       if constexpr (WT == DType::Q4_0) tile_q4_0_rows<R>(wr, a, nb, res, kRowAhead);
