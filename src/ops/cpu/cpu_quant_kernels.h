@@ -570,10 +570,10 @@ void tile_qk45_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float
           w11 = _mm256_or_si256(w11, q5_bit16(h1, b1));
         }
         const __m256i s_lo = _mm256_shuffle_epi8(sm[q], c_lo), s_hi = _mm256_shuffle_epi8(sm[q], c_hi);
-        sumi[q] = dot_us_scaled(sumi[q], w00, a0, s_lo);
-        sumi[q] = dot_us_scaled(sumi[q], w10, a1, s_lo);
-        sumi[q] = dot_us_scaled(sumi[q], w01, a2, s_hi);
-        sumi[q] = dot_us_scaled(sumi[q], w11, a3, s_hi);
+        // The two halves of a sub-block share its scale: their int16 products add before the
+        // scaling multiply-add (each <= 2·31·127, the sum < 2^15).
+        sumi[q] = madd_acc(sumi[q], _mm256_add_epi16(_mm256_maddubs_epi16(w00, a0), _mm256_maddubs_epi16(w10, a1)), s_lo);
+        sumi[q] = madd_acc(sumi[q], _mm256_add_epi16(_mm256_maddubs_epi16(w01, a2), _mm256_maddubs_epi16(w11, a3)), s_hi);
         // Keeps the sum a chain: GCC otherwise reassociates the 16 integer adds of a block
         // into a tree with all 16 products live at once, and spills them (74 stack accesses
         // in the function against 22; 2-thread q4_K decode of L3-resident rows 38 -> 41 GB/s).
