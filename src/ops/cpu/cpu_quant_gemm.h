@@ -18,7 +18,9 @@
 //   avx512vnni   as avx512 with vpdpbusd / vpdpwssd (plus AVX512_VNNI)
 // Threaded with OpenMP, three paths by the number of activation rows n:
 //   n = 1 (decode)  each thread's range of weight rows read as 4 far-apart sequential streams,
-//                   4 rows at a time (run_decode in cpu_quant_kernels.h);
+//                   4 rows at a time (run_decode in cpu_quant_kernels.h): q4_K/q5_K two rows per
+//                   256-bit vector (AVX2 variant), q8_0/q4_0 with the 4 rows' integer sums
+//                   reduced across lanes before the float scaling, q6_K row by row;
 //   n = 2-7         tiles of 2 weight rows against 1-4 activation rows at a time, so each weight
 //                   block is unpacked once for them, prefetched one tile ahead;
 //   n >= 8          (prefill) packed 8-row tiles (cpu_quant_packed.h).
