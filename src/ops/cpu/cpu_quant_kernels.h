@@ -187,13 +187,14 @@ void tile_q8_0_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float*
   const uint8_t* p[RW];
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
+#pragma GCC unroll 8
+    for (int r = 0; r < RW; ++r) p[r] = wr[r] + b * 34;
 #pragma GCC unroll 2
     for (int e = 0; e < 2; ++e) {
       const __m256i aq = load256(a.qs + (b + e) * 32);
       __m256i dot[RW];
 #pragma GCC unroll 8
       for (int r = 0; r < RW; ++r) {
-        p[r] = wr[r] + b * 34;
         const uint8_t* q = p[r] + e * 34;
         prefetch_ahead(q, ahead, 1);
         const __m256i wq = load256(q + 2);
@@ -245,18 +246,18 @@ inline Q4Pair q4_0_pair_load(const uint8_t* p0) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   return {_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4)};
 }
-inline __m256i q4_0_pair_dot(const Q4Pair& w, __m256i alo, __m256i ahi, __m256i s4) {
+// Σq·a per 128-bit lane without the -8 offset.
+inline __m256i q4_0_pair_sum(const Q4Pair& w, __m256i alo, __m256i ahi) {
 #if MOE_QK_VNNI
-  const __m256i dot = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.lo, alo), w.hi, ahi);
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.lo, alo), w.hi, ahi);
 #else
   // u8 <= 15 against |s8| <= 127: each maddubs lane <= 3810, the sum of two fits int16.
-  const __m256i dot = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w.lo, alo), _mm256_maddubs_epi16(w.hi, ahi)),
-                                        _mm256_set1_epi16(1));
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w.lo, alo), _mm256_maddubs_epi16(w.hi, ahi)),
+                           _mm256_set1_epi16(1));
 #endif
-  return _mm256_sub_epi32(dot, s4);
 }
 inline __m256i q4_0_pair_dot(const Q4Pair& w, const int8_t* qa, const int32_t* s4) {
-  return q4_0_pair_dot(w, load256(qa), load256(qa + 32), load256(s4));
+  return _mm256_sub_epi32(q4_0_pair_sum(w, load256(qa), load256(qa + 32)), load256(s4));
 }
 // dw of blocks b and b+1, each in one 128-bit lane.
 inline __m256 q4_0_pair_scales(const uint8_t* p0) {
@@ -312,7 +313,6 @@ template <int RW>
 void tile_q4_0_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
   static_assert(RW == 4, "the transpose and the scale gather below take 4 rows");
   __m256 acc = _mm256_setzero_ps();
-  const __m256i zero = _mm256_setzero_si256();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
     const __m256i alo = load256(a.qs + b * 32), ahi = load256(a.qs + b * 32 + 32);
@@ -322,7 +322,7 @@ void tile_q4_0_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float*
     for (int r = 0; r < RW; ++r) {
       p[r] = wr[r] + b * 18;
       prefetch_ahead(p[r], ahead, 1);
-      dot[r] = q4_0_pair_dot(q4_0_pair_load(p[r]), alo, ahi, zero);
+      dot[r] = q4_0_pair_sum(q4_0_pair_load(p[r]), alo, ahi);
     }
     // [Σ row 0, Σ row 1, Σ row 2, Σ row 3] of block b in the low lane, of block b+1 in the high
     const __m256i sum = sum4_rows(dot[0], dot[1], dot[2], dot[3]);
@@ -506,6 +506,11 @@ inline __m256i bcast_128(const int8_t* p) {
   return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// 16 where a byte of h has all the bits of m set, else 0 (q5_K's fifth bit as a value).
+inline __m256i q5_bit16(__m256i h, __m256i m) {
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m), m), _mm256_set1_epi8(16));
+}
+
 // q4_K / q5_K decode (one activation row), two weight rows per 256-bit vector: lane 0 holds 16 values
 // of row r, lane 1 the same 16 of row r+1, against the activations broadcast to both lanes. So
 // the per-block work — unpacking the 6-bit scales and mins, converting d and dmin — is done for
@@ -516,10 +521,6 @@ inline __m256i bcast_128(const int8_t* p) {
 // q5_K adds the fifth bit from qh (bytes 16-47: bit 2j / 2j+1 of byte l for value l of
 // sub-block 2j / 2j+1), loaded the same way, two rows per vector.
 // RW even; the int32 lanes 0-3 of each sum belong to row r, 4-7 to row r+1.
-// 16 where a byte of h has all the bits of m set, else 0 (q5_K's fifth bit as a value).
-inline __m256i q5_bit16(__m256i h, __m256i m) {
-  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m), m), _mm256_set1_epi8(16));
-}
 template <bool Q5, int RW>
 void tile_qk45_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
   static_assert(RW % 2 == 0, "rows are taken in pairs");
@@ -748,6 +749,17 @@ void run_fmt(const QuantJob& jb) {
 // 4 neighbours) interleave 34-210-byte steps of one region, which the prefetchers do not follow:
 // q8_0 dropped to 61 tok/s that way.
 constexpr int kDecodeStreams = 4;
+
+// R rows against the one activation row: the per-format decode kernels where there is one (the
+// K-quant row pairs only in the 256-bit variant, the one measured), else the general tile.
+template <DType WT, int R>
+inline void decode_tile(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res) {
+  if constexpr (WT == DType::Q8_0) tile_q8_0_rows<R>(wr, a, nb, res, kRowAhead);
+  else if constexpr (WT == DType::Q4_0) tile_q4_0_rows<R>(wr, a, nb, res, kRowAhead);
+  else if constexpr ((WT == DType::Q4_K || WT == DType::Q5_K) && !MOE_QK_512)
+    tile_qk45_pairs<WT == DType::Q5_K, R>(wr, a, nb, res, kRowAhead);
+  else tile<WT, R, 1>(wr, a, 0, nb, res, kRowAhead);
+}
 template <DType WT, int R>
 void run_decode(const QuantJob& jb) {
   const QActs& a = *jb.a;
@@ -761,15 +773,7 @@ void run_decode(const QuantJob& jb) {
     float res[R];
     for (int64_t i = 0; i < part; ++i) {
       for (int j = 0; j < R; ++j) wr[j] = jb.w + static_cast<size_t>(lo + j * part + i) * jb.row_bytes;
-#if !MOE_QK_512
-      if constexpr (WT == DType::Q4_K) tile_qk45_pairs<false, R>(wr, a, nb, res, kRowAhead);
-      else if constexpr (WT == DType::Q5_K) tile_qk45_pairs<true, R>(wr, a, nb, res, kRowAhead);
-      else
-#endif
-      if constexpr (WT == DType::Q4_0) tile_q4_0_rows<R>(wr, a, nb, res, kRowAhead);
-      else if constexpr (WT == DType::Q8_0) tile_q8_0_rows<R>(wr, a, nb, res, kRowAhead);
-      else
-        tile<WT, R, 1>(wr, a, 0, nb, res, kRowAhead);
+      decode_tile<WT, R>(wr, a, nb, res);
       for (int j = 0; j < R; ++j) {
         float& o = jb.out[lo + j * part + i];
         o = jb.accumulate ? o + res[j] : res[j];
