@@ -106,6 +106,40 @@ TEST(QuantFormat, Q4_0Dequant) {
   }
 }
 
+// Q4_1: x = d * q + m; Q5_0: x = d * (q - 16) and Q5_1: x = d * q + m with q's bit 4 of value j
+// in bit j of qh (little-endian). Chosen values: exact in f32, so the expectations are exact.
+TEST(QuantFormat, Q4_1Q5_0Q5_1Dequant) {
+  BlockQ4_1 a;
+  a.d = h(0.5f), a.m = h(-3.0f);
+  for (int j = 0; j < 16; ++j) a.qs[j] = static_cast<uint8_t>(j | ((15 - j) << 4));
+  auto y = dequant_block(GgmlType::Q4_1, a, 32);
+  for (int j = 0; j < 16; ++j) {
+    EXPECT_EQ(y[j], j * 0.5f - 3.0f) << j;
+    EXPECT_EQ(y[j + 16], (15 - j) * 0.5f - 3.0f) << j;
+  }
+  // Fifth bits: set for values 1, 3, 5, ... (0xAAAAAAAA) and for value 16 (bit 16).
+  const uint32_t qh = 0xAAAAAAAAu | (1u << 16);
+  int q[32];
+  for (int j = 0; j < 32; ++j) q[j] = (j < 16 ? j : 31 - j) | static_cast<int>(((qh >> j) & 1u) << 4);
+  BlockQ5_0 b;
+  b.d = h(-0.25f);
+  std::memcpy(b.qh, &qh, 4);
+  for (int j = 0; j < 16; ++j) b.qs[j] = static_cast<uint8_t>(j | ((15 - j) << 4));
+  y = dequant_block(GgmlType::Q5_0, b, 32);
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(y[j], (q[j] - 16) * -0.25f) << j;
+  BlockQ5_1 c;
+  c.d = h(0.125f), c.m = h(1.5f);
+  std::memcpy(c.qh, &qh, 4);
+  std::memcpy(c.qs, b.qs, 16);
+  y = dequant_block(GgmlType::Q5_1, c, 32);
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(y[j], q[j] * 0.125f + 1.5f) << j;
+  // Quantising the decoded values gives the blocks back (they sit on the grid exactly).
+  BlockQ5_1 back;
+  quantize_row(GgmlType::Q5_1, y.data(), &back, 32);
+  y = dequant_block(GgmlType::Q5_1, back, 32);
+  for (int j = 0; j < 32; ++j) EXPECT_NEAR(y[j], q[j] * 0.125f + 1.5f, 1e-6) << j;
+}
+
 // 6-bit scales/mins of the 8 sub-blocks packed as ggml-common.h describes: bytes 0-3 = sc[0..3]
 // | (sc[4..7] >> 4) << 6, bytes 4-7 = m[0..3] | (m[4..7] >> 4) << 6, bytes 8-11 =
 // (sc[4..7] & 15) | (m[4..7] & 15) << 4.
@@ -848,8 +882,8 @@ TEST(GgufLlamaCpp, DequantizeBitExact) {
   REQUIRE_LLAMA(ref);
   const std::string dir = temp_dir();
   std::mt19937 rng(11);
-  for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::F16,
-                     GgmlType::BF16}) {
+  for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K,
+                     GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::F16, GgmlType::BF16}) {
     const int64_t n = 256 * 64;
     std::vector<uint8_t> bytes(ggml_row_bytes(t, n));
     for (uint8_t& x : bytes) x = static_cast<uint8_t>(rng());
@@ -864,7 +898,10 @@ TEST(GgufLlamaCpp, DequantizeBitExact) {
       const size_t base = b * ti.block_bytes;
       switch (t) {
         case GgmlType::Q8_0: case GgmlType::Q4_0: finite_h(base); break;
-        case GgmlType::Q4_K: case GgmlType::Q5_K: finite_h(base); finite_h(base + 2); break;
+        case GgmlType::Q4_K: case GgmlType::Q5_K: case GgmlType::Q4_1: case GgmlType::Q5_1:
+          finite_h(base);
+          finite_h(base + 2);
+          break;
         case GgmlType::Q6_K: finite_h(base + 208); break;
         default: finite_h(base); break;
       }
@@ -890,9 +927,9 @@ TEST(GgufLlamaCpp, DequantizeBitExact) {
   std::filesystem::remove_all(dir);
 }
 
-// Our Q8_0 and Q4_0 quantisation equals ggml_quantize_chunk's, byte for byte, including values
-// on rounding boundaries.
-TEST(GgufLlamaCpp, QuantizeQ8_0Q4_0BitExact) {
+// Our quantisation of the 32-value types equals ggml_quantize_chunk's, byte for byte, including
+// values on rounding boundaries.
+TEST(GgufLlamaCpp, QuantizeBlock32TypesBitExact) {
   REQUIRE_LLAMA(ref);
   const std::string dir = temp_dir();
   std::mt19937 rng(5);
@@ -909,7 +946,7 @@ TEST(GgufLlamaCpp, QuantizeQ8_0Q4_0BitExact) {
   std::vector<uint8_t> xb(x.size() * 4);
   std::memcpy(xb.data(), x.data(), xb.size());
   write_bytes(dir + "/x.f32", xb);
-  for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0}) {
+  for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1}) {
     int rc = 0;
     run_ref(*ref, "quant " + std::to_string(static_cast<unsigned>(t)) + " '" + dir + "/x.f32' '" + dir + "/q.bin' " +
                       std::to_string(row),
@@ -1048,6 +1085,74 @@ TEST(GgufLlamaCpp, ReadsLlamaCppQuantizedFiles) {
     const std::vector<RefResult> res = ref_run(*ref, run_files, prompt, 6, dir);
     for (size_t i = 0; i < run_files.size(); ++i) EXPECT_EQ(ours_tokens[i], res[i].tokens) << run_files[i];
     ++fam_i;
+    std::filesystem::remove_all(dir);
+  }
+}
+
+// Rows that are not whole 256-value super-blocks (the fixtures' widths of 64, as Qwen1.5-MoE's
+// 1408 and DeepSeek-V2-Lite's expert widths): llama.cpp's Q4_K_M / Q5_K_M files fall back to
+// Q5_0 / Q5_1 there, and its Q4_1 / Q5_0 / Q5_1 files use those types throughout. We read every
+// such file; where a tensor's type matches ours, the blocks are byte-identical (our rounding is
+// llama.cpp's); our greedy tokens equal its own; our fast path (int8 activations) stays within
+// twice llama.cpp's distance from the exact logits.
+TEST(GgufLlamaCpp, ReadsLlamaCppBlock32Fallbacks) {
+  REQUIRE_LLAMA(ref);
+  const std::vector<int32_t> prompt = {7, 1, 8, 2, 5};
+  const GgufFileType types[] = {GgufFileType::Q4_K_M, GgufFileType::Q5_K_M, GgufFileType::Q4_1, GgufFileType::Q5_0,
+                                GgufFileType::Q5_1};
+  for (const char* fam : kFamilies) {
+    const std::string dir = temp_dir();
+    const std::string src = kFixtures + "/" + fam;
+    GgufWriteOptions opt;
+    opt.type = GgufFileType::F32;
+    write_gguf(src, dir + "/f32.gguf", opt);
+    std::string args = "quantize '" + dir + "/f32.gguf'";
+    std::vector<std::string> files;
+    for (GgufFileType ft : types) {
+      files.push_back(dir + "/llama-" + gguf_file_type_name(ft) + ".gguf");
+      args += " '" + files.back() + "' " + std::to_string(gguf_llama_ftype(ft));
+    }
+    int rc = 0;
+    run_ref(*ref, args, &rc);
+    ASSERT_EQ(rc, 0) << fam;
+    const std::vector<RefResult> theirs = ref_run(*ref, files, prompt, 6, dir);
+    ASSERT_EQ(theirs.size(), files.size());
+    for (size_t i = 0; i < files.size(); ++i) {
+      const std::string what = std::string(fam) + " " + gguf_file_type_name(types[i]);
+      opt.type = types[i];
+      write_gguf(src, dir + "/ours.gguf", opt);
+      auto lf = GgufFile::open(files[i]);
+      auto of = GgufFile::open(dir + "/ours.gguf");
+      int legacy = 0, same = 0;
+      for (const GgufTensorInfo& t : lf->tensors()) {
+        const bool is_legacy = t.type == GgmlType::Q4_1 || t.type == GgmlType::Q5_0 || t.type == GgmlType::Q5_1;
+        legacy += is_legacy;
+        const GgufTensorInfo* o = of->find_tensor(t.name);
+        ASSERT_TRUE(o) << what << " " << t.name;
+        if (is_legacy && o->type == t.type) {
+          ASSERT_EQ(t.nbytes, o->nbytes) << what << " " << t.name;
+          EXPECT_EQ(std::memcmp(lf->data(t), of->data(*o), t.nbytes), 0) << what << " " << t.name;
+          ++same;
+        }
+      }
+      EXPECT_GT(legacy, 0) << what << ": llama.cpp wrote no q4_1/q5_0/q5_1 tensor";
+      EXPECT_GT(same, 0) << what << ": no tensor of a q4_1/q5_0/q5_1 type in both files";
+      // Exact path (dequantized weights): llama.cpp's greedy tokens; fast path: within 2x its error.
+      Model m = model_from_gguf(files[i]);
+      EXPECT_EQ(greedy(m, prompt, 6), theirs[i].tokens) << what;
+      const std::vector<float> exact = logits_of(m, prompt);
+      const double rel = max_rel(theirs[i].logits, exact);
+      GgufLoadOptions keep;
+      keep.keep_quantized = true;
+      GgufModel gq = load_gguf_model(files[i], keep);
+      Model fast_m = Model::from_tensors(gq.config, gq.tensors);
+      const DType w2 = fast_m.weights().layers[0].w2.dtype();
+      EXPECT_TRUE(dtype_is_quant(w2)) << what << ": ffn_down kept as " << dtype_name(w2);
+      const double fast = max_rel(logits_of(fast_m, prompt), exact);
+      std::printf("[ info ] %s: llama.cpp vs exact %.2e, ours fast vs exact %.2e (ffn_down %s)\n", what.c_str(), rel,
+                  fast, dtype_name(w2));
+      EXPECT_LE(fast, 2 * rel) << what;
+    }
     std::filesystem::remove_all(dir);
   }
 }

@@ -44,7 +44,8 @@ using testutil::ids_tensor;
 using testutil::logits_of;
 using testutil::max_rel;
 
-const DType kQuantTypes[] = {DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q5_K, DType::Q6_K};
+const DType kQuantTypes[] = {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0,
+                             DType::Q5_1, DType::Q4_K, DType::Q5_K, DType::Q6_K};
 
 std::vector<cpu::QuantIsa> variants() {
   std::vector<cpu::QuantIsa> v;
@@ -78,6 +79,12 @@ std::vector<uint8_t> random_blocks(DType t, int64_t m, int64_t k, uint32_t seed)
     switch (t) {
       case DType::Q8_0: put_f16(p, sgn * u(rng) / 127.0f); break;
       case DType::Q4_0: put_f16(p, sgn * u(rng) / 8.0f); break;
+      case DType::Q5_0: put_f16(p, sgn * u(rng) / 16.0f); break;
+      case DType::Q4_1:  // the minimum about the value range's size, of either sign
+      case DType::Q5_1:
+        put_f16(p, u(rng) / (t == DType::Q4_1 ? 15.0f : 31.0f));
+        put_f16(p + 2, -sgn * u(rng));
+        break;
       case DType::Q4_K:
       case DType::Q5_K:
         put_f16(p, u(rng) / 63.0f / 15.0f);

@@ -40,9 +40,9 @@ LoadOptions resolve_device_flags(const DeviceFlags& f, DType file_dtype) {
 // --weights: quantize the projection weights at load for CPU inference (LoadOptions::quant_dtype).
 void add_weights_flag(CLI::App* cmd, std::string* w) {
   cmd->add_option("--weights", *w,
-                  "quantize the projection weights at load (CPU inference): none, q8_0, q4_0, q4_k, q5_k or q6_k")
+                  "quantize the projection weights at load (CPU inference): none, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k")
       ->capture_default_str()
-      ->check(CLI::IsMember({"none", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k"}));
+      ->check(CLI::IsMember({"none", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"}));
 }
 
 LoadOptions with_weights_flag(LoadOptions lo, const std::string& w) {

@@ -341,10 +341,10 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--preset", o->preset, "tiny, small, medium or 8x7b")->capture_default_str();
   cmd->add_option("--layers", o->layers, "override the preset's layer count")->check(CLI::Range(1, 1000));
   cmd->add_option("--dtype", o->dtype,
-                  "weight dtype: f32, bf16, or quantized projections (CPU) q8_0, q4_0, q4_k, q5_k, q6_k; "
+                  "weight dtype: f32, bf16, or quantized projections (CPU) q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k; "
                   "MOE_QUANT_ISA=avx2|avx512|avx512vnni forces a kernel variant")
       ->capture_default_str()
-      ->check(CLI::IsMember({"f32", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k"}));
+      ->check(CLI::IsMember({"f32", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"}));
   cmd->add_option("--device", o->device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--model", o->model,
                   "benchmark this model directory or .gguf file (its weights as stored) instead of a random "

@@ -82,7 +82,7 @@ void add_perplexity_command(CLI::App& app) {
   add_weights_flag(cmd, &o->weights);
   cmd->add_option("--base-weights", o->base_weights, "--weights for the base model")
       ->capture_default_str()
-      ->check(CLI::IsMember({"none", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k"}));
+      ->check(CLI::IsMember({"none", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"}));
   cmd->add_flag("--json", o->json, "also print one JSON line with the results");
   cmd->callback([o]() {
     // The tokenizer: --tokenizer, else the model's (a .gguf's own), else a base directory's.

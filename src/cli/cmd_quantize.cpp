@@ -1,6 +1,6 @@
 // cmd_quantize.cpp — `moe quantize MODEL_DIR --type T --out FILE.gguf`: a HF model directory
 // (config.json + safetensors) to a GGUF file llama.cpp loads, as f32/f16/bf16 or quantised
-// (q8_0, q4_0, q4_k_m, q5_k_m, q6_k; see io/gguf_model.h for the per-tensor mix); with --type nf4,
+// (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_m, q5_k_m, q6_k; see io/gguf_model.h for the per-tensor mix); with --type nf4,
 // to a bitsandbytes 4-bit model directory instead (io/bnb_checkpoint.h). Progress goes
 // to stderr, one line per tensor; the summary (tensors per type, bytes, time) to stdout. The
 // directory's tokenizer and chat template go into the file too (tokenizer/gguf_vocab.h).
@@ -29,7 +29,7 @@ void add_quantize_command(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("quantize", "Write a HF model directory as a GGUF file (llama.cpp's format), optionally quantised");
   cmd->add_option("model", o->dir, "model directory (config.json + safetensors)")->required();
-  cmd->add_option("--type", o->type, "f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k (GGUF), or nf4 (a bitsandbytes 4-bit "
+  cmd->add_option("--type", o->type, "f32|f16|bf16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k_m|q5_k_m|q6_k (GGUF), or nf4 (a bitsandbytes 4-bit "
                   "model directory, as transformers saves load_in_4bit models)")->capture_default_str();
   cmd->add_option("--out", o->out, "output .gguf file (nf4: a new directory)")->required();
   cmd->add_option("--name", o->name, "general.name (default: the directory's name)");
@@ -56,7 +56,7 @@ void add_quantize_command(CLI::App& app) {
     }
     GgufWriteOptions opt;
     MOE_CHECK(gguf_file_type_from_name(o->type, &opt.type),
-              "--type '%s' is not one of f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k, nf4", o->type.c_str());
+              "--type '%s' is not one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_m, q5_k_m, q6_k, nf4", o->type.c_str());
     opt.name = o->name;
     // The directory's tokenizer goes into the file (llama.cpp's tokenizer.ggml.* keys) when it
     // can be written so that llama.cpp tokenizes as the engine does; else the file says "none".

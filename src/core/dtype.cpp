@@ -12,7 +12,8 @@
 namespace moe {
 
 bool dtype_is_quant(DType t) {
-  return t == DType::Q8_0 || t == DType::Q4_0 || t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K;
+  return t == DType::Q8_0 || t == DType::Q4_0 || t == DType::Q4_1 || t == DType::Q5_0 || t == DType::Q5_1 ||
+         t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K;
 }
 
 bool dtype_is_block(DType t) { return dtype_is_quant(t) || t == DType::NF4; }
@@ -35,7 +36,8 @@ bool dtype_from_quant_name(const std::string& s, DType* out) {
   std::string l = s;
   for (char& c : l) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   static const struct { const char* n; DType t; } k[] = {
-      {"q8_0", DType::Q8_0}, {"q4_0", DType::Q4_0}, {"q4_k", DType::Q4_K}, {"q5_k", DType::Q5_K}, {"q6_k", DType::Q6_K},
+      {"q8_0", DType::Q8_0}, {"q4_0", DType::Q4_0}, {"q4_1", DType::Q4_1}, {"q5_0", DType::Q5_0},
+      {"q5_1", DType::Q5_1}, {"q4_k", DType::Q4_K}, {"q5_k", DType::Q5_K}, {"q6_k", DType::Q6_K},
       {"nf4", DType::NF4}};
   for (auto& e : k)
     if (l == e.n) { *out = e.t; return true; }
@@ -56,6 +58,9 @@ size_t dtype_size(DType t) {
     case DType::Q4_K:
     case DType::Q5_K:
     case DType::Q6_K:
+    case DType::Q4_1:
+    case DType::Q5_0:
+    case DType::Q5_1:
     case DType::NF4: break;
   }
   MOE_FAIL("dtype_size: %s is a block type without a per-element size (this is a bug: use dtype_nbytes)",
@@ -76,6 +81,9 @@ const char* dtype_name(DType t) {
     case DType::Q4_K: return "q4_k";
     case DType::Q5_K: return "q5_k";
     case DType::Q6_K: return "q6_k";
+    case DType::Q4_1: return "q4_1";
+    case DType::Q5_0: return "q5_0";
+    case DType::Q5_1: return "q5_1";
     case DType::NF4: return "nf4";
   }
   return "?";
@@ -224,7 +232,10 @@ void convert_to_f32(float* dst, const void* src, DType from, size_t n) {
     case DType::Q4_0:
     case DType::Q4_K:
     case DType::Q5_K:
-    case DType::Q6_K: dequant_blocks(dst, src, from, n); return;
+    case DType::Q6_K:
+    case DType::Q4_1:
+    case DType::Q5_0:
+    case DType::Q5_1: dequant_blocks(dst, src, from, n); return;
     case DType::NF4: {
       const int64_t nb = whole_blocks(from, n);
       const auto* s = static_cast<const uint8_t*>(src);
@@ -259,7 +270,10 @@ void convert_from_f32(void* dst, const float* src, DType to, size_t n) {
     case DType::Q4_0:
     case DType::Q4_K:
     case DType::Q5_K:
-    case DType::Q6_K: quant_blocks(dst, src, to, n); return;
+    case DType::Q6_K:
+    case DType::Q4_1:
+    case DType::Q5_0:
+    case DType::Q5_1: quant_blocks(dst, src, to, n); return;
     case DType::NF4: nf4_quantize(src, static_cast<uint8_t*>(dst), static_cast<int64_t>(n)); return;
     default: MOE_FAIL("convert_from_f32: cannot convert to %s", dtype_name(to));
   }

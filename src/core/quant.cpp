@@ -25,9 +25,9 @@ const TypeRow kTypes[] = {
     {GgmlType::F32, {"f32", 1, 4, true, true}},
     {GgmlType::F16, {"f16", 1, 2, true, true}},
     {GgmlType::Q4_0, {"q4_0", 32, 18, true, true}},
-    {GgmlType::Q4_1, {"q4_1", 32, 20, false, false}},
-    {GgmlType::Q5_0, {"q5_0", 32, 22, false, false}},
-    {GgmlType::Q5_1, {"q5_1", 32, 24, false, false}},
+    {GgmlType::Q4_1, {"q4_1", 32, 20, true, true}},
+    {GgmlType::Q5_0, {"q5_0", 32, 22, true, true}},
+    {GgmlType::Q5_1, {"q5_1", 32, 24, true, true}},
     {GgmlType::Q8_0, {"q8_0", 32, 34, true, true}},
     {GgmlType::Q8_1, {"q8_1", 32, 36, false, false}},
     {GgmlType::Q2_K, {"q2_K", 256, 84, false, false}},
@@ -101,6 +101,50 @@ void dequant_q4_0(const uint8_t* src, float* y, int64_t nb) {
       y[i * 32 + j] = x0 * d;
       y[i * 32 + j + 16] = x1 * d;
     }
+  }
+}
+
+void dequant_q4_1(const uint8_t* src, float* y, int64_t nb) {
+  for (int64_t i = 0; i < nb; ++i) {
+    BlockQ4_1 b;
+    std::memcpy(&b, src + i * sizeof(BlockQ4_1), sizeof b);
+    const float d = h2f(b.d), m = h2f(b.m);
+    for (int j = 0; j < 16; ++j) {
+      y[i * 32 + j] = (b.qs[j] & 0x0F) * d + m;
+      y[i * 32 + j + 16] = (b.qs[j] >> 4) * d + m;
+    }
+  }
+}
+
+// The 5-bit values of a Q5_0/Q5_1 block: low nibbles from qs, bit 4 of value j from bit j of qh.
+inline void q5_values(const uint8_t qs[16], const uint8_t qh_bytes[4], int q[32]) {
+  uint32_t qh;
+  std::memcpy(&qh, qh_bytes, 4);
+  for (int j = 0; j < 16; ++j) {
+    q[j] = (qs[j] & 0x0F) | static_cast<int>(((qh >> j) & 1u) << 4);
+    q[j + 16] = (qs[j] >> 4) | static_cast<int>(((qh >> (j + 16)) & 1u) << 4);
+  }
+}
+
+void dequant_q5_0(const uint8_t* src, float* y, int64_t nb) {
+  for (int64_t i = 0; i < nb; ++i) {
+    BlockQ5_0 b;
+    std::memcpy(&b, src + i * sizeof(BlockQ5_0), sizeof b);
+    const float d = h2f(b.d);
+    int q[32];
+    q5_values(b.qs, b.qh, q);
+    for (int j = 0; j < 32; ++j) y[i * 32 + j] = (q[j] - 16) * d;
+  }
+}
+
+void dequant_q5_1(const uint8_t* src, float* y, int64_t nb) {
+  for (int64_t i = 0; i < nb; ++i) {
+    BlockQ5_1 b;
+    std::memcpy(&b, src + i * sizeof(BlockQ5_1), sizeof b);
+    const float d = h2f(b.d), m = h2f(b.m);
+    int q[32];
+    q5_values(b.qs, b.qh, q);
+    for (int j = 0; j < 32; ++j) y[i * 32 + j] = q[j] * d + m;
   }
 }
 
@@ -219,6 +263,74 @@ void quant_q4_0(const float* x, uint8_t* dst, int64_t nb) {
       const uint8_t xi1 = static_cast<uint8_t>(std::min<int>(15, static_cast<int8_t>(x1 + 8.5f)));
       b.qs[j] = static_cast<uint8_t>(xi0 | (xi1 << 4));
     }
+    std::memcpy(dst + i * sizeof b, &b, sizeof b);
+  }
+}
+
+// llama.cpp quantize_row_q4_1_ref / q5_1_ref: d = (max - min) / (2^bits - 1), m = min, and
+// q = min(2^bits - 1, trunc((x - min)/d + 0.5)) (q5_1: the 5-bit value as computed, no clamp).
+void quant_min_scaled(const float* x, uint8_t* dst, int64_t nb, bool five) {
+  const int top = five ? 31 : 15;
+  for (int64_t i = 0; i < nb; ++i) {
+    const float* v = x + i * 32;
+    float mn = v[0], mx = v[0];
+    for (int j = 1; j < 32; ++j) mn = std::min(mn, v[j]), mx = std::max(mx, v[j]);
+    const float d = (mx - mn) / top;
+    const float id = d ? 1.0f / d : 0.0f;
+    uint8_t qs[16];
+    uint32_t qh = 0;
+    for (int j = 0; j < 16; ++j) {
+      const float x0 = (v[j] - mn) * id, x1 = (v[16 + j] - mn) * id;
+      int q0, q1;
+      if (five) {
+        q0 = static_cast<uint8_t>(x0 + 0.5f), q1 = static_cast<uint8_t>(x1 + 0.5f);
+      } else {
+        q0 = std::min<int>(15, static_cast<int8_t>(x0 + 0.5f)), q1 = std::min<int>(15, static_cast<int8_t>(x1 + 0.5f));
+      }
+      qs[j] = static_cast<uint8_t>((q0 & 0x0F) | ((q1 & 0x0F) << 4));
+      qh |= static_cast<uint32_t>((q0 & 0x10) >> 4) << j;
+      qh |= static_cast<uint32_t>((q1 & 0x10) >> 4) << (j + 16);
+    }
+    if (five) {
+      BlockQ5_1 b;
+      b.d = f32_to_f16(d), b.m = f32_to_f16(mn);
+      std::memcpy(b.qh, &qh, 4);
+      std::memcpy(b.qs, qs, 16);
+      std::memcpy(dst + i * sizeof b, &b, sizeof b);
+    } else {
+      BlockQ4_1 b;
+      b.d = f32_to_f16(d), b.m = f32_to_f16(mn);
+      std::memcpy(b.qs, qs, 16);
+      std::memcpy(dst + i * sizeof b, &b, sizeof b);
+    }
+  }
+}
+
+// llama.cpp quantize_row_q5_0_ref: as Q4_0 with 5 bits, d = (the value of largest magnitude) / -16,
+// q = min(31, trunc(x/d + 16.5)).
+void quant_q5_0(const float* x, uint8_t* dst, int64_t nb) {
+  for (int64_t i = 0; i < nb; ++i) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 32; ++j) {
+      const float v = x[i * 32 + j];
+      if (amax < std::fabs(v)) {
+        amax = std::fabs(v);
+        max = v;
+      }
+    }
+    const float d = max / -16;
+    const float id = d ? 1.0f / d : 0.0f;
+    BlockQ5_0 b;
+    b.d = f32_to_f16(d);
+    uint32_t qh = 0;
+    for (int j = 0; j < 16; ++j) {
+      const int q0 = std::min<int>(31, static_cast<int8_t>(x[i * 32 + j] * id + 16.5f));
+      const int q1 = std::min<int>(31, static_cast<int8_t>(x[i * 32 + 16 + j] * id + 16.5f));
+      b.qs[j] = static_cast<uint8_t>((q0 & 0x0F) | ((q1 & 0x0F) << 4));
+      qh |= static_cast<uint32_t>((q0 & 0x10) >> 4) << j;
+      qh |= static_cast<uint32_t>((q1 & 0x10) >> 4) << (j + 16);
+    }
+    std::memcpy(b.qh, &qh, 4);
     std::memcpy(dst + i * sizeof b, &b, sizeof b);
   }
 }
@@ -443,6 +555,9 @@ GgmlType dtype_ggml_type(DType t) {
   switch (t) {
     case DType::Q8_0: return GgmlType::Q8_0;
     case DType::Q4_0: return GgmlType::Q4_0;
+    case DType::Q4_1: return GgmlType::Q4_1;
+    case DType::Q5_0: return GgmlType::Q5_0;
+    case DType::Q5_1: return GgmlType::Q5_1;
     case DType::Q4_K: return GgmlType::Q4_K;
     case DType::Q5_K: return GgmlType::Q5_K;
     case DType::Q6_K: return GgmlType::Q6_K;
@@ -455,6 +570,9 @@ bool dtype_from_ggml_type(GgmlType g, DType* out) {
   switch (g) {
     case GgmlType::Q8_0: *out = DType::Q8_0; return true;
     case GgmlType::Q4_0: *out = DType::Q4_0; return true;
+    case GgmlType::Q4_1: *out = DType::Q4_1; return true;
+    case GgmlType::Q5_0: *out = DType::Q5_0; return true;
+    case GgmlType::Q5_1: *out = DType::Q5_1; return true;
     case GgmlType::Q4_K: *out = DType::Q4_K; return true;
     case GgmlType::Q5_K: *out = DType::Q5_K; return true;
     case GgmlType::Q6_K: *out = DType::Q6_K; return true;
@@ -487,12 +605,15 @@ void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n) {
       return;
     case GgmlType::Q8_0: dequant_q8_0(s, dst, nb); return;
     case GgmlType::Q4_0: dequant_q4_0(s, dst, nb); return;
+    case GgmlType::Q4_1: dequant_q4_1(s, dst, nb); return;
+    case GgmlType::Q5_0: dequant_q5_0(s, dst, nb); return;
+    case GgmlType::Q5_1: dequant_q5_1(s, dst, nb); return;
     case GgmlType::Q4_K: dequant_q4_k(s, dst, nb); return;
     case GgmlType::Q5_K: dequant_q5_k(s, dst, nb); return;
     case GgmlType::Q6_K: dequant_q6_k(s, dst, nb); return;
     default: break;
   }
-  MOE_FAIL("cannot dequantize ggml type %s (supported: f32 f16 bf16 q8_0 q4_0 q4_K q5_K q6_K)", ggml_type_name(type));
+  MOE_FAIL("cannot dequantize ggml type %s (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_K q5_K q6_K)", ggml_type_name(type));
 }
 
 void quantize_row(GgmlType type, const float* src, void* dst, int64_t n) {
@@ -521,12 +642,15 @@ void quantize_row(GgmlType type, const float* src, void* dst, int64_t n) {
       return;
     case GgmlType::Q8_0: quant_q8_0(src, d, nb); return;
     case GgmlType::Q4_0: quant_q4_0(src, d, nb); return;
+    case GgmlType::Q4_1: quant_min_scaled(src, d, nb, false); return;
+    case GgmlType::Q5_0: quant_q5_0(src, d, nb); return;
+    case GgmlType::Q5_1: quant_min_scaled(src, d, nb, true); return;
     case GgmlType::Q4_K: quant_q4_k(src, d, nb); return;
     case GgmlType::Q5_K: quant_q5_k(src, d, nb); return;
     case GgmlType::Q6_K: quant_q6_k(src, d, nb); return;
     default: break;
   }
-  MOE_FAIL("cannot quantize to ggml type %s (supported: f32 f16 bf16 q8_0 q4_0 q4_K q5_K q6_K)", ggml_type_name(type));
+  MOE_FAIL("cannot quantize to ggml type %s (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_K q5_K q6_K)", ggml_type_name(type));
 }
 
 }  // namespace moe

@@ -5,7 +5,8 @@
 // half-precision scale is IEEE f16, stored little-endian. Dequantisation follows the format
 // definitions exactly (f32 arithmetic in the same order as llama.cpp's reference code, so the
 // results are bit-identical). Quantisation:
-//   Q8_0, Q4_0         reproduce llama.cpp's reference rounding (quantize_row_*_ref) exactly;
+//   Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
+//                      reproduce llama.cpp's reference rounding (quantize_row_*_ref) exactly;
 //   Q4_K, Q5_K, Q6_K   our own quantisers: per-sub-block scale/min search, then the 6-/8-bit
 //                      sub-block scales quantised against the f16 super-block scale, and the
 //                      values rounded against the scales as they will be decoded.
@@ -44,6 +45,28 @@ struct BlockQ4_0 {
   uint16_t d;
   uint8_t qs[16];
 };
+// Q4_1: 32 values, x = d * q + m, q in 0..15, nibbles as Q4_0.
+struct BlockQ4_1 {
+  uint16_t d;
+  uint16_t m;
+  uint8_t qs[16];
+};
+// Q5_0: 32 values, x = d * (q - 16), q in 0..31: the low 4 bits as Q4_0, bit 4 of value j in
+// bit j of qh (a little-endian uint32).
+struct BlockQ5_0 {
+  uint16_t d;
+  uint8_t qh[4];
+  uint8_t qs[16];
+};
+// Q5_1: 32 values, x = d * q + m, q in 0..31 as Q5_0.
+struct BlockQ5_1 {
+  uint16_t d;
+  uint16_t m;
+  uint8_t qh[4];
+  uint8_t qs[16];
+};
+// (llama.cpp writes Q5_0 / Q5_1 / Q8_0 for the rows of a Q4_K / Q5_K / Q6_K file that are not
+// whole 256-value super-blocks, and Q4_1 / Q5_0 / Q5_1 files exist in their own right.)
 // Q4_K: 256 values in 8 sub-blocks of 32, x = d*sc[s]*q - dmin*m[s], q in 0..15; the 6-bit
 // sc/m of the 8 sub-blocks are packed into 12 bytes (see get_scale_min_k4 in quant.cpp).
 struct BlockQ4_K {
@@ -68,7 +91,8 @@ struct BlockQ6_K {
   int8_t scales[16];
   uint16_t d;
 };
-static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_K) == 144 &&
+static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 &&
+                  sizeof(BlockQ5_0) == 22 && sizeof(BlockQ5_1) == 24 && sizeof(BlockQ4_K) == 144 &&
                   sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210,
               "block layouts must match ggml-common.h");
 
@@ -97,7 +121,7 @@ bool dtype_from_ggml_type(GgmlType g, DType* out);  // false for ggml types with
 // alignment. Throws moe::Error for a type that cannot be dequantised.
 void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n);
 // Encodes n values (a multiple of the block size) into `type` at dst (no alignment needed).
-// Supported: F32 F16 BF16 Q8_0 Q4_0 Q4_K Q5_K Q6_K. Throws moe::Error otherwise.
+// Supported: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q4_K Q5_K Q6_K. Throws moe::Error otherwise.
 void quantize_row(GgmlType type, const float* src, void* dst, int64_t n);
 
 }  // namespace moe

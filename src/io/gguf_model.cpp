@@ -293,7 +293,8 @@ bool gguf_file_type_from_name(const std::string& s, GgufFileType* out) {
   static const std::pair<const char*, GgufFileType> names[] = {
       {"f32", GgufFileType::F32},   {"f16", GgufFileType::F16},       {"bf16", GgufFileType::BF16},
       {"q8_0", GgufFileType::Q8_0}, {"q4_0", GgufFileType::Q4_0},     {"q4_k_m", GgufFileType::Q4_K_M},
-      {"q5_k_m", GgufFileType::Q5_K_M}, {"q6_k", GgufFileType::Q6_K},
+      {"q5_k_m", GgufFileType::Q5_K_M}, {"q6_k", GgufFileType::Q6_K}, {"q4_1", GgufFileType::Q4_1},
+      {"q5_0", GgufFileType::Q5_0},     {"q5_1", GgufFileType::Q5_1},
   };
   std::string lower = s;
   for (char& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
@@ -316,6 +317,9 @@ const char* gguf_file_type_name(GgufFileType t) {
     case GgufFileType::Q4_K_M: return "q4_k_m";
     case GgufFileType::Q5_K_M: return "q5_k_m";
     case GgufFileType::Q6_K: return "q6_k";
+    case GgufFileType::Q4_1: return "q4_1";
+    case GgufFileType::Q5_0: return "q5_0";
+    case GgufFileType::Q5_1: return "q5_1";
   }
   return "?";
 }
@@ -330,6 +334,9 @@ uint32_t gguf_llama_ftype(GgufFileType t) {
     case GgufFileType::Q4_K_M: return 15;
     case GgufFileType::Q5_K_M: return 17;
     case GgufFileType::Q6_K: return 18;
+    case GgufFileType::Q4_1: return 3;
+    case GgufFileType::Q5_0: return 8;
+    case GgufFileType::Q5_1: return 9;
   }
   return 0;
 }
@@ -350,15 +357,20 @@ GgmlType gguf_tensor_type(GgufFileType t, const std::string& name, const std::ve
     case GgufFileType::BF16: return GgmlType::BF16;
     case GgufFileType::Q8_0: want = GgmlType::Q8_0; break;
     case GgufFileType::Q4_0: want = is_output ? GgmlType::Q6_K : GgmlType::Q4_0; break;
+    case GgufFileType::Q4_1: want = is_output ? GgmlType::Q6_K : GgmlType::Q4_1; break;
+    case GgufFileType::Q5_0: want = is_output ? GgmlType::Q6_K : GgmlType::Q5_0; break;
+    case GgufFileType::Q5_1: want = is_output ? GgmlType::Q6_K : GgmlType::Q5_1; break;
     case GgufFileType::Q4_K_M: want = is_output || bump ? GgmlType::Q6_K : GgmlType::Q4_K; break;
     case GgufFileType::Q5_K_M: want = is_output || bump ? GgmlType::Q6_K : GgmlType::Q5_K; break;
     case GgufFileType::Q6_K: want = GgmlType::Q6_K; break;
   }
-  // Rows that are not a whole number of blocks fall back to a finer block, then to f16.
+  // Rows that are not a whole number of blocks fall back to a 32-value block as llama.cpp's
+  // quantizer does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), then to f16.
   if (ne[0] % ggml_type_info(want).block_elems == 0) return want;
-  if (want == GgmlType::Q6_K && ne[0] % kQK8_0 == 0 && t == GgufFileType::Q4_0) return GgmlType::Q8_0;
-  if (ne[0] % kQK8_0 == 0) return GgmlType::Q8_0;
-  return GgmlType::F16;
+  if (ne[0] % kQK8_0 != 0) return GgmlType::F16;
+  if (want == GgmlType::Q4_K) return GgmlType::Q5_0;
+  if (want == GgmlType::Q5_K) return GgmlType::Q5_1;
+  return GgmlType::Q8_0;
 }
 
 void write_gguf(const std::string& model_dir, const std::string& out_path, const GgufWriteOptions& opt) {

@@ -61,8 +61,9 @@ ModelConfig load_gguf_config(const std::string& path);
 
 // What `moe quantize --type` accepts: the file type decides each tensor's type as llama.cpp's
 // mixes do (1-D tensors and routers stay f32; *_k_m give output, and attn_v / ffn_down on a
-// subset of layers, q6_K).
-enum class GgufFileType { F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K };
+// subset of layers, q6_K; rows that are not whole 256-value super-blocks take q5_0 for q4_K,
+// q5_1 for q5_K and q8_0 for q6_K, as llama.cpp's quantizer falls back).
+enum class GgufFileType { F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q4_1, Q5_0, Q5_1 };
 bool gguf_file_type_from_name(const std::string& s, GgufFileType* out);  // "q4_k_m", ...
 const char* gguf_file_type_name(GgufFileType t);
 uint32_t gguf_llama_ftype(GgufFileType t);  // LLAMA_FTYPE_* value for general.file_type

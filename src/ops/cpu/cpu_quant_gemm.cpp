@@ -144,7 +144,7 @@ std::atomic<bool> g_exact{false};
 void set_quant_exact(bool exact) { g_exact.store(exact); }
 bool quant_exact() { return g_exact.load(); }
 
-int64_t quant_act_block(DType wdt) { return wdt == DType::Q8_0 || wdt == DType::Q4_0 ? 32 : 256; }
+int64_t quant_act_block(DType wdt) { return dtype_block_elems(wdt) == 32 ? 32 : 256; }
 
 void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
                     int64_t k, bool accumulate) {
@@ -158,13 +158,13 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   const size_t x_bytes = blk == 32 ? 0 : static_cast<size_t>(n * (k / 16 + k / 32)) * 2;
   // Enough rows: the packed tiles (cpu_quant_packed.h), one repacked 8-row tile per thread;
   // the threads are this call's own (one when called inside another parallel region).
-  const bool packed = n >= kPackedMinRows;
+  const bool packed = n >= kPackedMinRows && !quant_is_legacy(wdt);
   const QuantPackedLayout pl = quant_packed_layout(wdt);
   const size_t pack_stride = packed ? align64(static_cast<size_t>(k / pl.sb_values * pl.sb_bytes)) : 0;
   const size_t pack_bytes = pack_stride * static_cast<size_t>(omp_in_parallel() ? 1 : omp_get_max_threads());
   const bool pairs = wdt == DType::Q4_0 && !packed;  // QActs::d4 / s4 and the pair-regrouped qs
   const size_t p_bytes = pairs ? static_cast<size_t>(n * nbk) * 16 : 0;
-  const size_t s_bytes = wdt == DType::Q4_0 && packed ? align64(static_cast<size_t>(n * nbk) * 4) : 0;
+  const size_t s_bytes = (wdt == DType::Q4_0 && packed) || quant_is_legacy(wdt) ? align64(static_cast<size_t>(n * nbk) * 4) : 0;
   Tensor ws = Tensor::empty(
       {static_cast<int64_t>(align64(q_bytes) + align64(d_bytes) + align64(x_bytes) + 2 * p_bytes + s_bytes + pack_bytes)},
       DType::U8, MemCategory::Workspace);

@@ -1,8 +1,8 @@
 // cpu_quant_gemm.h — y = x·Wᵀ on the CPU for quantized weights (the block dtypes of core/dtype.h:
-// q8_0 q4_0 q4_k q5_k q6_k), f32 activations and output. Inference only.
+// q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q5_k q6_k), f32 activations and output. Inference only.
 //
 // The fast path, as llama.cpp's: each activation row is rounded to int8 in blocks — 32 values
-// per f32 scale for q8_0/q4_0 weights (llama.cpp's q8_0 activations), 256 per scale with
+// per f32 scale for the 32-value formats (llama.cpp's q8_0 activations), 256 per scale with
 // per-16 sums for the K-quants (its q8_K) — with d = amax/127 and q = round-half-even(x/d)
 // (computed as x * (1/d)); then every weight block is dotted with the activation block in
 // integers (u8 x s8 multiply-adds) and scaled once per block in f32. The only error beyond
@@ -24,6 +24,8 @@
 //   n = 2-7         tiles of 2 weight rows against 1-4 activation rows at a time, so each weight
 //                   block is unpacked once for them, prefetched one tile ahead;
 //   n >= 8          (prefill) packed 8-row tiles (cpu_quant_packed.h).
+// q4_1 / q5_0 / q5_1 (llama.cpp's fallback for rows that are not whole K-quant super-blocks)
+// take the general tiles on every path: 4 decode streams of one row, and 2 rows otherwise.
 // On the first two, q4_0 takes two blocks per 256-bit vector against activations regrouped per
 // block pair (QActs::d4/s4 in cpu_quant_impl.h).
 #pragma once

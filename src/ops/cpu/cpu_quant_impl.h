@@ -23,9 +23,15 @@ struct QActs {
   // each (one 128-bit lane per block of a pair):
   const float* d4 = nullptr;    // [n, k/32, 4] d
   const int32_t* s4 = nullptr;  // [n, k/32, 4] 2·Σq (four lanes add up to the 8·Σq of the -8 offset)
-  // q4_0 weights on the packed path (cpu_quant_packed.h), whose qs stay in order:
+  // q4_0 weights on the packed path (cpu_quant_packed.h), whose qs stay in order, and the
+  // q4_1 / q5_0 / q5_1 weights (quant_is_legacy):
   const int32_t* sum32 = nullptr;  // [n, k/32] Σq of each block
 };
+
+// q4_1 / q5_0 / q5_1: 32-value blocks with a minimum or a fixed offset, whose kernels need Σq of
+// each activation block (QActs::sum32); they have no packed prefill layout (the tiles of
+// run_fmt serve every n) and no decode kernel of their own.
+constexpr bool quant_is_legacy(DType t) { return t == DType::Q4_1 || t == DType::Q5_0 || t == DType::Q5_1; }
 
 // The packed prefill path (cpu_quant_packed.h) is taken from this many activation rows on:
 // below it the repack would cost more than it saves.

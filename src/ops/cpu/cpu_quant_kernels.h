@@ -11,6 +11,7 @@
 // Per format, a tile function dots RW weight rows with RX activation rows over all blocks:
 //   q8_0  x·w = dw·da·Σ w_q·a_q           (signed x signed: the sign trick)
 //   q4_0  x·w = dw·da·Σ (q-8)·a_q = dw·(da·Σ q·a_q − 8·da·Σ a_q)
+//   q4_1, q5_1  x·w = dw·da·Σ q·a_q + mw·da·Σ a_q;   q5_0  x·w = dw·da·(Σ q·a_q − 16·Σ a_q)
 //   q4_k  per 256: d·da·Σ_s sc_s Σ q·a_q − dmin·da·Σ_s m_s Σ a_q   (sub-blocks of 32)
 //   q5_k  as q4_k with the fifth bit from qh
 //   q6_k  per 256: d·da·(Σ_s sc_s Σ q·a_q − 32·Σ_s sc_s Σ a_q)   (sub-blocks of 16)
@@ -337,6 +338,63 @@ void tile_q4_0_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float*
   if (b < nb)  // odd block count: the last block alone, as in tile_q4_0
     for (int r = 0; r < RW; ++r)
       res[r] += hsum_ps(q4_0_last_block(wr[r] + b * 18, a.qs + b * 32, a.d[b], a.s4[b * 4], _mm256_setzero_ps()));
+}
+
+// ---- q4_1, q5_0, q5_1: 32-value blocks {f16 d; [f16 m]; [u8 qh[4]]; u8 qs[16]} -------------
+// The nibbles as q4_0's (value j low nibble of byte j, value j+16 the high one); the fifth bit
+// of value j is bit j of qh. Unsigned q (<= 31) against the int8 activations; per block the
+// minimum (q4_1, q5_1) or the -16 offset (q5_0) enters through Σa_q (QActs::sum32).
+template <DType WT>
+struct LegacyBlock {
+  static constexpr int64_t kBytes = WT == DType::Q4_1 ? 20 : WT == DType::Q5_0 ? 22 : 24;
+  static constexpr bool kMin = WT != DType::Q5_0, kFifth = WT != DType::Q4_1;
+  static constexpr int64_t kQh = WT == DType::Q5_0 ? 2 : 4, kQs = kBytes - 16;
+};
+
+// Byte j (0..31) = 0x10 where bit j of the 32 bits at qh is set.
+struct QhTable {
+  alignas(32) uint8_t spread[32], bit[32];
+  constexpr QhTable() : spread(), bit() {
+    for (int j = 0; j < 32; ++j) spread[j] = static_cast<uint8_t>(j / 8), bit[j] = static_cast<uint8_t>(1 << (j % 8));
+  }
+};
+inline constexpr QhTable kQh{};
+inline __m256i fifth_bits(const uint8_t* qh) {
+  int32_t h;
+  std::memcpy(&h, qh, 4);
+  const __m256i bit = load256(kQh.bit);
+  const __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(h), load256(kQh.spread)), bit);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(b, bit), _mm256_set1_epi8(0x10));
+}
+
+template <DType WT, int RW, int RX>
+void tile_legacy(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, float* res, int64_t ahead) {
+  using F = LegacyBlock<WT>;
+  ARows<RX> ar(a, x0);
+  const int32_t* s32[RX];
+  for (int i = 0; i < RX; ++i) s32[i] = a.sum32 + (x0 + i) * nb;
+  __m256 acc[RW][RX];
+  float macc[RW][RX] = {};
+  for (int r = 0; r < RW; ++r)
+    for (int i = 0; i < RX; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int r = 0; r < RW; ++r) {
+      const uint8_t* p = wr[r] + b * F::kBytes;
+      prefetch_ahead(p, ahead, 1);
+      const float dw = h2f(p);
+      __m256i wq = unpack_q4_0(p + F::kQs);
+      if constexpr (F::kFifth) wq = _mm256_or_si256(wq, fifth_bits(p + F::kQh));
+      for (int i = 0; i < RX; ++i) {
+        __m256i dot = dot_us(_mm256_setzero_si256(), wq, load256(ar.q[i] + b * 32));
+        const float da = ar.d[i][b];
+        if constexpr (WT == DType::Q5_0) dot = _mm256_sub_epi32(dot, _mm256_setr_epi32(16 * s32[i][b], 0, 0, 0, 0, 0, 0, 0));
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * da), acc[r][i]);
+        if constexpr (F::kMin) macc[r][i] += h2f(p + 2) * (da * static_cast<float>(s32[i][b]));
+      }
+    }
+  }
+  for (int r = 0; r < RW; ++r)
+    for (int i = 0; i < RX; ++i) res[r * RX + i] = hsum_ps(acc[r][i]) + macc[r][i];
 }
 
 // Software prefetch distance of the decode kernels (run_decode): within each row.
@@ -692,7 +750,8 @@ inline void tile(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t n
   else if constexpr (WT == DType::Q4_0) tile_q4_0<RW, RX>(wr, a, x0, nb, res, ahead);
   else if constexpr (WT == DType::Q4_K) tile_qk45<false, RW, RX>(wr, a, x0, nb, res, ahead);
   else if constexpr (WT == DType::Q5_K) tile_qk45<true, RW, RX>(wr, a, x0, nb, res, ahead);
-  else tile_q6_k<RW, RX>(wr, a, x0, nb, res, ahead);
+  else if constexpr (WT == DType::Q6_K) tile_q6_k<RW, RX>(wr, a, x0, nb, res, ahead);
+  else tile_legacy<WT, RW, RX>(wr, a, x0, nb, res, ahead);
 }
 
 // Activation rows are taken in chunks of kXChunk (their int8 copy stays in L2 while the weight
@@ -790,7 +849,8 @@ void run_decode(const QuantJob& jb) {
 template <DType WT>
 void run_type(const QuantJob& jb) {
   if (jb.a->n == 1) return run_decode<WT, kDecodeStreams>(jb);
-  if (jb.pack) return run_packed<WT>(jb);
+  if constexpr (!quant_is_legacy(WT))
+    if (jb.pack) return run_packed<WT>(jb);
   // 2-7 activation rows: 2 weight rows per tile, as the RX = 4 activation rows already give
   // 8 independent chains.
   run_fmt<WT, 2>(jb);
@@ -803,6 +863,9 @@ void run(const QuantJob& jb) {
     case DType::Q4_K: run_type<DType::Q4_K>(jb); return;
     case DType::Q5_K: run_type<DType::Q5_K>(jb); return;
     case DType::Q6_K: run_type<DType::Q6_K>(jb); return;
+    case DType::Q4_1: run_type<DType::Q4_1>(jb); return;
+    case DType::Q5_0: run_type<DType::Q5_0>(jb); return;
+    case DType::Q5_1: run_type<DType::Q5_1>(jb); return;
     default: MOE_FAIL("quantized gemm: %s is not a quantized weight dtype (this is a bug)", dtype_name(jb.wdt));
   }
 }

@@ -10,7 +10,7 @@ namespace moe {
 namespace ref {
 namespace {
 
-int64_t act_block(DType wdt) { return wdt == DType::Q8_0 || wdt == DType::Q4_0 ? 32 : 256; }
+int64_t act_block(DType wdt) { return dtype_block_elems(wdt) == 32 ? 32 : 256; }
 
 // The m rows of w dequantized (f32, as the format defines them), widened to double.
 std::vector<double> dequant_rows(const void* w, DType wdt, int64_t m, int64_t k) {
