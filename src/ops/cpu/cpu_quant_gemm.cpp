@@ -162,7 +162,9 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   const QuantPackedLayout pl = quant_packed_layout(wdt);
   const size_t pack_stride = packed ? align64(static_cast<size_t>(k / pl.sb_values * pl.sb_bytes)) : 0;
   const size_t pack_bytes = pack_stride * static_cast<size_t>(omp_in_parallel() ? 1 : omp_get_max_threads());
-  const bool pairs = wdt == DType::Q4_0 && !packed;  // QActs::d4 / s4 and the pair-regrouped qs
+  // QActs::d4 / s4 and the pair-regrouped qs: q4_0's row kernels, and the q4_1/q5_0/q5_1 decode
+  // kernel (tile_legacy_rows; their tiles of several activation rows read the blocks in order).
+  const bool pairs = !packed && (wdt == DType::Q4_0 || (quant_is_legacy(wdt) && n == 1));
   const size_t p_bytes = pairs ? static_cast<size_t>(n * nbk) * 16 : 0;
   const size_t s_bytes = (wdt == DType::Q4_0 && packed) || quant_is_legacy(wdt) ? align64(static_cast<size_t>(n * nbk) * 4) : 0;
   Tensor ws = Tensor::empty(

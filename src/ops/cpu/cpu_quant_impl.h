@@ -17,10 +17,10 @@ struct QActs {
   const float* d = nullptr;       // [n, k/blk] scales
   const int16_t* bsum = nullptr;  // blk 256: [n, k/16] sum of each 16 q
   const int16_t* bsum32 = nullptr;  // blk 256: [n, k/32] sum of each 32 q
-  // q4_0 weights only: the kernels take two blocks per 256-bit vector, so qs is regrouped per
-  // pair of blocks (b, b+1) as [b 0-15 | b+1 0-15 | b 16-31 | b+1 16-31], matching the nibble
-  // order of two joined q4_0 blocks (an odd last block stays as it is); and per block, 4 times
-  // each (one 128-bit lane per block of a pair):
+  // q4_0 weights, and q4_1/q5_0/q5_1 in decode: the kernels take two blocks per 256-bit
+  // vector, so qs is regrouped per pair of blocks (b, b+1) as [b 0-15 | b+1 0-15 | b 16-31 |
+  // b+1 16-31], matching the nibble order of two joined q4_0 blocks (an odd last block stays as
+  // it is); and per block, 4 times each (one 128-bit lane per block of a pair):
   const float* d4 = nullptr;    // [n, k/32, 4] d
   const int32_t* s4 = nullptr;  // [n, k/32, 4] 2·Σq (four lanes add up to the 8·Σq of the -8 offset)
   // q4_0 weights on the packed path (cpu_quant_packed.h), whose qs stay in order, and the

@@ -397,6 +397,83 @@ void tile_legacy(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t n
     for (int i = 0; i < RX; ++i) res[r * RX + i] = hsum_ps(acc[r][i]) + macc[r][i];
 }
 
+// The fifth bits of two blocks (qh words h0 of block b, h1 of b+1) in the order of q4_0's pair
+// load (q4_0_pair_load): lo = [b values 0-15 | b+1 values 0-15], hi = values 16-31; 0x10 where set.
+struct QhPairTable {
+  alignas(32) uint8_t lo[32], hi[32];
+  constexpr QhPairTable() : lo(), hi() {
+    for (int j = 0; j < 32; ++j) lo[j] = static_cast<uint8_t>(j % 16 / 8), hi[j] = static_cast<uint8_t>(2 + j % 16 / 8);
+  }
+};
+inline constexpr QhPairTable kQhPair{};
+inline Q4Pair fifth_bits_pair(const uint8_t* qh0, const uint8_t* qh1) {
+  int32_t h0, h1;
+  std::memcpy(&h0, qh0, 4);
+  std::memcpy(&h1, qh1, 4);
+  const __m256i v = _mm256_set_m128i(_mm_set1_epi32(h1), _mm_set1_epi32(h0));
+  const __m256i bit = load256(kQh.bit), b4 = _mm256_set1_epi8(0x10);
+  const __m256i lo = _mm256_and_si256(_mm256_shuffle_epi8(v, load256(kQhPair.lo)), bit);
+  const __m256i hi = _mm256_and_si256(_mm256_shuffle_epi8(v, load256(kQhPair.hi)), bit);
+  return {_mm256_and_si256(_mm256_cmpeq_epi8(lo, bit), b4), _mm256_and_si256(_mm256_cmpeq_epi8(hi, bit), b4)};
+}
+
+// Decode of the same formats as tile_q4_0_rows: two blocks per 256-bit vector against the
+// pair-regrouped activations (QActs::qs, d4, s4), 4 rows' integer dots reduced across lanes by
+// sum4_rows, so the offset (q5_0), the scaling and the minimum (q4_1, q5_1) run once per 4 rows.
+template <DType WT, int RW>
+void tile_legacy_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
+  static_assert(RW == 4, "sum4_rows and the scale gather take 4 rows");
+  using F = LegacyBlock<WT>;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    const __m256i alo = load256(a.qs + b * 32), ahi = load256(a.qs + b * 32 + 32);
+    const uint8_t* p[RW];
+    __m256i dot[RW];
+#pragma GCC unroll 8
+    for (int r = 0; r < RW; ++r) {
+      p[r] = wr[r] + b * F::kBytes;
+      prefetch_ahead(p[r], ahead, 1);
+      const __m256i raw = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + F::kQs))),
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + F::kBytes + F::kQs)), 1);
+      Q4Pair w{_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4)};
+      if constexpr (F::kFifth) {
+        const Q4Pair h = fifth_bits_pair(p[r] + F::kQh, p[r] + F::kBytes + F::kQh);
+        w.lo = _mm256_or_si256(w.lo, h.lo);
+        w.hi = _mm256_or_si256(w.hi, h.hi);
+      }
+      dot[r] = q4_0_pair_sum(w, alo, ahi);
+    }
+    // [Σ rows 0-3 of block b | of block b+1]; s4 holds 2·Σa in each of a block's 4 lanes
+    __m256i tot = sum4_rows(dot[0], dot[1], dot[2], dot[3]);
+    const __m256i s4 = load256(a.s4 + b * 4);
+    if constexpr (WT == DType::Q5_0) tot = _mm256_sub_epi32(tot, _mm256_slli_epi32(s4, 3));
+    const __m256 d4 = _mm256_loadu_ps(a.d4 + b * 4);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_mul_ps(gather_h4x2(p, 0, F::kBytes), d4), acc);
+    if constexpr (F::kMin) {
+      const __m256 das = _mm256_mul_ps(d4, _mm256_mul_ps(_mm256_cvtepi32_ps(s4), _mm256_set1_ps(0.5f)));
+      acc = _mm256_fmadd_ps(gather_h4x2(p, 2, F::kBytes + 2), das, acc);
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (int r = 0; r < RW; ++r) res[r] = lanes[r] + lanes[4 + r];
+  if (b < nb) {  // odd block count: the last block (not regrouped) through the general tile
+    QActs a1 = a;
+    a1.qs = a.qs + b * 32;
+    a1.d = a.d + b;
+    a1.sum32 = a.sum32 + b;
+    for (int r = 0; r < RW; ++r) {
+      const uint8_t* last[1] = {wr[r] + b * F::kBytes};
+      float one;
+      tile_legacy<WT, 1, 1>(last, a1, 0, 1, &one, 0);
+      res[r] += one;
+    }
+  }
+}
+
 // Software prefetch distance of the decode kernels (run_decode): within each row.
 #ifndef MOE_QK_ROW_AHEAD
 #define MOE_QK_ROW_AHEAD 1024
@@ -817,6 +894,7 @@ inline void decode_tile(const uint8_t* const* wr, const QActs& a, int64_t nb, fl
   else if constexpr (WT == DType::Q4_0) tile_q4_0_rows<R>(wr, a, nb, res, kRowAhead);
   else if constexpr ((WT == DType::Q4_K || WT == DType::Q5_K) && !MOE_QK_512)
     tile_qk45_pairs<WT == DType::Q5_K, R>(wr, a, nb, res, kRowAhead);
+  else if constexpr (quant_is_legacy(WT)) tile_legacy_rows<WT, R>(wr, a, nb, res, kRowAhead);
   else tile<WT, R, 1>(wr, a, 0, nb, res, kRowAhead);
 }
 template <DType WT, int R>
@@ -838,10 +916,12 @@ void run_decode(const QuantJob& jb) {
         o = jb.accumulate ? o + res[j] : res[j];
       }
     }
-    for (int64_t r = lo + part * R; r < hi; ++r) {
-      wr[0] = jb.w + static_cast<size_t>(r) * jb.row_bytes;
-      tile<WT, 1, 1>(wr, a, 0, nb, res, kRowAhead);
-      jb.out[r] = jb.accumulate ? jb.out[r] + res[0] : res[0];
+    // The last (hi - lo) % R rows: one more tile, its unused rows repeating the last one (the
+    // decode kernels may take the activations in their own layout: q4_0's block pairs).
+    if (const int64_t r0 = lo + part * R; r0 < hi) {
+      for (int j = 0; j < R; ++j) wr[j] = jb.w + static_cast<size_t>(std::min(r0 + j, hi - 1)) * jb.row_bytes;
+      decode_tile<WT, R>(wr, a, nb, res);
+      for (int64_t r = r0; r < hi; ++r) jb.out[r] = jb.accumulate ? jb.out[r] + res[r - r0] : res[r - r0];
     }
   }
 }
