@@ -751,6 +751,83 @@ TEST(GgufModel, WriterErrors) {
   std::filesystem::remove_all(dir);
 }
 
+// Our stacked file rewritten in the per-expert layout of the Mixtral GGUF files llama.cpp's
+// converter wrote before ffn_*_exps (blk.N.ffn_gate.E.weight, one 2-D matrix per expert);
+// `drop` leaves one tensor out and `twice` adds a stacked duplicate (error cases).
+void write_per_expert(const std::string& in, const std::string& out, const std::string& drop = "",
+                      bool twice = false) {
+  auto f = GgufFile::open(in);
+  GgufWriter wr(f->header().alignment);
+  for (const auto& [k, v] : f->header().kv) wr.set(k, v);
+  for (const GgufTensorInfo& t : f->tensors()) {
+    const size_t at = t.name.find("_exps.");
+    const uint8_t* src = f->data(t);
+    if (at == std::string::npos || twice) {
+      wr.add_tensor(t.name, t.type, t.ne, [src, n = t.nbytes](uint8_t* d) { std::memcpy(d, src, n); });
+      if (at == std::string::npos) continue;
+    }
+    const std::string base = t.name.substr(0, at);  // blk.N.ffn_gate
+    const uint64_t per = t.nbytes / static_cast<uint64_t>(t.ne[2]);
+    for (int64_t e = 0; e < t.ne[2]; ++e) {
+      const std::string name = base + "." + std::to_string(e) + ".weight";
+      if (name == drop) continue;
+      wr.add_tensor(name, t.type, {t.ne[0], t.ne[1]}, [src, per, e](uint8_t* d) { std::memcpy(d, src + e * per, per); });
+    }
+  }
+  wr.write(out);
+}
+
+TEST(GgufModel, ReadsPerExpertMixtralLayout) {
+  const std::string dir = temp_dir();
+  const std::string src = kFixtures + "/mixtral";
+  const std::vector<int32_t> ids = {1, 5, 9, 200, 3, 77};
+  for (GgufFileType ft : {GgufFileType::F32, GgufFileType::Q8_0}) {
+    GgufWriteOptions opt;
+    opt.type = ft;
+    write_gguf(src, dir + "/stacked.gguf", opt);
+    write_per_expert(dir + "/stacked.gguf", dir + "/split.gguf");
+    GgufModel a = load_gguf_model(dir + "/stacked.gguf"), b = load_gguf_model(dir + "/split.gguf");
+    ASSERT_EQ(a.tensors.size(), b.tensors.size());
+    std::map<std::string, Tensor> bt(b.tensors.begin(), b.tensors.end());
+    for (auto& [name, t] : a.tensors) {
+      ASSERT_TRUE(bt.count(name)) << name;
+      EXPECT_TRUE(same_bytes(t, bt[name])) << name;
+    }
+    EXPECT_EQ(logits_of(Model::from_tensors(a.config, a.tensors), ids), logits_of(Model::from_tensors(b.config, b.tensors), ids));
+  }
+  // A missing expert matrix, an expert index past expert_count, or both layouts at once: errors
+  // that name the tensor.
+  write_per_expert(dir + "/stacked.gguf", dir + "/missing.gguf", "blk.1.ffn_up.3.weight");
+  EXPECT_THROW(Model::from_tensors(load_gguf_model(dir + "/missing.gguf").config, load_gguf_model(dir + "/missing.gguf").tensors), Error);
+  write_per_expert(dir + "/stacked.gguf", dir + "/both.gguf", "", true);
+  try {
+    load_gguf_model(dir + "/both.gguf");
+    ADD_FAILURE() << "stacked and per-expert tensors of one layer were accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("given twice"), std::string::npos) << e.what();
+  }
+  {
+    auto f = GgufFile::open(dir + "/stacked.gguf");
+    GgufWriter wr(f->header().alignment);
+    for (const auto& [k, v] : f->header().kv) wr.set(k, v);
+    for (const GgufTensorInfo& t : f->tensors()) {
+      if (t.name.find("_exps.") != std::string::npos) continue;
+      const uint8_t* p = f->data(t);
+      wr.add_tensor(t.name, t.type, t.ne, [p, n = t.nbytes](uint8_t* d) { std::memcpy(d, p, n); });
+    }
+    const int64_t cols = 64;
+    wr.add_tensor("blk.0.ffn_gate.99.weight", GgmlType::F32, {cols, 2}, [](uint8_t* d) { std::memset(d, 0, 2 * 64 * 4); });
+    wr.write(dir + "/far.gguf");
+    try {
+      load_gguf_model(dir + "/far.gguf");
+      ADD_FAILURE() << "expert 99 of 8 was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("blk.0.ffn_gate.99.weight"), std::string::npos) << e.what();
+    }
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST(GgufModel, ReaderRejectsForeignArchitectures) {
   const std::string dir = temp_dir();
   GgufWriter w;

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <set>
 
 #include "core/error.h"
 #include "io/gguf.h"
@@ -76,9 +77,14 @@ const Family& family_by_model_type(const std::string& mt) {
   MOE_FAIL("GGUF: model_type '%s' has no GGUF mapping (supported: mixtral, qwen2_moe, qwen3_moe)", mt.c_str());
 }
 
-// A parsed GGUF tensor name: [blk.N.]ROLE.SUFFIX
+// A parsed GGUF tensor name: [blk.N.]ROLE.SUFFIX, or blk.N.ffn_{gate,up,down}.E.SUFFIX: one
+// expert's matrix as llama.cpp's converter wrote Mixtral before the stacked ffn_*_exps tensors
+// (the layout of most Mixtral GGUF files published in 2023-24, which llama.cpp's own loader no
+// longer reads: its names table keeps "blk.%d.ffn_gate.%d", no loader uses it); the role is
+// then ffn_*_exps.
 struct ParsedName {
   long layer = -1;
+  long expert = -1;
   std::string role, suffix;
 };
 
@@ -99,6 +105,14 @@ bool parse_name(const std::string& name, ParsedName* out) {
   if (dot == std::string::npos || dot == 0) return false;
   out->role = rest.substr(0, dot);
   out->suffix = rest.substr(dot + 1);
+  if (const size_t e = out->role.rfind('.'); e != std::string::npos && out->layer >= 0) {
+    const std::string base = out->role.substr(0, e), idx = out->role.substr(e + 1);
+    if ((base == "ffn_gate" || base == "ffn_up" || base == "ffn_down") && !idx.empty() && idx.size() <= 6 &&
+        idx.find_first_not_of("0123456789") == std::string::npos) {
+      out->expert = std::stol(idx);
+      out->role = base + "_exps";
+    }
+  }
   return out->suffix == "weight" || out->suffix == "bias";
 }
 
@@ -240,6 +254,7 @@ GgufModel load_gguf_model(const std::string& path, const GgufLoadOptions& opt) {
   m.config = config_from_gguf(*f, &fam);
   const ModelConfig& c = m.config;
   const ArchSpec& spec = arch_spec(c.model_type);
+  std::set<std::string> seen;  // HF names produced so far
   for (const GgufTensorInfo& t : f->tensors()) {
     ParsedName pn;
     const char* n = t.name.c_str();
@@ -275,14 +290,25 @@ GgufModel load_gguf_model(const std::string& path, const GgufLoadOptions& opt) {
       permute_row_bytes(static_cast<uint8_t*>(x.raw()), rows, dtype_nbytes(x.dtype(), cols), heads, /*to_gguf=*/false,
                         path + ": tensor " + t.name);
     }
+    auto add = [&](std::string hf, Tensor v) {
+      MOE_CHECK(seen.insert(hf).second, "%s: tensor '%s': %s is given twice (stacked and per-expert tensors of one layer?)",
+                w, n, hf.c_str());
+      m.tensors.emplace_back(std::move(hf), std::move(v));
+    };
+    if (role->experts && pn.expert >= 0) {
+      MOE_CHECK(pn.expert < c.n_expert && x.ndim() == 2, "%s: tensor '%s': expert %ld of %lld, shape %s (expected [rows, cols])",
+                w, n, pn.expert, static_cast<long long>(c.n_expert), x.shape_str().c_str());
+      add(tensor_name(tmpl, pn.layer, pn.expert, suffix), x);
+      continue;
+    }
     if (role->experts) {
       MOE_CHECK(x.ndim() == 3 && x.dim(0) == c.n_expert, "%s: tensor '%s': shape %s, expected [%lld experts, rows, cols]",
                 w, n, x.shape_str().c_str(), static_cast<long long>(c.n_expert));
-      for (int64_t e = 0; e < c.n_expert; ++e) m.tensors.emplace_back(tensor_name(tmpl, pn.layer, e, suffix), x.select(e));
+      for (int64_t e = 0; e < c.n_expert; ++e) add(tensor_name(tmpl, pn.layer, e, suffix), x.select(e));
       continue;
     }
     if (role->field == &ArchSpec::shared_expert_gate && x.ndim() == 1) x = x.view({1, x.dim(0)});
-    m.tensors.emplace_back(tensor_name(tmpl, pn.layer, -1, suffix), x);
+    add(tensor_name(tmpl, pn.layer, -1, suffix), x);
   }
   return m;
 }
