@@ -44,8 +44,12 @@ using testutil::ids_tensor;
 using testutil::logits_of;
 using testutil::max_rel;
 
+// The types the engine quantises to, and (kKernelTypes) every type the kernels run: q2_K and
+// q3_K come only from llama.cpp's files.
 const DType kQuantTypes[] = {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0,
                              DType::Q5_1, DType::Q4_K, DType::Q5_K, DType::Q6_K};
+const DType kKernelTypes[] = {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1,
+                              DType::Q2_K, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K};
 
 std::vector<cpu::QuantIsa> variants() {
   std::vector<cpu::QuantIsa> v;
@@ -91,6 +95,11 @@ std::vector<uint8_t> random_blocks(DType t, int64_t m, int64_t k, uint32_t seed)
         put_f16(p + 2, u(rng) / 63.0f / 2.0f);
         break;
       case DType::Q6_K: put_f16(p + 208, sgn * u(rng) / 127.0f / 32.0f); break;
+      case DType::Q3_K: put_f16(p + 108, sgn * u(rng) / 32.0f / 4.0f); break;
+      case DType::Q2_K:
+        put_f16(p + 80, u(rng) / 15.0f / 3.0f);
+        put_f16(p + 82, u(rng) / 15.0f / 2.0f);
+        break;
       default: break;
     }
   }
@@ -152,7 +161,7 @@ TEST(QuantKernels, EveryVariantMatchesReferences) {
   const Shape3 shapes[] = {{1, 7, 1}, {1, 37, 3}, {1, 13, 9}, {1, 301, 9}, {1, 23, 4}, {3, 5, 2}, {5, 11, 5}, {7, 9, 2},
                            {8, 16, 2}, {19, 17, 1}, {67, 9, 3}, {2, 1, 4}};
   uint32_t seed = 1;
-  for (DType t : kQuantTypes) {
+  for (DType t : kKernelTypes) {
     const int64_t be = dtype_block_elems(t);
     for (const Shape3& s : shapes) {
       const int64_t n = s.n, m = s.m, k = s.kb * be;
@@ -203,7 +212,7 @@ TEST(QuantKernels, VariantsAgree) {
   IsaGuard guard;
   const std::vector<cpu::QuantIsa> vs = variants();
   if (vs.size() < 2) GTEST_SKIP() << "SKIPPED: only " << vs.size() << " kernel variant runs on this CPU";
-  for (DType t : kQuantTypes)
+  for (DType t : kKernelTypes)
     for (int64_t n : {4, 12}) {  // the row kernels and the packed tiles
       const int64_t m = 13, k = 6 * dtype_block_elems(t);
       const std::vector<uint8_t> w = random_blocks(t, m, k, 77);

@@ -30,8 +30,8 @@ const TypeRow kTypes[] = {
     {GgmlType::Q5_1, {"q5_1", 32, 24, true, true}},
     {GgmlType::Q8_0, {"q8_0", 32, 34, true, true}},
     {GgmlType::Q8_1, {"q8_1", 32, 36, false, false}},
-    {GgmlType::Q2_K, {"q2_K", 256, 84, false, false}},
-    {GgmlType::Q3_K, {"q3_K", 256, 110, false, false}},
+    {GgmlType::Q2_K, {"q2_K", 256, 84, true, false}},
+    {GgmlType::Q3_K, {"q3_K", 256, 110, true, false}},
     {GgmlType::Q4_K, {"q4_K", 256, 144, true, true}},
     {GgmlType::Q5_K, {"q5_K", 256, 176, true, true}},
     {GgmlType::Q6_K, {"q6_K", 256, 210, true, true}},
@@ -192,6 +192,42 @@ void dequant_q5_k(const uint8_t* src, float* y, int64_t nb) {
       u1 = static_cast<uint8_t>(u1 << 2);
       u2 = static_cast<uint8_t>(u2 << 2);
     }
+  }
+}
+
+void dequant_q2_k(const uint8_t* src, float* y, int64_t nb) {
+  for (int64_t i = 0; i < nb; ++i) {
+    BlockQ2_K b;
+    std::memcpy(&b, src + i * sizeof(BlockQ2_K), sizeof b);
+    const float d = h2f(b.d), min = h2f(b.dmin);
+    int is = 0;
+    for (int n = 0; n < 2; ++n)
+      for (int j = 0; j < 4; ++j)
+        for (int half = 0; half < 2; ++half) {
+          const uint8_t sc = b.scales[is++];
+          const float dl = d * (sc & 0xF), ml = min * (sc >> 4);
+          for (int l = 0; l < 16; ++l) *y++ = dl * ((b.qs[32 * n + 16 * half + l] >> (2 * j)) & 3) - ml;
+        }
+  }
+}
+
+void dequant_q3_k(const uint8_t* src, float* y, int64_t nb) {
+  for (int64_t i = 0; i < nb; ++i) {
+    BlockQ3_K b;
+    std::memcpy(&b, src + i * sizeof(BlockQ3_K), sizeof b);
+    const float d = h2f(b.d);
+    int8_t sc[16];
+    q3_k_scales(b.scales, sc);
+    int is = 0;
+    for (int n = 0; n < 2; ++n)
+      for (int j = 0; j < 4; ++j)
+        for (int half = 0; half < 2; ++half) {
+          const float dl = d * (sc[is++] - 32);
+          for (int l = 16 * half; l < 16 * half + 16; ++l) {
+            const int q = ((b.qs[32 * n + l] >> (2 * j)) & 3) - ((b.hmask[l] >> (4 * n + j)) & 1 ? 0 : 4);
+            *y++ = dl * q;
+          }
+        }
   }
 }
 
@@ -561,6 +597,8 @@ GgmlType dtype_ggml_type(DType t) {
     case DType::Q4_K: return GgmlType::Q4_K;
     case DType::Q5_K: return GgmlType::Q5_K;
     case DType::Q6_K: return GgmlType::Q6_K;
+    case DType::Q2_K: return GgmlType::Q2_K;
+    case DType::Q3_K: return GgmlType::Q3_K;
     default: break;
   }
   MOE_FAIL("%s is not a quantized block dtype (this is a bug)", dtype_name(t));
@@ -576,6 +614,8 @@ bool dtype_from_ggml_type(GgmlType g, DType* out) {
     case GgmlType::Q4_K: *out = DType::Q4_K; return true;
     case GgmlType::Q5_K: *out = DType::Q5_K; return true;
     case GgmlType::Q6_K: *out = DType::Q6_K; return true;
+    case GgmlType::Q2_K: *out = DType::Q2_K; return true;
+    case GgmlType::Q3_K: *out = DType::Q3_K; return true;
     default: return false;
   }
 }
@@ -611,9 +651,11 @@ void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n) {
     case GgmlType::Q4_K: dequant_q4_k(s, dst, nb); return;
     case GgmlType::Q5_K: dequant_q5_k(s, dst, nb); return;
     case GgmlType::Q6_K: dequant_q6_k(s, dst, nb); return;
+    case GgmlType::Q2_K: dequant_q2_k(s, dst, nb); return;
+    case GgmlType::Q3_K: dequant_q3_k(s, dst, nb); return;
     default: break;
   }
-  MOE_FAIL("cannot dequantize ggml type %s (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_K q5_K q6_K)", ggml_type_name(type));
+  MOE_FAIL("cannot dequantize ggml type %s (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_K q3_K q4_K q5_K q6_K)", ggml_type_name(type));
 }
 
 void quantize_row(GgmlType type, const float* src, void* dst, int64_t n) {

@@ -83,6 +83,24 @@ struct BlockQ5_K {
   uint8_t qh[32];
   uint8_t qs[128];
 };
+// Q2_K: 256 values in 16 sub-blocks of 16, x = d*sc[s]*q - dmin*m[s], q in 0..3; scales[s] holds
+// sc (low 4 bits) and m (high 4 bits). Value v = 128n + 32j + l (n 0-1, j 0-3, l 0-31) is
+// bits 2j..2j+1 of qs[32n + l].
+struct BlockQ2_K {
+  uint8_t scales[16];
+  uint8_t qs[64];
+  uint16_t d;
+  uint16_t dmin;
+};
+// Q3_K: 256 values in 16 sub-blocks of 16, x = d * (sc[s] - 32) * (q - 4), q in 0..7: the low two
+// bits as Q2_K's, bit 2 from hmask (value 128n + 32j + l: bit 4n + j of hmask[l]); the 6-bit sc
+// packed into 12 bytes (see q3_k_scales in quant.cpp).
+struct BlockQ3_K {
+  uint8_t hmask[32];
+  uint8_t qs[64];
+  uint8_t scales[12];
+  uint16_t d;
+};
 // Q6_K: 256 values in 16 sub-blocks of 16, x = d * sc[s] * (q - 32), q in 0..63 (4 low bits
 // in ql, 2 high bits in qh), sc int8.
 struct BlockQ6_K {
@@ -93,7 +111,8 @@ struct BlockQ6_K {
 };
 static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 &&
                   sizeof(BlockQ5_0) == 22 && sizeof(BlockQ5_1) == 24 && sizeof(BlockQ4_K) == 144 &&
-                  sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210,
+                  sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210 && sizeof(BlockQ2_K) == 84 &&
+                  sizeof(BlockQ3_K) == 110,
               "block layouts must match ggml-common.h");
 
 struct GgmlTypeInfo {
@@ -116,6 +135,18 @@ size_t ggml_row_bytes(GgmlType type, int64_t n);
 // The engine's block DTypes (core/dtype.h) are these ggml types.
 GgmlType dtype_ggml_type(DType t);              // throws for a DType that is not a block type
 bool dtype_from_ggml_type(GgmlType g, DType* out);  // false for ggml types without a DType
+
+// The 16 6-bit scales of a Q3_K block as stored (0..63; the values use sc - 32), from its 12
+// bytes: bytes 0-7 hold the low 4 bits of scales 0-7 (low nibbles) and 8-15 (high nibbles);
+// byte 8 + s % 4 holds the top 2 bits of scale s at bit 2·(s / 4). (Inline: the CPU kernels
+// unpack them once per super-block.)
+inline void q3_k_scales(const uint8_t packed[12], int8_t out[16]) {
+  for (int s = 0; s < 16; ++s) {
+    const int low = s < 8 ? packed[s] & 0xF : packed[s - 8] >> 4;
+    const int high = (packed[8 + s % 4] >> (2 * (s / 4))) & 3;
+    out[s] = static_cast<int8_t>(low | (high << 4));
+  }
+}
 
 // Decodes n values (a multiple of the block size) of `type` at src into dst. src needs no
 // alignment. Throws moe::Error for a type that cannot be dequantised.

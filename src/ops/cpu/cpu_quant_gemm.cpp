@@ -158,7 +158,7 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   const size_t x_bytes = blk == 32 ? 0 : static_cast<size_t>(n * (k / 16 + k / 32)) * 2;
   // Enough rows: the packed tiles (cpu_quant_packed.h), one repacked 8-row tile per thread;
   // the threads are this call's own (one when called inside another parallel region).
-  const bool packed = n >= kPackedMinRows && !quant_is_legacy(wdt);
+  const bool packed = n >= kPackedMinRows && quant_has_packed(wdt);
   const QuantPackedLayout pl = quant_packed_layout(wdt);
   const size_t pack_stride = packed ? align64(static_cast<size_t>(k / pl.sb_values * pl.sb_bytes)) : 0;
   const size_t pack_bytes = pack_stride * static_cast<size_t>(omp_in_parallel() ? 1 : omp_get_max_threads());

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "core/quant.h"
 
 namespace moe {
 namespace cpu {
@@ -32,6 +33,12 @@ struct QActs {
 // each activation block (QActs::sum32); they have no packed prefill layout (the tiles of
 // run_fmt serve every n) and no decode kernel of their own.
 constexpr bool quant_is_legacy(DType t) { return t == DType::Q4_1 || t == DType::Q5_0 || t == DType::Q5_1; }
+
+// The formats with a packed prefill layout (cpu_quant_packed.h); q2_K / q3_K (llama.cpp's Q2_K and
+// Q3_K_* files) take the tiles of several activation rows at every n, as the legacy types do.
+constexpr bool quant_has_packed(DType t) {
+  return t == DType::Q8_0 || t == DType::Q4_0 || t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K;
+}
 
 // The packed prefill path (cpu_quant_packed.h) is taken from this many activation rows on:
 // below it the repack would cost more than it saves.

@@ -15,6 +15,8 @@
 //   q4_k  per 256: d·da·Σ_s sc_s Σ q·a_q − dmin·da·Σ_s m_s Σ a_q   (sub-blocks of 32)
 //   q5_k  as q4_k with the fifth bit from qh
 //   q6_k  per 256: d·da·(Σ_s sc_s Σ q·a_q − 32·Σ_s sc_s Σ a_q)   (sub-blocks of 16)
+//   q3_k  as q6_k with 3-bit q, offset 4, scales sc − 32;  q2_k  per 256: d·da·Σ_s sc_s Σ q·a_q −
+//         dmin·da·Σ_s m_s Σ a_q   (sub-blocks of 16, 2-bit q)
 // with q unsigned (u8) against the signed activations (|a_q| <= 127). Integer sums cannot
 // overflow: a maddubs pair is at most 2·128·127 (q8_0's sign trick) or 2·63·127 (the unsigned
 // formats of <= 6 bits) < 2^15; a 256-value super-block's int32 sums stay far below 2^31.
@@ -753,22 +755,67 @@ inline void q6_unpack(const uint8_t* p, int n, __m256i q[4]) {
                          _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
 }
 
-// Per super-block: the int32 lanes of Σ_s sc_s·Σ q·a − 32·Σ_s sc_s·Σ a (all integer), scaled
-// into the float accumulator once.
-template <int RW, int RX>
-void tile_q6_k(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, float* res, int64_t ahead) {
+// q2_K / q3_K: value 128n + 32j + l (l 0-31) is bits 2j, 2j+1 of qs[32n + l] (q3_K: plus bit 2
+// from bit 4n + j of hmask[l]), so q[j] of half n holds values 128n + 32j ... +31 as q6_unpack's.
+template <DType WT>
+inline void k16_unpack(const uint8_t* p, int n, __m256i q[4]) {
+  if constexpr (WT == DType::Q6_K) {
+    q6_unpack(p, n, q);
+  } else {
+    const __m256i v = load256(p + (WT == DType::Q3_K ? 32 : 16) + 32 * n), m2 = _mm256_set1_epi8(0x03);
+    q[0] = _mm256_and_si256(v, m2);
+    q[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m2);
+    q[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2);
+    q[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m2);
+    if constexpr (WT == DType::Q3_K) {
+      const __m256i hm = load256(p), four = _mm256_set1_epi8(0x04);
+      for (int j = 0; j < 4; ++j) {
+        const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << (4 * n + j)));
+        q[j] = _mm256_or_si256(q[j], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), four));
+      }
+    }
+  }
+}
+
+// Layout of the formats with 16 sub-blocks of 16 per super-block: bytes, the f16 d (and q2_K's
+// dmin), and the unsigned offset of q (q6_K 32, q3_K 4; q2_K has a minimum per sub-block instead).
+template <DType WT>
+struct K16Block {
+  static constexpr int64_t kBytes = WT == DType::Q6_K ? 210 : WT == DType::Q3_K ? 110 : 84;
+  static constexpr int64_t kD = WT == DType::Q6_K ? 208 : WT == DType::Q3_K ? 108 : 80;
+  static constexpr int kOffsetShift = WT == DType::Q6_K ? 5 : 2;  // offset 32 or 4
+};
+
+// q6_K, q3_K, q2_K. Per super-block: the int32 lanes of Σ_s sc_s·Σ q·a − off·Σ_s sc_s·Σ a (all
+// integer; q2_K: − dmin/d·Σ_s m_s·Σ a, in float), scaled into the float accumulator once.
+template <DType WT, int RW, int RX>
+void tile_k16(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, float* res, int64_t ahead) {
+  using F = K16Block<WT>;
   ARows<RX> ar(a, x0);
   AccK acc[RW][RX];
   for (int r = 0; r < RW; ++r)
     for (int i = 0; i < RX; ++i) acc[r][i] = acc_zero();
   for (int64_t b = 0; b < nb; ++b) {
     for (int r = 0; r < RW; ++r) {
-      const uint8_t* p = wr[r] + b * 210;
-      prefetch_ahead(p, ahead, 210);
-      const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)));
-      const float dw = h2f(p + 208);
-      __m256i corr[RX];  // Σ_s sc_s · bsum_s (8 lanes)
-      for (int i = 0; i < RX; ++i) corr[i] = _mm256_madd_epi16(load256(ar.bs[i] + b * 16), sc16);
+      const uint8_t* p = wr[r] + b * F::kBytes;
+      prefetch_ahead(p, ahead, F::kBytes);
+      __m256i sc16, mn16 = _mm256_setzero_si256();  // the 16 sub-block scales (and q2_K minima), int16
+      if constexpr (WT == DType::Q6_K) {
+        sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)));
+      } else if constexpr (WT == DType::Q3_K) {
+        alignas(16) int8_t sc[16];
+        q3_k_scales(p + 96, sc);
+        sc16 = _mm256_sub_epi16(_mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(sc))),
+                                _mm256_set1_epi16(32));
+      } else {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m4 = _mm_set1_epi8(0x0F);
+        sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(v, m4));
+        mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4));
+      }
+      const float dw = h2f(p + F::kD);
+      __m256i corr[RX];  // Σ_s sc_s · bsum_s (q2_K: Σ_s m_s · bsum_s), 8 lanes
+      for (int i = 0; i < RX; ++i)
+        corr[i] = _mm256_madd_epi16(load256(ar.bs[i] + b * 16), WT == DType::Q2_K ? mn16 : sc16);
 #if MOE_QK_512
       __m512i sumi[RX];
       for (int i = 0; i < RX; ++i) sumi[i] = _mm512_setzero_si512();
@@ -778,7 +825,7 @@ void tile_q6_k(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
 #endif
       for (int n = 0; n < 2; ++n) {
         __m256i q[4];
-        q6_unpack(p, n, q);
+        k16_unpack<WT>(p, n, q);
         // The 8 scales of this half, as int16 in both 128-bit lanes.
         const __m256i sh = n == 0 ? _mm256_permute2x128_si256(sc16, sc16, 0x00) : _mm256_permute2x128_si256(sc16, sc16, 0x11);
         const __m256i s0 = _mm256_shuffle_epi8(sh, shuf16(0, 1)), s1 = _mm256_shuffle_epi8(sh, shuf16(2, 3));
@@ -802,13 +849,24 @@ void tile_q6_k(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb,
 #endif
       }
       for (int i = 0; i < RX; ++i) {
-        const __m256i c32 = _mm256_slli_epi32(corr[i], 5);
+        const float dd = dw * ar.d[i][b];
 #if MOE_QK_512
-        const __m512i tot = _mm512_sub_epi32(sumi[i], _mm512_zextsi256_si512(c32));
-        acc[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(dw * ar.d[i][b]), _mm512_cvtepi32_ps(tot), acc[r][i]);
+        if constexpr (WT == DType::Q2_K) {
+          acc[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(sumi[i]), acc[r][i]);
+          acc[r][i] = _mm512_fnmadd_ps(_mm512_set1_ps(h2f(p + 82) * ar.d[i][b]),
+                                       _mm512_cvtepi32_ps(_mm512_zextsi256_si512(corr[i])), acc[r][i]);
+        } else {
+          const __m512i tot = _mm512_sub_epi32(sumi[i], _mm512_zextsi256_si512(_mm256_slli_epi32(corr[i], F::kOffsetShift)));
+          acc[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(tot), acc[r][i]);
+        }
 #else
-        const __m256i tot = _mm256_sub_epi32(sumi[i], c32);
-        acc[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ar.d[i][b]), _mm256_cvtepi32_ps(tot), acc[r][i]);
+        if constexpr (WT == DType::Q2_K) {
+          acc[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(sumi[i]), acc[r][i]);
+          acc[r][i] = _mm256_fnmadd_ps(_mm256_set1_ps(h2f(p + 82) * ar.d[i][b]), _mm256_cvtepi32_ps(corr[i]), acc[r][i]);
+        } else {
+          const __m256i tot = _mm256_sub_epi32(sumi[i], _mm256_slli_epi32(corr[i], F::kOffsetShift));
+          acc[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(tot), acc[r][i]);
+        }
 #endif
       }
     }
@@ -827,7 +885,7 @@ inline void tile(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t n
   else if constexpr (WT == DType::Q4_0) tile_q4_0<RW, RX>(wr, a, x0, nb, res, ahead);
   else if constexpr (WT == DType::Q4_K) tile_qk45<false, RW, RX>(wr, a, x0, nb, res, ahead);
   else if constexpr (WT == DType::Q5_K) tile_qk45<true, RW, RX>(wr, a, x0, nb, res, ahead);
-  else if constexpr (WT == DType::Q6_K) tile_q6_k<RW, RX>(wr, a, x0, nb, res, ahead);
+  else if constexpr (WT == DType::Q6_K || WT == DType::Q3_K || WT == DType::Q2_K) tile_k16<WT, RW, RX>(wr, a, x0, nb, res, ahead);
   else tile_legacy<WT, RW, RX>(wr, a, x0, nb, res, ahead);
 }
 
@@ -929,7 +987,7 @@ void run_decode(const QuantJob& jb) {
 template <DType WT>
 void run_type(const QuantJob& jb) {
   if (jb.a->n == 1) return run_decode<WT, kDecodeStreams>(jb);
-  if constexpr (!quant_is_legacy(WT))
+  if constexpr (quant_has_packed(WT))
     if (jb.pack) return run_packed<WT>(jb);
   // 2-7 activation rows: 2 weight rows per tile, as the RX = 4 activation rows already give
   // 8 independent chains.
@@ -946,6 +1004,8 @@ void run(const QuantJob& jb) {
     case DType::Q4_1: run_type<DType::Q4_1>(jb); return;
     case DType::Q5_0: run_type<DType::Q5_0>(jb); return;
     case DType::Q5_1: run_type<DType::Q5_1>(jb); return;
+    case DType::Q2_K: run_type<DType::Q2_K>(jb); return;
+    case DType::Q3_K: run_type<DType::Q3_K>(jb); return;
     default: MOE_FAIL("quantized gemm: %s is not a quantized weight dtype (this is a bug)", dtype_name(jb.wdt));
   }
 }
