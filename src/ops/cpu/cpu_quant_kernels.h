@@ -768,13 +768,30 @@ inline void k16_unpack(const uint8_t* p, int n, __m256i q[4]) {
     q[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2);
     q[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m2);
     if constexpr (WT == DType::Q3_K) {
-      const __m256i hm = load256(p), four = _mm256_set1_epi8(0x04);
+      // Bit b = 4n + j of each hmask byte moved to bit 2 (the only bit left in each byte after
+      // the mask, so the 16-bit shift carries nothing across bytes).
+      const __m256i hm = load256(p);
       for (int j = 0; j < 4; ++j) {
-        const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << (4 * n + j)));
-        q[j] = _mm256_or_si256(q[j], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), four));
+        const int b = 4 * n + j;
+        const __m256i h = _mm256_and_si256(hm, _mm256_set1_epi8(static_cast<char>(1 << b)));
+        q[j] = _mm256_or_si256(q[j], b >= 2 ? _mm256_srli_epi16(h, b - 2) : _mm256_slli_epi16(h, 2 - b));
       }
     }
   }
+}
+
+// q3_k_scales (core/quant.h) in SSE: the low nibbles of bytes 0-7 are scales 0-7 and the high
+// ones 8-15; byte 8 + s % 4 holds the top bits of scale s at bit 2·(s / 4), so the four copies of
+// bytes 8-11 shifted right by 0, 2, 4, 6 put them in scale order. Returns sc - 32 as int16.
+inline __m256i q3_k_scales16(const uint8_t* p) {
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i low = _mm_unpacklo_epi64(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+  int32_t t;
+  std::memcpy(&t, p + 8, 4);
+  const __m128i top = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32(t), _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(0x03));
+  const __m128i sc = _mm_or_si128(low, _mm_slli_epi16(top, 4));
+  return _mm256_sub_epi16(_mm256_cvtepu8_epi16(sc), _mm256_set1_epi16(32));
 }
 
 // Layout of the formats with 16 sub-blocks of 16 per super-block: bytes, the f16 d (and q2_K's
@@ -803,10 +820,7 @@ void tile_k16(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, 
       if constexpr (WT == DType::Q6_K) {
         sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)));
       } else if constexpr (WT == DType::Q3_K) {
-        alignas(16) int8_t sc[16];
-        q3_k_scales(p + 96, sc);
-        sc16 = _mm256_sub_epi16(_mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(sc))),
-                                _mm256_set1_epi16(32));
+        sc16 = q3_k_scales16(p + 96);
       } else {
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m4 = _mm_set1_epi8(0x0F);
         sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(v, m4));
