@@ -177,6 +177,38 @@ TEST(QuantFormat, Q2_KQ3_KDequant) {
   }
 }
 
+// IQ4_NL: x = d·level[q]; IQ4_XS: x = d·(ls_s − 32)·level[q], ls_s = low nibble s % 2 of
+// scales_l[s / 2] | bits 2s, 2s+1 of scales_h << 4; the nibbles of each 32 as Q4_0's.
+TEST(QuantFormat, Iq4Dequant) {
+  const int levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+  BlockIQ4_NL a;
+  a.d = h(0.5f);
+  for (int j = 0; j < 16; ++j) a.qs[j] = static_cast<uint8_t>(j | ((15 - j) << 4));
+  auto y = dequant_block(GgmlType::IQ4_NL, a, 32);
+  for (int j = 0; j < 16; ++j) {
+    EXPECT_EQ(y[j], 0.5f * levels[j]) << j;
+    EXPECT_EQ(y[j + 16], 0.5f * levels[15 - j]) << j;
+  }
+  BlockIQ4_XS b;
+  int ls[8];
+  b.scales_h = 0;
+  std::memset(b.scales_l, 0, 4);
+  for (int s = 0; s < 8; ++s) {
+    ls[s] = (s * 19 + 3) % 64;
+    b.scales_l[s / 2] |= static_cast<uint8_t>((ls[s] & 15) << (4 * (s % 2)));
+    b.scales_h |= static_cast<uint16_t>((ls[s] >> 4) << (2 * s));
+  }
+  for (int i = 0; i < 128; ++i) b.qs[i] = static_cast<uint8_t>(i * 29 + 5);
+  b.d = h(0.25f);
+  y = dequant_block(GgmlType::IQ4_XS, b, 256);
+  for (int v = 0; v < 256; ++v) {
+    const int s = v / 32, j = v % 32;
+    const uint8_t byte = b.qs[16 * s + j % 16];
+    const int q = j < 16 ? byte & 15 : byte >> 4;
+    EXPECT_EQ(y[v], 0.25f * (ls[s] - 32) * levels[q]) << v;
+  }
+}
+
 // 6-bit scales/mins of the 8 sub-blocks packed as ggml-common.h describes: bytes 0-3 = sc[0..3]
 // | (sc[4..7] >> 4) << 6, bytes 4-7 = m[0..3] | (m[4..7] >> 4) << 6, bytes 8-11 =
 // (sc[4..7] & 15) | (m[4..7] & 15) << 4.
@@ -997,7 +1029,8 @@ TEST(GgufLlamaCpp, DequantizeBitExact) {
   const std::string dir = temp_dir();
   std::mt19937 rng(11);
   for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q2_K,
-                     GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::F16, GgmlType::BF16}) {
+                     GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::IQ4_NL,
+                     GgmlType::IQ4_XS, GgmlType::F16, GgmlType::BF16}) {
     const int64_t n = 256 * 64;
     std::vector<uint8_t> bytes(ggml_row_bytes(t, n));
     for (uint8_t& x : bytes) x = static_cast<uint8_t>(rng());
@@ -1205,14 +1238,14 @@ TEST(GgufLlamaCpp, ReadsLlamaCppQuantizedFiles) {
   }
 }
 
-// llama.cpp's Q2_K and Q3_K_M files (of the 256-wide models: llama.cpp gives rows that are not
-// whole super-blocks other types): we read them with the q2_K / q3_K blocks kept; our exact
+// llama.cpp's Q2_K, Q3_K_M, IQ4_NL and IQ4_XS files (of the 256-wide models: llama.cpp gives rows
+// that are not whole super-blocks other types): we read them with the blocks kept; our exact
 // logits are within 5e-2 of llama.cpp's, our fast path's greedy tokens equal its own, and the
 // fast path is within twice llama.cpp's distance from the exact logits.
-TEST(GgufLlamaCpp, ReadsLlamaCppQ2KQ3KFiles) {
+TEST(GgufLlamaCpp, ReadsLlamaCppQ2KQ3KIq4Files) {
   REQUIRE_LLAMA(ref);
   const std::vector<int32_t> prompt = {7, 1, 8, 2, 5};
-  const std::pair<const char*, int> ftypes[] = {{"q2_k", 10}, {"q3_k_m", 12}};  // LLAMA_FTYPE_MOSTLY_*
+  const std::pair<const char*, int> ftypes[] = {{"q2_k", 10}, {"q3_k_m", 12}, {"iq4_nl", 25}, {"iq4_xs", 30}};  // LLAMA_FTYPE_MOSTLY_*
   for (const char* fam : kFamilies) {
     const std::string dir = temp_dir();
     const std::string src = make_k_model(dir, fam);
@@ -1234,8 +1267,9 @@ TEST(GgufLlamaCpp, ReadsLlamaCppQ2KQ3KFiles) {
       const std::string what = std::string(fam) + " " + ftypes[i].first;
       auto f = GgufFile::open(files[i]);
       int low = 0;
-      for (const GgufTensorInfo& t : f->tensors()) low += t.type == GgmlType::Q2_K || t.type == GgmlType::Q3_K;
-      EXPECT_GT(low, 0) << what << ": llama.cpp wrote no q2_K/q3_K tensor";
+      for (const GgufTensorInfo& t : f->tensors())
+        low += t.type == GgmlType::Q2_K || t.type == GgmlType::Q3_K || t.type == GgmlType::IQ4_NL || t.type == GgmlType::IQ4_XS;
+      EXPECT_GT(low, 0) << what << ": llama.cpp wrote no q2_K/q3_K/iq4 tensor";
       Model m = model_from_gguf(files[i]);
       const std::vector<float> exact = logits_of(m, prompt);
       const double rel = max_rel(theirs[i].logits, exact);
@@ -1248,7 +1282,8 @@ TEST(GgufLlamaCpp, ReadsLlamaCppQ2KQ3KFiles) {
       EXPECT_EQ(greedy(fast_m, prompt, 6), theirs[i].tokens) << what;
       EXPECT_LT(rel, 5e-2) << what;
       const DType w1 = fast_m.weights().layers[0].w1.dtype();
-      EXPECT_TRUE(w1 == DType::Q2_K || w1 == DType::Q3_K) << what << ": experts kept as " << dtype_name(w1);
+      EXPECT_TRUE(w1 == DType::Q2_K || w1 == DType::Q3_K || w1 == DType::IQ4_NL || w1 == DType::IQ4_XS)
+          << what << ": experts kept as " << dtype_name(w1);
       const double fast = max_rel(logits_of(fast_m, prompt), exact);
       std::printf("[ info ] %s: llama.cpp vs exact %.2e, ours fast vs exact %.2e (experts %s)\n", what.c_str(), rel, fast,
                   dtype_name(w1));

@@ -44,12 +44,12 @@ using testutil::ids_tensor;
 using testutil::logits_of;
 using testutil::max_rel;
 
-// The types the engine quantises to, and (kKernelTypes) every type the kernels run: q2_K and
-// q3_K come only from llama.cpp's files.
+// The types the engine quantises to, and (kKernelTypes) every type the kernels run: q2_K, q3_K
+// and the iq4 types come only from llama.cpp's files.
 const DType kQuantTypes[] = {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0,
                              DType::Q5_1, DType::Q4_K, DType::Q5_K, DType::Q6_K};
-const DType kKernelTypes[] = {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1,
-                              DType::Q2_K, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K};
+const DType kKernelTypes[] = {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0,   DType::Q5_1,  DType::Q2_K,
+                              DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS};
 
 std::vector<cpu::QuantIsa> variants() {
   std::vector<cpu::QuantIsa> v;
@@ -96,6 +96,8 @@ std::vector<uint8_t> random_blocks(DType t, int64_t m, int64_t k, uint32_t seed)
         break;
       case DType::Q6_K: put_f16(p + 208, sgn * u(rng) / 127.0f / 32.0f); break;
       case DType::Q3_K: put_f16(p + 108, sgn * u(rng) / 32.0f / 4.0f); break;
+      case DType::IQ4_NL: put_f16(p, sgn * u(rng) / 127.0f); break;
+      case DType::IQ4_XS: put_f16(p, sgn * u(rng) / 127.0f / 32.0f); break;
       case DType::Q2_K:
         put_f16(p + 80, u(rng) / 15.0f / 3.0f);
         put_f16(p + 82, u(rng) / 15.0f / 2.0f);

@@ -13,7 +13,8 @@ namespace moe {
 
 bool dtype_is_quant(DType t) {
   return t == DType::Q8_0 || t == DType::Q4_0 || t == DType::Q4_1 || t == DType::Q5_0 || t == DType::Q5_1 ||
-         t == DType::Q2_K || t == DType::Q3_K || t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K;
+         t == DType::Q2_K || t == DType::Q3_K || t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K ||
+         t == DType::IQ4_NL || t == DType::IQ4_XS;
 }
 
 bool dtype_is_block(DType t) { return dtype_is_quant(t) || t == DType::NF4; }
@@ -63,6 +64,8 @@ size_t dtype_size(DType t) {
     case DType::Q5_1:
     case DType::Q2_K:
     case DType::Q3_K:
+    case DType::IQ4_NL:
+    case DType::IQ4_XS:
     case DType::NF4: break;
   }
   MOE_FAIL("dtype_size: %s is a block type without a per-element size (this is a bug: use dtype_nbytes)",
@@ -88,6 +91,8 @@ const char* dtype_name(DType t) {
     case DType::Q5_1: return "q5_1";
     case DType::Q2_K: return "q2_k";
     case DType::Q3_K: return "q3_k";
+    case DType::IQ4_NL: return "iq4_nl";
+    case DType::IQ4_XS: return "iq4_xs";
     case DType::NF4: return "nf4";
   }
   return "?";
@@ -241,7 +246,9 @@ void convert_to_f32(float* dst, const void* src, DType from, size_t n) {
     case DType::Q5_0:
     case DType::Q5_1:
     case DType::Q2_K:
-    case DType::Q3_K: dequant_blocks(dst, src, from, n); return;
+    case DType::Q3_K:
+    case DType::IQ4_NL:
+    case DType::IQ4_XS: dequant_blocks(dst, src, from, n); return;
     case DType::NF4: {
       const int64_t nb = whole_blocks(from, n);
       const auto* s = static_cast<const uint8_t*>(src);
@@ -281,7 +288,9 @@ void convert_from_f32(void* dst, const float* src, DType to, size_t n) {
     case DType::Q5_0:
     case DType::Q5_1:
     case DType::Q2_K:
-    case DType::Q3_K: quant_blocks(dst, src, to, n); return;
+    case DType::Q3_K:
+    case DType::IQ4_NL:
+    case DType::IQ4_XS: quant_blocks(dst, src, to, n); return;
     case DType::NF4: nf4_quantize(src, static_cast<uint8_t*>(dst), static_cast<int64_t>(n)); return;
     default: MOE_FAIL("convert_from_f32: cannot convert to %s", dtype_name(to));
   }

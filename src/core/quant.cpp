@@ -40,10 +40,10 @@ const TypeRow kTypes[] = {
     {GgmlType::IQ2_XS, {"iq2_xs", 256, 74, false, false}},
     {GgmlType::IQ3_XXS, {"iq3_xxs", 256, 98, false, false}},
     {GgmlType::IQ1_S, {"iq1_s", 256, 50, false, false}},
-    {GgmlType::IQ4_NL, {"iq4_nl", 32, 18, false, false}},
+    {GgmlType::IQ4_NL, {"iq4_nl", 32, 18, true, false}},
     {GgmlType::IQ3_S, {"iq3_s", 256, 110, false, false}},
     {GgmlType::IQ2_S, {"iq2_s", 256, 82, false, false}},
-    {GgmlType::IQ4_XS, {"iq4_xs", 256, 136, false, false}},
+    {GgmlType::IQ4_XS, {"iq4_xs", 256, 136, true, false}},
     {GgmlType::I8, {"i8", 1, 1, false, false}},
     {GgmlType::I16, {"i16", 1, 2, false, false}},
     {GgmlType::I32, {"i32", 1, 4, false, false}},
@@ -228,6 +228,35 @@ void dequant_q3_k(const uint8_t* src, float* y, int64_t nb) {
             *y++ = dl * q;
           }
         }
+  }
+}
+
+void dequant_iq4_nl(const uint8_t* src, float* y, int64_t nb) {
+  for (int64_t i = 0; i < nb; ++i) {
+    BlockIQ4_NL b;
+    std::memcpy(&b, src + i * sizeof(BlockIQ4_NL), sizeof b);
+    const float d = h2f(b.d);
+    for (int j = 0; j < 16; ++j) {
+      y[i * 32 + j] = d * kIq4NlValues[b.qs[j] & 0xF];
+      y[i * 32 + j + 16] = d * kIq4NlValues[b.qs[j] >> 4];
+    }
+  }
+}
+
+void dequant_iq4_xs(const uint8_t* src, float* y, int64_t nb) {
+  for (int64_t i = 0; i < nb; ++i) {
+    BlockIQ4_XS b;
+    std::memcpy(&b, src + i * sizeof(BlockIQ4_XS), sizeof b);
+    const float d = h2f(b.d);
+    for (int s = 0; s < 8; ++s) {
+      const int ls = ((b.scales_l[s / 2] >> (4 * (s % 2))) & 0xF) | (((b.scales_h >> (2 * s)) & 3) << 4);
+      const float dl = d * (ls - 32);
+      for (int j = 0; j < 16; ++j) {
+        y[j] = dl * kIq4NlValues[b.qs[16 * s + j] & 0xF];
+        y[j + 16] = dl * kIq4NlValues[b.qs[16 * s + j] >> 4];
+      }
+      y += 32;
+    }
   }
 }
 
@@ -599,6 +628,8 @@ GgmlType dtype_ggml_type(DType t) {
     case DType::Q6_K: return GgmlType::Q6_K;
     case DType::Q2_K: return GgmlType::Q2_K;
     case DType::Q3_K: return GgmlType::Q3_K;
+    case DType::IQ4_NL: return GgmlType::IQ4_NL;
+    case DType::IQ4_XS: return GgmlType::IQ4_XS;
     default: break;
   }
   MOE_FAIL("%s is not a quantized block dtype (this is a bug)", dtype_name(t));
@@ -616,6 +647,8 @@ bool dtype_from_ggml_type(GgmlType g, DType* out) {
     case GgmlType::Q6_K: *out = DType::Q6_K; return true;
     case GgmlType::Q2_K: *out = DType::Q2_K; return true;
     case GgmlType::Q3_K: *out = DType::Q3_K; return true;
+    case GgmlType::IQ4_NL: *out = DType::IQ4_NL; return true;
+    case GgmlType::IQ4_XS: *out = DType::IQ4_XS; return true;
     default: return false;
   }
 }
@@ -653,9 +686,11 @@ void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n) {
     case GgmlType::Q6_K: dequant_q6_k(s, dst, nb); return;
     case GgmlType::Q2_K: dequant_q2_k(s, dst, nb); return;
     case GgmlType::Q3_K: dequant_q3_k(s, dst, nb); return;
+    case GgmlType::IQ4_NL: dequant_iq4_nl(s, dst, nb); return;
+    case GgmlType::IQ4_XS: dequant_iq4_xs(s, dst, nb); return;
     default: break;
   }
-  MOE_FAIL("cannot dequantize ggml type %s (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_K q3_K q4_K q5_K q6_K)", ggml_type_name(type));
+  MOE_FAIL("cannot dequantize ggml type %s (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_K q3_K q4_K q5_K q6_K iq4_nl iq4_xs)", ggml_type_name(type));
 }
 
 void quantize_row(GgmlType type, const float* src, void* dst, int64_t n) {

@@ -101,6 +101,22 @@ struct BlockQ3_K {
   uint8_t scales[12];
   uint16_t d;
 };
+// IQ4_NL: 32 values, x = d * kIq4NlValues[q] (a non-linear 4-bit grid), nibbles as Q4_0.
+struct BlockIQ4_NL {
+  uint16_t d;
+  uint8_t qs[16];
+};
+// IQ4_XS: 256 values in 8 sub-blocks of 32, x = d * (ls[s] - 32) * kIq4NlValues[q]: the 6-bit ls
+// has its low 4 bits in scales_l[s / 2] (nibble s % 2) and its top 2 bits at bit 2s of
+// scales_h; each sub-block's 16 bytes of nibbles as Q4_0's.
+struct BlockIQ4_XS {
+  uint16_t d;
+  uint16_t scales_h;
+  uint8_t scales_l[4];
+  uint8_t qs[128];
+};
+// The 16 levels of the IQ4 formats (ggml-common.h's kvalues_iq4nl: part of the format).
+inline constexpr int8_t kIq4NlValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 // Q6_K: 256 values in 16 sub-blocks of 16, x = d * sc[s] * (q - 32), q in 0..63 (4 low bits
 // in ql, 2 high bits in qh), sc int8.
 struct BlockQ6_K {
@@ -112,7 +128,7 @@ struct BlockQ6_K {
 static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 &&
                   sizeof(BlockQ5_0) == 22 && sizeof(BlockQ5_1) == 24 && sizeof(BlockQ4_K) == 144 &&
                   sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210 && sizeof(BlockQ2_K) == 84 &&
-                  sizeof(BlockQ3_K) == 110,
+                  sizeof(BlockQ3_K) == 110 && sizeof(BlockIQ4_NL) == 18 && sizeof(BlockIQ4_XS) == 136,
               "block layouts must match ggml-common.h");
 
 struct GgmlTypeInfo {

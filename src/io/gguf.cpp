@@ -416,7 +416,7 @@ Tensor GgufFile::dequantize(const std::string& name, MemCategory cat) const {
   const GgufTensorInfo* t = find_tensor(name);
   MOE_CHECK(t, "%s: no tensor '%s'", path_.c_str(), name.c_str());
   const GgmlTypeInfo& ti = ggml_type_info(t->type);
-  MOE_CHECK(ti.dequantizable, "%s: tensor '%s' has type %s, which the engine cannot read (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_K q3_K q4_K q5_K q6_K)",
+  MOE_CHECK(ti.dequantizable, "%s: tensor '%s' has type %s, which the engine cannot read (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_K q3_K q4_K q5_K q6_K iq4_nl iq4_xs)",
             path_.c_str(), name.c_str(), ti.name);
   Tensor out = Tensor::empty(t->torch_shape(), DType::F32, cat);
   const int64_t row = t->ne[0];

@@ -34,8 +34,9 @@ struct QActs {
 // run_fmt serve every n) and no decode kernel of their own.
 constexpr bool quant_is_legacy(DType t) { return t == DType::Q4_1 || t == DType::Q5_0 || t == DType::Q5_1; }
 
-// The formats with a packed prefill layout (cpu_quant_packed.h); q2_K / q3_K (llama.cpp's Q2_K and
-// Q3_K_* files) take the tiles of several activation rows at every n, as the legacy types do.
+// The formats with a packed prefill layout (cpu_quant_packed.h); the others (q2_K, q3_K, iq4_nl,
+// iq4_xs: only read from llama.cpp's files) take the tiles of several activation rows at every n,
+// as the legacy types do.
 constexpr bool quant_has_packed(DType t) {
   return t == DType::Q8_0 || t == DType::Q4_0 || t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K;
 }

@@ -15,6 +15,7 @@
 //   q4_k  per 256: d·da·Σ_s sc_s Σ q·a_q − dmin·da·Σ_s m_s Σ a_q   (sub-blocks of 32)
 //   q5_k  as q4_k with the fifth bit from qh
 //   q6_k  per 256: d·da·(Σ_s sc_s Σ q·a_q − 32·Σ_s sc_s Σ a_q)   (sub-blocks of 16)
+//   iq4_nl  as q8_0 with the values looked up from 16 levels;  iq4_xs  per 256: d·da·Σ_s (ls_s−32)·Σ w·a_q
 //   q3_k  as q6_k with 3-bit q, offset 4, scales sc − 32;  q2_k  per 256: d·da·Σ_s sc_s Σ q·a_q −
 //         dmin·da·Σ_s m_s Σ a_q   (sub-blocks of 16, 2-bit q)
 // with q unsigned (u8) against the signed activations (|a_q| <= 127). Integer sums cannot
@@ -131,19 +132,49 @@ struct ARows {
 // vector measured slower on AMD Zen 4: 512-bit ops are double-pumped there and the per-block
 // scales need lane inserts); the VNNI variant uses the 256-bit vpdpbusd. --------------------
 
-// q8_0: 34-byte blocks {f16 d; int8 q[32]}; signed x signed through the sign trick.
-template <int RW, int RX>
-void tile_q8_0(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, float* res, int64_t ahead) {
+// q4_0: 18-byte blocks {f16 d; u8 qs[16]}: value j is the low nibble of byte j, value j+16 the
+// high one.
+inline __m256i unpack_q4_0(const uint8_t* qs) {
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+}
+
+// The 16 iq4 levels (kIq4NlValues) in both 128-bit lanes, for one pshufb per 32 values.
+struct Iq4Table {
+  alignas(32) int8_t v[32];
+  constexpr Iq4Table() : v() {
+    for (int j = 0; j < 32; ++j) v[j] = kIq4NlValues[j % 16];
+  }
+};
+inline constexpr Iq4Table kIq4{};
+
+// The 32-value formats of signed values with one f16 scale at the block's start: q8_0 (34-byte
+// blocks {f16 d; int8 q[32]}) and iq4_nl (18 bytes {f16 d; u8 qs[16]}, the nibbles as q4_0's
+// indexing kIq4NlValues). block_s8 returns the 32 int8 values of the block at p.
+template <DType WT>
+struct S8Block {
+  static constexpr int64_t kBytes = WT == DType::Q8_0 ? 34 : 18;
+};
+template <DType WT>
+inline __m256i block_s8(const uint8_t* p) {
+  if constexpr (WT == DType::Q8_0) return load256(p + 2);
+  else return _mm256_shuffle_epi8(load256(kIq4.v), unpack_q4_0(p + 2));
+}
+
+// q8_0 / iq4_nl: signed x signed through the sign trick.
+template <DType WT, int RW, int RX>
+void tile_s8(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, float* res, int64_t ahead) {
   ARows<RX> ar(a, x0);
   __m256 acc[RW][RX];
   for (int r = 0; r < RW; ++r)
     for (int i = 0; i < RX; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     for (int r = 0; r < RW; ++r) {
-      const uint8_t* p = wr[r] + b * 34;
-      prefetch_ahead(p, ahead, 1);  // 34-byte steps < 64: every line is touched
+      const uint8_t* p = wr[r] + b * S8Block<WT>::kBytes;
+      prefetch_ahead(p, ahead, 1);  // 18-34-byte steps < 64: every line is touched
       const float dw = h2f(p);
-      const __m256i wq = load256(p + 2);
+      const __m256i wq = block_s8<WT>(p);
       const __m256i wa = _mm256_sign_epi8(wq, wq);  // |w| (128 for -128: right as u8)
       for (int i = 0; i < RX; ++i) {
         const __m256i aq = load256(ar.q[i] + b * 32);
@@ -177,13 +208,13 @@ inline __m256 gather_h4x2(const uint8_t* const* p, int64_t o0, int64_t o1) {
   return _mm256_cvtph_ps(h);
 }
 
-// q8_0 decode (one activation row), 4 rows and 2 blocks at a time: each row's 8-lane integer
+// q8_0 / iq4_nl decode (one activation row), 4 rows and 2 blocks at a time: each row's 8-lane integer
 // dot is reduced across lanes (sum4_rows), the two blocks' halves joined, so one vector holds
 // block b of rows 0-3 and block b+1 of rows 0-3, converted and scaled by one instruction each.
 // The row-at-a-time tile converted, multiplied and broadcast each row's scale and ran one
 // conversion and fma per row and block.
-template <int RW>
-void tile_q8_0_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
+template <DType WT, int RW>
+void tile_s8_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
   static_assert(RW == 4, "sum4_rows and the scale gather take 4 rows");
   __m256 acc = _mm256_setzero_ps();
   __m256i sums[2];
@@ -191,16 +222,16 @@ void tile_q8_0_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float*
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
 #pragma GCC unroll 8
-    for (int r = 0; r < RW; ++r) p[r] = wr[r] + b * 34;
+    for (int r = 0; r < RW; ++r) p[r] = wr[r] + b * S8Block<WT>::kBytes;
 #pragma GCC unroll 2
     for (int e = 0; e < 2; ++e) {
       const __m256i aq = load256(a.qs + (b + e) * 32);
       __m256i dot[RW];
 #pragma GCC unroll 8
       for (int r = 0; r < RW; ++r) {
-        const uint8_t* q = p[r] + e * 34;
+        const uint8_t* q = p[r] + e * S8Block<WT>::kBytes;
         prefetch_ahead(q, ahead, 1);
-        const __m256i wq = load256(q + 2);
+        const __m256i wq = block_s8<WT>(q);
         dot[r] = dot_us(_mm256_setzero_si256(), _mm256_sign_epi8(wq, wq), _mm256_sign_epi8(aq, wq));
       }
       sums[e] = sum4_rows(dot[0], dot[1], dot[2], dot[3]);
@@ -209,7 +240,7 @@ void tile_q8_0_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float*
     const __m256i tot = _mm256_add_epi32(_mm256_permute2x128_si256(sums[0], sums[1], 0x20),
                                          _mm256_permute2x128_si256(sums[0], sums[1], 0x31));
     const __m256 da = _mm256_set_m128(_mm_set1_ps(a.d[b + 1]), _mm_set1_ps(a.d[b]));
-    const __m256 dd = _mm256_mul_ps(gather_h4x2(p, 0, 34), da);
+    const __m256 dd = _mm256_mul_ps(gather_h4x2(p, 0, S8Block<WT>::kBytes), da);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), dd, acc);
   }
   alignas(32) float lanes[8];
@@ -217,24 +248,17 @@ void tile_q8_0_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float*
   for (int r = 0; r < RW; ++r) res[r] = lanes[r] + lanes[4 + r];
   if (b < nb) {  // odd block count: the last block of each row through the general tile
     for (int r = 0; r < RW; ++r) {
-      const uint8_t* last[1] = {wr[r] + b * 34};
+      const uint8_t* last[1] = {wr[r] + b * S8Block<WT>::kBytes};
       QActs a1 = a;
       a1.qs = a.qs + b * 32;
       a1.d = a.d + b;
       float one;
-      tile_q8_0<1, 1>(last, a1, 0, 1, &one, 0);
+      tile_s8<WT, 1, 1>(last, a1, 0, 1, &one, 0);
       res[r] += one;
     }
   }
 }
 
-// q4_0: 18-byte blocks {f16 d; u8 qs[16]}: value j is the low nibble of byte j, value j+16 the
-// high one.
-inline __m256i unpack_q4_0(const uint8_t* qs) {
-  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i m = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
-}
 
 // Two q4_0 blocks (b, b+1) starting at p0 as one 256-bit vector of nibbles [b | b+1] (their
 // 16-byte runs joined): lo = values 0-15 of each, hi = values 16-31, against the pair-regrouped
@@ -889,17 +913,53 @@ void tile_k16(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, 
     for (int i = 0; i < RX; ++i) res[r * RX + i] = acc_sum(acc[r][i]);
 }
 
+// iq4_xs: 136-byte super-blocks {f16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]}: 8 sub-blocks
+// of 32 iq4 levels (nibbles as q4_0's) with 6-bit scales ls, x = d·(ls−32)·level, against the
+// q8_K-style activations; per sub-block the sign-trick products times ls−32 in int32 (each
+// maddubs pair <= 2·127·127, times |ls−32| <= 32: far below 2^31 over a super-block).
+template <int RW, int RX>
+void tile_iq4xs(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, float* res, int64_t ahead) {
+  ARows<RX> ar(a, x0);
+  __m256 acc[RW][RX];
+  for (int r = 0; r < RW; ++r)
+    for (int i = 0; i < RX; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int r = 0; r < RW; ++r) {
+      const uint8_t* p = wr[r] + b * 136;
+      prefetch_ahead(p, ahead, 136);
+      const int sh = ld_u16(p + 2);
+      __m256i sumi[RX];
+      for (int i = 0; i < RX; ++i) sumi[i] = _mm256_setzero_si256();
+      for (int s = 0; s < 8; ++s) {
+        const int ls = ((p[4 + s / 2] >> (4 * (s % 2))) & 0xF) | (((sh >> (2 * s)) & 3) << 4);
+        const __m256i wq = _mm256_shuffle_epi8(load256(kIq4.v), unpack_q4_0(p + 8 + 16 * s));
+        const __m256i wa = _mm256_sign_epi8(wq, wq), sc = _mm256_set1_epi16(static_cast<int16_t>(ls - 32));
+        for (int i = 0; i < RX; ++i) {
+          const __m256i aq = load256(ar.q[i] + b * 256 + 32 * s);
+          sumi[i] = madd_acc(sumi[i], _mm256_maddubs_epi16(wa, _mm256_sign_epi8(aq, wq)), sc);
+        }
+      }
+      const float dw = h2f(p);
+      for (int i = 0; i < RX; ++i)
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_set1_ps(dw * ar.d[i][b]), acc[r][i]);
+    }
+  }
+  for (int r = 0; r < RW; ++r)
+    for (int i = 0; i < RX; ++i) res[r * RX + i] = hsum_ps(acc[r][i]);
+}
+
 #include "ops/cpu/cpu_quant_packed.h"  // NOLINT(build/include): part of this file, per variant
 
 // ---- the driver --------------------------------------------------------------------------
 
 template <DType WT, int RW, int RX>
 inline void tile(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb, float* res, int64_t ahead) {
-  if constexpr (WT == DType::Q8_0) tile_q8_0<RW, RX>(wr, a, x0, nb, res, ahead);
+  if constexpr (WT == DType::Q8_0 || WT == DType::IQ4_NL) tile_s8<WT, RW, RX>(wr, a, x0, nb, res, ahead);
   else if constexpr (WT == DType::Q4_0) tile_q4_0<RW, RX>(wr, a, x0, nb, res, ahead);
   else if constexpr (WT == DType::Q4_K) tile_qk45<false, RW, RX>(wr, a, x0, nb, res, ahead);
   else if constexpr (WT == DType::Q5_K) tile_qk45<true, RW, RX>(wr, a, x0, nb, res, ahead);
   else if constexpr (WT == DType::Q6_K || WT == DType::Q3_K || WT == DType::Q2_K) tile_k16<WT, RW, RX>(wr, a, x0, nb, res, ahead);
+  else if constexpr (WT == DType::IQ4_XS) tile_iq4xs<RW, RX>(wr, a, x0, nb, res, ahead);
   else tile_legacy<WT, RW, RX>(wr, a, x0, nb, res, ahead);
 }
 
@@ -962,7 +1022,7 @@ constexpr int kDecodeStreams = 4;
 // K-quant row pairs only in the 256-bit variant, the one measured), else the general tile.
 template <DType WT, int R>
 inline void decode_tile(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res) {
-  if constexpr (WT == DType::Q8_0) tile_q8_0_rows<R>(wr, a, nb, res, kRowAhead);
+  if constexpr (WT == DType::Q8_0 || WT == DType::IQ4_NL) tile_s8_rows<WT, R>(wr, a, nb, res, kRowAhead);
   else if constexpr (WT == DType::Q4_0) tile_q4_0_rows<R>(wr, a, nb, res, kRowAhead);
   else if constexpr ((WT == DType::Q4_K || WT == DType::Q5_K) && !MOE_QK_512)
     tile_qk45_pairs<WT == DType::Q5_K, R>(wr, a, nb, res, kRowAhead);
@@ -1020,6 +1080,8 @@ void run(const QuantJob& jb) {
     case DType::Q5_1: run_type<DType::Q5_1>(jb); return;
     case DType::Q2_K: run_type<DType::Q2_K>(jb); return;
     case DType::Q3_K: run_type<DType::Q3_K>(jb); return;
+    case DType::IQ4_NL: run_type<DType::IQ4_NL>(jb); return;
+    case DType::IQ4_XS: run_type<DType::IQ4_XS>(jb); return;
     default: MOE_FAIL("quantized gemm: %s is not a quantized weight dtype (this is a bug)", dtype_name(jb.wdt));
   }
 }
