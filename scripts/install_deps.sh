@@ -17,6 +17,7 @@ fi
 
 # Core toolchain and libraries. libomp-dev: clang's OpenMP runtime, needed by the
 # clang/libFuzzer build (find_package(OpenMP) fails under clang without it).
+# libdnnl-dev: oneDNN, the bf16 prefill GEMMs on CPUs with AMX or AVX512-BF16.
 # libclang-rt-14-dev: libFuzzer and the clang sanitizer runtimes.
 # libsentencepiece-dev: tokenizer.model (SentencePiece) support; sentencepiece: its spm_train /
 # spm_encode / spm_decode tools, which the tokenizer tests use as the reference.
@@ -27,6 +28,7 @@ PACKAGES=(
   pkg-config
   libopenblas-dev
   libopenblas-openmp-dev
+  libdnnl-dev
   nlohmann-json3-dev
   libcli11-dev
   libcpp-httplib-dev

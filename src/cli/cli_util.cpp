@@ -7,6 +7,7 @@
 #include <map>
 
 #include "io/gguf_model.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
 #include "ops/ops.h"
 #include "train/lora.h"
 
@@ -34,6 +35,9 @@ LoadOptions resolve_device_flags(const DeviceFlags& f, DType file_dtype) {
     dtype_from_name(f.act_dtype, &o.act_dtype);
   }
   MOE_CHECK(o.device != Device::CPU || o.act_dtype == DType::F32, "--act-dtype bf16 needs --device cuda");
+  // Inference (the commands that take these flags): bf16 prefill on AMX / AVX512-BF16 where the
+  // CPU has them (the exact path of `moe logits` keeps x in f32 regardless).
+  if (o.device == Device::CPU) cpu::use_bf16_matrix_where_available();
   return o;
 }
 

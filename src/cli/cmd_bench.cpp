@@ -23,6 +23,7 @@
 #include "cli/commands.h"
 #include "core/rng.h"
 #include "model/random_init.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
 #include "ops/cpu/cpu_quant_gemm.h"
 #include "ops/ops.h"
 
@@ -160,6 +161,14 @@ double decode_bytes_per_token(const Model& m) {
   return per;
 }
 
+// Whether any projection holds bf16 weights (those the matrix units would take).
+bool has_bf16_projections(const Model& m) {
+  for (const LayerWeights& l : m.weights().layers)
+    for (const Tensor* t : {&l.wqkv, &l.wo, &l.w1, &l.w2, &l.shared_w1, &l.wq_b, &l.wkv_a})
+      if (t->defined() && t->dtype() == DType::BF16) return true;
+  return false;
+}
+
 // Forward FLOPs for T = B*S new tokens after `past` cached ones, logits for the last position.
 double forward_flops(const ModelConfig& c, int64_t b, int64_t s, int64_t past) {
   double t = double(b * s), d = double(c.hidden_size), dh = double(c.head_dim);
@@ -216,6 +225,7 @@ void run_bench(const BenchOpts& o) {
   lo.keep_dtype = true;
   lo.act_dtype = dev == Device::CPU ? DType::F32 : wdt;
   lo.quant_dtype = qdt;
+  if (dev == Device::CPU) cpu::use_bf16_matrix_where_available();
   const std::string kernels = dtype_is_quant(qdt) ? std::string(" (kernels ") + cpu::quant_isa_name(cpu::quant_isa()) + ")" : "";
 
   if (o.model.empty())
@@ -255,7 +265,7 @@ void run_bench(const BenchOpts& o) {
   ForwardOptions fo;
   fo.last_logits_only = true;
   // ratio: of the read bandwidth for CPU decode, else of the copy bandwidth / GEMM peak.
-  double secs = 1e30, work = 0, ratio = 0, ratio_copy = 0, rate = 0, bpt = 0;
+  double secs = 1e30, work = 0, ratio = 0, ratio_copy = 0, rate = 0, bpt = 0, secs_f32 = 0;
   int64_t n_tok = 0;
   if (o.what == "decode") {
     int64_t allocs = 0;  // host blocks the timed decode steps took from the system (want 0)
@@ -301,15 +311,20 @@ void run_bench(const BenchOpts& o) {
       std::printf("        host blocks allocated from the system during the last rep's %lld steps: %lld\n",
                   (long long)n_tok, (long long)allocs);
   } else {
-    for (int64_t rep = 0; rep < o.reps; ++rep) {
-      KVCache kv = m.make_cache(o.batch, o.seq);
-      Tensor ids = random_ids(o.batch, o.seq);
-      synchronize(dev);
-      double t0 = now_seconds();
-      m.forward(ids, kv, fo);
-      synchronize(dev);
-      secs = std::min(secs, now_seconds() - t0);
-    }
+    auto time_prefill = [&] {
+      double best = 1e30;
+      for (int64_t rep = 0; rep < o.reps; ++rep) {
+        KVCache kv = m.make_cache(o.batch, o.seq);
+        Tensor ids = random_ids(o.batch, o.seq);
+        synchronize(dev);
+        double t0 = now_seconds();
+        m.forward(ids, kv, fo);
+        synchronize(dev);
+        best = std::min(best, now_seconds() - t0);
+      }
+      return best;
+    };
+    secs = time_prefill();
     n_tok = o.batch * o.seq;
     peak = std::max(peak, measure_gemm_peak(dev));  // as for bandwidth: the better of before/after
     const double flops = forward_flops(cfg, o.batch, o.seq, 0);
@@ -319,16 +334,35 @@ void run_bench(const BenchOpts& o) {
     std::printf("prefill: %lld x %lld tokens in %.3f s = %.1f tokens/s; %.2f TFLOP -> %.1f GFLOP/s = %.1f%% of "
                 "measured GEMM peak %.1f GFLOP/s\n",
                 (long long)o.batch, (long long)o.seq, secs, rate, flops / 1e12, work / 1e9, 100 * ratio, peak / 1e9);
+    // bf16 weights on the CPU: the matrix units (AMX / AVX512-BF16 through oneDNN) against the
+    // f32 GEMM path (weights widened in cache, sgemm) on the same model in the same run.
+    if (dev == Device::CPU && has_bf16_projections(m)) {
+      if (cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix) {
+        cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+        secs_f32 = time_prefill();
+        cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+        std::printf("        bf16 GEMMs on the matrix units (oneDNN %s): %.1f tokens/s; the f32 GEMM path on the same "
+                    "model: %.1f tokens/s -> %.2fx\n",
+                    cpu::onednn_isa_name().c_str(), rate, double(n_tok) / secs_f32, secs_f32 / secs);
+      } else {
+        std::printf("        bf16 GEMMs took the f32 path (weights widened in cache, sgemm): %s\n",
+                    cpu::bf16_matrix_available() ? "MOE_BF16_GEMM=widen"
+                                                 : ("no AMX / AVX512-BF16 here, oneDNN ISA " + cpu::onednn_isa_name()).c_str());
+      }
+    }
   }
   std::printf("%s", mem_report().c_str());
   if (o.json)
     std::printf("{\"bench\":\"%s\",\"arch\":\"%s\",\"preset\":\"%s\",\"layers\":%lld,\"device\":\"%s\","
                 "\"dtype\":\"%s\",\"tokens\":%lld,\"seconds\":%.6f,\"tokens_per_s\":%.3f,\"achieved\":%.6e,"
                 "\"roofline_copy_bytes_per_s\":%.6e,\"roofline_read_bytes_per_s\":%.6e,\"roofline_gemm_flops\":%.6e,"
-                "\"weight_bytes_per_token\":%.6e,\"ratio\":%.4f,\"ratio_copy\":%.4f,\"threads\":%d}\n",
+                "\"weight_bytes_per_token\":%.6e,\"ratio\":%.4f,\"ratio_copy\":%.4f,\"threads\":%d,"
+                "\"bf16_gemm\":\"%s\",\"tokens_per_s_f32_gemm\":%.3f}\n",
                 o.what.c_str(), o.model.empty() ? o.arch.c_str() : cfg.model_type.c_str(),
                 o.model.empty() ? o.preset.c_str() : o.model.c_str(), (long long)cfg.n_layer, device_name(dev),
-                o.dtype.c_str(), (long long)n_tok, secs, rate, work, bw, read_bw, peak, bpt, ratio, ratio_copy, omp_get_max_threads());
+                o.dtype.c_str(), (long long)n_tok, secs, rate, work, bw, read_bw, peak, bpt, ratio, ratio_copy, omp_get_max_threads(),
+                cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix ? cpu::onednn_isa_name().c_str() : "f32",
+                secs_f32 > 0 ? double(n_tok) / secs_f32 : 0.0);
 }
 
 }  // namespace

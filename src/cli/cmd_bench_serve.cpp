@@ -23,6 +23,7 @@
 #include "core/memory.h"
 #include "core/rng.h"
 #include "model/random_init.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
 #include "serve/engine.h"
 
 namespace moe {
@@ -54,6 +55,7 @@ void run_serve_bench(const ServeBenchOpts& o) {
                o.preset.c_str(), (long long)cfg.n_layer, o.dtype.c_str());
   LoadOptions lo;
   lo.keep_dtype = true;
+  cpu::use_bf16_matrix_where_available();  // prefill chunks, as moe serve runs them
   Model m = Model::from_tensors(cfg, random_weights(cfg, o.seed, wdt), lo);
 
   // Weight bytes: read every step (non-expert) and per expert touched.

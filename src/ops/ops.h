@@ -24,6 +24,9 @@
 //   use integer dot products, so they differ from the exact product with the dequantized
 //   weights by that rounding; cpu::set_quant_exact(true) (`moe logits` without --fast) computes
 //   the exact product instead (row chunks dequantized, f32 BLAS), as the reference backend (f64).
+// - bf16 weights on a CPU with AMX or AVX512-BF16 (ops/cpu/cpu_gemm_onednn.h): products with more
+//   rows than decode streams round x to bf16 and run in bf16 with f32 accumulation, as a bf16
+//   autocast does; the exact path (set_quant_exact(true)) keeps x in f32 there too.
 // - All tensors of one call live on one device.
 // - Backward ops (the training section below): parameter gradients accumulate (+=), activation
 //   gradients are assigned (=).

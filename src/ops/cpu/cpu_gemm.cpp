@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
 #include "ops/cpu/cpu_quant_gemm.h"
 #include "ops/cpu/cpu_scratch.h"
 
@@ -234,6 +235,13 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
       case DType::F16: gemv_rows<DType::F16>(out, ldo, x, w, n, m, k, accumulate); return;
       default: MOE_FAIL("gemm: unsupported weight dtype %s", dtype_name(wdt));
     }
+  }
+  // bf16 weights on a CPU with matrix units (AMX, AVX512-BF16): x rounded to bf16 and oneDNN's
+  // bf16 matmul (cpu_gemm_onednn.h) — not on the exact path, and not inside a parallel region
+  // (training's expert rows split over threads), where the f32 path below runs.
+  if (wdt == DType::BF16 && bf16_gemm() == Bf16Gemm::Matrix && !quant_exact() && !omp_in_parallel()) {
+    onednn_gemm_xwt(out, ldo, x, w, wdt, n, m, k, accumulate);
+    return;
   }
   const float beta = accumulate ? 1.0f : 0.0f;
   if (wdt == DType::F32) {

@@ -5,7 +5,9 @@
 // row chunks); small n (decode) through a bandwidth-bound kernel that reads each weight row
 // once for all n rows of x, converting on the fly. Threaded with OpenMP / OpenBLAS.
 // gemm_xwt also takes the quantized block dtypes (inference): it hands them to
-// quant_gemm_xwt (cpu_quant_gemm.h), which rounds x to int8 blocks.
+// quant_gemm_xwt (cpu_quant_gemm.h), which rounds x to int8 blocks; and bf16 weights with more
+// rows than decode streams to oneDNN's bf16 matmul where the CPU has AMX or AVX512-BF16
+// (cpu_gemm_onednn.h), which rounds x to bf16.
 #pragma once
 #include <cstdint>
 

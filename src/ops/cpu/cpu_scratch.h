@@ -16,6 +16,8 @@ namespace cpu {
 enum class Scratch : int {
   GemmWidened,   // cpu_gemm: a chunk of bf16/f16 weight rows widened to f32
   GemvX,         // cpu_gemm: the streaming kernel's x rows, de-interleaved for bf16 weights
+  MatrixX,       // cpu_gemm_onednn: x rounded to bf16, rows padded
+  MatrixOut,     //                  the product before it goes to out's rows
   LinearBias,    // linear_forward: the bias as f32
   AttnScores,    // attention_forward: one query row's scores
   NormWeight,    // rmsnorm: the weight as f32

@@ -1,0 +1,48 @@
+// cpu_gemm_onednn.h — bf16 GEMMs on the CPU's matrix units (AMX, AVX512-BF16) through oneDNN.
+//
+// Prefill-sized products with bf16 weights (more rows of x than the streaming kernel takes) can
+// run in bf16 where the CPU multiplies bf16 natively: x rounded to bf16 (round to nearest even),
+// products accumulated in f32. oneDNN (Debian's libdnnl-dev) picks its AMX or AVX512-BF16 kernel
+// at run time; where neither exists (AVX2), or oneDNN is not built in, gemm_xwt keeps its f32
+// path (the weights widened to f32 in cache, then sgemm). The exact path (`moe logits` without
+// --fast, cpu::set_quant_exact(true)) never rounds x: there the f32 path runs on every CPU.
+//
+// The same wrapper runs f32 weights with f32 x (an f32 matmul), which every CPU has: the tests
+// check the layout (strides, ldo, accumulation, padded row counts) on this path everywhere, and
+// the bf16 path itself where the CPU has it.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "core/dtype.h"
+
+namespace moe {
+namespace cpu {
+
+// Which product gemm_xwt gives prefill-sized bf16-weight GEMMs.
+enum class Bf16Gemm {
+  Widen,   // bf16 weights widened to f32 in cache, f32 sgemm (x exact)
+  Matrix,  // x rounded to bf16, oneDNN's bf16 matmul on the matrix units
+};
+
+// True when oneDNN is built in and its effective ISA multiplies bf16 natively.
+bool bf16_matrix_available();
+// oneDNN's effective ISA in words ("avx512_core_amx", "avx2", ... or "none: built without oneDNN").
+std::string onednn_isa_name();
+
+// The mode for the process. The library's default is Widen (x exact, as the tests' bounds
+// assume on every CPU), or Matrix with MOE_BF16_GEMM=matrix in the environment; asking for
+// Matrix where it is not available is an error.
+void set_bf16_gemm(Bf16Gemm mode);
+Bf16Gemm bf16_gemm();
+// The inference commands (generate, serve, perplexity, logits --fast, bench): Matrix where
+// available, unless MOE_BF16_GEMM=widen.
+void use_bf16_matrix_where_available();
+
+// out [n, ldo] (+)= x [n, k] · w [m, k]ᵀ through oneDNN's matmul, w bf16 (x rounded to bf16) or
+// f32 (x as is). Threads: oneDNN's own (OpenMP); called outside parallel regions only.
+void onednn_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
+                     int64_t k, bool accumulate);
+
+}  // namespace cpu
+}  // namespace moe

@@ -1,0 +1,172 @@
+// test_gemm_onednn.cpp — the bf16 matrix-unit GEMM (ops/cpu/cpu_gemm_onednn.h).
+//
+// The wrapper around oneDNN's matmul is the same for f32 and bf16 weights: the f32 path, which
+// every CPU has, checks the layout here (weights read as [m, k] rows, out's row stride ldo,
+// accumulation, row counts padded for the primitive cache) against a float64 product. The bf16
+// path needs AMX or AVX512-BF16: where oneDNN reports them it is checked against the float64
+// product of x rounded to bf16 (bf16 x bf16 products are exact in f32, so only f32 summation
+// separates them: |y - r| <= 1e-5 · Σ|x̂|·|w| + 1e-30); elsewhere those tests say SKIPPED.
+#include <gtest/gtest.h>
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/error.h"
+#include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
+#include "ops/cpu/cpu_quant_gemm.h"
+
+namespace moe {
+namespace {
+
+struct Shape {
+  int64_t n, m, k, ldo;
+  bool accumulate;
+};
+
+// Rows that pad to the next bucket (17, 300), exact buckets (32), m and k not multiples of any
+// vector width, and out wider than m (ldo) with accumulation onto it.
+const Shape kShapes[] = {{17, 33, 70, 33, false}, {32, 64, 128, 80, true}, {300, 48, 96, 48, false},
+                         {21, 129, 257, 140, true}};
+
+std::vector<float> random_vec(size_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = u(g);
+  return v;
+}
+
+// out0 + x·wᵀ in float64 (x, w as given), and the bound on f32 summation error per output.
+void reference(const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& out0,
+               const Shape& s, std::vector<double>* r, std::vector<double>* bound) {
+  r->assign(size_t(s.n * s.ldo), 0.0);
+  bound->assign(size_t(s.n * s.ldo), 0.0);
+  for (int64_t i = 0; i < s.n; ++i)
+    for (int64_t j = 0; j < s.ldo; ++j) {
+      const size_t o = size_t(i * s.ldo + j);
+      if (j >= s.m) {
+        (*r)[o] = out0[o];  // past the first m columns: untouched
+        continue;
+      }
+      double acc = s.accumulate ? out0[o] : 0.0, mag = s.accumulate ? std::fabs(out0[o]) : 0.0;
+      for (int64_t t = 0; t < s.k; ++t) {
+        acc += double(x[size_t(i * s.k + t)]) * double(w[size_t(j * s.k + t)]);
+        mag += std::fabs(double(x[size_t(i * s.k + t)]) * double(w[size_t(j * s.k + t)]));
+      }
+      (*r)[o] = acc;
+      (*bound)[o] = 1e-5 * mag + 1e-30;
+    }
+}
+
+void expect_within(const std::vector<float>& out, const std::vector<double>& r, const std::vector<double>& bound,
+                   const Shape& s) {
+  int bad = 0;
+  for (size_t o = 0; o < out.size(); ++o)
+    if (!(std::fabs(double(out[o]) - r[o]) <= bound[o]) && bad++ < 5)
+      ADD_FAILURE() << "n " << s.n << " m " << s.m << " k " << s.k << " ldo " << s.ldo << " at " << o << ": "
+                    << out[o] << " vs " << r[o];
+  EXPECT_EQ(bad, 0);
+}
+
+TEST(OneDnnGemm, F32LayoutMatchesFloat64Product) {
+  if (cpu::onednn_isa_name().rfind("none", 0) == 0) GTEST_SKIP() << "SKIPPED: built without oneDNN";
+  uint32_t seed = 1;
+  for (const Shape& s : kShapes) {
+    auto x = random_vec(size_t(s.n * s.k), seed++), w = random_vec(size_t(s.m * s.k), seed++);
+    auto out = random_vec(size_t(s.n * s.ldo), seed++);
+    std::vector<double> r, bound;
+    reference(x, w, out, s, &r, &bound);
+    cpu::onednn_gemm_xwt(out.data(), s.ldo, x.data(), w.data(), DType::F32, s.n, s.m, s.k, s.accumulate);
+    expect_within(out, r, bound, s);
+  }
+}
+
+TEST(OneDnnGemm, RefusesOtherDtypesAndParallelRegions) {
+  if (cpu::onednn_isa_name().rfind("none", 0) == 0) GTEST_SKIP() << "SKIPPED: built without oneDNN";
+  std::vector<float> x(32 * 8, 1.0f), out(32 * 8);
+  std::vector<uint16_t> w(8 * 8, 0);
+  EXPECT_THROW(cpu::onednn_gemm_xwt(out.data(), 8, x.data(), w.data(), DType::F16, 32, 8, 8, false), Error);
+  bool threw = false;
+#pragma omp parallel num_threads(2)
+  {
+#pragma omp single
+    {
+      try {
+        cpu::onednn_gemm_xwt(out.data(), 8, x.data(), x.data(), DType::F32, 32, 8, 8, false);
+      } catch (const Error&) {
+        threw = true;
+      }
+    }
+  }
+  EXPECT_TRUE(threw);
+}
+
+TEST(OneDnnGemm, ModeFollowsTheCpu) {
+  // The library keeps x exact by default on every CPU; the inference commands opt in.
+  if (std::getenv("MOE_BF16_GEMM")) GTEST_SKIP() << "SKIPPED: MOE_BF16_GEMM is set";
+  EXPECT_EQ(cpu::bf16_gemm(), cpu::Bf16Gemm::Widen);
+  cpu::use_bf16_matrix_where_available();
+  EXPECT_EQ(cpu::bf16_gemm(), cpu::bf16_matrix_available() ? cpu::Bf16Gemm::Matrix : cpu::Bf16Gemm::Widen);
+  cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+  if (!cpu::bf16_matrix_available()) {
+    try {
+      cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+      ADD_FAILURE() << "asking for matrix units on a CPU without them must fail";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(cpu::onednn_isa_name()), std::string::npos) << e.what();
+    }
+  }
+}
+
+// x rounded to bf16 as the matrix path does (to nearest even).
+std::vector<float> bf16_rounded(const std::vector<float>& v) {
+  std::vector<float> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = bf16_to_f32(f32_to_bf16(v[i]));
+  return r;
+}
+
+TEST(OneDnnGemm, Bf16MatchesFloat64ProductOfRoundedX) {
+  if (!cpu::bf16_matrix_available())
+    GTEST_SKIP() << "SKIPPED: no AMX / AVX512-BF16 here (oneDNN ISA " << cpu::onednn_isa_name() << ")";
+  uint32_t seed = 100;
+  for (const Shape& s : kShapes) {
+    auto x = random_vec(size_t(s.n * s.k), seed++), wf = random_vec(size_t(s.m * s.k), seed++);
+    auto out = random_vec(size_t(s.n * s.ldo), seed++);
+    std::vector<uint16_t> w(wf.size());
+    for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
+    std::vector<double> r, bound;
+    reference(bf16_rounded(x), bf16_rounded(wf), out, s, &r, &bound);
+    // Through gemm_xwt, the way linear and expert ops reach it.
+    cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+    cpu::gemm_xwt(out.data(), s.ldo, x.data(), w.data(), DType::BF16, s.n, s.m, s.k, s.accumulate);
+    cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+    expect_within(out, r, bound, s);
+  }
+}
+
+TEST(OneDnnGemm, ExactPathKeepsXInF32) {
+  if (!cpu::bf16_matrix_available())
+    GTEST_SKIP() << "SKIPPED: no AMX / AVX512-BF16 here (oneDNN ISA " << cpu::onednn_isa_name() << ")";
+  const Shape s{40, 24, 64, 24, false};
+  auto x = random_vec(size_t(s.n * s.k), 7), wf = random_vec(size_t(s.m * s.k), 8);
+  std::vector<uint16_t> w(wf.size());
+  for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
+  std::vector<float> out(size_t(s.n * s.ldo), 0.0f), out0 = out;
+  std::vector<double> r, bound;
+  reference(x, bf16_rounded(wf), out0, s, &r, &bound);  // x not rounded
+  cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+  cpu::set_quant_exact(true);
+  cpu::gemm_xwt(out.data(), s.ldo, x.data(), w.data(), DType::BF16, s.n, s.m, s.k, false);
+  cpu::set_quant_exact(false);
+  cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+  expect_within(out, r, bound, s);
+}
+
+}  // namespace
+}  // namespace moe
