@@ -6,7 +6,8 @@
 # decode tg (tokens/s over --tokens steps after a short prompt) and prefill pp (one batch of --seq
 # tokens). Prints one table with the ratios (ours / llama.cpp) and the machine's CPU flags.
 # usage: bash bench/gguf_vs_llamacpp.sh [BUILD_DIR] [PRESET] [TYPES...]
-#   defaults: build, medium, q8_0 q4_0 q4_k_m bf16. Run on a quiet machine; THREADS (default:
+#   defaults: build, medium, q8_0 q4_0 q4_k_m bf16; also any type `moe quantize --type` writes,
+#   and q2_k q3_k_m iq4_nl iq4_xs, which llama.cpp's quantizer makes from our bf16 file. Run on a quiet machine; THREADS (default:
 #   nproc) threads for both engines. Each engine runs with its own thread-pool defaults: llama.cpp
 #   spins its pool between ops; ours is libgomp, left at its default wait policy (spin briefly,
 #   then sleep). OMP_WAIT_POLICY=passive (sleep at once) cost our decode 30-65% on this 2-core
@@ -28,6 +29,9 @@ bash "${REPO}/tests/gguf/setup.sh" "${BUILD}/gguf-ref" >&2
 source "${BUILD}/gguf-ref/env"
 export LLAMA_REF_LIBDIR
 
+# Types our quantizer does not write (read-only, core/dtype.h): llama.cpp's ftype numbers.
+declare -A LLAMA_FTYPE=([q2_k]=10 [q3_k_m]=12 [iq4_nl]=25 [iq4_xs]=30)
+
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/moe-gguf-bench.XXXXXX")"
 trap 'rm -rf "${WORK}"' EXIT
 "${MOE}" init --arch mixtral --preset "${PRESET}" --seed 1 --out "${WORK}/model" >/dev/null
@@ -36,11 +40,19 @@ echo "model: mixtral/${PRESET} (random weights), threads ${THREADS}, decode ${TG
 printf '%-8s %12s %12s %7s %12s %12s %7s\n' type "ours tg/s" "llama tg/s" ratio "ours pp/s" "llama pp/s" ratio
 for t in "${TYPES[@]}"; do
   f="${WORK}/m-${t}.gguf"
-  "${MOE}" quantize "${WORK}/model" --type "${t}" --out "${f}" --quiet >/dev/null
-  label="${t}"; [[ "${t}" == q4_k_m ]] && label=q4_k
-  ours_tg=$("${MOE}" bench decode --model "${f}" --dtype "${label}" --tokens "${TG}" --prompt 16 --reps "${REPS}" --json 2>/dev/null |
+  if [[ -n "${LLAMA_FTYPE[${t}]:-}" ]]; then
+    # A type only llama.cpp writes: its quantizer on our bf16 file.
+    [[ -f "${WORK}/m-src-bf16.gguf" ]] || "${MOE}" quantize "${WORK}/model" --type bf16 --out "${WORK}/m-src-bf16.gguf" --quiet >/dev/null
+    "${LLAMA_REF}" quantize "${WORK}/m-src-bf16.gguf" "${f}" "${LLAMA_FTYPE[${t}]}" >/dev/null 2>&1
+    dt=()
+  else
+    "${MOE}" quantize "${WORK}/model" --type "${t}" --out "${f}" --quiet >/dev/null
+    label="${t}"; [[ "${t}" == q4_k_m ]] && label=q4_k
+    dt=(--dtype "${label}")
+  fi
+  ours_tg=$("${MOE}" bench decode --model "${f}" "${dt[@]}" --tokens "${TG}" --prompt 16 --reps "${REPS}" --json 2>/dev/null |
             python3 -c 'import json,sys; print([json.loads(l) for l in sys.stdin if l.startswith("{")][-1]["tokens_per_s"])')
-  ours_pp=$("${MOE}" bench prefill --model "${f}" --dtype "${label}" --batch 1 --seq "${PP}" --reps "${REPS}" --json 2>/dev/null |
+  ours_pp=$("${MOE}" bench prefill --model "${f}" "${dt[@]}" --batch 1 --seq "${PP}" --reps "${REPS}" --json 2>/dev/null |
             python3 -c 'import json,sys; print([json.loads(l) for l in sys.stdin if l.startswith("{")][-1]["tokens_per_s"])')
   theirs=$("${LLAMA_REF}" bench "${f}" "${PP}" "${TG}" "${REPS}" "${THREADS}")
   llama_pp=$(sed -n 's/^pp [0-9]*: \([0-9.]*\) tok\/s/\1/p' <<<"${theirs}")

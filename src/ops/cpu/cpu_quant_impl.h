@@ -30,15 +30,14 @@ struct QActs {
 };
 
 // q4_1 / q5_0 / q5_1: 32-value blocks with a minimum or a fixed offset, whose kernels need Σq of
-// each activation block (QActs::sum32); they have no packed prefill layout (the tiles of
-// run_fmt serve every n) and no decode kernel of their own.
+// each activation block (QActs::sum32); no decode kernel of their own layout.
 constexpr bool quant_is_legacy(DType t) { return t == DType::Q4_1 || t == DType::Q5_0 || t == DType::Q5_1; }
 
-// The formats with a packed prefill layout (cpu_quant_packed.h); the others (q2_K, q3_K, iq4_nl,
-// iq4_xs: only read from llama.cpp's files) take the tiles of several activation rows at every n,
-// as the legacy types do.
+// The formats with a packed prefill layout (cpu_quant_packed.h); the others (q2_K, q3_K: only
+// read from llama.cpp's files) take the tiles of several activation rows at every n.
 constexpr bool quant_has_packed(DType t) {
-  return t == DType::Q8_0 || t == DType::Q4_0 || t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K;
+  return t == DType::Q8_0 || t == DType::Q4_0 || t == DType::Q4_1 || t == DType::Q5_0 || t == DType::Q5_1 ||
+         t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K || t == DType::IQ4_NL || t == DType::IQ4_XS;
 }
 
 // The packed prefill path (cpu_quant_packed.h) is taken from this many activation rows on:
@@ -52,10 +51,15 @@ struct QuantPackedLayout {
 };
 constexpr QuantPackedLayout quant_packed_layout(DType wdt) {
   switch (wdt) {
-    case DType::Q8_0: return {32, 512 + 32, 512};
-    case DType::Q4_0: return {32, 256 + 32, 256};
+    case DType::Q8_0:
+    case DType::IQ4_NL: return {32, 512 + 32, 512};
+    case DType::Q4_0:
+    case DType::Q5_0: return {32, 256 + 32, 256};
+    case DType::Q4_1:
+    case DType::Q5_1: return {32, 256 + 64, 256};
     case DType::Q4_K:
     case DType::Q5_K: return {256, 2048 + 256 + 128 + 64, 2048 + 256 + 128};
+    case DType::IQ4_XS: return {256, 4096 + 256 + 32, 4096 + 256};
     default: return {256, 2048 + 512 + 256 + 32, 2048 + 512 + 256};  // Q6_K
   }
 }

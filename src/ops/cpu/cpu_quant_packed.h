@@ -17,13 +17,16 @@
 //   values  SB/32 chunks of 256 bytes: chunk c, group g (0..7), row r at byte 256c + 32g + 4r
 //           holds the row's values 32c + 4g .. +3 (q8_0 signed, then the same as |w|; the
 //           other formats unsigned: q4 0..15, q5 0..31, q6 0..63)
-//   q8_0    + f32 d[8]
-//   q4_0    + f32 d[8]                 (the -8 offset: 8·Σa per block, from QActs::sum32)
+//   q8_0, iq4_nl + f32 d[8]            (iq4_nl's levels looked up: signed as q8_0's)
+//   q4_0, q5_0   + f32 d[8]            (the -8 / -16 offset: 8·Σa / 16·Σa per block, QActs::sum32)
+//   q4_1, q5_1   + f32 d[8], m[8]      (the minimum: m·da·Σa per block, in float)
 //   q4_K/q5_K + int16 sc[8 sub][8 rows][2] (each scale twice: one madd lane pair per row)
 //           + int16 m[4 pairs][8 rows][2] (m of sub-blocks 2p, 2p+1 against QActs::bsum32)
 //           + f32 d[8], dmin[8]
 //   q6_K    + int16 sc[16 sub][8 rows][2] + int16 sp[8 pairs][8 rows][2] (the -32 offset
 //           against QActs::bsum) + f32 d[8]
+//   iq4_xs  8 chunks of 512 (the signed levels, then their absolute values, as q8_0's block)
+//           + int16 sc[8 sub][8 rows][2] (ls - 32) + f32 d[8]
 // Integer bounds: an unsigned maddubs lane is at most 2·63·127 (q6), 2·31·127 (q5), 2·15·127
 // (q4), so 2, 4 and 8 of them add up in int16 without saturating; q8_0's sign-trick lanes
 // (<= 2·128·127) are widened after each one.
@@ -53,6 +56,15 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+// The signed values' 256 bytes at o copied as their absolute values to o + 256 (the sign
+// trick's unsigned operand, made once per tile instead of once per activation row).
+inline void store_abs(uint8_t* o) {
+  for (int g = 0; g < 8; ++g) {
+    const __m256i w = load256(o + 32 * g);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 256 + 32 * g), _mm256_sign_epi8(w, w));
+  }
+}
+
 // ---- repacking one tile (8 weight rows wr[], nsb super-blocks) ----
 
 template <DType WT>
@@ -62,19 +74,41 @@ void pack_tile(const uint8_t* const* wr, int64_t nsb, uint8_t* out) {
     uint8_t* o = out + b * L.sb_bytes;
     float* dv = reinterpret_cast<float*>(o + L.d_off);
     __m256i v[8];
-    if constexpr (WT == DType::Q8_0 || WT == DType::Q4_0) {
+    if constexpr (WT == DType::Q8_0 || WT == DType::IQ4_NL || WT == DType::Q4_0) {
       constexpr int64_t kB = WT == DType::Q8_0 ? 34 : 18;
       for (int r = 0; r < 8; ++r) {
         const uint8_t* p = wr[r] + b * kB;
-        v[r] = WT == DType::Q8_0 ? load256(p + 2) : unpack_q4_0(p + 2);
+        v[r] = WT == DType::Q4_0 ? unpack_q4_0(p + 2) : block_s8<WT>(p);
         dv[r] = h2f(p);
       }
       store_groups(v, o);
-      if constexpr (WT == DType::Q8_0)
-        for (int g = 0; g < 8; ++g) {
-          const __m256i w = load256(o + 32 * g);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 256 + 32 * g), _mm256_sign_epi8(w, w));
+      if constexpr (WT != DType::Q4_0) store_abs(o);
+    } else if constexpr (quant_is_legacy(WT)) {
+      using F = LegacyBlock<WT>;
+      for (int r = 0; r < 8; ++r) {
+        const uint8_t* p = wr[r] + b * F::kBytes;
+        v[r] = unpack_q4_0(p + F::kQs);
+        if constexpr (F::kFifth) v[r] = _mm256_or_si256(v[r], fifth_bits(p + F::kQh));
+        dv[r] = h2f(p);
+        if constexpr (F::kMin) dv[8 + r] = h2f(p + 2);
+      }
+      store_groups(v, o);
+    } else if constexpr (WT == DType::IQ4_XS) {
+      int16_t* sc = reinterpret_cast<int16_t*>(o + 4096);
+      for (int s = 0; s < 8; ++s) {
+        for (int r = 0; r < 8; ++r) v[r] = _mm256_shuffle_epi8(load256(kIq4.v), unpack_q4_0(wr[r] + b * 136 + 8 + 16 * s));
+        store_groups(v, o + 512 * s);
+        store_abs(o + 512 * s);
+      }
+      for (int r = 0; r < 8; ++r) {
+        const uint8_t* p = wr[r] + b * 136;
+        const int sh = ld_u16(p + 2);
+        for (int s = 0; s < 8; ++s) {
+          const int ls = ((p[4 + s / 2] >> (4 * (s % 2))) & 0xF) | (((sh >> (2 * s)) & 3) << 4);
+          sc[s * 16 + 2 * r] = sc[s * 16 + 2 * r + 1] = static_cast<int16_t>(ls - 32);
         }
+        dv[r] = h2f(p);
+      }
     } else if constexpr (WT == DType::Q4_K || WT == DType::Q5_K) {
       constexpr bool kQ5 = WT == DType::Q5_K;
       constexpr int64_t kB = kQ5 ? 176 : 144;
@@ -166,14 +200,31 @@ void ptile(const uint8_t* pk, const QActs& a, int64_t x0, int64_t nsb, float (*r
     const int64_t off = b * L.sb_values;
     __m256i isum[RX];
     for (int i = 0; i < RX; ++i) isum[i] = _mm256_setzero_si256();
-    if constexpr (WT == DType::Q8_0) {
+    if constexpr (WT == DType::Q8_0 || WT == DType::IQ4_NL) {
       for (int g = 0; g < 8; ++g) {
         const __m256i w = load256(o + 32 * g), aw = load256(o + 256 + 32 * g);
         for (int i = 0; i < RX; ++i) isum[i] = dot_us(isum[i], aw, _mm256_sign_epi8(bcast4(aq[i] + off + 4 * g), w));
       }
-    } else if constexpr (WT == DType::Q4_0) {
-      sub_dot<8, 8, RX>(o, aq, off, _mm256_set1_epi16(1), isum);
-      for (int i = 0; i < RX; ++i) isum[i] = _mm256_sub_epi32(isum[i], _mm256_set1_epi32(8 * a.sum32[(x0 + i) * nsb + b]));
+    } else if constexpr (WT == DType::Q4_0 || WT == DType::Q5_0) {
+      constexpr int kOff = WT == DType::Q4_0 ? 8 : 16;
+      sub_dot<8, WT == DType::Q4_0 ? 8 : 4, RX>(o, aq, off, _mm256_set1_epi16(1), isum);
+      for (int i = 0; i < RX; ++i)
+        isum[i] = _mm256_sub_epi32(isum[i], _mm256_set1_epi32(kOff * a.sum32[(x0 + i) * nsb + b]));
+    } else if constexpr (WT == DType::Q4_1 || WT == DType::Q5_1) {
+      sub_dot<8, WT == DType::Q4_1 ? 8 : 4, RX>(o, aq, off, _mm256_set1_epi16(1), isum);
+      const __m256 mv = _mm256_loadu_ps(reinterpret_cast<const float*>(o + L.d_off) + 8);
+      for (int i = 0; i < RX; ++i)
+        acc[i] = _mm256_fmadd_ps(mv, _mm256_set1_ps(ad[i][b] * static_cast<float>(a.sum32[(x0 + i) * nsb + b])), acc[i]);
+    } else if constexpr (WT == DType::IQ4_XS) {
+      const int16_t* sc = reinterpret_cast<const int16_t*>(o + 4096);
+      for (int s = 0; s < 8; ++s) {
+        const __m256i scv = load256(sc + 16 * s);
+        for (int g = 0; g < 8; ++g) {
+          const __m256i w = load256(o + 512 * s + 32 * g), aw = load256(o + 512 * s + 256 + 32 * g);
+          for (int i = 0; i < RX; ++i)
+            isum[i] = madd_acc(isum[i], _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(aq[i] + off + 32 * s + 4 * g), w)), scv);
+        }
+      }
     } else if constexpr (WT == DType::Q4_K || WT == DType::Q5_K) {
       const int16_t* sc = reinterpret_cast<const int16_t*>(o + 2048);
       for (int s = 0; s < 8; ++s)
