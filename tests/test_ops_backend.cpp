@@ -286,8 +286,10 @@ std::vector<Case> make_cases() {
 
   // attention_forward (over a cache)
   // (Heads are copied out of the pair: clang 14 cannot capture a structured binding in a lambda.)
+  // S 40: the CPU's prefill path (query blocks of 32 against one sgemm of keys; a second, partial
+  // block whose keys start later than its rows' own).
   for (auto heads : {std::pair<int64_t, int64_t>{3, 1}, {4, 2}})
-    for (int64_t s : {1, 3})
+    for (int64_t s : {1, 3, 40})
       for (int64_t dh : {6, 8})
         for (int64_t past : {0, 4}) {
           const int64_t h = heads.first, hkv = heads.second;
@@ -336,6 +338,25 @@ std::vector<Case> make_cases() {
             return Outs{{"out", out}};
           });
         }
+  }
+
+  // The same at S 40 (a prefill chunk: the CPU's blocked path over keys gathered from their
+  // pages): 30 blocks of 4, each row's 12 blocks a scattered permutation.
+  {
+    const int64_t n_blocks = 30, blk = 4, s = 40, dh = 8, h = 4, hkv = 2, bn = 2;
+    std::vector<int32_t> tab(2 * 12);
+    for (int64_t i = 0; i < 24; ++i) tab[size_t(i)] = int32_t((i * 7 + 3) % n_blocks);  // 7 coprime to 30: distinct
+    const std::vector<int32_t> past = {6, 3};
+    Tensor kp = ten({n_blocks, blk, hkv, dh}, rnd(n_blocks * blk * hkv * dh, ++seed));
+    Tensor vp = ten({n_blocks, blk, hkv, dh}, rnd(n_blocks * blk * hkv * dh, ++seed));
+    Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+    add("attention_forward_paged_H4_Hkv2_S40_Dh8", false, 0.0, [=](Backend b) {
+      Dev g{b};
+      Tensor out = g.out({bn, s, h, dh});
+      Tensor tb = ints({bn, 12}, tab), ps = ints({bn}, past);
+      CALL(b, attention_forward_paged(out, g.in(q), g.in(kp), g.in(vp), tb, ps));
+      return Outs{{"out", out}};
+    });
   }
 
   // router_topk_forward (row 0 has tied logits: the lower index must win). With a selection
@@ -826,14 +847,15 @@ std::vector<Case> make_cases() {
             });
       }
     {
-      const int64_t bn = 2, h = 4, hkv = 1, dh = 10;
+      const int64_t bn = 2, h = 4, hkv = 1, dh = 24;  // 24: the prefill path's 16- and 8-wide value tiles
       AttnVariant av;
       av.scale = 0.37f;
-      for (int64_t past : {0, 4}) {
-        const int64_t s = 3, c = past + s + 1;
+      for (int64_t past : {0, 4})
+      for (int64_t s : {3, 40}) {
+        const int64_t c = past + s + 1;
         Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
         Tensor kc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
-        add("attention_forward_scale_past" + str(past), false, 0.0, [=](Backend b) {
+        add("attention_forward_scale_past" + str(past) + (s == 3 ? "" : "_S" + str(s)), false, 0.0, [=](Backend b) {
           Dev g{b};
           Tensor out = g.out({bn, s, h, dh});
           Tensor kk = g.in(kc);  // keys and values one tensor, as MLA's latent cache
@@ -955,16 +977,17 @@ std::vector<Case> make_cases() {
     for (int64_t window : {0, 3})
       for (bool sinks : {false, true}) {
         if (!sinks && window == 0) continue;
-        const int64_t bn = 2, h = 4, hkv = 2, dh = 6;
+        const int64_t bn = 2, h = 4, hkv = 2, dh = 8;  // a multiple of 8: the CPU's prefill path at S 40
         Tensor sk = sinks ? ten({h}, rnd(h, ++seed)) : Tensor();
         const AttnVariant av{sk, window};
         const std::string sh = std::string(sinks ? "_sinks" : "") + "_win" + str(window);
-        for (int64_t past : {0, 4}) {
-          const int64_t s = 3, c = past + s + 1;
+        for (int64_t past : {0, 4})
+        for (int64_t s : {3, 40}) {  // 40: the CPU's blocked prefill path, the window inside a block
+          const int64_t c = past + s + 1;
           Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
           Tensor kc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
           Tensor vc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
-          add("attention_forward" + sh + "_past" + str(past), false, 0.0, [=](Backend b) {
+          add("attention_forward" + sh + "_past" + str(past) + (s == 3 ? "" : "_S" + str(s)), false, 0.0, [=](Backend b) {
             Dev g{b};
             Tensor out = g.out({bn, s, h, dh});
             CALL(b, attention_forward(out, g.in(q), g.in(kc), g.in(vc), past, AttnVariant{g.in(sk), window}));

@@ -19,7 +19,9 @@ enum class Scratch : int {
   MatrixX,       // cpu_gemm_onednn: x rounded to bf16, rows padded
   MatrixOut,     //                  the product before it goes to out's rows
   LinearBias,    // linear_forward: the bias as f32
-  AttnScores,    // attention_forward: one query row's scores
+  AttnScores,    // attention_forward: one query row's scores (prefill: a block of rows')
+  AttnKeysT,     // attention_forward: prefill, a block's keys transposed
+  AttnGathered,  // attention_forward_paged: prefill, a block's keys and values from their pages
   NormWeight,    // rmsnorm: the weight as f32
   RopeCos,       // rope: cos per (position, pair)
   RopeSin,       //       sin
