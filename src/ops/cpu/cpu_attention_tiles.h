@@ -1,0 +1,136 @@
+// cpu_attention_tiles.h — the register-tiled attention kernels of prefill and training on the
+// CPU (cpu_attention.cpp, cpu_train_attention.cpp): a block of query rows of one head against the
+// keys any of them sees, scores and values each by 4-row tiles of 256-bit FMAs.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "ops/cpu/cpu_simd_exp.h"
+#include "ops/variants.h"
+
+namespace moe {
+namespace cpu {
+
+// Prefill takes queries in blocks of this many rows (from kAttnBlockMin new tokens on, head
+// dims a multiple of 8): the block's scores against every key any of its rows sees, then its
+// output, each by a register-tiled kernel (4 query rows x 16 keys or head dims). One query row at
+// a time (dot products of Dh values, then a scalar pass over the values per key) was ~14% of a
+// medium-model prefill of 512 tokens; OpenBLAS on these thin products (K = Dh = 64) was no faster.
+constexpr int64_t kAttnQBlock = 32;
+constexpr int64_t kAttnBlockMin = 8;
+
+// S[r, j] (row stride lds) = scale · Σ_d q[r, d] · kt[d, j] for RX rows and 16 keys j0..j0+15,
+// kt the block's keys transposed (row stride ldk).
+template <int RX>
+inline void scores_tile(const float* q, int64_t ldq, const float* kt, int64_t ldk, int64_t dh, float scale, float* S,
+                        int64_t lds) {
+  __m256 acc[RX][2];
+  for (int r = 0; r < RX; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dh; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(kt + d * ldk), k1 = _mm256_loadu_ps(kt + d * ldk + 8);
+    for (int r = 0; r < RX; ++r) {
+      const __m256 qv = _mm256_broadcast_ss(q + r * ldq + d);
+      acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int r = 0; r < RX; ++r) {
+    _mm256_storeu_ps(S + r * lds, _mm256_mul_ps(acc[r][0], sc));
+    _mm256_storeu_ps(S + r * lds + 8, _mm256_mul_ps(acc[r][1], sc));
+  }
+}
+
+// o[r, d0..d0+8·W) = Σ_{j in [j0, j1)} p[r, j] · v[j, d0..] for RX rows (v rows at stride ldv).
+template <int RX, int W>
+inline void values_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t j0, int64_t j1, float* o,
+                        int64_t ldo) {
+  __m256 acc[RX][W];
+  for (int r = 0; r < RX; ++r)
+    for (int w = 0; w < W; ++w) acc[r][w] = _mm256_setzero_ps();
+  for (int64_t j = j0; j < j1; ++j) {
+    __m256 vv[W];
+    for (int w = 0; w < W; ++w) vv[w] = _mm256_loadu_ps(v + j * ldv + 8 * w);
+    for (int r = 0; r < RX; ++r) {
+      const __m256 pv = _mm256_broadcast_ss(p + r * ldp + j);
+      for (int w = 0; w < W; ++w) acc[r][w] = _mm256_fmadd_ps(pv, vv[w], acc[r][w]);
+    }
+  }
+  for (int r = 0; r < RX; ++r)
+    for (int w = 0; w < W; ++w) _mm256_storeu_ps(o + r * ldo + 8 * w, acc[r][w]);
+}
+
+template <int RX>
+inline void block_rows(const float* q, int64_t ldq, const float* kt, int64_t ldk, const float* v, int64_t ldv, int64_t nkp,
+                int64_t dh, float scale, float* S, int64_t lds, const int64_t* lo, const int64_t* hi, float* o,
+                int64_t ldo, int pass) {
+  if (pass == 0) {
+    for (int64_t j = 0; j < nkp; j += 16) scores_tile<RX>(q, ldq, kt + j, ldk, dh, scale, S + j, lds);
+    return;
+  }
+  int64_t j0 = lo[0], j1 = hi[0];
+  for (int r = 1; r < RX; ++r) j0 = std::min(j0, lo[r]), j1 = std::max(j1, hi[r]);
+  int64_t d = 0;
+  for (; d + 16 <= dh; d += 16) values_tile<RX, 2>(S, lds, v + d, ldv, j0, j1, o + d, ldo);
+  if (d < dh) values_tile<RX, 1>(S, lds, v + d, ldv, j0, j1, o + d, ldo);
+}
+
+// One (sequence, head) block of nq query rows at positions pos0 .. pos0+nq-1 (rows of q at
+// stride ldq) against keys [ja, ja + nk) (rows of k, v at stride ldkv, the first being key ja):
+// scores scale·q·kᵀ, each row's stable softmax over its visible keys (the sink in the
+// denominator, the invisible keys' probabilities 0), then o = p·v (rows at stride ldo).
+// kt: dh·nkp floats, S: nq·nkp floats, nkp = nk rounded up to 16. lse (training), when given:
+// each row's log Σ e^score (the sink included) at lse[r].
+inline void attend_block(const float* q, int64_t ldq, const float* k, const float* v, int64_t ldkv, int64_t nq,
+                         int64_t ja, int64_t nk, int64_t pos0, int64_t dh, float scale, float sink, bool has_sink,
+                         const AttnVariant& av, float* kt, float* S, float* o, int64_t ldo, float* lse = nullptr) {
+  const int64_t nkp = (nk + 15) / 16 * 16;
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t d = 0; d < dh; ++d) kt[d * nkp + j] = k[j * ldkv + d];
+  for (int64_t d = 0; d < dh; ++d)
+    for (int64_t j = nk; j < nkp; ++j) kt[d * nkp + j] = 0.0f;
+  int64_t lo[kAttnQBlock], hi[kAttnQBlock];
+  for (int64_t r = 0; r < nq; ++r) lo[r] = av.first_key(pos0 + r) - ja, hi[r] = pos0 + r + 1 - ja;
+  auto rows = [&](int pass) {
+    for (int64_t r = 0; r < nq; r += 4) {
+      const float* qr = q + r * ldq;
+      float* sr = S + r * nkp;
+      float* orow = o + r * ldo;
+      switch (std::min<int64_t>(4, nq - r)) {
+        case 4: block_rows<4>(qr, ldq, kt, nkp, v, ldkv, nkp, dh, scale, sr, nkp, lo + r, hi + r, orow, ldo, pass); break;
+        case 3: block_rows<3>(qr, ldq, kt, nkp, v, ldkv, nkp, dh, scale, sr, nkp, lo + r, hi + r, orow, ldo, pass); break;
+        case 2: block_rows<2>(qr, ldq, kt, nkp, v, ldkv, nkp, dh, scale, sr, nkp, lo + r, hi + r, orow, ldo, pass); break;
+        default: block_rows<1>(qr, ldq, kt, nkp, v, ldkv, nkp, dh, scale, sr, nkp, lo + r, hi + r, orow, ldo, pass); break;
+      }
+    }
+  };
+  rows(0);
+  for (int64_t r = 0; r < nq; ++r) {
+    float* row = S + r * nkp;
+    float mx = sink;
+    for (int64_t j = lo[r]; j < hi[r]; ++j) mx = std::max(mx, row[j]);
+    double sum = has_sink ? std::exp(double(sink) - mx) : 0.0;
+    int64_t j = lo[r];
+    const __m128 vmx = _mm_set1_ps(mx);
+    __m256d acc = _mm256_setzero_pd();
+    for (; j + 4 <= hi[r]; j += 4) {
+      const __m128 e = exp4(_mm_sub_ps(_mm_loadu_ps(row + j), vmx));
+      _mm_storeu_ps(row + j, e);
+      acc = _mm256_add_pd(acc, _mm256_cvtps_pd(e));
+    }
+    sum += hsum4(acc);
+    for (; j < hi[r]; ++j) sum += (row[j] = std::exp(row[j] - mx));
+    const float inv = static_cast<float>(1.0 / sum);
+    if (lse) lse[r] = static_cast<float>(mx + std::log(sum));
+    for (j = 0; j < lo[r]; ++j) row[j] = 0.0f;
+    for (j = lo[r]; j < hi[r]; ++j) row[j] *= inv;
+    for (j = hi[r]; j < nkp; ++j) row[j] = 0.0f;
+  }
+  rows(1);
+}
+
+}  // namespace cpu
+}  // namespace moe
