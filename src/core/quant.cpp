@@ -305,30 +305,42 @@ void quant_q8_0(const float* x, uint8_t* dst, int64_t nb) {
   }
 }
 
-// llama.cpp quantize_row_q4_0_ref: d = (the value of largest magnitude) / -8, so that value maps
-// to q = 0; q = min(15, trunc(x/d + 8.5)).
-void quant_q4_0(const float* x, uint8_t* dst, int64_t nb) {
+// llama.cpp quantize_row_q4_0_ref / q5_0_ref: d = (the value of largest magnitude) / -2^(bits-1),
+// so that value maps to q = 0; q = min(2^bits - 1, trunc(x/d + 2^(bits-1) + 0.5)).
+void quant_offset_scaled(const float* x, uint8_t* dst, int64_t nb, bool five) {
+  const int half = five ? 16 : 8, top = 2 * half - 1;
   for (int64_t i = 0; i < nb; ++i) {
+    const float* v = x + i * 32;
     float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < 32; ++j) {
-      const float v = x[i * 32 + j];
-      if (amax < std::fabs(v)) {
-        amax = std::fabs(v);
-        max = v;
+    for (int j = 0; j < 32; ++j)
+      if (amax < std::fabs(v[j])) {
+        amax = std::fabs(v[j]);
+        max = v[j];
       }
-    }
-    const float d = max / -8;
+    const float d = max / -half;
     const float id = d ? 1.0f / d : 0.0f;
-    BlockQ4_0 b;
-    b.d = f32_to_f16(d);
+    uint8_t qs[16];
+    uint32_t qh = 0;
     for (int j = 0; j < 16; ++j) {
-      const float x0 = x[i * 32 + j] * id;
-      const float x1 = x[i * 32 + 16 + j] * id;
-      const uint8_t xi0 = static_cast<uint8_t>(std::min<int>(15, static_cast<int8_t>(x0 + 8.5f)));
-      const uint8_t xi1 = static_cast<uint8_t>(std::min<int>(15, static_cast<int8_t>(x1 + 8.5f)));
-      b.qs[j] = static_cast<uint8_t>(xi0 | (xi1 << 4));
+      const float x0 = v[j] * id, x1 = v[16 + j] * id;
+      const int q0 = std::min<int>(top, static_cast<int8_t>(x0 + (half + 0.5f)));
+      const int q1 = std::min<int>(top, static_cast<int8_t>(x1 + (half + 0.5f)));
+      qs[j] = static_cast<uint8_t>((q0 & 0x0F) | ((q1 & 0x0F) << 4));
+      qh |= static_cast<uint32_t>((q0 & 0x10) >> 4) << j;
+      qh |= static_cast<uint32_t>((q1 & 0x10) >> 4) << (j + 16);
     }
-    std::memcpy(dst + i * sizeof b, &b, sizeof b);
+    if (five) {
+      BlockQ5_0 b;
+      b.d = f32_to_f16(d);
+      std::memcpy(b.qh, &qh, 4);
+      std::memcpy(b.qs, qs, 16);
+      std::memcpy(dst + i * sizeof b, &b, sizeof b);
+    } else {
+      BlockQ4_0 b;
+      b.d = f32_to_f16(d);
+      std::memcpy(b.qs, qs, 16);
+      std::memcpy(dst + i * sizeof b, &b, sizeof b);
+    }
   }
 }
 
@@ -368,35 +380,6 @@ void quant_min_scaled(const float* x, uint8_t* dst, int64_t nb, bool five) {
       std::memcpy(b.qs, qs, 16);
       std::memcpy(dst + i * sizeof b, &b, sizeof b);
     }
-  }
-}
-
-// llama.cpp quantize_row_q5_0_ref: as Q4_0 with 5 bits, d = (the value of largest magnitude) / -16,
-// q = min(31, trunc(x/d + 16.5)).
-void quant_q5_0(const float* x, uint8_t* dst, int64_t nb) {
-  for (int64_t i = 0; i < nb; ++i) {
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < 32; ++j) {
-      const float v = x[i * 32 + j];
-      if (amax < std::fabs(v)) {
-        amax = std::fabs(v);
-        max = v;
-      }
-    }
-    const float d = max / -16;
-    const float id = d ? 1.0f / d : 0.0f;
-    BlockQ5_0 b;
-    b.d = f32_to_f16(d);
-    uint32_t qh = 0;
-    for (int j = 0; j < 16; ++j) {
-      const int q0 = std::min<int>(31, static_cast<int8_t>(x[i * 32 + j] * id + 16.5f));
-      const int q1 = std::min<int>(31, static_cast<int8_t>(x[i * 32 + 16 + j] * id + 16.5f));
-      b.qs[j] = static_cast<uint8_t>((q0 & 0x0F) | ((q1 & 0x0F) << 4));
-      qh |= static_cast<uint32_t>((q0 & 0x10) >> 4) << j;
-      qh |= static_cast<uint32_t>((q1 & 0x10) >> 4) << (j + 16);
-    }
-    std::memcpy(b.qh, &qh, 4);
-    std::memcpy(dst + i * sizeof b, &b, sizeof b);
   }
 }
 
@@ -718,9 +701,9 @@ void quantize_row(GgmlType type, const float* src, void* dst, int64_t n) {
       }
       return;
     case GgmlType::Q8_0: quant_q8_0(src, d, nb); return;
-    case GgmlType::Q4_0: quant_q4_0(src, d, nb); return;
+    case GgmlType::Q4_0: quant_offset_scaled(src, d, nb, false); return;
     case GgmlType::Q4_1: quant_min_scaled(src, d, nb, false); return;
-    case GgmlType::Q5_0: quant_q5_0(src, d, nb); return;
+    case GgmlType::Q5_0: quant_offset_scaled(src, d, nb, true); return;
     case GgmlType::Q5_1: quant_min_scaled(src, d, nb, true); return;
     case GgmlType::Q4_K: quant_q4_k(src, d, nb); return;
     case GgmlType::Q5_K: quant_q5_k(src, d, nb); return;
