@@ -1,5 +1,6 @@
 // cpu_quant_gemm.h — y = x·Wᵀ on the CPU for quantized weights (the block dtypes of core/dtype.h:
-// q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q5_k q6_k), f32 activations and output. Inference only.
+// q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k iq4_nl iq4_xs), f32 activations and output.
+// Inference only.
 //
 // The fast path, as llama.cpp's: each activation row is rounded to int8 in blocks — 32 values
 // per f32 scale for the 32-value formats (llama.cpp's q8_0 activations), 256 per scale with
@@ -18,16 +19,15 @@
 //   avx512vnni   as avx512 with vpdpbusd / vpdpwssd (plus AVX512_VNNI)
 // Threaded with OpenMP, three paths by the number of activation rows n:
 //   n = 1 (decode)  each thread's range of weight rows read as 4 far-apart sequential streams,
-//                   4 rows at a time (run_decode in cpu_quant_kernels.h): q4_K/q5_K two rows per
-//                   256-bit vector (AVX2 variant), q8_0/q4_0 with the 4 rows' integer sums
-//                   reduced across lanes before the float scaling, q6_K row by row;
+//                   4 rows at a time (decode_tile in cpu_quant_kernels.h): q4_K/q5_K two rows
+//                   per 256-bit vector (AVX2 variant); q8_0/iq4_nl, q4_0 and q4_1/q5_0/q5_1 with
+//                   the 4 rows' integer sums reduced across lanes before the float scaling (q4_0
+//                   and the latter two blocks per vector against activations regrouped per block
+//                   pair, QActs::d4/s4 in cpu_quant_impl.h); the others row by row;
 //   n = 2-7         tiles of 2 weight rows against 1-4 activation rows at a time, so each weight
 //                   block is unpacked once for them, prefetched one tile ahead;
-//   n >= 8          (prefill) packed 8-row tiles (cpu_quant_packed.h).
-// q4_1 / q5_0 / q5_1 (llama.cpp's fallback for rows that are not whole K-quant super-blocks)
-// take the general tiles on every path: 4 decode streams of one row, and 2 rows otherwise.
-// On the first two, q4_0 takes two blocks per 256-bit vector against activations regrouped per
-// block pair (QActs::d4/s4 in cpu_quant_impl.h).
+//   n >= 8          (prefill) packed 8-row tiles (cpu_quant_packed.h), every type but q2_K/q3_K
+//                   (read only from llama.cpp's files), which keep the tiles of the row above.
 #pragma once
 #include <cstdint>
 
