@@ -26,8 +26,7 @@
 //                   pair, QActs::d4/s4 in cpu_quant_impl.h); the others row by row;
 //   n = 2-7         tiles of 2 weight rows against 1-4 activation rows at a time, so each weight
 //                   block is unpacked once for them, prefetched one tile ahead;
-//   n >= 8          (prefill) packed 8-row tiles (cpu_quant_packed.h), every type but q2_K/q3_K
-//                   (read only from llama.cpp's files), which keep the tiles of the row above.
+//   n >= 8          (prefill) packed 8-row tiles (cpu_quant_packed.h).
 #pragma once
 #include <cstdint>
 

@@ -33,11 +33,11 @@ struct QActs {
 // each activation block (QActs::sum32); no decode kernel of their own layout.
 constexpr bool quant_is_legacy(DType t) { return t == DType::Q4_1 || t == DType::Q5_0 || t == DType::Q5_1; }
 
-// The formats with a packed prefill layout (cpu_quant_packed.h); the others (q2_K, q3_K: only
-// read from llama.cpp's files) take the tiles of several activation rows at every n.
+// The formats with a packed prefill layout (cpu_quant_packed.h): all of them.
 constexpr bool quant_has_packed(DType t) {
   return t == DType::Q8_0 || t == DType::Q4_0 || t == DType::Q4_1 || t == DType::Q5_0 || t == DType::Q5_1 ||
-         t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K || t == DType::IQ4_NL || t == DType::IQ4_XS;
+         t == DType::Q2_K || t == DType::Q3_K || t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K ||
+         t == DType::IQ4_NL || t == DType::IQ4_XS;
 }
 
 // The packed prefill path (cpu_quant_packed.h) is taken from this many activation rows on:
@@ -60,7 +60,8 @@ constexpr QuantPackedLayout quant_packed_layout(DType wdt) {
     case DType::Q4_K:
     case DType::Q5_K: return {256, 2048 + 256 + 128 + 64, 2048 + 256 + 128};
     case DType::IQ4_XS: return {256, 4096 + 256 + 32, 4096 + 256};
-    default: return {256, 2048 + 512 + 256 + 32, 2048 + 512 + 256};  // Q6_K
+    case DType::Q2_K: return {256, 2048 + 512 + 256 + 64, 2048 + 512 + 256};
+    default: return {256, 2048 + 512 + 256 + 32, 2048 + 512 + 256};  // Q6_K, Q3_K
   }
 }
 

@@ -23,8 +23,9 @@
 //   q4_K/q5_K + int16 sc[8 sub][8 rows][2] (each scale twice: one madd lane pair per row)
 //           + int16 m[4 pairs][8 rows][2] (m of sub-blocks 2p, 2p+1 against QActs::bsum32)
 //           + f32 d[8], dmin[8]
-//   q6_K    + int16 sc[16 sub][8 rows][2] + int16 sp[8 pairs][8 rows][2] (the -32 offset
-//           against QActs::bsum) + f32 d[8]
+//   q6_K, q3_K + int16 sc[16 sub][8 rows][2] + int16 sp[8 pairs][8 rows][2] (the -32 / -4
+//           offset against QActs::bsum) + f32 d[8] (values q6 0..63, q3 0..7, as k16_unpack)
+//   q2_K    as q3_K with values 0..3, sp the sub-block minima, + f32 dmin[8]
 //   iq4_xs  8 chunks of 512 (the signed levels, then their absolute values, as q8_0's block)
 //           + int16 sc[8 sub][8 rows][2] (ls - 32) + f32 d[8]
 // Integer bounds: an unsigned maddubs lane is at most 2·63·127 (q6), 2·31·127 (q5), 2·15·127
@@ -132,23 +133,33 @@ void pack_tile(const uint8_t* const* wr, int64_t nsb, uint8_t* out) {
         dv[r] = h2f(p);
         dv[8 + r] = h2f(p + 2);
       }
-    } else {  // Q6_K
+    } else {  // Q6_K, Q3_K, Q2_K: 16 sub-blocks of 16
+      using F = K16Block<WT>;
       int16_t* sc = reinterpret_cast<int16_t*>(o + 2048);
       int16_t* sp = sc + 16 * 16;
       for (int n = 0; n < 2; ++n) {
         __m256i q[8][4];
-        for (int r = 0; r < 8; ++r) q6_unpack(wr[r] + b * 210, n, q[r]);
+        for (int r = 0; r < 8; ++r) k16_unpack<WT>(wr[r] + b * F::kBytes, n, q[r]);
         for (int c = 0; c < 4; ++c) {
           for (int r = 0; r < 8; ++r) v[r] = q[r][c];
           store_groups(v, o + 256 * (4 * n + c));
         }
       }
       for (int r = 0; r < 8; ++r) {
-        const uint8_t* p = wr[r] + b * 210;
-        const int8_t* s8 = reinterpret_cast<const int8_t*>(p + 192);
-        for (int s = 0; s < 16; ++s) sc[s * 16 + 2 * r] = sc[s * 16 + 2 * r + 1] = s8[s];
-        for (int q = 0; q < 8; ++q) sp[q * 16 + 2 * r] = s8[2 * q], sp[q * 16 + 2 * r + 1] = s8[2 * q + 1];
-        dv[r] = h2f(p + 208);
+        const uint8_t* p = wr[r] + b * F::kBytes;
+        int16_t s16[16], m16[16];  // the scales, and what multiplies the pair sums (offset or minimum)
+        if constexpr (WT == DType::Q6_K) {
+          for (int s = 0; s < 16; ++s) s16[s] = static_cast<int8_t>(p[192 + s]);
+        } else if constexpr (WT == DType::Q3_K) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(s16), q3_k_scales16(p + 96));
+        } else {
+          for (int s = 0; s < 16; ++s) s16[s] = p[s] & 0x0F, m16[s] = p[s] >> 4;
+          dv[8 + r] = h2f(p + 82);
+        }
+        const int16_t* pv = WT == DType::Q2_K ? m16 : s16;
+        for (int s = 0; s < 16; ++s) sc[s * 16 + 2 * r] = sc[s * 16 + 2 * r + 1] = s16[s];
+        for (int q = 0; q < 8; ++q) sp[q * 16 + 2 * r] = pv[2 * q], sp[q * 16 + 2 * r + 1] = pv[2 * q + 1];
+        dv[r] = h2f(p + F::kD);
       }
     }
   }
@@ -234,13 +245,20 @@ void ptile(const uint8_t* pk, const QActs& a, int64_t x0, int64_t nsb, float (*r
       const __m256 dmin = _mm256_loadu_ps(reinterpret_cast<const float*>(o + L.d_off) + 8);
       for (int i = 0; i < RX; ++i)
         acc[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imin[i]), _mm256_mul_ps(dmin, _mm256_set1_ps(ad[i][b])), acc[i]);
-    } else {  // Q6_K: sub-blocks of 16 (4 groups), two per chunk
+    } else {  // Q6_K, Q3_K, Q2_K: sub-blocks of 16 (4 groups), two per chunk
       const int16_t* sc = reinterpret_cast<const int16_t*>(o + 2048);
       for (int s = 0; s < 16; ++s)
         sub_dot<4, 2, RX>(o + 256 * (s / 2) + 128 * (s % 2), aq, off + 16 * s, load256(sc + 16 * s), isum);
       __m256i corr[RX];
       pair_sums<8, RX>(sc + 256, a.bsum, a.k / 16, x0, b * 16, corr);
-      for (int i = 0; i < RX; ++i) isum[i] = _mm256_sub_epi32(isum[i], _mm256_slli_epi32(corr[i], 5));
+      if constexpr (WT == DType::Q2_K) {  // the minima: dmin · Σ_s m_s · Σa, in float
+        const __m256 dmin = _mm256_loadu_ps(reinterpret_cast<const float*>(o + L.d_off) + 8);
+        for (int i = 0; i < RX; ++i)
+          acc[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(corr[i]), _mm256_mul_ps(dmin, _mm256_set1_ps(ad[i][b])), acc[i]);
+      } else {  // the unsigned offset (q6_K 32, q3_K 4) times Σ_s sc_s · Σa
+        for (int i = 0; i < RX; ++i)
+          isum[i] = _mm256_sub_epi32(isum[i], _mm256_slli_epi32(corr[i], K16Block<WT>::kOffsetShift));
+      }
     }
     for (int i = 0; i < RX; ++i)
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(dv, _mm256_set1_ps(ad[i][b])), acc[i]);
