@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # device_build.sh — configure and build MoE Engine (MOE_CUDA=ON) on a GPU machine that lacks the
-# Debian dev packages the project needs (OpenBLAS, nlohmann-json, CLI11, GoogleTest).
+# Debian dev packages the project needs (OpenBLAS, nlohmann-json, CLI11, GoogleTest; oneDNN is
+# optional: with it, a host CPU with AMX or AVX512-BF16 can run `moe bench prefill --dtype bf16`'s
+# matrix-unit comparison, the measurement issue 12 still lacks).
 #
 # Those packages travel as .devdeps/devdeps.tar.xz (made on the dev machine with apt-get
 # download + dpkg -x, see below); this script unpacks them under .devdeps/root, points the .pc
@@ -12,7 +14,9 @@
 # Making the tarball (dev machine, repo root; .devdeps/ is git-ignored):
 #   mkdir -p .devdeps && cd .devdeps && apt-get download libopenblas0-pthread libopenblas-pthread-dev \
 #     libopenblas-dev libopenblas0 nlohmann-json3-dev libcli11-dev libgtest-dev googletest libgfortran5 \
-#     pkgconf-bin libpkgconf3 libsentencepiece-dev libsentencepiece0 libprotobuf-lite32 && for f in *.deb; do dpkg -x $f root; done && \
+#     pkgconf-bin libpkgconf3 libsentencepiece-dev libsentencepiece0 libprotobuf-lite32 \
+#     libdnnl-dev libdnnl2 ocl-icd-libopencl1 ocl-icd-opencl-dev opencl-c-headers opencl-clhpp-headers \
+#     && for f in *.deb; do dpkg -x $f root; done && \
 #     rm -rf root/usr/share/doc root/usr/src && tar -cJf devdeps.tar.xz root
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
