@@ -249,8 +249,7 @@ void dequant_iq4_xs(const uint8_t* src, float* y, int64_t nb) {
     std::memcpy(&b, src + i * sizeof(BlockIQ4_XS), sizeof b);
     const float d = h2f(b.d);
     for (int s = 0; s < 8; ++s) {
-      const int ls = ((b.scales_l[s / 2] >> (4 * (s % 2))) & 0xF) | (((b.scales_h >> (2 * s)) & 3) << 4);
-      const float dl = d * (ls - 32);
+      const float dl = d * iq4_xs_scale(src + i * sizeof(BlockIQ4_XS), s);
       for (int j = 0; j < 16; ++j) {
         y[j] = dl * kIq4NlValues[b.qs[16 * s + j] & 0xF];
         y[j + 16] = dl * kIq4NlValues[b.qs[16 * s + j] >> 4];

@@ -115,6 +115,12 @@ struct BlockIQ4_XS {
   uint8_t scales_l[4];
   uint8_t qs[128];
 };
+// Sub-block s's signed scale ls[s] - 32 of the IQ4_XS super-block whose bytes start at p (the
+// reference dequantisation and the CPU kernels read it through here).
+inline int iq4_xs_scale(const uint8_t* p, int s) {
+  const int sh = p[2] | (p[3] << 8);
+  return (((p[4 + s / 2] >> (4 * (s % 2))) & 0xF) | (((sh >> (2 * s)) & 3) << 4)) - 32;
+}
 // The 16 levels of the IQ4 formats (ggml-common.h's kvalues_iq4nl: part of the format).
 inline constexpr int8_t kIq4NlValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 // Q6_K: 256 values in 16 sub-blocks of 16, x = d * sc[s] * (q - 32), q in 0..63 (4 low bits

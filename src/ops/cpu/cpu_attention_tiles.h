@@ -63,19 +63,36 @@ inline void values_tile(const float* p, int64_t ldp, const float* v, int64_t ldv
     for (int w = 0; w < W; ++w) _mm256_storeu_ps(o + r * ldo + 8 * w, acc[r][w]);
 }
 
-template <int RX>
-inline void block_rows(const float* q, int64_t ldq, const float* kt, int64_t ldk, const float* v, int64_t ldv, int64_t nkp,
-                int64_t dh, float scale, float* S, int64_t lds, const int64_t* lo, const int64_t* hi, float* o,
-                int64_t ldo, int pass) {
-  if (pass == 0) {
-    for (int64_t j = 0; j < nkp; j += 16) scores_tile<RX>(q, ldq, kt + j, ldk, dh, scale, S + j, lds);
-    return;
+// p[i] = e^(x[i] - mx) over a row, in place; returns Σ p in f64. Four lanes at a time through
+// exp4 (f64 inside, rounded once: glibc's expf but for 0.008% of arguments, 1 ulp there).
+inline double exp_shift_sum(float* x, int64_t n, float mx) {
+  int64_t i = 0;
+  double sum = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m128 m = _mm_set1_ps(mx);
+  __m256d acc = _mm256_setzero_pd();
+  for (; i + 4 <= n; i += 4) {
+    const __m128 e = exp4(_mm_sub_ps(_mm_loadu_ps(x + i), m));
+    _mm_storeu_ps(x + i, e);
+    acc = _mm256_add_pd(acc, _mm256_cvtps_pd(e));
   }
-  int64_t j0 = lo[0], j1 = hi[0];
-  for (int r = 1; r < RX; ++r) j0 = std::min(j0, lo[r]), j1 = std::max(j1, hi[r]);
-  int64_t d = 0;
-  for (; d + 16 <= dh; d += 16) values_tile<RX, 2>(S, lds, v + d, ldv, j0, j1, o + d, ldo);
-  if (d < dh) values_tile<RX, 1>(S, lds, v + d, ldv, j0, j1, o + d, ldo);
+  sum = hsum4(acc);
+#endif
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - mx));
+  return sum;
+}
+
+// f.template operator()<RX>(r) for the row groups r = 0, 4, 8, ... of nq rows, RX = min(4, nq - r).
+template <class F>
+inline void for_row_groups(int64_t nq, F&& f) {
+  for (int64_t r = 0; r < nq; r += 4) {
+    switch (std::min<int64_t>(4, nq - r)) {
+      case 4: f.template operator()<4>(r); break;
+      case 3: f.template operator()<3>(r); break;
+      case 2: f.template operator()<2>(r); break;
+      default: f.template operator()<1>(r); break;
+    }
+  }
 }
 
 // One (sequence, head) block of nq query rows at positions pos0 .. pos0+nq-1 (rows of q at
@@ -94,42 +111,27 @@ inline void attend_block(const float* q, int64_t ldq, const float* k, const floa
     for (int64_t j = nk; j < nkp; ++j) kt[d * nkp + j] = 0.0f;
   int64_t lo[kAttnQBlock], hi[kAttnQBlock];
   for (int64_t r = 0; r < nq; ++r) lo[r] = av.first_key(pos0 + r) - ja, hi[r] = pos0 + r + 1 - ja;
-  auto rows = [&](int pass) {
-    for (int64_t r = 0; r < nq; r += 4) {
-      const float* qr = q + r * ldq;
-      float* sr = S + r * nkp;
-      float* orow = o + r * ldo;
-      switch (std::min<int64_t>(4, nq - r)) {
-        case 4: block_rows<4>(qr, ldq, kt, nkp, v, ldkv, nkp, dh, scale, sr, nkp, lo + r, hi + r, orow, ldo, pass); break;
-        case 3: block_rows<3>(qr, ldq, kt, nkp, v, ldkv, nkp, dh, scale, sr, nkp, lo + r, hi + r, orow, ldo, pass); break;
-        case 2: block_rows<2>(qr, ldq, kt, nkp, v, ldkv, nkp, dh, scale, sr, nkp, lo + r, hi + r, orow, ldo, pass); break;
-        default: block_rows<1>(qr, ldq, kt, nkp, v, ldkv, nkp, dh, scale, sr, nkp, lo + r, hi + r, orow, ldo, pass); break;
-      }
-    }
-  };
-  rows(0);
+  for_row_groups(nq, [&]<int RX>(int64_t r) {
+    for (int64_t j = 0; j < nkp; j += 16) scores_tile<RX>(q + r * ldq, ldq, kt + j, nkp, dh, scale, S + r * nkp + j, nkp);
+  });
   for (int64_t r = 0; r < nq; ++r) {
     float* row = S + r * nkp;
     float mx = sink;
     for (int64_t j = lo[r]; j < hi[r]; ++j) mx = std::max(mx, row[j]);
-    double sum = has_sink ? std::exp(double(sink) - mx) : 0.0;
-    int64_t j = lo[r];
-    const __m128 vmx = _mm_set1_ps(mx);
-    __m256d acc = _mm256_setzero_pd();
-    for (; j + 4 <= hi[r]; j += 4) {
-      const __m128 e = exp4(_mm_sub_ps(_mm_loadu_ps(row + j), vmx));
-      _mm_storeu_ps(row + j, e);
-      acc = _mm256_add_pd(acc, _mm256_cvtps_pd(e));
-    }
-    sum += hsum4(acc);
-    for (; j < hi[r]; ++j) sum += (row[j] = std::exp(row[j] - mx));
+    const double sum = (has_sink ? std::exp(double(sink) - mx) : 0.0) + exp_shift_sum(row + lo[r], hi[r] - lo[r], mx);
     const float inv = static_cast<float>(1.0 / sum);
     if (lse) lse[r] = static_cast<float>(mx + std::log(sum));
-    for (j = 0; j < lo[r]; ++j) row[j] = 0.0f;
-    for (j = lo[r]; j < hi[r]; ++j) row[j] *= inv;
-    for (j = hi[r]; j < nkp; ++j) row[j] = 0.0f;
+    std::fill(row, row + lo[r], 0.0f);
+    for (int64_t j = lo[r]; j < hi[r]; ++j) row[j] *= inv;
+    std::fill(row + hi[r], row + nkp, 0.0f);
   }
-  rows(1);
+  for_row_groups(nq, [&]<int RX>(int64_t r) {
+    int64_t j0 = lo[r], j1 = hi[r];  // the keys any of the RX rows sees
+    for (int i = 1; i < RX; ++i) j0 = std::min(j0, lo[r + i]), j1 = std::max(j1, hi[r + i]);
+    int64_t d = 0;
+    for (; d + 16 <= dh; d += 16) values_tile<RX, 2>(S + r * nkp, nkp, v + d, ldkv, j0, j1, o + r * ldo + d, ldo);
+    if (d < dh) values_tile<RX, 1>(S + r * nkp, nkp, v + d, ldkv, j0, j1, o + r * ldo + d, ldo);
+  });
 }
 
 }  // namespace cpu

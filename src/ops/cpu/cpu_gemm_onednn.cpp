@@ -91,23 +91,11 @@ void onednn_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTy
   const size_t esz = wdt == DType::BF16 ? 2 : 4;
   char* xs = static_cast<char*>(scratch_bytes(Scratch::MatrixX, static_cast<size_t>(np * k) * esz));
   float* ys = static_cast<float*>(scratch_bytes(Scratch::MatrixOut, static_cast<size_t>(np * m) * sizeof(float)));
-  // x to the weights' type (bf16: round to nearest even), the padding rows zero.
+  // x to the weights' type (bf16: round to nearest even), the padding rows zero (both types' zero
+  // is all-zero bytes).
 #pragma omp parallel for schedule(static) if(n * k > 65536)
-  for (int64_t r = 0; r < np; ++r) {
-    if (wdt == DType::BF16) {
-      uint16_t* d = reinterpret_cast<uint16_t*>(xs) + r * k;
-      if (r < n)
-        for (int64_t i = 0; i < k; ++i) d[i] = f32_to_bf16(x[r * k + i]);
-      else
-        std::fill(d, d + k, uint16_t(0));
-    } else {
-      float* d = reinterpret_cast<float*>(xs) + r * k;
-      if (r < n)
-        std::copy(x + r * k, x + (r + 1) * k, d);
-      else
-        std::fill(d, d + k, 0.0f);
-    }
-  }
+  for (int64_t r = 0; r < n; ++r) convert_from_f32(xs + static_cast<size_t>(r * k) * esz, x + r * k, wdt, size_t(k));
+  std::memset(xs + static_cast<size_t>(n * k) * esz, 0, static_cast<size_t>((np - n) * k) * esz);
   const memory::data_type dt = wdt == DType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
   dnnl::engine& eng = onednn_engine();
   memory src(memory::desc({np, k}, dt, memory::dims{k, 1}), eng, xs);

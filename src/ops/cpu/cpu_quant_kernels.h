@@ -927,13 +927,11 @@ void tile_iq4xs(const uint8_t* const* wr, const QActs& a, int64_t x0, int64_t nb
     for (int r = 0; r < RW; ++r) {
       const uint8_t* p = wr[r] + b * 136;
       prefetch_ahead(p, ahead, 136);
-      const int sh = ld_u16(p + 2);
       __m256i sumi[RX];
       for (int i = 0; i < RX; ++i) sumi[i] = _mm256_setzero_si256();
       for (int s = 0; s < 8; ++s) {
-        const int ls = ((p[4 + s / 2] >> (4 * (s % 2))) & 0xF) | (((sh >> (2 * s)) & 3) << 4);
         const __m256i wq = _mm256_shuffle_epi8(load256(kIq4.v), unpack_q4_0(p + 8 + 16 * s));
-        const __m256i wa = _mm256_sign_epi8(wq, wq), sc = _mm256_set1_epi16(static_cast<int16_t>(ls - 32));
+        const __m256i wa = _mm256_sign_epi8(wq, wq), sc = _mm256_set1_epi16(static_cast<int16_t>(iq4_xs_scale(p, s)));
         for (int i = 0; i < RX; ++i) {
           const __m256i aq = load256(ar.q[i] + b * 256 + 32 * s);
           sumi[i] = madd_acc(sumi[i], _mm256_maddubs_epi16(wa, _mm256_sign_epi8(aq, wq)), sc);

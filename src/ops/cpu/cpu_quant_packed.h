@@ -103,11 +103,8 @@ void pack_tile(const uint8_t* const* wr, int64_t nsb, uint8_t* out) {
       }
       for (int r = 0; r < 8; ++r) {
         const uint8_t* p = wr[r] + b * 136;
-        const int sh = ld_u16(p + 2);
-        for (int s = 0; s < 8; ++s) {
-          const int ls = ((p[4 + s / 2] >> (4 * (s % 2))) & 0xF) | (((sh >> (2 * s)) & 3) << 4);
-          sc[s * 16 + 2 * r] = sc[s * 16 + 2 * r + 1] = static_cast<int16_t>(ls - 32);
-        }
+        for (int s = 0; s < 8; ++s)
+          sc[s * 16 + 2 * r] = sc[s * 16 + 2 * r + 1] = static_cast<int16_t>(iq4_xs_scale(p, s));
         dv[r] = h2f(p);
       }
     } else if constexpr (WT == DType::Q4_K || WT == DType::Q5_K) {

@@ -40,25 +40,6 @@ void exp_scaled_row(double* x, int64_t n, int64_t first, int64_t last, double sc
   for (; j <= last; ++j) x[j] = std::exp(x[j] * scale - l);
 }
 
-// p[i] = e^(x[i] - mx) over a row, in place; returns Σ p in f64. Four lanes at a time through
-// exp4 (f64 inside, rounded once: glibc's expf but for 0.008% of arguments, 1 ulp there).
-double exp_shift_sum(float* x, int64_t n, float mx) {
-  int64_t i = 0;
-  double sum = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m128 m = _mm_set1_ps(mx);
-  __m256d acc = _mm256_setzero_pd();
-  for (; i + 4 <= n; i += 4) {
-    const __m128 e = exp4(_mm_sub_ps(_mm_loadu_ps(x + i), m));
-    _mm_storeu_ps(x + i, e);
-    acc = _mm256_add_pd(acc, _mm256_cvtps_pd(e));
-  }
-  sum = hsum4(acc);
-#endif
-  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - mx));
-  return sum;
-}
-
 }  // namespace
 
 // Per (batch, head, tile of kTile query rows): the scores of the tile against every key it
