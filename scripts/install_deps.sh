@@ -17,7 +17,9 @@ fi
 
 # Core toolchain and libraries. libomp-dev: clang's OpenMP runtime, needed by the
 # clang/libFuzzer build (find_package(OpenMP) fails under clang without it).
-# libdnnl-dev: oneDNN, the bf16 prefill GEMMs on CPUs with AMX or AVX512-BF16.
+# libdnnl-dev: oneDNN, the bf16 prefill GEMMs on CPUs with AMX or AVX512-BF16. Debian's oneDNN is
+# built with its OpenCL GPU runtime, so its CMake package requires OpenCL's loader and headers
+# (ocl-icd-opencl-dev); without them find_package(dnnl) stops the configure.
 # libclang-rt-14-dev: libFuzzer and the clang sanitizer runtimes.
 # libsentencepiece-dev: tokenizer.model (SentencePiece) support; sentencepiece: its spm_train /
 # spm_encode / spm_decode tools, which the tokenizer tests use as the reference.
@@ -29,6 +31,7 @@ PACKAGES=(
   libopenblas-dev
   libopenblas-openmp-dev
   libdnnl-dev
+  ocl-icd-opencl-dev
   nlohmann-json3-dev
   libcli11-dev
   libcpp-httplib-dev
