@@ -674,7 +674,7 @@ std::vector<Case> make_cases() {
   // attention_forward_train / attention_backward
   for (auto heads : {std::pair<int64_t, int64_t>{3, 1}, {4, 2}})
     for (int64_t s : {1, 3, 17, 150})  // 150: several query tiles of the backward, the last partial
-      for (int64_t dh : {6, 8}) {
+      for (int64_t dh : {6, 8, 24}) {  // 8, 24: the register tiles (24: a 16- and an 8-wide part)
         const int64_t h = heads.first, hkv = heads.second;
         const int64_t bn = 2;
         Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));

@@ -1,6 +1,7 @@
 // cpu_attention_tiles.h — the register-tiled attention kernels of prefill and training on the
 // CPU (cpu_attention.cpp, cpu_train_attention.cpp): a block of query rows of one head against the
-// keys any of them sees, scores and values each by 4-row tiles of 256-bit FMAs.
+// keys any of them sees, scores and values each by 4-row tiles of 256-bit FMAs. The training
+// backward uses the same two tiles for all five of its products (scores, dP, dQ, dK, dV).
 #pragma once
 #include <immintrin.h>
 
@@ -22,35 +23,48 @@ namespace cpu {
 constexpr int64_t kAttnQBlock = 32;
 constexpr int64_t kAttnBlockMin = 8;
 
+// out[x, 0..16) (+)= scale · Σ_{s in [s0, s1)} a[x·lax + s·las] · b[s·ldb + 0..16) for RX values of
+// x (rows of out at stride ldo; Acc: added to out). Scores are x = query rows, s = head dims,
+// b = the keys transposed (scores_tile); the training backward's dVᵀ and dKᵀ are x = head dims,
+// s = query rows, b = the rows of P or dS.
+template <int RX, bool Acc = false>
+inline void outer_tile(const float* a, int64_t lax, int64_t las, const float* b, int64_t ldb, int64_t s0, int64_t s1,
+                       float scale, float* out, int64_t ldo) {
+  __m256 acc[RX][2];
+  for (int r = 0; r < RX; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t s = s0; s < s1; ++s) {
+    const __m256 b0 = _mm256_loadu_ps(b + s * ldb), b1 = _mm256_loadu_ps(b + s * ldb + 8);
+    for (int r = 0; r < RX; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * lax + s * las);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int r = 0; r < RX; ++r)
+    for (int h = 0; h < 2; ++h) {
+      __m256 y = _mm256_mul_ps(acc[r][h], sc);
+      if constexpr (Acc) y = _mm256_add_ps(y, _mm256_loadu_ps(out + r * ldo + 8 * h));
+      _mm256_storeu_ps(out + r * ldo + 8 * h, y);
+    }
+}
+
 // S[r, j] (row stride lds) = scale · Σ_d q[r, d] · kt[d, j] for RX rows and 16 keys j0..j0+15,
 // kt the block's keys transposed (row stride ldk).
 template <int RX>
 inline void scores_tile(const float* q, int64_t ldq, const float* kt, int64_t ldk, int64_t dh, float scale, float* S,
                         int64_t lds) {
-  __m256 acc[RX][2];
-  for (int r = 0; r < RX; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < dh; ++d) {
-    const __m256 k0 = _mm256_loadu_ps(kt + d * ldk), k1 = _mm256_loadu_ps(kt + d * ldk + 8);
-    for (int r = 0; r < RX; ++r) {
-      const __m256 qv = _mm256_broadcast_ss(q + r * ldq + d);
-      acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
-    }
-  }
-  const __m256 sc = _mm256_set1_ps(scale);
-  for (int r = 0; r < RX; ++r) {
-    _mm256_storeu_ps(S + r * lds, _mm256_mul_ps(acc[r][0], sc));
-    _mm256_storeu_ps(S + r * lds + 8, _mm256_mul_ps(acc[r][1], sc));
-  }
+  outer_tile<RX>(q, ldq, 1, kt, ldk, 0, dh, scale, S, lds);
 }
 
-// o[r, d0..d0+8·W) = Σ_{j in [j0, j1)} p[r, j] · v[j, d0..] for RX rows (v rows at stride ldv).
-template <int RX, int W>
+// o[r, d0..d0+8·W) (+)= Σ_{j in [j0, j1)} p[r, j] · v[j, d0..] for RX rows (v rows at stride
+// ldv; Acc: added to o).
+template <int RX, int W, bool Acc = false>
 inline void values_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t j0, int64_t j1, float* o,
                         int64_t ldo) {
   __m256 acc[RX][W];
   for (int r = 0; r < RX; ++r)
-    for (int w = 0; w < W; ++w) acc[r][w] = _mm256_setzero_ps();
+    for (int w = 0; w < W; ++w) acc[r][w] = Acc ? _mm256_loadu_ps(o + r * ldo + 8 * w) : _mm256_setzero_ps();
   for (int64_t j = j0; j < j1; ++j) {
     __m256 vv[W];
     for (int w = 0; w < W; ++w) vv[w] = _mm256_loadu_ps(v + j * ldv + 8 * w);
@@ -79,6 +93,20 @@ inline double exp_shift_sum(float* x, int64_t n, float mx) {
   sum = hsum4(acc);
 #endif
   for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - mx));
+  return sum;
+}
+
+// Σ a[i]·b[i] over n floats, accumulated in f64.
+inline double dot_f64(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  double sum = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256d acc = _mm256_setzero_pd();
+  for (; i + 4 <= n; i += 4)
+    acc = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(a + i)), _mm256_cvtps_pd(_mm_loadu_ps(b + i)), acc);
+  sum = hsum4(acc);
+#endif
+  for (; i < n; ++i) sum += double(a[i]) * b[i];
   return sum;
 }
 

@@ -1,6 +1,8 @@
 // cpu_train_attention.cpp — causal GQA self-attention for training on the CPU: a forward that
-// saves the row log-sum-exp (f32 sgemm tiles: Q·Kᵀ, softmax, P·V), and a backward that
-// recomputes the probabilities tile by tile in f64 (the [S,S] matrix is never stored). Backward
+// saves the row log-sum-exp (Q·Kᵀ, softmax, P·V), and a backward that recomputes the
+// probabilities block by block (the [S,S] matrix is never stored); both by the register tiles of
+// cpu_attention_tiles.h where the head dim is a multiple of 8, else by f32 sgemm tiles (the
+// backward's softmax and dK in f64). Backward
 // work is split by (batch, kv head) so the key/value gradients of one kv head are written by
 // one thread.
 #include <cblas.h>
@@ -38,6 +40,124 @@ void exp_scaled_row(double* x, int64_t n, int64_t first, int64_t last, double sc
   for (; j + 4 <= last + 1; j += 4) _mm256_storeu_pd(x + j, exp4d(_mm256_fmsub_pd(_mm256_loadu_pd(x + j), sv, lv)));
 #endif
   for (; j <= last; ++j) x[j] = std::exp(x[j] * scale - l);
+}
+
+
+// out[x·ldo + j] += Σ_{r in [r0, r1)} a[r·lda + x] · b[r·ldb + j] for 4 values of x and 8 of j, in
+// f64 (dKᵀ += Qᵀ·dS: x head dims, j keys, r query rows).
+inline void outer_tile_f64(const double* a, int64_t lda, const double* b, int64_t ldb, int64_t r0, int64_t r1,
+                           double* out, int64_t ldo) {
+  __m256d acc[4][2];
+  for (int x = 0; x < 4; ++x)
+    for (int y = 0; y < 2; ++y) acc[x][y] = _mm256_loadu_pd(out + x * ldo + 4 * y);
+  for (int64_t r = r0; r < r1; ++r) {
+    const __m256d b0 = _mm256_loadu_pd(b + r * ldb), b1 = _mm256_loadu_pd(b + r * ldb + 4);
+    for (int x = 0; x < 4; ++x) {
+      const __m256d av = _mm256_broadcast_sd(a + r * lda + x);
+      acc[x][0] = _mm256_fmadd_pd(av, b0, acc[x][0]);
+      acc[x][1] = _mm256_fmadd_pd(av, b1, acc[x][1]);
+    }
+  }
+  for (int x = 0; x < 4; ++x)
+    for (int y = 0; y < 2; ++y) _mm256_storeu_pd(out + x * ldo + 4 * y, acc[x][y]);
+}
+
+// The backward of one (batch, kv head) for head dims a multiple of 8, by register tiles: per
+// head of the group and block of kAttnQBlock query rows,
+//   S = scale·Q·Kᵀ and dP = dO·Vᵀ (scores_tile against K and V transposed once per task),
+//   each row's softmax renormalised from S (sum in f64), Δ = Σ p·dP in f64, dS = p·(dP - Δ)·scale
+//   in f64 (P and dS's f32 rounding overwrite S and dP, zero outside the keys the row sees),
+//   dQ = dS·K (values_tile over K's rows, written in place),
+//   dVᵀ += dOᵀ·P (outer_tile over the block's rows of P: no transposes), f32,
+//   dKᵀ += Qᵀ·dS in f64 (outer_tile_f64): with dS rounded to f32 and summed in f32 blocks, the
+//   AdamW trajectory of qwen2's k_proj bias and qwen3's embeddings left the 1e-3 of the
+//   torch-f64 reference (test_train_reference.cpp), as it did before with the sgemm path.
+// 2-3x the sgemm tiles below (B4 S256 H8 Dh32: 7.6-15 -> 4.5 ms; S1024 Dh64: 460-780 -> 110-140
+// ms), which spent most of their time packing these thin (K = Dh) operands.
+struct BackwardScratch {
+  int64_t ldt;  // row stride of the key-major buffers: keys rounded up to 16, and 16 more
+  std::vector<float> kt, vt, S, dP, dvt;
+  std::vector<double> dkat, ds64, q64;
+  BackwardScratch(int64_t s_n, int64_t dh) : ldt((s_n + 15) / 16 * 16 + 16) {
+    const size_t t = static_cast<size_t>(ldt), d = static_cast<size_t>(dh), q = static_cast<size_t>(kAttnQBlock);
+    kt.assign(d * t, 0.0f), vt.assign(d * t, 0.0f), S.assign(q * t, 0.0f), dP.assign(q * t, 0.0f);
+    dvt.assign(d * t, 0.0f), dkat.assign(d * t, 0.0), ds64.assign(q * t, 0.0), q64.assign(q * d, 0.0);
+  }
+};
+
+void backward_kv_head_tiled(BackwardScratch& w, float* dq, int64_t ldq, const float* q, const float* dout,
+                            const float* k, const float* v, int64_t ldk, int64_t s_n, int64_t h0, int64_t group,
+                            int64_t h_stride, int64_t dh, float scale, const std::vector<double>& sinks,
+                            const AttnVariant& av) {
+  const int64_t ldt = w.ldt, QB = kAttnQBlock;
+  for (int64_t j = 0; j < s_n; ++j)
+    for (int64_t d = 0; d < dh; ++d) {
+      w.kt[size_t(d * ldt + j)] = k[j * ldk + d];
+      w.vt[size_t(d * ldt + j)] = v[j * ldk + d];
+    }
+  std::fill(w.dkat.begin(), w.dkat.end(), 0.0);
+  std::fill(w.dvt.begin(), w.dvt.end(), 0.0f);
+  float* S = w.S.data();
+  float* dP = w.dP.data();
+  for (int64_t h = h0; h < h0 + group; ++h) {
+    const bool has_sink = !sinks.empty();
+    const float sink = has_sink ? float(sinks[size_t(h)]) : -INFINITY;
+    for (int64_t s0 = 0; s0 < s_n; s0 += QB) {
+      const int64_t nq = std::min(QB, s_n - s0), j0 = av.first_key(s0), n = s0 + nq - j0, np = (n + 15) / 16 * 16;
+      const float* qb = q + (s0 * h_stride + h) * dh;  // query row r at qb + r * ldq
+      const float* gb = dout + (s0 * h_stride + h) * dh;
+      int64_t lo[kAttnQBlock], hi[kAttnQBlock];
+      for (int64_t r = 0; r < nq; ++r) lo[r] = av.first_key(s0 + r) - j0, hi[r] = s0 + r + 1 - j0;
+      for_row_groups(nq, [&]<int RX>(int64_t r) {
+        for (int64_t j = 0; j < np; j += 16) {
+          scores_tile<RX>(qb + r * ldq, ldq, w.kt.data() + j0 + j, ldt, dh, scale, S + r * ldt + j, ldt);
+          scores_tile<RX>(gb + r * ldq, ldq, w.vt.data() + j0 + j, ldt, dh, 1.0f, dP + r * ldt + j, ldt);
+        }
+      });
+      for (int64_t r = 0; r < nq; ++r)
+        for (int64_t d = 0; d < dh; ++d) w.q64[size_t(r * dh + d)] = qb[r * ldq + d];
+      for (int64_t r = 0; r < nq; ++r) {
+        float* pr = S + r * ldt;   // scores, then probabilities
+        float* dr = dP + r * ldt;  // dP, then dS
+        float mx = sink;
+        for (int64_t j = lo[r]; j < hi[r]; ++j) mx = std::max(mx, pr[j]);
+        const double sum = (has_sink ? std::exp(double(sink) - mx) : 0.0) + exp_shift_sum(pr + lo[r], hi[r] - lo[r], mx);
+        const float inv = static_cast<float>(1.0 / sum);
+        for (int64_t j = lo[r]; j < hi[r]; ++j) pr[j] *= inv;
+        const double delta = dot_f64(pr + lo[r], dr + lo[r], hi[r] - lo[r]);
+        double* d64 = w.ds64.data() + r * ldt;
+        std::fill(d64, d64 + np, 0.0);
+        for (int64_t j = lo[r]; j < hi[r]; ++j) {
+          d64[j] = double(pr[j]) * (double(dr[j]) - delta) * double(scale);
+          dr[j] = static_cast<float>(d64[j]);
+        }
+        for (float* row : {pr, dr}) {
+          std::fill(row, row + lo[r], 0.0f);
+          std::fill(row + hi[r], row + np, 0.0f);
+        }
+      }
+      // dQ = dS·K over the keys the row group sees.
+      for_row_groups(nq, [&]<int RX>(int64_t r) {
+        int64_t ja = lo[r], jb = hi[r];
+        for (int i = 1; i < RX; ++i) ja = std::min(ja, lo[r + i]), jb = std::max(jb, hi[r + i]);
+        int64_t d = 0;
+        for (; d + 16 <= dh; d += 16)
+          values_tile<RX, 2>(dP + r * ldt, ldt, k + j0 * ldk + d, ldk, ja, jb, dq + (s0 + r) * ldq + h * dh + d, ldq);
+        if (d < dh) values_tile<RX, 1>(dP + r * ldt, ldt, k + j0 * ldk + d, ldk, ja, jb, dq + (s0 + r) * ldq + h * dh + d, ldq);
+      });
+      // dVᵀ += dOᵀ·P and dKᵀ += Qᵀ·dS by 16 keys, over the query rows that can see them (causal:
+      // from the row at the group's first key on).
+      for (int64_t j = 0; j < np; j += 16) {
+        const int64_t ra = std::max<int64_t>(0, j + j0 - s0);
+        for_row_groups(dh, [&]<int RX>(int64_t d) {
+          outer_tile<RX, true>(gb + d, 1, ldq, S + j, ldt, ra, nq, 1.0f, w.dvt.data() + d * ldt + j0 + j, ldt);
+        });
+        for (int64_t d = 0; d < dh; d += 4)
+          for (int64_t h8 = 0; h8 < 16; h8 += 8)
+            outer_tile_f64(w.q64.data() + d, dh, w.ds64.data() + j + h8, ldt, ra, nq, w.dkat.data() + d * ldt + j0 + j + h8, ldt);
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -153,6 +273,25 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
   float* dvp = dv.data<float>();
   const int64_t tile = std::min(kTile, s_n);
   const std::vector<double> sk = sinks_f64(av);
+  if (dh % 8 == 0) {
+#pragma omp parallel if(b_n * h_n * s_n * s_n * dh > 32768)
+    {
+      BackwardScratch w(s_n, dh);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+      for (int64_t b = 0; b < b_n; ++b)
+        for (int64_t kvh = 0; kvh < hkv; ++kvh) {
+          const int64_t kv0 = (b * s_n * hkv + kvh) * dh, q0 = b * s_n * h_n * dh;
+          backward_kv_head_tiled(w, dqp + q0, ldq, qp + q0, gp + q0, kp + kv0, vp + kv0, ldk, s_n, kvh * group, group,
+                                 h_n, dh, static_cast<float>(scale), sk, av);
+          for (int64_t j = 0; j < s_n; ++j)
+            for (int64_t i = 0; i < dh; ++i) {
+              const int64_t at = ((b * s_n + j) * hkv + kvh) * dh + i;
+              dkp[at] = static_cast<float>(w.dkat[size_t(i * w.ldt + j)]);
+              dvp[at] = w.dvt[size_t(i * w.ldt + j)];
+            }
+        }
+    }
+  } else {
 #pragma omp parallel if(b_n * h_n * s_n * s_n * dh > 32768)
   {
     // Per thread: the kv head's dK accumulator (f64) and dV accumulator (f32), and one query
@@ -222,6 +361,7 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
             dvp[at] = dva[size_t(j * dh + i)];
           }
       }
+  }
   }
   if (dsinks && dsinks->defined() && av.sinks.defined()) {
     const std::vector<double> sinks = sinks_f64(av);
