@@ -238,9 +238,10 @@ std::vector<Case> make_cases() {
         });
       }
 
-  // linear_forward: N <= 8 takes the streaming kernel, N = 17 BLAS
+  // linear_forward: N <= 8 (16-bit weights: N <= 16) takes the streaming kernel, in groups of
+  // 1-3 rows of x (4 = 2+2, 7 = 3+2+2, 16 = 3+3+3+3+2+2: serving's batched decode); N = 17 BLAS
   for (DType dt : kWdt)
-    for (int64_t n : {1, 3, 17})
+    for (int64_t n : {1, 3, 4, 7, 16, 17})
       for (int64_t kd : {7, 33, 65})
         for (bool bias : {false, true}) {
           const int64_t m = kd == 33 ? 37 : 11;
