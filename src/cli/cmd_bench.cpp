@@ -240,8 +240,10 @@ void run_bench(const BenchOpts& o) {
   double bw = measure_copy_bandwidth(dev);
   double read_bw = dev == Device::CPU && o.what == "decode" ? measure_read_bandwidth_cpu() : 0.0;
   double peak = measure_gemm_peak(dev);
-  std::fprintf(stderr, "copy bandwidth %.1f GB/s, read bandwidth %.1f GB/s, GEMM peak %.1f GFLOP/s; %s...\n",
-               bw / 1e9, read_bw / 1e9, peak / 1e9, o.model.empty() ? "building random model" : "loading the model");
+  char read_note[64] = "";  // measured for CPU decode only (its roofline)
+  if (read_bw > 0) std::snprintf(read_note, sizeof read_note, ", read bandwidth %.1f GB/s", read_bw / 1e9);
+  std::fprintf(stderr, "copy bandwidth %.1f GB/s%s, GEMM peak %.1f GFLOP/s; %s...\n", bw / 1e9, read_note, peak / 1e9,
+               o.model.empty() ? "building random model" : "loading the model");
   double t_init = now_seconds();
   Model m = [&] {
     if (!o.model.empty()) {  // a real file: its own dtypes (a .gguf's quantized blocks stay as stored)

@@ -1022,7 +1022,7 @@ template <DType WT, int R>
 inline void decode_tile(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res) {
   if constexpr (WT == DType::Q8_0 || WT == DType::IQ4_NL) tile_s8_rows<WT, R>(wr, a, nb, res, kRowAhead);
   else if constexpr (WT == DType::Q4_0) tile_q4_0_rows<R>(wr, a, nb, res, kRowAhead);
-  else if constexpr ((WT == DType::Q4_K || WT == DType::Q5_K) && !MOE_QK_512)
+  else if constexpr (WT == DType::Q4_K || WT == DType::Q5_K)
     tile_qk45_pairs<WT == DType::Q5_K, R>(wr, a, nb, res, kRowAhead);
   else if constexpr (quant_is_legacy(WT)) tile_legacy_rows<WT, R>(wr, a, nb, res, kRowAhead);
   else tile<WT, R, 1>(wr, a, 0, nb, res, kRowAhead);
