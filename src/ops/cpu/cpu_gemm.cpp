@@ -126,7 +126,7 @@ void gemv_group(float* out, int64_t ldo, const float* x, const float* xq, const 
 }
 
 // Streaming GEMM for up to kStreamMaxRows rows of x: each weight row is read from memory once.
-// The x rows go in groups of at most 3 (5 = 3+2, 8 = 3+3+2, ...), each group a pass of
+// Two or more x rows go in groups of 2-3 (5 = 3+2, 8 = 3+3+2, ...; one row: gemv_one_row), each a pass of
 // register tiles over a block of weight rows small enough to stay in L2 between the passes.
 // (One tile over all N rows, as before, left 5-8 rows with one weight row per tile: 5-8 FMA
 // chains, latency-bound at half the FMA rate, and the bulk of a 16-stream serving step.)
@@ -134,6 +134,21 @@ void gemv_group(float* out, int64_t ldo, const float* x, const float* xq, const 
 // with BLAS every small block of widened weight rows re-packed all of x (a third of a
 // 16-stream step's dense GEMM time).
 constexpr int64_t kStreamMaxRows = 16;
+
+// For bf16 weights: the n rows of x de-interleaved per 16 values as gemv_tile reads them (the 8
+// even then the 8 odd), in the thread's scratch; other types: x itself.
+template <DType WT>
+const float* gemv_x(const float* x, int64_t n, int64_t k) {
+  if constexpr (WT != DType::BF16) return x;
+  float* xd = scratch<float>(Scratch::GemvX, static_cast<size_t>(n * k));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c + 16 <= k; c += 16)
+      for (int64_t j = 0; j < 8; ++j) {
+        xd[i * k + c + j] = x[i * k + c + 2 * j];
+        xd[i * k + c + 8 + j] = x[i * k + c + 2 * j + 1];
+      }
+  return xd;
+}
 
 // One row of x (single-stream decode): each thread's rows [lo, hi) cut into R = 8 equal parts,
 // a tile taking row i of every part — 8 sequential streams far apart, which the hardware
@@ -146,13 +161,7 @@ void gemv_one_row(float* out, const float* x, const void* w, int64_t m, int64_t 
   constexpr int R = tile_rows<1>();
   const size_t row_bytes = static_cast<size_t>(k) * dtype_size(WT);
   const char* base = static_cast<const char*>(w);
-  const float* xq = x;
-  if constexpr (WT == DType::BF16) {
-    float* xd = scratch<float>(Scratch::GemvX, static_cast<size_t>(k));
-    for (int64_t c = 0; c + 16 <= k; c += 16)
-      for (int64_t j = 0; j < 8; ++j) xd[c + j] = x[c + 2 * j], xd[c + 8 + j] = x[c + 2 * j + 1];
-    xq = xd;
-  }
+  const float* xq = gemv_x<WT>(x, 1, k);
   // Inside a parallel region (the experts' slices of rows, cpu_moe.cpp) on the calling thread alone.
 #pragma omp parallel if(m * k > 32768 && !omp_in_parallel())
   {
@@ -182,8 +191,8 @@ void gemv_rows(float* out, int64_t ldo, const float* x, const void* w, int64_t n
                bool accumulate) {
   if (n == 1) return gemv_one_row<WT>(out, x, w, m, k, accumulate);
   const size_t row_bytes = static_cast<size_t>(k) * dtype_size(WT);
-  // A block: 24 rows (a multiple of every tile's R) — or whole m when one x row (pure stream).
-  const int64_t block = n == 1 ? 8 : 24;
+  // A block: 24 rows (a multiple of every tile's R, 3 and 4).
+  const int64_t block = 24;
   const int64_t blocks = (m + block - 1) / block;
   int groups[kStreamMaxRows], n_groups = 0;
   for (int64_t left = n; left > 0;) {
@@ -191,32 +200,19 @@ void gemv_rows(float* out, int64_t ldo, const float* x, const void* w, int64_t n
     groups[n_groups++] = g;
     left -= g;
   }
-  // bf16: x de-interleaved per 16 values (gemv_tile), once per call.
-  const float* xq = x;
-  if constexpr (WT == DType::BF16) {
-    float* xd = scratch<float>(Scratch::GemvX, static_cast<size_t>(n * k));
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t c = 0; c + 16 <= k; c += 16)
-        for (int64_t j = 0; j < 8; ++j) {
-          xd[i * k + c + j] = x[i * k + c + 2 * j];
-          xd[i * k + c + 8 + j] = x[i * k + c + 2 * j + 1];
-        }
-    xq = xd;
-  }
+  const float* xq = gemv_x<WT>(x, n, k);
 #pragma omp parallel for schedule(static) if(m * k > 32768)
   for (int64_t bi = 0; bi < blocks; ++bi) {
     const int64_t r0 = bi * block, r1 = std::min(m, r0 + block);
-    // With several x rows the block is computed in passes, and memory would idle during all but
-    // the first: the next block's rows (contiguous) are prefetched into L2 meanwhile. One x row
-    // is a single pass the hardware prefetchers follow. (Widening the block once into an f32
-    // copy for all the passes measured 30% slower at 16 streams: twice the bytes from L2.)
+    // The block is computed in passes, and memory would idle during all but the first: the next
+    // block's rows (contiguous) are prefetched into L2 meanwhile. (Widening the block once into
+    // an f32 copy for all the passes measured 30% slower at 16 streams: twice the bytes from L2.)
     const char* base = static_cast<const char*>(w);
-    const char* pf = n > 1 ? base + static_cast<size_t>(r1) * row_bytes : nullptr;
-    const char* pf_end = n > 1 ? base + static_cast<size_t>(std::min(m, r1 + block)) * row_bytes : nullptr;
+    const char* pf = base + static_cast<size_t>(r1) * row_bytes;
+    const char* pf_end = base + static_cast<size_t>(std::min(m, r1 + block)) * row_bytes;
     int64_t x0 = 0;
     for (int g = 0; g < n_groups; ++g) {
       switch (groups[g]) {
-        case 1: gemv_group<WT, 1>(out, ldo, x, xq, w, row_bytes, r0, r1, x0, k, accumulate, &pf, pf_end); break;
         case 2: gemv_group<WT, 2>(out, ldo, x, xq, w, row_bytes, r0, r1, x0, k, accumulate, &pf, pf_end); break;
         default: gemv_group<WT, 3>(out, ldo, x, xq, w, row_bytes, r0, r1, x0, k, accumulate, &pf, pf_end); break;
       }
