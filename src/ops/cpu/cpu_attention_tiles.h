@@ -1,7 +1,7 @@
 // cpu_attention_tiles.h — the register-tiled attention kernels of prefill and training on the
 // CPU (cpu_attention.cpp, cpu_train_attention.cpp): a block of query rows of one head against the
 // keys any of them sees, scores and values each by 4-row tiles of 256-bit FMAs. The training
-// backward uses the same two tiles for all five of its products (scores, dP, dQ, dK, dV).
+// backward (cpu_train_attention.cpp) uses them for S, dP, dQ and dVᵀ (its dKᵀ is an f64 tile).
 #pragma once
 #include <immintrin.h>
 
@@ -57,14 +57,13 @@ inline void scores_tile(const float* q, int64_t ldq, const float* kt, int64_t ld
   outer_tile<RX>(q, ldq, 1, kt, ldk, 0, dh, scale, S, lds);
 }
 
-// o[r, d0..d0+8·W) (+)= Σ_{j in [j0, j1)} p[r, j] · v[j, d0..] for RX rows (v rows at stride
-// ldv; Acc: added to o).
-template <int RX, int W, bool Acc = false>
+// o[r, d0..d0+8·W) = Σ_{j in [j0, j1)} p[r, j] · v[j, d0..] for RX rows (v rows at stride ldv).
+template <int RX, int W>
 inline void values_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t j0, int64_t j1, float* o,
                         int64_t ldo) {
   __m256 acc[RX][W];
   for (int r = 0; r < RX; ++r)
-    for (int w = 0; w < W; ++w) acc[r][w] = Acc ? _mm256_loadu_ps(o + r * ldo + 8 * w) : _mm256_setzero_ps();
+    for (int w = 0; w < W; ++w) acc[r][w] = _mm256_setzero_ps();
   for (int64_t j = j0; j < j1; ++j) {
     __m256 vv[W];
     for (int w = 0; w < W; ++w) vv[w] = _mm256_loadu_ps(v + j * ldv + 8 * w);
@@ -75,6 +74,16 @@ inline void values_tile(const float* p, int64_t ldp, const float* v, int64_t ldv
   }
   for (int r = 0; r < RX; ++r)
     for (int w = 0; w < W; ++w) _mm256_storeu_ps(o + r * ldo + 8 * w, acc[r][w]);
+}
+
+// o[r, 0..dh) = Σ_{j in [j0, j1)} p[r, j] · v[j, 0..dh) for RX rows, dh a multiple of 8: values
+// tiles 16 dims wide, the last 8 alone.
+template <int RX>
+inline void values_rows(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t j0, int64_t j1, float* o,
+                        int64_t ldo, int64_t dh) {
+  int64_t d = 0;
+  for (; d + 16 <= dh; d += 16) values_tile<RX, 2>(p, ldp, v + d, ldv, j0, j1, o + d, ldo);
+  if (d < dh) values_tile<RX, 1>(p, ldp, v + d, ldv, j0, j1, o + d, ldo);
 }
 
 // p[i] = e^(x[i] - mx) over a row, in place; returns Σ p in f64. Four lanes at a time through
@@ -156,9 +165,7 @@ inline void attend_block(const float* q, int64_t ldq, const float* k, const floa
   for_row_groups(nq, [&]<int RX>(int64_t r) {
     int64_t j0 = lo[r], j1 = hi[r];  // the keys any of the RX rows sees
     for (int i = 1; i < RX; ++i) j0 = std::min(j0, lo[r + i]), j1 = std::max(j1, hi[r + i]);
-    int64_t d = 0;
-    for (; d + 16 <= dh; d += 16) values_tile<RX, 2>(S + r * nkp, nkp, v + d, ldkv, j0, j1, o + r * ldo + d, ldo);
-    if (d < dh) values_tile<RX, 1>(S + r * nkp, nkp, v + d, ldkv, j0, j1, o + r * ldo + d, ldo);
+    values_rows<RX>(S + r * nkp, nkp, v, ldkv, j0, j1, o + r * ldo, ldo, dh);
   });
 }
 

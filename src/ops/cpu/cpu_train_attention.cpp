@@ -2,9 +2,8 @@
 // saves the row log-sum-exp (Q·Kᵀ, softmax, P·V), and a backward that recomputes the
 // probabilities block by block (the [S,S] matrix is never stored); both by the register tiles of
 // cpu_attention_tiles.h where the head dim is a multiple of 8, else by f32 sgemm tiles (the
-// backward's softmax and dK in f64). Backward
-// work is split by (batch, kv head) so the key/value gradients of one kv head are written by
-// one thread.
+// backward's softmax and dK in f64). Backward work is split by (batch, kv head) so the key/value
+// gradients of one kv head are written by one thread.
 #include <cblas.h>
 
 #include <algorithm>
@@ -41,7 +40,6 @@ void exp_scaled_row(double* x, int64_t n, int64_t first, int64_t last, double sc
 #endif
   for (; j <= last; ++j) x[j] = std::exp(x[j] * scale - l);
 }
-
 
 // out[x·ldo + j] += Σ_{r in [r0, r1)} a[r·lda + x] · b[r·ldb + j] for 4 values of x and 8 of j, in
 // f64 (dKᵀ += Qᵀ·dS: x head dims, j keys, r query rows).
@@ -121,7 +119,8 @@ void backward_kv_head_tiled(BackwardScratch& w, float* dq, int64_t ldq, const fl
         float* dr = dP + r * ldt;  // dP, then dS
         float mx = sink;
         for (int64_t j = lo[r]; j < hi[r]; ++j) mx = std::max(mx, pr[j]);
-        const double sum = (has_sink ? std::exp(double(sink) - mx) : 0.0) + exp_shift_sum(pr + lo[r], hi[r] - lo[r], mx);
+        const double sum =
+            (has_sink ? std::exp(double(sink) - mx) : 0.0) + exp_shift_sum(pr + lo[r], hi[r] - lo[r], mx);
         const float inv = static_cast<float>(1.0 / sum);
         for (int64_t j = lo[r]; j < hi[r]; ++j) pr[j] *= inv;
         const double delta = dot_f64(pr + lo[r], dr + lo[r], hi[r] - lo[r]);
@@ -140,10 +139,7 @@ void backward_kv_head_tiled(BackwardScratch& w, float* dq, int64_t ldq, const fl
       for_row_groups(nq, [&]<int RX>(int64_t r) {
         int64_t ja = lo[r], jb = hi[r];
         for (int i = 1; i < RX; ++i) ja = std::min(ja, lo[r + i]), jb = std::max(jb, hi[r + i]);
-        int64_t d = 0;
-        for (; d + 16 <= dh; d += 16)
-          values_tile<RX, 2>(dP + r * ldt, ldt, k + j0 * ldk + d, ldk, ja, jb, dq + (s0 + r) * ldq + h * dh + d, ldq);
-        if (d < dh) values_tile<RX, 1>(dP + r * ldt, ldt, k + j0 * ldk + d, ldk, ja, jb, dq + (s0 + r) * ldq + h * dh + d, ldq);
+        values_rows<RX>(dP + r * ldt, ldt, k + j0 * ldk, ldk, ja, jb, dq + (s0 + r) * ldq + h * dh, ldq, dh);
       });
       // dVᵀ += dOᵀ·P and dKᵀ += Qᵀ·dS by 16 keys, over the query rows that can see them (causal:
       // from the row at the group's first key on).
@@ -154,7 +150,8 @@ void backward_kv_head_tiled(BackwardScratch& w, float* dq, int64_t ldq, const fl
         });
         for (int64_t d = 0; d < dh; d += 4)
           for (int64_t h8 = 0; h8 < 16; h8 += 8)
-            outer_tile_f64(w.q64.data() + d, dh, w.ds64.data() + j + h8, ldt, ra, nq, w.dkat.data() + d * ldt + j0 + j + h8, ldt);
+            outer_tile_f64(w.q64.data() + d, dh, w.ds64.data() + j + h8, ldt, ra, nq,
+                           w.dkat.data() + d * ldt + j0 + j + h8, ldt);
       }
     }
   }
@@ -293,75 +290,75 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
     }
   } else {
 #pragma omp parallel if(b_n * h_n * s_n * s_n * dh > 32768)
-  {
-    // Per thread: the kv head's dK accumulator (f64) and dV accumulator (f32), and one query
-    // tile's Q (f64), scores and dP (f32), P (f32 and f64) and dS (f32 and f64).
-    const size_t kv_n = static_cast<size_t>(s_n * dh), tq = static_cast<size_t>(tile), sq = tq * size_t(s_n);
-    std::vector<double> dka(kv_n), qt(tq * size_t(dh)), pd(sq), dsd(sq);
-    std::vector<float> dva(kv_n), sc(sq), dpt(sq), pf(sq), dsf(sq);
+    {
+      // Per thread: the kv head's dK accumulator (f64) and dV accumulator (f32), and one query
+      // tile's Q (f64), scores and dP (f32), P (f32 and f64) and dS (f32 and f64).
+      const size_t kv_n = static_cast<size_t>(s_n * dh), tq = static_cast<size_t>(tile), sq = tq * size_t(s_n);
+      std::vector<double> dka(kv_n), qt(tq * size_t(dh)), pd(sq), dsd(sq);
+      std::vector<float> dva(kv_n), sc(sq), dpt(sq), pf(sq), dsf(sq);
 #pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t b = 0; b < b_n; ++b)
-      for (int64_t kvh = 0; kvh < hkv; ++kvh) {
-        const float* kb = kp + (b * s_n * hkv + kvh) * dh;  // key row j at kb + j * ldk
-        const float* vb = vp + (b * s_n * hkv + kvh) * dh;
-        std::fill(dka.begin(), dka.end(), 0.0);
-        std::fill(dva.begin(), dva.end(), 0.0f);
-        for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
-          for (int64_t s0 = 0; s0 < s_n; s0 += tile) {
-            const int64_t nq = std::min(tile, s_n - s0), nk = s0 + nq;  // keys 0..nk-1 are visible to the tile
-            const float* qb = qp + ((b * s_n + s0) * h_n + h) * dh;   // query row r at qb + r * ldq
-            const float* gb = gp + ((b * s_n + s0) * h_n + h) * dh;
-            for (int64_t r = 0; r < nq; ++r)
-              for (int64_t i = 0; i < dh; ++i) qt[size_t(r * dh + i)] = qb[r * ldq + i];
-            // scores = Q Kᵀ and dP = dO Vᵀ over the visible keys
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)dh, 1.0f, qb, (int)ldq, kb,
-                        (int)ldk, 0.0f, sc.data(), (int)nk);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)dh, 1.0f, gb, (int)ldq, vb,
-                        (int)ldk, 0.0f, dpt.data(), (int)nk);
-            for (int64_t r = 0; r < nq; ++r) {
-              double* pr = pd.data() + r * nk;
-              double* dr = dsd.data() + r * nk;
-              const float* sr = sc.data() + r * nk;
-              const float* dpr = dpt.data() + r * nk;
-              const int64_t last = s0 + r, first = av.first_key(last);  // causal: keys first..last
-              double mx = sk.empty() ? -INFINITY : sk[size_t(h)];
-              for (int64_t j = first; j <= last; ++j) {
-                pr[j] = sr[j];
-                mx = std::max(mx, pr[j] * scale);
+      for (int64_t b = 0; b < b_n; ++b)
+        for (int64_t kvh = 0; kvh < hkv; ++kvh) {
+          const float* kb = kp + (b * s_n * hkv + kvh) * dh;  // key row j at kb + j * ldk
+          const float* vb = vp + (b * s_n * hkv + kvh) * dh;
+          std::fill(dka.begin(), dka.end(), 0.0);
+          std::fill(dva.begin(), dva.end(), 0.0f);
+          for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
+            for (int64_t s0 = 0; s0 < s_n; s0 += tile) {
+              const int64_t nq = std::min(tile, s_n - s0), nk = s0 + nq;  // keys 0..nk-1 are visible to the tile
+              const float* qb = qp + ((b * s_n + s0) * h_n + h) * dh;   // query row r at qb + r * ldq
+              const float* gb = gp + ((b * s_n + s0) * h_n + h) * dh;
+              for (int64_t r = 0; r < nq; ++r)
+                for (int64_t i = 0; i < dh; ++i) qt[size_t(r * dh + i)] = qb[r * ldq + i];
+              // scores = Q Kᵀ and dP = dO Vᵀ over the visible keys
+              cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)dh, 1.0f, qb, (int)ldq, kb,
+                          (int)ldk, 0.0f, sc.data(), (int)nk);
+              cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)dh, 1.0f, gb, (int)ldq, vb,
+                          (int)ldk, 0.0f, dpt.data(), (int)nk);
+              for (int64_t r = 0; r < nq; ++r) {
+                double* pr = pd.data() + r * nk;
+                double* dr = dsd.data() + r * nk;
+                const float* sr = sc.data() + r * nk;
+                const float* dpr = dpt.data() + r * nk;
+                const int64_t last = s0 + r, first = av.first_key(last);  // causal: keys first..last
+                double mx = sk.empty() ? -INFINITY : sk[size_t(h)];
+                for (int64_t j = first; j <= last; ++j) {
+                  pr[j] = sr[j];
+                  mx = std::max(mx, pr[j] * scale);
+                }
+                exp_scaled_row(pr, nk, first, last, scale, mx);
+                double sum = sk.empty() ? 0.0 : std::exp(sk[size_t(h)] - mx);
+                for (int64_t j = first; j <= last; ++j) sum += pr[j];
+                const double inv = 1.0 / sum;
+                double dl = 0;
+                for (int64_t j = first; j <= last; ++j) {
+                  pr[j] *= inv;
+                  dl += pr[j] * dpr[j];
+                }
+                float* pfr = pf.data() + r * nk;
+                float* dsr = dsf.data() + r * nk;
+                for (int64_t j = 0; j < nk; ++j) {
+                  dr[j] = pr[j] * (dpr[j] - dl) * scale;
+                  pfr[j] = static_cast<float>(pr[j]);
+                  dsr[j] = static_cast<float>(dr[j]);
+                }
               }
-              exp_scaled_row(pr, nk, first, last, scale, mx);
-              double sum = sk.empty() ? 0.0 : std::exp(sk[size_t(h)] - mx);
-              for (int64_t j = first; j <= last; ++j) sum += pr[j];
-              const double inv = 1.0 / sum;
-              double dl = 0;
-              for (int64_t j = first; j <= last; ++j) {
-                pr[j] *= inv;
-                dl += pr[j] * dpr[j];
-              }
-              float* pfr = pf.data() + r * nk;
-              float* dsr = dsf.data() + r * nk;
-              for (int64_t j = 0; j < nk; ++j) {
-                dr[j] = pr[j] * (dpr[j] - dl) * scale;
-                pfr[j] = static_cast<float>(pr[j]);
-                dsr[j] = static_cast<float>(dr[j]);
-              }
+              // dQ = dS K (into dq's rows);  dK += dSᵀ Q (f64);  dV += Pᵀ dO
+              cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nq, (int)dh, (int)nk, 1.0f, dsf.data(),
+                          (int)nk, kb, (int)ldk, 0.0f, dqp + ((b * s_n + s0) * h_n + h) * dh, (int)ldq);
+              cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nk, (int)dh, (int)nq, 1.0, dsd.data(), (int)nk,
+                          qt.data(), (int)dh, 1.0, dka.data(), (int)dh);
+              cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nk, (int)dh, (int)nq, 1.0f, pf.data(), (int)nk,
+                          gb, (int)ldq, 1.0f, dva.data(), (int)dh);
             }
-            // dQ = dS K (into dq's rows);  dK += dSᵀ Q (f64);  dV += Pᵀ dO
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nq, (int)dh, (int)nk, 1.0f, dsf.data(),
-                        (int)nk, kb, (int)ldk, 0.0f, dqp + ((b * s_n + s0) * h_n + h) * dh, (int)ldq);
-            cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nk, (int)dh, (int)nq, 1.0, dsd.data(), (int)nk,
-                        qt.data(), (int)dh, 1.0, dka.data(), (int)dh);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nk, (int)dh, (int)nq, 1.0f, pf.data(), (int)nk,
-                        gb, (int)ldq, 1.0f, dva.data(), (int)dh);
-          }
-        for (int64_t j = 0; j < s_n; ++j)
-          for (int64_t i = 0; i < dh; ++i) {
-            const int64_t at = ((b * s_n + j) * hkv + kvh) * dh + i;
-            dkp[at] = static_cast<float>(dka[size_t(j * dh + i)]);
-            dvp[at] = dva[size_t(j * dh + i)];
-          }
-      }
-  }
+          for (int64_t j = 0; j < s_n; ++j)
+            for (int64_t i = 0; i < dh; ++i) {
+              const int64_t at = ((b * s_n + j) * hkv + kvh) * dh + i;
+              dkp[at] = static_cast<float>(dka[size_t(j * dh + i)]);
+              dvp[at] = dva[size_t(j * dh + i)];
+            }
+        }
+    }
   }
   if (dsinks && dsinks->defined() && av.sinks.defined()) {
     const std::vector<double> sinks = sinks_f64(av);
