@@ -1,15 +1,18 @@
-// test_gemm_onednn.cpp — the bf16 matrix-unit GEMM (ops/cpu/cpu_gemm_onednn.h).
+// test_gemm_onednn.cpp — the GEMMs that round x to bf16: oneDNN's matmul on the matrix units
+// (ops/cpu/cpu_gemm_onednn.h) and the batched-decode bf16 dot kernel (cpu_gemm_bf16dot.h).
 //
 // The wrapper around oneDNN's matmul is the same for f32 and bf16 weights: the f32 path, which
 // every CPU has, checks the layout here (weights read as [m, k] rows, out's row stride ldo,
 // accumulation, row counts padded for the primitive cache) against a float64 product. The bf16
-// path needs AMX or AVX512-BF16: where oneDNN reports them it is checked against the float64
-// product of x rounded to bf16 (bf16 x bf16 products are exact in f32, so only f32 summation
-// separates them: |y - r| <= 1e-5 · Σ|x̂|·|w| + 1e-30); elsewhere those tests say SKIPPED.
+// path needs AMX or AVX512-BF16, the dot kernel AVX512-BF16: where the CPU has them they are
+// checked against the float64 product of x rounded to bf16 (bf16 x bf16 products are exact in
+// f32, so only f32 summation separates them: |y - r| <= 1e-5 · Σ|x̂|·|w| + 1e-30); elsewhere
+// those tests say SKIPPED.
 #include <gtest/gtest.h>
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <random>
@@ -18,6 +21,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_gemm_bf16dot.h"
 #include "ops/cpu/cpu_gemm_onednn.h"
 #include "ops/cpu/cpu_quant_gemm.h"
 
@@ -166,6 +170,70 @@ TEST(OneDnnGemm, ExactPathKeepsXInF32) {
   cpu::set_quant_exact(false);
   cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
   expect_within(out, r, bound, s);
+}
+
+
+// The dot kernel at the row counts serving's batched decode gives it (2-64; groups of up to 6
+// rows of x, 4 weight rows per tile, each thread's rows cut in 4 parts), m below, at and past a
+// tile and not a multiple of 4 or of the thread count, k with and without a partial 32-wide step.
+const Shape kDotShapes[] = {{2, 1, 32, 1, false},    {3, 5, 31, 7, true},     {5, 37, 70, 40, false},
+                            {6, 130, 257, 130, true}, {7, 64, 1, 64, false},  {13, 9, 96, 9, true},
+                            {16, 203, 100, 210, false}, {17, 33, 33, 33, true}, {32, 41, 160, 41, false},
+                            {64, 19, 47, 19, true}};
+
+TEST(Bf16DotGemm, MatchesFloat64ProductOfRoundedX) {
+  if (!cpu::bf16dot_available()) GTEST_SKIP() << "SKIPPED: no AVX512-BF16 here";
+  uint32_t seed = 300;
+  for (const Shape& s : kDotShapes) {
+    auto x = random_vec(size_t(s.n * s.k), seed++), wf = random_vec(size_t(s.m * s.k), seed++);
+    auto out = random_vec(size_t(s.n * s.ldo), seed++);
+    std::vector<uint16_t> w(wf.size());
+    for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
+    std::vector<double> r, bound;
+    reference(bf16_rounded(x), bf16_rounded(wf), out, s, &r, &bound);
+    auto out_threads = out, out_region = out;
+    cpu::gemm_xwt_bf16dot(out_threads.data(), s.ldo, x.data(), w.data(), s.n, s.m, s.k, s.accumulate);
+    expect_within(out_threads, r, bound, s);
+    // Inside a parallel region (the experts' tasks): the calling thread alone, same result.
+#pragma omp parallel num_threads(2)
+    {
+#pragma omp single
+      cpu::gemm_xwt_bf16dot(out_region.data(), s.ldo, x.data(), w.data(), s.n, s.m, s.k, s.accumulate);
+    }
+    expect_within(out_region, r, bound, s);
+  }
+}
+
+TEST(Bf16DotGemm, GemmTakesItOnlyWhereXMayBeRounded) {
+  if (!cpu::bf16dot_available() || !cpu::bf16_matrix_available())
+    GTEST_SKIP() << "SKIPPED: no AVX512-BF16 here (oneDNN ISA " << cpu::onednn_isa_name() << ")";
+  // Default mode (x exact): the streaming f32 kernel, 16 rows at most; opted in: 64 rows, x rounded.
+  EXPECT_EQ(cpu::gemm_stream_rows(DType::BF16), 16);
+  const Shape s{9, 50, 90, 50, false};
+  // Rounding x to bf16 moves each product by up to 2^-9 relative: over 90 terms the two paths
+  // differ by far more than the 1e-5 summation bound, so each reference tells them apart.
+  auto x = random_vec(size_t(s.n * s.k), 11), wf = random_vec(size_t(s.m * s.k), 12);
+  std::vector<uint16_t> w(wf.size());
+  for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
+  std::vector<float> zero(size_t(s.n * s.ldo), 0.0f), exact = zero, rounded = zero;
+  std::vector<double> r_exact, r_rounded, bound;
+  reference(x, bf16_rounded(wf), zero, s, &r_exact, &bound);
+  cpu::gemm_xwt(exact.data(), s.ldo, x.data(), w.data(), DType::BF16, s.n, s.m, s.k, false);
+  expect_within(exact, r_exact, bound, s);
+  cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+  EXPECT_EQ(cpu::gemm_stream_rows(DType::BF16), 64);
+  EXPECT_EQ(cpu::gemm_stream_rows(DType::F32), 16);
+  reference(bf16_rounded(x), bf16_rounded(wf), zero, s, &r_rounded, &bound);
+  cpu::gemm_xwt(rounded.data(), s.ldo, x.data(), w.data(), DType::BF16, s.n, s.m, s.k, false);
+  expect_within(rounded, r_rounded, bound, s);
+  // The exact path (moe logits) keeps x in f32 even when the process opted in.
+  cpu::set_quant_exact(true);
+  EXPECT_EQ(cpu::gemm_stream_rows(DType::BF16), 16);
+  std::fill(exact.begin(), exact.end(), 0.0f);
+  cpu::gemm_xwt(exact.data(), s.ldo, x.data(), w.data(), DType::BF16, s.n, s.m, s.k, false);
+  cpu::set_quant_exact(false);
+  cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+  expect_within(exact, r_exact, bound, s);
 }
 
 }  // namespace

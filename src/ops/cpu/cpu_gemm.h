@@ -32,5 +32,11 @@ float dot_f32(const float* a, const float* b, int64_t n);
 // Rows at or below this count take the streaming (GEMV-like) path.
 constexpr int64_t kGemvMaxRows = 8;
 
+// Rows of x up to which gemm_xwt on weights of dtype wdt reads each weight row from memory once
+// for all of them and runs on the calling thread alone inside a parallel region (the batched
+// decode's experts, cpu_moe.cpp): 64 where bf16 weights take the bf16 dot kernel
+// (cpu_gemm_bf16dot.h), 16 otherwise.
+int64_t gemm_stream_rows(DType wdt);
+
 }  // namespace cpu
 }  // namespace moe

@@ -94,8 +94,8 @@ void permute_weights(Tensor& row_scale, const Tensor& topk_w, const Tensor& perm
 
 namespace {
 
-// Decode-sized batches — every expert at most kStreamRows rows (any weight dtype: quantized
-// rows are whole blocks, so a slice of rows starts on a block):
+// Decode-sized batches — every expert at most gemm_stream_rows(dtype) rows (cpu_gemm.h; any
+// weight dtype: quantized rows are whole blocks, so a slice of rows starts on a block):
 // the layer's experts in one parallel region, as tasks over slices of their weight rows (gate
 // and up with the gated activation of those columns, then, after one barrier, down). Each
 // slice streams its weight rows once (the GEMMs run single-threaded inside the region). Per
@@ -103,14 +103,14 @@ namespace {
 // of the medium preset, and the imbalance at each. `act(g, u, e, r, f0, f1)`: the gated
 // activation of row r (permuted) of expert e over columns [f0, f1), into g from the gate and up
 // rows g, u.
-constexpr int64_t kStreamRows = 16;
 constexpr int64_t kSliceRows = 384;  // weight rows per task (a multiple of the GEMV's 24-row blocks)
 
 // Also: enough work for a parallel region (a region that runs on one thread would make the
 // GEMVs' own regions nested ones, which libgomp serves with fresh threads: 10x slower).
 bool experts_decode_sized(const int32_t* off, int64_t e_n, const Tensor& w1) {
+  const int64_t max_rows = gemm_stream_rows(w1.dtype());
   for (int64_t e = 0; e < e_n; ++e)
-    if (off[e + 1] - off[e] > kStreamRows) return false;
+    if (off[e + 1] - off[e] > max_rows) return false;
   return omp_get_max_threads() > 1 && int64_t(off[e_n]) * w1.dim(1) * w1.dim(2) >= (int64_t(1) << 20);
 }
 

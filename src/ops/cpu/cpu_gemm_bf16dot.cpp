@@ -1,0 +1,165 @@
+// cpu_gemm_bf16dot.cpp — bf16 weights against a few rows of x with vdpbf16ps (AVX512-BF16).
+// Every kernel function here gets the target avx512f,avx512bw,avx512vl,avx512bf16 (pragma
+// below); gemm_xwt calls them only when bf16dot_available() says the CPU has them.
+#if !defined(__clang__)
+// GCC 12's AVX-512 intrinsics build vectors from deliberately undefined registers, which
+// -Wuninitialized reports once inlined (see cpu_quant_vnni.cpp).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include "ops/cpu/cpu_gemm_bf16dot.h"
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+
+#include "ops/cpu/cpu_scratch.h"
+
+namespace moe {
+namespace cpu {
+
+bool bf16dot_available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+#endif
+
+namespace {
+
+// A tile: R weight rows against N rows of x, R·N accumulators. R = 4 rows of w (each step loads
+// one 64-byte line of each) and N ≤ 6 rows of x keep 24 accumulators, the 4 weight vectors and
+// one x vector in the 32 registers; vdpbf16ps's latency (6 cycles on Zen 4) is hidden by ≥ 8
+// independent chains.
+constexpr int R = 4;
+constexpr int kMaxGroup = 6;
+
+// The horizontal sums of a, b, c, d, in that order.
+inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // 128-bit lanes: ab = [a0+a2, a1+a3, b0+b2, b1+b3], cd likewise, then abcd's lane L holds
+  // four partial sums of the L-th input; two in-lane swaps finish each lane's sum.
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  t = _mm512_add_ps(t, _mm512_shuffle_ps(t, t, 0x4E));
+  t = _mm512_add_ps(t, _mm512_shuffle_ps(t, t, 0xB1));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), t));
+}
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+// res[i * R + j] = Σ_c xb[i][c] · wr[j][c] over k (xb rows padded with zeros to a multiple of
+// 32 at stride ldx; the weight rows' last partial step is a masked load).
+template <int N>
+inline void tile(float* res, const uint16_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t k) {
+  __m512 acc[R][N];
+  for (int j = 0; j < R; ++j)
+    for (int i = 0; i < N; ++i) acc[j][i] = _mm512_setzero_ps();
+  const int64_t k32 = k / 32 * 32;
+  for (int64_t c = 0; c < k32; c += 32) {
+    __m512i wv[R];
+    for (int j = 0; j < R; ++j) wv[j] = _mm512_loadu_si512(wr[j] + c);
+    for (int i = 0; i < N; ++i) {
+      const __m512bh xv = as_bh(_mm512_loadu_si512(xb + i * ldx + c));
+      for (int j = 0; j < R; ++j) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], as_bh(wv[j]), xv);
+    }
+  }
+  if (k32 < k) {
+    const __mmask32 mask = (__mmask32(1) << (k - k32)) - 1;
+    __m512i wv[R];
+    for (int j = 0; j < R; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, wr[j] + k32);
+    for (int i = 0; i < N; ++i) {
+      const __m512bh xv = as_bh(_mm512_loadu_si512(xb + i * ldx + k32));
+      for (int j = 0; j < R; ++j) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], as_bh(wv[j]), xv);
+    }
+  }
+  for (int i = 0; i < N; ++i) _mm_storeu_ps(res + i * R, hsum4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]));
+}
+
+void tile_n(int n, float* res, const uint16_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t k) {
+  switch (n) {
+    case 1: tile<1>(res, wr, xb, ldx, k); break;
+    case 2: tile<2>(res, wr, xb, ldx, k); break;
+    case 3: tile<3>(res, wr, xb, ldx, k); break;
+    case 4: tile<4>(res, wr, xb, ldx, k); break;
+    case 5: tile<5>(res, wr, xb, ldx, k); break;
+    default: tile<6>(res, wr, xb, ldx, k); break;
+  }
+}
+
+// Weight rows rows[0..rr) (rr ≤ R) against all n rows of x, in passes of at most kMaxGroup x
+// rows (sizes balanced: 16 = 6+5+5); every pass after the first finds the weight rows in L1.
+void tile_rows(float* out, int64_t ldo, const uint16_t* xb, int64_t kp, const uint16_t* w, int64_t k, int64_t n,
+               const int64_t* rows, int rr, bool accumulate) {
+  const uint16_t* wr[R];
+  for (int j = 0; j < R; ++j) wr[j] = w + rows[std::min(j, rr - 1)] * k;
+  alignas(64) float res[R * kMaxGroup];
+  const int64_t n_groups = (n + kMaxGroup - 1) / kMaxGroup;
+  for (int64_t g = 0, x0 = 0; g < n_groups; ++g) {
+    const int gn = static_cast<int>(n / n_groups + (g < n % n_groups ? 1 : 0));
+    tile_n(gn, res, wr, xb + x0 * kp, kp, k);
+    for (int i = 0; i < gn; ++i)
+      for (int j = 0; j < rr; ++j) {
+        float& o = out[(x0 + i) * ldo + rows[j]];
+        o = accumulate ? o + res[i * R + j] : res[i * R + j];
+      }
+    x0 += gn;
+  }
+}
+
+// x [n, k] f32 -> xb [n, kp] bf16, rounded to nearest even, zeros past k.
+void round_x(uint16_t* xb, int64_t kp, const float* x, int64_t n, int64_t k) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < kp; c += 32) {
+      const int64_t left = std::max<int64_t>(0, k - c);
+      const __mmask16 m0 = left >= 16 ? 0xFFFF : __mmask16((1u << left) - 1);
+      const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : __mmask16((1u << (left - 16)) - 1);
+      const __m512 lo = _mm512_maskz_loadu_ps(m0, x + i * k + c), hi = _mm512_maskz_loadu_ps(m1, x + i * k + c + 16);
+      const __m512bh b = _mm512_cvtne2ps_pbh(hi, lo);
+      _mm512_storeu_si512(xb + i * kp + c, reinterpret_cast<const __m512i&>(b));
+    }
+}
+
+}  // namespace
+
+void gemm_xwt_bf16dot(float* out, int64_t ldo, const float* x, const uint16_t* w, int64_t n, int64_t m, int64_t k,
+                      bool accumulate) {
+  if (n == 0 || m == 0) return;
+  const int64_t kp = (k + 31) / 32 * 32;
+  uint16_t* xb = scratch<uint16_t>(Scratch::GemvX, static_cast<size_t>(n * kp));
+  round_x(xb, kp, x, n, k);
+  // Each thread's rows [lo, hi) cut into R equal parts, a tile taking row i of every part: R
+  // sequential streams far apart, which the hardware prefetchers follow (R adjacent rows read in
+  // 64-byte steps at a row stride are not), as the one-row kernel in cpu_gemm.cpp reads.
+#pragma omp parallel if(m * k > 32768 && !omp_in_parallel())
+  {
+    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t lo = m * id / nt, hi = m * (id + 1) / nt, part = (hi - lo) / R;
+    int64_t rows[R];
+    for (int64_t i = 0; i < part; ++i) {
+      for (int j = 0; j < R; ++j) rows[j] = lo + j * part + i;
+      tile_rows(out, ldo, xb, kp, w, k, n, rows, R, accumulate);
+    }
+    for (int64_t r0 = lo + part * R; r0 < hi; r0 += R) {  // the last (hi - lo) % R rows
+      const int rr = static_cast<int>(std::min<int64_t>(R, hi - r0));
+      for (int j = 0; j < rr; ++j) rows[j] = r0 + j;
+      tile_rows(out, ldo, xb, kp, w, k, n, rows, rr, accumulate);
+    }
+  }
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+}  // namespace cpu
+}  // namespace moe
