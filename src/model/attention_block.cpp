@@ -33,6 +33,26 @@ void split_qkv(const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, QkvDims d) {
   copy_columns(v, 0, qkv, d.q + d.kv, d.kv);
 }
 
+// q, k and v into qkv's columns [T, q+2kv]: one product on the stacked wqkv — or, where a GGUF
+// mix gives the parts different quantized types (wqkv undefined, model.h), one per part.
+void qkv_forward(Tensor& qkv, const Tensor& h, const LayerWeights& w, QkvDims d) {
+  if (w.wqkv.defined()) return linear_forward(qkv, h, w.wqkv, w.bqkv);
+  const Tensor* parts[3][2] = {{&w.wq, &w.bq}, {&w.wk, &w.bk}, {&w.wv, &w.bv}};
+  const int64_t widths[3] = {d.q, d.kv, d.kv};
+  for (int i = 0, col = 0; i < 3; col += static_cast<int>(widths[i]), ++i) {
+    Tensor part = Tensor::empty({qkv.dim(0), widths[i]}, qkv.dtype(), MemCategory::Activations, qkv.device());
+    linear_forward(part, h, *parts[i][0], *parts[i][1]);
+    copy_columns(qkv, col, part, 0, widths[i]);
+  }
+}
+
+// Training reads the stacked projection (one backward through wqkv).
+void check_stacked_qkv(const LayerWeights& w) {
+  MOE_CHECK(w.wqkv.defined(),
+            "attention: q/k/v of different quantized types (a GGUF mix such as Q4_K_M) run inference only; "
+            "training and fine-tuning read the GGUF dequantized");
+}
+
 }  // namespace
 
 const RopeTable& rope_table_of(const ModelConfig& c) {
@@ -66,7 +86,7 @@ void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& 
   const MemCategory act = MemCategory::Activations;
   rmsnorm_forward(h, x, w.attn_norm, float(c.rms_norm_eps));
   Tensor qkv = Tensor::empty({t_n, dm.q + 2 * dm.kv}, adt, act, dev);
-  linear_forward(qkv, h, w.wqkv, w.bqkv);
+  qkv_forward(qkv, h, w, dm);
   Tensor q, k, v;
   if (t_n == 1) {
     // One row: q, k and v are contiguous pieces of it (decode is launch-bound: no copies).
@@ -129,6 +149,7 @@ void attention_block_forward(const ModelConfig& c, const LayerWeights& w, LayerA
   const int64_t b_n = a.q.dim(0), s_n = a.q.dim(1), t_n = b_n * s_n;
   const QkvDims dm = qkv_dims(c);
   const float eps = float(c.rms_norm_eps);
+  check_stacked_qkv(w);
   rmsnorm_forward_train(a.attn_h, a.attn_rstd, a.x_in, w.attn_norm, eps);
   linear(qkv, a.attn_h, w.wqkv, w.bqkv, {{&w.lq, nullptr, 0}, {&w.lk, nullptr, dm.q}, {&w.lv, nullptr, dm.q + dm.kv}});
   Tensor q2 = a.q.view({t_n, dm.q}), k2 = a.k.view({t_n, dm.kv}), v2 = a.v.view({t_n, dm.kv});

@@ -352,12 +352,20 @@ static void build(const ModelConfig& c, const Source& get, const std::function<b
     } else {
     std::vector<Tensor> qkv = {load_proj(tensor_name(a.q_proj, l), {qd, d}), load_proj(tensor_name(a.k_proj, l), {kvd, d}),
                                load_proj(tensor_name(a.v_proj, l), {kvd, d})};
-    if (qkv[0].dtype() != qkv[1].dtype() || qkv[0].dtype() != qkv[2].dtype()) {
-      // Sources of different types (a GGUF mix giving attn_v more bits): the stacked weight is
-      // f32, dequantized exactly (host only: quantized weights never leave the CPU).
-      for (Tensor& t : qkv) t = t.to_dtype(DType::F32, MemCategory::Weights);
+    const bool mixed = qkv[0].dtype() != qkv[1].dtype() || qkv[0].dtype() != qkv[2].dtype();
+    if (mixed && dtype_is_quant(qkv[0].dtype()) && dtype_is_quant(qkv[1].dtype()) && dtype_is_quant(qkv[2].dtype())) {
+      // Quantized sources of different types (a GGUF mix giving attn_v more bits, Q4_K_M): kept
+      // apart in their own types, one product each (inference only). Stacked as f32 they were a
+      // third of a medium-preset Q4_K_M decode step's weight bytes.
+      lw.wq = qkv[0];
+      lw.wk = qkv[1];
+      lw.wv = qkv[2];
+    } else {
+      // Other mixes (float types): the stacked weight is f32, converted exactly.
+      if (mixed)
+        for (Tensor& t : qkv) t = t.to_dtype(DType::F32, MemCategory::Weights);
+      lw.wqkv = stack_rows(qkv);
     }
-    lw.wqkv = stack_rows(qkv);
     lw.wo = load_proj(tensor_name(a.o_proj, l), {d, qd});
     if (c.attn_qkv_bias) {
       lw.bqkv = stack_rows({load(tensor_name(a.q_proj, l, -1, ".bias"), {qd}),

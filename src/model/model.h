@@ -28,6 +28,8 @@ struct LayerWeights {
   Tensor attn_norm, ffn_norm;              // [D]
   Tensor wqkv;                             // [(H+2Hkv)*Dh, D]: q, k, v stacked (one GEMV per decode step)
   Tensor wq, wk, wv, wo;                   // views of wqkv: [H*Dh,D], [Hkv*Dh,D], [Hkv*Dh,D]; wo [D,H*Dh]
+                                           // (q/k/v quantized in different types, a GGUF mix: wqkv
+                                           // undefined, wq/wk/wv own their blocks; inference only)
   Tensor bqkv;                             // optional stacked q/k/v bias; bq/bk/bv view it
   Tensor bq, bk, bv, bo;                   // optional biases
   Tensor q_norm, k_norm;                   // optional: [Dh] per head (qwen3_moe), [H*Dh], [Hkv*Dh] (olmoe)

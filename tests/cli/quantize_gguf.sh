@@ -46,6 +46,40 @@ if [[ "$(head -c 4 m-q8_0.gguf)" == "GGUF" ]]; then pass "GGUF magic"; else fail
 S32=$(stat -c %s m-f32.gguf); S8=$(stat -c %s m-q8_0.gguf)
 if ((S8 * 3 < S32)); then pass "q8_0 (${S8} B) < f32 (${S32} B) / 3"; else fail "q8_0 ${S8} B vs f32 ${S32} B"; fi
 
+# A q4_k_m mix gives attn_v more bits than q/k (at this fixture's width: q8_0 against q5_0), so
+# the three stay apart in their own types: the exact logits equal those of the same file read
+# dequantized (one stacked f32 projection), and the fast kernels run on the split projections.
+python3 - <<'PY' || fail "writing input_ids"
+import json, struct
+ids = [1, 5, 9, 14, 3, 27, 8]
+data = struct.pack("<%di" % len(ids), *ids)
+h = json.dumps({"input_ids": {"dtype": "I32", "shape": [1, len(ids)], "data_offsets": [0, len(data)]}}).encode()
+open("ids.safetensors", "wb").write(struct.pack("<Q", len(h)) + h + data)
+PY
+run inspect-mix "${MOE}" inspect m-q4_k_m.gguf
+if grep -q "q5_0" <<<"${OUT}" && grep -q "q8_0" <<<"${OUT}"; then pass "q4_k_m mixes q5_0 and q8_0 here"; else fail "types: ${OUT}"; fi
+run logits-mix "${MOE}" logits m-q4_k_m.gguf --input ids.safetensors --out mix.safetensors
+run logits-deq "${MOE}" logits m-q4_k_m.gguf --input ids.safetensors --out deq.safetensors --dtype f32
+run logits-fast "${MOE}" logits m-q4_k_m.gguf --input ids.safetensors --out fast.safetensors --fast
+python3 - <<'PY' && pass "q4_k_m: split q/k/v logits equal the dequantized file's (exact), fast within 5%" || fail "q4_k_m split q/k/v logits"
+import array, json, struct, sys
+def load(p):
+    b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n]); d = {}
+    for k, v in h.items():
+        if k == "__metadata__": continue
+        s, e = v["data_offsets"]; a = array.array("f"); a.frombytes(b[8 + n + s:8 + n + e]); d[k] = a
+    return d
+mix, deq, fast = load("mix.safetensors"), load("deq.safetensors"), load("fast.safetensors")
+ok = True
+for k in deq:
+    scale = max(abs(v) for v in deq[k])
+    exact = max(abs(a - b) for a, b in zip(mix[k], deq[k])) / scale
+    fst = max(abs(a - b) for a, b in zip(fast[k], deq[k])) / scale
+    if not (exact <= 1e-5 and fst <= 5e-2):
+        print("%s: exact %.2e, fast %.2e" % (k, exact, fst)); ok = False
+sys.exit(0 if ok else 1)
+PY
+
 # The tokenizer inside the file (the byte-level tokenizer of a model trained from scratch).
 run init "${MOE}" init --arch mixtral --preset tiny --tokenizer byte --seed 1 --out mb
 run quantize-tok "${MOE}" quantize mb --type q8_0 --out mb.gguf --quiet
