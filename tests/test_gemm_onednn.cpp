@@ -135,22 +135,42 @@ std::vector<float> bf16_rounded(const std::vector<float>& v) {
   return r;
 }
 
+std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
+  std::vector<uint16_t> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = f32_to_bf16(v[i]);
+  return r;
+}
+
+// A product of shape s with x, w (stored bf16) and out random, and its float64 reference with x
+// rounded to bf16 (r, bound).
+struct RoundedCase {
+  std::vector<float> x, out;
+  std::vector<uint16_t> w;
+  std::vector<double> r, bound;
+};
+
+RoundedCase rounded_case(const Shape& s, uint32_t seed) {
+  RoundedCase c;
+  c.x = random_vec(size_t(s.n * s.k), seed);
+  const auto wf = random_vec(size_t(s.m * s.k), seed + 1);
+  c.out = random_vec(size_t(s.n * s.ldo), seed + 2);
+  c.w = to_bf16(wf);
+  reference(bf16_rounded(c.x), bf16_rounded(wf), c.out, s, &c.r, &c.bound);
+  return c;
+}
+
 TEST(OneDnnGemm, Bf16MatchesFloat64ProductOfRoundedX) {
   if (!cpu::bf16_matrix_available())
     GTEST_SKIP() << "SKIPPED: no AMX / AVX512-BF16 here (oneDNN ISA " << cpu::onednn_isa_name() << ")";
   uint32_t seed = 100;
   for (const Shape& s : kShapes) {
-    auto x = random_vec(size_t(s.n * s.k), seed++), wf = random_vec(size_t(s.m * s.k), seed++);
-    auto out = random_vec(size_t(s.n * s.ldo), seed++);
-    std::vector<uint16_t> w(wf.size());
-    for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
-    std::vector<double> r, bound;
-    reference(bf16_rounded(x), bf16_rounded(wf), out, s, &r, &bound);
+    RoundedCase c = rounded_case(s, seed);
+    seed += 3;
     // Through gemm_xwt, the way linear and expert ops reach it.
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
-    cpu::gemm_xwt(out.data(), s.ldo, x.data(), w.data(), DType::BF16, s.n, s.m, s.k, s.accumulate);
+    cpu::gemm_xwt(c.out.data(), s.ldo, c.x.data(), c.w.data(), DType::BF16, s.n, s.m, s.k, s.accumulate);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
-    expect_within(out, r, bound, s);
+    expect_within(c.out, c.r, c.bound, s);
   }
 }
 
@@ -159,8 +179,7 @@ TEST(OneDnnGemm, ExactPathKeepsXInF32) {
     GTEST_SKIP() << "SKIPPED: no AMX / AVX512-BF16 here (oneDNN ISA " << cpu::onednn_isa_name() << ")";
   const Shape s{40, 24, 64, 24, false};
   auto x = random_vec(size_t(s.n * s.k), 7), wf = random_vec(size_t(s.m * s.k), 8);
-  std::vector<uint16_t> w(wf.size());
-  for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
+  const std::vector<uint16_t> w = to_bf16(wf);
   std::vector<float> out(size_t(s.n * s.ldo), 0.0f), out0 = out;
   std::vector<double> r, bound;
   reference(x, bf16_rounded(wf), out0, s, &r, &bound);  // x not rounded
@@ -185,22 +204,18 @@ TEST(Bf16DotGemm, MatchesFloat64ProductOfRoundedX) {
   if (!cpu::bf16dot_available()) GTEST_SKIP() << "SKIPPED: no AVX512-BF16 here";
   uint32_t seed = 300;
   for (const Shape& s : kDotShapes) {
-    auto x = random_vec(size_t(s.n * s.k), seed++), wf = random_vec(size_t(s.m * s.k), seed++);
-    auto out = random_vec(size_t(s.n * s.ldo), seed++);
-    std::vector<uint16_t> w(wf.size());
-    for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
-    std::vector<double> r, bound;
-    reference(bf16_rounded(x), bf16_rounded(wf), out, s, &r, &bound);
-    auto out_threads = out, out_region = out;
-    cpu::gemm_xwt_bf16dot(out_threads.data(), s.ldo, x.data(), w.data(), s.n, s.m, s.k, s.accumulate);
-    expect_within(out_threads, r, bound, s);
+    RoundedCase c = rounded_case(s, seed);
+    seed += 3;
+    auto out_region = c.out;
+    cpu::gemm_xwt_bf16dot(c.out.data(), s.ldo, c.x.data(), c.w.data(), s.n, s.m, s.k, s.accumulate);
+    expect_within(c.out, c.r, c.bound, s);
     // Inside a parallel region (the experts' tasks): the calling thread alone, same result.
 #pragma omp parallel num_threads(2)
     {
 #pragma omp single
-      cpu::gemm_xwt_bf16dot(out_region.data(), s.ldo, x.data(), w.data(), s.n, s.m, s.k, s.accumulate);
+      cpu::gemm_xwt_bf16dot(out_region.data(), s.ldo, c.x.data(), c.w.data(), s.n, s.m, s.k, s.accumulate);
     }
-    expect_within(out_region, r, bound, s);
+    expect_within(out_region, c.r, c.bound, s);
   }
 }
 
@@ -213,8 +228,7 @@ TEST(Bf16DotGemm, GemmTakesItOnlyWhereXMayBeRounded) {
   // Rounding x to bf16 moves each product by up to 2^-9 relative: over 90 terms the two paths
   // differ by far more than the 1e-5 summation bound, so each reference tells them apart.
   auto x = random_vec(size_t(s.n * s.k), 11), wf = random_vec(size_t(s.m * s.k), 12);
-  std::vector<uint16_t> w(wf.size());
-  for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
+  const std::vector<uint16_t> w = to_bf16(wf);
   std::vector<float> zero(size_t(s.n * s.ldo), 0.0f), exact = zero, rounded = zero;
   std::vector<double> r_exact, r_rounded, bound;
   reference(x, bf16_rounded(wf), zero, s, &r_exact, &bound);

@@ -39,10 +39,12 @@ void qkv_forward(Tensor& qkv, const Tensor& h, const LayerWeights& w, QkvDims d)
   if (w.wqkv.defined()) return linear_forward(qkv, h, w.wqkv, w.bqkv);
   const Tensor* parts[3][2] = {{&w.wq, &w.bq}, {&w.wk, &w.bk}, {&w.wv, &w.bv}};
   const int64_t widths[3] = {d.q, d.kv, d.kv};
-  for (int i = 0, col = 0; i < 3; col += static_cast<int>(widths[i]), ++i) {
+  int64_t col = 0;
+  for (int i = 0; i < 3; ++i) {
     Tensor part = Tensor::empty({qkv.dim(0), widths[i]}, qkv.dtype(), MemCategory::Activations, qkv.device());
     linear_forward(part, h, *parts[i][0], *parts[i][1]);
     copy_columns(qkv, col, part, 0, widths[i]);
+    col += widths[i];
   }
 }
 

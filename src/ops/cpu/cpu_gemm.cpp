@@ -256,8 +256,11 @@ float dot_f32(const float* a, const float* b, int64_t n) {
 
 namespace {
 
-// Rows of x up to which the bf16 dot kernel takes bf16 weights.
+// Rows of x up to which the bf16 dot kernel takes bf16 weights: all of them inside a parallel
+// region (oneDNN cannot run there), up to kBf16DotBeforeOneDnn outside one. Measured against
+// oneDNN (Zen 4, 2 threads, [384, 1024] from memory): ahead up to 32 rows, 10% behind at 48-64.
 constexpr int64_t kBf16DotMaxRows = 64;
+constexpr int64_t kBf16DotBeforeOneDnn = 32;
 
 bool bf16dot_applies(DType wdt, int64_t n) {
   return wdt == DType::BF16 && n >= 2 && n <= kBf16DotMaxRows && bf16_gemm() == Bf16Gemm::Matrix &&
@@ -280,10 +283,8 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
     return;
   }
   // bf16 weights, a batched decode's rows, where the process rounds x to bf16 (below): the
-  // CPU's bf16 dot products (cpu_gemm_bf16dot.h). Measured against oneDNN (Zen 4, 2 threads,
-  // [384, 1024] from memory): ahead up to 32 rows, 10% behind at 48-64, where inside a parallel
-  // region (serving's experts) oneDNN cannot run and the dot kernel still can.
-  if (bf16dot_applies(wdt, n) && (n <= 32 || omp_in_parallel())) {
+  // CPU's bf16 dot products (cpu_gemm_bf16dot.h), serving's experts inside a parallel region.
+  if (bf16dot_applies(wdt, n) && (n <= kBf16DotBeforeOneDnn || omp_in_parallel())) {
     gemm_xwt_bf16dot(out, ldo, x, static_cast<const uint16_t*>(w), n, m, k, accumulate);
     return;
   }
