@@ -150,9 +150,9 @@ double decode_bytes_per_token(const Model& m) {
   auto b = [](const Tensor& t) { return t.defined() ? double(t.nbytes()) : 0.0; };
   double per = b(w.embed) / double(c.vocab_size) + b(w.final_norm) + b(w.lm_head);
   for (const LayerWeights& l : w.layers) {
-    // wq/wk/wv and bq/bk/bv are views of wqkv / bqkv (wq/wk/wv their own where wqkv is undefined).
-    if (!l.wqkv.defined()) per += b(l.wq) + b(l.wk) + b(l.wv);
-    for (const Tensor* t : {&l.attn_norm, &l.ffn_norm, &l.wqkv, &l.bqkv, &l.wo, &l.bo, &l.q_norm, &l.k_norm, &l.router,
+    // wq/wk/wv: views of the stacked wqkv, or the parts themselves where a GGUF mix keeps them
+    // apart (model.h); either way their bytes are the projection's.
+    for (const Tensor* t : {&l.attn_norm, &l.ffn_norm, &l.wq, &l.wk, &l.wv, &l.bqkv, &l.wo, &l.bo, &l.q_norm, &l.k_norm, &l.router,
                             &l.router_bias, &l.shared_w1, &l.shared_w3, &l.shared_w2, &l.shared_gate, &l.wq_a,
                             &l.q_a_norm, &l.wq_b, &l.wkv_a, &l.kv_a_norm, &l.wkv_b})
       per += b(*t);
@@ -165,7 +165,7 @@ double decode_bytes_per_token(const Model& m) {
 // Whether any projection holds bf16 weights (those the matrix units would take).
 bool has_bf16_projections(const Model& m) {
   for (const LayerWeights& l : m.weights().layers)
-    for (const Tensor* t : {&l.wqkv, &l.wq, &l.wo, &l.w1, &l.w2, &l.shared_w1, &l.wq_b, &l.wkv_a})
+    for (const Tensor* t : {&l.wq, &l.wo, &l.w1, &l.w2, &l.shared_w1, &l.wq_b, &l.wkv_a})
       if (t->defined() && t->dtype() == DType::BF16) return true;
   return false;
 }

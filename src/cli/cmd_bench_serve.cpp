@@ -63,10 +63,8 @@ void run_serve_bench(const ServeBenchOpts& o) {
   const ModelWeights& w = m.weights();
   fixed_bytes += double(w.final_norm.nbytes() + w.lm_head.nbytes());
   for (const LayerWeights& lw : w.layers) {
-    if (!lw.wqkv.defined())  // q/k/v kept apart (wq/wk/wv are otherwise views of wqkv)
-      for (const Tensor* t : {&lw.wq, &lw.wk, &lw.wv})
-        if (t->defined()) fixed_bytes += double(t->nbytes());
-    for (const Tensor* t : {&lw.attn_norm, &lw.ffn_norm, &lw.wqkv, &lw.wo, &lw.bqkv, &lw.bo, &lw.q_norm, &lw.k_norm,
+    // wq/wk/wv: views of wqkv, or the parts a GGUF mix keeps apart (model.h).
+    for (const Tensor* t : {&lw.attn_norm, &lw.ffn_norm, &lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.bqkv, &lw.bo, &lw.q_norm, &lw.k_norm,
                             &lw.router, &lw.shared_w1, &lw.shared_w3, &lw.shared_w2, &lw.shared_gate})
       if (t->defined()) fixed_bytes += double(t->nbytes());
     if (lw.is_moe)

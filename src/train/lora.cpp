@@ -411,10 +411,8 @@ void merge_lora(const ModelConfig& c, ModelWeights& w) {
   // Owned f32-or-bf16 copies of every base tensor an adapter will change, made once.
   std::set<const void*> copied;
   auto own = [&](Tensor& t, const std::string& module) {
-    MOE_CHECK(t.defined(), "merge: module %s has no base weight%s", module.c_str(),
-              module.find("_proj") != std::string::npos
-                  ? " (q/k/v of different quantized types are kept apart: dequantize the base first)"
-                  : "");
+    MOE_CHECK(t.defined(), "merge: module %s has no (stacked, float) base weight; dequantize a quantized base first",
+              module.c_str());
     MOE_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::BF16 || t.dtype() == DType::F16,
               "merge: the base weight of %s is %s; dequantize the base first (merging needs float weights)",
               module.c_str(), dtype_name(t.dtype()));

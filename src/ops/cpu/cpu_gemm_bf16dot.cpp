@@ -14,6 +14,7 @@
 
 #include <algorithm>
 
+#include "core/dtype.h"
 #include "ops/cpu/cpu_scratch.h"
 
 namespace moe {
@@ -114,27 +115,18 @@ void tile_rows(float* out, int64_t ldo, const uint16_t* xb, int64_t kp, const ui
   }
 }
 
-// x [n, k] f32 -> xb [n, kp] bf16, rounded to nearest even, zeros past k.
-void round_x(uint16_t* xb, int64_t kp, const float* x, int64_t n, int64_t k) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < kp; c += 32) {
-      const int64_t left = std::max<int64_t>(0, k - c);
-      const __mmask16 m0 = left >= 16 ? 0xFFFF : __mmask16((1u << left) - 1);
-      const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : __mmask16((1u << (left - 16)) - 1);
-      const __m512 lo = _mm512_maskz_loadu_ps(m0, x + i * k + c), hi = _mm512_maskz_loadu_ps(m1, x + i * k + c + 16);
-      const __m512bh b = _mm512_cvtne2ps_pbh(hi, lo);
-      _mm512_storeu_si512(xb + i * kp + c, reinterpret_cast<const __m512i&>(b));
-    }
-}
-
 }  // namespace
 
 void gemm_xwt_bf16dot(float* out, int64_t ldo, const float* x, const uint16_t* w, int64_t n, int64_t m, int64_t k,
                       bool accumulate) {
   if (n == 0 || m == 0) return;
   const int64_t kp = (k + 31) / 32 * 32;
+  // x rounded to bf16 (to nearest even), each row padded with zeros to a whole 32-value step.
   uint16_t* xb = scratch<uint16_t>(Scratch::GemvX, static_cast<size_t>(n * kp));
-  round_x(xb, kp, x, n, k);
+  for (int64_t i = 0; i < n; ++i) {
+    convert_from_f32(xb + i * kp, x + i * k, DType::BF16, static_cast<size_t>(k));
+    std::fill(xb + i * kp + k, xb + (i + 1) * kp, uint16_t(0));
+  }
   // Each thread's rows [lo, hi) cut into R equal parts, a tile taking row i of every part: R
   // sequential streams far apart, which the hardware prefetchers follow (R adjacent rows read in
   // 64-byte steps at a row stride are not), as the one-row kernel in cpu_gemm.cpp reads.
