@@ -73,6 +73,23 @@ stage_end() {
   CURRENT_STAGE=""
 }
 
+# ctest, and when it fails a recap of the failed checks at the end of the log (where CI's excerpt of
+# it looks): each failing test's "FAIL:" lines (the CLI tests' harness), GoogleTest's failures
+# with the lines after them, sanitizer and timeout reports.
+run_ctest() {  # run_ctest BUILD_DIR CTEST_ARGS...
+  local dir="$1"
+  shift
+  ctest --test-dir "${dir}" "$@" && return 0
+  local rc=$?
+  echo
+  echo "== failed checks (from ${dir}/Testing/Temporary/LastTest.log):"
+  awk '/^[0-9]+\/[0-9]+ Test(ing)?: / { name = $3 }
+       /FAIL:|\[  FAILED  \]|ERROR: AddressSanitizer|runtime error:|Timeout|timed out/ { print "   [" name "] " $0; n = 0 }
+       /: Failure$/ { print "   [" name "] " $0; n = 4; next }
+       n > 0 { print "   [" name "] " $0; n-- }' "${dir}/Testing/Temporary/LastTest.log" | head -n 60
+  return "${rc}"
+}
+
 stage_skip() {  # stage_skip NAME VAR
   echo
   echo "== stage ${1}: SKIPPED (${2}=1)"
@@ -109,7 +126,7 @@ else
   stage_begin release "Release build (${RELEASE_DIR}/, MOE_WERROR=ON, MOE_CUDA=${cuda}) + ctest"
   cmake -S . -B "${RELEASE_DIR}" "${cmake_args[@]}"
   cmake --build "${RELEASE_DIR}" -j "${JOBS}"
-  ctest --test-dir "${RELEASE_DIR}" --output-on-failure -j2 --no-tests=error --timeout "${CTEST_TIMEOUT}"
+  run_ctest "${RELEASE_DIR}" --output-on-failure -j2 --no-tests=error --timeout "${CTEST_TIMEOUT}"
   stage_end
 fi
 
@@ -150,10 +167,13 @@ else
   if [[ -f "${RELEASE_DIR}/tokenizer-ref/done.stamp" ]]; then
     asan_env+=(MOE_TOKENIZER_REF="$(pwd)/${RELEASE_DIR}/tokenizer-ref")
   fi
-  env "${asan_env[@]}" ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
-    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    ctest --test-dir "${ASAN_DIR}" --output-on-failure -j2 --no-tests=error --timeout "${CTEST_TIMEOUT}" \
+  (
+    for kv in "${asan_env[@]}" ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1; do
+      export "${kv?}"
+    done
+    run_ctest "${ASAN_DIR}" --output-on-failure -j2 --no-tests=error --timeout "${CTEST_TIMEOUT}" \
       -E '^(GgufLlamaCpp\.|cli_report_chromium$|PlanVsEngine\.MediumPresetInference$)'
+  )
   stage_end
 fi
 

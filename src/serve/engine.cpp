@@ -93,9 +93,14 @@ std::shared_ptr<SeqHandle> Engine::submit(GenRequest req, GenCallbacks cb) {
   return h;
 }
 
-void Engine::wait_for_work(const std::atomic<bool>& stop) {
+bool Engine::wait_for_work(const std::atomic<bool>& stop, double timeout_s) {
   std::unique_lock<std::mutex> lk(mu_);
-  cv_.wait(lk, [&] { return stop || !incoming_.empty() || !queue_.empty() || !running_.empty(); });
+  auto ready = [&] { return stop || !incoming_.empty() || !queue_.empty() || !running_.empty(); };
+  if (timeout_s < 0) {
+    cv_.wait(lk, ready);
+    return true;
+  }
+  return cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), ready);
 }
 
 void Engine::wake() {

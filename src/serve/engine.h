@@ -107,8 +107,9 @@ class Engine {
   bool step(StepStats* stats = nullptr);
   // Steps until every submitted request has finished.
   void run_until_idle();
-  // Blocks until a request is queued or `stop` is set (for a serving thread between steps).
-  void wait_for_work(const std::atomic<bool>& stop);
+  // Blocks until a request is queued or `stop` is set (for a serving thread between steps), or
+  // for at most `timeout_s` when that is >= 0; false when it returned for the timeout alone.
+  bool wait_for_work(const std::atomic<bool>& stop, double timeout_s = -1);
   void wake();  // wakes wait_for_work (e.g. at shutdown)
 
   int64_t active() const { return n_active_; }    // admitted sequences

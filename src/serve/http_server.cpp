@@ -2,6 +2,7 @@
 #include "serve/http_server.h"
 
 #include <httplib.h>
+#include <malloc.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -11,11 +12,14 @@
 #include <thread>
 
 #include "core/error.h"
+#include "core/memory.h"
 
 namespace moe {
 namespace {
 
 using ojson = nlohmann::ordered_json;
+
+constexpr double kIdleTrimSeconds = 0.2;
 
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
@@ -85,9 +89,20 @@ int HttpServer::bind() {
 
 void HttpServer::run() {
   std::thread engine_thread([this] {
+    // A burst of requests leaves freed memory behind: blocks kept for reuse at the batch sizes
+    // it ran (memory.cpp) and malloc's per-thread arenas (80 request threads by default). A
+    // server idle for a moment hands both back to the system, so its resident set after a burst
+    // is what it holds, not what it once held.
+    bool trimmed = true;
     while (!stop_) {
-      engine_.wait_for_work(stop_);
+      if (!engine_.wait_for_work(stop_, trimmed ? -1.0 : kIdleTrimSeconds)) {
+        mem_trim();
+        malloc_trim(0);
+        trimmed = true;
+        continue;
+      }
       if (stop_) break;
+      trimmed = false;
       StepStats st;
       try {
         engine_.step(&st);
