@@ -58,8 +58,11 @@ inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 
 // res[i * R + j] = Σ_c xb[i][c] · wr[j][c] over k (xb rows padded with zeros to a multiple of
 // 32 at stride ldx; the weight rows' last partial step is a masked load).
-template <int N>
-inline void tile(float* res, const uint16_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t k) {
+// With `next` (R row pointers, PF true), each step also prefetches the same line of the next
+// tile's weight rows into L2.
+template <int N, bool PF = false>
+inline void tile(float* res, const uint16_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t k,
+                 const uint16_t* const* next = nullptr) {
   __m512 acc[R][N];
   for (int j = 0; j < R; ++j)
     for (int i = 0; i < N; ++i) acc[j][i] = _mm512_setzero_ps();
@@ -67,6 +70,8 @@ inline void tile(float* res, const uint16_t* const* wr, const uint16_t* xb, int6
   for (int64_t c = 0; c < k32; c += 32) {
     __m512i wv[R];
     for (int j = 0; j < R; ++j) wv[j] = _mm512_loadu_si512(wr[j] + c);
+    if constexpr (PF)
+      for (int j = 0; j < R; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j] + c), _MM_HINT_T1);
     for (int i = 0; i < N; ++i) {
       const __m512bh xv = as_bh(_mm512_loadu_si512(xb + i * ldx + c));
       for (int j = 0; j < R; ++j) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], as_bh(wv[j]), xv);
@@ -84,7 +89,19 @@ inline void tile(float* res, const uint16_t* const* wr, const uint16_t* xb, int6
   for (int i = 0; i < N; ++i) _mm_storeu_ps(res + i * R, hsum4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]));
 }
 
-void tile_n(int n, float* res, const uint16_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t k) {
+void tile_n(int n, float* res, const uint16_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t k,
+            const uint16_t* const* next) {
+  if (next) {
+    switch (n) {
+      case 1: tile<1, true>(res, wr, xb, ldx, k, next); break;
+      case 2: tile<2, true>(res, wr, xb, ldx, k, next); break;
+      case 3: tile<3, true>(res, wr, xb, ldx, k, next); break;
+      case 4: tile<4, true>(res, wr, xb, ldx, k, next); break;
+      case 5: tile<5, true>(res, wr, xb, ldx, k, next); break;
+      default: tile<6, true>(res, wr, xb, ldx, k, next); break;
+    }
+    return;
+  }
   switch (n) {
     case 1: tile<1>(res, wr, xb, ldx, k); break;
     case 2: tile<2>(res, wr, xb, ldx, k); break;
@@ -98,14 +115,19 @@ void tile_n(int n, float* res, const uint16_t* const* wr, const uint16_t* xb, in
 // Weight rows rows[0..rr) (rr ≤ R) against all n rows of x, in passes of at most kMaxGroup x
 // rows (sizes balanced: 16 = 6+5+5); every pass after the first finds the weight rows in L1.
 void tile_rows(float* out, int64_t ldo, const uint16_t* xb, int64_t kp, const uint16_t* w, int64_t k, int64_t n,
-               const int64_t* rows, int rr, bool accumulate) {
+               const int64_t* rows, int rr, bool accumulate, const int64_t* next_rows = nullptr) {
   const uint16_t* wr[R];
   for (int j = 0; j < R; ++j) wr[j] = w + rows[std::min(j, rr - 1)] * k;
+  const uint16_t* next[R];
+  if (next_rows)
+    for (int j = 0; j < R; ++j) next[j] = w + next_rows[j] * k;
   alignas(64) float res[R * kMaxGroup];
   const int64_t n_groups = (n + kMaxGroup - 1) / kMaxGroup;
   for (int64_t g = 0, x0 = 0; g < n_groups; ++g) {
     const int gn = static_cast<int>(n / n_groups + (g < n % n_groups ? 1 : 0));
-    tile_n(gn, res, wr, xb + x0 * kp, kp, k);
+    // The first pass streams this tile's weights from memory; the second, computing from L1,
+    // fetches the next tile's into L2, so that the next first pass does not wait on memory.
+    tile_n(gn, res, wr, xb + x0 * kp, kp, k, next_rows && g == 1 ? next : nullptr);
     for (int i = 0; i < gn; ++i)
       for (int j = 0; j < rr; ++j) {
         float& o = out[(x0 + i) * ldo + rows[j]];
@@ -135,9 +157,11 @@ void gemm_xwt_bf16dot(float* out, int64_t ldo, const float* x, const uint16_t* w
     const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t lo = m * id / nt, hi = m * (id + 1) / nt, part = (hi - lo) / R;
     int64_t rows[R];
+    int64_t next_rows[R];
     for (int64_t i = 0; i < part; ++i) {
       for (int j = 0; j < R; ++j) rows[j] = lo + j * part + i;
-      tile_rows(out, ldo, xb, kp, w, k, n, rows, R, accumulate);
+      for (int j = 0; j < R; ++j) next_rows[j] = i + 1 < part ? rows[j] + 1 : rows[j];
+      tile_rows(out, ldo, xb, kp, w, k, n, rows, R, accumulate, next_rows);
     }
     for (int64_t r0 = lo + part * R; r0 < hi; r0 += R) {  // the last (hi - lo) % R rows
       const int rr = static_cast<int>(std::min<int64_t>(R, hi - r0));
