@@ -28,7 +28,7 @@ KEY="test-key-$$"
 "${MOE}" serve q3 --port 0 --api-key "${KEY}" --max-context 1024 --max-batch 64 --model-name tiny-q3 > serve.log 2>&1 &
 PID=$!
 PORT=""
-for _ in $(seq 1 100); do
+for _ in $(seq 1 300); do  # up to 30 s: a loaded 2-core CI machine
   PORT="$(sed -n 's|^serving .* on http://127.0.0.1:\([0-9]*\)/v1.*|\1|p' serve.log)"
   [[ -n "${PORT}" ]] && break
   kill -0 "${PID}" 2>/dev/null || break
@@ -53,7 +53,7 @@ MOE_TEST_SHOW_LINES=200 run openai node "${HERE}/serve/openai_e2e.mjs" "http://1
 expect_ok "openai client checks"
 
 kill -TERM "${PID}"
-for _ in $(seq 1 50); do kill -0 "${PID}" 2>/dev/null || break; sleep 0.1; done
+for _ in $(seq 1 150); do kill -0 "${PID}" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "${PID}" 2>/dev/null; then
   fail "server did not stop on SIGTERM"
   kill -9 "${PID}"
@@ -75,7 +75,7 @@ expect_ok quantize
 "${MOE}" serve q3.gguf --port 0 > serve-gguf.log 2>&1 &
 PID=$!
 PORT=""
-for _ in $(seq 1 100); do
+for _ in $(seq 1 300); do  # up to 30 s: a loaded 2-core CI machine
   PORT="$(sed -n 's|^serving .* on http://127.0.0.1:\([0-9]*\)/v1.*|\1|p' serve-gguf.log)"
   [[ -n "${PORT}" ]] && break
   kill -0 "${PID}" 2>/dev/null || break

@@ -15,10 +15,10 @@ const check = (cond, what) => {
 };
 const rssKiB = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]);
 // The server hands freed memory back after 0.2 s idle (malloc_trim); the resident set of an idle
-// server is the smallest of samples over the next second (a leak stays in every sample).
+// server is the smallest of samples over the next 2 s (a leak stays in every sample).
 const idleRssKiB = async () => {
   let low = Infinity;
-  for (let i = 0; i < 10; i++) { low = Math.min(low, rssKiB()); await new Promise((r) => setTimeout(r, 100)); }
+  for (let i = 0; i < 20; i++) { low = Math.min(low, rssKiB()); await new Promise((r) => setTimeout(r, 100)); }
   return low;
 };
 const metrics = async () => (await fetch(baseURL.replace(/\/v1$/, "") + "/metrics", { headers: { Authorization: `Bearer ${apiKey}` } })).text();
@@ -149,9 +149,9 @@ for (let round = 0; round < 6; round++) {
   }));
   const secs = (performance.now() - t0) / 1000;
   // A client holds its last token before the engine's step that produced it has returned its
-  // workspace, so idle is polled for (up to 5 s), not read once.
+  // workspace, so idle is polled for (up to 20 s on a loaded machine), not read once.
   let act = -1, kv = -1;
-  for (let i = 0; i < 50; i++) {
+  for (let i = 0; i < 200; i++) {
     const mm = await metrics();
     act = Number(/^moe_memory_bytes\{device="cpu",category="activations"\} (\d+)$/m.exec(mm)?.[1]);
     kv = gauge(mm, "moe_kv_blocks_in_use");
@@ -170,15 +170,15 @@ for (let round = 0; round < 6; round++) {
 // 1 (threads, arenas), then +0.4 MiB a round falling to +0.03 (arena fragmentation settling);
 // without it the kept blocks of each round's batch sizes moved it +-15 MiB (once +27 MiB two rounds
 // in a row) and this check failed in CI. A leak grows it every round, so its smallest late value
-// grows too: the smaller of rounds 4 and 5 within 3% (~9 MiB) of the peak of rounds 0-2 — a leak
-// of 4.5 MiB a round (35 KiB a request) fails it.
+// grows too: the smaller of rounds 4 and 5 within 5% (~15 MiB) of the peak of rounds 0-2 — a leak
+// of 7.5 MiB a round (60 KiB a request) fails it.
 // Sanitizer builds hold freed memory in ASan's quarantine: not checked there, said so.
 const rssList = rounds.map((r) => r.rss_kib);
 const lateLow = Math.min(rssList[4], rssList[5]), warmPeak = Math.max(...rssList.slice(0, 3));
 if (process.env.ASAN_OPTIONS !== undefined)
   console.log(`skip: RSS across rounds not checked under ASan (quarantine): ${rssList.join(" -> ")} KiB`);
 else
-  check(lateLow <= warmPeak * 1.03, `RSS does not grow across rounds (${rssList.join(" -> ")} KiB)`);
+  check(lateLow <= warmPeak * 1.05, `RSS does not grow across rounds (${rssList.join(" -> ")} KiB)`);
 
 // 10. clients that disconnect mid-stream leak no KV blocks
 const gen0 = gauge(await metrics(), "moe_generated_tokens_total");
@@ -194,7 +194,7 @@ await Promise.all(controllers.map(async (ac, i) => {
 let m = await metrics();
 check(Number.isFinite(gauge(m, "moe_kv_blocks_in_use")) && Number.isFinite(gauge(m, "moe_requests_running")), "metrics readable while cancelling");
 let idle = false;
-for (let i = 0; i < 100 && !idle; i++) {
+for (let i = 0; i < 200 && !idle; i++) {
   m = await metrics();
   idle = gauge(m, "moe_kv_blocks_in_use") === 0 && gauge(m, "moe_requests_running") === 0;
   if (!idle) await new Promise((r) => setTimeout(r, 100));
