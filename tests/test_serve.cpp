@@ -11,6 +11,8 @@
 //  - stop strings end the text exactly before the stop string; max_tokens gives "length".
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <map>
 #include <string>
@@ -329,6 +331,28 @@ TEST(Engine, RejectsRequestsTheModelCannotRun) {
   GenRequest s = greedy({1, 2}, 4);
   s.stop = {"x"};
   EXPECT_THROW(e.submit(s, {}), Error);  // stop strings without a tokenizer
+}
+
+// The serving thread's idle wait: with a timeout it returns false on an idle engine (the server
+// then hands memory back), true at once when work is queued or stop is set; without one it
+// returns for work.
+TEST(Engine, IdleWaitTimesOutOnlyWithoutWork) {
+  Model m = Model::load(fixture("mixtral"));
+  EngineOptions eo;
+  eo.max_context = 32;
+  Engine e(m, nullptr, eo);
+  std::atomic<bool> stop{false};
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_FALSE(e.wait_for_work(stop, 0.05)) << "idle: the timeout";
+  EXPECT_GE(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 0.04);
+  auto h = e.submit(greedy({1, 2, 3}, 2), {});
+  EXPECT_TRUE(e.wait_for_work(stop, 10.0)) << "queued work";
+  EXPECT_TRUE(e.wait_for_work(stop)) << "queued work, no timeout";
+  e.run_until_idle();
+  EXPECT_TRUE(h->finished());
+  EXPECT_FALSE(e.wait_for_work(stop, 0.01)) << "idle again";
+  stop = true;
+  EXPECT_TRUE(e.wait_for_work(stop, 10.0)) << "stop set";
 }
 
 // ---- request parser ----
