@@ -5,6 +5,8 @@
 #include <cstring>
 #include <vector>
 
+#include <omp.h>
+
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
 #include "ops/cpu/cpu_scratch.h"
@@ -34,6 +36,66 @@ float sink_of(const AttnVariant& av, int64_t h) {
   float v;
   convert_to_f32(&v, static_cast<const char*>(av.sinks.raw()) + h * dtype_size(av.sinks.dtype()), av.sinks.dtype(), 1);
   return v;
+}
+
+// One position's query rows of heads [h0, h0 + g) (contiguous in q and o, dh apart), which share
+// one kv head, against keys [j0, n_keys): scores, a stable softmax whose denominator also counts
+// each head's sink, the weighted sum of values. Each key and value row is read once for the g
+// heads (once per head before: a GQA model's decode read its cache `group` times). key(j) and
+// value(j) point at key j's row of the kv head; sc holds g * (n_keys - j0) + 2 * g floats.
+constexpr int64_t kAttnAhead = 4;  // keys fetched ahead in decode attention
+
+inline void prefetch_row(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+}
+
+template <class KeyRow, class ValueRow>
+void attend_decode_heads(const float* q, float* o, int64_t g, int64_t h0, int64_t dh, int64_t j0, int64_t n_keys,
+                         float scale, const AttnVariant& av, KeyRow key, ValueRow value, float* sc) {
+  const int64_t nk = n_keys - j0;
+  float* mx = sc + g * nk;
+  float* inv = mx + g;
+  for (int64_t i = 0; i < g; ++i) mx[i] = sink_of(av, h0 + i);
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* kr = key(j0 + j);
+    // g dot products per key row leave fewer rows in flight than one head's loop did: fetch
+    // ahead (rows of a block are 1 KiB apart, blocks anywhere).
+    if (j + kAttnAhead < nk) prefetch_row(key(j0 + j + kAttnAhead), dh);
+    for (int64_t i = 0; i < g; ++i) {
+      const float v = dot_f32(q + i * dh, kr, dh) * scale;
+      sc[i * nk + j] = v;
+      mx[i] = std::max(mx[i], v);
+    }
+  }
+  for (int64_t i = 0; i < g; ++i) {
+    float* si = sc + i * nk;
+    double sum = av.sinks.defined() ? std::exp(double(sink_of(av, h0 + i)) - mx[i]) : 0.0;
+    for (int64_t j = 0; j < nk; ++j) {
+      si[j] = std::exp(si[j] - mx[i]);
+      sum += si[j];
+    }
+    inv[i] = static_cast<float>(1.0 / sum);
+  }
+  std::fill(o, o + g * dh, 0.0f);
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* vr = value(j0 + j);
+    if (j + kAttnAhead < nk) prefetch_row(value(j0 + j + kAttnAhead), dh);
+    for (int64_t i = 0; i < g; ++i) {
+      const float p = sc[i * nk + j] * inv[i];
+      float* orow = o + i * dh;
+#pragma omp simd
+      for (int64_t d = 0; d < dh; ++d) orow[d] += p * vr[d];
+    }
+  }
+}
+
+// Heads per decode task: the whole group sharing a kv head (its keys and values then come from
+// memory once), halved only while some thread would have no task (one sequence of a model with
+// fewer kv heads than threads).
+int64_t decode_heads_per_task(int64_t rows, int64_t hkv, int64_t group) {
+  int64_t g = group;
+  while (g % 2 == 0 && rows * hkv * (group / g) < int64_t(omp_get_max_threads())) g /= 2;
+  return g;
 }
 
 }  // namespace
@@ -77,35 +139,21 @@ void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, cons
     }
     return;
   }
+  const int64_t gs = decode_heads_per_task(b_n * s_n, hkv, group), parts = group / gs;
 #pragma omp parallel if(b_n * s_n * h_n * (past + s_n) * dh > 32768)
   {
-    float* sc = scratch<float>(Scratch::AttnScores, static_cast<size_t>(past + s_n));
-#pragma omp for collapse(3) schedule(dynamic, 4)
+    float* sc = scratch<float>(Scratch::AttnScores, static_cast<size_t>(gs * (past + s_n + 2)));
+#pragma omp for collapse(3) schedule(dynamic, 1)
     for (int64_t b = 0; b < b_n; ++b)
       for (int64_t s = 0; s < s_n; ++s)
-        for (int64_t h = 0; h < h_n; ++h) {
-          const float* qr = qp + ((b * s_n + s) * h_n + h) * dh;
-          const int64_t kv_h = h / group, n_keys = past + s + 1, j0 = av.first_key(past + s);
-          const float sink = sink_of(av, h);
-          float mx = sink;
-          for (int64_t j = j0; j < n_keys; ++j) {
-            const float* kr = kp + ((b * cap + j) * hkv + kv_h) * dh;
-            sc[j] = dot_f32(qr, kr, dh) * scale;
-            mx = std::max(mx, sc[j]);
-          }
-          double sum = av.sinks.defined() ? std::exp(double(sink) - mx) : 0.0;
-          for (int64_t j = j0; j < n_keys; ++j) {
-            sc[j] = std::exp(sc[j] - mx);
-            sum += sc[j];
-          }
-          float inv = static_cast<float>(1.0 / sum);
-          float* orow = op + ((b * s_n + s) * h_n + h) * dh;
-          for (int64_t i = 0; i < dh; ++i) orow[i] = 0;
-          for (int64_t j = j0; j < n_keys; ++j) {
-            const float* vr = vp + ((b * cap + j) * hkv + kv_h) * dh;
-            float p = sc[j] * inv;
-            for (int64_t i = 0; i < dh; ++i) orow[i] += p * vr[i];
-          }
+        for (int64_t t = 0; t < hkv * parts; ++t) {
+          const int64_t kv_h = t / parts, h0 = kv_h * group + (t % parts) * gs;
+          const int64_t n_keys = past + s + 1, j0 = av.first_key(past + s);
+          auto row = [&](const float* cache) {
+            return [=](int64_t j) { return cache + ((b * cap + j) * hkv + kv_h) * dh; };
+          };
+          attend_decode_heads(qp + ((b * s_n + s) * h_n + h0) * dh, op + ((b * s_n + s) * h_n + h0) * dh, gs, h0, dh,
+                              j0, n_keys, scale, av, row(kp), row(vp), sc);
         }
   }
 }
@@ -170,36 +218,24 @@ void attention_forward_paged(Tensor& out, const Tensor& q, const Tensor& k_pages
     }
     return;
   }
+  const int64_t gs = decode_heads_per_task(b_n * s_n, hkv, group), parts = group / gs;
 #pragma omp parallel if(work > 32768)
   {
-    float* sc = scratch<float>(Scratch::AttnScores, static_cast<size_t>(max_keys));
-#pragma omp for collapse(3) schedule(dynamic, 4)
+    float* sc = scratch<float>(Scratch::AttnScores, static_cast<size_t>(gs * (max_keys + 2)));
+#pragma omp for collapse(3) schedule(dynamic, 1)
     for (int64_t b = 0; b < b_n; ++b)
       for (int64_t s = 0; s < s_n; ++s)
-        for (int64_t h = 0; h < h_n; ++h) {
-          const float* qr = qp + ((b * s_n + s) * h_n + h) * dh;
+        for (int64_t t = 0; t < hkv * parts; ++t) {
+          const int64_t kv_h = t / parts, h0 = kv_h * group + (t % parts) * gs;
           const int32_t* row_tb = tb + b * m;
-          const int64_t kv_h = h / group, n_keys = ps[b] + s + 1, j0 = av.first_key(ps[b] + s);
-          auto at = [&](int64_t j) { return (static_cast<int64_t>(row_tb[j / block]) * block + j % block) * hkv + kv_h; };
-          const float sink = sink_of(av, h);
-          float mx = sink;
-          for (int64_t j = j0; j < n_keys; ++j) {
-            sc[j] = dot_f32(qr, kp + at(j) * dh, dh) * scale;
-            mx = std::max(mx, sc[j]);
-          }
-          double sum = av.sinks.defined() ? std::exp(double(sink) - mx) : 0.0;
-          for (int64_t j = j0; j < n_keys; ++j) {
-            sc[j] = std::exp(sc[j] - mx);
-            sum += sc[j];
-          }
-          const float inv = static_cast<float>(1.0 / sum);
-          float* orow = op + ((b * s_n + s) * h_n + h) * dh;
-          for (int64_t i = 0; i < dh; ++i) orow[i] = 0;
-          for (int64_t j = j0; j < n_keys; ++j) {
-            const float* vr = vp + at(j) * dh;
-            const float p = sc[j] * inv;
-            for (int64_t i = 0; i < dh; ++i) orow[i] += p * vr[i];
-          }
+          const int64_t n_keys = ps[b] + s + 1, j0 = av.first_key(ps[b] + s);
+          auto row = [&](const float* pages) {
+            return [=](int64_t j) {
+              return pages + ((static_cast<int64_t>(row_tb[j / block]) * block + j % block) * hkv + kv_h) * dh;
+            };
+          };
+          attend_decode_heads(qp + ((b * s_n + s) * h_n + h0) * dh, op + ((b * s_n + s) * h_n + h0) * dh, gs, h0, dh,
+                              j0, n_keys, scale, av, row(kp), row(vp), sc);
         }
   }
 }
