@@ -38,17 +38,17 @@ float sink_of(const AttnVariant& av, int64_t h) {
   return v;
 }
 
-// One position's query rows of heads [h0, h0 + g) (contiguous in q and o, dh apart), which share
-// one kv head, against keys [j0, n_keys): scores, a stable softmax whose denominator also counts
-// each head's sink, the weighted sum of values. Each key and value row is read once for the g
-// heads (once per head before: a GQA model's decode read its cache `group` times). key(j) and
-// value(j) point at key j's row of the kv head; sc holds g * (n_keys - j0) + 2 * g floats.
 constexpr int64_t kAttnAhead = 4;  // keys fetched ahead in decode attention
 
 inline void prefetch_row(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
 }
 
+// One position's query rows of heads [h0, h0 + g) (contiguous in q and o, dh apart), which share
+// one kv head, against keys [j0, n_keys): scores, a stable softmax whose denominator also counts
+// each head's sink, the weighted sum of values. Each key and value row is read once for the g
+// heads (once per head before: a GQA model's decode read its cache `group` times). key(j) and
+// value(j) point at key j's row of the kv head; sc holds g * (n_keys - j0) + 2 * g floats.
 template <class KeyRow, class ValueRow>
 void attend_decode_heads(const float* q, float* o, int64_t g, int64_t h0, int64_t dh, int64_t j0, int64_t n_keys,
                          float scale, const AttnVariant& av, KeyRow key, ValueRow value, float* sc) {
