@@ -60,9 +60,9 @@ inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 // 32 at stride ldx; the weight rows' last partial step is a masked load).
 // With `next` (R row pointers, PF true), each step also prefetches the same line of the next
 // tile's weight rows into L2.
-template <int N, bool PF = false>
+template <int N, bool PF>
 inline void tile(float* res, const uint16_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t k,
-                 const uint16_t* const* next = nullptr) {
+                 const uint16_t* const* next) {
   __m512 acc[R][N];
   for (int j = 0; j < R; ++j)
     for (int i = 0; i < N; ++i) acc[j][i] = _mm512_setzero_ps();
@@ -89,26 +89,16 @@ inline void tile(float* res, const uint16_t* const* wr, const uint16_t* xb, int6
   for (int i = 0; i < N; ++i) _mm_storeu_ps(res + i * R, hsum4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]));
 }
 
+template <bool PF>
 void tile_n(int n, float* res, const uint16_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t k,
             const uint16_t* const* next) {
-  if (next) {
-    switch (n) {
-      case 1: tile<1, true>(res, wr, xb, ldx, k, next); break;
-      case 2: tile<2, true>(res, wr, xb, ldx, k, next); break;
-      case 3: tile<3, true>(res, wr, xb, ldx, k, next); break;
-      case 4: tile<4, true>(res, wr, xb, ldx, k, next); break;
-      case 5: tile<5, true>(res, wr, xb, ldx, k, next); break;
-      default: tile<6, true>(res, wr, xb, ldx, k, next); break;
-    }
-    return;
-  }
   switch (n) {
-    case 1: tile<1>(res, wr, xb, ldx, k); break;
-    case 2: tile<2>(res, wr, xb, ldx, k); break;
-    case 3: tile<3>(res, wr, xb, ldx, k); break;
-    case 4: tile<4>(res, wr, xb, ldx, k); break;
-    case 5: tile<5>(res, wr, xb, ldx, k); break;
-    default: tile<6>(res, wr, xb, ldx, k); break;
+    case 1: tile<1, PF>(res, wr, xb, ldx, k, next); break;
+    case 2: tile<2, PF>(res, wr, xb, ldx, k, next); break;
+    case 3: tile<3, PF>(res, wr, xb, ldx, k, next); break;
+    case 4: tile<4, PF>(res, wr, xb, ldx, k, next); break;
+    case 5: tile<5, PF>(res, wr, xb, ldx, k, next); break;
+    default: tile<6, PF>(res, wr, xb, ldx, k, next); break;
   }
 }
 
@@ -127,7 +117,10 @@ void tile_rows(float* out, int64_t ldo, const uint16_t* xb, int64_t kp, const ui
     const int gn = static_cast<int>(n / n_groups + (g < n % n_groups ? 1 : 0));
     // The first pass streams this tile's weights from memory; the second, computing from L1,
     // fetches the next tile's into L2, so that the next first pass does not wait on memory.
-    tile_n(gn, res, wr, xb + x0 * kp, kp, k, next_rows && g == 1 ? next : nullptr);
+    if (next_rows && g == 1)
+      tile_n<true>(gn, res, wr, xb + x0 * kp, kp, k, next);
+    else
+      tile_n<false>(gn, res, wr, xb + x0 * kp, kp, k, nullptr);
     for (int i = 0; i < gn; ++i)
       for (int j = 0; j < rr; ++j) {
         float& o = out[(x0 + i) * ldo + rows[j]];
