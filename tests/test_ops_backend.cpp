@@ -1021,8 +1021,8 @@ std::vector<Case> make_cases() {
         }
       }
     // Decode-sized batches (every expert <= 16 rows, enough work): the CPU's one-region path of
-    // weight-row slice tasks (cpu_moe.cpp experts_streamed), F and D over several 384-row
-    // slices and not multiples of the GEMV's blocks or vector widths.
+    // per-thread weight-row slices (cpu_moe.cpp experts_streamed), F and D not multiples of
+    // the slices' 8-row steps, the GEMV's blocks or vector widths.
     for (DType dt : kWdt)
       for (bool variant : {false, true}) {
         const int64_t e = 5, k = 2, t = 6, f = 1031, d = 403, p = t * k;

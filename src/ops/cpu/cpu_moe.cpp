@@ -96,14 +96,21 @@ namespace {
 
 // Decode-sized batches — every expert at most gemm_stream_rows(dtype) rows (cpu_gemm.h; any
 // weight dtype: quantized rows are whole blocks, so a slice of rows starts on a block):
-// the layer's experts in one parallel region, as tasks over slices of their weight rows (gate
-// and up with the gated activation of those columns, then, after one barrier, down). Each
+// the layer's experts in one parallel region, each thread taking an equal slice of every
+// expert's weight rows (gate and up with the gated activation of those columns, then, after one
+// barrier, down), so every thread reads the same bytes and the barrier waits on no tail. Each
 // slice streams its weight rows once (the GEMMs run single-threaded inside the region). Per
 // expert and product, a parallel region of its own cost a barrier each: 288 per 16-stream step
-// of the medium preset, and the imbalance at each. `act(g, u, e, r, f0, f1)`: the gated
-// activation of row r (permuted) of expert e over columns [f0, f1), into g from the gate and up
-// rows g, u.
-constexpr int64_t kSliceRows = 384;  // weight rows per task (a multiple of the GEMV's 24-row blocks)
+// of the medium preset, and the imbalance at each; tasks of 384 rows taken dynamically left
+// half a task (a 60 µs down slice of q6_K on the medium model) idle at each barrier on
+// average: 8-9% of a Q4_K_M decode token in libgomp's spin. `act(g, u, e, r, f0, f1)`: the
+// gated activation of row r (permuted) of expert e over columns [f0, f1), into g from the gate
+// and up rows g, u.
+
+// Row i of a split of `rows` into `parts`, on a multiple of 8 rows (the dot kernels' tiles).
+inline int64_t split_at(int64_t rows, int64_t i, int64_t parts) {
+  return i == parts ? rows : std::min(rows, (rows * i / parts + 4) / 8 * 8);
+}
 
 // Also: enough work for a parallel region (a region that runs on one thread would make the
 // GEMVs' own regions nested ones, which libgomp serves with fresh threads: 10x slower).
@@ -120,15 +127,14 @@ void experts_streamed(Tensor& yp, const Tensor& xp, const int32_t* off, const Te
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2), total = off[e_n];
   float* h1 = scratch<float>(Scratch::ExpertH1, static_cast<size_t>(std::max<int64_t>(total, 1) * f));
   float* h3 = scratch<float>(Scratch::ExpertH3, static_cast<size_t>(std::max<int64_t>(total, 1) * f));
-  const int64_t s1 = (f + kSliceRows - 1) / kSliceRows, s2 = (d + kSliceRows - 1) / kSliceRows;
 
 #pragma omp parallel
   {
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < e_n * s1; ++task) {
-      const int64_t e = task / s1, r0 = off[e], n = off[e + 1] - r0;
+    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t f0 = split_at(f, id, nt), f1 = split_at(f, id + 1, nt);
+    for (int64_t e = 0; e < e_n && f1 > f0; ++e) {
+      const int64_t r0 = off[e], n = off[e + 1] - r0;
       if (n == 0) continue;
-      const int64_t f0 = (task % s1) * kSliceRows, f1 = std::min(f, f0 + kSliceRows);
       const float* x = xp.data<float>() + r0 * d;
       const char* w1e = static_cast<const char*>(w1.raw()) + dtype_nbytes(w1.dtype(), (e * f + f0) * d);
       const char* w3e = static_cast<const char*>(w3.raw()) + dtype_nbytes(w3.dtype(), (e * f + f0) * d);
@@ -136,11 +142,11 @@ void experts_streamed(Tensor& yp, const Tensor& xp, const int32_t* off, const Te
       gemm_xwt(h3 + r0 * f + f0, f, x, w3e, w3.dtype(), n, f1 - f0, d, false);
       for (int64_t r = r0; r < r0 + n; ++r) act(h1 + r * f, h3 + r * f, e, r, f0, f1);
     }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < e_n * s2; ++task) {
-      const int64_t e = task / s2, r0 = off[e], n = off[e + 1] - r0;
+#pragma omp barrier
+    const int64_t d0 = split_at(d, id, nt), d1 = split_at(d, id + 1, nt);
+    for (int64_t e = 0; e < e_n && d1 > d0; ++e) {
+      const int64_t r0 = off[e], n = off[e + 1] - r0;
       if (n == 0) continue;
-      const int64_t d0 = (task % s2) * kSliceRows, d1 = std::min(d, d0 + kSliceRows);
       const char* w2e = static_cast<const char*>(w2.raw()) + dtype_nbytes(w2.dtype(), (e * d + d0) * f);
       float* y = yp.data<float>() + r0 * d;
       gemm_xwt(y + d0, d, h1 + r0 * f, w2e, w2.dtype(), n, d1 - d0, f, false);
