@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "ops/cpu/cpu_gemm_bf16dot.h"
 #include "ops/cpu/cpu_gemm_onednn.h"
+#include "ops/cpu/cpu_parallel.h"
 #include "ops/cpu/cpu_quant_gemm.h"
 #include "ops/cpu/cpu_scratch.h"
 
@@ -164,9 +165,7 @@ void gemv_one_row(float* out, const float* x, const void* w, int64_t m, int64_t 
   const char* base = static_cast<const char*>(w);
   const float* xq = gemv_x<WT>(x, 1, k);
   // Inside a parallel region (the experts' slices of rows, cpu_moe.cpp) on the calling thread alone.
-#pragma omp parallel if(m * k > 32768 && !omp_in_parallel())
-  {
-    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+  parallel_threads(m * k > 32768, [&](int64_t nt, int64_t id) {
     const int64_t lo = m * id / nt, hi = m * (id + 1) / nt, part = (hi - lo) / R;
     const char* no_pf = nullptr;
     const void* wr[R];
@@ -184,7 +183,7 @@ void gemv_one_row(float* out, const float* x, const void* w, int64_t m, int64_t 
       for (int j = 0; j < R; ++j) wr[j] = base + static_cast<size_t>(r0 + std::min(j, rr - 1)) * row_bytes;
       gemv_tile<WT, 1, R>(out + r0, 0, x, xq, k, wr, rr, k, accumulate, &no_pf, nullptr);
     }
-  }
+  });
 }
 
 template <DType WT>

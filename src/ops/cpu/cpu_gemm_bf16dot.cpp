@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "core/dtype.h"
+#include "ops/cpu/cpu_parallel.h"
 #include "ops/cpu/cpu_scratch.h"
 
 namespace moe {
@@ -145,9 +146,7 @@ void gemm_xwt_bf16dot(float* out, int64_t ldo, const float* x, const uint16_t* w
   // Each thread's rows [lo, hi) cut into R equal parts, a tile taking row i of every part: R
   // sequential streams far apart, which the hardware prefetchers follow (R adjacent rows read in
   // 64-byte steps at a row stride are not), as the one-row kernel in cpu_gemm.cpp reads.
-#pragma omp parallel if(m * k > 32768 && !omp_in_parallel())
-  {
-    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+  parallel_threads(m * k > 32768, [&](int64_t nt, int64_t id) {
     const int64_t lo = m * id / nt, hi = m * (id + 1) / nt, part = (hi - lo) / R;
     int64_t rows[R];
     int64_t next_rows[R];
@@ -161,7 +160,7 @@ void gemm_xwt_bf16dot(float* out, int64_t ldo, const float* x, const uint16_t* w
       for (int j = 0; j < rr; ++j) rows[j] = r0 + j;
       tile_rows(out, ldo, xb, kp, w, k, n, rows, rr, accumulate);
     }
-  }
+  });
 }
 
 #if defined(__clang__)

@@ -182,28 +182,30 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   uint8_t* after = pairs_at + 2 * p_bytes;
   int32_t* sum32 = s_bytes ? reinterpret_cast<int32_t*>(after) : nullptr;
   uint8_t* pack = packed ? after + s_bytes : nullptr;
-#pragma omp parallel for schedule(static) if(n * k > 65536)
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t b = 0; b < nbk; ++b) {
-      int32_t sum = 0;
-      const float d = quant_block(x + r * k + b * blk, blk, qs + r * k + b * blk, &sum, bs ? bs + r * (k / 16) + b * (blk / 16) : nullptr);
-      dd[r * nbk + b] = d;
-      if (sum32) sum32[r * nbk + b] = sum;
-      if (pairs)
-        for (int j = 0; j < 4; ++j) d4[(r * nbk + b) * 4 + j] = d, s4[(r * nbk + b) * 4 + j] = 2 * sum;
-    }
-    if (pairs)
-      for (int64_t b = 0; b + 2 <= nbk; b += 2) {  // [b 0-15 | b 16-31 | b+1 0-15 | b+1 16-31] -> QActs order
-        int8_t* p = qs + r * k + b * 32;
-        int8_t t[16];
-        std::memcpy(t, p + 16, 16);
-        std::memcpy(p + 16, p + 32, 16);
-        std::memcpy(p + 32, t, 16);
+  parallel_threads(n * k > 65536, [&](int64_t nt, int64_t id) {
+    for (int64_t r = n * id / nt; r < n * (id + 1) / nt; ++r) {
+      for (int64_t b = 0; b < nbk; ++b) {
+        int32_t sum = 0;
+        const float d = quant_block(x + r * k + b * blk, blk, qs + r * k + b * blk, &sum,
+                                    bs ? bs + r * (k / 16) + b * (blk / 16) : nullptr);
+        dd[r * nbk + b] = d;
+        if (sum32) sum32[r * nbk + b] = sum;
+        if (pairs)
+          for (int j = 0; j < 4; ++j) d4[(r * nbk + b) * 4 + j] = d, s4[(r * nbk + b) * 4 + j] = 2 * sum;
       }
-    if (bs32)
-      for (int64_t j = 0; j < k / 32; ++j)
-        bs32[r * (k / 32) + j] = static_cast<int16_t>(bs[r * (k / 16) + 2 * j] + bs[r * (k / 16) + 2 * j + 1]);
-  }
+      if (pairs)
+        for (int64_t b = 0; b + 2 <= nbk; b += 2) {  // [b 0-15 | b 16-31 | b+1 0-15 | b+1 16-31] -> QActs order
+          int8_t* p = qs + r * k + b * 32;
+          int8_t t[16];
+          std::memcpy(t, p + 16, 16);
+          std::memcpy(p + 16, p + 32, 16);
+          std::memcpy(p + 32, t, 16);
+        }
+      if (bs32)
+        for (int64_t j = 0; j < k / 32; ++j)
+          bs32[r * (k / 32) + j] = static_cast<int16_t>(bs[r * (k / 16) + 2 * j] + bs[r * (k / 16) + 2 * j + 1]);
+    }
+  });
   QActs a;
   a.n = n;
   a.k = k;

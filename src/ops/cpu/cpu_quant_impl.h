@@ -6,6 +6,7 @@
 
 #include "core/dtype.h"
 #include "core/quant.h"
+#include "ops/cpu/cpu_parallel.h"
 
 namespace moe {
 namespace cpu {

@@ -1031,9 +1031,7 @@ template <DType WT, int R>
 void run_decode(const QuantJob& jb) {
   const QActs& a = *jb.a;
   const int64_t nb = jb.k / dtype_block_elems(WT);
-#pragma omp parallel if(jb.m * jb.k > 65536)
-  {
-    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+  parallel_threads(jb.m * jb.k > 65536, [&](int64_t nt, int64_t id) {
     const int64_t lo = jb.m * id / nt, hi = jb.m * (id + 1) / nt;
     const int64_t part = (hi - lo) / R;
     const uint8_t* wr[R];
@@ -1053,7 +1051,7 @@ void run_decode(const QuantJob& jb) {
       decode_tile<WT, R>(wr, a, nb, res);
       for (int64_t r = r0; r < hi; ++r) jb.out[r] = jb.accumulate ? jb.out[r] + res[r - r0] : res[r - r0];
     }
-  }
+  });
 }
 
 template <DType WT>
