@@ -10,6 +10,7 @@
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
 #include "ops/cpu/cpu_scratch.h"
+#include "ops/cpu/cpu_simd_exp.h"
 #include "ops/cpu/cpu_attention_tiles.h"
 
 namespace moe {
@@ -70,7 +71,18 @@ void attend_decode_heads(const float* q, float* o, int64_t g, int64_t h0, int64_
   for (int64_t i = 0; i < g; ++i) {
     float* si = sc + i * nk;
     double sum = av.sinks.defined() ? std::exp(double(sink_of(av, h0 + i)) - mx[i]) : 0.0;
-    for (int64_t j = 0; j < nk; ++j) {
+    // e^x four at a time (cpu_simd_exp.h: expf's rounding but for 0.008% of arguments); the
+    // scalar expf per score was ~40% of a 16-sequence, 400-key decode attention.
+    const __m128 m4 = _mm_set1_ps(mx[i]);
+    int64_t j = 0;
+    for (; j + 4 <= nk; j += 4) {
+      const __m128 e = exp4(_mm_sub_ps(_mm_loadu_ps(si + j), m4));
+      _mm_storeu_ps(si + j, e);
+      alignas(16) float t[4];
+      _mm_store_ps(t, e);
+      sum += t[0], sum += t[1], sum += t[2], sum += t[3];
+    }
+    for (; j < nk; ++j) {
       si[j] = std::exp(si[j] - mx[i]);
       sum += si[j];
     }
