@@ -360,6 +360,35 @@ std::vector<Case> make_cases() {
     });
   }
 
+  // Decode with 5 query heads per kv head and Dh 40 — the CPU's register-blocked weighted sum
+  // of values takes 4 heads × 32 columns at a time, the fifth head and the last 8 columns the
+  // plain way — over more keys than the prefetch distance: per-slot and paged.
+  {
+    const int64_t h = 10, hkv = 2, dh = 40, bn = 2, s = 1, past = 37, c = past + s + 2;
+    Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+    Tensor kc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
+    Tensor vc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
+    add("attention_forward_H10_Hkv2_S1_Dh40_past37", true, kCudaTol, [=](Backend b) {
+      Dev g{b};
+      Tensor out = g.out({bn, s, h, dh});
+      CALL(b, attention_forward(out, g.in(q), g.in(kc), g.in(vc), past));
+      return Outs{{"out", out}};
+    });
+    const int64_t n_blocks = 30, blk = 4;
+    std::vector<int32_t> tab(2 * 12);
+    for (int64_t i = 0; i < 24; ++i) tab[size_t(i)] = int32_t((i * 7 + 3) % n_blocks);
+    const std::vector<int32_t> pos = {37, 20};
+    Tensor kp = ten({n_blocks, blk, hkv, dh}, rnd(n_blocks * blk * hkv * dh, ++seed));
+    Tensor vp = ten({n_blocks, blk, hkv, dh}, rnd(n_blocks * blk * hkv * dh, ++seed));
+    add("attention_forward_paged_H10_Hkv2_S1_Dh40", false, 0.0, [=](Backend b) {
+      Dev g{b};
+      Tensor out = g.out({bn, s, h, dh});
+      Tensor tb = ints({bn, 12}, tab), ps = ints({bn}, pos);
+      CALL(b, attention_forward_paged(out, g.in(q), g.in(kp), g.in(vp), tb, ps));
+      return Outs{{"out", out}};
+    });
+  }
+
   // router_topk_forward (row 0 has tied logits: the lower index must win). With a selection
   // bias (aux-loss-free balancing) large enough to reorder the experts: selection follows
   // probability + bias, the weights stay the unbiased probabilities.

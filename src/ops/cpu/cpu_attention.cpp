@@ -88,15 +88,42 @@ void attend_decode_heads(const float* q, float* o, int64_t g, int64_t h0, int64_
     }
     inv[i] = static_cast<float>(1.0 / sum);
   }
+  // Weighted sum of values: 4 heads × 32 columns of o held in 16 registers across all keys
+  // (the loop over keys read and wrote each head's o row per key before), then the rest of
+  // the heads / columns as before. Each output sums its keys in order, as the old loop did.
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t j = 0; j < nk; ++j) sc[i * nk + j] *= inv[i];
   std::fill(o, o + g * dh, 0.0f);
+  const int64_t g4 = g / 4 * 4, d32 = dh / 32 * 32;
+  for (int64_t i0 = 0; i0 < g4; i0 += 4)
+    for (int64_t d0 = 0; d0 < d32; d0 += 32) {
+      __m256 acc[4][4];
+      for (auto& a : acc)
+        for (auto& v : a) v = _mm256_setzero_ps();
+      const float* p0 = sc + i0 * nk;
+      for (int64_t j = 0; j < nk; ++j) {
+        const float* vr = value(j0 + j) + d0;
+        if (j + kAttnAhead < nk) __builtin_prefetch(value(j0 + j + kAttnAhead) + d0);
+        const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
+        const __m256 v2 = _mm256_loadu_ps(vr + 16), v3 = _mm256_loadu_ps(vr + 24);
+        for (int r = 0; r < 4; ++r) {
+          const __m256 p = _mm256_broadcast_ss(p0 + r * nk + j);
+          acc[r][0] = _mm256_fmadd_ps(p, v0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(p, v1, acc[r][1]);
+          acc[r][2] = _mm256_fmadd_ps(p, v2, acc[r][2]);
+          acc[r][3] = _mm256_fmadd_ps(p, v3, acc[r][3]);
+        }
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o + (i0 + r) * dh + d0 + 8 * c, acc[r][c]);
+    }
+  if (g4 == g && d32 == dh) return;
   for (int64_t j = 0; j < nk; ++j) {
     const float* vr = value(j0 + j);
-    if (j + kAttnAhead < nk) prefetch_row(value(j0 + j + kAttnAhead), dh);
     for (int64_t i = 0; i < g; ++i) {
-      const float p = sc[i * nk + j] * inv[i];
+      const float p = sc[i * nk + j];
       float* orow = o + i * dh;
-#pragma omp simd
-      for (int64_t d = 0; d < dh; ++d) orow[d] += p * vr[d];
+      for (int64_t d = i < g4 ? d32 : 0; d < dh; ++d) orow[d] += p * vr[d];
     }
   }
 }
