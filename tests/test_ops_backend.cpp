@@ -341,50 +341,39 @@ std::vector<Case> make_cases() {
         }
   }
 
-  // The same at S 40 (a prefill chunk: the CPU's blocked path over keys gathered from their
-  // pages): 30 blocks of 4, each row's 12 blocks a scattered permutation.
-  {
-    const int64_t n_blocks = 30, blk = 4, s = 40, dh = 8, h = 4, hkv = 2, bn = 2;
+  // Over 30 blocks of 4, each row's 12 blocks a scattered permutation: at S 40 (a prefill
+  // chunk: the CPU's blocked path over keys gathered from their pages), and a decode with 5
+  // query heads per kv head and Dh 40 — the CPU's register-blocked weighted sum of values takes
+  // 4 heads × 32 columns at a time, the fifth head and the last 8 columns the plain way — over
+  // more keys than the prefetch distance (also through the per-slot cache).
+  struct PagedCase {
+    int64_t s, dh, h, hkv;
+    std::vector<int32_t> past;
+  };
+  for (const PagedCase& pc : {PagedCase{40, 8, 4, 2, {6, 3}}, PagedCase{1, 40, 10, 2, {37, 20}}}) {
+    const int64_t n_blocks = 30, blk = 4, s = pc.s, dh = pc.dh, h = pc.h, hkv = pc.hkv, bn = 2;
     std::vector<int32_t> tab(2 * 12);
     for (int64_t i = 0; i < 24; ++i) tab[size_t(i)] = int32_t((i * 7 + 3) % n_blocks);  // 7 coprime to 30: distinct
-    const std::vector<int32_t> past = {6, 3};
+    const std::vector<int32_t> past = pc.past;
     Tensor kp = ten({n_blocks, blk, hkv, dh}, rnd(n_blocks * blk * hkv * dh, ++seed));
     Tensor vp = ten({n_blocks, blk, hkv, dh}, rnd(n_blocks * blk * hkv * dh, ++seed));
     Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
-    add("attention_forward_paged_H4_Hkv2_S40_Dh8", false, 0.0, [=](Backend b) {
+    const std::string tag = "_H" + str(h) + "_Hkv" + str(hkv) + "_S" + str(s) + "_Dh" + str(dh);
+    add("attention_forward_paged" + tag, false, 0.0, [=](Backend b) {
       Dev g{b};
       Tensor out = g.out({bn, s, h, dh});
       Tensor tb = ints({bn, 12}, tab), ps = ints({bn}, past);
       CALL(b, attention_forward_paged(out, g.in(q), g.in(kp), g.in(vp), tb, ps));
       return Outs{{"out", out}};
     });
-  }
-
-  // Decode with 5 query heads per kv head and Dh 40 — the CPU's register-blocked weighted sum
-  // of values takes 4 heads × 32 columns at a time, the fifth head and the last 8 columns the
-  // plain way — over more keys than the prefetch distance: per-slot and paged.
-  {
-    const int64_t h = 10, hkv = 2, dh = 40, bn = 2, s = 1, past = 37, c = past + s + 2;
-    Tensor q = ten({bn, s, h, dh}, rnd(bn * s * h * dh, ++seed));
+    if (s != 1) continue;
+    const int64_t c = past[0] + s + 2;
     Tensor kc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
     Tensor vc = ten({bn, c, hkv, dh}, rnd(bn * c * hkv * dh, ++seed));
-    add("attention_forward_H10_Hkv2_S1_Dh40_past37", true, kCudaTol, [=](Backend b) {
+    add("attention_forward" + tag + "_past" + str(past[0]), true, kCudaTol, [=](Backend b) {
       Dev g{b};
       Tensor out = g.out({bn, s, h, dh});
-      CALL(b, attention_forward(out, g.in(q), g.in(kc), g.in(vc), past));
-      return Outs{{"out", out}};
-    });
-    const int64_t n_blocks = 30, blk = 4;
-    std::vector<int32_t> tab(2 * 12);
-    for (int64_t i = 0; i < 24; ++i) tab[size_t(i)] = int32_t((i * 7 + 3) % n_blocks);
-    const std::vector<int32_t> pos = {37, 20};
-    Tensor kp = ten({n_blocks, blk, hkv, dh}, rnd(n_blocks * blk * hkv * dh, ++seed));
-    Tensor vp = ten({n_blocks, blk, hkv, dh}, rnd(n_blocks * blk * hkv * dh, ++seed));
-    add("attention_forward_paged_H10_Hkv2_S1_Dh40", false, 0.0, [=](Backend b) {
-      Dev g{b};
-      Tensor out = g.out({bn, s, h, dh});
-      Tensor tb = ints({bn, 12}, tab), ps = ints({bn}, pos);
-      CALL(b, attention_forward_paged(out, g.in(q), g.in(kp), g.in(vp), tb, ps));
+      CALL(b, attention_forward(out, g.in(q), g.in(kc), g.in(vc), past[0]));
       return Outs{{"out", out}};
     });
   }
