@@ -103,7 +103,7 @@ void attend_decode_heads(const float* q, float* o, int64_t g, int64_t h0, int64_
       const float* p0 = sc + i0 * nk;
       for (int64_t j = 0; j < nk; ++j) {
         const float* vr = value(j0 + j) + d0;
-        if (j + kAttnAhead < nk) __builtin_prefetch(value(j0 + j + kAttnAhead) + d0);
+        if (j + kAttnAhead < nk) prefetch_row(value(j0 + j + kAttnAhead) + d0, 32);
         const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
         const __m256 v2 = _mm256_loadu_ps(vr + 16), v3 = _mm256_loadu_ps(vr + 24);
         for (int r = 0; r < 4; ++r) {
