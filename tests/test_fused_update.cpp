@@ -13,6 +13,7 @@
 
 #include "core/memory.h"
 #include "io/safetensors.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
 #include "train/trainer.h"
 
 namespace moe {
@@ -147,18 +148,20 @@ TEST_P(FusedUpdate, Bf16MomentsHalveOptimizerMemoryAndFollowF32) {
 
 // Mixed precision (--weight-dtype bf16): forward/backward on bf16 copies, f32 master weights in
 // the checkpoint; the losses stay close to f32 but are not identical (the copies are used);
-// the fused update's per-group refresh gives exactly the ordinary step's per-step refresh.
-TEST_P(FusedUpdate, Bf16WeightsWithF32Master) {
-  const std::string fam = GetParam();
-  if (!fs::exists(fixture(fam))) GTEST_SKIP() << "SKIPPED: fixtures not found at " << fixture(fam);
-  const std::string dir = scratch(fam + "-mixed");
+// the fused update's per-group refresh gives exactly the ordinary step's per-step refresh. Both
+// ways bf16 weights multiply: widened to f32 (the library's default), and on the bf16 matrix
+// units with the other factors rounded to bf16 (`moe train`'s choice where the CPU has them).
+void mixed_precision_case(const std::string& fam, cpu::Bf16Gemm mode) {
+  const std::string dir = scratch(fam + (mode == cpu::Bf16Gemm::Matrix ? "-mixed-matrix" : "-mixed"));
   TrainConfig f32 = contract(fixture(fam), dir + "/f32"), mixed = contract(fixture(fam), dir + "/mixed"),
               mixed_fused = contract(fixture(fam), dir + "/mixed-fused");
   mixed.weight_dtype = mixed_fused.weight_dtype = DType::BF16;
   mixed_fused.fused_update = true;
   run_training(f32);
+  cpu::set_bf16_gemm(mode);
   run_training(mixed);
   run_training(mixed_fused);
+  cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
   auto losses = [&](const std::string& run) {
     std::vector<double> out;
     std::ifstream in(run + "/metrics.jsonl");
@@ -178,6 +181,20 @@ TEST_P(FusedUpdate, Bf16WeightsWithF32Master) {
   EXPECT_TRUE(bytes_of(mixed.out + "/final/model.safetensors") == bytes_of(mixed_fused.out + "/final/model.safetensors"));
   auto saved = SafetensorsFile::open(mixed.out + "/final/model.safetensors");
   for (const SafetensorsInfo& info : saved->tensors()) EXPECT_EQ(info.dtype, DType::F32) << info.name;
+}
+
+TEST_P(FusedUpdate, Bf16WeightsWithF32Master) {
+  const std::string fam = GetParam();
+  if (!fs::exists(fixture(fam))) GTEST_SKIP() << "SKIPPED: fixtures not found at " << fixture(fam);
+  mixed_precision_case(fam, cpu::Bf16Gemm::Widen);
+}
+
+TEST_P(FusedUpdate, Bf16WeightsOnTheMatrixUnits) {
+  const std::string fam = GetParam();
+  if (!fs::exists(fixture(fam))) GTEST_SKIP() << "SKIPPED: fixtures not found at " << fixture(fam);
+  if (!cpu::bf16_matrix_available())
+    GTEST_SKIP() << "SKIPPED: no AMX / AVX512-BF16 here (oneDNN ISA " << cpu::onednn_isa_name() << ")";
+  mixed_precision_case(fam, cpu::Bf16Gemm::Matrix);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, FusedUpdate, ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe"));

@@ -46,6 +46,12 @@ std::vector<float> random_vec(size_t n, uint32_t seed) {
   return v;
 }
 
+std::vector<uint16_t> to_bf16_bits(const std::vector<float>& v) {
+  std::vector<uint16_t> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = f32_to_bf16(v[i]);
+  return r;
+}
+
 // out0 + x·wᵀ in float64 (x, w as given), and the bound on f32 summation error per output.
 void reference(const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& out0,
                const Shape& s, std::vector<double>* r, std::vector<double>* bound) {
@@ -91,24 +97,116 @@ TEST(OneDnnGemm, F32LayoutMatchesFloat64Product) {
   }
 }
 
-TEST(OneDnnGemm, RefusesOtherDtypesAndParallelRegions) {
+TEST(OneDnnGemm, RefusesOtherDtypes) {
   if (cpu::onednn_isa_name().rfind("none", 0) == 0) GTEST_SKIP() << "SKIPPED: built without oneDNN";
   std::vector<float> x(32 * 8, 1.0f), out(32 * 8);
   std::vector<uint16_t> w(8 * 8, 0);
   EXPECT_THROW(cpu::onednn_gemm_xwt(out.data(), 8, x.data(), w.data(), DType::F16, 32, 8, 8, false), Error);
-  bool threw = false;
-#pragma omp parallel num_threads(2)
-  {
-#pragma omp single
-    {
-      try {
-        cpu::onednn_gemm_xwt(out.data(), 8, x.data(), x.data(), DType::F32, 32, 8, 8, false);
-      } catch (const Error&) {
-        threw = true;
+  EXPECT_THROW(cpu::onednn_gemm_xw(out.data(), x.data(), w.data(), DType::F16, 32, 8, 8, false), Error);
+  EXPECT_THROW(cpu::onednn_gemm_atb_acc(out.data(), 8, x.data(), 8, x.data(), 8, DType::F16, 32, 8, 8), Error);
+}
+
+// The backward's two products, on the f32 path (every CPU): out [n, k] (+)= x [n, m] · w [m, k]
+// and dw [m, ldw] += dy [n, ldy]ᵀ · x [n, ldx] (first m / k columns; dw's columns past k and
+// x's and dy's past their widths untouched / unread), against float64.
+struct BackShape {
+  int64_t n, m, k, ldw, ldy, ldx;
+};
+const BackShape kBackShapes[] = {{17, 33, 70, 70, 33, 70}, {300, 48, 96, 100, 50, 97}, {5, 129, 40, 40, 129, 40},
+                                 {64, 16, 16, 20, 16, 18}};
+
+// out0 + x·w (x [n, m], w [m, k]) in float64 with its summation bound.
+void reference_xw(const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& out0,
+                  bool accumulate, const BackShape& s, std::vector<double>* r, std::vector<double>* bound) {
+  r->assign(size_t(s.n * s.k), 0.0);
+  bound->assign(size_t(s.n * s.k), 0.0);
+  for (int64_t i = 0; i < s.n; ++i)
+    for (int64_t j = 0; j < s.k; ++j) {
+      const size_t o = size_t(i * s.k + j);
+      double acc = accumulate ? out0[o] : 0.0, mag = accumulate ? std::fabs(out0[o]) : 0.0;
+      for (int64_t t = 0; t < s.m; ++t) {
+        const double p = double(x[size_t(i * s.m + t)]) * double(w[size_t(t * s.k + j)]);
+        acc += p;
+        mag += std::fabs(p);
       }
+      (*r)[o] = acc;
+      (*bound)[o] = 1e-5 * mag + 1e-30;
+    }
+}
+
+// dw0 + dyᵀ·x in float64 over dw's [m, ldw] (columns past k: dw0 as it was).
+void reference_atb(const std::vector<float>& dy, const std::vector<float>& x, const std::vector<float>& dw0,
+                   const BackShape& s, std::vector<double>* r, std::vector<double>* bound) {
+  r->assign(dw0.begin(), dw0.end());
+  bound->assign(dw0.size(), 0.0);
+  for (int64_t i = 0; i < s.m; ++i)
+    for (int64_t j = 0; j < s.k; ++j) {
+      const size_t o = size_t(i * s.ldw + j);
+      double acc = dw0[o], mag = std::fabs(dw0[o]);
+      for (int64_t t = 0; t < s.n; ++t) {
+        const double p = double(dy[size_t(t * s.ldy + i)]) * double(x[size_t(t * s.ldx + j)]);
+        acc += p;
+        mag += std::fabs(p);
+      }
+      (*r)[o] = acc;
+      (*bound)[o] = 1e-5 * mag + 1e-30;
+    }
+}
+
+void expect_within_back(const std::vector<float>& out, const std::vector<double>& r, const std::vector<double>& bound,
+                        const BackShape& s, const char* what) {
+  int bad = 0;
+  for (size_t o = 0; o < out.size(); ++o)
+    if (!(std::fabs(double(out[o]) - r[o]) <= bound[o]) && bad++ < 5)
+      ADD_FAILURE() << what << " n " << s.n << " m " << s.m << " k " << s.k << " at " << o << ": " << out[o] << " vs "
+                    << r[o];
+  EXPECT_EQ(bad, 0) << what;
+}
+
+TEST(OneDnnGemm, F32BackwardLayoutsMatchFloat64Products) {
+  if (cpu::onednn_isa_name().rfind("none", 0) == 0) GTEST_SKIP() << "SKIPPED: built without oneDNN";
+  uint32_t seed = 50;
+  for (const BackShape& s : kBackShapes) {
+    for (bool acc : {false, true}) {
+      auto x = random_vec(size_t(s.n * s.m), seed++), w = random_vec(size_t(s.m * s.k), seed++);
+      auto out = random_vec(size_t(s.n * s.k), seed++);
+      std::vector<double> r, bound;
+      reference_xw(x, w, out, acc, s, &r, &bound);
+      cpu::onednn_gemm_xw(out.data(), x.data(), w.data(), DType::F32, s.n, s.m, s.k, acc);
+      expect_within_back(out, r, bound, s, "xw");
+    }
+    auto dy = random_vec(size_t(s.n * s.ldy), seed++), x = random_vec(size_t(s.n * s.ldx), seed++);
+    auto dw = random_vec(size_t(s.m * s.ldw), seed++);
+    std::vector<double> r, bound;
+    reference_atb(dy, x, dw, s, &r, &bound);
+    cpu::onednn_gemm_atb_acc(dw.data(), s.ldw, dy.data(), s.ldy, x.data(), s.ldx, DType::F32, s.n, s.m, s.k);
+    expect_within_back(dw, r, bound, s, "atb");
+  }
+}
+
+// Inside a parallel region (training's experts: each thread its own rows) every thread's call
+// runs on that thread and gives the product the top-level call gives.
+TEST(OneDnnGemm, InsideAParallelRegionEachThreadItsOwnProduct) {
+  if (cpu::onednn_isa_name().rfind("none", 0) == 0) GTEST_SKIP() << "SKIPPED: built without oneDNN";
+  const Shape s{300, 48, 96, 48, false};
+  std::vector<DType> types = {DType::F32};
+  if (cpu::bf16_matrix_available()) types.push_back(DType::BF16);
+  for (DType dt : types) {
+    auto x = random_vec(size_t(s.n * s.k), 70), wf = random_vec(size_t(s.m * s.k), 71);
+    const std::vector<uint16_t> wb = to_bf16_bits(wf);
+    const void* w = dt == DType::BF16 ? static_cast<const void*>(wb.data()) : wf.data();
+    std::vector<float> top(size_t(s.n * s.ldo));
+    cpu::onednn_gemm_xwt(top.data(), s.ldo, x.data(), w, dt, s.n, s.m, s.k, false);
+    std::vector<std::vector<float>> per(4, std::vector<float>(top.size(), -1.0f));
+#pragma omp parallel for num_threads(2) schedule(static, 1)
+    for (int t = 0; t < 4; ++t) cpu::onednn_gemm_xwt(per[size_t(t)].data(), s.ldo, x.data(), w, dt, s.n, s.m, s.k, false);
+    for (int t = 0; t < 4; ++t) {
+      double worst = 0;
+      for (size_t i = 0; i < top.size(); ++i)
+        worst = std::max(worst, std::fabs(double(per[size_t(t)][i]) - top[i]) / (1.0 + std::fabs(top[i])));
+      EXPECT_LE(worst, 1e-5) << dtype_name(dt) << " call " << t;
     }
   }
-  EXPECT_TRUE(threw);
 }
 
 TEST(OneDnnGemm, ModeFollowsTheCpu) {
@@ -135,12 +233,6 @@ std::vector<float> bf16_rounded(const std::vector<float>& v) {
   return r;
 }
 
-std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
-  std::vector<uint16_t> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = f32_to_bf16(v[i]);
-  return r;
-}
-
 // A product of shape s with x, w (stored bf16) and out random, and its float64 reference with x
 // rounded to bf16 (r, bound).
 struct RoundedCase {
@@ -154,7 +246,7 @@ RoundedCase rounded_case(const Shape& s, uint32_t seed) {
   c.x = random_vec(size_t(s.n * s.k), seed);
   const auto wf = random_vec(size_t(s.m * s.k), seed + 1);
   c.out = random_vec(size_t(s.n * s.ldo), seed + 2);
-  c.w = to_bf16(wf);
+  c.w = to_bf16_bits(wf);
   reference(bf16_rounded(c.x), bf16_rounded(wf), c.out, s, &c.r, &c.bound);
   return c;
 }
@@ -174,12 +266,49 @@ TEST(OneDnnGemm, Bf16MatchesFloat64ProductOfRoundedX) {
   }
 }
 
+// Mixed-precision training's backward: dX = dY·W on bf16 weights and dW += dYᵀ·X for them,
+// through gemm_xw / gemm_atb_acc as the linear and expert backward reach them, both factors
+// rounded to bf16 (the f32 path without Matrix mode keeps them exact: the default tests).
+TEST(OneDnnGemm, Bf16BackwardMatchesFloat64ProductsOfRoundedFactors) {
+  if (!cpu::bf16_matrix_available())
+    GTEST_SKIP() << "SKIPPED: no AMX / AVX512-BF16 here (oneDNN ISA " << cpu::onednn_isa_name() << ")";
+  uint32_t seed = 200;
+  for (const BackShape& s : kBackShapes) {
+    auto x = random_vec(size_t(s.n * s.m), seed++), wf = random_vec(size_t(s.m * s.k), seed++);
+    auto out = random_vec(size_t(s.n * s.k), seed++);
+    const std::vector<uint16_t> w = to_bf16_bits(wf);
+    std::vector<double> r, bound;
+    reference_xw(bf16_rounded(x), bf16_rounded(wf), out, true, s, &r, &bound);
+    cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+    cpu::gemm_xw(out.data(), x.data(), w.data(), DType::BF16, s.n, s.m, s.k, true);
+    cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+    expect_within_back(out, r, bound, s, "xw bf16");
+
+    BackShape sa = s;  // gemm_atb_acc reads x's rows densely
+    sa.ldx = s.k;
+    auto dy = random_vec(size_t(s.n * s.ldy), seed++), xa = random_vec(size_t(s.n * s.k), seed++);
+    auto dw = random_vec(size_t(s.m * s.ldw), seed++), dw_exact = dw;
+    std::vector<double> ra, ba, re, be;
+    reference_atb(bf16_rounded(dy), bf16_rounded(xa), dw, sa, &ra, &ba);
+    reference_atb(dy, xa, dw, sa, &re, &be);
+    cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+    cpu::gemm_atb_acc(dw.data(), s.ldw, dy.data(), s.ldy, xa.data(), DType::BF16, s.n, s.m, s.k);
+    cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+    expect_within_back(dw, ra, ba, s, "atb bf16");
+    // f32 weights' gradients stay exact under Matrix mode (only bf16 weights' products round).
+    cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+    cpu::gemm_atb_acc(dw_exact.data(), s.ldw, dy.data(), s.ldy, xa.data(), DType::F32, s.n, s.m, s.k);
+    cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+    expect_within_back(dw_exact, re, be, s, "atb f32");
+  }
+}
+
 TEST(OneDnnGemm, ExactPathKeepsXInF32) {
   if (!cpu::bf16_matrix_available())
     GTEST_SKIP() << "SKIPPED: no AMX / AVX512-BF16 here (oneDNN ISA " << cpu::onednn_isa_name() << ")";
   const Shape s{40, 24, 64, 24, false};
   auto x = random_vec(size_t(s.n * s.k), 7), wf = random_vec(size_t(s.m * s.k), 8);
-  const std::vector<uint16_t> w = to_bf16(wf);
+  const std::vector<uint16_t> w = to_bf16_bits(wf);
   std::vector<float> out(size_t(s.n * s.ldo), 0.0f), out0 = out;
   std::vector<double> r, bound;
   reference(x, bf16_rounded(wf), out0, s, &r, &bound);  // x not rounded
@@ -228,7 +357,7 @@ TEST(Bf16DotGemm, GemmTakesItOnlyWhereXMayBeRounded) {
   // Rounding x to bf16 moves each product by up to 2^-9 relative: over 90 terms the two paths
   // differ by far more than the 1e-5 summation bound, so each reference tells them apart.
   auto x = random_vec(size_t(s.n * s.k), 11), wf = random_vec(size_t(s.m * s.k), 12);
-  const std::vector<uint16_t> w = to_bf16(wf);
+  const std::vector<uint16_t> w = to_bf16_bits(wf);
   std::vector<float> zero(size_t(s.n * s.ldo), 0.0f), exact = zero, rounded = zero;
   std::vector<double> r_exact, r_rounded, bound;
   reference(x, bf16_rounded(wf), zero, s, &r_exact, &bound);

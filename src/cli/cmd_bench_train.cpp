@@ -40,6 +40,7 @@
 #include "model/random_init.h"
 #include "plan/plan_model.h"
 #include "plan/planner.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
 #include "ops/ops.h"
 #include "train/lora.h"
 #include "train/optimizer.h"
@@ -54,6 +55,10 @@ struct TrainBenchOpts {
   uint64_t seed = 1;
   bool recompute = false, json = false, fused = false;
   std::string optim_dtype = "f32";
+  // The weights' dtype in the forward and backward: bf16 (mixed-precision training on bf16
+  // copies of f32 master weights; a bf16 frozen base when fine-tuning) runs its products on the
+  // CPU's bf16 matrix units where it has them, as `moe train/finetune` do.
+  std::string weight_dtype = "f32";
   // `moe bench finetune`: LoRA on a frozen base (QLoRA with nf4).
   bool finetune = false, nf4 = false;
   int64_t lora_r = 16;
@@ -103,6 +108,38 @@ double measure_sgemm_peak(int64_t n = 2048, int reps = 4) {
   return 2.0 * double(n) * double(n) * double(n) / best;
 }
 
+// bf16 GEMM peak where bf16 weights' products run on the matrix units: C = A·Bᵀ of n×n
+// matrices through oneDNN's bf16 matmul (the path those products take), best of `reps`.
+double measure_bf16_peak(int64_t n = 2048, int reps = 4) {
+  Rng rng(7);
+  Tensor a = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
+  Tensor b = Tensor::empty({n, n}, DType::BF16, MemCategory::Workspace);
+  Tensor c = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
+  for (int64_t i = 0; i < n * n; ++i) a.data<float>()[i] = float(rng.uniform() - 0.5);
+  for (int64_t i = 0; i < n * n; ++i) b.data<uint16_t>()[i] = f32_to_bf16(float(rng.uniform() - 0.5));
+  double best = 1e30;
+  for (int rep = 0; rep <= reps; ++rep) {
+    const double t0 = now_seconds();
+    cpu::onednn_gemm_xwt(c.data<float>(), n, a.data<float>(), b.raw(), DType::BF16, n, n, n, false);
+    if (rep > 0) best = std::min(best, now_seconds() - t0);
+  }
+  return 2.0 * double(n) * double(n) * double(n) / best;
+}
+
+// Whether bf16 weights' products run on the matrix units here (after the bench chose so).
+bool bf16_on_matrix(const TrainBenchOpts& o) {
+  return o.weight_dtype == "bf16" && cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix;
+}
+
+std::string bf16_products_line(const TrainBenchOpts& o) {
+  if (o.weight_dtype != "bf16") return "products: f32 weights, f32 GEMMs (OpenBLAS sgemm)";
+  if (bf16_on_matrix(o))
+    return "products: bf16 weights on oneDNN's bf16 matmul (ISA " + cpu::onednn_isa_name() +
+           "), the other factor rounded to bf16, f32 accumulation";
+  return "products: bf16 weights widened to f32 for sgemm (no bf16 matrix units in use: oneDNN ISA " +
+         cpu::onednn_isa_name() + (cpu::bf16_matrix_available() ? ", MOE_BF16_GEMM=widen)" : ")");
+}
+
 ModelConfig bench_config(const TrainBenchOpts& o) {
   ModelConfig c = o.model_dir.empty() ? preset_config(o.arch, o.preset) : load_hf_config(o.model_dir + "/config.json");
   if (o.layers > 0) c.n_layer = o.layers;
@@ -123,6 +160,7 @@ Model build_model(const TrainBenchOpts& o, const ModelConfig& cfg) {
   lo.keep_dtype = false;
   lo.weight_dtype = DType::F32;
   if (o.finetune) {
+    if (o.weight_dtype == "bf16") lo.weight_dtype = DType::BF16;
     Model m = o.model_dir.empty() ? Model::from_tensors(cfg, random_weights(cfg, o.seed, DType::F32), lo)
                                   : Model::load(o.model_dir, lo);
     if (o.nf4) std::printf("%s\n", quantize_frozen_base(m.config(), m.mutable_weights(), DType::NF4).c_str());
@@ -279,13 +317,18 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   const int dev = int(Device::CPU);
   const int threads = omp_get_max_threads();
   const std::string what = o.model_dir.empty() ? o.arch + "/" + o.preset : o.model_dir;
+  if (o.weight_dtype == "bf16") cpu::use_bf16_matrix_where_available();  // as moe train / finetune
+  const bool matrix = bf16_on_matrix(o);
   const double peak_before = measure_sgemm_peak();
+  const double bf16_before = matrix ? measure_bf16_peak() : 0;
 
   // ---- model, then the RSS the training overhead is measured from ----
   double t_load = now_seconds();
   Model m = build_model(o, cfg);
   t_load = now_seconds() - t_load;
   const ModelConfig& mc = m.config();
+  const bool bf16 = o.weight_dtype == "bf16";
+  std::printf("%s\n", bf16_products_line(o).c_str());
   // Return what loading freed (the random or mapped source tensors) to the OS, so the RSS the
   // overhead is measured from holds the model, not reusable free heap that would hide growth.
   malloc_trim(0);
@@ -294,6 +337,12 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   const bool hwm_reset = reset_peak_rss();
   mem_reset_peaks();
   const MemStats at_load = mem_stats();
+  // Mixed-precision training: the steps run on bf16 copies (cm) of the f32 master weights (m),
+  // re-rounded after every update, as the trainer does (a training overhead, counted as one).
+  const bool mixed = bf16 && !o.finetune;
+  Model cm = m;
+  if (mixed) cm.mutable_weights() = bf16_compute_copy(mc, m.weights());
+  Model& fm = mixed ? cm : m;
 
   MOE_CHECK(!o.fused || o.clip == 0, "moe bench train: --fused-update needs --clip 0");
   ModelWeights grads = o.fused ? ModelWeights() : zeros_like(mc, m.weights(), MemCategory::Grads);
@@ -323,18 +372,20 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
     StepLosses r;
     double t_opt = 0;  // seconds in AdamW this step
     if (o.fused) {
-      r = forward_backward_fused(m, ids, ids, lopt, [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
+      r = forward_backward_fused(fm, ids, ids, lopt, [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
         if (group == kGroupHead) mark(fw);
         const double t1 = now_seconds();
         opt.step_group(o.lr, touched, group_parameters(mc, g, group));
+        if (mixed) refresh_compute_copy(mc, m.weights(), cm.mutable_weights(), group);
         t_opt += now_seconds() - t1;
       });
     } else {
-      r = forward_backward(m, ids, ids, &grads, lopt);
+      r = forward_backward(fm, ids, ids, &grads, lopt);
       mark(r);
       clip_grad_norm(gparams, o.clip);
       const double t1 = now_seconds();
       opt.step(o.lr, touched);
+      if (mixed) refresh_compute_copy(mc, m.weights(), cm.mutable_weights(), kAllGroups);
       t_opt = now_seconds() - t1;
     }
     const double dt = now_seconds() - t0;
@@ -366,9 +417,14 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   // ---- expert GEMMs on the last step's routing, then the GEMM peak again ----
   // (the fused update holds no whole-model gradient: the timing gets its own, after the peaks)
   if (o.fused) grads = zeros_like(mc, m.weights(), MemCategory::Workspace);
-  const ExpertTiming et = time_expert_ops(m, grads, last);
+  const ExpertTiming et = time_expert_ops(fm, grads, last);
   const double peak_after = measure_sgemm_peak();
-  const double peak = std::max(peak_before, peak_after);
+  const double sgemm_peak = std::max(peak_before, peak_after);
+  const double bf16_after = matrix ? measure_bf16_peak() : 0;
+  const double bf16_peak = std::max(bf16_before, bf16_after);
+  // The utilisations below are against the peak of the products' own type.
+  const double peak = matrix ? bf16_peak : sgemm_peak;
+  const char* peak_name = matrix ? "bf16 matmul peak" : "sgemm peak";
   const double expert_flops = et.seconds > 0 ? et.flops / et.seconds : 0;
 
   const int64_t act_peak = st.peak[dev][int(MemCategory::Activations)] - at_load.current[dev][int(MemCategory::Activations)];
@@ -395,11 +451,15 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   phases["other"] = mean_step - accounted;
   std::printf("; other %.3f s\n", mean_step - accounted);
   std::printf("f32 sgemm peak (2048^3 cblas_sgemm, best of 4): %.1f GFLOP/s before, %.1f after -> %.1f GFLOP/s\n",
-              peak_before / 1e9, peak_after / 1e9, peak / 1e9);
+              peak_before / 1e9, peak_after / 1e9, sgemm_peak / 1e9);
+  if (matrix)
+    std::printf("bf16 matmul peak (2048^3 through oneDNN, best of 4): %.1f GFLOP/s before, %.1f after -> %.1f GFLOP/s "
+                "(%.2fx the sgemm peak)\n",
+                bf16_before / 1e9, bf16_after / 1e9, bf16_peak / 1e9, bf16_peak / sgemm_peak);
   std::printf("expert GEMMs (forward_train + backward, last step's routing: %lld rows over %zu MoE layers): "
-              "%.2f GFLOP in %.3f s = %.1f GFLOP/s = %.1f%% of the sgemm peak (target >= 50%%); %.0f%% of the step\n",
+              "%.2f GFLOP in %.3f s = %.1f GFLOP/s = %.1f%% of the %s (target >= 50%%); %.0f%% of the step\n",
               (long long)et.rows, last.router.size(), et.flops / 1e9, et.seconds, expert_flops / 1e9,
-              100.0 * expert_flops / peak, 100.0 * et.seconds / step_s);
+              100.0 * expert_flops / peak, peak_name, 100.0 * et.seconds / step_s);
   // The step's model FLOPs as the planner counts them (6·active parameters per token for full
   // training, 4· plus the adapters' for LoRA; causal attention), against the same sgemm peak:
   // a whole-step utilisation to set beside a peer's step time on the same model.
@@ -412,9 +472,9 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
     if (t != "q_proj" && t != "k_proj" && t != "v_proj" && t != "o_proj") job.lora_targets = LoraTargets::All;
   const double model_flops = flops_per_token(plan_model_from_config(mc), job) * double(o.batch * o.seq);
   std::printf("model FLOPs (planner: %s): %.2f GFLOP per step -> %.1f GFLOP/s at the median step = %.1f%% of the "
-              "sgemm peak\n",
+              "%s\n",
               o.finetune ? "2 x forward + 6 x adapter params per token" : "3 x forward: 6 x active params per token + causal attention", model_flops / 1e9,
-              model_flops / step_s / 1e9, 100.0 * model_flops / step_s / peak);
+              model_flops / step_s / 1e9, 100.0 * model_flops / step_s / peak, peak_name);
   std::printf("memory peaks during the steps (tracked):");
   for (int c = 0; c < kNumMemCategories; ++c)
     if (st.peak[dev][c] > 0) std::printf(" %s %.1f MiB", mem_category_name(MemCategory(c)), mib(double(st.peak[dev][c])));
@@ -437,7 +497,9 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
                       {"rss_after_load_bytes", rss_after_load}, {"peak_rss_bytes", peak_rss},
                       {"peak_rss_increase_bytes", overhead}, {"peak_is_training_only", hwm_reset},
                       {"activations_peak_bytes", act_peak}, {"activations_layout_bytes", act_layout},
-                      {"sgemm_peak_flops", peak}, {"sgemm_peak_before_flops", peak_before},
+                      {"weight_dtype", o.weight_dtype}, {"bf16_matrix", matrix}, {"bf16_peak_flops", bf16_peak},
+                      {"gemm_peak_flops", peak},
+                      {"sgemm_peak_flops", sgemm_peak}, {"sgemm_peak_before_flops", peak_before},
                       {"sgemm_peak_after_flops", peak_after}, {"expert_flops", et.flops},
                       {"expert_seconds", et.seconds}, {"expert_flops_per_s", expert_flops},
                       {"expert_fraction_of_peak", peak > 0 ? expert_flops / peak : 0.0},
@@ -534,6 +596,17 @@ CLI::App* add_train_like_bench(CLI::App* bench, bool finetune) {
   cmd->add_option("--optimizer-dtype", o->optim_dtype, "AdamW moment storage")
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "bf16"}));
+  if (finetune)
+    cmd->add_option("--base-dtype", o->weight_dtype, "the frozen base's dtype: f32, or bf16 (products on the bf16 "
+                                                     "matrix units where the CPU has them)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"f32", "bf16"}));
+  else
+    cmd->add_option("--weight-dtype", o->weight_dtype, "weights the steps read: f32, or bf16 copies of f32 master "
+                                                       "weights (mixed precision; products on the bf16 matrix units "
+                                                       "where the CPU has them)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--act-sweep", o->act_sweep, "also measure one step's activation peak at these expert counts "
                                                "(e.g. 8,32), equal top-k");
   cmd->add_flag("--json", o->json, "also print one JSON line (last)");

@@ -4,6 +4,7 @@
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
 #include "core/file_util.h"
 #include "io/gguf_model.h"
 #include "io/hf_config.h"
@@ -54,7 +55,8 @@ void add_finetune_command(CLI::App& app) {
   cmd->add_flag("--train-router", c.lora.train_router,
                 "train the routers' weights in full (frozen by default); saved as modules_to_save");
   cmd->add_option("--adapter-init", c.adapter_init, "start from this PEFT adapter (continue a fine-tune)");
-  cmd->add_option("--base-dtype", c.base_dtype, "the frozen base in memory: keep (the file's), f32 or bf16")
+  cmd->add_option("--base-dtype", c.base_dtype, "the frozen base in memory: keep (the file's), f32 or bf16 (bf16: products in bf16 on the "
+                  "CPU's AMX / AVX512-BF16 units where it has them)")
       ->capture_default_str()
       ->check(CLI::IsMember({"keep", "f32", "bf16"}));
   cmd->add_flag("--load-in-4bit", c.load_in_4bit,
@@ -115,6 +117,10 @@ void add_finetune_command(CLI::App& app) {
     c.packing = !o->no_packing;
     c.adamw.state_dtype = o->optim_dtype == "bf16" ? DType::BF16 : DType::F32;
     if (c.aux_coef < 0 && !c.lora.train_router) c.aux_coef = 0;
+    // A bf16 base multiplies in bf16 on the CPU's matrix units where it has them (the other
+    // factor rounded to bf16, f32 accumulation), as PEFT on a bf16 model computes in bf16;
+    // MOE_BF16_GEMM=widen keeps the factors exact. f32 and NF4 bases are not affected.
+    cpu::use_bf16_matrix_where_available();
     run_training(c);
   });
 }

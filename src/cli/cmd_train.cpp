@@ -3,6 +3,7 @@
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
 #include "core/file_util.h"
 #include "core/json_util.h"
 #include "train/trainer.h"
@@ -71,7 +72,8 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--weight-dtype", o->weight_dtype,
-                  "weights the forward/backward read: f32, or bf16 copies of f32 master weights (mixed precision)")
+                  "weights the forward/backward read: f32, or bf16 copies of f32 master weights (mixed precision: "
+                  "products in bf16 on the CPU's AMX / AVX512-BF16 units where it has them)")
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_flag("--recompute", c.recompute, "recompute each layer's activations in backward (less memory, ~1.3x compute)");
@@ -129,6 +131,10 @@ void add_train_command(CLI::App& app) {
     c.shuffle = !o->no_shuffle;
     c.adamw.state_dtype = o->optim_dtype == "bf16" ? DType::BF16 : DType::F32;
     c.weight_dtype = o->weight_dtype == "bf16" ? DType::BF16 : DType::F32;
+    // Mixed precision (bf16 weights) multiplies in bf16 on the CPU's matrix units where it has
+    // them, forward and backward (as torch's bf16 autocast); MOE_BF16_GEMM=widen keeps the
+    // factors exact. f32 training is not affected.
+    cpu::use_bf16_matrix_where_available();
     run_training(c);
   });
 }

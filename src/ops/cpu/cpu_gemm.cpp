@@ -261,6 +261,12 @@ namespace {
 constexpr int64_t kBf16DotMaxRows = 64;
 constexpr int64_t kBf16DotBeforeOneDnn = 32;
 
+// bf16 weights whose products round x to bf16 on the matrix units (oneDNN), where the process
+// asked for that (Bf16Gemm::Matrix) and not on the exact path.
+bool bf16_matrix_applies(DType wdt) {
+  return wdt == DType::BF16 && bf16_gemm() == Bf16Gemm::Matrix && !quant_exact();
+}
+
 bool bf16dot_applies(DType wdt, int64_t n) {
   return wdt == DType::BF16 && n >= 2 && n <= kBf16DotMaxRows && bf16_gemm() == Bf16Gemm::Matrix &&
          !quant_exact() && bf16dot_available();
@@ -299,9 +305,9 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
     }
   }
   // bf16 weights on a CPU with matrix units (AMX, AVX512-BF16): x rounded to bf16 and oneDNN's
-  // bf16 matmul (cpu_gemm_onednn.h) — not on the exact path, and not inside a parallel region
-  // (training's expert rows split over threads), where the f32 path below runs.
-  if (wdt == DType::BF16 && bf16_gemm() == Bf16Gemm::Matrix && !quant_exact() && !omp_in_parallel()) {
+  // bf16 matmul (cpu_gemm_onednn.h) — not on the exact path. Inside a parallel region (training's
+  // expert rows split over threads) it runs on the calling thread.
+  if (bf16_matrix_applies(wdt)) {
     onednn_gemm_xwt(out, ldo, x, w, wdt, n, m, k, accumulate);
     return;
   }
@@ -356,6 +362,10 @@ void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, in
     if (!accumulate) std::fill(out, out + n * k, 0.0f);
     return;
   }
+  if (bf16_matrix_applies(wdt)) {
+    onednn_gemm_xw(out, x, w, wdt, n, m, k, accumulate);
+    return;
+  }
   if (wdt == DType::F32) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)k, (int)m, 1.0f, x, (int)m,
                 static_cast<const float*>(w), (int)k, beta, out, (int)k);
@@ -375,10 +385,15 @@ void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, in
   }
 }
 
-void gemm_atb_acc(float* dw, const float* dy, const float* x, int64_t n, int64_t m, int64_t k) {
+void gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, DType wdt, int64_t n,
+                  int64_t m, int64_t k) {
   if (n == 0 || m == 0 || k == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)m, (int)k, (int)n, 1.0f, dy, (int)m, x, (int)k, 1.0f, dw,
-              (int)k);
+  if (bf16_matrix_applies(wdt)) {
+    onednn_gemm_atb_acc(dw, ldw, dy, ldy, x, k, DType::BF16, n, m, k);
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)m, (int)k, (int)n, 1.0f, dy, (int)ldy, x, (int)k, 1.0f,
+              dw, (int)ldw);
 }
 
 }  // namespace cpu

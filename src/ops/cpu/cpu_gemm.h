@@ -7,7 +7,8 @@
 // gemm_xwt also takes the quantized block dtypes (inference): it hands them to
 // quant_gemm_xwt (cpu_quant_gemm.h), which rounds x to int8 blocks; and bf16 weights with more
 // rows than decode streams to oneDNN's bf16 matmul where the CPU has AMX or AVX512-BF16
-// (cpu_gemm_onednn.h), which rounds x to bf16.
+// (cpu_gemm_onednn.h), which rounds x to bf16 — where the process chose that (Bf16Gemm::Matrix:
+// inference, and training whose weights are bf16), in the backward's products too.
 #pragma once
 #include <cstdint>
 
@@ -23,8 +24,11 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
 // The two products of a linear layer's backward.
 // out [n, k] (+)= x [n, m] · w [m, k], w dense in dtype wdt (dX = dY·W).
 void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k, bool accumulate);
-// dw [m, k] += dy [n, m]ᵀ · x [n, k]  (dW += dYᵀ·X), f32.
-void gemm_atb_acc(float* dw, const float* dy, const float* x, int64_t n, int64_t m, int64_t k);
+// dw [m, ldw] += dy [n, ldy]ᵀ · x [n, k]  (dW += dYᵀ·X; dy's first m columns), in f32. wdt is the
+// weight's dtype in the forward: bf16 weights whose products run on the matrix units (mixed-
+// precision training, Bf16Gemm::Matrix) round dy and x to bf16 here too, as the forward did x.
+void gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, DType wdt, int64_t n,
+                  int64_t m, int64_t k);
 
 // sum_i a[i] * b[i] with AVX2 FMA (8 lanes x 2 accumulators).
 float dot_f32(const float* a, const float* b, int64_t n);

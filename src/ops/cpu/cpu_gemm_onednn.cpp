@@ -39,26 +39,83 @@ bool isa_has(dnnl::cpu_isa isa, dnnl::cpu_isa want) {
 // (each one is JIT-compiled when created): to 16 up to 256 rows, to 64 above.
 int64_t padded_rows(int64_t n) { return n <= 256 ? (n + 15) / 16 * 16 : (n + 63) / 64 * 64; }
 
-// One matmul per (padded rows, m, k, weight dtype): x [n, k] · w [k, m] with w stored [m, k]
-// (strides {1, k}), into a dense f32 [n, m].
-dnnl::matmul& matmul_for(int64_t n, int64_t m, int64_t k, DType wdt) {
+// One matmul per shape and layout: C [M, N] (dense f32) = A [M, K] · B [K, N], each factor
+// stored row-major as given (a_t: A stored as its transpose [K, M]; b_t: B stored as [N, K], as
+// a weight [out, in] is). Keyed also by whether it is created inside a parallel region: there
+// oneDNN runs it on the calling thread alone (the training experts' per-thread products), and a
+// primitive planned for the whole team would split its work for threads that do not come.
+// Threads of a region execute the same primitive at once, so its scratchpad is ours (user
+// mode, per thread): oneDNN's own (library mode) is one buffer per primitive, and two threads
+// packing into it at once corrupt each other's products.
+struct Matmul {
+  dnnl::matmul prim;
+  size_t scratchpad_bytes = 0;
+};
+
+const Matmul& matmul_for(int64_t M, int64_t N, int64_t K, bool a_t, bool b_t, DType dt) {
   static std::mutex mu;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int>, dnnl::matmul> cache;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int, int, int, int>, Matmul> cache;
+  const bool in_region = omp_in_parallel();
   std::lock_guard<std::mutex> lock(mu);
-  auto key = std::make_tuple(n, m, k, static_cast<int>(wdt));
+  auto key = std::make_tuple(M, N, K, int(a_t), int(b_t), static_cast<int>(dt), int(in_region));
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  const memory::data_type dt = wdt == DType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
-  memory::desc src({n, k}, dt, memory::dims{k, 1});
-  memory::desc wei({k, m}, dt, memory::dims{1, k});
-  memory::desc dst({n, m}, memory::data_type::f32, memory::dims{m, 1});
+  const memory::data_type t = dt == DType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
+  memory::desc src({M, K}, t, a_t ? memory::dims{1, M} : memory::dims{K, 1});
+  memory::desc wei({K, N}, t, b_t ? memory::dims{1, K} : memory::dims{N, 1});
+  memory::desc dst({M, N}, memory::data_type::f32, memory::dims{N, 1});
   try {
-    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, dst), onednn_engine());
-    return cache.emplace(key, dnnl::matmul(pd)).first->second;
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, dst), attr, onednn_engine());
+    return cache.emplace(key, Matmul{dnnl::matmul(pd), pd.scratchpad_desc().get_size()}).first->second;
   } catch (const dnnl::error& e) {
-    MOE_FAIL("oneDNN matmul [%lld x %lld] x [%lld x %lld] %s: %s (oneDNN ISA %s)", (long long)n, (long long)k,
-             (long long)k, (long long)m, dtype_name(wdt), e.what(), onednn_isa_name().c_str());
+    MOE_FAIL("oneDNN matmul [%lld x %lld] x [%lld x %lld] %s: %s (oneDNN ISA %s)", (long long)M, (long long)K,
+             (long long)K, (long long)N, dtype_name(dt), e.what(), onednn_isa_name().c_str());
   }
+}
+
+// out [M, ldo] (+)= A · B through matmul_for; a and b already in dt. The product lands in
+// scratch first (oneDNN writes a dense C) and is copied or added to out's rows, M_out of them
+// (the rest are padding).
+void run_matmul(float* out, int64_t ldo, int64_t M_out, int64_t M, int64_t N, int64_t K, const void* a, bool a_t,
+                const void* b, bool b_t, DType dt, bool accumulate) {
+  const memory::data_type t = dt == DType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
+  float* ys = static_cast<float*>(scratch_bytes(Scratch::MatrixOut, static_cast<size_t>(M * N) * sizeof(float)));
+  const Matmul& mm = matmul_for(M, N, K, a_t, b_t, dt);
+  dnnl::engine& eng = onednn_engine();
+  memory src(memory::desc({M, K}, t, a_t ? memory::dims{1, M} : memory::dims{K, 1}), eng, const_cast<void*>(a));
+  memory wei(memory::desc({K, N}, t, b_t ? memory::dims{1, K} : memory::dims{N, 1}), eng, const_cast<void*>(b));
+  memory dst(memory::desc({M, N}, memory::data_type::f32, memory::dims{N, 1}), eng, ys);
+  memory pad(memory::desc({int64_t(mm.scratchpad_bytes)}, memory::data_type::u8, memory::dims{1}), eng,
+             scratch_bytes(Scratch::MatrixPad, std::max<size_t>(mm.scratchpad_bytes, 64)));
+  thread_local dnnl::stream s(eng);
+  mm.prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, pad}});
+  s.wait();
+#pragma omp parallel for schedule(static) if(M_out * N > 65536 && !omp_in_parallel())
+  for (int64_t r = 0; r < M_out; ++r) {
+    float* o = out + r * ldo;
+    const float* y = ys + r * N;
+    if (accumulate)
+      for (int64_t i = 0; i < N; ++i) o[i] += y[i];
+    else
+      std::copy(y, y + N, o);
+  }
+}
+
+// Rows of x [n, k] (row stride ldx) to dt in scratch slot `slot`, zero rows up to np (both
+// types' zero is all-zero bytes).
+const void* rounded_rows(Scratch slot, const float* x, int64_t ldx, int64_t n, int64_t np, int64_t k, DType dt) {
+  const size_t esz = dt == DType::BF16 ? 2 : 4;
+  char* xs = static_cast<char*>(scratch_bytes(slot, static_cast<size_t>(np * k) * esz));
+#pragma omp parallel for schedule(static) if(n * k > 65536 && !omp_in_parallel())
+  for (int64_t r = 0; r < n; ++r) convert_from_f32(xs + static_cast<size_t>(r * k) * esz, x + r * ldx, dt, size_t(k));
+  std::memset(xs + static_cast<size_t>(n * k) * esz, 0, static_cast<size_t>((np - n) * k) * esz);
+  return xs;
+}
+
+void check_dtype(DType dt) {
+  MOE_CHECK(dt == DType::BF16 || dt == DType::F32, "oneDNN gemm: weights must be bf16 or f32, not %s", dtype_name(dt));
 }
 
 }  // namespace
@@ -83,43 +140,46 @@ std::string onednn_isa_name() {
 
 void onednn_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
                      int64_t k, bool accumulate) {
-  MOE_CHECK(wdt == DType::BF16 || wdt == DType::F32, "oneDNN gemm: weights must be bf16 or f32, not %s",
-            dtype_name(wdt));
-  MOE_CHECK(!omp_in_parallel(), "oneDNN gemm: called inside a parallel region");
+  check_dtype(wdt);
   if (n == 0 || m == 0) return;
   const int64_t np = padded_rows(n);
-  const size_t esz = wdt == DType::BF16 ? 2 : 4;
-  char* xs = static_cast<char*>(scratch_bytes(Scratch::MatrixX, static_cast<size_t>(np * k) * esz));
-  float* ys = static_cast<float*>(scratch_bytes(Scratch::MatrixOut, static_cast<size_t>(np * m) * sizeof(float)));
-  // x to the weights' type (bf16: round to nearest even), the padding rows zero (both types' zero
-  // is all-zero bytes).
-#pragma omp parallel for schedule(static) if(n * k > 65536)
-  for (int64_t r = 0; r < n; ++r) convert_from_f32(xs + static_cast<size_t>(r * k) * esz, x + r * k, wdt, size_t(k));
-  std::memset(xs + static_cast<size_t>(n * k) * esz, 0, static_cast<size_t>((np - n) * k) * esz);
-  const memory::data_type dt = wdt == DType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
-  dnnl::engine& eng = onednn_engine();
-  memory src(memory::desc({np, k}, dt, memory::dims{k, 1}), eng, xs);
-  memory wei(memory::desc({k, m}, dt, memory::dims{1, k}), eng, const_cast<void*>(w));
-  memory dst(memory::desc({np, m}, memory::data_type::f32, memory::dims{m, 1}), eng, ys);
-  thread_local dnnl::stream s(eng);
-  matmul_for(np, m, k, wdt).execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
-  s.wait();
-#pragma omp parallel for schedule(static) if(n * m > 65536)
-  for (int64_t r = 0; r < n; ++r) {
-    float* o = out + r * ldo;
-    const float* y = ys + r * m;
-    if (accumulate)
-      for (int64_t i = 0; i < m; ++i) o[i] += y[i];
-    else
-      std::copy(y, y + m, o);
+  const void* xs = rounded_rows(Scratch::MatrixX, x, k, n, np, k, wdt);
+  run_matmul(out, ldo, n, np, m, k, xs, false, w, true, wdt, accumulate);
+}
+
+void onednn_gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
+                    bool accumulate) {
+  check_dtype(wdt);
+  if (n == 0 || k == 0) return;
+  if (m == 0) {
+    if (!accumulate) std::fill(out, out + n * k, 0.0f);
+    return;
   }
+  const int64_t np = padded_rows(n);
+  const void* xs = rounded_rows(Scratch::MatrixX, x, m, n, np, m, wdt);
+  run_matmul(out, k, n, np, k, m, xs, false, w, false, wdt, accumulate);
+}
+
+void onednn_gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, int64_t ldx, DType dt,
+                         int64_t n, int64_t m, int64_t k) {
+  check_dtype(dt);
+  if (n == 0 || m == 0 || k == 0) return;
+  // The sum runs over the n rows: both factors padded with zero rows to np.
+  const int64_t np = padded_rows(n);
+  const void* ys = rounded_rows(Scratch::MatrixX, dy, ldy, n, np, m, dt);
+  const void* xs = rounded_rows(Scratch::MatrixB, x, ldx, n, np, k, dt);
+  run_matmul(dw, ldw, m, m, k, np, ys, true, xs, false, dt, true);
 }
 
 #else
 bool bf16_matrix_available() { return false; }
 std::string onednn_isa_name() { return "none: built without oneDNN (Debian's libdnnl-dev)"; }
-void onednn_gemm_xwt(float*, int64_t, const float*, const void*, DType, int64_t, int64_t, int64_t, bool) {
-  MOE_FAIL("oneDNN gemm: this build has no oneDNN (install libdnnl-dev and reconfigure)");
+[[noreturn]] void no_onednn() { MOE_FAIL("oneDNN gemm: this build has no oneDNN (install libdnnl-dev and reconfigure)"); }
+void onednn_gemm_xwt(float*, int64_t, const float*, const void*, DType, int64_t, int64_t, int64_t, bool) { no_onednn(); }
+void onednn_gemm_xw(float*, const float*, const void*, DType, int64_t, int64_t, int64_t, bool) { no_onednn(); }
+void onednn_gemm_atb_acc(float*, int64_t, const float*, int64_t, const float*, int64_t, DType, int64_t, int64_t,
+                         int64_t) {
+  no_onednn();
 }
 #endif
 

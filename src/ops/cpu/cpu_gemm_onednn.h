@@ -2,7 +2,9 @@
 //
 // Prefill-sized products with bf16 weights (more rows of x than the streaming kernel takes) can
 // run in bf16 where the CPU multiplies bf16 natively: x rounded to bf16 (round to nearest even),
-// products accumulated in f32. oneDNN (Debian's libdnnl-dev) picks its AMX or AVX512-BF16 kernel
+// products accumulated in f32. Training with bf16 weights (mixed precision, a bf16 frozen base)
+// runs its backward's products the same way: dX = dY·W with dY rounded, and dW += dYᵀ·X with
+// both rounded, as torch's bf16 autocast does. oneDNN (Debian's libdnnl-dev) picks its AMX or AVX512-BF16 kernel
 // at run time; where neither exists (AVX2), or oneDNN is not built in, gemm_xwt keeps its f32
 // path (the weights widened to f32 in cache, then sgemm). The exact path (`moe logits` without
 // --fast, cpu::set_quant_exact(true)) never rounds x: there the f32 path runs on every CPU.
@@ -39,10 +41,20 @@ Bf16Gemm bf16_gemm();
 // available, unless MOE_BF16_GEMM=widen.
 void use_bf16_matrix_where_available();
 
-// out [n, ldo] (+)= x [n, k] · w [m, k]ᵀ through oneDNN's matmul, w bf16 (x rounded to bf16) or
-// f32 (x as is). Threads: oneDNN's own (OpenMP); called outside parallel regions only.
+// The products of a linear layer through oneDNN's matmul, w bf16 (the f32 factors rounded to
+// bf16, to nearest even) or f32 (factors as they are), accumulated in f32. Threads: oneDNN's
+// own (OpenMP) at the top level; inside a parallel region the calling thread alone (training's
+// experts, each thread its own rows).
+// out [n, ldo] (+)= x [n, k] · w [m, k]ᵀ  (forward)
 void onednn_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
                      int64_t k, bool accumulate);
+// out [n, k] (+)= x [n, m] · w [m, k]  (dX = dY·W)
+void onednn_gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
+                    bool accumulate);
+// dw [m, ldw] += dy [n, ldy]ᵀ · x [n, ldx]: dy's first m and x's first k columns (dW += dYᵀ·X),
+// both rounded to dt (bf16 or f32).
+void onednn_gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, int64_t ldx, DType dt,
+                         int64_t n, int64_t m, int64_t k);
 
 }  // namespace cpu
 }  // namespace moe

@@ -17,6 +17,8 @@ enum class Scratch : int {
   GemmWidened,   // cpu_gemm: a chunk of bf16/f16 weight rows widened to f32
   GemvX,         // cpu_gemm: the streaming kernel's x rows, de-interleaved for bf16 weights
   MatrixX,       // cpu_gemm_onednn: x rounded to bf16, rows padded
+  MatrixB,       //                  the second factor rounded to bf16 (dW's x), rows padded
+  MatrixPad,     //                  oneDNN's scratchpad for the matmul (packed factors)
   MatrixOut,     //                  the product before it goes to out's rows
   LinearBias,    // linear_forward: the bias as f32
   AttnScores,    // attention_forward: one query row's scores (prefill: a block of rows')

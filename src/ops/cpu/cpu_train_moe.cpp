@@ -7,7 +7,6 @@
 // of the experts' time next to their GEMMs at the small preset's shapes); it computes the same
 // formulas as the scalar loops, with an e^x (cpu_simd_exp.h) that rounds as expf does on all but
 // 0.008% of inputs.
-#include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -327,19 +326,6 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
   }
 }
 
-namespace {
-
-// dw [m, k] (rows of ldw) += dyᵀ x with dy [n, m] (rows of ldy), x [n, k]: one thread's slice
-// of a weight gradient (its rows of dw are columns of dy).
-void atb_acc_slice(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, int64_t n, int64_t m,
-                   int64_t k) {
-  if (n == 0 || m == 0 || k == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)m, (int)k, (int)n, 1.0f, dy, (int)ldy, x, (int)k, 1.0f,
-              dw, (int)ldw);
-}
-
-}  // namespace
-
 // Backward, per expert, in two phases of the one parallel region:
 //   rows (each thread its share of the expert's rows): u = act(h1, h3)·s recomputed,
 //     du = dy·w2, the GLU backward into dh1 and dh3 (over du), the row scales' gradient, and
@@ -434,13 +420,13 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
           const int64_t which = task / nt, sl = task % nt;
           if (which == 0 && dw2.defined()) {  // dw2 [D, F] += dyᵀ u: rows of dw2 are columns of dy
             const int64_t q0 = d * sl / nt, q1 = d * (sl + 1) / nt;
-            atb_acc_slice(dw2.data<float>() + (e * d + q0) * f, f, g + q0, d, ub, ne, q1 - q0, f);
+            gemm_atb_acc(dw2.data<float>() + (e * d + q0) * f, f, g + q0, d, ub, w2.dtype(), ne, q1 - q0, f);
           } else if (which == 1 && dw1.defined()) {  // dw1 [F, D] += dh1ᵀ x
             const int64_t q0 = f * sl / nt, q1 = f * (sl + 1) / nt;
-            atb_acc_slice(dw1.data<float>() + (e * f + q0) * d, d, dh1b + q0, f, x, ne, q1 - q0, d);
+            gemm_atb_acc(dw1.data<float>() + (e * f + q0) * d, d, dh1b + q0, f, x, w1.dtype(), ne, q1 - q0, d);
           } else if (which == 2 && dw3.defined()) {  // dw3 [F, D] += dh3ᵀ x
             const int64_t q0 = f * sl / nt, q1 = f * (sl + 1) / nt;
-            atb_acc_slice(dw3.data<float>() + (e * f + q0) * d, d, dub + q0, f, x, ne, q1 - q0, d);
+            gemm_atb_acc(dw3.data<float>() + (e * f + q0) * d, d, dub + q0, f, x, w3.dtype(), ne, q1 - q0, d);
           }
           continue;
         }
