@@ -14,6 +14,10 @@
 # Fine-tuning (bench/finetune_vs_torch.sh sets these): MODE=lora TARGETS=q_proj,k_proj,...
 #        runs `moe bench finetune --target-modules TARGETS` against the peer's --mode lora with the
 #        same targets, r 16, alpha 16 (MOE_ARGS=--load-in-4bit: QLoRA against the same peer).
+# DTYPE=bf16: our steps on bf16 weights (`--weight-dtype bf16`: mixed precision on f32 master
+#        weights; fine-tuning `--base-dtype bf16`), products on the CPU's bf16 matrix units where
+#        it has them; the peer runs twice, `--dtype bfloat16` and float32, and the ratios are
+#        against the faster of the two (its bf16 run is pure bf16: weights and AdamW in bf16).
 # Thread settings, each program with its best: the torch peer runs with OMP_WAIT_POLICY=passive
 # (PEER_OMP_WAIT_POLICY): its libgomp threads, spinning, fight its own OpenBLAS pthread pool for
 # the cores — unset, the peer ran 2.5x slower on 2 cores, a crippled baseline
@@ -29,14 +33,20 @@ OUT="${1:-$ROOT/bench/results/train-$(date -u +%F)}"
 THREADS="${THREADS:-2}"
 STEPS="${STEPS:-3}"
 MODE="${MODE:-full}"
+DTYPE="${DTYPE:-f32}"
 TARGETS="${TARGETS:-q_proj,k_proj,v_proj,o_proj}"
 if [[ "$MODE" == lora ]]; then
-  MOE_BENCH=(finetune --target-modules "$TARGETS" --lora-r 16 --lora-alpha 16)
+  MOE_BENCH=(finetune --target-modules "$TARGETS" --lora-r 16 --lora-alpha 16 --base-dtype "$DTYPE")
   PEER_MODE=(--mode lora --target-modules "$TARGETS" --lora-r 16 --lora-alpha 16)
 else
-  MOE_BENCH=(train)
+  MOE_BENCH=(train --weight-dtype "$DTYPE")
   PEER_MODE=(--mode full)
 fi
+case "$DTYPE" in
+  f32) PEER_DTYPES=(float32) ;;
+  bf16) PEER_DTYPES=(bfloat16 float32) ;;
+  *) echo "train_vs_torch: DTYPE must be f32 or bf16" >&2; exit 1 ;;
+esac
 TORCH_PY="${TORCH_PY:-$ROOT/../shared/reference/torch_moe_baseline.py}"
 FIXTURE_LIKE="${FIXTURE_LIKE:-$ROOT/../shared/fixtures/mixtral}"
 PY=/usr/bin/python3
@@ -69,11 +79,16 @@ run_case() {
   env "${MOE_ENV[@]}" "$MOE" bench "${MOE_BENCH[@]}" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup-steps 1 --json "$@" ${MOE_ARGS:-} \
     >> "$OUT/$name-moe.log" 2>&1
   note_load >> "$OUT/$name-moe.log"
-  { note_load; echo "\$ torch_moe_baseline.py ${PEER_MODE[*]} --model $dir --batch $batch --seq $seq --steps $STEPS --threads $THREADS --json"; } \
-    > "$OUT/$name-torch.log"
-  OMP_WAIT_POLICY="$PEER_OMP_WAIT_POLICY" "$PY" "$TORCH_PY" "${PEER_MODE[@]}" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup 1 \
-    --threads "$THREADS" --json >> "$OUT/$name-torch.log" 2>&1
-  note_load >> "$OUT/$name-torch.log"
+  local pdt log
+  for pdt in "${PEER_DTYPES[@]}"; do
+    log="$OUT/$name-torch.log"
+    [[ "$pdt" == float32 && ${#PEER_DTYPES[@]} -gt 1 ]] && log="$OUT/$name-torch-f32.log"
+    { note_load; echo "\$ torch_moe_baseline.py ${PEER_MODE[*]} --dtype $pdt --model $dir --batch $batch --seq $seq --steps $STEPS --threads $THREADS --json"; } \
+      > "$log"
+    OMP_WAIT_POLICY="$PEER_OMP_WAIT_POLICY" "$PY" "$TORCH_PY" "${PEER_MODE[@]}" --dtype "$pdt" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup 1 \
+      --threads "$THREADS" --json >> "$log" 2>&1
+    note_load >> "$log"
+  done
 }
 
 # (a) the small preset, as `moe init` writes it (f32)
@@ -100,8 +115,17 @@ mib = 2 ** 20
 print(f"{'case':<10} {'moe tok/s':>10} {'torch tok/s':>11} {'ratio':>6} (>=2) | {'moe ovh MiB':>11} {'torch ovh MiB':>13} "
       f"{'ratio':>6} (<=0.5) | {'expert GEMM % peak':>18} (>=50) | act E8->E32")
 blas = set()
+import os
 for name in ("small", "mixtral2l"):
     m, t = last_json(f"{out}/{name}-moe.log"), last_json(f"{out}/{name}-torch.log")
+    peer_note = f"peer {t.get('dtype', 'float32')}"
+    if os.path.exists(f"{out}/{name}-torch-f32.log"):  # DTYPE=bf16: the faster of the peer's two runs
+        t32 = last_json(f"{out}/{name}-torch-f32.log")
+        peer_note = (f"peer bfloat16 {t['tokens_per_s']:.1f} tok/s {t['peak_rss_increase_bytes'] / mib:.1f} MiB, "
+                     f"float32 {t32['tokens_per_s']:.1f} tok/s {t32['peak_rss_increase_bytes'] / mib:.1f} MiB: ratios "
+                     f"against the faster")
+        if t32["tokens_per_s"] > t["tokens_per_s"]:
+            t = t32
     blas.add(f"{t['blas']} -> {t['blas_lib']} ({t['gemm_gflops_f32']} GFLOP/s f32 1024^3), torch {t['torch']}")
     sweep = m.get("act_sweep", [])
     act = (f"x{sweep[-1]['activations_peak_bytes'] / sweep[0]['activations_peak_bytes']:.3f}" if len(sweep) >= 2 else "-")
@@ -113,6 +137,7 @@ for name in ("small", "mixtral2l"):
           f"GFLOP/s ({100 * m['expert_fraction_of_step']:.0f}% of the step); activations {m['activations_peak_bytes'] / mib:.1f} MiB "
           f"measured vs {m['activations_layout_bytes'] / mib:.1f} MiB layout; peaks " +
           ", ".join(f"{k} {v / mib:.1f}" for k, v in m["mem_peak_bytes"].items()) + " MiB")
+    print(f"{'':<10} moe weights {m.get('weight_dtype', 'f32')}{' (bf16 matrix units)' if m.get('bf16_matrix') else ''}; {peer_note}")
     print(f"{'':<10} losses moe {' '.join(f'{x:.4f}' for x in m['losses'])} | torch {' '.join(f'{x:.4f}' for x in t['losses'])}")
     if "model_flops_per_step" in m:
         # Whole-step utilisation: the same model FLOPs (planner count) over each step time, against
