@@ -146,7 +146,8 @@ for name in ("small", "mixtral2l"):
         # step that also holds small GEMMs, softmaxes, norms and the optimizer's memory traffic.
         fl, pk = m["model_flops_per_step"], m["sgemm_peak_flops"]
         tstep = m["batch"] * m["seq"] / t["tokens_per_s"]
-        print(f"{'':<10} model FLOPs {fl / 1e9:.1f} GFLOP/step: moe {100 * m['model_flops_fraction_of_peak']:.1f}% of the "
+        mstep = m["batch"] * m["seq"] / m["tokens_per_s"]
+        print(f"{'':<10} model FLOPs {fl / 1e9:.1f} GFLOP/step: moe {100 * fl / mstep / pk:.1f}% of the "
               f"sgemm peak, torch {100 * fl / tstep / pk:.1f}%; 2x torch needs {200 * fl / tstep / pk:.1f}%")
 for b in sorted(blas):
     print("torch BLAS:", b)

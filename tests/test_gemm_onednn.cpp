@@ -20,6 +20,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/nf4.h"
 #include "ops/cpu/cpu_gemm.h"
 #include "ops/cpu/cpu_gemm_bf16dot.h"
 #include "ops/cpu/cpu_gemm_onednn.h"
@@ -102,7 +103,7 @@ TEST(OneDnnGemm, RefusesOtherDtypes) {
   std::vector<float> x(32 * 8, 1.0f), out(32 * 8);
   std::vector<uint16_t> w(8 * 8, 0);
   EXPECT_THROW(cpu::onednn_gemm_xwt(out.data(), 8, x.data(), w.data(), DType::F16, 32, 8, 8, false), Error);
-  EXPECT_THROW(cpu::onednn_gemm_xw(out.data(), x.data(), w.data(), DType::F16, 32, 8, 8, false), Error);
+  EXPECT_THROW(cpu::onednn_gemm_xw(out.data(), x.data(), 8, w.data(), DType::F16, 32, 8, 8, false), Error);
   EXPECT_THROW(cpu::onednn_gemm_atb_acc(out.data(), 8, x.data(), 8, x.data(), 8, DType::F16, 32, 8, 8), Error);
 }
 
@@ -172,7 +173,7 @@ TEST(OneDnnGemm, F32BackwardLayoutsMatchFloat64Products) {
       auto out = random_vec(size_t(s.n * s.k), seed++);
       std::vector<double> r, bound;
       reference_xw(x, w, out, acc, s, &r, &bound);
-      cpu::onednn_gemm_xw(out.data(), x.data(), w.data(), DType::F32, s.n, s.m, s.k, acc);
+      cpu::onednn_gemm_xw(out.data(), x.data(), s.m, w.data(), DType::F32, s.n, s.m, s.k, acc);
       expect_within_back(out, r, bound, s, "xw");
     }
     auto dy = random_vec(size_t(s.n * s.ldy), seed++), x = random_vec(size_t(s.n * s.ldx), seed++);
@@ -300,6 +301,44 @@ TEST(OneDnnGemm, Bf16BackwardMatchesFloat64ProductsOfRoundedFactors) {
     cpu::gemm_atb_acc(dw_exact.data(), s.ldw, dy.data(), s.ldy, xa.data(), DType::F32, s.n, s.m, s.k);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
     expect_within_back(dw_exact, re, be, s, "atb f32");
+  }
+}
+
+// A QLoRA base (NF4) under bf16 products: each chunk of the weight's rows dequantized, rounded
+// to bf16 and multiplied on the matrix units, forward (x·wᵀ) and backward (dY·w); k 8192 makes
+// the chunks 128 rows, so m 300 takes three (the backward's later chunks accumulate, and read
+// x's columns at an offset with x's full row stride).
+TEST(OneDnnGemm, Nf4ChunksMatchFloat64ProductsOfRoundedFactors) {
+  if (!cpu::bf16_matrix_available())
+    GTEST_SKIP() << "SKIPPED: no AMX / AVX512-BF16 here (oneDNN ISA " << cpu::onednn_isa_name() << ")";
+  const int64_t n = 9, m = 300, k = 8192;
+  const auto wf = random_vec(size_t(m * k), 400);
+  std::vector<uint8_t> wq(size_t(m * k / kNf4Block) * kNf4BlockBytes);
+  nf4_quantize(wf.data(), wq.data(), m * k);
+  std::vector<float> wd(wf.size());
+  nf4_dequantize(wq.data(), wd.data(), m * k);
+  const std::vector<float> wr = bf16_rounded(wd);
+  // forward: out [n, m] += x [n, k] · wᵀ
+  {
+    const Shape s{n, m, k, m, true};
+    auto x = random_vec(size_t(n * k), 401), out = random_vec(size_t(n * m), 402);
+    std::vector<double> r, bound;
+    reference(bf16_rounded(x), wr, out, s, &r, &bound);
+    cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+    cpu::gemm_xwt(out.data(), m, x.data(), wq.data(), DType::NF4, n, m, k, true);
+    cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+    expect_within(out, r, bound, s);
+  }
+  // backward: out [n, k] = dy [n, m] · w
+  {
+    const BackShape s{n, m, k, k, m, k};
+    auto dy = random_vec(size_t(n * m), 403), out = random_vec(size_t(n * k), 404);
+    std::vector<double> r, bound;
+    reference_xw(bf16_rounded(dy), wr, out, false, s, &r, &bound);
+    cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+    cpu::gemm_xw(out.data(), dy.data(), wq.data(), DType::NF4, n, m, k, false);
+    cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+    expect_within_back(out, r, bound, s, "xw nf4");
   }
 }
 

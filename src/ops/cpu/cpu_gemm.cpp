@@ -238,6 +238,27 @@ void widen_weight_rows(float* dst, const void* w, DType wdt, int64_t r0, int64_t
   widen_rows(dst, static_cast<const uint16_t*>(w) + r0 * k, wdt, rows * k);
 }
 
+// Block-quantized weights (NF4, int8: a QLoRA base) whose products run on the matrix units: each
+// chunk of rows dequantized and rounded to bf16 (bitsandbytes' bf16 compute dtype), then
+// multiplied as bf16 weights are. Not on the exact path, where they stay f32.
+bool block_matrix_applies(DType wdt) {
+  return dtype_is_block(wdt) && bf16_gemm() == Bf16Gemm::Matrix && !quant_exact();
+}
+
+// Rows [r0, r0 + rows) of block-quantized w [.., k] as bf16, in scratch.
+const uint16_t* bf16_weight_rows(const void* w, DType wdt, int64_t r0, int64_t rows, int64_t k) {
+  float* wf = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(rows * k));
+  uint16_t* wb = scratch<uint16_t>(Scratch::GemmBf16, static_cast<size_t>(rows * k));
+  widen_weight_rows(wf, w, wdt, r0, rows, k);
+  convert_from_f32(wb, wf, DType::BF16, static_cast<size_t>(rows * k));
+  return wb;
+}
+
+// Rows per chunk when a 16-bit or block weight is converted chunk by chunk: ~4 MiB of f32.
+int64_t weight_chunk_rows(int64_t m, int64_t k) {
+  return std::min(m, std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(k, 1)));
+}
+
 }  // namespace
 
 float dot_f32(const float* a, const float* b, int64_t n) {
@@ -311,6 +332,14 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
     onednn_gemm_xwt(out, ldo, x, w, wdt, n, m, k, accumulate);
     return;
   }
+  if (block_matrix_applies(wdt)) {
+    const int64_t chunk = weight_chunk_rows(m, k);
+    for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+      const int64_t rows = std::min(chunk, m - r0);
+      onednn_gemm_xwt(out + r0, ldo, x, bf16_weight_rows(w, wdt, r0, rows, k), DType::BF16, n, rows, k, accumulate);
+    }
+    return;
+  }
   const float beta = accumulate ? 1.0f : 0.0f;
   if (wdt == DType::F32) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)m, (int)k, 1.0f, x, (int)k,
@@ -344,8 +373,7 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
     return;
   }
   // Convert weight rows in chunks of ~4 MiB of f32 so the scratch stays small for big heads.
-  int64_t chunk = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(k, 1));
-  chunk = std::min(chunk, m);
+  const int64_t chunk = weight_chunk_rows(m, k);
   float* wf = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(chunk * k));
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     int64_t rows = std::min(chunk, m - r0);
@@ -363,7 +391,16 @@ void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, in
     return;
   }
   if (bf16_matrix_applies(wdt)) {
-    onednn_gemm_xw(out, x, w, wdt, n, m, k, accumulate);
+    onednn_gemm_xw(out, x, m, w, wdt, n, m, k, accumulate);
+    return;
+  }
+  if (block_matrix_applies(wdt)) {  // the chunks of w's rows are chunks of the sum: later ones accumulate
+    const int64_t chunk = weight_chunk_rows(m, k);
+    for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+      const int64_t rows = std::min(chunk, m - r0);
+      onednn_gemm_xw(out, x + r0, m, bf16_weight_rows(w, wdt, r0, rows, k), DType::BF16, n, rows, k,
+                     accumulate || r0 > 0);
+    }
     return;
   }
   if (wdt == DType::F32) {
@@ -374,8 +411,7 @@ void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, in
   MOE_CHECK(wdt == DType::BF16 || wdt == DType::F16 || dtype_is_block(wdt), "gemm: unsupported weight dtype %s",
             dtype_name(wdt));
   // Rows of w (the inner dimension here) in chunks, converted to f32; later chunks accumulate.
-  int64_t chunk = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(k, 1));
-  chunk = std::min(chunk, m);
+  const int64_t chunk = weight_chunk_rows(m, k);
   float* wf = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(chunk * k));
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     int64_t rows = std::min(chunk, m - r0);

@@ -147,8 +147,8 @@ void onednn_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTy
   run_matmul(out, ldo, n, np, m, k, xs, false, w, true, wdt, accumulate);
 }
 
-void onednn_gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
-                    bool accumulate) {
+void onednn_gemm_xw(float* out, const float* x, int64_t ldx, const void* w, DType wdt, int64_t n, int64_t m,
+                    int64_t k, bool accumulate) {
   check_dtype(wdt);
   if (n == 0 || k == 0) return;
   if (m == 0) {
@@ -156,7 +156,7 @@ void onednn_gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_
     return;
   }
   const int64_t np = padded_rows(n);
-  const void* xs = rounded_rows(Scratch::MatrixX, x, m, n, np, m, wdt);
+  const void* xs = rounded_rows(Scratch::MatrixX, x, ldx, n, np, m, wdt);
   run_matmul(out, k, n, np, k, m, xs, false, w, false, wdt, accumulate);
 }
 
@@ -176,7 +176,7 @@ bool bf16_matrix_available() { return false; }
 std::string onednn_isa_name() { return "none: built without oneDNN (Debian's libdnnl-dev)"; }
 [[noreturn]] void no_onednn() { MOE_FAIL("oneDNN gemm: this build has no oneDNN (install libdnnl-dev and reconfigure)"); }
 void onednn_gemm_xwt(float*, int64_t, const float*, const void*, DType, int64_t, int64_t, int64_t, bool) { no_onednn(); }
-void onednn_gemm_xw(float*, const float*, const void*, DType, int64_t, int64_t, int64_t, bool) { no_onednn(); }
+void onednn_gemm_xw(float*, const float*, int64_t, const void*, DType, int64_t, int64_t, int64_t, bool) { no_onednn(); }
 void onednn_gemm_atb_acc(float*, int64_t, const float*, int64_t, const float*, int64_t, DType, int64_t, int64_t,
                          int64_t) {
   no_onednn();

@@ -48,9 +48,9 @@ void use_bf16_matrix_where_available();
 // out [n, ldo] (+)= x [n, k] · w [m, k]ᵀ  (forward)
 void onednn_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
                      int64_t k, bool accumulate);
-// out [n, k] (+)= x [n, m] · w [m, k]  (dX = dY·W)
-void onednn_gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
-                    bool accumulate);
+// out [n, k] (+)= x [n, ldx] · w [m, k]: x's first m columns  (dX = dY·W)
+void onednn_gemm_xw(float* out, const float* x, int64_t ldx, const void* w, DType wdt, int64_t n, int64_t m,
+                    int64_t k, bool accumulate);
 // dw [m, ldw] += dy [n, ldy]ᵀ · x [n, ldx]: dy's first m and x's first k columns (dW += dYᵀ·X),
 // both rounded to dt (bf16 or f32).
 void onednn_gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, int64_t ldx, DType dt,

@@ -15,6 +15,7 @@ namespace cpu {
 
 enum class Scratch : int {
   GemmWidened,   // cpu_gemm: a chunk of bf16/f16 weight rows widened to f32
+  GemmBf16,      // cpu_gemm: a chunk of block-quantized weight rows as bf16 (matrix units)
   GemvX,         // cpu_gemm: the streaming kernel's x rows, de-interleaved for bf16 weights
   MatrixX,       // cpu_gemm_onednn: x rounded to bf16, rows padded
   MatrixB,       //                  the second factor rounded to bf16 (dW's x), rows padded
