@@ -52,21 +52,33 @@ struct Matmul {
   size_t scratchpad_bytes = 0;
 };
 
-const Matmul& matmul_for(int64_t M, int64_t N, int64_t K, bool a_t, bool b_t, DType dt) {
+// The product's destination: a dense [M, N] scratch (ldc 0), or out itself with row stride ldc,
+// the product added to it (sum) or written over it.
+struct Dst {
+  int64_t ldc = 0;
+  bool sum = false;
+};
+
+const Matmul& matmul_for(int64_t M, int64_t N, int64_t K, bool a_t, bool b_t, DType dt, Dst d) {
   static std::mutex mu;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int, int, int, int>, Matmul> cache;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int, int, int, int, int64_t, int>, Matmul> cache;
   const bool in_region = omp_in_parallel();
   std::lock_guard<std::mutex> lock(mu);
-  auto key = std::make_tuple(M, N, K, int(a_t), int(b_t), static_cast<int>(dt), int(in_region));
+  auto key = std::make_tuple(M, N, K, int(a_t), int(b_t), static_cast<int>(dt), int(in_region), d.ldc, int(d.sum));
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   const memory::data_type t = dt == DType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
   memory::desc src({M, K}, t, a_t ? memory::dims{1, M} : memory::dims{K, 1});
   memory::desc wei({K, N}, t, b_t ? memory::dims{1, K} : memory::dims{N, 1});
-  memory::desc dst({M, N}, memory::data_type::f32, memory::dims{N, 1});
+  memory::desc dst({M, N}, memory::data_type::f32, memory::dims{d.ldc ? d.ldc : N, 1});
   try {
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (d.sum) {
+      dnnl::post_ops po;
+      po.append_sum(1.0f);
+      attr.set_post_ops(po);
+    }
     dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, dst), attr, onednn_engine());
     return cache.emplace(key, Matmul{dnnl::matmul(pd), pd.scratchpad_desc().get_size()}).first->second;
   } catch (const dnnl::error& e) {
@@ -75,23 +87,27 @@ const Matmul& matmul_for(int64_t M, int64_t N, int64_t K, bool a_t, bool b_t, DT
   }
 }
 
-// out [M, ldo] (+)= A · B through matmul_for; a and b already in dt. The product lands in
-// scratch first (oneDNN writes a dense C) and is copied or added to out's rows, M_out of them
-// (the rest are padding).
+// out [M_out, ldo] (+)= A · B through matmul_for; a and b already in dt. When every row of the
+// product is out's (M_out == M) oneDNN writes (or adds) into out directly; with padding rows it
+// writes a dense scratch first, and those of its rows that are out's are copied or added.
 void run_matmul(float* out, int64_t ldo, int64_t M_out, int64_t M, int64_t N, int64_t K, const void* a, bool a_t,
                 const void* b, bool b_t, DType dt, bool accumulate) {
   const memory::data_type t = dt == DType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
-  float* ys = static_cast<float*>(scratch_bytes(Scratch::MatrixOut, static_cast<size_t>(M * N) * sizeof(float)));
-  const Matmul& mm = matmul_for(M, N, K, a_t, b_t, dt);
+  const bool direct = M_out == M;
+  const Dst d = direct ? Dst{ldo, accumulate} : Dst{};
+  float* ys = direct ? out
+                     : static_cast<float*>(scratch_bytes(Scratch::MatrixOut, static_cast<size_t>(M * N) * sizeof(float)));
+  const Matmul& mm = matmul_for(M, N, K, a_t, b_t, dt, d);
   dnnl::engine& eng = onednn_engine();
   memory src(memory::desc({M, K}, t, a_t ? memory::dims{1, M} : memory::dims{K, 1}), eng, const_cast<void*>(a));
   memory wei(memory::desc({K, N}, t, b_t ? memory::dims{1, K} : memory::dims{N, 1}), eng, const_cast<void*>(b));
-  memory dst(memory::desc({M, N}, memory::data_type::f32, memory::dims{N, 1}), eng, ys);
+  memory dst(memory::desc({M, N}, memory::data_type::f32, memory::dims{d.ldc ? d.ldc : N, 1}), eng, ys);
   memory pad(memory::desc({int64_t(mm.scratchpad_bytes)}, memory::data_type::u8, memory::dims{1}), eng,
              scratch_bytes(Scratch::MatrixPad, std::max<size_t>(mm.scratchpad_bytes, 64)));
   thread_local dnnl::stream s(eng);
   mm.prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, pad}});
   s.wait();
+  if (direct) return;
 #pragma omp parallel for schedule(static) if(M_out * N > 65536 && !omp_in_parallel())
   for (int64_t r = 0; r < M_out; ++r) {
     float* o = out + r * ldo;
