@@ -776,6 +776,40 @@ std::vector<Case> make_cases() {
       return Outs{{"dlogits", dl}, {"dlogits_in_place", inplace}};
     });
   }
+  // cross_entropy_forward_backward, and all three at a vocabulary long enough for the CPU's
+  // vector loops (8 lanes, blocks of 512, a tail of 1000 - 992); rows 1 and 4 ignored.
+  for (auto [n, v] : {std::pair<int64_t, int64_t>{6, 37}, {5, 1000}}) {
+    const uint32_t s0 = ++seed;
+    auto make = [n, v, s0](Dev& g) {
+      std::vector<int32_t> tg;
+      for (int64_t i = 0; i < n; ++i) tg.push_back(i == 1 || i == 4 ? -100 : int32_t((i * 131 + 7) % v));
+      return std::pair{g.in(ten({n, v}, rnd(n * v, s0, 3.0))), g.in(ints({n}, tg))};
+    };
+    add("cross_entropy_forward_backward_N" + str(n) + "_V" + str(v), false, 0.0, [=](Backend b) {
+      Dev g{b};
+      auto [logits, targets] = make(g);
+      Tensor loss = g.out({n}), dl = g.out({n, v}), loss2 = g.out({n});
+      CALL(b, cross_entropy_forward_backward(loss, dl, logits, targets, 0.25f));
+      Tensor inplace = logits;  // the model's use: the logits become their gradient
+      CALL(b, cross_entropy_forward_backward(loss2, inplace, inplace, targets, 0.25f));
+      return Outs{{"loss", loss}, {"dlogits", dl}, {"loss_in_place", loss2}, {"dlogits_in_place", inplace}};
+    });
+    if (v < 1000) continue;
+    add("cross_entropy_forward_N" + str(n) + "_V" + str(v), false, 0.0, [=](Backend b) {
+      Dev g{b};
+      auto [logits, targets] = make(g);
+      Tensor loss = g.out({n});
+      CALL(b, cross_entropy_forward(loss, logits, targets));
+      return Outs{{"loss", loss}};
+    });
+    add("cross_entropy_backward_N" + str(n) + "_V" + str(v), false, 0.0, [=](Backend b) {
+      Dev g{b};
+      auto [logits, targets] = make(g);
+      Tensor dl = g.out({n, v});
+      CALL(b, cross_entropy_backward(dl, logits, targets, 0.25f));
+      return Outs{{"dlogits", dl}};
+    });
+  }
 
   // Quantized weights (q8_0 q4_0 q4_k q5_k q6_k; CPU inference only), once per kernel variant
   // the CPU has (forced, so AVX2 runs on an AVX-512 machine too). The reference multiplies by

@@ -428,10 +428,12 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
     Tensor lg = shared.logits.rows(0, n), h = shared.final_h.rows(r0, r1), tg = targets.rows(r0, r1);
     Tensor rl = row_loss.rows(0, n);
     linear_forward(lg, h, w.lm_head, Tensor());
-    cross_entropy_forward(rl, lg, tg);
+    if (grads)
+      cross_entropy_forward_backward(rl, lg, lg, tg, ce_scale);  // the logits become their gradient
+    else
+      cross_entropy_forward(rl, lg, tg);
     for (int64_t i = 0; i < n; ++i) ce_sum += rl.data<float>()[i];
     if (grads) {
-      cross_entropy_backward(lg, lg, tg, ce_scale);
       Tensor dh = dfinal_h.rows(r0, r1), none;
       linear_backward(dh, grads->lm_head, none, lg, h, w.lm_head, false);
     }

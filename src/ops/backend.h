@@ -69,7 +69,9 @@
   void sigmoid_gate_backward(Tensor& ds, Tensor& dgate, const Tensor& dy, const Tensor& s,               \
                              const Tensor& gate);                                                        \
   void cross_entropy_forward(Tensor& loss, const Tensor& logits, const Tensor& targets);                 \
-  void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets, float scale);
+  void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets, float scale);  \
+  void cross_entropy_forward_backward(Tensor& loss, Tensor& dlogits, const Tensor& logits,                \
+                                      const Tensor& targets, float scale);
 
 // Paged KV cache ops (ops.h, serving section): CPU backends only for now.
 #define MOE_BACKEND_PAGED_OPS                                                                            \

@@ -812,6 +812,21 @@ void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor&
   MOE_TRAIN_DISPATCH(dlogits.device(), op, cross_entropy_backward(dlogits, logits, targets, scale));
 }
 
+void cross_entropy_forward_backward(Tensor& loss, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                    float scale) {
+  const char* op = "cross_entropy_forward_backward";
+  check_f32(op, "logits", logits);
+  check_ndim(op, "logits", logits, 2);
+  check_i32(op, "targets", targets);
+  check_shape(op, "targets", targets, {logits.dim(0)});
+  check_f32(op, "loss", loss);
+  check_shape(op, "loss", loss, {logits.dim(0)});
+  check_f32(op, "dlogits", dlogits);
+  check_shape(op, "dlogits", dlogits, logits.shape());
+  check_device(op, dlogits.device(), {&loss, &logits, &targets});
+  MOE_TRAIN_DISPATCH(dlogits.device(), op, cross_entropy_forward_backward(loss, dlogits, logits, targets, scale));
+}
+
 // ---- paged KV cache (serving) ----
 
 namespace {

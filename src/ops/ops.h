@@ -290,6 +290,10 @@ void cross_entropy_forward(Tensor& loss, const Tensor& logits, const Tensor& tar
 // dlogits[n] = scale * (softmax(logits[n]) - onehot(target[n])), 0 for ignored rows.
 // dlogits may alias logits (the chunked LM head does that, so [N,V] is held once).
 void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets, float scale);
+// Both at once (a training step's chunk of logits): loss as cross_entropy_forward and dlogits as
+// cross_entropy_backward, each row's log-sum-exp computed once; dlogits may alias logits.
+void cross_entropy_forward_backward(Tensor& loss, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                    float scale);
 
 // Switches every CPU op to the naive reference backend (plain loops, f64 accumulation):
 // `moe --reference ...`, to tell a kernel bug from a model bug. Off by default.

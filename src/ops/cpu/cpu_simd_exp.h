@@ -1,5 +1,6 @@
 // cpu_simd_exp.h — e^x on four f64 lanes (AVX2 + FMA), for the CPU kernels whose time went to
-// scalar exp: the experts' SwiGLU (f32 arguments) and the cross-entropy's softmax (f64).
+// scalar exp: the experts' SwiGLU (f32 arguments); and on eight f32 lanes (exp8f, below) for
+// the cross-entropy's softmax over the vocabulary.
 //
 // x = k·ln2 + r with |r| <= ln2/2 (r exact to f64 rounding: ln2 in two parts), e^r by its
 // degree-10 Taylor polynomial (truncation below 3e-13 relative), 2^k in the exponent bits.
@@ -35,6 +36,24 @@ inline __m256d exp4d(__m256d x, double lo = -708.0, double hi = 709.0) {
 // stays a normal float, a sigmoid saturates at 1 or ~1e-38 rather than 0).
 inline __m128 exp4(__m128 xf) {
   return _mm256_cvtpd_ps(exp4d(_mm256_cvtps_pd(xf), -87.3, 88.3));
+}
+
+// e^x of eight f32 lanes in f32, for the long rows where exp4d's four f64 lanes cost too much
+// (the cross-entropy's softmax over the vocabulary): x = k·ln2 + r with |r| <= ln2/2 (ln2 in
+// two parts, Cephes': k·C1 is exact for |k| <= 127), e^r by its degree-7 Taylor polynomial
+// (truncation below 5e-9 relative), 2^k in the exponent bits. Within a few f32 ulp of e^x
+// (the test bounds it against f64); arguments clamped to [-87.3, 88.3] (2^k stays normal).
+inline __m256 exp8f(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), _mm256_min_ps(_mm256_set1_ps(88.3f), x));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  static constexpr float kInvFact[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  __m256 p = _mm256_set1_ps(kInvFact[0]);
+  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kInvFact[i]));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
 // Sum of the four f64 lanes.

@@ -525,6 +525,15 @@ void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor&
   g.store(dlogits);
 }
 
+void cross_entropy_forward_backward(Tensor& loss, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                    float scale) {
+  Wide l(logits), o = out_buf(loss), g = out_buf(dlogits);
+  f64::cross_entropy_forward(o.p(), l.p(), ints(targets), logits.dim(0), logits.dim(1));
+  f64::cross_entropy_backward(g.p(), l.p(), ints(targets), scale, logits.dim(0), logits.dim(1));
+  o.store(loss);
+  g.store(dlogits);
+}
+
 namespace {
 f64::RouterF64 router_f64(const RouterVariant& rv) {
   return {rv.sigmoid, rv.renorm, rv.renorm_eps, rv.n_group, rv.topk_group, rv.group_top2, rv.scale};
