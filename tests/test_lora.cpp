@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -238,6 +239,31 @@ TEST(Nf4, CodeTableAndAbsmaxExact) {
   EXPECT_EQ(kNf4Codes[7], 0.0f);
   EXPECT_EQ(kNf4Codes[15], 1.0f);
   for (int i = 0; i + 1 < 16; ++i) EXPECT_LT(kNf4Codes[i], kNf4Codes[i + 1]);
+}
+
+// The bf16 dequantisation (QLoRA's products on the bf16 units) is the f32 one rounded to bf16
+// to nearest even, bit for bit: every code at every nibble position, absmax values whose
+// products round both ways (ties included), a zero block and a negative absmax.
+TEST(Nf4, Bf16DequantisationIsTheF32OneRounded) {
+  Rng rng(12);
+  const int64_t blocks = 300, n = 64 * blocks;
+  std::vector<uint8_t> q(size_t(blocks) * kNf4BlockBytes);
+  for (int64_t b = 0; b < blocks; ++b) {
+    uint8_t* in = q.data() + b * kNf4BlockBytes;
+    float am = b == 0 ? 0.0f : b == 1 ? -0.75f : static_cast<float>(std::ldexp(1.0 + rng.uniform(), int(b % 40) - 30));
+    if (b == 2) am = 1.0f + 1.0f / 256;  // bf16 ties: codes x am land halfway between bf16 values
+    std::memcpy(in, &am, 4);
+    for (int i = 0; i < 32; ++i) in[4 + i] = b < 16 ? uint8_t(((i + b) % 16) << 4 | ((i * 7 + b) % 16)) : uint8_t(rng.next());
+  }
+  std::vector<float> f(static_cast<size_t>(n));
+  std::vector<uint16_t> got(static_cast<size_t>(n));
+  nf4_dequantize(q.data(), f.data(), n);
+  nf4_dequantize_bf16(q.data(), got.data(), n);
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (got[size_t(i)] != f32_to_bf16(f[size_t(i)]) && bad++ < 5)
+      ADD_FAILURE() << "element " << i << ": " << got[size_t(i)] << " vs " << f32_to_bf16(f[size_t(i)]);
+  EXPECT_EQ(bad, 0);
 }
 
 // dequant(quant(W)) within the format's bound: per element at most absmax · (largest half-gap).

@@ -5,6 +5,11 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "core/dtype.h"
 #include "core/error.h"
 
 namespace moe {
@@ -73,6 +78,47 @@ void nf4_dequantize(const uint8_t* src, float* dst, int64_t n) {
     for (int64_t i = 0; i < kNf4Block; i += 2) {
       y[i] = kNf4Codes[in[4 + i / 2] >> 4] * absmax;
       y[i + 1] = kNf4Codes[in[4 + i / 2] & 15] * absmax;
+    }
+  }
+}
+
+void nf4_dequantize_bf16(const uint8_t* src, uint16_t* dst, int64_t n) {
+  for (int64_t b = 0; b < n / kNf4Block; ++b) {
+    const uint8_t* in = src + b * kNf4BlockBytes;
+    float absmax;
+    std::memcpy(&absmax, in, 4);
+    uint16_t* y = dst + b * kNf4Block;
+    int64_t i = 0;
+#if defined(__AVX2__)
+    // 16 weights per pass: 8 bytes' high nibbles (even elements) and low nibbles (odd), each
+    // looked up in the 16 codes as two 8-entry tables (bit 3 picks the table), interleaved back
+    // into element order, scaled, and rounded to bf16 to nearest even as f32_to_bf16 does (the
+    // products are finite or quiet NaNs, where its integer rounding and this one agree).
+    const __m256 t_lo = _mm256_loadu_ps(kNf4Codes), t_hi = _mm256_loadu_ps(kNf4Codes + 8);
+    const __m256 am = _mm256_set1_ps(absmax);
+    const __m256i fifteen = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+    auto lookup = [&](__m256i idx) {
+      const __m256 mask = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_lo, idx), _mm256_permutevar8x32_ps(t_hi, idx), mask);
+    };
+    auto round_bf16 = [&](__m256 x) {
+      const __m256i u = _mm256_castps_si256(x);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+      return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, lsb)), 16);
+    };
+    for (; i + 16 <= kNf4Block; i += 16) {
+      const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + 4 + i / 2)));
+      const __m256 hi = lookup(_mm256_srli_epi32(bytes, 4)), lo = lookup(_mm256_and_si256(bytes, fifteen));
+      const __m256 a = _mm256_unpacklo_ps(hi, lo), c = _mm256_unpackhi_ps(hi, lo);
+      const __m256 y0 = _mm256_mul_ps(_mm256_permute2f128_ps(a, c, 0x20), am);
+      const __m256 y1 = _mm256_mul_ps(_mm256_permute2f128_ps(a, c, 0x31), am);
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(round_bf16(y0), round_bf16(y1)), 0xd8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), packed);
+    }
+#endif
+    for (; i < kNf4Block; i += 2) {
+      y[i] = f32_to_bf16(kNf4Codes[in[4 + i / 2] >> 4] * absmax);
+      y[i + 1] = f32_to_bf16(kNf4Codes[in[4 + i / 2] & 15] * absmax);
     }
   }
 }

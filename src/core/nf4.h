@@ -29,5 +29,8 @@ float nf4_max_error_per_absmax();
 // n values (a multiple of 64) <-> n/64 blocks.
 void nf4_quantize(const float* src, uint8_t* dst, int64_t n);
 void nf4_dequantize(const uint8_t* src, float* dst, int64_t n);
+// n/64 blocks -> n bf16 values: nf4_dequantize's values rounded to bf16 (to nearest even), bit
+// for bit, without the f32 array (a QLoRA base's products on the bf16 matrix units).
+void nf4_dequantize_bf16(const uint8_t* src, uint16_t* dst, int64_t n);
 
 }  // namespace moe
