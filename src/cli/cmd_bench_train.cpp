@@ -90,41 +90,32 @@ bool reset_peak_rss() {
   return bool(f);
 }
 
-// f32 GEMM peak: C = A·Bᵀ of n×n matrices through cblas_sgemm, best of `reps` after one warm-up.
-double measure_sgemm_peak(int64_t n = 2048, int reps = 4) {
+// GEMM peaks: C = A·Bᵀ of n×n random matrices, 2n³ FLOP over the best of `reps` timed runs
+// after one warm-up, B in dtype bdt: f32 through cblas_sgemm, or bf16 through oneDNN's bf16
+// matmul (the path bf16 weights' products take).
+double measure_gemm_peak(DType bdt, int64_t n = 2048, int reps = 4) {
   Rng rng(7);
-  Tensor a = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
-  Tensor b = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
+  auto random = [&](DType dt) {
+    Tensor t = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
+    for (int64_t i = 0; i < n * n; ++i) t.data<float>()[i] = float(rng.uniform() - 0.5);
+    return dt == DType::F32 ? t : t.to_dtype(dt, MemCategory::Workspace);
+  };
+  Tensor a = random(DType::F32), b = random(bdt);
   Tensor c = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
-  for (int64_t i = 0; i < n * n; ++i) a.data<float>()[i] = float(rng.uniform() - 0.5);
-  for (int64_t i = 0; i < n * n; ++i) b.data<float>()[i] = float(rng.uniform() - 0.5);
   double best = 1e30;
   for (int rep = 0; rep <= reps; ++rep) {
     const double t0 = now_seconds();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(n), int(n), 1.0f, a.data<float>(), int(n),
-                b.data<float>(), int(n), 0.0f, c.data<float>(), int(n));
+    if (bdt == DType::F32)
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(n), int(n), 1.0f, a.data<float>(), int(n),
+                  b.data<float>(), int(n), 0.0f, c.data<float>(), int(n));
+    else
+      cpu::onednn_gemm_xwt(c.data<float>(), n, a.data<float>(), b.raw(), bdt, n, n, n, false);
     if (rep > 0) best = std::min(best, now_seconds() - t0);
   }
   return 2.0 * double(n) * double(n) * double(n) / best;
 }
-
-// bf16 GEMM peak where bf16 weights' products run on the matrix units: C = A·Bᵀ of n×n
-// matrices through oneDNN's bf16 matmul (the path those products take), best of `reps`.
-double measure_bf16_peak(int64_t n = 2048, int reps = 4) {
-  Rng rng(7);
-  Tensor a = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
-  Tensor b = Tensor::empty({n, n}, DType::BF16, MemCategory::Workspace);
-  Tensor c = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
-  for (int64_t i = 0; i < n * n; ++i) a.data<float>()[i] = float(rng.uniform() - 0.5);
-  for (int64_t i = 0; i < n * n; ++i) b.data<uint16_t>()[i] = f32_to_bf16(float(rng.uniform() - 0.5));
-  double best = 1e30;
-  for (int rep = 0; rep <= reps; ++rep) {
-    const double t0 = now_seconds();
-    cpu::onednn_gemm_xwt(c.data<float>(), n, a.data<float>(), b.raw(), DType::BF16, n, n, n, false);
-    if (rep > 0) best = std::min(best, now_seconds() - t0);
-  }
-  return 2.0 * double(n) * double(n) * double(n) / best;
-}
+double measure_sgemm_peak() { return measure_gemm_peak(DType::F32); }
+double measure_bf16_peak() { return measure_gemm_peak(DType::BF16); }
 
 // Whether bf16 weights' products run on the matrix units here (after the bench chose so).
 bool bf16_on_matrix(const TrainBenchOpts& o) {

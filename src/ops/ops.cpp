@@ -788,26 +788,35 @@ void sigmoid_gate_backward(Tensor& ds, Tensor& dgate, const Tensor& dy, const Te
   MOE_TRAIN_DISPATCH(ds.device(), op, sigmoid_gate_backward(ds, dgate, dy, s, gate));
 }
 
-void cross_entropy_forward(Tensor& loss, const Tensor& logits, const Tensor& targets) {
-  const char* op = "cross_entropy_forward";
+namespace {
+// The cross-entropy ops' shared arguments: logits [N,V] f32, targets [N] i32, and their outputs'
+// shapes (loss [N], dlogits [N,V]; undefined: not an output of this op).
+void check_ce(const char* op, const Tensor& logits, const Tensor& targets, const Tensor& loss, const Tensor& dlogits) {
   check_f32(op, "logits", logits);
   check_ndim(op, "logits", logits, 2);
   check_i32(op, "targets", targets);
   check_shape(op, "targets", targets, {logits.dim(0)});
-  check_f32(op, "loss", loss);
-  check_shape(op, "loss", loss, {logits.dim(0)});
+  if (loss.defined()) {
+    check_f32(op, "loss", loss);
+    check_shape(op, "loss", loss, {logits.dim(0)});
+  }
+  if (dlogits.defined()) {
+    check_f32(op, "dlogits", dlogits);
+    check_shape(op, "dlogits", dlogits, logits.shape());
+  }
+}
+}  // namespace
+
+void cross_entropy_forward(Tensor& loss, const Tensor& logits, const Tensor& targets) {
+  const char* op = "cross_entropy_forward";
+  check_ce(op, logits, targets, loss, Tensor());
   check_device(op, loss.device(), {&logits, &targets});
   MOE_TRAIN_DISPATCH(loss.device(), op, cross_entropy_forward(loss, logits, targets));
 }
 
 void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets, float scale) {
   const char* op = "cross_entropy_backward";
-  check_f32(op, "logits", logits);
-  check_ndim(op, "logits", logits, 2);
-  check_i32(op, "targets", targets);
-  check_shape(op, "targets", targets, {logits.dim(0)});
-  check_f32(op, "dlogits", dlogits);
-  check_shape(op, "dlogits", dlogits, logits.shape());
+  check_ce(op, logits, targets, Tensor(), dlogits);
   check_device(op, dlogits.device(), {&logits, &targets});
   MOE_TRAIN_DISPATCH(dlogits.device(), op, cross_entropy_backward(dlogits, logits, targets, scale));
 }
@@ -815,14 +824,7 @@ void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor&
 void cross_entropy_forward_backward(Tensor& loss, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                     float scale) {
   const char* op = "cross_entropy_forward_backward";
-  check_f32(op, "logits", logits);
-  check_ndim(op, "logits", logits, 2);
-  check_i32(op, "targets", targets);
-  check_shape(op, "targets", targets, {logits.dim(0)});
-  check_f32(op, "loss", loss);
-  check_shape(op, "loss", loss, {logits.dim(0)});
-  check_f32(op, "dlogits", dlogits);
-  check_shape(op, "dlogits", dlogits, logits.shape());
+  check_ce(op, logits, targets, loss, dlogits);
   check_device(op, dlogits.device(), {&loss, &logits, &targets});
   MOE_TRAIN_DISPATCH(dlogits.device(), op, cross_entropy_forward_backward(loss, dlogits, logits, targets, scale));
 }

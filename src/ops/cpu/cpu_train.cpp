@@ -196,6 +196,31 @@ float target_grad(float lt, double lse, double scale) {
 void check_target(int32_t t, int64_t v) {
   MOE_CHECK(t == -100 || (t >= 0 && t < v), "cross_entropy: target %d out of range [0,%lld)", t, (long long)v);
 }
+
+// Each row's gradient scale · (softmax - onehot(target)) into dlogits (which may alias logits)
+// and, with loss, its loss lse - l[target]; an ignored row (-100) gets 0 for both.
+void ce_rows(float* loss, Tensor& dlogits, const Tensor& logits, const Tensor& targets, float scale) {
+  const int64_t n = logits.dim(0), v = logits.dim(1);
+  const float* lg = logits.data<float>();
+  const int32_t* tg = targets.data<int32_t>();
+  float* dl = dlogits.data<float>();
+  for (int64_t r = 0; r < n; ++r) check_target(tg[r], v);
+#pragma omp parallel for schedule(static) if(n * v > 32768)
+  for (int64_t r = 0; r < n; ++r) {
+    const float* l = lg + r * v;
+    float* o = dl + r * v;
+    if (tg[r] == -100) {
+      if (loss) loss[r] = 0;
+      std::fill(o, o + v, 0.0f);
+      continue;
+    }
+    const double lse = row_lse(l, v);
+    const float lt = l[tg[r]];  // before o overwrites l when they alias
+    if (loss) loss[r] = static_cast<float>(lse - lt);
+    row_softmax_scaled(o, l, v, lse, scale);
+    o[tg[r]] = target_grad(lt, lse, scale);
+  }
+}
 }  // namespace
 
 void cross_entropy_forward(Tensor& loss, const Tensor& logits, const Tensor& targets) {
@@ -217,48 +242,11 @@ void cross_entropy_forward(Tensor& loss, const Tensor& logits, const Tensor& tar
 
 void cross_entropy_forward_backward(Tensor& loss, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                     float scale) {
-  const int64_t n = logits.dim(0), v = logits.dim(1);
-  const float* lg = logits.data<float>();
-  const int32_t* tg = targets.data<int32_t>();
-  float* out = loss.data<float>();
-  float* dl = dlogits.data<float>();
-  for (int64_t r = 0; r < n; ++r) check_target(tg[r], v);
-#pragma omp parallel for schedule(static) if(n * v > 32768)
-  for (int64_t r = 0; r < n; ++r) {
-    const float* l = lg + r * v;
-    float* o = dl + r * v;
-    if (tg[r] == -100) {
-      out[r] = 0;
-      std::fill(o, o + v, 0.0f);
-      continue;
-    }
-    const double lse = row_lse(l, v);
-    const float lt = l[tg[r]];  // before o overwrites l when they alias
-    out[r] = static_cast<float>(lse - lt);
-    row_softmax_scaled(o, l, v, lse, scale);
-    o[tg[r]] = target_grad(lt, lse, scale);
-  }
+  ce_rows(loss.data<float>(), dlogits, logits, targets, scale);
 }
 
 void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets, float scale) {
-  const int64_t n = logits.dim(0), v = logits.dim(1);
-  const float* lg = logits.data<float>();
-  const int32_t* tg = targets.data<int32_t>();
-  float* dl = dlogits.data<float>();
-  for (int64_t r = 0; r < n; ++r) check_target(tg[r], v);
-#pragma omp parallel for schedule(static) if(n * v > 32768)
-  for (int64_t r = 0; r < n; ++r) {
-    const float* l = lg + r * v;
-    float* o = dl + r * v;
-    if (tg[r] == -100) {
-      std::fill(o, o + v, 0.0f);
-      continue;
-    }
-    const double lse = row_lse(l, v);
-    const float lt = l[tg[r]];
-    row_softmax_scaled(o, l, v, lse, scale);
-    o[tg[r]] = target_grad(lt, lse, scale);
-  }
+  ce_rows(nullptr, dlogits, logits, targets, scale);
 }
 
 }  // namespace cpu
