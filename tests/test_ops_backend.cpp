@@ -778,7 +778,8 @@ std::vector<Case> make_cases() {
   }
   // cross_entropy_forward_backward, and all three at a vocabulary long enough for the CPU's
   // vector loops (8 lanes, blocks of 512, a tail of 1000 - 992); rows 1 and 4 ignored.
-  for (auto [n, v] : {std::pair<int64_t, int64_t>{6, 37}, {5, 1000}}) {
+  for (const auto& nv : {std::pair<int64_t, int64_t>{6, 37}, {5, 1000}}) {
+    const int64_t n = nv.first, v = nv.second;  // (clang 14 lambdas cannot capture structured bindings)
     const uint32_t s0 = ++seed;
     auto make = [n, v, s0](Dev& g) {
       std::vector<int32_t> tg;
