@@ -460,6 +460,24 @@ std::vector<Case> make_cases() {
       });
     }
 
+  // expert_ffn_forward_train with experts of more rows than the CPU's forward takes in one piece
+  // (256): every token to experts 0 and 2 of 3, 300 and 600 tokens (pieces of 150 and 200 rows,
+  // in two and three parts), f32 and bf16 weights, with row scales.
+  for (DType dt : {DType::F32, DType::BF16})
+    for (int64_t t : {300, 600}) {
+      const int64_t e = 3, k = 2, f = 12, d = 16, p = t * k;
+      const uint32_t s0 = (seed += 8);
+      add("expert_ffn_forward_train_pieces_" + wtag(dt) + "_T" + str(t), false, 0.0, [=](Backend b) {
+        Routing r = route(random_topk(t, {0, 2}, k, s0), e);
+        Dev g{b};
+        Tensor yp = g.out({p, d}), h1 = g.out({p, f}), h3 = g.out({p, f});
+        CALL(b, expert_ffn_forward_train(yp, h1, h3, g.in(ten({p, d}, rnd(p * d, s0 + 1))), g.in(ints({e + 1}, r.offsets)),
+                                         g.in(rnd_w({e, f, d}, s0 + 2, dt).first), g.in(rnd_w({e, f, d}, s0 + 3, dt).first),
+                                         g.in(rnd_w({e, d, f}, s0 + 4, dt).first), g.in(ten({p}, rnd(p, s0 + 5)))));
+        return Outs{{"yp", yp}, {"h1", h1}, {"h3", h3}};
+      });
+    }
+
   // expert_ffn_forward / _train / _backward: E=5, experts 1 and 3 without rows
   for (DType dt : kWdt)
     for (int64_t t : {3, 17})

@@ -34,6 +34,7 @@ double softmax_row(const float* l, int64_t e_n, double* p) {
 }
 
 constexpr int64_t kPar = 32768;  // elements below which a loop stays serial
+constexpr int64_t kPieceRows = 256;  // the training forward's largest piece of an expert's rows
 
 }  // namespace
 
@@ -275,8 +276,11 @@ int64_t max_rows(const int32_t* off, int64_t e_n) {
 // rows per expert, F 768, D 256) a 2-thread BLAS call per product, one expert after another,
 // spent a third of the experts' time outside the GEMM kernel.
 //
-// Forward: every row is independent, so each thread takes its share of every expert's rows
-// (piece t of T) through gate/up, the GLU and down.
+// Forward: every row is independent, so the rows are cut into pieces — an expert's rows whole, or
+// in equal parts of at most kPieceRows — and the threads take pieces largest first through
+// gate/up, the GLU and down. Whole experts rather than each thread a share of every expert:
+// each product is twice as tall (a 256-row bf16 product ran ~15% faster than a 128-row one)
+// and each expert's weights are packed for the matrix units once, not once per thread.
 void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& xp, const Tensor& offsets,
                               const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
                               const ExpertLora& lora, const ExpertGlu& glu, const ExpertBias& bias) {
@@ -286,26 +290,39 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
   // Scratch: each thread its own rows (threads do not wait for each other between experts, so
   // a thread's rows of one expert must not overlap another's of the next): with nt threads a
   // piece is at most ceil(max rows / nt) rows, and nt pieces fit in max rows + nt.
-  const int64_t rows = max_rows(off, e_n), max_threads = omp_get_max_threads();
-  Tensor act = Tensor::empty({rows + max_threads, f}, DType::F32, MemCategory::Workspace);
+  struct Piece {
+    int64_t e, r0, n;  // expert, first (permuted) row, rows
+  };
+  std::vector<Piece> pieces;
+  int64_t piece_rows = 1;
+  for (int64_t e = 0; e < e_n; ++e) {
+    const int64_t ne = off[e + 1] - off[e], parts = (ne + kPieceRows - 1) / kPieceRows;
+    for (int64_t j = 0; j < parts; ++j) {
+      const int64_t p0 = ne * j / parts, p1 = ne * (j + 1) / parts;
+      pieces.push_back({e, off[e] + p0, p1 - p0});
+      piece_rows = std::max(piece_rows, p1 - p0);
+    }
+  }
+  std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.n > b.n; });
+  piece_rows = (piece_rows + 63) / 64 * 64;  // steady sizes for the allocator's cache (max_rows)
+  const int64_t max_threads = omp_get_max_threads(), n_pieces = int64_t(pieces.size());
+  Tensor act = Tensor::empty({max_threads * piece_rows, f}, DType::F32, MemCategory::Workspace);
   const int64_t rk = lora.any() ? max_rank(lora) : 0;
-  Tensor lu = rk ? Tensor::empty({rows + max_threads, rk}, DType::F32, MemCategory::Workspace) : Tensor();
+  Tensor lu = rk ? Tensor::empty({max_threads * piece_rows, rk}, DType::F32, MemCategory::Workspace) : Tensor();
   const int64_t total = off[e_n] - off[0];
 #pragma omp parallel if(total * f > kPar)
   {
-    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t piece = (rows + nt - 1) / nt;  // nt <= max_threads: the region's team
+    const int64_t tid = omp_get_thread_num();
     std::vector<float> bb(static_cast<size_t>(bias.any() ? 2 * f + d : 0));
-    for (int64_t e = 0; e < e_n; ++e) {
-      const int64_t ne = off[e + 1] - off[e];
-      const int64_t p0 = ne * tid / nt, p1 = ne * (tid + 1) / nt, n = p1 - p0, r0 = off[e] + p0;
-      if (n == 0) continue;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t pi = 0; pi < n_pieces; ++pi) {
+      const int64_t e = pieces[size_t(pi)].e, r0 = pieces[size_t(pi)].r0, n = pieces[size_t(pi)].n;
       const ExpertView w = expert_view(w1, w3, w2, e);
       const float* x = xp.data<float>() + r0 * d;
       float* g1 = h1.data<float>() + r0 * f;
       float* g3 = h3.data<float>() + r0 * f;
-      float* a = act.data<float>() + tid * piece * f;
-      float* lus = rk ? lu.data<float>() + tid * piece * rk : nullptr;
+      float* a = act.data<float>() + tid * piece_rows * f;
+      float* lus = rk ? lu.data<float>() + tid * piece_rows * rk : nullptr;
       gemm_xwt(g1, f, x, w.w1, w1.dtype(), n, f, d, false);
       gemm_xwt(g3, f, x, w.w3, w3.dtype(), n, f, d, false);
       const ExpertFactors l1 = expert_factors(lora.w1, nullptr, e, d, f), l3 = expert_factors(lora.w3, nullptr, e, d, f);
