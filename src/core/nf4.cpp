@@ -69,11 +69,19 @@ void nf4_quantize(const float* src, uint8_t* dst, int64_t n) {
   }
 }
 
+namespace {
+// A block's absmax (its first 4 bytes, f32).
+float block_absmax(const uint8_t* in) {
+  float absmax;
+  std::memcpy(&absmax, in, 4);
+  return absmax;
+}
+}  // namespace
+
 void nf4_dequantize(const uint8_t* src, float* dst, int64_t n) {
   for (int64_t b = 0; b < n / kNf4Block; ++b) {
     const uint8_t* in = src + b * kNf4BlockBytes;
-    float absmax;
-    std::memcpy(&absmax, in, 4);
+    const float absmax = block_absmax(in);
     float* y = dst + b * kNf4Block;
     for (int64_t i = 0; i < kNf4Block; i += 2) {
       y[i] = kNf4Codes[in[4 + i / 2] >> 4] * absmax;
@@ -85,8 +93,7 @@ void nf4_dequantize(const uint8_t* src, float* dst, int64_t n) {
 void nf4_dequantize_bf16(const uint8_t* src, uint16_t* dst, int64_t n) {
   for (int64_t b = 0; b < n / kNf4Block; ++b) {
     const uint8_t* in = src + b * kNf4BlockBytes;
-    float absmax;
-    std::memcpy(&absmax, in, 4);
+    const float absmax = block_absmax(in);
     uint16_t* y = dst + b * kNf4Block;
     int64_t i = 0;
 #if defined(__AVX2__)
