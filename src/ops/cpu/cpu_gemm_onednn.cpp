@@ -47,6 +47,14 @@ int64_t padded_rows(int64_t n) { return n <= 256 ? (n + 15) / 16 * 16 : (n + 63)
 // Threads of a region execute the same primitive at once, so its scratchpad is ours (user
 // mode, per thread): oneDNN's own (library mode) is one buffer per primitive, and two threads
 // packing into it at once corrupt each other's products.
+// A [rows, cols] factor of type t stored row-major, or as its transpose [cols, rows]
+// (transposed); f32 outputs take a row stride ld (0: dense).
+memory::desc mat_desc(int64_t rows, int64_t cols, memory::data_type t, bool transposed, int64_t ld = 0) {
+  return memory::desc({rows, cols}, t, transposed ? memory::dims{1, rows} : memory::dims{ld ? ld : cols, 1});
+}
+
+memory::data_type onednn_type(DType dt) { return dt == DType::BF16 ? memory::data_type::bf16 : memory::data_type::f32; }
+
 struct Matmul {
   dnnl::matmul prim;
   size_t scratchpad_bytes = 0;
@@ -67,10 +75,9 @@ const Matmul& matmul_for(int64_t M, int64_t N, int64_t K, bool a_t, bool b_t, DT
   auto key = std::make_tuple(M, N, K, int(a_t), int(b_t), static_cast<int>(dt), int(in_region), d.ldc, int(d.sum));
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  const memory::data_type t = dt == DType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
-  memory::desc src({M, K}, t, a_t ? memory::dims{1, M} : memory::dims{K, 1});
-  memory::desc wei({K, N}, t, b_t ? memory::dims{1, K} : memory::dims{N, 1});
-  memory::desc dst({M, N}, memory::data_type::f32, memory::dims{d.ldc ? d.ldc : N, 1});
+  const memory::data_type t = onednn_type(dt);
+  const memory::desc src = mat_desc(M, K, t, a_t), wei = mat_desc(K, N, t, b_t);
+  const memory::desc dst = mat_desc(M, N, memory::data_type::f32, false, d.ldc);
   try {
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -92,16 +99,16 @@ const Matmul& matmul_for(int64_t M, int64_t N, int64_t K, bool a_t, bool b_t, DT
 // writes a dense scratch first, and those of its rows that are out's are copied or added.
 void run_matmul(float* out, int64_t ldo, int64_t M_out, int64_t M, int64_t N, int64_t K, const void* a, bool a_t,
                 const void* b, bool b_t, DType dt, bool accumulate) {
-  const memory::data_type t = dt == DType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
+  const memory::data_type t = onednn_type(dt);
   const bool direct = M_out == M;
   const Dst d = direct ? Dst{ldo, accumulate} : Dst{};
   float* ys = direct ? out
                      : static_cast<float*>(scratch_bytes(Scratch::MatrixOut, static_cast<size_t>(M * N) * sizeof(float)));
   const Matmul& mm = matmul_for(M, N, K, a_t, b_t, dt, d);
   dnnl::engine& eng = onednn_engine();
-  memory src(memory::desc({M, K}, t, a_t ? memory::dims{1, M} : memory::dims{K, 1}), eng, const_cast<void*>(a));
-  memory wei(memory::desc({K, N}, t, b_t ? memory::dims{1, K} : memory::dims{N, 1}), eng, const_cast<void*>(b));
-  memory dst(memory::desc({M, N}, memory::data_type::f32, memory::dims{d.ldc ? d.ldc : N, 1}), eng, ys);
+  memory src(mat_desc(M, K, t, a_t), eng, const_cast<void*>(a));
+  memory wei(mat_desc(K, N, t, b_t), eng, const_cast<void*>(b));
+  memory dst(mat_desc(M, N, memory::data_type::f32, false, d.ldc), eng, ys);
   memory pad(memory::desc({int64_t(mm.scratchpad_bytes)}, memory::data_type::u8, memory::dims{1}), eng,
              scratch_bytes(Scratch::MatrixPad, std::max<size_t>(mm.scratchpad_bytes, 64)));
   thread_local dnnl::stream s(eng);

@@ -4,7 +4,8 @@
 // run in bf16 where the CPU multiplies bf16 natively: x rounded to bf16 (round to nearest even),
 // products accumulated in f32. Training with bf16 weights (mixed precision, a bf16 frozen base)
 // runs its backward's products the same way: dX = dY·W with dY rounded, and dW += dYᵀ·X with
-// both rounded, as torch's bf16 autocast does. oneDNN (Debian's libdnnl-dev) picks its AMX or AVX512-BF16 kernel
+// both rounded, as torch's bf16 autocast does. oneDNN (Debian's libdnnl-dev) picks its AMX or
+// AVX512-BF16 kernel
 // at run time; where neither exists (AVX2), or oneDNN is not built in, gemm_xwt keeps its f32
 // path (the weights widened to f32 in cache, then sgemm). The exact path (`moe logits` without
 // --fast, cpu::set_quant_exact(true)) never rounds x: there the f32 path runs on every CPU.

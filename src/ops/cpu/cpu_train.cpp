@@ -169,8 +169,9 @@ double row_lse(const float* l, int64_t v) {
   return mx + std::log(sum);
 }
 
-// o[i] = scale · exp(l[i] - lse) over a row (o may alias l). lse in two f32 parts, so that
-// l - lse keeps the f64 value's precision where l is near it.
+// o[i] = scale · exp(l[i] - lse) over a row (o may alias l). The argument l - lse is formed in
+// f64 and rounded once; formed in f32 (l - f32(lse)) its error grew with |l - lse| and moved
+// qwen3's tied-embedding update 1.8% from torch's after five AdamW steps.
 void row_softmax_scaled(float* o, const float* l, int64_t v, double lse, double scale) {
   int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)

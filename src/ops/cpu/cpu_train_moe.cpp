@@ -254,18 +254,23 @@ double glu_backward_row(float* dh1, float* du, const float* h1, const float* h3,
   return dot;
 }
 
-// The most rows any expert has, rounded up to a power of two (at least 64): the experts'
-// scratch is sized by it, and the allocator keeps freed blocks for requests of the same size
-// only — sized exactly, each layer and each step (the routing moves the maximum) asked for a new
-// size, and the misses mapped and faulted in ~24 blocks a step (small preset) and evicted the
-// blocks of the same sizes the rest of the step reuses. Untouched pages of the rounding cost no
-// resident memory (large blocks are mapped).
-int64_t max_rows(const int32_t* off, int64_t e_n) {
-  int64_t m = 0;
-  for (int64_t e = 0; e < e_n; ++e) m = std::max<int64_t>(m, off[e + 1] - off[e]);
+// A count of scratch rows rounded up to a power of two (at least 64): the experts' scratch is
+// sized by it (max_rows; the forward's pieces), and the allocator keeps freed blocks for
+// requests of the same size only — sized exactly, each layer and each step (the routing moves
+// the maximum) asked for a new size, and the misses mapped and faulted in ~24 blocks a step
+// (small preset) and evicted the blocks of the same sizes the rest of the step reuses.
+// Untouched pages of the rounding cost no resident memory (large blocks are mapped).
+int64_t steady_rows(int64_t m) {
   int64_t r = 64;
   while (r < m) r *= 2;
   return r;
+}
+
+// The most rows any expert has, as steady_rows.
+int64_t max_rows(const int32_t* off, int64_t e_n) {
+  int64_t m = 0;
+  for (int64_t e = 0; e < e_n; ++e) m = std::max<int64_t>(m, off[e + 1] - off[e]);
+  return steady_rows(m);
 }
 
 }  // namespace
@@ -304,7 +309,7 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
     }
   }
   std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.n > b.n; });
-  piece_rows = (piece_rows + 63) / 64 * 64;  // steady sizes for the allocator's cache (max_rows)
+  piece_rows = steady_rows(piece_rows);
   const int64_t max_threads = omp_get_max_threads(), n_pieces = int64_t(pieces.size());
   Tensor act = Tensor::empty({max_threads * piece_rows, f}, DType::F32, MemCategory::Workspace);
   const int64_t rk = lora.any() ? max_rank(lora) : 0;
