@@ -60,7 +60,7 @@ struct TrainBenchOpts {
   // CPU's bf16 matrix units where it has them, as `moe train/finetune` do.
   std::string weight_dtype = "f32";
   // `moe bench finetune`: LoRA on a frozen base (QLoRA with nf4).
-  bool finetune = false, nf4 = false;
+  bool finetune = false, nf4 = false, double_quant = false;
   int64_t lora_r = 16;
   double lora_alpha = 16;
   std::string targets = "q_proj,k_proj,v_proj,o_proj";
@@ -154,7 +154,10 @@ Model build_model(const TrainBenchOpts& o, const ModelConfig& cfg) {
     if (o.weight_dtype == "bf16") lo.weight_dtype = DType::BF16;
     Model m = o.model_dir.empty() ? Model::from_tensors(cfg, random_weights(cfg, o.seed, DType::F32), lo)
                                   : Model::load(o.model_dir, lo);
-    if (o.nf4) std::printf("%s\n", quantize_frozen_base(m.config(), m.mutable_weights(), DType::NF4).c_str());
+    MOE_CHECK(!o.double_quant || o.nf4, "--double-quant applies to --load-in-4bit only");
+    if (o.nf4)
+      std::printf("%s\n",
+                  quantize_frozen_base(m.config(), m.mutable_weights(), o.double_quant ? DType::NF4DQ : DType::NF4).c_str());
     LoraConfig lc;
     lc.r = o.lora_r;
     lc.alpha = o.lora_alpha;
@@ -502,7 +505,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   mem["total"] = st.peak_total[dev];
   j["mem_peak_bytes"] = mem;
   if (o.finetune)
-    j["lora"] = {{"r", o.lora_r}, {"alpha", o.lora_alpha}, {"target_modules", o.targets}, {"nf4_base", o.nf4},
+    j["lora"] = {{"r", o.lora_r}, {"alpha", o.lora_alpha}, {"target_modules", o.targets}, {"nf4_base", o.nf4}, {"double_quant", o.double_quant},
                  {"trainable_params", lora_param_count(mc, m.weights())}};
 
   *out = j;
@@ -566,6 +569,7 @@ CLI::App* add_train_like_bench(CLI::App* bench, bool finetune) {
     cmd->add_option("--lora-alpha", o->lora_alpha, "LoRA alpha")->capture_default_str();
     cmd->add_option("--target-modules", o->targets, "PEFT target_modules (comma-separated)")->capture_default_str();
     cmd->add_flag("--load-in-4bit", o->nf4, "QLoRA: the base's projections stored NF4");
+    cmd->add_flag("--double-quant", o->double_quant, "with --load-in-4bit: NF4 with double-quantised absmax values");
   }
   cmd->add_option("--arch", o->arch, "model family of the preset")->capture_default_str();
   cmd->add_option("--preset", o->preset, "tiny, small, medium or 8x7b")->capture_default_str();

@@ -17,10 +17,11 @@ bool dtype_is_quant(DType t) {
          t == DType::IQ4_NL || t == DType::IQ4_XS;
 }
 
-bool dtype_is_block(DType t) { return dtype_is_quant(t) || t == DType::NF4; }
+bool dtype_is_block(DType t) { return dtype_is_quant(t) || t == DType::NF4 || t == DType::NF4DQ; }
 
 int64_t dtype_block_elems(DType t) {
   if (t == DType::NF4) return kNf4Block;
+  if (t == DType::NF4DQ) return kNf4DqBlock;
   return dtype_is_quant(t) ? ggml_type_info(dtype_ggml_type(t)).block_elems : 1;
 }
 
@@ -28,6 +29,11 @@ size_t dtype_nbytes(DType t, int64_t n) {
   if (t == DType::NF4) {
     MOE_CHECK(n % kNf4Block == 0, "nf4: %lld values are not whole blocks of %lld", (long long)n, (long long)kNf4Block);
     return static_cast<size_t>(n / kNf4Block) * kNf4BlockBytes;
+  }
+  if (t == DType::NF4DQ) {
+    MOE_CHECK(n % kNf4DqBlock == 0, "nf4dq: %lld values are not whole super-blocks of %lld", (long long)n,
+              (long long)kNf4DqBlock);
+    return static_cast<size_t>(n / kNf4DqBlock) * kNf4DqBlockBytes;
   }
   if (!dtype_is_quant(t)) return static_cast<size_t>(n) * dtype_size(t);
   return ggml_row_bytes(dtype_ggml_type(t), n);
@@ -39,7 +45,7 @@ bool dtype_from_quant_name(const std::string& s, DType* out) {
   static const struct { const char* n; DType t; } k[] = {
       {"q8_0", DType::Q8_0}, {"q4_0", DType::Q4_0}, {"q4_1", DType::Q4_1}, {"q5_0", DType::Q5_0},
       {"q5_1", DType::Q5_1}, {"q4_k", DType::Q4_K}, {"q5_k", DType::Q5_K}, {"q6_k", DType::Q6_K},
-      {"nf4", DType::NF4}};
+      {"nf4", DType::NF4}, {"nf4dq", DType::NF4DQ}};
   for (auto& e : k)
     if (l == e.n) { *out = e.t; return true; }
   return false;
@@ -66,7 +72,8 @@ size_t dtype_size(DType t) {
     case DType::Q3_K:
     case DType::IQ4_NL:
     case DType::IQ4_XS:
-    case DType::NF4: break;
+    case DType::NF4:
+    case DType::NF4DQ: break;
   }
   MOE_FAIL("dtype_size: %s is a block type without a per-element size (this is a bug: use dtype_nbytes)",
            dtype_name(t));
@@ -94,6 +101,7 @@ const char* dtype_name(DType t) {
     case DType::IQ4_NL: return "iq4_nl";
     case DType::IQ4_XS: return "iq4_xs";
     case DType::NF4: return "nf4";
+    case DType::NF4DQ: return "nf4dq";
   }
   return "?";
 }
@@ -258,6 +266,15 @@ void convert_to_f32(float* dst, const void* src, DType from, size_t n) {
                        std::min(kBlockChunk, nb - c) * kNf4Block);
       return;
     }
+    case DType::NF4DQ: {
+      const int64_t nb = whole_blocks(from, n);
+      const auto* s = static_cast<const uint8_t*>(src);
+#pragma omp parallel for schedule(static) if(nb > kBlockChunk)
+      for (int64_t c = 0; c < nb; c += kBlockChunk)
+        nf4dq_dequantize(s + static_cast<size_t>(c) * kNf4DqBlockBytes, dst + c * kNf4DqBlock,
+                         std::min(kBlockChunk, nb - c) * kNf4DqBlock);
+      return;
+    }
   }
 }
 
@@ -294,6 +311,7 @@ void convert_from_f32(void* dst, const float* src, DType to, size_t n) {
     case DType::IQ4_NL:
     case DType::IQ4_XS: quant_blocks(dst, src, to, n); return;
     case DType::NF4: nf4_quantize(src, static_cast<uint8_t*>(dst), static_cast<int64_t>(n)); return;
+    case DType::NF4DQ: nf4dq_quantize(src, static_cast<uint8_t*>(dst), static_cast<int64_t>(n)); return;
     default: MOE_FAIL("convert_from_f32: cannot convert to %s", dtype_name(to));
   }
 }

@@ -19,19 +19,19 @@
 
 namespace moe {
 
-enum class DType : uint8_t { F32, BF16, F16, I32, I64, U8, F64, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, NF4, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS };
+enum class DType : uint8_t { F32, BF16, F16, I32, I64, U8, F64, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, NF4, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS, NF4DQ };
 
 // True for the ggml block types (Q8_0 ... Q6_K): the ones with integer kernels.
 bool dtype_is_quant(DType t);
-// True for every block type: the ggml ones and NF4 (core/nf4.h, QLoRA's frozen base), which
-// ops dequantize by row blocks instead.
+// True for every block type: the ggml ones and NF4 / NF4DQ (core/nf4.h, QLoRA's frozen base),
+// which ops dequantize by row blocks instead.
 bool dtype_is_block(DType t);
-// Values per block: 32 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL), 64 (NF4), 256 (Q2_K ... Q6_K, IQ4_XS),
+// Values per block: 32 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL), 64 (NF4), 256 (Q2_K ... Q6_K, IQ4_XS, NF4DQ),
 // 1 for element types.
 int64_t dtype_block_elems(DType t);
 // Bytes of n values of t (n a multiple of the block size: throws moe::Error otherwise).
 size_t dtype_nbytes(DType t, int64_t n);
-// Parses "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "nf4" (any case); false
+// Parses "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "nf4", "nf4dq" (any case); false
 // for anything else.
 bool dtype_from_quant_name(const std::string& s, DType* out);
 

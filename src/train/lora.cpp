@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "core/file_util.h"
@@ -449,42 +450,62 @@ void merge_lora(const ModelConfig& c, ModelWeights& w) {
 }
 
 std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt) {
-  MOE_CHECK(dt == DType::NF4 || dt == DType::Q8_0, "quantize_frozen_base: %s is not a QLoRA storage type (nf4, q8_0)",
-            dtype_name(dt));
-  int64_t n_q = 0, n_kept = 0;
+  MOE_CHECK(dt == DType::NF4 || dt == DType::NF4DQ || dt == DType::Q8_0,
+            "quantize_frozen_base: %s is not a QLoRA storage type (nf4, nf4dq, q8_0)", dtype_name(dt));
+  int64_t n_q = 0, n_kept = 0, n_plain = 0;
   size_t before = 0, after = 0;
-  auto quantizable = [&](const Tensor& t) {
-    return t.dtype() == dt || (t.dim(-1) % dtype_block_elems(dt) == 0 &&
-                               (t.dtype() == DType::F32 || t.dtype() == DType::BF16 || t.dtype() == DType::F16));
+  // The storage for a tensor: dt where its rows are whole blocks, else NF4 under NF4DQ (rows of
+  // 64 but not 256 values), else none (kept float). A tensor already in a block type stays so.
+  auto storage = [&](const Tensor& t) -> std::optional<DType> {
+    if (dtype_is_block(t.dtype())) return t.dtype();
+    if (t.dtype() != DType::F32 && t.dtype() != DType::BF16 && t.dtype() != DType::F16) return std::nullopt;
+    for (DType d : {dt, dt == DType::NF4DQ ? DType::NF4 : dt})
+      if (t.dim(-1) % dtype_block_elems(d) == 0) return d;
+    return std::nullopt;
   };
-  auto q = [&](Tensor& t) {
-    if (!t.defined()) return;
-    if (t.dtype() == dt) return;
-    if (!quantizable(t)) {
+  auto q = [&](Tensor& t, std::optional<DType> d) {
+    if (!t.defined() || dtype_is_block(t.dtype())) return;
+    if (!d) {
       ++n_kept;
       return;
     }
     before += t.nbytes();
-    t = t.to_dtype(dt, MemCategory::QuantWeights);
+    t = t.to_dtype(*d, MemCategory::QuantWeights);
     after += t.nbytes();
     ++n_q;
+    n_plain += *d != dt;
   };
   for (LayerWeights& lw : w.layers) {
     // MLA: kv_b_proj stays float (the absorbed inference products read it as f32).
-    for (Tensor* t : {&lw.wqkv, &lw.wo, &lw.shared_w1, &lw.shared_w3, &lw.shared_w2, &lw.wq_a, &lw.wq_b, &lw.wkv_a}) q(*t);
+    for (Tensor* t : {&lw.wqkv, &lw.wo, &lw.shared_w1, &lw.shared_w3, &lw.shared_w2, &lw.wq_a, &lw.wq_b, &lw.wkv_a})
+      if (t->defined()) q(*t, storage(*t));
     // The routed experts' training ops take one dtype for w1, w3 and w2, so the three are
-    // quantized together or kept float together (e.g. w2 [E,D,F] with F = 32 under NF4's blocks
-    // of 64); a dense MLP's projections are separate linears.
-    if (lw.is_moe && lw.w1.defined() && !(quantizable(lw.w1) && quantizable(lw.w3) && quantizable(lw.w2))) {
-      n_kept += 3;
+    // stored alike: the first type all three take (e.g. w2 [E,D,F] with F = 32 under NF4's blocks
+    // of 64 keeps all three float; F = 1408 under NF4DQ's 256 makes all three plain NF4).
+    if (lw.is_moe && lw.w1.defined()) {
+      std::optional<DType> d;
+      for (DType cand : {dt, dt == DType::NF4DQ ? DType::NF4 : dt}) {
+        bool all = true;
+        for (const Tensor* t : {&lw.w1, &lw.w3, &lw.w2}) {
+          const std::optional<DType> s = storage(*t);
+          all &= s.has_value() && (dtype_is_block(t->dtype()) || t->dim(-1) % dtype_block_elems(cand) == 0);
+        }
+        if (all) {
+          d = cand;
+          break;
+        }
+      }
+      for (Tensor* t : {&lw.w1, &lw.w3, &lw.w2}) q(*t, d);
     } else {
-      for (Tensor* t : {&lw.w1, &lw.w3, &lw.w2}) q(*t);
+      for (Tensor* t : {&lw.w1, &lw.w3, &lw.w2})
+        if (t->defined()) q(*t, storage(*t));
     }
     set_qkv_views(c, lw);
   }
-  char buf[200];
-  std::snprintf(buf, sizeof buf, "base quantized to %s: %lld tensors, %.2f MiB -> %.2f MiB%s", dtype_name(dt),
+  char buf[300];
+  std::snprintf(buf, sizeof buf, "base quantized to %s: %lld tensors, %.2f MiB -> %.2f MiB%s%s", dtype_name(dt),
                 (long long)n_q, double(before) / 1048576.0, double(after) / 1048576.0,
+                n_plain ? (", " + std::to_string(n_plain) + " as plain nf4 (rows not whole 256-value blocks)").c_str() : "",
                 n_kept ? (", " + std::to_string(n_kept) + " kept float (rows not whole blocks)").c_str() : "");
   return buf;
 }

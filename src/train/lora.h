@@ -70,8 +70,9 @@ std::vector<std::pair<std::string, Tensor>> adapter_tensors(const ModelConfig& c
 void merge_lora(const ModelConfig& c, ModelWeights& w);
 
 // QLoRA: stores the frozen base's projections (q/k/v, o, routed and shared experts, dense MLPs)
-// as `dt`, replacing the float tensors: NF4 (core/nf4.h; its products dequantize block rows
-// exactly), or Q8_0 as the int8 option (blocks of 32 int8 + f16 scale; forward products use the
+// as `dt`, replacing the float tensors: NF4 or NF4DQ (core/nf4.h; their products dequantize
+// block rows exactly; under NF4DQ a projection whose rows are 64- but not 256-value blocks is
+// stored plain NF4), or Q8_0 as the int8 option (blocks of 32 int8 + f16 scale; forward products use the
 // int8 kernels, which round each activation row to int8 blocks as LLM.int8-style kernels do, and
 // backward dequantizes exactly). Embeddings, norms, routers and the LM head stay as they are. A
 // projection whose rows are not whole blocks stays float (counted); a layer's routed experts

@@ -67,6 +67,7 @@ struct TrainConfig {
   std::string adapter_init;     // start from this PEFT adapter directory (its r/alpha/targets)
   std::string base_dtype = "keep";  // frozen base in memory: keep (the file's), f32 or bf16
   bool load_in_4bit = false;    // QLoRA: the base's projections stored NF4 (quantized at load)
+  bool double_quant = false;    // ... with double-quantised absmax values (NF4DQ, core/nf4.h)
   bool load_in_8bit = false;    // ... or Q8_0 (int8 blocks)
   std::string chat_template;    // a Jinja file overriding the model's chat template
   bool packing = true;          // chat / prompt-completion data packed into rows

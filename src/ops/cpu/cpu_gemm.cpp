@@ -228,7 +228,7 @@ void widen_rows(float* dst, const uint16_t* src, DType wdt, int64_t cnt) {
   for (int64_t i = 0; i < cnt; ++i) dst[i] = wdt == DType::BF16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
 }
 
-// Rows [r0, r0+rows) of a [m,k] weight in dtype wdt (bf16, f16, NF4 or ggml blocks) as f32 in
+// Rows [r0, r0+rows) of a [m,k] weight in dtype wdt (bf16, f16, NF4(DQ) or ggml blocks) as f32 in
 // dst: block types are dequantized here, one chunk of rows at a time — the whole matrix never
 // exists in f32 (the frozen QLoRA base's backward, dX = dY·W).
 void widen_weight_rows(float* dst, const void* w, DType wdt, int64_t r0, int64_t rows, int64_t k) {
@@ -239,7 +239,7 @@ void widen_weight_rows(float* dst, const void* w, DType wdt, int64_t r0, int64_t
   widen_rows(dst, static_cast<const uint16_t*>(w) + r0 * k, wdt, rows * k);
 }
 
-// Block-quantized weights (NF4, int8: a QLoRA base) whose products run on the matrix units: each
+// Block-quantized weights (NF4, NF4DQ, int8: a QLoRA base) whose products run on the matrix units: each
 // chunk of rows dequantized and rounded to bf16 (bitsandbytes' bf16 compute dtype), then
 // multiplied as bf16 weights are. Not on the exact path, where they stay f32.
 bool block_matrix_applies(DType wdt) {
@@ -251,6 +251,10 @@ const uint16_t* bf16_weight_rows(const void* w, DType wdt, int64_t r0, int64_t r
   uint16_t* wb = scratch<uint16_t>(Scratch::GemmBf16, static_cast<size_t>(rows * k));
   if (wdt == DType::NF4) {  // straight to bf16 (the same values as through f32)
     nf4_dequantize_bf16(static_cast<const uint8_t*>(w) + dtype_nbytes(wdt, r0 * k), wb, rows * k);
+    return wb;
+  }
+  if (wdt == DType::NF4DQ) {
+    nf4dq_dequantize_bf16(static_cast<const uint8_t*>(w) + dtype_nbytes(wdt, r0 * k), wb, rows * k);
     return wb;
   }
   float* wf = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(rows * k));
@@ -319,7 +323,7 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
     gemm_xwt_bf16dot(out, ldo, x, static_cast<const uint16_t*>(w), n, m, k, accumulate);
     return;
   }
-  // From here block types (NF4; the ggml types on the exact path) are dequantized by row chunks.
+  // From here block types (NF4, NF4DQ; the ggml types on the exact path) are dequantized by row chunks.
   // Few rows, and up to kStreamMaxRows for 16-bit weights (which BLAS would need widened
   // first): the streaming kernel.
   if (!dtype_is_block(wdt) && (n <= kGemvMaxRows || (n <= kStreamMaxRows && wdt != DType::F32))) {
