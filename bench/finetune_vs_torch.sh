@@ -8,7 +8,7 @@
 #   qlora     the same with the base's projections stored NF4 (the peer: its LoRA, f32 base —
 #             it has no 4-bit path; bitsandbytes is not in Debian)
 # Targets: training memory overhead <= 0.5x the peer's, tokens/s >= 2x. Reported, never asserted.
-# Usage: bench/finetune_vs_torch.sh [OUT_DIR]   (env as train_vs_torch.sh: MOE, THREADS, STEPS)
+# Usage: bench/finetune_vs_torch.sh [OUT_DIR]   (env as train_vs_torch.sh: MOE, THREADS, STEPS, DTYPE, ROUNDS)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:-$ROOT/bench/results/finetune-$(date -u +%F)}"

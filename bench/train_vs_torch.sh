@@ -24,6 +24,10 @@
 # (bench/results/train-2026-12-02-c). Our engine has one pool (libgomp, OpenBLAS-openmp) and runs
 # with libgomp's default policy (MOE_OMP_WAIT_POLICY to override): passive made it 5-13% slower
 # on the small preset, as every short parallel region then wakes sleeping threads.
+# ROUNDS=N (default 1): each case runs N alternated rounds (ours, then the peer's) and each side
+#        is reported by its fastest round, every round's tokens/s listed beside it: on a shared VM
+#        a program's speed moves 10-30% between minutes, and alternating keeps one slow minute from
+#        deciding a ratio.
 # Needs bench/setup_torch.sh once (python3-torch, python3-numpy, pthread OpenBLAS).
 # Never fails on time: the numbers are reported, not asserted.
 set -euo pipefail
@@ -32,6 +36,7 @@ MOE="${MOE:-$ROOT/build/moe}"
 OUT="${1:-$ROOT/bench/results/train-$(date -u +%F)}"
 THREADS="${THREADS:-2}"
 STEPS="${STEPS:-3}"
+ROUNDS="${ROUNDS:-1}"
 MODE="${MODE:-full}"
 DTYPE="${DTYPE:-f32}"
 TARGETS="${TARGETS:-q_proj,k_proj,v_proj,o_proj}"
@@ -68,26 +73,31 @@ note_load() {  # the machine's load next to every measurement: > cores means a s
     "OMP_WAIT_POLICY: moe ${MOE_OMP_WAIT_POLICY:-default}, peer ${PEER_OMP_WAIT_POLICY}"
 }
 
-# run_case NAME MODEL_DIR BATCH SEQ [extra moe args...]
+# run_case NAME MODEL_DIR BATCH SEQ [extra moe args...]: ROUNDS alternated rounds; round r > 1
+# logs to NAME-moe-rR.log, NAME-torch-rR.log, NAME-torch-f32-rR.log.
 run_case() {
   local name="$1" dir="$2" batch="$3" seq="$4"
   shift 4
-  echo "== $name: batch $batch x seq $seq, $STEPS timed steps after 1 warm-up, $THREADS threads"
-  { note_load; echo "\$ moe bench ${MOE_BENCH[*]} --model $dir --batch $batch --seq $seq --steps $STEPS --warmup-steps 1 --json $* ${MOE_ARGS:-}"; } \
-    > "$OUT/$name-moe.log"
-  # shellcheck disable=SC2086  # MOE_ARGS is a list of flags
-  env "${MOE_ENV[@]}" "$MOE" bench "${MOE_BENCH[@]}" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup-steps 1 --json "$@" ${MOE_ARGS:-} \
-    >> "$OUT/$name-moe.log" 2>&1
-  note_load >> "$OUT/$name-moe.log"
-  local pdt log
-  for pdt in "${PEER_DTYPES[@]}"; do
-    log="$OUT/$name-torch.log"
-    [[ "$pdt" == float32 && ${#PEER_DTYPES[@]} -gt 1 ]] && log="$OUT/$name-torch-f32.log"
-    { note_load; echo "\$ torch_moe_baseline.py ${PEER_MODE[*]} --dtype $pdt --model $dir --batch $batch --seq $seq --steps $STEPS --threads $THREADS --json"; } \
-      > "$log"
-    OMP_WAIT_POLICY="$PEER_OMP_WAIT_POLICY" "$PY" "$TORCH_PY" "${PEER_MODE[@]}" --dtype "$pdt" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup 1 \
-      --threads "$THREADS" --json >> "$log" 2>&1
-    note_load >> "$log"
+  echo "== $name: batch $batch x seq $seq, $STEPS timed steps after 1 warm-up, $THREADS threads, $ROUNDS round(s)"
+  local round sfx pdt log
+  for ((round = 1; round <= ROUNDS; round++)); do
+    sfx=""
+    ((round > 1)) && sfx="-r$round"
+    { note_load; echo "\$ moe bench ${MOE_BENCH[*]} --model $dir --batch $batch --seq $seq --steps $STEPS --warmup-steps 1 --json $* ${MOE_ARGS:-}"; } \
+      > "$OUT/$name-moe$sfx.log"
+    # shellcheck disable=SC2086  # MOE_ARGS is a list of flags
+    env "${MOE_ENV[@]}" "$MOE" bench "${MOE_BENCH[@]}" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup-steps 1 --json "$@" ${MOE_ARGS:-} \
+      >> "$OUT/$name-moe$sfx.log" 2>&1
+    note_load >> "$OUT/$name-moe$sfx.log"
+    for pdt in "${PEER_DTYPES[@]}"; do
+      log="$OUT/$name-torch$sfx.log"
+      [[ "$pdt" == float32 && ${#PEER_DTYPES[@]} -gt 1 ]] && log="$OUT/$name-torch-f32$sfx.log"
+      { note_load; echo "\$ torch_moe_baseline.py ${PEER_MODE[*]} --dtype $pdt --model $dir --batch $batch --seq $seq --steps $STEPS --threads $THREADS --json"; } \
+        > "$log"
+      OMP_WAIT_POLICY="$PEER_OMP_WAIT_POLICY" "$PY" "$TORCH_PY" "${PEER_MODE[@]}" --dtype "$pdt" --model "$dir" --batch "$batch" --seq "$seq" --steps "$STEPS" --warmup 1 \
+        --threads "$THREADS" --json >> "$log" 2>&1
+      note_load >> "$log"
+    done
   done
 }
 
@@ -103,14 +113,20 @@ run_case small "$WORK/small" 4 256 "${SWEEP[@]}"
 cp "$WORK/mixtral2l/config.json" "$OUT/mixtral2l-config.json"
 run_case mixtral2l "$WORK/mixtral2l" 4 256 "${SWEEP[@]}"
 
-"$PY" - "$OUT" <<'PY' | tee "$OUT/summary.txt"
+"$PY" - "$OUT" "$ROUNDS" <<'PY' | tee "$OUT/summary.txt"
 import json, sys
-out = sys.argv[1]
-def last_json(path):
+out, rounds = sys.argv[1], int(sys.argv[2])
+def one_json(path):
     for line in reversed(open(path).read().splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     raise SystemExit(f"{path}: no JSON line (see the log)")
+def last_json(path):
+    """The fastest of the rounds' results for one log name (path, path-r2, ...); all rounds' tok/s kept in it."""
+    runs = [one_json(path if r == 1 else path[:-4] + f"-r{r}.log") for r in range(1, rounds + 1)]
+    best = max(runs, key=lambda j: j["tokens_per_s"])
+    best["round_tokens_per_s"] = [j["tokens_per_s"] for j in runs]
+    return best
 mib = 2 ** 20
 print(f"{'case':<10} {'moe tok/s':>10} {'torch tok/s':>11} {'ratio':>6} (>=2) | {'moe ovh MiB':>11} {'torch ovh MiB':>13} "
       f"{'ratio':>6} (<=0.5) | {'expert GEMM % peak':>18} (>=50) | act E8->E32")
@@ -138,6 +154,9 @@ for name in ("small", "mixtral2l"):
           f"measured vs {m['activations_layout_bytes'] / mib:.1f} MiB layout; peaks " +
           ", ".join(f"{k} {v / mib:.1f}" for k, v in m["mem_peak_bytes"].items()) + " MiB")
     print(f"{'':<10} moe weights {m.get('weight_dtype', 'f32')}{' (bf16 matrix units)' if m.get('bf16_matrix') else ''}; {peer_note}")
+    if rounds > 1:
+        print(f"{'':<10} rounds (fastest reported): moe " + " ".join(f"{x:.1f}" for x in m["round_tokens_per_s"]) +
+              f" | peer {t.get('dtype', 'float32')} " + " ".join(f"{x:.1f}" for x in t["round_tokens_per_s"]) + " tok/s")
     print(f"{'':<10} losses moe {' '.join(f'{x:.4f}' for x in m['losses'])} | torch {' '.join(f'{x:.4f}' for x in t['losses'])}")
     if "model_flops_per_step" in m:
         # Whole-step utilisation: the same model FLOPs (planner count) over each step time, against
