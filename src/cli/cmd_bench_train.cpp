@@ -64,6 +64,9 @@ struct TrainBenchOpts {
   int64_t lora_r = 16;
   double lora_alpha = 16;
   std::string targets = "q_proj,k_proj,v_proj,o_proj";
+  // The first prompt_frac of every sequence carries no loss (labels -100), as the prompt of
+  // chat fine-tuning data: those rows skip the LM head.
+  double prompt_frac = 0;
 };
 
 // A field of /proc/self/status in bytes ("VmRSS", "VmHWM"); 0 when unreadable.
@@ -184,6 +187,15 @@ Tensor random_ids(Rng& rng, int64_t b, int64_t s, int64_t vocab) {
   Tensor ids = Tensor::empty({b, s}, DType::I32, MemCategory::Workspace);
   for (int64_t i = 0; i < b * s; ++i) ids.data<int32_t>()[i] = int32_t(rng.next() % uint64_t(vocab));
   return ids;
+}
+
+// The labels of a bench batch: the ids, with the first `frac` of every row -100 (a prompt).
+Tensor prompt_masked(const Tensor& ids, double frac) {
+  if (frac <= 0) return ids;
+  Tensor l = Tensor::empty(ids.shape(), DType::I32, MemCategory::Workspace);
+  const int64_t s = ids.dim(1), cut = int64_t(frac * double(s));
+  for (int64_t i = 0; i < ids.numel(); ++i) l.data<int32_t>()[i] = i % s < cut ? -100 : ids.data<int32_t>()[i];
+  return l;
 }
 
 struct ExpertTiming {
@@ -354,7 +366,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   double phase_sum[StepLosses::kPhases] = {};  // over the timed steps
   StepLosses last;
   for (int64_t step = 0; step < o.warmup + o.steps; ++step) {
-    Tensor ids = random_ids(rng, o.batch, o.seq, mc.vocab_size);
+    Tensor ids = random_ids(rng, o.batch, o.seq, mc.vocab_size), labels = prompt_masked(ids, o.prompt_frac);
     const double t0 = now_seconds();
     for (const NamedParam& g : gparams) std::memset(g.value.raw(), 0, g.value.nbytes());
     for (auto& row : touched) std::fill(row.begin(), row.end(), false);
@@ -366,7 +378,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
     StepLosses r;
     double t_opt = 0;  // seconds in AdamW this step
     if (o.fused) {
-      r = forward_backward_fused(fm, ids, ids, lopt, [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
+      r = forward_backward_fused(fm, ids, labels, lopt, [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
         if (group == kGroupHead) mark(fw);
         const double t1 = now_seconds();
         opt.step_group(o.lr, touched, group_parameters(mc, g, group));
@@ -374,7 +386,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
         t_opt += now_seconds() - t1;
       });
     } else {
-      r = forward_backward(fm, ids, ids, &grads, lopt);
+      r = forward_backward(fm, ids, labels, &grads, lopt);
       mark(r);
       clip_grad_norm(gparams, o.clip);
       const double t1 = now_seconds();
@@ -465,10 +477,14 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   for (const std::string& t : parse_target_modules(o.targets))
     if (t != "q_proj" && t != "k_proj" && t != "v_proj" && t != "o_proj") job.lora_targets = LoraTargets::All;
   const double model_flops = flops_per_token(plan_model_from_config(mc), job) * double(o.batch * o.seq);
-  std::printf("model FLOPs (planner: %s): %.2f GFLOP per step -> %.1f GFLOP/s at the median step = %.1f%% of the "
-              "%s\n",
-              o.finetune ? "2 x forward + 6 x adapter params per token" : "3 x forward: 6 x active params per token + causal attention", model_flops / 1e9,
-              model_flops / step_s / 1e9, 100.0 * model_flops / step_s / peak, peak_name);
+  if (o.prompt_frac > 0)
+    std::printf("model FLOPs: no utilisation with --prompt-frac (the planner's count includes the LM head of the prompt "
+                "rows, which the step skips)\n");
+  else
+    std::printf("model FLOPs (planner: %s): %.2f GFLOP per step -> %.1f GFLOP/s at the median step = %.1f%% of the "
+                "%s\n",
+                o.finetune ? "2 x forward + 6 x adapter params per token" : "3 x forward: 6 x active params per token + causal attention", model_flops / 1e9,
+                model_flops / step_s / 1e9, 100.0 * model_flops / step_s / peak, peak_name);
   std::printf("memory peaks during the steps (tracked):");
   for (int c = 0; c < kNumMemCategories; ++c)
     if (st.peak[dev][c] > 0) std::printf(" %s %.1f MiB", mem_category_name(MemCategory(c)), mib(double(st.peak[dev][c])));
@@ -483,7 +499,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   nlohmann::json j = {{"bench", o.finetune ? "finetune" : "train"}, {"model", what}, {"model_type", mc.model_type}, {"layers", mc.n_layer},
                       {"hidden", mc.hidden_size}, {"ffn", mc.moe_intermediate_size}, {"experts", mc.n_expert},
                       {"topk", mc.n_expert_used}, {"vocab", mc.vocab_size}, {"params_total", m.n_params_total()},
-                      {"batch", o.batch}, {"seq", o.seq}, {"steps", o.steps}, {"warmup", o.warmup},
+                      {"batch", o.batch}, {"seq", o.seq}, {"steps", o.steps}, {"warmup", o.warmup}, {"prompt_frac", o.prompt_frac},
                       {"threads", threads}, {"recompute", o.recompute}, {"fused_update", o.fused},
                       {"optimizer_dtype", o.optim_dtype}, {"clip", o.clip}, {"step_time_s_median", step_s},
                       {"step_times_s", times}, {"tokens_per_s", tok_s},
@@ -583,6 +599,11 @@ CLI::App* add_train_like_bench(CLI::App* bench, bool finetune) {
   cmd->add_option("--steps", o->steps, "timed steps (the median is reported)")->capture_default_str()
       ->check(CLI::Range(1, 10000));
   cmd->add_option("--warmup-steps", o->warmup, "untimed steps first")->capture_default_str()->check(CLI::Range(0, 1000));
+  cmd->add_option("--prompt-frac", o->prompt_frac,
+                  "the first fraction of every sequence carries no loss (labels -100, as a chat prompt); those rows "
+                  "skip the LM head")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--lr", o->lr, "AdamW learning rate")->capture_default_str();
   cmd->add_option("--clip", o->clip, "global gradient-norm clip (0 = off)")->capture_default_str();
   cmd->add_option("--seed", o->seed, "weights and tokens seed")->capture_default_str();

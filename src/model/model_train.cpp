@@ -46,6 +46,49 @@ void prepare_batch(const ModelConfig& c, const Tensor& ids_in, const Tensor& lab
   }
 }
 
+// Moves the rows of h [T,D] whose target is not -100 to the front, in order, with their
+// targets [T]; returns each kept row's original index followed by T (the sentinel), or nothing
+// when every row has a target (nothing moved).
+std::vector<int64_t> compact_target_rows(Tensor& h, Tensor& targets) {
+  const int64_t t_n = targets.numel(), d = h.dim(1);
+  int32_t* tg = targets.data<int32_t>();
+  int64_t n = 0;
+  for (int64_t i = 0; i < t_n; ++i) n += tg[i] != -100;
+  if (n == t_n) return {};
+  std::vector<int64_t> kept;
+  kept.reserve(size_t(n + 1));
+  float* hp = h.data<float>();
+  for (int64_t i = 0; i < t_n; ++i) {
+    if (tg[i] == -100) continue;
+    const int64_t j = int64_t(kept.size());
+    if (j != i) {
+      std::memcpy(hp + j * d, hp + i * d, size_t(d) * sizeof(float));
+      tg[j] = tg[i];
+    }
+    kept.push_back(i);
+  }
+  kept.push_back(t_n);
+  return kept;
+}
+
+// The inverse for the head's input gradient dh [T,D], whose first rows are the kept rows'
+// (compact_target_rows): each goes back to its row, and the rows without a target get 0.
+void spread_target_rows(Tensor& dh, const std::vector<int64_t>& kept) {
+  if (kept.empty()) return;
+  const int64_t n = int64_t(kept.size()) - 1, d = dh.dim(1);
+  float* p = dh.data<float>();
+  // From the last: row kept[j] >= j, so no source row is overwritten before it is read.
+  for (int64_t j = n; j-- > 0;)
+    if (kept[size_t(j)] != j) std::memcpy(p + kept[size_t(j)] * d, p + j * d, size_t(d) * sizeof(float));
+  for (int64_t j = 0, i = 0; i < dh.dim(0); ++i) {
+    if (j < n && kept[size_t(j)] == i) {
+      ++j;
+      continue;
+    }
+    std::memset(p + i * d, 0, size_t(d) * sizeof(float));
+  }
+}
+
 // The tensors one layer computes with: its own saved set (Training), or the shared set with
 // the layer's kept input (TrainingRecompute). Tensors share storage; this copies handles only.
 LayerActs layer_view(const LayerActs& own, const LayerActs& shared, bool recompute) {
@@ -422,9 +465,15 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   const float ce_scale = res.n_targets > 0 ? 1.0f / float(res.n_targets) : 0.0f;
   Tensor dfinal_h = step.dx_in;  // [T,D]: dx_in is free until the first layer's backward
   const Tensor& row_loss = step.row_loss;
+  // Rows without a target (the prompt of chat data, padding) need no logits: their loss and
+  // gradient are zero. The rows with one are moved to the front of final_h and targets (in
+  // place, in order; neither is read after the head) and the head runs on those alone — the
+  // LM head is most of a fine-tuning step's products, so a half-prompt batch saves a quarter.
+  const std::vector<int64_t> kept = compact_target_rows(shared.final_h, step.targets);
+  const int64_t h_n = kept.empty() ? t_n : int64_t(kept.size()) - 1;
   double ce_sum = 0;
-  for (int64_t r0 = 0; r0 < t_n; r0 += lay.logits_chunk) {
-    const int64_t r1 = std::min(t_n, r0 + lay.logits_chunk), n = r1 - r0;
+  for (int64_t r0 = 0; r0 < h_n; r0 += lay.logits_chunk) {
+    const int64_t r1 = std::min(h_n, r0 + lay.logits_chunk), n = r1 - r0;
     Tensor lg = shared.logits.rows(0, n), h = shared.final_h.rows(r0, r1), tg = targets.rows(r0, r1);
     Tensor rl = row_loss.rows(0, n);
     linear_forward(lg, h, w.lm_head, Tensor());
@@ -438,6 +487,7 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
       linear_backward(dh, grads->lm_head, none, lg, h, w.lm_head, false);
     }
   }
+  if (grads) spread_target_rows(dfinal_h, kept);
   if (opt.batch) opt.batch->all_reduce_sum(&ce_sum, 1);
   res.loss_ce = res.n_targets > 0 ? ce_sum / double(res.n_targets) : 0.0;
   res.total = res.loss_ce + opt.aux_coef * res.aux_loss + opt.z_coef * res.z_loss;

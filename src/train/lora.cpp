@@ -454,15 +454,20 @@ std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt
             "quantize_frozen_base: %s is not a QLoRA storage type (nf4, nf4dq, q8_0)", dtype_name(dt));
   int64_t n_q = 0, n_kept = 0, n_plain = 0;
   size_t before = 0, after = 0;
-  // The storage for a tensor: dt where its rows are whole blocks, else NF4 under NF4DQ (rows of
-  // 64 but not 256 values), else none (kept float). A tensor already in a block type stays so.
-  auto storage = [&](const Tensor& t) -> std::optional<DType> {
-    if (dtype_is_block(t.dtype())) return t.dtype();
-    if (t.dtype() != DType::F32 && t.dtype() != DType::BF16 && t.dtype() != DType::F16) return std::nullopt;
-    for (DType d : {dt, dt == DType::NF4DQ ? DType::NF4 : dt})
-      if (t.dim(-1) % dtype_block_elems(d) == 0) return d;
+  // The storage of tensors stored alike: the first candidate whose blocks tile every row (under
+  // NF4DQ, plain NF4 for rows of 64 but not 256 values); none: they stay float.
+  const std::vector<DType> cands = dt == DType::NF4DQ ? std::vector{DType::NF4DQ, DType::NF4} : std::vector{dt};
+  auto storage = [&](std::initializer_list<const Tensor*> ts) -> std::optional<DType> {
+    for (DType d : cands) {
+      bool all = true;
+      for (const Tensor* t : ts)
+        all &= (t->dtype() == DType::F32 || t->dtype() == DType::BF16 || t->dtype() == DType::F16) &&
+               t->dim(-1) % dtype_block_elems(d) == 0;
+      if (all) return d;
+    }
     return std::nullopt;
   };
+  // Tensors already in a block type (a bitsandbytes checkpoint's NF4) stay as they are.
   auto q = [&](Tensor& t, std::optional<DType> d) {
     if (!t.defined() || dtype_is_block(t.dtype())) return;
     if (!d) {
@@ -478,27 +483,16 @@ std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt
   for (LayerWeights& lw : w.layers) {
     // MLA: kv_b_proj stays float (the absorbed inference products read it as f32).
     for (Tensor* t : {&lw.wqkv, &lw.wo, &lw.shared_w1, &lw.shared_w3, &lw.shared_w2, &lw.wq_a, &lw.wq_b, &lw.wkv_a})
-      if (t->defined()) q(*t, storage(*t));
+      if (t->defined()) q(*t, storage({t}));
     // The routed experts' training ops take one dtype for w1, w3 and w2, so the three are
-    // stored alike: the first type all three take (e.g. w2 [E,D,F] with F = 32 under NF4's blocks
-    // of 64 keeps all three float; F = 1408 under NF4DQ's 256 makes all three plain NF4).
+    // stored alike (e.g. w2 [E,D,F] with F = 32 under NF4's blocks of 64 keeps all three float;
+    // F = 1408 under NF4DQ's 256 makes all three plain NF4); a dense MLP's are separate linears.
     if (lw.is_moe && lw.w1.defined()) {
-      std::optional<DType> d;
-      for (DType cand : {dt, dt == DType::NF4DQ ? DType::NF4 : dt}) {
-        bool all = true;
-        for (const Tensor* t : {&lw.w1, &lw.w3, &lw.w2}) {
-          const std::optional<DType> s = storage(*t);
-          all &= s.has_value() && (dtype_is_block(t->dtype()) || t->dim(-1) % dtype_block_elems(cand) == 0);
-        }
-        if (all) {
-          d = cand;
-          break;
-        }
-      }
+      const std::optional<DType> d = storage({&lw.w1, &lw.w3, &lw.w2});
       for (Tensor* t : {&lw.w1, &lw.w3, &lw.w2}) q(*t, d);
     } else {
       for (Tensor* t : {&lw.w1, &lw.w3, &lw.w2})
-        if (t->defined()) q(*t, storage(*t));
+        if (t->defined()) q(*t, storage({t}));
     }
     set_qkv_views(c, lw);
   }
