@@ -42,6 +42,12 @@ Tracker& tracker() {
 //   Small blocks: kept up to kMaxKeptSmallBytes in all and never flushed by a miss (a flush
 //     would drop blocks the rest of the step needs, and the misses that follow would repeat
 //     every step); a miss simply takes a new block.
+//   A large allocation that finds no kept block of its size takes the smallest kept one of up
+//     to twice its size before mapping a new one: the routed experts' scratch follows their
+//     largest row count, which moves between powers of two from step to step, and each new size
+//     mapped, faulted in and zeroed ~26 MiB a step (Mixtral-shaped, 2 layers) and evicted blocks
+//     of the steady sizes. Such a block is accounted, kept and unmapped at its own size (a small
+//     table maps it to that size while it is lent out).
 // The table of kept blocks is a fixed array (keeping a block must not allocate); when it is
 // full a freed block goes back to the system at once. Sanitizer builds keep nothing, so that
 // ASan sees every use after free.
@@ -50,6 +56,7 @@ constexpr size_t kMapThreshold = size_t(256) << 10;
 constexpr size_t kMapGranule = size_t(64) << 10;
 constexpr size_t kMaxKeptBlocks = 4096;
 constexpr size_t kMaxKeptSmallBytes = size_t(32) << 20;
+constexpr size_t kMaxLent = 256;
 
 struct KeptBlock {
   size_t size;
@@ -63,6 +70,9 @@ struct BlockCache {
   size_t small_bytes = 0;  // kept bytes of small blocks
   size_t large_live = 0, large_kept = 0, large_high = 0;  // large blocks: in use, kept, peak in use
   std::atomic<int64_t> system_allocs{0};
+  // Large blocks lent out for a smaller request: the pointer and the block's own size.
+  KeptBlock lent[kMaxLent];
+  size_t n_lent = 0;
 };
 
 BlockCache& block_cache() {
@@ -123,6 +133,23 @@ void* host_alloc(size_t size) {
       }
       return p;
     }
+    if (is_large(size) && c.n_lent < kMaxLent) {
+      size_t best = SIZE_MAX;
+      for (size_t i = 0; i < c.n_kept; ++i) {
+        const size_t k = c.kept[i].size;
+        if (k > size && k <= 2 * size && (best == SIZE_MAX || k < c.kept[best].size)) best = i;
+      }
+      if (best != SIZE_MAX) {
+        const KeptBlock b = c.kept[best];
+        std::memmove(&c.kept[best], &c.kept[best + 1], (c.n_kept - best - 1) * sizeof(KeptBlock));
+        --c.n_kept;
+        c.large_kept -= b.size;
+        c.large_live += b.size;
+        c.large_high = std::max(c.large_high, c.large_live);
+        c.lent[c.n_lent++] = b;
+        return b.p;
+      }
+    }
     if (is_large(size)) {
       c.large_live += size;
       c.large_high = std::max(c.large_high, c.large_live);
@@ -147,6 +174,12 @@ void host_free(void* p, size_t size) {
   BlockCache& c = block_cache();
   if (!MOE_ASAN) {
     std::lock_guard<std::mutex> lock(c.mu);
+    for (size_t i = 0; is_large(size) && i < c.n_lent; ++i)
+      if (c.lent[i].p == p) {  // a larger block lent for this request: back at its own size
+        size = c.lent[i].size;
+        c.lent[i] = c.lent[--c.n_lent];
+        break;
+      }
     if (is_large(size)) c.large_live -= size;
     const bool small_full = !is_large(size) && c.small_bytes + size > kMaxKeptSmallBytes;
     if (c.n_kept < kMaxKeptBlocks && !small_full) {
