@@ -172,6 +172,37 @@ TEST(DecodeAllocCounters, CountWhatAllocates) {
   EXPECT_EQ(now_counts().blocks - c3.blocks, 0);
 }
 
+// A large request with no kept block of its size borrows the smallest kept block of up to twice
+// its size (the experts' scratch moves between powers of two), and that block comes back at its
+// own size: a later request of the original size reuses it. A block more than twice the request
+// is not lent.
+TEST(DecodeAllocCounters, LargeBlocksLentUpToTwiceTheRequest) {
+  mem_trim();
+  void* big = nullptr;
+  {
+    Tensor t = Tensor::empty({1 << 20}, DType::F32, MemCategory::Workspace);  // 4 MiB
+    big = t.raw();
+  }
+  Counts c = now_counts();
+  {
+    Tensor t = Tensor::empty({600 * 1024}, DType::F32, MemCategory::Workspace);  // 2.3 MiB: lent the 4 MiB
+    EXPECT_EQ(t.raw(), big);
+  }
+  EXPECT_EQ(now_counts().blocks - c.blocks, 0);
+  c = now_counts();
+  {
+    Tensor t = Tensor::empty({1 << 20}, DType::F32, MemCategory::Workspace);  // back at 4 MiB: reused
+    EXPECT_EQ(t.raw(), big);
+  }
+  EXPECT_EQ(now_counts().blocks - c.blocks, 0);
+  c = now_counts();
+  {
+    Tensor t = Tensor::empty({400 * 1024}, DType::F32, MemCategory::Workspace);  // 1.6 MiB: more than 2x
+    EXPECT_NE(t.raw(), big);
+  }
+  EXPECT_EQ(now_counts().blocks - c.blocks, 1);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, DecodeAlloc, testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"));
 #else
 TEST(DecodeAlloc, SkippedUnderSanitizers) {
