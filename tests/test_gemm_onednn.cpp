@@ -304,19 +304,22 @@ TEST(OneDnnGemm, Bf16BackwardMatchesFloat64ProductsOfRoundedFactors) {
   }
 }
 
-// A QLoRA base (NF4) under bf16 products: each chunk of the weight's rows dequantized, rounded
-// to bf16 and multiplied on the matrix units, forward (x·wᵀ) and backward (dY·w); k 8192 makes
-// the chunks 128 rows, so m 300 takes three (the backward's later chunks accumulate, and read
-// x's columns at an offset with x's full row stride).
+// A QLoRA base (NF4, and NF4 with double-quantised absmax values) under bf16 products: each
+// chunk of the weight's rows dequantized, rounded to bf16 and multiplied on the matrix units,
+// forward (x·wᵀ) and backward (dY·w); k 8192 makes the chunks 128 rows, so m 300 takes three
+// (the backward's later chunks accumulate, and read x's columns at an offset with x's full row
+// stride).
 TEST(OneDnnGemm, Nf4ChunksMatchFloat64ProductsOfRoundedFactors) {
   if (!cpu::bf16_matrix_available())
     GTEST_SKIP() << "SKIPPED: no AMX / AVX512-BF16 here (oneDNN ISA " << cpu::onednn_isa_name() << ")";
+  for (DType qdt : {DType::NF4, DType::NF4DQ}) {
+  SCOPED_TRACE(dtype_name(qdt));
   const int64_t n = 9, m = 300, k = 8192;
   const auto wf = random_vec(size_t(m * k), 400);
-  std::vector<uint8_t> wq(size_t(m * k / kNf4Block) * kNf4BlockBytes);
-  nf4_quantize(wf.data(), wq.data(), m * k);
+  std::vector<uint8_t> wq(dtype_nbytes(qdt, m * k));
+  convert_from_f32(wq.data(), wf.data(), qdt, size_t(m * k));
   std::vector<float> wd(wf.size());
-  nf4_dequantize(wq.data(), wd.data(), m * k);
+  convert_to_f32(wd.data(), wq.data(), qdt, size_t(m * k));
   const std::vector<float> wr = bf16_rounded(wd);
   // forward: out [n, m] += x [n, k] · wᵀ
   {
@@ -325,7 +328,7 @@ TEST(OneDnnGemm, Nf4ChunksMatchFloat64ProductsOfRoundedFactors) {
     std::vector<double> r, bound;
     reference(bf16_rounded(x), wr, out, s, &r, &bound);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
-    cpu::gemm_xwt(out.data(), m, x.data(), wq.data(), DType::NF4, n, m, k, true);
+    cpu::gemm_xwt(out.data(), m, x.data(), wq.data(), qdt, n, m, k, true);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
     expect_within(out, r, bound, s);
   }
@@ -336,9 +339,10 @@ TEST(OneDnnGemm, Nf4ChunksMatchFloat64ProductsOfRoundedFactors) {
     std::vector<double> r, bound;
     reference_xw(bf16_rounded(dy), wr, out, false, s, &r, &bound);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
-    cpu::gemm_xw(out.data(), dy.data(), wq.data(), DType::NF4, n, m, k, false);
+    cpu::gemm_xw(out.data(), dy.data(), wq.data(), qdt, n, m, k, false);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
     expect_within_back(out, r, bound, s, "xw nf4");
+  }
   }
 }
 
