@@ -47,8 +47,8 @@ void prepare_batch(const ModelConfig& c, const Tensor& ids_in, const Tensor& lab
 }
 
 // Moves the rows of h [T,D] whose target is not -100 to the front, in order, with their
-// targets [T]; returns each kept row's original index followed by T (the sentinel), or nothing
-// when every row has a target (nothing moved).
+// targets [T] (the targets after them become -100); returns each kept row's original index
+// followed by T (the sentinel), or nothing when every row has a target (nothing moved).
 std::vector<int64_t> compact_target_rows(Tensor& h, Tensor& targets) {
   const int64_t t_n = targets.numel(), d = h.dim(1);
   int32_t* tg = targets.data<int32_t>();
@@ -67,6 +67,7 @@ std::vector<int64_t> compact_target_rows(Tensor& h, Tensor& targets) {
     }
     kept.push_back(i);
   }
+  std::fill(tg + n, tg + t_n, -100);
   kept.push_back(t_n);
   return kept;
 }
@@ -469,8 +470,12 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   // gradient are zero. The rows with one are moved to the front of final_h and targets (in
   // place, in order; neither is read after the head) and the head runs on those alone — the
   // LM head is most of a fine-tuning step's products, so a half-prompt batch saves a quarter.
+  // The head runs on whole chunks (the rows after the kept ones have no target): the chunk's
+  // shapes, and with them the GEMM scratch sizes and primitives, stay those of every step.
   const std::vector<int64_t> kept = compact_target_rows(shared.final_h, step.targets);
-  const int64_t h_n = kept.empty() ? t_n : int64_t(kept.size()) - 1;
+  const int64_t h_n = kept.empty() ? t_n
+                                   : std::min(t_n, (int64_t(kept.size()) - 1 + lay.logits_chunk - 1) /
+                                                       lay.logits_chunk * lay.logits_chunk);
   double ce_sum = 0;
   for (int64_t r0 = 0; r0 < h_n; r0 += lay.logits_chunk) {
     const int64_t r1 = std::min(h_n, r0 + lay.logits_chunk), n = r1 - r0;
