@@ -1,14 +1,18 @@
 // test_head_rows.cpp — the training head computes logits only for rows that have a target
-// (model_train.cpp: rows whose label is -100 are left out of the LM head and the loss). The
-// loss over any mask must equal the cross-entropy of PyTorch's own logits (the fixture's golden
-// file) over the same positions, the gradient must be the derivative of that loss, and a batch
-// with no target at all must give a zero loss and no head gradient.
+// (model_train.cpp: when the rows whose label is -100 free whole logits chunks, the rest are
+// compacted and the head runs on those alone). The loss over any mask must equal the
+// cross-entropy of independent logits over the same positions — PyTorch's own (the fixture's
+// golden file) for the fixture batch, the inference forward's for batches long enough to
+// compact — the gradient must be the derivative of that loss, and a batch with no target at
+// all must give a zero loss and no head gradient.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <filesystem>
+#include <tuple>
 
 #include "io/safetensors.h"
+#include "model/activations.h"
 #include "model/model.h"
 #include "model/model_train.h"
 
@@ -26,8 +30,8 @@ Model load_f32() {
   return Model::load(kDir, lo);
 }
 
-// Labels [2,16] i64: the fixture's, with positions [0, first) of every row also set to -100
-// (a prompt that carries no loss).
+// Labels [B,S] i64: `labels`, with positions [0, first) of every row also set to -100 (a prompt
+// that carries no loss).
 Tensor masked_labels(const Tensor& labels, int64_t first) {
   Tensor l = Tensor::empty(labels.shape(), DType::I64, MemCategory::Workspace);
   for (int64_t i = 0; i < labels.numel(); ++i) {
@@ -37,25 +41,34 @@ Tensor masked_labels(const Tensor& labels, int64_t first) {
   return l;
 }
 
-// Mean cross-entropy in f64 of the golden logits [B,S,V] (f64) against labels shifted by one (HF).
-double golden_ce(const Tensor& logits, const Tensor& labels) {
+// Mean cross-entropy in f64 of logits [B,S,V] (f32 or f64) against labels shifted by one (HF).
+double ce_of(const Tensor& logits, const Tensor& labels) {
   const int64_t b_n = labels.dim(0), s_n = labels.dim(1), v = logits.dim(2);
-  EXPECT_EQ(logits.dtype(), DType::F64);
+  auto z = [&](int64_t row, int64_t j) {
+    return logits.dtype() == DType::F64 ? logits.data<double>()[row * v + j] : double(logits.data<float>()[row * v + j]);
+  };
   double sum = 0;
   int64_t n = 0;
   for (int64_t b = 0; b < b_n; ++b)
     for (int64_t s = 0; s + 1 < s_n; ++s) {
       const int64_t tg = labels.data<int64_t>()[b * s_n + s + 1];
       if (tg == -100) continue;
-      const double* z = logits.data<double>() + (b * s_n + s) * v;
-      double mx = z[0];
-      for (int64_t j = 1; j < v; ++j) mx = std::max(mx, z[j]);
+      const int64_t row = b * s_n + s;
+      double mx = z(row, 0);
+      for (int64_t j = 1; j < v; ++j) mx = std::max(mx, z(row, j));
       double se = 0;
-      for (int64_t j = 0; j < v; ++j) se += std::exp(z[j] - mx);
-      sum += std::log(se) + mx - z[tg];
+      for (int64_t j = 0; j < v; ++j) se += std::exp(z(row, j) - mx);
+      sum += std::log(se) + mx - z(row, tg);
       ++n;
     }
   return n ? sum / double(n) : 0.0;
+}
+
+// Deterministic token ids [B,S] i64 in [0, vocab).
+Tensor token_ids(int64_t b, int64_t s, int64_t vocab) {
+  Tensor t = Tensor::empty({b, s}, DType::I64, MemCategory::Workspace);
+  for (int64_t i = 0; i < b * s; ++i) t.data<int64_t>()[i] = (i * 7919 + 13) % vocab;
+  return t;
 }
 
 class HeadRows : public ::testing::Test {
@@ -63,68 +76,77 @@ class HeadRows : public ::testing::Test {
   void SetUp() override {
     if (!fs::exists(kDir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << kDir;
     m = load_f32();
-    auto batch = SafetensorsFile::open(kDir + "/batch.safetensors");
-    ids = batch->tensor("input_ids", MemCategory::Workspace);
-    labels = batch->tensor("labels", MemCategory::Workspace);
-    golden_logits = SafetensorsFile::open(kDir + "/golden.safetensors")->tensor("logits", MemCategory::Workspace);
+    // Two sequences of 300: 600 rows, three logits chunks of 256 — a prompt of 200 leaves 198
+    // targets, one chunk.
+    ids = token_ids(2, 300, m.config().vocab_size);
+    KVCache kv = m.make_cache(2, 300);
+    logits = m.forward(ids, kv).logits;
   }
   Model m;
-  Tensor ids, labels, golden_logits;
+  Tensor ids, logits;
 };
 
-TEST_F(HeadRows, LossOverAnyMaskEqualsTheGoldenLogitsCrossEntropy) {
-  for (int64_t first : {0, 5, 9, 14}) {
-    const Tensor l = masked_labels(labels, first);
+TEST_F(HeadRows, LossOverAnyMaskEqualsTheCrossEntropyOfIndependentLogits) {
+  ASSERT_EQ(activation_layout(m.config(), 2, 300, ActMode::Training).logits_chunk, 256)
+      << "the prompts below are sized for chunks of 256 rows";
+  // 0 and 100: nothing to gain (three chunks either way); 200 and 290: one chunk of targets.
+  for (int64_t first : {0, 100, 200, 290}) {
+    const Tensor l = masked_labels(ids, first);
     ModelWeights g = zeros_like(m.config(), m.weights(), MemCategory::Grads);
     const StepLosses r = forward_backward(m, ids, l, &g, LossOptions{});
-    const double want = golden_ce(golden_logits, l);
-    EXPECT_NEAR(r.loss_ce, want, 1e-5 * std::fabs(want)) << "prompt of " << first << " positions";
+    const double want = ce_of(logits, l);
+    EXPECT_NEAR(r.loss_ce, want, 2e-6 * std::fabs(want)) << "prompt of " << first << " positions";
+    EXPECT_EQ(r.n_targets, 2 * (300 - std::max<int64_t>(first, 1)));
     const StepLosses r_eval = forward_backward(m, ids, l, nullptr, LossOptions{});
     EXPECT_EQ(r_eval.loss_ce, r.loss_ce) << "evaluation and training see the same rows";
   }
+  // The fixture batch (labels[1,:4] = -100, 32 rows: one chunk, nothing moved) against
+  // PyTorch's logits.
+  auto batch = SafetensorsFile::open(kDir + "/batch.safetensors");
+  const Tensor fids = batch->tensor("input_ids", MemCategory::Workspace);
+  const Tensor flabels = batch->tensor("labels", MemCategory::Workspace);
+  const Tensor golden = SafetensorsFile::open(kDir + "/golden.safetensors")->tensor("logits", MemCategory::Workspace);
+  const double want = ce_of(golden, flabels);
+  EXPECT_NEAR(forward_backward(m, fids, flabels, nullptr, LossOptions{}).loss_ce, want, 1e-5 * want);
 }
 
-// The gradient with a long masked prompt is the derivative of the loss: a central difference
-// along a random direction in the LM head and the last layer's attention output (f64 sums of
-// f32 losses; the step is large enough that f32 rounding stays ~1e-4 of the difference).
+// The gradient with a prompt long enough to compact is the derivative of the loss: a central
+// difference along a random direction in the LM head (its gradient reads the compacted rows)
+// and the final norm's weight (its gradient reads the head's input gradient spread back to
+// the tokens' rows); both lie after the last router, so no routing flips under the step.
+// (f64 sums of f32 losses; the step is large enough that f32 rounding stays ~1e-4 of the
+// difference.)
 TEST_F(HeadRows, GradientIsTheDerivativeOfTheMaskedLoss) {
-  const Tensor l = masked_labels(labels, 9);
+  const Tensor l = masked_labels(ids, 200);
   const ModelConfig& c = m.config();
   ModelWeights g = zeros_like(c, m.weights(), MemCategory::Grads);
   forward_backward(m, ids, l, &g, LossOptions{});
   ModelWeights& w = m.mutable_weights();
-  std::vector<std::pair<Tensor*, Tensor*>> params = {{&w.lm_head, &g.lm_head}, {&w.layers.back().wo, &g.layers.back().wo}};
-  std::vector<std::vector<float>> dir;
-  double analytic = 0;
   uint64_t seed = 7;
-  for (auto [p, gp] : params) {
-    std::vector<float> d(size_t(p->numel()));
-    for (float& x : d) {
+  for (auto [p, gp, name] : {std::tuple{&w.lm_head, &g.lm_head, "lm_head"}, {&w.final_norm, &g.final_norm, "final_norm"}}) {
+    std::vector<float> dir(size_t(p->numel()));
+    double analytic = 0;
+    for (size_t i = 0; i < dir.size(); ++i) {
       seed = seed * 6364136223846793005ull + 1442695040888963407ull;
-      x = float(int64_t(seed >> 40) % 2001 - 1000) / 1000.0f;
+      dir[i] = float(int64_t(seed >> 40) % 2001 - 1000) / 1000.0f;
+      analytic += double(dir[i]) * gp->data<float>()[i];
     }
-    for (int64_t i = 0; i < p->numel(); ++i) analytic += double(d[size_t(i)]) * gp->data<float>()[i];
-    dir.push_back(std::move(d));
+    const std::vector<float> saved(p->data<float>(), p->data<float>() + p->numel());
+    auto loss_at = [&](double eps) {
+      for (size_t i = 0; i < dir.size(); ++i) p->data<float>()[i] = saved[i] + float(eps) * dir[i];
+      const double loss = forward_backward(m, ids, l, nullptr, LossOptions{}).loss_ce;
+      std::copy(saved.begin(), saved.end(), p->data<float>());
+      return loss;
+    };
+    const double eps = 1e-3;
+    const double numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps);
+    EXPECT_NEAR(analytic, numeric, 2e-3 * std::fabs(numeric)) << name << ": analytic " << analytic << " numeric " << numeric;
+    EXPECT_GT(std::fabs(numeric), 1e-3) << name << ": the direction should move the loss";
   }
-  auto loss_at = [&](double eps) {
-    std::vector<std::vector<float>> saved;
-    for (size_t k = 0; k < params.size(); ++k) {
-      Tensor* p = params[k].first;
-      saved.emplace_back(p->data<float>(), p->data<float>() + p->numel());
-      for (int64_t i = 0; i < p->numel(); ++i) p->data<float>()[i] += float(eps) * dir[k][size_t(i)];
-    }
-    const double loss = forward_backward(m, ids, l, nullptr, LossOptions{}).loss_ce;
-    for (size_t k = 0; k < params.size(); ++k) std::copy(saved[k].begin(), saved[k].end(), params[k].first->data<float>());
-    return loss;
-  };
-  const double eps = 1e-3;
-  const double numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps);
-  EXPECT_NEAR(analytic, numeric, 2e-3 * std::fabs(numeric)) << "analytic " << analytic << " numeric " << numeric;
-  EXPECT_GT(std::fabs(numeric), 1e-3) << "the direction should move the loss";
 }
 
 TEST_F(HeadRows, NoTargetsGiveZeroLossAndNoHeadGradient) {
-  const Tensor l = masked_labels(labels, labels.dim(1));
+  const Tensor l = masked_labels(ids, 300);
   ModelWeights g = zeros_like(m.config(), m.weights(), MemCategory::Grads);
   const StepLosses r = forward_backward(m, ids, l, &g, LossOptions{});
   EXPECT_EQ(r.n_targets, 0);

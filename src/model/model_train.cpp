@@ -48,13 +48,15 @@ void prepare_batch(const ModelConfig& c, const Tensor& ids_in, const Tensor& lab
 
 // Moves the rows of h [T,D] whose target is not -100 to the front, in order, with their
 // targets [T] (the targets after them become -100); returns each kept row's original index
-// followed by T (the sentinel), or nothing when every row has a target (nothing moved).
-std::vector<int64_t> compact_target_rows(Tensor& h, Tensor& targets) {
+// followed by T (the sentinel). Returns nothing (and moves nothing) when the kept rows would
+// not fill fewer chunks of `chunk` rows than all of them do (every sequence's last position
+// has no target: plain language-model batches stay as they are).
+std::vector<int64_t> compact_target_rows(Tensor& h, Tensor& targets, int64_t chunk) {
   const int64_t t_n = targets.numel(), d = h.dim(1);
   int32_t* tg = targets.data<int32_t>();
   int64_t n = 0;
   for (int64_t i = 0; i < t_n; ++i) n += tg[i] != -100;
-  if (n == t_n) return {};
+  if ((n + chunk - 1) / chunk >= (t_n + chunk - 1) / chunk) return {};
   std::vector<int64_t> kept;
   kept.reserve(size_t(n + 1));
   float* hp = h.data<float>();
@@ -472,7 +474,7 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   // LM head is most of a fine-tuning step's products, so a half-prompt batch saves a quarter.
   // The head runs on whole chunks (the rows after the kept ones have no target): the chunk's
   // shapes, and with them the GEMM scratch sizes and primitives, stay those of every step.
-  const std::vector<int64_t> kept = compact_target_rows(shared.final_h, step.targets);
+  const std::vector<int64_t> kept = compact_target_rows(shared.final_h, step.targets, lay.logits_chunk);
   const int64_t h_n = kept.empty() ? t_n
                                    : std::min(t_n, (int64_t(kept.size()) - 1 + lay.logits_chunk - 1) /
                                                        lay.logits_chunk * lay.logits_chunk);
