@@ -53,6 +53,7 @@ void prepare_batch(const ModelConfig& c, const Tensor& ids_in, const Tensor& lab
 // has no target: plain language-model batches stay as they are).
 std::vector<int64_t> compact_target_rows(Tensor& h, Tensor& targets, int64_t chunk) {
   const int64_t t_n = targets.numel(), d = h.dim(1);
+  if (t_n == 0 || chunk <= 0) return {};  // a rank with no rows of the batch
   int32_t* tg = targets.data<int32_t>();
   int64_t n = 0;
   for (int64_t i = 0; i < t_n; ++i) n += tg[i] != -100;
