@@ -123,7 +123,11 @@ TEST_F(HeadRows, GradientIsTheDerivativeOfTheMaskedLoss) {
   forward_backward(m, ids, l, &g, LossOptions{});
   ModelWeights& w = m.mutable_weights();
   uint64_t seed = 7;
-  for (auto [p, gp, name] : {std::tuple{&w.lm_head, &g.lm_head, "lm_head"}, {&w.final_norm, &g.final_norm, "final_norm"}}) {
+  for (const auto& param : {std::tuple{&w.lm_head, &g.lm_head, "lm_head"}, {&w.final_norm, &g.final_norm, "final_norm"}}) {
+    // (plain names, not a structured binding: clang 14 cannot capture those in the lambda below)
+    Tensor* p = std::get<0>(param);
+    const Tensor* gp = std::get<1>(param);
+    const char* name = std::get<2>(param);
     std::vector<float> dir(size_t(p->numel()));
     double analytic = 0;
     for (size_t i = 0; i < dir.size(); ++i) {

@@ -212,6 +212,16 @@ uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | ((mant_round - 0x38000000u) >> 13));
 }
 
+// NF4 / NF4DQ blocks to f32 in parallel chunks of kBlockChunk blocks (bytes: one block's).
+static void nf4_blocks_to_f32(float* dst, const void* src, DType t, size_t n, size_t bytes,
+                              void (*dequant)(const uint8_t*, float*, int64_t)) {
+  const int64_t nb = whole_blocks(t, n), be = dtype_block_elems(t);
+  const auto* s = static_cast<const uint8_t*>(src);
+#pragma omp parallel for schedule(static) if(nb > kBlockChunk)
+  for (int64_t c = 0; c < nb; c += kBlockChunk)
+    dequant(s + static_cast<size_t>(c) * bytes, dst + c * be, std::min(kBlockChunk, nb - c) * be);
+}
+
 void convert_to_f32(float* dst, const void* src, DType from, size_t n) {
   switch (from) {
     case DType::F32: std::memcpy(dst, src, n * 4); return;
@@ -257,24 +267,8 @@ void convert_to_f32(float* dst, const void* src, DType from, size_t n) {
     case DType::Q3_K:
     case DType::IQ4_NL:
     case DType::IQ4_XS: dequant_blocks(dst, src, from, n); return;
-    case DType::NF4: {
-      const int64_t nb = whole_blocks(from, n);
-      const auto* s = static_cast<const uint8_t*>(src);
-#pragma omp parallel for schedule(static) if(nb > kBlockChunk)
-      for (int64_t c = 0; c < nb; c += kBlockChunk)
-        nf4_dequantize(s + static_cast<size_t>(c) * kNf4BlockBytes, dst + c * kNf4Block,
-                       std::min(kBlockChunk, nb - c) * kNf4Block);
-      return;
-    }
-    case DType::NF4DQ: {
-      const int64_t nb = whole_blocks(from, n);
-      const auto* s = static_cast<const uint8_t*>(src);
-#pragma omp parallel for schedule(static) if(nb > kBlockChunk)
-      for (int64_t c = 0; c < nb; c += kBlockChunk)
-        nf4dq_dequantize(s + static_cast<size_t>(c) * kNf4DqBlockBytes, dst + c * kNf4DqBlock,
-                         std::min(kBlockChunk, nb - c) * kNf4DqBlock);
-      return;
-    }
+    case DType::NF4: nf4_blocks_to_f32(dst, src, from, n, kNf4BlockBytes, nf4_dequantize); return;
+    case DType::NF4DQ: nf4_blocks_to_f32(dst, src, from, n, kNf4DqBlockBytes, nf4dq_dequantize); return;
   }
 }
 
