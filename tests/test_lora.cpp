@@ -319,7 +319,9 @@ TEST(Nf4Dq, SuperBlockLayoutAndExactCodes) {
   for (int j = 0; j < 4; ++j) {
     const int c = q[size_t(2 + j)];
     EXPECT_GE(float(s) * (float(c) / 255.0f), am[j]) << "block " << j << ": code " << c << " must cover its absmax";
-    if (c > 0) EXPECT_LT(float(s) * (float(c - 1) / 255.0f), am[j]) << "block " << j << ": code " << c << " is not the smallest";
+    if (c > 0) {
+      EXPECT_LT(float(s) * (float(c - 1) / 255.0f), am[j]) << "block " << j << ": code " << c << " is not the smallest";
+    }
   }
   EXPECT_EQ(q[2 + 2], 0) << "an all-zero block";
   EXPECT_EQ(q[2 + 1], 255) << "the largest block takes the top code";
@@ -334,7 +336,9 @@ TEST(Nf4Dq, SuperBlockLayoutAndExactCodes) {
       const uint8_t byte = q[size_t(2 + 4 + j * 32 + i / 2)];
       const int code = i % 2 == 0 ? byte >> 4 : byte & 15;
       EXPECT_EQ(y[size_t(j * kNf4Block + i)], kNf4Codes[code] * d) << "block " << j << " element " << i;
-      if (i == 9 && j != 2) EXPECT_EQ(code, 0) << "block " << j << ": -absmax is code 0";
+      if (i == 9 && j != 2) {
+        EXPECT_EQ(code, 0) << "block " << j << ": -absmax is code 0";
+      }
     }
   }
   // Values that are codes times the decoded absmax values round-trip exactly.
