@@ -157,10 +157,8 @@ Model build_model(const TrainBenchOpts& o, const ModelConfig& cfg) {
     if (o.weight_dtype == "bf16") lo.weight_dtype = DType::BF16;
     Model m = o.model_dir.empty() ? Model::from_tensors(cfg, random_weights(cfg, o.seed, DType::F32), lo)
                                   : Model::load(o.model_dir, lo);
-    MOE_CHECK(!o.double_quant || o.nf4, "--double-quant applies to --load-in-4bit only");
-    if (o.nf4)
-      std::printf("%s\n",
-                  quantize_frozen_base(m.config(), m.mutable_weights(), o.double_quant ? DType::NF4DQ : DType::NF4).c_str());
+    const DType qdt = qlora_base_dtype(o.nf4, o.double_quant, false);
+    if (o.nf4) std::printf("%s\n", quantize_frozen_base(m.config(), m.mutable_weights(), qdt).c_str());
     LoraConfig lc;
     lc.r = o.lora_r;
     lc.alpha = o.lora_alpha;

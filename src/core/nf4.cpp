@@ -143,18 +143,19 @@ void nf4_quantize(const float* src, uint8_t* dst, int64_t n) {
   }
 }
 
-void nf4_dequantize(const uint8_t* src, float* dst, int64_t n) {
+// The NF4 blocks' values (f32, or bf16 rounded to nearest even) by the block decoder `decode`.
+template <class T, void (*decode)(const uint8_t*, float, T*)>
+void nf4_decode(const uint8_t* src, T* dst, int64_t n) {
   for (int64_t b = 0; b < n / kNf4Block; ++b) {
     const uint8_t* in = src + b * kNf4BlockBytes;
-    decode_nibbles(in + 4, block_absmax(in), dst + b * kNf4Block);
+    decode(in + 4, block_absmax(in), dst + b * kNf4Block);
   }
 }
 
+void nf4_dequantize(const uint8_t* src, float* dst, int64_t n) { nf4_decode<float, decode_nibbles>(src, dst, n); }
+
 void nf4_dequantize_bf16(const uint8_t* src, uint16_t* dst, int64_t n) {
-  for (int64_t b = 0; b < n / kNf4Block; ++b) {
-    const uint8_t* in = src + b * kNf4BlockBytes;
-    decode_nibbles_bf16(in + 4, block_absmax(in), dst + b * kNf4Block);
-  }
+  nf4_decode<uint16_t, decode_nibbles_bf16>(src, dst, n);
 }
 
 void nf4dq_quantize(const float* src, uint8_t* dst, int64_t n) {
@@ -188,24 +189,22 @@ void nf4dq_quantize(const float* src, uint8_t* dst, int64_t n) {
   }
 }
 
-void nf4dq_dequantize(const uint8_t* src, float* dst, int64_t n) {
+// The NF4DQ super-blocks' values by the block decoder `decode`, each block under its decoded absmax.
+template <class T, void (*decode)(const uint8_t*, float, T*)>
+void nf4dq_decode(const uint8_t* src, T* dst, int64_t n) {
   for (int64_t b = 0; b < n / kNf4DqBlock; ++b) {
     const uint8_t* in = src + b * kNf4DqBlockBytes;
     float am[kNf4DqBlocks];
     dq_absmaxes(in, am);
     for (int j = 0; j < kNf4DqBlocks; ++j)
-      decode_nibbles(in + 2 + kNf4DqBlocks + j * kNf4Block / 2, am[j], dst + b * kNf4DqBlock + j * kNf4Block);
+      decode(in + 2 + kNf4DqBlocks + j * kNf4Block / 2, am[j], dst + b * kNf4DqBlock + j * kNf4Block);
   }
 }
 
+void nf4dq_dequantize(const uint8_t* src, float* dst, int64_t n) { nf4dq_decode<float, decode_nibbles>(src, dst, n); }
+
 void nf4dq_dequantize_bf16(const uint8_t* src, uint16_t* dst, int64_t n) {
-  for (int64_t b = 0; b < n / kNf4DqBlock; ++b) {
-    const uint8_t* in = src + b * kNf4DqBlockBytes;
-    float am[kNf4DqBlocks];
-    dq_absmaxes(in, am);
-    for (int j = 0; j < kNf4DqBlocks; ++j)
-      decode_nibbles_bf16(in + 2 + kNf4DqBlocks + j * kNf4Block / 2, am[j], dst + b * kNf4DqBlock + j * kNf4Block);
-  }
+  nf4dq_decode<uint16_t, decode_nibbles_bf16>(src, dst, n);
 }
 
 }  // namespace moe

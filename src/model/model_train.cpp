@@ -46,40 +46,39 @@ void prepare_batch(const ModelConfig& c, const Tensor& ids_in, const Tensor& lab
   }
 }
 
-// Moves the rows of h [T,D] whose target is not -100 to the front, in order, with their
-// targets [T] (the targets after them become -100); returns each kept row's original index
-// followed by T (the sentinel). Returns nothing (and moves nothing) when the kept rows would
-// not fill fewer chunks of `chunk` rows than all of them do (every sequence's last position
-// has no target: plain language-model batches stay as they are).
-std::vector<int64_t> compact_target_rows(Tensor& h, Tensor& targets, int64_t chunk) {
+// Rows of the LM head: when the rows of h [T,D] whose target is not -100 fill fewer chunks of
+// `chunk` rows than all T rows do, moves them to the front, in order, with their targets [T]
+// (the targets after them become -100), records each one's original row in *kept and returns
+// those rows rounded up to whole chunks (< T); otherwise moves nothing and returns T (every
+// sequence's last position has no target: plain language-model batches stay as they are).
+int64_t compact_target_rows(Tensor& h, Tensor& targets, int64_t chunk, std::vector<int64_t>* kept) {
   const int64_t t_n = targets.numel(), d = h.dim(1);
-  if (t_n == 0 || chunk <= 0) return {};  // a rank with no rows of the batch
+  kept->clear();
+  if (t_n == 0 || chunk <= 0) return t_n;  // a rank with no rows of the batch
   int32_t* tg = targets.data<int32_t>();
   int64_t n = 0;
   for (int64_t i = 0; i < t_n; ++i) n += tg[i] != -100;
-  if ((n + chunk - 1) / chunk >= (t_n + chunk - 1) / chunk) return {};
-  std::vector<int64_t> kept;
-  kept.reserve(size_t(n + 1));
+  const int64_t head_chunks = (n + chunk - 1) / chunk;
+  if (head_chunks >= (t_n + chunk - 1) / chunk) return t_n;
+  kept->reserve(size_t(n));
   float* hp = h.data<float>();
   for (int64_t i = 0; i < t_n; ++i) {
     if (tg[i] == -100) continue;
-    const int64_t j = int64_t(kept.size());
+    const int64_t j = int64_t(kept->size());
     if (j != i) {
       std::memcpy(hp + j * d, hp + i * d, size_t(d) * sizeof(float));
       tg[j] = tg[i];
     }
-    kept.push_back(i);
+    kept->push_back(i);
   }
   std::fill(tg + n, tg + t_n, -100);
-  kept.push_back(t_n);
-  return kept;
+  return head_chunks * chunk;
 }
 
 // The inverse for the head's input gradient dh [T,D], whose first rows are the kept rows'
-// (compact_target_rows): each goes back to its row, and the rows without a target get 0.
+// (compact_target_rows moved them): each goes back to its row, and the other rows get 0.
 void spread_target_rows(Tensor& dh, const std::vector<int64_t>& kept) {
-  if (kept.empty()) return;
-  const int64_t n = int64_t(kept.size()) - 1, d = dh.dim(1);
+  const int64_t n = int64_t(kept.size()), d = dh.dim(1);
   float* p = dh.data<float>();
   // From the last: row kept[j] >= j, so no source row is overwritten before it is read.
   for (int64_t j = n; j-- > 0;)
@@ -475,10 +474,8 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   // LM head is most of a fine-tuning step's products, so a half-prompt batch saves a quarter.
   // The head runs on whole chunks (the rows after the kept ones have no target): the chunk's
   // shapes, and with them the GEMM scratch sizes and primitives, stay those of every step.
-  const std::vector<int64_t> kept = compact_target_rows(shared.final_h, step.targets, lay.logits_chunk);
-  const int64_t h_n = kept.empty() ? t_n
-                                   : std::min(t_n, (int64_t(kept.size()) - 1 + lay.logits_chunk - 1) /
-                                                       lay.logits_chunk * lay.logits_chunk);
+  std::vector<int64_t> kept;
+  const int64_t h_n = compact_target_rows(shared.final_h, step.targets, lay.logits_chunk, &kept);
   double ce_sum = 0;
   for (int64_t r0 = 0; r0 < h_n; r0 += lay.logits_chunk) {
     const int64_t r1 = std::min(h_n, r0 + lay.logits_chunk), n = r1 - r0;
@@ -495,7 +492,7 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
       linear_backward(dh, grads->lm_head, none, lg, h, w.lm_head, false);
     }
   }
-  if (grads) spread_target_rows(dfinal_h, kept);
+  if (grads && h_n < t_n) spread_target_rows(dfinal_h, kept);
   if (opt.batch) opt.batch->all_reduce_sum(&ce_sum, 1);
   res.loss_ce = res.n_targets > 0 ? ce_sum / double(res.n_targets) : 0.0;
   res.total = res.loss_ce + opt.aux_coef * res.aux_loss + opt.z_coef * res.z_loss;

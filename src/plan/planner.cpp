@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "core/error.h"
+#include "core/nf4.h"
 #include "model/activations.h"
 #include "model/arch.h"
 #include "model/model.h"
@@ -39,10 +40,11 @@ const WeightFormatInfo& weight_format_info(WeightFormat f) {
       // Q8_0 style: 32 int8 values + one f16 scale = 34 B per 32.
       {WeightFormat::INT8, "int8", 34, 32, "blocks of 32 int8 + f16 scale (34 B / 32)"},
       // bitsandbytes NF4: 64 4-bit codes (32 B) + f32 absmax = 36 B per 64.
-      {WeightFormat::NF4, "nf4", 36, 64, "blocks of 64 4-bit codes + f32 absmax (36 B / 64)"},
+      {WeightFormat::NF4, "nf4", int64_t(kNf4BlockBytes), kNf4Block, "blocks of 64 4-bit codes + f32 absmax (36 B / 64)"},
       // NF4 with double quantisation as the engine stores it (core/nf4.h, DType::NF4DQ): per 256
       // params a bf16 scale, four u8 absmax codes and 128 bytes of codes.
-      {WeightFormat::NF4DQ, "nf4-dq", 134, 256, "nf4 with u8 absmax per 64 under a bf16 scale per 256 (134 B / 256)"},
+      {WeightFormat::NF4DQ, "nf4-dq", int64_t(kNf4DqBlockBytes), kNf4DqBlock,
+       "nf4 with u8 absmax per 64 under a bf16 scale per 256 (134 B / 256)"},
       // Q4_0 style: 32 4-bit values (16 B) + f16 scale = 18 B per 32.
       {WeightFormat::Q4, "q4", 18, 32, "blocks of 32 4-bit values + f16 scale (18 B / 32)"},
   };

@@ -449,6 +449,12 @@ void merge_lora(const ModelConfig& c, ModelWeights& w) {
   w.train_router = false;
 }
 
+DType qlora_base_dtype(bool load_in_4bit, bool double_quant, bool load_in_8bit) {
+  MOE_CHECK(!(load_in_4bit && load_in_8bit), "choose one of --load-in-4bit and --load-in-8bit");
+  MOE_CHECK(!double_quant || load_in_4bit, "--double-quant applies to --load-in-4bit (NF4) only");
+  return load_in_4bit ? (double_quant ? DType::NF4DQ : DType::NF4) : DType::Q8_0;
+}
+
 std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt) {
   MOE_CHECK(dt == DType::NF4 || dt == DType::NF4DQ || dt == DType::Q8_0,
             "quantize_frozen_base: %s is not a QLoRA storage type (nf4, nf4dq, q8_0)", dtype_name(dt));

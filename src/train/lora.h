@@ -80,6 +80,10 @@ void merge_lora(const ModelConfig& c, ModelWeights& w);
 // Returns a one-line summary (tensors quantized, bytes before and after).
 std::string quantize_frozen_base(const ModelConfig& c, ModelWeights& w, DType dt);
 
+// The storage the QLoRA flags ask for: NF4 (--load-in-4bit), NF4DQ (with --double-quant) or
+// Q8_0 (--load-in-8bit); throws for two storages at once or --double-quant without 4 bits.
+DType qlora_base_dtype(bool load_in_4bit, bool double_quant, bool load_in_8bit);
+
 // The audit printed at the start of a fine-tune: adapted modules and trainable parameters per
 // module kind (attention, router, experts, shared expert, dense MLP), per routed expert, and in
 // total next to the base's parameter count.

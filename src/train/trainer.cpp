@@ -93,11 +93,6 @@ double validation_loss(Model& m, const TokenRows& val, int64_t batch, int64_t ma
   return sum / double(n);
 }
 
-// The storage of a quantized frozen base (--load-in-4bit [--double-quant] / --load-in-8bit).
-DType frozen_base_dtype(const TrainConfig& cfg) {
-  return cfg.load_in_4bit ? (cfg.double_quant ? DType::NF4DQ : DType::NF4) : DType::Q8_0;
-}
-
 }  // namespace
 
 void apply_train_json(const nlohmann::json& j, const std::string& what, TrainConfig* c) {
@@ -215,10 +210,9 @@ double run_training(const TrainConfig& cfg) {
     });
   } else {
     ModelWeights& w = m.mutable_weights();
-    MOE_CHECK(!(cfg.load_in_4bit && cfg.load_in_8bit), "choose one of --load-in-4bit and --load-in-8bit");
-    MOE_CHECK(!cfg.double_quant || cfg.load_in_4bit, "--double-quant applies to --load-in-4bit (NF4) only");
+    const DType qdt = qlora_base_dtype(cfg.load_in_4bit, cfg.double_quant, cfg.load_in_8bit);
     if (cfg.load_in_4bit || cfg.load_in_8bit) {
-      const std::string q = quantize_frozen_base(m.config(), w, frozen_base_dtype(cfg));
+      const std::string q = quantize_frozen_base(m.config(), w, qdt);
       if (talk) std::printf("%s\n", q.c_str());
     }
     const std::string from = !resume_dir.empty() ? resume_dir : cfg.adapter_init;
@@ -368,7 +362,7 @@ double run_training(const TrainConfig& cfg) {
     run_info["finetune"] = {{"r", lcfg.r}, {"lora_alpha", lcfg.alpha}, {"use_rslora", lcfg.rslora},
                             {"target_modules", lcfg.target_modules}, {"train_router", lcfg.train_router},
                             {"trainable_params", lora_param_count(mc, m.weights())},
-                            {"base_dtype", cfg.load_in_4bit || cfg.load_in_8bit ? dtype_name(frozen_base_dtype(cfg)) : cfg.base_dtype.c_str()}, {"packing", cfg.packing}};
+                            {"base_dtype", cfg.load_in_4bit || cfg.load_in_8bit ? dtype_name(qlora_base_dtype(cfg.load_in_4bit, cfg.double_quant, cfg.load_in_8bit)) : cfg.base_dtype.c_str()}, {"packing", cfg.packing}};
     if (data.sft.examples > 0)
       run_info["sft"] = {{"examples", data.sft.examples}, {"assistant_turns", data.sft.assistant_turns},
                          {"labeled_turns", data.sft.labeled_turns}, {"labeled_tokens", data.sft.labeled_tokens},

@@ -249,12 +249,9 @@ bool block_matrix_applies(DType wdt) {
 // Rows [r0, r0 + rows) of block-quantized w [.., k] as bf16, in scratch.
 const uint16_t* bf16_weight_rows(const void* w, DType wdt, int64_t r0, int64_t rows, int64_t k) {
   uint16_t* wb = scratch<uint16_t>(Scratch::GemmBf16, static_cast<size_t>(rows * k));
-  if (wdt == DType::NF4) {  // straight to bf16 (the same values as through f32)
-    nf4_dequantize_bf16(static_cast<const uint8_t*>(w) + dtype_nbytes(wdt, r0 * k), wb, rows * k);
-    return wb;
-  }
-  if (wdt == DType::NF4DQ) {
-    nf4dq_dequantize_bf16(static_cast<const uint8_t*>(w) + dtype_nbytes(wdt, r0 * k), wb, rows * k);
+  if (wdt == DType::NF4 || wdt == DType::NF4DQ) {  // straight to bf16 (the same values as through f32)
+    (wdt == DType::NF4 ? nf4_dequantize_bf16 : nf4dq_dequantize_bf16)(
+        static_cast<const uint8_t*>(w) + dtype_nbytes(wdt, r0 * k), wb, rows * k);
     return wb;
   }
   float* wf = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(rows * k));
