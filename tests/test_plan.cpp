@@ -528,8 +528,8 @@ TEST(PlanVsEngine, TrainingPeakMemoryPerCategory) {
     EXPECT_TRUE(largest.count(ph)) << ph << " was never the largest phase: its sizes are untested";
 }
 
-// The memory options of `moe train` (fused per-group update, bf16 moments, bf16 compute copies
-// of f32 master weights): the planner's weights, grads and optimizer lines against the tracker,
+// The memory options of `moe train` (fused per-group update, bf16 moments, f32 master weights
+// split into bf16 upper halves and lower halves): the planner's weights, grads and optimizer lines against the tracker,
 // on a step run as the trainer runs it.
 TEST(PlanVsEngine, TrainingMemoryOptionsPerCategory) {
   struct Opts {
@@ -549,14 +549,14 @@ TEST(PlanVsEngine, TrainingMemoryOptionsPerCategory) {
       int64_t untouched = 0;
       MemStats st;
       {
-        Model master = Model::from_tensors(cfg, random_weights(cfg, 11, DType::F32));
-        Model compute = master;
-        if (v.w_bf16) compute.mutable_weights() = bf16_compute_copy(cfg, master.weights());
-        ModelWeights grads = v.fused ? ModelWeights() : zeros_like(cfg, master.weights(), MemCategory::Grads);
+        Model compute = Model::from_tensors(cfg, random_weights(cfg, 11, DType::F32));
+        MasterLowHalves low;
+        if (v.w_bf16) low = split_master(cfg, compute.mutable_weights());
+        ModelWeights grads = v.fused ? ModelWeights() : zeros_like(cfg, compute.weights(), MemCategory::Grads);
         AdamWOptions ao;
         ao.state_dtype = v.opt_bf16 ? DType::BF16 : DType::F32;
-        AdamW opt(named_parameters(cfg, master.weights()),
-                  v.fused ? std::vector<NamedParam>() : named_parameters(cfg, grads), ao);
+        AdamW opt(named_parameters(cfg, compute.weights()),
+                  v.fused ? std::vector<NamedParam>() : named_parameters(cfg, grads), ao, v.w_bf16 ? &low : nullptr);
         Tensor ids = Tensor::empty({2, 16}, DType::I32, MemCategory::Workspace);
         for (int64_t i = 0; i < ids.numel(); ++i)
           ids.data<int32_t>()[i] = static_cast<int32_t>((i * 7 + 3) % cfg.vocab_size);
@@ -577,12 +577,10 @@ TEST(PlanVsEngine, TrainingMemoryOptionsPerCategory) {
           forward_backward_fused(compute, ids, ids, lo, [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
             if (group == kGroupHead) mark(fw);
             opt.step_group(1e-4, touched, group_parameters(cfg, g, group));
-            if (v.w_bf16) refresh_compute_copy(cfg, master.weights(), compute.mutable_weights(), group);
           });
         } else {
           mark(forward_backward(compute, ids, ids, &grads, lo));
           opt.step(1e-4, touched);
-          if (v.w_bf16) refresh_compute_copy(cfg, master.weights(), compute.mutable_weights(), kAllGroups);
         }
         st = mem_stats();
       }

@@ -341,19 +341,19 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   const bool hwm_reset = reset_peak_rss();
   mem_reset_peaks();
   const MemStats at_load = mem_stats();
-  // Mixed-precision training: the steps run on bf16 copies (cm) of the f32 master weights (m),
-  // re-rounded after every update, as the trainer does (a training overhead, counted as one).
+  // Mixed-precision training: the f32 master weights' matrices split into bf16 upper halves (what
+  // the steps read) and lower halves, as the trainer does (model_train.h): the same bytes as
+  // the f32 weights loaded.
   const bool mixed = bf16 && !o.finetune;
-  Model cm = m;
-  if (mixed) cm.mutable_weights() = bf16_compute_copy(mc, m.weights());
-  Model& fm = mixed ? cm : m;
+  MasterLowHalves low;
+  if (mixed) low = split_master(mc, m.mutable_weights());
 
   MOE_CHECK(!o.fused || o.clip == 0, "moe bench train: --fused-update needs --clip 0");
   ModelWeights grads = o.fused ? ModelWeights() : zeros_like(mc, m.weights(), MemCategory::Grads);
   const std::vector<NamedParam> gparams = o.fused ? std::vector<NamedParam>() : named_parameters(mc, grads);
   AdamWOptions aopt;  // torch.optim.AdamW defaults, weight decay 0 (HF Trainer's default)
   aopt.state_dtype = o.optim_dtype == "bf16" ? DType::BF16 : DType::F32;
-  AdamW opt(named_parameters(mc, m.weights(), true), gparams, aopt);
+  AdamW opt(named_parameters(mc, m.weights(), true), gparams, aopt, mixed ? &low : nullptr);
   LossOptions lopt;
   lopt.aux_coef = mc.router_aux_loss_coef;
   lopt.recompute = o.recompute;
@@ -376,20 +376,18 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
     StepLosses r;
     double t_opt = 0;  // seconds in AdamW this step
     if (o.fused) {
-      r = forward_backward_fused(fm, ids, labels, lopt, [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
+      r = forward_backward_fused(m, ids, labels, lopt, [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
         if (group == kGroupHead) mark(fw);
         const double t1 = now_seconds();
         opt.step_group(o.lr, touched, group_parameters(mc, g, group));
-        if (mixed) refresh_compute_copy(mc, m.weights(), cm.mutable_weights(), group);
         t_opt += now_seconds() - t1;
       });
     } else {
-      r = forward_backward(fm, ids, labels, &grads, lopt);
+      r = forward_backward(m, ids, labels, &grads, lopt);
       mark(r);
       clip_grad_norm(gparams, o.clip);
       const double t1 = now_seconds();
       opt.step(o.lr, touched);
-      if (mixed) refresh_compute_copy(mc, m.weights(), cm.mutable_weights(), kAllGroups);
       t_opt = now_seconds() - t1;
     }
     const double dt = now_seconds() - t0;
@@ -421,7 +419,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   // ---- expert GEMMs on the last step's routing, then the GEMM peak again ----
   // (the fused update holds no whole-model gradient: the timing gets its own, after the peaks)
   if (o.fused) grads = zeros_like(mc, m.weights(), MemCategory::Workspace);
-  const ExpertTiming et = time_expert_ops(fm, grads, last);
+  const ExpertTiming et = time_expert_ops(m, grads, last);
   const double peak_after = measure_sgemm_peak();
   const double sgemm_peak = std::max(peak_before, peak_after);
   const double bf16_after = matrix ? measure_bf16_peak() : 0;

@@ -94,7 +94,7 @@ void print_cpu_plan(const PlanModel& m, const JobSpec& job, int64_t ep, int64_t 
                 (long long)job.batch, (long long)job.seq, (long long)(job.batch * job.seq),
                 job.checkpointing ? ", per-layer recompute" : "");
     const EngineTrainOptions& eo = job.engine_train;
-    line("weights", mp.weights, eo.weights_bf16 ? "f32 master 4 B x parameters + bf16 copies 2 B x matrix parameters"
+    line("weights", mp.weights, eo.weights_bf16 ? "f32 master 4 B x parameters, the matrices as bf16 upper + lower halves"
                                                 : "4 B x parameters");
     line("grads", mp.grads, eo.fused_update ? "fused update: the largest group (head, one layer or embedding) x 4 B"
                                             : "4 B x parameters");

@@ -184,35 +184,71 @@ ModelWeights transform_weights(const ModelConfig& c, const ModelWeights& w,
   return g;
 }
 
-ModelWeights bf16_compute_copy(const ModelConfig& c, const ModelWeights& master) {
-  return transform_weights(c, master, [](const Tensor& t) {
-    return t.ndim() >= 2 ? t.to_dtype(DType::BF16, MemCategory::Weights) : t;
-  });
+uint16_t* MasterLowHalves::of(const Tensor& t) const {
+  if (!t.defined() || t.dtype() != DType::BF16 || by_start_.empty()) return nullptr;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.raw());
+  auto it = by_start_.upper_bound(p);
+  if (it == by_start_.begin()) return nullptr;
+  --it;
+  if (p + t.nbytes() > it->first + it->second.bytes) return nullptr;
+  return it->second.low.data<uint16_t>() + (p - it->first) / 2;
 }
 
-void refresh_compute_copy(const ModelConfig& c, const ModelWeights& master, ModelWeights& compute, int64_t group) {
-  auto copy = [](Tensor& dst, const Tensor& src) {
-    if (dst.defined() && dst.raw() != src.raw()) cast(dst, src);
+void MasterLowHalves::add(const Tensor& high, Tensor low) {
+  MOE_ASSERT(high.dtype() == DType::BF16 && low.nbytes() == high.nbytes());
+  by_start_[reinterpret_cast<uintptr_t>(high.raw())] = {high.nbytes(), std::move(low)};
+}
+
+MasterLowHalves split_master(const ModelConfig& c, ModelWeights& w) {
+  MasterLowHalves low;
+  auto split = [&](const Tensor& t) {
+    if (t.ndim() < 2) return t;
+    MOE_CHECK(t.dtype() == DType::F32 && t.device() == Device::CPU,
+              "mixed precision: master weight %s must be f32 on the CPU", t.desc().c_str());
+    Tensor hi = Tensor::empty(t.shape(), DType::BF16, MemCategory::Weights);
+    Tensor lo = Tensor::empty({2 * t.numel()}, DType::U8, MemCategory::Weights);
+    const uint32_t* x = t.data<uint32_t>();
+    uint16_t* h = hi.data<uint16_t>();
+    uint16_t* l = lo.data<uint16_t>();
+    const int64_t n = t.numel();
+#pragma omp parallel for schedule(static) if(n > 65536)
+    for (int64_t j = 0; j < n; ++j) {
+      h[j] = master_high(x[j]);
+      l[j] = static_cast<uint16_t>(x[j]);
+    }
+    low.add(hi, std::move(lo));
+    return hi;
   };
-  auto layer = [&](int64_t l) {
-    const LayerWeights& a = master.layers[static_cast<size_t>(l)];
-    LayerWeights& b = compute.layers[static_cast<size_t>(l)];
-    for (auto [dst, src] : {std::pair{&b.wqkv, &a.wqkv}, {&b.wo, &a.wo}, {&b.router, &a.router}, {&b.w1, &a.w1},
-                            {&b.w3, &a.w3}, {&b.w2, &a.w2}, {&b.shared_w1, &a.shared_w1},
-                            {&b.shared_w3, &a.shared_w3}, {&b.shared_w2, &a.shared_w2},
-                            {&b.shared_gate, &a.shared_gate}, {&b.b1, &a.b1}, {&b.b3, &a.b3}, {&b.b2, &a.b2},
-                            {&b.wq_a, &a.wq_a}, {&b.q_a_norm, &a.q_a_norm}, {&b.wq_b, &a.wq_b}, {&b.wkv_a, &a.wkv_a},
-                            {&b.kv_a_norm, &a.kv_a_norm}, {&b.wkv_b, &a.wkv_b}})
-      copy(*dst, *src);
-    b.router_bias = a.router_bias;
-  };
-  if (group == kGroupHead || group == kAllGroups) {
-    if (!c.tie_word_embeddings) copy(compute.lm_head, master.lm_head);
+  // One tensor or layer at a time, each source dropped before the next is split.
+  {
+    const Tensor e = std::move(w.embed);
+    w.embed = split(e);
   }
-  if (group == kGroupEmbed || group == kAllGroups) copy(compute.embed, master.embed);
-  if (group >= 0) layer(group);
-  if (group == kAllGroups)
-    for (int64_t l = 0; l < c.n_layer; ++l) layer(l);
+  if (c.tie_word_embeddings) {
+    w.lm_head = w.embed;
+  } else if (w.lm_head.defined()) {
+    const Tensor h = std::move(w.lm_head);
+    w.lm_head = split(h);
+  }
+  for (LayerWeights& lw : w.layers) {
+    const LayerWeights old = std::move(lw);
+    lw = transform_layer(c, old, split);
+  }
+  return low;
+}
+
+ModelWeights join_master(const ModelConfig& c, const ModelWeights& w, const MasterLowHalves& low) {
+  return transform_weights(c, w, [&](const Tensor& t) {
+    const uint16_t* l = low.of(t);
+    if (!l) return t;
+    Tensor f = Tensor::empty(t.shape(), DType::F32, MemCategory::Workspace);
+    const uint16_t* h = t.data<uint16_t>();
+    uint32_t* x = f.data<uint32_t>();
+    const int64_t n = t.numel();
+#pragma omp parallel for schedule(static) if(n > 65536)
+    for (int64_t j = 0; j < n; ++j) x[j] = master_bits(h[j], l[j]);
+    return f;
+  });
 }
 
 ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory cat) {

@@ -8,7 +8,9 @@
 // (the [T,V] logits are never held whole); then the layers' backward in reverse; embedding.
 // With recompute, a layer keeps only its input and re-runs its forward before its backward.
 #pragma once
+#include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -80,15 +82,43 @@ void update_router_bias(const ModelConfig& c, ModelWeights& w, const std::vector
 ModelWeights transform_weights(const ModelConfig& c, const ModelWeights& w,
                                const std::function<Tensor(const Tensor&)>& fn);
 
-// Mixed precision storage (f32 master weights, bf16 compute copies): a ModelWeights whose
-// matrices (ndim >= 2) are bf16 copies of `master`'s and whose vectors (norms, biases, router
-// biases) are the master's own tensors.
-ModelWeights bf16_compute_copy(const ModelConfig& c, const ModelWeights& master);
-// Re-rounds the compute copies of one gradient group (kGroupHead, a layer index, kGroupEmbed
-// below; kAllGroups: every group) from the master after an update; vectors are shared and need
-// nothing (router biases created since are shared again).
-constexpr int64_t kAllGroups = -3;
-void refresh_compute_copy(const ModelConfig& c, const ModelWeights& master, ModelWeights& compute, int64_t group);
+// Mixed precision storage: f32 master weights kept in two 16-bit halves, so that forward and
+// backward read the upper half as a bf16 matrix and no second copy of the weights exists.
+// Every matrix (ndim >= 2) is split: its tensor becomes bf16, each element the f32 value rounded
+// to bf16 half away from zero (master_high: the f32 bits plus 0x8000, upper half), and a
+// separate array keeps the value's lower 16 bits. master_bits joins the two back into the f32
+// value exactly: the rounding added 1 to the upper half exactly when the lower half is
+// >= 0x8000. The optimizer updates the f32 value and stores both halves (train/optimizer.h):
+// f32 master semantics at 4 bytes a weight, where master plus compute copy took 6, and no
+// re-rounding pass after the update. Vectors (norms, biases, router biases) stay f32.
+inline uint16_t master_high(uint32_t bits) { return static_cast<uint16_t>((bits + 0x8000u) >> 16); }
+inline uint32_t master_bits(uint16_t high, uint16_t low) {
+  return (uint32_t(static_cast<uint16_t>(high - (low >> 15))) << 16) | low;
+}
+
+// The lower halves of a split ModelWeights' matrices (category Weights, 2 bytes a value).
+class MasterLowHalves {
+ public:
+  // Those of parameter t, a split matrix or a view into one (its elements, in order); nullptr
+  // when t is not split (an f32 vector, or a tensor of another model).
+  uint16_t* of(const Tensor& t) const;
+  void add(const Tensor& high, Tensor low);
+  size_t count() const { return by_start_.size(); }
+
+ private:
+  struct Entry {
+    size_t bytes;  // the bf16 tensor's
+    Tensor low;
+  };
+  std::map<uintptr_t, Entry> by_start_;  // by the bf16 tensor's first byte
+};
+
+// Splits w's matrices in place (w: f32 master weights), a layer at a time so that the f32
+// tensors are freed as they are split (when w holds the only reference); returns the lower
+// halves. Forward and backward then run on w as they run on bf16 weights.
+MasterLowHalves split_master(const ModelConfig& c, ModelWeights& w);
+// The f32 master weights of split weights w, as new tensors (checkpoints, export).
+ModelWeights join_master(const ModelConfig& c, const ModelWeights& w, const MasterLowHalves& low);
 
 // Zero gradients (f32, category `cat`) shaped like every trainable parameter, with the same
 // views, so named_parameters(c, grads) names them exactly as named_parameters(c, w, true) names

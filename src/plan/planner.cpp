@@ -257,10 +257,10 @@ void validate_parallel(const PlanModel& m, const Parallel& p) {
 }
 
 namespace {
-// Parameters per gradient group of the fused update (model_train.h) and the matrix parameters,
-// from the tensor list a config implies.
+// Parameters per gradient group of the fused update (model_train.h), from the tensor list a
+// config implies.
 struct GroupParams {
-  int64_t head = 0, embed = 0, largest_layer = 0, matrices = 0;
+  int64_t head = 0, embed = 0, largest_layer = 0;
 };
 GroupParams group_params(const ModelConfig& c) {
   const ArchSpec& a = arch_spec(c.model_type);
@@ -269,7 +269,6 @@ GroupParams group_params(const ModelConfig& c) {
   GroupParams g;
   for (const auto& [name, shape] : expected_tensors(c)) {
     const int64_t n = shape_numel(shape);
-    if (shape.size() >= 2) g.matrices += n;
     long l = -1;
     if (std::sscanf(name.c_str(), "model.layers.%ld.", &l) == 1 && l >= 0 && l < c.n_layer)
       layer[static_cast<size_t>(l)] += n;
@@ -311,7 +310,8 @@ EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq
   // DeepSeek-V3's selection bias is a buffer: held with the weights, never a gradient or moments.
   const int64_t trainable = n - (m.router_score_bias ? m.n_moe_layers() * m.n_expert : 0);
   const GroupParams gp = group_params(c);
-  r.mem.weights = 4 * n + (opt.weights_bf16 ? 2 * gp.matrices : 0);
+  // weights_bf16 splits the matrices into bf16 upper and lower halves: the f32 bytes (model_train.h).
+  r.mem.weights = 4 * n;
   if (opt.fused_update) {
     const int64_t tied = c.tie_word_embeddings ? gp.embed : 0;
     r.mem.grads = 4 * std::max({gp.head + tied, gp.largest_layer + tied, gp.embed});

@@ -143,7 +143,8 @@ MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p
 //                   with a tied head the embedding's gradient lives through the whole backward
 //                   and adds to the other groups
 //   optimizer_bf16  optimizer 4 B x P (bf16 m and v)
-//   weights_bf16    weights + 2 B per matrix parameter (ndim >= 2): the bf16 compute copies
+//   weights_bf16    no line changes: the f32 master weights' matrices are split into their bf16
+//                   upper halves (what the products read) and lower halves, 4 B a parameter
 // Not counted: the op kernels' Workspace scratch, the router's selection bias when bias
 // balancing creates it ([E] f32 per MoE layer, Weights), the caller's batch tensors.
 // Throws moe::Error for a family the engine does not run or sizes too large to compute.

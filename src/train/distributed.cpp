@@ -215,8 +215,29 @@ void reduce_grads_to_owners(const dist::Parallel& par, const std::vector<NamedPa
 }
 
 void broadcast_from_owners(const dist::Parallel& par, const std::vector<NamedParam>& params,
-                           const std::vector<int>& owners) {
-  bucketed(par, params, &owners, Coll::Broadcast);
+                           const std::vector<int>& owners, const MasterLowHalves* low) {
+  if (!low) {
+    bucketed(par, params, &owners, Coll::Broadcast);
+    return;
+  }
+  // Split weights whole (both halves), in the same order on every rank; the f32 rest bucketed.
+  std::vector<NamedParam> rest;
+  std::vector<int> rest_owners;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const NamedParam& p = params[i];
+    uint16_t* lo = low->of(p.value);
+    if (!lo) {
+      rest.push_back(p);
+      rest_owners.push_back(owners[i]);
+      continue;
+    }
+    dist::Communicator& comm = p.expert >= 0 ? *par.expert_dp : *par.world;
+    if (!par.distributed() || comm.size() == 1 || p.value.numel() == 0) continue;
+    const int64_t bytes = int64_t(p.value.nbytes());
+    comm.broadcast(p.value.raw(), bytes, owners[i]);
+    comm.broadcast(lo, bytes, owners[i]);
+  }
+  bucketed(par, rest, &rest_owners, Coll::Broadcast);
 }
 
 double clip_grad_norm_owned(const dist::Parallel& par, const std::vector<NamedParam>& grads,

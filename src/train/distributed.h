@@ -67,8 +67,10 @@ std::vector<int> shard_owners(const dist::Parallel& par, const std::vector<Named
 bool owns(const dist::Parallel& par, const NamedParam& p, int owner);
 void reduce_grads_to_owners(const dist::Parallel& par, const std::vector<NamedParam>& grads,
                             const std::vector<int>& owners, const std::vector<std::vector<bool>>* touched = nullptr);
+// low: the lower halves of split master weights (mixed precision): a bf16 parameter among
+// params is sent with its lower halves, the f32 value the owner updated.
 void broadcast_from_owners(const dist::Parallel& par, const std::vector<NamedParam>& params,
-                           const std::vector<int>& owners);
+                           const std::vector<int>& owners, const MasterLowHalves* low = nullptr);
 double clip_grad_norm_owned(const dist::Parallel& par, const std::vector<NamedParam>& grads,
                             const std::vector<int>& owners, double max_norm);
 

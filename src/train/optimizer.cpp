@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -32,9 +33,12 @@ constexpr int64_t kParallelMin = 65536;
 constexpr int64_t kSlice = 16384;
 
 // One parameter's update at its step: where its tensors are and the rule's constants.
-// w == nullptr: a skipped expert, whose gradient only enters the sum of squares.
+// w and hi both nullptr: a skipped expert, whose gradient only enters the sum of squares. A
+// split master weight (model_train.h) has hi and lo instead of w.
 struct ParamUpdate {
   float* w = nullptr;
+  uint16_t* hi = nullptr;
+  uint16_t* lo = nullptr;
   const float* g = nullptr;
   void* m = nullptr;
   void* v = nullptr;
@@ -58,6 +62,26 @@ inline float round_store(double x, float* at) {
 inline float round_store(double x, uint16_t* at) {
   *at = f32_to_bf16(static_cast<float>(x));
   return bf16_to_f32(*at);
+}
+
+// Weight storage: f32, or a split master weight (its two halves, model_train.h).
+struct SplitRef {
+  uint16_t* hi;
+  uint16_t* lo;
+};
+inline double load_weight(const float* w, int64_t j) { return w[j]; }
+inline double load_weight(const SplitRef& w, int64_t j) {
+  const uint32_t b = master_bits(w.hi[j], w.lo[j]);
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline void store_weight(float* w, int64_t j, float x) { w[j] = x; }
+inline void store_weight(const SplitRef& w, int64_t j, float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  w.hi[j] = master_high(b);
+  w.lo[j] = static_cast<uint16_t>(b);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -84,20 +108,32 @@ inline __m256d round_store4(__m256d x, uint16_t* at) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(at), _mm_packus_epi32(h, h));
   return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(h, 16)));
 }
+inline __m256d load_weight4(const float* w, int64_t j) { return load4(w + j); }
+// master_bits on four lanes (the upper half's wrap below zero is the same modulo 2^16).
+inline __m256d load_weight4(const SplitRef& w, int64_t j) {
+  const __m128i h = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.hi + j)));
+  const __m128i l = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.lo + j)));
+  const __m128i b = _mm_or_si128(_mm_slli_epi32(_mm_sub_epi32(h, _mm_srli_epi32(l, 15)), 16), l);
+  return _mm256_cvtps_pd(_mm_castsi128_ps(b));
+}
+inline void store_weight4(float* w, int64_t j, __m256d x) { _mm_storeu_ps(w + j, _mm256_cvtpd_ps(x)); }
+// master_high and the lower half on four lanes; both are below 2^16, so the packs are exact.
+inline void store_weight4(const SplitRef& w, int64_t j, __m256d x) {
+  const __m128i b = _mm_castps_si128(_mm256_cvtpd_ps(x));
+  const __m128i h = _mm_srli_epi32(_mm_add_epi32(b, _mm_set1_epi32(0x8000)), 16);
+  const __m128i l = _mm_and_si128(b, _mm_set1_epi32(0xFFFF));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(w.hi + j), _mm_packus_epi32(h, h));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(w.lo + j), _mm_packus_epi32(l, l));
+}
 #endif
 
 // Elements [j0, j1) of one parameter: the update (unless skipped), and the sum of squares of
 // the gradient there (the gradient norm's terms, read in the same pass).
-template <typename M>
-double update_range(const Betas& bt, const ParamUpdate& u, int64_t j0, int64_t j1) {
+template <typename M, typename W>
+double update_range(const Betas& bt, const ParamUpdate& u, W w, int64_t j0, int64_t j1) {
   const float* g = u.g;
   double ss = 0;
-  if (!u.w) {
-    for (int64_t j = j0; j < j1; ++j) ss += double(g[j]) * g[j];
-    return ss;
-  }
   const double b1 = bt.b1, b2 = bt.b2, eps = bt.eps, bc2 = u.bc2, step_size = u.step_size, decay = u.decay;
-  float* w = u.w;
   M* m = static_cast<M*>(u.m);
   M* v = static_cast<M*>(u.v);
   int64_t j = j0;
@@ -116,8 +152,8 @@ double update_range(const Betas& bt, const ParamUpdate& u, int64_t j0, int64_t j
     const __m256d vj =
         round_store4(_mm256_fmadd_pd(load4(v + j), b2v, _mm256_mul_pd(_mm256_mul_pd(c2v, gj), gj)), v + j);
     const __m256d denom = _mm256_add_pd(_mm256_div_pd(_mm256_sqrt_pd(vj), bc2v), epsv);
-    const __m256d wj = _mm256_fmsub_pd(load4(w + j), decayv, _mm256_div_pd(_mm256_mul_pd(stepv, mj), denom));
-    _mm_storeu_ps(w + j, _mm256_cvtpd_ps(wj));
+    const __m256d wj = _mm256_fmsub_pd(load_weight4(w, j), decayv, _mm256_div_pd(_mm256_mul_pd(stepv, mj), denom));
+    store_weight4(w, j, wj);
   }
   alignas(32) double lanes[4];
   _mm256_store_pd(lanes, ssv);
@@ -129,8 +165,18 @@ double update_range(const Betas& bt, const ParamUpdate& u, int64_t j0, int64_t j
     const double mj = round_store(b1 * widen(m[j]) + (1.0 - b1) * gj, m + j);
     const double vj = round_store(b2 * widen(v[j]) + (1.0 - b2) * gj * gj, v + j);
     const double denom = std::sqrt(vj) / bc2 + eps;
-    w[j] = static_cast<float>(double(w[j]) * decay - step_size * mj / denom);
+    store_weight(w, j, static_cast<float>(load_weight(w, j) * decay - step_size * mj / denom));
   }
+  return ss;
+}
+
+// update_range on the parameter's storage; a skipped expert only sums its squares.
+template <typename M>
+double update_range(const Betas& bt, const ParamUpdate& u, int64_t j0, int64_t j1) {
+  if (u.w) return update_range<M>(bt, u, u.w, j0, j1);
+  if (u.hi) return update_range<M>(bt, u, SplitRef{u.hi, u.lo}, j0, j1);
+  double ss = 0;
+  for (int64_t j = j0; j < j1; ++j) ss += double(u.g[j]) * u.g[j];
   return ss;
 }
 
@@ -167,8 +213,9 @@ double run_updates(const Betas& bt, const std::vector<ParamUpdate>& ups) {
 // The header's opaque job type is the ParamUpdate above.
 struct AdamW::Job : ParamUpdate {};
 
-AdamW::AdamW(std::vector<NamedParam> params, std::vector<NamedParam> grads, const AdamWOptions& opt)
-    : params_(std::move(params)), grads_(std::move(grads)), state_(params_.size()), opt_(opt) {
+AdamW::AdamW(std::vector<NamedParam> params, std::vector<NamedParam> grads, const AdamWOptions& opt,
+             const MasterLowHalves* low)
+    : params_(std::move(params)), grads_(std::move(grads)), state_(params_.size()), low_(params_.size()), opt_(opt) {
   // grads may be empty: the fused update passes each group's gradients to step_group.
   MOE_ASSERT(grads_.empty() || params_.size() == grads_.size());
   MOE_CHECK(opt_.state_dtype == DType::F32 || opt_.state_dtype == DType::BF16,
@@ -177,9 +224,10 @@ AdamW::AdamW(std::vector<NamedParam> params, std::vector<NamedParam> grads, cons
     index_[params_[i].name] = i;
     MOE_ASSERT(grads_.empty() ||
                (params_[i].name == grads_[i].name && params_[i].value.shape() == grads_[i].value.shape()));
-    MOE_CHECK(params_[i].value.dtype() == DType::F32 && params_[i].value.device() == Device::CPU,
-              "AdamW: parameter %s must be f32 on the CPU (got %s)", params_[i].name.c_str(),
-              params_[i].value.desc().c_str());
+    if (low) low_[i] = low->of(params_[i].value);
+    MOE_CHECK((params_[i].value.dtype() == DType::F32 || low_[i]) && params_[i].value.device() == Device::CPU,
+              "AdamW: parameter %s must be f32 (or a split master weight) on the CPU (got %s)",
+              params_[i].name.c_str(), params_[i].value.desc().c_str());
   }
 }
 
@@ -188,7 +236,7 @@ void AdamW::step(double lr, const std::vector<std::vector<bool>>& touched) {
   std::vector<Job> jobs(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
     prepare(i, lr, touched, grads_[i].value, &jobs[i]);
-    if (!jobs[i].w) jobs[i].n = 0;  // a skipped expert: its sum of squares is not wanted here
+    if (!jobs[i].w && !jobs[i].hi) jobs[i].n = 0;  // a skipped expert: its sum of squares is not wanted here
   }
   run(jobs);
 }
@@ -224,7 +272,12 @@ void AdamW::prepare(size_t i, double lr, const std::vector<std::vector<bool>>& t
   job->bc2 = std::sqrt(1.0 - std::pow(opt_.beta2, double(s.steps)));
   job->step_size = lr / (1.0 - std::pow(opt_.beta1, double(s.steps)));
   job->decay = 1.0 - lr * wd;
-  job->w = p.value.data<float>();
+  if (low_[i]) {
+    job->hi = p.value.data<uint16_t>();
+    job->lo = low_[i];
+  } else {
+    job->w = p.value.data<float>();
+  }
   job->m = s.m.raw();
   job->v = s.v.raw();
 }

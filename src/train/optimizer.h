@@ -4,9 +4,10 @@
 // Update of one parameter p with gradient g at its own step count t (torch's order):
 //   p *= 1 - lr·wd;  m = β1·m + (1-β1)·g;  v = β2·v + (1-β2)·g²;
 //   p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
-// computed in f64 per element, stored f32. Routed experts that received no token in a step are
-// skipped exactly as torch skips HF's per-expert parameters whose gradient is None: no moment
-// update, no decay, and that expert's step count does not advance — unless dense_expert_update
+// computed in f64 per element, stored f32 (or as a split master weight's two halves, mixed
+// precision: model_train.h). Routed experts that received no token in a step are skipped
+// exactly as torch skips HF's per-expert parameters whose gradient is None: no moment update,
+// no decay, and that expert's step count does not advance — unless dense_expert_update
 // (then they are updated with a zero gradient, as a fused 3-D expert parameter would be).
 // Moments are allocated (Optimizer category) the first time a parameter is updated, so experts
 // that never receive tokens never cost optimizer memory. They are f32, or bf16 with
@@ -42,7 +43,10 @@ struct AdamWOptions {
 class AdamW {
  public:
   // params and grads: named_parameters() of the weights and of their gradients (same order).
-  AdamW(std::vector<NamedParam> params, std::vector<NamedParam> grads, const AdamWOptions& opt);
+  // low: the lower halves of split master weights (mixed precision, model_train.h): the bf16
+  // parameters it holds are updated as the f32 values they and their halves make.
+  AdamW(std::vector<NamedParam> params, std::vector<NamedParam> grads, const AdamWOptions& opt,
+        const MasterLowHalves* low = nullptr);
 
   // One update at learning rate lr. touched[layer][expert]: the expert received tokens in this
   // step (only read for routed-expert parameters).
@@ -80,6 +84,7 @@ class AdamW {
   std::vector<NamedParam> params_, grads_;
   std::map<std::string, size_t> index_;
   std::vector<State> state_;
+  std::vector<uint16_t*> low_;  // per parameter: its lower halves when split, else nullptr
   AdamWOptions opt_;
 };
 

@@ -237,15 +237,14 @@ double run_training(const TrainConfig& cfg) {
     fingerprint = param_fingerprint(m);
   }
   const ModelConfig& mc = m.config();
-  // Mixed precision: the optimizer owns f32 master weights (m); forward and backward run on bf16
-  // copies of the matrices (cm), re-rounded after every update.
+  // Mixed precision: the f32 master weights' matrices are split in place (model_train.h): forward
+  // and backward read their bf16 upper halves, the optimizer updates both halves.
   MOE_CHECK(cfg.weight_dtype == DType::F32 || cfg.weight_dtype == DType::BF16, "--weight-dtype must be f32 or bf16");
   MOE_CHECK(!ft || cfg.weight_dtype == DType::F32,
             "fine-tuning keeps the frozen base as loaded (choose it with --base-dtype), not --weight-dtype");
   const bool mixed = cfg.weight_dtype == DType::BF16;
-  Model cm = m;
-  if (mixed) cm.mutable_weights() = bf16_compute_copy(mc, m.weights());
-  Model& fm = mixed ? cm : m;
+  MasterLowHalves low;
+  if (mixed) low = split_master(mc, m.mutable_weights());
 
   // ---- data ----
   std::unique_ptr<Tokenizer> tok;
@@ -308,7 +307,7 @@ double run_training(const TrainConfig& cfg) {
       if (owns(*par, wparams[i], owners[i])) out.push_back(all[i]);
     return out;
   };
-  AdamW opt(owned(wparams), owned(gparams), cfg.adamw);
+  AdamW opt(owned(wparams), owned(gparams), cfg.adamw, mixed ? &low : nullptr);
   LossOptions lopt;
   lopt.aux_coef = cfg.aux_coef >= 0 ? cfg.aux_coef : mc.router_aux_loss_coef;
   lopt.z_coef = cfg.z_coef;
@@ -370,7 +369,7 @@ double run_training(const TrainConfig& cfg) {
   }
   if (data.val.n > 0 && resume_dir.empty()) {
     // The starting point the validation curve is judged against.
-    const double v0 = validation_loss(fm, data.val, cfg.batch_size, cfg.eval_batches, lopt, *par);
+    const double v0 = validation_loss(m, data.val, cfg.batch_size, cfg.eval_batches, lopt, *par);
     run_info["initial_val_loss"] = v0;
     if (talk) std::printf("initial validation loss %.4f\n", v0);
   }
@@ -390,7 +389,8 @@ double run_training(const TrainConfig& cfg) {
     // Written once, by rank 0: under expert parallelism its EP group first gathers the experts
     // and their optimizer state (a checkpoint is the whole model, whatever the ranks).
     Model whole = m;
-    if (par->rank() < par->ep) whole.mutable_weights() = gather_experts(mc, m.weights(), *par);
+    if (mixed) whole.mutable_weights() = join_master(mc, m.weights(), low);  // the f32 values
+    if (par->rank() < par->ep) whole.mutable_weights() = gather_experts(mc, whole.weights(), *par);
     const OptimizerSnapshot snap = gather_optimizer(*par, opt, full_names, zero);
     if (lead) save_checkpoint(dir, whole, snap, st, tok_from, ft ? &lcfg : nullptr);
     par->world->barrier();
@@ -468,7 +468,6 @@ double run_training(const TrainConfig& cfg) {
       if (ft) observe_grads(gg);
       if (par->ep > 1) fused_ss_exp += grad_sum_squares(gg, true);
       fused_ss += opt.step_group(lr, touched, gg);
-      if (mixed) refresh_compute_copy(mc, m.weights(), cm.mutable_weights(), group);
     };
     std::vector<std::vector<double>> load;  // per MoE layer
     std::vector<int64_t> dropped;           // per MoE layer
@@ -484,8 +483,8 @@ double run_training(const TrainConfig& cfg) {
         uint64_t s = cfg.seed ^ (uint64_t(step) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(micro) << 48);
         set_lora_dropout(m.mutable_weights(), float(lcfg.dropout), splitmix64(s));
       }
-      StepLosses r = cfg.fused_update ? forward_backward_fused(fm, ids, labels, lopt, fused_hook)
-                                      : forward_backward(fm, ids, labels, &grads, lopt);
+      StepLosses r = cfg.fused_update ? forward_backward_fused(m, ids, labels, lopt, fused_hook)
+                                      : forward_backward(m, ids, labels, &grads, lopt);
       loss += r.total / double(cfg.grad_accum);
       ce += r.loss_ce / double(cfg.grad_accum);
       aux += r.aux_loss / double(cfg.grad_accum);
@@ -530,14 +529,9 @@ double run_training(const TrainConfig& cfg) {
               (long long)step + 1, last_ckpt.empty() ? "(none yet)" : last_ckpt.c_str());
     if (!cfg.fused_update) {
       opt.step(lr, touched);
-      if (zero) broadcast_from_owners(*par, wparams, owners);
-      if (mixed) refresh_compute_copy(mc, m.weights(), cm.mutable_weights(), kAllGroups);
+      if (zero) broadcast_from_owners(*par, wparams, owners, mixed ? &low : nullptr);
     }
-    if (bias_rate > 0 && !load.empty()) {
-      update_router_bias(mc, m.mutable_weights(), load, bias_rate);
-      for (int64_t l = 0; l < mc.n_layer; ++l)  // a new bias tensor is shared with the compute copy
-        cm.mutable_weights().layers[size_t(l)].router_bias = m.weights().layers[size_t(l)].router_bias;
-    }
+    if (bias_rate > 0 && !load.empty()) update_router_bias(mc, m.mutable_weights(), load, bias_rate);
     ++step;
     last_loss = loss;
     const double dt = now_s() - t0;
@@ -595,7 +589,7 @@ double run_training(const TrainConfig& cfg) {
     const bool eval = data.val.n > 0 && (last || (cfg.eval_every > 0 ? step % cfg.eval_every == 0 : save));
     double vl = NAN;
     if (eval) {
-      vl = validation_loss(fm, data.val, cfg.batch_size, cfg.eval_batches, lopt, *par);
+      vl = validation_loss(m, data.val, cfg.batch_size, cfg.eval_batches, lopt, *par);
       rec["val_loss"] = vl;
     }
     // Communication of this step (this rank's; rank 0 reports): bytes sent and time per kind.
