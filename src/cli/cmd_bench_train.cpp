@@ -333,6 +333,12 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   const ModelConfig& mc = m.config();
   const bool bf16 = o.weight_dtype == "bf16";
   std::printf("%s\n", bf16_products_line(o).c_str());
+  // Mixed-precision training: the f32 master weights' matrices split into bf16 upper halves (what
+  // the steps read) and lower halves, as the trainer does (model_train.h): the same bytes as the
+  // f32 weights loaded, so the split is part of making the model ready, before the measure.
+  const bool mixed = bf16 && !o.finetune;
+  MasterLowHalves low;
+  if (mixed) low = split_master(mc, m.mutable_weights());
   // Return what loading freed (the random or mapped source tensors) to the OS, so the RSS the
   // overhead is measured from holds the model, not reusable free heap that would hide growth.
   malloc_trim(0);
@@ -341,12 +347,6 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   const bool hwm_reset = reset_peak_rss();
   mem_reset_peaks();
   const MemStats at_load = mem_stats();
-  // Mixed-precision training: the f32 master weights' matrices split into bf16 upper halves (what
-  // the steps read) and lower halves, as the trainer does (model_train.h): the same bytes as
-  // the f32 weights loaded.
-  const bool mixed = bf16 && !o.finetune;
-  MasterLowHalves low;
-  if (mixed) low = split_master(mc, m.mutable_weights());
 
   MOE_CHECK(!o.fused || o.clip == 0, "moe bench train: --fused-update needs --clip 0");
   ModelWeights grads = o.fused ? ModelWeights() : zeros_like(mc, m.weights(), MemCategory::Grads);

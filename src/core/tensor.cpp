@@ -1,5 +1,8 @@
-// tensor.cpp — Tensor views, copies and argument checks.
+// tensor.cpp — Tensor views, copies and argument checks; dropping a copied file mapping's pages.
 #include "core/tensor.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <mutex>
 #include <new>
@@ -234,6 +237,14 @@ void check_dtype(const char* op, const char* arg, const Tensor& t, DType expecte
 
 void check_ndim(const char* op, const char* arg, const Tensor& t, int ndim) {
   MOE_CHECK(t.ndim() == ndim, "%s: %s expected %d dimensions, got %s", op, arg, ndim, t.shape_str().c_str());
+}
+
+void release_mapped(const Tensor& src) {
+  if (!src.borrowed() || src.nbytes() == 0) return;
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(src.raw()) + page - 1) / page * page;
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(src.raw()) + src.nbytes()) / page * page;
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
 
 }  // namespace moe

@@ -101,6 +101,14 @@ class Tensor {
   DType dtype_ = DType::F32;
 };
 
+// Once a file-mapped (borrowed) tensor has been copied (stacked experts, converted dtypes,
+// split master weights, moved to a device), its pages are dropped from memory: the mapping is
+// read-only and private, so the kernel re-reads them from the file if they are ever touched
+// again. Without this the mapped copy stays resident beside the engine's (measured: 6.6 GiB RSS
+// for 3.4 GiB of weights). Only whole pages inside the tensor are released: a neighbour sharing
+// a page keeps it. Does nothing for tensors that own their memory.
+void release_mapped(const Tensor& src);
+
 // Argument checks shared by ops: throw moe::Error naming the op and the argument.
 void check_shape(const char* op, const char* arg, const Tensor& t, const Shape& expected);
 void check_dtype(const char* op, const char* arg, const Tensor& t, DType expected);

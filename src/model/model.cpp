@@ -1,9 +1,6 @@
 // model.cpp — weight loading (HF names -> stacked per-layer tensors) and the forward pass.
 #include "model/model.h"
 
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -23,19 +20,6 @@ namespace moe {
 namespace {
 
 using Source = std::function<Tensor(const std::string&)>;
-
-// Once a file-mapped tensor has been copied (stacked experts, converted dtypes, moved to a
-// device), its pages are dropped from memory: the mapping is read-only and private, so the
-// kernel re-reads them from the file if they are ever touched again. Without this the mapped
-// copy stays resident beside the engine's (measured: 6.6 GiB RSS for 3.4 GiB of weights).
-// Only whole pages inside the tensor are released: a neighbour sharing a page keeps it.
-void release_mapped(const Tensor& src) {
-  if (!src.borrowed() || src.nbytes() == 0) return;
-  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t lo = (reinterpret_cast<uintptr_t>(src.raw()) + page - 1) / page * page;
-  const uintptr_t hi = (reinterpret_cast<uintptr_t>(src.raw()) + src.nbytes()) / page * page;
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
-}
 
 // The dtype a weight gets in memory. Projections (`proj`: the weights of linear_forward and
 // the experts) may be quantized: to LoadOptions::quant_dtype (Q8_0, or float, when their rows

@@ -200,6 +200,9 @@ void MasterLowHalves::add(const Tensor& high, Tensor low) {
 }
 
 MasterLowHalves split_master(const ModelConfig& c, ModelWeights& w) {
+  // The allocator's kept blocks (what loading freed) go back to the system first: a half placed
+  // in a larger kept block would leave that block's other pages resident.
+  mem_trim();
   MasterLowHalves low;
   auto split = [&](const Tensor& t) {
     if (t.ndim() < 2) return t;
@@ -217,6 +220,7 @@ MasterLowHalves split_master(const ModelConfig& c, ModelWeights& w) {
       l[j] = static_cast<uint16_t>(x[j]);
     }
     low.add(hi, std::move(lo));
+    release_mapped(t);  // a tensor borrowed from the file mapping: its pages leave the RSS
     return hi;
   };
   // One tensor or layer at a time, each source dropped before the next is split.
@@ -234,6 +238,7 @@ MasterLowHalves split_master(const ModelConfig& c, ModelWeights& w) {
     const LayerWeights old = std::move(lw);
     lw = transform_layer(c, old, split);
   }
+  mem_trim();  // the f32 tensors just freed
   return low;
 }
 

@@ -114,8 +114,10 @@ class MasterLowHalves {
 };
 
 // Splits w's matrices in place (w: f32 master weights), a layer at a time so that the f32
-// tensors are freed as they are split (when w holds the only reference); returns the lower
-// halves. Forward and backward then run on w as they run on bf16 weights.
+// tensors are freed as they are split (when w holds the only reference), and returns the
+// allocator's kept blocks to the system before and after (core/memory.h), so the split model
+// is resident in the f32 model's bytes; returns the lower halves. Forward and backward then
+// run on w as they run on bf16 weights.
 MasterLowHalves split_master(const ModelConfig& c, ModelWeights& w);
 // The f32 master weights of split weights w, as new tensors (checkpoints, export).
 ModelWeights join_master(const ModelConfig& c, const ModelWeights& w, const MasterLowHalves& low);
