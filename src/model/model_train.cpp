@@ -200,8 +200,9 @@ void MasterLowHalves::add(const Tensor& high, Tensor low) {
 }
 
 MasterLowHalves split_master(const ModelConfig& c, ModelWeights& w) {
-  // The allocator's kept blocks (what loading freed) go back to the system first: a half placed
-  // in a larger kept block would leave that block's other pages resident.
+  // The allocator keeps freed blocks and lends them to larger requests' neighbours in size
+  // (core/memory.h): a half placed in a freed f32 block would leave that block's other pages
+  // resident. So what loading freed, and each source once split, go back to the system.
   mem_trim();
   MasterLowHalves low;
   auto split = [&](const Tensor& t) {
@@ -231,14 +232,16 @@ MasterLowHalves split_master(const ModelConfig& c, ModelWeights& w) {
   if (c.tie_word_embeddings) {
     w.lm_head = w.embed;
   } else if (w.lm_head.defined()) {
+    mem_trim();
     const Tensor h = std::move(w.lm_head);
     w.lm_head = split(h);
   }
   for (LayerWeights& lw : w.layers) {
+    mem_trim();
     const LayerWeights old = std::move(lw);
     lw = transform_layer(c, old, split);
   }
-  mem_trim();  // the f32 tensors just freed
+  mem_trim();
   return low;
 }
 
