@@ -614,9 +614,10 @@ CLI::App* add_train_like_bench(CLI::App* bench, bool finetune) {
         ->capture_default_str()
         ->check(CLI::IsMember({"f32", "bf16"}));
   else
-    cmd->add_option("--weight-dtype", o->weight_dtype, "weights the steps read: f32, or bf16 copies of f32 master "
-                                                       "weights (mixed precision; products on the bf16 matrix units "
-                                                       "where the CPU has them)")
+    cmd->add_option("--weight-dtype", o->weight_dtype, "weights the steps read: f32, or bf16 (mixed precision: f32 "
+                                                       "master weights whose matrices are kept as bf16 + lower 16 "
+                                                       "bits; products on the bf16 matrix units where the CPU has "
+                                                       "them)")
         ->capture_default_str()
         ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--act-sweep", o->act_sweep, "also measure one step's activation peak at these expert counts "

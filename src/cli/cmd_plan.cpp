@@ -183,7 +183,7 @@ void add_plan_command(CLI::App& app) {
   cmd->add_option("--optimizer-dtype", o->optimizer_dtype, "--device cpu --job train: AdamW moments f32 or bf16")
       ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--weight-dtype", o->weight_dtype,
-                  "--device cpu --job train: f32, or bf16 compute copies of f32 master weights")
+                  "--device cpu --job train: f32, or bf16 (mixed precision: f32 master weights split into bf16 + lower halves)")
       ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--tokens", o->tokens, "training tokens (for time and cost), e.g. 1e9");
   cmd->add_option("--mfu", o->mfu, "model FLOPs utilisation assumed")->capture_default_str();

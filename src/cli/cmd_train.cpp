@@ -72,8 +72,9 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--weight-dtype", o->weight_dtype,
-                  "weights the forward/backward read: f32, or bf16 copies of f32 master weights (mixed precision: "
-                  "products in bf16 on the CPU's AMX / AVX512-BF16 units where it has them)")
+                  "weights the forward/backward read: f32, or bf16 (mixed precision: f32 master weights whose "
+                  "matrices are kept as their bf16 rounding + lower 16 bits, no extra memory; products in bf16 on "
+                  "the CPU's AMX / AVX512-BF16 units where it has them)")
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_flag("--recompute", c.recompute, "recompute each layer's activations in backward (less memory, ~1.3x compute)");

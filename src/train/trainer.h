@@ -39,7 +39,7 @@ struct TrainConfig {
   // DeepSeek-V3 was trained, for routers with a selection bias; else off).
   double bias_rate = -1;
   bool fused_update = false;   // update each group as its gradients are final (needs clip 0, grad_accum 1)
-  DType weight_dtype = DType::F32;  // BF16: bf16 compute copies of the f32 master weights
+  DType weight_dtype = DType::F32;  // BF16: mixed precision on split f32 master weights (model_train.h)
   bool shuffle = true;
   uint64_t seed = 1;
   double val_fraction = 0.05;
