@@ -394,7 +394,7 @@ std::vector<std::string> Checkpoint::names() const {
 // ---- writer ------------------------------------------------------------------------------
 
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+                       const std::map<std::string, std::string>& metadata, const WriteAs* as) {
   const char* p = path.c_str();
   // Validate everything before creating any file, so a bad call leaves no trace on disk.
   std::set<std::string> seen;
@@ -407,11 +407,12 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
   // Data order: largest element size first (stable otherwise), as the Python writer does, so the
   // tensors are packed with no gaps (which the reference reader requires) and each one still
   // starts aligned to its element size, keeping later loads zero-copy.
+  std::vector<DType> stored(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) stored[i] = as ? as->dtype(tensors[i].second) : tensors[i].second.dtype();
   std::vector<size_t> order(tensors.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return dtype_size(tensors[a].second.dtype()) > dtype_size(tensors[b].second.dtype());
-  });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return dtype_size(stored[a]) > dtype_size(stored[b]); });
 
   std::string header;
   try {
@@ -426,10 +427,11 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
       const Tensor& t = tensors[i].second;
       json shape = json::array();
       for (int64_t d : t.shape()) shape.push_back(d);
-      h[tensors[i].first] = {{"dtype", dtype_safetensors_name(t.dtype())},
+      const size_t bytes = dtype_nbytes(stored[i], t.numel());
+      h[tensors[i].first] = {{"dtype", dtype_safetensors_name(stored[i])},
                              {"shape", std::move(shape)},
-                             {"data_offsets", {off, off + t.nbytes()}}};
-      off += t.nbytes();
+                             {"data_offsets", {off, off + bytes}}};
+      off += bytes;
     }
     header = h.dump();
   } catch (const json::exception& e) {  // e.g. a name or metadata value that is not UTF-8
@@ -456,8 +458,10 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
     put(header.data(), header.size());
     for (size_t i : order) {
       const Tensor& t = tensors[i].second;
-      if (t.nbytes() == 0) continue;
-      Tensor host = t.device() == Device::CPU ? t : t.to(Device::CPU, MemCategory::Workspace);
+      if (t.numel() == 0) continue;
+      Tensor host = as ? as->convert(t) : t;
+      MOE_ASSERT(host.dtype() == stored[i] && host.shape() == t.shape());
+      if (host.device() != Device::CPU) host = host.to(Device::CPU, MemCategory::Workspace);
       put(host.raw(), host.nbytes());
     }
     if (std::fflush(f) != 0 || ::fsync(fileno(f)) != 0) {

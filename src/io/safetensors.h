@@ -9,6 +9,7 @@
 // the data section, overlapping tensors, headers above 100 MB, nesting deeper than 8 levels, more
 // than 2^20 tensors or 16 dimensions.
 #pragma once
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -89,7 +90,14 @@ class Checkpoint {
 // Writes tensors (any devices; copied to host) to `path` atomically: a temp file in the same
 // directory, fsync, rename. Names must be unique. The header is padded so the data section
 // starts 8-byte aligned.
+// `as` (optional): tensors written as something else — their stored dtype, and their bytes in
+// it made just before they are written, so one converted tensor exists at a time (split master
+// weights written as f32, model_train.h).
+struct WriteAs {
+  std::function<DType(const Tensor&)> dtype;
+  std::function<Tensor(const Tensor&)> convert;
+};
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
-                       const std::map<std::string, std::string>& metadata = {});
+                       const std::map<std::string, std::string>& metadata = {}, const WriteAs* as = nullptr);
 
 }  // namespace moe

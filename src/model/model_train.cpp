@@ -245,18 +245,20 @@ MasterLowHalves split_master(const ModelConfig& c, ModelWeights& w) {
   return low;
 }
 
-ModelWeights join_master(const ModelConfig& c, const ModelWeights& w, const MasterLowHalves& low) {
-  return transform_weights(c, w, [&](const Tensor& t) {
-    const uint16_t* l = low.of(t);
-    if (!l) return t;
-    Tensor f = Tensor::empty(t.shape(), DType::F32, MemCategory::Workspace);
-    const uint16_t* h = t.data<uint16_t>();
-    uint32_t* x = f.data<uint32_t>();
-    const int64_t n = t.numel();
+Tensor join_master(const Tensor& t, const MasterLowHalves& low) {
+  const uint16_t* l = low.of(t);
+  if (!l) return t;
+  Tensor f = Tensor::empty(t.shape(), DType::F32, MemCategory::Workspace);
+  const uint16_t* h = t.data<uint16_t>();
+  uint32_t* x = f.data<uint32_t>();
+  const int64_t n = t.numel();
 #pragma omp parallel for schedule(static) if(n > 65536)
-    for (int64_t j = 0; j < n; ++j) x[j] = master_bits(h[j], l[j]);
-    return f;
-  });
+  for (int64_t j = 0; j < n; ++j) x[j] = master_bits(h[j], l[j]);
+  return f;
+}
+
+ModelWeights join_master(const ModelConfig& c, const ModelWeights& w, const MasterLowHalves& low) {
+  return transform_weights(c, w, [&](const Tensor& t) { return join_master(t, low); });
 }
 
 ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory cat) {

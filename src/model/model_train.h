@@ -119,7 +119,11 @@ class MasterLowHalves {
 // is resident in the f32 model's bytes; returns the lower halves. Forward and backward then
 // run on w as they run on bf16 weights.
 MasterLowHalves split_master(const ModelConfig& c, ModelWeights& w);
-// The f32 master weights of split weights w, as new tensors (checkpoints, export).
+// The f32 master values of t (a split matrix or a view into one) as a new tensor (Workspace);
+// t itself when it is not split.
+Tensor join_master(const Tensor& t, const MasterLowHalves& low);
+// The f32 master weights of split weights w, as new tensors (what expert parallelism gathers
+// for a checkpoint; one process writes them a tensor at a time: train/checkpoint.h).
 ModelWeights join_master(const ModelConfig& c, const ModelWeights& w, const MasterLowHalves& low);
 
 // Zero gradients (f32, category `cat`) shaped like every trainable parameter, with the same

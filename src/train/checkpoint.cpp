@@ -63,7 +63,8 @@ void write_text_atomic(const std::string& path, const std::string& text) {
 OptimizerSnapshot snapshot(const AdamW& opt) { return {opt.state_tensors(), opt.step_counts()}; }
 
 void save_checkpoint(const std::string& dir, const Model& m, const OptimizerSnapshot& opt,
-                     const nlohmann::json& trainer_state, const std::string& tokenizer_from, const LoraConfig* lora) {
+                     const nlohmann::json& trainer_state, const std::string& tokenizer_from, const LoraConfig* lora,
+                     const MasterLowHalves* low) {
   const fs::path final_dir(dir);
   const fs::path tmp = final_dir.parent_path() / (final_dir.filename().string() + ".partial-" + std::to_string(::getpid()));
   std::error_code ec;
@@ -78,7 +79,12 @@ void save_checkpoint(const std::string& dir, const Model& m, const OptimizerSnap
     std::vector<std::pair<std::string, Tensor>> named;
     named = hf_parameters(m.config(), m.weights());
     for (auto& b : named_buffers(m.config(), m.weights())) named.push_back(b);
-    write_safetensors((tmp / "model.safetensors").string(), named, {{"format", "pt"}});
+    WriteAs as_f32;
+    if (low) {
+      as_f32.dtype = [&](const Tensor& t) { return low->of(t) ? DType::F32 : t.dtype(); };
+      as_f32.convert = [&](const Tensor& t) { return join_master(t, *low); };
+    }
+    write_safetensors((tmp / "model.safetensors").string(), named, {{"format", "pt"}}, low ? &as_f32 : nullptr);
   }
   write_safetensors((tmp / "optimizer.safetensors").string(), opt.tensors);
   if (!tokenizer_from.empty())

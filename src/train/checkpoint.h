@@ -35,9 +35,11 @@ struct OptimizerSnapshot {
 };
 OptimizerSnapshot snapshot(const AdamW& opt);
 
+// low (mixed precision): m's weights are split master weights (model_train.h); each is joined
+// into its f32 values as it is written, one tensor at a time.
 void save_checkpoint(const std::string& dir, const Model& m, const OptimizerSnapshot& opt,
                      const nlohmann::json& trainer_state, const std::string& tokenizer_from,
-                     const LoraConfig* lora = nullptr);
+                     const LoraConfig* lora = nullptr, const MasterLowHalves* low = nullptr);
 
 // The newest complete RUN_DIR/step-N (largest N), or "" when there is none.
 std::string latest_checkpoint(const std::string& run_dir);

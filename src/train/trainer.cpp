@@ -388,11 +388,15 @@ double run_training(const TrainConfig& cfg) {
     nlohmann::json st = {{"step", step}, {"sampler", sampler.state()}, {"params", fingerprint}};
     // Written once, by rank 0: under expert parallelism its EP group first gathers the experts
     // and their optimizer state (a checkpoint is the whole model, whatever the ranks).
+    // Mixed precision writes the split weights' f32 values a tensor at a time; under expert
+    // parallelism the gathered experts are f32 (the whole model joined first, for now).
     Model whole = m;
-    if (mixed) whole.mutable_weights() = join_master(mc, m.weights(), low);  // the f32 values
+    const bool join_first = mixed && par->ep > 1;
+    if (join_first) whole.mutable_weights() = join_master(mc, m.weights(), low);
     if (par->rank() < par->ep) whole.mutable_weights() = gather_experts(mc, whole.weights(), *par);
     const OptimizerSnapshot snap = gather_optimizer(*par, opt, full_names, zero);
-    if (lead) save_checkpoint(dir, whole, snap, st, tok_from, ft ? &lcfg : nullptr);
+    if (lead)
+      save_checkpoint(dir, whole, snap, st, tok_from, ft ? &lcfg : nullptr, mixed && !join_first ? &low : nullptr);
     par->world->barrier();
     last_ckpt = dir;
   };
