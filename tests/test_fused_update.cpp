@@ -146,9 +146,9 @@ TEST_P(FusedUpdate, Bf16MomentsHalveOptimizerMemoryAndFollowF32) {
   EXPECT_THROW(run_training(wrong), Error);
 }
 
-// Mixed precision (--weight-dtype bf16): forward/backward on bf16 copies, f32 master weights in
-// the checkpoint; the losses stay close to f32 but are not identical (the copies are used);
-// the fused update's per-group refresh gives exactly the ordinary step's per-step refresh. Both
+// Mixed precision (--weight-dtype bf16): forward/backward on bf16 weights, f32 master weights
+// (split: model_train.h) in the checkpoint; the losses stay close to f32 but are not identical
+// (the bf16 roundings are used); the fused update gives exactly the ordinary step. Both
 // ways bf16 weights multiply: widened to f32 (the library's default), and on the bf16 matrix
 // units with the other factors rounded to bf16 (`moe train`'s choice where the CPU has them).
 void mixed_precision_case(const std::string& fam, cpu::Bf16Gemm mode) {
