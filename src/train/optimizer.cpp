@@ -133,17 +133,20 @@ template <typename M, typename W>
 double update_range(const Betas& bt, const ParamUpdate& u, W w, int64_t j0, int64_t j1) {
   const float* g = u.g;
   double ss = 0;
-  const double b1 = bt.b1, b2 = bt.b2, eps = bt.eps, bc2 = u.bc2, step_size = u.step_size, decay = u.decay;
+  const double b1 = bt.b1, b2 = bt.b2, decay = u.decay;
+  // step·m / (sqrt(v)/bc2 + eps) as (step·bc2)·m / (sqrt(v) + eps·bc2): the same value with one
+  // division a weight instead of two (divisions and the square root bound this loop).
+  const double eps_bc2 = bt.eps * u.bc2, step_bc2 = u.step_size * u.bc2;
   M* m = static_cast<M*>(u.m);
   M* v = static_cast<M*>(u.v);
   int64_t j = j0;
 #if defined(__AVX2__) && defined(__FMA__)
   // The scalar loop below, four lanes at a time, with the fused multiply-adds GCC forms for it:
-  // m = fma(m, β1, (1-β1)·g), v = fma(v, β2, ((1-β2)·g)·g), w = fma(w, decay, -(step·m)/denom).
+  // m = fma(m, β1, (1-β1)·g), v = fma(v, β2, ((1-β2)·g)·g), w = fma(w, decay, -(step·bc2·m)/denom).
   const __m256d b1v = _mm256_set1_pd(b1), c1v = _mm256_set1_pd(1.0 - b1);
   const __m256d b2v = _mm256_set1_pd(b2), c2v = _mm256_set1_pd(1.0 - b2);
-  const __m256d epsv = _mm256_set1_pd(eps), bc2v = _mm256_set1_pd(bc2);
-  const __m256d stepv = _mm256_set1_pd(step_size), decayv = _mm256_set1_pd(decay);
+  const __m256d epsv = _mm256_set1_pd(eps_bc2);
+  const __m256d stepv = _mm256_set1_pd(step_bc2), decayv = _mm256_set1_pd(decay);
   __m256d ssv = _mm256_setzero_pd();
   for (; j + 4 <= j1; j += 4) {
     const __m256d gj = load4(g + j);
@@ -151,7 +154,7 @@ double update_range(const Betas& bt, const ParamUpdate& u, W w, int64_t j0, int6
     const __m256d mj = round_store4(_mm256_fmadd_pd(load4(m + j), b1v, _mm256_mul_pd(c1v, gj)), m + j);
     const __m256d vj =
         round_store4(_mm256_fmadd_pd(load4(v + j), b2v, _mm256_mul_pd(_mm256_mul_pd(c2v, gj), gj)), v + j);
-    const __m256d denom = _mm256_add_pd(_mm256_div_pd(_mm256_sqrt_pd(vj), bc2v), epsv);
+    const __m256d denom = _mm256_add_pd(_mm256_sqrt_pd(vj), epsv);
     const __m256d wj = _mm256_fmsub_pd(load_weight4(w, j), decayv, _mm256_div_pd(_mm256_mul_pd(stepv, mj), denom));
     store_weight4(w, j, wj);
   }
@@ -164,8 +167,8 @@ double update_range(const Betas& bt, const ParamUpdate& u, W w, int64_t j0, int6
     ss += gj * gj;
     const double mj = round_store(b1 * widen(m[j]) + (1.0 - b1) * gj, m + j);
     const double vj = round_store(b2 * widen(v[j]) + (1.0 - b2) * gj * gj, v + j);
-    const double denom = std::sqrt(vj) / bc2 + eps;
-    store_weight(w, j, static_cast<float>(load_weight(w, j) * decay - step_size * mj / denom));
+    const double denom = std::sqrt(vj) + eps_bc2;
+    store_weight(w, j, static_cast<float>(load_weight(w, j) * decay - step_bc2 * mj / denom));
   }
   return ss;
 }
