@@ -54,6 +54,12 @@ Tracker& tracker() {
 
 constexpr size_t kMapThreshold = size_t(256) << 10;
 constexpr size_t kMapGranule = size_t(64) << 10;
+// New mappings of this size or more for a training step's temporaries (gradients, activations,
+// scratch: re-faulted every step when a kept block was returned) ask for transparent huge
+// pages: a fresh 64 MiB gradient faulted in 4 KiB pages cost 36 ms a step (Mixtral-shaped
+// training, step 0.92 -> 0.77 s with them). Not for weights, KV cache or optimizer state,
+// which are faulted once: bf16 decode measured slower from huge-page weights (55 vs 64 tokens/s).
+constexpr size_t kHugeMin = size_t(4) << 20;
 constexpr size_t kMaxKeptBlocks = 4096;
 constexpr size_t kMaxKeptSmallBytes = size_t(32) << 20;
 constexpr size_t kMaxLent = 256;
@@ -115,7 +121,7 @@ void release_kept(BlockCache& c, bool large_only, size_t bytes = SIZE_MAX) {
   c.n_kept = w;
 }
 
-void* host_alloc(size_t size) {
+void* host_alloc(size_t size, bool huge) {
   BlockCache& c = block_cache();
   if (!MOE_ASAN) {
     std::lock_guard<std::mutex> lock(c.mu);
@@ -160,7 +166,10 @@ void* host_alloc(size_t size) {
   c.system_allocs.fetch_add(1, std::memory_order_relaxed);
   if (is_large(size)) {
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p != MAP_FAILED) return p;
+    if (p != MAP_FAILED) {
+      if (huge && size >= kHugeMin) ::madvise(p, size, MADV_HUGEPAGE);
+      return p;
+    }
     if (!MOE_ASAN) {
       std::lock_guard<std::mutex> lock(c.mu);
       c.large_live -= size;
@@ -239,7 +248,8 @@ void* mem_allocate(Device dev, MemCategory cat, size_t bytes) {
   void* p = nullptr;
   size_t n = bytes == 0 ? 64 : bytes;
   if (dev == Device::CPU) {
-    p = host_alloc(host_block_size(n));
+    const bool transient = cat == MemCategory::Grads || cat == MemCategory::Activations || cat == MemCategory::Workspace;
+    p = host_alloc(host_block_size(n), transient);
     MOE_CHECK(p != nullptr, "out of host memory allocating %s for %s", human_bytes(double(bytes)).c_str(),
               mem_category_name(cat));
   } else {
