@@ -200,9 +200,9 @@ void MasterLowHalves::add(const Tensor& high, Tensor low) {
 }
 
 MasterLowHalves split_master(const ModelConfig& c, ModelWeights& w) {
-  // The allocator keeps freed blocks and lends them to larger requests' neighbours in size
-  // (core/memory.h): a half placed in a freed f32 block would leave that block's other pages
-  // resident. So what loading freed, and each source once split, go back to the system.
+  // The allocator keeps freed blocks and lends one to a request of at least half its size
+  // (core/memory.cpp): a half placed in a freed f32 block would leave that block's other pages
+  // resident. So what loading freed, and each source once split, go back to the system first.
   mem_trim();
   MasterLowHalves low;
   auto split = [&](const Tensor& t) {

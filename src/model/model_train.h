@@ -103,7 +103,6 @@ class MasterLowHalves {
   // when t is not split (an f32 vector, or a tensor of another model).
   uint16_t* of(const Tensor& t) const;
   void add(const Tensor& high, Tensor low);
-  size_t count() const { return by_start_.size(); }
 
  private:
   struct Entry {
