@@ -1,5 +1,5 @@
 // fixture_util.h — helpers the fixture-based tests share: where the fixtures and the `moe`
-// binary are, a fresh scratch directory, running a command, the normwise relative error the
+// binary are, a model loaded in f32, a fresh scratch directory, running a command, the normwise relative error the
 // fixtures' tolerances are stated in, reading a scalar from a safetensors file and a run's
 // metrics.jsonl, and a model's logits / greedy tokens for a prompt.
 #pragma once
@@ -25,6 +25,13 @@
 namespace moe::testutil {
 
 inline std::string fixture(const std::string& fam) { return std::string(MOE_FIXTURES_DIR) + "/" + fam; }
+// A model directory loaded with f32 weights whatever their stored dtype.
+inline Model load_f32(const std::string& dir) {
+  LoadOptions lo;
+  lo.keep_dtype = false;
+  lo.weight_dtype = DType::F32;
+  return Model::load(dir, lo);
+}
 // fn throws moe::Error whose message contains every one of parts.
 inline void expect_error(const std::function<void()>& fn, std::initializer_list<const char*> parts) {
   try {

@@ -15,6 +15,7 @@
 #include "model/activations.h"
 #include "model/model.h"
 #include "model/model_train.h"
+#include "fixture_util.h"
 
 namespace moe {
 namespace {
@@ -22,13 +23,6 @@ namespace {
 namespace fs = std::filesystem;
 
 const std::string kDir = std::string(MOE_FIXTURES_DIR) + "/mixtral";
-
-Model load_f32() {
-  LoadOptions lo;
-  lo.keep_dtype = false;
-  lo.weight_dtype = DType::F32;
-  return Model::load(kDir, lo);
-}
 
 // Labels [B,S] i64: `labels`, with positions [0, first) of every row also set to -100 (a prompt
 // that carries no loss).
@@ -75,7 +69,7 @@ class HeadRows : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!fs::exists(kDir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << kDir;
-    m = load_f32();
+    m = testutil::load_f32(kDir);
     // Two sequences of 300: 600 rows, three logits chunks of 256 — a prompt of 200 leaves 198
     // targets, one chunk.
     ids = token_ids(2, 300, m.config().vocab_size);

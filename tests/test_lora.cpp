@@ -38,19 +38,13 @@ namespace {
 namespace fs = std::filesystem;
 
 using testutil::fixture;
+using testutil::load_f32;
 using testutil::moe_bin;
 using testutil::rel_err;
 using testutil::run;
 using testutil::scalar;
 
 std::string scratch(const std::string& name) { return testutil::scratch_dir("lora-test-", name); }
-
-Model load_f32(const std::string& dir) {
-  LoadOptions lo;
-  lo.keep_dtype = false;
-  lo.weight_dtype = DType::F32;
-  return Model::load(dir, lo);
-}
 
 StepLosses loss_of(const Model& m, const std::string& dir) {
   auto batch = SafetensorsFile::open(dir + "/batch.safetensors");

@@ -16,18 +16,12 @@
 #include "train/checkpoint.h"
 #include "train/hf_export.h"
 #include "train/optimizer.h"
+#include "fixture_util.h"
 
 namespace moe {
 namespace {
 
 const std::string kDir = std::string(MOE_FIXTURES_DIR) + "/mixtral";
-
-Model load_f32() {
-  LoadOptions lo;
-  lo.keep_dtype = false;
-  lo.weight_dtype = DType::F32;
-  return Model::load(kDir, lo);
-}
 
 float from_bits(uint32_t b) {
   float f;
@@ -62,8 +56,8 @@ TEST(MasterSplit, HalvesJoinExactlyAndRoundToNearest) {
 
 TEST(MasterSplit, SplitModelCostsItsF32BytesAndJoinsBack) {
   if (!std::filesystem::exists(kDir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << kDir;
-  const Model ref = load_f32();
-  Model m = load_f32();
+  const Model ref = testutil::load_f32(kDir);
+  Model m = testutil::load_f32(kDir);
   const ModelConfig& c = m.config();
   const int64_t weights_before = mem_stats().current[int(Device::CPU)][int(MemCategory::Weights)];
   const MasterLowHalves low = split_master(c, m.mutable_weights());
@@ -106,8 +100,8 @@ TEST(MasterSplit, AdamWOnSplitWeightsIsBitForBitF32) {
   if (!std::filesystem::exists(kDir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << kDir;
   for (DType moments : {DType::F32, DType::BF16}) {
     SCOPED_TRACE(dtype_name(moments));
-    Model f = load_f32();
-    Model s = load_f32();
+    Model f = testutil::load_f32(kDir);
+    Model s = testutil::load_f32(kDir);
     const ModelConfig& c = f.config();
     const MasterLowHalves low = split_master(c, s.mutable_weights());
     ModelWeights gw = zeros_like(c, f.weights(), MemCategory::Grads);
@@ -136,8 +130,8 @@ TEST(MasterSplit, AdamWOnSplitWeightsIsBitForBitF32) {
 // written: the save's extra memory is one tensor's f32 copy, not the model's.
 TEST(MasterSplit, CheckpointWritesF32ValuesATensorAtATime) {
   if (!std::filesystem::exists(kDir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << kDir;
-  const Model ref = load_f32();
-  Model m = load_f32();
+  const Model ref = testutil::load_f32(kDir);
+  Model m = testutil::load_f32(kDir);
   const ModelConfig& c = m.config();
   const MasterLowHalves low = split_master(c, m.mutable_weights());
   const std::string dir = testing::TempDir() + "/master-split-ckpt";

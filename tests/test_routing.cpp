@@ -18,19 +18,14 @@
 #include "model/model.h"
 #include "model/model_train.h"
 #include "train/trainer.h"
+#include "fixture_util.h"
 
 namespace moe {
 namespace {
 namespace fs = std::filesystem;
 
 std::string fixture(const std::string& fam) { return std::string(MOE_FIXTURES_DIR) + "/" + fam; }
-
-Model load_f32(const std::string& dir) {
-  LoadOptions lo;
-  lo.keep_dtype = false;
-  lo.weight_dtype = DType::F32;
-  return Model::load(dir, lo);
-}
+using testutil::load_f32;
 
 std::vector<float> row(const Tensor& t, int64_t r) {
   const int64_t n = t.numel() / t.dim(0);
