@@ -91,14 +91,14 @@ inline __m256d load4(const uint16_t* p) {
   const __m128i u = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(u, 16)));
 }
-inline __m256d round_store4(__m256d x, float* at) {
+inline __m128 round_store4(__m256d x, float* at) {
   const __m128 f = _mm256_cvtpd_ps(x);
   _mm_storeu_ps(at, f);
-  return _mm256_cvtps_pd(f);
+  return f;
 }
 // f32_to_bf16 on four lanes: a NaN keeps its top half and is made quiet, everything else
 // rounds to nearest-even; every lane is below 2^16, so the unsigned-saturating pack is exact.
-inline __m256d round_store4(__m256d x, uint16_t* at) {
+inline __m128 round_store4(__m256d x, uint16_t* at) {
   const __m128i u = _mm_castps_si128(_mm256_cvtpd_ps(x));
   const __m128i hi = _mm_srli_epi32(u, 16);
   const __m128i nan = _mm_cmpgt_epi32(_mm_and_si128(u, _mm_set1_epi32(0x7fffffff)), _mm_set1_epi32(0x7f800000));
@@ -106,7 +106,7 @@ inline __m256d round_store4(__m256d x, uint16_t* at) {
   const __m128i rounded = _mm_srli_epi32(_mm_add_epi32(u, bias), 16);
   const __m128i h = _mm_blendv_epi8(rounded, _mm_or_si128(hi, _mm_set1_epi32(0x40)), nan);
   _mm_storel_epi64(reinterpret_cast<__m128i*>(at), _mm_packus_epi32(h, h));
-  return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(h, 16)));
+  return _mm_castsi128_ps(_mm_slli_epi32(h, 16));
 }
 inline __m256d load_weight4(const float* w, int64_t j) { return load4(w + j); }
 // master_bits on four lanes (the upper half's wrap below zero is the same modulo 2^16).
@@ -135,27 +135,30 @@ double update_range(const Betas& bt, const ParamUpdate& u, W w, int64_t j0, int6
   double ss = 0;
   const double b1 = bt.b1, b2 = bt.b2, decay = u.decay;
   // step·m / (sqrt(v)/bc2 + eps) as (step·bc2)·m / (sqrt(v) + eps·bc2): the same value with one
-  // division a weight instead of two (divisions and the square root bound this loop).
-  const double eps_bc2 = bt.eps * u.bc2, step_bc2 = u.step_size * u.bc2;
+  // division a weight instead of two, and that division and the square root in f32 (torch's
+  // own precision for f32 parameters) on the moments as stored (f32 or bf16 values, exact in
+  // f32): in f64 they bound this loop.
+  const float eps_bc2 = float(bt.eps * u.bc2), step_bc2 = float(u.step_size * u.bc2);
   M* m = static_cast<M*>(u.m);
   M* v = static_cast<M*>(u.v);
   int64_t j = j0;
 #if defined(__AVX2__) && defined(__FMA__)
   // The scalar loop below, four lanes at a time, with the fused multiply-adds GCC forms for it:
-  // m = fma(m, β1, (1-β1)·g), v = fma(v, β2, ((1-β2)·g)·g), w = fma(w, decay, -(step·bc2·m)/denom).
+  // m = fma(m, β1, (1-β1)·g), v = fma(v, β2, ((1-β2)·g)·g) in f64, the step (step·bc2·m)/denom
+  // in f32, w = fma(w, decay, -step) in f64.
   const __m256d b1v = _mm256_set1_pd(b1), c1v = _mm256_set1_pd(1.0 - b1);
   const __m256d b2v = _mm256_set1_pd(b2), c2v = _mm256_set1_pd(1.0 - b2);
-  const __m256d epsv = _mm256_set1_pd(eps_bc2);
-  const __m256d stepv = _mm256_set1_pd(step_bc2), decayv = _mm256_set1_pd(decay);
+  const __m128 epsv = _mm_set1_ps(eps_bc2), stepv = _mm_set1_ps(step_bc2);
+  const __m256d decayv = _mm256_set1_pd(decay);
   __m256d ssv = _mm256_setzero_pd();
   for (; j + 4 <= j1; j += 4) {
     const __m256d gj = load4(g + j);
     ssv = _mm256_add_pd(ssv, _mm256_mul_pd(gj, gj));
-    const __m256d mj = round_store4(_mm256_fmadd_pd(load4(m + j), b1v, _mm256_mul_pd(c1v, gj)), m + j);
-    const __m256d vj =
+    const __m128 mj = round_store4(_mm256_fmadd_pd(load4(m + j), b1v, _mm256_mul_pd(c1v, gj)), m + j);
+    const __m128 vj =
         round_store4(_mm256_fmadd_pd(load4(v + j), b2v, _mm256_mul_pd(_mm256_mul_pd(c2v, gj), gj)), v + j);
-    const __m256d denom = _mm256_add_pd(_mm256_sqrt_pd(vj), epsv);
-    const __m256d wj = _mm256_fmsub_pd(load_weight4(w, j), decayv, _mm256_div_pd(_mm256_mul_pd(stepv, mj), denom));
+    const __m128 step = _mm_div_ps(_mm_mul_ps(stepv, mj), _mm_add_ps(_mm_sqrt_ps(vj), epsv));
+    const __m256d wj = _mm256_fmsub_pd(load_weight4(w, j), decayv, _mm256_cvtps_pd(step));
     store_weight4(w, j, wj);
   }
   alignas(32) double lanes[4];
@@ -165,10 +168,10 @@ double update_range(const Betas& bt, const ParamUpdate& u, W w, int64_t j0, int6
   for (; j < j1; ++j) {
     const double gj = g[j];
     ss += gj * gj;
-    const double mj = round_store(b1 * widen(m[j]) + (1.0 - b1) * gj, m + j);
-    const double vj = round_store(b2 * widen(v[j]) + (1.0 - b2) * gj * gj, v + j);
-    const double denom = std::sqrt(vj) + eps_bc2;
-    store_weight(w, j, static_cast<float>(load_weight(w, j) * decay - step_bc2 * mj / denom));
+    const float mj = round_store(b1 * widen(m[j]) + (1.0 - b1) * gj, m + j);
+    const float vj = round_store(b2 * widen(v[j]) + (1.0 - b2) * gj * gj, v + j);
+    const float step = (step_bc2 * mj) / (std::sqrt(vj) + eps_bc2);
+    store_weight(w, j, static_cast<float>(load_weight(w, j) * decay - double(step)));
   }
   return ss;
 }

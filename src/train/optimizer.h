@@ -5,7 +5,7 @@
 //   p *= 1 - lr·wd;  m = β1·m + (1-β1)·g;  v = β2·v + (1-β2)·g²;
 //   p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
 // (evaluated as p -= (lr·sqrt(1-β2^t)/(1-β1^t))·m / (sqrt(v) + eps·sqrt(1-β2^t)), one division)
-// computed in f64 per element, stored f32 (or as a split master weight's two halves, mixed
+// computed in f64 per element but for that quotient (f32, as torch computes it), stored f32 (or as a split master weight's two halves, mixed
 // precision: model_train.h). Routed experts that received no token in a step are skipped
 // exactly as torch skips HF's per-expert parameters whose gradient is None: no moment update,
 // no decay, and that expert's step count does not advance — unless dense_expert_update
