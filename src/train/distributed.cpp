@@ -216,16 +216,12 @@ void reduce_grads_to_owners(const dist::Parallel& par, const std::vector<NamedPa
 
 void broadcast_from_owners(const dist::Parallel& par, const std::vector<NamedParam>& params,
                            const std::vector<int>& owners, const MasterLowHalves* low) {
-  if (!low) {
-    bucketed(par, params, &owners, Coll::Broadcast);
-    return;
-  }
   // Split weights whole (both halves), in the same order on every rank; the f32 rest bucketed.
   std::vector<NamedParam> rest;
   std::vector<int> rest_owners;
   for (size_t i = 0; i < params.size(); ++i) {
     const NamedParam& p = params[i];
-    uint16_t* lo = low->of(p.value);
+    uint16_t* lo = low ? low->of(p.value) : nullptr;
     if (!lo) {
       rest.push_back(p);
       rest_owners.push_back(owners[i]);

@@ -2,9 +2,9 @@
 #include "train/optimizer.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -71,15 +71,11 @@ struct SplitRef {
 };
 inline double load_weight(const float* w, int64_t j) { return w[j]; }
 inline double load_weight(const SplitRef& w, int64_t j) {
-  const uint32_t b = master_bits(w.hi[j], w.lo[j]);
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
+  return std::bit_cast<float>(master_bits(w.hi[j], w.lo[j]));
 }
 inline void store_weight(float* w, int64_t j, float x) { w[j] = x; }
 inline void store_weight(const SplitRef& w, int64_t j, float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
+  const uint32_t b = std::bit_cast<uint32_t>(x);
   w.hi[j] = master_high(b);
   w.lo[j] = static_cast<uint16_t>(b);
 }
