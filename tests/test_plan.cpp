@@ -608,27 +608,26 @@ TEST(PlanVsEngine, TrainingLayoutTinyMixtralByHand) {
   //   lse 2*4*16*4 = 512; router_logits 32*8*4 = 1,024; topk_idx, topk_w 2*32*2*4 = 512;
   //   offsets 9*4 = 36; perm, inv, row_scale 3*64*4 = 768; xp 64*64*4 = 16,384;
   //   eh1, eh3 2*64*128*4 = 65,536 -> 142,372 x2 layers = 284,744.
-  // Shared: qkv 32*128*4 = 16,384; final_x, final_h 2*8,192; final_rstd 128; logits 32*256*4
-  //   = 32,768 -> 65,664.
+  // Shared: qkv 32*128*4 = 16,384; final_x, final_h 2*8,192; final_rstd 128 -> 32,896.
   // Step: ids, targets 2*32*4 = 256; row_loss 32*4 = 128; aux_g 8*4 = 32; dx, dx_mid, dx_in
   //   3*8,192 = 24,576 -> 24,992.
   // Working set, the largest phase: ffn_block_backward.experts dh 8,192 + dyp, dxp
   //   2*64*64*4 = 32,768 + drs 256 = 41,216 (attention: dattn, dq 2*8,192 + dk, dv 2*4,096
-  //   = 24,576; router: 8,192 + 256 + 256 + 1,024).
-  // Total 284,744 + 65,664 + 24,992 + 41,216 = 416,616.
+  //   = 24,576; router: 8,192 + 256 + 256 + 1,024; head.logits 32*256*4 = 32,768).
+  // Total 284,744 + 32,896 + 24,992 + 41,216 = 383,848.
   const ModelConfig c = preset_config("mixtral", "tiny");
   ActivationLayout lay = activation_layout(c, 2, 16, ActMode::Training);
   std::string phase;
-  EXPECT_EQ(lay.entry_bytes(c), 284744 + 65664);
+  EXPECT_EQ(lay.entry_bytes(c), 284744 + 32896);
   EXPECT_EQ(lay.step_bytes(c), 24992);
   EXPECT_EQ(lay.working_bytes(c, &phase), 41216);
   EXPECT_EQ(phase, "ffn_block_backward.experts");
-  EXPECT_EQ(lay.total_bytes(c), 416616);
+  EXPECT_EQ(lay.total_bytes(c), 383848);
   // Recompute: per layer only x_in 8,192 x2; one shared set of the rest (142,372 - 8,192)
-  //   = 134,180; the same shared, step and working bytes: 16,384 + 134,180 + 65,664 + 24,992
-  //   + 41,216 = 282,436.
-  EXPECT_EQ(activation_layout(c, 2, 16, ActMode::TrainingRecompute).total_bytes(c), 282436);
-  EXPECT_EQ(engine_train_plan(plan_model_from_config(c), 2, 16, false).mem.activations, 416616);
+  //   = 134,180; the same shared, step and working bytes: 16,384 + 134,180 + 32,896 + 24,992
+  //   + 41,216 = 249,668.
+  EXPECT_EQ(activation_layout(c, 2, 16, ActMode::TrainingRecompute).total_bytes(c), 249668);
+  EXPECT_EQ(engine_train_plan(plan_model_from_config(c), 2, 16, false).mem.activations, 383848);
 }
 
 TEST(PlanCli, CpuEngineTrainingPlan) {

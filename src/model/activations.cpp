@@ -18,7 +18,7 @@ constexpr Field<LayerActs> kFields[] = {
     {"attn_h", &LayerActs::attn_h},     {"qkv", &LayerActs::qkv},
     {"q_pre", &LayerActs::q_pre},       {"k_pre", &LayerActs::k_pre},
     {"final_x", &LayerActs::final_x},   {"final_rstd", &LayerActs::final_rstd},
-    {"final_h", &LayerActs::final_h},   {"logits", &LayerActs::logits},
+    {"final_h", &LayerActs::final_h},
     {"q_rstd", &LayerActs::q_rstd},     {"k_rstd", &LayerActs::k_rstd},
     {"q", &LayerActs::q},               {"k", &LayerActs::k},
     {"v", &LayerActs::v},               {"attn_out", &LayerActs::attn_out},
@@ -158,7 +158,6 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
   add("final_x", {t, d}, f32, false);
   add("final_rstd", {t}, f32, false);
   add("final_h", {t, d}, f32, false);
-  add("logits", {lay.logits_chunk, c.vocab_size}, f32, false);
 
   // ---- 2. step buffers (StepActs) ----
   auto step = [&](const char* name, Shape shape, DType dt, bool moe_only, bool backward) {
@@ -183,6 +182,9 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
     for (auto& [n, s] : live) ph.live.push_back({n, s, f32, false, false, false, false});
     lay.phases.push_back(std::move(ph));
   };
+  // The head (run_step): one chunk of LM-head logits, then its gradient. Allocated for the head
+  // alone, it never meets a layer's gradients or a block's temporaries.
+  phase("head.logits", 0, {{"logits", {lay.logits_chunk, c.vocab_size}}});
   // ffn_block_forward (the training forward and the recompute forward alike):
   if (fd > 0) phase("ffn_block_forward.dense", kDense, {{"act", {t, fd}}});  // swiglu_mlp's output
   if (e > 0) {

@@ -25,7 +25,7 @@
 //      dfinal_h and the recompute forward's output are both dx_in (free at those moments).
 //   3. phases  — the working set: temporaries a block allocates and frees inside one call
 //      (attention_block_backward's dq/dk/dv, ffn_block_backward's dh/dyp/dxp, the SwiGLU
-//      temporaries, ...). Phases never overlap in time, so the working set is the MAX over the
+//      temporaries, the head's logits chunk, ...). Phases never overlap in time, so the working set is the MAX over the
 //      phases the config has (not their sum). Each phase lists what is live at its
 //      high-water mark; a temporary freed before the next is allocated appears in the phase
 //      before and not in the one after. Phases mirror attention_block.cpp and ffn_block.cpp
@@ -133,7 +133,7 @@ struct LayerActs {
   Tensor final_x;           // [T,D] residual stream after the last layer
   Tensor final_rstd;        // [T]
   Tensor final_h;           // [T,D] normed, the LM head's input
-  Tensor logits;            // [chunk,V] f32: one chunk of LM-head logits, then its gradient
+  // (The head's logits chunk is a phase of the working set, "head.logits": not held here.)
 };
 
 // Buffers of one training step outside the layers (the layout's `step` part).

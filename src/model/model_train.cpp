@@ -523,9 +523,12 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   std::vector<int64_t> kept;
   const int64_t h_n = compact_target_rows(shared.final_h, step.targets, lay.logits_chunk, &kept);
   double ce_sum = 0;
+  // The logits chunk (the layout's "head.logits" phase) lives for the head alone: freed before
+  // the first gradient group is handed over and the layers' backward starts.
+  Tensor logits = Tensor::empty({lay.logits_chunk, c.vocab_size}, DType::F32, MemCategory::Activations);
   for (int64_t r0 = 0; r0 < h_n; r0 += lay.logits_chunk) {
     const int64_t r1 = std::min(h_n, r0 + lay.logits_chunk), n = r1 - r0;
-    Tensor lg = shared.logits.rows(0, n), h = shared.final_h.rows(r0, r1), tg = targets.rows(r0, r1);
+    Tensor lg = logits.rows(0, n), h = shared.final_h.rows(r0, r1), tg = targets.rows(r0, r1);
     Tensor rl = row_loss.rows(0, n);
     linear_forward(lg, h, w.lm_head, Tensor());
     if (grads)
@@ -538,6 +541,7 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
       linear_backward(dh, grads->lm_head, none, lg, h, w.lm_head, false);
     }
   }
+  logits = Tensor();
   if (grads && h_n < t_n) spread_target_rows(dfinal_h, kept);
   if (opt.batch) opt.batch->all_reduce_sum(&ce_sum, 1);
   res.loss_ce = res.n_targets > 0 ? ce_sum / double(res.n_targets) : 0.0;
