@@ -525,6 +525,27 @@ std::vector<Case> make_cases() {
               if (scaled) o.push_back({"drow_scale", drs});
               return o;
             });
+          if (dt != DType::BF16) continue;
+          // Mixed precision saves the pre-activations in bf16: the forward rounds them before the
+          // GLU reads them, the backward widens them back.
+          add("expert_ffn_forward_train_saved_bf16" + sh, false, 0.0, [=](Backend b) {
+            Dev g{b};
+            Tensor yp = g.out({p, d}), s1 = g.out({p, f}, DType::BF16), s3 = g.out({p, f}, DType::BF16);
+            CALL(b, expert_ffn_forward_train(yp, s1, s3, g.in(xp), g.in(off), g.in(w1), g.in(w3), g.in(w2),
+                                             g.in(rs)));
+            return Outs{{"yp", yp}, {"h1", s1}, {"h3", s3}};
+          });
+          Tensor b1 = h1.to_dtype(DType::BF16, kAct), b3 = h3.to_dtype(DType::BF16, kAct);
+          add("expert_ffn_backward_saved_bf16" + sh, false, 0.0, [=](Backend b) {
+            Dev g{b};
+            Tensor dx = g.out({p, d}), g1 = g.in(dw1), g3 = g.in(dw3), g2 = g.in(dw2);
+            Tensor drs = scaled ? g.out({p}) : Tensor();
+            CALL(b, expert_ffn_backward(dx, g1, g3, g2, drs, g.in(dyp), g.in(xp), g.in(b1), g.in(b3), g.in(off),
+                                        g.in(w1), g.in(w3), g.in(w2), g.in(rs)));
+            Outs o{{"dxp", dx}, {"dw1", g1}, {"dw3", g3}, {"dw2", g2}};
+            if (scaled) o.push_back({"drow_scale", drs});
+            return o;
+          });
         }
 
   // lora_forward / lora_backward: a part of a stacked output (col0 > 0), frozen pieces

@@ -76,7 +76,9 @@ int64_t ActPhase::bytes() const {
   return b;
 }
 
-ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t seq, ActMode mode) {
+ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t seq, ActMode mode, DType expert_h) {
+  MOE_CHECK(expert_h == DType::F32 || expert_h == DType::BF16,
+            "activation_layout: the experts' pre-activations are saved in f32 or bf16, not %s", dtype_name(expert_h));
   ActivationLayout lay;
   lay.mode = mode;
   lay.batch = batch;
@@ -142,8 +144,8 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
     add("inv", {p}, i32, pl, kMoe);
     add("row_scale", {p}, f32, pl, kMoe);
     add("xp", {p, d}, f32, pl, kMoe);
-    add("eh1", {p, f}, f32, pl, kMoe);
-    add("eh3", {p, f}, f32, pl, kMoe);
+    add("eh1", {p, f}, expert_h, pl, kMoe);
+    add("eh3", {p, f}, expert_h, pl, kMoe);
     if (fs > 0) {
       add("sh1", {t, fs}, f32, pl, kMoe);
       add("sh3", {t, fs}, f32, pl, kMoe);

@@ -30,7 +30,8 @@
 //      high-water mark; a temporary freed before the next is allocated appears in the phase
 //      before and not in the one after. Phases mirror attention_block.cpp and ffn_block.cpp
 //      allocation by allocation; if those change, the test above fails until this table does.
-// Everything in training is f32 (the CPU engine). Op kernels' scratch is Workspace, not here.
+// Everything in training is f32 (the CPU engine) but the experts' pre-activations under bf16
+// expert weights (activation_layout's expert_h). Op kernels' scratch is Workspace, not here.
 // An evaluation forward (no gradients) allocates the entries, the non-backward step buffers
 // and the forward phases only: the table is then an upper bound.
 #pragma once
@@ -85,7 +86,12 @@ struct ActivationLayout {
 // Rows of the LM-head logits held at once when computing the loss (chunked cross-entropy).
 constexpr int64_t kLogitsChunkRows = 256;
 
-ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t seq, ActMode mode);
+// expert_h: the dtype of the routed experts' saved pre-activations eh1/eh3 — F32, or BF16 when
+// the experts' weights are bf16 (mixed precision; a bf16 base under LoRA): their products are
+// bf16 products already, and the pre-activations, the largest saved tensors of an MoE layer,
+// are then saved rounded to bf16, as autocast saves a bf16 matmul's output (expert_h_dtype()).
+ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t seq, ActMode mode,
+                                   DType expert_h = DType::F32);
 
 // What one decoder layer saves for its backward (Training), or what the shared recompute set
 // holds. Field names are the layout's entry names.
@@ -116,7 +122,7 @@ struct LayerActs {
   Tensor perm, inv;         // [P] i32
   Tensor row_scale;         // [P] f32
   Tensor xp;                // [P,D] gathered rows
-  Tensor eh1, eh3;          // [P,F] expert pre-activations
+  Tensor eh1, eh3;          // [P,F] expert pre-activations (f32, or bf16: activation_layout's expert_h)
   Tensor sh1, sh3;          // [T,Fs] shared expert pre-activations
   Tensor s_out;             // [T,D] shared expert output (before its gate)
   Tensor s_gate;            // [T,1] shared expert gate logit

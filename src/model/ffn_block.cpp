@@ -75,8 +75,9 @@ void expert_parallel_forward(dist::Communicator& ep, const ModelConfig& c, const
   const int64_t r = plan->received(), d = a.xp.dim(1), f = w.w1.dim(1);
   a.ep.xp = Tensor::empty({r, d}, DType::F32, kAct);
   a.ep.row_scale = Tensor::empty({r}, DType::F32, kAct);
-  a.ep.eh1 = Tensor::empty({r, f}, DType::F32, kAct);
-  a.ep.eh3 = Tensor::empty({r, f}, DType::F32, kAct);
+  const DType hdt = a.eh1.defined() ? a.eh1.dtype() : DType::F32;  // the layout's choice (activations.h)
+  a.ep.eh1 = Tensor::empty({r, f}, hdt, kAct);
+  a.ep.eh3 = Tensor::empty({r, f}, hdt, kAct);
   a.ep.offsets = Tensor::empty({plan->n_local + 1}, DType::I32, kAct);
   std::copy(plan->local_offsets.begin(), plan->local_offsets.end(), a.ep.offsets.data<int32_t>());
   dist::dispatch_rows(ep, *plan, {&a.xp, &a.row_scale}, {&a.ep.xp, &a.ep.row_scale});

@@ -428,6 +428,18 @@ struct PhaseClock {
   }
 };
 
+}  // namespace
+
+DType expert_h_dtype(const ModelConfig& c, const ModelWeights& w) {
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
+    if (c.layer_is_moe(l) && lw.w1.defined()) return lw.w1.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
+  }
+  return DType::F32;
+}
+
+namespace {
+
 StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_in, ModelWeights* grads,
                     const LossOptions& opt, const GradGroupFn* fused) {
   const ModelConfig& c = m.config();
@@ -438,8 +450,8 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
 
   // Every activation buffer of the step outside the blocks' own temporaries comes from the
   // layout (activations.h), allocated before anything else.
-  const ActivationLayout lay =
-      activation_layout(c, b_n, s_n, opt.recompute ? ActMode::TrainingRecompute : ActMode::Training);
+  const ActivationLayout lay = activation_layout(c, b_n, s_n, opt.recompute ? ActMode::TrainingRecompute : ActMode::Training,
+                                                 expert_h_dtype(c, w));
   StepActs step;
   alloc_step_acts(lay, c, grads != nullptr, &step);
   prepare_batch(c, ids_in, labels_in, step.ids, step.targets);

@@ -131,8 +131,13 @@ ModelWeights join_master(const ModelConfig& c, const ModelWeights& w, const Mast
 // routers when trained): no base-weight gradient is allocated.
 ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory cat);
 
+// The dtype a training step saves the routed experts' pre-activations in (activations.h,
+// activation_layout's expert_h): BF16 when the experts' weights are bf16, else F32.
+DType expert_h_dtype(const ModelConfig& c, const ModelWeights& w);
+
 // Forward (and, with grads, backward) of one batch: ids, labels [B,S] (HF labels: unshifted,
-// -100 ignored). Gradients of total_loss accumulate into *grads. CPU, f32 activations.
+// -100 ignored). Gradients of total_loss accumulate into *grads. CPU, f32 activations (the
+// experts' pre-activations bf16 under bf16 experts: expert_h_dtype).
 StepLosses forward_backward(const Model& m, const Tensor& ids, const Tensor& labels, ModelWeights* grads,
                             const LossOptions& opt);
 

@@ -85,6 +85,17 @@ void check_f32(const char* op, const char* arg, const Tensor& t) {
   MOE_CHECK(t.dtype() == DType::F32, "%s: %s must be f32, got %s", op, arg, dtype_name(t.dtype()));
 }
 
+// The experts' saved pre-activations h1, h3: f32, or both bf16 (mixed precision saves them so).
+void check_saved_h(const char* op, const Tensor& h1, const Tensor& h3, Shape shape) {
+  for (auto [name, t] : {std::pair{"h1", &h1}, {"h3", &h3}}) {
+    MOE_CHECK(t->defined(), "%s: %s is undefined", op, name);
+    MOE_CHECK(t->dtype() == DType::F32 || t->dtype() == DType::BF16, "%s: %s must be f32 or bf16, got %s", op, name,
+              dtype_name(t->dtype()));
+    check_shape(op, name, *t, shape);
+  }
+  MOE_CHECK(h1.dtype() == h3.dtype(), "%s: h1 is %s but h3 is %s", op, dtype_name(h1.dtype()), dtype_name(h3.dtype()));
+}
+
 void check_i32(const char* op, const char* arg, const Tensor& t) {
   MOE_CHECK(t.defined(), "%s: %s is undefined", op, arg);
   MOE_CHECK(t.dtype() == DType::I32, "%s: %s must be i32, got %s", op, arg, dtype_name(t.dtype()));
@@ -710,10 +721,7 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
   check_expert_lora(op, lora, nullptr, e, f, d);
   check_f32(op, "yp", yp);
   check_shape(op, "yp", yp, xp.shape());
-  check_f32(op, "h1", h1);
-  check_f32(op, "h3", h3);
-  check_shape(op, "h1", h1, {xp.dim(0), f});
-  check_shape(op, "h3", h3, {xp.dim(0), f});
+  check_saved_h(op, h1, h3, {xp.dim(0), f});
   check_device(op, yp.device(), {&h1, &h3, &xp, &offsets, &w1, &w3, &w2, &row_scale});
   MOE_TRAIN_DISPATCH(yp.device(), op,
                      expert_ffn_forward_train(yp, h1, h3, xp, offsets, w1, w3, w2, row_scale, lora, glu, bias));
@@ -740,10 +748,7 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
   check_shape(op, "dxp", dxp, xp.shape());
   check_f32(op, "dyp", dyp);
   check_shape(op, "dyp", dyp, xp.shape());
-  check_f32(op, "h1", h1);
-  check_f32(op, "h3", h3);
-  check_shape(op, "h1", h1, {p, f});
-  check_shape(op, "h3", h3, {p, f});
+  check_saved_h(op, h1, h3, {p, f});
   check_grad(op, "dw1", dw1, {e, f, d});
   check_grad(op, "dw3", dw3, {e, f, d});
   check_grad(op, "dw2", dw2, {e, d, f});

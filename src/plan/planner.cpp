@@ -301,7 +301,8 @@ EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq
   MOE_CHECK(bound < 1e18, "%s: batch %lld x seq %lld is too large to plan (activations above 10^18 bytes)",
             m.name.c_str(), (long long)batch, (long long)seq);
   const ActivationLayout lay =
-      activation_layout(c, batch, seq, recompute ? ActMode::TrainingRecompute : ActMode::Training);
+      activation_layout(c, batch, seq, recompute ? ActMode::TrainingRecompute : ActMode::Training,
+                        opt.weights_bf16 ? DType::BF16 : DType::F32);
   EngineTrainPlan r;
   r.act_saved = lay.entry_bytes(c);
   r.act_step = lay.step_bytes(c);

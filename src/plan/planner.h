@@ -137,14 +137,15 @@ MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p
 //               (8 B x ParamCounts::one_expert per such expert and layer less)
 //   activations activation_layout(c, batch, seq, Training or TrainingRecompute).total_bytes(c):
 //               the step's saved activations + step buffers + the largest working-set phase.
-// The memory options of `moe train` change three lines:
+// The memory options of `moe train` change these lines:
 //   fused_update    grads: only the largest gradient group at a time (forward_backward_fused):
 //                   max(head = final norm + untied LM head, the largest layer, embedding) x 4 B;
 //                   with a tied head the embedding's gradient lives through the whole backward
 //                   and adds to the other groups
 //   optimizer_bf16  optimizer 4 B x P (bf16 m and v)
-//   weights_bf16    no line changes: the f32 master weights' matrices are split into their bf16
-//                   upper halves (what the products read) and lower halves, 4 B a parameter
+//   weights_bf16    weights unchanged: the f32 master weights' matrices are split into their bf16
+//                   upper halves (what the products read) and lower halves, 4 B a parameter;
+//                   activations: the experts' pre-activations eh1/eh3 are saved in bf16
 // Not counted: the op kernels' Workspace scratch, the router's selection bias when bias
 // balancing creates it ([E] f32 per MoE layer, Weights), the caller's batch tensors.
 // Throws moe::Error for a family the engine does not run or sizes too large to compute.

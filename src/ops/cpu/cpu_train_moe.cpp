@@ -254,6 +254,22 @@ double glu_backward_row(float* dh1, float* du, const float* h1, const float* h3,
   return dot;
 }
 
+// Saved pre-activations in bf16: dst := bf16(src) and src := the rounded values, n elements.
+void store_bf16_rounded(uint16_t* dst, float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = f32_to_bf16(src[i]);
+    src[i] = bf16_to_f32(dst[i]);
+  }
+}
+
+// One row of saved pre-activations as f32: the row itself, or (bf16) its values widened into buf.
+const float* saved_row(const Tensor& h, int64_t row, int64_t f, float* buf) {
+  if (h.dtype() == DType::F32) return h.data<float>() + row * f;
+  const uint16_t* src = static_cast<const uint16_t*>(h.raw()) + row * f;
+  for (int64_t i = 0; i < f; ++i) buf[i] = bf16_to_f32(src[i]);
+  return buf;
+}
+
 // A count of scratch rows rounded up to a power of two (at least 64): the experts' scratch is
 // sized by it (max_rows; the forward's pieces), and the allocator keeps freed blocks for
 // requests of the same size only — sized exactly, each layer and each step (the routing moves
@@ -312,6 +328,11 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
   piece_rows = steady_rows(piece_rows);
   const int64_t max_threads = omp_get_max_threads(), n_pieces = int64_t(pieces.size());
   Tensor act = Tensor::empty({max_threads * piece_rows, f}, DType::F32, MemCategory::Workspace);
+  // bf16 saved pre-activations (mixed precision): the products land in f32 scratch, are rounded
+  // to bf16 there and stored; the GLU reads the rounded values, so the forward computes exactly
+  // the function whose gradient the backward takes from what was saved.
+  const bool h_bf16 = h1.dtype() == DType::BF16;
+  Tensor hs = h_bf16 ? Tensor::empty({max_threads * piece_rows, 2 * f}, DType::F32, MemCategory::Workspace) : Tensor();
   const int64_t rk = lora.any() ? max_rank(lora) : 0;
   Tensor lu = rk ? Tensor::empty({max_threads * piece_rows, rk}, DType::F32, MemCategory::Workspace) : Tensor();
   const int64_t total = off[e_n] - off[0];
@@ -324,8 +345,8 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
       const int64_t e = pieces[size_t(pi)].e, r0 = pieces[size_t(pi)].r0, n = pieces[size_t(pi)].n;
       const ExpertView w = expert_view(w1, w3, w2, e);
       const float* x = xp.data<float>() + r0 * d;
-      float* g1 = h1.data<float>() + r0 * f;
-      float* g3 = h3.data<float>() + r0 * f;
+      float* g1 = h_bf16 ? hs.data<float>() + tid * piece_rows * 2 * f : h1.data<float>() + r0 * f;
+      float* g3 = h_bf16 ? g1 + piece_rows * f : h3.data<float>() + r0 * f;
       float* a = act.data<float>() + tid * piece_rows * f;
       float* lus = rk ? lu.data<float>() + tid * piece_rows * rk : nullptr;
       gemm_xwt(g1, f, x, w.w1, w1.dtype(), n, f, d, false);
@@ -339,6 +360,10 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
         bias_row(bb.data(), *bt, e, f);
         for (int64_t r = 0; r < n; ++r)
           for (int64_t i = 0; i < f; ++i) g[r * f + i] += bb[size_t(i)];
+      }
+      if (h_bf16) {
+        store_bf16_rounded(static_cast<uint16_t*>(h1.raw()) + r0 * f, g1, n * f);
+        store_bf16_rounded(static_cast<uint16_t*>(h3.raw()) + r0 * f, g3, n * f);
       }
       for (int64_t r = 0; r < n; ++r) glu_row(a + r * f, g1 + r * f, g3 + r * f, rs ? rs[r0 + r] : 1.0f, f, glu);
       float* y = yp.data<float>() + r0 * d;
@@ -393,6 +418,7 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
     std::vector<float> b2row(static_cast<size_t>(bias.b2.defined() ? d : 0));
+    std::vector<float> hrow(static_cast<size_t>(h1.dtype() == DType::F32 ? 0 : 2 * f));  // bf16 rows widened
     for (int64_t e = 0; e < e_n; ++e) {
       const int64_t ne = off[e + 1] - off[e];
       if (ne == 0) continue;
@@ -406,15 +432,15 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
         const int64_t p0 = ne * tid / nt, p1 = ne * (tid + 1) / nt, n = p1 - p0, r0 = e0 + p0;
         if (n > 0) {
           const float* g = dyp.data<float>() + r0 * d;
-          const float* a1 = h1.data<float>() + r0 * f;
-          const float* a3 = h3.data<float>() + r0 * f;
           float* u = ub + p0 * f;
           float* dh1 = dh1b + p0 * f;
           float* du = dub + p0 * f;
           float* lus = rk ? lu.data<float>() + p0 * rk : nullptr;
           float* lvs = rk ? lv.data<float>() + p0 * rk : nullptr;
           if (need_u)
-            for (int64_t r = 0; r < n; ++r) glu_row(u + r * f, a1 + r * f, a3 + r * f, rs ? rs[r0 + r] : 1.0f, f, glu);
+            for (int64_t r = 0; r < n; ++r)
+              glu_row(u + r * f, saved_row(h1, r0 + r, f, hrow.data()), saved_row(h3, r0 + r, f, hrow.data() + f),
+                      rs ? rs[r0 + r] : 1.0f, f, glu);
           gemm_xw(du, g, w.w2, w2.dtype(), n, d, f, false);
           if (l2.a)
             lora_rows_backward(du, f, nullptr, nullptr, g, d, u, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lus, lvs,
@@ -422,7 +448,8 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
           float* drs = drow_scale.defined() ? drow_scale.data<float>() + r0 : nullptr;
           if (!b2row.empty()) bias_row(b2row.data(), bias.b2, e, d);
           for (int64_t r = 0; r < n; ++r) {
-            double dot = glu_backward_row(dh1 + r * f, du + r * f, a1 + r * f, a3 + r * f, rs ? rs[r0 + r] : 1.0f, f, glu);
+            double dot = glu_backward_row(dh1 + r * f, du + r * f, saved_row(h1, r0 + r, f, hrow.data()),
+                                          saved_row(h3, r0 + r, f, hrow.data() + f), rs ? rs[r0 + r] : 1.0f, f, glu);
             // y = s · (a w2ᵀ + b2): the row scale also multiplies the down bias.
             for (int64_t i = 0; i < int64_t(b2row.size()); ++i) dot += double(g[r * d + i]) * b2row[size_t(i)];
             if (drs) drs[r] = static_cast<float>(dot);

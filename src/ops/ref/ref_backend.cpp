@@ -465,7 +465,7 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
   const f64::LoraF64 ls[3] = {l1.l, l3.l, l2.l};
   WideBias wb(bias, nullptr);
   f64::expert_ffn_forward(o.p(), g1.p(), g3.p(), x.p(), ints(offsets), a.p(), c.p(), b.p(), rs.p(), w1.dim(0),
-                          w1.dim(1), w1.dim(2), ls, glu_f64(glu), wb.bias);
+                          w1.dim(1), w1.dim(2), ls, glu_f64(glu), wb.bias, h1.dtype() == DType::BF16);
   o.store(yp);
   g1.store(h1);
   g3.store(h3);

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "core/lora.h"
 
@@ -326,7 +327,8 @@ LoraF64 at_row(const LoraF64& l, int64_t p) {
 
 void expert_ffn_forward(double* yp, double* h1, double* h3, const double* xp, const int32_t* offsets,
                         const double* w1, const double* w3, const double* w2, const double* row_scale, int64_t e_n,
-                        int64_t f, int64_t d, const LoraF64* lora, const GluF64& gl, const BiasF64& bias) {
+                        int64_t f, int64_t d, const LoraF64* lora, const GluF64& gl, const BiasF64& bias,
+                        bool h_bf16) {
   std::vector<double> a_buf(static_cast<size_t>(f)), g1_buf(static_cast<size_t>(f)), g3_buf(static_cast<size_t>(f));
   double* a = a_buf.data();
   for (int64_t e = 0; e < e_n; ++e) {
@@ -349,6 +351,10 @@ void expert_ffn_forward(double* yp, double* h1, double* h3, const double* xp, co
       for (int64_t i = 0; i < f; ++i) {
         if (bias.b1) g1[i] += bias.b1[e * f + i];
         if (bias.b3) g3[i] += bias.b3[e * f + i];
+        if (h_bf16) {
+          g1[i] = bf16_to_f32(f32_to_bf16(static_cast<float>(g1[i])));
+          g3[i] = bf16_to_f32(f32_to_bf16(static_cast<float>(g3[i])));
+        }
         if (h1) h1[p * f + i] = g1[i];
         if (h3) h3[p * f + i] = g3[i];
         a[i] = glu(g1[i], g3[i], gl) * s;

@@ -123,11 +123,12 @@ struct LoraF64 {
 
 // Grouped SwiGLU experts over the rows of each expert (offsets [E+1]); h1, h3 [P,F] nullable
 // (saved pre-activations); row_scale [P] nullable (then 1). w1, w3 [E,F,D]; w2 [E,D,F].
-// lora: the adapters of w1, w3, w2 (nullptr: none).
+// lora: the adapters of w1, w3, w2 (nullptr: none). h_bf16: the pre-activations are saved in
+// bf16 — rounded (through f32, as the CPU kernel's f32 products are) before the GLU reads them.
 void expert_ffn_forward(double* yp, double* h1, double* h3, const double* xp, const int32_t* offsets,
                         const double* w1, const double* w3, const double* w2, const double* row_scale, int64_t e_n,
                         int64_t f, int64_t d, const LoraF64* lora = nullptr, const GluF64& glu = {},
-                        const BiasF64& bias = {});
+                        const BiasF64& bias = {}, bool h_bf16 = false);
 
 // out[n, col0 + j] += scale · sum_q (x[n] · a[q]) b[j,q];  out rows of ldo, x [N,Kd], a [r,Kd], b [M,r].
 void lora_forward(double* out, int64_t ldo, int64_t col0, const double* x, const LoraF64& l, int64_t n, int64_t m,
