@@ -70,8 +70,8 @@ class HeadRows : public ::testing::Test {
   void SetUp() override {
     if (!fs::exists(kDir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << kDir;
     m = testutil::load_f32(kDir);
-    // Two sequences of 300: 600 rows, three logits chunks of 256 — a prompt of 200 leaves 198
-    // targets, one chunk.
+    // Two sequences of 300: 600 rows, five logits chunks of 128 — a prompt of 100 leaves 400
+    // targets (four chunks), one of 200 leaves 198 (two), one of 290 leaves 18 (one).
     ids = token_ids(2, 300, m.config().vocab_size);
     KVCache kv = m.make_cache(2, 300);
     logits = m.forward(ids, kv).logits;
@@ -81,9 +81,9 @@ class HeadRows : public ::testing::Test {
 };
 
 TEST_F(HeadRows, LossOverAnyMaskEqualsTheCrossEntropyOfIndependentLogits) {
-  ASSERT_EQ(activation_layout(m.config(), 2, 300, ActMode::Training).logits_chunk, 256)
-      << "the prompts below are sized for chunks of 256 rows";
-  // 0 and 100: nothing to gain (three chunks either way); 200 and 290: one chunk of targets.
+  ASSERT_EQ(activation_layout(m.config(), 2, 300, ActMode::Training).logits_chunk, 128)
+      << "the prompts below are sized for chunks of 128 rows";
+  // 0: every row has a target; 100, 200, 290: the head runs on four, two and one chunk(s).
   for (int64_t first : {0, 100, 200, 290}) {
     const Tensor l = masked_labels(ids, first);
     ModelWeights g = zeros_like(m.config(), m.weights(), MemCategory::Grads);

@@ -574,9 +574,10 @@ TEST(PlanVsEngine, TrainingMemoryOptionsPerCategory) {
         lo.aux_coef = cfg.router_aux_loss_coef;
         mem_reset_peaks();
         if (v.fused) {
-          forward_backward_fused(compute, ids, ids, lo, [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
+          forward_backward_fused(compute, ids, ids, lo, [&](int64_t group, const std::vector<NamedParam>& g,
+                                                            const StepLosses& fw) {
             if (group == kGroupHead) mark(fw);
-            opt.step_group(1e-4, touched, group_parameters(cfg, g, group));
+            opt.step_group(1e-4, touched, g);
           });
         } else {
           mark(forward_backward(compute, ids, ids, &grads, lo));

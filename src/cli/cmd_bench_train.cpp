@@ -376,10 +376,11 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
     StepLosses r;
     double t_opt = 0;  // seconds in AdamW this step
     if (o.fused) {
-      r = forward_backward_fused(m, ids, labels, lopt, [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
+      r = forward_backward_fused(m, ids, labels, lopt, [&](int64_t group, const std::vector<NamedParam>& g,
+                                                           const StepLosses& fw) {
         if (group == kGroupHead) mark(fw);
         const double t1 = now_seconds();
-        opt.step_group(o.lr, touched, group_parameters(mc, g, group));
+        opt.step_group(o.lr, touched, g);
         t_opt += now_seconds() - t1;
       });
     } else {

@@ -232,8 +232,35 @@ void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a
   }
 }
 
+// The routed experts' backward one expert at a time (ffn_block.h, per_expert): expert e's rows
+// [off[e], off[e+1]) of every row tensor and its slice of the weights, one expert's offsets.
+void experts_backward_each(const ModelConfig& c, const LayerWeights& w, const LayerActs& a, const Tensor& dyp,
+                           Tensor& dxp, Tensor& drs, const ExpertGradFn& per_expert) {
+  const int64_t e_n = w.w1.dim(0), f = w.w1.dim(1), d = w.w1.dim(2);
+  const std::vector<int32_t> off(a.offsets.data<int32_t>(), a.offsets.data<int32_t>() + e_n + 1);
+  Tensor dw1 = Tensor::empty({1, f, d}, DType::F32, MemCategory::Grads);
+  Tensor dw3 = Tensor::empty({1, f, d}, DType::F32, MemCategory::Grads);
+  Tensor dw2 = Tensor::empty({1, d, f}, DType::F32, MemCategory::Grads);
+  Tensor off1 = Tensor::empty({2}, DType::I32, MemCategory::Workspace);  // expert e's offsets
+  for (int64_t e = 0; e < e_n; ++e) {
+    for (Tensor* t : {&dw1, &dw3, &dw2}) t->zero_();
+    const int64_t r0 = off[size_t(e)], r1 = off[size_t(e + 1)];
+    if (r1 > r0) {
+      off1.data<int32_t>()[0] = 0;
+      off1.data<int32_t>()[1] = static_cast<int32_t>(r1 - r0);
+      Tensor dx = dxp.rows(r0, r1), ds = drs.defined() ? drs.rows(r0, r1) : Tensor();
+      expert_ffn_backward(dx, dw1, dw3, dw2, ds, dyp.rows(r0, r1), a.xp.rows(r0, r1), a.eh1.rows(r0, r1),
+                          a.eh3.rows(r0, r1), off1, w.w1.rows(e, e + 1), w.w3.rows(e, e + 1), w.w2.rows(e, e + 1),
+                          a.row_scale.defined() ? a.row_scale.rows(r0, r1) : Tensor(), ExpertLora{}, nullptr,
+                          expert_glu(c));
+    }
+    per_expert(e, dw1.select(0), dw3.select(0), dw2.select(0));
+  }
+}
+
 void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const LayerActs& a, const Tensor& dx_out,
-                        Tensor& dx_mid, LayerWeights& g, const BalanceGrad& bal, dist::Communicator* ep) {
+                        Tensor& dx_mid, LayerWeights& g, const BalanceGrad& bal, dist::Communicator* ep,
+                        const ExpertGradFn* per_expert) {
   const int64_t t_n = dx_out.dim(0), d = c.hidden_size, k = c.n_expert_used;
   Tensor dh = Tensor::zeros({t_n, d}, DType::F32, kAct);
   Tensor none;
@@ -259,7 +286,13 @@ void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const Layer
     Tensor drs = Tensor::empty({p_n}, DType::F32, kAct);
     if (a.ep.plan) {
       MOE_CHECK(ep != nullptr, "ffn_block_backward: the forward was expert parallel; pass its EP group");
+      MOE_CHECK(per_expert == nullptr, "ffn_block_backward: per-expert gradients under expert parallelism");
       expert_parallel_backward(*ep, c, w, a, dyp, dxp, drs, g);
+    } else if (per_expert) {
+      MOE_CHECK(!g.w1.defined() && !w.lexp.any() && !w.b1.defined() && !w.b3.defined() && !w.b2.defined(),
+                "ffn_block_backward: per-expert gradients need the experts' stacked gradients undefined and no "
+                "expert adapters or biases");
+      experts_backward_each(c, w, a, dyp, dxp, drs, *per_expert);
     } else {
       ExpertBias gb = expert_bias(g);
       expert_ffn_backward(dxp, g.w1, g.w3, g.w2, drs, dyp, a.xp, a.eh1, a.eh3, a.offsets, w.w1, w.w3, w.w2,

@@ -11,6 +11,7 @@
 // (b1/b3/b2) and the clamped SwiGLU (ModelConfig::swiglu_limit), through the same grouped ops.
 // Activation memory is O(T·K·F) (only the rows routed to each expert), never O(T·E·F).
 #pragma once
+#include <functional>
 #include <vector>
 
 #include "dist/communicator.h"
@@ -73,7 +74,15 @@ struct BalanceGrad {
 // Backward: from dx_out [T,D] computes dx_mid [T,D] (assigned) and accumulates the layer's
 // feed-forward parameter gradients into g. Expert weight gradients are touched only for
 // experts that received rows. ep: the forward's EP group (RouteOptions::ep).
+// per_expert (the fused update's expert groups; needs the experts' gradients g.w1/w3/w2
+// undefined, no expert parallelism, adapters or biases on the experts): each routed expert's
+// weight gradients are computed into one expert-sized buffer set, in turn, and handed to
+// per_expert(e, dw1 [F,D], dw3 [F,D], dw2 [D,F]) — every expert, a zero gradient for one without
+// rows — so a layer holds one expert's weight gradients, not E. The same products, split the
+// same way: the gradients equal the stacked ones bit for bit.
+using ExpertGradFn = std::function<void(int64_t e, const Tensor& dw1, const Tensor& dw3, const Tensor& dw2)>;
 void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const LayerActs& a, const Tensor& dx_out,
-                        Tensor& dx_mid, LayerWeights& g, const BalanceGrad& bal, dist::Communicator* ep = nullptr);
+                        Tensor& dx_mid, LayerWeights& g, const BalanceGrad& bal, dist::Communicator* ep = nullptr,
+                        const ExpertGradFn* per_expert = nullptr);
 
 }  // namespace moe

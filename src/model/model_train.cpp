@@ -569,7 +569,7 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   dfinal_h = Tensor();
   clk.lap(StepLosses::kHead);
   if (fused) {
-    (*fused)(kGroupHead, *grads, res);
+    (*fused)(kGroupHead, group_parameters(c, *grads, kGroupHead), res);
     clk.lap(StepLosses::kUpdate);
     grads->final_norm = Tensor();
     if (!c.tie_word_embeddings) grads->lm_head = Tensor();
@@ -589,17 +589,32 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
     }
     const LayerWeights& lw = w.layers[static_cast<size_t>(l)];
     LayerWeights& lg = grads->layers[static_cast<size_t>(l)];
+    // The fused update takes a MoE layer's routed experts one at a time (ffn_block.h,
+    // per_expert) where each expert's gradients are its own: one process (a data-parallel
+    // step reduces whole layers), no expert parallelism, no adapters or biases on the experts.
+    const bool each_expert = fused && lw.is_moe && lw.w1.defined() && !w.frozen_base && !opt.batch && !a.ep.plan &&
+                             !lw.lexp.any() && !lw.b1.defined() && !lw.b3.defined() && !lw.b2.defined();
     if (fused)
       lg = transform_layer(
-          c, lw, [](const Tensor& t) { return Tensor::zeros(t.shape(), DType::F32, MemCategory::Grads); },
+          c, lw,
+          [&](const Tensor& t) {
+            if (each_expert && (t.raw() == lw.w1.raw() || t.raw() == lw.w3.raw() || t.raw() == lw.w2.raw()))
+              return Tensor();
+            return Tensor::zeros(t.shape(), DType::F32, MemCategory::Grads);
+          },
           grad_selection(w));
-    ffn_block_backward(c, lw, a, dx, dx_mid, lg, bal, opt.route.ep);
+    const ExpertGradFn expert_fn = [&](int64_t e, const Tensor& dw1, const Tensor& dw3, const Tensor& dw2) {
+      clk.lap(StepLosses::kFfnBwd);
+      (*fused)(l, expert_parameters(c, l, w.expert_begin + e, dw1, dw3, dw2), res);
+      clk.lap(StepLosses::kUpdate);
+    };
+    ffn_block_backward(c, lw, a, dx, dx_mid, lg, bal, opt.route.ep, each_expert ? &expert_fn : nullptr);
     clk.lap(StepLosses::kFfnBwd);
     attention_block_backward(c, lw, a, dx_mid, dx_in, lg, a.qkv);
     clk.lap(StepLosses::kAttnBwd);
     std::swap(dx, dx_in);
     if (fused) {
-      (*fused)(l, *grads, res);
+      (*fused)(l, group_parameters(c, *grads, l), res);
       lg = LayerWeights();
       clk.lap(StepLosses::kUpdate);
     }
@@ -609,7 +624,7 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   if (grads->embed.defined()) embedding_backward(grads->embed, dx, ids, c.pad_token_id);
   clk.lap(StepLosses::kEmbed);
   if (fused) {
-    (*fused)(kGroupEmbed, *grads, res);
+    (*fused)(kGroupEmbed, group_parameters(c, *grads, kGroupEmbed), res);
     *grads = ModelWeights();
     clk.lap(StepLosses::kUpdate);
   }
@@ -627,6 +642,15 @@ const char* step_phase_name(int phase) {
 StepLosses forward_backward(const Model& m, const Tensor& ids, const Tensor& labels, ModelWeights* grads,
                             const LossOptions& opt) {
   return run_step(m, ids, labels, grads, opt, nullptr);
+}
+
+std::vector<NamedParam> expert_parameters(const ModelConfig& c, int64_t layer, int64_t expert, const Tensor& dw1,
+                                          const Tensor& dw3, const Tensor& dw2) {
+  const ArchSpec& a = arch_spec(c.model_type);
+  // As named_parameters lists a routed expert's weights (names, order, no biases).
+  return {{tensor_name(a.expert_gate, layer, expert), dw1, layer, expert, false, false},
+          {tensor_name(a.expert_up, layer, expert), dw3, layer, expert, false, false},
+          {tensor_name(a.expert_down, layer, expert), dw2, layer, expert, false, false}};
 }
 
 std::vector<NamedParam> group_parameters(const ModelConfig& c, const ModelWeights& grads, int64_t group) {

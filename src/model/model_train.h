@@ -144,19 +144,28 @@ StepLosses forward_backward(const Model& m, const Tensor& ids, const Tensor& lab
 // Gradient groups of the fused update, in the order their gradients become final.
 constexpr int64_t kGroupHead = -1;   // final norm and the untied LM head
 constexpr int64_t kGroupEmbed = -2;  // the embedding (with a tied head, the head's gradient too)
-// Called with a group's final gradients (only that group's tensors are defined in `grads`) and
-// the step's forward results (losses, router statistics).
-using GradGroupFn = std::function<void(int64_t group, const ModelWeights& grads, const StepLosses& forward)>;
+// Called with a group's final gradients, named as named_parameters names them, and the step's
+// forward results (losses, router statistics). A MoE layer's group comes in several calls when
+// its routed experts are taken one at a time (forward_backward_fused): each expert's weights as
+// soon as its backward is done (every expert, in order), then the rest of the layer.
+using GradGroupFn =
+    std::function<void(int64_t group, const std::vector<NamedParam>& grads, const StepLosses& forward)>;
 
 // forward_backward without a whole-model gradient (the fused optimizer step, for training
 // memory): the gradients of one group at a time — the head, then each layer from the last,
 // then the embedding — are allocated zeroed just before that group's backward, handed to
 // on_grads as soon as they are final, and freed. At most one layer's gradients are held (plus
-// the embedding's from the start of backward when the head is tied to it). The gradients equal
-// forward_backward's bit for bit.
+// the embedding's from the start of backward when the head is tied to it); of a MoE layer's
+// routed experts, one expert's at a time where the step is one process's (no data or expert
+// parallelism) and the experts carry no adapters or biases (ffn_block.h, per_expert). The
+// gradients equal forward_backward's bit for bit.
 StepLosses forward_backward_fused(const Model& m, const Tensor& ids, const Tensor& labels, const LossOptions& opt,
                                   const GradGroupFn& on_grads);
 
+// One routed expert's weight gradients (dw1 [F,D], dw3 [F,D], dw2 [D,F]) under their
+// named_parameters names: one call of a MoE layer's group taken expert by expert.
+std::vector<NamedParam> expert_parameters(const ModelConfig& c, int64_t layer, int64_t expert, const Tensor& dw1,
+                                          const Tensor& dw3, const Tensor& dw2);
 // The parameters of one fused-update group among named_parameters(c, grads).
 std::vector<NamedParam> group_parameters(const ModelConfig& c, const ModelWeights& grads, int64_t group);
 

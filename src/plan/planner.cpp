@@ -261,23 +261,39 @@ namespace {
 // config implies.
 struct GroupParams {
   int64_t head = 0, embed = 0, largest_layer = 0;
+  // The largest layer when its routed experts come one at a time (forward_backward_fused in one
+  // process): the rest of the layer plus one expert's weights — not where the experts carry
+  // biases (gpt_oss), which keeps them stacked.
+  int64_t largest_layer_each_expert = 0;
 };
 GroupParams group_params(const ModelConfig& c) {
   const ArchSpec& a = arch_spec(c.model_type);
   const std::string embed = tensor_name(a.embed);
-  std::vector<int64_t> layer(static_cast<size_t>(c.n_layer), 0);
+  std::vector<int64_t> layer(static_cast<size_t>(c.n_layer), 0), experts(layer.size(), 0);
+  std::vector<bool> expert_bias(layer.size(), false);
   GroupParams g;
   for (const auto& [name, shape] : expected_tensors(c)) {
     const int64_t n = shape_numel(shape);
     long l = -1;
-    if (std::sscanf(name.c_str(), "model.layers.%ld.", &l) == 1 && l >= 0 && l < c.n_layer)
+    if (std::sscanf(name.c_str(), "model.layers.%ld.", &l) == 1 && l >= 0 && l < c.n_layer) {
       layer[static_cast<size_t>(l)] += n;
-    else if (name == embed)
+      if (name.find(".experts.") != std::string::npos) {
+        experts[static_cast<size_t>(l)] += n;
+        if (name.ends_with("bias")) expert_bias[static_cast<size_t>(l)] = true;
+      }
+    } else if (name == embed) {
       g.embed += n;
-    else
+    } else {
       g.head += n;
+    }
   }
-  for (int64_t n : layer) g.largest_layer = std::max(g.largest_layer, n);
+  const int64_t one_expert = 3 * c.moe_intermediate_size * c.hidden_size;
+  for (size_t l = 0; l < layer.size(); ++l) {
+    g.largest_layer = std::max(g.largest_layer, layer[l]);
+    const bool each = experts[l] > 0 && !expert_bias[l];
+    g.largest_layer_each_expert =
+        std::max(g.largest_layer_each_expert, each ? layer[l] - experts[l] + one_expert : layer[l]);
+  }
   return g;
 }
 }  // namespace
@@ -315,7 +331,7 @@ EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq
   r.mem.weights = 4 * n;
   if (opt.fused_update) {
     const int64_t tied = c.tie_word_embeddings ? gp.embed : 0;
-    r.mem.grads = 4 * std::max({gp.head + tied, gp.largest_layer + tied, gp.embed});
+    r.mem.grads = 4 * std::max({gp.head + tied, gp.largest_layer_each_expert + tied, gp.embed});
   } else {
     r.mem.grads = 4 * trainable;
   }

@@ -139,7 +139,9 @@ MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p
 //               the step's saved activations + step buffers + the largest working-set phase.
 // The memory options of `moe train` change these lines:
 //   fused_update    grads: only the largest gradient group at a time (forward_backward_fused):
-//                   max(head = final norm + untied LM head, the largest layer, embedding) x 4 B;
+//                   max(head = final norm + untied LM head, the largest layer, embedding) x 4 B,
+//                   a MoE layer's routed experts counted as one expert's weights (they come
+//                   one at a time; stacked where they carry biases);
 //                   with a tied head the embedding's gradient lives through the whole backward
 //                   and adds to the other groups
 //   optimizer_bf16  optimizer 4 B x P (bf16 m and v)

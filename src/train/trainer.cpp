@@ -457,7 +457,7 @@ double run_training(const TrainConfig& cfg) {
     double fused_ss = 0;  // squared gradient norm, summed by the fused update's groups
     double fused_ss_exp = 0;  // ... its routed experts' part (summed over the EP group at the end)
     const dist::CommStats comm0 = par->stats();
-    auto fused_hook = [&](int64_t group, const ModelWeights& g, const StepLosses& fw) {
+    auto fused_hook = [&](int64_t group, const std::vector<NamedParam>& gg, const StepLosses& fw) {
       if (group == kGroupHead) {  // the first group: the step's losses and routing are known
         if (!std::isfinite(fw.total))
           MOE_FAIL("loss is %s at step %lld; stopping. The last good checkpoint is %s",
@@ -467,7 +467,6 @@ double run_training(const TrainConfig& cfg) {
           for (size_t e = 0; e < fw.router[i].count.size(); ++e)
             if (fw.router[i].count[e] > 0) touched[static_cast<size_t>(fw.moe_layers[i])][e] = true;
       }
-      const std::vector<NamedParam> gg = group_parameters(mc, g, group);
       all_reduce_grads(*par, gg, &touched);
       if (ft) observe_grads(gg);
       if (par->ep > 1) fused_ss_exp += grad_sum_squares(gg, true);
