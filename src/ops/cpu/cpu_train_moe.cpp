@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -396,7 +397,13 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
-  const int64_t rows = std::max<int64_t>(max_rows(off, e_n), 1);
+  // The scratch never shrinks (the process's largest so far): a layer's experts taken one call
+  // at a time (ffn_block.h, per_expert) ask for their own row counts, and each new size cost a
+  // fresh mapping faulted in (~1.5 ms a call at the small preset's shapes, measured).
+  static std::atomic<int64_t> rows_high{1};
+  int64_t rows = std::max<int64_t>(max_rows(off, e_n), rows_high.load(std::memory_order_relaxed));
+  for (int64_t seen = rows_high.load(std::memory_order_relaxed); seen < rows;)
+    if (rows_high.compare_exchange_weak(seen, rows, std::memory_order_relaxed)) break;
   // LoRA scratch: u = x aᵀ and v = dy b, [rows, r] each (rows phase: the thread's rows; weights
   // phase: the task's own pair, per adapter).
   const int64_t rk = lora.any() ? max_rank(lora) : 0;
