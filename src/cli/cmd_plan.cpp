@@ -90,21 +90,22 @@ void print_cpu_plan(const PlanModel& m, const JobSpec& job, int64_t ep, int64_t 
   };
   std::printf("model        %s (%s): %s parameters\n", m.name.c_str(), m.family.c_str(), with_commas(n).c_str());
   if (train) {
-    std::printf("job          train on the CPU engine (f32, one process): batch %lld x seq %lld = %lld tokens%s\n",
-                (long long)job.batch, (long long)job.seq, (long long)(job.batch * job.seq),
-                job.checkpointing ? ", per-layer recompute" : "");
     const EngineTrainOptions& eo = job.engine_train;
+    std::printf("job          train on the CPU engine (%s, one process): batch %lld x seq %lld = %lld tokens%s\n",
+                eo.weights_bf16 ? "mixed precision: bf16 products, f32 master weights" : "f32", (long long)job.batch,
+                (long long)job.seq, (long long)(job.batch * job.seq), job.checkpointing ? ", per-layer recompute" : "");
     line("weights", mp.weights, eo.weights_bf16 ? "f32 master 4 B x parameters, the matrices as bf16 upper + lower halves"
                                                 : "4 B x parameters");
-    line("grads", mp.grads, eo.fused_update ? "fused update: the largest group (head, one layer or embedding) x 4 B"
-                                            : "4 B x parameters");
+    line("grads", mp.grads,
+         eo.fused_update ? "fused update: the largest group (head, one layer with one routed expert, or embedding) x 4 B"
+                         : "4 B x parameters");
     line("optimizer", mp.optimizer,
          std::string("AdamW m, v: ") + (eo.optimizer_bf16 ? "bf16, 4" : "f32, 8") +
              " B x parameters, from the first step (never-routed experts: none)");
     line("activations", mp.activations,
-         strformat("peak of a step: saved %s + step buffers %s + working set %s (%s)",
-                   with_commas(tp.act_saved).c_str(), with_commas(tp.act_step).c_str(),
-                   with_commas(tp.act_working).c_str(), tp.working_phase.c_str()));
+         strformat("peak of a step: saved %s%s + step buffers %s + working set %s (%s)",
+                   with_commas(tp.act_saved).c_str(), eo.weights_bf16 ? " (experts' pre-activations bf16)" : "",
+                   with_commas(tp.act_step).c_str(), with_commas(tp.act_working).c_str(), tp.working_phase.c_str()));
   } else {
     std::printf("job          infer on the CPU engine (f32 compute, %s weights): batch %lld, prefill chunks of %lld, "
                 "%lld-position KV cache\n",
