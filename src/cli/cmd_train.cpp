@@ -66,15 +66,16 @@ void add_train_command(CLI::App& app) {
                   "deepseek_v3; off otherwise)")
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_flag("--fused-update", c.fused_update,
-                "update each layer's parameters as soon as its gradients are final and free them (the whole-model "
-                "gradient never exists; needs --clip 0 and --grad-accum 1)");
+                "update each layer's parameters as soon as its gradients are final and free them, a MoE layer's "
+                "routed experts one at a time in one process (the whole-model gradient never exists; needs --clip 0 "
+                "and --grad-accum 1)");
   cmd->add_option("--optimizer-dtype", o->optim_dtype, "AdamW moment storage: f32, or bf16 (half the optimizer memory)")
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--weight-dtype", o->weight_dtype,
                   "weights the forward/backward read: f32, or bf16 (mixed precision: f32 master weights whose "
                   "matrices are kept as their bf16 rounding + lower 16 bits, no extra memory; products in bf16 on "
-                  "the CPU's AMX / AVX512-BF16 units where it has them)")
+                  "the CPU's AMX / AVX512-BF16 units where it has them; the experts' pre-activations saved in bf16)")
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_flag("--recompute", c.recompute, "recompute each layer's activations in backward (less memory, ~1.3x compute)");
