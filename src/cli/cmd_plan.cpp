@@ -97,7 +97,7 @@ void print_cpu_plan(const PlanModel& m, const JobSpec& job, int64_t ep, int64_t 
     line("weights", mp.weights, eo.weights_bf16 ? "f32 master 4 B x parameters, the matrices as bf16 upper + lower halves"
                                                 : "4 B x parameters");
     line("grads", mp.grads,
-         eo.fused_update ? "fused update: the largest group (head, one layer with one routed expert, or embedding) x 4 B"
+         eo.fused_update ? "fused update: the largest group (head, a layer with one routed expert, embedding) x 4 B"
                          : "4 B x parameters");
     line("optimizer", mp.optimizer,
          std::string("AdamW m, v: ") + (eo.optimizer_bf16 ? "bf16, 4" : "f32, 8") +

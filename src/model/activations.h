@@ -26,10 +26,11 @@
 //   3. phases  — the working set: temporaries a block allocates and frees inside one call
 //      (attention_block_backward's dq/dk/dv, ffn_block_backward's dh/dyp/dxp, the SwiGLU
 //      temporaries, the head's logits chunk, ...). Phases never overlap in time, so the
-//      working set is the MAX over the phases the config has (not their sum). Each phase lists what is live at its
-//      high-water mark; a temporary freed before the next is allocated appears in the phase
-//      before and not in the one after. Phases mirror attention_block.cpp and ffn_block.cpp
-//      allocation by allocation; if those change, the test above fails until this table does.
+//      working set is the MAX over the phases the config has (not their sum). Each phase
+//      lists what is live at its high-water mark; a temporary freed before the next is
+//      allocated appears in the phase before and not in the one after. Phases mirror
+//      attention_block.cpp, ffn_block.cpp and the head in model_train.cpp allocation by
+//      allocation; if those change, the test above fails until this table does.
 // Everything in training is f32 (the CPU engine) but the experts' pre-activations under bf16
 // expert weights (activation_layout's expert_h). Op kernels' scratch is Workspace, not here.
 // An evaluation forward (no gradients) allocates the entries, the non-backward step buffers
