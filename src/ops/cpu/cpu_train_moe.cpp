@@ -263,12 +263,14 @@ void store_bf16_rounded(uint16_t* dst, float* src, int64_t n) {
   }
 }
 
-// One row of saved pre-activations as f32: the row itself, or (bf16) its values widened into buf.
-const float* saved_row(const Tensor& h, int64_t row, int64_t f, float* buf) {
+// One row of saved pre-activations as f32: the row itself, or (bf16) its values widened into
+// slot `slot` (f floats each) of buf.
+const float* saved_row(const Tensor& h, int64_t row, int64_t f, std::vector<float>& buf, int slot) {
   if (h.dtype() == DType::F32) return h.data<float>() + row * f;
   const uint16_t* src = static_cast<const uint16_t*>(h.raw()) + row * f;
-  for (int64_t i = 0; i < f; ++i) buf[i] = bf16_to_f32(src[i]);
-  return buf;
+  float* dst = buf.data() + slot * f;
+  for (int64_t i = 0; i < f; ++i) dst[i] = bf16_to_f32(src[i]);
+  return dst;
 }
 
 // A count of scratch rows rounded up to a power of two (at least 64): the experts' scratch is
@@ -446,7 +448,7 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
           float* lvs = rk ? lv.data<float>() + p0 * rk : nullptr;
           if (need_u)
             for (int64_t r = 0; r < n; ++r)
-              glu_row(u + r * f, saved_row(h1, r0 + r, f, hrow.data()), saved_row(h3, r0 + r, f, hrow.data() + f),
+              glu_row(u + r * f, saved_row(h1, r0 + r, f, hrow, 0), saved_row(h3, r0 + r, f, hrow, 1),
                       rs ? rs[r0 + r] : 1.0f, f, glu);
           gemm_xw(du, g, w.w2, w2.dtype(), n, d, f, false);
           if (l2.a)
@@ -455,8 +457,8 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
           float* drs = drow_scale.defined() ? drow_scale.data<float>() + r0 : nullptr;
           if (!b2row.empty()) bias_row(b2row.data(), bias.b2, e, d);
           for (int64_t r = 0; r < n; ++r) {
-            double dot = glu_backward_row(dh1 + r * f, du + r * f, saved_row(h1, r0 + r, f, hrow.data()),
-                                          saved_row(h3, r0 + r, f, hrow.data() + f), rs ? rs[r0 + r] : 1.0f, f, glu);
+            double dot = glu_backward_row(dh1 + r * f, du + r * f, saved_row(h1, r0 + r, f, hrow, 0),
+                                          saved_row(h3, r0 + r, f, hrow, 1), rs ? rs[r0 + r] : 1.0f, f, glu);
             // y = s · (a w2ᵀ + b2): the row scale also multiplies the down bias.
             for (int64_t i = 0; i < int64_t(b2row.size()); ++i) dot += double(g[r * d + i]) * b2row[size_t(i)];
             if (drs) drs[r] = static_cast<float>(dot);
