@@ -250,16 +250,15 @@ double clip_grad_norm_owned(const dist::Parallel& par, const std::vector<NamedPa
   return norm;
 }
 
-ModelWeights gather_experts(const ModelConfig& c, const ModelWeights& w, const dist::Parallel& par) {
+ModelWeights gather_experts(const ModelConfig& c, const ModelWeights& w, const dist::Parallel& par,
+                            const MasterLowHalves* low) {
   if (par.ep == 1) return w;
   ModelWeights g = w;
+  auto gather = [&](const Tensor& t) { return gather_stack(low ? join_master(t, *low) : t, *par.ep_group); };
   for (LayerWeights& lw : g.layers) {
     if (!lw.is_moe || !lw.w1.defined()) continue;
-    lw.w1 = gather_stack(lw.w1, *par.ep_group);
-    lw.w3 = gather_stack(lw.w3, *par.ep_group);
-    lw.w2 = gather_stack(lw.w2, *par.ep_group);
-    for (Tensor* t : {&lw.b1, &lw.b3, &lw.b2})
-      if (t->defined()) *t = gather_stack(*t, *par.ep_group);
+    for (Tensor* t : {&lw.w1, &lw.w3, &lw.w2, &lw.b1, &lw.b3, &lw.b2})
+      if (t->defined()) *t = gather(*t);
   }
   if (par.ep_group->rank() != 0) return w;
   g.expert_begin = 0;

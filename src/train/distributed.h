@@ -38,8 +38,12 @@ void all_reduce_grads(const dist::Parallel& par, const std::vector<NamedParam>& 
 
 // The model's whole expert stacks from the EP group's slices, on rank 0 of the EP group
 // (collective; the other ranks get w back): a ModelWeights sharing every other tensor with w,
-// with expert_begin 0. w itself when ep == 1.
-ModelWeights gather_experts(const ModelConfig& c, const ModelWeights& w, const dist::Parallel& par);
+// with expert_begin 0. w itself when ep == 1. low: w's matrices are split master weights
+// (mixed precision, model_train.h): each rank joins its expert slices to f32 as it sends them,
+// so the gathered stacks are f32 and every other tensor stays split (a checkpoint writes those
+// a tensor at a time).
+ModelWeights gather_experts(const ModelConfig& c, const ModelWeights& w, const dist::Parallel& par,
+                            const MasterLowHalves* low = nullptr);
 
 // The gradient norm over every rank's parameters (each expert counted once: expert gradients'
 // squares are summed over the EP group), and, with max_norm > 0, the gradients scaled as

@@ -389,14 +389,12 @@ double run_training(const TrainConfig& cfg) {
     // Written once, by rank 0: under expert parallelism its EP group first gathers the experts
     // and their optimizer state (a checkpoint is the whole model, whatever the ranks).
     // Mixed precision writes the split weights' f32 values a tensor at a time; under expert
-    // parallelism the gathered experts are f32 (the whole model joined first, for now).
+    // parallelism the experts are joined to f32 as they are gathered (the rest stays split).
     Model whole = m;
-    const bool join_first = mixed && par->ep > 1;
-    if (join_first) whole.mutable_weights() = join_master(mc, m.weights(), low);
-    if (par->rank() < par->ep) whole.mutable_weights() = gather_experts(mc, whole.weights(), *par);
+    if (par->rank() < par->ep)
+      whole.mutable_weights() = gather_experts(mc, whole.weights(), *par, mixed ? &low : nullptr);
     const OptimizerSnapshot snap = gather_optimizer(*par, opt, full_names, zero);
-    if (lead)
-      save_checkpoint(dir, whole, snap, st, tok_from, ft ? &lcfg : nullptr, mixed && !join_first ? &low : nullptr);
+    if (lead) save_checkpoint(dir, whole, snap, st, tok_from, ft ? &lcfg : nullptr, mixed ? &low : nullptr);
     par->world->barrier();
     last_ckpt = dir;
   };
