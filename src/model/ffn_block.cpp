@@ -232,6 +232,10 @@ void ffn_block_forward(const ModelConfig& c, const LayerWeights& w, LayerActs& a
   }
 }
 
+bool experts_one_at_a_time(const LayerWeights& w) {
+  return w.is_moe && w.w1.defined() && !w.lexp.any() && !w.b1.defined() && !w.b3.defined() && !w.b2.defined();
+}
+
 // The routed experts' backward one expert at a time (ffn_block.h, per_expert): expert e's rows
 // [off[e], off[e+1]) of every row tensor and its slice of the weights, one expert's offsets.
 void experts_backward_each(const ModelConfig& c, const LayerWeights& w, const LayerActs& a, const Tensor& dyp,
@@ -289,7 +293,7 @@ void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const Layer
       MOE_CHECK(per_expert == nullptr, "ffn_block_backward: per-expert gradients under expert parallelism");
       expert_parallel_backward(*ep, c, w, a, dyp, dxp, drs, g);
     } else if (per_expert) {
-      MOE_CHECK(!g.w1.defined() && !w.lexp.any() && !w.b1.defined() && !w.b3.defined() && !w.b2.defined(),
+      MOE_CHECK(!g.w1.defined() && experts_one_at_a_time(w),
                 "ffn_block_backward: per-expert gradients need the experts' stacked gradients undefined and no "
                 "expert adapters or biases");
       experts_backward_each(c, w, a, dyp, dxp, drs, *per_expert);

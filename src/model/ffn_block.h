@@ -81,6 +81,9 @@ struct BalanceGrad {
 // rows — so a layer holds one expert's weight gradients, not E. The same products, split the
 // same way: the gradients equal the stacked ones bit for bit.
 using ExpertGradFn = std::function<void(int64_t e, const Tensor& dw1, const Tensor& dw3, const Tensor& dw2)>;
+// Whether a layer's routed experts can be taken one at a time (per_expert): a MoE layer whose
+// experts carry no adapters or biases.
+bool experts_one_at_a_time(const LayerWeights& w);
 void ffn_block_backward(const ModelConfig& c, const LayerWeights& w, const LayerActs& a, const Tensor& dx_out,
                         Tensor& dx_mid, LayerWeights& g, const BalanceGrad& bal, dist::Communicator* ep = nullptr,
                         const ExpertGradFn* per_expert = nullptr);

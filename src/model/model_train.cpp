@@ -102,11 +102,13 @@ LayerActs layer_view(const LayerActs& own, const LayerActs& shared, bool recompu
 }
 
 // Which tensors a layer transform produces: the base weights (else left undefined), the router
-// among them, and the LoRA factors (through fn, or shared as they are).
+// among them, the routed experts among them, and the LoRA factors (through fn, or shared as
+// they are).
 struct LayerSel {
   bool base = true;
   bool router = true;
   bool lora_fn = false;  // false: the result shares the source's factors
+  bool experts = true;   // the routed experts' weights (w1, w3, w2) among the base ones
 };
 
 // One layer of transform_weights / zeros_like.
@@ -139,9 +141,11 @@ LayerWeights transform_layer(const ModelConfig& c, const LayerWeights& lw,
     lg.b3 = f(lw.b3);
     lg.b2 = f(lw.b2);
     lg.router_bias = lw.router_bias;  // not a parameter: shared, never transformed
-    lg.w1 = f(lw.w1);
-    lg.w3 = f(lw.w3);
-    lg.w2 = f(lw.w2);
+    if (sel.experts) {
+      lg.w1 = f(lw.w1);
+      lg.w3 = f(lw.w3);
+      lg.w2 = f(lw.w2);
+    }
     lg.shared_w1 = f(lw.shared_w1);
     lg.shared_w3 = f(lw.shared_w3);
     lg.shared_w2 = f(lw.shared_w2);
@@ -592,17 +596,13 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
     // The fused update takes a MoE layer's routed experts one at a time (ffn_block.h,
     // per_expert) where each expert's gradients are its own: one process (a data-parallel
     // step reduces whole layers), no expert parallelism, no adapters or biases on the experts.
-    const bool each_expert = fused && lw.is_moe && lw.w1.defined() && !w.frozen_base && !opt.batch && !a.ep.plan &&
-                             !lw.lexp.any() && !lw.b1.defined() && !lw.b3.defined() && !lw.b2.defined();
-    if (fused)
+    const bool each_expert = fused && !w.frozen_base && !opt.batch && !a.ep.plan && experts_one_at_a_time(lw);
+    if (fused) {
+      LayerSel sel = grad_selection(w);
+      sel.experts = !each_expert;
       lg = transform_layer(
-          c, lw,
-          [&](const Tensor& t) {
-            if (each_expert && (t.raw() == lw.w1.raw() || t.raw() == lw.w3.raw() || t.raw() == lw.w2.raw()))
-              return Tensor();
-            return Tensor::zeros(t.shape(), DType::F32, MemCategory::Grads);
-          },
-          grad_selection(w));
+          c, lw, [](const Tensor& t) { return Tensor::zeros(t.shape(), DType::F32, MemCategory::Grads); }, sel);
+    }
     const ExpertGradFn expert_fn = [&](int64_t e, const Tensor& dw1, const Tensor& dw3, const Tensor& dw2) {
       clk.lap(StepLosses::kFfnBwd);
       (*fused)(l, expert_parameters(c, l, w.expert_begin + e, dw1, dw3, dw2), res);

@@ -257,19 +257,16 @@ double glu_backward_row(float* dh1, float* du, const float* h1, const float* h3,
 
 // Saved pre-activations in bf16: dst := bf16(src) and src := the rounded values, n elements.
 void store_bf16_rounded(uint16_t* dst, float* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = f32_to_bf16(src[i]);
-    src[i] = bf16_to_f32(dst[i]);
-  }
+  convert_from_f32(dst, src, DType::BF16, size_t(n));
+  convert_to_f32(src, dst, DType::BF16, size_t(n));
 }
 
 // One row of saved pre-activations as f32: the row itself, or (bf16) its values widened into
 // slot `slot` (f floats each) of buf.
 const float* saved_row(const Tensor& h, int64_t row, int64_t f, std::vector<float>& buf, int slot) {
   if (h.dtype() == DType::F32) return h.data<float>() + row * f;
-  const uint16_t* src = static_cast<const uint16_t*>(h.raw()) + row * f;
   float* dst = buf.data() + slot * f;
-  for (int64_t i = 0; i < f; ++i) dst[i] = bf16_to_f32(src[i]);
+  convert_to_f32(dst, static_cast<const uint16_t*>(h.raw()) + row * f, DType::BF16, size_t(f));
   return dst;
 }
 
