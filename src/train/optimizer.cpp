@@ -5,13 +5,18 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+#define MOE_ADAMW_NS lanes4
+#define MOE_ADAMW_512 0
+#include "train/adamw_lanes.h"  // NOLINT(build/include): this file's copy of the loops
 
 namespace moe {
+
+double adamw::update_range_avx2(const Betas& bt, const ParamUpdate& u, int64_t j0, int64_t j1, bool bf16_moments) {
+  return bf16_moments ? lanes4::update_range<uint16_t>(bt, u, j0, j1) : lanes4::update_range<float>(bt, u, j0, j1);
+}
 
 namespace {
 // Sum of squares of an f32 tensor, accumulated in f64 (the gradient norm's terms).
@@ -32,156 +37,6 @@ constexpr int64_t kParallelMin = 65536;
 // is slowed (dynamic schedule) on a shared machine.
 constexpr int64_t kSlice = 16384;
 
-// One parameter's update at its step: where its tensors are and the rule's constants.
-// w and hi both nullptr: a skipped expert, whose gradient only enters the sum of squares. A
-// split master weight (model_train.h) has hi and lo instead of w.
-struct ParamUpdate {
-  float* w = nullptr;
-  uint16_t* hi = nullptr;
-  uint16_t* lo = nullptr;
-  const float* g = nullptr;
-  void* m = nullptr;
-  void* v = nullptr;
-  int64_t n = 0;
-  double step_size = 0, decay = 1, bc2 = 1;
-};
-
-struct Betas {
-  double b1, b2, eps;
-};
-
-// Moment storage: f32 as is, bf16 widened on load and rounded to nearest-even on store (the
-// f64 value rounded to f32 first, then to bf16). round_store returns the stored value widened:
-// the update uses the moment as stored.
-inline float widen(float x) { return x; }
-inline float widen(uint16_t h) { return bf16_to_f32(h); }
-inline float round_store(double x, float* at) {
-  *at = static_cast<float>(x);
-  return *at;
-}
-inline float round_store(double x, uint16_t* at) {
-  *at = f32_to_bf16(static_cast<float>(x));
-  return bf16_to_f32(*at);
-}
-
-// Weight storage: f32, or a split master weight (its two halves, model_train.h).
-struct SplitRef {
-  uint16_t* hi;
-  uint16_t* lo;
-};
-inline double load_weight(const float* w, int64_t j) { return w[j]; }
-inline double load_weight(const SplitRef& w, int64_t j) {
-  return std::bit_cast<float>(master_bits(w.hi[j], w.lo[j]));
-}
-inline void store_weight(float* w, int64_t j, float x) { w[j] = x; }
-inline void store_weight(const SplitRef& w, int64_t j, float x) {
-  const uint32_t b = std::bit_cast<uint32_t>(x);
-  w.hi[j] = master_high(b);
-  w.lo[j] = static_cast<uint16_t>(b);
-}
-
-#if defined(__AVX2__) && defined(__FMA__)
-// Four elements at a time in f64 (the rule is computed in f64; AVX2 holds four).
-inline __m256d load4(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
-inline __m256d load4(const uint16_t* p) {
-  const __m128i u = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(u, 16)));
-}
-inline __m128 round_store4(__m256d x, float* at) {
-  const __m128 f = _mm256_cvtpd_ps(x);
-  _mm_storeu_ps(at, f);
-  return f;
-}
-// f32_to_bf16 on four lanes: a NaN keeps its top half and is made quiet, everything else
-// rounds to nearest-even; every lane is below 2^16, so the unsigned-saturating pack is exact.
-inline __m128 round_store4(__m256d x, uint16_t* at) {
-  const __m128i u = _mm_castps_si128(_mm256_cvtpd_ps(x));
-  const __m128i hi = _mm_srli_epi32(u, 16);
-  const __m128i nan = _mm_cmpgt_epi32(_mm_and_si128(u, _mm_set1_epi32(0x7fffffff)), _mm_set1_epi32(0x7f800000));
-  const __m128i bias = _mm_add_epi32(_mm_set1_epi32(0x7fff), _mm_and_si128(hi, _mm_set1_epi32(1)));
-  const __m128i rounded = _mm_srli_epi32(_mm_add_epi32(u, bias), 16);
-  const __m128i h = _mm_blendv_epi8(rounded, _mm_or_si128(hi, _mm_set1_epi32(0x40)), nan);
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(at), _mm_packus_epi32(h, h));
-  return _mm_castsi128_ps(_mm_slli_epi32(h, 16));
-}
-inline __m256d load_weight4(const float* w, int64_t j) { return load4(w + j); }
-// master_bits on four lanes (the upper half's wrap below zero is the same modulo 2^16).
-inline __m256d load_weight4(const SplitRef& w, int64_t j) {
-  const __m128i h = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.hi + j)));
-  const __m128i l = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.lo + j)));
-  const __m128i b = _mm_or_si128(_mm_slli_epi32(_mm_sub_epi32(h, _mm_srli_epi32(l, 15)), 16), l);
-  return _mm256_cvtps_pd(_mm_castsi128_ps(b));
-}
-inline void store_weight4(float* w, int64_t j, __m256d x) { _mm_storeu_ps(w + j, _mm256_cvtpd_ps(x)); }
-// master_high and the lower half on four lanes; both are below 2^16, so the packs are exact.
-inline void store_weight4(const SplitRef& w, int64_t j, __m256d x) {
-  const __m128i b = _mm_castps_si128(_mm256_cvtpd_ps(x));
-  const __m128i h = _mm_srli_epi32(_mm_add_epi32(b, _mm_set1_epi32(0x8000)), 16);
-  const __m128i l = _mm_and_si128(b, _mm_set1_epi32(0xFFFF));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(w.hi + j), _mm_packus_epi32(h, h));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(w.lo + j), _mm_packus_epi32(l, l));
-}
-#endif
-
-// Elements [j0, j1) of one parameter: the update (unless skipped), and the sum of squares of
-// the gradient there (the gradient norm's terms, read in the same pass).
-template <typename M, typename W>
-double update_range(const Betas& bt, const ParamUpdate& u, W w, int64_t j0, int64_t j1) {
-  const float* g = u.g;
-  double ss = 0;
-  const double b1 = bt.b1, b2 = bt.b2, decay = u.decay;
-  // step·m / (sqrt(v)/bc2 + eps) as (step·bc2)·m / (sqrt(v) + eps·bc2): the same value with one
-  // division a weight instead of two, and that division and the square root in f32 (torch's
-  // own precision for f32 parameters) on the moments as stored (f32 or bf16 values, exact in
-  // f32): in f64 they bound this loop.
-  const float eps_bc2 = float(bt.eps * u.bc2), step_bc2 = float(u.step_size * u.bc2);
-  M* m = static_cast<M*>(u.m);
-  M* v = static_cast<M*>(u.v);
-  int64_t j = j0;
-#if defined(__AVX2__) && defined(__FMA__)
-  // The scalar loop below, four lanes at a time, with the fused multiply-adds GCC forms for it:
-  // m = fma(m, β1, (1-β1)·g), v = fma(v, β2, ((1-β2)·g)·g) in f64, the step (step·bc2·m)/denom
-  // in f32, w = fma(w, decay, -step) in f64.
-  const __m256d b1v = _mm256_set1_pd(b1), c1v = _mm256_set1_pd(1.0 - b1);
-  const __m256d b2v = _mm256_set1_pd(b2), c2v = _mm256_set1_pd(1.0 - b2);
-  const __m128 epsv = _mm_set1_ps(eps_bc2), stepv = _mm_set1_ps(step_bc2);
-  const __m256d decayv = _mm256_set1_pd(decay);
-  __m256d ssv = _mm256_setzero_pd();
-  for (; j + 4 <= j1; j += 4) {
-    const __m256d gj = load4(g + j);
-    ssv = _mm256_add_pd(ssv, _mm256_mul_pd(gj, gj));
-    const __m128 mj = round_store4(_mm256_fmadd_pd(load4(m + j), b1v, _mm256_mul_pd(c1v, gj)), m + j);
-    const __m128 vj =
-        round_store4(_mm256_fmadd_pd(load4(v + j), b2v, _mm256_mul_pd(_mm256_mul_pd(c2v, gj), gj)), v + j);
-    const __m128 step = _mm_div_ps(_mm_mul_ps(stepv, mj), _mm_add_ps(_mm_sqrt_ps(vj), epsv));
-    const __m256d wj = _mm256_fmsub_pd(load_weight4(w, j), decayv, _mm256_cvtps_pd(step));
-    store_weight4(w, j, wj);
-  }
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, ssv);
-  ss = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-#endif
-  for (; j < j1; ++j) {
-    const double gj = g[j];
-    ss += gj * gj;
-    const float mj = round_store(b1 * widen(m[j]) + (1.0 - b1) * gj, m + j);
-    const float vj = round_store(b2 * widen(v[j]) + (1.0 - b2) * gj * gj, v + j);
-    const float step = (step_bc2 * mj) / (std::sqrt(vj) + eps_bc2);
-    store_weight(w, j, static_cast<float>(load_weight(w, j) * decay - double(step)));
-  }
-  return ss;
-}
-
-// update_range on the parameter's storage; a skipped expert only sums its squares.
-template <typename M>
-double update_range(const Betas& bt, const ParamUpdate& u, int64_t j0, int64_t j1) {
-  if (u.w) return update_range<M>(bt, u, u.w, j0, j1);
-  if (u.hi) return update_range<M>(bt, u, SplitRef{u.hi, u.lo}, j0, j1);
-  double ss = 0;
-  for (int64_t j = j0; j < j1; ++j) ss += double(u.g[j]) * u.g[j];
-  return ss;
-}
-
 // A piece of one parameter's elements: the unit of the parallel loop.
 struct Slice {
   size_t param;
@@ -191,7 +46,7 @@ struct Slice {
 // Every update in one parallel loop over slices; the sum of squares is added slice by slice
 // in order, so it does not depend on the thread count.
 template <typename M>
-double run_updates(const Betas& bt, const std::vector<ParamUpdate>& ups) {
+double run_updates(const adamw::Betas& bt, const std::vector<adamw::ParamUpdate>& ups) {
   std::vector<Slice> slices;
   int64_t total = 0;
   for (size_t i = 0; i < ups.size(); ++i) {
@@ -199,11 +54,14 @@ double run_updates(const Betas& bt, const std::vector<ParamUpdate>& ups) {
     total += ups[i].n;
   }
   std::vector<double> part(slices.size());
+  static const bool wide = adamw::avx512_available();  // the eight-lane copy: the same bits, faster
+  constexpr bool bf16 = std::is_same_v<M, uint16_t>;
   const int64_t n_slices = static_cast<int64_t>(slices.size());
 #pragma omp parallel for schedule(dynamic, 1) if(total > kParallelMin)
   for (int64_t s = 0; s < n_slices; ++s) {
     const Slice& sl = slices[static_cast<size_t>(s)];
-    part[static_cast<size_t>(s)] = update_range<M>(bt, ups[sl.param], sl.begin, sl.end);
+    part[static_cast<size_t>(s)] = wide ? adamw::update_range_avx512(bt, ups[sl.param], sl.begin, sl.end, bf16)
+                                        : adamw::update_range_avx2(bt, ups[sl.param], sl.begin, sl.end, bf16);
   }
   double ss = 0;
   for (double p : part) ss += p;
@@ -212,8 +70,8 @@ double run_updates(const Betas& bt, const std::vector<ParamUpdate>& ups) {
 
 }  // namespace
 
-// The header's opaque job type is the ParamUpdate above.
-struct AdamW::Job : ParamUpdate {};
+// The header's opaque job type is adamw_rule.h's ParamUpdate.
+struct AdamW::Job : adamw::ParamUpdate {};
 
 AdamW::AdamW(std::vector<NamedParam> params, std::vector<NamedParam> grads, const AdamWOptions& opt,
              const MasterLowHalves* low)
@@ -285,8 +143,8 @@ void AdamW::prepare(size_t i, double lr, const std::vector<std::vector<bool>>& t
 }
 
 double AdamW::run(const std::vector<Job>& jobs) const {
-  const std::vector<ParamUpdate> ups(jobs.begin(), jobs.end());
-  const Betas bt{opt_.beta1, opt_.beta2, opt_.eps};
+  const std::vector<adamw::ParamUpdate> ups(jobs.begin(), jobs.end());
+  const adamw::Betas bt{opt_.beta1, opt_.beta2, opt_.eps};
   return opt_.state_dtype == DType::BF16 ? run_updates<uint16_t>(bt, ups) : run_updates<float>(bt, ups);
 }
 

@@ -20,10 +20,11 @@
 //
 // Both step and step_group update all their parameters in ONE parallel loop over fixed-size
 // slices of the concatenated elements (a group's many small tensors share one thread team, a
-// big tensor is spread over all threads), with AVX2 inner loops where the build has them. The
-// vector loop does exactly the scalar loop's f64 operations, in the same order (and the same
-// fused multiply-adds the compiler forms for the scalar loop at -march=x86-64-v3), so the
-// result does not depend on which path, slice or thread updates an element.
+// big tensor is spread over all threads), with AVX2 inner loops where the build has them and
+// AVX-512 ones where the CPU has those (adamw_lanes.h, compiled twice). The vector loops do
+// exactly the scalar loop's f64 operations, in the same order (and the same fused
+// multiply-adds the compiler forms for the scalar loop at -march=x86-64-v3), so the result does
+// not depend on which path, slice, thread or CPU updates an element (test_adamw_lanes.cpp).
 #pragma once
 #include <map>
 #include <string>
