@@ -304,6 +304,35 @@ TEST(OneDnnGemm, Bf16BackwardMatchesFloat64ProductsOfRoundedFactors) {
   }
 }
 
+// gemm_xw_atb_acc rounds dy once for both products of a linear backward: the same bits as
+// gemm_xw then gemm_atb_acc, under Matrix mode (one rounding) and Widen (the two calls), with
+// and without accumulation onto dx.
+TEST(OneDnnGemm, LinearBackwardBothProductsEqualTheTwoCalls) {
+  std::vector<cpu::Bf16Gemm> modes = {cpu::Bf16Gemm::Widen};
+  if (cpu::bf16_matrix_available()) modes.push_back(cpu::Bf16Gemm::Matrix);
+  uint32_t seed = 300;
+  for (cpu::Bf16Gemm mode : modes) {
+    for (const BackShape& s : kBackShapes) {
+      for (bool acc : {false, true}) {
+        const int64_t n = s.n, m = s.m, k = s.k;
+        const auto dy = random_vec(size_t(n * m), seed++), x = random_vec(size_t(n * k), seed++);
+        const std::vector<uint16_t> w = to_bf16_bits(random_vec(size_t(m * k), seed++));
+        const auto dx0 = random_vec(size_t(n * k), seed++), dw0 = random_vec(size_t(m * k), seed++);
+        std::vector<float> dx_a = dx0, dw_a = dw0, dx_b = dx0, dw_b = dw0;
+        cpu::set_bf16_gemm(mode);
+        cpu::gemm_xw(dx_a.data(), dy.data(), w.data(), DType::BF16, n, m, k, acc);
+        cpu::gemm_atb_acc(dw_a.data(), k, dy.data(), m, x.data(), DType::BF16, n, m, k);
+        cpu::gemm_xw_atb_acc(dx_b.data(), dw_b.data(), dy.data(), x.data(), w.data(), DType::BF16, n, m, k, acc);
+        cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+        const bool matrix = mode == cpu::Bf16Gemm::Matrix;
+        EXPECT_EQ(dx_a, dx_b) << "dx, n " << n << " matrix " << matrix << " accumulate " << acc;
+        EXPECT_EQ(dw_a, dw_b) << "dw, n " << n << " matrix " << matrix << " accumulate " << acc;
+        EXPECT_NE(dw_b, dw0);
+      }
+    }
+  }
+}
+
 // A QLoRA base (NF4, and NF4 with double-quantised absmax values) under bf16 products: each
 // chunk of the weight's rows dequantized, rounded to bf16 and multiplied on the matrix units,
 // forward (x·wᵀ) and backward (dY·w); k 8192 makes the chunks 128 rows, so m 300 takes three

@@ -438,5 +438,15 @@ void gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const fl
               dw, (int)ldw);
 }
 
+void gemm_xw_atb_acc(float* dx, float* dw, const float* dy, const float* x, const void* w, DType wdt, int64_t n,
+                     int64_t m, int64_t k, bool accumulate) {
+  if (bf16_matrix_applies(wdt)) {
+    onednn_linear_backward_bf16(dx, dw, dy, x, w, n, m, k, accumulate);
+    return;
+  }
+  gemm_xw(dx, dy, w, wdt, n, m, k, accumulate);
+  gemm_atb_acc(dw, k, dy, m, x, wdt, n, m, k);
+}
+
 }  // namespace cpu
 }  // namespace moe

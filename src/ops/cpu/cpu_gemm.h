@@ -29,6 +29,10 @@ void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, in
 // precision training, Bf16Gemm::Matrix) round dy and x to bf16 here too, as the forward did x.
 void gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, DType wdt, int64_t n,
                   int64_t m, int64_t k);
+// Both: dx [n, k] (+)= dy [n, m] · w and dw [m, k] += dyᵀ · x [n, k] — the values of gemm_xw then
+// gemm_atb_acc, with dy rounded to bf16 once for the two on the matrix units.
+void gemm_xw_atb_acc(float* dx, float* dw, const float* dy, const float* x, const void* w, DType wdt, int64_t n,
+                     int64_t m, int64_t k, bool accumulate);
 
 // sum_i a[i] * b[i] with AVX2 FMA (8 lanes x 2 accumulators).
 float dot_f32(const float* a, const float* b, int64_t n);

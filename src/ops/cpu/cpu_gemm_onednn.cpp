@@ -194,6 +194,16 @@ void onednn_gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, c
   run_matmul(dw, ldw, m, m, k, np, ys, true, xs, false, dt, true);
 }
 
+void onednn_linear_backward_bf16(float* dx, float* dw, const float* dy, const float* x, const void* w, int64_t n,
+                                 int64_t m, int64_t k, bool accumulate) {
+  if (n == 0 || m == 0 || k == 0) return;
+  const int64_t np = padded_rows(n);
+  const void* ys = rounded_rows(Scratch::MatrixX, dy, m, n, np, m, DType::BF16);
+  run_matmul(dx, k, n, np, k, m, ys, false, w, false, DType::BF16, accumulate);
+  const void* xs = rounded_rows(Scratch::MatrixB, x, k, n, np, k, DType::BF16);
+  run_matmul(dw, k, m, m, k, np, ys, true, xs, false, DType::BF16, true);
+}
+
 #else
 bool bf16_matrix_available() { return false; }
 std::string onednn_isa_name() { return "none: built without oneDNN (Debian's libdnnl-dev)"; }
@@ -202,6 +212,10 @@ void onednn_gemm_xwt(float*, int64_t, const float*, const void*, DType, int64_t,
 void onednn_gemm_xw(float*, const float*, int64_t, const void*, DType, int64_t, int64_t, int64_t, bool) { no_onednn(); }
 void onednn_gemm_atb_acc(float*, int64_t, const float*, int64_t, const float*, int64_t, DType, int64_t, int64_t,
                          int64_t) {
+  no_onednn();
+}
+void onednn_linear_backward_bf16(float*, float*, const float*, const float*, const void*, int64_t, int64_t, int64_t,
+                                 bool) {
   no_onednn();
 }
 #endif

@@ -87,8 +87,14 @@ void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const
                      bool accumulate) {
   const int64_t m = w.dim(0), k = w.dim(1), n = dy.numel() / m;
   const float* g = dy.data<float>();
-  if (dx.defined()) gemm_xw(dx.data<float>(), g, w.raw(), w.dtype(), n, m, k, accumulate);
-  if (dw.defined()) gemm_atb_acc(dw.data<float>(), k, g, m, x.data<float>(), w.dtype(), n, m, k);
+  if (dx.defined() && dw.defined()) {
+    // One bf16 rounding of dy for both products on the matrix units (the LM head's chunk: 16 MiB
+    // of f32 a pass).
+    gemm_xw_atb_acc(dx.data<float>(), dw.data<float>(), g, x.data<float>(), w.raw(), w.dtype(), n, m, k, accumulate);
+  } else {
+    if (dx.defined()) gemm_xw(dx.data<float>(), g, w.raw(), w.dtype(), n, m, k, accumulate);
+    if (dw.defined()) gemm_atb_acc(dw.data<float>(), k, g, m, x.data<float>(), w.dtype(), n, m, k);
+  }
   if (db.defined()) {
     float* b = db.data<float>();
     for (int64_t c = 0; c < m; ++c) {
