@@ -70,10 +70,10 @@ class HeadRows : public ::testing::Test {
   void SetUp() override {
     if (!fs::exists(kDir)) GTEST_SKIP() << "SKIPPED: fixtures not found at " << kDir;
     m = testutil::load_f32(kDir);
-    // Two sequences of 600: 1200 rows, five logits chunks of 256 — a prompt of 100 leaves 1000
-    // targets (four chunks), one of 400 leaves 400 (two), one of 590 leaves 20 (one).
-    ids = token_ids(2, 600, m.config().vocab_size);
-    KVCache kv = m.make_cache(2, 600);
+    // Two sequences of 300: 600 rows, five logits chunks of 128 — a prompt of 100 leaves 400
+    // targets (four chunks), one of 200 leaves 198 (two), one of 290 leaves 18 (one).
+    ids = token_ids(2, 300, m.config().vocab_size);
+    KVCache kv = m.make_cache(2, 300);
     logits = m.forward(ids, kv).logits;
   }
   Model m;
@@ -81,16 +81,16 @@ class HeadRows : public ::testing::Test {
 };
 
 TEST_F(HeadRows, LossOverAnyMaskEqualsTheCrossEntropyOfIndependentLogits) {
-  ASSERT_EQ(activation_layout(m.config(), 2, 600, ActMode::Training).logits_chunk, 256)
-      << "the prompts below are sized for chunks of 256 rows";
-  // 0: every row has a target; 100, 400, 590: the head runs on four, two and one chunk(s).
-  for (int64_t first : {0, 100, 400, 590}) {
+  ASSERT_EQ(activation_layout(m.config(), 2, 300, ActMode::Training).logits_chunk, 128)
+      << "the prompts below are sized for chunks of 128 rows";
+  // 0: every row has a target; 100, 200, 290: the head runs on four, two and one chunk(s).
+  for (int64_t first : {0, 100, 200, 290}) {
     const Tensor l = masked_labels(ids, first);
     ModelWeights g = zeros_like(m.config(), m.weights(), MemCategory::Grads);
     const StepLosses r = forward_backward(m, ids, l, &g, LossOptions{});
     const double want = ce_of(logits, l);
     EXPECT_NEAR(r.loss_ce, want, 2e-6 * std::fabs(want)) << "prompt of " << first << " positions";
-    EXPECT_EQ(r.n_targets, 2 * (600 - std::max<int64_t>(first, 1)));
+    EXPECT_EQ(r.n_targets, 2 * (300 - std::max<int64_t>(first, 1)));
     const StepLosses r_eval = forward_backward(m, ids, l, nullptr, LossOptions{});
     EXPECT_EQ(r_eval.loss_ce, r.loss_ce) << "evaluation and training see the same rows";
   }
@@ -111,7 +111,7 @@ TEST_F(HeadRows, LossOverAnyMaskEqualsTheCrossEntropyOfIndependentLogits) {
 // (f64 sums of f32 losses; the step is large enough that f32 rounding stays ~1e-4 of the
 // difference.)
 TEST_F(HeadRows, GradientIsTheDerivativeOfTheMaskedLoss) {
-  const Tensor l = masked_labels(ids, 400);
+  const Tensor l = masked_labels(ids, 200);
   const ModelConfig& c = m.config();
   ModelWeights g = zeros_like(c, m.weights(), MemCategory::Grads);
   forward_backward(m, ids, l, &g, LossOptions{});
@@ -144,7 +144,7 @@ TEST_F(HeadRows, GradientIsTheDerivativeOfTheMaskedLoss) {
 }
 
 TEST_F(HeadRows, NoTargetsGiveZeroLossAndNoHeadGradient) {
-  const Tensor l = masked_labels(ids, 600);
+  const Tensor l = masked_labels(ids, 300);
   ModelWeights g = zeros_like(m.config(), m.weights(), MemCategory::Grads);
   const StepLosses r = forward_backward(m, ids, l, &g, LossOptions{});
   EXPECT_EQ(r.n_targets, 0);

@@ -86,12 +86,12 @@ struct ActivationLayout {
 
 // Rows of the LM-head logits held at once when computing the loss (chunked cross-entropy).
 // The head (the chunk, its bf16 copy for the products, the head's gradient) is a training
-// step's memory peak on Mixtral-shaped models: 128 rows cost 24.5 MiB less than 256 (vocab
-// 32000), at the same head time on Zen 4 (bf16 peak ~0.4 TFLOP/s); on Zen 5 (~1 TFLOP/s) the
-// head's dW += dYᵀ·X, which reads and writes the f32 [V, D] gradient once a chunk, ran at 429
-// GFLOP/s with 128 rows against 545 with 256, and the head took 154-169 ms against 174-183 (a
-// 2-layer Mixtral-shaped step, 1024 tokens). 64 rows made the head's products ~20% slower.
-constexpr int64_t kLogitsChunkRows = 256;
+// step's memory peak on Mixtral-shaped models: 128 rows measured 25 MiB below 256 at the same
+// head time on Zen 4; 64 saved 2 MiB more and made the head's products ~20% slower. On Zen 5
+// (bf16 peak ~1 TFLOP/s) 256 rows made the head 10-15% faster (its dW += dYᵀ·X re-reads the f32
+// [V, D] gradient once a chunk: 429 GFLOP/s at 128 rows, 545 at 256) but put the 2-layer
+// Mixtral-shaped benchmark's training memory at 0.49 of the bf16 peer's (target <= 0.5).
+constexpr int64_t kLogitsChunkRows = 128;
 
 // expert_h: the dtype of the routed experts' saved pre-activations eh1/eh3 — F32, or BF16 when
 // the experts' weights are bf16 (mixed precision; a bf16 base under LoRA): their products are
