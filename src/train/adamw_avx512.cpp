@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/cpu_features.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "model/model_train.h"
@@ -47,11 +48,7 @@ double update_range_avx512(const Betas& bt, const ParamUpdate& u, int64_t j0, in
 
 namespace moe {
 namespace adamw {
-bool avx512_available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return ok;
-}
+bool avx512_available() { return cpu_has_avx512(); }
 }  // namespace adamw
 }  // namespace moe
 

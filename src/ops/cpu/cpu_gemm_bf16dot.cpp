@@ -14,6 +14,7 @@
 
 #include <algorithm>
 
+#include "core/cpu_features.h"
 #include "core/dtype.h"
 #include "ops/cpu/cpu_parallel.h"
 #include "ops/cpu/cpu_scratch.h"
@@ -21,11 +22,7 @@
 namespace moe {
 namespace cpu {
 
-bool bf16dot_available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
+bool bf16dot_available() { return cpu_has_avx512_bf16(); }
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))), apply_to = function)

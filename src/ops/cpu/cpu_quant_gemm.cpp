@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/cpu_features.h"
 #include "core/tensor.h"
 #include "ops/cpu/cpu_quant_impl.h"
 
@@ -19,13 +20,8 @@ namespace moe {
 namespace cpu {
 namespace {
 
-bool cpu_has_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-}
-
 QuantIsa best_isa() {
-  if (cpu_has_avx512()) return __builtin_cpu_supports("avx512vnni") ? QuantIsa::Avx512Vnni : QuantIsa::Avx512;
+  if (cpu_has_avx512()) return cpu_has_avx512_vnni() ? QuantIsa::Avx512Vnni : QuantIsa::Avx512;
   return QuantIsa::Avx2;
 }
 
@@ -118,7 +114,7 @@ bool quant_isa_supported(QuantIsa isa) {
     case QuantIsa::Auto: return true;
     case QuantIsa::Avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case QuantIsa::Avx512: return cpu_has_avx512();
-    case QuantIsa::Avx512Vnni: return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+    case QuantIsa::Avx512Vnni: return cpu_has_avx512_vnni();
   }
   return false;
 }
