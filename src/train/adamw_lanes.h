@@ -4,7 +4,9 @@
 //                  one instruction set can be picked by the linker for the other),
 //   MOE_ADAMW_512  1: an eight-lane loop (AVX-512 F/DQ/VL/BW) before the four-lane one.
 // Both copies do each element's operations in the same order, so they give the same bits.
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#endif
 
 #include <bit>
 #include <cmath>
