@@ -48,7 +48,7 @@ struct Param {
   }
   bool operator==(const Param& o) const {
     auto same = [](const auto& a, const auto& b) {
-      return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
+      return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0);
     };
     return same(w, o.w) && same(hi, o.hi) && same(lo, o.lo) && same(m32, o.m32) && same(v32, o.v32) &&
            same(m16, o.m16) && same(v16, o.v16);
