@@ -672,6 +672,27 @@ inline __m256i q5_bit16(__m256i h, __m256i m) {
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m), m), _mm256_set1_epi8(16));
 }
 
+// The row-pair decode kernels' pieces: block b of each of the RW rows (its bytes prefetched
+// `ahead` on), and each pair accumulator's two row sums (lanes 0-3 row 2q, 4-7 row 2q+1).
+template <int RW>
+inline void block_rows(const uint8_t* const* wr, int64_t b, int64_t bytes, int64_t ahead, const uint8_t** p) {
+#pragma GCC unroll 8
+  for (int r = 0; r < RW; ++r) {
+    p[r] = wr[r] + b * bytes;
+    prefetch_ahead(p[r], ahead, bytes);
+  }
+}
+template <int P>
+inline void pair_sums(const __m256* acc, float* res) {
+#pragma GCC unroll 8
+  for (int q = 0; q < P; ++q) {
+    const __m128 l0 = _mm256_castps256_ps128(acc[q]), l1 = _mm256_extractf128_ps(acc[q], 1);
+    const __m128 s = _mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_setzero_ps());  // [Σl0, Σl1, 0, 0]
+    res[2 * q] = _mm_cvtss_f32(s);
+    res[2 * q + 1] = _mm_cvtss_f32(_mm_movehdup_ps(s));
+  }
+}
+
 // q4_K / q5_K decode (one activation row), two weight rows per 256-bit vector: lane 0 holds 16 values
 // of row r, lane 1 the same 16 of row r+1, against the activations broadcast to both lanes. So
 // the per-block work — unpacking the 6-bit scales and mins, converting d and dmin — is done for
@@ -696,11 +717,7 @@ void tile_qk45_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float
   for (int64_t b = 0; b < nb; ++b) {
     const int8_t* aq = a.qs + b * 256;
     const uint8_t* p[RW];
-#pragma GCC unroll 8
-    for (int r = 0; r < RW; ++r) {
-      p[r] = wr[r] + b * kBytes;
-      prefetch_ahead(p[r], ahead, kBytes);
-    }
+    block_rows<RW>(wr, b, kBytes, ahead, p);
     __m256i sm[P], sumi[P];
 #pragma GCC unroll 8
     for (int q = 0; q < P; ++q) {
@@ -756,13 +773,7 @@ void tile_qk45_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float
       acc[q] = _mm256_fnmadd_ps(_mm256_permutevar8x32_ps(dd, m_lanes), _mm256_cvtepi32_ps(mins), acc[q]);
     }
   }
-#pragma GCC unroll 8
-  for (int q = 0; q < P; ++q) {
-    __m128 l0 = _mm256_castps256_ps128(acc[q]), l1 = _mm256_extractf128_ps(acc[q], 1);
-    const __m128 s = _mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_setzero_ps());  // [Σl0, Σl1, 0, 0]
-    res[2 * q] = _mm_cvtss_f32(s);
-    res[2 * q + 1] = _mm_cvtss_f32(_mm_movehdup_ps(s));
-  }
+  pair_sums<P>(acc, res);
 }
 
 // q6_K (210 bytes: ql[128], qh[64], int8 scales[16], f16 d). For half n (128 values), 32-byte
@@ -970,11 +981,7 @@ void tile_q6k_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float*
   for (int64_t b = 0; b < nb; ++b) {
     const int8_t* aq = a.qs + b * 256;
     const uint8_t* p[RW];
-#pragma GCC unroll 8
-    for (int r = 0; r < RW; ++r) {
-      p[r] = wr[r] + b * kBytes;
-      prefetch_ahead(p[r], ahead, kBytes);
-    }
+    block_rows<RW>(wr, b, kBytes, ahead, p);
     // The activations' sums per 16, sub-blocks 0-7 and 8-15, in both lanes.
     const __m256i bs0 = bcast_128(reinterpret_cast<const int8_t*>(a.bsum + b * 16));
     const __m256i bs1 = bcast_128(reinterpret_cast<const int8_t*>(a.bsum + b * 16 + 8));
@@ -1030,13 +1037,7 @@ void tile_q6k_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float*
       acc[q] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(tot), acc[q]);
     }
   }
-#pragma GCC unroll 8
-  for (int q = 0; q < P; ++q) {
-    __m128 l0 = _mm256_castps256_ps128(acc[q]), l1 = _mm256_extractf128_ps(acc[q], 1);
-    const __m128 s = _mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_setzero_ps());  // [Σl0, Σl1, 0, 0]
-    res[2 * q] = _mm_cvtss_f32(s);
-    res[2 * q + 1] = _mm_cvtss_f32(_mm_movehdup_ps(s));
-  }
+  pair_sums<P>(acc, res);
 }
 
 #include "ops/cpu/cpu_quant_packed.h"  // NOLINT(build/include): part of this file, per variant
