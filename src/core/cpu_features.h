@@ -4,31 +4,20 @@
 
 namespace moe {
 
+#if defined(__x86_64__)
 // AVX-512 F, BW, DQ and VL: what every AVX-512 kernel here assumes.
 inline bool cpu_has_avx512() {
-#if defined(__x86_64__)
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   return ok;
-#else
-  return false;
-#endif
 }
-
 // With VNNI (vpdpbusd) or BF16 (vdpbf16ps) on top.
-inline bool cpu_has_avx512_vnni() {
-#if defined(__x86_64__)
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+inline bool cpu_has_avx512_vnni() { return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+inline bool cpu_has_avx512_bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 #else
-  return false;
+inline bool cpu_has_avx512() { return false; }
+inline bool cpu_has_avx512_vnni() { return false; }
+inline bool cpu_has_avx512_bf16() { return false; }
 #endif
-}
-inline bool cpu_has_avx512_bf16() {
-#if defined(__x86_64__)
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
 
 }  // namespace moe
