@@ -536,17 +536,42 @@ std::vector<Case> make_cases() {
             return Outs{{"yp", yp}, {"h1", s1}, {"h3", s3}};
           });
           Tensor b1 = h1.to_dtype(DType::BF16, kAct), b3 = h3.to_dtype(DType::BF16, kAct);
-          add("expert_ffn_backward_saved_bf16" + sh, false, 0.0, [=](Backend b) {
-            Dev g{b};
-            Tensor dx = g.out({p, d}), g1 = g.in(dw1), g3 = g.in(dw3), g2 = g.in(dw2);
-            Tensor drs = scaled ? g.out({p}) : Tensor();
-            CALL(b, expert_ffn_backward(dx, g1, g3, g2, drs, g.in(dyp), g.in(xp), g.in(b1), g.in(b3), g.in(off),
-                                        g.in(w1), g.in(w3), g.in(w2), g.in(rs)));
-            Outs o{{"dxp", dx}, {"dw1", g1}, {"dw3", g3}, {"dw2", g2}};
-            if (scaled) o.push_back({"drow_scale", drs});
-            return o;
-          });
+          for (bool frozen : {false, true})
+            add("expert_ffn_backward_saved_bf16" + sh + (frozen ? "_frozen" : ""), false, 0.0, [=](Backend b) {
+              Dev g{b};
+              Tensor dx = g.out({p, d});
+              Tensor g1 = frozen ? Tensor() : g.in(dw1), g3 = frozen ? Tensor() : g.in(dw3);
+              Tensor g2 = frozen ? Tensor() : g.in(dw2);
+              Tensor drs = scaled ? g.out({p}) : Tensor();
+              CALL(b, expert_ffn_backward(dx, g1, g3, g2, drs, g.in(dyp), g.in(xp), g.in(b1), g.in(b3), g.in(off),
+                                          g.in(w1), g.in(w3), g.in(w2), g.in(rs)));
+              Outs o{{"dxp", dx}};
+              if (!frozen) o.insert(o.end(), {{"dw1", g1}, {"dw3", g3}, {"dw2", g2}});
+              if (scaled) o.push_back({"drow_scale", drs});
+              return o;
+            });
         }
+  // Frozen experts at a size where the CPU's backward runs in parallel and cuts the busiest
+  // expert's rows into pieces (more than kPieceRows = 256 of them; expert 1 gets none).
+  for (DType dt : {DType::F32, DType::BF16}) {
+    const int64_t t = 300, e = 4, k = 2, d = 16, f = 72, p = t * k;
+    std::vector<int32_t> idx;
+    for (int64_t i = 0; i < t; ++i) idx.insert(idx.end(), {0, int32_t(i % 3 == 0 ? 2 : 3)});
+    Tensor off = ints({e + 1}, route(idx, e).offsets);
+    Tensor xp = ten({p, d}, rnd(p * d, ++seed)), dyp = ten({p, d}, rnd(p * d, ++seed)), rs = ten({p}, rnd(p, ++seed));
+    Tensor w1 = rnd_w({e, f, d}, ++seed, dt).first, w3 = rnd_w({e, f, d}, ++seed, dt).first;
+    Tensor w2 = rnd_w({e, d, f}, ++seed, dt).first;
+    Tensor h1 = Tensor::empty({p, f}, DType::F32, kAct), h3 = Tensor::empty({p, f}, DType::F32, kAct);
+    Tensor ypr = Tensor::empty({p, d}, DType::F32, kAct);
+    ref::expert_ffn_forward_train(ypr, h1, h3, xp, off, w1, w3, w2, rs);
+    add("expert_ffn_backward_frozen_pieces_" + wtag(dt), false, 0.0, [=](Backend b) {
+      Dev g{b};
+      Tensor dx = g.out({p, d}), drs = g.out({p}), none;
+      CALL(b, expert_ffn_backward(dx, none, none, none, drs, g.in(dyp), g.in(xp), g.in(h1), g.in(h3), g.in(off),
+                                  g.in(w1), g.in(w3), g.in(w2), g.in(rs)));
+      return Outs{{"dxp", dx}, {"drow_scale", drs}};
+    });
+  }
 
   // lora_forward / lora_backward: a part of a stacked output (col0 > 0), frozen pieces
   for (int64_t n : {1, 17})
@@ -1178,6 +1203,13 @@ std::vector<Case> make_cases() {
         ref::expert_ffn_forward_train(ypr, h1, h3, xp, off, w1, w3, w2, rs, {}, glu, bias);
         const ExpertBias db0{ten({e, f}, rnd(e * f, ++seed)), ten({e, f}, rnd(e * f, ++seed)),
                              ten({e, d}, rnd(e * d, ++seed))};
+        add("expert_ffn_backward" + sh + "_frozen", false, 0.0, [=](Backend b) {  // the biases frozen too
+          Dev g{b};
+          Tensor dx = g.out({p, d}), drs = g.out({p}), none;
+          CALL(b, expert_ffn_backward(dx, none, none, none, drs, g.in(dyp), g.in(xp), g.in(h1), g.in(h3), g.in(off),
+                                      g.in(w1), g.in(w3), g.in(w2), g.in(rs), {}, nullptr, glu, dev_bias(g, bias)));
+          return Outs{{"dxp", dx}, {"drow_scale", drs}};
+        });
         add("expert_ffn_backward" + sh, false, 0.0, [=](Backend b) {
           Dev g{b};
           Tensor dx = g.out({p, d}), drs = g.out({p}), none;

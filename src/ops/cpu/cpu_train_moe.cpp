@@ -289,6 +289,28 @@ int64_t max_rows(const int32_t* off, int64_t e_n) {
   return steady_rows(m);
 }
 
+// The experts' rows cut into pieces — an expert's rows whole, or in equal parts of at most
+// kPieceRows — largest first (the order threads take them), and the largest piece as
+// steady_rows (each thread's scratch rows).
+struct Piece {
+  int64_t e, r0, n;  // expert, first (permuted) row, rows
+};
+std::vector<Piece> expert_pieces(const int32_t* off, int64_t e_n, int64_t* piece_rows) {
+  std::vector<Piece> pieces;
+  int64_t most = 1;
+  for (int64_t e = 0; e < e_n; ++e) {
+    const int64_t ne = off[e + 1] - off[e], parts = (ne + kPieceRows - 1) / kPieceRows;
+    for (int64_t j = 0; j < parts; ++j) {
+      const int64_t p0 = ne * j / parts, p1 = ne * (j + 1) / parts;
+      pieces.push_back({e, off[e] + p0, p1 - p0});
+      most = std::max(most, p1 - p0);
+    }
+  }
+  std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.n > b.n; });
+  *piece_rows = steady_rows(most);
+  return pieces;
+}
+
 }  // namespace
 
 // The experts run in one parallel region: BLAS called inside it runs single-threaded
@@ -308,24 +330,10 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
-  // Scratch: each thread its own rows (threads do not wait for each other between experts, so
-  // a thread's rows of one expert must not overlap another's of the next): with nt threads a
-  // piece is at most ceil(max rows / nt) rows, and nt pieces fit in max rows + nt.
-  struct Piece {
-    int64_t e, r0, n;  // expert, first (permuted) row, rows
-  };
-  std::vector<Piece> pieces;
+  // Scratch: each thread its own piece's rows (threads do not wait for each other between
+  // pieces).
   int64_t piece_rows = 1;
-  for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t ne = off[e + 1] - off[e], parts = (ne + kPieceRows - 1) / kPieceRows;
-    for (int64_t j = 0; j < parts; ++j) {
-      const int64_t p0 = ne * j / parts, p1 = ne * (j + 1) / parts;
-      pieces.push_back({e, off[e] + p0, p1 - p0});
-      piece_rows = std::max(piece_rows, p1 - p0);
-    }
-  }
-  std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.n > b.n; });
-  piece_rows = steady_rows(piece_rows);
+  const std::vector<Piece> pieces = expert_pieces(off, e_n, &piece_rows);
   const int64_t max_threads = omp_get_max_threads(), n_pieces = int64_t(pieces.size());
   Tensor act = Tensor::empty({max_threads * piece_rows, f}, DType::F32, MemCategory::Workspace);
   // bf16 saved pre-activations (mixed precision): the products land in f32 scratch, are rounded
@@ -396,30 +404,90 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
+  float* db1 = dbias && dbias->b1.defined() ? dbias->b1.data<float>() : nullptr;
+  float* db3 = dbias && dbias->b3.defined() ? dbias->b3.data<float>() : nullptr;
+  float* db2 = dbias && dbias->b2.defined() ? dbias->b2.data<float>() : nullptr;
+  // Frozen experts (no weight, adapter or bias gradients: LoRA on attention alone) have no
+  // weights phase: their rows go in the forward's pieces, below.
+  const bool rows_only = !dw1.defined() && !dw3.defined() && !dw2.defined() && !lora.any() && !db1 && !db3 && !db2;
+  int64_t piece_rows = 0;
+  const std::vector<Piece> pieces = rows_only ? expert_pieces(off, e_n, &piece_rows) : std::vector<Piece>();
   // The scratch never shrinks (the process's largest so far): a layer's experts taken one call
   // at a time (ffn_block.h, per_expert) ask for their own row counts, and each new size cost a
-  // fresh mapping faulted in (~1.5 ms a call at the small preset's shapes, measured).
+  // fresh mapping faulted in (~1.5 ms a call at the small preset's shapes, measured). Rows only:
+  // each thread a piece's rows.
   static std::atomic<int64_t> rows_high{1};
-  int64_t rows = std::max<int64_t>(max_rows(off, e_n), rows_high.load(std::memory_order_relaxed));
-  for (int64_t seen = rows_high.load(std::memory_order_relaxed); seen < rows;)
+  int64_t rows = rows_only ? omp_get_max_threads() * piece_rows
+                           : std::max<int64_t>(max_rows(off, e_n), rows_high.load(std::memory_order_relaxed));
+  for (int64_t seen = rows_high.load(std::memory_order_relaxed); !rows_only && seen < rows;)
     if (rows_high.compare_exchange_weak(seen, rows, std::memory_order_relaxed)) break;
   // LoRA scratch: u = x aᵀ and v = dy b, [rows, r] each (rows phase: the thread's rows; weights
   // phase: the task's own pair, per adapter).
   const int64_t rk = lora.any() ? max_rank(lora) : 0;
   Tensor lu = rk ? Tensor::empty({4 * rows, rk}, DType::F32, MemCategory::Workspace) : Tensor();
   Tensor lv = rk ? Tensor::empty({4 * rows, rk}, DType::F32, MemCategory::Workspace) : Tensor();
-  // Scratch [rows, F] each: u (the down projection's input), dh1, du (then dh3).
-  Tensor s0 = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
+  // Scratch [rows, F] each: u (the down projection's input, when wanted), dh1, du (then dh3).
+  const bool need_u = dw2.defined() || lora.w2.on();
+  Tensor s0 = need_u ? Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace) : Tensor();
   Tensor s1 = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
   Tensor s2 = Tensor::empty({rows, f}, DType::F32, MemCategory::Workspace);
-  float* ub = s0.data<float>();
+  float* ub = need_u ? s0.data<float>() : nullptr;
   float* dh1b = s1.data<float>();
   float* dub = s2.data<float>();
-  float* db1 = dbias && dbias->b1.defined() ? dbias->b1.data<float>() : nullptr;
-  float* db3 = dbias && dbias->b3.defined() ? dbias->b3.data<float>() : nullptr;
-  float* db2 = dbias && dbias->b2.defined() ? dbias->b2.data<float>() : nullptr;
-  const bool need_u = dw2.defined() || lora.w2.on();
   const int64_t total = off[e_n] - off[0];
+  // The rows [r0, r0 + n) of expert e (the k-th of its rows first): u (when wanted), du, dh1 and
+  // dh3, the row scales' gradient and dx, through the thread's scratch rows u, dh1, du, lus, lvs
+  // and its row buffers b2row (the down bias, filled here) and hrow (bf16 rows widened).
+  auto rows_backward = [&](int64_t e, int64_t k0, int64_t n, float* u, float* dh1, float* du, float* lus, float* lvs,
+                           std::vector<float>& b2row, std::vector<float>& hrow) {
+    const int64_t r0 = off[e] + k0;
+    const ExpertView w = expert_view(w1, w3, w2, e);
+    const ExpertFactors l1 = expert_factors(lora.w1, nullptr, e, d, f), l3 = expert_factors(lora.w3, nullptr, e, d, f);
+    const ExpertFactors l2 = expert_factors(lora.w2, nullptr, e, f, d);
+    const float* g = dyp.data<float>() + r0 * d;
+    if (need_u)
+      for (int64_t r = 0; r < n; ++r)
+        glu_row(u + r * f, saved_row(h1, r0 + r, f, hrow, 0), saved_row(h3, r0 + r, f, hrow, 1),
+                rs ? rs[r0 + r] : 1.0f, f, glu);
+    gemm_xw(du, g, w.w2, w2.dtype(), n, d, f, false);
+    if (l2.a)
+      lora_rows_backward(du, f, nullptr, nullptr, g, d, u, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lus, lvs, l2.at(r0));
+    float* drs = drow_scale.defined() ? drow_scale.data<float>() + r0 : nullptr;
+    if (!b2row.empty()) bias_row(b2row.data(), bias.b2, e, d);
+    for (int64_t r = 0; r < n; ++r) {
+      double dot = glu_backward_row(dh1 + r * f, du + r * f, saved_row(h1, r0 + r, f, hrow, 0),
+                                    saved_row(h3, r0 + r, f, hrow, 1), rs ? rs[r0 + r] : 1.0f, f, glu);
+      // y = s · (a w2ᵀ + b2): the row scale also multiplies the down bias.
+      for (int64_t i = 0; i < int64_t(b2row.size()); ++i) dot += double(g[r * d + i]) * b2row[size_t(i)];
+      if (drs) drs[r] = static_cast<float>(dot);
+    }
+    const float* x = xp.data<float>() + r0 * d;
+    float* dx = dxp.data<float>() + r0 * d;
+    gemm_xw(dx, dh1, w.w1, w1.dtype(), n, f, d, false);
+    gemm_xw(dx, du, w.w3, w3.dtype(), n, f, d, true);
+    if (l1.a)
+      lora_rows_backward(dx, d, nullptr, nullptr, dh1, f, x, d, l1.a, l1.b, l1.scale, n, f, d, l1.r, lus, lvs, l1.at(r0));
+    if (l3.a)
+      lora_rows_backward(dx, d, nullptr, nullptr, du, f, x, d, l3.a, l3.b, l3.scale, n, f, d, l3.r, lus, lvs, l3.at(r0));
+  };
+  if (rows_only) {
+    // Every output is per row: the pieces go largest first to whichever thread is free, with no
+    // barrier between experts, each product as tall as the forward's (whole experts' rows up to
+    // kPieceRows, not a thread's half of them) and each expert's weights read by one thread.
+#pragma omp parallel if(total * f > kPar)
+    {
+      const int64_t tid = omp_get_thread_num();
+      std::vector<float> b2row(static_cast<size_t>(bias.b2.defined() ? d : 0));
+      std::vector<float> hrow(static_cast<size_t>(h1.dtype() == DType::F32 ? 0 : 2 * f));
+#pragma omp for schedule(dynamic, 1)
+      for (size_t pi = 0; pi < pieces.size(); ++pi) {
+        const Piece& pc = pieces[pi];
+        rows_backward(pc.e, pc.r0 - off[pc.e], pc.n, nullptr, dh1b + tid * piece_rows * f,
+                      dub + tid * piece_rows * f, nullptr, nullptr, b2row, hrow);
+      }
+    }
+    return;
+  }
 #pragma omp parallel if(total * f > kPar)
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -429,49 +497,14 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
       const int64_t ne = off[e + 1] - off[e];
       if (ne == 0) continue;
       const int64_t e0 = off[e];
-      const ExpertView w = expert_view(w1, w3, w2, e);
       const ExpertFactors l1 = expert_factors(lora.w1, dlora ? &dlora->w1 : nullptr, e, d, f);
       const ExpertFactors l3 = expert_factors(lora.w3, dlora ? &dlora->w3 : nullptr, e, d, f);
       const ExpertFactors l2 = expert_factors(lora.w2, dlora ? &dlora->w2 : nullptr, e, f, d);
       // ---- rows ----
-      {
-        const int64_t p0 = ne * tid / nt, p1 = ne * (tid + 1) / nt, n = p1 - p0, r0 = e0 + p0;
-        if (n > 0) {
-          const float* g = dyp.data<float>() + r0 * d;
-          float* u = ub + p0 * f;
-          float* dh1 = dh1b + p0 * f;
-          float* du = dub + p0 * f;
-          float* lus = rk ? lu.data<float>() + p0 * rk : nullptr;
-          float* lvs = rk ? lv.data<float>() + p0 * rk : nullptr;
-          if (need_u)
-            for (int64_t r = 0; r < n; ++r)
-              glu_row(u + r * f, saved_row(h1, r0 + r, f, hrow, 0), saved_row(h3, r0 + r, f, hrow, 1),
-                      rs ? rs[r0 + r] : 1.0f, f, glu);
-          gemm_xw(du, g, w.w2, w2.dtype(), n, d, f, false);
-          if (l2.a)
-            lora_rows_backward(du, f, nullptr, nullptr, g, d, u, f, l2.a, l2.b, l2.scale, n, d, f, l2.r, lus, lvs,
-                               l2.at(r0));
-          float* drs = drow_scale.defined() ? drow_scale.data<float>() + r0 : nullptr;
-          if (!b2row.empty()) bias_row(b2row.data(), bias.b2, e, d);
-          for (int64_t r = 0; r < n; ++r) {
-            double dot = glu_backward_row(dh1 + r * f, du + r * f, saved_row(h1, r0 + r, f, hrow, 0),
-                                          saved_row(h3, r0 + r, f, hrow, 1), rs ? rs[r0 + r] : 1.0f, f, glu);
-            // y = s · (a w2ᵀ + b2): the row scale also multiplies the down bias.
-            for (int64_t i = 0; i < int64_t(b2row.size()); ++i) dot += double(g[r * d + i]) * b2row[size_t(i)];
-            if (drs) drs[r] = static_cast<float>(dot);
-          }
-          const float* x = xp.data<float>() + r0 * d;
-          float* dx = dxp.data<float>() + r0 * d;
-          gemm_xw(dx, dh1, w.w1, w1.dtype(), n, f, d, false);
-          gemm_xw(dx, du, w.w3, w3.dtype(), n, f, d, true);
-          if (l1.a)
-            lora_rows_backward(dx, d, nullptr, nullptr, dh1, f, x, d, l1.a, l1.b, l1.scale, n, f, d, l1.r, lus, lvs,
-                               l1.at(r0));
-          if (l3.a)
-            lora_rows_backward(dx, d, nullptr, nullptr, du, f, x, d, l3.a, l3.b, l3.scale, n, f, d, l3.r, lus, lvs,
-                               l3.at(r0));
-        }
-      }
+      const int64_t p0 = ne * tid / nt, p1 = ne * (tid + 1) / nt;
+      if (p1 > p0)
+        rows_backward(e, p0, p1 - p0, ub + p0 * f, dh1b + p0 * f, dub + p0 * f, rk ? lu.data<float>() + p0 * rk : nullptr,
+                      rk ? lv.data<float>() + p0 * rk : nullptr, b2row, hrow);
 #pragma omp barrier
       // ---- weights: nt slices of each weight gradient's rows, then the adapters and biases ----
       const float* x = xp.data<float>() + e0 * d;
