@@ -25,6 +25,7 @@
 #include "core/rng.h"
 #include "fixture_util.h"
 #include "io/safetensors.h"
+#include "model/activations.h"
 #include "model/lora_slots.h"
 #include "model/model.h"
 #include "model/model_train.h"
@@ -498,6 +499,50 @@ TEST(Nf4Dq, QloraGradsEqualLoraOnTheDequantizedBase) {
   EXPECT_GT(nonzero, int(q.size()) / 2) << "most adapters must see a gradient for the comparison to mean much";
   std::printf("QLoRA (nf4dq base) vs LoRA on the dequantized base: worst rel err %.3g over %zu tensors\n", worst,
               q.size());
+}
+
+// A frozen head (the base under LoRA) computes its logits in chunks of kFrozenLogitsChunkRows:
+// 600 rows are two whole chunks and a partial one. The loss equals the cross-entropy of the
+// inference forward's logits (before the adapters, which start as the identity), and the step's
+// activation peak is the layout's to the byte.
+TEST(LoraHead, FrozenHeadChunksMatchTheLayoutAndTheLoss) {
+  ModelConfig c = preset_config("mixtral", "tiny");
+  c.n_layer = 1;
+  const auto named = random_weights(c, 7, DType::F32);
+  Model m = Model::from_tensors(c, named);
+  const int64_t b = 2, s = 300;
+  const ActivationLayout lay = activation_layout(c, b, s, ActMode::Training, DType::F32, true);
+  ASSERT_EQ(lay.logits_chunk, kFrozenLogitsChunkRows);
+  ASSERT_GT(b * s, 2 * lay.logits_chunk);
+  Tensor ids = Tensor::empty({b, s}, DType::I64, MemCategory::Workspace);
+  for (int64_t i = 0; i < b * s; ++i) ids.data<int64_t>()[i] = (i * 37 + 11) % c.vocab_size;
+  // The inference forward's loss in f64 (labels shifted by one, as HF's).
+  KVCache kv = m.make_cache(b, s);
+  const Tensor logits = m.forward(ids, kv).logits;
+  const int64_t v = c.vocab_size;
+  double want = 0;
+  for (int64_t r = 0; r < b; ++r)
+    for (int64_t t = 0; t + 1 < s; ++t) {
+      const float* l = logits.data<float>() + (r * s + t) * v;
+      double mx = l[0], sum = 0;
+      for (int64_t i = 1; i < v; ++i) mx = std::max(mx, double(l[i]));
+      for (int64_t i = 0; i < v; ++i) sum += std::exp(double(l[i]) - mx);
+      want += mx + std::log(sum) - l[ids.data<int64_t>()[r * s + t + 1]];
+    }
+  want /= double(b * (s - 1));
+  // The adapters start as PEFT's (B = 0): the same function as the base.
+  LoraConfig lc;
+  lc.r = 4;
+  lc.target_modules = {"q_proj", "v_proj"};
+  attach_lora(c, m.mutable_weights(), lc);
+  ASSERT_TRUE(m.weights().frozen_base);
+  constexpr int kCpu = static_cast<int>(Device::CPU), kAct = static_cast<int>(MemCategory::Activations);
+  ModelWeights g = zeros_like(c, m.weights(), MemCategory::Grads);
+  const int64_t before = mem_stats().current[kCpu][kAct];
+  mem_reset_peaks();
+  const StepLosses r = forward_backward(m, ids, ids, &g, LossOptions{});
+  EXPECT_EQ(mem_stats().peak[kCpu][kAct] - before, lay.total_bytes(c));
+  EXPECT_NEAR(r.loss_ce, want, 2e-6 * want);
 }
 
 // QLoRA: the gradients of the adapters with an NF4 base equal those with the dequantized base

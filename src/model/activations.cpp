@@ -76,7 +76,8 @@ int64_t ActPhase::bytes() const {
   return b;
 }
 
-ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t seq, ActMode mode, DType expert_h) {
+ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t seq, ActMode mode, DType expert_h,
+                                   bool frozen_head) {
   MOE_CHECK(expert_h == DType::F32 || expert_h == DType::BF16,
             "activation_layout: the experts' pre-activations are saved in f32 or bf16, not %s", dtype_name(expert_h));
   ActivationLayout lay;
@@ -86,7 +87,7 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
   const int64_t t = batch * seq, d = c.hidden_size, dh = c.head_dim, h = c.n_head, hkv = c.n_head_kv;
   const int64_t e = c.n_expert, k = c.n_expert_used, p = t * k, f = c.moe_intermediate_size;
   const int64_t fs = c.shared_expert_intermediate_size, fd = c.intermediate_size;
-  lay.logits_chunk = std::min(t, kLogitsChunkRows);
+  lay.logits_chunk = std::min(t, frozen_head ? kFrozenLogitsChunkRows : kLogitsChunkRows);
   const DType f32 = DType::F32, i32 = DType::I32;
   constexpr int kMoe = 1, kDense = 2;
   auto add = [&](const char* name, Shape shape, DType dt, bool per_layer = true, int only = 0) {

@@ -92,13 +92,20 @@ struct ActivationLayout {
 // [V, D] gradient once a chunk: 429 GFLOP/s at 128 rows, 545 at 256) but put the 2-layer
 // Mixtral-shaped benchmark's training memory at 0.49 of the bf16 peer's (target <= 0.5).
 constexpr int64_t kLogitsChunkRows = 128;
+// A frozen head (LoRA, QLoRA) holds no [V, D] gradient beside its chunk, so its chunk is twice as
+// tall: each chunk reads the head's weight twice (its forward and dX products), and at 256 rows
+// the Mixtral-shaped attention-LoRA step's head took 0.095-0.099 s against 0.105-0.116 at 128
+// (Zen 5), for 22 MiB more training memory (0.21 of the peer's overhead against 0.17); 512 and
+// whole-batch chunks were slower again (0.11-0.14 s: the chunk no longer stays in cache).
+constexpr int64_t kFrozenLogitsChunkRows = 256;
 
 // expert_h: the dtype of the routed experts' saved pre-activations eh1/eh3 — F32, or BF16 when
 // the experts' weights are bf16 (mixed precision; a bf16 base under LoRA): their products are
 // bf16 products already, and the pre-activations, the largest saved tensors of an MoE layer,
 // are then saved rounded to bf16, as autocast saves a bf16 matmul's output (expert_h_dtype()).
+// frozen_head: the LM head takes no gradient (kFrozenLogitsChunkRows).
 ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t seq, ActMode mode,
-                                   DType expert_h = DType::F32);
+                                   DType expert_h = DType::F32, bool frozen_head = false);
 
 // What one decoder layer saves for its backward (Training), or what the shared recompute set
 // holds. Field names are the layout's entry names.

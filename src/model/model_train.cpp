@@ -455,7 +455,7 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   // Every activation buffer of the step outside the blocks' own temporaries comes from the
   // layout (activations.h), allocated before anything else.
   const ActMode mode = opt.recompute ? ActMode::TrainingRecompute : ActMode::Training;
-  const ActivationLayout lay = activation_layout(c, b_n, s_n, mode, expert_h_dtype(c, w));
+  const ActivationLayout lay = activation_layout(c, b_n, s_n, mode, expert_h_dtype(c, w), w.frozen_base);
   StepActs step;
   alloc_step_acts(lay, c, grads != nullptr, &step);
   prepare_batch(c, ids_in, labels_in, step.ids, step.targets);
