@@ -395,11 +395,14 @@ TEST(OneDnnGemm, ExactPathKeepsXInF32) {
 
 // The dot kernel at the row counts serving's batched decode gives it (2-64; groups of up to 6
 // rows of x, 4 weight rows per tile, each thread's rows cut in 4 parts), m below, at and past a
-// tile and not a multiple of 4 or of the thread count, k with and without a partial 32-wide step.
-const Shape kDotShapes[] = {{2, 1, 32, 1, false},    {3, 5, 31, 7, true},     {5, 37, 70, 40, false},
-                            {6, 130, 257, 130, true}, {7, 64, 1, 64, false},  {13, 9, 96, 9, true},
-                            {16, 203, 100, 210, false}, {17, 33, 33, 33, true}, {32, 41, 160, 41, false},
-                            {64, 19, 47, 19, true}};
+// tile and not a multiple of 4 or of the thread count, k with and without a partial 32-wide step;
+// up to 16 rows of x with k past a 256-wide block of the sum (kKBlock: several groups' partial
+// sums carried from block to block, the last block partial), and 17 rows past it (whole rows).
+const Shape kDotShapes[] = {{2, 1, 32, 1, false},     {3, 5, 31, 7, true},       {5, 37, 70, 40, false},
+                            {6, 130, 257, 130, true},  {7, 64, 1, 64, false},     {13, 9, 96, 9, true},
+                            {16, 203, 100, 210, false}, {17, 33, 33, 33, true},   {32, 41, 160, 41, false},
+                            {64, 19, 47, 19, true},    {16, 37, 600, 37, true},   {12, 9, 513, 9, false},
+                            {17, 21, 700, 21, false}};
 
 TEST(Bf16DotGemm, MatchesFloat64ProductOfRoundedX) {
   if (!cpu::bf16dot_available()) GTEST_SKIP() << "SKIPPED: no AVX512-BF16 here";

@@ -54,18 +54,19 @@ inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 
-// res[i * R + j] = Σ_c xb[i][c] · wr[j][c] over k (xb rows padded with zeros to a multiple of
-// 32 at stride ldx; the weight rows' last partial step is a masked load).
+// res[i * R + j] (+)= Σ_c xb[i][c] · wr[j][c] over c in [c0, c1), c0 a multiple of 32 (xb rows
+// padded with zeros to a multiple of 32 at stride ldx; where c1 = k, the weight rows' last
+// partial step is a masked load); add: res accumulates.
 // With `next` (R row pointers, PF true), each step also prefetches the same line of the next
 // tile's weight rows into L1.
 template <int N, bool PF>
 inline void tile(float* res, const uint16_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t k,
-                 const uint16_t* const* next) {
+                 const uint16_t* const* next, int64_t c0, int64_t c1, bool add) {
   __m512 acc[R][N];
   for (int j = 0; j < R; ++j)
     for (int i = 0; i < N; ++i) acc[j][i] = _mm512_setzero_ps();
-  const int64_t k32 = k / 32 * 32;
-  for (int64_t c = 0; c < k32; c += 32) {
+  const int64_t k32 = std::min(c1, k / 32 * 32);
+  for (int64_t c = c0; c < k32; c += 32) {
     __m512i wv[R];
     for (int j = 0; j < R; ++j) wv[j] = _mm512_loadu_si512(wr[j] + c);
     if constexpr (PF)
@@ -75,7 +76,7 @@ inline void tile(float* res, const uint16_t* const* wr, const uint16_t* xb, int6
       for (int j = 0; j < R; ++j) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], as_bh(wv[j]), xv);
     }
   }
-  if (k32 < k) {
+  if (c1 == k && k32 < k) {
     const __mmask32 mask = (__mmask32(1) << (k - k32)) - 1;
     __m512i wv[R];
     for (int j = 0; j < R; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, wr[j] + k32);
@@ -84,24 +85,39 @@ inline void tile(float* res, const uint16_t* const* wr, const uint16_t* xb, int6
       for (int j = 0; j < R; ++j) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], as_bh(wv[j]), xv);
     }
   }
-  for (int i = 0; i < N; ++i) _mm_storeu_ps(res + i * R, hsum4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]));
+  for (int i = 0; i < N; ++i) {
+    const __m128 h = hsum4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);
+    _mm_storeu_ps(res + i * R, add ? _mm_add_ps(_mm_loadu_ps(res + i * R), h) : h);
+  }
 }
 
 template <bool PF>
 void tile_n(int n, float* res, const uint16_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t k,
-            const uint16_t* const* next) {
+            const uint16_t* const* next, int64_t c0, int64_t c1, bool add) {
   switch (n) {
-    case 1: tile<1, PF>(res, wr, xb, ldx, k, next); break;
-    case 2: tile<2, PF>(res, wr, xb, ldx, k, next); break;
-    case 3: tile<3, PF>(res, wr, xb, ldx, k, next); break;
-    case 4: tile<4, PF>(res, wr, xb, ldx, k, next); break;
-    case 5: tile<5, PF>(res, wr, xb, ldx, k, next); break;
-    default: tile<6, PF>(res, wr, xb, ldx, k, next); break;
+    case 1: tile<1, PF>(res, wr, xb, ldx, k, next, c0, c1, add); break;
+    case 2: tile<2, PF>(res, wr, xb, ldx, k, next, c0, c1, add); break;
+    case 3: tile<3, PF>(res, wr, xb, ldx, k, next, c0, c1, add); break;
+    case 4: tile<4, PF>(res, wr, xb, ldx, k, next, c0, c1, add); break;
+    case 5: tile<5, PF>(res, wr, xb, ldx, k, next, c0, c1, add); break;
+    default: tile<6, PF>(res, wr, xb, ldx, k, next, c0, c1, add); break;
   }
 }
 
+// Rows of x up to which a tile's passes run over blocks of kKBlock of the sum at a time (every
+// group of x rows over a block, then the next block), so that the block's x rows and weight
+// lines stay in L1 between passes: whole rows of 16 x rows of K 1024 with the tile and the next
+// one's prefetched lines filled Zen 5's 48 KiB L1. Measured (Zen 5, 2 threads, 48 experts'
+// weights from memory, the two orders alternated, GFLOP/s at 8 / 16 / 32 rows of x):
+// [3072 x 1024] 316 / 482 / 552 -> 388 / 513 / 407, [1024 x 3072] 305 / 419 / 469 -> 366 / 441 /
+// 466: ahead up to 16 rows, behind at 32 (the passes' partial sums, reduced once a block, cost
+// more than L1 saves there).
+constexpr int64_t kKBlockMaxRows = 16;
+constexpr int64_t kKBlock = 256;
+
 // Weight rows rows[0..rr) (rr ≤ R) against all n rows of x, in passes of at most kMaxGroup x
-// rows (sizes balanced: 16 = 6+5+5); every pass after the first finds the weight rows in L1.
+// rows (sizes balanced: 16 = 6+5+5); every pass after the first finds the weight rows in L1 —
+// for up to kKBlockMaxRows rows of x, block by block of the sum (kKBlock).
 void tile_rows(float* out, int64_t ldo, const uint16_t* xb, int64_t kp, const uint16_t* w, int64_t k, int64_t n,
                const int64_t* rows, int rr, bool accumulate, const int64_t* next_rows = nullptr) {
   const uint16_t* wr[R];
@@ -109,28 +125,42 @@ void tile_rows(float* out, int64_t ldo, const uint16_t* xb, int64_t kp, const ui
   const uint16_t* next[R];
   if (next_rows)
     for (int j = 0; j < R; ++j) next[j] = w + next_rows[j] * k;
-  alignas(64) float res[R * kMaxGroup];
+  constexpr int64_t kMaxGroups = (kKBlockMaxRows + kMaxGroup - 1) / kMaxGroup;
+  alignas(64) float res[R * kMaxGroup * kMaxGroups];
   const int64_t n_groups = (n + kMaxGroup - 1) / kMaxGroup;
-  for (int64_t g = 0, x0 = 0; g < n_groups; ++g) {
-    const int gn = static_cast<int>(n / n_groups + (g < n % n_groups ? 1 : 0));
-    // Every pass fetches the next tile's weights into L1 as it goes, so that the next tile's
-    // first pass does not wait on memory. Measured on Zen 5 (2 threads, 48 experts' weights
-    // from memory, GFLOP/s at 8 / 16 / 32 / 64 rows of x), against the second pass alone
-    // fetching into L2: [3072 x 1024] 270 / 392 / 525 / 556 -> 313 / 490 / 690 / 620;
-    // [1024 x 3072] 245 / 366 / 525 / 522 -> 284 / 419 / 545 / 494 (the one shape that lost);
-    // prefetching into L2 from every pass, or a third of the lines from each pass, gained less.
-    // Serving's 64 streams (experts of ~16 rows) 653-698 -> 720-771 tokens/s.
-    if (next_rows)
-      tile_n<true>(gn, res, wr, xb + x0 * kp, kp, k, next);
-    else
-      tile_n<false>(gn, res, wr, xb + x0 * kp, kp, k, nullptr);
+  const int64_t kb = n <= kKBlockMaxRows ? kKBlock : k;
+  auto group_rows = [&](int64_t g) { return static_cast<int>(n / n_groups + (g < n % n_groups ? 1 : 0)); };
+  auto store = [&](const float* rg, int64_t x0, int gn) {
     for (int i = 0; i < gn; ++i)
       for (int j = 0; j < rr; ++j) {
         float& o = out[(x0 + i) * ldo + rows[j]];
-        o = accumulate ? o + res[i * R + j] : res[i * R + j];
+        o = accumulate ? o + rg[i * R + j] : rg[i * R + j];
       }
-    x0 += gn;
+  };
+  for (int64_t c0 = 0; c0 < k; c0 += kb) {
+    const int64_t c1 = std::min(k, c0 + kb);
+    for (int64_t g = 0, x0 = 0; g < n_groups; ++g) {
+      const int gn = group_rows(g);
+      // One block: a single result buffer, each group stored as it finishes. Blocks: a buffer
+      // per group (at most kMaxGroups of them), stored after the last block.
+      float* rg = kb < k ? res + g * R * kMaxGroup : res;
+      // Every pass fetches the next tile's weights into L1 as it goes, so that the next tile's
+      // first pass does not wait on memory. Measured on Zen 5 (2 threads, 48 experts' weights
+      // from memory, GFLOP/s at 8 / 16 / 32 / 64 rows of x), against the second pass alone
+      // fetching into L2: [3072 x 1024] 270 / 392 / 525 / 556 -> 313 / 490 / 690 / 620;
+      // [1024 x 3072] 245 / 366 / 525 / 522 -> 284 / 419 / 545 / 494 (the one shape that lost);
+      // prefetching into L2 from every pass, or a third of the lines from each pass, gained less.
+      // Serving's 64 streams (experts of ~16 rows) 653-698 -> 720-771 tokens/s.
+      if (next_rows)
+        tile_n<true>(gn, rg, wr, xb + x0 * kp, kp, k, next, c0, c1, c0 > 0);
+      else
+        tile_n<false>(gn, rg, wr, xb + x0 * kp, kp, k, nullptr, c0, c1, c0 > 0);
+      if (kb >= k) store(rg, x0, gn);
+      x0 += gn;
+    }
   }
+  if (kb < k)
+    for (int64_t g = 0, x0 = 0; g < n_groups; x0 += group_rows(g), ++g) store(res + g * R * kMaxGroup, x0, group_rows(g));
 }
 
 }  // namespace
