@@ -108,10 +108,11 @@ void tile_n(int n, float* res, const uint16_t* const* wr, const uint16_t* xb, in
 // group of x rows over a block, then the next block), so that the block's x rows and weight
 // lines stay in L1 between passes: whole rows of 16 x rows of K 1024 with the tile and the next
 // one's prefetched lines filled Zen 5's 48 KiB L1. Measured (Zen 5, 2 threads, 48 experts'
-// weights from memory, the two orders alternated, GFLOP/s at 8 / 16 / 32 rows of x):
-// [3072 x 1024] 316 / 482 / 552 -> 388 / 513 / 407, [1024 x 3072] 305 / 419 / 469 -> 366 / 441 /
-// 466: ahead up to 16 rows, behind at 32 (the passes' partial sums, reduced once a block, cost
-// more than L1 saves there).
+// weights from memory, whole rows and blocks alternated, GFLOP/s at 4 / 8 / 12 / 16 rows of x):
+// [3072 x 1024] 177 / 333 / 446 / 490 -> 196 / 374 / 512 / 530, [1024 x 3072] 161 / 285 / 366 /
+// 414 -> 173 / 323 / 419 / 414; blocked, 20 rows lost 8% and 32 rows up to 25% (the passes'
+// partial sums, reduced once a block, cost more than L1 saves there). Serving's 64 streams
+// (experts of ~16 rows) 704-752 -> 767-799 tokens/s in the same minutes.
 constexpr int64_t kKBlockMaxRows = 16;
 constexpr int64_t kKBlock = 256;
 

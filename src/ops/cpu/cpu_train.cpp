@@ -193,7 +193,7 @@ double row_lse(const float* l, int64_t v) {
 // o[i] = scale · softmax(l)[i] over a row (o may alias l); returns the row's log-sum-exp. Two
 // passes after the maximum: e^(l - max) computed once, stored in o and summed, then each
 // multiplied by scale / Σ in f64 and rounded once. (Three passes — the exponentials again, of
-// l - lse — took ~40% longer on a 32000-word row.) No rounding is shared by the whole row:
+// l - lse — took 11.5-12 ms of a Mixtral-shaped step's head against ~7.) No rounding is shared by the whole row:
 // formed as l - f32(lse), the argument's error grew with |l - lse| and moved every value the
 // same way, and qwen3's tied-embedding update drifted 1.8% from torch's after five AdamW steps;
 // here max is exact, l - max rounds per value, and Σ and scale / Σ stay in f64.

@@ -435,9 +435,9 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
   float* dh1b = s1.data<float>();
   float* dub = s2.data<float>();
   const int64_t total = off[e_n] - off[0];
-  // The rows [r0, r0 + n) of expert e (the k-th of its rows first): u (when wanted), du, dh1 and
-  // dh3, the row scales' gradient and dx, through the thread's scratch rows u, dh1, du, lus, lvs
-  // and its row buffers b2row (the down bias, filled here) and hrow (bf16 rows widened).
+  // Rows [k0, k0 + n) of expert e's rows: u (when wanted), du, dh1 and dh3, the row scales'
+  // gradient and dx, through the thread's scratch rows u, dh1, du, lus, lvs and its row buffers
+  // b2row (the down bias, filled here) and hrow (bf16 rows widened).
   auto rows_backward = [&](int64_t e, int64_t k0, int64_t n, float* u, float* dh1, float* du, float* lus, float* lvs,
                            std::vector<float>& b2row, std::vector<float>& hrow) {
     const int64_t r0 = off[e] + k0;
