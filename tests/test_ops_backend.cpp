@@ -511,20 +511,25 @@ std::vector<Case> make_cases() {
           Tensor h1 = Tensor::empty({p, f}, DType::F32, kAct), h3 = Tensor::empty({p, f}, DType::F32, kAct);
           Tensor ypr = Tensor::empty({p, d}, DType::F32, kAct);
           ref::expert_ffn_forward_train(ypr, h1, h3, xp, off, w1, w3, w2, rs);
-          for (bool frozen : {false, true})
-            add("expert_ffn_backward" + sh + (frozen ? "_frozen" : ""), false, 0.0, [=](Backend b) {
-              Dev g{b};
-              Tensor dx = g.out({p, d});
-              Tensor g1 = frozen ? Tensor() : g.in(dw1), g3 = frozen ? Tensor() : g.in(dw3);
-              Tensor g2 = frozen ? Tensor() : g.in(dw2);
-              Tensor drs = scaled ? g.out({p}) : Tensor();
-              CALL(b, expert_ffn_backward(dx, g1, g3, g2, drs, g.in(dyp), g.in(xp), g.in(h1), g.in(h3), g.in(off),
-                                          g.in(w1), g.in(w3), g.in(w2), g.in(rs)));
-              Outs o{{"dxp", dx}};
-              if (!frozen) o.insert(o.end(), {{"dw1", g1}, {"dw3", g3}, {"dw2", g2}});
-              if (scaled) o.push_back({"drow_scale", drs});
-              return o;
-            });
+          // The backward from saved pre-activations s1, s3, with the experts' weight gradients
+          // and frozen (dx and the row scales' gradient only).
+          auto add_backward = [&](const std::string& name, const Tensor& s1, const Tensor& s3) {
+            for (bool frozen : {false, true})
+              add(name + (frozen ? "_frozen" : ""), false, 0.0, [=](Backend b) {
+                Dev g{b};
+                Tensor dx = g.out({p, d});
+                Tensor g1 = frozen ? Tensor() : g.in(dw1), g3 = frozen ? Tensor() : g.in(dw3);
+                Tensor g2 = frozen ? Tensor() : g.in(dw2);
+                Tensor drs = scaled ? g.out({p}) : Tensor();
+                CALL(b, expert_ffn_backward(dx, g1, g3, g2, drs, g.in(dyp), g.in(xp), g.in(s1), g.in(s3), g.in(off),
+                                            g.in(w1), g.in(w3), g.in(w2), g.in(rs)));
+                Outs o{{"dxp", dx}};
+                if (!frozen) o.insert(o.end(), {{"dw1", g1}, {"dw3", g3}, {"dw2", g2}});
+                if (scaled) o.push_back({"drow_scale", drs});
+                return o;
+              });
+          };
+          add_backward("expert_ffn_backward" + sh, h1, h3);
           if (dt != DType::BF16) continue;
           // Mixed precision saves the pre-activations in bf16: the forward rounds them before the
           // GLU reads them, the backward widens them back.
@@ -535,21 +540,8 @@ std::vector<Case> make_cases() {
                                              g.in(rs)));
             return Outs{{"yp", yp}, {"h1", s1}, {"h3", s3}};
           });
-          Tensor b1 = h1.to_dtype(DType::BF16, kAct), b3 = h3.to_dtype(DType::BF16, kAct);
-          for (bool frozen : {false, true})
-            add("expert_ffn_backward_saved_bf16" + sh + (frozen ? "_frozen" : ""), false, 0.0, [=](Backend b) {
-              Dev g{b};
-              Tensor dx = g.out({p, d});
-              Tensor g1 = frozen ? Tensor() : g.in(dw1), g3 = frozen ? Tensor() : g.in(dw3);
-              Tensor g2 = frozen ? Tensor() : g.in(dw2);
-              Tensor drs = scaled ? g.out({p}) : Tensor();
-              CALL(b, expert_ffn_backward(dx, g1, g3, g2, drs, g.in(dyp), g.in(xp), g.in(b1), g.in(b3), g.in(off),
-                                          g.in(w1), g.in(w3), g.in(w2), g.in(rs)));
-              Outs o{{"dxp", dx}};
-              if (!frozen) o.insert(o.end(), {{"dw1", g1}, {"dw3", g3}, {"dw2", g2}});
-              if (scaled) o.push_back({"drow_scale", drs});
-              return o;
-            });
+          add_backward("expert_ffn_backward_saved_bf16" + sh, h1.to_dtype(DType::BF16, kAct),
+                       h3.to_dtype(DType::BF16, kAct));
         }
   // Frozen experts at a size where the CPU's backward runs in parallel and cuts the busiest
   // expert's rows into pieces (more than kPieceRows = 256 of them; expert 1 gets none).
