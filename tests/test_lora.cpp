@@ -511,7 +511,7 @@ TEST(LoraHead, FrozenHeadChunksMatchTheLayoutAndTheLoss) {
   const auto named = random_weights(c, 7, DType::F32);
   Model m = Model::from_tensors(c, named);
   const int64_t b = 2, s = 300;
-  const ActivationLayout lay = activation_layout(c, b, s, ActMode::Training, DType::F32, true);
+  const ActivationLayout lay = activation_layout(c, b, s, ActMode::Training, DType::F32, HeadGrad::Frozen);
   ASSERT_EQ(lay.logits_chunk, kFrozenLogitsChunkRows);
   ASSERT_GT(b * s, 2 * lay.logits_chunk);
   Tensor ids = Tensor::empty({b, s}, DType::I64, MemCategory::Workspace);

@@ -21,6 +21,7 @@
 #include "model/model.h"
 #include "model/model_train.h"
 #include "model/random_init.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
 #include "train/optimizer.h"
 #include "plan/model_catalog.h"
 #include "plan/plan_report.h"
@@ -533,16 +534,19 @@ TEST(PlanVsEngine, TrainingPeakMemoryPerCategory) {
 // on a step run as the trainer runs it.
 TEST(PlanVsEngine, TrainingMemoryOptionsPerCategory) {
   struct Opts {
-    bool fused, opt_bf16, w_bf16;
+    bool fused, opt_bf16, w_bf16, matrix;  // matrix: bf16 products on the matrix units (as `moe train`)
   };
-  const Opts variants[] = {{true, false, false}, {false, true, false}, {false, false, true}, {true, true, true}};
+  const Opts variants[] = {{true, false, false, false}, {false, true, false, false}, {false, false, true, false},
+                           {true, true, true, false},   {false, false, true, true},   {true, true, true, true}};
   auto configs = training_configs();
   configs.resize(3);  // mixtral, qwen2_moe with a dense layer, qwen3_moe with a tied head
   for (auto& labelled : configs)
     for (const Opts& v : variants) {
       const std::string& label = labelled.first;
       const ModelConfig& cfg = labelled.second;  // (not a structured binding: the lambdas below capture it)
-      SCOPED_TRACE(strformat("%s fused=%d opt_bf16=%d w_bf16=%d", label.c_str(), v.fused, v.opt_bf16, v.w_bf16));
+      if (v.matrix && !cpu::bf16_matrix_available()) continue;  // (the CPU has no bf16 matrix units)
+      SCOPED_TRACE(strformat("%s fused=%d opt_bf16=%d w_bf16=%d matrix=%d", label.c_str(), v.fused, v.opt_bf16,
+                             v.w_bf16, v.matrix));
       const PlanModel pm = plan_model_from_config(cfg);
       const ParamCounts pc = plan_params(pm);
       const MemStats base = mem_stats();
@@ -572,6 +576,7 @@ TEST(PlanVsEngine, TrainingMemoryOptionsPerCategory) {
         };
         LossOptions lo;
         lo.aux_coef = cfg.router_aux_loss_coef;
+        if (v.matrix) cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
         mem_reset_peaks();
         if (v.fused) {
           forward_backward_fused(compute, ids, ids, lo, [&](int64_t group, const std::vector<NamedParam>& g,
@@ -584,12 +589,14 @@ TEST(PlanVsEngine, TrainingMemoryOptionsPerCategory) {
           opt.step(1e-4, touched);
         }
         st = mem_stats();
+        cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
       }
       auto measured = [&](int cat) { return st.peak[kCpu][cat] - base.current[kCpu][cat]; };
       EngineTrainOptions eo;
       eo.fused_update = v.fused;
       eo.optimizer_bf16 = v.opt_bf16;
       eo.weights_bf16 = v.w_bf16;
+      eo.bf16_matrix = v.matrix;
       const EngineTrainPlan plan = engine_train_plan(pm, 2, 16, false, eo);
       EXPECT_EQ(measured(kW), plan.mem.weights);
       EXPECT_EQ(measured(kG), plan.mem.grads);

@@ -433,7 +433,7 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   const int64_t act_peak = st.peak[dev][int(MemCategory::Activations)] - at_load.current[dev][int(MemCategory::Activations)];
   const int64_t act_layout =
       activation_layout(mc, o.batch, o.seq, o.recompute ? ActMode::TrainingRecompute : ActMode::Training,
-                        expert_h_dtype(mc, m.weights()), m.weights().frozen_base)
+                        expert_h_dtype(mc, m.weights()), head_grad(m.weights()))
           .total_bytes(mc);
 
   std::printf("\ntrain: median step %.3f s = %.1f tokens/s (%lld tokens/step); model ready in %.1f s, %s params\n",

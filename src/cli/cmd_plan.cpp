@@ -10,6 +10,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/memory.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
 #include "plan/model_catalog.h"
 #include "plan/plan_report.h"
 
@@ -246,6 +247,8 @@ void add_plan_command(CLI::App& app) {
       req.job.engine_train.fused_update = o->fused_update;
       req.job.engine_train.optimizer_bf16 = o->optimizer_dtype == "bf16";
       req.job.engine_train.weights_bf16 = o->weight_dtype == "bf16";
+      // `moe train` multiplies bf16 weights on the matrix units where this CPU has them.
+      req.job.engine_train.bf16_matrix = cpu::bf16_matrix_available();
       req.job.act_bytes = 4;
       if (o->dtype.empty()) req.job.weights = WeightFormat::F32;
       MOE_CHECK(req.job.job != JobKind::Train || req.job.weights == WeightFormat::F32,

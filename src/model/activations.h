@@ -71,6 +71,7 @@ struct ActivationLayout {
   ActMode mode;
   int64_t batch = 0, seq = 0;
   int64_t logits_chunk = 0;  // rows of the LM head computed at once in training
+  int64_t pair_rows = 0;     // HeadGrad::TrainsPairs: rows of the bf16 gradient kept for one dW
   std::vector<ActEntry> entries;  // LayerActs fields
   std::vector<ActEntry> step;     // StepActs fields
   std::vector<ActPhase> phases;   // the working set (max over phases)
@@ -103,9 +104,15 @@ constexpr int64_t kFrozenLogitsChunkRows = 256;
 // the experts' weights are bf16 (mixed precision; a bf16 base under LoRA): their products are
 // bf16 products already, and the pre-activations, the largest saved tensors of an MoE layer,
 // are then saved rounded to bf16, as autocast saves a bf16 matmul's output (expert_h_dtype()).
-// frozen_head: the LM head takes no gradient (kFrozenLogitsChunkRows).
+// How the step's LM head takes its gradient, which sets the head phase's buffers:
+//   Trains       the logits chunk (kLogitsChunkRows rows), its gradient written over it;
+//   TrainsPairs  the same, plus two chunks' gradients kept in bf16 (where the head's products
+//                round them to bf16 anyway: ops.h bf16_products) for one dW += dYᵀ·X over both:
+//                the f32 [V, D] gradient is read and written once a pair, not once a chunk;
+//   Frozen       no gradient for the head weight (LoRA, QLoRA): kFrozenLogitsChunkRows rows.
+enum class HeadGrad { Trains, TrainsPairs, Frozen };
 ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t seq, ActMode mode,
-                                   DType expert_h = DType::F32, bool frozen_head = false);
+                                   DType expert_h = DType::F32, HeadGrad head = HeadGrad::Trains);
 
 // What one decoder layer saves for its backward (Training), or what the shared recompute set
 // holds. Field names are the layout's entry names.

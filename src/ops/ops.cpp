@@ -5,6 +5,7 @@
 #include <tuple>
 
 #include "ops/backend.h"
+#include "ops/cpu/cpu_gemm.h"
 
 #include <array>
 #include <utility>
@@ -148,6 +149,8 @@ void check_expert_variant(const char* op, const ExpertGlu& glu, const ExpertBias
 
 void set_reference_backend(bool on) { g_reference = on; }
 bool reference_backend() { return g_reference; }
+
+bool bf16_products(DType wdt) { return !g_reference && cpu::bf16_matrix_applies(wdt); }
 
 void embedding_forward(Tensor& out, const Tensor& ids, const Tensor& table) {
   const char* op = "embedding_forward";
@@ -453,7 +456,8 @@ void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const
   check_gemm_weight(op, "w", w);
   check_ndim(op, "w", w, 2);
   const int64_t m = w.dim(0), kd = w.dim(1);
-  check_f32(op, "dy", dy);
+  MOE_CHECK(dy.defined() && (dy.dtype() == DType::F32 || dy.dtype() == DType::BF16),
+            "%s: dy must be f32 or bf16, got %s", op, dy.defined() ? dtype_name(dy.dtype()) : "undefined");
   MOE_CHECK(dy.dim(-1) == m, "%s: dy %s does not end in %lld", op, dy.shape_str().c_str(), (long long)m);
   const int64_t n = dy.numel() / m;
   if (dx.defined()) {

@@ -172,7 +172,8 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
 
 // linear backward for out = x w^T + b:  dx (=, or += with accumulate) dy w;  dw += dy^T x;
 // db += column sums of dy. dx/dw/db may each be undefined (not needed).
-// dx, x [N,Kd]; dy [N,M]; w, dw [M,Kd]; db [M].
+// dx, x [N,Kd]; dy [N,M]; w, dw [M,Kd]; db [M]. dy is f32, or bf16: already rounded for bf16
+// products (the LM head keeps two chunks' gradients so, for one dW product), taken as it is.
 void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x, const Tensor& w,
                      bool accumulate);
 
@@ -299,6 +300,12 @@ void cross_entropy_forward_backward(Tensor& loss, Tensor& dlogits, const Tensor&
 // `moe --reference ...`, to tell a kernel bug from a model bug. Off by default.
 void set_reference_backend(bool on);
 bool reference_backend();
+
+// Whether products on weights of dtype wdt round their other factor to bf16 on the backend CPU
+// ops run on now (the matrix units: cpu::Bf16Gemm::Matrix; never the reference backend): a
+// gradient that only feeds such products may then be kept in bf16 with the same values (the
+// LM head's dlogits).
+bool bf16_products(DType wdt);
 
 // True when this build has the CUDA backend and a GPU is visible.
 bool cuda_available();

@@ -97,6 +97,7 @@ struct EngineTrainOptions {
   bool fused_update = false;
   bool optimizer_bf16 = false;
   bool weights_bf16 = false;
+  bool bf16_matrix = false;  // with weights_bf16: the products run on the CPU's bf16 matrix units
 };
 
 struct JobSpec {
@@ -148,6 +149,9 @@ MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p
 //   weights_bf16    weights unchanged: the f32 master weights' matrices are split into their bf16
 //                   upper halves (what the products read) and lower halves, 4 B a parameter;
 //                   activations: the experts' pre-activations eh1/eh3 are saved in bf16
+//   bf16_matrix     (with weights_bf16; `moe plan` sets it where this CPU has the matrix units,
+//                   as `moe train` uses them) activations: the LM head keeps two chunks'
+//                   gradients in bf16 (HeadGrad::TrainsPairs)
 // Not counted: the op kernels' Workspace scratch, the router's selection bias when bias
 // balancing creates it ([E] f32 per MoE layer, Weights), the caller's batch tensors.
 // Throws moe::Error for a family the engine does not run or sizes too large to compute.

@@ -1,5 +1,8 @@
 // cpu_elementwise.cpp — CPU reference for the row-wise and elementwise ops: embedding, RMSNorm,
 // RoPE, KV append, SwiGLU, sigmoid gate, residual add, cast. f32 activations.
+#include <omp.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -197,6 +200,14 @@ void cast(Tensor& out, const Tensor& in) {
     std::memcpy(out.raw(), in.raw(), in.nbytes());
   } else if (out.dtype() == DType::F32) {
     convert_to_f32(out.data<float>(), in.raw(), in.dtype(), n);
+  } else if (in.dtype() == DType::F32 && out.dtype() == DType::BF16) {
+    // In runs of 4096 values over the threads (the LM head's gradient chunk: 4M values a cast).
+    const size_t runs = (n + 4095) / 4096;
+    auto* o = static_cast<uint16_t*>(out.raw());
+    const float* x = in.data<float>();
+#pragma omp parallel for schedule(static) if(n > 65536 && !omp_in_parallel())
+    for (size_t i = 0; i < runs; ++i)
+      convert_from_f32(o + i * 4096, x + i * 4096, DType::BF16, std::min<size_t>(4096, n - i * 4096));
   } else if (in.dtype() == DType::F32) {
     convert_from_f32(out.raw(), in.data<float>(), out.dtype(), n);
   } else {

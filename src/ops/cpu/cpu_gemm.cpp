@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "core/nf4.h"
+#include "core/tensor.h"
 #include "ops/cpu/cpu_gemm_bf16dot.h"
 #include "ops/cpu/cpu_gemm_onednn.h"
 #include "ops/cpu/cpu_parallel.h"
@@ -280,6 +281,12 @@ float dot_f32(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// bf16 weights whose products round x to bf16 on the matrix units (oneDNN), where the process
+// asked for that (Bf16Gemm::Matrix) and not on the exact path.
+bool bf16_matrix_applies(DType wdt) {
+  return wdt == DType::BF16 && bf16_gemm() == Bf16Gemm::Matrix && !quant_exact();
+}
+
 namespace {
 
 // Rows of x up to which the bf16 dot kernel takes bf16 weights: all of them inside a parallel
@@ -288,11 +295,6 @@ namespace {
 constexpr int64_t kBf16DotMaxRows = 64;
 constexpr int64_t kBf16DotBeforeOneDnn = 32;
 
-// bf16 weights whose products round x to bf16 on the matrix units (oneDNN), where the process
-// asked for that (Bf16Gemm::Matrix) and not on the exact path.
-bool bf16_matrix_applies(DType wdt) {
-  return wdt == DType::BF16 && bf16_gemm() == Bf16Gemm::Matrix && !quant_exact();
-}
 
 bool bf16dot_applies(DType wdt, int64_t n) {
   return wdt == DType::BF16 && n >= 2 && n <= kBf16DotMaxRows && bf16_gemm() == Bf16Gemm::Matrix &&
@@ -446,6 +448,18 @@ void gemm_xw_atb_acc(float* dx, float* dw, const float* dy, const float* x, cons
   }
   gemm_xw(dx, dy, w, wdt, n, m, k, accumulate);
   gemm_atb_acc(dw, k, dy, m, x, wdt, n, m, k);
+}
+
+void gemm_xw_atb_acc(float* dx, float* dw, const uint16_t* dy, const float* x, const void* w, DType wdt, int64_t n,
+                     int64_t m, int64_t k, bool accumulate) {
+  if (bf16_matrix_applies(wdt)) {
+    onednn_linear_backward_bf16(dx, dw, dy, x, w, n, m, k, accumulate);
+    return;
+  }
+  Tensor g = Tensor::empty({n, m}, DType::F32, MemCategory::Workspace);
+  convert_to_f32(g.data<float>(), dy, DType::BF16, static_cast<size_t>(n * m));
+  if (dx) gemm_xw(dx, g.data<float>(), w, wdt, n, m, k, accumulate);
+  if (dw) gemm_atb_acc(dw, k, g.data<float>(), m, x, wdt, n, m, k);
 }
 
 }  // namespace cpu

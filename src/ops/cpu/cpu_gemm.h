@@ -33,6 +33,14 @@ void gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const fl
 // gemm_atb_acc, with dy rounded to bf16 once for the two on the matrix units.
 void gemm_xw_atb_acc(float* dx, float* dw, const float* dy, const float* x, const void* w, DType wdt, int64_t n,
                      int64_t m, int64_t k, bool accumulate);
+// The same from dy given in bf16 (already rounded: the LM head keeps its chunk pairs' so);
+// dx or dw null: that product is not wanted. Off the matrix units dy is widened to f32.
+void gemm_xw_atb_acc(float* dx, float* dw, const uint16_t* dy, const float* x, const void* w, DType wdt, int64_t n,
+                     int64_t m, int64_t k, bool accumulate);
+
+// Whether products on weights of dtype wdt run on the matrix units, their other factor rounded
+// to bf16 (bf16 weights under Bf16Gemm::Matrix, off the exact path).
+bool bf16_matrix_applies(DType wdt);
 
 // sum_i a[i] * b[i] with AVX2 FMA (8 lanes x 2 accumulators).
 float dot_f32(const float* a, const float* b, int64_t n);

@@ -194,14 +194,37 @@ void onednn_gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, c
   run_matmul(dw, ldw, m, m, k, np, ys, true, xs, false, dt, true);
 }
 
+namespace {
+// The two products from ys, dy in bf16 with rows padded to np; dx or dw null: not wanted.
+void linear_backward_rounded(float* dx, float* dw, const void* ys, const float* x, const void* w, int64_t n,
+                             int64_t np, int64_t m, int64_t k, bool accumulate) {
+  if (dx) run_matmul(dx, k, n, np, k, m, ys, false, w, false, DType::BF16, accumulate);
+  if (!dw) return;
+  const void* xs = rounded_rows(Scratch::MatrixB, x, k, n, np, k, DType::BF16);
+  run_matmul(dw, k, m, m, k, np, ys, true, xs, false, DType::BF16, true);
+}
+}  // namespace
+
 void onednn_linear_backward_bf16(float* dx, float* dw, const float* dy, const float* x, const void* w, int64_t n,
                                  int64_t m, int64_t k, bool accumulate) {
   if (n == 0 || m == 0 || k == 0) return;
   const int64_t np = padded_rows(n);
-  const void* ys = rounded_rows(Scratch::MatrixX, dy, m, n, np, m, DType::BF16);
-  run_matmul(dx, k, n, np, k, m, ys, false, w, false, DType::BF16, accumulate);
-  const void* xs = rounded_rows(Scratch::MatrixB, x, k, n, np, k, DType::BF16);
-  run_matmul(dw, k, m, m, k, np, ys, true, xs, false, DType::BF16, true);
+  linear_backward_rounded(dx, dw, rounded_rows(Scratch::MatrixX, dy, m, n, np, m, DType::BF16), x, w, n, np, m, k,
+                          accumulate);
+}
+
+void onednn_linear_backward_bf16(float* dx, float* dw, const uint16_t* dy, const float* x, const void* w, int64_t n,
+                                 int64_t m, int64_t k, bool accumulate) {
+  if (n == 0 || m == 0 || k == 0) return;
+  const int64_t np = padded_rows(n);
+  const void* ys = dy;
+  if (np > n) {  // a short last chunk: its rows copied above zero rows
+    auto* pad = static_cast<uint16_t*>(scratch_bytes(Scratch::MatrixX, static_cast<size_t>(np * m) * 2));
+    std::memcpy(pad, dy, static_cast<size_t>(n * m) * 2);
+    std::memset(pad + n * m, 0, static_cast<size_t>((np - n) * m) * 2);
+    ys = pad;
+  }
+  linear_backward_rounded(dx, dw, ys, x, w, n, np, m, k, accumulate);
 }
 
 #else
@@ -215,6 +238,10 @@ void onednn_gemm_atb_acc(float*, int64_t, const float*, int64_t, const float*, i
   no_onednn();
 }
 void onednn_linear_backward_bf16(float*, float*, const float*, const float*, const void*, int64_t, int64_t, int64_t,
+                                 bool) {
+  no_onednn();
+}
+void onednn_linear_backward_bf16(float*, float*, const uint16_t*, const float*, const void*, int64_t, int64_t, int64_t,
                                  bool) {
   no_onednn();
 }

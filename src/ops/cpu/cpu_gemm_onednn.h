@@ -57,9 +57,12 @@ void onednn_gemm_xw(float* out, const float* x, int64_t ldx, const void* w, DTyp
 void onednn_gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, int64_t ldx, DType dt,
                          int64_t n, int64_t m, int64_t k);
 // Both products of a linear layer's backward on bf16 weights w [m, k], dy [n, m] rounded to
-// bf16 once for the two (as each of the two calls above would round it):
+// bf16 once for the two (as each of the two calls above would round it), or given in bf16:
 //   dx [n, k] (+)= dy · w (accumulate);   dw [m, k] += dyᵀ · x [n, k]
+// dx or dw null: that product is not wanted.
 void onednn_linear_backward_bf16(float* dx, float* dw, const float* dy, const float* x, const void* w, int64_t n,
+                                 int64_t m, int64_t k, bool accumulate);
+void onednn_linear_backward_bf16(float* dx, float* dw, const uint16_t* dy, const float* x, const void* w, int64_t n,
                                  int64_t m, int64_t k, bool accumulate);
 
 }  // namespace cpu

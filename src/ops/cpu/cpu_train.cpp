@@ -86,6 +86,20 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
 void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x, const Tensor& w,
                      bool accumulate) {
   const int64_t m = w.dim(0), k = w.dim(1), n = dy.numel() / m;
+  if (dy.dtype() == DType::BF16) {
+    const auto* g = static_cast<const uint16_t*>(dy.raw());
+    gemm_xw_atb_acc(dx.defined() ? dx.data<float>() : nullptr, dw.defined() ? dw.data<float>() : nullptr, g,
+                    dw.defined() ? x.data<float>() : nullptr, w.raw(), w.dtype(), n, m, k, accumulate);
+    if (db.defined()) {
+      float* b = db.data<float>();
+      for (int64_t c = 0; c < m; ++c) {
+        double acc = 0;
+        for (int64_t r = 0; r < n; ++r) acc += bf16_to_f32(g[r * m + c]);
+        b[c] += static_cast<float>(acc);
+      }
+    }
+    return;
+  }
   const float* g = dy.data<float>();
   if (dx.defined() && dw.defined()) {
     // One bf16 rounding of dy for both products on the matrix units (the LM head's chunk: 16 MiB
