@@ -643,19 +643,21 @@ std::vector<Case> make_cases() {
       });
     }
 
-  // cast between float dtypes (f16 is CPU only)
+  // cast between float dtypes (f16 is CPU only); 300 x 301 values go over the CPU's threads in
+  // runs of 4096, the last one partial
   for (auto cast_pair : {std::pair{DType::F32, DType::BF16}, {DType::BF16, DType::F32}, {DType::F32, DType::F16},
-                         {DType::F16, DType::F32}, {DType::F16, DType::BF16}}) {
-    const DType from = cast_pair.first, to = cast_pair.second;
-    Tensor in = rnd_w({3, 33}, ++seed, from, 3.0).first;
-    bool cuda = from != DType::F16 && to != DType::F16;
-    add("cast_" + wtag(from) + "_to_" + wtag(to), cuda, 0.0, [=](Backend b) {
-      Dev g{b};
-      Tensor out = g.out({3, 33}, to);
-      CALL(b, cast(out, g.in(in)));
-      return Outs{{"out", out}};
-    });
-  }
+                         {DType::F16, DType::F32}, {DType::F16, DType::BF16}})
+    for (const Shape& sh : {Shape{3, 33}, Shape{300, 301}}) {
+      const DType from = cast_pair.first, to = cast_pair.second;
+      Tensor in = rnd_w(sh, ++seed, from, 3.0).first;
+      bool cuda = from != DType::F16 && to != DType::F16;
+      add("cast_" + wtag(from) + "_to_" + wtag(to) + "_" + str(sh[0]) + "x" + str(sh[1]), cuda, 0.0, [=](Backend b) {
+        Dev g{b};
+        Tensor out = g.out(sh, to);
+        CALL(b, cast(out, g.in(in)));
+        return Outs{{"out", out}};
+      });
+    }
 
   // ---- training ops ----
 

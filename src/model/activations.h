@@ -100,10 +100,6 @@ constexpr int64_t kLogitsChunkRows = 128;
 // whole-batch chunks were slower again (0.11-0.14 s: the chunk no longer stays in cache).
 constexpr int64_t kFrozenLogitsChunkRows = 256;
 
-// expert_h: the dtype of the routed experts' saved pre-activations eh1/eh3 — F32, or BF16 when
-// the experts' weights are bf16 (mixed precision; a bf16 base under LoRA): their products are
-// bf16 products already, and the pre-activations, the largest saved tensors of an MoE layer,
-// are then saved rounded to bf16, as autocast saves a bf16 matmul's output (expert_h_dtype()).
 // How the step's LM head takes its gradient, which sets the head phase's buffers:
 //   Trains       the logits chunk (kLogitsChunkRows rows), its gradient written over it;
 //   TrainsPairs  the same, plus two chunks' gradients kept in bf16 (where the head's products
@@ -111,6 +107,12 @@ constexpr int64_t kFrozenLogitsChunkRows = 256;
 //                the f32 [V, D] gradient is read and written once a pair, not once a chunk;
 //   Frozen       no gradient for the head weight (LoRA, QLoRA): kFrozenLogitsChunkRows rows.
 enum class HeadGrad { Trains, TrainsPairs, Frozen };
+
+// expert_h: the dtype of the routed experts' saved pre-activations eh1/eh3 — F32, or BF16 when
+// the experts' weights are bf16 (mixed precision; a bf16 base under LoRA): their products are
+// bf16 products already, and the pre-activations, the largest saved tensors of an MoE layer,
+// are then saved rounded to bf16, as autocast saves a bf16 matmul's output (expert_h_dtype()).
+// head: the head's buffers and chunk rows (head_grad()).
 ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t seq, ActMode mode,
                                    DType expert_h = DType::F32, HeadGrad head = HeadGrad::Trains);
 

@@ -194,27 +194,35 @@ void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_c
   for (int64_t r = 0; r < rows; ++r) std::memcpy(d + r * dp, s + r * sp, static_cast<size_t>(ncols) * es);
 }
 
-void cast(Tensor& out, const Tensor& in) {
-  const size_t n = static_cast<size_t>(in.numel());
-  if (out.dtype() == in.dtype()) {
-    std::memcpy(out.raw(), in.raw(), in.nbytes());
-  } else if (out.dtype() == DType::F32) {
-    convert_to_f32(out.data<float>(), in.raw(), in.dtype(), n);
-  } else if (in.dtype() == DType::F32 && out.dtype() == DType::BF16) {
-    // In runs of 4096 values over the threads (the LM head's gradient chunk: 4M values a cast).
-    const size_t runs = (n + 4095) / 4096;
-    auto* o = static_cast<uint16_t*>(out.raw());
-    const float* x = in.data<float>();
-#pragma omp parallel for schedule(static) if(n > 65536 && !omp_in_parallel())
-    for (size_t i = 0; i < runs; ++i)
-      convert_from_f32(o + i * 4096, x + i * 4096, DType::BF16, std::min<size_t>(4096, n - i * 4096));
-  } else if (in.dtype() == DType::F32) {
-    convert_from_f32(out.raw(), in.data<float>(), out.dtype(), n);
+namespace {
+constexpr size_t kCastRun = 4096;  // values a cast converts at a time
+
+// n <= kCastRun values of dtype from at x to dtype to at o (float dtypes).
+void cast_run(void* o, DType to, const void* x, DType from, size_t n) {
+  if (to == from) {
+    std::memcpy(o, x, n * dtype_size(from));
+  } else if (to == DType::F32) {
+    convert_to_f32(static_cast<float*>(o), x, from, n);
+  } else if (from == DType::F32) {
+    convert_from_f32(o, static_cast<const float*>(x), to, n);
   } else {
-    float* tmp = scratch<float>(Scratch::CastTemp, static_cast<size_t>(n));
-    convert_to_f32(tmp, in.raw(), in.dtype(), n);
-    convert_from_f32(out.raw(), tmp, out.dtype(), n);
+    float tmp[kCastRun];
+    convert_to_f32(tmp, x, from, n);
+    convert_from_f32(o, tmp, to, n);
   }
+}
+}  // namespace
+
+// In runs of kCastRun values over the threads (the LM head's gradient chunk: 4M values a cast).
+void cast(Tensor& out, const Tensor& in) {
+  const size_t n = static_cast<size_t>(in.numel()), runs = (n + kCastRun - 1) / kCastRun;
+  const size_t so = dtype_size(out.dtype()), si = dtype_size(in.dtype());
+  char* o = static_cast<char*>(out.raw());
+  const char* x = static_cast<const char*>(in.raw());
+#pragma omp parallel for schedule(static) if(n > 65536 && !omp_in_parallel())
+  for (size_t r = 0; r < runs; ++r)
+    cast_run(o + r * kCastRun * so, out.dtype(), x + r * kCastRun * si, in.dtype(),
+             std::min(kCastRun, n - r * kCastRun));
 }
 
 }  // namespace cpu

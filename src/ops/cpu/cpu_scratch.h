@@ -28,7 +28,6 @@ enum class Scratch : int {
   NormWeight,    // rmsnorm: the weight as f32
   RopeCos,       // rope: cos per (position, pair)
   RopeSin,       //       sin
-  CastTemp,      // cast between two non-f32 dtypes
   TopkScore,     // router_topk_forward: selection scores of one token
   TopkOrder,     //                      expert order of one token
   DispatchNext,  // moe_dispatch: next free row per expert
