@@ -144,13 +144,13 @@ TEST_F(HeadRows, GradientIsTheDerivativeOfTheMaskedLoss) {
   }
 }
 
-// bf16 weights on the matrix units (HeadGrad::TrainsPairs): the head's dW comes from two chunks'
-// bf16 gradients at a time. 598 targets are five chunks of 128 — two pairs and a chunk alone —
-// and, with a prompt of 100, 398 (four chunks: two pairs). The head's and the final norm's
-// gradients equal the f32 step's within the bf16 roundings (measured 6.5-6.7e-3; a chunk left out of
-// dW moves the head's by ~0.2), and the step's activation peak is the layout's to the byte.
-TEST_F(HeadRows, Bf16HeadGradientFromChunkPairs) {
-  if (!cpu::bf16_matrix_available()) GTEST_SKIP() << "SKIPPED: no AVX512-BF16 / AMX here: no pairs";
+// bf16 weights on the matrix units (HeadGrad::TrainsBf16): each 256-row chunk's gradient is
+// rounded to bf16 in its own bytes for the head's products. 598 targets are two whole chunks and
+// a partial one (86 rows), and, with a prompt of 100, 398 (a whole chunk and 142 rows). The head's
+// and the final norm's gradients equal the f32 step's within the bf16 roundings (a chunk left out
+// of dW moves the head's by ~0.2), and the step's activation peak is the layout's to the byte.
+TEST_F(HeadRows, Bf16HeadGradientFromChunksRoundedInPlace) {
+  if (!cpu::bf16_matrix_available()) GTEST_SKIP() << "SKIPPED: no AVX512-BF16 / AMX here: no bf16 head products";
   const ModelConfig& c = m.config();
   Model mb = testutil::load_f32(kDir);
   const MasterLowHalves low = split_master(c, mb.mutable_weights());
@@ -160,7 +160,7 @@ TEST_F(HeadRows, Bf16HeadGradientFromChunkPairs) {
     ModelWeights g32 = zeros_like(c, m.weights(), MemCategory::Grads);
     forward_backward(m, ids, l, &g32, LossOptions{});
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
-    EXPECT_EQ(head_grad(mb.weights()), HeadGrad::TrainsPairs);
+    EXPECT_EQ(head_grad(mb.weights()), HeadGrad::TrainsBf16);
     ModelWeights gb = zeros_like(c, mb.weights(), MemCategory::Grads);
     constexpr int kCpu = static_cast<int>(Device::CPU), kAct = static_cast<int>(MemCategory::Activations);
     const int64_t before = mem_stats().current[kCpu][kAct];
@@ -169,7 +169,7 @@ TEST_F(HeadRows, Bf16HeadGradientFromChunkPairs) {
     const int64_t peak = mem_stats().peak[kCpu][kAct] - before;
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
     EXPECT_EQ(peak, activation_layout(c, 2, 300, ActMode::Training, expert_h_dtype(c, mb.weights()),
-                                      HeadGrad::TrainsPairs)
+                                      HeadGrad::TrainsBf16)
                         .total_bytes(c));
     EXPECT_LE(testutil::rel_err(gb.lm_head.to_f32_vector(), g32.lm_head.to_f32_vector()), 2e-2);
     EXPECT_LE(testutil::rel_err(gb.final_norm.to_f32_vector(), g32.final_norm.to_f32_vector()), 2e-2);

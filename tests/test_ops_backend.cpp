@@ -659,6 +659,24 @@ std::vector<Case> make_cases() {
       });
     }
 
+  // cast_bf16_in_place (the LM head's gradient): rows past the first wave's, a row longer than a
+  // run of 4096 (row 0 goes run by run over its own bytes), and 300 x 301 over the threads
+  for (const Shape& sh : {Shape{1, 33}, Shape{5, 7}, Shape{3, 9000}, Shape{300, 301}}) {
+    Tensor in = rnd_w(sh, ++seed, DType::F32, 3.0).first;
+    add("cast_bf16_in_place_" + str(sh[0]) + "x" + str(sh[1]), false, 0.0, [=](Backend b) {
+      Dev g{b};
+      Tensor x = g.in(in), out;
+      if (b == Backend::Ref) {
+        out = x.reinterpret(DType::BF16, sh);
+        ::moe::ref::cast_bf16_in_place(out, x);
+      } else {
+        out = cast_bf16_in_place(x);
+      }
+      EXPECT_EQ(out.raw(), x.raw()) << "the bf16 rows must be x's own bytes";
+      return Outs{{"out", out}};
+    });
+  }
+
   // ---- training ops ----
 
   // embedding_backward (ids repeat; padding_idx 3 occurs)
@@ -717,7 +735,7 @@ std::vector<Case> make_cases() {
         Tensor dy = ten({n, m}, rnd(n * m, ++seed));
         Tensor dx0 = ten({n, kd}, rnd(n * kd, ++seed)), dw0 = ten({m, kd}, rnd(m * kd, ++seed));
         Tensor db0 = ten({m}, rnd(m, ++seed));
-        // dy also given in bf16 for bf16 weights (the LM head's chunk pairs): taken as it is.
+        // dy also given in bf16 for bf16 weights (the LM head's gradient): taken as it is.
         const Tensor dy16 = dt == DType::BF16 ? dy.to_dtype(DType::BF16, kAct) : Tensor();
         for (int mode = 0; mode < 3; ++mode)  // 0: dx dw db, 1: dx only (frozen), 2: dw db only
           for (bool acc : {false, true})

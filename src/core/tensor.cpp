@@ -172,6 +172,16 @@ Tensor Tensor::view(const Shape& shape) const {
   return t;
 }
 
+Tensor Tensor::reinterpret(DType dt, const Shape& shape) const {
+  MOE_CHECK(dtype_nbytes(dt, shape_numel(shape)) <= nbytes(), "reinterpret: %s %s does not fit in the bytes of %s",
+            dtype_name(dt), moe::shape_str(shape).c_str(), desc().c_str());
+  check_block_shape(shape, dt);
+  Tensor t = *this;
+  t.shape_ = shape;
+  t.dtype_ = dt;
+  return t;
+}
+
 Tensor Tensor::rows(int64_t begin, int64_t end) const {
   MOE_ASSERT(ndim() >= 1 && begin >= 0 && begin <= end && end <= shape_[0]);
   Tensor t = *this;

@@ -73,6 +73,9 @@ class Tensor {
 
   // Same bytes, new shape (numel must match).
   Tensor view(const Shape& shape) const;
+  // The first bytes of this tensor's bytes read as another dtype and shape (no conversion); they
+  // must fit in this tensor's bytes.
+  Tensor reinterpret(DType dt, const Shape& shape) const;
   // Rows [begin, end) along dimension 0.
   Tensor rows(int64_t begin, int64_t end) const;
   // Slice index i along dimension 0, dropping that dimension.

@@ -87,7 +87,9 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
   const int64_t t = batch * seq, d = c.hidden_size, dh = c.head_dim, h = c.n_head, hkv = c.n_head_kv;
   const int64_t e = c.n_expert, k = c.n_expert_used, p = t * k, f = c.moe_intermediate_size;
   const int64_t fs = c.shared_expert_intermediate_size, fd = c.intermediate_size;
-  lay.logits_chunk = std::min(t, head == HeadGrad::Frozen ? kFrozenLogitsChunkRows : kLogitsChunkRows);
+  lay.logits_chunk = std::min(t, head == HeadGrad::Frozen       ? kFrozenLogitsChunkRows
+                                 : head == HeadGrad::TrainsBf16 ? kBf16LogitsChunkRows
+                                                                : kLogitsChunkRows);
   const DType f32 = DType::F32, i32 = DType::I32;
   constexpr int kMoe = 1, kDense = 2;
   auto add = [&](const char* name, Shape shape, DType dt, bool per_layer = true, int only = 0) {
@@ -185,15 +187,10 @@ ActivationLayout activation_layout(const ModelConfig& c, int64_t batch, int64_t 
     for (auto& [n, s] : live) ph.live.push_back({n, s, f32, false, false, false, false});
     lay.phases.push_back(std::move(ph));
   };
-  // The head (run_step): one chunk of LM-head logits, then its gradient (and, with pairs, two
-  // chunks' gradients in bf16). Allocated for the head alone, it never meets a layer's gradients
-  // or a block's temporaries.
+  // The head (run_step): one chunk of LM-head logits, then its gradient in the same bytes (f32,
+  // or rounded to bf16 in place). Allocated for the head alone, it never meets a layer's
+  // gradients or a block's temporaries.
   phase("head.logits", 0, {{"logits", {lay.logits_chunk, c.vocab_size}}});
-  if (head == HeadGrad::TrainsPairs) {  // two chunks' gradients in bf16 (run_step)
-    lay.pair_rows = std::min(t, 2 * lay.logits_chunk);
-    lay.phases.back().live.push_back({"dlogits_pair", {lay.pair_rows, c.vocab_size}, DType::BF16, false, false, false,
-                                      false});
-  }
   // ffn_block_forward (the training forward and the recompute forward alike):
   if (fd > 0) phase("ffn_block_forward.dense", kDense, {{"act", {t, fd}}});  // swiglu_mlp's output
   if (e > 0) {

@@ -71,7 +71,6 @@ struct ActivationLayout {
   ActMode mode;
   int64_t batch = 0, seq = 0;
   int64_t logits_chunk = 0;  // rows of the LM head computed at once in training
-  int64_t pair_rows = 0;     // HeadGrad::TrainsPairs: rows of the bf16 gradient kept for one dW
   std::vector<ActEntry> entries;  // LayerActs fields
   std::vector<ActEntry> step;     // StepActs fields
   std::vector<ActPhase> phases;   // the working set (max over phases)
@@ -85,28 +84,33 @@ struct ActivationLayout {
   int64_t total_bytes(const ModelConfig& c) const;
 };
 
-// Rows of the LM-head logits held at once when computing the loss (chunked cross-entropy).
-// The head (the chunk, its bf16 copy for the products, the head's gradient) is a training
-// step's memory peak on Mixtral-shaped models: 128 rows measured 25 MiB below 256 at the same
-// head time on Zen 4; 64 saved 2 MiB more and made the head's products ~20% slower. On Zen 5
-// (bf16 peak ~1 TFLOP/s) 256 rows made the head 10-15% faster (its dW += dYᵀ·X re-reads the f32
-// [V, D] gradient once a chunk: 429 GFLOP/s at 128 rows, 545 at 256) but put the 2-layer
-// Mixtral-shaped benchmark's training memory at 0.49 of the bf16 peer's (target <= 0.5).
+// Rows of the LM-head logits held at once when computing the loss (chunked cross-entropy), where
+// the head's products are f32: the chunk becomes its own gradient, and dX = dY·W and dW += dYᵀ·X
+// read it. The head is a training step's memory peak on Mixtral-shaped models: 128 rows measured
+// 25 MiB below 256 at the same head time (Zen 4); 64 saved 2 MiB more and made the products ~20%
+// slower.
 constexpr int64_t kLogitsChunkRows = 128;
+// Where the head's products are bf16 (ops.h bf16_products), the gradient is rounded to bf16 into
+// the first half of the chunk's own bytes (cast_bf16_in_place), so a chunk twice as tall holds
+// what 128 f32 rows and a second bf16 copy of 256 rows held before. Mixtral-shaped head on Zen 5
+// (bf16 peak ~1 TFLOP/s), the three products over 1024 rows: 128-row chunks with dW once per two
+// chunks 160-163 ms, 256-row chunks 137-144 ms (forward and dX 660-690 -> 800-860 GFLOP/s; dW
+// re-reads the f32 [V, D] gradient once a chunk: 540-580 GFLOP/s), 384 rows 141, 512 rows 134
+// for 33 MiB more.
+constexpr int64_t kBf16LogitsChunkRows = 256;
 // A frozen head (LoRA, QLoRA) holds no [V, D] gradient beside its chunk, so its chunk is twice as
 // tall: each chunk reads the head's weight twice (its forward and dX products), and at 256 rows
 // the Mixtral-shaped attention-LoRA step's head took 0.095-0.099 s against 0.105-0.116 at 128
 // (Zen 5), for 22 MiB more training memory (0.21 of the peer's overhead against 0.17); 512 and
-// whole-batch chunks were slower again (0.11-0.14 s: the chunk no longer stays in cache).
+// whole-batch chunks were slower again (0.11-0.14 s: the chunk no longer stays in cache). Under
+// bf16 products its gradient is rounded in place too, as the training head's is.
 constexpr int64_t kFrozenLogitsChunkRows = 256;
 
-// How the step's LM head takes its gradient, which sets the head phase's buffers:
-//   Trains       the logits chunk (kLogitsChunkRows rows), its gradient written over it;
-//   TrainsPairs  the same, plus two chunks' gradients kept in bf16 (where the head's products
-//                round them to bf16 anyway: ops.h bf16_products) for one dW += dYᵀ·X over both:
-//                the f32 [V, D] gradient is read and written once a pair, not once a chunk;
-//   Frozen       no gradient for the head weight (LoRA, QLoRA): kFrozenLogitsChunkRows rows.
-enum class HeadGrad { Trains, TrainsPairs, Frozen };
+// How the step's LM head takes its gradient, which sets the head's chunk rows:
+//   Trains      f32 products: kLogitsChunkRows, the gradient written over the chunk;
+//   TrainsBf16  bf16 products: kBf16LogitsChunkRows, the gradient then rounded to bf16 in place;
+//   Frozen      no gradient for the head weight (LoRA, QLoRA): kFrozenLogitsChunkRows rows.
+enum class HeadGrad { Trains, TrainsBf16, Frozen };
 
 // expert_h: the dtype of the routed experts' saved pre-activations eh1/eh3 — F32, or BF16 when
 // the experts' weights are bf16 (mixed precision; a bf16 base under LoRA): their products are

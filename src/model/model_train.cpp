@@ -436,7 +436,7 @@ struct PhaseClock {
 
 HeadGrad head_grad(const ModelWeights& w) {
   if (w.frozen_base) return HeadGrad::Frozen;
-  return w.lm_head.defined() && bf16_products(w.lm_head.dtype()) ? HeadGrad::TrainsPairs : HeadGrad::Trains;
+  return w.lm_head.defined() && bf16_products(w.lm_head.dtype()) ? HeadGrad::TrainsBf16 : HeadGrad::Trains;
 }
 
 DType expert_h_dtype(const ModelConfig& c, const ModelWeights& w) {
@@ -547,13 +547,11 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   // The logits chunk (the layout's "head.logits" phase) lives for the head alone: freed before
   // the first gradient group is handed over and the layers' backward starts.
   Tensor logits = Tensor::empty({lay.logits_chunk, c.vocab_size}, DType::F32, MemCategory::Activations);
-  // Pairs (HeadGrad::TrainsPairs): each chunk's gradient, rounded to bf16 as its products would
-  // round it, goes to half of `pair`; dX = dY·W per chunk, dW += dYᵀ·X once a pair (or for a
-  // last chunk alone). At 128 rows a chunk the dW product re-read the f32 [V, D] gradient
-  // every chunk: 429 GFLOP/s against 545 at 256 rows (Zen 5, Mixtral-shaped).
-  const bool pairs = grads && grads->lm_head.defined() && lay.pair_rows > 0;
-  Tensor pair = pairs ? Tensor::empty({lay.pair_rows, c.vocab_size}, DType::BF16, MemCategory::Activations) : Tensor();
-  for (int64_t r0 = 0, chunk = 0; r0 < h_n; r0 += lay.logits_chunk, ++chunk) {
+  // Under bf16 products the gradient is rounded to bf16 in the chunk's own bytes (as the products
+  // would round it) and dX = dY·W, dW += dYᵀ·X read that: no second buffer, and the chunk twice as
+  // tall as an f32 one (activations.h kBf16LogitsChunkRows).
+  const bool bf16_dy = grads && w.lm_head.defined() && bf16_products(w.lm_head.dtype());
+  for (int64_t r0 = 0; r0 < h_n; r0 += lay.logits_chunk) {
     const int64_t r1 = std::min(h_n, r0 + lay.logits_chunk), n = r1 - r0;
     Tensor lg = logits.rows(0, n), h = shared.final_h.rows(r0, r1), tg = targets.rows(r0, r1);
     Tensor rl = row_loss.rows(0, n);
@@ -565,21 +563,9 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
     for (int64_t i = 0; i < n; ++i) ce_sum += rl.data<float>()[i];
     if (!grads) continue;
     Tensor dh = dfinal_h.rows(r0, r1), none;
-    if (!pairs) {
-      linear_backward(dh, grads->lm_head, none, lg, h, w.lm_head, false);
-      continue;
-    }
-    const int64_t p0 = (chunk % 2) * lay.logits_chunk;  // this chunk's rows of the pair
-    Tensor dy = pair.rows(p0, p0 + n);
-    cast(dy, lg);
-    linear_backward(dh, none, none, dy, h, w.lm_head, false);
-    if (chunk % 2 == 1 || r1 == h_n) {
-      Tensor pair_dy = pair.rows(0, p0 + n), pair_h = shared.final_h.rows(r0 - p0, r1);
-      linear_backward(none, grads->lm_head, none, pair_dy, pair_h, w.lm_head, false);
-    }
+    linear_backward(dh, grads->lm_head, none, bf16_dy ? cast_bf16_in_place(lg) : lg, h, w.lm_head, false);
   }
   logits = Tensor();
-  pair = Tensor();
   if (grads && h_n < t_n) spread_target_rows(dfinal_h, kept);
   if (opt.batch) opt.batch->all_reduce_sum(&ce_sum, 1);
   res.loss_ce = res.n_targets > 0 ? ce_sum / double(res.n_targets) : 0.0;

@@ -135,7 +135,7 @@ ModelWeights zeros_like(const ModelConfig& c, const ModelWeights& w, MemCategory
 // activation_layout's expert_h): BF16 when the experts' weights are bf16, else F32.
 DType expert_h_dtype(const ModelConfig& c, const ModelWeights& w);
 // How a training step's LM head takes its gradient (activation_layout's head): Frozen under
-// LoRA (a frozen base), TrainsPairs where its products round their other factor to bf16 (ops.h
+// LoRA (a frozen base), TrainsBf16 where its products round their other factor to bf16 (ops.h
 // bf16_products), else Trains.
 HeadGrad head_grad(const ModelWeights& w);
 

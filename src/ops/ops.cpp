@@ -479,6 +479,15 @@ void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const
   MOE_TRAIN_DISPATCH(dy.device(), op, linear_backward(dx, dw, db, dy, x, w, accumulate));
 }
 
+Tensor cast_bf16_in_place(const Tensor& x) {
+  const char* op = "cast_bf16_in_place";
+  check_f32(op, "x", x);
+  check_ndim(op, "x", x, 2);
+  Tensor out = x.reinterpret(DType::BF16, x.shape());
+  MOE_TRAIN_DISPATCH(x.device(), op, cast_bf16_in_place(out, x));
+  return out;
+}
+
 void rope_backward(Tensor& dx, int64_t past, float theta) {
   const char* op = "rope_backward";
   check_f32(op, "dx", dx);

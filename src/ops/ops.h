@@ -170,10 +170,15 @@ void rmsnorm_forward_train(Tensor& out, Tensor& rstd, const Tensor& x, const Ten
 void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
                       const Tensor& rstd, bool accumulate);
 
+// Rounds the f32 rows x [N,M] to bf16 (to nearest even, as cast does) into the first half of
+// x's own bytes and returns that bf16 [N,M] view; x's f32 values are gone. The LM head's
+// gradient chunk takes the bf16 copy its products read this way, with no second buffer.
+Tensor cast_bf16_in_place(const Tensor& x);
+
 // linear backward for out = x w^T + b:  dx (=, or += with accumulate) dy w;  dw += dy^T x;
 // db += column sums of dy. dx/dw/db may each be undefined (not needed).
 // dx, x [N,Kd]; dy [N,M]; w, dw [M,Kd]; db [M]. dy is f32, or bf16: already rounded for bf16
-// products (the LM head keeps two chunks' gradients so, for one dW product), taken as it is.
+// products (the LM head's gradient, cast_bf16_in_place), taken as it is.
 void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x, const Tensor& w,
                      bool accumulate);
 

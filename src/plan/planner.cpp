@@ -319,7 +319,7 @@ EngineTrainPlan engine_train_plan(const PlanModel& m, int64_t batch, int64_t seq
   const ActivationLayout lay =
       activation_layout(c, batch, seq, recompute ? ActMode::TrainingRecompute : ActMode::Training,
                         opt.weights_bf16 ? DType::BF16 : DType::F32,
-                        opt.weights_bf16 && opt.bf16_matrix ? HeadGrad::TrainsPairs : HeadGrad::Trains);
+                        opt.weights_bf16 && opt.bf16_matrix ? HeadGrad::TrainsBf16 : HeadGrad::Trains);
   EngineTrainPlan r;
   r.act_saved = lay.entry_bytes(c);
   r.act_step = lay.step_bytes(c);

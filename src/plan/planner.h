@@ -150,8 +150,8 @@ MemoryPlan plan_memory(const PlanModel& m, const JobSpec& job, const Parallel& p
 //                   upper halves (what the products read) and lower halves, 4 B a parameter;
 //                   activations: the experts' pre-activations eh1/eh3 are saved in bf16
 //   bf16_matrix     (with weights_bf16; `moe plan` sets it where this CPU has the matrix units,
-//                   as `moe train` uses them) activations: the LM head keeps two chunks'
-//                   gradients in bf16 (HeadGrad::TrainsPairs)
+//                   as `moe train` uses them) activations: the LM head's chunk is taller,
+//                   its gradient rounded to bf16 in place (HeadGrad::TrainsBf16)
 // Not counted: the op kernels' Workspace scratch, the router's selection bias when bias
 // balancing creates it ([E] f32 per MoE layer, Weights), the caller's batch tensors.
 // Throws moe::Error for a family the engine does not run or sizes too large to compute.

@@ -225,5 +225,33 @@ void cast(Tensor& out, const Tensor& in) {
              std::min(kCastRun, n - r * kCastRun));
 }
 
+// Row r's bf16 values go to bytes [2rm, 2rm + 2m): the first or second half of f32 row r/2. Row 0
+// (its own first half) goes first, run by run from the left through a buffer: each run lands on
+// f32 values already read. Then the rows go in waves [1, 2), [2, 4), [4, 8), …: a wave's
+// destinations are rows the waves before it have read, and its sources no row of it writes, so
+// a wave's runs go over the threads in any order.
+void cast_bf16_in_place(Tensor& out, const Tensor& x) {
+  const int64_t n = x.dim(0), m = x.dim(1);
+  if (n == 0 || m == 0) return;
+  const float* xf = x.data<float>();
+  uint16_t* o = out.data<uint16_t>();
+  uint16_t run[kCastRun];
+  for (int64_t c = 0; c < m; c += int64_t(kCastRun)) {
+    const size_t len = std::min<size_t>(kCastRun, size_t(m - c));
+    convert_from_f32(run, xf + c, DType::BF16, len);
+    std::memcpy(o + c, run, len * sizeof(uint16_t));
+  }
+  const int64_t runs = (m + int64_t(kCastRun) - 1) / int64_t(kCastRun);
+#pragma omp parallel if(n * m > 65536 && !omp_in_parallel())
+  for (int64_t lo = 1; lo < n; lo *= 2) {
+    const int64_t hi = std::min(n, 2 * lo);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < (hi - lo) * runs; ++i) {
+      const int64_t r = lo + i / runs, c = (i % runs) * int64_t(kCastRun);
+      convert_from_f32(o + r * m + c, xf + r * m + c, DType::BF16, std::min<size_t>(kCastRun, size_t(m - c)));
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace moe

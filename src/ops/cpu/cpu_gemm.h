@@ -33,7 +33,7 @@ void gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const fl
 // gemm_atb_acc, with dy rounded to bf16 once for the two on the matrix units.
 void gemm_xw_atb_acc(float* dx, float* dw, const float* dy, const float* x, const void* w, DType wdt, int64_t n,
                      int64_t m, int64_t k, bool accumulate);
-// The same from dy given in bf16 (already rounded: the LM head keeps its chunk pairs' so);
+// The same from dy given in bf16 (already rounded: the LM head rounds its gradient so, in place);
 // dx or dw null: that product is not wanted. Off the matrix units dy is widened to f32.
 void gemm_xw_atb_acc(float* dx, float* dw, const uint16_t* dy, const float* x, const void* w, DType wdt, int64_t n,
                      int64_t m, int64_t k, bool accumulate);

@@ -318,6 +318,9 @@ void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_c
 
 void cast(Tensor& out, const Tensor& in) { Wide(in).store(out); }
 
+// out is the first half of x's bytes: x is read whole before out is written.
+void cast_bf16_in_place(Tensor& out, const Tensor& x) { Wide(x).store(out); }
+
 // ---- training ----
 
 void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids, int64_t padding_idx) {
