@@ -13,6 +13,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstdint>
+
 namespace moe {
 namespace cpu {
 
@@ -54,6 +57,20 @@ inline __m256 exp8f(__m256 x) {
   for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kInvFact[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// The largest of init and x[0, n), eight lanes at a time (a max is exact: the same value as the
+// scalar loop's in any order; a NaN in x is not carried, as std::max(mx, x) does not carry it).
+inline float max_of(const float* x, int64_t n, float init) {
+  int64_t i = 0;
+  __m256 mv = _mm256_set1_ps(init);
+  for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv);  // NaN in x: mv kept
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mv);
+  float mx = init;
+  for (float l : lanes) mx = std::max(mx, l);
+  for (; i < n; ++i) mx = std::max(mx, x[i]);
+  return mx;
 }
 
 // Sum of the four f64 lanes.

@@ -156,20 +156,6 @@ void sigmoid_gate_backward(Tensor& ds, Tensor& dgate, const Tensor& dy, const Te
 }
 
 namespace {
-// The largest of a row's logits.
-float row_max(const float* l, int64_t v) {
-  int64_t i = 0;
-  float mx = -INFINITY;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 mv = _mm256_set1_ps(-INFINITY);
-  for (; i + 8 <= v; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(l + i));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, mv);
-  for (float x : lanes) mx = std::max(mx, x);
-#endif
-  for (; i < v; ++i) mx = std::max(mx, l[i]);
-  return mx;
-}
 
 // Σ e^(l[i] - mx) over a row, each term also stored to o[i] when o is given (o may alias l).
 // Eight f32 lanes compute the exponentials (cpu_simd_exp.h's exp8f: within a few ulp; the
@@ -200,7 +186,7 @@ double row_exp_sum(float* o, const float* l, int64_t v, float mx) {
 
 // log Σ exp(l) over a row of logits.
 double row_lse(const float* l, int64_t v) {
-  const float mx = row_max(l, v);
+  const float mx = max_of(l, v, -INFINITY);
   return mx + std::log(row_exp_sum(nullptr, l, v, mx));
 }
 
@@ -212,7 +198,7 @@ double row_lse(const float* l, int64_t v) {
 // same way, and qwen3's tied-embedding update drifted 1.8% from torch's after five AdamW steps;
 // here max is exact, l - max rounds per value, and Σ and scale / Σ stay in f64.
 double row_softmax_scaled(float* o, const float* l, int64_t v, double scale) {
-  const float mx = row_max(l, v);
+  const float mx = max_of(l, v, -INFINITY);
   const double sum = row_exp_sum(o, l, v, mx);
   const double c = scale / sum;
   int64_t i = 0;

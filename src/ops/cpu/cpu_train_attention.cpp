@@ -88,11 +88,8 @@ void backward_kv_head_tiled(BackwardScratch& w, float* dq, int64_t ldq, const fl
                             int64_t h_stride, int64_t dh, float scale, const std::vector<double>& sinks,
                             const AttnVariant& av) {
   const int64_t ldt = w.ldt, QB = kAttnQBlock;
-  for (int64_t j = 0; j < s_n; ++j)
-    for (int64_t d = 0; d < dh; ++d) {
-      w.kt[size_t(d * ldt + j)] = k[j * ldk + d];
-      w.vt[size_t(d * ldt + j)] = v[j * ldk + d];
-    }
+  transpose_keys(k, ldk, s_n, dh, w.kt.data(), ldt);
+  transpose_keys(v, ldk, s_n, dh, w.vt.data(), ldt);
   std::fill(w.dkat.begin(), w.dkat.end(), 0.0);
   std::fill(w.dvt.begin(), w.dvt.end(), 0.0f);
   float* S = w.S.data();
@@ -117,8 +114,7 @@ void backward_kv_head_tiled(BackwardScratch& w, float* dq, int64_t ldq, const fl
       for (int64_t r = 0; r < nq; ++r) {
         float* pr = S + r * ldt;   // scores, then probabilities
         float* dr = dP + r * ldt;  // dP, then dS
-        float mx = sink;
-        for (int64_t j = lo[r]; j < hi[r]; ++j) mx = std::max(mx, pr[j]);
+        const float mx = max_of(pr + lo[r], hi[r] - lo[r], sink);
         const double sum =
             (has_sink ? std::exp(double(sink) - mx) : 0.0) + exp_shift_sum(pr + lo[r], hi[r] - lo[r], mx);
         const float inv = static_cast<float>(1.0 / sum);
@@ -220,8 +216,7 @@ void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Te
           for (int64_t r = 0; r < nq; ++r) {
             const int64_t s = s0 + r, first = av.first_key(s) - j0, last = s - j0;  // visible columns
             float* row = sc.data() + r * nk;
-            float mx = sinks.empty() ? -INFINITY : float(sinks[size_t(h)]);
-            for (int64_t j = first; j <= last; ++j) mx = std::max(mx, row[j]);
+            const float mx = max_of(row + first, last - first + 1, sinks.empty() ? -INFINITY : float(sinks[size_t(h)]));
             double sum = sinks.empty() ? 0.0 : std::exp(sinks[size_t(h)] - mx);
             sum += exp_shift_sum(row + first, last - first + 1, mx);
             std::fill(row, row + first, 0.0f);
