@@ -1,6 +1,7 @@
 // cpu_simd_exp.h — e^x on four f64 lanes (AVX2 + FMA), for the CPU kernels whose time went to
 // scalar exp: the experts' SwiGLU (f32 arguments); and on eight f32 lanes (exp8f, below) for
-// the cross-entropy's softmax over the vocabulary.
+// the cross-entropy's softmax over the vocabulary; and a row's maximum (max_of, the shift of
+// those softmaxes), on eight lanes.
 //
 // x = k·ln2 + r with |r| <= ln2/2 (r exact to f64 rounding: ln2 in two parts), e^r by its
 // degree-10 Taylor polynomial (truncation below 3e-13 relative), 2^k in the exponent bits.
@@ -10,11 +11,11 @@
 // Arguments are clamped to [lo, hi] so that 2^k stays a normal number; NaN stays NaN (min/max
 // return their second operand for a NaN).
 #pragma once
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
 
 namespace moe {
 namespace cpu {
@@ -59,20 +60,6 @@ inline __m256 exp8f(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// The largest of init and x[0, n), eight lanes at a time (a max is exact: the same value as the
-// scalar loop's in any order; a NaN in x is not carried, as std::max(mx, x) does not carry it).
-inline float max_of(const float* x, int64_t n, float init) {
-  int64_t i = 0;
-  __m256 mv = _mm256_set1_ps(init);
-  for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv);  // NaN in x: mv kept
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, mv);
-  float mx = init;
-  for (float l : lanes) mx = std::max(mx, l);
-  for (; i < n; ++i) mx = std::max(mx, x[i]);
-  return mx;
-}
-
 // Sum of the four f64 lanes.
 inline double hsum4(__m256d v) {
   alignas(32) double l[4];
@@ -83,3 +70,26 @@ inline double hsum4(__m256d v) {
 }  // namespace cpu
 }  // namespace moe
 #endif
+
+namespace moe {
+namespace cpu {
+
+// The largest of init and x[0, n), eight lanes at a time where the build has AVX2 (a max is
+// exact: the same value as the scalar loop's in any order; a NaN in x is not carried, as
+// std::max(mx, x) does not carry it).
+inline float max_of(const float* x, int64_t n, float init) {
+  int64_t i = 0;
+  float mx = init;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 mv = _mm256_set1_ps(init);
+  for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv);  // NaN in x: mv kept
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mv);
+  for (float l : lanes) mx = std::max(mx, l);
+#endif
+  for (; i < n; ++i) mx = std::max(mx, x[i]);
+  return mx;
+}
+
+}  // namespace cpu
+}  // namespace moe
