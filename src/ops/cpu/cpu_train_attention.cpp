@@ -115,8 +115,8 @@ void backward_kv_head_tiled(BackwardScratch& w, float* dq, int64_t ldq, const fl
         float* pr = S + r * ldt;   // scores, then probabilities
         float* dr = dP + r * ldt;  // dP, then dS
         const float mx = max_of(pr + lo[r], hi[r] - lo[r], sink);
-        const double sum =
-            (has_sink ? std::exp(double(sink) - mx) : 0.0) + exp_shift_sum(pr + lo[r], hi[r] - lo[r], mx);
+        const double sum = (has_sink ? std::exp(double(sink) - mx) : 0.0) +
+                           row_exp_sum(pr + lo[r], pr + lo[r], hi[r] - lo[r], mx);
         const float inv = static_cast<float>(1.0 / sum);
         for (int64_t j = lo[r]; j < hi[r]; ++j) pr[j] *= inv;
         const double delta = dot_f64(pr + lo[r], dr + lo[r], hi[r] - lo[r]);
