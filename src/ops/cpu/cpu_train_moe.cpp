@@ -165,7 +165,9 @@ ExpertView expert_view(const Tensor& w1, const Tensor& w3, const Tensor& w2, int
 // One row of F of the SwiGLU backward, with da = du · s:
 //   dh1 = da · h3 · silu'(h1), silu'(v) = sig(v) · (1 + v · (1 - sig(v)));  dh3 = da · silu(h1).
 // dh1 goes to `dh1`, dh3 over du; returns Σ du · silu(h1) · h3 (f64), the row scale's gradient.
-double swiglu_backward_row(float* dh1, float* du, const float* h1, const float* h3, float s, int64_t f) {
+// u, when given, receives the down projection's input silu(h1) · h3 · s (its sigmoid once for
+// both, not a pass of its own).
+double swiglu_backward_row(float* dh1, float* du, const float* h1, const float* h3, float s, int64_t f, float* u) {
   int64_t i = 0;
   double dot = 0;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -173,7 +175,10 @@ double swiglu_backward_row(float* dh1, float* du, const float* h1, const float* 
   __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
   for (; i + 8 <= f; i += 8) {
     const __m256 v = _mm256_loadu_ps(h1 + i), g3 = _mm256_loadu_ps(h3 + i), d = _mm256_loadu_ps(du + i);
-    const __m256 sg = sigmoid8(v), silu = _mm256_mul_ps(v, sg);
+    // sig(v) from exp8f's f32 lanes: the backward's derivatives need no expf rounding (the
+    // forward's activation, which inference shares, keeps sigmoid8's).
+    const __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp8f(_mm256_xor_ps(v, _mm256_set1_ps(-0.0f)))));
+    const __m256 silu = _mm256_mul_ps(v, sg);
     // du · silu · h3 in f64, as the scalar loop.
     acc0 = _mm256_add_pd(acc0, _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(d)),
                                                           _mm256_cvtps_pd(_mm256_castps256_ps128(silu))),
@@ -185,6 +190,7 @@ double swiglu_backward_row(float* dh1, float* du, const float* h1, const float* 
     const __m256 dsilu = _mm256_fmadd_ps(v, _mm256_sub_ps(one, sg), one);
     _mm256_storeu_ps(dh1 + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(da, g3), sg), dsilu));
     _mm256_storeu_ps(du + i, _mm256_mul_ps(da, silu));
+    if (u) _mm256_storeu_ps(u + i, _mm256_mul_ps(_mm256_mul_ps(silu, g3), sv));
   }
   dot = hsum4(_mm256_add_pd(acc0, acc1));
 #endif
@@ -194,6 +200,7 @@ double swiglu_backward_row(float* dh1, float* du, const float* h1, const float* 
     const float da = du[i] * s;
     dh1[i] = da * h3[i] * sg * (1.0f + v * (1.0f - sg));
     du[i] = da * silu;
+    if (u) u[i] = silu * h3[i] * s;
   }
   return dot;
 }
@@ -239,18 +246,21 @@ void glu_row(float* a, const float* h1, const float* h3, float s, int64_t f, con
   for (int64_t i = 0; i < f; ++i) a[i] = glu_act(h1[i], h3[i], glu) * s;
 }
 
-// swiglu_backward_row under a variant: dh1 to `dh1`, dh3 over du; returns Σ du · act (f64).
+// swiglu_backward_row under a variant: dh1 to `dh1`, dh3 over du; returns Σ du · act (f64);
+// u, when given, receives act · s.
 double glu_backward_row(float* dh1, float* du, const float* h1, const float* h3, float s, int64_t f,
-                        const ExpertGlu& glu) {
-  if (glu.plain()) return swiglu_backward_row(dh1, du, h1, h3, s, f);
+                        const ExpertGlu& glu, float* u) {
+  if (glu.plain()) return swiglu_backward_row(dh1, du, h1, h3, s, f, u);
   double dot = 0;
   for (int64_t i = 0; i < f; ++i) {
     float d1, d3;
     glu_grad(h1[i], h3[i], glu, &d1, &d3);
-    dot += double(du[i]) * glu_act(h1[i], h3[i], glu);
+    const float act = glu_act(h1[i], h3[i], glu);
+    dot += double(du[i]) * act;
     const float da = du[i] * s;
     dh1[i] = da * d1;
     du[i] = da * d3;
+    if (u) u[i] = act * s;
   }
   return dot;
 }
@@ -445,7 +455,10 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
     const ExpertFactors l1 = expert_factors(lora.w1, nullptr, e, d, f), l3 = expert_factors(lora.w3, nullptr, e, d, f);
     const ExpertFactors l2 = expert_factors(lora.w2, nullptr, e, f, d);
     const float* g = dyp.data<float>() + r0 * d;
-    if (need_u)
+    // u comes with the GLU backward's rows below, unless the down projection's adapter reads it
+    // before them (its input under dropout).
+    const bool u_first = need_u && l2.a;
+    if (u_first)
       for (int64_t r = 0; r < n; ++r)
         glu_row(u + r * f, saved_row(h1, r0 + r, f, hrow, 0), saved_row(h3, r0 + r, f, hrow, 1),
                 rs ? rs[r0 + r] : 1.0f, f, glu);
@@ -456,7 +469,8 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
     if (!b2row.empty()) bias_row(b2row.data(), bias.b2, e, d);
     for (int64_t r = 0; r < n; ++r) {
       double dot = glu_backward_row(dh1 + r * f, du + r * f, saved_row(h1, r0 + r, f, hrow, 0),
-                                    saved_row(h3, r0 + r, f, hrow, 1), rs ? rs[r0 + r] : 1.0f, f, glu);
+                                    saved_row(h3, r0 + r, f, hrow, 1), rs ? rs[r0 + r] : 1.0f, f, glu,
+                                    need_u && !u_first ? u + r * f : nullptr);
       // y = s · (a w2ᵀ + b2): the row scale also multiplies the down bias.
       for (int64_t i = 0; i < int64_t(b2row.size()); ++i) dot += double(g[r * d + i]) * b2row[size_t(i)];
       if (drs) drs[r] = static_cast<float>(dot);
