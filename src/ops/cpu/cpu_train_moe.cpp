@@ -242,7 +242,21 @@ int64_t max_rank(const ExpertLora& l) {
 
 // One row of the gated activation under a variant: a = act(h1, h3) · s (swiglu_row when plain).
 void glu_row(float* a, const float* h1, const float* h3, float s, int64_t f, const ExpertGlu& glu) {
-  if (glu.plain()) return swiglu_row(a, h1, h3, s, f);
+  if (glu.plain()) {
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    // sig(v) from exp8f's f32 lanes, as the backward's (swiglu_backward_row): training's forward
+    // needs no expf rounding; inference's swiglu_row keeps it.
+    const __m256 sv = _mm256_set1_ps(s), one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= f; i += 8) {
+      const __m256 v = _mm256_loadu_ps(h1 + i);
+      const __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp8f(_mm256_xor_ps(v, _mm256_set1_ps(-0.0f)))));
+      _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(v, sg), _mm256_loadu_ps(h3 + i)), sv));
+    }
+#endif
+    for (; i < f; ++i) a[i] = h1[i] * sigmoid(h1[i]) * h3[i] * s;
+    return;
+  }
   for (int64_t i = 0; i < f; ++i) a[i] = glu_act(h1[i], h3[i], glu) * s;
 }
 
