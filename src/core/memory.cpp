@@ -1,6 +1,8 @@
 // memory.cpp — tracked allocation and the per-category memory report.
 #include "core/memory.h"
 
+#include <omp.h>
+
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -287,7 +289,17 @@ void mem_copy(void* dst, Device dst_dev, const void* src, Device src_dev, size_t
 void mem_zero(void* p, Device dev, size_t n) {
   if (n == 0) return;
   if (dev == Device::CPU) {
-    std::memset(p, 0, n);
+    // Large blocks over the threads (a training step zeroes its gradients: one thread's memset
+    // kept the other waiting, 2.4-11 MiB an expert under the fused update).
+    constexpr size_t kParallelZero = size_t(1) << 20, kPiece = size_t(256) << 10;
+    if (n < kParallelZero || omp_in_parallel()) {
+      std::memset(p, 0, n);
+      return;
+    }
+    const int64_t pieces = int64_t((n + kPiece - 1) / kPiece);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < pieces; ++i)
+      std::memset(static_cast<char*>(p) + size_t(i) * kPiece, 0, std::min(kPiece, n - size_t(i) * kPiece));
     return;
   }
   auto& h = tracker().hooks[static_cast<int>(dev)];
