@@ -113,9 +113,10 @@ inline double dot_f64(const float* a, const float* b, int64_t n) {
 #if defined(__AVX2__) && defined(__FMA__)
   __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
   for (; i + 16 <= n; i += 16)
-    for (int c = 0; c < 4; ++c)
-      acc[c] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(a + i + 4 * c)), _mm256_cvtps_pd(_mm_loadu_ps(b + i + 4 * c)),
-                               acc[c]);
+    for (int c = 0; c < 4; ++c) {
+      const __m256d ac = _mm256_cvtps_pd(_mm_loadu_ps(a + i + 4 * c)), bc = _mm256_cvtps_pd(_mm_loadu_ps(b + i + 4 * c));
+      acc[c] = _mm256_fmadd_pd(ac, bc, acc[c]);
+    }
   for (; i + 4 <= n; i += 4)
     acc[0] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(a + i)), _mm256_cvtps_pd(_mm_loadu_ps(b + i)), acc[0]);
   sum = hsum4(_mm256_add_pd(_mm256_add_pd(acc[0], acc[1]), _mm256_add_pd(acc[2], acc[3])));

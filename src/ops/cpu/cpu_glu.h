@@ -47,17 +47,26 @@ inline __m256 sigmoid8(__m256 a) {
   return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(a, _mm256_set1_ps(-0.0f)))));
 }
 
+// The same from exp8f's f32 lanes (within a few ulp; no expf rounding): training's expert
+// rows, forward and backward; inference keeps sigmoid8.
+inline __m256 sigmoid8f(__m256 a) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8f(_mm256_xor_ps(a, _mm256_set1_ps(-0.0f)))));
+}
+
 #endif
 
 // One row of F: a = silu(h1) · h3 · s (the down projection's input), eight lanes at a time
-// with the e^x of cpu_simd_exp.h (expf's rounding but for 0.008% of arguments).
+// with the e^x of cpu_simd_exp.h: expf's rounding but for 0.008% of arguments (inference), or
+// exp8f's f32 lanes (ExpfRounding false: training's rows, whose backward uses sigmoid8f too).
+template <bool ExpfRounding = true>
 inline void swiglu_row(float* a, const float* h1, const float* h3, float s, int64_t f) {
   int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 sv = _mm256_set1_ps(s);
   for (; i + 8 <= f; i += 8) {
-    const __m256 v = _mm256_loadu_ps(h1 + i);
-    _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(v, sigmoid8(v)), _mm256_loadu_ps(h3 + i)), sv));
+    const __m256 v = _mm256_loadu_ps(h1 + i), sg = ExpfRounding ? sigmoid8(v) : sigmoid8f(v);
+    _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(v, sg), _mm256_loadu_ps(h3 + i)), sv));
   }
 #endif
   for (; i < f; ++i) a[i] = h1[i] * sigmoid(h1[i]) * h3[i] * s;

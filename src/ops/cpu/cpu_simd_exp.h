@@ -93,10 +93,10 @@ inline float max_of(const float* x, int64_t n, float init) {
 }
 
 // Σ e^(l[i] - mx) over a row, each term also stored to o[i] when o is given (o may alias l).
-// Eight f32 lanes compute the exponentials (exp8f: within a few ulp; the
-// arguments l - max are <= 0, the terms <= 1) and f64 lanes sum them: summed in f32 lanes, the
-// sum's relative error (~2e-7 at 32000 words) moved every value of the row's softmax the same
-// way once it divided them.
+// Eight f32 lanes compute the exponentials (exp8f: within a few ulp; the arguments l - max are
+// <= 0, the terms <= 1) and f64 lanes sum them: summed in f32 lanes, the sum's relative error
+// (~2e-7 at 32000 words) moved every value of the row's softmax the same way once it divided
+// them. The cross-entropy's rows and training attention's (not prefill's: exp_shift_sum).
 inline double row_exp_sum(float* o, const float* l, int64_t v, float mx) {
   double sum = 0;
   int64_t i = 0;

@@ -55,11 +55,11 @@ double dot3_f64(const float* w, const float* g, const float* x, int64_t n) {
 #if defined(__AVX2__) && defined(__FMA__)
   __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
   for (; i + 8 <= n; i += 8) {
-    const __m256 w8 = _mm256_loadu_ps(w + i), g8 = _mm256_loadu_ps(g + i), x8 = _mm256_loadu_ps(x + i);
-    a0 = _mm256_fmadd_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(w8)), _mm256_cvtps_pd(_mm256_castps256_ps128(g8))),
-                         _mm256_cvtps_pd(_mm256_castps256_ps128(x8)), a0);
-    a1 = _mm256_fmadd_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(w8, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(g8, 1))),
-                         _mm256_cvtps_pd(_mm256_extractf128_ps(x8, 1)), a1);
+    const __m256d w0 = _mm256_cvtps_pd(_mm_loadu_ps(w + i)), w1 = _mm256_cvtps_pd(_mm_loadu_ps(w + i + 4));
+    const __m256d g0 = _mm256_cvtps_pd(_mm_loadu_ps(g + i)), g1 = _mm256_cvtps_pd(_mm_loadu_ps(g + i + 4));
+    const __m256d x0 = _mm256_cvtps_pd(_mm_loadu_ps(x + i)), x1 = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4));
+    a0 = _mm256_fmadd_pd(_mm256_mul_pd(w0, g0), x0, a0);
+    a1 = _mm256_fmadd_pd(_mm256_mul_pd(w1, g1), x1, a1);
   }
   dot = hsum4(_mm256_add_pd(a0, a1));
 #endif

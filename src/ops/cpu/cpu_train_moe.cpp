@@ -166,7 +166,7 @@ ExpertView expert_view(const Tensor& w1, const Tensor& w3, const Tensor& w2, int
 //   dh1 = da · h3 · silu'(h1), silu'(v) = sig(v) · (1 + v · (1 - sig(v)));  dh3 = da · silu(h1).
 // dh1 goes to `dh1`, dh3 over du; returns Σ du · silu(h1) · h3 (f64), the row scale's gradient.
 // u, when given, receives the down projection's input silu(h1) · h3 · s (its sigmoid once for
-// both, not a pass of its own).
+// both, not a pass of its own). The sigmoid is sigmoid8f's: a derivative needs no expf rounding.
 double swiglu_backward_row(float* dh1, float* du, const float* h1, const float* h3, float s, int64_t f, float* u) {
   int64_t i = 0;
   double dot = 0;
@@ -175,10 +175,7 @@ double swiglu_backward_row(float* dh1, float* du, const float* h1, const float* 
   __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
   for (; i + 8 <= f; i += 8) {
     const __m256 v = _mm256_loadu_ps(h1 + i), g3 = _mm256_loadu_ps(h3 + i), d = _mm256_loadu_ps(du + i);
-    // sig(v) from exp8f's f32 lanes: the backward's derivatives need no expf rounding (the
-    // forward's activation, which inference shares, keeps sigmoid8's).
-    const __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp8f(_mm256_xor_ps(v, _mm256_set1_ps(-0.0f)))));
-    const __m256 silu = _mm256_mul_ps(v, sg);
+    const __m256 sg = sigmoid8f(v), silu = _mm256_mul_ps(v, sg);
     // du · silu · h3 in f64, as the scalar loop.
     acc0 = _mm256_add_pd(acc0, _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(d)),
                                                           _mm256_cvtps_pd(_mm256_castps256_ps128(silu))),
@@ -240,23 +237,10 @@ int64_t max_rank(const ExpertLora& l) {
   return r;
 }
 
-// One row of the gated activation under a variant: a = act(h1, h3) · s (swiglu_row when plain).
+// One row of the gated activation under a variant: a = act(h1, h3) · s (swiglu_row when plain,
+// with sigmoid8f as the backward's; inference's rows keep sigmoid8).
 void glu_row(float* a, const float* h1, const float* h3, float s, int64_t f, const ExpertGlu& glu) {
-  if (glu.plain()) {
-    int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    // sig(v) from exp8f's f32 lanes, as the backward's (swiglu_backward_row): training's forward
-    // needs no expf rounding; inference's swiglu_row keeps it.
-    const __m256 sv = _mm256_set1_ps(s), one = _mm256_set1_ps(1.0f);
-    for (; i + 8 <= f; i += 8) {
-      const __m256 v = _mm256_loadu_ps(h1 + i);
-      const __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp8f(_mm256_xor_ps(v, _mm256_set1_ps(-0.0f)))));
-      _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(v, sg), _mm256_loadu_ps(h3 + i)), sv));
-    }
-#endif
-    for (; i < f; ++i) a[i] = h1[i] * sigmoid(h1[i]) * h3[i] * s;
-    return;
-  }
+  if (glu.plain()) return swiglu_row<false>(a, h1, h3, s, f);
   for (int64_t i = 0; i < f; ++i) a[i] = glu_act(h1[i], h3[i], glu) * s;
 }
 
