@@ -434,9 +434,15 @@ struct PhaseClock {
 
 }  // namespace
 
+namespace {
+// Whether the LM head's products round their other factor to bf16 (ops.h bf16_products): its
+// gradient then goes to them rounded in place, frozen or not.
+bool head_products_bf16(const ModelWeights& w) { return w.lm_head.defined() && bf16_products(w.lm_head.dtype()); }
+}  // namespace
+
 HeadGrad head_grad(const ModelWeights& w) {
   if (w.frozen_base) return HeadGrad::Frozen;
-  return w.lm_head.defined() && bf16_products(w.lm_head.dtype()) ? HeadGrad::TrainsBf16 : HeadGrad::Trains;
+  return head_products_bf16(w) ? HeadGrad::TrainsBf16 : HeadGrad::Trains;
 }
 
 DType expert_h_dtype(const ModelConfig& c, const ModelWeights& w) {
@@ -550,7 +556,7 @@ StepLosses run_step(const Model& m, const Tensor& ids_in, const Tensor& labels_i
   // Under bf16 products the gradient is rounded to bf16 in the chunk's own bytes (as the products
   // would round it) and dX = dY·W, dW += dYᵀ·X read that: no second buffer, and the chunk twice as
   // tall as an f32 one (activations.h kBf16LogitsChunkRows).
-  const bool bf16_dy = grads && w.lm_head.defined() && bf16_products(w.lm_head.dtype());
+  const bool bf16_dy = grads && head_products_bf16(w);
   for (int64_t r0 = 0; r0 < h_n; r0 += lay.logits_chunk) {
     const int64_t r1 = std::min(h_n, r0 + lay.logits_chunk), n = r1 - r0;
     Tensor lg = logits.rows(0, n), h = shared.final_h.rows(r0, r1), tg = targets.rows(r0, r1);
