@@ -782,6 +782,103 @@ void tile_qk45_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float
   pair_sums<P>(acc, res);
 }
 
+#if MOE_QK_512
+// tile_qk45_pairs on 512-bit vectors, four rows per vector: 128-bit lane r holds 16 values of
+// row r (the same instructions per block as a row pair takes at 256 bits, for twice the rows).
+// On the 2-core Zen 5 VM (full-width AVX-512) q4_K decode of L3-resident rows was bound by the
+// pairs' instruction count at ~60 GB/s, under the 84-88 GB/s its memory reads in fast minutes.
+inline __m512i load_4x128(const uint8_t* const* p, int64_t off) {
+  const auto ld = [&](int r) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + off)); };
+  const __m512i lo = _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(ld(0)), ld(1), 1));
+  return _mm512_inserti64x4(lo, _mm256_inserti128_si256(_mm256_castsi128_si256(ld(2)), ld(3), 1), 1);
+}
+inline __m512i madd_acc512(__m512i acc, __m512i p, __m512i s) {
+#if MOE_QK_VNNI
+  return _mm512_dpwssd_epi32(acc, p, s);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(p, s));
+#endif
+}
+inline __m512i bcast4_128(const void* p) {
+  return _mm512_broadcast_i32x4(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+}
+// k4_scales_mins2 on four blocks (one per 128-bit lane), from the same per-lane constants.
+inline __m512i k4_scales_mins4(__m512i v) {
+  alignas(16) static constexpr int8_t kA[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11};
+  alignas(16) static constexpr int8_t kB[16] = {-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7};
+  alignas(16) static constexpr int8_t kLo[16] = {63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0};
+  alignas(16) static constexpr int8_t kHi[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15};
+  const __m512i A = _mm512_shuffle_epi8(v, bcast4_128(kA)), B = _mm512_shuffle_epi8(v, bcast4_128(kB));
+  const __m512i lo = _mm512_or_si512(_mm512_and_si512(A, bcast4_128(kLo)),
+                                     _mm512_and_si512(_mm512_srli_epi16(A, 4), bcast4_128(kHi)));
+  const __m512i hi = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(B, 6), _mm512_set1_epi8(3)), 4);
+  return _mm512_or_si512(lo, hi);
+}
+inline __m512i q5_bit16_512(__m512i h, __m512i m) {
+  return _mm512_maskz_mov_epi8(_mm512_cmpeq_epi8_mask(_mm512_and_si512(h, m), m), _mm512_set1_epi8(16));
+}
+
+template <bool Q5, int RW>
+void tile_qk45_quads(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
+  static_assert(RW == 4, "one row per 128-bit lane");
+  constexpr int64_t kBytes = Q5 ? 176 : 144;
+  constexpr int kQs = Q5 ? 48 : 16;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  // [d, dmin] of rows 0-3 in lanes 0-7 -> each row's d (dmin) over its four int32 lanes.
+  const __m512i d_lanes = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+  const __m512i m_lanes = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* aq = a.qs + b * 256;
+    const uint8_t* p[RW];
+    block_rows<RW>(wr, b, kBytes, ahead, p);
+    const __m512i sm = k4_scales_mins4(load_4x128(p, 4));
+    __m512i sumi = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512i a0 = bcast4_128(aq + 64 * j), a1 = bcast4_128(aq + 64 * j + 16);
+      const __m512i a2 = bcast4_128(aq + 64 * j + 32), a3 = bcast4_128(aq + 64 * j + 48);
+      const __m512i v0 = load_4x128(p, kQs + 32 * j), v1 = load_4x128(p, kQs + 32 * j + 16);
+      __m512i w00 = _mm512_and_si512(v0, m4), w10 = _mm512_and_si512(v1, m4);
+      __m512i w01 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), w11 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+      if constexpr (Q5) {
+        const __m512i h0 = load_4x128(p, 16), h1 = load_4x128(p, 32);
+        const __m512i b0 = _mm512_set1_epi8(static_cast<char>(1 << (2 * j)));
+        const __m512i b1 = _mm512_set1_epi8(static_cast<char>(1 << (2 * j + 1)));
+        w00 = _mm512_or_si512(w00, q5_bit16_512(h0, b0));
+        w10 = _mm512_or_si512(w10, q5_bit16_512(h1, b0));
+        w01 = _mm512_or_si512(w01, q5_bit16_512(h0, b1));
+        w11 = _mm512_or_si512(w11, q5_bit16_512(h1, b1));
+      }
+      const __m512i s_lo = _mm512_shuffle_epi8(sm, bcast4_128(kZx16.c[2 * j]));
+      const __m512i s_hi = _mm512_shuffle_epi8(sm, bcast4_128(kZx16.c[2 * j + 1]));
+      // As the pairs: a sub-block's two halves add as int16 before its scale (sum < 2^15).
+      sumi = madd_acc512(sumi, _mm512_add_epi16(_mm512_maddubs_epi16(w00, a0), _mm512_maddubs_epi16(w10, a1)), s_lo);
+      sumi = madd_acc512(sumi, _mm512_add_epi16(_mm512_maddubs_epi16(w01, a2), _mm512_maddubs_epi16(w11, a3)), s_hi);
+      __asm__("" : "+v"(sumi));  // a chain, as the pairs' (no reassociated tree of products)
+    }
+    const __m512i mins = _mm512_madd_epi16(_mm512_shuffle_epi8(sm, bcast4_128(kZx16.c[8])), bcast4_128(a.bsum32 + b * 8));
+    uint32_t h[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < RW; ++r) std::memcpy(&h[r], p[r], 4);
+    const __m256 dd = _mm256_mul_ps(_mm256_cvtph_ps(_mm_setr_epi32(int(h[0]), int(h[1]), int(h[2]), int(h[3]))),
+                                    _mm256_set1_ps(a.d[b]));
+    const __m512 dd16 = _mm512_castps256_ps512(dd);
+    acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(d_lanes, dd16), _mm512_cvtepi32_ps(sumi), acc);
+    acc = _mm512_fnmadd_ps(_mm512_permutexvar_ps(m_lanes, dd16), _mm512_cvtepi32_ps(mins), acc);
+  }
+  // Row r's sum is 128-bit lane r's four floats: hadd works within 128-bit lanes, so
+  // s8 = [r0 r0 r2 r2 | r1 r1 r3 r3] (partial sums) and s4 = [r0 r2 . . | r1 r3 . .].
+  const __m256 s8 = _mm256_hadd_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+  const __m256 s4 = _mm256_hadd_ps(s8, s8);
+  const __m128 lo = _mm256_castps256_ps128(s4), hi = _mm256_extractf128_ps(s4, 1);
+  res[0] = _mm_cvtss_f32(lo);
+  res[1] = _mm_cvtss_f32(hi);
+  res[2] = _mm_cvtss_f32(_mm_movehdup_ps(lo));
+  res[3] = _mm_cvtss_f32(_mm_movehdup_ps(hi));
+}
+#endif
+
 // q6_K (210 bytes: ql[128], qh[64], int8 scales[16], f16 d). For half n (128 values), 32-byte
 // vectors of the 6-bit values l = 0..31 of its four quarters; sub-block scale index
 // 8n + 2·quarter + l/16.
@@ -1122,8 +1219,13 @@ template <DType WT, int R>
 inline void decode_tile(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res) {
   if constexpr (WT == DType::Q8_0 || WT == DType::IQ4_NL) tile_s8_rows<WT, R>(wr, a, nb, res, kRowAhead);
   else if constexpr (WT == DType::Q4_0) tile_q4_0_rows<R>(wr, a, nb, res, kRowAhead);
-  else if constexpr (WT == DType::Q4_K || WT == DType::Q5_K)
+  else if constexpr (WT == DType::Q4_K || WT == DType::Q5_K) {
+#if MOE_QK_512
+    tile_qk45_quads<WT == DType::Q5_K, R>(wr, a, nb, res, kRowAhead);
+#else
     tile_qk45_pairs<WT == DType::Q5_K, R>(wr, a, nb, res, kRowAhead);
+#endif
+  }
   else if constexpr (WT == DType::Q6_K) tile_q6k_pairs<R>(wr, a, nb, res, kRowAhead);
   else if constexpr (quant_is_legacy(WT)) tile_legacy_rows<WT, R>(wr, a, nb, res, kRowAhead);
   else tile<WT, R, 1>(wr, a, 0, nb, res, kRowAhead);
