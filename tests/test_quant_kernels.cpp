@@ -234,6 +234,31 @@ TEST(QuantKernels, VariantsAgree) {
     }
 }
 
+// q8_0 decode: the 512-bit rows of the VNNI variant (weights as w + 128, 128·Σa taken off)
+// reach the same int32 block sums as the 256-bit sign-trick rows and reduce and scale them in
+// the same order, so every variant's output is the same float, bit for bit (odd and even block
+// counts; 301 rows split over the threads and 4 streams).
+TEST(QuantKernels, Q8DecodeVariantsBitEqual) {
+  IsaGuard guard;
+  const std::vector<cpu::QuantIsa> vs = variants();
+  if (vs.size() < 2) GTEST_SKIP() << "SKIPPED: only " << vs.size() << " kernel variant runs on this CPU";
+  for (int64_t kb : {9, 10}) {
+    const int64_t m = 301, k = kb * 32;
+    const std::vector<uint8_t> w = random_blocks(DType::Q8_0, m, k, 91);
+    const std::vector<float> x = random_x(1, k, 92);
+    std::vector<std::vector<float>> ys;
+    for (cpu::QuantIsa v : vs) {
+      cpu::set_quant_isa(v);
+      ys.emplace_back(static_cast<size_t>(m));
+      cpu::quant_gemm_xwt(ys.back().data(), m, x.data(), w.data(), DType::Q8_0, 1, m, k, false);
+    }
+    for (size_t a = 1; a < ys.size(); ++a)
+      for (int64_t j = 0; j < m; ++j)
+        ASSERT_EQ(ys[a][static_cast<size_t>(j)], ys[0][static_cast<size_t>(j)])
+            << cpu::quant_isa_name(vs[a]) << " row " << j << " k " << k;
+  }
+}
+
 TEST(QuantKernels, IsaNamesAndForcing) {
   IsaGuard guard;
   cpu::QuantIsa v;

@@ -162,7 +162,11 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   // kernel (tile_legacy_rows; their tiles of several activation rows read the blocks in order).
   const bool pairs = !packed && (wdt == DType::Q4_0 || (quant_is_legacy(wdt) && n == 1));
   const size_t p_bytes = pairs ? static_cast<size_t>(n * nbk) * 16 : 0;
-  const size_t s_bytes = (wdt == DType::Q4_0 && packed) || quant_is_legacy(wdt) ? align64(static_cast<size_t>(n * nbk) * 4) : 0;
+  // Σq of each block: q4_0's packed tiles, the legacy formats, and q8_0's 512-bit decode rows
+  // (tile_q8_0_rows512, which take the weights as w + 128).
+  const size_t s_bytes = (wdt == DType::Q4_0 && packed) || quant_is_legacy(wdt) || (wdt == DType::Q8_0 && n == 1)
+                             ? align64(static_cast<size_t>(n * nbk) * 4)
+                             : 0;
   Tensor ws = Tensor::empty(
       {static_cast<int64_t>(align64(q_bytes) + align64(d_bytes) + align64(x_bytes) + 2 * p_bytes + s_bytes + pack_bytes)},
       DType::U8, MemCategory::Workspace);

@@ -27,7 +27,7 @@ struct QActs {
   const int32_t* s4 = nullptr;  // [n, k/32, 4] 2·Σq (four lanes add up to the 8·Σq of the -8 offset)
   // q4_0 weights on the packed path (cpu_quant_packed.h), whose qs stay in order, and the
   // q4_1 / q5_0 / q5_1 weights (quant_is_legacy):
-  const int32_t* sum32 = nullptr;  // [n, k/32] Σq of each block
+  const int32_t* sum32 = nullptr;  // [n, k/32] Σq of each block (also q8_0 decode: tile_q8_0_rows512)
 };
 
 // q4_1 / q5_0 / q5_1: 32-value blocks with a minimum or a fixed offset, whose kernels need Σq of
