@@ -160,7 +160,8 @@ TEST(QuantKernels, EveryVariantMatchesReferences) {
   static_assert(cpu::kPackedMinRows == 8, "the shapes below straddle the packed path's threshold");
   // n 1 m 301 k 9 blocks: decode split over the threads (m·k > 65536 for every type), each
   // thread's rows in 4 streams with a remainder, the K-quant row pairs (tile_qk45_pairs for
-  // q4_K/q5_K on AVX2, tile_qk45_quads on the 512-bit variants, tile_q6k_pairs for q6_K) included.
+  // q4_K/q5_K and tile_q6k_pairs for q6_K on AVX2, tile_qk45_quads / tile_q6k_quads on the
+  // 512-bit variants) included.
   const Shape3 shapes[] = {{1, 7, 1}, {1, 37, 3}, {1, 13, 9}, {1, 301, 9}, {1, 23, 4}, {3, 5, 2}, {5, 11, 5}, {7, 9, 2},
                            {8, 16, 2}, {19, 17, 1}, {67, 9, 3}, {2, 1, 4}};
   uint32_t seed = 1;

@@ -874,6 +874,18 @@ inline __m512i q5_bit16_512(__m512i h, __m512i m) {
   return _mm512_maskz_mov_epi8(_mm512_cmpeq_epi8_mask(_mm512_and_si512(h, m), m), _mm512_set1_epi8(16));
 }
 
+// Row r's sum is 128-bit lane r's four floats: hadd works within 128-bit lanes, so
+// s8 = [r0 r0 r2 r2 | r1 r1 r3 r3] (partial sums) and s4 = [r0 r2 . . | r1 r3 . .].
+inline void quad_sums(__m512 acc, float* res) {
+  const __m256 s8 = _mm256_hadd_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+  const __m256 s4 = _mm256_hadd_ps(s8, s8);
+  const __m128 lo = _mm256_castps256_ps128(s4), hi = _mm256_extractf128_ps(s4, 1);
+  res[0] = _mm_cvtss_f32(lo);
+  res[1] = _mm_cvtss_f32(hi);
+  res[2] = _mm_cvtss_f32(_mm_movehdup_ps(lo));
+  res[3] = _mm_cvtss_f32(_mm_movehdup_ps(hi));
+}
+
 template <bool Q5, int RW>
 void tile_qk45_quads(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
   static_assert(RW == 4, "one row per 128-bit lane");
@@ -923,15 +935,7 @@ void tile_qk45_quads(const uint8_t* const* wr, const QActs& a, int64_t nb, float
     acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(d_lanes, dd16), _mm512_cvtepi32_ps(sumi), acc);
     acc = _mm512_fnmadd_ps(_mm512_permutexvar_ps(m_lanes, dd16), _mm512_cvtepi32_ps(mins), acc);
   }
-  // Row r's sum is 128-bit lane r's four floats: hadd works within 128-bit lanes, so
-  // s8 = [r0 r0 r2 r2 | r1 r1 r3 r3] (partial sums) and s4 = [r0 r2 . . | r1 r3 . .].
-  const __m256 s8 = _mm256_hadd_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
-  const __m256 s4 = _mm256_hadd_ps(s8, s8);
-  const __m128 lo = _mm256_castps256_ps128(s4), hi = _mm256_extractf128_ps(s4, 1);
-  res[0] = _mm_cvtss_f32(lo);
-  res[1] = _mm_cvtss_f32(hi);
-  res[2] = _mm_cvtss_f32(_mm_movehdup_ps(lo));
-  res[3] = _mm_cvtss_f32(_mm_movehdup_ps(hi));
+  quad_sums(acc, res);
 }
 #endif
 
@@ -1199,6 +1203,61 @@ void tile_q6k_pairs(const uint8_t* const* wr, const QActs& a, int64_t nb, float*
   pair_sums<P>(acc, res);
 }
 
+#if MOE_QK_512
+// tile_q6k_pairs on 512-bit vectors, four rows per vector (128-bit lane r: row r), as
+// tile_qk45_quads is to tile_qk45_pairs.
+template <int RW>
+void tile_q6k_quads(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
+  static_assert(RW == 4, "one row per 128-bit lane");
+  constexpr int64_t kBytes = 210;
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m3 = _mm512_set1_epi8(0x03), mc = _mm512_set1_epi8(0x0C);
+  const __m512i m30 = _mm512_set1_epi8(0x30);
+  const __m512i d_lanes = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* aq = a.qs + b * 256;
+    const uint8_t* p[RW];
+    block_rows<RW>(wr, b, kBytes, ahead, p);
+    __m512i sumi = _mm512_setzero_si512(), corr = _mm512_setzero_si512();
+#pragma GCC unroll 2
+    for (int n = 0; n < 2; ++n) {
+      // The 8 scales of half n as int16, row r's in lane r.
+      int64_t s8[RW];
+#pragma GCC unroll 4
+      for (int r = 0; r < RW; ++r) std::memcpy(&s8[r], p[r] + 192 + 8 * n, 8);
+      const __m512i sc = _mm512_cvtepi8_epi16(_mm256_setr_epi64x(s8[0], s8[1], s8[2], s8[3]));
+      corr = _mm512_add_epi32(corr, _mm512_madd_epi16(sc, bcast4_128(a.bsum + b * 16 + 8 * n)));
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const int8_t* ah = aq + 128 * n + 16 * h;
+        const __m512i a0 = bcast4_128(ah), a1 = bcast4_128(ah + 32), a2 = bcast4_128(ah + 64), a3 = bcast4_128(ah + 96);
+        const __m512i la = load_4x128(p, 64 * n + 16 * h), lb = load_4x128(p, 64 * n + 32 + 16 * h);
+        const __m512i hb = load_4x128(p, 128 + 32 * n + 16 * h);
+        const __m512i w0 = _mm512_or_si512(_mm512_and_si512(la, m4), _mm512_slli_epi16(_mm512_and_si512(hb, m3), 4));
+        const __m512i w1 = _mm512_or_si512(_mm512_and_si512(lb, m4), _mm512_slli_epi16(_mm512_and_si512(hb, mc), 2));
+        const __m512i w2 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(la, 4), m4), _mm512_and_si512(hb, m30));
+        const __m512i w3 =
+            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lb, 4), m4), _mm512_and_si512(_mm512_srli_epi16(hb, 2), m30));
+        sumi = madd_acc512(sumi, _mm512_maddubs_epi16(w0, a0), _mm512_shuffle_epi8(sc, bcast4_128(kShuf16.c[h][h])));
+        sumi = madd_acc512(sumi, _mm512_maddubs_epi16(w1, a1), _mm512_shuffle_epi8(sc, bcast4_128(kShuf16.c[2 + h][2 + h])));
+        sumi = madd_acc512(sumi, _mm512_maddubs_epi16(w2, a2), _mm512_shuffle_epi8(sc, bcast4_128(kShuf16.c[4 + h][4 + h])));
+        sumi = madd_acc512(sumi, _mm512_maddubs_epi16(w3, a3), _mm512_shuffle_epi8(sc, bcast4_128(kShuf16.c[6 + h][6 + h])));
+        __asm__("" : "+v"(sumi));  // a chain, as in tile_qk45_pairs (no spilled tree)
+      }
+    }
+    uint16_t h16[RW];
+#pragma GCC unroll 4
+    for (int r = 0; r < RW; ++r) std::memcpy(&h16[r], p[r] + 208, 2);
+    const __m128 d4 = _mm_mul_ps(_mm_cvtph_ps(_mm_setr_epi16(static_cast<short>(h16[0]), static_cast<short>(h16[1]),
+                                                            static_cast<short>(h16[2]), static_cast<short>(h16[3]), 0, 0, 0, 0)),
+                                 _mm_set1_ps(a.d[b]));
+    const __m512i tot = _mm512_sub_epi32(sumi, _mm512_slli_epi32(corr, 5));
+    acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(d_lanes, _mm512_castps128_ps512(d4)), _mm512_cvtepi32_ps(tot), acc);
+  }
+  quad_sums(acc, res);
+}
+#endif
+
 #include "ops/cpu/cpu_quant_packed.h"  // NOLINT(build/include): part of this file, per variant
 
 // ---- the driver --------------------------------------------------------------------------
@@ -1286,7 +1345,13 @@ inline void decode_tile(const uint8_t* const* wr, const QActs& a, int64_t nb, fl
     tile_qk45_pairs<WT == DType::Q5_K, R>(wr, a, nb, res, kRowAhead);
 #endif
   }
-  else if constexpr (WT == DType::Q6_K) tile_q6k_pairs<R>(wr, a, nb, res, kRowAhead);
+  else if constexpr (WT == DType::Q6_K) {
+#if MOE_QK_512
+    tile_q6k_quads<R>(wr, a, nb, res, kRowAhead);
+#else
+    tile_q6k_pairs<R>(wr, a, nb, res, kRowAhead);
+#endif
+  }
   else if constexpr (quant_is_legacy(WT)) tile_legacy_rows<WT, R>(wr, a, nb, res, kRowAhead);
   else tile<WT, R, 1>(wr, a, 0, nb, res, kRowAhead);
 }
