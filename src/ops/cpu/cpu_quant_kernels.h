@@ -98,13 +98,17 @@ inline __m256i dot_us_scaled(__m256i acc, __m256i u, __m256i s, __m256i scale16)
 #if MOE_QK_512
 inline __m512i join(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
 
-inline __m512i dot_us_scaled512(__m512i acc, __m512i u, __m512i s, __m512i scale16) {
-  const __m512i p = _mm512_maddubs_epi16(u, s);
+// madd_acc on 16 int32 lanes.
+inline __m512i madd_acc512(__m512i acc, __m512i p, __m512i s) {
 #if MOE_QK_VNNI
-  return _mm512_dpwssd_epi32(acc, p, scale16);
+  return _mm512_dpwssd_epi32(acc, p, s);
 #else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(p, scale16));
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(p, s));
 #endif
+}
+
+inline __m512i dot_us_scaled512(__m512i acc, __m512i u, __m512i s, __m512i scale16) {
+  return madd_acc512(acc, _mm512_maddubs_epi16(u, s), scale16);
 }
 
 inline int32_t hsum512_epi32(__m512i v) {
@@ -208,6 +212,34 @@ inline __m256 gather_h4x2(const uint8_t* const* p, int64_t o0, int64_t o1) {
   return _mm256_cvtph_ps(h);
 }
 
+// The 4-row decode kernels' shared steps (tile_s8_rows, tile_q8_0_rows512). Scale: the int32
+// sums tot = [block b: rows 0-3 | block b+1: rows 0-3] times each row's and the activations'
+// block scales, into acc. Finish: each row's two lanes summed into res, and an odd last block
+// through the general tile.
+template <DType WT>
+inline __m256 s8_rows_scale(__m256 acc, __m256i tot, const uint8_t* const* p, const QActs& a, int64_t b) {
+  const __m256 da = _mm256_set_m128(_mm_set1_ps(a.d[b + 1]), _mm_set1_ps(a.d[b]));
+  const __m256 dd = _mm256_mul_ps(gather_h4x2(p, 0, S8Block<WT>::kBytes), da);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), dd, acc);
+}
+template <DType WT, int RW>
+inline void s8_rows_finish(__m256 acc, const uint8_t* const* wr, const QActs& a, int64_t b, int64_t nb, float* res) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (int r = 0; r < RW; ++r) res[r] = lanes[r] + lanes[4 + r];
+  if (b < nb) {
+    for (int r = 0; r < RW; ++r) {
+      const uint8_t* last[1] = {wr[r] + b * S8Block<WT>::kBytes};
+      QActs a1 = a;
+      a1.qs = a.qs + b * 32;
+      a1.d = a.d + b;
+      float one;
+      tile_s8<WT, 1, 1>(last, a1, 0, 1, &one, 0);
+      res[r] += one;
+    }
+  }
+}
+
 // q8_0 / iq4_nl decode (one activation row), 4 rows and 2 blocks at a time: each row's 8-lane integer
 // dot is reduced across lanes (sum4_rows), the two blocks' halves joined, so one vector holds
 // block b of rows 0-3 and block b+1 of rows 0-3, converted and scaled by one instruction each.
@@ -239,24 +271,9 @@ void tile_s8_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float* r
     // [block b: rows 0-3 | block b+1: rows 0-3], each the sum of its two 128-bit halves
     const __m256i tot = _mm256_add_epi32(_mm256_permute2x128_si256(sums[0], sums[1], 0x20),
                                          _mm256_permute2x128_si256(sums[0], sums[1], 0x31));
-    const __m256 da = _mm256_set_m128(_mm_set1_ps(a.d[b + 1]), _mm_set1_ps(a.d[b]));
-    const __m256 dd = _mm256_mul_ps(gather_h4x2(p, 0, S8Block<WT>::kBytes), da);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), dd, acc);
+    acc = s8_rows_scale<WT>(acc, tot, p, a, b);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  for (int r = 0; r < RW; ++r) res[r] = lanes[r] + lanes[4 + r];
-  if (b < nb) {  // odd block count: the last block of each row through the general tile
-    for (int r = 0; r < RW; ++r) {
-      const uint8_t* last[1] = {wr[r] + b * S8Block<WT>::kBytes};
-      QActs a1 = a;
-      a1.qs = a.qs + b * 32;
-      a1.d = a.d + b;
-      float one;
-      tile_s8<WT, 1, 1>(last, a1, 0, 1, &one, 0);
-      res[r] += one;
-    }
-  }
+  s8_rows_finish<WT, RW>(acc, wr, a, b, nb, res);
 }
 
 
@@ -271,7 +288,7 @@ void tile_s8_rows(const uint8_t* const* wr, const QActs& a, int64_t nb, float* r
 template <int RW>
 void tile_q8_0_rows512(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res, int64_t ahead) {
   static_assert(RW == 4, "sum4_rows and the scale gather take 4 rows");
-  constexpr int64_t kB = 34;
+  constexpr int64_t kB = S8Block<DType::Q8_0>::kBytes;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m256 acc = _mm256_setzero_ps();
   const uint8_t* p[RW];
@@ -295,24 +312,9 @@ void tile_q8_0_rows512(const uint8_t* const* wr, const QActs& a, int64_t nb, flo
     // [block b: rows 0-3 | block b+1: rows 0-3], less 128·Σa of each block
     __m256i tot = _mm256_add_epi32(_mm512_castsi512_si256(sl), _mm512_extracti64x4_epi64(sl, 1));
     tot = _mm256_sub_epi32(tot, _mm256_slli_epi32(_mm256_set_m128i(_mm_set1_epi32(a.sum32[b + 1]), _mm_set1_epi32(a.sum32[b])), 7));
-    const __m256 da = _mm256_set_m128(_mm_set1_ps(a.d[b + 1]), _mm_set1_ps(a.d[b]));
-    const __m256 dd = _mm256_mul_ps(gather_h4x2(p, 0, kB), da);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), dd, acc);
+    acc = s8_rows_scale<DType::Q8_0>(acc, tot, p, a, b);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  for (int r = 0; r < RW; ++r) res[r] = lanes[r] + lanes[4 + r];
-  if (b < nb) {  // odd block count: the last block of each row through the general tile
-    for (int r = 0; r < RW; ++r) {
-      const uint8_t* last[1] = {wr[r] + b * kB};
-      QActs a1 = a;
-      a1.qs = a.qs + b * 32;
-      a1.d = a.d + b;
-      float one;
-      tile_s8<DType::Q8_0, 1, 1>(last, a1, 0, 1, &one, 0);
-      res[r] += one;
-    }
-  }
+  s8_rows_finish<DType::Q8_0, RW>(acc, wr, a, b, nb, res);
 }
 #endif
 
@@ -847,13 +849,6 @@ inline __m512i load_4x128(const uint8_t* const* p, int64_t off) {
   const auto ld = [&](int r) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + off)); };
   const __m512i lo = _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(ld(0)), ld(1), 1));
   return _mm512_inserti64x4(lo, _mm256_inserti128_si256(_mm256_castsi128_si256(ld(2)), ld(3), 1), 1);
-}
-inline __m512i madd_acc512(__m512i acc, __m512i p, __m512i s) {
-#if MOE_QK_VNNI
-  return _mm512_dpwssd_epi32(acc, p, s);
-#else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(p, s));
-#endif
 }
 inline __m512i bcast4_128(const void* p) {
   return _mm512_broadcast_i32x4(_mm_loadu_si128(static_cast<const __m128i*>(p)));
