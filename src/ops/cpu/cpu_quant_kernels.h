@@ -578,16 +578,20 @@ constexpr int64_t kRowAhead = MOE_QK_ROW_AHEAD;
 //   sc[0..3] = A & 63, sc[4..7] = (A & 15) | (B >> 6) << 4, m[0..3] = A & 63,
 //   m[4..7] = (A >> 4) | (B >> 6) << 4.
 // Each 128-bit lane of v holds one block's 12 scale bytes (+ 4 ignored): two blocks at once.
+// The per-128-bit-lane constants of the unpacking (k4_scales_mins2 / k4_scales_mins4 broadcast
+// them to their width).
+alignas(16) inline constexpr int8_t kK4A[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11};
+alignas(16) inline constexpr int8_t kK4B[16] = {-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7};
+alignas(16) inline constexpr int8_t kK4Lo[16] = {63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0};
+alignas(16) inline constexpr int8_t kK4Hi[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15};
+// 16 bytes at p in both 128-bit lanes.
+inline __m256i bcast_128(const void* p) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+}
 inline __m256i k4_scales_mins2(__m256i v) {
-  const __m256i A = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11,
-                                                            0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
-  const __m256i B = _mm256_shuffle_epi8(v, _mm256_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7,
-                                                            -1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
-  const __m256i lo = _mm256_or_si256(
-      _mm256_and_si256(A, _mm256_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0,
-                                           63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)),
-      _mm256_and_si256(_mm256_srli_epi16(A, 4), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15,
-                                                                 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15)));
+  const __m256i A = _mm256_shuffle_epi8(v, bcast_128(kK4A)), B = _mm256_shuffle_epi8(v, bcast_128(kK4B));
+  const __m256i lo = _mm256_or_si256(_mm256_and_si256(A, bcast_128(kK4Lo)),
+                                     _mm256_and_si256(_mm256_srli_epi16(A, 4), bcast_128(kK4Hi)));
   const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(B, 6), _mm256_set1_epi8(3)), 4);
   return _mm256_or_si256(lo, hi);
 }
@@ -727,9 +731,6 @@ inline __m256i load_2x128(const uint8_t* lo, const uint8_t* hi) {
   return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo))),
                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)), 1);
 }
-inline __m256i bcast_128(const int8_t* p) {
-  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 
 // 16 where a byte of h has all the bits of m set, else 0 (q5_K's fifth bit as a value).
 inline __m256i q5_bit16(__m256i h, __m256i m) {
@@ -855,13 +856,9 @@ inline __m512i bcast4_128(const void* p) {
 }
 // k4_scales_mins2 on four blocks (one per 128-bit lane), from the same per-lane constants.
 inline __m512i k4_scales_mins4(__m512i v) {
-  alignas(16) static constexpr int8_t kA[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11};
-  alignas(16) static constexpr int8_t kB[16] = {-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7};
-  alignas(16) static constexpr int8_t kLo[16] = {63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0};
-  alignas(16) static constexpr int8_t kHi[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15};
-  const __m512i A = _mm512_shuffle_epi8(v, bcast4_128(kA)), B = _mm512_shuffle_epi8(v, bcast4_128(kB));
-  const __m512i lo = _mm512_or_si512(_mm512_and_si512(A, bcast4_128(kLo)),
-                                     _mm512_and_si512(_mm512_srli_epi16(A, 4), bcast4_128(kHi)));
+  const __m512i A = _mm512_shuffle_epi8(v, bcast4_128(kK4A)), B = _mm512_shuffle_epi8(v, bcast4_128(kK4B));
+  const __m512i lo = _mm512_or_si512(_mm512_and_si512(A, bcast4_128(kK4Lo)),
+                                     _mm512_and_si512(_mm512_srli_epi16(A, 4), bcast4_128(kK4Hi)));
   const __m512i hi = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(B, 6), _mm512_set1_epi8(3)), 4);
   return _mm512_or_si512(lo, hi);
 }
@@ -1327,27 +1324,25 @@ constexpr int kDecodeStreams = 4;
 // K-quant row pairs are 256-bit code in every variant), else the general tile.
 template <DType WT, int R>
 inline void decode_tile(const uint8_t* const* wr, const QActs& a, int64_t nb, float* res) {
+  if constexpr (WT == DType::Q8_0 || WT == DType::IQ4_NL) {
 #if MOE_QK_VNNI
-  if constexpr (WT == DType::Q8_0) tile_q8_0_rows512<R>(wr, a, nb, res, kRowAhead);
-  else
+    if constexpr (WT == DType::Q8_0) return tile_q8_0_rows512<R>(wr, a, nb, res, kRowAhead);
 #endif
-  if constexpr (WT == DType::Q8_0 || WT == DType::IQ4_NL) tile_s8_rows<WT, R>(wr, a, nb, res, kRowAhead);
-  else if constexpr (WT == DType::Q4_0) tile_q4_0_rows<R>(wr, a, nb, res, kRowAhead);
+    tile_s8_rows<WT, R>(wr, a, nb, res, kRowAhead);
+  } else if constexpr (WT == DType::Q4_0) tile_q4_0_rows<R>(wr, a, nb, res, kRowAhead);
   else if constexpr (WT == DType::Q4_K || WT == DType::Q5_K) {
 #if MOE_QK_512
     tile_qk45_quads<WT == DType::Q5_K, R>(wr, a, nb, res, kRowAhead);
 #else
     tile_qk45_pairs<WT == DType::Q5_K, R>(wr, a, nb, res, kRowAhead);
 #endif
-  }
-  else if constexpr (WT == DType::Q6_K) {
+  } else if constexpr (WT == DType::Q6_K) {
 #if MOE_QK_512
     tile_q6k_quads<R>(wr, a, nb, res, kRowAhead);
 #else
     tile_q6k_pairs<R>(wr, a, nb, res, kRowAhead);
 #endif
-  }
-  else if constexpr (quant_is_legacy(WT)) tile_legacy_rows<WT, R>(wr, a, nb, res, kRowAhead);
+  } else if constexpr (quant_is_legacy(WT)) tile_legacy_rows<WT, R>(wr, a, nb, res, kRowAhead);
   else tile<WT, R, 1>(wr, a, 0, nb, res, kRowAhead);
 }
 template <DType WT, int R>
