@@ -32,55 +32,55 @@ Tracker& tracker() {
   return t;
 }
 
-// Host blocks, once freed, are kept for an allocation of exactly the same size: a training step
-// or a decode step allocates the same sizes every time, so the steady state calls neither
-// malloc nor the kernel (large blocks are mapped directly: no page faults either).
-//   Large blocks (>= kMapThreshold): live + kept large bytes never exceed the high-water mark
-//     of live large bytes, so their resident peak is never above that of unmapping each block
-//     when it is freed. An allocation that finds no kept block of its size returns kept blocks
-//     to the system (oldest first) only until the new block fits under that mark: returning
-//     all of them on every miss made a training step, whose backward alternates temporaries of
-//     different sizes, unmap and re-fault its memory layer after layer.
-//   Small blocks: kept up to kMaxKeptSmallBytes in all and never flushed by a miss (a flush
-//     would drop blocks the rest of the step needs, and the misses that follow would repeat
-//     every step); a miss simply takes a new block.
-//   A large allocation that finds no kept block of its size takes the smallest kept one of up
-//     to twice its size before mapping a new one: the routed experts' scratch follows their
-//     largest row count, which moves between powers of two from step to step, and each new size
-//     mapped, faulted in and zeroed ~26 MiB a step (Mixtral-shaped, 2 layers) and evicted blocks
-//     of the steady sizes. Such a block is accounted, kept and unmapped at its own size (a small
-//     table maps it to that size while it is lent out).
-// The table of kept blocks is a fixed array (keeping a block must not allocate); when it is
-// full a freed block goes back to the system at once. Sanitizer builds keep nothing, so that
-// ASan sees every use after free.
+// Host blocks, once freed, are kept and reused: a training step or a decode step allocates the
+// same sizes every time, so the steady state calls neither malloc nor the kernel.
+//   Small blocks (< kMapThreshold, from malloc): kept up to kMaxKeptSmallBytes in all and reused
+//     for a request of exactly their size; never flushed by a miss (a flush would drop blocks the
+//     rest of the step needs, and the misses that follow would repeat every step).
+//   Large blocks (mapped directly) form one pool of mapped address ranges. A request takes the
+//     kept range of exactly its size, else the smallest kept range larger than it, from whose
+//     front it is carved (the rest stays kept); a freed range merges with kept ranges adjacent
+//     to it. Only when no kept range is large enough is a new one mapped, made as far as they
+//     go of kept ranges whose pages are moved into it (map_gathering_kept); then kept ranges are
+//     returned to the system (oldest first, the last one only in part) until live + kept large
+//     bytes fit under the high-water mark of live large bytes: the resident peak is never above
+//     that of unmapping each block when it is freed.
+//   Why carve: the memory of a training step's forward peak (activations, the logits chunk, the
+//   LM head's gradient) is free again during its backward, whose temporaries (the experts'
+//   gradients, the embedding's) have other sizes. Kept only for exact sizes, those had to be
+//   unmapped under the mark and mapped anew every step: 145 MiB a step at the Mixtral shape of
+//   bench/train_vs_torch.sh, and a fresh page costs more than its zeroing in a VM whose host
+//   takes back freed memory (the embedding's 62.5 MiB gradient 70 ms a step). Carved from the
+//   forward's freed ranges, or gathered from them where none is large enough alone, no page is
+//   faulted in after the first step.
+// The table of kept ranges is a fixed array (keeping a block must not allocate); when it is full
+// a freed block goes back to the system at once. Sanitizer builds keep nothing, so that ASan sees
+// every use after free.
 
 constexpr size_t kMapThreshold = size_t(256) << 10;
 constexpr size_t kMapGranule = size_t(64) << 10;
 // New mappings of this size or more for a training step's temporaries (gradients, activations,
-// scratch: re-faulted every step when a kept block was returned) ask for transparent huge
-// pages: a fresh 64 MiB gradient faulted in 4 KiB pages cost 36 ms a step (Mixtral-shaped
-// training, step 0.92 -> 0.77 s with them). Not for weights, KV cache or optimizer state,
-// which are faulted once: bf16 decode measured slower from huge-page weights (55 vs 64 tokens/s).
+// scratch) ask for transparent huge pages: a fresh 64 MiB gradient faulted in 4 KiB pages cost
+// 36 ms a step (Mixtral-shaped training, step 0.92 -> 0.77 s with them). Not for weights, KV
+// cache or optimizer state, which are faulted once: bf16 decode measured slower from huge-page
+// weights (55 vs 64 tokens/s).
 constexpr size_t kHugeMin = size_t(4) << 20;
 constexpr size_t kMaxKeptBlocks = 4096;
 constexpr size_t kMaxKeptSmallBytes = size_t(32) << 20;
-constexpr size_t kMaxLent = 256;
 
 struct KeptBlock {
   size_t size;
   void* p;
+  bool mapped;  // a range of a mapping (any size once carved), else a malloc block
 };
 
 struct BlockCache {
   std::mutex mu;
-  KeptBlock kept[kMaxKeptBlocks];
+  KeptBlock kept[kMaxKeptBlocks];  // oldest first
   size_t n_kept = 0;
   size_t small_bytes = 0;  // kept bytes of small blocks
-  size_t large_live = 0, large_kept = 0, large_high = 0;  // large blocks: in use, kept, peak in use
+  size_t large_live = 0, large_kept = 0, large_high = 0;  // mapped bytes: in use, kept, peak in use
   std::atomic<int64_t> system_allocs{0};
-  // Large blocks lent out for a smaller request: the pointer and the block's own size.
-  KeptBlock lent[kMaxLent];
-  size_t n_lent = 0;
 };
 
 BlockCache& block_cache() {
@@ -95,114 +95,173 @@ size_t host_block_size(size_t n) {
 
 bool is_large(size_t size) { return size >= kMapThreshold; }
 
-void system_free(void* p, size_t size) {
-  if (is_large(size))
-    ::munmap(p, size);
-  else
-    std::free(p);
+char* bytes_at(void* p) { return static_cast<char*>(p); }
+
+void take_kept(BlockCache& c, size_t i) {
+  std::memmove(&c.kept[i], &c.kept[i + 1], (c.n_kept - i - 1) * sizeof(KeptBlock));
+  --c.n_kept;
 }
 
-// Returns kept blocks to the system, oldest first: every one (large_only false), or large ones
-// until at least `bytes` of them went back. Caller holds c.mu.
-void release_kept(BlockCache& c, bool large_only, size_t bytes = SIZE_MAX) {
+void system_free(const KeptBlock& b) {
+  if (b.mapped)
+    ::munmap(b.p, b.size);
+  else
+    std::free(b.p);
+}
+
+// Returns kept blocks to the system, oldest first: every one (mapped_only false), or mapped
+// ranges until `bytes` of them went back, the last range only in part (its tail). Caller holds
+// c.mu.
+void release_kept(BlockCache& c, bool mapped_only, size_t bytes = SIZE_MAX) {
   size_t w = 0, freed = 0;
   for (size_t i = 0; i < c.n_kept; ++i) {
-    const size_t size = c.kept[i].size;
-    if ((large_only && !is_large(size)) || freed >= bytes) {
-      c.kept[w++] = c.kept[i];
+    KeptBlock b = c.kept[i];
+    if ((mapped_only && !b.mapped) || freed >= bytes) {
+      c.kept[w++] = b;
       continue;
     }
-    if (is_large(size)) {
-      c.large_kept -= size;
-      freed += size;
-    } else {
-      c.small_bytes -= size;
+    if (!b.mapped) {
+      c.small_bytes -= b.size;
+      system_free(b);
+      continue;
     }
-    system_free(c.kept[i].p, size);
+    const size_t want = bytes == SIZE_MAX ? b.size : (bytes - freed + kMapGranule - 1) / kMapGranule * kMapGranule;
+    if (want < b.size) {  // the tail goes back, the front stays kept
+      ::munmap(bytes_at(b.p) + (b.size - want), want);
+      b.size -= want;
+      c.large_kept -= want;
+      freed += want;
+      c.kept[w++] = b;
+      continue;
+    }
+    c.large_kept -= b.size;
+    freed += b.size;
+    system_free(b);
   }
   c.n_kept = w;
+}
+
+// A kept mapped range for `size` bytes (an exact one, else carved from the front of the smallest
+// larger one), or null. Caller holds c.mu.
+void* carve_kept(BlockCache& c, size_t size) {
+  size_t best = SIZE_MAX;
+  for (size_t i = c.n_kept; i-- > 0;) {  // newest first: likeliest still in cache
+    const KeptBlock& b = c.kept[i];
+    if (!b.mapped || b.size < size) continue;
+    if (b.size == size) {
+      best = i;
+      break;
+    }
+    if (best == SIZE_MAX || b.size < c.kept[best].size) best = i;
+  }
+  if (best == SIZE_MAX) return nullptr;
+  KeptBlock& b = c.kept[best];
+  void* p = b.p;
+  if (b.size == size) {
+    take_kept(c, best);
+  } else {
+    b.p = bytes_at(b.p) + size;
+    b.size -= size;
+  }
+  c.large_kept -= size;
+  c.large_live += size;
+  c.large_high = std::max(c.large_high, c.large_live);
+  return p;
+}
+
+// A new mapping of `size` bytes for a request no kept range fits. Its front is made of kept
+// ranges, oldest first, moved into it whole or in part (mremap moves their resident pages: no
+// fault, no zeroing, no copy); the rest is fresh. Caller holds c.mu.
+void* map_gathering_kept(BlockCache& c, size_t size, bool huge) {
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+  if (huge && size >= kHugeMin) ::madvise(p, size, MADV_HUGEPAGE);
+  size_t off = 0;
+  for (size_t i = 0; i < c.n_kept && off < size;) {
+    KeptBlock& b = c.kept[i];
+    if (!b.mapped) {
+      ++i;
+      continue;
+    }
+    const size_t n = std::min(b.size, size - off);
+    if (::mremap(b.p, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, bytes_at(p) + off) == MAP_FAILED) break;
+    off += n;
+    c.large_kept -= n;
+    if (n == b.size) {
+      take_kept(c, i);
+    } else {
+      b.p = bytes_at(b.p) + n;
+      b.size -= n;
+      ++i;
+    }
+  }
+  return p;
 }
 
 void* host_alloc(size_t size, bool huge) {
   BlockCache& c = block_cache();
   if (!MOE_ASAN) {
     std::lock_guard<std::mutex> lock(c.mu);
-    for (size_t i = c.n_kept; i-- > 0;) {  // newest first: likeliest still in cache
-      if (c.kept[i].size != size) continue;
-      void* p = c.kept[i].p;
-      // (Order kept: the oldest blocks stay first, the ones a later miss returns.)
-      std::memmove(&c.kept[i], &c.kept[i + 1], (c.n_kept - i - 1) * sizeof(KeptBlock));
-      --c.n_kept;
-      if (is_large(size)) {
-        c.large_kept -= size;
-        c.large_live += size;
-      } else {
-        c.small_bytes -= size;
-      }
-      return p;
-    }
-    if (is_large(size) && c.n_lent < kMaxLent) {
-      size_t best = SIZE_MAX;
-      for (size_t i = 0; i < c.n_kept; ++i) {
-        const size_t k = c.kept[i].size;
-        if (k > size && k <= 2 * size && (best == SIZE_MAX || k < c.kept[best].size)) best = i;
-      }
-      if (best != SIZE_MAX) {
-        const KeptBlock b = c.kept[best];
-        std::memmove(&c.kept[best], &c.kept[best + 1], (c.n_kept - best - 1) * sizeof(KeptBlock));
-        --c.n_kept;
-        c.large_kept -= b.size;
-        c.large_live += b.size;
-        c.large_high = std::max(c.large_high, c.large_live);
-        c.lent[c.n_lent++] = b;
-        return b.p;
-      }
-    }
     if (is_large(size)) {
+      if (void* p = carve_kept(c, size)) return p;
+      c.system_allocs.fetch_add(1, std::memory_order_relaxed);
+      void* p = map_gathering_kept(c, size, huge);
+      if (!p) return nullptr;
       c.large_live += size;
       c.large_high = std::max(c.large_high, c.large_live);
       if (c.large_live + c.large_kept > c.large_high)
-        release_kept(c, /*large_only=*/true, c.large_live + c.large_kept - c.large_high);
+        release_kept(c, /*mapped_only=*/true, c.large_live + c.large_kept - c.large_high);
+      return p;
+    } else {
+      for (size_t i = c.n_kept; i-- > 0;) {  // newest first: likeliest still in cache
+        if (c.kept[i].mapped || c.kept[i].size != size) continue;
+        void* p = c.kept[i].p;
+        take_kept(c, i);  // (the oldest blocks stay first, the ones a later miss returns)
+        c.small_bytes -= size;
+        return p;
+      }
     }
   }
   c.system_allocs.fetch_add(1, std::memory_order_relaxed);
-  if (is_large(size)) {
+  if (is_large(size)) {  // sanitizer builds: a fresh mapping every time
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p != MAP_FAILED) {
-      if (huge && size >= kHugeMin) ::madvise(p, size, MADV_HUGEPAGE);
-      return p;
-    }
-    if (!MOE_ASAN) {
-      std::lock_guard<std::mutex> lock(c.mu);
-      c.large_live -= size;
-    }
-    return nullptr;
+    return p == MAP_FAILED ? nullptr : p;
   }
   return std::aligned_alloc(64, size);
 }
 
 void host_free(void* p, size_t size) {
   BlockCache& c = block_cache();
+  KeptBlock b{size, p, is_large(size)};
   if (!MOE_ASAN) {
     std::lock_guard<std::mutex> lock(c.mu);
-    for (size_t i = 0; is_large(size) && i < c.n_lent; ++i)
-      if (c.lent[i].p == p) {  // a larger block lent for this request: back at its own size
-        size = c.lent[i].size;
-        c.lent[i] = c.lent[--c.n_lent];
-        break;
+    if (b.mapped) {
+      c.large_live -= size;
+      c.large_kept += size;
+      // Merge with the kept ranges on either side (they stay counted as kept).
+      for (size_t i = c.n_kept; i-- > 0;) {
+        const KeptBlock& k = c.kept[i];
+        if (!k.mapped) continue;
+        if (bytes_at(k.p) + k.size == bytes_at(b.p)) {
+          b = {b.size + k.size, k.p, true};
+          take_kept(c, i);
+        } else if (bytes_at(b.p) + b.size == bytes_at(k.p)) {
+          b.size += k.size;
+          take_kept(c, i);
+        }
       }
-    if (is_large(size)) c.large_live -= size;
-    const bool small_full = !is_large(size) && c.small_bytes + size > kMaxKeptSmallBytes;
-    if (c.n_kept < kMaxKeptBlocks && !small_full) {
-      c.kept[c.n_kept++] = {size, p};
-      if (is_large(size))
-        c.large_kept += size;
-      else
-        c.small_bytes += size;
+      if (c.n_kept < kMaxKeptBlocks) {
+        c.kept[c.n_kept++] = b;
+        return;
+      }
+      c.large_kept -= b.size;
+    } else if (c.n_kept < kMaxKeptBlocks && c.small_bytes + size <= kMaxKeptSmallBytes) {
+      c.kept[c.n_kept++] = b;
+      c.small_bytes += size;
       return;
     }
   }
-  system_free(p, size);
+  system_free(b);
 }
 
 }  // namespace
@@ -210,7 +269,7 @@ void host_free(void* p, size_t size) {
 void mem_trim() {
   BlockCache& c = block_cache();
   std::lock_guard<std::mutex> lock(c.mu);
-  release_kept(c, /*large_only=*/false);
+  release_kept(c, /*mapped_only=*/false);
   c.large_high = c.large_live;  // what comes next is measured from here
 }
 
