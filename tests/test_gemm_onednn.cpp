@@ -113,8 +113,9 @@ TEST(OneDnnGemm, RefusesOtherDtypes) {
 struct BackShape {
   int64_t n, m, k, ldw, ldy, ldx;
 };
+// (m 4500: dW in blocks of rows, dw_product, three of 1500, each reading dY from its column.)
 const BackShape kBackShapes[] = {{17, 33, 70, 70, 33, 70}, {300, 48, 96, 100, 50, 97}, {5, 129, 40, 40, 129, 40},
-                                 {64, 16, 16, 20, 16, 18}};
+                                 {64, 16, 16, 20, 16, 18},   {9, 4500, 24, 30, 4503, 25}};
 
 // out0 + x·w (x [n, m], w [m, k]) in float64 with its summation bound.
 void reference_xw(const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& out0,
