@@ -1,5 +1,5 @@
-// test_adamw_lanes.cpp — AdamW's element loops (adamw_lanes.h) are compiled twice: four f64
-// lanes (AVX2) and eight (AVX-512, used where the CPU has it). Both must give exactly the bits
+// test_adamw_lanes.cpp — AdamW's element loops (adamw_lanes.h) are compiled twice: eight f32
+// lanes (AVX2) and sixteen (AVX-512, used where the CPU has it). Both must give exactly the bits
 // of the scalar loop, element by element — weights, both moments and the split master halves —
 // or a run's weights would depend on the machine it ran on. The scalar result is each element
 // updated alone (a one-element range runs only the scalar loop); the sums of squares of the
@@ -116,14 +116,14 @@ void expect_same_as_scalar(RangeFn fn, const char* name, double* ss_out) {
   EXPECT_GT(checked, 100);
 }
 
-TEST(AdamWLanes, FourLanesGiveTheScalarBits) {
+TEST(AdamWLanes, EightLanesGiveTheScalarBits) {
   double ss[4] = {};
   expect_same_as_scalar(adamw::update_range_avx2, "avx2", ss);
   for (double s : ss) EXPECT_TRUE(std::isnan(s));  // element 30's NaN gradient reaches the sum
 }
 
-TEST(AdamWLanes, EightLanesGiveTheFourLaneBits) {
-  if (!adamw::avx512_available()) GTEST_SKIP() << "SKIPPED: this CPU has no AVX-512 (the eight-lane copy is unused here)";
+TEST(AdamWLanes, SixteenLanesGiveTheEightLaneBits) {
+  if (!adamw::avx512_available()) GTEST_SKIP() << "SKIPPED: this CPU has no AVX-512 (the sixteen-lane copy is unused here)";
   double ss4[4] = {}, ss8[4] = {};
   expect_same_as_scalar(adamw::update_range_avx512, "avx512", ss8);
   expect_same_as_scalar(adamw::update_range_avx2, "avx2", ss4);
@@ -131,7 +131,7 @@ TEST(AdamWLanes, EightLanesGiveTheFourLaneBits) {
   const Betas bt{0.9, 0.999, 1e-8};
   for (int layout = 0; layout < 4; ++layout) {
     const bool split = layout & 1, bf16 = layout & 2;
-    for (int64_t n : {8, 12, 13, 1000, 4099}) {
+    for (int64_t n : {8, 12, 13, 24, 40, 1000, 4099}) {
       Param a = make_param(n, split, bf16, uint64_t(7 + n));
       if (n > 30) a.g[30] = 1.0f;
       Param b = a;

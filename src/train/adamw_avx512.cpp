@@ -1,4 +1,4 @@
-// adamw_avx512.cpp — adamw_lanes.h's AdamW loops compiled for AVX-512 (F/BW/DQ/VL): eight f64
+// adamw_avx512.cpp — adamw_lanes.h's AdamW loops compiled for AVX-512 (F/BW/DQ/VL): sixteen f32
 // lanes at a time. Every function here gets that target (pragma below), so only this file uses
 // those instructions; optimizer.cpp calls it only when the CPU has them.
 #if !defined(__clang__)

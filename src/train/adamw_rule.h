@@ -25,7 +25,7 @@ struct Betas {
   double b1, b2, eps;
 };
 
-// adamw_lanes.h's update_range over elements [j0, j1) of u: four f64 lanes at a time where
+// adamw_lanes.h's update_range over elements [j0, j1) of u: eight f32 lanes at a time where
 // the build has AVX2 and FMA, else the scalar loop. Moments bf16 when bf16_moments, else f32.
 // Returns the gradient's sum of squares there.
 double update_range_avx2(const Betas& bt, const ParamUpdate& u, int64_t j0, int64_t j1, bool bf16_moments);
@@ -33,7 +33,7 @@ double update_range_avx2(const Betas& bt, const ParamUpdate& u, int64_t j0, int6
 // Whether this CPU runs update_range_avx512 (AVX-512 F/BW/DQ/VL).
 bool avx512_available();
 
-// The same, eight f64 lanes at a time first (the same operations, in the same order per
+// The same, sixteen f32 lanes at a time first (the same operations, in the same order per
 // element, as update_range_avx2: the same bits, fewer instructions).
 double update_range_avx512(const Betas& bt, const ParamUpdate& u, int64_t j0, int64_t j1, bool bf16_moments);
 

@@ -54,7 +54,7 @@ double run_updates(const adamw::Betas& bt, const std::vector<adamw::ParamUpdate>
     total += ups[i].n;
   }
   std::vector<double> part(slices.size());
-  static const bool wide = adamw::avx512_available();  // the eight-lane copy: the same bits, faster
+  static const bool wide = adamw::avx512_available();  // the sixteen-lane copy: the same bits, faster
   constexpr bool bf16 = std::is_same_v<M, uint16_t>;
   const int64_t n_slices = static_cast<int64_t>(slices.size());
 #pragma omp parallel for schedule(dynamic, 1) if(total > kParallelMin)

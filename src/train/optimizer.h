@@ -5,14 +5,14 @@
 //   p *= 1 - lr·wd;  m = β1·m + (1-β1)·g;  v = β2·v + (1-β2)·g²;
 //   p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
 // (evaluated as p -= (lr·sqrt(1-β2^t)/(1-β1^t))·m / (sqrt(v) + eps·sqrt(1-β2^t)), one division)
-// computed in f64 per element but for that quotient (f32, as torch computes it), stored f32 (or as a split master weight's two halves, mixed
-// precision: model_train.h). Routed experts that received no token in a step are skipped
+// computed in f32 per element, as torch computes it for f32 parameters, stored f32 (or as a split
+// master weight's two halves, mixed precision: model_train.h). Routed experts that received no token in a step are skipped
 // exactly as torch skips HF's per-expert parameters whose gradient is None: no moment update,
 // no decay, and that expert's step count does not advance — unless dense_expert_update
 // (then they are updated with a zero gradient, as a fused 3-D expert parameter would be).
 // Moments are allocated (Optimizer category) the first time a parameter is updated, so experts
 // that never receive tokens never cost optimizer memory. They are f32, or bf16 with
-// state_dtype = BF16 (half the optimizer memory; the update is still computed in f64 from the
+// state_dtype = BF16 (half the optimizer memory; the update is still computed in f32 from the
 // widened moments and rounded to nearest-even when stored).
 //
 // The fused update (step_group with forward_backward_fused) applies the same rule to one group
@@ -22,9 +22,9 @@
 // slices of the concatenated elements (a group's many small tensors share one thread team, a
 // big tensor is spread over all threads), with AVX2 inner loops where the build has them and
 // AVX-512 ones where the CPU has those (adamw_lanes.h, compiled twice). The vector loops do
-// exactly the scalar loop's f64 operations, in the same order (and the same fused
-// multiply-adds the compiler forms for the scalar loop at -march=x86-64-v3), so the result does
-// not depend on which path, slice, thread or CPU updates an element (test_adamw_lanes.cpp).
+// exactly the scalar loop's f32 operations (its fused multiply-adds written out as std::fma),
+// in the same order, so the result does not depend on which path, slice, thread or CPU updates
+// an element (test_adamw_lanes.cpp).
 #pragma once
 #include <map>
 #include <string>
