@@ -5,6 +5,8 @@
 #include <cctype>
 #include <cmath>
 
+#include "core/cpu_features.h"
+#include "core/dtype_avx512.h"
 #include "core/error.h"
 #include "core/nf4.h"
 #include "core/quant.h"
@@ -277,6 +279,10 @@ void convert_from_f32(void* dst, const float* src, DType to, size_t n) {
     case DType::F32: std::memcpy(dst, src, n * 4); return;
     case DType::BF16: {
       auto* d = static_cast<uint16_t*>(dst);
+      if (n >= 64 && cpu_has_avx512()) {
+        bf16_from_f32_avx512(d, src, n);
+        return;
+      }
       // (simd: GCC's -O2 cost model leaves it scalar; the bf16 kernels round x with it per call.)
 #pragma omp simd
       for (size_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
