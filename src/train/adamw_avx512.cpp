@@ -28,14 +28,15 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl")
 #endif
 
-#define MOE_ADAMW_NS lanes8
+#include "core/bf16_avx512.h"  // NOLINT(build/include_order): under this file's AVX-512 target
+#define MOE_ADAMW_NS lanes16
 #define MOE_ADAMW_512 1
 #include "train/adamw_lanes.h"  // NOLINT(build/include): this file's copy of the loops
 
 namespace moe {
 namespace adamw {
 double update_range_avx512(const Betas& bt, const ParamUpdate& u, int64_t j0, int64_t j1, bool bf16_moments) {
-  return bf16_moments ? lanes8::update_range<uint16_t>(bt, u, j0, j1) : lanes8::update_range<float>(bt, u, j0, j1);
+  return bf16_moments ? lanes16::update_range<uint16_t>(bt, u, j0, j1) : lanes16::update_range<float>(bt, u, j0, j1);
 }
 }  // namespace adamw
 }  // namespace moe

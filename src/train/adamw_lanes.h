@@ -2,7 +2,8 @@
 // compiled twice. Include ONLY from optimizer.cpp and adamw_avx512.cpp, which first define
 //   MOE_ADAMW_NS   the namespace of this copy (every symbol lives in it: no copy compiled for
 //                  one instruction set can be picked by the linker for the other),
-//   MOE_ADAMW_512  1: a sixteen-lane loop (AVX-512 F/DQ/VL/BW) before the eight-lane one.
+//   MOE_ADAMW_512  1: a sixteen-lane loop (AVX-512 F/DQ/VL/BW) before the eight-lane one
+//                  (then the includer has that target in force and core/bf16_avx512.h included).
 // Both copies do each element's operations in the same order, so they give the same bits.
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -113,13 +114,7 @@ inline __m512 round_store16(__m512 x, float* at) {
 }
 // Every lane is below 2^16, so the truncating 32 -> 16 bit narrowing (vpmovdw) is exact.
 inline __m512 round_store16(__m512 x, uint16_t* at) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i hi = _mm512_srli_epi32(u, 16);
-  const __mmask16 nan =
-      _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-  const __m512i h = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+  const __m512i h = bf16_bits16(_mm512_castps_si512(x));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(at), _mm512_cvtepi32_epi16(h));
   return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
 }

@@ -8,14 +8,14 @@
 #include <type_traits>
 #include <vector>
 
-#define MOE_ADAMW_NS lanes4
+#define MOE_ADAMW_NS lanes8
 #define MOE_ADAMW_512 0
 #include "train/adamw_lanes.h"  // NOLINT(build/include): this file's copy of the loops
 
 namespace moe {
 
 double adamw::update_range_avx2(const Betas& bt, const ParamUpdate& u, int64_t j0, int64_t j1, bool bf16_moments) {
-  return bf16_moments ? lanes4::update_range<uint16_t>(bt, u, j0, j1) : lanes4::update_range<float>(bt, u, j0, j1);
+  return bf16_moments ? lanes8::update_range<uint16_t>(bt, u, j0, j1) : lanes8::update_range<float>(bt, u, j0, j1);
 }
 
 namespace {
