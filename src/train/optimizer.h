@@ -6,10 +6,11 @@
 //   p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
 // (evaluated as p -= (lr·sqrt(1-β2^t)/(1-β1^t))·m / (sqrt(v) + eps·sqrt(1-β2^t)), one division)
 // computed in f32 per element, as torch computes it for f32 parameters, stored f32 (or as a split
-// master weight's two halves, mixed precision: model_train.h). Routed experts that received no token in a step are skipped
-// exactly as torch skips HF's per-expert parameters whose gradient is None: no moment update,
-// no decay, and that expert's step count does not advance — unless dense_expert_update
-// (then they are updated with a zero gradient, as a fused 3-D expert parameter would be).
+// master weight's two halves, mixed precision: model_train.h). Routed experts that received no
+// token in a step are skipped exactly as torch skips HF's per-expert parameters whose gradient
+// is None: no moment update, no decay, and that expert's step count does not advance — unless
+// dense_expert_update (then they are updated with a zero gradient, as a fused 3-D expert
+// parameter would be).
 // Moments are allocated (Optimizer category) the first time a parameter is updated, so experts
 // that never receive tokens never cost optimizer memory. They are f32, or bf16 with
 // state_dtype = BF16 (half the optimizer memory; the update is still computed in f32 from the

@@ -141,7 +141,8 @@ const void* rounded_rows(Scratch slot, const float* x, int64_t ldx, int64_t n, i
 // dW [m, k] (row stride ldw) += dYᵀ·X for dY = ys [np, m] and X = xs [np, k], both in dt: in
 // blocks of at most kDwBlockRows rows of dW, each its own product. At the LM head's shape
 // (m 32000, k 512, np 256) one product over all m rows ran 580-650 GFLOP/s on Zen 5's bf16 units,
-// blocks of 2000-4000 rows 816-834 (oneDNN's sum into a large dW loses its locality).
+// blocks of 2000-4000 rows 816-834 (oneDNN's sum into a large dW loses its locality). f32
+// products (f32 weights under Matrix mode) take the same blocks, not measured apart.
 constexpr int64_t kDwBlockRows = 2048;
 void dw_product(float* dw, int64_t ldw, int64_t m, int64_t k, int64_t np, const void* ys, const void* xs, DType dt) {
   const size_t esz = dt == DType::BF16 ? 2 : 4;
