@@ -22,6 +22,7 @@
 #include "cli/commands.h"
 #include "core/memory.h"
 #include "core/rng.h"
+#include "model/panel_weights.h"
 #include "model/random_init.h"
 #include "ops/cpu/cpu_gemm_onednn.h"
 #include "serve/engine.h"
@@ -35,6 +36,7 @@ struct ServeBenchOpts {
   int64_t layers = 0, prompt = 16, tokens = 32;
   uint64_t seed = 1;
   bool json = false;
+  std::string panels = "on";
 };
 
 struct Point {
@@ -57,6 +59,9 @@ void run_serve_bench(const ServeBenchOpts& o) {
   lo.keep_dtype = true;
   cpu::use_bf16_matrix_where_available();  // prefill chunks, as moe serve runs them
   Model m = Model::from_tensors(cfg, random_weights(cfg, o.seed, wdt), lo);
+  // As moe serve: bf16 weights in 16-row panels where the CPU has AVX512-BF16 (model/panel_weights.h).
+  const int64_t packed = o.panels == "on" ? pack_bf16_panels(m) : 0;
+  const std::string layout = packed ? " in 16-row panels" : "";
 
   // Weight bytes: read every step (non-expert) and per expert touched.
   double fixed_bytes = 0, expert_bytes = 0;
@@ -118,9 +123,9 @@ void run_serve_bench(const ServeBenchOpts& o) {
   MOE_CHECK(engine.kv_blocks_in_use() == 0, "bench serve: %lld KV blocks still in use", (long long)engine.kv_blocks_in_use());
 
   const double base = pts[0].decode_seconds > 0 ? double(pts[0].decode_tokens) / pts[0].decode_seconds : 0;
-  std::printf("serve: %s/%s %lld layers, %s weights (%.2f GB), %lld experts top-%lld, prompt %lld + %lld new tokens per "
-              "stream, %d threads\n",
-              o.arch.c_str(), o.preset.c_str(), (long long)cfg.n_layer, o.dtype.c_str(),
+  std::printf("serve: %s/%s %lld layers, %s weights%s (%.2f GB), %lld experts top-%lld, prompt %lld + %lld new tokens "
+              "per stream, %d threads\n",
+              o.arch.c_str(), o.preset.c_str(), (long long)cfg.n_layer, o.dtype.c_str(), layout.c_str(),
               (fixed_bytes + expert_bytes * double(cfg.n_expert) * double(cfg.n_layer)) / 1e9, (long long)cfg.n_expert,
               (long long)cfg.n_expert_used, (long long)o.prompt, (long long)o.tokens, omp_get_max_threads());
   std::printf("%8s %14s %10s %16s %16s %14s\n", "streams", "tokens/s", "vs 1", "experts/step", "MB read/step",
@@ -168,6 +173,11 @@ void add_serve_bench(CLI::App* bench) {
   cmd->add_option("--tokens", o->tokens, "new tokens per stream")->capture_default_str()->check(CLI::Range(2, 1 << 16));
   cmd->add_option("--seed", o->seed, "weights seed")->capture_default_str();
   cmd->add_flag("--json", o->json, "also print one JSON line");
+  cmd->add_option("--panels", o->panels,
+                  "on: bf16 weights in 16-row panels where the CPU has AVX512-BF16, as moe serve runs them; off: "
+                  "in rows (the dot kernel), to compare")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on", "off"}));
   cmd->callback([o]() { run_serve_bench(*o); });
 }
 

@@ -9,6 +9,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/memory.h"
+#include "model/panel_weights.h"
 #include "serve/http_server.h"
 
 namespace moe {
@@ -84,6 +85,9 @@ void add_serve_command(CLI::App& app) {
     const double t0 = now_seconds();
     Model m = load_model_arg(o->dir, o->dev, o->weights);
     if (!o->adapter.empty()) apply_adapter(m, o->adapter);
+    // Batched decode's products on 16-row panels where the CPU has AVX512-BF16 (bf16 models).
+    if (const int64_t packed = pack_bf16_panels(m))
+      std::printf("serve: %.2f GB of bf16 weights in 16-row panels (AVX512-BF16 batched decode)\n", double(packed) / 1e9);
     MOE_CHECK(tok.vocab_size() <= m.config().vocab_size,
               "serve: the tokenizer has %lld tokens but the model's vocabulary is %lld", (long long)tok.vocab_size(),
               (long long)m.config().vocab_size);

@@ -57,6 +57,7 @@ size_t dtype_size(DType t) {
   switch (t) {
     case DType::F32: return 4;
     case DType::BF16: return 2;
+    case DType::BF16P: return 2;
     case DType::F16: return 2;
     case DType::I32: return 4;
     case DType::I64: return 8;
@@ -85,6 +86,7 @@ const char* dtype_name(DType t) {
   switch (t) {
     case DType::F32: return "f32";
     case DType::BF16: return "bf16";
+    case DType::BF16P: return "bf16p";
     case DType::F16: return "f16";
     case DType::I32: return "i32";
     case DType::I64: return "i64";
@@ -271,7 +273,10 @@ void convert_to_f32(float* dst, const void* src, DType from, size_t n) {
     case DType::IQ4_XS: dequant_blocks(dst, src, from, n); return;
     case DType::NF4: nf4_blocks_to_f32(dst, src, from, n, kNf4BlockBytes, nf4_dequantize); return;
     case DType::NF4DQ: nf4_blocks_to_f32(dst, src, from, n, kNf4DqBlockBytes, nf4dq_dequantize); return;
+    case DType::BF16P: break;
   }
+  MOE_FAIL("convert_to_f32: %s values are not in row order; Tensor::to_dtype unpacks them with their shape",
+           dtype_name(from));
 }
 
 void convert_from_f32(void* dst, const float* src, DType to, size_t n) {

@@ -3,6 +3,12 @@
 // Compute is f32 on the CPU; bf16/f16 are storage types converted on load. Rounding is
 // round-to-nearest-even, as PyTorch does, so a bf16 copy made here equals torch's .bfloat16().
 //
+// BF16P is bf16 weights rearranged for the AVX512-BF16 decode kernel (core/bf16_panels.h): an
+// [M, K] weight as M/16 panels of 16 rows, each K/2 lines of the 16 rows' pairs (k, k+1). Two
+// bytes a value, but its values are not in row order: only Tensor::to_dtype (which knows the
+// shape) converts it, a row range starting on a panel is a panel-packed weight again, and only
+// gemm_xwt reads it (inference; cpu_gemm.h).
+//
 // Quantized weights (Q8_0 Q4_0 Q4_K Q5_K Q6_K) are block types: a tensor of one holds ggml
 // blocks (core/quant.h, byte for byte as in GGUF files) of its LAST dimension, row-major, so a
 // [E,F,D] expert tensor or an [N,K] linear weight is E*F (N) rows of D/32 (K/256) blocks. The
@@ -19,7 +25,7 @@
 
 namespace moe {
 
-enum class DType : uint8_t { F32, BF16, F16, I32, I64, U8, F64, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, NF4, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS, NF4DQ };
+enum class DType : uint8_t { F32, BF16, F16, I32, I64, U8, F64, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, NF4, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS, NF4DQ, BF16P };
 
 // True for the ggml block types (Q8_0 ... Q6_K): the ones with integer kernels.
 bool dtype_is_quant(DType t);

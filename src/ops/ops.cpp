@@ -20,10 +20,11 @@ void check_float(const char* op, const char* arg, const Tensor& t) {
   MOE_CHECK(is_float(t.dtype()), "%s: %s expected a float dtype, got %s", op, arg, dtype_name(t.dtype()));
 }
 
-// A GEMM weight: float, or a block type (the frozen QLoRA base: NF4, or Q8_0 as the int8
-// option; CPU only — the forward's products use the block kernels, backward's dequantize by rows).
+// A GEMM weight: float, a block type (the frozen QLoRA base: NF4, or Q8_0 as the int8
+// option; CPU only — the forward's products use the block kernels, backward's dequantize by rows),
+// or serving's panel-packed bf16 (CPU inference only).
 void check_gemm_weight(const char* op, const char* arg, const Tensor& t) {
-  if (t.defined() && dtype_is_block(t.dtype())) {
+  if (t.defined() && (dtype_is_block(t.dtype()) || t.dtype() == DType::BF16P)) {
     MOE_CHECK(t.device() == Device::CPU, "%s: %s is %s, which only the CPU backend reads", op, arg,
               dtype_name(t.dtype()));
     return;

@@ -303,7 +303,9 @@ bool bf16dot_applies(DType wdt, int64_t n) {
 
 }  // namespace
 
-int64_t gemm_stream_rows(DType wdt) { return bf16dot_applies(wdt, kBf16DotMaxRows) ? kBf16DotMaxRows : kStreamMaxRows; }
+int64_t gemm_stream_rows(DType wdt) {
+  return wdt == DType::BF16P || bf16dot_applies(wdt, kBf16DotMaxRows) ? kBf16DotMaxRows : kStreamMaxRows;
+}
 
 // Up to this many rows of x, bf16/f16 weights are widened block by block in cache (above: in
 // large chunks, where packing x for every small block would cost more than it saves).
@@ -312,6 +314,13 @@ constexpr int64_t kSmallBatchRows = 96;
 void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
               bool accumulate) {
   if (n == 0 || m == 0) return;
+  // Panel-packed bf16 (core/bf16_panels.h): serving packs its weights so where the CPU has
+  // AVX512-BF16, and this kernel alone reads them, at every row count.
+  if (wdt == DType::BF16P) {
+    MOE_CHECK(bf16dot_available(), "gemm: bf16p (panel-packed) weights need a CPU with AVX512-BF16");
+    gemm_xwt_bf16panels(out, ldo, x, static_cast<const uint16_t*>(w), n, m, k, accumulate);
+    return;
+  }
   if (dtype_is_quant(wdt) && !quant_exact()) {  // block-quantized weights: integer kernels (cpu_quant_gemm.h)
     quant_gemm_xwt(out, ldo, x, w, wdt, n, m, k, accumulate);
     return;

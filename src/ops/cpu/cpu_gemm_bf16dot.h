@@ -26,5 +26,13 @@ bool bf16dot_available();
 void gemm_xwt_bf16dot(float* out, int64_t ldo, const float* x, const uint16_t* w, int64_t n, int64_t m, int64_t k,
                       bool accumulate);
 
+// out [n, ldo] (+)= bf16(x) [n, k] · w [m, k]ᵀ, w in 16-row panels (DType::BF16P,
+// core/bf16_panels.h: m a multiple of 16, k even). Any n: groups of up to 12 rows of x, two
+// registers a row per panel, 4 groups per pass over the weight. Threads as gemm_xwt_bf16dot
+// (over panels). Numerics as gemm_xwt_bf16dot, and each row's result is the same bits at every
+// n (batch-invariant). Requires bf16dot_available().
+void gemm_xwt_bf16panels(float* out, int64_t ldo, const float* x, const uint16_t* wp, int64_t n, int64_t m, int64_t k,
+                         bool accumulate);
+
 }  // namespace cpu
 }  // namespace moe

@@ -107,9 +107,10 @@ namespace {
 // gated activation of row r (permuted) of expert e over columns [f0, f1), into g from the gate
 // and up rows g, u.
 
-// Row i of a split of `rows` into `parts`, on a multiple of 8 rows (the dot kernels' tiles).
-inline int64_t split_at(int64_t rows, int64_t i, int64_t parts) {
-  return i == parts ? rows : std::min(rows, (rows * i / parts + 4) / 8 * 8);
+// Row i of a split of `rows` into `parts`, on a multiple of q rows: 8 (the dot kernels' tiles),
+// 16 for panel-packed weights (a slice must start on a panel).
+inline int64_t split_at(int64_t rows, int64_t i, int64_t parts, int64_t q) {
+  return i == parts ? rows : std::min(rows, (rows * i / parts + q / 2) / q * q);
 }
 
 // Also: enough work for a parallel region (a region that runs on one thread would make the
@@ -131,7 +132,8 @@ void experts_streamed(Tensor& yp, const Tensor& xp, const int32_t* off, const Te
 #pragma omp parallel
   {
     const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t f0 = split_at(f, id, nt), f1 = split_at(f, id + 1, nt);
+    const int64_t q1 = w1.dtype() == DType::BF16P ? 16 : 8, q2 = w2.dtype() == DType::BF16P ? 16 : 8;
+    const int64_t f0 = split_at(f, id, nt, q1), f1 = split_at(f, id + 1, nt, q1);
     for (int64_t e = 0; e < e_n && f1 > f0; ++e) {
       const int64_t r0 = off[e], n = off[e + 1] - r0;
       if (n == 0) continue;
@@ -143,7 +145,7 @@ void experts_streamed(Tensor& yp, const Tensor& xp, const int32_t* off, const Te
       for (int64_t r = r0; r < r0 + n; ++r) act(h1 + r * f, h3 + r * f, e, r, f0, f1);
     }
 #pragma omp barrier
-    const int64_t d0 = split_at(d, id, nt), d1 = split_at(d, id + 1, nt);
+    const int64_t d0 = split_at(d, id, nt, q2), d1 = split_at(d, id + 1, nt, q2);
     for (int64_t e = 0; e < e_n && d1 > d0; ++e) {
       const int64_t r0 = off[e], n = off[e + 1] - r0;
       if (n == 0) continue;

@@ -1,0 +1,25 @@
+// panel_weights.h — serving's bf16 weights rearranged into 16-row panels (core/bf16_panels.h).
+//
+// Batched decode multiplies 2-64 rows of x against every projection and expert a step. With
+// weights in row order the AVX512-BF16 dot kernel spends a quarter of its instructions on
+// horizontal sums and ran 430-530 GFLOP/s at 16 rows on Zen 5; on panels the sums stay in
+// registers (640-700 from memory at 16 rows, 750-830 at 64). The panels replace the rows (the
+// bytes are the same), so a packed model runs inference on the CPU only: gemm_xwt is the one
+// reader (cpu_gemm.h), and training, the CUDA upload or saving refuse bf16p.
+#pragma once
+#include <cstdint>
+
+namespace moe {
+
+class Model;
+
+// Whether this process would pack: CPU weights, bf16 products rounding x (Bf16Gemm::Matrix,
+// not the exact or --reference path) on a CPU with AVX512-BF16.
+bool bf16_panels_available();
+
+// Packs the model's bf16 attention projections (stacked q/k/v and o), experts (routed and
+// shared) and untied LM head whose shapes fit (bf16_panels_fit; experts: whole panels per
+// expert). Returns the bytes packed (0 where bf16_panels_available() is false or nothing fits).
+int64_t pack_bf16_panels(Model& m);
+
+}  // namespace moe

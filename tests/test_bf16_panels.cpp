@@ -1,0 +1,215 @@
+// test_bf16_panels.cpp — bf16 weights in 16-row panels (core/bf16_panels.h, DType::BF16P), the
+// kernel that reads them (gemm_xwt_bf16panels, cpu_gemm_bf16dot.h) and serving's packing of a
+// model (model/panel_weights.h).
+//
+// The layout is checked element by element against its definition (line j of panel p holds the
+// pair (2j, 2j+1) of rows 16p..16p+15); the kernel against the float64 product of x rounded to
+// bf16 (bf16 x bf16 products are exact in f32, so only f32 summation separates them:
+// |y - r| <= 1e-5 · Σ|x̂|·|w| + 1e-30), and each row's result against the same row computed
+// alone, bit for bit. The kernel needs AVX512-BF16: elsewhere those tests say SKIPPED.
+#include <gtest/gtest.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "core/bf16_panels.h"
+#include "core/error.h"
+#include "core/tensor.h"
+#include "model/model.h"
+#include "model/panel_weights.h"
+#include "model/random_init.h"
+#include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_gemm_bf16dot.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
+
+namespace moe {
+namespace {
+
+std::vector<uint16_t> random_bits(size_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::vector<uint16_t> v(n);
+  for (auto& b : v) b = static_cast<uint16_t>(g());
+  return v;
+}
+
+// bf16 bits of values in [-1, 1] (finite: the kernel's products are compared as numbers).
+std::vector<uint16_t> random_bf16(size_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<uint16_t> v(n);
+  for (auto& b : v) b = f32_to_bf16(u(g));
+  return v;
+}
+
+std::vector<float> random_f32(size_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = u(g);
+  return v;
+}
+
+TEST(Bf16Panels, PackedValuesSitWhereTheLayoutSays) {
+  for (auto [rows, k] : {std::pair<int64_t, int64_t>{16, 2}, {48, 6}, {32, 130}}) {
+    const auto src = random_bits(size_t(rows * k), uint32_t(rows + k));
+    std::vector<uint16_t> packed(src.size()), back(src.size());
+    pack_bf16_panels(packed.data(), src.data(), rows, k);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < k; ++c) {
+        const int64_t p = r / 16, line = c / 2;
+        ASSERT_EQ(packed[size_t(p * 16 * k + line * 32 + (r % 16) * 2 + c % 2)], src[size_t(r * k + c)])
+            << rows << "x" << k << " at row " << r << " col " << c;
+      }
+    unpack_bf16_panels(back.data(), packed.data(), rows, k);
+    EXPECT_EQ(back, src);
+  }
+}
+
+TEST(Bf16Panels, ShapesThatAreNotWholePanelsAreRefused) {
+  std::vector<uint16_t> a(64 * 3), b(64 * 3);
+  EXPECT_THROW(pack_bf16_panels(b.data(), a.data(), 8, 8), Error);   // half a panel
+  EXPECT_THROW(pack_bf16_panels(b.data(), a.data(), 16, 3), Error);  // k odd
+  EXPECT_FALSE(bf16_panels_fit(24, 8));
+  EXPECT_TRUE(bf16_panels_fit(32, 8));
+}
+
+TEST(Bf16Panels, TensorConversionsKeepValuesAndRowViewsStartOnPanels) {
+  // [3, 32, 6]: rows of the last dimension, as stacked experts are.
+  const Tensor f = Tensor::from_f32({3, 32, 6}, random_f32(3 * 32 * 6, 7));
+  const Tensor b = f.to_dtype(DType::BF16);
+  const Tensor p = b.to_dtype(DType::BF16P);
+  ASSERT_EQ(p.dtype(), DType::BF16P);
+  EXPECT_EQ(p.nbytes(), b.nbytes());
+  EXPECT_EQ(p.to_dtype(DType::F32).to_f32_vector(), b.to_dtype(DType::F32).to_f32_vector());
+  EXPECT_EQ(p.to_dtype(DType::BF16).to_f32_vector(), b.to_f32_vector());
+  // Expert 1 of the packed tensor is the packing of expert 1.
+  EXPECT_EQ(p.select(1).to_dtype(DType::F32).to_f32_vector(), b.select(1).to_dtype(DType::F32).to_f32_vector());
+  EXPECT_THROW(Tensor::from_f32({8, 6}, random_f32(8 * 6, 1)).to_dtype(DType::BF16P), Error);
+  std::vector<float> dst(6);
+  EXPECT_THROW(convert_to_f32(dst.data(), p.raw(), DType::BF16P, 6), Error);  // values not in row order
+}
+
+struct Case {
+  int64_t n, m, k, ldo;
+  bool accumulate;
+};
+
+// out (+)= bf16(x)·wᵀ in float64, and the f32 summation bound per output.
+void reference(const std::vector<float>& x, const std::vector<uint16_t>& w, const std::vector<float>& out0,
+               const Case& s, std::vector<double>* r, std::vector<double>* bound) {
+  r->assign(size_t(s.n * s.ldo), 0.0);
+  bound->assign(size_t(s.n * s.ldo), 0.0);
+  for (int64_t i = 0; i < s.n; ++i)
+    for (int64_t j = 0; j < s.ldo; ++j) {
+      const size_t o = size_t(i * s.ldo + j);
+      if (j >= s.m) {
+        (*r)[o] = out0[o];
+        continue;
+      }
+      double acc = s.accumulate ? out0[o] : 0.0, mag = s.accumulate ? std::fabs(out0[o]) : 0.0;
+      for (int64_t t = 0; t < s.k; ++t) {
+        const double p = double(bf16_to_f32(f32_to_bf16(x[size_t(i * s.k + t)]))) * bf16_to_f32(w[size_t(j * s.k + t)]);
+        acc += p;
+        mag += std::fabs(p);
+      }
+      (*r)[o] = acc;
+      (*bound)[o] = 1e-5 * mag + 1e-30;
+    }
+}
+
+// Rows of x from one to past four groups of 16, k from one pair up to a few K-lines past 512,
+// out wider than m with accumulation onto it.
+const Case kCases[] = {{1, 16, 2, 16, false},  {2, 32, 34, 40, true},   {5, 48, 64, 48, false},
+                       {16, 96, 130, 96, true}, {17, 16, 514, 20, false}, {40, 64, 70, 64, true},
+                       {64, 32, 96, 32, false}, {70, 48, 38, 50, true}};
+
+TEST(Bf16Panels, KernelMatchesFloat64ProductOfRoundedX) {
+  if (!cpu::bf16dot_available()) GTEST_SKIP() << "SKIPPED: this CPU has no AVX512-BF16";
+  uint32_t seed = 11;
+  for (const Case& s : kCases) {
+    const auto x = random_f32(size_t(s.n * s.k), seed++);
+    const auto w = random_bf16(size_t(s.m * s.k), seed++);
+    auto out = random_f32(size_t(s.n * s.ldo), seed++);
+    std::vector<double> r, bound;
+    reference(x, w, out, s, &r, &bound);
+    std::vector<uint16_t> wp(w.size());
+    pack_bf16_panels(wp.data(), w.data(), s.m, s.k);
+    cpu::gemm_xwt(out.data(), s.ldo, x.data(), wp.data(), DType::BF16P, s.n, s.m, s.k, s.accumulate);
+    int bad = 0;
+    for (size_t o = 0; o < out.size(); ++o)
+      if (!(std::fabs(double(out[o]) - r[o]) <= bound[o]) && bad++ < 5)
+        ADD_FAILURE() << "n " << s.n << " m " << s.m << " k " << s.k << " at " << o << ": " << out[o] << " vs " << r[o];
+    EXPECT_EQ(bad, 0);
+  }
+}
+
+// Serving batches whatever requests are running: a request's logits must not depend on them.
+TEST(Bf16Panels, EachRowIsTheSameBitsAtEveryBatchSize) {
+  if (!cpu::bf16dot_available()) GTEST_SKIP() << "SKIPPED: this CPU has no AVX512-BF16";
+  const int64_t n = 53, m = 64, k = 1030;
+  const auto x = random_f32(size_t(n * k), 3);
+  const auto w = random_bf16(size_t(m * k), 4);
+  std::vector<uint16_t> wp(w.size());
+  pack_bf16_panels(wp.data(), w.data(), m, k);
+  std::vector<float> all(size_t(n * m));
+  cpu::gemm_xwt(all.data(), m, x.data(), wp.data(), DType::BF16P, n, m, k, false);
+  for (int64_t sub : {1, 5, 16}) {
+    for (int64_t r0 = 0; r0 + sub <= n; r0 += 7) {
+      std::vector<float> part(size_t(sub * m));
+      cpu::gemm_xwt(part.data(), m, x.data() + r0 * k, wp.data(), DType::BF16P, sub, m, k, false);
+      for (int64_t i = 0; i < sub * m; ++i)
+        ASSERT_EQ(part[size_t(i)], all[size_t(r0 * m + i)]) << "rows " << r0 << "+" << sub << " at " << i;
+    }
+  }
+  // Inside a parallel region (serving's experts: each thread its slice of the panels) too.
+  std::vector<float> sliced(size_t(n * m));
+#pragma omp parallel num_threads(2)
+  {
+    const int64_t id = omp_get_thread_num(), p0 = id * 32;
+    cpu::gemm_xwt(sliced.data() + p0, m, x.data(), wp.data() + p0 * k, DType::BF16P, n, 32, k, false);
+  }
+  EXPECT_EQ(sliced, all);
+}
+
+TEST(Bf16Panels, TrainingProductsRefusePanels) {
+  std::vector<float> x(16 * 4, 1.0f), out(16 * 4);
+  std::vector<uint16_t> w(16 * 4, 0);
+  EXPECT_THROW(cpu::gemm_xw(out.data(), x.data(), w.data(), DType::BF16P, 4, 16, 4, false), Error);
+}
+
+// A packed model computes what the unpacked one does on the same products (x rounded to bf16).
+TEST(Bf16Panels, PackedModelGivesTheUnpackedModelsLogits) {
+  if (!cpu::bf16dot_available() || !cpu::bf16_matrix_available())
+    GTEST_SKIP() << "SKIPPED: this CPU has no AVX512-BF16";
+  cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+  ModelConfig cfg = preset_config("mixtral", "tiny");
+  LoadOptions lo;
+  lo.keep_dtype = true;
+  Model plain = Model::from_tensors(cfg, random_weights(cfg, 5, DType::BF16), lo);
+  Model packed = Model::from_tensors(cfg, random_weights(cfg, 5, DType::BF16), lo);
+  const int64_t bytes = pack_bf16_panels(packed);
+  EXPECT_GT(bytes, 0);
+  EXPECT_EQ(packed.weights().layers[0].w1.dtype(), DType::BF16P);
+  EXPECT_EQ(packed.weights().layers[0].wq.dtype(), DType::BF16P);  // views of the packed stack
+  std::vector<int32_t> ids = {1, 5, 9, 2, 7, 3};
+  Tensor t = Tensor::empty({1, int64_t(ids.size())}, DType::I32, MemCategory::Activations);
+  std::copy(ids.begin(), ids.end(), t.data<int32_t>());
+  KVCache c1 = plain.make_cache(1, 16), c2 = packed.make_cache(1, 16);
+  const std::vector<float> a = plain.forward(t, c1).logits.to_f32_vector();
+  const std::vector<float> b = packed.forward(t, c2).logits.to_f32_vector();
+  ASSERT_EQ(a.size(), b.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(a[i]) * a[i];
+  }
+  EXPECT_LT(std::sqrt(num / den), 1e-3);  // summation order (and oneDNN's rounding) only
+  cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+}
+
+}  // namespace
+}  // namespace moe
