@@ -19,6 +19,10 @@
 #include <vector>
 
 #include "model/model.h"
+#include "model/panel_weights.h"
+#include "model/random_init.h"
+#include "ops/cpu/cpu_gemm_bf16dot.h"
+#include "ops/cpu/cpu_gemm_onednn.h"
 #include "serve/api.h"
 #include "serve/engine.h"
 #include "serve/kv_pool.h"
@@ -293,6 +297,37 @@ TEST_P(EngineFixture, CancelledSequencesReturnTheirBlocks) {
   EXPECT_EQ(e.kv_blocks_in_use(), 0);
   EXPECT_EQ(tokens_a, after_cancel) << "tokens after cancel";
   EXPECT_FALSE(e.step()) << "an idle engine reports no work";
+}
+
+// Serving's bf16 weights in 16-row panels (model/panel_weights.h): the panel kernel computes
+// each row alone, so a request's tokens do not depend on the batch it ran in.
+TEST(Engine, PanelPackedBf16BatchedGreedyEqualsOneAtATime) {
+  if (!cpu::bf16_matrix_available() || !cpu::bf16dot_available())
+    GTEST_SKIP() << "SKIPPED: this CPU has no AVX512-BF16";
+  cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+  for (const char* arch : {"mixtral", "qwen2_moe"}) {
+    ModelConfig cfg = preset_config(arch, "tiny");
+    LoadOptions lo;
+    lo.keep_dtype = true;
+    Model m = Model::from_tensors(cfg, random_weights(cfg, 3, DType::BF16), lo);
+    ASSERT_GT(pack_bf16_panels(m), 0) << arch;
+    const int64_t v = cfg.vocab_size;
+    std::vector<GenRequest> reqs = {greedy(prompt_of(3, 1, v), 12), greedy(prompt_of(13, 2, v), 7),
+                                    greedy(prompt_of(1, 3, v), 10), greedy(prompt_of(21, 4, v), 9),
+                                    greedy(prompt_of(8, 5, v), 5)};
+    std::vector<int> at = {0, 0, 2, 5, 6};
+    EngineOptions solo;
+    solo.max_batch = 1;
+    solo.block_size = 4;
+    solo.prefill_chunk = 6;
+    solo.max_context = 64;
+    EngineOptions batched = solo;
+    batched.max_batch = 8;
+    auto runs = run_engine(m, nullptr, batched, reqs, at);
+    for (size_t i = 0; i < reqs.size(); ++i)
+      EXPECT_EQ(runs[i].tokens, run_engine(m, nullptr, solo, {reqs[i]}, {0})[0].tokens) << arch << " request " << i;
+  }
+  cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, EngineFixture, ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe"));

@@ -311,9 +311,37 @@ int64_t gemm_stream_rows(DType wdt) {
 // large chunks, where packing x for every small block would cost more than it saves).
 constexpr int64_t kSmallBatchRows = 96;
 
+namespace {
+
+// Weights of fewer rows than a panel (routers [E, D], shared-expert gates [1, D]) under
+// Bf16Gemm::Matrix: each row of x alone, exact in f32, against the weight rows widened once —
+// the same bits at every row count, as the panel kernel gives serving's projections and
+// experts (where one row took the f32 streaming kernel and more the bf16 dot kernel, a
+// request's routing could change with the batch it ran in). A few MACs per token.
+constexpr int64_t kRowwiseMaxRows = 15;
+
+void gemm_xwt_rowwise(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
+                      int64_t k, bool accumulate) {
+  float* wf = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(m * k));
+  convert_to_f32(wf, w, wdt, static_cast<size_t>(m * k));
+  parallel_threads(n * m * k > (int64_t(1) << 20), [&](int64_t nt, int64_t id) {
+    for (int64_t i = n * id / nt; i < n * (id + 1) / nt; ++i)
+      for (int64_t j = 0; j < m; ++j) {
+        const float v = dot_f32(x + i * k, wf + j * k, k);
+        out[i * ldo + j] = accumulate ? out[i * ldo + j] + v : v;
+      }
+  });
+}
+
+}  // namespace
+
 void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k,
               bool accumulate) {
   if (n == 0 || m == 0) return;
+  if (m <= kRowwiseMaxRows && !dtype_is_block(wdt) && bf16_gemm() == Bf16Gemm::Matrix && !quant_exact()) {
+    gemm_xwt_rowwise(out, ldo, x, w, wdt, n, m, k, accumulate);
+    return;
+  }
   // Panel-packed bf16 (core/bf16_panels.h): serving packs its weights so where the CPU has
   // AVX512-BF16, and this kernel alone reads them, at every row count.
   if (wdt == DType::BF16P) {
