@@ -7,6 +7,7 @@
 #include <map>
 
 #include "io/gguf_model.h"
+#include "model/panel_weights.h"
 #include "ops/cpu/cpu_gemm_onednn.h"
 #include "ops/ops.h"
 #include "train/lora.h"
@@ -104,6 +105,22 @@ void add_dist_flags(CLI::App* cmd, int* ep, int* dp, double* timeout) {
     cmd->add_option("--dist-timeout", *timeout,
                     "seconds a collective may wait for the other ranks before the job is ended (0: forever)")
         ->capture_default_str();
+}
+
+void add_panels_flag(CLI::App* cmd, std::string* panels) {
+  cmd->add_option("--panels", *panels,
+                  "on: bf16 weights in 16-row panels for the AVX512-BF16 decode kernel where the CPU has it (faster "
+                  "decode; x rounded to bf16 in every product); off: weights in rows as loaded")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on", "off"}));
+}
+
+void apply_panels_flag(Model& m, const std::string& panels, const char* who) {
+  if (panels != "on") return;
+  const double t0 = now_seconds();
+  if (const int64_t bytes = pack_bf16_panels(m))
+    std::fprintf(stderr, "%s: %.2f GB of bf16 weights in 16-row panels (AVX512-BF16 decode kernel) in %.2f s\n", who,
+                 double(bytes) / 1e9, now_seconds() - t0);
 }
 
 }  // namespace moe

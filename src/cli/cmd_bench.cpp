@@ -32,7 +32,7 @@ namespace moe {
 namespace {
 
 struct BenchOpts {
-  std::string what, arch = "mixtral", preset = "medium", dtype = "bf16", device = "cpu";
+  std::string what, arch = "mixtral", preset = "medium", dtype = "bf16", device = "cpu", panels = "on";
   std::string model;  // a model directory or .gguf instead of a random preset model
   int64_t layers = 0, tokens = 32, prompt = 16, batch = 4, seq = 256, reps = 2;
   uint64_t seed = 1;
@@ -256,6 +256,7 @@ void run_bench(const BenchOpts& o) {
     return Model::from_tensors(cfg, named, lo);
   }();
   if (!o.model.empty()) cfg = m.config();
+  if (o.what == "decode" && dev == Device::CPU) apply_panels_flag(m, o.panels, "bench decode");  // as moe generate
   t_init = now_seconds() - t_init;
   std::fprintf(stderr, "model ready in %.1f s (%.3f B params); running...\n", t_init, double(m.n_params_total()) / 1e9);
 
@@ -400,6 +401,7 @@ void add_bench_command(CLI::App& app) {
       ->check(CLI::Range(1, 100));
   cmd->add_option("--seed", o->seed, "weights seed")->capture_default_str();
   cmd->add_flag("--json", o->json, "also print one JSON line");
+  add_panels_flag(cmd, &o->panels);
   add_tokenize_bench(cmd);
   add_train_bench(cmd);
   add_serve_bench(cmd);

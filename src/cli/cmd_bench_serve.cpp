@@ -22,7 +22,6 @@
 #include "cli/commands.h"
 #include "core/memory.h"
 #include "core/rng.h"
-#include "model/panel_weights.h"
 #include "model/random_init.h"
 #include "ops/cpu/cpu_gemm_onednn.h"
 #include "serve/engine.h"
@@ -60,8 +59,8 @@ void run_serve_bench(const ServeBenchOpts& o) {
   cpu::use_bf16_matrix_where_available();  // prefill chunks, as moe serve runs them
   Model m = Model::from_tensors(cfg, random_weights(cfg, o.seed, wdt), lo);
   // As moe serve: bf16 weights in 16-row panels where the CPU has AVX512-BF16 (model/panel_weights.h).
-  const int64_t packed = o.panels == "on" ? pack_bf16_panels(m) : 0;
-  const std::string layout = packed ? " in 16-row panels" : "";
+  apply_panels_flag(m, o.panels, "bench serve");
+  const std::string layout = m.weights().layers[0].w1.dtype() == DType::BF16P ? " in 16-row panels" : "";
 
   // Weight bytes: read every step (non-expert) and per expert touched.
   double fixed_bytes = 0, expert_bytes = 0;
@@ -173,11 +172,7 @@ void add_serve_bench(CLI::App* bench) {
   cmd->add_option("--tokens", o->tokens, "new tokens per stream")->capture_default_str()->check(CLI::Range(2, 1 << 16));
   cmd->add_option("--seed", o->seed, "weights seed")->capture_default_str();
   cmd->add_flag("--json", o->json, "also print one JSON line");
-  cmd->add_option("--panels", o->panels,
-                  "on: bf16 weights in 16-row panels where the CPU has AVX512-BF16, as moe serve runs them; off: "
-                  "in rows (the dot kernel), to compare")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"on", "off"}));
+  add_panels_flag(cmd, &o->panels);
   cmd->callback([o]() { run_serve_bench(*o); });
 }
 

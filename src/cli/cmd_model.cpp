@@ -205,7 +205,7 @@ void add_logits_command(CLI::App& app) {
 
 void add_generate_command(CLI::App& app) {
   struct Opts {
-    std::string dir, ids, prompt, chat, system, weights = "none", adapter;
+    std::string dir, ids, prompt, chat, system, weights = "none", adapter, panels = "on";
     int64_t max_new = 32, top_k = 0;
     float temperature = 0.0f, top_p = 1.0f;
     uint64_t seed = 1;
@@ -229,6 +229,7 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--adapter", o->adapter, "a PEFT LoRA adapter directory, merged into the weights at load (CPU)");
   add_device_flags(cmd, &o->dev);
   add_weights_flag(cmd, &o->weights);
+  add_panels_flag(cmd, &o->panels);
   cmd->add_option("--ep", o->ep,
                   "under mpirun: spread the routed experts over this many ranks (default: all of them); every rank "
                   "runs the same tokens, rank 0 prints");
@@ -265,6 +266,7 @@ void add_generate_command(CLI::App& app) {
       shard_experts(m.config(), m.mutable_weights(), *par);
       m.set_expert_parallel(par->ep_group.get());
     }
+    apply_panels_flag(m, o->panels, "generate");
     t_load = now_seconds() - t_load;
     const ModelConfig& c = m.config();
     for (int32_t id : prompt)

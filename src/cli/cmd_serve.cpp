@@ -9,7 +9,6 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/memory.h"
-#include "model/panel_weights.h"
 #include "serve/http_server.h"
 
 namespace moe {
@@ -40,7 +39,7 @@ void add_engine_flags(CLI::App* cmd, EngineOptions* e) {
 
 void add_serve_command(CLI::App& app) {
   struct Opts {
-    std::string dir, weights = "none", tokenizer, adapter;
+    std::string dir, weights = "none", tokenizer, adapter, panels = "on";
     DeviceFlags dev;
     ServeOptions serve;
     EngineOptions engine;
@@ -70,6 +69,7 @@ void add_serve_command(CLI::App& app) {
   add_engine_flags(cmd, &o->engine);
   add_device_flags(cmd, &o->dev);
   add_weights_flag(cmd, &o->weights);
+  add_panels_flag(cmd, &o->panels);
   cmd->callback([o]() {
     const std::string tok_dir = o->tokenizer.empty() ? o->dir : o->tokenizer;
     Tokenizer tok = Tokenizer::from_dir(tok_dir);
@@ -85,9 +85,7 @@ void add_serve_command(CLI::App& app) {
     const double t0 = now_seconds();
     Model m = load_model_arg(o->dir, o->dev, o->weights);
     if (!o->adapter.empty()) apply_adapter(m, o->adapter);
-    // Batched decode's products on 16-row panels where the CPU has AVX512-BF16 (bf16 models).
-    if (const int64_t packed = pack_bf16_panels(m))
-      std::printf("serve: %.2f GB of bf16 weights in 16-row panels (AVX512-BF16 batched decode)\n", double(packed) / 1e9);
+    apply_panels_flag(m, o->panels, "serve");
     MOE_CHECK(tok.vocab_size() <= m.config().vocab_size,
               "serve: the tokenizer has %lld tokens but the model's vocabulary is %lld", (long long)tok.vocab_size(),
               (long long)m.config().vocab_size);

@@ -27,10 +27,12 @@ void gemm_xwt_bf16dot(float* out, int64_t ldo, const float* x, const uint16_t* w
                       bool accumulate);
 
 // out [n, ldo] (+)= bf16(x) [n, k] · w [m, k]ᵀ, w in 16-row panels (DType::BF16P,
-// core/bf16_panels.h: m a multiple of 16, k even). Any n: groups of up to 12 rows of x, two
-// registers a row per panel, 4 groups per pass over the weight. Threads as gemm_xwt_bf16dot
-// (over panels). Numerics as gemm_xwt_bf16dot, and each row's result is the same bits at every
-// n (batch-invariant). Requires bf16dot_available().
+// core/bf16_panels.h: m a multiple of 16, k even). Any n: up to 16 rows of x in one group, a
+// register a row against each panel in turn (decode); more rows in groups of up to 12 against
+// pairs of panels (prefill); 4 groups per pass over the weight. Threads as gemm_xwt_bf16dot
+// (over panels). Numerics as gemm_xwt_bf16dot, and each output's sum runs in the same order at
+// every n: a row's result is the same bits whatever rows come with it (batch-invariant).
+// Requires bf16dot_available().
 void gemm_xwt_bf16panels(float* out, int64_t ldo, const float* x, const uint16_t* wp, int64_t n, int64_t m, int64_t k,
                          bool accumulate);
 
