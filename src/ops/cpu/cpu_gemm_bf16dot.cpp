@@ -213,9 +213,10 @@ namespace {
 constexpr int64_t kPanelPrefetchLines = 128;
 
 // MR rows of x against one panel: out[i * ldo + c] (+)= Σ_j line j's pair of output c · pair j
-// of row i, the pairs of x at xp[j * MR + i], kh lines, in one accumulator a row: the order of
-// every row's sum is the same at every MR, so a row's result does not depend on the other rows
-// of the batch.
+// of row i, over the panel's kh lines; the pairs of x at xp[i * kh + j] (its rows as they are:
+// each broadcast reads its own row, and a row's 64-byte line serves 16 lines of the panel).
+// One accumulator a row: the order of every row's sum is the same at every MR, so a row's
+// result does not depend on the other rows of the batch.
 template <int MR>
 inline void panel_rows(float* out, int64_t ldo, const uint32_t* xp, const uint16_t* wp, int64_t kh, bool add) {
   __m512 acc[MR];
@@ -224,8 +225,7 @@ inline void panel_rows(float* out, int64_t ldo, const uint32_t* xp, const uint16
     const __m512bh w = as_bh(_mm512_loadu_si512(wp + j * 32));
     // (past the weight's end on the last lines: a prefetch never faults)
     _mm_prefetch(reinterpret_cast<const char*>(wp + (j + kPanelPrefetchLines) * 32), _MM_HINT_T0);
-    const uint32_t* xj = xp + j * MR;
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], w, as_bh(_mm512_set1_epi32(int(xj[i]))));
+    for (int i = 0; i < MR; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], w, as_bh(_mm512_set1_epi32(int(xp[i * kh + j]))));
   }
   for (int i = 0; i < MR; ++i) {
     float* o = out + i * ldo;
@@ -245,9 +245,8 @@ inline void panel_pair_rows(float* out, int64_t ldo, const uint32_t* xp, const u
     const __m512bh w0 = as_bh(_mm512_loadu_si512(wp + j * 32)), w1 = as_bh(_mm512_loadu_si512(wq + j * 32));
     _mm_prefetch(reinterpret_cast<const char*>(wp + (j + kPanelPrefetchLines) * 32), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wq + (j + kPanelPrefetchLines) * 32), _MM_HINT_T0);
-    const uint32_t* xj = xp + j * MR;
     for (int i = 0; i < MR; ++i) {
-      const __m512bh b = as_bh(_mm512_set1_epi32(int(xj[i])));
+      const __m512bh b = as_bh(_mm512_set1_epi32(int(xp[i * kh + j])));
       a0[i] = _mm512_dpbf16_ps(a0[i], w0, b);
       a1[i] = _mm512_dpbf16_ps(a1[i], w1, b);
     }
@@ -274,8 +273,10 @@ void panel_rows_n(int mr, float* out, int64_t ldo, const uint32_t* xp, const uin
 // Rows of x in a group: up to 16 (decode: one accumulator a row and panel, a panel at a time);
 // above 16 rows, groups of up to 12 against pairs of panels (24 accumulators), a broadcast of x
 // feeding both. Measured (Zen 5, 2 threads, [3072 x 1024] and [1024 x 3072], GFLOP/s at 256 /
-// 512 rows of x): a panel at a time in groups of 16 818 / 800, 760 / 736; pairs 871 / 883,
-// 788 / 778 (oneDNN's matmul on row-order weights, same minutes: 790 / 796, 796 / 831).
+// 512 rows of x, x's pairs interleaved by group then): a panel at a time in groups of 16
+// 818 / 800, 760 / 736; pairs 871 / 883, 788 / 778 (oneDNN's matmul on row-order weights,
+// same minutes: 790 / 796, 796 / 831). Broadcasting from x's rows as they are, not
+// interleaved first: 931 / 943, 934 / 873 (oneDNN 905 / 918, 914 / 827).
 constexpr int64_t kPanelGroupRows = 16;
 constexpr int64_t kPanelPairGroupRows = 12;
 // Groups per pass over the weight: a panel (pair) meets them while it is in L1/L2, and the
@@ -293,19 +294,9 @@ void gemm_xwt_bf16panels(float* out, int64_t ldo, const float* x, const uint16_t
   const int64_t kh = k / 2, max_rows = pairs ? kPanelPairGroupRows : kPanelGroupRows;
   const int64_t n_groups = (n + max_rows - 1) / max_rows;
   auto group_rows = [&](int64_t g) { return n / n_groups + (g < n % n_groups ? 1 : 0); };
-  // x rounded to bf16 (to nearest even), then each group's pairs interleaved: group g (rows
-  // [r0, r0 + mr)) at xp + r0 * kh, pair j of its row i at [j * mr + i].
-  uint16_t* xb = scratch<uint16_t>(Scratch::GemvX, static_cast<size_t>(n * k));
+  // x rounded to bf16 (to nearest even): row i's pair j is the 32-bit word xp[i * kh + j].
   uint32_t* xp = scratch<uint32_t>(Scratch::PanelX, static_cast<size_t>(n * kh));
-  convert_from_f32(xb, x, DType::BF16, static_cast<size_t>(n * k));
-  for (int64_t g = 0, r0 = 0; g < n_groups; r0 += group_rows(g), ++g) {
-    const int64_t mr = group_rows(g);
-    uint32_t* dst = xp + r0 * kh;
-    for (int64_t i = 0; i < mr; ++i) {
-      const uint16_t* row = xb + (r0 + i) * k;
-      for (int64_t j = 0; j < kh; ++j) dst[j * mr + i] = uint32_t(row[2 * j]) | uint32_t(row[2 * j + 1]) << 16;
-    }
-  }
+  convert_from_f32(xp, x, DType::BF16, static_cast<size_t>(n * k));
   parallel_threads(m * k > 32768, [&](int64_t nt, int64_t id) {
     // Pairs of panels split between threads (an odd count: the last thread's last panel alone).
     const int64_t panels = m / 16, units = pairs ? (panels + 1) / 2 : panels;

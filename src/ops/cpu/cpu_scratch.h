@@ -17,7 +17,7 @@ enum class Scratch : int {
   GemmWidened,   // cpu_gemm: a chunk of bf16/f16 weight rows widened to f32
   GemmBf16,      // cpu_gemm: a chunk of block-quantized weight rows as bf16 (matrix units)
   GemvX,         // cpu_gemm: the streaming kernel's x rows, de-interleaved for bf16 weights
-  PanelX,        // cpu_gemm_bf16dot: x's bf16 pairs interleaved by groups of rows (panel weights)
+  PanelX,        // cpu_gemm_bf16dot: x rounded to bf16 for the panel kernel
   MatrixX,       // cpu_gemm_onednn: x rounded to bf16, rows padded
   MatrixB,       //                  the second factor rounded to bf16 (dW's x), rows padded
   MatrixPad,     //                  oneDNN's scratchpad for the matmul (packed factors)
