@@ -256,7 +256,7 @@ void run_bench(const BenchOpts& o) {
     return Model::from_tensors(cfg, named, lo);
   }();
   if (!o.model.empty()) cfg = m.config();
-  if (o.what == "decode" && dev == Device::CPU) apply_panels_flag(m, o.panels, "bench decode");  // as moe generate
+  if (dev == Device::CPU) apply_panels_flag(m, o.panels, ("bench " + o.what).c_str());  // as moe generate
   t_init = now_seconds() - t_init;
   std::fprintf(stderr, "model ready in %.1f s (%.3f B params); running...\n", t_init, double(m.n_params_total()) / 1e9);
 

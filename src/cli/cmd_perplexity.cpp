@@ -61,7 +61,7 @@ Tensor chunk_logits(const Model& m, const Tensor& ids) {
 
 void add_perplexity_command(CLI::App& app) {
   struct Opts {
-    std::string model, file, base, tokenizer, weights = "none", base_weights = "none";
+    std::string model, file, base, tokenizer, weights = "none", base_weights = "none", panels = "on";
     int64_t ctx = 256, max_chunks = 0;
     bool json = false;
     DeviceFlags dev;
@@ -84,6 +84,7 @@ void add_perplexity_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::IsMember({"none", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"}));
   cmd->add_flag("--json", o->json, "also print one JSON line with the results");
+  add_panels_flag(cmd, &o->panels);
   cmd->callback([o]() {
     // The tokenizer: --tokenizer, else the model's (a .gguf's own), else a base directory's.
     std::string tok_dir = o->tokenizer;
@@ -93,6 +94,7 @@ void add_perplexity_command(CLI::App& app) {
     const std::string text = read_file(o->file);
     const std::vector<int32_t> ids = tok.encode(text, /*add_special_tokens=*/false);
     Model m = load_model_arg(o->model, o->dev, o->weights);
+    apply_panels_flag(m, o->panels, "perplexity");
     const int64_t v = m.config().vocab_size;
     MOE_CHECK(o->ctx <= m.config().max_position_embeddings, "--ctx %lld is above the model's limit of %lld positions",
               (long long)o->ctx, (long long)m.config().max_position_embeddings);
@@ -106,6 +108,7 @@ void add_perplexity_command(CLI::App& app) {
     std::unique_ptr<Model> base;
     if (!o->base.empty()) {
       base = std::make_unique<Model>(load_model_arg(o->base, o->dev, o->base_weights));
+      apply_panels_flag(*base, o->panels, "perplexity (base)");
       MOE_CHECK(base->config().vocab_size == v, "--kl-base %s: vocabulary %lld differs from the model's %lld",
                 o->base.c_str(), (long long)base->config().vocab_size, (long long)v);
     }
