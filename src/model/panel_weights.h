@@ -1,11 +1,12 @@
-// panel_weights.h — serving's bf16 weights rearranged into 16-row panels (core/bf16_panels.h).
+// panel_weights.h — the inference commands' bf16 weights rearranged into 16-row panels (core/bf16_panels.h).
 //
 // Batched decode multiplies 2-64 rows of x against every projection and expert a step. With
 // weights in row order the AVX512-BF16 dot kernel spends a quarter of its instructions on
-// horizontal sums and ran 430-530 GFLOP/s at 16 rows on Zen 5; on panels the sums stay in
-// registers (640-700 from memory at 16 rows, 750-830 at 64). The panels replace the rows (the
-// bytes are the same), so a packed model runs inference on the CPU only: gemm_xwt is the one
-// reader (cpu_gemm.h), and training, the CUDA upload or saving refuse bf16p.
+// horizontal sums and ran 406-545 GFLOP/s at 16 rows on Zen 5 (2 threads, from memory); on
+// panels the sums stay in registers: 636-697 at 16 rows, 786-846 at 64, and 931-943 at 256-512
+// (prefill; oneDNN on rows 905-918). The panels replace the rows (the bytes are the same), so a
+// packed model runs inference on the CPU only: gemm_xwt is the one reader (cpu_gemm.h), and the
+// training products refuse bf16p.
 #pragma once
 #include <cstdint>
 

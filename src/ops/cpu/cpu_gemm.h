@@ -8,7 +8,10 @@
 // quant_gemm_xwt (cpu_quant_gemm.h), which rounds x to int8 blocks; and bf16 weights with more
 // rows than decode streams to oneDNN's bf16 matmul where the CPU has AMX or AVX512-BF16
 // (cpu_gemm_onednn.h), which rounds x to bf16 — where the process chose that (Bf16Gemm::Matrix:
-// inference, and training whose weights are bf16), in the backward's products too.
+// inference, and training whose weights are bf16), in the backward's products too. Panel-packed
+// bf16 weights (DType::BF16P, the inference commands' layout on AVX512-BF16) go to their own
+// kernel at every row count (cpu_gemm_bf16dot.h); under Bf16Gemm::Matrix weights of fewer than
+// 16 rows (routers) are multiplied row by row in f32, the same bits at every row count.
 #pragma once
 #include <cstdint>
 

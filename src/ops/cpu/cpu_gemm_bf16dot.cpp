@@ -1,4 +1,5 @@
-// cpu_gemm_bf16dot.cpp — bf16 weights against a few rows of x with vdpbf16ps (AVX512-BF16).
+// cpu_gemm_bf16dot.cpp — bf16 weights against rows of x with vdpbf16ps (AVX512-BF16): row-order
+// weights against a few rows (the dot kernel), panel-packed ones against any number.
 // Every kernel function here gets the target avx512f,avx512bw,avx512vl,avx512bf16 (pragma
 // below); gemm_xwt calls them only when bf16dot_available() says the CPU has them.
 #if !defined(__clang__)
@@ -17,8 +18,8 @@
 
 #include "core/bf16_panels.h"
 #include "core/cpu_features.h"
-#include "core/error.h"
 #include "core/dtype.h"
+#include "core/error.h"
 #include "ops/cpu/cpu_parallel.h"
 #include "ops/cpu/cpu_scratch.h"
 
@@ -199,7 +200,6 @@ void gemm_xwt_bf16dot(float* out, int64_t ldo, const float* x, const uint16_t* w
   });
 }
 
-
 // ---- panel-packed weights (DType::BF16P, core/bf16_panels.h) ----
 
 namespace {
@@ -280,9 +280,9 @@ void panel_rows_n(int mr, float* out, int64_t ldo, const uint32_t* xp, const uin
 constexpr int64_t kPanelGroupRows = 16;
 constexpr int64_t kPanelPairGroupRows = 12;
 // Groups per pass over the weight: a panel (pair) meets them while it is in L1/L2, and the
-// weight is read from memory once per pass.
-// (8 groups: 879 / 898, 784 / 752.)
+// weight is read from memory once per pass (8 groups a pass, interleaved x: 879 / 898, 784 / 752).
 constexpr int64_t kPanelGroupsPerPass = 4;
+
 }  // namespace
 
 void gemm_xwt_bf16panels(float* out, int64_t ldo, const float* x, const uint16_t* wp, int64_t n, int64_t m, int64_t k,

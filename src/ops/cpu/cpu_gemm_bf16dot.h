@@ -10,7 +10,12 @@
 // Numerics as the oneDNN matrix path (cpu_gemm_onednn.h): x rounded to bf16 (to nearest even),
 // bf16 x bf16 products exact, accumulated in f32. So gemm_xwt takes this kernel only where the
 // process opted into bf16 rounding (Bf16Gemm::Matrix: the inference commands) and never on the
-// exact path. The reference is the float64 product of the rounded x (tests/test_gemm_bf16dot.cpp).
+// exact path. The reference is the float64 product of the rounded x (tests/test_gemm_onednn.cpp,
+// tests/test_bf16_panels.cpp).
+//
+// Row-order weights need a horizontal sum per output (a quarter of the dot kernel's
+// instructions at 16 rows); weights the inference commands rearranged into 16-row panels
+// (core/bf16_panels.h) keep 16 outputs in a register and run at every row count, prefill too.
 #pragma once
 #include <cstdint>
 
