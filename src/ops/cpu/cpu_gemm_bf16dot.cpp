@@ -14,6 +14,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 
 #include "core/bf16_panels.h"
@@ -213,19 +214,26 @@ namespace {
 constexpr int64_t kPanelPrefetchLines = 128;
 
 // MR rows of x against one panel: out[i * ldo + c] (+)= Σ_j line j's pair of output c · pair j
-// of row i, over the panel's kh lines; the pairs of x at xp[i * kh + j] (its rows as they are:
+// of row i, over the panel's kh lines; x's pairs at pair_at(xp, i * kh + j) (its rows as they are:
 // each broadcast reads its own row, and a row's 64-byte line serves 16 lines of the panel).
 // One accumulator a row: the order of every row's sum is the same at every MR, so a row's
 // result does not depend on the other rows of the batch.
+// Pair idx (values 2 idx, 2 idx + 1) of bf16 values as one 32-bit lane, for a broadcast.
+inline __m512bh pair_at(const uint16_t* x, int64_t idx) {
+  int32_t v;
+  std::memcpy(&v, x + 2 * idx, 4);
+  return as_bh(_mm512_set1_epi32(v));
+}
+
 template <int MR>
-inline void panel_rows(float* out, int64_t ldo, const uint32_t* xp, const uint16_t* wp, int64_t kh, bool add) {
+inline void panel_rows(float* out, int64_t ldo, const uint16_t* xp, const uint16_t* wp, int64_t kh, bool add) {
   __m512 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t j = 0; j < kh; ++j) {
     const __m512bh w = as_bh(_mm512_loadu_si512(wp + j * 32));
     // (past the weight's end on the last lines: a prefetch never faults)
     _mm_prefetch(reinterpret_cast<const char*>(wp + (j + kPanelPrefetchLines) * 32), _MM_HINT_T0);
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], w, as_bh(_mm512_set1_epi32(int(xp[i * kh + j]))));
+    for (int i = 0; i < MR; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], w, pair_at(xp, i * kh + j));
   }
   for (int i = 0; i < MR; ++i) {
     float* o = out + i * ldo;
@@ -236,7 +244,7 @@ inline void panel_rows(float* out, int64_t ldo, const uint32_t* xp, const uint16
 // The same for two adjacent panels at once (wp, wp + 16 k): each broadcast of x feeds two
 // products, so a line of x costs half the loads. Each sum in the same order as panel_rows.
 template <int MR>
-inline void panel_pair_rows(float* out, int64_t ldo, const uint32_t* xp, const uint16_t* wp, int64_t k, bool add) {
+inline void panel_pair_rows(float* out, int64_t ldo, const uint16_t* xp, const uint16_t* wp, int64_t k, bool add) {
   const int64_t kh = k / 2;
   const uint16_t* wq = wp + 16 * k;
   __m512 a0[MR], a1[MR];
@@ -246,7 +254,7 @@ inline void panel_pair_rows(float* out, int64_t ldo, const uint32_t* xp, const u
     _mm_prefetch(reinterpret_cast<const char*>(wp + (j + kPanelPrefetchLines) * 32), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wq + (j + kPanelPrefetchLines) * 32), _MM_HINT_T0);
     for (int i = 0; i < MR; ++i) {
-      const __m512bh b = as_bh(_mm512_set1_epi32(int(xp[i * kh + j])));
+      const __m512bh b = pair_at(xp, i * kh + j);
       a0[i] = _mm512_dpbf16_ps(a0[i], w0, b);
       a1[i] = _mm512_dpbf16_ps(a1[i], w1, b);
     }
@@ -259,13 +267,13 @@ inline void panel_pair_rows(float* out, int64_t ldo, const uint32_t* xp, const u
 }
 
 template <int... MR>
-void panel_pair_rows_n(int mr, float* out, int64_t ldo, const uint32_t* xp, const uint16_t* wp, int64_t k, bool add,
+void panel_pair_rows_n(int mr, float* out, int64_t ldo, const uint16_t* xp, const uint16_t* wp, int64_t k, bool add,
                        std::integer_sequence<int, MR...>) {
   ((mr == MR + 1 ? panel_pair_rows<MR + 1>(out, ldo, xp, wp, k, add) : void()), ...);
 }
 
 template <int... MR>
-void panel_rows_n(int mr, float* out, int64_t ldo, const uint32_t* xp, const uint16_t* wp, int64_t kh, bool add,
+void panel_rows_n(int mr, float* out, int64_t ldo, const uint16_t* xp, const uint16_t* wp, int64_t kh, bool add,
                   std::integer_sequence<int, MR...>) {
   ((mr == MR + 1 ? panel_rows<MR + 1>(out, ldo, xp, wp, kh, add) : void()), ...);
 }
@@ -294,8 +302,8 @@ void gemm_xwt_bf16panels(float* out, int64_t ldo, const float* x, const uint16_t
   const int64_t kh = k / 2, max_rows = pairs ? kPanelPairGroupRows : kPanelGroupRows;
   const int64_t n_groups = (n + max_rows - 1) / max_rows;
   auto group_rows = [&](int64_t g) { return n / n_groups + (g < n % n_groups ? 1 : 0); };
-  // x rounded to bf16 (to nearest even): row i's pair j is the 32-bit word xp[i * kh + j].
-  uint32_t* xp = scratch<uint32_t>(Scratch::PanelX, static_cast<size_t>(n * kh));
+  // x rounded to bf16 (to nearest even), rows as they are: row i's pair j is pair i kh + j.
+  uint16_t* xp = scratch<uint16_t>(Scratch::PanelX, static_cast<size_t>(n * k));
   convert_from_f32(xp, x, DType::BF16, static_cast<size_t>(n * k));
   parallel_threads(m * k > 32768, [&](int64_t nt, int64_t id) {
     // Pairs of panels split between threads (an odd count: the last thread's last panel alone).
@@ -308,7 +316,7 @@ void gemm_xwt_bf16panels(float* out, int64_t ldo, const float* x, const uint16_t
           const int mr = static_cast<int>(group_rows(g));
           const int64_t p = pairs ? 2 * u : u;
           float* o = out + r0 * ldo + p * 16;
-          const uint32_t* xg = xp + r0 * kh;
+          const uint16_t* xg = xp + r0 * k;
           if (pairs && p + 1 < panels)
             panel_pair_rows_n(mr, o, ldo, xg, wp + p * 16 * k, k, accumulate,
                               std::make_integer_sequence<int, kPanelPairGroupRows>());
