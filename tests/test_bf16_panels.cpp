@@ -4,9 +4,8 @@
 //
 // The layout is checked element by element against its definition (line j of panel p holds the
 // pair (2j, 2j+1) of rows 16p..16p+15); the kernel against the float64 product of x rounded to
-// bf16 (bf16 x bf16 products are exact in f32, so only f32 summation separates them:
-// |y - r| <= 1e-5 · Σ|x̂|·|w| + 1e-30), and each row's result against the same row computed
-// alone, bit for bit. The kernel needs AVX512-BF16: elsewhere those tests say SKIPPED.
+// bf16 (gemm_reference.h), and each row's result against the same row computed alone, bit for
+// bit. The kernel needs AVX512-BF16: elsewhere those tests say SKIPPED.
 #include <gtest/gtest.h>
 
 #include <omp.h>
@@ -15,6 +14,8 @@
 #include <cmath>
 #include <random>
 #include <vector>
+
+#include "gemm_reference.h"
 
 #include "core/bf16_panels.h"
 #include "core/error.h"
@@ -45,14 +46,6 @@ std::vector<uint16_t> random_bf16(size_t n, uint32_t seed) {
   return v;
 }
 
-std::vector<float> random_f32(size_t n, uint32_t seed) {
-  std::mt19937 g(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = u(g);
-  return v;
-}
-
 TEST(Bf16Panels, PackedValuesSitWhereTheLayoutSays) {
   for (auto [rows, k] : {std::pair<int64_t, int64_t>{16, 2}, {48, 6}, {32, 130}}) {
     const auto src = random_bits(size_t(rows * k), uint32_t(rows + k));
@@ -79,7 +72,7 @@ TEST(Bf16Panels, ShapesThatAreNotWholePanelsAreRefused) {
 
 TEST(Bf16Panels, TensorConversionsKeepValuesAndRowViewsStartOnPanels) {
   // [3, 32, 6]: rows of the last dimension, as stacked experts are.
-  const Tensor f = Tensor::from_f32({3, 32, 6}, random_f32(3 * 32 * 6, 7));
+  const Tensor f = Tensor::from_f32({3, 32, 6}, test::random_floats(3 * 32 * 6, 7));
   const Tensor b = f.to_dtype(DType::BF16);
   const Tensor p = b.to_dtype(DType::BF16P);
   ASSERT_EQ(p.dtype(), DType::BF16P);
@@ -88,62 +81,32 @@ TEST(Bf16Panels, TensorConversionsKeepValuesAndRowViewsStartOnPanels) {
   EXPECT_EQ(p.to_dtype(DType::BF16).to_f32_vector(), b.to_f32_vector());
   // Expert 1 of the packed tensor is the packing of expert 1.
   EXPECT_EQ(p.select(1).to_dtype(DType::F32).to_f32_vector(), b.select(1).to_dtype(DType::F32).to_f32_vector());
-  EXPECT_THROW(Tensor::from_f32({8, 6}, random_f32(8 * 6, 1)).to_dtype(DType::BF16P), Error);
+  EXPECT_THROW(Tensor::from_f32({8, 6}, test::random_floats(8 * 6, 1)).to_dtype(DType::BF16P), Error);
   std::vector<float> dst(6);
   EXPECT_THROW(convert_to_f32(dst.data(), p.raw(), DType::BF16P, 6), Error);  // values not in row order
 }
 
-struct Case {
-  int64_t n, m, k, ldo;
-  bool accumulate;
-};
-
-// out (+)= bf16(x)·wᵀ in float64, and the f32 summation bound per output.
-void reference(const std::vector<float>& x, const std::vector<uint16_t>& w, const std::vector<float>& out0,
-               const Case& s, std::vector<double>* r, std::vector<double>* bound) {
-  r->assign(size_t(s.n * s.ldo), 0.0);
-  bound->assign(size_t(s.n * s.ldo), 0.0);
-  for (int64_t i = 0; i < s.n; ++i)
-    for (int64_t j = 0; j < s.ldo; ++j) {
-      const size_t o = size_t(i * s.ldo + j);
-      if (j >= s.m) {
-        (*r)[o] = out0[o];
-        continue;
-      }
-      double acc = s.accumulate ? out0[o] : 0.0, mag = s.accumulate ? std::fabs(out0[o]) : 0.0;
-      for (int64_t t = 0; t < s.k; ++t) {
-        const double p = double(bf16_to_f32(f32_to_bf16(x[size_t(i * s.k + t)]))) * bf16_to_f32(w[size_t(j * s.k + t)]);
-        acc += p;
-        mag += std::fabs(p);
-      }
-      (*r)[o] = acc;
-      (*bound)[o] = 1e-5 * mag + 1e-30;
-    }
-}
-
 // Rows of x from one to past four groups of 16, k from one pair up to a few K-lines past 512,
 // out wider than m with accumulation onto it.
-const Case kCases[] = {{1, 16, 2, 16, false},  {2, 32, 34, 40, true},   {5, 48, 64, 48, false},
+const test::GemmCase kCases[] = {{1, 16, 2, 16, false},  {2, 32, 34, 40, true},   {5, 48, 64, 48, false},
                        {16, 96, 130, 96, true}, {17, 16, 514, 20, false}, {40, 64, 70, 64, true},
                        {64, 32, 96, 32, false}, {70, 48, 38, 50, true}};
 
 TEST(Bf16Panels, KernelMatchesFloat64ProductOfRoundedX) {
   if (!cpu::bf16dot_available()) GTEST_SKIP() << "SKIPPED: this CPU has no AVX512-BF16";
   uint32_t seed = 11;
-  for (const Case& s : kCases) {
-    const auto x = random_f32(size_t(s.n * s.k), seed++);
+  for (const test::GemmCase& s : kCases) {
+    const auto x = test::random_floats(size_t(s.n * s.k), seed++);
     const auto w = random_bf16(size_t(s.m * s.k), seed++);
-    auto out = random_f32(size_t(s.n * s.ldo), seed++);
+    auto out = test::random_floats(size_t(s.n * s.ldo), seed++);
+    std::vector<float> wf(w.size());
+    for (size_t i = 0; i < w.size(); ++i) wf[i] = bf16_to_f32(w[i]);
     std::vector<double> r, bound;
-    reference(x, w, out, s, &r, &bound);
+    test::gemm_reference(test::bf16_rounded(x), wf, out, s, &r, &bound);
     std::vector<uint16_t> wp(w.size());
     pack_bf16_panels(wp.data(), w.data(), s.m, s.k);
     cpu::gemm_xwt(out.data(), s.ldo, x.data(), wp.data(), DType::BF16P, s.n, s.m, s.k, s.accumulate);
-    int bad = 0;
-    for (size_t o = 0; o < out.size(); ++o)
-      if (!(std::fabs(double(out[o]) - r[o]) <= bound[o]) && bad++ < 5)
-        ADD_FAILURE() << "n " << s.n << " m " << s.m << " k " << s.k << " at " << o << ": " << out[o] << " vs " << r[o];
-    EXPECT_EQ(bad, 0);
+    test::expect_gemm_within(out, r, bound, s);
   }
 }
 
@@ -151,7 +114,7 @@ TEST(Bf16Panels, KernelMatchesFloat64ProductOfRoundedX) {
 TEST(Bf16Panels, EachRowIsTheSameBitsAtEveryBatchSize) {
   if (!cpu::bf16dot_available()) GTEST_SKIP() << "SKIPPED: this CPU has no AVX512-BF16";
   const int64_t n = 53, m = 64, k = 1030;
-  const auto x = random_f32(size_t(n * k), 3);
+  const auto x = test::random_floats(size_t(n * k), 3);
   const auto w = random_bf16(size_t(m * k), 4);
   std::vector<uint16_t> wp(w.size());
   pack_bf16_panels(wp.data(), w.data(), m, k);

@@ -18,6 +18,8 @@
 #include <random>
 #include <vector>
 
+#include "gemm_reference.h"
+
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/nf4.h"
@@ -29,23 +31,12 @@
 namespace moe {
 namespace {
 
-struct Shape {
-  int64_t n, m, k, ldo;
-  bool accumulate;
-};
+using Shape = test::GemmCase;
 
 // Rows that pad to the next bucket (17, 300), exact buckets (32), m and k not multiples of any
 // vector width, and out wider than m (ldo) with accumulation onto it.
 const Shape kShapes[] = {{17, 33, 70, 33, false}, {32, 64, 128, 80, true}, {300, 48, 96, 48, false},
                          {21, 129, 257, 140, true}};
-
-std::vector<float> random_vec(size_t n, uint32_t seed) {
-  std::mt19937 g(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = u(g);
-  return v;
-}
 
 std::vector<uint16_t> to_bf16_bits(const std::vector<float>& v) {
   std::vector<uint16_t> r(v.size());
@@ -53,48 +44,16 @@ std::vector<uint16_t> to_bf16_bits(const std::vector<float>& v) {
   return r;
 }
 
-// out0 + x·wᵀ in float64 (x, w as given), and the bound on f32 summation error per output.
-void reference(const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& out0,
-               const Shape& s, std::vector<double>* r, std::vector<double>* bound) {
-  r->assign(size_t(s.n * s.ldo), 0.0);
-  bound->assign(size_t(s.n * s.ldo), 0.0);
-  for (int64_t i = 0; i < s.n; ++i)
-    for (int64_t j = 0; j < s.ldo; ++j) {
-      const size_t o = size_t(i * s.ldo + j);
-      if (j >= s.m) {
-        (*r)[o] = out0[o];  // past the first m columns: untouched
-        continue;
-      }
-      double acc = s.accumulate ? out0[o] : 0.0, mag = s.accumulate ? std::fabs(out0[o]) : 0.0;
-      for (int64_t t = 0; t < s.k; ++t) {
-        acc += double(x[size_t(i * s.k + t)]) * double(w[size_t(j * s.k + t)]);
-        mag += std::fabs(double(x[size_t(i * s.k + t)]) * double(w[size_t(j * s.k + t)]));
-      }
-      (*r)[o] = acc;
-      (*bound)[o] = 1e-5 * mag + 1e-30;
-    }
-}
-
-void expect_within(const std::vector<float>& out, const std::vector<double>& r, const std::vector<double>& bound,
-                   const Shape& s) {
-  int bad = 0;
-  for (size_t o = 0; o < out.size(); ++o)
-    if (!(std::fabs(double(out[o]) - r[o]) <= bound[o]) && bad++ < 5)
-      ADD_FAILURE() << "n " << s.n << " m " << s.m << " k " << s.k << " ldo " << s.ldo << " at " << o << ": "
-                    << out[o] << " vs " << r[o];
-  EXPECT_EQ(bad, 0);
-}
-
 TEST(OneDnnGemm, F32LayoutMatchesFloat64Product) {
   if (cpu::onednn_isa_name().rfind("none", 0) == 0) GTEST_SKIP() << "SKIPPED: built without oneDNN";
   uint32_t seed = 1;
   for (const Shape& s : kShapes) {
-    auto x = random_vec(size_t(s.n * s.k), seed++), w = random_vec(size_t(s.m * s.k), seed++);
-    auto out = random_vec(size_t(s.n * s.ldo), seed++);
+    auto x = test::random_floats(size_t(s.n * s.k), seed++), w = test::random_floats(size_t(s.m * s.k), seed++);
+    auto out = test::random_floats(size_t(s.n * s.ldo), seed++);
     std::vector<double> r, bound;
-    reference(x, w, out, s, &r, &bound);
+    test::gemm_reference(x, w, out, s, &r, &bound);
     cpu::onednn_gemm_xwt(out.data(), s.ldo, x.data(), w.data(), DType::F32, s.n, s.m, s.k, s.accumulate);
-    expect_within(out, r, bound, s);
+    test::expect_gemm_within(out, r, bound, s);
   }
 }
 
@@ -170,15 +129,15 @@ TEST(OneDnnGemm, F32BackwardLayoutsMatchFloat64Products) {
   uint32_t seed = 50;
   for (const BackShape& s : kBackShapes) {
     for (bool acc : {false, true}) {
-      auto x = random_vec(size_t(s.n * s.m), seed++), w = random_vec(size_t(s.m * s.k), seed++);
-      auto out = random_vec(size_t(s.n * s.k), seed++);
+      auto x = test::random_floats(size_t(s.n * s.m), seed++), w = test::random_floats(size_t(s.m * s.k), seed++);
+      auto out = test::random_floats(size_t(s.n * s.k), seed++);
       std::vector<double> r, bound;
       reference_xw(x, w, out, acc, s, &r, &bound);
       cpu::onednn_gemm_xw(out.data(), x.data(), s.m, w.data(), DType::F32, s.n, s.m, s.k, acc);
       expect_within_back(out, r, bound, s, "xw");
     }
-    auto dy = random_vec(size_t(s.n * s.ldy), seed++), x = random_vec(size_t(s.n * s.ldx), seed++);
-    auto dw = random_vec(size_t(s.m * s.ldw), seed++);
+    auto dy = test::random_floats(size_t(s.n * s.ldy), seed++), x = test::random_floats(size_t(s.n * s.ldx), seed++);
+    auto dw = test::random_floats(size_t(s.m * s.ldw), seed++);
     std::vector<double> r, bound;
     reference_atb(dy, x, dw, s, &r, &bound);
     cpu::onednn_gemm_atb_acc(dw.data(), s.ldw, dy.data(), s.ldy, x.data(), s.ldx, DType::F32, s.n, s.m, s.k);
@@ -194,7 +153,7 @@ TEST(OneDnnGemm, InsideAParallelRegionEachThreadItsOwnProduct) {
   std::vector<DType> types = {DType::F32};
   if (cpu::bf16_matrix_available()) types.push_back(DType::BF16);
   for (DType dt : types) {
-    auto x = random_vec(size_t(s.n * s.k), 70), wf = random_vec(size_t(s.m * s.k), 71);
+    auto x = test::random_floats(size_t(s.n * s.k), 70), wf = test::random_floats(size_t(s.m * s.k), 71);
     const std::vector<uint16_t> wb = to_bf16_bits(wf);
     const void* w = dt == DType::BF16 ? static_cast<const void*>(wb.data()) : wf.data();
     std::vector<float> top(size_t(s.n * s.ldo));
@@ -229,11 +188,6 @@ TEST(OneDnnGemm, ModeFollowsTheCpu) {
 }
 
 // x rounded to bf16 as the matrix path does (to nearest even).
-std::vector<float> bf16_rounded(const std::vector<float>& v) {
-  std::vector<float> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = bf16_to_f32(f32_to_bf16(v[i]));
-  return r;
-}
 
 // A product of shape s with x, w (stored bf16) and out random, and its float64 reference with x
 // rounded to bf16 (r, bound).
@@ -245,11 +199,11 @@ struct RoundedCase {
 
 RoundedCase rounded_case(const Shape& s, uint32_t seed) {
   RoundedCase c;
-  c.x = random_vec(size_t(s.n * s.k), seed);
-  const auto wf = random_vec(size_t(s.m * s.k), seed + 1);
-  c.out = random_vec(size_t(s.n * s.ldo), seed + 2);
+  c.x = test::random_floats(size_t(s.n * s.k), seed);
+  const auto wf = test::random_floats(size_t(s.m * s.k), seed + 1);
+  c.out = test::random_floats(size_t(s.n * s.ldo), seed + 2);
   c.w = to_bf16_bits(wf);
-  reference(bf16_rounded(c.x), bf16_rounded(wf), c.out, s, &c.r, &c.bound);
+  test::gemm_reference(test::bf16_rounded(c.x), test::bf16_rounded(wf), c.out, s, &c.r, &c.bound);
   return c;
 }
 
@@ -264,7 +218,7 @@ TEST(OneDnnGemm, Bf16MatchesFloat64ProductOfRoundedX) {
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
     cpu::gemm_xwt(c.out.data(), s.ldo, c.x.data(), c.w.data(), DType::BF16, s.n, s.m, s.k, s.accumulate);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
-    expect_within(c.out, c.r, c.bound, s);
+    test::expect_gemm_within(c.out, c.r, c.bound, s);
   }
 }
 
@@ -276,11 +230,11 @@ TEST(OneDnnGemm, Bf16BackwardMatchesFloat64ProductsOfRoundedFactors) {
     GTEST_SKIP() << "SKIPPED: no AMX / AVX512-BF16 here (oneDNN ISA " << cpu::onednn_isa_name() << ")";
   uint32_t seed = 200;
   for (const BackShape& s : kBackShapes) {
-    auto x = random_vec(size_t(s.n * s.m), seed++), wf = random_vec(size_t(s.m * s.k), seed++);
-    auto out = random_vec(size_t(s.n * s.k), seed++);
+    auto x = test::random_floats(size_t(s.n * s.m), seed++), wf = test::random_floats(size_t(s.m * s.k), seed++);
+    auto out = test::random_floats(size_t(s.n * s.k), seed++);
     const std::vector<uint16_t> w = to_bf16_bits(wf);
     std::vector<double> r, bound;
-    reference_xw(bf16_rounded(x), bf16_rounded(wf), out, true, s, &r, &bound);
+    reference_xw(test::bf16_rounded(x), test::bf16_rounded(wf), out, true, s, &r, &bound);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
     cpu::gemm_xw(out.data(), x.data(), w.data(), DType::BF16, s.n, s.m, s.k, true);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
@@ -288,10 +242,10 @@ TEST(OneDnnGemm, Bf16BackwardMatchesFloat64ProductsOfRoundedFactors) {
 
     BackShape sa = s;  // gemm_atb_acc reads x's rows densely
     sa.ldx = s.k;
-    auto dy = random_vec(size_t(s.n * s.ldy), seed++), xa = random_vec(size_t(s.n * s.k), seed++);
-    auto dw = random_vec(size_t(s.m * s.ldw), seed++), dw_exact = dw;
+    auto dy = test::random_floats(size_t(s.n * s.ldy), seed++), xa = test::random_floats(size_t(s.n * s.k), seed++);
+    auto dw = test::random_floats(size_t(s.m * s.ldw), seed++), dw_exact = dw;
     std::vector<double> ra, ba, re, be;
-    reference_atb(bf16_rounded(dy), bf16_rounded(xa), dw, sa, &ra, &ba);
+    reference_atb(test::bf16_rounded(dy), test::bf16_rounded(xa), dw, sa, &ra, &ba);
     reference_atb(dy, xa, dw, sa, &re, &be);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
     cpu::gemm_atb_acc(dw.data(), s.ldw, dy.data(), s.ldy, xa.data(), DType::BF16, s.n, s.m, s.k);
@@ -316,9 +270,9 @@ TEST(OneDnnGemm, LinearBackwardBothProductsEqualTheTwoCalls) {
     for (const BackShape& s : kBackShapes) {
       for (bool acc : {false, true}) {
         const int64_t n = s.n, m = s.m, k = s.k;
-        const auto dy = random_vec(size_t(n * m), seed++), x = random_vec(size_t(n * k), seed++);
-        const std::vector<uint16_t> w = to_bf16_bits(random_vec(size_t(m * k), seed++));
-        const auto dx0 = random_vec(size_t(n * k), seed++), dw0 = random_vec(size_t(m * k), seed++);
+        const auto dy = test::random_floats(size_t(n * m), seed++), x = test::random_floats(size_t(n * k), seed++);
+        const std::vector<uint16_t> w = to_bf16_bits(test::random_floats(size_t(m * k), seed++));
+        const auto dx0 = test::random_floats(size_t(n * k), seed++), dw0 = test::random_floats(size_t(m * k), seed++);
         std::vector<float> dx_a = dx0, dw_a = dw0, dx_b = dx0, dw_b = dw0;
         cpu::set_bf16_gemm(mode);
         cpu::gemm_xw(dx_a.data(), dy.data(), w.data(), DType::BF16, n, m, k, acc);
@@ -345,29 +299,29 @@ TEST(OneDnnGemm, Nf4ChunksMatchFloat64ProductsOfRoundedFactors) {
   for (DType qdt : {DType::NF4, DType::NF4DQ}) {
   SCOPED_TRACE(dtype_name(qdt));
   const int64_t n = 9, m = 300, k = 8192;
-  const auto wf = random_vec(size_t(m * k), 400);
+  const auto wf = test::random_floats(size_t(m * k), 400);
   std::vector<uint8_t> wq(dtype_nbytes(qdt, m * k));
   convert_from_f32(wq.data(), wf.data(), qdt, size_t(m * k));
   std::vector<float> wd(wf.size());
   convert_to_f32(wd.data(), wq.data(), qdt, size_t(m * k));
-  const std::vector<float> wr = bf16_rounded(wd);
+  const std::vector<float> wr = test::bf16_rounded(wd);
   // forward: out [n, m] += x [n, k] · wᵀ
   {
     const Shape s{n, m, k, m, true};
-    auto x = random_vec(size_t(n * k), 401), out = random_vec(size_t(n * m), 402);
+    auto x = test::random_floats(size_t(n * k), 401), out = test::random_floats(size_t(n * m), 402);
     std::vector<double> r, bound;
-    reference(bf16_rounded(x), wr, out, s, &r, &bound);
+    test::gemm_reference(test::bf16_rounded(x), wr, out, s, &r, &bound);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
     cpu::gemm_xwt(out.data(), m, x.data(), wq.data(), qdt, n, m, k, true);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
-    expect_within(out, r, bound, s);
+    test::expect_gemm_within(out, r, bound, s);
   }
   // backward: out [n, k] = dy [n, m] · w
   {
     const BackShape s{n, m, k, k, m, k};
-    auto dy = random_vec(size_t(n * m), 403), out = random_vec(size_t(n * k), 404);
+    auto dy = test::random_floats(size_t(n * m), 403), out = test::random_floats(size_t(n * k), 404);
     std::vector<double> r, bound;
-    reference_xw(bf16_rounded(dy), wr, out, false, s, &r, &bound);
+    reference_xw(test::bf16_rounded(dy), wr, out, false, s, &r, &bound);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
     cpu::gemm_xw(out.data(), dy.data(), wq.data(), qdt, n, m, k, false);
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
@@ -380,17 +334,17 @@ TEST(OneDnnGemm, ExactPathKeepsXInF32) {
   if (!cpu::bf16_matrix_available())
     GTEST_SKIP() << "SKIPPED: no AMX / AVX512-BF16 here (oneDNN ISA " << cpu::onednn_isa_name() << ")";
   const Shape s{40, 24, 64, 24, false};
-  auto x = random_vec(size_t(s.n * s.k), 7), wf = random_vec(size_t(s.m * s.k), 8);
+  auto x = test::random_floats(size_t(s.n * s.k), 7), wf = test::random_floats(size_t(s.m * s.k), 8);
   const std::vector<uint16_t> w = to_bf16_bits(wf);
   std::vector<float> out(size_t(s.n * s.ldo), 0.0f), out0 = out;
   std::vector<double> r, bound;
-  reference(x, bf16_rounded(wf), out0, s, &r, &bound);  // x not rounded
+  test::gemm_reference(x, test::bf16_rounded(wf), out0, s, &r, &bound);  // x not rounded
   cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
   cpu::set_quant_exact(true);
   cpu::gemm_xwt(out.data(), s.ldo, x.data(), w.data(), DType::BF16, s.n, s.m, s.k, false);
   cpu::set_quant_exact(false);
   cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
-  expect_within(out, r, bound, s);
+  test::expect_gemm_within(out, r, bound, s);
 }
 
 
@@ -413,14 +367,14 @@ TEST(Bf16DotGemm, MatchesFloat64ProductOfRoundedX) {
     seed += 3;
     auto out_region = c.out;
     cpu::gemm_xwt_bf16dot(c.out.data(), s.ldo, c.x.data(), c.w.data(), s.n, s.m, s.k, s.accumulate);
-    expect_within(c.out, c.r, c.bound, s);
+    test::expect_gemm_within(c.out, c.r, c.bound, s);
     // Inside a parallel region (the experts' tasks): the calling thread alone, same result.
 #pragma omp parallel num_threads(2)
     {
 #pragma omp single
       cpu::gemm_xwt_bf16dot(out_region.data(), s.ldo, c.x.data(), c.w.data(), s.n, s.m, s.k, s.accumulate);
     }
-    expect_within(out_region, c.r, c.bound, s);
+    test::expect_gemm_within(out_region, c.r, c.bound, s);
   }
 }
 
@@ -432,19 +386,19 @@ TEST(Bf16DotGemm, GemmTakesItOnlyWhereXMayBeRounded) {
   const Shape s{9, 50, 90, 50, false};
   // Rounding x to bf16 moves each product by up to 2^-9 relative: over 90 terms the two paths
   // differ by far more than the 1e-5 summation bound, so each reference tells them apart.
-  auto x = random_vec(size_t(s.n * s.k), 11), wf = random_vec(size_t(s.m * s.k), 12);
+  auto x = test::random_floats(size_t(s.n * s.k), 11), wf = test::random_floats(size_t(s.m * s.k), 12);
   const std::vector<uint16_t> w = to_bf16_bits(wf);
   std::vector<float> zero(size_t(s.n * s.ldo), 0.0f), exact = zero, rounded = zero;
   std::vector<double> r_exact, r_rounded, bound;
-  reference(x, bf16_rounded(wf), zero, s, &r_exact, &bound);
+  test::gemm_reference(x, test::bf16_rounded(wf), zero, s, &r_exact, &bound);
   cpu::gemm_xwt(exact.data(), s.ldo, x.data(), w.data(), DType::BF16, s.n, s.m, s.k, false);
-  expect_within(exact, r_exact, bound, s);
+  test::expect_gemm_within(exact, r_exact, bound, s);
   cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
   EXPECT_EQ(cpu::gemm_stream_rows(DType::BF16), 64);
   EXPECT_EQ(cpu::gemm_stream_rows(DType::F32), 16);
-  reference(bf16_rounded(x), bf16_rounded(wf), zero, s, &r_rounded, &bound);
+  test::gemm_reference(test::bf16_rounded(x), test::bf16_rounded(wf), zero, s, &r_rounded, &bound);
   cpu::gemm_xwt(rounded.data(), s.ldo, x.data(), w.data(), DType::BF16, s.n, s.m, s.k, false);
-  expect_within(rounded, r_rounded, bound, s);
+  test::expect_gemm_within(rounded, r_rounded, bound, s);
   // The exact path (moe logits) keeps x in f32 even when the process opted in.
   cpu::set_quant_exact(true);
   EXPECT_EQ(cpu::gemm_stream_rows(DType::BF16), 16);
@@ -452,7 +406,7 @@ TEST(Bf16DotGemm, GemmTakesItOnlyWhereXMayBeRounded) {
   cpu::gemm_xwt(exact.data(), s.ldo, x.data(), w.data(), DType::BF16, s.n, s.m, s.k, false);
   cpu::set_quant_exact(false);
   cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
-  expect_within(exact, r_exact, bound, s);
+  test::expect_gemm_within(exact, r_exact, bound, s);
 }
 
 }  // namespace

@@ -217,6 +217,17 @@ std::vector<int32_t> prompt_of(int64_t n, int32_t salt, int64_t vocab) {
   return p;
 }
 
+// One sequence at a time, in blocks of 4 positions, prompts prefilled 6 tokens a step: the
+// reference the batched runs are compared with.
+EngineOptions one_at_a_time() {
+  EngineOptions eo;
+  eo.max_batch = 1;
+  eo.block_size = 4;
+  eo.prefill_chunk = 6;
+  eo.max_context = 64;
+  return eo;
+}
+
 class EngineFixture : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(EngineFixture, OneSequenceMatchesPlainForwardLoop) {
@@ -243,11 +254,7 @@ TEST_P(EngineFixture, BatchedGreedyEqualsOneAtATime) {
   reqs[3].prompt.push_back(5);
   reqs[3].prompt.push_back(2);
   std::vector<int> at = {0, 0, 2, 5, 6};
-  EngineOptions solo;
-  solo.max_batch = 1;
-  solo.block_size = 4;
-  solo.prefill_chunk = 6;
-  solo.max_context = 64;
+  const EngineOptions solo = one_at_a_time();
   std::vector<std::vector<int32_t>> alone;
   for (auto& r : reqs) alone.push_back(run_engine(m, nullptr, solo, {r}, {0})[0].tokens);
   EngineOptions batched = solo;
@@ -316,11 +323,7 @@ TEST(Engine, PanelPackedBf16BatchedGreedyEqualsOneAtATime) {
                                     greedy(prompt_of(1, 3, v), 10), greedy(prompt_of(21, 4, v), 9),
                                     greedy(prompt_of(8, 5, v), 5)};
     std::vector<int> at = {0, 0, 2, 5, 6};
-    EngineOptions solo;
-    solo.max_batch = 1;
-    solo.block_size = 4;
-    solo.prefill_chunk = 6;
-    solo.max_context = 64;
+    const EngineOptions solo = one_at_a_time();
     EngineOptions batched = solo;
     batched.max_batch = 8;
     auto runs = run_engine(m, nullptr, batched, reqs, at);
