@@ -207,20 +207,20 @@ Tensor Tensor::to(Device dev, MemCategory cat) const {
 Tensor Tensor::to_dtype(DType dt, MemCategory cat) const {
   if (dt == dtype_) return *this;
   MOE_CHECK(device() == Device::CPU, "to_dtype: only CPU tensors can be converted, got %s", desc().c_str());
-  Tensor t = empty(shape_, dt, cat);
-  size_t n = static_cast<size_t>(numel());
   if (dt == DType::BF16P || dtype_ == DType::BF16P) {  // panels (core/bf16_panels.h): by the shape's rows
     const int64_t k = ndim() ? shape_.back() : 1, rows = k ? numel() / k : 0;
     if (dt == DType::BF16P) {
       const Tensor b = to_dtype(DType::BF16, MemCategory::Workspace);
+      Tensor t = empty(shape_, dt, cat);
       pack_bf16_panels(static_cast<uint16_t*>(t.raw()), static_cast<const uint16_t*>(b.raw()), rows, k);
-    } else {
-      Tensor b = dt == DType::BF16 ? t : empty(shape_, DType::BF16, MemCategory::Workspace);
-      unpack_bf16_panels(static_cast<uint16_t*>(b.raw()), static_cast<const uint16_t*>(raw()), rows, k);
-      if (dt != DType::BF16) t = b.to_dtype(dt, cat);
+      return t;
     }
-    return t;
+    Tensor b = empty(shape_, DType::BF16, dt == DType::BF16 ? cat : MemCategory::Workspace);
+    unpack_bf16_panels(static_cast<uint16_t*>(b.raw()), static_cast<const uint16_t*>(raw()), rows, k);
+    return b.to_dtype(dt, cat);
   }
+  Tensor t = empty(shape_, dt, cat);
+  size_t n = static_cast<size_t>(numel());
   if (dt == DType::F32) {
     convert_to_f32(t.data<float>(), raw(), dtype_, n);
   } else if (dtype_ == DType::F32) {

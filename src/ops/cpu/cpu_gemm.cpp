@@ -342,8 +342,8 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
     gemm_xwt_rowwise(out, ldo, x, w, wdt, n, m, k, accumulate);
     return;
   }
-  // Panel-packed bf16 (core/bf16_panels.h): serving packs its weights so where the CPU has
-  // AVX512-BF16, and this kernel alone reads them, at every row count.
+  // Panel-packed bf16 (core/bf16_panels.h): the inference commands pack their bf16 weights so
+  // where the CPU has AVX512-BF16, and this kernel alone reads them, at every row count.
   if (wdt == DType::BF16P) {
     MOE_CHECK(bf16dot_available(), "gemm: bf16p (panel-packed) weights need a CPU with AVX512-BF16");
     gemm_xwt_bf16panels(out, ldo, x, static_cast<const uint16_t*>(w), n, m, k, accumulate);
