@@ -30,10 +30,7 @@ namespace moe {
 // with it per call).
 void bf16_from_f32_avx512(uint16_t* dst, const float* src, size_t n) {
   size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512i h = bf16_bits16(_mm512_loadu_si512(src + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(h));
-  }
+  for (; i + 16 <= n; i += 16) store_bf16x16(dst + i, _mm512_loadu_ps(src + i));
   for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 

@@ -10,12 +10,12 @@
 
 namespace moe {
 
+namespace {
+
 bool bf16_panels_available() {
   return !reference_backend() && cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix && !cpu::quant_exact() &&
          cpu::bf16dot_available();
 }
-
-namespace {
 
 // Whether t is a bf16 CPU tensor whose slices of `unit_rows` rows (what a kernel takes alone:
 // one expert's) are whole panels.

@@ -14,13 +14,10 @@ namespace moe {
 
 class Model;
 
-// Whether this process would pack: CPU weights, bf16 products rounding x (Bf16Gemm::Matrix,
-// not the exact or --reference path) on a CPU with AVX512-BF16.
-bool bf16_panels_available();
-
 // Packs the model's bf16 attention projections (stacked q/k/v and o), experts (routed and
 // shared) and untied LM head whose shapes fit (bf16_panels_fit; experts: whole panels per
-// expert). Returns the bytes packed (0 where bf16_panels_available() is false or nothing fits).
+// expert), where this process's products round x to bf16 (Bf16Gemm::Matrix, not the exact or
+// --reference path) on a CPU with AVX512-BF16. Returns the bytes packed (0: none).
 int64_t pack_bf16_panels(Model& m);
 
 }  // namespace moe

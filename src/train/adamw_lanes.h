@@ -112,11 +112,8 @@ inline __m512 round_store16(__m512 x, float* at) {
   _mm512_storeu_ps(at, x);
   return x;
 }
-// Every lane is below 2^16, so the truncating 32 -> 16 bit narrowing (vpmovdw) is exact.
 inline __m512 round_store16(__m512 x, uint16_t* at) {
-  const __m512i h = bf16_bits16(_mm512_castps_si512(x));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(at), _mm512_cvtepi32_epi16(h));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(store_bf16x16(at, x), 16));
 }
 inline __m512 load_weight16(const float* w, int64_t j) { return load16(w + j); }
 inline __m512 load_weight16(const SplitRef& w, int64_t j) {

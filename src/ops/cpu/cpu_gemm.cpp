@@ -314,7 +314,8 @@ constexpr int64_t kSmallBatchRows = 96;
 namespace {
 
 // Weights of fewer rows than a panel (routers [E, D], shared-expert gates [1, D]) under
-// Bf16Gemm::Matrix: each row of x alone, exact in f32, against the weight rows widened once —
+// Bf16Gemm::Matrix: each row of x alone, exact in f32, against the weight rows (widened once a
+// call unless f32) —
 // the same bits at every row count, as the panel kernel gives serving's projections and
 // experts (where one row took the f32 streaming kernel and more the bf16 dot kernel, a
 // request's routing could change with the batch it ran in). A few MACs per token.
@@ -322,8 +323,12 @@ constexpr int64_t kRowwiseMaxRows = 15;
 
 void gemm_xwt_rowwise(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
                       int64_t k, bool accumulate) {
-  float* wf = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(m * k));
-  convert_to_f32(wf, w, wdt, static_cast<size_t>(m * k));
+  const float* wf = static_cast<const float*>(w);
+  if (wdt != DType::F32) {
+    float* wide = scratch<float>(Scratch::GemmWidened, static_cast<size_t>(m * k));
+    convert_to_f32(wide, w, wdt, static_cast<size_t>(m * k));
+    wf = wide;
+  }
   parallel_threads(n * m * k > (int64_t(1) << 20), [&](int64_t nt, int64_t id) {
     for (int64_t i = n * id / nt; i < n * (id + 1) / nt; ++i)
       for (int64_t j = 0; j < m; ++j) {

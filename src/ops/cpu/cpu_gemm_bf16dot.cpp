@@ -213,11 +213,6 @@ namespace {
 // 797, 657 / 733.
 constexpr int64_t kPanelPrefetchLines = 128;
 
-// MR rows of x against one panel: out[i * ldo + c] (+)= Σ_j line j's pair of output c · pair j
-// of row i, over the panel's kh lines; x's pairs at pair_at(xp, i * kh + j) (its rows as they are:
-// each broadcast reads its own row, and a row's 64-byte line serves 16 lines of the panel).
-// One accumulator a row: the order of every row's sum is the same at every MR, so a row's
-// result does not depend on the other rows of the batch.
 // Pair idx (values 2 idx, 2 idx + 1) of bf16 values as one 32-bit lane, for a broadcast.
 inline __m512bh pair_at(const uint16_t* x, int64_t idx) {
   int32_t v;
@@ -225,57 +220,44 @@ inline __m512bh pair_at(const uint16_t* x, int64_t idx) {
   return as_bh(_mm512_set1_epi32(v));
 }
 
-template <int MR>
-inline void panel_rows(float* out, int64_t ldo, const uint16_t* xp, const uint16_t* wp, int64_t kh, bool add) {
-  __m512 acc[MR];
-  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < kh; ++j) {
-    const __m512bh w = as_bh(_mm512_loadu_si512(wp + j * 32));
-    // (past the weight's end on the last lines: a prefetch never faults)
-    _mm_prefetch(reinterpret_cast<const char*>(wp + (j + kPanelPrefetchLines) * 32), _MM_HINT_T0);
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], w, pair_at(xp, i * kh + j));
-  }
-  for (int i = 0; i < MR; ++i) {
-    float* o = out + i * ldo;
-    _mm512_storeu_ps(o, add ? _mm512_add_ps(_mm512_loadu_ps(o), acc[i]) : acc[i]);
-  }
-}
-
-// The same for two adjacent panels at once (wp, wp + 16 k): each broadcast of x feeds two
-// products, so a line of x costs half the loads. Each sum in the same order as panel_rows.
-template <int MR>
-inline void panel_pair_rows(float* out, int64_t ldo, const uint16_t* xp, const uint16_t* wp, int64_t k, bool add) {
+// MR rows of x against P adjacent panels (wp + q 16 k, q < P): out[i * ldo + 16 q + c] (+)=
+// Σ_j line j's pair of output c of panel q · pair j of row i, over the kh = k/2 lines; x's pairs
+// at pair_at(xp, i * kh + j) (its rows as they are: each broadcast reads its own row, and a
+// row's 64-byte line serves 16 lines of a panel). Each broadcast feeds P products. One
+// accumulator per row and panel, each summing the lines in order: the order of every output's
+// sum is the same at every MR and P, so a row's result does not depend on the other rows of the
+// batch.
+template <int MR, int P>
+inline void panel_rows(float* out, int64_t ldo, const uint16_t* xp, const uint16_t* wp, int64_t k, bool add) {
   const int64_t kh = k / 2;
-  const uint16_t* wq = wp + 16 * k;
-  __m512 a0[MR], a1[MR];
-  for (int i = 0; i < MR; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  __m512 acc[P][MR];
+  for (int q = 0; q < P; ++q)
+    for (int i = 0; i < MR; ++i) acc[q][i] = _mm512_setzero_ps();
   for (int64_t j = 0; j < kh; ++j) {
-    const __m512bh w0 = as_bh(_mm512_loadu_si512(wp + j * 32)), w1 = as_bh(_mm512_loadu_si512(wq + j * 32));
-    _mm_prefetch(reinterpret_cast<const char*>(wp + (j + kPanelPrefetchLines) * 32), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wq + (j + kPanelPrefetchLines) * 32), _MM_HINT_T0);
+    __m512bh w[P];
+    for (int q = 0; q < P; ++q) {
+      const uint16_t* wq = wp + q * 16 * k;
+      w[q] = as_bh(_mm512_loadu_si512(wq + j * 32));
+      // (past the weight's end on the last lines: a prefetch never faults)
+      _mm_prefetch(reinterpret_cast<const char*>(wq + (j + kPanelPrefetchLines) * 32), _MM_HINT_T0);
+    }
     for (int i = 0; i < MR; ++i) {
       const __m512bh b = pair_at(xp, i * kh + j);
-      a0[i] = _mm512_dpbf16_ps(a0[i], w0, b);
-      a1[i] = _mm512_dpbf16_ps(a1[i], w1, b);
+      for (int q = 0; q < P; ++q) acc[q][i] = _mm512_dpbf16_ps(acc[q][i], w[q], b);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    float* o = out + i * ldo;
-    _mm512_storeu_ps(o, add ? _mm512_add_ps(_mm512_loadu_ps(o), a0[i]) : a0[i]);
-    _mm512_storeu_ps(o + 16, add ? _mm512_add_ps(_mm512_loadu_ps(o + 16), a1[i]) : a1[i]);
-  }
+  for (int i = 0; i < MR; ++i)
+    for (int q = 0; q < P; ++q) {
+      float* o = out + i * ldo + q * 16;
+      _mm512_storeu_ps(o, add ? _mm512_add_ps(_mm512_loadu_ps(o), acc[q][i]) : acc[q][i]);
+    }
 }
 
-template <int... MR>
-void panel_pair_rows_n(int mr, float* out, int64_t ldo, const uint16_t* xp, const uint16_t* wp, int64_t k, bool add,
-                       std::integer_sequence<int, MR...>) {
-  ((mr == MR + 1 ? panel_pair_rows<MR + 1>(out, ldo, xp, wp, k, add) : void()), ...);
-}
-
-template <int... MR>
-void panel_rows_n(int mr, float* out, int64_t ldo, const uint16_t* xp, const uint16_t* wp, int64_t kh, bool add,
+// panel_rows<mr, P> for a run-time mr in [1, sizeof...(MR)].
+template <int P, int... MR>
+void panel_rows_n(int mr, float* out, int64_t ldo, const uint16_t* xp, const uint16_t* wp, int64_t k, bool add,
                   std::integer_sequence<int, MR...>) {
-  ((mr == MR + 1 ? panel_rows<MR + 1>(out, ldo, xp, wp, kh, add) : void()), ...);
+  ((mr == MR + 1 ? panel_rows<MR + 1, P>(out, ldo, xp, wp, k, add) : void()), ...);
 }
 
 // Rows of x in a group: up to 16 (decode: one accumulator a row and panel, a panel at a time);
@@ -299,10 +281,10 @@ void gemm_xwt_bf16panels(float* out, int64_t ldo, const float* x, const uint16_t
   MOE_CHECK(bf16_panels_fit(m, k), "gemm (bf16 panels): a [%lld, %lld] weight is not whole panels", (long long)m,
             (long long)k);
   const bool pairs = n > kPanelGroupRows;
-  const int64_t kh = k / 2, max_rows = pairs ? kPanelPairGroupRows : kPanelGroupRows;
+  const int64_t max_rows = pairs ? kPanelPairGroupRows : kPanelGroupRows;
   const int64_t n_groups = (n + max_rows - 1) / max_rows;
   auto group_rows = [&](int64_t g) { return n / n_groups + (g < n % n_groups ? 1 : 0); };
-  // x rounded to bf16 (to nearest even), rows as they are: row i's pair j is pair i kh + j.
+  // x rounded to bf16 (to nearest even), rows as they are: row i's pair j is pair i k/2 + j.
   uint16_t* xp = scratch<uint16_t>(Scratch::PanelX, static_cast<size_t>(n * k));
   convert_from_f32(xp, x, DType::BF16, static_cast<size_t>(n * k));
   parallel_threads(m * k > 32768, [&](int64_t nt, int64_t id) {
@@ -318,11 +300,11 @@ void gemm_xwt_bf16panels(float* out, int64_t ldo, const float* x, const uint16_t
           float* o = out + r0 * ldo + p * 16;
           const uint16_t* xg = xp + r0 * k;
           if (pairs && p + 1 < panels)
-            panel_pair_rows_n(mr, o, ldo, xg, wp + p * 16 * k, k, accumulate,
-                              std::make_integer_sequence<int, kPanelPairGroupRows>());
+            panel_rows_n<2>(mr, o, ldo, xg, wp + p * 16 * k, k, accumulate,
+                            std::make_integer_sequence<int, kPanelPairGroupRows>());
           else
-            panel_rows_n(mr, o, ldo, xg, wp + p * 16 * k, kh, accumulate,
-                         std::make_integer_sequence<int, kPanelGroupRows>());
+            panel_rows_n<1>(mr, o, ldo, xg, wp + p * 16 * k, k, accumulate,
+                            std::make_integer_sequence<int, kPanelGroupRows>());
         }
       for (int64_t g = g0; g < g1; ++g) r00 += group_rows(g);
     }
