@@ -63,7 +63,7 @@ TEST(OneDnnGemm, RefusesOtherDtypes) {
   std::vector<uint16_t> w(8 * 8, 0);
   EXPECT_THROW(cpu::onednn_gemm_xwt(out.data(), 8, x.data(), w.data(), DType::F16, 32, 8, 8, false), Error);
   EXPECT_THROW(cpu::onednn_gemm_xw(out.data(), x.data(), 8, w.data(), DType::F16, 32, 8, 8, false), Error);
-  EXPECT_THROW(cpu::onednn_gemm_atb_acc(out.data(), 8, x.data(), 8, x.data(), 8, DType::F16, 32, 8, 8), Error);
+  EXPECT_THROW(cpu::onednn_gemm_atb(out.data(), 8, x.data(), 8, x.data(), 8, DType::F16, 32, 8, 8, true), Error);
 }
 
 // The backward's two products, on the f32 path (every CPU): out [n, k] (+)= x [n, m] · w [m, k]
@@ -96,14 +96,15 @@ void reference_xw(const std::vector<float>& x, const std::vector<float>& w, cons
 }
 
 // dw0 + dyᵀ·x in float64 over dw's [m, ldw] (columns past k: dw0 as it was).
+// dw0 then dW = dw0 + dYᵀ·X (accumulate) or dYᵀ·X (dw0's padding columns kept either way).
 void reference_atb(const std::vector<float>& dy, const std::vector<float>& x, const std::vector<float>& dw0,
-                   const BackShape& s, std::vector<double>* r, std::vector<double>* bound) {
+                   const BackShape& s, bool accumulate, std::vector<double>* r, std::vector<double>* bound) {
   r->assign(dw0.begin(), dw0.end());
   bound->assign(dw0.size(), 0.0);
   for (int64_t i = 0; i < s.m; ++i)
     for (int64_t j = 0; j < s.k; ++j) {
       const size_t o = size_t(i * s.ldw + j);
-      double acc = dw0[o], mag = std::fabs(dw0[o]);
+      double acc = accumulate ? dw0[o] : 0.0, mag = std::fabs(acc);
       for (int64_t t = 0; t < s.n; ++t) {
         const double p = double(dy[size_t(t * s.ldy + i)]) * double(x[size_t(t * s.ldx + j)]);
         acc += p;
@@ -136,12 +137,14 @@ TEST(OneDnnGemm, F32BackwardLayoutsMatchFloat64Products) {
       cpu::onednn_gemm_xw(out.data(), x.data(), s.m, w.data(), DType::F32, s.n, s.m, s.k, acc);
       expect_within_back(out, r, bound, s, "xw");
     }
-    auto dy = test::random_floats(size_t(s.n * s.ldy), seed++), x = test::random_floats(size_t(s.n * s.ldx), seed++);
-    auto dw = test::random_floats(size_t(s.m * s.ldw), seed++);
-    std::vector<double> r, bound;
-    reference_atb(dy, x, dw, s, &r, &bound);
-    cpu::onednn_gemm_atb_acc(dw.data(), s.ldw, dy.data(), s.ldy, x.data(), s.ldx, DType::F32, s.n, s.m, s.k);
-    expect_within_back(dw, r, bound, s, "atb");
+    for (bool acc : {false, true}) {
+      auto dy = test::random_floats(size_t(s.n * s.ldy), seed++), x = test::random_floats(size_t(s.n * s.ldx), seed++);
+      auto dw = test::random_floats(size_t(s.m * s.ldw), seed++);
+      std::vector<double> r, bound;
+      reference_atb(dy, x, dw, s, acc, &r, &bound);
+      cpu::onednn_gemm_atb(dw.data(), s.ldw, dy.data(), s.ldy, x.data(), s.ldx, DType::F32, s.n, s.m, s.k, acc);
+      expect_within_back(dw, r, bound, s, acc ? "atb accumulate" : "atb assign");
+    }
   }
 }
 
@@ -223,7 +226,7 @@ TEST(OneDnnGemm, Bf16MatchesFloat64ProductOfRoundedX) {
 }
 
 // Mixed-precision training's backward: dX = dY·W on bf16 weights and dW += dYᵀ·X for them,
-// through gemm_xw / gemm_atb_acc as the linear and expert backward reach them, both factors
+// through gemm_xw / gemm_atb as the linear and expert backward reach them, both factors
 // rounded to bf16 (the f32 path without Matrix mode keeps them exact: the default tests).
 TEST(OneDnnGemm, Bf16BackwardMatchesFloat64ProductsOfRoundedFactors) {
   if (!cpu::bf16_matrix_available())
@@ -240,27 +243,29 @@ TEST(OneDnnGemm, Bf16BackwardMatchesFloat64ProductsOfRoundedFactors) {
     cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
     expect_within_back(out, r, bound, s, "xw bf16");
 
-    BackShape sa = s;  // gemm_atb_acc reads x's rows densely
+    BackShape sa = s;  // gemm_atb reads x's rows densely
     sa.ldx = s.k;
-    auto dy = test::random_floats(size_t(s.n * s.ldy), seed++), xa = test::random_floats(size_t(s.n * s.k), seed++);
-    auto dw = test::random_floats(size_t(s.m * s.ldw), seed++), dw_exact = dw;
-    std::vector<double> ra, ba, re, be;
-    reference_atb(test::bf16_rounded(dy), test::bf16_rounded(xa), dw, sa, &ra, &ba);
-    reference_atb(dy, xa, dw, sa, &re, &be);
-    cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
-    cpu::gemm_atb_acc(dw.data(), s.ldw, dy.data(), s.ldy, xa.data(), DType::BF16, s.n, s.m, s.k);
-    cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
-    expect_within_back(dw, ra, ba, s, "atb bf16");
-    // f32 weights' gradients stay exact under Matrix mode (only bf16 weights' products round).
-    cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
-    cpu::gemm_atb_acc(dw_exact.data(), s.ldw, dy.data(), s.ldy, xa.data(), DType::F32, s.n, s.m, s.k);
-    cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
-    expect_within_back(dw_exact, re, be, s, "atb f32");
+    for (bool acc : {false, true}) {  // dW = / += dYᵀ·X
+      auto dy = test::random_floats(size_t(s.n * s.ldy), seed++), xa = test::random_floats(size_t(s.n * s.k), seed++);
+      auto dw = test::random_floats(size_t(s.m * s.ldw), seed++), dw_exact = dw;
+      std::vector<double> ra, ba, re, be;
+      reference_atb(test::bf16_rounded(dy), test::bf16_rounded(xa), dw, sa, acc, &ra, &ba);
+      reference_atb(dy, xa, dw, sa, acc, &re, &be);
+      cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+      cpu::gemm_atb(dw.data(), s.ldw, dy.data(), s.ldy, xa.data(), DType::BF16, s.n, s.m, s.k, acc);
+      cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+      expect_within_back(dw, ra, ba, s, acc ? "atb bf16 accumulate" : "atb bf16 assign");
+      // f32 weights' gradients stay exact under Matrix mode (only bf16 weights' products round).
+      cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+      cpu::gemm_atb(dw_exact.data(), s.ldw, dy.data(), s.ldy, xa.data(), DType::F32, s.n, s.m, s.k, acc);
+      cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+      expect_within_back(dw_exact, re, be, s, acc ? "atb f32 accumulate" : "atb f32 assign");
+    }
   }
 }
 
 // gemm_xw_atb_acc rounds dy once for both products of a linear backward: the same bits as
-// gemm_xw then gemm_atb_acc, under Matrix mode (one rounding) and Widen (the two calls), with
+// gemm_xw then gemm_atb, under Matrix mode (one rounding) and Widen (the two calls), with
 // and without accumulation onto dx.
 TEST(OneDnnGemm, LinearBackwardBothProductsEqualTheTwoCalls) {
   std::vector<cpu::Bf16Gemm> modes = {cpu::Bf16Gemm::Widen};
@@ -276,7 +281,7 @@ TEST(OneDnnGemm, LinearBackwardBothProductsEqualTheTwoCalls) {
         std::vector<float> dx_a = dx0, dw_a = dw0, dx_b = dx0, dw_b = dw0;
         cpu::set_bf16_gemm(mode);
         cpu::gemm_xw(dx_a.data(), dy.data(), w.data(), DType::BF16, n, m, k, acc);
-        cpu::gemm_atb_acc(dw_a.data(), k, dy.data(), m, x.data(), DType::BF16, n, m, k);
+        cpu::gemm_atb(dw_a.data(), k, dy.data(), m, x.data(), DType::BF16, n, m, k, true);
         cpu::gemm_xw_atb_acc(dx_b.data(), dw_b.data(), dy.data(), x.data(), w.data(), DType::BF16, n, m, k, acc);
         cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
         const bool matrix = mode == cpu::Bf16Gemm::Matrix;

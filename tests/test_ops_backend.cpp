@@ -513,16 +513,20 @@ std::vector<Case> make_cases() {
           ref::expert_ffn_forward_train(ypr, h1, h3, xp, off, w1, w3, w2, rs);
           // The backward from saved pre-activations s1, s3, with the experts' weight gradients
           // and frozen (dx and the row scales' gradient only).
+          // assign: the weight gradients of experts 0, 2, 4 assigned (their random starting
+          // values not read), those of 1 and 3 (no rows) keep theirs.
           auto add_backward = [&](const std::string& name, const Tensor& s1, const Tensor& s3) {
-            for (bool frozen : {false, true})
-              add(name + (frozen ? "_frozen" : ""), false, 0.0, [=](Backend b) {
+            for (int mode = 0; mode < 3; ++mode)  // 0: dw accumulate, 1: frozen, 2: dw assign
+              add(name + (mode == 1 ? "_frozen" : mode == 2 ? "_assign" : ""), false, 0.0, [=](Backend b) {
+                const bool frozen = mode == 1;
                 Dev g{b};
                 Tensor dx = g.out({p, d});
                 Tensor g1 = frozen ? Tensor() : g.in(dw1), g3 = frozen ? Tensor() : g.in(dw3);
                 Tensor g2 = frozen ? Tensor() : g.in(dw2);
                 Tensor drs = scaled ? g.out({p}) : Tensor();
                 CALL(b, expert_ffn_backward(dx, g1, g3, g2, drs, g.in(dyp), g.in(xp), g.in(s1), g.in(s3), g.in(off),
-                                            g.in(w1), g.in(w3), g.in(w2), g.in(rs)));
+                                            g.in(w1), g.in(w3), g.in(w2), g.in(rs), {}, nullptr, {}, {}, nullptr,
+                                            mode == 2));
                 Outs o{{"dxp", dx}};
                 if (!frozen) o.insert(o.end(), {{"dw1", g1}, {"dw3", g3}, {"dw2", g2}});
                 if (scaled) o.push_back({"drow_scale", drs});

@@ -247,8 +247,11 @@ void experts_backward_each(const ModelConfig& c, const LayerWeights& w, const La
   Tensor dw2 = Tensor::empty({1, d, f}, DType::F32, MemCategory::Grads);
   Tensor off1 = Tensor::empty({2}, DType::I32, MemCategory::Workspace);  // expert e's offsets
   for (int64_t e = 0; e < e_n; ++e) {
-    for (Tensor* t : {&dw1, &dw3, &dw2}) t->zero_();
     const int64_t r0 = off[size_t(e)], r1 = off[size_t(e + 1)];
+    // An expert with rows has its gradients assigned (expert_ffn_backward's assign_dw: the
+    // products never read the buffers); one without is handed zeros.
+    if (r1 == r0)
+      for (Tensor* t : {&dw1, &dw3, &dw2}) t->zero_();
     if (r1 > r0) {
       off1.data<int32_t>()[0] = 0;
       off1.data<int32_t>()[1] = static_cast<int32_t>(r1 - r0);
@@ -256,7 +259,7 @@ void experts_backward_each(const ModelConfig& c, const LayerWeights& w, const La
       expert_ffn_backward(dx, dw1, dw3, dw2, ds, dyp.rows(r0, r1), a.xp.rows(r0, r1), a.eh1.rows(r0, r1),
                           a.eh3.rows(r0, r1), off1, w.w1.rows(e, e + 1), w.w3.rows(e, e + 1), w.w2.rows(e, e + 1),
                           a.row_scale.defined() ? a.row_scale.rows(r0, r1) : Tensor(), ExpertLora{}, nullptr,
-                          expert_glu(c));
+                          expert_glu(c), ExpertBias{}, nullptr, /*assign_dw=*/true);
     }
     per_expert(e, dw1.select(0), dw3.select(0), dw2.select(0));
   }

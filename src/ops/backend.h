@@ -62,7 +62,8 @@
                            const Tensor& offsets, const Tensor& w1, const Tensor& w3, const Tensor& w2,  \
                            const Tensor& row_scale, const ExpertLora& lora = {},                    \
                            ExpertLora* dlora = nullptr, const ExpertGlu& glu = {},                       \
-                           const ExpertBias& bias = {}, ExpertBias* dbias = nullptr);                    \
+                           const ExpertBias& bias = {}, ExpertBias* dbias = nullptr,                     \
+                           bool assign_dw = false);                                                      \
   void lora_forward(Tensor& out, int64_t col0, const Tensor& x, const Lora& l);                          \
   void lora_backward(Tensor& dx, Tensor& da, Tensor& db, const Tensor& dy, int64_t col0,                 \
                      const Tensor& x, const Lora& l);                                                    \

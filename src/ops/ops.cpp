@@ -745,7 +745,7 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
                          const Tensor& xp, const Tensor& h1, const Tensor& h3, const Tensor& offsets,
                          const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
                          const ExpertLora& lora, ExpertLora* dlora, const ExpertGlu& glu, const ExpertBias& bias,
-                         ExpertBias* dbias) {
+                         ExpertBias* dbias, bool assign_dw) {
   const char* op = "expert_ffn_backward";
   auto [e, f, d] = check_experts(op, xp, offsets, w1, w3, w2, row_scale);
   check_expert_variant(op, glu, bias, e, f, d, dxp.device());
@@ -777,7 +777,7 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
                                   &row_scale});
   MOE_TRAIN_DISPATCH(dxp.device(), op,
                      expert_ffn_backward(dxp, dw1, dw3, dw2, drow_scale, dyp, xp, h1, h3, offsets, w1, w3, w2,
-                                         row_scale, lora, dlora, glu, bias, dbias));
+                                         row_scale, lora, dlora, glu, bias, dbias, assign_dw));
 }
 
 void swiglu_backward(Tensor& dh1, Tensor& dh3, const Tensor& dout, const Tensor& h1, const Tensor& h3) {

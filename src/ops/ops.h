@@ -263,11 +263,14 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
 // With glu/bias: a = act(h1, h3) (glu's derivatives, zero where a clamp binds);
 // drow_scale[p] also gets dyp·b2[e]; dbias (each tensor optional, f32) accumulates
 // db1[e] += Σ dh1, db3[e] += Σ dh3, db2[e] += Σ row_scale·dyp over the expert's rows.
+// assign_dw: dw1[e], dw3[e], dw2[e] = (not +=) for the experts with rows, so a caller with fresh
+// gradients need not zero them first (and the products never read them); the others untouched.
 void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale,
                          const Tensor& dyp, const Tensor& xp, const Tensor& h1, const Tensor& h3,
                          const Tensor& offsets, const Tensor& w1, const Tensor& w3, const Tensor& w2,
                          const Tensor& row_scale, const ExpertLora& lora = {}, ExpertLora* dlora = nullptr,
-                         const ExpertGlu& glu = {}, const ExpertBias& bias = {}, ExpertBias* dbias = nullptr);
+                         const ExpertGlu& glu = {}, const ExpertBias& bias = {}, ExpertBias* dbias = nullptr,
+                         bool assign_dw = false);
 
 // LoRA (fine-tuning; core/lora.h). The delta of one adapted projection, added into columns
 // [col0, col0+M) of its output (col0 > 0: one part of a stacked projection such as q/k/v):

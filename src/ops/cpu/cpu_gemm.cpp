@@ -471,15 +471,20 @@ void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, in
   }
 }
 
-void gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, DType wdt, int64_t n,
-                  int64_t m, int64_t k) {
-  if (n == 0 || m == 0 || k == 0) return;
-  if (bf16_matrix_applies(wdt)) {
-    onednn_gemm_atb_acc(dw, ldw, dy, ldy, x, k, DType::BF16, n, m, k);
+void gemm_atb(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, DType wdt, int64_t n, int64_t m,
+              int64_t k, bool accumulate) {
+  if (m == 0 || k == 0) return;
+  if (n == 0) {
+    if (!accumulate)
+      for (int64_t r = 0; r < m; ++r) std::fill(dw + r * ldw, dw + r * ldw + k, 0.0f);
     return;
   }
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)m, (int)k, (int)n, 1.0f, dy, (int)ldy, x, (int)k, 1.0f,
-              dw, (int)ldw);
+  if (bf16_matrix_applies(wdt)) {
+    onednn_gemm_atb(dw, ldw, dy, ldy, x, k, DType::BF16, n, m, k, accumulate);
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)m, (int)k, (int)n, 1.0f, dy, (int)ldy, x, (int)k,
+              accumulate ? 1.0f : 0.0f, dw, (int)ldw);
 }
 
 void gemm_xw_atb_acc(float* dx, float* dw, const float* dy, const float* x, const void* w, DType wdt, int64_t n,
@@ -489,7 +494,7 @@ void gemm_xw_atb_acc(float* dx, float* dw, const float* dy, const float* x, cons
     return;
   }
   gemm_xw(dx, dy, w, wdt, n, m, k, accumulate);
-  gemm_atb_acc(dw, k, dy, m, x, wdt, n, m, k);
+  gemm_atb(dw, k, dy, m, x, wdt, n, m, k, true);
 }
 
 void gemm_xw_atb_acc(float* dx, float* dw, const uint16_t* dy, const float* x, const void* w, DType wdt, int64_t n,
@@ -501,7 +506,7 @@ void gemm_xw_atb_acc(float* dx, float* dw, const uint16_t* dy, const float* x, c
   Tensor g = Tensor::empty({n, m}, DType::F32, MemCategory::Workspace);
   convert_to_f32(g.data<float>(), dy, DType::BF16, static_cast<size_t>(n * m));
   if (dx) gemm_xw(dx, g.data<float>(), w, wdt, n, m, k, accumulate);
-  if (dw) gemm_atb_acc(dw, k, g.data<float>(), m, x, wdt, n, m, k);
+  if (dw) gemm_atb(dw, k, g.data<float>(), m, x, wdt, n, m, k, true);
 }
 
 }  // namespace cpu

@@ -27,13 +27,14 @@ void gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt,
 // The two products of a linear layer's backward.
 // out [n, k] (+)= x [n, m] · w [m, k], w dense in dtype wdt (dX = dY·W).
 void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, int64_t m, int64_t k, bool accumulate);
-// dw [m, ldw] += dy [n, ldy]ᵀ · x [n, k]  (dW += dYᵀ·X; dy's first m columns), in f32. wdt is the
-// weight's dtype in the forward: bf16 weights whose products run on the matrix units (mixed-
-// precision training, Bf16Gemm::Matrix) round dy and x to bf16 here too, as the forward did x.
-void gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, DType wdt, int64_t n,
-                  int64_t m, int64_t k);
+// dw [m, ldw] (+)= dy [n, ldy]ᵀ · x [n, k]  (dW += dYᵀ·X, or dW = dYᵀ·X when not accumulate — dw's
+// old values then never read; dy's first m columns), in f32. wdt is the weight's dtype in the
+// forward: bf16 weights whose products run on the matrix units (mixed-precision training,
+// Bf16Gemm::Matrix) round dy and x to bf16 here too, as the forward did x.
+void gemm_atb(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, DType wdt, int64_t n, int64_t m,
+              int64_t k, bool accumulate);
 // Both: dx [n, k] (+)= dy [n, m] · w and dw [m, k] += dyᵀ · x [n, k] — the values of gemm_xw then
-// gemm_atb_acc, with dy rounded to bf16 once for the two on the matrix units.
+// gemm_atb, with dy rounded to bf16 once for the two on the matrix units.
 void gemm_xw_atb_acc(float* dx, float* dw, const float* dy, const float* x, const void* w, DType wdt, int64_t n,
                      int64_t m, int64_t k, bool accumulate);
 // The same from dy given in bf16 (already rounded: the LM head rounds its gradient so, in place);

@@ -143,14 +143,18 @@ const void* rounded_rows(Scratch slot, const float* x, int64_t ldx, int64_t n, i
 // (m 32000, k 512, np 256) one product over all m rows ran 580-650 GFLOP/s on Zen 5's bf16 units,
 // blocks of 2000-4000 rows 816-834 (oneDNN's sum into a large dW loses its locality). f32
 // products (f32 weights under Matrix mode) take the same blocks, not measured apart.
+// accumulate false: dW = dYᵀ·X, its old values never read (oneDNN's sum reads every block of dW
+// from memory: accumulating into a fresh expert gradient ran 555-590 GFLOP/s where the same
+// product into a cache-resident one ran 850-870).
 constexpr int64_t kDwBlockRows = 2048;
-void dw_product(float* dw, int64_t ldw, int64_t m, int64_t k, int64_t np, const void* ys, const void* xs, DType dt) {
+void dw_product(float* dw, int64_t ldw, int64_t m, int64_t k, int64_t np, const void* ys, const void* xs, DType dt,
+                bool accumulate) {
   const size_t esz = dt == DType::BF16 ? 2 : 4;
   const int64_t blocks = (m + kDwBlockRows - 1) / kDwBlockRows, rows = (m + blocks - 1) / blocks;
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t n = std::min(rows, m - r0);
     run_matmul(dw + r0 * ldw, ldw, n, n, k, np, static_cast<const char*>(ys) + static_cast<size_t>(r0) * esz, true,
-               xs, false, dt, true, m);
+               xs, false, dt, accumulate, m);
   }
 }
 
@@ -200,15 +204,20 @@ void onednn_gemm_xw(float* out, const float* x, int64_t ldx, const void* w, DTyp
   run_matmul(out, k, n, np, k, m, xs, false, w, false, wdt, accumulate);
 }
 
-void onednn_gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, int64_t ldx, DType dt,
-                         int64_t n, int64_t m, int64_t k) {
+void onednn_gemm_atb(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, int64_t ldx, DType dt,
+                     int64_t n, int64_t m, int64_t k, bool accumulate) {
   check_dtype(dt);
-  if (n == 0 || m == 0 || k == 0) return;
+  if (m == 0 || k == 0) return;
+  if (n == 0) {
+    if (!accumulate)
+      for (int64_t r = 0; r < m; ++r) std::fill(dw + r * ldw, dw + r * ldw + k, 0.0f);
+    return;
+  }
   // The sum runs over the n rows: both factors padded with zero rows to np.
   const int64_t np = padded_rows(n);
   const void* ys = rounded_rows(Scratch::MatrixX, dy, ldy, n, np, m, dt);
   const void* xs = rounded_rows(Scratch::MatrixB, x, ldx, n, np, k, dt);
-  dw_product(dw, ldw, m, k, np, ys, xs, dt);
+  dw_product(dw, ldw, m, k, np, ys, xs, dt, accumulate);
 }
 
 namespace {
@@ -218,7 +227,7 @@ void linear_backward_rounded(float* dx, float* dw, const void* ys, const float* 
   if (dx) run_matmul(dx, k, n, np, k, m, ys, false, w, false, DType::BF16, accumulate);
   if (!dw) return;
   const void* xs = rounded_rows(Scratch::MatrixB, x, k, n, np, k, DType::BF16);
-  dw_product(dw, k, m, k, np, ys, xs, DType::BF16);
+  dw_product(dw, k, m, k, np, ys, xs, DType::BF16, true);
 }
 }  // namespace
 
@@ -250,8 +259,8 @@ std::string onednn_isa_name() { return "none: built without oneDNN (Debian's lib
 [[noreturn]] void no_onednn() { MOE_FAIL("oneDNN gemm: this build has no oneDNN (install libdnnl-dev and reconfigure)"); }
 void onednn_gemm_xwt(float*, int64_t, const float*, const void*, DType, int64_t, int64_t, int64_t, bool) { no_onednn(); }
 void onednn_gemm_xw(float*, const float*, int64_t, const void*, DType, int64_t, int64_t, int64_t, bool) { no_onednn(); }
-void onednn_gemm_atb_acc(float*, int64_t, const float*, int64_t, const float*, int64_t, DType, int64_t, int64_t,
-                         int64_t) {
+void onednn_gemm_atb(float*, int64_t, const float*, int64_t, const float*, int64_t, DType, int64_t, int64_t, int64_t,
+                     bool) {
   no_onednn();
 }
 void onednn_linear_backward_bf16(float*, float*, const float*, const float*, const void*, int64_t, int64_t, int64_t,

@@ -52,10 +52,10 @@ void onednn_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTy
 // out [n, k] (+)= x [n, ldx] · w [m, k]: x's first m columns  (dX = dY·W)
 void onednn_gemm_xw(float* out, const float* x, int64_t ldx, const void* w, DType wdt, int64_t n, int64_t m,
                     int64_t k, bool accumulate);
-// dw [m, ldw] += dy [n, ldy]ᵀ · x [n, ldx]: dy's first m and x's first k columns (dW += dYᵀ·X),
-// both rounded to dt (bf16 or f32).
-void onednn_gemm_atb_acc(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, int64_t ldx, DType dt,
-                         int64_t n, int64_t m, int64_t k);
+// dw [m, ldw] (+)= dy [n, ldy]ᵀ · x [n, ldx]: dy's first m and x's first k columns (dW += dYᵀ·X,
+// or dW = dYᵀ·X when not accumulate), both rounded to dt (bf16 or f32).
+void onednn_gemm_atb(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, int64_t ldx, DType dt,
+                     int64_t n, int64_t m, int64_t k, bool accumulate);
 // Both products of a linear layer's backward on bf16 weights w [m, k], dy [n, m] rounded to
 // bf16 once for the two (as each of the two calls above would round it), or given in bf16:
 //   dx [n, k] (+)= dy · w (accumulate);   dw [m, k] += dyᵀ · x [n, k]

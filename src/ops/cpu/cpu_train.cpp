@@ -153,7 +153,7 @@ void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const
     gemm_xw_atb_acc(dx.data<float>(), dw.data<float>(), g, x.data<float>(), w.raw(), w.dtype(), n, m, k, accumulate);
   } else {
     if (dx.defined()) gemm_xw(dx.data<float>(), g, w.raw(), w.dtype(), n, m, k, accumulate);
-    if (dw.defined()) gemm_atb_acc(dw.data<float>(), k, g, m, x.data<float>(), w.dtype(), n, m, k);
+    if (dw.defined()) gemm_atb(dw.data<float>(), k, g, m, x.data<float>(), w.dtype(), n, m, k, true);
   }
   if (db.defined()) {
     float* b = db.data<float>();

@@ -402,13 +402,13 @@ void expert_ffn_forward_train(Tensor& yp, Tensor& h1, Tensor& h3, const Tensor& 
 //     du = dy·w2, the GLU backward into dh1 and dh3 (over du), the row scales' gradient, and
 //     dx = dh1·w1 + dh3·w3 — every output is per row;
 //   weights (after a barrier; tasks over slices of the gradients' rows): dw2 += dyᵀu,
-//     dw1 += dh1ᵀx, dw3 += dh3ᵀx, the adapters' factor gradients, the bias sums — each a sum
-//     over all the expert's rows, written by one thread per slice.
+//     dw1 += dh1ᵀx, dw3 += dh3ᵀx (= under assign_dw), the adapters' factor gradients, the bias
+//     sums — each a sum over all the expert's rows, written by one thread per slice.
 void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Tensor& drow_scale, const Tensor& dyp,
                          const Tensor& xp, const Tensor& h1, const Tensor& h3, const Tensor& offsets,
                          const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
                          const ExpertLora& lora, ExpertLora* dlora, const ExpertGlu& glu, const ExpertBias& bias,
-                         ExpertBias* dbias) {
+                         ExpertBias* dbias, bool assign_dw) {
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2);
   const int32_t* off = offsets.data<int32_t>();
   const float* rs = row_scale.defined() ? row_scale.data<float>() : nullptr;
@@ -528,13 +528,13 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
           const int64_t which = task / nt, sl = task % nt;
           if (which == 0 && dw2.defined()) {  // dw2 [D, F] += dyᵀ u: rows of dw2 are columns of dy
             const int64_t q0 = d * sl / nt, q1 = d * (sl + 1) / nt;
-            gemm_atb_acc(dw2.data<float>() + (e * d + q0) * f, f, g + q0, d, ub, w2.dtype(), ne, q1 - q0, f);
+            gemm_atb(dw2.data<float>() + (e * d + q0) * f, f, g + q0, d, ub, w2.dtype(), ne, q1 - q0, f, !assign_dw);
           } else if (which == 1 && dw1.defined()) {  // dw1 [F, D] += dh1ᵀ x
             const int64_t q0 = f * sl / nt, q1 = f * (sl + 1) / nt;
-            gemm_atb_acc(dw1.data<float>() + (e * f + q0) * d, d, dh1b + q0, f, x, w1.dtype(), ne, q1 - q0, d);
+            gemm_atb(dw1.data<float>() + (e * f + q0) * d, d, dh1b + q0, f, x, w1.dtype(), ne, q1 - q0, d, !assign_dw);
           } else if (which == 2 && dw3.defined()) {  // dw3 [F, D] += dh3ᵀ x
             const int64_t q0 = f * sl / nt, q1 = f * (sl + 1) / nt;
-            gemm_atb_acc(dw3.data<float>() + (e * f + q0) * d, d, dub + q0, f, x, w3.dtype(), ne, q1 - q0, d);
+            gemm_atb(dw3.data<float>() + (e * f + q0) * d, d, dub + q0, f, x, w3.dtype(), ne, q1 - q0, d, !assign_dw);
           }
           continue;
         }

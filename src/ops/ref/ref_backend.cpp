@@ -478,8 +478,16 @@ void expert_ffn_backward(Tensor& dxp, Tensor& dw1, Tensor& dw3, Tensor& dw2, Ten
                          const Tensor& xp, const Tensor& h1, const Tensor& h3, const Tensor& offsets,
                          const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& row_scale,
                          const ExpertLora& lora, ExpertLora* dlora, const ExpertGlu& glu, const ExpertBias& bias,
-                         ExpertBias* dbias) {
+                         ExpertBias* dbias, bool assign_dw) {
   Wide gx(dxp), g1(dw1), g3(dw3), g2(dw2), gr(drow_scale);  // rows/experts not touched keep their values
+  if (assign_dw) {  // the experts with rows start from zero: the kernel's sums are then the values
+    const int32_t* off = ints(offsets);
+    const int64_t per = w1.dim(1) * w1.dim(2);
+    for (int64_t e = 0; e < w1.dim(0); ++e)
+      if (off[e + 1] > off[e])
+        for (Wide* g : {&g1, &g3, &g2})
+          if (g->p()) std::fill(g->p() + e * per, g->p() + (e + 1) * per, 0.0);
+  }
   Wide gy(dyp), x(xp), a1(h1), a3(h3), a(w1), c(w3), b(w2), rs(row_scale);
   WideLora l1(lora.w1, dlora ? &dlora->w1 : nullptr, true), l3(lora.w3, dlora ? &dlora->w3 : nullptr, true);
   WideLora l2(lora.w2, dlora ? &dlora->w2 : nullptr, true);
