@@ -264,30 +264,38 @@ TEST(OneDnnGemm, Bf16BackwardMatchesFloat64ProductsOfRoundedFactors) {
   }
 }
 
-// gemm_xw_atb_acc rounds dy once for both products of a linear backward: the same bits as
+// gemm_xw_atb rounds dy once for both products of a linear backward: the same bits as
 // gemm_xw then gemm_atb, under Matrix mode (one rounding) and Widen (the two calls), with
-// and without accumulation onto dx.
+// and without accumulation onto dx, dw accumulated or assigned; under Matrix mode dy given in
+// bf16 (the LM head's gradient) gives the same bits again.
 TEST(OneDnnGemm, LinearBackwardBothProductsEqualTheTwoCalls) {
   std::vector<cpu::Bf16Gemm> modes = {cpu::Bf16Gemm::Widen};
   if (cpu::bf16_matrix_available()) modes.push_back(cpu::Bf16Gemm::Matrix);
   uint32_t seed = 300;
   for (cpu::Bf16Gemm mode : modes) {
     for (const BackShape& s : kBackShapes) {
-      for (bool acc : {false, true}) {
+      for (int variant = 0; variant < 4; ++variant) {
+        const bool acc = variant & 1, assign = variant & 2;
         const int64_t n = s.n, m = s.m, k = s.k;
         const auto dy = test::random_floats(size_t(n * m), seed++), x = test::random_floats(size_t(n * k), seed++);
         const std::vector<uint16_t> w = to_bf16_bits(test::random_floats(size_t(m * k), seed++));
         const auto dx0 = test::random_floats(size_t(n * k), seed++), dw0 = test::random_floats(size_t(m * k), seed++);
-        std::vector<float> dx_a = dx0, dw_a = dw0, dx_b = dx0, dw_b = dw0;
+        std::vector<float> dx_a = dx0, dw_a = dw0, dx_b = dx0, dw_b = dw0, dx_c = dx0, dw_c = dw0;
         cpu::set_bf16_gemm(mode);
         cpu::gemm_xw(dx_a.data(), dy.data(), w.data(), DType::BF16, n, m, k, acc);
-        cpu::gemm_atb(dw_a.data(), k, dy.data(), m, x.data(), DType::BF16, n, m, k, true);
-        cpu::gemm_xw_atb_acc(dx_b.data(), dw_b.data(), dy.data(), x.data(), w.data(), DType::BF16, n, m, k, acc);
+        cpu::gemm_atb(dw_a.data(), k, dy.data(), m, x.data(), DType::BF16, n, m, k, !assign);
+        cpu::gemm_xw_atb(dx_b.data(), dw_b.data(), dy.data(), x.data(), w.data(), DType::BF16, n, m, k, acc, assign);
+        const std::vector<uint16_t> dy16 = to_bf16_bits(dy);
+        cpu::gemm_xw_atb(dx_c.data(), dw_c.data(), dy16.data(), x.data(), w.data(), DType::BF16, n, m, k, acc, assign);
         cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
         const bool matrix = mode == cpu::Bf16Gemm::Matrix;
-        EXPECT_EQ(dx_a, dx_b) << "dx, n " << n << " matrix " << matrix << " accumulate " << acc;
-        EXPECT_EQ(dw_a, dw_b) << "dw, n " << n << " matrix " << matrix << " accumulate " << acc;
+        EXPECT_EQ(dx_a, dx_b) << "dx, n " << n << " matrix " << matrix << " accumulate " << acc << " assign " << assign;
+        EXPECT_EQ(dw_a, dw_b) << "dw, n " << n << " matrix " << matrix << " accumulate " << acc << " assign " << assign;
         EXPECT_NE(dw_b, dw0);
+        if (matrix) {
+          EXPECT_EQ(dx_a, dx_c) << "dx from bf16 dy, n " << n << " accumulate " << acc << " assign " << assign;
+          EXPECT_EQ(dw_a, dw_c) << "dw from bf16 dy, n " << n << " accumulate " << acc << " assign " << assign;
+        }
       }
     }
   }

@@ -741,18 +741,21 @@ std::vector<Case> make_cases() {
         Tensor db0 = ten({m}, rnd(m, ++seed));
         // dy also given in bf16 for bf16 weights (the LM head's gradient): taken as it is.
         const Tensor dy16 = dt == DType::BF16 ? dy.to_dtype(DType::BF16, kAct) : Tensor();
-        for (int mode = 0; mode < 3; ++mode)  // 0: dx dw db, 1: dx only (frozen), 2: dw db only
+        // 0: dx dw db, 1: dx only (frozen), 2: dw db only, 3: dx dw db with dw assigned (its
+        // random starting values not read; db still accumulates)
+        for (int mode = 0; mode < 4; ++mode)
           for (bool acc : {false, true})
             for (bool bf16_dy : {false, true}) {
               if ((mode == 2 && acc) || (bf16_dy && !dy16.defined())) continue;
-              static const char* kMode[] = {"", "_dx_only", "_dw_db_only"};
+              static const char* kMode[] = {"", "_dx_only", "_dw_db_only", "_assign_dw"};
               add("linear_backward_" + wtag(dt) + "_N" + str(n) + "_K" + str(kd) + kMode[mode] +
                       (acc ? "_accumulate" : "") + (bf16_dy ? "_bf16_dy" : ""),
                   false, 0.0, [=](Backend b) {
                     Dev g{b};
                     Tensor dx = mode == 2 ? Tensor() : acc ? g.in(dx0) : g.out({n, kd});
                     Tensor dw = mode == 1 ? Tensor() : g.in(dw0), db = mode == 1 ? Tensor() : g.in(db0);
-                    CALL(b, linear_backward(dx, dw, db, g.in(bf16_dy ? dy16 : dy), g.in(x), g.in(w), acc));
+                    CALL(b, linear_backward(dx, dw, db, g.in(bf16_dy ? dy16 : dy), g.in(x), g.in(w), acc,
+                                            mode == 3));
                     Outs o;
                     if (dx.defined()) o.push_back({"dx", dx});
                     if (dw.defined()) o.insert(o.end(), {{"dw", dw}, {"db", db}});

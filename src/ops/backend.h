@@ -37,7 +37,7 @@
   void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,      \
                         const Tensor& rstd, bool accumulate);                                            \
   void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x,            \
-                       const Tensor& w, bool accumulate);                                                \
+                       const Tensor& w, bool accumulate, bool assign_dw = false);                        \
   void cast_bf16_in_place(Tensor& out, const Tensor& x);                                                 \
   void rope_backward(Tensor& dx, int64_t past, float theta);                                             \
   void attention_forward_train(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,               \

@@ -452,7 +452,7 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
 }
 
 void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x, const Tensor& w,
-                     bool accumulate) {
+                     bool accumulate, bool assign_dw) {
   const char* op = "linear_backward";
   check_gemm_weight(op, "w", w);
   check_ndim(op, "w", w, 2);
@@ -477,7 +477,7 @@ void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const
             "%s: w is %s, a frozen (quantized) weight: it takes no gradient (dw must be undefined)", op,
             dtype_name(w.dtype()));
   check_device(op, dy.device(), {&dx, &dw, &db, &x, &w});
-  MOE_TRAIN_DISPATCH(dy.device(), op, linear_backward(dx, dw, db, dy, x, w, accumulate));
+  MOE_TRAIN_DISPATCH(dy.device(), op, linear_backward(dx, dw, db, dy, x, w, accumulate, assign_dw));
 }
 
 Tensor cast_bf16_in_place(const Tensor& x) {

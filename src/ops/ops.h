@@ -175,12 +175,13 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
 // gradient chunk takes the bf16 copy its products read this way, with no second buffer.
 Tensor cast_bf16_in_place(const Tensor& x);
 
-// linear backward for out = x w^T + b:  dx (=, or += with accumulate) dy w;  dw += dy^T x;
-// db += column sums of dy. dx/dw/db may each be undefined (not needed).
+// linear backward for out = x w^T + b:  dx (=, or += with accumulate) dy w;  dw += dy^T x (=
+// with assign_dw: a fresh gradient, never read); db += column sums of dy. dx/dw/db may each be
+// undefined (not needed).
 // dx, x [N,Kd]; dy [N,M]; w, dw [M,Kd]; db [M]. dy is f32, or bf16: already rounded for bf16
 // products (the LM head's gradient, cast_bf16_in_place), taken as it is.
 void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x, const Tensor& w,
-                     bool accumulate);
+                     bool accumulate, bool assign_dw = false);
 
 // Inverse rotation, in place: the gradient of rope_forward (an orthogonal map) at the same
 // positions.  dx [B,S,H,Dh].

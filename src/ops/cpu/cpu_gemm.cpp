@@ -487,26 +487,26 @@ void gemm_atb(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float*
               accumulate ? 1.0f : 0.0f, dw, (int)ldw);
 }
 
-void gemm_xw_atb_acc(float* dx, float* dw, const float* dy, const float* x, const void* w, DType wdt, int64_t n,
-                     int64_t m, int64_t k, bool accumulate) {
+void gemm_xw_atb(float* dx, float* dw, const float* dy, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
+                 int64_t k, bool accumulate, bool assign_dw) {
   if (bf16_matrix_applies(wdt)) {
-    onednn_linear_backward_bf16(dx, dw, dy, x, w, n, m, k, accumulate);
+    onednn_linear_backward_bf16(dx, dw, dy, x, w, n, m, k, accumulate, assign_dw);
     return;
   }
   gemm_xw(dx, dy, w, wdt, n, m, k, accumulate);
-  gemm_atb(dw, k, dy, m, x, wdt, n, m, k, true);
+  gemm_atb(dw, k, dy, m, x, wdt, n, m, k, !assign_dw);
 }
 
-void gemm_xw_atb_acc(float* dx, float* dw, const uint16_t* dy, const float* x, const void* w, DType wdt, int64_t n,
-                     int64_t m, int64_t k, bool accumulate) {
+void gemm_xw_atb(float* dx, float* dw, const uint16_t* dy, const float* x, const void* w, DType wdt, int64_t n,
+                 int64_t m, int64_t k, bool accumulate, bool assign_dw) {
   if (bf16_matrix_applies(wdt)) {
-    onednn_linear_backward_bf16(dx, dw, dy, x, w, n, m, k, accumulate);
+    onednn_linear_backward_bf16(dx, dw, dy, x, w, n, m, k, accumulate, assign_dw);
     return;
   }
   Tensor g = Tensor::empty({n, m}, DType::F32, MemCategory::Workspace);
   convert_to_f32(g.data<float>(), dy, DType::BF16, static_cast<size_t>(n * m));
   if (dx) gemm_xw(dx, g.data<float>(), w, wdt, n, m, k, accumulate);
-  if (dw) gemm_atb(dw, k, g.data<float>(), m, x, wdt, n, m, k, true);
+  if (dw) gemm_atb(dw, k, g.data<float>(), m, x, wdt, n, m, k, !assign_dw);
 }
 
 }  // namespace cpu

@@ -33,14 +33,15 @@ void gemm_xw(float* out, const float* x, const void* w, DType wdt, int64_t n, in
 // Bf16Gemm::Matrix) round dy and x to bf16 here too, as the forward did x.
 void gemm_atb(float* dw, int64_t ldw, const float* dy, int64_t ldy, const float* x, DType wdt, int64_t n, int64_t m,
               int64_t k, bool accumulate);
-// Both: dx [n, k] (+)= dy [n, m] · w and dw [m, k] += dyᵀ · x [n, k] — the values of gemm_xw then
-// gemm_atb, with dy rounded to bf16 once for the two on the matrix units.
-void gemm_xw_atb_acc(float* dx, float* dw, const float* dy, const float* x, const void* w, DType wdt, int64_t n,
-                     int64_t m, int64_t k, bool accumulate);
+// Both: dx [n, k] (+)= dy [n, m] · w (accumulate) and dw [m, k] += dyᵀ · x [n, k] (= under
+// assign_dw) — the values of gemm_xw then gemm_atb, with dy rounded to bf16 once for the two on
+// the matrix units.
+void gemm_xw_atb(float* dx, float* dw, const float* dy, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
+                 int64_t k, bool accumulate, bool assign_dw);
 // The same from dy given in bf16 (already rounded: the LM head rounds its gradient so, in place);
 // dx or dw null: that product is not wanted. Off the matrix units dy is widened to f32.
-void gemm_xw_atb_acc(float* dx, float* dw, const uint16_t* dy, const float* x, const void* w, DType wdt, int64_t n,
-                     int64_t m, int64_t k, bool accumulate);
+void gemm_xw_atb(float* dx, float* dw, const uint16_t* dy, const float* x, const void* w, DType wdt, int64_t n,
+                 int64_t m, int64_t k, bool accumulate, bool assign_dw);
 
 // Whether products on weights of dtype wdt run on the matrix units, their other factor rounded
 // to bf16 (bf16 weights under Bf16Gemm::Matrix, off the exact path).

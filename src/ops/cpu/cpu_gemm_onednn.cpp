@@ -223,24 +223,24 @@ void onednn_gemm_atb(float* dw, int64_t ldw, const float* dy, int64_t ldy, const
 namespace {
 // The two products from ys, dy in bf16 with rows padded to np; dx or dw null: not wanted.
 void linear_backward_rounded(float* dx, float* dw, const void* ys, const float* x, const void* w, int64_t n,
-                             int64_t np, int64_t m, int64_t k, bool accumulate) {
+                             int64_t np, int64_t m, int64_t k, bool accumulate, bool assign_dw) {
   if (dx) run_matmul(dx, k, n, np, k, m, ys, false, w, false, DType::BF16, accumulate);
   if (!dw) return;
   const void* xs = rounded_rows(Scratch::MatrixB, x, k, n, np, k, DType::BF16);
-  dw_product(dw, k, m, k, np, ys, xs, DType::BF16, true);
+  dw_product(dw, k, m, k, np, ys, xs, DType::BF16, !assign_dw);
 }
 }  // namespace
 
 void onednn_linear_backward_bf16(float* dx, float* dw, const float* dy, const float* x, const void* w, int64_t n,
-                                 int64_t m, int64_t k, bool accumulate) {
+                                 int64_t m, int64_t k, bool accumulate, bool assign_dw) {
   if (n == 0 || m == 0 || k == 0) return;
   const int64_t np = padded_rows(n);
   linear_backward_rounded(dx, dw, rounded_rows(Scratch::MatrixX, dy, m, n, np, m, DType::BF16), x, w, n, np, m, k,
-                          accumulate);
+                          accumulate, assign_dw);
 }
 
 void onednn_linear_backward_bf16(float* dx, float* dw, const uint16_t* dy, const float* x, const void* w, int64_t n,
-                                 int64_t m, int64_t k, bool accumulate) {
+                                 int64_t m, int64_t k, bool accumulate, bool assign_dw) {
   if (n == 0 || m == 0 || k == 0) return;
   const int64_t np = padded_rows(n);
   const void* ys = dy;
@@ -250,7 +250,7 @@ void onednn_linear_backward_bf16(float* dx, float* dw, const uint16_t* dy, const
     std::memset(pad + n * m, 0, static_cast<size_t>((np - n) * m) * 2);
     ys = pad;
   }
-  linear_backward_rounded(dx, dw, ys, x, w, n, np, m, k, accumulate);
+  linear_backward_rounded(dx, dw, ys, x, w, n, np, m, k, accumulate, assign_dw);
 }
 
 #else
@@ -264,11 +264,11 @@ void onednn_gemm_atb(float*, int64_t, const float*, int64_t, const float*, int64
   no_onednn();
 }
 void onednn_linear_backward_bf16(float*, float*, const float*, const float*, const void*, int64_t, int64_t, int64_t,
-                                 bool) {
+                                 bool, bool) {
   no_onednn();
 }
 void onednn_linear_backward_bf16(float*, float*, const uint16_t*, const float*, const void*, int64_t, int64_t, int64_t,
-                                 bool) {
+                                 bool, bool) {
   no_onednn();
 }
 #endif

@@ -58,12 +58,12 @@ void onednn_gemm_atb(float* dw, int64_t ldw, const float* dy, int64_t ldy, const
                      int64_t n, int64_t m, int64_t k, bool accumulate);
 // Both products of a linear layer's backward on bf16 weights w [m, k], dy [n, m] rounded to
 // bf16 once for the two (as each of the two calls above would round it), or given in bf16:
-//   dx [n, k] (+)= dy · w (accumulate);   dw [m, k] += dyᵀ · x [n, k]
+//   dx [n, k] (+)= dy · w (accumulate);   dw [m, k] += dyᵀ · x [n, k] (= under assign_dw)
 // dx or dw null: that product is not wanted.
 void onednn_linear_backward_bf16(float* dx, float* dw, const float* dy, const float* x, const void* w, int64_t n,
-                                 int64_t m, int64_t k, bool accumulate);
+                                 int64_t m, int64_t k, bool accumulate, bool assign_dw);
 void onednn_linear_backward_bf16(float* dx, float* dw, const uint16_t* dy, const float* x, const void* w, int64_t n,
-                                 int64_t m, int64_t k, bool accumulate);
+                                 int64_t m, int64_t k, bool accumulate, bool assign_dw);
 
 }  // namespace cpu
 }  // namespace moe

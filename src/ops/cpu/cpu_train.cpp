@@ -130,12 +130,12 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
 }
 
 void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x, const Tensor& w,
-                     bool accumulate) {
+                     bool accumulate, bool assign_dw) {
   const int64_t m = w.dim(0), k = w.dim(1), n = dy.numel() / m;
   if (dy.dtype() == DType::BF16) {
     const auto* g = static_cast<const uint16_t*>(dy.raw());
-    gemm_xw_atb_acc(dx.defined() ? dx.data<float>() : nullptr, dw.defined() ? dw.data<float>() : nullptr, g,
-                    dw.defined() ? x.data<float>() : nullptr, w.raw(), w.dtype(), n, m, k, accumulate);
+    gemm_xw_atb(dx.defined() ? dx.data<float>() : nullptr, dw.defined() ? dw.data<float>() : nullptr, g,
+                dw.defined() ? x.data<float>() : nullptr, w.raw(), w.dtype(), n, m, k, accumulate, assign_dw);
     if (db.defined()) {
       float* b = db.data<float>();
       for (int64_t c = 0; c < m; ++c) {
@@ -150,10 +150,11 @@ void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const
   if (dx.defined() && dw.defined()) {
     // One bf16 rounding of dy for both products on the matrix units (the LM head's chunk: 16 MiB
     // of f32 a pass).
-    gemm_xw_atb_acc(dx.data<float>(), dw.data<float>(), g, x.data<float>(), w.raw(), w.dtype(), n, m, k, accumulate);
+    gemm_xw_atb(dx.data<float>(), dw.data<float>(), g, x.data<float>(), w.raw(), w.dtype(), n, m, k, accumulate,
+                assign_dw);
   } else {
     if (dx.defined()) gemm_xw(dx.data<float>(), g, w.raw(), w.dtype(), n, m, k, accumulate);
-    if (dw.defined()) gemm_atb(dw.data<float>(), k, g, m, x.data<float>(), w.dtype(), n, m, k, true);
+    if (dw.defined()) gemm_atb(dw.data<float>(), k, g, m, x.data<float>(), w.dtype(), n, m, k, !assign_dw);
   }
   if (db.defined()) {
     float* b = db.data<float>();

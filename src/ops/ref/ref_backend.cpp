@@ -348,10 +348,11 @@ void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
 }
 
 void linear_backward(Tensor& dx, Tensor& dw, Tensor& db, const Tensor& dy, const Tensor& x, const Tensor& w,
-                     bool accumulate) {
+                     bool accumulate, bool assign_dw) {
   const int64_t m = w.dim(0), kd = w.dim(1), n = dy.numel() / m;
   Wide gx = !dx.defined() ? Wide(Tensor()) : accumulate ? Wide(dx) : out_buf(dx);
   Wide gw(dw), gb(db), gy(dy), ww(w);
+  if (assign_dw && gw.p()) std::fill(gw.p(), gw.p() + dw.numel(), 0.0);  // the kernel's sums are then the values
   Wide xx(dw.defined() ? x : Tensor());  // x is only read (and only validated) when dw is wanted
   f64::linear_backward(gx.p(), gw.p(), gb.p(), gy.p(), xx.p(), ww.p(), accumulate, n, m, kd);
   gx.store(dx);
