@@ -115,12 +115,14 @@ void add_panels_flag(CLI::App* cmd, std::string* panels) {
       ->check(CLI::IsMember({"on", "off"}));
 }
 
-void apply_panels_flag(Model& m, const std::string& panels, const char* who) {
-  if (panels != "on") return;
+int64_t apply_panels_flag(Model& m, const std::string& panels, const char* who) {
+  if (panels != "on") return 0;
   const double t0 = now_seconds();
-  if (const int64_t bytes = pack_bf16_panels(m))
+  const int64_t bytes = pack_bf16_panels(m);
+  if (bytes)
     std::fprintf(stderr, "%s: %.2f GB of bf16 weights in 16-row panels (AVX512-BF16 decode kernel) in %.2f s\n", who,
                  double(bytes) / 1e9, now_seconds() - t0);
+  return bytes;
 }
 
 }  // namespace moe

@@ -42,7 +42,8 @@ void apply_adapter(Model& m, const std::string& adapter_dir);
 // --panels on|off (decoding commands): bf16 weights in 16-row panels for the AVX512-BF16 decode
 // kernel where the CPU has it (model/panel_weights.h); off keeps them in rows.
 void add_panels_flag(CLI::App* cmd, std::string* panels);
-// Packs the model when `panels` is "on" (and the CPU allows), saying so on stderr as `who`.
-void apply_panels_flag(Model& m, const std::string& panels, const char* who);
+// Packs the model when `panels` is "on" (and the CPU allows), saying so on stderr as `who`;
+// returns the bytes packed (0: none).
+int64_t apply_panels_flag(Model& m, const std::string& panels, const char* who);
 
 }  // namespace moe

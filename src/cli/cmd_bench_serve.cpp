@@ -59,8 +59,7 @@ void run_serve_bench(const ServeBenchOpts& o) {
   cpu::use_bf16_matrix_where_available();  // prefill chunks, as moe serve runs them
   Model m = Model::from_tensors(cfg, random_weights(cfg, o.seed, wdt), lo);
   // As moe serve: bf16 weights in 16-row panels where the CPU has AVX512-BF16 (model/panel_weights.h).
-  apply_panels_flag(m, o.panels, "bench serve");
-  const std::string layout = m.weights().layers[0].w1.dtype() == DType::BF16P ? " in 16-row panels" : "";
+  const std::string layout = apply_panels_flag(m, o.panels, "bench serve") ? " in 16-row panels" : "";
 
   // Weight bytes: read every step (non-expert) and per expert touched.
   double fixed_bytes = 0, expert_bytes = 0;

@@ -250,9 +250,9 @@ void experts_backward_each(const ModelConfig& c, const LayerWeights& w, const La
     const int64_t r0 = off[size_t(e)], r1 = off[size_t(e + 1)];
     // An expert with rows has its gradients assigned (expert_ffn_backward's assign_dw: the
     // products never read the buffers); one without is handed zeros.
-    if (r1 == r0)
+    if (r1 == r0) {
       for (Tensor* t : {&dw1, &dw3, &dw2}) t->zero_();
-    if (r1 > r0) {
+    } else {
       off1.data<int32_t>()[0] = 0;
       off1.data<int32_t>()[1] = static_cast<int32_t>(r1 - r0);
       Tensor dx = dxp.rows(r0, r1), ds = drs.defined() ? drs.rows(r0, r1) : Tensor();
