@@ -48,6 +48,20 @@ TEST(OpBoundary, WrongDtypesAndShapesAreErrors) {
     Tensor o = f32({2, 3}), x = f32({2, 5}), w = f32({3, 4});
     linear_forward(o, x, w, none);
   });
+  // linear_forward_cat: out narrower than the parts together; a part of another inner width; a
+  // bias of the wrong length.
+  expect_op_error("linear_forward_cat", [&] {
+    Tensor o = f32({2, 6}), x = f32({2, 4}), a = f32({3, 4}), b = f32({4, 4});
+    linear_forward_cat(o, x, {{&a, nullptr}, {&b, nullptr}});
+  });
+  expect_op_error("linear_forward_cat", [&] {
+    Tensor o = f32({2, 7}), x = f32({2, 4}), a = f32({3, 4}), b = f32({4, 5});
+    linear_forward_cat(o, x, {{&a, nullptr}, {&b, nullptr}});
+  });
+  expect_op_error("linear_forward_cat", [&] {
+    Tensor o = f32({2, 7}), x = f32({2, 4}), a = f32({3, 4}), b = f32({4, 4}), bb = f32({3});
+    linear_forward_cat(o, x, {{&a, nullptr}, {&b, &bb}});
+  });
   expect_op_error("linear_backward", [&] {
     Tensor dx = f32({2, 4}), dw = f32({4, 3}), dy = f32({2, 3}), x = f32({2, 4}), w = f32({3, 4});
     linear_backward(dx, dw, none, dy, x, w, false);

@@ -902,6 +902,8 @@ std::vector<Case> make_cases() {
   // the CPU has (forced, so AVX2 runs on an AVX-512 machine too). The reference multiplies by
   // the dequantized weights exactly; the kernels round the activations to int8 per 32 or 256
   // values, so they are compared at kQuantTol (test_quant_kernels.cpp bounds it per element).
+  // Cases added later draw from their own seeds, so the earlier cases keep their data.
+  uint32_t late_seed = 50000;
   for (cpu::QuantIsa isa : {cpu::QuantIsa::Avx2, cpu::QuantIsa::Avx512, cpu::QuantIsa::Avx512Vnni}) {
     if (!cpu::quant_isa_supported(isa)) continue;
     const std::string vt = std::string("_") + cpu::quant_isa_name(isa);
@@ -928,15 +930,54 @@ std::vector<Case> make_cases() {
               });
           cs.back().cpu_tol = kQuantTol;
         }
+      // linear_forward_cat: q/k/v side by side. K-quants of two dtypes (one token: one rounding of x,
+      // q and k of one dtype as one set of streams); q8_0 beside q4_0 (the activations in two
+      // layouts); float weights beside a quantized one (one product per part at any N). N 3 with
+      // biases.
+      if (qt == DType::Q4_K) {
+        const std::vector<std::vector<DType>> mixes = {
+            {DType::Q4_K, DType::Q4_K, DType::Q6_K}, {DType::Q8_0, DType::Q4_0, DType::Q8_0},
+            {DType::F32, DType::BF16, DType::Q8_0}};
+        for (const std::vector<DType>& mix : mixes)
+          for (int64_t n : {1, 3}) {
+            const int64_t kd = 768;
+            const int64_t ms[3] = {93, 37, 37};
+            const uint32_t s0 = late_seed;
+            late_seed += 7;
+            add("linear_forward_cat_" + wtag(mix[0]) + "_" + wtag(mix[1]) + "_" + wtag(mix[2]) + vt + "_N" + str(n) +
+                    (n == 3 ? "_bias" : ""),
+                false, 0.0, [=](Backend b) {
+                  Tensor x = ten({n, kd}, rnd(n * kd, s0 + 1));
+                  Tensor w[3], bs[3];
+                  for (int i = 0; i < 3; ++i) {
+                    w[i] = ten({ms[i], kd}, rnd(ms[i] * kd, s0 + 2 + i, 0.5)).to_dtype(mix[i], kAct);
+                    if (n == 3) bs[i] = ten({ms[i]}, rnd(ms[i], s0 + 5 + i));
+                  }
+                  Dev g{b};
+                  Tensor out = g.out({n, ms[0] + ms[1] + ms[2]});
+                  Tensor gw[3] = {g.in(w[0]), g.in(w[1]), g.in(w[2])}, gb[3] = {g.in(bs[0]), g.in(bs[1]), g.in(bs[2])};
+                  cpu::set_quant_isa(isa);
+                  CALL(b, linear_forward_cat(out, g.in(x), {{&gw[0], &gb[0]}, {&gw[1], &gb[1]}, {&gw[2], &gb[2]}}));
+                  cpu::set_quant_isa(cpu::QuantIsa::Auto);
+                  return Outs{{"out", out}};
+                });
+            cs.back().cpu_tol = kQuantTol;
+          }
+      }
       // t 12 with F 768, D 512: decode-sized (every expert <= 16 rows, enough work), the CPU's
-      // one-region path of weight-row slices (cpu_moe.cpp), two slices of F and of D.
-      for (int64_t t : {1, 9, 12}) {
+      // one-region path of weight-row slices (cpu_moe.cpp), two slices of F and of D; t 1 with
+      // D 1024: the same path with one row an expert (gate and up as one product, quant_gemv_parts).
+      for (int64_t t : {1, 9, 12, -1}) {
+        const bool one_row = t == -1;
+        if (one_row) t = 1;
         const int64_t e = 5, k = 2, p = t * k;
-        const int64_t d = t == 12 ? 512 : std::max<int64_t>(be, 64), f = t == 12 ? 768 : be == 32 ? 96 : 256;
-        Routing r = route(random_topk(t, {0, 2, 4}, k, ++seed), e);
+        const int64_t d = one_row ? 1024 : t == 12 ? 512 : std::max<int64_t>(be, 64),
+                      f = one_row || t == 12 ? 768 : be == 32 ? 96 : 256;
+        uint32_t& sd = one_row ? late_seed : seed;
+        Routing r = route(random_topk(t, {0, 2, 4}, k, ++sd), e);
         Tensor off = ints({e + 1}, r.offsets);
-        const uint32_t s0 = seed;
-        seed += 5;
+        const uint32_t s0 = sd;
+        sd += 5;
         add("expert_ffn_forward_" + wtag(qt) + vt + "_T" + str(t) + "_D" + str(d), false, 0.0, [=](Backend b) {
           Tensor xp = ten({p, d}, rnd(p * d, s0 + 1));  // (made here, as above)
           Tensor w1 = ten({e, f, d}, rnd(e * f * d, s0 + 2, 0.5)).to_dtype(qt, kAct);

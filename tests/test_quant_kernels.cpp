@@ -260,6 +260,63 @@ TEST(QuantKernels, Q8DecodeVariantsBitEqual) {
   }
 }
 
+// One token's products with several weights (quant_gemv_parts: attention's q/k/v of a Q4_K_M
+// file, an expert's gate and up) equal the separate products bit for bit, in every variant:
+// parts of one dtype read as one set of streams whose rows cross from one part to the next
+// (q4_K q and k below: 93 + 37 rows over 2 threads and 4 streams), more same-dtype parts than one
+// job takes (nine), parts whose kernels want the activations in different layouts (q8_0 and
+// q4_0: one product each), and the call made inside a parallel region (the experts' slices).
+TEST(QuantKernels, GemvPartsEqualTheSeparateProducts) {
+  IsaGuard guard;
+  struct Case {
+    std::vector<DType> types;
+    std::vector<int64_t> rows;
+    int64_t k;
+  };
+  const std::vector<Case> cases = {
+      {{DType::Q4_K, DType::Q4_K, DType::Q6_K}, {93, 37, 37}, 768},
+      {std::vector<DType>(9, DType::Q4_K), {61, 3, 40, 17, 9, 33, 1, 70, 25}, 512},
+      {{DType::Q8_0, DType::Q4_0, DType::Q8_0}, {90, 41, 7}, 1024},
+      {{DType::Q5_K, DType::Q6_K, DType::Q5_K, DType::Q5_K}, {45, 51, 8, 64}, 1280},
+  };
+  uint32_t seed = 300;
+  for (const Case& c : cases) {
+    const size_t np = c.types.size();
+    std::vector<std::vector<uint8_t>> w(np);
+    for (size_t i = 0; i < np; ++i) w[i] = random_blocks(c.types[i], c.rows[i], c.k, ++seed);
+    const std::vector<float> x = random_x(1, c.k, ++seed);
+    for (cpu::QuantIsa v : variants()) {
+      cpu::set_quant_isa(v);
+      for (bool nested : {false, true}) {
+        int64_t total = 0;
+        for (int64_t m : c.rows) total += m;
+        std::vector<float> want(static_cast<size_t>(total)), got(static_cast<size_t>(total), -7.0f);
+        std::vector<cpu::QuantPart> parts;
+        int64_t col = 0;
+        for (size_t i = 0; i < np; ++i) {
+          cpu::quant_gemm_xwt(want.data() + col, c.rows[i], x.data(), w[i].data(), c.types[i], 1, c.rows[i], c.k,
+                              false);
+          parts.push_back({w[i].data(), c.types[i], c.rows[i], got.data() + col});
+          col += c.rows[i];
+        }
+        if (nested) {
+#pragma omp parallel num_threads(2)
+          {
+#pragma omp single
+            cpu::quant_gemv_parts(x.data(), c.k, parts.data(), static_cast<int>(np));
+          }
+        } else {
+          cpu::quant_gemv_parts(x.data(), c.k, parts.data(), static_cast<int>(np));
+        }
+        for (int64_t j = 0; j < total; ++j)
+          ASSERT_EQ(got[static_cast<size_t>(j)], want[static_cast<size_t>(j)])
+              << dtype_name(c.types[0]) << " x" << np << " " << cpu::quant_isa_name(v) << (nested ? " nested" : "")
+              << " output " << j;
+      }
+    }
+  }
+}
+
 TEST(QuantKernels, IsaNamesAndForcing) {
   IsaGuard guard;
   cpu::QuantIsa v;

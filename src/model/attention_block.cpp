@@ -34,18 +34,10 @@ void split_qkv(const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, QkvDims d) {
 }
 
 // q, k and v into qkv's columns [T, q+2kv]: one product on the stacked wqkv — or, where a GGUF
-// mix gives the parts different quantized types (wqkv undefined, model.h), one per part.
-void qkv_forward(Tensor& qkv, const Tensor& h, const LayerWeights& w, QkvDims d) {
+// mix gives the parts different quantized types (wqkv undefined, model.h), the three side by side.
+void qkv_forward(Tensor& qkv, const Tensor& h, const LayerWeights& w) {
   if (w.wqkv.defined()) return linear_forward(qkv, h, w.wqkv, w.bqkv);
-  const Tensor* parts[3][2] = {{&w.wq, &w.bq}, {&w.wk, &w.bk}, {&w.wv, &w.bv}};
-  const int64_t widths[3] = {d.q, d.kv, d.kv};
-  int64_t col = 0;
-  for (int i = 0; i < 3; ++i) {
-    Tensor part = Tensor::empty({qkv.dim(0), widths[i]}, qkv.dtype(), MemCategory::Activations, qkv.device());
-    linear_forward(part, h, *parts[i][0], *parts[i][1]);
-    copy_columns(qkv, col, part, 0, widths[i]);
-    col += widths[i];
-  }
+  linear_forward_cat(qkv, h, {{&w.wq, &w.bq}, {&w.wk, &w.bk}, {&w.wv, &w.bv}});
 }
 
 // Training reads the stacked projection (one backward through wqkv).
@@ -88,7 +80,7 @@ void attention_block_infer(const ModelConfig& c, const LayerWeights& w, Tensor& 
   const MemCategory act = MemCategory::Activations;
   rmsnorm_forward(h, x, w.attn_norm, float(c.rms_norm_eps));
   Tensor qkv = Tensor::empty({t_n, dm.q + 2 * dm.kv}, adt, act, dev);
-  qkv_forward(qkv, h, w, dm);
+  qkv_forward(qkv, h, w);
   Tensor q, k, v;
   if (t_n == 1) {
     // One row: q, k and v are contiguous pieces of it (decode is launch-bound: no copies).

@@ -4,13 +4,17 @@
 // Backends assume valid input.
 #pragma once
 #include "core/lora.h"
+#include <initializer_list>
+
 #include "core/tensor.h"
+#include "ops/linear_parts.h"
 #include "ops/variants.h"
 
 #define MOE_BACKEND_OPS                                                                                  \
   void embedding_forward(Tensor& out, const Tensor& ids, const Tensor& table);                           \
   void rmsnorm_forward(Tensor& out, const Tensor& x, const Tensor& w, float eps);                        \
   void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor& bias);                \
+  void linear_forward_cat(Tensor& out, const Tensor& x, std::initializer_list<LinearPart> parts);        \
   void rope_forward(Tensor& x, int64_t past, float theta);                                               \
   void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& v, int64_t past);      \
   void attention_forward(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,     \

@@ -11,6 +11,7 @@ namespace {
 void embedding_forward(Tensor&, const Tensor&, const Tensor&) { no_cuda(); }
 void rmsnorm_forward(Tensor&, const Tensor&, const Tensor&, float) { no_cuda(); }
 void linear_forward(Tensor&, const Tensor&, const Tensor&, const Tensor&) { no_cuda(); }
+void linear_forward_cat(Tensor&, const Tensor&, std::initializer_list<LinearPart>) { no_cuda(); }
 void rope_forward(Tensor&, int64_t, float) { no_cuda(); }
 void kv_append(Tensor&, Tensor&, const Tensor&, const Tensor&, int64_t) { no_cuda(); }
 void attention_forward(Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t) { no_cuda(); }

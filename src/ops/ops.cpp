@@ -193,6 +193,32 @@ void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor&
   MOE_DISPATCH(out.device(), linear_forward(out, x, w, bias));
 }
 
+void linear_forward_cat(Tensor& out, const Tensor& x, std::initializer_list<LinearPart> parts) {
+  const char* op = "linear_forward_cat";
+  check_float(op, "x", x);
+  MOE_CHECK(parts.size() > 0, "%s: no parts", op);
+  const int64_t n = x.numel() / x.dim(-1);
+  int64_t cols = 0;
+  for (const LinearPart& p : parts) {
+    MOE_CHECK(p.w && p.w->defined(), "%s: part %lld's w is undefined", op, (long long)(&p - parts.begin()));
+    const Tensor& w = *p.w;
+    check_ndim(op, "w", w, 2);
+    if (dtype_is_quant(w.dtype()))
+      check_quant_weight(op, "w", w, out.device(), {{"x", &x}, {"out", &out}});
+    else
+      check_gemm_weight(op, "w", w);
+    MOE_CHECK(x.dim(-1) == w.dim(1), "%s: x %s and part %lld's w %s disagree on the inner dimension", op,
+              x.shape_str().c_str(), (long long)(&p - parts.begin()), w.shape_str().c_str());
+    if (p.bias && p.bias->defined()) check_shape(op, "bias", *p.bias, {w.dim(0)});
+    check_device(op, out.device(), {&x, &w});
+    if (p.bias) check_device(op, out.device(), {p.bias});
+    cols += w.dim(0);
+  }
+  MOE_CHECK(out.numel() == n * cols && out.dim(-1) == cols, "%s: out %s, expected [%lld,%lld]", op,
+            out.shape_str().c_str(), (long long)n, (long long)cols);
+  MOE_DISPATCH(out.device(), linear_forward_cat(out, x, parts));
+}
+
 void rope_forward(Tensor& x, int64_t past, float theta) {
   const char* op = "rope_forward";
   check_float(op, "x", x);

@@ -33,6 +33,7 @@
 #pragma once
 #include "core/lora.h"
 #include "core/tensor.h"
+#include "ops/linear_parts.h"
 #include "ops/variants.h"
 
 namespace moe {
@@ -46,6 +47,12 @@ void rmsnorm_forward(Tensor& out, const Tensor& x, const Tensor& w, float eps);
 
 // out = x w^T (+ bias).  out [N,M], x [N,Kd], w [M,Kd], bias [M] or undefined.
 void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor& bias);
+
+// out = [x w_0ᵀ + b_0 | x w_1ᵀ + b_1 | ...]: linear_forward of each part into its columns, in order.
+// out [N, Σ M_i], x [N,Kd], part i's w [M_i,Kd] and bias [M_i] or none. The weights may differ in
+// dtype (q/k/v of a Q4_K_M file); on the CPU one token's quantized parts round x to int8 once and
+// run in one parallel region (cpu_quant_gemm.h), with the values of the separate products.
+void linear_forward_cat(Tensor& out, const Tensor& x, std::initializer_list<LinearPart> parts);
 
 // Rotary embedding in place, HF rotate_half convention: for i < Dh/2,
 //   (x_i, x_{i+Dh/2}) <- (x_i c - x_{i+Dh/2} s, x_{i+Dh/2} c + x_i s), angle = pos * theta^(-2i/Dh).

@@ -9,6 +9,7 @@
 
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_quant_gemm.h"
 #include "ops/cpu/cpu_scratch.h"
 #include "ops/cpu/cpu_simd_exp.h"
 #include "ops/cpu/cpu_attention_tiles.h"
@@ -27,6 +28,39 @@ void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor&
 #pragma omp parallel for schedule(static) if(n * m > 32768)
     for (int64_t r = 0; r < n; ++r)
       for (int64_t c = 0; c < m; ++c) o[r * m + c] += b[c];
+  }
+}
+
+void linear_forward_cat(Tensor& out, const Tensor& x, std::initializer_list<LinearPart> parts) {
+  const int64_t kd = x.dim(-1), n = x.numel() / kd, ldo = out.dim(-1);
+  float* o = out.data<float>();
+  bool one_token_quant = n == 1 && !quant_exact() && parts.size() <= 8;
+  for (const LinearPart& p : parts) one_token_quant = one_token_quant && dtype_is_quant(p.w->dtype());
+  if (one_token_quant) {
+    QuantPart qp[8];
+    int64_t col = 0;
+    for (const LinearPart& p : parts) {
+      qp[&p - parts.begin()] = {p.w->raw(), p.w->dtype(), p.w->dim(0), o + col};
+      col += p.w->dim(0);
+    }
+    quant_gemv_parts(x.data<float>(), kd, qp, static_cast<int>(parts.size()));
+  } else {
+    int64_t col = 0;
+    for (const LinearPart& p : parts) {
+      gemm_xwt(o + col, ldo, x.data<float>(), p.w->raw(), p.w->dtype(), n, p.w->dim(0), kd, false);
+      col += p.w->dim(0);
+    }
+  }
+  int64_t col = 0;
+  for (const LinearPart& p : parts) {
+    const int64_t m = p.w->dim(0);
+    if (p.bias && p.bias->defined()) {
+      float* b = scratch<float>(Scratch::LinearBias, static_cast<size_t>(m));
+      convert_to_f32(b, p.bias->raw(), p.bias->dtype(), static_cast<size_t>(m));
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < m; ++c) o[r * ldo + col + c] += b[c];
+    }
+    col += m;
   }
 }
 

@@ -9,6 +9,7 @@
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
 #include "ops/cpu/cpu_glu.h"
+#include "ops/cpu/cpu_quant_gemm.h"
 #include "ops/cpu/cpu_scratch.h"
 
 namespace moe {
@@ -140,8 +141,14 @@ void experts_streamed(Tensor& yp, const Tensor& xp, const int32_t* off, const Te
       const float* x = xp.data<float>() + r0 * d;
       const char* w1e = static_cast<const char*>(w1.raw()) + dtype_nbytes(w1.dtype(), (e * f + f0) * d);
       const char* w3e = static_cast<const char*>(w3.raw()) + dtype_nbytes(w3.dtype(), (e * f + f0) * d);
-      gemm_xwt(h1 + r0 * f + f0, f, x, w1e, w1.dtype(), n, f1 - f0, d, false);
-      gemm_xwt(h3 + r0 * f + f0, f, x, w3e, w3.dtype(), n, f1 - f0, d, false);
+      if (n == 1 && dtype_is_quant(w1.dtype()) && !quant_exact()) {
+        // One token: gate and up rounded x once, and of one dtype read as one set of streams.
+        const QuantPart p[2] = {{w1e, w1.dtype(), f1 - f0, h1 + r0 * f + f0}, {w3e, w3.dtype(), f1 - f0, h3 + r0 * f + f0}};
+        quant_gemv_parts(x, d, p, 2);
+      } else {
+        gemm_xwt(h1 + r0 * f + f0, f, x, w1e, w1.dtype(), n, f1 - f0, d, false);
+        gemm_xwt(h3 + r0 * f + f0, f, x, w3e, w3.dtype(), n, f1 - f0, d, false);
+      }
       for (int64_t r = r0; r < r0 + n; ++r) act(h1 + r * f, h3 + r * f, e, r, f0, f1);
     }
 #pragma omp barrier

@@ -142,32 +142,47 @@ bool quant_exact() { return g_exact.load(); }
 
 int64_t quant_act_block(DType wdt) { return dtype_block_elems(wdt) == 32 ? 32 : 256; }
 
-void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
-                    int64_t k, bool accumulate) {
-  MOE_ASSERT(dtype_is_quant(wdt));
-  if (n == 0 || m == 0) return;
-  MOE_CHECK(k % dtype_block_elems(wdt) == 0, "quantized gemm: row length %lld is not a whole number of %s blocks",
-            static_cast<long long>(k), dtype_name(wdt));
-  // Activations rounded to int8: q [n,k], d [n,k/blk], and (blk 256) bsum [n,k/16], bsum32 [n,k/32].
-  const int64_t blk = quant_act_block(wdt), nbk = k / blk;
-  const size_t q_bytes = static_cast<size_t>(n * k), d_bytes = static_cast<size_t>(n * nbk) * 4;
-  const size_t x_bytes = blk == 32 ? 0 : static_cast<size_t>(n * (k / 16 + k / 32)) * 2;
-  // Enough rows: the packed tiles (cpu_quant_packed.h), one repacked 8-row tile per thread;
-  // the threads are this call's own (one when called inside another parallel region).
-  const bool packed = n >= kPackedMinRows && quant_has_packed(wdt);
-  const QuantPackedLayout pl = quant_packed_layout(wdt);
-  const size_t pack_stride = packed ? align64(static_cast<size_t>(k / pl.sb_values * pl.sb_bytes)) : 0;
-  const size_t pack_bytes = pack_stride * static_cast<size_t>(omp_in_parallel() ? 1 : omp_get_max_threads());
-  // QActs::d4 / s4 and the pair-regrouped qs: q4_0's row kernels, and the q4_1/q5_0/q5_1 decode
-  // kernel (tile_legacy_rows; their tiles of several activation rows read the blocks in order).
-  const bool pairs = !packed && (wdt == DType::Q4_0 || (quant_is_legacy(wdt) && n == 1));
-  const size_t p_bytes = pairs ? static_cast<size_t>(n * nbk) * 16 : 0;
+namespace {
+
+// The activation layout a weight dtype's kernels read at n rows (what quant_gemm_xwt rounds x to).
+struct ActsLayout {
+  int64_t blk;
+  bool packed;  // the packed prefill tiles: per-thread repack buffers
+  bool pairs;   // QActs::d4 / s4 and the pair-regrouped qs
+  bool sum32;   // QActs::sum32
+  bool operator==(const ActsLayout&) const = default;
+};
+
+ActsLayout acts_layout(DType wdt, int64_t n) {
+  ActsLayout l;
+  l.blk = quant_act_block(wdt);
+  // Enough rows: the packed tiles (cpu_quant_packed.h), one repacked 8-row tile per thread.
+  l.packed = n >= kPackedMinRows && quant_has_packed(wdt);
+  // q4_0's row kernels, and the q4_1/q5_0/q5_1 decode kernel (tile_legacy_rows; their tiles of
+  // several activation rows read the blocks in order).
+  l.pairs = !l.packed && (wdt == DType::Q4_0 || (quant_is_legacy(wdt) && n == 1));
   // Σq of each block: q4_0's packed tiles, the legacy formats, and q8_0's 512-bit decode rows
   // (tile_q8_0_rows512, which take the weights as w + 128).
-  const size_t s_bytes = (wdt == DType::Q4_0 && packed) || quant_is_legacy(wdt) || (wdt == DType::Q8_0 && n == 1)
-                             ? align64(static_cast<size_t>(n * nbk) * 4)
-                             : 0;
-  Tensor ws = Tensor::empty(
+  l.sum32 = (wdt == DType::Q4_0 && l.packed) || quant_is_legacy(wdt) || (wdt == DType::Q8_0 && n == 1);
+  return l;
+}
+
+// x [n, k] rounded to int8 in the layout `l` (QActs), in workspace memory `ws` holds; plus the
+// packed path's per-thread tile buffers (*pack, *pack_stride) for weights of dtype `wdt`.
+QActs round_acts(Tensor& ws, const float* x, int64_t n, int64_t k, const ActsLayout& l, DType wdt, uint8_t** pack,
+                 size_t* pack_stride) {
+  const int64_t blk = l.blk, nbk = k / blk;
+  // Activations rounded to int8: q [n,k], d [n,k/blk], and (blk 256) bsum [n,k/16], bsum32 [n,k/32].
+  const size_t q_bytes = static_cast<size_t>(n * k), d_bytes = static_cast<size_t>(n * nbk) * 4;
+  const size_t x_bytes = blk == 32 ? 0 : static_cast<size_t>(n * (k / 16 + k / 32)) * 2;
+  // The packed tiles' buffers belong to this call's own threads (one when called inside another
+  // parallel region).
+  const QuantPackedLayout pl = quant_packed_layout(wdt);
+  *pack_stride = l.packed ? align64(static_cast<size_t>(k / pl.sb_values * pl.sb_bytes)) : 0;
+  const size_t pack_bytes = *pack_stride * static_cast<size_t>(omp_in_parallel() ? 1 : omp_get_max_threads());
+  const size_t p_bytes = l.pairs ? static_cast<size_t>(n * nbk) * 16 : 0;
+  const size_t s_bytes = l.sum32 ? align64(static_cast<size_t>(n * nbk) * 4) : 0;
+  ws = Tensor::empty(
       {static_cast<int64_t>(align64(q_bytes) + align64(d_bytes) + align64(x_bytes) + 2 * p_bytes + s_bytes + pack_bytes)},
       DType::U8, MemCategory::Workspace);
   auto* base = static_cast<uint8_t*>(ws.raw());
@@ -177,11 +192,12 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   int16_t* bs = blk == 32 ? nullptr : static_cast<int16_t*>(extra);
   int16_t* bs32 = bs ? bs + n * (k / 16) : nullptr;
   uint8_t* pairs_at = base + align64(q_bytes) + align64(d_bytes) + align64(x_bytes);
-  float* d4 = pairs ? reinterpret_cast<float*>(pairs_at) : nullptr;
-  int32_t* s4 = pairs ? reinterpret_cast<int32_t*>(pairs_at + p_bytes) : nullptr;
+  float* d4 = l.pairs ? reinterpret_cast<float*>(pairs_at) : nullptr;
+  int32_t* s4 = l.pairs ? reinterpret_cast<int32_t*>(pairs_at + p_bytes) : nullptr;
   uint8_t* after = pairs_at + 2 * p_bytes;
   int32_t* sum32 = s_bytes ? reinterpret_cast<int32_t*>(after) : nullptr;
-  uint8_t* pack = packed ? after + s_bytes : nullptr;
+  *pack = l.packed ? after + s_bytes : nullptr;
+  const bool pairs = l.pairs;
   parallel_threads(n * k > 65536, [&](int64_t nt, int64_t id) {
     for (int64_t r = n * id / nt; r < n * (id + 1) / nt; ++r) {
       for (int64_t b = 0; b < nbk; ++b) {
@@ -217,7 +233,32 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   a.d4 = d4;
   a.s4 = s4;
   a.sum32 = sum32;
+  return a;
+}
+
+void run_job(const QuantJob& job) {
+  switch (quant_isa()) {
+    case QuantIsa::Avx512Vnni: qk_vnni::run(job); return;
+    case QuantIsa::Avx512: qk_avx512::run(job); return;
+    default: qk_avx2::run(job); return;
+  }
+}
+
+void check_row_length(DType wdt, int64_t k) {
+  MOE_CHECK(k % dtype_block_elems(wdt) == 0, "quantized gemm: row length %lld is not a whole number of %s blocks",
+            static_cast<long long>(k), dtype_name(wdt));
+}
+
+}  // namespace
+
+void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
+                    int64_t k, bool accumulate) {
+  MOE_ASSERT(dtype_is_quant(wdt));
+  if (n == 0 || m == 0) return;
+  check_row_length(wdt, k);
+  Tensor ws;
   QuantJob job;
+  const QActs a = round_acts(ws, x, n, k, acts_layout(wdt, n), wdt, &job.pack, &job.pack_stride);
   job.wdt = wdt;
   job.w = static_cast<const uint8_t*>(w);
   job.m = m;
@@ -227,13 +268,49 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
   job.out = out;
   job.ldo = ldo;
   job.accumulate = accumulate;
-  job.pack = pack;
-  job.pack_stride = pack_stride;
-  switch (quant_isa()) {
-    case QuantIsa::Avx512Vnni: qk_vnni::run(job); return;
-    case QuantIsa::Avx512: qk_avx512::run(job); return;
-    default: qk_avx2::run(job); return;
+  run_job(job);
+}
+
+void quant_gemv_parts(const float* x, int64_t k, const QuantPart* parts, int n_parts) {
+  if (n_parts == 0) return;
+  bool shared = true;
+  int64_t cells = 0;
+  for (int i = 0; i < n_parts; ++i) {
+    MOE_ASSERT(dtype_is_quant(parts[i].wdt));
+    check_row_length(parts[i].wdt, k);
+    shared = shared && acts_layout(parts[i].wdt, 1) == acts_layout(parts[0].wdt, 1);
+    cells += parts[i].m * k;
   }
+  if (!shared) {  // the activations in two layouts: one product per part
+    for (int i = 0; i < n_parts; ++i) quant_gemm_xwt(parts[i].out, parts[i].m, x, parts[i].w, parts[i].wdt, 1, parts[i].m, k, false);
+    return;
+  }
+  Tensor ws;
+  uint8_t* pack;
+  size_t pack_stride;
+  const QActs a = round_acts(ws, x, 1, k, acts_layout(parts[0].wdt, 1), parts[0].wdt, &pack, &pack_stride);
+  // Each thread its share of every part's rows; consecutive parts of one dtype are one job, whose
+  // streams run through all of them (QuantJob::more). Inside this region the variants' decode
+  // runs on the calling thread alone (parallel_threads).
+  parallel_threads(cells > 65536, [&](int64_t nt, int64_t id) {
+    for (int i = 0; i < n_parts;) {
+      QuantJob job;
+      job.wdt = parts[i].wdt;
+      job.row_bytes = dtype_nbytes(job.wdt, k);
+      job.k = k;
+      job.a = &a;
+      for (int s = 0; i < n_parts && parts[i].wdt == job.wdt && s <= kQuantMaxSegs; ++i, ++s) {
+        const QuantPart& p = parts[i];
+        const int64_t lo = p.m * id / nt, hi = p.m * (id + 1) / nt;
+        QuantSeg seg{static_cast<const uint8_t*>(p.w) + static_cast<size_t>(lo) * job.row_bytes, p.out + lo, hi - lo};
+        if (s == 0) job.w = seg.w, job.out = seg.out, job.m = seg.m;
+        else job.more[job.n_more++] = seg;
+      }
+      int64_t rows = job.m;
+      for (int s = 0; s < job.n_more; ++s) rows += job.more[s].m;
+      if (rows > 0) run_job(job);
+    }
+  });
 }
 
 }  // namespace cpu

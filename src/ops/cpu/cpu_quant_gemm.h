@@ -60,6 +60,21 @@ bool quant_exact();
 void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DType wdt, int64_t n, int64_t m,
                     int64_t k, bool accumulate);
 
+// One token's products with several weights of the same row length, out_i [m_i] = x·W_iᵀ:
+// attention's q, k and v (which a GGUF mix such as Q4_K_M stores in different types), an
+// expert's gate and up. Where the parts' kernels read the activations in one layout (all
+// K-quants do), x is rounded once and one parallel region (none inside another) runs every part,
+// each thread its share of each part's rows, and consecutive parts of one dtype (up to three)
+// as one set of decode streams; else one quant_gemm_xwt per part. The values are those of the
+// separate products.
+struct QuantPart {
+  const void* w;  // [m, k] rows of wdt blocks
+  DType wdt;
+  int64_t m;
+  float* out;  // [m]
+};
+void quant_gemv_parts(const float* x, int64_t k, const QuantPart* parts, int n_parts);
+
 // Activation block length the kernels use for weights of `wdt`: 32 (q8_0, q4_0) or 256.
 int64_t quant_act_block(DType wdt);
 

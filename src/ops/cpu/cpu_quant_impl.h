@@ -66,6 +66,14 @@ constexpr QuantPackedLayout quant_packed_layout(DType wdt) {
   }
 }
 
+// Rows of one matrix a decode job reads after the job's own (QuantJob::more).
+struct QuantSeg {
+  const uint8_t* w = nullptr;  // [m] rows of the job's row_bytes
+  float* out = nullptr;        // [m]
+  int64_t m = 0;
+};
+constexpr int kQuantMaxSegs = 7;
+
 struct QuantJob {
   DType wdt = DType::Q8_0;
   const uint8_t* w = nullptr;  // [m] rows of row_bytes
@@ -79,6 +87,10 @@ struct QuantJob {
   // repacked 8-row tile; null: the row kernels.
   uint8_t* pack = nullptr;
   size_t pack_stride = 0;
+  // Decode (one activation row) only: the rows of further matrices of the same dtype and k,
+  // taken as if they followed w's m rows — one set of streams over all of them (run_decode).
+  QuantSeg more[kQuantMaxSegs];
+  int n_more = 0;
 };
 
 // One entry per variant (cpu_quant_avx2.cpp, cpu_quant_avx512.cpp, cpu_quant_vnni.cpp).

@@ -1349,25 +1349,33 @@ template <DType WT, int R>
 void run_decode(const QuantJob& jb) {
   const QActs& a = *jb.a;
   const int64_t nb = jb.k / dtype_block_elems(WT);
-  parallel_threads(jb.m * jb.k > 65536, [&](int64_t nt, int64_t id) {
-    const int64_t lo = jb.m * id / nt, hi = jb.m * (id + 1) / nt;
+  int64_t total = jb.m;
+  for (int s = 0; s < jb.n_more; ++s) total += jb.more[s].m;
+  // Row r of the job's rows followed by its further matrices' (QuantJob::more): its bytes and output.
+  auto row = [&](int64_t r, float** out) {
+    if (r < jb.m) return *out = jb.out + r, jb.w + static_cast<size_t>(r) * jb.row_bytes;
+    r -= jb.m;
+    int s = 0;
+    while (r >= jb.more[s].m) r -= jb.more[s++].m;
+    return *out = jb.more[s].out + r, jb.more[s].w + static_cast<size_t>(r) * jb.row_bytes;
+  };
+  parallel_threads(total * jb.k > 65536, [&](int64_t nt, int64_t id) {
+    const int64_t lo = total * id / nt, hi = total * (id + 1) / nt;
     const int64_t part = (hi - lo) / R;
     const uint8_t* wr[R];
+    float* outs[R];
     float res[R];
     for (int64_t i = 0; i < part; ++i) {
-      for (int j = 0; j < R; ++j) wr[j] = jb.w + static_cast<size_t>(lo + j * part + i) * jb.row_bytes;
+      for (int j = 0; j < R; ++j) wr[j] = row(lo + j * part + i, &outs[j]);
       decode_tile<WT, R>(wr, a, nb, res);
-      for (int j = 0; j < R; ++j) {
-        float& o = jb.out[lo + j * part + i];
-        o = jb.accumulate ? o + res[j] : res[j];
-      }
+      for (int j = 0; j < R; ++j) *outs[j] = jb.accumulate ? *outs[j] + res[j] : res[j];
     }
     // The last (hi - lo) % R rows: one more tile, its unused rows repeating the last one (the
     // decode kernels may take the activations in their own layout: q4_0's block pairs).
     if (const int64_t r0 = lo + part * R; r0 < hi) {
-      for (int j = 0; j < R; ++j) wr[j] = jb.w + static_cast<size_t>(std::min(r0 + j, hi - 1)) * jb.row_bytes;
+      for (int j = 0; j < R; ++j) wr[j] = row(std::min(r0 + j, hi - 1), &outs[j]);
       decode_tile<WT, R>(wr, a, nb, res);
-      for (int64_t r = r0; r < hi; ++r) jb.out[r] = jb.accumulate ? jb.out[r] + res[r - r0] : res[r - r0];
+      for (int64_t r = r0; r < hi; ++r) *outs[r - r0] = jb.accumulate ? *outs[r - r0] + res[r - r0] : res[r - r0];
     }
   });
 }

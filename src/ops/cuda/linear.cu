@@ -91,5 +91,19 @@ void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor&
   }
 }
 
+// Quantized parts (the reason for the op) never reach CUDA (ops.cpp refuses them): float parts
+// one product each, through a part-sized buffer into its columns.
+void linear_forward_cat(Tensor& out, const Tensor& x, std::initializer_list<LinearPart> parts) {
+  const int64_t n = x.numel() / x.dim(-1);
+  int64_t col = 0;
+  for (const LinearPart& p : parts) {
+    const int64_t m = p.w->dim(0);
+    Tensor part = Tensor::empty({n, m}, out.dtype(), MemCategory::Activations, out.device());
+    linear_forward(part, x, *p.w, p.bias ? *p.bias : Tensor());
+    copy_columns(out, col, part, 0, m);
+    col += m;
+  }
+}
+
 }  // namespace cuda
 }  // namespace moe

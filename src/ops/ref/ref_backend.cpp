@@ -118,6 +118,18 @@ void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor&
   o.store(out);
 }
 
+void linear_forward_cat(Tensor& out, const Tensor& x, std::initializer_list<LinearPart> parts) {
+  const int64_t n = x.numel() / x.dim(-1);
+  int64_t col = 0;
+  for (const LinearPart& p : parts) {
+    const int64_t m = p.w->dim(0);
+    Tensor part = Tensor::empty({n, m}, out.dtype(), MemCategory::Activations);
+    linear_forward(part, x, *p.w, p.bias ? *p.bias : Tensor());
+    copy_columns(out, col, part, 0, m);
+    col += m;
+  }
+}
+
 void rope_forward(Tensor& x, int64_t past, float theta) {
   Wide xx(x);
   f64::rope_forward(xx.p(), x.dim(0), x.dim(1), x.dim(2), x.dim(3), past, theta);
