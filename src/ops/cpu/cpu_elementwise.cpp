@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "ops/backend.h"
+#include "ops/cpu/cpu_norm_rows.h"
+#include "ops/cpu/cpu_parallel.h"
 #include "ops/cpu/cpu_scratch.h"
 
 namespace moe {
@@ -33,8 +35,7 @@ void embedding_forward(Tensor& out, const Tensor& ids, const Tensor& table) {
   for (int64_t t = 0; t < t_n; ++t)
     MOE_CHECK(id[t] >= 0 && id[t] < v, "embedding: token id %d out of range [0,%lld)", id[t], (long long)v);
   float* o = out.data<float>();
-#pragma omp parallel for schedule(static) if(t_n * d > 32768)
-  for (int64_t t = 0; t < t_n; ++t) read_f32(o + t * d, table, int64_t(id[t]) * d, d);
+  parallel_for(t_n * d > 32768, t_n, [&](int64_t t) { read_f32(o + t * d, table, int64_t(id[t]) * d, d); });
 }
 
 void rmsnorm_forward(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
@@ -45,15 +46,13 @@ void rmsnorm_forward(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
   read_f32(wf, w, 0, d);
   const float* xp = x.data<float>();
   float* op = out.data<float>();
-#pragma omp parallel for schedule(static) if(n * d > 32768)
-  for (int64_t r = 0; r < n; ++r) {
+  auto row = [&](int64_t r) {
     const float* xr = xp + r * d;
-    double ss = 0;
-    for (int64_t i = 0; i < d; ++i) ss += double(xr[i]) * xr[i];
-    float inv = static_cast<float>(1.0 / std::sqrt(ss / double(d) + double(eps)));
+    const float inv = static_cast<float>(1.0 / std::sqrt(sum_squares_f64(xr, d) / double(d) + double(eps)));
     float* orow = op + r * d;
     for (int64_t i = 0; i < d; ++i) orow[i] = wf[i] * (xr[i] * inv);
-  }
+  };
+  parallel_for(n * d > 32768, n, row);
 }
 
 namespace {
@@ -109,19 +108,19 @@ void rope_rotate(Tensor& x, int64_t past, float theta, float sign, const RopeTab
   }
   float* p = x.data<float>();
   const bool pairs = rt && rt->interleaved;  // (x[2i], x[2i+1]) rather than (x[i], x[i+Dh/2])
-#pragma omp parallel for collapse(2) schedule(static) if(b_n * s_n * h_n * dh > 32768)
-  for (int64_t b = 0; b < b_n; ++b)
-    for (int64_t s = 0; s < s_n; ++s)
-      for (int64_t h = 0; h < h_n; ++h) {
-        float* v = p + ((b * s_n + s) * h_n + h) * dh;
-        for (int64_t i = 0; i < half; ++i) {
-          float c = cs[s * half + i], si = sign * sn[s * half + i];
-          const int64_t i0 = pairs ? 2 * i : i, i1 = pairs ? 2 * i + 1 : i + half;
-          float a = v[i0], bb = v[i1];
-          v[i0] = a * c - bb * si;
-          v[i1] = bb * c + a * si;
-        }
+  parallel_for(b_n * s_n * h_n * dh > 32768, b_n * s_n, [&](int64_t bs) {
+    const int64_t s = bs % s_n;
+    for (int64_t h = 0; h < h_n; ++h) {
+      float* v = p + (bs * h_n + h) * dh;
+      for (int64_t i = 0; i < half; ++i) {
+        float c = cs[s * half + i], si = sign * sn[s * half + i];
+        const int64_t i0 = pairs ? 2 * i : i, i1 = pairs ? 2 * i + 1 : i + half;
+        float a = v[i0], bb = v[i1];
+        v[i0] = a * c - bb * si;
+        v[i1] = bb * c + a * si;
       }
+    }
+  });
 }
 
 }  // namespace
@@ -181,7 +180,11 @@ void add_inplace(Tensor& y, const Tensor& x) {
   const int64_t n = y.numel();
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
-#pragma omp parallel for schedule(static) if(n > 32768)
+  if (n <= 32768) {  // decode's residual adds: no parallel region
+    for (int64_t i = 0; i < n; ++i) yp[i] += xp[i];
+    return;
+  }
+#pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) yp[i] += xp[i];
 }
 

@@ -9,6 +9,7 @@
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
 #include "ops/cpu/cpu_glu.h"
+#include "ops/cpu/cpu_parallel.h"
 #include "ops/cpu/cpu_quant_gemm.h"
 #include "ops/cpu/cpu_scratch.h"
 
@@ -22,8 +23,7 @@ void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits,
   const float* bias = select_bias.defined() ? select_bias.data<float>() : nullptr;
   int32_t* idx = topk_idx.data<int32_t>();
   float* wt = topk_w.data<float>();
-#pragma omp parallel for schedule(static) if(t_n * e_n > 32768)
-  for (int64_t t = 0; t < t_n; ++t) {
+  parallel_for(t_n * e_n > 32768, t_n, [&](int64_t t) {
     const float* l = lg + t * e_n;
     float mx = -INFINITY;
     for (int64_t e = 0; e < e_n; ++e) mx = std::max(mx, l[e]);
@@ -50,7 +50,7 @@ void router_topk_forward(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits,
         double p = std::exp(double(l[order[j]] - mx)) / sum;
         wt[t * k + j] = static_cast<float>(p / ksum);
       }
-  }
+  });
 }
 
 void moe_dispatch(Tensor& offsets, Tensor& perm, Tensor& inv, const Tensor& topk_idx, int64_t n_expert) {
@@ -81,8 +81,7 @@ void gather_rows(Tensor& xp, const Tensor& x, const Tensor& perm, int64_t k) {
   const int32_t* pm = perm.data<int32_t>();
   const float* src = x.data<float>();
   float* dst = xp.data<float>();
-#pragma omp parallel for schedule(static) if(p_n * d > 32768)
-  for (int64_t p = 0; p < p_n; ++p) std::copy_n(src + (pm[p] / k) * d, d, dst + p * d);
+  parallel_for(p_n * d > 32768, p_n, [&](int64_t p) { std::copy_n(src + (pm[p] / k) * d, d, dst + p * d); });
 }
 
 void permute_weights(Tensor& row_scale, const Tensor& topk_w, const Tensor& perm) {
@@ -284,15 +283,14 @@ void moe_combine(Tensor& y, const Tensor& yp, const Tensor& inv, int64_t k, bool
   const int32_t* iv = inv.data<int32_t>();
   const float* src = yp.data<float>();
   float* dst = y.data<float>();
-#pragma omp parallel for schedule(static) if(t_n * d > 32768)
-  for (int64_t t = 0; t < t_n; ++t) {
+  parallel_for(t_n * d > 32768, t_n, [&](int64_t t) {
     float* yr = dst + t * d;
     if (!accumulate) std::fill(yr, yr + d, 0.0f);
     for (int64_t j = 0; j < k; ++j) {
       const float* r = src + int64_t(iv[t * k + j]) * d;
       for (int64_t i = 0; i < d; ++i) yr[i] += r[i];
     }
-  }
+  });
 }
 
 }  // namespace cpu

@@ -27,5 +27,19 @@ inline void parallel_threads(bool par, Body&& body) {
   }
 }
 
+// body(i) for i in [0, n): split statically over a team when `par` and not already in a
+// parallel region, else a plain loop on the calling thread. The small per-token ops of decode
+// (norms, RoPE, residual adds, routing, gather/combine) under `#pragma omp parallel for if(false)`
+// still entered libgomp each call: ~0.2 µs each, ~15 a layer.
+template <class Body>
+inline void parallel_for(bool par, int64_t n, Body&& body) {
+  if (par && !omp_in_parallel()) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) body(i);
+  } else {
+    for (int64_t i = 0; i < n; ++i) body(i);
+  }
+}
+
 }  // namespace cpu
 }  // namespace moe
