@@ -2,7 +2,10 @@
 // by expert), gather, grouped SwiGLU expert FFN over non-empty experts, combine.
 #include <omp.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -122,18 +125,28 @@ bool experts_decode_sized(const int32_t* off, int64_t e_n, const Tensor& w1) {
   return omp_get_max_threads() > 1 && int64_t(off[e_n]) * w1.dim(1) * w1.dim(2) >= (int64_t(1) << 20);
 }
 
+constexpr int64_t kMaxReadyExperts = 512;  // experts_streamed's per-expert flags (more: one barrier)
+
 template <class Act, class Down>
 void experts_streamed(Tensor& yp, const Tensor& xp, const int32_t* off, const Tensor& w1, const Tensor& w3,
                       const Tensor& w2, Act act, Down down_bias) {
   const int64_t e_n = w1.dim(0), f = w1.dim(1), d = w1.dim(2), total = off[e_n];
   float* h1 = scratch<float>(Scratch::ExpertH1, static_cast<size_t>(std::max<int64_t>(total, 1) * f));
   float* h3 = scratch<float>(Scratch::ExpertH3, static_cast<size_t>(std::max<int64_t>(total, 1) * f));
+  // ready[e]: the threads that have written their columns of expert e's gated activation. A
+  // thread starts e's down product once all have, rather than at one barrier after every
+  // expert's gate and up, so it does not wait on another thread's last expert (Q4_K_M medium
+  // decode, alternated runs in fast-memory minutes: 74-79% -> 77-80% of the read bandwidth).
+  const bool flags = e_n <= kMaxReadyExperts;
+  std::atomic<int> ready[kMaxReadyExperts];
+  for (int64_t e = 0; e < e_n && flags; ++e) ready[e].store(0, std::memory_order_relaxed);
 
 #pragma omp parallel
   {
     const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t q1 = w1.dtype() == DType::BF16P ? 16 : 8, q2 = w2.dtype() == DType::BF16P ? 16 : 8;
     const int64_t f0 = split_at(f, id, nt, q1), f1 = split_at(f, id + 1, nt, q1);
+    for (int64_t e = 0; e < e_n && f1 <= f0 && flags; ++e) ready[e].fetch_add(1, std::memory_order_release);
     for (int64_t e = 0; e < e_n && f1 > f0; ++e) {
       const int64_t r0 = off[e], n = off[e + 1] - r0;
       if (n == 0) continue;
@@ -149,12 +162,16 @@ void experts_streamed(Tensor& yp, const Tensor& xp, const int32_t* off, const Te
         gemm_xwt(h3 + r0 * f + f0, f, x, w3e, w3.dtype(), n, f1 - f0, d, false);
       }
       for (int64_t r = r0; r < r0 + n; ++r) act(h1 + r * f, h3 + r * f, e, r, f0, f1);
+      if (flags) ready[e].fetch_add(1, std::memory_order_release);
     }
+    if (!flags) {
 #pragma omp barrier
+    }
     const int64_t d0 = split_at(d, id, nt, q2), d1 = split_at(d, id + 1, nt, q2);
     for (int64_t e = 0; e < e_n && d1 > d0; ++e) {
       const int64_t r0 = off[e], n = off[e + 1] - r0;
       if (n == 0) continue;
+      while (flags && ready[e].load(std::memory_order_acquire) < nt) _mm_pause();
       const char* w2e = static_cast<const char*>(w2.raw()) + dtype_nbytes(w2.dtype(), (e * d + d0) * f);
       float* y = yp.data<float>() + r0 * d;
       gemm_xwt(y + d0, d, h1 + r0 * f, w2e, w2.dtype(), n, d1 - d0, f, false);
