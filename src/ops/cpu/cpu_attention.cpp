@@ -9,6 +9,7 @@
 
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_parallel.h"
 #include "ops/cpu/cpu_quant_gemm.h"
 #include "ops/cpu/cpu_scratch.h"
 #include "ops/cpu/cpu_simd_exp.h"
@@ -17,21 +18,27 @@
 namespace moe {
 namespace cpu {
 
+namespace {
+// o [n, ldo]: bias [m] (any float dtype) added to the first m columns of every row.
+void add_bias(float* o, int64_t ldo, int64_t n, int64_t m, const Tensor& bias) {
+  float* b = scratch<float>(Scratch::LinearBias, static_cast<size_t>(m));
+  convert_to_f32(b, bias.raw(), bias.dtype(), static_cast<size_t>(m));
+  parallel_for(n * m > 32768, n, [&](int64_t r) {
+    for (int64_t c = 0; c < m; ++c) o[r * ldo + c] += b[c];
+  });
+}
+}  // namespace
+
 void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor& bias) {
   MOE_CHECK(out.dtype() == DType::F32 && x.dtype() == DType::F32, "linear_forward (cpu): activations must be f32");
   const int64_t k = w.dim(1), m = w.dim(0), n = x.numel() / k;
   float* o = out.data<float>();
   gemm_xwt(o, m, x.data<float>(), w.raw(), w.dtype(), n, m, k, false);
-  if (bias.defined()) {
-    float* b = scratch<float>(Scratch::LinearBias, static_cast<size_t>(m));
-    convert_to_f32(b, bias.raw(), bias.dtype(), static_cast<size_t>(m));
-#pragma omp parallel for schedule(static) if(n * m > 32768)
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t c = 0; c < m; ++c) o[r * m + c] += b[c];
-  }
+  if (bias.defined()) add_bias(o, m, n, m, bias);
 }
 
 void linear_forward_cat(Tensor& out, const Tensor& x, std::initializer_list<LinearPart> parts) {
+  MOE_CHECK(out.dtype() == DType::F32 && x.dtype() == DType::F32, "linear_forward_cat (cpu): activations must be f32");
   const int64_t kd = x.dim(-1), n = x.numel() / kd, ldo = out.dim(-1);
   float* o = out.data<float>();
   bool one_token_quant = n == 1 && !quant_exact() && parts.size() <= 8;
@@ -53,14 +60,8 @@ void linear_forward_cat(Tensor& out, const Tensor& x, std::initializer_list<Line
   }
   int64_t col = 0;
   for (const LinearPart& p : parts) {
-    const int64_t m = p.w->dim(0);
-    if (p.bias && p.bias->defined()) {
-      float* b = scratch<float>(Scratch::LinearBias, static_cast<size_t>(m));
-      convert_to_f32(b, p.bias->raw(), p.bias->dtype(), static_cast<size_t>(m));
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t c = 0; c < m; ++c) o[r * ldo + col + c] += b[c];
-    }
-    col += m;
+    if (p.bias && p.bias->defined()) add_bias(o + col, ldo, n, p.w->dim(0), *p.bias);
+    col += p.w->dim(0);
   }
 }
 

@@ -282,7 +282,8 @@ void quant_gemv_parts(const float* x, int64_t k, const QuantPart* parts, int n_p
     cells += parts[i].m * k;
   }
   if (!shared) {  // the activations in two layouts: one product per part
-    for (int i = 0; i < n_parts; ++i) quant_gemm_xwt(parts[i].out, parts[i].m, x, parts[i].w, parts[i].wdt, 1, parts[i].m, k, false);
+    for (int i = 0; i < n_parts; ++i)
+      quant_gemm_xwt(parts[i].out, parts[i].m, x, parts[i].w, parts[i].wdt, 1, parts[i].m, k, false);
     return;
   }
   Tensor ws;
