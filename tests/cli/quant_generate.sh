@@ -53,6 +53,8 @@ expect_err "MOE_QUANT_ISA=sse2" "MOE_QUANT_ISA"
 run bench "${MOE}" bench decode --preset tiny --dtype q8_0 --tokens 4 --reps 1 --json
 expect_ok "bench decode --dtype q8_0"
 grep -q "read-only bandwidth" <<<"${OUT}" && pass "bench: read roofline reported" || fail "bench: no read-only bandwidth line"
+grep -qE "each rep against the read bandwidth measured just before and after it: [0-9.]+-[0-9.]+%" <<<"${OUT}" \
+  && pass "bench: per-rep roofline ratios reported" || fail "bench: no per-rep roofline line"
 grep -q '"weight_bytes_per_token"' <<<"${OUT}" && pass "bench: bytes/token in the JSON" || fail "bench: no weight_bytes_per_token"
 
 finish
