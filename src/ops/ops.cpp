@@ -2,6 +2,7 @@
 #include "ops/ops.h"
 
 #include <cmath>
+#include <string>
 #include <tuple>
 
 #include "ops/backend.h"
@@ -174,22 +175,31 @@ void rmsnorm_forward(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
   MOE_DISPATCH(out.device(), rmsnorm_forward(out, x, w, eps));
 }
 
+namespace {
+// A linear layer's weight w [M, x's last dim] (`arg` names it in errors) and its bias [M] or
+// undefined, on out's device.
+void check_linear_weight(const char* op, const char* arg, const Tensor& w, const Tensor& bias, const Tensor& x,
+                         const Tensor& out) {
+  MOE_CHECK(w.defined(), "%s: %s is undefined", op, arg);
+  check_ndim(op, arg, w, 2);
+  if (dtype_is_quant(w.dtype()))
+    check_quant_weight(op, arg, w, out.device(), {{"x", &x}, {"out", &out}});
+  else
+    check_gemm_weight(op, arg, w);
+  MOE_CHECK(x.dim(-1) == w.dim(1), "%s: x %s and %s %s disagree on the inner dimension", op, x.shape_str().c_str(),
+            arg, w.shape_str().c_str());
+  if (bias.defined()) check_shape(op, "bias", bias, {w.dim(0)});
+  check_device(op, out.device(), {&x, &w, &bias});
+}
+}  // namespace
+
 void linear_forward(Tensor& out, const Tensor& x, const Tensor& w, const Tensor& bias) {
   const char* op = "linear_forward";
   check_float(op, "x", x);
-  MOE_CHECK(w.defined(), "%s: w is undefined", op);
-  check_ndim(op, "w", w, 2);
-  if (dtype_is_quant(w.dtype()))
-    check_quant_weight(op, "w", w, out.device(), {{"x", &x}, {"out", &out}});
-  else
-    check_gemm_weight(op, "w", w);
-  MOE_CHECK(x.dim(-1) == w.dim(1), "%s: x %s and w %s disagree on the inner dimension", op,
-            x.shape_str().c_str(), w.shape_str().c_str());
+  check_linear_weight(op, "w", w, bias, x, out);
   int64_t n = x.numel() / x.dim(-1);
   MOE_CHECK(out.numel() == n * w.dim(0) && out.dim(-1) == w.dim(0), "%s: out %s, expected [%lld,%lld]", op,
             out.shape_str().c_str(), (long long)n, (long long)w.dim(0));
-  if (bias.defined()) check_shape(op, "bias", bias, {w.dim(0)});
-  check_device(op, out.device(), {&x, &w, &bias});
   MOE_DISPATCH(out.device(), linear_forward(out, x, w, bias));
 }
 
@@ -200,19 +210,10 @@ void linear_forward_cat(Tensor& out, const Tensor& x, std::initializer_list<Line
   const int64_t n = x.numel() / x.dim(-1);
   int64_t cols = 0;
   for (const LinearPart& p : parts) {
-    MOE_CHECK(p.w && p.w->defined(), "%s: part %lld's w is undefined", op, (long long)(&p - parts.begin()));
-    const Tensor& w = *p.w;
-    check_ndim(op, "w", w, 2);
-    if (dtype_is_quant(w.dtype()))
-      check_quant_weight(op, "w", w, out.device(), {{"x", &x}, {"out", &out}});
-    else
-      check_gemm_weight(op, "w", w);
-    MOE_CHECK(x.dim(-1) == w.dim(1), "%s: x %s and part %lld's w %s disagree on the inner dimension", op,
-              x.shape_str().c_str(), (long long)(&p - parts.begin()), w.shape_str().c_str());
-    if (p.bias && p.bias->defined()) check_shape(op, "bias", *p.bias, {w.dim(0)});
-    check_device(op, out.device(), {&x, &w});
-    if (p.bias) check_device(op, out.device(), {p.bias});
-    cols += w.dim(0);
+    const std::string arg = "part " + std::to_string(&p - parts.begin()) + "'s w";
+    MOE_CHECK(p.w, "%s: %s is missing", op, arg.c_str());
+    check_linear_weight(op, arg.c_str(), *p.w, p.bias ? *p.bias : Tensor(), x, out);
+    cols += p.w->dim(0);
   }
   MOE_CHECK(out.numel() == n * cols && out.dim(-1) == cols, "%s: out %s, expected [%lld,%lld]", op,
             out.shape_str().c_str(), (long long)n, (long long)cols);
