@@ -180,12 +180,7 @@ void add_inplace(Tensor& y, const Tensor& x) {
   const int64_t n = y.numel();
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
-  if (n <= 32768) {  // decode's residual adds: no parallel region
-    for (int64_t i = 0; i < n; ++i) yp[i] += xp[i];
-    return;
-  }
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) yp[i] += xp[i];
+  parallel_for(n > 32768, n, [&](int64_t i) { yp[i] += xp[i]; });
 }
 
 void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col, int64_t ncols) {
