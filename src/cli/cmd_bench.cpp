@@ -162,6 +162,69 @@ double decode_bytes_per_token(const Model& m) {
   return per;
 }
 
+// The decode kernels' own ceiling: each weight dtype's one-token product timed on rows of one of
+// its matrices that stay in cache (~1 MiB, the threads' shares in their L2), so no memory wait;
+// the matrices' bytes per token at those speeds give the rate the kernels could sustain if memory
+// were free. Decode reaches at most the lower of this and the read bandwidth: on the 2-core Zen 5
+// VM in its fast-memory minutes (88-92 GB/s) q4_K's kernel computed ~85 GB/s from cache, which
+// is why those minutes' decode sat at 72-80% of the read bandwidth and the slow ones at 85-92%.
+struct KernelRoofline {
+  std::vector<std::pair<DType, double>> per_dtype;  // GB/s of weights from cache
+  double bw = 0;                                     // bytes/s over all the matrices of a token
+};
+KernelRoofline decode_kernel_roofline(const Model& m) {
+  const ModelConfig& c = m.config();
+  const ModelWeights& w = m.weights();
+  // Per dtype: bytes a token reads from its matrices, and the largest matrix (2-D) to time.
+  struct Group {
+    DType dt;
+    double bytes = 0;
+    Tensor rep;
+  };
+  std::vector<Group> groups;
+  auto add = [&](const Tensor& t, double share) {
+    if (!t.defined() || t.ndim() < 2) return;
+    const Tensor mat = t.ndim() == 3 ? t.select(0) : t;
+    auto g = std::find_if(groups.begin(), groups.end(), [&](const Group& x) { return x.dt == t.dtype(); });
+    if (g == groups.end()) g = groups.insert(groups.end(), Group{t.dtype(), 0.0, Tensor()});
+    g->bytes += double(t.nbytes()) * share;
+    if (!g->rep.defined() || mat.nbytes() > g->rep.nbytes()) g->rep = mat;
+  };
+  add(w.lm_head, 1.0);
+  for (const LayerWeights& l : w.layers) {
+    const bool stacked = l.wqkv.defined();
+    for (const Tensor* t : {stacked ? &l.wqkv : &l.wq, stacked ? nullptr : &l.wk, stacked ? nullptr : &l.wv, &l.wo,
+                            &l.shared_w1, &l.shared_w3, &l.shared_w2, &l.wq_a, &l.wq_b, &l.wkv_a, &l.wkv_b})
+      if (t) add(*t, 1.0);
+    const double share = l.is_moe ? double(c.n_expert_used) / double(c.n_expert) : 1.0;
+    for (const Tensor* t : {&l.w1, &l.w3, &l.w2}) add(*t, share);
+  }
+  KernelRoofline r;
+  double secs_per_token = 0, total = 0;
+  for (const Group& g : groups) {
+    const int64_t rows_all = g.rep.dim(0), k = g.rep.dim(1);
+    const double row_bytes = double(g.rep.nbytes()) / double(rows_all);
+    const int64_t rows = std::min<int64_t>(rows_all, std::max<int64_t>(16, int64_t((1 << 20) / row_bytes) / 16 * 16));
+    const Tensor wr = g.rep.rows(0, rows);
+    Tensor x = Tensor::empty({1, k}, DType::F32, MemCategory::Workspace), y = Tensor::empty({1, rows}, DType::F32, MemCategory::Workspace);
+    for (int64_t i = 0; i < k; ++i) x.data<float>()[i] = float((i * 37) % 19) * 0.01f - 0.09f;
+    for (int i = 0; i < 5; ++i) linear_forward(y, x, wr, Tensor());
+    double best = 1e30;
+    for (int rep = 0; rep < 5; ++rep) {
+      const int calls = 40;
+      const double t0 = now_seconds();
+      for (int i = 0; i < calls; ++i) linear_forward(y, x, wr, Tensor());
+      best = std::min(best, (now_seconds() - t0) / calls);
+    }
+    const double gbps = double(wr.nbytes()) / best;
+    r.per_dtype.emplace_back(g.dt, gbps);
+    secs_per_token += g.bytes / gbps;
+    total += g.bytes;
+  }
+  r.bw = secs_per_token > 0 ? total / secs_per_token : 0;
+  return r;
+}
+
 // Whether any projection holds bf16 weights (those the matrix units would take).
 bool has_bf16_projections(const Model& m) {
   for (const LayerWeights& l : m.weights().layers)
@@ -269,7 +332,7 @@ void run_bench(const BenchOpts& o) {
   ForwardOptions fo;
   fo.last_logits_only = true;
   // ratio: of the read bandwidth for CPU decode, else of the copy bandwidth / GEMM peak.
-  double secs = 1e30, work = 0, ratio = 0, ratio_copy = 0, rate = 0, bpt = 0, secs_f32 = 0;
+  double secs = 1e30, work = 0, ratio = 0, ratio_copy = 0, rate = 0, bpt = 0, secs_f32 = 0, kernel_bw = 0;
   int64_t n_tok = 0;
   if (o.what == "decode") {
     int64_t allocs = 0;  // host blocks the timed decode steps took from the system (want 0)
@@ -340,6 +403,15 @@ void run_bench(const BenchOpts& o) {
                     100 * local[std::min(best_rep, local.size() - 1)]);
       }
     }
+    if (dev == Device::CPU && read_bw > 0) {
+      const KernelRoofline kr = decode_kernel_roofline(m);
+      kernel_bw = kr.bw;
+      std::string per;
+      for (const auto& [dt, gbps] : kr.per_dtype) per += strformat("%s%s %.1f", per.empty() ? "" : ", ", dtype_name(dt), gbps / 1e9);
+      std::printf("        kernels on cache-resident rows (no memory wait): %s GB/s -> %.1f GB/s over a token's matrices "
+                  "= %.0f%% of the read bandwidth; decode passes neither (%.1f%% of the lower)\n",
+                  per.c_str(), kr.bw / 1e9, 100 * kr.bw / read_bw, 100 * work / std::min(kr.bw, read_bw));
+    }
     if (dev == Device::CPU)
       std::printf("        host blocks allocated from the system during the last rep's %lld steps: %lld\n",
                   (long long)n_tok, (long long)allocs);
@@ -388,12 +460,12 @@ void run_bench(const BenchOpts& o) {
   if (o.json)
     std::printf("{\"bench\":\"%s\",\"arch\":\"%s\",\"preset\":\"%s\",\"layers\":%lld,\"device\":\"%s\","
                 "\"dtype\":\"%s\",\"tokens\":%lld,\"seconds\":%.6f,\"tokens_per_s\":%.3f,\"achieved\":%.6e,"
-                "\"roofline_copy_bytes_per_s\":%.6e,\"roofline_read_bytes_per_s\":%.6e,\"roofline_gemm_flops\":%.6e,"
+                "\"roofline_copy_bytes_per_s\":%.6e,\"roofline_read_bytes_per_s\":%.6e,\"roofline_kernel_bytes_per_s\":%.6e,\"roofline_gemm_flops\":%.6e,"
                 "\"weight_bytes_per_token\":%.6e,\"ratio\":%.4f,\"ratio_copy\":%.4f,\"threads\":%d,"
                 "\"bf16_gemm\":\"%s\",\"tokens_per_s_f32_gemm\":%.3f}\n",
                 o.what.c_str(), o.model.empty() ? o.arch.c_str() : cfg.model_type.c_str(),
                 o.model.empty() ? o.preset.c_str() : o.model.c_str(), (long long)cfg.n_layer, device_name(dev),
-                o.dtype.c_str(), (long long)n_tok, secs, rate, work, bw, read_bw, peak, bpt, ratio, ratio_copy, omp_get_max_threads(),
+                o.dtype.c_str(), (long long)n_tok, secs, rate, work, bw, read_bw, kernel_bw, peak, bpt, ratio, ratio_copy, omp_get_max_threads(),
                 cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix ? cpu::onednn_isa_name().c_str() : "f32",
                 secs_f32 > 0 ? double(n_tok) / secs_f32 : 0.0);
 }

@@ -56,5 +56,8 @@ grep -q "read-only bandwidth" <<<"${OUT}" && pass "bench: read roofline reported
 grep -qE "each rep against the read bandwidth measured just before and after it: [0-9.]+-[0-9.]+%" <<<"${OUT}" \
   && pass "bench: per-rep roofline ratios reported" || fail "bench: no per-rep roofline line"
 grep -q '"weight_bytes_per_token"' <<<"${OUT}" && pass "bench: bytes/token in the JSON" || fail "bench: no weight_bytes_per_token"
+grep -qE "kernels on cache-resident rows \(no memory wait\): .*q8_0 [0-9]+\.[0-9]" <<<"${OUT}" \
+  && pass "bench: the q8_0 kernel's own rate reported" || fail "bench: no kernel roofline line for q8_0"
+grep -qE '"roofline_kernel_bytes_per_s":[1-9]' <<<"${OUT}" && pass "bench: kernel roofline in the JSON" || fail "bench: no roofline_kernel_bytes_per_s"
 
 finish
