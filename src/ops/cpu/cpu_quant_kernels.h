@@ -866,6 +866,20 @@ inline __m512i q5_bit16_512(__m512i h, __m512i m) {
   return _mm512_maskz_mov_epi8(_mm512_cmpeq_epi8_mask(_mm512_and_si512(h, m), m), _mm512_set1_epi8(16));
 }
 
+// A q4_K/q5_K block of four rows (p[r]: row r's block; sm: k4_scales_mins4 of their scale bytes):
+// Σ_s m_s·Σa_s of row r as the four int32 of 128-bit lane r, and [d, dmin] of row r at lanes
+// 2r, 2r+1 times the activations' scale da.
+inline __m512i k4_mins4(__m512i sm, const QActs& a, int64_t b) {
+  return _mm512_madd_epi16(_mm512_shuffle_epi8(sm, bcast4_128(kZx16.c[8])), bcast4_128(a.bsum32 + b * 8));
+}
+inline __m512 k4_d_dmin4(const uint8_t* const* p, float da) {
+  uint32_t h[4];
+#pragma GCC unroll 4  // (rolled, h went through the stack: the q4_K kernels 45% slower)
+  for (int r = 0; r < 4; ++r) std::memcpy(&h[r], p[r], 4);
+  const __m256 dd = _mm256_mul_ps(_mm256_cvtph_ps(_mm_setr_epi32(int(h[0]), int(h[1]), int(h[2]), int(h[3]))), _mm256_set1_ps(da));
+  return _mm512_castps256_ps512(dd);
+}
+
 // Row r's sum is 128-bit lane r's four floats: hadd works within 128-bit lanes, so
 // s8 = [r0 r0 r2 r2 | r1 r1 r3 r3] (partial sums) and s4 = [r0 r2 . . | r1 r3 . .].
 inline void quad_sums(__m512 acc, float* res) {
@@ -917,13 +931,8 @@ void tile_qk45_quads(const uint8_t* const* wr, const QActs& a, int64_t nb, float
       sumi = madd_acc512(sumi, _mm512_add_epi16(_mm512_maddubs_epi16(w01, a2), _mm512_maddubs_epi16(w11, a3)), s_hi);
       __asm__("" : "+v"(sumi));  // a chain, as the pairs' (no reassociated tree of products)
     }
-    const __m512i mins = _mm512_madd_epi16(_mm512_shuffle_epi8(sm, bcast4_128(kZx16.c[8])), bcast4_128(a.bsum32 + b * 8));
-    uint32_t h[4];
-#pragma GCC unroll 4
-    for (int r = 0; r < RW; ++r) std::memcpy(&h[r], p[r], 4);
-    const __m256 dd = _mm256_mul_ps(_mm256_cvtph_ps(_mm_setr_epi32(int(h[0]), int(h[1]), int(h[2]), int(h[3]))),
-                                    _mm256_set1_ps(a.d[b]));
-    const __m512 dd16 = _mm512_castps256_ps512(dd);
+    const __m512i mins = k4_mins4(sm, a, b);
+    const __m512 dd16 = k4_d_dmin4(p, a.d[b]);
     acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(d_lanes, dd16), _mm512_cvtepi32_ps(sumi), acc);
     acc = _mm512_fnmadd_ps(_mm512_permutexvar_ps(m_lanes, dd16), _mm512_cvtepi32_ps(mins), acc);
   }
@@ -992,13 +1001,8 @@ void tile_q4k_pairs512(const uint8_t* const* wr, const QActs& a, int64_t nb, flo
         sumi[q] = madd_acc512(sumi[q], hi, _mm512_shuffle_epi8(sp[q], c_hi));
       }
     }
-    const __m512i mins = _mm512_madd_epi16(_mm512_shuffle_epi8(sm, bcast4_128(kZx16.c[8])), bcast4_128(a.bsum32 + b * 8));
-    uint32_t h[4];
-#pragma GCC unroll 4
-    for (int r = 0; r < RW; ++r) std::memcpy(&h[r], p[r], 4);
-    const __m256 dd = _mm256_mul_ps(_mm256_cvtph_ps(_mm_setr_epi32(int(h[0]), int(h[1]), int(h[2]), int(h[3]))),
-                                    _mm256_set1_ps(a.d[b]));
-    const __m512 dd16 = _mm512_castps256_ps512(dd);
+    const __m512i mins = k4_mins4(sm, a, b);
+    const __m512 dd16 = k4_d_dmin4(p, a.d[b]);
     acc[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(d_pair0, dd16), _mm512_cvtepi32_ps(sumi[0]), acc[0]);
     acc[1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(d_pair1, dd16), _mm512_cvtepi32_ps(sumi[1]), acc[1]);
     accm = _mm512_fmadd_ps(_mm512_permutexvar_ps(m_lanes, dd16), _mm512_cvtepi32_ps(mins), accm);
