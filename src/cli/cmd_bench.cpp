@@ -166,7 +166,7 @@ double decode_bytes_per_token(const Model& m) {
 // its matrices that stay in cache (~1 MiB, the threads' shares in their L2), so no memory wait;
 // the matrices' bytes per token at those speeds give the rate the kernels could sustain if memory
 // were free. Decode reaches at most the lower of this and the read bandwidth: on the 2-core Zen 5
-// VM in its fast-memory minutes (88-92 GB/s) q4_K's kernel computed ~85 GB/s from cache, which
+// VM in its fast-memory minutes (84-92 GB/s) q4_K's kernel computed 82-95 GB/s from cache, which
 // is why those minutes' decode sat at 72-80% of the read bandwidth and the slow ones at 85-92%.
 struct KernelRoofline {
   std::vector<std::pair<DType, double>> per_dtype;  // GB/s of weights from cache
