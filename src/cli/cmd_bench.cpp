@@ -141,24 +141,36 @@ double measure_gemm_peak(Device dev) {
   return 2.0 * double(n) * double(n) * double(n) / best;
 }
 
-// Weight bytes a single decoded token reads, from the model's tensors as stored (quantized
-// blocks count their real size): everything but the routed experts, one embedding row instead
-// of the table (the LM head reads all of it, tied or not), plus K of E experts per MoE layer.
-double decode_bytes_per_token(const Model& m) {
+// Every tensor a decoded token reads, with the share of it read: one embedding row of the table
+// (the LM head reads all of it, tied or not), K of E experts per MoE layer, the rest whole.
+// fn(tensor, share); undefined tensors are skipped.
+template <class Fn>
+void for_each_decode_weight(const Model& m, Fn fn) {
   const ModelConfig& c = m.config();
   const ModelWeights& w = m.weights();
-  auto b = [](const Tensor& t) { return t.defined() ? double(t.nbytes()) : 0.0; };
-  double per = b(w.embed) / double(c.vocab_size) + b(w.final_norm) + b(w.lm_head);
+  auto visit = [&](const Tensor& t, double share) {
+    if (t.defined()) fn(t, share);
+  };
+  visit(w.embed, 1.0 / double(c.vocab_size));
+  visit(w.final_norm, 1.0);
+  visit(w.lm_head, 1.0);
   for (const LayerWeights& l : w.layers) {
     // wq/wk/wv: views of the stacked wqkv, or the parts themselves where a GGUF mix keeps them
     // apart (model.h); either way their bytes are the projection's.
     for (const Tensor* t : {&l.attn_norm, &l.ffn_norm, &l.wq, &l.wk, &l.wv, &l.bqkv, &l.wo, &l.bo, &l.q_norm, &l.k_norm, &l.router,
                             &l.router_bias, &l.shared_w1, &l.shared_w3, &l.shared_w2, &l.shared_gate, &l.wq_a,
                             &l.q_a_norm, &l.wq_b, &l.wkv_a, &l.kv_a_norm, &l.wkv_b})
-      per += b(*t);
-    const double experts = b(l.w1) + b(l.w3) + b(l.w2);
-    per += l.is_moe ? experts * double(c.n_expert_used) / double(c.n_expert) : experts;
+      visit(*t, 1.0);
+    const double share = l.is_moe ? double(c.n_expert_used) / double(c.n_expert) : 1.0;
+    for (const Tensor* t : {&l.w1, &l.w3, &l.w2}) visit(*t, share);
   }
+}
+
+// Weight bytes a single decoded token reads, from the model's tensors as stored (quantized
+// blocks count their real size).
+double decode_bytes_per_token(const Model& m) {
+  double per = 0;
+  for_each_decode_weight(m, [&](const Tensor& t, double share) { per += double(t.nbytes()) * share; });
   return per;
 }
 
@@ -173,35 +185,29 @@ struct KernelRoofline {
   double bw = 0;                                     // bytes/s over all the matrices of a token
 };
 KernelRoofline decode_kernel_roofline(const Model& m) {
-  const ModelConfig& c = m.config();
-  const ModelWeights& w = m.weights();
-  // Per dtype: bytes a token reads from its matrices, and the largest matrix (2-D) to time.
+  // Per dtype: bytes a token reads by matrix products, and its largest matrix (2-D) to time. The
+  // embedding is a row lookup, not a product; a dtype with under 1% of the bytes (an f32 router
+  // in a quantized model) is left out: too small to time apart, and no part of the ceiling.
   struct Group {
     DType dt;
     double bytes = 0;
     Tensor rep;
   };
   std::vector<Group> groups;
-  auto add = [&](const Tensor& t, double share) {
-    if (!t.defined() || t.ndim() < 2) return;
+  double all = 0;
+  for_each_decode_weight(m, [&](const Tensor& t, double share) {
+    if (t.ndim() < 2 || &t == &m.weights().embed) return;  // (a tied lm_head is its own Tensor: kept)
     const Tensor mat = t.ndim() == 3 ? t.select(0) : t;
     auto g = std::find_if(groups.begin(), groups.end(), [&](const Group& x) { return x.dt == t.dtype(); });
     if (g == groups.end()) g = groups.insert(groups.end(), Group{t.dtype(), 0.0, Tensor()});
     g->bytes += double(t.nbytes()) * share;
+    all += double(t.nbytes()) * share;
     if (!g->rep.defined() || mat.nbytes() > g->rep.nbytes()) g->rep = mat;
-  };
-  add(w.lm_head, 1.0);
-  for (const LayerWeights& l : w.layers) {
-    const bool stacked = l.wqkv.defined();
-    for (const Tensor* t : {stacked ? &l.wqkv : &l.wq, stacked ? nullptr : &l.wk, stacked ? nullptr : &l.wv, &l.wo,
-                            &l.shared_w1, &l.shared_w3, &l.shared_w2, &l.wq_a, &l.wq_b, &l.wkv_a, &l.wkv_b})
-      if (t) add(*t, 1.0);
-    const double share = l.is_moe ? double(c.n_expert_used) / double(c.n_expert) : 1.0;
-    for (const Tensor* t : {&l.w1, &l.w3, &l.w2}) add(*t, share);
-  }
+  });
   KernelRoofline r;
   double secs_per_token = 0, total = 0;
   for (const Group& g : groups) {
+    if (g.bytes < 0.01 * all) continue;
     const int64_t rows_all = g.rep.dim(0), k = g.rep.dim(1);
     const double row_bytes = double(g.rep.nbytes()) / double(rows_all);
     const int64_t rows = std::min<int64_t>(rows_all, std::max<int64_t>(16, int64_t((1 << 20) / row_bytes) / 16 * 16));

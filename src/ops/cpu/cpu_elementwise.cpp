@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "ops/backend.h"
-#include "ops/cpu/cpu_norm_rows.h"
+#include "ops/cpu/cpu_dot_f64.h"
 #include "ops/cpu/cpu_parallel.h"
 #include "ops/cpu/cpu_scratch.h"
 
@@ -48,7 +48,7 @@ void rmsnorm_forward(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
   float* op = out.data<float>();
   auto row = [&](int64_t r) {
     const float* xr = xp + r * d;
-    const float inv = static_cast<float>(1.0 / std::sqrt(sum_squares_f64(xr, d) / double(d) + double(eps)));
+    const float inv = static_cast<float>(1.0 / std::sqrt(dot_f64(xr, xr, d) / double(d) + double(eps)));
     float* orow = op + r * d;
     for (int64_t i = 0; i < d; ++i) orow[i] = wf[i] * (xr[i] * inv);
   };

@@ -65,8 +65,8 @@ void quant_gemm_xwt(float* out, int64_t ldo, const float* x, const void* w, DTyp
 // expert's gate and up. Where the parts' kernels read the activations in one layout (all
 // K-quants do), x is rounded once and one parallel region (none inside another) runs every part,
 // each thread its share of each part's rows, and consecutive parts of one dtype (up to
-// 1 + kQuantMaxSegs, cpu_quant_impl.h) as one set of decode streams; else one quant_gemm_xwt per part. The values are those of the
-// separate products.
+// 1 + kQuantMaxSegs, cpu_quant_impl.h) as one set of decode streams; else one quant_gemm_xwt
+// per part. The values are those of the separate products.
 struct QuantPart {
   const void* w;  // [m, k] rows of wdt blocks
   DType wdt;

@@ -7,7 +7,7 @@
 
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
-#include "ops/cpu/cpu_norm_rows.h"
+#include "ops/cpu/cpu_dot_f64.h"
 #include "ops/cpu/cpu_simd_exp.h"
 
 namespace moe {
@@ -38,7 +38,7 @@ void rmsnorm_forward_train(Tensor& out, Tensor& rstd, const Tensor& x, const Ten
 #pragma omp parallel for schedule(static) if(n * d > 32768)
   for (int64_t r = 0; r < n; ++r) {
     const float* xr = xp + r * d;
-    float inv = static_cast<float>(1.0 / std::sqrt(sum_squares_f64(xr, d) / double(d) + double(eps)));
+    float inv = static_cast<float>(1.0 / std::sqrt(dot_f64(xr, xr, d) / double(d) + double(eps)));
     rs[r] = inv;
     float* orow = op + r * d;
     for (int64_t i = 0; i < d; ++i) orow[i] = wf[i] * (xr[i] * inv);

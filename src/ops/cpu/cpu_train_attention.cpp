@@ -13,6 +13,7 @@
 #include "ops/backend.h"
 #include "ops/cpu/cpu_gemm.h"
 #include "ops/cpu/cpu_attention_tiles.h"
+#include "ops/cpu/cpu_dot_f64.h"
 #include "ops/cpu/cpu_simd_exp.h"
 
 namespace moe {
