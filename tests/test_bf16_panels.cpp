@@ -24,6 +24,7 @@
 #include "model/panel_weights.h"
 #include "model/random_init.h"
 #include "ops/cpu/cpu_gemm.h"
+#include "ops/cpu/cpu_gemm_amx.h"
 #include "ops/cpu/cpu_gemm_bf16dot.h"
 #include "ops/cpu/cpu_gemm_onednn.h"
 
@@ -90,7 +91,11 @@ TEST(Bf16Panels, TensorConversionsKeepValuesAndRowViewsStartOnPanels) {
 // out wider than m with accumulation onto it.
 const test::GemmCase kCases[] = {{1, 16, 2, 16, false},  {2, 32, 34, 40, true},   {5, 48, 64, 48, false},
                        {16, 96, 130, 96, true}, {17, 16, 514, 20, false}, {40, 64, 70, 64, true},
-                       {64, 32, 96, 32, false}, {70, 48, 38, 50, true}};
+                       {64, 32, 96, 32, false}, {70, 48, 38, 50, true},
+                       // k a multiple of 32 (the tile unit where the CPU has AMX, from 2 rows):
+                       // an odd count of 16-row groups and of panels, a single k step, ldo > m.
+                       {40, 48, 64, 50, true},  {3, 80, 32, 80, false}, {33, 16, 160, 16, true},
+                       {1, 32, 64, 32, true}};
 
 TEST(Bf16Panels, KernelMatchesFloat64ProductOfRoundedX) {
   if (!cpu::bf16dot_available()) GTEST_SKIP() << "SKIPPED: this CPU has no AVX512-BF16";
@@ -111,21 +116,37 @@ TEST(Bf16Panels, KernelMatchesFloat64ProductOfRoundedX) {
 }
 
 // Serving batches whatever requests are running: a request's logits must not depend on them.
-TEST(Bf16Panels, EachRowIsTheSameBitsAtEveryBatchSize) {
-  if (!cpu::bf16dot_available()) GTEST_SKIP() << "SKIPPED: this CPU has no AVX512-BF16";
-  const int64_t n = 53, m = 64, k = 1030;
+// k 1030 runs the AVX512-BF16 kernel at every row count: every row the same bits. k 1024 runs the
+// AMX tile unit from 2 rows on where the CPU has it (cpu_gemm_amx.h): the same bits at every
+// count from 2; a row alone takes vdpbf16ps, whose sums agree to f32 rounding (the float64
+// bound of KernelMatchesFloat64ProductOfRoundedX), not bit for bit.
+void expect_batch_invariant(int64_t k) {
+  const int64_t n = 53, m = 64;
   const auto x = test::random_floats(size_t(n * k), 3);
   const auto w = random_bf16(size_t(m * k), 4);
   std::vector<uint16_t> wp(w.size());
   pack_bf16_panels(wp.data(), w.data(), m, k);
   std::vector<float> all(size_t(n * m));
   cpu::gemm_xwt(all.data(), m, x.data(), wp.data(), DType::BF16P, n, m, k, false);
-  for (int64_t sub : {1, 5, 16}) {
+  std::vector<float> wf(w.size());
+  for (size_t i = 0; i < w.size(); ++i) wf[i] = bf16_to_f32(w[i]);
+  const bool tiles = cpu::amx_panels_apply(n, k);
+  for (int64_t sub : {1, 2, 5, 16, 17}) {
     for (int64_t r0 = 0; r0 + sub <= n; r0 += 7) {
       std::vector<float> part(size_t(sub * m));
       cpu::gemm_xwt(part.data(), m, x.data() + r0 * k, wp.data(), DType::BF16P, sub, m, k, false);
-      for (int64_t i = 0; i < sub * m; ++i)
-        ASSERT_EQ(part[size_t(i)], all[size_t(r0 * m + i)]) << "rows " << r0 << "+" << sub << " at " << i;
+      if (sub > 1 || !tiles) {
+        for (int64_t i = 0; i < sub * m; ++i)
+          ASSERT_EQ(part[size_t(i)], all[size_t(r0 * m + i)]) << "k " << k << " rows " << r0 << "+" << sub << " at " << i;
+        continue;
+      }
+      const test::GemmCase c{1, m, k, m, false};
+      const std::vector<float> xr(x.begin() + r0 * k, x.begin() + (r0 + 1) * k);
+      std::vector<double> r, bound;
+      test::gemm_reference(test::bf16_rounded(xr), wf, std::vector<float>(size_t(m)), c, &r, &bound);
+      test::expect_gemm_within(part, r, bound, c);  // the lone row: vdpbf16ps
+      std::vector<float> batched(all.begin() + r0 * m, all.begin() + (r0 + 1) * m);
+      test::expect_gemm_within(batched, r, bound, c);  // the same row in the batch: the tile unit
     }
   }
   // Inside a parallel region (serving's experts: each thread its slice of the panels) too.
@@ -135,7 +156,21 @@ TEST(Bf16Panels, EachRowIsTheSameBitsAtEveryBatchSize) {
     const int64_t id = omp_get_thread_num(), p0 = id * 32;
     cpu::gemm_xwt(sliced.data() + p0, m, x.data(), wp.data() + p0 * k, DType::BF16P, n, 32, k, false);
   }
-  EXPECT_EQ(sliced, all);
+  EXPECT_EQ(sliced, all) << "k " << k;
+}
+
+TEST(Bf16Panels, EachRowIsTheSameBitsAtEveryBatchSize) {
+  if (!cpu::bf16dot_available()) GTEST_SKIP() << "SKIPPED: this CPU has no AVX512-BF16";
+  expect_batch_invariant(1030);
+  expect_batch_invariant(1024);
+}
+
+// Which products the tile unit takes: by shape and row count only, never by the data.
+TEST(Bf16Panels, TileUnitTakesTwoRowsAndMoreOfWholeSteps) {
+  EXPECT_FALSE(cpu::amx_panels_apply(1, 1024));
+  EXPECT_FALSE(cpu::amx_panels_apply(64, 1030));
+  EXPECT_EQ(cpu::amx_panels_apply(2, 1024), cpu::amx_bf16_ready());
+  EXPECT_EQ(cpu::amx_panels_apply(512, 32), cpu::amx_bf16_ready());
 }
 
 TEST(Bf16Panels, TrainingProductsRefusePanels) {

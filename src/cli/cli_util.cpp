@@ -8,6 +8,7 @@
 
 #include "io/gguf_model.h"
 #include "model/panel_weights.h"
+#include "ops/cpu/cpu_gemm_amx.h"
 #include "ops/cpu/cpu_gemm_onednn.h"
 #include "ops/ops.h"
 #include "train/lora.h"
@@ -110,7 +111,8 @@ void add_dist_flags(CLI::App* cmd, int* ep, int* dp, double* timeout) {
 void add_panels_flag(CLI::App* cmd, std::string* panels) {
   cmd->add_option("--panels", *panels,
                   "on: bf16 weights in 16-row panels for the AVX512-BF16 decode kernel where the CPU has it (faster "
-                  "decode; x rounded to bf16 in every product); off: weights in rows as loaded")
+                  "decode; with AMX, products of 2 rows and more on its tiles: batched decode and prefill; x rounded "
+                  "to bf16 in every product); off: weights in rows as loaded")
       ->capture_default_str()
       ->check(CLI::IsMember({"on", "off"}));
 }
@@ -120,8 +122,8 @@ int64_t apply_panels_flag(Model& m, const std::string& panels, const char* who) 
   const double t0 = now_seconds();
   const int64_t bytes = pack_bf16_panels(m);
   if (bytes)
-    std::fprintf(stderr, "%s: %.2f GB of bf16 weights in 16-row panels (AVX512-BF16 decode kernel) in %.2f s\n", who,
-                 double(bytes) / 1e9, now_seconds() - t0);
+    std::fprintf(stderr, "%s: %.2f GB of bf16 weights in 16-row panels (AVX512-BF16 decode kernel%s) in %.2f s\n", who,
+                 double(bytes) / 1e9, cpu::amx_bf16_ready() ? "; AMX tiles from 2 rows" : "", now_seconds() - t0);
   return bytes;
 }
 

@@ -23,6 +23,7 @@
 #include "cli/commands.h"
 #include "core/rng.h"
 #include "model/random_init.h"
+#include "ops/cpu/cpu_gemm_amx.h"
 #include "ops/cpu/cpu_gemm_onednn.h"
 #include "ops/cpu/cpu_quant_gemm.h"
 #include "ops/ops.h"
@@ -120,8 +121,10 @@ double measure_read_bandwidth_cpu(int reps = 6) {
   return double(read) / best;
 }
 
-// GEMM peak through linear_forward: f32 2048^3 on the CPU, bf16 8192^3 on CUDA.
-double measure_gemm_peak(Device dev) {
+// GEMM peak through linear_forward: f32 2048^3 on the CPU, bf16 8192^3 on CUDA. wdt: the CPU
+// weight dtype the timed products run on (bf16 / bf16p: the matrix units' peak, which a bf16
+// prefill is measured against; x stays f32 as the model's activations).
+double measure_gemm_peak(Device dev, DType wdt = DType::F32) {
   const int64_t n = dev == Device::CPU ? 2048 : 8192;
   const DType dt = dev == Device::CPU ? DType::F32 : DType::BF16;
   Rng rng(7);
@@ -129,6 +132,7 @@ double measure_gemm_peak(Device dev) {
   for (auto& v : host) v = float(rng.uniform() - 0.5);
   Tensor hx = Tensor::from_f32({n, n}, host).to_dtype(dt, MemCategory::Workspace);
   Tensor x = hx.to(dev, MemCategory::Workspace), w = hx.to(dev, MemCategory::Workspace);
+  if (dev == Device::CPU && wdt != DType::F32) w = hx.to_dtype(wdt, MemCategory::Workspace);
   Tensor y = Tensor::empty({n, n}, dt, MemCategory::Workspace, dev);
   double best = 1e30;
   for (int rep = 0; rep < 4; ++rep) {
@@ -325,7 +329,8 @@ void run_bench(const BenchOpts& o) {
     return Model::from_tensors(cfg, named, lo);
   }();
   if (!o.model.empty()) cfg = m.config();
-  if (dev == Device::CPU) apply_panels_flag(m, o.panels, ("bench " + o.what).c_str());  // as moe generate
+  // As moe generate. Prefill packs after its f32-path timing (below), which reads rows.
+  if (dev == Device::CPU && o.what != "prefill") apply_panels_flag(m, o.panels, ("bench " + o.what).c_str());
   t_init = now_seconds() - t_init;
   std::fprintf(stderr, "model ready in %.1f s (%.3f B params); running...\n", t_init, double(m.n_params_total()) / 1e9);
 
@@ -435,26 +440,42 @@ void run_bench(const BenchOpts& o) {
       }
       return best;
     };
+    // bf16 weights on the CPU: the matrix units (AMX tiles on panels, AVX512-BF16, oneDNN) against
+    // the f32 GEMM path (weights widened in cache, sgemm) on the same model in the same run —
+    // timed first, on the weights in rows, before --panels packs them.
+    const bool bf16_cpu = dev == Device::CPU && has_bf16_projections(m);
+    if (bf16_cpu && cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix) {
+      cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
+      secs_f32 = time_prefill();
+      cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
+    }
+    const bool panels = dev == Device::CPU && apply_panels_flag(m, o.panels, "bench prefill") > 0;
     secs = time_prefill();
     n_tok = o.batch * o.seq;
-    peak = std::max(peak, measure_gemm_peak(dev));  // as for bandwidth: the better of before/after
+    // The peak of the products the prefill ran: bf16 (panels) on the matrix units, else f32.
+    if (bf16_cpu && cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix) {
+      peak = measure_gemm_peak(dev, panels ? DType::BF16P : DType::BF16);
+      peak = std::max(peak, measure_gemm_peak(dev, panels ? DType::BF16P : DType::BF16));
+    } else {
+      peak = std::max(peak, measure_gemm_peak(dev));  // as for bandwidth: the better of before/after
+    }
     const double flops = forward_flops(cfg, o.batch, o.seq, 0);
     rate = double(n_tok) / secs;
     work = flops / secs;
     ratio = work / peak;
+    const bool bf16_peak = bf16_cpu && cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix;
     std::printf("prefill: %lld x %lld tokens in %.3f s = %.1f tokens/s; %.2f TFLOP -> %.1f GFLOP/s = %.1f%% of "
-                "measured GEMM peak %.1f GFLOP/s\n",
-                (long long)o.batch, (long long)o.seq, secs, rate, flops / 1e12, work / 1e9, 100 * ratio, peak / 1e9);
-    // bf16 weights on the CPU: the matrix units (AMX / AVX512-BF16 through oneDNN) against the
-    // f32 GEMM path (weights widened in cache, sgemm) on the same model in the same run.
-    if (dev == Device::CPU && has_bf16_projections(m)) {
+                "measured %s GEMM peak %.1f GFLOP/s\n",
+                (long long)o.batch, (long long)o.seq, secs, rate, flops / 1e12, work / 1e9, 100 * ratio,
+                bf16_peak ? "bf16" : (dev == Device::CPU ? "f32" : "bf16"), peak / 1e9);
+    if (bf16_cpu) {
       if (cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix) {
-        cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
-        secs_f32 = time_prefill();
-        cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
-        std::printf("        bf16 GEMMs on the matrix units (oneDNN %s): %.1f tokens/s; the f32 GEMM path on the same "
+        const std::string units = panels ? (cpu::amx_bf16_ready() ? "AMX tiles on 16-row panels from 2 rows"
+                                                                   : "AVX512-BF16 on 16-row panels")
+                                         : "oneDNN " + cpu::onednn_isa_name();
+        std::printf("        bf16 GEMMs on the matrix units (%s): %.1f tokens/s; the f32 GEMM path on the same "
                     "model: %.1f tokens/s -> %.2fx\n",
-                    cpu::onednn_isa_name().c_str(), rate, double(n_tok) / secs_f32, secs_f32 / secs);
+                    units.c_str(), rate, double(n_tok) / secs_f32, secs_f32 / secs);
       } else {
         std::printf("        bf16 GEMMs took the f32 path (weights widened in cache, sgemm): %s\n",
                     cpu::bf16_matrix_available() ? "MOE_BF16_GEMM=widen"

@@ -21,6 +21,7 @@
 #include "core/cpu_features.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "ops/cpu/cpu_gemm_amx.h"
 #include "ops/cpu/cpu_parallel.h"
 #include "ops/cpu/cpu_scratch.h"
 
@@ -280,6 +281,21 @@ void gemm_xwt_bf16panels(float* out, int64_t ldo, const float* x, const uint16_t
   if (n == 0 || m == 0) return;
   MOE_CHECK(bf16_panels_fit(m, k), "gemm (bf16 panels): a [%lld, %lld] weight is not whole panels", (long long)m,
             (long long)k);
+  // Two rows of x and more: the AMX tile unit where the CPU has one (cpu_gemm_amx.h). One row
+  // (single-stream decode) stays on vdpbf16ps, whose bf16 decode measured 12% faster on the
+  // AMX Xeon VM. x is rounded into whole tiles of 16 rows, the padding rows zero.
+  if (amx_panels_apply(n, k)) {
+    const int64_t n_pad = (n + kAmxTileRows - 1) / kAmxTileRows * kAmxTileRows;
+    uint16_t* xb = scratch<uint16_t>(Scratch::PanelX, static_cast<size_t>(n_pad * k));
+    convert_from_f32(xb, x, DType::BF16, static_cast<size_t>(n * k));
+    std::memset(xb + n * k, 0, static_cast<size_t>((n_pad - n) * k) * 2);
+    parallel_threads(m * k > 32768, [&](int64_t nt, int64_t id) {
+      const int64_t pairs = (m / 16 + 1) / 2;  // panels split between threads in pairs
+      const int64_t p0 = std::min(m / 16, 2 * (pairs * id / nt)), p1 = std::min(m / 16, 2 * (pairs * (id + 1) / nt));
+      panels_amx(out, ldo, xb, n, wp, p0, p1, k, accumulate);
+    });
+    return;
+  }
   const bool pairs = n > kPanelGroupRows;
   const int64_t max_rows = pairs ? kPanelPairGroupRows : kPanelGroupRows;
   const int64_t n_groups = (n + max_rows - 1) / max_rows;
