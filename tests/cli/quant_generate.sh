@@ -59,5 +59,10 @@ grep -q '"weight_bytes_per_token"' <<<"${OUT}" && pass "bench: bytes/token in th
 grep -qE "kernels on cache-resident rows \(no memory wait\): .*q8_0 [0-9]+\.[0-9]" <<<"${OUT}" \
   && pass "bench: the q8_0 kernel's own rate reported" || fail "bench: no kernel roofline line for q8_0"
 grep -qE '"roofline_kernel_bytes_per_s":[1-9]' <<<"${OUT}" && pass "bench: kernel roofline in the JSON" || fail "bench: no roofline_kernel_bytes_per_s"
+grep -qE "over the [0-9.]+ MB a token reads whole .* -> [0-9.]+ GB/s for a token's [0-9.]+ MB: [0-9.]+% of it" <<<"${OUT}" \
+  && pass "bench: the hot bytes' read rate in the roofline" || fail "bench: no hot-bytes roofline"
+# The mix's roofline: never below the memory's read rate (the hot bytes' share read at least as fast).
+python3 -c 'import json,sys; j=[json.loads(l) for l in sys.stdin if l.startswith("{")][-1]; sys.exit(0 if j["roofline_read_mix_bytes_per_s"] >= j["roofline_read_bytes_per_s"] > 0 else 1)' <<<"${OUT}" \
+  && pass "bench: mix roofline >= read roofline" || fail "bench: mix roofline below the read roofline"
 
 finish

@@ -10,7 +10,7 @@
 // (cpu_gemm_onednn.h), which rounds x to bf16 — where the process chose that (Bf16Gemm::Matrix:
 // inference, and training whose weights are bf16), in the backward's products too. Panel-packed
 // bf16 weights (DType::BF16P, the inference commands' layout on AVX512-BF16) go to their own
-// kernel at every row count (cpu_gemm_bf16dot.h); under Bf16Gemm::Matrix weights of fewer than
+// kernel at every row count (cpu_gemm_bf16dot.h; AMX tiles from 2 rows, cpu_gemm_amx.h); under Bf16Gemm::Matrix weights of fewer than
 // 16 rows (routers) are multiplied row by row in f32, the same bits at every row count.
 #pragma once
 #include <cstdint>

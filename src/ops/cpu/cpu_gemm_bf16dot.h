@@ -34,9 +34,11 @@ void gemm_xwt_bf16dot(float* out, int64_t ldo, const float* x, const uint16_t* w
 // out [n, ldo] (+)= bf16(x) [n, k] · w [m, k]ᵀ, w in 16-row panels (DType::BF16P,
 // core/bf16_panels.h: m a multiple of 16, k even). Any n: up to 16 rows of x in one group, a
 // register a row against each panel in turn (decode); more rows in groups of up to 12 against
-// pairs of panels (prefill); 4 groups per pass over the weight. Threads as gemm_xwt_bf16dot
-// (over panels). Numerics as gemm_xwt_bf16dot, and each output's sum runs in the same order at
-// every n: a row's result is the same bits whatever rows come with it (batch-invariant).
+// pairs of panels (prefill); 4 groups per pass over the weight. Where the CPU has AMX, 2 rows
+// and more with k a multiple of 32 go to its tiles instead (cpu_gemm_amx.h). Threads as
+// gemm_xwt_bf16dot (over panels). Numerics as gemm_xwt_bf16dot; each output's sum runs in the
+// same order at every n (on AMX: at every n from 2), so a row's result is the same bits whatever
+// rows come with it (batch-invariant; a lone row on an AMX CPU agrees to f32 rounding).
 // Requires bf16dot_available().
 void gemm_xwt_bf16panels(float* out, int64_t ldo, const float* x, const uint16_t* wp, int64_t n, int64_t m, int64_t k,
                          bool accumulate);
