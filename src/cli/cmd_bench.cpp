@@ -366,6 +366,8 @@ void run_bench(const BenchOpts& o) {
   // ratio: of the read bandwidth for CPU decode, else of the copy bandwidth / GEMM peak.
   double secs = 1e30, work = 0, ratio = 0, ratio_copy = 0, rate = 0, bpt = 0, secs_f32 = 0, kernel_bw = 0;
   double hot_bw = 0, mix_bw = 0;  // CPU decode: the read rate of the bytes every token reads, and of a token's mix
+  // What ran bf16 products (JSON bf16_gemm): set by a CPU bf16 prefill on the matrix units.
+  std::string bf16_units = cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix ? "oneDNN " + cpu::onednn_isa_name() : "f32";
   int64_t n_tok = 0;
   if (o.what == "decode") {
     int64_t allocs = 0;  // host blocks the timed decode steps took from the system (want 0)
@@ -485,8 +487,10 @@ void run_bench(const BenchOpts& o) {
     n_tok = o.batch * o.seq;
     // The peak of the products the prefill ran: bf16 (panels) on the matrix units, else f32.
     if (bf16_cpu && cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix) {
-      peak = measure_gemm_peak(dev, panels ? DType::BF16P : DType::BF16);
-      peak = std::max(peak, measure_gemm_peak(dev, panels ? DType::BF16P : DType::BF16));
+      const DType pdt = panels ? DType::BF16P : DType::BF16;
+      peak = std::max(measure_gemm_peak(dev, pdt), measure_gemm_peak(dev, pdt));  // the better of two
+      bf16_units = panels ? (cpu::amx_bf16_ready() ? "AMX tiles on 16-row panels from 2 rows" : "AVX512-BF16 on 16-row panels")
+                          : "oneDNN " + cpu::onednn_isa_name();
     } else {
       peak = std::max(peak, measure_gemm_peak(dev));  // as for bandwidth: the better of before/after
     }
@@ -501,12 +505,9 @@ void run_bench(const BenchOpts& o) {
                 bf16_peak ? "bf16" : (dev == Device::CPU ? "f32" : "bf16"), peak / 1e9);
     if (bf16_cpu) {
       if (cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix) {
-        const std::string units = panels ? (cpu::amx_bf16_ready() ? "AMX tiles on 16-row panels from 2 rows"
-                                                                   : "AVX512-BF16 on 16-row panels")
-                                         : "oneDNN " + cpu::onednn_isa_name();
         std::printf("        bf16 GEMMs on the matrix units (%s): %.1f tokens/s; the f32 GEMM path on the same "
                     "model: %.1f tokens/s -> %.2fx\n",
-                    units.c_str(), rate, double(n_tok) / secs_f32, secs_f32 / secs);
+                    bf16_units.c_str(), rate, double(n_tok) / secs_f32, secs_f32 / secs);
       } else {
         std::printf("        bf16 GEMMs took the f32 path (weights widened in cache, sgemm): %s\n",
                     cpu::bf16_matrix_available() ? "MOE_BF16_GEMM=widen"
@@ -525,7 +526,7 @@ void run_bench(const BenchOpts& o) {
                 o.what.c_str(), o.model.empty() ? o.arch.c_str() : cfg.model_type.c_str(),
                 o.model.empty() ? o.preset.c_str() : o.model.c_str(), (long long)cfg.n_layer, device_name(dev),
                 o.dtype.c_str(), (long long)n_tok, secs, rate, work, bw, read_bw, hot_bw, mix_bw, kernel_bw, peak, bpt, ratio, ratio_copy, omp_get_max_threads(),
-                cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix ? cpu::onednn_isa_name().c_str() : "f32",
+                bf16_units.c_str(),
                 secs_f32 > 0 ? double(n_tok) / secs_f32 : 0.0);
 }
 
