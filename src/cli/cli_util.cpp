@@ -6,9 +6,10 @@
 #include <cstdio>
 #include <map>
 
+#include "core/rng.h"
 #include "io/gguf_model.h"
 #include "model/panel_weights.h"
-#include "ops/cpu/cpu_gemm_amx.h"
+#include "ops/cpu/cpu_gemm_bf16dot.h"
 #include "ops/cpu/cpu_gemm_onednn.h"
 #include "ops/ops.h"
 #include "train/lora.h"
@@ -117,13 +118,34 @@ void add_panels_flag(CLI::App* cmd, std::string* panels) {
       ->check(CLI::IsMember({"on", "off"}));
 }
 
+double measure_gemm_peak(Device dev, DType wdt) {
+  const int64_t n = dev == Device::CPU ? 2048 : 8192;
+  const DType dt = dev == Device::CPU ? DType::F32 : DType::BF16;
+  Rng rng(7);
+  std::vector<float> host(size_t(n * n));
+  for (auto& v : host) v = float(rng.uniform() - 0.5);
+  Tensor hx = Tensor::from_f32({n, n}, host).to_dtype(dt, MemCategory::Workspace);
+  Tensor x = hx.to(dev, MemCategory::Workspace), w = hx.to(dev, MemCategory::Workspace);
+  if (dev == Device::CPU && wdt != DType::F32) w = hx.to_dtype(wdt, MemCategory::Workspace);
+  Tensor y = Tensor::empty({n, n}, dt, MemCategory::Workspace, dev);
+  double best = 1e30;
+  for (int rep = 0; rep < 4; ++rep) {
+    synchronize(dev);
+    double t0 = now_seconds();
+    linear_forward(y, x, w, Tensor());
+    synchronize(dev);
+    if (rep > 0) best = std::min(best, now_seconds() - t0);
+  }
+  return 2.0 * double(n) * double(n) * double(n) / best;
+}
+
 int64_t apply_panels_flag(Model& m, const std::string& panels, const char* who) {
   if (panels != "on") return 0;
   const double t0 = now_seconds();
   const int64_t bytes = pack_bf16_panels(m);
   if (bytes)
-    std::fprintf(stderr, "%s: %.2f GB of bf16 weights in 16-row panels (AVX512-BF16 decode kernel%s) in %.2f s\n", who,
-                 double(bytes) / 1e9, cpu::amx_bf16_ready() ? "; AMX tiles from 2 rows" : "", now_seconds() - t0);
+    std::fprintf(stderr, "%s: %.2f GB of bf16 weights in 16-row panels (%s) in %.2f s\n", who, double(bytes) / 1e9,
+                 cpu::bf16panels_kernels(), now_seconds() - t0);
   return bytes;
 }
 

@@ -39,6 +39,12 @@ inline double now_seconds() {
 // Merges a PEFT LoRA adapter into a loaded model (CPU, float weights), saying so on stderr.
 void apply_adapter(Model& m, const std::string& adapter_dir);
 
+// GEMM peak (FLOP/s) through linear_forward, y = x·wᵀ of n×n matrices, best of 3 after a warm-up:
+// on the CPU n = 2048, x f32 and w in `wdt` (f32: sgemm; bf16: the matrix units where the process
+// chose them, oneDNN; bf16p: the panel kernels — the peaks the benchmarks' products are measured
+// against); on CUDA bf16 8192^3 (wdt ignored).
+double measure_gemm_peak(Device dev, DType wdt = DType::F32);
+
 // --panels on|off (decoding commands): bf16 weights in 16-row panels for the AVX512-BF16 decode
 // kernel where the CPU has it (model/panel_weights.h); off keeps them in rows.
 void add_panels_flag(CLI::App* cmd, std::string* panels);

@@ -23,7 +23,7 @@
 #include "cli/commands.h"
 #include "core/rng.h"
 #include "model/random_init.h"
-#include "ops/cpu/cpu_gemm_amx.h"
+#include "ops/cpu/cpu_gemm_bf16dot.h"
 #include "ops/cpu/cpu_gemm_onednn.h"
 #include "ops/cpu/cpu_quant_gemm.h"
 #include "ops/ops.h"
@@ -118,30 +118,6 @@ double measure_read_bandwidth_cpu(int reps = 6, size_t bytes = size_t(512) << 20
     }
   if (sink == 0x123456789abcdefULL) std::printf(" ");  // keeps the reads alive
   return double(read) / best;
-}
-
-// GEMM peak through linear_forward: f32 2048^3 on the CPU, bf16 8192^3 on CUDA. wdt: the CPU
-// weight dtype the timed products run on (bf16 / bf16p: the matrix units' peak, which a bf16
-// prefill is measured against; x stays f32 as the model's activations).
-double measure_gemm_peak(Device dev, DType wdt = DType::F32) {
-  const int64_t n = dev == Device::CPU ? 2048 : 8192;
-  const DType dt = dev == Device::CPU ? DType::F32 : DType::BF16;
-  Rng rng(7);
-  std::vector<float> host(size_t(n * n));
-  for (auto& v : host) v = float(rng.uniform() - 0.5);
-  Tensor hx = Tensor::from_f32({n, n}, host).to_dtype(dt, MemCategory::Workspace);
-  Tensor x = hx.to(dev, MemCategory::Workspace), w = hx.to(dev, MemCategory::Workspace);
-  if (dev == Device::CPU && wdt != DType::F32) w = hx.to_dtype(wdt, MemCategory::Workspace);
-  Tensor y = Tensor::empty({n, n}, dt, MemCategory::Workspace, dev);
-  double best = 1e30;
-  for (int rep = 0; rep < 4; ++rep) {
-    synchronize(dev);
-    double t0 = now_seconds();
-    linear_forward(y, x, w, Tensor());
-    synchronize(dev);
-    if (rep > 0) best = std::min(best, now_seconds() - t0);
-  }
-  return 2.0 * double(n) * double(n) * double(n) / best;
 }
 
 // Every tensor a decoded token reads, with the share of it read: one embedding row of the table
@@ -477,7 +453,8 @@ void run_bench(const BenchOpts& o) {
     // the f32 GEMM path (weights widened in cache, sgemm) on the same model in the same run —
     // timed first, on the weights in rows, before --panels packs them.
     const bool bf16_cpu = dev == Device::CPU && has_bf16_projections(m);
-    if (bf16_cpu && cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix) {
+    const bool bf16_matrix = bf16_cpu && cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix;
+    if (bf16_matrix) {
       cpu::set_bf16_gemm(cpu::Bf16Gemm::Widen);
       secs_f32 = time_prefill();
       cpu::set_bf16_gemm(cpu::Bf16Gemm::Matrix);
@@ -486,11 +463,10 @@ void run_bench(const BenchOpts& o) {
     secs = time_prefill();
     n_tok = o.batch * o.seq;
     // The peak of the products the prefill ran: bf16 (panels) on the matrix units, else f32.
-    if (bf16_cpu && cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix) {
+    if (bf16_matrix) {
       const DType pdt = panels ? DType::BF16P : DType::BF16;
       peak = std::max(measure_gemm_peak(dev, pdt), measure_gemm_peak(dev, pdt));  // the better of two
-      bf16_units = panels ? (cpu::amx_bf16_ready() ? "AMX tiles on 16-row panels from 2 rows" : "AVX512-BF16 on 16-row panels")
-                          : "oneDNN " + cpu::onednn_isa_name();
+      if (panels) bf16_units = std::string("16-row panels: ") + cpu::bf16panels_kernels();
     } else {
       peak = std::max(peak, measure_gemm_peak(dev));  // as for bandwidth: the better of before/after
     }
@@ -498,13 +474,12 @@ void run_bench(const BenchOpts& o) {
     rate = double(n_tok) / secs;
     work = flops / secs;
     ratio = work / peak;
-    const bool bf16_peak = bf16_cpu && cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix;
     std::printf("prefill: %lld x %lld tokens in %.3f s = %.1f tokens/s; %.2f TFLOP -> %.1f GFLOP/s = %.1f%% of "
                 "measured %s GEMM peak %.1f GFLOP/s\n",
                 (long long)o.batch, (long long)o.seq, secs, rate, flops / 1e12, work / 1e9, 100 * ratio,
-                bf16_peak ? "bf16" : (dev == Device::CPU ? "f32" : "bf16"), peak / 1e9);
+                bf16_matrix || dev != Device::CPU ? "bf16" : "f32", peak / 1e9);
     if (bf16_cpu) {
-      if (cpu::bf16_gemm() == cpu::Bf16Gemm::Matrix) {
+      if (bf16_matrix) {
         std::printf("        bf16 GEMMs on the matrix units (%s): %.1f tokens/s; the f32 GEMM path on the same "
                     "model: %.1f tokens/s -> %.2fx\n",
                     bf16_units.c_str(), rate, double(n_tok) / secs_f32, secs_f32 / secs);

@@ -12,11 +12,11 @@
 //  - expert-GEMM FLOP/s: expert_ffn_forward_train + expert_ffn_backward re-run on the last
 //    timed step's routing (rows per expert of every MoE layer), 18·P·D·F FLOPs per layer
 //    (3 forward GEMMs and 6 backward GEMMs of 2·rows·D·F), over the f32 sgemm peak (a square
-//    cblas_sgemm, best of several, measured before and after the timed work, the better kept);
+//    sgemm, cli_util.h measure_gemm_peak, best of several, measured before and after the timed
+//    work, the better kept);
 //  - activation peak against the activation layout's prediction, and with --act-sweep E1,E2,..
 //    the same for models that differ only in their expert count (activation memory must grow
 //    with tokens·top-k, not tokens·experts).
-#include <cblas.h>
 #include <malloc.h>
 #include <omp.h>
 
@@ -93,32 +93,9 @@ bool reset_peak_rss() {
   return bool(f);
 }
 
-// GEMM peaks: C = A·Bᵀ of n×n random matrices, 2n³ FLOP over the best of `reps` timed runs
-// after one warm-up, B in dtype bdt: f32 through cblas_sgemm, or bf16 through oneDNN's bf16
-// matmul (the path bf16 weights' products take).
-double measure_gemm_peak(DType bdt, int64_t n = 2048, int reps = 4) {
-  Rng rng(7);
-  auto random = [&](DType dt) {
-    Tensor t = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
-    for (int64_t i = 0; i < n * n; ++i) t.data<float>()[i] = float(rng.uniform() - 0.5);
-    return dt == DType::F32 ? t : t.to_dtype(dt, MemCategory::Workspace);
-  };
-  Tensor a = random(DType::F32), b = random(bdt);
-  Tensor c = Tensor::empty({n, n}, DType::F32, MemCategory::Workspace);
-  double best = 1e30;
-  for (int rep = 0; rep <= reps; ++rep) {
-    const double t0 = now_seconds();
-    if (bdt == DType::F32)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(n), int(n), 1.0f, a.data<float>(), int(n),
-                  b.data<float>(), int(n), 0.0f, c.data<float>(), int(n));
-    else
-      cpu::onednn_gemm_xwt(c.data<float>(), n, a.data<float>(), b.raw(), bdt, n, n, n, false);
-    if (rep > 0) best = std::min(best, now_seconds() - t0);
-  }
-  return 2.0 * double(n) * double(n) * double(n) / best;
-}
-double measure_sgemm_peak() { return measure_gemm_peak(DType::F32); }
-double measure_bf16_peak() { return measure_gemm_peak(DType::BF16); }
+// GEMM peaks (cli_util.h): f32 through sgemm, bf16 on the path bf16 weights' products take.
+double measure_sgemm_peak() { return measure_gemm_peak(Device::CPU, DType::F32); }
+double measure_bf16_peak() { return measure_gemm_peak(Device::CPU, DType::BF16); }
 
 // Whether bf16 weights' products run on the matrix units here (after the bench chose so).
 bool bf16_on_matrix(const TrainBenchOpts& o) {
@@ -455,10 +432,10 @@ ModelConfig run_steps(const TrainBenchOpts& o, const ModelConfig& cfg, nlohmann:
   }
   phases["other"] = mean_step - accounted;
   std::printf("; other %.3f s\n", mean_step - accounted);
-  std::printf("f32 sgemm peak (2048^3 cblas_sgemm, best of 4): %.1f GFLOP/s before, %.1f after -> %.1f GFLOP/s\n",
+  std::printf("f32 sgemm peak (2048^3 cblas_sgemm, best of 3): %.1f GFLOP/s before, %.1f after -> %.1f GFLOP/s\n",
               peak_before / 1e9, peak_after / 1e9, sgemm_peak / 1e9);
   if (matrix)
-    std::printf("bf16 matmul peak (2048^3 through oneDNN, best of 4): %.1f GFLOP/s before, %.1f after -> %.1f GFLOP/s "
+    std::printf("bf16 matmul peak (2048^3 through oneDNN, best of 3): %.1f GFLOP/s before, %.1f after -> %.1f GFLOP/s "
                 "(%.2fx the sgemm peak)\n",
                 bf16_before / 1e9, bf16_after / 1e9, bf16_peak / 1e9, bf16_peak / sgemm_peak);
   std::printf("expert GEMMs (forward_train + backward, last step's routing: %lld rows over %zu MoE layers): "

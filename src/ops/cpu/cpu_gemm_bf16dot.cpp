@@ -30,6 +30,8 @@ namespace cpu {
 
 bool bf16dot_available() { return cpu_has_avx512_bf16(); }
 
+const char* bf16panels_kernels() { return amx_bf16_ready() ? "AVX512-BF16 for one row, AMX tiles from 2 rows" : "AVX512-BF16"; }
+
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))), apply_to = function)
 #else

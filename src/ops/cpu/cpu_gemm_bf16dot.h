@@ -43,5 +43,9 @@ void gemm_xwt_bf16dot(float* out, int64_t ldo, const float* x, const uint16_t* w
 void gemm_xwt_bf16panels(float* out, int64_t ldo, const float* x, const uint16_t* wp, int64_t n, int64_t m, int64_t k,
                          bool accumulate);
 
+// What runs gemm_xwt_bf16panels on this CPU, for messages: "AVX512-BF16", or "AVX512-BF16 for one
+// row, AMX tiles from 2 rows".
+const char* bf16panels_kernels();
+
 }  // namespace cpu
 }  // namespace moe
